@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny random model on disk, Settings pointing at temp folders, live services."""
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.tiny_sd import save_tiny_model  # noqa: E402
+from webui.config import Settings  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+TINY = "tiny-sd"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    save_tiny_model(folder / TINY)
+    return folder
+
+
+@pytest.fixture
+def settings(models_dir, tmp_path) -> Settings:
+    return Settings(models_dir=models_dir, outdir=tmp_path / "outputs", ckpt=TINY, device="cpu", preview_every=2)
+
+
+@pytest.fixture
+def services(settings):
+    from webui.services import build_services
+
+    built = build_services(settings)
+    yield built
+    built.close()

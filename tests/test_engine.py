@@ -1,0 +1,152 @@
+"""The engine on a tiny random model: samplers, seeds, batches, clip skip, safety, VAE fall-back."""
+import numpy as np
+import pytest
+import torch
+
+from webui.engine.generate import Engine
+from webui.engine.models import ModelRegistry
+from webui.engine.samplers import sampler_names
+from webui.schemas import GenerationRequest
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def engine(models_dir, tmp_path_factory):
+    from webui.config import Settings
+
+    settings = Settings(models_dir=models_dir, device="cpu")
+    registry = ModelRegistry(models_dir, tmp_path_factory.mktemp("cache") / "hashes.json")
+    engine = Engine(settings, registry)
+    engine.load(TINY)
+    return engine
+
+
+def run(engine, seeds, **fields):
+    request = GenerationRequest(prompt="a red apple", steps=3, **fields)
+    return [np.asarray(r.image, dtype=np.int16) for r in engine.generate(request, seeds)]
+
+
+@pytest.mark.parametrize("sampler", sampler_names())
+def test_every_sampler_makes_an_image(engine, sampler):
+    request = GenerationRequest(prompt="a cat", sampler_name=sampler, steps=4, cfg_scale=5)
+    [result] = engine.generate(request, [7])
+    pixels = np.asarray(result.image)
+    assert result.image.size == (64, 64) and result.seed == 7
+    assert np.isfinite(pixels).all() and pixels.std() > 0
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels(engine):
+    a, b, c = run(engine, [11])[0], run(engine, [11])[0], run(engine, [12])[0]
+    assert (a == b).all()
+    assert np.abs(a - c).mean() > 1
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "DPM++ SDE"])
+def test_image_i_of_a_batch_equals_a_single_run_with_its_seed(engine, sampler):
+    batch = run(engine, [100, 101, 102], sampler_name=sampler)
+    for i, seed in enumerate([100, 101, 102]):
+        single = run(engine, [seed], sampler_name=sampler)[0]
+        # Batched and single convolutions may round differently in the last bit.
+        assert np.abs(batch[i] - single).max() <= 2, f"image {i} differs from seed {seed} alone"
+
+
+def test_size_defaults_to_native_and_follows_request(engine):
+    [native] = engine.generate(GenerationRequest(prompt="x", steps=2), [1])
+    [wide] = engine.generate(GenerationRequest(prompt="x", steps=2, width=96, height=64), [1])
+    assert native.image.size == (64, 64) and wide.image.size == (96, 64)
+
+
+def test_clip_skip_changes_the_image(engine):
+    one, two = run(engine, [5], clip_skip=1)[0], run(engine, [5], clip_skip=2)[0]
+    assert np.abs(one - two).mean() > 0.5
+
+
+def test_step_callback_sees_every_step_and_can_stop_the_run(engine):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def on_step(step, total, latents):
+        seen.append((step, total, tuple(latents.shape)))
+        if step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        engine.generate(GenerationRequest(prompt="x", steps=5), [1], on_step)
+    assert seen == [(1, 5, (1, 4, 32, 32)), (2, 5, (1, 4, 32, 32))]
+
+
+def test_nan_from_a_half_precision_vae_is_decoded_again_in_fp32(engine, monkeypatch):
+    vae = engine.pipe.vae
+    real_decode = vae.decode
+    calls = []
+
+    def decode(latents, *args, **kwargs):
+        calls.append(latents.dtype)
+        out = real_decode(latents, *args, **kwargs)
+        if latents.dtype != torch.float32:  # what an fp16 VAE does on some SD 1.x checkpoints
+            out.sample[:] = float("nan")
+        return out
+
+    vae.to(torch.bfloat16)
+    monkeypatch.setattr(vae, "decode", decode)
+    try:
+        [result] = engine.generate(GenerationRequest(prompt="x", steps=2), [3])
+    finally:
+        vae.to(torch.float32)
+    assert calls == [torch.bfloat16, torch.float32]
+    assert np.asarray(result.image).max() > 0  # not a black image
+
+
+def test_safety_checker_blacks_out_flagged_images(tmp_path):
+    from tests.tiny_sd import save_tiny_model
+    from webui.config import Settings
+
+    save_tiny_model(tmp_path / "checked", safety_checker=True)
+    registry = ModelRegistry(tmp_path, tmp_path / "hashes.json")
+    engine = Engine(Settings(models_dir=tmp_path, device="cpu"), registry)
+    engine.load("checked")
+    checker = engine.pipe.safety_checker
+    request = GenerationRequest(prompt="x", steps=2)
+
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(10.0)  # nothing can reach the threshold
+    [clean] = engine.generate(request, [1])
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-10.0)  # everything is over the threshold
+    [flagged] = engine.generate(request, [1])
+    assert not clean.nsfw and np.asarray(clean.image).max() > 0
+    assert flagged.nsfw and np.asarray(flagged.image).max() == 0
+
+
+def test_no_safety_checker_flag_skips_it(tmp_path):
+    from tests.tiny_sd import save_tiny_model
+    from webui.config import Settings
+
+    save_tiny_model(tmp_path / "checked", safety_checker=True)
+    engine = Engine(Settings(models_dir=tmp_path, device="cpu", no_safety_checker=True),
+                    ModelRegistry(tmp_path, tmp_path / "hashes.json"))
+    engine.load("checked")
+    assert engine.pipe.safety_checker is None
+
+
+def test_failed_load_keeps_the_previous_model(engine, tmp_path):
+    from webui.engine.loader import ModelLoadError
+
+    broken = engine.registry.models_dir / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "model_index.json").write_text("{not json")
+    engine.registry.refresh()
+    with pytest.raises(ModelLoadError, match="could not load model 'broken'"):
+        engine.load("broken")
+    assert engine.model.entry.name == TINY
+    assert run(engine, [1])[0].std() > 0
+    broken.joinpath("model_index.json").unlink()
+    broken.rmdir()
+    engine.registry.refresh()
+
+
+def test_token_count(engine):
+    assert engine.count_tokens("red apple") == 2
+    assert engine.count_tokens("") == 0

@@ -1,0 +1,153 @@
+"""The engine: holds the loaded pipeline and turns one batch of a request into images.
+
+One readable path: scheduler from the sampler name -> one CPU generator per image (seed + i) ->
+the diffusers pipeline to latents -> VAE decode (fp32 fall-back on NaN) -> safety checker.
+Only the worker thread calls into an Engine, so the pipeline never serves two runs at once.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from webui.config import Settings
+from webui.engine.loader import ModelLoadError, Placement, load_pipeline, pick_placement
+from webui.engine.models import ModelEntry, ModelRegistry
+from webui.engine.preview import latents_to_preview
+from webui.engine.prompts import encode_prompts
+from webui.engine.samplers import make_scheduler
+from webui.schemas import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+# Called after every denoising step with (step, total_steps, latents); it may raise to stop.
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass
+class EngineImage:
+    image: Image.Image
+    seed: int
+    nsfw: bool
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    entry: ModelEntry
+    short_hash: str | None
+    native_width: int
+    native_height: int
+
+
+class Engine:
+    def __init__(self, settings: Settings, registry: ModelRegistry):
+        self.settings = settings
+        self.registry = registry
+        self.placement: Placement | None = None
+        self.pipe = None
+        self.model: LoadedModel | None = None
+        self._base_scheduler_config: dict | None = None
+
+    # --- models ---------------------------------------------------------------------------
+    def load(self, name: str) -> LoadedModel:
+        """Load a model by name; on failure the previously loaded model stays in place."""
+        entry = self.registry.find(name)
+        if self.model is not None and self.model.entry == entry:
+            return self.model
+        self.placement = self.placement or pick_placement(self.settings)
+        pipe = load_pipeline(entry, self.settings, self.placement)
+        self.unload()
+        self.pipe = pipe
+        self._base_scheduler_config = dict(pipe.scheduler.config)
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.model = LoadedModel(entry, self.registry.short_hash(entry), size, size)
+        log.info("loaded model %s (%s) on %s", entry.name, self.model.short_hash, self.placement.device)
+        return self.model
+
+    def unload(self) -> None:
+        """Drop the current pipeline and give its memory back before another is used."""
+        self.pipe = None
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def require_model(self) -> LoadedModel:
+        if self.model is None:
+            raise ModelLoadError("no model is loaded; pick one in the model list")
+        return self.model
+
+    # --- generation -----------------------------------------------------------------------
+    def generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None) -> list[EngineImage]:
+        """Denoise and decode one batch: image i uses seeds[i]."""
+        model = self.require_model()
+        pipe = self.pipe
+        pipe.scheduler = make_scheduler(self._base_scheduler_config, request.sampler_name, request.scheduler)
+        width = request.width or model.native_width
+        height = request.height or model.native_height
+        # Noise comes from CPU generators, one per image, so a seed gives the same picture on any
+        # device and image i of a batch equals a single run with its seed.
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        if hasattr(pipe.scheduler, "noise_sampler_seed"):
+            # DPM++ SDE draws its Brownian noise from its own seeds (else from torch's global RNG).
+            pipe.scheduler.noise_sampler_seed = list(seeds)
+
+        def step_end(pipeline, step, timestep, tensors):
+            if on_step is not None:
+                on_step(step + 1, request.steps, tensors["latents"])
+            return {}
+
+        with torch.inference_mode():
+            latents = pipe(
+                prompt_embeds=encode_prompts(pipe, [request.prompt] * len(seeds), request.clip_skip),
+                negative_prompt_embeds=encode_prompts(pipe, [request.negative_prompt] * len(seeds),
+                                                      request.clip_skip),
+                num_inference_steps=request.steps,
+                guidance_scale=request.cfg_scale,
+                width=width,
+                height=height,
+                generator=generators,
+                output_type="latent",
+                callback_on_step_end=step_end,
+            ).images
+            pixels = self.decode(latents, large=width * height > 1024 * 1024)
+            images, flags = self.check_safety(pixels)
+        return [EngineImage(image, seed, flag) for image, seed, flag in zip(images, seeds, flags)]
+
+    def decode(self, latents: torch.Tensor, large: bool = False) -> torch.Tensor:
+        """Latents -> pixels in [-1, 1]. A half-precision VAE can overflow to NaN (the black-image
+        bug); when it does, decode again in fp32 and keep the VAE in fp32 from then on."""
+        vae = self.pipe.vae
+        if large:
+            vae.enable_tiling()
+        else:
+            vae.disable_tiling()
+        scaled = latents / vae.config.scaling_factor
+        pixels = vae.decode(scaled.to(vae.dtype)).sample
+        if not torch.isfinite(pixels).all() and vae.dtype != torch.float32:
+            log.warning("VAE produced NaN in %s; decoding in fp32 from now on", vae.dtype)
+            vae.to(torch.float32)
+            pixels = vae.decode(scaled.to(torch.float32)).sample
+        return pixels
+
+    def check_safety(self, pixels: torch.Tensor) -> tuple[list[Image.Image], list[bool]]:
+        """Run the model's safety checker when it has one: flagged images come back black."""
+        pipe = self.pipe
+        images = pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+        if getattr(pipe, "safety_checker", None) is None:
+            return images, [False] * len(images)
+        as_array = pipe.image_processor.postprocess(pixels.float(), output_type="np")
+        checked, flags = pipe.run_safety_checker(as_array, pipe._execution_device, pipe.text_encoder.dtype)
+        flags = [bool(f) for f in (flags or [False] * len(images))]
+        return pipe.image_processor.numpy_to_pil(checked), flags
+
+    def preview(self, latents: torch.Tensor) -> Image.Image:
+        return latents_to_preview(latents, self.pipe.vae)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the prompt uses, without start/end markers (the UI's 12/75 counter)."""
+        if self.pipe is None:
+            return 0
+        return len(self.pipe.tokenizer(text, truncation=False).input_ids) - 2

@@ -1,0 +1,123 @@
+"""Load a model entry into a ready-to-run StableDiffusionPipeline on the chosen device.
+
+Precision and memory follow the flags: fp16 on CUDA unless --no-half, fp32 elsewhere;
+--medvram = model CPU offload, --lowvram = sequential offload; SDPA attention by default and
+xformers when asked for and installed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from webui.config import Settings
+from webui.engine.models import ModelEntry
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str
+    dtype: torch.dtype
+
+
+def pick_device(requested: str = "auto") -> str:
+    if requested != "auto":
+        if requested == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("--device cuda was given but no CUDA GPU is visible; use --device cpu")
+        if requested == "mps" and not torch.backends.mps.is_available():
+            raise ModelLoadError("--device mps was given but MPS is not available; use --device cpu")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_placement(settings: Settings) -> Placement:
+    device = pick_device(settings.device)
+    half = device in ("cuda", "mps") and not settings.no_half
+    return Placement(device=device, dtype=torch.float16 if half else torch.float32)
+
+
+def load_pipeline(entry: ModelEntry, settings: Settings, placement: Placement):
+    """Read the weights of `entry` and move them to the device, or raise ModelLoadError."""
+    try:
+        pipe = _read_pipeline(entry, settings, placement.dtype)
+    except ModelLoadError:
+        raise
+    except Exception as err:  # diffusers raises many types; the user needs one clear message
+        raise ModelLoadError(f"could not load model {entry.name!r} from {entry.source}: {err}") from err
+    if settings.no_safety_checker and getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    if settings.no_half_vae and placement.dtype != torch.float32:
+        pipe.vae.to(torch.float32)
+    _place(pipe, settings, placement)
+    _choose_attention(pipe, settings)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _read_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    skip_checker = {"safety_checker": None, "requires_safety_checker": False} if settings.no_safety_checker else {}
+    if entry.kind == "diffusers":
+        return StableDiffusionPipeline.from_pretrained(entry.source, torch_dtype=dtype, local_files_only=True,
+                                                       **skip_checker)
+    if entry.kind == "single_file":
+        from webui.engine.single_file import load_single_file_pipeline
+
+        return load_single_file_pipeline(entry.source, torch_dtype=dtype)
+    return _read_hub_pipeline(entry, settings, dtype, skip_checker)
+
+
+def _read_hub_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype, extra: dict):
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        # Already in the Hugging Face cache: load it without touching the network.
+        return StableDiffusionPipeline.from_pretrained(entry.source, torch_dtype=dtype, local_files_only=True, **extra)
+    except Exception as cached_err:
+        if settings.offline:
+            raise ModelLoadError(
+                f"{entry.source!r} is not in the Hugging Face cache and --offline is set. Download it on a "
+                "machine with network (huggingface-cli download ...) or put a .safetensors file in the "
+                "models folder."
+            ) from cached_err
+    try:
+        return StableDiffusionPipeline.from_pretrained(entry.source, torch_dtype=dtype, **extra)
+    except Exception as err:
+        raise ModelLoadError(
+            f"could not download {entry.source!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+            "Check the id and your network, or put the model in the models folder and pick it by name."
+        ) from err
+
+
+def _place(pipe, settings: Settings, placement: Placement) -> None:
+    if placement.device == "cuda" and settings.lowvram:
+        pipe.enable_sequential_cpu_offload()
+    elif placement.device == "cuda" and settings.medvram:
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(placement.device)
+
+
+def _choose_attention(pipe, settings: Settings) -> None:
+    if not settings.xformers:
+        return  # diffusers uses torch's scaled-dot-product attention by default
+    try:
+        pipe.enable_xformers_memory_efficient_attention()
+    except Exception as err:  # not installed, or no GPU build: SDPA is a fine fallback
+        log.warning("xformers requested but unavailable (%s); using SDPA attention", err)
+
+
+def execution_device(pipe) -> torch.device:
+    return pipe._execution_device

@@ -1,0 +1,140 @@
+"""The model registry: which models exist, under which names, with which short hash.
+
+A model source is one of
+  - a diffusers folder (has model_index.json) in the models folder or given as a path,
+  - a single `.safetensors` / `.ckpt` file (A1111's checkpoint format),
+  - a hub id such as `runwayml/stable-diffusion-v1-5`, downloaded when the network allows.
+The short hash is the first 10 hex digits of the sha256 (A1111's "Model hash"); it is computed
+once per file and cached on disk, keyed by size and modification time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str  # what users pick: folder or file stem, or the hub id
+    source: str  # a filesystem path or a hub id
+    kind: str  # "diffusers" | "single_file" | "hub"
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.kind == "hub" else Path(self.source)
+
+
+class ModelNotFound(ValueError):
+    pass
+
+
+class ModelRegistry:
+    def __init__(self, models_dir: Path, hash_cache: Path):
+        self.models_dir = Path(models_dir)
+        self.hash_cache = Path(hash_cache)
+        self._entries: list[ModelEntry] = []
+        self._lock = threading.Lock()
+        self.refresh()
+
+    def refresh(self) -> list[ModelEntry]:
+        """Rescan the models folder (the UI's refresh button and /refresh-checkpoints)."""
+        entries = scan_models_dir(self.models_dir)
+        with self._lock:
+            self._entries = entries
+        return entries
+
+    def entries(self) -> list[ModelEntry]:
+        with self._lock:
+            return list(self._entries)
+
+    def find(self, name: str) -> ModelEntry:
+        """Look a model up by name, A1111 title ("name [hash]"), file name, path or hub id."""
+        wanted = re.sub(r"\s*\[[0-9a-f]{8,10}\]$", "", name.strip())
+        for entry in self.entries():
+            if wanted in (entry.name, entry.source, Path(entry.source).name):
+                return entry
+        path = Path(wanted).expanduser()
+        if path.exists():
+            entry = entry_for_path(path)
+            if entry is not None:
+                return entry
+        if _HUB_ID.match(wanted) and not path.exists():
+            return ModelEntry(name=wanted, source=wanted, kind="hub")
+        known = ", ".join(e.name for e in self.entries()) or "none found"
+        raise ModelNotFound(
+            f"model {name!r} not found in {self.models_dir}; available: {known}. "
+            "Put a diffusers folder or a .safetensors file there, or give a hub id like org/name."
+        )
+
+    def short_hash(self, entry: ModelEntry) -> str | None:
+        if entry.kind == "hub":
+            return None
+        files = weight_files(entry.path)
+        if not files:
+            return None
+        cache = self._read_cache()
+        digests = []
+        for file in files:
+            stat = file.stat()
+            key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+            if key not in cache:
+                cache[key] = sha256_file(file)
+                self._write_cache(cache)
+            digests.append(cache[key])
+        if len(digests) == 1:
+            return digests[0][:10]
+        # A diffusers folder has several weight files: hash their digests in path order.
+        return hashlib.sha256("".join(digests).encode()).hexdigest()[:10]
+
+    def title(self, entry: ModelEntry) -> str:
+        digest = self.short_hash(entry)
+        return f"{entry.name} [{digest}]" if digest else entry.name
+
+    def _read_cache(self) -> dict[str, str]:
+        try:
+            return json.loads(self.hash_cache.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_cache(self, cache: dict[str, str]) -> None:
+        self.hash_cache.parent.mkdir(parents=True, exist_ok=True)
+        temp = self.hash_cache.with_suffix(".tmp")
+        temp.write_text(json.dumps(cache, indent=1))
+        temp.replace(self.hash_cache)
+
+
+def scan_models_dir(models_dir: Path) -> list[ModelEntry]:
+    if not models_dir.is_dir():
+        return []
+    entries = [entry_for_path(p) for p in sorted(models_dir.iterdir()) if not p.name.startswith(".")]
+    return [e for e in entries if e is not None]
+
+
+def entry_for_path(path: Path) -> ModelEntry | None:
+    if path.is_dir() and (path / "model_index.json").exists():
+        return ModelEntry(name=path.name, source=str(path), kind="diffusers")
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return ModelEntry(name=path.stem, source=str(path), kind="single_file")
+    return None
+
+
+def weight_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.suffix.lower() in WEIGHT_SUFFIXES)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

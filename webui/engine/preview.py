@@ -1,0 +1,36 @@
+"""Cheap live previews of latents during denoising.
+
+For full-size SD 1.x/2.x VAEs a linear map from the 4 latent channels to RGB is good enough and
+costs nothing; for small VAEs (the embedded model, test models) a real decode is just as cheap and
+far more faithful, so those are decoded.
+"""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+# Approximate SD 1.x/2.x latent -> RGB factors (a widely published fact, not a fitted model).
+SD_LATENT_RGB = torch.tensor([
+    [0.298, 0.207, 0.208],
+    [0.187, 0.286, 0.173],
+    [-0.158, 0.189, 0.264],
+    [-0.184, -0.271, -0.473],
+])
+SMALL_VAE_PARAMS = 5_000_000
+
+
+def latents_to_preview(latents: torch.Tensor, vae) -> Image.Image:
+    """A preview of the first image of the batch."""
+    first = latents[:1].detach()
+    if sum(p.numel() for p in vae.parameters()) <= SMALL_VAE_PARAMS:
+        with torch.inference_mode():
+            decoded = vae.decode((first / vae.config.scaling_factor).to(vae.dtype)).sample[0]
+        rgb = (decoded.float().clamp(-1, 1) + 1) / 2
+    elif first.shape[1] == 4:
+        rgb = torch.einsum("chw,cr->rhw", first[0].float().cpu(), SD_LATENT_RGB)
+        rgb = ((rgb + 1) / 2).clamp(0, 1)
+    else:  # an unknown latent layout: show the first three channels normalised
+        rgb = first[0, :3].float()
+        rgb = (rgb - rgb.min()) / (rgb.max() - rgb.min() + 1e-6)
+    array = (rgb.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+    return Image.fromarray(array)

@@ -1,0 +1,110 @@
+"""Sampler and schedule-type names users know, mapped to diffusers schedulers.
+
+Schedulers are always built with `from_config` from the loaded model's own scheduler config, so a
+model's prediction type, beta schedule and zero-terminal-SNR setting carry over to every sampler.
+This module only names classes; diffusers is imported when a scheduler is actually built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    scheduler_class: str
+    options: dict[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    # Whether Karras / Exponential sigmas can be applied (k-diffusion style schedulers).
+    custom_sigmas: bool = True
+
+
+SAMPLERS: tuple[Sampler, ...] = (
+    Sampler("Euler a", "EulerAncestralDiscreteScheduler", aliases=("k_euler_a", "k_euler_ancestral"),
+            custom_sigmas=False),
+    Sampler("Euler", "EulerDiscreteScheduler", aliases=("k_euler",)),
+    Sampler("LMS", "LMSDiscreteScheduler", aliases=("k_lms", "K-LMS")),
+    Sampler("Heun", "HeunDiscreteScheduler", aliases=("k_heun",)),
+    Sampler("DPM2", "KDPM2DiscreteScheduler", aliases=("k_dpm_2",)),
+    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", aliases=("k_dpm_2_a",)),
+    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
+            aliases=("k_dpmpp_2m",)),
+    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", aliases=("k_dpmpp_sde",)),
+    Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler",
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, aliases=("k_dpmpp_2m_sde",)),
+    # diffusers has no ancestral single-step DPM++; its deterministic single-step solver is the
+    # closest match, as diffusers' own scheduler table notes.
+    Sampler("DPM++ 2S a", "DPMSolverSinglestepScheduler", {"solver_order": 2}, aliases=("k_dpmpp_2s_a",)),
+    Sampler("DDIM", "DDIMScheduler", aliases=("ddim",), custom_sigmas=False),
+    Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms", "PNDM"), custom_sigmas=False),
+    Sampler("UniPC", "UniPCMultistepScheduler", aliases=("unipc",)),
+    Sampler("LCM", "LCMScheduler", aliases=("lcm",), custom_sigmas=False),
+)
+
+# Schedule type label -> the scheduler config options that give it.
+SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
+    "Automatic": {},
+    "Karras": {"use_karras_sigmas": True},
+    "Exponential": {"use_exponential_sigmas": True},
+    "SGM Uniform": {"timestep_spacing": "trailing"},
+}
+
+_SAMPLER_BY_KEY = {}
+for _s in SAMPLERS:
+    for _key in (_s.name, *_s.aliases):
+        _SAMPLER_BY_KEY[_key.lower()] = _s
+_SCHEDULE_BY_KEY = {label.lower(): label for label in SCHEDULE_TYPES}
+_SCHEDULE_BY_KEY.update({label.lower().replace(" ", "_"): label for label in SCHEDULE_TYPES})
+
+
+def sampler_names() -> list[str]:
+    return [s.name for s in SAMPLERS]
+
+
+def get_sampler(name: str) -> Sampler:
+    sampler = _SAMPLER_BY_KEY.get(name.strip().lower())
+    if sampler is None:
+        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(sampler_names())}")
+    return sampler
+
+
+def resolve_sampler(sampler_name: str, schedule: str | None = "Automatic") -> tuple[str, str]:
+    """Check a sampler and schedule type and return their canonical names.
+
+    Accepts old combined names such as "DPM++ 2M Karras" (schedule taken from the suffix) and
+    A1111's aliases ("k_euler_a", "K-LMS", "PNDM"). Raises ValueError listing the valid names.
+    """
+    name = (sampler_name or "").strip()
+    schedule_label = _canonical_schedule(schedule or "Automatic")
+    if name.lower() not in _SAMPLER_BY_KEY:
+        for label in SCHEDULE_TYPES:
+            suffix = " " + label.lower()
+            if label != "Automatic" and name.lower().endswith(suffix):
+                name, schedule_label = name[: -len(suffix)], label
+                break
+    sampler = get_sampler(name)
+    if schedule_label in ("Karras", "Exponential") and not sampler.custom_sigmas:
+        raise ValueError(
+            f"sampler {sampler.name!r} does not support the {schedule_label} schedule; "
+            "use Automatic or SGM Uniform with it"
+        )
+    return sampler.name, schedule_label
+
+
+def _canonical_schedule(schedule: str) -> str:
+    label = _SCHEDULE_BY_KEY.get(schedule.strip().lower())
+    if label is None:
+        raise ValueError(f"unknown schedule type {schedule!r}; choose one of: {', '.join(SCHEDULE_TYPES)}")
+    return label
+
+
+def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str = "Automatic"):
+    """Build a fresh diffusers scheduler for one run from the model's scheduler config."""
+    import diffusers
+
+    sampler_name, schedule = resolve_sampler(sampler_name, schedule)
+    sampler = get_sampler(sampler_name)
+    scheduler_class = getattr(diffusers, sampler.scheduler_class)
+    options = {**sampler.options, **SCHEDULE_TYPES[schedule]}
+    return scheduler_class.from_config(base_config, **options)

@@ -1,0 +1,124 @@
+"""Typed requests and results shared by the UI, the API, the worker and the engine.
+
+GenerationRequest is validated once, at the edge, with messages that say what to fix. Field names
+follow stable-diffusion-webui's API (prompt, sampler_name, cfg_scale, n_iter, ...) so one model
+serves both the REST API and the UI.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from webui.engine.samplers import resolve_sampler
+
+MAX_PROMPT_CHARS = 2000
+MIN_SIZE, MAX_SIZE = 64, 2048
+MAX_SEED = 2**32 - 1
+
+
+class GenerationRequest(BaseModel):
+    """One txt2img request: everything needed to reproduce its images."""
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=False)
+
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="what to draw")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="what to avoid")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 picks a random seed")
+    sampler_name: str = Field("Euler a", description="e.g. 'Euler a', 'DPM++ 2M', or 'DPM++ 2M Karras'")
+    scheduler: str = Field("Automatic", description="schedule type: Automatic, Karras, Exponential, SGM Uniform")
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=1.0, le=30.0)
+    width: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE, description="None uses the model's native size")
+    height: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE, description="None uses the model's native size")
+    batch_size: int = Field(1, ge=1, le=8, description="images made together in one pass")
+    n_iter: int = Field(1, ge=1, le=100, description="batch count: passes made one after another")
+    clip_skip: int = Field(1, ge=1, le=12)
+    model: str | None = Field(None, description="checkpoint name; None keeps the loaded model")
+    save_images: bool = True
+    send_images: bool = True
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None, info) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"{info.field_name} must be a multiple of 8, got {value}")
+        return value
+
+    @field_validator("prompt", "negative_prompt", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return "" if value is None else value
+
+    @model_validator(mode="after")
+    def _known_sampler(self) -> "GenerationRequest":
+        # Also splits old combined names: "DPM++ 2M Karras" -> ("DPM++ 2M", "Karras").
+        self.sampler_name, self.scheduler = resolve_sampler(self.sampler_name, self.scheduler)
+        return self
+
+    @property
+    def image_count(self) -> int:
+        return self.batch_size * self.n_iter
+
+
+class InvalidRequest(ValueError):
+    """A request that fails validation; the message names each field and what to fix."""
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    parts = []
+    for problem in err.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "request"
+        message = problem["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def parse_request(data: dict[str, Any] | GenerationRequest) -> GenerationRequest:
+    """Validate a dict (from the UI or the API) into a GenerationRequest or raise InvalidRequest."""
+    if isinstance(data, GenerationRequest):
+        data = data.model_dump()
+    try:
+        return GenerationRequest.model_validate(data)
+    except ValidationError as err:
+        raise InvalidRequest(describe_validation_error(err)) from None
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass
+class GeneratedImage:
+    """One finished image with what is needed to reproduce and display it."""
+
+    image: Any  # PIL.Image.Image
+    seed: int
+    index: int  # position in the run: image i uses seed + i
+    infotext: str
+    nsfw: bool = False
+    path: str | None = None
+    history_id: int | None = None
+
+
+@dataclass
+class Progress:
+    """Where a job is; read by the UI and /sdapi/v1/progress."""
+
+    step: int = 0
+    total_steps: int = 0
+    image_index: int = 0  # the image being denoised, 0-based
+    image_count: int = 0
+    eta_seconds: float | None = None
+    fraction: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)

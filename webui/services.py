@@ -1,0 +1,56 @@
+"""Wire the long-lived services together from Settings: registry, engine, storage, worker.
+
+app.py, the tests and the benchmarks all build the same graph through `build_services`, so there
+is one place that knows how the parts connect.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from webui.config import Settings
+from webui.engine.generate import Engine
+from webui.engine.loader import ModelLoadError
+from webui.engine.models import ModelNotFound, ModelRegistry
+from webui.storage.history import History
+from webui.storage.outputs import OutputStore
+from webui.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    registry: ModelRegistry
+    engine: Engine
+    outputs: OutputStore
+    history: History
+    worker: Worker
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.history.close()
+
+
+def build_services(settings: Settings, *, load_model: bool = True) -> Services:
+    """Create every service and start the worker; loads settings.ckpt unless told not to."""
+    outdir = settings.outdir
+    outdir.mkdir(parents=True, exist_ok=True)
+    registry = ModelRegistry(settings.models_dir, hash_cache=outdir / "cache" / "model_hashes.json")
+    engine = Engine(settings, registry)
+    outputs = OutputStore(outdir)
+    history = History(outdir / "history.sqlite3", outdir)
+    repaired = history.reconcile()
+    if any(repaired.values()):
+        log.warning("history repaired after an unclean stop: %s", repaired)
+    worker = Worker(engine, outputs, history, max_queue=settings.queue_size,
+                    preview_every=settings.preview_every).start()
+    services = Services(settings, registry, engine, outputs, history, worker)
+    if load_model:
+        try:
+            worker.load_model(settings.ckpt)
+        except (ModelLoadError, ModelNotFound) as err:
+            # The app still starts: the user can pick another model in the UI.
+            log.error("%s", err)
+    return services

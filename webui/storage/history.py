@@ -1,0 +1,201 @@
+"""SQLite history of jobs and images, next to the outputs.
+
+Two tables: `jobs` (one row per submitted job, with its state and timings) and `images` (one row
+per saved image with every parameter). Invariant: an image row never points at a missing file
+without being marked so (`file_state = 'missing'`); `reconcile()` restores that after a crash.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    request_json TEXT NOT NULL,
+    error TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    created_at REAL NOT NULL,
+    path TEXT NOT NULL,
+    file_state TEXT NOT NULL DEFAULT 'ok',
+    prompt TEXT NOT NULL,
+    negative_prompt TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    steps INTEGER NOT NULL,
+    sampler TEXT NOT NULL,
+    scheduler TEXT NOT NULL,
+    cfg_scale REAL NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    clip_skip INTEGER NOT NULL,
+    model_name TEXT,
+    model_hash TEXT,
+    image_index INTEGER NOT NULL,
+    nsfw INTEGER NOT NULL DEFAULT 0,
+    seconds REAL,
+    infotext TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_created ON images(created_at DESC);
+"""
+
+IMAGE_COLUMNS = (
+    "job_id", "path", "prompt", "negative_prompt", "seed", "steps", "sampler", "scheduler", "cfg_scale",
+    "width", "height", "clip_skip", "model_name", "model_hash", "image_index", "nsfw", "seconds", "infotext",
+)
+
+
+@dataclass
+class HistoryImage:
+    id: int
+    job_id: str
+    job_state: str
+    created_at: float
+    path: str
+    file_state: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    sampler: str
+    scheduler: str
+    cfg_scale: float
+    width: int
+    height: int
+    clip_skip: int
+    model_name: str | None
+    model_hash: str | None
+    image_index: int
+    nsfw: bool
+    seconds: float | None
+    infotext: str
+
+
+class History:
+    """Thread-safe access to the history database (one connection, one lock)."""
+
+    def __init__(self, db_path: Path, outdir: Path):
+        self.outdir = Path(outdir)
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- jobs -----------------------------------------------------------------------------
+    def add_job(self, job_id: str, origin: str, request: dict[str, Any], created_at: float) -> None:
+        self._execute(
+            "INSERT INTO jobs (id, state, origin, request_json, created_at) VALUES (?, 'queued', ?, ?, ?)",
+            (job_id, origin, json.dumps(request), created_at),
+        )
+
+    def set_job_state(self, job_id: str, state: str, *, error: str | None = None,
+                      started_at: float | None = None, finished_at: float | None = None) -> None:
+        self._execute(
+            "UPDATE jobs SET state = ?, error = COALESCE(?, error), started_at = COALESCE(?, started_at),"
+            " finished_at = COALESCE(?, finished_at) WHERE id = ?",
+            (state, error, started_at, finished_at, job_id),
+        )
+
+    def get_job(self, job_id: str) -> dict[str, Any] | None:
+        row = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return dict(row[0]) if row else None
+
+    # --- images ---------------------------------------------------------------------------
+    def add_image(self, **values: Any) -> int:
+        missing = set(IMAGE_COLUMNS) - values.keys()
+        if missing:
+            raise ValueError(f"history row lacks {sorted(missing)}")
+        values["path"] = str(values["path"])
+        values["nsfw"] = int(bool(values["nsfw"]))
+        names = ", ".join(IMAGE_COLUMNS)
+        marks = ", ".join("?" for _ in IMAGE_COLUMNS)
+        with self._lock:
+            cursor = self._db.execute(
+                f"INSERT INTO images (created_at, {names}) VALUES (?, {marks})",
+                (time.time(), *(values[c] for c in IMAGE_COLUMNS)),
+            )
+            return int(cursor.lastrowid)
+
+    def list_images(self, page: int = 0, page_size: int = 24, search: str = "") -> tuple[list[HistoryImage], int]:
+        """One page of images, newest first, optionally filtered by prompt text; and the total."""
+        where, args = "", ()
+        if search.strip():
+            where, args = "WHERE images.prompt LIKE ? ESCAPE '\\'", (f"%{_escape_like(search.strip())}%",)
+        total = self._query(f"SELECT COUNT(*) FROM images {where}", args)[0][0]
+        rows = self._query(
+            f"SELECT images.*, jobs.state AS job_state FROM images JOIN jobs ON jobs.id = images.job_id {where}"
+            " ORDER BY images.created_at DESC, images.id DESC LIMIT ? OFFSET ?",
+            (*args, page_size, max(page, 0) * page_size),
+        )
+        return [_to_image(r) for r in rows], int(total)
+
+    def get_image(self, image_id: int) -> HistoryImage | None:
+        rows = self._query(
+            "SELECT images.*, jobs.state AS job_state FROM images JOIN jobs ON jobs.id = images.job_id"
+            " WHERE images.id = ?", (image_id,))
+        return _to_image(rows[0]) if rows else None
+
+    def delete_image(self, image_id: int) -> bool:
+        """Remove the file, then the row. Marking first means a crash in between leaves a row
+        flagged 'missing' rather than one pointing at nothing."""
+        image = self.get_image(image_id)
+        if image is None:
+            return False
+        self._execute("UPDATE images SET file_state = 'missing' WHERE id = ?", (image_id,))
+        self._file(image.path).unlink(missing_ok=True)
+        self._execute("DELETE FROM images WHERE id = ?", (image_id,))
+        return True
+
+    def reconcile(self) -> dict[str, int]:
+        """After a restart: flag rows whose file is gone, and fail jobs a crash left unfinished."""
+        rows = self._query("SELECT id, path FROM images WHERE file_state = 'ok'")
+        gone = [r["id"] for r in rows if not self._file(r["path"]).exists()]
+        for image_id in gone:
+            self._execute("UPDATE images SET file_state = 'missing' WHERE id = ?", (image_id,))
+        with self._lock:
+            stale = self._db.execute(
+                "UPDATE jobs SET state = 'failed', error = 'stopped by a restart', finished_at = ?"
+                " WHERE state IN ('queued', 'running')", (time.time(),)).rowcount
+        return {"missing_files": len(gone), "stale_jobs": stale}
+
+    def _file(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else self.outdir / p
+
+    def _execute(self, sql: str, args: tuple = ()) -> None:
+        with self._lock:
+            self._db.execute(sql, args)
+
+    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _to_image(row: sqlite3.Row) -> HistoryImage:
+    values = dict(row)
+    values["nsfw"] = bool(values["nsfw"])
+    return HistoryImage(**values)

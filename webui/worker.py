@@ -1,0 +1,315 @@
+"""The job queue and the one long-lived worker thread that owns the engine (pipeline + device).
+
+The UI and the API only call `submit`, `cancel`, `skip` and read `Job` objects. Cancel and skip
+are per job, checked at every denoising step: one user's Interrupt never touches another's job.
+A job that raises is marked failed with its message and the worker goes on with the next one.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from webui import __version__
+from webui.engine.generate import Engine, LoadedModel
+from webui.schemas import GeneratedImage, GenerationRequest, JobState, Progress, MAX_SEED, parse_request
+from webui.storage.history import History
+from webui.storage.infotext import build_infotext
+from webui.storage.outputs import OutputStore
+
+log = logging.getLogger(__name__)
+KEEP_FINISHED_JOBS = 500
+
+
+class QueueFull(RuntimeError):
+    """The queue is at its maximum size; try again when a job has finished."""
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class BatchSkipped(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    id: str
+    request: GenerationRequest
+    origin: str
+    created_at: float = field(default_factory=time.time)
+    state: JobState = JobState.QUEUED
+    progress: Progress = field(default_factory=Progress)
+    preview: Image.Image | None = None
+    preview_step: int = 0  # which step the preview shows, so stale previews can be dropped
+    seeds: list[int] = field(default_factory=list)
+    images: list[GeneratedImage] = field(default_factory=list)
+    grid_path: str | None = None
+    model: LoadedModel | None = None
+    error: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    skip_event: threading.Event = field(default_factory=threading.Event)
+    done_event: threading.Event = field(default_factory=threading.Event)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done_event.wait(timeout)
+
+    @property
+    def seconds(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.finished_at or time.time()) - self.started_at
+
+
+@dataclass
+class _Call:
+    """A task run on the worker thread between jobs (loading a model, for one)."""
+
+    fn: Callable[[Engine], Any]
+    future: Future
+
+
+class Worker:
+    def __init__(self, engine: Engine, outputs: OutputStore, history: History, *,
+                 max_queue: int = 64, preview_every: int = 5):
+        self.engine = engine
+        self.outputs = outputs
+        self.history = history
+        self.max_queue = max_queue
+        self.preview_every = preview_every
+        self._queue: collections.deque[Job | _Call] = collections.deque()
+        self._jobs: dict[str, Job] = {}
+        self._current: Job | None = None
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start(self) -> "Worker":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="gpu-worker", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._wake:
+            self._stopping = True
+            if self._current is not None:
+                self._current.cancel_event.set()
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # --- the public surface ---------------------------------------------------------------
+    def submit(self, request: GenerationRequest | dict, origin: str = "ui") -> Job:
+        """Queue a request; returns its Job at once. Raises InvalidRequest or QueueFull."""
+        request = parse_request(request)
+        job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin)
+        with self._wake:
+            waiting = sum(isinstance(item, Job) for item in self._queue)
+            if waiting >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting); try again shortly")
+            self.history.add_job(job.id, origin, request.model_dump(), job.created_at)
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self._forget_old_jobs()
+            self._wake.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._wake:
+            return self._jobs.get(job_id)
+
+    def current(self) -> Job | None:
+        return self._current
+
+    def position(self, job_id: str) -> int | None:
+        """Jobs ahead of this one (the running job counts); None once it has started."""
+        with self._wake:
+            queued = [item.id for item in self._queue if isinstance(item, Job)]
+            if job_id not in queued:
+                return None
+            return queued.index(job_id) + (1 if self._current is not None else 0)
+
+    def queue_length(self) -> int:
+        with self._wake:
+            return sum(isinstance(item, Job) for item in self._queue)
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop one job: dropped if queued, stopped at the next step if running."""
+        with self._wake:
+            job = self._jobs.get(job_id)
+            if job is None or job.state.finished:
+                return False
+            job.cancel_event.set()
+            if job in self._queue:
+                self._queue.remove(job)
+                self._finish(job, JobState.CANCELLED)
+        return True
+
+    def skip(self, job_id: str) -> bool:
+        """End the image (batch) being denoised and go on with the job's next batch."""
+        job = self.get(job_id)
+        if job is None or job.state is not JobState.RUNNING:
+            return False
+        job.skip_event.set()
+        return True
+
+    def call(self, fn: Callable[[Engine], Any]) -> Future:
+        """Run fn(engine) on the worker thread, after the jobs already queued."""
+        future: Future = Future()
+        with self._wake:
+            self._queue.append(_Call(fn, future))
+            self._wake.notify_all()
+        return future
+
+    def load_model(self, name: str, timeout: float | None = None) -> LoadedModel:
+        return self.call(lambda engine: engine.load(name)).result(timeout)
+
+    # --- the worker thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                item = self._queue.popleft()
+                if isinstance(item, Job):
+                    self._current = item
+            try:
+                if isinstance(item, _Call):
+                    self._run_call(item)
+                else:
+                    self._run_job(item)
+            finally:
+                self._current = None
+
+    def _run_call(self, call: _Call) -> None:
+        if not call.future.set_running_or_notify_cancel():
+            return
+        try:
+            call.future.set_result(call.fn(self.engine))
+        except BaseException as err:
+            call.future.set_exception(err)
+
+    def _run_job(self, job: Job) -> None:
+        job.state = JobState.RUNNING
+        job.started_at = time.time()
+        self.history.set_job_state(job.id, JobState.RUNNING.value, started_at=job.started_at)
+        try:
+            self._generate(job)
+        except JobCancelled:
+            self._finish(job, JobState.CANCELLED)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            self._finish(job, JobState.FAILED, "out of GPU memory: lower the size or batch size, "
+                                                "or start with --medvram / --lowvram")
+        except Exception as err:
+            log.exception("job %s failed", job.id)
+            self._finish(job, JobState.FAILED, f"{type(err).__name__}: {err}")
+        else:
+            self._finish(job, JobState.DONE)
+
+    def _generate(self, job: Job) -> None:
+        request = job.request
+        job.model = self.engine.load(request.model) if request.model else self.engine.require_model()
+        first_seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed
+        job.seeds = [first_seed + i for i in range(request.image_count)]
+        job.progress = Progress(total_steps=request.steps, image_count=request.image_count)
+        for batch in range(request.n_iter):
+            if job.cancel_event.is_set():
+                raise JobCancelled
+            job.skip_event.clear()
+            seeds = job.seeds[batch * request.batch_size:(batch + 1) * request.batch_size]
+            job.progress.image_index = batch * request.batch_size
+            started = time.time()
+            try:
+                results = self.engine.generate(request, seeds, self._step_callback(job, batch))
+            except BatchSkipped:
+                continue
+            seconds = (time.time() - started) / len(results)
+            for i, result in enumerate(results):
+                self._keep_image(job, result, batch * request.batch_size + i, seconds)
+        if request.save_images and len(job.images) > 1:
+            first = job.images[0]
+            job.grid_path = str(self.outputs.save_grid([im.image for im in job.images], first.infotext, first.seed))
+
+    def _step_callback(self, job: Job, batch: int):
+        steps_before = batch * job.request.steps
+        total = job.request.n_iter * job.request.steps
+
+        def on_step(step: int, total_steps: int, latents: torch.Tensor) -> None:
+            if job.cancel_event.is_set():
+                raise JobCancelled
+            if job.skip_event.is_set():
+                raise BatchSkipped
+            done = steps_before + step
+            elapsed = time.time() - job.started_at
+            job.progress = Progress(
+                step=step, total_steps=total_steps, image_index=batch * job.request.batch_size,
+                image_count=job.request.image_count, fraction=done / total,
+                eta_seconds=elapsed / done * (total - done),
+            )
+            if self.preview_every and step % self.preview_every == 0 and step < total_steps:
+                job.preview = self.engine.preview(latents)
+                job.preview_step = done
+
+        return on_step
+
+    def _keep_image(self, job: Job, result, index: int, seconds: float) -> None:
+        request, model = job.request, job.model
+        width = request.width or model.native_width
+        height = request.height or model.native_height
+        infotext = build_infotext(request.prompt, request.negative_prompt, {
+            "Steps": request.steps,
+            "Sampler": request.sampler_name,
+            "Schedule type": request.scheduler,
+            "CFG scale": f"{request.cfg_scale:g}",
+            "Seed": result.seed,
+            "Size": f"{width}x{height}",
+            "Model hash": model.short_hash,
+            "Model": model.entry.name,
+            "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+            "NSFW": "blacked out by the safety checker" if result.nsfw else None,
+            "Version": f"diffusers-webui {__version__}",
+        })
+        image = GeneratedImage(image=result.image, seed=result.seed, index=index, infotext=infotext, nsfw=result.nsfw)
+        if request.save_images:
+            path = self.outputs.save_image(result.image, infotext, result.seed)
+            image.path = str(path)
+            image.history_id = self.history.add_image(
+                job_id=job.id, path=path.relative_to(self.outputs.outdir), prompt=request.prompt,
+                negative_prompt=request.negative_prompt, seed=result.seed, steps=request.steps,
+                sampler=request.sampler_name, scheduler=request.scheduler, cfg_scale=request.cfg_scale,
+                width=width, height=height, clip_skip=request.clip_skip, model_name=model.entry.name,
+                model_hash=model.short_hash, image_index=index, nsfw=result.nsfw, seconds=seconds,
+                infotext=infotext,
+            )
+        job.images.append(image)
+
+    def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
+        job.state = state
+        job.error = error
+        job.finished_at = time.time()
+        job.preview = None
+        self.history.set_job_state(job.id, state.value, error=error, finished_at=job.finished_at)
+        job.done_event.set()
+
+    def _forget_old_jobs(self) -> None:
+        finished = [j for j in self._jobs.values() if j.state.finished]
+        for job in finished[: max(0, len(finished) - KEEP_FINISHED_JOBS)]:
+            del self._jobs[job.id]
