@@ -1,0 +1,20 @@
+"""Entry point: parse flags into Settings, build the services, launch. No logic lives here."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from webui.config import parse_settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(argv)  # first, so --help answers before torch and gradio load
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from webui.launch import launch
+    from webui.services import build_services
+
+    launch(build_services(settings))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,93 @@
+"""Flags, request validation messages, and the model registry (discovery, hashes)."""
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from webui.config import DEFAULT_MODEL_NAME, parse_settings
+from webui.engine.models import ModelNotFound, ModelRegistry
+from webui.schemas import GenerationRequest, InvalidRequest, parse_request
+
+ROOT = Path(__file__).resolve().parent.parent
+FLAGS = ["--listen", "--port", "--share", "--api", "--nowebui", "--gradio-auth", "--api-auth", "--ckpt-dir",
+         "--models-dir", "--outdir", "--ckpt", "--device", "--no-half", "--no-half-vae", "--medvram", "--lowvram",
+         "--xformers", "--no-safety-checker", "--offline", "--compile", "--queue-size", "--preview-every"]
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for flag in FLAGS:
+        assert flag in out.stdout, flag
+
+
+def test_defaults_and_a1111_flag_names():
+    s = parse_settings([])
+    assert (s.host, s.port, s.ckpt, s.device, s.api_enabled) == ("127.0.0.1", 7860, DEFAULT_MODEL_NAME, "auto", False)
+    s = parse_settings(["--listen", "--port", "9000", "--nowebui", "--gradio-auth", "a:b,c:d", "--api-auth", "u:p",
+                        "--models-dir", "/m", "--device", "cpu", "--medvram", "--no-half-vae"])
+    assert (s.host, s.port, s.api_enabled, str(s.models_dir)) == ("0.0.0.0", 9000, True, "/m")
+    assert s.gradio_auth == [("a", "b"), ("c", "d")] and s.api_auth == [("u", "p")]
+    assert s.medvram and s.no_half_vae and s.device == "cpu"
+    assert str(parse_settings(["--ckpt-dir", "/x"]).models_dir) == "/x"
+
+
+def test_bad_flags_exit_with_a_message(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(["--gradio-auth", "nopassword"])
+    assert "user:password" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_settings(["--device", "tpu"])
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"width": 500}, "width: width must be a multiple of 8, got 500"),
+    ({"height": 32}, "height: Input should be greater than or equal to 64"),
+    ({"steps": -3}, "steps: Input should be greater than or equal to 1"),
+    ({"steps": 1000}, "steps: Input should be less than or equal to 150"),
+    ({"sampler_name": "Eular"}, "unknown sampler 'Eular'; choose one of: Euler a, Euler"),
+    ({"prompt": "x" * 10_000}, "prompt: String should have at most 2000 characters"),
+    ({"batch_size": 64}, "batch_size: Input should be less than or equal to 8"),
+    ({"seed": -5}, "seed: Input should be greater than or equal to -1"),
+    ({"cfg_scale": "lots"}, "cfg_scale: Input should be a valid number"),
+])
+def test_invalid_fields_say_what_to_fix(fields, message):
+    with pytest.raises(InvalidRequest) as err:
+        parse_request({"prompt": "ok"} | fields)
+    assert message in str(err.value)
+
+
+def test_old_combined_sampler_names_are_split():
+    request = GenerationRequest(sampler_name="DPM++ 2M Karras")
+    assert (request.sampler_name, request.scheduler) == ("DPM++ 2M", "Karras")
+
+
+def test_registry_finds_folders_files_and_hub_ids(tmp_path):
+    (tmp_path / "folder-model").mkdir()
+    (tmp_path / "folder-model" / "model_index.json").write_text("{}")
+    (tmp_path / "single.safetensors").write_bytes(b"weights")
+    (tmp_path / "old.ckpt").write_bytes(b"ckpt")
+    (tmp_path / "notes.txt").write_text("not a model")
+    registry = ModelRegistry(tmp_path, tmp_path / "cache" / "hashes.json")
+    assert [(e.name, e.kind) for e in registry.entries()] == [
+        ("folder-model", "diffusers"), ("old", "single_file"), ("single", "single_file")]
+    assert registry.find("single.safetensors").name == "single"
+    assert registry.find("single [0123456789]").name == "single"
+    assert registry.find("runwayml/stable-diffusion-v1-5").kind == "hub"
+    with pytest.raises(ModelNotFound, match="available: folder-model, old, single"):
+        registry.find("nothing")
+
+
+def test_short_hash_is_sha256_prefix_and_cached(tmp_path, monkeypatch):
+    (tmp_path / "single.safetensors").write_bytes(b"weights")
+    registry = ModelRegistry(tmp_path, tmp_path / "cache" / "hashes.json")
+    entry = registry.find("single")
+    expected = hashlib.sha256(b"weights").hexdigest()[:10]
+    assert registry.short_hash(entry) == expected
+    assert registry.title(entry) == f"single [{expected}]"
+    import webui.engine.models as models
+
+    monkeypatch.setattr(models, "sha256_file", lambda path: pytest.fail("hash computed twice"))
+    assert ModelRegistry(tmp_path, tmp_path / "cache" / "hashes.json").short_hash(entry) == expected

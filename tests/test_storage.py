@@ -1,0 +1,131 @@
+"""Output files (naming, counter, atomic writes, grids) and the SQLite history."""
+import os
+import sqlite3
+
+import pytest
+from PIL import Image
+
+from webui.storage.history import History
+from webui.storage.outputs import OutputStore, highest_number, make_grid, read_infotext
+
+
+def red(size=(8, 8)):
+    return Image.new("RGB", size, "red")
+
+
+def history_row(job_id, path, prompt="a cat", seed=1):
+    return dict(job_id=job_id, path=path, prompt=prompt, negative_prompt="", seed=seed, steps=2, sampler="Euler",
+                scheduler="Automatic", cfg_scale=7.0, width=8, height=8, clip_skip=1, model_name="m",
+                model_hash="0123456789", image_index=0, nsfw=False, seconds=0.1, infotext=f"{prompt}\nSeed: {seed}")
+
+
+def test_names_follow_a1111_and_carry_the_infotext(tmp_path):
+    store = OutputStore(tmp_path)
+    first = store.save_image(red(), "a cat\nSteps: 2, Seed: 5, Size: 8x8", seed=5)
+    second = store.save_image(red(), "x", seed=6)
+    assert first.parent == store.image_folder("txt2img")
+    assert first.parent.parent.name == "txt2img-images"
+    assert (first.name, second.name) == ("00000-5.png", "00001-6.png")
+    with Image.open(first) as png:
+        assert read_infotext(png) == "a cat\nSteps: 2, Seed: 5, Size: 8x8"
+
+
+def test_counter_continues_after_a_restart(tmp_path):
+    OutputStore(tmp_path).save_image(red(), "x", seed=1)
+    OutputStore(tmp_path).save_image(red(), "x", seed=1)
+    again = OutputStore(tmp_path).save_image(red(), "x", seed=9)
+    assert again.name == "00002-9.png"
+    assert highest_number(again.parent) == 2
+
+
+def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    store = OutputStore(tmp_path)
+
+    def broken_save(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError):
+        store.save_image(red(), "x", seed=1)
+    assert list(store.image_folder("txt2img").iterdir()) == []
+
+
+def test_grid_is_near_square_and_saved_apart(tmp_path):
+    grid = make_grid([red((4, 4))] * 5)
+    assert grid.size == (12, 8)
+    path = OutputStore(tmp_path).save_grid([red()] * 2, "x", seed=3)
+    assert path.parent.parent.name == "txt2img-grids"
+
+
+def test_paths_outside_outputs_are_refused(tmp_path):
+    store = OutputStore(tmp_path / "out")
+    assert store.resolve("txt2img-images/a.png") == (tmp_path / "out" / "txt2img-images" / "a.png").resolve()
+    for bad in ("../secret.png", "/etc/passwd", "txt2img-images/../../x"):
+        with pytest.raises(ValueError, match="outside the outputs folder"):
+            store.resolve(bad)
+
+
+@pytest.fixture
+def history(tmp_path):
+    h = History(tmp_path / "history.sqlite3", tmp_path)
+    yield h
+    h.close()
+
+
+def test_history_add_list_search_get(history, tmp_path):
+    history.add_job("j1", "ui", {"prompt": "x"}, 1.0)
+    ids = [history.add_image(**history_row("j1", f"f{i}.png", prompt=p, seed=i))
+           for i, p in enumerate(["red apple", "green apple", "a dog 100%"])]
+    rows, total = history.list_images(page_size=2)
+    assert total == 3 and [r.id for r in rows] == [ids[2], ids[1]]  # newest first
+    rows, _ = history.list_images(page=1, page_size=2)
+    assert [r.id for r in rows] == [ids[0]]
+    rows, total = history.list_images(search="apple")
+    assert total == 2 and {r.prompt for r in rows} == {"red apple", "green apple"}
+    assert history.list_images(search="100%")[1] == 1  # LIKE wildcards are taken literally
+    assert history.list_images(search="_")[1] == 0
+    one = history.get_image(ids[1])
+    assert (one.prompt, one.seed, one.job_state, one.model_hash) == ("green apple", 1, "queued", "0123456789")
+    assert history.get_image(9999) is None
+
+
+def test_job_states_are_recorded(history):
+    history.add_job("j1", "api", {"prompt": "x"}, 1.0)
+    history.set_job_state("j1", "running", started_at=2.0)
+    history.set_job_state("j1", "failed", error="boom", finished_at=3.0)
+    job = history.get_job("j1")
+    assert (job["state"], job["error"], job["started_at"], job["finished_at"], job["origin"]) == ("failed", "boom", 2.0, 3.0, "api")
+
+
+def test_delete_removes_row_and_file(history, tmp_path):
+    history.add_job("j1", "ui", {}, 1.0)
+    (tmp_path / "a.png").write_bytes(b"png")
+    image_id = history.add_image(**history_row("j1", "a.png"))
+    assert history.delete_image(image_id)
+    assert not (tmp_path / "a.png").exists() and history.get_image(image_id) is None
+    assert not history.delete_image(image_id)
+
+
+def test_reconcile_marks_missing_files_and_stale_jobs(history, tmp_path):
+    history.add_job("j1", "ui", {}, 1.0)
+    history.set_job_state("j1", "running", started_at=1.0)
+    (tmp_path / "kept.png").write_bytes(b"png")
+    kept = history.add_image(**history_row("j1", "kept.png"))
+    lost = history.add_image(**history_row("j1", "lost.png"))
+    assert history.reconcile() == {"missing_files": 1, "stale_jobs": 1}
+    assert history.get_image(kept).file_state == "ok"
+    assert history.get_image(lost).file_state == "missing"
+    assert history.get_job("j1")["state"] == "failed"
+
+
+def test_database_is_in_wal_mode(history, tmp_path):
+    with sqlite3.connect(tmp_path / "history.sqlite3") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_row_needs_every_parameter(history):
+    history.add_job("j1", "ui", {}, 1.0)
+    row = history_row("j1", "a.png")
+    del row["seed"]
+    with pytest.raises(ValueError, match="seed"):
+        history.add_image(**row)

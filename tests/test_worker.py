@@ -1,0 +1,158 @@
+"""The worker: order, per-job cancel and skip, failures, a full queue, saving and history."""
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from webui.schemas import InvalidRequest, JobState
+from webui.storage.outputs import read_infotext
+from webui.worker import QueueFull
+
+QUICK = {"prompt": "a red apple", "steps": 2, "seed": 1}
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+def test_a_job_makes_saved_images_with_infotext_and_history(services):
+    job = services.worker.submit(QUICK | {"batch_size": 2, "n_iter": 2, "seed": 40})
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    assert job.seeds == [40, 41, 42, 43] and [im.seed for im in job.images] == [40, 41, 42, 43]
+    with Image.open(job.images[1].path) as png:
+        text = read_infotext(png)
+    assert text.startswith("a red apple\nSteps: 2, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 41")
+    assert "Size: 64x64, Model hash: " in text and "Model: tiny-sd" in text
+    rows, total = services.history.list_images()
+    assert total == 4 and rows[0].seed == 43 and rows[0].job_state == "done"
+    assert job.grid_path and "txt2img-grids" in job.grid_path
+
+
+def test_same_request_twice_gives_identical_pixels_and_random_seed_is_recorded(services):
+    a = services.worker.submit(QUICK)
+    b = services.worker.submit(QUICK)
+    r = services.worker.submit(QUICK | {"seed": -1})
+    for job in (a, b, r):
+        assert job.wait(60) and job.state is JobState.DONE
+    assert np.array_equal(np.asarray(a.images[0].image), np.asarray(b.images[0].image))
+    assert r.seeds[0] != -1 and f"Seed: {r.seeds[0]}," in r.images[0].infotext
+
+
+def test_save_images_false_writes_nothing(services):
+    job = services.worker.submit(QUICK | {"save_images": False})
+    assert job.wait(60) and job.state is JobState.DONE
+    assert job.images[0].path is None and services.history.list_images()[1] == 0
+
+
+def test_jobs_run_in_order_and_report_queue_positions(services):
+    long = services.worker.submit(QUICK | {"steps": 30})
+    jobs = [services.worker.submit(QUICK | {"seed": s}) for s in (1, 2, 3)]
+    wait_for(lambda: long.state is JobState.RUNNING)
+    assert [services.worker.position(j.id) for j in jobs] == [1, 2, 3]
+    for job in jobs:
+        assert job.wait(60)
+    assert long.finished_at <= jobs[0].started_at
+    assert jobs[0].finished_at <= jobs[1].started_at <= jobs[2].started_at
+
+
+def test_cancel_a_queued_job_leaves_the_others(services):
+    first = services.worker.submit(QUICK | {"steps": 20})
+    victim = services.worker.submit(QUICK)
+    last = services.worker.submit(QUICK)
+    assert services.worker.cancel(victim.id)
+    assert victim.state is JobState.CANCELLED and victim.wait(0)
+    assert first.wait(60) and last.wait(60)
+    assert (first.state, last.state) == (JobState.DONE, JobState.DONE)
+    assert services.history.get_job(victim.id)["state"] == "cancelled"
+
+
+def test_cancel_a_running_job_stops_it_at_the_next_step(services):
+    victim = services.worker.submit(QUICK | {"steps": 150, "n_iter": 3})
+    other = services.worker.submit(QUICK)
+    wait_for(lambda: victim.progress.step >= 2)
+    assert services.worker.cancel(victim.id)
+    assert victim.wait(30) and victim.state is JobState.CANCELLED
+    assert victim.progress.step < 150 and victim.images == []
+    assert other.wait(60) and other.state is JobState.DONE and len(other.images) == 1
+    assert not services.worker.cancel(victim.id)  # already finished
+
+
+def test_skip_ends_the_current_batch_and_goes_on(services):
+    job = services.worker.submit(QUICK | {"steps": 150, "n_iter": 2, "seed": 10})
+    wait_for(lambda: job.progress.step >= 2)
+    assert services.worker.skip(job.id)
+    assert job.wait(60) and job.state is JobState.DONE
+    assert [im.seed for im in job.images] == [11]  # batch 0 (seed 10) was skipped
+
+
+def test_a_failing_job_is_marked_and_the_next_one_runs(services):
+    bad = services.worker.submit(QUICK | {"model": "no-such-model"})
+    good = services.worker.submit(QUICK)
+    assert bad.wait(60) and bad.state is JobState.FAILED
+    assert "no-such-model" in bad.error and "not found" in bad.error
+    assert good.wait(60) and good.state is JobState.DONE
+    assert services.history.get_job(bad.id)["error"] == bad.error
+
+
+def test_an_exception_inside_the_engine_does_not_kill_the_worker(services, monkeypatch):
+    def explode(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert")
+
+    monkeypatch.setattr(services.engine, "generate", explode)
+    bad = services.worker.submit(QUICK)
+    assert bad.wait(30) and bad.state is JobState.FAILED and "device-side assert" in bad.error
+    monkeypatch.undo()
+    good = services.worker.submit(QUICK)
+    assert good.wait(60) and good.state is JobState.DONE
+
+
+def test_a_full_queue_refuses_with_a_clear_error(services):
+    services.worker.max_queue = 2
+    blocker = services.worker.submit(QUICK | {"steps": 150})
+    wait_for(lambda: blocker.state is JobState.RUNNING)
+    services.worker.submit(QUICK)
+    services.worker.submit(QUICK)
+    with pytest.raises(QueueFull, match="queue is full"):
+        services.worker.submit(QUICK)
+    services.worker.cancel(blocker.id)
+
+
+def test_invalid_requests_are_refused_before_queueing(services):
+    with pytest.raises(InvalidRequest, match="width: width must be a multiple of 8, got 500"):
+        services.worker.submit(QUICK | {"width": 500})
+    assert services.worker.queue_length() == 0 and services.history.list_images()[1] == 0
+
+
+def test_progress_and_preview_during_a_run(services):
+    job = services.worker.submit(QUICK | {"steps": 60})
+    wait_for(lambda: job.preview is not None)
+    assert job.preview.size == (64, 64) and job.preview_step % 2 == 0
+    assert 0 < job.progress.fraction < 1 and job.progress.total_steps == 60
+    assert job.progress.eta_seconds is not None and job.progress.eta_seconds >= 0
+    assert job.wait(60) and job.preview is None and job.progress.step == 60
+
+
+def test_switching_models_through_the_worker(services, models_dir, tmp_path):
+    from tests.tiny_sd import save_tiny_model
+    from webui.engine.loader import ModelLoadError
+
+    save_tiny_model(models_dir / "tiny-other", seed=1)
+    try:
+        services.registry.refresh()
+        loaded = services.worker.load_model("tiny-other")
+        assert loaded.entry.name == "tiny-other" and services.engine.model.entry.name == "tiny-other"
+        job = services.worker.submit(QUICK | {"model": "tiny-sd"})
+        assert job.wait(60) and job.model.entry.name == "tiny-sd"
+        with pytest.raises((ModelLoadError, ValueError)):
+            services.worker.load_model("missing-model")
+        assert services.engine.model.entry.name == "tiny-sd"
+    finally:
+        import shutil
+        shutil.rmtree(models_dir / "tiny-other")
+        services.registry.refresh()
