@@ -50,8 +50,7 @@ class Job:
     created_at: float = field(default_factory=time.time)
     state: JobState = JobState.QUEUED
     progress: Progress = field(default_factory=Progress)
-    preview: Image.Image | None = None
-    preview_step: int = 0  # which step the preview shows, so stale previews can be dropped
+    preview_step: int = 0  # the step of the newest latents kept for a preview
     seeds: list[int] = field(default_factory=list)
     images: list[GeneratedImage] = field(default_factory=list)
     grid_path: str | None = None
@@ -62,6 +61,27 @@ class Job:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     skip_event: threading.Event = field(default_factory=threading.Event)
     done_event: threading.Event = field(default_factory=threading.Event)
+    # Previews are decoded only when someone reads them, and only from the newest latents:
+    # a job nobody watches (an API call, a benchmark) pays nothing for them.
+    _preview_latents: torch.Tensor | None = field(default=None, repr=False)
+    _preview_decoder: Callable[[torch.Tensor], Image.Image] | None = field(default=None, repr=False)
+    _preview_cache: tuple[int, Image.Image] | None = field(default=None, repr=False)
+    _preview_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def preview(self) -> Image.Image | None:
+        with self._preview_lock:
+            latents, step = self._preview_latents, self.preview_step
+            if latents is None or self._preview_decoder is None:
+                return None
+            if self._preview_cache is None or self._preview_cache[0] != step:
+                self._preview_cache = (step, self._preview_decoder(latents))
+            return self._preview_cache[1]
+
+    def keep_preview_latents(self, latents: torch.Tensor | None, step: int) -> None:
+        with self._preview_lock:
+            self._preview_latents = None if latents is None else latents[:1].detach().clone()
+            self.preview_step = step
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done_event.wait(timeout)
@@ -117,7 +137,7 @@ class Worker:
     def submit(self, request: GenerationRequest | dict, origin: str = "ui") -> Job:
         """Queue a request; returns its Job at once. Raises InvalidRequest or QueueFull."""
         request = parse_request(request)
-        job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin)
+        job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, _preview_decoder=self.engine.preview)
         with self._wake:
             waiting = sum(isinstance(item, Job) for item in self._queue)
             if waiting >= self.max_queue:
@@ -265,8 +285,7 @@ class Worker:
                 eta_seconds=elapsed / done * (total - done),
             )
             if self.preview_every and step % self.preview_every == 0 and step < total_steps:
-                job.preview = self.engine.preview(latents)
-                job.preview_step = done
+                job.keep_preview_latents(latents, done)
 
         return on_step
 
@@ -305,7 +324,7 @@ class Worker:
         job.state = state
         job.error = error
         job.finished_at = time.time()
-        job.preview = None
+        job.keep_preview_latents(None, job.preview_step)
         self.history.set_job_state(job.id, state.value, error=error, finished_at=job.finished_at)
         job.done_event.set()
 
