@@ -150,3 +150,30 @@ def test_failed_load_keeps_the_previous_model(engine, tmp_path):
 def test_token_count(engine):
     assert engine.count_tokens("red apple") == 2
     assert engine.count_tokens("") == 0
+
+
+def test_a_model_that_cannot_be_placed_leaves_the_old_one_working(engine, models_dir, monkeypatch):
+    import webui.engine.generate as generate
+    from webui.engine.loader import ModelLoadError
+
+    real_place = generate.place_pipeline
+    old_pipe = engine.pipe
+
+    def place(pipe, settings, placement):
+        if pipe is not old_pipe:
+            raise RuntimeError("CUDA out of memory")
+        return real_place(pipe, settings, placement)
+
+    import shutil
+
+    shutil.copytree(models_dir / TINY, models_dir / "tiny-copy")
+    engine.registry.refresh()
+    monkeypatch.setattr(generate, "place_pipeline", place)
+    try:
+        with pytest.raises(ModelLoadError, match="could not move model 'tiny-copy'.*out of memory"):
+            engine.load("tiny-copy")
+    finally:
+        shutil.rmtree(models_dir / "tiny-copy")
+        engine.registry.refresh()
+    assert engine.pipe is old_pipe and engine.model.entry.name == TINY
+    assert run(engine, [1])[0].std() > 0

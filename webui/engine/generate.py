@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from webui.config import Settings
-from webui.engine.loader import ModelLoadError, Placement, load_pipeline, pick_placement
+from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.preview import latents_to_preview
 from webui.engine.prompts import encode_prompts
@@ -58,7 +58,16 @@ class Engine:
         if self.model is not None and self.model.entry == entry:
             return self.model
         self.placement = self.placement or pick_placement(self.settings)
-        pipe = load_pipeline(entry, self.settings, self.placement)
+        pipe = read_pipeline(entry, self.settings, self.placement)
+        # Make room on the device, but keep the old model until the new one is in place.
+        old_pipe = self.pipe
+        parked = old_pipe is not None and park_on_cpu(old_pipe, self.settings, self.placement)
+        try:
+            place_pipeline(pipe, self.settings, self.placement)
+        except Exception as err:
+            if parked:
+                place_pipeline(old_pipe, self.settings, self.placement)
+            raise ModelLoadError(f"could not move model {entry.name!r} to {self.placement.device}: {err}") from err
         self.unload()
         self.pipe = pipe
         self._base_scheduler_config = dict(pipe.scheduler.config)

@@ -47,8 +47,8 @@ def pick_placement(settings: Settings) -> Placement:
     return Placement(device=device, dtype=torch.float16 if half else torch.float32)
 
 
-def load_pipeline(entry: ModelEntry, settings: Settings, placement: Placement):
-    """Read the weights of `entry` and move them to the device, or raise ModelLoadError."""
+def read_pipeline(entry: ModelEntry, settings: Settings, placement: Placement):
+    """Read the weights of `entry` into CPU memory, or raise ModelLoadError."""
     try:
         pipe = _read_pipeline(entry, settings, placement.dtype)
     except ModelLoadError:
@@ -59,10 +59,34 @@ def load_pipeline(entry: ModelEntry, settings: Settings, placement: Placement):
         pipe.safety_checker = None
     if settings.no_half_vae and placement.dtype != torch.float32:
         pipe.vae.to(torch.float32)
-    _place(pipe, settings, placement)
-    _choose_attention(pipe, settings)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def place_pipeline(pipe, settings: Settings, placement: Placement):
+    """Move a read pipeline onto the device with the memory and speed options of the flags."""
+    if placement.device == "cuda" and settings.lowvram:
+        pipe.enable_sequential_cpu_offload()
+    elif placement.device == "cuda" and settings.medvram:
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(placement.device)
+    if settings.medvram or settings.lowvram:
+        pipe.vae.enable_slicing()  # decode a batch one image at a time
+    _choose_attention(pipe, settings)
+    if settings.compile:
+        from webui.engine.fast_path import apply_fast_path
+
+        apply_fast_path(pipe, compile=True)
+    return pipe
+
+
+def park_on_cpu(pipe, settings: Settings, placement: Placement) -> bool:
+    """Free the GPU of a pipeline we may need again; False when offloading manages it already."""
+    if placement.device == "cpu" or settings.medvram or settings.lowvram:
+        return False
+    pipe.to("cpu")
+    return True
 
 
 def _read_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype):
@@ -101,15 +125,6 @@ def _read_hub_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype
         ) from err
 
 
-def _place(pipe, settings: Settings, placement: Placement) -> None:
-    if placement.device == "cuda" and settings.lowvram:
-        pipe.enable_sequential_cpu_offload()
-    elif placement.device == "cuda" and settings.medvram:
-        pipe.enable_model_cpu_offload()
-    else:
-        pipe.to(placement.device)
-
-
 def _choose_attention(pipe, settings: Settings) -> None:
     if not settings.xformers:
         return  # diffusers uses torch's scaled-dot-product attention by default
@@ -117,7 +132,3 @@ def _choose_attention(pipe, settings: Settings) -> None:
         pipe.enable_xformers_memory_efficient_attention()
     except Exception as err:  # not installed, or no GPU build: SDPA is a fine fallback
         log.warning("xformers requested but unavailable (%s); using SDPA attention", err)
-
-
-def execution_device(pipe) -> torch.device:
-    return pipe._execution_device
