@@ -1,0 +1,355 @@
+"""The REST API in-process: each route's happy path and its errors, against a tiny model.
+
+One set of services serves the whole module (building it loads a model), so tests that change
+shared state (the loaded model, the queue limit) put it back before they end.
+"""
+import base64
+import dataclasses
+import io
+import json
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from webui.api import attach_api, create_api_app
+from webui.config import Settings
+from webui.schemas import JobState
+from webui.services import build_services
+from webui.storage.outputs import read_infotext
+
+TINY = "tiny-sd"
+QUICK = {"prompt": "a red apple", "steps": 2, "seed": 1, "width": 64, "height": 64}
+LONG = QUICK | {"steps": 150}  # never runs to the end: each test that starts one stops it
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+def step_of_running_job(services) -> int:
+    job = services.worker.current()
+    return job.progress.step if job is not None else 0
+
+
+def png(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+@pytest.fixture(scope="module")
+def services(models_dir, tmp_path_factory):
+    own_models = tmp_path_factory.mktemp("api-models")
+    shutil.copytree(models_dir / TINY, own_models / TINY)
+    settings = Settings(models_dir=own_models, outdir=tmp_path_factory.mktemp("api-out"), ckpt=TINY,
+                        device="cpu", preview_every=1)
+    built = build_services(settings)
+    yield built
+    built.close()
+
+
+@pytest.fixture(scope="module")
+def client(services):
+    with TestClient(create_api_app(services)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def running(services, client):
+    """Start a long API job and wait until it is denoising; cancel whatever is left afterwards."""
+    started = []
+
+    def start(body=LONG):
+        job_id = client.post("/api/v1/jobs", json=body).json()["id"]
+        job = services.worker.get(job_id)
+        wait_for(lambda: job.progress.step >= 1)
+        started.append(job)
+        return job
+
+    yield start
+    for job in started:
+        services.worker.cancel(job.id)
+        job.wait(30)
+
+
+# --- txt2img ----------------------------------------------------------------------------------
+def test_txt2img_returns_pngs_carrying_their_infotext_and_a1111_info(client, services):
+    r = client.post("/sdapi/v1/txt2img", json=QUICK | {"seed": 7, "batch_size": 2, "sampler_name": "Euler a"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    info = json.loads(body["info"])
+    assert info["seed"] == 7 and info["all_seeds"] == [7, 8] and len(info["infotexts"]) == 2
+    assert (info["width"], info["height"], info["sd_model_name"]) == (64, 64, TINY)
+    assert len(body["images"]) == 2 and info["index_of_first_image"] == 0
+    for b64, infotext in zip(body["images"], info["infotexts"]):
+        image = png(b64)
+        assert image.size == (64, 64) and read_infotext(image) == infotext
+    assert info["infotexts"][1].startswith("a red apple\nSteps: 2, Sampler: Euler a, Schedule type: Automatic, "
+                                           "CFG scale: 7, Seed: 8, Size: 64x64")
+    assert body["parameters"]["prompt"] == "a red apple" and body["parameters"]["save_images"] is False
+    # API calls do not save by default: the job is in the history, its images are not.
+    assert services.history.get_job(info["job_id"])["origin"] == "api"
+    assert services.history.list_images()[1] == 0
+
+
+def test_same_seed_gives_the_same_image_through_the_api_and_the_worker(client, services):
+    r = client.post("/sdapi/v1/txt2img", json=QUICK | {"seed": 123, "sampler_name": "DPM++ 2M Karras"})
+    assert r.status_code == 200, r.text
+    job = services.worker.submit(QUICK | {"seed": 123, "sampler_name": "DPM++ 2M", "scheduler": "Karras"})
+    assert job.wait(60) and job.state is JobState.DONE
+    from_api = np.asarray(png(r.json()["images"][0]).convert("RGB"))
+    assert np.array_equal(from_api, np.asarray(job.images[0].image.convert("RGB")))
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in json.loads(r.json()["info"])["infotexts"][0]
+
+
+def test_saved_api_images_go_to_the_history_with_the_grid_returned_first(client, services):
+    r = client.post("/sdapi/v1/txt2img", json=QUICK | {"batch_size": 2, "save_images": True, "seed": 30})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert len(r.json()["images"]) == 3 and info["index_of_first_image"] == 1
+    assert png(r.json()["images"][0]).size == (128, 64)  # the 2x1 grid
+    rows, _ = services.history.list_images(search="a red apple")
+    assert sorted(row.seed for row in rows if row.job_id == info["job_id"]) == [30, 31]
+
+
+def test_override_settings_and_infotext_fill_the_request(client, services):
+    title = client.get("/sdapi/v1/sd-models").json()[0]["title"]
+    pasted = "a dog\nNegative prompt: blurry\nSteps: 9, Sampler: DDIM, CFG scale: 5, Seed: 9, Size: 64x64"
+    r = client.post("/sdapi/v1/txt2img", json={
+        "infotext": pasted, "steps": 2,  # a field the client sends wins over the infotext
+        "override_settings": {"sd_model_checkpoint": title, "CLIP_stop_at_last_layers": 2},
+    })
+    assert r.status_code == 200, r.text
+    text = json.loads(r.json()["info"])["infotexts"][0]
+    assert text.startswith("a dog\nNegative prompt: blurry\nSteps: 2, Sampler: DDIM, ")
+    assert "CFG scale: 5, Seed: 9, Size: 64x64" in text and "Clip skip: 2" in text
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"sampler_name": "Nonexistent"}, "sampler_name"),
+    ({"scheduler": "Wobbly"}, "scheduler"),
+    ({"width": 500}, "width"),
+    ({"steps": 0}, "steps"),
+    ({"steps": 151}, "steps"),
+    ({"steps": "many"}, "steps"),
+    ({"cfg_scale": 99}, "cfg_scale"),
+    ({"enable_hr": True}, "enable_hr"),
+    ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts"),
+    ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "override_settings.CLIP_stop_at_last_layers"),
+])
+def test_bad_txt2img_requests_get_422_naming_the_field_and_queue_nothing(client, services, body, field):
+    for path in ("/sdapi/v1/txt2img", "/api/v1/jobs"):
+        r = client.post(path, json=QUICK | body)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"] == "InvalidRequest" and r.json()["detail"].startswith(f"{field}: ")
+    assert services.worker.queue_length() == 0 and services.worker.current() is None
+
+
+def test_malformed_json_unknown_model_and_img2img(client):
+    r = client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["detail"]
+    r = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"sd_model_checkpoint": "nope"}})
+    assert r.status_code == 404
+    assert r.json()["detail"].startswith("override_settings.sd_model_checkpoint: model 'nope' not found")
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [], "prompt": "x"})
+    assert r.status_code == 501 and "not supported yet" in r.json()["detail"]
+
+
+def test_a_failing_job_answers_500_and_the_server_goes_on(client, services):
+    broken = services.settings.models_dir / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{ this is not a model")
+    try:
+        client.post("/sdapi/v1/refresh-checkpoints")
+        r = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"sd_model_checkpoint": "broken"}})
+        assert r.status_code == 500 and r.json()["error"] == "GenerationFailed", r.text
+        r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "broken"})
+        assert r.status_code == 500 and r.json()["detail"].startswith("sd_model_checkpoint: ")
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith(f"{TINY} [")
+        assert client.post("/sdapi/v1/txt2img", json=QUICK).status_code == 200
+    finally:
+        shutil.rmtree(broken)
+        client.post("/sdapi/v1/refresh-checkpoints")
+
+
+# --- png-info ---------------------------------------------------------------------------------
+def test_png_info_parses_the_infotext_and_rejects_bad_base64(client):
+    text = 'a cat\nNegative prompt: dog\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x768, Model: "a, b"'
+    meta = PngInfo()
+    meta.add_text("parameters", text)
+    meta.add_text("Software", "test")
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=meta)
+    b64 = base64.b64encode(buffer.getvalue()).decode()
+    r = client.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + b64})
+    assert r.status_code == 200, r.text
+    assert r.json()["info"] == text and r.json()["items"] == {"Software": "test"}
+    params = r.json()["parameters"]
+    assert (params["Prompt"], params["Negative prompt"], params["Seed"], params["Model"]) == ("a cat", "dog", "5", "a, b")
+    assert (params["Size-1"], params["Size-2"]) == ("512", "768")
+
+    plain = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(plain, format="PNG")
+    r = client.post("/sdapi/v1/png-info", json={"image": base64.b64encode(plain.getvalue()).decode()})
+    assert r.status_code == 200 and r.json()["info"] == "" and r.json()["parameters"] == {}
+    for bad in ("%%%not base64%%%", base64.b64encode(b"not an image").decode(), ""):
+        r = client.post("/sdapi/v1/png-info", json={"image": bad})
+        assert r.status_code == 422 and r.json()["detail"].startswith("image: "), r.text
+    assert client.post("/sdapi/v1/png-info", json={}).json()["detail"].startswith("image: ")
+
+
+# --- lists, options, models -------------------------------------------------------------------
+def test_lists_and_memory(client):
+    samplers = client.get("/sdapi/v1/samplers").json()
+    names = [s["name"] for s in samplers]
+    assert {"Euler a", "Euler", "DPM++ 2M", "DDIM", "UniPC"} <= set(names)
+    assert "k_euler_a" in samplers[names.index("Euler a")]["aliases"]
+    schedulers = client.get("/sdapi/v1/schedulers").json()
+    assert [(s["name"], s["label"]) for s in schedulers][:2] == [("automatic", "Automatic"), ("karras", "Karras")]
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    memory = client.get("/sdapi/v1/memory").json()
+    assert memory["ram"]["total"] > 0 and "cuda" in memory
+
+
+def test_sd_models_refresh_and_switching_the_model_through_options(client, services):
+    models = client.get("/sdapi/v1/sd-models").json()
+    assert [m["model_name"] for m in models] == [TINY]
+    assert models[0]["title"] == f"{TINY} [{models[0]['hash']}]" and len(models[0]["hash"]) == 10
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == models[0]["title"]
+
+    shutil.copytree(services.settings.models_dir / TINY, services.settings.models_dir / "tiny-two")
+    assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+    assert [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()] == [TINY, "tiny-two"]
+    try:
+        r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-two", "jpeg_quality": 80})
+        assert r.status_code == 200 and r.json() == {"applied": ["sd_model_checkpoint"], "ignored": ["jpeg_quality"]}
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-two [")
+        r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "missing-model"})
+        assert r.status_code == 404 and r.json()["detail"].startswith("sd_model_checkpoint: model 'missing-model'")
+        assert services.engine.model.entry.name == "tiny-two"
+    finally:
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": models[0]["title"]}).status_code == 200
+        shutil.rmtree(services.settings.models_dir / "tiny-two")
+        client.post("/sdapi/v1/refresh-checkpoints")
+
+
+# --- progress, interrupt, skip, the queue -------------------------------------------------------
+def test_progress_skip_and_interrupt_act_on_a_running_txt2img(client, services):
+    assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+    answer = {}
+    caller = threading.Thread(target=lambda: answer.update(
+        r=client.post("/sdapi/v1/txt2img", json=LONG | {"n_iter": 2})))
+    caller.start()
+    try:
+        wait_for(lambda: step_of_running_job(services) >= 1 and services.worker.current().preview is not None)
+        progress = client.get("/sdapi/v1/progress").json()  # answers while txt2img still waits
+        assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
+        assert progress["state"]["sampling_steps"] == 150 and progress["state"]["job_count"] == 2
+        assert progress["current_task"] == services.worker.current().id
+        assert png(progress["current_image"]).size == (64, 64)
+        assert client.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["current_image"] is None
+
+        assert client.post("/sdapi/v1/skip").status_code == 200  # ends batch 1, goes on with batch 2
+        wait_for(lambda: client.get("/sdapi/v1/progress").json()["state"]["job_no"] == 1)
+        assert client.post("/sdapi/v1/interrupt").json() == {}
+    finally:
+        caller.join(60)
+    r = answer["r"]
+    assert r.status_code == 200, r.text  # as in A1111: an interrupted job answers with what it finished
+    info = json.loads(r.json()["info"])
+    assert info["state"] == "cancelled" and r.json()["images"] == []
+    assert services.history.get_job(info["job_id"])["state"] == "cancelled"
+    assert client.get("/sdapi/v1/progress").json()["progress"] == 0
+
+
+def test_api_and_ui_jobs_share_the_queue_and_a_full_queue_answers_503(client, services, running):
+    api_job = running()
+    ui_job = services.worker.submit(QUICK, origin="ui")
+    limit = services.worker.max_queue
+    services.worker.max_queue = 1
+    try:
+        assert services.worker.position(ui_job.id) == 1  # the running API job is ahead of the UI's
+        assert client.get("/sdapi/v1/progress").json()["state"]["queued"] == 1
+        for path in ("/sdapi/v1/txt2img", "/api/v1/jobs"):
+            r = client.post(path, json=QUICK)
+            assert r.status_code == 503 and r.json()["error"] == "QueueFull"
+            assert int(r.headers["Retry-After"]) >= 1
+    finally:
+        services.worker.max_queue = limit
+    services.worker.cancel(ui_job.id)
+    assert client.post(f"/api/v1/jobs/{api_job.id}/cancel").json()["cancelled"] is True
+
+
+def test_per_job_cancel_stops_only_that_job(client, services, running):
+    a = running()
+    b = client.post("/api/v1/jobs", json=QUICK).json()
+    c = client.post("/api/v1/jobs", json=QUICK | {"seed": 3})
+    assert c.status_code == 202 and c.json()["position"] == 2
+    c = c.json()
+    assert client.get(f"/api/v1/jobs/{b['id']}").json()["position"] == 1
+
+    assert client.post(f"/api/v1/jobs/{b['id']}/cancel").json() == {"id": b["id"], "cancelled": True,
+                                                                     "state": "cancelled"}
+    assert client.post(f"/api/v1/jobs/{a.id}/cancel").json()["cancelled"] is True
+    assert a.wait(30) and a.state is JobState.CANCELLED
+    job_c = services.worker.get(c["id"])
+    assert job_c.wait(60) and job_c.state is JobState.DONE
+
+    status = client.get(f"/api/v1/jobs/{c['id']}").json()
+    assert status["state"] == "done" and status["origin"] == "api" and status["progress"]["step"] == 2
+    assert json.loads(status["result"]["info"])["all_seeds"] == [3]
+    assert read_infotext(png(status["result"]["images"][0])).startswith("a red apple\nSteps: 2")
+    assert client.get(f"/api/v1/jobs/{b['id']}").json()["state"] == "cancelled"
+    r = client.post(f"/api/v1/jobs/{c['id']}/cancel")
+    assert r.status_code == 409 and r.json()["error"] == "JobFinished"
+    assert client.post("/api/v1/jobs/nope/cancel").status_code == 404
+    assert client.get("/api/v1/jobs/nope").status_code == 404
+
+
+# --- auth, docs, attaching to another app -------------------------------------------------------
+def test_api_auth_protects_every_route_and_nothing_runs_without_it(services):
+    locked = dataclasses.replace(services, settings=dataclasses.replace(
+        services.settings, api_auth=[("alice", "s3cret"), ("bob", "hunter2")]))
+    with TestClient(create_api_app(locked)) as c:
+        for method, path in [("GET", "/sdapi/v1/progress"), ("GET", "/sdapi/v1/sd-models"),
+                             ("POST", "/sdapi/v1/txt2img"), ("POST", "/api/v1/jobs"), ("POST", "/sdapi/v1/interrupt"),
+                             ("POST", "/sdapi/v1/options"), ("GET", "/docs"), ("GET", "/api/v1/openapi.json")]:
+            for auth in (None, ("alice", "wrong"), ("mallory", "s3cret")):
+                r = c.request(method, path, json=QUICK, auth=auth)
+                assert r.status_code == 401, (method, path, auth, r.status_code)
+                assert r.headers["WWW-Authenticate"].startswith("Basic")
+                assert services.worker.queue_length() == 0 and services.worker.current() is None
+        assert c.get("/sdapi/v1/progress", auth=("bob", "hunter2")).status_code == 200
+        assert c.get("/docs", auth=("alice", "s3cret")).status_code == 200
+        r = c.post("/sdapi/v1/txt2img", json=QUICK | {"steps": 1}, auth=("alice", "s3cret"))
+        assert r.status_code == 200 and len(r.json()["images"]) == 1
+
+
+def test_docs_and_attaching_to_an_existing_app(client, services):
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/api/v1/openapi.json").json()["paths"]
+    assert {"/sdapi/v1/txt2img", "/sdapi/v1/progress", "/api/v1/jobs/{job_id}/cancel"} <= set(paths)
+    assert "Txt2ImgRequest" in json.dumps(paths["/sdapi/v1/txt2img"])
+
+    host = FastAPI(docs_url="/docs")
+
+    @host.get("/hello")
+    def hello():
+        return {"hello": "world"}
+
+    attach_api(host, services)
+    with TestClient(host) as c:
+        assert c.get("/hello").json() == {"hello": "world"}
+        assert c.get("/sdapi/v1/samplers").status_code == 200
+        assert c.get("/docs").status_code == 200  # the host's own docs page stays
+        assert c.post("/sdapi/v1/txt2img", json={"steps": 0}).status_code == 422

@@ -1,0 +1,89 @@
+"""Compatibility: drive our API with `webuiapi`, a published client of stable-diffusion-webui's API,
+over HTTP against a real uvicorn server on 127.0.0.1 (with --api-auth on, as a client meets it)."""
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import uvicorn
+import webuiapi
+
+from webui.api import create_api_app
+from webui.config import Settings
+from webui.schemas import JobState
+from webui.services import build_services
+from webui.storage.outputs import read_infotext
+
+TINY = "tiny-sd"
+USER, PASSWORD = "webui", "letmein"
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, tmp_path_factory):
+    own_models = tmp_path_factory.mktemp("client-models")
+    shutil.copytree(models_dir / TINY, own_models / TINY)
+    settings = Settings(models_dir=own_models, outdir=tmp_path_factory.mktemp("client-out"), ckpt=TINY,
+                        device="cpu", nowebui=True, api_auth=[(USER, PASSWORD)])
+    services = build_services(settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # a free port, held from here on so nothing else can take it
+    port = sock.getsockname()[1]
+    app_server = uvicorn.Server(uvicorn.Config(create_api_app(services), log_level="warning"))
+    thread = threading.Thread(target=app_server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not app_server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert app_server.started, "uvicorn did not start"
+    yield services, port
+    app_server.should_exit = True
+    thread.join(30)
+    sock.close()
+    services.close()
+
+
+def test_webuiapi_client_works_unchanged(server):
+    services, port = server
+    assert requests.get(f"http://127.0.0.1:{port}/sdapi/v1/progress", timeout=10).status_code == 401
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=2,
+                            username=USER, password=PASSWORD)
+    result = api.txt2img(prompt="a lighthouse", negative_prompt="fog", seed=4242, width=64, height=64, cfg_scale=6)
+    assert result.image.size == (64, 64)
+    assert result.info["seed"] == 4242 and result.info["all_seeds"] == [4242]
+    assert read_infotext(result.image) == result.info["infotexts"][0]
+    assert result.info["infotexts"][0].startswith(
+        "a lighthouse\nNegative prompt: fog\nSteps: 2, Sampler: Euler a, Schedule type: Automatic, CFG scale: 6, "
+        "Seed: 4242, Size: 64x64")
+    assert result.parameters["prompt"] == "a lighthouse"
+
+    # The same request straight to the worker gives the same pixels.
+    job = services.worker.submit({"prompt": "a lighthouse", "negative_prompt": "fog", "seed": 4242, "steps": 2,
+                                  "width": 64, "height": 64, "cfg_scale": 6, "save_images": False})
+    assert job.wait(60) and job.state is JobState.DONE
+    assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(job.images[0].image.convert("RGB")))
+
+    info = api.png_info(result.image)
+    assert info.info == result.info["infotexts"][0] and info.json["parameters"]["Seed"] == "4242"
+
+    title = api.util_get_model_names()[0]
+    assert title.startswith(f"{TINY} [") and api.util_get_current_model() == title
+    api.util_set_model(TINY)
+    assert api.get_options()["sd_model_checkpoint"] == title
+    assert "Euler a" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
+    assert api.get_progress()["state"]["job_count"] == 0
+    api.util_wait_for_ready(check_interval=0.1)
+    api.interrupt()
+    api.skip()
+    api.refresh_checkpoints()
+    assert api.get_memory()["ram"]["total"] > 0
+
+    with pytest.raises(RuntimeError) as bad:
+        api.txt2img(prompt="x", width=500, height=64)
+    assert bad.value.args[0] == 422 and "width" in bad.value.args[1]
+    with pytest.raises(RuntimeError) as unsupported:
+        api.img2img(images=[result.image], prompt="x", width=64, height=64)
+    assert unsupported.value.args[0] == 501

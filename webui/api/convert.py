@@ -1,0 +1,247 @@
+"""Translate between stable-diffusion-webui's API shapes and ours: requests in, jobs out.
+
+Kept apart from the routes so each route stays a few lines: read, call the worker, answer.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import io
+import json
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from webui import __version__
+from webui.api.models import JobProgress, Txt2ImgRequest, Txt2ImgResponse
+from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
+from webui.engine.samplers import resolve_sampler
+from webui.schemas import InvalidRequest, parse_request
+from webui.storage.infotext import parse_infotext, request_fields_from_infotext
+from webui.storage.outputs import read_infotext
+from webui.worker import Job
+
+
+class ApiError(Exception):
+    """An error with the HTTP status and message the client gets."""
+
+    def __init__(self, status: int, message: str, kind: str = "ApiError", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.headers = headers
+
+
+# Fields that name a feature we lack: (field, asks for it?, what to say).
+_UNSUPPORTED = (
+    ("enable_hr", lambda v: bool(v), "hires fix is not supported yet (send false)"),
+    ("subseed_strength", lambda v: bool(v), "variation seeds are not supported yet (send 0)"),
+    ("seed_resize_from_h", lambda v: v is not None and v > 0, "seed resize is not supported yet (send -1)"),
+    ("seed_resize_from_w", lambda v: v is not None and v > 0, "seed resize is not supported yet (send -1)"),
+    ("restore_faces", lambda v: bool(v), "face restoration is not supported (send false)"),
+    ("tiling", lambda v: bool(v), "tiling is not supported yet (send false)"),
+    ("styles", lambda v: bool(v), "prompt styles are not supported yet (put their text in the prompt)"),
+    ("refiner_checkpoint", lambda v: v not in (None, "", "None", "none"), "a refiner is not supported yet"),
+    ("script_name", lambda v: v not in (None, "", "None", "none"), "no scripts are installed on this server"),
+    ("alwayson_scripts", lambda v: bool(v), "no always-on scripts are installed on this server"),
+)
+# Infotext fields the `infotext` request field may fill (the model is left out on purpose: pasting
+# an infotext should not switch the server's model behind the client's back).
+_INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed",
+                    "width", "height")
+
+
+def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: ModelEntry | None) -> dict[str, Any]:
+    """A1111 txt2img body -> GenerationRequest fields, or ApiError naming each field to fix."""
+    problems = [f"{name}: {message}" for name, asks, message in _UNSUPPORTED if asks(getattr(req, name))]
+    values = {name: getattr(req, name) for name in _INFOTEXT_FIELDS}
+    values["sampler_name"] = req.sampler_name or req.sampler_index or "Euler"
+    clip_skip = None
+    if req.infotext:
+        pasted = request_fields_from_infotext(req.infotext)
+        for name in _INFOTEXT_FIELDS:
+            if name in pasted and name not in req.model_fields_set:
+                values[name] = pasted[name]
+        clip_skip = pasted.get("clip_skip")
+
+    overrides = req.override_settings or {}
+    if overrides.get("CLIP_stop_at_last_layers") is not None:
+        clip_skip = overrides["CLIP_stop_at_last_layers"]
+    model = None
+    if overrides.get("sd_model_checkpoint"):
+        model = str(overrides["sd_model_checkpoint"])
+        find_listed_model(registry, model, loaded, field="override_settings.sd_model_checkpoint")
+
+    # Checked here, not only by the schema, so each message names the field it is about.
+    for field, check in (("scheduler", ("Euler", values["scheduler"])),
+                         ("sampler_name", (values["sampler_name"], values["scheduler"]))):
+        try:
+            resolved = resolve_sampler(*check)
+        except ValueError as err:
+            problems.append(f"{field}: {err}")
+            resolved = ("Euler", "Automatic")  # placeholders, so the schema check below reports only the rest
+            break
+    values["sampler_name"], values["scheduler"] = resolved
+
+    data = values | {
+        "batch_size": req.batch_size, "n_iter": req.n_iter, "model": model,
+        "save_images": req.save_images, "send_images": req.send_images,
+    }
+    if clip_skip is not None:
+        data["clip_skip"] = clip_skip
+    try:
+        parse_request(data)
+    except InvalidRequest as err:
+        problems.extend(_rename_fields(str(err)).split("; "))
+    if problems:
+        raise ApiError(422, "; ".join(dict.fromkeys(problems)), "InvalidRequest")
+    return data
+
+
+def _rename_fields(message: str) -> str:
+    """Our field names -> the A1111 names the client sent, in a validation message."""
+    renames = {"clip_skip:": "override_settings.CLIP_stop_at_last_layers:",
+               "model:": "override_settings.sd_model_checkpoint:"}
+    parts = message.split("; ")
+    for i, part in enumerate(parts):
+        for ours, theirs in renames.items():
+            if part.startswith(ours):
+                parts[i] = theirs + part[len(ours):]
+    return "; ".join(parts)
+
+
+def find_listed_model(registry: ModelRegistry, name: str, loaded: ModelEntry | None,
+                      field: str = "sd_model_checkpoint") -> ModelEntry:
+    """A model from the models folder (or the one loaded now), by name, title or file name.
+
+    The API never loads arbitrary paths or hub ids a client names: only what the server lists,
+    as in stable-diffusion-webui. The list is rescanned once before giving up.
+    """
+    for attempt in range(2):
+        listed = registry.entries() if attempt == 0 else registry.refresh()
+        try:
+            entry = registry.find(name)
+        except ModelNotFound:
+            entry = None
+        if entry is not None and (entry in listed or entry == loaded):
+            return entry
+    available = ", ".join(e.name for e in registry.entries()) or "none"
+    raise ApiError(404, f"{field}: model {name!r} not found; available: {available} (see /sdapi/v1/sd-models)",
+                   "ModelNotFound")
+
+
+# --- images -----------------------------------------------------------------------------------
+def encode_png(image: Image.Image, infotext: str | None = None) -> str:
+    """A PIL image -> base64 PNG, with the infotext in the 'parameters' chunk when given."""
+    metadata = None
+    if infotext:
+        metadata = PngInfo()
+        metadata.add_text("parameters", infotext)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=metadata)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_image(data: str, field: str = "image") -> Image.Image:
+    """base64 (or a data: URL) -> PIL image, or ApiError 422 naming the field."""
+    text = (data or "").strip()
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    if not text:
+        raise ApiError(422, f"{field}: empty; send a base64-encoded PNG, JPEG or WebP", "InvalidRequest")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"{field}: not valid base64", "InvalidRequest") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise ApiError(422, f"{field}: the base64 data is not an image PIL can read", "InvalidRequest") from None
+    return image
+
+
+def png_info(image: Image.Image) -> dict[str, Any]:
+    """The infotext of an image, its other text chunks, and the infotext parsed as A1111 does."""
+    infotext = read_infotext(image) or ""
+    items = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str) and k != "parameters"}
+    parameters: dict[str, Any] = {}
+    if infotext:
+        prompt, negative, params = parse_infotext(infotext)
+        parameters = {"Prompt": prompt, "Negative prompt": negative, **params}
+        width, sep, height = params.get("Size", "").partition("x")
+        if sep:
+            parameters["Size-1"], parameters["Size-2"] = width.strip(), height.strip()
+    return {"info": infotext, "items": items, "parameters": parameters}
+
+
+# --- results ----------------------------------------------------------------------------------
+def job_result(job: Job, parameters: dict[str, Any]) -> Txt2ImgResponse:
+    """A finished job -> A1111's {"images", "parameters", "info"}.
+
+    As in stable-diffusion-webui, a saved multi-image run returns its grid first
+    (index_of_first_image = 1), and an interrupted run returns the images it finished.
+    """
+    request, images = job.request, list(job.images)
+    encoded = [encode_png(im.image, im.infotext) for im in images] if request.send_images else []
+    infotexts = [im.infotext for im in images]
+    first_index = 0
+    if job.grid_path and request.send_images:
+        with open(job.grid_path, "rb") as handle:
+            encoded.insert(0, base64.b64encode(handle.read()).decode("ascii"))
+        infotexts.insert(0, images[0].infotext)
+        first_index = 1
+    seeds = job.seeds or [request.seed]
+    count = request.image_count
+    model = job.model
+    started = dt.datetime.fromtimestamp(job.started_at or job.created_at)
+    info = {
+        "prompt": request.prompt,
+        "all_prompts": [request.prompt] * count,
+        "negative_prompt": request.negative_prompt,
+        "all_negative_prompts": [request.negative_prompt] * count,
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * len(seeds),
+        "subseed_strength": 0,
+        "width": request.width or (model.native_width if model else None),
+        "height": request.height or (model.native_height if model else None),
+        "sampler_name": request.sampler_name,
+        "scheduler": request.scheduler,
+        "cfg_scale": request.cfg_scale,
+        "steps": request.steps,
+        "batch_size": request.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": model.entry.name if model else None,
+        "sd_model_hash": model.short_hash if model else None,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": None,
+        "extra_generation_params": {"Schedule type": request.scheduler},
+        "index_of_first_image": first_index,
+        "infotexts": infotexts,
+        "styles": [],
+        "job_timestamp": started.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": request.clip_skip,
+        "is_using_inpainting_conditioning": False,
+        "version": f"diffusers-webui {__version__}",
+        # ours, beyond A1111's keys
+        "job_id": job.id,
+        "state": job.state.value,
+        "nsfw": [im.nsfw for im in images],
+    }
+    return Txt2ImgResponse(images=encoded, parameters=parameters, info=json.dumps(info))
+
+
+def job_progress(job: Job) -> JobProgress:
+    p = job.progress
+    return JobProgress(step=p.step, total_steps=p.total_steps or job.request.steps, fraction=min(p.fraction, 1.0),
+                       eta_seconds=p.eta_seconds, image_index=p.image_index,
+                       image_count=p.image_count or job.request.image_count)

@@ -1,0 +1,338 @@
+"""The REST routes: stable-diffusion-webui's /sdapi/v1/* and our per-job /api/v1/jobs/*.
+
+Each route is a thin adapter over the worker, the registry and storage. Everything goes through
+the worker's one queue, so an API job shows in the UI's queue positions, in /progress and, when
+saved, in the history. Errors always come back as JSON {"error", "detail"} with a 4xx/5xx status,
+whatever app the routes are attached to (our route class formats them, not app-wide handlers).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from typing import Any, Callable
+
+import anyio
+import torch
+from fastapi import APIRouter, Body, Depends, Query
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from webui.api import convert
+from webui.api.convert import ApiError
+from webui.api.models import (
+    ErrorResponse, JobCancelled, JobCreated, JobStatus, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest,
+    PNGInfoResponse, ProgressResponse, SamplerItem, SchedulerItem, ScriptsList, SDModelItem, Txt2ImgRequest,
+    Txt2ImgResponse,
+)
+from webui.engine.loader import ModelLoadError
+from webui.engine.models import ModelNotFound
+from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES
+from webui.schemas import InvalidRequest, JobState
+from webui.worker import Job, QueueFull
+
+log = logging.getLogger(__name__)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text} for code, text in (
+        (401, "wrong or missing credentials (with --api-auth)"),
+        (404, "unknown model or job"),
+        (422, "a field is invalid; the detail names it"),
+        (503, "the queue is full; retry after Retry-After seconds"),
+    )
+}
+
+
+def error_response(status: int, kind: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": kind, "detail": detail}, headers=headers)
+
+
+class ApiRoute(APIRoute):
+    """Turns every failure of our routes into JSON {"error", "detail"}: bad input, auth, crashes."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def guarded(request):
+            try:
+                return await handler(request)
+            except ApiError as err:
+                return error_response(err.status, err.kind, err.message, err.headers)
+            except RequestValidationError as err:
+                return error_response(422, "InvalidRequest", describe_validation_errors(err.errors()))
+            except StarletteHTTPException as err:
+                return error_response(err.status_code, "HTTPException", str(err.detail), err.headers)
+            except Exception as err:  # the server stays up and says what broke
+                log.exception("API error: %s %s", request.method, request.url.path)
+                return error_response(500, type(err).__name__, str(err) or type(err).__name__)
+
+        return guarded
+
+
+def describe_validation_errors(errors) -> str:
+    parts = []
+    for problem in errors:
+        loc = [str(p) for p in problem.get("loc", ())]
+        if loc and loc[0] in ("body", "query", "path"):
+            loc = loc[1:] or loc[:1]
+        message = str(problem.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc) or 'body'}: {message}")
+    return "; ".join(parts) or "invalid request"
+
+
+class Api:
+    """The route handlers, bound to one set of services."""
+
+    def __init__(self, services):
+        self.services = services
+        self.worker = services.worker
+        self.registry = services.registry
+        self.engine = services.engine
+
+    # --- generation ---------------------------------------------------------------------------
+    async def txt2img(self, req: Txt2ImgRequest) -> Txt2ImgResponse:
+        """Queue a txt2img job and answer when it has finished (A1111's blocking call)."""
+        job = await anyio.to_thread.run_sync(self._submit, req)
+        # Wait on a thread of its own, outside the shared pool, so that many waiting clients
+        # never starve /progress or /interrupt. The queue limit bounds how many wait at once.
+        await anyio.to_thread.run_sync(job.wait, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
+        return await anyio.to_thread.run_sync(self._result, job, req.model_dump())
+
+    def img2img(self, body: dict[str, Any] | None = Body(None)) -> None:
+        raise ApiError(501, "img2img is not supported yet by this server; use /sdapi/v1/txt2img", "NotImplemented")
+
+    def submit_job(self, req: Txt2ImgRequest) -> JobCreated:
+        """Queue a txt2img job and answer at once with its id (cancel it with /cancel)."""
+        job = self._submit(req)
+        return JobCreated(id=job.id, state=job.state.value, position=self.worker.position(job.id))
+
+    def _submit(self, req: Txt2ImgRequest) -> Job:
+        loaded = self.engine.model.entry if self.engine.model else None
+        data = convert.to_generation_request(req, self.registry, loaded)
+        try:
+            return self.worker.submit(data, origin="api")
+        except InvalidRequest as err:
+            raise ApiError(422, str(err), "InvalidRequest") from None
+        except QueueFull as err:
+            raise ApiError(503, str(err), "QueueFull", headers={"Retry-After": str(self._retry_after())}) from None
+
+    def _retry_after(self) -> int:
+        running = self.worker.current()
+        eta = running.progress.eta_seconds if running is not None else None
+        return max(1, min(60, round(eta or 5)))
+
+    def _result(self, job: Job, parameters: dict[str, Any]) -> Txt2ImgResponse:
+        if job.state is JobState.FAILED:
+            raise ApiError(500, job.error or "the job failed", "GenerationFailed")
+        return convert.job_result(job, parameters)
+
+    # --- our per-job routes ------------------------------------------------------------------------
+    def get_job(self, job_id: str, current_image: bool = Query(False, description="include the live preview")
+                ) -> JobStatus:
+        job = self.worker.get(job_id)
+        if job is None:
+            row = self.services.history.get_job(job_id)
+            if row is None:
+                raise ApiError(404, f"job_id: no job {job_id!r} (finished jobs are kept for a while)", "JobNotFound")
+            return JobStatus(id=row["id"], state=row["state"], origin=row["origin"], error=row["error"],
+                             created_at=row["created_at"], started_at=row["started_at"],
+                             finished_at=row["finished_at"])
+        status = JobStatus(
+            id=job.id, state=job.state.value, origin=job.origin, position=self.worker.position(job.id),
+            progress=convert.job_progress(job), error=job.error, created_at=job.created_at,
+            started_at=job.started_at, finished_at=job.finished_at,
+        )
+        preview = job.preview
+        if current_image and preview is not None:
+            status.current_image = convert.encode_png(preview)
+        if job.state in (JobState.DONE, JobState.CANCELLED):
+            status.result = convert.job_result(job, job.request.model_dump())
+        return status
+
+    def cancel_job(self, job_id: str) -> JobCancelled:
+        job = self.worker.get(job_id)
+        if job is None:
+            raise ApiError(404, f"job_id: no job {job_id!r}", "JobNotFound")
+        if not self.worker.cancel(job_id):
+            raise ApiError(409, f"job {job_id} has already finished ({job.state.value})", "JobFinished")
+        return JobCancelled(id=job.id, cancelled=True, state=job.state.value)
+
+    # --- the running job ----------------------------------------------------------------------
+    def progress(self, skip_current_image: bool = Query(False)) -> ProgressResponse:
+        job = self.worker.current()
+        if job is None or job.state is not JobState.RUNNING:
+            return ProgressResponse(progress=0.0, eta_relative=0.0, state=_idle_state())
+        p, request = job.progress, job.request
+        preview = job.preview
+        current_image = None if skip_current_image or preview is None else convert.encode_png(preview)
+        steps = p.total_steps or request.steps
+        state = {
+            "skipped": job.skip_event.is_set(),
+            "interrupted": job.cancel_event.is_set(),
+            "stopping_generation": False,
+            "job": "scripts_txt2img",
+            "job_count": request.n_iter,
+            "job_timestamp": _timestamp(job.started_at),
+            "job_no": p.image_index // request.batch_size,
+            "sampling_step": p.step,
+            "sampling_steps": steps,
+            # ours: the queue behind the running job
+            "queued": self.worker.queue_length(),
+        }
+        return ProgressResponse(progress=min(p.fraction, 1.0), eta_relative=p.eta_seconds or 0.0, state=state,
+                                current_image=current_image, textinfo=f"Step {p.step}/{steps}",
+                                current_task=job.id)
+
+    def interrupt(self) -> dict:
+        """Stop the running job, whoever sent it (A1111's Interrupt); it keeps finished images."""
+        job = self.worker.current()
+        if job is not None:
+            self.worker.cancel(job.id)
+        return {}
+
+    def skip(self) -> None:
+        """End the running job's current batch and go on with its next one."""
+        job = self.worker.current()
+        if job is not None:
+            self.worker.skip(job.id)
+
+    # --- models and options ------------------------------------------------------------------
+    def sd_models(self) -> list[SDModelItem]:
+        return [
+            SDModelItem(title=self.registry.title(entry), model_name=entry.name, hash=self.registry.short_hash(entry),
+                        sha256=None, filename=entry.source, config=None)
+            for entry in self.registry.entries()
+        ]
+
+    def refresh_checkpoints(self) -> None:
+        self.registry.refresh()
+
+    def get_options(self) -> dict[str, Any]:
+        model = self.engine.model
+        preview_every = self.services.settings.preview_every
+        return {
+            "sd_model_checkpoint": self.registry.title(model.entry) if model else None,
+            "sd_checkpoint_hash": None,
+            "CLIP_stop_at_last_layers": 1,
+            "samples_format": "png",
+            "grid_format": "png",
+            "return_grid": True,
+            "live_previews_enable": preview_every > 0,
+            "show_progress_every_n_steps": preview_every,
+        }
+
+    def set_options(self, body: dict[str, Any] = Body(..., examples=[{"sd_model_checkpoint": "model-name"}])
+                    ) -> OptionsUpdateResponse:
+        """Change settings; `sd_model_checkpoint` loads that model (after the jobs queued before it)."""
+        applied, ignored = [], []
+        for key, value in body.items():
+            if key != "sd_model_checkpoint" or not value:
+                ignored.append(key)
+                continue
+            loaded = self.engine.model.entry if self.engine.model else None
+            convert.find_listed_model(self.registry, str(value), loaded)
+            try:
+                self.worker.load_model(str(value))
+            except ModelNotFound as err:
+                raise ApiError(404, f"sd_model_checkpoint: {err}", "ModelNotFound") from None
+            except ModelLoadError as err:
+                raise ApiError(500, f"sd_model_checkpoint: {err}", "ModelLoadError") from None
+            applied.append(key)
+        return OptionsUpdateResponse(applied=applied, ignored=ignored)
+
+    # --- lists ----------------------------------------------------------------------------------
+    def samplers(self) -> list[SamplerItem]:
+        return [SamplerItem(name=s.name, aliases=list(s.aliases), options=dict(s.options)) for s in SAMPLERS]
+
+    def schedulers(self) -> list[SchedulerItem]:
+        return [
+            SchedulerItem(name=label.lower().replace(" ", "_"), label=label, aliases=[],
+                          default_rho=7.0 if label == "Karras" else None, need_inner_model=False)
+            for label in SCHEDULE_TYPES
+        ]
+
+    def scripts(self) -> ScriptsList:
+        return ScriptsList()
+
+    # --- images and the machine ---------------------------------------------------------------
+    def png_info(self, req: PNGInfoRequest) -> PNGInfoResponse:
+        return PNGInfoResponse(**convert.png_info(convert.decode_image(req.image, "image")))
+
+    def memory(self) -> MemoryResponse:
+        return MemoryResponse(ram=_ram(), cuda=_cuda())
+
+
+def build_router(services, auth: Callable | None = None) -> APIRouter:
+    api = Api(services)
+    router = APIRouter(route_class=ApiRoute, dependencies=[Depends(auth)] if auth else [], responses=_ERRORS)
+    sd = "/sdapi/v1"
+    add = router.add_api_route
+    add(f"{sd}/txt2img", api.txt2img, methods=["POST"], response_model=Txt2ImgResponse, tags=["generate"])
+    add(f"{sd}/img2img", api.img2img, methods=["POST"], tags=["generate"], status_code=501,
+        summary="img2img (not supported yet: answers 501)")
+    add(f"{sd}/png-info", api.png_info, methods=["POST"], response_model=PNGInfoResponse, tags=["images"])
+    add(f"{sd}/progress", api.progress, methods=["GET"], response_model=ProgressResponse, tags=["queue"])
+    add(f"{sd}/interrupt", api.interrupt, methods=["POST"], tags=["queue"])
+    add(f"{sd}/skip", api.skip, methods=["POST"], tags=["queue"])
+    add(f"{sd}/options", api.get_options, methods=["GET"], tags=["settings"])
+    add(f"{sd}/options", api.set_options, methods=["POST"], response_model=OptionsUpdateResponse, tags=["settings"])
+    add(f"{sd}/sd-models", api.sd_models, methods=["GET"], response_model=list[SDModelItem], tags=["models"])
+    add(f"{sd}/refresh-checkpoints", api.refresh_checkpoints, methods=["POST"], tags=["models"])
+    add(f"{sd}/samplers", api.samplers, methods=["GET"], response_model=list[SamplerItem], tags=["models"])
+    add(f"{sd}/schedulers", api.schedulers, methods=["GET"], response_model=list[SchedulerItem], tags=["models"])
+    add(f"{sd}/scripts", api.scripts, methods=["GET"], response_model=ScriptsList, tags=["models"])
+    add(f"{sd}/memory", api.memory, methods=["GET"], response_model=MemoryResponse, tags=["settings"])
+    add("/api/v1/jobs", api.submit_job, methods=["POST"], response_model=JobCreated, status_code=202, tags=["jobs"])
+    add("/api/v1/jobs/{job_id}", api.get_job, methods=["GET"], response_model=JobStatus, tags=["jobs"])
+    add("/api/v1/jobs/{job_id}/cancel", api.cancel_job, methods=["POST"], response_model=JobCancelled,
+        tags=["jobs"], responses={409: {"model": ErrorResponse, "description": "the job has already finished"}})
+    return router
+
+
+def _idle_state() -> dict[str, Any]:
+    return {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
+            "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0, "queued": 0}
+
+
+def _timestamp(seconds: float | None) -> str:
+    return dt.datetime.fromtimestamp(seconds).strftime("%Y%m%d%H%M%S") if seconds else "0"
+
+
+def _ram() -> dict[str, Any]:
+    try:
+        import psutil  # optional: not a requirement of the project
+
+        process = psutil.Process(os.getpid())
+        rss, total = process.memory_info().rss, psutil.virtual_memory().total
+        return {"free": total - rss, "used": rss, "total": total}
+    except ImportError:
+        pass
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        with open("/proc/self/statm") as handle:
+            rss = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return {"free": total - rss, "used": rss, "total": total}
+    except (OSError, ValueError, AttributeError) as err:
+        return {"error": str(err)}
+
+
+def _cuda() -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        return {"error": "unavailable"}
+    try:
+        free, total = torch.cuda.mem_get_info()
+        stats = torch.cuda.memory_stats()
+
+        def pair(name: str) -> dict[str, int]:
+            return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
+
+        return {
+            "system": {"free": free, "used": total - free, "total": total},
+            "active": pair("active_bytes"), "allocated": pair("allocated_bytes"),
+            "reserved": pair("reserved_bytes"), "inactive": pair("inactive_split_bytes"),
+            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+        }
+    except RuntimeError as err:
+        return {"error": str(err)}
