@@ -67,13 +67,16 @@ class InvalidRequest(ValueError):
     """A request that fails validation; the message names each field and what to fix."""
 
 
-def describe_validation_error(err: ValidationError) -> str:
+def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
+    """pydantic/FastAPI error dicts -> "field: what to fix; other: ..." (no body/query prefix)."""
     parts = []
-    for problem in err.errors():
-        where = ".".join(str(p) for p in problem["loc"]) or "request"
-        message = problem["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {message}")
-    return "; ".join(parts)
+    for problem in errors:
+        loc = [str(p) for p in problem.get("loc", ())]
+        if loc and loc[0] in ("body", "query", "path"):
+            loc = loc[1:] or loc[:1]
+        message = str(problem.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc) or 'request'}: {message}")
+    return "; ".join(parts) or "invalid request"
 
 
 def parse_request(data: dict[str, Any] | GenerationRequest) -> GenerationRequest:
@@ -83,7 +86,7 @@ def parse_request(data: dict[str, Any] | GenerationRequest) -> GenerationRequest
     try:
         return GenerationRequest.model_validate(data)
     except ValidationError as err:
-        raise InvalidRequest(describe_validation_error(err)) from None
+        raise InvalidRequest(describe_validation_errors(err.errors())) from None
 
 
 class JobState(str, enum.Enum):

@@ -30,7 +30,7 @@ from webui.api.models import (
 from webui.engine.loader import ModelLoadError
 from webui.engine.models import ModelNotFound
 from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES
-from webui.schemas import InvalidRequest, JobState
+from webui.schemas import InvalidRequest, JobState, describe_validation_errors
 from webui.worker import Job, QueueFull
 
 log = logging.getLogger(__name__)
@@ -69,17 +69,6 @@ class ApiRoute(APIRoute):
                 return error_response(500, type(err).__name__, str(err) or type(err).__name__)
 
         return guarded
-
-
-def describe_validation_errors(errors) -> str:
-    parts = []
-    for problem in errors:
-        loc = [str(p) for p in problem.get("loc", ())]
-        if loc and loc[0] in ("body", "query", "path"):
-            loc = loc[1:] or loc[:1]
-        message = str(problem.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{'.'.join(loc) or 'body'}: {message}")
-    return "; ".join(parts) or "invalid request"
 
 
 class Api:
