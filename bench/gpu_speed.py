@@ -1,0 +1,269 @@
+"""How fast is txt2img on this GPU: plain diffusers vs diffusers + compiled UNet vs our fast path.
+
+Builds SD 1.5 from the shipped config (webui/engine/model_configs/sd-v1) with random weights, so no
+download is needed (speed does not depend on the weight values), and times full pipeline runs:
+
+    python bench/gpu_speed.py                  # CUDA, fp16, 512x512, 20 Euler steps, CFG 7.5, batch 1 and 8
+    python bench/gpu_speed.py --rows eager,fast_path --batch-sizes 1
+    python bench/gpu_speed.py --tiny --json /tmp/t.json   # CPU smoke test with a tiny model (CI)
+
+Each row reports the median of --repeats runs after --warmup runs (which absorb compilation),
+with torch.cuda.synchronize() around every timed run. FLOPs are counted once per batch size with
+torch.utils.flop_counter on one UNet pass (CFG doubles its batch) and one VAE decode; a run costs
+steps x UNet + VAE. The floor is FLOPs / peak: the time the arithmetic alone would take at the card's
+peak dense fp16 rate, so "x floor" says how far from the hardware limit a row is.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from webui.engine.fast_path import apply_fast_path  # noqa: E402
+
+CONFIGS = ROOT / "webui" / "engine" / "model_configs"
+ROWS = ("eager", "compiled_unet", "fast_path")
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+
+# A few-hundred-thousand-parameter SD for --tiny (same block types as SD 1.5, diffusers' test sizes).
+TINY = {
+    "unet": dict(block_out_channels=[16, 32], layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+                 cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8),
+    "vae": dict(block_out_channels=[16, 32], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+                down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=64),
+    "text_encoder": dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=77),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="CPU, tiny model, fp32, 64x64, 2 steps, batch 1 and 2")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list out of {', '.join(ROWS)}")
+    p.add_argument("--batch-sizes", default=None, help="comma list (default 1,8; tiny 1,2)")
+    p.add_argument("--size", type=int, default=None, help="width = height (default 512; tiny 64)")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default 20; tiny 2)")
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed runs per row and batch (default 2: compile, then CUDA-graph recording; tiny 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs; the median is reported (default 5; tiny 2)")
+    p.add_argument("--peak-tflops", type=float, default=790.0,
+                   help="the card's dense fp16/bf16 peak in TFLOP/s for the floor (H100 SXM spec sheet: 989)")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; tiny eager)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--json", type=Path, default=None, help="default bench/results/<date>-<card>.json")
+    args = p.parse_args(argv)
+
+    tiny = args.tiny
+    args.device = "cpu" if tiny else "cuda"
+    args.dtype = torch.float32 if tiny else torch.float16
+    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("1,2" if tiny else "1,8")).split(",")]
+    args.size = args.size or (64 if tiny else 512)
+    args.steps = args.steps or (2 if tiny else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 2)
+    args.repeats = args.repeats or (2 if tiny else 5)
+    # Inductor on a CPU would spend minutes compiling C++; the eager backend still checks the wiring.
+    args.compile_backend = args.compile_backend or ("eager" if tiny else "inductor")
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = set(args.rows) - set(ROWS)
+    if unknown:
+        p.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
+    args.rows = [r for r in ROWS if r in args.rows]  # fixed order: the fast path changes modules in place
+    if not tiny and not torch.cuda.is_available():
+        p.error("no CUDA GPU visible; use --tiny for the CPU smoke test")
+    return args
+
+
+def card_name(device: str) -> str:
+    return torch.cuda.get_device_name(0) if device == "cuda" else f"cpu-{platform.machine()}"
+
+
+def build_components(args) -> dict:
+    """SD 1.5 (or tiny) components with random weights, created directly on the device."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    sd15 = CONFIGS / "sd-v1"
+    with torch.device(args.device):  # random init on the GPU takes seconds, not minutes
+        if args.tiny:
+            unet = UNet2DConditionModel(**TINY["unet"])
+            vae = AutoencoderKL(**TINY["vae"])
+            text_encoder = CLIPTextModel(CLIPTextConfig(**TINY["text_encoder"]))
+        else:
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sd15, subfolder="unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(sd15, subfolder="vae"))
+            text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(sd15, subfolder="text_encoder"))
+    scheduler = EulerDiscreteScheduler.from_config(
+        json.loads((sd15 / "scheduler" / "scheduler_config.json").read_text()))
+    parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    for model in parts.values():
+        model.to(args.dtype).eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(CONFIGS / "clip-tokenizer")
+    return {**parts, "scheduler": scheduler, "tokenizer": tokenizer, "safety_checker": None,
+            "feature_extractor": None, "requires_safety_checker": False}
+
+
+def make_pipeline(components: dict):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def count_flops(pipe, args, batch: int) -> int:
+    """FLOPs of one txt2img run: steps x one UNet pass (CFG doubles the batch) + one VAE decode."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet, vae = pipe.unet, pipe.vae
+    latent = args.size // pipe.vae_scale_factor
+    rows = 2 * batch if args.cfg > 1 else batch
+    sample = torch.randn(rows, unet.config.in_channels, latent, latent, device=args.device, dtype=args.dtype)
+    context = torch.randn(rows, 77, unet.config.cross_attention_dim, device=args.device, dtype=args.dtype)
+    timestep = torch.tensor(500.0, device=args.device)
+    # The math attention kernel is made of matmuls the counter sees; flash kernels on the CPU are not
+    # counted. Both do the same arithmetic.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as unet_count:
+            unet(sample, timestep, encoder_hidden_states=context)
+        with FlopCounterMode(display=False) as vae_count:
+            vae.decode(sample[:batch] / vae.config.scaling_factor)
+    return args.steps * unet_count.get_total_flops() + vae_count.get_total_flops()
+
+
+def generate(pipe, args, batch: int):
+    generator = torch.Generator("cpu").manual_seed(args.seed)  # CPU noise: same picture on any device
+    return pipe(PROMPT, num_images_per_prompt=batch, height=args.size, width=args.size,
+                num_inference_steps=args.steps, guidance_scale=args.cfg, generator=generator,
+                output_type="np").images
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_mib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark (Linux: KiB)
+
+
+def time_row(pipe, args, batch: int) -> tuple[list[float], object, float]:
+    for _ in range(args.warmup):
+        generate(pipe, args, batch)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds, images = [], None  # images: the last run, for the correctness check
+    for _ in range(args.repeats):
+        synchronize(args.device)
+        start = time.perf_counter()
+        out = generate(pipe, args, batch)
+        synchronize(args.device)
+        seconds.append(time.perf_counter() - start)
+        images = out
+    return seconds, images, peak_memory_mib(args.device)
+
+
+def row_pipeline(name: str, components: dict, args):
+    if name == "eager":  # diffusers as it comes (it already uses SDPA attention)
+        return make_pipeline(components)
+    if name == "compiled_unet":  # the recipe in diffusers' docs; a wrapper, so shared modules stay untouched
+        mode = {"mode": "reduce-overhead"} if args.compile_backend == "inductor" else {}
+        compiled = torch.compile(components["unet"], fullgraph=True, backend=args.compile_backend, **mode)
+        return make_pipeline({**components, "unet": compiled})
+    return apply_fast_path(make_pipeline(components), compile=True, backend=args.compile_backend)
+
+
+def run(args) -> dict:
+    components = build_components(args)
+    flops = {batch: count_flops(make_pipeline(components), args, batch) for batch in args.batch_sizes}
+    eager_images, results = {}, []
+    for name in args.rows:
+        pipe = row_pipeline(name, components, args)
+        for batch in args.batch_sizes:
+            seconds, images, memory = time_row(pipe, args, batch)
+            median = statistics.median(seconds)
+            if name == "eager":
+                eager_images[batch] = images
+            diff = float(abs(images - eager_images[batch]).max()) if batch in eager_images else None
+            results.append({
+                "row": name, "batch": batch, "median_s": median, "runs_s": seconds,
+                "s_per_image": median / batch, "images_per_s": batch / median, "steps_per_s": args.steps / median,
+                "flops_per_run": flops[batch], "tflops": flops[batch] / median / 1e12,
+                "x_floor": median / (flops[batch] / (args.peak_tflops * 1e12)),
+                "peak_mem_mib": memory, "max_abs_diff_vs_eager": diff,
+            })
+            print_row(results[-1])
+    return {
+        "date": dt.date.today().isoformat(), "card": card_name(args.device), "device": args.device,
+        "dtype": str(args.dtype).removeprefix("torch."), "torch": torch.__version__, "diffusers": _version("diffusers"),
+        "size": args.size, "steps": args.steps, "cfg": args.cfg, "sampler": "Euler", "warmup": args.warmup,
+        "repeats": args.repeats, "peak_tflops": args.peak_tflops, "compile_backend": args.compile_backend,
+        "tiny": args.tiny, "peak_mem_kind": "cuda max_memory_allocated" if args.device == "cuda" else "cpu max RSS",
+        "rows": results,
+    }
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+HEADER = (f"{'row':<14} {'batch':>5} {'s/img':>8} {'img/s':>8} {'steps/s':>8} {'TFLOP/s':>8} "
+          f"{'x floor':>8} {'peak MiB':>9} {'max|diff|':>10}")
+
+
+def print_row(r: dict) -> None:
+    diff = "-" if r["max_abs_diff_vs_eager"] is None else f"{r['max_abs_diff_vs_eager']:.2e}"
+    print(f"{r['row']:<14} {r['batch']:>5} {r['s_per_image']:>8.4f} {r['images_per_s']:>8.2f} "
+          f"{r['steps_per_s']:>8.2f} {r['tflops']:>8.3g} {r['x_floor']:>8.3g} {r['peak_mem_mib']:>9.0f} {diff:>10}",
+          flush=True)
+
+
+def default_json_path(args) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", card_name(args.device).lower()).strip("-")
+    # tiny results are a smoke test, not a measurement: keep them out of bench/results/
+    folder = ROOT / "bench" / ("out" if args.tiny else "results")
+    return folder / f"{dt.date.today().isoformat()}-{'tiny-' if args.tiny else ''}{slug}.json"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # the dtype-cast notices are expected here
+    if args.tiny:
+        # A tiny model gains nothing from threads, and on a shared CI box OpenMP's spin-waits stall
+        # for seconds when the cores are oversubscribed.
+        torch.set_num_threads(1)
+    print(f"{card_name(args.device)}: {args.size}x{args.size}, {args.steps} Euler steps, CFG {args.cfg}, "
+          f"{str(args.dtype).removeprefix('torch.')}, median of {args.repeats} after {args.warmup} warm-up")
+    print(HEADER, flush=True)
+    report = run(args)
+    path = args.json or default_json_path(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

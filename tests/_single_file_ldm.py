@@ -1,0 +1,115 @@
+"""Test helper: turn diffusers SD components into one state dict in the original LDM (A1111) key layout.
+
+diffusers only ships the other direction (LDM -> diffusers), so the tests write real single-file
+checkpoints with this and check that loading them gives back the exact weights. The key names are
+those of the CompVis/Stability `ldm` code that A1111 checkpoints use.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+CLIP = "cond_stage_model.transformer."  # SD 1.x: Hugging Face CLIPTextModel keys under this prefix
+OPEN_CLIP = "cond_stage_model.model."  # SD 2.x: OpenCLIP keys
+
+
+def pipeline_to_ldm(pipe, open_clip: bool = False) -> dict[str, torch.Tensor]:
+    text = open_clip_to_ldm(pipe.text_encoder) if open_clip else clip_to_ldm(pipe.text_encoder)
+    return {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **text}
+
+
+def _rename(key: str, pairs) -> str:
+    for old, new in pairs:
+        key = key.replace(old, new)
+    return key
+
+
+_UNET_RESNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
+                ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")]
+
+
+def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
+    per_level = unet.config.layers_per_block + 1  # LDM numbers resnets and samplers in one flat list
+    fixed = {"conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
+             "time_embedding.linear_2.": "time_embed.2.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
+             "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
+             "mid_block.resnets.1.": "middle_block.2."}
+    out = {}
+    for key, value in unet.state_dict().items():
+        new = None
+        for old, ldm in fixed.items():
+            if key.startswith(old):
+                new = ldm + key[len(old):]
+        if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            new = f"input_blocks.{level * per_level + j + 1}.{0 if kind == 'resnets' else 1}.{rest}"
+        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+            new = f"input_blocks.{(int(m[1]) + 1) * per_level}.0.op.{m[2]}"
+        elif m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            new = f"output_blocks.{level * per_level + j}.{0 if kind == 'resnets' else 1}.{rest}"
+        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
+            level = int(m[1])
+            has_attention = hasattr(unet.up_blocks[level], "attentions")
+            new = f"output_blocks.{level * per_level + per_level - 1}.{2 if has_attention else 1}.conv.{m[2]}"
+        if new is None:
+            raise KeyError(f"no LDM name for UNet key {key}")
+        if "resnets" in key:
+            new = _rename(new, _UNET_RESNET)
+        out[UNET + new] = value
+    return out
+
+
+_VAE_ATTENTION = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
+                  ("to_out.0.", "proj_out.")]
+
+
+def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
+    levels = len(vae.config.block_out_channels)
+    out = {}
+    for key, value in vae.state_dict().items():
+        new = key.replace("conv_norm_out.", "norm_out.").replace("conv_shortcut.", "nin_shortcut.")
+        new = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", new)
+        new = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", new)
+        # the decoder's levels run in the opposite order in LDM
+        new = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{levels - 1 - int(m[1])}.block.", new)
+        new = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{levels - 1 - int(m[1])}.upsample.", new)
+        new = new.replace("mid_block.resnets.0.", "mid.block_1.").replace("mid_block.resnets.1.", "mid.block_2.")
+        if "mid_block.attentions.0." in new:
+            new = _rename(new.replace("mid_block.attentions.0.", "mid.attn_1."), _VAE_ATTENTION)
+            if new.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")):
+                value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
+        out[VAE + new] = value
+    return out
+
+
+def clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
+    # transformers >= 5.6 dropped the `text_model.` level from CLIPTextModel; A1111 files always have it.
+    return {CLIP + (k if k.startswith("text_model.") else "text_model." + k): v
+            for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+
+
+def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    hidden = text_encoder.config.hidden_size
+    out = {
+        "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+        "positional_embedding": sd["embeddings.position_embedding.weight"],
+        "ln_final.weight": sd["final_layer_norm.weight"],
+        "ln_final.bias": sd["final_layer_norm.bias"],
+        "text_projection": torch.randn(hidden, hidden),  # unused by SD; present in real files
+    }
+    for i in range(text_encoder.config.num_hidden_layers):
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for part in ("weight", "bias"):
+            # OpenCLIP stores q, k, v as one stacked projection
+            out[dst + f"attn.in_proj_{part}"] = torch.cat([sd[src + f"self_attn.{p}_proj.{part}"] for p in "qkv"])
+            out[dst + f"attn.out_proj.{part}"] = sd[src + f"self_attn.out_proj.{part}"]
+            out[dst + f"ln_1.{part}"] = sd[src + f"layer_norm1.{part}"]
+            out[dst + f"ln_2.{part}"] = sd[src + f"layer_norm2.{part}"]
+            out[dst + f"mlp.c_fc.{part}"] = sd[src + f"mlp.fc1.{part}"]
+            out[dst + f"mlp.c_proj.{part}"] = sd[src + f"mlp.fc2.{part}"]
+    return {OPEN_CLIP + k: v for k, v in out.items()}

@@ -1,0 +1,206 @@
+"""Single-file checkpoints (A1111's .safetensors / .ckpt) load offline with the shipped configs.
+
+Tiny random SD pipelines are written in the original LDM key layout, loaded back through
+load_single_file_pipeline with the network blocked, and compared weight by weight.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests._single_file_ldm import pipeline_to_ldm
+from tests.tiny_sd import tiny_components
+from webui.engine import single_file
+from webui.engine.single_file import CONFIG_ROOT, SingleFileLoadError, detect_family, load_single_file_pipeline
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No hub, and any attempt to open a network connection fails the test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def tiny_pipeline(sd2: bool = False):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    parts = tiny_components(seed=1)
+    if sd2:  # SD 2.x differs in shape only: linear attention projections and an OpenCLIP-style encoder
+        from diffusers import UNet2DConditionModel
+
+        parts["unet"] = UNet2DConditionModel.from_config(parts["unet"].config, use_linear_projection=True)
+        parts["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_dict(
+            {**parts["text_encoder"].config.to_dict(), "hidden_act": "gelu"}))
+    return StableDiffusionPipeline(**parts)
+
+
+def write_config_dir(pipe, folder: Path) -> Path:
+    """A config-only diffusers folder for the tiny model, like the shipped sd-v1/ and sd-v2/."""
+    pipe.save_config(folder)
+    for name in ("unet", "vae", "scheduler"):
+        getattr(pipe, name).save_config(folder / name)
+    pipe.text_encoder.config.save_pretrained(folder / "text_encoder")
+    return folder
+
+
+def assert_same_weights(loaded, original):
+    for name in ("unet", "vae", "text_encoder"):
+        want = getattr(original, name).state_dict()
+        got = getattr(loaded, name).state_dict()
+        assert set(got) == set(want), name
+        for key, value in want.items():
+            assert torch.equal(got[key], value), f"{name}.{key} differs"
+
+
+def test_safetensors_sd1_loads_offline_with_identical_weights(tmp_path):
+    pipe = tiny_pipeline()
+    path = tmp_path / "tiny-v1.safetensors"
+    save_file(pipeline_to_ldm(pipe), path)
+
+    loaded = load_single_file_pipeline(path, torch.float32, config_dir=write_config_dir(pipe, tmp_path / "cfg"))
+
+    assert_same_weights(loaded, pipe)
+    assert loaded.safety_checker is None and loaded.feature_extractor is None
+    assert loaded.tokenizer.pad_token == "<|endoftext|>"
+    assert loaded.scheduler.config.prediction_type == "epsilon"
+
+
+def test_lightning_style_ckpt_loads_with_weights_only(tmp_path, monkeypatch):
+    """Original SD .ckpt files nest the weights under state_dict, next to a numpy global_step and
+    pytorch_lightning's ModelCheckpoint class; those load without Lightning being installed."""
+    pipe = tiny_pipeline()
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    fake = type("ModelCheckpoint", (), {"__module__": names[-1]})
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules[names[-1]].ModelCheckpoint = fake
+    path = tmp_path / "tiny-v1.ckpt"
+    torch.save({"state_dict": pipeline_to_ldm(pipe), "global_step": np.int64(470000),
+                "callbacks": {fake: {"best_model_score": None}}}, path)
+    for name in names:  # loading must not need the class
+        monkeypatch.delitem(sys.modules, name)
+
+    loaded = load_single_file_pipeline(path, torch.float32, config_dir=write_config_dir(pipe, tmp_path / "cfg"))
+
+    assert_same_weights(loaded, pipe)
+
+
+def test_sd2_checkpoint_detected_with_v_prediction_from_sidecar_yaml(tmp_path):
+    pipe = tiny_pipeline(sd2=True)
+    path = tmp_path / "tiny-v2.safetensors"
+    save_file(pipeline_to_ldm(pipe, open_clip=True), path)
+    path.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+
+    loaded = load_single_file_pipeline(path, torch.float32, config_dir=write_config_dir(pipe, tmp_path / "cfg"))
+
+    assert_same_weights(loaded, pipe)
+    assert loaded.tokenizer.pad_token == "!"  # OpenCLIP pads with "!"
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
+
+
+_called = []
+
+
+def _mark_called():
+    _called.append(True)
+
+
+class RunsCodeWhenUnpickled:
+    def __reduce__(self):  # unpickling calls _mark_called: the kind of code a .ckpt can carry
+        return (_mark_called, ())
+
+
+def test_ckpt_that_needs_pickled_code_is_refused_without_running_it(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.ones(1)}, "payload": RunsCodeWhenUnpickled()}, path)
+    _called.clear()
+
+    with pytest.raises(SingleFileLoadError) as err:
+        load_single_file_pipeline(path, torch.float32)
+
+    message = str(err.value)
+    assert "evil.ckpt" in message and ".safetensors" in message
+    assert "test_single_file._mark_called" in message  # names what it refused
+    assert _called == []
+
+
+def _shapes(**extra):
+    base = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}
+    return {**base, **extra}
+
+
+def test_detect_family_from_keys():
+    assert detect_family(_shapes(**{single_file._CLIP_L: (77, 768)})) == "sd-v1"
+    assert detect_family(_shapes(**{single_file._OPEN_CLIP: (49408, 1024)})) == "sd-v2"
+    with pytest.raises(SingleFileLoadError, match="SDXL"):
+        detect_family(_shapes(**{"conditioner.embedders.0.transformer.x": (1,)}))
+    with pytest.raises(SingleFileLoadError, match="9 input channels"):
+        detect_family({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)})
+    with pytest.raises(SingleFileLoadError, match="LoRA"):
+        detect_family({"lora_unet_down_blocks_0.alpha": ()})
+
+
+@pytest.mark.parametrize("family, sidecar, step, expected", [
+    ("v1", None, None, "sd-v1"),
+    ("v2", None, None, "sd-v2-v"),  # diffusers' default for SD 2.x: 2.1 768 v-prediction
+    ("v2", "eps", None, "sd-v2"),
+    ("v2", None, 875000, "sd-v2"),  # the 512-base checkpoint's final step
+])
+def test_shipped_config_is_chosen_from_the_checkpoint(tmp_path, monkeypatch, family, sidecar, step, expected):
+    from diffusers import StableDiffusionPipeline
+
+    seen = {}
+
+    def fake_from_single_file(path, **kwargs):  # records the arguments; the real one needs full-size weights
+        seen.update(kwargs)
+        scheduler_config = json.loads((Path(kwargs["config"]) / "scheduler" / "scheduler_config.json").read_text())
+        return types.SimpleNamespace(scheduler=types.SimpleNamespace(config=scheduler_config))
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", fake_from_single_file)
+    key = single_file._CLIP_L if family == "v1" else single_file._OPEN_CLIP
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1, 4, 1, 1),
+                               key: torch.zeros(1)}, "global_step": step}, path)
+    if sidecar:
+        path.with_suffix(".yaml").write_text(f"model:\n  params:\n    parameterization: {sidecar}\n")
+
+    load_single_file_pipeline(path, torch.float16)
+
+    assert seen["config"] == str(CONFIG_ROOT / expected)
+    assert seen["local_files_only"] is True and seen["safety_checker"] is None
+
+
+@pytest.mark.parametrize("name, unet, text_encoder, prediction", [
+    # published parameter counts (millions) of SD 1.5 and SD 2.1 components
+    ("sd-v1", 859.52, 123.06, "epsilon"),
+    ("sd-v2", 865.91, 340.39, "epsilon"),
+    ("sd-v2-v", 865.91, 340.39, "v_prediction"),
+])
+def test_shipped_configs_describe_the_published_models(name, unet, text_encoder, prediction):
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = CONFIG_ROOT / name
+    with init_empty_weights():  # shapes only, no memory
+        models = [UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet")),
+                  AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae")),
+                  CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))]
+    millions = [round(sum(p.numel() for p in m.parameters()) / 1e6, 2) for m in models]
+    assert millions == [unet, 83.65, text_encoder]
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == prediction
+    assert not (folder / "tokenizer").exists()  # the shared clip-tokenizer/ is used

@@ -1,0 +1,189 @@
+"""Load an A1111-style single-file checkpoint (`.safetensors` / `.ckpt`, original LDM layout) offline.
+
+diffusers' `from_single_file` normally downloads the diffusers configs of the model it detects. We
+ship those small config files in `model_configs/` (sd-v1 = SD 1.5, sd-v2 = SD 2.1-base 512 epsilon,
+sd-v2-v = SD 2.1 768 v-prediction) and point it at them, so loading never touches the network.
+
+`.ckpt` files are pickles: they are read with `torch.load(weights_only=True)`, which only rebuilds
+tensors and plain containers. A file that needs any other pickled code is refused with
+SingleFileLoadError. No safety checker is ever loaded from a single file (none is stored in one).
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+CONFIG_ROOT = Path(__file__).resolve().parent / "model_configs"
+TOKENIZER_DIR = CONFIG_ROOT / "clip-tokenizer"
+
+# Checkpoint keys that tell the model families apart (facts from the LDM / sgm layouts).
+_UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+_CLIP_L = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"  # SD 1.x
+_OPEN_CLIP = "cond_stage_model.model.token_embedding.weight"  # SD 2.x (OpenCLIP ViT-H)
+_SDXL_PREFIX = "conditioner.embedders."
+# The SD 2.0 512-base checkpoint stops at this step; diffusers uses the same rule to pick epsilon.
+_SD2_BASE_GLOBAL_STEP = 875000
+
+
+class SingleFileLoadError(ValueError):
+    """The file cannot be loaded as an SD 1.x/2.x checkpoint; the message says what to do."""
+
+
+class _InertLightningCheckpoint:
+    """Stands in for pytorch_lightning's ModelCheckpoint, pickled into many original SD .ckpt files.
+
+    It only carries training-callback state we never use; mapping it to this empty class lets
+    weights-only loading read those files without importing (or trusting) Lightning.
+    """
+
+
+_np_scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar  # moved in numpy 2
+# Harmless globals found in real SD .ckpt files (A1111's safe unpickler allows the same), by pickled name.
+_EXTRA_SAFE_GLOBALS = [
+    (_InertLightningCheckpoint, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_np_scalar, "numpy.core.multiarray.scalar"),  # a numpy number (e.g. global_step) pickled by numpy 1.x
+    (_np_scalar, "numpy._core.multiarray.scalar"),  # ... and by numpy 2.x
+    (np.dtype, "numpy.dtype"),
+    # numpy >= 1.25 gives each dtype its own class; unpickling a dtype must be allowed to build these
+    *((t, f"{t.__module__}.{t.__qualname__}") for t in {type(np.dtype(code)) for code in "?bhilqBHILQefd"}),
+]
+
+
+def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, *, config_dir=None,
+                              prediction_type: str | None = None):
+    """Build a StableDiffusionPipeline from one SD 1.x / 2.x checkpoint file, with no network.
+
+    config_dir: a config-only diffusers folder to use instead of the shipped one picked from the
+        checkpoint keys (tests pass a tiny one).
+    prediction_type: "epsilon" or "v_prediction" to override detection. Otherwise a sidecar
+        `<name>.yaml` (A1111's convention) decides, then the SD 2.x rules in _sd2_prediction_type.
+    The pipeline has no safety checker and no feature extractor.
+    """
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise SingleFileLoadError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    path = Path(path)
+    shapes, global_step = _read_header(path)
+    family = detect_family(shapes, path)
+    prediction_type = prediction_type or _sidecar_prediction_type(path)
+    if config_dir is None:
+        if family == "sd-v2":
+            prediction_type = prediction_type or _sd2_prediction_type(path, global_step)
+            family = "sd-v2-v" if prediction_type == "v_prediction" else "sd-v2"
+        config_dir = CONFIG_ROOT / family
+    # SD 2.x was trained with OpenCLIP's tokenizer, which pads with "!" (id 0) instead of <|endoftext|>.
+    pad = {"pad_token": "!"} if family.startswith("sd-v2") else {}
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, **pad)
+
+    with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):  # diffusers re-reads a .ckpt itself
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch_dtype,
+            tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    if prediction_type and pipe.scheduler.config.get("prediction_type") != prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    return pipe
+
+
+def detect_family(shapes: dict[str, tuple], path: Path | str = "checkpoint") -> str:
+    """'sd-v1' or 'sd-v2' from the checkpoint's keys; anything else is refused with the reason."""
+    name = Path(path).name
+    if any(key.startswith(_SDXL_PREFIX) for key in shapes):
+        raise SingleFileLoadError(f"{name} is an SDXL checkpoint; only SD 1.x and 2.x single files load for now")
+    if _UNET_IN not in shapes:
+        raise SingleFileLoadError(
+            f"{name} has no Stable Diffusion UNet (no {_UNET_IN}); it may be a LoRA, VAE or embedding, "
+            "which do not belong in the checkpoints folder")
+    in_channels = shapes[_UNET_IN][1]
+    if in_channels != 4:
+        raise SingleFileLoadError(
+            f"{name}'s UNet takes {in_channels} input channels (an inpainting or instruct-pix2pix model); "
+            "only text-to-image checkpoints (4 channels) load for now")
+    if _OPEN_CLIP in shapes:
+        return "sd-v2"
+    if _CLIP_L in shapes:
+        return "sd-v1"
+    raise SingleFileLoadError(f"{name} has no CLIP text encoder (neither {_CLIP_L} nor {_OPEN_CLIP})")
+
+
+def _read_header(path: Path) -> tuple[dict[str, tuple], int | None]:
+    """Tensor shapes by key, and the training step if stored. Cheap: safetensors reads only the header,
+    and a zip .ckpt is memory-mapped, so the weights are read once, later, by diffusers."""
+    if not path.is_file():
+        raise SingleFileLoadError(f"{path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}, None
+        except Exception as err:
+            raise SingleFileLoadError(f"{path.name} is not a readable .safetensors file ({err})") from err
+    if path.suffix == ".ckpt":
+        checkpoint = _load_ckpt(path)
+        global_step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+        while isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+            checkpoint = checkpoint["state_dict"]
+        if not isinstance(checkpoint, dict):
+            raise SingleFileLoadError(f"{path.name} does not hold a state dict")
+        shapes = {key: tuple(value.shape) for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+        return shapes, int(global_step) if global_step is not None else None
+    raise SingleFileLoadError(f"{path.name}: expected a .safetensors or .ckpt file")
+
+
+def _load_ckpt(path: Path):
+    try:
+        with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        raise SingleFileLoadError(
+            f"{path.name} needs to run pickled Python code to load ({_unsafe_globals(path)}), which this app "
+            "refuses because a .ckpt can execute anything. Use the .safetensors version of this model, or "
+            "convert the file to .safetensors on a machine you trust, and put that in the models folder."
+        ) from err
+    except Exception as err:
+        raise SingleFileLoadError(f"{path.name} is not a readable .ckpt file ({err})") from err
+
+
+def _unsafe_globals(path: Path) -> str:
+    """The names of the pickled objects weights-only loading refused, for the error message."""
+    try:
+        names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # legacy (non-zip) pickles cannot be scanned; the message still helps
+        return "unknown objects"
+    refused = names - {pickled_name for _, pickled_name in _EXTRA_SAFE_GLOBALS}
+    return ", ".join(sorted(refused)) or "unknown objects"
+
+
+def _sidecar_prediction_type(path: Path) -> str | None:
+    """A1111 reads `<checkpoint>.yaml` next to the file; `parameterization: "v"` marks v-prediction."""
+    sidecar = path.with_suffix(".yaml")
+    if not sidecar.is_file():
+        return None
+    import yaml
+
+    try:
+        params = yaml.safe_load(sidecar.read_text())["model"]["params"]
+    except Exception as err:
+        raise SingleFileLoadError(f"{sidecar.name} is not an LDM config yaml ({err}); fix or remove it") from err
+    return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
+
+
+def _sd2_prediction_type(path: Path, global_step: int | None) -> str:
+    # The weights alone cannot tell 512-base (epsilon) from 768 (v-prediction): same shapes.
+    if global_step == _SD2_BASE_GLOBAL_STEP:
+        return "epsilon"
+    log.warning(
+        "%s is an SD 2.x checkpoint without a %s next to it: assuming SD 2.1 768 v-prediction. If images come "
+        "out as noise, it is a 512-base model: add that yaml with parameterization 'eps' or load it with "
+        "prediction_type='epsilon'.", path.name, path.with_suffix(".yaml").name)
+    return "v_prediction"
