@@ -5,7 +5,19 @@ floating-point reordering) with and without it; bench/gpu_speed.py measures the 
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
+
+
+def use_compile_cache(folder: Path) -> None:
+    """Keep torch.compile's artefacts in a folder that survives restarts, so the second start
+    reuses the compiled kernels instead of compiling again. Set before the first compile."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 
 def apply_fast_path(pipe, *, compile: bool, channels_last: bool = True, backend: str = "inductor"):

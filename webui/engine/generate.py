@@ -7,6 +7,7 @@ Only the worker thread calls into an Engine, so the pipeline never serves two ru
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -74,7 +75,18 @@ class Engine:
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.model = LoadedModel(entry, self.registry.short_hash(entry), size, size)
         log.info("loaded model %s (%s) on %s", entry.name, self.model.short_hash, self.placement.device)
+        if self.settings.compile:
+            self.warm_up()
         return self.model
+
+    def warm_up(self) -> None:
+        """Compile now, on the worker thread, so the first user's image does not pay for it."""
+        log.info("compiling %s for %dx%d (first start only; later starts reuse the cache)",
+                 self.model.entry.name, self.model.native_width, self.model.native_height)
+        started = time.perf_counter()
+        self.generate(GenerationRequest(prompt="warm-up", steps=2), [0],
+                      lambda step, total, _: log.info("warm-up step %d/%d", step, total))
+        log.info("compiled in %.1f s", time.perf_counter() - started)
 
     def unload(self) -> None:
         """Drop the current pipeline and give its memory back before another is used."""

@@ -73,11 +73,15 @@ def place_pipeline(pipe, settings: Settings, placement: Placement):
         pipe.to(placement.device)
     if settings.medvram or settings.lowvram:
         pipe.vae.enable_slicing()  # decode a batch one image at a time
-    _choose_attention(pipe, settings)
-    if settings.compile:
-        from webui.engine.fast_path import apply_fast_path
+    if placement.device == "cuda" or settings.compile:
+        from webui.engine.fast_path import apply_fast_path, use_compile_cache
 
-        apply_fast_path(pipe, compile=True)
+        if settings.compile:
+            use_compile_cache(settings.outdir / "cache" / "torch-compile")
+        # SDPA + channels-last are safe on every CUDA card; compiling is opt-in (slow first start).
+        apply_fast_path(pipe, compile=settings.compile)
+    if not settings.compile:
+        _choose_attention(pipe, settings)  # xformers cannot be traced by torch.compile
     return pipe
 
 
@@ -104,25 +108,36 @@ def _read_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype):
 
 
 def _read_hub_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype, extra: dict):
+    """A hub id: load it from the Hugging Face cache, or download it there once (webui/engine/hub.py)."""
     from diffusers import StableDiffusionPipeline
 
+    from webui.engine import hub
+
+    half = dtype != torch.float32
+
+    def from_snapshot(snapshot: hub.HubSnapshot):
+        return StableDiffusionPipeline.from_pretrained(snapshot.folder, torch_dtype=dtype, variant=snapshot.variant,
+                                                       local_files_only=True, **extra)
+
+    cached = hub.cached_snapshot(entry.source, half)
+    if cached is not None:
+        try:
+            return from_snapshot(cached)  # no network at all
+        except Exception as err:
+            if settings.offline or hub.offline_by_environment():
+                raise ModelLoadError(
+                    f"{entry.source!r} is in the Hugging Face cache ({cached.folder}) but could not be loaded "
+                    f"({type(err).__name__}: {err}); it may be incomplete. Start once without --offline to "
+                    "finish the download, or put a .safetensors file in the models folder."
+                ) from err
+            log.warning("the cached copy of %s could not be loaded (%s); downloading what is missing",
+                        entry.source, err)
     try:
-        # Already in the Hugging Face cache: load it without touching the network.
-        return StableDiffusionPipeline.from_pretrained(entry.source, torch_dtype=dtype, local_files_only=True, **extra)
-    except Exception as cached_err:
-        if settings.offline:
-            raise ModelLoadError(
-                f"{entry.source!r} is not in the Hugging Face cache and --offline is set. Download it on a "
-                "machine with network (huggingface-cli download ...) or put a .safetensors file in the "
-                "models folder."
-            ) from cached_err
-    try:
-        return StableDiffusionPipeline.from_pretrained(entry.source, torch_dtype=dtype, **extra)
-    except Exception as err:
-        raise ModelLoadError(
-            f"could not download {entry.source!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
-            "Check the id and your network, or put the model in the models folder and pick it by name."
-        ) from err
+        snapshot = hub.download(entry.source, half=half, safety_checker=not settings.no_safety_checker,
+                                offline=settings.offline)
+    except hub.HubError as err:
+        raise ModelLoadError(str(err)) from err
+    return from_snapshot(snapshot)
 
 
 def _choose_attention(pipe, settings: Settings) -> None:
