@@ -1,0 +1,203 @@
+"""End to end in a real headless Chromium against `python app.py` with the tiny model.
+
+Uses Debian's /usr/bin/chromium through Playwright's Python package (no browser download).
+A screenshot of the page after a generation is kept at outputs/screenshots/txt2img.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+from pathlib import Path
+from urllib.parse import quote, urljoin
+
+import httpx
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from tests.browser_server import ROOT, AppServer, free_port
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.browser
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = ROOT / "outputs" / "screenshots"
+WAIT_MS = 60_000  # generous: the first run warms the model up on a busy CPU
+
+
+@pytest.fixture(scope="module")
+def app_server(models_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("browser")
+    outdir = folder / "outputs"
+    server = AppServer(["--ckpt-dir", str(models_dir), "--ckpt", TINY, "--outdir", str(outdir), "--preview-every", "2"],
+                       log_path=folder / "app.log")
+    server.outdir = outdir
+    print(f"\napp.py served its page {server.startup_seconds:.1f} s after start")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is not installed")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, url: str):
+    """A fresh browser context (its own Gradio session, like a second user) on the page."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_selector("#txt2img_prompt textarea")
+    return page
+
+
+@pytest.fixture
+def page(browser, app_server):
+    page = open_page(browser, app_server.url)
+    yield page
+    page.context.close()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def expect_text(page, selector: str, pattern: str) -> None:
+    playwright_api.expect(page.locator(selector)).to_contain_text(re.compile(pattern), timeout=WAIT_MS)
+
+
+def infotext(page) -> str:
+    return page.locator("#txt2img_infotext textarea").input_value()
+
+
+def test_generate_shows_the_image_then_history_and_seed_reuse(page, app_server):
+    page.locator("#txt2img_prompt textarea").fill("a tiny red fox")
+    expect_text(page, "#txt2img_prompt_tokens", r"\b4/75\b")
+    set_number(page, "txt2img_steps", 3)
+    page.locator("#txt2img_prompt textarea").press("Control+Enter")  # the shortcut, not the button
+
+    page.wait_for_selector("#txt2img_gallery img")
+    playwright_api.expect(page.locator("#txt2img_infotext textarea")).to_have_value(re.compile(r"Seed: \d+"))
+    assert infotext(page).startswith("a tiny red fox\nSteps: 3,")
+    expect_text(page, "#txt2img_time", r"Time taken: [\d.]+ s")
+    seed = re.search(r"Seed: (\d+)", infotext(page)).group(1)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "txt2img.png"), full_page=True)
+
+    page.click("#txt2img_reuse_seed")
+    playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value(seed)
+    page.click("#txt2img_random_seed")
+    playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value("-1")
+
+    page.get_by_role("tab", name="History").click()
+    thumbnail = page.locator(f"#history_gallery img[alt='a tiny red fox (seed {seed})']")
+    thumbnail.click()
+    playwright_api.expect(page.locator("#history_details textarea")).to_have_value(re.compile(f"Seed: {seed}"))
+    page.wait_for_selector("#history_image img")
+    page.screenshot(path=str(SCREENSHOTS / "history.png"), full_page=True)
+    # "Open file" links to the PNG itself (parameters intact); the history database next to it is not served.
+    link = page.locator("#history_open").get_attribute("href")
+    opened = httpx.get(urljoin(page.url, link))
+    assert opened.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(opened.content)).info["parameters"].startswith("a tiny red fox\n")
+    database = app_server.outdir.resolve() / "history.sqlite3"
+    assert database.is_file()
+    assert httpx.get(urljoin(page.url, f"gradio_api/file={quote(str(database))}")).status_code == 403
+    page.click("#history_send")
+    playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value(seed)
+    playwright_api.expect(page.locator("#txt2img_prompt textarea")).to_have_value("a tiny red fox")
+
+
+def test_interrupt_stops_a_long_job_showing_progress_and_previews(page):
+    page.locator("#txt2img_prompt textarea").fill("a very long job")
+    set_number(page, "txt2img_steps", 150)
+    set_number(page, "txt2img_batch_count", 20)
+    page.click("#txt2img_generate")
+    expect_text(page, "#txt2img_progress", r"Step \d+/150 · image 1/20 · \d+% · ETA")
+    page.wait_for_selector("#txt2img_preview img")  # a live preview of the denoising
+    page.click("#txt2img_interrupt")
+    expect_text(page, "#txt2img_progress", "Interrupted")
+    assert page.locator("#txt2img_preview").is_hidden()
+
+
+def test_two_tabs_each_follow_their_own_job(browser, app_server):
+    first, second = open_page(browser, app_server.url), open_page(browser, app_server.url)
+    try:
+        first.locator("#txt2img_prompt textarea").fill("first tab long job")
+        set_number(first, "txt2img_steps", 150)
+        set_number(first, "txt2img_batch_count", 20)
+        first.click("#txt2img_generate")
+        expect_text(first, "#txt2img_progress", r"Step \d+/150")
+
+        second.locator("#txt2img_prompt textarea").fill("second tab short job")
+        set_number(second, "txt2img_steps", 2)
+        second.click("#txt2img_generate")
+        expect_text(second, "#txt2img_progress", "Queued: 1 job ahead of yours")
+
+        first.click("#txt2img_interrupt")  # stops the first tab's job only
+        expect_text(first, "#txt2img_progress", "Interrupted")
+        second.wait_for_selector("#txt2img_gallery img")
+        assert second.locator("#txt2img_infotext textarea").input_value().startswith("second tab short job\n")
+        assert first.locator("#txt2img_gallery img").count() == 0
+    finally:
+        first.context.close()
+        second.context.close()
+
+
+def test_png_info_reads_a_stable_diffusion_webui_png(page, tmp_path):
+    text = ("a castle on a hill\nNegative prompt: blurry\n"
+            "Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 42, Size: 512x768, "
+            "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.9.4")
+    info = PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (32, 32), "teal").save(tmp_path / "a1111.png", pnginfo=info)
+
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(tmp_path / "a1111.png"))
+    expect_text(page, "#pnginfo_params", "Sampler")
+    expect_text(page, "#pnginfo_params", "DPM\\+\\+ 2M Karras")
+    page.click("#pnginfo_send")
+    playwright_api.expect(page.locator("#txt2img_prompt textarea")).to_have_value("a castle on a hill")
+    playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value("42")
+    playwright_api.expect(page.locator("#txt2img_sampler input")).to_have_value("DPM++ 2M")
+    playwright_api.expect(page.locator("#txt2img_scheduler input")).to_have_value("Karras")
+
+
+def test_gradio_client_drives_generation(app_server):
+    from gradio_client import Client
+
+    client = Client(app_server.url, verbose=False)
+    gallery, progress, _, text, timing = client.predict(prompt="an api fox", steps=2, seed=7, api_name="/txt2img")
+    assert Path(gallery[0]["image"]).is_file() and gallery[0]["caption"] == "seed 7"
+    assert text.startswith("an api fox\n") and "Seed: 7" in text and progress == ""
+
+
+def test_gradio_auth_shows_a_login_page_first(browser, services):
+    from webui.launch import serve
+
+    settings = dataclasses.replace(services.settings, port=free_port(), gradio_auth=[("ana", "s3cret")])
+    served = serve(dataclasses.replace(services, settings=settings))
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(served.url, wait_until="domcontentloaded")
+        page.get_by_label("username").fill("ana")
+        page.get_by_label("password").fill("s3cret")
+        page.get_by_role("button", name="Login").click()
+        page.wait_for_selector("#txt2img_prompt textarea")
+    finally:
+        context.close()
+        served.close()

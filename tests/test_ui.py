@@ -1,0 +1,454 @@
+"""The web UI in-process: build the Blocks, call the event functions Gradio would call, check outcomes.
+
+Generation runs for real on the tiny model (2-4 steps); long jobs that get interrupted use many
+steps so there is time to act while they run. No assertion depends on wall-clock time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from tests.conftest import TINY
+from webui.config import Settings
+from webui.schemas import JobState
+from webui.services import build_services
+from webui.ui import history as history_module
+from webui.ui.blocks import create_ui
+from webui.ui.txt2img import Session
+
+A1111_INFOTEXT = (
+    "masterpiece, a castle on a hill\n"
+    "Negative prompt: blurry, lowres\n"
+    "Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 42, Size: 512x768, Model hash: 6ce0161689, "
+    'Model: v1-5-pruned-emaonly, Denoising strength: 0.5, Lora hashes: "detail: 1a2b3c, style: 4d5e6f", '
+    "Version: v1.9.4"
+)
+
+
+# --- fixtures and helpers -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ui_services(models_dir, tmp_path_factory):
+    settings = Settings(models_dir=models_dir, outdir=tmp_path_factory.mktemp("ui") / "outputs", ckpt=TINY,
+                        device="cpu", preview_every=2)
+    services = build_services(settings)
+    yield services
+    services.close()
+
+
+@pytest.fixture(scope="module")
+def ui(ui_services):
+    return create_ui(ui_services)
+
+
+def event(ui, name: str):
+    """The function Gradio runs for an event, found by api_name or (for private events) function name."""
+    for block_fn in ui.blocks.fns.values():
+        if block_fn.api_name == name or getattr(block_fn.fn, "__name__", None) == name:
+            return block_fn.fn
+    raise KeyError(name)
+
+
+def generate(ui, session: Session | None = None, prompt="a lighthouse", steps=2, seed=-1, n_iter=1,
+             batch_size=1, width=64, height=64, model=TINY, negative=""):
+    """Run the txt2img event to the end; returns every yielded tuple
+    (session, gallery, progress, preview, infotext, time)."""
+    session = session or Session()
+    return list(event(ui, "txt2img")(session, prompt, negative, "Euler a", "Automatic", steps, 7.0, width, height,
+                                     seed, n_iter, batch_size, 1, model))
+
+
+def selected(index: int) -> gr.SelectData:
+    return gr.SelectData(None, {"index": index, "value": None, "selected": True})
+
+
+def is_skip(value) -> bool:
+    return value == gr.skip()
+
+
+def wait_for(condition, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- the page -------------------------------------------------------------------------------
+def test_events_have_api_names(ui):
+    names = {fn.api_name for fn in ui.blocks.fns.values()}
+    assert {"txt2img", "interrupt", "skip", "reuse_seed", "random_seed", "count_tokens", "refresh_models",
+            "load_model", "png_info", "history_search", "history_page", "history_delete"} <= names
+
+
+def test_default_model_is_selected_and_sliders_follow_its_size(ui):
+    assert ui.picker.dropdown.value == TINY
+    assert ui.txt2img.width.value == 64 and ui.txt2img.height.value == 64
+    assert ui.txt2img.width.step == 8 and ui.txt2img.height.step == 8
+
+
+def test_embedded_default_model_is_selected_when_none_is_given(tmp_path):
+    from webui.config import DEFAULT_MODEL_NAME
+    from webui.ui.models import ModelActions
+
+    services = build_services(Settings(outdir=tmp_path / "out", device="cpu"), load_model=False)
+    try:
+        actions = ModelActions(services)
+        assert services.settings.ckpt == DEFAULT_MODEL_NAME and actions.current() == DEFAULT_MODEL_NAME
+        assert "could not be loaded" in actions.status()  # not loaded here: the page says so in words
+    finally:
+        services.close()
+
+
+def test_token_counter(ui):
+    count = event(ui, "count_tokens")
+    assert ">0/75<" in count("")
+    assert ">2/75<" in count("a cat")
+    assert "/150<" in count(" ".join(["cat"] * 80))
+
+
+# --- generation -----------------------------------------------------------------------------
+def test_generate_fills_gallery_with_seeds_infotext_and_time(ui, ui_services):
+    outputs = generate(ui, prompt="a lighthouse at dusk", seed=1234, n_iter=2)
+    first, last = outputs[0], outputs[-1]
+    assert "dw-progress" in first[2] and first[3]["visible"] is True  # progress and preview shown at once
+    session, gallery, progress, preview, infotext, timing = last
+    assert [caption for _, caption in gallery] == ["seed 1234", "seed 1235"]
+    assert all(Path(path).is_file() and Path(path).is_relative_to(ui_services.outputs.outdir)
+               for path, _ in gallery)
+    assert infotext.startswith("a lighthouse at dusk\n") and "Seed: 1234" in infotext
+    assert "Time taken:" in timing and progress == "" and preview["visible"] is False
+    assert session.seeds == [1234, 1235]
+    assert ui_services.worker.get(session.job_id).state is JobState.DONE
+
+
+def test_reuse_seed_takes_the_selected_image_and_random_sets_minus_one(ui):
+    session = generate(ui, seed=77, n_iter=2)[-1][0]
+    assert event(ui, "reuse_seed")(session) == 77
+    session, infotext = event(ui, "select_image")(session, selected(1))
+    assert "Seed: 78" in infotext
+    assert event(ui, "reuse_seed")(session) == 78
+    assert event(ui, "random_seed")() == -1
+    assert is_skip(event(ui, "reuse_seed")(Session()))  # nothing generated yet: seed box left alone
+
+
+def test_invalid_request_is_a_readable_message_and_queues_nothing(ui, ui_services):
+    before = ui_services.worker.queue_length()
+    outputs = generate(ui, width=500)
+    assert len(outputs) == 1
+    session, _, progress, *_ = outputs[0]
+    assert "width must be a multiple of 8, got 500" in progress and "dw-error" in progress
+    assert session.job_id is None and ui_services.worker.queue_length() == before
+
+
+def test_failed_job_is_a_readable_message(ui):
+    progress = generate(ui, model="no-such-model")[-1][2]
+    assert "Generation failed" in progress and "no-such-model" in progress
+    assert "Traceback" not in progress
+
+
+def run_in_thread(ui, session: Session, **kwargs) -> tuple[threading.Thread, list]:
+    outputs: list = []
+
+    def target():
+        for item in event(ui, "txt2img")(session, kwargs.pop("prompt", "long job"), "", "Euler a", "Automatic",
+                                         kwargs["steps"], 7.0, 64, 64, -1, kwargs["n_iter"], 1, 1, TINY):
+            outputs.append(item)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outputs
+
+
+def test_two_sessions_see_their_own_jobs_and_interrupt_only_their_own(ui, ui_services):
+    worker = ui_services.worker
+    first, second = Session(), Session()
+    first_thread, first_out = run_in_thread(ui, first, steps=100, n_iter=20)
+    wait_for(lambda: first.job_id and worker.get(first.job_id).progress.step > 0, what="first job running")
+    second_thread, second_out = run_in_thread(ui, second, steps=100, n_iter=20)
+    wait_for(lambda: any("Queued: 1 job ahead" in str(out[2]) for out in second_out), what="queue position")
+    # Live previews reach the first session while it denoises.
+    wait_for(lambda: any(isinstance(out[3], Image.Image) for out in first_out), what="a live preview")
+
+    event(ui, "interrupt")(second)
+    second_thread.join(30)
+    assert "Interrupted" in second_out[-1][2]
+    assert worker.get(second.job_id).state is JobState.CANCELLED
+    assert worker.get(first.job_id).state is JobState.RUNNING  # untouched by the other session
+    assert any("Step" in str(out[2]) and "ETA" in str(out[2]) for out in first_out)
+
+    event(ui, "interrupt")(first)
+    first_thread.join(30)
+    assert worker.get(first.job_id).state is JobState.CANCELLED
+    assert "Interrupted" in first_out[-1][2]
+
+
+def test_skip_ends_the_current_image_and_goes_on(ui, ui_services):
+    session = Session()
+    thread, outputs = run_in_thread(ui, session, steps=40, n_iter=2)
+    worker = ui_services.worker
+    wait_for(lambda: session.job_id and worker.get(session.job_id).progress.step > 0, what="job running")
+    event(ui, "skip")(session)  # one of the two batches is skipped, whichever is running
+    thread.join(60)
+    job = worker.get(session.job_id)
+    assert job.state is JobState.DONE and len(job.images) == 1
+    assert len(outputs[-1][1]) == 1
+
+
+# --- models ---------------------------------------------------------------------------------
+def test_model_refresh_and_load(models_dir, tmp_path):
+    own_models = tmp_path / "models"
+    own_models.mkdir()
+    (own_models / "tiny-a").symlink_to(models_dir / TINY, target_is_directory=True)
+    services = build_services(Settings(models_dir=own_models, outdir=tmp_path / "out", ckpt="tiny-a", device="cpu"))
+    try:
+        ui = create_ui(services)
+        assert ui.picker.dropdown.value == "tiny-a" and "tiny-a" in ui.models.status()
+        (own_models / "tiny-b").symlink_to(models_dir / TINY, target_is_directory=True)
+        update = event(ui, "refresh_models")("tiny-a")
+        assert update["choices"] == ["tiny-a", "tiny-b"] and update["value"] == "tiny-a"
+
+        status, name, width, height = list(event(ui, "load_model")("tiny-b"))[-1]
+        assert "tiny-b" in status and (name, width, height) == ("tiny-b", 64, 64)
+        status, name, *_ = list(event(ui, "load_model")("missing-model"))[-1]
+        assert "Could not load missing-model" in status and name == "tiny-b"  # the dropdown goes back
+    finally:
+        services.close()
+
+
+# --- history --------------------------------------------------------------------------------
+def test_history_pages_search_select_send_and_delete(ui, ui_services, monkeypatch):
+    monkeypatch.setattr(history_module, "PAGE_SIZE", 2)
+    actions = ui.history_actions
+    generate(ui, prompt="a zebra", seed=10, n_iter=3)
+    generate(ui, prompt="a quokka", seed=20)
+
+    page, ids, items, info = actions.load_page(0, "zebra")
+    assert len(ids) == 2 and "Page 1 of 2 · 3 images" in info
+    assert [caption for _, caption in items] == ["a zebra (seed 12)", "a zebra (seed 11)"]  # newest first
+    page, ids, items, _ = actions.next_page(page, "zebra")
+    assert page == 1 and [caption for _, caption in items] == ["a zebra (seed 10)"]
+    assert actions.next_page(page, "zebra")[0] == 1  # clamped at the last page
+
+    image_id, path, details, open_file = actions.select(ids, selected(0))
+    assert Path(path) == ui_services.outputs.resolve(ui_services.history.get_image(image_id).path)
+    assert "Seed: 10" in details and open_file["link"].startswith("gradio_api/file=")
+
+    *values, tabs = event(ui, "send_from_history")(image_id)
+    by_field = dict(zip(["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width",
+                         "height", "seed", "clip_skip", "model"], values))
+    assert (by_field["prompt"], by_field["seed"], by_field["steps"], by_field["model"]) == ("a zebra", 10, 2, TINY)
+    assert tabs.selected == "txt2img"
+
+    *page_outputs, gone_id, gone_image, gone_details, _ = actions.delete(image_id, 1, "zebra")
+    assert not Path(path).exists() and ui_services.history.get_image(image_id) is None
+    assert page_outputs[0] == 0 and "2 images" in page_outputs[3]  # back to the only page left
+    assert (gone_id, gone_image, gone_details) == (None, None, "")
+    with pytest.raises(gr.Error):
+        actions.delete(None, 0, "")
+
+
+def test_history_timer_reloads_only_when_images_finish(ui):
+    actions = ui.history_actions
+    *_, seen = actions.reload(0, "")
+    assert all(is_skip(value) for value in actions.poll(0, "", seen))
+    generate(ui, prompt="a heron", seed=5)
+    page, ids, items, info, now = actions.poll(0, "", seen)
+    assert now != seen and items[0][1] == "a heron (seed 5)"
+
+
+# --- PNG Info -------------------------------------------------------------------------------
+def save_png(path: Path, text: str | None) -> str:
+    info = PngInfo()
+    if text is not None:
+        info.add_text("parameters", text)
+    Image.new("RGB", (8, 8), "white").save(path, pnginfo=info)
+    return str(path)
+
+
+def test_png_info_reads_our_png(ui):
+    path = generate(ui, prompt="an owl", seed=99)[-1][1][0][0]
+    infotext, table = event(ui, "png_info")(path)
+    assert infotext.startswith("an owl\n") and "<th>Seed</th><td>99</td>" in table
+
+
+def test_png_info_reads_stable_diffusion_webui_png_and_sends_it(ui, tmp_path):
+    infotext, table = event(ui, "png_info")(save_png(tmp_path / "a1111.png", A1111_INFOTEXT))
+    assert infotext == A1111_INFOTEXT
+    assert "<th>Lora hashes</th><td>detail: 1a2b3c, style: 4d5e6f</td>" in table
+    *values, tabs = event(ui, "send_from_pnginfo")(infotext)
+    by_field = dict(zip(["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width",
+                         "height", "seed", "clip_skip", "model"], values))
+    assert by_field["prompt"] == "masterpiece, a castle on a hill" and by_field["negative_prompt"] == "blurry, lowres"
+    assert (by_field["sampler_name"], by_field["scheduler"]) == ("DPM++ 2M", "Karras")  # old combined name split
+    assert (by_field["steps"], by_field["cfg_scale"], by_field["seed"]) == (25, 6.5, 42)
+    assert (by_field["width"], by_field["height"]) == (512, 768)
+    assert is_skip(by_field["model"])  # not in our models folder: the dropdown is left alone
+    assert tabs.selected == "txt2img"
+
+
+def test_png_info_without_parameters_or_not_an_image(ui, tmp_path):
+    read = event(ui, "png_info")
+    infotext, message = read(save_png(tmp_path / "plain.png", None))
+    assert infotext == "" and "no generation parameters" in message
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    assert "Could not read" in read(str(tmp_path / "junk.png"))[1]
+    with pytest.raises(gr.Error):
+        event(ui, "send_from_pnginfo")("")
+
+
+# --- launching ------------------------------------------------------------------------------
+def with_settings(services, **changes):
+    return dataclasses.replace(services, settings=dataclasses.replace(services.settings, port=free_port(), **changes))
+
+
+def test_serve_prints_the_address_and_serves_the_page(ui_services):
+    from webui.launch import describe, serve
+
+    services = with_settings(ui_services)
+    served = serve(services)
+    try:
+        assert describe(served, services) == [f"Running on local URL: http://127.0.0.1:{services.settings.port}"]
+        page = httpx.get(served.url + "/")
+        assert page.status_code == 200 and "diffusers-webui" in page.text
+        assert httpx.get(served.url + "/config").json()["components"]  # the Blocks config is served
+    finally:
+        served.close()
+
+
+def test_gradio_auth_puts_a_login_page_in_front(ui_services):
+    from webui.launch import serve
+
+    served = serve(with_settings(ui_services, gradio_auth=[("ana", "s3cret")]))
+    try:
+        with httpx.Client(base_url=served.url) as client:
+            assert client.get("/config").status_code == 401
+            assert client.post("/login", data={"username": "ana", "password": "wrong"}).status_code == 400
+            assert client.post("/login", data={"username": "ana", "password": "s3cret"}).status_code == 200
+            assert client.get("/config").status_code == 200
+    finally:
+        served.close()
+
+
+def test_api_is_attached_to_the_served_app_when_asked(ui_services, monkeypatch):
+    import webui.api
+    from webui.launch import serve
+
+    def attach_api(app, services):
+        app.add_api_route("/sdapi/v1/ping", lambda: {"model": services.engine.model.entry.name})
+
+    monkeypatch.setattr(webui.api, "attach_api", attach_api, raising=False)
+    served = serve(with_settings(ui_services, api=True))
+    try:
+        assert httpx.get(served.url + "/sdapi/v1/ping").json() == {"model": TINY}
+    finally:
+        served.close()
+
+
+def test_the_real_api_joins_the_ui_with_its_docs(ui_services):
+    from webui.launch import describe, serve
+
+    services = with_settings(ui_services, api=True)
+    served = serve(services)
+    try:
+        samplers = httpx.get(served.url + "/sdapi/v1/samplers").json()
+        assert "Euler a" in [sampler["name"] for sampler in samplers]
+        assert httpx.get(served.url + "/docs").status_code == 200
+        assert httpx.get(served.url + "/").status_code == 200  # the UI is still there
+        assert f"REST API: {served.url}/sdapi/v1/ (docs at {served.url}/docs)" in describe(served, services)
+    finally:
+        served.close()
+
+
+def test_missing_api_is_a_clear_error_before_anything_is_served(ui_services, monkeypatch):
+    import webui.api
+    from webui.launch import serve
+
+    monkeypatch.delattr(webui.api, "attach_api", raising=False)
+    with pytest.raises(SystemExit, match=r"webui\.api\.attach_api"):
+        serve(with_settings(ui_services, api=True))
+
+
+def test_nowebui_runs_the_api_app_alone(ui_services, monkeypatch):
+    import uvicorn
+    import webui.api
+    from webui.launch import launch
+
+    calls = []
+    monkeypatch.setattr(webui.api, "create_api_app", lambda services: "api-app", raising=False)
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: calls.append((app, host, port)))
+    services = with_settings(ui_services, nowebui=True)
+    monkeypatch.setattr(type(services), "close", lambda self: None)  # the module's services stay up
+    launch(services)
+    assert calls == [("api-app", "127.0.0.1", services.settings.port)]
+
+
+def test_share_without_network_is_a_message_not_a_crash(ui_services, monkeypatch, capsys):
+    import gradio.networking
+    from webui.launch import describe, serve
+
+    def no_network(*args, **kwargs):
+        raise RuntimeError("Could not get share link from Gradio API Server.")
+
+    monkeypatch.setattr(gradio.networking, "setup_tunnel", no_network)
+    services = with_settings(ui_services, share=True)
+    served = serve(services)
+    try:
+        assert served.share_url is None
+        lines = describe(served, services)
+        assert any("could not get a public link" in line and served.url in line for line in lines)
+        assert httpx.get(served.url + "/").status_code == 200
+    finally:
+        served.close()
+
+
+def test_busy_port_is_a_clear_error(ui_services):
+    from webui.launch import serve
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        services = dataclasses.replace(ui_services, settings=dataclasses.replace(
+            ui_services.settings, port=sock.getsockname()[1]))
+        with pytest.raises(SystemExit, match="--port"):
+            serve(services)
+
+
+def test_listen_describes_all_interfaces(ui_services):
+    from webui.launch import Served, describe
+
+    class FakeBlocks:
+        server_port = 7860
+
+    services = dataclasses.replace(ui_services, settings=dataclasses.replace(ui_services.settings, listen=True))
+    assert services.settings.host == "0.0.0.0"
+    line = describe(Served(FakeBlocks(), None, "http://127.0.0.1:7860", None), services)[0]
+    assert "http://0.0.0.0:7860" in line and "all network interfaces" in line
+
+
+def test_history_never_shows_files_outside_outdir(ui, ui_services, tmp_path):
+    # A history row pointing outside outdir (a tampered database) gets no image and no link.
+    row_id = ui_services.history.add_image(
+        job_id=ui_services.worker.submit({"prompt": "x", "steps": 1, "save_images": False}).id,
+        path=os.path.relpath(save_png(tmp_path / "outside.png", "x"), ui_services.outputs.outdir),
+        prompt="x", negative_prompt="", seed=1, steps=1, sampler="Euler a", scheduler="Automatic", cfg_scale=7.0,
+        width=8, height=8, clip_skip=1, model_name=TINY, model_hash=None, image_index=0, nsfw=False, seconds=None,
+        infotext="x")
+    image_id, path, details, open_file = ui.history_actions.show(row_id)
+    assert (image_id, path, details) == (None, None, "") and open_file["interactive"] is False

@@ -1,0 +1,82 @@
+"""The whole page: the model picker above three tabs (txt2img, History, PNG Info) and the wiring
+between them ("send to txt2img", history refresh after a run).
+
+`build_ui(services)` gives the gr.Blocks; `create_ui(services)` also hands back the tabs, so tests
+can drive the event functions directly. Gradio 6 takes CSS and head scripts at launch()
+time; `launch_assets()` holds them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from webui.services import Services
+from webui.ui.history import HistoryActions, HistoryTab, build_history
+from webui.ui.models import ModelActions, ModelPicker, build_model_picker
+from webui.ui.params import txt2img_updates
+from webui.ui.pnginfo import PngInfoTab, build_pnginfo, fields_for_txt2img
+from webui.ui.txt2img import Txt2ImgTab, build_txt2img
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+@dataclass
+class WebUI:
+    blocks: gr.Blocks
+    models: ModelActions
+    picker: ModelPicker
+    txt2img: Txt2ImgTab
+    history: HistoryTab
+    history_actions: HistoryActions
+    pnginfo: PngInfoTab
+
+
+def build_ui(services: Services) -> gr.Blocks:
+    return create_ui(services).blocks
+
+
+def create_ui(services: Services) -> WebUI:
+    models = ModelActions(services)
+    with gr.Blocks(title="diffusers-webui", analytics_enabled=False) as blocks:
+        picker = build_model_picker(models)
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
+                txt2img = build_txt2img(services, picker, models)
+            with gr.Tab("History", id="history", elem_id="tab_history"):
+                history, history_actions = build_history(services)
+            with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
+                pnginfo = build_pnginfo()
+        ui = WebUI(blocks, models, picker, txt2img, history, history_actions, pnginfo)
+        _wire_between_tabs(ui, tabs)
+    # The worker is the one queue that matters; Gradio's own per-event queue would only make
+    # one browser tab wait for another's poll loop.
+    blocks.queue(default_concurrency_limit=None)
+    return ui
+
+
+def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
+    txt2img, history, actions = ui.txt2img, ui.history, ui.history_actions
+    send_outputs = [*txt2img.field_components, tabs]
+
+    def send_from_history(image_id):
+        return *txt2img_updates(actions.fields(image_id), ui.models.names()), gr.Tabs(selected="txt2img")
+
+    def send_from_pnginfo(text):
+        return *txt2img_updates(fields_for_txt2img(text), ui.models.names()), gr.Tabs(selected="txt2img")
+
+    history.send.click(send_from_history, inputs=[history.selected], outputs=send_outputs,
+                       api_visibility="private", show_progress="hidden")
+    ui.pnginfo.send.click(send_from_pnginfo, inputs=[ui.pnginfo.infotext], outputs=send_outputs,
+                          api_visibility="private", show_progress="hidden")
+    reload = dict(fn=actions.reload, inputs=[history.page, history.search], outputs=history.reload_outputs,
+                  api_visibility="private", show_progress="hidden")
+    txt2img.generate_event.then(**reload)
+    ui.blocks.load(**reload)
+
+
+def launch_assets() -> dict:
+    """Keyword arguments for Blocks.launch(): the CSS and the Ctrl+Enter script."""
+    script = (STATIC / "webui.js").read_text()
+    return {"css_paths": [STATIC / "webui.css"], "head": f"<script>{script}</script>"}

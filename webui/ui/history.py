@@ -1,0 +1,190 @@
+"""The History tab: past images from the SQLite history, newest first, paged and searchable.
+
+Selecting a thumbnail shows the image full size with its parameters, and offers to send them to
+txt2img, open the file, or delete it. A timer notices images finished by any session or the API.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import html
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import gradio as gr
+
+from webui.services import Services
+from webui.storage.history import HistoryImage
+from webui.ui.params import fields_from_history
+
+PAGE_SIZE = 24
+POLL_SECONDS = 3.0
+
+
+@dataclass
+class HistoryTab:
+    search: gr.Textbox
+    page: gr.State
+    ids: gr.State
+    selected: gr.State
+    seen: gr.State  # fingerprint of the history when this session last loaded it
+    gallery: gr.Gallery
+    page_info: gr.HTML
+    image: gr.Image
+    details: gr.Textbox
+    send: gr.Button
+    open_file: gr.Button
+    delete: gr.Button
+
+    @property
+    def page_outputs(self) -> list:
+        return [self.page, self.ids, self.gallery, self.page_info]
+
+    @property
+    def reload_outputs(self) -> list:
+        return [*self.page_outputs, self.seen]
+
+
+class HistoryActions:
+    def __init__(self, services: Services):
+        self.history = services.history
+        self.outputs = services.outputs
+
+    def load_page(self, page: int, search: str):
+        """(page, ids on the page, gallery items, page info) for a page, clamped to the pages there are."""
+        search = search or ""
+        _, total = self.history.list_images(0, 1, search)
+        pages = max(1, math.ceil(total / PAGE_SIZE))
+        page = min(max(int(page or 0), 0), pages - 1)
+        rows, _ = self.history.list_images(page, PAGE_SIZE, search)
+        # Rows whose file is gone are left out: there is nothing to show for them.
+        shown = [(row, path) for row in rows if (path := self._file(row)) is not None]
+        items = [(str(path), _caption(row)) for row, path in shown]
+        info = f"Page {page + 1} of {pages} · {total} image{'s' if total != 1 else ''}"
+        if search.strip():
+            info += f" matching “{html.escape(search.strip())}”"
+        return page, [row.id for row, _ in shown], items, f"<span class='dw-page-info'>{info}</span>"
+
+    def first_page(self, search: str):
+        return self.load_page(0, search)
+
+    def previous_page(self, page: int, search: str):
+        return self.load_page(int(page or 0) - 1, search)
+
+    def next_page(self, page: int, search: str):
+        return self.load_page(int(page or 0) + 1, search)
+
+    def newest(self, search: str) -> list:
+        """A cheap fingerprint of the history: newest image id and count (for the timer)."""
+        rows, total = self.history.list_images(0, 1, search or "")
+        return [rows[0].id if rows else None, total]
+
+    def reload(self, page: int, search: str):
+        """The page as it is now, plus the fingerprint the timer compares against."""
+        return *self.load_page(page, search), self.newest(search)
+
+    def poll(self, page: int, search: str, seen: list | None):
+        """Reload the page only when the history changed since this session last looked."""
+        if self.newest(search) == seen:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return self.reload(page, search)
+
+    def select(self, ids: list[int], evt: gr.SelectData):
+        """Show one image: (selected id, full-size image, parameters, open-file link)."""
+        index = evt.index if isinstance(evt.index, int) else -1
+        if not 0 <= index < len(ids):
+            return None, None, "", gr.update(link=None, interactive=False)
+        return self.show(ids[index])
+
+    def show(self, image_id: int | None):
+        row = self.history.get_image(image_id) if image_id is not None else None
+        path = self._file(row) if row else None
+        if row is None or path is None:
+            return None, None, "", gr.update(link=None, interactive=False)
+        return row.id, str(path), _details(row), gr.update(link=_file_link(path), interactive=True)
+
+    def delete(self, image_id: int | None, page: int, search: str):
+        """Delete the file and its row; outputs: the page, then the emptied detail view."""
+        if image_id is None:
+            raise gr.Error("Select an image first.")
+        self.history.delete_image(image_id)
+        return (*self.load_page(page, search), None, None, "", gr.update(link=None, interactive=False))
+
+    def fields(self, image_id: int | None) -> dict:
+        row = self.history.get_image(image_id) if image_id is not None else None
+        if row is None:
+            raise gr.Error("Select an image first.")
+        return fields_from_history(row)
+
+    def _file(self, row: HistoryImage) -> Path | None:
+        """The file on disk, through OutputStore.resolve so no row can point outside outdir."""
+        try:
+            path = self.outputs.resolve(row.path)
+        except ValueError:
+            return None
+        return path if path.is_file() else None
+
+
+def _caption(row: HistoryImage) -> str:
+    prompt = row.prompt if len(row.prompt) <= 60 else row.prompt[:57] + "…"
+    return f"{prompt} (seed {row.seed})"
+
+
+def _details(row: HistoryImage) -> str:
+    made = dt.datetime.fromtimestamp(row.created_at).strftime("%Y-%m-%d %H:%M:%S")
+    seconds = f", {row.seconds:.1f} s" if row.seconds else ""
+    return f"{row.infotext}\n\nFile: {row.path} · made {made}{seconds}"
+
+
+def _file_link(path: Path) -> str:
+    # Relative, so it also works behind a share link or a proxy path; launch() allows outdir.
+    return f"gradio_api/file={quote(str(path))}"
+
+
+def build_history(services: Services) -> tuple[HistoryTab, HistoryActions]:
+    actions = HistoryActions(services)
+    # Filled on page load (see blocks.py), so every new tab sees the history as it is then.
+    page_state, ids_state, selected, seen = gr.State(0), gr.State([]), gr.State(None), gr.State(None)
+    with gr.Row():
+        search = gr.Textbox(label="Search prompts", placeholder="Search prompts", elem_id="history_search",
+                            scale=4)
+        refresh = gr.Button("↻", elem_id="history_refresh", scale=0, min_width=48)
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Row():
+                previous = gr.Button("◀ Newer", elem_id="history_prev", size="sm")
+                page_info = gr.HTML("", label="Page", show_label=False, elem_id="history_page_info", padding=False)
+                following = gr.Button("Older ▶", elem_id="history_next", size="sm")
+            gallery = gr.Gallery(label="History", elem_id="history_gallery", columns=6, height=480,
+                                 allow_preview=False, object_fit="cover", interactive=False,
+                                 fit_columns=False)  # keep thumbnails small when a page has few images
+        with gr.Column(scale=2):
+            image = gr.Image(label="Selected image", interactive=False, elem_id="history_image", type="filepath",
+                             format="png")
+            details = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="history_details",
+                                 buttons=["copy"])
+            with gr.Row():
+                send = gr.Button("Send to txt2img", elem_id="history_send")
+                open_file = gr.Button("Open file", elem_id="history_open", link_target="_blank", interactive=False)
+                delete = gr.Button("Delete", variant="stop", elem_id="history_delete")
+    timer = gr.Timer(POLL_SECONDS)
+
+    tab = HistoryTab(search, page_state, ids_state, selected, seen, gallery, page_info, image, details, send,
+                     open_file, delete)
+    detail_outputs = [selected, image, details, open_file]
+    search.submit(actions.first_page, inputs=[search], outputs=tab.page_outputs, api_name="history_search",
+                  show_progress="hidden")
+    refresh.click(actions.reload, inputs=[page_state, search], outputs=tab.reload_outputs,
+                  api_name="history_page", show_progress="hidden")
+    previous.click(actions.previous_page, inputs=[page_state, search], outputs=tab.page_outputs,
+                   api_visibility="private", show_progress="hidden")
+    following.click(actions.next_page, inputs=[page_state, search], outputs=tab.page_outputs,
+                    api_visibility="private", show_progress="hidden")
+    gallery.select(actions.select, inputs=[ids_state], outputs=detail_outputs, api_visibility="private",
+                   show_progress="hidden")
+    delete.click(actions.delete, inputs=[selected, page_state, search], outputs=[*tab.page_outputs, *detail_outputs],
+                 api_name="history_delete", show_progress="hidden")
+    timer.tick(actions.poll, inputs=[page_state, search, seen], outputs=tab.reload_outputs,
+               api_visibility="private", show_progress="hidden")
+    return tab, actions

@@ -1,0 +1,85 @@
+"""The model picker: a dropdown of the models folder, a refresh button and a load status line.
+
+Choices are plain model names: a title with the hash ("name [abc123]") would mean hashing every
+multi-GB file at start-up; the hash of the loaded model shows in the status line and infotexts.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import gradio as gr
+
+from webui.services import Services
+from webui.ui.progress import error_html, notice_html
+
+log = logging.getLogger(__name__)
+DEFAULT_SIZE = 512  # slider value when no model is loaded yet
+
+
+@dataclass
+class ModelPicker:
+    dropdown: gr.Dropdown
+    refresh: gr.Button
+    status: gr.HTML
+
+
+class ModelActions:
+    def __init__(self, services: Services):
+        self.services = services
+
+    def names(self) -> list[str]:
+        return [entry.name for entry in self.services.registry.entries()]
+
+    def current(self) -> str:
+        """The loaded model, else the one asked for at start (the embedded default unless --ckpt)."""
+        model = self.services.engine.model
+        return model.entry.name if model else self.services.settings.ckpt
+
+    def native_size(self) -> int:
+        model = self.services.engine.model
+        return model.native_width if model else DEFAULT_SIZE
+
+    def status(self) -> str:
+        model = self.services.engine.model
+        if model is None:
+            return error_html(f"No model loaded: {self.services.settings.ckpt!r} could not be loaded. "
+                              "Pick another model or put one in the models folder and press refresh.")
+        digest = f" [{model.short_hash}]" if model.short_hash else ""
+        return notice_html(f"Model: {model.entry.name}{digest}, native size {model.native_width}x{model.native_height}")
+
+    def refresh(self, selected: str | None):
+        """Rescan the models folder; keeps the selection."""
+        self.services.registry.refresh()
+        return gr.update(choices=self.names(), value=selected or self.current())
+
+    def load(self, name: str | None):
+        """Load the picked model on the worker (after queued jobs); yields a status first.
+
+        Outputs: status, dropdown, width, height (sliders follow the model's native size)."""
+        if not name:
+            yield self.status(), self.current(), gr.skip(), gr.skip()
+            return
+        yield notice_html(f"Loading {name}…"), gr.skip(), gr.skip(), gr.skip()
+        try:
+            model = self.services.worker.load_model(name)
+        except Exception as err:  # any failure becomes a readable line; the old model stays loaded
+            log.warning("loading %s failed: %s", name, err)
+            yield error_html(f"Could not load {name}: {err}"), self.current(), gr.skip(), gr.skip()
+            return
+        yield self.status(), model.entry.name, model.native_width, model.native_height
+
+
+def build_model_picker(actions: ModelActions) -> ModelPicker:
+    with gr.Row(elem_id="model_row"):
+        dropdown = gr.Dropdown(
+            choices=actions.names(), value=actions.current(), label="Stable Diffusion checkpoint",
+            allow_custom_value=True,  # a path or hub id typed in also works
+            elem_id="model_dropdown", scale=4,
+        )
+        refresh = gr.Button("↻", elem_id="model_refresh", scale=0, min_width=48, size="lg")
+        status = gr.HTML(actions.status(), label="Model status", show_label=False, elem_id="model_status",
+                         padding=False)
+    refresh.click(actions.refresh, inputs=[dropdown], outputs=[dropdown], api_name="refresh_models",
+                  show_progress="hidden")
+    return ModelPicker(dropdown, refresh, status)

@@ -1,0 +1,75 @@
+"""HTML for the results area: progress bar, queue position, errors, time taken.
+
+Pure functions of a Job so they can be tested without a browser. Every piece of text that came
+from a user or an exception is escaped.
+"""
+from __future__ import annotations
+
+import html
+
+from webui.schemas import JobState
+from webui.worker import Job
+
+TOKENS_PER_CHUNK = 75  # CLIP reads 75 tokens per chunk; longer prompts are split into chunks
+
+
+def token_counter(count: int) -> str:
+    """'12/75', or '80/150' once a prompt spills into a second chunk (as stable-diffusion-webui)."""
+    limit = max(1, -(-count // TOKENS_PER_CHUNK)) * TOKENS_PER_CHUNK
+    return f"<span class='dw-tokens'>{count}/{limit}</span>"
+
+
+def error_html(message: str) -> str:
+    return f"<div class='dw-error' role='alert'>{html.escape(message)}</div>"
+
+
+def notice_html(message: str) -> str:
+    return f"<div class='dw-notice'>{html.escape(message)}</div>"
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = max(0, round(seconds))
+    minutes, secs = divmod(seconds, 60)
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_html(job: Job, position: int | None) -> str:
+    """What the job is doing now: queued (with jobs ahead), starting, or at step N with an ETA."""
+    if job.state is JobState.QUEUED:
+        ahead = position or 0
+        return _bar(0.0, f"Queued: {ahead} job{'s' if ahead != 1 else ''} ahead of yours")
+    progress = job.progress
+    if job.state is JobState.RUNNING and progress.step == 0:
+        return _bar(0.0, "Starting…")
+    image = f" · image {progress.image_index + 1}/{progress.image_count}" if progress.image_count > 1 else ""
+    text = (f"Step {progress.step}/{progress.total_steps}{image} · "
+            f"{progress.fraction:.0%} · ETA {format_seconds(progress.eta_seconds)}")
+    return _bar(progress.fraction, text)
+
+
+def final_html(job: Job) -> str:
+    """The message left under the gallery when a job ends: nothing on success."""
+    if job.state is JobState.FAILED:
+        return error_html(f"Generation failed: {job.error or 'unknown error'}")
+    if job.state is JobState.CANCELLED:
+        kept = len(job.images)
+        return notice_html(f"Interrupted; {kept} image{'s' if kept != 1 else ''} kept.")
+    return ""
+
+
+def timing_html(job: Job) -> str:
+    if job.seconds is None:
+        return ""
+    return f"<span class='dw-time'>Time taken: {job.seconds:.1f} s</span>"
+
+
+def _bar(fraction: float, text: str) -> str:
+    percent = max(0.0, min(1.0, fraction)) * 100
+    return (
+        "<div class='dw-progress'>"
+        f"<div class='dw-progress-bar' style='width:{percent:.1f}%'></div>"
+        f"<div class='dw-progress-text'>{html.escape(text)}</div>"
+        "</div>"
+    )

@@ -1,0 +1,240 @@
+"""The txt2img tab: prompts, parameters, Generate / Interrupt / Skip and the results area.
+
+Generate only submits a GenerationRequest to the worker and polls the Job it gets back; each
+browser session keeps ITS job id in gr.State, so Interrupt and Skip touch that job alone, and
+each session's generator reports its own job's progress.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import gradio as gr
+
+from webui.engine.samplers import SCHEDULE_TYPES, sampler_names
+from webui.schemas import MAX_SIZE, MIN_SIZE, InvalidRequest
+from webui.services import Services
+from webui.ui.models import ModelActions, ModelPicker
+from webui.ui.params import TXT2IMG_FIELDS
+from webui.ui.progress import error_html, final_html, progress_html, timing_html, token_counter
+from webui.worker import Job, QueueFull
+
+log = logging.getLogger(__name__)
+POLL_SECONDS = 0.25
+
+
+@dataclass
+class Session:
+    """Per-browser-session state (lives in gr.State): this session's job and its last results."""
+
+    job_id: str | None = None
+    seeds: list[int] = field(default_factory=list)
+    infotexts: list[str] = field(default_factory=list)
+    selected: int = 0
+
+    def start(self, job: Job) -> None:
+        self.job_id = job.id
+
+    def finish(self, job: Job) -> None:
+        self.seeds = [image.seed for image in job.images]
+        self.infotexts = [image.infotext for image in job.images]
+        self.selected = 0
+
+
+def gallery_items(job: Job) -> list[tuple[Any, str]]:
+    """Saved files are shown by path (no re-encoding); unsaved images as PIL."""
+    return [(image.path or image.image, f"seed {image.seed}") for image in list(job.images)]
+
+
+class Txt2ImgActions:
+    """The event functions; each takes widget values and returns widget values, nothing more."""
+
+    def __init__(self, services: Services):
+        self.worker = services.worker
+        self.engine = services.engine
+
+    def generate(self, session: Session, prompt: str, negative_prompt: str | None = None, sampler_name: str = "Euler a",
+                 scheduler: str = "Automatic", steps: int = 20, cfg_scale: float = 7.0, width: int | None = None,
+                 height: int | None = None, seed: int = -1, n_iter: int = 1, batch_size: int = 1, clip_skip: int = 1,
+                 model: str | None = None) -> Iterator[tuple]:
+        """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends."""
+        request = {
+            "prompt": prompt, "negative_prompt": negative_prompt, "sampler_name": sampler_name,
+            "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height,
+            "seed": -1 if seed is None else seed, "n_iter": n_iter, "batch_size": batch_size,
+            "clip_skip": clip_skip, "model": model or None,
+        }
+        try:
+            job = self.worker.submit(request, origin="ui")
+        except (InvalidRequest, QueueFull) as err:
+            yield session, gr.skip(), error_html(str(err)), gr.update(visible=False), gr.skip(), ""
+            return
+        session.start(job)
+        try:
+            yield from self._follow(session, job)
+        except Exception as err:  # a bug here must still end as a message, never a silent spinner
+            log.exception("following job %s failed", job.id)
+            message = error_html(f"The page lost track of the job: {err}")
+            yield session, gr.skip(), message, gr.update(visible=False), gr.skip(), ""
+
+    def _follow(self, session: Session, job: Job) -> Iterator[tuple]:
+        shown_images, shown_preview = 0, -1
+        shown_progress = progress_html(job, self.worker.position(job.id))
+        yield session, [], shown_progress, gr.update(visible=True, value=None), "", ""
+        while not job.wait(POLL_SECONDS):
+            # Send only what changed: every send copies or encodes its images again.
+            changes = {}
+            if len(job.images) != shown_images:
+                changes["gallery"] = gallery_items(job)
+                shown_images = len(changes["gallery"])
+            frame, frame_step = job.preview, job.preview_step
+            if frame is not None and frame_step != shown_preview:
+                changes["preview"], shown_preview = frame, frame_step
+            text = progress_html(job, self.worker.position(job.id))
+            if text != shown_progress:
+                changes["progress"] = shown_progress = text
+            if changes:
+                yield (session, changes.get("gallery", gr.skip()), changes.get("progress", gr.skip()),
+                       changes.get("preview", gr.skip()), gr.skip(), gr.skip())
+        session.finish(job)
+        infotext = session.infotexts[0] if session.infotexts else ""
+        yield (session, gallery_items(job), final_html(job), gr.update(visible=False, value=None), infotext,
+               timing_html(job))
+
+    def interrupt(self, session: Session) -> None:
+        if session.job_id:
+            self.worker.cancel(session.job_id)
+
+    def skip(self, session: Session) -> None:
+        if session.job_id:
+            self.worker.skip(session.job_id)
+
+    def select_image(self, session: Session, evt: gr.SelectData) -> tuple[Session, str]:
+        index = evt.index if isinstance(evt.index, int) else 0
+        session.selected = index
+        infotext = session.infotexts[index] if index < len(session.infotexts) else ""
+        return session, infotext
+
+    def reuse_seed(self, session: Session):
+        """The seed of the selected image of this session's last run (the first if none selected)."""
+        if not session.seeds:
+            return gr.skip()
+        return session.seeds[min(session.selected, len(session.seeds) - 1)]
+
+    def random_seed(self) -> int:
+        return -1
+
+    def count_tokens(self, text: str) -> str:
+        try:
+            return token_counter(self.engine.count_tokens(text or ""))
+        except Exception:  # the tokenizer is shared with the worker thread; a clash is not worth an error
+            return gr.skip()
+
+
+@dataclass
+class Txt2ImgTab:
+    session: gr.State
+    prompt: gr.Textbox
+    negative_prompt: gr.Textbox
+    sampler: gr.Dropdown
+    scheduler: gr.Dropdown
+    steps: gr.Slider
+    cfg_scale: gr.Slider
+    width: gr.Slider
+    height: gr.Slider
+    seed: gr.Number
+    clip_skip: gr.Slider
+    batch_count: gr.Slider
+    batch_size: gr.Slider
+    model: gr.Dropdown
+    generate: gr.Button
+    gallery: gr.Gallery
+    generate_event: Any
+
+    @property
+    def field_components(self) -> list[gr.components.Component]:
+        """Widgets in params.TXT2IMG_FIELDS order, for 'send to txt2img'."""
+        by_field = {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "sampler_name": self.sampler,
+                    "scheduler": self.scheduler, "steps": self.steps, "cfg_scale": self.cfg_scale,
+                    "width": self.width, "height": self.height, "seed": self.seed, "clip_skip": self.clip_skip,
+                    "model": self.model}
+        return [by_field[name] for name in TXT2IMG_FIELDS]
+
+
+def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions) -> Txt2ImgTab:
+    actions = Txt2ImgActions(services)
+    size = models.native_size()
+    session = gr.State(Session())
+    with gr.Row(elem_id="txt2img_toprow"):
+        with gr.Column(scale=6):
+            # Each counter floats over its box's top-right corner (webui.css), as in stable-diffusion-webui.
+            with gr.Column(elem_classes="dw-prompt"):
+                prompt = gr.Textbox(label="Prompt", lines=3, elem_id="txt2img_prompt",
+                                    placeholder="Prompt (press Ctrl+Enter to generate)")
+                prompt_tokens = gr.HTML(token_counter(0), label="Tokens", show_label=False,
+                                        elem_id="txt2img_prompt_tokens", padding=False,
+                                        container=False)
+            with gr.Column(elem_classes="dw-prompt"):
+                negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt",
+                                      placeholder="Negative prompt (press Ctrl+Enter to generate)")
+                negative_tokens = gr.HTML(token_counter(0), label="Negative tokens", show_label=False,
+                                          elem_id="txt2img_neg_prompt_tokens", padding=False, container=False)
+        with gr.Column(scale=1, min_width=180):
+            generate = gr.Button("Generate", variant="primary", elem_id="txt2img_generate", size="lg")
+            with gr.Row():
+                interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt", min_width=60, size="md")
+                skip = gr.Button("Skip", elem_id="txt2img_skip", min_width=60, size="md")
+    with gr.Row():
+        with gr.Column(scale=1):
+            with gr.Row():
+                sampler = gr.Dropdown(sampler_names(), value="Euler a", label="Sampling method",
+                                      elem_id="txt2img_sampler")
+                scheduler = gr.Dropdown(list(SCHEDULE_TYPES), value="Automatic", label="Schedule type",
+                                        elem_id="txt2img_scheduler")
+            steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id="txt2img_steps")
+            with gr.Row():
+                width = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Width", elem_id="txt2img_width")
+                height = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Height", elem_id="txt2img_height")
+            with gr.Row():
+                batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id="txt2img_batch_count")
+                batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="txt2img_batch_size")
+            with gr.Row():
+                cfg_scale = gr.Slider(1, 30, value=7, step=0.5, label="CFG scale", elem_id="txt2img_cfg_scale")
+                clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="txt2img_clip_skip")
+            with gr.Row(elem_id="txt2img_seed_row"):
+                seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="txt2img_seed", scale=4)
+                random_seed = gr.Button("⚄", elem_id="txt2img_random_seed", scale=0, min_width=48)
+                reuse_seed = gr.Button("♻", elem_id="txt2img_reuse_seed", scale=0, min_width=48)
+        with gr.Column(scale=1):
+            progress = gr.HTML("", label="Progress", show_label=False, elem_id="txt2img_progress", padding=False)
+            preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id="txt2img_preview",
+                               height=256)
+            gallery = gr.Gallery(label="Output", elem_id="txt2img_gallery", columns=4, height=360,
+                                 object_fit="contain", format="png", interactive=False)
+            infotext = gr.Textbox(label="Parameters", lines=3, interactive=False, elem_id="txt2img_infotext",
+                                  buttons=["copy"])
+            timing = gr.HTML("", label="Time taken", show_label=False, elem_id="txt2img_time", padding=False)
+
+    request_inputs = [prompt, negative, sampler, scheduler, steps, cfg_scale, width, height, seed,
+                      batch_count, batch_size, clip_skip, picker.dropdown]
+    generate_event = generate.click(
+        actions.generate, inputs=[session, *request_inputs],
+        outputs=[session, gallery, progress, preview, infotext, timing],
+        api_name="txt2img", show_progress="hidden", concurrency_limit=None)
+    interrupt.click(actions.interrupt, inputs=[session], outputs=[], api_name="interrupt", show_progress="hidden")
+    skip.click(actions.skip, inputs=[session], outputs=[], api_name="skip", show_progress="hidden")
+    gallery.select(actions.select_image, inputs=[session], outputs=[session, infotext],
+                   api_visibility="private", show_progress="hidden")
+    random_seed.click(actions.random_seed, outputs=[seed], api_name="random_seed", show_progress="hidden")
+    reuse_seed.click(actions.reuse_seed, inputs=[session], outputs=[seed], api_name="reuse_seed",
+                     show_progress="hidden")
+    prompt.change(actions.count_tokens, inputs=[prompt], outputs=[prompt_tokens], api_name="count_tokens",
+                  show_progress="hidden", trigger_mode="always_last")
+    negative.change(actions.count_tokens, inputs=[negative], outputs=[negative_tokens],
+                    api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+    picker.dropdown.input(models.load, inputs=[picker.dropdown],
+                          outputs=[picker.status, picker.dropdown, width, height],
+                          api_name="load_model", show_progress="hidden")
+    return Txt2ImgTab(session, prompt, negative, sampler, scheduler, steps, cfg_scale, width, height, seed,
+                      clip_skip, batch_count, batch_size, picker.dropdown, generate, gallery, generate_event)
