@@ -1,19 +1,47 @@
-"""Settings: parsed once in app.py from command-line flags, then passed down.
+"""Settings: parsed once in app.py from command-line flags (and a few environment variables), then passed down.
 
 Flag names follow stable-diffusion-webui where one exists, so users' launch scripts keep working.
 Nothing here is a module-level mutable global: every service receives the Settings it needs.
+
+Where no command line can be given (a Hugging Face Space runs plain `python app.py`), environment
+variables fill in. Precedence, highest first:
+  1. flags on the command line
+  2. WEBUI_ARGS, extra flags in one variable (A1111's COMMANDLINE_ARGS idea), e.g. "--api --no-half-vae"
+  3. WEBUI_CKPT, WEBUI_CKPT_DIR, WEBUI_OUTDIR, WEBUI_GRADIO_AUTH, WEBUI_API_AUTH (secrets belong here)
+  4. what the platform says: GRADIO_SERVER_NAME=0.0.0.0 means --listen, GRADIO_SERVER_PORT is the port,
+     and on a Space (SPACE_ID set) the server listens on 0.0.0.0 and images go to /data/outputs when the
+     Space has persistent storage
+  5. the built-in defaults
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = PROJECT_ROOT / "models"
 DEFAULT_OUTPUTS_DIR = PROJECT_ROOT / "outputs"
 DEFAULT_MODEL_NAME = "sd-emoji-tiny"
 DEVICES = ("auto", "cuda", "mps", "cpu")
+SPACES_DATA_DIR = Path("/data")  # a Space's persistent storage, when the owner has added it
+
+# Environment variable -> the flag's destination (flags on the command line win over these).
+ENV_OVERRIDES = {
+    "WEBUI_CKPT": "ckpt",
+    "WEBUI_CKPT_DIR": "models_dir",
+    "WEBUI_OUTDIR": "outdir",
+    "WEBUI_GRADIO_AUTH": "gradio_auth",
+    "WEBUI_API_AUTH": "api_auth",
+}
+ENV_ARGS = "WEBUI_ARGS"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,17 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
     net.add_argument("--api", action="store_true", help="also serve the A1111-compatible REST API under /sdapi/v1")
     net.add_argument("--nowebui", action="store_true", help="serve only the REST API, no web UI")
-    net.add_argument("--gradio-auth", metavar="USER:PASS[,...]", help="put a login page in front of the web UI")
-    net.add_argument("--api-auth", metavar="USER:PASS[,...]", help="protect every API route with HTTP Basic auth")
+    net.add_argument("--gradio-auth", metavar="USER:PASS[,...]",
+                     help="put a login page in front of the web UI (env: WEBUI_GRADIO_AUTH)")
+    net.add_argument("--api-auth", metavar="USER:PASS[,...]",
+                     help="protect every API route with HTTP Basic auth (env: WEBUI_API_AUTH)")
 
     files = p.add_argument_group("models and files")
     files.add_argument("--ckpt-dir", "--models-dir", dest="models_dir", type=Path, default=DEFAULT_MODELS_DIR,
-                       help="folder scanned for models (diffusers folders, .safetensors, .ckpt)")
+                       help="folder scanned for models (diffusers folders, .safetensors, .ckpt) (env: WEBUI_CKPT_DIR)")
     files.add_argument("--outdir", type=Path, default=DEFAULT_OUTPUTS_DIR,
-                       help="where images and the history database are written")
+                       help="where images and the history database are written (env: WEBUI_OUTDIR; "
+                            "on a Space with persistent storage: /data/outputs)")
     files.add_argument("--ckpt", default=DEFAULT_MODEL_NAME,
                        help="model to load at start: a name in the models folder, a path, or a hub id "
-                            f"(default: the embedded {DEFAULT_MODEL_NAME})")
+                            f"(default: the embedded {DEFAULT_MODEL_NAME}) (env: WEBUI_CKPT)")
     files.add_argument("--offline", action="store_true", help="never contact the model hub")
 
     dev = p.add_argument_group("device, precision and memory")
@@ -103,15 +134,70 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_settings(argv: list[str] | None = None) -> Settings:
+def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Flags (argv, default sys.argv[1:]) over environment variables (environ, default os.environ)."""
+    environ = os.environ if environ is None else environ
     parser = build_parser()
-    args = parser.parse_args(argv)
+    env_defaults = environment_defaults(environ)
+    parser.set_defaults(**env_defaults)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        gradio_auth = parse_credentials(args.gradio_auth)
-        api_auth = parse_credentials(args.api_auth)
+        extra = shlex.split(environ.get(ENV_ARGS, ""))
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(f"{ENV_ARGS} could not be read as flags: {err}")
+    args = parser.parse_args(extra + argv)  # later flags win, so the command line beats WEBUI_ARGS
+    gradio_auth = _credentials(parser, args.gradio_auth, "--gradio-auth", "WEBUI_GRADIO_AUTH", env_defaults)
+    api_auth = _credentials(parser, args.api_auth, "--api-auth", "WEBUI_API_AUTH", env_defaults)
     if args.queue_size < 1:
         parser.error("--queue-size must be at least 1")
     values = vars(args) | {"gradio_auth": gradio_auth, "api_auth": api_auth}
+    if on_spaces(environ) and values["share"]:
+        log.warning("--share is ignored on a Hugging Face Space: the Space's own address is already public")
+        values["share"] = False
     return Settings(**values)
+
+
+def on_spaces(environ: Mapping[str, str] | None = None) -> bool:
+    """True inside a Hugging Face Space (the Spaces runtime sets SPACE_ID=owner/name)."""
+    environ = os.environ if environ is None else environ
+    return bool(environ.get("SPACE_ID"))
+
+
+def environment_defaults(environ: Mapping[str, str]) -> dict:
+    """Flag defaults taken from the environment: WEBUI_* variables, then the platform's own."""
+    defaults: dict = {}
+    if environ.get("GRADIO_SERVER_NAME") == "0.0.0.0" or on_spaces(environ):
+        defaults["listen"] = True
+    port = environ.get("GRADIO_SERVER_PORT")
+    if port:
+        try:
+            defaults["port"] = int(port)
+        except ValueError:
+            log.warning("GRADIO_SERVER_PORT=%r is not a port number; ignoring it", port)
+    if on_spaces(environ):
+        storage = spaces_outdir()
+        if storage is not None:
+            defaults["outdir"] = storage
+    for name, dest in ENV_OVERRIDES.items():
+        value = environ.get(name, "").strip()
+        if value:
+            defaults[dest] = Path(value).expanduser() if dest in ("models_dir", "outdir") else value
+    return defaults
+
+
+def spaces_outdir(data_dir: Path = SPACES_DATA_DIR) -> Path | None:
+    """data_dir/outputs when the Space has persistent storage we can write to, else None (repo outputs/)."""
+    if data_dir.is_dir() and os.access(data_dir, os.W_OK):
+        return data_dir / "outputs"
+    return None
+
+
+def _credentials(parser: argparse.ArgumentParser, text: str | None, flag: str, env_name: str,
+                 env_defaults: dict) -> list[tuple[str, str]]:
+    try:
+        return parse_credentials(text)
+    except ValueError as err:
+        if text is not None and text == env_defaults.get(flag.lstrip("-").replace("-", "_")):
+            # Never echo a secret from the environment into the logs.
+            parser.error(f"{env_name} must look like user:password[,user2:password2]")
+        parser.error(str(err))

@@ -15,6 +15,7 @@ from webui.engine.models import ModelNotFound, ModelRegistry
 from webui.storage.history import History
 from webui.storage.outputs import OutputStore
 from webui.worker import Worker
+from webui.zerogpu import wrap_engine
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     outdir = settings.outdir
     outdir.mkdir(parents=True, exist_ok=True)
     registry = ModelRegistry(settings.models_dir, hash_cache=outdir / "cache" / "model_hashes.json")
-    engine = Engine(settings, registry)
+    engine = wrap_engine(Engine(settings, registry))  # ZeroGPU Spaces only; a no-op elsewhere
     outputs = OutputStore(outdir)
     history = History(outdir / "history.sqlite3", outdir)
     repaired = history.reconcile()

@@ -1,11 +1,11 @@
 """Hub ids (`org/name`): find a Stable Diffusion model in the Hugging Face cache, or download it there once.
 
 A hub repository often holds far more than one pipeline needs (runwayml's SD 1.5 repository also has two
-4-7 GB `.ckpt` files, fp16 and non-EMA copies, Flax and ONNX weights), so only the diffusers layout is
+4-7 GB `.ckpt` files, fp16 and non-EMA copies and Flax weights), so only the diffusers layout is
 fetched: `model_index.json`, each component's config and tokenizer files, and for each component one
 set of weights: `.safetensors` before `.bin`, the fp16 variant when the model runs in half precision and
 every component has one. Files land in the standard Hugging Face cache (HF_HUB_CACHE, or HF_HOME/hub), so
-`huggingface-cli download`, diffusers and this app all share them; a second start finds them there and
+`hf download`, diffusers and this app all share them; a second start finds them there and
 never touches the network. The download shows huggingface_hub's progress bars and logs every 10 %.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Callable, Iterable
 
 log = logging.getLogger(__name__)
 
-WEIGHT_EXTENSIONS = (".safetensors", ".bin")
 CONFIG_EXTENSIONS = (".json", ".txt", ".model")  # configs, tokenizer vocab/merges, sentencepiece
 # name[.variant][-00001-of-00002].ext, e.g. diffusion_pytorch_model.fp16.safetensors
 _WEIGHT_NAME = re.compile(r"^(?P<base>[^.]+?)(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d{5}-of-\d{5})?\.(?P<ext>safetensors|bin)$")
@@ -153,27 +152,12 @@ def download(repo_id: str, *, half: bool, safety_checker: bool = True, offline: 
             "and pick it by name."
         )
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        files = HfApi(endpoint=_endpoint()).list_repo_files(repo_id)
-    except GatedRepoError as err:
-        raise HubError(f"{repo_id!r} is gated: accept its licence on https://huggingface.co/{repo_id} and log "
-                       "in (`hf auth login`, or set HF_TOKEN), then try again.") from err
-    except RepositoryNotFoundError as err:
-        moved = MOVED_REPOS.get(repo_id)
-        hint = f" It has moved: use {moved!r}." if moved else (
-            " Check the spelling (org/name); a private repository needs `hf auth login` or HF_TOKEN.")
-        raise HubError(f"{repo_id!r} was not found on the Hugging Face hub.{hint}") from err
-    except RevisionNotFoundError as err:
-        raise HubError(f"{repo_id!r} has no 'main' revision on the hub.") from err
-    except Exception as err:  # no network, DNS, proxy, hub down: the user's fix is the same
-        raise HubError(
-            f"could not reach the Hugging Face hub to download {repo_id!r} ({type(err).__name__}: {err}). "
-            "Check the network, or download it elsewhere (`hf download " + repo_id + "`) into the "
-            "Hugging Face cache, or put a .safetensors file in the models folder and pick it by name; "
-            "--offline skips the hub entirely."
-        ) from err
+        info = HfApi(endpoint=_endpoint()).model_info(repo_id)  # one request, no retry loop when offline
+        files = [sibling.rfilename for sibling in info.siblings or []]
+    except Exception as err:
+        raise HubError(_explain(repo_id, err, reaching=True)) from err
     if "model_index.json" not in files:
         singles = [f for f in files if f.endswith((".safetensors", ".ckpt")) and "/" not in f]
         hint = (f" It holds single-file checkpoints ({', '.join(singles[:3])}): download one into the models "
@@ -186,10 +170,32 @@ def download(repo_id: str, *, half: bool, safety_checker: bool = True, offline: 
         folder = snapshot_download(repo_id, cache_dir=hub_cache_dir(), allow_patterns=wanted,
                                    endpoint=_endpoint(), tqdm_class=_progress_class(repo_id, progress))
     except Exception as err:
-        raise HubError(f"downloading {repo_id!r} failed ({type(err).__name__}: {err}). Run the same command "
-                       "again to resume; files already fetched are kept in the cache.") from err
+        raise HubError(_explain(repo_id, err, reaching=False)) from err
     log.info("downloaded %s into %s", repo_id, folder)
     return HubSnapshot(repo_id, Path(folder), variant, downloaded=True)
+
+
+def _explain(repo_id: str, err: Exception, reaching: bool) -> str:
+    """What went wrong with the hub, in words that say what to do."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(err, GatedRepoError):  # a subclass of RepositoryNotFoundError: test it first
+        return (f"{repo_id!r} is gated: accept its licence on https://huggingface.co/{repo_id} and log in "
+                "(`hf auth login`, or set HF_TOKEN), then try again.")
+    if isinstance(err, RepositoryNotFoundError):
+        moved = MOVED_REPOS.get(repo_id)
+        hint = f" It has moved: use {moved!r}." if moved else (
+            " Check the spelling (org/name); a private repository needs `hf auth login` or HF_TOKEN.")
+        return f"{repo_id!r} was not found on the Hugging Face hub.{hint}"
+    if isinstance(err, RevisionNotFoundError):
+        return f"{repo_id!r} has no 'main' revision on the hub."
+    if reaching:  # no network, DNS, proxy, hub down: the user's fix is the same
+        return (f"could not reach the Hugging Face hub to download {repo_id!r} ({type(err).__name__}: {err}). "
+                f"Check the network, or download it elsewhere (`hf download {repo_id}`) into the Hugging Face "
+                "cache, or put a .safetensors file in the models folder and pick it by name; --offline skips "
+                "the hub entirely.")
+    return (f"downloading {repo_id!r} failed ({type(err).__name__}: {err}). Start again to resume: the files "
+            "already fetched stay in the cache.")
 
 
 def _progress_class(repo_id: str, callback: ProgressCallback | None):

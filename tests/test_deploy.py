@@ -1,0 +1,367 @@
+"""Where users run the app: the Colab notebook, a Hugging Face Space, a GPU box (README), and ZeroGPU.
+
+The notebook's shell lines (`!cmd`, `%magic`) become calls to a recorder, the way IPython turns them into
+get_ipython().system(...), so its cells compile and its commands can be compared with the README and run.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from webui.config import ENV_ARGS, ENV_OVERRIDES, parse_settings, spaces_outdir
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "colab" / "diffusers_webui.ipynb"
+README = ROOT / "README.md"
+EMBEDDED = ROOT / "models" / "sd-emoji-tiny"
+# What the Spaces runtime sets for a Gradio Space (besides its hardware and user variables).
+SPACES_ENV = {
+    "SYSTEM": "spaces",
+    "SPACE_ID": "someone/diffusers-webui",
+    "SPACE_AUTHOR_NAME": "someone",
+    "SPACE_REPO_NAME": "diffusers-webui",
+    "SPACE_TITLE": "diffusers-webui",
+    "SPACE_HOST": "someone-diffusers-webui.hf.space",
+    "GRADIO_SERVER_NAME": "0.0.0.0",
+}
+
+
+# --- the notebook as IPython would run it ---------------------------------------------------------------
+_SHELL_LINE = re.compile(r"^(\s*)([!%])(.*)$")
+
+
+def _expand(text: str) -> str:
+    """IPython's {expression} expansion in shell lines, written as a Python expression."""
+    parts = re.split(r"\{([^{}]+)\}", text)
+    pieces = [repr(part) if i % 2 == 0 else f"str({part})" for i, part in enumerate(parts) if part or i % 2]
+    return " + ".join(pieces) or "''"
+
+
+def as_python(source: str) -> str:
+    lines = []
+    for line in source.splitlines():
+        match = _SHELL_LINE.match(line)
+        if match is None:
+            lines.append(line)
+            continue
+        indent, kind, rest = match.groups()
+        if kind == "!":
+            lines.append(f"{indent}__shell__({_expand(rest)})")
+        else:
+            assert not rest.startswith("%"), "no cell magics: Colab runs them differently"
+            name, _, args = rest.partition(" ")
+            lines.append(f"{indent}__magic__({name!r}, {_expand(args)})")
+    return "\n".join(lines)
+
+
+def notebook():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    return nb
+
+
+def cell(nb, tag: str) -> str:
+    found = [c.source for c in nb.cells if tag in c.metadata.get("tags", [])]
+    assert len(found) == 1, f"one cell tagged {tag!r}"
+    return found[0]
+
+
+def run_cells(nb, tags: list[str], namespace: dict) -> list[str]:
+    """Run the tagged cells in order; shell lines are recorded, not run. Returns the recorded commands."""
+    commands: list[str] = []
+    namespace["__shell__"] = commands.append
+    namespace["__magic__"] = lambda name, args: commands.append(f"%{name} {args}")
+    for tag in tags:
+        exec(compile(as_python(cell(nb, tag)), f"<cell {tag}>", "exec"), namespace)
+    return commands
+
+
+def normalize(command: str) -> str:
+    """A notebook line as a README line: no `-q`, no `|| echo ...` fallback."""
+    command = command.split(" || ")[0]
+    return " ".join(word for word in command.split(" ") if word not in ("-q", "--quiet")).strip()
+
+
+def readme_section(title: str) -> str:
+    text = README.read_text()
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert match, f"README has a section {title!r}"
+    return match.group(1)
+
+
+def code_lines(markdown: str) -> list[str]:
+    """Commands in the ```bash blocks, without comments."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, re.S):
+        for line in block.splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def test_notebook_is_valid_and_every_code_cell_compiles():
+    nb = notebook()
+    assert nb.nbformat == 4 and nb.metadata.get("accelerator") == "GPU"
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.metadata["tags"][0] for c in code_cells] == ["gpu", "clone", "install", "drive", "model", "launch"]
+    for number, c in enumerate(code_cells, start=1):
+        assert not c.outputs and c.execution_count is None, "saved without outputs"
+        compile(as_python(c.source), f"<cell {number}>", "exec")
+        first = c.source.splitlines()[0]
+        assert first.startswith(f"# @title {number}. "), first  # numbered, titled steps for beginners
+        comments = [line for line in c.source.splitlines() if line.lstrip().startswith("#")]
+        assert len(comments) >= 2, f"cell {number} explains itself"
+
+
+def test_notebook_installs_and_launches_with_the_readme_commands():
+    nb = notebook()
+    installs = [normalize(c) for c in run_cells(nb, ["install"], {})]
+    launch = re.search(r'^LAUNCH = "([^"]+)"', cell(nb, "launch"), re.M).group(1)
+    readme = code_lines(readme_section("On Google Colab"))
+    assert installs == [line for line in readme if line.startswith("pip ")]
+    assert [launch] == [line for line in readme if line.startswith("python app.py")]
+    clone = re.search(r'^REPO_URL = "([^"]+)"', cell(nb, "clone"), re.M).group(1)
+    assert f"git clone {clone}" in readme
+    # The launch command's flags are real flags.
+    assert parse_settings(shlex.split(launch)[2:], environ={}).share
+
+
+def test_readme_badge_opens_this_notebook_from_the_cloned_repository():
+    clone = re.search(r'^REPO_URL = "https://github.com/([^"]+)"', cell(notebook(), "clone"), re.M).group(1)
+    badges = re.findall(r"\(https://colab\.research\.google\.com/github/([^/]+/[^/]+)/blob/[^/]+/([^)]+)\)",
+                        README.read_text())
+    assert badges and all(repo == clone and (ROOT / path) == NOTEBOOK for repo, path in badges)
+    assert "colab.research.google.com/assets/colab-badge.svg" in README.read_text()
+
+
+def test_notebook_defaults_pick_the_embedded_model_and_local_outputs():
+    namespace = {"REPO_DIR": str(ROOT)}
+    commands = run_cells(notebook(), ["drive", "model", "launch"], namespace)
+    assert namespace["CKPT"] == "sd-emoji-tiny" and namespace["OUTDIR"] == str(ROOT / "outputs")
+    assert commands == [f"python app.py --share --xformers --ckpt sd-emoji-tiny --outdir {ROOT / 'outputs'}"]
+    source = cell(notebook(), "launch").replace('GRADIO_AUTH = ""', 'GRADIO_AUTH = "me:pa ss"')
+    commands = []
+    exec(compile(as_python(source), "<launch>", "exec"),
+         {"CKPT": "a/b", "OUTDIR": "/o", "__shell__": commands.append})
+    assert shlex.split(commands[0])[-2:] == ["--gradio-auth", "me:pa ss"]
+
+
+# --- the README ---------------------------------------------------------------------------------------------
+def front_matter() -> dict:
+    text = README.read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_readme_front_matter_makes_the_repository_a_gradio_space():
+    meta = front_matter()
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and (ROOT / meta["app_file"]).is_file()
+    assert meta["title"] and meta["emoji"] and meta["license"] == "apache-2.0"
+    assert len(meta["short_description"]) <= 60  # the Hub's limit
+    gradio = next(Requirement(line.split("#")[0]) for line in (ROOT / "requirements.txt").read_text().splitlines()
+                  if line.startswith("gradio"))
+    assert gradio.specifier.contains(str(meta["sdk_version"]))
+    assert str(meta["python_version"]) == "3.11"
+
+
+def test_readme_commands_use_real_flags_and_show_the_gpu_box_way():
+    lines = code_lines(README.read_text())
+    launches = [line for line in lines if line.startswith("python app.py")]
+    assert "python app.py --listen --xformers --ckpt models/my.safetensors" in launches
+    for line in launches:
+        parse_settings(shlex.split(line)[2:], environ={})  # exits on an unknown flag
+    gpu_box = readme_section("On a GPU box")
+    assert "--medvram" in gpu_box and "--lowvram" in gpu_box and "--no-half-vae" in gpu_box
+    # The commands the project promises stay as they are.
+    assert code_lines(readme_section("Install and run"))[-1] == "python app.py"
+    assert code_lines(readme_section("Test")) == ["pip install -r requirements-dev.txt", "python -m pytest -q"]
+    variables = readme_section("Environment variables")
+    for name in [*ENV_OVERRIDES, ENV_ARGS, "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "SPACE_ID", "SPACES_ZERO_GPU"]:
+        assert f"`{name}`" in variables, name
+    licences = readme_section("Licences")
+    assert "CreativeML OpenRAIL-M" in licences and "CC BY 4.0" in licences
+
+
+# --- environment variables -------------------------------------------------------------------------------------
+def test_flags_win_over_environment_variables():
+    env = {"WEBUI_CKPT": "from-env", "WEBUI_OUTDIR": "/env-out", "WEBUI_GRADIO_AUTH": "a:b",
+           "WEBUI_API_AUTH": "c:d,e:f", "WEBUI_CKPT_DIR": "/env-models", "GRADIO_SERVER_PORT": "7999"}
+    s = parse_settings([], environ=env)
+    assert (s.ckpt, str(s.outdir), str(s.models_dir), s.port) == ("from-env", "/env-out", "/env-models", 7999)
+    assert s.gradio_auth == [("a", "b")] and s.api_auth == [("c", "d"), ("e", "f")]
+    s = parse_settings(["--ckpt", "flag", "--port", "8001", "--gradio-auth", "x:y"], environ=env)
+    assert (s.ckpt, s.port, s.gradio_auth) == ("flag", 8001, [("x", "y")])
+    s = parse_settings(["--ckpt", "flag"], environ=env | {"WEBUI_ARGS": "--api --ckpt from-args --no-half-vae"})
+    assert s.api and s.no_half_vae and s.ckpt == "flag"
+    assert parse_settings([], environ=env | {"WEBUI_ARGS": "--ckpt from-args"}).ckpt == "from-args"
+    s = parse_settings([], environ={})
+    assert (s.host, s.port, s.ckpt, s.gradio_auth) == ("127.0.0.1", 7860, "sd-emoji-tiny", [])
+
+
+def test_a_bad_secret_is_reported_without_being_shown(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings([], environ={"WEBUI_GRADIO_AUTH": "hunter2-without-user"})
+    err = capsys.readouterr().err
+    assert "WEBUI_GRADIO_AUTH must look like user:password" in err and "hunter2" not in err
+
+
+def test_on_a_space_listen_everywhere_ignore_share_and_use_persistent_storage(tmp_path):
+    s = parse_settings(["--share"], environ=SPACES_ENV | {"GRADIO_SERVER_PORT": "7860"})
+    assert (s.host, s.port, s.share) == ("0.0.0.0", 7860, False)
+    assert spaces_outdir(tmp_path) == tmp_path / "outputs"  # /data exists: persistent storage
+    assert spaces_outdir(tmp_path / "absent") is None  # no storage: the repository's outputs/
+    if spaces_outdir() is None:
+        assert parse_settings([], environ=SPACES_ENV).outdir == parse_settings([], environ={}).outdir
+    assert parse_settings([], environ={"GRADIO_SERVER_NAME": "0.0.0.0"}).host == "0.0.0.0"
+
+
+# --- ZeroGPU -----------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_spaces(monkeypatch):
+    """A stand-in for the `spaces` package: spaces.GPU pickles what crosses into the GPU process."""
+    calls = types.SimpleNamespace(gpu=[], durations=[], mode_threads=[])
+
+    def GPU(task=None, *, duration=None):
+        def decorate(fn):
+            def run(*args, **kwargs):
+                calls.durations.append(duration(*args, **kwargs) if callable(duration) else duration)
+                args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))  # fails on closures, as ZeroGPU does
+                calls.gpu.append(args)
+                return pickle.loads(pickle.dumps(fn(*args, **kwargs)))
+            return run
+        return decorate if task is None else decorate(task)
+
+    spaces = types.ModuleType("spaces")
+    spaces.GPU = GPU
+    zero = types.ModuleType("spaces.zero")
+    zero_torch = types.ModuleType("spaces.zero.torch")
+    zero_torch.enter_mode = lambda: calls.mode_threads.append(threading.current_thread().name)
+    zero.torch = zero_torch
+    spaces.zero = zero
+    for name, module in (("spaces", spaces), ("spaces.zero", zero), ("spaces.zero.torch", zero_torch)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    return calls
+
+
+def test_zerogpu_runs_each_batch_through_spaces_gpu(fake_spaces, settings):
+    from webui.engine.loader import ModelLoadError
+    from webui.services import build_services
+
+    services = build_services(settings)
+    try:
+        job = services.worker.submit({"prompt": "red apple", "steps": 2, "seed": 3, "batch_size": 2, "n_iter": 2})
+        assert job.wait(120) and job.state.value == "done", job.error
+        assert [im.seed for im in job.images] == [3, 4, 5, 6]
+        assert [seeds for _, seeds in fake_spaces.gpu] == [[3, 4], [5, 6]]
+        assert all(isinstance(d, int) and 20 <= d <= 120 for d in fake_spaces.durations)
+        assert fake_spaces.mode_threads == ["gpu-worker"]  # where models are loaded
+        with pytest.raises(ModelLoadError, match="WEBUI_CKPT=other/model"):
+            services.worker.load_model("other/model")
+    finally:
+        services.close()
+
+
+def test_without_zerogpu_nothing_is_wrapped_or_imported(settings, monkeypatch):
+    from webui.engine.generate import Engine
+    from webui.engine.models import ModelRegistry
+    from webui.zerogpu import wrap_engine
+
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    monkeypatch.delitem(sys.modules, "spaces", raising=False)
+    engine = Engine(settings, ModelRegistry(settings.models_dir, settings.outdir / "hashes.json"))
+    assert wrap_engine(engine) is engine and engine.generate.__func__ is Engine.generate
+    assert "spaces" not in sys.modules
+
+
+# --- starting the server the way each place starts it ------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve_and_fetch(command: list[str], port: int, log_path: Path, env: dict, ready: str) -> tuple[int, str, str]:
+    """Start the command, wait until http://127.0.0.1:port/ answers and the log shows `ready`; return
+    (status, page, log)."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240  # a generous bound for a busy machine, not a speed check
+        answer = None
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            if answer is None:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                        answer = response.status, response.read().decode("utf-8", "replace")
+                except (urllib.error.URLError, ConnectionError, OSError):
+                    pass
+            if answer is not None and ready in log_path.read_text():  # printed once launch() returns
+                return *answer, log_path.read_text()
+            time.sleep(0.5)
+        pytest.fail(f"no answer on port {port} with {ready!r} in the log:\n{log_path.read_text()[-3000:]}")
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _quiet_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WEBUI_", "SPACE", "GRADIO_SERVER"))}
+    return env | {"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"} | extra
+
+
+def _embedded_model_loaded(log: str) -> None:
+    if (EMBEDDED / "model_index.json").is_file():
+        assert "loaded model sd-emoji-tiny" in log, log[-3000:]
+
+
+def test_the_notebook_launch_cell_serves_the_ui(tmp_path):
+    namespace = {"REPO_DIR": str(ROOT)}
+    run_cells(notebook(), ["drive"], namespace)
+    namespace["OUTDIR"] = str(tmp_path / "outputs")  # what ticking USE_DRIVE changes
+    commands = run_cells(notebook(), ["model", "launch"], namespace)
+    argv = shlex.split(commands[-1])
+    assert argv[:2] == ["python", "app.py"] and "--share" in argv
+    # CI has no network, so no share link: the rest of the command is run as the notebook runs it.
+    port = _free_port()
+    argv = [sys.executable, *[a for a in argv[1:] if a != "--share"], "--port", str(port)]
+    ready = f"Running on local URL: http://127.0.0.1:{port}"
+    status, page, log = _serve_and_fetch(argv, port, tmp_path / "server.log", _quiet_env(), ready)
+    assert status == 200 and "gradio" in page.lower()
+    _embedded_model_loaded(log)
+    assert (tmp_path / "outputs" / "history.sqlite3").is_file()
+
+
+def test_app_py_serves_the_page_as_a_space_starts_it(tmp_path):
+    port = _free_port()
+    env = _quiet_env(**SPACES_ENV, GRADIO_SERVER_PORT=str(port), WEBUI_OUTDIR=str(tmp_path / "space-outputs"))
+    ready = f"Running on http://0.0.0.0:{port}"  # every interface, as Spaces needs
+    status, page, log = _serve_and_fetch([sys.executable, "app.py"], port, tmp_path / "space.log", env, ready)
+    assert status == 200 and "gradio" in page.lower()
+    _embedded_model_loaded(log)
+    assert (tmp_path / "space-outputs" / "history.sqlite3").is_file()
