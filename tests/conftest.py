@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+
+# Tiny models gain nothing from several threads, and OpenMP threads that spin while another
+# process holds a core slow the suite down tenfold; servers the tests start inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

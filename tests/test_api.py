@@ -9,7 +9,6 @@ import io
 import json
 import shutil
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -23,19 +22,13 @@ from webui.config import Settings
 from webui.schemas import JobState
 from webui.services import build_services
 from webui.storage.outputs import read_infotext
+from tests.helpers import wait_for
 
 TINY = "tiny-sd"
 QUICK = {"prompt": "a red apple", "steps": 2, "seed": 1, "width": 64, "height": 64}
 LONG = QUICK | {"steps": 150}  # never runs to the end: each test that starts one stops it
 
 
-def wait_for(predicate, timeout=60.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    raise AssertionError("condition not reached in time")
 
 
 def step_of_running_job(services) -> int:

@@ -1,5 +1,4 @@
 """Output files (naming, counter, atomic writes, grids) and the SQLite history."""
-import os
 import sqlite3
 
 import pytest

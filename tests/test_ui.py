@@ -9,7 +9,6 @@ import dataclasses
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -25,6 +24,7 @@ from webui.services import build_services
 from webui.ui import history as history_module
 from webui.ui.blocks import create_ui
 from webui.ui.txt2img import Session
+from tests.helpers import wait_for
 
 A1111_INFOTEXT = (
     "masterpiece, a castle on a hill\n"
@@ -75,13 +75,6 @@ def is_skip(value) -> bool:
     return value == gr.skip()
 
 
-def wait_for(condition, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def free_port() -> int:

@@ -1,5 +1,4 @@
 """The worker: order, per-job cancel and skip, failures, a full queue, saving and history."""
-import time
 
 import numpy as np
 import pytest
@@ -8,17 +7,11 @@ from PIL import Image
 from webui.schemas import InvalidRequest, JobState
 from webui.storage.outputs import read_infotext
 from webui.worker import QueueFull
+from tests.helpers import wait_for
 
 QUICK = {"prompt": "a red apple", "steps": 2, "seed": 1}
 
 
-def wait_for(predicate, timeout=60.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    raise AssertionError("condition not reached in time")
 
 
 def test_a_job_makes_saved_images_with_infotext_and_history(services):

@@ -1,0 +1,14 @@
+"""Small helpers shared by the test modules."""
+from __future__ import annotations
+
+import time
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> bool:
+    """Poll until condition() is true; fail the test (not hang) when it never becomes true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
