@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from webui.engine.fast_path import apply_fast_path  # noqa: E402
 
 CONFIGS = ROOT / "webui" / "engine" / "model_configs"
-ROWS = ("eager", "compiled_unet", "fast_path")
+ROWS = ("eager", "compiled_unet", "fast_path", "engine")
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 
 # A few-hundred-thousand-parameter SD for --tiny (same block types as SD 1.5, diffusers' test sizes).
@@ -148,10 +148,15 @@ def count_flops(pipe, args, batch: int) -> int:
 
 
 def generate(pipe, args, batch: int):
-    generator = torch.Generator("cpu").manual_seed(args.seed)  # CPU noise: same picture on any device
-    return pipe(PROMPT, num_images_per_prompt=batch, height=args.size, width=args.size,
-                num_inference_steps=args.steps, guidance_scale=args.cfg, generator=generator,
-                output_type="np").images
+    from webui.engine.generate import Engine
+
+    if isinstance(pipe, Engine):
+        return generate_with_engine(pipe, args, batch)
+    # One CPU generator per image, seeded as the engine seeds them: every row draws the same noise,
+    # so the rows' images can be compared at every batch size.
+    generators = [torch.Generator("cpu").manual_seed(args.seed + i) for i in range(batch)]
+    return pipe([PROMPT] * batch, height=args.size, width=args.size, num_inference_steps=args.steps,
+                guidance_scale=args.cfg, generator=generators, output_type="np").images
 
 
 def synchronize(device: str) -> None:
@@ -163,6 +168,31 @@ def peak_memory_mib(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark (Linux: KiB)
+
+
+def generate_with_engine(engine, args, batch: int):
+    """Our engine end to end: request -> per-image CPU noise -> denoise -> own VAE decode -> images."""
+    import numpy as np
+
+    from webui.schemas import GenerationRequest
+
+    request = GenerationRequest(prompt=PROMPT, steps=args.steps, cfg_scale=args.cfg, width=args.size,
+                                height=args.size, sampler_name="Euler")
+    images = engine.generate(request, [args.seed + i for i in range(batch)])
+    return np.stack([np.asarray(r.image, dtype=np.float32) / 255 for r in images])
+
+
+def engine_for(pipe, args):
+    import tempfile
+
+    from webui.config import Settings
+    from webui.engine.generate import Engine
+    from webui.engine.models import ModelEntry, ModelRegistry
+
+    folder = Path(tempfile.mkdtemp())
+    engine = Engine(Settings(models_dir=folder, outdir=folder, device=args.device), ModelRegistry(folder, folder / "h.json"))
+    engine.use_pipeline(pipe, ModelEntry("sd15-random-weights", "memory", "diffusers"))
+    return engine
 
 
 def time_row(pipe, args, batch: int) -> tuple[list[float], object, float]:
@@ -181,22 +211,25 @@ def time_row(pipe, args, batch: int) -> tuple[list[float], object, float]:
     return seconds, images, peak_memory_mib(args.device)
 
 
-def row_pipeline(name: str, components: dict, args):
+def row_pipeline(name: str, components: dict, args, fast_pipe=None):
     if name == "eager":  # diffusers as it comes (it already uses SDPA attention)
         return make_pipeline(components)
     if name == "compiled_unet":  # the recipe in diffusers' docs; a wrapper, so shared modules stay untouched
         mode = {"mode": "reduce-overhead"} if args.compile_backend == "inductor" else {}
         compiled = torch.compile(components["unet"], fullgraph=True, backend=args.compile_backend, **mode)
         return make_pipeline({**components, "unet": compiled})
-    return apply_fast_path(make_pipeline(components), compile=True, backend=args.compile_backend)
+    pipe = fast_pipe or apply_fast_path(make_pipeline(components), compile=True, backend=args.compile_backend)
+    return engine_for(pipe, args) if name == "engine" else pipe
 
 
 def run(args) -> dict:
     components = build_components(args)
     flops = {batch: count_flops(make_pipeline(components), args, batch) for batch in args.batch_sizes}
     eager_images, results = {}, []
+    fast_pipe = None  # the engine row reuses the fast path's compiled modules: no second compile
     for name in args.rows:
-        pipe = row_pipeline(name, components, args)
+        pipe = row_pipeline(name, components, args, fast_pipe)
+        fast_pipe = pipe if name == "fast_path" else fast_pipe
         for batch in args.batch_sizes:
             seconds, images, memory = time_row(pipe, args, batch)
             median = statistics.median(seconds)

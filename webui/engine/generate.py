@@ -70,10 +70,7 @@ class Engine:
                 place_pipeline(old_pipe, self.settings, self.placement)
             raise ModelLoadError(f"could not move model {entry.name!r} to {self.placement.device}: {err}") from err
         self.unload()
-        self.pipe = pipe
-        self._base_scheduler_config = dict(pipe.scheduler.config)
-        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        self.model = LoadedModel(entry, self.registry.short_hash(entry), size, size)
+        self.use_pipeline(pipe, entry, self.registry.short_hash(entry))
         log.info("loaded model %s (%s) on %s", entry.name, self.model.short_hash, self.placement.device)
         if self.settings.compile:
             self.warm_up()
@@ -87,6 +84,14 @@ class Engine:
         self.generate(GenerationRequest(prompt="warm-up", steps=2), [0],
                       lambda step, total, _: log.info("warm-up step %d/%d", step, total))
         log.info("compiled in %.1f s", time.perf_counter() - started)
+
+    def use_pipeline(self, pipe, entry: ModelEntry, short_hash: str | None = None) -> LoadedModel:
+        """Adopt a pipeline that is already on its device (load() and the GPU benchmark use this)."""
+        self.pipe = pipe
+        self._base_scheduler_config = dict(pipe.scheduler.config)
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.model = LoadedModel(entry, short_hash, size, size)
+        return self.model
 
     def unload(self) -> None:
         """Drop the current pipeline and give its memory back before another is used."""
