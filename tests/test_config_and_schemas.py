@@ -91,3 +91,21 @@ def test_short_hash_is_sha256_prefix_and_cached(tmp_path, monkeypatch):
 
     monkeypatch.setattr(models, "sha256_file", lambda path: pytest.fail("hash computed twice"))
     assert ModelRegistry(tmp_path, tmp_path / "cache" / "hashes.json").short_hash(entry) == expected
+
+
+@pytest.mark.skipif(not (ROOT / "models" / DEFAULT_MODEL_NAME / "model_index.json").exists(),
+                    reason="the embedded model is absent")
+def test_the_app_starts_on_the_embedded_model_by_default(tmp_path):
+    from webui.services import build_services
+
+    settings = parse_settings(["--outdir", str(tmp_path), "--device", "cpu"], environ={})
+    services = build_services(settings)
+    try:
+        model = services.engine.model
+        assert model is not None and model.entry.name == "sd-emoji-tiny" and model.entry.kind == "diffusers"
+        assert (model.native_width, model.native_height) == (64, 64)
+        job = services.worker.submit({"prompt": "red apple", "steps": 4, "seed": 3})
+        assert job.wait(120) and job.error is None
+        assert job.images[0].image.size == (64, 64) and "Model: sd-emoji-tiny" in job.images[0].infotext
+    finally:
+        services.close()
