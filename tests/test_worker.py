@@ -149,3 +149,17 @@ def test_switching_models_through_the_worker(services, models_dir, tmp_path):
         import shutil
         shutil.rmtree(models_dir / "tiny-other")
         services.registry.refresh()
+
+
+def test_old_finished_jobs_are_forgotten_but_stay_in_the_history(services, monkeypatch):
+    import webui.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "KEEP_FINISHED_JOBS", 2)
+    jobs = [services.worker.submit(QUICK | {"seed": s}) for s in range(3)]
+    for job in jobs:
+        assert job.wait(60)
+    latest = services.worker.submit(QUICK)
+    assert services.worker.get(jobs[0].id) is None
+    assert services.worker.get(jobs[2].id) is jobs[2] and services.worker.get(latest.id) is latest
+    assert services.history.get_job(jobs[0].id)["state"] == "done"
+    latest.wait(60)

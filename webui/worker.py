@@ -27,7 +27,8 @@ from webui.storage.infotext import build_infotext
 from webui.storage.outputs import OutputStore
 
 log = logging.getLogger(__name__)
-KEEP_FINISHED_JOBS = 500
+# Finished jobs stay readable (UI, API polling) for a while; each holds its images in memory.
+KEEP_FINISHED_JOBS = 64
 
 
 class QueueFull(RuntimeError):
