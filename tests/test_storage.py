@@ -52,8 +52,23 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
 def test_grid_is_near_square_and_saved_apart(tmp_path):
     grid = make_grid([red((4, 4))] * 5)
     assert grid.size == (12, 8)
-    path = OutputStore(tmp_path).save_grid([red()] * 2, "x", seed=3)
-    assert path.parent.parent.name == "txt2img-grids"
+    store = OutputStore(tmp_path)
+    first, second = store.save_grid(grid, "x"), store.save_grid(grid, "x")
+    assert first.parent.parent.name == "txt2img-grids"
+    assert (first.name, second.name) == ("grid-0000.png", "grid-0001.png")
+
+
+def test_two_stores_sharing_a_folder_never_overwrite_each_other(tmp_path):
+    a, b = OutputStore(tmp_path), OutputStore(tmp_path)
+    paths = [a.save_image(red(), "a", seed=1), b.save_image(red(), "b", seed=1),
+             a.save_image(red(), "a2", seed=1), b.save_image(red(), "b2", seed=1)]
+    assert len({p.name for p in paths}) == 4
+    texts = []
+    for path in paths:
+        with Image.open(path) as png:
+            texts.append(read_infotext(png))
+    assert texts == ["a", "b", "a2", "b2"]
+    assert not [p for p in paths[0].parent.iterdir() if p.name.startswith(".partial-")]
 
 
 def test_paths_outside_outputs_are_refused(tmp_path):

@@ -163,3 +163,36 @@ def test_old_finished_jobs_are_forgotten_but_stay_in_the_history(services, monke
     assert services.worker.get(jobs[2].id) is jobs[2] and services.worker.get(latest.id) is latest
     assert services.history.get_job(jobs[0].id)["state"] == "done"
     latest.wait(60)
+
+
+def test_a_failing_history_write_neither_hangs_clients_nor_kills_the_worker(services, monkeypatch):
+    def locked(*args, **kwargs):
+        raise __import__("sqlite3").OperationalError("database is locked")
+
+    monkeypatch.setattr(services.history, "set_job_state", locked)
+    job = services.worker.submit(QUICK | {"save_images": False})
+    assert job.wait(60), "a client waiting on the job must be released"
+    monkeypatch.undo()
+    after = services.worker.submit(QUICK)
+    assert after.wait(60) and after.state is JobState.DONE
+
+
+def test_second_order_samplers_report_the_steps_they_run(services):
+    seen = []
+    job = services.worker.submit(QUICK | {"sampler_name": "Heun", "steps": 6, "n_iter": 2})
+    while not job.wait(0.005):
+        seen.append((job.progress.step, job.progress.total_steps, job.progress.fraction))
+    assert job.state is JobState.DONE
+    assert all(step <= total and 0 <= fraction <= 1 for step, total, fraction in seen)
+    assert max(total for _, total, _ in seen) == 11  # Heun: 2 model calls per step but the last
+
+
+def test_previews_are_decoded_only_while_someone_watches(services, monkeypatch):
+    calls = []
+    real = services.engine.preview
+    monkeypatch.setattr(services.engine, "preview", lambda latents: calls.append(1) or real(latents))
+    unwatched = services.worker.submit(QUICK | {"steps": 20})
+    assert unwatched.wait(60) and calls == []
+    watched = services.worker.submit(QUICK | {"steps": 40})
+    wait_for(lambda: watched.preview is not None)  # reading the preview is what asks for it
+    assert watched.wait(60) and calls

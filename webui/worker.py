@@ -24,11 +24,12 @@ from webui.engine.generate import Engine, LoadedModel
 from webui.schemas import GeneratedImage, GenerationRequest, JobState, Progress, MAX_SEED, parse_request
 from webui.storage.history import History
 from webui.storage.infotext import build_infotext
-from webui.storage.outputs import OutputStore
+from webui.storage.outputs import OutputStore, make_grid
 
 log = logging.getLogger(__name__)
 # Finished jobs stay readable (UI, API polling) for a while; each holds its images in memory.
 KEEP_FINISHED_JOBS = 64
+PREVIEW_WATCH_SECONDS = 3.0
 
 
 class QueueFull(RuntimeError):
@@ -51,9 +52,9 @@ class Job:
     created_at: float = field(default_factory=time.time)
     state: JobState = JobState.QUEUED
     progress: Progress = field(default_factory=Progress)
-    preview_step: int = 0  # the step of the newest latents kept for a preview
     seeds: list[int] = field(default_factory=list)
     images: list[GeneratedImage] = field(default_factory=list)
+    grid: Image.Image | None = None
     grid_path: str | None = None
     model: LoadedModel | None = None
     error: str | None = None
@@ -62,27 +63,22 @@ class Job:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     skip_event: threading.Event = field(default_factory=threading.Event)
     done_event: threading.Event = field(default_factory=threading.Event)
-    # Previews are decoded only when someone reads them, and only from the newest latents:
-    # a job nobody watches (an API call, a benchmark) pays nothing for them.
-    _preview_latents: torch.Tensor | None = field(default=None, repr=False)
-    _preview_decoder: Callable[[torch.Tensor], Image.Image] | None = field(default=None, repr=False)
-    _preview_cache: tuple[int, Image.Image] | None = field(default=None, repr=False)
-    _preview_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    preview_step: int = 0  # the denoising step the preview shows, so stale previews can be dropped
+    # The worker decodes a preview only while someone reads them (a watched UI tab, /progress):
+    # a job nobody watches (an API call, a benchmark) pays nothing, and the VAE stays on one thread.
+    _preview: Image.Image | None = field(default=None, repr=False)
+    _preview_read_at: float = field(default=0.0, repr=False)
 
     @property
     def preview(self) -> Image.Image | None:
-        with self._preview_lock:
-            latents, step = self._preview_latents, self.preview_step
-            if latents is None or self._preview_decoder is None:
-                return None
-            if self._preview_cache is None or self._preview_cache[0] != step:
-                self._preview_cache = (step, self._preview_decoder(latents))
-            return self._preview_cache[1]
+        self._preview_read_at = time.monotonic()
+        return self._preview
 
-    def keep_preview_latents(self, latents: torch.Tensor | None, step: int) -> None:
-        with self._preview_lock:
-            self._preview_latents = None if latents is None else latents[:1].detach().clone()
-            self.preview_step = step
+    def preview_watched(self) -> bool:
+        return time.monotonic() - self._preview_read_at < PREVIEW_WATCH_SECONDS
+
+    def set_preview(self, image: Image.Image | None, step: int) -> None:
+        self._preview, self.preview_step = image, step
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done_event.wait(timeout)
@@ -138,7 +134,7 @@ class Worker:
     def submit(self, request: GenerationRequest | dict, origin: str = "ui") -> Job:
         """Queue a request; returns its Job at once. Raises InvalidRequest or QueueFull."""
         request = parse_request(request)
-        job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, _preview_decoder=self.engine.preview)
+        job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin)
         with self._wake:
             waiting = sum(isinstance(item, Job) for item in self._queue)
             if waiting >= self.max_queue:
@@ -216,6 +212,8 @@ class Worker:
                     self._run_call(item)
                 else:
                     self._run_job(item)
+            except Exception:  # the worker must outlive any one job, whatever broke
+                log.exception("the worker caught an unexpected error; going on with the next job")
             finally:
                 self._current = None
 
@@ -230,8 +228,8 @@ class Worker:
     def _run_job(self, job: Job) -> None:
         job.state = JobState.RUNNING
         job.started_at = time.time()
-        self.history.set_job_state(job.id, JobState.RUNNING.value, started_at=job.started_at)
         try:
+            self.history.set_job_state(job.id, JobState.RUNNING.value, started_at=job.started_at)
             self._generate(job)
         except JobCancelled:
             self._finish(job, JobState.CANCELLED)
@@ -249,7 +247,8 @@ class Worker:
         request = job.request
         job.model = self.engine.load(request.model) if request.model else self.engine.require_model()
         first_seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed
-        job.seeds = [first_seed + i for i in range(request.image_count)]
+        # Wrap past the largest seed, so every recorded seed can be typed back in.
+        job.seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(request.image_count)]
         job.progress = Progress(total_steps=request.steps, image_count=request.image_count)
         for batch in range(request.n_iter):
             if job.cancel_event.is_set():
@@ -265,28 +264,31 @@ class Worker:
             seconds = (time.time() - started) / len(results)
             for i, result in enumerate(results):
                 self._keep_image(job, result, batch * request.batch_size + i, seconds)
-        if request.save_images and len(job.images) > 1:
+        if len(job.images) > 1:
             first = job.images[0]
-            job.grid_path = str(self.outputs.save_grid([im.image for im in job.images], first.infotext, first.seed))
+            job.grid = make_grid([im.image for im in job.images])
+            if request.save_images:
+                job.grid_path = str(self.outputs.save_grid(job.grid, first.infotext))
 
     def _step_callback(self, job: Job, batch: int):
-        steps_before = batch * job.request.steps
-        total = job.request.n_iter * job.request.steps
+        batches = job.request.n_iter
 
         def on_step(step: int, total_steps: int, latents: torch.Tensor) -> None:
+            """total_steps counts the scheduler's model calls (Heun and DPM2 make two per step)."""
             if job.cancel_event.is_set():
                 raise JobCancelled
             if job.skip_event.is_set():
                 raise BatchSkipped
-            done = steps_before + step
+            fraction = (batch + step / total_steps) / batches
             elapsed = time.time() - job.started_at
             job.progress = Progress(
                 step=step, total_steps=total_steps, image_index=batch * job.request.batch_size,
-                image_count=job.request.image_count, fraction=done / total,
-                eta_seconds=elapsed / done * (total - done),
+                image_count=job.request.image_count, fraction=fraction,
+                eta_seconds=elapsed / fraction * (1 - fraction),
             )
-            if self.preview_every and step % self.preview_every == 0 and step < total_steps:
-                job.keep_preview_latents(latents, done)
+            if (self.preview_every and step % self.preview_every == 0 and step < total_steps
+                    and job.preview_watched()):
+                job.set_preview(self.engine.preview(latents), batch * total_steps + step)
 
         return on_step
 
@@ -325,9 +327,12 @@ class Worker:
         job.state = state
         job.error = error
         job.finished_at = time.time()
-        job.keep_preview_latents(None, job.preview_step)
-        self.history.set_job_state(job.id, state.value, error=error, finished_at=job.finished_at)
-        job.done_event.set()
+        job.set_preview(None, job.preview_step)
+        job.done_event.set()  # first: waiting clients must never hang on a failed history write
+        try:
+            self.history.set_job_state(job.id, state.value, error=error, finished_at=job.finished_at)
+        except Exception:
+            log.exception("could not record the end of job %s in the history", job.id)
 
     def _forget_old_jobs(self) -> None:
         finished = [j for j in self._jobs.values() if j.state.finished]

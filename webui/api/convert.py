@@ -189,9 +189,8 @@ def job_result(job: Job, parameters: dict[str, Any]) -> Txt2ImgResponse:
     encoded = [encode_png(im.image, im.infotext) for im in images] if request.send_images else []
     infotexts = [im.infotext for im in images]
     first_index = 0
-    if job.grid_path and request.send_images:
-        with open(job.grid_path, "rb") as handle:
-            encoded.insert(0, base64.b64encode(handle.read()).decode("ascii"))
+    if job.grid_path and request.send_images:  # from memory: the file may have been deleted since
+        encoded.insert(0, encode_png(job.grid, images[0].infotext))
         infotexts.insert(0, images[0].infotext)
         first_index = 1
     seeds = job.seeds or [request.seed]

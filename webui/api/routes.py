@@ -133,8 +133,8 @@ class Api:
             progress=convert.job_progress(job), error=job.error, created_at=job.created_at,
             started_at=job.started_at, finished_at=job.finished_at,
         )
-        preview = job.preview
-        if current_image and preview is not None:
+        preview = job.preview if current_image else None  # reading it asks the worker for previews
+        if preview is not None:
             status.current_image = convert.encode_png(preview)
         if job.state in (JobState.DONE, JobState.CANCELLED):
             status.result = convert.job_result(job, job.request.model_dump())
@@ -154,8 +154,8 @@ class Api:
         if job is None or job.state is not JobState.RUNNING:
             return ProgressResponse(progress=0.0, eta_relative=0.0, state=_idle_state())
         p, request = job.progress, job.request
-        preview = job.preview
-        current_image = None if skip_current_image or preview is None else convert.encode_png(preview)
+        preview = None if skip_current_image else job.preview  # reading it asks the worker for previews
+        current_image = None if preview is None else convert.encode_png(preview)
         steps = p.total_steps or request.steps
         state = {
             "skipped": job.skip_event.is_set(),

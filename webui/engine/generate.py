@@ -122,7 +122,8 @@ class Engine:
 
         def step_end(pipeline, step, timestep, tensors):
             if on_step is not None:
-                on_step(step + 1, request.steps, tensors["latents"])
+                # Heun and DPM2 call the model twice per step: count what the scheduler runs.
+                on_step(step + 1, len(pipeline.scheduler.timesteps), tensors["latents"])
             return {}
 
         with torch.inference_mode():

@@ -1,7 +1,7 @@
 """PNG files under outputs/, named and laid out as stable-diffusion-webui does.
 
     outputs/txt2img-images/YYYY-MM-DD/NNNNN-<seed>.png   (counter continues across restarts)
-    outputs/txt2img-grids/YYYY-MM-DD/NNNNN-<seed>.png
+    outputs/txt2img-grids/YYYY-MM-DD/grid-NNNN.png
 
 Every file is written under a temporary name and renamed, so a crash never leaves a half-written
 PNG under a real name. Only the worker thread writes here.
@@ -19,6 +19,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 _NUMBERED = re.compile(r"^(\d{5})-")
+_GRID_NUMBERED = re.compile(r"^grid-(\d{4,})\.")
 
 
 class OutputStore:
@@ -33,10 +34,12 @@ class OutputStore:
         return self.outdir / f"{kind}-grids" / (day or dt.date.today()).isoformat()
 
     def save_image(self, image: Image.Image, infotext: str, seed: int, kind: str = "txt2img") -> Path:
-        return self._save(image, infotext, seed, self.image_folder(kind))
+        folder = self.image_folder(kind)
+        return self._save(image, infotext, folder, lambda n: f"{n:05d}-{seed}.png", _NUMBERED)
 
-    def save_grid(self, images: list[Image.Image], infotext: str, seed: int, kind: str = "txt2img") -> Path:
-        return self._save(make_grid(images), infotext, seed, self.grid_folder(kind))
+    def save_grid(self, grid: Image.Image, infotext: str, kind: str = "txt2img") -> Path:
+        folder = self.grid_folder(kind)
+        return self._save(grid, infotext, folder, lambda n: f"grid-{n:04d}.png", _GRID_NUMBERED)
 
     def resolve(self, path: str | Path) -> Path:
         """A path inside outdir, or ValueError: callers never reach files outside it (no '..')."""
@@ -46,33 +49,40 @@ class OutputStore:
             raise ValueError(f"path {str(path)!r} is outside the outputs folder")
         return candidate
 
-    def _save(self, image: Image.Image, infotext: str, seed: int, folder: Path) -> Path:
+    def _save(self, image: Image.Image, infotext: str, folder: Path, name_for, numbered: re.Pattern) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        number = self._take_number(folder)
-        final = folder / f"{number:05d}-{seed}.png"
         metadata = PngInfo()
         metadata.add_text("parameters", infotext)
         fd, temp_name = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=folder)
         try:
             with os.fdopen(fd, "wb") as handle:
                 image.save(handle, format="PNG", pnginfo=metadata)
-            os.replace(temp_name, final)
-        except BaseException:
+            return self._claim_name(Path(temp_name), folder, name_for, numbered)
+        finally:
             Path(temp_name).unlink(missing_ok=True)
-            raise
-        return final
 
-    def _take_number(self, folder: Path) -> int:
-        if folder not in self._next_numbers:
-            self._next_numbers[folder] = highest_number(folder) + 1
-        number = self._next_numbers[folder]
-        self._next_numbers[folder] = number + 1
-        return number
+    def _claim_name(self, temp: Path, folder: Path, name_for, numbered: re.Pattern) -> Path:
+        """Give the finished file its numbered name. os.link fails instead of overwriting when
+        another process sharing this folder took the number first; then take the next one."""
+        while True:
+            if folder not in self._next_numbers:
+                self._next_numbers[folder] = highest_number(folder, numbered) + 1
+            number = self._next_numbers[folder]
+            self._next_numbers[folder] = number + 1
+            final = folder / name_for(number)
+            try:
+                os.link(temp, final)
+                return final
+            except FileExistsError:
+                del self._next_numbers[folder]  # rescan: someone else wrote here
+            except OSError:  # no hard links (some network or FUSE drives): a plain rename
+                os.replace(temp, final)
+                return final
 
 
-def highest_number(folder: Path) -> int:
-    """The largest NNNNN prefix among the folder's files, or -1 when there is none."""
-    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := _NUMBERED.match(p.name))] if folder.exists() else []
+def highest_number(folder: Path, numbered: re.Pattern = _NUMBERED) -> int:
+    """The largest file number in the folder (NNNNN-... images, grid-NNNN grids), or -1."""
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := numbered.match(p.name))] if folder.exists() else []
     return max(numbers, default=-1)
 
 

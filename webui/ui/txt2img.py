@@ -7,6 +7,7 @@ each session's generator reports its own job's progress.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -43,8 +44,9 @@ class Session:
 
 
 def gallery_items(job: Job) -> list[tuple[Any, str]]:
-    """Saved files are shown by path (no re-encoding); unsaved images as PIL."""
-    return [(image.path or image.image, f"seed {image.seed}") for image in list(job.images)]
+    """Saved files are shown by path (no re-encoding); unsaved or since-deleted ones as PIL."""
+    return [(image.path if image.path and os.path.exists(image.path) else image.image, f"seed {image.seed}")
+            for image in list(job.images)]
 
 
 class Txt2ImgActions:
