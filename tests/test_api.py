@@ -237,6 +237,18 @@ def test_sd_models_refresh_and_switching_the_model_through_options(client, servi
 
 
 # --- progress, interrupt, skip, the queue -------------------------------------------------------
+def test_interrupt_and_skip_never_touch_a_web_ui_users_job(client, services):
+    ui_job = services.worker.submit(LONG | {"n_iter": 2}, origin="ui")
+    wait_for(lambda: ui_job.progress.step >= 2)
+    assert client.post("/sdapi/v1/skip").status_code == 200
+    assert client.post("/sdapi/v1/interrupt").json() == {}
+    step = ui_job.progress.step
+    wait_for(lambda: ui_job.progress.step > step + 2)
+    assert ui_job.state is JobState.RUNNING and ui_job.progress.image_index == 0
+    services.worker.cancel(ui_job.id)
+    assert ui_job.wait(30)
+
+
 def test_progress_skip_and_interrupt_act_on_a_running_txt2img(client, services):
     assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
     answer = {}

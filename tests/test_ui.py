@@ -156,6 +156,18 @@ def test_failed_job_is_a_readable_message(ui):
     assert "Traceback" not in progress
 
 
+def test_a_public_server_lets_visitors_pick_only_listed_models(ui, ui_services, monkeypatch):
+    monkeypatch.setattr(ui_services.settings, "listen", True)
+    for name in ("runwayml/stable-diffusion-v1-5", str(ui_services.settings.models_dir / "tiny-sd" / "..")):
+        outputs = generate(ui, model=name)
+        assert len(outputs) == 1 and "not found in the models folder" in outputs[0][2], name
+    assert generate(ui, model="tiny-sd")[-1][0].job_id is not None
+    monkeypatch.setattr(ui_services.settings, "listen", False)
+    from webui.ui.models import ModelActions
+
+    assert ModelActions(ui_services).checked_choice("org/some-model") == "org/some-model"  # local use
+
+
 def run_in_thread(ui, session: Session, **kwargs) -> tuple[threading.Thread, list]:
     outputs: list = []
 

@@ -115,22 +115,11 @@ def _rename_fields(message: str) -> str:
 
 def find_listed_model(registry: ModelRegistry, name: str, loaded: ModelEntry | None,
                       field: str = "sd_model_checkpoint") -> ModelEntry:
-    """A model from the models folder (or the one loaded now), by name, title or file name.
-
-    The API never loads arbitrary paths or hub ids a client names: only what the server lists,
-    as in stable-diffusion-webui. The list is rescanned once before giving up.
-    """
-    for attempt in range(2):
-        listed = registry.entries() if attempt == 0 else registry.refresh()
-        try:
-            entry = registry.find(name)
-        except ModelNotFound:
-            entry = None
-        if entry is not None and (entry in listed or entry == loaded):
-            return entry
-    available = ", ".join(e.name for e in registry.entries()) or "none"
-    raise ApiError(404, f"{field}: model {name!r} not found; available: {available} (see /sdapi/v1/sd-models)",
-                   "ModelNotFound")
+    """As in stable-diffusion-webui, the API loads only models the server lists."""
+    try:
+        return registry.find_listed(name, loaded)
+    except ModelNotFound as err:
+        raise ApiError(404, f"{field}: {err} (see /sdapi/v1/sd-models)", "ModelNotFound") from None
 
 
 # --- images -----------------------------------------------------------------------------------

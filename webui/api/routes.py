@@ -175,17 +175,24 @@ class Api:
                                 current_task=job.id)
 
     def interrupt(self) -> dict:
-        """Stop the running job, whoever sent it (A1111's Interrupt); it keeps finished images."""
-        job = self.worker.current()
+        """Stop the running API job (A1111's Interrupt); it keeps the images it finished.
+
+        A job a web-UI user started is left alone: one client never stops another user's work.
+        A client that wants to stop only its own job uses POST /api/v1/jobs/{id}/cancel."""
+        job = self._running_api_job()
         if job is not None:
             self.worker.cancel(job.id)
         return {}
 
     def skip(self) -> None:
-        """End the running job's current batch and go on with its next one."""
-        job = self.worker.current()
+        """End the running API job's current batch and go on with its next one."""
+        job = self._running_api_job()
         if job is not None:
             self.worker.skip(job.id)
+
+    def _running_api_job(self) -> Job | None:
+        job = self.worker.current()
+        return job if job is not None and job.origin == "api" else None
 
     # --- models and options ------------------------------------------------------------------
     def sd_models(self) -> list[SDModelItem]:

@@ -74,6 +74,20 @@ class ModelRegistry:
             "Put a diffusers folder or a .safetensors file there, or give a hub id like org/name."
         )
 
+    def find_listed(self, name: str, loaded: ModelEntry | None = None) -> ModelEntry:
+        """Like find(), but only a model of the models folder (or the one loaded now): what a
+        remote user may pick, never an arbitrary server path or a multi-GB hub download.
+        The folder is rescanned once before giving up."""
+        for listed in (self.entries(), self.refresh()):
+            try:
+                entry = self.find(name)
+            except ModelNotFound:
+                continue
+            if entry in listed or entry == loaded:
+                return entry
+        available = ", ".join(e.name for e in self.entries()) or "none found"
+        raise ModelNotFound(f"model {name!r} not found in the models folder; available: {available}")
+
     def short_hash(self, entry: ModelEntry) -> str | None:
         if entry.kind == "hub":
             return None

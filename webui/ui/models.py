@@ -36,6 +36,20 @@ class ModelActions:
         model = self.services.engine.model
         return model.entry.name if model else self.services.settings.ckpt
 
+    @property
+    def public(self) -> bool:
+        """Served to other machines: then only listed models may be picked (no server paths or
+        multi-GB hub downloads chosen by a visitor); locally, a typed path or hub id also works."""
+        settings = self.services.settings
+        return settings.listen or settings.share
+
+    def checked_choice(self, name: str) -> str:
+        """The model name to use for a job or a load; raises ModelNotFound for a forbidden one."""
+        if not self.public:
+            return name
+        loaded = self.services.engine.model
+        return self.services.registry.find_listed(name, loaded.entry if loaded else None).name
+
     def native_size(self) -> int:
         model = self.services.engine.model
         return model.native_width if model else DEFAULT_SIZE
@@ -62,7 +76,7 @@ class ModelActions:
             return
         yield notice_html(f"Loading {name}…"), gr.skip(), gr.skip(), gr.skip()
         try:
-            model = self.services.worker.load_model(name)
+            model = self.services.worker.load_model(self.checked_choice(name))
         except Exception as err:  # any failure becomes a readable line; the old model stays loaded
             log.warning("loading %s failed: %s", name, err)
             yield error_html(f"Could not load {name}: {err}"), self.current(), gr.skip(), gr.skip()
@@ -74,7 +88,7 @@ def build_model_picker(actions: ModelActions) -> ModelPicker:
     with gr.Row(elem_id="model_row"):
         dropdown = gr.Dropdown(
             choices=actions.names(), value=actions.current(), label="Stable Diffusion checkpoint",
-            allow_custom_value=True,  # a path or hub id typed in also works
+            allow_custom_value=not actions.public,  # locally, a typed path or hub id also works
             elem_id="model_dropdown", scale=4,
         )
         refresh = gr.Button("↻", elem_id="model_refresh", scale=0, min_width=48, size="lg")

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from webui.engine.samplers import SCHEDULE_TYPES, sampler_names
+from webui.engine.models import ModelNotFound
 from webui.schemas import MAX_SIZE, MIN_SIZE, InvalidRequest
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
@@ -52,9 +53,10 @@ def gallery_items(job: Job) -> list[tuple[Any, str]]:
 class Txt2ImgActions:
     """The event functions; each takes widget values and returns widget values, nothing more."""
 
-    def __init__(self, services: Services):
+    def __init__(self, services: Services, models: ModelActions):
         self.worker = services.worker
         self.engine = services.engine
+        self.models = models
 
     def generate(self, session: Session, prompt: str, negative_prompt: str | None = None, sampler_name: str = "Euler a",
                  scheduler: str = "Automatic", steps: int = 20, cfg_scale: float = 7.0, width: int | None = None,
@@ -68,8 +70,10 @@ class Txt2ImgActions:
             "clip_skip": clip_skip, "model": model or None,
         }
         try:
+            if request["model"]:
+                request["model"] = self.models.checked_choice(request["model"])
             job = self.worker.submit(request, origin="ui")
-        except (InvalidRequest, QueueFull) as err:
+        except (InvalidRequest, QueueFull, ModelNotFound) as err:
             yield session, gr.skip(), error_html(str(err)), gr.update(visible=False), gr.skip(), ""
             return
         session.start(job)
@@ -165,7 +169,7 @@ class Txt2ImgTab:
 
 
 def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions) -> Txt2ImgTab:
-    actions = Txt2ImgActions(services)
+    actions = Txt2ImgActions(services, models)
     size = models.native_size()
     session = gr.State(Session())
     with gr.Row(elem_id="txt2img_toprow"):
