@@ -109,3 +109,20 @@ def test_the_app_starts_on_the_embedded_model_by_default(tmp_path):
         assert job.images[0].image.size == (64, 64) and "Model: sd-emoji-tiny" in job.images[0].infotext
     finally:
         services.close()
+
+
+def test_listing_never_hashes_but_loading_does(tmp_path):
+    (tmp_path / "big.safetensors").write_bytes(b"pretend these are 4 GB")
+    registry = ModelRegistry(tmp_path, tmp_path / "cache" / "hashes.json")
+    entry = registry.find("big")
+    assert registry.title(entry) == "big" and registry.short_hash(entry, cached_only=True) is None
+    digest = registry.short_hash(entry)
+    assert registry.title(entry) == f"big [{digest}]"
+
+
+def test_an_unreadable_weight_file_has_no_hash_instead_of_an_error(tmp_path):
+    (tmp_path / "gone.safetensors").write_bytes(b"x")
+    registry = ModelRegistry(tmp_path, tmp_path / "hashes.json")
+    entry = registry.find("gone")
+    (tmp_path / "gone.safetensors").unlink()
+    assert registry.short_hash(entry) is None

@@ -197,7 +197,7 @@ class Api:
     # --- models and options ------------------------------------------------------------------
     def sd_models(self) -> list[SDModelItem]:
         return [
-            SDModelItem(title=self.registry.title(entry), model_name=entry.name, hash=self.registry.short_hash(entry),
+            SDModelItem(title=self.registry.title(entry), model_name=entry.name, hash=self.registry.short_hash(entry, cached_only=True),
                         sha256=None, filename=entry.source, config=None)
             for entry in self.registry.entries()
         ]

@@ -69,8 +69,9 @@ class Engine:
             if parked:
                 place_pipeline(old_pipe, self.settings, self.placement)
             raise ModelLoadError(f"could not move model {entry.name!r} to {self.placement.device}: {err}") from err
+        short_hash = self.registry.short_hash(entry)  # before unloading: it reads the files
         self.unload()
-        self.use_pipeline(pipe, entry, self.registry.short_hash(entry))
+        self.use_pipeline(pipe, entry, short_hash)
         log.info("loaded model %s (%s) on %s", entry.name, self.model.short_hash, self.placement.device)
         if self.settings.compile:
             self.warm_up()

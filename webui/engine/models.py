@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,29 +90,40 @@ class ModelRegistry:
         available = ", ".join(e.name for e in self.entries()) or "none found"
         raise ModelNotFound(f"model {name!r} not found in the models folder; available: {available}")
 
-    def short_hash(self, entry: ModelEntry) -> str | None:
+    def short_hash(self, entry: ModelEntry, cached_only: bool = False) -> str | None:
+        """First 10 hex digits of the sha256; None for hub models, unreadable files, or (with
+        cached_only) files not hashed yet, since hashing a multi-GB file takes many seconds."""
         if entry.kind == "hub":
             return None
-        files = weight_files(entry.path)
-        if not files:
+        try:
+            digests = [self._file_digest(f, cached_only) for f in weight_files(entry.path)]
+        except OSError:
             return None
-        cache = self._read_cache()
-        digests = []
-        for file in files:
-            stat = file.stat()
-            key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-            if key not in cache:
-                cache[key] = sha256_file(file)
-                self._write_cache(cache)
-            digests.append(cache[key])
+        if not digests or None in digests:
+            return None
         if len(digests) == 1:
             return digests[0][:10]
         # A diffusers folder has several weight files: hash their digests in path order.
         return hashlib.sha256("".join(digests).encode()).hexdigest()[:10]
 
     def title(self, entry: ModelEntry) -> str:
-        digest = self.short_hash(entry)
+        """A1111's "name [hash]", with the hash only when it is already known."""
+        digest = self.short_hash(entry, cached_only=True)
         return f"{entry.name} [{digest}]" if digest else entry.name
+
+    def _file_digest(self, file: Path, cached_only: bool) -> str | None:
+        stat = file.stat()
+        key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        with self._lock:
+            cached = self._read_cache().get(key)
+        if cached or cached_only:
+            return cached
+        digest = sha256_file(file)
+        with self._lock:  # request threads and the worker may add hashes at the same time
+            cache = self._read_cache()
+            cache[key] = digest
+            self._write_cache(cache)
+        return digest
 
     def _read_cache(self) -> dict[str, str]:
         try:
@@ -120,9 +133,10 @@ class ModelRegistry:
 
     def _write_cache(self, cache: dict[str, str]) -> None:
         self.hash_cache.parent.mkdir(parents=True, exist_ok=True)
-        temp = self.hash_cache.with_suffix(".tmp")
-        temp.write_text(json.dumps(cache, indent=1))
-        temp.replace(self.hash_cache)
+        fd, temp = tempfile.mkstemp(prefix=".hashes-", dir=self.hash_cache.parent)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(cache, handle, indent=1)
+        os.replace(temp, self.hash_cache)
 
 
 def scan_models_dir(models_dir: Path) -> list[ModelEntry]:
