@@ -202,3 +202,25 @@ def test_compile_flag_applies_the_fast_path_and_warms_up(tmp_path, models_dir, m
     assert "warm-up step 2/2" in caplog.text and "compiled in" in caplog.text
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "torch-compile")
     assert run(engine, [1])[0].std() > 0
+
+
+def test_short_prompts_encode_as_the_pipeline_does(engine):
+    from webui.engine.prompts import encode_prompt_pair
+
+    pipe = engine.pipe
+    ours, negative = encode_prompt_pair(pipe, ["a red apple"], [""])
+    theirs, their_negative = pipe.encode_prompt("a red apple", "cpu", 1, True, "")
+    assert torch.allclose(ours, theirs) and torch.allclose(negative, their_negative)
+
+
+def test_long_prompts_are_read_in_chunks_not_cut(engine):
+    from webui.engine.prompts import encode_prompt_pair
+
+    words = " ".join(["apple"] * 75)  # exactly one chunk
+    short, _ = encode_prompt_pair(engine.pipe, [words], [""])
+    longer, negative = encode_prompt_pair(engine.pipe, [words + " banana cherry" * 10], ["blurry"])
+    assert short.shape[1] == 77 and longer.shape[1] == negative.shape[1] == 154
+    # The words past the first 75 tokens change the picture; a truncating encoder would ignore them.
+    [a] = engine.generate(GenerationRequest(prompt=words, steps=2), [4])
+    [b] = engine.generate(GenerationRequest(prompt=words + " banana cherry" * 10, steps=2), [4])
+    assert np.abs(np.asarray(a.image, dtype=np.int16) - np.asarray(b.image, dtype=np.int16)).mean() > 0.5

@@ -18,7 +18,7 @@ from webui.config import Settings
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.preview import latents_to_preview
-from webui.engine.prompts import encode_prompts
+from webui.engine.prompts import encode_prompt_pair
 from webui.engine.samplers import make_scheduler
 from webui.schemas import GenerationRequest
 
@@ -128,10 +128,11 @@ class Engine:
             return {}
 
         with torch.inference_mode():
+            prompt_embeds, negative_embeds = encode_prompt_pair(
+                pipe, [request.prompt] * len(seeds), [request.negative_prompt] * len(seeds), request.clip_skip)
             latents = pipe(
-                prompt_embeds=encode_prompts(pipe, [request.prompt] * len(seeds), request.clip_skip),
-                negative_prompt_embeds=encode_prompts(pipe, [request.negative_prompt] * len(seeds),
-                                                      request.clip_skip),
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
                 num_inference_steps=request.steps,
                 guidance_scale=request.cfg_scale,
                 width=width,

@@ -1,24 +1,48 @@
-"""Prompt text -> text-encoder embeddings, with A1111's CLIP skip.
+"""Prompt text -> text-encoder embeddings, with A1111's CLIP skip and long prompts.
 
-We encode prompts ourselves rather than through the pipeline: it is one short function, it keeps
-CLIP skip working across transformers versions (whose CLIPTextModel layout changed in 5.x), and
-it is the place where prompt weighting or long-prompt chunking would go.
+We encode prompts ourselves rather than through the pipeline: it keeps CLIP skip working across
+transformers versions (whose CLIPTextModel layout changed in 5.x), and it lets a prompt longer
+than CLIP's 75 tokens be read in chunks of 75, each encoded alone and the results joined, as
+stable-diffusion-webui does, instead of being cut off.
 """
 from __future__ import annotations
 
 import torch
 
+CHUNK_TOKENS = 75  # CLIP's 77 positions less the start and end markers
 
-def encode_prompts(pipe, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
-    """Embeddings for each prompt; clip_skip=2 takes the penultimate layer, as A1111 does."""
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt")
-    input_ids = tokens.input_ids.to(pipe._execution_device)
+
+def encode_prompt_pair(pipe, prompts: list[str], negatives: list[str], clip_skip: int = 1
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings for prompts and negative prompts, padded to the same number of chunks
+    (classifier-free guidance needs equal shapes)."""
+    prompt_ids = [_chunks(pipe.tokenizer, text) for text in prompts]
+    negative_ids = [_chunks(pipe.tokenizer, text) for text in negatives]
+    count = max(len(chunks) for chunks in prompt_ids + negative_ids)
+    empty = _chunks(pipe.tokenizer, "")[0]
+    batch = [chunks + [empty] * (count - len(chunks)) for chunks in prompt_ids + negative_ids]
+    embeddings = _encode(pipe, batch, clip_skip)
+    return embeddings[: len(prompts)], embeddings[len(prompts):]
+
+
+def _chunks(tokenizer, text: str) -> list[list[int]]:
+    """Token ids of one prompt as chunks of 77: start marker, up to 75 tokens, end marker, padding."""
+    ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+    pieces = [ids[i:i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)] or [[]]
+    pad = tokenizer.pad_token_id
+    return [[tokenizer.bos_token_id, *piece, tokenizer.eos_token_id] + [pad] * (CHUNK_TOKENS - len(piece))
+            for piece in pieces]
+
+
+def _encode(pipe, batch: list[list[list[int]]], clip_skip: int) -> torch.Tensor:
+    """[prompt][chunk][77 ids] -> (prompts, chunks * 77, hidden); clip_skip=2 takes the penultimate layer."""
+    encoder = pipe.text_encoder
+    prompts, chunks = len(batch), len(batch[0])
+    input_ids = torch.tensor([chunk for prompt in batch for chunk in prompt], device=pipe._execution_device)
     if clip_skip <= 1:
-        embeddings = encoder(input_ids)[0]
+        hidden = encoder(input_ids)[0]
     else:
-        hidden = encoder(input_ids, output_hidden_states=True).hidden_states
+        states = encoder(input_ids, output_hidden_states=True).hidden_states
         layers = getattr(encoder, "text_model", encoder)  # transformers 4.x wraps the layers
-        embeddings = layers.final_layer_norm(hidden[-clip_skip])
-    return embeddings.to(dtype=encoder.dtype)
+        hidden = layers.final_layer_norm(states[-clip_skip])
+    return hidden.reshape(prompts, chunks * hidden.shape[1], hidden.shape[2]).to(dtype=encoder.dtype)
