@@ -36,8 +36,9 @@ def test_defaults_and_a1111_flag_names():
 
 def test_bad_flags_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
-        parse_settings(["--gradio-auth", "nopassword"])
-    assert "user:password" in capsys.readouterr().err
+        parse_settings(["--gradio-auth", "admin:ok,admin=hunter2"], environ={})
+    err = capsys.readouterr().err
+    assert "user:password" in err and "entry 2" in err and "hunter2" not in err
     with pytest.raises(SystemExit):
         parse_settings(["--device", "tpu"])
 

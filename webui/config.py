@@ -82,10 +82,11 @@ def parse_credentials(text: str | None) -> list[tuple[str, str]]:
     if not text:
         return []
     pairs = []
-    for item in text.split(","):
+    for number, item in enumerate(text.split(","), start=1):
         user, sep, password = item.strip().partition(":")
         if not sep or not user or not password:
-            raise ValueError(f"credentials must look like user:password[,user2:password2], got {item!r}")
+            # Never echo the text: it may hold a password, and this message goes to the log.
+            raise ValueError(f"credentials must look like user:password[,user2:password2]; entry {number} does not")
         pairs.append((user, password))
     return pairs
 
