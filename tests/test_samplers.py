@@ -65,3 +65,17 @@ def test_schedule_types_change_the_sigmas():
     plain.set_timesteps(10)
     karras.set_timesteps(10)
     assert not (plain.sigmas == karras.sigmas).all()
+
+
+@pytest.mark.parametrize("sampler", [s.name for s in SAMPLERS])
+def test_every_offered_schedule_really_reaches_the_scheduler(sampler):
+    import inspect
+
+    from webui.engine.samplers import get_sampler
+
+    base = dict(tiny_components()["scheduler"].config)
+    for schedule in get_sampler(sampler).schedules:
+        scheduler = make_scheduler(base, sampler, schedule)
+        accepted = inspect.signature(type(scheduler).__init__).parameters
+        for option, value in SCHEDULE_TYPES[schedule].items():
+            assert option in accepted and scheduler.config[option] == value, (sampler, schedule, option)

@@ -16,13 +16,16 @@ class Sampler:
     scheduler_class: str
     options: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
-    # Whether Karras / Exponential sigmas can be applied (k-diffusion style schedulers).
-    custom_sigmas: bool = True
+    # The schedule types its diffusers scheduler can follow (not every one takes custom sigmas
+    # or a timestep spacing); asking for another is an error rather than silently ignored.
+    schedules: tuple[str, ...] = ("Automatic", "Karras", "Exponential", "SGM Uniform")
 
+
+NO_CUSTOM_SIGMAS = ("Automatic", "SGM Uniform")
 
 SAMPLERS: tuple[Sampler, ...] = (
     Sampler("Euler a", "EulerAncestralDiscreteScheduler", aliases=("k_euler_a", "k_euler_ancestral"),
-            custom_sigmas=False),
+            schedules=NO_CUSTOM_SIGMAS),
     Sampler("Euler", "EulerDiscreteScheduler", aliases=("k_euler",)),
     Sampler("LMS", "LMSDiscreteScheduler", aliases=("k_lms", "K-LMS")),
     Sampler("Heun", "HeunDiscreteScheduler", aliases=("k_heun",)),
@@ -35,11 +38,12 @@ SAMPLERS: tuple[Sampler, ...] = (
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, aliases=("k_dpmpp_2m_sde",)),
     # diffusers has no ancestral single-step DPM++; its deterministic single-step solver is the
     # closest match, as diffusers' own scheduler table notes.
-    Sampler("DPM++ 2S a", "DPMSolverSinglestepScheduler", {"solver_order": 2}, aliases=("k_dpmpp_2s_a",)),
-    Sampler("DDIM", "DDIMScheduler", aliases=("ddim",), custom_sigmas=False),
-    Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms", "PNDM"), custom_sigmas=False),
+    Sampler("DPM++ 2S a", "DPMSolverSinglestepScheduler", {"solver_order": 2}, aliases=("k_dpmpp_2s_a",),
+            schedules=("Automatic", "Karras", "Exponential")),
+    Sampler("DDIM", "DDIMScheduler", aliases=("ddim",), schedules=NO_CUSTOM_SIGMAS),
+    Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms", "PNDM"), schedules=NO_CUSTOM_SIGMAS),
     Sampler("UniPC", "UniPCMultistepScheduler", aliases=("unipc",)),
-    Sampler("LCM", "LCMScheduler", aliases=("lcm",), custom_sigmas=False),
+    Sampler("LCM", "LCMScheduler", aliases=("lcm",), schedules=NO_CUSTOM_SIGMAS),
 )
 
 # Schedule type label -> the scheduler config options that give it.
@@ -84,10 +88,10 @@ def resolve_sampler(sampler_name: str, schedule: str | None = "Automatic") -> tu
                 name, schedule_label = name[: -len(suffix)], label
                 break
     sampler = get_sampler(name)
-    if schedule_label in ("Karras", "Exponential") and not sampler.custom_sigmas:
+    if schedule_label not in sampler.schedules:
         raise ValueError(
             f"sampler {sampler.name!r} does not support the {schedule_label} schedule; "
-            "use Automatic or SGM Uniform with it"
+            f"use {' or '.join(sampler.schedules)} with it"
         )
     return sampler.name, schedule_label
 
