@@ -111,6 +111,17 @@ def test_job_states_are_recorded(history):
     assert (job["state"], job["error"], job["started_at"], job["finished_at"], job["origin"]) == ("failed", "boom", 2.0, 3.0, "api")
 
 
+def test_history_never_touches_files_outside_outputs(history, tmp_path):
+    outside = tmp_path.parent / "precious.txt"
+    outside.write_text("keep me")
+    history.add_job("j1", "ui", {}, 1.0)
+    image_id = history.add_image(**history_row("j1", "../precious.txt"))
+    with pytest.raises(ValueError, match="outside the outputs folder"):
+        history.delete_image(image_id)
+    assert outside.read_text() == "keep me"
+    assert history.reconcile()["missing_files"] == 0 and history.get_image(image_id).file_state == "missing"
+
+
 def test_delete_removes_row_and_file(history, tmp_path):
     history.add_job("j1", "ui", {}, 1.0)
     (tmp_path / "a.png").write_bytes(b"png")
@@ -129,6 +140,8 @@ def test_reconcile_marks_missing_files_and_stale_jobs(history, tmp_path):
     assert history.reconcile() == {"missing_files": 1, "stale_jobs": 1}
     assert history.get_image(kept).file_state == "ok"
     assert history.get_image(lost).file_state == "missing"
+    rows, total = history.list_images()
+    assert total == 1 and [r.id for r in rows] == [kept]  # pages count only what can be shown
     assert history.get_job("j1")["state"] == "failed"
 
 

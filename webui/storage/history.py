@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from webui.storage.outputs import resolve_inside
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -139,10 +141,12 @@ class History:
             return int(cursor.lastrowid)
 
     def list_images(self, page: int = 0, page_size: int = 24, search: str = "") -> tuple[list[HistoryImage], int]:
-        """One page of images, newest first, optionally filtered by prompt text; and the total."""
-        where, args = "", ()
+        """One page of the images whose file exists, newest first, optionally filtered by prompt
+        text; and their total."""
+        where, args = "WHERE images.file_state = 'ok'", ()
         if search.strip():
-            where, args = "WHERE images.prompt LIKE ? ESCAPE '\\'", (f"%{_escape_like(search.strip())}%",)
+            where += " AND images.prompt LIKE ? ESCAPE '\\'"
+            args = (f"%{_escape_like(search.strip())}%",)
         total = self._query(f"SELECT COUNT(*) FROM images {where}", args)[0][0]
         rows = self._query(
             f"SELECT images.*, jobs.state AS job_state FROM images JOIN jobs ON jobs.id = images.job_id {where}"
@@ -171,7 +175,7 @@ class History:
     def reconcile(self) -> dict[str, int]:
         """After a restart: flag rows whose file is gone, and fail jobs a crash left unfinished."""
         rows = self._query("SELECT id, path FROM images WHERE file_state = 'ok'")
-        gone = [r["id"] for r in rows if not self._file(r["path"]).exists()]
+        gone = [r["id"] for r in rows if not self._file_exists(r["path"])]
         for image_id in gone:
             self._execute("UPDATE images SET file_state = 'missing' WHERE id = ?", (image_id,))
         with self._lock:
@@ -181,8 +185,13 @@ class History:
         return {"missing_files": len(gone), "stale_jobs": stale}
 
     def _file(self, path: str) -> Path:
-        p = Path(path)
-        return p if p.is_absolute() else self.outdir / p
+        return resolve_inside(self.outdir, path)
+
+    def _file_exists(self, path: str) -> bool:
+        try:
+            return self._file(path).exists()
+        except ValueError:  # a row pointing outside outputs/ (a hand-edited database) counts as gone
+            return False
 
     def _execute(self, sql: str, args: tuple = ()) -> None:
         with self._lock:

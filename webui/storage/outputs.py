@@ -42,12 +42,7 @@ class OutputStore:
         return self._save(grid, infotext, folder, lambda n: f"grid-{n:04d}.png", _GRID_NUMBERED)
 
     def resolve(self, path: str | Path) -> Path:
-        """A path inside outdir, or ValueError: callers never reach files outside it (no '..')."""
-        candidate = (self.outdir / path).resolve()
-        root = self.outdir.resolve()
-        if candidate != root and root not in candidate.parents:
-            raise ValueError(f"path {str(path)!r} is outside the outputs folder")
-        return candidate
+        return resolve_inside(self.outdir, path)
 
     def _save(self, image: Image.Image, infotext: str, folder: Path, name_for, numbered: re.Pattern) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
@@ -78,6 +73,15 @@ class OutputStore:
             except OSError:  # no hard links (some network or FUSE drives): a plain rename
                 os.replace(temp, final)
                 return final
+
+
+def resolve_inside(root: Path, path: str | Path) -> Path:
+    """root/path, or ValueError when it lands outside root: callers never reach other files ('..')."""
+    root = Path(root).resolve()
+    candidate = (root / path).resolve()
+    if candidate != root and root not in candidate.parents:
+        raise ValueError(f"path {str(path)!r} is outside the outputs folder")
+    return candidate
 
 
 def highest_number(folder: Path, numbered: re.Pattern = _NUMBERED) -> int:
