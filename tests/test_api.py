@@ -128,6 +128,25 @@ def test_override_settings_and_infotext_fill_the_request(client, services):
     assert "CFG scale: 5, Seed: 9, Size: 64x64" in text and "Clip skip: 2" in text
 
 
+def test_a_model_override_is_undone_after_the_job_unless_asked_to_keep_it(client, services):
+    from tests.tiny_sd import save_tiny_model
+
+    other = services.settings.models_dir / "tiny-other"
+    save_tiny_model(other, seed=1)
+    override = {"override_settings": {"sd_model_checkpoint": "tiny-other"}}
+    try:
+        r = client.post("/sdapi/v1/txt2img", json=QUICK | override)
+        assert r.status_code == 200 and "Model: tiny-other" in json.loads(r.json()["info"])["infotexts"][0]
+        assert services.engine.model.entry.name == TINY  # A1111's override_settings_restore_afterwards
+        keep = {"override_settings_restore_afterwards": False}
+        r = client.post("/sdapi/v1/txt2img", json=QUICK | override | keep)
+        assert r.status_code == 200 and services.engine.model.entry.name == "tiny-other"
+    finally:
+        services.worker.load_model(TINY)
+        shutil.rmtree(other)
+        services.registry.refresh()
+
+
 @pytest.mark.parametrize("body, field", [
     ({"sampler_name": "Nonexistent"}, "sampler_name"),
     ({"scheduler": "Wobbly"}, "scheduler"),

@@ -37,6 +37,8 @@ class GenerationRequest(BaseModel):
     n_iter: int = Field(1, ge=1, le=100, description="batch count: passes made one after another")
     clip_skip: int = Field(1, ge=1, le=12)
     model: str | None = Field(None, description="checkpoint name; None keeps the loaded model")
+    restore_model: bool = Field(False, description="load the previous model again after this job "
+                                                   "(A1111's override_settings_restore_afterwards)")
     save_images: bool = True
     send_images: bool = True
 

@@ -244,6 +244,20 @@ class Worker:
             self._finish(job, JobState.DONE)
 
     def _generate(self, job: Job) -> None:
+        previous = self.engine.model
+        try:
+            self._generate_images(job)
+        finally:
+            if job.request.restore_model and previous is not None and self.engine.model != previous:
+                self._restore_model(previous)
+
+    def _restore_model(self, previous: LoadedModel) -> None:
+        try:
+            self.engine.load(previous.entry.source)
+        except Exception:  # the job itself went fine; the next one loads what it needs
+            log.exception("could not load %s again after a job with another model", previous.entry.name)
+
+    def _generate_images(self, job: Job) -> None:
         request = job.request
         job.model = self.engine.load(request.model) if request.model else self.engine.require_model()
         first_seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed

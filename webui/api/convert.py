@@ -88,6 +88,7 @@ def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: 
 
     data = values | {
         "batch_size": req.batch_size, "n_iter": req.n_iter, "model": model,
+        "restore_model": bool(model) and req.override_settings_restore_afterwards is not False,
         "save_images": req.save_images, "send_images": req.send_images,
     }
     if clip_skip is not None:
