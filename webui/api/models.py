@@ -175,7 +175,7 @@ class JobStatus(BaseModel):
     result: Txt2ImgResponse | None = Field(None, description="images and info once the job has finished")
 
 
-class JobCancelled(BaseModel):
+class JobCancelReply(BaseModel):
     id: str
     cancelled: bool
     state: str

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from webui.api import convert
 from webui.api.convert import ApiError
 from webui.api.models import (
-    ErrorResponse, JobCancelled, JobCreated, JobStatus, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest,
+    ErrorResponse, JobCancelReply, JobCreated, JobStatus, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest,
     PNGInfoResponse, ProgressResponse, SamplerItem, SchedulerItem, ScriptsList, SDModelItem, Txt2ImgRequest,
     Txt2ImgResponse,
 )
@@ -140,13 +140,13 @@ class Api:
             status.result = convert.job_result(job, job.request.model_dump())
         return status
 
-    def cancel_job(self, job_id: str) -> JobCancelled:
+    def cancel_job(self, job_id: str) -> JobCancelReply:
         job = self.worker.get(job_id)
         if job is None:
             raise ApiError(404, f"job_id: no job {job_id!r}", "JobNotFound")
         if not self.worker.cancel(job_id):
             raise ApiError(409, f"job {job_id} has already finished ({job.state.value})", "JobFinished")
-        return JobCancelled(id=job.id, cancelled=True, state=job.state.value)
+        return JobCancelReply(id=job.id, cancelled=True, state=job.state.value)
 
     # --- the running job ----------------------------------------------------------------------
     def progress(self, skip_current_image: bool = Query(False)) -> ProgressResponse:
@@ -282,7 +282,7 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/memory", api.memory, methods=["GET"], response_model=MemoryResponse, tags=["settings"])
     add("/api/v1/jobs", api.submit_job, methods=["POST"], response_model=JobCreated, status_code=202, tags=["jobs"])
     add("/api/v1/jobs/{job_id}", api.get_job, methods=["GET"], response_model=JobStatus, tags=["jobs"])
-    add("/api/v1/jobs/{job_id}/cancel", api.cancel_job, methods=["POST"], response_model=JobCancelled,
+    add("/api/v1/jobs/{job_id}/cancel", api.cancel_job, methods=["POST"], response_model=JobCancelReply,
         tags=["jobs"], responses={409: {"model": ErrorResponse, "description": "the job has already finished"}})
     return router
 

@@ -7,7 +7,6 @@ import gradio as gr
 
 from webui.engine.samplers import SCHEDULE_TYPES, resolve_sampler
 from webui.storage.history import HistoryImage
-from webui.storage.infotext import request_fields_from_infotext
 
 # GenerationRequest fields the txt2img tab has a widget for, in the order of Txt2ImgTab.field_components.
 TXT2IMG_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale",
@@ -21,10 +20,6 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
         "width": image.width, "height": image.height, "seed": image.seed, "clip_skip": image.clip_skip,
         "model": image.model_name,
     }
-
-
-def fields_from_infotext(text: str) -> dict[str, Any]:
-    return request_fields_from_infotext(text)
 
 
 def txt2img_updates(fields: dict[str, Any], model_names: list[str]) -> list[Any]:

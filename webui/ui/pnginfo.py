@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
-from webui.storage.infotext import parse_infotext
+from webui.storage.infotext import parse_infotext, request_fields_from_infotext
 from webui.storage.outputs import read_infotext
-from webui.ui.params import fields_from_infotext
 
 
 @dataclass
@@ -46,7 +45,7 @@ def parameters_table(text: str) -> str:
 def fields_for_txt2img(text: str) -> dict:
     if not text:
         raise gr.Error("Drop a PNG with generation parameters first.")
-    return fields_from_infotext(text)
+    return request_fields_from_infotext(text)
 
 
 def build_pnginfo() -> PngInfoTab:
