@@ -308,8 +308,7 @@ class Worker:
 
     def _keep_image(self, job: Job, result, index: int, seconds: float) -> None:
         request, model = job.request, job.model
-        width = request.width or model.native_width
-        height = request.height or model.native_height
+        width, height = model.size_for(request)
         infotext = build_infotext(request.prompt, request.negative_prompt, {
             "Steps": request.steps,
             "Sampler": request.sampler_name,

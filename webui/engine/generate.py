@@ -42,6 +42,10 @@ class LoadedModel:
     native_width: int
     native_height: int
 
+    def size_for(self, request: GenerationRequest) -> tuple[int, int]:
+        """The request's width and height, the model's native size where it gives none."""
+        return request.width or self.native_width, request.height or self.native_height
+
 
 class Engine:
     def __init__(self, settings: Settings, registry: ModelRegistry):
@@ -112,8 +116,7 @@ class Engine:
         model = self.require_model()
         pipe = self.pipe
         pipe.scheduler = make_scheduler(self._base_scheduler_config, request.sampler_name, request.scheduler)
-        width = request.width or model.native_width
-        height = request.height or model.native_height
+        width, height = model.size_for(request)
         # Noise comes from CPU generators, one per image, so a seed gives the same picture on any
         # device and image i of a batch equals a single run with its seed.
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
