@@ -457,3 +457,16 @@ def test_history_never_shows_files_outside_outdir(ui, ui_services, tmp_path):
         infotext="x")
     image_id, path, details, open_file = ui.history_actions.show(row_id)
     assert (image_id, path, details) == (None, None, "") and open_file["interactive"] is False
+
+
+def test_a_shared_server_without_login_offers_no_delete(ui_services, monkeypatch):
+    from webui.ui.history import HistoryActions
+
+    assert HistoryActions(ui_services).can_delete  # local use
+    monkeypatch.setattr(ui_services.settings, "share", True)
+    actions = HistoryActions(ui_services)
+    assert not actions.can_delete
+    with pytest.raises(gr.Error, match="Deleting is off"):
+        actions.delete(1, 0, "")
+    monkeypatch.setattr(ui_services.settings, "gradio_auth", [("a", "b")])
+    assert HistoryActions(ui_services).can_delete

@@ -50,6 +50,9 @@ class HistoryActions:
     def __init__(self, services: Services):
         self.history = services.history
         self.outputs = services.outputs
+        settings = services.settings
+        # Served to other machines with no login, anyone could wipe everyone's images.
+        self.can_delete = not ((settings.listen or settings.share) and not settings.gradio_auth)
 
     def load_page(self, page: int, search: str):
         """(page, ids on the page, gallery items, page info) for a page, clamped to the pages there are."""
@@ -106,6 +109,8 @@ class HistoryActions:
 
     def delete(self, image_id: int | None, page: int, search: str):
         """Delete the file and its row; outputs: the page, then the emptied detail view."""
+        if not self.can_delete:
+            raise gr.Error("Deleting is off on a server shared without --gradio-auth.")
         if image_id is None:
             raise gr.Error("Select an image first.")
         self.history.delete_image(image_id)
@@ -167,7 +172,7 @@ def build_history(services: Services) -> tuple[HistoryTab, HistoryActions]:
             with gr.Row():
                 send = gr.Button("Send to txt2img", elem_id="history_send")
                 open_file = gr.Button("Open file", elem_id="history_open", link_target="_blank", interactive=False)
-                delete = gr.Button("Delete", variant="stop", elem_id="history_delete")
+                delete = gr.Button("Delete", variant="stop", elem_id="history_delete", visible=actions.can_delete)
     timer = gr.Timer(POLL_SECONDS)
 
     tab = HistoryTab(search, page_state, ids_state, selected, seen, gallery, page_info, image, details, send,
