@@ -12,3 +12,16 @@ def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> bool:
             return True
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_services(models_dir, outdir, **settings):
+    """Services on the tiny test model, started; a generator for module-scoped fixtures."""
+    from webui.config import Settings
+    from webui.services import build_services
+
+    services = build_services(Settings(models_dir=models_dir, outdir=outdir, ckpt="tiny-sd", device="cpu",
+                                       **settings))
+    try:
+        yield services
+    finally:
+        services.close()

@@ -18,11 +18,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from webui.api import attach_api, create_api_app
-from webui.config import Settings
 from webui.schemas import JobState
-from webui.services import build_services
 from webui.storage.outputs import read_infotext
-from tests.helpers import wait_for
+from tests.helpers import running_services, wait_for
 
 TINY = "tiny-sd"
 QUICK = {"prompt": "a red apple", "steps": 2, "seed": 1, "width": 64, "height": 64}
@@ -44,11 +42,7 @@ def png(b64: str) -> Image.Image:
 def services(models_dir, tmp_path_factory):
     own_models = tmp_path_factory.mktemp("api-models")
     shutil.copytree(models_dir / TINY, own_models / TINY)
-    settings = Settings(models_dir=own_models, outdir=tmp_path_factory.mktemp("api-out"), ckpt=TINY,
-                        device="cpu", preview_every=1)
-    built = build_services(settings)
-    yield built
-    built.close()
+    yield from running_services(own_models, tmp_path_factory.mktemp("api-out"), preview_every=1)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from webui.services import build_services
 from webui.ui import history as history_module
 from webui.ui.blocks import create_ui
 from webui.ui.txt2img import Session
-from tests.helpers import wait_for
+from tests.helpers import running_services, wait_for
 
 A1111_INFOTEXT = (
     "masterpiece, a castle on a hill\n"
@@ -38,11 +38,7 @@ A1111_INFOTEXT = (
 # --- fixtures and helpers -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ui_services(models_dir, tmp_path_factory):
-    settings = Settings(models_dir=models_dir, outdir=tmp_path_factory.mktemp("ui") / "outputs", ckpt=TINY,
-                        device="cpu", preview_every=2)
-    services = build_services(settings)
-    yield services
-    services.close()
+    yield from running_services(models_dir, tmp_path_factory.mktemp("ui") / "outputs", preview_every=2)
 
 
 @pytest.fixture(scope="module")
