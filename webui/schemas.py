@@ -7,7 +7,7 @@ serves both the REST API and the UI.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,7 +22,7 @@ MAX_SEED = 2**32 - 1
 class GenerationRequest(BaseModel):
     """One txt2img request: everything needed to reproduce its images."""
 
-    model_config = ConfigDict(extra="ignore", validate_assignment=False)
+    model_config = ConfigDict(extra="ignore")  # A1111 clients send fields we don't use
 
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="what to draw")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="what to avoid")
@@ -126,4 +126,3 @@ class Progress:
     image_count: int = 0
     eta_seconds: float | None = None
     fraction: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)

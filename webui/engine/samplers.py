@@ -54,10 +54,7 @@ SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
     "SGM Uniform": {"timestep_spacing": "trailing"},
 }
 
-_SAMPLER_BY_KEY = {}
-for _s in SAMPLERS:
-    for _key in (_s.name, *_s.aliases):
-        _SAMPLER_BY_KEY[_key.lower()] = _s
+_SAMPLER_BY_KEY = {key.lower(): s for s in SAMPLERS for key in (s.name, *s.aliases)}
 _SCHEDULE_BY_KEY = {label.lower(): label for label in SCHEDULE_TYPES}
 _SCHEDULE_BY_KEY.update({label.lower().replace(" ", "_"): label for label in SCHEDULE_TYPES})
 
