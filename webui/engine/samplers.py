@@ -40,7 +40,9 @@ SAMPLERS: tuple[Sampler, ...] = (
     # closest match, as diffusers' own scheduler table notes.
     Sampler("DPM++ 2S a", "DPMSolverSinglestepScheduler", {"solver_order": 2}, aliases=("k_dpmpp_2s_a",),
             schedules=("Automatic", "Karras", "Exponential")),
-    Sampler("DDIM", "DDIMScheduler", aliases=("ddim",), schedules=NO_CUSTOM_SIGMAS),
+    # DDIMScheduler clips its x0 estimate to [-1, 1] unless the model's config says otherwise; that is
+    # meant for pixel-space models and ruins latents (A1111's DDIM never clips).
+    Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}, aliases=("ddim",), schedules=NO_CUSTOM_SIGMAS),
     Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms", "PNDM"), schedules=NO_CUSTOM_SIGMAS),
     Sampler("UniPC", "UniPCMultistepScheduler", aliases=("unipc",)),
     Sampler("LCM", "LCMScheduler", aliases=("lcm",), schedules=NO_CUSTOM_SIGMAS),
