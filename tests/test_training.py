@@ -140,6 +140,19 @@ def test_training_resumes_from_checkpoint(tiny_run, tiny_data):
     assert len(_losses(tiny_run)) == 43
 
 
+def test_learning_rate_warms_up_holds_then_decays_from_an_absolute_step():
+    from argparse import Namespace
+
+    args = Namespace(lr=1e-3, warmup=10, decay_start=None, decay_steps=100, lr_end=1e-4)
+    assert train.learning_rate(args, 0) == pytest.approx(1e-4)
+    assert train.learning_rate(args, 5000) == pytest.approx(1e-3)  # no decay asked: constant
+    args.decay_start = 1000
+    assert train.learning_rate(args, 999) == pytest.approx(1e-3)
+    assert train.learning_rate(args, 1050) == pytest.approx(5.5e-4)  # halfway
+    assert train.learning_rate(args, 1100) == pytest.approx(1e-4)
+    assert train.learning_rate(args, 9000) == pytest.approx(1e-4)  # stays at the end value
+
+
 def test_export_is_a_loadable_stable_diffusion_folder(tiny_run, tmp_path):
     from diffusers import StableDiffusionPipeline
 

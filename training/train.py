@@ -319,6 +319,19 @@ def sample_grid(pipe, prompts: list[str], seeds: list[int], path: Path, guidance
     save_grid(rows, path)
 
 
+def learning_rate(args, step: int) -> float:
+    """Linear warm-up, constant, then (when asked) a linear decay to --lr-end.
+
+    The run length is not known when training starts, so the decay is set on the resume that is to
+    be the last: --decay-start is an absolute step, so the schedule survives further resumes.
+    """
+    lr = args.lr * min(1.0, (step + 1) / args.warmup)
+    if args.decay_start is not None and step >= args.decay_start:
+        done = min(1.0, (step - args.decay_start) / max(1, args.decay_steps))
+        lr = args.lr + (args.lr_end - args.lr) * done
+    return lr
+
+
 def train_unet(args) -> dict:
     from diffusers import AutoencoderKL
     from tqdm import tqdm
@@ -401,8 +414,8 @@ def train_unet(args) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for g_ in opt.param_groups:  # linear warm-up, then constant (run length is not known in advance)
-            g_["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        for g_ in opt.param_groups:
+            g_["lr"] = learning_rate(args, step)
         opt.step()
         ema.update(modules, step)
         step += 1
@@ -496,6 +509,9 @@ def main(argv=None) -> None:
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--uncond-prob", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--decay-start", type=int, default=None, help="absolute step where the linear LR decay begins")
+    ap.add_argument("--decay-steps", type=int, default=5000, help="steps of the decay, from --lr to --lr-end")
+    ap.add_argument("--lr-end", type=float, default=0.0)
     ap.add_argument("--guidance", type=float, default=4.0, help="CFG scale of the sample grids")
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (faster steps after a warm-up)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
