@@ -38,6 +38,7 @@ def test_layout_and_configs():
     assert sched["prediction_type"] == "v_prediction"
     assert sched["rescale_betas_zero_snr"] is True
     assert sched["timestep_spacing"] == "trailing"
+    assert sched["clip_sample"] is False  # for DDIMScheduler.from_config(pipe.scheduler.config)
     assert json.loads((MODEL / "unet" / "config.json").read_text())["sample_size"] * 4 == 64  # native 64x64
 
 

@@ -165,6 +165,7 @@ def test_export_is_a_loadable_stable_diffusion_folder(tiny_run, tmp_path):
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "v_prediction"
     assert sched["rescale_betas_zero_snr"] is True and sched["timestep_spacing"] == "trailing"
+    assert sched["clip_sample"] is False  # carried to a DDIMScheduler made from this config
     assert (out / "tokenizer" / "vocab.json").read_bytes() == (TOKENIZER_DIR / "vocab.json").read_bytes()
     assert not (out / "tokenizer" / "tokenizer.json").exists()  # 3.6 MB the size budget cannot afford
     assert list(out.glob("unet/*.safetensors")) and not list(out.rglob("*.bin"))

@@ -302,7 +302,9 @@ def build_pipeline(unet, text_encoder, vae, tokenizer, scheduler_name: str = "DP
     import diffusers
     from diffusers import StableDiffusionPipeline
 
-    scheduler = getattr(diffusers, scheduler_name)(**SCHEDULER_CONFIG)
+    # clip_sample=False is kept in the saved config although this scheduler ignores it: a DDIMScheduler
+    # made from it with from_config would otherwise clip latents to [-1, 1] and draw garbage.
+    scheduler = getattr(diffusers, scheduler_name).from_config({**SCHEDULER_CONFIG, "clip_sample": False})
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
