@@ -81,6 +81,23 @@ def test_registry_finds_folders_files_and_hub_ids(tmp_path):
         registry.find("nothing")
 
 
+def test_find_listed_rescans_only_for_a_model_it_does_not_know(tmp_path, monkeypatch):
+    import webui.engine.models as models
+
+    (tmp_path / "known.safetensors").write_bytes(b"weights")
+    registry = ModelRegistry(tmp_path, tmp_path / "cache" / "hashes.json")
+    scans = []
+    real_scan = models.scan_models_dir
+    monkeypatch.setattr(models, "scan_models_dir", lambda folder: scans.append(folder) or real_scan(folder))
+    assert registry.find_listed("known").name == "known" and scans == []  # listed: no folder scan
+    (tmp_path / "added.safetensors").write_bytes(b"weights")
+    assert registry.find_listed("added").name == "added" and len(scans) == 1  # new file: one rescan
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.safetensors"
+    outside.write_bytes(b"weights")
+    with pytest.raises(ModelNotFound, match="not found in the models folder"):  # a server path, not listed
+        registry.find_listed(str(outside))
+
+
 def test_short_hash_is_sha256_prefix_and_cached(tmp_path, monkeypatch):
     (tmp_path / "single.safetensors").write_bytes(b"weights")
     registry = ModelRegistry(tmp_path, tmp_path / "cache" / "hashes.json")

@@ -80,7 +80,8 @@ class ModelRegistry:
         """Like find(), but only a model of the models folder (or the one loaded now): what a
         remote user may pick, never an arbitrary server path or a multi-GB hub download.
         The folder is rescanned once before giving up."""
-        for listed in (self.entries(), self.refresh()):
+        for rescan in (False, True):
+            listed = self.refresh() if rescan else self.entries()
             try:
                 entry = self.find(name)
             except ModelNotFound:
