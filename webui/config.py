@@ -73,6 +73,11 @@ class Settings:
         return "0.0.0.0" if self.listen else "127.0.0.1"
 
     @property
+    def public(self) -> bool:
+        """Served to other machines (--listen or --share), where visitors may not be trusted."""
+        return self.listen or self.share
+
+    @property
     def api_enabled(self) -> bool:
         return self.api or self.nowebui
 

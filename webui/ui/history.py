@@ -50,9 +50,8 @@ class HistoryActions:
     def __init__(self, services: Services):
         self.history = services.history
         self.outputs = services.outputs
-        settings = services.settings
         # Served to other machines with no login, anyone could wipe everyone's images.
-        self.can_delete = not ((settings.listen or settings.share) and not settings.gradio_auth)
+        self.can_delete = not (services.settings.public and not services.settings.gradio_auth)
 
     def load_page(self, page: int, search: str):
         """(page, ids on the page, gallery items, page info) for a page, clamped to the pages there are."""

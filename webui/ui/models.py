@@ -40,8 +40,7 @@ class ModelActions:
     def public(self) -> bool:
         """Served to other machines: then only listed models may be picked (no server paths or
         multi-GB hub downloads chosen by a visitor); locally, a typed path or hub id also works."""
-        settings = self.services.settings
-        return settings.listen or settings.share
+        return self.services.settings.public
 
     def checked_choice(self, name: str) -> str:
         """The model name to use for a job or a load; raises ModelNotFound for a forbidden one."""
