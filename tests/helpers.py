@@ -19,8 +19,8 @@ def running_services(models_dir, outdir, **settings):
     from webui.config import Settings
     from webui.services import build_services
 
-    services = build_services(Settings(models_dir=models_dir, outdir=outdir, ckpt="tiny-sd", device="cpu",
-                                       **settings))
+    defaults = {"ckpt": "tiny-sd", "device": "cpu"}
+    services = build_services(Settings(models_dir=models_dir, outdir=outdir, **(defaults | settings)))
     try:
         yield services
     finally:

@@ -179,31 +179,6 @@ def test_a_model_that_cannot_be_placed_leaves_the_old_one_working(engine, models
     assert run(engine, [1])[0].std() > 0
 
 
-def test_compile_flag_applies_the_fast_path_and_warms_up(tmp_path, models_dir, monkeypatch, caplog):
-    import logging
-    import os
-
-    import webui.engine.fast_path as fast_path
-    from webui.config import Settings
-
-    calls = []
-    real = fast_path.apply_fast_path
-    # The eager backend checks the wiring without minutes of C++ compilation on this CPU.
-    monkeypatch.setattr(fast_path, "apply_fast_path",
-                        lambda pipe, compile: calls.append(compile) or real(pipe, compile=compile, backend="eager"))
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
-        monkeypatch.setenv(name, "")  # restored after the test; the engine only sets them if unset
-        monkeypatch.delenv(name)
-    settings = Settings(models_dir=models_dir, outdir=tmp_path, device="cpu", compile=True)
-    engine = Engine(settings, ModelRegistry(models_dir, tmp_path / "hashes.json"))
-    with caplog.at_level(logging.INFO, logger="webui.engine.generate"):
-        engine.load(TINY)
-    assert calls == [True]
-    assert "warm-up step 2/2" in caplog.text and "compiled in" in caplog.text
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "torch-compile")
-    assert run(engine, [1])[0].std() > 0
-
-
 def test_short_prompts_encode_as_the_pipeline_does(engine):
     from webui.engine.prompts import encode_prompt_pair
 

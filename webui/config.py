@@ -64,7 +64,7 @@ class Settings:
     xformers: bool = False
     no_safety_checker: bool = False
     offline: bool = False
-    compile: bool = False
+    compile: bool | None = None  # None: on for a CUDA GPU where safe (fast_path.compile_choice)
     queue_size: int = 64
     preview_every: int = 5
 
@@ -130,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--medvram", action="store_true", help="keep only the running model part on the GPU")
     dev.add_argument("--lowvram", action="store_true", help="move layers to the GPU one at a time (slowest)")
     dev.add_argument("--xformers", action="store_true", help="use xformers attention when installed")
-    dev.add_argument("--compile", action="store_true", help="compile the UNet and VAE (slow first start)")
+    dev.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="compile the UNet and VAE decoder with torch.compile (default: on for a CUDA GPU with "
+                          "Triton, off elsewhere; the first start at each size compiles, later starts reuse "
+                          "the cache in OUTDIR/cache/torch-compile)")
     dev.add_argument("--no-safety-checker", action="store_true", help="do not load or run the safety checker")
 
     q = p.add_argument_group("queue")

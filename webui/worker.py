@@ -96,6 +96,7 @@ class _Call:
 
     fn: Callable[[Engine], Any]
     future: Future
+    activity: str | None = None  # what the UI and /progress say while it runs
 
 
 class Worker:
@@ -112,6 +113,9 @@ class Worker:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # What the worker does between jobs (loading or compiling a model), for people waiting; else None.
+        self.activity: str | None = None
+        self.warm_up_future: Future | None = None  # the last warm-up queued by load_model
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -185,16 +189,32 @@ class Worker:
         job.skip_event.set()
         return True
 
-    def call(self, fn: Callable[[Engine], Any]) -> Future:
+    def call(self, fn: Callable[[Engine], Any], activity: str | None = None) -> Future:
         """Run fn(engine) on the worker thread, after the jobs already queued."""
         future: Future = Future()
         with self._wake:
-            self._queue.append(_Call(fn, future))
+            self._queue.append(_Call(fn, future, activity))
             self._wake.notify_all()
         return future
 
     def load_model(self, name: str, timeout: float | None = None) -> LoadedModel:
-        return self.call(lambda engine: engine.load(name)).result(timeout)
+        """Load a model and return once it is ready; a compiled model's warm-up follows in the
+        background (queued jobs wait behind it, and see what it is doing in `activity`)."""
+        model = self.call(lambda engine: engine.load(name), f"Loading model {name}").result(timeout)
+        if self.engine.needs_warm_up:
+            self.warm_up_future = self.call(self._warm_up, f"Compiling {model.entry.name}")
+        return model
+
+    def _warm_up(self, engine: Engine) -> None:
+        name, width, height = engine.model.entry.name, engine.model.native_width, engine.model.native_height
+
+        def on_step(step: int, total: int, _latents) -> None:
+            self.activity = f"Compiling {name} for {width}x{height}: warm-up step {step}/{total}"
+
+        try:
+            engine.warm_up(on_step)
+        except Exception:  # nobody waits on this call: say it here; the first image compiles instead
+            log.exception("the warm-up of %s failed", name)
 
     # --- the worker thread ----------------------------------------------------------------
     def _loop(self) -> None:
@@ -220,10 +240,13 @@ class Worker:
     def _run_call(self, call: _Call) -> None:
         if not call.future.set_running_or_notify_cancel():
             return
+        self.activity = call.activity
         try:
             call.future.set_result(call.fn(self.engine))
         except BaseException as err:
             call.future.set_exception(err)
+        finally:
+            self.activity = None
 
     def _run_job(self, job: Job) -> None:
         job.state = JobState.RUNNING

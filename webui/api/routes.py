@@ -152,7 +152,9 @@ class Api:
     def progress(self, skip_current_image: bool = Query(False)) -> ProgressResponse:
         job = self.worker.current()
         if job is None or job.state is not JobState.RUNNING:
-            return ProgressResponse(progress=0.0, eta_relative=0.0, state=_idle_state())
+            # Between jobs the worker may be loading or compiling a model: say so to clients waiting.
+            return ProgressResponse(progress=0.0, eta_relative=0.0, state=_idle_state(self.worker.queue_length()),
+                                    textinfo=self.worker.activity)
         p, request = job.progress, job.request
         preview = None if skip_current_image else job.preview  # reading it asks the worker for previews
         current_image = None if preview is None else convert.encode_png(preview)
@@ -287,9 +289,10 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     return router
 
 
-def _idle_state() -> dict[str, Any]:
+def _idle_state(queued: int) -> dict[str, Any]:
+    """No job running; jobs may still be queued behind a model load or compile."""
     return {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
-            "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0, "queued": 0}
+            "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0, "queued": queued}
 
 
 def _timestamp(seconds: float | None) -> str:

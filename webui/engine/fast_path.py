@@ -2,6 +2,9 @@
 
 Every change keeps the maths of the pipeline the same, so a seed gives the same picture (up to
 floating-point reordering) with and without it; bench/gpu_speed.py measures the gain and checks that.
+
+Compiling is on by default on a CUDA GPU where it is safe (`compile_choice`), off elsewhere; --compile
+and --no-compile decide instead. A compile that fails is undone and the model runs uncompiled.
 """
 from __future__ import annotations
 
@@ -9,6 +12,36 @@ import os
 from pathlib import Path
 
 import torch
+
+# Each new (size, batch, prompt length) compiles a new variant of the UNet and keeps its CUDA graphs.
+# Past this many, torch runs the UNet uncompiled for further shapes instead of compiling without end.
+MAX_COMPILED_VARIANTS = 8
+# What torch raises when tracing or compiling fails (BackendCompilerFailed and its kin).
+CompileError = torch._dynamo.exc.TorchDynamoException
+
+
+def compile_choice(wanted: bool | None, *, device: str, offloading: bool, xformers: bool,
+                   zerogpu: bool) -> tuple[bool, str]:
+    """Whether to compile, and why. wanted: True (--compile), False (--no-compile), None (decide here)."""
+    if wanted is not None:
+        return wanted, "--compile" if wanted else "--no-compile"
+    if device != "cuda":
+        return False, f"{device}: compiling pays only on a CUDA GPU (--compile to force)"
+    if offloading:
+        return False, "--medvram/--lowvram move weights during a run, which compiled CUDA graphs cannot follow"
+    if xformers:
+        return False, "--xformers attention cannot be compiled"
+    if zerogpu:
+        return False, "ZeroGPU runs each call in a fresh process, so every call would compile again"
+    if not _triton_works():
+        return False, "Triton is missing or this GPU is older than compute capability 7.0"
+    return True, "CUDA GPU with Triton"
+
+
+def _triton_works() -> bool:
+    from torch.utils._triton import has_triton
+
+    return has_triton() and torch.cuda.get_device_capability() >= (7, 0)
 
 
 def use_compile_cache(folder: Path) -> None:
@@ -48,6 +81,18 @@ def apply_fast_path(pipe, *, compile: bool, channels_last: bool = True, backend:
         options = dict(fullgraph=False, dynamic=False, backend=backend)
         if backend == "inductor":  # the modes are inductor's; other backends warn about them
             options["mode"] = "reduce-overhead"
+        torch._dynamo.config.recompile_limit = MAX_COMPILED_VARIANTS
         pipe.unet.compile(**options)
         pipe.vae.decoder.compile(**options)
     return pipe
+
+
+def undo_compile(pipe) -> None:
+    """Run the UNet and VAE decoder uncompiled again (after a compile failed); the rest of the fast
+    path (SDPA, channels-last) stays. nn.Module has no public way back, so reset what .compile() set."""
+    for module in (pipe.unet, pipe.vae.decoder):
+        module._compiled_call_impl = None
+
+
+def is_compiled(pipe) -> bool:
+    return getattr(pipe.unet, "_compiled_call_impl", None) is not None

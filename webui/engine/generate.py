@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from webui.config import Settings
+from webui.engine.fast_path import CompileError, is_compiled, undo_compile
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.preview import latents_to_preview
@@ -55,6 +56,7 @@ class Engine:
         self.pipe = None
         self.model: LoadedModel | None = None
         self._base_scheduler_config: dict | None = None
+        self._warmed_up = False
 
     # --- models ---------------------------------------------------------------------------
     def load(self, name: str) -> LoadedModel:
@@ -77,23 +79,31 @@ class Engine:
         self.unload()
         self.use_pipeline(pipe, entry, short_hash)
         log.info("loaded model %s (%s) on %s", entry.name, self.model.short_hash, self.placement.device)
-        if self.settings.compile:
-            self.warm_up()
         return self.model
 
-    def warm_up(self) -> None:
-        """Compile now, on the worker thread, so the first user's image does not pay for it."""
-        log.info("compiling %s for %dx%d (first start only; later starts reuse the cache)",
-                 self.model.entry.name, self.model.native_width, self.model.native_height)
+    @property
+    def needs_warm_up(self) -> bool:
+        """The loaded model is compiled and has not run yet: its first image would pay the compile."""
+        return self.pipe is not None and is_compiled(self.pipe) and not self._warmed_up
+
+    def warm_up(self, on_step: StepCallback | None = None) -> None:
+        """Compile now (the worker runs this right after a load), so no user's image pays for it.
+        Three steps: torch compiles on the first UNet call, records CUDA graphs on the second."""
+        if not self.needs_warm_up:
+            return
+        width, height = self.model.native_width, self.model.native_height
+        log.info("compiling %s for %dx%d (the first start at a size; later starts reuse the cache)",
+                 self.model.entry.name, width, height)
         started = time.perf_counter()
-        self.generate(GenerationRequest(prompt="warm-up", steps=2), [0],
-                      lambda step, total, _: log.info("warm-up step %d/%d", step, total))
-        log.info("compiled in %.1f s", time.perf_counter() - started)
+        self.generate(GenerationRequest(prompt="warm-up", steps=3), [0], on_step)
+        self._warmed_up = True
+        log.info("warm-up done in %.1f s", time.perf_counter() - started)
 
     def use_pipeline(self, pipe, entry: ModelEntry, short_hash: str | None = None) -> LoadedModel:
         """Adopt a pipeline that is already on its device (load() and the GPU benchmark use this)."""
         self.pipe = pipe
         self._base_scheduler_config = dict(pipe.scheduler.config)
+        self._warmed_up = False
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.model = LoadedModel(entry, short_hash, size, size)
         return self.model
@@ -113,6 +123,18 @@ class Engine:
     # --- generation -----------------------------------------------------------------------
     def generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None) -> list[EngineImage]:
         """Denoise and decode one batch: image i uses seeds[i]."""
+        try:
+            return self._generate(request, seeds, on_step)
+        except CompileError as err:
+            if not is_compiled(self.pipe):
+                raise
+            # A compiler bug or an unsupported GPU must not cost the user the model: run it uncompiled.
+            log.warning("torch.compile failed (%s: %s); running %s uncompiled from now on",
+                        type(err).__name__, str(err).splitlines()[0], self.model.entry.name)
+            undo_compile(self.pipe)
+            return self._generate(request, seeds, on_step)
+
+    def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None) -> list[EngineImage]:
         model = self.require_model()
         pipe = self.pipe
         pipe.scheduler = make_scheduler(self._base_scheduler_config, request.sampler_name, request.scheduler)

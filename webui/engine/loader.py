@@ -73,16 +73,27 @@ def place_pipeline(pipe, settings: Settings, placement: Placement):
         pipe.to(placement.device)
     if settings.medvram or settings.lowvram:
         pipe.vae.enable_slicing()  # decode a batch one image at a time
-    if placement.device == "cuda" or settings.compile:
+    compile_now = _compile_choice(settings, placement)
+    if placement.device == "cuda" or compile_now:
         from webui.engine.fast_path import apply_fast_path, use_compile_cache
 
-        if settings.compile:
+        if compile_now:
             use_compile_cache(settings.outdir / "cache" / "torch-compile")
-        # SDPA + channels-last are safe on every CUDA card; compiling is opt-in (slow first start).
-        apply_fast_path(pipe, compile=settings.compile)
-    if not settings.compile:
+        # SDPA + channels-last are safe on every CUDA card.
+        apply_fast_path(pipe, compile=compile_now)
+    if not compile_now:
         _choose_attention(pipe, settings)  # xformers cannot be traced by torch.compile
     return pipe
+
+
+def _compile_choice(settings: Settings, placement: Placement) -> bool:
+    from webui.engine.fast_path import compile_choice
+    from webui.zerogpu import zerogpu_requested
+
+    compile_now, why = compile_choice(settings.compile, device=placement.device, xformers=settings.xformers,
+                                      offloading=settings.medvram or settings.lowvram, zerogpu=zerogpu_requested())
+    log.info("torch.compile %s: %s", "on" if compile_now else "off", why)
+    return compile_now
 
 
 def park_on_cpu(pipe, settings: Settings, placement: Placement) -> bool:

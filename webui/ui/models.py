@@ -6,6 +6,7 @@ multi-GB file at start-up; the hash of the loaded model shows in the status line
 from __future__ import annotations
 
 import logging
+from concurrent.futures import wait
 from dataclasses import dataclass
 
 import gradio as gr
@@ -15,6 +16,7 @@ from webui.ui.progress import error_html, notice_html
 
 log = logging.getLogger(__name__)
 DEFAULT_SIZE = 512  # slider value when no model is loaded yet
+WARM_UP_POLL_SECONDS = 0.5
 
 
 @dataclass
@@ -59,7 +61,10 @@ class ModelActions:
             return error_html(f"No model loaded: {self.services.settings.ckpt!r} could not be loaded. "
                               "Pick another model or put one in the models folder and press refresh.")
         digest = f" [{model.short_hash}]" if model.short_hash else ""
-        return notice_html(f"Model: {model.entry.name}{digest}, native size {model.native_width}x{model.native_height}")
+        text = f"Model: {model.entry.name}{digest}, native size {model.native_width}x{model.native_height}"
+        if self.services.engine.needs_warm_up:
+            text += " · compiling; images wait until it is done"
+        return notice_html(text)
 
     def refresh(self, selected: str | None):
         """Rescan the models folder; keeps the selection."""
@@ -81,6 +86,12 @@ class ModelActions:
             yield error_html(f"Could not load {name}: {err}"), self.current(), gr.skip(), gr.skip()
             return
         yield self.status(), model.entry.name, model.native_width, model.native_height
+        warm_up = self.services.worker.warm_up_future
+        if warm_up is not None and not warm_up.done():
+            while not wait([warm_up], timeout=WARM_UP_POLL_SECONDS).done:
+                yield notice_html(self.services.worker.activity or f"{name} compiles after the queued jobs"), \
+                    gr.skip(), gr.skip(), gr.skip()
+            yield self.status(), gr.skip(), gr.skip(), gr.skip()
 
 
 def build_model_picker(actions: ModelActions) -> ModelPicker:

@@ -35,11 +35,13 @@ def format_seconds(seconds: float | None) -> str:
     return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
-def progress_html(job: Job, position: int | None) -> str:
-    """What the job is doing now: queued (with jobs ahead), starting, or at step N with an ETA."""
+def progress_html(job: Job, position: int | None, worker_activity: str | None = None) -> str:
+    """What the job is doing now: queued (with jobs ahead, and what the worker does meanwhile, such as
+    compiling a model), starting, or at step N with an ETA."""
     if job.state is JobState.QUEUED:
         ahead = position or 0
-        return _bar(0.0, f"Queued: {ahead} job{'s' if ahead != 1 else ''} ahead of yours")
+        text = f"Queued: {ahead} job{'s' if ahead != 1 else ''} ahead of yours"
+        return _bar(0.0, f"{text} · {worker_activity}" if worker_activity else text)
     progress = job.progress
     if job.state is JobState.RUNNING and progress.step == 0:
         return _bar(0.0, "Starting…")

@@ -86,7 +86,7 @@ class Txt2ImgActions:
 
     def _follow(self, session: Session, job: Job) -> Iterator[tuple]:
         shown_images, shown_preview = 0, -1
-        shown_progress = progress_html(job, self.worker.position(job.id))
+        shown_progress = progress_html(job, self.worker.position(job.id), self.worker.activity)
         yield session, [], shown_progress, gr.update(visible=True, value=None), "", ""
         while not job.wait(POLL_SECONDS):
             # Send only what changed: every send copies or encodes its images again.
@@ -97,7 +97,7 @@ class Txt2ImgActions:
             frame, frame_step = job.preview, job.preview_step
             if frame is not None and frame_step != shown_preview:
                 changes["preview"], shown_preview = frame, frame_step
-            text = progress_html(job, self.worker.position(job.id))
+            text = progress_html(job, self.worker.position(job.id), self.worker.activity)
             if text != shown_progress:
                 changes["progress"] = shown_progress = text
             if changes:

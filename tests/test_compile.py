@@ -1,0 +1,202 @@
+"""Compiling the model: when it is on, the warm-up in the background, the fall-back when compiling fails,
+and the bound on compiled variants. torch.compile's "eager" backend stands in for inductor: it traces the
+modules as inductor would, without minutes of C++ compilation on this CPU."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+import webui.engine.fast_path as fast_path
+from webui.api import create_api_app
+from webui.config import parse_settings
+from webui.engine.fast_path import compile_choice, is_compiled
+from webui.schemas import GenerationRequest, JobState
+from webui.ui.progress import progress_html
+from tests.conftest import TINY
+from tests.helpers import running_services, wait_for
+
+CUDA_DEFAULTS = dict(device="cuda", offloading=False, xformers=False, zerogpu=False)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()  # leave no compiled code behind for other tests
+
+
+@pytest.fixture
+def compile_with(monkeypatch, fresh_dynamo):
+    """Make the engine compile with a given torch.compile backend; records every apply_fast_path call."""
+    calls = []
+    real = fast_path.apply_fast_path
+
+    def use(backend):
+        monkeypatch.setattr(fast_path, "apply_fast_path", lambda pipe, compile: calls.append(compile)
+                            or real(pipe, compile=compile, backend=backend))
+        return calls
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.setenv(name, "")  # restored after the test; the loader only sets them when unset
+        monkeypatch.delenv(name)
+    return use
+
+
+def pixels(results) -> np.ndarray:
+    return np.stack([np.asarray(r.image, dtype=np.int16) for r in results])
+
+
+# --- when to compile ------------------------------------------------------------------------------
+def test_the_flags_decide_over_the_default():
+    assert parse_settings([], {}).compile is None
+    assert parse_settings(["--compile"], {}).compile is True
+    assert parse_settings(["--no-compile"], {}).compile is False
+    assert compile_choice(True, **CUDA_DEFAULTS | {"device": "cpu"})[0] is True
+    assert compile_choice(False, **CUDA_DEFAULTS)[0] is False
+
+
+def test_by_default_a_cuda_gpu_with_triton_compiles(monkeypatch):
+    monkeypatch.setattr(fast_path, "_triton_works", lambda: True)
+    assert compile_choice(None, **CUDA_DEFAULTS) == (True, "CUDA GPU with Triton")
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"device": "cpu"}, "only on a CUDA GPU"),
+    ({"device": "mps"}, "only on a CUDA GPU"),
+    ({"offloading": True}, "--medvram/--lowvram"),
+    ({"xformers": True}, "--xformers"),
+    ({"zerogpu": True}, "ZeroGPU"),
+])
+def test_by_default_unsafe_setups_stay_uncompiled(monkeypatch, change, reason):
+    monkeypatch.setattr(fast_path, "_triton_works", lambda: True)
+    compile_now, why = compile_choice(None, **CUDA_DEFAULTS | change)
+    assert compile_now is False and reason in why
+
+
+def test_without_triton_a_cuda_gpu_stays_uncompiled(monkeypatch):
+    monkeypatch.setattr(fast_path, "_triton_works", lambda: False)
+    assert compile_choice(None, **CUDA_DEFAULTS)[0] is False
+
+
+# --- warm-up on the worker ------------------------------------------------------------------------
+def test_the_worker_warms_a_compiled_model_up_in_the_background(models_dir, tmp_path, compile_with, monkeypatch):
+    """Start-up returns before the compile; queued jobs wait behind it and say why; API clients see it."""
+    calls = compile_with("eager")
+    release = threading.Event()
+    from webui.engine.generate import Engine
+
+    real_warm_up = Engine.warm_up
+    shown = []  # what the worker said after each warm-up step
+
+    def held_warm_up(engine, on_step=None):
+        assert release.wait(60), "the test never released the warm-up"
+        real_warm_up(engine, lambda *args: on_step(*args) or shown.append(services.worker.activity))
+
+    monkeypatch.setattr(Engine, "warm_up", held_warm_up)
+    services = next(gen := running_services(models_dir, tmp_path / "out", compile=True))
+    try:
+        worker, engine = services.worker, services.engine
+        assert calls == [True] and is_compiled(engine.pipe)
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "out" / "cache" / "torch-compile")
+        wait_for(lambda: worker.activity == f"Compiling {TINY}", what="the warm-up to start")
+        assert engine.needs_warm_up  # start-up returned while the compile had not run
+
+        job = worker.submit({"prompt": "a red apple", "steps": 2, "seed": 1})
+        assert job.state is JobState.QUEUED
+        assert f"Compiling {TINY}" in progress_html(job, worker.position(job.id), worker.activity)
+        with TestClient(create_api_app(services)) as client:
+            reply = client.get("/sdapi/v1/progress").json()
+        assert reply["textinfo"] == f"Compiling {TINY}" and reply["state"]["queued"] == 1
+
+        release.set()
+        assert job.wait(120) and job.state is JobState.DONE, job.error
+        assert not engine.needs_warm_up and worker.activity is None and worker.warm_up_future.done()
+        assert is_compiled(engine.pipe)
+        assert shown == [f"Compiling {TINY} for 64x64: warm-up step {i}/3" for i in (1, 2, 3)]
+        worker.load_model(TINY)  # the same model again: nothing left to compile
+        assert worker.warm_up_future.done()
+    finally:
+        release.set()
+        gen.close()
+
+
+def test_a_model_that_fails_to_compile_runs_uncompiled(models_dir, tmp_path, compile_with, caplog):
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("this compiler is broken")
+
+    compile_with(broken_backend)
+    with caplog.at_level(logging.WARNING, logger="webui.engine.generate"):
+        for services in running_services(models_dir, tmp_path / "out", compile=True):
+            services.worker.warm_up_future.result(120)  # the fall-back happens during the warm-up
+            engine = services.engine
+            assert not is_compiled(engine.pipe) and not engine.needs_warm_up
+            job = services.worker.submit({"prompt": "a red apple", "steps": 2, "seed": 1})
+            assert job.wait(120) and job.state is JobState.DONE, job.error
+    assert "torch.compile failed (BackendCompilerFailed" in caplog.text and "uncompiled" in caplog.text
+
+
+def test_compiled_variants_are_bounded_and_later_shapes_still_run(models_dir, tmp_path, compile_with, monkeypatch):
+    """Past MAX_COMPILED_VARIANTS shapes the UNet runs uncompiled: the same pictures, no more compiles."""
+    from webui.config import Settings
+    from webui.engine.generate import Engine
+    from webui.engine.models import ModelRegistry
+
+    compiles = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiles.append(graph_module)
+        return graph_module.forward
+
+    def engine_with(compile_flag):
+        settings = Settings(models_dir=models_dir, outdir=tmp_path, device="cpu", compile=compile_flag)
+        engine = Engine(settings, ModelRegistry(models_dir, tmp_path / "hashes.json"))
+        engine.load(TINY)
+        return engine
+
+    monkeypatch.setattr(fast_path, "MAX_COMPILED_VARIANTS", 2)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    compile_with(counting_backend)
+    compiled, plain = engine_with(True), engine_with(False)
+    for width in (64, 72, 80, 88):  # four sizes: two compiled variants, then two uncompiled runs
+        request = GenerationRequest(prompt="a red apple", steps=2, width=width, height=64)
+        ours, theirs = pixels(compiled.generate(request, [3])), pixels(plain.generate(request, [3]))
+        assert np.abs(ours - theirs).max() <= 1, width
+    # One graph for the UNet and one for the VAE decoder per compiled size (the tiny model has no graph
+    # breaks), for the first two sizes only.
+    assert len(compiles) == 2 * 2
+
+
+def test_the_model_picker_shows_the_compile_until_it_is_done(models_dir, tmp_path, compile_with, monkeypatch):
+    from webui.engine.generate import Engine
+    from webui.ui.models import ModelActions
+
+    compile_with("eager")
+    own_models = tmp_path / "models"
+    own_models.mkdir()
+    for name in ("tiny-a", "tiny-b"):
+        (own_models / name).symlink_to(models_dir / TINY, target_is_directory=True)
+    release = threading.Event()
+    real_warm_up = Engine.warm_up
+    monkeypatch.setattr(Engine, "warm_up", lambda engine, on_step=None: release.wait(60)
+                        and real_warm_up(engine, on_step))
+    monkeypatch.setattr("webui.ui.models.WARM_UP_POLL_SECONDS", 0.05)
+    release.set()  # the start-up model compiles at once
+    for services in running_services(own_models, tmp_path / "out", ckpt="tiny-a", compile=True):
+        services.worker.warm_up_future.result(120)
+        release.clear()
+        actions = ModelActions(services)
+        updates = actions.load("tiny-b")
+        assert "Loading tiny-b" in next(updates)[0]
+        loaded_status = next(updates)[0]
+        assert "tiny-b" in loaded_status and "compiling; images wait" in loaded_status
+        assert "Compiling tiny-b" in next(updates)[0]  # polled while the warm-up is held
+        release.set()
+        *_, (final_status, *_) = updates
+        assert "tiny-b" in final_status and "compiling" not in final_status
+        assert not services.engine.needs_warm_up
