@@ -11,7 +11,9 @@ Each row reports the median of --repeats runs after --warmup runs (which absorb 
 with torch.cuda.synchronize() around every timed run. FLOPs are counted once per batch size with
 torch.utils.flop_counter on one UNet pass (CFG doubles its batch) and one VAE decode; a run costs
 steps x UNet + VAE. The floor is FLOPs / peak: the time the arithmetic alone would take at the card's
-peak dense fp16 rate, so "x floor" says how far from the hardware limit a row is.
+peak dense fp16 rate, so "x floor" says how far from the hardware limit a row is. On CUDA the engine
+rows also count the host-device synchronisations inside the denoising loop (JSON: loop_syncs). The JSON
+is rewritten after every row, so a run cut short by a time limit keeps what it measured.
 """
 from __future__ import annotations
 
@@ -182,6 +184,30 @@ def generate_with_engine(engine, args, batch: int):
     return np.stack([np.asarray(r.image, dtype=np.float32) / 255 for r in images])
 
 
+def count_loop_syncs(engine, args, batch: int) -> int | None:
+    """Host-device synchronisations inside the denoising loop, from step 2 to the end (CUDA only): torch
+    warns at each one while its sync debug mode is on, and the step callback turns that on after step 1."""
+    import warnings
+
+    from webui.schemas import GenerationRequest
+
+    if args.device != "cuda":
+        return None
+
+    def on_step(step: int, total: int, _latents) -> None:
+        torch.cuda.set_sync_debug_mode("warn" if step < total else "default")
+
+    request = GenerationRequest(prompt=PROMPT, steps=args.steps, cfg_scale=args.cfg, width=args.size,
+                                height=args.size, sampler_name="Euler")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            engine.generate(request, [args.seed + i for i in range(batch)], on_step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def engine_for(pipe, args):
     import tempfile
 
@@ -222,7 +248,8 @@ def row_pipeline(name: str, components: dict, args, fast_pipe=None):
     return engine_for(pipe, args) if name == "engine" else pipe
 
 
-def run(args) -> dict:
+def run(args, save=lambda report: None) -> dict:
+    """Time every row; save(report) after each, so a run stopped by a time limit keeps what it measured."""
     components = build_components(args)
     flops = {batch: count_flops(make_pipeline(components), args, batch) for batch in args.batch_sizes}
     eager_images, results = {}, []
@@ -242,8 +269,14 @@ def run(args) -> dict:
                 "flops_per_run": flops[batch], "tflops": flops[batch] / median / 1e12,
                 "x_floor": median / (flops[batch] / (args.peak_tflops * 1e12)),
                 "peak_mem_mib": memory, "max_abs_diff_vs_eager": diff,
+                "loop_syncs": count_loop_syncs(pipe, args, batch) if name == "engine" else None,
             })
             print_row(results[-1])
+            save(_report(args, results))
+    return _report(args, results)
+
+
+def _report(args, results: list[dict]) -> dict:
     return {
         "date": dt.date.today().isoformat(), "card": card_name(args.device), "device": args.device,
         "dtype": str(args.dtype).removeprefix("torch."), "torch": torch.__version__, "diffusers": _version("diffusers"),
@@ -290,10 +323,9 @@ def main(argv=None) -> dict:
     print(f"{card_name(args.device)}: {args.size}x{args.size}, {args.steps} Euler steps, CFG {args.cfg}, "
           f"{str(args.dtype).removeprefix('torch.')}, median of {args.repeats} after {args.warmup} warm-up")
     print(HEADER, flush=True)
-    report = run(args)
     path = args.json or default_json_path(args)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    report = run(args, save=lambda partial: path.write_text(json.dumps(partial, indent=2) + "\n"))
     print(f"wrote {path}")
     return report
 

@@ -84,6 +84,22 @@ def test_without_triton_a_cuda_gpu_stays_uncompiled(monkeypatch):
     assert compile_choice(None, **CUDA_DEFAULTS)[0] is False
 
 
+def test_the_compile_cache_goes_to_the_outputs_folder_unless_the_user_chose_one(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from webui.engine.fast_path import use_compile_cache
+
+    # What importing torch._dynamo (diffusers does) leaves in the variable: torch's /tmp default.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    use_compile_cache(tmp_path / "outputs-cache")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "outputs-cache")
+    assert (tmp_path / "outputs-cache").is_dir()
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "the-users-choice"))
+    use_compile_cache(tmp_path / "outputs-cache")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "the-users-choice")
+
+
 # --- warm-up on the worker ------------------------------------------------------------------------
 def test_the_worker_warms_a_compiled_model_up_in_the_background(models_dir, tmp_path, compile_with, monkeypatch):
     """Start-up returns before the compile; queued jobs wait behind it and say why; API clients see it."""

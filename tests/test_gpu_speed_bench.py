@@ -72,3 +72,23 @@ def test_fast_path_gives_the_eager_image_for_the_same_seed(fresh_dynamo):
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"  # compiled in place: class and keys unchanged
     assert fast.shape == eager.shape == (1, 64, 64, 3)
     assert abs(fast - eager).max() < 1e-4
+
+
+def test_the_second_start_compiles_from_the_disk_cache(tmp_path):
+    """bench/compile_start.py with inductor on the tiny model: the first start fills the cache folder
+    (all misses), the second, a fresh process, finds every graph there (hits, no misses)."""
+    out = tmp_path / "start.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE"):
+        env.pop(name, None)  # the benchmark gives each run its own empty cache folder
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_start.py"), "--tiny", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    report = json.loads(out.read_text())
+    first, second = report["first_start"], report["second_start"]
+    assert first["graph_cache_misses"] >= 2 and first["graph_cache_hits"] == 0  # the UNet and the VAE decoder
+    assert second["graph_cache_hits"] == first["graph_cache_misses"] and second["graph_cache_misses"] == 0
+    for start in (first, second):
+        assert start["warm_up_s"] > 0 and start["first_image_s"] > 0
+    assert "second/first warm-up" in proc.stdout

@@ -45,10 +45,16 @@ def _triton_works() -> bool:
 
 
 def use_compile_cache(folder: Path) -> None:
-    """Keep torch.compile's artefacts in a folder that survives restarts, so the second start
-    reuses the compiled kernels instead of compiling again. Set before the first compile."""
+    """Keep torch.compile's artefacts in a folder that survives restarts (/tmp, torch's default, does not
+    on Colab, Spaces or after a reboot), so the second start reuses the compiled kernels. Call it before the
+    first compile; a TORCHINDUCTOR_CACHE_DIR that the user set is kept."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     folder.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    # Importing torch._dynamo already writes torch's default into the variable, so "unset" is not enough.
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 

@@ -1,0 +1,97 @@
+"""How long a compiled model takes to become ready: the first start (empty compile cache) and the second
+(the cache that the first left on disk), each in a fresh process, as app.py starts.
+
+    python bench/compile_start.py              # CUDA: SD 1.5 with random weights, fp16, inductor
+    python bench/compile_start.py --tiny       # CPU: the tiny model of gpu_speed.py --tiny, inductor
+
+A start is timed from the process start to the end of Engine.warm_up (the compile, plus CUDA graph
+recording on a GPU), and the first image after it is timed too, to show the compiled model is in use.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STARTED = time.perf_counter()
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def child(args) -> dict:
+    """One start: set the cache folder, build the model, compile it through the engine's warm-up."""
+    import torch
+
+    from webui.engine.fast_path import apply_fast_path, use_compile_cache
+    from webui.schemas import GenerationRequest
+
+    use_compile_cache(args.cache)  # before torch compiles anything, as the loader does
+    from bench import gpu_speed
+
+    bench_args = gpu_speed.parse_args(["--tiny"] if args.tiny else [])
+    if args.tiny:
+        torch.set_num_threads(1)
+    pipe = gpu_speed.make_pipeline(gpu_speed.build_components(bench_args))
+    apply_fast_path(pipe, compile=True, backend=args.backend)
+    engine = gpu_speed.engine_for(pipe, bench_args)
+    built = time.perf_counter()
+    engine.warm_up()
+    gpu_speed.synchronize(bench_args.device)
+    ready = time.perf_counter()
+    # At the warm-up's (native) size: another size would compile again.
+    engine.generate(GenerationRequest(prompt=gpu_speed.PROMPT, steps=bench_args.steps), [bench_args.seed])
+    gpu_speed.synchronize(bench_args.device)
+    done = time.perf_counter()
+    size = engine.model.native_width
+    counters = torch._dynamo.utils.counters
+    return {"start_to_ready_s": ready - STARTED, "warm_up_s": ready - built, "first_image_s": done - ready,
+            "warm_up_size": f"{size}x{size}", "card": gpu_speed.card_name(bench_args.device),
+            # inductor's on-disk cache of compiled graphs: all misses on a first start, hits on a second
+            "graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+            "graph_cache_misses": counters["inductor"]["fxgraph_cache_miss"]}
+
+
+def start_once(args, cache: Path) -> dict:
+    command = [sys.executable, __file__, "--child", "--cache", str(cache), "--backend", args.backend]
+    proc = subprocess.run(command + (["--tiny"] if args.tiny else []), capture_output=True, text=True,
+                          cwd=ROOT, timeout=args.timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"a start failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="CPU, the tiny model")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (tests pass eager)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds one start may take")
+    p.add_argument("--json", type=Path, help="also write the report here")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return {}
+    with tempfile.TemporaryDirectory(prefix="compile-cache-") as cache:
+        first = start_once(args, Path(cache))   # the cache folder is empty
+        second = start_once(args, Path(cache))  # it holds what the first start compiled
+    report = {"card": first["card"], "backend": args.backend, "tiny": args.tiny, "first_start": first,
+              "second_start": second, "warm_up_ratio_second_to_first": second["warm_up_s"] / first["warm_up_s"]}
+    for name in ("first_start", "second_start"):
+        r = report[name]
+        print(f"{name:<13} ready after {r['start_to_ready_s']:7.1f} s (warm-up {r['warm_up_s']:6.1f} s at "
+              f"{r['warm_up_size']}; graph cache {r['graph_cache_hits']} hits, {r['graph_cache_misses']} misses), "
+              f"then one image in {r['first_image_s']:.3f} s")
+    print(f"second/first warm-up: {report['warm_up_ratio_second_to_first']:.2f} ({report['card']}, {args.backend})")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
