@@ -56,12 +56,22 @@ def child(args) -> dict:
 
 
 def start_once(args, cache: Path) -> dict:
+    """One start in a fresh process; {"error": ...} when it fails or runs past --timeout."""
     command = [sys.executable, __file__, "--child", "--cache", str(cache), "--backend", args.backend]
-    proc = subprocess.run(command + (["--tiny"] if args.tiny else []), capture_output=True, text=True,
-                          cwd=ROOT, timeout=args.timeout)
+    try:
+        proc = subprocess.run(command + (["--tiny"] if args.tiny else []), capture_output=True, text=True,
+                              cwd=ROOT, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"not ready within --timeout {args.timeout:g} s"}
     if proc.returncode != 0:
-        raise SystemExit(f"a start failed:\n{proc.stderr[-3000:]}")
+        return {"error": proc.stderr[-3000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def save(args, report: dict) -> None:
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main(argv=None) -> dict:
@@ -76,20 +86,20 @@ def main(argv=None) -> dict:
     if args.child:
         print(json.dumps(child(args)))
         return {}
+    report = {"backend": args.backend, "tiny": args.tiny}
     with tempfile.TemporaryDirectory(prefix="compile-cache-") as cache:
-        first = start_once(args, Path(cache))   # the cache folder is empty
-        second = start_once(args, Path(cache))  # it holds what the first start compiled
-    report = {"card": first["card"], "backend": args.backend, "tiny": args.tiny, "first_start": first,
-              "second_start": second, "warm_up_ratio_second_to_first": second["warm_up_s"] / first["warm_up_s"]}
-    for name in ("first_start", "second_start"):
-        r = report[name]
-        print(f"{name:<13} ready after {r['start_to_ready_s']:7.1f} s (warm-up {r['warm_up_s']:6.1f} s at "
-              f"{r['warm_up_size']}; graph cache {r['graph_cache_hits']} hits, {r['graph_cache_misses']} misses), "
-              f"then one image in {r['first_image_s']:.3f} s")
+        for name in ("first_start", "second_start"):  # the first finds the folder empty, the second filled
+            report[name] = start = start_once(args, Path(cache))
+            save(args, report)  # after each start: a run cut short keeps the first
+            if "error" in start:
+                raise SystemExit(f"{name} failed: {start['error']}")
+            print(f"{name:<13} ready after {start['start_to_ready_s']:7.1f} s (warm-up {start['warm_up_s']:6.1f} s at "
+                  f"{start['warm_up_size']}; graph cache {start['graph_cache_hits']} hits, "
+                  f"{start['graph_cache_misses']} misses), then one image in {start['first_image_s']:.3f} s", flush=True)
+    report["card"] = report["first_start"]["card"]
+    report["warm_up_ratio_second_to_first"] = report["second_start"]["warm_up_s"] / report["first_start"]["warm_up_s"]
+    save(args, report)
     print(f"second/first warm-up: {report['warm_up_ratio_second_to_first']:.2f} ({report['card']}, {args.backend})")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -3,7 +3,8 @@
 # of bench/gpu_speed.py (checking the fast path's images against eager), then the first and second
 # start of a compiled model (bench/compile_start.py). JSON and logs go to $OUT.
 #   local:  bash bench/prepare_device_wheels.sh
-#   device: run command "bash bench/device_check.sh", carry [".wheels"], timeout_s 590
+#   device: run command "bash bench/device_check.sh", carry [".wheels"], timeout_s 600
+# Both scripts save their JSON as they go, so a part cut off by its timeout keeps what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
@@ -13,9 +14,8 @@ python3 -m pip install --quiet --no-deps --no-index .wheels/*.whl 2>&1 | tail -2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
-# Each compiled row costs about a minute per batch size; gpu_speed.py rewrites its JSON after each row,
-# so a run stopped by the timeout keeps the rows it finished.
-timeout 400 python3 bench/gpu_speed.py --repeats 5 --warmup 2 \
+# Each compiled row costs about a minute per batch size.
+timeout 365 python3 bench/gpu_speed.py --repeats 5 --warmup 2 \
   --json "$OUT/$(date +%F)-${card}.json" 2>&1 | tee "$OUT/gpu_speed.log" | grep -v Warning
-timeout 170 python3 bench/compile_start.py --timeout 160 \
+timeout 215 python3 bench/compile_start.py --timeout 130 \
   --json "$OUT/$(date +%F)-${card}-compile-start.json" 2>&1 | tee "$OUT/compile_start.log" | grep -v Warning

@@ -43,3 +43,16 @@ def services(settings):
     built = build_services(settings)
     yield built
     built.close()
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """No compiled code from earlier tests in, none left behind for later ones."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: threads only add OpenMP stalls on a busy shared CPU
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    torch.set_num_threads(threads)

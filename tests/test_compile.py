@@ -25,13 +25,6 @@ CUDA_DEFAULTS = dict(device="cuda", offloading=False, xformers=False, zerogpu=Fa
 
 
 @pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()  # leave no compiled code behind for other tests
-
-
-@pytest.fixture
 def compile_with(monkeypatch, fresh_dynamo):
     """Make the engine compile with a given torch.compile backend; records every apply_fast_path call."""
     calls = []
@@ -201,7 +194,7 @@ def test_the_model_picker_shows_the_compile_until_it_is_done(models_dir, tmp_pat
     real_warm_up = Engine.warm_up
     monkeypatch.setattr(Engine, "warm_up", lambda engine, on_step=None: release.wait(60)
                         and real_warm_up(engine, on_step))
-    monkeypatch.setattr("webui.ui.models.WARM_UP_POLL_SECONDS", 0.05)
+    monkeypatch.setattr("webui.ui.models.WARM_UP_POLL_SECONDS", 0.01)
     release.set()  # the start-up model compiles at once
     for services in running_services(own_models, tmp_path / "out", ckpt="tiny-a", compile=True):
         services.worker.warm_up_future.result(120)
@@ -211,8 +204,56 @@ def test_the_model_picker_shows_the_compile_until_it_is_done(models_dir, tmp_pat
         assert "Loading tiny-b" in next(updates)[0]
         loaded_status = next(updates)[0]
         assert "tiny-b" in loaded_status and "compiling; images wait" in loaded_status
+        wait_for(lambda: services.worker.activity == "Compiling tiny-b", what="the warm-up to start")
         assert "Compiling tiny-b" in next(updates)[0]  # polled while the warm-up is held
         release.set()
         *_, (final_status, *_) = updates
         assert "tiny-b" in final_status and "compiling" not in final_status
         assert not services.engine.needs_warm_up
+
+
+def test_a_job_queued_during_a_load_waits_for_the_warm_up(models_dir, tmp_path, compile_with, monkeypatch):
+    """The warm-up goes first in line, so the user who pressed Generate while the model loaded does
+    not pay the compile; a model loaded by a job itself is warm once that job has run."""
+    from webui.engine.generate import Engine
+
+    compile_with("eager")
+    own_models = tmp_path / "models"
+    own_models.mkdir()
+    for name in ("tiny-a", "tiny-b"):
+        (own_models / name).symlink_to(models_dir / TINY, target_is_directory=True)
+    loading, release, events = threading.Event(), threading.Event(), []
+    real_load, real_warm_up = Engine.load, Engine.warm_up
+
+    def held_load(engine, name):
+        if name == "tiny-b":
+            loading.set()
+            assert release.wait(60), "the test never released the load"
+        return real_load(engine, name)
+
+    def recorded_warm_up(engine, on_step=None):
+        real_warm_up(engine, on_step)
+        events.append(f"{engine.model.entry.name} warmed up")
+
+    monkeypatch.setattr(Engine, "load", held_load)
+    monkeypatch.setattr(Engine, "warm_up", recorded_warm_up)
+    for services in running_services(own_models, tmp_path / "out", ckpt="tiny-a", compile=True):
+        worker = services.worker
+        worker.warm_up_future.result(120)
+        loader = threading.Thread(target=worker.load_model, args=("tiny-b",))
+        loader.start()
+        assert loading.wait(60)
+        job = worker.submit({"prompt": "a red apple", "steps": 2, "seed": 1})  # while tiny-b loads
+        real_generate = services.engine.generate
+        monkeypatch.setattr(services.engine, "generate",
+                            lambda *args: events.append("an image") or real_generate(*args))
+        release.set()
+        loader.join(60)
+        assert job.wait(120) and job.state is JobState.DONE, job.error
+        # The warm-up's image, then the job's: had the job gone first, it would have compiled tiny-b.
+        assert events == ["tiny-a warmed up", "an image", "tiny-b warmed up", "an image"]
+
+        # A job that asks for another model loads it itself (no warm-up queued) and compiles while it runs.
+        job = worker.submit({"prompt": "a red apple", "steps": 2, "seed": 1, "model": "tiny-a"})
+        assert job.wait(120) and job.state is JobState.DONE, job.error
+        assert services.engine.model.entry.name == "tiny-a" and not services.engine.needs_warm_up

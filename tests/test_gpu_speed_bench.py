@@ -39,16 +39,6 @@ def test_tiny_bench_writes_every_row_with_positive_numbers(tmp_path):
     assert "fast_path" in proc.stdout and "max|diff|" in proc.stdout  # the table is printed
 
 
-@pytest.fixture
-def fresh_dynamo():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: threads only add OpenMP stalls on a busy shared CPU
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()  # leave no compiled code behind for other tests
-    torch.set_num_threads(threads)
-
-
 def test_fast_path_gives_the_eager_image_for_the_same_seed(fresh_dynamo):
     from diffusers.models.attention_processor import AttnProcessor2_0
 

@@ -115,7 +115,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         # What the worker does between jobs (loading or compiling a model), for people waiting; else None.
         self.activity: str | None = None
-        self.warm_up_future: Future | None = None  # the last warm-up queued by load_model
+        self.warm_up_future: Future | None = None  # the last warm-up queued by load_model (tests wait on it)
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -199,10 +199,21 @@ class Worker:
 
     def load_model(self, name: str, timeout: float | None = None) -> LoadedModel:
         """Load a model and return once it is ready; a compiled model's warm-up follows in the
-        background (queued jobs wait behind it, and see what it is doing in `activity`)."""
-        model = self.call(lambda engine: engine.load(name), f"Loading model {name}").result(timeout)
-        if self.engine.needs_warm_up:
-            self.warm_up_future = self.call(self._warm_up, f"Compiling {model.entry.name}")
+        background, before any job (queued jobs wait behind it and see what it does in `activity`)."""
+        return self.call(lambda engine: self._load_then_queue_warm_up(engine, name),
+                         f"Loading model {name}").result(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _load_then_queue_warm_up(self, engine: Engine, name: str) -> LoadedModel:
+        model = engine.load(name)
+        if engine.needs_warm_up:
+            future: Future = Future()
+            with self._wake:  # first in line: a job queued during the load must not pay the compile
+                self._queue.appendleft(_Call(self._warm_up, future, f"Compiling {model.entry.name}"))
+            self.warm_up_future = future
         return model
 
     def _warm_up(self, engine: Engine) -> None:

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import torch
 
-# Each new (size, batch, prompt length) compiles a new variant of the UNet and keeps its CUDA graphs.
-# Past this many, torch runs the UNet uncompiled for further shapes instead of compiling without end.
+# A new size, batch size, prompt length (75-token chunks), CFG on/off or timestep dtype (samplers differ)
+# compiles another variant of the UNet and keeps its CUDA graphs. torch counts variants per model class for
+# the whole process: past this many, shapes it has not seen run uncompiled (for every model loaded later too),
+# while the variants already compiled keep running compiled. torch's default is the same; set here so the
+# bound does not move with torch.
 MAX_COMPILED_VARIANTS = 8
-# What torch raises when tracing or compiling fails (BackendCompilerFailed and its kin).
-CompileError = torch._dynamo.exc.TorchDynamoException
+# What torch raises when the compiler itself fails; an error in the model's own ops is not among them.
+CompileError = (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.InternalTorchDynamoError)
 
 
 def compile_choice(wanted: bool | None, *, device: str, offloading: bool, xformers: bool,
@@ -32,7 +35,7 @@ def compile_choice(wanted: bool | None, *, device: str, offloading: bool, xforme
     if xformers:
         return False, "--xformers attention cannot be compiled"
     if zerogpu:
-        return False, "ZeroGPU runs each call in a fresh process, so every call would compile again"
+        return False, "on ZeroGPU the GPU exists only inside each call's forked process, not at load time"
     if not _triton_works():
         return False, "Triton is missing or this GPU is older than compute capability 7.0"
     return True, "CUDA GPU with Triton"
@@ -55,8 +58,7 @@ def use_compile_cache(folder: Path) -> None:
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    # The caches of compiled graphs and kernels are on by default in torch >= 2.4; they follow this folder.
 
 
 def apply_fast_path(pipe, *, compile: bool, channels_last: bool = True, backend: str = "inductor"):
@@ -94,7 +96,7 @@ def apply_fast_path(pipe, *, compile: bool, channels_last: bool = True, backend:
 
 
 def undo_compile(pipe) -> None:
-    """Run the UNet and VAE decoder uncompiled again (after a compile failed); the rest of the fast
+    """Run the UNet and VAE decoder uncompiled again (after the compiler failed); the rest of the fast
     path (SDPA, channels-last) stays. nn.Module has no public way back, so reset what .compile() set."""
     for module in (pipe.unet, pipe.vae.decoder):
         module._compiled_call_impl = None

@@ -87,16 +87,19 @@ class Engine:
         return self.pipe is not None and is_compiled(self.pipe) and not self._warmed_up
 
     def warm_up(self, on_step: StepCallback | None = None) -> None:
-        """Compile now (the worker runs this right after a load), so no user's image pays for it.
-        Three steps: torch compiles on the first UNet call, records CUDA graphs on the second."""
+        """Compile now (the worker runs this right after a load), so no user's image pays for it: one image
+        at the native size, batch 1, CFG on. Three steps: torch compiles the UNet on the first call and
+        records its CUDA graph on the second; the VAE decoder's graph is recorded by the first real image."""
         if not self.needs_warm_up:
             return
         width, height = self.model.native_width, self.model.native_height
         log.info("compiling %s for %dx%d (the first start at a size; later starts reuse the cache)",
                  self.model.entry.name, width, height)
         started = time.perf_counter()
-        self.generate(GenerationRequest(prompt="warm-up", steps=3), [0], on_step)
-        self._warmed_up = True
+        try:
+            self.generate(GenerationRequest(prompt="warm-up", steps=3), [0], on_step)
+        finally:
+            self._warmed_up = True  # tried once: a failure (out of memory, say) is not retried at every load
         log.info("warm-up done in %.1f s", time.perf_counter() - started)
 
     def use_pipeline(self, pipe, entry: ModelEntry, short_hash: str | None = None) -> LoadedModel:
@@ -124,7 +127,7 @@ class Engine:
     def generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None) -> list[EngineImage]:
         """Denoise and decode one batch: image i uses seeds[i]."""
         try:
-            return self._generate(request, seeds, on_step)
+            images = self._generate(request, seeds, on_step)
         except CompileError as err:
             if not is_compiled(self.pipe):
                 raise
@@ -132,7 +135,9 @@ class Engine:
             log.warning("torch.compile failed (%s: %s); running %s uncompiled from now on",
                         type(err).__name__, str(err).splitlines()[0], self.model.entry.name)
             undo_compile(self.pipe)
-            return self._generate(request, seeds, on_step)
+            images = self._generate(request, seeds, on_step)
+        self._warmed_up = True  # whatever ran has compiled its shapes
+        return images
 
     def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None) -> list[EngineImage]:
         model = self.require_model()

@@ -6,7 +6,7 @@ multi-GB file at start-up; the hash of the loaded model shows in the status line
 from __future__ import annotations
 
 import logging
-from concurrent.futures import wait
+import time
 from dataclasses import dataclass
 
 import gradio as gr
@@ -17,6 +17,7 @@ from webui.ui.progress import error_html, notice_html
 log = logging.getLogger(__name__)
 DEFAULT_SIZE = 512  # slider value when no model is loaded yet
 WARM_UP_POLL_SECONDS = 0.5
+WARM_UP_WATCH_SECONDS = 15 * 60  # a compile takes a minute or two; stop watching a stuck one
 
 
 @dataclass
@@ -86,12 +87,18 @@ class ModelActions:
             yield error_html(f"Could not load {name}: {err}"), self.current(), gr.skip(), gr.skip()
             return
         yield self.status(), model.entry.name, model.native_width, model.native_height
-        warm_up = self.services.worker.warm_up_future
-        if warm_up is not None and not warm_up.done():
-            while not wait([warm_up], timeout=WARM_UP_POLL_SECONDS).done:
-                yield notice_html(self.services.worker.activity or f"{name} compiles after the queued jobs"), \
+        if self._compiling(model):
+            deadline = time.monotonic() + WARM_UP_WATCH_SECONDS
+            while self._compiling(model) and time.monotonic() < deadline:
+                yield notice_html(self.services.worker.activity or f"{name} compiles next"), \
                     gr.skip(), gr.skip(), gr.skip()
+                time.sleep(WARM_UP_POLL_SECONDS)
             yield self.status(), gr.skip(), gr.skip(), gr.skip()
+
+    def _compiling(self, model) -> bool:
+        """The worker has yet to warm up this model (and has not moved on to another one)."""
+        engine, worker = self.services.engine, self.services.worker
+        return engine.model == model and engine.needs_warm_up and worker.alive
 
 
 def build_model_picker(actions: ModelActions) -> ModelPicker:
