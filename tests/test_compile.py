@@ -257,3 +257,32 @@ def test_a_job_queued_during_a_load_waits_for_the_warm_up(models_dir, tmp_path, 
         job = worker.submit({"prompt": "a red apple", "steps": 2, "seed": 1, "model": "tiny-a"})
         assert job.wait(120) and job.state is JobState.DONE, job.error
         assert services.engine.model.entry.name == "tiny-a" and not services.engine.needs_warm_up
+
+
+def test_a_job_at_a_new_size_says_it_is_compiling(models_dir, tmp_path, compile_with, monkeypatch):
+    compile_with("eager")
+    first_step = threading.Event()
+    for services in running_services(models_dir, tmp_path / "out", compile=True):
+        worker, engine = services.worker, services.engine
+        worker.warm_up_future.result(120)
+        wide = GenerationRequest(prompt="a red apple", steps=2, width=96, height=64)
+        assert engine.compiles_for(wide, 1) and not engine.compiles_for(GenerationRequest(prompt="x"), 1)
+
+        real_generate = engine.generate
+        monkeypatch.setattr(engine, "generate", lambda *args: first_step.wait(60) and real_generate(*args))
+        job = worker.submit(wide.model_dump())
+        wait_for(lambda: job.state is JobState.RUNNING, what="the job to start")
+        note = "Compiling for 96x64, batch of 1, Euler"
+        assert note in progress_html(job, None)
+        with TestClient(create_api_app(services)) as client:
+            assert note in client.get("/sdapi/v1/progress").json()["textinfo"]
+            assert note in client.get(f"/api/v1/jobs/{job.id}").json()["progress"]["note"]
+        first_step.set()
+        assert job.wait(120) and job.state is JobState.DONE, job.error
+        assert not engine.compiles_for(wide, 1)  # compiled now
+        assert engine.compiles_for(wide, 2)  # another batch size is another variant
+
+    uncompiled = running_services(models_dir, tmp_path / "out2")
+    services = next(uncompiled)
+    assert not services.engine.compiles_for(wide, 1)
+    uncompiled.close()

@@ -126,3 +126,4 @@ class Progress:
     image_count: int = 0
     eta_seconds: float | None = None
     fraction: float = 0.0
+    note: str | None = None  # what holds the first step back, such as a compile

@@ -304,6 +304,7 @@ class Worker:
             job.skip_event.clear()
             seeds = job.seeds[batch * request.batch_size:(batch + 1) * request.batch_size]
             job.progress.image_index = batch * request.batch_size
+            job.progress.note = self._compile_note(request, len(seeds))
             started = time.time()
             try:
                 results = self.engine.generate(request, seeds, self._step_callback(job, batch))
@@ -317,6 +318,13 @@ class Worker:
             job.grid = make_grid([im.image for im in job.images])
             if request.save_images:
                 job.grid_path = str(self.outputs.save_grid(job.grid, first.infotext))
+
+    def _compile_note(self, request: GenerationRequest, batch_size: int) -> str | None:
+        if not self.engine.compiles_for(request, batch_size):
+            return None
+        width, height = self.engine.require_model().size_for(request)
+        return (f"Compiling for {width}x{height}, batch of {batch_size}, {request.sampler_name} "
+                "(once for each new size, batch size or sampler; later runs reuse it)")
 
     def _step_callback(self, job: Job, batch: int):
         batches = job.request.n_iter

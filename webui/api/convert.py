@@ -233,4 +233,4 @@ def job_progress(job: Job) -> JobProgress:
     p = job.progress
     return JobProgress(step=p.step, total_steps=p.total_steps or job.request.steps, fraction=min(p.fraction, 1.0),
                        eta_seconds=p.eta_seconds, image_index=p.image_index,
-                       image_count=p.image_count or job.request.image_count)
+                       image_count=p.image_count or job.request.image_count, note=p.note)

@@ -153,6 +153,7 @@ class JobProgress(BaseModel):
     eta_seconds: float | None
     image_index: int
     image_count: int
+    note: str | None = Field(None, description="what holds the first step back, such as a compile")
 
 
 class JobCreated(BaseModel):

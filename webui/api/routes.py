@@ -173,7 +173,7 @@ class Api:
             "queued": self.worker.queue_length(),
         }
         return ProgressResponse(progress=min(p.fraction, 1.0), eta_relative=p.eta_seconds or 0.0, state=state,
-                                current_image=current_image, textinfo=f"Step {p.step}/{steps}",
+                                current_image=current_image, textinfo=p.note or f"Step {p.step}/{steps}",
                                 current_task=job.id)
 
     def interrupt(self) -> dict:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from webui.config import Settings
+from webui.engine import fast_path
 from webui.engine.fast_path import CompileError, is_compiled, undo_compile
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
@@ -57,6 +58,9 @@ class Engine:
         self.model: LoadedModel | None = None
         self._base_scheduler_config: dict | None = None
         self._warmed_up = False
+        # What compiled variants exist (see fast_path.MAX_COMPILED_VARIANTS): torch shares them between
+        # the models of one class, so this outlives a model switch.
+        self._shapes_run: set[tuple] = set()
 
     # --- models ---------------------------------------------------------------------------
     def load(self, name: str) -> LoadedModel:
@@ -137,7 +141,20 @@ class Engine:
             undo_compile(self.pipe)
             images = self._generate(request, seeds, on_step)
         self._warmed_up = True  # whatever ran has compiled its shapes
+        self._shapes_run.add(self._shape_key(request, len(seeds)))
         return images
+
+    def compiles_for(self, request: GenerationRequest, batch_size: int) -> bool:
+        """Whether this batch will likely wait for a compile first: a compiled model at a size, batch size,
+        CFG on/off or sampler it has not run yet (samplers differ in their timestep type), while the
+        bound on compiled variants still allows one more."""
+        return (self.pipe is not None and is_compiled(self.pipe)
+                and self._shape_key(request, batch_size) not in self._shapes_run
+                and len(self._shapes_run) < fast_path.MAX_COMPILED_VARIANTS)
+
+    def _shape_key(self, request: GenerationRequest, batch_size: int) -> tuple:
+        width, height = self.require_model().size_for(request)
+        return width, height, batch_size, request.cfg_scale > 1, request.sampler_name, request.scheduler
 
     def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None) -> list[EngineImage]:
         model = self.require_model()

@@ -44,7 +44,7 @@ def progress_html(job: Job, position: int | None, worker_activity: str | None = 
         return _bar(0.0, f"{text} · {worker_activity}" if worker_activity else text)
     progress = job.progress
     if job.state is JobState.RUNNING and progress.step == 0:
-        return _bar(0.0, "Starting…")
+        return _bar(0.0, progress.note or "Starting…")
     image = f" · image {progress.image_index + 1}/{progress.image_count}" if progress.image_count > 1 else ""
     text = (f"Step {progress.step}/{progress.total_steps}{image} · "
             f"{progress.fraction:.0%} · ETA {format_seconds(progress.eta_seconds)}")
