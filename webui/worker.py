@@ -220,7 +220,8 @@ class Worker:
         name, width, height = engine.model.entry.name, engine.model.native_width, engine.model.native_height
 
         def on_step(step: int, total: int, _latents) -> None:
-            self.activity = f"Compiling {name} for {width}x{height}: warm-up step {step}/{total}"
+            self.activity = f"Compiling {name} for {width}x{height}: warm-up step {step}/{total}" + (
+                ", then the VAE decoder" if step == total else "")
 
         try:
             engine.warm_up(on_step)
