@@ -260,6 +260,42 @@ def test_a_job_queued_during_a_load_waits_for_the_warm_up(models_dir, tmp_path, 
         assert services.engine.model.entry.name == "tiny-a" and not services.engine.needs_warm_up
 
 
+def test_the_engine_predicts_which_parts_compile(models_dir, tmp_path, compile_with):
+    """pending_compiles against what torch really compiles: one graph per part on the tiny model."""
+    from webui.config import Settings
+    from webui.engine.generate import Engine
+    from webui.engine.models import ModelRegistry
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compile_with(counting_backend)
+    engine = Engine(Settings(models_dir=models_dir, outdir=tmp_path, device="cpu", compile=True),
+                    ModelRegistry(models_dir, tmp_path / "hashes.json"))
+    engine.load(TINY)
+    engine.warm_up()
+    long_prompt = " ".join(["apple"] * 100)  # two 75-token chunks
+    cases = [  # (what changes, seeds, the parts expected to compile)
+        ({}, [1], []),
+        ({"sampler_name": "Euler"}, [1], []),  # float timesteps, as the warm-up's sampler
+        ({"sampler_name": "DPM++ 2M"}, [1], ["UNet"]),  # integer timesteps
+        ({"width": 96}, [1], ["UNet", "VAE decoder"]),
+        ({"prompt": long_prompt}, [1], ["UNet"]),
+        ({"cfg_scale": 1}, [1], ["UNet"]),  # no CFG: half the UNet batch
+        ({}, [1, 2], ["UNet", "VAE decoder"]),
+        ({"width": 96}, [1], []),  # seen above
+    ]
+    for change, seeds, expected in cases:
+        request = GenerationRequest(**{"prompt": "a red apple", "steps": 2} | change)
+        assert engine.pending_compiles(request, len(seeds)) == expected, change
+        before = len(graphs)
+        engine.generate(request, seeds)
+        assert len(graphs) - before == len(expected), change  # the prediction matches torch
+
+
 def test_a_job_at_a_new_size_says_it_is_compiling(models_dir, tmp_path, compile_with, monkeypatch):
     compile_with("eager")
     first_step = threading.Event()
@@ -267,23 +303,24 @@ def test_a_job_at_a_new_size_says_it_is_compiling(models_dir, tmp_path, compile_
         worker, engine = services.worker, services.engine
         worker.warm_up_future.result(120)
         wide = GenerationRequest(prompt="a red apple", steps=2, width=96, height=64)
-        assert engine.compiles_for(wide, 1) and not engine.compiles_for(GenerationRequest(prompt="x"), 1)
-
         real_generate = engine.generate
         monkeypatch.setattr(engine, "generate", lambda *args: first_step.wait(60) and real_generate(*args))
         job = worker.submit(wide.model_dump())
-        wait_for(lambda: job.state is JobState.RUNNING, what="the job to start")
-        note = "Compiling for 96x64, batch of 1, Euler"
+        wait_for(lambda: job.progress.note, what="the job to say it compiles")
+        note = "Compiling the UNet and the VAE decoder for 96x64"
         assert note in progress_html(job, None)
         with TestClient(create_api_app(services)) as client:
             assert note in client.get("/sdapi/v1/progress").json()["textinfo"]
             assert note in client.get(f"/api/v1/jobs/{job.id}").json()["progress"]["note"]
         first_step.set()
         assert job.wait(120) and job.state is JobState.DONE, job.error
-        assert not engine.compiles_for(wide, 1)  # compiled now
-        assert engine.compiles_for(wide, 2)  # another batch size is another variant
+        assert job.progress.note is None
 
-    uncompiled = running_services(models_dir, tmp_path / "out2")
-    services = next(uncompiled)
-    assert not services.engine.compiles_for(wide, 1)
-    uncompiled.close()
+        # Interrupted while it waits for the compile: the note goes with it.
+        first_step.clear()
+        job = worker.submit(wide.model_dump() | {"width": 128})
+        wait_for(lambda: job.progress.note, what="the job to say it compiles")
+        worker.cancel(job.id)
+        first_step.set()
+        assert job.wait(120) and job.state is JobState.CANCELLED
+        assert job.progress.note is None

@@ -305,12 +305,15 @@ class Worker:
             job.skip_event.clear()
             seeds = job.seeds[batch * request.batch_size:(batch + 1) * request.batch_size]
             job.progress.image_index = batch * request.batch_size
-            job.progress.note = self._compile_note(request, len(seeds))
+            compiling = self.engine.pending_compiles(request, len(seeds))
+            job.progress.note = self._compile_note(request, compiling)
             started = time.time()
             try:
-                results = self.engine.generate(request, seeds, self._step_callback(job, batch))
+                results = self.engine.generate(request, seeds, self._step_callback(job, batch, compiling))
             except BatchSkipped:
                 continue
+            finally:
+                job.progress.note = None
             seconds = (time.time() - started) / len(results)
             for i, result in enumerate(results):
                 self._keep_image(job, result, batch * request.batch_size + i, seconds)
@@ -320,15 +323,18 @@ class Worker:
             if request.save_images:
                 job.grid_path = str(self.outputs.save_grid(job.grid, first.infotext))
 
-    def _compile_note(self, request: GenerationRequest, batch_size: int) -> str | None:
-        if not self.engine.compiles_for(request, batch_size):
+    def _compile_note(self, request: GenerationRequest, parts: list[str]) -> str | None:
+        """What a batch waits for before its first step (or after its last), in words; None when nothing."""
+        if not parts:
             return None
         width, height = self.engine.require_model().size_for(request)
-        return (f"Compiling for {width}x{height}, batch of {batch_size}, {request.sampler_name} "
-                "(once for each new size, batch size or sampler; later runs reuse it)")
+        return (f"Compiling the {' and the '.join(parts)} for {width}x{height} (once for each new size, batch "
+                "size, prompt length or kind of sampler; later runs reuse it)")
 
-    def _step_callback(self, job: Job, batch: int):
+    def _step_callback(self, job: Job, batch: int, compiling: list[str]):
         batches = job.request.n_iter
+        # The VAE decoder compiles after the last step, while the bar would otherwise say 100 %.
+        decoder_note = self._compile_note(job.request, ["VAE decoder"] if "VAE decoder" in compiling else [])
 
         def on_step(step: int, total_steps: int, latents: torch.Tensor) -> None:
             """total_steps counts the scheduler's model calls (Heun and DPM2 make two per step)."""
@@ -342,6 +348,7 @@ class Worker:
                 step=step, total_steps=total_steps, image_index=batch * job.request.batch_size,
                 image_count=job.request.image_count, fraction=fraction,
                 eta_seconds=elapsed / fraction * (1 - fraction),
+                note=decoder_note if step == total_steps else None,
             )
             if (self.preview_every and step % self.preview_every == 0 and step < total_steps
                     and job.preview_watched()):

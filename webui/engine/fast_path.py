@@ -41,6 +41,24 @@ def compile_choice(wanted: bool | None, *, device: str, offloading: bool, xforme
     return True, "CUDA GPU with Triton"
 
 
+class CompiledShapes:
+    """The input shapes that the compiled UNet and VAE decoder have run with. torch keeps one compiled
+    variant per shape (up to MAX_COMPILED_VARIANTS), so an unseen shape means a wait for a compile first.
+    torch shares variants between the models of one class, so one record serves every model loaded."""
+
+    def __init__(self):
+        self._seen: dict[str, set[tuple]] = {"UNet": set(), "VAE decoder": set()}
+
+    def pending(self, keys: dict[str, tuple]) -> list[str]:
+        """The parts that will compile for these shapes, in the order they run."""
+        return [part for part, key in keys.items()
+                if key not in self._seen[part] and len(self._seen[part]) < MAX_COMPILED_VARIANTS]
+
+    def record(self, keys: dict[str, tuple]) -> None:
+        for part, key in keys.items():
+            self._seen[part].add(key)
+
+
 def _triton_works() -> bool:
     from torch.utils._triton import has_triton
 

@@ -15,12 +15,11 @@ import torch
 from PIL import Image
 
 from webui.config import Settings
-from webui.engine import fast_path
-from webui.engine.fast_path import CompileError, is_compiled, undo_compile
+from webui.engine.fast_path import CompiledShapes, CompileError, is_compiled, undo_compile
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.preview import latents_to_preview
-from webui.engine.prompts import encode_prompt_pair
+from webui.engine.prompts import chunk_count, encode_prompt_pair
 from webui.engine.samplers import make_scheduler
 from webui.schemas import GenerationRequest
 
@@ -58,9 +57,7 @@ class Engine:
         self.model: LoadedModel | None = None
         self._base_scheduler_config: dict | None = None
         self._warmed_up = False
-        # What compiled variants exist (see fast_path.MAX_COMPILED_VARIANTS): torch shares them between
-        # the models of one class, so this outlives a model switch.
-        self._shapes_run: set[tuple] = set()
+        self._compiled_shapes = CompiledShapes()  # outlives a model switch, as torch's variants do
 
     # --- models ---------------------------------------------------------------------------
     def load(self, name: str) -> LoadedModel:
@@ -141,20 +138,28 @@ class Engine:
             undo_compile(self.pipe)
             images = self._generate(request, seeds, on_step)
         self._warmed_up = True  # whatever ran has compiled its shapes
-        self._shapes_run.add(self._shape_key(request, len(seeds)))
+        if is_compiled(self.pipe):
+            self._compiled_shapes.record(self._shape_keys(request, len(seeds)))
         return images
 
-    def compiles_for(self, request: GenerationRequest, batch_size: int) -> bool:
-        """Whether this batch will likely wait for a compile first: a compiled model at a size, batch size,
-        CFG on/off or sampler it has not run yet (samplers differ in their timestep type), while the
-        bound on compiled variants still allows one more."""
-        return (self.pipe is not None and is_compiled(self.pipe)
-                and self._shape_key(request, batch_size) not in self._shapes_run
-                and len(self._shapes_run) < fast_path.MAX_COMPILED_VARIANTS)
+    def pending_compiles(self, request: GenerationRequest, batch_size: int) -> list[str]:
+        """The parts ("UNet", "VAE decoder") that will compile before this batch can run: a compiled
+        model at shapes it has not run yet."""
+        if self.pipe is None or not is_compiled(self.pipe):
+            return []
+        return self._compiled_shapes.pending(self._shape_keys(request, batch_size))
 
-    def _shape_key(self, request: GenerationRequest, batch_size: int) -> tuple:
+    def _shape_keys(self, request: GenerationRequest, batch_size: int) -> dict[str, tuple]:
+        """What picks a compiled variant: the input shapes, and the timestep dtype (samplers differ)."""
+        pipe = self.pipe
         width, height = self.require_model().size_for(request)
-        return width, height, batch_size, request.cfg_scale > 1, request.sampler_name, request.scheduler
+        latent = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        scheduler = make_scheduler(self._base_scheduler_config, request.sampler_name, request.scheduler)
+        scheduler.set_timesteps(request.steps)
+        chunks = max(chunk_count(pipe.tokenizer, request.prompt), chunk_count(pipe.tokenizer, request.negative_prompt))
+        unet_rows = batch_size * (2 if request.cfg_scale > 1 else 1)  # CFG runs both prompts in one batch
+        return {"UNet": (*latent, unet_rows, chunks, scheduler.timesteps.dtype, pipe.unet.config.cross_attention_dim),
+                "VAE decoder": (*latent, batch_size, pipe.vae.config.latent_channels)}
 
     def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None) -> list[EngineImage]:
         model = self.require_model()

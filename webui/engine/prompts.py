@@ -25,6 +25,11 @@ def encode_prompt_pair(pipe, prompts: list[str], negatives: list[str], clip_skip
     return embeddings[: len(prompts)], embeddings[len(prompts):]
 
 
+def chunk_count(tokenizer, text: str) -> int:
+    """How many 77-token chunks a prompt takes (the text encoder's output is chunks x 77 long)."""
+    return len(_chunks(tokenizer, text))
+
+
 def _chunks(tokenizer, text: str) -> list[list[int]]:
     """Token ids of one prompt as chunks of 77: start marker, up to 75 tokens, end marker, padding."""
     ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids

@@ -48,7 +48,7 @@ def progress_html(job: Job, position: int | None, worker_activity: str | None = 
     image = f" · image {progress.image_index + 1}/{progress.image_count}" if progress.image_count > 1 else ""
     text = (f"Step {progress.step}/{progress.total_steps}{image} · "
             f"{progress.fraction:.0%} · ETA {format_seconds(progress.eta_seconds)}")
-    return _bar(progress.fraction, text)
+    return _bar(progress.fraction, f"{text} · {progress.note}" if progress.note else text)
 
 
 def final_html(job: Job) -> str:
