@@ -176,12 +176,16 @@ def generate_with_engine(engine, args, batch: int):
     """Our engine end to end: request -> per-image CPU noise -> denoise -> own VAE decode -> images."""
     import numpy as np
 
+    images = engine.generate(engine_request(args), [args.seed + i for i in range(batch)])
+    return np.stack([np.asarray(r.image, dtype=np.float32) / 255 for r in images])
+
+
+def engine_request(args):
+    """The benchmark's workload as a request to our engine."""
     from webui.schemas import GenerationRequest
 
-    request = GenerationRequest(prompt=PROMPT, steps=args.steps, cfg_scale=args.cfg, width=args.size,
-                                height=args.size, sampler_name="Euler")
-    images = engine.generate(request, [args.seed + i for i in range(batch)])
-    return np.stack([np.asarray(r.image, dtype=np.float32) / 255 for r in images])
+    return GenerationRequest(prompt=PROMPT, steps=args.steps, cfg_scale=args.cfg, width=args.size,
+                             height=args.size, sampler_name="Euler")
 
 
 def count_loop_syncs(engine, args, batch: int) -> int | None:
@@ -189,20 +193,16 @@ def count_loop_syncs(engine, args, batch: int) -> int | None:
     warns at each one while its sync debug mode is on, and the step callback turns that on after step 1."""
     import warnings
 
-    from webui.schemas import GenerationRequest
-
     if args.device != "cuda":
         return None
 
     def on_step(step: int, total: int, _latents) -> None:
         torch.cuda.set_sync_debug_mode("warn" if step < total else "default")
 
-    request = GenerationRequest(prompt=PROMPT, steps=args.steps, cfg_scale=args.cfg, width=args.size,
-                                height=args.size, sampler_name="Euler")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            engine.generate(request, [args.seed + i for i in range(batch)], on_step)
+            engine.generate(engine_request(args), [args.seed + i for i in range(batch)], on_step)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)

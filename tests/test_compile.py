@@ -41,6 +41,11 @@ def compile_with(monkeypatch, fresh_dynamo):
     return use
 
 
+def warmed_up(services) -> None:
+    """Return once the warm-up that load_model queued first in line has run."""
+    services.worker.call(lambda engine: None).result(120)
+
+
 def pixels(results) -> np.ndarray:
     return np.stack([np.asarray(r.image, dtype=np.int16) for r in results])
 
@@ -125,12 +130,13 @@ def test_the_worker_warms_a_compiled_model_up_in_the_background(models_dir, tmp_
 
         release.set()
         assert job.wait(120) and job.state is JobState.DONE, job.error
-        assert not engine.needs_warm_up and worker.activity is None and worker.warm_up_future.done()
+        warmed_up(services)
+        assert not engine.needs_warm_up and worker.activity is None
         assert is_compiled(engine.pipe)
         assert shown == [f"Compiling {TINY} for 64x64: warm-up step 1/3", f"Compiling {TINY} for 64x64: warm-up step 2/3",
                          f"Compiling {TINY} for 64x64: warm-up step 3/3, then the VAE decoder"]
         worker.load_model(TINY)  # the same model again: nothing left to compile
-        assert worker.warm_up_future.done()
+        assert not engine.needs_warm_up
     finally:
         release.set()
         gen.close()
@@ -143,7 +149,7 @@ def test_a_model_that_fails_to_compile_runs_uncompiled(models_dir, tmp_path, com
     compile_with(broken_backend)
     with caplog.at_level(logging.WARNING, logger="webui.engine.generate"):
         for services in running_services(models_dir, tmp_path / "out", compile=True):
-            services.worker.warm_up_future.result(120)  # the fall-back happens during the warm-up
+            warmed_up(services)  # the fall-back happens during the warm-up
             engine = services.engine
             assert not is_compiled(engine.pipe) and not engine.needs_warm_up
             job = services.worker.submit({"prompt": "a red apple", "steps": 2, "seed": 1})
@@ -198,7 +204,7 @@ def test_the_model_picker_shows_the_compile_until_it_is_done(models_dir, tmp_pat
     monkeypatch.setattr("webui.ui.models.WARM_UP_POLL_SECONDS", 0.01)
     release.set()  # the start-up model compiles at once
     for services in running_services(own_models, tmp_path / "out", ckpt="tiny-a", compile=True):
-        services.worker.warm_up_future.result(120)
+        warmed_up(services)
         release.clear()
         actions = ModelActions(services)
         updates = actions.load("tiny-b")
@@ -240,7 +246,7 @@ def test_a_job_queued_during_a_load_waits_for_the_warm_up(models_dir, tmp_path, 
     monkeypatch.setattr(Engine, "warm_up", recorded_warm_up)
     for services in running_services(own_models, tmp_path / "out", ckpt="tiny-a", compile=True):
         worker = services.worker
-        worker.warm_up_future.result(120)
+        warmed_up(services)
         loader = threading.Thread(target=worker.load_model, args=("tiny-b",))
         loader.start()
         assert loading.wait(60)
@@ -301,7 +307,7 @@ def test_a_job_at_a_new_size_says_it_is_compiling(models_dir, tmp_path, compile_
     first_step = threading.Event()
     for services in running_services(models_dir, tmp_path / "out", compile=True):
         worker, engine = services.worker, services.engine
-        worker.warm_up_future.result(120)
+        warmed_up(services)
         wide = GenerationRequest(prompt="a red apple", steps=2, width=96, height=64)
         real_generate = engine.generate
         monkeypatch.setattr(engine, "generate", lambda *args: first_step.wait(60) and real_generate(*args))

@@ -115,7 +115,6 @@ class Worker:
         self._thread: threading.Thread | None = None
         # What the worker does between jobs (loading or compiling a model), for people waiting; else None.
         self.activity: str | None = None
-        self.warm_up_future: Future | None = None  # the last warm-up queued by load_model (tests wait on it)
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -210,10 +209,8 @@ class Worker:
     def _load_then_queue_warm_up(self, engine: Engine, name: str) -> LoadedModel:
         model = engine.load(name)
         if engine.needs_warm_up:
-            future: Future = Future()
             with self._wake:  # first in line: a job queued during the load must not pay the compile
-                self._queue.appendleft(_Call(self._warm_up, future, f"Compiling {model.entry.name}"))
-            self.warm_up_future = future
+                self._queue.appendleft(_Call(self._warm_up, Future(), f"Compiling {model.entry.name}"))
         return model
 
     def _warm_up(self, engine: Engine) -> None:

@@ -20,7 +20,7 @@ import torch
 # bound does not move with torch.
 MAX_COMPILED_VARIANTS = 8
 # What torch raises when the compiler itself fails; an error in the model's own ops is not among them.
-CompileError = (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.InternalTorchDynamoError)
+COMPILER_FAILURES = (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.InternalTorchDynamoError)
 
 
 def compile_choice(wanted: bool | None, *, device: str, offloading: bool, xformers: bool,

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from webui.config import Settings
-from webui.engine.fast_path import CompiledShapes, CompileError, is_compiled, undo_compile
+from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, undo_compile
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.preview import latents_to_preview
@@ -129,7 +129,7 @@ class Engine:
         """Denoise and decode one batch: image i uses seeds[i]."""
         try:
             images = self._generate(request, seeds, on_step)
-        except CompileError as err:
+        except COMPILER_FAILURES as err:
             if not is_compiled(self.pipe):
                 raise
             # A compiler bug or an unsupported GPU must not cost the user the model: run it uncompiled.
