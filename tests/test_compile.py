@@ -46,6 +46,18 @@ def warmed_up(services) -> None:
     services.worker.call(lambda engine: None).result(120)
 
 
+def tiny_engine(models_dir, tmp_path, compile: bool):
+    """An Engine with the tiny model loaded, compiled or not, on the CPU."""
+    from webui.config import Settings
+    from webui.engine.generate import Engine
+    from webui.engine.models import ModelRegistry
+
+    engine = Engine(Settings(models_dir=models_dir, outdir=tmp_path, device="cpu", compile=compile),
+                    ModelRegistry(models_dir, tmp_path / "hashes.json"))
+    engine.load(TINY)
+    return engine
+
+
 def pixels(results) -> np.ndarray:
     return np.stack([np.asarray(r.image, dtype=np.int16) for r in results])
 
@@ -159,26 +171,16 @@ def test_a_model_that_fails_to_compile_runs_uncompiled(models_dir, tmp_path, com
 
 def test_compiled_variants_are_bounded_and_later_shapes_still_run(models_dir, tmp_path, compile_with, monkeypatch):
     """Past MAX_COMPILED_VARIANTS shapes the UNet runs uncompiled: the same pictures, no more compiles."""
-    from webui.config import Settings
-    from webui.engine.generate import Engine
-    from webui.engine.models import ModelRegistry
-
     compiles = []
 
     def counting_backend(graph_module, example_inputs):
         compiles.append(graph_module)
         return graph_module.forward
 
-    def engine_with(compile_flag):
-        settings = Settings(models_dir=models_dir, outdir=tmp_path, device="cpu", compile=compile_flag)
-        engine = Engine(settings, ModelRegistry(models_dir, tmp_path / "hashes.json"))
-        engine.load(TINY)
-        return engine
-
     monkeypatch.setattr(fast_path, "MAX_COMPILED_VARIANTS", 2)
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
     compile_with(counting_backend)
-    compiled, plain = engine_with(True), engine_with(False)
+    compiled, plain = tiny_engine(models_dir, tmp_path, True), tiny_engine(models_dir, tmp_path, False)
     for width in (64, 72, 80, 88):  # four sizes: two compiled variants, then two uncompiled runs
         request = GenerationRequest(prompt="a red apple", steps=2, width=width, height=64)
         ours, theirs = pixels(compiled.generate(request, [3])), pixels(plain.generate(request, [3]))
@@ -268,10 +270,6 @@ def test_a_job_queued_during_a_load_waits_for_the_warm_up(models_dir, tmp_path, 
 
 def test_the_engine_predicts_which_parts_compile(models_dir, tmp_path, compile_with):
     """pending_compiles against what torch really compiles: one graph per part on the tiny model."""
-    from webui.config import Settings
-    from webui.engine.generate import Engine
-    from webui.engine.models import ModelRegistry
-
     graphs = []
 
     def counting_backend(graph_module, example_inputs):
@@ -279,9 +277,7 @@ def test_the_engine_predicts_which_parts_compile(models_dir, tmp_path, compile_w
         return graph_module.forward
 
     compile_with(counting_backend)
-    engine = Engine(Settings(models_dir=models_dir, outdir=tmp_path, device="cpu", compile=True),
-                    ModelRegistry(models_dir, tmp_path / "hashes.json"))
-    engine.load(TINY)
+    engine = tiny_engine(models_dir, tmp_path, compile=True)
     engine.warm_up()
     long_prompt = " ".join(["apple"] * 100)  # two 75-token chunks
     cases = [  # (what changes, seeds, the parts expected to compile)
@@ -330,3 +326,56 @@ def test_a_job_at_a_new_size_says_it_is_compiling(models_dir, tmp_path, compile_
         first_step.set()
         assert job.wait(120) and job.state is JobState.CANCELLED
         assert job.progress.note is None
+
+
+def reused_output_buffers(graph_module, example_inputs):
+    """A backend that stands in for CUDA graphs on the CPU: every call of a graph writes its outputs into
+    the same tensors, so an output kept past the next call changes under its holder."""
+    buffers = []
+
+    def run(*args):
+        outputs = graph_module.forward(*args)
+        if not buffers:
+            buffers.extend(o.clone() if isinstance(o, torch.Tensor) else o for o in outputs)
+        for buffer, output in zip(buffers, outputs):
+            if isinstance(buffer, torch.Tensor):
+                buffer.copy_(output)
+        return type(outputs)(buffers)
+
+    return run
+
+
+def test_a_sampler_that_keeps_past_model_outputs_gives_the_eager_picture(models_dir, tmp_path, compile_with):
+    """PLMS keeps its last UNet outputs, which without CFG are what the compiled UNet returned; with CUDA
+    graphs those buffers are rewritten by the next step unless the fast path hands out copies."""
+    compile_with(reused_output_buffers)
+    request = GenerationRequest(prompt="a red apple", steps=5, sampler_name="PLMS", cfg_scale=1)
+    compiled = pixels(tiny_engine(models_dir, tmp_path, compile=True).generate(request, [4]))
+    plain = pixels(tiny_engine(models_dir, tmp_path, compile=False).generate(request, [4]))
+    assert np.abs(compiled - plain).max() <= 1
+
+
+def test_tiles_and_previews_decode_uncompiled(models_dir, tmp_path, compile_with):
+    """VAE tiles (above a megapixel) and the first-image preview vary in shape: each would compile another
+    decoder variant, and the tiles would share one output buffer. They run eagerly instead."""
+    graphs = []
+
+    def counting_reused_buffers(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return reused_output_buffers(graph_module, example_inputs)
+
+    compile_with(counting_reused_buffers)
+    engine, plain = tiny_engine(models_dir, tmp_path, compile=True), tiny_engine(models_dir, tmp_path, compile=False)
+    big = GenerationRequest(prompt="a red apple", steps=2, width=1032, height=1024)
+    assert engine.pending_compiles(big, 1) == ["UNet"]  # no decoder compile to announce
+
+    latents = torch.randn(2, 4, 80, 72, generator=torch.Generator().manual_seed(0))  # 3x3 tiles of 32, overlapping
+    with torch.inference_mode():
+        tiled = engine.decode(latents, tiled=True)
+        expected = plain.decode(latents, tiled=True)
+        preview = np.asarray(engine.preview(latents), dtype=np.int16)
+        assert graphs == []
+        assert torch.allclose(tiled, expected, atol=1e-4)
+        assert np.abs(preview - np.asarray(plain.preview(latents), dtype=np.int16)).max() <= 1
+        engine.decode(latents)  # the whole batch in one piece: compiled
+    assert len(graphs) == 1

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 # A new size, batch size, prompt length (75-token chunks), CFG on/off or timestep dtype (samplers differ)
 # compiles another variant of the UNet and keeps its CUDA graphs. torch counts variants per model class for
@@ -108,9 +109,28 @@ def apply_fast_path(pipe, *, compile: bool, channels_last: bool = True, backend:
         if backend == "inductor":  # the modes are inductor's; other backends warn about them
             options["mode"] = "reduce-overhead"
         torch._dynamo.config.recompile_limit = MAX_COMPILED_VARIANTS
-        pipe.unet.compile(**options)
-        pipe.vae.decoder.compile(**options)
+        for module in (pipe.unet, pipe.vae.decoder):
+            module.compile(**options)
+            _hand_out_copies(module)
     return pipe
+
+
+def _hand_out_copies(module) -> None:
+    """CUDA graphs write every call's outputs into the same buffers, so an output kept past the next call
+    would be overwritten (torch raises when it is read). PLMS keeps its last UNet outputs when CFG is off.
+    A copy as the output leaves the graph costs microseconds at SD sizes."""
+    compiled_call = module._compiled_call_impl
+
+    def call(*args, **kwargs):
+        return tree_map_only(torch.Tensor, torch.clone, compiled_call(*args, **kwargs))
+
+    module._compiled_call_impl = call
+
+
+def uncompiled():
+    """A block in which compiled models run eagerly: for calls whose shapes vary from call to call (VAE
+    tiles, whose edge tiles are smaller; the first-image preview), which would each compile a variant."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def undo_compile(pipe) -> None:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from webui.config import Settings
-from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, undo_compile
+from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.preview import latents_to_preview
@@ -46,6 +46,11 @@ class LoadedModel:
     def size_for(self, request: GenerationRequest) -> tuple[int, int]:
         """The request's width and height, the model's native size where it gives none."""
         return request.width or self.native_width, request.height or self.native_height
+
+
+def decodes_in_tiles(width: int, height: int) -> bool:
+    """Above a megapixel the VAE decodes in tiles, so memory does not grow with the size."""
+    return width * height > 1024 * 1024
 
 
 class Engine:
@@ -158,8 +163,10 @@ class Engine:
         scheduler.set_timesteps(request.steps)
         chunks = max(chunk_count(pipe.tokenizer, request.prompt), chunk_count(pipe.tokenizer, request.negative_prompt))
         unet_rows = batch_size * (2 if request.cfg_scale > 1 else 1)  # CFG runs both prompts in one batch
-        return {"UNet": (*latent, unet_rows, chunks, scheduler.timesteps.dtype, pipe.unet.config.cross_attention_dim),
-                "VAE decoder": (*latent, batch_size, pipe.vae.config.latent_channels)}
+        keys = {"UNet": (*latent, unet_rows, chunks, scheduler.timesteps.dtype, pipe.unet.config.cross_attention_dim)}
+        if not decodes_in_tiles(width, height):  # tiles are decoded uncompiled
+            keys["VAE decoder"] = (*latent, batch_size, pipe.vae.config.latent_channels)
+        return keys
 
     def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None) -> list[EngineImage]:
         model = self.require_model()
@@ -193,19 +200,25 @@ class Engine:
                 output_type="latent",
                 callback_on_step_end=step_end,
             ).images
-            pixels = self.decode(latents, large=width * height > 1024 * 1024)
+            pixels = self.decode(latents, tiled=decodes_in_tiles(width, height))
             images, flags = self.check_safety(pixels)
         return [EngineImage(image, seed, flag) for image, seed, flag in zip(images, seeds, flags)]
 
-    def decode(self, latents: torch.Tensor, large: bool = False) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """Latents -> pixels in [-1, 1]. A half-precision VAE can overflow to NaN (the black-image
         bug); when it does, decode again in fp32 and keep the VAE in fp32 from then on."""
         vae = self.pipe.vae
-        if large:
-            vae.enable_tiling()
-        else:
-            vae.disable_tiling()
         scaled = latents / vae.config.scaling_factor
+        if tiled:
+            # Tiles keep memory flat; their sizes vary at the edges, so they run uncompiled.
+            vae.enable_tiling()
+            with uncompiled():
+                return self._decode(scaled)
+        vae.disable_tiling()
+        return self._decode(scaled)
+
+    def _decode(self, scaled: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
         pixels = vae.decode(scaled.to(vae.dtype)).sample
         if not torch.isfinite(pixels).all() and vae.dtype != torch.float32:
             log.warning("VAE produced NaN in %s; decoding in fp32 from now on", vae.dtype)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from webui.engine.fast_path import uncompiled
+
 # Approximate SD 1.x/2.x latent -> RGB factors (a widely published fact, not a fitted model).
 SD_LATENT_RGB = torch.tensor([
     [0.298, 0.207, 0.208],
@@ -23,7 +25,8 @@ def latents_to_preview(latents: torch.Tensor, vae) -> Image.Image:
     """A preview of the first image of the batch."""
     first = latents[:1].detach()
     if sum(p.numel() for p in vae.parameters()) <= SMALL_VAE_PARAMS:
-        with torch.inference_mode():
+        # Uncompiled: a batch's first image has another shape than the batch, which would compile a variant.
+        with torch.inference_mode(), uncompiled():
             decoded = vae.decode((first / vae.config.scaling_factor).to(vae.dtype)).sample[0]
         rgb = (decoded.float().clamp(-1, 1) + 1) / 2
     elif first.shape[1] == 4:
