@@ -188,13 +188,10 @@ def engine_request(args):
                              height=args.size, sampler_name="Euler")
 
 
-def count_loop_syncs(engine, args, batch: int) -> int | None:
+def count_loop_syncs(engine, request, seeds: list[int]) -> int:
     """Host-device synchronisations inside the denoising loop, from step 2 to the end (CUDA only): torch
     warns at each one while its sync debug mode is on, and the step callback turns that on after step 1."""
     import warnings
-
-    if args.device != "cuda":
-        return None
 
     def on_step(step: int, total: int, _latents) -> None:
         torch.cuda.set_sync_debug_mode("warn" if step < total else "default")
@@ -202,10 +199,16 @@ def count_loop_syncs(engine, args, batch: int) -> int | None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            engine.generate(engine_request(args), [args.seed + i for i in range(batch)], on_step)
+            engine.generate(request, seeds, on_step)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def loop_syncs(engine, args, batch: int) -> int | None:
+    if args.device != "cuda":
+        return None
+    return count_loop_syncs(engine, engine_request(args), [args.seed + i for i in range(batch)])
 
 
 def engine_for(pipe, args):
@@ -269,7 +272,7 @@ def run(args, save=lambda report: None) -> dict:
                 "flops_per_run": flops[batch], "tflops": flops[batch] / median / 1e12,
                 "x_floor": median / (flops[batch] / (args.peak_tflops * 1e12)),
                 "peak_mem_mib": memory, "max_abs_diff_vs_eager": diff,
-                "loop_syncs": count_loop_syncs(pipe, args, batch) if name == "engine" else None,
+                "loop_syncs": loop_syncs(pipe, args, batch) if name == "engine" else None,
             })
             print_row(results[-1])
             save(_report(args, results))
