@@ -290,6 +290,25 @@ def test_progress_skip_and_interrupt_act_on_a_running_txt2img(client, services):
     assert client.get("/sdapi/v1/progress").json()["progress"] == 0
 
 
+def test_interrupt_and_skip_stop_only_the_callers_own_job(services):
+    """Two API users: bob's /skip and /interrupt never touch alice's running job; bob's queued job goes."""
+    locked = dataclasses.replace(services, settings=dataclasses.replace(
+        services.settings, api_auth=[("alice", "s3cret"), ("bob", "hunter2")]))
+    alice, bob = ("alice", "s3cret"), ("bob", "hunter2")
+    with TestClient(create_api_app(locked)) as c:
+        job_a = services.worker.get(c.post("/api/v1/jobs", json=LONG | {"n_iter": 2}, auth=alice).json()["id"])
+        wait_for(lambda: job_a.progress.step >= 1)
+        job_b = services.worker.get(c.post("/api/v1/jobs", json=QUICK, auth=bob).json()["id"])
+        assert c.post("/sdapi/v1/skip", auth=bob).status_code == 200
+        assert c.post("/sdapi/v1/interrupt", auth=bob).json() == {}
+        assert job_b.wait(10) and job_b.state is JobState.CANCELLED  # bob's own job, still queued
+        step = job_a.progress.step
+        wait_for(lambda: job_a.progress.step > step + 2)
+        assert job_a.state is JobState.RUNNING and job_a.progress.image_index == 0  # not skipped, not stopped
+        assert c.post("/sdapi/v1/interrupt", auth=alice).json() == {}
+        assert job_a.wait(30) and job_a.state is JobState.CANCELLED
+
+
 def test_api_and_ui_jobs_share_the_queue_and_a_full_queue_answers_503(client, services, running):
     api_job = running()
     ui_job = services.worker.submit(QUICK, origin="ui")

@@ -49,6 +49,7 @@ class Job:
     id: str
     request: GenerationRequest
     origin: str
+    owner: str | None = None  # who submitted it through the API (user or address); A1111's /interrupt stops only theirs
     created_at: float = field(default_factory=time.time)
     state: JobState = JobState.QUEUED
     progress: Progress = field(default_factory=Progress)
@@ -134,10 +135,10 @@ class Worker:
             self._thread = None
 
     # --- the public surface ---------------------------------------------------------------
-    def submit(self, request: GenerationRequest | dict, origin: str = "ui") -> Job:
+    def submit(self, request: GenerationRequest | dict, origin: str = "ui", owner: str | None = None) -> Job:
         """Queue a request; returns its Job at once. Raises InvalidRequest or QueueFull."""
         request = parse_request(request)
-        job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin)
+        job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner)
         with self._wake:
             waiting = sum(isinstance(item, Job) for item in self._queue)
             if waiting >= self.max_queue:
@@ -163,6 +164,11 @@ class Worker:
             if job_id not in queued:
                 return None
             return queued.index(job_id) + (1 if self._current is not None else 0)
+
+    def waiting_jobs(self) -> list[Job]:
+        """The queued jobs, next to run first."""
+        with self._wake:
+            return [item for item in self._queue if isinstance(item, Job)]
 
     def queue_length(self) -> int:
         with self._wake:

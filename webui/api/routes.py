@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import anyio
 import torch
-from fastapi import APIRouter, Body, Depends, Query
+from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -43,6 +43,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (503, "the queue is full; retry after Retry-After seconds"),
     )
 }
+
+
+def caller_of(request: Request) -> str:
+    """Who is calling: the --api-auth user when auth is on, else the client's address."""
+    user = getattr(request.state, "api_user", None)
+    if user is not None:
+        return f"user {user}"
+    return f"address {request.client.host if request.client else 'unknown'}"
 
 
 def error_response(status: int, kind: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -81,9 +89,9 @@ class Api:
         self.engine = services.engine
 
     # --- generation ---------------------------------------------------------------------------
-    async def txt2img(self, req: Txt2ImgRequest) -> Txt2ImgResponse:
+    async def txt2img(self, req: Txt2ImgRequest, request: Request) -> Txt2ImgResponse:
         """Queue a txt2img job and answer when it has finished (A1111's blocking call)."""
-        job = await anyio.to_thread.run_sync(self._submit, req)
+        job = await anyio.to_thread.run_sync(self._submit, req, caller_of(request))
         # Wait on a thread of its own, outside the shared pool, so that many waiting clients
         # never starve /progress or /interrupt. The queue limit bounds how many wait at once.
         await anyio.to_thread.run_sync(job.wait, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
@@ -92,16 +100,16 @@ class Api:
     def img2img(self, body: dict[str, Any] | None = Body(None)) -> None:
         raise ApiError(501, "img2img is not supported yet by this server; use /sdapi/v1/txt2img", "NotImplemented")
 
-    def submit_job(self, req: Txt2ImgRequest) -> JobCreated:
+    def submit_job(self, req: Txt2ImgRequest, request: Request) -> JobCreated:
         """Queue a txt2img job and answer at once with its id (cancel it with /cancel)."""
-        job = self._submit(req)
+        job = self._submit(req, caller_of(request))
         return JobCreated(id=job.id, state=job.state.value, position=self.worker.position(job.id))
 
-    def _submit(self, req: Txt2ImgRequest) -> Job:
-        loaded = self.engine.model.entry if self.engine.model else None
-        data = convert.to_generation_request(req, self.registry, loaded)
+    def _submit(self, req: Txt2ImgRequest, caller: str) -> Job:
+        model = self.engine.model  # read once: a model switch on the worker may change it meanwhile
+        data = convert.to_generation_request(req, self.registry, model.entry if model else None)
         try:
-            return self.worker.submit(data, origin="api")
+            return self.worker.submit(data, origin="api", owner=caller)
         except InvalidRequest as err:
             raise ApiError(422, str(err), "InvalidRequest") from None
         except QueueFull as err:
@@ -176,25 +184,29 @@ class Api:
                                 current_image=current_image, textinfo=p.note or f"Step {p.step}/{steps}",
                                 current_task=job.id)
 
-    def interrupt(self) -> dict:
-        """Stop the running API job (A1111's Interrupt); it keeps the images it finished.
-
-        A job a web-UI user started is left alone: one client never stops another user's work.
-        A client that wants to stop only its own job uses POST /api/v1/jobs/{id}/cancel."""
-        job = self._running_api_job()
+    def interrupt(self, request: Request) -> dict:
+        """Stop the caller's API job (A1111's Interrupt): the running one, which keeps the images it
+        finished, else its next queued one. Nobody else's job: not another client's, not a web-UI user's.
+        The caller is the --api-auth user, else the client's address (clients behind one proxy share it).
+        POST /api/v1/jobs/{id}/cancel stops one job by its id."""
+        job = self._callers_running_job(request) or self._callers_queued_job(request)
         if job is not None:
             self.worker.cancel(job.id)
         return {}
 
-    def skip(self) -> None:
-        """End the running API job's current batch and go on with its next one."""
-        job = self._running_api_job()
+    def skip(self, request: Request) -> None:
+        """End the caller's running API job's current batch and go on with its next one."""
+        job = self._callers_running_job(request)
         if job is not None:
             self.worker.skip(job.id)
 
-    def _running_api_job(self) -> Job | None:
+    def _callers_running_job(self, request: Request) -> Job | None:
         job = self.worker.current()
-        return job if job is not None and job.origin == "api" else None
+        return job if job is not None and job.origin == "api" and job.owner == caller_of(request) else None
+
+    def _callers_queued_job(self, request: Request) -> Job | None:
+        caller = caller_of(request)
+        return next((job for job in self.worker.waiting_jobs() if job.origin == "api" and job.owner == caller), None)
 
     # --- models and options ------------------------------------------------------------------
     def sd_models(self) -> list[SDModelItem]:
