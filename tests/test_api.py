@@ -309,6 +309,17 @@ def test_interrupt_and_skip_stop_only_the_callers_own_job(services):
         assert job_a.wait(30) and job_a.state is JobState.CANCELLED
 
 
+def test_after_a_skip_all_seeds_still_label_the_returned_images(client, services):
+    job = services.worker.get(client.post("/api/v1/jobs", json=LONG | {"n_iter": 3, "seed": 500}).json()["id"])
+    wait_for(lambda: job.progress.step >= 1)
+    assert client.post("/sdapi/v1/skip").status_code == 200  # batch 0 (seed 500) returns no image
+    assert job.wait(120) and job.state is JobState.DONE
+    result = client.get(f"/api/v1/jobs/{job.id}").json()["result"]
+    info = json.loads(result["info"])
+    labels = [int(read_infotext(png(b64)).split("Seed: ")[1].split(",")[0]) for b64 in result["images"]]
+    assert labels == info["all_seeds"] == [501, 502] and len(info["all_prompts"]) == 2
+
+
 def test_api_and_ui_jobs_share_the_queue_and_a_full_queue_answers_503(client, services, running):
     api_job = running()
     ui_job = services.worker.submit(QUICK, origin="ui")

@@ -183,8 +183,10 @@ def job_result(job: Job, parameters: dict[str, Any]) -> Txt2ImgResponse:
         encoded.insert(0, encode_png(job.grid, images[0].infotext))
         infotexts.insert(0, images[0].infotext)
         first_index = 1
-    seeds = job.seeds or [request.seed]
-    count = request.image_count
+    # One seed per returned image, in order (a skipped batch returns none), so all_seeds[i] labels
+    # image i; with no image at all, the seeds the job was given.
+    seeds = [im.seed for im in images] or job.seeds or [request.seed]
+    count = len(seeds)
     model = job.model
     started = dt.datetime.fromtimestamp(job.started_at or job.created_at)
     info = {
