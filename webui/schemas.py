@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from webui.engine.samplers import resolve_sampler
+from webui.engine.samplers import get_sampler, resolve_sampler
 
 MAX_PROMPT_CHARS = 2000
 MIN_SIZE, MAX_SIZE = 64, 2048
@@ -48,6 +48,17 @@ class GenerationRequest(BaseModel):
         if value is not None and value % 8:
             raise ValueError(f"{info.field_name} must be a multiple of 8, got {value}")
         return value
+
+    @field_validator("steps")
+    @classmethod
+    def _within_the_samplers_limit(cls, steps: int, info) -> int:
+        try:  # sampler_name and scheduler come before steps, so they are in info.data when valid
+            sampler = get_sampler(resolve_sampler(info.data["sampler_name"], info.data["scheduler"])[0])
+        except (KeyError, ValueError):
+            return steps  # the sampler's own check reports it
+        if sampler.max_steps is not None and steps > sampler.max_steps:
+            raise ValueError(f"{sampler.name} takes at most {sampler.max_steps} steps, got {steps}")
+        return steps
 
     @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ class Sampler:
     # The schedule types its diffusers scheduler can follow (not every one takes custom sigmas
     # or a timestep spacing); asking for another is an error rather than silently ignored.
     schedules: tuple[str, ...] = ("Automatic", "Karras", "Exponential", "SGM Uniform")
+    max_steps: int | None = None  # a limit of its scheduler's, checked with the request
 
 
 NO_CUSTOM_SIGMAS = ("Automatic", "SGM Uniform")
@@ -45,7 +46,8 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}, aliases=("ddim",), schedules=NO_CUSTOM_SIGMAS),
     Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms", "PNDM"), schedules=NO_CUSTOM_SIGMAS),
     Sampler("UniPC", "UniPCMultistepScheduler", aliases=("unipc",)),
-    Sampler("LCM", "LCMScheduler", aliases=("lcm",), schedules=NO_CUSTOM_SIGMAS),
+    # LCM picks its steps from a 50-step schedule (diffusers' original_inference_steps).
+    Sampler("LCM", "LCMScheduler", aliases=("lcm",), schedules=NO_CUSTOM_SIGMAS, max_steps=50),
 )
 
 # Schedule type label -> the scheduler config options that give it.
