@@ -1,5 +1,7 @@
 """Output files (naming, counter, atomic writes, grids) and the SQLite history."""
+import os
 import sqlite3
+import stat
 
 import pytest
 from PIL import Image
@@ -69,6 +71,25 @@ def test_two_stores_sharing_a_folder_never_overwrite_each_other(tmp_path):
             texts.append(read_infotext(png))
     assert texts == ["a", "b", "a2", "b2"]
     assert not [p for p in paths[0].parent.iterdir() if p.name.startswith(".partial-")]
+
+
+def test_stores_sharing_a_folder_take_consecutive_numbers(tmp_path):
+    # Different seeds, so a cached counter can't notice the clash by the whole name.
+    a, b = OutputStore(tmp_path), OutputStore(tmp_path)
+    paths = [store.save_image(red(), "x", seed=seed) for seed, store in enumerate([a, b, a, b, a], start=1)]
+    assert [p.name for p in paths] == ["00000-1.png", "00001-2.png", "00002-3.png", "00003-4.png", "00004-5.png"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes and umask are POSIX")
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_saved_files_are_readable_as_the_umask_allows(tmp_path, umask):
+    store = OutputStore(tmp_path)
+    old_umask = os.umask(umask)  # set a known umask rather than read the process's (os.umask only swaps)
+    try:
+        paths = [store.save_image(red(), "x", seed=1), store.save_grid(red(), "x")]
+    finally:
+        os.umask(old_umask)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in paths] == [0o666 & ~umask] * 2
 
 
 def test_paths_outside_outputs_are_refused(tmp_path):

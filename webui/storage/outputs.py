@@ -12,7 +12,7 @@ import datetime as dt
 import math
 import os
 import re
-import tempfile
+import uuid
 from pathlib import Path
 
 from PIL import Image
@@ -25,7 +25,6 @@ _GRID_NUMBERED = re.compile(r"^grid-(\d{4,})\.")
 class OutputStore:
     def __init__(self, outdir: Path):
         self.outdir = Path(outdir)
-        self._next_numbers: dict[Path, int] = {}
 
     def image_folder(self, kind: str, day: dt.date | None = None) -> Path:
         return self.outdir / f"{kind}-images" / (day or dt.date.today()).isoformat()
@@ -48,31 +47,36 @@ class OutputStore:
         folder.mkdir(parents=True, exist_ok=True)
         metadata = PngInfo()
         metadata.add_text("parameters", infotext)
-        fd, temp_name = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=folder)
+        temp = folder / f".partial-{uuid.uuid4().hex}.png"
         try:
-            with os.fdopen(fd, "wb") as handle:
+            with _create_new(temp) as handle:
                 image.save(handle, format="PNG", pnginfo=metadata)
-            return self._claim_name(Path(temp_name), folder, name_for, numbered)
+            return _claim_name(temp, folder, name_for, numbered)
         finally:
-            Path(temp_name).unlink(missing_ok=True)
+            temp.unlink(missing_ok=True)
 
-    def _claim_name(self, temp: Path, folder: Path, name_for, numbered: re.Pattern) -> Path:
-        """Give the finished file its numbered name. os.link fails instead of overwriting when
-        another process sharing this folder took the number first; then take the next one."""
-        while True:
-            if folder not in self._next_numbers:
-                self._next_numbers[folder] = highest_number(folder, numbered) + 1
-            number = self._next_numbers[folder]
-            self._next_numbers[folder] = number + 1
-            final = folder / name_for(number)
-            try:
-                os.link(temp, final)
-                return final
-            except FileExistsError:
-                del self._next_numbers[folder]  # rescan: someone else wrote here
-            except OSError:  # no hard links (some network or FUSE drives): a plain rename
-                os.replace(temp, final)
-                return final
+
+def _create_new(path: Path):
+    """Open a new file for writing with mode 0666 less the umask, as for any normal file, so other
+    users and servers can read the outputs (tempfile.mkstemp would make it 0600)."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)
+    return os.fdopen(fd, "wb")
+
+
+def _claim_name(temp: Path, folder: Path, name_for, numbered: re.Pattern) -> Path:
+    """Give the finished file the next free number in the folder. The folder is rescanned at every
+    claim, as stable-diffusion-webui does, since other processes may write there too; os.link fails
+    instead of overwriting when one took the number between our scan and our link."""
+    while True:
+        final = folder / name_for(highest_number(folder, numbered) + 1)
+        try:
+            os.link(temp, final)
+            return final
+        except FileExistsError:
+            continue  # taken meanwhile: scan again
+        except OSError:  # no hard links (some network or FUSE drives): a plain rename
+            os.replace(temp, final)
+            return final
 
 
 def resolve_inside(root: Path, path: str | Path) -> Path:
