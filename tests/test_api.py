@@ -204,6 +204,8 @@ def test_png_info_parses_the_infotext_and_rejects_bad_base64(client):
     params = r.json()["parameters"]
     assert (params["Prompt"], params["Negative prompt"], params["Seed"], params["Model"]) == ("a cat", "dog", "5", "a, b")
     assert (params["Size-1"], params["Size-2"]) == ("512", "768")
+    wrapped = base64.encodebytes(buffer.getvalue()).decode()  # 76-character lines, as the base64 tool writes
+    assert client.post("/sdapi/v1/png-info", json={"image": wrapped}).json()["info"] == text
 
     plain = io.BytesIO()
     Image.new("RGB", (8, 8)).save(plain, format="PNG")

@@ -135,20 +135,22 @@ def encode_png(image: Image.Image, infotext: str | None = None) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_image(data: str, field: str = "image") -> Image.Image:
-    """base64 (or a data: URL) -> PIL image, or ApiError 422 naming the field."""
+def decode_image(data: str, field: str = "image", pixels_needed: bool = True) -> Image.Image:
+    """base64 (or a data: URL) -> PIL image, or ApiError 422 naming the field. pixels_needed=False
+    skips decoding the pixels when the metadata is all that is wanted and it comes before them."""
     text = (data or "").strip()
     if text.startswith("data:"):
         text = text.partition(",")[2]
     if not text:
         raise ApiError(422, f"{field}: empty; send a base64-encoded PNG, JPEG or WebP", "InvalidRequest")
     try:
-        raw = base64.b64decode(text, validate=True)
+        raw = base64.b64decode("".join(text.split()), validate=True)  # line-wrapped base64 is fine
     except (binascii.Error, ValueError):
         raise ApiError(422, f"{field}: not valid base64", "InvalidRequest") from None
     try:
         image = Image.open(io.BytesIO(raw))
-        image.load()
+        if pixels_needed or "parameters" not in image.info:
+            image.load()  # reads the pixels, and text chunks stored after them
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise ApiError(422, f"{field}: the base64 data is not an image PIL can read", "InvalidRequest") from None
     return image

@@ -268,7 +268,7 @@ class Api:
 
     # --- images and the machine ---------------------------------------------------------------
     def png_info(self, req: PNGInfoRequest) -> PNGInfoResponse:
-        return PNGInfoResponse(**convert.png_info(convert.decode_image(req.image, "image")))
+        return PNGInfoResponse(**convert.png_info(convert.decode_image(req.image, "image", pixels_needed=False)))
 
     def memory(self) -> MemoryResponse:
         return MemoryResponse(ram=_ram(), cuda=_cuda())
