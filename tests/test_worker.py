@@ -38,9 +38,10 @@ def test_same_request_twice_gives_identical_pixels_and_random_seed_is_recorded(s
 
 
 def test_save_images_false_writes_nothing(services):
-    job = services.worker.submit(QUICK | {"save_images": False})
+    job = services.worker.submit(QUICK | {"save_images": False, "batch_size": 2})
     assert job.wait(60) and job.state is JobState.DONE
     assert job.images[0].path is None and services.history.list_images()[1] == 0
+    assert job.grid is None  # nor holds a grid nobody sees
 
 
 def test_jobs_run_in_order_and_report_queue_positions(services):
@@ -163,6 +164,17 @@ def test_old_finished_jobs_are_forgotten_but_stay_in_the_history(services, monke
     assert services.worker.get(jobs[2].id) is jobs[2] and services.worker.get(latest.id) is latest
     assert services.history.get_job(jobs[0].id)["state"] == "done"
     latest.wait(60)
+
+
+def test_finished_jobs_holding_too_many_pixels_are_forgotten_but_the_newest_stays(services, monkeypatch):
+    import webui.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "KEEP_FINISHED_PIXELS", 3 * 64 * 64)  # three 64x64 images
+    jobs = [services.worker.submit(QUICK | {"seed": s, "batch_size": 2, "save_images": False}) for s in range(3)]
+    for job in jobs:
+        assert job.wait(60)
+    services.worker.call(lambda engine: None).result(60)  # the worker has tidied up after the last job
+    assert [services.worker.get(job.id) for job in jobs] == [None, None, jobs[2]]
 
 
 def test_a_failing_history_write_neither_hangs_clients_nor_kills_the_worker(services, monkeypatch):

@@ -29,6 +29,7 @@ from webui.storage.outputs import OutputStore, make_grid
 log = logging.getLogger(__name__)
 # Finished jobs stay readable (UI, API polling) for a while; each holds its images in memory.
 KEEP_FINISHED_JOBS = 64
+KEEP_FINISHED_PIXELS = 256 * 512 * 512  # about 200 MB of RGB images
 PREVIEW_WATCH_SECONDS = 3.0
 
 
@@ -89,6 +90,11 @@ class Job:
         if self.started_at is None:
             return None
         return (self.finished_at or time.time()) - self.started_at
+
+
+def _pixels_held(job: Job) -> int:
+    images = [im.image for im in job.images] + ([job.grid] if job.grid is not None else [])
+    return sum(image.width * image.height for image in images)
 
 
 @dataclass
@@ -250,7 +256,9 @@ class Worker:
             except Exception:  # the worker must outlive any one job, whatever broke
                 log.exception("the worker caught an unexpected error; going on with the next job")
             finally:
-                self._current = None
+                with self._wake:
+                    self._current = None
+                    self._forget_old_jobs()
 
     def _run_call(self, call: _Call) -> None:
         if not call.future.set_running_or_notify_cancel():
@@ -320,11 +328,9 @@ class Worker:
             seconds = (time.time() - started) / len(results)
             for i, result in enumerate(results):
                 self._keep_image(job, result, batch * request.batch_size + i, seconds)
-        if len(job.images) > 1:
-            first = job.images[0]
+        if len(job.images) > 1 and request.save_images:  # only a saved grid is shown or returned
             job.grid = make_grid([im.image for im in job.images])
-            if request.save_images:
-                job.grid_path = str(self.outputs.save_grid(job.grid, first.infotext))
+            job.grid_path = str(self.outputs.save_grid(job.grid, job.images[0].infotext))
 
     def _compile_note(self, request: GenerationRequest, parts: list[str]) -> str | None:
         """What a batch waits for before its first step (or after its last), in words; None when nothing."""
@@ -401,6 +407,14 @@ class Worker:
             log.exception("could not record the end of job %s in the history", job.id)
 
     def _forget_old_jobs(self) -> None:
+        """Drop the oldest finished jobs past KEEP_FINISHED_JOBS, or while their images hold more than
+        KEEP_FINISHED_PIXELS. The newest stays, for the client about to read it; a client already
+        holding a Job keeps it whole."""
         finished = [j for j in self._jobs.values() if j.state.finished]
-        for job in finished[: max(0, len(finished) - KEEP_FINISHED_JOBS)]:
+        excess = len(finished) - KEEP_FINISHED_JOBS
+        pixels = sum(_pixels_held(job) for job in finished)
+        for job in finished[:-1]:
+            if excess <= 0 and pixels <= KEEP_FINISHED_PIXELS:
+                break
             del self._jobs[job.id]
+            excess, pixels = excess - 1, pixels - _pixels_held(job)
