@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_INFOTEXT_CHARS = 16_000
+
 
 class Txt2ImgRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -35,7 +37,9 @@ class Txt2ImgRequest(BaseModel):
         None, description="honoured keys: sd_model_checkpoint (switches the model), CLIP_stop_at_last_layers")
     send_images: bool = True
     save_images: bool = Field(False, description="also write the PNGs to outputs/ and the history")
-    infotext: str | None = Field(None, description="fill fields not given from an A1111 infotext")
+    # Room for two full prompts and a long parameters line (hires fix, ControlNet and other extensions' keys).
+    infotext: str | None = Field(None, max_length=MAX_INFOTEXT_CHARS,
+                                 description="fill fields not given from an A1111 infotext")
 
     # --- accepted for compatibility; the adapter rejects values that ask for a missing feature --
     styles: list[str] | None = None
