@@ -227,6 +227,9 @@ def test_lists_and_memory(client):
     schedulers = client.get("/sdapi/v1/schedulers").json()
     assert [(s["name"], s["label"]) for s in schedulers][:2] == [("automatic", "Automatic"), ("karras", "Karras")]
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    for missing_feature in ("sd-vae", "upscalers", "latent-upscale-modes", "prompt-styles", "loras"):
+        assert client.get(f"/sdapi/v1/{missing_feature}").json() == [], missing_feature  # clients read these at start
+    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     memory = client.get("/sdapi/v1/memory").json()
     assert memory["ram"]["total"] > 0 and "cuda" in memory
 

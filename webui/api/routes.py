@@ -266,6 +266,16 @@ class Api:
     def scripts(self) -> ScriptsList:
         return ScriptsList()
 
+    @staticmethod
+    def none_installed() -> list:
+        """Lists of features this server does not have (VAEs, upscalers, LoRAs, styles...): empty, so
+        clients that read them at start-up go on instead of failing on a 404."""
+        return []
+
+    @staticmethod
+    def embeddings() -> dict[str, dict]:
+        return {"loaded": {}, "skipped": {}}
+
     # --- images and the machine ---------------------------------------------------------------
     def png_info(self, req: PNGInfoRequest) -> PNGInfoResponse:
         return PNGInfoResponse(**convert.png_info(convert.decode_image(req.image, "image", pixels_needed=False)))
@@ -293,6 +303,11 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/samplers", api.samplers, methods=["GET"], response_model=list[SamplerItem], tags=["models"])
     add(f"{sd}/schedulers", api.schedulers, methods=["GET"], response_model=list[SchedulerItem], tags=["models"])
     add(f"{sd}/scripts", api.scripts, methods=["GET"], response_model=ScriptsList, tags=["models"])
+    for name in ("sd-vae", "upscalers", "latent-upscale-modes", "prompt-styles", "loras", "hypernetworks",
+                 "face-restorers"):
+        add(f"{sd}/{name}", api.none_installed, methods=["GET"], response_model=list, tags=["models"],
+            summary=f"{name} (none on this server: an empty list)")
+    add(f"{sd}/embeddings", api.embeddings, methods=["GET"], tags=["models"])
     add(f"{sd}/memory", api.memory, methods=["GET"], response_model=MemoryResponse, tags=["settings"])
     add("/api/v1/jobs", api.submit_job, methods=["POST"], response_model=JobCreated, status_code=202, tags=["jobs"])
     add("/api/v1/jobs/{job_id}", api.get_job, methods=["GET"], response_model=JobStatus, tags=["jobs"])
