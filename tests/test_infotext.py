@@ -1,4 +1,8 @@
 """Infotext: the A1111 `parameters` PNG chunk, written and read back, ours and A1111's own."""
+import subprocess
+import sys
+from pathlib import Path
+
 from webui.schemas import GenerationRequest
 from webui.storage.infotext import build_infotext, parse_infotext, request_fields_from_infotext
 
@@ -65,3 +69,35 @@ def test_reads_old_combined_sampler_names():
 def test_a_last_line_with_fewer_than_three_pairs_is_prompt():
     prompt, _, params = parse_infotext("a cat\nstyle: oil, mood: calm")
     assert params == {} and prompt == "a cat\nstyle: oil, mood: calm"
+
+
+def test_pasting_a_parameters_line_without_clip_skip_means_clip_skip_1():
+    assert request_fields_from_infotext(OLD_A1111_TEXT)["clip_skip"] == 1  # written without "Clip skip"
+    assert request_fields_from_infotext(A1111_TEXT)["clip_skip"] == 2
+    assert "clip_skip" not in request_fields_from_infotext("a cat\nstyle: oil, mood: calm")  # no parameters
+
+
+# Run in a child process, which a timeout can kill: the old regex parser took time quadratic in
+# the line's length inside one re call that holds the GIL (hours for these lines), so a thread
+# could not be timed out. Linear parsing takes about a second; the timeout is only a safety net.
+_LONG_LINES_SCRIPT = """
+from webui.storage import infotext
+infotext.MAX_INFOTEXT_CHARS = 10**8  # test the parser itself, not the cut of long text
+lines = ["a" * 1_000_000, " " * 1_000_000 + "(", 'Key: "' * 200_000,
+         ", ".join(f"Key {i}: {i}" for i in range(100_000))]
+print([len(infotext.parse_infotext("prompt\\n" + line)[2]) for line in lines])
+"""
+
+
+def test_long_lines_are_parsed_in_linear_time():
+    done = subprocess.run([sys.executable, "-c", _LONG_LINES_SCRIPT], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[0,", "0,", "0,", "100000]"]
+
+
+def test_overlong_infotext_is_cut():
+    text = "a cat\n" * 50_000 + "Steps: 20, Seed: 1, Size: 8x8"
+    prompt, negative, params = parse_infotext(text)
+    assert len(prompt) + len(negative) <= 64 * 1024
+    assert len(request_fields_from_infotext(text)["prompt"]) <= 64 * 1024

@@ -14,8 +14,15 @@ import re
 from typing import Any
 
 NEGATIVE_PREFIX = "Negative prompt:"
-# One `Key: value` pair; the value is a JSON string or runs to the next comma.
-_PAIR = re.compile(r'\s*([\w][\w \-/+()]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+# Real infotexts are a few KiB. Longer text (a 178-byte compressed PNG chunk can inflate to 60 KB)
+# is cut to this many characters, so no reader spends unbounded work on it.
+MAX_INFOTEXT_CHARS = 64 * 1024
+# A `Key: value` pair is read in two steps so that parsing stays linear in the line's length.
+# The key is a run of key characters that must end at a colon (greedy: ':' is not a key character).
+_KEY = re.compile(r"\s*(\w[\w \-/+()]*)")
+_SPACES = re.compile(r"\s*")
+# The value is a JSON string followed by a comma or the end, or else everything up to the next comma.
+_VALUE = re.compile(r'\s*("(?:\\.|[^\\"])*"(?=,|$)|[^,]*),?')
 
 # Infotext key -> GenerationRequest field, for the keys that map one to one.
 _REQUEST_FIELDS = {
@@ -48,7 +55,7 @@ def build_infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) ->
 
 def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     """Split an infotext into (prompt, negative prompt, {key: value as text})."""
-    lines = text.strip().split("\n")
+    lines = text[:MAX_INFOTEXT_CHARS].strip().split("\n")
     params: dict[str, str] = {}
     if lines:
         pairs = _parse_pairs(lines[-1])
@@ -65,16 +72,32 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
 
 
 def _parse_pairs(line: str) -> dict[str, str]:
-    pairs = {}
-    for key, value in _PAIR.findall(line):
-        value = value.strip()
-        if value.startswith('"') and value.endswith('"') and len(value) >= 2:
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass  # keep the text as written: a half-quoted value is still useful to show
-        pairs[key.strip()] = value
+    """The `Key: value` pairs of a line; text between them that is no pair is skipped.
+
+    Linear time: a key that fails is skipped whole, since every start inside the same run of key
+    characters reaches the same non-colon (a regex findall would rescan the run from each start).
+    """
+    pairs, pos = {}, 0
+    while pos < len(line):
+        key = _KEY.match(line, pos)
+        if key is None:  # no word character after the spaces here: try just past it
+            pos = _SPACES.match(line, pos).end() + 1
+        elif not line.startswith(":", key.end()):
+            pos = key.end()
+        else:
+            value = _VALUE.match(line, key.end() + 1)
+            pairs[key.group(1).strip()] = _unquote(value.group(1).strip())
+            pos = value.end()
     return pairs
+
+
+def _unquote(value: str) -> str:
+    if value.startswith('"') and value.endswith('"') and len(value) >= 2:
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            pass  # keep the text as written: a half-quoted value is still useful to show
+    return value
 
 
 def request_fields_from_infotext(text: str) -> dict[str, Any]:
@@ -85,6 +108,10 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     """
     prompt, negative, params = parse_infotext(text)
     fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
+    if params:
+        # "Clip skip: 1" is left out when written (as A1111 does), so a parameters line without it
+        # means 1; A1111's paste resets the slider the same way.
+        fields["clip_skip"] = 1
     for key, (name, convert) in _REQUEST_FIELDS.items():
         if key in params:
             try:
