@@ -4,7 +4,7 @@ import sqlite3
 import stat
 
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from webui.storage.history import History
 from webui.storage.outputs import OutputStore, highest_number, make_grid, read_infotext
@@ -81,7 +81,7 @@ def test_stores_sharing_a_folder_take_consecutive_numbers(tmp_path):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="file modes and umask are POSIX")
-@pytest.mark.parametrize("umask", [0o022, 0o002])
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=oct)
 def test_saved_files_are_readable_as_the_umask_allows(tmp_path, umask):
     store = OutputStore(tmp_path)
     old_umask = os.umask(umask)  # set a known umask rather than read the process's (os.umask only swaps)
@@ -90,6 +90,36 @@ def test_saved_files_are_readable_as_the_umask_allows(tmp_path, umask):
     finally:
         os.umask(old_umask)
     assert [stat.S_IMODE(p.stat().st_mode) for p in paths] == [0o666 & ~umask] * 2
+
+
+A1111_TEXT = "ünïcode 猫, (cat:1.2)\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, Seed: 7, Size: 8x8"
+
+
+def with_user_comment(tmp_path, image_format, comment: bytes):
+    """An image file carrying an EXIF UserComment, as stable-diffusion-webui saves JPEG and WebP."""
+    exif = Image.Exif()
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = comment
+    path = tmp_path / f"a1111.{image_format.lower()}"
+    red().save(path, format=image_format, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "WEBP"])
+@pytest.mark.parametrize("comment", [
+    b"UNICODE\0" + A1111_TEXT.encode("utf-16-be"),  # what A1111 writes (piexif's "unicode")
+    b"UNICODE\0" + A1111_TEXT.encode("utf-16-le"),
+    b"UNICODE\0" + A1111_TEXT.encode("utf-16"),  # with a byte order mark
+    b"ASCII\0\0\0" + A1111_TEXT.encode("utf-8"),
+], ids=["utf16be", "utf16le", "bom", "ascii"])
+def test_reads_the_infotext_of_a1111_jpeg_and_webp_files(tmp_path, image_format, comment):
+    with Image.open(with_user_comment(tmp_path, image_format, comment)) as image:
+        assert read_infotext(image) == A1111_TEXT
+
+
+def test_an_empty_or_unknown_user_comment_is_no_infotext(tmp_path):
+    for comment in (b"UNICODE\0", b"JIS\0\0\0\0\0" + b"abc", b"\0" * 8):
+        with Image.open(with_user_comment(tmp_path, "JPEG", comment)) as image:
+            assert read_infotext(image) is None
 
 
 def test_paths_outside_outputs_are_refused(tmp_path):

@@ -18,8 +18,12 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from webui.storage.infotext import MAX_INFOTEXT_CHARS
+
 _NUMBERED = re.compile(r"^(\d{5})-")
 _GRID_NUMBERED = re.compile(r"^grid-(\d{4,})\.")
+# EXIF: the Exif sub-IFD, its UserComment tag, and the 8-byte character code that starts a comment.
+_EXIF_IFD, _USER_COMMENT, _COMMENT_PREFIX_SIZE = 0x8769, 0x9286, 8
 
 
 class OutputStore:
@@ -106,5 +110,42 @@ def make_grid(images: list[Image.Image]) -> Image.Image:
 
 
 def read_infotext(image: Image.Image) -> str | None:
-    """The `parameters` text of a PNG (ours or stable-diffusion-webui's), if it has one."""
-    return image.info.get("parameters") or (getattr(image, "text", None) or {}).get("parameters")
+    """The infotext of an image (ours or stable-diffusion-webui's), if it has one: the PNG text
+    chunk `parameters`, or for A1111's JPEG and WebP files the EXIF UserComment. Text beyond
+    MAX_INFOTEXT_CHARS is cut."""
+    text = image.info.get("parameters") or (getattr(image, "text", None) or {}).get("parameters")
+    text = text or _exif_user_comment(image)
+    return text[:MAX_INFOTEXT_CHARS] if text else None
+
+
+def _exif_user_comment(image: Image.Image) -> str | None:
+    try:
+        comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    except Exception:  # a broken EXIF block from some other tool: read as no infotext, never an error
+        return None
+    if not isinstance(comment, bytes):
+        return None
+    return _decode_user_comment(comment[:_COMMENT_PREFIX_SIZE + 4 * MAX_INFOTEXT_CHARS]) or None
+
+
+def _decode_user_comment(comment: bytes) -> str:
+    """EXIF UserComment bytes -> text. A1111 writes b"UNICODE\\0" and UTF-16 big-endian (piexif's
+    default); other writers use little-endian or ASCII. Unknown character codes give ""."""
+    prefix, body = comment[:_COMMENT_PREFIX_SIZE], comment[_COMMENT_PREFIX_SIZE:]
+    if prefix == b"UNICODE\0":
+        text = body.decode(_utf16_byte_order(body), errors="replace")
+    elif prefix == b"ASCII\0\0\0":
+        text = body.decode("utf-8", errors="replace")  # UTF-8 is what writers put there in practice
+    else:
+        return ""
+    return text.lstrip("\ufeff").rstrip("\0")
+
+
+def _utf16_byte_order(body: bytes) -> str:
+    """The UTF-16 codec for body: by its byte order mark, else by where the zero bytes of Latin
+    characters fall (first in big-endian); big-endian when neither tells."""
+    if body.startswith(b"\xff\xfe"):
+        return "utf-16-le"
+    if body.startswith(b"\xfe\xff"):
+        return "utf-16-be"
+    return "utf-16-le" if body[1::2].count(0) > body[0::2].count(0) else "utf-16-be"
