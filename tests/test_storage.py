@@ -147,11 +147,26 @@ def test_history_add_list_search_get(history, tmp_path):
     assert [r.id for r in rows] == [ids[0]]
     rows, total = history.list_images(search="apple")
     assert total == 2 and {r.prompt for r in rows} == {"red apple", "green apple"}
-    assert history.list_images(search="100%")[1] == 1  # LIKE wildcards are taken literally
+    assert history.list_images(search="100%")[1] == 1  # % and _ are no wildcards
     assert history.list_images(search="_")[1] == 0
     one = history.get_image(ids[1])
     assert (one.prompt, one.seed, one.job_state, one.model_hash) == ("green apple", 1, "queued", "0123456789")
     assert history.get_image(9999) is None
+
+
+def test_history_search_ignores_case_beyond_ascii(history):
+    history.add_job("j1", "ui", {"prompt": "x"}, 1.0)
+    for prompt in ["Ünïcode cat", "a ÜNÏCODE dog", "unicode", "Straße at night", "ΣΊΣΥΦΟΣ"]:
+        history.add_image(**history_row("j1", "f.png", prompt=prompt))
+
+    def found(search):
+        rows, total = history.list_images(search=search)
+        assert total == len(rows)
+        return sorted(r.prompt for r in rows)
+
+    assert found("ünïcode") == ["a ÜNÏCODE dog", "Ünïcode cat"]
+    assert found("STRASSE") == ["Straße at night"]
+    assert found("σίσυφος") == ["ΣΊΣΥΦΟΣ"]
 
 
 def test_job_states_are_recorded(history):

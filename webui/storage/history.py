@@ -94,6 +94,8 @@ class History:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
+        # SQLite's LIKE folds ASCII letters only; search compares casefolded text in Python instead.
+        self._db.create_function("folded_contains", 2, _folded_contains, deterministic=True)
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             # In WAL mode NORMAL never corrupts the database; a power cut may lose the last row only.
@@ -145,8 +147,8 @@ class History:
         text; and their total."""
         where, args = "WHERE images.file_state = 'ok'", ()
         if search.strip():
-            where += " AND images.prompt LIKE ? ESCAPE '\\'"
-            args = (f"%{_escape_like(search.strip())}%",)
+            where += " AND folded_contains(images.prompt, ?)"
+            args = (search.strip().casefold(),)
         total = self._query(f"SELECT COUNT(*) FROM images {where}", args)[0][0]
         rows = self._query(
             f"SELECT images.*, jobs.state AS job_state FROM images JOIN jobs ON jobs.id = images.job_id {where}"
@@ -202,8 +204,10 @@ class History:
             return self._db.execute(sql, args).fetchall()
 
 
-def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+def _folded_contains(text: str | None, folded_needle: str) -> bool:
+    """Whether text holds the casefolded search text, in any letter case and any script ("ünïcode"
+    finds "ÜNÏCODE", "strasse" finds "Straße"). No wildcards: % and _ match themselves."""
+    return folded_needle in (text or "").casefold()
 
 
 def _to_image(row: sqlite3.Row) -> HistoryImage:
