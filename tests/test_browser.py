@@ -132,6 +132,33 @@ def test_interrupt_stops_a_long_job_showing_progress_and_previews(page):
     assert page.locator("#txt2img_preview").is_hidden()
 
 
+def test_the_image_clicked_during_a_run_gives_parameters_and_seed_after_it(page):
+    page.locator("#txt2img_prompt textarea").fill("a fox to pick")
+    set_number(page, "txt2img_steps", 150)
+    set_number(page, "txt2img_batch_count", 3)
+    set_number(page, "txt2img_seed", 3000)
+    page.click("#txt2img_generate")
+    page.locator("#txt2img_gallery img[alt='seed 3001']").click()  # while the third image is denoised
+    playwright_api.expect(page.locator("#txt2img_infotext textarea")).to_have_value(re.compile(r"Seed: 3001,"))
+    page.click("#txt2img_interrupt")  # the run ends with a final gallery update
+    expect_text(page, "#txt2img_time", r"Time taken")
+    # The gallery still shows seed 3001 large; Parameters and ♻ must agree with it.
+    playwright_api.expect(page.locator("#txt2img_gallery .preview img[alt='seed 3001']").first).to_be_visible()
+    playwright_api.expect(page.locator("#txt2img_infotext textarea")).to_have_value(re.compile(r"Seed: 3001,"))
+    page.click("#txt2img_reuse_seed")
+    playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value("3001")
+
+    # A new run closes the old selection: nothing is shown large, and ♻ takes its first image.
+    set_number(page, "txt2img_steps", 2)
+    set_number(page, "txt2img_seed", 4000)
+    page.click("#txt2img_generate")
+    expect_text(page, "#txt2img_gallery", "seed 4002")
+    playwright_api.expect(page.locator("#txt2img_infotext textarea")).to_have_value(re.compile(r"Seed: 4000,"))
+    assert page.locator("#txt2img_gallery .preview").count() == 0
+    page.click("#txt2img_reuse_seed")
+    playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value("4000")
+
+
 def test_two_tabs_each_follow_their_own_job(browser, app_server):
     first, second = open_page(browser, app_server.url), open_page(browser, app_server.url)
     try:

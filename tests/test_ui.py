@@ -169,12 +169,34 @@ def run_in_thread(ui, session: Session, **kwargs) -> tuple[threading.Thread, lis
 
     def target():
         for item in event(ui, "txt2img")(session, kwargs.pop("prompt", "long job"), "", "Euler a", "Automatic",
-                                         kwargs["steps"], 7.0, 64, 64, -1, kwargs["n_iter"], 1, 1, TINY):
+                                         kwargs["steps"], 7.0, 64, 64, kwargs.get("seed", -1), kwargs["n_iter"], 1, 1,
+                                         TINY):
             outputs.append(item)
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread, outputs
+
+
+def test_selecting_while_a_job_runs_shows_its_image_and_the_selection_outlives_the_run(ui, ui_services):
+    # A finished run first: its seeds (500, 501) must not leak into the next run's selection.
+    session = generate(ui, seed=500, n_iter=2)[-1][0]
+    thread, outputs = run_in_thread(ui, session, steps=40, n_iter=6, seed=900)
+    wait_for(lambda: any(isinstance(out[1], list) and len(out[1]) >= 2 for out in outputs), what="two images shown")
+    assert ui_services.worker.get(session.job_id).state is JobState.RUNNING
+
+    session, infotext = event(ui, "select_image")(session, selected(1))  # the user clicks the 2nd image
+    assert "Seed: 901" in infotext
+    assert event(ui, "reuse_seed")(session) == 901
+    event(ui, "interrupt")(session)  # ends the run; the images so far stay
+    thread.join(60)
+
+    # The browser keeps the clicked image selected when the final gallery arrives: so do Parameters and ♻.
+    final_gallery, final_infotext = outputs[-1][1], outputs[-1][4]
+    assert final_gallery[1][1] == "seed 901"
+    assert "Seed: 901" in final_infotext and event(ui, "reuse_seed")(session) == 901
+    # ...and the run's first update cleared the previous run's selection in the browser.
+    assert isinstance(outputs[0][1], gr.Gallery) and outputs[0][1].selected_index is None
 
 
 def test_two_sessions_see_their_own_jobs_and_interrupt_only_their_own(ui, ui_services):

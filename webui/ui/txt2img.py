@@ -15,7 +15,7 @@ import gradio as gr
 
 from webui.engine.samplers import SCHEDULE_TYPES, sampler_names
 from webui.engine.models import ModelNotFound
-from webui.schemas import MAX_SIZE, MIN_SIZE, InvalidRequest
+from webui.schemas import MAX_SIZE, MIN_SIZE, GeneratedImage, InvalidRequest
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.params import TXT2IMG_FIELDS
@@ -28,26 +28,46 @@ POLL_SECONDS = 0.25
 
 @dataclass
 class Session:
-    """Per-browser-session state (lives in gr.State): this session's job and its last results."""
+    """Per-browser-session state (lives in gr.State): this session's job and what its gallery shows.
+
+    `seeds` and `infotexts` follow the gallery image for image, refreshed with every gallery update
+    (while the job runs too), so a click or ♻ reads the image the user sees, not the last finished run.
+    """
 
     job_id: str | None = None
     seeds: list[int] = field(default_factory=list)
     infotexts: list[str] = field(default_factory=list)
-    selected: int = 0
+    selected: int | None = None  # the gallery's selected index; None when none is selected
 
     def start(self, job: Job) -> None:
         self.job_id = job.id
+        self.show([])
+        self.selected = None  # the first update of the run clears the gallery's selection too
 
-    def finish(self, job: Job) -> None:
-        self.seeds = [image.seed for image in job.images]
-        self.infotexts = [image.infotext for image in job.images]
-        self.selected = 0
+    def show(self, images: list[GeneratedImage]) -> None:
+        self.seeds = [image.seed for image in images]
+        self.infotexts = [image.infotext for image in images]
+
+    def current_index(self) -> int:
+        """The selected image, else the first (as ♻ in stable-diffusion-webui)."""
+        return self.selected if self.selected is not None else 0
+
+    def current_infotext(self) -> str:
+        index = self.current_index()
+        return self.infotexts[index] if index < len(self.infotexts) else ""
 
 
-def gallery_items(job: Job) -> list[tuple[Any, str]]:
+def gallery_items(images: list[GeneratedImage]) -> list[tuple[Any, str]]:
     """Saved files are shown by path (no re-encoding); unsaved or since-deleted ones as PIL."""
     return [(image.path if image.path and os.path.exists(image.path) else image.image, f"seed {image.seed}")
-            for image in list(job.images)]
+            for image in images]
+
+
+def show_images(session: Session, job: Job) -> list[tuple[Any, str]]:
+    """Gallery items for the job's images so far; the session records the same images, in the same order."""
+    images = list(job.images)  # one snapshot: the worker may append while we read
+    session.show(images)
+    return gallery_items(images)
 
 
 class Txt2ImgActions:
@@ -87,12 +107,14 @@ class Txt2ImgActions:
     def _follow(self, session: Session, job: Job) -> Iterator[tuple]:
         shown_images, shown_preview = 0, -1
         shown_progress = progress_html(job, self.worker.position(job.id), self.worker.activity)
-        yield session, [], shown_progress, gr.update(visible=True, value=None), "", ""
+        # selected_index=None: the browser would otherwise keep the last run's selected index.
+        empty = gr.Gallery(value=[], selected_index=None)
+        yield session, empty, shown_progress, gr.update(visible=True, value=None), "", ""
         while not job.wait(POLL_SECONDS):
             # Send only what changed: every send copies or encodes its images again.
             changes = {}
             if len(job.images) != shown_images:
-                changes["gallery"] = gallery_items(job)
+                changes["gallery"] = show_images(session, job)
                 shown_images = len(changes["gallery"])
             frame, frame_step = job.preview, job.preview_step
             if frame is not None and frame_step != shown_preview:
@@ -103,9 +125,9 @@ class Txt2ImgActions:
             if changes:
                 yield (session, changes.get("gallery", gr.skip()), changes.get("progress", gr.skip()),
                        changes.get("preview", gr.skip()), gr.skip(), gr.skip())
-        session.finish(job)
-        infotext = session.infotexts[0] if session.infotexts else ""
-        yield (session, gallery_items(job), final_html(job), gr.update(visible=False, value=None), infotext,
+        # The browser keeps its selected index when the gallery grows, so session.selected stays too.
+        gallery = show_images(session, job)
+        yield (session, gallery, final_html(job), gr.update(visible=False, value=None), session.current_infotext(),
                timing_html(job))
 
     def interrupt(self, session: Session) -> None:
@@ -119,14 +141,12 @@ class Txt2ImgActions:
     def select_image(self, session: Session, evt: gr.SelectData) -> tuple[Session, str]:
         index = evt.index if isinstance(evt.index, int) else 0
         session.selected = index
-        infotext = session.infotexts[index] if index < len(session.infotexts) else ""
-        return session, infotext
+        return session, session.current_infotext()
 
     def reuse_seed(self, session: Session):
-        """The seed of the selected image of this session's last run (the first if none selected)."""
-        if not session.seeds:
-            return gr.skip()
-        return session.seeds[min(session.selected, len(session.seeds) - 1)]
+        """The seed of the image selected in the gallery (the first if none is); left alone if it is empty."""
+        index = session.current_index()
+        return session.seeds[index] if index < len(session.seeds) else gr.skip()
 
     def random_seed(self) -> int:
         return -1
