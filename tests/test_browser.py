@@ -202,6 +202,25 @@ def test_png_info_reads_a_stable_diffusion_webui_png(page, tmp_path):
     playwright_api.expect(page.locator("#txt2img_scheduler input")).to_have_value("Karras")
 
 
+def test_png_info_says_when_a_file_is_no_image_and_drops_the_old_parameters(page, tmp_path):
+    info = PngInfo()
+    info.add_text("parameters", "an old prompt\nSteps: 9, Sampler: Euler, CFG scale: 5, Seed: 11, Size: 64x64")
+    Image.new("RGB", (32, 32), "teal").save(tmp_path / "good.png", pnginfo=info)
+    (tmp_path / "broken.png").write_bytes(b"this is not an image")
+
+    page.get_by_role("tab", name="PNG Info").click()
+    upload = page.locator("#pnginfo_image input[type=file]")
+    upload.set_input_files(str(tmp_path / "good.png"))
+    playwright_api.expect(page.locator("#pnginfo_infotext textarea")).to_have_value(re.compile("an old prompt"))
+    upload.set_input_files(str(tmp_path / "broken.png"))
+    expect_text(page, "#pnginfo_params", "Could not read broken.png as an image")
+    playwright_api.expect(page.locator("#pnginfo_infotext textarea")).to_have_value("")
+    assert "Could not preprocess" not in page.content()  # Gradio's internal error (with a server path) stays out
+    page.click("#pnginfo_send")  # nothing to send now: a message, and txt2img keeps its values
+    expect_text(page, "body", "Drop a PNG with generation parameters first")
+    assert page.locator("#txt2img_seed input").input_value() == "-1"
+
+
 def test_gradio_client_drives_generation(app_server):
     from gradio_client import Client
 

@@ -5,6 +5,7 @@ steps so there is time to act while they run. No assertion depends on wall-clock
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import socket
@@ -16,6 +17,8 @@ import httpx
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from gradio.state_holder import SessionState
 
 from tests.conftest import TINY
 from webui.config import Settings
@@ -334,6 +337,34 @@ def test_png_info_without_parameters_or_not_an_image(ui, tmp_path):
     assert "Could not read" in read(str(tmp_path / "junk.png"))[1]
     with pytest.raises(gr.Error):
         event(ui, "send_from_pnginfo")("")
+
+
+def uploaded(path: Path) -> dict:
+    """What the browser sends for a file dropped on an upload widget."""
+    return {"path": str(path), "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+
+
+def through_gradio(ui, name: str, *inputs) -> list:
+    """Run an event the way a browser request does: Gradio's preprocessing first, then the function."""
+    block_fn = next(fn for fn in ui.blocks.fns.values() if fn.api_name == name)
+    result = asyncio.run(ui.blocks.process_api(block_fn=block_fn, inputs=list(inputs), state=SessionState(ui.blocks),
+                                               explicit_call=True))
+    return result["data"]
+
+
+def test_png_info_upload_of_a_broken_file_says_so_and_clears_the_old_parameters(ui, tmp_path):
+    good = Path(save_png(tmp_path / "a1111.png", A1111_INFOTEXT))
+    assert through_gradio(ui, "png_info", uploaded(good))[0] == A1111_INFOTEXT
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    noise = Image.frombytes("RGB", (32, 32), os.urandom(32 * 32 * 3))
+    noise.save(tmp_path / "whole.png")
+    whole = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[:len(whole) // 2])  # opens, but its image data ends early
+    for name in ("junk.png", "cut.png"):
+        infotext, message = through_gradio(ui, "png_info", uploaded(tmp_path / name))
+        assert infotext == ""  # the last image's parameters are gone: Send to txt2img cannot apply them
+        assert f"Could not read {name} as an image" in message and "dw-error" in message
+        assert str(tmp_path) not in message and "/tmp/" not in message  # no server paths shown
 
 
 # --- launching ------------------------------------------------------------------------------

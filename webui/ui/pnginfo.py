@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import html
+import os
 from dataclasses import dataclass
 
 import gradio as gr
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from webui.storage.infotext import parse_infotext, request_fields_from_infotext
 from webui.storage.outputs import read_infotext
+from webui.ui.progress import error_html
 
 
 @dataclass
@@ -19,16 +21,24 @@ class PngInfoTab:
     send: gr.Button
 
 
-def read_parameters(path: str | None) -> tuple[str, str]:
-    """(raw infotext, HTML table of its parameters) for an image file; a message when it has none."""
+def read_parameters(upload: dict | str | None) -> tuple[str, str]:
+    """(raw infotext, HTML table of its parameters) for an uploaded file; a message when it has none.
+
+    Takes Gradio's unprocessed upload (a FileData dict) or a path: gr.Image would open the file with PIL
+    before this runs and turn a broken file into an internal error that leaves the old parameters up.
+    """
+    path = upload.get("path") if isinstance(upload, dict) else upload
     if not path:
         return "", ""
+    name = (upload.get("orig_name") if isinstance(upload, dict) else None) or os.path.basename(path)
     try:
         with Image.open(path) as image:
             image.load()  # text chunks after the image data are only read by load()
             text = read_infotext(image)
-    except (OSError, UnidentifiedImageError) as err:
-        return "", f"<div class='dw-error'>Could not read this file as an image: {html.escape(str(err))}</div>"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        # PIL's message names the server's temp path; the user only needs to know which file failed.
+        return "", error_html(f"Could not read {name} as an image: it is not a PNG, JPEG or WebP file, "
+                              "or it is damaged.")
     if not text:
         return "", "<div class='dw-notice'>This image carries no generation parameters.</div>"
     return text, parameters_table(text)
@@ -51,7 +61,7 @@ def fields_for_txt2img(text: str) -> dict:
 def build_pnginfo() -> PngInfoTab:
     with gr.Row():
         with gr.Column():
-            # type="filepath" with image_mode=None hands over the uploaded file untouched, text chunks included.
+            # Shown as a preview only: read_parameters opens the uploaded file itself (preprocess=False).
             image = gr.Image(label="Source", type="filepath", image_mode=None, sources=["upload", "clipboard"],
                              elem_id="pnginfo_image", height=400)
         with gr.Column():
@@ -60,5 +70,5 @@ def build_pnginfo() -> PngInfoTab:
                                   buttons=["copy"])
             send = gr.Button("Send to txt2img", elem_id="pnginfo_send")
     image.change(read_parameters, inputs=[image], outputs=[infotext, table], api_name="png_info",
-                 show_progress="hidden")
+                 show_progress="hidden", preprocess=False)
     return PngInfoTab(image, table, infotext, send)
