@@ -221,6 +221,22 @@ def test_png_info_says_when_a_file_is_no_image_and_drops_the_old_parameters(page
     assert page.locator("#txt2img_seed input").input_value() == "-1"
 
 
+def test_png_info_send_keeps_the_sampler_and_warns_about_a_schedule_we_lack(page, tmp_path):
+    info = PngInfo()
+    info.add_text("parameters", "a lake\nSteps: 9, Sampler: DPM++ 2M, Schedule type: Normal, CFG scale: 5, "
+                                "Seed: 12, Size: 64x64")
+    Image.new("RGB", (32, 32), "navy").save(tmp_path / "normal.png", pnginfo=info)
+
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(tmp_path / "normal.png"))
+    expect_text(page, "#pnginfo_params", "Normal")
+    page.click("#pnginfo_send")
+    playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value("12")
+    playwright_api.expect(page.locator("#txt2img_sampler input")).to_have_value("DPM++ 2M")
+    playwright_api.expect(page.locator("#txt2img_scheduler input")).to_have_value("Automatic")
+    expect_text(page, "body", "Schedule type not applied: unknown schedule type 'Normal'")
+
+
 def test_gradio_client_drives_generation(app_server):
     from gradio_client import Client
 

@@ -10,7 +10,9 @@ import dataclasses
 import os
 import socket
 import threading
+import warnings
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import httpx
@@ -327,6 +329,32 @@ def test_png_info_reads_stable_diffusion_webui_png_and_sends_it(ui, tmp_path):
     assert (by_field["width"], by_field["height"]) == (512, 768)
     assert is_skip(by_field["model"])  # not in our models folder: the dropdown is left alone
     assert tabs.selected == "txt2img"
+
+
+def sent_sampler(ui, sampler_params: str) -> tuple[Any, Any, list[str]]:
+    """(sampler, schedule type) that PNG Info's "Send to txt2img" gives the dropdowns, and its warnings."""
+    text = f"a castle\nSteps: 20, {sampler_params}, CFG scale: 7, Seed: 1, Size: 64x64"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        values = event(ui, "send_from_pnginfo")(text)  # gr.Warning outside a request is a Python warning
+    notes = [str(warning.message) for warning in caught if "not applied" in str(warning.message)]
+    return values[2], values[3], notes
+
+
+def test_send_to_txt2img_keeps_a_known_sampler_and_says_what_it_could_not_apply(ui):
+    assert sent_sampler(ui, "Sampler: DPM++ 2M, Schedule type: Karras") == ("DPM++ 2M", "Karras", [])
+    # Valid in stable-diffusion-webui, refused here: the sampler stays, the schedule falls back to Automatic.
+    sampler, schedule, notes = sent_sampler(ui, "Sampler: Euler a, Schedule type: Karras")
+    assert (sampler, schedule) == ("Euler a", "Automatic")
+    assert len(notes) == 1 and "Karras" in notes[0] and "Euler a" in notes[0] and "Using Automatic" in notes[0]
+    for unknown in ("Normal", "Uniform"):  # stable-diffusion-webui's schedule types we lack
+        sampler, schedule, notes = sent_sampler(ui, f"Sampler: DPM++ 2M, Schedule type: {unknown}")
+        assert (sampler, schedule) == ("DPM++ 2M", "Automatic")
+        assert len(notes) == 1 and f"unknown schedule type '{unknown}'" in notes[0]
+    # An unknown sampler leaves both dropdowns as they were, and says so.
+    sampler, schedule, notes = sent_sampler(ui, "Sampler: Restart, Schedule type: Karras")
+    assert is_skip(sampler) and is_skip(schedule)
+    assert len(notes) == 1 and "unknown sampler 'Restart'" in notes[0] and "left as they were" in notes[0]
 
 
 def test_png_info_without_parameters_or_not_an_image(ui, tmp_path):

@@ -23,18 +23,39 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
 
 
 def txt2img_updates(fields: dict[str, Any], model_names: list[str]) -> list[Any]:
-    """One value (or gr.skip()) per TXT2IMG_FIELDS entry; unknown samplers and models are left alone."""
+    """One value (or gr.skip()) per TXT2IMG_FIELDS entry; unknown models are left alone. A sampler or
+    schedule type that cannot be applied is left out with a warning in the page saying why, since
+    the dropdown would otherwise keep its old value without a word."""
     fields = dict(fields)
-    if "sampler_name" in fields:
-        try:
-            # Splits old combined names ("DPM++ 2M Karras") into the two dropdowns.
-            fields["sampler_name"], fields["scheduler"] = resolve_sampler(
-                fields["sampler_name"], fields.get("scheduler") or "Automatic")
-        except ValueError:
-            fields.pop("sampler_name")
-            fields.pop("scheduler", None)
-    if fields.get("scheduler") not in SCHEDULE_TYPES:
-        fields.pop("scheduler", None)
+    note = _apply_sampler(fields)
+    if note:
+        gr.Warning(note)
     if fields.get("model") not in model_names:
         fields.pop("model", None)
     return [fields[name] if fields.get(name) is not None else gr.skip() for name in TXT2IMG_FIELDS]
+
+
+def _apply_sampler(fields: dict[str, Any]) -> str | None:
+    """Put our names for the sampler and schedule type back in fields, only those we can use;
+    returns what was left out and why, if anything was."""
+    sampler, schedule = fields.pop("sampler_name", None), fields.pop("scheduler", None)
+    if not sampler:
+        if schedule in SCHEDULE_TYPES:
+            fields["scheduler"] = schedule
+        elif schedule:
+            return (f"Schedule type not applied: unknown schedule type {schedule!r}; choose one of: "
+                    f"{', '.join(SCHEDULE_TYPES)}. The schedule type is left as it was.")
+        return None
+    try:
+        # Also splits old combined names ("DPM++ 2M Karras") into the two dropdowns.
+        fields["sampler_name"], implied = resolve_sampler(sampler, "Automatic")
+    except ValueError as err:
+        # The schedule is left out too: it may not suit the sampler that stays.
+        return f"Sampler not applied: {err}. Sampling method and schedule type are left as they were."
+    try:
+        fields["scheduler"] = resolve_sampler(sampler, schedule or "Automatic")[1]
+    except ValueError as err:
+        # A1111 allows pairs we refuse (Euler a with Karras) and has schedules we lack (Normal, Uniform).
+        fields["scheduler"] = implied
+        return f"Schedule type not applied: {err}. Using {implied} with {fields['sampler_name']}."
+    return None
