@@ -199,3 +199,24 @@ def test_long_prompts_are_read_in_chunks_not_cut(engine):
     [a] = engine.generate(GenerationRequest(prompt=words, steps=2), [4])
     [b] = engine.generate(GenerationRequest(prompt=words + " banana cherry" * 10, steps=2), [4])
     assert np.abs(np.asarray(a.image, dtype=np.int16) - np.asarray(b.image, dtype=np.int16)).mean() > 0.5
+
+
+def test_a_gpu_that_torch_cannot_use_is_reported_before_falling_back_to_the_cpu(monkeypatch, caplog):
+    import logging
+    import shutil
+
+    import torch
+
+    from webui.engine import loader
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
+    with caplog.at_level(logging.WARNING, logger="webui.engine.loader"):
+        assert loader.pick_device("auto") == "cpu"
+    assert "torch" in caplog.text and "cannot use it" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no NVIDIA tools: a plain CPU machine, no warning
+    with caplog.at_level(logging.WARNING, logger="webui.engine.loader"):
+        assert loader.pick_device("auto") == "cpu"
+    assert caplog.text == ""

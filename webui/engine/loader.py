@@ -7,6 +7,7 @@ xformers when asked for and installed.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,10 @@ def pick_device(requested: str = "auto") -> str:
         return "cuda"
     if torch.backends.mps.is_available():
         return "mps"
+    if shutil.which("nvidia-smi"):  # a GPU this torch cannot use: a CPU torch, or a driver too old for its CUDA
+        log.warning("an NVIDIA GPU seems present (nvidia-smi exists) but torch %s cannot use it; running on "
+                    "the CPU. Install the torch build for your driver's CUDA version (see README: On a GPU box)",
+                    torch.__version__)
     return "cpu"
 
 
