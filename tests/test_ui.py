@@ -458,6 +458,26 @@ def test_the_real_api_joins_the_ui_with_its_docs(ui_services):
         served.close()
 
 
+def test_a_ui_login_guards_the_api_too_and_an_open_public_api_is_warned_about(ui_services):
+    from webui.launch import Served, describe, serve
+
+    services = with_settings(ui_services, api=True, gradio_auth=[("me", "secret")])
+    served = serve(services)
+    try:
+        assert httpx.get(served.url + "/sdapi/v1/samplers").status_code == 401
+        assert httpx.get(served.url + "/sdapi/v1/samplers", auth=("me", "secret")).status_code == 200
+        assert "REST API login: the --gradio-auth users" in "\n".join(describe(served, services))
+    finally:
+        served.close()
+
+    class FakeBlocks:
+        server_port = 7860
+
+    open_api = with_settings(ui_services, api=True, listen=True)
+    lines = describe(Served(FakeBlocks(), None, "http://127.0.0.1:7860", None), open_api)
+    assert any(line.startswith("WARNING: the REST API has no login") for line in lines)
+
+
 def test_missing_api_is_a_clear_error_before_anything_is_served(ui_services, monkeypatch):
     import webui.api
     from webui.launch import serve

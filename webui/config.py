@@ -81,6 +81,23 @@ class Settings:
     def api_enabled(self) -> bool:
         return self.api or self.nowebui
 
+    @property
+    def api_credentials(self) -> list[tuple[str, str]]:
+        """Who may use the REST API: the --api-auth users, else the --gradio-auth ones, so that a login
+        in front of the UI is never walked around through the API."""
+        return self.api_auth or self.gradio_auth
+
+    def api_access(self) -> str:
+        """One line for the start-up log on who may use the REST API."""
+        if self.api_auth:
+            return "REST API login: the --api-auth users"
+        if self.gradio_auth:
+            return "REST API login: the --gradio-auth users (give --api-auth for other API users)"
+        if self.public:
+            return ("WARNING: the REST API has no login and anyone who reaches this address can use it; "
+                    "add --api-auth user:password")
+        return "REST API: no login (this machine only)"
+
 
 def parse_credentials(text: str | None) -> list[tuple[str, str]]:
     """'user:pass,user2:pass2' -> [("user", "pass"), ("user2", "pass2")]."""
@@ -110,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--gradio-auth", metavar="USER:PASS[,...]",
                      help="put a login page in front of the web UI (env: WEBUI_GRADIO_AUTH)")
     net.add_argument("--api-auth", metavar="USER:PASS[,...]",
-                     help="protect every API route with HTTP Basic auth (env: WEBUI_API_AUTH)")
+                     help="protect every API route with HTTP Basic auth (default: the --gradio-auth users) "
+                          "(env: WEBUI_API_AUTH)")
 
     files = p.add_argument_group("models and files")
     files.add_argument("--ckpt-dir", "--models-dir", dest="models_dir", type=Path, default=DEFAULT_MODELS_DIR,

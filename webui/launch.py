@@ -75,6 +75,7 @@ def describe(served: Served, services: Services) -> list[str]:
         lines = [f"Running on local URL: {served.url}"]
     if settings.api_enabled:
         lines.append(f"REST API: {served.url}/sdapi/v1/ (docs at {served.url}/docs)")
+        lines.append(settings.api_access())
     if settings.share:
         lines.append(f"Running on public URL: {served.share_url}" if served.share_url else
                      "--share: could not get a public link from Gradio's share server (is this machine "
@@ -114,6 +115,7 @@ def _serve_api_only(services: Services) -> None:
     settings = services.settings
     app = api_function("create_api_app")(services)
     print(f"Running the REST API only (--nowebui) on http://{settings.host}:{settings.port}/sdapi/v1/", flush=True)
+    print(settings.api_access(), flush=True)
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     finally:

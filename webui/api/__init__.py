@@ -26,7 +26,7 @@ SCHEMA_PATH = "/api/v1/openapi.json"
 
 def attach_api(app: FastAPI, services) -> None:
     """Add the API routes, their auth and their docs to `app` (safe to call on a running app)."""
-    auth = basic_auth(services.settings.api_auth)
+    auth = basic_auth(services.settings.api_credentials)
     router = build_router(services, auth)
     app.include_router(router)
     _add_docs(app, router.routes, auth)
