@@ -79,6 +79,9 @@ def test_registry_finds_folders_files_and_hub_ids(tmp_path):
     assert registry.find("runwayml/stable-diffusion-v1-5").kind == "hub"
     with pytest.raises(ModelNotFound, match="available: folder-model, old, single"):
         registry.find("nothing")
+    # A missing checkpoint file is named as such, never taken for a hub id to download.
+    with pytest.raises(ModelNotFound, match="'models/mine.safetensors' does not exist.*folder-model, old, single"):
+        registry.find("models/mine.safetensors")
 
 
 def test_find_listed_rescans_only_for_a_model_it_does_not_know(tmp_path, monkeypatch):

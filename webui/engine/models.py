@@ -68,9 +68,12 @@ class ModelRegistry:
             entry = entry_for_path(path)
             if entry is not None:
                 return entry
+        known = ", ".join(e.name for e in self.entries()) or "none found"
+        if path.suffix.lower() in SINGLE_FILE_SUFFIXES:  # a checkpoint file's name, never a hub id
+            raise ModelNotFound(f"model file {str(path)!r} does not exist; check the path, or pick one of the "
+                                f"models in {self.models_dir}: {known}")
         if _HUB_ID.match(wanted) and not path.exists():
             return ModelEntry(name=wanted, source=wanted, kind="hub")
-        known = ", ".join(e.name for e in self.entries()) or "none found"
         raise ModelNotFound(
             f"model {name!r} not found in {self.models_dir}; available: {known}. "
             "Put a diffusers folder or a .safetensors file there, or give a hub id like org/name."
