@@ -212,6 +212,9 @@ def test_flags_win_over_environment_variables():
     s = parse_settings(["--ckpt", "flag"], environ=env | {"WEBUI_ARGS": "--api --ckpt from-args --no-half-vae"})
     assert s.api and s.no_half_vae and s.ckpt == "flag"
     assert parse_settings([], environ=env | {"WEBUI_ARGS": "--ckpt from-args"}).ckpt == "from-args"
+    # ~ in a folder flag is the home folder, also where no shell expands it (inside WEBUI_ARGS)
+    folders = parse_settings([], environ=env | {"WEBUI_ARGS": "--outdir ~/out --ckpt-dir=~/models"})
+    assert (folders.outdir, folders.models_dir) == (Path.home() / "out", Path.home() / "models")
     s = parse_settings([], environ={})
     assert (s.host, s.port, s.ckpt, s.gradio_auth) == ("127.0.0.1", 7860, "sd-emoji-tiny", [])
 

@@ -78,6 +78,13 @@ def test_safetensors_sd1_loads_offline_with_identical_weights(tmp_path):
     assert loaded.scheduler.config.prediction_type == "epsilon"
 
 
+def test_an_upper_case_extension_is_a_clear_error(tmp_path):
+    path = tmp_path / "Model.SAFETENSORS"  # listed in the models folder, like any .safetensors
+    save_file(pipeline_to_ldm(tiny_pipeline()), path)
+    with pytest.raises(SingleFileLoadError, match="rename it to Model.safetensors"):
+        load_single_file_pipeline(path, torch.float32)
+
+
 def test_lightning_style_ckpt_loads_with_weights_only(tmp_path, monkeypatch):
     """Original SD .ckpt files nest the weights under state_dict, next to a numpy global_step and
     pytorch_lightning's ModelCheckpoint class; those load without Lightning being installed."""

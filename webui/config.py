@@ -113,6 +113,11 @@ def parse_credentials(text: str | None) -> list[tuple[str, str]]:
     return pairs
 
 
+def _user_path(text: str) -> Path:
+    """A folder flag's value; ~ is expanded here, since a shell leaves it alone inside WEBUI_ARGS or --flag=~/x."""
+    return Path(text).expanduser()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="app.py",
@@ -131,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(env: WEBUI_API_AUTH)")
 
     files = p.add_argument_group("models and files")
-    files.add_argument("--ckpt-dir", "--models-dir", dest="models_dir", type=Path, default=DEFAULT_MODELS_DIR,
+    files.add_argument("--ckpt-dir", "--models-dir", dest="models_dir", type=_user_path, default=DEFAULT_MODELS_DIR,
                        help="folder scanned for models (diffusers folders, .safetensors, .ckpt) (env: WEBUI_CKPT_DIR)")
-    files.add_argument("--outdir", type=Path, default=DEFAULT_OUTPUTS_DIR,
+    files.add_argument("--outdir", type=_user_path, default=DEFAULT_OUTPUTS_DIR,
                        help="where images and the history database are written (env: WEBUI_OUTDIR; "
                             "on a Space with persistent storage: /data/outputs)")
     files.add_argument("--ckpt", default=DEFAULT_MODEL_NAME,

@@ -120,6 +120,9 @@ def _read_header(path: Path) -> tuple[dict[str, tuple], int | None]:
     and a zip .ckpt is memory-mapped, so the weights are read once, later, by diffusers."""
     if not path.is_file():
         raise SingleFileLoadError(f"{path} does not exist")
+    if path.suffix != path.suffix.lower():  # diffusers picks its reader by the exact, lower-case extension
+        raise SingleFileLoadError(f"{path.name}: rename it to {path.stem}{path.suffix.lower()}; "
+                                  "checkpoints are read only with a lower-case extension")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
