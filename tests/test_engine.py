@@ -99,6 +99,40 @@ def test_nan_from_a_half_precision_vae_is_decoded_again_in_fp32(engine, monkeypa
     assert np.asarray(result.image).max() > 0  # not a black image
 
 
+def test_nan_from_the_unet_is_a_clear_error_and_the_vae_keeps_its_precision(engine, monkeypatch):
+    from webui.engine.generate import NonFiniteOutput
+
+    unet = engine.pipe.unet
+    real_forward = unet.forward
+
+    def overflowing(*args, **kwargs):  # what an fp16 UNet does on some GPUs and checkpoints
+        out = real_forward(*args, **kwargs)
+        out[0][:] = float("nan")
+        return out
+
+    monkeypatch.setattr(unet, "forward", overflowing)
+    dtype = engine.pipe.vae.dtype
+    with pytest.raises(NonFiniteOutput, match="--no-half"):
+        engine.generate(GenerationRequest(prompt="x", steps=2), [3])
+    assert engine.pipe.vae.dtype == dtype  # not switched for a fault that was not the VAE's
+
+
+def test_a_vae_that_gives_nan_even_in_fp32_is_a_clear_error(engine, monkeypatch):
+    from webui.engine.generate import NonFiniteOutput
+
+    vae = engine.pipe.vae
+    real_decode = vae.decode
+
+    def broken(latents, *args, **kwargs):
+        out = real_decode(latents, *args, **kwargs)
+        out.sample[:] = float("nan")
+        return out
+
+    monkeypatch.setattr(vae, "decode", broken)
+    with pytest.raises(NonFiniteOutput, match="VAE is broken"):
+        engine.generate(GenerationRequest(prompt="x", steps=2), [3])
+
+
 def test_safety_checker_blacks_out_flagged_images(tmp_path):
     from tests.tiny_sd import save_tiny_model
     from webui.config import Settings

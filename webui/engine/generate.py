@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
+class NonFiniteOutput(RuntimeError):
+    """The model or the VAE produced NaN or infinity: the picture would be black, so say so instead."""
+
+
 @dataclass
 class EngineImage:
     image: Image.Image
@@ -200,6 +204,10 @@ class Engine:
                 output_type="latent",
                 callback_on_step_end=step_end,
             ).images
+            if not torch.isfinite(latents).all():  # decoding them would give a black picture
+                raise NonFiniteOutput(
+                    f"the model produced NaN while denoising in {pipe.unet.dtype}: not enough precision for this "
+                    "model or GPU. Start with --no-half, or try a lower CFG scale or another sampler")
             pixels = self.decode(latents, tiled=decodes_in_tiles(width, height))
             images, flags = self.check_safety(pixels)
         return [EngineImage(image, seed, flag) for image, seed, flag in zip(images, seeds, flags)]
@@ -220,11 +228,15 @@ class Engine:
     def _decode(self, scaled: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         pixels = vae.decode(scaled.to(vae.dtype)).sample
-        if not torch.isfinite(pixels).all() and vae.dtype != torch.float32:
+        if torch.isfinite(pixels).all():
+            return pixels
+        if vae.dtype != torch.float32:
             log.warning("VAE produced NaN in %s; decoding in fp32 from now on", vae.dtype)
             vae.to(torch.float32)
             pixels = vae.decode(scaled.to(torch.float32)).sample
-        return pixels
+            if torch.isfinite(pixels).all():
+                return pixels
+        raise NonFiniteOutput("the VAE produced NaN even in fp32: this model's VAE is broken; try another model")
 
     def check_safety(self, pixels: torch.Tensor) -> tuple[list[Image.Image], list[bool]]:
         """Run the model's safety checker when it has one: flagged images come back black."""
