@@ -84,6 +84,14 @@ def test_registry_finds_folders_files_and_hub_ids(tmp_path):
         registry.find("models/mine.safetensors")
 
 
+def test_two_spellings_of_one_model_are_one_entry(tmp_path, monkeypatch):
+    (tmp_path / "folder-model").mkdir()
+    (tmp_path / "folder-model" / "model_index.json").write_text("{}")
+    monkeypatch.chdir(tmp_path.parent)
+    registry = ModelRegistry(Path(tmp_path.name), tmp_path / "hashes.json")  # a relative models folder
+    assert registry.find(str(tmp_path / "folder-model")) == registry.find("folder-model")  # else a reload
+
+
 def test_find_listed_rescans_only_for_a_model_it_does_not_know(tmp_path, monkeypatch):
     import webui.engine.models as models
 

@@ -151,10 +151,12 @@ def scan_models_dir(models_dir: Path) -> list[ModelEntry]:
 
 
 def entry_for_path(path: Path) -> ModelEntry | None:
+    # The source is the resolved path, so two spellings of one model ("models/x", "x") are one entry
+    # and switching between them reloads nothing.
     if path.is_dir() and (path / "model_index.json").exists():
-        return ModelEntry(name=path.name, source=str(path), kind="diffusers")
+        return ModelEntry(name=path.name, source=str(path.resolve()), kind="diffusers")
     if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        return ModelEntry(name=path.stem, source=str(path), kind="single_file")
+        return ModelEntry(name=path.stem, source=str(path.resolve()), kind="single_file")
     return None
 
 
