@@ -254,3 +254,10 @@ def test_a_gpu_that_torch_cannot_use_is_reported_before_falling_back_to_the_cpu(
     with caplog.at_level(logging.WARNING, logger="webui.engine.loader"):
         assert loader.pick_device("auto") == "cpu"
     assert caplog.text == ""
+
+
+def test_clip_skip_beyond_the_text_encoders_layers_says_how_many_it_has(engine):
+    layers = engine.pipe.text_encoder.config.num_hidden_layers
+    engine.generate(GenerationRequest(prompt="x", steps=1, clip_skip=layers), [1])  # the deepest skip works
+    with pytest.raises(ValueError, match=f"has {layers} layers; use 1 to {layers}"):
+        engine.generate(GenerationRequest(prompt="x", steps=1, clip_skip=layers + 1), [1])

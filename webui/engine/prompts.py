@@ -47,6 +47,9 @@ def _encode(pipe, batch: list[list[list[int]]], clip_skip: int) -> torch.Tensor:
     if clip_skip <= 1:
         hidden = encoder(input_ids)[0]
     else:
+        layer_count = encoder.config.num_hidden_layers
+        if clip_skip > layer_count:
+            raise ValueError(f"clip_skip: this model's text encoder has {layer_count} layers; use 1 to {layer_count}")
         states = encoder(input_ids, output_hidden_states=True).hidden_states
         layers = getattr(encoder, "text_model", encoder)  # transformers 4.x wraps the layers
         hidden = layers.final_layer_norm(states[-clip_skip])
