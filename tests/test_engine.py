@@ -261,3 +261,24 @@ def test_clip_skip_beyond_the_text_encoders_layers_says_how_many_it_has(engine):
     engine.generate(GenerationRequest(prompt="x", steps=1, clip_skip=layers), [1])  # the deepest skip works
     with pytest.raises(ValueError, match=f"has {layers} layers; use 1 to {layers}"):
         engine.generate(GenerationRequest(prompt="x", steps=1, clip_skip=layers + 1), [1])
+
+
+def test_a_folder_naming_a_safety_checker_it_lacks_loads_without_one(models_dir, tmp_path, caplog):
+    """A partial download: model_index.json names the checker, its folder is missing."""
+    import json
+    import logging
+    import shutil
+
+    from webui.config import Settings
+
+    folder = tmp_path / "models" / "partial"
+    shutil.copytree(models_dir / TINY, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index |= {"safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"], "requires_safety_checker": True}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    engine = Engine(Settings(models_dir=folder.parent, device="cpu"), ModelRegistry(folder.parent, tmp_path / "h.json"))
+    with caplog.at_level(logging.WARNING, logger="webui.engine.loader"):
+        engine.load("partial")
+    assert engine.pipe.safety_checker is None and "no safety_checker folder" in caplog.text
+    [result] = engine.generate(GenerationRequest(prompt="x", steps=1), [1])
+    assert result.image.size == (64, 64)

@@ -6,9 +6,11 @@ xformers when asked for and installed.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -114,6 +116,10 @@ def _read_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype):
 
     skip_checker = {"safety_checker": None, "requires_safety_checker": False} if settings.no_safety_checker else {}
     if entry.kind == "diffusers":
+        if not skip_checker and _safety_checker_missing(Path(entry.source)):
+            log.warning("%s names a safety checker but has no safety_checker folder; loading it without one",
+                        entry.name)
+            skip_checker = {"safety_checker": None, "requires_safety_checker": False}
         return StableDiffusionPipeline.from_pretrained(entry.source, torch_dtype=dtype, local_files_only=True,
                                                        **skip_checker)
     if entry.kind == "single_file":
@@ -121,6 +127,15 @@ def _read_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype):
 
         return load_single_file_pipeline(entry.source, torch_dtype=dtype)
     return _read_hub_pipeline(entry, settings, dtype, skip_checker)
+
+
+def _safety_checker_missing(folder: Path) -> bool:
+    """model_index.json names a safety checker whose folder was not downloaded (a common partial copy)."""
+    try:
+        named = json.loads((folder / "model_index.json").read_text()).get("safety_checker")
+    except (OSError, ValueError):
+        return False
+    return bool(named and named[0]) and not (folder / "safety_checker").is_dir()
 
 
 def _read_hub_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype, extra: dict):
