@@ -84,6 +84,25 @@ def test_registry_finds_folders_files_and_hub_ids(tmp_path):
         registry.find("models/mine.safetensors")
 
 
+def test_models_in_subfolders_are_found_by_their_relative_names(tmp_path):
+    (tmp_path / "SD15").mkdir()
+    (tmp_path / "SD15" / "mine.safetensors").write_bytes(b"weights")
+    nested = tmp_path / "SD15" / "folder-model"
+    (nested / "unet").mkdir(parents=True)
+    (nested / "model_index.json").write_text("{}")
+    (nested / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"part of the folder model, not a model")
+    deep = tmp_path / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    (deep / "too-deep.safetensors").write_bytes(b"weights")
+    registry = ModelRegistry(tmp_path, tmp_path / "cache" / "hashes.json")
+    assert [(e.name, e.kind) for e in registry.entries()] == [("SD15/folder-model", "diffusers"),
+                                                              ("SD15/mine", "single_file")]
+    mine = registry.entries()[1]
+    # A1111 clients name it by title (relative file name and hash); people by file name
+    for spelling in ("SD15/mine", "SD15/mine.safetensors [0123456789]", "mine.safetensors", str(tmp_path / "SD15/mine.safetensors")):
+        assert registry.find(spelling) == mine, spelling
+
+
 def test_two_spellings_of_one_model_are_one_entry(tmp_path, monkeypatch):
     (tmp_path / "folder-model").mkdir()
     (tmp_path / "folder-model" / "model_index.json").write_text("{}")

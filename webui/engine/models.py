@@ -64,9 +64,8 @@ class ModelRegistry:
             if wanted in (entry.name, entry.source, Path(entry.source).name):
                 return entry
         path = Path(wanted).expanduser()
-        if path.exists():
-            entry = entry_for_path(path)
-            if entry is not None:
+        for candidate in (path, self.models_dir / path):  # a path, or one inside the models folder
+            if candidate.exists() and (entry := entry_for_path(candidate, self.models_dir)) is not None:
                 return entry
         known = ", ".join(e.name for e in self.entries()) or "none found"
         if path.suffix.lower() in SINGLE_FILE_SUFFIXES:  # a checkpoint file's name, never a hub id
@@ -143,21 +142,45 @@ class ModelRegistry:
         os.replace(temp, self.hash_cache)
 
 
+# Subfolders are scanned this deep (A1111 users sort checkpoints into folders); a diffusers folder is
+# one model and never looked inside.
+SCAN_DEPTH = 3
+
+
 def scan_models_dir(models_dir: Path) -> list[ModelEntry]:
     if not models_dir.is_dir():
         return []
-    entries = [entry_for_path(p) for p in sorted(models_dir.iterdir()) if not p.name.startswith(".")]
-    return [e for e in entries if e is not None]
+    return _scan(models_dir, models_dir, SCAN_DEPTH)
 
 
-def entry_for_path(path: Path) -> ModelEntry | None:
-    # The source is the resolved path, so two spellings of one model ("models/x", "x") are one entry
-    # and switching between them reloads nothing.
+def _scan(folder: Path, models_dir: Path, depth: int) -> list[ModelEntry]:
+    entries = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        entry = entry_for_path(path, models_dir)
+        if entry is not None:
+            entries.append(entry)
+        elif path.is_dir() and depth > 1:
+            entries.extend(_scan(path, models_dir, depth - 1))
+    return entries
+
+
+def entry_for_path(path: Path, models_dir: Path | None = None) -> ModelEntry | None:
+    """The model at path, if it is one. Inside models_dir its name is its relative path ("SD15/my-model"),
+    so a model has one name however it is found. The source is the resolved path, so two spellings of one
+    model ("models/x", "x") are one entry and switching between them reloads nothing."""
     if path.is_dir() and (path / "model_index.json").exists():
-        return ModelEntry(name=path.name, source=str(path.resolve()), kind="diffusers")
-    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        return ModelEntry(name=path.stem, source=str(path.resolve()), kind="single_file")
-    return None
+        kind, named = "diffusers", path
+    elif path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        kind, named = "single_file", path.with_suffix("")
+    else:
+        return None
+    resolved, name = path.resolve(), named.name
+    root = Path(models_dir).resolve() if models_dir is not None else None
+    if root is not None and root in resolved.parents:
+        name = resolved.with_name(named.name).relative_to(root).as_posix()
+    return ModelEntry(name=name, source=str(resolved), kind=kind)
 
 
 def weight_files(path: Path) -> list[Path]:
