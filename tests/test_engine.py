@@ -187,16 +187,19 @@ def test_token_count(engine):
 
 
 def test_a_model_that_cannot_be_placed_leaves_the_old_one_working(engine, models_dir, monkeypatch):
+    """On a GPU the new model is read before the old one goes (here the GPU is pretended: the placements
+    are faked, so both models stay in the CPU's RAM)."""
     import webui.engine.generate as generate
-    from webui.engine.loader import ModelLoadError
+    from webui.engine.loader import ModelLoadError, Placement
 
-    real_place = generate.place_pipeline
     old_pipe = engine.pipe
 
     def place(pipe, settings, placement):
         if pipe is not old_pipe:
             raise RuntimeError("CUDA out of memory")
-        return real_place(pipe, settings, placement)
+
+    monkeypatch.setattr(engine, "placement", Placement("cuda", engine.placement.dtype))
+    monkeypatch.setattr(generate, "park_on_cpu", lambda pipe, settings, placement: True)
 
     import shutil
 
@@ -280,5 +283,37 @@ def test_a_folder_naming_a_safety_checker_it_lacks_loads_without_one(models_dir,
     with caplog.at_level(logging.WARNING, logger="webui.engine.loader"):
         engine.load("partial")
     assert engine.pipe.safety_checker is None and "no safety_checker folder" in caplog.text
+    [result] = engine.generate(GenerationRequest(prompt="x", steps=1), [1])
+    assert result.image.size == (64, 64)
+
+
+def test_on_the_cpu_a_model_switch_drops_the_old_weights_first_and_restores_them_on_failure(
+        models_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import webui.engine.generate as generate
+    from webui.config import Settings
+    from webui.engine.loader import ModelLoadError
+
+    folder = tmp_path / "models"
+    for name in ("first", "second", "broken"):
+        shutil.copytree(models_dir / TINY, folder / name)
+    engine = Engine(Settings(models_dir=folder, device="cpu"), ModelRegistry(folder, tmp_path / "h.json"))
+    engine.load("first")
+    real_read = generate.read_pipeline
+    old_model_in_ram = []
+
+    def read(entry, *args):
+        old_model_in_ram.append(engine.pipe is not None)
+        if entry.name == "broken":
+            raise ModelLoadError("broken weights")
+        return real_read(entry, *args)
+
+    monkeypatch.setattr(generate, "read_pipeline", read)
+    engine.load("second")
+    assert old_model_in_ram == [False] and engine.model.entry.name == "second"
+    with pytest.raises(ModelLoadError, match="broken weights"):
+        engine.load("broken")
+    assert engine.model.entry.name == "second"  # read again after the failed switch
     [result] = engine.generate(GenerationRequest(prompt="x", steps=1), [1])
     assert result.image.size == (64, 64)

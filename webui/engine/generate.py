@@ -6,6 +6,7 @@ Only the worker thread calls into an Engine, so the pipeline never serves two ru
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -75,6 +76,11 @@ class Engine:
         if self.model is not None and self.model.entry == entry:
             return self.model
         self.placement = self.placement or pick_placement(self.settings)
+        if self.placement.device == "cpu" and self.model is not None:
+            return self._replace_on_cpu(entry)
+        return self._load_entry(entry)
+
+    def _load_entry(self, entry: ModelEntry) -> LoadedModel:
         pipe = read_pipeline(entry, self.settings, self.placement)
         # Make room on the device, but keep the old model until the new one is in place.
         old_pipe = self.pipe
@@ -90,6 +96,19 @@ class Engine:
         self.use_pipeline(pipe, entry, short_hash)
         log.info("loaded model %s (%s) on %s", entry.name, self.model.short_hash, self.placement.device)
         return self.model
+
+    def _replace_on_cpu(self, entry: ModelEntry) -> LoadedModel:
+        """On the CPU both models' weights would share the RAM (10 GB for two SD 1.5 in fp32): drop the old
+        model first, and read it again if the new one fails to load."""
+        previous = self.model.entry
+        self.unload()
+        gc.collect()  # the old weights go now, not at some later collection
+        try:
+            return self._load_entry(entry)
+        except Exception:
+            log.warning("could not load %s; loading %s again", entry.name, previous.name)
+            self._load_entry(previous)
+            raise
 
     @property
     def needs_warm_up(self) -> bool:
