@@ -79,3 +79,25 @@ def test_every_offered_schedule_really_reaches_the_scheduler(sampler):
         accepted = inspect.signature(type(scheduler).__init__).parameters
         for option, value in SCHEDULE_TYPES[schedule].items():
             assert option in accepted and scheduler.config[option] == value, (sampler, schedule, option)
+
+
+SD15_SCHEDULER = {  # stable-diffusion-v1-5's scheduler_config.json (the published facts)
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
+    "clip_sample": False, "skip_prk_steps": True,
+}
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.name)
+def test_every_schedule_a_sampler_accepts_changes_its_schedule(sampler):
+    """A schedule type a sampler accepts but ignores would be a setting that silently does nothing."""
+    def schedule(schedule_type):
+        scheduler = make_scheduler(SD15_SCHEDULER, sampler.name, schedule_type)
+        scheduler.set_timesteps(10)
+        sigmas = getattr(scheduler, "sigmas", None)
+        return scheduler.timesteps.tolist(), None if sigmas is None else [round(float(s), 4) for s in sigmas]
+
+    automatic = schedule("Automatic")
+    for schedule_type in sampler.schedules:
+        if schedule_type != "Automatic":
+            assert schedule(schedule_type) != automatic, schedule_type

@@ -46,8 +46,9 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}, aliases=("ddim",), schedules=NO_CUSTOM_SIGMAS),
     Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms", "PNDM"), schedules=NO_CUSTOM_SIGMAS),
     Sampler("UniPC", "UniPCMultistepScheduler", aliases=("unipc",)),
-    # LCM picks its steps from a 50-step schedule (diffusers' original_inference_steps).
-    Sampler("LCM", "LCMScheduler", aliases=("lcm",), schedules=NO_CUSTOM_SIGMAS, max_steps=50),
+    # LCM picks its steps from a 50-step schedule (diffusers' original_inference_steps), whatever the
+    # timestep spacing, so SGM Uniform would change nothing.
+    Sampler("LCM", "LCMScheduler", aliases=("lcm",), schedules=("Automatic",), max_steps=50),
 )
 
 # Schedule type label -> the scheduler config options that give it.
