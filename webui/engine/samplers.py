@@ -1,7 +1,9 @@
 """Sampler and schedule-type names users know, mapped to diffusers schedulers.
 
 Schedulers are always built with `from_config` from the loaded model's own scheduler config, so a
-model's prediction type, beta schedule and zero-terminal-SNR setting carry over to every sampler.
+model's prediction type and beta schedule carry over to every sampler. A zero-terminal-SNR setting
+(rescale_betas_zero_snr) carries over only where diffusers' scheduler has it: Euler a, Euler, DPM++ 2M,
+DPM++ 2M SDE, DDIM, UniPC and LCM; the others run such a model on its usual schedule.
 This module only names classes; diffusers is imported when a scheduler is actually built.
 """
 from __future__ import annotations
