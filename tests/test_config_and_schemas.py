@@ -103,6 +103,22 @@ def test_models_in_subfolders_are_found_by_their_relative_names(tmp_path):
         assert registry.find(spelling) == mine, spelling
 
 
+def test_a_folders_hash_covers_only_the_weights_it_loads(tmp_path):
+    """A cloned model repository also holds single-file checkpoints and fp16 variants: not hashed."""
+    from webui.engine.models import weight_files
+
+    folder = tmp_path / "cloned"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "text_encoder").mkdir()
+    (folder / "model_index.json").write_text("{}")
+    for name in ("v1-5-pruned.ckpt", "unet/diffusion_pytorch_model.fp16.safetensors",
+                 "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin",
+                 "text_encoder/pytorch_model.bin"):
+        (folder / name).write_bytes(name.encode())
+    assert [p.relative_to(folder).as_posix() for p in weight_files(folder)] == [
+        "text_encoder/pytorch_model.bin", "unet/diffusion_pytorch_model.safetensors"]
+
+
 def test_two_spellings_of_one_model_are_one_entry(tmp_path, monkeypatch):
     (tmp_path / "folder-model").mkdir()
     (tmp_path / "folder-model" / "model_index.json").write_text("{}")

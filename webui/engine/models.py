@@ -184,9 +184,17 @@ def entry_for_path(path: Path, models_dir: Path | None = None) -> ModelEntry | N
 
 
 def weight_files(path: Path) -> list[Path]:
+    """The weights a model loads, which its short hash covers. For a diffusers folder: those in its component
+    folders (unet/, vae/, ...), not variants (*.fp16.safetensors) nor the single-file checkpoints a cloned
+    repository also holds at its top (tens of GB to hash for nothing); .safetensors before .bin, as diffusers."""
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*") if p.suffix.lower() in WEIGHT_SUFFIXES)
+    files = []
+    for component in sorted(p for p in path.iterdir() if p.is_dir()):
+        weights = [f for f in component.iterdir()
+                   if f.is_file() and f.suffix.lower() in WEIGHT_SUFFIXES and f.name.count(".") == 1]
+        files += sorted([f for f in weights if f.suffix.lower() == ".safetensors"] or weights)
+    return files
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
