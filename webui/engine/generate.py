@@ -20,7 +20,7 @@ from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compile
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.preview import latents_to_preview
-from webui.engine.prompts import chunk_count, encode_prompt_pair
+from webui.engine.prompts import chunk_count, encode_prompt_pair, token_count
 from webui.engine.samplers import make_scheduler
 from webui.schemas import GenerationRequest
 
@@ -275,4 +275,4 @@ class Engine:
         """Tokens the prompt uses, without start/end markers (the UI's 12/75 counter)."""
         if self.pipe is None:
             return 0
-        return len(self.pipe.tokenizer(text, truncation=False).input_ids) - 2
+        return token_count(self.pipe.tokenizer, text)

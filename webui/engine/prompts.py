@@ -1,26 +1,80 @@
-"""Prompt text -> text-encoder embeddings, with A1111's CLIP skip and long prompts.
+"""Prompt text -> text-encoder embeddings, with A1111's attention syntax, CLIP skip and long prompts.
 
 We encode prompts ourselves rather than through the pipeline: it keeps CLIP skip working across
 transformers versions (whose CLIPTextModel layout changed in 5.x), and it lets a prompt longer
 than CLIP's 75 tokens be read in chunks of 75, each encoded alone and the results joined, as
 stable-diffusion-webui does, instead of being cut off.
+
+Attention syntax, as stable-diffusion-webui reads it: `(word)` weighs 1.1, `[word]` 1/1.1, `(word:1.5)`
+1.5, brackets nest (their weights multiply), `\(` is a literal bracket, and `BREAK` starts a new
+75-token chunk. A weight scales the token's embedding, and the chunk is then scaled back to its old mean.
 """
 from __future__ import annotations
+
+import re
 
 import torch
 
 CHUNK_TOKENS = 75  # CLIP's 77 positions less the start and end markers
+UP, DOWN = 1.1, 1 / 1.1  # what ( ) and [ ] multiply by
+BREAK = "BREAK"
+_ATTENTION_TOKEN = re.compile(r"\\.|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|\bBREAK\b|[^\\()\[\]:B]+|.", re.S)
+
+
+def parse_attention(text: str) -> list[tuple[str, float]]:
+    """Prompt text -> runs of (text, weight); a run ("BREAK", -1) marks a chunk break."""
+    runs: list[list] = []  # [text, weight], merged later
+    open_brackets: list[tuple[str, int]] = []  # (bracket, index of its first run)
+
+    def close(bracket: str, factor: float) -> bool:
+        if not open_brackets or open_brackets[-1][0] != bracket:
+            return False
+        for run in runs[open_brackets.pop()[1]:]:
+            if run[1] >= 0:
+                run[1] *= factor
+        return True
+
+    for match in _ATTENTION_TOKEN.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token in ("(", "["):
+            open_brackets.append((token, len(runs)))
+        elif weight is not None:
+            if not close("(", float(weight)):
+                runs.append([token, 1.0])
+        elif token == ")":
+            if not close("(", UP):
+                runs.append([token, 1.0])
+        elif token == "]":
+            if not close("[", DOWN):
+                runs.append([token, 1.0])
+        elif token == BREAK:
+            runs.append([BREAK, -1.0])
+        else:
+            runs.append([token[1:] if token.startswith("\\") else token, 1.0])
+    while open_brackets:  # unclosed brackets still weigh, as in stable-diffusion-webui
+        close(open_brackets[-1][0], UP if open_brackets[-1][0] == "(" else DOWN)
+    return _merge(runs)
+
+
+def _merge(runs: list[list]) -> list[tuple[str, float]]:
+    merged: list[tuple[str, float]] = []
+    for text, weight in runs:
+        if merged and weight >= 0 and merged[-1][1] == weight:
+            merged[-1] = (merged[-1][0] + text, weight)
+        else:
+            merged.append((text, weight))
+    return merged or [("", 1.0)]
 
 
 def encode_prompt_pair(pipe, prompts: list[str], negatives: list[str], clip_skip: int = 1
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings for prompts and negative prompts, padded to the same number of chunks
     (classifier-free guidance needs equal shapes)."""
-    prompt_ids = [_chunks(pipe.tokenizer, text) for text in prompts]
-    negative_ids = [_chunks(pipe.tokenizer, text) for text in negatives]
-    count = max(len(chunks) for chunks in prompt_ids + negative_ids)
+    prompt_chunks = [_chunks(pipe.tokenizer, text) for text in prompts]
+    negative_chunks = [_chunks(pipe.tokenizer, text) for text in negatives]
+    count = max(len(chunks) for chunks in prompt_chunks + negative_chunks)
     empty = _chunks(pipe.tokenizer, "")[0]
-    batch = [chunks + [empty] * (count - len(chunks)) for chunks in prompt_ids + negative_ids]
+    batch = [chunks + [empty] * (count - len(chunks)) for chunks in prompt_chunks + negative_chunks]
     embeddings = _encode(pipe, batch, clip_skip)
     return embeddings[: len(prompts)], embeddings[len(prompts):]
 
@@ -30,20 +84,46 @@ def chunk_count(tokenizer, text: str) -> int:
     return len(_chunks(tokenizer, text))
 
 
-def _chunks(tokenizer, text: str) -> list[list[int]]:
-    """Token ids of one prompt as chunks of 77: start marker, up to 75 tokens, end marker, padding."""
-    ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
-    pieces = [ids[i:i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)] or [[]]
-    pad = tokenizer.pad_token_id
-    return [[tokenizer.bos_token_id, *piece, tokenizer.eos_token_id] + [pad] * (CHUNK_TOKENS - len(piece))
-            for piece in pieces]
+def token_count(tokenizer, text: str) -> int:
+    """Tokens the prompt uses once its attention syntax is read (the UI's 12/75 counter)."""
+    return sum(len(_token_ids(tokenizer, run)) for run, weight in parse_attention(text) if weight >= 0)
 
 
-def _encode(pipe, batch: list[list[list[int]]], clip_skip: int) -> torch.Tensor:
-    """[prompt][chunk][77 ids] -> (prompts, chunks * 77, hidden); clip_skip=2 takes the penultimate layer."""
+Chunk = tuple[list[int], list[float]]  # 77 token ids and each one's weight
+
+
+def _chunks(tokenizer, text: str) -> list[Chunk]:
+    """One prompt as chunks of 77 tokens: start marker, up to 75 tokens, end marker, padding; BREAK and
+    every 75th token start a new chunk."""
+    pieces: list[Chunk] = [([], [])]
+    for run, weight in parse_attention(text):
+        if weight < 0:  # BREAK
+            pieces.append(([], []))
+            continue
+        for token in _token_ids(tokenizer, run):
+            if len(pieces[-1][0]) == CHUNK_TOKENS:
+                pieces.append(([], []))
+            pieces[-1][0].append(token)
+            pieces[-1][1].append(weight)
+    if len(pieces) > 1 and not pieces[-1][0]:  # a BREAK at the end starts no chunk
+        pieces.pop()
+    padding = [tokenizer.pad_token_id]
+    return [([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + padding * (CHUNK_TOKENS - len(ids)),
+             [1.0, *weights, 1.0] + [1.0] * (CHUNK_TOKENS - len(ids)))
+            for ids, weights in pieces]
+
+
+def _token_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, truncation=False).input_ids if text else []
+
+
+def _encode(pipe, batch: list[list[Chunk]], clip_skip: int) -> torch.Tensor:
+    """[prompt][chunk] -> (prompts, chunks * 77, hidden); clip_skip=2 takes the penultimate layer."""
     encoder = pipe.text_encoder
     prompts, chunks = len(batch), len(batch[0])
-    input_ids = torch.tensor([chunk for prompt in batch for chunk in prompt], device=pipe._execution_device)
+    device = pipe._execution_device
+    input_ids = torch.tensor([ids for prompt in batch for ids, _ in prompt], device=device)
+    weights = torch.tensor([w for prompt in batch for _, w in prompt], device=device)
     if clip_skip <= 1:
         hidden = encoder(input_ids)[0]
     else:
@@ -53,4 +133,14 @@ def _encode(pipe, batch: list[list[list[int]]], clip_skip: int) -> torch.Tensor:
         states = encoder(input_ids, output_hidden_states=True).hidden_states
         layers = getattr(encoder, "text_model", encoder)  # transformers 4.x wraps the layers
         hidden = layers.final_layer_norm(states[-clip_skip])
+    if (weights != 1).any():
+        hidden = _weigh(hidden.float(), weights)
     return hidden.reshape(prompts, chunks * hidden.shape[1], hidden.shape[2]).to(dtype=encoder.dtype)
+
+
+def _weigh(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Scale each token's embedding by its weight, then each chunk back to its old mean, as
+    stable-diffusion-webui does (so weights shift emphasis rather than the overall level)."""
+    old_mean = hidden.mean(dim=(1, 2), keepdim=True)
+    hidden = hidden * weights[..., None]
+    return hidden * (old_mean / hidden.mean(dim=(1, 2), keepdim=True))

@@ -1,0 +1,60 @@
+"""A1111's attention syntax in prompts: (word), [word], (word:1.5), \\( and BREAK."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny_sd import make_tiny_pipeline
+from webui.engine.prompts import chunk_count, encode_prompt_pair, parse_attention, token_count
+
+UP, DOWN = 1.1, 1 / 1.1  # stable-diffusion-webui's factors for ( ) and [ ]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a red apple", [("a red apple", 1.0)]),
+    ("a (red) apple", [("a ", 1.0), ("red", UP), (" apple", 1.0)]),
+    ("((red))", [("red", UP * UP)]),
+    ("[red]", [("red", DOWN)]),
+    ("a (red:1.5) apple", [("a ", 1.0), ("red", 1.5), (" apple", 1.0)]),
+    ("(red:0.25)", [("red", 0.25)]),
+    ("(ripe [red] apple:2)", [("ripe ", 2.0), ("red", 2.0 * DOWN), (" apple", 2.0)]),
+    (r"\(red\) apple", [("(red) apple", 1.0)]),  # escaped: literal brackets
+    ("(red", [("red", UP)]),  # unclosed: still weighs, as in stable-diffusion-webui
+    ("red) apple]", [("red) apple]", 1.0)]),  # closing without opening: literal
+    ("time: noon", [("time: noon", 1.0)]),  # a colon not ending in a weight is text
+    ("a red apple BREAK a pear", [("a red apple ", 1.0), ("BREAK", -1.0), (" a pear", 1.0)]),
+    ("BREAKFAST", [("BREAKFAST", 1.0)]),
+])
+def test_attention_syntax_is_read_as_stable_diffusion_webui_reads_it(text, expected):
+    parsed = parse_attention(text)
+    assert [run for run, _ in parsed] == [run for run, _ in expected]
+    assert [weight for _, weight in parsed] == pytest.approx([weight for _, weight in expected])
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_tiny_pipeline()
+
+
+def test_a_weight_scales_its_tokens_embedding_and_keeps_the_chunks_mean(pipe):
+    with torch.inference_mode():
+        plain, _ = encode_prompt_pair(pipe, ["a red apple"], [""])
+        weighted, _ = encode_prompt_pair(pipe, ["a (red:1.5) apple"], [""])
+    ratio = weighted[0] / plain[0]  # the same token ids, so the same embeddings before weighting
+    red, apple = 2, 3  # positions after the start marker and "a"
+    assert torch.allclose(ratio[red] / ratio[apple], torch.full_like(ratio[red], 1.5), atol=1e-4)
+    assert torch.allclose(weighted.mean(), plain.mean(), atol=1e-6)
+    assert not torch.allclose(weighted, plain)
+
+
+def test_break_starts_a_new_chunk_and_syntax_costs_no_tokens(pipe):
+    tokenizer = pipe.tokenizer
+    assert chunk_count(tokenizer, "a red apple") == 1
+    assert chunk_count(tokenizer, "a red apple BREAK a pear") == 2
+    assert chunk_count(tokenizer, "a red apple BREAK") == 1  # nothing after it: no empty chunk
+    assert token_count(tokenizer, "a (red:1.5) [apple]") == token_count(tokenizer, "a red apple")
+    with torch.inference_mode():
+        split, negative = encode_prompt_pair(pipe, ["a red apple BREAK a pear"], [""])
+        pear, _ = encode_prompt_pair(pipe, ["a pear"], [""])
+    assert split.shape[1] == negative.shape[1] == 2 * 77  # the negative prompt is padded to match
+    assert torch.allclose(split[0, 77:], pear[0])  # the second chunk is "a pear" encoded alone
