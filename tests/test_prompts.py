@@ -22,13 +22,17 @@ UP, DOWN = 1.1, 1 / 1.1  # stable-diffusion-webui's factors for ( ) and [ ]
     ("(red", [("red", UP)]),  # unclosed: still weighs, as in stable-diffusion-webui
     ("red) apple]", [("red) apple]", 1.0)]),  # closing without opening: literal
     ("time: noon", [("time: noon", 1.0)]),  # a colon not ending in a weight is text
-    ("a red apple BREAK a pear", [("a red apple ", 1.0), ("BREAK", -1.0), (" a pear", 1.0)]),
+    ("a red apple BREAK a pear", [("a red apple ", 1.0), ("BREAK", None), (" a pear", 1.0)]),
+    ("a (red:-1) apple", [("a ", 1.0), ("red", -1.0), (" apple", 1.0)]),  # negative: a weight, not a BREAK
+    ("((red:-1))", [("red", -1.1)]),
+    ("(red:.5) (red:2.)", [("red", 0.5), (" ", 1.0), ("red", 2.0)]),
     ("BREAKFAST", [("BREAKFAST", 1.0)]),
 ])
 def test_attention_syntax_is_read_as_stable_diffusion_webui_reads_it(text, expected):
     parsed = parse_attention(text)
     assert [run for run, _ in parsed] == [run for run, _ in expected]
-    assert [weight for _, weight in parsed] == pytest.approx([weight for _, weight in expected])
+    for (_, weight), (_, wanted) in zip(parsed, expected):
+        assert weight == (None if wanted is None else pytest.approx(wanted))
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +56,8 @@ def test_break_starts_a_new_chunk_and_syntax_costs_no_tokens(pipe):
     assert chunk_count(tokenizer, "a red apple") == 1
     assert chunk_count(tokenizer, "a red apple BREAK a pear") == 2
     assert chunk_count(tokenizer, "a red apple BREAK") == 1  # nothing after it: no empty chunk
+    assert chunk_count(tokenizer, "a (red:-1) apple") == 1
+    assert token_count(tokenizer, "a (red:-1) apple") == token_count(tokenizer, "a red apple")
     assert token_count(tokenizer, "a (red:1.5) [apple]") == token_count(tokenizer, "a red apple")
     with torch.inference_mode():
         split, negative = encode_prompt_pair(pipe, ["a red apple BREAK a pear"], [""])

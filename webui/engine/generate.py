@@ -22,7 +22,7 @@ from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.preview import latents_to_preview
 from webui.engine.prompts import chunk_count, encode_prompt_pair, token_count
 from webui.engine.samplers import make_scheduler
-from webui.schemas import GenerationRequest
+from webui.schemas import MAX_PROMPT_CHARS, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -275,4 +275,5 @@ class Engine:
         """Tokens the prompt uses, without start/end markers (the UI's 12/75 counter)."""
         if self.pipe is None:
             return 0
-        return token_count(self.pipe.tokenizer, text)
+        # Past the prompt's length limit the request is refused anyway; never tokenize megabytes for a counter.
+        return token_count(self.pipe.tokenizer, text[:MAX_PROMPT_CHARS + 1])

@@ -6,8 +6,9 @@ than CLIP's 75 tokens be read in chunks of 75, each encoded alone and the result
 stable-diffusion-webui does, instead of being cut off.
 
 Attention syntax, as stable-diffusion-webui reads it: `(word)` weighs 1.1, `[word]` 1/1.1, `(word:1.5)`
-1.5, brackets nest (their weights multiply), `\(` is a literal bracket, and `BREAK` starts a new
-75-token chunk. A weight scales the token's embedding, and the chunk is then scaled back to its old mean.
+1.5, brackets nest (their weights multiply), a backslash makes a bracket literal, and `BREAK` starts a
+new 75-token chunk. A weight scales the token's embedding, and the chunk is then scaled back to its old
+mean. Prompt editing ([a:b:0.5]), alternation ([a|b]) and <lora:...> are not read: they stay text.
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ import torch
 CHUNK_TOKENS = 75  # CLIP's 77 positions less the start and end markers
 UP, DOWN = 1.1, 1 / 1.1  # what ( ) and [ ] multiply by
 BREAK = "BREAK"
-_ATTENTION_TOKEN = re.compile(r"\\.|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|\bBREAK\b|[^\\()\[\]:B]+|.", re.S)
+# A weight is digits with an optional fraction: one way to split a run of digits, so matching stays linear.
+_ATTENTION_TOKEN = re.compile(r"\\.|\(|\[|:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)|\)|\]|\bBREAK\b|[^\\()\[\]:B]+|.", re.S)
 
 
-def parse_attention(text: str) -> list[tuple[str, float]]:
-    """Prompt text -> runs of (text, weight); a run ("BREAK", -1) marks a chunk break."""
+def parse_attention(text: str) -> list[tuple[str, float | None]]:
+    """Prompt text -> runs of (text, weight); a run ("BREAK", None) marks a chunk break. A weight may be
+    negative, as in stable-diffusion-webui."""
     runs: list[list] = []  # [text, weight], merged later
     open_brackets: list[tuple[str, int]] = []  # (bracket, index of its first run)
 
@@ -30,7 +33,7 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         if not open_brackets or open_brackets[-1][0] != bracket:
             return False
         for run in runs[open_brackets.pop()[1]:]:
-            if run[1] >= 0:
+            if run[1] is not None:
                 run[1] *= factor
         return True
 
@@ -48,7 +51,7 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
             if not close("[", DOWN):
                 runs.append([token, 1.0])
         elif token == BREAK:
-            runs.append([BREAK, -1.0])
+            runs.append([BREAK, None])
         else:
             runs.append([token[1:] if token.startswith("\\") else token, 1.0])
     while open_brackets:  # unclosed brackets still weigh, as in stable-diffusion-webui
@@ -56,10 +59,10 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     return _merge(runs)
 
 
-def _merge(runs: list[list]) -> list[tuple[str, float]]:
-    merged: list[tuple[str, float]] = []
+def _merge(runs: list[list]) -> list[tuple[str, float | None]]:
+    merged: list[tuple[str, float | None]] = []
     for text, weight in runs:
-        if merged and weight >= 0 and merged[-1][1] == weight:
+        if merged and weight is not None and merged[-1][1] == weight:
             merged[-1] = (merged[-1][0] + text, weight)
         else:
             merged.append((text, weight))
@@ -86,7 +89,7 @@ def chunk_count(tokenizer, text: str) -> int:
 
 def token_count(tokenizer, text: str) -> int:
     """Tokens the prompt uses once its attention syntax is read (the UI's 12/75 counter)."""
-    return sum(len(_token_ids(tokenizer, run)) for run, weight in parse_attention(text) if weight >= 0)
+    return sum(len(_token_ids(tokenizer, run)) for run, weight in parse_attention(text) if weight is not None)
 
 
 Chunk = tuple[list[int], list[float]]  # 77 token ids and each one's weight
@@ -97,7 +100,7 @@ def _chunks(tokenizer, text: str) -> list[Chunk]:
     every 75th token start a new chunk."""
     pieces: list[Chunk] = [([], [])]
     for run, weight in parse_attention(text):
-        if weight < 0:  # BREAK
+        if weight is None:  # BREAK
             pieces.append(([], []))
             continue
         for token in _token_ids(tokenizer, run):
