@@ -103,6 +103,30 @@ def test_models_in_subfolders_are_found_by_their_relative_names(tmp_path):
         assert registry.find(spelling) == mine, spelling
 
 
+def test_symlinked_models_keep_their_link_names_and_an_unreadable_folder_is_skipped(tmp_path, monkeypatch):
+    models, elsewhere = tmp_path / "models", tmp_path / "elsewhere"
+    (elsewhere / "blobs").mkdir(parents=True)
+    (elsewhere / "blobs" / "0a1b2c").write_bytes(b"weights")  # the Hugging Face cache: no extension
+    (elsewhere / "webui").mkdir()
+    (elsewhere / "webui" / "b.safetensors").write_bytes(b"weights")
+    models.mkdir()
+    (models / "cached.safetensors").symlink_to(elsewhere / "blobs" / "0a1b2c")
+    (models / "A1111").symlink_to(elsewhere / "webui", target_is_directory=True)  # an old webui's folder
+    (models / "locked").mkdir()
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    registry = ModelRegistry(models, tmp_path / "hashes.json")
+    assert [e.name for e in registry.entries()] == ["A1111/b", "cached"]
+    assert registry.find("cached").source.endswith("cached.safetensors")  # the link, which says what it is
+    assert registry.find("A1111/b").kind == "single_file"  # not taken for a hub id
+
+
 def test_a_folders_hash_covers_only_the_weights_it_loads(tmp_path):
     """A cloned model repository also holds single-file checkpoints and fp16 variants: not hashed."""
     from webui.engine.models import weight_files

@@ -155,32 +155,53 @@ def scan_models_dir(models_dir: Path) -> list[ModelEntry]:
 
 def _scan(folder: Path, models_dir: Path, depth: int) -> list[ModelEntry]:
     entries = []
-    for path in sorted(folder.iterdir()):
+    try:
+        children = sorted(folder.iterdir())
+    except OSError:  # an unreadable folder (lost+found on a mounted volume): skip it, list the rest
+        return entries
+    for path in children:
         if path.name.startswith("."):
             continue
         entry = entry_for_path(path, models_dir)
         if entry is not None:
             entries.append(entry)
-        elif path.is_dir() and depth > 1:
+        elif depth > 1 and _is_folder(path):
             entries.extend(_scan(path, models_dir, depth - 1))
     return entries
 
 
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def entry_for_path(path: Path, models_dir: Path | None = None) -> ModelEntry | None:
-    """The model at path, if it is one. Inside models_dir its name is its relative path ("SD15/my-model"),
-    so a model has one name however it is found. The source is the resolved path, so two spellings of one
-    model ("models/x", "x") are one entry and switching between them reloads nothing."""
-    if path.is_dir() and (path / "model_index.json").exists():
-        kind, named = "diffusers", path
-    elif path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        kind, named = "single_file", path.with_suffix("")
-    else:
+    """The model at path, if it is one. Inside models_dir its name is its path relative to it
+    ("SD15/my-model"), so a model has one name however it is found. Paths are made absolute but symlinks
+    are kept, as A1111 does: a link's own name and extension count (a link into the Hugging Face cache
+    points at an extension-less blob), and relative and absolute spellings of one model are one entry."""
+    try:
+        if path.is_dir() and (path / "model_index.json").exists():
+            kind, named = "diffusers", path
+        elif path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            kind, named = "single_file", path.with_suffix("")
+        else:
+            return None
+    except OSError:
         return None
-    resolved, name = path.resolve(), named.name
-    root = Path(models_dir).resolve() if models_dir is not None else None
-    if root is not None and root in resolved.parents:
-        name = resolved.with_name(named.name).relative_to(root).as_posix()
-    return ModelEntry(name=name, source=str(resolved), kind=kind)
+    absolute, name = _absolute(path), named.name
+    if models_dir is not None:
+        relative = os.path.relpath(_absolute(named), _absolute(models_dir))
+        if not relative.startswith(os.pardir):
+            name = Path(relative).as_posix()
+    return ModelEntry(name=name, source=str(absolute), kind=kind)
+
+
+def _absolute(path: Path) -> Path:
+    """An absolute, normalised path ('..' folded) without following symlinks."""
+    return Path(os.path.abspath(path))
 
 
 def weight_files(path: Path) -> list[Path]:
