@@ -266,8 +266,10 @@ def test_clip_skip_beyond_the_text_encoders_layers_says_how_many_it_has(engine):
         engine.generate(GenerationRequest(prompt="x", steps=1, clip_skip=layers + 1), [1])
 
 
-def test_a_folder_naming_a_safety_checker_it_lacks_loads_without_one(models_dir, tmp_path, caplog):
-    """A partial download: model_index.json names the checker, its folder is missing."""
+@pytest.mark.parametrize("partial", ["no folder", "empty folder"])
+def test_a_folder_naming_a_safety_checker_it_lacks_loads_without_one(models_dir, tmp_path, caplog, partial):
+    """A partial download: model_index.json names the checker (and its feature extractor); the checker's
+    folder is missing or holds no weights."""
     import json
     import logging
     import shutil
@@ -277,12 +279,16 @@ def test_a_folder_naming_a_safety_checker_it_lacks_loads_without_one(models_dir,
     folder = tmp_path / "models" / "partial"
     shutil.copytree(models_dir / TINY, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    index |= {"safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"], "requires_safety_checker": True}
+    index |= {"safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"], "requires_safety_checker": True,
+              "feature_extractor": ["transformers", "CLIPImageProcessor"]}
     (folder / "model_index.json").write_text(json.dumps(index))
+    if partial == "empty folder":
+        (folder / "safety_checker").mkdir()
+        (folder / "safety_checker" / "config.json").write_text("{}")
     engine = Engine(Settings(models_dir=folder.parent, device="cpu"), ModelRegistry(folder.parent, tmp_path / "h.json"))
     with caplog.at_level(logging.WARNING, logger="webui.engine.loader"):
         engine.load("partial")
-    assert engine.pipe.safety_checker is None and "no safety_checker folder" in caplog.text
+    assert engine.pipe.safety_checker is None and "safety checker whose files are missing" in caplog.text
     [result] = engine.generate(GenerationRequest(prompt="x", steps=1), [1])
     assert result.image.size == (64, 64)
 

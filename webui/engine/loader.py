@@ -117,9 +117,9 @@ def _read_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype):
     skip_checker = {"safety_checker": None, "requires_safety_checker": False} if settings.no_safety_checker else {}
     if entry.kind == "diffusers":
         if not skip_checker and _safety_checker_missing(Path(entry.source)):
-            log.warning("%s names a safety checker but has no safety_checker folder; loading it without one",
-                        entry.name)
-            skip_checker = {"safety_checker": None, "requires_safety_checker": False}
+            log.warning("%s names a safety checker whose files are missing; loading it without one (no NSFW "
+                        "filter)", entry.name)
+            skip_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
         return StableDiffusionPipeline.from_pretrained(entry.source, torch_dtype=dtype, local_files_only=True,
                                                        **skip_checker)
     if entry.kind == "single_file":
@@ -130,12 +130,19 @@ def _read_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype):
 
 
 def _safety_checker_missing(folder: Path) -> bool:
-    """model_index.json names a safety checker whose folder was not downloaded (a common partial copy)."""
+    """model_index.json names a safety checker whose weights (or feature extractor) were not downloaded,
+    a common partial copy."""
     try:
-        named = json.loads((folder / "model_index.json").read_text()).get("safety_checker")
+        index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         return False
-    return bool(named and named[0]) and not (folder / "safety_checker").is_dir()
+
+    def lacks(part: str, files: tuple[str, ...]) -> bool:
+        named = index.get(part)
+        found = any(next((folder / part).glob(pattern), None) is not None for pattern in files)
+        return bool(named and named[0]) and not found
+
+    return lacks("safety_checker", ("*.safetensors", "*.bin")) or lacks("feature_extractor", ("*.json",))
 
 
 def _read_hub_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype, extra: dict):
