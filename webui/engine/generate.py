@@ -34,6 +34,14 @@ class NonFiniteOutput(RuntimeError):
     """The model or the VAE produced NaN or infinity: the picture would be black, so say so instead."""
 
 
+def _nan_advice(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return ("the model produced NaN while denoising, in full precision: its weights may be broken; try a "
+                "lower CFG scale, another sampler or another model")
+    return (f"the model produced NaN while denoising in {dtype}: not enough precision for this model or GPU. "
+            "Start with --no-half, or try a lower CFG scale or another sampler")
+
+
 @dataclass
 class EngineImage:
     image: Image.Image
@@ -224,9 +232,7 @@ class Engine:
                 callback_on_step_end=step_end,
             ).images
             if not torch.isfinite(latents).all():  # decoding them would give a black picture
-                raise NonFiniteOutput(
-                    f"the model produced NaN while denoising in {pipe.unet.dtype}: not enough precision for this "
-                    "model or GPU. Start with --no-half, or try a lower CFG scale or another sampler")
+                raise NonFiniteOutput(_nan_advice(pipe.unet.dtype))
             pixels = self.decode(latents, tiled=decodes_in_tiles(width, height))
             images, flags = self.check_safety(pixels)
         return [EngineImage(image, seed, flag) for image, seed, flag in zip(images, seeds, flags)]
