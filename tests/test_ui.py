@@ -478,6 +478,30 @@ def test_a_ui_login_guards_the_api_too_and_an_open_public_api_is_warned_about(ui
     assert any(line.startswith("WARNING: the REST API has no login") for line in lines)
 
 
+def test_the_api_is_attached_before_the_page_is_served(ui_services, monkeypatch):
+    """A client that waits for the page and then calls /sdapi must never get a 404."""
+    import webui.api
+    from webui.launch import serve
+
+    real_attach = webui.api.attach_api
+    page_answered = []
+
+    def attach(app, services):
+        try:
+            page_answered.append(httpx.get(f"http://127.0.0.1:{services.settings.port}/", timeout=0.5).status_code)
+        except httpx.HTTPError:
+            page_answered.append(None)
+        real_attach(app, services)
+
+    monkeypatch.setattr(webui.api, "attach_api", attach)
+    served = serve(with_settings(ui_services, api=True))
+    try:
+        assert page_answered == [None]
+        assert httpx.get(served.url + "/sdapi/v1/samplers").status_code == 200
+    finally:
+        served.close()
+
+
 def test_missing_api_is_a_clear_error_before_anything_is_served(ui_services, monkeypatch):
     import webui.api
     from webui.launch import serve

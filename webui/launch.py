@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from contextlib import asynccontextmanager
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -45,8 +46,16 @@ def serve(services: Services) -> Served:
     attach_api = api_function("attach_api") if settings.api_enabled else None  # fail before binding a port
     blocks = build_ui(services)
     outdir = services.outputs.outdir.resolve()
+
+    @asynccontextmanager
+    async def api_first(app):
+        # Runs as the server starts, before it takes a request: the page never answers while /sdapi is a 404.
+        attach_api(app, services)
+        yield
+
     try:
         app, _, share_url = blocks.launch(
+            app_kwargs={"lifespan": api_first} if attach_api is not None else None,
             server_name=settings.host, server_port=settings.port, share=settings.share,
             auth=settings.gradio_auth or None, auth_message="diffusers-webui: please log in",
             prevent_thread_lock=True, quiet=True, ssr_mode=False, enable_monitoring=False,
@@ -59,8 +68,6 @@ def serve(services: Services) -> Served:
         blocks.close()
         raise SystemExit(f"Cannot serve on {settings.host}:{settings.port} ({err}). "
                          "Is another server using that port? Pass --port N to pick another.") from None
-    if attach_api is not None:
-        attach_api(app, services)
     url = f"http://127.0.0.1:{blocks.server_port}"
     return Served(blocks, app, url, share_url)
 
