@@ -328,3 +328,11 @@ def test_on_the_cpu_a_model_switch_drops_the_old_weights_first_and_restores_them
     assert engine.model.entry.name == "second"  # read again after the failed switch
     [result] = engine.generate(GenerationRequest(prompt="x", steps=1), [1])
     assert result.image.size == (64, 64)
+
+    def nothing_loads(entry, *args):  # out of RAM for the old model too: the first error is the one reported
+        raise ModelLoadError(f"cannot read {entry.name}")
+
+    monkeypatch.setattr(generate, "read_pipeline", nothing_loads)
+    with pytest.raises(ModelLoadError, match="cannot read broken"):
+        engine.load("broken")
+    assert engine.model is None

@@ -115,7 +115,10 @@ class Engine:
             return self._load_entry(entry)
         except Exception:
             log.warning("could not load %s; loading %s again", entry.name, previous.name)
-            self._load_entry(previous)
+            try:
+                self._load_entry(previous)
+            except Exception:  # the user needs the first error, not this one
+                log.exception("could not load %s again either; no model is loaded", previous.name)
             raise
 
     @property
