@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import signal
-from contextlib import asynccontextmanager
 import threading
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_INFOTEXT_CHARS = 16_000
+from webui.storage.infotext import MAX_INFOTEXT_CHARS
 
 
 class Txt2ImgRequest(BaseModel):
@@ -37,7 +37,7 @@ class Txt2ImgRequest(BaseModel):
         None, description="honoured keys: sd_model_checkpoint (switches the model), CLIP_stop_at_last_layers")
     send_images: bool = True
     save_images: bool = Field(False, description="also write the PNGs to outputs/ and the history")
-    # Room for two full prompts and a long parameters line (hires fix, ControlNet and other extensions' keys).
+    # The most of an infotext that is ever read: room for prompts and extensions' long parameter lines.
     infotext: str | None = Field(None, max_length=MAX_INFOTEXT_CHARS,
                                  description="fill fields not given from an A1111 infotext")
 
