@@ -11,7 +11,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 -m pip install --quiet --no-deps --no-index .wheels/*.whl 2>&1 | tail -2
+# --target, as the device README advises: the image's own site-packages stay as they are.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .wheels/*.whl 2>&1 | tail -2
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
