@@ -12,8 +12,9 @@ with torch.cuda.synchronize() around every timed run. FLOPs are counted once per
 torch.utils.flop_counter on one UNet pass (CFG doubles its batch) and one VAE decode; a run costs
 steps x UNet + VAE. The floor is FLOPs / peak: the time the arithmetic alone would take at the card's
 peak dense fp16 rate, so "x floor" says how far from the hardware limit a row is. On CUDA the engine
-rows also count the host-device synchronisations inside the denoising loop (JSON: loop_syncs). The JSON
-is rewritten after every row, so a run cut short by a time limit keeps what it measured.
+rows also count the host-device synchronisations inside the denoising loop (JSON: loop_syncs) and say
+where each came from (loop_sync_sites). The JSON is rewritten after every row, so a run cut short by a
+time limit keeps what it measured.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from webui.engine.fast_path import apply_fast_path  # noqa: E402
 
 CONFIGS = ROOT / "webui" / "engine" / "model_configs"
 ROWS = ("eager", "compiled_unet", "fast_path", "engine")
+SITE_FRAMES = 6  # Python frames kept per loop sync: enough to reach our code from inside torch
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 
 # A few-hundred-thousand-parameter SD for --tiny (same block types as SD 1.5, diffusers' test sizes).
@@ -188,27 +190,37 @@ def engine_request(args):
                              height=args.size, sampler_name="Euler")
 
 
-def count_loop_syncs(engine, request, seeds: list[int]) -> int:
-    """Host-device synchronisations inside the denoising loop, from step 2 to the end (CUDA only): torch
-    warns at each one while its sync debug mode is on, and the step callback turns that on after step 1."""
+def loop_sync_sites(engine, request, seeds: list[int]) -> list[str]:
+    """Where the denoising loop waited for the GPU, from step 2 to the end (CUDA only): one entry per
+    host-device synchronisation, naming the Python lines that asked for it. torch warns at each one while
+    its sync debug mode is on, and the step callback turns that on after step 1."""
+    import traceback
     import warnings
+
+    sites: list[str] = []
+
+    def note_site(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack()[:-1] if f.filename != warnings.__file__][-SITE_FRAMES:]
+            sites.append(" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames)))
 
     def on_step(step: int, total: int, _latents) -> None:
         torch.cuda.set_sync_debug_mode("warn" if step < total else "default")
 
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = note_site  # catch_warnings puts the original back
         try:
             engine.generate(request, seeds, on_step)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return sites
 
 
-def loop_syncs(engine, args, batch: int) -> int | None:
+def loop_syncs(engine, args, batch: int) -> list[str] | None:
     if args.device != "cuda":
         return None
-    return count_loop_syncs(engine, engine_request(args), [args.seed + i for i in range(batch)])
+    return loop_sync_sites(engine, engine_request(args), [args.seed + i for i in range(batch)])
 
 
 def engine_for(pipe, args):
@@ -272,8 +284,10 @@ def run(args, save=lambda report: None) -> dict:
                 "flops_per_run": flops[batch], "tflops": flops[batch] / median / 1e12,
                 "x_floor": median / (flops[batch] / (args.peak_tflops * 1e12)),
                 "peak_mem_mib": memory, "max_abs_diff_vs_eager": diff,
-                "loop_syncs": loop_syncs(pipe, args, batch) if name == "engine" else None,
             })
+            if name == "engine":
+                sites = loop_syncs(pipe, args, batch)
+                results[-1].update(loop_syncs=None if sites is None else len(sites), loop_sync_sites=sites)
             print_row(results[-1])
             save(_report(args, results))
     return _report(args, results)
@@ -305,6 +319,8 @@ def print_row(r: dict) -> None:
     print(f"{r['row']:<14} {r['batch']:>5} {r['s_per_image']:>8.4f} {r['images_per_s']:>8.2f} "
           f"{r['steps_per_s']:>8.2f} {r['tflops']:>8.3g} {r['x_floor']:>8.3g} {r['peak_mem_mib']:>9.0f} {diff:>10}",
           flush=True)
+    for site in r.get("loop_sync_sites") or []:
+        print(f"    sync in the denoising loop: {site}", flush=True)
 
 
 def default_json_path(args) -> Path:

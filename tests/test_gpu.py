@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.gpu_speed import count_loop_syncs
+from bench.gpu_speed import loop_sync_sites
 from tests.conftest import TINY
 from webui.schemas import GenerationRequest
 
@@ -65,4 +65,4 @@ def test_the_denoising_loop_never_waits_for_the_gpu(engines):
     CPU). The first step may sync: the scheduler finds its place in the schedule."""
     compiled, _ = engines
     request = GenerationRequest(prompt="a red apple", steps=6, sampler_name="Euler")
-    assert count_loop_syncs(compiled, request, [3]) == 0
+    assert loop_sync_sites(compiled, request, [3]) == []

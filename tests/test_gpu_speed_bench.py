@@ -81,3 +81,34 @@ def test_the_second_start_compiles_from_the_disk_cache(tmp_path):
     for start in (first, second):
         assert start["warm_up_s"] > 0 and start["first_image_s"] > 0
     assert "second/first warm-up" in proc.stdout
+
+
+def test_loop_sync_sites_name_the_line_that_waited(monkeypatch):
+    """The GPU benchmark's sync count says where each sync came from. On a CPU, a warning worded as torch's
+    sync debug mode words it stands in for a sync; only those after step 1 and before the last count."""
+    import warnings
+
+    from bench.gpu_speed import loop_sync_sites
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def waits_for_the_gpu() -> None:
+        if modes and modes[-1] == "warn":  # torch warns only in its sync debug mode
+            warnings.warn("called a synchronizing CUDA operation", UserWarning)
+
+    class Engine:
+        def generate(self, request, seeds, on_step):
+            waits_for_the_gpu()  # before step 1 is done: the scheduler may look itself up once
+            for step in (1, 2, 3):
+                on_step(step, 3, None)
+                if step == 2:
+                    waits_for_the_gpu()
+                    warnings.warn("an unrelated warning", UserWarning)
+
+    sites = loop_sync_sites(Engine(), request=None, seeds=[1])
+    assert len(sites) == 1
+    innermost = sites[0].split(" <- ")[:2]
+    assert [frame.split(" ")[1] for frame in innermost] == ["waits_for_the_gpu", "generate"]
+    assert innermost[0].startswith("test_gpu_speed_bench.py:")
+    assert modes == ["warn", "warn", "default", "default"]
