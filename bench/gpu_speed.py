@@ -175,10 +175,17 @@ def peak_memory_mib(device: str) -> float:
 
 
 def generate_with_engine(engine, args, batch: int):
-    """Our engine end to end: request -> per-image CPU noise -> denoise -> own VAE decode -> images."""
+    """Our engine end to end: request -> per-image CPU noise -> denoise -> own VAE decode -> 8-bit images."""
+    return engine.generate(engine_request(args), [args.seed + i for i in range(batch)])
+
+
+def as_array(images):
+    """A row's output as one float array in [0, 1], for comparing rows (outside the timed region): the
+    pipelines give one already, the engine gives 8-bit images."""
     import numpy as np
 
-    images = engine.generate(engine_request(args), [args.seed + i for i in range(batch)])
+    if isinstance(images, np.ndarray):
+        return images
     return np.stack([np.asarray(r.image, dtype=np.float32) / 255 for r in images])
 
 
@@ -249,7 +256,7 @@ def time_row(pipe, args, batch: int) -> tuple[list[float], object, float]:
         synchronize(args.device)
         seconds.append(time.perf_counter() - start)
         images = out
-    return seconds, images, peak_memory_mib(args.device)
+    return seconds, as_array(images), peak_memory_mib(args.device)
 
 
 def row_pipeline(name: str, components: dict, args, fast_pipe=None):

