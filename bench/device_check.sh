@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (issue 7): install the carried wheels, then the parts named on
-# the command line, in this order (default: all three):
-#   speed  every row of bench/gpu_speed.py, checking the fast path's images against eager (~7 min on an H100)
+# the command line, in this order (default: all four):
+#   speed  every row of bench/gpu_speed.py, checking the fast path's images against eager (~8 min on an H100)
+#   profile  where a UNet call's time goes by kind of op, and each attention backend at SD 1.5's shapes
+#          (bench/unet_profile.py; no compile) (~1 min)
 #   tests  the GPU tests (tests/test_gpu.py: samplers, previews and VAE tiles under CUDA graphs; no syncs
 #          in the loop) (~2 min)
 #   start  the first and second start of a compiled model (bench/compile_start.py) (~2.5 min)
-# All three take longer than one device call (600 s): on 2026-11-26 an H100 ran out of time in the speed
-# part's batch-8 fast path. So run "speed tests" in one call and "start" in another when there is time.
+# All four take longer than one device call (600 s): on 2026-11-26 an H100 ran out of time in the speed
+# part's batch-8 fast path with the start part after it. So, in a session's 15 device minutes:
 #   local:  bash bench/prepare_device_wheels.sh
-#   device: run command "bash bench/device_check.sh speed tests", carry [".wheels"], timeout_s 600
+#   device: run command "bash bench/device_check.sh speed", carry [".wheels"], timeout_s 600; then at once,
+#           while the machine is warm: "bash bench/device_check.sh profile tests", timeout_s 240
 # Each part saves its JSON or log as it goes, so a part cut off by its timeout keeps what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-parts=" ${*:-speed tests start} "
+parts=" ${*:-speed profile tests start} "
 for part in $parts; do
-  [[ " speed tests start " == *" $part "* ]] || { echo "unknown part '$part': choose from speed, tests, start"; exit 2; }
+  [[ " speed profile tests start " == *" $part "* ]] || { echo "unknown part '$part': choose from speed, profile, tests, start"; exit 2; }
 done
 # --target, as the device README advises: the image's own site-packages stay as they are.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -33,9 +36,16 @@ left() { local s=$((585 - SECONDS - ${1:-0})); echo $((s > 0 ? s : 1)); }
 if [[ $parts == *" speed "* ]]; then
   # One compile per compiled row and batch size, about a minute each; 3 runs after 1 warm-up varied by
   # under 5% on the H100.
-  reserve=0; [[ $parts == *" tests "* ]] && reserve=150  # what the tests need
+  reserve=0  # what the parts after it need
+  [[ $parts == *" profile "* ]] && reserve=$((reserve + 60))
+  [[ $parts == *" tests "* ]] && reserve=$((reserve + 150))
   timeout "$(left $reserve)" python3 bench/gpu_speed.py --repeats 3 --warmup 1 \
     --json "$OUT/$(date +%F)-${card}.json" 2>&1 | tee "$OUT/gpu_speed.log" | grep -v Warning
+fi
+if [[ $parts == *" profile "* ]]; then
+  reserve=0; [[ $parts == *" tests "* ]] && reserve=150
+  timeout "$(left $reserve)" python3 bench/unet_profile.py --json "$OUT/$(date +%F)-${card}-unet-profile.json" 2>&1 \
+    | tee "$OUT/unet_profile.log" | grep -v Warning
 fi
 if [[ $parts == *" tests "* ]]; then
   # pytest is in the device image; the tests import no gradio or fastapi.

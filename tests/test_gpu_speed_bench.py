@@ -112,3 +112,15 @@ def test_loop_sync_sites_name_the_line_that_waited(monkeypatch):
     assert [frame.split(" ")[1] for frame in innermost] == ["waits_for_the_gpu", "generate"]
     assert innermost[0].startswith("test_gpu_speed_bench.py:")
     assert modes == ["warn", "warn", "default", "default"]
+
+
+def test_unet_profile_sorts_op_time_by_kind_and_times_attention_per_level(tmp_path):
+    from bench.unet_profile import main
+
+    report = main(["--tiny", "--json", str(tmp_path / "profile.json")])
+    kinds = report["profile_ms"][1]
+    assert all(kinds[kind] > 0 for kind in ("convolution", "attention", "linear", "normalisation")), kinds
+    shapes = [row["shape"] for row in report["attention_ms"][1]]
+    assert shapes == ["self 8x8", "cross 8x8", "self 4x4", "cross 4x4"]  # the tiny UNet's two levels
+    assert all(row["math"] > 0 for row in report["attention_ms"][1])
+    assert json.loads((tmp_path / "profile.json").read_text())["attention_ms"]["1"][1]["keys"] == 77
