@@ -7,8 +7,9 @@ Part 1 profiles one UNet call per batch (rows = 2 x images with CFG; channels-la
 path sets them up, uncompiled so that every op shows) and sums each op's own time by kind: convolution,
 linear layers, attention, normalisation, the rest. Part 2 times each of torch's attention backends alone
 on the attention shapes of that UNet (self-attention at each level, and cross-attention on 77 tokens).
-Together they say where a faster kernel would pay before anyone writes one. No compile, so it takes
-about a minute on a GPU.
+Part 3 times the whole call with cuDNN picking convolution algorithms by heuristics (torch's default)
+and by trying them (torch.backends.cudnn.benchmark). Together they say where a faster kernel or setting
+would pay before anyone writes one. No compile, so it takes about a minute on a GPU.
 """
 from __future__ import annotations
 
@@ -146,16 +147,28 @@ def median_ms(call, args, repeats: int = 20) -> float | None:
     return statistics.median(times)
 
 
+def time_cudnn_choices(unet, args, images: int) -> dict[str, float | None]:
+    """Median milliseconds of one UNet call as cuDNN chooses its convolutions: by heuristics, by trying."""
+    inputs = unet_inputs(unet, args, images)
+    times = {}
+    for mode, benchmark in (("heuristics", False), ("benchmark", True)):
+        torch.backends.cudnn.benchmark = benchmark
+        times[mode] = median_ms(lambda: unet(*inputs), args, repeats=10)
+    torch.backends.cudnn.benchmark = False
+    return times
+
+
 def run(args) -> dict:
     parts = build_components(args)  # reads args.tiny, .device and .dtype
     apply_fast_path(SimpleNamespace(**parts), compile=False)  # channels-last and SDPA, as the engine runs it
     unet = parts["unet"]
     report = {"card": card_name(args.device), "dtype": str(args.dtype).removeprefix("torch."),
-              "torch": torch.__version__, "size": args.size, "profile_ms": {}, "attention_ms": {}}
+              "torch": torch.__version__, "size": args.size, "profile_ms": {}, "attention_ms": {}, "cudnn_ms": {}}
     with torch.inference_mode():
         for images in args.batch_sizes:
             report["profile_ms"][images] = profile_call(unet, args, images)
             report["attention_ms"][images] = time_backends(attention_shapes(unet, args, images), args, images)
+            report["cudnn_ms"][images] = time_cudnn_choices(unet, args, images)
     return report
 
 
@@ -169,6 +182,8 @@ def print_report(report: dict) -> None:
             times = "  ".join(f"{name} {'-' if ms is None else f'{ms:.3f}'}" for name, ms in row.items()
                               if name not in ("shape", "heads", "queries", "keys", "head_size"))
             print(f"  attention {row['shape']:<12} heads {row['heads']} x {row['head_size']:>3}: {times} ms")
+        cudnn = report["cudnn_ms"][images]
+        print(f"  whole call: cuDNN heuristics {cudnn['heuristics']:.3f} ms, cuDNN benchmark {cudnn['benchmark']:.3f} ms")
 
 
 def main(argv=None) -> dict:

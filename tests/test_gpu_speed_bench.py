@@ -123,4 +123,5 @@ def test_unet_profile_sorts_op_time_by_kind_and_times_attention_per_level(tmp_pa
     shapes = [row["shape"] for row in report["attention_ms"][1]]
     assert shapes == ["self 8x8", "cross 8x8", "self 4x4", "cross 4x4"]  # the tiny UNet's two levels
     assert all(row["math"] > 0 for row in report["attention_ms"][1])
+    assert report["cudnn_ms"][1]["heuristics"] > 0 and report["cudnn_ms"][1]["benchmark"] > 0
     assert json.loads((tmp_path / "profile.json").read_text())["attention_ms"]["1"][1]["keys"] == 77
