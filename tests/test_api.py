@@ -327,6 +327,37 @@ def test_after_a_skip_all_seeds_still_label_the_returned_images(client, services
     assert labels == info["all_seeds"] == [501, 502] and len(info["all_prompts"]) == 2
 
 
+def test_a_job_that_could_not_save_returns_its_images_and_says_why(client, services, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError("denied")
+
+    monkeypatch.setattr(services.outputs, "save_image", denied)
+    r = client.post("/sdapi/v1/txt2img", json=QUICK | {"save_images": True})
+    assert r.status_code == 200 and len(r.json()["images"]) == 1
+    job_id = client.post("/api/v1/jobs", json=QUICK | {"save_images": True}).json()["id"]
+    services.worker.get(job_id).wait(60)
+    status = client.get(f"/api/v1/jobs/{job_id}").json()
+    assert status["state"] == "done" and status["warnings"] == ["image 1 was not saved: PermissionError: denied"]
+    assert len(status["result"]["images"]) == 1
+
+
+def test_a_job_that_fails_halfway_returns_the_images_it_made(client, services, monkeypatch):
+    real_generate, calls = services.engine.generate, []
+
+    def fails_at_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of luck")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(services.engine, "generate", fails_at_the_second_batch)
+    job_id = client.post("/api/v1/jobs", json=QUICK | {"n_iter": 2}).json()["id"]
+    services.worker.get(job_id).wait(60)
+    status = client.get(f"/api/v1/jobs/{job_id}").json()
+    assert status["state"] == "failed" and "out of luck" in status["error"]
+    assert len(status["result"]["images"]) == 1
+
+
 def test_api_and_ui_jobs_share_the_queue_and_a_full_queue_answers_503(client, services, running):
     api_job = running()
     ui_job = services.worker.submit(QUICK, origin="ui")

@@ -39,6 +39,25 @@ def test_counter_continues_after_a_restart(tmp_path):
     assert highest_number(again.parent) == 2
 
 
+def test_the_counter_goes_on_past_99999(tmp_path):
+    store = OutputStore(tmp_path)
+    folder = store.image_folder("txt2img")
+    folder.mkdir(parents=True)
+    (folder / "99999-1.png").write_bytes(b"")
+    names = [store.save_image(red(), "x", seed=7).name for _ in range(2)]  # the same seed twice
+    assert names == ["100000-7.png", "100001-7.png"]
+
+
+def test_a_folder_whose_numbers_are_always_taken_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    def taken(source, target):
+        raise FileExistsError(target)
+
+    monkeypatch.setattr(os, "link", taken)
+    with pytest.raises(FileExistsError, match="no free file number"):
+        OutputStore(tmp_path).save_image(red(), "x", seed=1)
+    assert list(OutputStore(tmp_path).image_folder("txt2img").iterdir()) == []
+
+
 def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
     store = OutputStore(tmp_path)
 

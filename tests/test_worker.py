@@ -1,5 +1,7 @@
 """The worker: order, per-job cancel and skip, failures, a full queue, saving and history."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -156,6 +158,7 @@ def test_old_finished_jobs_are_forgotten_but_stay_in_the_history(services, monke
     import webui.worker as worker_module
 
     monkeypatch.setattr(worker_module, "KEEP_FINISHED_JOBS", 2)
+    monkeypatch.setattr(worker_module, "KEEP_FINISHED_SECONDS", 0)
     jobs = [services.worker.submit(QUICK | {"seed": s}) for s in range(3)]
     for job in jobs:
         assert job.wait(60)
@@ -170,11 +173,93 @@ def test_finished_jobs_holding_too_many_pixels_are_forgotten_but_the_newest_stay
     import webui.worker as worker_module
 
     monkeypatch.setattr(worker_module, "KEEP_FINISHED_PIXELS", 3 * 64 * 64)  # three 64x64 images
+    monkeypatch.setattr(worker_module, "KEEP_FINISHED_SECONDS", 0)
     jobs = [services.worker.submit(QUICK | {"seed": s, "batch_size": 2, "save_images": False}) for s in range(3)]
     for job in jobs:
         assert job.wait(60)
     services.worker.call(lambda engine: None).result(60)  # the worker has tidied up after the last job
     assert [services.worker.get(job.id) for job in jobs] == [None, None, jobs[2]]
+
+
+def test_the_job_that_finished_last_stays_though_another_was_submitted_later(services, monkeypatch):
+    """A job cancelled in the queue finishes before the running one it was queued behind."""
+    import webui.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "KEEP_FINISHED_PIXELS", 3 * 64 * 64)
+    monkeypatch.setattr(worker_module, "KEEP_FINISHED_SECONDS", 0)
+    big = services.worker.submit(QUICK | {"steps": 20, "batch_size": 4, "save_images": False})
+    cancelled = services.worker.submit(QUICK)
+    services.worker.cancel(cancelled.id)
+    assert big.wait(60) and big.state is JobState.DONE
+    services.worker.call(lambda engine: None).result(60)
+    assert services.worker.get(big.id) is big and services.worker.get(cancelled.id) is None
+
+
+def test_a_job_that_just_finished_stays_readable_whatever_its_images_weigh(services, monkeypatch):
+    import webui.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "KEEP_FINISHED_PIXELS", 64 * 64)
+    jobs = [services.worker.submit(QUICK | {"seed": s, "batch_size": 2, "save_images": False}) for s in range(2)]
+    for job in jobs:
+        assert job.wait(60)
+    services.worker.call(lambda engine: None).result(60)
+    assert [services.worker.get(job.id) for job in jobs] == jobs  # KEEP_FINISHED_SECONDS has not passed
+
+
+def test_a_full_disk_loses_no_picture_and_says_so(services, monkeypatch):
+    import errno
+
+    from webui.ui.progress import final_html
+
+    real_save, calls = services.outputs.save_image, []
+
+    def full_disk_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(services.outputs, "save_image", full_disk_at_the_second)
+    job = services.worker.submit(QUICK | {"batch_size": 2, "n_iter": 2})
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    assert len(job.images) == 4 and job.images[1].path is None and job.images[2].path is not None
+    assert len(job.warnings) == 1 and "image 2 was not saved" in job.warnings[0] and "No space" in job.warnings[0]
+    assert services.history.list_images()[1] == 3
+    assert "image 2 was not saved" in final_html(job) and "--outdir" in final_html(job)
+
+
+def test_a_history_that_cannot_be_written_keeps_the_file_and_the_picture(services, monkeypatch):
+    import sqlite3
+
+    def disk_full(**kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    def read_only(*args, **kwargs):
+        raise OSError("read-only")
+
+    monkeypatch.setattr(services.history, "add_image", disk_full)
+    monkeypatch.setattr(services.outputs, "save_grid", read_only)
+    job = services.worker.submit(QUICK | {"batch_size": 2})
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    assert len(job.images) == 2 and all(Path(im.path).is_file() for im in job.images)
+    assert "missing from the history: OperationalError: database or disk is full" in job.warnings[0]
+    assert job.warnings[-1] == "the grid was not saved: OSError: read-only" and job.grid is None
+
+
+def test_stopping_releases_every_queued_job_and_call_and_takes_no_more(services):
+    from webui.worker import WorkerStopped
+
+    running = services.worker.submit(QUICK | {"steps": 30})
+    queued = services.worker.submit(QUICK)
+    call = services.worker.call(lambda engine: "never runs")
+    wait_for(lambda: running.state is JobState.RUNNING)
+    services.worker.stop()
+    assert queued.wait(0) and queued.state is JobState.CANCELLED and running.wait(30)
+    with pytest.raises(WorkerStopped):
+        call.result(0)
+    with pytest.raises(WorkerStopped, match="shutting down"):
+        services.worker.submit(QUICK)
+    assert services.history.get_job(queued.id)["state"] == "cancelled"
 
 
 def test_a_failing_history_write_neither_hangs_clients_nor_kills_the_worker(services, monkeypatch):

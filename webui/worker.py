@@ -30,11 +30,16 @@ log = logging.getLogger(__name__)
 # Finished jobs stay readable (UI, API polling) for a while; each holds its images in memory.
 KEEP_FINISHED_JOBS = 64
 KEEP_FINISHED_PIXELS = 256 * 512 * 512  # about 200 MB of RGB images
+KEEP_FINISHED_SECONDS = 120.0  # however many pixels they hold: time for a polling client to read them
 PREVIEW_WATCH_SECONDS = 3.0
 
 
 class QueueFull(RuntimeError):
     """The queue is at its maximum size; try again when a job has finished."""
+
+
+class WorkerStopped(RuntimeError):
+    """The worker has stopped (the server is shutting down): it takes no more work."""
 
 
 class JobCancelled(Exception):
@@ -60,6 +65,7 @@ class Job:
     grid_path: str | None = None
     model: LoadedModel | None = None
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)  # what went wrong without failing the job (a save)
     started_at: float | None = None
     finished_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
@@ -131,10 +137,18 @@ class Worker:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Cancel the running job and everything queued (their waiters are released), then end the thread."""
         with self._wake:
             self._stopping = True
             if self._current is not None:
                 self._current.cancel_event.set()
+            while self._queue:
+                item = self._queue.popleft()
+                if isinstance(item, Job):
+                    item.cancel_event.set()
+                    self._finish(item, JobState.CANCELLED, "the server is shutting down")
+                else:
+                    item.future.set_exception(WorkerStopped("the server is shutting down"))
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -146,6 +160,7 @@ class Worker:
         request = parse_request(request)
         job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner)
         with self._wake:
+            self._refuse_when_stopping()
             waiting = sum(isinstance(item, Job) for item in self._queue)
             if waiting >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting); try again shortly")
@@ -204,9 +219,14 @@ class Worker:
         """Run fn(engine) on the worker thread, after the jobs already queued."""
         future: Future = Future()
         with self._wake:
+            self._refuse_when_stopping()
             self._queue.append(_Call(fn, future, activity))
             self._wake.notify_all()
         return future
+
+    def _refuse_when_stopping(self) -> None:
+        if self._stopping:
+            raise WorkerStopped("the server is shutting down; no new work is taken")
 
     def load_model(self, name: str, timeout: float | None = None) -> LoadedModel:
         """Load a model and return once it is ready; a compiled model's warm-up follows in the
@@ -329,8 +349,12 @@ class Worker:
             for i, result in enumerate(results):
                 self._keep_image(job, result, batch * request.batch_size + i, seconds)
         if len(job.images) > 1 and request.save_images:  # only a saved grid is shown or returned
-            job.grid = make_grid([im.image for im in job.images])
-            job.grid_path = str(self.outputs.save_grid(job.grid, job.images[0].infotext))
+            grid = make_grid([im.image for im in job.images])
+            try:
+                job.grid_path = str(self.outputs.save_grid(grid, job.images[0].infotext))
+                job.grid = grid
+            except Exception as err:
+                self._warn(job, "the grid was not saved", err)
 
     def _compile_note(self, request: GenerationRequest, parts: list[str]) -> str | None:
         """What a batch waits for before its first step (or after its last), in words; None when nothing."""
@@ -382,18 +406,36 @@ class Worker:
             "Version": f"diffusers-webui {__version__}",
         })
         image = GeneratedImage(image=result.image, seed=result.seed, index=index, infotext=infotext, nsfw=result.nsfw)
+        job.images.append(image)  # first: whatever happens to the file, the user gets the picture
         if request.save_images:
-            path = self.outputs.save_image(result.image, infotext, result.seed)
-            image.path = str(path)
+            self._save(job, image, width, height, seconds)
+
+    def _save(self, job: Job, image: GeneratedImage, width: int, height: int, seconds: float) -> None:
+        """Write the PNG, then its history row. A failure (a full disk, a locked database) is a warning on
+        the job: the picture stays in the job, and a written file stays on disk."""
+        request, model = job.request, job.model
+        try:
+            path = self.outputs.save_image(image.image, image.infotext, image.seed)
+        except Exception as err:
+            self._warn(job, f"image {image.index + 1} was not saved", err)
+            return
+        image.path = str(path)
+        try:
             image.history_id = self.history.add_image(
                 job_id=job.id, path=path.relative_to(self.outputs.outdir), prompt=request.prompt,
-                negative_prompt=request.negative_prompt, seed=result.seed, steps=request.steps,
+                negative_prompt=request.negative_prompt, seed=image.seed, steps=request.steps,
                 sampler=request.sampler_name, scheduler=request.scheduler, cfg_scale=request.cfg_scale,
                 width=width, height=height, clip_skip=request.clip_skip, model_name=model.entry.name,
-                model_hash=model.short_hash, image_index=index, nsfw=result.nsfw, seconds=seconds,
-                infotext=infotext,
+                model_hash=model.short_hash, image_index=image.index, nsfw=image.nsfw, seconds=seconds,
+                infotext=image.infotext,
             )
-        job.images.append(image)
+        except Exception as err:
+            self._warn(job, f"{path.name} was saved but is missing from the history", err)
+
+    @staticmethod
+    def _warn(job: Job, what: str, err: Exception) -> None:
+        log.error("job %s: %s: %s: %s", job.id, what, type(err).__name__, err)
+        job.warnings.append(f"{what}: {type(err).__name__}: {err}")
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
         job.state = state
@@ -407,14 +449,15 @@ class Worker:
             log.exception("could not record the end of job %s in the history", job.id)
 
     def _forget_old_jobs(self) -> None:
-        """Drop the oldest finished jobs past KEEP_FINISHED_JOBS, or while their images hold more than
-        KEEP_FINISHED_PIXELS. The newest stays, for the client about to read it; a client already
-        holding a Job keeps it whole."""
-        finished = [j for j in self._jobs.values() if j.state.finished]
+        """Drop the jobs that finished first, past KEEP_FINISHED_JOBS or while their images hold more than
+        KEEP_FINISHED_PIXELS. The last one to finish, and any that finished less than KEEP_FINISHED_SECONDS
+        ago, stay for the clients about to read them. A client already holding a Job keeps it whole."""
+        finished = sorted((j for j in self._jobs.values() if j.state.finished), key=lambda j: j.finished_at)
         excess = len(finished) - KEEP_FINISHED_JOBS
         pixels = sum(_pixels_held(job) for job in finished)
+        recent = time.time() - KEEP_FINISHED_SECONDS
         for job in finished[:-1]:
-            if excess <= 0 and pixels <= KEEP_FINISHED_PIXELS:
+            if (excess <= 0 and pixels <= KEEP_FINISHED_PIXELS) or job.finished_at > recent:
                 break
             del self._jobs[job.id]
             excess, pixels = excess - 1, pixels - _pixels_held(job)

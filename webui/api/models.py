@@ -173,6 +173,8 @@ class JobStatus(BaseModel):
     position: int | None = None
     progress: JobProgress | None = None
     error: str | None = None
+    warnings: list[str] = Field(default_factory=list, description="what went wrong without failing the job, "
+                                "such as an image that could not be saved")
     created_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None

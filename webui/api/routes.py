@@ -31,7 +31,7 @@ from webui.engine.loader import ModelLoadError
 from webui.engine.models import ModelNotFound
 from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES
 from webui.schemas import InvalidRequest, JobState, describe_validation_errors
-from webui.worker import Job, QueueFull
+from webui.worker import Job, QueueFull, WorkerStopped
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,8 @@ class Api:
             raise ApiError(422, str(err), "InvalidRequest") from None
         except QueueFull as err:
             raise ApiError(503, str(err), "QueueFull", headers={"Retry-After": str(self._retry_after())}) from None
+        except WorkerStopped as err:
+            raise ApiError(503, str(err), "ServerStopping") from None
 
     def _retry_after(self) -> int:
         running = self.worker.current()
@@ -138,13 +140,13 @@ class Api:
                              finished_at=row["finished_at"])
         status = JobStatus(
             id=job.id, state=job.state.value, origin=job.origin, position=self.worker.position(job.id),
-            progress=convert.job_progress(job), error=job.error, created_at=job.created_at,
+            progress=convert.job_progress(job), error=job.error, warnings=list(job.warnings), created_at=job.created_at,
             started_at=job.started_at, finished_at=job.finished_at,
         )
         preview = job.preview if current_image else None  # reading it asks the worker for previews
         if preview is not None:
             status.current_image = convert.encode_png(preview)
-        if job.state in (JobState.DONE, JobState.CANCELLED):
+        if job.state in (JobState.DONE, JobState.CANCELLED) or job.images:  # a failed job's images made before
             status.result = convert.job_result(job, job.request.model_dump())
         return status
 

@@ -20,10 +20,12 @@ from PIL.PngImagePlugin import PngInfo
 
 from webui.storage.infotext import MAX_INFOTEXT_CHARS
 
-_NUMBERED = re.compile(r"^(\d{5})-")
+_NUMBERED = re.compile(r"^(\d{5,})-")  # five digits at least: 100000 follows 99999
 _GRID_NUMBERED = re.compile(r"^grid-(\d{4,})\.")
 # EXIF: the Exif sub-IFD, its UserComment tag, and the 8-byte character code that starts a comment.
 _EXIF_IFD, _USER_COMMENT, _COMMENT_PREFIX_SIZE = 0x8769, 0x9286, 8
+# Numbers taken by other writers between our scan and our link, in a row, before we give up.
+_CLAIM_TRIES = 100
 
 
 class OutputStore:
@@ -71,7 +73,7 @@ def _claim_name(temp: Path, folder: Path, name_for, numbered: re.Pattern) -> Pat
     """Give the finished file the next free number in the folder. The folder is rescanned at every
     claim, as stable-diffusion-webui does, since other processes may write there too; os.link fails
     instead of overwriting when one took the number between our scan and our link."""
-    while True:
+    for _ in range(_CLAIM_TRIES):
         final = folder / name_for(highest_number(folder, numbered) + 1)
         try:
             os.link(temp, final)
@@ -81,6 +83,8 @@ def _claim_name(temp: Path, folder: Path, name_for, numbered: re.Pattern) -> Pat
         except OSError:  # no hard links (some network or FUSE drives): a plain rename
             os.replace(temp, final)
             return final
+    raise FileExistsError(f"no free file number in {folder} after {_CLAIM_TRIES} tries: "
+                          f"is another program writing numbered files there?")
 
 
 def resolve_inside(root: Path, path: str | Path) -> Path:

@@ -52,13 +52,22 @@ def progress_html(job: Job, position: int | None, worker_activity: str | None = 
 
 
 def final_html(job: Job) -> str:
-    """The message left under the gallery when a job ends: nothing on success."""
+    """The message left under the gallery when a job ends: nothing on a clean success."""
     if job.state is JobState.FAILED:
-        return error_html(f"Generation failed: {job.error or 'unknown error'}")
+        return error_html(f"Generation failed: {job.error or 'unknown error'}") + _warnings_html(job)
     if job.state is JobState.CANCELLED:
         kept = len(job.images)
-        return notice_html(f"Interrupted; {kept} image{'s' if kept != 1 else ''} kept.")
-    return ""
+        return notice_html(f"Interrupted; {kept} image{'s' if kept != 1 else ''} kept.") + _warnings_html(job)
+    return _warnings_html(job)
+
+
+def _warnings_html(job: Job) -> str:
+    """Saving problems: the images are in the gallery, but not (all) on disk or in the history."""
+    if not job.warnings:
+        return ""
+    more = f" (and {len(job.warnings) - 1} more like it)" if len(job.warnings) > 1 else ""
+    return error_html(f"{job.warnings[0]}{more}. Free some disk space or check that the outputs folder "
+                      "(--outdir) is writable; download the images you want to keep from the gallery.")
 
 
 def timing_html(job: Job) -> str:

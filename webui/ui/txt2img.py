@@ -20,7 +20,7 @@ from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.params import TXT2IMG_FIELDS
 from webui.ui.progress import error_html, final_html, progress_html, timing_html, token_counter
-from webui.worker import Job, QueueFull
+from webui.worker import Job, QueueFull, WorkerStopped
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.25
@@ -93,7 +93,7 @@ class Txt2ImgActions:
             if request["model"]:
                 request["model"] = self.models.checked_choice(request["model"])
             job = self.worker.submit(request, origin="ui")
-        except (InvalidRequest, QueueFull, ModelNotFound) as err:
+        except (InvalidRequest, QueueFull, ModelNotFound, WorkerStopped) as err:
             yield session, gr.skip(), error_html(str(err)), gr.update(visible=False), gr.skip(), ""
             return
         session.start(job)
