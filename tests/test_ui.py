@@ -252,12 +252,61 @@ def test_model_refresh_and_load(models_dir, tmp_path):
         update = event(ui, "refresh_models")("tiny-a")
         assert update["choices"] == ["tiny-a", "tiny-b"] and update["value"] == "tiny-a"
 
-        status, name, width, height = list(event(ui, "load_model")("tiny-b"))[-1]
-        assert "tiny-b" in status and (name, width, height) == ("tiny-b", 64, 64)
-        status, name, *_ = list(event(ui, "load_model")("missing-model"))[-1]
-        assert "Could not load missing-model" in status and name == "tiny-b"  # the dropdown goes back
+        status, picker, width, height = list(event(ui, "load_model")("tiny-b"))[-1]
+        assert "tiny-b" in status and (picker["value"], width, height) == ("tiny-b", 64, 64)
+        status, picker, *_ = list(event(ui, "load_model")("missing-model"))[-1]
+        assert "Could not load missing-model" in status and picker["value"] == "tiny-b"  # the dropdown goes back
+
+        # A page opened (or reloaded) now shows tiny-b, not tiny-a of the page built at start.
+        picker, status, width, height = ui.models.on_page_load()
+        assert picker["value"] == "tiny-b" and "Model: tiny-b" in status and (width, height) == (64, 64)
     finally:
         services.close()
+
+
+def test_a_model_loaded_from_outside_the_models_folder_can_be_used_on_a_shared_server(models_dir, tmp_path):
+    """Gradio refuses a dropdown value missing from its list; with --share or --listen nothing else may be
+    typed, so the loaded --ckpt path must be on the list."""
+    import shutil
+
+    outside = tmp_path / "elsewhere" / "my-model"
+    shutil.copytree(models_dir / TINY, outside)
+    own_models = tmp_path / "models"
+    own_models.mkdir()
+    (own_models / "tiny-a").symlink_to(models_dir / TINY, target_is_directory=True)
+    services = build_services(Settings(models_dir=own_models, outdir=tmp_path / "out", ckpt=str(outside),
+                                       device="cpu", listen=True))
+    try:
+        ui = create_ui(services)
+        loaded = services.engine.model.entry.name
+        assert ui.picker.dropdown.value == loaded and loaded in [c[0] for c in ui.picker.dropdown.choices]
+        values = ui.picker.dropdown.preprocess(loaded)  # what Gradio does with the value a Generate sends
+        assert values == loaded
+    finally:
+        services.close()
+
+
+def test_sending_a_model_another_tab_found_updates_the_list_too(ui, ui_services, models_dir):
+    import shutil
+
+    shutil.copytree(models_dir / TINY, ui_services.settings.models_dir / "tiny-new")
+    try:
+        ui_services.registry.refresh()  # as another tab's refresh button or /refresh-checkpoints does
+        text = "a castle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Model: tiny-new"
+        *values, _ = event(ui, "send_from_pnginfo")(text)
+        assert values[-1]["value"] == "tiny-new" and "tiny-new" in values[-1]["choices"]
+    finally:
+        shutil.rmtree(ui_services.settings.models_dir / "tiny-new")
+        ui_services.registry.refresh()
+
+
+def test_a_model_that_cannot_be_applied_is_named_in_a_warning(ui):
+    text = "a castle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Model: not-here"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        *values, _ = event(ui, "send_from_pnginfo")(text)
+    assert is_skip(values[-1])
+    assert any("Model not applied: 'not-here' is not in the models folder" in str(w.message) for w in caught)
 
 
 # --- history --------------------------------------------------------------------------------
@@ -281,7 +330,8 @@ def test_history_pages_search_select_send_and_delete(ui, ui_services, monkeypatc
     *values, tabs = event(ui, "send_from_history")(image_id)
     by_field = dict(zip(["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width",
                          "height", "seed", "clip_skip", "model"], values))
-    assert (by_field["prompt"], by_field["seed"], by_field["steps"], by_field["model"]) == ("a zebra", 10, 2, TINY)
+    assert (by_field["prompt"], by_field["seed"], by_field["steps"]) == ("a zebra", 10, 2)
+    assert by_field["model"]["value"] == TINY and TINY in by_field["model"]["choices"]
     assert tabs.selected == "txt2img"
 
     *page_outputs, gone_id, gone_image, gone_details, _ = actions.delete(image_id, 1, "zebra")
@@ -327,7 +377,7 @@ def test_png_info_reads_stable_diffusion_webui_png_and_sends_it(ui, tmp_path):
     assert (by_field["sampler_name"], by_field["scheduler"]) == ("DPM++ 2M", "Karras")  # old combined name split
     assert (by_field["steps"], by_field["cfg_scale"], by_field["seed"]) == (25, 6.5, 42)
     assert (by_field["width"], by_field["height"]) == (512, 768)
-    assert is_skip(by_field["model"])  # not in our models folder: the dropdown is left alone
+    assert is_skip(by_field["model"])  # not in our models folder: the dropdown is left alone, with a warning
     assert tabs.selected == "txt2img"
 
 

@@ -61,10 +61,10 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
     send_outputs = [*txt2img.field_components, tabs]
 
     def send_from_history(image_id):
-        return *txt2img_updates(actions.fields(image_id), ui.models.names()), gr.Tabs(selected="txt2img")
+        return *txt2img_updates(actions.fields(image_id), ui.models.choices()), gr.Tabs(selected="txt2img")
 
     def send_from_pnginfo(text):
-        return *txt2img_updates(fields_for_txt2img(text), ui.models.names()), gr.Tabs(selected="txt2img")
+        return *txt2img_updates(fields_for_txt2img(text), ui.models.choices()), gr.Tabs(selected="txt2img")
 
     history.send.click(send_from_history, inputs=[history.selected], outputs=send_outputs,
                        api_visibility="private", show_progress="hidden")
@@ -74,6 +74,8 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
                   api_visibility="private", show_progress="hidden")
     txt2img.generate_event.then(**reload)
     ui.blocks.load(**reload)
+    ui.blocks.load(ui.models.on_page_load, outputs=[ui.picker.dropdown, ui.picker.status, txt2img.width, txt2img.height],
+                   api_visibility="private", show_progress="hidden")
 
 
 def launch_assets() -> dict:

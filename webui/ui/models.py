@@ -32,7 +32,24 @@ class ModelActions:
         self.services = services
 
     def names(self) -> list[str]:
+        """The models folder's models."""
         return [entry.name for entry in self.services.registry.entries()]
+
+    def choices(self) -> list[str]:
+        """The dropdown's list: the models folder, and the loaded model when it came from elsewhere (a
+        --ckpt path, a hub id). Gradio refuses a dropdown value that is not in its list."""
+        names, current = self.names(), self.current()
+        return names if current in names else [*names, current]
+
+    def picker(self, value: str | None = None) -> dict:
+        """The dropdown as it should be now: today's list, showing value (the current model if None)."""
+        return gr.update(choices=self.choices(), value=value or self.current())
+
+    def on_page_load(self):
+        """A new or reloaded page shows the model loaded now, not the one loaded when the UI was built.
+        Outputs: dropdown, status, width, height."""
+        size = self.native_size()
+        return self.picker(), self.status(), size, size
 
     def current(self) -> str:
         """The loaded model, else the one asked for at start (the embedded default unless --ckpt)."""
@@ -70,23 +87,23 @@ class ModelActions:
     def refresh(self, selected: str | None):
         """Rescan the models folder; keeps the selection."""
         self.services.registry.refresh()
-        return gr.update(choices=self.names(), value=selected or self.current())
+        return self.picker(selected)
 
     def load(self, name: str | None):
         """Load the picked model on the worker (after queued jobs); yields a status first.
 
         Outputs: status, dropdown, width, height (sliders follow the model's native size)."""
         if not name:
-            yield self.status(), self.current(), gr.skip(), gr.skip()
+            yield self.status(), self.picker(), gr.skip(), gr.skip()
             return
         yield notice_html(f"Loading {name}…"), gr.skip(), gr.skip(), gr.skip()
         try:
             model = self.services.worker.load_model(self.checked_choice(name))
         except Exception as err:  # any failure becomes a readable line; the old model stays loaded
             log.warning("loading %s failed: %s", name, err)
-            yield error_html(f"Could not load {name}: {err}"), self.current(), gr.skip(), gr.skip()
+            yield error_html(f"Could not load {name}: {err}"), self.picker(), gr.skip(), gr.skip()
             return
-        yield self.status(), model.entry.name, model.native_width, model.native_height
+        yield self.status(), self.picker(model.entry.name), model.native_width, model.native_height
         if self._compiling(model):
             deadline = time.monotonic() + WARM_UP_WATCH_SECONDS
             while self._compiling(model) and time.monotonic() < deadline:
@@ -104,7 +121,7 @@ class ModelActions:
 def build_model_picker(actions: ModelActions) -> ModelPicker:
     with gr.Row(elem_id="model_row"):
         dropdown = gr.Dropdown(
-            choices=actions.names(), value=actions.current(), label="Stable Diffusion checkpoint",
+            choices=actions.choices(), value=actions.current(), label="Stable Diffusion checkpoint",
             allow_custom_value=not actions.public,  # locally, a typed path or hub id also works
             elem_id="model_dropdown", scale=4,
         )

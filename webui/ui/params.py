@@ -23,16 +23,25 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
 
 
 def txt2img_updates(fields: dict[str, Any], model_names: list[str]) -> list[Any]:
-    """One value (or gr.skip()) per TXT2IMG_FIELDS entry; unknown models are left alone. A sampler or
-    schedule type that cannot be applied is left out with a warning in the page saying why, since
-    the dropdown would otherwise keep its old value without a word."""
+    """One value (or gr.skip()) per TXT2IMG_FIELDS entry. A sampler, schedule type or model that cannot be
+    applied is left out with a warning in the page saying why, since its dropdown would otherwise keep
+    its old value without a word. model_names: the model dropdown's list as it is now, which the
+    dropdown gets again (another tab may have rescanned the models folder since this page was built)."""
     fields = dict(fields)
-    note = _apply_sampler(fields)
-    if note:
-        gr.Warning(note)
-    if fields.get("model") not in model_names:
-        fields.pop("model", None)
+    for note in (_apply_sampler(fields), _apply_model(fields, model_names)):
+        if note:
+            gr.Warning(note)
     return [fields[name] if fields.get(name) is not None else gr.skip() for name in TXT2IMG_FIELDS]
+
+
+def _apply_model(fields: dict[str, Any], model_names: list[str]) -> str | None:
+    model = fields.pop("model", None)
+    if not model:
+        return None
+    if model not in model_names:
+        return f"Model not applied: {model!r} is not in the models folder. The model is left as it was."
+    fields["model"] = gr.update(choices=model_names, value=model)
+    return None
 
 
 def _apply_sampler(fields: dict[str, Any]) -> str | None:
