@@ -227,6 +227,17 @@ def test_two_sessions_see_their_own_jobs_and_interrupt_only_their_own(ui, ui_ser
     assert "Interrupted" in first_out[-1][2]
 
 
+def test_a_run_whose_every_batch_was_skipped_says_so(ui, ui_services):
+    session = Session()
+    thread, outputs = run_in_thread(ui, session, steps=40, n_iter=1)
+    worker = ui_services.worker
+    wait_for(lambda: session.job_id and worker.get(session.job_id).progress.step > 0, what="job running")
+    event(ui, "skip")(session)
+    thread.join(60)
+    assert worker.get(session.job_id).state is JobState.DONE and outputs[-1][1] == []
+    assert "Skipped; no image kept." in outputs[-1][2]
+
+
 def test_skip_ends_the_current_image_and_goes_on(ui, ui_services):
     session = Session()
     thread, outputs = run_in_thread(ui, session, steps=40, n_iter=2)

@@ -79,6 +79,19 @@ def test_cancel_a_running_job_stops_it_at_the_next_step(services):
     assert not services.worker.cancel(victim.id)  # already finished
 
 
+def test_a_job_cancelled_as_the_worker_takes_it_loads_no_model(services, monkeypatch):
+    from webui.worker import Job
+    from webui.schemas import parse_request
+
+    loads = []
+    monkeypatch.setattr(services.engine, "load", loads.append)
+    job = Job(id="taken", request=parse_request(QUICK | {"model": "another-model"}), origin="ui")
+    services.history.add_job(job.id, "ui", job.request.model_dump(), job.created_at)
+    job.cancel_event.set()
+    services.worker._run_job(job)  # as the worker thread runs it right after taking it off the queue
+    assert job.state is JobState.CANCELLED and loads == []
+
+
 def test_skip_ends_the_current_batch_and_goes_on(services):
     job = services.worker.submit(QUICK | {"steps": 150, "n_iter": 2, "seed": 10})
     wait_for(lambda: job.progress.step >= 2)
@@ -128,7 +141,8 @@ def test_invalid_requests_are_refused_before_queueing(services):
 def test_progress_and_preview_during_a_run(services):
     job = services.worker.submit(QUICK | {"steps": 60})
     wait_for(lambda: job.preview is not None)
-    assert job.preview.size == (64, 64) and job.preview_step % 2 == 0
+    frame, step = job.preview_frame()
+    assert frame.size == (64, 64) and step % 2 == 0
     assert 0 < job.progress.fraction < 1 and job.progress.total_steps == 60
     assert job.progress.eta_seconds is not None and job.progress.eta_seconds >= 0
     assert job.wait(60) and job.preview is None and job.progress.step == 60

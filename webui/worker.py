@@ -71,22 +71,29 @@ class Job:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     skip_event: threading.Event = field(default_factory=threading.Event)
     done_event: threading.Event = field(default_factory=threading.Event)
-    preview_step: int = 0  # the denoising step the preview shows, so stale previews can be dropped
     # The worker decodes a preview only while someone reads them (a watched UI tab, /progress):
     # a job nobody watches (an API call, a benchmark) pays nothing, and the VAE stays on one thread.
-    _preview: Image.Image | None = field(default=None, repr=False)
+    # The frame and the step it shows are one tuple, so a reader never pairs a new step with an old frame.
+    _preview_frame: tuple[Image.Image | None, int] = field(default=(None, 0), repr=False)
     _preview_read_at: float = field(default=0.0, repr=False)
 
     @property
     def preview(self) -> Image.Image | None:
+        return self.preview_frame()[0]
+
+    def preview_frame(self) -> tuple[Image.Image | None, int]:
+        """The live preview and the denoising step it shows (to drop stale ones); reading asks for more."""
         self._preview_read_at = time.monotonic()
-        return self._preview
+        return self._preview_frame
 
     def preview_watched(self) -> bool:
         return time.monotonic() - self._preview_read_at < PREVIEW_WATCH_SECONDS
 
     def set_preview(self, image: Image.Image | None, step: int) -> None:
-        self._preview, self.preview_step = image, step
+        self._preview_frame = (image, step)
+
+    def clear_preview(self) -> None:
+        self._preview_frame = (None, self._preview_frame[1])
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done_event.wait(timeout)
@@ -325,6 +332,8 @@ class Worker:
 
     def _generate_images(self, job: Job) -> None:
         request = job.request
+        if job.cancel_event.is_set():  # cancelled as the worker took it: no model switch for nothing
+            raise JobCancelled
         job.model = self.engine.load(request.model) if request.model else self.engine.require_model()
         first_seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed
         # Wrap past the largest seed, so every recorded seed can be typed back in.
@@ -441,7 +450,7 @@ class Worker:
         job.state = state
         job.error = error
         job.finished_at = time.time()
-        job.set_preview(None, job.preview_step)
+        job.clear_preview()
         job.done_event.set()  # first: waiting clients must never hang on a failed history write
         try:
             self.history.set_job_state(job.id, state.value, error=error, finished_at=job.finished_at)

@@ -58,6 +58,8 @@ def final_html(job: Job) -> str:
     if job.state is JobState.CANCELLED:
         kept = len(job.images)
         return notice_html(f"Interrupted; {kept} image{'s' if kept != 1 else ''} kept.") + _warnings_html(job)
+    if not job.images:  # a finished job without images: Skip ended every batch
+        return notice_html("Skipped; no image kept.") + _warnings_html(job)
     return _warnings_html(job)
 
 

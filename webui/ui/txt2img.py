@@ -116,7 +116,7 @@ class Txt2ImgActions:
             if len(job.images) != shown_images:
                 changes["gallery"] = show_images(session, job)
                 shown_images = len(changes["gallery"])
-            frame, frame_step = job.preview, job.preview_step
+            frame, frame_step = job.preview_frame()
             if frame is not None and frame_step != shown_preview:
                 changes["preview"], shown_preview = frame, frame_step
             text = progress_html(job, self.worker.position(job.id), self.worker.activity)
