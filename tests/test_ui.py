@@ -132,6 +132,11 @@ def test_generate_fills_gallery_with_seeds_infotext_and_time(ui, ui_services):
     assert ui_services.worker.get(session.job_id).state is JobState.DONE
 
 
+def test_with_previews_off_no_preview_box_is_shown(ui, ui_services, monkeypatch):
+    monkeypatch.setattr(ui_services.worker, "preview_every", 0)  # --preview-every 0
+    assert generate(ui, seed=3)[0][3]["visible"] is False
+
+
 def test_reuse_seed_takes_the_selected_image_and_random_sets_minus_one(ui):
     session = generate(ui, seed=77, n_iter=2)[-1][0]
     assert event(ui, "reuse_seed")(session) == 77
