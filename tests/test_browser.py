@@ -9,7 +9,7 @@ import dataclasses
 import io
 import re
 from pathlib import Path
-from urllib.parse import quote, urljoin
+from urllib.parse import quote, unquote, urljoin
 
 import httpx
 import pytest
@@ -118,6 +118,15 @@ def test_generate_shows_the_image_then_history_and_seed_reuse(page, app_server):
     page.click("#history_send")
     playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value(seed)
     playwright_api.expect(page.locator("#txt2img_prompt textarea")).to_have_value("a tiny red fox")
+
+    # Delete removes the image for good: the page showed it from outputs/, not from a copy in Gradio's cache.
+    page.get_by_role("tab", name="History").click()
+    thumbnail.click()
+    shown = urljoin(page.url, page.locator("#history_image img").get_attribute("src"))
+    assert httpx.get(shown).status_code == 200 and str(app_server.outdir.resolve()) in unquote(shown)
+    page.click("#history_delete")
+    playwright_api.expect(thumbnail).to_have_count(0)
+    assert httpx.get(shown).status_code in (403, 404)
 
 
 def test_interrupt_stops_a_long_job_showing_progress_and_previews(page):

@@ -141,12 +141,56 @@ def test_an_empty_or_unknown_user_comment_is_no_infotext(tmp_path):
             assert read_infotext(image) is None
 
 
+def test_a_huge_image_is_not_decoded_to_look_for_parameters(tmp_path, monkeypatch):
+    """A small PNG of a huge blank image would decode to gigabytes; past MAX_SCANNED_PIXELS only the
+    chunks before the pixels are read (where we and A1111 put the parameters)."""
+    import webui.storage.outputs as outputs_module
+    from PIL import PngImagePlugin
+
+    from webui.ui.pnginfo import read_parameters
+
+    monkeypatch.setattr(outputs_module, "MAX_SCANNED_PIXELS", 63 * 63)
+    monkeypatch.setattr("webui.ui.pnginfo.MAX_SCANNED_PIXELS", 63 * 63)
+    red((64, 64)).save(tmp_path / "plain.png")
+    OutputStore(tmp_path).save_image(red((64, 64)), "a cat\nSeed: 5", seed=5)
+
+    def no_decoding(self):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decoding)
+    with Image.open(tmp_path / "plain.png") as image:
+        assert read_infotext(image) is None
+    assert "carries no generation parameters" in read_parameters(str(tmp_path / "plain.png"))[1]
+    saved = next(OutputStore(tmp_path).image_folder("txt2img").iterdir())
+    assert read_parameters(str(saved))[0] == "a cat\nSeed: 5"
+
+
 def test_paths_outside_outputs_are_refused(tmp_path):
     store = OutputStore(tmp_path / "out")
     assert store.resolve("txt2img-images/a.png") == (tmp_path / "out" / "txt2img-images" / "a.png").resolve()
     for bad in ("../secret.png", "/etc/passwd", "txt2img-images/../../x"):
         with pytest.raises(ValueError, match="outside the outputs folder"):
             store.resolve(bad)
+
+
+def test_a_folder_linked_to_another_disk_counts_as_inside_outputs(tmp_path):
+    from webui.launch import served_folders
+
+    bigger_disk = tmp_path / "bigdisk"
+    bigger_disk.mkdir()
+    store = OutputStore(tmp_path / "out")
+    store.outdir.mkdir()
+    (store.outdir / "txt2img-images").symlink_to(bigger_disk, target_is_directory=True)
+    saved = store.save_image(red(), "x", seed=3)
+    assert store.resolve(saved.relative_to(store.outdir)) == saved and bigger_disk in saved.resolve().parents
+    history = History(store.outdir / "history.sqlite3", store.outdir)
+    try:
+        history.add_job("j1", "ui", {}, 1.0)
+        image_id = history.add_image(**history_row("j1", saved.relative_to(store.outdir)))
+        assert history.reconcile()["missing_files"] == 0 and [r.id for r in history.list_images()[0]] == [image_id]
+    finally:
+        history.close()
+    assert served_folders(store.outdir.resolve()) == [store.outdir.resolve(), bigger_disk.resolve()]
 
 
 @pytest.fixture
@@ -158,6 +202,8 @@ def history(tmp_path):
 
 def test_history_add_list_search_get(history, tmp_path):
     history.add_job("j1", "ui", {"prompt": "x"}, 1.0)
+    for i in range(3):
+        (tmp_path / f"f{i}.png").write_bytes(b"png")
     ids = [history.add_image(**history_row("j1", f"f{i}.png", prompt=p, seed=i))
            for i, p in enumerate(["red apple", "green apple", "a dog 100%"])]
     rows, total = history.list_images(page_size=2)
@@ -173,8 +219,9 @@ def test_history_add_list_search_get(history, tmp_path):
     assert history.get_image(9999) is None
 
 
-def test_history_search_ignores_case_beyond_ascii(history):
+def test_history_search_ignores_case_beyond_ascii(history, tmp_path):
     history.add_job("j1", "ui", {"prompt": "x"}, 1.0)
+    (tmp_path / "f.png").write_bytes(b"png")
     for prompt in ["Ünïcode cat", "a ÜNÏCODE dog", "unicode", "Straße at night", "ΣΊΣΥΦΟΣ"]:
         history.add_image(**history_row("j1", "f.png", prompt=prompt))
 
@@ -222,12 +269,63 @@ def test_reconcile_marks_missing_files_and_stale_jobs(history, tmp_path):
     (tmp_path / "kept.png").write_bytes(b"png")
     kept = history.add_image(**history_row("j1", "kept.png"))
     lost = history.add_image(**history_row("j1", "lost.png"))
-    assert history.reconcile() == {"missing_files": 1, "stale_jobs": 1}
+    assert history.reconcile() == {"missing_files": 1, "files_back": 0, "stale_jobs": 1}
     assert history.get_image(kept).file_state == "ok"
     assert history.get_image(lost).file_state == "missing"
     rows, total = history.list_images()
     assert total == 1 and [r.id for r in rows] == [kept]  # pages count only what can be shown
     assert history.get_job("j1")["state"] == "failed"
+
+
+def test_a_file_put_back_while_the_app_was_stopped_shows_again(history, tmp_path):
+    history.add_job("j1", "ui", {}, 1.0)
+    (tmp_path / "day").mkdir()
+    (tmp_path / "day" / "a.png").write_bytes(b"png")
+    image_id = history.add_image(**history_row("j1", "day/a.png"))
+    (tmp_path / "day").rename(tmp_path / "away")
+    assert history.reconcile()["missing_files"] == 1 and history.list_images()[1] == 0
+    (tmp_path / "away").rename(tmp_path / "day")
+    assert history.reconcile()["files_back"] == 1 and [r.id for r in history.list_images()[0]] == [image_id]
+
+
+def test_files_deleted_by_hand_leave_the_count_and_pages_right(history, tmp_path):
+    history.add_job("j1", "ui", {}, 1.0)
+    for i in range(5):
+        (tmp_path / f"{i}.png").write_bytes(b"png")
+        history.add_image(**history_row("j1", f"{i}.png", seed=i))
+    for i in (4, 3, 1):  # while the app runs, from a file manager
+        (tmp_path / f"{i}.png").unlink()
+    rows, total = history.list_images(0, 2)
+    assert total == 2 and [r.seed for r in rows] == [2, 0]
+    assert history.list_images(1, 2) == ([], 2)
+
+
+def test_a_file_that_cannot_be_deleted_keeps_its_row(history, tmp_path, monkeypatch):
+    history.add_job("j1", "ui", {}, 1.0)
+    (tmp_path / "a.png").write_bytes(b"png")
+    image_id = history.add_image(**history_row("j1", "a.png"))
+
+    def in_use(self, missing_ok=False):
+        raise PermissionError("in use by another program")
+
+    monkeypatch.setattr(type(tmp_path), "unlink", in_use)
+    with pytest.raises(PermissionError):
+        history.delete_image(image_id)
+    monkeypatch.undo()
+    assert (tmp_path / "a.png").exists() and history.get_image(image_id).file_state == "ok"
+
+
+def test_a_damaged_database_is_set_aside_and_a_new_history_begins(tmp_path, caplog):
+    db = tmp_path / "history.sqlite3"
+    db.write_bytes(b"this is not a database" * 100)
+    fresh = History(db, tmp_path)
+    try:
+        assert fresh.list_images() == ([], 0)
+        kept = [p.name for p in tmp_path.iterdir() if p.name.startswith("history.sqlite3.broken-")]
+        assert len(kept) == 1 and (tmp_path / kept[0]).read_bytes().startswith(b"this is not a database")
+        assert "cannot be read" in caplog.text and "images" in caplog.text
+    finally:
+        fresh.close()
 
 
 def test_database_is_in_wal_mode(history, tmp_path):

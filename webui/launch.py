@@ -10,6 +10,7 @@ import signal
 import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from webui.services import Services
@@ -38,14 +39,30 @@ def api_function(name: str) -> Callable:
         raise SystemExit(f"--api / --nowebui need webui.api.{name}(), which this install lacks: {err}") from None
 
 
+def served_folders(outdir: Path) -> list[Path]:
+    """outdir, and where its linked folders lead (outputs/txt2img-images linked to a bigger disk, say):
+    Gradio follows links before it checks a path, so each target must be named too."""
+    folders = [outdir]
+    for child in [*outdir.glob("*"), *outdir.glob("*/*")]:
+        if child.is_symlink() and child.is_dir():
+            folders.append(child.resolve())
+    return folders
+
+
 def serve(services: Services) -> Served:
     """Start the Gradio server in the background; attach the REST API when --api is given."""
-    from webui.ui.blocks import build_ui, launch_assets  # gradio is imported only when a UI is served
+    import gradio as gr  # imported only when a UI is served
+
+    from webui.ui.blocks import build_ui, launch_assets
 
     settings = services.settings
     attach_api = api_function("attach_api") if settings.api_enabled else None  # fail before binding a port
     blocks = build_ui(services)
     outdir = services.outputs.outdir.resolve()
+    folders = served_folders(outdir)
+    # Shown straight from outputs/ rather than copied into Gradio's cache: no second copy of every image
+    # in /tmp, and an image deleted in History is gone for good.
+    gr.set_static_paths(folders)
 
     @asynccontextmanager
     async def api_first(app):
@@ -61,7 +78,7 @@ def serve(services: Services) -> Served:
             prevent_thread_lock=True, quiet=True, ssr_mode=False, enable_monitoring=False,
             show_error=True,  # an unexpected error shows its message in the page (never the traceback)
             # Images are shown from outdir; the history database and caches next to them are not served.
-            allowed_paths=[str(outdir)], blocked_paths=[str(outdir / name) for name in PRIVATE_FILES],
+            allowed_paths=[str(f) for f in folders], blocked_paths=[str(outdir / name) for name in PRIVATE_FILES],
             **launch_assets(),
         )
     except OSError as err:

@@ -44,7 +44,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     history = History(outdir / "history.sqlite3", outdir)
     repaired = history.reconcile()
     if any(repaired.values()):
-        log.warning("history repaired after an unclean stop: %s", repaired)
+        log.warning("history brought in line with the outputs folder and the last stop: %s", repaired)
     worker = Worker(engine, outputs, history, max_queue=settings.queue_size,
                     preview_every=settings.preview_every).start()
     services = Services(settings, registry, engine, outputs, history, worker)

@@ -137,7 +137,7 @@ def encode_png(image: Image.Image, infotext: str | None = None) -> str:
 
 def decode_image(data: str, field: str = "image", pixels_needed: bool = True) -> Image.Image:
     """base64 (or a data: URL) -> PIL image, or ApiError 422 naming the field. pixels_needed=False
-    skips decoding the pixels when the metadata is all that is wanted and it comes before them."""
+    leaves the pixels undecoded, for callers that want the metadata alone (read_infotext)."""
     text = (data or "").strip()
     if text.startswith("data:"):
         text = text.partition(",")[2]
@@ -149,8 +149,8 @@ def decode_image(data: str, field: str = "image", pixels_needed: bool = True) ->
         raise ApiError(422, f"{field}: not valid base64", "InvalidRequest") from None
     try:
         image = Image.open(io.BytesIO(raw))
-        if pixels_needed or "parameters" not in image.info:
-            image.load()  # reads the pixels, and text chunks stored after them
+        if pixels_needed:
+            image.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise ApiError(422, f"{field}: the base64 data is not an image PIL can read", "InvalidRequest") from None
     return image

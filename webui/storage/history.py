@@ -7,6 +7,7 @@ without being marked so (`file_state = 'missing'`); `reconcile()` restores that 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from webui.storage.outputs import resolve_inside
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -85,6 +88,33 @@ class HistoryImage:
     infotext: str
 
 
+def _open(db_path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
+    try:
+        db.row_factory = sqlite3.Row
+        # SQLite's LIKE folds ASCII letters only; search compares casefolded text in Python instead.
+        db.create_function("folded_contains", 2, _folded_contains, deterministic=True)
+        db.execute("PRAGMA journal_mode=WAL")
+        # In WAL mode NORMAL never corrupts the database; a power cut may lose the last row only.
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.executescript(SCHEMA)
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db
+
+
+def _set_aside(db_path: Path) -> Path:
+    """Rename a damaged database (and its WAL files) out of the way; returns its new name."""
+    kept = db_path.with_name(f"{db_path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        part = db_path.with_name(db_path.name + suffix)
+        if part.exists():
+            part.replace(kept.with_name(kept.name + suffix))
+    return kept
+
+
 class History:
     """Thread-safe access to the history database (one connection, one lock)."""
 
@@ -92,16 +122,14 @@ class History:
         self.outdir = Path(outdir)
         Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        # SQLite's LIKE folds ASCII letters only; search compares casefolded text in Python instead.
-        self._db.create_function("folded_contains", 2, _folded_contains, deterministic=True)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # In WAL mode NORMAL never corrupts the database; a power cut may lose the last row only.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(SCHEMA)
+        try:
+            self._db = _open(db_path)
+        except sqlite3.DatabaseError as err:
+            # The images are safe on disk; a damaged database must not keep the app from starting.
+            kept = _set_aside(Path(db_path))
+            log.error("the history database %s cannot be read (%s); it was renamed to %s and a new, empty "
+                      "history begins (the images in %s are untouched)", db_path, err, kept.name, self.outdir)
+            self._db = _open(db_path)
 
     def close(self) -> None:
         with self._lock:
@@ -144,7 +172,16 @@ class History:
 
     def list_images(self, page: int = 0, page_size: int = 24, search: str = "") -> tuple[list[HistoryImage], int]:
         """One page of the images whose file exists, newest first, optionally filtered by prompt
-        text; and their total."""
+        text; and their total. Files deleted by hand while the app runs are found here, page by page:
+        their rows are marked missing and the page is read again, so counts and pages stay right."""
+        while True:
+            rows, total = self._read_page(page, page_size, search)
+            gone = [row.id for row in rows if not self._file_exists(row.path)]
+            if not gone:
+                return rows, total
+            self._set_file_state(gone, "missing")
+
+    def _read_page(self, page: int, page_size: int, search: str) -> tuple[list[HistoryImage], int]:
         where, args = "WHERE images.file_state = 'ok'", ()
         if search.strip():
             where += " AND folded_contains(images.prompt, ?)"
@@ -169,22 +206,33 @@ class History:
         image = self.get_image(image_id)
         if image is None:
             return False
-        self._execute("UPDATE images SET file_state = 'missing' WHERE id = ?", (image_id,))
-        self._file(image.path).unlink(missing_ok=True)
+        self._set_file_state([image_id], "missing")
+        try:
+            self._file(image.path).unlink(missing_ok=True)
+        except OSError:  # the file is still there (read-only folder, in use): so is its row
+            self._set_file_state([image_id], "ok")
+            raise
         self._execute("DELETE FROM images WHERE id = ?", (image_id,))
         return True
 
     def reconcile(self) -> dict[str, int]:
-        """After a restart: flag rows whose file is gone, and fail jobs a crash left unfinished."""
-        rows = self._query("SELECT id, path FROM images WHERE file_state = 'ok'")
-        gone = [r["id"] for r in rows if not self._file_exists(r["path"])]
-        for image_id in gone:
-            self._execute("UPDATE images SET file_state = 'missing' WHERE id = ?", (image_id,))
+        """After a restart: flag rows whose file is gone, show again those whose file is back (a folder
+        moved away and back), and fail jobs a crash left unfinished."""
+        rows = self._query("SELECT id, path, file_state FROM images")
+        found = {r["id"]: self._file_exists(r["path"]) for r in rows}
+        gone = [r["id"] for r in rows if r["file_state"] == "ok" and not found[r["id"]]]
+        back = [r["id"] for r in rows if r["file_state"] == "missing" and found[r["id"]]]
+        self._set_file_state(gone, "missing")
+        self._set_file_state(back, "ok")
         with self._lock:
             stale = self._db.execute(
                 "UPDATE jobs SET state = 'failed', error = 'stopped by a restart', finished_at = ?"
                 " WHERE state IN ('queued', 'running')", (time.time(),)).rowcount
-        return {"missing_files": len(gone), "stale_jobs": stale}
+        return {"missing_files": len(gone), "files_back": len(back), "stale_jobs": stale}
+
+    def _set_file_state(self, image_ids: list[int], state: str) -> None:
+        with self._lock:
+            self._db.executemany("UPDATE images SET file_state = ? WHERE id = ?", [(state, i) for i in image_ids])
 
     def _file(self, path: str) -> Path:
         return resolve_inside(self.outdir, path)

@@ -24,6 +24,8 @@ _NUMBERED = re.compile(r"^(\d{5,})-")  # five digits at least: 100000 follows 99
 _GRID_NUMBERED = re.compile(r"^grid-(\d{4,})\.")
 # EXIF: the Exif sub-IFD, its UserComment tag, and the 8-byte character code that starts a comment.
 _EXIF_IFD, _USER_COMMENT, _COMMENT_PREFIX_SIZE = 0x8769, 0x9286, 8
+# Largest image whose pixels are decoded to find text stored after them (about 128 MB as RGBA).
+MAX_SCANNED_PIXELS = 32 * 1024 * 1024
 # Numbers taken by other writers between our scan and our link, in a row, before we give up.
 _CLAIM_TRIES = 100
 
@@ -88,9 +90,10 @@ def _claim_name(temp: Path, folder: Path, name_for, numbered: re.Pattern) -> Pat
 
 
 def resolve_inside(root: Path, path: str | Path) -> Path:
-    """root/path, or ValueError when it lands outside root: callers never reach other files ('..')."""
-    root = Path(root).resolve()
-    candidate = (root / path).resolve()
+    """root/path, or ValueError when it lands outside root: callers never reach other files ('..').
+    Links are not followed: a folder inside outputs/ that the user linked to another disk is inside."""
+    root = Path(os.path.abspath(root))
+    candidate = Path(os.path.normpath(root / path))
     if candidate != root and root not in candidate.parents:
         raise ValueError(f"path {str(path)!r} is outside the outputs folder")
     return candidate
@@ -116,10 +119,21 @@ def make_grid(images: list[Image.Image]) -> Image.Image:
 def read_infotext(image: Image.Image) -> str | None:
     """The infotext of an image (ours or stable-diffusion-webui's), if it has one: the PNG text
     chunk `parameters`, or for A1111's JPEG and WebP files the EXIF UserComment. Text beyond
-    MAX_INFOTEXT_CHARS is cut."""
-    text = image.info.get("parameters") or (getattr(image, "text", None) or {}).get("parameters")
-    text = text or _exif_user_comment(image)
+    MAX_INFOTEXT_CHARS is cut. Never raises, and never decodes the pixels of a huge image."""
+    text = image.info.get("parameters") or _text_after_pixels(image) or _exif_user_comment(image)
     return text[:MAX_INFOTEXT_CHARS] if text else None
+
+
+def _text_after_pixels(image: Image.Image) -> str | None:
+    """A PNG's `parameters` chunk stored after the image data (we and A1111 write it before), which PIL
+    reads only by decoding every pixel: skipped past MAX_SCANNED_PIXELS, where a small upload of a
+    huge blank image would cost gigabytes."""
+    if image.width * image.height > MAX_SCANNED_PIXELS:
+        return None
+    try:
+        return (getattr(image, "text", None) or {}).get("parameters")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):  # damaged after its header
+        return None
 
 
 def _exif_user_comment(image: Image.Image) -> str | None:

@@ -9,7 +9,7 @@ import gradio as gr
 from PIL import Image
 
 from webui.storage.infotext import parse_infotext, request_fields_from_infotext
-from webui.storage.outputs import read_infotext
+from webui.storage.outputs import MAX_SCANNED_PIXELS, read_infotext
 from webui.ui.progress import error_html
 
 
@@ -33,7 +33,8 @@ def read_parameters(upload: dict | str | None) -> tuple[str, str]:
     name = (upload.get("orig_name") if isinstance(upload, dict) else None) or os.path.basename(path)
     try:
         with Image.open(path) as image:
-            image.load()  # text chunks after the image data are only read by load()
+            if image.width * image.height <= MAX_SCANNED_PIXELS:  # a small upload may decode to gigabytes
+                image.load()  # finds a damaged file, and reads text stored after the pixels
             text = read_infotext(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         # PIL's message names the server's temp path; the user only needs to know which file failed.
