@@ -328,6 +328,19 @@ def test_a_damaged_database_is_set_aside_and_a_new_history_begins(tmp_path, capl
         fresh.close()
 
 
+def test_a_locked_database_is_an_error_and_is_not_set_aside(tmp_path, monkeypatch):
+    import webui.storage.history as history_module
+
+    def locked(db_path):
+        raise sqlite3.OperationalError("database is locked")
+
+    (tmp_path / "history.sqlite3").write_bytes(b"")
+    monkeypatch.setattr(history_module, "_open", locked)
+    with pytest.raises(sqlite3.OperationalError):
+        History(tmp_path / "history.sqlite3", tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["history.sqlite3"]
+
+
 def test_database_is_in_wal_mode(history, tmp_path):
     with sqlite3.connect(tmp_path / "history.sqlite3") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

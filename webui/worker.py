@@ -447,9 +447,10 @@ class Worker:
         job.warnings.append(f"{what}: {type(err).__name__}: {err}")
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
-        job.state = state
-        job.error = error
+        # The state last: whoever sees a finished job (another thread, unlocked) finds its time and error set.
         job.finished_at = time.time()
+        job.error = error
+        job.state = state
         job.clear_preview()
         job.done_event.set()  # first: waiting clients must never hang on a failed history write
         try:

@@ -125,6 +125,8 @@ class History:
         try:
             self._db = _open(db_path)
         except sqlite3.DatabaseError as err:
+            if isinstance(err, sqlite3.OperationalError):  # locked, read-only, no such folder: not damage
+                raise
             # The images are safe on disk; a damaged database must not keep the app from starting.
             kept = _set_aside(Path(db_path))
             log.error("the history database %s cannot be read (%s); it was renamed to %s and a new, empty "
