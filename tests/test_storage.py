@@ -141,6 +141,23 @@ def test_an_empty_or_unknown_user_comment_is_no_infotext(tmp_path):
             assert read_infotext(image) is None
 
 
+def test_paths_are_recorded_with_slashes_and_windows_ones_are_read_anywhere(tmp_path):
+    from pathlib import PureWindowsPath
+
+    history = History(tmp_path / "history.sqlite3", tmp_path)
+    try:
+        history.add_job("j1", "ui", {}, 1.0)
+        (tmp_path / "day").mkdir()
+        (tmp_path / "day" / "a.png").write_bytes(b"png")
+        written = history.add_image(**history_row("j1", PureWindowsPath("day\\a.png")))
+        old_row = history.add_image(**history_row("j1", "day\\a.png"))  # as a str, the way it once was stored
+        assert history.get_image(written).path == "day/a.png"
+        assert history.reconcile()["missing_files"] == 0
+        assert OutputStore(tmp_path).resolve(history.get_image(old_row).path) == tmp_path / "day" / "a.png"
+    finally:
+        history.close()
+
+
 def test_a_huge_image_is_not_decoded_to_look_for_parameters(tmp_path, monkeypatch):
     """A small PNG of a huge blank image would decode to gigabytes; past MAX_SCANNED_PIXELS only the
     chunks before the pixels are read (where we and A1111 put the parameters)."""

@@ -161,7 +161,7 @@ class History:
         missing = set(IMAGE_COLUMNS) - values.keys()
         if missing:
             raise ValueError(f"history row lacks {sorted(missing)}")
-        values["path"] = str(values["path"])
+        values["path"] = Path(values["path"]).as_posix()  # "/" on Windows too: one outputs/ serves both
         values["nsfw"] = int(bool(values["nsfw"]))
         names = ", ".join(IMAGE_COLUMNS)
         marks = ", ".join("?" for _ in IMAGE_COLUMNS)

@@ -93,7 +93,8 @@ def resolve_inside(root: Path, path: str | Path) -> Path:
     """root/path, or ValueError when it lands outside root: callers never reach other files ('..').
     Links are not followed: a folder inside outputs/ that the user linked to another disk is inside."""
     root = Path(os.path.abspath(root))
-    candidate = Path(os.path.normpath(root / path))
+    # A path recorded on Windows may hold "\\" (our file names never do): read it as "/" everywhere.
+    candidate = Path(os.path.normpath(root / str(path).replace("\\", "/")))
     if candidate != root and root not in candidate.parents:
         raise ValueError(f"path {str(path)!r} is outside the outputs folder")
     return candidate
