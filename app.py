@@ -10,9 +10,10 @@ from webui.config import parse_settings
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)  # first, so --help answers before torch and gradio load
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from webui.launch import launch
+    from webui.launch import check_port_free, launch
     from webui.services import build_services
 
+    check_port_free(settings)
     launch(build_services(settings))
 
 

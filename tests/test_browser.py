@@ -115,6 +115,9 @@ def test_generate_shows_the_image_then_history_and_seed_reuse(page, app_server):
     database = app_server.outdir.resolve() / "history.sqlite3"
     assert database.is_file()
     assert httpx.get(urljoin(page.url, f"gradio_api/file={quote(str(database))}")).status_code == 403
+    other = app_server.outdir.resolve() / "notes.txt"  # --outdir ~ would hold far more than images
+    other.write_text("private")
+    assert httpx.get(urljoin(page.url, f"gradio_api/file={quote(str(other))}")).status_code == 403
     page.click("#history_send")
     playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value(seed)
     playwright_api.expect(page.locator("#txt2img_prompt textarea")).to_have_value("a tiny red fox")

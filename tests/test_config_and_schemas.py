@@ -43,6 +43,21 @@ def test_bad_flags_exit_with_a_message(capsys):
         parse_settings(["--device", "tpu"])
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "70000"], "--port must be between 1 and 65535, not 70000"),
+    (["--port", "0"], "--port must be between 1 and 65535, not 0"),
+    (["--preview-every", "-1"], "--preview-every must be 0 (no previews) or more"),
+    (["--outdir", "{file}"], "it is a file, not a folder; pass a folder you can write to"),
+    (["--outdir", "{file}/sub"], "is a file, not a folder; pass a folder you can write to"),
+])
+def test_flags_that_cannot_work_are_refused_before_anything_loads(flags, message, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    flags = [flag.format(file=tmp_path / "a-file") for flag in flags]
+    with pytest.raises(SystemExit):
+        parse_settings(flags, environ={})
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"width": 500}, "width: width must be a multiple of 8, got 500"),
     ({"height": 32}, "height: Input should be greater than or equal to 64"),
@@ -186,7 +201,9 @@ def test_short_hash_is_sha256_prefix_and_cached(tmp_path, monkeypatch):
 def test_the_app_starts_on_the_embedded_model_by_default(tmp_path):
     from webui.services import build_services
 
-    settings = parse_settings(["--outdir", str(tmp_path), "--device", "cpu"], environ={})
+    (tmp_path / "my-models").mkdir()  # A1111 users point --ckpt-dir at their own models folder
+    settings = parse_settings(["--outdir", str(tmp_path), "--device", "cpu", "--ckpt-dir", str(tmp_path / "my-models")],
+                              environ={})
     services = build_services(settings)
     try:
         model = services.engine.model

@@ -164,6 +164,12 @@ def test_notebook_defaults_pick_the_embedded_model_and_local_outputs():
     assert shlex.split(commands[0])[-2:] == ["--gradio-auth", "me:pa ss"]
 
 
+def test_the_notebook_launches_when_the_optional_drive_step_is_skipped():
+    namespace = {}
+    commands = run_cells(notebook(), ["clone", "model", "launch"], namespace)  # step 4 (Drive) not run
+    assert commands[-1].endswith(f"--outdir {namespace['REPO_DIR']}/outputs")
+
+
 # --- the README ---------------------------------------------------------------------------------------------
 def front_matter() -> dict:
     text = README.read_text()

@@ -207,7 +207,8 @@ def test_a_folder_linked_to_another_disk_counts_as_inside_outputs(tmp_path):
         assert history.reconcile()["missing_files"] == 0 and [r.id for r in history.list_images()[0]] == [image_id]
     finally:
         history.close()
-    assert served_folders(store.outdir.resolve()) == [store.outdir.resolve(), bigger_disk.resolve()]
+    assert served_folders(store) == [bigger_disk.resolve(), (store.outdir / "txt2img-grids").resolve()]
+    assert (store.outdir / "history.sqlite3").is_file() and store.outdir.resolve() not in served_folders(store)
 
 
 @pytest.fixture

@@ -577,18 +577,42 @@ def test_missing_api_is_a_clear_error_before_anything_is_served(ui_services, mon
         serve(with_settings(ui_services, api=True))
 
 
-def test_nowebui_runs_the_api_app_alone(ui_services, monkeypatch):
+def test_nowebui_runs_the_api_app_alone_and_ctrl_c_cancels_the_jobs_first(ui_services, monkeypatch):
+    """uvicorn lets a running request finish before it stops; a blocking /txt2img waits for its job, so
+    Ctrl+C must cancel the jobs as it starts the server's shutdown."""
+    import signal
+
     import uvicorn
     import webui.api
     from webui.launch import launch
 
-    calls = []
+    calls, stopped = [], threading.Event()
+
+    def run_until_ctrl_c(server):
+        calls.append((server.config.app, server.config.host, server.config.port))
+        server.handle_exit(signal.SIGINT, None)
+
     monkeypatch.setattr(webui.api, "create_api_app", lambda services: "api-app", raising=False)
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: calls.append((app, host, port)))
+    monkeypatch.setattr(uvicorn.Server, "run", run_until_ctrl_c)
     services = with_settings(ui_services, nowebui=True)
     monkeypatch.setattr(type(services), "close", lambda self: None)  # the module's services stay up
+    monkeypatch.setattr(services.worker, "stop", lambda *args, **kwargs: stopped.set())
     launch(services)
     assert calls == [("api-app", "127.0.0.1", services.settings.port)]
+    assert stopped.wait(5), "Ctrl+C did not stop the worker's jobs"
+
+
+def test_a_port_in_use_is_reported_before_any_model_loads(ui_services):
+    import socket
+
+    from webui.launch import check_port_free
+
+    settings = with_settings(ui_services).settings
+    check_port_free(settings)
+    with socket.socket() as taken:
+        taken.bind((settings.host, settings.port))
+        with pytest.raises(SystemExit, match=f"Cannot serve on 127.0.0.1:{settings.port}.*--port N"):
+            check_port_free(settings)
 
 
 def test_share_without_network_is_a_message_not_a_crash(ui_services, monkeypatch, capsys):

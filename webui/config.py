@@ -182,11 +182,33 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
     api_auth = _credentials(parser, args.api_auth, "--api-auth", "WEBUI_API_AUTH", env_defaults)
     if args.queue_size < 1:
         parser.error("--queue-size must be at least 1")
+    if args.preview_every < 0:
+        parser.error("--preview-every must be 0 (no previews) or more")
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be between 1 and 65535, not {args.port}")
+    problem = _unwritable(args.outdir)
+    if problem:
+        parser.error(f"--outdir {args.outdir}: {problem}; pass a folder you can write to")
+    if args.ckpt == DEFAULT_MODEL_NAME and not (args.models_dir / DEFAULT_MODEL_NAME).exists():
+        # --ckpt-dir elsewhere without --ckpt: the embedded model still starts, from where it ships.
+        args.ckpt = str(DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME)
     values = vars(args) | {"gradio_auth": gradio_auth, "api_auth": api_auth}
     if on_spaces(environ) and values["share"]:
         log.warning("--share is ignored on a Hugging Face Space: the Space's own address is already public")
         values["share"] = False
     return Settings(**values)
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why images could not be saved in folder (which may not exist yet), or None when they can."""
+    if folder.exists() and not folder.is_dir():
+        return "it is a file, not a folder"
+    existing = next(parent for parent in [folder, *folder.absolute().parents] if parent.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def on_spaces(environ: Mapping[str, str] | None = None) -> bool:

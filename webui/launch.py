@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -14,9 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from webui.services import Services
-
-# Files in outdir that are not images: never served, although outdir is.
-PRIVATE_FILES = ("cache", "history.sqlite3", "history.sqlite3-wal", "history.sqlite3-shm")
+from webui.storage.outputs import OutputStore
 
 
 @dataclass
@@ -39,13 +38,28 @@ def api_function(name: str) -> Callable:
         raise SystemExit(f"--api / --nowebui need webui.api.{name}(), which this install lacks: {err}") from None
 
 
-def served_folders(outdir: Path) -> list[Path]:
-    """outdir, and where its linked folders lead (outputs/txt2img-images linked to a bigger disk, say):
-    Gradio follows links before it checks a path, so each target must be named too."""
-    folders = [outdir]
-    for child in [*outdir.glob("*"), *outdir.glob("*/*")]:
-        if child.is_symlink() and child.is_dir():
-            folders.append(child.resolve())
+def check_port_free(settings) -> None:
+    """Fail at once when the port is taken, not after minutes of loading (or downloading) a model."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((settings.host, settings.port))
+        except OSError as err:
+            raise _port_taken(settings, err) from None
+
+
+def _port_taken(settings, err: OSError) -> SystemExit:
+    return SystemExit(f"Cannot serve on {settings.host}:{settings.port} ({err}). "
+                      "Is another server using that port? Pass --port N to pick another.")
+
+
+def served_folders(outputs: OutputStore) -> list[Path]:
+    """The image folders in outdir (never outdir itself: with --outdir ~ that would serve the home folder),
+    created now so they can be named. Gradio follows links before it checks a path, so a folder linked
+    to a bigger disk is named by its target."""
+    folders = []
+    for folder in outputs.image_folders():
+        folder.mkdir(parents=True, exist_ok=True)
+        folders.append(folder.resolve())
     return folders
 
 
@@ -58,8 +72,7 @@ def serve(services: Services) -> Served:
     settings = services.settings
     attach_api = api_function("attach_api") if settings.api_enabled else None  # fail before binding a port
     blocks = build_ui(services)
-    outdir = services.outputs.outdir.resolve()
-    folders = served_folders(outdir)
+    folders = served_folders(services.outputs)
     # Shown straight from outputs/ rather than copied into Gradio's cache: no second copy of every image
     # in /tmp, and an image deleted in History is gone for good.
     gr.set_static_paths(folders)
@@ -77,14 +90,13 @@ def serve(services: Services) -> Served:
             auth=settings.gradio_auth or None, auth_message="diffusers-webui: please log in",
             prevent_thread_lock=True, quiet=True, ssr_mode=False, enable_monitoring=False,
             show_error=True,  # an unexpected error shows its message in the page (never the traceback)
-            # Images are shown from outdir; the history database and caches next to them are not served.
-            allowed_paths=[str(f) for f in folders], blocked_paths=[str(outdir / name) for name in PRIVATE_FILES],
+            # Only the image folders are served: not the history database, caches or anything else in outdir.
+            allowed_paths=[str(f) for f in folders],
             **launch_assets(),
         )
     except OSError as err:
         blocks.close()
-        raise SystemExit(f"Cannot serve on {settings.host}:{settings.port} ({err}). "
-                         "Is another server using that port? Pass --port N to pick another.") from None
+        raise _port_taken(settings, err) from None
     url = f"http://127.0.0.1:{blocks.server_port}"
     return Served(blocks, app, url, share_url)
 
@@ -138,9 +150,19 @@ def _serve_api_only(services: Services) -> None:
 
     settings = services.settings
     app = api_function("create_api_app")(services)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    server_exit = server.handle_exit
+
+    def stop_jobs_then_exit(sig, frame) -> None:
+        # uvicorn lets running requests finish before it stops, and a blocking /txt2img waits for its job:
+        # cancel the jobs first (on another thread: this one runs the server's event loop).
+        threading.Thread(target=services.worker.stop, name="stop-worker", daemon=True).start()
+        server_exit(sig, frame)
+
+    server.handle_exit = stop_jobs_then_exit
     print(f"Running the REST API only (--nowebui) on http://{settings.host}:{settings.port}/sdapi/v1/", flush=True)
     print(settings.api_access(), flush=True)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+        server.run()
     finally:
         services.close()

@@ -20,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from webui.storage.infotext import MAX_INFOTEXT_CHARS
 
+KINDS = ("txt2img",)  # what made an image: the first part of its folder's name, as in A1111
 _NUMBERED = re.compile(r"^(\d{5,})-")  # five digits at least: 100000 follows 99999
 _GRID_NUMBERED = re.compile(r"^grid-(\d{4,})\.")
 # EXIF: the Exif sub-IFD, its UserComment tag, and the 8-byte character code that starts a comment.
@@ -33,6 +34,10 @@ _CLAIM_TRIES = 100
 class OutputStore:
     def __init__(self, outdir: Path):
         self.outdir = Path(outdir)
+
+    def image_folders(self) -> list[Path]:
+        """The folders images and grids are saved under (the day folders go inside them)."""
+        return [self.outdir / f"{kind}-{what}" for kind in KINDS for what in ("images", "grids")]
 
     def image_folder(self, kind: str, day: dt.date | None = None) -> Path:
         return self.outdir / f"{kind}-images" / (day or dt.date.today()).isoformat()
