@@ -164,6 +164,21 @@ def test_notebook_defaults_pick_the_embedded_model_and_local_outputs():
     assert shlex.split(commands[0])[-2:] == ["--gradio-auth", "me:pa ss"]
 
 
+def test_the_notebook_model_cell_finds_a_checkpoint_in_models_and_stops_on_an_empty_download(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the notebook runs in the repository folder; models/ is relative to it
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "mine.safetensors").write_bytes(b"weights")
+    source = cell(notebook(), "model")
+    namespace = {"__shell__": print}
+    exec(compile(as_python(source.replace('MODEL = "sd-emoji-tiny"', 'MODEL = "mine.safetensors"')), "<model>",
+                 "exec"), namespace)
+    assert namespace["CKPT"] == os.path.join("models", "mine.safetensors")
+    namespace = {"__shell__": lambda command: (tmp_path / "models" / "x.safetensors").write_bytes(b"")}
+    with pytest.raises(RuntimeError, match="download failed"):  # wget wrote an empty file
+        exec(compile(as_python(source.replace('MODEL = "sd-emoji-tiny"', 'MODEL = "https://example.com/x"')),
+                     "<model>", "exec"), namespace)
+
+
 def test_the_notebook_launches_when_the_optional_drive_step_is_skipped():
     namespace = {}
     commands = run_cells(notebook(), ["clone", "model", "launch"], namespace)  # step 4 (Drive) not run
