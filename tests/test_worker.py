@@ -288,6 +288,31 @@ def test_a_failing_history_write_neither_hangs_clients_nor_kills_the_worker(serv
     assert after.wait(60) and after.state is JobState.DONE
 
 
+def test_the_eta_counts_the_pace_of_the_steps_not_the_wait_before_the_first(services, monkeypatch):
+    """A model load or a compile before step 1 (a minute on a GPU) made the old ETA many times too long."""
+    import webui.worker as worker_module
+    from webui.worker import BatchSkipped, StepPace
+
+    now, etas = [0.0], {}
+    monkeypatch.setattr(worker_module, "StepPace", lambda: StepPace(clock=lambda: now[0]))
+
+    def slow_start_then_quick_steps(request, seeds, on_step):
+        batch = len(etas) // 20
+        now[0] += 60.0  # a compile
+        for step in range(1, 21):
+            on_step(step, 20, None)
+            etas[batch, step] = services.worker.get(job.id).progress.eta_seconds
+            now[0] += 0.5  # each step
+        raise BatchSkipped  # no pictures needed
+
+    monkeypatch.setattr(services.engine, "generate", slow_start_then_quick_steps)
+    job = services.worker.submit(QUICK | {"steps": 20, "n_iter": 2, "save_images": False})
+    assert job.wait(30)
+    assert etas[0, 1] is None  # no pace yet
+    assert etas[0, 10] == 0.5 * (10 + 20)  # 10 steps left in this batch and 20 in the next
+    assert etas[1, 1] == 0.5 * 19  # the second batch's own wait before step 1 does not count either
+
+
 def test_second_order_samplers_report_the_steps_they_run(services):
     seen = []
     job = services.worker.submit(QUICK | {"sampler_name": "Heun", "steps": 6, "n_iter": 2})

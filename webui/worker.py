@@ -105,6 +105,26 @@ class Job:
         return (self.finished_at or time.time()) - self.started_at
 
 
+class StepPace:
+    """Seconds per denoising step, timed from each batch's first step, so the wait before it (a model
+    load, a compile) does not inflate the ETA. None until a batch has made two steps."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.seconds_per_step: float | None = None
+        self._batch_started = 0.0
+        self._clock = clock
+
+    def step(self, step: int) -> None:
+        now = self._clock()
+        if step <= 1:
+            self._batch_started = now
+        else:
+            self.seconds_per_step = (now - self._batch_started) / (step - 1)
+
+    def eta(self, steps_left: int) -> float | None:
+        return None if self.seconds_per_step is None else self.seconds_per_step * steps_left
+
+
 def _pixels_held(job: Job) -> int:
     images = [im.image for im in job.images] + ([job.grid] if job.grid is not None else [])
     return sum(image.width * image.height for image in images)
@@ -339,6 +359,7 @@ class Worker:
         # Wrap past the largest seed, so every recorded seed can be typed back in.
         job.seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(request.image_count)]
         job.progress = Progress(total_steps=request.steps, image_count=request.image_count)
+        pace = StepPace()
         for batch in range(request.n_iter):
             if job.cancel_event.is_set():
                 raise JobCancelled
@@ -349,7 +370,7 @@ class Worker:
             job.progress.note = self._compile_note(request, compiling)
             started = time.time()
             try:
-                results = self.engine.generate(request, seeds, self._step_callback(job, batch, compiling))
+                results = self.engine.generate(request, seeds, self._step_callback(job, batch, compiling, pace))
             except BatchSkipped:
                 continue
             finally:
@@ -373,7 +394,7 @@ class Worker:
         return (f"Compiling the {' and the '.join(parts)} for {width}x{height} (once for each new size, batch "
                 "size, prompt length or kind of sampler; later runs reuse it)")
 
-    def _step_callback(self, job: Job, batch: int, compiling: list[str]):
+    def _step_callback(self, job: Job, batch: int, compiling: list[str], pace: StepPace):
         batches = job.request.n_iter
         # The VAE decoder compiles after the last step, while the bar would otherwise say 100 %.
         decoder_note = self._compile_note(job.request, ["VAE decoder"] if "VAE decoder" in compiling else [])
@@ -385,11 +406,11 @@ class Worker:
             if job.skip_event.is_set():
                 raise BatchSkipped
             fraction = (batch + step / total_steps) / batches
-            elapsed = time.time() - job.started_at
+            pace.step(step)
+            steps_left = (total_steps - step) + (batches - batch - 1) * total_steps
             job.progress = Progress(
                 step=step, total_steps=total_steps, image_index=batch * job.request.batch_size,
-                image_count=job.request.image_count, fraction=fraction,
-                eta_seconds=elapsed / fraction * (1 - fraction),
+                image_count=job.request.image_count, fraction=fraction, eta_seconds=pace.eta(steps_left),
                 note=decoder_note if step == total_steps else None,
             )
             if (self.preview_every and step % self.preview_every == 0 and step < total_steps
