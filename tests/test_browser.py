@@ -144,6 +144,23 @@ def test_interrupt_stops_a_long_job_showing_progress_and_previews(page):
     assert page.locator("#txt2img_preview").is_hidden()
 
 
+def test_a_reloaded_tab_follows_its_running_job_and_can_interrupt_it(page, app_server):
+    page.locator("#txt2img_prompt textarea").fill("a job that outlives a reload")
+    set_number(page, "txt2img_steps", 150)
+    set_number(page, "txt2img_batch_count", 20)
+    page.click("#txt2img_generate")
+    expect_text(page, "#txt2img_progress", r"Step \d+/150")
+    other = page.context.new_page()  # another tab of the same browser has a token of its own
+    other.goto(app_server.url, wait_until="domcontentloaded")
+    page.reload()
+    expect_text(page, "#txt2img_progress", r"Step \d+/150 · image 1/20")
+    other.wait_for_selector("#txt2img_prompt textarea")
+    assert other.locator("#txt2img_progress").inner_text() == ""  # it resumes nothing
+    other.close()
+    page.click("#txt2img_interrupt")
+    expect_text(page, "#txt2img_progress", "Interrupted")
+
+
 def test_the_image_clicked_during_a_run_gives_parameters_and_seed_after_it(page):
     page.locator("#txt2img_prompt textarea").fill("a fox to pick")
     set_number(page, "txt2img_steps", 150)

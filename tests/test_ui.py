@@ -232,6 +232,22 @@ def test_two_sessions_see_their_own_jobs_and_interrupt_only_their_own(ui, ui_ser
     assert "Interrupted" in first_out[-1][2]
 
 
+def test_a_reloaded_page_resumes_only_its_own_tabs_job(ui, ui_services):
+    first_page = Session(tab="tab-one")
+    thread, _ = run_in_thread(ui, first_page, steps=150, n_iter=1)
+    worker = ui_services.worker
+    wait_for(lambda: first_page.job_id and worker.get(first_page.job_id).progress.step > 0, what="job running")
+    stranger = next(event(ui, "resume")(Session(), "tab-two"))
+    assert stranger[0].job_id is None and all(is_skip(value) for value in stranger[1:])
+    reloaded = Session()  # the same tab after a reload: a new session, the same token
+    follow = event(ui, "resume")(reloaded, "tab-one")
+    assert "Step" in next(follow)[2] and reloaded.job_id == first_page.job_id
+    event(ui, "interrupt")(reloaded)
+    assert "Interrupted" in list(follow)[-1][2]
+    thread.join(30)
+    assert worker.get(first_page.job_id).state is JobState.CANCELLED
+
+
 def test_a_run_whose_every_batch_was_skipped_says_so(ui, ui_services):
     session = Session()
     thread, outputs = run_in_thread(ui, session, steps=40, n_iter=1)

@@ -55,7 +55,9 @@ class Job:
     id: str
     request: GenerationRequest
     origin: str
-    owner: str | None = None  # who submitted it through the API (user or address); A1111's /interrupt stops only theirs
+    # Who submitted it: the API caller (user or address; A1111's /interrupt stops only theirs), or the
+    # browser tab's secret token for the UI (a reloaded tab finds its running job by it).
+    owner: str | None = None
     created_at: float = field(default_factory=time.time)
     state: JobState = JobState.QUEUED
     progress: Progress = field(default_factory=Progress)
@@ -217,6 +219,12 @@ class Worker:
         """The queued jobs, next to run first."""
         with self._wake:
             return [item for item in self._queue if isinstance(item, Job)]
+
+    def unfinished_job_of(self, owner: str) -> Job | None:
+        """The newest queued or running job this owner submitted, if any."""
+        with self._wake:
+            mine = [job for job in self._jobs.values() if job.owner == owner and not job.state.finished]
+        return max(mine, key=lambda job: job.created_at, default=None)
 
     def queue_length(self) -> int:
         with self._wake:

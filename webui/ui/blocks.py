@@ -20,6 +20,14 @@ from webui.ui.pnginfo import PngInfoTab, build_pnginfo, fields_for_txt2img
 from webui.ui.txt2img import Txt2ImgTab, build_txt2img
 
 STATIC = Path(__file__).resolve().parent / "static"
+TAB_TOKEN_JS = """() => {
+  let token = sessionStorage.getItem("diffusers-webui-tab");
+  if (!token) {  // crypto.getRandomValues works on plain http too (randomUUID needs https)
+    token = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+    sessionStorage.setItem("diffusers-webui-tab", token);
+  }
+  return token;
+}"""
 
 
 @dataclass
@@ -76,6 +84,8 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
     ui.blocks.load(**reload)
     ui.blocks.load(ui.models.on_page_load, outputs=[ui.picker.dropdown, ui.picker.status, txt2img.width, txt2img.height],
                    api_visibility="private", show_progress="hidden")
+    # The tab's token survives a reload (sessionStorage, one per tab); filling it in resumes the tab's job.
+    ui.blocks.load(None, outputs=[txt2img.tab_token], js=TAB_TOKEN_JS, api_visibility="private", show_progress="hidden")
 
 
 def launch_assets() -> dict:

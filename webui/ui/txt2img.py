@@ -35,6 +35,7 @@ class Session:
     """
 
     job_id: str | None = None
+    tab: str = ""  # the browser tab's secret token (kept in its sessionStorage), so a reload finds its job
     seeds: list[int] = field(default_factory=list)
     infotexts: list[str] = field(default_factory=list)
     selected: int | None = None  # the gallery's selected index; None when none is selected
@@ -92,7 +93,7 @@ class Txt2ImgActions:
         try:
             if request["model"]:
                 request["model"] = self.models.checked_choice(request["model"])
-            job = self.worker.submit(request, origin="ui")
+            job = self.worker.submit(request, origin="ui", owner=self._owner(session))
         except (InvalidRequest, QueueFull, ModelNotFound, WorkerStopped) as err:
             yield session, gr.skip(), error_html(str(err)), gr.update(visible=False), gr.skip(), ""
             return
@@ -103,6 +104,21 @@ class Txt2ImgActions:
             log.exception("following job %s failed", job.id)
             message = error_html(f"The page lost track of the job: {err}")
             yield session, gr.skip(), message, gr.update(visible=False), gr.skip(), ""
+
+    def resume(self, session: Session, tab: str | None) -> Iterator[tuple]:
+        """A page (re)loaded in a tab whose job is still queued or running follows that job again: its
+        progress and images come back, and Interrupt and Skip reach it. Outputs as generate()'s."""
+        session.tab = tab or ""
+        job = self.worker.unfinished_job_of(self._owner(session)) if session.tab else None
+        if job is None:
+            yield session, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        session.start(job)
+        yield from self._follow(session, job)
+
+    @staticmethod
+    def _owner(session: Session) -> str | None:
+        return f"ui-tab:{session.tab}" if session.tab else None
 
     def _follow(self, session: Session, job: Job) -> Iterator[tuple]:
         shown_images, shown_preview = 0, -1
@@ -178,6 +194,7 @@ class Txt2ImgTab:
     generate: gr.Button
     gallery: gr.Gallery
     generate_event: Any
+    tab_token: gr.Textbox  # filled from the browser tab's sessionStorage when the page loads (blocks.py)
 
     @property
     def field_components(self) -> list[gr.components.Component]:
@@ -243,12 +260,15 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
                                   buttons=["copy"])
             timing = gr.HTML("", label="Time taken", show_label=False, elem_id="txt2img_time", padding=False)
 
+    tab_token = gr.Textbox(visible=False, elem_id="txt2img_tab_token")
     request_inputs = [prompt, negative, sampler, scheduler, steps, cfg_scale, width, height, seed,
                       batch_count, batch_size, clip_skip, picker.dropdown]
+    run_outputs = [session, gallery, progress, preview, infotext, timing]
     generate_event = generate.click(
-        actions.generate, inputs=[session, *request_inputs],
-        outputs=[session, gallery, progress, preview, infotext, timing],
+        actions.generate, inputs=[session, *request_inputs], outputs=run_outputs,
         api_name="txt2img", show_progress="hidden", concurrency_limit=None)
+    tab_token.change(actions.resume, inputs=[session, tab_token], outputs=run_outputs, api_visibility="private",
+                     show_progress="hidden", concurrency_limit=None)
     interrupt.click(actions.interrupt, inputs=[session], outputs=[], api_name="interrupt", show_progress="hidden")
     skip.click(actions.skip, inputs=[session], outputs=[], api_name="skip", show_progress="hidden")
     gallery.select(actions.select_image, inputs=[session], outputs=[session, infotext],
@@ -264,4 +284,4 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
                           outputs=[picker.status, picker.dropdown, width, height],
                           api_name="load_model", show_progress="hidden")
     return Txt2ImgTab(session, prompt, negative, sampler, scheduler, steps, cfg_scale, width, height, seed,
-                      clip_skip, batch_count, batch_size, picker.dropdown, generate, gallery, generate_event)
+                      clip_skip, batch_count, batch_size, picker.dropdown, generate, gallery, generate_event, tab_token)
