@@ -341,6 +341,13 @@ def test_a_job_that_could_not_save_returns_its_images_and_says_why(client, servi
     assert len(status["result"]["images"]) == 1
 
 
+def test_a_running_job_has_no_result_yet(client, services, running):
+    job = running(LONG | {"n_iter": 2})  # batch 2 runs 150 steps after the first image
+    wait_for(lambda: len(job.images) >= 1)
+    status = client.get(f"/api/v1/jobs/{job.id}").json()
+    assert status["state"] == "running" and status["result"] is None
+
+
 def test_a_job_that_fails_halfway_returns_the_images_it_made(client, services, monkeypatch):
     real_generate, calls = services.engine.generate, []
 

@@ -306,6 +306,19 @@ def test_a_file_put_back_while_the_app_was_stopped_shows_again(history, tmp_path
     assert history.reconcile()["files_back"] == 1 and [r.id for r in history.list_images()[0]] == [image_id]
 
 
+def test_a_new_file_that_takes_a_vanished_files_name_replaces_its_row(history, tmp_path):
+    """Same number, same seed, same name: after a restart the old row must not come back as a twin."""
+    history.add_job("j1", "ui", {}, 1.0)
+    (tmp_path / "00000-42.png").write_bytes(b"png")
+    history.add_image(**history_row("j1", "00000-42.png", prompt="first prompt", seed=42))
+    (tmp_path / "00000-42.png").unlink()
+    assert history.list_images()[1] == 0  # noticed as missing
+    (tmp_path / "00000-42.png").write_bytes(b"png")
+    new = history.add_image(**history_row("j1", "00000-42.png", prompt="second prompt", seed=42))
+    history.reconcile()
+    assert [(r.id, r.prompt) for r in history.list_images()[0]] == [(new, "second prompt")]
+
+
 def test_files_deleted_by_hand_leave_the_count_and_pages_right(history, tmp_path):
     history.add_job("j1", "ui", {}, 1.0)
     for i in range(5):

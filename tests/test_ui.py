@@ -627,6 +627,7 @@ def test_a_port_in_use_is_reported_before_any_model_loads(ui_services):
     check_port_free(settings)
     with socket.socket() as taken:
         taken.bind((settings.host, settings.port))
+        taken.listen()  # a server is running there
         with pytest.raises(SystemExit, match=f"Cannot serve on 127.0.0.1:{settings.port}.*--port N"):
             check_port_free(settings)
 

@@ -6,6 +6,7 @@ app.py calls: serve, print the address, block until Ctrl+C, then stop the worker
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -41,6 +42,9 @@ def api_function(name: str) -> Callable:
 def check_port_free(settings) -> None:
     """Fail at once when the port is taken, not after minutes of loading (or downloading) a model."""
     with socket.socket() as probe:
+        if os.name == "posix":  # as Gradio and uvicorn bind: a port left in TIME_WAIT is free (on Windows
+            # the same option would let two servers share a port)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((settings.host, settings.port))
         except OSError as err:

@@ -179,8 +179,9 @@ class Worker:
                 else:
                     item.future.set_exception(WorkerStopped("the server is shutting down"))
             self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        thread = self._thread  # read once: a second stop() (on another thread) may clear it meanwhile
+        if thread is not None:
+            thread.join(timeout)
             self._thread = None
 
     # --- the public surface ---------------------------------------------------------------
@@ -389,8 +390,8 @@ class Worker:
         if len(job.images) > 1 and request.save_images:  # only a saved grid is shown or returned
             grid = make_grid([im.image for im in job.images])
             try:
-                job.grid_path = str(self.outputs.save_grid(grid, job.images[0].infotext))
-                job.grid = grid
+                path = self.outputs.save_grid(grid, job.images[0].infotext)
+                job.grid, job.grid_path = grid, str(path)  # the grid first: readers test grid_path
             except Exception as err:
                 self._warn(job, "the grid was not saved", err)
 

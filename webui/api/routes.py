@@ -146,7 +146,7 @@ class Api:
         preview = job.preview if current_image else None  # reading it asks the worker for previews
         if preview is not None:
             status.current_image = convert.encode_png(preview)
-        if job.state in (JobState.DONE, JobState.CANCELLED) or job.images:  # a failed job's images made before
+        if job.state.finished and (job.state is not JobState.FAILED or job.images):  # a failed job: what it made
             status.result = convert.job_result(job, job.request.model_dump())
         return status
 

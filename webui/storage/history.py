@@ -166,6 +166,8 @@ class History:
         names = ", ".join(IMAGE_COLUMNS)
         marks = ", ".join("?" for _ in IMAGE_COLUMNS)
         with self._lock:
+            # A row whose file vanished may name the path this new file now takes: it is gone for good.
+            self._db.execute("DELETE FROM images WHERE path = ? AND file_state = 'missing'", (values["path"],))
             cursor = self._db.execute(
                 f"INSERT INTO images (created_at, {names}) VALUES (?, {marks})",
                 (time.time(), *(values[c] for c in IMAGE_COLUMNS)),
