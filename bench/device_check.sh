@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (issue 7): install the carried wheels, then the parts named on
-# the command line, in this order (default: all four):
+# the command line, in this order (default: speed profile tests start):
 #   speed  every row of bench/gpu_speed.py, checking the fast path's images against eager (~8 min on an H100)
+#   tune   batch 8 only: eager, fast_path and engine, then the fast path compiled under each setting it does
+#          not use yet (gpu_speed.py --tune all: cuDNN benchmark mode, 1x1 convs as matmuls, cuDNN
+#          attention, fused QKV), to find what closes the gap to 16 images/s (~7 min, estimated)
 #   profile  where a UNet call's time goes by kind of op, and each attention backend at SD 1.5's shapes
 #          (bench/unet_profile.py; no compile) (~1 min)
 #   tests  the GPU tests (tests/test_gpu.py: samplers, previews and VAE tiles under CUDA graphs; no syncs
 #          in the loop) (~2 min)
 #   start  the first and second start of a compiled model (bench/compile_start.py) (~2.5 min)
-# All four take longer than one device call (600 s): on 2026-11-26 an H100 ran out of time in the speed
-# part's batch-8 fast path with the start part after it. So, in a session's 15 device minutes:
+# They take longer than one device call (600 s): on 2026-11-26 an H100 ran out of time in the speed
+# part's batch-8 fast path with the start part after it. The speed part was measured then, so the next
+# session's 15 device minutes go to what is not known yet:
 #   local:  bash bench/prepare_device_wheels.sh
-#   device: run command "bash bench/device_check.sh speed", carry [".wheels"], timeout_s 600; then at once,
+#   device: run command "bash bench/device_check.sh tune", carry [".wheels"], timeout_s 600; then at once,
 #           while the machine is warm: "bash bench/device_check.sh profile tests", timeout_s 240
 # Each part saves its JSON or log as it goes, so a part cut off by its timeout keeps what it measured.
 set -uo pipefail
@@ -20,7 +24,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 parts=" ${*:-speed profile tests start} "
 for part in $parts; do
-  [[ " speed profile tests start " == *" $part "* ]] || { echo "unknown part '$part': choose from speed, profile, tests, start"; exit 2; }
+  [[ " speed tune profile tests start " == *" $part "* ]] || { echo "unknown part '$part': choose from speed, tune, profile, tests, start"; exit 2; }
 done
 # --target, as the device README advises: the image's own site-packages stay as they are.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -41,6 +45,13 @@ if [[ $parts == *" speed "* ]]; then
   [[ $parts == *" tests "* ]] && reserve=$((reserve + 150))
   timeout "$(left $reserve)" python3 bench/gpu_speed.py --repeats 3 --warmup 1 \
     --json "$OUT/$(date +%F)-${card}.json" 2>&1 | tee "$OUT/gpu_speed.log" | grep -v Warning
+fi
+if [[ $parts == *" tune "* ]]; then
+  reserve=0
+  [[ $parts == *" profile "* ]] && reserve=$((reserve + 60))
+  [[ $parts == *" tests "* ]] && reserve=$((reserve + 150))
+  timeout "$(left $reserve)" python3 bench/gpu_speed.py --rows eager,fast_path,engine --tune all --batch-sizes 8 \
+    --repeats 3 --warmup 1 --json "$OUT/$(date +%F)-${card}-tune.json" 2>&1 | tee "$OUT/gpu_tune.log" | grep -v Warning
 fi
 if [[ $parts == *" profile "* ]]; then
   reserve=0; [[ $parts == *" tests "* ]] && reserve=150

@@ -15,10 +15,16 @@ peak dense fp16 rate, so "x floor" says how far from the hardware limit a row is
 rows also count the host-device synchronisations inside the denoising loop (JSON: loop_syncs) and say
 where each came from (loop_sync_sites). The JSON is rewritten after every row, so a run cut short by a
 time limit keeps what it measured.
+
+`--tune` adds one row per setting that the fast path does not use yet ("fast_path+<setting>", compiled
+afresh under it), so one GPU run shows which settings pay before any goes into the engine:
+
+    python bench/gpu_speed.py --rows eager,fast_path,engine --tune all --batch-sizes 8 --repeats 3 --warmup 1
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import platform
@@ -39,6 +45,13 @@ from webui.engine.fast_path import apply_fast_path  # noqa: E402
 CONFIGS = ROOT / "webui" / "engine" / "model_configs"
 ROWS = ("eager", "compiled_unet", "fast_path", "engine")
 SITE_FRAMES = 6  # Python frames kept per loop sync: enough to reach our code from inside torch
+# What --tune can time; each keeps the maths the same (the rows' images are checked against eager).
+TUNINGS = {
+    "cudnn_benchmark": "cuDNN times its convolution algorithms for each shape and keeps the fastest",
+    "conv_1x1_as_mm": "inductor turns 1x1 convolutions into matmuls that it can fuse with their neighbours",
+    "cudnn_attention": "SDPA prefers cuDNN's attention kernel (then flash, memory-efficient, math)",
+    "fused_qkv": "one matmul for an attention layer's query, key and value projections",
+}
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 
 # A few-hundred-thousand-parameter SD for --tiny (same block types as SD 1.5, diffusers' test sizes).
@@ -68,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=790.0,
                    help="the card's dense fp16/bf16 peak in TFLOP/s for the floor (H100 SXM spec sheet: 989)")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; tiny eager)")
+    p.add_argument("--tune", default="", help=f"comma list out of {', '.join(TUNINGS)}, or all: a fast_path row "
+                   "for each, compiled under that setting")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", type=Path, default=None, help="default bench/results/<date>-<card>.json")
     args = p.parse_args(argv)
@@ -87,6 +102,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
     args.rows = [r for r in ROWS if r in args.rows]  # fixed order: the fast path changes modules in place
+    tune = list(TUNINGS) if args.tune.strip() == "all" else [t.strip() for t in args.tune.split(",") if t.strip()]
+    if set(tune) - set(TUNINGS):
+        p.error(f"unknown --tune {sorted(set(tune) - set(TUNINGS))}; choose from {', '.join(TUNINGS)} or all")
+    # fused_qkv last: it adds fused weights to the shared modules, which would count in later rows' memory
+    args.tune = [t for t in TUNINGS if t in tune]
     if not tiny and not torch.cuda.is_available():
         p.error("no CUDA GPU visible; use --tiny for the CPU smoke test")
     return args
@@ -270,15 +290,46 @@ def row_pipeline(name: str, components: dict, args, fast_pipe=None):
     return engine_for(pipe, args) if name == "engine" else pipe
 
 
+@contextlib.contextmanager
+def tuning(name: str):
+    """The global setting behind one --tune row, held while its models compile and run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name == "cudnn_benchmark":
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = before
+    elif name == "conv_1x1_as_mm":
+        with torch._inductor.config.patch(conv_1x1_as_mm=True):
+            yield
+    elif name == "cudnn_attention":
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        with sdpa_kernel(order, set_priority=True):
+            yield
+    else:  # fused_qkv changes the models, not a global setting
+        yield
+
+
+def tuned_pipeline(name: str, components: dict, args):
+    # A fresh start for the compiler: inductor reads its settings when it compiles, and torch counts
+    # compiled variants across rows. The CUDA graphs of the rows before are freed with it.
+    torch._dynamo.reset()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return apply_fast_path(make_pipeline(components), compile=True, backend=args.compile_backend,
+                           fused_qkv=name == "fused_qkv")
+
+
 def run(args, save=lambda report: None) -> dict:
     """Time every row; save(report) after each, so a run stopped by a time limit keeps what it measured."""
     components = build_components(args)
     flops = {batch: count_flops(make_pipeline(components), args, batch) for batch in args.batch_sizes}
     eager_images, results = {}, []
-    fast_pipe = None  # the engine row reuses the fast path's compiled modules: no second compile
-    for name in args.rows:
-        pipe = row_pipeline(name, components, args, fast_pipe)
-        fast_pipe = pipe if name == "fast_path" else fast_pipe
+
+    def measure(name: str, pipe) -> None:
         for batch in args.batch_sizes:
             seconds, images, memory = time_row(pipe, args, batch)
             median = statistics.median(seconds)
@@ -297,6 +348,20 @@ def run(args, save=lambda report: None) -> dict:
                 results[-1].update(loop_syncs=None if sites is None else len(sites), loop_sync_sites=sites)
             print_row(results[-1])
             save(_report(args, results))
+
+    fast_pipe = None  # the engine row reuses the fast path's compiled modules: no second compile
+    for name in args.rows:
+        pipe = row_pipeline(name, components, args, fast_pipe)
+        fast_pipe = pipe if name == "fast_path" else fast_pipe
+        measure(name, pipe)
+    for name in args.tune:
+        try:
+            with tuning(name):
+                measure(f"fast_path+{name}", tuned_pipeline(name, components, args))
+        except Exception as error:  # one setting this card or torch refuses must not cost the others' rows
+            print(f"fast_path+{name}: failed: {type(error).__name__}: {error}"[:2000], flush=True)
+            results.append({"row": f"fast_path+{name}", "error": f"{type(error).__name__}: {error}"[:2000]})
+            save(_report(args, results))
     return _report(args, results)
 
 
@@ -306,7 +371,7 @@ def _report(args, results: list[dict]) -> dict:
         "dtype": str(args.dtype).removeprefix("torch."), "torch": torch.__version__, "diffusers": _version("diffusers"),
         "size": args.size, "steps": args.steps, "cfg": args.cfg, "sampler": "Euler", "warmup": args.warmup,
         "repeats": args.repeats, "peak_tflops": args.peak_tflops, "compile_backend": args.compile_backend,
-        "tiny": args.tiny, "peak_mem_kind": "cuda max_memory_allocated" if args.device == "cuda" else "cpu max RSS",
+        "tiny": args.tiny, "tune": args.tune, "peak_mem_kind": "cuda max_memory_allocated" if args.device == "cuda" else "cpu max RSS",
         "rows": results,
     }
 
@@ -317,13 +382,13 @@ def _version(package: str) -> str:
     return version(package)
 
 
-HEADER = (f"{'row':<14} {'batch':>5} {'s/img':>8} {'img/s':>8} {'steps/s':>8} {'TFLOP/s':>8} "
+HEADER = (f"{'row':<26} {'batch':>5} {'s/img':>8} {'img/s':>8} {'steps/s':>8} {'TFLOP/s':>8} "
           f"{'x floor':>8} {'peak MiB':>9} {'max|diff|':>10}")
 
 
 def print_row(r: dict) -> None:
     diff = "-" if r["max_abs_diff_vs_eager"] is None else f"{r['max_abs_diff_vs_eager']:.2e}"
-    print(f"{r['row']:<14} {r['batch']:>5} {r['s_per_image']:>8.4f} {r['images_per_s']:>8.2f} "
+    print(f"{r['row']:<26} {r['batch']:>5} {r['s_per_image']:>8.4f} {r['images_per_s']:>8.2f} "
           f"{r['steps_per_s']:>8.2f} {r['tflops']:>8.3g} {r['x_floor']:>8.3g} {r['peak_mem_mib']:>9.0f} {diff:>10}",
           flush=True)
     for site in r.get("loop_sync_sites") or []:

@@ -20,13 +20,14 @@ POSITIVE = ("median_s", "s_per_image", "images_per_s", "steps_per_s", "flops_per
 def test_tiny_bench_writes_every_row_with_positive_numbers(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_speed.py"), "--tiny", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_speed.py"), "--tiny", "--json", str(out),
+                           "--tune", "all"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     report = json.loads(out.read_text())
     rows = {(r["row"], r["batch"]): r for r in report["rows"]}
-    assert set(rows) == {(row, batch) for row in ("eager", "compiled_unet", "fast_path", "engine")
+    tuned = [f"fast_path+{name}" for name in ("cudnn_benchmark", "conv_1x1_as_mm", "cudnn_attention", "fused_qkv")]
+    assert set(rows) == {(row, batch) for row in ("eager", "compiled_unet", "fast_path", "engine", *tuned)
                          for batch in (1, 2)}
     for key, row in rows.items():
         for field in POSITIVE:
@@ -61,6 +62,39 @@ def test_fast_path_gives_the_eager_image_for_the_same_seed(fresh_dynamo):
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"  # compiled in place: class and keys unchanged
     assert fast.shape == eager.shape == (1, 64, 64, 3)
     assert abs(fast - eager).max() < 1e-4
+
+
+def test_fused_qkv_projections_give_the_same_image():
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    pipe = make_tiny_pipeline(seed=5)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate():
+        return pipe("a blue boat", num_inference_steps=2, height=64, width=64, guidance_scale=7.5,
+                    generator=torch.Generator("cpu").manual_seed(7), output_type="np").images
+
+    plain = generate()
+    apply_fast_path(pipe, compile=False, fused_qkv=True)
+    fused = generate()
+
+    processors = list(pipe.unet.attn_processors.values()) + list(pipe.vae.attn_processors.values())
+    assert processors and all(isinstance(p, FusedAttnProcessor2_0) for p in processors)
+    assert abs(fused - plain).max() < 1e-4
+
+
+def test_each_tuning_is_set_only_while_its_row_runs():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_speed
+
+    before = torch.backends.cudnn.benchmark
+    with gpu_speed.tuning("cudnn_benchmark"):
+        assert torch.backends.cudnn.benchmark is True
+    with gpu_speed.tuning("conv_1x1_as_mm"):
+        assert torch._inductor.config.conv_1x1_as_mm is True
+    assert torch.backends.cudnn.benchmark is before and torch._inductor.config.conv_1x1_as_mm is False
+    assert gpu_speed.parse_args(["--tiny", "--tune", "fused_qkv,cudnn_benchmark"]).tune == [
+        "cudnn_benchmark", "fused_qkv"]  # fused_qkv last: it leaves fused weights in the shared modules
 
 
 def test_the_second_start_compiles_from_the_disk_cache(tmp_path):

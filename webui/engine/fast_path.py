@@ -80,12 +80,16 @@ def use_compile_cache(folder: Path) -> None:
     # The caches of compiled graphs and kernels are on by default in torch >= 2.4; they follow this folder.
 
 
-def apply_fast_path(pipe, *, compile: bool, channels_last: bool = True, backend: str = "inductor"):
+def apply_fast_path(pipe, *, compile: bool, channels_last: bool = True, backend: str = "inductor",
+                    fused_qkv: bool = False):
     """Make `pipe` (a diffusers SD pipeline) faster in place and return it.
 
     compile: wrap the UNet and the VAE decoder with torch.compile. The first generation at each new
         size or batch size then pays a compile (tens of seconds on a GPU) before it runs faster.
     backend: torch.compile's backend; tests on a CPU pass "eager" to check the wiring cheaply.
+    fused_qkv: one matmul for the query, key and value projections (key and value in cross-attention).
+        Not on in the engine: bench/gpu_speed.py --tune measures it first. diffusers keeps the unfused
+        weights too, so it costs their memory again.
     """
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -93,6 +97,8 @@ def apply_fast_path(pipe, *, compile: bool, channels_last: bool = True, backend:
         # SDPA picks flash / memory-efficient kernels on CUDA; this also undoes an earlier xformers
         # or sliced-attention choice, which torch.compile cannot trace as well.
         model.set_attn_processor(AttnProcessor2_0())
+        if fused_qkv:
+            model.fuse_qkv_projections()  # also sets diffusers' fused SDPA processor
         if channels_last:
             # cuDNN's convolutions run natively in NHWC; NCHW weights cost a layout transpose per conv.
             model.to(memory_format=torch.channels_last)
