@@ -39,22 +39,22 @@ def test_tiny_bench_writes_every_row_with_positive_numbers(tmp_path):
     assert "fast_path" in proc.stdout and "max|diff|" in proc.stdout  # the table is printed
 
 
+def two_step_image(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red fox in snow", num_inference_steps=2, height=64, width=64, guidance_scale=7.5,
+                generator=torch.Generator("cpu").manual_seed(42), output_type="np").images
+
+
 def test_fast_path_gives_the_eager_image_for_the_same_seed(fresh_dynamo):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     pipe = make_tiny_pipeline(seed=3)
-    pipe.set_progress_bar_config(disable=True)
-
-    def generate():
-        return pipe("a red fox in snow", num_inference_steps=2, height=64, width=64, guidance_scale=7.5,
-                    generator=torch.Generator("cpu").manual_seed(42), output_type="np").images
-
-    eager = generate()
+    eager = two_step_image(pipe)
     # "eager" backend: torch.compile traces the modules (graph capture is what we check) without the
     # minute of C++ compilation inductor needs on a CPU.
     assert apply_fast_path(pipe, compile=True, backend="eager") is pipe
     torch._dynamo.utils.counters.clear()
-    fast = generate()
+    fast = two_step_image(pipe)
 
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the UNet/VAE really went through dynamo
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -68,15 +68,9 @@ def test_fused_qkv_projections_give_the_same_image():
     from diffusers.models.attention_processor import FusedAttnProcessor2_0
 
     pipe = make_tiny_pipeline(seed=5)
-    pipe.set_progress_bar_config(disable=True)
-
-    def generate():
-        return pipe("a blue boat", num_inference_steps=2, height=64, width=64, guidance_scale=7.5,
-                    generator=torch.Generator("cpu").manual_seed(7), output_type="np").images
-
-    plain = generate()
+    plain = two_step_image(pipe)
     apply_fast_path(pipe, compile=False, fused_qkv=True)
-    fused = generate()
+    fused = two_step_image(pipe)
 
     processors = list(pipe.unet.attn_processors.values()) + list(pipe.vae.attn_processors.values())
     assert processors and all(isinstance(p, FusedAttnProcessor2_0) for p in processors)
