@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, make_scheduler, resolve_sampler, sampler_names
 from tests.tiny_sd import tiny_components
@@ -19,7 +20,7 @@ def test_every_known_sampler_name_is_offered():
     ("K-LMS", ("LMS", "Automatic")),  # the seed blog's three: K-LMS, PNDM, DDIM
     ("PNDM", ("PLMS", "Automatic")),
     ("ddim", ("DDIM", "Automatic")),
-    ("k_dpmpp_2m", ("DPM++ 2M", "Automatic")),
+    ("k_dpmpp_2m", ("DPM++ 2M", "Karras")),  # Automatic stands for the sampler's default, as in A1111
     ("UniPC SGM Uniform", ("UniPC", "SGM Uniform")),
 ])
 def test_names_and_old_combined_names_resolve(name, expected):
@@ -97,7 +98,59 @@ def test_every_schedule_a_sampler_accepts_changes_its_schedule(sampler):
         sigmas = getattr(scheduler, "sigmas", None)
         return scheduler.timesteps.tolist(), None if sigmas is None else [round(float(s), 4) for s in sigmas]
 
-    automatic = schedule("Automatic")
-    for schedule_type in sampler.schedules:
-        if schedule_type != "Automatic":
-            assert schedule(schedule_type) != automatic, schedule_type
+    distinct = {resolve_sampler(sampler.name, label)[1] for label in sampler.schedules}
+    schedules = [schedule(label) for label in distinct]
+    assert all(a != b for i, a in enumerate(schedules) for b in schedules[i + 1:]), distinct
+
+
+# stable-diffusion-webui 1.9+ (modules/sd_samplers_kdiffusion.py, samplers_k_diffusion): the schedule type
+# each sampler uses when the request says Automatic.
+A1111_AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",
+                   "DPM++ 2S a": "Karras", "DPM2": "Karras", "DPM2 a": "Karras"}
+
+
+@pytest.mark.parametrize("sampler", sampler_names())
+def test_automatic_is_the_samplers_own_default_schedule_as_in_a1111(sampler):
+    expected = A1111_AUTOMATIC.get(sampler, "Automatic")
+    assert resolve_sampler(sampler, "Automatic") == (sampler, expected)
+    assert resolve_sampler(sampler, None) == (sampler, expected)
+    built = make_scheduler(SD15_SCHEDULER, sampler, "Automatic").config
+    assert built.get("use_karras_sigmas", False) is (expected == "Karras")
+    assert built.get("use_exponential_sigmas", False) is (expected == "Exponential")
+
+
+def sd15_sigmas() -> torch.Tensor:
+    """The SD 1.5 model's sigma for each of its 1000 training steps, from its beta schedule."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "LMS", "DPM++ SDE", "DPM++ 2M"])
+def test_k_diffusion_samplers_start_at_the_models_largest_sigma_even_with_leading_spacing(sampler):
+    """A1111 runs these from sigma_max (14.61 for SD 1.5); the config names "leading", which in
+    diffusers would start them at t=951 (sigma 11.0) for 20 steps."""
+    scheduler = make_scheduler(SD15_SCHEDULER, sampler, "Automatic")
+    scheduler.set_timesteps(20)
+    assert float(scheduler.sigmas[0]) == pytest.approx(float(sd15_sigmas()[-1]), rel=1e-3)
+
+
+def test_karras_sigmas_are_a1111s():
+    """k-diffusion's get_sigmas_karras(n, sigma_min, sigma_max, rho=7), which A1111 calls with the model's
+    smallest and largest sigma, then a final 0."""
+    sigmas = sd15_sigmas()
+    low, high, steps = float(sigmas[0]), float(sigmas[-1]), 20
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    expected = (high ** (1 / 7) + ramp * (low ** (1 / 7) - high ** (1 / 7))) ** 7
+    for sampler in ("Euler", "DPM++ 2M"):
+        scheduler = make_scheduler(SD15_SCHEDULER, sampler, "Karras")
+        scheduler.set_timesteps(steps)
+        ours = scheduler.sigmas.double()
+        assert float(ours[-1]) == 0 and torch.allclose(ours[:steps], expected, rtol=1e-3), sampler
+
+
+def test_unipc_and_dpmpp_2s_a_use_a1111s_settings():
+    unipc = make_scheduler(SD15_SCHEDULER, "UniPC").config
+    assert (unipc.solver_type, unipc.solver_order) == ("bh1", 3)  # A1111: uni_pc_variant bh1, uni_pc_order 3
+    assert unipc.final_sigmas_type == "sigma_min"  # A1111's UniPC stops at t = 1/1000
+    assert make_scheduler(SD15_SCHEDULER, "DPM++ 2S a").config.lower_order_final is True

@@ -431,8 +431,8 @@ def test_send_to_txt2img_keeps_a_known_sampler_and_says_what_it_could_not_apply(
     assert len(notes) == 1 and "Karras" in notes[0] and "Euler a" in notes[0] and "Using Automatic" in notes[0]
     for unknown in ("Normal", "Uniform"):  # stable-diffusion-webui's schedule types we lack
         sampler, schedule, notes = sent_sampler(ui, f"Sampler: DPM++ 2M, Schedule type: {unknown}")
-        assert (sampler, schedule) == ("DPM++ 2M", "Automatic")
-        assert len(notes) == 1 and f"unknown schedule type '{unknown}'" in notes[0]
+        assert (sampler, schedule) == ("DPM++ 2M", "Karras")  # what Automatic stands for with DPM++ 2M
+        assert len(notes) == 1 and f"unknown schedule type '{unknown}'" in notes[0] and "Using Karras" in notes[0]
     # An unknown sampler leaves both dropdowns as they were, and says so.
     sampler, schedule, notes = sent_sampler(ui, "Sampler: Restart, Schedule type: Karras")
     assert is_skip(sampler) and is_skip(schedule)

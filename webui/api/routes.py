@@ -256,7 +256,11 @@ class Api:
 
     # --- lists ----------------------------------------------------------------------------------
     def samplers(self) -> list[SamplerItem]:
-        return [SamplerItem(name=s.name, aliases=list(s.aliases), options=dict(s.options)) for s in SAMPLERS]
+        # "scheduler": the schedule type Automatic stands for, under A1111's key and name
+        return [SamplerItem(name=s.name, aliases=list(s.aliases),
+                            options={**s.options, **({"scheduler": s.automatic.lower().replace(" ", "_")}
+                                                     if s.automatic != "Automatic" else {})})
+                for s in SAMPLERS]
 
     def schedulers(self) -> list[SchedulerItem]:
         return [

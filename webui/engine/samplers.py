@@ -4,6 +4,10 @@ Schedulers are always built with `from_config` from the loaded model's own sched
 model's prediction type and beta schedule carry over to every sampler. A zero-terminal-SNR setting
 (rescale_betas_zero_snr) carries over only where diffusers' scheduler has it: Euler a, Euler, DPM++ 2M,
 DPM++ 2M SDE, DDIM, UniPC and LCM; the others run such a model on its usual schedule.
+
+"Automatic" means what it means in stable-diffusion-webui 1.9 and later: the sampler's own default
+schedule type (Karras for DPM++ 2M, Exponential for DPM++ 2M SDE, ...), which is also what the infotext
+records, so an image made here and one made there from the same text match.
 This module only names classes; diffusers is imported when a scheduler is actually built.
 """
 from __future__ import annotations
@@ -22,32 +26,42 @@ class Sampler:
     # or a timestep spacing); asking for another is an error rather than silently ignored.
     schedules: tuple[str, ...] = ("Automatic", "Karras", "Exponential", "SGM Uniform")
     max_steps: int | None = None  # a limit of its scheduler's, checked with the request
+    automatic: str = "Automatic"  # the schedule type that "Automatic" stands for (A1111's per-sampler default)
+    # Ported from k-diffusion: A1111 runs it from the model's largest sigma, which diffusers' "leading"
+    # timestep spacing (named by many SD configs, for DDIM and PLMS) would skip.
+    k_diffusion: bool = False
 
 
 NO_CUSTOM_SIGMAS = ("Automatic", "SGM Uniform")
 
 SAMPLERS: tuple[Sampler, ...] = (
     Sampler("Euler a", "EulerAncestralDiscreteScheduler", aliases=("k_euler_a", "k_euler_ancestral"),
-            schedules=NO_CUSTOM_SIGMAS),
-    Sampler("Euler", "EulerDiscreteScheduler", aliases=("k_euler",)),
-    Sampler("LMS", "LMSDiscreteScheduler", aliases=("k_lms", "K-LMS")),
-    Sampler("Heun", "HeunDiscreteScheduler", aliases=("k_heun",)),
-    Sampler("DPM2", "KDPM2DiscreteScheduler", aliases=("k_dpm_2",)),
-    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", aliases=("k_dpm_2_a",)),
+            schedules=NO_CUSTOM_SIGMAS, k_diffusion=True),
+    Sampler("Euler", "EulerDiscreteScheduler", aliases=("k_euler",), k_diffusion=True),
+    Sampler("LMS", "LMSDiscreteScheduler", aliases=("k_lms", "K-LMS"), k_diffusion=True),
+    Sampler("Heun", "HeunDiscreteScheduler", aliases=("k_heun",), k_diffusion=True),
+    Sampler("DPM2", "KDPM2DiscreteScheduler", aliases=("k_dpm_2",), automatic="Karras", k_diffusion=True),
+    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", aliases=("k_dpm_2_a",), automatic="Karras",
+            k_diffusion=True),
     Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
-            aliases=("k_dpmpp_2m",)),
-    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", aliases=("k_dpmpp_sde",)),
+            aliases=("k_dpmpp_2m",), automatic="Karras", k_diffusion=True),
+    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", aliases=("k_dpmpp_sde",), automatic="Karras", k_diffusion=True),
     Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler",
-            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, aliases=("k_dpmpp_2m_sde",)),
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, aliases=("k_dpmpp_2m_sde",),
+            automatic="Exponential", k_diffusion=True),
     # diffusers has no ancestral single-step DPM++; its deterministic single-step solver is the
-    # closest match, as diffusers' own scheduler table notes.
-    Sampler("DPM++ 2S a", "DPMSolverSinglestepScheduler", {"solver_order": 2}, aliases=("k_dpmpp_2s_a",),
-            schedules=("Automatic", "Karras", "Exponential")),
+    # closest match, as diffusers' own scheduler table notes. It needs a low-order last step (and
+    # warns when it has to switch one on itself).
+    Sampler("DPM++ 2S a", "DPMSolverSinglestepScheduler", {"solver_order": 2, "lower_order_final": True},
+            aliases=("k_dpmpp_2s_a",), schedules=("Automatic", "Karras", "Exponential"), automatic="Karras"),
     # DDIMScheduler clips its x0 estimate to [-1, 1] unless the model's config says otherwise; that is
     # meant for pixel-space models and ruins latents (A1111's DDIM never clips).
     Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}, aliases=("ddim",), schedules=NO_CUSTOM_SIGMAS),
     Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms", "PNDM"), schedules=NO_CUSTOM_SIGMAS),
-    Sampler("UniPC", "UniPCMultistepScheduler", aliases=("unipc",)),
+    # A1111's UniPC settings (uni_pc_variant bh1, uni_pc_order 3; diffusers' defaults are bh2 and 2). Its
+    # UniPC ends at the model's smallest sigma, not at 0; diffusers' bh1 step to 0 gives NaN.
+    Sampler("UniPC", "UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3,
+                                                 "final_sigmas_type": "sigma_min"}, aliases=("unipc",)),
     # LCM picks its steps from a 50-step schedule (diffusers' original_inference_steps), whatever the
     # timestep spacing, so SGM Uniform would change nothing.
     Sampler("LCM", "LCMScheduler", aliases=("lcm",), schedules=("Automatic",), max_steps=50),
@@ -78,7 +92,8 @@ def get_sampler(name: str) -> Sampler:
 
 
 def resolve_sampler(sampler_name: str, schedule: str | None = "Automatic") -> tuple[str, str]:
-    """Check a sampler and schedule type and return their canonical names.
+    """Check a sampler and schedule type and return their canonical names; "Automatic" comes back as
+    the sampler's default schedule type (Karras for DPM++ 2M), as A1111 records it.
 
     Accepts old combined names such as "DPM++ 2M Karras" (schedule taken from the suffix) and
     A1111's aliases ("k_euler_a", "K-LMS", "PNDM"). Raises ValueError listing the valid names.
@@ -97,7 +112,7 @@ def resolve_sampler(sampler_name: str, schedule: str | None = "Automatic") -> tu
             f"sampler {sampler.name!r} does not support the {schedule_label} schedule; "
             f"use {' or '.join(sampler.schedules)} with it"
         )
-    return sampler.name, schedule_label
+    return sampler.name, sampler.automatic if schedule_label == "Automatic" else schedule_label
 
 
 def _canonical_schedule(schedule: str) -> str:
@@ -114,5 +129,8 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
     sampler_name, schedule = resolve_sampler(sampler_name, schedule)
     sampler = get_sampler(sampler_name)
     scheduler_class = getattr(diffusers, sampler.scheduler_class)
-    options = {**sampler.options, **SCHEDULE_TYPES[schedule]}
+    options = dict(sampler.options)
+    if sampler.k_diffusion and base_config.get("timestep_spacing") == "leading":
+        options["timestep_spacing"] = "linspace"  # from t=999, not t=951 (at 20 steps)
+    options.update(SCHEDULE_TYPES[schedule])
     return scheduler_class.from_config(base_config, **options)
