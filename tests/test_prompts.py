@@ -27,6 +27,10 @@ UP, DOWN = 1.1, 1 / 1.1  # stable-diffusion-webui's factors for ( ) and [ ]
     ("((red:-1))", [("red", -1.1)]),
     ("(red:.5) (red:2.)", [("red", 0.5), (" ", 1.0), ("red", 2.0)]),
     ("BREAKFAST", [("BREAKFAST", 1.0)]),
+    # Round and square brackets are matched separately, so they may cross (A1111's two bracket stacks).
+    ("(a [b:1.5) c]", [("a ", 1.5), ("b", 1.5 * DOWN), (" c", DOWN)]),
+    ("a (b [c) d]", [("a ", 1.0), ("b ", UP), ("c", UP * DOWN), (" d", DOWN)]),
+    ("[a (b] c", [("a ", DOWN), ("b", DOWN * UP), (" c", UP)]),
 ])
 def test_attention_syntax_is_read_as_stable_diffusion_webui_reads_it(text, expected):
     parsed = parse_attention(text)
@@ -64,3 +68,22 @@ def test_break_starts_a_new_chunk_and_syntax_costs_no_tokens(pipe):
         pear, _ = encode_prompt_pair(pipe, ["a pear"], [""])
     assert split.shape[1] == negative.shape[1] == 2 * 77  # the negative prompt is padded to match
     assert torch.allclose(split[0, 77:], pear[0])  # the second chunk is "a pear" encoded alone
+
+
+def chunk_texts(tokenizer, text: str) -> list[str]:
+    """The words of each 75-token chunk a prompt is read in."""
+    from webui.engine.prompts import _chunks
+
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return [tokenizer.decode([t for t in ids if t not in special]).strip() for ids, _ in _chunks(tokenizer, text)]
+
+
+def test_a_full_chunk_ends_at_a_comma_less_than_20_tokens_back(pipe):
+    tokenizer = pipe.tokenizer
+    assert len(tokenizer("cat , dog", add_special_tokens=False).input_ids) == 3  # one token each
+
+    near = "cat " * 60 + ", " + "dog " * 20  # the 75th token is 14 words after the comma
+    assert chunk_texts(tokenizer, near) == [" ".join(["cat"] * 60) + " ,", " ".join(["dog"] * 20)]
+    far = "cat " * 50 + ", " + "dog " * 30  # 24 words after it: cut where the chunk is full
+    assert chunk_texts(tokenizer, far) == [" ".join(["cat"] * 50 + [","] + ["dog"] * 24), " ".join(["dog"] * 6)]
+    assert chunk_count(tokenizer, near) == chunk_count(tokenizer, far) == 2

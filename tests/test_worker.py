@@ -39,6 +39,12 @@ def test_same_request_twice_gives_identical_pixels_and_random_seed_is_recorded(s
     assert r.seeds[0] != -1 and f"Seed: {r.seeds[0]}," in r.images[0].infotext
 
 
+def test_the_infotext_keeps_every_digit_of_the_cfg_scale(services):
+    job = services.worker.submit(QUICK | {"cfg_scale": 7.1234567})
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    assert "CFG scale: 7.1234567," in job.images[0].infotext  # pasting it back gives the same image
+
+
 def test_save_images_false_writes_nothing(services):
     job = services.worker.submit(QUICK | {"save_images": False, "batch_size": 2})
     assert job.wait(60) and job.state is JobState.DONE

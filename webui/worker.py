@@ -435,7 +435,7 @@ class Worker:
             "Steps": request.steps,
             "Sampler": request.sampler_name,
             "Schedule type": request.scheduler,
-            "CFG scale": f"{request.cfg_scale:g}",
+            "CFG scale": request.cfg_scale,
             "Seed": result.seed,
             "Size": f"{width}x{height}",
             "Model hash": model.short_hash,

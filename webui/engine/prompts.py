@@ -6,8 +6,9 @@ than CLIP's 75 tokens be read in chunks of 75, each encoded alone and the result
 stable-diffusion-webui does, instead of being cut off.
 
 Attention syntax, as stable-diffusion-webui reads it: `(word)` weighs 1.1, `[word]` 1/1.1, `(word:1.5)`
-1.5, brackets nest (their weights multiply), a backslash makes a bracket literal, and `BREAK` starts a
-new 75-token chunk. A weight scales the token's embedding, and the chunk is then scaled back to its old
+1.5, brackets nest (their weights multiply; round and square ones are matched separately, so they may
+cross), a backslash makes a bracket literal, and `BREAK` starts a new 75-token chunk. A chunk that
+fills up within 20 tokens after a comma ends at that comma, so a tag is not cut in two. A weight scales the token's embedding, and the chunk is then scaled back to its old
 mean. Prompt editing ([a:b:0.5]), alternation ([a|b]) and <lora:...> are not read: they stay text.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 CHUNK_TOKENS = 75  # CLIP's 77 positions less the start and end markers
 UP, DOWN = 1.1, 1 / 1.1  # what ( ) and [ ] multiply by
 BREAK = "BREAK"
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 # A weight is digits with an optional fraction: one way to split a run of digits, so matching stays linear.
 _ATTENTION_TOKEN = re.compile(r"\\.|\(|\[|:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)|\)|\]|\bBREAK\b|[^\\()\[\]:B]+|.", re.S)
 
@@ -27,35 +29,42 @@ def parse_attention(text: str) -> list[tuple[str, float | None]]:
     """Prompt text -> runs of (text, weight); a run ("BREAK", None) marks a chunk break. A weight may be
     negative, as in stable-diffusion-webui."""
     runs: list[list] = []  # [text, weight], merged later
-    open_brackets: list[tuple[str, int]] = []  # (bracket, index of its first run)
+    # The index of the first run inside each open bracket. "(" and "[" are kept apart, as A1111 does:
+    # a "]" closes the last "[" even when a "(" was opened after it.
+    open_round: list[int] = []
+    open_square: list[int] = []
 
-    def close(bracket: str, factor: float) -> bool:
-        if not open_brackets or open_brackets[-1][0] != bracket:
+    def close(opened: list[int], factor: float) -> bool:
+        if not opened:
             return False
-        for run in runs[open_brackets.pop()[1]:]:
+        for run in runs[opened.pop():]:
             if run[1] is not None:
                 run[1] *= factor
         return True
 
     for match in _ATTENTION_TOKEN.finditer(text):
         token, weight = match.group(0), match.group(1)
-        if token in ("(", "["):
-            open_brackets.append((token, len(runs)))
+        if token == "(":
+            open_round.append(len(runs))
+        elif token == "[":
+            open_square.append(len(runs))
         elif weight is not None:
-            if not close("(", float(weight)):
+            if not close(open_round, float(weight)):
                 runs.append([token, 1.0])
         elif token == ")":
-            if not close("(", UP):
+            if not close(open_round, UP):
                 runs.append([token, 1.0])
         elif token == "]":
-            if not close("[", DOWN):
+            if not close(open_square, DOWN):
                 runs.append([token, 1.0])
         elif token == BREAK:
             runs.append([BREAK, None])
         else:
             runs.append([token[1:] if token.startswith("\\") else token, 1.0])
-    while open_brackets:  # unclosed brackets still weigh, as in stable-diffusion-webui
-        close(open_brackets[-1][0], UP if open_brackets[-1][0] == "(" else DOWN)
+    while open_round:  # unclosed brackets still weigh, as in stable-diffusion-webui
+        close(open_round, UP)
+    while open_square:
+        close(open_square, DOWN)
     return _merge(runs)
 
 
@@ -96,16 +105,29 @@ Chunk = tuple[list[int], list[float]]  # 77 token ids and each one's weight
 
 
 def _chunks(tokenizer, text: str) -> list[Chunk]:
-    """One prompt as chunks of 77 tokens: start marker, up to 75 tokens, end marker, padding; BREAK and
-    every 75th token start a new chunk."""
+    """One prompt as chunks of 77 tokens: start marker, up to 75 tokens, end marker, padding. BREAK and
+    a full chunk start a new one; a chunk that fills up at most COMMA_BACKTRACK tokens after its last comma
+    moves the words after that comma to the next chunk, as stable-diffusion-webui does."""
+    comma = _comma_id(tokenizer)
     pieces: list[Chunk] = [([], [])]
+    last_comma = -1  # position of the last comma in the current chunk
     for run, weight in parse_attention(text):
         if weight is None:  # BREAK
             pieces.append(([], []))
+            last_comma = -1
             continue
         for token in _token_ids(tokenizer, run):
+            ids, weights = pieces[-1]
+            if token == comma:
+                last_comma = len(ids)
+            elif len(ids) == CHUNK_TOKENS and last_comma >= 0 and len(ids) - last_comma <= COMMA_BACKTRACK:
+                cut = last_comma + 1
+                pieces[-1] = (ids[:cut], weights[:cut])
+                pieces.append((ids[cut:], weights[cut:]))
+                last_comma = -1
             if len(pieces[-1][0]) == CHUNK_TOKENS:
                 pieces.append(([], []))
+                last_comma = -1
             pieces[-1][0].append(token)
             pieces[-1][1].append(weight)
     if len(pieces) > 1 and not pieces[-1][0]:  # a BREAK at the end starts no chunk
@@ -114,6 +136,12 @@ def _chunks(tokenizer, text: str) -> list[Chunk]:
     return [([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + padding * (CHUNK_TOKENS - len(ids)),
              [1.0, *weights, 1.0] + [1.0] * (CHUNK_TOKENS - len(ids)))
             for ids, weights in pieces]
+
+
+def _comma_id(tokenizer) -> int | None:
+    """The id of CLIP's "," token (as a word end), or None for a tokenizer without one."""
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    return None if comma is None or comma == tokenizer.unk_token_id else comma
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:

@@ -37,7 +37,8 @@ _REQUEST_FIELDS = {
 
 
 def quote(value: Any) -> str:
-    text = str(value)
+    # A float in full (7.1234567 reads back as itself), without ".0" for whole numbers ("CFG scale: 7").
+    text = (str(int(value)) if value.is_integer() else repr(value)) if isinstance(value, float) else str(value)
     if any(ch in text for ch in ",:\n\""):
         return json.dumps(text, ensure_ascii=False)
     return text
