@@ -262,6 +262,11 @@ def test_interrupt_and_skip_never_touch_a_web_ui_users_job(client, services):
     wait_for(lambda: ui_job.progress.step >= 2)
     assert client.post("/sdapi/v1/skip").status_code == 200
     assert client.post("/sdapi/v1/interrupt").json() == {}
+    # Nor by its id: to an API caller the web-UI user's job does not exist.
+    assert client.post(f"/api/v1/jobs/{ui_job.id}/cancel").status_code == 404
+    assert client.get(f"/api/v1/jobs/{ui_job.id}").status_code == 404
+    progress = client.get("/sdapi/v1/progress").json()
+    assert progress["progress"] > 0 and progress["current_task"] is None and progress["current_image"] is None
     step = ui_job.progress.step
     wait_for(lambda: ui_job.progress.step > step + 2)
     assert ui_job.state is JobState.RUNNING and ui_job.progress.image_index == 0
@@ -306,6 +311,14 @@ def test_interrupt_and_skip_stop_only_the_callers_own_job(services):
         job_a = services.worker.get(c.post("/api/v1/jobs", json=LONG | {"n_iter": 2}, auth=alice).json()["id"])
         wait_for(lambda: job_a.progress.step >= 1)
         job_b = services.worker.get(c.post("/api/v1/jobs", json=QUICK, auth=bob).json()["id"])
+        # Alice's job id, preview and result are hers: to bob the job is unknown.
+        assert c.post(f"/api/v1/jobs/{job_a.id}/cancel", auth=bob).status_code == 404
+        assert c.get(f"/api/v1/jobs/{job_a.id}", auth=bob).status_code == 404
+        seen_by_bob = c.get("/sdapi/v1/progress", auth=bob).json()
+        assert seen_by_bob["progress"] > 0 and seen_by_bob["current_task"] is None
+        assert seen_by_bob["current_image"] is None
+        assert c.get("/sdapi/v1/progress", auth=alice).json()["current_task"] == job_a.id
+        assert c.get(f"/api/v1/jobs/{job_a.id}", auth=alice).json()["state"] == "running"
         assert c.post("/sdapi/v1/skip", auth=bob).status_code == 200
         assert c.post("/sdapi/v1/interrupt", auth=bob).json() == {}
         assert job_b.wait(10) and job_b.state is JobState.CANCELLED  # bob's own job, still queued

@@ -106,7 +106,7 @@ class ProgressResponse(BaseModel):
     state: dict[str, Any]
     current_image: str | None = Field(None, description="base64 PNG live preview, when there is one")
     textinfo: str | None = None
-    current_task: str | None = Field(None, description="id of the running job")
+    current_task: str | None = Field(None, description="id of the running job, only when it is the caller's")
 
 
 class SamplerItem(BaseModel):

@@ -128,10 +128,14 @@ class Api:
         return convert.job_result(job, parameters)
 
     # --- our per-job routes ------------------------------------------------------------------------
-    def get_job(self, job_id: str, current_image: bool = Query(False, description="include the live preview")
-                ) -> JobStatus:
+    def get_job(self, job_id: str, request: Request,
+                current_image: bool = Query(False, description="include the live preview")) -> JobStatus:
+        """The caller's own API job; any other job id is answered as unknown."""
         job = self.worker.get(job_id)
+        if job is not None and not _is_callers(job, request):
+            raise ApiError(404, f"job_id: no job {job_id!r} of yours", "JobNotFound")
         if job is None:
+            # Forgotten by the worker: the history has its state and times (not its owner, prompt or images).
             row = self.services.history.get_job(job_id)
             if row is None:
                 raise ApiError(404, f"job_id: no job {job_id!r} (finished jobs are kept for a while)", "JobNotFound")
@@ -150,33 +154,36 @@ class Api:
             status.result = convert.job_result(job, job.request.model_dump())
         return status
 
-    def cancel_job(self, job_id: str) -> JobCancelReply:
+    def cancel_job(self, job_id: str, request: Request) -> JobCancelReply:
+        """Cancel the caller's own API job; another client's or a web-UI user's is answered as unknown."""
         job = self.worker.get(job_id)
-        if job is None:
-            raise ApiError(404, f"job_id: no job {job_id!r}", "JobNotFound")
+        if job is None or not _is_callers(job, request):
+            raise ApiError(404, f"job_id: no job {job_id!r} of yours", "JobNotFound")
         if not self.worker.cancel(job_id):
             raise ApiError(409, f"job {job_id} has already finished ({job.state.value})", "JobFinished")
         return JobCancelReply(id=job.id, cancelled=True, state=job.state.value)
 
     # --- the running job ----------------------------------------------------------------------
-    def progress(self, skip_current_image: bool = Query(False)) -> ProgressResponse:
+    def progress(self, request: Request, skip_current_image: bool = Query(False)) -> ProgressResponse:
+        """The running job's progress, whoever's it is (as in A1111); its id and live preview only to the
+        caller who owns it."""
         job = self.worker.current()
         if job is None or job.state is not JobState.RUNNING:
             # Between jobs the worker may be loading or compiling a model: say so to clients waiting.
             return ProgressResponse(progress=0.0, eta_relative=0.0, state=_idle_state(self.worker.queue_length()),
                                     textinfo=self.worker.activity)
-        p, request = job.progress, job.request
-        preview = None if skip_current_image else job.preview  # reading it asks the worker for previews
+        p, job_request, own = job.progress, job.request, _is_callers(job, request)
+        preview = None if skip_current_image or not own else job.preview  # reading it asks the worker for previews
         current_image = None if preview is None else convert.encode_png(preview)
-        steps = p.total_steps or request.steps
+        steps = p.total_steps or job_request.steps
         state = {
             "skipped": job.skip_event.is_set(),
             "interrupted": job.cancel_event.is_set(),
             "stopping_generation": False,
             "job": "scripts_txt2img",
-            "job_count": request.n_iter,
+            "job_count": job_request.n_iter,
             "job_timestamp": _timestamp(job.started_at),
-            "job_no": p.image_index // request.batch_size,
+            "job_no": p.image_index // job_request.batch_size,
             "sampling_step": p.step,
             "sampling_steps": steps,
             # ours: the queue behind the running job
@@ -184,7 +191,7 @@ class Api:
         }
         return ProgressResponse(progress=min(p.fraction, 1.0), eta_relative=p.eta_seconds or 0.0, state=state,
                                 current_image=current_image, textinfo=p.note or f"Step {p.step}/{steps}",
-                                current_task=job.id)
+                                current_task=job.id if own else None)
 
     def interrupt(self, request: Request) -> dict:
         """Stop the caller's API job (A1111's Interrupt): the running one, which keeps the images it
@@ -204,11 +211,10 @@ class Api:
 
     def _callers_running_job(self, request: Request) -> Job | None:
         job = self.worker.current()
-        return job if job is not None and job.origin == "api" and job.owner == caller_of(request) else None
+        return job if job is not None and _is_callers(job, request) else None
 
     def _callers_queued_job(self, request: Request) -> Job | None:
-        caller = caller_of(request)
-        return next((job for job in self.worker.waiting_jobs() if job.origin == "api" and job.owner == caller), None)
+        return next((job for job in self.worker.waiting_jobs() if _is_callers(job, request)), None)
 
     # --- models and options ------------------------------------------------------------------
     def sd_models(self) -> list[SDModelItem]:
@@ -320,6 +326,11 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add("/api/v1/jobs/{job_id}/cancel", api.cancel_job, methods=["POST"], response_model=JobCancelReply,
         tags=["jobs"], responses={409: {"model": ErrorResponse, "description": "the job has already finished"}})
     return router
+
+
+def _is_callers(job: Job, request: Request) -> bool:
+    """Whether this API caller submitted the job (web-UI jobs belong to their browser tab, never to a caller)."""
+    return job.origin == "api" and job.owner == caller_of(request)
 
 
 def _idle_state(queued: int) -> dict[str, Any]:
