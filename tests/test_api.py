@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -250,10 +251,37 @@ def test_sd_models_refresh_and_switching_the_model_through_options(client, servi
         r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "missing-model"})
         assert r.status_code == 404 and r.json()["detail"].startswith("sd_model_checkpoint: model 'missing-model'")
         assert services.engine.model.entry.name == "tiny-two"
+        # Deleted from disk since the last scan: unknown (404), not a failed load (500).
+        shutil.rmtree(services.settings.models_dir / "tiny-two")
+        r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY})
+        assert r.status_code == 200
+        r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-two"})
+        assert r.status_code == 404 and r.json()["error"] == "ModelNotFound", r.text
+        for not_a_name in (["tiny-two"], {"a": 1}, 3):
+            r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": not_a_name})
+            assert r.status_code == 422 and "as a string" in r.json()["detail"], r.text
+            r = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"sd_model_checkpoint": not_a_name}})
+            assert r.status_code == 422 and "override_settings.sd_model_checkpoint" in r.json()["detail"], r.text
     finally:
         assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": models[0]["title"]}).status_code == 200
-        shutil.rmtree(services.settings.models_dir / "tiny-two")
+        shutil.rmtree(services.settings.models_dir / "tiny-two", ignore_errors=True)
         client.post("/sdapi/v1/refresh-checkpoints")
+
+
+def test_model_switches_waiting_for_a_long_job_never_starve_progress(client, services, running):
+    """Clients that set the model before every generation queue a switch each behind the running job;
+    those waiting requests must not take the threads that /progress and /interrupt need."""
+    job = running(LONG | {"n_iter": 3})
+    name = services.engine.model.entry.name
+    with ThreadPoolExecutor(45) as pool:
+        switches = [pool.submit(client.post, "/sdapi/v1/options", json={"sd_model_checkpoint": name})
+                    for _ in range(45)]
+        wait_for(lambda: len(services.worker._queue) >= 40)  # anyio's shared pool has 40 threads
+        progress = client.get("/sdapi/v1/progress").json()
+        assert progress["progress"] > 0 and job.state is JobState.RUNNING
+        assert not any(switch.done() for switch in switches)
+        services.worker.cancel(job.id)
+        assert all(switch.result(60).status_code == 200 for switch in switches)
 
 
 # --- progress, interrupt, skip, the queue -------------------------------------------------------

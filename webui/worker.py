@@ -267,8 +267,11 @@ class Worker:
     def load_model(self, name: str, timeout: float | None = None) -> LoadedModel:
         """Load a model and return once it is ready; a compiled model's warm-up follows in the
         background, before any job (queued jobs wait behind it and see what it does in `activity`)."""
-        return self.call(lambda engine: self._load_then_queue_warm_up(engine, name),
-                         f"Loading model {name}").result(timeout)
+        return self.queue_model_load(name).result(timeout)
+
+    def queue_model_load(self, name: str) -> Future:
+        """load_model without the wait: a future that gives the LoadedModel, or raises what the load raised."""
+        return self.call(lambda engine: self._load_then_queue_warm_up(engine, name), f"Loading model {name}")
 
     @property
     def alive(self) -> bool:

@@ -72,7 +72,7 @@ def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: 
         clip_skip = overrides["CLIP_stop_at_last_layers"]
     model = None
     if overrides.get("sd_model_checkpoint"):
-        model = str(overrides["sd_model_checkpoint"])
+        model = model_name(overrides["sd_model_checkpoint"], "override_settings.sd_model_checkpoint")
         find_listed_model(registry, model, loaded, field="override_settings.sd_model_checkpoint")
 
     # Checked here, not only by the schema, so each message names the field it is about.
@@ -112,6 +112,14 @@ def _rename_fields(message: str) -> str:
             if part.startswith(ours):
                 parts[i] = theirs + part[len(ours):]
     return "; ".join(parts)
+
+
+def model_name(value: Any, field: str) -> str:
+    """A model named in a request: a name or title as text, else a 422 that says so."""
+    if not isinstance(value, str):
+        raise ApiError(422, f"{field}: give a model's name or title as a string (see /sdapi/v1/sd-models), "
+                            f"not {type(value).__name__} {value!r}"[:300], "InvalidRequest")
+    return value
 
 
 def find_listed_model(registry: ModelRegistry, name: str, loaded: ModelEntry | None,

@@ -7,6 +7,7 @@ whatever app the routes are attached to (our route class formats them, not app-w
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import os
@@ -241,22 +242,28 @@ class Api:
             "show_progress_every_n_steps": preview_every,
         }
 
-    def set_options(self, body: dict[str, Any] = Body(..., examples=[{"sd_model_checkpoint": "model-name"}])
-                    ) -> OptionsUpdateResponse:
+    async def set_options(self, body: dict[str, Any] = Body(..., examples=[{"sd_model_checkpoint": "model-name"}])
+                          ) -> OptionsUpdateResponse:
         """Change settings; `sd_model_checkpoint` loads that model (after the jobs queued before it)."""
         applied, ignored = [], []
         for key, value in body.items():
             if key != "sd_model_checkpoint" or not value:
                 ignored.append(key)
                 continue
+            name = convert.model_name(value, "sd_model_checkpoint")
             loaded = self.engine.model.entry if self.engine.model else None
-            convert.find_listed_model(self.registry, str(value), loaded)
+            await anyio.to_thread.run_sync(convert.find_listed_model, self.registry, name, loaded)
             try:
-                self.worker.load_model(str(value))
+                # Awaited, not waited for on a thread: clients that set the model before every generation
+                # would otherwise fill the shared thread pool while a long job runs, and starve /progress
+                # and /interrupt.
+                await asyncio.wrap_future(self.worker.queue_model_load(name))
             except ModelNotFound as err:
                 raise ApiError(404, f"sd_model_checkpoint: {err}", "ModelNotFound") from None
             except ModelLoadError as err:
                 raise ApiError(500, f"sd_model_checkpoint: {err}", "ModelLoadError") from None
+            except WorkerStopped as err:
+                raise ApiError(503, str(err), "ServerStopping") from None
             applied.append(key)
         return OptionsUpdateResponse(applied=applied, ignored=ignored)
 

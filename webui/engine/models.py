@@ -88,7 +88,8 @@ class ModelRegistry:
                 entry = self.find(name)
             except ModelNotFound:
                 continue
-            if entry in listed or entry == loaded:
+            # A listed file deleted since the last scan is not there any more: rescan, then say so.
+            if entry == loaded or (entry in listed and (entry.path is None or entry.path.exists())):
                 return entry
         available = ", ".join(e.name for e in self.entries()) or "none found"
         raise ModelNotFound(f"model {name!r} not found in the models folder; available: {available}")
