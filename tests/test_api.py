@@ -123,6 +123,14 @@ def test_override_settings_and_infotext_fill_the_request(client, services):
     assert "CFG scale: 5, Seed: 9, Size: 64x64" in text and "Clip skip: 2" in text
 
 
+@pytest.mark.parametrize("pick", [{"sampler_index": "DDIM"}, {"sampler_name": "DDIM"}])
+def test_a_sampler_the_client_picks_wins_over_the_infotexts_with_its_schedule(client, pick):
+    pasted = "a dog\nSteps: 2, Sampler: DPM++ 2M, Schedule type: Karras, Seed: 2, Size: 64x64"
+    r = client.post("/sdapi/v1/txt2img", json={"infotext": pasted} | pick)
+    assert r.status_code == 200, r.text  # DDIM takes no Karras schedule: the pasted one is left out too
+    assert "Sampler: DDIM, Schedule type: Automatic, " in json.loads(r.json()["info"])["infotexts"][0]
+
+
 def test_a_model_override_is_undone_after_the_job_unless_asked_to_keep_it(client, services):
     from tests.tiny_sd import save_tiny_model
 
@@ -166,7 +174,7 @@ def test_bad_txt2img_requests_get_422_naming_the_field_and_queue_nothing(client,
 
 def test_malformed_json_unknown_model_and_img2img(client):
     r = client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"Content-Type": "application/json"})
-    assert r.status_code == 422 and "JSON" in r.json()["detail"]
+    assert r.status_code == 422 and r.json()["detail"].startswith("body: not valid JSON at character 1 (")
     r = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"sd_model_checkpoint": "nope"}})
     assert r.status_code == 404
     assert r.json()["detail"].startswith("override_settings.sd_model_checkpoint: model 'nope' not found")

@@ -68,6 +68,9 @@ def test_flags_that_cannot_work_are_refused_before_anything_loads(flags, message
     ({"batch_size": 64}, "batch_size: Input should be less than or equal to 8"),
     ({"seed": -5}, "seed: Input should be greater than or equal to -1"),
     ({"cfg_scale": "lots"}, "cfg_scale: Input should be a valid number"),
+    ({"cfg_scale": float("nan")}, "cfg_scale: Input should be a finite number"),  # JSON's NaN
+    ({"prompt": "a\x00b"}, "prompt: holds the control character U+0000 at position 1; remove it"),
+    ({"negative_prompt": "ok\n\x1b[31m"}, "negative_prompt: holds the control character U+001B at position 3"),
 ])
 def test_invalid_fields_say_what_to_fix(fields, message):
     with pytest.raises(InvalidRequest) as err:

@@ -7,6 +7,7 @@ serves both the REST API and the UI.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +18,14 @@ from webui.engine.samplers import get_sampler, resolve_sampler
 MAX_PROMPT_CHARS = 2000
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_SEED = 2**32 - 1
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class GenerationRequest(BaseModel):
     """One txt2img request: everything needed to reproduce its images."""
 
-    model_config = ConfigDict(extra="ignore")  # A1111 clients send fields we don't use
+    # extra: A1111 clients send fields we don't use. allow_inf_nan: JSON's NaN is no CFG scale.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="what to draw")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="what to avoid")
@@ -65,6 +68,16 @@ class GenerationRequest(BaseModel):
     def _none_is_empty(cls, value: Any) -> Any:
         return "" if value is None else value
 
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _no_control_characters(cls, text: str, info) -> str:
+        # The infotext goes into a PNG text chunk, which cannot hold them (readers cut a NUL short).
+        bad = _CONTROL_CHARACTER.search(text)
+        if bad:
+            raise ValueError(f"holds the control character U+{ord(bad.group()):04X} at "
+                             f"position {bad.start()}; remove it (line breaks and tabs are fine)")
+        return text
+
     @model_validator(mode="after")
     def _known_sampler(self) -> "GenerationRequest":
         # Also splits old combined names: "DPM++ 2M Karras" -> ("DPM++ 2M", "Karras").
@@ -88,6 +101,11 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
         if loc and loc[0] in ("body", "query", "path"):
             loc = loc[1:] or loc[:1]
         message = str(problem.get("msg", "invalid")).removeprefix("Value error, ")
+        if problem.get("type") == "json_invalid":  # loc holds the character position, not a field
+            reason = (problem.get("ctx") or {}).get("error", "")
+            parts.append(f"body: not valid JSON at character {loc[0] if loc else '?'} ({reason}); "
+                         "send a JSON object such as {\"prompt\": \"a cat\"}")
+            continue
         parts.append(f"{'.'.join(loc) or 'request'}: {message}")
     return "; ".join(parts) or "invalid request"
 

@@ -62,8 +62,11 @@ def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: 
     clip_skip = None
     if req.infotext:
         pasted = request_fields_from_infotext(req.infotext)
+        given = set(req.model_fields_set)
+        if given & {"sampler_name", "sampler_index"}:
+            given |= {"sampler_name", "scheduler"}  # a sampler the client picks goes with its own schedule
         for name in _INFOTEXT_FIELDS:
-            if name in pasted and name not in req.model_fields_set:
+            if name in pasted and name not in given:
                 values[name] = pasted[name]
         clip_skip = pasted.get("clip_skip")
 
