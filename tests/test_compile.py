@@ -307,7 +307,8 @@ def test_a_job_at_a_new_size_says_it_is_compiling(models_dir, tmp_path, compile_
         wide = GenerationRequest(prompt="a red apple", steps=2, width=96, height=64)
         real_generate = engine.generate
         monkeypatch.setattr(engine, "generate", lambda *args: first_step.wait(60) and real_generate(*args))
-        job = worker.submit(wide.model_dump())
+        # an API job of the test client's, which /api/v1/jobs shows to its owner only
+        job = worker.submit(wide.model_dump(), origin="api", owner="address testclient")
         wait_for(lambda: job.progress.note, what="the job to say it compiles")
         note = "Compiling the UNet and the VAE decoder for 96x64"
         assert note in progress_html(job, None)

@@ -50,6 +50,18 @@ def test_image_i_of_a_batch_equals_a_single_run_with_its_seed(engine, sampler):
         assert np.abs(batch[i] - single).max() <= 2, f"image {i} differs from seed {seed} alone"
 
 
+LONG_NEGATIVE = ", ".join(["blurry", "dark", "noisy"] * 40)  # over 75 tokens: two chunks
+
+
+def test_at_cfg_1_the_negative_prompt_changes_nothing(engine):
+    """diffusers runs the prompt alone at CFG 1; a long negative prompt must not pad it either."""
+    plain = run(engine, [9], cfg_scale=1.0)[0]
+    assert (run(engine, [9], cfg_scale=1.0, negative_prompt=LONG_NEGATIVE)[0] == plain).all()
+    assert not engine.pads_prompts(GenerationRequest(prompt="x", negative_prompt=LONG_NEGATIVE, cfg_scale=1))
+    assert engine.pads_prompts(GenerationRequest(prompt="x", negative_prompt=LONG_NEGATIVE, cfg_scale=7))
+    assert not engine.pads_prompts(GenerationRequest(prompt=LONG_NEGATIVE, negative_prompt=LONG_NEGATIVE))
+
+
 def test_size_defaults_to_native_and_follows_request(engine):
     [native] = engine.generate(GenerationRequest(prompt="x", steps=2), [1])
     [wide] = engine.generate(GenerationRequest(prompt="x", steps=2, width=96, height=64), [1])

@@ -39,6 +39,16 @@ def test_same_request_twice_gives_identical_pixels_and_random_seed_is_recorded(s
     assert r.seeds[0] != -1 and f"Seed: {r.seeds[0]}," in r.images[0].infotext
 
 
+def test_a_padded_prompt_says_so_in_the_infotext_as_a1111_does(services):
+    long_text = ", ".join(["a red apple"] * 30)  # two 75-token chunks against the negative prompt's one
+    padded = services.worker.submit(QUICK | {"prompt": long_text, "negative_prompt": "blurry"})
+    even = services.worker.submit(QUICK | {"negative_prompt": "blurry"})
+    for job in (padded, even):
+        assert job.wait(60) and job.state is JobState.DONE, job.error
+    assert "Pad conds: True" in padded.images[0].infotext  # A1111 pads too when this text is pasted there
+    assert "Pad conds" not in even.images[0].infotext
+
+
 def test_the_infotext_keeps_every_digit_of_the_cfg_scale(services):
     job = services.worker.submit(QUICK | {"cfg_scale": 7.1234567})
     assert job.wait(60) and job.state is JobState.DONE, job.error

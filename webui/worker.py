@@ -444,6 +444,7 @@ class Worker:
             "Model hash": model.short_hash,
             "Model": model.entry.name,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+            "Pad conds": True if self.engine.pads_prompts(request) else None,
             "NSFW": "blacked out by the safety checker" if result.nsfw else None,
             "Version": f"diffusers-webui {__version__}",
         })

@@ -203,12 +203,26 @@ class Engine:
         latent = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         scheduler = make_scheduler(self._base_scheduler_config, request.sampler_name, request.scheduler)
         scheduler.set_timesteps(request.steps)
-        chunks = max(chunk_count(pipe.tokenizer, request.prompt), chunk_count(pipe.tokenizer, request.negative_prompt))
+        chunks = max(self._chunk_counts(request))
         unet_rows = batch_size * (2 if request.cfg_scale > 1 else 1)  # CFG runs both prompts in one batch
         keys = {"UNet": (*latent, unet_rows, chunks, scheduler.timesteps.dtype, pipe.unet.config.cross_attention_dim)}
         if not decodes_in_tiles(width, height):  # tiles are decoded uncompiled
             keys["VAE decoder"] = (*latent, batch_size, pipe.vae.config.latent_channels)
         return keys
+
+    def _chunk_counts(self, request: GenerationRequest) -> tuple[int, int]:
+        """How many 75-token chunks the prompt and the negative prompt take in the UNet's context. At CFG 1
+        the negative prompt is not used, so it takes none."""
+        tokenizer = self.pipe.tokenizer
+        negative = chunk_count(tokenizer, request.negative_prompt) if request.cfg_scale > 1 else 0
+        return chunk_count(tokenizer, request.prompt), negative
+
+    def pads_prompts(self, request: GenerationRequest) -> bool:
+        """Whether the shorter of prompt and negative prompt is padded with empty chunks to the other's
+        length (classifier-free guidance runs both in one batch). It changes the picture a little; the
+        infotext says so as A1111's "Pad conds", which A1111 then applies when the text is pasted there."""
+        prompt, negative = self._chunk_counts(request)
+        return negative > 0 and prompt != negative
 
     def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None) -> list[EngineImage]:
         model = self.require_model()
@@ -229,8 +243,10 @@ class Engine:
             return {}
 
         with torch.inference_mode():
+            # At CFG 1 the negative prompt is not used: it must not pad the prompt either.
+            negative = request.negative_prompt if request.cfg_scale > 1 else ""
             prompt_embeds, negative_embeds = encode_prompt_pair(
-                pipe, [request.prompt] * len(seeds), [request.negative_prompt] * len(seeds), request.clip_skip)
+                pipe, [request.prompt] * len(seeds), [negative] * len(seeds), request.clip_skip)
             latents = pipe(
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds,
