@@ -182,6 +182,17 @@ def test_malformed_json_unknown_model_and_img2img(client):
     assert r.status_code == 501 and "not supported yet" in r.json()["detail"]
 
 
+def test_a_wrong_path_or_method_gets_our_json_error(client):
+    r = client.get("/sdapi/v1/txt2img")
+    assert r.status_code == 405 and r.headers["Allow"] == "POST"
+    assert r.json() == {"error": "MethodNotAllowed", "detail": "GET /sdapi/v1/txt2img: use POST"}
+    r = client.post("/api/v1/jobs/some-id")
+    assert r.status_code == 405 and r.json()["detail"].endswith("use GET")
+    r = client.get("/sdapi/v1/no-such-thing")
+    assert r.status_code == 404 and r.json()["error"] == "NotFound" and "/docs" in r.json()["detail"]
+    assert client.get("/sdapi/v1/samplers").status_code == 200  # the real routes still come first
+
+
 def test_a_failing_job_answers_500_and_the_server_goes_on(client, services):
     broken = services.settings.models_dir / "broken"
     broken.mkdir()

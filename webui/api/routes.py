@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from webui.api import convert
 from webui.api.convert import ApiError
@@ -332,7 +333,27 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add("/api/v1/jobs/{job_id}", api.get_job, methods=["GET"], response_model=JobStatus, tags=["jobs"])
     add("/api/v1/jobs/{job_id}/cancel", api.cancel_job, methods=["POST"], response_model=JobCancelReply,
         tags=["jobs"], responses={409: {"model": ErrorResponse, "description": "the job has already finished"}})
+    # Last, so they catch only what no route above takes: a wrong path or method under our prefixes still
+    # gets a JSON error in our format, not the framework's plain one.
+    for path in (f"{sd}/{{rest:path}}", "/api/v1/jobs{rest:path}"):
+        add(path, _no_such_route(router), methods=_ALL_METHODS, include_in_schema=False)
     return router
+
+
+_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+def _no_such_route(router: APIRouter) -> Callable:
+    def no_such_route(request: Request, rest: str = "") -> None:
+        # A route whose path matches but whose method does not reports a partial match.
+        allowed = sorted({method for route in router.routes if isinstance(route, APIRoute)
+                          and route.matches(request.scope)[0] is Match.PARTIAL for method in route.methods})
+        if allowed:
+            raise ApiError(405, f"{request.method} {request.url.path}: use {' or '.join(allowed)}", "MethodNotAllowed",
+                           headers={"Allow": ", ".join(allowed)})
+        raise ApiError(404, f"{request.url.path}: no such API route; the list is at /docs", "NotFound")
+
+    return no_such_route
 
 
 def _is_callers(job: Job, request: Request) -> bool:
