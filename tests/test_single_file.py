@@ -144,6 +144,13 @@ def test_ckpt_that_needs_pickled_code_is_refused_without_running_it(tmp_path):
     assert _called == []
 
 
+def test_an_empty_ckpt_says_it_ends_too_early(tmp_path):
+    path = tmp_path / "zero.ckpt"
+    path.write_bytes(b"")
+    with pytest.raises(SingleFileLoadError, match=r"zero.ckpt is not a readable .ckpt file \(the file ends too early"):
+        load_single_file_pipeline(path, torch.float32)
+
+
 def _shapes(**extra):
     base = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}
     return {**base, **extra}

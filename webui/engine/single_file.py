@@ -154,7 +154,10 @@ def _load_ckpt(path: Path):
             "convert the file to .safetensors on a machine you trust, and put that in the models folder."
         ) from err
     except Exception as err:
-        raise SingleFileLoadError(f"{path.name} is not a readable .ckpt file ({err})") from err
+        # An empty or cut-off file raises EOFError with no message: say what it means.
+        reason = str(err) or ("the file ends too early: empty or not fully downloaded" if isinstance(err, EOFError)
+                              else type(err).__name__)
+        raise SingleFileLoadError(f"{path.name} is not a readable .ckpt file ({reason})") from err
 
 
 def _unsafe_globals(path: Path) -> str:
