@@ -87,3 +87,11 @@ def test_a_full_chunk_ends_at_a_comma_less_than_20_tokens_back(pipe):
     far = "cat " * 50 + ", " + "dog " * 30  # 24 words after it: cut where the chunk is full
     assert chunk_texts(tokenizer, far) == [" ".join(["cat"] * 50 + [","] + ["dog"] * 24), " ".join(["dog"] * 6)]
     assert chunk_count(tokenizer, near) == chunk_count(tokenizer, far) == 2
+    # The UI's counter counts every chunk but the last as 75, as stable-diffusion-webui does.
+    assert token_count(tokenizer, near) == 75 + 20 and token_count(tokenizer, far) == 75 + 6
+
+
+def test_the_token_counter_counts_a_chunk_ended_by_break_as_full(pipe):
+    assert token_count(pipe.tokenizer, "a red apple BREAK a pear") == 75 + 2
+    assert token_count(pipe.tokenizer, "a red apple BREAK") == 3
+    assert token_count(pipe.tokenizer, "") == 0

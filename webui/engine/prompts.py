@@ -93,21 +93,31 @@ def encode_prompt_pair(pipe, prompts: list[str], negatives: list[str], clip_skip
 
 def chunk_count(tokenizer, text: str) -> int:
     """How many 77-token chunks a prompt takes (the text encoder's output is chunks x 77 long)."""
-    return len(_chunks(tokenizer, text))
+    return len(_split(tokenizer, text))
 
 
 def token_count(tokenizer, text: str) -> int:
-    """Tokens the prompt uses once its attention syntax is read (the UI's 12/75 counter)."""
-    return sum(len(_token_ids(tokenizer, run)) for run, weight in parse_attention(text) if weight is not None)
+    """The UI's counter (12/75), counted as stable-diffusion-webui counts: the tokens of the last chunk, plus
+    75 for each chunk before it, so a BREAK or a chunk ended early at a comma shows in the count."""
+    chunks = _split(tokenizer, text)
+    return CHUNK_TOKENS * (len(chunks) - 1) + len(chunks[-1][0])
 
 
-Chunk = tuple[list[int], list[float]]  # 77 token ids and each one's weight
+Chunk = tuple[list[int], list[float]]  # token ids and each one's weight
 
 
 def _chunks(tokenizer, text: str) -> list[Chunk]:
-    """One prompt as chunks of 77 tokens: start marker, up to 75 tokens, end marker, padding. BREAK and
-    a full chunk start a new one; a chunk that fills up at most COMMA_BACKTRACK tokens after its last comma
-    moves the words after that comma to the next chunk, as stable-diffusion-webui does."""
+    """One prompt as chunks of 77 tokens: start marker, up to 75 tokens, end marker, padding."""
+    padding = [tokenizer.pad_token_id]
+    return [([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + padding * (CHUNK_TOKENS - len(ids)),
+             [1.0, *weights, 1.0] + [1.0] * (CHUNK_TOKENS - len(ids)))
+            for ids, weights in _split(tokenizer, text)]
+
+
+def _split(tokenizer, text: str) -> list[Chunk]:
+    """One prompt's tokens, split into chunks of at most 75. BREAK and a full chunk start a new one; a chunk
+    that fills up at most COMMA_BACKTRACK tokens after its last comma moves the words after that comma to
+    the next chunk, as stable-diffusion-webui does."""
     comma = _comma_id(tokenizer)
     pieces: list[Chunk] = [([], [])]
     last_comma = -1  # position of the last comma in the current chunk
@@ -132,10 +142,7 @@ def _chunks(tokenizer, text: str) -> list[Chunk]:
             pieces[-1][1].append(weight)
     if len(pieces) > 1 and not pieces[-1][0]:  # a BREAK at the end starts no chunk
         pieces.pop()
-    padding = [tokenizer.pad_token_id]
-    return [([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + padding * (CHUNK_TOKENS - len(ids)),
-             [1.0, *weights, 1.0] + [1.0] * (CHUNK_TOKENS - len(ids)))
-            for ids, weights in pieces]
+    return pieces
 
 
 def _comma_id(tokenizer) -> int | None:
