@@ -314,6 +314,9 @@ def test_a_model_loaded_from_outside_the_models_folder_can_be_used_on_a_shared_s
         assert ui.picker.dropdown.value == loaded and loaded in [c[0] for c in ui.picker.dropdown.choices]
         values = ui.picker.dropdown.preprocess(loaded)  # what Gradio does with the value a Generate sends
         assert values == loaded
+        # ...and the job that names it runs on it (the registry cannot find it by name outside the folder)
+        job = services.worker.submit({"prompt": "x", "steps": 1, "model": loaded})
+        assert job.wait(60) and job.state is JobState.DONE, job.error
     finally:
         services.close()
 

@@ -88,6 +88,10 @@ class Engine:
     # --- models ---------------------------------------------------------------------------
     def load(self, name: str) -> LoadedModel:
         """Load a model by name; on failure the previously loaded model stays in place."""
+        # The loaded model by its name, even from outside the models folder (--ckpt elsewhere), where
+        # the registry cannot find it by name: every Generate names the model on the page.
+        if self.model is not None and name in (self.model.entry.name, self.model.entry.source):
+            return self.model
         entry = self.registry.find(name)
         if self.model is not None and self.model.entry == entry:
             return self.model
