@@ -416,6 +416,22 @@ def test_png_info_reads_stable_diffusion_webui_png_and_sends_it(ui, tmp_path):
     assert tabs.selected == "txt2img"
 
 
+def test_send_to_txt2img_leaves_out_values_past_the_sliders_and_says_so(ui):
+    text = "a castle\nSteps: 200, Sampler: Euler, CFG scale: 35, Seed: 42, Size: 4096x512, Clip skip: 2"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        *values, _ = event(ui, "send_from_pnginfo")(text)
+    by_field = dict(zip(["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width",
+                         "height", "seed", "clip_skip", "model"], values))
+    for name in ("steps", "cfg_scale", "width"):  # the slider keeps its value: Generate still works
+        assert is_skip(by_field[name]), name
+    assert (by_field["height"], by_field["seed"], by_field["clip_skip"]) == (512, 42, 2)
+    notes = [str(w.message) for w in caught if "not applied" in str(w.message)]
+    assert any(n.startswith("Sampling steps 200 not applied: this page takes 1 to 150") for n in notes)
+    assert any(n.startswith("CFG scale 35.0 not applied") for n in notes)
+    assert any(n.startswith("Width 4096 not applied") for n in notes) and len(notes) == 3
+
+
 def sent_sampler(ui, sampler_params: str) -> tuple[Any, Any, list[str]]:
     """(sampler, schedule type) that PNG Info's "Send to txt2img" gives the dropdowns, and its warnings."""
     text = f"a castle\nSteps: 20, {sampler_params}, CFG scale: 7, Seed: 1, Size: 64x64"

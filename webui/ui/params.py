@@ -6,6 +6,7 @@ from typing import Any
 import gradio as gr
 
 from webui.engine.samplers import SCHEDULE_TYPES, resolve_sampler
+from webui.schemas import GenerationRequest
 from webui.storage.history import HistoryImage
 
 # GenerationRequest fields the txt2img tab has a widget for, in the order of Txt2ImgTab.field_components.
@@ -28,10 +29,35 @@ def txt2img_updates(fields: dict[str, Any], model_names: list[str]) -> list[Any]
     its old value without a word. model_names: the model dropdown's list as it is now, which the
     dropdown gets again (another tab may have rescanned the models folder since this page was built)."""
     fields = dict(fields)
-    for note in (_apply_sampler(fields), _apply_model(fields, model_names)):
+    for note in (_apply_sampler(fields), _apply_model(fields, model_names), *_drop_out_of_range(fields)):
         if note:
             gr.Warning(note)
     return [fields[name] if fields.get(name) is not None else gr.skip() for name in TXT2IMG_FIELDS]
+
+
+# Fields whose sliders end where the request's limits do: a value past them would make Generate fail.
+_RANGED_FIELDS = {"steps": "Sampling steps", "cfg_scale": "CFG scale", "width": "Width", "height": "Height",
+                  "clip_skip": "Clip skip"}
+
+
+def _drop_out_of_range(fields: dict[str, Any]) -> list[str]:
+    """Leave out values the page cannot take (Steps: 200 from another tool), and say so for each."""
+    notes = []
+    for name, label in _RANGED_FIELDS.items():
+        value = fields.get(name)
+        low, high = _limits(name)
+        if value is not None and not low <= value <= high:
+            fields.pop(name)
+            notes.append(f"{label} {value} not applied: this page takes {low} to {high}. It is left as it was.")
+    return notes
+
+
+def _limits(name: str) -> tuple[float, float]:
+    """A GenerationRequest field's ge/le bounds."""
+    low = high = None
+    for constraint in GenerationRequest.model_fields[name].metadata:
+        low, high = getattr(constraint, "ge", low), getattr(constraint, "le", high)
+    return low, high
 
 
 def _apply_model(fields: dict[str, Any], model_names: list[str]) -> str | None:
