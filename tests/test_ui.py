@@ -377,6 +377,15 @@ def test_history_pages_search_select_send_and_delete(ui, ui_services, monkeypatc
         actions.delete(None, 0, "")
 
 
+def test_history_counts_right_at_once_after_files_are_deleted_by_hand(ui, ui_services):
+    generate(ui, prompt="a wombat probe", seed=30, n_iter=3)
+    rows, _ = ui_services.history.list_images(0, 3, "wombat probe")
+    for row in rows[1:]:  # the two older ones, which the page's first row does not show
+        ui_services.outputs.resolve(row.path).unlink()
+    page, ids, items, info = ui.history_actions.load_page(0, "wombat probe")
+    assert len(ids) == 1 and "Page 1 of 1 · 1 image matching" in info, info
+
+
 def test_history_timer_reloads_only_when_images_finish(ui):
     actions = ui.history_actions
     *_, seen = actions.reload(0, "")

@@ -56,10 +56,14 @@ class HistoryActions:
     def load_page(self, page: int, search: str):
         """(page, ids on the page, gallery items, page info) for a page, clamped to the pages there are."""
         search = search or ""
-        _, total = self.history.list_images(0, 1, search)
+        page = max(int(page or 0), 0)
+        # The total comes with the page read: that read finds the files deleted by hand on this page.
+        rows, total = self.history.list_images(page, PAGE_SIZE, search)
         pages = max(1, math.ceil(total / PAGE_SIZE))
-        page = min(max(int(page or 0), 0), pages - 1)
-        rows, _ = self.history.list_images(page, PAGE_SIZE, search)
+        if page >= pages:  # past the end (a stale page number, or files gone): the last page
+            page = pages - 1
+            rows, total = self.history.list_images(page, PAGE_SIZE, search)
+            pages = max(1, math.ceil(total / PAGE_SIZE))
         # Rows whose file is gone are left out: there is nothing to show for them.
         shown = [(row, path) for row in rows if (path := self._file(row)) is not None]
         items = [(str(path), _caption(row)) for row, path in shown]
