@@ -221,6 +221,22 @@ def test_the_model_picker_shows_the_compile_until_it_is_done(models_dir, tmp_pat
         assert not services.engine.needs_warm_up
 
 
+def test_the_model_put_back_after_an_override_job_is_warmed_up(models_dir, tmp_path, compile_with):
+    """An API job with override_settings loads another model, then the old one again; that reload is
+    compiled too, so it is warmed up like any load (else the page says 'compiling' until the next image)."""
+    compile_with("eager")
+    own_models = tmp_path / "models"
+    own_models.mkdir()
+    for name in ("tiny-a", "tiny-b"):
+        (own_models / name).symlink_to(models_dir / TINY, target_is_directory=True)
+    for services in running_services(own_models, tmp_path / "out", ckpt="tiny-a", compile=True):
+        warmed_up(services)
+        job = services.worker.submit({"prompt": "x", "steps": 1, "model": "tiny-b", "restore_model": True})
+        assert job.wait(120) and job.state is JobState.DONE, job.error
+        warmed_up(services)
+        assert services.engine.model.entry.name == "tiny-a" and not services.engine.needs_warm_up
+
+
 def test_a_job_queued_during_a_load_waits_for_the_warm_up(models_dir, tmp_path, compile_with, monkeypatch):
     """The warm-up goes first in line, so the user who pressed Generate while the model loaded does
     not pay the compile; a model loaded by a job itself is warm once that job has run."""

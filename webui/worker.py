@@ -358,7 +358,7 @@ class Worker:
 
     def _restore_model(self, previous: LoadedModel) -> None:
         try:
-            self.engine.load(previous.entry.source)
+            self._load_then_queue_warm_up(self.engine, previous.entry.source)  # compiled: warm it up too
         except Exception:  # the job itself went fine; the next one loads what it needs
             log.exception("could not load %s again after a job with another model", previous.entry.name)
 
