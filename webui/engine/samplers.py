@@ -8,6 +8,7 @@ DPM++ 2M SDE, DDIM, UniPC and LCM; the others run such a model on its usual sche
 "Automatic" means what it means in stable-diffusion-webui 1.9 and later: the sampler's own default
 schedule type (Karras for DPM++ 2M, Exponential for DPM++ 2M SDE, ...), which is also what the infotext
 records, so an image made here and one made there from the same text match.
+
 This module only names classes; diffusers is imported when a scheduler is actually built.
 """
 from __future__ import annotations
