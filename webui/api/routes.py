@@ -31,7 +31,7 @@ from webui.api.models import (
 )
 from webui.engine.loader import ModelLoadError
 from webui.engine.models import ModelNotFound
-from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES
+from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_key
 from webui.schemas import InvalidRequest, JobState, describe_validation_errors
 from webui.worker import Job, QueueFull, WorkerStopped
 
@@ -272,13 +272,13 @@ class Api:
     def samplers(self) -> list[SamplerItem]:
         # "scheduler": the schedule type Automatic stands for, under A1111's key and name
         return [SamplerItem(name=s.name, aliases=list(s.aliases),
-                            options={**s.options, **({"scheduler": s.automatic.lower().replace(" ", "_")}
+                            options={**s.options, **({"scheduler": schedule_key(s.automatic)}
                                                      if s.automatic != "Automatic" else {})})
                 for s in SAMPLERS]
 
     def schedulers(self) -> list[SchedulerItem]:
         return [
-            SchedulerItem(name=label.lower().replace(" ", "_"), label=label, aliases=[],
+            SchedulerItem(name=schedule_key(label), label=label, aliases=[],
                           default_rho=7.0 if label == "Karras" else None, need_inner_model=False)
             for label in SCHEDULE_TYPES
         ]

@@ -42,6 +42,12 @@ def to_pil_images(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(image) for image in as_bytes.permute(0, 2, 3, 1).cpu().numpy()]
 
 
+def _negative_in_use(request: GenerationRequest) -> str:
+    """At CFG 1 diffusers runs the prompt alone: the negative prompt is not used, and must not pad the
+    prompt to its length either."""
+    return request.negative_prompt if request.cfg_scale > 1 else ""
+
+
 def _nan_advice(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return ("the model produced NaN while denoising, in full precision: its weights may be broken; try a "
@@ -215,18 +221,16 @@ class Engine:
         return keys
 
     def _chunk_counts(self, request: GenerationRequest) -> tuple[int, int]:
-        """How many 75-token chunks the prompt and the negative prompt take in the UNet's context. At CFG 1
-        the negative prompt is not used, so it takes none."""
+        """How many 75-token chunks the prompt and the negative prompt in use take."""
         tokenizer = self.pipe.tokenizer
-        negative = chunk_count(tokenizer, request.negative_prompt) if request.cfg_scale > 1 else 0
-        return chunk_count(tokenizer, request.prompt), negative
+        return chunk_count(tokenizer, request.prompt), chunk_count(tokenizer, _negative_in_use(request))
 
     def pads_prompts(self, request: GenerationRequest) -> bool:
         """Whether the shorter of prompt and negative prompt is padded with empty chunks to the other's
         length (classifier-free guidance runs both in one batch). It changes the picture a little; the
         infotext says so as A1111's "Pad conds", which A1111 then applies when the text is pasted there."""
         prompt, negative = self._chunk_counts(request)
-        return negative > 0 and prompt != negative
+        return request.cfg_scale > 1 and prompt != negative
 
     def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None) -> list[EngineImage]:
         model = self.require_model()
@@ -247,10 +251,8 @@ class Engine:
             return {}
 
         with torch.inference_mode():
-            # At CFG 1 the negative prompt is not used: it must not pad the prompt either.
-            negative = request.negative_prompt if request.cfg_scale > 1 else ""
             prompt_embeds, negative_embeds = encode_prompt_pair(
-                pipe, [request.prompt] * len(seeds), [negative] * len(seeds), request.clip_skip)
+                pipe, [request.prompt] * len(seeds), [_negative_in_use(request)] * len(seeds), request.clip_skip)
             latents = pipe(
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds,

@@ -76,9 +76,15 @@ SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
     "SGM Uniform": {"timestep_spacing": "trailing"},
 }
 
+
+def schedule_key(label: str) -> str:
+    """A schedule type's key as A1111's API names it: "SGM Uniform" -> "sgm_uniform"."""
+    return label.lower().replace(" ", "_")
+
+
 _SAMPLER_BY_KEY = {key.lower(): s for s in SAMPLERS for key in (s.name, *s.aliases)}
 _SCHEDULE_BY_KEY = {label.lower(): label for label in SCHEDULE_TYPES}
-_SCHEDULE_BY_KEY.update({label.lower().replace(" ", "_"): label for label in SCHEDULE_TYPES})
+_SCHEDULE_BY_KEY.update({schedule_key(label): label for label in SCHEDULE_TYPES})
 
 
 def sampler_names() -> list[str]:
