@@ -329,14 +329,21 @@ def test_the_eta_counts_the_pace_of_the_steps_not_the_wait_before_the_first(serv
     assert etas[1, 1] == 0.5 * 19  # the second batch's own wait before step 1 does not count either
 
 
-def test_second_order_samplers_report_the_steps_they_run(services):
+@pytest.mark.parametrize("sampler", ["Heun", "DPM2", "PLMS"])
+def test_progress_counts_the_steps_asked_for_whatever_the_model_calls(services, monkeypatch, sampler):
+    # Heun and DPM2 call the model 2 * steps - 1 times, PLMS steps + 1 times: the bar says Step 6/6,
+    # as A1111 does, not 11/11 or 7/7.
     seen = []
-    job = services.worker.submit(QUICK | {"sampler_name": "Heun", "steps": 6, "n_iter": 2})
-    while not job.wait(0.005):
-        seen.append((job.progress.step, job.progress.total_steps, job.progress.fraction))
-    assert job.state is JobState.DONE
-    assert all(step <= total and 0 <= fraction <= 1 for step, total, fraction in seen)
-    assert max(total for _, total, _ in seen) == 11  # Heun: 2 model calls per step but the last
+    real = services.engine.generate
+
+    def record_steps(request, seeds, on_step):
+        return real(request, seeds, lambda step, total, latents: seen.append((step, total)) or on_step(step, total, latents))
+
+    monkeypatch.setattr(services.engine, "generate", record_steps)
+    job = services.worker.submit(QUICK | {"sampler_name": sampler, "steps": 6, "n_iter": 2, "save_images": False})
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    assert seen == [(step, 6) for step in range(1, 7)] * 2
+    assert (job.progress.step, job.progress.total_steps, job.progress.fraction) == (6, 6, 1.0)
 
 
 def test_previews_are_decoded_only_while_someone_watches(services, monkeypatch):

@@ -412,7 +412,6 @@ class Worker:
         decoder_note = self._compile_note(job.request, ["VAE decoder"] if "VAE decoder" in compiling else [])
 
         def on_step(step: int, total_steps: int, latents: torch.Tensor) -> None:
-            """total_steps counts the scheduler's model calls (Heun and DPM2 make two per step)."""
             if job.cancel_event.is_set():
                 raise JobCancelled
             if job.skip_event.is_set():
