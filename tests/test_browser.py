@@ -138,10 +138,13 @@ def test_interrupt_stops_a_long_job_showing_progress_and_previews(page):
     set_number(page, "txt2img_batch_count", 20)
     page.click("#txt2img_generate")
     expect_text(page, "#txt2img_progress", r"Step \d+/150 · image 1/20 · \d+% · ETA")
+    # Generate is greyed out while the tab's job runs: a second click would be dropped unseen.
+    playwright_api.expect(page.locator("#txt2img_generate")).to_be_disabled()
     page.wait_for_selector("#txt2img_preview img")  # a live preview of the denoising
     page.click("#txt2img_interrupt")
     expect_text(page, "#txt2img_progress", "Interrupted")
     assert page.locator("#txt2img_preview").is_hidden()
+    playwright_api.expect(page.locator("#txt2img_generate")).to_be_enabled()
 
 
 def test_a_reloaded_tab_follows_its_running_job_and_can_interrupt_it(page, app_server):
@@ -154,11 +157,13 @@ def test_a_reloaded_tab_follows_its_running_job_and_can_interrupt_it(page, app_s
     other.goto(app_server.url, wait_until="domcontentloaded")
     page.reload()
     expect_text(page, "#txt2img_progress", r"Step \d+/150 · image 1/20")
+    playwright_api.expect(page.locator("#txt2img_generate")).to_be_disabled()
     other.wait_for_selector("#txt2img_prompt textarea")
     assert other.locator("#txt2img_progress").inner_text() == ""  # it resumes nothing
     other.close()
     page.click("#txt2img_interrupt")
     expect_text(page, "#txt2img_progress", "Interrupted")
+    playwright_api.expect(page.locator("#txt2img_generate")).to_be_enabled()
 
 
 def test_the_image_clicked_during_a_run_gives_parameters_and_seed_after_it(page):

@@ -175,6 +175,14 @@ class Txt2ImgActions:
             return gr.skip()
 
 
+def busy_button() -> gr.Button:
+    return gr.Button(interactive=False)
+
+
+def ready_button() -> gr.Button:
+    return gr.Button(interactive=True)
+
+
 @dataclass
 class Txt2ImgTab:
     session: gr.State
@@ -264,11 +272,15 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     request_inputs = [prompt, negative, sampler, scheduler, steps, cfg_scale, width, height, seed,
                       batch_count, batch_size, clip_skip, picker.dropdown]
     run_outputs = [session, gallery, progress, preview, infotext, timing]
-    generate_event = generate.click(
+    # While the tab's own job runs, Generate is greyed out (A1111 hides it): a click would be dropped anyway.
+    button_state = dict(outputs=[generate], api_visibility="private", show_progress="hidden", queue=False)
+    generate_event = generate.click(busy_button, **button_state).then(
         actions.generate, inputs=[session, *request_inputs], outputs=run_outputs,
         api_name="txt2img", show_progress="hidden", concurrency_limit=None)
-    tab_token.change(actions.resume, inputs=[session, tab_token], outputs=run_outputs, api_visibility="private",
-                     show_progress="hidden", concurrency_limit=None)
+    generate_event.then(ready_button, **button_state)
+    tab_token.change(busy_button, **button_state).then(
+        actions.resume, inputs=[session, tab_token], outputs=run_outputs, api_visibility="private",
+        show_progress="hidden", concurrency_limit=None).then(ready_button, **button_state)
     interrupt.click(actions.interrupt, inputs=[session], outputs=[], api_name="interrupt", show_progress="hidden")
     skip.click(actions.skip, inputs=[session], outputs=[], api_name="skip", show_progress="hidden")
     gallery.select(actions.select_image, inputs=[session], outputs=[session, infotext],
