@@ -329,6 +329,18 @@ def test_the_eta_counts_the_pace_of_the_steps_not_the_wait_before_the_first(serv
     assert etas[1, 1] == 0.5 * 19  # the second batch's own wait before step 1 does not count either
 
 
+def test_one_step_batches_get_an_eta_from_the_second_batch_on():
+    from webui.worker import StepPace
+
+    now = [0.0]
+    pace = StepPace(clock=lambda: now[0])
+    pace.step(1, 1)
+    assert pace.eta(4) is None  # nothing timed yet
+    now[0] += 0.8  # the step, its decode and saving
+    pace.step(1, 1)
+    assert pace.eta(3) == pytest.approx(0.8 * 3)
+
+
 @pytest.mark.parametrize("sampler", ["Heun", "DPM2", "PLMS"])
 def test_progress_counts_the_steps_asked_for_whatever_the_model_calls(services, monkeypatch, sampler):
     # Heun and DPM2 call the model 2 * steps - 1 times, PLMS steps + 1 times: the bar says Step 6/6,

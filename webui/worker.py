@@ -109,19 +109,23 @@ class Job:
 
 class StepPace:
     """Seconds per denoising step, timed from each batch's first step, so the wait before it (a model
-    load, a compile) does not inflate the ETA. None until a batch has made two steps."""
+    load, a compile) does not inflate the ETA. None until a batch has made two steps, or, for one-step
+    batches (SD-Turbo, LCM), until the second batch has started."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.seconds_per_step: float | None = None
-        self._batch_started = 0.0
+        self._batch_started: float | None = None
         self._clock = clock
 
-    def step(self, step: int) -> None:
+    def step(self, step: int, steps: int) -> None:
         now = self._clock()
-        if step <= 1:
-            self._batch_started = now
-        else:
+        if step > 1:
             self.seconds_per_step = (now - self._batch_started) / (step - 1)
+            return
+        if self.seconds_per_step is None and self._batch_started is not None:
+            # A batch of one step never makes two: time first step to first step, decode included.
+            self.seconds_per_step = (now - self._batch_started) / steps
+        self._batch_started = now
 
     def eta(self, steps_left: int) -> float | None:
         return None if self.seconds_per_step is None else self.seconds_per_step * steps_left
@@ -417,7 +421,7 @@ class Worker:
             if job.skip_event.is_set():
                 raise BatchSkipped
             fraction = (batch + step / total_steps) / batches
-            pace.step(step)
+            pace.step(step, total_steps)
             steps_left = (total_steps - step) + (batches - batch - 1) * total_steps
             job.progress = Progress(
                 step=step, total_steps=total_steps, image_index=batch * job.request.batch_size,
