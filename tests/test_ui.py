@@ -93,8 +93,9 @@ def test_events_have_api_names(ui):
 
 def test_default_model_is_selected_and_sliders_follow_its_size(ui):
     assert ui.picker.dropdown.value == TINY
-    assert ui.txt2img.width.value == 64 and ui.txt2img.height.value == 64
-    assert ui.txt2img.width.step == 8 and ui.txt2img.height.step == 8
+    width, height = ui.txt2img.widgets["width"], ui.txt2img.widgets["height"]
+    assert width.value == 64 and height.value == 64
+    assert width.step == 8 and height.step == 8
 
 
 def test_embedded_default_model_is_selected_when_none_is_given(tmp_path):

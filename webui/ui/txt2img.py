@@ -6,6 +6,7 @@ each session's generator reports its own job's progress.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass, field
@@ -185,33 +186,19 @@ def ready_button() -> gr.Button:
 
 @dataclass
 class Txt2ImgTab:
-    session: gr.State
-    prompt: gr.Textbox
-    negative_prompt: gr.Textbox
-    sampler: gr.Dropdown
-    scheduler: gr.Dropdown
-    steps: gr.Slider
-    cfg_scale: gr.Slider
-    width: gr.Slider
-    height: gr.Slider
-    seed: gr.Number
-    clip_skip: gr.Slider
-    batch_count: gr.Slider
-    batch_size: gr.Slider
-    model: gr.Dropdown
-    generate: gr.Button
-    gallery: gr.Gallery
+    # GenerationRequest field name -> its widget ("n_iter" is Batch count, "model" the model picker).
+    widgets: dict[str, gr.components.Component]
     generate_event: Any
     tab_token: gr.Textbox  # filled from the browser tab's sessionStorage when the page loads (blocks.py)
 
     @property
     def field_components(self) -> list[gr.components.Component]:
         """Widgets in params.TXT2IMG_FIELDS order, for 'send to txt2img'."""
-        by_field = {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "sampler_name": self.sampler,
-                    "scheduler": self.scheduler, "steps": self.steps, "cfg_scale": self.cfg_scale,
-                    "width": self.width, "height": self.height, "seed": self.seed, "clip_skip": self.clip_skip,
-                    "model": self.model}
-        return [by_field[name] for name in TXT2IMG_FIELDS]
+        return [self.widgets[name] for name in TXT2IMG_FIELDS]
+
+
+# generate()'s parameters after the session: request field names, which Gradio's API shows too.
+REQUEST_PARAMS = tuple(inspect.signature(Txt2ImgActions.generate).parameters)[2:]
 
 
 def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions) -> Txt2ImgTab:
@@ -269,8 +256,10 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
             timing = gr.HTML("", label="Time taken", show_label=False, elem_id="txt2img_time", padding=False)
 
     tab_token = gr.Textbox(visible=False, elem_id="txt2img_tab_token")
-    request_inputs = [prompt, negative, sampler, scheduler, steps, cfg_scale, width, height, seed,
-                      batch_count, batch_size, clip_skip, picker.dropdown]
+    widgets = {"prompt": prompt, "negative_prompt": negative, "sampler_name": sampler, "scheduler": scheduler,
+               "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height, "seed": seed,
+               "n_iter": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "model": picker.dropdown}
+    request_inputs = [widgets[name] for name in REQUEST_PARAMS]
     run_outputs = [session, gallery, progress, preview, infotext, timing]
     # While the tab's own job runs, Generate is greyed out (A1111 hides it): a click would be dropped anyway.
     button_state = dict(outputs=[generate], api_visibility="private", show_progress="hidden", queue=False)
@@ -295,5 +284,4 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     picker.dropdown.input(models.load, inputs=[picker.dropdown],
                           outputs=[picker.status, picker.dropdown, width, height],
                           api_name="load_model", show_progress="hidden")
-    return Txt2ImgTab(session, prompt, negative, sampler, scheduler, steps, cfg_scale, width, height, seed,
-                      clip_skip, batch_count, batch_size, picker.dropdown, generate, gallery, generate_event, tab_token)
+    return Txt2ImgTab(widgets, generate_event, tab_token)
