@@ -328,7 +328,7 @@ def test_progress_skip_and_interrupt_act_on_a_running_txt2img(client, services):
         r=client.post("/sdapi/v1/txt2img", json=LONG | {"n_iter": 2})))
     caller.start()
     try:
-        wait_for(lambda: step_of_running_job(services) >= 1 and services.worker.current().preview is not None)
+        wait_for(lambda: step_of_running_job(services) >= 1 and services.worker.current().watch_preview() is not None)
         progress = client.get("/sdapi/v1/progress").json()  # answers while txt2img still waits
         assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
         assert progress["state"]["sampling_steps"] == 150 and progress["state"]["job_count"] == 2

@@ -156,12 +156,12 @@ def test_invalid_requests_are_refused_before_queueing(services):
 
 def test_progress_and_preview_during_a_run(services):
     job = services.worker.submit(QUICK | {"steps": 60})
-    wait_for(lambda: job.preview is not None)
+    wait_for(lambda: job.watch_preview() is not None)
     frame, step = job.preview_frame()
     assert frame.size == (64, 64) and step % 2 == 0
     assert 0 < job.progress.fraction < 1 and job.progress.total_steps == 60
     assert job.progress.eta_seconds is not None and job.progress.eta_seconds >= 0
-    assert job.wait(60) and job.preview is None and job.progress.step == 60
+    assert job.wait(60) and job.watch_preview() is None and job.progress.step == 60
 
 
 def test_switching_models_through_the_worker(services, models_dir, tmp_path):
@@ -365,5 +365,5 @@ def test_previews_are_decoded_only_while_someone_watches(services, monkeypatch):
     unwatched = services.worker.submit(QUICK | {"steps": 20})
     assert unwatched.wait(60) and calls == []
     watched = services.worker.submit(QUICK | {"steps": 40})
-    wait_for(lambda: watched.preview is not None)  # reading the preview is what asks for it
+    wait_for(lambda: watched.watch_preview() is not None)  # reading the preview is what asks for it
     assert watched.wait(60) and calls

@@ -50,7 +50,7 @@ class BatchSkipped(Exception):
     pass
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: the queue finds and removes it by identity
 class Job:
     id: str
     request: GenerationRequest
@@ -79,8 +79,8 @@ class Job:
     _preview_frame: tuple[Image.Image | None, int] = field(default=(None, 0), repr=False)
     _preview_read_at: float = field(default=0.0, repr=False)
 
-    @property
-    def preview(self) -> Image.Image | None:
+    def watch_preview(self) -> Image.Image | None:
+        """The live preview; reading it asks the worker to keep decoding them (see preview_watched)."""
         return self.preview_frame()[0]
 
     def preview_frame(self) -> tuple[Image.Image | None, int]:

@@ -149,7 +149,7 @@ class Api:
             progress=convert.job_progress(job), error=job.error, warnings=list(job.warnings), created_at=job.created_at,
             started_at=job.started_at, finished_at=job.finished_at,
         )
-        preview = job.preview if current_image else None  # reading it asks the worker for previews
+        preview = job.watch_preview() if current_image else None
         if preview is not None:
             status.current_image = convert.encode_png(preview)
         if job.state.finished and (job.state is not JobState.FAILED or job.images):  # a failed job: what it made
@@ -175,7 +175,7 @@ class Api:
             return ProgressResponse(progress=0.0, eta_relative=0.0, state=_idle_state(self.worker.queue_length()),
                                     textinfo=self.worker.activity)
         p, job_request, own = job.progress, job.request, _is_callers(job, request)
-        preview = None if skip_current_image or not own else job.preview  # reading it asks the worker for previews
+        preview = None if skip_current_image or not own else job.watch_preview()
         current_image = None if preview is None else convert.encode_png(preview)
         steps = p.total_steps or job_request.steps
         state = {

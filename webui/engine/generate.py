@@ -322,7 +322,8 @@ class Engine:
 
     def count_tokens(self, text: str) -> int:
         """Tokens the prompt uses, without start/end markers (the UI's 12/75 counter)."""
-        if self.pipe is None:
+        pipe = self.pipe  # read once: the worker thread may swap models meanwhile
+        if pipe is None:
             return 0
         # Past the prompt's length limit the request is refused anyway; never tokenize megabytes for a counter.
-        return token_count(self.pipe.tokenizer, text[:MAX_PROMPT_CHARS + 1])
+        return token_count(pipe.tokenizer, text[:MAX_PROMPT_CHARS + 1])
