@@ -1,7 +1,8 @@
 """The job queue and the one long-lived worker thread that owns the engine (pipeline + device).
 
-The UI and the API only call `submit`, `cancel`, `skip` and read `Job` objects. Cancel and skip
-are per job, checked at every denoising step: one user's Interrupt never touches another's job.
+The UI and the API submit jobs (`submit`), stop them (`cancel`, `skip`), read `Job` objects and the
+queue, and queue model loads (`load_model`, `queue_model_load`) that run between jobs, in turn. Cancel
+and skip are per job, checked at every sampler step: one user's Interrupt never touches another's job.
 A job that raises is marked failed with its message and the worker goes on with the next one.
 """
 from __future__ import annotations

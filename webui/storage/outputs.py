@@ -3,8 +3,10 @@
     outputs/txt2img-images/YYYY-MM-DD/NNNNN-<seed>.png   (counter continues across restarts)
     outputs/txt2img-grids/YYYY-MM-DD/grid-NNNN.png
 
-Every file is written under a temporary name and renamed, so a crash never leaves a half-written
-PNG under a real name. Only the worker thread writes here.
+Every file is written under a temporary name and linked to a free number, so a crash never leaves a
+half-written PNG under a real name, and two writers sharing the folder never take the same number.
+The worker thread writes the files; History deletes them. read_infotext() reads the text back from
+ours and from other tools' PNG, JPEG and WebP files.
 """
 from __future__ import annotations
 
