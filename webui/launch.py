@@ -13,7 +13,7 @@ import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from webui.services import Services
 from webui.storage.outputs import OutputStore
@@ -28,15 +28,6 @@ class Served:
 
     def close(self) -> None:
         self.blocks.close()
-
-
-def api_function(name: str) -> Callable:
-    """webui.api.<name>, imported only when the API is asked for, with a clear error if it is missing."""
-    try:
-        from webui import api
-        return getattr(api, name)
-    except (ImportError, AttributeError) as err:
-        raise SystemExit(f"--api / --nowebui need webui.api.{name}(), which this install lacks: {err}") from None
 
 
 def check_port_free(settings) -> None:
@@ -74,7 +65,8 @@ def serve(services: Services) -> Served:
     from webui.ui.blocks import build_ui, launch_assets
 
     settings = services.settings
-    attach_api = api_function("attach_api") if settings.api_enabled else None  # fail before binding a port
+    if settings.api_enabled:
+        from webui.api import attach_api  # the API's modules load only when it is asked for
     blocks = build_ui(services)
     folders = served_folders(services.outputs)
     # Shown straight from outputs/ rather than copied into Gradio's cache: no second copy of every image
@@ -89,7 +81,7 @@ def serve(services: Services) -> Served:
 
     try:
         app, _, share_url = blocks.launch(
-            app_kwargs={"lifespan": api_first} if attach_api is not None else None,
+            app_kwargs={"lifespan": api_first} if settings.api_enabled else None,
             server_name=settings.host, server_port=settings.port, share=settings.share,
             auth=settings.gradio_auth or None, auth_message="diffusers-webui: please log in",
             prevent_thread_lock=True, quiet=True, ssr_mode=False, enable_monitoring=False,
@@ -153,7 +145,9 @@ def _serve_api_only(services: Services) -> None:
     import uvicorn
 
     settings = services.settings
-    app = api_function("create_api_app")(services)
+    from webui.api import create_api_app
+
+    app = create_api_app(services)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
     server_exit = server.handle_exit
 

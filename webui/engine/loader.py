@@ -16,6 +16,7 @@ import torch
 
 from webui.config import Settings
 from webui.engine.models import ModelEntry
+from webui.zerogpu import zerogpu_requested
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,6 @@ def place_pipeline(pipe, settings: Settings, placement: Placement):
 
 def _compile_choice(settings: Settings, placement: Placement) -> bool:
     from webui.engine.fast_path import compile_choice
-    from webui.zerogpu import zerogpu_requested
 
     compile_now, why = compile_choice(settings.compile, device=placement.device, xformers=settings.xformers,
                                       offloading=settings.medvram or settings.lowvram, zerogpu=zerogpu_requested())
