@@ -368,40 +368,53 @@ class Worker:
             log.exception("could not load %s again after a job with another model", previous.entry.name)
 
     def _generate_images(self, job: Job) -> None:
-        request = job.request
         if job.cancel_event.is_set():  # cancelled as the worker took it: no model switch for nothing
             raise JobCancelled
+        self._prepare(job)
+        pace = StepPace()
+        for batch in range(job.request.n_iter):
+            if job.cancel_event.is_set():
+                raise JobCancelled
+            self._run_batch(job, batch, pace)
+        if len(job.images) > 1 and job.request.save_images:  # only a saved grid is shown or returned
+            self._save_grid(job)
+
+    def _prepare(self, job: Job) -> None:
+        """The job's model, its seeds (one per image) and its progress before the first step."""
+        request = job.request
         job.model = self.engine.load(request.model) if request.model else self.engine.require_model()
         first_seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed
         # Wrap past the largest seed, so every recorded seed can be typed back in.
         job.seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(request.image_count)]
         job.progress = Progress(total_steps=request.steps, image_count=request.image_count)
-        pace = StepPace()
-        for batch in range(request.n_iter):
-            if job.cancel_event.is_set():
-                raise JobCancelled
-            job.skip_event.clear()
-            seeds = job.seeds[batch * request.batch_size:(batch + 1) * request.batch_size]
-            job.progress.image_index = batch * request.batch_size
-            compiling = self.engine.pending_compiles(request, len(seeds))
-            job.progress.note = self._compile_note(request, compiling)
-            started = time.time()
-            try:
-                results = self.engine.generate(request, seeds, self._step_callback(job, batch, compiling, pace))
-            except BatchSkipped:
-                continue
-            finally:
-                job.progress.note = None
-            seconds = (time.time() - started) / len(results)
-            for i, result in enumerate(results):
-                self._keep_image(job, result, batch * request.batch_size + i, seconds)
-        if len(job.images) > 1 and request.save_images:  # only a saved grid is shown or returned
-            grid = make_grid([im.image for im in job.images])
-            try:
-                path = self.outputs.save_grid(grid, job.images[0].infotext)
-                job.grid, job.grid_path = grid, str(path)  # the grid first: readers test grid_path
-            except Exception as err:
-                self._warn(job, "the grid was not saved", err)
+
+    def _run_batch(self, job: Job, batch: int, pace: StepPace) -> None:
+        """Denoise one batch and keep its images; Skip ends it early with no images."""
+        request = job.request
+        job.skip_event.clear()
+        first = batch * request.batch_size
+        seeds = job.seeds[first:first + request.batch_size]
+        job.progress.image_index = first
+        compiling = self.engine.pending_compiles(request, len(seeds))
+        job.progress.note = self._compile_note(request, compiling)
+        started = time.time()
+        try:
+            results = self.engine.generate(request, seeds, self._step_callback(job, batch, compiling, pace))
+        except BatchSkipped:
+            return
+        finally:
+            job.progress.note = None
+        seconds = (time.time() - started) / len(results)
+        for i, result in enumerate(results):
+            self._keep_image(job, result, first + i, seconds)
+
+    def _save_grid(self, job: Job) -> None:
+        grid = make_grid([im.image for im in job.images])
+        try:
+            path = self.outputs.save_grid(grid, job.images[0].infotext)
+            job.grid, job.grid_path = grid, str(path)  # the grid first: readers test grid_path
+        except Exception as err:
+            self._warn(job, "the grid was not saved", err)
 
     def _compile_note(self, request: GenerationRequest, parts: list[str]) -> str | None:
         """What a batch waits for before its first step (or after its last), in words; None when nothing."""
