@@ -1,14 +1,17 @@
 """The worker: order, per-job cancel and skip, failures, a full queue, saving and history."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from webui.engine.models import ModelNotFound
 from webui.schemas import InvalidRequest, JobState
 from webui.storage.outputs import read_infotext
 from webui.worker import QueueFull
+from tests.conftest import TINY
 from tests.helpers import wait_for
 
 QUICK = {"prompt": "a red apple", "steps": 2, "seed": 1}
@@ -367,3 +370,23 @@ def test_previews_are_decoded_only_while_someone_watches(services, monkeypatch):
     watched = services.worker.submit(QUICK | {"steps": 40})
     wait_for(lambda: watched.watch_preview() is not None)  # reading the preview is what asks for it
     assert watched.wait(60) and calls
+
+
+def test_a_model_asked_for_twice_in_a_row_loads_once(services, monkeypatch):
+    """The model dropdown sends each pick twice: a broken checkpoint failed, and the old model was read
+    back, twice over."""
+    loads, release = [], threading.Event()
+    real = services.engine.load
+    monkeypatch.setattr(services.engine, "load", lambda name: loads.append(name) or real(name))
+    services.worker.call(lambda engine: release.wait(30))  # the loads wait behind this
+    first, again = services.worker.queue_model_load("no-such-model"), services.worker.queue_model_load("no-such-model")
+    other = services.worker.queue_model_load(TINY)
+    then_again = services.worker.queue_model_load("no-such-model")  # after another model: a load of its own
+    release.set()
+    assert again is first and then_again is not first
+    with pytest.raises(ModelNotFound):
+        first.result(60)
+    with pytest.raises(ModelNotFound):
+        then_again.result(60)
+    assert other.result(60).entry.name == TINY
+    assert loads == ["no-such-model", TINY, "no-such-model"]

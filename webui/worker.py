@@ -159,6 +159,7 @@ class Worker:
         self._current: Job | None = None
         self._wake = threading.Condition()
         self._stopping = False
+        self._last_load: tuple[str | None, Future] = (None, Future())  # the newest model load asked for
         self._thread: threading.Thread | None = None
         # What the worker does between jobs (loading or compiling a model), for people waiting; else None.
         self.activity: str | None = None
@@ -275,8 +276,16 @@ class Worker:
         return self.queue_model_load(name).result(timeout)
 
     def queue_model_load(self, name: str) -> Future:
-        """load_model without the wait: a future that gives the LoadedModel, or raises what the load raised."""
-        return self.call(lambda engine: self._load_then_queue_warm_up(engine, name), f"Loading model {name}")
+        """load_model without the wait: a future that gives the LoadedModel, or raises what the load raised.
+        The model asked for last, asked for again before its load has run, shares that load (the model
+        dropdown sends each pick twice; two API clients may pick one model): a failing load runs once."""
+        with self._wake:
+            last_name, last_load = self._last_load
+            if name == last_name and not last_load.done():  # no other model was asked for since
+                return last_load
+            future = self.call(lambda engine: self._load_then_queue_warm_up(engine, name), f"Loading model {name}")
+            self._last_load = (name, future)
+        return future
 
     @property
     def alive(self) -> bool:
