@@ -45,6 +45,8 @@ def app_server(models_dir, tmp_path_factory):
 def browser():
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is not installed")
+    # Assertions wait as long as actions do (Playwright's own default is 5 s: too short on a busy CPU).
+    playwright_api.expect.set_options(timeout=WAIT_MS)
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
@@ -182,15 +184,27 @@ def test_the_image_clicked_during_a_run_gives_parameters_and_seed_after_it(page)
     page.click("#txt2img_reuse_seed")
     playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value("3001")
 
-    # A new run closes the old selection: nothing is shown large, and ♻ takes its first image.
+    # A new run drops the old selection: it ends showing its own first image large, and ♻ takes that one.
     set_number(page, "txt2img_steps", 2)
     set_number(page, "txt2img_seed", 4000)
     page.click("#txt2img_generate")
     expect_text(page, "#txt2img_gallery", "seed 4002")
     playwright_api.expect(page.locator("#txt2img_infotext textarea")).to_have_value(re.compile(r"Seed: 4000,"))
-    assert page.locator("#txt2img_gallery .preview").count() == 0
+    playwright_api.expect(page.locator("#txt2img_gallery .preview img[alt='seed 4000']").first).to_be_visible()
     page.click("#txt2img_reuse_seed")
     playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value("4000")
+
+
+def test_a_single_image_is_shown_whole(page):
+    page.locator("#txt2img_prompt textarea").fill("one whole apple")
+    set_number(page, "txt2img_steps", 2)
+    page.click("#txt2img_generate")
+    expect_text(page, "#txt2img_time", r"Time taken")
+    shown = page.locator("#txt2img_gallery .preview img").first  # shown large once the run has ended
+    playwright_api.expect(shown).to_be_visible()
+    image, gallery = shown.bounding_box(), page.locator("#txt2img_gallery").bounding_box()
+    # A lone thumbnail was drawn 580 px square in a 360 px high gallery: its lower part was cut off.
+    assert image["y"] >= gallery["y"] and image["y"] + image["height"] <= gallery["y"] + gallery["height"]
 
 
 def test_two_tabs_each_follow_their_own_job(browser, app_server):

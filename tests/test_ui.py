@@ -124,6 +124,7 @@ def test_generate_fills_gallery_with_seeds_infotext_and_time(ui, ui_services):
     first, last = outputs[0], outputs[-1]
     assert "dw-progress" in first[2] and first[3]["visible"] is True  # progress and preview shown at once
     session, gallery, progress, preview, infotext, timing = last
+    assert event(ui, "show_selected")(session)["selected_index"] == 0  # the first image shown large, as in A1111
     assert [caption for _, caption in gallery] == ["seed 1234", "seed 1235"]
     assert all(Path(path).is_file() and Path(path).is_relative_to(ui_services.outputs.outdir)
                for path, _ in gallery)
@@ -204,7 +205,7 @@ def test_selecting_while_a_job_runs_shows_its_image_and_the_selection_outlives_t
 
     # The browser keeps the clicked image selected when the final gallery arrives: so do Parameters and ♻.
     final_gallery, final_infotext = outputs[-1][1], outputs[-1][4]
-    assert final_gallery[1][1] == "seed 901"
+    assert final_gallery[1][1] == "seed 901" and event(ui, "show_selected")(session)["selected_index"] == 1
     assert "Seed: 901" in final_infotext and event(ui, "reuse_seed")(session) == 901
     # ...and the run's first update cleared the previous run's selection in the browser.
     assert isinstance(outputs[0][1], gr.Gallery) and outputs[0][1].selected_index is None

@@ -143,10 +143,17 @@ class Txt2ImgActions:
             if changes:
                 yield (session, changes.get("gallery", gr.skip()), changes.get("progress", gr.skip()),
                        changes.get("preview", gr.skip()), gr.skip(), gr.skip())
-        # The browser keeps its selected index when the gallery grows, so session.selected stays too.
         gallery = show_images(session, job)
+        if gallery:  # the run ends showing this image large (show_selected)
+            session.selected = session.current_index()
         yield (session, gallery, final_html(job), gr.update(visible=False, value=None), session.current_infotext(),
                timing_html(job))
+
+    def show_selected(self, session: Session):
+        """After a run, the image the user picked, else the first, shown large, as A1111 does: a lone
+        thumbnail fills the gallery's width and its lower part was cut off at the gallery's height.
+        An event of its own, so that Gradio API clients of txt2img still get the gallery as a plain list."""
+        return gr.update(selected_index=session.selected) if session.seeds else gr.skip()
 
     def interrupt(self, session: Session) -> None:
         if session.job_id:
@@ -266,10 +273,12 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     generate_event = generate.click(busy_button, **button_state).then(
         actions.generate, inputs=[session, *request_inputs], outputs=run_outputs,
         api_name="txt2img", show_progress="hidden", concurrency_limit=None)
-    generate_event.then(ready_button, **button_state)
+    after_run = dict(fn=actions.show_selected, inputs=[session], outputs=[gallery], api_visibility="private",
+                     show_progress="hidden")
+    generate_event.then(ready_button, **button_state).then(**after_run)
     tab_token.change(busy_button, **button_state).then(
         actions.resume, inputs=[session, tab_token], outputs=run_outputs, api_visibility="private",
-        show_progress="hidden", concurrency_limit=None).then(ready_button, **button_state)
+        show_progress="hidden", concurrency_limit=None).then(ready_button, **button_state).then(**after_run)
     interrupt.click(actions.interrupt, inputs=[session], outputs=[], api_name="interrupt", show_progress="hidden")
     skip.click(actions.skip, inputs=[session], outputs=[], api_name="skip", show_progress="hidden")
     gallery.select(actions.select_image, inputs=[session], outputs=[session, infotext],
