@@ -119,6 +119,18 @@ def test_models_in_subfolders_are_found_by_their_relative_names(tmp_path):
     # A1111 clients name it by title (relative file name and hash); people by file name
     for spelling in ("SD15/mine", "SD15/mine.safetensors [0123456789]", "mine.safetensors", str(tmp_path / "SD15/mine.safetensors")):
         assert registry.find(spelling) == mine, spelling
+    # ...and A1111's infotext by the base name alone ("Model: mine"), while it is the only one so named.
+    assert registry.find("mine") == mine
+    (tmp_path / "mine.safetensors").write_bytes(b"other weights")
+    registry.refresh()
+    assert registry.find("mine").name == "mine"  # the exact name wins
+    (tmp_path / "SD21").mkdir()
+    (tmp_path / "SD21" / "both.safetensors").write_bytes(b"one")
+    (tmp_path / "SD15" / "both.safetensors").write_bytes(b"two")
+    registry.refresh()
+    with pytest.raises(ModelNotFound):
+        registry.find("both")  # two models so named: neither is guessed
+    assert registry.find_by_hash(registry.short_hash(registry.find("SD21/both"))) == registry.find("SD21/both")
 
 
 def test_symlinked_models_keep_their_link_names_and_an_unreadable_folder_is_skipped(tmp_path, monkeypatch):

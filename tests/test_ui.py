@@ -337,6 +337,28 @@ def test_sending_a_model_another_tab_found_updates_the_list_too(ui, ui_services,
         ui_services.registry.refresh()
 
 
+def test_an_a1111_infotext_finds_a_model_in_a_subfolder_by_base_name_or_by_hash(ui, ui_services, models_dir):
+    import shutil
+
+    sub = ui_services.settings.models_dir / "SD15" / "tiny-sub"
+    shutil.copytree(models_dir / TINY, sub)
+    try:
+        with next((sub / "unet").glob("*.safetensors")).open("ab") as weights:
+            weights.write(b"\0")  # other weights than the loaded copy's: a hash of its own (it is never loaded)
+        ui_services.registry.refresh()
+        entry = ui_services.registry.find("SD15/tiny-sub")
+        digest = ui_services.registry.short_hash(entry)  # hashed once, as loading it would
+        # A1111 writes a model in a subfolder by its base name alone.
+        text = "a castle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Model: tiny-sub"
+        assert event(ui, "send_from_pnginfo")(text)[-2]["value"] == "SD15/tiny-sub"
+        # A name that matches nothing here (renamed since), with the hash of a model that is here.
+        text = text.replace("Model: tiny-sub", f"Model hash: {digest}, Model: renamed-since")
+        assert event(ui, "send_from_pnginfo")(text)[-2]["value"] == "SD15/tiny-sub"
+    finally:
+        shutil.rmtree(sub.parent)
+        ui_services.registry.refresh()
+
+
 def test_a_model_that_cannot_be_applied_is_named_in_a_warning(ui):
     text = "a castle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Model: not-here"
     with warnings.catch_warnings(record=True) as caught:

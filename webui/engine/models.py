@@ -63,6 +63,10 @@ class ModelRegistry:
         for entry in self.entries():
             if wanted in (entry.name, entry.source, Path(entry.source).name):
                 return entry
+        # A1111 writes a checkpoint in a subfolder ("SD15/model") as its base name alone ("Model: model").
+        same_base = [entry for entry in self.entries() if Path(entry.name).name == wanted]
+        if len(same_base) == 1:
+            return same_base[0]
         path = Path(wanted).expanduser()
         for candidate in (path, self.models_dir / path):  # a path, or one inside the models folder
             if candidate.exists() and (entry := entry_for_path(candidate, self.models_dir)) is not None:
@@ -93,6 +97,14 @@ class ModelRegistry:
                 return entry
         available = ", ".join(e.name for e in self.entries()) or "none found"
         raise ModelNotFound(f"model {name!r} not found in the models folder; available: {available}")
+
+    def find_by_hash(self, short_hash: str) -> ModelEntry | None:
+        """The listed model with this short hash ("Model hash" in an infotext), among those hashed already:
+        hashing every file of a models folder to answer would take minutes."""
+        for entry in self.entries():
+            if short_hash and self.short_hash(entry, cached_only=True) == short_hash.strip().lower():
+                return entry
+        return None
 
     def short_hash(self, entry: ModelEntry, cached_only: bool = False) -> str | None:
         """First 10 hex digits of the sha256; None for hub models, unreadable files, or (with

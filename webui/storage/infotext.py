@@ -24,8 +24,10 @@ _SPACES = re.compile(r"\s*")
 # The value is a JSON string followed by a comma or the end, or else everything up to the next comma.
 _VALUE = re.compile(r'\s*("(?:\\.|[^\\"])*"(?=,|$)|[^,]*),?')
 
-# Infotext key -> GenerationRequest field, for the keys that map one to one.
+# Infotext key -> GenerationRequest field, for the keys that map one to one ("model_hash" is no request
+# field: it finds the model when its name does not).
 _REQUEST_FIELDS = {
+    "Model hash": ("model_hash", str),
     "Steps": ("steps", int),
     "Sampler": ("sampler_name", str),
     "Schedule type": ("scheduler", str),

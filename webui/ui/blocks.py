@@ -68,11 +68,14 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
     txt2img, history, actions = ui.txt2img, ui.history, ui.history_actions
     send_outputs = [*txt2img.field_components, tabs]
 
+    def to_txt2img(fields):
+        return *txt2img_updates(fields, ui.models.choices(), ui.models.find_pasted), gr.Tabs(selected="txt2img")
+
     def send_from_history(image_id):
-        return *txt2img_updates(actions.fields(image_id), ui.models.choices()), gr.Tabs(selected="txt2img")
+        return to_txt2img(actions.fields(image_id))
 
     def send_from_pnginfo(text):
-        return *txt2img_updates(fields_for_txt2img(text), ui.models.choices()), gr.Tabs(selected="txt2img")
+        return to_txt2img(fields_for_txt2img(text))
 
     history.send.click(send_from_history, inputs=[history.selected], outputs=send_outputs,
                        api_visibility="private", show_progress="hidden")

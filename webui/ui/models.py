@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from webui.engine.models import ModelNotFound
 from webui.services import Services
 from webui.ui.progress import error_html, notice_html
 
@@ -68,6 +69,22 @@ class ModelActions:
             return name
         loaded = self.services.engine.model
         return self.services.registry.find_listed(name, loaded.entry if loaded else None).name
+
+    def find_pasted(self, name: str, short_hash: str | None) -> str | None:
+        """The listed (or loaded) model that a pasted infotext or a history row means: by name, by A1111's
+        base name for a model in a subfolder, else by its short hash; None if none is here."""
+        registry, loaded = self.services.registry, self.services.engine.model
+        if name:
+            try:
+                return registry.find_listed(name, loaded.entry if loaded else None).name
+            except ModelNotFound:
+                pass
+        if not short_hash:
+            return None
+        if loaded is not None and loaded.short_hash == short_hash:
+            return loaded.entry.name
+        entry = registry.find_by_hash(short_hash)
+        return entry.name if entry else None
 
     def native_size(self) -> int:
         model = self.services.engine.model

@@ -1,7 +1,7 @@
 """Turn saved parameters (history rows, PNG infotext) into updates for the txt2img widgets."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 
@@ -14,22 +14,28 @@ TXT2IMG_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "ste
                   "width", "height", "seed", "clip_skip", "model")
 
 
+# A model's name in the models folder, from the name and short hash an infotext or history row gives;
+# None when no listed model matches.
+FindModel = Callable[[str, str | None], str | None]
+
+
 def fields_from_history(image: HistoryImage) -> dict[str, Any]:
     return {
         "prompt": image.prompt, "negative_prompt": image.negative_prompt, "sampler_name": image.sampler,
         "scheduler": image.scheduler, "steps": image.steps, "cfg_scale": image.cfg_scale,
         "width": image.width, "height": image.height, "seed": image.seed, "clip_skip": image.clip_skip,
-        "model": image.model_name,
+        "model": image.model_name, "model_hash": image.model_hash,
     }
 
 
-def txt2img_updates(fields: dict[str, Any], model_names: list[str]) -> list[Any]:
+def txt2img_updates(fields: dict[str, Any], model_names: list[str], find_model: FindModel) -> list[Any]:
     """One value (or gr.skip()) per TXT2IMG_FIELDS entry. A sampler, schedule type or model that cannot be
     applied is left out with a warning in the page saying why, since its dropdown would otherwise keep
     its old value without a word. model_names: the model dropdown's list as it is now, which the
     dropdown gets again (another tab may have rescanned the models folder since this page was built)."""
     fields = dict(fields)
-    for note in (_apply_sampler(fields), _apply_model(fields, model_names), *_drop_out_of_range(fields)):
+    model_note = _apply_model(fields, model_names, find_model)
+    for note in (_apply_sampler(fields), model_note, *_drop_out_of_range(fields)):
         if note:
             gr.Warning(note)
     return [fields[name] if fields.get(name) is not None else gr.skip() for name in TXT2IMG_FIELDS]
@@ -60,13 +66,15 @@ def _limits(name: str) -> tuple[float, float]:
     return low, high
 
 
-def _apply_model(fields: dict[str, Any], model_names: list[str]) -> str | None:
-    model = fields.pop("model", None)
-    if not model:
+def _apply_model(fields: dict[str, Any], model_names: list[str], find_model: FindModel) -> str | None:
+    model, short_hash = fields.pop("model", None), fields.pop("model_hash", None)
+    if not model and not short_hash:
         return None
-    if model not in model_names:
-        return f"Model not applied: {model!r} is not in the models folder. The model is left as it was."
-    fields["model"] = gr.update(choices=model_names, value=model)
+    found = find_model(model or "", short_hash)
+    if found is None:
+        what = repr(model) if model else f"the model with hash {short_hash}"
+        return f"Model not applied: {what} is not in the models folder. The model is left as it was."
+    fields["model"] = gr.update(choices=[*model_names, *([found] if found not in model_names else [])], value=found)
     return None
 
 
