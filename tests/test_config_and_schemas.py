@@ -59,12 +59,13 @@ def test_flags_that_cannot_work_are_refused_before_anything_loads(flags, message
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"width": 500}, "width: width must be a multiple of 8, got 500"),
+    ({"width": 500}, "width: must be a multiple of 8, got 500; use 496 or 504"),
     ({"height": 32}, "height: Input should be greater than or equal to 64"),
     ({"steps": -3}, "steps: Input should be greater than or equal to 1"),
     ({"steps": 1000}, "steps: Input should be less than or equal to 150"),
     ({"sampler_name": "Eular"}, "unknown sampler 'Eular'; choose one of: Euler a, Euler"),
-    ({"prompt": "x" * 10_000}, "prompt: String should have at most 2000 characters"),
+    ({"prompt": "x" * 10_000}, "prompt: String should have at most 2000 characters; it has 10000"),
+    ({"sampler_name": "Euler a", "scheduler": "Karras"}, "sampler 'Euler a' does not support the Karras"),
     ({"batch_size": 64}, "batch_size: Input should be less than or equal to 8"),
     ({"seed": -5}, "seed: Input should be greater than or equal to -1"),
     ({"cfg_scale": "lots"}, "cfg_scale: Input should be a valid number"),
@@ -246,3 +247,9 @@ def test_an_unreadable_weight_file_has_no_hash_instead_of_an_error(tmp_path):
     entry = registry.find("gone")
     (tmp_path / "gone.safetensors").unlink()
     assert registry.short_hash(entry) is None
+
+
+def test_a_check_of_the_whole_request_is_not_put_under_a_made_up_field():
+    with pytest.raises(InvalidRequest) as err:
+        parse_request({"prompt": "ok", "sampler_name": "Euler a", "scheduler": "Karras"})
+    assert str(err.value).startswith("sampler 'Euler a' does not support the Karras schedule")  # not "request: ..."

@@ -154,7 +154,7 @@ def test_invalid_request_is_a_readable_message_and_queues_nothing(ui, ui_service
     outputs = generate(ui, width=500)
     assert len(outputs) == 1
     session, _, progress, *_ = outputs[0]
-    assert "width must be a multiple of 8, got 500" in progress and "dw-error" in progress
+    assert "width: must be a multiple of 8, got 500" in progress and "dw-error" in progress
     assert session.job_id is None and ui_services.worker.queue_length() == before
 
 

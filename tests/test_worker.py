@@ -152,7 +152,7 @@ def test_a_full_queue_refuses_with_a_clear_error(services):
 
 
 def test_invalid_requests_are_refused_before_queueing(services):
-    with pytest.raises(InvalidRequest, match="width: width must be a multiple of 8, got 500"):
+    with pytest.raises(InvalidRequest, match="width: must be a multiple of 8, got 500"):
         services.worker.submit(QUICK | {"width": 500})
     assert services.worker.queue_length() == 0 and services.history.list_images()[1] == 0
 

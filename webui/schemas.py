@@ -49,7 +49,8 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _multiple_of_8(cls, value: int | None, info) -> int | None:
         if value is not None and value % 8:
-            raise ValueError(f"{info.field_name} must be a multiple of 8, got {value}")
+            below = value - value % 8
+            raise ValueError(f"must be a multiple of 8, got {value}; use {below} or {below + 8}")
         return value
 
     @field_validator("steps")
@@ -106,7 +107,10 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
             parts.append(f"body: not valid JSON at character {loc[0] if loc else '?'} ({reason}); "
                          "send a JSON object such as {\"prompt\": \"a cat\"}")
             continue
-        parts.append(f"{'.'.join(loc) or 'request'}: {message}")
+        if problem.get("type") == "string_too_long" and isinstance(problem.get("input"), str):
+            message += f"; it has {len(problem['input'])}"
+        # A check of the whole request (the sampler) names what it is about itself.
+        parts.append(f"{'.'.join(loc)}: {message}" if loc else message)
     return "; ".join(parts) or "invalid request"
 
 
