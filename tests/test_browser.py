@@ -248,6 +248,21 @@ def test_png_info_reads_a_stable_diffusion_webui_png(page, tmp_path):
     playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value("42")
     playwright_api.expect(page.locator("#txt2img_sampler input")).to_have_value("DPM++ 2M")
     playwright_api.expect(page.locator("#txt2img_scheduler input")).to_have_value("Karras")
+    # Karras was not in Euler a's Schedule type list; it is in DPM++ 2M's, and Generate takes it.
+    for name, value in (("txt2img_steps", 2), ("txt2img_width", 64), ("txt2img_height", 64)):
+        set_number(page, name, value)
+    page.click("#txt2img_generate")
+    expect_text(page, "#txt2img_time", r"Time taken")
+    playwright_api.expect(page.locator("#txt2img_infotext textarea")).to_have_value(
+        re.compile(r"Sampler: DPM\+\+ 2M, Schedule type: Karras,"))
+    page.locator("#txt2img_sampler input").click()
+    page.get_by_role("option", name="Euler a", exact=True).click()  # the list follows the sampler
+    playwright_api.expect(page.locator("#txt2img_scheduler input")).to_have_value("Automatic")
+    page.locator("#txt2img_scheduler input").click()
+    options = page.locator("#txt2img_scheduler [role=option]")
+    playwright_api.expect(options).to_have_count(2)
+    assert options.evaluate_all("items => items.map(item => item.getAttribute('aria-label'))") == [
+        "Automatic", "SGM Uniform"]
 
 
 def test_png_info_says_when_a_file_is_no_image_and_drops_the_old_parameters(page, tmp_path):

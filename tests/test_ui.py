@@ -24,6 +24,7 @@ from gradio.state_holder import SessionState
 
 from tests.conftest import TINY
 from webui.config import Settings
+from webui.engine.samplers import get_sampler
 from webui.schemas import JobState
 from webui.services import build_services
 from webui.ui import history as history_module
@@ -442,7 +443,8 @@ def test_png_info_reads_stable_diffusion_webui_png_and_sends_it(ui, tmp_path):
     by_field = dict(zip(["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width",
                          "height", "seed", "clip_skip", "model"], values))
     assert by_field["prompt"] == "masterpiece, a castle on a hill" and by_field["negative_prompt"] == "blurry, lowres"
-    assert (by_field["sampler_name"], by_field["scheduler"]) == ("DPM++ 2M", "Karras")  # old combined name split
+    assert (by_field["sampler_name"], by_field["scheduler"]["value"]) == ("DPM++ 2M", "Karras")  # old name split
+    assert by_field["scheduler"]["choices"] == ["Automatic", "Karras", "Exponential", "SGM Uniform"]
     assert (by_field["steps"], by_field["cfg_scale"], by_field["seed"]) == (25, 6.5, 42)
     assert (by_field["width"], by_field["height"]) == (512, 768)
     assert is_skip(by_field["model"])  # not in our models folder: the dropdown is left alone, with a warning
@@ -472,7 +474,19 @@ def sent_sampler(ui, sampler_params: str) -> tuple[Any, Any, list[str]]:
         warnings.simplefilter("always")
         values = event(ui, "send_from_pnginfo")(text)  # gr.Warning outside a request is a Python warning
     notes = [str(warning.message) for warning in caught if "not applied" in str(warning.message)]
-    return values[2], values[3], notes
+    sampler, schedule = values[2], values[3]
+    if isinstance(schedule, dict) and "value" in schedule:  # with the list of the new sampler's schedules
+        assert schedule["value"] in schedule["choices"]
+        assert schedule["choices"] == list(get_sampler(sampler).schedules)
+        schedule = schedule["value"]
+    return sampler, schedule, notes
+
+
+def test_the_schedule_type_list_follows_the_sampler(ui):
+    schedules_for = event(ui, "schedules_for")
+    assert schedules_for("Euler a", "Karras") == gr.update(choices=["Automatic", "SGM Uniform"], value="Automatic")
+    assert "value" not in schedules_for("DPM++ 2M", "SGM Uniform")  # kept: DPM++ 2M can follow it
+    assert schedules_for("LCM", "Karras")["choices"] == ["Automatic"]
 
 
 def test_send_to_txt2img_keeps_a_known_sampler_and_says_what_it_could_not_apply(ui):

@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from webui.engine.samplers import SCHEDULE_TYPES, resolve_sampler
+from webui.engine.samplers import SCHEDULE_TYPES, get_sampler, resolve_sampler
 from webui.schemas import GenerationRequest
 from webui.storage.history import HistoryImage
 
@@ -38,7 +38,14 @@ def txt2img_updates(fields: dict[str, Any], model_names: list[str], find_model: 
     for note in (_apply_sampler(fields), model_note, *_drop_out_of_range(fields)):
         if note:
             gr.Warning(note)
+    if fields.get("scheduler"):  # the Schedule type list follows the sampler (txt2img.schedules_for)
+        fields["scheduler"] = gr.update(choices=_schedules_of(fields.get("sampler_name")), value=fields["scheduler"])
     return [fields[name] if fields.get(name) is not None else gr.skip() for name in TXT2IMG_FIELDS]
+
+
+def _schedules_of(sampler_name: str | None) -> list[str]:
+    """The schedule types a sampler can follow; all of them when the sampler on the page is not known here."""
+    return list(get_sampler(sampler_name).schedules if sampler_name else SCHEDULE_TYPES)
 
 
 # Fields whose sliders end where the request's limits do: a value past them would make Generate fail.

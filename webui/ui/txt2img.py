@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from webui.engine.samplers import SCHEDULE_TYPES, sampler_names
+from webui.engine.samplers import get_sampler, sampler_names
 from webui.engine.models import ModelNotFound
 from webui.schemas import MAX_SIZE, MIN_SIZE, GeneratedImage, InvalidRequest
 from webui.services import Services
@@ -173,6 +173,15 @@ class Txt2ImgActions:
         index = session.current_index()
         return session.seeds[index] if index < len(session.seeds) else gr.skip()
 
+    def schedules_for(self, sampler_name: str, schedule: str):
+        """The Schedule type list of this sampler only (Euler a cannot follow Karras): a pair Generate would
+        refuse cannot be picked. The schedule type stays when the new sampler can follow it."""
+        try:
+            choices = list(get_sampler(sampler_name).schedules)
+        except ValueError:
+            return gr.skip()
+        return gr.update(choices=choices) if schedule in choices else gr.update(choices=choices, value="Automatic")
+
     def random_seed(self) -> int:
         return -1
 
@@ -236,8 +245,8 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
             with gr.Row():
                 sampler = gr.Dropdown(sampler_names(), value="Euler a", label="Sampling method",
                                       elem_id="txt2img_sampler")
-                scheduler = gr.Dropdown(list(SCHEDULE_TYPES), value="Automatic", label="Schedule type",
-                                        elem_id="txt2img_scheduler")
+                scheduler = gr.Dropdown(list(get_sampler("Euler a").schedules), value="Automatic",
+                                        label="Schedule type", elem_id="txt2img_scheduler")
             steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id="txt2img_steps")
             with gr.Row():
                 width = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Width", elem_id="txt2img_width")
@@ -282,6 +291,10 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     interrupt.click(actions.interrupt, inputs=[session], outputs=[], api_name="interrupt", show_progress="hidden")
     skip.click(actions.skip, inputs=[session], outputs=[], api_name="skip", show_progress="hidden")
     gallery.select(actions.select_image, inputs=[session], outputs=[session, infotext],
+                   api_visibility="private", show_progress="hidden")
+    # .input: the user's pick. Send to txt2img gives the Schedule type its list itself, since a .change
+    # event here would read the Schedule type as it was before the send.
+    sampler.input(actions.schedules_for, inputs=[sampler, scheduler], outputs=[scheduler],
                    api_visibility="private", show_progress="hidden")
     random_seed.click(actions.random_seed, outputs=[seed], api_name="random_seed", show_progress="hidden")
     reuse_seed.click(actions.reuse_seed, inputs=[session], outputs=[seed], api_name="reuse_seed",
