@@ -390,3 +390,33 @@ def test_a_model_asked_for_twice_in_a_row_loads_once(services, monkeypatch):
         then_again.result(60)
     assert other.result(60).entry.name == TINY
     assert loads == ["no-such-model", TINY, "no-such-model"]
+
+
+def test_a_full_disk_under_the_history_still_gives_the_pictures(services, monkeypatch):
+    import sqlite3
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    for write in ("add_job", "set_job_state", "add_image"):
+        monkeypatch.setattr(services.history, write, full)
+    job = services.worker.submit(QUICK | {"save_images": False})  # was refused: nothing to save, yet no picture
+    assert job.wait(60) and job.state is JobState.DONE and len(job.images) == 1
+    assert any("missing from the history" in warning for warning in job.warnings)
+
+
+def test_a_slow_history_write_never_holds_the_queue(services, monkeypatch):
+    entered, release = threading.Event(), threading.Event()
+    add_job = services.history.add_job
+    monkeypatch.setattr(services.history, "add_job",
+                        lambda *args: (entered.set(), release.wait(30), add_job(*args)))  # a locked database
+    submitting = threading.Thread(target=services.worker.submit, args=(QUICK,))
+    submitting.start()
+    try:
+        assert entered.wait(30)
+        answered = threading.Event()
+        threading.Thread(target=lambda: (services.worker.queue_length(), answered.set()), daemon=True).start()
+        assert answered.wait(10), "the queue waited for the database"
+    finally:
+        release.set()
+        submitting.join(30)

@@ -197,10 +197,13 @@ class Worker:
         job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner)
         with self._wake:
             self._refuse_when_stopping()
-            waiting = sum(isinstance(item, Job) for item in self._queue)
-            if waiting >= self.max_queue:
+            if self.queue_length() >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting); try again shortly")
-            self.history.add_job(job.id, origin, request.model_dump(), job.created_at)
+        # Outside the lock: a locked database waits seconds, and the queue must answer meanwhile.
+        self._record(job, "the job is missing from the history",
+                     lambda: self.history.add_job(job.id, origin, request.model_dump(), job.created_at))
+        with self._wake:
+            self._refuse_when_stopping()
             self._jobs[job.id] = job
             self._queue.append(job)
             self._forget_old_jobs()
@@ -347,8 +350,9 @@ class Worker:
     def _run_job(self, job: Job) -> None:
         job.state = JobState.RUNNING
         job.started_at = time.time()
+        self._record(job, "the job's start is missing from the history",
+                     lambda: self.history.set_job_state(job.id, JobState.RUNNING.value, started_at=job.started_at))
         try:
-            self.history.set_job_state(job.id, JobState.RUNNING.value, started_at=job.started_at)
             self._generate(job)
         except JobCancelled:
             self._finish(job, JobState.CANCELLED)
@@ -500,6 +504,14 @@ class Worker:
             )
         except Exception as err:
             self._warn(job, f"{path.name} was saved but is missing from the history", err)
+
+    def _record(self, job: Job, what: str, write: Callable[[], None]) -> None:
+        """A history write. A failure (a full disk, a locked database) is a warning on the job: the
+        pictures matter more than their record."""
+        try:
+            write()
+        except Exception as err:
+            self._warn(job, what, err)
 
     @staticmethod
     def _warn(job: Job, what: str, err: Exception) -> None:
