@@ -239,9 +239,9 @@ def test_history_add_list_search_get(history, tmp_path):
 
 def test_history_search_ignores_case_beyond_ascii(history, tmp_path):
     history.add_job("j1", "ui", {"prompt": "x"}, 1.0)
-    (tmp_path / "f.png").write_bytes(b"png")
-    for prompt in ["Ünïcode cat", "a ÜNÏCODE dog", "unicode", "Straße at night", "ΣΊΣΥΦΟΣ"]:
-        history.add_image(**history_row("j1", "f.png", prompt=prompt))
+    for i, prompt in enumerate(["Ünïcode cat", "a ÜNÏCODE dog", "unicode", "Straße at night", "ΣΊΣΥΦΟΣ"]):
+        (tmp_path / f"{i}.png").write_bytes(b"png")  # one row per file
+        history.add_image(**history_row("j1", f"{i}.png", prompt=prompt))
 
     def found(search):
         rows, total = history.list_images(search=search)
@@ -357,6 +357,45 @@ def test_a_damaged_database_is_set_aside_and_a_new_history_begins(tmp_path, capl
         assert "cannot be read" in caplog.text and "images" in caplog.text
     finally:
         fresh.close()
+
+
+def test_damage_deep_inside_the_database_is_found_at_start(tmp_path, caplog):
+    db = tmp_path / "history.sqlite3"
+    first = History(db, tmp_path)
+    first.add_job("j1", "ui", {}, 1.0)
+    for i in range(3000):
+        first.add_image(**history_row("j1", f"{i:05d}.png", prompt=f"prompt number {i} " * 5))
+    first.close()
+    with open(db, "r+b") as handle:  # one page in the middle: the schema at the start still reads
+        handle.seek(db.stat().st_size // 2 // 4096 * 4096)
+        handle.write(b"\xde\xad" * 2048)
+    fresh = History(db, tmp_path)  # the start reconciles the files: that read hit the damage and failed
+    try:
+        assert fresh.reconcile()["missing_files"] == 0 and fresh.list_images() == ([], 0)
+        assert any(p.name.startswith("history.sqlite3.broken-") for p in tmp_path.iterdir())
+        assert "cannot be read" in caplog.text
+    finally:
+        fresh.close()
+
+
+def test_a_file_number_taken_again_owns_its_row(history, tmp_path):
+    """The newest file deleted by hand, its number taken again before anyone listed the history: deleting
+    the old row in History deleted the new picture."""
+    history.add_job("j1", "ui", {}, 1.0)
+    (tmp_path / "00001-42.png").write_bytes(b"a green pear")
+    history.add_image(**history_row("j1", "00001-42.png", prompt="a green pear", seed=42))
+    (tmp_path / "00001-42.png").unlink()
+    (tmp_path / "00001-42.png").write_bytes(b"a blue car")
+    new_id = history.add_image(**history_row("j1", "00001-42.png", prompt="a blue car", seed=42))
+    rows, total = history.list_images()
+    assert total == 1 and [(r.id, r.prompt) for r in rows] == [(new_id, "a blue car")]
+
+
+def test_a_job_that_ends_well_keeps_no_old_error(history):
+    history.add_job("j1", "api", {}, 1.0)
+    history.set_job_state("j1", "failed", error="stopped by a restart")  # another server's start said so
+    history.set_job_state("j1", "done", finished_at=2.0)
+    assert history.get_job("j1")["error"] is None
 
 
 def test_a_locked_database_is_an_error_and_is_not_set_aside(tmp_path, monkeypatch):

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS images (
     infotext TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS images_created ON images(created_at DESC);
+CREATE INDEX IF NOT EXISTS images_path ON images(path);
 """
 
 IMAGE_COLUMNS = (
@@ -99,6 +100,10 @@ def _open(db_path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(SCHEMA)
+        # Damage past the first pages shows only when read; find it now, not in the middle of a run.
+        verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+        if verdict != "ok":
+            raise sqlite3.DatabaseError(f"quick_check found damage: {verdict}")
     except sqlite3.DatabaseError:
         db.close()
         raise
@@ -147,7 +152,7 @@ class History:
     def set_job_state(self, job_id: str, state: str, *, error: str | None = None,
                       started_at: float | None = None, finished_at: float | None = None) -> None:
         self._execute(
-            "UPDATE jobs SET state = ?, error = COALESCE(?, error), started_at = COALESCE(?, started_at),"
+            "UPDATE jobs SET state = ?, error = ?, started_at = COALESCE(?, started_at),"
             " finished_at = COALESCE(?, finished_at) WHERE id = ?",
             (state, error, started_at, finished_at, job_id),
         )
@@ -166,8 +171,9 @@ class History:
         names = ", ".join(IMAGE_COLUMNS)
         marks = ", ".join("?" for _ in IMAGE_COLUMNS)
         with self._lock:
-            # A row whose file vanished may name the path this new file now takes: it is gone for good.
-            self._db.execute("DELETE FROM images WHERE path = ? AND file_state = 'missing'", (values["path"],))
+            # The new file owns its path. A row of an older file there (deleted by hand, its number taken
+            # again before anyone listed the history) would show this picture with the old settings.
+            self._db.execute("DELETE FROM images WHERE path = ?", (values["path"],))
             cursor = self._db.execute(
                 f"INSERT INTO images (created_at, {names}) VALUES (?, {marks})",
                 (time.time(), *(values[c] for c in IMAGE_COLUMNS)),
