@@ -422,3 +422,17 @@ def test_a_row_needs_every_parameter(history):
     del row["seed"]
     with pytest.raises(ValueError, match="seed"):
         history.add_image(**row)
+
+
+def test_a_save_cut_short_by_a_crash_leaves_no_file_past_the_next_start(tmp_path):
+    import os
+    import time
+
+    store = OutputStore(tmp_path)
+    kept = store.save_image(red(), "x", seed=1)
+    old, new = kept.parent / ".partial-0123.png", kept.parent / ".partial-4567.png"
+    old.write_bytes(b"half a png")
+    new.write_bytes(b"another server is writing this one now")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert store.remove_partial_files() == 1
+    assert not old.exists() and new.exists() and kept.exists()

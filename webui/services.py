@@ -42,7 +42,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     engine = wrap_engine(Engine(settings, registry))  # ZeroGPU Spaces only; a no-op elsewhere
     outputs = OutputStore(outdir)
     history = History(outdir / "history.sqlite3", outdir)
-    repaired = history.reconcile()
+    repaired = history.reconcile() | {"partial_files_removed": outputs.remove_partial_files()}
     if any(repaired.values()):
         log.warning("history brought in line with the outputs folder and the last stop: %s", repaired)
     worker = Worker(engine, outputs, history, max_queue=settings.queue_size,

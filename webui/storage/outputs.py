@@ -4,9 +4,10 @@
     outputs/txt2img-grids/YYYY-MM-DD/grid-NNNN.png
 
 Every file is written under a temporary name and linked to a free number, so a crash never leaves a
-half-written PNG under a real name, and two writers sharing the folder never take the same number.
-The worker thread writes the files; History deletes them. read_infotext() reads the text back from
-ours and from other tools' PNG, JPEG and WebP files.
+half-written PNG under a real name (the temporary file is removed at the next start), and a file is never
+overwritten. Two servers writing to one folder at the same moment may still give one number to two
+files with different seeds, as A1111 does. The worker thread writes the files; History deletes them.
+read_infotext() reads the text back from ours and from other tools' PNG, JPEG and WebP files.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import datetime as dt
 import math
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 
@@ -54,6 +56,19 @@ class OutputStore:
     def save_grid(self, grid: Image.Image, infotext: str, kind: str = "txt2img") -> Path:
         folder = self.grid_folder(kind)
         return self._save(grid, infotext, folder, lambda n: f"grid-{n:04d}.png", _GRID_NUMBERED)
+
+    def remove_partial_files(self, older_than: float = 3600.0) -> int:
+        """Delete the temporary files of saves a crash cut short; returns how many. Only old ones: another
+        server sharing the folder may be writing a new one right now."""
+        removed, cutoff = 0, time.time() - older_than
+        for partial in (p for folder in self.image_folders() for p in folder.glob("*/.partial-*.png")):
+            try:
+                if partial.stat().st_mtime < cutoff:
+                    partial.unlink()
+                    removed += 1
+            except OSError:  # gone meanwhile, or not ours to delete: leave it
+                continue
+        return removed
 
     def resolve(self, path: str | Path) -> Path:
         return resolve_inside(self.outdir, path)
