@@ -282,3 +282,29 @@ def test_unknown_moved_gated_and_single_file_repositories_say_what_to_do(fake_hu
         engine.load("test-org/single-file")
     with pytest.raises(ModelLoadError, match=r"'test-org/gated' is gated: accept its licence .* HF_TOKEN"):
         engine.load("test-org/gated")
+
+
+def test_a_hub_that_takes_the_connection_but_never_answers_gives_up(hf_cache, monkeypatch):
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()  # accepts (the kernel does), never answers
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setattr(hub, "HUB_TIMEOUT_SECONDS", 1.0, raising=False)
+    done = threading.Event()
+    outcome = []
+
+    def try_download():
+        try:
+            hub.download(REPO, half=False)
+        except hub.HubError as err:
+            outcome.append(str(err))
+        done.set()
+
+    threading.Thread(target=try_download, daemon=True).start()
+    try:
+        assert done.wait(30), "the download waited for an answer that never comes"
+        assert outcome and "could not reach the Hugging Face hub" in outcome[0]
+    finally:
+        listener.close()

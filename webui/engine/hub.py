@@ -140,6 +140,9 @@ def cached_snapshot(repo_id: str, half: bool, revision: str = "main") -> HubSnap
 
 
 # --- the download --------------------------------------------------------------------------------------
+HUB_TIMEOUT_SECONDS = 20.0  # for the hub's answer about a repository (the files themselves take longer)
+
+
 def download(repo_id: str, *, half: bool, safety_checker: bool = True, offline: bool = False,
              progress: ProgressCallback | None = None) -> HubSnapshot:
     """Download the pipeline files of `repo_id` into the Hugging Face cache, or raise HubError."""
@@ -154,7 +157,9 @@ def download(repo_id: str, *, half: bool, safety_checker: bool = True, offline: 
     from huggingface_hub import HfApi, snapshot_download
 
     try:
-        info = HfApi(endpoint=_endpoint()).model_info(repo_id)  # one request, no retry loop when offline
+        # One request, no retry loop when offline; huggingface_hub waits forever by default, and a network
+        # that takes the connection but never answers would keep the app from ever serving its page.
+        info = HfApi(endpoint=_endpoint()).model_info(repo_id, timeout=HUB_TIMEOUT_SECONDS)
         files = [sibling.rfilename for sibling in info.siblings or []]
     except Exception as err:
         raise HubError(_explain(repo_id, err, reaching=True)) from err
