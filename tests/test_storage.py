@@ -1,10 +1,12 @@
 """Output files (naming, counter, atomic writes, grids) and the SQLite history."""
+import json
 import os
 import sqlite3
 import stat
 
 import pytest
 from PIL import ExifTags, Image
+from PIL.PngImagePlugin import PngInfo
 
 from webui.storage.history import History
 from webui.storage.outputs import OutputStore, highest_number, make_grid, read_infotext
@@ -436,3 +438,16 @@ def test_a_save_cut_short_by_a_crash_leaves_no_file_past_the_next_start(tmp_path
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     assert store.remove_partial_files() == 1
     assert not old.exists() and new.exists() and kept.exists()
+
+
+def test_a_novelai_png_reads_as_a1111_reads_it(tmp_path):
+    settings = {"steps": 28, "sampler": "k_euler", "seed": 1234, "scale": 11.0, "uc": "lowres, bad hands"}
+    meta = PngInfo()
+    for key, value in {"Title": "AI generated image", "Description": "1girl, cherry blossoms",
+                       "Software": "NovelAI", "Comment": json.dumps(settings)}.items():
+        meta.add_text(key, value)
+    Image.new("RGB", (64, 96)).save(tmp_path / "nai.png", pnginfo=meta)
+    with Image.open(tmp_path / "nai.png") as png:
+        text = read_infotext(png)
+    assert text == ("1girl, cherry blossoms\nNegative prompt: lowres, bad hands\nSteps: 28, Sampler: Euler, "
+                    "CFG scale: 11, Seed: 1234, Size: 64x96, Clip skip: 2, ENSD: 31337")

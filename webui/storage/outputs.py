@@ -12,6 +12,7 @@ read_infotext() reads the text back from ours and from other tools' PNG, JPEG an
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import os
 import re
@@ -22,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from webui.storage.infotext import MAX_INFOTEXT_CHARS
+from webui.storage.infotext import MAX_INFOTEXT_CHARS, build_infotext
 
 KINDS = ("txt2img",)  # what made an image: the first part of its folder's name, as in A1111
 _NUMBERED = re.compile(r"^(\d{5,})-")  # five digits at least: 100000 follows 99999
@@ -141,10 +142,37 @@ def make_grid(images: list[Image.Image]) -> Image.Image:
 
 def read_infotext(image: Image.Image) -> str | None:
     """The infotext of an image (ours or stable-diffusion-webui's), if it has one: the PNG text
-    chunk `parameters`, or for A1111's JPEG and WebP files the EXIF UserComment. Text beyond
-    MAX_INFOTEXT_CHARS is cut. Never raises, and never decodes the pixels of a huge image."""
-    text = image.info.get("parameters") or _text_after_pixels(image) or _exif_user_comment(image)
+    chunk `parameters`, or for A1111's JPEG and WebP files the EXIF UserComment; for a NovelAI PNG the
+    infotext A1111 makes of its text. Text beyond MAX_INFOTEXT_CHARS is cut. Never raises, and never
+    decodes the pixels of a huge image."""
+    text = (image.info.get("parameters") or _text_after_pixels(image) or _exif_user_comment(image)
+            or _novelai_infotext(image))
     return text[:MAX_INFOTEXT_CHARS] if text else None
+
+
+# NovelAI's sampler names -> ours; A1111 reads any other as Euler a.
+_NOVELAI_SAMPLERS = {"k_euler_ancestral": "Euler a", "k_euler": "Euler", "k_lms": "LMS", "k_heun": "Heun",
+                     "k_dpm_2": "DPM2", "k_dpm_2_ancestral": "DPM2 a", "k_dpmpp_2m": "DPM++ 2M",
+                     "k_dpmpp_sde": "DPM++ SDE", "k_dpmpp_2s_ancestral": "DPM++ 2S a", "ddim": "DDIM", "plms": "PLMS"}
+
+
+def _novelai_infotext(image: Image.Image) -> str | None:
+    """NovelAI keeps the prompt in `Description` and its settings as JSON in `Comment`; A1111 turns them
+    into an infotext with the keys below (its Clip skip 2 and ENSD 31337 are NovelAI's fixed settings)."""
+    info = image.info
+    if info.get("Software") != "NovelAI" or not isinstance(info.get("Comment"), str):
+        return None
+    try:
+        settings = json.loads(info["Comment"][:MAX_INFOTEXT_CHARS])
+    except ValueError:
+        return None
+    if not isinstance(settings, dict):
+        return None
+    return build_infotext(str(info.get("Description", "")), str(settings.get("uc") or ""), {
+        "Steps": settings.get("steps"), "Sampler": _NOVELAI_SAMPLERS.get(settings.get("sampler"), "Euler a"),
+        "CFG scale": settings.get("scale"), "Seed": settings.get("seed"), "Size": f"{image.width}x{image.height}",
+        "Clip skip": 2, "ENSD": 31337,
+    })
 
 
 def _text_after_pixels(image: Image.Image) -> str | None:
