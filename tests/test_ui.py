@@ -29,6 +29,7 @@ from webui.schemas import JobState
 from webui.services import build_services
 from webui.ui import history as history_module
 from webui.ui.blocks import create_ui
+from webui.ui.params import TXT2IMG_FIELDS
 from webui.ui.txt2img import Session
 from tests.helpers import running_services, wait_for
 
@@ -332,7 +333,8 @@ def test_sending_a_model_another_tab_found_updates_the_list_too(ui, ui_services,
         ui_services.registry.refresh()  # as another tab's refresh button or /refresh-checkpoints does
         text = "a castle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Model: tiny-new"
         *values, _ = event(ui, "send_from_pnginfo")(text)
-        assert values[-1]["value"] == "tiny-new" and "tiny-new" in values[-1]["choices"]
+        model = values[TXT2IMG_FIELDS.index("model")]
+        assert model["value"] == "tiny-new" and "tiny-new" in model["choices"]
     finally:
         shutil.rmtree(ui_services.settings.models_dir / "tiny-new")
         ui_services.registry.refresh()
@@ -351,13 +353,26 @@ def test_an_a1111_infotext_finds_a_model_in_a_subfolder_by_base_name_or_by_hash(
         digest = ui_services.registry.short_hash(entry)  # hashed once, as loading it would
         # A1111 writes a model in a subfolder by its base name alone.
         text = "a castle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Model: tiny-sub"
-        assert event(ui, "send_from_pnginfo")(text)[-2]["value"] == "SD15/tiny-sub"
+        assert event(ui, "send_from_pnginfo")(text)[TXT2IMG_FIELDS.index("model")]["value"] == "SD15/tiny-sub"
         # A name that matches nothing here (renamed since), with the hash of a model that is here.
         text = text.replace("Model: tiny-sub", f"Model hash: {digest}, Model: renamed-since")
-        assert event(ui, "send_from_pnginfo")(text)[-2]["value"] == "SD15/tiny-sub"
+        assert event(ui, "send_from_pnginfo")(text)[TXT2IMG_FIELDS.index("model")]["value"] == "SD15/tiny-sub"
     finally:
         shutil.rmtree(sub.parent)
         ui_services.registry.refresh()
+
+
+def test_send_from_history_sets_the_batch_size_of_a_batch_image(ui, ui_services):
+    session = generate(ui, prompt="a pair of owls", seed=300, batch_size=2)[-1][0]
+    second = next(im for im in ui_services.worker.get(session.job_id).images if im.seed == 301)
+    values = event(ui, "send_from_history")(second.history_id)
+    assert values[TXT2IMG_FIELDS.index("batch_size")] == 2 and values[TXT2IMG_FIELDS.index("seed")] == 301
+
+
+def test_send_to_txt2img_sets_the_batch_size_of_a_batch_image(ui):
+    text = "a castle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 9, Size: 64x64, Batch size: 4, Batch pos: 2"
+    values = event(ui, "send_from_pnginfo")(text)
+    assert values[TXT2IMG_FIELDS.index("batch_size")] == 4 and values[TXT2IMG_FIELDS.index("seed")] == 9
 
 
 def test_a_model_that_cannot_be_applied_is_named_in_a_warning(ui):
@@ -365,7 +380,7 @@ def test_a_model_that_cannot_be_applied_is_named_in_a_warning(ui):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         *values, _ = event(ui, "send_from_pnginfo")(text)
-    assert is_skip(values[-1])
+    assert is_skip(values[TXT2IMG_FIELDS.index("model")])
     assert any("Model not applied: 'not-here' is not in the models folder" in str(w.message) for w in caught)
 
 

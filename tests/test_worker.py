@@ -26,7 +26,8 @@ def test_a_job_makes_saved_images_with_infotext_and_history(services):
     with Image.open(job.images[1].path) as png:
         text = read_infotext(png)
     assert text.startswith("a red apple\nSteps: 2, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 41")
-    assert "Size: 64x64, Model hash: " in text and "Model: tiny-sd" in text
+    assert "Size: 64x64, Model hash: " in text and "Model: tiny-sd, Batch size: 2, Batch pos: 1," in text
+    assert "Batch pos: 0," in job.images[2].infotext  # the first of the second batch
     rows, total = services.history.list_images()
     assert total == 4 and rows[0].seed == 43 and rows[0].job_state == "done"
     assert job.grid_path and "txt2img-grids" in job.grid_path

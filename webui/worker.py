@@ -473,6 +473,9 @@ class Worker:
             "Size": f"{width}x{height}",
             "Model hash": model.short_hash,
             "Model": model.entry.name,
+            # As A1111: which image of its batch this is (a batch image differs from a single run by rounding).
+            "Batch size": request.batch_size if request.batch_size > 1 else None,
+            "Batch pos": index % request.batch_size if request.batch_size > 1 else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "Pad conds": True if self.engine.pads_prompts(request) else None,
             "NSFW": "blacked out by the safety checker" if result.nsfw else None,

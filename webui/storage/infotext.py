@@ -34,6 +34,7 @@ _REQUEST_FIELDS = {
     "CFG scale": ("cfg_scale", float),
     "Seed": ("seed", int),
     "Clip skip": ("clip_skip", int),
+    "Batch size": ("batch_size", int),
     "Model": ("model", str),
 }
 

@@ -8,10 +8,11 @@ import gradio as gr
 from webui.engine.samplers import SCHEDULE_TYPES, get_sampler, resolve_sampler
 from webui.schemas import GenerationRequest
 from webui.storage.history import HistoryImage
+from webui.storage.infotext import request_fields_from_infotext
 
 # GenerationRequest fields the txt2img tab has a widget for, in the order of Txt2ImgTab.field_components.
 TXT2IMG_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale",
-                  "width", "height", "seed", "clip_skip", "model")
+                  "width", "height", "seed", "clip_skip", "model", "batch_size")
 
 
 # A model's name in the models folder, from the name and short hash an infotext or history row gives;
@@ -25,6 +26,7 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
         "scheduler": image.scheduler, "steps": image.steps, "cfg_scale": image.cfg_scale,
         "width": image.width, "height": image.height, "seed": image.seed, "clip_skip": image.clip_skip,
         "model": image.model_name, "model_hash": image.model_hash,
+        "batch_size": request_fields_from_infotext(image.infotext).get("batch_size"),  # no column of its own
     }
 
 
@@ -50,7 +52,7 @@ def _schedules_of(sampler_name: str | None) -> list[str]:
 
 # Fields whose sliders end where the request's limits do: a value past them would make Generate fail.
 _RANGED_FIELDS = {"steps": "Sampling steps", "cfg_scale": "CFG scale", "width": "Width", "height": "Height",
-                  "clip_skip": "Clip skip"}
+                  "clip_skip": "Clip skip", "batch_size": "Batch size"}
 
 
 def _drop_out_of_range(fields: dict[str, Any]) -> list[str]:
