@@ -5,10 +5,12 @@ get_ipython().system(...), so its cells compile and its commands can be compared
 """
 from __future__ import annotations
 
+import http.server
 import os
 import pickle
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +20,7 @@ import time
 import types
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import nbformat
@@ -173,10 +176,11 @@ def test_the_notebook_model_cell_finds_a_checkpoint_in_models_and_stops_on_an_em
     exec(compile(as_python(source.replace('MODEL = "sd-emoji-tiny"', 'MODEL = "mine.safetensors"')), "<model>",
                  "exec"), namespace)
     assert namespace["CKPT"] == os.path.join("models", "mine.safetensors")
-    namespace = {"__shell__": lambda command: (tmp_path / "models" / "x.safetensors").write_bytes(b"")}
+    namespace = {"__shell__": lambda command: _wget_target(command).write_bytes(b"")}
     with pytest.raises(RuntimeError, match="download failed"):  # wget wrote an empty file
         exec(compile(as_python(source.replace('MODEL = "sd-emoji-tiny"', 'MODEL = "https://example.com/x"')),
                      "<model>", "exec"), namespace)
+    assert os.listdir(tmp_path / "models") == ["mine.safetensors"]  # the empty file is gone
 
 
 def test_the_notebook_launches_when_the_optional_drive_step_is_skipped():
@@ -184,6 +188,203 @@ def test_the_notebook_launches_when_the_optional_drive_step_is_skipped():
     commands = run_cells(notebook(), ["clone", "model", "launch"], namespace)  # step 4 (Drive) not run
     assert commands[-1].endswith(f"--outdir {namespace['REPO_DIR']}/outputs")
 
+
+
+def test_the_notebook_never_prints_the_login(capsys):
+    source = cell(notebook(), "launch")
+    for login in ["me:it's-secret", 'me:"secret" $x', "me:pa ss-secret,you:secret2"]:  # quoted in many ways
+        commands = []
+        exec(compile(as_python(source.replace('GRADIO_AUTH = ""', f"GRADIO_AUTH = {login!r}")), "<launch>", "exec"),
+             {"CKPT": "a/b", "OUTDIR": "/o", "__shell__": commands.append})
+        printed = capsys.readouterr().out
+        assert "secret" not in printed and printed.rstrip().endswith("--gradio-auth <login>"), printed
+        assert shlex.split(commands[0])[-2:] == ["--gradio-auth", login]
+
+
+# --- the notebook downloads a checkpoint from a link ---------------------------------------------------------
+# A page, like the one a huggingface.co .../blob/... link opens.
+WEB_PAGE = b"<!DOCTYPE html>\n<html><head><title>model.safetensors</title></head><body>A model</body></html>\n"
+
+
+def _safetensors() -> bytes:
+    import numpy as np
+    from safetensors.numpy import save
+
+    return save({"weight": np.arange(4096, dtype=np.float32), "bias": np.zeros(3, np.float16)}, {"format": "pt"})
+
+
+def _wget_target(command: str) -> Path:
+    """The FILE of `wget ... -O FILE URL`."""
+    argv = shlex.split(command)
+    return Path(argv[argv.index("-O") + 1])
+
+
+def _python_wget(command: str) -> None:
+    """What `wget [-c] ... -O FILE URL` does, for a machine without wget: -O creates FILE, an HTTP error adds
+    nothing to it, and -c asks the server for the rest of a non-empty FILE and adds it."""
+    argv = shlex.split(command)
+    assert argv[0] == "wget", command
+    path, have = _wget_target(command), 0
+    if "-c" in argv and path.exists():
+        have = path.stat().st_size
+    with open(path, "ab" if have else "wb") as out:
+        request = urllib.request.Request(argv[-1], headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                if have and response.status != 206:
+                    out.truncate(0)  # the server sent the whole file
+                out.write(response.read())
+        except urllib.error.HTTPError:
+            pass  # 416: nothing left to fetch; any other error: nothing fetched
+
+
+@pytest.fixture(params=["python", "wget"])
+def wget(request, monkeypatch):
+    """Runs the notebook's wget line: in Python, and with the real wget where one is installed."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # the file server is on this machine
+    if request.param == "python":
+        return _python_wget
+    if shutil.which("wget") is None:
+        pytest.skip("wget is not installed")
+    return lambda command: subprocess.run(command, shell=True, check=False, timeout=120)
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    """Serves server.files ({path: bytes}), with Range requests (resuming) as Hugging Face does; server.ranges
+    records the Range of each request."""
+
+    def do_GET(self):
+        body = self.server.files.get(self.path)
+        wanted = self.headers.get("Range")
+        self.server.ranges.append(wanted)
+        if body is None:
+            return self.send_error(404)
+        start = int(re.fullmatch(r"bytes=(\d+)-", wanted).group(1)) if wanted else 0
+        if start >= len(body) > 0:
+            return self.send_error(416)
+        self.send_response(206 if wanted else 200)
+        self.send_header("Content-Type", "text/html" if body.startswith(b"<") else "application/octet-stream")
+        self.send_header("Content-Length", str(len(body) - start))
+        if wanted:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.end_headers()
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def file_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    server.files, server.ranges = {}, []
+    server.url = f"http://127.0.0.1:{server.server_port}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)  # the notebook runs in the repository folder; models/ is relative to it
+    (tmp_path / "models").mkdir()
+    return tmp_path / "models"
+
+
+def _run_model_cell(model: str, shell) -> dict:
+    source = cell(notebook(), "model").replace('MODEL = "sd-emoji-tiny"', f"MODEL = {model!r}")
+    namespace = {"__shell__": shell}
+    exec(compile(as_python(source), "<model>", "exec"), namespace)
+    return namespace
+
+
+def test_the_notebook_model_cell_tells_a_checkpoint_from_a_web_page_or_a_cut_download(models):
+    problem = _run_model_cell("sd-emoji-tiny", print)["checkpoint_problem"]
+
+    def check(name: str, content: bytes):
+        (models / name).write_bytes(content)
+        return problem(str(models / name))
+
+    weights = _safetensors()
+    assert check("ok.safetensors", weights) is None
+    assert check("empty.safetensors", b"") == "the file is empty"
+    assert "web page" in check("page.safetensors", WEB_PAGE)
+    assert "web page" in check("page.ckpt", WEB_PAGE)
+    for cut in (12, 100, len(weights) - 1):  # in the header, in the tensors
+        assert "stopped before the end" in check("cut.safetensors", weights[:cut])
+    assert "longer than its header" in check("long.safetensors", weights + b"\0")
+    assert "not a .safetensors" in check("list.safetensors", (2).to_bytes(8, "little") + b"[]")
+    assert "not a .safetensors" in check("text.safetensors", b'{"error": "Repository not found"}')
+    assert check("big-header.safetensors", (500).to_bytes(8, "little") + b"{}") is not None  # N > the file
+    with zipfile.ZipFile(models / "zip.ckpt", "w") as archive:  # what torch.save writes
+        archive.writestr("archive/data.pkl", pickle.dumps({"state_dict": {}}))
+    assert problem(str(models / "zip.ckpt")) is None
+    assert "stopped before the end" in check("cut.ckpt", (models / "zip.ckpt").read_bytes()[:-30])
+    assert check("legacy.ckpt", pickle.dumps({"state_dict": {}}, protocol=2)) is None
+    assert "not a .ckpt" in check("text.ckpt", b"Not Found")
+
+
+def test_the_notebook_model_cell_stops_on_a_web_page_and_keeps_nothing(models, file_server, wget):
+    file_server.files["/someone/model/blob/main/model.safetensors"] = WEB_PAGE
+    with pytest.raises(RuntimeError, match=r"web page.*/resolve/main/"):  # says what link to use instead
+        _run_model_cell(f"{file_server.url}/someone/model/blob/main/model.safetensors", wget)
+    assert list(models.iterdir()) == []  # nothing to be taken for a model, nothing to resume onto
+
+
+def test_the_notebook_model_cell_replaces_a_broken_download_instead_of_resuming_onto_it(models, file_server, wget):
+    weights = _safetensors()
+    file_server.files["/someone/model/resolve/main/model.safetensors"] = weights
+    (models / "model.safetensors").write_bytes(WEB_PAGE)  # what the cell kept from a .../blob/... link before
+    namespace = _run_model_cell(f"{file_server.url}/someone/model/resolve/main/model.safetensors", wget)
+    assert namespace["CKPT"] == os.path.join("models", "model.safetensors")
+    assert (models / "model.safetensors").read_bytes() == weights and os.listdir(models) == ["model.safetensors"]
+    assert file_server.ranges == [None]  # the whole file, not "the rest" after the page
+    # Once there, the file is used as it is.
+    namespace = _run_model_cell(f"{file_server.url}/someone/model/resolve/main/model.safetensors", pytest.fail)
+    assert namespace["CKPT"] == os.path.join("models", "model.safetensors")
+
+
+def test_the_notebook_model_cell_never_takes_a_stopped_download_for_the_model(models, file_server, wget):
+    weights = _safetensors()
+    file_server.files["/model.safetensors"] = weights
+    half = len(weights) // 2
+
+    def stopped_wget(command):  # the connection broke half-way (or the cell was stopped)
+        _wget_target(command).write_bytes(weights[:half])
+
+    with pytest.raises(RuntimeError, match="stopped before the end: run this cell again"):
+        _run_model_cell(f"{file_server.url}/model.safetensors", stopped_wget)
+    assert not (models / "model.safetensors").exists()
+    namespace = _run_model_cell(f"{file_server.url}/model.safetensors", wget)  # running it again goes on
+    assert file_server.ranges == [f"bytes={half}-"]
+    assert (models / "model.safetensors").read_bytes() == weights and os.listdir(models) == ["model.safetensors"]
+    assert namespace["CKPT"] == os.path.join("models", "model.safetensors")
+
+
+def test_the_notebook_model_cell_downloads_a_ckpt(models, file_server, wget):
+    with zipfile.ZipFile(models / "made.zip", "w") as archive:  # what torch.save writes
+        archive.writestr("archive/data.pkl", pickle.dumps({"state_dict": {}}))
+    file_server.files["/old-model.ckpt"] = (models / "made.zip").read_bytes()
+    (models / "made.zip").unlink()
+    namespace = _run_model_cell(f"{file_server.url}/old-model.ckpt", wget)
+    assert namespace["CKPT"] == os.path.join("models", "old-model.ckpt")
+    assert (models / "old-model.ckpt").read_bytes() == file_server.files["/old-model.ckpt"]
+    assert os.listdir(models) == ["old-model.ckpt"]
+
+def test_the_notebook_model_cell_downloads_a_hugging_face_file_from_its_page_link(models, capsys):
+    commands = []
+
+    def wget(command):
+        commands.append(command)
+        _wget_target(command).write_bytes(_safetensors())
+
+    namespace = _run_model_cell("https://huggingface.co/someone/model/blob/main/sub/my-model.safetensors", wget)
+    url = shlex.split(commands[0])[-1]
+    assert url == "https://huggingface.co/someone/model/resolve/main/sub/my-model.safetensors"
+    assert "/resolve/ instead of /blob/" in capsys.readouterr().out  # says what it did
+    assert namespace["CKPT"] == os.path.join("models", "my-model.safetensors")
+    assert (models / "my-model.safetensors").read_bytes() == _safetensors()
 
 # --- the README ---------------------------------------------------------------------------------------------
 def front_matter() -> dict:
