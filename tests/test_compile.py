@@ -85,8 +85,16 @@ def test_by_default_a_cuda_gpu_with_triton_compiles(monkeypatch):
 ])
 def test_by_default_unsafe_setups_stay_uncompiled(monkeypatch, change, reason):
     monkeypatch.setattr(fast_path, "_triton_works", lambda: True)
+    monkeypatch.setattr(fast_path, "_xformers_installed", lambda: True)
     compile_now, why = compile_choice(None, **CUDA_DEFAULTS | change)
     assert compile_now is False and reason in why
+
+
+def test_xformers_asked_for_but_not_installed_does_not_cost_the_compile(monkeypatch):
+    monkeypatch.setattr(fast_path, "_triton_works", lambda: True)
+    monkeypatch.setattr(fast_path, "_xformers_installed", lambda: False, raising=False)
+    compile_now, why = compile_choice(None, **CUDA_DEFAULTS | {"xformers": True})
+    assert compile_now is True and "--xformers ignored: xformers is not installed" in why
 
 
 def test_without_triton_a_cuda_gpu_stays_uncompiled(monkeypatch):
