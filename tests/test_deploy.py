@@ -556,7 +556,8 @@ def _serve_and_fetch(command: list[str], port: int, log_path: Path, env: dict, r
 
 
 def _quiet_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WEBUI_", "SPACE", "GRADIO_SERVER"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("WEBUI_", "SPACE", "GRADIO_SERVER", "COMMANDLINE_ARGS"))}
     return env | {"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"} | extra
 
 

@@ -6,16 +6,21 @@ Nothing here is a module-level mutable global: every service receives the Settin
 Where no command line can be given (a Hugging Face Space runs plain `python app.py`), environment
 variables fill in. Precedence, highest first:
   1. flags on the command line
-  2. WEBUI_ARGS, extra flags in one variable (A1111's COMMANDLINE_ARGS idea), e.g. "--api --no-half-vae"
-  3. WEBUI_CKPT, WEBUI_CKPT_DIR, WEBUI_OUTDIR, WEBUI_GRADIO_AUTH, WEBUI_API_AUTH (secrets belong here)
-  4. what the platform says: GRADIO_SERVER_NAME=0.0.0.0 means --listen, GRADIO_SERVER_PORT is the port,
-     and on a Space (SPACE_ID set) the server listens on 0.0.0.0 and images go to /data/outputs when the
-     Space has persistent storage
-  5. the built-in defaults
+  2. WEBUI_ARGS, extra flags in one variable, e.g. "--api --no-half-vae"
+  3. COMMANDLINE_ARGS, the same for A1111's variable, so an existing webui-user.sh setup carries over
+  4. WEBUI_CKPT, WEBUI_CKPT_DIR, WEBUI_OUTDIR, WEBUI_GRADIO_AUTH, WEBUI_API_AUTH (secrets belong here)
+  5. what the platform says: on a Space (SPACE_ID set) the server listens on 0.0.0.0 and images go to
+     /data/outputs when the Space has persistent storage; elsewhere GRADIO_SERVER_NAME is the address
+     to serve on; GRADIO_SERVER_PORT is the port
+  6. the built-in defaults
+
+Many stable-diffusion-webui flags that mean nothing here (--skip-torch-cuda-test, --theme dark, ...) are
+accepted with one warning, so A1111 launch lines start; a flag nobody knows (a typo) is still an error.
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import shlex
@@ -40,6 +45,37 @@ ENV_OVERRIDES = {
     "WEBUI_API_AUTH": "api_auth",
 }
 ENV_ARGS = "WEBUI_ARGS"
+A1111_ENV_ARGS = "COMMANDLINE_ARGS"
+A1111_CHECKPOINTS = "Stable-diffusion"  # where A1111 keeps checkpoints inside its models folder
+
+# stable-diffusion-webui flags that do nothing here. They are accepted (with one warning naming them) so an
+# A1111 launch line or COMMANDLINE_ARGS still starts. Flags about who may reach the server, or how
+# (--gradio-auth-path, --tls-keyfile, --tls-certfile, --ngrok, --subpath, --cors-allow-origins), are left out
+# on purpose: serving without a login file or TLS the user asked for is worse than not starting.
+A1111_IGNORED_SWITCHES = (
+    # installing and checking the environment (A1111's launch.py)
+    "--skip-torch-cuda-test", "--skip-python-version-check", "--skip-version-check", "--skip-install",
+    "--skip-prepare-environment", "--reinstall-torch", "--reinstall-xformers", "--update-check",
+    "--update-all-extensions", "--no-download-sd-model", "--do-not-download-clip", "--log-startup",
+    # precision, attention and memory choices diffusers makes itself here
+    "--upcast-sampling", "--lowram", "--medvram-sdxl", "--always-batch-cond-uncond", "--opt-split-attention",
+    "--opt-split-attention-v1", "--opt-split-attention-invokeai", "--opt-sub-quad-attention",
+    "--opt-sdp-attention", "--opt-sdp-no-mem-attention", "--disable-opt-split-attention", "--opt-channelslast",
+    "--xformers-flash-attention", "--disable-nan-check", "--disable-model-loading-ram-optimization",
+    "--no-hashing",
+    # UI, extensions and logging features this project does not have
+    "--enable-insecure-extension-access", "--disable-all-extensions", "--disable-extra-extensions",
+    "--allow-code", "--administrator", "--disable-safe-unpickle", "--autolaunch", "--api-log",
+    "--gradio-queue", "--no-gradio-queue", "--gradio-debug", "--no-progressbar-hiding",
+    "--disable-console-progressbars", "--enable-console-prompts", "--use-textbox-seed", "--hide-ui-dir-config",
+    "--freeze-settings", "--ui-debug-mode", "--add-stop-route", "--api-server-stop",
+    "--skip-load-model-at-start", "--deepdanbooru", "--show-negative-prompt", "--unload-gfpgan",
+)
+A1111_IGNORED_VALUES = (  # these take one value, which is dropped too
+    "--precision", "--theme", "--device-id", "--data-dir", "--config", "--vae-dir", "--vae-path", "--lora-dir",
+    "--embeddings-dir", "--hypernetwork-dir", "--styles-file", "--ui-config-file", "--ui-settings-file",
+    "--localizations-dir", "--max-batch-count", "--loglevel", "--timeout-keep-alive",
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +83,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Settings:
     listen: bool = False
+    server_name: str | None = None  # --server-name or GRADIO_SERVER_NAME: an address; wins over listen, as in A1111
     port: int = 7860
     share: bool = False
     api: bool = False
@@ -70,12 +107,17 @@ class Settings:
 
     @property
     def host(self) -> str:
-        return "0.0.0.0" if self.listen else "127.0.0.1"
+        return self.server_name or ("0.0.0.0" if self.listen else "127.0.0.1")
+
+    @property
+    def all_interfaces(self) -> bool:
+        return self.host in ("0.0.0.0", "::")
 
     @property
     def public(self) -> bool:
-        """Served to other machines (--listen or --share), where visitors may not be trusted."""
-        return self.listen or self.share
+        """Served to other machines (--listen, --share, or an address that is not this machine's loopback),
+        where visitors may not be trusted."""
+        return self.share or not _loopback(self.host)
 
     @property
     def api_enabled(self) -> bool:
@@ -113,6 +155,23 @@ def parse_credentials(text: str | None) -> list[tuple[str, str]]:
     return pairs
 
 
+def _loopback(host: str) -> bool:
+    """True for an address only this machine reaches; a host name other than localhost counts as reachable."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Ignored(argparse.Action):
+    """An A1111 flag with no meaning here: remember its name for the warning, drop its value."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.ignored = [*namespace.ignored, self.option_strings[0]]
+
+
 def _user_path(text: str) -> Path:
     """A folder flag's value; ~ is expanded here, since a shell leaves it alone inside WEBUI_ARGS or --flag=~/x."""
     return Path(text).expanduser()
@@ -122,9 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="app.py",
         description="diffusers-webui: a Stable Diffusion web UI and A1111-compatible API on diffusers.",
+        epilog=f"Flags can also come from {ENV_ARGS} and {A1111_ENV_ARGS} (the command line wins). Other "
+               "stable-diffusion-webui flags that do nothing here (--skip-torch-cuda-test, --precision full, "
+               "--theme dark, ...) are accepted and named in a warning.",
     )
     net = p.add_argument_group("network")
     net.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 instead of 127.0.0.1")
+    net.add_argument("--server-name", metavar="HOST",
+                     help="serve on this address instead (wins over --listen, as in A1111) (env: GRADIO_SERVER_NAME)")
     net.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     net.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
     net.add_argument("--api", action="store_true", help="also serve the A1111-compatible REST API under /sdapi/v1")
@@ -136,8 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "(env: WEBUI_API_AUTH)")
 
     files = p.add_argument_group("models and files")
-    files.add_argument("--ckpt-dir", "--models-dir", dest="models_dir", type=_user_path, default=DEFAULT_MODELS_DIR,
-                       help="folder scanned for models (diffusers folders, .safetensors, .ckpt) (env: WEBUI_CKPT_DIR)")
+    files.add_argument("--ckpt-dir", dest="models_dir", type=_user_path, default=None,
+                       help="folder scanned for models (diffusers folders, .safetensors, .ckpt) "
+                            "(default: models/) (env: WEBUI_CKPT_DIR)")
+    files.add_argument("--models-dir", dest="models_base", type=_user_path,
+                       help=f"A1111's models folder: models are read from DIR/{A1111_CHECKPOINTS} when it exists, "
+                            "else from DIR (--ckpt-dir wins)")
     files.add_argument("--outdir", type=_user_path, default=DEFAULT_OUTPUTS_DIR,
                        help="where images and the history database are written (env: WEBUI_OUTDIR; "
                             "on a Space with persistent storage: /data/outputs)")
@@ -152,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--no-half-vae", action="store_true", help="decode the VAE in fp32 (avoids black images)")
     dev.add_argument("--medvram", action="store_true", help="keep only the running model part on the GPU")
     dev.add_argument("--lowvram", action="store_true", help="move layers to the GPU one at a time (slowest)")
-    dev.add_argument("--xformers", action="store_true", help="use xformers attention when installed")
+    dev.add_argument("--xformers", "--force-enable-xformers", action="store_true",
+                     help="use xformers attention when installed")
     dev.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                      help="compile the UNet and VAE decoder with torch.compile (default: on for a CUDA GPU with "
                           "Triton, off elsewhere; the first start at each size compiles, later starts reuse "
@@ -163,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--queue-size", type=int, default=64, help="most jobs waiting at once (default 64)")
     q.add_argument("--preview-every", type=int, default=5,
                    help="show a live preview every N denoising steps; 0 turns previews off (default 5)")
+
+    # A1111's flags that do nothing here: hidden from --help (the epilog mentions them), named in a warning.
+    p.set_defaults(ignored=[])
+    for flag in A1111_IGNORED_SWITCHES:
+        p.add_argument(flag, action=_Ignored, dest="ignored", nargs=0, help=argparse.SUPPRESS)
+    for flag in A1111_IGNORED_VALUES:
+        p.add_argument(flag, action=_Ignored, dest="ignored", help=argparse.SUPPRESS)
+    # --use-cpu all (or sd) is A1111's way to run the model on the CPU; other values name parts we do not have.
+    p.add_argument("--use-cpu", nargs="+", type=str.lower, default=[], help=argparse.SUPPRESS)
     return p
 
 
@@ -171,13 +249,22 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
     environ = os.environ if environ is None else environ
     parser = build_parser()
     env_defaults = environment_defaults(environ)
+    ckpt_dir_env = env_defaults.pop("models_dir", None)  # applied below, so that --models-dir beats it
     parser.set_defaults(**env_defaults)
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        extra = shlex.split(environ.get(ENV_ARGS, ""))
-    except ValueError as err:
-        parser.error(f"{ENV_ARGS} could not be read as flags: {err}")
-    args = parser.parse_args(extra + argv)  # later flags win, so the command line beats WEBUI_ARGS
+    env_flags: dict[str, list[str]] = {}
+    for name in (A1111_ENV_ARGS, ENV_ARGS):  # in this order, so that WEBUI_ARGS beats COMMANDLINE_ARGS
+        try:
+            env_flags[name] = shlex.split(environ.get(name, ""))
+        except ValueError as err:
+            parser.error(f"{name} could not be read as flags: {err}")
+    # Later flags win, so the command line beats both variables.
+    args, unknown = parser.parse_known_args([*env_flags[A1111_ENV_ARGS], *env_flags[ENV_ARGS], *argv])
+    if unknown:  # argparse's own message, plus which variable held the flag when one did
+        where = [name for name, flags in env_flags.items() if set(unknown) & set(flags)]
+        source = f" (set in {', '.join(where)})" if where else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{source}")
+    _resolve_a1111_flags(args, parser, environ, ckpt_dir_env)
     gradio_auth = _credentials(parser, args.gradio_auth, "--gradio-auth", "WEBUI_GRADIO_AUTH", env_defaults)
     api_auth = _credentials(parser, args.api_auth, "--api-auth", "WEBUI_API_AUTH", env_defaults)
     if args.queue_size < 1:
@@ -196,7 +283,44 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
     if on_spaces(environ) and values["share"]:
         log.warning("--share is ignored on a Hugging Face Space: the Space's own address is already public")
         values["share"] = False
+    if values["nowebui"] and values["share"]:
+        # Gradio makes the share link for the web UI; the API-only server has no way to get one.
+        log.warning("--share is ignored with --nowebui: a public share link needs the web UI "
+                    "(drop --nowebui and use --api to serve the API through it)")
+        values["share"] = False
     return Settings(**values)
+
+
+def _resolve_a1111_flags(args: argparse.Namespace, parser: argparse.ArgumentParser, environ: Mapping[str, str],
+                         ckpt_dir_env: Path | None) -> None:
+    """Turn the A1111-only flags into this project's settings (in args), warn once about those ignored."""
+    ignored = list(dict.fromkeys(args.ignored))
+    use_cpu = args.use_cpu
+    if use_cpu and {"all", "sd"} & set(use_cpu) and args.device == "auto":
+        args.device = "cpu"
+    elif use_cpu:
+        ignored.append("--use-cpu")
+    if ignored:
+        hint = " (for fp32 everywhere use --no-half)" if "--precision" in ignored and not args.no_half else ""
+        log.warning("ignored: these stable-diffusion-webui flags do nothing here: %s%s", ", ".join(ignored), hint)
+
+    # Where checkpoints are: --ckpt-dir, else A1111's models folder (--models-dir), else WEBUI_CKPT_DIR, else models/.
+    base = args.models_base
+    if args.models_dir is None and base is not None:
+        args.models_dir = base / A1111_CHECKPOINTS if (base / A1111_CHECKPOINTS).is_dir() else base
+    if args.models_dir is None:
+        args.models_dir = ckpt_dir_env or DEFAULT_MODELS_DIR
+
+    # Which address: --server-name, else --listen, else what the platform says.
+    if args.server_name is not None and not args.server_name.strip():
+        parser.error("--server-name needs an address, e.g. 0.0.0.0 or 192.168.1.5")
+    if args.server_name is None and not args.listen:
+        if on_spaces(environ):
+            args.listen = True  # a Space must listen on 0.0.0.0 (its runtime sets GRADIO_SERVER_NAME so too)
+        else:
+            args.server_name = environ.get("GRADIO_SERVER_NAME", "").strip() or None
+    for name in ("ignored", "use_cpu", "models_base"):
+        delattr(args, name)
 
 
 def _unwritable(folder: Path) -> str | None:
@@ -219,9 +343,7 @@ def on_spaces(environ: Mapping[str, str] | None = None) -> bool:
 
 def environment_defaults(environ: Mapping[str, str]) -> dict:
     """Flag defaults taken from the environment: WEBUI_* variables, then the platform's own."""
-    defaults: dict = {}
-    if environ.get("GRADIO_SERVER_NAME") == "0.0.0.0" or on_spaces(environ):
-        defaults["listen"] = True
+    defaults: dict = {}  # the address (GRADIO_SERVER_NAME, a Space's 0.0.0.0) is chosen after the flags are read
     port = environ.get("GRADIO_SERVER_PORT")
     if port:
         try:

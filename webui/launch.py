@@ -30,9 +30,20 @@ class Served:
         self.blocks.close()
 
 
+def url_host(host: str) -> str:
+    """host as written in a URL: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def browser_address(host: str) -> str:
+    """Where a browser on this machine reaches a server on host: a wildcard address by its loopback."""
+    return url_host({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host))
+
+
 def check_port_free(settings) -> None:
     """Fail at once when the port is taken, not after minutes of loading (or downloading) a model."""
-    with socket.socket() as probe:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET  # --server-name may be IPv6
+    with socket.socket(family) as probe:
         if os.name == "posix":  # as Gradio and uvicorn bind: a port left in TIME_WAIT is free (on Windows
             # the same option would let two servers share a port)
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -93,7 +104,8 @@ def serve(services: Services) -> Served:
     except OSError as err:
         blocks.close()
         raise _port_taken(settings, err) from None
-    url = f"http://127.0.0.1:{blocks.server_port}"
+    # --server-name 192.168.1.5 is not reached through 127.0.0.1: use the address served on, unless it is a wildcard.
+    url = f"http://{browser_address(settings.host)}:{blocks.server_port}"
     return Served(blocks, app, url, share_url)
 
 
@@ -101,8 +113,9 @@ def describe(served: Served, services: Services) -> list[str]:
     """The lines printed at start-up: where to point a browser, and what went wrong with --share."""
     settings = services.settings
     port = served.blocks.server_port
-    if settings.listen:
-        lines = [f"Running on http://0.0.0.0:{port} (all network interfaces; on this machine: {served.url})"]
+    if settings.all_interfaces:
+        lines = [f"Running on http://{url_host(settings.host)}:{port} "
+                 f"(all network interfaces; on this machine: {served.url})"]
     else:
         lines = [f"Running on local URL: {served.url}"]
     if settings.api_enabled:
@@ -158,7 +171,8 @@ def _serve_api_only(services: Services) -> None:
         server_exit(sig, frame)
 
     server.handle_exit = stop_jobs_then_exit
-    print(f"Running the REST API only (--nowebui) on http://{settings.host}:{settings.port}/sdapi/v1/", flush=True)
+    print(f"Running the REST API only (--nowebui) on http://{url_host(settings.host)}:{settings.port}/sdapi/v1/",
+          flush=True)
     print(settings.api_access(), flush=True)
     try:
         server.run()
