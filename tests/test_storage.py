@@ -451,3 +451,22 @@ def test_a_novelai_png_reads_as_a1111_reads_it(tmp_path):
         text = read_infotext(png)
     assert text == ("1girl, cherry blossoms\nNegative prompt: lowres, bad hands\nSteps: 28, Sampler: Euler, "
                     "CFG scale: 11, Seed: 1234, Size: 64x96, Clip skip: 2, ENSD: 31337")
+
+
+def test_a_second_server_on_the_same_folder_leaves_the_first_ones_jobs_alone(settings):
+    from webui.services import build_services
+
+    first = build_services(settings, load_model=False)
+    first.history.add_job("running-there", "api", {}, 1.0)
+    first.history.set_job_state("running-there", "running", started_at=2.0)
+    second = build_services(settings, load_model=False)  # while the first still runs
+    try:
+        assert second.history.get_job("running-there")["state"] == "running"
+    finally:
+        second.close()
+        first.close()
+    after_a_crash = build_services(settings, load_model=False)  # nobody holds the folder now
+    try:
+        assert after_a_crash.history.get_job("running-there")["state"] == "failed"
+    finally:
+        after_a_crash.close()

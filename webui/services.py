@@ -32,6 +32,7 @@ class Services:
     def close(self) -> None:
         self.worker.stop()
         self.history.close()
+        self.outputs.release()
 
 
 def build_services(settings: Settings, *, load_model: bool = True) -> Services:
@@ -42,7 +43,10 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     engine = wrap_engine(Engine(settings, registry))  # ZeroGPU Spaces only; a no-op elsewhere
     outputs = OutputStore(outdir)
     history = History(outdir / "history.sqlite3", outdir)
-    repaired = history.reconcile() | {"partial_files_removed": outputs.remove_partial_files()}
+    alone = outputs.claim()
+    if not alone:
+        log.warning("another running server uses %s too; its unfinished jobs are left alone", outdir)
+    repaired = history.reconcile(fail_unfinished_jobs=alone) | {"partial_files_removed": outputs.remove_partial_files()}
     if any(repaired.values()):
         log.warning("history brought in line with the outputs folder and the last stop: %s", repaired)
     worker = Worker(engine, outputs, history, max_queue=settings.queue_size,

@@ -225,19 +225,22 @@ class History:
         self._execute("DELETE FROM images WHERE id = ?", (image_id,))
         return True
 
-    def reconcile(self) -> dict[str, int]:
+    def reconcile(self, fail_unfinished_jobs: bool = True) -> dict[str, int]:
         """After a restart: flag rows whose file is gone, show again those whose file is back (a folder
-        moved away and back), and fail jobs a crash left unfinished."""
+        moved away and back), and fail jobs a crash left unfinished (not when another running server shares
+        the folder: the unfinished jobs may be its own)."""
         rows = self._query("SELECT id, path, file_state FROM images")
         found = {r["id"]: self._file_exists(r["path"]) for r in rows}
         gone = [r["id"] for r in rows if r["file_state"] == "ok" and not found[r["id"]]]
         back = [r["id"] for r in rows if r["file_state"] == "missing" and found[r["id"]]]
         self._set_file_state(gone, "missing")
         self._set_file_state(back, "ok")
+        stale = 0
         with self._lock:
-            stale = self._db.execute(
-                "UPDATE jobs SET state = 'failed', error = 'stopped by a restart', finished_at = ?"
-                " WHERE state IN ('queued', 'running')", (time.time(),)).rowcount
+            if fail_unfinished_jobs:
+                stale = self._db.execute(
+                    "UPDATE jobs SET state = 'failed', error = 'stopped by a restart', finished_at = ?"
+                    " WHERE state IN ('queued', 'running')", (time.time(),)).rowcount
         return {"missing_files": len(gone), "files_back": len(back), "stale_jobs": stale}
 
     def _set_file_state(self, image_ids: list[int], state: str) -> None:

@@ -39,6 +39,29 @@ _CLAIM_TRIES = 100
 class OutputStore:
     def __init__(self, outdir: Path):
         self.outdir = Path(outdir)
+        self._claim = None  # the open lock file while this server holds the folder
+
+    def claim(self) -> bool:
+        """Mark the folder as this running server's until release(); False when another running server holds
+        it (its unfinished jobs are then its own, not left over from a crash). The lock goes with the process,
+        so a crash never leaves it behind. Where file locks do not exist (Windows), True."""
+        try:
+            import fcntl
+        except ImportError:
+            return True
+        handle = open(self.outdir / ".server.lock", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        self._claim = handle
+        return True
+
+    def release(self) -> None:
+        if self._claim is not None:
+            self._claim.close()  # closing the file gives the lock back
+            self._claim = None
 
     def image_folders(self) -> list[Path]:
         """The folders images and grids are saved under (the day folders go inside them)."""
