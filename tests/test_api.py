@@ -344,9 +344,10 @@ def test_progress_skip_and_interrupt_act_on_a_running_txt2img(client, services):
     finally:
         caller.join(60)
     r = answer["r"]
-    assert r.status_code == 200, r.text  # as in A1111: an interrupted job answers with what it finished
+    assert r.status_code == 200, r.text  # as in A1111: an interrupted job answers with its images so far
     info = json.loads(r.json()["info"])
-    assert info["state"] == "cancelled" and r.json()["images"] == []
+    # Both batches were cut short (one skipped, one interrupted): each shows as it stood, as A1111 returns them.
+    assert info["state"] == "cancelled" and len(r.json()["images"]) == 2 and len(info["all_seeds"]) == 2
     assert services.history.get_job(info["job_id"])["state"] == "cancelled"
     assert client.get("/sdapi/v1/progress").json()["progress"] == 0
 
@@ -381,12 +382,12 @@ def test_interrupt_and_skip_stop_only_the_callers_own_job(services):
 def test_after_a_skip_all_seeds_still_label_the_returned_images(client, services):
     job = services.worker.get(client.post("/api/v1/jobs", json=LONG | {"n_iter": 3, "seed": 500}).json()["id"])
     wait_for(lambda: job.progress.step >= 1)
-    assert client.post("/sdapi/v1/skip").status_code == 200  # batch 0 (seed 500) returns no image
+    assert client.post("/sdapi/v1/skip").status_code == 200  # batch 0 (seed 500) returns its unfinished image
     assert job.wait(120) and job.state is JobState.DONE
     result = client.get(f"/api/v1/jobs/{job.id}").json()["result"]
     info = json.loads(result["info"])
     labels = [int(read_infotext(png(b64)).split("Seed: ")[1].split(",")[0]) for b64 in result["images"]]
-    assert labels == info["all_seeds"] == [501, 502] and len(info["all_prompts"]) == 2
+    assert labels == info["all_seeds"] == [500, 501, 502] and len(info["all_prompts"]) == 3
 
 
 def test_a_job_that_could_not_save_returns_its_images_and_says_why(client, services, monkeypatch):

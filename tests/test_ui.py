@@ -252,15 +252,16 @@ def test_a_reloaded_page_resumes_only_its_own_tabs_job(ui, ui_services):
     assert worker.get(first_page.job_id).state is JobState.CANCELLED
 
 
-def test_a_run_whose_every_batch_was_skipped_says_so(ui, ui_services):
+def test_a_run_whose_every_batch_was_skipped_shows_the_unfinished_image_unsaved(ui, ui_services):
     session = Session()
     thread, outputs = run_in_thread(ui, session, steps=40, n_iter=1)
     worker = ui_services.worker
     wait_for(lambda: session.job_id and worker.get(session.job_id).progress.step > 0, what="job running")
     event(ui, "skip")(session)
     thread.join(60)
-    assert worker.get(session.job_id).state is JobState.DONE and outputs[-1][1] == []
-    assert "Skipped; no image kept." in outputs[-1][2]
+    assert worker.get(session.job_id).state is JobState.DONE
+    assert [caption for _, caption in outputs[-1][1]] == [f"seed {session.seeds[0]} (unfinished)"]
+    assert "Skipped (1 unfinished: shown, not saved)." in outputs[-1][2]
 
 
 def test_skip_ends_the_current_image_and_goes_on(ui, ui_services):
@@ -271,8 +272,8 @@ def test_skip_ends_the_current_image_and_goes_on(ui, ui_services):
     event(ui, "skip")(session)  # one of the two batches is skipped, whichever is running
     thread.join(60)
     job = worker.get(session.job_id)
-    assert job.state is JobState.DONE and len(job.images) == 1
-    assert len(outputs[-1][1]) == 1
+    assert job.state is JobState.DONE and [im.unfinished for im in job.images] in ([True, False], [False, True])
+    assert len(outputs[-1][1]) == 2
 
 
 # --- models ---------------------------------------------------------------------------------

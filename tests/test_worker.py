@@ -94,7 +94,11 @@ def test_cancel_a_running_job_stops_it_at_the_next_step(services):
     wait_for(lambda: victim.progress.step >= 2)
     assert services.worker.cancel(victim.id)
     assert victim.wait(30) and victim.state is JobState.CANCELLED
-    assert victim.progress.step < 150 and victim.images == []
+    # As A1111: the picture cut short is shown as it stood, and never saved.
+    assert victim.progress.step < 150 and [(im.seed, im.unfinished, im.path) for im in victim.images] == [
+        (1, True, None)]
+    assert "Steps: 150" in victim.images[0].infotext  # what was asked for, as A1111 writes it
+    assert services.history.list_images()[1] == 0
     assert other.wait(60) and other.state is JobState.DONE and len(other.images) == 1
     assert not services.worker.cancel(victim.id)  # already finished
 
@@ -117,7 +121,9 @@ def test_skip_ends_the_current_batch_and_goes_on(services):
     wait_for(lambda: job.progress.step >= 2)
     assert services.worker.skip(job.id)
     assert job.wait(60) and job.state is JobState.DONE
-    assert [im.seed for im in job.images] == [11]  # batch 0 (seed 10) was skipped
+    # Batch 0 (seed 10) was skipped: shown unfinished, not saved, not in the grid (one finished image: no grid).
+    assert [(im.seed, im.unfinished, im.path is None) for im in job.images] == [(10, True, True), (11, False, False)]
+    assert job.grid_path is None and services.history.list_images()[1] == 1
 
 
 def test_a_failing_job_is_marked_and_the_next_one_runs(services):
@@ -421,3 +427,13 @@ def test_a_slow_history_write_never_holds_the_queue(services, monkeypatch):
     finally:
         release.set()
         submitting.join(30)
+
+
+def test_a_saved_grid_leaves_out_the_image_a_skip_cut_short(services):
+    job = services.worker.submit(QUICK | {"steps": 150, "n_iter": 3, "seed": 70})
+    wait_for(lambda: job.progress.step >= 2)
+    services.worker.skip(job.id)  # batch 0 (seed 70)
+    assert job.wait(120) and job.state is JobState.DONE
+    assert [im.unfinished for im in job.images] == [True, False, False]
+    with Image.open(job.grid_path) as grid:
+        assert grid.size == (128, 64) and "Seed: 71," in read_infotext(grid)  # two finished images

@@ -147,6 +147,7 @@ class GeneratedImage:
     nsfw: bool = False
     path: str | None = None
     history_id: int | None = None
+    unfinished: bool = False  # Interrupt or Skip came before its last step: shown, never saved (as A1111)
 
 
 @dataclass

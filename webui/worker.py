@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from webui import __version__
-from webui.engine.generate import Engine, LoadedModel
+from webui.engine.generate import DenoisingStopped, Engine, LoadedModel
 from webui.schemas import GeneratedImage, GenerationRequest, JobState, Progress, MAX_SEED, parse_request
 from webui.storage.history import History
 from webui.storage.infotext import build_infotext
@@ -43,11 +43,11 @@ class WorkerStopped(RuntimeError):
     """The worker has stopped (the server is shutting down): it takes no more work."""
 
 
-class JobCancelled(Exception):
+class JobCancelled(DenoisingStopped):
     pass
 
 
-class BatchSkipped(Exception):
+class BatchSkipped(DenoisingStopped):
     pass
 
 
@@ -389,8 +389,9 @@ class Worker:
             if job.cancel_event.is_set():
                 raise JobCancelled
             self._run_batch(job, batch, pace)
-        if len(job.images) > 1 and job.request.save_images:  # only a saved grid is shown or returned
-            self._save_grid(job)
+        finished = [image for image in job.images if not image.unfinished]  # a Skip leaves one unfinished
+        if len(finished) > 1 and job.request.save_images:  # only a saved grid is shown or returned
+            self._save_grid(job, finished)
 
     def _prepare(self, job: Job) -> None:
         """The job's model, its seeds (one per image) and its progress before the first step."""
@@ -413,7 +414,11 @@ class Worker:
         started = time.time()
         try:
             results = self.engine.generate(request, seeds, self._step_callback(job, batch, compiling, pace))
-        except BatchSkipped:
+        except DenoisingStopped as stopped:  # shown as they stood, not saved
+            for i, result in enumerate(stopped.images):
+                self._keep_image(job, result, first + i, seconds=0.0, unfinished=True)
+            if isinstance(stopped, JobCancelled):
+                raise
             return
         finally:
             job.progress.note = None
@@ -421,10 +426,10 @@ class Worker:
         for i, result in enumerate(results):
             self._keep_image(job, result, first + i, seconds)
 
-    def _save_grid(self, job: Job) -> None:
-        grid = make_grid([im.image for im in job.images])
+    def _save_grid(self, job: Job, images: list[GeneratedImage]) -> None:
+        grid = make_grid([im.image for im in images])
         try:
-            path = self.outputs.save_grid(grid, job.images[0].infotext)
+            path = self.outputs.save_grid(grid, images[0].infotext)
             job.grid, job.grid_path = grid, str(path)  # the grid first: readers test grid_path
         except Exception as err:
             self._warn(job, "the grid was not saved", err)
@@ -461,7 +466,7 @@ class Worker:
 
         return on_step
 
-    def _keep_image(self, job: Job, result, index: int, seconds: float) -> None:
+    def _keep_image(self, job: Job, result, index: int, seconds: float, unfinished: bool = False) -> None:
         request, model = job.request, job.model
         width, height = model.size_for(request)
         infotext = build_infotext(request.prompt, request.negative_prompt, {
@@ -481,9 +486,10 @@ class Worker:
             "NSFW": "blacked out by the safety checker" if result.nsfw else None,
             "Version": f"diffusers-webui {__version__}",
         })
-        image = GeneratedImage(image=result.image, seed=result.seed, index=index, infotext=infotext, nsfw=result.nsfw)
+        image = GeneratedImage(image=result.image, seed=result.seed, index=index, infotext=infotext, nsfw=result.nsfw,
+                               unfinished=unfinished)
         job.images.append(image)  # first: whatever happens to the file, the user gets the picture
-        if request.save_images:
+        if request.save_images and not unfinished:
             self._save(job, image, width, height, seconds)
 
     def _save(self, job: Job, image: GeneratedImage, width: int, height: int, seconds: float) -> None:

@@ -193,11 +193,12 @@ def job_result(job: Job, parameters: dict[str, Any]) -> Txt2ImgResponse:
     infotexts = [im.infotext for im in images]
     first_index = 0
     if job.grid_path and request.send_images:  # from memory: the file may have been deleted since
-        encoded.insert(0, encode_png(job.grid, images[0].infotext))
-        infotexts.insert(0, images[0].infotext)
+        grid_infotext = next(im.infotext for im in images if not im.unfinished)  # the grid leaves those out
+        encoded.insert(0, encode_png(job.grid, grid_infotext))
+        infotexts.insert(0, grid_infotext)
         first_index = 1
-    # One seed per returned image, in order (a skipped batch returns none), so all_seeds[i] labels
-    # image i; with no image at all, the seeds the job was given.
+    # One seed per returned image, in order (one Skip or Interrupt came before its first step returns
+    # none), so all_seeds[i] labels image i; with no image at all, the seeds the job was given.
     seeds = [im.seed for im in images] or job.seeds or [request.seed]
     count = len(seeds)
     model = job.model

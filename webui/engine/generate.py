@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
+class DenoisingStopped(Exception):
+    """Raised by a step callback to end the batch early (Interrupt, Skip). On its way out the engine puts the
+    batch's images as they stand after the last finished step in `images`: A1111 shows an interrupted
+    picture too (and does not save it)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.images: list[EngineImage] = []
+
+
 class NonFiniteOutput(RuntimeError):
     """The model or the VAE produced NaN or infinity: the picture would be black, so say so instead."""
 
@@ -251,34 +261,42 @@ class Engine:
             # DPM++ SDE draws its Brownian noise from its own seeds (else from torch's global RNG).
             pipe.scheduler.noise_sampler_seed = list(seeds)
 
-        reported = 0
+        reported, finished = 0, None  # the last sampler step reported, and its latents
 
         def step_end(pipeline, call, timestep, tensors):
-            nonlocal reported
+            nonlocal reported, finished
             step = sampler_steps_done(call + 1, len(pipeline.scheduler.timesteps), request.steps)
             if on_step is not None and step > reported:
-                reported = step
-                on_step(step, request.steps, tensors["latents"])
+                reported, finished = step, tensors["latents"]
+                on_step(step, request.steps, finished)
             return {}
 
         with torch.inference_mode():
             prompt_embeds, negative_embeds = encode_prompt_pair(
                 pipe, [request.prompt] * len(seeds), [_negative_in_use(request)] * len(seeds), request.clip_skip)
-            latents = pipe(
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_embeds,
-                num_inference_steps=request.steps,
-                guidance_scale=request.cfg_scale,
-                width=width,
-                height=height,
-                generator=generators,
-                output_type="latent",
-                callback_on_step_end=step_end,
-            ).images
+            try:
+                latents = pipe(
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_embeds,
+                    num_inference_steps=request.steps,
+                    guidance_scale=request.cfg_scale,
+                    width=width,
+                    height=height,
+                    generator=generators,
+                    output_type="latent",
+                    callback_on_step_end=step_end,
+                ).images
+            except DenoisingStopped as stopped:
+                if finished is not None and torch.isfinite(finished).all():
+                    stopped.images = self._to_images(finished, seeds, width, height)
+                raise
             if not torch.isfinite(latents).all():  # decoding them would give a black picture
                 raise NonFiniteOutput(_nan_advice(pipe.unet.dtype))
-            pixels = self.decode(latents, tiled=decodes_in_tiles(width, height))
-            images, flags = self.check_safety(pixels)
+            return self._to_images(latents, seeds, width, height)
+
+    def _to_images(self, latents: torch.Tensor, seeds: list[int], width: int, height: int) -> list[EngineImage]:
+        pixels = self.decode(latents, tiled=decodes_in_tiles(width, height))
+        images, flags = self.check_safety(pixels)
         return [EngineImage(image, seed, flag) for image, seed, flag in zip(images, seeds, flags)]
 
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:

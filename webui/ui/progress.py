@@ -55,11 +55,17 @@ def final_html(job: Job) -> str:
     """The message left under the gallery when a job ends: nothing on a clean success."""
     if job.state is JobState.FAILED:
         return error_html(f"Generation failed: {job.error or 'unknown error'}") + _warnings_html(job)
+    unfinished = sum(image.unfinished for image in job.images)
+    # As in A1111, what Interrupt or Skip cut short is shown as it stood, and not saved.
+    cut_short = f" ({unfinished} unfinished: shown, not saved)" if unfinished else ""
     if job.state is JobState.CANCELLED:
         kept = len(job.images)
-        return notice_html(f"Interrupted; {kept} image{'s' if kept != 1 else ''} kept.") + _warnings_html(job)
-    if not job.images:  # a finished job without images: Skip ended every batch
+        return notice_html(f"Interrupted; {kept} image{'s' if kept != 1 else ''} kept{cut_short}.") + \
+            _warnings_html(job)
+    if not job.images:  # Skip came before the first step of every batch
         return notice_html("Skipped; no image kept.") + _warnings_html(job)
+    if unfinished:
+        return notice_html(f"Skipped{cut_short}.") + _warnings_html(job)
     return _warnings_html(job)
 
 

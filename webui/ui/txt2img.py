@@ -61,8 +61,8 @@ class Session:
 
 def gallery_items(images: list[GeneratedImage]) -> list[tuple[Any, str]]:
     """Saved files are shown by path (no re-encoding); unsaved or since-deleted ones as PIL."""
-    return [(image.path if image.path and os.path.exists(image.path) else image.image, f"seed {image.seed}")
-            for image in images]
+    return [(image.path if image.path and os.path.exists(image.path) else image.image,
+             f"seed {image.seed}" + (" (unfinished)" if image.unfinished else "")) for image in images]
 
 
 def show_images(session: Session, job: Job) -> list[tuple[Any, str]]:
