@@ -196,6 +196,9 @@ def test_the_image_clicked_during_a_run_gives_parameters_and_seed_after_it(page)
 
 
 def test_a_single_image_is_shown_whole(page):
+    page.locator("#txt2img_seed input").fill("12.7")
+    page.locator("#txt2img_prompt textarea").click()  # leaving the box shows the seed the run will use
+    playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value("13")
     page.locator("#txt2img_prompt textarea").fill("one whole apple")
     set_number(page, "txt2img_steps", 2)
     page.click("#txt2img_generate")

@@ -296,6 +296,9 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     # event here would read the Schedule type as it was before the send.
     sampler.input(actions.schedules_for, inputs=[sampler, scheduler], outputs=[scheduler],
                    api_visibility="private", show_progress="hidden")
+    # Gradio rounds a typed 12.7 to 13 for the run but leaves 12.7 in the box: show the seed that will be used.
+    seed.blur(lambda value: value, inputs=[seed], outputs=[seed], api_visibility="private", show_progress="hidden",
+              queue=False)
     random_seed.click(actions.random_seed, outputs=[seed], api_name="random_seed", show_progress="hidden")
     reuse_seed.click(actions.reuse_seed, inputs=[session], outputs=[seed], api_name="reuse_seed",
                      show_progress="hidden")
