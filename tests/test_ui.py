@@ -783,14 +783,3 @@ def test_a_shared_server_without_login_offers_no_delete(ui_services, monkeypatch
         actions.delete(1, 0, "")
     monkeypatch.setattr(ui_services.settings, "gradio_auth", [("a", "b")])
     assert HistoryActions(ui_services).can_delete
-
-
-def test_the_model_status_follows_a_model_loaded_elsewhere(ui, ui_services, monkeypatch):
-    poll = event(ui, "poll_status")
-    now = poll("", TINY)
-    assert f"Model: {TINY}" in now and "Generate here" not in now
-    assert is_skip(poll(now, TINY))  # unchanged: nothing sent
-    # Another tab loaded another model: this page's dropdown still names its own, which Generate loads.
-    assert "Generate here loads other-model first" in poll(now, "other-model")
-    monkeypatch.setattr(ui_services.worker, "activity", "Loading model other-model")
-    assert is_skip(poll(now, "other-model"))  # a load's own messages are not overwritten

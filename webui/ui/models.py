@@ -18,7 +18,6 @@ from webui.ui.progress import error_html, notice_html
 log = logging.getLogger(__name__)
 DEFAULT_SIZE = 512  # slider value when no model is loaded yet
 WARM_UP_POLL_SECONDS = 0.5
-STATUS_POLL_SECONDS = 3.0  # the status line follows models loaded by other tabs and API clients
 WARM_UP_WATCH_SECONDS = 15 * 60  # a compile takes a minute or two; stop watching a stuck one
 
 
@@ -91,8 +90,7 @@ class ModelActions:
         model = self.services.engine.model
         return model.native_width if model else DEFAULT_SIZE
 
-    def status(self, selected: str | None = None) -> str:
-        """The loaded model; and when selected (this page's dropdown) names another, that Generate loads it."""
+    def status(self) -> str:
         model = self.services.engine.model
         if model is None:
             return error_html(f"No model loaded: {self.services.settings.ckpt!r} could not be loaded. "
@@ -101,19 +99,7 @@ class ModelActions:
         text = f"Model: {model.entry.name}{digest}, native size {model.native_width}x{model.native_height}"
         if self.services.engine.needs_warm_up:
             text += " · compiling; images wait until it is done"
-        if selected and selected not in (model.entry.name, model.entry.source):
-            text += f" · Generate here loads {selected} first"
         return notice_html(text)
-
-    def poll_status(self, shown: str, selected: str | None):
-        """The status line again when it has changed: another tab (or an API client) may have loaded another
-        model since. Says too when this page's next Generate loads another model than the one loaded now.
-        Left alone while a load or compile runs, whose own messages it would overwrite."""
-        model = self.services.engine.model
-        if self.services.worker.activity or model is None:
-            return gr.skip()
-        text = self.status(selected)
-        return gr.skip() if text == shown else text
 
     def refresh(self, selected: str | None):
         """Rescan the models folder; keeps the selection."""
@@ -161,6 +147,4 @@ def build_model_picker(actions: ModelActions) -> ModelPicker:
                          padding=False)
     refresh.click(actions.refresh, inputs=[dropdown], outputs=[dropdown], api_name="refresh_models",
                   show_progress="hidden")
-    gr.Timer(STATUS_POLL_SECONDS).tick(actions.poll_status, inputs=[status, dropdown], outputs=[status],
-                                       api_visibility="private", show_progress="hidden")
     return ModelPicker(dropdown, refresh, status)
