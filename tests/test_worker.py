@@ -10,7 +10,7 @@ from PIL import Image
 from webui.engine.models import ModelNotFound
 from webui.schemas import InvalidRequest, JobState
 from webui.storage.outputs import read_infotext
-from webui.worker import QueueFull
+from webui.worker import QueueFull, WorkerStopped
 from tests.conftest import TINY
 from tests.helpers import wait_for
 
@@ -437,3 +437,74 @@ def test_a_saved_grid_leaves_out_the_image_a_skip_cut_short(services):
     assert [im.unfinished for im in job.images] == [True, False, False]
     with Image.open(job.grid_path) as grid:
         assert grid.size == (128, 64) and "Seed: 71," in read_infotext(grid)  # two finished images
+
+
+def test_a_job_row_that_failed_at_submit_is_written_when_the_job_starts(services, monkeypatch):
+    import sqlite3
+
+    add_job, failures = services.history.add_job, []
+
+    def locked_once(*args):
+        if not failures:
+            failures.append(1)
+            raise sqlite3.OperationalError("database is locked")
+        add_job(*args)
+
+    monkeypatch.setattr(services.history, "add_job", locked_once)
+    job = services.worker.submit(QUICK | {"batch_size": 2, "seed": 60})
+    assert job.wait(60) and job.state is JobState.DONE and job.warnings == []
+    assert services.history.list_images()[1] == 2  # each image has its row (they need the job's)
+    assert services.history.get_job(job.id)["state"] == "done"
+
+
+def test_the_queue_limit_holds_while_history_writes_are_slow(services, monkeypatch):
+    import time as clock
+
+    blocker = services.worker.submit(QUICK | {"steps": 150})
+    wait_for(lambda: blocker.state is JobState.RUNNING)
+    add_job = services.history.add_job
+    monkeypatch.setattr(services.history, "add_job", lambda *args: (clock.sleep(0.5), add_job(*args)))
+    monkeypatch.setattr(services.worker, "max_queue", 1)
+    outcomes = []
+
+    def submit():
+        try:
+            outcomes.append(services.worker.submit(QUICK))
+        except QueueFull as err:
+            outcomes.append(err)
+
+    threads = [threading.Thread(target=submit) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    accepted = [job for job in outcomes if not isinstance(job, QueueFull)]
+    assert len(accepted) == 1 and services.worker.queue_length() == 1
+    services.worker.cancel(blocker.id)
+
+
+def test_a_job_refused_after_its_row_was_written_is_not_left_queued(services, monkeypatch):
+    add_job, seen = services.history.add_job, []
+
+    def stop_meanwhile(job_id, *args):
+        add_job(job_id, *args)
+        seen.append(job_id)
+        services.worker.stop()  # the server shuts down between the two halves of submit
+
+    monkeypatch.setattr(services.history, "add_job", stop_meanwhile)
+    with pytest.raises(WorkerStopped):
+        services.worker.submit(QUICK)
+    assert services.history.get_job(seen[0])["state"] == "cancelled"
+
+
+def test_one_step_batches_keep_their_eta_current():
+    from webui.worker import StepPace
+
+    now = [0.0]
+    pace = StepPace(clock=lambda: now[0])
+    pace.step(1, 1)
+    now[0] += 40.0  # the first image compiled the VAE decoder
+    pace.step(1, 1)
+    now[0] += 0.2
+    pace.step(1, 1)
+    assert pace.eta(5) == pytest.approx(0.2 * 5)

@@ -69,6 +69,7 @@ class Job:
     model: LoadedModel | None = None
     error: str | None = None
     warnings: list[str] = field(default_factory=list)  # what went wrong without failing the job (a save)
+    in_history: bool = False  # its row is written (submit retries at the start when it was not)
     started_at: float | None = None
     finished_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
@@ -123,8 +124,9 @@ class StepPace:
         if step > 1:
             self.seconds_per_step = (now - self._batch_started) / (step - 1)
             return
-        if self.seconds_per_step is None and self._batch_started is not None:
-            # A batch of one step never makes two: time first step to first step, decode included.
+        if self._batch_started is not None and (self.seconds_per_step is None or steps == 1):
+            # A batch of one step never makes two: time first step to first step, decode included, anew
+            # at every batch (the first one's includes compiling the VAE decoder).
             self.seconds_per_step = (now - self._batch_started) / steps
         self._batch_started = now
 
@@ -192,23 +194,37 @@ class Worker:
 
     # --- the public surface ---------------------------------------------------------------
     def submit(self, request: GenerationRequest | dict, origin: str = "ui", owner: str | None = None) -> Job:
-        """Queue a request; returns its Job at once. Raises InvalidRequest or QueueFull."""
+        """Queue a request; returns its Job at once. Raises InvalidRequest, QueueFull or WorkerStopped."""
         request = parse_request(request)
         job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner)
         with self._wake:
-            self._refuse_when_stopping()
-            if self.queue_length() >= self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting); try again shortly")
+            self._refuse_new_job()  # early: no history row for a job that cannot be queued
         # Outside the lock: a locked database waits seconds, and the queue must answer meanwhile.
-        self._record(job, "the job is missing from the history",
-                     lambda: self.history.add_job(job.id, origin, request.model_dump(), job.created_at))
-        with self._wake:
-            self._refuse_when_stopping()
-            self._jobs[job.id] = job
-            self._queue.append(job)
-            self._forget_old_jobs()
-            self._wake.notify_all()
+        try:
+            self._add_to_history(job)
+            job.in_history = True
+        except Exception as err:  # tried again when the job starts; a warning only if that fails too
+            log.warning("job %s: its history row waits: %s: %s", job.id, type(err).__name__, err)
+        try:
+            with self._wake:
+                self._refuse_new_job()  # again: others may have filled the queue, or stop() come, meanwhile
+                self._jobs[job.id] = job
+                self._queue.append(job)
+                self._forget_old_jobs()
+                self._wake.notify_all()
+        except (QueueFull, WorkerStopped) as refused:
+            self._record(job, "the refused job's row stays 'queued' in the history", lambda: self.history.set_job_state(
+                job.id, JobState.CANCELLED.value, error=str(refused), finished_at=time.time()))
+            raise
         return job
+
+    def _refuse_new_job(self) -> None:
+        self._refuse_when_stopping()
+        if self.queue_length() >= self.max_queue:
+            raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting); try again shortly")
+
+    def _add_to_history(self, job: Job) -> None:
+        self.history.add_job(job.id, job.origin, job.request.model_dump(), job.created_at)
 
     def get(self, job_id: str) -> Job | None:
         with self._wake:
@@ -350,6 +366,8 @@ class Worker:
     def _run_job(self, job: Job) -> None:
         job.state = JobState.RUNNING
         job.started_at = time.time()
+        if not job.in_history:  # its row failed at submit (a locked database): without it no image gets a row
+            job.in_history = self._record(job, "the job is missing from the history", lambda: self._add_to_history(job))
         self._record(job, "the job's start is missing from the history",
                      lambda: self.history.set_job_state(job.id, JobState.RUNNING.value, started_at=job.started_at))
         try:
@@ -514,13 +532,15 @@ class Worker:
         except Exception as err:
             self._warn(job, f"{path.name} was saved but is missing from the history", err)
 
-    def _record(self, job: Job, what: str, write: Callable[[], None]) -> None:
-        """A history write. A failure (a full disk, a locked database) is a warning on the job: the
-        pictures matter more than their record."""
+    def _record(self, job: Job, what: str, write: Callable[[], None]) -> bool:
+        """A history write; whether it worked. A failure (a full disk, a locked database) is a warning on the
+        job: the pictures matter more than their record."""
         try:
             write()
         except Exception as err:
             self._warn(job, what, err)
+            return False
+        return True
 
     @staticmethod
     def _warn(job: Job, what: str, err: Exception) -> None:
