@@ -404,3 +404,19 @@ def test_tiles_and_previews_decode_uncompiled(models_dir, tmp_path, compile_with
         assert np.abs(preview - np.asarray(plain.preview(latents), dtype=np.int16)).max() <= 1
         engine.decode(latents)  # the whole batch in one piece: compiled
     assert len(graphs) == 1
+
+
+def test_an_xformers_that_fails_to_import_counts_as_missing(monkeypatch, tmp_path):
+    import sys
+
+    broken = tmp_path / "xformers"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('built for another torch')")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fast_path._xformers_installed.cache_clear()
+    try:
+        assert fast_path._xformers_installed() is False
+    finally:
+        fast_path._xformers_installed.cache_clear()
+        for name in [n for n in sys.modules if n.startswith("xformers")]:
+            sys.modules.pop(name)

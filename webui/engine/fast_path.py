@@ -8,7 +8,8 @@ and --no-compile decide instead. A compile that fails is undone and the model ru
 """
 from __future__ import annotations
 
-import importlib.util
+import functools
+import importlib
 
 import os
 from pathlib import Path
@@ -46,8 +47,14 @@ def compile_choice(wanted: bool | None, *, device: str, offloading: bool, xforme
     return True, "CUDA GPU with Triton" + (" (--xformers ignored: xformers is not installed)" if xformers else "")
 
 
+@functools.cache
 def _xformers_installed() -> bool:
-    return importlib.util.find_spec("xformers") is not None
+    """Whether xformers' attention imports: a wheel built for another torch is installed but fails here."""
+    try:
+        importlib.import_module("xformers.ops")
+    except Exception:  # ImportError, or the errors a mismatched binary raises while loading
+        return False
+    return True
 
 
 class CompiledShapes:
