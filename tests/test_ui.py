@@ -374,6 +374,8 @@ def test_send_to_txt2img_sets_the_batch_size_of_a_batch_image(ui):
     text = "a castle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 9, Size: 64x64, Batch size: 4, Batch pos: 2"
     values = event(ui, "send_from_pnginfo")(text)
     assert values[TXT2IMG_FIELDS.index("batch_size")] == 4 and values[TXT2IMG_FIELDS.index("seed")] == 9
+    single = event(ui, "send_from_pnginfo")(text.replace(", Batch size: 4, Batch pos: 2", ""))
+    assert single[TXT2IMG_FIELDS.index("batch_size")] == 1  # left out when written: 1
 
 
 def test_a_model_that_cannot_be_applied_is_named_in_a_warning(ui):

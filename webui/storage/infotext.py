@@ -113,9 +113,10 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     prompt, negative, params = parse_infotext(text)
     fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
     if params:
-        # "Clip skip: 1" is left out when written (as A1111 does), so a parameters line without it
-        # means 1; A1111's paste resets the slider the same way.
-        fields["clip_skip"] = 1
+        # "Clip skip: 1" and "Batch size: 1" are left out when written (as A1111 does), so a parameters line
+        # without them means 1; A1111's paste resets the Clip skip slider the same way. A single image sent
+        # to a page set to batch 4 would otherwise be made again inside a batch, a few pixel values off.
+        fields["clip_skip"] = fields["batch_size"] = 1
     for key, (name, convert) in _REQUEST_FIELDS.items():
         if key in params:
             try:
