@@ -399,6 +399,29 @@ def test_a_model_asked_for_twice_in_a_row_loads_once(services, monkeypatch):
     assert loads == ["no-such-model", TINY, "no-such-model"]
 
 
+def test_a_model_asked_for_again_behind_a_job_naming_another_is_loaded_again(services, monkeypatch):
+    release = threading.Event()
+    services.worker.call(lambda engine: release.wait(30))
+    first = services.worker.queue_model_load("no-such-model")
+    job = services.worker.submit(QUICK | {"model": TINY, "save_images": False})  # loads its own model
+    again = services.worker.queue_model_load("no-such-model")
+    release.set()
+    assert again is not first and job.wait(60)
+
+
+def test_a_model_asked_for_again_while_its_load_runs_shares_it(services, monkeypatch):
+    entered, release = threading.Event(), threading.Event()
+    real = services.engine.load
+    loads = []
+    monkeypatch.setattr(services.engine, "load", lambda name: (loads.append(name), entered.set(), release.wait(30),
+                                                             real(name))[-1])
+    first = services.worker.queue_model_load(TINY)
+    assert entered.wait(30)  # running now, nothing behind it
+    assert services.worker.queue_model_load(TINY) is first
+    release.set()
+    assert first.result(60).entry.name == TINY and loads == [TINY]
+
+
 def test_a_full_disk_under_the_history_still_gives_the_pictures(services, monkeypatch):
     import sqlite3
 

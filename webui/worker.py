@@ -146,6 +146,7 @@ class _Call:
     fn: Callable[[Engine], Any]
     future: Future
     activity: str | None = None  # what the UI and /progress say while it runs
+    model_name: str | None = None  # the model a load call loads
 
 
 class Worker:
@@ -159,9 +160,9 @@ class Worker:
         self._queue: collections.deque[Job | _Call] = collections.deque()
         self._jobs: dict[str, Job] = {}
         self._current: Job | None = None
+        self._running_call: _Call | None = None
         self._wake = threading.Condition()
         self._stopping = False
-        self._last_load: tuple[str | None, Future] = (None, Future())  # the newest model load asked for
         self._thread: threading.Thread | None = None
         # What the worker does between jobs (loading or compiling a model), for people waiting; else None.
         self.activity: str | None = None
@@ -296,14 +297,15 @@ class Worker:
 
     def queue_model_load(self, name: str) -> Future:
         """load_model without the wait: a future that gives the LoadedModel, or raises what the load raised.
-        The model asked for last, asked for again before its load has run, shares that load (the model
-        dropdown sends each pick twice; two API clients may pick one model): a failing load runs once."""
+        A model asked for again while its load is the last thing in line shares that load (the model
+        dropdown sends each pick twice; two API clients may pick one model): a failing load runs once.
+        Behind anything else (a job naming another model), it is loaded again."""
         with self._wake:
-            last_name, last_load = self._last_load
-            if name == last_name and not last_load.done():  # no other model was asked for since
-                return last_load
+            last = self._queue[-1] if self._queue else self._running_call
+            if isinstance(last, _Call) and last.model_name == name:
+                return last.future
             future = self.call(lambda engine: self._load_then_queue_warm_up(engine, name), f"Loading model {name}")
-            self._last_load = (name, future)
+            self._queue[-1].model_name = name
         return future
 
     @property
@@ -355,13 +357,13 @@ class Worker:
     def _run_call(self, call: _Call) -> None:
         if not call.future.set_running_or_notify_cancel():
             return
-        self.activity = call.activity
+        self.activity, self._running_call = call.activity, call
         try:
             call.future.set_result(call.fn(self.engine))
         except BaseException as err:
             call.future.set_exception(err)
         finally:
-            self.activity = None
+            self.activity, self._running_call = None, None
 
     def _run_job(self, job: Job) -> None:
         job.state = JobState.RUNNING
