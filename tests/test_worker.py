@@ -531,3 +531,14 @@ def test_one_step_batches_keep_their_eta_current():
     now[0] += 0.2
     pace.step(1, 1)
     assert pace.eta(5) == pytest.approx(0.2 * 5)
+
+
+def test_an_unfinished_image_that_cannot_be_decoded_still_ends_the_job_as_interrupted(services, monkeypatch):
+    def broken_vae(*args, **kwargs):
+        raise RuntimeError("the VAE ran out of memory")
+
+    job = services.worker.submit(QUICK | {"steps": 150})
+    wait_for(lambda: job.progress.step >= 2)
+    monkeypatch.setattr(services.engine, "decode", broken_vae)
+    services.worker.cancel(job.id)
+    assert job.wait(30) and job.state is JobState.CANCELLED and job.images == []

@@ -288,7 +288,10 @@ class Engine:
                 ).images
             except DenoisingStopped as stopped:
                 if finished is not None and torch.isfinite(finished).all():
-                    stopped.images = self._to_images(finished, seeds, width, height)
+                    try:
+                        stopped.images = self._to_images(finished, seeds, width, height)
+                    except Exception:  # the stop matters, not the picture it would have left
+                        log.exception("the image cut short could not be decoded")
                 raise
             if not torch.isfinite(latents).all():  # decoding them would give a black picture
                 raise NonFiniteOutput(_nan_advice(pipe.unet.dtype))

@@ -41,11 +41,11 @@ def txt2img_updates(fields: dict[str, Any], model_names: list[str], find_model: 
         if note:
             gr.Warning(note)
     if fields.get("scheduler"):  # the Schedule type list follows the sampler (txt2img.schedules_for)
-        fields["scheduler"] = gr.update(choices=_schedules_of(fields.get("sampler_name")), value=fields["scheduler"])
+        fields["scheduler"] = gr.update(choices=schedules_of(fields.get("sampler_name")), value=fields["scheduler"])
     return [fields[name] if fields.get(name) is not None else gr.skip() for name in TXT2IMG_FIELDS]
 
 
-def _schedules_of(sampler_name: str | None) -> list[str]:
+def schedules_of(sampler_name: str | None) -> list[str]:
     """The schedule types a sampler can follow; all of them when the sampler on the page is not known here."""
     return list(get_sampler(sampler_name).schedules if sampler_name else SCHEDULE_TYPES)
 

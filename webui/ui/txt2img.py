@@ -14,17 +14,18 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from webui.engine.samplers import get_sampler, sampler_names
+from webui.engine.samplers import sampler_names
 from webui.engine.models import ModelNotFound
 from webui.schemas import MAX_SIZE, MIN_SIZE, GeneratedImage, InvalidRequest
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
-from webui.ui.params import TXT2IMG_FIELDS
+from webui.ui.params import TXT2IMG_FIELDS, schedules_of
 from webui.ui.progress import error_html, final_html, progress_html, timing_html, token_counter
 from webui.worker import Job, QueueFull, WorkerStopped
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.25
+DEFAULT_SAMPLER = "Euler a"
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Txt2ImgActions:
         self.engine = services.engine
         self.models = models
 
-    def generate(self, session: Session, prompt: str, negative_prompt: str | None = None, sampler_name: str = "Euler a",
+    def generate(self, session: Session, prompt: str, negative_prompt: str | None = None, sampler_name: str = DEFAULT_SAMPLER,
                  scheduler: str = "Automatic", steps: int = 20, cfg_scale: float = 7.0, width: int | None = None,
                  height: int | None = None, seed: int = -1, n_iter: int = 1, batch_size: int = 1, clip_skip: int = 1,
                  model: str | None = None) -> Iterator[tuple]:
@@ -177,7 +178,7 @@ class Txt2ImgActions:
         """The Schedule type list of this sampler only (Euler a cannot follow Karras): a pair Generate would
         refuse cannot be picked. The schedule type stays when the new sampler can follow it."""
         try:
-            choices = list(get_sampler(sampler_name).schedules)
+            choices = schedules_of(sampler_name)
         except ValueError:
             return gr.skip()
         return gr.update(choices=choices) if schedule in choices else gr.update(choices=choices, value="Automatic")
@@ -243,10 +244,10 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     with gr.Row():
         with gr.Column(scale=1):
             with gr.Row():
-                sampler = gr.Dropdown(sampler_names(), value="Euler a", label="Sampling method",
+                sampler = gr.Dropdown(sampler_names(), value=DEFAULT_SAMPLER, label="Sampling method",
                                       elem_id="txt2img_sampler")
-                scheduler = gr.Dropdown(list(get_sampler("Euler a").schedules), value="Automatic",
-                                        label="Schedule type", elem_id="txt2img_scheduler")
+                scheduler = gr.Dropdown(schedules_of(DEFAULT_SAMPLER), value="Automatic", label="Schedule type",
+                                        elem_id="txt2img_scheduler")
             steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id="txt2img_steps")
             with gr.Row():
                 width = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Width", elem_id="txt2img_width")
