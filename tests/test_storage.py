@@ -470,3 +470,14 @@ def test_a_second_server_on_the_same_folder_leaves_the_first_ones_jobs_alone(set
         assert after_a_crash.history.get_job("running-there")["state"] == "failed"
     finally:
         after_a_crash.close()
+
+
+def test_a_drive_without_file_locks_counts_as_not_shared(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")  # as some network and FUSE drives answer
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert OutputStore(tmp_path).claim() is True  # else every start would leave crashed jobs 'running'

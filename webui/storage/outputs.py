@@ -49,12 +49,18 @@ class OutputStore:
             import fcntl
         except ImportError:
             return True
-        handle = open(self.outdir / ".server.lock", "a")
+        try:
+            handle = open(self.outdir / ".server.lock", "a")
+        except OSError:  # a read-only folder: saving will say so; nothing to tell here
+            return True
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held by another live process
             handle.close()
             return False
+        except OSError:  # a drive without locks (some network and FUSE drives): cannot tell, as on Windows
+            handle.close()
+            return True
         self._claim = handle
         return True
 
