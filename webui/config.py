@@ -264,7 +264,9 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         where = [name for name, flags in env_flags.items() if set(unknown) & set(flags)]
         source = f" (set in {', '.join(where)})" if where else ""
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{source}")
-    _resolve_a1111_flags(args, parser, environ, ckpt_dir_env)
+    _apply_a1111_flags(args)
+    _choose_models_dir(args, ckpt_dir_env)
+    _choose_address(args, parser, environ)
     gradio_auth = _credentials(parser, args.gradio_auth, "--gradio-auth", "WEBUI_GRADIO_AUTH", env_defaults)
     api_auth = _credentials(parser, args.api_auth, "--api-auth", "WEBUI_API_AUTH", env_defaults)
     if args.queue_size < 1:
@@ -291,27 +293,33 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
     return Settings(**values)
 
 
-def _resolve_a1111_flags(args: argparse.Namespace, parser: argparse.ArgumentParser, environ: Mapping[str, str],
-                         ckpt_dir_env: Path | None) -> None:
-    """Turn the A1111-only flags into this project's settings (in args), warn once about those ignored."""
+def _apply_a1111_flags(args: argparse.Namespace) -> None:
+    """--use-cpu all means --device cpu; every other A1111-only flag is named in one warning."""
     ignored = list(dict.fromkeys(args.ignored))
-    use_cpu = args.use_cpu
-    if use_cpu and {"all", "sd"} & set(use_cpu) and args.device == "auto":
-        args.device = "cpu"
-    elif use_cpu:
+    if {"all", "sd"} & set(args.use_cpu):
+        if args.device == "auto":
+            args.device = "cpu"
+    elif args.use_cpu:
         ignored.append("--use-cpu")
     if ignored:
         hint = " (for fp32 everywhere use --no-half)" if "--precision" in ignored and not args.no_half else ""
         log.warning("ignored: these stable-diffusion-webui flags do nothing here: %s%s", ", ".join(ignored), hint)
+    del args.ignored, args.use_cpu
 
-    # Where checkpoints are: --ckpt-dir, else A1111's models folder (--models-dir), else WEBUI_CKPT_DIR, else models/.
+
+def _choose_models_dir(args: argparse.Namespace, ckpt_dir_env: Path | None) -> None:
+    """--ckpt-dir, else A1111's models folder (--models-dir: its Stable-diffusion/ when there is one), else
+    WEBUI_CKPT_DIR, else models/."""
     base = args.models_base
     if args.models_dir is None and base is not None:
         args.models_dir = base / A1111_CHECKPOINTS if (base / A1111_CHECKPOINTS).is_dir() else base
     if args.models_dir is None:
         args.models_dir = ckpt_dir_env or DEFAULT_MODELS_DIR
+    del args.models_base
 
-    # Which address: --server-name, else --listen, else what the platform says.
+
+def _choose_address(args: argparse.Namespace, parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """--server-name, else --listen, else what the platform says (a Space, GRADIO_SERVER_NAME)."""
     if args.server_name is not None and not args.server_name.strip():
         parser.error("--server-name needs an address, e.g. 0.0.0.0 or 192.168.1.5")
     if args.server_name is None and not args.listen:
@@ -319,8 +327,6 @@ def _resolve_a1111_flags(args: argparse.Namespace, parser: argparse.ArgumentPars
             args.listen = True  # a Space must listen on 0.0.0.0 (its runtime sets GRADIO_SERVER_NAME so too)
         else:
             args.server_name = environ.get("GRADIO_SERVER_NAME", "").strip() or None
-    for name in ("ignored", "use_cpu", "models_base"):
-        delattr(args, name)
 
 
 def _unwritable(folder: Path) -> str | None:

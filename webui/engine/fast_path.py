@@ -44,7 +44,7 @@ def compile_choice(wanted: bool | None, *, device: str, offloading: bool, xforme
         return False, "Triton is missing or this GPU is older than compute capability 7.0"
     # --xformers without xformers (its wheel failed to install, as on Colab now and then) would otherwise
     # leave the GPU with plain attention and no compile: the slowest of the three.
-    return True, "CUDA GPU with Triton" + (" (--xformers ignored: xformers is not installed)" if xformers else "")
+    return True, "CUDA GPU with Triton" + (" (--xformers ignored: xformers does not import)" if xformers else "")
 
 
 @functools.cache

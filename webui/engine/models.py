@@ -101,10 +101,10 @@ class ModelRegistry:
     def find_by_hash(self, short_hash: str) -> ModelEntry | None:
         """The listed model with this short hash ("Model hash" in an infotext), among those hashed already:
         hashing every file of a models folder to answer would take minutes."""
-        for entry in self.entries():
-            if short_hash and self.short_hash(entry, cached_only=True) == short_hash.strip().lower():
-                return entry
-        return None
+        wanted = short_hash.strip().lower()
+        if not wanted:
+            return None
+        return next((e for e in self.entries() if self.short_hash(e, cached_only=True) == wanted), None)
 
     def short_hash(self, entry: ModelEntry, cached_only: bool = False) -> str | None:
         """First 10 hex digits of the sha256; None for hub models, unreadable files, or (with

@@ -79,11 +79,9 @@ class ModelActions:
                 return registry.find_listed(name, loaded.entry if loaded else None).name
             except ModelNotFound:
                 pass
-        if not short_hash:
-            return None
-        if loaded is not None and loaded.short_hash == short_hash:
-            return loaded.entry.name
-        entry = registry.find_by_hash(short_hash)
+        if loaded is not None and short_hash and loaded.short_hash == short_hash.strip().lower():
+            return loaded.entry.name  # also a model from outside the models folder
+        entry = registry.find_by_hash(short_hash or "")
         return entry.name if entry else None
 
     def native_size(self) -> int:
