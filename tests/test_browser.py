@@ -129,8 +129,14 @@ def test_generate_shows_the_image_then_history_and_seed_reuse(page, app_server):
     thumbnail.click()
     shown = urljoin(page.url, page.locator("#history_image img").get_attribute("src"))
     assert httpx.get(shown).status_code == 200 and str(app_server.outdir.resolve()) in unquote(shown)
+    page.click("#history_delete")  # asks first: Keep leaves the image, "Delete for good" deletes it
+    page.click("#history_keep")
+    playwright_api.expect(page.locator("#history_confirm_delete")).to_be_hidden()
+    assert httpx.get(shown).status_code == 200
     page.click("#history_delete")
+    page.click("#history_confirm_delete")
     playwright_api.expect(thumbnail).to_have_count(0)
+    playwright_api.expect(page.locator("#history_delete")).to_be_disabled()  # nothing is selected now
     assert httpx.get(shown).status_code in (403, 404)
 
 

@@ -401,9 +401,10 @@ def test_history_pages_search_select_send_and_delete(ui, ui_services, monkeypatc
     assert page == 1 and [caption for _, caption in items] == ["a zebra (seed 10)"]
     assert actions.next_page(page, "zebra")[0] == 1  # clamped at the last page
 
-    image_id, path, details, open_file = actions.select(ids, selected(0))
+    image_id, path, details, open_file, delete, confirm_row = actions.select(ids, selected(0))
     assert Path(path) == ui_services.outputs.resolve(ui_services.history.get_image(image_id).path)
     assert "Seed: 10" in details and open_file["link"].startswith("gradio_api/file=")
+    assert delete["interactive"] and not confirm_row["visible"]  # Delete asks again before it deletes
 
     *values, tabs = event(ui, "send_from_history")(image_id)
     by_field = dict(zip(["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width",
@@ -412,10 +413,11 @@ def test_history_pages_search_select_send_and_delete(ui, ui_services, monkeypatc
     assert by_field["model"]["value"] == TINY and TINY in by_field["model"]["choices"]
     assert tabs.selected == "txt2img"
 
-    *page_outputs, gone_id, gone_image, gone_details, _ = actions.delete(image_id, 1, "zebra")
+    *page_outputs, gone_id, gone_image, gone_details, _, delete, confirm_row = actions.delete(image_id, 1, "zebra")
     assert not Path(path).exists() and ui_services.history.get_image(image_id) is None
     assert page_outputs[0] == 0 and "2 images" in page_outputs[3]  # back to the only page left
     assert (gone_id, gone_image, gone_details) == (None, None, "")
+    assert not delete["interactive"] and not confirm_row["visible"]
     with pytest.raises(gr.Error):
         actions.delete(None, 0, "")
 
@@ -770,8 +772,8 @@ def test_history_never_shows_files_outside_outdir(ui, ui_services, tmp_path):
         prompt="x", negative_prompt="", seed=1, steps=1, sampler="Euler a", scheduler="Automatic", cfg_scale=7.0,
         width=8, height=8, clip_skip=1, model_name=TINY, model_hash=None, image_index=0, nsfw=False, seconds=None,
         infotext="x")
-    image_id, path, details, open_file = ui.history_actions.show(row_id)
-    assert (image_id, path, details) == (None, None, "") and open_file["interactive"] is False
+    image_id, path, details, open_file, delete, _ = ui.history_actions.show(row_id)
+    assert (image_id, path, details) == (None, None, "") and open_file["interactive"] is delete["interactive"] is False
 
 
 def test_a_shared_server_without_login_offers_no_delete(ui_services, monkeypatch):

@@ -1,7 +1,8 @@
 """The History tab: past images from the SQLite history, newest first, paged and searchable.
 
 Selecting a thumbnail shows the image full size with its parameters, and offers to send them to
-txt2img, open the file, or delete it. A timer notices images finished by any session or the API.
+txt2img, open the file, or delete it (after a second click on "Delete for good": the file goes too).
+A timer notices images finished by any session or the API.
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ class HistoryTab:
     send: gr.Button
     open_file: gr.Button
     delete: gr.Button
+    confirm_row: gr.Row  # "Delete for good" and "Keep", shown after Delete is clicked
+    confirm_delete: gr.Button
+    keep: gr.Button
 
     @property
     def page_outputs(self) -> list:
@@ -100,15 +104,17 @@ class HistoryActions:
         """Show one image: (selected id, full-size image, parameters, open-file link)."""
         index = evt.index if isinstance(evt.index, int) else -1
         if not 0 <= index < len(ids):
-            return None, None, "", gr.update(link=None, interactive=False)
+            return _nothing_selected()
         return self.show(ids[index])
 
     def show(self, image_id: int | None):
+        """(selected id, image, parameters, Open file, Delete, the confirm row) for one image."""
         row = self.history.get_image(image_id) if image_id is not None else None
         path = self._file(row) if row else None
         if row is None or path is None:
-            return None, None, "", gr.update(link=None, interactive=False)
-        return row.id, str(path), _details(row), gr.update(link=_file_link(path), interactive=True)
+            return _nothing_selected()
+        return (row.id, str(path), _details(row), gr.update(link=_file_link(path), interactive=True),
+                gr.update(interactive=True), gr.update(visible=False))
 
     def delete(self, image_id: int | None, page: int, search: str):
         """Delete the file and its row; outputs: the page, then the emptied detail view."""
@@ -117,7 +123,7 @@ class HistoryActions:
         if image_id is None:
             raise gr.Error("Select an image first.")
         self.history.delete_image(image_id)
-        return (*self.load_page(page, search), None, None, "", gr.update(link=None, interactive=False))
+        return *self.load_page(page, search), *_nothing_selected()
 
     def fields(self, image_id: int | None) -> dict:
         row = self.history.get_image(image_id) if image_id is not None else None
@@ -132,6 +138,12 @@ class HistoryActions:
         except ValueError:
             return None
         return path if path.is_file() else None
+
+
+def _nothing_selected() -> tuple:
+    """The detail view with no image: empty, Open file and Delete greyed out, no confirm row."""
+    return (None, None, "", gr.update(link=None, interactive=False), gr.update(interactive=False),
+            gr.update(visible=False))
 
 
 def _caption(row: HistoryImage) -> str:
@@ -175,12 +187,17 @@ def build_history(services: Services) -> tuple[HistoryTab, HistoryActions]:
             with gr.Row():
                 send = gr.Button("Send to txt2img", elem_id="history_send")
                 open_file = gr.Button("Open file", elem_id="history_open", link_target="_blank", interactive=False)
-                delete = gr.Button("Delete", variant="stop", elem_id="history_delete", visible=actions.can_delete)
+                delete = gr.Button("Delete", variant="stop", elem_id="history_delete", visible=actions.can_delete,
+                                   interactive=False)
+            # A second click, because a delete cannot be undone: the file is removed from disk too.
+            with gr.Row(visible=False, elem_id="history_confirm_row") as confirm_row:
+                confirm_delete = gr.Button("Delete for good", variant="stop", elem_id="history_confirm_delete")
+                keep = gr.Button("Keep", elem_id="history_keep")
     timer = gr.Timer(POLL_SECONDS)
 
     tab = HistoryTab(search, page_state, ids_state, selected, seen, gallery, page_info, image, details, send,
-                     open_file, delete)
-    detail_outputs = [selected, image, details, open_file]
+                     open_file, delete, confirm_row, confirm_delete, keep)
+    detail_outputs = [selected, image, details, open_file, delete, confirm_row]
     search.submit(actions.first_page, inputs=[search], outputs=tab.page_outputs, api_name="history_search",
                   show_progress="hidden")
     refresh.click(actions.reload, inputs=[page_state, search], outputs=tab.reload_outputs,
@@ -191,8 +208,13 @@ def build_history(services: Services) -> tuple[HistoryTab, HistoryActions]:
                     api_visibility="private", show_progress="hidden")
     gallery.select(actions.select, inputs=[ids_state], outputs=detail_outputs, api_visibility="private",
                    show_progress="hidden")
-    delete.click(actions.delete, inputs=[selected, page_state, search], outputs=[*tab.page_outputs, *detail_outputs],
-                 api_name="history_delete", show_progress="hidden")
+    delete.click(lambda: gr.update(visible=True), outputs=[confirm_row], api_visibility="private",
+                 show_progress="hidden")
+    keep.click(lambda: gr.update(visible=False), outputs=[confirm_row], api_visibility="private",
+               show_progress="hidden")
+    confirm_delete.click(actions.delete, inputs=[selected, page_state, search],
+                         outputs=[*tab.page_outputs, *detail_outputs], api_name="history_delete",
+                         show_progress="hidden")
     timer.tick(actions.poll, inputs=[page_state, search, seen], outputs=tab.reload_outputs,
                api_visibility="private", show_progress="hidden")
     return tab, actions
