@@ -70,11 +70,22 @@ A1111_IGNORED_SWITCHES = (
     "--disable-console-progressbars", "--enable-console-prompts", "--use-textbox-seed", "--hide-ui-dir-config",
     "--freeze-settings", "--ui-debug-mode", "--add-stop-route", "--api-server-stop",
     "--skip-load-model-at-start", "--deepdanbooru", "--show-negative-prompt", "--unload-gfpgan",
+    "--test-server", "--disable-tls-verify",  # the latter only matters with TLS, which is refused below
+    "-f",  # webui.sh's "allow running as root", often left in COMMANDLINE_ARGS
 )
 A1111_IGNORED_VALUES = (  # these take one value, which is dropped too
     "--precision", "--theme", "--device-id", "--data-dir", "--config", "--vae-dir", "--vae-path", "--lora-dir",
     "--embeddings-dir", "--hypernetwork-dir", "--styles-file", "--ui-config-file", "--ui-settings-file",
     "--localizations-dir", "--max-batch-count", "--loglevel", "--timeout-keep-alive",
+    # folders of models and tools this project does not use (LoRA, upscalers, face restorers, CLIP)
+    "--lyco-dir", "--lyco-dir-backcompat", "--textual-inversion-templates-dir", "--gfpgan-dir", "--gfpgan-model",
+    "--codeformer-models-path", "--gfpgan-models-path", "--esrgan-models-path", "--bsrgan-models-path",
+    "--realesrgan-models-path", "--scunet-models-path", "--swinir-models-path", "--ldsr-models-path",
+    "--dat-models-path", "--clip-models-path",
+    "--sub-quad-q-chunk-size", "--sub-quad-kv-chunk-size", "--sub-quad-chunk-threshold",
+    "--gradio-img2img-tool", "--gradio-inpaint-tool", "--ngrok-region",
+    # more folders Gradio may serve: this app serves only its two image folders
+    "--gradio-allowed-path",
 )
 
 log = logging.getLogger(__name__)
