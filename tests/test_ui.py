@@ -236,6 +236,28 @@ def test_two_sessions_see_their_own_jobs_and_interrupt_only_their_own(ui, ui_ser
     assert "Interrupted" in first_out[-1][2]
 
 
+def after(ui, name: str):
+    """The function of the event chained (.then) right after the event whose function is `name`."""
+    first = next(block_fn for block_fn in ui.blocks.fns.values() if block_fn.name == name)
+    return next(block_fn.fn for block_fn in ui.blocks.fns.values() if block_fn.trigger_after == first._id)
+
+
+def test_generate_stays_greyed_out_while_the_tabs_job_runs_even_after_a_resume_that_found_nothing(ui, ui_services):
+    # Generate clicked during the page load, before the tab's token arrived: the resume that follows the
+    # token finds no job of this tab, and must not make Generate clickable again while the job runs.
+    session = Session()
+    thread, _ = run_in_thread(ui, session, steps=150, n_iter=1)
+    worker = ui_services.worker
+    wait_for(lambda: session.job_id and worker.get(session.job_id).progress.step > 0, what="job running")
+    assert all(is_skip(value) for value in next(event(ui, "resume")(session, "new-token"))[1:])
+    for chain in ("resume", "generate"):
+        assert after(ui, chain)(session).interactive is False, chain
+    worker.cancel(session.job_id)
+    thread.join(30)
+    for chain in ("resume", "generate"):
+        assert after(ui, chain)(session).interactive is True, chain
+
+
 def test_a_reloaded_page_resumes_only_its_own_tabs_job(ui, ui_services):
     first_page = Session(tab="tab-one")
     thread, _ = run_in_thread(ui, first_page, steps=150, n_iter=1)

@@ -156,6 +156,13 @@ class Txt2ImgActions:
         An event of its own, so that Gradio API clients of txt2img still get the gallery as a plain list."""
         return gr.update(selected_index=session.selected) if session.seeds else gr.skip()
 
+    def generate_button(self, session: Session) -> gr.Button:
+        """Generate greyed out while this tab's own job is queued or running, else clickable. Asked at the
+        end of a run or of a page-load resume: a resume that found nothing must not re-enable the button
+        while a job the user started during the page load runs."""
+        job = self.worker.get(session.job_id) if session.job_id else None
+        return gr.Button(interactive=job is None or job.state.finished)
+
     def interrupt(self, session: Session) -> None:
         if session.job_id:
             self.worker.cancel(session.job_id)
@@ -195,10 +202,6 @@ class Txt2ImgActions:
 
 def busy_button() -> gr.Button:
     return gr.Button(interactive=False)
-
-
-def ready_button() -> gr.Button:
-    return gr.Button(interactive=True)
 
 
 @dataclass
@@ -285,10 +288,11 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
         api_name="txt2img", show_progress="hidden", concurrency_limit=None)
     after_run = dict(fn=actions.show_selected, inputs=[session], outputs=[gallery], api_visibility="private",
                      show_progress="hidden")
-    generate_event.then(ready_button, **button_state).then(**after_run)
+    generate_event.then(actions.generate_button, inputs=[session], **button_state).then(**after_run)
     tab_token.change(busy_button, **button_state).then(
         actions.resume, inputs=[session, tab_token], outputs=run_outputs, api_visibility="private",
-        show_progress="hidden", concurrency_limit=None).then(ready_button, **button_state).then(**after_run)
+        show_progress="hidden", concurrency_limit=None).then(
+        actions.generate_button, inputs=[session], **button_state).then(**after_run)
     interrupt.click(actions.interrupt, inputs=[session], outputs=[], api_name="interrupt", show_progress="hidden")
     skip.click(actions.skip, inputs=[session], outputs=[], api_name="skip", show_progress="hidden")
     gallery.select(actions.select_image, inputs=[session], outputs=[session, infotext],
