@@ -258,6 +258,22 @@ def test_generate_stays_greyed_out_while_the_tabs_job_runs_even_after_a_resume_t
         assert after(ui, chain)(session).interactive is True, chain
 
 
+def test_the_model_status_is_said_again_after_a_run_unless_a_load_is_on_its_way(ui, ui_services):
+    # Another tab may have loaded another model since this page last said; this run loaded the tab's own.
+    status_after_run = after(ui, "show_selected")
+    assert f"Model: {TINY}" in status_after_run()
+    session = Session()
+    thread, _ = run_in_thread(ui, session, steps=150, n_iter=1)
+    worker = ui_services.worker
+    wait_for(lambda: session.job_id and worker.get(session.job_id).progress.step > 0, what="job running")
+    load = worker.queue_model_load(TINY)  # picked while the job runs: it loads after the job
+    assert is_skip(status_after_run())  # the load's own "Loading…" line stays
+    worker.cancel(session.job_id)
+    thread.join(30)
+    load.result(60)
+    assert f"Model: {TINY}" in status_after_run()
+
+
 def test_a_reloaded_page_resumes_only_its_own_tabs_job(ui, ui_services):
     first_page = Session(tab="tab-one")
     thread, _ = run_in_thread(ui, first_page, steps=150, n_iter=1)

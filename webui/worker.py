@@ -308,6 +308,12 @@ class Worker:
             self._queue[-1].model_name = name
         return future
 
+    def loading_model(self) -> bool:
+        """A model load is queued or running."""
+        with self._wake:
+            calls = [*self._queue, self._running_call]
+        return any(isinstance(call, _Call) and call.model_name for call in calls)
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

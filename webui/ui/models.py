@@ -99,6 +99,12 @@ class ModelActions:
             text += " · compiling; images wait until it is done"
         return notice_html(text)
 
+    def status_after_run(self):
+        """The status line again after a run, which loaded its tab's model (another tab may have loaded
+        another since this page last said). Left alone while a load is on its way: that load's own
+        status ("Loading…", then the result) is the news."""
+        return gr.skip() if self.services.worker.loading_model() else self.status()
+
     def refresh(self, selected: str | None):
         """Rescan the models folder; keeps the selection."""
         self.services.registry.refresh()

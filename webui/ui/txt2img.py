@@ -288,11 +288,13 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
         api_name="txt2img", show_progress="hidden", concurrency_limit=None)
     after_run = dict(fn=actions.show_selected, inputs=[session], outputs=[gallery], api_visibility="private",
                      show_progress="hidden")
-    generate_event.then(actions.generate_button, inputs=[session], **button_state).then(**after_run)
+    model_status = dict(fn=models.status_after_run, outputs=[picker.status], api_visibility="private", show_progress="hidden")
+    generate_event.then(actions.generate_button, inputs=[session], **button_state).then(**after_run).then(
+        **model_status)
     tab_token.change(busy_button, **button_state).then(
         actions.resume, inputs=[session, tab_token], outputs=run_outputs, api_visibility="private",
         show_progress="hidden", concurrency_limit=None).then(
-        actions.generate_button, inputs=[session], **button_state).then(**after_run)
+        actions.generate_button, inputs=[session], **button_state).then(**after_run).then(**model_status)
     interrupt.click(actions.interrupt, inputs=[session], outputs=[], api_name="interrupt", show_progress="hidden")
     skip.click(actions.skip, inputs=[session], outputs=[], api_name="skip", show_progress="hidden")
     gallery.select(actions.select_image, inputs=[session], outputs=[session, infotext],
