@@ -169,6 +169,15 @@ def test_a_reloaded_tab_follows_its_running_job_and_can_interrupt_it(page, app_s
     other.wait_for_selector("#txt2img_prompt textarea")
     assert other.locator("#txt2img_progress").inner_text() == ""  # it resumes nothing
     other.close()
+    # A tab opened from this one (or a duplicated tab) gets a copy of its sessionStorage, but not its job.
+    with page.expect_popup() as popup_info:
+        page.evaluate("window.open(location.href)")
+    copy = popup_info.value
+    copy.wait_for_selector("#txt2img_prompt textarea")
+    playwright_api.expect(copy.locator("#txt2img_generate")).to_be_enabled()
+    copy.click("#txt2img_interrupt")
+    copy.close()
+    expect_text(page, "#txt2img_progress", r"Step \d+/150 · image \\d+/20")  # still running
     page.click("#txt2img_interrupt")
     expect_text(page, "#txt2img_progress", "Interrupted")
     playwright_api.expect(page.locator("#txt2img_generate")).to_be_enabled()

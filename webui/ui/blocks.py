@@ -21,7 +21,10 @@ from webui.ui.txt2img import Txt2ImgTab, build_txt2img
 
 STATIC = Path(__file__).resolve().parent / "static"
 TAB_TOKEN_JS = """() => {
-  let token = sessionStorage.getItem("diffusers-webui-tab");
+  // Kept only across a reload: a duplicated tab, or one opened from this one, gets a copy of
+  // sessionStorage too, and must not take over (and Interrupt) this tab's job.
+  const navigation = performance.getEntriesByType("navigation")[0];
+  let token = navigation && navigation.type === "reload" ? sessionStorage.getItem("diffusers-webui-tab") : null;
   if (!token) {  // crypto.getRandomValues works on plain http too (randomUUID needs https)
     token = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
     sessionStorage.setItem("diffusers-webui-tab", token);
