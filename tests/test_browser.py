@@ -320,6 +320,29 @@ def test_png_info_send_keeps_the_sampler_and_warns_about_a_schedule_we_lack(page
     expect_text(page, "body", "Schedule type not applied: unknown schedule type 'Normal'")
 
 
+def test_history_fits_a_narrow_window_and_no_button_offers_a_share_that_fails(page):
+    page.set_viewport_size({"width": 800, "height": 1000})
+    page.locator("#txt2img_prompt textarea").fill("a narrow window")
+    set_number(page, "txt2img_steps", 1)
+    set_number(page, "txt2img_batch_count", 8)
+    page.click("#txt2img_generate")
+    expect_text(page, "#txt2img_time", r"Time taken")
+    # Share posts to a Space's discussions: anywhere else it fails ("Share failed"), so it is not offered.
+    assert page.locator("#txt2img_gallery button[aria-label=Share]").count() == 0
+    page.get_by_role("tab", name="History").click()
+    page.locator("#history_gallery img").first.click()
+    page.wait_for_selector("#history_image img")
+    assert page.locator("#history_image button[aria-label=Share]").count() == 0
+    # Every thumbnail of the page lies inside the gallery (fixed columns put some past its right edge)...
+    past_the_edge = page.evaluate("""() => {
+        const gallery = document.querySelector('#history_gallery').getBoundingClientRect();
+        return [...document.querySelectorAll('#history_gallery .grid-container > *')]
+            .filter((item) => item.getBoundingClientRect().right > gallery.right + 1).length; }""")
+    assert past_the_edge == 0
+    # ...and the page count stays on one line (it was squeezed to one word per line).
+    assert page.locator("#history_page_info .dw-page-info").bounding_box()["height"] < 2 * 24
+
+
 def test_gradio_client_drives_generation(app_server):
     from gradio_client import Client
 

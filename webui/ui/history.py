@@ -173,15 +173,17 @@ def build_history(services: Services) -> tuple[HistoryTab, HistoryActions]:
     with gr.Row():
         with gr.Column(scale=3):
             with gr.Row():
-                previous = gr.Button("◀ Newer", elem_id="history_prev", size="sm")
+                # Narrow enough for the three to share a line down to an 800 px window.
+                previous = gr.Button("◀ Newer", elem_id="history_prev", size="sm", min_width=80)
                 page_info = gr.HTML("", label="Page", show_label=False, elem_id="history_page_info", padding=False)
-                following = gr.Button("Older ▶", elem_id="history_next", size="sm")
+                following = gr.Button("Older ▶", elem_id="history_next", size="sm", min_width=80)
+            # Columns follow the width (webui.css); fit_columns=False keeps a short page's thumbnails small.
             gallery = gr.Gallery(label="History", elem_id="history_gallery", columns=6, height=480,
                                  allow_preview=False, object_fit="cover", interactive=False,
-                                 fit_columns=False)  # keep thumbnails small when a page has few images
+                                 fit_columns=False)
         with gr.Column(scale=2):
             image = gr.Image(label="Selected image", interactive=False, elem_id="history_image", type="filepath",
-                             format="png")
+                             format="png", buttons=["download", "fullscreen"])  # no Share: it fails off Spaces
             details = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="history_details",
                                  buttons=["copy"])
             with gr.Row():

@@ -270,7 +270,8 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
             preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id="txt2img_preview",
                                height=256)
             gallery = gr.Gallery(label="Output", elem_id="txt2img_gallery", columns=4, height=360,
-                                 object_fit="contain", format="png", interactive=False)
+                                 object_fit="contain", format="png", interactive=False,
+                                 buttons=["download", "download_all", "fullscreen"])  # no Share: it fails off Spaces
             infotext = gr.Textbox(label="Parameters", lines=3, interactive=False, elem_id="txt2img_infotext",
                                   buttons=["copy"])
             timing = gr.HTML("", label="Time taken", show_label=False, elem_id="txt2img_time", padding=False)
