@@ -23,6 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 from gradio.state_holder import SessionState
 
 from tests.conftest import TINY
+from tests.tiny_sd import TEXT_LAYERS as TINY_TEXT_LAYERS
 from webui.config import Settings
 from webui.engine.samplers import get_sampler
 from webui.schemas import JobState
@@ -327,14 +328,16 @@ def test_model_refresh_and_load(models_dir, tmp_path):
         update = event(ui, "refresh_models")("tiny-a")
         assert update["choices"] == ["tiny-a", "tiny-b"] and update["value"] == "tiny-a"
 
-        status, picker, width, height = list(event(ui, "load_model")("tiny-b"))[-1]
+        status, picker, width, height, clip_skip = list(event(ui, "load_model")("tiny-b"))[-1]
         assert "tiny-b" in status and (picker["value"], width, height) == ("tiny-b", 64, 64)
+        assert clip_skip["maximum"] == TINY_TEXT_LAYERS  # Clip skip goes as deep as the text encoder
         status, picker, *_ = list(event(ui, "load_model")("missing-model"))[-1]
         assert "Could not load missing-model" in status and picker["value"] == "tiny-b"  # the dropdown goes back
 
         # A page opened (or reloaded) now shows tiny-b, not tiny-a of the page built at start.
-        picker, status, width, height = ui.models.on_page_load()
+        picker, status, width, height, clip_skip = ui.models.on_page_load()
         assert picker["value"] == "tiny-b" and "Model: tiny-b" in status and (width, height) == (64, 64)
+        assert clip_skip["maximum"] == TINY_TEXT_LAYERS
     finally:
         services.close()
 

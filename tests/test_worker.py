@@ -164,6 +164,15 @@ def test_invalid_requests_are_refused_before_queueing(services):
     assert services.worker.queue_length() == 0 and services.history.list_images()[1] == 0
 
 
+def test_a_clip_skip_deeper_than_the_loaded_models_text_encoder_is_refused_before_queueing(services):
+    from tests.tiny_sd import TEXT_LAYERS
+
+    with pytest.raises(InvalidRequest, match=f"clip_skip: .*text encoder has {TEXT_LAYERS} layers; use 1 to {TEXT_LAYERS}"):
+        services.worker.submit(QUICK | {"clip_skip": TEXT_LAYERS + 1})
+    assert services.worker.queue_length() == 0 and services.history.list_images()[1] == 0
+    assert services.worker.submit(QUICK | {"clip_skip": TEXT_LAYERS}).wait(60)  # the deepest one runs
+
+
 def test_progress_and_preview_during_a_run(services):
     job = services.worker.submit(QUICK | {"steps": 60})
     wait_for(lambda: job.watch_preview() is not None)

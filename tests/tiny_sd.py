@@ -11,6 +11,8 @@ import torch
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "webui" / "engine" / "model_configs" / "clip-tokenizer"
 
+TEXT_LAYERS = 3  # the text encoder's layers: the deepest Clip skip of the tiny model
+
 
 def tiny_components(seed: int = 0, safety_checker: bool = False) -> dict:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
@@ -29,7 +31,7 @@ def tiny_components(seed: int = 0, safety_checker: bool = False) -> dict:
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=64,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=TEXT_LAYERS, num_attention_heads=4,
         max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     ))
     # SD 1.5's published scheduler settings.

@@ -18,6 +18,7 @@ from webui.engine.samplers import get_sampler, resolve_sampler
 MAX_PROMPT_CHARS = 2000
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_SEED = 2**32 - 1
+MAX_CLIP_SKIP = 12  # the layers of SD 1.x's text encoder; A1111's slider stops there too
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -38,7 +39,7 @@ class GenerationRequest(BaseModel):
     height: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE, description="None uses the model's native size")
     batch_size: int = Field(1, ge=1, le=8, description="images made together in one pass")
     n_iter: int = Field(1, ge=1, le=100, description="batch count: passes made one after another")
-    clip_skip: int = Field(1, ge=1, le=12)
+    clip_skip: int = Field(1, ge=1, le=MAX_CLIP_SKIP)
     model: str | None = Field(None, description="checkpoint name; None keeps the loaded model")
     restore_model: bool = Field(False, description="load the previous model again after this job "
                                                    "(A1111's override_settings_restore_afterwards)")

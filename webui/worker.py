@@ -22,7 +22,8 @@ from PIL import Image
 
 from webui import __version__
 from webui.engine.generate import DenoisingStopped, Engine, LoadedModel
-from webui.schemas import GeneratedImage, GenerationRequest, JobState, Progress, MAX_SEED, parse_request
+from webui.schemas import (GeneratedImage, GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED,
+                           parse_request)
 from webui.storage.history import History
 from webui.storage.infotext import build_infotext
 from webui.storage.outputs import OutputStore, make_grid
@@ -197,6 +198,7 @@ class Worker:
     def submit(self, request: GenerationRequest | dict, origin: str = "ui", owner: str | None = None) -> Job:
         """Queue a request; returns its Job at once. Raises InvalidRequest, QueueFull or WorkerStopped."""
         request = parse_request(request)
+        self._check_against_loaded_model(request)
         job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner)
         with self._wake:
             self._refuse_new_job()  # early: no history row for a job that cannot be queued
@@ -218,6 +220,13 @@ class Worker:
                 job.id, JobState.CANCELLED.value, error=str(refused), finished_at=time.time()))
             raise
         return job
+
+    def _check_against_loaded_model(self, request: GenerationRequest) -> None:
+        """Refuse now what the loaded model cannot do, rather than fail when the job's turn comes."""
+        model = self.engine.model
+        if model is not None and model.names(request.model) and request.clip_skip > model.text_encoder_layers:
+            raise InvalidRequest(f"clip_skip: {model.entry.name}'s text encoder has {model.text_encoder_layers} "
+                                 f"layers; use 1 to {model.text_encoder_layers}")
 
     def _refuse_new_job(self) -> None:
         self._refuse_when_stopping()

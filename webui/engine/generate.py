@@ -86,6 +86,11 @@ class LoadedModel:
     short_hash: str | None
     native_width: int
     native_height: int
+    text_encoder_layers: int = 12  # the deepest Clip skip this model has
+
+    def names(self, name: str | None) -> bool:
+        """`name` means this model (None keeps whatever is loaded)."""
+        return name is None or name in (self.entry.name, self.entry.source)
 
     def size_for(self, request: GenerationRequest) -> tuple[int, int]:
         """The request's width and height, the model's native size where it gives none."""
@@ -113,7 +118,7 @@ class Engine:
         """Load a model by name; on failure the previously loaded model stays in place."""
         # The loaded model by its name, even from outside the models folder (--ckpt elsewhere), where
         # the registry cannot find it by name: every Generate names the model on the page.
-        if self.model is not None and name in (self.model.entry.name, self.model.entry.source):
+        if self.model is not None and self.model.names(name):
             return self.model
         entry = self.registry.find(name)
         if self.model is not None and self.model.entry == entry:
@@ -183,7 +188,7 @@ class Engine:
         self._base_scheduler_config = dict(pipe.scheduler.config)
         self._warmed_up = False
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        self.model = LoadedModel(entry, short_hash, size, size)
+        self.model = LoadedModel(entry, short_hash, size, size, pipe.text_encoder.config.num_hidden_layers)
         return self.model
 
     def unload(self) -> None:

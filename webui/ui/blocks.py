@@ -89,7 +89,8 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
     txt2img.generate_event.then(**reload)
     ui.blocks.load(**reload)
     size = [txt2img.widgets["width"], txt2img.widgets["height"]]
-    ui.blocks.load(ui.models.on_page_load, outputs=[ui.picker.dropdown, ui.picker.status, *size],
+    ui.blocks.load(ui.models.on_page_load, outputs=[ui.picker.dropdown, ui.picker.status, *size,
+                                                 txt2img.widgets["clip_skip"]],
                    api_visibility="private", show_progress="hidden")
     # The tab's token survives a reload (sessionStorage, one per tab); filling it in resumes the tab's job.
     ui.blocks.load(None, outputs=[txt2img.tab_token], js=TAB_TOKEN_JS, api_visibility="private", show_progress="hidden")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from webui.engine.models import ModelNotFound
+from webui.schemas import MAX_CLIP_SKIP
 from webui.services import Services
 from webui.ui.progress import error_html, notice_html
 
@@ -48,9 +49,9 @@ class ModelActions:
 
     def on_page_load(self):
         """A new or reloaded page shows the model loaded now, not the one loaded when the UI was built.
-        Outputs: dropdown, status, width, height."""
+        Outputs: dropdown, status, width, height, clip skip."""
         size = self.native_size()
-        return self.picker(), self.status(), size, size
+        return self.picker(), self.status(), size, size, self.clip_skip_slider()
 
     def current(self) -> str:
         """The loaded model, else the one asked for at start (the embedded default unless --ckpt)."""
@@ -88,6 +89,11 @@ class ModelActions:
         model = self.services.engine.model
         return model.native_width if model else DEFAULT_SIZE
 
+    def clip_skip_slider(self):
+        """Clip skip goes as deep as the loaded model's text encoder (3 layers in the embedded model)."""
+        model = self.services.engine.model
+        return gr.update(maximum=min(MAX_CLIP_SKIP, model.text_encoder_layers) if model else MAX_CLIP_SKIP)
+
     def status(self) -> str:
         model = self.services.engine.model
         if model is None:
@@ -113,25 +119,26 @@ class ModelActions:
     def load(self, name: str | None):
         """Load the picked model on the worker (after queued jobs); yields a status first.
 
-        Outputs: status, dropdown, width, height (sliders follow the model's native size)."""
+        Outputs: status, dropdown, width, height, clip skip (the sliders follow the model)."""
         if not name:
-            yield self.status(), self.picker(), gr.skip(), gr.skip()
+            yield self.status(), self.picker(), gr.skip(), gr.skip(), gr.skip()
             return
-        yield notice_html(f"Loading {name}…"), gr.skip(), gr.skip(), gr.skip()
+        yield notice_html(f"Loading {name}…"), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
             model = self.services.worker.load_model(self.checked_choice(name))
         except Exception as err:  # any failure becomes a readable line; the old model stays loaded
             log.warning("loading %s failed: %s", name, err)
-            yield error_html(f"Could not load {name}: {err}"), self.picker(), gr.skip(), gr.skip()
+            yield error_html(f"Could not load {name}: {err}"), self.picker(), gr.skip(), gr.skip(), gr.skip()
             return
-        yield self.status(), self.picker(model.entry.name), model.native_width, model.native_height
+        yield (self.status(), self.picker(model.entry.name), model.native_width, model.native_height,
+               self.clip_skip_slider())
         if self._compiling(model):
             deadline = time.monotonic() + WARM_UP_WATCH_SECONDS
             while self._compiling(model) and time.monotonic() < deadline:
                 yield notice_html(self.services.worker.activity or f"{name} compiles next"), \
-                    gr.skip(), gr.skip(), gr.skip()
+                    gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 time.sleep(WARM_UP_POLL_SECONDS)
-            yield self.status(), gr.skip(), gr.skip(), gr.skip()
+            yield self.status(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
     def _compiling(self, model) -> bool:
         """The worker has yet to warm up this model (and has not moved on to another one)."""

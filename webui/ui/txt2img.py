@@ -16,7 +16,7 @@ import gradio as gr
 
 from webui.engine.samplers import sampler_names
 from webui.engine.models import ModelNotFound
-from webui.schemas import MAX_SIZE, MIN_SIZE, GeneratedImage, InvalidRequest
+from webui.schemas import MAX_CLIP_SKIP, MAX_SIZE, MIN_SIZE, GeneratedImage, InvalidRequest
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.params import TXT2IMG_FIELDS, schedules_of
@@ -260,7 +260,7 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
                 batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="txt2img_batch_size")
             with gr.Row():
                 cfg_scale = gr.Slider(1, 30, value=7, step=0.5, label="CFG scale", elem_id="txt2img_cfg_scale")
-                clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="txt2img_clip_skip")
+                clip_skip = gr.Slider(1, MAX_CLIP_SKIP, value=1, step=1, label="Clip skip", elem_id="txt2img_clip_skip")
             with gr.Row(elem_id="txt2img_seed_row"):
                 seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="txt2img_seed", scale=4)
                 random_seed = gr.Button("⚄", elem_id="txt2img_random_seed", scale=0, min_width=48)
@@ -315,6 +315,6 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     negative.change(actions.count_tokens, inputs=[negative], outputs=[negative_tokens],
                     api_visibility="private", show_progress="hidden", trigger_mode="always_last")
     picker.dropdown.input(models.load, inputs=[picker.dropdown],
-                          outputs=[picker.status, picker.dropdown, width, height],
+                          outputs=[picker.status, picker.dropdown, width, height, clip_skip],
                           api_name="load_model", show_progress="hidden")
     return Txt2ImgTab(widgets, generate_event, tab_token)
