@@ -528,6 +528,18 @@ def test_send_to_txt2img_leaves_out_values_past_the_sliders_and_says_so(ui):
     assert any(n.startswith("Width 4096 not applied") for n in notes) and len(notes) == 3
 
 
+def test_send_to_txt2img_rounds_a_size_that_is_no_multiple_of_8_down_and_says_so(ui):
+    text = "a castle\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 42, Size: 516x767"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        *values, _ = event(ui, "send_from_pnginfo")(text)
+    by_field = dict(zip(TXT2IMG_FIELDS, values))
+    assert (by_field["width"], by_field["height"]) == (512, 760)  # Generate takes these
+    notes = [str(w.message) for w in caught]
+    assert "Width 516 set to 512: sizes here are multiples of 8." in notes
+    assert "Height 767 set to 760: sizes here are multiples of 8." in notes
+
+
 def sent_sampler(ui, sampler_params: str) -> tuple[Any, Any, list[str]]:
     """(sampler, schedule type) that PNG Info's "Send to txt2img" gives the dropdowns, and its warnings."""
     text = f"a castle\nSteps: 20, {sampler_params}, CFG scale: 7, Seed: 1, Size: 64x64"

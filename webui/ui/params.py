@@ -37,7 +37,7 @@ def txt2img_updates(fields: dict[str, Any], model_names: list[str], find_model: 
     dropdown gets again (another tab may have rescanned the models folder since this page was built)."""
     fields = dict(fields)
     model_note = _apply_model(fields, model_names, find_model)
-    for note in (_apply_sampler(fields), model_note, *_drop_out_of_range(fields)):
+    for note in (_apply_sampler(fields), model_note, *_round_sizes(fields), *_drop_out_of_range(fields)):
         if note:
             gr.Warning(note)
     if fields.get("scheduler"):  # the Schedule type list follows the sampler (txt2img.schedules_for)
@@ -64,6 +64,18 @@ def _drop_out_of_range(fields: dict[str, Any]) -> list[str]:
         if value is not None and not low <= value <= high:
             fields.pop(name)
             notes.append(f"{label} {value} not applied: this page takes {low} to {high}. It is left as it was.")
+    return notes
+
+
+def _round_sizes(fields: dict[str, Any]) -> list[str]:
+    """Sizes here are multiples of 8 (one latent pixel each); another tool's 516 becomes 512, the size
+    stable-diffusion-webui's latents have for it too, and the user is told."""
+    notes = []
+    for name, label in (("width", "Width"), ("height", "Height")):
+        value = fields.get(name)
+        if isinstance(value, int) and value % 8:
+            fields[name] = value - value % 8
+            notes.append(f"{label} {value} set to {fields[name]}: sizes here are multiples of 8.")
     return notes
 
 
