@@ -616,6 +616,18 @@ def test_png_info_upload_of_a_broken_file_says_so_and_clears_the_old_parameters(
         assert str(tmp_path) not in message and "/tmp/" not in message  # no server paths shown
 
 
+def test_png_info_reads_the_parameters_of_a_png_cut_short_after_them_and_says_it_is_damaged(ui, tmp_path):
+    noise = Image.frombytes("RGB", (32, 32), os.urandom(32 * 32 * 3))
+    info = PngInfo()
+    info.add_text("parameters", A1111_INFOTEXT)
+    noise.save(tmp_path / "whole.png", pnginfo=info)  # the text chunk comes before the pixels
+    whole = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[:len(whole) // 2])  # a download that broke off
+    infotext, message = through_gradio(ui, "png_info", uploaded(tmp_path / "cut.png"))
+    assert infotext == A1111_INFOTEXT  # so Send to txt2img still works
+    assert "cut.png is damaged" in message and "<th>Seed</th><td>42</td>" in message
+
+
 # --- launching ------------------------------------------------------------------------------
 def with_settings(services, **changes):
     return dataclasses.replace(services, settings=dataclasses.replace(services.settings, port=free_port(), **changes))

@@ -31,15 +31,25 @@ def read_parameters(upload: dict | str | None) -> tuple[str, str]:
     if not path:
         return "", ""
     name = (upload.get("orig_name") if isinstance(upload, dict) else None) or os.path.basename(path)
+    damaged = False
     try:
         with Image.open(path) as image:
-            if image.width * image.height <= MAX_SCANNED_PIXELS:  # a small upload may decode to gigabytes
-                image.load()  # finds a damaged file, and reads text stored after the pixels
-            text = read_infotext(image)
+            text = read_infotext(image)  # what comes before the pixels (ours and A1111's PNGs)
+            try:
+                if image.width * image.height <= MAX_SCANNED_PIXELS:  # a small upload may decode to gigabytes
+                    image.load()  # finds a damaged file, and reads text stored after the pixels
+                    text = read_infotext(image)
+            except (OSError, SyntaxError, ValueError):
+                if not text:
+                    raise
+                damaged = True  # cut short after its parameters (a broken download): they still help
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         # PIL's message names the server's temp path; the user only needs to know which file failed.
         return "", error_html(f"Could not read {name} as an image: it is not a PNG, JPEG or WebP file, "
                               "or it is damaged.")
+    if damaged:
+        note = f"<div class='dw-notice'>{html.escape(name)} is damaged; its parameters were read from the part that is whole.</div>"
+        return text, note + parameters_table(text)
     if not text:
         return "", "<div class='dw-notice'>This image carries no generation parameters.</div>"
     return text, parameters_table(text)
