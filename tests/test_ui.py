@@ -628,6 +628,21 @@ def test_png_info_reads_the_parameters_of_a_png_cut_short_after_them_and_says_it
     assert "cut.png is damaged" in message and "<th>Seed</th><td>42</td>" in message
 
 
+def test_the_seed_box_shows_the_seed_used_and_survives_a_seed_past_64_bits(ui):
+    import orjson  # what Gradio's server sends the page with
+
+    block_fn = next(fn for fn in ui.blocks.fns.values() if fn.name == "shown_seed")
+
+    def left_box(value):
+        result = asyncio.run(ui.blocks.process_api(block_fn=block_fn, inputs=[value], state=SessionState(ui.blocks),
+                                                   explicit_call=True))
+        orjson.dumps(result["data"])  # raised "Integer exceeds 64-bit range" for 1e30: an error in the log
+        return result["data"][0]
+
+    assert left_box(12.7) == 13
+    assert left_box(1e30) != 10**30  # left as typed; Generate says which seeds there are
+
+
 # --- launching ------------------------------------------------------------------------------
 def with_settings(services, **changes):
     return dataclasses.replace(services, settings=dataclasses.replace(services.settings, port=free_port(), **changes))

@@ -110,6 +110,8 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
             continue
         if problem.get("type") == "string_too_long" and isinstance(problem.get("input"), str):
             message += f"; it has {len(problem['input'])}"
+        if loc == ["seed"]:  # pydantic's "exceeded maximum size" (1e30) gives no range
+            message += f"; use -1 for a random seed, or a whole number from 0 to {MAX_SEED}"
         # A check of the whole request (the sampler) names what it is about itself.
         parts.append(f"{'.'.join(loc)}: {message}" if loc else message)
     return "; ".join(parts) or "invalid request"

@@ -200,6 +200,12 @@ class Txt2ImgActions:
             return gr.skip()
 
 
+def shown_seed(value: float | None):
+    """The seed box's value as Generate will read it (Gradio rounds 12.7 to 13). A number past 64 bits
+    cannot be sent back to the page; it stays as typed, and Generate says which seeds there are."""
+    return value if value is None or abs(value) < 2**63 else gr.skip()
+
+
 def busy_button() -> gr.Button:
     return gr.Button(interactive=False)
 
@@ -305,7 +311,7 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     sampler.input(actions.schedules_for, inputs=[sampler, scheduler], outputs=[scheduler],
                    api_visibility="private", show_progress="hidden")
     # Gradio rounds a typed 12.7 to 13 for the run but leaves 12.7 in the box: show the seed that will be used.
-    seed.blur(lambda value: value, inputs=[seed], outputs=[seed], api_visibility="private", show_progress="hidden",
+    seed.blur(shown_seed, inputs=[seed], outputs=[seed], api_visibility="private", show_progress="hidden",
               queue=False)
     random_seed.click(actions.random_seed, outputs=[seed], api_name="random_seed", show_progress="hidden")
     reuse_seed.click(actions.reuse_seed, inputs=[session], outputs=[seed], api_name="reuse_seed",
