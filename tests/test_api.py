@@ -5,8 +5,10 @@ shared state (the loaded model, the queue limit) put it back before they end.
 """
 import base64
 import dataclasses
+import hashlib
 import io
 import json
+import logging
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -19,9 +21,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from webui.api import attach_api, create_api_app
+from webui.engine.models import ModelEntry, ModelRegistry
 from webui.schemas import JobState
 from webui.storage.outputs import read_infotext
 from tests.helpers import running_services, wait_for
+from tests.tiny_sd import TEXT_LAYERS
 
 TINY = "tiny-sd"
 QUICK = {"prompt": "a red apple", "steps": 2, "seed": 1, "width": 64, "height": 64}
@@ -129,6 +133,32 @@ def test_a_sampler_the_client_picks_wins_over_the_infotexts_with_its_schedule(cl
     r = client.post("/sdapi/v1/txt2img", json={"infotext": pasted} | pick)
     assert r.status_code == 200, r.text  # DDIM takes no Karras schedule: the pasted one is left out too
     assert "Sampler: DDIM, Schedule type: Automatic, " in json.loads(r.json()["info"])["infotexts"][0]
+
+
+@pytest.mark.parametrize("asked, ran", [
+    ({"sampler_name": "DDIM", "scheduler": "normal"}, "Sampler: DDIM, Schedule type: Automatic"),  # SillyTavern's
+    ({"sampler_name": "DDIM", "scheduler": "karras"}, "Sampler: DDIM, Schedule type: Automatic"),
+    ({"sampler_name": "Euler a", "scheduler": "Karras"}, "Sampler: Euler a, Schedule type: Automatic"),
+    ({"sampler_name": "DPM++ 2M", "scheduler": "Align Your Steps"}, "Sampler: DPM++ 2M, Schedule type: Karras"),
+])
+def test_a_schedule_a1111_knows_but_we_cannot_run_runs_as_automatic_and_says_so(client, services, asked, ran):
+    """As A1111, which never rejects a schedule type it knows; an unknown name still gets a 422 (above)."""
+    r = client.post("/sdapi/v1/txt2img", json=QUICK | asked)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert ran in info["infotexts"][0] and info["scheduler"] == ran.rpartition(": ")[2]
+    sampler = asked["sampler_name"]
+    assert len(info["warnings"]) == 1 and info["warnings"][0].startswith(f"scheduler: {sampler} cannot follow the ")
+    assert "it ran with Automatic" in info["warnings"][0]
+    job_id = client.post("/api/v1/jobs", json=QUICK | asked).json()["id"]
+    assert services.worker.get(job_id).wait(60)
+    assert client.get(f"/api/v1/jobs/{job_id}").json()["warnings"] == info["warnings"]
+
+
+def test_a_schedule_that_runs_as_asked_brings_no_warning(client):
+    r = client.post("/sdapi/v1/txt2img", json=QUICK | {"sampler_name": "DPM++ 2M", "scheduler": "sgm_uniform"})
+    info = json.loads(r.json()["info"])
+    assert "Schedule type: SGM Uniform" in info["infotexts"][0] and info["warnings"] == []
 
 
 def test_a_model_override_is_undone_after_the_job_unless_asked_to_keep_it(client, services):
@@ -285,6 +315,72 @@ def test_sd_models_refresh_and_switching_the_model_through_options(client, servi
         assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": models[0]["title"]}).status_code == 200
         shutil.rmtree(services.settings.models_dir / "tiny-two", ignore_errors=True)
         client.post("/sdapi/v1/refresh-checkpoints")
+
+
+def test_options_report_the_loaded_checkpoints_full_sha256(client, services):
+    sha256 = client.get("/sdapi/v1/options").json()["sd_checkpoint_hash"]
+    assert len(sha256) == 64 and sha256.startswith(services.engine.model.short_hash)
+    assert client.get("/sdapi/v1/sd-models").json()[0]["sha256"] == sha256  # what clients compare it with
+
+
+def test_a_single_file_checkpoints_sha256_is_the_files_own(tmp_path):
+    checkpoint = tmp_path / "models" / "model.safetensors"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"weights")
+    registry = ModelRegistry(checkpoint.parent, hash_cache=tmp_path / "hashes.json")
+    entry = registry.entries()[0]
+    assert registry.sha256(entry, cached_only=True) is None  # not hashed yet: never hashed on a request
+    registry.short_hash(entry)  # as loading the model does
+    assert registry.sha256(entry, cached_only=True) == hashlib.sha256(b"weights").hexdigest()
+    assert registry.sha256(ModelEntry("org/model", "org/model", "hub")) is None
+
+
+def test_options_set_the_clip_skip_of_api_requests_that_give_none(client):
+    try:
+        r = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2, "jpeg_quality": 80})
+        assert r.json() == {"applied": ["CLIP_stop_at_last_layers"], "ignored": ["jpeg_quality"]}, r.text
+        assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
+        info = json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])
+        assert info["clip_skip"] == 2 and "Clip skip: 2" in info["infotexts"][0]
+        own = {"override_settings": {"CLIP_stop_at_last_layers": 1}}  # a request's own wins
+        assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK | own).json()["info"])["clip_skip"] == 1
+        for bad in (0, 13, "two", 1.5, None, TEXT_LAYERS + 1):  # the last: deeper than the loaded model goes
+            r = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": bad, "sd_model_checkpoint": TINY})
+            assert r.status_code == 422 and r.json()["detail"].startswith("CLIP_stop_at_last_layers: "), r.text
+        assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2  # a bad value changes nothing
+    finally:
+        client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
+
+
+def test_cmd_flags_use_a1111s_names_and_never_give_away_credentials(client, services):
+    flags = client.get("/sdapi/v1/cmd-flags").json()
+    settings = services.settings
+    assert (flags["ckpt"], flags["ckpt_dir"], flags["port"]) == (settings.ckpt, str(settings.models_dir), 7860)
+    assert not any(flags[name] for name in ("api", "nowebui", "listen", "share", "medvram", "lowvram", "no_half",
+                                            "no_half_vae", "xformers", "skip_torch_cuda_test"))
+    assert flags["data_dir"] is flags["models_dir"] is flags["lora_dir"] is None and flags["use_cpu"] == ["all"]
+    assert flags["gradio_auth"] is None and flags["api_auth"] is None
+    locked = dataclasses.replace(services, settings=dataclasses.replace(settings, gradio_auth=[("alice", "s3cret")]))
+    with TestClient(create_api_app(locked)) as c:
+        r = c.get("/sdapi/v1/cmd-flags", auth=("alice", "s3cret"))
+    assert r.json()["gradio_auth"] == r.json()["api_auth"] == "<set>"  # the UI's login guards the API too
+    assert "alice" not in r.text and "s3cret" not in r.text
+
+
+def test_other_a1111_routes_clients_call_answer_and_change_nothing(client, services, caplog):
+    for name in ("realesrgan-models", "script-info", "extensions"):
+        assert client.get(f"/sdapi/v1/{name}").json() == [], name
+    for name in ("refresh-vae", "refresh-embeddings", "refresh-loras"):
+        assert client.post(f"/sdapi/v1/{name}").status_code == 200, name
+    model = services.engine.model
+    for name in ("unload-checkpoint", "reload-checkpoint"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="webui.api.routes"):
+            r = client.post(f"/sdapi/v1/{name}")
+        assert r.status_code == 200 and r.json() == {}
+        assert [record.getMessage() for record in caplog.records] == [
+            f"/sdapi/v1/{name}: not supported here; the model stays loaded"]
+    assert services.engine.model is model
 
 
 def test_model_switches_waiting_for_a_long_job_never_starve_progress(client, services, running, monkeypatch):

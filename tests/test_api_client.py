@@ -80,6 +80,15 @@ def test_webuiapi_client_works_unchanged(server):
     api.skip()
     api.refresh_checkpoints()
     assert api.get_memory()["ram"]["total"] > 0
+    assert api.get_options()["sd_checkpoint_hash"].startswith(title.partition("[")[2].rstrip("]"))
+    flags = api.get_cmd_flags()
+    assert flags["api_auth"] == "<set>" and PASSWORD not in str(flags)  # whether auth is on, never the password
+    assert api.get_realesrgan_models() == []
+    api.set_options({"CLIP_stop_at_last_layers": 2})
+    assert api.get_options()["CLIP_stop_at_last_layers"] == 2
+    result = api.txt2img(prompt="a lighthouse", seed=1, width=64, height=64, sampler_name="DDIM", scheduler="normal")
+    assert "Sampler: DDIM, Schedule type: Automatic" in result.info["infotexts"][0]  # SillyTavern's defaults run
+    assert "Clip skip: 2" in result.info["infotexts"][0] and result.info["warnings"]
 
     with pytest.raises(RuntimeError) as bad:
         api.txt2img(prompt="x", width=500, height=64)

@@ -195,11 +195,13 @@ class Worker:
             self._thread = None
 
     # --- the public surface ---------------------------------------------------------------
-    def submit(self, request: GenerationRequest | dict, origin: str = "ui", owner: str | None = None) -> Job:
-        """Queue a request; returns its Job at once. Raises InvalidRequest, QueueFull or WorkerStopped."""
+    def submit(self, request: GenerationRequest | dict, origin: str = "ui", owner: str | None = None,
+               warnings: list[str] | None = None) -> Job:
+        """Queue a request; returns its Job at once. Raises InvalidRequest, QueueFull or WorkerStopped.
+        `warnings`: what the caller already changed in the request (the API's schedule type run as Automatic)."""
         request = parse_request(request)
         self._check_against_loaded_model(request)
-        job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner)
+        job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=list(warnings or []))
         with self._wake:
             self._refuse_new_job()  # early: no history row for a job that cannot be queued
         # Outside the lock: a locked database waits seconds, and the queue must answer meanwhile.

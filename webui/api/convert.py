@@ -16,8 +16,10 @@ from PIL.PngImagePlugin import PngInfo
 
 from webui import __version__
 from webui.api.models import JobProgress, Txt2ImgRequest, Txt2ImgResponse
+from webui.config import A1111_IGNORED_SWITCHES, A1111_IGNORED_VALUES, Settings
+from webui.engine.generate import LoadedModel
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
-from webui.engine.samplers import resolve_sampler
+from webui.engine.samplers import resolve_sampler, schedule_key
 from webui.schemas import InvalidRequest, parse_request
 from webui.storage.infotext import parse_infotext, request_fields_from_infotext
 from webui.storage.outputs import read_infotext
@@ -52,14 +54,22 @@ _UNSUPPORTED = (
 # an infotext should not switch the server's model behind the client's back).
 _INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed",
                     "width", "height")
+# stable-diffusion-webui's schedule types (1.10). It never rejects one: those we lack run as Automatic.
+A1111_SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",
+                        "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
+_A1111_SCHEDULE_BY_NAME = {name: label for label in A1111_SCHEDULE_TYPES
+                           for name in (label.lower(), schedule_key(label))}
 
 
-def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: ModelEntry | None) -> dict[str, Any]:
-    """A1111 txt2img body -> GenerationRequest fields, or ApiError naming each field to fix."""
+def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: ModelEntry | None,
+                          default_clip_skip: int = 1) -> tuple[dict[str, Any], list[str]]:
+    """A1111 txt2img body -> GenerationRequest fields and notes on what runs other than asked (a schedule
+    type run as Automatic), or ApiError naming each field to fix. default_clip_skip is for a request that
+    gives none of its own (POST /options sets it)."""
     problems = [f"{name}: {message}" for name, asks, message in _UNSUPPORTED if asks(getattr(req, name))]
     values = {name: getattr(req, name) for name in _INFOTEXT_FIELDS}
     values["sampler_name"] = req.sampler_name or req.sampler_index or "Euler"
-    clip_skip = None
+    clip_skip = default_clip_skip
     if req.infotext:
         pasted = request_fields_from_infotext(req.infotext)
         given = set(req.model_fields_set)
@@ -68,7 +78,7 @@ def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: 
         for name in _INFOTEXT_FIELDS:
             if name in pasted and name not in given:
                 values[name] = pasted[name]
-        clip_skip = pasted.get("clip_skip")
+        clip_skip = pasted.get("clip_skip", clip_skip)
 
     overrides = req.override_settings or {}
     if overrides.get("CLIP_stop_at_last_layers") is not None:
@@ -79,30 +89,61 @@ def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: 
         find_listed_model(registry, model, loaded, field="override_settings.sd_model_checkpoint")
 
     # Checked here, not only by the schema, so each message names the field it is about.
-    for field, check in (("scheduler", ("Euler", values["scheduler"])),
-                         ("sampler_name", (values["sampler_name"], values["scheduler"]))):
-        try:
-            resolved = resolve_sampler(*check)
-        except ValueError as err:
-            problems.append(f"{field}: {err}")
-            resolved = ("Euler", "Automatic")  # placeholders, so the schema check below reports only the rest
-            break
+    try:
+        *resolved, note = sampler_and_schedule(values["sampler_name"], values["scheduler"])
+    except ValueError as err:
+        problems.append(str(err))
+        resolved, note = ("Euler", "Automatic"), None  # placeholders, so the schema check below reports only the rest
     values["sampler_name"], values["scheduler"] = resolved
 
     data = values | {
         "batch_size": req.batch_size, "n_iter": req.n_iter, "model": model,
         "restore_model": bool(model) and req.override_settings_restore_afterwards is not False,
-        "save_images": req.save_images, "send_images": req.send_images,
+        "save_images": req.save_images, "send_images": req.send_images, "clip_skip": clip_skip,
     }
-    if clip_skip is not None:
-        data["clip_skip"] = clip_skip
     try:
         parse_request(data)
     except InvalidRequest as err:
         problems.extend(_rename_fields(str(err)).split("; "))
     if problems:
         raise ApiError(422, "; ".join(dict.fromkeys(problems)), "InvalidRequest")
-    return data
+    return data, [note] if note else []
+
+
+def sampler_and_schedule(sampler_name: str, schedule: str | None) -> tuple[str, str, str | None]:
+    """The sampler and schedule type that run, and a note when that schedule is not the one asked for.
+
+    As in stable-diffusion-webui, a schedule type it knows never fails a request: one we lack, or one the
+    sampler cannot follow, runs as Automatic. An unknown sampler, or a schedule name stable-diffusion-webui
+    does not know either, raises ValueError("field: what to fix").
+    """
+    try:
+        sampler, automatic = resolve_sampler(sampler_name, "Automatic")
+    except ValueError as err:
+        raise ValueError(f"sampler_name: {err}") from None
+    try:
+        return (*resolve_sampler(sampler_name, schedule), None)
+    except ValueError as err:
+        asked = _A1111_SCHEDULE_BY_NAME.get(schedule.strip().lower())
+        if asked is None:
+            raise ValueError(f"scheduler: {err}") from None
+    ran = "Automatic" if automatic == "Automatic" else f"Automatic ({automatic} for {sampler})"
+    return sampler, automatic, f"scheduler: {sampler} cannot follow the {asked} schedule here; it ran with {ran}"
+
+
+def clip_skip_option(value: Any, loaded: LoadedModel | None) -> int:
+    """POST /options' CLIP_stop_at_last_layers, checked by the request model so its bounds are a request's,
+    and against the loaded model's text encoder."""
+    try:
+        clip_skip = parse_request({"clip_skip": value}).clip_skip
+    except InvalidRequest as err:
+        raise ApiError(422, f"CLIP_stop_at_last_layers: {str(err).removeprefix('clip_skip: ')}",
+                       "InvalidRequest") from None
+    if loaded is not None and clip_skip > loaded.text_encoder_layers:
+        raise ApiError(422, f"CLIP_stop_at_last_layers: {loaded.entry.name}'s text encoder has "
+                            f"{loaded.text_encoder_layers} layers; use 1 to {loaded.text_encoder_layers}",
+                       "InvalidRequest")
+    return clip_skip
 
 
 def _rename_fields(message: str) -> str:
@@ -132,6 +173,33 @@ def find_listed_model(registry: ModelRegistry, name: str, loaded: ModelEntry | N
         return registry.find_listed(name, loaded)
     except ModelNotFound as err:
         raise ApiError(404, f"{field}: {err} (see /sdapi/v1/sd-models)", "ModelNotFound") from None
+
+
+# --- the server's flags -----------------------------------------------------------------------
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")  # as argparse names it: --skip-torch-cuda-test -> skip_torch_cuda_test
+
+
+# The A1111 flags this server refuses (config.py says why): never on here.
+_A1111_REFUSED = ("gradio_auth_path", "tls_keyfile", "tls_certfile", "ngrok", "subpath", "cors_allow_origins",
+                  "cors_allow_origins_regex")
+
+
+def cmd_flags(settings: Settings) -> dict[str, Any]:
+    """GET /cmd-flags: stable-diffusion-webui's flag names, with our values where we have the flag."""
+    unused = (dict.fromkeys(map(_dest, A1111_IGNORED_SWITCHES), False)
+              | dict.fromkeys([*map(_dest, A1111_IGNORED_VALUES), *_A1111_REFUSED]))
+    return unused | {
+        "api": settings.api, "nowebui": settings.nowebui, "listen": settings.listen,
+        "server_name": settings.server_name, "port": settings.port, "share": settings.share,
+        "ckpt": settings.ckpt, "ckpt_dir": str(settings.models_dir), "data_dir": None, "models_dir": None,
+        "lora_dir": None, "medvram": settings.medvram, "lowvram": settings.lowvram, "no_half": settings.no_half,
+        "no_half_vae": settings.no_half_vae, "xformers": settings.xformers,
+        "use_cpu": ["all"] if settings.device == "cpu" else [],
+        # Whether a login is on, never the credentials. The API's login is the --gradio-auth one without --api-auth.
+        "gradio_auth": "<set>" if settings.gradio_auth else None,
+        "api_auth": "<set>" if settings.api_credentials else None,
+    }
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -241,6 +309,7 @@ def job_result(job: Job, parameters: dict[str, Any]) -> Txt2ImgResponse:
         "job_id": job.id,
         "state": job.state.value,
         "nsfw": [im.nsfw for im in images],
+        "warnings": list(job.warnings),  # what ran other than asked (a schedule type), a failed save
     }
     return Txt2ImgResponse(images=encoded, parameters=parameters, info=json.dumps(info))
 

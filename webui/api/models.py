@@ -26,7 +26,9 @@ class Txt2ImgRequest(BaseModel):
     seed: int = Field(-1, description="-1 picks a random seed; image i of the run uses seed + i")
     sampler_name: str | None = Field(None, description="e.g. 'Euler a', 'DPM++ 2M'; None uses sampler_index")
     sampler_index: str | None = Field("Euler", description="older name of sampler_name, used when that is empty")
-    scheduler: str | None = Field(None, description="schedule type: Automatic, Karras, Exponential, SGM Uniform")
+    scheduler: str | None = Field(None, description="schedule type: Automatic, Karras, Exponential, SGM Uniform; "
+                                  "A1111's others, or one the sampler cannot follow, run as Automatic (see "
+                                  "info's warnings)")
     batch_size: int = 1
     n_iter: int = Field(1, description="batch count")
     steps: int = 50
@@ -34,7 +36,8 @@ class Txt2ImgRequest(BaseModel):
     width: int | None = Field(None, description="multiple of 8; left out = the model's native size")
     height: int | None = Field(None, description="multiple of 8; left out = the model's native size")
     override_settings: dict[str, Any] | None = Field(
-        None, description="honoured keys: sd_model_checkpoint (switches the model), CLIP_stop_at_last_layers")
+        None, description="honoured keys: sd_model_checkpoint (switches the model), CLIP_stop_at_last_layers "
+                          "(else the one set with POST /sdapi/v1/options)")
     send_images: bool = True
     save_images: bool = Field(False, description="also write the PNGs to outputs/ and the history")
     # The most of an infotext that is ever read: room for prompts and extensions' long parameter lines.

@@ -89,6 +89,9 @@ class Api:
         self.worker = services.worker
         self.registry = services.registry
         self.engine = services.engine
+        # The clip skip of API requests that give none (A1111's CLIP_stop_at_last_layers option). Kept in
+        # memory only: A1111 writes its options to a file, but a restart here starts from 1 again.
+        self.clip_skip = 1
 
     # --- generation ---------------------------------------------------------------------------
     async def txt2img(self, req: Txt2ImgRequest, request: Request) -> Txt2ImgResponse:
@@ -109,9 +112,10 @@ class Api:
 
     def _submit(self, req: Txt2ImgRequest, caller: str) -> Job:
         model = self.engine.model  # read once: a model switch on the worker may change it meanwhile
-        data = convert.to_generation_request(req, self.registry, model.entry if model else None)
+        data, notes = convert.to_generation_request(req, self.registry, model.entry if model else None,
+                                                    default_clip_skip=self.clip_skip)
         try:
-            return self.worker.submit(data, origin="api", owner=caller)
+            return self.worker.submit(data, origin="api", owner=caller, warnings=notes)
         except InvalidRequest as err:
             raise ApiError(422, str(err), "InvalidRequest") from None
         except QueueFull as err:
@@ -222,20 +226,33 @@ class Api:
     def sd_models(self) -> list[SDModelItem]:
         return [
             SDModelItem(title=self.registry.title(entry), model_name=entry.name, hash=self.registry.short_hash(entry, cached_only=True),
-                        sha256=None, filename=entry.source, config=None)
+                        sha256=self.registry.sha256(entry, cached_only=True), filename=entry.source, config=None)
             for entry in self.registry.entries()
         ]
 
     def refresh_checkpoints(self) -> None:
         self.registry.refresh()
 
+    @staticmethod
+    def nothing_to_refresh() -> None:
+        """Refresh VAEs, embeddings or LoRAs: this server has none, so there is nothing to do."""
+
+    def model_stays_loaded(self, request: Request) -> dict:
+        """Unload or reload the checkpoint: A1111 moves the model to the CPU and back to free VRAM. The
+        worker has no way yet to do that and bring the model back for the next job, so it stays loaded."""
+        log.warning("%s: not supported here; the model stays loaded", request.url.path)
+        return {}
+
+    def cmd_flags(self) -> dict[str, Any]:
+        return convert.cmd_flags(self.services.settings)
+
     def get_options(self) -> dict[str, Any]:
         model = self.engine.model
         preview_every = self.services.settings.preview_every
         return {
             "sd_model_checkpoint": self.registry.title(model.entry) if model else None,
-            "sd_checkpoint_hash": None,
-            "CLIP_stop_at_last_layers": 1,
+            "sd_checkpoint_hash": self.registry.sha256(model.entry, cached_only=True) if model else None,
+            "CLIP_stop_at_last_layers": self.clip_skip,
             "samples_format": "png",
             "grid_format": "png",
             "return_grid": True,
@@ -245,28 +262,39 @@ class Api:
 
     async def set_options(self, body: dict[str, Any] = Body(..., examples=[{"sd_model_checkpoint": "model-name"}])
                           ) -> OptionsUpdateResponse:
-        """Change settings; `sd_model_checkpoint` loads that model (after the jobs queued before it)."""
+        """Change settings: `sd_model_checkpoint` loads that model (after the jobs queued before it);
+        `CLIP_stop_at_last_layers` is the clip skip of later API requests that give none of their own."""
+        clip_skip = None
+        if "CLIP_stop_at_last_layers" in body:  # checked first: a bad value changes nothing
+            clip_skip = convert.clip_skip_option(body["CLIP_stop_at_last_layers"], self.engine.model)
         applied, ignored = [], []
         for key, value in body.items():
-            if key != "sd_model_checkpoint" or not value:
+            if key == "sd_model_checkpoint" and value:
+                await self._switch_model(value)
+                applied.append(key)
+            elif key == "CLIP_stop_at_last_layers":
+                applied.append(key)
+            else:
                 ignored.append(key)
-                continue
-            name = convert.model_name(value, "sd_model_checkpoint")
-            loaded = self.engine.model.entry if self.engine.model else None
-            await anyio.to_thread.run_sync(convert.find_listed_model, self.registry, name, loaded)
-            try:
-                # Awaited, not waited for on a thread: clients that set the model before every generation
-                # would otherwise fill the shared thread pool while a long job runs, and starve /progress
-                # and /interrupt.
-                await asyncio.wrap_future(self.worker.queue_model_load(name))
-            except ModelNotFound as err:
-                raise ApiError(404, f"sd_model_checkpoint: {err}", "ModelNotFound") from None
-            except ModelLoadError as err:
-                raise ApiError(500, f"sd_model_checkpoint: {err}", "ModelLoadError") from None
-            except WorkerStopped as err:
-                raise ApiError(503, str(err), "ServerStopping") from None
-            applied.append(key)
+        if clip_skip is not None:
+            self.clip_skip = clip_skip
         return OptionsUpdateResponse(applied=applied, ignored=ignored)
+
+    async def _switch_model(self, value: Any) -> None:
+        name = convert.model_name(value, "sd_model_checkpoint")
+        loaded = self.engine.model.entry if self.engine.model else None
+        await anyio.to_thread.run_sync(convert.find_listed_model, self.registry, name, loaded)
+        try:
+            # Awaited, not waited for on a thread: clients that set the model before every generation
+            # would otherwise fill the shared thread pool while a long job runs, and starve /progress
+            # and /interrupt.
+            await asyncio.wrap_future(self.worker.queue_model_load(name))
+        except ModelNotFound as err:
+            raise ApiError(404, f"sd_model_checkpoint: {err}", "ModelNotFound") from None
+        except ModelLoadError as err:
+            raise ApiError(500, f"sd_model_checkpoint: {err}", "ModelLoadError") from None
+        except WorkerStopped as err:
+            raise ApiError(503, str(err), "ServerStopping") from None
 
     # --- lists ----------------------------------------------------------------------------------
     def samplers(self) -> list[SamplerItem]:
@@ -320,15 +348,22 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/options", api.set_options, methods=["POST"], response_model=OptionsUpdateResponse, tags=["settings"])
     add(f"{sd}/sd-models", api.sd_models, methods=["GET"], response_model=list[SDModelItem], tags=["models"])
     add(f"{sd}/refresh-checkpoints", api.refresh_checkpoints, methods=["POST"], tags=["models"])
+    for name in ("refresh-vae", "refresh-embeddings", "refresh-loras"):
+        add(f"{sd}/{name}", api.nothing_to_refresh, methods=["POST"], tags=["models"],
+            summary=f"{name} (none on this server: does nothing)")
+    for name in ("unload-checkpoint", "reload-checkpoint"):
+        add(f"{sd}/{name}", api.model_stays_loaded, methods=["POST"], tags=["models"],
+            summary=f"{name} (not supported yet: the model stays loaded)")
     add(f"{sd}/samplers", api.samplers, methods=["GET"], response_model=list[SamplerItem], tags=["models"])
     add(f"{sd}/schedulers", api.schedulers, methods=["GET"], response_model=list[SchedulerItem], tags=["models"])
     add(f"{sd}/scripts", api.scripts, methods=["GET"], response_model=ScriptsList, tags=["models"])
     for name in ("sd-vae", "upscalers", "latent-upscale-modes", "prompt-styles", "loras", "hypernetworks",
-                 "face-restorers"):
+                 "face-restorers", "realesrgan-models", "script-info", "extensions"):
         add(f"{sd}/{name}", api.none_installed, methods=["GET"], response_model=list, tags=["models"],
             summary=f"{name} (none on this server: an empty list)")
     add(f"{sd}/embeddings", api.embeddings, methods=["GET"], tags=["models"])
     add(f"{sd}/memory", api.memory, methods=["GET"], response_model=MemoryResponse, tags=["settings"])
+    add(f"{sd}/cmd-flags", api.cmd_flags, methods=["GET"], tags=["settings"])
     add("/api/v1/jobs", api.submit_job, methods=["POST"], response_model=JobCreated, status_code=202, tags=["jobs"])
     add("/api/v1/jobs/{job_id}", api.get_job, methods=["GET"], response_model=JobStatus, tags=["jobs"])
     add("/api/v1/jobs/{job_id}/cancel", api.cancel_job, methods=["POST"], response_model=JobCancelReply,

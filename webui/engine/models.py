@@ -107,8 +107,14 @@ class ModelRegistry:
         return next((e for e in self.entries() if self.short_hash(e, cached_only=True) == wanted), None)
 
     def short_hash(self, entry: ModelEntry, cached_only: bool = False) -> str | None:
-        """First 10 hex digits of the sha256; None for hub models, unreadable files, or (with
-        cached_only) files not hashed yet, since hashing a multi-GB file takes many seconds."""
+        """A1111's short hash: the first 10 hex digits of sha256()."""
+        digest = self.sha256(entry, cached_only)
+        return digest[:10] if digest else None
+
+    def sha256(self, entry: ModelEntry, cached_only: bool = False) -> str | None:
+        """The model's sha256 (A1111's sd_checkpoint_hash); None for hub models (their files sit in the hub's
+        cache, never hashed here), unreadable files, or (with cached_only) files not hashed yet, since
+        hashing a multi-GB file takes many seconds."""
         if entry.kind == "hub":
             return None
         try:
@@ -118,9 +124,9 @@ class ModelRegistry:
         if not digests or None in digests:
             return None
         if len(digests) == 1:
-            return digests[0][:10]
+            return digests[0]
         # A diffusers folder has several weight files: hash their digests in path order.
-        return hashlib.sha256("".join(digests).encode()).hexdigest()[:10]
+        return hashlib.sha256("".join(digests).encode()).hexdigest()
 
     def title(self, entry: ModelEntry) -> str:
         """A1111's "name [hash]", with the hash only when it is already known."""
