@@ -132,3 +132,16 @@ def test_deterministic_samplers_agree_with_euler(engine, sampler):
 
     difference = float(np.abs(run(sampler) - run("Euler")).mean())
     assert difference < 0.06, f"{sampler} differs from Euler by {difference:.3f} (mean of 0..1 pixels)"
+
+
+# The embedded model's schedule has zero terminal SNR: Karras and Exponential sigmas begin with two that
+# both map to t=999, and from 25 steps on the run started at its second step and ran off the end.
+@pytest.mark.parametrize("sampler, schedule", [("DPM++ 2M", "Karras"), ("DPM++ 2M SDE", "Exponential"),
+                                               ("UniPC", "Karras")])
+def test_karras_and_exponential_schedules_run_every_step_count(engine, sampler, schedule):
+    from webui.schemas import GenerationRequest
+
+    calls = []
+    request = GenerationRequest(prompt="red apple", steps=30, sampler_name=sampler, scheduler=schedule, seed=0)
+    image = np.asarray(engine.generate(request, [0], lambda step, total, _: calls.append(step))[0].image)
+    assert len(calls) == 30 and np.isfinite(image).all() and image.std() > 5  # every step, and a picture

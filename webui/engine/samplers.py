@@ -140,4 +140,21 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
     if sampler.k_diffusion and base_config.get("timestep_spacing") == "leading":
         options["timestep_spacing"] = "linspace"  # from t=999, not t=951 (at 20 steps)
     options.update(SCHEDULE_TYPES[schedule])
-    return scheduler_class.from_config(base_config, **options)
+    return _starting_at_the_first_step(scheduler_class.from_config(base_config, **options))
+
+
+def _starting_at_the_first_step(scheduler):
+    """txt2img runs every step. diffusers finds the first step by looking its timestep up, and takes the
+    second of two equal ones (img2img's rule): Karras or Exponential sigmas on a zero-terminal-SNR model
+    (the embedded one) start 4096, 3354, both t=999, so from 25 steps on the run began at step 2 and ran
+    off the end. The pipeline calls set_timesteps itself, which forgets the begin index: set it after."""
+    if not hasattr(scheduler, "set_begin_index"):
+        return scheduler
+    set_timesteps = scheduler.set_timesteps
+
+    def set_timesteps_from_the_first_step(*args, **kwargs):
+        set_timesteps(*args, **kwargs)
+        scheduler.set_begin_index(0)
+
+    scheduler.set_timesteps = set_timesteps_from_the_first_step
+    return scheduler
