@@ -326,6 +326,27 @@ def test_a_folder_naming_a_safety_checker_it_lacks_loads_without_one(models_dir,
     assert result.image.size == (64, 64)
 
 
+@pytest.mark.parametrize("kind, message", [("sdxl", "sdxl is an SDXL model"),
+                                           ("inpainting", "inpainting's UNet takes 9 input channels")])
+def test_a_diffusers_folder_this_app_cannot_run_is_refused_when_loaded(models_dir, tmp_path, kind, message):
+    """They loaded as an SD pipeline, then every image failed deep inside diffusers."""
+    import json
+    import shutil
+
+    from webui.config import Settings
+    from webui.engine.loader import ModelLoadError
+
+    folder = tmp_path / "models" / kind
+    shutil.copytree(models_dir / TINY, folder)
+    part, key, value = {"sdxl": ("model_index.json", "text_encoder_2", ["transformers", "CLIPTextModelWithProjection"]),
+                        "inpainting": ("unet/config.json", "in_channels", 9)}[kind]
+    config = json.loads((folder / part).read_text())
+    (folder / part).write_text(json.dumps(config | {key: value}))
+    engine = Engine(Settings(models_dir=folder.parent, device="cpu"), ModelRegistry(folder.parent, tmp_path / "h.json"))
+    with pytest.raises(ModelLoadError, match=message):
+        engine.load(kind)
+
+
 def test_on_the_cpu_a_model_switch_drops_the_old_weights_first_and_restores_them_on_failure(
         models_dir, tmp_path, monkeypatch):
     import shutil

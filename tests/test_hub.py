@@ -238,7 +238,12 @@ def fake_hub(tmp_path, hf_cache, monkeypatch):
     single = tmp_path / "single"
     single.mkdir()
     (single / "model.safetensors").write_bytes(b"weights")
-    server = FakeHub({REPO: repo, "test-org/single-file": single, "test-org/gated": repo}, gated=("test-org/gated",))
+    sdxl = tmp_path / "sdxl"
+    (sdxl / "text_encoder_2").mkdir(parents=True)
+    (sdxl / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    (sdxl / "text_encoder_2" / "model.safetensors").write_bytes(b"gigabytes of weights")
+    server = FakeHub({REPO: repo, "test-org/single-file": single, "test-org/gated": repo, "test-org/sdxl": sdxl},
+                     gated=("test-org/gated",))
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     yield server
     server.close()
@@ -282,6 +287,9 @@ def test_unknown_moved_gated_and_single_file_repositories_say_what_to_do(fake_hu
         engine.load("test-org/single-file")
     with pytest.raises(ModelLoadError, match=r"'test-org/gated' is gated: accept its licence .* HF_TOKEN"):
         engine.load("test-org/gated")
+    with pytest.raises(ModelLoadError, match="'test-org/sdxl' is an SDXL model; only SD 1.x and 2.x"):
+        engine.load("test-org/sdxl")
+    assert fake_hub.fetched == []  # refused before anything was downloaded
 
 
 def test_a_hub_that_takes_the_connection_but_never_answers_gives_up(hf_cache, monkeypatch):

@@ -116,6 +116,7 @@ def _read_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype):
 
     skip_checker = {"safety_checker": None, "requires_safety_checker": False} if settings.no_safety_checker else {}
     if entry.kind == "diffusers":
+        check_pipeline_folder(Path(entry.source), entry.name)
         if not skip_checker and _safety_checker_missing(Path(entry.source)):
             log.warning("%s names a safety checker whose files are missing; loading it without one (no NSFW "
                         "filter)", entry.name)
@@ -129,13 +130,33 @@ def _read_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype):
     return _read_hub_pipeline(entry, settings, dtype, skip_checker)
 
 
+def check_pipeline_folder(folder: Path, name: str) -> None:
+    """Refuse, before reading gigabytes, a diffusers folder this app cannot run: it would load as an SD
+    pipeline and then fail every image deep inside diffusers (SDXL: a NoneType error; inpainting: a tensor
+    size mismatch)."""
+    index = _read_json(folder / "model_index.json")
+    if "text_encoder_2" in index:
+        raise ModelLoadError(f"{name} is an SDXL model ({index.get('_class_name', 'two text encoders')}); "
+                             "only SD 1.x and 2.x models load for now")
+    in_channels = _read_json(folder / "unet" / "config.json").get("in_channels", 4)
+    if in_channels != 4:
+        raise ModelLoadError(f"{name}'s UNet takes {in_channels} input channels (an inpainting or instruct-pix2pix "
+                             "model); only text-to-image models (4 channels) load for now")
+
+
+def _read_json(path: Path) -> dict:
+    """A config file's contents; {} when it is missing or unreadable (diffusers then says what is wrong)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _safety_checker_missing(folder: Path) -> bool:
     """model_index.json names a safety checker whose weights (or feature extractor) were not downloaded,
     a common partial copy."""
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return False
+    index = _read_json(folder / "model_index.json")
 
     def lacks(part: str, files: tuple[str, ...]) -> bool:
         named = index.get(part)
@@ -154,6 +175,7 @@ def _read_hub_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype
     half = dtype != torch.float32
 
     def from_snapshot(snapshot: hub.HubSnapshot):
+        check_pipeline_folder(snapshot.folder, entry.source)
         return StableDiffusionPipeline.from_pretrained(snapshot.folder, torch_dtype=dtype, variant=snapshot.variant,
                                                        local_files_only=True, **extra)
 
@@ -161,6 +183,8 @@ def _read_hub_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype
     if cached is not None:
         try:
             return from_snapshot(cached)  # no network at all
+        except ModelLoadError:  # a model this app cannot run: downloading again would not help
+            raise
         except Exception as err:
             if settings.offline or hub.offline_by_environment():
                 raise ModelLoadError(
