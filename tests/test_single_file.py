@@ -151,6 +151,24 @@ def test_an_empty_ckpt_says_it_ends_too_early(tmp_path):
         load_single_file_pipeline(path, torch.float32)
 
 
+@pytest.mark.parametrize("name, content, says", [
+    ("civitai.ckpt", b'{"error":"Unauthorized","message":"log in to download"}',
+     "civitai.ckpt is text (SIZE bytes), not a model: the download saved text instead of the file, often a login "
+     "page or an error (it begins: '{\"error\":\"Unauthorized\",\"message\":\"log in to download\"}')"),
+    ("page.safetensors", b"<!DOCTYPE html>\n<html><body>Sign in</body></html>",
+     "page.safetensors is a web page (SIZE bytes), not a model"),
+    ("lfs.safetensors", b"version https://git-lfs.github.com/spec/v1\noid sha256:4c2e\nsize 2132625894\n",
+     "lfs.safetensors is a git-lfs pointer (SIZE bytes), not the model: run `git lfs pull`"),
+])
+def test_a_file_that_is_no_model_at_all_says_so(tmp_path, name, content, says):
+    """It was called unsafe pickled code (convert it on a trusted machine) or a bad header: wrong advice."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(SingleFileLoadError) as err:
+        load_single_file_pipeline(path, torch.float32)
+    assert str(err.value).startswith(says.replace("SIZE", str(len(content)))), str(err.value)
+
+
 def _shapes(**extra):
     base = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}
     return {**base, **extra}

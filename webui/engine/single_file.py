@@ -123,6 +123,7 @@ def _read_header(path: Path) -> tuple[dict[str, tuple], int | None]:
     if path.suffix != path.suffix.lower():  # diffusers picks its reader by the exact, lower-case extension
         raise SingleFileLoadError(f"{path.name}: rename it to {path.stem}{path.suffix.lower()}; "
                                   "checkpoints are read only with a lower-case extension")
+    _refuse_what_is_no_model(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -141,6 +142,26 @@ def _read_header(path: Path) -> tuple[dict[str, tuple], int | None]:
         shapes = {key: tuple(value.shape) for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
         return shapes, int(global_step) if global_step is not None else None
     raise SingleFileLoadError(f"{path.name}: expected a .safetensors or .ckpt file")
+
+
+def _refuse_what_is_no_model(path: Path) -> None:
+    """A git-lfs pointer (a repository cloned without LFS) or text (a login page or an error message saved
+    by a download link) is no model at all: say so, rather than call it unsafe pickled code or a bad header."""
+    with path.open("rb") as file:
+        head = file.read(512)
+    size = path.stat().st_size
+    if head.startswith(b"version https://git-lfs"):
+        raise SingleFileLoadError(
+            f"{path.name} is a git-lfs pointer ({size} bytes), not the model: run `git lfs pull` in the repository "
+            "it came from, or download the file from the model's page")
+    # Weights start with binary (a length, a zip or pickle header); text has no control bytes but tabs and newlines.
+    if head and not any(byte < 9 or 13 < byte < 32 for byte in head):
+        text = head.decode("utf-8", errors="replace")
+        what = "a web page" if text.lstrip().startswith("<") else "text"
+        shown = " ".join(text.split())[:80]
+        raise SingleFileLoadError(
+            f"{path.name} is {what} ({size} bytes), not a model: the download saved {what} instead of the file, "
+            f"often a login page or an error (it begins: {shown!r}). Download the model again from its page")
 
 
 def _load_ckpt(path: Path):
