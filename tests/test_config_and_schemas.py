@@ -1,5 +1,6 @@
 """Flags, request validation messages, and the model registry (discovery, hashes)."""
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,13 @@ def test_models_in_subfolders_are_found_by_their_relative_names(tmp_path):
     with pytest.raises(ModelNotFound):
         registry.find("both")  # two models so named: neither is guessed
     assert registry.find_by_hash(registry.short_hash(registry.find("SD21/both"))) == registry.find("SD21/both")
+    # Infotexts from before A1111 1.0 carry an 8-digit hash of the 64 KiB at 1 MiB into the file.
+    old = tmp_path / "old.ckpt"
+    old.write_bytes(os.urandom(0x100000) + b"the weights A1111 hashed" + os.urandom(0x10000))
+    registry.refresh()
+    expected = hashlib.sha256(old.read_bytes()[0x100000:0x110000]).hexdigest()[:8]
+    assert registry.find_by_hash(expected.upper()) == registry.find("old")
+    assert registry.find_by_hash("0badc0de") is None
 
 
 def test_symlinked_models_keep_their_link_names_and_an_unreadable_folder_is_skipped(tmp_path, monkeypatch):

@@ -38,6 +38,20 @@ class ModelNotFound(ValueError):
     pass
 
 
+LEGACY_HASH_DIGITS = 8
+
+
+def legacy_hash(path: Path) -> str | None:
+    """The "Model hash" stable-diffusion-webui wrote before 1.0 (8 hex digits): the sha256 of the 64 KiB
+    at 1 MiB into the file, so infotexts from 2022 still find their model. None if unreadable."""
+    try:
+        with path.open("rb") as file:
+            file.seek(0x100000)
+            return hashlib.sha256(file.read(0x10000)).hexdigest()[:LEGACY_HASH_DIGITS]
+    except OSError:
+        return None
+
+
 class ModelRegistry:
     def __init__(self, models_dir: Path, hash_cache: Path):
         self.models_dir = Path(models_dir)
@@ -104,6 +118,8 @@ class ModelRegistry:
         wanted = short_hash.strip().lower()
         if not wanted:
             return None
+        if len(wanted) == LEGACY_HASH_DIGITS:  # stable-diffusion-webui before 1.0: cheap, so always computed
+            return next((e for e in self.entries() if e.kind == "single_file" and legacy_hash(e.path) == wanted), None)
         return next((e for e in self.entries() if self.short_hash(e, cached_only=True) == wanted), None)
 
     def short_hash(self, entry: ModelEntry, cached_only: bool = False) -> str | None:
