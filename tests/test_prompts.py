@@ -95,3 +95,14 @@ def test_the_token_counter_counts_a_chunk_ended_by_break_as_full(pipe):
     assert token_count(pipe.tokenizer, "a red apple BREAK a pear") == 75 + 2
     assert token_count(pipe.tokenizer, "a red apple BREAK") == 3
     assert token_count(pipe.tokenizer, "") == 0
+
+
+def test_clip_skip_is_ignored_for_sd2s_open_clip_text_encoder_as_stable_diffusion_webui_does():
+    pipe = make_tiny_pipeline()  # its own: the config is changed below
+    with torch.inference_mode():
+        last, _ = encode_prompt_pair(pipe, ["a red apple"], [""], clip_skip=1)
+        penultimate, _ = encode_prompt_pair(pipe, ["a red apple"], [""], clip_skip=2)
+        assert not torch.allclose(last, penultimate)  # OpenAI's CLIP (SD 1.x): Clip skip counts
+        pipe.text_encoder.config.hidden_act = "gelu"  # as SD 2.x's OpenCLIP encoder says it is
+        skipped, _ = encode_prompt_pair(pipe, ["a red apple"], [""], clip_skip=2)
+    assert torch.equal(skipped, last)  # an A1111 SD 2.x infotext with "Clip skip: 2" makes the same picture

@@ -162,7 +162,7 @@ def _encode(pipe, batch: list[list[Chunk]], clip_skip: int) -> torch.Tensor:
     device = pipe._execution_device
     input_ids = torch.tensor([ids for prompt in batch for ids, _ in prompt], device=device)
     weights = torch.tensor([w for prompt in batch for _, w in prompt], device=device)
-    if clip_skip <= 1:
+    if clip_skip <= 1 or _is_open_clip(encoder):
         hidden = encoder(input_ids)[0]
     else:
         layer_count = encoder.config.num_hidden_layers
@@ -174,6 +174,13 @@ def _encode(pipe, batch: list[list[Chunk]], clip_skip: int) -> torch.Tensor:
     if (weights != 1).any():
         hidden = _weigh(hidden.float(), weights)
     return hidden.reshape(prompts, chunks * hidden.shape[1], hidden.shape[2]).to(dtype=encoder.dtype)
+
+
+def _is_open_clip(encoder) -> bool:
+    """SD 2.x's OpenCLIP text encoder. stable-diffusion-webui ignores Clip skip for it (SD 2.x always reads its
+    penultimate layer, which diffusers' copy of the encoder ends with), so its "Clip skip: 2" infotexts for
+    SD 2.x models make the same picture here only if Clip skip is ignored here too."""
+    return getattr(encoder.config, "hidden_act", "") == "gelu"  # OpenAI's CLIP (SD 1.x) uses quick_gelu
 
 
 def _weigh(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
