@@ -69,8 +69,9 @@ def test_a1111_flags_pass_but_a_misspelled_one_is_still_an_error(capsys):
         parse_settings(["--skip-torch-cuda-tset"], environ={})
     assert exit_.value.code == 2
     assert "unrecognized arguments: --skip-torch-cuda-tset" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # an A1111 flag that cannot be honoured safely is refused, not ignored
-        parse_settings(["--gradio-auth-path", "/etc/logins"], environ={})
+    for refused in (["--gradio-auth-path", "/etc/logins"], ["--ngrok", "token"], ["--tls-keyfile", "key.pem"]):
+        with pytest.raises(SystemExit):  # an A1111 flag that cannot be honoured safely is refused, not ignored
+            parse_settings(refused, environ={})  # (--ngrok passed as an abbreviation of --ngrok-region)
 
 
 # --- --server-name and GRADIO_SERVER_NAME ----------------------------------------------------------------------

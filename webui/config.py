@@ -70,7 +70,7 @@ A1111_IGNORED_SWITCHES = (
     "--disable-console-progressbars", "--enable-console-prompts", "--use-textbox-seed", "--hide-ui-dir-config",
     "--freeze-settings", "--ui-debug-mode", "--add-stop-route", "--api-server-stop",
     "--skip-load-model-at-start", "--deepdanbooru", "--show-negative-prompt", "--unload-gfpgan",
-    "--test-server", "--disable-tls-verify",  # the latter only matters with TLS, which is refused below
+    "--test-server", "--disable-tls-verify",  # the latter only matters with TLS, which is refused (see above)
     "-f",  # webui.sh's "allow running as root", often left in COMMANDLINE_ARGS
 )
 A1111_IGNORED_VALUES = (  # these take one value, which is dropped too
@@ -191,6 +191,7 @@ def _user_path(text: str) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="app.py",
+        allow_abbrev=False,  # else a refused flag passes as the start of an ignored one (--ngrok of --ngrok-region)
         description="diffusers-webui: a Stable Diffusion web UI and A1111-compatible API on diffusers.",
         epilog=f"Flags can also come from {ENV_ARGS} and {A1111_ENV_ARGS} (the command line wins). Other "
                "stable-diffusion-webui flags that do nothing here (--skip-torch-cuda-test, --precision full, "
