@@ -352,6 +352,23 @@ def test_options_set_the_clip_skip_of_api_requests_that_give_none(client):
         client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
 
 
+def test_a_clip_skip_option_deeper_than_a_model_loaded_since_runs_at_its_deepest_and_says_so(
+        client, services, monkeypatch):
+    try:
+        assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": TEXT_LAYERS}).status_code == 200
+        # Another model is loaded since (the UI may load one): its text encoder is shallower.
+        shallower = dataclasses.replace(services.engine.model, text_encoder_layers=TEXT_LAYERS - 1)
+        monkeypatch.setattr(services.engine, "model", shallower)
+        r = client.post("/sdapi/v1/txt2img", json=QUICK)  # the request never named a clip skip: no 422
+        info = json.loads(r.json()["info"])
+        assert info["clip_skip"] == TEXT_LAYERS - 1
+        assert info["warnings"] == [f"clip_skip: the CLIP_stop_at_last_layers option {TEXT_LAYERS} is deeper than "
+                                    f"{TINY}'s text encoder; it ran with {TEXT_LAYERS - 1}"]
+    finally:
+        monkeypatch.undo()
+        client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
+
+
 def test_cmd_flags_use_a1111s_names_and_never_give_away_credentials(client, services):
     flags = client.get("/sdapi/v1/cmd-flags").json()
     settings = services.settings

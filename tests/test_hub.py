@@ -287,7 +287,7 @@ def test_unknown_moved_gated_and_single_file_repositories_say_what_to_do(fake_hu
         engine.load("test-org/single-file")
     with pytest.raises(ModelLoadError, match=r"'test-org/gated' is gated: accept its licence .* HF_TOKEN"):
         engine.load("test-org/gated")
-    with pytest.raises(ModelLoadError, match="'test-org/sdxl' is an SDXL model; only SD 1.x and 2.x"):
+    with pytest.raises(ModelLoadError, match=r"'test-org/sdxl' is not an SD 1.x or 2.x model \(SDXL"):
         engine.load("test-org/sdxl")
     assert fake_hub.fetched == []  # refused before anything was downloaded
 

@@ -131,19 +131,36 @@ def sampler_and_schedule(sampler_name: str, schedule: str | None) -> tuple[str, 
     return sampler, automatic, f"scheduler: {sampler} cannot follow the {asked} schedule here; it ran with {ran}"
 
 
-def clip_skip_option(value: Any, loaded: LoadedModel | None) -> int:
-    """POST /options' CLIP_stop_at_last_layers, checked by the request model so its bounds are a request's,
-    and against the loaded model's text encoder."""
+def clip_skip_option(value: Any) -> int:
+    """POST /options' CLIP_stop_at_last_layers, checked by the request model so its bounds are a request's."""
     try:
-        clip_skip = parse_request({"clip_skip": value}).clip_skip
+        return parse_request({"clip_skip": value}).clip_skip
     except InvalidRequest as err:
         raise ApiError(422, f"CLIP_stop_at_last_layers: {str(err).removeprefix('clip_skip: ')}",
                        "InvalidRequest") from None
+
+
+def check_clip_skip_depth(clip_skip: int, loaded: LoadedModel | None) -> None:
+    """A CLIP_stop_at_last_layers deeper than the loaded model's text encoder is refused."""
     if loaded is not None and clip_skip > loaded.text_encoder_layers:
         raise ApiError(422, f"CLIP_stop_at_last_layers: {loaded.entry.name}'s text encoder has "
                             f"{loaded.text_encoder_layers} layers; use 1 to {loaded.text_encoder_layers}",
                        "InvalidRequest")
-    return clip_skip
+
+
+def uses_clip_skip_option(req: Txt2ImgRequest) -> bool:
+    """The request gives no clip skip of its own (an infotext always does: no "Clip skip" there means 1)."""
+    return not req.infotext and (req.override_settings or {}).get("CLIP_stop_at_last_layers") is None
+
+
+def clip_skip_for(option: int, loaded: LoadedModel | None) -> tuple[int, list[str]]:
+    """The CLIP_stop_at_last_layers option for a request that gives none, and a note when it is deeper than
+    the model loaded since it was set: the request was never told of it, so it runs at the model's deepest."""
+    if loaded is None or option <= loaded.text_encoder_layers:
+        return option, []
+    deepest = loaded.text_encoder_layers
+    return deepest, [f"clip_skip: the CLIP_stop_at_last_layers option {option} is deeper than "
+                     f"{loaded.entry.name}'s text encoder; it ran with {deepest}"]
 
 
 def _rename_fields(message: str) -> str:
@@ -187,7 +204,7 @@ _A1111_REFUSED = ("gradio_auth_path", "tls_keyfile", "tls_certfile", "ngrok", "s
 
 def cmd_flags(settings: Settings) -> dict[str, Any]:
     """GET /cmd-flags: stable-diffusion-webui's flag names, with our values where we have the flag."""
-    unused = (dict.fromkeys(map(_dest, A1111_IGNORED_SWITCHES), False)
+    unused = (dict.fromkeys([_dest(flag) for flag in A1111_IGNORED_SWITCHES if flag.startswith("--")], False)
               | dict.fromkeys([*map(_dest, A1111_IGNORED_VALUES), *_A1111_REFUSED]))
     return unused | {
         "api": settings.api, "nowebui": settings.nowebui, "listen": settings.listen,

@@ -112,8 +112,11 @@ class Api:
 
     def _submit(self, req: Txt2ImgRequest, caller: str) -> Job:
         model = self.engine.model  # read once: a model switch on the worker may change it meanwhile
-        data, notes = convert.to_generation_request(req, self.registry, model.entry if model else None,
-                                                    default_clip_skip=self.clip_skip)
+        default_clip_skip, notes = convert.clip_skip_for(self.clip_skip, model) if convert.uses_clip_skip_option(req) \
+            else (self.clip_skip, [])
+        data, request_notes = convert.to_generation_request(req, self.registry, model.entry if model else None,
+                                                            default_clip_skip=default_clip_skip)
+        notes += request_notes
         try:
             return self.worker.submit(data, origin="api", owner=caller, warnings=notes)
         except InvalidRequest as err:
@@ -265,19 +268,16 @@ class Api:
         """Change settings: `sd_model_checkpoint` loads that model (after the jobs queued before it);
         `CLIP_stop_at_last_layers` is the clip skip of later API requests that give none of their own."""
         clip_skip = None
-        if "CLIP_stop_at_last_layers" in body:  # checked first: a bad value changes nothing
-            clip_skip = convert.clip_skip_option(body["CLIP_stop_at_last_layers"], self.engine.model)
-        applied, ignored = [], []
-        for key, value in body.items():
-            if key == "sd_model_checkpoint" and value:
-                await self._switch_model(value)
-                applied.append(key)
-            elif key == "CLIP_stop_at_last_layers":
-                applied.append(key)
-            else:
-                ignored.append(key)
+        if "CLIP_stop_at_last_layers" in body:  # its range is checked first: a value out of it changes nothing
+            clip_skip = convert.clip_skip_option(body["CLIP_stop_at_last_layers"])
+        if body.get("sd_model_checkpoint"):
+            await self._switch_model(body["sd_model_checkpoint"])
         if clip_skip is not None:
+            convert.check_clip_skip_depth(clip_skip, self.engine.model)  # against the model loaded now
             self.clip_skip = clip_skip
+        applied = [key for key, value in body.items()
+                   if key == "CLIP_stop_at_last_layers" or (key == "sd_model_checkpoint" and value)]
+        ignored = [key for key in body if key not in applied]
         return OptionsUpdateResponse(applied=applied, ignored=ignored)
 
     async def _switch_model(self, value: Any) -> None:

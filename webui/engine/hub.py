@@ -168,8 +168,8 @@ def download(repo_id: str, *, half: bool, safety_checker: bool = True, offline: 
         hint = (f" It holds single-file checkpoints ({', '.join(singles[:3])}): download one into the models "
                 "folder and pick it by name.") if singles else ""
         raise HubError(f"{repo_id!r} is not a diffusers Stable Diffusion repository (no model_index.json).{hint}")
-    if any(f.startswith("text_encoder_2/") for f in files):  # found before gigabytes are fetched
-        raise HubError(f"{repo_id!r} is an SDXL model; only SD 1.x and 2.x models load for now")
+    if any(f.startswith(("text_encoder_2/", "transformer/")) for f in files):  # before gigabytes are fetched
+        raise HubError(f"{repo_id!r} is not an SD 1.x or 2.x model (SDXL, SD3, Flux, ...); only those load for now")
     wanted, variant = select_files(files, half=half, safety_checker=safety_checker)
     log.info("downloading %s (%d files%s) into %s", repo_id, len(wanted), ", fp16" if variant else "",
              hub_cache_dir())

@@ -135,9 +135,10 @@ def check_pipeline_folder(folder: Path, name: str) -> None:
     pipeline and then fail every image deep inside diffusers (SDXL: a NoneType error; inpainting: a tensor
     size mismatch)."""
     index = _read_json(folder / "model_index.json")
-    if "text_encoder_2" in index:
-        raise ModelLoadError(f"{name} is an SDXL model ({index.get('_class_name', 'two text encoders')}); "
-                             "only SD 1.x and 2.x models load for now")
+    kind = str(index.get("_class_name", ""))
+    if "text_encoder_2" in index or "transformer" in index:  # SDXL, SD3, Flux, PixArt, ...
+        what = "an SDXL model" if kind.startswith("StableDiffusionXL") else f"a {kind or 'non-SD 1.x/2.x'} model"
+        raise ModelLoadError(f"{name} is {what}; only SD 1.x and 2.x models load for now")
     in_channels = _read_json(folder / "unet" / "config.json").get("in_channels", 4)
     if in_channels != 4:
         raise ModelLoadError(f"{name}'s UNet takes {in_channels} input channels (an inpainting or instruct-pix2pix "

@@ -101,7 +101,7 @@ class HistoryActions:
         return self.reload(page, search)
 
     def select(self, ids: list[int], evt: gr.SelectData):
-        """Show one image: (selected id, full-size image, parameters, open-file link)."""
+        """Show one image: (selected id, full-size image, parameters, Open file, Delete, the confirm row)."""
         index = evt.index if isinstance(evt.index, int) else -1
         if not 0 <= index < len(ids):
             return _nothing_selected()
