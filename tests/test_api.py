@@ -359,6 +359,10 @@ def test_a_clip_skip_option_deeper_than_a_model_loaded_since_runs_at_its_deepest
         # Another model is loaded since (the UI may load one): its text encoder is shallower.
         shallower = dataclasses.replace(services.engine.model, text_encoder_layers=TEXT_LAYERS - 1)
         monkeypatch.setattr(services.engine, "model", shallower)
+        deep = {"override_settings": {"CLIP_stop_at_last_layers": TEXT_LAYERS}}  # a request's own is refused
+        r = client.post("/sdapi/v1/txt2img", json=QUICK | deep)
+        assert r.status_code == 422 and r.json()["detail"].startswith(
+            f"override_settings.CLIP_stop_at_last_layers: {TINY}'s text encoder has {TEXT_LAYERS - 1} layers"), r.text
         r = client.post("/sdapi/v1/txt2img", json=QUICK)  # the request never named a clip skip: no 422
         info = json.loads(r.json()["info"])
         assert info["clip_skip"] == TEXT_LAYERS - 1

@@ -104,7 +104,7 @@ def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: 
     try:
         parse_request(data)
     except InvalidRequest as err:
-        problems.extend(_rename_fields(str(err)).split("; "))
+        problems.extend(rename_fields(str(err)).split("; "))
     if problems:
         raise ApiError(422, "; ".join(dict.fromkeys(problems)), "InvalidRequest")
     return data, [note] if note else []
@@ -148,22 +148,19 @@ def check_clip_skip_depth(clip_skip: int, loaded: LoadedModel | None) -> None:
                        "InvalidRequest")
 
 
-def uses_clip_skip_option(req: Txt2ImgRequest) -> bool:
-    """The request gives no clip skip of its own (an infotext always does: no "Clip skip" there means 1)."""
-    return not req.infotext and (req.override_settings or {}).get("CLIP_stop_at_last_layers") is None
-
-
-def clip_skip_for(option: int, loaded: LoadedModel | None) -> tuple[int, list[str]]:
-    """The CLIP_stop_at_last_layers option for a request that gives none, and a note when it is deeper than
-    the model loaded since it was set: the request was never told of it, so it runs at the model's deepest."""
-    if loaded is None or option <= loaded.text_encoder_layers:
+def clip_skip_for(req: Txt2ImgRequest, option: int, loaded: LoadedModel | None) -> tuple[int, list[str]]:
+    """The CLIP_stop_at_last_layers option as the request's default clip skip, and a note when the request
+    uses it (gives no clip skip of its own; an infotext always does) and it is deeper than the model loaded
+    since it was set: the client never sent it, so it runs at the model's deepest instead of failing."""
+    uses_option = not req.infotext and (req.override_settings or {}).get("CLIP_stop_at_last_layers") is None
+    if not uses_option or loaded is None or option <= loaded.text_encoder_layers:
         return option, []
     deepest = loaded.text_encoder_layers
     return deepest, [f"clip_skip: the CLIP_stop_at_last_layers option {option} is deeper than "
                      f"{loaded.entry.name}'s text encoder; it ran with {deepest}"]
 
 
-def _rename_fields(message: str) -> str:
+def rename_fields(message: str) -> str:
     """Our field names -> the A1111 names the client sent, in a validation message."""
     renames = {"clip_skip:": "override_settings.CLIP_stop_at_last_layers:",
                "model:": "override_settings.sd_model_checkpoint:"}

@@ -112,15 +112,14 @@ class Api:
 
     def _submit(self, req: Txt2ImgRequest, caller: str) -> Job:
         model = self.engine.model  # read once: a model switch on the worker may change it meanwhile
-        default_clip_skip, notes = convert.clip_skip_for(self.clip_skip, model) if convert.uses_clip_skip_option(req) \
-            else (self.clip_skip, [])
+        default_clip_skip, notes = convert.clip_skip_for(req, self.clip_skip, model)
         data, request_notes = convert.to_generation_request(req, self.registry, model.entry if model else None,
                                                             default_clip_skip=default_clip_skip)
         notes += request_notes
         try:
             return self.worker.submit(data, origin="api", owner=caller, warnings=notes)
-        except InvalidRequest as err:
-            raise ApiError(422, str(err), "InvalidRequest") from None
+        except InvalidRequest as err:  # e.g. a clip skip deeper than the loaded model, named as the client sent it
+            raise ApiError(422, convert.rename_fields(str(err)), "InvalidRequest") from None
         except QueueFull as err:
             raise ApiError(503, str(err), "QueueFull", headers={"Retry-After": str(self._retry_after())}) from None
         except WorkerStopped as err:
