@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from webui.config import Settings, build_parser, parse_settings
+from webui.config import A1111_REFUSED_FLAGS, Settings, build_parser, parse_settings
 
 IGNORED = "ignored: these stable-diffusion-webui flags do nothing here:"
 # Flags A1111 users type that mean nothing here, as they appear in launch lines and webui-user.sh.
@@ -69,9 +69,9 @@ def test_a1111_flags_pass_but_a_misspelled_one_is_still_an_error(capsys):
         parse_settings(["--skip-torch-cuda-tset"], environ={})
     assert exit_.value.code == 2
     assert "unrecognized arguments: --skip-torch-cuda-tset" in capsys.readouterr().err
-    for refused in (["--gradio-auth-path", "/etc/logins"], ["--ngrok", "token"], ["--tls-keyfile", "key.pem"]):
+    for refused in A1111_REFUSED_FLAGS:
         with pytest.raises(SystemExit):  # an A1111 flag that cannot be honoured safely is refused, not ignored
-            parse_settings(refused, environ={})  # (--ngrok passed as an abbreviation of --ngrok-region)
+            parse_settings([refused, "value"], environ={})  # (--ngrok passed as an abbreviation of --ngrok-region)
 
 
 # --- --server-name and GRADIO_SERVER_NAME ----------------------------------------------------------------------

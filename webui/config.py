@@ -48,10 +48,13 @@ ENV_ARGS = "WEBUI_ARGS"
 A1111_ENV_ARGS = "COMMANDLINE_ARGS"
 A1111_CHECKPOINTS = "Stable-diffusion"  # where A1111 keeps checkpoints inside its models folder
 
+# stable-diffusion-webui flags about who may reach the server, or how: this app cannot do what they ask, and
+# serving without a login file or TLS the user asked for is worse than not starting, so they stay unknown
+# flags (an error). Listed for GET /sdapi/v1/cmd-flags and the tests.
+A1111_REFUSED_FLAGS = ("--gradio-auth-path", "--tls-keyfile", "--tls-certfile", "--ngrok", "--subpath",
+                       "--cors-allow-origins", "--cors-allow-origins-regex")
 # stable-diffusion-webui flags that do nothing here. They are accepted (with one warning naming them) so an
-# A1111 launch line or COMMANDLINE_ARGS still starts. Flags about who may reach the server, or how
-# (--gradio-auth-path, --tls-keyfile, --tls-certfile, --ngrok, --subpath, --cors-allow-origins), are left out
-# on purpose: serving without a login file or TLS the user asked for is worse than not starting.
+# A1111 launch line or COMMANDLINE_ARGS still starts.
 A1111_IGNORED_SWITCHES = (
     # installing and checking the environment (A1111's launch.py)
     "--skip-torch-cuda-test", "--skip-python-version-check", "--skip-version-check", "--skip-install",

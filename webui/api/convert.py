@@ -16,7 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from webui import __version__
 from webui.api.models import JobProgress, Txt2ImgRequest, Txt2ImgResponse
-from webui.config import A1111_IGNORED_SWITCHES, A1111_IGNORED_VALUES, Settings
+from webui.config import A1111_IGNORED_SWITCHES, A1111_IGNORED_VALUES, A1111_REFUSED_FLAGS, Settings
 from webui.engine.generate import LoadedModel
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
 from webui.engine.samplers import resolve_sampler, schedule_key
@@ -194,15 +194,10 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")  # as argparse names it: --skip-torch-cuda-test -> skip_torch_cuda_test
 
 
-# The A1111 flags this server refuses (config.py says why): never on here.
-_A1111_REFUSED = ("gradio_auth_path", "tls_keyfile", "tls_certfile", "ngrok", "subpath", "cors_allow_origins",
-                  "cors_allow_origins_regex")
-
-
 def cmd_flags(settings: Settings) -> dict[str, Any]:
     """GET /cmd-flags: stable-diffusion-webui's flag names, with our values where we have the flag."""
     unused = (dict.fromkeys([_dest(flag) for flag in A1111_IGNORED_SWITCHES if flag.startswith("--")], False)
-              | dict.fromkeys([*map(_dest, A1111_IGNORED_VALUES), *_A1111_REFUSED]))
+              | dict.fromkeys(map(_dest, A1111_IGNORED_VALUES + A1111_REFUSED_FLAGS)))
     return unused | {
         "api": settings.api, "nowebui": settings.nowebui, "listen": settings.listen,
         "server_name": settings.server_name, "port": settings.port, "share": settings.share,
