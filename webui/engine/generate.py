@@ -86,7 +86,7 @@ class LoadedModel:
     short_hash: str | None
     native_width: int
     native_height: int
-    text_encoder_layers: int = 12  # the deepest Clip skip this model has
+    text_encoder_layers: int  # the deepest Clip skip this model has
 
     def names(self, name: str | None) -> bool:
         """`name` means this model (None keeps whatever is loaded)."""

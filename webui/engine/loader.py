@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from webui.config import Settings
+from webui.engine import hub
 from webui.engine.models import ModelEntry
 from webui.zerogpu import zerogpu_requested
 
@@ -136,7 +137,7 @@ def check_pipeline_folder(folder: Path, name: str) -> None:
     size mismatch)."""
     index = _read_json(folder / "model_index.json")
     kind = str(index.get("_class_name", ""))
-    if "text_encoder_2" in index or "transformer" in index:  # SDXL, SD3, Flux, PixArt, ...
+    if any(part in index for part in hub.NOT_SD_PARTS):
         what = "an SDXL model" if kind.startswith("StableDiffusionXL") else f"a {kind or 'non-SD 1.x/2.x'} model"
         raise ModelLoadError(f"{name} is {what}; only SD 1.x and 2.x models load for now")
     in_channels = _read_json(folder / "unet" / "config.json").get("in_channels", 4)
@@ -170,8 +171,6 @@ def _safety_checker_missing(folder: Path) -> bool:
 def _read_hub_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype, extra: dict):
     """A hub id: load it from the Hugging Face cache, or download it there once (webui/engine/hub.py)."""
     from diffusers import StableDiffusionPipeline
-
-    from webui.engine import hub
 
     half = dtype != torch.float32
 
