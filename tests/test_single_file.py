@@ -195,11 +195,13 @@ def test_shipped_config_is_chosen_from_the_checkpoint(tmp_path, monkeypatch, fam
     from diffusers import StableDiffusionPipeline
 
     seen = {}
+    probed = []  # only an SD 2.x file of unknown kind is probed; its own test below runs the real probe
+    monkeypatch.setattr(single_file, "_probe_prediction_type", lambda unet, path: probed.append(path) or "v_prediction")
 
     def fake_from_single_file(path, **kwargs):  # records the arguments; the real one needs full-size weights
         seen.update(kwargs)
         scheduler_config = json.loads((Path(kwargs["config"]) / "scheduler" / "scheduler_config.json").read_text())
-        return types.SimpleNamespace(scheduler=types.SimpleNamespace(config=scheduler_config))
+        return types.SimpleNamespace(scheduler=types.SimpleNamespace(config=scheduler_config), unet=None)
 
     monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", fake_from_single_file)
     key = single_file._CLIP_L if family == "v1" else single_file._OPEN_CLIP
@@ -213,6 +215,42 @@ def test_shipped_config_is_chosen_from_the_checkpoint(tmp_path, monkeypatch, fam
 
     assert seen["config"] == str(CONFIG_ROOT / expected)
     assert seen["local_files_only"] is True and seen["safety_checker"] is None
+    assert probed == ([path] if (family, sidecar, step) == ("v2", None, None) else [])
+
+
+@pytest.mark.parametrize("output, prediction", [(0.5, "epsilon"), (-2.0, "v_prediction")])
+def test_sd2_file_without_yaml_is_told_apart_by_what_its_unet_predicts(tmp_path, output, prediction):
+    """512-base and 768-v SD 2.x files have the same shapes. An epsilon model returns about its input at the
+    last timestep; a v-prediction model's output lies below it. The UNet here outputs a constant."""
+    pipe = tiny_pipeline(sd2=True)
+    with torch.no_grad():
+        pipe.unet.conv_out.weight.zero_()
+        pipe.unet.conv_out.bias.fill_(output)
+    config = write_config_dir(pipe, tmp_path / "cfg")
+    wrong = {"epsilon": "v_prediction", "v_prediction": "epsilon"}[prediction]  # the probe must override it
+    scheduler_config = config / "scheduler" / "scheduler_config.json"
+    scheduler_config.write_text(json.dumps({**json.loads(scheduler_config.read_text()), "prediction_type": wrong}))
+    path = tmp_path / "tiny-v2.safetensors"
+    save_file(pipeline_to_ldm(pipe, open_clip=True), path)
+
+    loaded = load_single_file_pipeline(path, torch.float32, config_dir=config)
+
+    assert loaded.scheduler.config.prediction_type == prediction
+
+
+def test_the_probe_finds_v_prediction_in_the_trained_embedded_model():
+    """A real v-prediction model, trained here (models/sd-emoji-tiny), not one built to pass."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(__file__).parent.parent / "models" / "sd-emoji-tiny",
+                                                subfolder="unet")
+    assert single_file._probe_prediction_type(unet, Path("sd-emoji-tiny.safetensors")) == "v_prediction"
+
+
+def test_a_512_base_file_gets_the_512_default_size():
+    pipe = tiny_pipeline(sd2=True)
+    single_file._use_shipped_sizes(pipe, "sd-v2")
+    assert (pipe.unet.config.sample_size, pipe.vae.config.sample_size) == (64, 512)
 
 
 @pytest.mark.parametrize("name, unet, text_encoder, prediction", [

@@ -10,6 +10,7 @@ SingleFileLoadError. No safety checker is ever loaded from a single file (none i
 """
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import zipfile
@@ -63,7 +64,8 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, *,
     config_dir: a config-only diffusers folder to use instead of the shipped one picked from the
         checkpoint keys (tests pass a tiny one).
     prediction_type: "epsilon" or "v_prediction" to override detection. Otherwise a sidecar
-        `<name>.yaml` (A1111's convention) decides, then the SD 2.x rules in _sd2_prediction_type.
+        `<name>.yaml` (A1111's convention) decides; for SD 2.x without one, the 512-base checkpoint's training
+        step, then what the UNet predicts (_probe_prediction_type).
     The pipeline has no safety checker and no feature extractor.
     """
     from diffusers import StableDiffusionPipeline
@@ -75,13 +77,16 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, *,
     shapes, global_step = _read_header(path)
     family = detect_family(shapes, path)
     prediction_type = prediction_type or _sidecar_prediction_type(path)
-    if config_dir is None:
-        if family == "sd-v2":
-            prediction_type = prediction_type or _sd2_prediction_type(path, global_step)
-            family = "sd-v2-v" if prediction_type == "v_prediction" else "sd-v2"
+    sd2 = family == "sd-v2"
+    if sd2 and prediction_type is None and global_step == _SD2_BASE_GLOBAL_STEP:
+        prediction_type = "epsilon"  # diffusers uses the same rule
+    shipped = config_dir is None
+    if shipped:
+        if sd2:  # one of unknown kind loads as 768 v-prediction (the same shapes as 512-base); a probe settles it
+            family = "sd-v2" if prediction_type == "epsilon" else "sd-v2-v"
         config_dir = CONFIG_ROOT / family
     # SD 2.x was trained with OpenCLIP's tokenizer, which pads with "!" (id 0) instead of <|endoftext|>.
-    pad = {"pad_token": "!"} if family.startswith("sd-v2") else {}
+    pad = {"pad_token": "!"} if sd2 else {}
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, **pad)
 
     with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):  # diffusers re-reads a .ckpt itself
@@ -89,6 +94,10 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, *,
             str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch_dtype,
             tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
+    if sd2 and prediction_type is None:
+        prediction_type = _probe_prediction_type(pipe.unet, path)
+        if shipped and prediction_type == "epsilon":
+            _use_shipped_sizes(pipe, "sd-v2")
     if prediction_type and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     return pipe
@@ -205,12 +214,31 @@ def _sidecar_prediction_type(path: Path) -> str | None:
     return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
 
 
-def _sd2_prediction_type(path: Path, global_step: int | None) -> str:
-    # The weights alone cannot tell 512-base (epsilon) from 768 (v-prediction): same shapes.
-    if global_step == _SD2_BASE_GLOBAL_STEP:
-        return "epsilon"
-    log.warning(
-        "%s is an SD 2.x checkpoint without a %s next to it: assuming SD 2.1 768 v-prediction. If images come "
-        "out as noise, it is a 512-base model: add that yaml with parameterization 'eps' or load it with "
-        "prediction_type='epsilon'.", path.name, path.with_suffix(".yaml").name)
-    return "v_prediction"
+def _probe_prediction_type(unet, path: Path) -> str:
+    """Tell an SD 2.x 512-base (epsilon) model from a 768 v-prediction one, which have the same shapes, by
+    what the UNet predicts for a flat latent at the last timestep. There the input is almost pure noise, so
+    an epsilon model returns about its input, while a v-prediction model's output lies well below it
+    (A1111 applies the same test to SD 2.x files that come without a yaml)."""
+    weight = next(unet.parameters())
+    flat = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=weight.dtype, device=weight.device)
+    context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, dtype=weight.dtype, device=weight.device)
+    try:
+        with torch.no_grad():
+            predicted = unet(flat, 999, encoder_hidden_states=context).sample
+    except Exception as err:  # the model still loads; say what was assumed and how to change it
+        log.warning("%s: could not tell 512-base from 768 v-prediction (%s); assuming v-prediction. If images "
+                    "come out as noise, add %s with parameterization 'eps'.", path.name, err,
+                    path.with_suffix(".yaml").name)
+        return "v_prediction"
+    below_input = (flat - predicted).float().mean().item()
+    kind = "v_prediction" if below_input > 1 else "epsilon"
+    log.info("%s is an SD 2.x model with %s (its UNet's output lies %.2f below a flat input at t=999); a %s "
+             "next to it overrides this", path.name, kind, below_input, path.with_suffix(".yaml").name)
+    return kind
+
+
+def _use_shipped_sizes(pipe, family: str) -> None:
+    """Give a loaded pipeline the native size of the shipped config `family` (its default image size)."""
+    for part in ("unet", "vae"):
+        config = json.loads((CONFIG_ROOT / family / part / "config.json").read_text())
+        getattr(pipe, part).register_to_config(sample_size=config["sample_size"])
