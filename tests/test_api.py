@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -388,20 +389,44 @@ def test_cmd_flags_use_a1111s_names_and_never_give_away_credentials(client, serv
     assert "alice" not in r.text and "s3cret" not in r.text
 
 
-def test_other_a1111_routes_clients_call_answer_and_change_nothing(client, services, caplog):
+def test_other_a1111_routes_clients_call_answer_and_change_nothing(client, services):
     for name in ("realesrgan-models", "script-info", "extensions"):
         assert client.get(f"/sdapi/v1/{name}").json() == [], name
+    model = services.engine.model
     for name in ("refresh-vae", "refresh-embeddings", "refresh-loras"):
         assert client.post(f"/sdapi/v1/{name}").status_code == 200, name
-    model = services.engine.model
-    for name in ("unload-checkpoint", "reload-checkpoint"):
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="webui.api.routes"):
-            r = client.post(f"/sdapi/v1/{name}")
-        assert r.status_code == 200 and r.json() == {}
-        assert [record.getMessage() for record in caplog.records] == [
-            f"/sdapi/v1/{name}: not supported here; the model stays loaded"]
     assert services.engine.model is model
+
+
+def test_unload_checkpoint_frees_the_model_until_the_next_image(client, services):
+    """Clients that share a GPU with another program (an LLM) unload between their images; the next image,
+    or reload-checkpoint, brings the model back, with the same pictures as before."""
+    engine = services.engine
+    before = client.post("/sdapi/v1/txt2img", json=QUICK | {"seed": 5}).json()["images"]
+    try:
+        assert client.post("/sdapi/v1/unload-checkpoint").json() == {}
+        assert engine.released and engine.pipe is None  # on the CPU the weights are dropped: RAM is given back
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]  # still the model in use, as in A1111
+        assert client.post("/sdapi/v1/txt2img", json=QUICK | {"seed": 5}).json()["images"] == before
+        assert not engine.released
+
+        client.post("/sdapi/v1/unload-checkpoint")
+        assert client.post("/sdapi/v1/reload-checkpoint").json() == {}
+        assert not engine.released and engine.pipe is not None
+    finally:
+        services.worker.restore_device().result(60)
+
+
+def test_unload_checkpoint_waits_for_the_running_job(client, services, running):
+    job = running()
+    with ThreadPoolExecutor(1) as pool:
+        unload = pool.submit(client.post, "/sdapi/v1/unload-checkpoint")
+        time.sleep(0.5)
+        assert not unload.done() and not services.engine.released  # the job keeps its model
+        services.worker.cancel(job.id)
+        assert unload.result(60).status_code == 200
+    assert services.engine.released
+    services.worker.restore_device().result(60)
 
 
 def test_model_switches_waiting_for_a_long_job_never_starve_progress(client, services, running, monkeypatch):

@@ -388,3 +388,37 @@ def test_on_the_cpu_a_model_switch_drops_the_old_weights_first_and_restores_them
     with pytest.raises(ModelLoadError, match="cannot read broken"):
         engine.load("broken")
     assert engine.model is None
+
+
+def test_a_released_gpu_model_waits_in_ram_and_comes_back_without_reading_the_disk(engine, monkeypatch):
+    """On a GPU, unload-checkpoint parks the weights in RAM (here the parking is pretended); bringing them
+    back moves the same pipeline to the device and reads nothing from disk."""
+    import webui.engine.generate as generate
+
+    pipe, before = engine.pipe, run(engine, [3])[0]
+    parked, moved = [], []
+    monkeypatch.setattr(generate, "park_on_cpu", lambda p, settings, placement: parked.append(p) or True)
+    monkeypatch.setattr(generate, "read_pipeline", lambda *args: pytest.fail("the weights were read again"))
+    monkeypatch.setattr(pipe, "to", lambda device: moved.append(device) or pipe)
+
+    assert engine.release_device() and engine.released and engine.pipe is pipe and parked == [pipe]
+    assert not engine.release_device()  # once is enough
+    assert engine.restore_device() is engine.model and not engine.released
+    assert moved == [engine.placement.device]
+    assert np.array_equal(run(engine, [3])[0], before)
+
+
+def test_a_released_model_that_is_gone_from_disk_fails_the_next_image_with_its_name(engine, models_dir, monkeypatch):
+    import webui.engine.generate as generate
+    from webui.engine.loader import ModelLoadError
+
+    def read_fails(entry, settings, placement):
+        raise ModelLoadError(f"could not load model {entry.name!r}: no such file")
+
+    engine.release_device()  # on the CPU: dropped, to be read again
+    monkeypatch.setattr(generate, "read_pipeline", read_fails)
+    with pytest.raises(ModelLoadError, match=f"'{TINY}'"):
+        engine.restore_device()
+    assert engine.released  # still released, and the next try reads it again
+    monkeypatch.undo()
+    assert engine.restore_device() is engine.model and run(engine, [1])[0].std() > 0

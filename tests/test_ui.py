@@ -275,6 +275,16 @@ def test_the_model_status_is_said_again_after_a_run_unless_a_load_is_on_its_way(
     assert f"Model: {TINY}" in status_after_run()
 
 
+def test_the_model_status_says_when_an_api_client_has_unloaded_the_model(ui, ui_services):
+    status_after_run = after(ui, "show_selected")
+    try:
+        ui_services.worker.release_device().result(60)
+        assert "unloaded by an API client; the next image loads it again" in status_after_run()
+    finally:
+        ui_services.worker.restore_device().result(60)
+    assert "unloaded" not in status_after_run()
+
+
 def test_a_reloaded_page_resumes_only_its_own_tabs_job(ui, ui_services):
     first_page = Session(tab="tab-one")
     thread, _ = run_in_thread(ui, first_page, steps=150, n_iter=1)

@@ -329,8 +329,19 @@ class Worker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def release_device(self) -> Future:
+        """Free the model's memory for other programs once the jobs queued before are done (the API's
+        unload-checkpoint); the next job, or restore_device, brings the model back."""
+        return self.call(lambda engine: engine.release_device(), "Unloading the model")
+
+    def restore_device(self) -> Future:
+        """Bring a released model back now rather than with the next job (the API's reload-checkpoint)."""
+        return self.call(lambda engine: self._queue_warm_up(engine, engine.restore_device()), "Loading the model back")
+
     def _load_then_queue_warm_up(self, engine: Engine, name: str) -> LoadedModel:
-        model = engine.load(name)
+        return self._queue_warm_up(engine, engine.load(name))
+
+    def _queue_warm_up(self, engine: Engine, model: LoadedModel) -> LoadedModel:
         if engine.needs_warm_up:
             with self._wake:  # first in line: a job queued during the load must not pay the compile
                 self._queue.appendleft(_Call(self._warm_up, Future(), f"Compiling {model.entry.name}"))
@@ -434,6 +445,7 @@ class Worker:
         """The job's model, its seeds (one per image) and its progress before the first step."""
         request = job.request
         job.model = self.engine.load(request.model) if request.model else self.engine.require_model()
+        self.engine.restore_device()  # after an unload-checkpoint
         first_seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed
         # Wrap past the largest seed, so every recorded seed can be typed back in.
         job.seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(request.image_count)]

@@ -239,11 +239,30 @@ class Api:
     def nothing_to_refresh() -> None:
         """Refresh VAEs, embeddings or LoRAs: this server has none, so there is nothing to do."""
 
-    def model_stays_loaded(self, request: Request) -> dict:
-        """Unload or reload the checkpoint: A1111 moves the model to the CPU and back to free VRAM. The
-        worker has no way yet to do that and bring the model back for the next job, so it stays loaded."""
-        log.warning("%s: not supported here; the model stays loaded", request.url.path)
+    async def unload_checkpoint(self) -> dict:
+        """Free the model's GPU memory (or RAM, on a CPU) for other programs, as A1111 does, once the jobs
+        queued before are done; the next image, or reload-checkpoint, brings the model back."""
+        await self._on_worker(self.worker.release_device())
         return {}
+
+    async def reload_checkpoint(self) -> dict:
+        """Bring an unloaded model back now, so the next image does not wait for it."""
+        await self._on_worker(self.worker.restore_device())
+        return {}
+
+    @staticmethod
+    async def _on_worker(future, about: str = "") -> Any:
+        """The result of work queued on the worker. Awaited, not waited for on a thread: clients that set
+        the model before every generation would otherwise fill the shared thread pool while a long job
+        runs, and starve /progress and /interrupt."""
+        try:
+            return await asyncio.wrap_future(future)
+        except ModelNotFound as err:
+            raise ApiError(404, f"{about}{err}", "ModelNotFound") from None
+        except ModelLoadError as err:
+            raise ApiError(500, f"{about}{err}", "ModelLoadError") from None
+        except WorkerStopped as err:
+            raise ApiError(503, str(err), "ServerStopping") from None
 
     def cmd_flags(self) -> dict[str, Any]:
         return convert.cmd_flags(self.services.settings)
@@ -283,17 +302,7 @@ class Api:
         name = convert.model_name(value, "sd_model_checkpoint")
         loaded = self.engine.model.entry if self.engine.model else None
         await anyio.to_thread.run_sync(convert.find_listed_model, self.registry, name, loaded)
-        try:
-            # Awaited, not waited for on a thread: clients that set the model before every generation
-            # would otherwise fill the shared thread pool while a long job runs, and starve /progress
-            # and /interrupt.
-            await asyncio.wrap_future(self.worker.queue_model_load(name))
-        except ModelNotFound as err:
-            raise ApiError(404, f"sd_model_checkpoint: {err}", "ModelNotFound") from None
-        except ModelLoadError as err:
-            raise ApiError(500, f"sd_model_checkpoint: {err}", "ModelLoadError") from None
-        except WorkerStopped as err:
-            raise ApiError(503, str(err), "ServerStopping") from None
+        await self._on_worker(self.worker.queue_model_load(name), "sd_model_checkpoint: ")
 
     # --- lists ----------------------------------------------------------------------------------
     def samplers(self) -> list[SamplerItem]:
@@ -350,9 +359,8 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     for name in ("refresh-vae", "refresh-embeddings", "refresh-loras"):
         add(f"{sd}/{name}", api.nothing_to_refresh, methods=["POST"], tags=["models"],
             summary=f"{name} (none on this server: does nothing)")
-    for name in ("unload-checkpoint", "reload-checkpoint"):
-        add(f"{sd}/{name}", api.model_stays_loaded, methods=["POST"], tags=["models"],
-            summary=f"{name} (not supported yet: the model stays loaded)")
+    add(f"{sd}/unload-checkpoint", api.unload_checkpoint, methods=["POST"], tags=["models"])
+    add(f"{sd}/reload-checkpoint", api.reload_checkpoint, methods=["POST"], tags=["models"])
     add(f"{sd}/samplers", api.samplers, methods=["GET"], response_model=list[SamplerItem], tags=["models"])
     add(f"{sd}/schedulers", api.schedulers, methods=["GET"], response_model=list[SchedulerItem], tags=["models"])
     add(f"{sd}/scripts", api.scripts, methods=["GET"], response_model=ScriptsList, tags=["models"])

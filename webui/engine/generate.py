@@ -111,6 +111,7 @@ class Engine:
         self.model: LoadedModel | None = None
         self._base_scheduler_config: dict | None = None
         self._warmed_up = False
+        self._on_device = False  # False after release_device(): the next image brings the model back first
         self._compiled_shapes = CompiledShapes()  # outlives a model switch, as torch's variants do
 
     # --- models ---------------------------------------------------------------------------
@@ -187,6 +188,7 @@ class Engine:
         self.pipe = pipe
         self._base_scheduler_config = dict(pipe.scheduler.config)
         self._warmed_up = False
+        self._on_device = True
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.model = LoadedModel(entry, short_hash, size, size, pipe.text_encoder.config.num_hidden_layers)
         return self.model
@@ -197,6 +199,37 @@ class Engine:
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    @property
+    def released(self) -> bool:
+        """A model is loaded but released from its device (release_device); the next image brings it back."""
+        return self.model is not None and not self._on_device
+
+    def release_device(self) -> bool:
+        """Give the model's memory back to other programs (the API's unload-checkpoint) until the next image
+        needs it. The weights wait in RAM when they can move there; a compiled, offloaded or CPU model is
+        dropped instead and read again from disk. False when there was nothing to release."""
+        if self.model is None or self.released:
+            return False
+        if is_compiled(self.pipe) or not park_on_cpu(self.pipe, self.settings, self.placement):
+            self.pipe = None  # the compiled graphs hold device memory of their own; the CPU has nowhere to park
+        self._on_device = False
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("released %s from %s until the next image", self.model.entry.name, self.placement.device)
+        return True
+
+    def restore_device(self) -> LoadedModel:
+        """Bring a released model back onto its device (the API's reload-checkpoint; every image does it too)."""
+        model = self.require_model()
+        if not self.released:
+            return model
+        if self.pipe is None:
+            return self._load_entry(model.entry)
+        self.pipe.to(self.placement.device)
+        self._on_device = True
+        return model
 
     def require_model(self) -> LoadedModel:
         if self.model is None:

@@ -101,7 +101,9 @@ class ModelActions:
                               "Pick another model or put one in the models folder and press refresh.")
         digest = f" [{model.short_hash}]" if model.short_hash else ""
         text = f"Model: {model.entry.name}{digest}, native size {model.native_width}x{model.native_height}"
-        if self.services.engine.needs_warm_up:
+        if self.services.engine.released:
+            text += " · unloaded by an API client; the next image loads it again"
+        elif self.services.engine.needs_warm_up:
             text += " · compiling; images wait until it is done"
         return notice_html(text)
 
