@@ -103,6 +103,22 @@ def test_every_schedule_a_sampler_accepts_changes_its_schedule(sampler):
     assert all(a != b for i, a in enumerate(schedules) for b in schedules[i + 1:]), distinct
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.name)
+def test_one_step_goes_from_pure_noise_to_the_image_with_every_schedule(sampler):
+    """One-step models (SD-Turbo) run 1 step: it must start at the last training timestep, as A1111's
+    k-diffusion does, and end at (about) no noise; t=0 or t=1, or a step that ends where it began,
+    denoises nothing."""
+    largest_sigma = float(sd15_sigmas()[-1])
+    for schedule_type in sampler.schedules:
+        scheduler = make_scheduler(SD15_SCHEDULER, sampler.name, schedule_type)
+        scheduler.set_timesteps(1)
+        assert float(scheduler.timesteps[0]) > 998, (schedule_type, scheduler.timesteps)
+        sigmas = getattr(scheduler, "sigmas", None)
+        if sigmas is not None:
+            assert float(sigmas[0]) == pytest.approx(largest_sigma, rel=1e-3), schedule_type
+            assert float(sigmas[-1]) < 0.03, (schedule_type, sigmas)  # UniPC ends at the smallest sigma, 0.029
+
+
 # stable-diffusion-webui 1.9+ (modules/sd_samplers_kdiffusion.py, samplers_k_diffusion): the schedule type
 # each sampler uses when the request says Automatic.
 A1111_AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",

@@ -144,17 +144,27 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
 
 
 def _starting_at_the_first_step(scheduler):
-    """txt2img runs every step. diffusers finds the first step by looking its timestep up, and takes the
-    second of two equal ones (img2img's rule): Karras or Exponential sigmas on a zero-terminal-SNR model
-    (the embedded one) start 4096, 3354, both t=999, so from 25 steps on the run began at step 2 and ran
-    off the end. The pipeline calls set_timesteps itself, which forgets the begin index: set it after."""
-    if not hasattr(scheduler, "set_begin_index"):
-        return scheduler
+    """txt2img runs every step, from pure noise.
+
+    One step goes from the largest sigma to none, whatever the schedule type: "linspace" spacing put it at
+    t=0 (numpy's linspace of one point is its start), "leading" at t=1, and UniPC's Karras and Exponential
+    schedules ended where they began, so the step denoised nothing. k-diffusion (A1111) runs it from t=999,
+    as "trailing" does; one-step models (SD-Turbo) need that.
+
+    The first step: diffusers finds it by looking its timestep up, and takes the second of two equal ones
+    (img2img's rule): Karras or Exponential sigmas on a zero-terminal-SNR model (the embedded one) start
+    4096, 3354, both t=999, so from 25 steps on the run began at step 2 and ran off the end. The pipeline
+    calls set_timesteps itself, which forgets the begin index: set it after."""
     set_timesteps = scheduler.set_timesteps
 
-    def set_timesteps_from_the_first_step(*args, **kwargs):
-        set_timesteps(*args, **kwargs)
-        scheduler.set_begin_index(0)
+    def set_timesteps_from_the_first_step(num_inference_steps=None, *args, **kwargs):
+        if num_inference_steps == 1:
+            custom_sigmas = {key: False for key in ("use_karras_sigmas", "use_exponential_sigmas")
+                             if scheduler.config.get(key)}
+            scheduler.register_to_config(timestep_spacing="trailing", **custom_sigmas)
+        set_timesteps(num_inference_steps, *args, **kwargs)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
 
     scheduler.set_timesteps = set_timesteps_from_the_first_step
     return scheduler
