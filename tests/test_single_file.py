@@ -78,6 +78,23 @@ def test_safetensors_sd1_loads_offline_with_identical_weights(tmp_path):
     assert loaded.scheduler.config.prediction_type == "epsilon"
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_sd1_file_whose_clip_keys_lack_the_text_model_level_loads(tmp_path, suffix):
+    """Files saved with an early transformers name CLIP's weights `cond_stage_model.transformer.embeddings...`;
+    diffusers finds no text encoder there. A1111 loads them, and so does this app."""
+    pipe = tiny_pipeline()
+    old = {key.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): value
+           for key, value in pipeline_to_ldm(pipe).items()}
+    assert single_file._CLIP_L not in old and single_file._CLIP_L_OLD in old
+    path = tmp_path / f"early{suffix}"
+    save_file(old, path) if suffix == ".safetensors" else torch.save({"state_dict": old}, path)
+
+    loaded = load_single_file_pipeline(path, torch.float32, config_dir=write_config_dir(pipe, tmp_path / "cfg"))
+    assert_same_weights(loaded, pipe)
+    half = load_single_file_pipeline(path, torch.float16, config_dir=tmp_path / "cfg")
+    assert half.text_encoder.dtype == half.unet.dtype == torch.float16
+
+
 def test_an_upper_case_extension_is_a_clear_error(tmp_path):
     path = tmp_path / "Model.SAFETENSORS"  # listed in the models folder, like any .safetensors
     save_file(pipeline_to_ldm(tiny_pipeline()), path)

@@ -27,6 +27,9 @@ TOKENIZER_DIR = CONFIG_ROOT / "clip-tokenizer"
 # Checkpoint keys that tell the model families apart (facts from the LDM / sgm layouts).
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _CLIP_L = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"  # SD 1.x
+# SD 1.x files saved with an early transformers lack the `text_model.` level; A1111 renames their keys.
+_CLIP_L_OLD = "cond_stage_model.transformer.embeddings.position_embedding.weight"
+_CLIP_L_PREFIX = "cond_stage_model.transformer."
 _OPEN_CLIP = "cond_stage_model.model.token_embedding.weight"  # SD 2.x (OpenCLIP ViT-H)
 _SDXL_PREFIX = "conditioner.embedders."
 # The SD 2.0 512-base checkpoint stops at this step; diffusers uses the same rule to pick epsilon.
@@ -89,10 +92,13 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, *,
     pad = {"pad_token": "!"} if sd2 else {}
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, **pad)
 
+    parts = {"tokenizer": tokenizer}
+    if _CLIP_L_OLD in shapes:  # diffusers finds no text encoder in such a file: build it here
+        parts["text_encoder"] = _text_encoder_of_old_layout(path, config_dir, torch_dtype)
     with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):  # diffusers re-reads a .ckpt itself
         pipe = StableDiffusionPipeline.from_single_file(
             str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch_dtype,
-            tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts,
         )
     if sd2 and prediction_type is None:
         prediction_type = _probe_prediction_type(pipe.unet, path)
@@ -119,9 +125,27 @@ def detect_family(shapes: dict[str, tuple], path: Path | str = "checkpoint") -> 
             "only text-to-image checkpoints (4 channels) load for now")
     if _OPEN_CLIP in shapes:
         return "sd-v2"
-    if _CLIP_L in shapes:
+    if _CLIP_L in shapes or _CLIP_L_OLD in shapes:
         return "sd-v1"
     raise SingleFileLoadError(f"{name} has no CLIP text encoder (neither {_CLIP_L} nor {_OPEN_CLIP})")
+
+
+def _text_encoder_of_old_layout(path: Path, config_dir: Path, dtype: torch.dtype):
+    """The CLIP text encoder of an SD 1.x file whose keys lack the `text_model.` level."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with init_empty_weights():  # the file's weights replace these: no time spent on random ones
+        model = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder"))
+    # transformers >= 5.6 has no `text_model.` level either; earlier versions have it.
+    level = "text_model." if any(key.startswith("text_model.") for key in model.state_dict()) else ""
+    weights = {level + key.removeprefix(_CLIP_L_PREFIX): value for key, value in _read_tensors(path, _CLIP_L_PREFIX).items()
+               if not key.endswith("position_ids")}  # a buffer the model makes itself
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as err:
+        raise SingleFileLoadError(f"{path.name}'s text encoder does not fit SD 1.x's CLIP ViT-L ({err})") from err
+    return model.to(dtype)
 
 
 def _read_header(path: Path) -> tuple[dict[str, tuple], int | None]:
@@ -142,15 +166,31 @@ def _read_header(path: Path) -> tuple[dict[str, tuple], int | None]:
         except Exception as err:
             raise SingleFileLoadError(f"{path.name} is not a readable .safetensors file ({err})") from err
     if path.suffix == ".ckpt":
-        checkpoint = _load_ckpt(path)
-        global_step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
-        while isinstance(checkpoint, dict) and "state_dict" in checkpoint:
-            checkpoint = checkpoint["state_dict"]
-        if not isinstance(checkpoint, dict):
-            raise SingleFileLoadError(f"{path.name} does not hold a state dict")
-        shapes = {key: tuple(value.shape) for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
-        return shapes, int(global_step) if global_step is not None else None
+        weights, global_step = _ckpt_weights(path)
+        return {key: tuple(value.shape) for key, value in weights.items()}, global_step
     raise SingleFileLoadError(f"{path.name}: expected a .safetensors or .ckpt file")
+
+
+def _ckpt_weights(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
+    """A .ckpt's tensors by key (memory-mapped when it is a zip) and its training step if stored."""
+    checkpoint = _load_ckpt(path)
+    global_step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+    while isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise SingleFileLoadError(f"{path.name} does not hold a state dict")
+    weights = {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+    return weights, int(global_step) if global_step is not None else None
+
+
+def _read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose keys start with prefix, read from a file _read_header has checked."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}
+    return {key: value for key, value in _ckpt_weights(path)[0].items() if key.startswith(prefix)}
 
 
 def _refuse_what_is_no_model(path: Path) -> None:
