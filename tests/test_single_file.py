@@ -95,6 +95,21 @@ def test_sd1_file_whose_clip_keys_lack_the_text_model_level_loads(tmp_path, suff
     assert half.text_encoder.dtype == half.unet.dtype == torch.float16
 
 
+def test_sd2_file_in_the_sgm_layout_loads(tmp_path):
+    """SD-Turbo's single file keeps OpenCLIP under conditioner.embedders.0.model. (the sgm layout)."""
+    pipe = tiny_pipeline(sd2=True)
+    sgm = {key.replace("cond_stage_model.model.", "conditioner.embedders.0.model."): value
+           for key, value in pipeline_to_ldm(pipe, open_clip=True).items()}
+    path = tmp_path / "turbo.safetensors"
+    save_file(sgm, path)
+    path.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: eps\n")
+
+    loaded = load_single_file_pipeline(path, torch.float32, config_dir=write_config_dir(pipe, tmp_path / "cfg"))
+
+    assert_same_weights(loaded, pipe)
+    assert loaded.tokenizer.pad_token == "!"
+
+
 def test_an_upper_case_extension_is_a_clear_error(tmp_path):
     path = tmp_path / "Model.SAFETENSORS"  # listed in the models folder, like any .safetensors
     save_file(pipeline_to_ldm(tiny_pipeline()), path)
@@ -196,6 +211,10 @@ def test_detect_family_from_keys():
     assert detect_family(_shapes(**{single_file._OPEN_CLIP: (49408, 1024)})) == "sd-v2"
     with pytest.raises(SingleFileLoadError, match="SDXL"):
         detect_family(_shapes(**{"conditioner.embedders.0.transformer.x": (1,)}))
+    sgm_open_clip = {single_file._SGM_OPEN_CLIP: (49408, 1024)}
+    assert detect_family(_shapes(**sgm_open_clip)) == "sd-v2"  # SD-Turbo
+    with pytest.raises(SingleFileLoadError, match="SDXL"):  # the SDXL refiner: the same embedder key, SDXL's UNet
+        detect_family(_shapes(**sgm_open_clip, **{single_file._SDXL_UNET: (1280, 2816)}))
     with pytest.raises(SingleFileLoadError, match="9 input channels"):
         detect_family({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)})
     with pytest.raises(SingleFileLoadError, match="LoRA"):

@@ -30,8 +30,14 @@ _CLIP_L = "cond_stage_model.transformer.text_model.embeddings.position_embedding
 # SD 1.x files saved with an early transformers lack the `text_model.` level; A1111 renames their keys.
 _CLIP_L_OLD = "cond_stage_model.transformer.embeddings.position_embedding.weight"
 _CLIP_L_PREFIX = "cond_stage_model.transformer."
-_OPEN_CLIP = "cond_stage_model.model.token_embedding.weight"  # SD 2.x (OpenCLIP ViT-H)
+_OPEN_CLIP_PREFIX = "cond_stage_model.model."
+_OPEN_CLIP = _OPEN_CLIP_PREFIX + "token_embedding.weight"  # SD 2.x (OpenCLIP ViT-H)
 _SDXL_PREFIX = "conditioner.embedders."
+# SD 2.x in the newer sgm layout (SD-Turbo): OpenCLIP's keys under another prefix. SDXL's UNet (the base's
+# and the refiner's) also takes size conditioning, through label_emb.
+_SGM_OPEN_CLIP_PREFIX = "conditioner.embedders.0.model."
+_SGM_OPEN_CLIP = _SGM_OPEN_CLIP_PREFIX + "token_embedding.weight"
+_SDXL_UNET = "model.diffusion_model.label_emb.0.0.weight"
 # The SD 2.0 512-base checkpoint stops at this step; diffusers uses the same rule to pick epsilon.
 _SD2_BASE_GLOBAL_STEP = 875000
 
@@ -93,8 +99,8 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, *,
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, **pad)
 
     parts = {"tokenizer": tokenizer}
-    if _CLIP_L_OLD in shapes:  # diffusers finds no text encoder in such a file: build it here
-        parts["text_encoder"] = _text_encoder_of_old_layout(path, config_dir, torch_dtype)
+    if _CLIP_L_OLD in shapes or _SGM_OPEN_CLIP in shapes:  # diffusers finds no text encoder there: build it here
+        parts["text_encoder"] = _text_encoder_of_other_layout(path, config_dir, torch_dtype)
     with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):  # diffusers re-reads a .ckpt itself
         pipe = StableDiffusionPipeline.from_single_file(
             str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch_dtype,
@@ -112,7 +118,8 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, *,
 def detect_family(shapes: dict[str, tuple], path: Path | str = "checkpoint") -> str:
     """'sd-v1' or 'sd-v2' from the checkpoint's keys; anything else is refused with the reason."""
     name = Path(path).name
-    if any(key.startswith(_SDXL_PREFIX) for key in shapes):
+    sgm_sd2 = _SGM_OPEN_CLIP in shapes and _SDXL_UNET not in shapes
+    if any(key.startswith(_SDXL_PREFIX) for key in shapes) and not sgm_sd2:
         raise SingleFileLoadError(f"{name} is an SDXL checkpoint; only SD 1.x and 2.x single files load for now")
     if _UNET_IN not in shapes:
         raise SingleFileLoadError(
@@ -123,28 +130,36 @@ def detect_family(shapes: dict[str, tuple], path: Path | str = "checkpoint") -> 
         raise SingleFileLoadError(
             f"{name}'s UNet takes {in_channels} input channels (an inpainting or instruct-pix2pix model); "
             "only text-to-image checkpoints (4 channels) load for now")
-    if _OPEN_CLIP in shapes:
+    if _OPEN_CLIP in shapes or sgm_sd2:
         return "sd-v2"
     if _CLIP_L in shapes or _CLIP_L_OLD in shapes:
         return "sd-v1"
     raise SingleFileLoadError(f"{name} has no CLIP text encoder (neither {_CLIP_L} nor {_OPEN_CLIP})")
 
 
-def _text_encoder_of_old_layout(path: Path, config_dir: Path, dtype: torch.dtype):
-    """The CLIP text encoder of an SD 1.x file whose keys lack the `text_model.` level."""
+def _text_encoder_of_other_layout(path: Path, config_dir: Path, dtype: torch.dtype):
+    """The text encoder of a file whose keys diffusers does not look for: SD 1.x CLIP without the
+    `text_model.` level (saved by an early transformers), or SD 2.x OpenCLIP in the sgm layout."""
     from accelerate import init_empty_weights
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with init_empty_weights():  # the file's weights replace these: no time spent on random ones
         model = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder"))
-    # transformers >= 5.6 has no `text_model.` level either; earlier versions have it.
+    sgm = _read_tensors(path, _SGM_OPEN_CLIP_PREFIX)
+    if sgm:  # under the usual prefix, diffusers converts it (and drops the layer SD 2.x does not use)
+        usual = {_OPEN_CLIP_PREFIX + key.removeprefix(_SGM_OPEN_CLIP_PREFIX): value for key, value in sgm.items()}
+        weights = convert_open_clip_checkpoint(model, usual)
+    else:
+        weights = {key.removeprefix(_CLIP_L_PREFIX): value for key, value in _read_tensors(path, _CLIP_L_PREFIX).items()}
+    # Whether the model's own keys have the `text_model.` level depends on the transformers version (>= 5.6: not).
     level = "text_model." if any(key.startswith("text_model.") for key in model.state_dict()) else ""
-    weights = {level + key.removeprefix(_CLIP_L_PREFIX): value for key, value in _read_tensors(path, _CLIP_L_PREFIX).items()
+    weights = {level + key.removeprefix("text_model."): value for key, value in weights.items()
                if not key.endswith("position_ids")}  # a buffer the model makes itself
     try:
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as err:
-        raise SingleFileLoadError(f"{path.name}'s text encoder does not fit SD 1.x's CLIP ViT-L ({err})") from err
+        raise SingleFileLoadError(f"{path.name}'s text encoder does not fit the shipped config ({err})") from err
     return model.to(dtype)
 
 
