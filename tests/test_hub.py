@@ -242,8 +242,11 @@ def fake_hub(tmp_path, hf_cache, monkeypatch):
     (sdxl / "text_encoder_2").mkdir(parents=True)
     (sdxl / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
     (sdxl / "text_encoder_2" / "model.safetensors").write_bytes(b"gigabytes of weights")
-    server = FakeHub({REPO: repo, "test-org/single-file": single, "test-org/gated": repo, "test-org/sdxl": sdxl},
-                     gated=("test-org/gated",))
+    inpaint = save_tiny_model(tmp_path / "inpaint")
+    unet_config = inpaint / "unet" / "config.json"
+    unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "in_channels": 9}))
+    server = FakeHub({REPO: repo, "test-org/single-file": single, "test-org/gated": repo, "test-org/sdxl": sdxl,
+                      "test-org/inpaint": inpaint}, gated=("test-org/gated",))
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     yield server
     server.close()
@@ -290,6 +293,13 @@ def test_unknown_moved_gated_and_single_file_repositories_say_what_to_do(fake_hu
     with pytest.raises(ModelLoadError, match=r"'test-org/sdxl' is not an SD 1.x or 2.x model \(SDXL"):
         engine.load("test-org/sdxl")
     assert fake_hub.fetched == []  # refused before anything was downloaded
+
+
+def test_a_hub_inpainting_model_is_refused_before_its_weights_are_downloaded(fake_hub, tmp_path):
+    with pytest.raises(ModelLoadError, match="takes 9 input channels"):
+        _engine(tmp_path).load("test-org/inpaint")
+    assert "unet/config.json" in fake_hub.fetched  # the UNet's config says it
+    assert not [name for name in fake_hub.fetched if name.endswith((".safetensors", ".bin"))]
 
 
 def test_a_hub_that_takes_the_connection_but_never_answers_gives_up(hf_cache, monkeypatch):

@@ -146,8 +146,11 @@ HUB_TIMEOUT_SECONDS = 20.0  # for the hub's answer about a repository (the files
 
 
 def download(repo_id: str, *, half: bool, safety_checker: bool = True, offline: bool = False,
-             progress: ProgressCallback | None = None) -> HubSnapshot:
-    """Download the pipeline files of `repo_id` into the Hugging Face cache, or raise HubError."""
+             progress: ProgressCallback | None = None, check: Callable[[Path], None] | None = None) -> HubSnapshot:
+    """Download the pipeline files of `repo_id` into the Hugging Face cache, or raise HubError.
+
+    check: called with the snapshot folder once the small config files are there, before the weights;
+    what it raises stops the download (an inpainting model is known by its UNet's config)."""
     if offline or offline_by_environment():
         why = "--offline is set" if offline else "HF_HUB_OFFLINE is set"
         raise HubError(
@@ -156,7 +159,7 @@ def download(repo_id: str, *, half: bool, safety_checker: bool = True, offline: 
             "--offline) and copy the cache over, or put the model's .safetensors file in the models folder "
             "and pick it by name."
         )
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi
 
     try:
         # One request, no retry loop when offline; huggingface_hub waits forever by default, and a network
@@ -175,13 +178,22 @@ def download(repo_id: str, *, half: bool, safety_checker: bool = True, offline: 
     wanted, variant = select_files(files, half=half, safety_checker=safety_checker)
     log.info("downloading %s (%d files%s) into %s", repo_id, len(wanted), ", fp16" if variant else "",
              hub_cache_dir())
+    if check is not None:
+        check(_fetch(repo_id, [name for name in wanted if PurePosixPath(name).suffix in CONFIG_EXTENSIONS]))
+    folder = _fetch(repo_id, wanted, _progress_class(repo_id, progress))
+    log.info("downloaded %s into %s", repo_id, folder)
+    return HubSnapshot(repo_id, folder, variant, downloaded=True)
+
+
+def _fetch(repo_id: str, files: list[str], progress_class=None) -> Path:
+    """These files of the repository into the cache; the snapshot folder."""
+    from huggingface_hub import snapshot_download
+
     try:
-        folder = snapshot_download(repo_id, cache_dir=hub_cache_dir(), allow_patterns=wanted,
-                                   endpoint=_endpoint(), tqdm_class=_progress_class(repo_id, progress))
+        return Path(snapshot_download(repo_id, cache_dir=hub_cache_dir(), allow_patterns=files,
+                                      endpoint=_endpoint(), tqdm_class=progress_class))
     except Exception as err:
         raise HubError(_explain(repo_id, err, reaching=False)) from err
-    log.info("downloaded %s into %s", repo_id, folder)
-    return HubSnapshot(repo_id, Path(folder), variant, downloaded=True)
 
 
 def _explain(repo_id: str, err: Exception, reaching: bool) -> str:

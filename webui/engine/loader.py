@@ -196,7 +196,8 @@ def _read_hub_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype
                         entry.source, err)
     try:
         snapshot = hub.download(entry.source, half=half, safety_checker=not settings.no_safety_checker,
-                                offline=settings.offline)
+                                offline=settings.offline,
+                                check=lambda folder: check_pipeline_folder(folder, entry.source))
     except hub.HubError as err:
         raise ModelLoadError(str(err)) from err
     return from_snapshot(snapshot)
