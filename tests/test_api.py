@@ -318,6 +318,23 @@ def test_sd_models_refresh_and_switching_the_model_through_options(client, servi
         client.post("/sdapi/v1/refresh-checkpoints")
 
 
+def test_a_browser_tabs_generate_does_not_undo_the_model_an_api_client_set(client, services):
+    """Each tab runs the model its dropdown shows; the API's requests run the one set through options."""
+    shutil.copytree(services.settings.models_dir / TINY, services.settings.models_dir / "tiny-api")
+    client.post("/sdapi/v1/refresh-checkpoints")
+    try:
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-api"}).status_code == 200
+        tab_job = services.worker.submit(QUICK | {"model": TINY}, origin="ui")  # a tab showing TINY
+        assert tab_job.wait(60) and services.engine.model.entry.name == TINY
+        info = json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])
+        assert info["sd_model_name"] == "tiny-api"
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-api [")
+    finally:
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
+        shutil.rmtree(services.settings.models_dir / "tiny-api", ignore_errors=True)
+        client.post("/sdapi/v1/refresh-checkpoints")
+
+
 def test_options_report_the_loaded_checkpoints_full_sha256(client, services):
     sha256 = client.get("/sdapi/v1/options").json()["sd_checkpoint_hash"]
     assert len(sha256) == 64 and sha256.startswith(services.engine.model.short_hash)
@@ -348,6 +365,8 @@ def test_options_set_the_clip_skip_of_api_requests_that_give_none(client):
         for bad in (0, 13, "two", 1.5, None, TEXT_LAYERS + 1):  # the last: deeper than the loaded model goes
             r = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": bad, "sd_model_checkpoint": TINY})
             assert r.status_code == 422 and r.json()["detail"].startswith("CLIP_stop_at_last_layers: "), r.text
+        # Checked against the model once it is loaded: the client hears that the switch happened.
+        assert r.json()["detail"].endswith(f"(sd_model_checkpoint was applied: {TINY} is loaded now)"), r.text
         assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2  # a bad value changes nothing
     finally:
         client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
@@ -434,6 +453,8 @@ def test_model_switches_waiting_for_a_long_job_never_starve_progress(client, ser
     those waiting requests must not take the threads that /progress and /interrupt need."""
     job = running(LONG | {"n_iter": 3})
     name = services.engine.model.entry.name
+    # As if each named another model: the loaded one needs no wait (the test after this one).
+    monkeypatch.setattr(services.worker, "_model_stays", lambda name: False)
     asked, queue_model_load = [], services.worker.queue_model_load
     monkeypatch.setattr(services.worker, "queue_model_load", lambda n: asked.append(n) or queue_model_load(n))
     with ThreadPoolExecutor(45) as pool:
@@ -463,6 +484,26 @@ def test_interrupt_and_skip_never_touch_a_web_ui_users_job(client, services):
     assert ui_job.state is JobState.RUNNING and ui_job.progress.image_index == 0
     services.worker.cancel(ui_job.id)
     assert ui_job.wait(30)
+
+
+def test_setting_the_loaded_model_answers_at_once_unless_a_queued_job_changes_it(client, services, running):
+    """Many clients set the model before every image; a busy queue must not hold them up for nothing."""
+    name = services.engine.model.entry.name
+    job = running()
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": name}).json()["applied"] == [
+        "sd_model_checkpoint"]
+    assert job.state is JobState.RUNNING  # answered while the job runs
+
+    # A job queued behind it that switches to another model for good: the setting must wait for it.
+    other = services.worker.submit(QUICK | {"model": "elsewhere"}, origin="api")
+    other.request.restore_model = False
+    with ThreadPoolExecutor(1) as pool:
+        setting = pool.submit(client.post, "/sdapi/v1/options", json={"sd_model_checkpoint": name})
+        time.sleep(0.5)
+        assert not setting.done()
+        services.worker.cancel(job.id)
+        assert setting.result(60).status_code == 200
+
 
 
 def test_progress_skip_and_interrupt_act_on_a_running_txt2img(client, services):

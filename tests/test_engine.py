@@ -366,8 +366,11 @@ def test_on_the_cpu_a_model_switch_drops_the_old_weights_first_and_restores_them
     real_read = generate.read_pipeline
     old_model_in_ram = []
 
+    named_meanwhile = []
+
     def read(entry, *args):
         old_model_in_ram.append(engine.pipe is not None)
+        named_meanwhile.append(engine.model.entry.name)  # what GET /options and the status line see
         if entry.name == "broken":
             raise ModelLoadError("broken weights")
         return real_read(entry, *args)
@@ -375,6 +378,7 @@ def test_on_the_cpu_a_model_switch_drops_the_old_weights_first_and_restores_them
     monkeypatch.setattr(generate, "read_pipeline", read)
     engine.load("second")
     assert old_model_in_ram == [False] and engine.model.entry.name == "second"
+    assert named_meanwhile == ["first"]  # never "no model" while the switch runs
     with pytest.raises(ModelLoadError, match="broken weights"):
         engine.load("broken")
     assert engine.model.entry.name == "second"  # read again after the failed switch

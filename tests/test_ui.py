@@ -6,7 +6,9 @@ steps so there is time to act while they run. No assertion depends on wall-clock
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import inspect
 import os
 import socket
 import threading
@@ -179,6 +181,26 @@ def test_a_public_server_lets_visitors_pick_only_listed_models(ui, ui_services, 
     assert ModelActions(ui_services).checked_choice("org/some-model") == "org/some-model"  # local use
 
 
+def drain(async_generator) -> list:
+    """Everything an async event handler yields, run to its end."""
+    async def collect():
+        return [item async for item in async_generator]
+    return asyncio.run(collect())
+
+
+async def step_as_gradio_does(event_fn, *inputs):
+    """Run an event handler to its end the way Gradio's queue does: a plain generator's every step on a
+    thread of the shared pool, an async one on the event loop."""
+    from gradio.utils import SyncToAsyncIterator, async_iteration
+
+    iterator = event_fn(*inputs)
+    if not inspect.isasyncgen(iterator):
+        iterator = SyncToAsyncIterator(iterator, limiter=None)
+    with contextlib.suppress(StopAsyncIteration):
+        while True:
+            await async_iteration(iterator)
+
+
 def run_in_thread(ui, session: Session, **kwargs) -> tuple[threading.Thread, list]:
     outputs: list = []
 
@@ -259,9 +281,10 @@ def test_generate_stays_greyed_out_while_the_tabs_job_runs_even_after_a_resume_t
         assert after(ui, chain)(session).interactive is True, chain
 
 
-def test_the_model_status_is_said_again_after_a_run_unless_a_load_is_on_its_way(ui, ui_services):
+def test_the_model_status_is_said_again_after_a_run_unless_a_load_is_on_its_way(ui, ui_services, monkeypatch):
     # Another tab may have loaded another model since this page last said; this run loaded the tab's own.
     status_after_run = after(ui, "show_selected")
+    monkeypatch.setattr(ui_services.worker, "_model_stays", lambda name: False)  # as if another model were picked
     assert f"Model: {TINY}" in status_after_run()
     session = Session()
     thread, _ = run_in_thread(ui, session, steps=150, n_iter=1)
@@ -273,6 +296,35 @@ def test_the_model_status_is_said_again_after_a_run_unless_a_load_is_on_its_way(
     thread.join(30)
     load.result(60)
     assert f"Model: {TINY}" in status_after_run()
+
+
+def test_model_picks_waiting_for_a_long_job_leave_the_shared_threads_free(ui, ui_services, monkeypatch):
+    """Each pick in any tab waits behind the running job; waiting on a thread each, 40 of them starved every
+    other event and the API's /progress and /interrupt, so nobody could stop the job."""
+    import anyio
+
+    worker = ui_services.worker
+    session = Session()
+    thread, _ = run_in_thread(ui, session, steps=150, n_iter=20)  # runs until cancelled below
+    wait_for(lambda: session.job_id and worker.get(session.job_id).progress.step > 0, what="job running")
+    asked, queue_model_load = [], worker.queue_model_load
+    monkeypatch.setattr(worker, "queue_model_load", lambda name: asked.append(name) or queue_model_load(name))
+
+    async def picks_then_a_thread():
+        picks = [asyncio.create_task(step_as_gradio_does(event(ui, "load_model"), TINY)) for _ in range(45)]
+        while len(asked) < 40:  # as many as the shared pool has threads
+            await asyncio.sleep(0.05)
+        try:  # what /progress needs: one thread of the shared pool
+            return await asyncio.wait_for(anyio.to_thread.run_sync(lambda: "a thread was free"), 5)
+        finally:
+            worker.cancel(session.job_id)
+            await asyncio.gather(*picks)
+
+    try:
+        assert asyncio.run(picks_then_a_thread()) == "a thread was free"
+    finally:
+        worker.cancel(session.job_id)
+        thread.join(30)
 
 
 def test_the_model_status_says_when_an_api_client_has_unloaded_the_model(ui, ui_services):
@@ -338,10 +390,10 @@ def test_model_refresh_and_load(models_dir, tmp_path):
         update = event(ui, "refresh_models")("tiny-a")
         assert update["choices"] == ["tiny-a", "tiny-b"] and update["value"] == "tiny-a"
 
-        status, picker, width, height, clip_skip = list(event(ui, "load_model")("tiny-b"))[-1]
+        status, picker, width, height, clip_skip = drain(event(ui, "load_model")("tiny-b"))[-1]
         assert "tiny-b" in status and (picker["value"], width, height) == ("tiny-b", 64, 64)
         assert clip_skip["maximum"] == TINY_TEXT_LAYERS  # Clip skip goes as deep as the text encoder
-        status, picker, *_ = list(event(ui, "load_model")("missing-model"))[-1]
+        status, picker, *_ = drain(event(ui, "load_model")("missing-model"))[-1]
         assert "Could not load missing-model" in status and picker["value"] == "tiny-b"  # the dropdown goes back
 
         # A page opened (or reloaded) now shows tiny-b, not tiny-a of the page built at start.

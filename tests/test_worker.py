@@ -424,6 +424,7 @@ def test_a_model_asked_for_again_while_its_load_runs_shares_it(services, monkeyp
     loads = []
     monkeypatch.setattr(services.engine, "load", lambda name: (loads.append(name), entered.set(), release.wait(30),
                                                              real(name))[-1])
+    monkeypatch.setattr(services.worker, "_model_stays", lambda name: False)  # as if another model were loaded
     first = services.worker.queue_model_load(TINY)
     assert entered.wait(30)  # running now, nothing behind it
     assert services.worker.queue_model_load(TINY) is first

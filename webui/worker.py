@@ -312,12 +312,29 @@ class Worker:
         dropdown sends each pick twice; two API clients may pick one model): a failing load runs once.
         Behind anything else (a job naming another model), it is loaded again."""
         with self._wake:
+            if self._model_stays(name):  # clients that set the model before every image need not wait
+                done: Future = Future()
+                done.set_result(self.engine.model)
+                return done
             last = self._queue[-1] if self._queue else self._running_call
             if isinstance(last, _Call) and last.model_name == name:
                 return last.future
             future = self.call(lambda engine: self._load_then_queue_warm_up(engine, name), f"Loading model {name}")
             self._queue[-1].model_name = name
         return future
+
+    def _model_stays(self, name: str) -> bool:
+        """`name` is the loaded model, and nothing running or queued will load another (jobs that name
+        a model for themselves and restore the old one after it do not count). Call with _wake held."""
+        model = self.engine.model
+        if model is None or not model.names(name):
+            return False
+        for item in (*self._queue, self._current, self._running_call):
+            if isinstance(item, _Call) and item.model_name:
+                return False
+            if isinstance(item, Job) and not item.request.restore_model and not model.names(item.request.model):
+                return False
+        return True
 
     def loading_model(self) -> bool:
         """A model load is queued or running."""

@@ -62,10 +62,11 @@ _A1111_SCHEDULE_BY_NAME = {name: label for label in A1111_SCHEDULE_TYPES
 
 
 def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: ModelEntry | None,
-                          default_clip_skip: int = 1) -> tuple[dict[str, Any], list[str]]:
+                          default_clip_skip: int = 1, default_model: str | None = None
+                          ) -> tuple[dict[str, Any], list[str]]:
     """A1111 txt2img body -> GenerationRequest fields and notes on what runs other than asked (a schedule
-    type run as Automatic), or ApiError naming each field to fix. default_clip_skip is for a request that
-    gives none of its own (POST /options sets it)."""
+    type run as Automatic), or ApiError naming each field to fix. default_clip_skip and default_model are
+    for a request that gives none of its own (POST /options sets them)."""
     problems = [f"{name}: {message}" for name, asks, message in _UNSUPPORTED if asks(getattr(req, name))]
     values = {name: getattr(req, name) for name in _INFOTEXT_FIELDS}
     values["sampler_name"] = req.sampler_name or req.sampler_index or "Euler"
@@ -97,7 +98,7 @@ def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: 
     values["sampler_name"], values["scheduler"] = resolved
 
     data = values | {
-        "batch_size": req.batch_size, "n_iter": req.n_iter, "model": model,
+        "batch_size": req.batch_size, "n_iter": req.n_iter, "model": model or default_model,
         "restore_model": bool(model) and req.override_settings_restore_afterwards is not False,
         "save_images": req.save_images, "send_images": req.send_images, "clip_skip": clip_skip,
     }

@@ -30,7 +30,7 @@ from webui.api.models import (
     Txt2ImgResponse,
 )
 from webui.engine.loader import ModelLoadError
-from webui.engine.models import ModelNotFound
+from webui.engine.models import ModelEntry, ModelNotFound
 from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_key
 from webui.schemas import InvalidRequest, JobState, describe_validation_errors
 from webui.worker import Job, QueueFull, WorkerStopped
@@ -92,6 +92,9 @@ class Api:
         # The clip skip of API requests that give none (A1111's CLIP_stop_at_last_layers option). Kept in
         # memory only: A1111 writes its options to a file, but a restart here starts from 1 again.
         self.clip_skip = 1
+        # The model of API requests that name none: the last sd_model_checkpoint set (None: the loaded one).
+        # A browser tab's Generate runs its own pick, so it must not undo an API client's choice either.
+        self.model: ModelEntry | None = None
 
     # --- generation ---------------------------------------------------------------------------
     async def txt2img(self, req: Txt2ImgRequest, request: Request) -> Txt2ImgResponse:
@@ -114,7 +117,8 @@ class Api:
         model = self.engine.model  # read once: a model switch on the worker may change it meanwhile
         default_clip_skip, notes = convert.clip_skip_for(req, self.clip_skip, model)
         data, request_notes = convert.to_generation_request(req, self.registry, model.entry if model else None,
-                                                            default_clip_skip=default_clip_skip)
+                                                            default_clip_skip=default_clip_skip,
+                                                            default_model=self.model.source if self.model else None)
         notes += request_notes
         try:
             return self.worker.submit(data, origin="api", owner=caller, warnings=notes)
@@ -268,11 +272,11 @@ class Api:
         return convert.cmd_flags(self.services.settings)
 
     def get_options(self) -> dict[str, Any]:
-        model = self.engine.model
+        entry = self.model or (self.engine.model.entry if self.engine.model else None)
         preview_every = self.services.settings.preview_every
         return {
-            "sd_model_checkpoint": self.registry.title(model.entry) if model else None,
-            "sd_checkpoint_hash": self.registry.sha256(model.entry, cached_only=True) if model else None,
+            "sd_model_checkpoint": self.registry.title(entry) if entry else None,
+            "sd_checkpoint_hash": self.registry.sha256(entry, cached_only=True) if entry else None,
             "CLIP_stop_at_last_layers": self.clip_skip,
             "samples_format": "png",
             "grid_format": "png",
@@ -291,7 +295,14 @@ class Api:
         if body.get("sd_model_checkpoint"):
             await self._switch_model(body["sd_model_checkpoint"])
         if clip_skip is not None:
-            convert.check_clip_skip_depth(clip_skip, self.engine.model)  # against the model loaded now
+            try:
+                convert.check_clip_skip_depth(clip_skip, self.engine.model)  # against the model loaded now
+            except ApiError as err:
+                if not body.get("sd_model_checkpoint"):
+                    raise
+                # The switch stands: a client must not take the refusal for "nothing changed".
+                raise ApiError(err.status, f"{err.message} (sd_model_checkpoint was applied: "
+                                           f"{self.engine.model.entry.name} is loaded now)", err.kind) from None
             self.clip_skip = clip_skip
         applied = [key for key, value in body.items()
                    if key == "CLIP_stop_at_last_layers" or (key == "sd_model_checkpoint" and value)]
@@ -302,7 +313,8 @@ class Api:
         name = convert.model_name(value, "sd_model_checkpoint")
         loaded = self.engine.model.entry if self.engine.model else None
         await anyio.to_thread.run_sync(convert.find_listed_model, self.registry, name, loaded)
-        await self._on_worker(self.worker.queue_model_load(name), "sd_model_checkpoint: ")
+        loaded = await self._on_worker(self.worker.queue_model_load(name), "sd_model_checkpoint: ")
+        self.model = loaded.entry
 
     # --- lists ----------------------------------------------------------------------------------
     def samplers(self) -> list[SamplerItem]:

@@ -150,7 +150,9 @@ class Engine:
         """On the CPU both models' weights would share the RAM (10 GB for two SD 1.5 in fp32): drop the old
         model first, and read it again if the new one fails to load."""
         previous = self.model.entry
-        self.unload()
+        # Only the weights go: other threads (the API's options, a page's status line) still see the old
+        # model named until the new one is in place, never "no model".
+        self.pipe = None
         gc.collect()  # the old weights go now, not at some later collection
         try:
             return self._load_entry(entry)
@@ -160,6 +162,7 @@ class Engine:
                 self._load_entry(previous)
             except Exception:  # the user needs the first error, not this one
                 log.exception("could not load %s again either; no model is loaded", previous.name)
+                self.unload()
             raise
 
     @property

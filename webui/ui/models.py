@@ -5,6 +5,7 @@ multi-GB file at start-up; the hash of the loaded model shows in the status line
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -118,16 +119,18 @@ class ModelActions:
         self.services.registry.refresh()
         return self.picker(selected)
 
-    def load(self, name: str | None):
+    async def load(self, name: str | None):
         """Load the picked model on the worker (after queued jobs); yields a status first.
 
+        Awaited, not waited for on a thread: picks waiting behind a long job would otherwise fill the
+        shared thread pool and starve every tab's events and the API's /progress and /interrupt.
         Outputs: status, dropdown, width, height, clip skip (the sliders follow the model)."""
         if not name:
             yield self.status(), self.picker(), gr.skip(), gr.skip(), gr.skip()
             return
         yield notice_html(f"Loading {name}…"), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
-            model = self.services.worker.load_model(self.checked_choice(name))
+            model = await asyncio.wrap_future(self.services.worker.queue_model_load(self.checked_choice(name)))
         except Exception as err:  # any failure becomes a readable line; the old model stays loaded
             log.warning("loading %s failed: %s", name, err)
             yield error_html(f"Could not load {name}: {err}"), self.picker(), gr.skip(), gr.skip(), gr.skip()
@@ -139,7 +142,7 @@ class ModelActions:
             while self._compiling(model) and time.monotonic() < deadline:
                 yield notice_html(self.services.worker.activity or f"{name} compiles next"), \
                     gr.skip(), gr.skip(), gr.skip(), gr.skip()
-                time.sleep(WARM_UP_POLL_SECONDS)
+                await asyncio.sleep(WARM_UP_POLL_SECONDS)
             yield self.status(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
     def _compiling(self, model) -> bool:
