@@ -426,3 +426,15 @@ def test_a_released_model_that_is_gone_from_disk_fails_the_next_image_with_its_n
     assert engine.released  # still released, and the next try reads it again
     monkeypatch.undo()
     assert engine.restore_device() is engine.model and run(engine, [1])[0].std() > 0
+
+
+def test_a_half_precision_read_gives_half_weights_and_no_deprecation_warning(engine):
+    """diffusers 0.42 renamed torch_dtype to dtype; the old name printed a FutureWarning at every start."""
+    import warnings
+
+    from webui.engine.loader import Placement, read_pipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        pipe = read_pipeline(engine.registry.find(TINY), engine.settings, Placement("cpu", torch.float16))
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float16

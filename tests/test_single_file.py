@@ -25,7 +25,12 @@ from webui.engine.single_file import CONFIG_ROOT, SingleFileLoadError, detect_fa
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     """No hub, and any attempt to open a network connection fails the test."""
+    from huggingface_hub import constants
+
+    # huggingface_hub reads the variable once, when first imported: set both, so both are undone after the
+    # test (imported first here, it stayed offline for the hub tests that run later).
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args}")

@@ -122,7 +122,7 @@ def _read_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype):
             log.warning("%s names a safety checker whose files are missing; loading it without one (no NSFW "
                         "filter)", entry.name)
             skip_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-        return StableDiffusionPipeline.from_pretrained(entry.source, torch_dtype=dtype, local_files_only=True,
+        return StableDiffusionPipeline.from_pretrained(entry.source, dtype=dtype, local_files_only=True,
                                                        **skip_checker)
     if entry.kind == "single_file":
         from webui.engine.single_file import load_single_file_pipeline
@@ -176,7 +176,7 @@ def _read_hub_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype
 
     def from_snapshot(snapshot: hub.HubSnapshot):
         check_pipeline_folder(snapshot.folder, entry.source)
-        return StableDiffusionPipeline.from_pretrained(snapshot.folder, torch_dtype=dtype, variant=snapshot.variant,
+        return StableDiffusionPipeline.from_pretrained(snapshot.folder, dtype=dtype, variant=snapshot.variant,
                                                        local_files_only=True, **extra)
 
     cached = hub.cached_snapshot(entry.source, half)

@@ -103,7 +103,7 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, *,
         parts["text_encoder"] = _text_encoder_of_other_layout(path, config_dir, torch_dtype)
     with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):  # diffusers re-reads a .ckpt itself
         pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch_dtype,
+            str(path), config=str(config_dir), local_files_only=True, dtype=torch_dtype,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts,
         )
     if sd2 and prediction_type is None:
