@@ -181,7 +181,7 @@ def main() -> None:
         raise SystemExit(f"prompt emoji not in the training data {data}: {missing[:5]}")
 
     t0 = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - t0
     info_path = Path(args.model) / "training_info.json"

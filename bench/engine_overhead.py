@@ -63,7 +63,7 @@ def main() -> None:
         settings = Settings(models_dir=model.parent, outdir=Path(tmp) / "outputs", ckpt=model.name,
                             device="cpu", preview_every=args.preview_every)
         services = build_services(settings)
-        pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True, torch_dtype=torch.float32)
+        pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True, dtype=torch.float32)
         pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         request = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": args.steps, "cfg_scale": 7.0,

@@ -22,7 +22,7 @@ def pipe():
     from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    p = StableDiffusionPipeline.from_pretrained(MODEL, torch_dtype=torch.float32)
+    p = StableDiffusionPipeline.from_pretrained(MODEL, dtype=torch.float32)
     p.set_progress_bar_config(disable=True)
     return p
 

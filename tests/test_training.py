@@ -174,6 +174,6 @@ def test_export_is_a_loadable_stable_diffusion_folder(tiny_run, tmp_path):
     for f in out.rglob("*.safetensors"):  # every weight is stored in fp16 (half the size)
         with safe_open(str(f), "pt") as st:
             assert {st.get_tensor(k).dtype for k in st.keys()} == {torch.float16}, f
-    pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32)
     img = pipe("red apple", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert img.shape == (64, 64, 3) and np.isfinite(img).all()
