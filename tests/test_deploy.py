@@ -183,6 +183,18 @@ def test_the_notebook_model_cell_finds_a_checkpoint_in_models_and_stops_on_an_em
     assert os.listdir(tmp_path / "models") == ["mine.safetensors"]  # the empty file is gone
 
 
+def test_the_notebook_stops_at_step_2_when_the_code_cannot_be_downloaded(tmp_path, monkeypatch):
+    """With Run all, a failed clone went on to 'install' nothing and report success until the last cell."""
+    monkeypatch.chdir(tmp_path)  # not inside a copy: step 2 clones
+    source = cell(notebook(), "clone").replace('REPO_DIR = "/content/diffusers-webui"',
+                                               f'REPO_DIR = {str(tmp_path / "diffusers-webui")!r}')
+    commands = []
+    namespace = {"__shell__": commands.append, "__magic__": lambda name, args: commands.append(f"%{name} {args}")}
+    with pytest.raises(RuntimeError, match="Could not download the code from https://github.com/.*Check REPO_URL"):
+        exec(compile(as_python(source), "<clone>", "exec"), namespace)  # the recorded git clone makes no folder
+    assert commands[0].startswith("git clone") and not any(c.startswith("%cd") for c in commands)
+
+
 def test_the_notebook_launches_when_the_optional_drive_step_is_skipped():
     namespace = {}
     commands = run_cells(notebook(), ["clone", "model", "launch"], namespace)  # step 4 (Drive) not run
