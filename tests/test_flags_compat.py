@@ -154,3 +154,26 @@ def test_share_with_nowebui_warns_that_no_link_is_made(caplog):
     assert not s.share and s.api_enabled
     assert any("--share is ignored with --nowebui" in w for w in warnings_from_config(caplog))
     assert parse_settings(["--share"], environ={}).share  # with the web UI it still asks for a link
+
+
+def test_a_models_folder_that_does_not_exist_is_named_in_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        settings = parse_settings(["--ckpt-dir", str(tmp_path / "modles")], environ={})  # a typo
+    assert settings.models_dir == tmp_path / "modles"
+    assert any(str(tmp_path / "modles") in w and "does not exist" in w and "--ckpt-dir" in w
+               for w in warnings_from_config(caplog))
+
+
+def test_an_outdir_where_nobody_can_write_is_refused_even_for_root(tmp_path, capsys, monkeypatch):
+    """os.access says yes to root everywhere; a read-only place (/sys, a root-squashed share) is found by
+    trying. Here the write is made to fail as such a filesystem fails it."""
+    import tempfile
+
+    def refused(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    with pytest.raises(SystemExit):
+        parse_settings(["--outdir", str(tmp_path / "out")], environ={})
+    err = capsys.readouterr().err
+    assert f"--outdir {tmp_path / 'out'}: {tmp_path} is not writable (Operation not permitted)" in err

@@ -23,6 +23,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import tempfile
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -330,6 +331,9 @@ def _choose_models_dir(args: argparse.Namespace, ckpt_dir_env: Path | None) -> N
         args.models_dir = base / A1111_CHECKPOINTS if (base / A1111_CHECKPOINTS).is_dir() else base
     if args.models_dir is None:
         args.models_dir = ckpt_dir_env or DEFAULT_MODELS_DIR
+    if not args.models_dir.is_dir():  # a typo here would otherwise show as an empty model list, and no word why
+        log.warning("the models folder %s does not exist, so no models are listed from it: check --ckpt-dir "
+                    "(or --models-dir, WEBUI_CKPT_DIR)", args.models_dir)
     del args.models_base
 
 
@@ -351,8 +355,11 @@ def _unwritable(folder: Path) -> str | None:
     existing = next(parent for parent in [folder, *folder.absolute().parents] if parent.exists())
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
+    try:  # a real write: os.access says yes to root even where nobody can write (/sys, a root-squashed NFS)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f"{existing} is not writable ({err.strerror or err})"
     return None
 
 
