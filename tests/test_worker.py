@@ -552,3 +552,22 @@ def test_an_unfinished_image_that_cannot_be_decoded_still_ends_the_job_as_interr
     monkeypatch.setattr(services.engine, "decode", broken_vae)
     services.worker.cancel(job.id)
     assert job.wait(30) and job.state is JobState.CANCELLED and job.images == []
+
+
+def test_generation_runs_in_the_context_of_whoever_submitted_the_job(services, monkeypatch):
+    """On ZeroGPU, spaces.GPU reads the visitor's request from a context variable (Gradio's LocalContext) to
+    charge their quota; the worker thread must see the submitter's, not none (the anonymous pool)."""
+    import contextvars
+
+    visitor = contextvars.ContextVar("visitor", default=None)
+    seen, generate = [], services.engine.generate
+    monkeypatch.setattr(services.engine, "generate",
+                        lambda *args: (seen.append(visitor.get()), generate(*args))[-1])
+
+    def submit_as(name):
+        visitor.set(name)
+        return services.worker.submit(QUICK | {"n_iter": 2})
+
+    jobs = [contextvars.copy_context().run(submit_as, name) for name in ("alice", "bob")]
+    assert all(job.wait(60) for job in jobs)
+    assert seen == ["alice", "alice", "bob", "bob"] and visitor.get() is None

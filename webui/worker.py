@@ -8,6 +8,7 @@ A job that raises is marked failed with its message and the worker goes on with 
 from __future__ import annotations
 
 import collections
+import contextvars
 import logging
 import random
 import threading
@@ -76,6 +77,9 @@ class Job:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     skip_event: threading.Event = field(default_factory=threading.Event)
     done_event: threading.Event = field(default_factory=threading.Event)
+    # The submitter's context (made where the job is made, on the request's thread): generation runs in it,
+    # so what reads the request there sees this job's (ZeroGPU's spaces.GPU charges the visitor's quota).
+    context: contextvars.Context = field(default_factory=contextvars.copy_context, repr=False)
     # The worker decodes a preview only while someone reads them (a watched UI tab, /progress):
     # a job nobody watches (an API call, a benchmark) pays nothing, and the VAE stays on one thread.
     # The frame and the step it shows are one tuple, so a reader never pairs a new step with an old frame.
@@ -479,7 +483,8 @@ class Worker:
         job.progress.note = self._compile_note(request, compiling)
         started = time.time()
         try:
-            results = self.engine.generate(request, seeds, self._step_callback(job, batch, compiling, pace))
+            results = job.context.run(self.engine.generate, request, seeds,
+                                      self._step_callback(job, batch, compiling, pace))
         except DenoisingStopped as stopped:  # shown as they stood, not saved
             for i, result in enumerate(stopped.images):
                 self._keep_image(job, result, first + i, seconds=0.0, unfinished=True)
