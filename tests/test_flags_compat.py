@@ -177,3 +177,10 @@ def test_an_outdir_where_nobody_can_write_is_refused_even_for_root(tmp_path, cap
         parse_settings(["--outdir", str(tmp_path / "out")], environ={})
     err = capsys.readouterr().err
     assert f"--outdir {tmp_path / 'out'}: {tmp_path} is not writable (Operation not permitted)" in err
+
+
+def test_nowebui_is_refused_on_zerogpu_which_lends_its_gpu_through_the_web_ui(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(["--nowebui"], environ={"SPACES_ZERO_GPU": "true", "SPACE_ID": "me/space"})
+    assert "--nowebui cannot run on ZeroGPU" in capsys.readouterr().err
+    assert parse_settings(["--nowebui"], environ={}).nowebui  # anywhere else it is fine

@@ -23,12 +23,14 @@ import argparse
 import ipaddress
 import logging
 import os
-import tempfile
 import shlex
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
+
+from webui.zerogpu import zerogpu_requested
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = PROJECT_ROOT / "models"
@@ -301,6 +303,10 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
     if on_spaces(environ) and values["share"]:
         log.warning("--share is ignored on a Hugging Face Space: the Space's own address is already public")
         values["share"] = False
+    if values["nowebui"] and zerogpu_requested(environ):
+        # spaces.GPU lends the GPU through Gradio's app; without it every image would fail.
+        parser.error("--nowebui cannot run on ZeroGPU, which lends its GPU through the web UI: drop --nowebui "
+                     "and add --api to serve the API next to the UI")
     if values["nowebui"] and values["share"]:
         # Gradio makes the share link for the web UI; the API-only server has no way to get one.
         log.warning("--share is ignored with --nowebui: a public share link needs the web UI "
