@@ -3,6 +3,7 @@ and the bound on compiled variants. torch.compile's "eager" backend stands in fo
 modules as inductor would, without minutes of C++ compilation on this CPU."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -217,14 +218,18 @@ def test_the_model_picker_shows_the_compile_until_it_is_done(models_dir, tmp_pat
         warmed_up(services)
         release.clear()
         actions = ModelActions(services)
-        updates = actions.load("tiny-b")
-        assert "Loading tiny-b" in next(updates)[0]
-        loaded_status = next(updates)[0]
-        assert "tiny-b" in loaded_status and "compiling; images wait" in loaded_status
-        wait_for(lambda: services.worker.activity == "Compiling tiny-b", what="the warm-up to start")
-        assert "Compiling tiny-b" in next(updates)[0]  # polled while the warm-up is held
-        release.set()
-        *_, (final_status, *_) = updates
+
+        async def watch_the_load():  # the picker's handler is async: Gradio runs it on its event loop
+            updates = actions.load("tiny-b")
+            assert "Loading tiny-b" in (await anext(updates))[0]
+            loaded_status = (await anext(updates))[0]
+            assert "tiny-b" in loaded_status and "compiling; images wait" in loaded_status
+            wait_for(lambda: services.worker.activity == "Compiling tiny-b", what="the warm-up to start")
+            assert "Compiling tiny-b" in (await anext(updates))[0]  # polled while the warm-up is held
+            release.set()
+            return [update async for update in updates][-1][0]
+
+        final_status = asyncio.run(watch_the_load())
         assert "tiny-b" in final_status and "compiling" not in final_status
         assert not services.engine.needs_warm_up
 
