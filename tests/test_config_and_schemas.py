@@ -222,6 +222,36 @@ def test_short_hash_is_sha256_prefix_and_cached(tmp_path, monkeypatch):
     assert ModelRegistry(tmp_path, tmp_path / "cache" / "hashes.json").short_hash(entry) == expected
 
 
+def test_a_hash_cache_that_cannot_be_written_still_gives_the_hash(tmp_path, monkeypatch, caplog):
+    """A full disk: the digest computed is used (every image keeps its Model hash), and no temp file stays."""
+    import errno
+    import json
+
+    (tmp_path / "single.safetensors").write_bytes(b"weights")
+    cache = tmp_path / "cache" / "hashes.json"
+    registry = ModelRegistry(tmp_path, cache)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", disk_full)  # the temp file is made, then writing it fails
+    assert registry.short_hash(registry.find("single")) == hashlib.sha256(b"weights").hexdigest()[:10]
+    assert "cannot be written" in caplog.text and "No space left" in caplog.text
+    assert list(cache.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("text", ["null", "[]", '"text"', "{", ""])
+def test_a_hash_cache_holding_no_json_object_counts_as_empty(tmp_path, text):
+    (tmp_path / "single.safetensors").write_bytes(b"weights")
+    cache = tmp_path / "hashes.json"
+    cache.write_text(text)
+    registry = ModelRegistry(tmp_path, cache)
+    entry = registry.find("single")
+    assert registry.title(entry) == "single"  # nothing cached, and no error
+    assert registry.short_hash(entry) == hashlib.sha256(b"weights").hexdigest()[:10]
+    assert registry.title(entry) == f"single [{registry.short_hash(entry)}]"  # the cache was written anew
+
+
 @pytest.mark.skipif(not (ROOT / "models" / DEFAULT_MODEL_NAME / "model_index.json").exists(),
                     reason="the embedded model is absent")
 def test_the_app_starts_on_the_embedded_model_by_default(tmp_path):

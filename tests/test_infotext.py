@@ -29,6 +29,14 @@ def test_negative_line_is_omitted_when_empty():
     assert "Negative prompt" not in text and text.count("\n") == 1
 
 
+def test_an_empty_prompt_leaves_no_empty_first_line():
+    """As A1111's create_infotext, which strips the whole text."""
+    params = {"Steps": 20, "Sampler": "Euler", "Seed": 1}
+    assert build_infotext("", "blurry", params) == "Negative prompt: blurry\nSteps: 20, Sampler: Euler, Seed: 1"
+    assert build_infotext("", "", params) == "Steps: 20, Sampler: Euler, Seed: 1"
+    assert parse_infotext(build_infotext("", "", params))[2] == {"Steps": "20", "Sampler": "Euler", "Seed": "1"}
+
+
 def test_values_with_commas_colons_or_newlines_are_json_quoted():
     text = build_infotext("p", "", {"Steps": 2, "Model": 'a, b: "c"', "Note": "x\ny", "Seed": 3})
     last = text.split("\n")[-1]

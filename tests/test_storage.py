@@ -213,6 +213,25 @@ def test_a_folder_linked_to_another_disk_counts_as_inside_outputs(tmp_path):
     assert (store.outdir / "history.sqlite3").is_file() and store.outdir.resolve() not in served_folders(store)
 
 
+def test_a_folder_linked_to_a_disk_not_mounted_is_served_once_it_is_back(tmp_path, caplog):
+    """The link stays (never replaced by a folder on the wrong disk); saving fails until the disk is back."""
+    from webui.launch import served_folders
+
+    unmounted = tmp_path / "bigdisk" / "outputs"
+    store = OutputStore(tmp_path / "out")
+    store.outdir.mkdir()
+    link = store.outdir / "txt2img-images"
+    link.symlink_to(unmounted, target_is_directory=True)
+    folders = served_folders(store)
+    assert folders == [unmounted.resolve(), (store.outdir / "txt2img-grids").resolve()]
+    assert f"{link} links to {unmounted.resolve()}, which does not exist" in caplog.text and "mount" in caplog.text
+    assert link.is_symlink()
+    with pytest.raises(OSError):
+        store.save_image(red(), "x", seed=1)
+    unmounted.mkdir(parents=True)  # the disk is mounted
+    assert served_folders(store) == folders and store.save_image(red(), "x", seed=1).parent.parent == link
+
+
 @pytest.fixture
 def history(tmp_path):
     h = History(tmp_path / "history.sqlite3", tmp_path)
@@ -400,17 +419,124 @@ def test_a_job_that_ends_well_keeps_no_old_error(history):
     assert history.get_job("j1")["error"] is None
 
 
-def test_a_locked_database_is_an_error_and_is_not_set_aside(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", ["disk I/O error", "database is locked"])
+def test_a_database_that_cannot_be_opened_is_kept_and_this_run_has_a_history_in_memory(
+        tmp_path, monkeypatch, caplog, error):
+    """A full disk (SQLite cannot make the -shm file for WAL) or a lock is no damage: the file stays as it
+    is, and the app starts with a history that lasts this run, and says so."""
     import webui.storage.history as history_module
 
-    def locked(db_path):
-        raise sqlite3.OperationalError("database is locked")
+    db = tmp_path / "history.sqlite3"
+    History(db, tmp_path).close()
+    before = db.read_bytes()
+    real_open, opened = history_module._open, []
 
-    (tmp_path / "history.sqlite3").write_bytes(b"")
-    monkeypatch.setattr(history_module, "_open", locked)
-    with pytest.raises(sqlite3.OperationalError):
-        History(tmp_path / "history.sqlite3", tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == ["history.sqlite3"]
+    def fails_on_the_file(db_path):
+        opened.append(db_path)
+        if len(opened) == 1:
+            raise sqlite3.OperationalError(error)
+        return real_open(db_path)
+
+    monkeypatch.setattr(history_module, "_open", fails_on_the_file)
+    history = History(db, tmp_path)
+    try:
+        assert "in memory only" in caplog.text and error in caplog.text and "Free some disk space" in caplog.text
+        history.add_job("j1", "ui", {}, 1.0)
+        (tmp_path / "a.png").write_bytes(b"png")
+        image_id = history.add_image(**history_row("j1", "a.png"))
+        assert history.reconcile()["missing_files"] == 0 and [r.id for r in history.list_images()[0]] == [image_id]
+    finally:
+        history.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "history.sqlite3"] and db.read_bytes() == before
+
+
+@pytest.fixture
+def short_lock_wait(monkeypatch):
+    """SQLite waits 5 s for a lock by default; a tenth of a second is enough to see it held."""
+    import functools
+
+    monkeypatch.setattr(sqlite3, "connect", functools.partial(sqlite3.connect, timeout=0.1))
+
+
+def hold_write_lock(db_path):
+    """A second connection, as another program, holding the database's write lock until closed."""
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+def test_the_app_starts_while_another_program_holds_the_history_database(settings, short_lock_wait, caplog):
+    from webui.services import build_services
+
+    build_services(settings, load_model=False).close()
+    other = hold_write_lock(settings.outdir / "history.sqlite3")
+    try:
+        services = build_services(settings, load_model=False)
+        try:
+            assert "could not be checked against the outputs folder" in caplog.text and "locked" in caplog.text
+            assert services.history.list_images() == ([], 0) and services.worker.current() is None
+        finally:
+            services.close()
+    finally:
+        other.close()
+
+
+def test_listing_works_while_the_database_is_locked_and_marks_hand_deleted_files_later(short_lock_wait, history,
+                                                                                      tmp_path):
+    history.add_job("j1", "ui", {}, 1.0)
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(b"png")
+        history.add_image(**history_row("j1", f"{i}.png", seed=i))
+    (tmp_path / "1.png").unlink()  # by hand, while the app runs
+    other = hold_write_lock(tmp_path / "history.sqlite3")
+    try:
+        rows, total = history.list_images()
+        assert total == 2 and [r.seed for r in rows] == [2, 0]
+    finally:
+        other.close()
+    assert history.list_images()[1] == 2
+    with sqlite3.connect(tmp_path / "history.sqlite3") as db:  # marked now that the lock is gone
+        assert db.execute("SELECT seed FROM images WHERE file_state = 'missing'").fetchall() == [(1,)]
+
+
+def test_a_newer_versions_extra_column_is_ignored(history, tmp_path):
+    history.add_job("j1", "ui", {}, 1.0)
+    (tmp_path / "a.png").write_bytes(b"png")
+    image_id = history.add_image(**history_row("j1", "a.png"))
+    history.close()
+    with sqlite3.connect(tmp_path / "history.sqlite3") as db:
+        db.execute("ALTER TABLE images ADD COLUMN rating INTEGER")
+        db.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER")
+        db.execute("PRAGMA user_version = 7")
+    again = History(tmp_path / "history.sqlite3", tmp_path)
+    try:
+        assert [r.id for r in again.list_images()[0]] == [image_id] and again.get_image(image_id).prompt == "a cat"
+        again.add_image(**history_row("j1", "a.png"))
+    finally:
+        again.close()
+    with sqlite3.connect(tmp_path / "history.sqlite3") as db:  # a newer version's number is left as it is
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 7
+
+
+def test_the_schema_version_is_recorded(history, tmp_path):
+    from webui.storage.history import SCHEMA_VERSION
+
+    with sqlite3.connect(tmp_path / "history.sqlite3") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 1
+
+
+def test_a_database_missing_a_column_is_set_aside(history, tmp_path, caplog):
+    history.add_job("j1", "ui", {}, 1.0)
+    history.close()
+    with sqlite3.connect(tmp_path / "history.sqlite3") as db:
+        db.execute("ALTER TABLE images DROP COLUMN nsfw")
+    fresh = History(tmp_path / "history.sqlite3", tmp_path)
+    try:
+        assert "lacks the column(s) nsfw" in caplog.text and fresh.get_job("j1") is None
+        assert fresh.list_images() == ([], 0)
+        assert any(p.name.startswith("history.sqlite3.broken-") for p in tmp_path.iterdir())
+    finally:
+        fresh.close()
 
 
 def test_database_is_in_wal_mode(history, tmp_path):

@@ -18,6 +18,8 @@ from typing import Any
 from webui.services import Services
 from webui.storage.outputs import OutputStore
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Served:
@@ -61,10 +63,16 @@ def _port_taken(settings, err: OSError) -> SystemExit:
 def served_folders(outputs: OutputStore) -> list[Path]:
     """The image folders in outdir (never outdir itself: with --outdir ~ that would serve the home folder),
     created now so they can be named. Gradio follows links before it checks a path, so a folder linked
-    to a bigger disk is named by its target."""
+    to a bigger disk is named by its target. A link whose target is missing (a disk not mounted) is named by
+    it all the same, so its images show once the disk is back; until then saving there fails with a warning."""
     folders = []
     for folder in outputs.image_folders():
-        folder.mkdir(parents=True, exist_ok=True)
+        if folder.is_symlink() and not folder.exists():
+            log.warning("%s links to %s, which does not exist: is that disk mounted? Images cannot be saved there "
+                        "until it is; mount it, or remove the link to save in %s itself", folder, folder.resolve(),
+                        outputs.outdir)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
         folders.append(folder.resolve())
     return folders
 

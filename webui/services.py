@@ -6,6 +6,7 @@ is one place that knows how the parts connect.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from dataclasses import dataclass
 
 from webui.config import Settings
@@ -46,9 +47,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     alone = outputs.claim()
     if not alone:
         log.warning("another running server uses %s too; its unfinished jobs are left alone", outdir)
-    repaired = history.reconcile(fail_unfinished_jobs=alone) | {"partial_files_removed": outputs.remove_partial_files()}
-    if any(repaired.values()):
-        log.warning("history brought in line with the outputs folder and the last stop: %s", repaired)
+    _tidy_up(history, outputs, fail_unfinished_jobs=alone)
     worker = Worker(engine, outputs, history, max_queue=settings.queue_size,
                     preview_every=settings.preview_every).start()
     services = Services(settings, registry, engine, outputs, history, worker)
@@ -59,3 +58,17 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
             # The app still starts: the user can pick another model in the UI.
             log.error("%s", err)
     return services
+
+
+def _tidy_up(history: History, outputs: OutputStore, fail_unfinished_jobs: bool) -> None:
+    """Bring the history in line with the outputs folder and the last stop, and remove files a crash left."""
+    try:
+        repaired = history.reconcile(fail_unfinished_jobs=fail_unfinished_jobs)
+    except sqlite3.OperationalError as err:  # locked by another program, or a full disk: no reason not to start
+        log.warning("the history could not be checked against the outputs folder (%s: is another program writing "
+                    "to the database, or is the disk full?); the next start tries again. Jobs run as usual and say "
+                    "what they could not record", err)
+        repaired = {}
+    repaired["partial_files_removed"] = outputs.remove_partial_files()
+    if any(repaired.values()):
+        log.warning("history brought in line with the outputs folder and the last stop: %s", repaired)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -21,6 +22,8 @@ from pathlib import Path
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -160,21 +163,31 @@ class ModelRegistry:
         with self._lock:  # request threads and the worker may add hashes at the same time
             cache = self._read_cache()
             cache[key] = digest
-            self._write_cache(cache)
+            try:
+                self._write_cache(cache)
+            except OSError as err:  # a full disk, a read-only folder: the digest is right all the same
+                log.warning("the model hash cache %s cannot be written (%s), so %s is hashed again at its next "
+                            "load; free some disk space or make the folder writable", self.hash_cache, err, file)
         return digest
 
     def _read_cache(self) -> dict[str, str]:
+        """The cache's {key: sha256}; empty when the file is missing, damaged or not a JSON object."""
         try:
-            return json.loads(self.hash_cache.read_text())
+            cache = json.loads(self.hash_cache.read_text())
         except (OSError, ValueError):
             return {}
+        return cache if isinstance(cache, dict) else {}
 
     def _write_cache(self, cache: dict[str, str]) -> None:
         self.hash_cache.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(prefix=".hashes-", dir=self.hash_cache.parent)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(cache, handle, indent=1)
-        os.replace(temp, self.hash_cache)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(cache, handle, indent=1)
+            os.replace(temp, self.hash_cache)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)  # no half-written temp file left behind
+            raise
 
 
 # Subfolders are scanned this deep (A1111 users sort checkpoints into folders); a diffusers folder is

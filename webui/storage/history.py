@@ -3,6 +3,8 @@
 Two tables: `jobs` (one row per submitted job, with its state and timings) and `images` (one row
 per saved image with every parameter). Invariant: an image row never points at a missing file
 without being marked so (`file_state = 'missing'`); `reconcile()` restores that after a crash.
+Rows are read by column name, so a newer version's extra columns do no harm; the tables' version is
+kept in `PRAGMA user_version` for the migrations of later versions.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,8 @@ CREATE INDEX IF NOT EXISTS images_created ON images(created_at DESC);
 CREATE INDEX IF NOT EXISTS images_path ON images(path);
 """
 
+SCHEMA_VERSION = 1  # PRAGMA user_version: raise it, and migrate in _open, when the tables change
+JOB_COLUMNS = ("id", "state", "origin", "request_json", "error", "created_at", "started_at", "finished_at")
 IMAGE_COLUMNS = (
     "job_id", "path", "prompt", "negative_prompt", "seed", "steps", "sampler", "scheduler", "cfg_scale",
     "width", "height", "clip_skip", "model_name", "model_hash", "image_index", "nsfw", "seconds", "infotext",
@@ -89,7 +93,13 @@ class HistoryImage:
     infotext: str
 
 
-def _open(db_path: Path) -> sqlite3.Connection:
+# The images table's columns that HistoryImage holds (job_state comes from the jobs table).
+_IMAGE_FIELDS = tuple(f.name for f in fields(HistoryImage) if f.name != "job_state")
+_SELECT_IMAGES = ("SELECT " + ", ".join(f"images.{name}" for name in _IMAGE_FIELDS) + ", jobs.state AS job_state"
+                  " FROM images JOIN jobs ON jobs.id = images.job_id")
+
+
+def _open(db_path: Path | str) -> sqlite3.Connection:
     db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
     try:
         db.row_factory = sqlite3.Row
@@ -100,6 +110,9 @@ def _open(db_path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(SCHEMA)
+        _check_columns(db)
+        if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:  # a newer version's number stays
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         # Damage past the first pages shows only when read; find it now, not in the middle of a run.
         verdict = db.execute("PRAGMA quick_check").fetchone()[0]
         if verdict != "ok":
@@ -108,6 +121,16 @@ def _open(db_path: Path) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _check_columns(db: sqlite3.Connection) -> None:
+    """A table without a column we use (a hand-edited file) cannot be used: raise, as for damage, so it is set
+    aside. Extra columns (a newer version's) are fine."""
+    for table, wanted in (("jobs", JOB_COLUMNS), ("images", _IMAGE_FIELDS)):
+        have = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+        missing = [name for name in wanted if name not in have]
+        if missing:
+            raise sqlite3.DatabaseError(f"its {table} table lacks the column(s) {', '.join(missing)}")
 
 
 def _set_aside(db_path: Path) -> Path:
@@ -129,9 +152,13 @@ class History:
         self._lock = threading.Lock()
         try:
             self._db = _open(db_path)
+        except sqlite3.OperationalError as err:  # a full disk, locked, read-only: not damage, so kept as it is
+            log.error("the history database %s cannot be opened (%s), so this run keeps its history in memory only, "
+                      "lost when the app stops (images still go to %s while there is room). Free some disk space, "
+                      "make the folder writable or close the program that holds the database, then restart to keep "
+                      "the history again", db_path, err, self.outdir)
+            self._db = _open(":memory:")
         except sqlite3.DatabaseError as err:
-            if isinstance(err, sqlite3.OperationalError):  # locked, read-only, no such folder: not damage
-                raise
             # The images are safe on disk; a damaged database must not keep the app from starting.
             kept = _set_aside(Path(db_path))
             log.error("the history database %s cannot be read (%s); it was renamed to %s and a new, empty "
@@ -189,7 +216,11 @@ class History:
             gone = [row.id for row in rows if not self._file_exists(row.path)]
             if not gone:
                 return rows, total
-            self._set_file_state(gone, "missing")
+            try:
+                self._set_file_state(gone, "missing")
+            except sqlite3.OperationalError as err:  # locked by another program: the next listing tries again
+                log.warning("history: %d image(s) deleted by hand are not marked missing yet (%s)", len(gone), err)
+                return [row for row in rows if row.id not in gone], total - len(gone)
 
     def _read_page(self, page: int, page_size: int, search: str) -> tuple[list[HistoryImage], int]:
         where, args = "WHERE images.file_state = 'ok'", ()
@@ -198,16 +229,13 @@ class History:
             args = (search.strip().casefold(),)
         total = self._query(f"SELECT COUNT(*) FROM images {where}", args)[0][0]
         rows = self._query(
-            f"SELECT images.*, jobs.state AS job_state FROM images JOIN jobs ON jobs.id = images.job_id {where}"
-            " ORDER BY images.created_at DESC, images.id DESC LIMIT ? OFFSET ?",
+            f"{_SELECT_IMAGES} {where} ORDER BY images.created_at DESC, images.id DESC LIMIT ? OFFSET ?",
             (*args, page_size, max(page, 0) * page_size),
         )
         return [_to_image(r) for r in rows], int(total)
 
     def get_image(self, image_id: int) -> HistoryImage | None:
-        rows = self._query(
-            "SELECT images.*, jobs.state AS job_state FROM images JOIN jobs ON jobs.id = images.job_id"
-            " WHERE images.id = ?", (image_id,))
+        rows = self._query(f"{_SELECT_IMAGES} WHERE images.id = ?", (image_id,))
         return _to_image(rows[0]) if rows else None
 
     def delete_image(self, image_id: int) -> bool:

@@ -48,13 +48,14 @@ def quote(value: Any) -> str:
 
 
 def build_infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) -> str:
-    """Join prompt, negative prompt and parameters; params with value None are left out."""
+    """Join prompt, negative prompt and parameters; params with value None are left out. The whole text is
+    stripped, as A1111's create_infotext does: an empty prompt leaves no empty first line."""
     pairs = ", ".join(f"{key}: {quote(value)}" for key, value in params.items() if value is not None)
     lines = [prompt]
     if negative_prompt:
         lines.append(f"{NEGATIVE_PREFIX} {negative_prompt}")
     lines.append(pairs)
-    return "\n".join(lines)
+    return "\n".join(lines).strip()
 
 
 def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
