@@ -490,6 +490,28 @@ def test_a_job_row_that_failed_at_submit_is_written_when_the_job_starts(services
     assert services.history.get_job(job.id)["state"] == "done"
 
 
+def test_a_job_row_still_missing_at_the_start_is_written_before_its_images(services, monkeypatch):
+    """Locked at submit and at the start, free by the time an image is saved: the image gets its row (it
+    failed with a foreign key error, leaving a file the history never showed)."""
+    import sqlite3
+
+    add_job, failures = services.history.add_job, []
+
+    def locked_twice(*args):
+        if len(failures) < 2:
+            failures.append(1)
+            raise sqlite3.OperationalError("database is locked")
+        add_job(*args)
+
+    monkeypatch.setattr(services.history, "add_job", locked_twice)
+    job = services.worker.submit(QUICK | {"seed": 61})
+    assert job.wait(60) and job.state is JobState.DONE
+    assert job.warnings == [
+        "the job is missing from the history: OperationalError: database is locked"]  # at the start only
+    assert job.images[0].history_id is not None
+    assert services.history.get_job(job.id)["state"] == "done"
+
+
 def test_the_queue_limit_holds_while_history_writes_are_slow(services, monkeypatch):
     import time as clock
 

@@ -71,7 +71,7 @@ class Job:
     model: LoadedModel | None = None
     error: str | None = None
     warnings: list[str] = field(default_factory=list)  # what went wrong without failing the job (a save)
-    in_history: bool = False  # its row is written (submit retries at the start when it was not)
+    in_history: bool = False  # its row is written (tried again at the start and before each image when not)
     started_at: float | None = None
     finished_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
@@ -417,8 +417,7 @@ class Worker:
     def _run_job(self, job: Job) -> None:
         job.state = JobState.RUNNING
         job.started_at = time.time()
-        if not job.in_history:  # its row failed at submit (a locked database): without it no image gets a row
-            job.in_history = self._record(job, "the job is missing from the history", lambda: self._add_to_history(job))
+        self._ensure_in_history(job)
         self._record(job, "the job's start is missing from the history",
                      lambda: self.history.set_job_state(job.id, JobState.RUNNING.value, started_at=job.started_at))
         try:
@@ -573,6 +572,8 @@ class Worker:
             self._warn(job, f"image {image.index + 1} was not saved", err)
             return
         image.path = str(path)
+        if not self._ensure_in_history(job):
+            return  # its warning says the job is missing from the history; an image row could not point at it
         try:
             image.history_id = self.history.add_image(
                 job_id=job.id, path=path.relative_to(self.outputs.outdir), prompt=request.prompt,
@@ -584,6 +585,13 @@ class Worker:
             )
         except Exception as err:
             self._warn(job, f"{path.name} was saved but is missing from the history", err)
+
+    def _ensure_in_history(self, job: Job) -> bool:
+        """Write the job's row if it failed so far (a locked database at submit), as no image row can be
+        written without it; whether it is there now."""
+        if not job.in_history:
+            job.in_history = self._record(job, "the job is missing from the history", lambda: self._add_to_history(job))
+        return job.in_history
 
     def _record(self, job: Job, what: str, write: Callable[[], None]) -> bool:
         """A history write; whether it worked. A failure (a full disk, a locked database) is a warning on the
