@@ -14,7 +14,12 @@ def main(argv: list[str] | None = None) -> None:
     from webui.services import build_services
 
     check_port_free(settings)
-    launch(build_services(settings))
+    try:
+        services = build_services(settings)
+    except KeyboardInterrupt:  # Ctrl+C while the model loads (a long first download): a word, not a traceback
+        print("Stopped while starting.", file=sys.stderr)
+        raise SystemExit(130) from None
+    launch(services)
 
 
 if __name__ == "__main__":

@@ -849,6 +849,50 @@ def test_nowebui_runs_the_api_app_alone_and_ctrl_c_cancels_the_jobs_first(ui_ser
     assert stopped.wait(5), "Ctrl+C did not stop the worker's jobs"
 
 
+def test_ctrl_c_stops_the_api_only_server_without_a_traceback(tmp_path):
+    """A real SIGINT to `python app.py --nowebui`: uvicorn raises it again once it has shut down."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.browser_server import ROOT, free_port
+
+    process = subprocess.Popen(
+        [sys.executable, "app.py", "--nowebui", "--port", str(free_port()), "--outdir", str(tmp_path / "out")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell ignores SIGINT
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if "Running the REST API only" in line:
+                break
+        process.send_signal(signal.SIGINT)
+        lines.extend(process.stdout)
+        assert process.wait(60) == 0
+    finally:
+        process.kill()
+    output = "".join(lines)
+    assert "Running the REST API only" in output and "Stopped." in output
+    assert "Traceback" not in output, output
+
+
+def test_ctrl_c_while_the_model_loads_stops_with_a_word_and_lets_go_of_the_outputs(tmp_path, monkeypatch, capsys):
+    import app
+    from webui.storage.outputs import OutputStore
+    from webui.worker import Worker
+    from tests.browser_server import free_port
+
+    def interrupted(self, name, timeout=None):
+        raise KeyboardInterrupt  # Ctrl+C during a long first download
+
+    monkeypatch.setattr(Worker, "load_model", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        app.main(["--outdir", str(tmp_path / "out"), "--device", "cpu", "--port", str(free_port())])
+    assert stopped.value.code == 130 and "Stopped while starting." in capsys.readouterr().err
+    assert OutputStore(tmp_path / "out").claim()  # no running server holds the folder any more
+
+
 def test_a_port_in_use_is_reported_before_any_model_loads(ui_services):
     import socket
 

@@ -184,5 +184,7 @@ def _serve_api_only(services: Services) -> None:
     print(settings.api_access(), flush=True)
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn raises Ctrl+C again once it has shut down, for Python's own handler
+        print("Stopped.", flush=True)
     finally:
         services.close()

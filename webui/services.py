@@ -30,8 +30,9 @@ class Services:
     history: History
     worker: Worker
 
-    def close(self) -> None:
-        self.worker.stop()
+    def close(self, wait: float = 30.0) -> None:
+        """Stop the worker (waiting up to `wait` seconds for what it is doing), then let go of the files."""
+        self.worker.stop(wait)
         self.history.close()
         self.outputs.release()
 
@@ -57,6 +58,9 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
         except (ModelLoadError, ModelNotFound) as err:
             # The app still starts: the user can pick another model in the UI.
             log.error("%s", err)
+        except KeyboardInterrupt:  # Ctrl+C during a long first download: let go of the outputs folder now
+            services.close(wait=1)
+            raise
     return services
 
 
