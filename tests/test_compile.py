@@ -86,16 +86,16 @@ def test_by_default_a_cuda_gpu_with_triton_compiles(monkeypatch):
 ])
 def test_by_default_unsafe_setups_stay_uncompiled(monkeypatch, change, reason):
     monkeypatch.setattr(fast_path, "_triton_works", lambda: True)
-    monkeypatch.setattr(fast_path, "_xformers_installed", lambda: True)
+    monkeypatch.setattr(fast_path, "xformers_works", lambda: True)
     compile_now, why = compile_choice(None, **CUDA_DEFAULTS | change)
     assert compile_now is False and reason in why
 
 
 def test_xformers_asked_for_but_not_installed_does_not_cost_the_compile(monkeypatch):
     monkeypatch.setattr(fast_path, "_triton_works", lambda: True)
-    monkeypatch.setattr(fast_path, "_xformers_installed", lambda: False, raising=False)
+    monkeypatch.setattr(fast_path, "xformers_works", lambda: False, raising=False)
     compile_now, why = compile_choice(None, **CUDA_DEFAULTS | {"xformers": True})
-    assert compile_now is True and "--xformers ignored: xformers does not import" in why
+    assert compile_now is True and "--xformers ignored: xformers does not work with this torch" in why
 
 
 def test_without_triton_a_cuda_gpu_stays_uncompiled(monkeypatch):
@@ -411,17 +411,23 @@ def test_tiles_and_previews_decode_uncompiled(models_dir, tmp_path, compile_with
     assert len(graphs) == 1
 
 
-def test_an_xformers_that_fails_to_import_counts_as_missing(monkeypatch, tmp_path):
+@pytest.mark.parametrize("package", [
+    {"__init__.py": "raise ImportError('built for another torch')"},
+    # imports, having warned that its C++/CUDA extensions cannot load (a wheel for another torch)
+    {"__init__.py": "_has_cpp_library = False", "ops.py": "def memory_efficient_attention(*a): raise NotImplementedError"},
+], ids=["fails to import", "imports without its extensions"])
+def test_an_xformers_that_does_not_work_here_counts_as_missing(monkeypatch, tmp_path, package):
     import sys
 
     broken = tmp_path / "xformers"
     broken.mkdir()
-    (broken / "__init__.py").write_text("raise ImportError('built for another torch')")
+    for name, text in package.items():
+        (broken / name).write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path))
-    fast_path._xformers_installed.cache_clear()
+    fast_path.xformers_works.cache_clear()
     try:
-        assert fast_path._xformers_installed() is False
+        assert fast_path.xformers_works() is False
     finally:
-        fast_path._xformers_installed.cache_clear()
+        fast_path.xformers_works.cache_clear()
         for name in [n for n in sys.modules if n.startswith("xformers")]:
             sys.modules.pop(name)

@@ -438,3 +438,23 @@ def test_a_half_precision_read_gives_half_weights_and_no_deprecation_warning(eng
         warnings.simplefilter("error", FutureWarning)
         pipe = read_pipeline(engine.registry.find(TINY), engine.settings, Placement("cpu", torch.float16))
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float16
+
+
+def test_xformers_that_does_not_work_here_is_not_enabled(engine, monkeypatch, caplog):
+    """Enabling a wheel built for another torch succeeds, and then every image fails."""
+    import dataclasses
+    import logging
+
+    import webui.engine.fast_path as fast_path
+    from webui.engine.loader import _choose_attention
+
+    enabled = []
+    pipe = type("Pipe", (), {"enable_xformers_memory_efficient_attention": lambda self: enabled.append(1)})()
+    settings = dataclasses.replace(engine.settings, xformers=True)
+    monkeypatch.setattr(fast_path, "xformers_works", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="webui.engine.loader"):
+        _choose_attention(pipe, settings)
+    assert enabled == [] and "does not work with this torch" in caplog.text
+    monkeypatch.setattr(fast_path, "xformers_works", lambda: True)
+    _choose_attention(pipe, settings)
+    assert enabled == [1]

@@ -36,7 +36,7 @@ def compile_choice(wanted: bool | None, *, device: str, offloading: bool, xforme
         return False, f"{device}: compiling pays only on a CUDA GPU (--compile to force)"
     if offloading:
         return False, "--medvram/--lowvram move weights during a run, which compiled CUDA graphs cannot follow"
-    if xformers and _xformers_installed():
+    if xformers and xformers_works():
         return False, "--xformers attention cannot be compiled"
     if zerogpu:
         return False, "on ZeroGPU the GPU exists only inside each call's forked process, not at load time"
@@ -44,17 +44,19 @@ def compile_choice(wanted: bool | None, *, device: str, offloading: bool, xforme
         return False, "Triton is missing or this GPU is older than compute capability 7.0"
     # --xformers without xformers (its wheel failed to install, as on Colab now and then) would otherwise
     # leave the GPU with plain attention and no compile: the slowest of the three.
-    return True, "CUDA GPU with Triton" + (" (--xformers ignored: xformers does not import)" if xformers else "")
+    return True, "CUDA GPU with Triton" + (" (--xformers ignored: xformers does not work with this torch)"
+                                           if xformers else "")
 
 
 @functools.cache
-def _xformers_installed() -> bool:
-    """Whether xformers' attention imports: a wheel built for another torch is installed but fails here."""
+def xformers_works() -> bool:
+    """Whether xformers' attention works here. A wheel built for another torch either fails to import or
+    imports with a warning that its C++/CUDA extensions did not load (`_has_cpp_library` is then False)."""
     try:
         importlib.import_module("xformers.ops")
     except Exception:  # ImportError, or the errors a mismatched binary raises while loading
         return False
-    return True
+    return bool(getattr(importlib.import_module("xformers"), "_has_cpp_library", True))
 
 
 class CompiledShapes:

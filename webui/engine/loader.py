@@ -206,6 +206,12 @@ def _read_hub_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype
 def _choose_attention(pipe, settings: Settings) -> None:
     if not settings.xformers:
         return  # diffusers uses torch's scaled-dot-product attention by default
+    from webui.engine.fast_path import xformers_works
+
+    if not xformers_works():  # enabling would succeed, and then every image fail
+        log.warning("xformers requested but it does not work with this torch (not installed, or built for "
+                    "another one); using SDPA attention")
+        return
     try:
         pipe.enable_xformers_memory_efficient_attention()
     except Exception as err:  # not installed, or no GPU build: SDPA is a fine fallback
