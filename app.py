@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from webui.config import parse_settings
@@ -17,8 +18,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         services = build_services(settings)
     except KeyboardInterrupt:  # Ctrl+C while the model loads (a long first download): a word, not a traceback
-        print("Stopped while starting.", file=sys.stderr)
-        raise SystemExit(130) from None
+        print("Stopped while starting.", file=sys.stderr, flush=True)
+        # Now: a plain exit would wait for the download's threads to fetch every file. The history and the
+        # outputs folder were let go of already.
+        os._exit(130)
     launch(services)
 
 

@@ -335,6 +335,41 @@ def test_a_browser_tabs_generate_does_not_undo_the_model_an_api_client_set(clien
         client.post("/sdapi/v1/refresh-checkpoints")
 
 
+def test_the_api_models_clip_skip_and_a_model_deleted_since(client, services):
+    """API requests run on the model set through the options: clip skip is checked against that one, not a
+    tab's; and once its files are gone, requests run on the loaded model and say so, rather than fail."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    deep = services.settings.models_dir / "tiny-deep"
+    shutil.copytree(services.settings.models_dir / TINY, deep)
+    config = CLIPTextConfig.from_pretrained(deep / "text_encoder")
+    config.num_hidden_layers = TEXT_LAYERS + 2  # two more layers than TINY's text encoder
+    shutil.rmtree(deep / "text_encoder")
+    CLIPTextModel(config).save_pretrained(deep / "text_encoder")
+    client.post("/sdapi/v1/refresh-checkpoints")
+    try:
+        r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-deep",
+                                                   "CLIP_stop_at_last_layers": TEXT_LAYERS + 2})
+        assert r.status_code == 200, r.text
+        tab_job = services.worker.submit(QUICK | {"model": TINY}, origin="ui")  # a tab loads the shallower one
+        assert tab_job.wait(60) and services.engine.model.entry.name == TINY
+        info = json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])
+        assert (info["sd_model_name"], info["clip_skip"], info["warnings"]) == ("tiny-deep", TEXT_LAYERS + 2, [])
+
+        shutil.rmtree(deep)
+        assert services.worker.submit(QUICK | {"model": TINY}, origin="ui").wait(60)  # tiny-deep is unloaded
+        r = client.post("/sdapi/v1/txt2img", json=QUICK)
+        info = json.loads(r.json()["info"])
+        assert info["sd_model_name"] == TINY, r.text
+        assert any("tiny-deep, set through the options, is gone" in w for w in info["warnings"])
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith(f"{TINY} [")
+    finally:
+        client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
+        shutil.rmtree(deep, ignore_errors=True)
+        client.post("/sdapi/v1/refresh-checkpoints")
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
+
+
 def test_options_report_the_loaded_checkpoints_full_sha256(client, services):
     sha256 = client.get("/sdapi/v1/options").json()["sd_checkpoint_hash"]
     assert len(sha256) == 64 and sha256.startswith(services.engine.model.short_hash)
@@ -372,8 +407,20 @@ def test_options_set_the_clip_skip_of_api_requests_that_give_none(client):
         client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
 
 
+def api_of(client):
+    """The route handlers' Api object (it holds the options set through POST /options)."""
+    routes = list(client.app.routes)
+    while routes:  # included routers may nest theirs
+        route = routes.pop()
+        if getattr(route, "path", None) == "/sdapi/v1/options":
+            return route.endpoint.__self__
+        routes += getattr(getattr(route, "original_router", None), "routes", None) or []
+    raise LookupError("no /sdapi/v1/options route")
+
+
 def test_a_clip_skip_option_deeper_than_a_model_loaded_since_runs_at_its_deepest_and_says_so(
         client, services, monkeypatch):
+    monkeypatch.setattr(api_of(client), "model", None)  # no model set through the options: the loaded one runs
     try:
         assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": TEXT_LAYERS}).status_code == 200
         # Another model is loaded since (the UI may load one): its text encoder is shallower.
@@ -489,9 +536,11 @@ def test_interrupt_and_skip_never_touch_a_web_ui_users_job(client, services):
 def test_setting_the_loaded_model_answers_at_once_unless_a_queued_job_changes_it(client, services, running):
     """Many clients set the model before every image; a busy queue must not hold them up for nothing."""
     name = services.engine.model.entry.name
+    title = client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]  # "name [hash]", as clients send it
     job = running()
-    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": name}).json()["applied"] == [
-        "sd_model_checkpoint"]
+    for value in (name, title):
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": value}).json()["applied"] == [
+            "sd_model_checkpoint"]
     assert job.state is JobState.RUNNING  # answered while the job runs
 
     # A job queued behind it that switches to another model for good: the setting must wait for it.

@@ -511,6 +511,7 @@ def test_zerogpu_runs_each_batch_through_spaces_gpu(fake_spaces, settings):
         assert [seeds for _, seeds in fake_spaces.gpu] == [[3, 4], [5, 6]]
         assert all(isinstance(d, int) and 20 <= d <= 120 for d in fake_spaces.durations)
         assert fake_spaces.mode_threads == ["gpu-worker"]  # where models are loaded
+        assert services.engine.release_device() is False  # the GPU is lent per call: nothing to release
         with pytest.raises(ModelLoadError, match="WEBUI_CKPT=other/model"):
             services.worker.load_model("other/model")
     finally:

@@ -458,3 +458,69 @@ def test_xformers_that_does_not_work_here_is_not_enabled(engine, monkeypatch, ca
     monkeypatch.setattr(fast_path, "xformers_works", lambda: True)
     _choose_attention(pipe, settings)
     assert enabled == [1]
+
+
+def test_a_released_model_stays_off_the_gpu_when_a_switch_fails(engine, models_dir, monkeypatch):
+    """Released for another program (which now holds the GPU), a failed switch must not take the GPU back for
+    the old model (here the GPU is pretended: placements are recorded)."""
+    import shutil
+
+    import webui.engine.generate as generate
+    from webui.engine.loader import ModelLoadError, Placement
+
+    old_pipe, placed = engine.pipe, []
+
+    def place(pipe, settings, placement):
+        placed.append(pipe)
+        if pipe is not old_pipe:
+            raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(engine, "placement", Placement("cuda", engine.placement.dtype))
+    monkeypatch.setattr(generate, "park_on_cpu", lambda pipe, settings, placement: True)
+    monkeypatch.setattr(generate, "place_pipeline", place)
+    shutil.copytree(models_dir / TINY, models_dir / "tiny-copy")
+    engine.registry.refresh()
+    try:
+        assert engine.release_device()
+        with pytest.raises(ModelLoadError, match="out of memory"):
+            engine.load("tiny-copy")
+        assert old_pipe not in placed and engine.released and engine.pipe is old_pipe
+    finally:
+        shutil.rmtree(models_dir / "tiny-copy")
+        engine.registry.refresh()
+        monkeypatch.undo()
+        engine.restore_device()
+
+
+def test_a_released_model_that_cannot_go_back_says_why_and_stays_whole_in_ram(engine, monkeypatch):
+    import webui.engine.generate as generate
+    from webui.engine.loader import ModelLoadError, Placement
+
+    pipe, moves = engine.pipe, []
+
+    def to(device):
+        moves.append(device)
+        if device != "cpu":
+            raise RuntimeError("CUDA out of memory")
+        return pipe
+
+    monkeypatch.setattr(engine, "placement", Placement("cuda", engine.placement.dtype))
+    monkeypatch.setattr(generate, "park_on_cpu", lambda p, settings, placement: True)
+    monkeypatch.setattr(pipe, "to", to)
+    try:
+        engine.release_device()
+        with pytest.raises(ModelLoadError, match=f"could not move {TINY} back to cuda.*another program"):
+            engine.restore_device()
+        assert moves == ["cuda", "cpu"] and engine.released  # not half on the GPU; the next image tries again
+    finally:
+        monkeypatch.undo()
+        engine.restore_device()
+
+
+def test_the_token_counter_works_while_the_model_is_released(engine):
+    counted = engine.count_tokens("a red apple")
+    engine.release_device()  # on the CPU the weights are dropped
+    try:
+        assert engine.pipe is None and engine.count_tokens("a red apple") == counted == 3
+    finally:
+        engine.restore_device()

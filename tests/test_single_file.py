@@ -259,6 +259,42 @@ def test_shipped_config_is_chosen_from_the_checkpoint(tmp_path, monkeypatch, fam
     assert probed == ([path] if (family, sidecar, step) == ("v2", None, None) else [])
 
 
+def test_an_sd2_file_the_probe_finds_epsilon_runs_as_512_base(tmp_path, monkeypatch):
+    """Loaded with the 768 v-prediction config, then settled: epsilon, and a 512 default size."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    class Part:
+        def __init__(self, sample_size):
+            self.config = {"sample_size": sample_size}
+
+        def register_to_config(self, **changes):
+            self.config = self.config | changes
+
+    def fake_from_single_file(path, **kwargs):
+        assert kwargs["config"] == str(CONFIG_ROOT / "sd-v2-v")
+        scheduler = EulerDiscreteScheduler.from_pretrained(kwargs["config"], subfolder="scheduler")
+        return types.SimpleNamespace(scheduler=scheduler, unet=Part(96), vae=Part(768))
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", fake_from_single_file)
+    monkeypatch.setattr(single_file, "_probe_prediction_type", lambda unet, path: "epsilon")
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {single_file._UNET_IN: torch.zeros(1, 4, 1, 1), single_file._OPEN_CLIP: torch.zeros(1)}},
+               path)
+
+    pipe = load_single_file_pipeline(path, torch.float16)
+
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert (pipe.unet.config["sample_size"], pipe.vae.config["sample_size"]) == (64, 512)
+
+
+def test_a_probe_that_gives_nan_assumes_v_prediction_and_says_so(caplog):
+    pipe = tiny_pipeline(sd2=True)
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.fill_(float("nan"))  # fp16 overflow looks like this; NaN > 1 is False
+    assert single_file._probe_prediction_type(pipe.unet, Path("x.safetensors")) == "v_prediction"
+    assert "could not tell 512-base from 768 v-prediction" in caplog.text and "not finite" in caplog.text
+
+
 @pytest.mark.parametrize("output, prediction", [(0.5, "epsilon"), (-2.0, "v_prediction")])
 def test_sd2_file_without_yaml_is_told_apart_by_what_its_unet_predicts(tmp_path, output, prediction):
     """512-base and 768-v SD 2.x files have the same shapes. An epsilon model returns about its input at the

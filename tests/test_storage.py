@@ -525,14 +525,16 @@ def test_the_schema_version_is_recorded(history, tmp_path):
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 1
 
 
-def test_a_database_missing_a_column_is_set_aside(history, tmp_path, caplog):
+@pytest.mark.parametrize("column", ["nsfw", "path"])  # path has an index, which failed first, as if locked
+def test_a_database_missing_a_column_is_set_aside(history, tmp_path, caplog, column):
     history.add_job("j1", "ui", {}, 1.0)
     history.close()
     with sqlite3.connect(tmp_path / "history.sqlite3") as db:
-        db.execute("ALTER TABLE images DROP COLUMN nsfw")
+        db.execute("DROP INDEX IF EXISTS images_path")
+        db.execute(f"ALTER TABLE images DROP COLUMN {column}")
     fresh = History(tmp_path / "history.sqlite3", tmp_path)
     try:
-        assert "lacks the column(s) nsfw" in caplog.text and fresh.get_job("j1") is None
+        assert f"lacks the column(s) {column}" in caplog.text and fresh.get_job("j1") is None
         assert fresh.list_images() == ([], 0)
         assert any(p.name.startswith("history.sqlite3.broken-") for p in tmp_path.iterdir())
     finally:

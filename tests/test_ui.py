@@ -309,6 +309,7 @@ def test_model_picks_waiting_for_a_long_job_leave_the_shared_threads_free(ui, ui
     wait_for(lambda: session.job_id and worker.get(session.job_id).progress.step > 0, what="job running")
     asked, queue_model_load = [], worker.queue_model_load
     monkeypatch.setattr(worker, "queue_model_load", lambda name: asked.append(name) or queue_model_load(name))
+    monkeypatch.setattr(worker, "_model_stays", lambda wanted: False)  # as if each named another model
 
     async def picks_then_a_thread():
         picks = [asyncio.create_task(step_as_gradio_does(event(ui, "load_model"), TINY)) for _ in range(45)]
@@ -857,8 +858,9 @@ def test_ctrl_c_stops_the_api_only_server_without_a_traceback(tmp_path):
 
     from tests.browser_server import ROOT, free_port
 
+    port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "app.py", "--nowebui", "--port", str(free_port()), "--outdir", str(tmp_path / "out")],
+        [sys.executable, "app.py", "--nowebui", "--port", str(port), "--outdir", str(tmp_path / "out")],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell ignores SIGINT
     lines = []
@@ -867,6 +869,13 @@ def test_ctrl_c_stops_the_api_only_server_without_a_traceback(tmp_path):
             lines.append(line)
             if "Running the REST API only" in line:
                 break
+        def answers() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/sdapi/v1/progress", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answers, what="the API to answer")  # uvicorn is serving: its own signal handling is what is tested
         process.send_signal(signal.SIGINT)
         lines.extend(process.stdout)
         assert process.wait(60) == 0
@@ -886,10 +895,14 @@ def test_ctrl_c_while_the_model_loads_stops_with_a_word_and_lets_go_of_the_outpu
     def interrupted(self, name, timeout=None):
         raise KeyboardInterrupt  # Ctrl+C during a long first download
 
+    def exit_now(code):  # os._exit: a plain exit would wait for a download's threads to finish every file
+        raise SystemExit(f"os._exit({code})")
+
     monkeypatch.setattr(Worker, "load_model", interrupted)
+    monkeypatch.setattr(app.os, "_exit", exit_now)
     with pytest.raises(SystemExit) as stopped:
         app.main(["--outdir", str(tmp_path / "out"), "--device", "cpu", "--port", str(free_port())])
-    assert stopped.value.code == 130 and "Stopped while starting." in capsys.readouterr().err
+    assert stopped.value.code == "os._exit(130)" and "Stopped while starting." in capsys.readouterr().err
     assert OutputStore(tmp_path / "out").claim()  # no running server holds the folder any more
 
 

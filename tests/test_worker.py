@@ -593,3 +593,57 @@ def test_generation_runs_in_the_context_of_whoever_submitted_the_job(services, m
     jobs = [contextvars.copy_context().run(submit_as, name) for name in ("alice", "bob")]
     assert all(job.wait(60) for job in jobs)
     assert seen == ["alice", "alice", "bob", "bob"] and visitor.get() is None
+
+
+def test_a_running_job_on_another_model_for_a_while_means_a_pick_of_that_model_waits(services):
+    """A job naming its own model (an API override) loads it and puts the old one back afterwards: a pick of
+    the model it runs on must not be answered 'loaded already', or the old one comes back after it."""
+    from webui.schemas import GenerationRequest
+    from webui.worker import Job
+
+    worker, loaded = services.worker, services.engine.model.entry
+    assert worker._model_stays(loaded)
+    override = Job(id="override", origin="api", request=GenerationRequest(prompt="x", model="other", restore_model=True))
+    with worker._wake:
+        worker._current = override
+    try:
+        assert not worker._model_stays(loaded)
+    finally:
+        with worker._wake:
+            worker._current = None
+
+
+def test_a_pick_that_goes_away_does_not_cancel_the_load_others_wait_for():
+    """Gradio cancels a pick's task when its tab closes; the load it shares with other waiters goes on."""
+    import asyncio
+    from concurrent.futures import Future
+
+    from webui.worker import await_result
+
+    shared = Future()
+
+    async def pick_then_go_away():
+        pick = asyncio.create_task(await_result(shared))
+        await asyncio.sleep(0)
+        pick.cancel()
+        try:
+            await pick
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(pick_then_go_away())
+    assert not shared.cancelled()
+    shared.set_result("loaded")
+    assert shared.result() == "loaded"
+
+
+def test_a_history_locked_all_along_is_said_once_not_at_every_image(services, monkeypatch):
+    import sqlite3
+
+    def locked(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(services.history, "add_job", locked)
+    job = services.worker.submit(QUICK | {"batch_size": 3})
+    assert job.wait(60) and job.state is JobState.DONE and len(job.images) == 3
+    assert job.warnings == ["the job is missing from the history: OperationalError: database is locked"]

@@ -179,10 +179,10 @@ def _serve_api_only(services: Services) -> None:
         server_exit(sig, frame)
 
     server.handle_exit = stop_jobs_then_exit
-    print(f"Running the REST API only (--nowebui) on http://{url_host(settings.host)}:{settings.port}/sdapi/v1/",
-          flush=True)
-    print(settings.api_access(), flush=True)
     try:
+        print(f"Running the REST API only (--nowebui) on http://{url_host(settings.host)}:{settings.port}/sdapi/v1/",
+              flush=True)
+        print(settings.api_access(), flush=True)
         server.run()
     except KeyboardInterrupt:  # uvicorn raises Ctrl+C again once it has shut down, for Python's own handler
         print("Stopped.", flush=True)

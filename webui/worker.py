@@ -7,6 +7,7 @@ A job that raises is marked failed with its message and the worker goes on with 
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextvars
 import logging
@@ -23,6 +24,7 @@ from PIL import Image
 
 from webui import __version__
 from webui.engine.generate import DenoisingStopped, Engine, LoadedModel
+from webui.engine.models import ModelEntry
 from webui.schemas import (GeneratedImage, GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED,
                            parse_request)
 from webui.storage.history import History
@@ -35,6 +37,13 @@ KEEP_FINISHED_JOBS = 64
 KEEP_FINISHED_PIXELS = 256 * 512 * 512  # about 200 MB of RGB images
 KEEP_FINISHED_SECONDS = 120.0  # however many pixels they hold: time for a polling client to read them
 PREVIEW_WATCH_SECONDS = 3.0
+
+
+async def await_result(future: Future) -> Any:
+    """A worker future's result, awaited on an event loop (not waited for on a thread, which a long queue
+    would keep from everyone else). Shielded: a request that goes away (a cancelled pick) must not cancel
+    a model load that others asked for too."""
+    return await asyncio.shield(asyncio.wrap_future(future))
 
 
 class QueueFull(RuntimeError):
@@ -315,8 +324,12 @@ class Worker:
         A model asked for again while its load is the last thing in line shares that load (the model
         dropdown sends each pick twice; two API clients may pick one model): a failing load runs once.
         Behind anything else (a job naming another model), it is loaded again."""
+        try:  # resolved here, not under the lock: a title ("name [hash]") or file name means the same model
+            wanted = self.engine.registry.find(name)
+        except Exception:  # the load itself says what is wrong
+            wanted = None
         with self._wake:
-            if self._model_stays(name):  # clients that set the model before every image need not wait
+            if self._model_stays(wanted):  # clients that set the model before every image need not wait
                 done: Future = Future()
                 done.set_result(self.engine.model)
                 return done
@@ -327,16 +340,16 @@ class Worker:
             self._queue[-1].model_name = name
         return future
 
-    def _model_stays(self, name: str) -> bool:
-        """`name` is the loaded model, and nothing running or queued will load another (jobs that name
-        a model for themselves and restore the old one after it do not count). Call with _wake held."""
+    def _model_stays(self, wanted: ModelEntry | None) -> bool:
+        """`wanted` is the loaded model, and nothing running or queued loads another, even for a while (a
+        job naming its own model and restoring the old one after it). Call with _wake held."""
         model = self.engine.model
-        if model is None or not model.names(name):
+        if wanted is None or model is None or model.entry != wanted:
             return False
         for item in (*self._queue, self._current, self._running_call):
             if isinstance(item, _Call) and item.model_name:
                 return False
-            if isinstance(item, Job) and not item.request.restore_model and not model.names(item.request.model):
+            if isinstance(item, Job) and not model.names(item.request.model):
                 return False
         return True
 
@@ -391,6 +404,8 @@ class Worker:
                 item = self._queue.popleft()
                 if isinstance(item, Job):
                     self._current = item
+                else:  # set under the lock, with the pop: a model pick must never see neither
+                    self._running_call = item
             try:
                 if isinstance(item, _Call):
                     self._run_call(item)
@@ -400,19 +415,19 @@ class Worker:
                 log.exception("the worker caught an unexpected error; going on with the next job")
             finally:
                 with self._wake:
-                    self._current = None
+                    self._current = self._running_call = None
                     self._forget_old_jobs()
 
     def _run_call(self, call: _Call) -> None:
         if not call.future.set_running_or_notify_cancel():
             return
-        self.activity, self._running_call = call.activity, call
+        self.activity = call.activity
         try:
             call.future.set_result(call.fn(self.engine))
         except BaseException as err:
             call.future.set_exception(err)
         finally:
-            self.activity, self._running_call = None, None
+            self.activity = None
 
     def _run_job(self, job: Job) -> None:
         job.state = JobState.RUNNING
@@ -606,7 +621,9 @@ class Worker:
     @staticmethod
     def _warn(job: Job, what: str, err: Exception) -> None:
         log.error("job %s: %s: %s: %s", job.id, what, type(err).__name__, err)
-        job.warnings.append(f"{what}: {type(err).__name__}: {err}")
+        warning = f"{what}: {type(err).__name__}: {err}"
+        if warning not in job.warnings:  # the same failure at every image (a database locked all along) is said once
+            job.warnings.append(warning)
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
         # The state last: whoever sees a finished job (another thread, unlocked) finds its time and error set.

@@ -83,6 +83,8 @@ def wrap_engine(engine):
 
     engine.generate = generate
     engine.load = load
+    # The GPU is lent per call to a forked process, and given back after it: there is nothing to release.
+    engine.release_device = lambda: False
     log.info("ZeroGPU: generation runs on a lent GPU (spaces.GPU); progress is reported per batch")
     return engine
 

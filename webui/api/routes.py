@@ -7,10 +7,10 @@ whatever app the routes are attached to (our route class formats them, not app-w
 """
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import anyio
@@ -30,10 +30,11 @@ from webui.api.models import (
     Txt2ImgResponse,
 )
 from webui.engine.loader import ModelLoadError
-from webui.engine.models import ModelEntry, ModelNotFound
+from webui.engine.generate import LoadedModel
+from webui.engine.models import ModelNotFound
 from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_key
 from webui.schemas import InvalidRequest, JobState, describe_validation_errors
-from webui.worker import Job, QueueFull, WorkerStopped
+from webui.worker import Job, QueueFull, WorkerStopped, await_result
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Api:
         self.clip_skip = 1
         # The model of API requests that name none: the last sd_model_checkpoint set (None: the loaded one).
         # A browser tab's Generate runs its own pick, so it must not undo an API client's choice either.
-        self.model: ModelEntry | None = None
+        self.model: LoadedModel | None = None
 
     # --- generation ---------------------------------------------------------------------------
     async def txt2img(self, req: Txt2ImgRequest, request: Request) -> Txt2ImgResponse:
@@ -114,12 +115,12 @@ class Api:
         return JobCreated(id=job.id, state=job.state.value, position=self.worker.position(job.id))
 
     def _submit(self, req: Txt2ImgRequest, caller: str) -> Job:
-        model = self.engine.model  # read once: a model switch on the worker may change it meanwhile
-        default_clip_skip, notes = convert.clip_skip_for(req, self.clip_skip, model)
+        model, chosen, notes = self._model_of_requests()
+        default_clip_skip, clip_skip_notes = convert.clip_skip_for(req, self.clip_skip, model)
         data, request_notes = convert.to_generation_request(req, self.registry, model.entry if model else None,
                                                             default_clip_skip=default_clip_skip,
-                                                            default_model=self.model.source if self.model else None)
-        notes += request_notes
+                                                            default_model=model.entry.source if chosen else None)
+        notes += clip_skip_notes + request_notes
         try:
             return self.worker.submit(data, origin="api", owner=caller, warnings=notes)
         except InvalidRequest as err:  # e.g. a clip skip deeper than the loaded model, named as the client sent it
@@ -128,6 +129,20 @@ class Api:
             raise ApiError(503, str(err), "QueueFull", headers={"Retry-After": str(self._retry_after())}) from None
         except WorkerStopped as err:
             raise ApiError(503, str(err), "ServerStopping") from None
+
+    def _model_of_requests(self) -> tuple[LoadedModel | None, bool, list[str]]:
+        """The model API requests that name none run on, whether the sd_model_checkpoint option chose it, and
+        notes. The option's model while its files are there or it is loaded, else the loaded one (read once:
+        the worker may switch models meanwhile)."""
+        option, loaded = self.model, self.engine.model
+        if option is None:
+            return loaded, False, []
+        entry = option.entry
+        if entry.kind == "hub" or Path(entry.source).exists() or (loaded is not None and loaded.entry == entry):
+            return option, True, []  # (a model deleted from disk runs on while it is loaded)
+        self.model = None
+        return loaded, False, [f"sd_model_checkpoint: {entry.name}, set through the options, is gone from "
+                               f"{entry.source}; the loaded model ran instead"]
 
     def _retry_after(self) -> int:
         running = self.worker.current()
@@ -260,7 +275,7 @@ class Api:
         the model before every generation would otherwise fill the shared thread pool while a long job
         runs, and starve /progress and /interrupt."""
         try:
-            return await asyncio.wrap_future(future)
+            return await await_result(future)
         except ModelNotFound as err:
             raise ApiError(404, f"{about}{err}", "ModelNotFound") from None
         except ModelLoadError as err:
@@ -272,7 +287,8 @@ class Api:
         return convert.cmd_flags(self.services.settings)
 
     def get_options(self) -> dict[str, Any]:
-        entry = self.model or (self.engine.model.entry if self.engine.model else None)
+        model = self._model_of_requests()[0]
+        entry = model.entry if model else None
         preview_every = self.services.settings.preview_every
         return {
             "sd_model_checkpoint": self.registry.title(entry) if entry else None,
@@ -296,7 +312,7 @@ class Api:
             await self._switch_model(body["sd_model_checkpoint"])
         if clip_skip is not None:
             try:
-                convert.check_clip_skip_depth(clip_skip, self.engine.model)  # against the model loaded now
+                convert.check_clip_skip_depth(clip_skip, self._model_of_requests()[0])  # the one it applies to
             except ApiError as err:
                 if not body.get("sd_model_checkpoint"):
                     raise
@@ -314,7 +330,7 @@ class Api:
         loaded = self.engine.model.entry if self.engine.model else None
         await anyio.to_thread.run_sync(convert.find_listed_model, self.registry, name, loaded)
         loaded = await self._on_worker(self.worker.queue_model_load(name), "sd_model_checkpoint: ")
-        self.model = loaded.entry
+        self.model = loaded
 
     # --- lists ----------------------------------------------------------------------------------
     def samplers(self) -> list[SamplerItem]:

@@ -108,6 +108,7 @@ class Engine:
         self.registry = registry
         self.placement: Placement | None = None
         self.pipe = None
+        self.tokenizer = None
         self.model: LoadedModel | None = None
         self._base_scheduler_config: dict | None = None
         self._warmed_up = False
@@ -137,7 +138,7 @@ class Engine:
         try:
             place_pipeline(pipe, self.settings, self.placement)
         except Exception as err:
-            if parked:
+            if parked and not self.released:  # a released model stays off the device (another program has it)
                 place_pipeline(old_pipe, self.settings, self.placement)
             raise ModelLoadError(f"could not move model {entry.name!r} to {self.placement.device}: {err}") from err
         short_hash = self.registry.short_hash(entry)  # before unloading: it reads the files
@@ -192,13 +193,14 @@ class Engine:
         self._base_scheduler_config = dict(pipe.scheduler.config)
         self._warmed_up = False
         self._on_device = True
+        self.tokenizer = pipe.tokenizer  # kept while the weights are released: the UI's token counter needs it
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.model = LoadedModel(entry, short_hash, size, size, pipe.text_encoder.config.num_hidden_layers)
         return self.model
 
     def unload(self) -> None:
         """Drop the current pipeline and give its memory back before another is used."""
-        self.pipe = None
+        self.pipe = self.tokenizer = None
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -230,7 +232,12 @@ class Engine:
             return model
         if self.pipe is None:
             return self._load_entry(model.entry)
-        self.pipe.to(self.placement.device)
+        try:
+            self.pipe.to(self.placement.device)
+        except Exception as err:  # most likely out of memory: the program it was released for still holds it
+            self.pipe.to("cpu")  # all of it back in RAM, not half on the device
+            raise ModelLoadError(f"could not move {model.entry.name} back to {self.placement.device} ({err}); another "
+                                 "program may still hold its memory: free it and try again") from err
         self._on_device = True
         return model
 
@@ -384,8 +391,8 @@ class Engine:
 
     def count_tokens(self, text: str) -> int:
         """Tokens the prompt uses, without start/end markers (the UI's 12/75 counter)."""
-        pipe = self.pipe  # read once: the worker thread may swap models meanwhile
-        if pipe is None:
+        tokenizer = self.tokenizer  # read once: the worker thread may swap models meanwhile
+        if tokenizer is None:
             return 0
         # Past the prompt's length limit the request is refused anyway; never tokenize megabytes for a counter.
-        return token_count(pipe.tokenizer, text[:MAX_PROMPT_CHARS + 1])
+        return token_count(tokenizer, text[:MAX_PROMPT_CHARS + 1])

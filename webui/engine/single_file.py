@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -280,12 +281,14 @@ def _probe_prediction_type(unet, path: Path) -> str:
     try:
         with torch.no_grad():
             predicted = unet(flat, 999, encoder_hidden_states=context).sample
+        below_input = (flat - predicted).float().mean().item()
+        if not math.isfinite(below_input):  # NaN compares false with anything: it must not read as "epsilon"
+            raise ValueError("the UNet's output is not finite")
     except Exception as err:  # the model still loads; say what was assumed and how to change it
         log.warning("%s: could not tell 512-base from 768 v-prediction (%s); assuming v-prediction. If images "
                     "come out as noise, add %s with parameterization 'eps'.", path.name, err,
                     path.with_suffix(".yaml").name)
         return "v_prediction"
-    below_input = (flat - predicted).float().mean().item()
     kind = "v_prediction" if below_input > 1 else "epsilon"
     log.info("%s is an SD 2.x model with %s (its UNet's output lies %.2f below a flat input at t=999); a %s "
              "next to it overrides this", path.name, kind, below_input, path.with_suffix(".yaml").name)

@@ -55,6 +55,9 @@ CREATE TABLE IF NOT EXISTS images (
     seconds REAL,
     infotext TEXT NOT NULL
 );
+"""
+# After the column check: on a table without these columns the index would fail like a locked database.
+INDEXES = """
 CREATE INDEX IF NOT EXISTS images_created ON images(created_at DESC);
 CREATE INDEX IF NOT EXISTS images_path ON images(path);
 """
@@ -111,6 +114,7 @@ def _open(db_path: Path | str) -> sqlite3.Connection:
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(SCHEMA)
         _check_columns(db)
+        db.executescript(INDEXES)
         if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:  # a newer version's number stays
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         # Damage past the first pages shows only when read; find it now, not in the middle of a run.

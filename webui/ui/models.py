@@ -16,6 +16,7 @@ from webui.engine.models import ModelNotFound
 from webui.schemas import MAX_CLIP_SKIP
 from webui.services import Services
 from webui.ui.progress import error_html, notice_html
+from webui.worker import await_result
 
 log = logging.getLogger(__name__)
 DEFAULT_SIZE = 512  # slider value when no model is loaded yet
@@ -130,7 +131,7 @@ class ModelActions:
             return
         yield notice_html(f"Loading {name}…"), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
-            model = await asyncio.wrap_future(self.services.worker.queue_model_load(self.checked_choice(name)))
+            model = await await_result(self.services.worker.queue_model_load(self.checked_choice(name)))
         except Exception as err:  # any failure becomes a readable line; the old model stays loaded
             log.warning("loading %s failed: %s", name, err)
             yield error_html(f"Could not load {name}: {err}"), self.picker(), gr.skip(), gr.skip(), gr.skip()
