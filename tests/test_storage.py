@@ -609,3 +609,19 @@ def test_a_drive_without_file_locks_counts_as_not_shared(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     assert OutputStore(tmp_path).claim() is True  # else every start would leave crashed jobs 'running'
+
+
+def test_the_fingerprint_changes_with_every_image_change_and_reads_no_rows(history, tmp_path):
+    """Every open page polls it every 3 s: a COUNT over 150,000 rows took 22 ms each time."""
+    history.add_job("j1", "ui", {}, 1.0)
+    seen = [history.fingerprint()]
+    (tmp_path / "a.png").write_bytes(b"png")
+    image_id = history.add_image(**history_row("j1", "a.png"))
+    seen.append(history.fingerprint())
+    (tmp_path / "a.png").unlink()
+    history.list_images()  # finds the file deleted by hand and marks it
+    seen.append(history.fingerprint())
+    assert len(set(seen)) == 3 and seen[1][1] == image_id
+    with sqlite3.connect(tmp_path / "history.sqlite3") as db:
+        plan = " ".join(row[-1] for row in db.execute("EXPLAIN QUERY PLAN SELECT MAX(id) FROM images"))
+    assert "SCAN" not in plan  # read from the end of the rowid tree, not row by row

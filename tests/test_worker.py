@@ -255,6 +255,32 @@ def test_a_job_that_just_finished_stays_readable_whatever_its_images_weigh(servi
     assert [services.worker.get(job.id) for job in jobs] == jobs  # KEEP_FINISHED_SECONDS has not passed
 
 
+def test_recent_jobs_past_the_hard_pixel_cap_are_forgotten_too(services, monkeypatch):
+    """A fast GPU fills the 120 s grace with ~1,200 images; past KEEP_RECENT_PIXELS even recent jobs go."""
+    import webui.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "KEEP_FINISHED_PIXELS", 64 * 64)
+    monkeypatch.setattr(worker_module, "KEEP_RECENT_PIXELS", 3 * 64 * 64)
+    jobs = [services.worker.submit(QUICK | {"seed": s, "batch_size": 2, "save_images": False}) for s in range(3)]
+    for job in jobs:
+        assert job.wait(60)
+    services.worker.call(lambda engine: None).result(60)
+    assert [services.worker.get(job.id) for job in jobs] == [None, None, jobs[2]]
+
+
+def test_an_idle_worker_forgets_finished_jobs_when_their_time_is_up(services, monkeypatch):
+    """Not only at the next submit: a server left idle gives the memory back."""
+    import webui.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "KEEP_FINISHED_JOBS", 1)
+    monkeypatch.setattr(worker_module, "KEEP_FINISHED_SECONDS", 0.2)
+    jobs = [services.worker.submit(QUICK | {"seed": s}) for s in range(3)]
+    for job in jobs:
+        assert job.wait(60)
+    wait_for(lambda: [services.worker.get(job.id) for job in jobs] == [None, None, jobs[2]], timeout=10,
+             what="the idle worker to forget the older jobs")
+
+
 def test_a_full_disk_loses_no_picture_and_says_so(services, monkeypatch):
     import errno
 

@@ -19,6 +19,7 @@ from webui.services import Services
 from webui.storage.outputs import OutputStore
 
 log = logging.getLogger(__name__)
+SESSIONS_KEPT = 1000  # Gradio's default, 10,000, is 2 GB of closed tabs on a public server
 
 
 @dataclass
@@ -104,6 +105,8 @@ def serve(services: Services) -> Served:
             server_name=settings.host, server_port=settings.port, share=settings.share,
             auth=settings.gradio_auth or None, auth_message="diffusers-webui: please log in",
             prevent_thread_lock=True, quiet=True, ssr_mode=False, enable_monitoring=False,
+            # Gradio keeps each page load's session (~200 KB here) after its tab closes, up to this many.
+            state_session_capacity=SESSIONS_KEPT,
             show_error=True,  # an unexpected error shows its message in the page (never the traceback)
             # Only the image folders are served: not the history database, caches or anything else in outdir.
             allowed_paths=[str(f) for f in folders],

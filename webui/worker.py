@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 # Finished jobs stay readable (UI, API polling) for a while; each holds its images in memory.
 KEEP_FINISHED_JOBS = 64
 KEEP_FINISHED_PIXELS = 256 * 512 * 512  # about 200 MB of RGB images
-KEEP_FINISHED_SECONDS = 120.0  # however many pixels they hold: time for a polling client to read them
+KEEP_FINISHED_SECONDS = 120.0  # time for a polling client to read them, up to KEEP_RECENT_PIXELS
+KEEP_RECENT_PIXELS = 4 * KEEP_FINISHED_PIXELS  # a fast GPU makes ~1,200 images in those 120 s: about 800 MB at most
 PREVIEW_WATCH_SECONDS = 3.0
 
 
@@ -398,7 +399,8 @@ class Worker:
         while True:
             with self._wake:
                 while not self._queue and not self._stopping:
-                    self._wake.wait()
+                    if not self._wake.wait(KEEP_FINISHED_SECONDS):
+                        self._forget_old_jobs()  # idle: finished jobs past their time go now, not at the next job
                 if self._stopping:
                     return
                 item = self._queue.popleft()
@@ -640,13 +642,15 @@ class Worker:
     def _forget_old_jobs(self) -> None:
         """Drop the jobs that finished first, past KEEP_FINISHED_JOBS or while their images hold more than
         KEEP_FINISHED_PIXELS. The last one to finish, and any that finished less than KEEP_FINISHED_SECONDS
-        ago, stay for the clients about to read them. A client already holding a Job keeps it whole."""
+        ago, stay for the clients about to read them, unless they hold more than KEEP_RECENT_PIXELS. A client
+        already holding a Job keeps it whole. Call with _wake held."""
         finished = sorted((j for j in self._jobs.values() if j.state.finished), key=lambda j: j.finished_at)
         excess = len(finished) - KEEP_FINISHED_JOBS
         pixels = sum(_pixels_held(job) for job in finished)
         recent = time.time() - KEEP_FINISHED_SECONDS
         for job in finished[:-1]:
-            if (excess <= 0 and pixels <= KEEP_FINISHED_PIXELS) or job.finished_at > recent:
+            within_budget = excess <= 0 and pixels <= KEEP_FINISHED_PIXELS
+            if pixels <= KEEP_RECENT_PIXELS and (within_budget or job.finished_at > recent):
                 break
             del self._jobs[job.id]
             excess, pixels = excess - 1, pixels - _pixels_held(job)

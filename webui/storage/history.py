@@ -154,6 +154,7 @@ class History:
         self.outdir = Path(outdir)
         Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._changes = 0  # image rows added, deleted or marked here: see fingerprint()
         try:
             self._db = _open(db_path)
         except sqlite3.OperationalError as err:  # a full disk, locked, read-only: not damage, so kept as it is
@@ -209,7 +210,14 @@ class History:
                 f"INSERT INTO images (created_at, {names}) VALUES (?, {marks})",
                 (time.time(), *(values[c] for c in IMAGE_COLUMNS)),
             )
+            self._changes += 1
             return int(cursor.lastrowid)
+
+    def fingerprint(self) -> tuple[int, int | None]:
+        """What changes when the images do: the changes made here, and the newest image id (which also shows
+        another server's new images). Cheap at any size, for pages that poll (a count reads every row)."""
+        with self._lock:
+            return self._changes, self._db.execute("SELECT MAX(id) FROM images").fetchone()[0]
 
     def list_images(self, page: int = 0, page_size: int = 24, search: str = "") -> tuple[list[HistoryImage], int]:
         """One page of the images whose file exists, newest first, optionally filtered by prompt
@@ -278,6 +286,7 @@ class History:
     def _set_file_state(self, image_ids: list[int], state: str) -> None:
         with self._lock:
             self._db.executemany("UPDATE images SET file_state = ? WHERE id = ?", [(state, i) for i in image_ids])
+            self._changes += 1
 
     def _file(self, path: str) -> Path:
         return resolve_inside(self.outdir, path)

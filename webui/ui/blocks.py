@@ -20,6 +20,7 @@ from webui.ui.pnginfo import PngInfoTab, build_pnginfo, fields_for_txt2img
 from webui.ui.txt2img import Txt2ImgTab, build_txt2img
 
 STATIC = Path(__file__).resolve().parent / "static"
+GRADIO_CACHE_CLEANUP = (3600, 3600)  # every hour, the files Gradio made more than an hour ago
 TAB_TOKEN_JS = """() => {
   // Kept only across a reload: a duplicated tab, or one opened from this one, gets a copy of
   // sessionStorage too, and must not take over (and Interrupt) this tab's job.
@@ -50,7 +51,8 @@ def build_ui(services: Services) -> gr.Blocks:
 
 def create_ui(services: Services) -> WebUI:
     models = ModelActions(services)
-    with gr.Blocks(title="diffusers-webui", analytics_enabled=False) as blocks:
+    # Gradio keeps a file per live preview it sends; without this they pile up in its temp folder for good.
+    with gr.Blocks(title="diffusers-webui", analytics_enabled=False, delete_cache=GRADIO_CACHE_CLEANUP) as blocks:
         picker = build_model_picker(models)
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):

@@ -86,9 +86,9 @@ class HistoryActions:
         return self.load_page(int(page or 0) + 1, search)
 
     def newest(self, search: str) -> list:
-        """A cheap fingerprint of the history: newest image id and count (for the timer)."""
-        rows, total = self.history.list_images(0, 1, search or "")
-        return [rows[0].id if rows else None, total]
+        """A cheap fingerprint of the history, for the timer every open page runs (any change reloads the
+        page, whatever the search: the reload counts what it shows)."""
+        return list(self.history.fingerprint())
 
     def reload(self, page: int, search: str):
         """The page as it is now, plus the fingerprint the timer compares against."""
