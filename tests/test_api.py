@@ -501,7 +501,7 @@ def test_model_switches_waiting_for_a_long_job_never_starve_progress(client, ser
     job = running(LONG | {"n_iter": 3})
     name = services.engine.model.entry.name
     # As if each named another model: the loaded one needs no wait (the test after this one).
-    monkeypatch.setattr(services.worker, "_model_stays", lambda name: False)
+    monkeypatch.setattr(services.worker, "_model_stays", lambda name, wanted: False)
     asked, queue_model_load = [], services.worker.queue_model_load
     monkeypatch.setattr(services.worker, "queue_model_load", lambda n: asked.append(n) or queue_model_load(n))
     with ThreadPoolExecutor(45) as pool:

@@ -284,7 +284,7 @@ def test_generate_stays_greyed_out_while_the_tabs_job_runs_even_after_a_resume_t
 def test_the_model_status_is_said_again_after_a_run_unless_a_load_is_on_its_way(ui, ui_services, monkeypatch):
     # Another tab may have loaded another model since this page last said; this run loaded the tab's own.
     status_after_run = after(ui, "show_selected")
-    monkeypatch.setattr(ui_services.worker, "_model_stays", lambda name: False)  # as if another model were picked
+    monkeypatch.setattr(ui_services.worker, "_model_stays", lambda name, wanted: False)  # as if another model were picked
     assert f"Model: {TINY}" in status_after_run()
     session = Session()
     thread, _ = run_in_thread(ui, session, steps=150, n_iter=1)
@@ -309,7 +309,7 @@ def test_model_picks_waiting_for_a_long_job_leave_the_shared_threads_free(ui, ui
     wait_for(lambda: session.job_id and worker.get(session.job_id).progress.step > 0, what="job running")
     asked, queue_model_load = [], worker.queue_model_load
     monkeypatch.setattr(worker, "queue_model_load", lambda name: asked.append(name) or queue_model_load(name))
-    monkeypatch.setattr(worker, "_model_stays", lambda wanted: False)  # as if each named another model
+    monkeypatch.setattr(worker, "_model_stays", lambda name, wanted: False)  # as if each named another model
 
     async def picks_then_a_thread():
         picks = [asyncio.create_task(step_as_gradio_does(event(ui, "load_model"), TINY)) for _ in range(45)]

@@ -450,7 +450,7 @@ def test_a_model_asked_for_again_while_its_load_runs_shares_it(services, monkeyp
     loads = []
     monkeypatch.setattr(services.engine, "load", lambda name: (loads.append(name), entered.set(), release.wait(30),
                                                              real(name))[-1])
-    monkeypatch.setattr(services.worker, "_model_stays", lambda name: False)  # as if another model were loaded
+    monkeypatch.setattr(services.worker, "_model_stays", lambda name, wanted: False)  # as if another model were loaded
     first = services.worker.queue_model_load(TINY)
     assert entered.wait(30)  # running now, nothing behind it
     assert services.worker.queue_model_load(TINY) is first
@@ -628,12 +628,15 @@ def test_a_running_job_on_another_model_for_a_while_means_a_pick_of_that_model_w
     from webui.worker import Job
 
     worker, loaded = services.worker, services.engine.model.entry
-    assert worker._model_stays(loaded)
-    override = Job(id="override", origin="api", request=GenerationRequest(prompt="x", model="other", restore_model=True))
+    assert worker._model_stays(loaded.name, loaded)
+    assert worker._model_stays(loaded.name, None)  # a model from outside the models folder: found by its name
+    # The override runs now, so its model is the loaded one; the model before it comes back after it.
+    override = Job(id="override", origin="api",
+                   request=GenerationRequest(prompt="x", model=loaded.name, restore_model=True))
     with worker._wake:
         worker._current = override
     try:
-        assert not worker._model_stays(loaded)
+        assert not worker._model_stays(loaded.name, loaded)
     finally:
         with worker._wake:
             worker._current = None
@@ -648,19 +651,16 @@ def test_a_pick_that_goes_away_does_not_cancel_the_load_others_wait_for():
 
     shared = Future()
 
-    async def pick_then_go_away():
-        pick = asyncio.create_task(await_result(shared))
+    async def one_pick_goes_away():
+        gone, staying = asyncio.create_task(await_result(shared)), asyncio.create_task(await_result(shared))
         await asyncio.sleep(0)
-        pick.cancel()
-        try:
-            await pick
-        except asyncio.CancelledError:
-            pass
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert not shared.cancelled()
+        shared.set_result("loaded")  # the worker finishes the load
+        return await staying
 
-    asyncio.run(pick_then_go_away())
-    assert not shared.cancelled()
-    shared.set_result("loaded")
-    assert shared.result() == "loaded"
+    assert asyncio.run(one_pick_goes_away()) == "loaded"
 
 
 def test_a_history_locked_all_along_is_said_once_not_at_every_image(services, monkeypatch):

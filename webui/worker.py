@@ -44,7 +44,10 @@ async def await_result(future: Future) -> Any:
     """A worker future's result, awaited on an event loop (not waited for on a thread, which a long queue
     would keep from everyone else). Shielded: a request that goes away (a cancelled pick) must not cancel
     a model load that others asked for too."""
-    return await asyncio.shield(asyncio.wrap_future(future))
+    awaited = asyncio.wrap_future(future)
+    # Its outcome is read even when nobody awaits it any more: else asyncio logs a failed load as unretrieved.
+    awaited.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return await asyncio.shield(awaited)
 
 
 class QueueFull(RuntimeError):
@@ -327,10 +330,10 @@ class Worker:
         Behind anything else (a job naming another model), it is loaded again."""
         try:  # resolved here, not under the lock: a title ("name [hash]") or file name means the same model
             wanted = self.engine.registry.find(name)
-        except Exception:  # the load itself says what is wrong
+        except Exception:  # a model loaded from outside the models folder, or a load that will say what is wrong
             wanted = None
         with self._wake:
-            if self._model_stays(wanted):  # clients that set the model before every image need not wait
+            if self._model_stays(name, wanted):  # clients that set the model before every image need not wait
                 done: Future = Future()
                 done.set_result(self.engine.model)
                 return done
@@ -341,16 +344,17 @@ class Worker:
             self._queue[-1].model_name = name
         return future
 
-    def _model_stays(self, wanted: ModelEntry | None) -> bool:
-        """`wanted` is the loaded model, and nothing running or queued loads another, even for a while (a
-        job naming its own model and restoring the old one after it). Call with _wake held."""
+    def _model_stays(self, name: str, wanted: ModelEntry | None) -> bool:
+        """`name` (found as `wanted`) is the loaded model, and nothing running or queued loads another: no
+        model load, no job naming another model, and no job that puts a model back after it (an override,
+        even of this model: it may restore another). Call with _wake held."""
         model = self.engine.model
-        if wanted is None or model is None or model.entry != wanted:
+        if model is None or not (model.names(name) or model.entry == wanted):
             return False
         for item in (*self._queue, self._current, self._running_call):
             if isinstance(item, _Call) and item.model_name:
                 return False
-            if isinstance(item, Job) and not model.names(item.request.model):
+            if isinstance(item, Job) and (item.request.restore_model or not model.names(item.request.model)):
                 return False
         return True
 

@@ -116,8 +116,9 @@ class Api:
 
     def _submit(self, req: Txt2ImgRequest, caller: str) -> Job:
         model, chosen, notes = self._model_of_requests()
+        loaded = self.engine.model  # an override may name it though it is not listed (a --ckpt path)
         default_clip_skip, clip_skip_notes = convert.clip_skip_for(req, self.clip_skip, model)
-        data, request_notes = convert.to_generation_request(req, self.registry, model.entry if model else None,
+        data, request_notes = convert.to_generation_request(req, self.registry, loaded.entry if loaded else None,
                                                             default_clip_skip=default_clip_skip,
                                                             default_model=model.entry.source if chosen else None)
         notes += clip_skip_notes + request_notes
@@ -140,7 +141,8 @@ class Api:
         entry = option.entry
         if entry.kind == "hub" or Path(entry.source).exists() or (loaded is not None and loaded.entry == entry):
             return option, True, []  # (a model deleted from disk runs on while it is loaded)
-        self.model = None
+        if self.model is option:  # not one set meanwhile
+            self.model = None
         return loaded, False, [f"sd_model_checkpoint: {entry.name}, set through the options, is gone from "
                                f"{entry.source}; the loaded model ran instead"]
 

@@ -213,11 +213,12 @@ class History:
             self._changes += 1
             return int(cursor.lastrowid)
 
-    def fingerprint(self) -> tuple[int, int | None]:
-        """What changes when the images do: the changes made here, and the newest image id (which also shows
-        another server's new images). Cheap at any size, for pages that poll (a count reads every row)."""
+    def fingerprint(self) -> tuple[int, int]:
+        """What changes when the images do: the changes made here, and SQLite's data_version, which moves
+        when another connection (a second server on this folder) commits. Cheap at any size, for pages that
+        poll (a count reads every row)."""
         with self._lock:
-            return self._changes, self._db.execute("SELECT MAX(id) FROM images").fetchone()[0]
+            return self._changes, self._db.execute("PRAGMA data_version").fetchone()[0]
 
     def list_images(self, page: int = 0, page_size: int = 24, search: str = "") -> tuple[list[HistoryImage], int]:
         """One page of the images whose file exists, newest first, optionally filtered by prompt
