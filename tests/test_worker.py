@@ -203,14 +203,20 @@ def test_switching_models_through_the_worker(services, models_dir, tmp_path):
         services.registry.refresh()
 
 
-def test_old_finished_jobs_are_forgotten_but_stay_in_the_history(services, monkeypatch):
+def finished_jobs(services, monkeypatch, count=3, extra=None, **limits):
+    """Jobs run to the end, with the worker's limits on finished jobs set (KEEP_FINISHED_JOBS=2, ...)."""
     import webui.worker as worker_module
 
-    monkeypatch.setattr(worker_module, "KEEP_FINISHED_JOBS", 2)
-    monkeypatch.setattr(worker_module, "KEEP_FINISHED_SECONDS", 0)
-    jobs = [services.worker.submit(QUICK | {"seed": s}) for s in range(3)]
+    for name, value in limits.items():
+        monkeypatch.setattr(worker_module, name, value)
+    jobs = [services.worker.submit(QUICK | {"seed": seed} | (extra or {})) for seed in range(count)]
     for job in jobs:
         assert job.wait(60)
+    return jobs
+
+
+def test_old_finished_jobs_are_forgotten_but_stay_in_the_history(services, monkeypatch):
+    jobs = finished_jobs(services, monkeypatch, KEEP_FINISHED_JOBS=2, KEEP_FINISHED_SECONDS=0)
     latest = services.worker.submit(QUICK)
     assert services.worker.get(jobs[0].id) is None
     assert services.worker.get(jobs[2].id) is jobs[2] and services.worker.get(latest.id) is latest
@@ -219,13 +225,8 @@ def test_old_finished_jobs_are_forgotten_but_stay_in_the_history(services, monke
 
 
 def test_finished_jobs_holding_too_many_pixels_are_forgotten_but_the_newest_stays(services, monkeypatch):
-    import webui.worker as worker_module
-
-    monkeypatch.setattr(worker_module, "KEEP_FINISHED_PIXELS", 3 * 64 * 64)  # three 64x64 images
-    monkeypatch.setattr(worker_module, "KEEP_FINISHED_SECONDS", 0)
-    jobs = [services.worker.submit(QUICK | {"seed": s, "batch_size": 2, "save_images": False}) for s in range(3)]
-    for job in jobs:
-        assert job.wait(60)
+    jobs = finished_jobs(services, monkeypatch, extra={"batch_size": 2, "save_images": False},
+                         KEEP_FINISHED_PIXELS=3 * 64 * 64, KEEP_FINISHED_SECONDS=0)  # room for three 64x64 images
     services.worker.call(lambda engine: None).result(60)  # the worker has tidied up after the last job
     assert [services.worker.get(job.id) for job in jobs] == [None, None, jobs[2]]
 
@@ -257,26 +258,15 @@ def test_a_job_that_just_finished_stays_readable_whatever_its_images_weigh(servi
 
 def test_recent_jobs_past_the_hard_pixel_cap_are_forgotten_too(services, monkeypatch):
     """A fast GPU fills the 120 s grace with ~1,200 images; past KEEP_RECENT_PIXELS even recent jobs go."""
-    import webui.worker as worker_module
-
-    monkeypatch.setattr(worker_module, "KEEP_FINISHED_PIXELS", 64 * 64)
-    monkeypatch.setattr(worker_module, "KEEP_RECENT_PIXELS", 3 * 64 * 64)
-    jobs = [services.worker.submit(QUICK | {"seed": s, "batch_size": 2, "save_images": False}) for s in range(3)]
-    for job in jobs:
-        assert job.wait(60)
+    jobs = finished_jobs(services, monkeypatch, extra={"batch_size": 2, "save_images": False},
+                         KEEP_FINISHED_PIXELS=64 * 64, KEEP_RECENT_PIXELS=3 * 64 * 64)
     services.worker.call(lambda engine: None).result(60)
     assert [services.worker.get(job.id) for job in jobs] == [None, None, jobs[2]]
 
 
 def test_an_idle_worker_forgets_finished_jobs_when_their_time_is_up(services, monkeypatch):
     """Not only at the next submit: a server left idle gives the memory back."""
-    import webui.worker as worker_module
-
-    monkeypatch.setattr(worker_module, "KEEP_FINISHED_JOBS", 1)
-    monkeypatch.setattr(worker_module, "KEEP_FINISHED_SECONDS", 0.2)
-    jobs = [services.worker.submit(QUICK | {"seed": s}) for s in range(3)]
-    for job in jobs:
-        assert job.wait(60)
+    jobs = finished_jobs(services, monkeypatch, KEEP_FINISHED_JOBS=1, KEEP_FINISHED_SECONDS=0.2)
     wait_for(lambda: [services.worker.get(job.id) for job in jobs] == [None, None, jobs[2]], timeout=10,
              what="the idle worker to forget the older jobs")
 
