@@ -320,7 +320,7 @@ class Api:
                     raise
                 # The switch stands: a client must not take the refusal for "nothing changed".
                 raise ApiError(err.status, f"{err.message} (sd_model_checkpoint was applied: "
-                                           f"{self.engine.model.entry.name} is loaded now)", err.kind) from None
+                                           f"{self.model.entry.name} is loaded now)", err.kind) from None
             self.clip_skip = clip_skip
         applied = [key for key, value in body.items()
                    if key == "CLIP_stop_at_last_layers" or (key == "sd_model_checkpoint" and value)]
