@@ -1,4 +1,6 @@
 """The engine on a tiny random model: samplers, seeds, batches, clip skip, safety, VAE fall-back."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -524,3 +526,28 @@ def test_the_token_counter_works_while_the_model_is_released(engine):
         assert engine.pipe is None and engine.count_tokens("a red apple") == counted == 3
     finally:
         engine.restore_device()
+
+
+def test_on_the_cpu_a_released_model_stays_released_when_a_switch_fails(engine, monkeypatch):
+    """Its RAM was given back on purpose (unload-checkpoint): a failed switch must not read it back in."""
+    import webui.engine.generate as generate
+    from webui.engine.loader import ModelLoadError
+
+    reads = []
+
+    def read_fails(entry, settings, placement):
+        reads.append(entry.name)
+        raise ModelLoadError(f"could not load model {entry.name!r}")
+
+    engine.release_device()
+    monkeypatch.setattr(generate, "read_pipeline", read_fails)
+    monkeypatch.setattr(engine.registry, "find", lambda name: dataclasses.replace(engine.model.entry, name=name,
+                                                                                   source=f"/elsewhere/{name}"))
+    try:
+        with pytest.raises(ModelLoadError, match="'other'"):
+            engine.load("other")
+        assert reads == ["other"] and engine.released and engine.model.entry.name == TINY
+    finally:
+        monkeypatch.undo()
+        engine.restore_device()
+    assert run(engine, [1])[0].std() > 0

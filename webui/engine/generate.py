@@ -150,7 +150,7 @@ class Engine:
     def _replace_on_cpu(self, entry: ModelEntry) -> LoadedModel:
         """On the CPU both models' weights would share the RAM (10 GB for two SD 1.5 in fp32): drop the old
         model first, and read it again if the new one fails to load."""
-        previous = self.model.entry
+        previous, was_released = self.model.entry, self.released
         # Only the weights go: other threads (the API's options, a page's status line) still see the old
         # model named until the new one is in place, never "no model".
         self.pipe = None
@@ -158,6 +158,8 @@ class Engine:
         try:
             return self._load_entry(entry)
         except Exception:
+            if was_released:  # its RAM was given back on purpose: it stays released, and the next image reads it
+                raise
             log.warning("could not load %s; loading %s again", entry.name, previous.name)
             try:
                 self._load_entry(previous)
