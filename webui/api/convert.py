@@ -141,11 +141,11 @@ def clip_skip_option(value: Any) -> int:
                        "InvalidRequest") from None
 
 
-def check_clip_skip_depth(clip_skip: int, loaded: LoadedModel | None) -> None:
-    """A CLIP_stop_at_last_layers deeper than the loaded model's text encoder is refused."""
-    if loaded is not None and clip_skip > loaded.text_encoder_layers:
-        raise ApiError(422, f"CLIP_stop_at_last_layers: {loaded.entry.name}'s text encoder has "
-                            f"{loaded.text_encoder_layers} layers; use 1 to {loaded.text_encoder_layers}",
+def check_clip_skip_depth(clip_skip: int, model: LoadedModel | None) -> None:
+    """A CLIP_stop_at_last_layers deeper than the text encoder of the model it applies to is refused."""
+    if model is not None and clip_skip > model.text_encoder_layers:
+        raise ApiError(422, f"CLIP_stop_at_last_layers: {model.entry.name}'s text encoder has "
+                            f"{model.text_encoder_layers} layers; use 1 to {model.text_encoder_layers}",
                        "InvalidRequest")
 
 

@@ -85,18 +85,18 @@ class HistoryActions:
     def next_page(self, page: int, search: str):
         return self.load_page(int(page or 0) + 1, search)
 
-    def newest(self, search: str) -> list:
+    def fingerprint(self) -> list:
         """A cheap fingerprint of the history, for the timer every open page runs (any change reloads the
         page, whatever the search: the reload counts what it shows)."""
         return list(self.history.fingerprint())
 
     def reload(self, page: int, search: str):
         """The page as it is now, plus the fingerprint the timer compares against."""
-        return *self.load_page(page, search), self.newest(search)
+        return *self.load_page(page, search), self.fingerprint()
 
     def poll(self, page: int, search: str, seen: list | None):
         """Reload the page only when the history changed since this session last looked."""
-        if self.newest(search) == seen:
+        if self.fingerprint() == seen:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return self.reload(page, search)
 
