@@ -314,7 +314,8 @@ def test_the_engine_predicts_which_parts_compile(models_dir, tmp_path, compile_w
         ({"sampler_name": "Euler"}, [1], []),  # float timesteps, as the warm-up's sampler
         ({"sampler_name": "DPM++ 2M"}, [1], ["UNet"]),  # integer timesteps
         ({"width": 96}, [1], ["UNet", "VAE decoder"]),
-        ({"prompt": long_prompt}, [1], ["UNet"]),
+        ({"prompt": f"[a red pear:{long_prompt}:1]", "steps": 3}, [1], ["UNet"]),  # two chunks from step 2
+        ({"prompt": long_prompt}, [1], []),  # seen in the edit above
         ({"cfg_scale": 1}, [1], ["UNet"]),  # no CFG: half the UNet batch
         ({}, [1, 2], ["UNet", "VAE decoder"]),
         ({"width": 96}, [1], []),  # seen above

@@ -67,14 +67,15 @@ class CompiledShapes:
     def __init__(self):
         self._seen: dict[str, set[tuple]] = {"UNet": set(), "VAE decoder": set()}
 
-    def pending(self, keys: dict[str, tuple]) -> list[str]:
-        """The parts that will compile for these shapes, in the order they run."""
-        return [part for part, key in keys.items()
-                if key not in self._seen[part] and len(self._seen[part]) < MAX_COMPILED_VARIANTS]
+    def pending(self, keys: dict[str, set[tuple]]) -> list[str]:
+        """The parts that will compile for these shapes (a part may run at several: prompt editing can change
+        the prompt's length mid-run), in the order they run."""
+        return [part for part, shapes in keys.items()
+                if shapes - self._seen[part] and len(self._seen[part]) < MAX_COMPILED_VARIANTS]
 
-    def record(self, keys: dict[str, tuple]) -> None:
-        for part, key in keys.items():
-            self._seen[part].add(key)
+    def record(self, keys: dict[str, set[tuple]]) -> None:
+        for part, shapes in keys.items():
+            self._seen[part] |= shapes
 
 
 def _triton_works() -> bool:

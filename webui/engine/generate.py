@@ -20,6 +20,7 @@ from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compile
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.preview import latents_to_preview
+from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
 from webui.engine.prompts import chunk_count, encode_prompt_pair, token_count
 from webui.engine.samplers import make_scheduler
 from webui.schemas import MAX_PROMPT_CHARS, GenerationRequest
@@ -63,6 +64,11 @@ def _negative_in_use(request: GenerationRequest) -> str:
     """At CFG 1 diffusers runs the prompt alone: the negative prompt is not used, and must not pad the
     prompt to its length either."""
     return request.negative_prompt if request.cfg_scale > 1 else ""
+
+
+def _phases(request: GenerationRequest) -> list[PromptPhase]:
+    """The prompt and negative prompt texts each stretch of the run reads (prompt editing, alternation)."""
+    return prompt_phases(request.prompt, _negative_in_use(request), request.steps)
 
 
 def _nan_advice(dtype: torch.dtype) -> str:
@@ -280,24 +286,24 @@ class Engine:
         latent = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         scheduler = make_scheduler(self._base_scheduler_config, request.sampler_name, request.scheduler)
         scheduler.set_timesteps(request.steps)
-        chunks = max(self._chunk_counts(request))
         unet_rows = batch_size * (2 if request.cfg_scale > 1 else 1)  # CFG runs both prompts in one batch
-        keys = {"UNet": (*latent, unet_rows, chunks, scheduler.timesteps.dtype, pipe.unet.config.cross_attention_dim)}
+        keys = {"UNet": {(*latent, unet_rows, max(chunks), scheduler.timesteps.dtype, pipe.unet.config.cross_attention_dim)
+                         for chunks in self._chunk_counts(request)}}
         if not decodes_in_tiles(width, height):  # tiles are decoded uncompiled
-            keys["VAE decoder"] = (*latent, batch_size, pipe.vae.config.latent_channels)
+            keys["VAE decoder"] = {(*latent, batch_size, pipe.vae.config.latent_channels)}
         return keys
 
-    def _chunk_counts(self, request: GenerationRequest) -> tuple[int, int]:
-        """How many 75-token chunks the prompt and the negative prompt in use take."""
+    def _chunk_counts(self, request: GenerationRequest) -> set[tuple[int, int]]:
+        """How many 75-token chunks the prompt and the negative prompt in use take, in each prompt phase."""
         tokenizer = self.pipe.tokenizer
-        return chunk_count(tokenizer, request.prompt), chunk_count(tokenizer, _negative_in_use(request))
+        texts = {(phase.prompt, phase.negative) for phase in _phases(request)}
+        return {(chunk_count(tokenizer, prompt), chunk_count(tokenizer, negative)) for prompt, negative in texts}
 
     def pads_prompts(self, request: GenerationRequest) -> bool:
         """Whether the shorter of prompt and negative prompt is padded with empty chunks to the other's
         length (classifier-free guidance runs both in one batch). It changes the picture a little; the
         infotext says so as A1111's "Pad conds", which A1111 then applies when the text is pasted there."""
-        prompt, negative = self._chunk_counts(request)
-        return request.cfg_scale > 1 and prompt != negative
+        return request.cfg_scale > 1 and any(prompt != negative for prompt, negative in self._chunk_counts(request))
 
     def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None) -> list[EngineImage]:
         model = self.require_model()
@@ -312,22 +318,29 @@ class Engine:
             pipe.scheduler.noise_sampler_seed = list(seeds)
 
         reported, finished = 0, None  # the last sampler step reported, and its latents
+        phases = _phases(request)
+        phase = 0  # the prompt phase the next model call reads
 
         def step_end(pipeline, call, timestep, tensors):
-            nonlocal reported, finished
+            nonlocal reported, finished, phase
             step = sampler_steps_done(call + 1, len(pipeline.scheduler.timesteps), request.steps)
             if on_step is not None and step > reported:
                 reported, finished = step, tensors["latents"]
                 on_step(step, request.steps, finished)
-            return {}
+            if phase_at(phases, step) == phase:
+                return {}
+            phase = phase_at(phases, step)
+            prompt_embeds, negative_embeds = embeddings[phase]
+            # The pipeline reads the negative and positive embeddings as one batch under CFG.
+            return {"prompt_embeds": torch.cat([negative_embeds, prompt_embeds])
+                    if pipeline.do_classifier_free_guidance else prompt_embeds}
 
         with torch.inference_mode():
-            prompt_embeds, negative_embeds = encode_prompt_pair(
-                pipe, [request.prompt] * len(seeds), [_negative_in_use(request)] * len(seeds), request.clip_skip)
+            embeddings = self._encode_phases(phases, len(seeds), request.clip_skip)
             try:
                 latents = pipe(
-                    prompt_embeds=prompt_embeds,
-                    negative_prompt_embeds=negative_embeds,
+                    prompt_embeds=embeddings[0][0],
+                    negative_prompt_embeds=embeddings[0][1],
                     num_inference_steps=request.steps,
                     guidance_scale=request.cfg_scale,
                     width=width,
@@ -346,6 +359,18 @@ class Engine:
             if not torch.isfinite(latents).all():  # decoding them would give a black picture
                 raise NonFiniteOutput(_nan_advice(pipe.unet.dtype))
             return self._to_images(latents, seeds, width, height)
+
+    def _encode_phases(self, phases: list[PromptPhase], count: int, clip_skip: int
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(prompt, negative) embeddings for each phase, `count` rows each. Texts that come back (alternation)
+        are encoded once."""
+        encoded: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        for phase in phases:
+            texts = (phase.prompt, phase.negative)
+            if texts not in encoded:
+                encoded[texts] = encode_prompt_pair(self.pipe, [phase.prompt] * count, [phase.negative] * count,
+                                                    clip_skip)
+        return [encoded[(phase.prompt, phase.negative)] for phase in phases]
 
     def _to_images(self, latents: torch.Tensor, seeds: list[int], width: int, height: int) -> list[EngineImage]:
         pixels = self.decode(latents, tiled=decodes_in_tiles(width, height))
@@ -391,10 +416,12 @@ class Engine:
     def preview(self, latents: torch.Tensor) -> Image.Image:
         return latents_to_preview(latents, self.pipe.vae)
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens the prompt uses, without start/end markers (the UI's 12/75 counter)."""
+    def count_tokens(self, text: str, steps: int = 20) -> int:
+        """Tokens the prompt uses, without start/end markers (the UI's 12/75 counter). With prompt editing or
+        alternation, those of the longest text it reads in `steps` steps, as A1111 counts."""
         tokenizer = self.tokenizer  # read once: the worker thread may swap models meanwhile
         if tokenizer is None:
             return 0
         # Past the prompt's length limit the request is refused anyway; never tokenize megabytes for a counter.
-        return token_count(tokenizer, text[:MAX_PROMPT_CHARS + 1])
+        variants = prompt_variants(text[:MAX_PROMPT_CHARS + 1], steps)
+        return max(token_count(tokenizer, variant) for variant in variants)

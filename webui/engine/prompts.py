@@ -9,7 +9,8 @@ Attention syntax, as stable-diffusion-webui reads it: `(word)` weighs 1.1, `[wor
 1.5, brackets nest (their weights multiply; round and square ones are matched separately, so they may
 cross), a backslash makes a bracket literal, and `BREAK` starts a new 75-token chunk. A chunk that
 fills up within 20 tokens after a comma ends at that comma, so a tag is not cut in two. A weight scales the token's embedding, and the chunk is then scaled back to its old
-mean. Prompt editing ([a:b:0.5]), alternation ([a|b]) and <lora:...> are not read: they stay text.
+mean. Prompt editing ([a:b:0.5]) and alternation ([a|b]) are resolved before this, per step
+(prompt_schedule.py); <lora:...> is not read: it stays text.
 """
 from __future__ import annotations
 

@@ -193,9 +193,9 @@ class Txt2ImgActions:
     def random_seed(self) -> int:
         return -1
 
-    def count_tokens(self, text: str) -> str:
+    def count_tokens(self, text: str, steps: float = 20) -> str:
         try:
-            return token_counter(self.engine.count_tokens(text or ""))
+            return token_counter(self.engine.count_tokens(text or "", max(1, int(steps or 20))))
         except Exception:  # the tokenizer is shared with the worker thread; a clash is not worth an error
             return gr.skip()
 
@@ -316,9 +316,9 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     random_seed.click(actions.random_seed, outputs=[seed], api_name="random_seed", show_progress="hidden")
     reuse_seed.click(actions.reuse_seed, inputs=[session], outputs=[seed], api_name="reuse_seed",
                      show_progress="hidden")
-    prompt.change(actions.count_tokens, inputs=[prompt], outputs=[prompt_tokens], api_name="count_tokens",
+    prompt.change(actions.count_tokens, inputs=[prompt, steps], outputs=[prompt_tokens], api_name="count_tokens",
                   show_progress="hidden", trigger_mode="always_last")
-    negative.change(actions.count_tokens, inputs=[negative], outputs=[negative_tokens],
+    negative.change(actions.count_tokens, inputs=[negative, steps], outputs=[negative_tokens],
                     api_visibility="private", show_progress="hidden", trigger_mode="always_last")
     picker.dropdown.input(models.load, inputs=[picker.dropdown],
                           outputs=[picker.status, picker.dropdown, width, height, clip_skip],

@@ -1,0 +1,162 @@
+"""A1111's prompt editing ([from:to:when]) and alternation ([a|b]): the schedule of texts, and the engine
+feeding the UNet each step's text."""
+import numpy as np
+import pytest
+import torch
+
+from webui.engine.generate import Engine
+from webui.engine.prompt_schedule import phase_at, prompt_phases
+from webui.engine.prompts import encode_prompt_pair
+from webui.schemas import GenerationRequest
+from tests.conftest import TINY
+
+
+def phases(prompt: str, steps: int, negative: str = "") -> list[tuple]:
+    return [(phase.last_step, phase.prompt, phase.negative) for phase in prompt_phases(prompt, negative, steps)]
+
+
+def texts_per_step(prompt: str, steps: int) -> list[str]:
+    schedule = prompt_phases(prompt, "", steps)
+    return [schedule[phase_at(schedule, step)].prompt for step in range(steps)]
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("a [cat:dog:0.5] b", [(10, "a cat b", ""), (20, "a dog b", "")]),  # a fraction of the steps
+    ("a [cat:dog:10] b", [(10, "a cat b", ""), (20, "a dog b", "")]),  # a step number
+    ("[cat:dog: 5 ]", [(5, "cat", ""), (20, "dog", "")]),
+    ("[dog:0.25]", [(5, "", ""), (20, "dog", "")]),  # added at a step
+    ("[cat::3]", [(3, "cat", ""), (20, "", "")]),  # removed after a step
+    ("[cat:dog:0]", [(20, "dog", "")]),
+    ("[cat:dog:-2]", [(20, "dog", "")]),
+    ("[cat:dog:30]", [(20, "cat", "")]),  # past the last step: never switches
+    ("[cat:dog:1.0]", [(20, "cat", "")]),  # 1.0 is all of the steps, 1 the first step
+    ("[cat:dog:1]", [(1, "cat", ""), (20, "dog", "")]),
+    ("[cat:dog:1e999]", [(20, "cat", "")]),
+    ("(a [cat:dog:0.5]:1.2)", [(10, "(a cat:1.2)", ""), (20, "(a dog:1.2)", "")]),  # inside a weight
+    ("[[cat:dog:5]:bird:15]", [(5, "cat", ""), (15, "dog", ""), (20, "bird", "")]),  # nested
+])
+def test_prompt_editing_switches_at_the_step_a1111_switches(prompt, expected):
+    assert phases(prompt, 20) == expected
+
+
+@pytest.mark.parametrize("prompt", [
+    "a [cat] b", "[cat:dog]", "[cat:dog:soon]", "[a|b:0.5]", "[a:b:c:0.5]", "\\[cat:dog:3\\]", "[cat:dog:0.5",
+    "(cat:dog:0.5)", "]cat[", "a\\",
+])
+def test_what_is_not_an_edit_stays_as_written(prompt):
+    assert phases(prompt, 20) == [(20, prompt, "")]
+
+
+def test_steps_are_counted_from_0_and_the_text_before_reaches_its_step():
+    """As in A1111: [cat:dog:2] reads cat at steps 0, 1 and 2."""
+    assert texts_per_step("[cat:dog:2]", 5) == ["cat", "cat", "cat", "dog", "dog"]
+
+
+def test_alternation_takes_another_option_each_step_as_a1111_does():
+    # A1111 reads the first option for steps 0 and 1, then alternates; a prompt from its infotext matches.
+    assert texts_per_step("a [cat|dog] b", 5) == ["a cat b", "a cat b", "a dog b", "a cat b", "a dog b"]
+    assert texts_per_step("[cat|dog|]", 4) == ["cat", "cat", "dog", ""]
+    assert texts_per_step("[[cat:dog:2]|bird]", 4) == ["cat", "cat", "bird", "dog"]
+
+
+def test_the_negative_prompt_is_scheduled_too():
+    assert phases("cat", 10, negative="[blurry::0.5], dark") == [(5, "cat", "blurry, dark"), (10, "cat", ", dark")]
+    assert phases("[cat:dog:3]", 10, negative="[blurry::6]") == [
+        (3, "cat", "blurry"), (6, "dog", "blurry"), (10, "dog", "")]
+
+
+def test_steps_past_the_schedule_read_the_last_phase():
+    """Heun and DPM2 call the model more often than there are steps."""
+    schedule = prompt_phases("[cat:dog:2]", "", 4)
+    assert schedule[phase_at(schedule, 7)].prompt == "dog"
+
+
+def test_deeply_nested_brackets_are_text_not_a_crash():
+    prompt = "[" * 3000 + "cat"
+    assert phases(prompt, 20) == [(20, prompt, "")]
+
+
+# --- the engine --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine(models_dir, tmp_path_factory):
+    from webui.config import Settings
+    from webui.engine.models import ModelRegistry
+
+    engine = Engine(Settings(models_dir=models_dir, device="cpu"),
+                    ModelRegistry(models_dir, tmp_path_factory.mktemp("cache") / "hashes.json"))
+    engine.load(TINY)
+    return engine
+
+
+def unet_conditions(engine, request: GenerationRequest) -> list[torch.Tensor]:
+    """The text embeddings the UNet was given at each of its calls."""
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(kwargs["encoder_hidden_states"].clone())
+
+    hook = engine.pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        engine.generate(request, [5])
+    finally:
+        hook.remove()
+    return seen
+
+
+def embeddings_of(engine, prompt: str, negative: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode():
+        positive, negative = encode_prompt_pair(engine.pipe, [prompt], [negative])
+    return positive[0], negative[0]
+
+
+def test_the_unet_reads_each_steps_text(engine):
+    request = GenerationRequest(prompt="[red apple:green pear:2]", negative_prompt="[blurry::1]", steps=4,
+                                sampler_name="Euler", cfg_scale=7)
+    calls = unet_conditions(engine, request)
+    expected = [("red apple", "blurry"), ("red apple", "blurry"), ("red apple", ""), ("green pear", "")]
+    assert len(calls) == len(expected)
+    for call, (prompt, negative) in zip(calls, expected):
+        positive_embeds, negative_embeds = embeddings_of(engine, prompt, negative)
+        # Under CFG the UNet reads [negative, positive] as one batch.
+        assert torch.equal(call[1], positive_embeds) and torch.equal(call[0], negative_embeds), (prompt, negative)
+
+
+def test_without_cfg_the_prompt_alone_switches(engine):
+    calls = unet_conditions(engine, GenerationRequest(prompt="[red apple:green pear:1]", steps=3,
+                                                      sampler_name="Euler", cfg_scale=1))
+    assert [len(call) for call in calls] == [1, 1, 1]
+    red, pear = embeddings_of(engine, "red apple")[0], embeddings_of(engine, "green pear")[0]
+    assert torch.equal(calls[1][0], red) and torch.equal(calls[2][0], pear)
+
+
+def test_a_sampler_with_two_model_calls_a_step_switches_at_the_same_step(engine):
+    """Heun calls the model 7 times for 4 steps: the switch after step 2 comes at its last call (step 3)."""
+    calls = unet_conditions(engine, GenerationRequest(prompt="[red apple:green pear:2]", steps=4,
+                                                      sampler_name="Heun", cfg_scale=7))
+    red, pear = embeddings_of(engine, "red apple")[0], embeddings_of(engine, "green pear")[0]
+    assert len(calls) == 7
+    assert all(torch.equal(call[1], red) for call in calls[:6]) and torch.equal(calls[6][1], pear)
+
+
+def test_an_edit_at_step_0_makes_the_picture_of_its_second_text_and_a_later_one_a_mix(engine):
+    def picture(prompt):
+        request = GenerationRequest(prompt=prompt, steps=4, sampler_name="Euler a", cfg_scale=7)
+        return np.asarray(engine.generate(request, [21])[0].image, dtype=np.int16)
+
+    switched_at_once, pear, apple = picture("[red apple:green pear:0]"), picture("green pear"), picture("red apple")
+    halfway = picture("[red apple:green pear:1]")  # steps 0 and 1 read the apple, 2 and 3 the pear
+    assert (switched_at_once == pear).all() and np.abs(pear - apple).mean() > 0.5
+    # The early steps shape the picture most: a switch after two of four steps stays close to the apple.
+    assert np.abs(halfway - pear).mean() > 0.5 and (halfway != apple).any()
+
+
+def test_a_phase_longer_than_75_tokens_pads_the_negative_prompt_as_the_infotext_says(engine):
+    long_text = ", ".join(["blurry", "dark", "noisy"] * 40)
+    assert engine.pads_prompts(GenerationRequest(prompt=f"[cat:{long_text}:0.5]", cfg_scale=7))
+    assert not engine.pads_prompts(GenerationRequest(prompt=f"[{long_text}:cat:0]", cfg_scale=7))  # never read
+
+
+def test_the_token_counter_counts_the_longest_text_of_the_run(engine):
+    assert engine.count_tokens("[cat|dog bird fish]") == 3
+    assert engine.count_tokens("[cat:dog bird fish:30]", steps=20) == 1  # the switch never comes
+    assert engine.count_tokens("[cat:dog bird fish:30]", steps=40) == 3
