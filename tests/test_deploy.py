@@ -577,6 +577,7 @@ def _quiet_env(**extra: str) -> dict:
 def _embedded_model_loaded(log: str) -> None:
     if (EMBEDDED / "model_index.json").is_file():
         assert "loaded model sd-emoji-tiny" in log, log[-3000:]
+    assert "torchvision" not in log  # transformers' advice to install it, which this project does not need
 
 
 def test_the_notebook_launch_cell_serves_the_ui(tmp_path):

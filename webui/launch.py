@@ -139,6 +139,14 @@ def describe(served: Served, services: Services) -> list[str]:
     return lines
 
 
+def hide_harmless_warnings() -> None:
+    """transformers 5 warns at every start that the safety checker's image processor falls back to PIL
+    because torchvision is missing. That fallback is what this project wants (torchvision is no dependency
+    of it): the warning would only send users to install a package they do not need."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision (not installed)" not in record.getMessage())
+
+
 def launch(services: Services) -> None:
     if services.settings.nowebui:
         _serve_api_only(services)
