@@ -307,6 +307,11 @@ def test_sd_models_refresh_and_switching_the_model_through_options(client, servi
         assert r.status_code == 200
         r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-two"})
         assert r.status_code == 404 and r.json()["error"] == "ModelNotFound", r.text
+        long_name = "a" * 5000  # longer than a file name may be: the OS refuses to look it up at all
+        r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": long_name})
+        assert r.status_code == 404 and r.json()["error"] == "ModelNotFound" and len(r.text) < 1000, r.text
+        r = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"sd_model_checkpoint": long_name}})
+        assert r.status_code == 404 and r.json()["error"] == "ModelNotFound", r.text
         for not_a_name in (["tiny-two"], {"a": 1}, 3):
             r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": not_a_name})
             assert r.status_code == 422 and "as a string" in r.json()["detail"], r.text

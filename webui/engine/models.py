@@ -86,16 +86,16 @@ class ModelRegistry:
             return same_base[0]
         path = Path(wanted).expanduser()
         for candidate in (path, self.models_dir / path):  # a path, or one inside the models folder
-            if candidate.exists() and (entry := entry_for_path(candidate, self.models_dir)) is not None:
+            if _exists(candidate) and (entry := entry_for_path(candidate, self.models_dir)) is not None:
                 return entry
         known = ", ".join(e.name for e in self.entries()) or "none found"
         if path.suffix.lower() in SINGLE_FILE_SUFFIXES:  # a checkpoint file's name, never a hub id
-            raise ModelNotFound(f"model file {str(path)!r} does not exist; check the path, or pick one of the "
+            raise ModelNotFound(f"model file {_shortened(str(path))!r} does not exist; check the path, or pick one of the "
                                 f"models in {self.models_dir}: {known}")
-        if _HUB_ID.match(wanted) and not path.exists():
+        if _HUB_ID.match(wanted) and not _exists(path):
             return ModelEntry(name=wanted, source=wanted, kind="hub")
         raise ModelNotFound(
-            f"model {name!r} not found in {self.models_dir}; available: {known}. "
+            f"model {_shortened(name)!r} not found in {self.models_dir}; available: {known}. "
             "Put a diffusers folder or a .safetensors file there, or give a hub id like org/name."
         )
 
@@ -113,7 +113,7 @@ class ModelRegistry:
             if entry == loaded or (entry in listed and (entry.path is None or entry.path.exists())):
                 return entry
         available = ", ".join(e.name for e in self.entries()) or "none found"
-        raise ModelNotFound(f"model {name!r} not found in the models folder; available: {available}")
+        raise ModelNotFound(f"model {_shortened(name)!r} not found in the models folder; available: {available}")
 
     def find_by_hash(self, short_hash: str) -> ModelEntry | None:
         """The listed model with this short hash ("Model hash" in an infotext), among those hashed already:
@@ -272,3 +272,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, but False for a name the OS refuses outright (over 255 bytes, say) rather than an error."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _shortened(name: str, limit: int = 200) -> str:
+    """A name as an error message quotes it: a client's 5,000-character name would bury the message."""
+    return name if len(name) <= limit else name[:limit] + "..."
