@@ -17,6 +17,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -32,6 +33,8 @@ from webui.storage.infotext import build_infotext
 from webui.storage.outputs import OutputStore, make_grid
 
 log = logging.getLogger(__name__)
+_JOB_ROW_MISSING = "the job is missing from the history"
+_JOB_START_MISSING = "the job's start is missing from the history"
 # Finished jobs stay readable (UI, API polling) for a while; each holds its images in memory.
 KEEP_FINISHED_JOBS = 64
 KEEP_FINISHED_PIXELS = 256 * 512 * 512  # about 200 MB of RGB images
@@ -85,6 +88,9 @@ class Job:
     error: str | None = None
     warnings: list[str] = field(default_factory=list)  # what went wrong without failing the job (a save)
     in_history: bool = False  # its row is written (tried again at the start and before each image when not)
+    start_in_history: bool = False  # its start time is written (needs the row)
+    # Saved images whose history rows wait for the job's row, each with the call that writes its row.
+    unrecorded: list[tuple[GeneratedImage, Callable[[], int]]] = field(default_factory=list)
     started_at: float | None = None
     finished_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
@@ -439,8 +445,6 @@ class Worker:
         job.state = JobState.RUNNING
         job.started_at = time.time()
         self._ensure_in_history(job)
-        self._record(job, "the job's start is missing from the history",
-                     lambda: self.history.set_job_state(job.id, JobState.RUNNING.value, started_at=job.started_at))
         try:
             self._generate(job)
         except JobCancelled:
@@ -593,25 +597,43 @@ class Worker:
             self._warn(job, f"image {image.index + 1} was not saved", err)
             return
         image.path = str(path)
+        job.unrecorded.append((image, lambda: self.history.add_image(
+            job_id=job.id, path=path.relative_to(self.outputs.outdir), prompt=request.prompt,
+            negative_prompt=request.negative_prompt, seed=image.seed, steps=request.steps,
+            sampler=request.sampler_name, scheduler=request.scheduler, cfg_scale=request.cfg_scale,
+            width=width, height=height, clip_skip=request.clip_skip, model_name=model.entry.name,
+            model_hash=model.short_hash, image_index=image.index, nsfw=image.nsfw, seconds=seconds,
+            infotext=image.infotext,
+        )))
+        self._record_images(job)
+
+    def _record_images(self, job: Job, last_try: bool = False) -> None:
+        """Write the history rows of the job's saved images. An image row must point at the job's row, so
+        while that is missing (a locked database) they wait for it; on the last try the ones left are named."""
         if not self._ensure_in_history(job):
-            return  # its warning says the job is missing from the history; an image row could not point at it
-        try:
-            image.history_id = self.history.add_image(
-                job_id=job.id, path=path.relative_to(self.outputs.outdir), prompt=request.prompt,
-                negative_prompt=request.negative_prompt, seed=image.seed, steps=request.steps,
-                sampler=request.sampler_name, scheduler=request.scheduler, cfg_scale=request.cfg_scale,
-                width=width, height=height, clip_skip=request.clip_skip, model_name=model.entry.name,
-                model_hash=model.short_hash, image_index=image.index, nsfw=image.nsfw, seconds=seconds,
-                infotext=image.infotext,
-            )
-        except Exception as err:
-            self._warn(job, f"{path.name} was saved but is missing from the history", err)
+            if last_try and job.unrecorded:
+                names = [Path(image.path).name for image, _ in job.unrecorded]
+                listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                job.warnings.append(f"saved but missing from the history: {listed}")
+            return
+        while job.unrecorded:
+            image, add_row = job.unrecorded.pop(0)
+            try:
+                image.history_id = add_row()
+            except Exception as err:
+                self._warn(job, f"{Path(image.path).name} was saved but is missing from the history", err)
 
     def _ensure_in_history(self, job: Job) -> bool:
-        """Write the job's row if it failed so far (a locked database at submit), as no image row can be
-        written without it; whether it is there now."""
+        """Write the job's row, and its start, where that failed so far (a locked database at submit), as no
+        image row can be written without it; whether the row is there now. Once both are written, the warnings
+        that said they were missing go: they are no longer true."""
         if not job.in_history:
-            job.in_history = self._record(job, "the job is missing from the history", lambda: self._add_to_history(job))
+            job.in_history = self._record(job, _JOB_ROW_MISSING, lambda: self._add_to_history(job))
+        if job.in_history and job.started_at is not None and not job.start_in_history:
+            job.start_in_history = self._record(job, _JOB_START_MISSING, lambda: self.history.set_job_state(
+                job.id, JobState.RUNNING.value, started_at=job.started_at))
+            if job.start_in_history:
+                job.warnings = [w for w in job.warnings if not w.startswith((_JOB_ROW_MISSING, _JOB_START_MISSING))]
         return job.in_history
 
     def _record(self, job: Job, what: str, write: Callable[[], None]) -> bool:
@@ -632,6 +654,8 @@ class Worker:
             job.warnings.append(warning)
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
+        if job.unrecorded:
+            self._record_images(job, last_try=True)
         # The state last: whoever sees a finished job (another thread, unlocked) finds its time and error set.
         job.finished_at = time.time()
         job.error = error
