@@ -140,6 +140,8 @@ def test_a_sampler_the_client_picks_wins_over_the_infotexts_with_its_schedule(cl
     ({"sampler_name": "DDIM", "scheduler": "normal"}, "Sampler: DDIM, Schedule type: Automatic"),  # SillyTavern's
     ({"sampler_name": "DDIM", "scheduler": "karras"}, "Sampler: DDIM, Schedule type: Automatic"),
     ({"sampler_name": "Euler a", "scheduler": "Karras"}, "Sampler: Euler a, Schedule type: Automatic"),
+    ({"sampler_name": "Euler a Karras"}, "Sampler: Euler a, Schedule type: Automatic"),  # the old combined name
+    ({"sampler_name": "DDIM Karras", "scheduler": "Automatic"}, "Sampler: DDIM, Schedule type: Automatic"),
     ({"sampler_name": "DPM++ 2M", "scheduler": "Align Your Steps"}, "Sampler: DPM++ 2M, Schedule type: Karras"),
 ])
 def test_a_schedule_a1111_knows_but_we_cannot_run_runs_as_automatic_and_says_so(client, services, asked, ran):
@@ -148,7 +150,7 @@ def test_a_schedule_a1111_knows_but_we_cannot_run_runs_as_automatic_and_says_so(
     assert r.status_code == 200, r.text
     info = json.loads(r.json()["info"])
     assert ran in info["infotexts"][0] and info["scheduler"] == ran.rpartition(": ")[2]
-    sampler = asked["sampler_name"]
+    sampler = asked["sampler_name"].removesuffix(" Karras")
     assert len(info["warnings"]) == 1 and info["warnings"][0].startswith(f"scheduler: {sampler} cannot follow the ")
     assert "it ran with Automatic" in info["warnings"][0]
     job_id = client.post("/api/v1/jobs", json=QUICK | asked).json()["id"]

@@ -19,7 +19,7 @@ from webui.api.models import JobProgress, Txt2ImgRequest, Txt2ImgResponse
 from webui.config import A1111_IGNORED_SWITCHES, A1111_IGNORED_VALUES, A1111_REFUSED_FLAGS, Settings
 from webui.engine.generate import LoadedModel
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
-from webui.engine.samplers import resolve_sampler, schedule_key
+from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
 from webui.schemas import InvalidRequest, parse_request
 from webui.storage.infotext import parse_infotext, request_fields_from_infotext
 from webui.storage.outputs import read_infotext
@@ -118,6 +118,8 @@ def sampler_and_schedule(sampler_name: str, schedule: str | None) -> tuple[str, 
     sampler cannot follow, runs as Automatic. An unknown sampler, or a schedule name stable-diffusion-webui
     does not know either, raises ValueError("field: what to fix").
     """
+    sampler_name, named_schedule = split_sampler_name(sampler_name)  # "Euler a Karras", as A1111 splits it
+    schedule = named_schedule or schedule
     try:
         sampler, automatic = resolve_sampler(sampler_name, "Automatic")
     except ValueError as err:

@@ -105,14 +105,9 @@ def resolve_sampler(sampler_name: str, schedule: str | None = "Automatic") -> tu
     Accepts old combined names such as "DPM++ 2M Karras" (schedule taken from the suffix) and
     A1111's aliases ("k_euler_a", "K-LMS", "PNDM"). Raises ValueError listing the valid names.
     """
-    name = (sampler_name or "").strip()
     schedule_label = _canonical_schedule(schedule or "Automatic")
-    if name.lower() not in _SAMPLER_BY_KEY:
-        for label in SCHEDULE_TYPES:
-            suffix = " " + label.lower()
-            if label != "Automatic" and name.lower().endswith(suffix):
-                name, schedule_label = name[: -len(suffix)], label
-                break
+    name, named_schedule = split_sampler_name(sampler_name)
+    schedule_label = named_schedule or schedule_label
     sampler = get_sampler(name)
     if schedule_label not in sampler.schedules:
         raise ValueError(
@@ -120,6 +115,17 @@ def resolve_sampler(sampler_name: str, schedule: str | None = "Automatic") -> tu
             f"use {' or '.join(sampler.schedules)} with it"
         )
     return sampler.name, sampler.automatic if schedule_label == "Automatic" else schedule_label
+
+
+def split_sampler_name(sampler_name: str) -> tuple[str, str | None]:
+    """An old combined name ("DPM++ 2M Karras") -> ("DPM++ 2M", "Karras"); any other name -> (name, None)."""
+    name = (sampler_name or "").strip()
+    if name.lower() not in _SAMPLER_BY_KEY:
+        for label in SCHEDULE_TYPES:
+            suffix = " " + label.lower()
+            if label != "Automatic" and name.lower().endswith(suffix):
+                return name[: -len(suffix)], label
+    return name, None
 
 
 def _canonical_schedule(schedule: str) -> str:
