@@ -196,6 +196,7 @@ def test_a_model_override_is_undone_after_the_job_unless_asked_to_keep_it(client
     ({"enable_hr": True}, "enable_hr"),
     ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "override_settings.CLIP_stop_at_last_layers"),
+    ({"infotext": "cat\nSteps: 2, Sampler: Euler, Seed: 5, Clip skip: 50"}, "infotext (Clip skip)"),  # where it came from
 ])
 def test_bad_txt2img_requests_get_422_naming_the_field_and_queue_nothing(client, services, body, field):
     for path in ("/sdapi/v1/txt2img", "/api/v1/jobs"):
@@ -339,6 +340,27 @@ def test_a_browser_tabs_generate_does_not_undo_the_model_an_api_client_set(clien
     finally:
         assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
         shutil.rmtree(services.settings.models_dir / "tiny-api", ignore_errors=True)
+        client.post("/sdapi/v1/refresh-checkpoints")
+
+
+def test_an_override_models_clip_skip_is_checked_once_loaded_and_a_kept_override_becomes_the_option(client, services):
+    shutil.copytree(services.settings.models_dir / TINY, services.settings.models_dir / "tiny-other")
+    client.post("/sdapi/v1/refresh-checkpoints")
+    try:
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
+        # Deeper than the model named: known only once it is loaded, and still the client's to fix (not a 500).
+        too_deep = {"sd_model_checkpoint": "tiny-other", "CLIP_stop_at_last_layers": TEXT_LAYERS + 1}
+        r = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": too_deep})
+        assert r.status_code == 422 and r.json()["error"] == "InvalidRequest", r.text
+        assert r.json()["detail"].startswith("override_settings.CLIP_stop_at_last_layers: tiny-other's text encoder")
+        # As in A1111, an override not restored afterwards stays: it is the option, and later requests' model.
+        kept = {"override_settings": {"sd_model_checkpoint": "tiny-other"}, "override_settings_restore_afterwards": False}
+        assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK | kept).json()["info"])["sd_model_name"] == "tiny-other"
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-other [")
+        assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["sd_model_name"] == "tiny-other"
+    finally:
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
+        shutil.rmtree(services.settings.models_dir / "tiny-other", ignore_errors=True)
         client.post("/sdapi/v1/refresh-checkpoints")
 
 

@@ -88,6 +88,7 @@ class Job:
     error: str | None = None
     warnings: list[str] = field(default_factory=list)  # what went wrong without failing the job (a save)
     in_history: bool = False  # its row is written (tried again at the start and before each image when not)
+    refused: bool = False  # failed on what the request asked (its model cannot do it): the client's to fix
     start_in_history: bool = False  # its start time is written (needs the row)
     # Saved images whose history rows wait for the job's row, each with the call that writes its row.
     unrecorded: list[tuple[GeneratedImage, Callable[[], int]]] = field(default_factory=list)
@@ -249,9 +250,8 @@ class Worker:
     def _check_against_loaded_model(self, request: GenerationRequest) -> None:
         """Refuse now what the loaded model cannot do, rather than fail when the job's turn comes."""
         model = self.engine.model
-        if model is not None and model.names(request.model) and request.clip_skip > model.text_encoder_layers:
-            raise InvalidRequest(f"clip_skip: {model.entry.name}'s text encoder has {model.text_encoder_layers} "
-                                 f"layers; use 1 to {model.text_encoder_layers}")
+        if model is not None and model.names(request.model):
+            _check_clip_skip(request, model)
 
     def _refuse_new_job(self) -> None:
         self._refuse_when_stopping()
@@ -449,6 +449,9 @@ class Worker:
             self._generate(job)
         except JobCancelled:
             self._finish(job, JobState.CANCELLED)
+        except InvalidRequest as err:
+            job.refused = True
+            self._finish(job, JobState.FAILED, str(err))
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             self._finish(job, JobState.FAILED, "out of GPU memory: lower the size or batch size, "
@@ -490,6 +493,7 @@ class Worker:
         """The job's model, its seeds (one per image) and its progress before the first step."""
         request = job.request
         job.model = self.engine.load(request.model) if request.model else self.engine.require_model()
+        _check_clip_skip(request, job.model)  # another model than at submit: checked now it is known
         self.engine.restore_device()  # after an unload-checkpoint
         first_seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed
         # Wrap past the largest seed, so every recorded seed can be typed back in.
@@ -682,3 +686,9 @@ class Worker:
                 break
             del self._jobs[job.id]
             excess, pixels = excess - 1, pixels - _pixels_held(job)
+
+
+def _check_clip_skip(request: GenerationRequest, model: LoadedModel) -> None:
+    if request.clip_skip > model.text_encoder_layers:
+        raise InvalidRequest(f"clip_skip: {model.entry.name}'s text encoder has {model.text_encoder_layers} "
+                             f"layers; use 1 to {model.text_encoder_layers}")

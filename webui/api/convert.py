@@ -105,7 +105,7 @@ def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: 
     try:
         parse_request(data)
     except InvalidRequest as err:
-        problems.extend(rename_fields(str(err)).split("; "))
+        problems.extend(rename_fields(str(err), req).split("; "))
     if problems:
         raise ApiError(422, "; ".join(dict.fromkeys(problems)), "InvalidRequest")
     return data, [note] if note else []
@@ -163,10 +163,18 @@ def clip_skip_for(req: Txt2ImgRequest, option: int, loaded: LoadedModel | None) 
                      f"{loaded.entry.name}'s text encoder; it ran with {deepest}"]
 
 
-def rename_fields(message: str) -> str:
+def clip_skip_field(req: Txt2ImgRequest) -> str:
+    """Where a request's clip skip came from, named as the client sent it."""
+    if (req.override_settings or {}).get("CLIP_stop_at_last_layers") is not None:
+        return "override_settings.CLIP_stop_at_last_layers"
+    if req.infotext and parse_infotext(req.infotext)[2]:  # a parameters line: its Clip skip, or 1 without one
+        return "infotext (Clip skip)"
+    return "CLIP_stop_at_last_layers (the option)"
+
+
+def rename_fields(message: str, req: Txt2ImgRequest) -> str:
     """Our field names -> the A1111 names the client sent, in a validation message."""
-    renames = {"clip_skip:": "override_settings.CLIP_stop_at_last_layers:",
-               "model:": "override_settings.sd_model_checkpoint:"}
+    renames = {"clip_skip:": f"{clip_skip_field(req)}:", "model:": "override_settings.sd_model_checkpoint:"}
     parts = message.split("; ")
     for i, part in enumerate(parts):
         for ours, theirs in renames.items():

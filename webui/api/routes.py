@@ -96,6 +96,9 @@ class Api:
         # The model of API requests that name none: the last sd_model_checkpoint set (None: the loaded one).
         # A browser tab's Generate runs its own pick, so it must not undo an API client's choice either.
         self.model: LoadedModel | None = None
+        # The last job whose override_settings switched the model without restoring it afterwards: once done,
+        # its model is the option's, as in A1111, where such an override stays set.
+        self._kept_override: Job | None = None
 
     # --- generation ---------------------------------------------------------------------------
     async def txt2img(self, req: Txt2ImgRequest, request: Request) -> Txt2ImgResponse:
@@ -104,7 +107,7 @@ class Api:
         # Wait on a thread of its own, outside the shared pool, so that many waiting clients
         # never starve /progress or /interrupt. The queue limit bounds how many wait at once.
         await anyio.to_thread.run_sync(job.wait, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
-        return await anyio.to_thread.run_sync(self._result, job, req.model_dump())
+        return await anyio.to_thread.run_sync(self._result, job, req.model_dump(), req)
 
     def img2img(self, body: dict[str, Any] | None = Body(None)) -> None:
         raise ApiError(501, "img2img is not supported yet by this server; use /sdapi/v1/txt2img", "NotImplemented")
@@ -123,9 +126,12 @@ class Api:
                                                             default_model=model.entry.source if chosen else None)
         notes += clip_skip_notes + request_notes
         try:
-            return self.worker.submit(data, origin="api", owner=caller, warnings=notes)
+            job = self.worker.submit(data, origin="api", owner=caller, warnings=notes)
+            if (req.override_settings or {}).get("sd_model_checkpoint") and not data["restore_model"]:
+                self._kept_override = job
+            return job
         except InvalidRequest as err:  # e.g. a clip skip deeper than the loaded model, named as the client sent it
-            raise ApiError(422, convert.rename_fields(str(err)), "InvalidRequest") from None
+            raise ApiError(422, convert.rename_fields(str(err), req), "InvalidRequest") from None
         except QueueFull as err:
             raise ApiError(503, str(err), "QueueFull", headers={"Retry-After": str(self._retry_after())}) from None
         except WorkerStopped as err:
@@ -135,6 +141,11 @@ class Api:
         """The model API requests that name none run on, whether the sd_model_checkpoint option chose it, and
         notes. The option's model while its files are there or it is loaded, else the loaded one (read once:
         the worker may switch models meanwhile)."""
+        kept = self._kept_override
+        if kept is not None and kept.state.finished:
+            self._kept_override = None
+            if kept.state is JobState.DONE and kept.model is not None:
+                self.model = kept.model
         option, loaded = self.model, self.engine.model
         if option is None:
             return loaded, False, []
@@ -151,7 +162,9 @@ class Api:
         eta = running.progress.eta_seconds if running is not None else None
         return max(1, min(60, round(eta or 5)))
 
-    def _result(self, job: Job, parameters: dict[str, Any]) -> Txt2ImgResponse:
+    def _result(self, job: Job, parameters: dict[str, Any], req: Txt2ImgRequest) -> Txt2ImgResponse:
+        if job.state is JobState.FAILED and job.refused:  # what the job's model could not do, known once loaded
+            raise ApiError(422, convert.rename_fields(job.error or "", req), "InvalidRequest")
         if job.state is JobState.FAILED:
             raise ApiError(500, job.error or "the job failed", "GenerationFailed")
         return convert.job_result(job, parameters)
