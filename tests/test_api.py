@@ -640,6 +640,25 @@ def test_interrupt_and_skip_stop_only_the_callers_own_job(services):
         assert job_a.wait(30) and job_a.state is JobState.CANCELLED
 
 
+def test_a_job_the_worker_forgot_is_still_known_only_to_its_caller(services):
+    """The history answers for a forgotten job: with its state to its caller, as unknown to anyone else."""
+    locked = dataclasses.replace(services, settings=dataclasses.replace(
+        services.settings, api_auth=[("alice", "s3cret"), ("bob", "hunter2")]))
+    alice, bob = ("alice", "s3cret"), ("bob", "hunter2")
+    with TestClient(create_api_app(locked)) as c:
+        job = services.worker.get(c.post("/api/v1/jobs", json=QUICK, auth=alice).json()["id"])
+        ui_job = services.worker.submit(QUICK, origin="ui", owner="a-tab-token")
+        assert job.wait(60) and ui_job.wait(60)
+        with services.worker._wake:  # as _forget_old_jobs does once enough jobs have finished
+            del services.worker._jobs[job.id], services.worker._jobs[ui_job.id]
+        assert c.get(f"/api/v1/jobs/{job.id}", auth=alice).json()["state"] == "done"
+        r = c.get(f"/api/v1/jobs/{job.id}", auth=bob)
+        assert r.status_code == 404 and r.json()["detail"].startswith(f"job_id: no job '{job.id}' of yours")
+        assert c.get(f"/api/v1/jobs/{ui_job.id}", auth=alice).status_code == 404  # a tab's job is nobody's here
+    row = services.history.get_job(job.id)
+    assert row["owner_key"] is not None and "alice" not in row["owner_key"]  # kept as a hash
+
+
 def test_after_a_skip_all_seeds_still_label_the_returned_images(client, services):
     job = services.worker.get(client.post("/api/v1/jobs", json=LONG | {"n_iter": 3, "seed": 500}).json()["id"])
     wait_for(lambda: job.progress.step >= 1)

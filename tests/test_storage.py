@@ -1,4 +1,5 @@
 """Output files (naming, counter, atomic writes, grids) and the SQLite history."""
+import hashlib
 import json
 import os
 import sqlite3
@@ -523,6 +524,26 @@ def test_the_schema_version_is_recorded(history, tmp_path):
 
     with sqlite3.connect(tmp_path / "history.sqlite3") as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 1
+
+
+def test_a_version_1_database_gets_the_jobs_owner_column_and_keeps_its_rows(history, tmp_path):
+    history.add_job("j1", "ui", {}, 1.0)
+    (tmp_path / "a.png").write_bytes(b"png")
+    image_id = history.add_image(**history_row("j1", "a.png"))
+    history.close()
+    with sqlite3.connect(tmp_path / "history.sqlite3") as db:  # the jobs table as version 1 made it
+        db.execute("ALTER TABLE jobs DROP COLUMN owner_key")
+        db.execute("PRAGMA user_version = 1")
+    again = History(tmp_path / "history.sqlite3", tmp_path)
+    try:
+        assert [r.id for r in again.list_images()[0]] == [image_id]
+        assert again.get_job("j1")["owner_key"] is None  # an old job has no owner: nobody's
+        again.add_job("j2", "api", {}, 2.0, "alice")
+        assert again.get_job("j2")["owner_key"] == hashlib.sha256(b"alice").hexdigest()
+    finally:
+        again.close()
+    with sqlite3.connect(tmp_path / "history.sqlite3") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 @pytest.mark.parametrize("column", ["nsfw", "path"])  # path has an index, which failed first, as if locked

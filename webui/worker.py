@@ -259,7 +259,7 @@ class Worker:
             raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting); try again shortly")
 
     def _add_to_history(self, job: Job) -> None:
-        self.history.add_job(job.id, job.origin, job.request.model_dump(), job.created_at)
+        self.history.add_job(job.id, job.origin, job.request.model_dump(), job.created_at, job.owner)
 
     def get(self, job_id: str) -> Job | None:
         with self._wake:

@@ -34,6 +34,7 @@ from webui.engine.generate import LoadedModel
 from webui.engine.models import ModelNotFound
 from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_key
 from webui.schemas import InvalidRequest, JobState, describe_validation_errors
+from webui.storage.history import owner_key
 from webui.worker import Job, QueueFull, WorkerStopped, await_result
 
 log = logging.getLogger(__name__)
@@ -177,10 +178,12 @@ class Api:
         if job is not None and not _is_callers(job, request):
             raise ApiError(404, f"job_id: no job {job_id!r} of yours", "JobNotFound")
         if job is None:
-            # Forgotten by the worker: the history has its state and times (not its owner, prompt or images).
+            # Forgotten by the worker: the history has its state and times (not its prompt or images), and a
+            # hash of its owner. A job of another caller, or one written before owners were kept, is unknown.
             row = self.services.history.get_job(job_id)
-            if row is None:
-                raise ApiError(404, f"job_id: no job {job_id!r} (finished jobs are kept for a while)", "JobNotFound")
+            if row is None or row["origin"] != "api" or row["owner_key"] != owner_key(caller_of(request)):
+                raise ApiError(404, f"job_id: no job {job_id!r} of yours (finished jobs are kept for a while)",
+                               "JobNotFound")
             return JobStatus(id=row["id"], state=row["state"], origin=row["origin"], error=row["error"],
                              created_at=row["created_at"], started_at=row["started_at"],
                              finished_at=row["finished_at"])

@@ -8,6 +8,7 @@ kept in `PRAGMA user_version` for the migrations of later versions.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sqlite3
@@ -30,7 +31,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     created_at REAL NOT NULL,
     started_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    owner_key TEXT
 );
 CREATE TABLE IF NOT EXISTS images (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -62,8 +64,9 @@ CREATE INDEX IF NOT EXISTS images_created ON images(created_at DESC);
 CREATE INDEX IF NOT EXISTS images_path ON images(path);
 """
 
-SCHEMA_VERSION = 1  # PRAGMA user_version: raise it, and migrate in _open, when the tables change
-JOB_COLUMNS = ("id", "state", "origin", "request_json", "error", "created_at", "started_at", "finished_at")
+SCHEMA_VERSION = 2  # PRAGMA user_version: raise it, and migrate in _open, when the tables change
+JOB_COLUMNS = ("id", "state", "origin", "request_json", "error", "created_at", "started_at", "finished_at",
+               "owner_key")
 IMAGE_COLUMNS = (
     "job_id", "path", "prompt", "negative_prompt", "seed", "steps", "sampler", "scheduler", "cfg_scale",
     "width", "height", "clip_skip", "model_name", "model_hash", "image_index", "nsfw", "seconds", "infotext",
@@ -113,6 +116,7 @@ def _open(db_path: Path | str) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(SCHEMA)
+        _migrate(db)
         _check_columns(db)
         db.executescript(INDEXES)
         if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:  # a newer version's number stays
@@ -125,6 +129,18 @@ def _open(db_path: Path | str) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a database of an older version up to this one's tables."""
+    jobs = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+    if "owner_key" not in jobs:  # version 1: jobs had no owner
+        db.execute("ALTER TABLE jobs ADD COLUMN owner_key TEXT")
+
+
+def owner_key(owner: str | None) -> str | None:
+    """What the history keeps of a job's owner: a hash, since a web-UI job's owner is its tab's secret token."""
+    return None if owner is None else hashlib.sha256(owner.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _check_columns(db: sqlite3.Connection) -> None:
@@ -175,10 +191,11 @@ class History:
             self._db.close()
 
     # --- jobs -----------------------------------------------------------------------------
-    def add_job(self, job_id: str, origin: str, request: dict[str, Any], created_at: float) -> None:
+    def add_job(self, job_id: str, origin: str, request: dict[str, Any], created_at: float,
+                owner: str | None = None) -> None:
         self._execute(
-            "INSERT INTO jobs (id, state, origin, request_json, created_at) VALUES (?, 'queued', ?, ?, ?)",
-            (job_id, origin, json.dumps(request), created_at),
+            "INSERT INTO jobs (id, state, origin, request_json, created_at, owner_key) VALUES (?, 'queued', ?, ?, ?, ?)",
+            (job_id, origin, json.dumps(request), created_at, owner_key(owner)),
         )
 
     def set_job_state(self, job_id: str, state: str, *, error: str | None = None,
