@@ -633,6 +633,8 @@ def test_interrupt_and_skip_stop_only_the_callers_own_job(services):
         assert c.post("/sdapi/v1/skip", auth=bob).status_code == 200
         assert c.post("/sdapi/v1/interrupt", auth=bob).json() == {}
         assert job_b.wait(10) and job_b.state is JobState.CANCELLED  # bob's own job, still queued
+        info = json.loads(c.get(f"/api/v1/jobs/{job_b.id}", auth=bob).json()["result"]["info"])
+        assert (info["width"], info["height"], info["sd_model_name"]) == (64, 64, TINY)  # as A1111: never null
         step = job_a.progress.step
         wait_for(lambda: job_a.progress.step > step + 2)
         assert job_a.state is JobState.RUNNING and job_a.progress.image_index == 0  # not skipped, not stopped

@@ -270,8 +270,9 @@ def png_info(image: Image.Image) -> dict[str, Any]:
 
 
 # --- results ----------------------------------------------------------------------------------
-def job_result(job: Job, parameters: dict[str, Any]) -> Txt2ImgResponse:
-    """A finished job -> A1111's {"images", "parameters", "info"}.
+def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None = None) -> Txt2ImgResponse:
+    """A finished job -> A1111's {"images", "parameters", "info"}. `loaded`: the model loaded now, which a job
+    that never started (cancelled while queued) reports when it would have run on it.
 
     As in stable-diffusion-webui, a saved multi-image run returns its grid first
     (index_of_first_image = 1), and an interrupted run returns the images it finished.
@@ -289,7 +290,9 @@ def job_result(job: Job, parameters: dict[str, Any]) -> Txt2ImgResponse:
     # none), so all_seeds[i] labels image i; with no image at all, the seeds the job was given.
     seeds = [im.seed for im in images] or job.seeds or [request.seed]
     count = len(seeds)
-    model = job.model
+    model = job.model  # None when it never started; then the model it would have run, when known
+    if model is None and loaded is not None and loaded.names(request.model):
+        model = loaded
     started = dt.datetime.fromtimestamp(job.started_at or job.created_at)
     info = {
         "prompt": request.prompt,

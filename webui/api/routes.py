@@ -168,7 +168,7 @@ class Api:
             raise ApiError(422, convert.rename_fields(job.error or "", req), "InvalidRequest")
         if job.state is JobState.FAILED:
             raise ApiError(500, job.error or "the job failed", "GenerationFailed")
-        return convert.job_result(job, parameters)
+        return convert.job_result(job, parameters, self.engine.model)
 
     # --- our per-job routes ------------------------------------------------------------------------
     def get_job(self, job_id: str, request: Request,
@@ -196,7 +196,7 @@ class Api:
         if preview is not None:
             status.current_image = convert.encode_png(preview)
         if job.state.finished and (job.state is not JobState.FAILED or job.images):  # a failed job: what it made
-            status.result = convert.job_result(job, job.request.model_dump())
+            status.result = convert.job_result(job, job.request.model_dump(), self.engine.model)
         return status
 
     def cancel_job(self, job_id: str, request: Request) -> JobCancelReply:
