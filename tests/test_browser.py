@@ -149,6 +149,8 @@ def test_interrupt_stops_a_long_job_showing_progress_and_previews(page):
     # Generate is greyed out while the tab's job runs: a second click would be dropped unseen.
     playwright_api.expect(page.locator("#txt2img_generate")).to_be_disabled()
     page.wait_for_selector("#txt2img_preview img")  # a live preview of the denoising
+    page.hover("#txt2img_preview img")  # its buttons show on hover; Share, which fails off Spaces, is not one
+    assert page.locator("#txt2img_preview button[aria-label=Share]").count() == 0
     page.click("#txt2img_interrupt")
     expect_text(page, "#txt2img_progress", "Interrupted")
     assert page.locator("#txt2img_preview").is_hidden()
@@ -318,6 +320,21 @@ def test_png_info_send_keeps_the_sampler_and_warns_about_a_schedule_we_lack(page
     # DPM++ 2M's own schedule type, which Automatic stands for
     playwright_api.expect(page.locator("#txt2img_scheduler input")).to_have_value("Karras")
     expect_text(page, "body", "Schedule type not applied: unknown schedule type 'Normal'")
+
+
+def pick(page, elem_id: str, choice: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=choice, exact=True).click()
+    playwright_api.expect(page.locator(f"#{elem_id} input")).to_have_value(choice)
+
+
+def test_a_sampler_that_cannot_follow_the_schedule_type_resets_it_without_an_error(page):
+    pick(page, "txt2img_sampler", "Heun")
+    pick(page, "txt2img_scheduler", "Exponential")
+    pick(page, "txt2img_sampler", "DDIM")  # DDIM takes Automatic or SGM Uniform only
+    playwright_api.expect(page.locator("#txt2img_scheduler input")).to_have_value("Automatic")
+    page.wait_for_timeout(1500)  # an error pop-up comes after the value changed
+    assert "is not in the list of choices" not in page.locator("body").inner_text()
 
 
 def test_history_fits_a_narrow_window_and_no_button_offers_a_share_that_fails(page):

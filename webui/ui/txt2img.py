@@ -255,8 +255,11 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
             with gr.Row():
                 sampler = gr.Dropdown(sampler_names(), value=DEFAULT_SAMPLER, label="Sampling method",
                                       elem_id="txt2img_sampler")
+                # allow_custom_value: Gradio checks a value against the choices it last knew of, and a sampler
+                # pick racing its own list update failed that check with a raw error pop-up. What Generate
+                # gets is checked anyway, with a message that says what to fix.
                 scheduler = gr.Dropdown(schedules_of(DEFAULT_SAMPLER), value="Automatic", label="Schedule type",
-                                        elem_id="txt2img_scheduler")
+                                        elem_id="txt2img_scheduler", allow_custom_value=True)
             steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id="txt2img_steps")
             with gr.Row():
                 width = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Width", elem_id="txt2img_width")
@@ -274,7 +277,7 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
         with gr.Column(scale=1):
             progress = gr.HTML("", label="Progress", show_label=False, elem_id="txt2img_progress", padding=False)
             preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id="txt2img_preview",
-                               height=256)
+                               height=256, buttons=["fullscreen"])  # no Share: it fails off Spaces
             gallery = gr.Gallery(label="Output", elem_id="txt2img_gallery", columns=4, height=360,
                                  object_fit="contain", format="png", interactive=False,
                                  buttons=["download", "download_all", "fullscreen"])  # no Share: it fails off Spaces
