@@ -337,6 +337,30 @@ def test_a_sampler_that_cannot_follow_the_schedule_type_resets_it_without_an_err
     assert "is not in the list of choices" not in page.locator("body").inner_text()
 
 
+def test_the_history_highlight_follows_the_selected_image_when_new_ones_push_it_along(page):
+    def make(prompt):
+        page.locator("#txt2img_prompt textarea").fill(prompt)
+        set_number(page, "txt2img_steps", 1)
+        page.click("#txt2img_generate")
+        playwright_api.expect(page.locator("#txt2img_infotext textarea")).to_have_value(re.compile(prompt))
+
+    make("highlight one")
+    make("highlight two")
+    page.get_by_role("tab", name="History").click()
+    page.locator("#history_search textarea").fill("highlight")
+    page.locator("#history_search textarea").press("Enter")
+    thumbnails = page.locator("#history_gallery .thumbnail-item")
+    playwright_api.expect(thumbnails).to_have_count(2)
+    thumbnails.nth(1).click()  # "highlight one"
+    playwright_api.expect(page.locator("#history_details textarea")).to_have_value(re.compile("highlight one"))
+    page.get_by_role("tab", name="txt2img").click()
+    make("highlight three")  # first in the History now: "highlight one" moves to the third place
+    page.get_by_role("tab", name="History").click()
+    playwright_api.expect(thumbnails).to_have_count(3)
+    playwright_api.expect(thumbnails.nth(2)).to_have_class(re.compile(r"\bselected\b"))
+    assert "selected" not in thumbnails.nth(1).get_attribute("class")
+
+
 def test_history_fits_a_narrow_window_and_no_button_offers_a_share_that_fails(page):
     page.set_viewport_size({"width": 800, "height": 1000})
     page.locator("#txt2img_prompt textarea").fill("a narrow window")

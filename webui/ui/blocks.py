@@ -86,7 +86,8 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
                        api_visibility="private", show_progress="hidden")
     ui.pnginfo.send.click(send_from_pnginfo, inputs=[ui.pnginfo.infotext], outputs=send_outputs,
                           api_visibility="private", show_progress="hidden")
-    reload = dict(fn=actions.reload, inputs=[history.page, history.search], outputs=history.reload_outputs,
+    reload = dict(fn=actions.reload, inputs=[history.page, history.search, history.selected],
+                  outputs=history.reload_outputs,
                   api_visibility="private", show_progress="hidden")
     txt2img.generate_event.then(**reload)
     ui.blocks.load(**reload)

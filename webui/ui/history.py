@@ -21,6 +21,7 @@ from webui.ui.params import fields_from_history
 
 PAGE_SIZE = 24
 POLL_SECONDS = 3.0
+_GONE = "This image is no longer in the history (deleted in another tab?); pick another one."
 
 
 @dataclass
@@ -46,8 +47,12 @@ class HistoryTab:
         return [self.page, self.ids, self.gallery, self.page_info]
 
     @property
+    def detail_outputs(self) -> list:
+        return [self.selected, self.image, self.details, self.open_file, self.delete, self.confirm_row]
+
+    @property
     def reload_outputs(self) -> list:
-        return [*self.page_outputs, self.seen]
+        return [*self.page_outputs, self.seen, *self.detail_outputs]
 
 
 class HistoryActions:
@@ -57,8 +62,11 @@ class HistoryActions:
         # Served to other machines with no login, anyone could wipe everyone's images.
         self.can_delete = not (services.settings.public and not services.settings.gradio_auth)
 
-    def load_page(self, page: int, search: str):
-        """(page, ids on the page, gallery items, page info) for a page, clamped to the pages there are."""
+    def load_page(self, page: int, search: str, selected: int | None = None):
+        """(page, ids on the page, the gallery's update, page info) for a page, clamped to the pages there are.
+        The gallery's highlight goes to the selected image wherever the page now has it, or nowhere: a reload
+        after another tab's image shifts the thumbnails, and a highlight left in place marks another image
+        than the one Delete would remove."""
         search = search or ""
         page = max(int(page or 0), 0)
         # The total comes with the page read: that read finds the files deleted by hand on this page.
@@ -74,31 +82,37 @@ class HistoryActions:
         info = f"Page {page + 1} of {pages} · {total} image{'s' if total != 1 else ''}"
         if search.strip():
             info += f" matching “{html.escape(search.strip())}”"
-        return page, [row.id for row, _ in shown], items, f"<span class='dw-page-info'>{info}</span>"
+        ids = [row.id for row, _ in shown]
+        gallery = gr.update(value=items, selected_index=ids.index(selected) if selected in ids else None)
+        return page, ids, gallery, f"<span class='dw-page-info'>{info}</span>"
 
-    def first_page(self, search: str):
-        return self.load_page(0, search)
+    def first_page(self, search: str, selected: int | None = None):
+        return self.load_page(0, search, selected)
 
-    def previous_page(self, page: int, search: str):
-        return self.load_page(int(page or 0) - 1, search)
+    def previous_page(self, page: int, search: str, selected: int | None = None):
+        return self.load_page(int(page or 0) - 1, search, selected)
 
-    def next_page(self, page: int, search: str):
-        return self.load_page(int(page or 0) + 1, search)
+    def next_page(self, page: int, search: str, selected: int | None = None):
+        return self.load_page(int(page or 0) + 1, search, selected)
 
     def fingerprint(self) -> list:
         """A cheap fingerprint of the history, for the timer every open page runs (any change reloads the
         page, whatever the search: the reload counts what it shows)."""
         return list(self.history.fingerprint())
 
-    def reload(self, page: int, search: str):
-        """The page as it is now, plus the fingerprint the timer compares against."""
-        return *self.load_page(page, search), self.fingerprint()
+    def reload(self, page: int, search: str, selected: int | None = None):
+        """The page as it is now, the fingerprint the timer compares against, and the detail view emptied when
+        its image is gone (deleted in another tab: its buttons could only fail)."""
+        row = self.history.get_image(selected) if selected is not None else None
+        gone = selected is not None and (row is None or self._file(row) is None)
+        details = _nothing_selected() if gone else (gr.skip(),) * len(_nothing_selected())
+        return *self.load_page(page, search, selected), self.fingerprint(), *details
 
-    def poll(self, page: int, search: str, seen: list | None):
+    def poll(self, page: int, search: str, seen: list | None, selected: int | None = None):
         """Reload the page only when the history changed since this session last looked."""
         if self.fingerprint() == seen:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return self.reload(page, search)
+            return (gr.skip(),) * (5 + len(_nothing_selected()))
+        return self.reload(page, search, selected)
 
     def select(self, ids: list[int], evt: gr.SelectData):
         """Show one image: (selected id, full-size image, parameters, Open file, Delete, the confirm row)."""
@@ -122,13 +136,17 @@ class HistoryActions:
             raise gr.Error("Deleting is off on a server shared without --gradio-auth.")
         if image_id is None:
             raise gr.Error("Select an image first.")
+        if self.history.get_image(image_id) is None:
+            raise gr.Error(_GONE)
         self.history.delete_image(image_id)
         return *self.load_page(page, search), *_nothing_selected()
 
     def fields(self, image_id: int | None) -> dict:
-        row = self.history.get_image(image_id) if image_id is not None else None
-        if row is None:
+        if image_id is None:
             raise gr.Error("Select an image first.")
+        row = self.history.get_image(image_id)
+        if row is None:
+            raise gr.Error(_GONE)
         return fields_from_history(row)
 
     def _file(self, row: HistoryImage) -> Path | None:
@@ -199,14 +217,14 @@ def build_history(services: Services) -> tuple[HistoryTab, HistoryActions]:
 
     tab = HistoryTab(search, page_state, ids_state, selected, seen, gallery, page_info, image, details, send,
                      open_file, delete, confirm_row, confirm_delete, keep)
-    detail_outputs = [selected, image, details, open_file, delete, confirm_row]
-    search.submit(actions.first_page, inputs=[search], outputs=tab.page_outputs, api_name="history_search",
+    detail_outputs = tab.detail_outputs
+    search.submit(actions.first_page, inputs=[search, selected], outputs=tab.page_outputs, api_name="history_search",
                   show_progress="hidden")
-    refresh.click(actions.reload, inputs=[page_state, search], outputs=tab.reload_outputs,
+    refresh.click(actions.reload, inputs=[page_state, search, selected], outputs=tab.reload_outputs,
                   api_name="history_page", show_progress="hidden")
-    previous.click(actions.previous_page, inputs=[page_state, search], outputs=tab.page_outputs,
+    previous.click(actions.previous_page, inputs=[page_state, search, selected], outputs=tab.page_outputs,
                    api_visibility="private", show_progress="hidden")
-    following.click(actions.next_page, inputs=[page_state, search], outputs=tab.page_outputs,
+    following.click(actions.next_page, inputs=[page_state, search, selected], outputs=tab.page_outputs,
                     api_visibility="private", show_progress="hidden")
     gallery.select(actions.select, inputs=[ids_state], outputs=detail_outputs, api_visibility="private",
                    show_progress="hidden")
@@ -217,6 +235,6 @@ def build_history(services: Services) -> tuple[HistoryTab, HistoryActions]:
     confirm_delete.click(actions.delete, inputs=[selected, page_state, search],
                          outputs=[*tab.page_outputs, *detail_outputs], api_name="history_delete",
                          show_progress="hidden")
-    timer.tick(actions.poll, inputs=[page_state, search, seen], outputs=tab.reload_outputs,
+    timer.tick(actions.poll, inputs=[page_state, search, seen, selected], outputs=tab.reload_outputs,
                api_visibility="private", show_progress="hidden")
     return tab, actions
