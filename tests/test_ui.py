@@ -163,8 +163,13 @@ def test_invalid_request_is_a_readable_message_and_queues_nothing(ui, ui_service
     outputs = generate(ui, width=500)
     assert len(outputs) == 1
     session, _, progress, *_ = outputs[0]
-    assert "width: must be a multiple of 8, got 500" in progress and "dw-error" in progress
+    assert "Width: must be a multiple of 8, got 500" in progress and "dw-error" in progress
     assert session.job_id is None and ui_services.worker.queue_length() == before
+    # The page's names for its fields, and what to type instead of a fraction in a whole-number box.
+    progress = generate(ui, n_iter=2.5, negative="x" * 2500)[0][2]
+    assert "Batch count: Input should be a valid integer, got a number with a fractional part; use 2 or 3" in progress
+    assert "Negative prompt: String should have at most 2000 characters; it has 2500" in progress
+    assert "n_iter" not in progress and "negative_prompt" not in progress
 
 
 def test_failed_job_is_a_readable_message(ui):

@@ -7,6 +7,7 @@ serves both the REST API and the UI.
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,9 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
             continue
         if problem.get("type") == "string_too_long" and isinstance(problem.get("input"), str):
             message += f"; it has {len(problem['input'])}"
+        if problem.get("type") == "int_from_float" and isinstance(problem.get("input"), float):
+            below = math.floor(problem["input"])
+            message += f"; use {below} or {below + 1}"
         if loc == ["seed"]:  # pydantic's "exceeded maximum size" (1e30) gives no range
             message += f"; use -1 for a random seed, or a whole number from 0 to {MAX_SEED}"
         # A check of the whole request (the sampler) names what it is about itself.

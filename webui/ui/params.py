@@ -15,6 +15,23 @@ TXT2IMG_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "ste
                   "width", "height", "seed", "clip_skip", "model", "batch_size")
 
 
+# What the page calls each request field, for messages: "Batch count", not "n_iter".
+FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampler_name": "Sampling method",
+                "scheduler": "Schedule type", "steps": "Sampling steps", "cfg_scale": "CFG scale", "width": "Width",
+                "height": "Height", "seed": "Seed", "n_iter": "Batch count", "batch_size": "Batch size",
+                "clip_skip": "Clip skip", "model": "Stable Diffusion checkpoint"}
+
+
+def with_labels(message: str) -> str:
+    """A request check's message ("n_iter: ...; steps: ...") with the page's labels for its fields."""
+    parts = message.split("; ")
+    for index, part in enumerate(parts):
+        field, colon, rest = part.partition(": ")
+        if colon and field in FIELD_LABELS:
+            parts[index] = f"{FIELD_LABELS[field]}: {rest}"
+    return "; ".join(parts)
+
+
 # A model's name in the models folder, from the name and short hash an infotext or history row gives;
 # None when no listed model matches.
 FindModel = Callable[[str, str | None], str | None]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 
 from webui.schemas import JobState
+from webui.ui.params import with_labels
 from webui.worker import Job
 
 TOKENS_PER_CHUNK = 75  # CLIP reads 75 tokens per chunk; longer prompts are split into chunks
@@ -54,7 +55,7 @@ def progress_html(job: Job, position: int | None, worker_activity: str | None = 
 def final_html(job: Job) -> str:
     """The message left under the gallery when a job ends: nothing on a clean success."""
     if job.state is JobState.FAILED:
-        return error_html(f"Generation failed: {job.error or 'unknown error'}") + _warnings_html(job)
+        return error_html(f"Generation failed: {with_labels(job.error or 'unknown error')}") + _warnings_html(job)
     unfinished = sum(image.unfinished for image in job.images)
     # As in A1111, what Interrupt or Skip cut short is shown as it stood, and not saved.
     cut_short = f" ({unfinished} unfinished: shown, not saved)" if unfinished else ""

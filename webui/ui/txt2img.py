@@ -19,7 +19,7 @@ from webui.engine.models import ModelNotFound
 from webui.schemas import MAX_CLIP_SKIP, MAX_SIZE, MIN_SIZE, GeneratedImage, InvalidRequest
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
-from webui.ui.params import TXT2IMG_FIELDS, schedules_of
+from webui.ui.params import TXT2IMG_FIELDS, schedules_of, with_labels
 from webui.ui.progress import error_html, final_html, progress_html, timing_html, token_counter
 from webui.worker import Job, QueueFull, WorkerStopped
 
@@ -97,7 +97,7 @@ class Txt2ImgActions:
                 request["model"] = self.models.checked_choice(request["model"])
             job = self.worker.submit(request, origin="ui", owner=self._owner(session))
         except (InvalidRequest, QueueFull, ModelNotFound, WorkerStopped) as err:
-            yield session, gr.skip(), error_html(str(err)), gr.update(visible=False), gr.skip(), ""
+            yield session, gr.skip(), error_html(with_labels(str(err))), gr.update(visible=False), gr.skip(), ""
             return
         session.start(job)
         try:
