@@ -372,7 +372,20 @@ def test_a_run_whose_every_batch_was_skipped_shows_the_unfinished_image_unsaved(
     thread.join(60)
     assert worker.get(session.job_id).state is JobState.DONE
     assert [caption for _, caption in outputs[-1][1]] == [f"seed {session.seeds[0]} (unfinished)"]
-    assert "Skipped (1 unfinished: shown, not saved)." in outputs[-1][2]
+    assert "Skipped; 1 unfinished shown, not saved." in outputs[-1][2]
+
+
+def test_the_interrupt_message_counts_what_was_saved_apart_from_what_was_cut_short():
+    from webui.schemas import GeneratedImage, GenerationRequest
+    from webui.ui.progress import final_html
+    from webui.worker import Job
+
+    job = Job(id="j", request=GenerationRequest(), origin="ui", state=JobState.CANCELLED)
+    job.images = [GeneratedImage(image=None, seed=1, index=0, infotext="", unfinished=True),
+                  GeneratedImage(image=None, seed=2, index=1, infotext="", unfinished=True)]
+    assert "Interrupted; 0 images saved; 2 unfinished shown, not saved." in final_html(job)
+    job.images.insert(0, GeneratedImage(image=None, seed=0, index=0, infotext="", path="00001-0.png"))
+    assert "Interrupted; 1 image saved; 2 unfinished shown, not saved." in final_html(job)
 
 
 def test_skip_ends_the_current_image_and_goes_on(ui, ui_services):

@@ -58,13 +58,13 @@ def final_html(job: Job) -> str:
         return error_html(f"Generation failed: {with_labels(job.error or 'unknown error')}") + _warnings_html(job)
     unfinished = sum(image.unfinished for image in job.images)
     # As in A1111, what Interrupt or Skip cut short is shown as it stood, and not saved.
-    cut_short = f" ({unfinished} unfinished: shown, not saved)" if unfinished else ""
+    cut_short = f"; {unfinished} unfinished shown, not saved" if unfinished else ""
     if job.state is JobState.CANCELLED:
-        kept = len(job.images)
-        return notice_html(f"Interrupted; {kept} image{'s' if kept != 1 else ''} kept{cut_short}.") + \
+        saved = sum(image.path is not None for image in job.images)
+        return notice_html(f"Interrupted; {saved} image{'s' if saved != 1 else ''} saved{cut_short}.") + \
             _warnings_html(job)
     if not job.images:  # Skip came before the first step of every batch
-        return notice_html("Skipped; no image kept.") + _warnings_html(job)
+        return notice_html("Skipped; no image made.") + _warnings_html(job)
     if unfinished:
         return notice_html(f"Skipped{cut_short}.") + _warnings_html(job)
     return _warnings_html(job)
