@@ -121,6 +121,7 @@ def test_token_counter(ui):
     assert ">0/75<" in count("")
     assert ">2/75<" in count("a cat")
     assert "/150<" in count(" ".join(["cat"] * 80))
+    assert "too long: 10,000/2,000 characters" in count("cat " * 2500)  # Generate would refuse it
     [wiring] = [fn for fn in ui.blocks.fns.values() if fn.api_name == "count_tokens"]
     assert [getattr(block, "label", None) for block in wiring.inputs][1] == "Sampling steps"
     assert ">3/75<" in count("[cat|dog bird fish]", 20)  # the longest text the run reads

@@ -20,6 +20,11 @@ def token_counter(count: int) -> str:
     return f"<span class='dw-tokens'>{count}/{limit}</span>"
 
 
+def too_long_counter(length: int, limit: int) -> str:
+    """The token counter of a prompt over the length Generate takes."""
+    return f"<span class='dw-tokens dw-too-long'>too long: {length:,}/{limit:,} characters</span>"
+
+
 def error_html(message: str) -> str:
     return f"<div class='dw-error' role='alert'>{html.escape(message)}</div>"
 

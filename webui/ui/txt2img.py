@@ -16,11 +16,11 @@ import gradio as gr
 
 from webui.engine.samplers import sampler_names
 from webui.engine.models import ModelNotFound
-from webui.schemas import MAX_CLIP_SKIP, MAX_SIZE, MIN_SIZE, GeneratedImage, InvalidRequest
+from webui.schemas import MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, GeneratedImage, InvalidRequest
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.params import TXT2IMG_FIELDS, schedules_of, with_labels
-from webui.ui.progress import error_html, final_html, progress_html, timing_html, token_counter
+from webui.ui.progress import error_html, final_html, progress_html, timing_html, token_counter, too_long_counter
 from webui.worker import Job, QueueFull, WorkerStopped
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,8 @@ class Txt2ImgActions:
         return -1
 
     def count_tokens(self, text: str, steps: float = 20) -> str:
+        if len(text or "") > MAX_PROMPT_CHARS:  # Generate would refuse it: say so while it is typed
+            return too_long_counter(len(text), MAX_PROMPT_CHARS)
         try:
             return token_counter(self.engine.count_tokens(text or "", max(1, int(steps or 20))))
         except Exception:  # the tokenizer is shared with the worker thread; a clash is not worth an error
