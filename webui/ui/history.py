@@ -84,7 +84,7 @@ class HistoryActions:
             info += f" matching “{html.escape(search.strip())}”"
         ids = [row.id for row, _ in shown]
         gallery = gr.update(value=items, selected_index=ids.index(selected) if selected in ids else None)
-        return page, ids, gallery, f"<span class='dw-page-info'>{info}</span>"
+        return page, ids, gallery, f"<span class='dw-page-info' title='{info}'>{info}</span>"
 
     def first_page(self, search: str, selected: int | None = None):
         return self.load_page(0, search, selected)
