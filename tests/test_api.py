@@ -206,6 +206,18 @@ def test_bad_txt2img_requests_get_422_naming_the_field_and_queue_nothing(client,
     assert services.worker.queue_length() == 0 and services.worker.current() is None
 
 
+def test_variation_seeds_run_and_come_back_in_info_and_infotext(client):
+    body = QUICK | {"seed": 5, "subseed": 42, "subseed_strength": 0.5, "batch_size": 2}
+    info = json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])
+    assert (info["subseed"], info["all_subseeds"], info["subseed_strength"]) == (42, [42, 43], 0.5)
+    assert "Variation seed: 43, Variation seed strength: 0.5" in info["infotexts"][1]
+    # Pasted back through `infotext`, the variation comes with it.
+    pasted = json.loads(client.post("/sdapi/v1/txt2img", json={"infotext": info["infotexts"][0]}).json()["info"])
+    assert (pasted["subseed"], pasted["subseed_strength"]) == (42, 0.5)
+    r = client.post("/sdapi/v1/txt2img", json=QUICK | {"subseed_strength": 2})
+    assert r.status_code == 422 and r.json()["detail"].startswith("subseed_strength: "), r.text
+
+
 def test_malformed_json_unknown_model_and_img2img(client):
     r = client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"].startswith("body: not valid JSON at character 1 (")

@@ -551,3 +551,37 @@ def test_on_the_cpu_a_released_model_stays_released_when_a_switch_fails(engine, 
         monkeypatch.undo()
         engine.restore_device()
     assert run(engine, [1])[0].std() > 0
+
+
+# --- variation seeds ----------------------------------------------------------------------------
+def test_slerp_goes_from_one_noise_to_the_other_keeping_the_norm():
+    from webui.engine.noise import slerp
+
+    a = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(1))
+    b = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(slerp(0.0, a, b), a, atol=1e-6) and torch.allclose(slerp(1.0, a, b), b, atol=1e-6)
+    halfway = slerp(0.5, a, b)
+    assert abs(halfway.norm() / a.norm() - 1) < 0.05  # a straight blend would have ~0.71 of the norm
+    assert abs((a + b).div(2).norm() / a.norm() - 0.71) < 0.05
+
+
+def varied(engine, seeds, subseeds, strength, sampler):
+    request = GenerationRequest(prompt="a red apple", steps=3, sampler_name=sampler, subseed_strength=strength)
+    return [np.asarray(r.image, dtype=np.int16) for r in engine.generate(request, seeds, subseeds=subseeds)]
+
+
+def test_full_variation_strength_is_the_variation_seeds_picture(engine):
+    """Euler draws no noise after the first: at strength 1 the start is the variation seed's noise alone."""
+    full = varied(engine, [5, 6], [40, 41], 1.0, "Euler")
+    plain = run(engine, [5, 6], sampler_name="Euler")
+    for i, subseed in enumerate([40, 41]):
+        assert np.abs(full[i] - run(engine, [subseed], sampler_name="Euler")[0]).max() <= 2
+        assert np.abs(full[i] - plain[i]).mean() > 1
+
+
+def test_a_small_variation_strength_changes_the_picture_a_little(engine):
+    plain = run(engine, [9], sampler_name="Euler a")[0]
+    other = run(engine, [400], sampler_name="Euler a")[0]
+    slight = varied(engine, [9], [400], 0.1, "Euler a")[0]
+    # Near the seed's own picture (the ancestral noise after the start still comes from the seed), not the other's.
+    assert 0 < np.abs(slight - plain).mean() < np.abs(slight - other).mean() / 3

@@ -109,3 +109,10 @@ def test_overlong_infotext_is_cut():
     prompt, negative, params = parse_infotext(text)
     assert len(prompt) + len(negative) <= 64 * 1024
     assert len(request_fields_from_infotext(text)["prompt"]) <= 64 * 1024
+
+
+def test_variation_seed_keys_fill_the_request_and_their_absence_means_none():
+    text = "a cat\nSteps: 2, Seed: 1, Variation seed: 7, Variation seed strength: 0.25, Size: 64x64"
+    fields = request_fields_from_infotext(text)
+    assert (fields["subseed"], fields["subseed_strength"]) == (7, 0.25)
+    assert request_fields_from_infotext("a cat\nSteps: 2, Sampler: Euler, Seed: 1")["subseed_strength"] == 0

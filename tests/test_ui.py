@@ -505,6 +505,22 @@ def test_send_to_txt2img_sets_the_batch_size_of_a_batch_image(ui):
     assert single[TXT2IMG_FIELDS.index("batch_size")] == 1  # left out when written: 1
 
 
+def test_variation_seeds_go_from_the_page_to_the_infotext_and_back(ui, ui_services):
+    session = Session()
+    outputs = list(event(ui, "txt2img")(session, "a variation probe", "", "Euler a", "Automatic", 2, 7.0, 64, 64,
+                                        11, 1, 1, 1, TINY, 77, 0.3))
+    text = outputs[-1][4]
+    assert "Seed: 11, " in text and "Variation seed: 77, Variation seed strength: 0.3" in text
+    for values in (event(ui, "send_from_pnginfo")(text),
+                   event(ui, "send_from_history")(ui_services.worker.get(session.job_id).images[0].history_id)):
+        assert (values[TXT2IMG_FIELDS.index("subseed")], values[TXT2IMG_FIELDS.index("subseed_strength")]) == (77, 0.3)
+    plain = event(ui, "send_from_pnginfo")("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64")
+    assert plain[TXT2IMG_FIELDS.index("subseed_strength")] == 0  # no variation written: none applied
+    [wiring] = [fn for fn in ui.blocks.fns.values() if fn.api_name == "txt2img"]
+    assert [getattr(block, "label", None) for block in wiring.inputs][-2:] == ["Variation seed (-1 = random)",
+                                                                              "Variation strength"]
+
+
 def test_a_model_that_cannot_be_applied_is_named_in_a_warning(ui):
     text = "a castle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Model: not-here"
     with warnings.catch_warnings(record=True) as caught:

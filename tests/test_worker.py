@@ -347,7 +347,7 @@ def test_the_eta_counts_the_pace_of_the_steps_not_the_wait_before_the_first(serv
     now, etas = [0.0], {}
     monkeypatch.setattr(worker_module, "StepPace", lambda: StepPace(clock=lambda: now[0]))
 
-    def slow_start_then_quick_steps(request, seeds, on_step):
+    def slow_start_then_quick_steps(request, seeds, on_step, subseeds=None):
         batch = len(etas) // 20
         now[0] += 60.0  # a compile
         for step in range(1, 21):
@@ -383,8 +383,9 @@ def test_progress_counts_the_steps_asked_for_whatever_the_model_calls(services, 
     seen = []
     real = services.engine.generate
 
-    def record_steps(request, seeds, on_step):
-        return real(request, seeds, lambda step, total, latents: seen.append((step, total)) or on_step(step, total, latents))
+    def record_steps(request, seeds, on_step, subseeds=None):
+        return real(request, seeds, lambda step, total, latents: seen.append((step, total)) or on_step(step, total, latents),
+                    subseeds)
 
     monkeypatch.setattr(services.engine, "generate", record_steps)
     job = services.worker.submit(QUICK | {"sampler_name": sampler, "steps": 6, "n_iter": 2, "save_images": False})
@@ -687,3 +688,15 @@ def test_a_history_locked_all_along_is_said_once_not_at_every_image(services, mo
     names = ", ".join(Path(image.path).name for image in job.images)
     assert job.warnings == ["the job is missing from the history: OperationalError: database is locked",
                             f"saved but missing from the history: {names}"]  # each file named, once
+
+
+def test_variation_seeds_count_up_per_image_and_are_written_as_a1111_writes_them(services):
+    job = services.worker.submit(QUICK | {"seed": 70, "subseed": 100, "subseed_strength": 0.25, "n_iter": 2})
+    assert job.wait(60) and job.state is JobState.DONE and job.subseeds == [100, 101]
+    for image, subseed in zip(job.images, [100, 101]):
+        assert f"Variation seed: {subseed}, Variation seed strength: 0.25" in image.infotext
+        assert f"Variation seed: {subseed}," in read_infotext(Image.open(image.path))
+    random_one = services.worker.submit(QUICK | {"subseed_strength": 0.5})  # -1: drawn once, then recorded
+    assert random_one.wait(60) and f"Variation seed: {random_one.subseeds[0]}," in random_one.images[0].infotext
+    plain = services.worker.submit(QUICK | {"subseed": 100})  # strength 0: no variation, none written
+    assert plain.wait(60) and plain.subseeds == [] and "Variation" not in plain.images[0].infotext

@@ -32,6 +32,9 @@ class GenerationRequest(BaseModel):
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="what to draw")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="what to avoid")
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 picks a random seed")
+    subseed: int = Field(-1, ge=-1, le=MAX_SEED, description="variation seed; -1 picks a random one")
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="variation strength: how far the starting "
+                                                                     "noise moves towards the variation seed's")
     sampler_name: str = Field("Euler a", description="e.g. 'Euler a', 'DPM++ 2M', or 'DPM++ 2M Karras'")
     scheduler: str = Field("Automatic", description="schedule type: Automatic, Karras, Exponential, SGM Uniform")
     steps: int = Field(20, ge=1, le=150)

@@ -81,6 +81,7 @@ class Job:
     state: JobState = JobState.QUEUED
     progress: Progress = field(default_factory=Progress)
     seeds: list[int] = field(default_factory=list)
+    subseeds: list[int] = field(default_factory=list)  # variation seeds, one per image; none at strength 0
     images: list[GeneratedImage] = field(default_factory=list)
     grid: Image.Image | None = None
     grid_path: str | None = None
@@ -495,9 +496,8 @@ class Worker:
         job.model = self.engine.load(request.model) if request.model else self.engine.require_model()
         _check_clip_skip(request, job.model)  # another model than at submit: checked now it is known
         self.engine.restore_device()  # after an unload-checkpoint
-        first_seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed
-        # Wrap past the largest seed, so every recorded seed can be typed back in.
-        job.seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(request.image_count)]
+        job.seeds = _seeds_from(request.seed, request.image_count)
+        job.subseeds = _seeds_from(request.subseed, request.image_count) if request.subseed_strength > 0 else []
         job.progress = Progress(total_steps=request.steps, image_count=request.image_count)
 
     def _run_batch(self, job: Job, batch: int, pace: StepPace) -> None:
@@ -506,13 +506,14 @@ class Worker:
         job.skip_event.clear()
         first = batch * request.batch_size
         seeds = job.seeds[first:first + request.batch_size]
+        subseeds = job.subseeds[first:first + request.batch_size] or None
         job.progress.image_index = first
         compiling = self.engine.pending_compiles(request, len(seeds))
         job.progress.note = self._compile_note(request, compiling)
         started = time.time()
         try:
             results = job.context.run(self.engine.generate, request, seeds,
-                                      self._step_callback(job, batch, compiling, pace))
+                                      self._step_callback(job, batch, compiling, pace), subseeds)
         except DenoisingStopped as stopped:  # shown as they stood, not saved
             for i, result in enumerate(stopped.images):
                 self._keep_image(job, result, first + i, seconds=0.0, unfinished=True)
@@ -577,6 +578,8 @@ class Worker:
             "Size": f"{width}x{height}",
             "Model hash": model.short_hash,
             "Model": model.entry.name,
+            "Variation seed": job.subseeds[index] if job.subseeds else None,
+            "Variation seed strength": request.subseed_strength if job.subseeds else None,
             # As A1111: which image of its batch this is (a batch image differs from a single run by rounding).
             "Batch size": request.batch_size if request.batch_size > 1 else None,
             "Batch pos": index % request.batch_size if request.batch_size > 1 else None,
@@ -692,3 +695,10 @@ def _check_clip_skip(request: GenerationRequest, model: LoadedModel) -> None:
     if request.clip_skip > model.text_encoder_layers:
         raise InvalidRequest(f"clip_skip: {model.entry.name}'s text encoder has {model.text_encoder_layers} "
                              f"layers; use 1 to {model.text_encoder_layers}")
+
+
+def _seeds_from(first: int, count: int) -> list[int]:
+    """`count` seeds counting up from `first` (-1: a random one). They wrap past the largest seed, so every
+    recorded seed can be typed back in."""
+    start = random.randint(0, MAX_SEED) if first == -1 else first
+    return [(start + i) % (MAX_SEED + 1) for i in range(count)]

@@ -40,7 +40,6 @@ class ApiError(Exception):
 # Fields that name a feature we lack: (field, asks for it?, what to say).
 _UNSUPPORTED = (
     ("enable_hr", lambda v: bool(v), "hires fix is not supported yet (send false)"),
-    ("subseed_strength", lambda v: bool(v), "variation seeds are not supported yet (send 0)"),
     ("seed_resize_from_h", lambda v: v is not None and v > 0, "seed resize is not supported yet (send -1)"),
     ("seed_resize_from_w", lambda v: v is not None and v > 0, "seed resize is not supported yet (send -1)"),
     ("restore_faces", lambda v: bool(v), "face restoration is not supported (send false)"),
@@ -53,7 +52,7 @@ _UNSUPPORTED = (
 # Infotext fields the `infotext` request field may fill (the model is left out on purpose: pasting
 # an infotext should not switch the server's model behind the client's back).
 _INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed",
-                    "width", "height")
+                    "subseed", "subseed_strength", "width", "height")
 # stable-diffusion-webui's schedule types (1.10). It never rejects one: those we lack run as Automatic.
 A1111_SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",
                         "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
@@ -70,6 +69,8 @@ def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: 
     problems = [f"{name}: {message}" for name, asks, message in _UNSUPPORTED if asks(getattr(req, name))]
     values = {name: getattr(req, name) for name in _INFOTEXT_FIELDS}
     values["sampler_name"] = req.sampler_name or req.sampler_index or "Euler"
+    values["subseed"] = -1 if req.subseed is None else req.subseed  # null: A1111's defaults
+    values["subseed_strength"] = req.subseed_strength or 0.0
     clip_skip = default_clip_skip
     if req.infotext:
         pasted = request_fields_from_infotext(req.infotext)
@@ -290,6 +291,8 @@ def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None 
     # none), so all_seeds[i] labels image i; with no image at all, the seeds the job was given.
     seeds = [im.seed for im in images] or job.seeds or [request.seed]
     count = len(seeds)
+    # Likewise one variation seed per returned image (none drawn at strength 0: the one asked for).
+    subseeds = ([job.subseeds[im.index] for im in images] or job.subseeds) if job.subseeds else [request.subseed] * count
     model = job.model  # None when it never started; then the model it would have run, when known
     if model is None and loaded is not None and loaded.names(request.model):
         model = loaded
@@ -301,9 +304,9 @@ def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None 
         "all_negative_prompts": [request.negative_prompt] * count,
         "seed": seeds[0],
         "all_seeds": seeds,
-        "subseed": -1,
-        "all_subseeds": [-1] * len(seeds),
-        "subseed_strength": 0,
+        "subseed": subseeds[0],
+        "all_subseeds": subseeds,
+        "subseed_strength": request.subseed_strength,
         "width": model.size_for(request)[0] if model else request.width,
         "height": model.size_for(request)[1] if model else request.height,
         "sampler_name": request.sampler_name,

@@ -24,6 +24,9 @@ class Txt2ImgRequest(BaseModel):
     prompt: str | None = ""
     negative_prompt: str | None = ""
     seed: int = Field(-1, description="-1 picks a random seed; image i of the run uses seed + i")
+    subseed: int | None = Field(-1, description="variation seed (-1: random); image i uses subseed + i")
+    subseed_strength: float | None = Field(0, description="variation strength, 0 to 1: how far the starting noise "
+                                                          "moves towards the variation seed's (0: none)")
     sampler_name: str | None = Field(None, description="e.g. 'Euler a', 'DPM++ 2M'; None uses sampler_index")
     sampler_index: str | None = Field("Euler", description="older name of sampler_name, used when that is empty")
     scheduler: str | None = Field(None, description="schedule type: Automatic, Karras, Exponential, SGM Uniform; "
@@ -46,8 +49,6 @@ class Txt2ImgRequest(BaseModel):
 
     # --- accepted for compatibility; the adapter rejects values that ask for a missing feature --
     styles: list[str] | None = None
-    subseed: int | None = -1
-    subseed_strength: float | None = 0
     seed_resize_from_h: int | None = -1
     seed_resize_from_w: int | None = -1
     restore_faces: bool | None = None

@@ -19,6 +19,7 @@ from webui.config import Settings
 from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
+from webui.engine.noise import variation_noise
 from webui.engine.preview import latents_to_preview
 from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
 from webui.engine.prompts import chunk_count, encode_prompt_pair, token_count
@@ -255,10 +256,12 @@ class Engine:
         return self.model
 
     # --- generation -----------------------------------------------------------------------
-    def generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None) -> list[EngineImage]:
-        """Denoise and decode one batch: image i uses seeds[i]."""
+    def generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None,
+                 subseeds: list[int] | None = None) -> list[EngineImage]:
+        """Denoise and decode one batch: image i uses seeds[i], and subseeds[i] as its variation seed when the
+        request has a variation strength."""
         try:
-            images = self._generate(request, seeds, on_step)
+            images = self._generate(request, seeds, on_step, subseeds)
         except COMPILER_FAILURES as err:
             if not is_compiled(self.pipe):
                 raise
@@ -266,7 +269,7 @@ class Engine:
             log.warning("torch.compile failed (%s: %s); running %s uncompiled from now on",
                         type(err).__name__, str(err).splitlines()[0], self.model.entry.name)
             undo_compile(self.pipe)
-            images = self._generate(request, seeds, on_step)
+            images = self._generate(request, seeds, on_step, subseeds)
         self._warmed_up = True  # whatever ran has compiled its shapes
         if is_compiled(self.pipe):
             self._compiled_shapes.record(self._shape_keys(request, len(seeds)))
@@ -305,7 +308,8 @@ class Engine:
         infotext says so as A1111's "Pad conds", which A1111 then applies when the text is pasted there."""
         return request.cfg_scale > 1 and any(prompt != negative for prompt, negative in self._chunk_counts(request))
 
-    def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None) -> list[EngineImage]:
+    def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None,
+                  subseeds: list[int] | None = None) -> list[EngineImage]:
         model = self.require_model()
         pipe = self.pipe
         pipe.scheduler = make_scheduler(self._base_scheduler_config, request.sampler_name, request.scheduler)
@@ -337,6 +341,10 @@ class Engine:
 
         with torch.inference_mode():
             embeddings = self._encode_phases(phases, len(seeds), request.clip_skip)
+            noise = None  # drawn by the pipeline from the generators, unless a variation seed moves it
+            if request.subseed_strength > 0 and subseeds:
+                shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+                noise = variation_noise(generators, subseeds, request.subseed_strength, shape, embeddings[0][0].dtype)
             try:
                 latents = pipe(
                     prompt_embeds=embeddings[0][0],
@@ -346,6 +354,7 @@ class Engine:
                     width=width,
                     height=height,
                     generator=generators,
+                    latents=noise,
                     output_type="latent",
                     callback_on_step_end=step_end,
                 ).images

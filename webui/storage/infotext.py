@@ -33,6 +33,8 @@ _REQUEST_FIELDS = {
     "Schedule type": ("scheduler", str),
     "CFG scale": ("cfg_scale", float),
     "Seed": ("seed", int),
+    "Variation seed": ("subseed", int),
+    "Variation seed strength": ("subseed_strength", float),
     "Clip skip": ("clip_skip", int),
     "Batch size": ("batch_size", int),
     "Model": ("model", str),
@@ -118,6 +120,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         # without them means 1; A1111's paste resets the Clip skip slider the same way. A single image sent
         # to a page set to batch 4 would otherwise be made again inside a batch, a few pixel values off.
         fields["clip_skip"] = fields["batch_size"] = 1
+        fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation
     for key, (name, convert) in _REQUEST_FIELDS.items():
         if key in params:
             try:

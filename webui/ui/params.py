@@ -12,14 +12,15 @@ from webui.storage.infotext import request_fields_from_infotext
 
 # GenerationRequest fields the txt2img tab has a widget for, in the order of Txt2ImgTab.field_components.
 TXT2IMG_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale",
-                  "width", "height", "seed", "clip_skip", "model", "batch_size")
+                  "width", "height", "seed", "clip_skip", "model", "batch_size", "subseed", "subseed_strength")
 
 
 # What the page calls each request field, for messages: "Batch count", not "n_iter".
 FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampler_name": "Sampling method",
                 "scheduler": "Schedule type", "steps": "Sampling steps", "cfg_scale": "CFG scale", "width": "Width",
                 "height": "Height", "seed": "Seed", "n_iter": "Batch count", "batch_size": "Batch size",
-                "clip_skip": "Clip skip", "model": "Stable Diffusion checkpoint"}
+                "clip_skip": "Clip skip", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
+                "subseed_strength": "Variation strength"}
 
 
 def with_labels(message: str) -> str:
@@ -38,13 +39,13 @@ FindModel = Callable[[str, str | None], str | None]
 
 
 def fields_from_history(image: HistoryImage) -> dict[str, Any]:
+    pasted = request_fields_from_infotext(image.infotext)
     return {
         "prompt": image.prompt, "negative_prompt": image.negative_prompt, "sampler_name": image.sampler,
         "scheduler": image.scheduler, "steps": image.steps, "cfg_scale": image.cfg_scale,
         "width": image.width, "height": image.height, "seed": image.seed, "clip_skip": image.clip_skip,
         "model": image.model_name, "model_hash": image.model_hash,
-        "batch_size": request_fields_from_infotext(image.infotext).get("batch_size"),  # no column of its own
-    }
+    } | {name: pasted.get(name) for name in ("batch_size", "subseed", "subseed_strength")}  # no columns of their own
 
 
 def txt2img_updates(fields: dict[str, Any], model_names: list[str], find_model: FindModel) -> list[Any]:

@@ -84,13 +84,14 @@ class Txt2ImgActions:
     def generate(self, session: Session, prompt: str, negative_prompt: str | None = None, sampler_name: str = DEFAULT_SAMPLER,
                  scheduler: str = "Automatic", steps: int = 20, cfg_scale: float = 7.0, width: int | None = None,
                  height: int | None = None, seed: int = -1, n_iter: int = 1, batch_size: int = 1, clip_skip: int = 1,
-                 model: str | None = None) -> Iterator[tuple]:
+                 model: str | None = None, subseed: int = -1, subseed_strength: float = 0.0) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends."""
         request = {
             "prompt": prompt, "negative_prompt": negative_prompt, "sampler_name": sampler_name,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height,
             "seed": -1 if seed is None else seed, "n_iter": n_iter, "batch_size": batch_size,
             "clip_skip": clip_skip, "model": model or None,
+            "subseed": -1 if subseed is None else subseed, "subseed_strength": subseed_strength or 0.0,
         }
         try:
             if request["model"]:
@@ -276,6 +277,12 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
                 seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="txt2img_seed", scale=4)
                 random_seed = gr.Button("⚄", elem_id="txt2img_random_seed", scale=0, min_width=48)
                 reuse_seed = gr.Button("♻", elem_id="txt2img_reuse_seed", scale=0, min_width=48)
+            # A1111's "Extra" seed options: the same picture, changed a little (strength 0 leaves it alone).
+            with gr.Accordion("Variation seed", open=False, elem_id="txt2img_variation"):
+                with gr.Row():
+                    subseed = gr.Number(-1, precision=0, label="Variation seed (-1 = random)", elem_id="txt2img_subseed")
+                    subseed_strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength",
+                                                 elem_id="txt2img_subseed_strength")
         with gr.Column(scale=1):
             progress = gr.HTML("", label="Progress", show_label=False, elem_id="txt2img_progress", padding=False)
             preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id="txt2img_preview",
@@ -290,7 +297,8 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     tab_token = gr.Textbox(visible=False, elem_id="txt2img_tab_token")
     widgets = {"prompt": prompt, "negative_prompt": negative, "sampler_name": sampler, "scheduler": scheduler,
                "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height, "seed": seed,
-               "n_iter": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "model": picker.dropdown}
+               "n_iter": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "model": picker.dropdown,
+               "subseed": subseed, "subseed_strength": subseed_strength}
     request_inputs = [widgets[name] for name in REQUEST_PARAMS]
     run_outputs = [session, gallery, progress, preview, infotext, timing]
     # While the tab's own job runs, Generate is greyed out (A1111 hides it): a click would be dropped anyway.
