@@ -489,18 +489,23 @@ def test_a_saved_grid_leaves_out_the_image_a_skip_cut_short(services):
         assert grid.size == (128, 64) and "Seed: 71," in read_infotext(grid)  # two finished images
 
 
-def test_a_job_row_that_failed_at_submit_is_written_when_the_job_starts(services, monkeypatch):
+def add_job_locked_for(monkeypatch, history, times: int) -> None:
+    """The first `times` job rows fail to be written, as under a database another program has locked."""
     import sqlite3
 
-    add_job, failures = services.history.add_job, []
+    add_job, failures = history.add_job, []
 
-    def locked_once(*args):
-        if not failures:
+    def locked(*args):
+        if len(failures) < times:
             failures.append(1)
             raise sqlite3.OperationalError("database is locked")
         add_job(*args)
 
-    monkeypatch.setattr(services.history, "add_job", locked_once)
+    monkeypatch.setattr(history, "add_job", locked)
+
+
+def test_a_job_row_that_failed_at_submit_is_written_when_the_job_starts(services, monkeypatch):
+    add_job_locked_for(monkeypatch, services.history, times=1)
     job = services.worker.submit(QUICK | {"batch_size": 2, "seed": 60})
     assert job.wait(60) and job.state is JobState.DONE and job.warnings == []
     assert services.history.list_images()[1] == 2  # each image has its row (they need the job's)
@@ -510,17 +515,7 @@ def test_a_job_row_that_failed_at_submit_is_written_when_the_job_starts(services
 def test_a_job_row_still_missing_at_the_start_is_written_before_its_images(services, monkeypatch):
     """Locked at submit and at the start, free by the time an image is saved: the image gets its row (it
     failed with a foreign key error, leaving a file the history never showed)."""
-    import sqlite3
-
-    add_job, failures = services.history.add_job, []
-
-    def locked_twice(*args):
-        if len(failures) < 2:
-            failures.append(1)
-            raise sqlite3.OperationalError("database is locked")
-        add_job(*args)
-
-    monkeypatch.setattr(services.history, "add_job", locked_twice)
+    add_job_locked_for(monkeypatch, services.history, times=2)
     job = services.worker.submit(QUICK | {"seed": 61})
     assert job.wait(60) and job.state is JobState.DONE
     assert job.warnings == []  # "the job is missing from the history" was said at the start, and is untrue now
@@ -532,17 +527,7 @@ def test_a_job_row_still_missing_at_the_start_is_written_before_its_images(servi
 def test_images_saved_while_the_job_row_was_missing_get_their_rows_once_it_is_written(services, monkeypatch):
     """Locked at submit, at the start and at the first image: the first image's file was on disk with no row,
     which the History tab then never showed, and no warning named it."""
-    import sqlite3
-
-    add_job, failures = services.history.add_job, []
-
-    def locked_three_times(*args):
-        if len(failures) < 3:
-            failures.append(1)
-            raise sqlite3.OperationalError("database is locked")
-        add_job(*args)
-
-    monkeypatch.setattr(services.history, "add_job", locked_three_times)
+    add_job_locked_for(monkeypatch, services.history, times=3)
     job = services.worker.submit(QUICK | {"batch_size": 2, "seed": 62})
     assert job.wait(60) and job.state is JobState.DONE and job.warnings == []
     assert all(image.history_id is not None for image in job.images)
