@@ -365,11 +365,43 @@ def test_an_override_models_clip_skip_is_checked_once_loaded_and_a_kept_override
         r = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": too_deep})
         assert r.status_code == 422 and r.json()["error"] == "InvalidRequest", r.text
         assert r.json()["detail"].startswith("override_settings.CLIP_stop_at_last_layers: tiny-other's text encoder")
+        job_id = client.post("/api/v1/jobs", json=QUICK | {"override_settings": too_deep}).json()["id"]
+        assert services.worker.get(job_id).wait(60)  # polled, the error names the field as the client sent it too
+        assert client.get(f"/api/v1/jobs/{job_id}").json()["error"].startswith(
+            "override_settings.CLIP_stop_at_last_layers: tiny-other's text encoder")
         # As in A1111, an override not restored afterwards stays: it is the option, and later requests' model.
         kept = {"override_settings": {"sd_model_checkpoint": "tiny-other"}, "override_settings_restore_afterwards": False}
         assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK | kept).json()["info"])["sd_model_name"] == "tiny-other"
         assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-other [")
         assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["sd_model_name"] == "tiny-other"
+    finally:
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
+        shutil.rmtree(services.settings.models_dir / "tiny-other", ignore_errors=True)
+        client.post("/sdapi/v1/refresh-checkpoints")
+
+
+def test_a_kept_override_counts_in_queue_order(client, services):
+    """Requests queued behind it run on its model, as it is the option by their turn; an option set after it
+    wins over it."""
+    shutil.copytree(services.settings.models_dir / TINY, services.settings.models_dir / "tiny-other")
+    client.post("/sdapi/v1/refresh-checkpoints")
+    kept = QUICK | {"override_settings": {"sd_model_checkpoint": "tiny-other"},
+                    "override_settings_restore_afterwards": False}
+    try:
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
+        blocker = services.worker.submit(LONG, origin="ui")  # holds the queue, so the override stays queued
+        wait_for(lambda: blocker.state is JobState.RUNNING)
+        override = services.worker.get(client.post("/api/v1/jobs", json=kept).json()["id"])
+        behind = services.worker.get(client.post("/api/v1/jobs", json=QUICK).json()["id"])
+        services.worker.cancel(blocker.id)
+        assert override.wait(60) and behind.wait(60)
+        assert (override.model.entry.name, behind.model.entry.name) == ("tiny-other", "tiny-other")
+
+        override = services.worker.get(client.post("/api/v1/jobs", json=kept).json()["id"])
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200  # after it
+        assert override.wait(60) and override.model.entry.name == "tiny-other"
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith(f"{TINY} [")
+        assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["sd_model_name"] == TINY
     finally:
         assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
         shutil.rmtree(services.settings.models_dir / "tiny-other", ignore_errors=True)
@@ -633,7 +665,8 @@ def test_interrupt_and_skip_stop_only_the_callers_own_job(services):
     with TestClient(create_api_app(locked)) as c:
         job_a = services.worker.get(c.post("/api/v1/jobs", json=LONG | {"n_iter": 2}, auth=alice).json()["id"])
         wait_for(lambda: job_a.progress.step >= 1)
-        job_b = services.worker.get(c.post("/api/v1/jobs", json=QUICK, auth=bob).json()["id"])
+        # No size of its own: a job cancelled before it starts still reports the model's (below).
+        job_b = services.worker.get(c.post("/api/v1/jobs", json={"prompt": "x", "steps": 2}, auth=bob).json()["id"])
         # Alice's job id, preview and result are hers: to bob the job is unknown.
         assert c.post(f"/api/v1/jobs/{job_a.id}/cancel", auth=bob).status_code == 404
         assert c.get(f"/api/v1/jobs/{job_a.id}", auth=bob).status_code == 404

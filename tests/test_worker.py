@@ -536,6 +536,24 @@ def test_images_saved_while_the_job_row_was_missing_get_their_rows_once_it_is_wr
     assert services.history.get_job(job.id)["started_at"] == job.started_at
 
 
+def test_a_start_time_that_could_not_be_written_is_written_at_the_end(services, monkeypatch):
+    """No image saved, so no later write brings it: the job's last write does."""
+    import sqlite3
+
+    set_job_state, failures = services.history.set_job_state, []
+
+    def start_locked(job_id, state, **times):
+        if state == JobState.RUNNING.value and not failures:
+            failures.append(1)
+            raise sqlite3.OperationalError("database is locked")
+        set_job_state(job_id, state, **times)
+
+    monkeypatch.setattr(services.history, "set_job_state", start_locked)
+    job = services.worker.submit(QUICK | {"save_images": False})
+    assert job.wait(60) and job.state is JobState.DONE and failures
+    assert services.history.get_job(job.id)["started_at"] == job.started_at
+
+
 def test_the_queue_limit_holds_while_history_writes_are_slow(services, monkeypatch):
     import time as clock
 

@@ -90,6 +90,7 @@ class Job:
     warnings: list[str] = field(default_factory=list)  # what went wrong without failing the job (a save)
     in_history: bool = False  # its row is written (tried again at the start and before each image when not)
     refused: bool = False  # failed on what the request asked (its model cannot do it): the client's to fix
+    field_names: dict[str, str] = field(default_factory=dict)  # the submitter's names for request fields
     start_in_history: bool = False  # its start time is written (needs the row)
     # Saved images whose history rows wait for the job's row, each with the call that writes its row.
     unrecorded: list[tuple[GeneratedImage, Callable[[], int]]] = field(default_factory=list)
@@ -221,12 +222,14 @@ class Worker:
 
     # --- the public surface ---------------------------------------------------------------
     def submit(self, request: GenerationRequest | dict, origin: str = "ui", owner: str | None = None,
-               warnings: list[str] | None = None) -> Job:
+               warnings: list[str] | None = None, field_names: dict[str, str] | None = None) -> Job:
         """Queue a request; returns its Job at once. Raises InvalidRequest, QueueFull or WorkerStopped.
-        `warnings`: what the caller already changed in the request (the API's schedule type run as Automatic)."""
+        `warnings`: what the caller already changed in the request (the API's schedule type run as Automatic).
+        `field_names`: the caller's names for request fields, which its messages about the job use."""
         request = parse_request(request)
         self._check_against_loaded_model(request)
-        job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=list(warnings or []))
+        job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=list(warnings or []),
+                  field_names=dict(field_names or {}))
         with self._wake:
             self._refuse_new_job()  # early: no history row for a job that cannot be queued
         # Outside the lock: a locked database waits seconds, and the queue must answer meanwhile.
@@ -669,8 +672,9 @@ class Worker:
         job.state = state
         job.clear_preview()
         job.done_event.set()  # first: waiting clients must never hang on a failed history write
-        try:
-            self.history.set_job_state(job.id, state.value, error=error, finished_at=job.finished_at)
+        try:  # the start again: its own write may have failed (a locked database), and it costs nothing
+            self.history.set_job_state(job.id, state.value, error=error, started_at=job.started_at,
+                                       finished_at=job.finished_at)
         except Exception:
             log.exception("could not record the end of job %s in the history", job.id)
 

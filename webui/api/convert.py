@@ -106,7 +106,7 @@ def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: 
     try:
         parse_request(data)
     except InvalidRequest as err:
-        problems.extend(rename_fields(str(err), req).split("; "))
+        problems.extend(rename_fields(str(err), client_field_names(req)).split("; "))
     if problems:
         raise ApiError(422, "; ".join(dict.fromkeys(problems)), "InvalidRequest")
     return data, [note] if note else []
@@ -173,9 +173,14 @@ def clip_skip_field(req: Txt2ImgRequest) -> str:
     return "CLIP_stop_at_last_layers (the option)"
 
 
-def rename_fields(message: str, req: Txt2ImgRequest) -> str:
-    """Our field names -> the A1111 names the client sent, in a validation message."""
-    renames = {"clip_skip:": f"{clip_skip_field(req)}:", "model:": "override_settings.sd_model_checkpoint:"}
+def client_field_names(req: Txt2ImgRequest) -> dict[str, str]:
+    """Our names for the request fields a client sets under other names -> the names it used."""
+    return {"clip_skip": clip_skip_field(req), "model": "override_settings.sd_model_checkpoint"}
+
+
+def rename_fields(message: str, names: dict[str, str]) -> str:
+    """Our field names -> the names the client sent (client_field_names), in a validation message."""
+    renames = {f"{ours}:": f"{theirs}:" for ours, theirs in names.items()}
     parts = message.split("; ")
     for i, part in enumerate(parts):
         for ours, theirs in renames.items():

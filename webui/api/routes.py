@@ -108,7 +108,7 @@ class Api:
         # Wait on a thread of its own, outside the shared pool, so that many waiting clients
         # never starve /progress or /interrupt. The queue limit bounds how many wait at once.
         await anyio.to_thread.run_sync(job.wait, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
-        return await anyio.to_thread.run_sync(self._result, job, req.model_dump(), req)
+        return await anyio.to_thread.run_sync(self._result, job, req.model_dump())
 
     def img2img(self, body: dict[str, Any] | None = Body(None)) -> None:
         raise ApiError(501, "img2img is not supported yet by this server; use /sdapi/v1/txt2img", "NotImplemented")
@@ -120,19 +120,26 @@ class Api:
 
     def _submit(self, req: Txt2ImgRequest, caller: str) -> Job:
         model, chosen, notes = self._model_of_requests()
+        default_model = model.entry.source if chosen else None
+        kept = self._kept_override
+        if kept is not None and not kept.state.finished:
+            # It runs before this one (the queue is first in, first out), and its model stays: this one's too.
+            # The clip skip is checked against that model once it is loaded.
+            model, default_model = None, kept.request.model
         loaded = self.engine.model  # an override may name it though it is not listed (a --ckpt path)
         default_clip_skip, clip_skip_notes = convert.clip_skip_for(req, self.clip_skip, model)
         data, request_notes = convert.to_generation_request(req, self.registry, loaded.entry if loaded else None,
                                                             default_clip_skip=default_clip_skip,
-                                                            default_model=model.entry.source if chosen else None)
+                                                            default_model=default_model)
         notes += clip_skip_notes + request_notes
+        names = convert.client_field_names(req)
         try:
-            job = self.worker.submit(data, origin="api", owner=caller, warnings=notes)
+            job = self.worker.submit(data, origin="api", owner=caller, warnings=notes, field_names=names)
             if (req.override_settings or {}).get("sd_model_checkpoint") and not data["restore_model"]:
                 self._kept_override = job
             return job
         except InvalidRequest as err:  # e.g. a clip skip deeper than the loaded model, named as the client sent it
-            raise ApiError(422, convert.rename_fields(str(err), req), "InvalidRequest") from None
+            raise ApiError(422, convert.rename_fields(str(err), names), "InvalidRequest") from None
         except QueueFull as err:
             raise ApiError(503, str(err), "QueueFull", headers={"Retry-After": str(self._retry_after())}) from None
         except WorkerStopped as err:
@@ -163,9 +170,9 @@ class Api:
         eta = running.progress.eta_seconds if running is not None else None
         return max(1, min(60, round(eta or 5)))
 
-    def _result(self, job: Job, parameters: dict[str, Any], req: Txt2ImgRequest) -> Txt2ImgResponse:
+    def _result(self, job: Job, parameters: dict[str, Any]) -> Txt2ImgResponse:
         if job.state is JobState.FAILED and job.refused:  # what the job's model could not do, known once loaded
-            raise ApiError(422, convert.rename_fields(job.error or "", req), "InvalidRequest")
+            raise ApiError(422, _error_of(job), "InvalidRequest")
         if job.state is JobState.FAILED:
             raise ApiError(500, job.error or "the job failed", "GenerationFailed")
         return convert.job_result(job, parameters, self.engine.model)
@@ -189,7 +196,7 @@ class Api:
                              finished_at=row["finished_at"])
         status = JobStatus(
             id=job.id, state=job.state.value, origin=job.origin, position=self.worker.position(job.id),
-            progress=convert.job_progress(job), error=job.error, warnings=list(job.warnings), created_at=job.created_at,
+            progress=convert.job_progress(job), error=_error_of(job), warnings=list(job.warnings), created_at=job.created_at,
             started_at=job.started_at, finished_at=job.finished_at,
         )
         preview = job.watch_preview() if current_image else None
@@ -347,7 +354,10 @@ class Api:
         name = convert.model_name(value, "sd_model_checkpoint")
         loaded = self.engine.model.entry if self.engine.model else None
         await anyio.to_thread.run_sync(convert.find_listed_model, self.registry, name, loaded)
+        kept = self._kept_override  # queued before this load, so it runs first: the option set now wins
         loaded = await self._on_worker(self.worker.queue_model_load(name), "sd_model_checkpoint: ")
+        if self._kept_override is kept:
+            self._kept_override = None
         self.model = loaded
 
     # --- lists ----------------------------------------------------------------------------------
@@ -442,6 +452,11 @@ def _no_such_route(router: APIRouter) -> Callable:
         raise ApiError(404, f"{request.url.path}: no such API route; the list is at /docs", "NotFound")
 
     return no_such_route
+
+
+def _error_of(job: Job) -> str | None:
+    """A job's error as its client should read it: a refused request's fields under the names it sent."""
+    return convert.rename_fields(job.error, job.field_names) if job.error and job.refused else job.error
 
 
 def _is_callers(job: Job, request: Request) -> bool:
