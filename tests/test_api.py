@@ -210,7 +210,13 @@ def test_variation_seeds_run_and_come_back_in_info_and_infotext(client):
     body = QUICK | {"seed": 5, "subseed": 42, "subseed_strength": 0.5, "batch_size": 2}
     info = json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])
     assert (info["subseed"], info["all_subseeds"], info["subseed_strength"]) == (42, [42, 43], 0.5)
-    assert "Variation seed: 43, Variation seed strength: 0.5" in info["infotexts"][1]
+    assert info["all_seeds"] == [5, 5]  # as A1111: variations of one picture
+    assert "Seed: 5, " in info["infotexts"][1] and "Variation seed: 43, Variation seed strength: 0.5" in info["infotexts"][1]
+    # At strength 0 the variation seeds are drawn and counted anyway, as A1111 reports them.
+    plain = json.loads(client.post("/sdapi/v1/txt2img", json=QUICK | {"subseed": 7, "batch_size": 2}).json()["info"])
+    assert plain["all_subseeds"] == [7, 8] and plain["all_seeds"] == [1, 2]
+    drawn = json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])
+    assert 0 <= drawn["subseed"] <= 2**32 - 1
     # Pasted back through `infotext`, the variation comes with it.
     pasted = json.loads(client.post("/sdapi/v1/txt2img", json={"infotext": info["infotexts"][0]}).json()["info"])
     assert (pasted["subseed"], pasted["subseed_strength"]) == (42, 0.5)

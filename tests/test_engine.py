@@ -563,6 +563,9 @@ def test_slerp_goes_from_one_noise_to_the_other_keeping_the_norm():
     halfway = slerp(0.5, a, b)
     assert abs(halfway.norm() / a.norm() - 1) < 0.05  # a straight blend would have ~0.71 of the norm
     assert abs((a + b).div(2).norm() / a.norm() - 0.71) < 0.05
+    # The angle is taken per channel and column, as A1111 takes it: unit columns stay unit columns.
+    a, b = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    assert torch.allclose(slerp(0.3, a, b).norm(dim=1), torch.ones(4, 8), atol=1e-5)
 
 
 def varied(engine, seeds, subseeds, strength, sampler):

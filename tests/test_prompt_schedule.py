@@ -41,7 +41,9 @@ def test_prompt_editing_switches_at_the_step_a1111_switches(prompt, expected):
 
 @pytest.mark.parametrize("prompt", [
     "a [cat] b", "[cat:dog]", "[cat:dog:soon]", "[a|b:0.5]", "[a:b:c:0.5]", "\\[cat:dog:3\\]", "[cat:dog:0.5",
-    "(cat:dog:0.5)", "]cat[", "a\\",
+    "(cat:dog:0.5)", "]cat[", "a\\", "[cat:dog:５]",  # A1111's numbers are ASCII digits
+    # A "|" outside an alternation is past A1111's grammar: it reads the whole prompt as text, edits included.
+    "{red|blue} hair, [cat:dog:0.5]", "(red|blue) hair, [cat:dog:5]", "a | b [cat:dog:5]", "[a|b:0.5] [cat:dog:5]",
 ])
 def test_what_is_not_an_edit_stays_as_written(prompt):
     assert phases(prompt, 20) == [(20, prompt, "")]
@@ -154,6 +156,17 @@ def test_a_phase_longer_than_75_tokens_pads_the_negative_prompt_as_the_infotext_
     long_text = ", ".join(["blurry", "dark", "noisy"] * 40)
     assert engine.pads_prompts(GenerationRequest(prompt=f"[cat:{long_text}:0.5]", cfg_scale=7))
     assert not engine.pads_prompts(GenerationRequest(prompt=f"[{long_text}:cat:0]", cfg_scale=7))  # never read
+
+
+def test_each_text_is_encoded_once_whatever_the_batch_size(engine):
+    """A1111 encodes each text once; encoding it for every image of the batch cost 8 times the work at batch 8."""
+    rows = []
+    hook = engine.pipe.text_encoder.register_forward_hook(lambda module, args, output: rows.append(len(args[0])))
+    try:
+        engine.generate(GenerationRequest(prompt="[cat|dog]", steps=4, cfg_scale=7), [1, 2, 3])
+    finally:
+        hook.remove()
+    assert rows == [2, 2]  # two texts (cat, dog), each with the negative prompt, each once
 
 
 def test_the_token_counter_counts_the_longest_text_of_the_run(engine):

@@ -81,7 +81,7 @@ class Job:
     state: JobState = JobState.QUEUED
     progress: Progress = field(default_factory=Progress)
     seeds: list[int] = field(default_factory=list)
-    subseeds: list[int] = field(default_factory=list)  # variation seeds, one per image; none at strength 0
+    subseeds: list[int] = field(default_factory=list)  # variation seeds, one per image (unused at strength 0)
     images: list[GeneratedImage] = field(default_factory=list)
     grid: Image.Image | None = None
     grid_path: str | None = None
@@ -499,8 +499,12 @@ class Worker:
         job.model = self.engine.load(request.model) if request.model else self.engine.require_model()
         _check_clip_skip(request, job.model)  # another model than at submit: checked now it is known
         self.engine.restore_device()  # after an unload-checkpoint
-        job.seeds = _seeds_from(request.seed, request.image_count)
-        job.subseeds = _seeds_from(request.subseed, request.image_count) if request.subseed_strength > 0 else []
+        # As A1111: with a variation strength every image has the seed, and the variation seed counts up (a
+        # batch of variations of one picture); without, the seed counts up. Variation seeds are drawn either way.
+        varied = request.subseed_strength > 0
+        job.seeds = _seeds_from(request.seed, 1) * request.image_count if varied else _seeds_from(
+            request.seed, request.image_count)
+        job.subseeds = _seeds_from(request.subseed, request.image_count)
         job.progress = Progress(total_steps=request.steps, image_count=request.image_count)
 
     def _run_batch(self, job: Job, batch: int, pace: StepPace) -> None:
@@ -509,7 +513,7 @@ class Worker:
         job.skip_event.clear()
         first = batch * request.batch_size
         seeds = job.seeds[first:first + request.batch_size]
-        subseeds = job.subseeds[first:first + request.batch_size] or None
+        subseeds = job.subseeds[first:first + request.batch_size] if request.subseed_strength > 0 else None
         job.progress.image_index = first
         compiling = self.engine.pending_compiles(request, len(seeds))
         job.progress.note = self._compile_note(request, compiling)
@@ -581,8 +585,8 @@ class Worker:
             "Size": f"{width}x{height}",
             "Model hash": model.short_hash,
             "Model": model.entry.name,
-            "Variation seed": job.subseeds[index] if job.subseeds else None,
-            "Variation seed strength": request.subseed_strength if job.subseeds else None,
+            "Variation seed": job.subseeds[index] if request.subseed_strength > 0 else None,
+            "Variation seed strength": request.subseed_strength if request.subseed_strength > 0 else None,
             # As A1111: which image of its batch this is (a batch image differs from a single run by rounding).
             "Batch size": request.batch_size if request.batch_size > 1 else None,
             "Batch pos": index % request.batch_size if request.batch_size > 1 else None,

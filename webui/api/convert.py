@@ -296,8 +296,8 @@ def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None 
     # none), so all_seeds[i] labels image i; with no image at all, the seeds the job was given.
     seeds = [im.seed for im in images] or job.seeds or [request.seed]
     count = len(seeds)
-    # Likewise one variation seed per returned image (none drawn at strength 0: the one asked for).
-    subseeds = ([job.subseeds[im.index] for im in images] or job.subseeds) if job.subseeds else [request.subseed] * count
+    # Likewise one variation seed per returned image (a job that never started drew none).
+    subseeds = [job.subseeds[im.index] for im in images] or job.subseeds or [request.subseed] * count
     model = job.model  # None when it never started; then the model it would have run, when known
     if model is None and loaded is not None and loaded.names(request.model):
         model = loaded

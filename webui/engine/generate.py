@@ -336,8 +336,10 @@ class Engine:
             phase = phase_at(phases, step)
             prompt_embeds, negative_embeds = embeddings[phase]
             # The pipeline reads the negative and positive embeddings as one batch under CFG.
+            # Contiguous either way (the rows are one row shown `count` times): a compiled UNet would otherwise
+            # compile again for the other memory layout.
             return {"prompt_embeds": torch.cat([negative_embeds, prompt_embeds])
-                    if pipeline.do_classifier_free_guidance else prompt_embeds}
+                    if pipeline.do_classifier_free_guidance else prompt_embeds.contiguous()}
 
         with torch.inference_mode():
             embeddings = self._encode_phases(phases, len(seeds), request.clip_skip)
@@ -371,14 +373,15 @@ class Engine:
 
     def _encode_phases(self, phases: list[PromptPhase], count: int, clip_skip: int
                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(prompt, negative) embeddings for each phase, `count` rows each. Texts that come back (alternation)
-        are encoded once."""
+        """(prompt, negative) embeddings for each phase, `count` rows each. Each pair of texts is encoded once,
+        in one row shown `count` times (every image of a batch reads the same text; alternation repeats)."""
         encoded: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         for phase in phases:
             texts = (phase.prompt, phase.negative)
             if texts not in encoded:
-                encoded[texts] = encode_prompt_pair(self.pipe, [phase.prompt] * count, [phase.negative] * count,
-                                                    clip_skip)
+                prompt_embeds, negative_embeds = encode_prompt_pair(self.pipe, [phase.prompt], [phase.negative],
+                                                                    clip_skip)
+                encoded[texts] = prompt_embeds.expand(count, -1, -1), negative_embeds.expand(count, -1, -1)
         return [encoded[(phase.prompt, phase.negative)] for phase in phases]
 
     def _to_images(self, latents: torch.Tensor, seeds: list[int], width: int, height: int) -> list[EngineImage]:

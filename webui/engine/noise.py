@@ -17,18 +17,20 @@ def variation_noise(generators: list[torch.Generator], subseeds: list[int], stre
     for generator, subseed in zip(generators, subseeds):
         own = torch.randn((1, *shape), generator=generator, dtype=dtype)  # as diffusers' randn_tensor draws it
         variation = torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(subseed), dtype=dtype)
-        images.append(slerp(strength, own, variation))
+        images.append(slerp(strength, own, variation))  # (1, channels, height, width): angles per channel, column
     return torch.cat(images)
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation from `low` (t=0) to `high` (t=1). A straight blend of two noises has a smaller
-    norm than either, which washes the picture out; along the sphere the norm stays that of noise."""
-    a, b = low.flatten().double(), high.flatten().double()
-    cosine = torch.dot(a / a.norm(), b / b.norm()).clamp(-1.0, 1.0)
+    """Spherical interpolation from `low` (t=0) to `high` (t=1), for (..., channels, height, width) noise. A
+    straight blend of two noises has a smaller norm than either, which washes the picture out; along the
+    sphere the norm stays that of noise. The angles are taken per channel and column, as A1111 takes them,
+    so with its CPU noise source its variation latents are these."""
+    a, b = low.double(), high.double()
+    a_unit, b_unit = a / a.norm(dim=-2, keepdim=True), b / b.norm(dim=-2, keepdim=True)
+    cosine = (a_unit * b_unit).sum(-2, keepdim=True).clamp(-1.0, 1.0)
+    if cosine.mean() > 0.9995:  # (nearly) the same direction: the blend is as good
+        return ((1 - t) * a + t * b).to(low.dtype)
     omega = torch.acos(cosine)
-    if torch.sin(omega).abs() < 1e-6:  # (nearly) the same direction: the blend is as good
-        mixed = (1 - t) * a + t * b
-    else:
-        mixed = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
-    return mixed.reshape(low.shape).to(low.dtype)
+    mixed = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    return mixed.to(low.dtype)

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 # A number as A1111's grammar reads it (with optional spaces around it); its decimal point matters.
-_WHEN = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*")
+_WHEN = re.compile(r"\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*")
 # Brackets nested deeper than this are read as text: the parser recurses, and no real prompt goes near it.
 MAX_NESTING = 40
 
@@ -44,7 +44,7 @@ class PromptPhase:
 
 def prompt_phases(prompt: str, negative: str, steps: int) -> list[PromptPhase]:
     """The texts a run of `steps` reads, phase by phase; one phase when nothing is edited or alternated."""
-    trees = _Parser(prompt).parse(), _Parser(negative).parse()
+    trees = _parsed(prompt), _parsed(negative)
     ends = {steps} | _switch_steps(trees[0], steps) | _switch_steps(trees[1], steps)
     phases: list[PromptPhase] = []
     for end in sorted(ends):
@@ -98,6 +98,14 @@ def _text_at(nodes: tuple, step: int, steps: int) -> str:
     return "".join(parts)
 
 
+def _parsed(text: str) -> tuple:
+    """The text's nodes; a text A1111's grammar cannot read (a `|` outside an alternation, as in `{a|b}` from
+    a wildcard) is read by A1111 as plain text throughout, its edits included, and so here."""
+    parser = _Parser(text)
+    nodes = parser.parse()
+    return (text,) if parser.stray_pipe else nodes
+
+
 class _Parser:
     """One pass over the text, no backtracking: a bracket that turns out not to be an edit or an alternation
     keeps what was read inside it, as text."""
@@ -106,6 +114,7 @@ class _Parser:
         self.text = text
         self.pos = 0
         self.depth = 0
+        self.stray_pipe = False  # a "|" that separates no alternation
 
     def parse(self) -> tuple:
         return self._sequence(stops="")
@@ -123,6 +132,7 @@ class _Parser:
                 nodes.extend(self._square() if char == "[" else self._round())
                 self.depth -= 1
             else:
+                self.stray_pipe |= char == "|"
                 end = min(len(text), self.pos + 2 if char == "\\" else self.pos + 1)  # an escaped character is text
                 nodes.append(text[self.pos:end])
                 self.pos = end
@@ -153,6 +163,7 @@ class _Parser:
         if closed and when and separators in ([":"], [":", ":"]):
             before = parts[0] if len(separators) == 2 else ()
             return [Edit(before, parts[-2], when.group(1))]
+        self.stray_pipe |= "|" in separators
         text = ["["]  # not an edit: the text as written ([word] is a weight for parse_attention)
         for index, part in enumerate(parts):
             text.extend(part)
