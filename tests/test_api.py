@@ -4,6 +4,7 @@ One set of services serves the whole module (building it loads a model), so test
 shared state (the loaded model, the queue limit) put it back before they end.
 """
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -344,27 +345,33 @@ def test_sd_models_refresh_and_switching_the_model_through_options(client, servi
         client.post("/sdapi/v1/refresh-checkpoints")
 
 
-def test_a_browser_tabs_generate_does_not_undo_the_model_an_api_client_set(client, services):
-    """Each tab runs the model its dropdown shows; the API's requests run the one set through options."""
-    shutil.copytree(services.settings.models_dir / TINY, services.settings.models_dir / "tiny-api")
+@contextlib.contextmanager
+def another_model(client, services, name: str):
+    """A copy of the tiny model under another name, listed while the block runs; afterwards the option is
+    the tiny model again and the copy is gone."""
+    shutil.copytree(services.settings.models_dir / TINY, services.settings.models_dir / name)
     client.post("/sdapi/v1/refresh-checkpoints")
     try:
+        yield name
+    finally:
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
+        shutil.rmtree(services.settings.models_dir / name, ignore_errors=True)
+        client.post("/sdapi/v1/refresh-checkpoints")
+
+
+def test_a_browser_tabs_generate_does_not_undo_the_model_an_api_client_set(client, services):
+    """Each tab runs the model its dropdown shows; the API's requests run the one set through options."""
+    with another_model(client, services, "tiny-api"):
         assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-api"}).status_code == 200
         tab_job = services.worker.submit(QUICK | {"model": TINY}, origin="ui")  # a tab showing TINY
         assert tab_job.wait(60) and services.engine.model.entry.name == TINY
         info = json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])
         assert info["sd_model_name"] == "tiny-api"
         assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-api [")
-    finally:
-        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
-        shutil.rmtree(services.settings.models_dir / "tiny-api", ignore_errors=True)
-        client.post("/sdapi/v1/refresh-checkpoints")
 
 
 def test_an_override_models_clip_skip_is_checked_once_loaded_and_a_kept_override_becomes_the_option(client, services):
-    shutil.copytree(services.settings.models_dir / TINY, services.settings.models_dir / "tiny-other")
-    client.post("/sdapi/v1/refresh-checkpoints")
-    try:
+    with another_model(client, services, "tiny-other"):
         assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
         # Deeper than the model named: known only once it is loaded, and still the client's to fix (not a 500).
         too_deep = {"sd_model_checkpoint": "tiny-other", "CLIP_stop_at_last_layers": TEXT_LAYERS + 1}
@@ -380,20 +387,14 @@ def test_an_override_models_clip_skip_is_checked_once_loaded_and_a_kept_override
         assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK | kept).json()["info"])["sd_model_name"] == "tiny-other"
         assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-other [")
         assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["sd_model_name"] == "tiny-other"
-    finally:
-        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
-        shutil.rmtree(services.settings.models_dir / "tiny-other", ignore_errors=True)
-        client.post("/sdapi/v1/refresh-checkpoints")
 
 
 def test_a_kept_override_counts_in_queue_order(client, services):
     """Requests queued behind it run on its model, as it is the option by their turn; an option set after it
     wins over it."""
-    shutil.copytree(services.settings.models_dir / TINY, services.settings.models_dir / "tiny-other")
-    client.post("/sdapi/v1/refresh-checkpoints")
     kept = QUICK | {"override_settings": {"sd_model_checkpoint": "tiny-other"},
                     "override_settings_restore_afterwards": False}
-    try:
+    with another_model(client, services, "tiny-other"):
         assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
         blocker = services.worker.submit(LONG, origin="ui")  # holds the queue, so the override stays queued
         wait_for(lambda: blocker.state is JobState.RUNNING)
@@ -408,10 +409,6 @@ def test_a_kept_override_counts_in_queue_order(client, services):
         assert override.wait(60) and override.model.entry.name == "tiny-other"
         assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith(f"{TINY} [")
         assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["sd_model_name"] == TINY
-    finally:
-        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
-        shutil.rmtree(services.settings.models_dir / "tiny-other", ignore_errors=True)
-        client.post("/sdapi/v1/refresh-checkpoints")
 
 
 def test_the_api_models_clip_skip_and_a_model_deleted_since(client, services):
