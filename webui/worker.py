@@ -501,9 +501,10 @@ class Worker:
         self.engine.restore_device()  # after an unload-checkpoint
         # As A1111: with a variation strength every image has the seed, and the variation seed counts up (a
         # batch of variations of one picture); without, the seed counts up. Variation seeds are drawn either way.
-        varied = request.subseed_strength > 0
-        job.seeds = _seeds_from(request.seed, 1) * request.image_count if varied else _seeds_from(
-            request.seed, request.image_count)
+        if request.subseed_strength > 0:
+            job.seeds = _seeds_from(request.seed, 1) * request.image_count
+        else:
+            job.seeds = _seeds_from(request.seed, request.image_count)
         job.subseeds = _seeds_from(request.subseed, request.image_count)
         job.progress = Progress(total_steps=request.steps, image_count=request.image_count)
 

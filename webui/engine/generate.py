@@ -331,9 +331,10 @@ class Engine:
             if on_step is not None and step > reported:
                 reported, finished = step, tensors["latents"]
                 on_step(step, request.steps, finished)
-            if phase_at(phases, step) == phase:
+            following = phase_at(phases, step)
+            if following == phase:
                 return {}
-            phase = phase_at(phases, step)
+            phase = following
             prompt_embeds, negative_embeds = embeddings[phase]
             # The pipeline reads the negative and positive embeddings as one batch under CFG.
             # Contiguous either way (the rows are one row shown `count` times): a compiled UNet would otherwise

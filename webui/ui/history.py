@@ -111,7 +111,7 @@ class HistoryActions:
     def poll(self, page: int, search: str, seen: list | None, selected: int | None = None):
         """Reload the page only when the history changed since this session last looked."""
         if self.fingerprint() == seen:
-            return (gr.skip(),) * (5 + len(_nothing_selected()))
+            return (gr.skip(),) * (5 + len(_nothing_selected()))  # the page's four, the fingerprint, the details
         return self.reload(page, search, selected)
 
     def select(self, ids: list[int], evt: gr.SelectData):
