@@ -537,11 +537,13 @@ def test_history_pages_search_select_send_and_delete(ui, ui_services, monkeypatc
     generate(ui, prompt="a zebra", seed=10, n_iter=3)
     generate(ui, prompt="a quokka", seed=20)
 
-    page, ids, gallery, info = actions.load_page(0, "zebra")
+    page, ids, gallery, info, newer, older = actions.load_page(0, "zebra")
     assert len(ids) == 2 and "Page 1 of 2 · 3 images" in info
+    assert not newer["interactive"] and older["interactive"]  # nothing newer than the first page
     assert [caption for _, caption in gallery["value"]] == ["a zebra (seed 12)", "a zebra (seed 11)"]  # newest first
-    page, ids, gallery, _ = actions.next_page(page, "zebra")
+    page, ids, gallery, _, newer, older = actions.next_page(page, "zebra")
     assert page == 1 and [caption for _, caption in gallery["value"]] == ["a zebra (seed 10)"]
+    assert newer["interactive"] and not older["interactive"]  # nothing older than the last
     assert actions.next_page(page, "zebra")[0] == 1  # clamped at the last page
 
     image_id, path, details, open_file, delete, confirm_row = actions.select(ids, selected(0))
@@ -570,18 +572,18 @@ def test_history_counts_right_at_once_after_files_are_deleted_by_hand(ui, ui_ser
     rows, _ = ui_services.history.list_images(0, 3, "wombat probe")
     for row in rows[1:]:  # the two older ones, which the page's first row does not show
         ui_services.outputs.resolve(row.path).unlink()
-    page, ids, items, info = ui.history_actions.load_page(0, "wombat probe")
+    page, ids, items, info, *_ = ui.history_actions.load_page(0, "wombat probe")
     assert len(ids) == 1 and "Page 1 of 1 · 1 image matching" in info, info
 
 
 def test_history_timer_reloads_only_when_images_finish(ui, monkeypatch):
     actions = ui.history_actions
-    seen = actions.reload(0, "")[4]
+    seen = actions.reload(0, "")[6]
     with monkeypatch.context() as patch:  # nothing changed: the timer reads no page (a count reads every row)
         patch.setattr(actions.history, "list_images", lambda *args: pytest.fail("the timer read a page"))
         assert all(is_skip(value) for value in actions.poll(0, "", seen))
     generate(ui, prompt="a heron", seed=5)
-    page, ids, gallery, info, now, *details = actions.poll(0, "", seen)
+    page, ids, gallery, info, _, _, now, *details = actions.poll(0, "", seen)
     assert now != seen and gallery["value"][0][1] == "a heron (seed 5)"
     assert all(is_skip(value) for value in details)  # nothing selected: the detail view is left alone
 
@@ -589,22 +591,22 @@ def test_history_timer_reloads_only_when_images_finish(ui, monkeypatch):
 def test_after_a_reload_the_highlight_stays_on_the_selected_image_or_goes(ui, ui_services):
     actions = ui.history_actions
     generate(ui, prompt="a highlight probe", seed=40, n_iter=2)
-    _, ids, gallery, _ = actions.load_page(0, "highlight probe")
+    _, ids, gallery, *_ = actions.load_page(0, "highlight probe")
     chosen = ids[1]  # the older of the two
     generate(ui, prompt="a highlight probe", seed=50)  # another tab's image comes first now
-    _, ids, gallery, _, _, *details = actions.reload(0, "highlight probe", chosen)
+    _, ids, gallery, _, _, _, _, *details = actions.reload(0, "highlight probe", chosen)
     assert ids.index(chosen) == 2 and gallery["selected_index"] == 2  # it moved, and the highlight with it
     assert all(is_skip(value) for value in details)
-    _, _, gallery, _ = actions.load_page(0, "no such prompt at all", chosen)
+    _, _, gallery, *_ = actions.load_page(0, "no such prompt at all", chosen)
     assert gallery["selected_index"] is None  # not on the page: nothing highlighted
 
 
 def test_an_image_deleted_in_another_tab_leaves_the_detail_view(ui, ui_services):
     actions = ui.history_actions
     generate(ui, prompt="a deleted elsewhere probe", seed=60)
-    _, ids, _, _ = actions.load_page(0, "deleted elsewhere probe")
+    _, ids, *_ = actions.load_page(0, "deleted elsewhere probe")
     ui_services.history.delete_image(ids[0])  # another tab's Delete for good
-    _, _, gallery, _, _, *details = actions.reload(0, "", ids[0])
+    details = list(actions.reload(0, "", ids[0])[7:])  # after the page's six outputs and the fingerprint
     assert details[:3] == [None, None, ""] and not details[4]["interactive"]  # emptied, Delete greyed out
     for action in (lambda: actions.fields(ids[0]), lambda: actions.delete(ids[0], 0, "")):
         with pytest.raises(gr.Error, match="no longer in the history"):

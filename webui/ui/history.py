@@ -33,6 +33,8 @@ class HistoryTab:
     seen: gr.State  # fingerprint of the history when this session last loaded it
     gallery: gr.Gallery
     page_info: gr.HTML
+    newer: gr.Button
+    older: gr.Button
     image: gr.Image
     details: gr.Textbox
     send: gr.Button
@@ -44,7 +46,7 @@ class HistoryTab:
 
     @property
     def page_outputs(self) -> list:
-        return [self.page, self.ids, self.gallery, self.page_info]
+        return [self.page, self.ids, self.gallery, self.page_info, self.newer, self.older]
 
     @property
     def detail_outputs(self) -> list:
@@ -63,7 +65,8 @@ class HistoryActions:
         self.can_delete = not (services.settings.public and not services.settings.gradio_auth)
 
     def load_page(self, page: int, search: str, selected: int | None = None):
-        """(page, ids on the page, the gallery's update, page info) for a page, clamped to the pages there are.
+        """(page, ids on the page, the gallery's update, page info, Newer, Older) for a page, clamped to the pages
+        there are; Newer and Older are greyed out where there is no page to go to.
         The gallery's highlight goes to the selected image wherever the page now has it, or nowhere: a reload
         after another tab's image shifts the thumbnails, and a highlight left in place marks another image
         than the one Delete would remove."""
@@ -84,7 +87,8 @@ class HistoryActions:
             info += f" matching “{html.escape(search.strip())}”"
         ids = [row.id for row, _ in shown]
         gallery = gr.update(value=items, selected_index=ids.index(selected) if selected in ids else None)
-        return page, ids, gallery, f"<span class='dw-page-info' title='{info}'>{info}</span>"
+        return (page, ids, gallery, f"<span class='dw-page-info' title='{info}'>{info}</span>",
+                gr.update(interactive=page > 0), gr.update(interactive=page < pages - 1))
 
     def first_page(self, search: str, selected: int | None = None):
         return self.load_page(0, search, selected)
@@ -111,7 +115,7 @@ class HistoryActions:
     def poll(self, page: int, search: str, seen: list | None, selected: int | None = None):
         """Reload the page only when the history changed since this session last looked."""
         if self.fingerprint() == seen:
-            return (gr.skip(),) * (5 + len(_nothing_selected()))  # the page's four, the fingerprint, the details
+            return (gr.skip(),) * (7 + len(_nothing_selected()))  # the page's six, the fingerprint, the details
         return self.reload(page, search, selected)
 
     def select(self, ids: list[int], evt: gr.SelectData):
@@ -215,8 +219,8 @@ def build_history(services: Services) -> tuple[HistoryTab, HistoryActions]:
                 keep = gr.Button("Keep", elem_id="history_keep")
     timer = gr.Timer(POLL_SECONDS)
 
-    tab = HistoryTab(search, page_state, ids_state, selected, seen, gallery, page_info, image, details, send,
-                     open_file, delete, confirm_row, confirm_delete, keep)
+    tab = HistoryTab(search, page_state, ids_state, selected, seen, gallery, page_info, previous, following, image,
+                     details, send, open_file, delete, confirm_row, confirm_delete, keep)
     detail_outputs = tab.detail_outputs
     search.submit(actions.first_page, inputs=[search, selected], outputs=tab.page_outputs, api_name="history_search",
                   show_progress="hidden")
