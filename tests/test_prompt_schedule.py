@@ -173,3 +173,22 @@ def test_the_token_counter_counts_the_longest_text_of_the_run(engine):
     assert engine.count_tokens("[cat|dog bird fish]") == 3
     assert engine.count_tokens("[cat:dog bird fish:30]", steps=20) == 1  # the switch never comes
     assert engine.count_tokens("[cat:dog bird fish:30]", steps=40) == 3
+
+
+def test_a_stop_between_the_encodes_of_several_texts_comes_before_the_rest(engine):
+    """Encoding 150 texts takes minutes on a CPU: Interrupt must not wait for all of them."""
+    from webui.engine.generate import DenoisingStopped
+
+    calls, encodes = [], []
+    hook = engine.pipe.text_encoder.register_forward_hook(lambda module, args, output: encodes.append(1))
+
+    def stop(step, total, latents):
+        calls.append((step, total, latents))
+        raise DenoisingStopped("interrupted")
+
+    try:
+        with pytest.raises(DenoisingStopped):
+            engine.generate(GenerationRequest(prompt="[cat|dog|bird|fish]", steps=8), [1], stop)
+    finally:
+        hook.remove()
+    assert calls == [(0, 8, None)] and encodes == [1]  # the first text only: the stop came before the second

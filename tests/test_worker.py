@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from webui.engine.models import ModelNotFound
-from webui.schemas import InvalidRequest, JobState
+from webui.schemas import GenerationRequest, InvalidRequest, JobState
 from webui.storage.outputs import read_infotext
 from webui.worker import QueueFull, WorkerStopped
 from tests.conftest import TINY
@@ -707,3 +707,18 @@ def test_variation_seeds_count_up_per_image_and_are_written_as_a1111_writes_them
     plain = services.worker.submit(QUICK | {"seed": 70, "subseed": 100, "n_iter": 2})  # strength 0: no variation
     assert plain.wait(60) and (plain.seeds, plain.subseeds) == ([70, 71], [100, 101])
     assert "Variation" not in plain.images[0].infotext
+
+
+def test_the_step_callback_stops_or_waits_quietly_while_the_prompt_is_encoded(services):
+    """The engine calls it with no latents between the encodes of a prompt's texts: a stop may come in, and
+    nothing is shown."""
+    from webui.worker import Job, JobCancelled, StepPace
+
+    job = Job(id="j", request=GenerationRequest(**QUICK), origin="api")
+    on_step = services.worker._step_callback(job, 0, [], StepPace())
+    assert job.watch_preview() is None  # someone watches the preview
+    on_step(0, 20, None)
+    assert job.watch_preview() is None and job.progress.total_steps == 0  # untouched
+    job.cancel_event.set()
+    with pytest.raises(JobCancelled):
+        on_step(0, 20, None)

@@ -555,11 +555,13 @@ class Worker:
         # The VAE decoder compiles after the last step, while the bar would otherwise say 100 %.
         decoder_note = self._compile_note(job.request, ["VAE decoder"] if "VAE decoder" in compiling else [])
 
-        def on_step(step: int, total_steps: int, latents: torch.Tensor) -> None:
+        def on_step(step: int, total_steps: int, latents: torch.Tensor | None) -> None:
             if job.cancel_event.is_set():
                 raise JobCancelled
             if job.skip_event.is_set():
                 raise BatchSkipped
+            if step == 0:  # before the first step, while the prompt's texts are encoded: nothing to show yet
+                return
             fraction = (batch + step / total_steps) / batches
             pace.step(step, total_steps)
             steps_left = (total_steps - step) + (batches - batch - 1) * total_steps

@@ -28,7 +28,8 @@ from webui.schemas import MAX_PROMPT_CHARS, GenerationRequest
 
 log = logging.getLogger(__name__)
 
-# Called after every sampler step with (step, steps, latents); it may raise to stop.
+# Called after every sampler step with (step, steps, latents), and with (0, steps, None) between the encodes
+# of a prompt that reads several texts (editing, alternation: minutes of them on a CPU); it may raise to stop.
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
@@ -343,7 +344,8 @@ class Engine:
                     if pipeline.do_classifier_free_guidance else prompt_embeds.contiguous()}
 
         with torch.inference_mode():
-            embeddings = self._encode_phases(phases, len(seeds), request.clip_skip)
+            between_encodes = (lambda: on_step(0, request.steps, None)) if on_step is not None else None
+            embeddings = self._encode_phases(phases, len(seeds), request.clip_skip, between_encodes)
             noise = None  # drawn by the pipeline from the generators, unless a variation seed moves it
             if request.subseed_strength > 0 and subseeds:
                 shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
@@ -372,14 +374,17 @@ class Engine:
                 raise NonFiniteOutput(_nan_advice(pipe.unet.dtype))
             return self._to_images(latents, seeds, width, height)
 
-    def _encode_phases(self, phases: list[PromptPhase], count: int, clip_skip: int
-                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _encode_phases(self, phases: list[PromptPhase], count: int, clip_skip: int,
+                       between_encodes: Callable[[], None] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(prompt, negative) embeddings for each phase, `count` rows each. Each pair of texts is encoded once,
-        in one row shown `count` times (every image of a batch reads the same text; alternation repeats)."""
+        in one row shown `count` times (every image of a batch reads the same text; alternation repeats).
+        `between_encodes` runs before each encode after the first, and may raise to stop."""
         encoded: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         for phase in phases:
             texts = (phase.prompt, phase.negative)
             if texts not in encoded:
+                if encoded and between_encodes is not None:
+                    between_encodes()
                 prompt_embeds, negative_embeds = encode_prompt_pair(self.pipe, [phase.prompt], [phase.negative],
                                                                     clip_skip)
                 encoded[texts] = prompt_embeds.expand(count, -1, -1), negative_embeds.expand(count, -1, -1)
