@@ -322,21 +322,6 @@ def test_png_info_send_keeps_the_sampler_and_warns_about_a_schedule_we_lack(page
     expect_text(page, "body", "Schedule type not applied: unknown schedule type 'Normal'")
 
 
-def pick(page, elem_id: str, choice: str) -> None:
-    page.locator(f"#{elem_id} input").click()
-    page.get_by_role("option", name=choice, exact=True).click()
-    playwright_api.expect(page.locator(f"#{elem_id} input")).to_have_value(choice)
-
-
-def test_a_sampler_that_cannot_follow_the_schedule_type_resets_it_without_an_error(page):
-    pick(page, "txt2img_sampler", "Heun")
-    pick(page, "txt2img_scheduler", "Exponential")
-    pick(page, "txt2img_sampler", "DDIM")  # DDIM takes Automatic or SGM Uniform only
-    playwright_api.expect(page.locator("#txt2img_scheduler input")).to_have_value("Automatic")
-    page.wait_for_timeout(1500)  # an error pop-up comes after the value changed
-    assert "is not in the list of choices" not in page.locator("body").inner_text()
-
-
 def test_the_history_highlight_follows_the_selected_image_when_new_ones_push_it_along(page):
     def make(prompt):
         page.locator("#txt2img_prompt textarea").fill(prompt)

@@ -314,8 +314,7 @@ def test_the_engine_predicts_which_parts_compile(models_dir, tmp_path, compile_w
         ({"sampler_name": "Euler"}, [1], []),  # float timesteps, as the warm-up's sampler
         ({"sampler_name": "DPM++ 2M"}, [1], ["UNet"]),  # integer timesteps
         ({"width": 96}, [1], ["UNet", "VAE decoder"]),
-        ({"prompt": f"[a red pear:{long_prompt}:1]", "steps": 3}, [1], ["UNet"]),  # two chunks from step 2
-        ({"prompt": long_prompt}, [1], []),  # seen in the edit above
+        ({"prompt": long_prompt}, [1], ["UNet"]),
         ({"cfg_scale": 1}, [1], ["UNet"]),  # no CFG: half the UNet batch
         ({}, [1, 2], ["UNet", "VAE decoder"]),
         ({"width": 96}, [1], []),  # seen above
@@ -326,6 +325,27 @@ def test_the_engine_predicts_which_parts_compile(models_dir, tmp_path, compile_w
         before = len(graphs)
         engine.generate(request, seeds)
         assert len(graphs) - before == len(expected), change  # the prediction matches torch
+
+
+def test_prompt_editing_between_two_lengths_compiles_the_unet_at_both(models_dir, tmp_path, compile_with):
+    """Each phase runs the UNet at its own prompt length: both are predicted, compiled and then known."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compile_with(counting_backend)
+    engine = tiny_engine(models_dir, tmp_path, compile=True)
+    engine.warm_up()
+    two_chunks, three_chunks = " ".join(["cat"] * 100), " ".join(["cat"] * 200)
+    edited = GenerationRequest(prompt=f"[{two_chunks}:{three_chunks}:1]", steps=3)
+    assert engine.pending_compiles(edited, 1) == ["UNet"]
+    before = len(graphs)
+    engine.generate(edited, [1])
+    assert len(graphs) - before == 2  # one UNet graph for each length
+    for text in (two_chunks, three_chunks):
+        assert engine.pending_compiles(GenerationRequest(prompt=text, steps=3), 1) == []
 
 
 def test_a_job_at_a_new_size_says_it_is_compiling(models_dir, tmp_path, compile_with, monkeypatch):

@@ -32,7 +32,7 @@ from webui.schemas import JobState
 from webui.services import build_services
 from webui.ui import history as history_module
 from webui.ui.blocks import create_ui
-from webui.ui.params import TXT2IMG_FIELDS
+from webui.ui.params import TXT2IMG_FIELDS, schedules_of
 from webui.ui.txt2img import Session
 from tests.helpers import running_services, wait_for
 
@@ -692,6 +692,16 @@ def test_the_schedule_type_list_follows_the_sampler(ui):
     assert schedules_for("Euler a", "Karras") == gr.update(choices=["Automatic", "SGM Uniform"], value="Automatic")
     assert "value" not in schedules_for("DPM++ 2M", "SGM Uniform")  # kept: DPM++ 2M can follow it
     assert schedules_for("LCM", "Karras")["choices"] == ["Automatic"]
+    # A sampler pick can reach the server with the old schedule type while the list Gradio knows is already
+    # the new sampler's: Gradio's own check of the value then failed with a raw pop-up, before schedules_for.
+    scheduler = ui.txt2img.widgets["scheduler"]
+    built = scheduler.choices
+    scheduler.choices = [(label, label) for label in schedules_of("DDIM")]  # as Gradio holds it after the pick
+    try:
+        assert scheduler.preprocess("Exponential") == "Exponential"
+    finally:
+        scheduler.choices = built
+    assert schedules_for("DDIM", "Exponential")["value"] == "Automatic"  # which then resets it
 
 
 def test_send_to_txt2img_keeps_a_known_sampler_and_says_what_it_could_not_apply(ui):

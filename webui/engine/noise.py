@@ -24,8 +24,7 @@ def variation_noise(generators: list[torch.Generator], subseeds: list[int], stre
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation from `low` (t=0) to `high` (t=1), for (..., channels, height, width) noise. A
     straight blend of two noises has a smaller norm than either, which washes the picture out; along the
-    sphere the norm stays that of noise. The angles are taken per channel and column, as A1111 takes them,
-    so with its CPU noise source its variation latents are these."""
+    sphere the norm stays that of noise. The angles are taken per channel and column, as A1111 takes them."""
     a, b = low.double(), high.double()
     a_unit, b_unit = a / a.norm(dim=-2, keepdim=True), b / b.norm(dim=-2, keepdim=True)
     cosine = (a_unit * b_unit).sum(-2, keepdim=True).clamp(-1.0, 1.0)
