@@ -66,3 +66,23 @@ def test_the_denoising_loop_never_waits_for_the_gpu(engines):
     compiled, _ = engines
     request = GenerationRequest(prompt="a red apple", steps=6, sampler_name="Euler")
     assert loop_sync_sites(compiled, request, [3]) == []
+
+
+@pytest.mark.parametrize("prompt, steps", [("[a red apple:a green pear:3]", 6), ("[apple|pear] on a table", 6),
+                                           ("a red apple", 1)])
+def test_prompt_editing_and_one_step_under_cuda_graphs(engines, prompt, steps):
+    """Prompt editing swaps the text embeddings inside the loop, into the inputs of a graph-captured UNet;
+    one step is the shortest schedule the samplers' trailing spacing must handle."""
+    compiled, plain = engines
+    request = GenerationRequest(prompt=prompt, steps=steps, sampler_name="Euler a")
+    assert_same_pictures(compiled.generate(request, [5, 6]), plain.generate(request, [5, 6]))
+
+
+def test_variation_seeds_under_cuda_graphs(engines):
+    """Variation seeds hand the pipeline its starting latents (slerp of two noises) instead of a seed."""
+    compiled, plain = engines
+    request = GenerationRequest(prompt="a red apple", steps=4, sampler_name="Euler", subseed_strength=0.4)
+    ours = compiled.generate(request, [9, 9], subseeds=[10, 11])
+    assert_same_pictures(ours, plain.generate(request, [9, 9], subseeds=[10, 11]))
+    pixels = [np.asarray(r.image, dtype=np.int16) for r in ours]
+    assert np.abs(pixels[0] - pixels[1]).max() > 0, "two variation seeds gave the same picture"

@@ -119,7 +119,13 @@ def test_loop_sync_sites_name_the_line_that_waited(monkeypatch):
     from bench.gpu_speed import loop_sync_sites
 
     modes = []
-    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def set_sync_debug_mode(mode: str) -> None:
+        if modes and modes[-1] == "warn":  # torch's own switch warned on an H100: not the loop's sync
+            warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        modes.append(mode)
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_sync_debug_mode)
 
     def waits_for_the_gpu() -> None:
         if modes and modes[-1] == "warn":  # torch warns only in its sync debug mode
