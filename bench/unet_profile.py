@@ -10,6 +10,11 @@ on the attention shapes of that UNet (self-attention at each level, and cross-at
 Part 3 times the whole call with cuDNN picking convolution algorithms by heuristics (torch's default)
 and by trying them (torch.backends.cudnn.benchmark). Together they say where a faster kernel or setting
 would pay before anyone writes one. No compile, so it takes about a minute on a GPU.
+
+--compiled profiles instead the UNet as the fast path compiles it (inductor), but without CUDA graphs so that
+each kernel shows: device time by kind of kernel (inductor's fused Triton kernels, convolutions, matmuls,
+attention, the rest), the most expensive kernels by name, and the whole call's time. It says what is left
+to win once compile has fused what it can. About a minute of compile per batch size on an H100.
 """
 from __future__ import annotations
 
@@ -35,6 +40,14 @@ KINDS = {
     "linear": ("addmm", "aten::mm", "aten::linear", "matmul", "gemm"),
     "normalisation": ("group_norm", "layer_norm", "native_group_norm", "native_layer_norm"),
 }
+# Kernel names under --compiled (cuDNN, cuBLAS/CUTLASS, flash and inductor name their own); first match wins.
+KERNEL_KINDS = {
+    "fused (inductor)": ("triton",),
+    "attention": ("flash", "fmha", "attention", "softmax"),
+    "convolution": ("conv", "fprop", "dgrad", "implicit", "winograd"),
+    "matmul": ("gemm", "cutlass", "nvjet", "matmul", "aten::mm", "addmm", "bmm"),  # nvjet: cuBLASLt on Hopper
+}
+TOP_KERNELS = 12
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,11 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="CPU, tiny UNet, fp32, 64x64")
     p.add_argument("--batch-sizes", default=None, help="images per call, comma list (default 1,8; tiny 1)")
     p.add_argument("--json", type=Path, default=None, help="where to write the results (default: print only)")
+    p.add_argument("--compiled", action="store_true", help="profile the compiled UNet's kernels (no CUDA graphs)")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; tiny eager)")
     args = p.parse_args(argv)
     args.device = "cpu" if args.tiny else "cuda"
     args.dtype = torch.float32 if args.tiny else torch.float16
     args.size = 64 if args.tiny else 512
     args.batch_sizes = [int(b) for b in (args.batch_sizes or ("1" if args.tiny else "1,8")).split(",")]
+    args.compile_backend = args.compile_backend or ("eager" if args.tiny else "inductor")
     if not args.tiny and not torch.cuda.is_available():
         p.error("no CUDA GPU visible; use --tiny for the CPU smoke test")
     return args
@@ -61,9 +77,9 @@ def unet_inputs(unet, args, images: int) -> tuple:
     return sample.to(memory_format=torch.channels_last), torch.tensor(500.0, device=args.device), context
 
 
-def kind_of(op_name: str) -> str:
+def kind_of(op_name: str, kinds: dict = KINDS) -> str:
     name = op_name.lower()
-    return next((kind for kind, marks in KINDS.items() if any(mark in name for mark in marks)), "other")
+    return next((kind for kind, marks in kinds.items() if any(mark in name for mark in marks)), "other")
 
 
 def profile_call(unet, args, images: int) -> dict[str, float]:
@@ -87,6 +103,31 @@ def profile_call(unet, args, images: int) -> dict[str, float]:
         own_us = event.self_device_time_total if on_cuda else event.self_cpu_time_total
         totals[kind_of(event.key)] += own_us / 1000
     return totals
+
+
+def profile_compiled_call(unet, args, images: int) -> dict:
+    """The compiled UNet's kernels: milliseconds by kind, the top kernels by name, and the whole call.
+    On the CPU (tests) there are no kernels: the ops that the compiled module runs stand in for them."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = unet_inputs(unet, args, images)
+    for _ in range(3):  # the compile, then cuDNN's and the allocator's first calls
+        unet(*inputs)
+    on_cuda = args.device == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])) as prof:
+        unet(*inputs)
+        if on_cuda:
+            torch.cuda.synchronize()
+    wanted = DeviceType.CUDA if on_cuda else DeviceType.CPU
+    kernels = [(event.key, (event.self_device_time_total if on_cuda else event.self_cpu_time_total) / 1000)
+               for event in prof.key_averages() if event.device_type == wanted]
+    kernels = sorted(((name, ms) for name, ms in kernels if ms > 0), key=lambda kernel: -kernel[1])
+    by_kind: dict[str, float] = {kind: 0.0 for kind in (*KERNEL_KINDS, "other")}
+    for name, ms in kernels:
+        by_kind[kind_of(name, KERNEL_KINDS)] += ms
+    return {"kernel_ms": by_kind, "top_kernels": [{"name": name[:120], "ms": ms} for name, ms in kernels[:TOP_KERNELS]],
+            "call_ms": median_ms(lambda: unet(*inputs), args, repeats=10)}
 
 
 def attention_shapes(unet, args, images: int) -> list[tuple[str, int, int, int, int]]:
@@ -164,6 +205,13 @@ def run(args) -> dict:
     unet = parts["unet"]
     report = {"card": card_name(args.device), "dtype": str(args.dtype).removeprefix("torch."),
               "torch": torch.__version__, "size": args.size, "profile_ms": {}, "attention_ms": {}, "cudnn_ms": {}}
+    if args.compiled:
+        report["compiled"] = {}
+        unet = torch.compile(unet, fullgraph=False, dynamic=False, backend=args.compile_backend)
+        with torch.inference_mode():
+            for images in args.batch_sizes:
+                report["compiled"][images] = profile_compiled_call(unet, args, images)
+        return report
     with torch.inference_mode():
         for images in args.batch_sizes:
             report["profile_ms"][images] = profile_call(unet, args, images)
@@ -174,6 +222,13 @@ def run(args) -> dict:
 
 def print_report(report: dict) -> None:
     print(f"{report['card']}, {report['dtype']}, {report['size']}x{report['size']}, torch {report['torch']}")
+    for images, compiled in report.get("compiled", {}).items():
+        total = sum(compiled["kernel_ms"].values())
+        parts = ", ".join(f"{kind} {ms:.2f} ({ms / total:.0%})" for kind, ms in compiled["kernel_ms"].items())
+        print(f"compiled UNet call, {images} image(s) with CFG: {compiled['call_ms']:.2f} ms, "
+              f"{total:.2f} ms in kernels: {parts}")
+        for kernel in compiled["top_kernels"]:
+            print(f"  {kernel['ms']:8.3f} ms  {kernel['name']}")
     for images, kinds in report["profile_ms"].items():
         total = sum(kinds.values())
         parts = ", ".join(f"{kind} {ms:.2f} ({ms / total:.0%})" for kind, ms in kinds.items())

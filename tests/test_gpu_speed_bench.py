@@ -159,3 +159,24 @@ def test_unet_profile_sorts_op_time_by_kind_and_times_attention_per_level(tmp_pa
     assert all(row["math"] > 0 for row in report["attention_ms"][1])
     assert report["cudnn_ms"][1]["heuristics"] > 0 and report["cudnn_ms"][1]["benchmark"] > 0
     assert json.loads((tmp_path / "profile.json").read_text())["attention_ms"]["1"][1]["keys"] == 77
+
+
+def test_unet_profile_compiled_sums_kernels_by_kind_and_names_the_largest(tmp_path):
+    """On the CPU the compiled module's ops stand in for the GPU's kernels; the kinds must add up to them."""
+    from bench.unet_profile import KERNEL_KINDS, TOP_KERNELS, kind_of, main
+
+    report = main(["--tiny", "--compiled", "--json", str(tmp_path / "compiled.json")])
+    compiled = report["compiled"][1]
+    assert report["profile_ms"] == {}, "--compiled profiles only the compiled UNet"
+    tops = compiled["top_kernels"]
+    assert 0 < len(tops) <= TOP_KERNELS and compiled["call_ms"] > 0
+    assert [kernel["ms"] for kernel in tops] == sorted((kernel["ms"] for kernel in tops), reverse=True)
+    assert compiled["kernel_ms"]["convolution"] > 0 and sum(compiled["kernel_ms"].values()) >= sum(k["ms"] for k in tops)
+    assert json.loads((tmp_path / "compiled.json").read_text())["compiled"]["1"]["call_ms"] > 0
+    # Kernel names as the H100 reports them (cuDNN, CUTLASS, flash, inductor) land in their kinds.
+    assert [kind_of(name, KERNEL_KINDS) for name in (
+        "triton_per_fused_native_group_norm_silu_3", "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc",
+        "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64", "nvjet_sm90_hsh_128x256_64x4_2x1_v_bz_coopA_bias_TNN",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1_kernel0_0",
+        "void at::native::elementwise_kernel<128, 2>")] == [
+        "fused (inductor)", "convolution", "matmul", "matmul", "attention", "other"]
