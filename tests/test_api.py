@@ -522,13 +522,44 @@ def test_cmd_flags_use_a1111s_names_and_never_give_away_credentials(client, serv
     assert (flags["ckpt"], flags["ckpt_dir"], flags["port"]) == (settings.ckpt, str(settings.models_dir), 7860)
     assert not any(flags[name] for name in ("api", "nowebui", "listen", "share", "medvram", "lowvram", "no_half",
                                             "no_half_vae", "xformers", "skip_torch_cuda_test"))
-    assert flags["data_dir"] is flags["models_dir"] is flags["lora_dir"] is None and flags["use_cpu"] == ["all"]
+    assert flags["data_dir"] is flags["models_dir"] is None and flags["use_cpu"] == ["all"]
+    assert flags["lora_dir"] == str(settings.models_dir / "Lora")
     assert flags["gradio_auth"] is None and flags["api_auth"] is None
     locked = dataclasses.replace(services, settings=dataclasses.replace(settings, gradio_auth=[("alice", "s3cret")]))
     with TestClient(create_api_app(locked)) as c:
         r = c.get("/sdapi/v1/cmd-flags", auth=("alice", "s3cret"))
     assert r.json()["gradio_auth"] == r.json()["api_auth"] == "<set>"  # the UI's login guards the API too
     assert "alice" not in r.text and "s3cret" not in r.text
+
+
+def test_loras_are_listed_refreshed_used_and_named_in_the_infotext(client, services):
+    from tests.test_lora import kohya_state, lora_pairs, write_lora
+
+    assert client.get("/sdapi/v1/loras").json() == []  # no Lora folder yet
+    path = write_lora(services.settings.lora_folder, "detail", kohya_state(lora_pairs()),
+                      metadata={"ss_output_name": "detail_v2"})
+    try:
+        assert client.post("/sdapi/v1/refresh-loras").status_code == 200
+        assert client.get("/sdapi/v1/loras").json() == [
+            {"name": "detail", "alias": "detail_v2", "path": str(path), "metadata": {"ss_output_name": "detail_v2"}}]
+        body = {"prompt": "a red apple <lora:detail:0.5>", "steps": 2, "seed": 1, "width": 64, "height": 64}
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        raw = path.read_bytes()
+        digest = hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()[:12]
+        assert f'Lora hashes: "detail: {digest}"' in info["infotexts"][0]
+        assert info["prompt"] == body["prompt"]  # the tag stays in the prompt, as A1111 writes it
+        plain = client.post("/sdapi/v1/txt2img", json=body | {"prompt": "a red apple"}).json()
+        assert plain["images"][0] != r.json()["images"][0]
+        queued = services.worker.queue_length()
+        bad = client.post("/sdapi/v1/txt2img", json=body | {"prompt": "a red apple <lora:detial>"})
+        assert bad.status_code == 422 and "no LoRA named 'detial'" in bad.json()["detail"], bad.text
+        assert "LoRAs there: detail" in bad.json()["detail"] and services.worker.queue_length() == queued
+    finally:
+        path.unlink()
+        client.post("/sdapi/v1/refresh-loras")
+    assert client.get("/sdapi/v1/loras").json() == []
 
 
 def test_other_a1111_routes_clients_call_answer_and_change_nothing(client, services):

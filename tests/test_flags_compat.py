@@ -40,7 +40,7 @@ def test_a1111_flags_that_do_nothing_here_start_with_one_warning_naming_them(cap
 
 @pytest.mark.parametrize("line", [
     "--skip-torch-cuda-test", "--precision full", "--precision=full", "--theme dark", "--use-cpu interrogate",
-    "--device-id 1", "--lora-dir /x/Lora", "--opt-sdp-no-mem-attention", "--medvram-sdxl",
+    "--device-id 1", "--opt-sdp-no-mem-attention", "--medvram-sdxl",
     "--lyco-dir /x/LyCORIS", "--esrgan-models-path /x/ESRGAN", "--gradio-allowed-path /x/outputs", "-f",
     "--gradio-allowed-path=/x --gradio-allowed-path /y",  # A1111 appends each one
 ])
@@ -145,6 +145,29 @@ def test_models_dir_is_a1111s_models_folder(tmp_path):
     env = {"WEBUI_CKPT_DIR": str(plain)}
     assert parse_settings(["--models-dir", str(a1111)], environ=env).models_dir == a1111 / "Stable-diffusion"
     assert parse_settings([], environ=env).models_dir == plain
+
+
+def test_loras_come_from_lora_dir_or_the_lora_folder_of_the_models_folder(tmp_path):
+    a1111 = tmp_path / "a1111-models"
+    (a1111 / "Stable-diffusion").mkdir(parents=True)
+    assert parse_settings(["--models-dir", str(a1111)], environ={}).lora_folder == a1111 / "Lora"  # beside it
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert parse_settings(["--ckpt-dir", str(plain)], environ={}).lora_folder == plain / "Lora"
+    own = parse_settings(["--models-dir", str(a1111), "--lora-dir", str(tmp_path / "mine")], environ={})
+    assert own.lora_folder == tmp_path / "mine"
+
+
+def test_the_model_list_leaves_out_the_lora_folder(tmp_path):
+    """A LoRA is a .safetensors file too; listed as a checkpoint it would fail to load."""
+    from webui.engine.models import scan_models_dir
+
+    (tmp_path / "Lora").mkdir()
+    (tmp_path / "Lora" / "detail.safetensors").write_bytes(b"x")
+    (tmp_path / "sd15.safetensors").write_bytes(b"x")
+    (tmp_path / "mine" / "Lora").mkdir(parents=True)
+    (tmp_path / "mine" / "Lora" / "deep.safetensors").write_bytes(b"x")  # only the top Lora folder is A1111's
+    assert sorted(entry.name for entry in scan_models_dir(tmp_path)) == ["mine/Lora/deep", "sd15"]
 
 
 # --- --share with --nowebui -----------------------------------------------------------------------------------

@@ -1067,3 +1067,26 @@ def test_a_shared_server_without_login_offers_no_delete(ui_services, monkeypatch
         actions.delete(1, 0, "")
     monkeypatch.setattr(ui_services.settings, "gradio_auth", [("a", "b")])
     assert HistoryActions(ui_services).can_delete
+
+
+def test_the_lora_picker_puts_its_tag_in_the_prompt_and_generate_uses_it(ui, ui_services, tmp_path):
+    from tests.test_lora import kohya_state, lora_pairs, write_lora
+    from webui.engine.lora import LoraLibrary
+
+    library, ui_services.engine.loras = ui_services.engine.loras, LoraLibrary(tmp_path)
+    try:
+        refresh, add = event(ui, "refresh_loras"), event(ui, "add_lora")
+        assert refresh()["choices"] == []
+        write_lora(tmp_path, "detail", kohya_state(lora_pairs()))
+        assert refresh()["choices"] == ["detail"]
+        assert add("a cat", "detail", 0.8) == "a cat <lora:detail:0.8>"
+        assert add("a cat <lora:detail:0.8>, red", "detail", 0.5) == "a cat <lora:detail:0.5>, red"  # no second tag
+        assert add(None, "detail", 1.0) == "<lora:detail:1>"
+        with pytest.raises(gr.Error, match="Pick a LoRA first"):
+            add("a cat", None, 1.0)
+        *_, last = generate(ui, prompt="a lighthouse <lora:detail:0.5>", seed=4)
+        assert "Lora hashes: \"detail: " in last[4], last[2]
+        *_, refused = generate(ui, prompt="a lighthouse <lora:detial>")
+        assert "no LoRA named &#x27;detial&#x27;" in refused[2] or "no LoRA named 'detial'" in refused[2], refused[2]
+    finally:
+        ui_services.engine.loras = library

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from webui.engine.models import LORA_FOLDER  # A1111's LoRA folder inside its models folder
 from webui.zerogpu import zerogpu_requested
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +81,7 @@ A1111_IGNORED_SWITCHES = (
     "-f",  # webui.sh's "allow running as root", often left in COMMANDLINE_ARGS
 )
 A1111_IGNORED_VALUES = (  # these take one value, which is dropped too
-    "--precision", "--theme", "--device-id", "--data-dir", "--config", "--vae-dir", "--vae-path", "--lora-dir",
+    "--precision", "--theme", "--device-id", "--data-dir", "--config", "--vae-dir", "--vae-path",
     "--embeddings-dir", "--hypernetwork-dir", "--styles-file", "--ui-config-file", "--ui-settings-file",
     "--localizations-dir", "--max-batch-count", "--loglevel", "--timeout-keep-alive",
     # folders of models and tools this project does not use (LoRA, upscalers, face restorers, CLIP)
@@ -108,6 +109,7 @@ class Settings:
     gradio_auth: list[tuple[str, str]] = field(default_factory=list)
     api_auth: list[tuple[str, str]] = field(default_factory=list)
     models_dir: Path = DEFAULT_MODELS_DIR
+    lora_dir: Path | None = None  # None: the Lora folder inside models_dir
     outdir: Path = DEFAULT_OUTPUTS_DIR
     ckpt: str = DEFAULT_MODEL_NAME
     device: str = "auto"
@@ -121,6 +123,10 @@ class Settings:
     compile: bool | None = None  # None: on for a CUDA GPU where safe (fast_path.compile_choice)
     queue_size: int = 64
     preview_every: int = 5
+
+    @property
+    def lora_folder(self) -> Path:
+        return self.lora_dir or self.models_dir / LORA_FOLDER
 
     @property
     def host(self) -> str:
@@ -224,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--models-dir", dest="models_base", type=_user_path,
                        help=f"A1111's models folder: models are read from DIR/{A1111_CHECKPOINTS} when it exists, "
                             "else from DIR (--ckpt-dir wins)")
+    files.add_argument("--lora-dir", type=_user_path, default=None,
+                       help=f"folder of LoRA files that prompts name as <lora:name:0.8> (default: {LORA_FOLDER}/ "
+                            "inside the models folder, or beside Stable-diffusion/ with --models-dir)")
     files.add_argument("--outdir", type=_user_path, default=DEFAULT_OUTPUTS_DIR,
                        help="where images and the history database are written (env: WEBUI_OUTDIR; "
                             "on a Space with persistent storage: /data/outputs)")
@@ -337,6 +346,8 @@ def _choose_models_dir(args: argparse.Namespace, ckpt_dir_env: Path | None) -> N
         args.models_dir = base / A1111_CHECKPOINTS if (base / A1111_CHECKPOINTS).is_dir() else base
     if args.models_dir is None:
         args.models_dir = ckpt_dir_env or DEFAULT_MODELS_DIR
+    if args.lora_dir is None:  # A1111 keeps models/Lora beside models/Stable-diffusion
+        args.lora_dir = (base if base is not None else args.models_dir) / LORA_FOLDER
     if not args.models_dir.is_dir():  # a typo here would otherwise show as an empty model list, and no word why
         log.warning("the models folder %s does not exist, so no models are listed from it: check --ckpt-dir "
                     "(or --models-dir, WEBUI_CKPT_DIR)", args.models_dir)

@@ -26,6 +26,7 @@ from PIL import Image
 from webui import __version__
 from webui.engine.generate import DenoisingStopped, Engine, LoadedModel
 from webui.engine.models import ModelEntry
+from webui.engine.lora import split_loras
 from webui.schemas import (GeneratedImage, GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED,
                            parse_request)
 from webui.storage.history import History
@@ -228,6 +229,7 @@ class Worker:
         `field_names`: the caller's names for request fields, which its messages about the job use."""
         request = parse_request(request)
         self._check_against_loaded_model(request)
+        self._check_loras(request)
         job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=list(warnings or []),
                   field_names=dict(field_names or {}))
         with self._wake:
@@ -256,6 +258,11 @@ class Worker:
         model = self.engine.model
         if model is not None and model.names(request.model):
             _check_clip_skip(request, model)
+
+    def _check_loras(self, request: GenerationRequest) -> None:
+        """A misspelt <lora:...> is refused now, with the names there are, not after the queue."""
+        _, uses = split_loras(request.prompt)
+        self.engine.loras.check(uses)
 
     def _refuse_new_job(self) -> None:
         self._refuse_when_stopping()
@@ -595,6 +602,7 @@ class Worker:
             "Batch pos": index % request.batch_size if request.batch_size > 1 else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "Pad conds": True if self.engine.pads_prompts(request) else None,
+            "Lora hashes": self.engine.lora_hashes(request),
             "NSFW": "blacked out by the safety checker" if result.nsfw else None,
             "Version": f"diffusers-webui {__version__}",
         })

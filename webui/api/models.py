@@ -138,6 +138,14 @@ class SDModelItem(BaseModel):
     config: str | None = None
 
 
+class LoraItem(BaseModel):
+    """GET /loras: one file of the LoRA folder, named in prompts as <lora:name:0.8>."""
+    name: str
+    alias: str  # kohya's ss_output_name where the file has one, else the name
+    path: str
+    metadata: dict[str, Any] = {}
+
+
 class MemoryResponse(BaseModel):
     ram: dict[str, Any]
     cuda: dict[str, Any]

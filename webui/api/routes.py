@@ -25,7 +25,7 @@ from starlette.routing import Match
 from webui.api import convert
 from webui.api.convert import ApiError
 from webui.api.models import (
-    ErrorResponse, JobCancelReply, JobCreated, JobStatus, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest,
+    ErrorResponse, JobCancelReply, JobCreated, JobStatus, LoraItem, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest,
     PNGInfoResponse, ProgressResponse, SamplerItem, SchedulerItem, ScriptsList, SDModelItem, Txt2ImgRequest,
     Txt2ImgResponse,
 )
@@ -279,9 +279,21 @@ class Api:
     def refresh_checkpoints(self) -> None:
         self.registry.refresh()
 
+    def loras(self) -> list[LoraItem]:
+        library = self.engine.loras
+        items = []
+        for entry in library.entries():
+            metadata = library.metadata(entry)
+            items.append(LoraItem(name=entry.name, alias=str(metadata.get("ss_output_name") or entry.name),
+                                  path=str(entry.path), metadata=metadata))
+        return items
+
+    def refresh_loras(self) -> None:
+        self.engine.loras.refresh()
+
     @staticmethod
     def nothing_to_refresh() -> None:
-        """Refresh VAEs, embeddings or LoRAs: this server has none, so there is nothing to do."""
+        """Refresh VAEs or embeddings: this server has none, so there is nothing to do."""
 
     async def unload_checkpoint(self) -> dict:
         """Free the model's GPU memory (or RAM, on a CPU) for other programs, as A1111 does, once the jobs
@@ -412,7 +424,9 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/options", api.set_options, methods=["POST"], response_model=OptionsUpdateResponse, tags=["settings"])
     add(f"{sd}/sd-models", api.sd_models, methods=["GET"], response_model=list[SDModelItem], tags=["models"])
     add(f"{sd}/refresh-checkpoints", api.refresh_checkpoints, methods=["POST"], tags=["models"])
-    for name in ("refresh-vae", "refresh-embeddings", "refresh-loras"):
+    add(f"{sd}/loras", api.loras, methods=["GET"], response_model=list[LoraItem], tags=["models"])
+    add(f"{sd}/refresh-loras", api.refresh_loras, methods=["POST"], tags=["models"])
+    for name in ("refresh-vae", "refresh-embeddings"):
         add(f"{sd}/{name}", api.nothing_to_refresh, methods=["POST"], tags=["models"],
             summary=f"{name} (none on this server: does nothing)")
     add(f"{sd}/unload-checkpoint", api.unload_checkpoint, methods=["POST"], tags=["models"])
@@ -420,7 +434,7 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/samplers", api.samplers, methods=["GET"], response_model=list[SamplerItem], tags=["models"])
     add(f"{sd}/schedulers", api.schedulers, methods=["GET"], response_model=list[SchedulerItem], tags=["models"])
     add(f"{sd}/scripts", api.scripts, methods=["GET"], response_model=ScriptsList, tags=["models"])
-    for name in ("sd-vae", "upscalers", "latent-upscale-modes", "prompt-styles", "loras", "hypernetworks",
+    for name in ("sd-vae", "upscalers", "latent-upscale-modes", "prompt-styles", "hypernetworks",
                  "face-restorers", "realesrgan-models", "script-info", "extensions"):
         add(f"{sd}/{name}", api.none_installed, methods=["GET"], response_model=list, tags=["models"],
             summary=f"{name} (none on this server: an empty list)")

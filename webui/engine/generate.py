@@ -17,6 +17,7 @@ from PIL import Image
 
 from webui.config import Settings
 from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
+from webui.engine.lora import LoraLibrary, LoraPatcher, split_loras, strip_loras
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.noise import variation_noise
@@ -69,8 +70,9 @@ def _negative_in_use(request: GenerationRequest) -> str:
 
 
 def _phases(request: GenerationRequest) -> list[PromptPhase]:
-    """The prompt and negative prompt texts each stretch of the run reads (prompt editing, alternation)."""
-    return prompt_phases(request.prompt, _negative_in_use(request), request.steps)
+    """The prompt and negative prompt texts each stretch of the run reads (prompt editing, alternation), the
+    prompt without its <lora:...> tags."""
+    return prompt_phases(strip_loras(request.prompt), _negative_in_use(request), request.steps)
 
 
 def _nan_advice(dtype: torch.dtype) -> str:
@@ -111,9 +113,11 @@ def decodes_in_tiles(width: int, height: int) -> bool:
 
 
 class Engine:
-    def __init__(self, settings: Settings, registry: ModelRegistry):
+    def __init__(self, settings: Settings, registry: ModelRegistry, loras: LoraLibrary | None = None):
         self.settings = settings
         self.registry = registry
+        self.loras = loras or LoraLibrary(settings.lora_folder)
+        self._lora_weights = LoraPatcher()  # what the loaded weights hold merged now
         self.placement: Placement | None = None
         self.pipe = None
         self.tokenizer = None
@@ -200,6 +204,7 @@ class Engine:
     def use_pipeline(self, pipe, entry: ModelEntry, short_hash: str | None = None) -> LoadedModel:
         """Adopt a pipeline that is already on its device (load() and the GPU benchmark use this)."""
         self.pipe = pipe
+        self._lora_weights.forget()
         self._base_scheduler_config = dict(pipe.scheduler.config)
         self._warmed_up = False
         self._on_device = True
@@ -211,6 +216,7 @@ class Engine:
     def unload(self) -> None:
         """Drop the current pipeline and give its memory back before another is used."""
         self.pipe = self.tokenizer = None
+        self._lora_weights.forget()
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -309,10 +315,23 @@ class Engine:
         infotext says so as A1111's "Pad conds", which A1111 then applies when the text is pasted there."""
         return request.cfg_scale > 1 and any(prompt != negative for prompt, negative in self._chunk_counts(request))
 
+    def lora_hashes(self, request: GenerationRequest) -> str | None:
+        """The infotext's "Lora hashes" ("name: hash, ..."), None when the prompt names no LoRA."""
+        _, uses = split_loras(request.prompt)
+        files = {entry.name: entry for entry in self.loras.entries()}  # a file deleted since the run: no hash
+        hashes = [f"{use.name}: {(use.name in files and self.loras.short_hash(files[use.name])) or 'unknown'}"
+                  for use in uses]
+        return ", ".join(hashes) or None
+
+    def _use_loras(self, request: GenerationRequest) -> None:
+        _, uses = split_loras(request.prompt)
+        self._lora_weights.use(self.pipe, [(self.loras.find(use.name), use) for use in uses])
+
     def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None,
                   subseeds: list[int] | None = None) -> list[EngineImage]:
         model = self.require_model()
         pipe = self.pipe
+        self._use_loras(request)  # also when it names none: the last run's LoRAs come out
         pipe.scheduler = make_scheduler(self._base_scheduler_config, request.sampler_name, request.scheduler)
         width, height = model.size_for(request)
         # Noise comes from CPU generators, one per image, so a seed gives the same picture on any
@@ -441,5 +460,5 @@ class Engine:
         if tokenizer is None:
             return 0
         # Past the prompt's length limit the request is refused anyway; never tokenize megabytes for a counter.
-        variants = prompt_variants(text[:MAX_PROMPT_CHARS + 1], steps)
+        variants = prompt_variants(strip_loras(text[:MAX_PROMPT_CHARS + 1]), steps)
         return max(token_count(tokenizer, variant) for variant in variants)

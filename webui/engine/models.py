@@ -195,6 +195,10 @@ class ModelRegistry:
 SCAN_DEPTH = 3
 
 
+# The models folder's LoRA folder (config.LORA_FOLDER) holds .safetensors files that are not checkpoints.
+LORA_FOLDER = "Lora"
+
+
 def scan_models_dir(models_dir: Path) -> list[ModelEntry]:
     if not models_dir.is_dir():
         return []
@@ -208,7 +212,7 @@ def _scan(folder: Path, models_dir: Path, depth: int) -> list[ModelEntry]:
     except OSError:  # an unreadable folder (lost+found on a mounted volume): skip it, list the rest
         return entries
     for path in children:
-        if path.name.startswith("."):
+        if path.name.startswith(".") or (folder == models_dir and path.name == LORA_FOLDER):
             continue
         entry = entry_for_path(path, models_dir)
         if entry is not None:

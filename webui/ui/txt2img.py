@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -194,6 +195,23 @@ class Txt2ImgActions:
     def random_seed(self) -> int:
         return -1
 
+    def lora_names(self) -> list[str]:
+        return [entry.name for entry in self.engine.loras.entries()]
+
+    def refresh_loras(self):
+        return gr.update(choices=[entry.name for entry in self.engine.loras.refresh()])
+
+    def add_lora(self, prompt: str, name: str | None, weight: float) -> str:
+        """The prompt with <lora:name:weight> at its end; a tag already there for this LoRA gets the new weight."""
+        if not name:
+            raise gr.Error("Pick a LoRA first (files in the LoRA folder; 🔄 reads it again).")
+        tag = f"<lora:{name}:{round(float(weight), 2):g}>"
+        prompt = prompt or ""
+        same = re.compile(rf"<lora:{re.escape(name)}(:[^<>]*)?>")
+        if same.search(prompt):
+            return same.sub(tag, prompt, count=1)
+        return f"{prompt.rstrip()} {tag}".lstrip()
+
     def count_tokens(self, text: str, steps: float = 20) -> str:
         if len(text or "") > MAX_PROMPT_CHARS:  # Generate would refuse it: say so while it is typed
             return too_long_counter(len(text), MAX_PROMPT_CHARS)
@@ -283,6 +301,17 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
                     subseed = gr.Number(-1, precision=0, label="Variation seed (-1 = random)", elem_id="txt2img_subseed")
                     subseed_strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength",
                                                  elem_id="txt2img_subseed_strength")
+            # A1111's Lora cards in a short form: the tag goes into the prompt, where it can be edited.
+            with gr.Accordion("LoRA", open=False, elem_id="txt2img_lora"):
+                with gr.Row():
+                    lora_name = gr.Dropdown(actions.lora_names(), value=None, label="LoRA", scale=4,
+                                            info="from the LoRA folder (models/Lora or --lora-dir)",
+                                            elem_id="txt2img_lora_name")
+                    lora_refresh = gr.Button("🔄", elem_id="txt2img_lora_refresh", scale=0, min_width=48)
+                with gr.Row():
+                    lora_weight = gr.Slider(-2, 2, value=1, step=0.05, label="Weight", elem_id="txt2img_lora_weight",
+                                            scale=4)
+                    lora_add = gr.Button("Add to prompt", elem_id="txt2img_lora_add", scale=1)
         with gr.Column(scale=1):
             progress = gr.HTML("", label="Progress", show_label=False, elem_id="txt2img_progress", padding=False)
             preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id="txt2img_preview",
@@ -326,6 +355,9 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     # Gradio rounds a typed 12.7 to 13 for the run but leaves 12.7 in the box: show the seed that will be used.
     seed.blur(shown_seed, inputs=[seed], outputs=[seed], api_visibility="private", show_progress="hidden",
               queue=False)
+    lora_refresh.click(actions.refresh_loras, outputs=[lora_name], api_name="refresh_loras", show_progress="hidden")
+    lora_add.click(actions.add_lora, inputs=[prompt, lora_name, lora_weight], outputs=[prompt], api_name="add_lora",
+                   show_progress="hidden")
     random_seed.click(actions.random_seed, outputs=[seed], api_name="random_seed", show_progress="hidden")
     reuse_seed.click(actions.reuse_seed, inputs=[session], outputs=[seed], api_name="reuse_seed",
                      show_progress="hidden")

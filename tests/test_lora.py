@@ -1,0 +1,213 @@
+"""LoRAs named in the prompt: the tag syntax, the LoRA folder, merging into the weights and taking them out."""
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import TINY
+from webui.engine.lora import (LoraError, LoraFile, LoraLibrary, LoraPatcher, LoraUse, MAX_LORAS, split_loras,
+                               strip_loras)
+from webui.schemas import GenerationRequest, InvalidRequest
+
+# Layers of the tiny model (tests/tiny_sd.py) a LoRA changes: attention and a 3x3 convolution (LoCon) in
+# the UNet, a query projection in the text encoder.
+UNET_LAYERS = {"down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q": (32, 32),
+               "down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k": (32, 32),
+               "down_blocks_0_resnets_0_conv1": (16, 16, 3, 3)}
+TE_LAYERS = {"text_model_encoder_layers_0_self_attn_q_proj": (32, 32)}
+RANK, ALPHA = 2, 1.0
+
+
+def lora_pairs(seed: int = 0) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """(part, layer) -> (up, down), large enough to change the tiny model's picture."""
+    generator = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for part, layers in (("unet", UNET_LAYERS), ("te", TE_LAYERS)):
+        for layer, shape in layers.items():
+            out_ch, in_ch, *kernel = shape
+            down = torch.randn(RANK, in_ch, *kernel, generator=generator)
+            up = torch.randn(out_ch, RANK, *([1, 1] if kernel else []), generator=generator)
+            pairs[(part, layer)] = up, down
+    return pairs
+
+
+def kohya_state(pairs) -> dict[str, torch.Tensor]:
+    state = {}
+    for (part, layer), (up, down) in pairs.items():
+        base = f"lora_{'unet' if part == 'unet' else 'te'}_{layer}"
+        state |= {f"{base}.lora_up.weight": up, f"{base}.lora_down.weight": down, f"{base}.alpha": torch.tensor(ALPHA)}
+    return state
+
+
+def peft_state(pairs) -> dict[str, torch.Tensor]:
+    """diffusers' own LoRA keys (PEFT): dotted module paths, lora_A/lora_B, alpha as its own key here."""
+    dotted = {"down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+              "down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k": "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+              "down_blocks_0_resnets_0_conv1": "down_blocks.0.resnets.0.conv1",
+              "text_model_encoder_layers_0_self_attn_q_proj": "text_model.encoder.layers.0.self_attn.q_proj"}
+    state = {}
+    for (part, layer), (up, down) in pairs.items():
+        base = f"{'unet' if part == 'unet' else 'text_encoder'}.{dotted[layer]}"
+        state |= {f"{base}.lora_B.weight": up, f"{base}.lora_A.weight": down, f"{base}.alpha": torch.tensor(ALPHA)}
+    return state
+
+
+def write_lora(folder, name: str, state: dict, metadata: dict | None = None):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_engine(models_dir, tmp_path_factory):
+    from webui.config import Settings
+    from webui.engine.generate import Engine
+    from webui.engine.models import ModelRegistry
+
+    lora_dir = tmp_path_factory.mktemp("Lora")
+    write_lora(lora_dir, "detail", kohya_state(lora_pairs()))
+    settings = Settings(models_dir=models_dir, device="cpu", lora_dir=lora_dir)
+    engine = Engine(settings, ModelRegistry(models_dir, tmp_path_factory.mktemp("cache") / "hashes.json"))
+    engine.load(TINY)
+    return engine
+
+
+def pictures(engine, prompt: str, seeds=(3,)) -> np.ndarray:
+    request = GenerationRequest(prompt=prompt, steps=3)
+    return np.stack([np.asarray(r.image, dtype=np.int16) for r in engine.generate(request, list(seeds))])
+
+
+# --- the tag ------------------------------------------------------------------------------
+
+def test_tags_leave_the_prompt_and_give_their_multipliers():
+    text, uses = split_loras("a cat <lora:detail>, [sunny:<lora:style:0.5:0.25>:4] <lora:more:te=0.3:unet=0.7>")
+    assert text == "a cat , [sunny::4] "
+    assert uses == [LoraUse("detail", 1.0, 1.0), LoraUse("style", 0.5, 0.25), LoraUse("more", 0.3, 0.7)]
+    assert split_loras("<lora:a:0.4> <lora:a:0.4:0.1>")[1] == [LoraUse("a", 0.8, 0.5)]  # twice: they add up
+    assert strip_loras("x <lora:bad:zz> y") == "x  y" and split_loras("no tags")[0] == "no tags"
+
+
+@pytest.mark.parametrize("prompt, says", [
+    ("<lora:>", "names no LoRA"), ("<lora::0.5>", "names no LoRA"), ("<lora:a:lots>", "'lots' is not a number"),
+    ("<lora:a:nan>", "between -10 and 10"), ("<lora:a:11>", "between -10 and 10"),
+    ("<lora:a:1:1:1>", "has 3 multipliers"), ("<lora:a:dyn=3>", "unknown setting 'dyn'"),
+    (" ".join(f"<lora:n{i}>" for i in range(MAX_LORAS + 1)), f"use at most {MAX_LORAS}"),
+])
+def test_a_malformed_tag_says_what_to_write(prompt, says):
+    with pytest.raises(LoraError, match=says):
+        split_loras(prompt)
+
+
+# --- the folder ---------------------------------------------------------------------------
+
+def test_the_library_finds_files_in_subfolders_and_names_the_others_when_one_is_missing(tmp_path):
+    write_lora(tmp_path / "Lora", "detail", {"x": torch.zeros(1)})
+    write_lora(tmp_path / "Lora" / "styles", "ink", {"x": torch.zeros(1)})
+    (tmp_path / "Lora" / "notes.txt").write_text("not a LoRA")
+    library = LoraLibrary(tmp_path / "Lora")
+    assert sorted(entry.name for entry in library.entries()) == ["detail", "ink"]
+    assert library.find("ink").path == tmp_path / "Lora" / "styles" / "ink.safetensors"
+    with pytest.raises(LoraError, match=r"no LoRA named 'dtail' in .*LoRAs there: detail, ink"):
+        library.find("dtail")
+    write_lora(tmp_path / "Lora", "late", {"x": torch.zeros(1)})  # added while the server runs
+    assert library.find("late").name == "late"
+    assert LoraLibrary(tmp_path / "missing").entries() == []
+
+
+def test_the_short_hash_is_a1111s_hash_of_the_tensor_data_after_the_header(tmp_path):
+    path = write_lora(tmp_path, "detail", {"x": torch.arange(6.0)}, metadata={"ss_output_name": "detail"})
+    raw = path.read_bytes()
+    header = struct.unpack("<Q", raw[:8])[0]
+    library = LoraLibrary(tmp_path)
+    entry = library.find("detail")
+    assert library.short_hash(entry) == hashlib.sha256(raw[8 + header:]).hexdigest()[:12]
+    assert library.metadata(entry) == {"ss_output_name": "detail"}
+    # Other metadata, same tensors: the same hash (why A1111 hashes after the header).
+    write_lora(tmp_path, "detail", {"x": torch.arange(6.0)}, metadata={"ss_output_name": "renamed"})
+    assert library.short_hash(library.find("detail")) == hashlib.sha256(raw[8 + header:]).hexdigest()[:12]
+
+
+# --- merging ------------------------------------------------------------------------------
+
+def test_merging_adds_the_scaled_product_to_each_layer_and_restoring_gives_the_weights_back(lora_engine):
+    pipe = lora_engine.pipe
+    layers = {"unet": dict(pipe.unet.named_modules()), "te": dict(pipe.text_encoder.named_modules())}
+    # transformers 5's CLIPTextModel has no text_model level, which LoRA files name
+    dotted = {part: {name.replace(".", "_"): name for name in modules} for part, modules in layers.items()}
+    dotted["te"] |= {"text_model_" + flat: name for flat, name in dotted["te"].items()}
+    before = {key: layers[key[0]][dotted[key[0]][key[1]]].weight.detach().clone() for key in lora_pairs()}
+    patcher = LoraPatcher()
+    patcher.use(pipe, [(lora_engine.loras.find("detail"), LoraUse("detail", 0.5, 2.0))])
+    for (part, layer), (up, down) in lora_pairs().items():
+        weight = layers[part][dotted[part][layer]].weight
+        multiplier = 2.0 if part == "unet" else 0.5
+        expected = before[(part, layer)] + multiplier * ALPHA / RANK * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+        assert torch.allclose(weight, expected, atol=1e-5), (part, layer)
+    patcher.restore()
+    for (part, layer) in lora_pairs():
+        assert torch.equal(layers[part][dotted[part][layer]].weight, before[(part, layer)])
+
+
+def test_diffusers_keys_merge_as_kohya_keys_do(lora_engine, tmp_path):
+    write_lora(tmp_path, "peft", peft_state(lora_pairs()))
+    kohya = pictures(lora_engine, "a red apple <lora:detail:0.8>")
+    library, lora_engine.loras = lora_engine.loras, LoraLibrary(tmp_path)
+    try:
+        assert np.abs(pictures(lora_engine, "a red apple <lora:peft:0.8>") - kohya).max() <= 1
+    finally:
+        lora_engine.loras = library
+
+
+def test_a_lora_changes_the_picture_and_leaves_no_trace_in_the_next_run(lora_engine):
+    plain = pictures(lora_engine, "a red apple")
+    with_lora = pictures(lora_engine, "a red apple <lora:detail:1>")
+    assert np.abs(with_lora - plain).mean() > 2, "the LoRA changed nothing"
+    assert np.array_equal(pictures(lora_engine, "a red apple <lora:detail:0>"), plain)  # the tag is not read as text
+    assert np.array_equal(pictures(lora_engine, "a red apple"), plain)  # restored exactly
+    only_text = pictures(lora_engine, "a red apple <lora:detail:1:0>")  # text encoder alone
+    assert np.abs(only_text - plain).mean() > 0 and not np.array_equal(only_text, with_lora)
+
+
+@pytest.mark.parametrize("state, says", [
+    ({"lora_unet_no_such_layer.lora_up.weight": torch.zeros(4, 2),
+      "lora_unet_no_such_layer.lora_down.weight": torch.zeros(2, 4)}, "a layer this model does not have"),
+    ({"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(64, 2),
+      "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(2, 64)},
+     "does not fit layer"),
+    ({"lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(16, 2)}, "lacks its down weight"),
+    ({"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.zeros(16, 2)}, "LoHa"),
+    ({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(4, 2)}, "for SDXL"),
+    ({"emb_params": torch.zeros(4, 32)}, "no layers this server reads"),
+])
+def test_a_lora_that_does_not_fit_is_refused_and_the_weights_stay_as_loaded(lora_engine, tmp_path, state, says):
+    # Good layers first where the bad one fails at merge time: they must come out again.
+    good = kohya_state(lora_pairs()) if says in ("a layer this model does not have", "does not fit layer") else {}
+    write_lora(tmp_path, "odd", good | state)
+    plain = pictures(lora_engine, "a red apple")
+    library, lora_engine.loras = lora_engine.loras, LoraLibrary(tmp_path)
+    try:
+        with pytest.raises(LoraError, match=says) as refused:
+            pictures(lora_engine, "a red apple <lora:odd>")
+        assert isinstance(refused.value, InvalidRequest)  # the worker refuses the job; it does not crash
+        assert np.array_equal(pictures(lora_engine, "a red apple"), plain)  # nothing half-merged left behind
+    finally:
+        lora_engine.loras = library
+
+
+def test_a_damaged_file_is_named_with_what_to_do(tmp_path):
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    with pytest.raises(LoraError, match=r"cut.*could not be read.*download it again"):
+        LoraPatcher().use(object(), [(LoraFile("cut", tmp_path / "cut.safetensors"), LoraUse("cut", 1, 1))])
+
+
+def test_the_token_counter_and_prompt_phases_ignore_the_tags(lora_engine):
+    assert lora_engine.count_tokens("a red apple <lora:detail:0.7>") == lora_engine.count_tokens("a red apple")
+    request = GenerationRequest(prompt="a red apple <lora:detail>", steps=3)
+    assert lora_engine.lora_hashes(request) == f"detail: {lora_engine.loras.short_hash(lora_engine.loras.find('detail'))}"
+    assert lora_engine.lora_hashes(GenerationRequest(prompt="a red apple", steps=3)) is None
