@@ -168,6 +168,8 @@ def test_the_model_list_leaves_out_the_lora_folder(tmp_path):
     (tmp_path / "mine" / "Lora").mkdir(parents=True)
     (tmp_path / "mine" / "Lora" / "deep.safetensors").write_bytes(b"x")  # only the top Lora folder is A1111's
     assert sorted(entry.name for entry in scan_models_dir(tmp_path)) == ["mine/Lora/deep", "sd15"]
+    # --lora-dir inside the models folder, under any name: left out too
+    assert sorted(entry.name for entry in scan_models_dir(tmp_path, tmp_path / "mine")) == ["sd15"]
 
 
 # --- --share with --nowebui -----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from tests.conftest import TINY
 from webui.engine.lora import (LoraError, LoraFile, LoraLibrary, LoraPatcher, LoraUse, MAX_LORAS, split_loras,
-                               strip_loras)
+                               strip_loras, unread_tags)
 from webui.schemas import GenerationRequest, InvalidRequest
 
 # Layers of the tiny model (tests/tiny_sd.py) a LoRA changes: attention and a 3x3 convolution (LoCon) in
@@ -93,10 +93,19 @@ def test_tags_leave_the_prompt_and_give_their_multipliers():
     assert strip_loras("x <lora:bad:zz> y") == "x  y" and split_loras("no tags")[0] == "no tags"
 
 
+def test_tags_read_as_a1111_reads_them_lyco_dyn_and_other_types():
+    """A1111 takes every <type:...> tag out of the text; <lyco:> is its older name for a LoRA, and the third
+    value (or dyn=) a DyLoRA rank, accepted and not used here."""
+    text, uses = split_loras("a cat <lyco:ink:0.5> <lora:detail:1:0.5:8> <lora:more:dyn=4> <hypernet:old:1> <lora:>")
+    assert uses == [LoraUse("ink", 0.5, 0.5), LoraUse("detail", 1.0, 0.5), LoraUse("more", 1.0, 1.0)]
+    assert text == "a cat     <lora:>"  # <lora:> has no name: not a tag to A1111 either, so it stays text
+    assert unread_tags("a <hypernet:old:1> <lora:x> <lyco:y>") == ["<hypernet:old:1>"]
+
+
 @pytest.mark.parametrize("prompt, says", [
-    ("<lora:>", "names no LoRA"), ("<lora::0.5>", "names no LoRA"), ("<lora:a:lots>", "'lots' is not a number"),
+    ("<lora: >", "names no LoRA"), ("<lora::0.5>", "names no LoRA"), ("<lora:a:lots>", "'lots' is not a number"),
     ("<lora:a:nan>", "between -10 and 10"), ("<lora:a:11>", "between -10 and 10"),
-    ("<lora:a:1:1:1>", "has 3 multipliers"), ("<lora:a:dyn=3>", "unknown setting 'dyn'"),
+    ("<lora:a:1:1:8:1>", "has 4 values"), ("<lora:a:rank=3>", "unknown setting 'rank'"),
     (" ".join(f"<lora:n{i}>" for i in range(MAX_LORAS + 1)), f"use at most {MAX_LORAS}"),
 ])
 def test_a_malformed_tag_says_what_to_write(prompt, says):
@@ -118,6 +127,34 @@ def test_the_library_finds_files_in_subfolders_and_names_the_others_when_one_is_
     write_lora(tmp_path / "Lora", "late", {"x": torch.zeros(1)})  # added while the server runs
     assert library.find("late").name == "late"
     assert LoraLibrary(tmp_path / "missing").entries() == []
+
+
+def test_a_lora_is_found_by_its_trainer_name_and_at_any_depth(tmp_path):
+    """Prompts pasted from A1111 may name a LoRA by its alias (ss_output_name), which A1111's cards insert."""
+    write_lora(tmp_path, "add_detail_v2", {"x": torch.zeros(1)}, metadata={"ss_output_name": "add_detail"})
+    write_lora(tmp_path, "a", {"x": torch.zeros(1)}, metadata={"ss_output_name": "shared"})
+    write_lora(tmp_path, "b", {"x": torch.zeros(1)}, metadata={"ss_output_name": "shared"})
+    write_lora(tmp_path / "one" / "two" / "three", "deep", {"x": torch.zeros(1)})
+    (tmp_path / "one" / "loop").symlink_to(tmp_path, target_is_directory=True)  # a link back up ends, not loops
+    library = LoraLibrary(tmp_path)
+    assert library.find("add_detail").name == "add_detail_v2"
+    assert library.find("deep").path == tmp_path / "one" / "two" / "three" / "deep.safetensors"
+    with pytest.raises(LoraError, match="no LoRA named 'shared'"):  # two files claim it: neither is guessed
+        library.find("shared")
+
+
+def test_damaged_or_half_downloaded_files_list_without_metadata_or_hash(tmp_path):
+    (tmp_path / "downloading.safetensors").write_bytes(b"")
+    header = b'[1, 2]'
+    (tmp_path / "odd.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    library = LoraLibrary(tmp_path)
+    assert sorted(entry.name for entry in library.entries()) == ["downloading", "odd"]
+    for entry in library.entries():
+        assert library.metadata(entry) == {}
+    assert library.short_hash(library.find("downloading")) is None
+    write_lora(tmp_path, "tagged", {"x": torch.zeros(1)},
+               metadata={"ss_tag_frequency": '{"cats": {"cat": 3}}', "ssmd_cover_images": "[\"QUFB\"]"})
+    assert LoraLibrary(tmp_path).metadata(LoraLibrary(tmp_path).find("tagged")) == {"ss_tag_frequency": {"cats": {"cat": 3}}}
 
 
 def test_the_short_hash_is_a1111s_hash_of_the_tensor_data_after_the_header(tmp_path):
@@ -204,6 +241,44 @@ def test_a_damaged_file_is_named_with_what_to_do(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
     with pytest.raises(LoraError, match=r"cut.*could not be read.*download it again"):
         LoraPatcher().use(object(), [(LoraFile("cut", tmp_path / "cut.safetensors"), LoraUse("cut", 1, 1))])
+
+
+def test_lora_hashes_leave_out_separators_and_unhashable_files(lora_engine, tmp_path):
+    """A1111 splits "Lora hashes" at "," and ":" when it reads an infotext back: a name holding them would break it."""
+    write_lora(tmp_path, "style, ink", kohya_state(lora_pairs()))
+    (tmp_path / "downloading.safetensors").write_bytes(b"")
+    library, lora_engine.loras = lora_engine.loras, LoraLibrary(tmp_path)
+    try:
+        request = GenerationRequest(prompt="<lora:style, ink> <lora:downloading>", steps=3)
+        digest = lora_engine.loras.short_hash(lora_engine.loras.find("style, ink"))
+        assert lora_engine.lora_hashes(request) == f"style ink: {digest}"
+    finally:
+        lora_engine.loras = library
+
+
+def test_releasing_the_model_lets_go_of_the_kept_weights(models_dir, tmp_path):
+    """Dropping the pipeline (unload-checkpoint of a compiled model, a model switch on the CPU) must not leave
+    the LoRA's kept originals holding its layers, nor a record of LoRAs merged into weights that are gone."""
+    import gc
+    import weakref
+
+    from webui.config import Settings
+    from webui.engine.generate import Engine
+    from webui.engine.models import ModelRegistry
+
+    write_lora(tmp_path / "Lora", "detail", kohya_state(lora_pairs()))
+    engine = Engine(Settings(models_dir=models_dir, device="cpu", lora_dir=tmp_path / "Lora"),
+                    ModelRegistry(models_dir, tmp_path / "hashes.json"))
+    engine.load(TINY)
+    plain = pictures(engine, "a red apple")
+    pictures(engine, "a red apple <lora:detail>")
+    layer = weakref.ref(engine.pipe.unet.down_blocks[0].resnets[0].conv1.weight)
+    assert engine.release_device() and engine.pipe is None  # on a CPU the weights have nowhere to park: dropped
+    gc.collect()
+    assert layer() is None, "the LoRA's kept originals hold the dropped model's layers"
+    engine.restore_device()  # as the worker does before the next image: read again from disk
+    assert np.array_equal(pictures(engine, "a red apple"), plain)
+    assert np.abs(pictures(engine, "a red apple <lora:detail>") - plain).mean() > 2  # merged again, not skipped
 
 
 def test_the_token_counter_and_prompt_phases_ignore_the_tags(lora_engine):

@@ -41,7 +41,8 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     """Create every service and start the worker; loads settings.ckpt unless told not to."""
     outdir = settings.outdir
     outdir.mkdir(parents=True, exist_ok=True)
-    registry = ModelRegistry(settings.models_dir, hash_cache=outdir / "cache" / "model_hashes.json")
+    registry = ModelRegistry(settings.models_dir, hash_cache=outdir / "cache" / "model_hashes.json",
+                             lora_folder=settings.lora_folder)
     engine = wrap_engine(Engine(settings, registry))  # ZeroGPU Spaces only; a no-op elsewhere
     outputs = OutputStore(outdir)
     history = History(outdir / "history.sqlite3", outdir)

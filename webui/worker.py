@@ -26,7 +26,7 @@ from PIL import Image
 from webui import __version__
 from webui.engine.generate import DenoisingStopped, Engine, LoadedModel
 from webui.engine.models import ModelEntry
-from webui.engine.lora import split_loras
+from webui.engine.lora import split_loras, unread_tags
 from webui.schemas import (GeneratedImage, GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED,
                            parse_request)
 from webui.storage.history import History
@@ -230,7 +230,12 @@ class Worker:
         request = parse_request(request)
         self._check_against_loaded_model(request)
         self._check_loras(request)
-        job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=list(warnings or []),
+        warnings = list(warnings or [])
+        unread = unread_tags(request.prompt)
+        if unread:
+            warnings.append(f"left out of the prompt: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''} "
+                            "(this server reads <lora:...> tags only)")
+        job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=warnings,
                   field_names=dict(field_names or {}))
         with self._wake:
             self._refuse_new_job()  # early: no history row for a job that cannot be queued

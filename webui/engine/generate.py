@@ -17,7 +17,7 @@ from PIL import Image
 
 from webui.config import Settings
 from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
-from webui.engine.lora import LoraLibrary, LoraPatcher, split_loras, strip_loras
+from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, split_loras, strip_loras
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.noise import variation_noise
@@ -166,6 +166,7 @@ class Engine:
         # Only the weights go: other threads (the API's options, a page's status line) still see the old
         # model named until the new one is in place, never "no model".
         self.pipe = None
+        self._lora_weights.forget()
         gc.collect()  # the old weights go now, not at some later collection
         try:
             return self._load_entry(entry)
@@ -234,6 +235,7 @@ class Engine:
             return False
         if is_compiled(self.pipe) or not park_on_cpu(self.pipe, self.settings, self.placement):
             self.pipe = None  # the compiled graphs hold device memory of their own; the CPU has nowhere to park
+            self._lora_weights.forget()  # else its kept originals would keep the dropped layers alive
         self._on_device = False
         gc.collect()
         if torch.cuda.is_available():
@@ -318,9 +320,14 @@ class Engine:
     def lora_hashes(self, request: GenerationRequest) -> str | None:
         """The infotext's "Lora hashes" ("name: hash, ..."), None when the prompt names no LoRA."""
         _, uses = split_loras(request.prompt)
-        files = {entry.name: entry for entry in self.loras.entries()}  # a file deleted since the run: no hash
-        hashes = [f"{use.name}: {(use.name in files and self.loras.short_hash(files[use.name])) or 'unknown'}"
-                  for use in uses]
+        hashes = []
+        for use in uses:
+            try:
+                digest = self.loras.short_hash(self.loras.find(use.name))
+            except LoraError:  # deleted since the run: no hash, as A1111 leaves out a LoRA it has none for
+                digest = None
+            if digest:  # A1111 takes ":" and "," out of the name: they separate the entries
+                hashes.append(f"{use.name.translate(str.maketrans('', '', ':,'))}: {digest}")
         return ", ".join(hashes) or None
 
     def _use_loras(self, request: GenerationRequest) -> None:

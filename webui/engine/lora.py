@@ -33,9 +33,11 @@ log = logging.getLogger(__name__)
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 MAX_LORAS = 20  # in one prompt: each is a file to read and merge
 MAX_MULTIPLIER = 10.0
-SCAN_DEPTH = 3  # subfolders, as users sort their LoRAs
 HASH_DIGITS = 12  # A1111's "Lora hashes" carry 12 hex digits
-_TAG = re.compile(r"<lora:([^<>]*)>")
+# A1111's extra-network tag: every <type:args> leaves the text; "lora" and "lyco" (its old LyCORIS name) are
+# LoRAs, other types (hypernet, ...) do not exist here and are named in a warning.
+_TAG = re.compile(r"<(\w+):([^>]+)>")
+LORA_TAG_TYPES = ("lora", "lyco")
 # LyCORIS types other than LoCon: their maths is not an up @ down product.
 _UNSUPPORTED_PARTS = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "oft_blocks": "OFT",
                       "diff": "a full weight difference", "w_norm": "a norm LyCORIS"}
@@ -59,10 +61,12 @@ class LoraFile:
 
 
 def split_loras(prompt: str) -> tuple[str, list[LoraUse]]:
-    """The prompt without its <lora:...> tags, and the LoRAs they name (a name given twice adds up)."""
+    """The prompt without its extra-network tags, and the LoRAs they name (a name given twice adds up)."""
     uses: dict[str, LoraUse] = {}
     for match in _TAG.finditer(prompt):
-        use = _parse_tag(match.group(1), match.group(0))
+        if match.group(1) not in LORA_TAG_TYPES:
+            continue
+        use = _parse_tag(match.group(2), match.group(0))
         if use.name in uses:
             before = uses[use.name]
             use = LoraUse(use.name, before.te + use.te, before.unet + use.unet)
@@ -77,6 +81,12 @@ def strip_loras(prompt: str) -> str:
     return _TAG.sub("", prompt)
 
 
+def unread_tags(prompt: str) -> list[str]:
+    """Extra-network tags of types this server does not have (<hypernet:...>): left out, as A1111 leaves out
+    the ones it cannot find, and worth a warning."""
+    return [match.group(0) for match in _TAG.finditer(prompt) if match.group(1) not in LORA_TAG_TYPES]
+
+
 def _parse_tag(body: str, tag: str) -> LoraUse:
     name, *args = [part.strip() for part in body.split(":")]
     if not name:
@@ -85,13 +95,16 @@ def _parse_tag(body: str, tag: str) -> LoraUse:
     for arg in args:
         key, sep, value = arg.partition("=")
         if sep:
-            if key.strip() not in ("te", "unet"):
+            if key.strip() not in ("te", "unet", "dyn"):
                 raise LoraError(f"{tag}: unknown setting {key.strip()!r}; use te= (text encoder) or unet=")
-            named[key.strip()] = _multiplier(value, tag)
+            if key.strip() != "dyn":  # A1111's dynamic rank for DyLoRA files: accepted, not used here
+                named[key.strip()] = _multiplier(value, tag)
         else:
-            positional.append(_multiplier(arg, tag))
-    if len(positional) > 2:
-        raise LoraError(f"{tag} has {len(positional)} multipliers; give one (both parts) or two (text encoder, UNet)")
+            positional.append(arg)
+    if len(positional) > 3:
+        raise LoraError(f"{tag} has {len(positional)} values; give one multiplier (both parts) or two (text "
+                        "encoder, UNet), and optionally a dyn rank")
+    positional = [_multiplier(value, tag) for value in positional[:2]]
     te = named.get("te", positional[0] if positional else 1.0)
     unet = named.get("unet", positional[1] if len(positional) > 1 else te)
     return LoraUse(name, te, unet)
@@ -116,16 +129,18 @@ class LoraLibrary:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._files: dict[str, LoraFile] | None = None
+        self._aliases: dict[str, LoraFile] = {}  # the name a trainer gave (ss_output_name), which A1111 finds too
         self._hashes: dict[tuple[str, int, int], str] = {}
 
     def refresh(self) -> list[LoraFile]:
         files: dict[str, LoraFile] = {}
-        for path in _scan(self.folder, SCAN_DEPTH):
+        for path in _scan(self.folder):
             if path.stem in files:
                 log.warning("two LoRAs are named %s: %s is used, %s is not; rename one", path.stem,
                             files[path.stem].path, path)
                 continue
             files[path.stem] = LoraFile(path.stem, path)
+        self._aliases = _aliases(files.values(), self.metadata)
         self._files = files
         return list(files.values())
 
@@ -134,15 +149,21 @@ class LoraLibrary:
 
     def find(self, name: str) -> LoraFile:
         """The file for a name a prompt gives; a file added since the last look is found too."""
-        found = {entry.name: entry for entry in self.entries()}.get(name)
+        found = self._named(name)
         if found is None or not found.path.is_file():
-            found = {entry.name: entry for entry in self.refresh()}.get(name)
+            self.refresh()
+            found = self._named(name)
         if found is None:
             names = ", ".join(sorted(entry.name for entry in self.entries())[:20]) or "none"
             shown = name if len(name) <= 100 else name[:100] + "..."
             raise LoraError(f"no LoRA named {shown!r} in {self.folder} (LoRAs there: {names}); put its .safetensors "
                             "file in that folder, or fix the name in the prompt")
         return found
+
+    def _named(self, name: str) -> LoraFile | None:
+        """By file name first, then by the alias a prompt pasted from A1111 may give."""
+        files = self._files if self._files is not None else {entry.name: entry for entry in self.refresh()}
+        return files.get(name) or self._aliases.get(name)
 
     def check(self, uses: list[LoraUse]) -> None:
         for use in uses:
@@ -156,33 +177,71 @@ class LoraLibrary:
             key = (str(entry.path), stat.st_size, stat.st_mtime_ns)
             if key not in self._hashes:
                 self._hashes[key] = _file_hash(entry.path)[:HASH_DIGITS]
-        except OSError:
+        except (OSError, struct.error):  # unreadable, or shorter than a header (still downloading)
             return None
         return self._hashes[key]
 
     def metadata(self, entry: LoraFile) -> dict:
-        """The training metadata a .safetensors file carries in its header (kohya's ss_* keys); {} if none."""
+        """The training metadata a .safetensors file carries in its header (kohya's ss_* keys), values that
+        hold JSON objects decoded as A1111 gives them; {} if none or unreadable."""
         if entry.path.suffix.lower() != ".safetensors":
             return {}
         try:
-            return _safetensors_header(entry.path).get("__metadata__", {}) or {}
-        except (OSError, ValueError):
+            header = _safetensors_header(entry.path)
+        except (OSError, ValueError, struct.error):
             return {}
+        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        if not isinstance(metadata, dict):
+            return {}
+        return {key: _decoded(value) for key, value in metadata.items() if key not in SKIPPED_METADATA}
 
 
-def _scan(folder: Path, depth: int) -> list[Path]:
+SKIPPED_METADATA = ("ssmd_cover_images",)  # images as base64: megabytes no list needs (A1111 drops them too)
+
+
+def _decoded(value):
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _aliases(entries, metadata_of) -> dict[str, LoraFile]:
+    """ss_output_name -> file, for names no file has and only one file claims."""
+    claims: dict[str, list[LoraFile]] = {}
+    names = {entry.name for entry in entries}
+    for entry in entries:
+        alias = metadata_of(entry).get("ss_output_name")
+        if isinstance(alias, str) and alias and alias not in names:
+            claims.setdefault(alias, []).append(entry)
+    return {alias: found[0] for alias, found in claims.items() if len(found) == 1}
+
+
+def _scan(folder: Path, seen: set[Path] | None = None) -> list[Path]:
+    """LoRA files in folder and its subfolders at any depth, as A1111 finds them; a linked folder is followed
+    once (users link their collections in), so a link to a folder above ends instead of looping."""
+    seen = set() if seen is None else seen
     try:
+        real = folder.resolve()
         children = sorted(folder.iterdir())
     except OSError:  # missing or unreadable: no LoRAs, not an error
         return []
+    if real in seen:
+        return []
+    seen.add(real)
     found = []
     for path in children:
         if path.name.startswith("."):
             continue
-        if path.suffix.lower() in LORA_SUFFIXES and path.is_file():
-            found.append(path)
-        elif depth > 1 and path.is_dir():
-            found.extend(_scan(path, depth - 1))
+        try:
+            if path.suffix.lower() in LORA_SUFFIXES and path.is_file():
+                found.append(path)
+            elif path.is_dir():
+                found.extend(_scan(path, seen))
+        except OSError:
+            continue
     return found
 
 
@@ -277,6 +336,8 @@ def _split_key(entry: LoraFile, key: str) -> tuple[tuple[str, str] | None, str]:
         if piece in ("dora_scale", "lora_mid.weight"):
             raise LoraError(f"LoRA {entry.name} is a DoRA or LoCon-with-mid file, which this server does not apply")
         return None, ""
+    if "lora_magnitude_vector" in key:
+        raise LoraError(f"LoRA {entry.name} is a DoRA file, which this server does not apply")
     for prefix, part in (("unet.", "unet"), ("text_encoder.", "te")):
         if key.startswith(prefix):
             for ending, piece in ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".alpha", "alpha")):
@@ -339,7 +400,7 @@ class LoraPatcher:
             raise LoraError("LoRAs cannot be merged while layers are offloaded one by one (--lowvram); "
                             "start with --medvram instead")
         up, down = update.up.float().flatten(1), update.down.float().flatten(1)
-        if up.shape[1] != down.shape[0] or up.shape[0] * down.shape[1] != weight.numel():
+        if up.shape[1] != down.shape[0] or (up.shape[0], down.shape[1]) != (weight.shape[0], weight[0].numel()):
             raise LoraError(f"LoRA {entry.name} does not fit layer {update.layer} ({update.part}: LoRA "
                             f"{tuple(up.shape[:1]) + tuple(down.shape[1:])} vs weight {tuple(weight.shape)}); "
                             "it was made for another kind of model")

@@ -56,8 +56,9 @@ def legacy_hash(path: Path) -> str | None:
 
 
 class ModelRegistry:
-    def __init__(self, models_dir: Path, hash_cache: Path):
+    def __init__(self, models_dir: Path, hash_cache: Path, lora_folder: Path | None = None):
         self.models_dir = Path(models_dir)
+        self.lora_folder = lora_folder  # never listed as models, wherever --lora-dir puts it
         self.hash_cache = Path(hash_cache)
         self._entries: list[ModelEntry] = []
         self._lock = threading.Lock()
@@ -65,7 +66,7 @@ class ModelRegistry:
 
     def refresh(self) -> list[ModelEntry]:
         """Rescan the models folder (the UI's refresh button and /refresh-checkpoints)."""
-        entries = scan_models_dir(self.models_dir)
+        entries = scan_models_dir(self.models_dir, self.lora_folder)
         with self._lock:
             self._entries = entries
         return entries
@@ -199,26 +200,27 @@ SCAN_DEPTH = 3
 LORA_FOLDER = "Lora"
 
 
-def scan_models_dir(models_dir: Path) -> list[ModelEntry]:
+def scan_models_dir(models_dir: Path, lora_folder: Path | None = None) -> list[ModelEntry]:
     if not models_dir.is_dir():
         return []
-    return _scan(models_dir, models_dir, SCAN_DEPTH)
+    skipped = {models_dir / LORA_FOLDER} | ({Path(lora_folder)} if lora_folder is not None else set())
+    return _scan(models_dir, models_dir, SCAN_DEPTH, skipped)
 
 
-def _scan(folder: Path, models_dir: Path, depth: int) -> list[ModelEntry]:
+def _scan(folder: Path, models_dir: Path, depth: int, skipped: set[Path]) -> list[ModelEntry]:
     entries = []
     try:
         children = sorted(folder.iterdir())
     except OSError:  # an unreadable folder (lost+found on a mounted volume): skip it, list the rest
         return entries
     for path in children:
-        if path.name.startswith(".") or (folder == models_dir and path.name == LORA_FOLDER):
+        if path.name.startswith(".") or path in skipped:
             continue
         entry = entry_for_path(path, models_dir)
         if entry is not None:
             entries.append(entry)
         elif depth > 1 and _is_folder(path):
-            entries.extend(_scan(path, models_dir, depth - 1))
+            entries.extend(_scan(path, models_dir, depth - 1, skipped))
     return entries
 
 
