@@ -1076,6 +1076,9 @@ def test_the_lora_picker_puts_its_tag_in_the_prompt_and_generate_uses_it(ui, ui_
     library, ui_services.engine.loras = ui_services.engine.loras, LoraLibrary(tmp_path)
     try:
         refresh, add = event(ui, "refresh_loras"), event(ui, "add_lora")
+        [wiring] = [fn for fn in ui.blocks.fns.values() if fn.api_name == "add_lora"]
+        assert [block.label for block in wiring.inputs] == ["Prompt", "LoRA", "Weight"]
+        assert [block.label for block in wiring.outputs] == ["Prompt"]
         assert refresh()["choices"] == []
         write_lora(tmp_path, "detail", kohya_state(lora_pairs()))
         assert refresh()["choices"] == ["detail"]
