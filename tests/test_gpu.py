@@ -86,3 +86,20 @@ def test_variation_seeds_under_cuda_graphs(engines):
     assert_same_pictures(ours, plain.generate(request, [9, 9], subseeds=[10, 11]))
     pixels = [np.asarray(r.image, dtype=np.int16) for r in ours]
     assert np.abs(pixels[0] - pixels[1]).max() > 0, "two variation seeds gave the same picture"
+
+
+def test_a_lora_merged_into_a_graph_captured_unet_is_used_and_taken_out(engines, tmp_path):
+    """The LoRA changes the weights in place; CUDA graphs read them from the same addresses at each replay, so
+    the compiled model must give the uncompiled picture with the LoRA, and its own picture again after."""
+    from tests.test_lora import kohya_state, lora_pairs, write_lora
+    from webui.engine.lora import LoraLibrary
+
+    write_lora(tmp_path, "detail", kohya_state(lora_pairs()))
+    compiled, plain = engines
+    compiled.loras = plain.loras = LoraLibrary(tmp_path)
+    before = compiled.generate(GenerationRequest(prompt="a red apple", steps=4), [2])
+    request = GenerationRequest(prompt="a red apple <lora:detail:0.8>", steps=4)
+    ours = compiled.generate(request, [2])
+    assert_same_pictures(ours, plain.generate(request, [2]))
+    assert np.abs(np.asarray(ours[0].image, dtype=np.int16) - np.asarray(before[0].image, dtype=np.int16)).mean() > 2
+    assert_same_pictures(compiled.generate(GenerationRequest(prompt="a red apple", steps=4), [2]), before)
