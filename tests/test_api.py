@@ -566,6 +566,23 @@ def test_loras_are_listed_refreshed_used_and_named_in_the_infotext(client, servi
     assert client.get("/sdapi/v1/loras").json() == []
 
 
+def test_embeddings_are_read_on_refresh_listed_and_named_in_the_infotext(client, services):
+    from tests.test_embeddings import vectors, write_a1111_pt
+
+    path = write_a1111_pt(services.settings.embeddings_folder, "badhands", vectors(2, 1))
+    try:
+        assert client.post("/sdapi/v1/refresh-embeddings").status_code == 200
+        listed = client.get("/sdapi/v1/embeddings").json()
+        assert listed["loaded"]["badhands"] == {"step": 500, "sd_checkpoint": "cc6cb27103",
+                                                "sd_checkpoint_name": "v1-5-pruned-emaonly", "shape": 32, "vectors": 2}
+        body = {"prompt": "a red apple", "negative_prompt": "badhands", "steps": 2, "seed": 1, "width": 64, "height": 64}
+        info = json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        assert f"TI hashes: \"badhands: {digest}\"" in info["infotexts"][0]
+    finally:
+        path.unlink()
+
+
 def test_other_a1111_routes_clients_call_answer_and_change_nothing(client, services):
     for name in ("realesrgan-models", "script-info", "extensions"):
         assert client.get(f"/sdapi/v1/{name}").json() == [], name

@@ -158,6 +158,15 @@ def test_loras_come_from_lora_dir_or_the_lora_folder_of_the_models_folder(tmp_pa
     assert own.lora_folder == tmp_path / "mine"
 
 
+def test_embeddings_come_from_embeddings_dir_or_a1111s_embeddings_folder(tmp_path):
+    a1111 = tmp_path / "webui"
+    (a1111 / "models" / "Stable-diffusion").mkdir(parents=True)
+    assert parse_settings(["--models-dir", str(a1111 / "models")], environ={}).embeddings_folder == a1111 / "embeddings"
+    assert parse_settings(["--ckpt-dir", str(tmp_path)], environ={}).embeddings_folder == tmp_path / "embeddings"
+    own = parse_settings(["--embeddings-dir", str(tmp_path / "ti")], environ={})
+    assert own.embeddings_folder == tmp_path / "ti"
+
+
 def test_the_model_list_leaves_out_the_lora_folder(tmp_path):
     """A LoRA is a .safetensors file too; listed as a checkpoint it would fail to load."""
     from webui.engine.models import scan_models_dir
@@ -165,11 +174,13 @@ def test_the_model_list_leaves_out_the_lora_folder(tmp_path):
     (tmp_path / "Lora").mkdir()
     (tmp_path / "Lora" / "detail.safetensors").write_bytes(b"x")
     (tmp_path / "sd15.safetensors").write_bytes(b"x")
+    (tmp_path / "embeddings").mkdir()
+    (tmp_path / "embeddings" / "shiny.safetensors").write_bytes(b"x")  # and the embeddings folder
     (tmp_path / "mine" / "Lora").mkdir(parents=True)
     (tmp_path / "mine" / "Lora" / "deep.safetensors").write_bytes(b"x")  # only the top Lora folder is A1111's
     assert sorted(entry.name for entry in scan_models_dir(tmp_path)) == ["mine/Lora/deep", "sd15"]
     # --lora-dir inside the models folder, under any name: left out too
-    assert sorted(entry.name for entry in scan_models_dir(tmp_path, tmp_path / "mine")) == ["sd15"]
+    assert sorted(entry.name for entry in scan_models_dir(tmp_path, (tmp_path / "mine",))) == ["sd15"]
 
 
 # --- --share with --nowebui -----------------------------------------------------------------------------------

@@ -1093,3 +1093,22 @@ def test_the_lora_picker_puts_its_tag_in_the_prompt_and_generate_uses_it(ui, ui_
         assert "no LoRA named &#x27;detial&#x27;" in refused[2] or "no LoRA named 'detial'" in refused[2], refused[2]
     finally:
         ui_services.engine.loras = library
+
+
+def test_the_embedding_picker_names_it_in_either_prompt(ui, ui_services, tmp_path, monkeypatch):
+    from tests.test_embeddings import vectors, write_a1111_pt
+
+    monkeypatch.setattr(ui_services.engine.settings, "embeddings_dir", tmp_path)
+    write_a1111_pt(tmp_path, "badhands", vectors(2, 1))
+    assert "badhands" in event(ui, "refresh_embeddings")()["choices"]
+    add = event(ui, "add_embedding")
+    assert add("a cat", "badhands") == "a cat, badhands"
+    assert add("blurry,", "badhands") == "blurry, badhands"
+    assert add("(BadHands:1.2), blurry", "badhands") == "(BadHands:1.2), blurry"  # there already
+    with pytest.raises(gr.Error, match="Pick an embedding first"):
+        add("a cat", None)
+    [negative] = [fn for fn in ui.blocks.fns.values() if getattr(fn.fn, "__name__", "") == "add_embedding"
+                  and fn.api_name != "add_embedding"]
+    assert [block.label for block in negative.inputs] == ["Negative prompt", "Embedding"]
+    *_, last = generate(ui, negative="badhands", seed=3)
+    assert "TI hashes: \"badhands: " in last[4], last[2]

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from webui.engine.models import LORA_FOLDER  # A1111's LoRA folder inside its models folder
+from webui.engine.models import EMBEDDINGS_FOLDER, LORA_FOLDER  # A1111's folder names
 from webui.zerogpu import zerogpu_requested
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +82,7 @@ A1111_IGNORED_SWITCHES = (
 )
 A1111_IGNORED_VALUES = (  # these take one value, which is dropped too
     "--precision", "--theme", "--device-id", "--data-dir", "--config", "--vae-dir", "--vae-path",
-    "--embeddings-dir", "--hypernetwork-dir", "--styles-file", "--ui-config-file", "--ui-settings-file",
+    "--hypernetwork-dir", "--styles-file", "--ui-config-file", "--ui-settings-file",
     "--localizations-dir", "--max-batch-count", "--loglevel", "--timeout-keep-alive",
     # folders of models and tools this project does not use (LoRA, upscalers, face restorers, CLIP)
     "--lyco-dir", "--lyco-dir-backcompat", "--textual-inversion-templates-dir", "--gfpgan-dir", "--gfpgan-model",
@@ -110,6 +110,7 @@ class Settings:
     api_auth: list[tuple[str, str]] = field(default_factory=list)
     models_dir: Path = DEFAULT_MODELS_DIR
     lora_dir: Path | None = None  # None: the Lora folder inside models_dir
+    embeddings_dir: Path | None = None  # None: the embeddings folder inside models_dir
     outdir: Path = DEFAULT_OUTPUTS_DIR
     ckpt: str = DEFAULT_MODEL_NAME
     device: str = "auto"
@@ -127,6 +128,10 @@ class Settings:
     @property
     def lora_folder(self) -> Path:
         return self.lora_dir or self.models_dir / LORA_FOLDER
+
+    @property
+    def embeddings_folder(self) -> Path:
+        return self.embeddings_dir or self.models_dir / EMBEDDINGS_FOLDER
 
     @property
     def host(self) -> str:
@@ -233,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--lora-dir", type=_user_path, default=None,
                        help=f"folder of LoRA files that prompts name as <lora:name:0.8> (default: {LORA_FOLDER}/ "
                             "inside the models folder, or beside Stable-diffusion/ with --models-dir)")
+    files.add_argument("--embeddings-dir", type=_user_path, default=None,
+                       help=f"folder of textual inversion embeddings that prompts name by file name (default: "
+                            f"{EMBEDDINGS_FOLDER}/ inside the models folder, or A1111's embeddings/ beside its models/ "
+                            "with --models-dir)")
     files.add_argument("--outdir", type=_user_path, default=DEFAULT_OUTPUTS_DIR,
                        help="where images and the history database are written (env: WEBUI_OUTDIR; "
                             "on a Space with persistent storage: /data/outputs)")
@@ -348,6 +357,9 @@ def _choose_models_dir(args: argparse.Namespace, ckpt_dir_env: Path | None) -> N
         args.models_dir = ckpt_dir_env or DEFAULT_MODELS_DIR
     if args.lora_dir is None:  # A1111 keeps models/Lora beside models/Stable-diffusion
         args.lora_dir = (base if base is not None else args.models_dir) / LORA_FOLDER
+    if args.embeddings_dir is None:  # and its embeddings/ beside models/
+        a1111 = base is not None and (base / A1111_CHECKPOINTS).is_dir()
+        args.embeddings_dir = base.parent / EMBEDDINGS_FOLDER if a1111 else args.models_dir / EMBEDDINGS_FOLDER
     if not args.models_dir.is_dir():  # a typo here would otherwise show as an empty model list, and no word why
         log.warning("the models folder %s does not exist, so no models are listed from it: check --ckpt-dir "
                     "(or --models-dir, WEBUI_CKPT_DIR)", args.models_dir)

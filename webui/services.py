@@ -42,7 +42,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     outdir = settings.outdir
     outdir.mkdir(parents=True, exist_ok=True)
     registry = ModelRegistry(settings.models_dir, hash_cache=outdir / "cache" / "model_hashes.json",
-                             lora_folder=settings.lora_folder)
+                             skipped=(settings.lora_folder, settings.embeddings_folder))
     engine = wrap_engine(Engine(settings, registry))  # ZeroGPU Spaces only; a no-op elsewhere
     outputs = OutputStore(outdir)
     history = History(outdir / "history.sqlite3", outdir)

@@ -395,6 +395,10 @@ class Worker:
         unload-checkpoint); the next job, or restore_device, brings the model back."""
         return self.call(lambda engine: engine.release_device(), "Unloading the model")
 
+    def refresh_embeddings(self) -> Future:
+        """Read the embeddings folder again, between jobs: the tokenizer must not change under a running one."""
+        return self.call(lambda engine: engine.refresh_embeddings(), "Reading embeddings")
+
     def restore_device(self) -> Future:
         """Bring a released model back now rather than with the next job (the API's reload-checkpoint)."""
         return self.call(lambda engine: self._queue_warm_up(engine, engine.restore_device()), "Loading the model back")
@@ -608,6 +612,7 @@ class Worker:
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "Pad conds": True if self.engine.pads_prompts(request) else None,
             "Lora hashes": self.engine.lora_hashes(request),
+            "TI hashes": self.engine.ti_hashes(request),
             "NSFW": "blacked out by the safety checker" if result.nsfw else None,
             "Version": f"diffusers-webui {__version__}",
         })

@@ -291,9 +291,12 @@ class Api:
     def refresh_loras(self) -> None:
         self.engine.loras.refresh()
 
+    async def refresh_embeddings(self) -> None:
+        await self._on_worker(self.worker.refresh_embeddings())
+
     @staticmethod
     def nothing_to_refresh() -> None:
-        """Refresh VAEs or embeddings: this server has none, so there is nothing to do."""
+        """Refresh VAEs: this server has none, so there is nothing to do."""
 
     async def unload_checkpoint(self) -> dict:
         """Free the model's GPU memory (or RAM, on a CPU) for other programs, as A1111 does, once the jobs
@@ -396,9 +399,11 @@ class Api:
         clients that read them at start-up go on instead of failing on a 404."""
         return []
 
-    @staticmethod
-    def embeddings() -> dict[str, dict]:
-        return {"loaded": {}, "skipped": {}}
+    def embeddings(self) -> dict[str, dict]:
+        """The loaded model's textual inversions, as A1111 lists them (those for another model: skipped)."""
+        found = self.engine.embeddings
+        return {"loaded": {name: e.summary for name, e in found.loaded.items()},
+                "skipped": {name: e.summary for name, e in found.skipped.items()}}
 
     # --- images and the machine ---------------------------------------------------------------
     def png_info(self, req: PNGInfoRequest) -> PNGInfoResponse:
@@ -426,9 +431,9 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/refresh-checkpoints", api.refresh_checkpoints, methods=["POST"], tags=["models"])
     add(f"{sd}/loras", api.loras, methods=["GET"], response_model=list[LoraItem], tags=["models"])
     add(f"{sd}/refresh-loras", api.refresh_loras, methods=["POST"], tags=["models"])
-    for name in ("refresh-vae", "refresh-embeddings"):
-        add(f"{sd}/{name}", api.nothing_to_refresh, methods=["POST"], tags=["models"],
-            summary=f"{name} (none on this server: does nothing)")
+    add(f"{sd}/refresh-embeddings", api.refresh_embeddings, methods=["POST"], tags=["models"])
+    add(f"{sd}/refresh-vae", api.nothing_to_refresh, methods=["POST"], tags=["models"],
+        summary="refresh-vae (no VAE list on this server: does nothing)")
     add(f"{sd}/unload-checkpoint", api.unload_checkpoint, methods=["POST"], tags=["models"])
     add(f"{sd}/reload-checkpoint", api.reload_checkpoint, methods=["POST"], tags=["models"])
     add(f"{sd}/samplers", api.samplers, methods=["GET"], response_model=list[SamplerItem], tags=["models"])

@@ -17,6 +17,7 @@ from PIL import Image
 
 from webui.config import Settings
 from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
+from webui.engine.embeddings import EmbeddingSet, load_embeddings, short_hash, used_embeddings
 from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, split_loras, strip_loras
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
@@ -118,6 +119,8 @@ class Engine:
         self.registry = registry
         self.loras = loras or LoraLibrary(settings.lora_folder)
         self._lora_weights = LoraPatcher()  # what the loaded weights hold merged now
+        self.embeddings = EmbeddingSet()  # the textual inversions the loaded model's tokenizer knows
+        self._embedding_hashes: dict = {}
         self.placement: Placement | None = None
         self.pipe = None
         self.tokenizer = None
@@ -181,6 +184,39 @@ class Engine:
                 self.unload()
             raise
 
+    def _load_embeddings(self, pipe) -> EmbeddingSet:
+        try:
+            found = load_embeddings(pipe, self.settings.embeddings_folder)
+        except Exception as err:  # the model works without them: say why, and go on
+            log.warning("textual inversion embeddings from %s were not loaded: %s: %s",
+                        self.settings.embeddings_folder, type(err).__name__, err)
+            return EmbeddingSet()
+        if found.loaded or found.skipped:
+            log.info("embeddings loaded: %d; skipped: %s", len(found.loaded),
+                     ", ".join(f"{name} ({e.skipped})" for name, e in found.skipped.items()) or "none")
+        return found
+
+    def refresh_embeddings(self) -> EmbeddingSet:
+        """Read the embeddings folder again (the API's refresh-embeddings): new files are added; one already
+        loaded keeps its vectors until the model is loaded again."""
+        if self.pipe is None:
+            return self.embeddings
+        found = self._load_embeddings(self.pipe)
+        loaded = {**self.embeddings.loaded, **found.loaded}
+        skipped = {name: e for name, e in found.skipped.items() if name not in loaded}
+        self.embeddings = EmbeddingSet(loaded, skipped)
+        return self.embeddings
+
+    def ti_hashes(self, request: GenerationRequest) -> str | None:
+        """The infotext's "TI hashes" ("name: hash, ..."): the embeddings the prompt or negative prompt uses."""
+        if self.tokenizer is None:
+            return None
+        used = used_embeddings(self.tokenizer, [strip_loras(request.prompt), _negative_in_use(request)],
+                               self.embeddings.loaded)
+        hashes = [f"{e.name.translate(str.maketrans('', '', ':,'))}: {digest}" for e in used
+                  if (digest := short_hash(e.path, self._embedding_hashes))]
+        return ", ".join(hashes) or None
+
     @property
     def needs_warm_up(self) -> bool:
         """The loaded model is compiled and has not run yet: its first image would pay the compile."""
@@ -210,6 +246,7 @@ class Engine:
         self._warmed_up = False
         self._on_device = True
         self.tokenizer = pipe.tokenizer  # kept while the weights are released: the UI's token counter needs it
+        self.embeddings = self._load_embeddings(pipe)
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.model = LoadedModel(entry, short_hash, size, size, pipe.text_encoder.config.num_hidden_layers)
         return self.model

@@ -56,9 +56,9 @@ def legacy_hash(path: Path) -> str | None:
 
 
 class ModelRegistry:
-    def __init__(self, models_dir: Path, hash_cache: Path, lora_folder: Path | None = None):
+    def __init__(self, models_dir: Path, hash_cache: Path, skipped: tuple[Path, ...] = ()):
         self.models_dir = Path(models_dir)
-        self.lora_folder = lora_folder  # never listed as models, wherever --lora-dir puts it
+        self.skipped = skipped  # folders never listed as models: --lora-dir and --embeddings-dir, wherever they are
         self.hash_cache = Path(hash_cache)
         self._entries: list[ModelEntry] = []
         self._lock = threading.Lock()
@@ -66,7 +66,7 @@ class ModelRegistry:
 
     def refresh(self) -> list[ModelEntry]:
         """Rescan the models folder (the UI's refresh button and /refresh-checkpoints)."""
-        entries = scan_models_dir(self.models_dir, self.lora_folder)
+        entries = scan_models_dir(self.models_dir, self.skipped)
         with self._lock:
             self._entries = entries
         return entries
@@ -196,14 +196,15 @@ class ModelRegistry:
 SCAN_DEPTH = 3
 
 
-# The models folder's LoRA folder (config.LORA_FOLDER) holds .safetensors files that are not checkpoints.
+# The models folder's LoRA and embeddings folders hold .safetensors files that are not checkpoints.
 LORA_FOLDER = "Lora"
+EMBEDDINGS_FOLDER = "embeddings"
 
 
-def scan_models_dir(models_dir: Path, lora_folder: Path | None = None) -> list[ModelEntry]:
+def scan_models_dir(models_dir: Path, skipped_folders: tuple[Path, ...] = ()) -> list[ModelEntry]:
     if not models_dir.is_dir():
         return []
-    skipped = {models_dir / LORA_FOLDER} | ({Path(lora_folder)} if lora_folder is not None else set())
+    skipped = {models_dir / LORA_FOLDER, models_dir / EMBEDDINGS_FOLDER, *map(Path, skipped_folders)}
     return _scan(models_dir, models_dir, SCAN_DEPTH, skipped)
 
 

@@ -18,6 +18,8 @@ import re
 
 import torch
 
+from webui.engine.embeddings import expand_ids
+
 CHUNK_TOKENS = 75  # CLIP's 77 positions less the start and end markers
 UP, DOWN = 1.1, 1 / 1.1  # what ( ) and [ ] multiply by
 BREAK = "BREAK"
@@ -153,7 +155,8 @@ def _comma_id(tokenizer) -> int | None:
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False, truncation=False).input_ids if text else []
+    """The text's token ids, with each textual inversion embedding's further vectors after its name."""
+    return expand_ids(tokenizer, tokenizer(text, add_special_tokens=False, truncation=False).input_ids) if text else []
 
 
 def _encode(pipe, batch: list[list[Chunk]], clip_skip: int) -> torch.Tensor:

@@ -74,6 +74,9 @@ def show_images(session: Session, job: Job) -> list[tuple[Any, str]]:
     return gallery_items(images)
 
 
+EMBEDDINGS_WAIT = 5.0  # seconds the 🔄 waits for the worker to read the embeddings folder
+
+
 class Txt2ImgActions:
     """The event functions; each takes widget values and returns widget values, nothing more."""
 
@@ -201,6 +204,28 @@ class Txt2ImgActions:
     def refresh_loras(self):
         return gr.update(choices=[entry.name for entry in self.engine.loras.refresh()])
 
+    def embedding_names(self) -> list[str]:
+        return sorted(self.engine.embeddings.loaded)
+
+    def refresh_embeddings(self):
+        """Read the embeddings folder again, between jobs (the tokenizer must not change under a running one)."""
+        try:
+            found = self.worker.refresh_embeddings().result(timeout=EMBEDDINGS_WAIT)
+        except TimeoutError:
+            gr.Warning("The embeddings folder is read once the running job is done; press 🔄 again then.")
+            return gr.skip()
+        return gr.update(choices=sorted(found.loaded))
+
+    @staticmethod
+    def add_embedding(text: str, name: str | None) -> str:
+        """The text with the embedding's name at its end, unless it is there already."""
+        if not name:
+            raise gr.Error("Pick an embedding first (files in the embeddings folder; 🔄 reads it again).")
+        text = text or ""
+        if re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", text, flags=re.IGNORECASE):
+            return text
+        return f"{text.rstrip().rstrip(',')}, {name}" if text.strip() else name
+
     def add_lora(self, prompt: str, name: str | None, weight: float) -> str:
         """The prompt with <lora:name:weight> at its end; a tag already there for this LoRA gets the new weight."""
         if not name:
@@ -225,6 +250,15 @@ def shown_seed(value: float | None):
     """The seed box's value as Generate will read it (Gradio rounds 12.7 to 13). A number past 64 bits
     cannot be sent back to the page; it stays as typed, and Generate says which seeds there are."""
     return value if value is None or abs(value) < 2**63 else gr.skip()
+
+
+def file_picker(names: list[str], label: str, folder: str, elem_prefix: str) -> tuple[gr.Dropdown, gr.Button]:
+    """A list of files to pick from, with 🔄 to read their folder again."""
+    with gr.Row():
+        dropdown = gr.Dropdown(names, value=None, label=label, scale=4, info=f"from {folder}",
+                               elem_id=f"{elem_prefix}_name")
+        refresh = gr.Button("🔄", elem_id=f"{elem_prefix}_refresh", scale=0, min_width=48)
+    return dropdown, refresh
 
 
 def busy_button() -> gr.Button:
@@ -303,15 +337,20 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
                                                  elem_id="txt2img_subseed_strength")
             # A1111's Lora cards in a short form: the tag goes into the prompt, where it can be edited.
             with gr.Accordion("LoRA", open=False, elem_id="txt2img_lora"):
-                with gr.Row():
-                    lora_name = gr.Dropdown(actions.lora_names(), value=None, label="LoRA", scale=4,
-                                            info="from the LoRA folder (models/Lora or --lora-dir)",
-                                            elem_id="txt2img_lora_name")
-                    lora_refresh = gr.Button("🔄", elem_id="txt2img_lora_refresh", scale=0, min_width=48)
+                lora_name, lora_refresh = file_picker(actions.lora_names(), "LoRA", "the LoRA folder (models/Lora or "
+                                                      "--lora-dir)", "txt2img_lora")
                 with gr.Row():
                     lora_weight = gr.Slider(-2, 2, value=1, step=0.05, label="Weight", elem_id="txt2img_lora_weight",
                                             scale=4)
                     lora_add = gr.Button("Add to prompt", elem_id="txt2img_lora_add", scale=1)
+            # A1111's Textual Inversion cards: the embedding's name is the word that calls it.
+            with gr.Accordion("Textual inversion", open=False, elem_id="txt2img_embeddings"):
+                embedding_name, embedding_refresh = file_picker(
+                    actions.embedding_names(), "Embedding", "the embeddings folder (models/embeddings or "
+                    "--embeddings-dir)", "txt2img_embedding")
+                with gr.Row():
+                    embedding_to_prompt = gr.Button("Add to prompt", elem_id="txt2img_embedding_prompt")
+                    embedding_to_negative = gr.Button("Add to negative prompt", elem_id="txt2img_embedding_negative")
         with gr.Column(scale=1):
             progress = gr.HTML("", label="Progress", show_label=False, elem_id="txt2img_progress", padding=False)
             preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id="txt2img_preview",
@@ -358,6 +397,12 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     lora_refresh.click(actions.refresh_loras, outputs=[lora_name], api_name="refresh_loras", show_progress="hidden")
     lora_add.click(actions.add_lora, inputs=[prompt, lora_name, lora_weight], outputs=[prompt], api_name="add_lora",
                    show_progress="hidden")
+    embedding_refresh.click(actions.refresh_embeddings, outputs=[embedding_name], api_name="refresh_embeddings",
+                            show_progress="hidden")
+    embedding_to_prompt.click(actions.add_embedding, inputs=[prompt, embedding_name], outputs=[prompt],
+                              api_name="add_embedding", show_progress="hidden")
+    embedding_to_negative.click(actions.add_embedding, inputs=[negative, embedding_name], outputs=[negative],
+                                api_visibility="private", show_progress="hidden")
     random_seed.click(actions.random_seed, outputs=[seed], api_name="random_seed", show_progress="hidden")
     reuse_seed.click(actions.reuse_seed, inputs=[session], outputs=[seed], api_name="reuse_seed",
                      show_progress="hidden")

@@ -1,0 +1,106 @@
+"""Textual inversion embeddings named in prompts by file name, read from the three formats A1111 users have."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import TINY
+from webui.schemas import GenerationRequest
+
+WIDTH = 32  # the tiny model's text encoder (tests/tiny_sd.py)
+
+
+def vectors(count: int, seed: int, width: int = WIDTH) -> torch.Tensor:
+    return torch.randn(count, width, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def write_a1111_pt(folder, name: str, vecs: torch.Tensor):
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vecs}, "name": name, "step": 500,
+                "sd_checkpoint": "cc6cb27103", "sd_checkpoint_name": "v1-5-pruned-emaonly"}, folder / f"{name}.pt")
+    return folder / f"{name}.pt"
+
+
+def write_embeddings(folder):
+    """badhands: 2 vectors (.pt); shiny: 1 vector (.safetensors); learned: diffusers' .bin; then the misfits."""
+    write_a1111_pt(folder, "badhands", vectors(2, 1))
+    save_file({"emb_params": vectors(1, 2)}, str(folder / "shiny.safetensors"))
+    torch.save({"<learned>": vectors(1, 3)[0]}, folder / "learned.bin")
+    write_a1111_pt(folder, "sd2only", vectors(1, 4, width=1024))
+    save_file({"lora_unet_x.lora_up.weight": torch.zeros(2, 2)}, str(folder / "alora.safetensors"))
+    (folder / "broken.pt").write_bytes(b"not a pickle")
+
+
+def make_engine(models_dir, tmp_path, embeddings_dir):
+    from webui.config import Settings
+    from webui.engine.generate import Engine
+    from webui.engine.models import ModelRegistry
+
+    settings = Settings(models_dir=models_dir, device="cpu", embeddings_dir=embeddings_dir)
+    engine = Engine(settings, ModelRegistry(models_dir, tmp_path / "hashes.json"))
+    engine.load(TINY)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(models_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("embeddings")
+    write_embeddings(folder)
+    return make_engine(models_dir, tmp_path_factory.mktemp("cache"), folder)
+
+
+def picture(engine, prompt: str, negative: str = "") -> np.ndarray:
+    request = GenerationRequest(prompt=prompt, negative_prompt=negative, steps=3)
+    return np.asarray(engine.generate(request, [5])[0].image, dtype=np.int16)
+
+
+def test_each_format_loads_and_misfits_are_skipped_with_the_reason(engine):
+    found = engine.embeddings
+    assert sorted(found.loaded) == ["badhands", "learned", "shiny"]
+    assert found.loaded["badhands"].summary == {"step": 500, "sd_checkpoint": "cc6cb27103",
+                                                "sd_checkpoint_name": "v1-5-pruned-emaonly", "shape": 32, "vectors": 2}
+    assert "1024 wide" in found.skipped["sd2only"].skipped
+    assert "no embedding vectors" in found.skipped["alora"].skipped
+    assert "unreadable" in found.skipped["broken"].skipped
+
+
+def test_the_name_becomes_the_vectors_in_the_text_encoder(engine):
+    """Each vector is a row of the token table, and the name reads as all of them: two tokens for badhands."""
+    tokenizer, table = engine.tokenizer, engine.pipe.text_encoder.get_input_embeddings().weight
+    ids = tokenizer.convert_tokens_to_ids(["badhands", "badhands_1"])
+    assert torch.allclose(table[ids], vectors(2, 1))
+    assert engine.count_tokens("a cat, badhands") == engine.count_tokens("a cat,") + 2
+    assert engine.count_tokens("a cat, BadHands") == engine.count_tokens("a cat, badhands")  # CLIP reads lowercase
+    plain = picture(engine, "a red apple")
+    assert np.abs(picture(engine, "a red apple, shiny") - plain).mean() > 0.5
+    assert np.abs(picture(engine, "a red apple", negative="badhands") - plain).mean() > 0.5
+
+
+def test_the_same_name_with_other_vectors_gives_another_picture(engine, models_dir, tmp_path):
+    """The picture follows the file's vectors, not just the new token: the embedding is really read."""
+    write_a1111_pt(tmp_path / "other", "badhands", vectors(2, 99))
+    other = make_engine(models_dir, tmp_path, tmp_path / "other")
+    assert np.abs(picture(other, "a red apple, badhands") - picture(engine, "a red apple, badhands")).mean() > 0.5
+
+
+def test_ti_hashes_name_the_embeddings_a_run_reads(engine):
+    digest = hashlib.sha256(engine.embeddings.loaded["badhands"].path.read_bytes()).hexdigest()[:12]
+    request = GenerationRequest(prompt="a red apple, shiny", negative_prompt="(badhands:1.2)", steps=3)
+    shiny = hashlib.sha256(engine.embeddings.loaded["shiny"].path.read_bytes()).hexdigest()[:12]
+    assert engine.ti_hashes(request) == f"badhands: {digest}, shiny: {shiny}"
+    assert engine.ti_hashes(GenerationRequest(prompt="a red apple", steps=3)) is None
+
+
+def test_a_refresh_adds_new_files_and_keeps_the_loaded_ones(engine, tmp_path):
+    folder = engine.settings.embeddings_folder
+    save_file({"emb_params": vectors(3, 7)}, str(folder / "fresh.safetensors"))
+    try:
+        found = engine.refresh_embeddings()
+        assert "fresh" in found.loaded and "badhands" in found.loaded and "badhands" not in found.skipped
+        assert engine.count_tokens("fresh") == 3
+    finally:
+        (folder / "fresh.safetensors").unlink()
