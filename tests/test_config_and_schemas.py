@@ -199,7 +199,8 @@ def test_find_listed_rescans_only_for_a_model_it_does_not_know(tmp_path, monkeyp
     registry = ModelRegistry(tmp_path, tmp_path / "cache" / "hashes.json")
     scans = []
     real_scan = models.scan_models_dir
-    monkeypatch.setattr(models, "scan_models_dir", lambda folder: scans.append(folder) or real_scan(folder))
+    monkeypatch.setattr(models, "scan_models_dir",
+                        lambda folder, *skipped: scans.append(folder) or real_scan(folder, *skipped))
     assert registry.find_listed("known").name == "known" and scans == []  # listed: no folder scan
     (tmp_path / "added.safetensors").write_bytes(b"weights")
     assert registry.find_listed("added").name == "added" and len(scans) == 1  # new file: one rescan

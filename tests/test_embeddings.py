@@ -64,15 +64,23 @@ def test_each_format_loads_and_misfits_are_skipped_with_the_reason(engine):
     assert found.loaded["badhands"].summary == {"step": 500, "sd_checkpoint": "cc6cb27103",
                                                 "sd_checkpoint_name": "v1-5-pruned-emaonly", "shape": 32, "vectors": 2}
     assert "1024 wide" in found.skipped["sd2only"].skipped
-    assert "no embedding vectors" in found.skipped["alora"].skipped
-    assert "unreadable" in found.skipped["broken"].skipped
+    assert list(found.skipped) == ["sd2only"]  # a LoRA or a broken file is no embedding: logged, not listed
+
+
+def test_an_early_trainers_parameter_dict_file_loads(tmp_path):
+    """The first textual inversion code saved its vectors in a ParameterDict; A1111 reads those too."""
+    from webui.engine.embeddings import read_embedding
+
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(vectors(4, 5))})
+    torch.save({"string_to_param": params, "name": "old"}, tmp_path / "old.pt")
+    embedding = read_embedding(tmp_path / "old.pt")
+    assert embedding.skipped is None and torch.equal(embedding.vectors, vectors(4, 5))
 
 
 def test_the_name_becomes_the_vectors_in_the_text_encoder(engine):
     """Each vector is a row of the token table, and the name reads as all of them: two tokens for badhands."""
-    tokenizer, table = engine.tokenizer, engine.pipe.text_encoder.get_input_embeddings().weight
-    ids = tokenizer.convert_tokens_to_ids(["badhands", "badhands_1"])
-    assert torch.allclose(table[ids], vectors(2, 1))
+    table = engine.pipe.text_encoder.get_input_embeddings().weight
+    assert torch.allclose(table[list(engine.embeddings.loaded["badhands"].vector_ids)], vectors(2, 1))
     assert engine.count_tokens("a cat, badhands") == engine.count_tokens("a cat,") + 2
     assert engine.count_tokens("a cat, BadHands") == engine.count_tokens("a cat, badhands")  # CLIP reads lowercase
     plain = picture(engine, "a red apple")
@@ -85,6 +93,39 @@ def test_the_same_name_with_other_vectors_gives_another_picture(engine, models_d
     write_a1111_pt(tmp_path / "other", "badhands", vectors(2, 99))
     other = make_engine(models_dir, tmp_path, tmp_path / "other")
     assert np.abs(picture(other, "a red apple, badhands") - picture(engine, "a red apple, badhands")).mean() > 0.5
+
+
+def test_a_name_matches_whole_words_and_leaves_the_models_own_tokens_alone(models_dir, tmp_path):
+    """As A1111 matches by token ids: an embedding called "art" is the word art, not the "art" of cartoon, and
+    no row of the model's own vocabulary changes (a word piece such as "art" is one)."""
+    write_a1111_pt(tmp_path / "ti", "art", vectors(1, 8))
+    with_art = make_engine(models_dir, tmp_path, tmp_path / "ti")
+    without = make_engine(models_dir, tmp_path, tmp_path / "none")
+    vocabulary = len(without.tokenizer)
+    assert torch.equal(with_art.pipe.text_encoder.get_input_embeddings().weight[:vocabulary],
+                       without.pipe.text_encoder.get_input_embeddings().weight)
+    for prompt in ("a heart, cartoon artwork", "a cart"):
+        assert np.array_equal(picture(with_art, prompt), picture(without, prompt)), prompt
+    assert np.abs(picture(with_art, "a red apple, art") - picture(without, "a red apple, art")).mean() > 0.5
+    assert with_art.ti_hashes(GenerationRequest(prompt="a heart, cartoon artwork", steps=3)) is None
+
+
+def test_an_embedding_stays_whole_in_one_chunk(engine, models_dir, tmp_path):
+    """A1111 starts the next 75-token chunk rather than split an embedding's vectors."""
+    from webui.engine.prompts import _split
+
+    save_file({"emb_params": vectors(8, 6)}, str(tmp_path / "eight.safetensors"))
+    eight = make_engine(models_dir, tmp_path, tmp_path)
+    chunks = _split(eight.tokenizer, "red " * 70 + "eight")
+    assert [len(ids) for ids, _ in chunks] == [70, 8]
+    assert chunks[1][0] == list(eight.embeddings.loaded["eight"].vector_ids)
+
+
+def test_two_files_of_one_name_load_one(tmp_path, models_dir):
+    write_a1111_pt(tmp_path / "ti", "badhands", vectors(2, 1))
+    write_a1111_pt(tmp_path / "ti" / "old", "badhands", vectors(2, 9))
+    found = make_engine(models_dir, tmp_path, tmp_path / "ti").embeddings
+    assert list(found.loaded) == ["badhands"] and found.skipped == {}
 
 
 def test_ti_hashes_name_the_embeddings_a_run_reads(engine):

@@ -1,11 +1,11 @@
 """Textual inversion embeddings: words a prompt uses by file name ("EasyNegative"), as A1111 reads them.
 
 Files come from the embeddings folder (models/embeddings, --embeddings-dir): A1111's .pt (string_to_param),
-.safetensors (emb_params) and diffusers' learned_embeds.bin ({token: vector}). Each file's name becomes a new
-token of the loaded model's tokenizer, its vectors new rows of the text encoder's token embedding; an
-embedding of several vectors becomes its name followed by name_1, name_2, ..., so a weight such as
-(EasyNegative:1.2) reaches every vector. Files made for another text encoder width (SD 2.x on SD 1.x, SDXL)
-are skipped with the reason, as A1111 lists them.
+.safetensors (emb_params) and diffusers' learned_embeds.bin ({token: vector}). As in A1111, a prompt names an
+embedding when its token ids contain the ids of the embedding's name (so "art" matches the word art, not the
+"art" inside "cartoon"); those ids are swapped for new ids, one per vector, that point at new rows of the text
+encoder's token table. The tokenizer itself is left as it is. Files made for another text encoder width
+(SD 2.x on SD 1.x, SDXL) are skipped with the reason, as A1111 lists them.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 
 EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
 HASH_DIGITS = 12  # A1111's "TI hashes"
-# The tokenizer attribute that maps an embedding's first token id to all of its ids (see expand_ids): the
-# tokenizer is what every prompt function is given, and these ids are its own added tokens.
-VECTORS_ATTR = "embedding_token_ids"
+# The tokenizer attribute holding the loaded model's embeddings by the first token id of their names (see
+# token_groups): the tokenizer is what every prompt function is given, and it belongs to that one model.
+MATCHES_ATTR = "embedding_matches"
 
 
 @dataclass
@@ -34,6 +34,8 @@ class Embedding:
     checkpoint: str | None = None
     checkpoint_name: str | None = None
     skipped: str | None = None  # why it is not loaded, if it is not
+    name_ids: tuple[int, ...] = ()  # the name's token ids, which a prompt's ids must contain
+    vector_ids: tuple[int, ...] = ()  # the text encoder's rows that hold its vectors
 
     @property
     def summary(self) -> dict:
@@ -45,7 +47,8 @@ class Embedding:
 
 @dataclass
 class EmbeddingSet:
-    """The embeddings loaded into one model's tokenizer and text encoder."""
+    """The embeddings loaded into one model's text encoder; `skipped` those that do not fit it (A1111 lists
+    both). Files that hold no embedding at all are only logged."""
     loaded: dict[str, Embedding] = field(default_factory=dict)
     skipped: dict[str, Embedding] = field(default_factory=dict)
 
@@ -66,8 +69,10 @@ def read_embedding(path: Path) -> Embedding:
             from safetensors.torch import load_file
 
             data = load_file(str(path))
-        else:  # weights_only: an embedding must not run code while it loads
-            data = torch.load(path, map_location="cpu", weights_only=True)
+        else:  # weights_only: an embedding must not run code while it loads. Early trainers saved a
+            # ParameterDict, which A1111 allows too.
+            with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+                data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         embedding.skipped = f"unreadable ({type(err).__name__}); download it again"
         return embedding
@@ -85,6 +90,7 @@ def read_embedding(path: Path) -> Embedding:
 
 def _vectors_of(data: dict) -> torch.Tensor | None:
     params = data.get("string_to_param")
+    params = getattr(params, "_parameters", params)  # a ParameterDict keeps its tensors there
     if isinstance(params, dict) and len(params) == 1:  # A1111's .pt
         vectors = next(iter(params.values()))
     elif isinstance(data.get("emb_params"), torch.Tensor):  # A1111's .safetensors
@@ -95,63 +101,94 @@ def _vectors_of(data: dict) -> torch.Tensor | None:
     return vectors if isinstance(vectors, torch.Tensor) and vectors.ndim in (1, 2) else None
 
 
-def load_embeddings(pipe, folder: Path) -> EmbeddingSet:
-    """Add every embedding in folder that fits this model's text encoder to its tokenizer; the rest are
-    skipped with the reason. Names already added stay as they are (a refresh adds new files only)."""
+def load_embeddings(pipe, folder: Path, already: EmbeddingSet | None = None) -> EmbeddingSet:
+    """Give every embedding in folder that fits this model's text encoder rows of its own, and return those
+    loaded (with `already`'s, which a refresh keeps) and those skipped, with the reason."""
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
     width = encoder.get_input_embeddings().weight.shape[1]
-    result = EmbeddingSet()
-    known = getattr(tokenizer, VECTORS_ATTR, {})
+    found = EmbeddingSet(dict(already.loaded) if already else {})
+    new: list[Embedding] = []
     for path in scan(folder):
         embedding = read_embedding(path)
-        if embedding.skipped is None and embedding.vectors.shape[1] != width:
+        if embedding.name in found.loaded:
+            if found.loaded[embedding.name].path != path:
+                log.warning("two embeddings are named %s: %s is used, %s is not; rename one", embedding.name,
+                            found.loaded[embedding.name].path, path)
+            continue
+        if embedding.skipped is not None:
+            log.warning("embedding %s skipped: %s", path, embedding.skipped)
+            continue
+        embedding.name_ids = tuple(tokenizer(embedding.name, add_special_tokens=False).input_ids)
+        if embedding.vectors.shape[1] != width:
             embedding.skipped = (f"made for a text encoder {embedding.vectors.shape[1]} wide; this model's is "
                                  f"{width} (an SD 2.x embedding on SD 1.x, or the reverse)")
-        if embedding.skipped is None and not _is_new(tokenizer, embedding.name, known):
-            embedding.skipped = "its name is a word the model already knows as one token, or was loaded already"
-        if embedding.skipped is not None:
-            result.skipped[embedding.name] = embedding
-            continue
-        _add(tokenizer, encoder, embedding)
-        result.loaded[embedding.name] = embedding
-    return result
+            found.skipped[embedding.name] = embedding
+        elif not embedding.name_ids:
+            log.warning("embedding %s skipped: its name reads as no token", path)
+        else:
+            found.loaded[embedding.name] = embedding
+            new.append(embedding)
+    if new:
+        _add_rows(encoder, new)
+    setattr(tokenizer, MATCHES_ATTR, _matches(found.loaded.values()))
+    return found
 
 
-def _is_new(tokenizer, name: str, known: dict) -> bool:
-    ids = tokenizer(name, add_special_tokens=False).input_ids
-    return not (len(ids) == 1 and (ids[0] in known or ids[0] >= tokenizer.vocab_size))
-
-
-def _add(tokenizer, encoder, embedding: Embedding) -> None:
-    count = embedding.vectors.shape[0]
-    tokens = [embedding.name] + [f"{embedding.name}_{i}" for i in range(1, count)]
-    tokenizer.add_tokens(tokens)
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    encoder.resize_token_embeddings(len(tokenizer))
+def _add_rows(encoder, embeddings: list[Embedding]) -> None:
+    """One resize for all (each resize copies the whole table), then each embedding's vectors in its rows."""
+    first = encoder.get_input_embeddings().weight.shape[0]
+    total = sum(e.vectors.shape[0] for e in embeddings)
+    encoder.resize_token_embeddings(first + total, mean_resizing=False)  # the new rows are written below
     table = encoder.get_input_embeddings().weight
+    row = first
     with torch.no_grad():
-        table[ids] = embedding.vectors.to(table.device, table.dtype)
-    mapping = getattr(tokenizer, VECTORS_ATTR, {})
-    mapping[ids[0]] = ids
-    setattr(tokenizer, VECTORS_ATTR, mapping)
+        for embedding in embeddings:
+            count = embedding.vectors.shape[0]
+            embedding.vector_ids = tuple(range(row, row + count))
+            table[row:row + count] = embedding.vectors.to(table.device, table.dtype)
+            row += count
 
 
-def expand_ids(tokenizer, ids: list[int]) -> list[int]:
-    """Token ids with each embedding's name token followed by its further vectors' tokens."""
-    mapping = getattr(tokenizer, VECTORS_ATTR, None)
-    if not mapping:
-        return ids
-    return [each for token in ids for each in mapping.get(token, [token])]
+def _matches(embeddings) -> dict[int, list[Embedding]]:
+    """By the first id of their names, longest name first: A1111 takes the longest match."""
+    matches: dict[int, list[Embedding]] = {}
+    for embedding in embeddings:
+        matches.setdefault(embedding.name_ids[0], []).append(embedding)
+    for candidates in matches.values():
+        candidates.sort(key=lambda e: -len(e.name_ids))
+    return matches
+
+
+def match_at(tokenizer, ids: list[int], start: int) -> Embedding | None:
+    """The embedding whose name's ids begin at ids[start], if one does."""
+    for embedding in getattr(tokenizer, MATCHES_ATTR, {}).get(ids[start], ()):
+        if tuple(ids[start:start + len(embedding.name_ids)]) == embedding.name_ids:
+            return embedding
+    return None
+
+
+def token_groups(tokenizer, ids: list[int]) -> list[list[int]]:
+    """The ids in groups that stay together in a chunk: an embedding's vector ids, or one ordinary token."""
+    groups, at = [], 0
+    while at < len(ids):
+        embedding = match_at(tokenizer, ids, at) if getattr(tokenizer, MATCHES_ATTR, None) else None
+        if embedding is None:
+            groups.append([ids[at]])
+            at += 1
+        else:
+            groups.append(list(embedding.vector_ids))
+            at += len(embedding.name_ids)
+    return groups
 
 
 def used_embeddings(tokenizer, texts: list[str], loaded: dict[str, Embedding]) -> list[Embedding]:
     """The loaded embeddings these texts name, in the order of `loaded`."""
-    mapping = getattr(tokenizer, VECTORS_ATTR, {})
-    if not mapping or not loaded:
+    if not getattr(tokenizer, MATCHES_ATTR, None):
         return []
-    ids = {token for text in texts if text for token in tokenizer(text, add_special_tokens=False).input_ids}
-    first_ids = {tokenizer.convert_tokens_to_ids(name): name for name in loaded}
-    return [loaded[name] for token, name in first_ids.items() if token in ids and token in mapping]
+    rows = {row for text in texts if text
+            for group in token_groups(tokenizer, tokenizer(text, add_special_tokens=False).input_ids)
+            for row in group}
+    return [e for e in loaded.values() if e.vector_ids and e.vector_ids[0] in rows]
 
 
 def short_hash(path: Path, cache: dict) -> str | None:

@@ -184,13 +184,13 @@ class Engine:
                 self.unload()
             raise
 
-    def _load_embeddings(self, pipe) -> EmbeddingSet:
+    def _load_embeddings(self, pipe, already: EmbeddingSet | None = None) -> EmbeddingSet:
         try:
-            found = load_embeddings(pipe, self.settings.embeddings_folder)
+            found = load_embeddings(pipe, self.settings.embeddings_folder, already)
         except Exception as err:  # the model works without them: say why, and go on
             log.warning("textual inversion embeddings from %s were not loaded: %s: %s",
                         self.settings.embeddings_folder, type(err).__name__, err)
-            return EmbeddingSet()
+            return already or EmbeddingSet()
         if found.loaded or found.skipped:
             log.info("embeddings loaded: %d; skipped: %s", len(found.loaded),
                      ", ".join(f"{name} ({e.skipped})" for name, e in found.skipped.items()) or "none")
@@ -201,10 +201,7 @@ class Engine:
         loaded keeps its vectors until the model is loaded again."""
         if self.pipe is None:
             return self.embeddings
-        found = self._load_embeddings(self.pipe)
-        loaded = {**self.embeddings.loaded, **found.loaded}
-        skipped = {name: e for name, e in found.skipped.items() if name not in loaded}
-        self.embeddings = EmbeddingSet(loaded, skipped)
+        self.embeddings = self._load_embeddings(self.pipe, self.embeddings)
         return self.embeddings
 
     def ti_hashes(self, request: GenerationRequest) -> str | None:

@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from webui.engine.embeddings import expand_ids
+from webui.engine.embeddings import token_groups
 
 CHUNK_TOKENS = 75  # CLIP's 77 positions less the start and end markers
 UP, DOWN = 1.1, 1 / 1.1  # what ( ) and [ ] multiply by
@@ -129,7 +129,18 @@ def _split(tokenizer, text: str) -> list[Chunk]:
             pieces.append(([], []))
             last_comma = -1
             continue
-        for token in _token_ids(tokenizer, run):
+        for group in _token_groups(tokenizer, run):
+            if len(group) > 1:  # an embedding's vectors: kept in one chunk, as A1111 keeps them
+                if pieces[-1][0] and len(pieces[-1][0]) + len(group) > CHUNK_TOKENS:
+                    pieces.append(([], []))
+                    last_comma = -1
+                for token in group:
+                    if len(pieces[-1][0]) == CHUNK_TOKENS:  # more vectors than a chunk holds
+                        pieces.append(([], []))
+                    pieces[-1][0].append(token)
+                    pieces[-1][1].append(weight)
+                continue
+            [token] = group
             ids, weights = pieces[-1]
             if token == comma:
                 last_comma = len(ids)
@@ -154,9 +165,12 @@ def _comma_id(tokenizer) -> int | None:
     return None if comma is None or comma == tokenizer.unk_token_id else comma
 
 
-def _token_ids(tokenizer, text: str) -> list[int]:
-    """The text's token ids, with each textual inversion embedding's further vectors after its name."""
-    return expand_ids(tokenizer, tokenizer(text, add_special_tokens=False, truncation=False).input_ids) if text else []
+def _token_groups(tokenizer, text: str) -> list[list[int]]:
+    """The text's token ids, one per group, but a textual inversion embedding's name becomes one group of its
+    vector ids."""
+    if not text:
+        return []
+    return token_groups(tokenizer, tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
 
 
 def _encode(pipe, batch: list[list[Chunk]], clip_skip: int) -> torch.Tensor:
