@@ -583,6 +583,30 @@ def test_embeddings_are_read_on_refresh_listed_and_named_in_the_infotext(client,
         path.unlink()
 
 
+def test_prompt_styles_are_listed_and_joined_into_the_prompts(client, services):
+    from webui.storage.styles import Style
+
+    assert client.get("/sdapi/v1/prompt-styles").json() == []  # no styles file yet
+    services.styles.save(Style("Film", "film still of {prompt}", "cartoon"))
+    try:
+        assert client.get("/sdapi/v1/prompt-styles").json() == [
+            {"name": "Film", "prompt": "film still of {prompt}", "negative_prompt": "cartoon"}]
+        body = {"prompt": "a cat", "negative_prompt": "ugly", "styles": ["Film"], "steps": 1, "width": 64, "height": 64}
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        assert (info["prompt"], info["negative_prompt"], info["styles"]) == ("film still of a cat", "ugly, cartoon", ["Film"])
+        assert info["infotexts"][0].startswith("film still of a cat\nNegative prompt: ugly, cartoon\n")
+        bad = client.post("/sdapi/v1/txt2img", json=body | {"styles": ["Flim"]})
+        assert bad.status_code == 422 and "styles: no style named 'Flim' (styles: Film)" in bad.json()["detail"]
+        services.styles.save(Style("Long", "x" * 1999))  # with "a cat, ": past the 2,000 characters
+        long = client.post("/sdapi/v1/txt2img", json=body | {"styles": ["Long"]})
+        assert long.status_code == 422 and long.json()["detail"].startswith("prompt: "), long.text
+        assert long.json()["detail"].endswith("(with the styles Long joined in)")
+    finally:
+        services.settings.styles_path.unlink()
+
+
 def test_other_a1111_routes_clients_call_answer_and_change_nothing(client, services):
     for name in ("realesrgan-models", "script-info", "extensions"):
         assert client.get(f"/sdapi/v1/{name}").json() == [], name

@@ -167,6 +167,17 @@ def test_embeddings_come_from_embeddings_dir_or_a1111s_embeddings_folder(tmp_pat
     assert own.embeddings_folder == tmp_path / "ti"
 
 
+def test_styles_come_from_styles_file_or_a1111s_own_or_the_outputs_folder(tmp_path):
+    a1111 = tmp_path / "webui"
+    (a1111 / "models" / "Stable-diffusion").mkdir(parents=True)
+    out = ["--outdir", str(tmp_path / "out")]
+    assert parse_settings(["--models-dir", str(a1111 / "models"), *out], environ={}).styles_path == tmp_path / "out" / "styles.csv"
+    (a1111 / "styles.csv").write_text("name,prompt,negative_prompt\n")
+    assert parse_settings(["--models-dir", str(a1111 / "models"), *out], environ={}).styles_path == a1111 / "styles.csv"
+    own = parse_settings(["--styles-file", str(tmp_path / "mine.csv"), *out], environ={})
+    assert own.styles_path == tmp_path / "mine.csv"
+
+
 def test_the_model_list_leaves_out_the_lora_folder(tmp_path):
     """A LoRA is a .safetensors file too; listed as a checkpoint it would fail to load."""
     from webui.engine.models import scan_models_dir

@@ -517,8 +517,8 @@ def test_variation_seeds_go_from_the_page_to_the_infotext_and_back(ui, ui_servic
     plain = event(ui, "send_from_pnginfo")("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64")
     assert plain[TXT2IMG_FIELDS.index("subseed_strength")] == 0  # no variation written: none applied
     [wiring] = [fn for fn in ui.blocks.fns.values() if fn.api_name == "txt2img"]
-    assert [getattr(block, "label", None) for block in wiring.inputs][-2:] == ["Variation seed (-1 = random)",
-                                                                              "Variation strength"]
+    assert [getattr(block, "label", None) for block in wiring.inputs][-3:] == ["Variation seed (-1 = random)",
+                                                                              "Variation strength", "Styles"]
 
 
 def test_a_model_that_cannot_be_applied_is_named_in_a_warning(ui):
@@ -1112,3 +1112,43 @@ def test_the_embedding_picker_names_it_in_either_prompt(ui, ui_services, tmp_pat
     assert [block.label for block in negative.inputs] == ["Negative prompt", "Embedding"]
     *_, last = generate(ui, negative="badhands", seed=3)
     assert "TI hashes: \"badhands: " in last[4], last[2]
+
+
+def test_styles_are_applied_saved_and_deleted_from_the_page(ui, ui_services):
+    from webui.storage.styles import Style
+
+    path = ui_services.settings.styles_path
+    try:
+        save, delete, apply = event(ui, "save_style"), event(ui, "delete_style"), event(ui, "apply_styles")
+        assert save("Film", "film still of {prompt}", "cartoon")["choices"] == ["Film"]
+        assert ui_services.styles.styles() == [Style("Film", "film still of {prompt}", "cartoon")]
+        prompt, negative, picked = apply("a cat", "ugly", ["Film"])
+        assert (prompt, negative, picked["value"]) == ("film still of a cat", "ugly, cartoon", [])
+        with pytest.raises(gr.Error, match="Pick one or more styles first"):
+            apply("a cat", "", [])
+        session = Session()
+        *_, last = list(event(ui, "txt2img")(session, "a lighthouse", "", "Euler a", "Automatic", 2, 7.0, 64, 64,
+                                             3, 1, 1, 1, TINY, -1, 0.0, ["Film"]))
+        assert last[4].startswith("film still of a lighthouse\nNegative prompt: cartoon\n"), last[2]
+        *_, refused = list(event(ui, "txt2img")(Session(), "a lighthouse", "", "Euler a", "Automatic", 2, 7.0, 64, 64,
+                                                3, 1, 1, 1, TINY, -1, 0.0, ["Gone"]))
+        assert "no style named" in refused[2]
+        assert delete("Film", ["Film"]) == {"__type__": "update", "choices": [], "value": []}
+        with pytest.raises(gr.Error, match="No style is named 'Film'"):
+            delete("Film", [])
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_a_shared_server_without_a_login_offers_no_style_editing(tmp_path):
+    from webui.ui.txt2img import Txt2ImgActions
+
+    services = build_services(Settings(outdir=tmp_path / "out", device="cpu", share=True), load_model=False)
+    try:
+        actions = Txt2ImgActions(services, models=None)
+        assert not actions.can_edit_styles
+        with pytest.raises(gr.Error, match="Saving styles is off on a server shared without --gradio-auth"):
+            actions.save_style("Film", "a", "b")
+        assert not services.settings.styles_path.exists()
+    finally:
+        services.close()

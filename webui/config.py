@@ -51,6 +51,7 @@ ENV_OVERRIDES = {
 ENV_ARGS = "WEBUI_ARGS"
 A1111_ENV_ARGS = "COMMANDLINE_ARGS"
 A1111_CHECKPOINTS = "Stable-diffusion"  # where A1111 keeps checkpoints inside its models folder
+STYLES_FILE = "styles.csv"  # A1111's prompt styles, in its own folder
 
 # stable-diffusion-webui flags about who may reach the server, or how: this app cannot do what they ask, and
 # serving without a login file or TLS the user asked for is worse than not starting, so they stay unknown
@@ -82,7 +83,7 @@ A1111_IGNORED_SWITCHES = (
 )
 A1111_IGNORED_VALUES = (  # these take one value, which is dropped too
     "--precision", "--theme", "--device-id", "--data-dir", "--config", "--vae-dir", "--vae-path",
-    "--hypernetwork-dir", "--styles-file", "--ui-config-file", "--ui-settings-file",
+    "--hypernetwork-dir", "--ui-config-file", "--ui-settings-file",
     "--localizations-dir", "--max-batch-count", "--loglevel", "--timeout-keep-alive",
     # folders of models and tools this project does not use (LoRA, upscalers, face restorers, CLIP)
     "--lyco-dir", "--lyco-dir-backcompat", "--textual-inversion-templates-dir", "--gfpgan-dir", "--gfpgan-model",
@@ -111,6 +112,7 @@ class Settings:
     models_dir: Path = DEFAULT_MODELS_DIR
     lora_dir: Path | None = None  # None: the Lora folder inside models_dir
     embeddings_dir: Path | None = None  # None: the embeddings folder inside models_dir
+    styles_file: Path | None = None  # None: styles.csv in outdir
     outdir: Path = DEFAULT_OUTPUTS_DIR
     ckpt: str = DEFAULT_MODEL_NAME
     device: str = "auto"
@@ -132,6 +134,10 @@ class Settings:
     @property
     def embeddings_folder(self) -> Path:
         return self.embeddings_dir or self.models_dir / EMBEDDINGS_FOLDER
+
+    @property
+    def styles_path(self) -> Path:
+        return self.styles_file or self.outdir / STYLES_FILE
 
     @property
     def host(self) -> str:
@@ -242,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"folder of textual inversion embeddings that prompts name by file name (default: "
                             f"{EMBEDDINGS_FOLDER}/ inside the models folder, or A1111's embeddings/ beside its models/ "
                             "with --models-dir)")
+    files.add_argument("--styles-file", type=_user_path, default=None,
+                       help=f"A1111's prompt styles file (default: {STYLES_FILE} in the outputs folder, or A1111's own "
+                            "beside its models/ with --models-dir when it has one)")
     files.add_argument("--outdir", type=_user_path, default=DEFAULT_OUTPUTS_DIR,
                        help="where images and the history database are written (env: WEBUI_OUTDIR; "
                             "on a Space with persistent storage: /data/outputs)")
@@ -357,9 +366,11 @@ def _choose_models_dir(args: argparse.Namespace, ckpt_dir_env: Path | None) -> N
         args.models_dir = ckpt_dir_env or DEFAULT_MODELS_DIR
     if args.lora_dir is None:  # A1111 keeps models/Lora beside models/Stable-diffusion
         args.lora_dir = (base if base is not None else args.models_dir) / LORA_FOLDER
+    a1111 = base is not None and (base / A1111_CHECKPOINTS).is_dir()
     if args.embeddings_dir is None:  # and its embeddings/ beside models/
-        a1111 = base is not None and (base / A1111_CHECKPOINTS).is_dir()
         args.embeddings_dir = base.parent / EMBEDDINGS_FOLDER if a1111 else args.models_dir / EMBEDDINGS_FOLDER
+    if args.styles_file is None and a1111 and (base.parent / STYLES_FILE).is_file():  # A1111's own styles
+        args.styles_file = base.parent / STYLES_FILE
     if not args.models_dir.is_dir():  # a typo here would otherwise show as an empty model list, and no word why
         log.warning("the models folder %s does not exist, so no models are listed from it: check --ckpt-dir "
                     "(or --models-dir, WEBUI_CKPT_DIR)", args.models_dir)

@@ -44,6 +44,8 @@ class GenerationRequest(BaseModel):
     batch_size: int = Field(1, ge=1, le=8, description="images made together in one pass")
     n_iter: int = Field(1, ge=1, le=100, description="batch count: passes made one after another")
     clip_skip: int = Field(1, ge=1, le=MAX_CLIP_SKIP)
+    styles: list[str] = Field(default_factory=list, max_length=20,
+                              description="prompt styles (styles.csv) joined into the prompts before the run")
     model: str | None = Field(None, description="checkpoint name; None keeps the loaded model")
     restore_model: bool = Field(False, description="load the previous model again after this job "
                                                    "(A1111's override_settings_restore_afterwards)")

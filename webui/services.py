@@ -15,6 +15,7 @@ from webui.engine.loader import ModelLoadError
 from webui.engine.models import ModelNotFound, ModelRegistry
 from webui.storage.history import History
 from webui.storage.outputs import OutputStore
+from webui.storage.styles import StyleStore
 from webui.worker import Worker
 from webui.zerogpu import wrap_engine
 
@@ -29,6 +30,7 @@ class Services:
     outputs: OutputStore
     history: History
     worker: Worker
+    styles: StyleStore
 
     def close(self, wait: float = 30.0) -> None:
         """Stop the worker (waiting up to `wait` seconds for what it is doing), then let go of the files."""
@@ -50,9 +52,10 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     if not alone:
         log.warning("another running server uses %s too; its unfinished jobs are left alone", outdir)
     _tidy_up(history, outputs, fail_unfinished_jobs=alone)
+    styles = StyleStore(settings.styles_path)
     worker = Worker(engine, outputs, history, max_queue=settings.queue_size,
-                    preview_every=settings.preview_every).start()
-    services = Services(settings, registry, engine, outputs, history, worker)
+                    preview_every=settings.preview_every, styles=styles).start()
+    services = Services(settings, registry, engine, outputs, history, worker, styles)
     if load_model:
         try:
             worker.load_model(settings.ckpt)

@@ -32,6 +32,7 @@ from webui.schemas import (GeneratedImage, GenerationRequest, InvalidRequest, Jo
 from webui.storage.history import History
 from webui.storage.infotext import build_infotext
 from webui.storage.outputs import OutputStore, make_grid
+from webui.storage.styles import StyleStore
 
 log = logging.getLogger(__name__)
 _JOB_ROW_MISSING = "the job is missing from the history"
@@ -179,10 +180,11 @@ class _Call:
 
 class Worker:
     def __init__(self, engine: Engine, outputs: OutputStore, history: History, *,
-                 max_queue: int = 64, preview_every: int = 5):
+                 max_queue: int = 64, preview_every: int = 5, styles: StyleStore | None = None):
         self.engine = engine
         self.outputs = outputs
         self.history = history
+        self.styles = styles
         self.max_queue = max_queue
         self.preview_every = preview_every
         self._queue: collections.deque[Job | _Call] = collections.deque()
@@ -227,7 +229,7 @@ class Worker:
         """Queue a request; returns its Job at once. Raises InvalidRequest, QueueFull or WorkerStopped.
         `warnings`: what the caller already changed in the request (the API's schedule type run as Automatic).
         `field_names`: the caller's names for request fields, which its messages about the job use."""
-        request = parse_request(request)
+        request = self._with_styles(parse_request(request))
         self._check_against_loaded_model(request)
         self._check_loras(request)
         warnings = list(warnings or [])
@@ -263,6 +265,19 @@ class Worker:
         model = self.engine.model
         if model is not None and model.names(request.model):
             _check_clip_skip(request, model)
+
+    def _with_styles(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with its styles' texts joined into its prompts (checked again: they may now be too long).
+        The names stay in the request, so the history shows which styles made the prompt."""
+        if not request.styles:
+            return request
+        if self.styles is None:
+            raise InvalidRequest("styles: this server has no styles file")
+        prompt, negative = self.styles.apply(request.prompt, request.negative_prompt, request.styles)
+        try:
+            return parse_request(request.model_dump() | {"prompt": prompt, "negative_prompt": negative})
+        except InvalidRequest as err:
+            raise InvalidRequest(f"{err} (with the styles {', '.join(request.styles)} joined in)") from None
 
     def _check_loras(self, request: GenerationRequest) -> None:
         """A misspelt <lora:...> is refused now, with the names there are, not after the queue."""

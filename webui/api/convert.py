@@ -44,7 +44,6 @@ _UNSUPPORTED = (
     ("seed_resize_from_w", lambda v: v is not None and v > 0, "seed resize is not supported yet (send -1)"),
     ("restore_faces", lambda v: bool(v), "face restoration is not supported (send false)"),
     ("tiling", lambda v: bool(v), "tiling is not supported yet (send false)"),
-    ("styles", lambda v: bool(v), "prompt styles are not supported yet (put their text in the prompt)"),
     ("refiner_checkpoint", lambda v: v not in (None, "", "None", "none"), "a refiner is not supported yet"),
     ("script_name", lambda v: v not in (None, "", "None", "none"), "no scripts are installed on this server"),
     ("alwayson_scripts", lambda v: bool(v), "no always-on scripts are installed on this server"),
@@ -102,6 +101,7 @@ def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: 
         "batch_size": req.batch_size, "n_iter": req.n_iter, "model": model or default_model,
         "restore_model": bool(model) and req.override_settings_restore_afterwards is not False,
         "save_images": req.save_images, "send_images": req.send_images, "clip_skip": clip_skip,
+        "styles": req.styles or [],
     }
     try:
         parse_request(data)
@@ -331,7 +331,7 @@ def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None 
         "extra_generation_params": {"Schedule type": request.scheduler},
         "index_of_first_image": first_index,
         "infotexts": infotexts,
-        "styles": [],
+        "styles": list(request.styles),
         "job_timestamp": started.strftime("%Y%m%d%H%M%S"),
         "clip_skip": request.clip_skip,
         "is_using_inpainting_conditioning": False,

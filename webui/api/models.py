@@ -146,6 +146,13 @@ class LoraItem(BaseModel):
     metadata: dict[str, Any] = {}
 
 
+class PromptStyleItem(BaseModel):
+    """GET /prompt-styles: one style of styles.csv."""
+    name: str
+    prompt: str
+    negative_prompt: str
+
+
 class MemoryResponse(BaseModel):
     ram: dict[str, Any]
     cuda: dict[str, Any]

@@ -25,9 +25,9 @@ from starlette.routing import Match
 from webui.api import convert
 from webui.api.convert import ApiError
 from webui.api.models import (
-    ErrorResponse, JobCancelReply, JobCreated, JobStatus, LoraItem, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest,
-    PNGInfoResponse, ProgressResponse, SamplerItem, SchedulerItem, ScriptsList, SDModelItem, Txt2ImgRequest,
-    Txt2ImgResponse,
+    ErrorResponse, JobCancelReply, JobCreated, JobStatus, LoraItem, MemoryResponse, OptionsUpdateResponse,
+    PNGInfoRequest, PNGInfoResponse, ProgressResponse, PromptStyleItem, SamplerItem, SchedulerItem, ScriptsList,
+    SDModelItem, Txt2ImgRequest, Txt2ImgResponse,
 )
 from webui.engine.loader import ModelLoadError
 from webui.engine.generate import LoadedModel
@@ -288,6 +288,10 @@ class Api:
                                   path=str(entry.path), metadata=metadata))
         return items
 
+    def prompt_styles(self) -> list[PromptStyleItem]:
+        return [PromptStyleItem(name=s.name, prompt=s.prompt, negative_prompt=s.negative_prompt)
+                for s in self.services.styles.styles()]
+
     def refresh_loras(self) -> None:
         self.engine.loras.refresh()
 
@@ -439,7 +443,9 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/samplers", api.samplers, methods=["GET"], response_model=list[SamplerItem], tags=["models"])
     add(f"{sd}/schedulers", api.schedulers, methods=["GET"], response_model=list[SchedulerItem], tags=["models"])
     add(f"{sd}/scripts", api.scripts, methods=["GET"], response_model=ScriptsList, tags=["models"])
-    for name in ("sd-vae", "upscalers", "latent-upscale-modes", "prompt-styles", "hypernetworks",
+    add(f"{sd}/prompt-styles", api.prompt_styles, methods=["GET"], response_model=list[PromptStyleItem],
+        tags=["models"])
+    for name in ("sd-vae", "upscalers", "latent-upscale-modes", "hypernetworks",
                  "face-restorers", "realesrgan-models", "script-info", "extensions"):
         add(f"{sd}/{name}", api.none_installed, methods=["GET"], response_model=list, tags=["models"],
             summary=f"{name} (none on this server: an empty list)")

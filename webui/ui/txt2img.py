@@ -17,6 +17,7 @@ import gradio as gr
 
 from webui.engine.samplers import sampler_names
 from webui.engine.models import ModelNotFound
+from webui.storage.styles import Style
 from webui.schemas import MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, GeneratedImage, InvalidRequest
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
@@ -84,11 +85,15 @@ class Txt2ImgActions:
         self.worker = services.worker
         self.engine = services.engine
         self.models = models
+        self.styles = services.styles
+        # As History's Delete: on a server shared without a login, visitors may not change what all share.
+        self.can_edit_styles = not (services.settings.public and not services.settings.gradio_auth)
 
     def generate(self, session: Session, prompt: str, negative_prompt: str | None = None, sampler_name: str = DEFAULT_SAMPLER,
                  scheduler: str = "Automatic", steps: int = 20, cfg_scale: float = 7.0, width: int | None = None,
                  height: int | None = None, seed: int = -1, n_iter: int = 1, batch_size: int = 1, clip_skip: int = 1,
-                 model: str | None = None, subseed: int = -1, subseed_strength: float = 0.0) -> Iterator[tuple]:
+                 model: str | None = None, subseed: int = -1, subseed_strength: float = 0.0,
+                 styles: list[str] | None = None) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends."""
         request = {
             "prompt": prompt, "negative_prompt": negative_prompt, "sampler_name": sampler_name,
@@ -96,6 +101,7 @@ class Txt2ImgActions:
             "seed": -1 if seed is None else seed, "n_iter": n_iter, "batch_size": batch_size,
             "clip_skip": clip_skip, "model": model or None,
             "subseed": -1 if subseed is None else subseed, "subseed_strength": subseed_strength or 0.0,
+            "styles": list(styles or []),
         }
         try:
             if request["model"]:
@@ -197,6 +203,42 @@ class Txt2ImgActions:
 
     def random_seed(self) -> int:
         return -1
+
+    def style_names(self) -> list[str]:
+        return [style.name for style in self.styles.styles()]
+
+    def apply_styles(self, prompt: str, negative_prompt: str, names: list[str] | None):
+        """Move the picked styles' texts into the prompts (to edit them there) and clear the pick."""
+        if not names:
+            raise gr.Error("Pick one or more styles first.")
+        try:
+            prompt, negative_prompt = self.styles.apply(prompt or "", negative_prompt or "", names)
+        except InvalidRequest as err:
+            raise gr.Error(str(err)) from None
+        return prompt, negative_prompt, gr.update(value=[])
+
+    def save_style(self, name: str, prompt: str, negative_prompt: str):
+        """Save the prompts as a style (replacing one of the same name) and offer it in the list."""
+        if not self.can_edit_styles:
+            raise gr.Error("Saving styles is off on a server shared without --gradio-auth.")
+        try:
+            self.styles.save(Style(name or "", prompt or "", negative_prompt or ""))
+        except (InvalidRequest, OSError) as err:
+            raise gr.Error(f"The style was not saved: {err}") from None
+        gr.Info(f"Saved style {name.strip()!r}.")
+        return gr.update(choices=self.style_names())
+
+    def delete_style(self, name: str, picked: list[str] | None):
+        if not self.can_edit_styles:
+            raise gr.Error("Deleting styles is off on a server shared without --gradio-auth.")
+        try:
+            deleted = self.styles.delete((name or "").strip())
+        except OSError as err:
+            raise gr.Error(f"The style was not deleted: {err}") from None
+        if not deleted:
+            raise gr.Error(f"No style is named {(name or '').strip()!r}; type the name of one to delete.")
+        names = self.style_names()
+        return gr.update(choices=names, value=[each for each in picked or [] if each in names])
 
     def lora_names(self) -> list[str]:
         return [entry.name for entry in self.engine.loras.entries()]
@@ -305,6 +347,10 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
             with gr.Row():
                 interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt", min_width=60, size="md")
                 skip = gr.Button("Skip", elem_id="txt2img_skip", min_width=60, size="md")
+            # A1111's styles: joined into the prompts at Generate, or moved into them to edit.
+            styles = gr.Dropdown(actions.style_names(), value=[], multiselect=True, label="Styles",
+                                 elem_id="txt2img_styles")
+            apply_styles = gr.Button("Apply styles to prompts", elem_id="txt2img_style_apply", size="sm")
     with gr.Row():
         with gr.Column(scale=1):
             with gr.Row():
@@ -351,6 +397,13 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
                 with gr.Row():
                     embedding_to_prompt = gr.Button("Add to prompt", elem_id="txt2img_embedding_prompt")
                     embedding_to_negative = gr.Button("Add to negative prompt", elem_id="txt2img_embedding_negative")
+            with gr.Accordion("Save a style", open=False, elem_id="txt2img_style_editor",
+                              visible=actions.can_edit_styles):
+                with gr.Row():
+                    style_name = gr.Textbox(label="Style name", elem_id="txt2img_style_name", scale=3)
+                    save_style = gr.Button("Save the prompts as this style", elem_id="txt2img_style_save", scale=1)
+                    delete_style = gr.Button("Delete this style", elem_id="txt2img_style_delete", scale=1,
+                                             variant="stop")
         with gr.Column(scale=1):
             progress = gr.HTML("", label="Progress", show_label=False, elem_id="txt2img_progress", padding=False)
             preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id="txt2img_preview",
@@ -366,7 +419,7 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     widgets = {"prompt": prompt, "negative_prompt": negative, "sampler_name": sampler, "scheduler": scheduler,
                "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height, "seed": seed,
                "n_iter": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "model": picker.dropdown,
-               "subseed": subseed, "subseed_strength": subseed_strength}
+               "subseed": subseed, "subseed_strength": subseed_strength, "styles": styles}
     request_inputs = [widgets[name] for name in REQUEST_PARAMS]
     run_outputs = [session, gallery, progress, preview, infotext, timing]
     # While the tab's own job runs, Generate is greyed out (A1111 hides it): a click would be dropped anyway.
@@ -397,6 +450,12 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     lora_refresh.click(actions.refresh_loras, outputs=[lora_name], api_name="refresh_loras", show_progress="hidden")
     lora_add.click(actions.add_lora, inputs=[prompt, lora_name, lora_weight], outputs=[prompt], api_name="add_lora",
                    show_progress="hidden")
+    apply_styles.click(actions.apply_styles, inputs=[prompt, negative, styles], outputs=[prompt, negative, styles],
+                       api_name="apply_styles", show_progress="hidden")
+    save_style.click(actions.save_style, inputs=[style_name, prompt, negative], outputs=[styles],
+                     api_name="save_style", show_progress="hidden")
+    delete_style.click(actions.delete_style, inputs=[style_name, styles], outputs=[styles], api_name="delete_style",
+                       show_progress="hidden")
     embedding_refresh.click(actions.refresh_embeddings, outputs=[embedding_name], api_name="refresh_embeddings",
                             show_progress="hidden")
     embedding_to_prompt.click(actions.add_embedding, inputs=[prompt, embedding_name], outputs=[prompt],
