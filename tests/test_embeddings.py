@@ -119,6 +119,8 @@ def test_an_embedding_stays_whole_in_one_chunk(engine, models_dir, tmp_path):
     chunks = _split(eight.tokenizer, "red " * 70 + "eight")
     assert [len(ids) for ids, _ in chunks] == [70, 8]
     assert chunks[1][0] == list(eight.embeddings.loaded["eight"].vector_ids)
+    # At a full chunk A1111 first moves the words after a near comma on, then places the embedding.
+    assert [len(ids) for ids, _ in _split(eight.tokenizer, "red " * 60 + ", " + "blue " * 14 + "eight")] == [61, 22]
 
 
 def test_two_files_of_one_name_load_one(tmp_path, models_dir):
@@ -145,3 +147,49 @@ def test_a_refresh_adds_new_files_and_keeps_the_loaded_ones(engine, tmp_path):
         assert engine.count_tokens("fresh") == 3
     finally:
         (folder / "fresh.safetensors").unlink()
+
+
+def test_ti_hashes_follow_the_vectors_in_use_and_the_texts_the_run_reads(models_dir, tmp_path):
+    """A file saved again keeps its old vectors until a refresh, and so its old hash; a name that prompt editing
+    never reaches in the run's steps is not listed."""
+    path = write_a1111_pt(tmp_path / "ti", "badhands", vectors(2, 1))
+    first = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    engine = make_engine(models_dir, tmp_path, tmp_path / "ti")
+    request = GenerationRequest(prompt="a cat, badhands", steps=3)
+    before = picture(engine, "a cat, badhands")
+    write_a1111_pt(tmp_path / "ti", "badhands", vectors(2, 50))
+    assert engine.ti_hashes(request) == f"badhands: {first}"
+    engine.refresh_embeddings()  # the new file is read into new rows
+    assert engine.ti_hashes(request) == f"badhands: {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+    assert np.abs(picture(engine, "a cat, badhands") - before).mean() > 0.5
+    assert engine.ti_hashes(GenerationRequest(prompt="a cat [dog:badhands:50]", steps=20)) is None
+
+
+def test_under_lowvram_the_embeddings_are_read_before_the_offload(models_dir, tmp_path, monkeypatch, caplog):
+    """Sequential offload keeps its own copy of the token table: the table must have grown before it is made,
+    and a refresh afterwards leaves it alone with a message instead of breaking every generation."""
+    import logging
+
+    from accelerate import cpu_offload
+
+    import webui.engine.generate as generate
+
+    write_a1111_pt(tmp_path / "ti", "badhands", vectors(2, 1))
+    plain = make_engine(models_dir, tmp_path, tmp_path / "ti")
+    real_place = generate.place_pipeline
+
+    def place_with_offload(pipe, settings, placement):  # as --lowvram places the text encoder on a GPU
+        real_place(pipe, settings, placement)
+        cpu_offload(pipe.text_encoder, execution_device=torch.device("cpu"))
+
+    monkeypatch.setattr(generate, "place_pipeline", place_with_offload)
+    # On a GPU the pipeline's hooks name the execution device; here only the text encoder has one.
+    from diffusers import StableDiffusionPipeline
+    monkeypatch.setattr(StableDiffusionPipeline, "_execution_device", property(lambda self: torch.device("cpu")))
+    offloaded = make_engine(models_dir, tmp_path, tmp_path / "ti")
+    assert np.array_equal(picture(offloaded, "a cat, badhands"), picture(plain, "a cat, badhands"))
+    save_file({"emb_params": vectors(1, 2)}, str(tmp_path / "ti" / "shiny.safetensors"))
+    with caplog.at_level(logging.WARNING):
+        assert list(offloaded.refresh_embeddings().loaded) == ["badhands"]
+    assert "not while --lowvram offloads it" in caplog.text
+    assert np.array_equal(picture(offloaded, "a cat, badhands"), picture(plain, "a cat, badhands"))

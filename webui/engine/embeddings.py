@@ -36,6 +36,8 @@ class Embedding:
     skipped: str | None = None  # why it is not loaded, if it is not
     name_ids: tuple[int, ...] = ()  # the name's token ids, which a prompt's ids must contain
     vector_ids: tuple[int, ...] = ()  # the text encoder's rows that hold its vectors
+    short_hash: str | None = None  # of the file as it was read: the vectors in use, whatever is on disk now
+    stamp: tuple[int, int] = (0, 0)  # the file's size and time when read
 
     @property
     def summary(self) -> dict:
@@ -65,6 +67,9 @@ def read_embedding(path: Path) -> Embedding:
     """One file's vectors and training notes; a file that holds none is returned with `skipped` saying why."""
     embedding = Embedding(path.stem, path)
     try:
+        stat = path.stat()
+        embedding.stamp = (stat.st_size, stat.st_mtime_ns)
+        embedding.short_hash = file_hash(path)
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
 
@@ -105,16 +110,21 @@ def load_embeddings(pipe, folder: Path, already: EmbeddingSet | None = None) -> 
     """Give every embedding in folder that fits this model's text encoder rows of its own, and return those
     loaded (with `already`'s, which a refresh keeps) and those skipped, with the reason."""
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    width = encoder.get_input_embeddings().weight.shape[1]
+    table = encoder.get_input_embeddings().weight
+    if table.is_meta:  # --lowvram has offloaded it layer by layer: it cannot grow now
+        log.warning("embeddings are read when a model loads, not while --lowvram offloads it; load the model again")
+        return already or EmbeddingSet()
+    width = table.shape[1]
     found = EmbeddingSet(dict(already.loaded) if already else {})
     new: list[Embedding] = []
     for path in scan(folder):
+        before = found.loaded.get(path.stem)
+        if before is not None and (before.path != path or before.stamp == _stamp(path)):
+            if before.path != path and (already is None or path.stem not in already.loaded):
+                log.warning("two embeddings are named %s: %s is used, %s is not; rename one", path.stem,
+                            before.path, path)
+            continue  # loaded already, unchanged (a file saved again is read again, into new rows)
         embedding = read_embedding(path)
-        if embedding.name in found.loaded:
-            if found.loaded[embedding.name].path != path:
-                log.warning("two embeddings are named %s: %s is used, %s is not; rename one", embedding.name,
-                            found.loaded[embedding.name].path, path)
-            continue
         if embedding.skipped is not None:
             log.warning("embedding %s skipped: %s", path, embedding.skipped)
             continue
@@ -191,17 +201,18 @@ def used_embeddings(tokenizer, texts: list[str], loaded: dict[str, Embedding]) -
     return [e for e in loaded.values() if e.vector_ids and e.vector_ids[0] in rows]
 
 
-def short_hash(path: Path, cache: dict) -> str | None:
-    """A1111's TI hash: the file's sha256, 12 hex digits (cached by size and time)."""
+def file_hash(path: Path) -> str:
+    """A1111's TI hash: the file's sha256, 12 hex digits."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:HASH_DIGITS]
+
+
+def _stamp(path: Path) -> tuple[int, int]:
     try:
         stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        if key not in cache:
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                while block := handle.read(1 << 20):
-                    digest.update(block)
-            cache[key] = digest.hexdigest()[:HASH_DIGITS]
-        return cache[key]
+        return stat.st_size, stat.st_mtime_ns
     except OSError:
-        return None
+        return 0, 0

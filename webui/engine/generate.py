@@ -17,7 +17,7 @@ from PIL import Image
 
 from webui.config import Settings
 from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
-from webui.engine.embeddings import EmbeddingSet, load_embeddings, short_hash, used_embeddings
+from webui.engine.embeddings import EmbeddingSet, load_embeddings, used_embeddings
 from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, split_loras, strip_loras
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
@@ -120,7 +120,6 @@ class Engine:
         self.loras = loras or LoraLibrary(settings.lora_folder)
         self._lora_weights = LoraPatcher()  # what the loaded weights hold merged now
         self.embeddings = EmbeddingSet()  # the textual inversions the loaded model's tokenizer knows
-        self._embedding_hashes: dict = {}
         self.placement: Placement | None = None
         self.pipe = None
         self.tokenizer = None
@@ -147,6 +146,8 @@ class Engine:
 
     def _load_entry(self, entry: ModelEntry) -> LoadedModel:
         pipe = read_pipeline(entry, self.settings, self.placement)
+        # Before placing: --lowvram's offload keeps its own copy of the token table, which must be the grown one.
+        embeddings = self._load_embeddings(pipe)
         # Make room on the device, but keep the old model until the new one is in place.
         old_pipe = self.pipe
         parked = old_pipe is not None and park_on_cpu(old_pipe, self.settings, self.placement)
@@ -158,7 +159,7 @@ class Engine:
             raise ModelLoadError(f"could not move model {entry.name!r} to {self.placement.device}: {err}") from err
         short_hash = self.registry.short_hash(entry)  # before unloading: it reads the files
         self.unload()
-        self.use_pipeline(pipe, entry, short_hash)
+        self.use_pipeline(pipe, entry, short_hash, embeddings)
         log.info("loaded model %s (%s) on %s", entry.name, self.model.short_hash, self.placement.device)
         return self.model
 
@@ -208,11 +209,10 @@ class Engine:
         """The infotext's "TI hashes" ("name: hash, ..."): the embeddings the prompt or negative prompt uses."""
         if self.tokenizer is None:
             return None
-        used = used_embeddings(self.tokenizer, [strip_loras(request.prompt), _negative_in_use(request)],
-                               self.embeddings.loaded)
-        hashes = [f"{e.name.translate(str.maketrans('', '', ':,'))}: {digest}" for e in used
-                  if (digest := short_hash(e.path, self._embedding_hashes))]
-        return ", ".join(hashes) or None
+        texts = [text for phase in _phases(request) for text in (phase.prompt, phase.negative)]  # what is read
+        used = used_embeddings(self.tokenizer, texts, self.embeddings.loaded)
+        return ", ".join(f"{e.name.translate(str.maketrans('', '', ':,'))}: {e.short_hash}" for e in used
+                         if e.short_hash) or None
 
     @property
     def needs_warm_up(self) -> bool:
@@ -235,15 +235,17 @@ class Engine:
             self._warmed_up = True  # tried once: a failure (out of memory, say) is not retried at every load
         log.info("warm-up done in %.1f s", time.perf_counter() - started)
 
-    def use_pipeline(self, pipe, entry: ModelEntry, short_hash: str | None = None) -> LoadedModel:
-        """Adopt a pipeline that is already on its device (load() and the GPU benchmark use this)."""
+    def use_pipeline(self, pipe, entry: ModelEntry, short_hash: str | None = None,
+                     embeddings: EmbeddingSet | None = None) -> LoadedModel:
+        """Adopt a pipeline that is already on its device (load() and the GPU benchmark use this), with the
+        textual inversions already loaded into it (else they are loaded here)."""
         self.pipe = pipe
         self._lora_weights.forget()
         self._base_scheduler_config = dict(pipe.scheduler.config)
         self._warmed_up = False
         self._on_device = True
         self.tokenizer = pipe.tokenizer  # kept while the weights are released: the UI's token counter needs it
-        self.embeddings = self._load_embeddings(pipe)
+        self.embeddings = embeddings if embeddings is not None else self._load_embeddings(pipe)
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.model = LoadedModel(entry, short_hash, size, size, pipe.text_encoder.config.num_hidden_layers)
         return self.model

@@ -130,30 +130,23 @@ def _split(tokenizer, text: str) -> list[Chunk]:
             last_comma = -1
             continue
         for group in _token_groups(tokenizer, run):
-            if len(group) > 1:  # an embedding's vectors: kept in one chunk, as A1111 keeps them
-                if pieces[-1][0] and len(pieces[-1][0]) + len(group) > CHUNK_TOKENS:
-                    pieces.append(([], []))
-                    last_comma = -1
-                for token in group:
-                    if len(pieces[-1][0]) == CHUNK_TOKENS:  # more vectors than a chunk holds
-                        pieces.append(([], []))
-                    pieces[-1][0].append(token)
-                    pieces[-1][1].append(weight)
-                continue
-            [token] = group
             ids, weights = pieces[-1]
-            if token == comma:
+            if group == [comma]:
                 last_comma = len(ids)
             elif len(ids) == CHUNK_TOKENS and last_comma >= 0 and len(ids) - last_comma <= COMMA_BACKTRACK:
                 cut = last_comma + 1
                 pieces[-1] = (ids[:cut], weights[:cut])
                 pieces.append((ids[cut:], weights[cut:]))
                 last_comma = -1
-            if len(pieces[-1][0]) == CHUNK_TOKENS:
+            if len(pieces[-1][0]) == CHUNK_TOKENS or (
+                    pieces[-1][0] and len(pieces[-1][0]) + len(group) > CHUNK_TOKENS):  # an embedding stays whole
                 pieces.append(([], []))
                 last_comma = -1
-            pieces[-1][0].append(token)
-            pieces[-1][1].append(weight)
+            for token in group:
+                if len(pieces[-1][0]) == CHUNK_TOKENS:  # more vectors than a chunk holds
+                    pieces.append(([], []))
+                pieces[-1][0].append(token)
+                pieces[-1][1].append(weight)
     if len(pieces) > 1 and not pieces[-1][0]:  # a BREAK at the end starts no chunk
         pieces.pop()
     return pieces
