@@ -62,3 +62,36 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         store.save(Style("New", "x"))
     assert (tmp_path / "styles.csv").read_text(encoding="utf-8") == A1111_FILE
     assert sorted(path.name for path in tmp_path.iterdir()) == ["styles.csv"]
+
+
+@pytest.mark.parametrize("content, encoding", [("name;prompt;negative_prompt\nA;a;x\n", "utf-8"),  # Excel's ";"
+                                               ("name,prompt,negative_prompt\nCafé,crème,\n", "cp1252")])
+def test_a_file_that_cannot_be_read_is_never_saved_over(tmp_path, content, encoding):
+    (tmp_path / "styles.csv").write_bytes(content.encode(encoding))
+    store = StyleStore(tmp_path / "styles.csv")
+    assert store.styles() == []  # nothing offered, a line in the log
+    with pytest.raises(InvalidRequest, match="styles file .* (cannot be read|has no name column)"):
+        store.save(Style("New", "n"))
+    assert (tmp_path / "styles.csv").read_bytes() == content.encode(encoding)
+
+
+def test_hand_written_files_read_as_a1111_reads_them(tmp_path):
+    (tmp_path / "styles.csv").write_text('name, prompt, negative_prompt, notes\n# my styles,,,\nFilm, "film grain, 35mm", '
+                                         '"blurry, ugly", mine\nFilm, second,,\n', encoding="utf-8")
+    store = StyleStore(tmp_path / "styles.csv")
+    assert store.styles() == [Style("Film", "film grain, 35mm", "blurry, ugly")]  # no comment row, the first Film
+    assert store.apply("a cat ", "", ["Film", "", "None"]) == ("a cat, film grain, 35mm", "blurry, ugly")
+    store.save(Style("Film", "edited"))
+    assert store.styles() == [Style("Film", "edited", "")]
+    text = (tmp_path / "styles.csv").read_bytes()
+    assert text.startswith(b"\xef\xbb\xbfname,prompt,negative_prompt,notes\r\n")  # BOM, as A1111 writes it
+    assert b"Film,edited,,mine" in text and b"second" not in text  # notes kept, the shadowed twin gone
+
+
+def test_saving_through_a_link_keeps_the_link(tmp_path):
+    """A styles.csv linked to A1111's own stays shared with it."""
+    (tmp_path / "a1111.csv").write_text(A1111_FILE, encoding="utf-8")
+    (tmp_path / "styles.csv").symlink_to(tmp_path / "a1111.csv")
+    StyleStore(tmp_path / "styles.csv").save(Style("New", "n"))
+    assert (tmp_path / "styles.csv").is_symlink()
+    assert "New" in [style.name for style in StyleStore(tmp_path / "a1111.csv").styles()]

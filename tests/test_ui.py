@@ -1133,6 +1133,10 @@ def test_styles_are_applied_saved_and_deleted_from_the_page(ui, ui_services):
         *_, refused = list(event(ui, "txt2img")(Session(), "a lighthouse", "", "Euler a", "Automatic", 2, 7.0, 64, 64,
                                                 3, 1, 1, 1, TINY, -1, 0.0, ["Gone"]))
         assert "no style named" in refused[2]
+        # A page built before the save (another tab, a reload) gets the list when it loads.
+        assert event(ui, "file_lists")()[0]["choices"] == ["Film"]
+        sent = event(ui, "send_from_pnginfo")(last[4])  # the prompt has the style joined in: the pick is cleared
+        assert sent[TXT2IMG_FIELDS.index("styles")] == [] and sent[0] == "film still of a lighthouse"
         assert delete("Film", ["Film"]) == {"__type__": "update", "choices": [], "value": []}
         with pytest.raises(gr.Error, match="No style is named 'Film'"):
             delete("Film", [])

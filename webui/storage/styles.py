@@ -11,6 +11,7 @@ import csv
 import io
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -39,7 +40,10 @@ def merge(style_text: str, text: str) -> str:
     """The user's text with one style's text, as A1111 joins them."""
     if PROMPT_PLACEHOLDER in style_text:
         return style_text.replace(PROMPT_PLACEHOLDER, text)
-    return ", ".join(part for part in (text, style_text) if part)
+    return ", ".join(part for part in (text.strip(), style_text.strip()) if part)
+
+
+COLUMNS = ["name", "prompt", "negative_prompt"]
 
 
 class StyleStore:
@@ -48,24 +52,24 @@ class StyleStore:
         self._lock = threading.Lock()  # a save from one page must not drop another's
 
     def styles(self) -> list[Style]:
-        """The file's styles in its order; none when it is missing, unreadable or not a styles file."""
+        """The file's styles in its order, the first of a repeated name only; none when the file is missing or
+        cannot be read as a styles file (said in the log)."""
         try:
-            text = self.path.read_text(encoding="utf-8-sig")
-        except FileNotFoundError:
+            rows, _ = self._rows()
+        except InvalidRequest as err:
+            log.warning("%s; no styles are offered", err)
             return []
-        except (OSError, UnicodeDecodeError) as err:
-            log.warning("the styles file %s could not be read (%s); no styles are offered", self.path, err)
-            return []
-        rows = csv.DictReader(io.StringIO(text))
-        if rows.fieldnames is None or "name" not in rows.fieldnames:
-            log.warning("%s has no 'name' column, so it is not read as a styles file", self.path)
-            return []
-        # A1111's files before 1.0 called the prompt column "text".
-        return [Style(row["name"], row.get("prompt") or row.get("text") or "", row.get("negative_prompt") or "")
-                for row in rows if row.get("name")]
+        styles: dict[str, Style] = {}
+        for row in rows:
+            name = row.get("name") or ""
+            if name and not name.startswith("#") and name not in styles:  # "#": a comment line, as in A1111
+                # A1111's files before 1.0 called the prompt column "text".
+                styles[name] = Style(name, row.get("prompt") or row.get("text") or "", row.get("negative_prompt") or "")
+        return list(styles.values())
 
     def find(self, names: list[str]) -> list[Style]:
         by_name = {style.name: style for style in self.styles()}
+        names = [name for name in names if name not in ("", "None")]  # what A1111 clients send for no style
         missing = [name for name in names if name not in by_name]
         if missing:
             known = ", ".join(list(by_name)[:20]) or "none"
@@ -80,38 +84,70 @@ class StyleStore:
         return prompt, negative_prompt
 
     def save(self, style: Style) -> None:
-        """Add the style, or replace the one of the same name where it stands."""
+        """Add the style, or replace the one of the same name where it stands; other columns a row has (notes
+        kept by hand) stay."""
         name = style.name.strip()
-        if not name or len(name) > MAX_STYLE_NAME or any(ord(c) < 32 for c in name):
-            raise InvalidRequest(f"style name: give a name of 1 to {MAX_STYLE_NAME} characters, on one line")
-        style = Style(name, style.prompt, style.negative_prompt)
+        if not name or len(name) > MAX_STYLE_NAME or any(ord(c) < 32 for c in name) or name == "None":
+            raise InvalidRequest(f"style name: give a name of 1 to {MAX_STYLE_NAME} characters, on one line "
+                                 "(not None)")
+        values = {"name": name, "prompt": style.prompt, "negative_prompt": style.negative_prompt}
         with self._lock:
-            styles = self.styles()
-            names = [each.name for each in styles]
-            if name in names:
-                styles[names.index(name)] = style
-            else:
-                styles.append(style)
-            self._write(styles)
+            rows, columns = self._rows()
+            first = next((i for i, row in enumerate(rows) if row.get("name") == name), None)
+            if first is None:
+                rows.append(values)
+            else:  # the first row of that name is the one in use; later ones of that name go
+                rows[first] = {**rows[first], **values}
+                rows = [row for i, row in enumerate(rows) if i <= first or row.get("name") != name]
+            self._write(rows, columns)
 
     def delete(self, name: str) -> bool:
         with self._lock:
-            styles = self.styles()
-            kept = [style for style in styles if style.name != name]
-            if len(kept) == len(styles):
+            rows, columns = self._rows()
+            kept = [row for row in rows if row.get("name") != name]
+            if len(kept) == len(rows):
                 return False
-            self._write(kept)
+            self._write(kept, columns)
             return True
 
-    def _write(self, styles: list[Style]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".styles-", suffix=".csv", dir=self.path.parent)
+    def _rows(self) -> tuple[list[dict], list[str]]:
+        """The file's rows and columns; ([], COLUMNS) when it does not exist yet. A file that cannot be read as
+        a styles file is an InvalidRequest: saving over it would lose what it holds."""
         try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["name", "prompt", "negative_prompt"])
-                writer.writerows([style.name, style.prompt, style.negative_prompt] for style in styles)
-            os.replace(temp, self.path)
+            text = self.path.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            return [], list(COLUMNS)
+        except (OSError, UnicodeDecodeError) as err:
+            raise InvalidRequest(f"the styles file {self.path} cannot be read ({err}); save it as UTF-8 or pick "
+                                 "another --styles-file") from None
+        reader = csv.DictReader(io.StringIO(text), skipinitialspace=True)  # A1111 allows "name, prompt"
+        if reader.fieldnames is None and not text.strip():
+            return [], list(COLUMNS)
+        if reader.fieldnames is None or "name" not in reader.fieldnames:
+            raise InvalidRequest(f"the styles file {self.path} has no name column; it must be a comma-separated "
+                                 "file with the columns name,prompt,negative_prompt")
+        columns = list(COLUMNS) + [c for c in reader.fieldnames if c and c not in COLUMNS and c != "text"]
+        rows = []
+        for row in reader:
+            if "text" in row and not row.get("prompt"):
+                row["prompt"] = row.pop("text")
+            rows.append({key: value for key, value in row.items() if key in columns and value is not None})
+        return rows, columns
+
+    def _write(self, rows: list[dict], columns: list[str]) -> None:
+        target = self.path.resolve()  # through a link: a styles.csv shared with A1111 stays shared
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=".styles-", suffix=".csv", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8-sig", newline="") as handle:  # the BOM: as A1111, for Excel
+                writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+            if target.exists():
+                shutil.copymode(target, temp)
+            else:
+                os.chmod(temp, 0o644)  # mkstemp's 0600 would hide a new file from the user's other programs
+            os.replace(temp, target)
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise

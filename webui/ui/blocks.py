@@ -95,6 +95,8 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
     ui.blocks.load(ui.models.on_page_load, outputs=[ui.picker.dropdown, ui.picker.status, *size,
                                                  txt2img.widgets["clip_skip"]],
                    api_visibility="private", show_progress="hidden")
+    ui.blocks.load(txt2img.file_lists, outputs=txt2img.file_list_widgets, api_visibility="private",
+                   show_progress="hidden")
     # The tab's token survives a reload (sessionStorage, one per tab); filling it in resumes the tab's job.
     ui.blocks.load(None, outputs=[txt2img.tab_token], js=TAB_TOKEN_JS, api_visibility="private", show_progress="hidden")
 

@@ -12,7 +12,8 @@ from webui.storage.infotext import request_fields_from_infotext
 
 # GenerationRequest fields the txt2img tab has a widget for, in the order of Txt2ImgTab.field_components.
 TXT2IMG_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale",
-                  "width", "height", "seed", "clip_skip", "model", "batch_size", "subseed", "subseed_strength")
+                  "width", "height", "seed", "clip_skip", "model", "batch_size", "subseed", "subseed_strength",
+                  "styles")
 
 
 # What the page calls each request field, for messages: "Batch count", not "n_iter".
@@ -20,7 +21,7 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "scheduler": "Schedule type", "steps": "Sampling steps", "cfg_scale": "CFG scale", "width": "Width",
                 "height": "Height", "seed": "Seed", "n_iter": "Batch count", "batch_size": "Batch size",
                 "clip_skip": "Clip skip", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
-                "subseed_strength": "Variation strength"}
+                "subseed_strength": "Variation strength", "styles": "Styles"}
 
 
 def with_labels(message: str) -> str:
@@ -53,7 +54,8 @@ def txt2img_updates(fields: dict[str, Any], model_names: list[str], find_model: 
     applied is left out with a warning in the page saying why, since its dropdown would otherwise keep
     its old value without a word. model_names: the model dropdown's list as it is now, which the
     dropdown gets again (another tab may have rescanned the models folder since this page was built)."""
-    fields = dict(fields)
+    # A sent prompt has its styles joined in already: a style left picked would be joined in twice.
+    fields = dict(fields) | {"styles": []}
     model_note = _apply_model(fields, model_names, find_model)
     for note in (_apply_sampler(fields), model_note, *_round_sizes(fields), *_drop_out_of_range(fields)):
         if note:

@@ -240,6 +240,11 @@ class Txt2ImgActions:
         names = self.style_names()
         return gr.update(choices=names, value=[each for each in picked or [] if each in names])
 
+    def file_lists(self) -> tuple:
+        """The Styles, LoRA and Embedding lists as they are now (the page may be older than a save or a file)."""
+        return (gr.update(choices=self.style_names()), gr.update(choices=self.lora_names()),
+                gr.update(choices=self.embedding_names()))
+
     def lora_names(self) -> list[str]:
         return [entry.name for entry in self.engine.loras.entries()]
 
@@ -313,6 +318,8 @@ class Txt2ImgTab:
     widgets: dict[str, gr.components.Component]
     generate_event: Any
     tab_token: gr.Textbox  # filled from the browser tab's sessionStorage when the page loads (blocks.py)
+    file_lists: Any  # () -> updates of `file_list_widgets`, run when the page loads (blocks.py)
+    file_list_widgets: list[gr.Dropdown]
 
     @property
     def field_components(self) -> list[gr.components.Component]:
@@ -472,4 +479,4 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     picker.dropdown.input(models.load, inputs=[picker.dropdown],
                           outputs=[picker.status, picker.dropdown, width, height, clip_skip],
                           api_name="load_model", show_progress="hidden")
-    return Txt2ImgTab(widgets, generate_event, tab_token)
+    return Txt2ImgTab(widgets, generate_event, tab_token, actions.file_lists, [styles, lora_name, embedding_name])
