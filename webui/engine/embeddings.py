@@ -9,12 +9,13 @@ encoder's token table. The tokenizer itself is left as it is. Files made for ano
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from webui.engine.models import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +204,7 @@ def used_embeddings(tokenizer, texts: list[str], loaded: dict[str, Embedding]) -
 
 def file_hash(path: Path) -> str:
     """A1111's TI hash: the file's sha256, 12 hex digits."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()[:HASH_DIGITS]
+    return sha256_file(path)[:HASH_DIGITS]
 
 
 def _stamp(path: Path) -> tuple[int, int]:

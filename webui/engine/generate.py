@@ -198,8 +198,8 @@ class Engine:
         return found
 
     def refresh_embeddings(self) -> EmbeddingSet:
-        """Read the embeddings folder again (the API's refresh-embeddings): new files are added; one already
-        loaded keeps its vectors until the model is loaded again."""
+        """Read the embeddings folder again (the API's refresh-embeddings): new and changed files get rows of
+        their own; a deleted one stays loaded until the model is loaded again."""
         if self.pipe is None:
             return self.embeddings
         self.embeddings = self._load_embeddings(self.pipe, self.embeddings)
