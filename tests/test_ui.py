@@ -1081,6 +1081,7 @@ def test_the_lora_picker_puts_its_tag_in_the_prompt_and_generate_uses_it(ui, ui_
         assert [block.label for block in wiring.outputs] == ["Prompt"]
         assert refresh()["choices"] == []
         write_lora(tmp_path, "detail", kohya_state(lora_pairs()))
+        assert event(ui, "file_lists")()[1]["choices"] == ["detail"]  # a page loaded later lists it without ↻
         assert refresh()["choices"] == ["detail"]
         assert add("a cat", "detail", 0.8) == "a cat <lora:detail:0.8>"
         assert add("a cat <lora:detail:0.8>, red", "detail", 0.5) == "a cat <lora:detail:0.5>, red"  # no second tag

@@ -89,7 +89,7 @@ class StyleStore:
         name = style.name.strip()
         if not name or len(name) > MAX_STYLE_NAME or any(ord(c) < 32 for c in name) or name == "None":
             raise InvalidRequest(f"style name: give a name of 1 to {MAX_STYLE_NAME} characters, on one line "
-                                 "(not None)")
+                                 "(other than the word None, which means no style)")
         values = {"name": name, "prompt": style.prompt, "negative_prompt": style.negative_prompt}
         with self._lock:
             rows, columns = self._rows()

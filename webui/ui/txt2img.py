@@ -75,7 +75,7 @@ def show_images(session: Session, job: Job) -> list[tuple[Any, str]]:
     return gallery_items(images)
 
 
-EMBEDDINGS_WAIT = 5.0  # seconds the 🔄 waits for the worker to read the embeddings folder
+EMBEDDINGS_WAIT = 5.0  # seconds the ↻ waits for the worker to read the embeddings folder
 
 
 class Txt2ImgActions:
@@ -214,18 +214,19 @@ class Txt2ImgActions:
         try:
             prompt, negative_prompt = self.styles.apply(prompt or "", negative_prompt or "", names)
         except InvalidRequest as err:
-            raise gr.Error(str(err)) from None
+            raise gr.Error(with_labels(str(err))) from None
         return prompt, negative_prompt, gr.update(value=[])
 
     def save_style(self, name: str, prompt: str, negative_prompt: str):
         """Save the prompts as a style (replacing one of the same name) and offer it in the list."""
         if not self.can_edit_styles:
             raise gr.Error("Saving styles is off on a server shared without --gradio-auth.")
+        replaced = (name or "").strip() in self.style_names()
         try:
             self.styles.save(Style(name or "", prompt or "", negative_prompt or ""))
         except (InvalidRequest, OSError) as err:
             raise gr.Error(f"The style was not saved: {err}") from None
-        gr.Info(f"Saved style {name.strip()!r}.")
+        gr.Info(f"{'Replaced' if replaced else 'Saved'} style {name.strip()!r}.")
         return gr.update(choices=self.style_names())
 
     def delete_style(self, name: str, picked: list[str] | None):
@@ -242,7 +243,9 @@ class Txt2ImgActions:
 
     def file_lists(self) -> tuple:
         """The Styles, LoRA and Embedding lists as they are now (the page may be older than a save or a file)."""
-        return (gr.update(choices=self.style_names()), gr.update(choices=self.lora_names()),
+        # The LoRA folder is read again here; embeddings only between jobs (↻), so those are the last read.
+        return (gr.update(choices=self.style_names()),
+                gr.update(choices=[entry.name for entry in self.engine.loras.refresh()]),
                 gr.update(choices=self.embedding_names()))
 
     def lora_names(self) -> list[str]:
@@ -259,7 +262,7 @@ class Txt2ImgActions:
         try:
             found = self.worker.refresh_embeddings().result(timeout=EMBEDDINGS_WAIT)
         except TimeoutError:
-            gr.Warning("The embeddings folder is read once the running job is done; press 🔄 again then.")
+            gr.Warning("The embeddings folder is read once the running job is done; press ↻ again then.")
             return gr.skip()
         return gr.update(choices=sorted(found.loaded))
 
@@ -267,7 +270,7 @@ class Txt2ImgActions:
     def add_embedding(text: str, name: str | None) -> str:
         """The text with the embedding's name at its end, unless it is there already."""
         if not name:
-            raise gr.Error("Pick an embedding first (files in the embeddings folder; 🔄 reads it again).")
+            raise gr.Error("Pick an embedding first (files in the embeddings folder; ↻ reads it again).")
         text = text or ""
         if re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", text, flags=re.IGNORECASE):
             return text
@@ -276,7 +279,7 @@ class Txt2ImgActions:
     def add_lora(self, prompt: str, name: str | None, weight: float) -> str:
         """The prompt with <lora:name:weight> at its end; a tag already there for this LoRA gets the new weight."""
         if not name:
-            raise gr.Error("Pick a LoRA first (files in the LoRA folder; 🔄 reads it again).")
+            raise gr.Error("Pick a LoRA first (files in the LoRA folder; ↻ reads it again).")
         tag = f"<lora:{name}:{round(float(weight), 2):g}>"
         prompt = prompt or ""
         same = re.compile(rf"<lora:{re.escape(name)}(:[^<>]*)?>")
@@ -300,11 +303,11 @@ def shown_seed(value: float | None):
 
 
 def file_picker(names: list[str], label: str, folder: str, elem_prefix: str) -> tuple[gr.Dropdown, gr.Button]:
-    """A list of files to pick from, with 🔄 to read their folder again."""
+    """A list of files to pick from, with ↻ to read their folder again."""
     with gr.Row():
         dropdown = gr.Dropdown(names, value=None, label=label, scale=4, info=f"from {folder}",
                                elem_id=f"{elem_prefix}_name")
-        refresh = gr.Button("🔄", elem_id=f"{elem_prefix}_refresh", scale=0, min_width=48)
+        refresh = gr.Button("↻", elem_id=f"{elem_prefix}_refresh", scale=0, min_width=48)
     return dropdown, refresh
 
 
@@ -408,8 +411,8 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
                               visible=actions.can_edit_styles):
                 with gr.Row():
                     style_name = gr.Textbox(label="Style name", elem_id="txt2img_style_name", scale=3)
-                    save_style = gr.Button("Save the prompts as this style", elem_id="txt2img_style_save", scale=1)
-                    delete_style = gr.Button("Delete this style", elem_id="txt2img_style_delete", scale=1,
+                    save_style = gr.Button("Save prompts", elem_id="txt2img_style_save", scale=1, min_width=80)
+                    delete_style = gr.Button("Delete", elem_id="txt2img_style_delete", scale=1, min_width=80,
                                              variant="stop")
         with gr.Column(scale=1):
             progress = gr.HTML("", label="Progress", show_label=False, elem_id="txt2img_progress", padding=False)
