@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from webui.engine.models import sha256_file
+from webui.engine.models import file_stamp, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,7 @@ def read_embedding(path: Path) -> Embedding:
     """One file's vectors and training notes; a file that holds none is returned with `skipped` saying why."""
     embedding = Embedding(path.stem, path)
     try:
-        stat = path.stat()
-        embedding.stamp = (stat.st_size, stat.st_mtime_ns)
+        embedding.stamp = file_stamp(path)
         embedding.short_hash = file_hash(path)
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
@@ -120,7 +119,7 @@ def load_embeddings(pipe, folder: Path, already: EmbeddingSet | None = None) -> 
     new: list[Embedding] = []
     for path in scan(folder):
         before = found.loaded.get(path.stem)
-        if before is not None and (before.path != path or before.stamp == _stamp(path)):
+        if before is not None and (before.path != path or before.stamp == file_stamp(path)):
             if before.path != path and (already is None or path.stem not in already.loaded):
                 log.warning("two embeddings are named %s: %s is used, %s is not; rename one", path.stem,
                             before.path, path)
@@ -205,11 +204,3 @@ def used_embeddings(tokenizer, texts: list[str], loaded: dict[str, Embedding]) -
 def file_hash(path: Path) -> str:
     """A1111's TI hash: the file's sha256, 12 hex digits."""
     return sha256_file(path)[:HASH_DIGITS]
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    try:
-        stat = path.stat()
-        return stat.st_size, stat.st_mtime_ns
-    except OSError:
-        return 0, 0

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from webui.engine.models import file_stamp
 from webui.schemas import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -361,7 +362,7 @@ class LoraPatcher:
 
     def use(self, pipe, wanted: list[tuple[LoraFile, LoraUse]]) -> None:
         """Make the pipeline's weights hold exactly these LoRAs (none: the model as loaded)."""
-        key = tuple((entry.path, _stamp(entry.path), use.te, use.unet) for entry, use in wanted)
+        key = tuple((entry.path, file_stamp(entry.path), use.te, use.unet) for entry, use in wanted)
         if key == self.applied:
             return
         self.restore()
@@ -416,12 +417,3 @@ def _layers(model) -> dict[str, torch.nn.Module]:
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             layers[name.replace("_orig_mod.", "").replace(".", "_")] = module
     return layers
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    """A file changed on disk (saved again by a trainer) is read again."""
-    try:
-        stat = path.stat()
-        return stat.st_size, stat.st_mtime_ns
-    except OSError:
-        return 0, 0

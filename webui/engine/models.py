@@ -281,6 +281,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def file_stamp(path: Path) -> tuple[int, int]:
+    """A file's size and modification time, to tell when it was saved again; (0, 0) if it is gone."""
+    try:
+        stat = path.stat()
+        return stat.st_size, stat.st_mtime_ns
+    except OSError:
+        return 0, 0
+
+
 def _exists(path: Path) -> bool:
     """Path.exists, but False for a name the OS refuses outright (over 255 bytes, say) rather than an error."""
     try:
