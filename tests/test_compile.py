@@ -297,8 +297,8 @@ def test_a_job_queued_during_a_load_waits_for_the_warm_up(models_dir, tmp_path, 
         assert services.engine.model.entry.name == "tiny-a" and not services.engine.needs_warm_up
 
 
-def test_the_engine_predicts_which_parts_compile(models_dir, tmp_path, compile_with):
-    """pending_compiles against what torch really compiles: one graph per part on the tiny model."""
+def warmed_engine_counting_graphs(models_dir, tmp_path, compile_with) -> tuple:
+    """A compiled, warmed-up tiny engine, and the list of graphs torch compiles from then on."""
     graphs = []
 
     def counting_backend(graph_module, example_inputs):
@@ -308,6 +308,12 @@ def test_the_engine_predicts_which_parts_compile(models_dir, tmp_path, compile_w
     compile_with(counting_backend)
     engine = tiny_engine(models_dir, tmp_path, compile=True)
     engine.warm_up()
+    return engine, graphs
+
+
+def test_the_engine_predicts_which_parts_compile(models_dir, tmp_path, compile_with):
+    """pending_compiles against what torch really compiles: one graph per part on the tiny model."""
+    engine, graphs = warmed_engine_counting_graphs(models_dir, tmp_path, compile_with)
     long_prompt = " ".join(["apple"] * 100)  # two 75-token chunks
     cases = [  # (what changes, seeds, the parts expected to compile)
         ({}, [1], []),
@@ -329,15 +335,7 @@ def test_the_engine_predicts_which_parts_compile(models_dir, tmp_path, compile_w
 
 def test_prompt_editing_between_two_lengths_compiles_the_unet_at_both(models_dir, tmp_path, compile_with):
     """Each phase runs the UNet at its own prompt length: both are predicted, compiled and then known."""
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    compile_with(counting_backend)
-    engine = tiny_engine(models_dir, tmp_path, compile=True)
-    engine.warm_up()
+    engine, graphs = warmed_engine_counting_graphs(models_dir, tmp_path, compile_with)
     two_chunks, three_chunks = " ".join(["cat"] * 100), " ".join(["cat"] * 200)
     edited = GenerationRequest(prompt=f"[{two_chunks}:{three_chunks}:1]", steps=3)
     assert engine.pending_compiles(edited, 1) == ["UNet"]
