@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.conftest import TINY
-from webui.engine.lora import (LoraError, LoraFile, LoraLibrary, LoraPatcher, LoraUse, MAX_LORAS, split_loras,
+from webui.engine.lora import (LoraError, LoraFile, LoraLibrary, LoraPatcher, LoraUse, MAX_LORAS, lora_uses,
                                strip_loras, unread_tags)
 from webui.schemas import GenerationRequest, InvalidRequest
 
@@ -86,17 +86,19 @@ def pictures(engine, prompt: str, seeds=(3,)) -> np.ndarray:
 # --- the tag ------------------------------------------------------------------------------
 
 def test_tags_leave_the_prompt_and_give_their_multipliers():
-    text, uses = split_loras("a cat <lora:detail>, [sunny:<lora:style:0.5:0.25>:4] <lora:more:te=0.3:unet=0.7>")
+    prompt = "a cat <lora:detail>, [sunny:<lora:style:0.5:0.25>:4] <lora:more:te=0.3:unet=0.7>"
+    text, uses = strip_loras(prompt), lora_uses(prompt)
     assert text == "a cat , [sunny::4] "
     assert uses == [LoraUse("detail", 1.0, 1.0), LoraUse("style", 0.5, 0.25), LoraUse("more", 0.3, 0.7)]
-    assert split_loras("<lora:a:0.4> <lora:a:0.4:0.1>")[1] == [LoraUse("a", 0.8, 0.5)]  # twice: they add up
-    assert strip_loras("x <lora:bad:zz> y") == "x  y" and split_loras("no tags")[0] == "no tags"
+    assert lora_uses("<lora:a:0.4> <lora:a:0.4:0.1>") == [LoraUse("a", 0.8, 0.5)]  # twice: they add up
+    assert strip_loras("x <lora:bad:zz> y") == "x  y" and strip_loras("no tags") == "no tags"
 
 
 def test_tags_read_as_a1111_reads_them_lyco_dyn_and_other_types():
     """A1111 takes every <type:...> tag out of the text; <lyco:> is its older name for a LoRA, and the third
     value (or dyn=) a DyLoRA rank, accepted and not used here."""
-    text, uses = split_loras("a cat <lyco:ink:0.5> <lora:detail:1:0.5:8> <lora:more:dyn=4> <hypernet:old:1> <lora:>")
+    prompt = "a cat <lyco:ink:0.5> <lora:detail:1:0.5:8> <lora:more:dyn=4> <hypernet:old:1> <lora:>"
+    text, uses = strip_loras(prompt), lora_uses(prompt)
     assert uses == [LoraUse("ink", 0.5, 0.5), LoraUse("detail", 1.0, 0.5), LoraUse("more", 1.0, 1.0)]
     assert text == "a cat     <lora:>"  # <lora:> has no name: not a tag to A1111 either, so it stays text
     assert unread_tags("a <hypernet:old:1> <lora:x> <lyco:y>") == ["<hypernet:old:1>"]
@@ -110,7 +112,7 @@ def test_tags_read_as_a1111_reads_them_lyco_dyn_and_other_types():
 ])
 def test_a_malformed_tag_says_what_to_write(prompt, says):
     with pytest.raises(LoraError, match=says):
-        split_loras(prompt)
+        lora_uses(prompt)
 
 
 # --- the folder ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from PIL import Image
 from webui import __version__
 from webui.engine.generate import DenoisingStopped, Engine, LoadedModel
 from webui.engine.models import ModelEntry
-from webui.engine.lora import split_loras, unread_tags
+from webui.engine.lora import lora_uses, unread_tags
 from webui.schemas import (GeneratedImage, GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED,
                            parse_request)
 from webui.storage.history import History
@@ -281,8 +281,7 @@ class Worker:
 
     def _check_loras(self, request: GenerationRequest) -> None:
         """A misspelt <lora:...> is refused now, with the names there are, not after the queue."""
-        _, uses = split_loras(request.prompt)
-        self.engine.loras.check(uses)
+        self.engine.loras.check(lora_uses(request.prompt))
 
     def _refuse_new_job(self) -> None:
         self._refuse_when_stopping()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from webui.engine.models import file_stamp, sha256_file
+from webui.engine.models import file_stamp, files_under, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,6 @@ class EmbeddingSet:
     both). Files that hold no embedding at all are only logged."""
     loaded: dict[str, Embedding] = field(default_factory=dict)
     skipped: dict[str, Embedding] = field(default_factory=dict)
-
-
-def scan(folder: Path) -> list[Path]:
-    """Embedding files in folder and its subfolders; a missing folder has none."""
-    if not folder.is_dir():
-        return []
-    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in EMBEDDING_SUFFIXES
-                  and path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))
 
 
 def read_embedding(path: Path) -> Embedding:
@@ -117,7 +109,7 @@ def load_embeddings(pipe, folder: Path, already: EmbeddingSet | None = None) -> 
     width = table.shape[1]
     found = EmbeddingSet(dict(already.loaded) if already else {})
     new: list[Embedding] = []
-    for path in scan(folder):
+    for path in files_under(folder, EMBEDDING_SUFFIXES):
         before = found.loaded.get(path.stem)
         if before is not None and (before.path != path or before.stamp == file_stamp(path)):
             if before.path != path and (already is None or path.stem not in already.loaded):

@@ -18,7 +18,7 @@ from PIL import Image
 from webui.config import Settings
 from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
 from webui.engine.embeddings import EmbeddingSet, load_embeddings, used_embeddings
-from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, split_loras, strip_loras
+from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, lora_uses, strip_loras
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.noise import variation_noise
@@ -355,9 +355,8 @@ class Engine:
 
     def lora_hashes(self, request: GenerationRequest) -> str | None:
         """The infotext's "Lora hashes" ("name: hash, ..."), None when the prompt names no LoRA."""
-        _, uses = split_loras(request.prompt)
         hashes = []
-        for use in uses:
+        for use in lora_uses(request.prompt):
             try:
                 digest = self.loras.short_hash(self.loras.find(use.name))
             except LoraError:  # deleted since the run: no hash, as A1111 leaves out a LoRA it has none for
@@ -367,7 +366,7 @@ class Engine:
         return ", ".join(hashes) or None
 
     def _use_loras(self, request: GenerationRequest) -> None:
-        _, uses = split_loras(request.prompt)
+        uses = lora_uses(request.prompt)
         self._lora_weights.use(self.pipe, [(self.loras.find(use.name), use) for use in uses])
 
     def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None,

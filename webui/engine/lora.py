@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from webui.engine.models import file_stamp
+from webui.engine.models import file_stamp, files_under
 from webui.schemas import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,8 @@ class LoraFile:
     path: Path
 
 
-def split_loras(prompt: str) -> tuple[str, list[LoraUse]]:
-    """The prompt without its extra-network tags, and the LoRAs they name (a name given twice adds up)."""
+def lora_uses(prompt: str) -> list[LoraUse]:
+    """The LoRAs the prompt's tags name (a name given twice adds up); strip_loras gives the text without them."""
     uses: dict[str, LoraUse] = {}
     for match in _TAG.finditer(prompt):
         if match.group(1) not in LORA_TAG_TYPES:
@@ -74,11 +74,11 @@ def split_loras(prompt: str) -> tuple[str, list[LoraUse]]:
         uses[use.name] = use
     if len(uses) > MAX_LORAS:
         raise LoraError(f"the prompt names {len(uses)} LoRAs; use at most {MAX_LORAS}")
-    return _TAG.sub("", prompt), list(uses.values())
+    return list(uses.values())
 
 
 def strip_loras(prompt: str) -> str:
-    """The prompt as the text encoder reads it; a malformed tag is left for split_loras to report."""
+    """The prompt as the text encoder reads it; a malformed tag is left for lora_uses to report."""
     return _TAG.sub("", prompt)
 
 
@@ -135,7 +135,7 @@ class LoraLibrary:
 
     def refresh(self) -> list[LoraFile]:
         files: dict[str, LoraFile] = {}
-        for path in _scan(self.folder):
+        for path in files_under(self.folder, LORA_SUFFIXES):
             if path.stem in files:
                 log.warning("two LoRAs are named %s: %s is used, %s is not; rename one", path.stem,
                             files[path.stem].path, path)
@@ -173,9 +173,8 @@ class LoraLibrary:
     def short_hash(self, entry: LoraFile) -> str | None:
         """A1111's hash of a LoRA: for .safetensors the sha256 of what follows the header (the "addnet" hash,
         so editing the metadata keeps it), else of the whole file; 12 hex digits. None if unreadable."""
+        key = (str(entry.path), *file_stamp(entry.path))
         try:
-            stat = entry.path.stat()
-            key = (str(entry.path), stat.st_size, stat.st_mtime_ns)
             if key not in self._hashes:
                 self._hashes[key] = _file_hash(entry.path)[:HASH_DIGITS]
         except (OSError, struct.error):  # unreadable, or shorter than a header (still downloading)
@@ -218,32 +217,6 @@ def _aliases(entries, metadata_of) -> dict[str, LoraFile]:
         if isinstance(alias, str) and alias and alias not in names:
             claims.setdefault(alias, []).append(entry)
     return {alias: found[0] for alias, found in claims.items() if len(found) == 1}
-
-
-def _scan(folder: Path, seen: set[Path] | None = None) -> list[Path]:
-    """LoRA files in folder and its subfolders at any depth, as A1111 finds them; a linked folder is followed
-    once (users link their collections in), so a link to a folder above ends instead of looping."""
-    seen = set() if seen is None else seen
-    try:
-        real = folder.resolve()
-        children = sorted(folder.iterdir())
-    except OSError:  # missing or unreadable: no LoRAs, not an error
-        return []
-    if real in seen:
-        return []
-    seen.add(real)
-    found = []
-    for path in children:
-        if path.name.startswith("."):
-            continue
-        try:
-            if path.suffix.lower() in LORA_SUFFIXES and path.is_file():
-                found.append(path)
-            elif path.is_dir():
-                found.extend(_scan(path, seen))
-        except OSError:
-            continue
-    return found
 
 
 def _file_hash(path: Path) -> str:

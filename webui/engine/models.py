@@ -290,6 +290,33 @@ def file_stamp(path: Path) -> tuple[int, int]:
         return 0, 0
 
 
+def files_under(folder: Path, suffixes: tuple[str, ...], seen: set[Path] | None = None) -> list[Path]:
+    """Files with these suffixes in folder and its subfolders at any depth (LoRAs, embeddings), hidden ones left
+    out; a linked folder is followed once (users link their collections in), so a link to a folder above ends
+    instead of looping. A missing or unreadable folder has none."""
+    seen = set() if seen is None else seen
+    try:
+        real = folder.resolve()
+        children = sorted(folder.iterdir())
+    except OSError:
+        return []
+    if real in seen:
+        return []
+    seen.add(real)
+    found = []
+    for path in children:
+        if path.name.startswith("."):
+            continue
+        try:
+            if path.suffix.lower() in suffixes and path.is_file():
+                found.append(path)
+            elif path.is_dir():
+                found.extend(files_under(path, suffixes, seen))
+        except OSError:
+            continue
+    return found
+
+
 def _exists(path: Path) -> bool:
     """Path.exists, but False for a name the OS refuses outright (over 255 bytes, say) rather than an error."""
     try:
