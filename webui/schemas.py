@@ -20,6 +20,8 @@ MAX_PROMPT_CHARS = 2000
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_SEED = 2**32 - 1
 MAX_CLIP_SKIP = 12  # the layers of SD 1.x's text encoder; A1111's slider stops there too
+# img2img's ways to fit the init image to the run's size, by A1111's numbers (its 3, latent upscale, is not here).
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -44,6 +46,13 @@ class GenerationRequest(BaseModel):
     batch_size: int = Field(1, ge=1, le=8, description="images made together in one pass")
     n_iter: int = Field(1, ge=1, le=100, description="batch count: passes made one after another")
     clip_skip: int = Field(1, ge=1, le=MAX_CLIP_SKIP)
+    # img2img: the worker sets init_image (its pixels' sha1) when it is given the picture to start from.
+    init_image: str | None = Field(None, pattern=r"^[0-9a-f]{40}$",
+                                   description="img2img: the sha1 of the init image's pixels (set by the server)")
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0, description="img2img: how much of the init image is "
+                                                                         "noised away (1 keeps none of it)")
+    resize_mode: int = Field(0, ge=0, le=len(RESIZE_MODES) - 1,
+                             description="img2img: 0 just resize, 1 crop and resize, 2 resize and fill")
     styles: list[str] = Field(default_factory=list, max_length=20,
                               description="prompt styles (styles.csv) joined into the prompts before the run")
     model: str | None = Field(None, description="checkpoint name; None keeps the loaded model")
@@ -95,6 +104,29 @@ class GenerationRequest(BaseModel):
     @property
     def image_count(self) -> int:
         return self.batch_size * self.n_iter
+
+    @property
+    def is_img2img(self) -> bool:
+        return self.init_image is not None
+
+    @property
+    def denoising_steps(self) -> int:
+        """The sampler steps that run: img2img starts part-way, at steps x denoising strength from the end
+        (as A1111 and diffusers count them)."""
+        if not self.is_img2img:
+            return self.steps
+        return min(int(self.steps * self.denoising_strength), self.steps)
+
+    def check_img2img(self) -> None:
+        """What an img2img run cannot do, refused before it is queued."""
+        problems = []
+        if self.denoising_steps < 1:
+            problems.append(f"denoising_strength: {self.denoising_strength:g} x {self.steps} steps runs no step; "
+                            f"raise the denoising strength to at least {1 / self.steps:.2f} or the steps")
+        if self.subseed_strength > 0:
+            problems.append("subseed_strength: variation seeds are not supported with img2img yet; set it to 0")
+        if problems:
+            raise InvalidRequest("; ".join(problems))
 
 
 class InvalidRequest(ValueError):

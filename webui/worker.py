@@ -25,6 +25,7 @@ from PIL import Image
 
 from webui import __version__
 from webui.engine.generate import DenoisingStopped, Engine, LoadedModel
+from webui.engine.img2img import as_rgb, fit_image, image_sha1, size_from_image
 from webui.engine.models import ModelEntry
 from webui.engine.lora import lora_uses, unread_tags
 from webui.schemas import (GeneratedImage, GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED,
@@ -96,6 +97,7 @@ class Job:
     start_in_history: bool = False  # its start time is written (needs the row)
     # Saved images whose history rows wait for the job's row, each with the call that writes its row.
     unrecorded: list[tuple[GeneratedImage, Callable[[], int]]] = field(default_factory=list)
+    init_image: Image.Image | None = field(default=None, repr=False)  # img2img: the start, at the run's size
     started_at: float | None = None
     finished_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
@@ -130,6 +132,11 @@ class Job:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done_event.wait(timeout)
+
+    @property
+    def kind(self) -> str:
+        """What makes its images, as the output folders and the page's tabs name it."""
+        return "img2img" if self.request.is_img2img else "txt2img"
 
     @property
     def seconds(self) -> float | None:
@@ -225,11 +232,13 @@ class Worker:
 
     # --- the public surface ---------------------------------------------------------------
     def submit(self, request: GenerationRequest | dict, origin: str = "ui", owner: str | None = None,
-               warnings: list[str] | None = None, field_names: dict[str, str] | None = None) -> Job:
+               warnings: list[str] | None = None, field_names: dict[str, str] | None = None,
+               init_image: Image.Image | None = None) -> Job:
         """Queue a request; returns its Job at once. Raises InvalidRequest, QueueFull or WorkerStopped.
         `warnings`: what the caller already changed in the request (the API's schedule type run as Automatic).
-        `field_names`: the caller's names for request fields, which its messages about the job use."""
-        request = self._with_styles(parse_request(request))
+        `field_names`: the caller's names for request fields, which its messages about the job use.
+        `init_image`: the picture an img2img job starts from (any size or mode; fitted to the run's size here)."""
+        request, init_image = _with_init_image(self._with_styles(parse_request(request)), init_image)
         self._check_against_loaded_model(request)
         self._check_loras(request)
         warnings = list(warnings or [])
@@ -238,7 +247,7 @@ class Worker:
             warnings.append(f"left out of the prompt: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''} "
                             "(this server reads <lora:...> tags only)")
         job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=warnings,
-                  field_names=dict(field_names or {}))
+                  field_names=dict(field_names or {}), init_image=init_image)
         with self._wake:
             self._refuse_new_job()  # early: no history row for a job that cannot be queued
         # Outside the lock: a locked database waits seconds, and the queue must answer meanwhile.
@@ -311,10 +320,11 @@ class Worker:
         with self._wake:
             return [item for item in self._queue if isinstance(item, Job)]
 
-    def unfinished_job_of(self, owner: str) -> Job | None:
-        """The newest queued or running job this owner submitted, if any."""
+    def unfinished_job_of(self, owner: str, kind: str | None = None) -> Job | None:
+        """The newest queued or running job this owner submitted (of this kind: "txt2img", "img2img"), if any."""
         with self._wake:
-            mine = [job for job in self._jobs.values() if job.owner == owner and not job.state.finished]
+            mine = [job for job in self._jobs.values() if job.owner == owner and not job.state.finished
+                    and kind in (None, job.kind)]
         return max(mine, key=lambda job: job.created_at, default=None)
 
     def queue_length(self) -> int:
@@ -536,7 +546,7 @@ class Worker:
         else:
             job.seeds = _seeds_from(request.seed, request.image_count)
         job.subseeds = _seeds_from(request.subseed, request.image_count)
-        job.progress = Progress(total_steps=request.steps, image_count=request.image_count)
+        job.progress = Progress(total_steps=request.denoising_steps, image_count=request.image_count)
 
     def _run_batch(self, job: Job, batch: int, pace: StepPace) -> None:
         """Denoise one batch and keep its images; Skip ends it early with no images."""
@@ -551,7 +561,7 @@ class Worker:
         started = time.time()
         try:
             results = job.context.run(self.engine.generate, request, seeds,
-                                      self._step_callback(job, batch, compiling, pace), subseeds)
+                                      self._step_callback(job, batch, compiling, pace), subseeds, job.init_image)
         except DenoisingStopped as stopped:  # shown as they stood, not saved
             for i, result in enumerate(stopped.images):
                 self._keep_image(job, result, first + i, seconds=0.0, unfinished=True)
@@ -567,7 +577,7 @@ class Worker:
     def _save_grid(self, job: Job, images: list[GeneratedImage]) -> None:
         grid = make_grid([im.image for im in images])
         try:
-            path = self.outputs.save_grid(grid, images[0].infotext)
+            path = self.outputs.save_grid(grid, images[0].infotext, job.kind)
             job.grid, job.grid_path = grid, str(path)  # the grid first: readers test grid_path
         except Exception as err:
             self._warn(job, "the grid was not saved", err)
@@ -616,6 +626,7 @@ class Worker:
             "CFG scale": request.cfg_scale,
             "Seed": result.seed,
             "Size": f"{width}x{height}",
+            "Denoising strength": request.denoising_strength if request.is_img2img else None,
             "Model hash": model.short_hash,
             "Model": model.entry.name,
             "Variation seed": job.subseeds[index] if request.subseed_strength > 0 else None,
@@ -641,7 +652,7 @@ class Worker:
         the job: the picture stays in the job, and a written file stays on disk."""
         request, model = job.request, job.model
         try:
-            path = self.outputs.save_image(image.image, image.infotext, image.seed)
+            path = self.outputs.save_image(image.image, image.infotext, image.seed, job.kind)
         except Exception as err:
             self._warn(job, f"image {image.index + 1} was not saved", err)
             return
@@ -732,6 +743,27 @@ class Worker:
                 break
             del self._jobs[job.id]
             excess, pixels = excess - 1, pixels - _pixels_held(job)
+
+
+def _with_init_image(request: GenerationRequest, image: Image.Image | None
+                     ) -> tuple[GenerationRequest, Image.Image | None]:
+    """An img2img request (marked by its init image's hash, sized by the picture where it gives no size) and
+    the picture fitted to that size; a txt2img request as it is."""
+    if image is None:
+        if request.is_img2img:
+            raise InvalidRequest("init_image: give the picture to start from, not only its hash")
+        return request, None
+    if not isinstance(image, Image.Image):
+        raise InvalidRequest(f"init_image: expected a picture, got {type(image).__name__}")
+    try:
+        image = as_rgb(image)
+    except (OSError, ValueError) as err:  # a truncated or damaged file fails only when its pixels are read
+        raise InvalidRequest(f"init_image: the picture cannot be read ({err}); upload a PNG, JPEG or WebP file") from None
+    width, height = size_from_image(image)
+    request = parse_request(request.model_dump() | {
+        "init_image": image_sha1(image), "width": request.width or width, "height": request.height or height})
+    request.check_img2img()
+    return request, fit_image(image, request.width, request.height, request.resize_mode)
 
 
 def _check_clip_skip(request: GenerationRequest, model: LoadedModel) -> None:

@@ -1,7 +1,8 @@
 """The engine: holds the loaded pipeline and turns one batch of a request into images.
 
 One readable path: scheduler from the sampler name -> one CPU generator per image (seed + i) ->
-the diffusers pipeline to latents -> VAE decode (fp32 fall-back on NaN) -> safety checker.
+the diffusers pipeline to latents -> VAE decode (fp32 fall-back on NaN) -> safety checker. img2img takes
+the same path, with diffusers' img2img pipeline over the same components and the init image's latents.
 Only the worker thread calls into an Engine, so the pipeline never serves two runs at once.
 """
 from __future__ import annotations
@@ -73,7 +74,7 @@ def _negative_in_use(request: GenerationRequest) -> str:
 def _phases(request: GenerationRequest) -> list[PromptPhase]:
     """The prompt and negative prompt texts each stretch of the run reads (prompt editing, alternation), the
     prompt without its <lora:...> tags."""
-    return prompt_phases(strip_loras(request.prompt), _negative_in_use(request), request.steps)
+    return prompt_phases(strip_loras(request.prompt), _negative_in_use(request), request.denoising_steps)
 
 
 def _nan_advice(dtype: torch.dtype) -> str:
@@ -302,11 +303,13 @@ class Engine:
 
     # --- generation -----------------------------------------------------------------------
     def generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None,
-                 subseeds: list[int] | None = None) -> list[EngineImage]:
+                 subseeds: list[int] | None = None, init_image: Image.Image | None = None) -> list[EngineImage]:
         """Denoise and decode one batch: image i uses seeds[i], and subseeds[i] as its variation seed when the
-        request has a variation strength."""
+        request has a variation strength. img2img starts from init_image (RGB, at the run's size)."""
+        if request.is_img2img != (init_image is not None):
+            raise ValueError("an img2img request needs its init image, and only it may have one")
         try:
-            images = self._generate(request, seeds, on_step, subseeds)
+            images = self._generate(request, seeds, on_step, subseeds, init_image)
         except COMPILER_FAILURES as err:
             if not is_compiled(self.pipe):
                 raise
@@ -314,7 +317,7 @@ class Engine:
             log.warning("torch.compile failed (%s: %s); running %s uncompiled from now on",
                         type(err).__name__, str(err).splitlines()[0], self.model.entry.name)
             undo_compile(self.pipe)
-            images = self._generate(request, seeds, on_step, subseeds)
+            images = self._generate(request, seeds, on_step, subseeds, init_image)
         self._warmed_up = True  # whatever ran has compiled its shapes
         if is_compiled(self.pipe):
             self._compiled_shapes.record(self._shape_keys(request, len(seeds)))
@@ -370,9 +373,9 @@ class Engine:
         self._lora_weights.use(self.pipe, [(self.loras.find(use.name), use) for use in uses])
 
     def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None,
-                  subseeds: list[int] | None = None) -> list[EngineImage]:
+                  subseeds: list[int] | None = None, init_image: Image.Image | None = None) -> list[EngineImage]:
         model = self.require_model()
-        pipe = self.pipe
+        pipe = self.pipe if init_image is None else self._img2img_pipeline()
         self._use_loras(request)  # also when it names none: the last run's LoRAs come out
         pipe.scheduler = make_scheduler(self._base_scheduler_config, request.sampler_name, request.scheduler)
         width, height = model.size_for(request)
@@ -387,12 +390,14 @@ class Engine:
         phases = _phases(request)
         phase = 0  # the prompt phase the next model call reads
 
+        steps = request.denoising_steps  # img2img runs the last of them only
+
         def step_end(pipeline, call, timestep, tensors):
             nonlocal reported, finished, phase
-            step = sampler_steps_done(call + 1, len(pipeline.scheduler.timesteps), request.steps)
+            step = sampler_steps_done(call + 1, pipeline.num_timesteps, steps)
             if on_step is not None and step > reported:
                 reported, finished = step, tensors["latents"]
-                on_step(step, request.steps, finished)
+                on_step(step, steps, finished)
             following = phase_at(phases, step)
             if following == phase:
                 return {}
@@ -405,24 +410,27 @@ class Engine:
                     if pipeline.do_classifier_free_guidance else prompt_embeds.contiguous()}
 
         with torch.inference_mode():
-            between_encodes = (lambda: on_step(0, request.steps, None)) if on_step is not None else None
+            between_encodes = (lambda: on_step(0, steps, None)) if on_step is not None else None
             embeddings = self._encode_phases(phases, len(seeds), request.clip_skip, between_encodes)
             noise = None  # drawn by the pipeline from the generators, unless a variation seed moves it
             if request.subseed_strength > 0 and subseeds:
                 shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
                 noise = variation_noise(generators, subseeds, request.subseed_strength, shape, embeddings[0][0].dtype)
+            if init_image is None:
+                start = {"width": width, "height": height, "latents": noise}
+            else:  # diffusers' img2img pipeline takes latents for its image, and noises them by the strength
+                start = {"image": self.encode(init_image).expand(len(seeds), -1, -1, -1),
+                         "strength": request.denoising_strength}
             try:
                 latents = pipe(
                     prompt_embeds=embeddings[0][0],
                     negative_prompt_embeds=embeddings[0][1],
                     num_inference_steps=request.steps,
                     guidance_scale=request.cfg_scale,
-                    width=width,
-                    height=height,
                     generator=generators,
-                    latents=noise,
                     output_type="latent",
                     callback_on_step_end=step_end,
+                    **start,
                 ).images
             except DenoisingStopped as stopped:
                 if finished is not None and torch.isfinite(finished).all():
@@ -450,6 +458,31 @@ class Engine:
                                                                     clip_skip)
                 encoded[texts] = prompt_embeds.expand(count, -1, -1), negative_embeds.expand(count, -1, -1)
         return [encoded[(phase.prompt, phase.negative)] for phase in phases]
+
+    def _img2img_pipeline(self):
+        """diffusers' img2img pipeline over the loaded model's components (shared, not copied). Built per run,
+        which costs milliseconds, and not with from_pipe: that casts every part to one dtype, which would
+        undo an fp32 VAE (--no-half-vae)."""
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        pipe = StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)  # as the loaded pipeline: progress goes to the page
+        return pipe
+
+    def encode(self, image: Image.Image) -> torch.Tensor:
+        """An RGB picture -> its latents (one row), the mean of the VAE's encoding: a picture always gives the
+        same start, whatever the seed. An fp16 VAE that overflows encodes again in fp32, as decode does."""
+        vae = self.pipe.vae
+        pixels = self.pipe.image_processor.preprocess(image).to(self.pipe._execution_device)
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+        if not torch.isfinite(latents).all() and vae.dtype != torch.float32:
+            log.warning("VAE produced NaN in %s while encoding; running it in fp32 from now on", vae.dtype)
+            vae.to(torch.float32)
+            latents = vae.encode(pixels.to(torch.float32)).latent_dist.mean
+        if not torch.isfinite(latents).all():
+            raise NonFiniteOutput("the VAE produced NaN encoding the init image even in fp32: this model's VAE is "
+                                  "broken; try another model")
+        return (latents * vae.config.scaling_factor).to(self.pipe.unet.dtype)
 
     def _to_images(self, latents: torch.Tensor, seeds: list[int], width: int, height: int) -> list[EngineImage]:
         pixels = self.decode(latents, tiled=decodes_in_tiles(width, height))

@@ -35,6 +35,7 @@ _REQUEST_FIELDS = {
     "Seed": ("seed", int),
     "Variation seed": ("subseed", int),
     "Variation seed strength": ("subseed_strength", float),
+    "Denoising strength": ("denoising_strength", float),
     "Clip skip": ("clip_skip", int),
     "Batch size": ("batch_size", int),
     "Model": ("model", str),

@@ -25,7 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from webui.storage.infotext import MAX_INFOTEXT_CHARS, build_infotext
 
-KINDS = ("txt2img",)  # what made an image: the first part of its folder's name, as in A1111
+KINDS = ("txt2img", "img2img")  # what made an image: the first part of its folder's name, as in A1111
 _NUMBERED = re.compile(r"^(\d{5,})-")  # five digits at least: 100000 follows 99999
 _GRID_NUMBERED = re.compile(r"^grid-(\d{4,})\.")
 # EXIF: the Exif sub-IFD, its UserComment tag, and the 8-byte character code that starts a comment.

@@ -1,0 +1,71 @@
+"""img2img's preparation of the picture to start from: its fingerprint, the run's size, and the fit to it.
+
+Pure image work (PIL only), done by the worker at submit, so the job holds a picture of the run's size and the
+engine only encodes it. The three resize modes are A1111's, by its numbers: 0 just resize (stretch),
+1 crop and resize (fill the size, cut the overflow), 2 resize and fill (fit inside, stretch the edges
+outwards into the bars).
+"""
+from __future__ import annotations
+
+import hashlib
+
+from PIL import Image, ImageOps
+
+from webui.schemas import MAX_SIZE, MIN_SIZE
+
+RESAMPLE = Image.Resampling.LANCZOS
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """The picture as RGB, a transparent part on white (as a browser shows it), turned as its EXIF says."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def image_sha1(image: Image.Image) -> str:
+    """The fingerprint the request records for its init image: the same picture, the same hash, whatever file
+    it came in."""
+    digest = hashlib.sha1(f"{image.mode} {image.width}x{image.height} ".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def size_from_image(image: Image.Image) -> tuple[int, int]:
+    """The run's size where the request gives none: the picture's, rounded down to a multiple of 8 and kept
+    within the size limits (a larger picture is scaled down to fit them, keeping its shape)."""
+    width, height = image.size
+    scale = min(1.0, MAX_SIZE / max(width, height))
+    width, height = (max(MIN_SIZE, int(side * scale) // 8 * 8) for side in (width, height))
+    return min(width, MAX_SIZE), min(height, MAX_SIZE)
+
+
+def fit_image(image: Image.Image, width: int, height: int, resize_mode: int) -> Image.Image:
+    """The picture at width x height, fitted by the resize mode."""
+    if resize_mode == 0 or image.size == (width, height):
+        return image.resize((width, height), RESAMPLE)
+    if resize_mode == 1:
+        return ImageOps.fit(image, (width, height), RESAMPLE)
+    if resize_mode == 2:
+        return _resize_and_fill(image, width, height)
+    raise ValueError(f"unknown resize mode {resize_mode}")
+
+
+def _resize_and_fill(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Fit inside, then fill the bars with the picture's edge rows (or columns) stretched across them."""
+    scale = min(width / image.width, height / image.height)
+    inner = image.resize((max(1, min(width, round(image.width * scale))),
+                          max(1, min(height, round(image.height * scale)))), RESAMPLE)
+    canvas = Image.new("RGB", (width, height))
+    left, top = (width - inner.width) // 2, (height - inner.height) // 2
+    right, bottom = left + inner.width, top + inner.height
+    canvas.paste(inner, (left, top))
+    w, h = inner.size
+    bars = (((0, 0, w, 1), (w, top), (left, 0)), ((0, h - 1, w, h), (w, height - bottom), (left, bottom)),
+            ((0, 0, 1, h), (left, h), (0, top)), ((w - 1, 0, w, h), (width - right, h), (right, top)))
+    for edge, size, where in bars:
+        if size[0] > 0 and size[1] > 0:
+            canvas.paste(inner.crop(edge).resize(size), where)
+    return canvas
