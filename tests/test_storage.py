@@ -193,6 +193,11 @@ def test_paths_outside_outputs_are_refused(tmp_path):
             store.resolve(bad)
 
 
+def img2img_and_grid_folders(store, *first) -> list:
+    """The output folders served besides a linked txt2img-images: these, then img2img's."""
+    return [(store.outdir / name).resolve() for name in (*first, "img2img-images", "img2img-grids")]
+
+
 def test_a_folder_linked_to_another_disk_counts_as_inside_outputs(tmp_path):
     from webui.launch import served_folders
 
@@ -210,7 +215,7 @@ def test_a_folder_linked_to_another_disk_counts_as_inside_outputs(tmp_path):
         assert history.reconcile()["missing_files"] == 0 and [r.id for r in history.list_images()[0]] == [image_id]
     finally:
         history.close()
-    assert served_folders(store) == [bigger_disk.resolve(), (store.outdir / "txt2img-grids").resolve()]
+    assert served_folders(store) == [bigger_disk.resolve(), *img2img_and_grid_folders(store, "txt2img-grids")]
     assert (store.outdir / "history.sqlite3").is_file() and store.outdir.resolve() not in served_folders(store)
 
 
@@ -224,7 +229,7 @@ def test_a_folder_linked_to_a_disk_not_mounted_is_served_once_it_is_back(tmp_pat
     link = store.outdir / "txt2img-images"
     link.symlink_to(unmounted, target_is_directory=True)
     folders = served_folders(store)
-    assert folders == [unmounted.resolve(), (store.outdir / "txt2img-grids").resolve()]
+    assert folders == [unmounted.resolve(), *img2img_and_grid_folders(store, "txt2img-grids")]
     assert f"{link} links to {unmounted.resolve()}, which does not exist" in caplog.text and "mount" in caplog.text
     assert link.is_symlink()
     with pytest.raises(OSError):
