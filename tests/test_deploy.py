@@ -27,6 +27,7 @@ import nbformat
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from PIL import Image
 
 from webui.config import ENV_ARGS, ENV_OVERRIDES, parse_settings, spaces_outdir
 
@@ -508,11 +509,16 @@ def test_zerogpu_runs_each_batch_through_spaces_gpu(fake_spaces, settings):
         job = services.worker.submit({"prompt": "red apple", "steps": 2, "seed": 3, "batch_size": 2, "n_iter": 2})
         assert job.wait(120) and job.state.value == "done", job.error
         assert [im.seed for im in job.images] == [3, 4, 5, 6]
-        assert [seeds for _, seeds, _ in fake_spaces.gpu] == [[3, 4], [5, 6]]
+        assert [args[1] for args in fake_spaces.gpu] == [[3, 4], [5, 6]]
         varied = services.worker.submit({"prompt": "red apple", "steps": 2, "seed": 3, "subseed": 9,
                                          "subseed_strength": 0.5})  # the variation seeds cross over too
         assert varied.wait(120) and varied.state.value == "done", varied.error
         assert fake_spaces.gpu[-1][2] == [9] and "Variation seed: 9," in varied.images[0].infotext
+        started = services.worker.submit({"prompt": "red apple", "steps": 2, "seed": 3, "denoising_strength": 0.5},
+                                         init_image=Image.new("RGB", (64, 64), "red"))  # img2img's picture too
+        assert started.wait(120) and started.state.value == "done", started.error
+        assert fake_spaces.gpu[-1][3].getpixel((5, 5)) == (255, 0, 0) and "Denoising strength: 0.5" in \
+            started.images[0].infotext
         assert all(isinstance(d, int) and 20 <= d <= 120 for d in fake_spaces.durations)
         assert fake_spaces.mode_threads == ["gpu-worker"]  # where models are loaded
         assert services.engine.release_device() is False  # the GPU is lent per call: nothing to release

@@ -42,11 +42,11 @@ def load_spaces() -> Any | None:
     return spaces
 
 
-def gpu_seconds(request, seeds, subseeds=None) -> int:
+def gpu_seconds(request, seeds, subseeds=None, init_image=None) -> int:
     """ZeroGPU's duration estimate for one batch (it is a budget, so keep it close): an SD 1.5 step at
     512x512 takes well under 0.1 s on the lent GPU; moving the weights in takes a few seconds."""
     megapixels = max(1.0, ((request.width or 512) * (request.height or 512)) / (512 * 512))
-    return int(min(120, max(20, 10 + 0.15 * request.steps * len(seeds) * megapixels)))
+    return int(min(120, max(20, 10 + 0.15 * request.denoising_steps * len(seeds) * megapixels)))
 
 
 def wrap_engine(engine):
@@ -62,12 +62,12 @@ def wrap_engine(engine):
     run_batch = engine.generate  # the bound method; the forked child runs its own copy of the engine
 
     @spaces.GPU(duration=gpu_seconds)
-    def generate_on_gpu(request, seeds, subseeds):
-        return run_batch(request, seeds, None, subseeds)
+    def generate_on_gpu(request, seeds, subseeds, init_image):
+        return run_batch(request, seeds, None, subseeds, init_image)
 
-    def generate(request, seeds, on_step=None, subseeds=None):
+    def generate(request, seeds, on_step=None, subseeds=None, init_image=None):
         # on_step stays behind: it closes over thread events that cannot cross into the GPU process.
-        return generate_on_gpu(request, seeds, subseeds)
+        return generate_on_gpu(request, seeds, subseeds, init_image)
 
     load_model = engine.load
     entered: set[int] = set()
