@@ -78,6 +78,21 @@ def test_prompt_editing_and_one_step_under_cuda_graphs(engines, prompt, steps):
     assert_same_pictures(compiled.generate(request, [5, 6]), plain.generate(request, [5, 6]))
 
 
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M"])
+def test_img2img_under_cuda_graphs_in_fp16(engines, sampler):
+    """img2img's pipeline shares the compiled UNet and decoder; the VAE encoder runs uncompiled in fp16."""
+    from PIL import Image
+
+    from webui.engine.img2img import image_sha1
+
+    compiled, plain = engines
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    request = GenerationRequest(prompt="a red apple", steps=6, sampler_name=sampler, denoising_strength=0.5,
+                                init_image=image_sha1(picture), width=64, height=64)
+    ours = compiled.generate(request, [3, 4], init_image=picture)
+    assert_same_pictures(ours, plain.generate(request, [3, 4], init_image=picture))
+
+
 def test_variation_seeds_under_cuda_graphs(engines):
     """Variation seeds hand the pipeline its starting latents (slerp of two noises) instead of a seed."""
     compiled, plain = engines
