@@ -171,7 +171,7 @@ class StepPace:
 
 
 def _pixels_held(job: Job) -> int:
-    images = [im.image for im in job.images] + ([job.grid] if job.grid is not None else [])
+    images = [im.image for im in job.images] + [picture for picture in (job.grid, job.init_image) if picture is not None]
     return sum(image.width * image.height for image in images)
 
 
