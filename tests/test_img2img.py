@@ -185,5 +185,5 @@ def test_what_img2img_cannot_do_is_refused_before_queueing(services, fields, pic
 def test_a_finished_jobs_init_image_counts_towards_the_pixels_it_holds():
     from webui.worker import Job, _pixels_held
 
-    request = GenerationRequest(init_image="0" * 40, width=64, height=32)
-    assert _pixels_held(Job(id="j", request=request, origin="ui", init_image=Image.new("RGB", (64, 32)))) == 2048
+    request = GenerationRequest(init_image="0" * 40, width=64, height=96)
+    assert _pixels_held(Job(id="j", request=request, origin="ui", init_image=Image.new("RGB", (64, 96)))) == 6144
