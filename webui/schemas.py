@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from webui.engine.hires import HIRES_UPSCALERS, MAX_SCHEDULE, hires_size, schedule_steps
 from webui.engine.samplers import get_sampler, resolve_sampler
 
 MAX_PROMPT_CHARS = 2000
@@ -53,6 +54,13 @@ class GenerationRequest(BaseModel):
                                                                          "noised away (1 keeps none of it)")
     resize_mode: int = Field(0, ge=0, le=len(RESIZE_MODES) - 1,
                              description="img2img: 0 just resize, 1 crop and resize, 2 resize and fill")
+    # Hires fix (txt2img): a second, img2img-like pass at a larger size, denoising_strength deep.
+    enable_hr: bool = Field(False, description="hires fix: enlarge the picture and denoise it again")
+    hr_scale: float = Field(2.0, ge=1.0, le=4.0, description="hires fix: how many times larger")
+    hr_upscaler: str = Field("Latent", description=f"hires fix: one of {', '.join(HIRES_UPSCALERS)}")
+    hr_second_pass_steps: int = Field(0, ge=0, le=150, description="hires fix: steps of the second pass; 0 = steps")
+    hr_resize_x: int = Field(0, ge=0, le=MAX_SIZE, description="hires fix: width to enlarge to instead of the scale")
+    hr_resize_y: int = Field(0, ge=0, le=MAX_SIZE, description="hires fix: height to enlarge to instead of the scale")
     styles: list[str] = Field(default_factory=list, max_length=20,
                               description="prompt styles (styles.csv) joined into the prompts before the run")
     model: str | None = Field(None, description="checkpoint name; None keeps the loaded model")
@@ -95,6 +103,15 @@ class GenerationRequest(BaseModel):
                              f"position {bad.start()}; remove it (line breaks and tabs are fine)")
         return text
 
+    @field_validator("hr_upscaler", mode="before")
+    @classmethod
+    def _known_upscaler(cls, name: Any) -> Any:
+        if name in (None, ""):  # A1111's API: none named is its default, Latent
+            return "Latent"
+        if isinstance(name, str) and name not in HIRES_UPSCALERS:
+            raise ValueError(f"unknown upscaler {name!r}; choose one of: {', '.join(HIRES_UPSCALERS)}")
+        return name
+
     @model_validator(mode="after")
     def _known_sampler(self) -> "GenerationRequest":
         # Also splits old combined names: "DPM++ 2M Karras" -> ("DPM++ 2M", "Karras").
@@ -108,6 +125,37 @@ class GenerationRequest(BaseModel):
     @property
     def is_img2img(self) -> bool:
         return self.init_image is not None
+
+    @property
+    def hires_steps(self) -> int:
+        """The steps of the hires fix's second pass (none without it)."""
+        return (self.hr_second_pass_steps or self.steps) if self.enable_hr else 0
+
+    @property
+    def total_steps(self) -> int:
+        """Every sampler step of an image, both passes."""
+        return self.denoising_steps + self.hires_steps
+
+    def check_hires(self, width: int, height: int) -> None:
+        """What the hires fix cannot do at this first-pass size (the model's own where the request gives none),
+        refused before the run."""
+        if not self.enable_hr:
+            return
+        problems = []
+        if self.is_img2img:
+            problems.append("enable_hr: hires fix is for txt2img; run img2img at the larger size instead")
+        size = hires_size(width, height, self.hr_scale, self.hr_resize_x, self.hr_resize_y)
+        if max(size.upscaled) > MAX_SIZE or min(size.final) < MIN_SIZE:
+            problems.append(f"hr_scale: {width}x{height} enlarged comes to {size.upscaled[0]}x{size.upscaled[1]}; "
+                            f"the size must stay within {MIN_SIZE} to {MAX_SIZE}")
+        if self.denoising_strength == 0:
+            problems.append("denoising_strength: hires fix needs a denoising strength above 0 (0.7 is usual)")
+        elif schedule_steps(self.hires_steps, self.denoising_strength) > MAX_SCHEDULE:
+            problems.append(f"denoising_strength: {self.hires_steps} hires steps at strength "
+                            f"{self.denoising_strength:g} need a schedule of over {MAX_SCHEDULE} steps; raise the "
+                            "strength or lower the hires steps")
+        if problems:
+            raise InvalidRequest("; ".join(problems))
 
     @property
     def denoising_steps(self) -> int:

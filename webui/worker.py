@@ -274,6 +274,7 @@ class Worker:
         model = self.engine.model
         if model is not None and model.names(request.model):
             _check_clip_skip(request, model)
+            request.check_hires(*model.size_for(request))
 
     def _with_styles(self, request: GenerationRequest) -> GenerationRequest:
         """The request with its styles' texts joined into its prompts (checked again: they may now be too long).
@@ -538,6 +539,7 @@ class Worker:
         request = job.request
         job.model = self.engine.load(request.model) if request.model else self.engine.require_model()
         _check_clip_skip(request, job.model)  # another model than at submit: checked now it is known
+        request.check_hires(*job.model.size_for(request))
         self.engine.restore_device()  # after an unload-checkpoint
         # As A1111: with a variation strength every image has the seed, and the variation seed counts up (a
         # batch of variations of one picture); without, the seed counts up. Variation seeds are drawn either way.
@@ -546,7 +548,7 @@ class Worker:
         else:
             job.seeds = _seeds_from(request.seed, request.image_count)
         job.subseeds = _seeds_from(request.subseed, request.image_count)
-        job.progress = Progress(total_steps=request.denoising_steps, image_count=request.image_count)
+        job.progress = Progress(total_steps=request.total_steps, image_count=request.image_count)
 
     def _run_batch(self, job: Job, batch: int, pace: StepPace) -> None:
         """Denoise one batch and keep its images; Skip ends it early with no images."""
@@ -626,7 +628,8 @@ class Worker:
             "CFG scale": request.cfg_scale,
             "Seed": result.seed,
             "Size": f"{width}x{height}",
-            "Denoising strength": request.denoising_strength if request.is_img2img else None,
+            "Denoising strength": request.denoising_strength if request.is_img2img or request.enable_hr else None,
+            **_hires_infotext(request),
             "Model hash": model.short_hash,
             "Model": model.entry.name,
             "Variation seed": job.subseeds[index] if request.subseed_strength > 0 else None,
@@ -764,6 +767,16 @@ def _with_init_image(request: GenerationRequest, image: Image.Image | None
         "init_image": image_sha1(image), "width": request.width or width, "height": request.height or height})
     request.check_img2img()
     return request, fit_image(image, request.width, request.height, request.resize_mode)
+
+
+def _hires_infotext(request: GenerationRequest) -> dict[str, Any]:
+    """The hires fix's infotext keys, as A1111 writes them: the scale, or the size asked for instead."""
+    if not request.enable_hr:
+        return {}
+    resized = request.hr_resize_x or request.hr_resize_y
+    return {"Hires upscale": None if resized else request.hr_scale,
+            "Hires resize": f"{request.hr_resize_x}x{request.hr_resize_y}" if resized else None,
+            "Hires steps": request.hr_second_pass_steps or None, "Hires upscaler": request.hr_upscaler}
 
 
 def _check_clip_skip(request: GenerationRequest, model: LoadedModel) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from PIL import Image
 
 from webui.config import Settings
+from webui.engine.hires import LATENT_UPSCALERS, crop_center, hires_size, schedule_steps, upscale_latents
 from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
 from webui.engine.embeddings import EmbeddingSet, load_embeddings, used_embeddings
 from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, lora_uses, strip_loras
@@ -77,12 +78,45 @@ def _phases(request: GenerationRequest) -> list[PromptPhase]:
     return prompt_phases(strip_loras(request.prompt), _negative_in_use(request), request.denoising_steps)
 
 
+def _hires_phases(request: GenerationRequest) -> list[PromptPhase]:
+    """The prompt phases of the hires fix's second pass: A1111 counts prompt editing over its steps anew."""
+    return prompt_phases(strip_loras(request.prompt), _negative_in_use(request), request.hires_steps)
+
+
+def _all_phases(request: GenerationRequest) -> list[PromptPhase]:
+    """The phases of every pass: all the texts the run reads."""
+    return _phases(request) + (_hires_phases(request) if request.enable_hr else [])
+
+
 def _nan_advice(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return ("the model produced NaN while denoising, in full precision: its weights may be broken; try a "
                 "lower CFG scale, another sampler or another model")
     return (f"the model produced NaN while denoising in {dtype}: not enough precision for this model or GPU. "
             "Start with --no-half, or try a lower CFG scale or another sampler")
+
+
+@dataclass
+class _Run:
+    """What the passes of one batch share (the hires fix runs two): the generators, whose streams go on from
+    one pass to the next, the encoded prompts, and the steps reported so far, counted over both passes."""
+
+    generators: list[torch.Generator]
+    on_step: StepCallback | None
+    total_steps: int
+    done: int = 0  # the steps of the passes finished
+    reported: int = 0
+    latents: torch.Tensor | None = None  # as they stood after the last step reported
+    encoded: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def step(self, step: int, latents: torch.Tensor) -> None:
+        if self.on_step is not None and step > self.reported:
+            self.reported, self.latents = step, latents
+            self.on_step(step, self.total_steps, latents)
+
+    def between_encodes(self) -> None:
+        if self.on_step is not None:
+            self.on_step(0, self.total_steps, None)
 
 
 @dataclass
@@ -210,7 +244,7 @@ class Engine:
         """The infotext's "TI hashes" ("name: hash, ..."): the embeddings the prompt or negative prompt uses."""
         if self.tokenizer is None:
             return None
-        texts = [text for phase in _phases(request) for text in (phase.prompt, phase.negative)]  # what is read
+        texts = [text for phase in _all_phases(request) for text in (phase.prompt, phase.negative)]  # what is read
         used = used_embeddings(self.tokenizer, texts, self.embeddings.loaded)
         return ", ".join(f"{e.name.translate(str.maketrans('', '', ':,'))}: {e.short_hash}" for e in used
                          if e.short_hash) or None
@@ -331,23 +365,30 @@ class Engine:
         return self._compiled_shapes.pending(self._shape_keys(request, batch_size))
 
     def _shape_keys(self, request: GenerationRequest, batch_size: int) -> dict[str, tuple]:
-        """What picks a compiled variant: the input shapes, and the timestep dtype (samplers differ)."""
+        """What picks a compiled variant: the input shapes, and the timestep dtype (samplers differ). The hires
+        fix runs the UNet at a second size, and decodes there (and at the first size for a picture upscaler)."""
         pipe = self.pipe
-        width, height = self.require_model().size_for(request)
-        latent = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        sizes = [self.require_model().size_for(request)]
+        if request.enable_hr:
+            sizes.append(hires_size(*sizes[0], request.hr_scale, request.hr_resize_x, request.hr_resize_y).final)
+        decoded = sizes[-1:] if not request.enable_hr or request.hr_upscaler in LATENT_UPSCALERS else sizes
         scheduler = make_scheduler(self._base_scheduler_config, request.sampler_name, request.scheduler)
         scheduler.set_timesteps(request.steps)
         unet_rows = batch_size * (2 if request.cfg_scale > 1 else 1)  # CFG runs both prompts in one batch
-        keys = {"UNet": {(*latent, unet_rows, max(chunks), scheduler.timesteps.dtype, pipe.unet.config.cross_attention_dim)
-                         for chunks in self._chunk_counts(request)}}
-        if not decodes_in_tiles(width, height):  # tiles are decoded uncompiled
-            keys["VAE decoder"] = {(*latent, batch_size, pipe.vae.config.latent_channels)}
+        factor = pipe.vae_scale_factor
+        keys = {"UNet": {(height // factor, width // factor, unet_rows, max(chunks), scheduler.timesteps.dtype,
+                          pipe.unet.config.cross_attention_dim)
+                         for width, height in sizes for chunks in self._chunk_counts(request)}}
+        whole = [(width, height) for width, height in decoded if not decodes_in_tiles(width, height)]
+        if whole:  # tiles are decoded uncompiled
+            keys["VAE decoder"] = {(height // factor, width // factor, batch_size, pipe.vae.config.latent_channels)
+                                   for width, height in whole}
         return keys
 
     def _chunk_counts(self, request: GenerationRequest) -> set[tuple[int, int]]:
         """How many 75-token chunks the prompt and the negative prompt in use take, in each prompt phase."""
         tokenizer = self.pipe.tokenizer
-        texts = {(phase.prompt, phase.negative) for phase in _phases(request)}
+        texts = {(phase.prompt, phase.negative) for phase in _all_phases(request)}
         return {(chunk_count(tokenizer, prompt), chunk_count(tokenizer, negative)) for prompt, negative in texts}
 
     def pads_prompts(self, request: GenerationRequest) -> bool:
@@ -375,29 +416,56 @@ class Engine:
     def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None,
                   subseeds: list[int] | None = None, init_image: Image.Image | None = None) -> list[EngineImage]:
         model = self.require_model()
-        pipe = self.pipe if init_image is None else self._img2img_pipeline()
         self._use_loras(request)  # also when it names none: the last run's LoRAs come out
-        pipe.scheduler = make_scheduler(self._base_scheduler_config, request.sampler_name, request.scheduler)
         width, height = model.size_for(request)
         # Noise comes from CPU generators, one per image, so a seed gives the same picture on any
         # device and image i of a batch equals a single run with its seed.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        run = _Run([torch.Generator("cpu").manual_seed(seed) for seed in seeds], on_step, request.total_steps)
+        with torch.inference_mode():
+            try:
+                if init_image is None:
+                    noise = None  # drawn by the pipeline from the generators, unless a variation seed moves it
+                    if request.subseed_strength > 0 and subseeds:
+                        shape = (self.pipe.unet.config.in_channels, height // self.pipe.vae_scale_factor,
+                                 width // self.pipe.vae_scale_factor)
+                        noise = variation_noise(run.generators, subseeds, request.subseed_strength, shape,
+                                                self.pipe.unet.dtype)
+                    start = {"width": width, "height": height, "latents": noise}
+                    latents = self._denoise(self.pipe, request, run, _phases(request), request.denoising_steps,
+                                            request.steps, start)
+                else:  # diffusers' img2img pipeline takes latents for its image, and noises them by the strength
+                    start = {"image": self.encode(init_image).expand(len(seeds), -1, -1, -1),
+                             "strength": request.denoising_strength}
+                    latents = self._denoise(self._img2img_pipeline(), request, run, _phases(request),
+                                            request.denoising_steps, request.steps, start)
+                if request.enable_hr:
+                    latents = self._hires_pass(request, run, latents, width, height)
+            except DenoisingStopped as stopped:
+                if run.latents is not None and torch.isfinite(run.latents).all():
+                    try:
+                        stopped.images = self._to_images(run.latents, seeds)
+                    except Exception:  # the stop matters, not the picture it would have left
+                        log.exception("the image cut short could not be decoded")
+                raise
+            return self._to_images(latents, seeds)
+
+    def _denoise(self, pipe, request: GenerationRequest, run: "_Run", phases: list[PromptPhase], steps: int,
+                 schedule: int, start: dict) -> torch.Tensor:
+        """One denoising pass of a pipeline (txt2img's, or img2img's from `start`'s latents): the last `steps` of a
+        schedule of `schedule` steps, its prompt phases read at the steps they cover; the latents it ends with."""
+        pipe.scheduler = make_scheduler(self._base_scheduler_config, request.sampler_name, request.scheduler)
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE draws its Brownian noise from its own seeds (else from torch's global RNG).
-            pipe.scheduler.noise_sampler_seed = list(seeds)
-
-        reported, finished = 0, None  # the last sampler step reported, and its latents
-        phases = _phases(request)
+            pipe.scheduler.noise_sampler_seed = [generator.initial_seed() for generator in run.generators]
+        done_before = run.done
         phase = 0  # the prompt phase the next model call reads
-
-        steps = request.denoising_steps  # img2img runs the last of them only
+        embeddings = self._encode_phases(phases, len(run.generators), request.clip_skip, run.between_encodes,
+                                         run.encoded)
 
         def step_end(pipeline, call, timestep, tensors):
-            nonlocal reported, finished, phase
+            nonlocal phase
             step = sampler_steps_done(call + 1, pipeline.num_timesteps, steps)
-            if on_step is not None and step > reported:
-                reported, finished = step, tensors["latents"]
-                on_step(step, steps, finished)
+            run.step(done_before + step, tensors["latents"])
             following = phase_at(phases, step)
             if following == phase:
                 return {}
@@ -409,46 +477,47 @@ class Engine:
             return {"prompt_embeds": torch.cat([negative_embeds, prompt_embeds])
                     if pipeline.do_classifier_free_guidance else prompt_embeds.contiguous()}
 
-        with torch.inference_mode():
-            between_encodes = (lambda: on_step(0, steps, None)) if on_step is not None else None
-            embeddings = self._encode_phases(phases, len(seeds), request.clip_skip, between_encodes)
-            noise = None  # drawn by the pipeline from the generators, unless a variation seed moves it
-            if request.subseed_strength > 0 and subseeds:
-                shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-                noise = variation_noise(generators, subseeds, request.subseed_strength, shape, embeddings[0][0].dtype)
-            if init_image is None:
-                start = {"width": width, "height": height, "latents": noise}
-            else:  # diffusers' img2img pipeline takes latents for its image, and noises them by the strength
-                start = {"image": self.encode(init_image).expand(len(seeds), -1, -1, -1),
-                         "strength": request.denoising_strength}
-            try:
-                latents = pipe(
-                    prompt_embeds=embeddings[0][0],
-                    negative_prompt_embeds=embeddings[0][1],
-                    num_inference_steps=request.steps,
-                    guidance_scale=request.cfg_scale,
-                    generator=generators,
-                    output_type="latent",
-                    callback_on_step_end=step_end,
-                    **start,
-                ).images
-            except DenoisingStopped as stopped:
-                if finished is not None and torch.isfinite(finished).all():
-                    try:
-                        stopped.images = self._to_images(finished, seeds, width, height)
-                    except Exception:  # the stop matters, not the picture it would have left
-                        log.exception("the image cut short could not be decoded")
-                raise
-            if not torch.isfinite(latents).all():  # decoding them would give a black picture
-                raise NonFiniteOutput(_nan_advice(pipe.unet.dtype))
-            return self._to_images(latents, seeds, width, height)
+        latents = pipe(
+            prompt_embeds=embeddings[0][0],
+            negative_prompt_embeds=embeddings[0][1],
+            num_inference_steps=schedule,
+            guidance_scale=request.cfg_scale,
+            generator=run.generators,
+            output_type="latent",
+            callback_on_step_end=step_end,
+            **start,
+        ).images
+        run.done = done_before + steps
+        if not torch.isfinite(latents).all():  # decoding them would give a black picture
+            raise NonFiniteOutput(_nan_advice(pipe.unet.dtype))
+        return latents
+
+    def _hires_pass(self, request: GenerationRequest, run: "_Run", latents: torch.Tensor, width: int,
+                    height: int) -> torch.Tensor:
+        """A1111's hires fix: the first pass's latents enlarged (in latent space, or as pictures), then denoised
+        again from denoising_strength for the hires steps, with the prompt phases counted over those steps."""
+        size = hires_size(width, height, request.hr_scale, request.hr_resize_x, request.hr_resize_y)
+        factor = self.pipe.vae_scale_factor
+        upscaled = (size.upscaled[0] // factor, size.upscaled[1] // factor)
+        if request.hr_upscaler in LATENT_UPSCALERS:
+            latents = upscale_latents(latents, request.hr_upscaler, upscaled)
+        else:
+            pictures, _ = self.check_safety(self.decode(latents, tiled=decodes_in_tiles(width, height)))
+            resample = Image.Resampling.LANCZOS if request.hr_upscaler == "Lanczos" else Image.Resampling.NEAREST
+            latents = torch.cat([self.encode(picture.resize(size.upscaled, resample)) for picture in pictures])
+        latents = crop_center(latents, (size.final[0] // factor, size.final[1] // factor))
+        start = {"image": latents.contiguous(), "strength": request.denoising_strength}
+        return self._denoise(self._img2img_pipeline(), request, run, _hires_phases(request), request.hires_steps,
+                             schedule_steps(request.hires_steps, request.denoising_strength), start)
 
     def _encode_phases(self, phases: list[PromptPhase], count: int, clip_skip: int,
-                       between_encodes: Callable[[], None] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(prompt, negative) embeddings for each phase, `count` rows each. Each pair of texts is encoded once,
-        in one row shown `count` times (every image of a batch reads the same text; alternation repeats).
-        `between_encodes` runs before each encode after the first, and may raise to stop."""
-        encoded: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+                       between_encodes: Callable[[], None] | None = None,
+                       encoded: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(prompt, negative) embeddings for each phase, `count` rows each. Each pair of texts is encoded once
+        (in `encoded`, which a second pass shares), in one row shown `count` times (every image of a batch reads
+        the same text; alternation repeats). `between_encodes` runs before each encode after the first, and may
+        raise to stop."""
+        encoded = {} if encoded is None else encoded
         for phase in phases:
             texts = (phase.prompt, phase.negative)
             if texts not in encoded:
@@ -484,7 +553,8 @@ class Engine:
                                   "broken; try another model")
         return (latents * vae.config.scaling_factor).to(self.pipe.unet.dtype)
 
-    def _to_images(self, latents: torch.Tensor, seeds: list[int], width: int, height: int) -> list[EngineImage]:
+    def _to_images(self, latents: torch.Tensor, seeds: list[int]) -> list[EngineImage]:
+        height, width = (side * self.pipe.vae_scale_factor for side in latents.shape[-2:])
         pixels = self.decode(latents, tiled=decodes_in_tiles(width, height))
         images, flags = self.check_safety(pixels)
         return [EngineImage(image, seed, flag) for image, seed, flag in zip(images, seeds, flags)]

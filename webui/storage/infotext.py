@@ -36,6 +36,9 @@ _REQUEST_FIELDS = {
     "Variation seed": ("subseed", int),
     "Variation seed strength": ("subseed_strength", float),
     "Denoising strength": ("denoising_strength", float),
+    "Hires upscale": ("hr_scale", float),
+    "Hires steps": ("hr_second_pass_steps", int),
+    "Hires upscaler": ("hr_upscaler", str),
     "Clip skip": ("clip_skip", int),
     "Batch size": ("batch_size", int),
     "Model": ("model", str),
@@ -131,4 +134,9 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     size = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", params.get("Size", ""))
     if size:
         fields["width"], fields["height"] = int(size.group(1)), int(size.group(2))
+    resize = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", params.get("Hires resize", ""))
+    if resize:
+        fields["hr_resize_x"], fields["hr_resize_y"] = int(resize.group(1)), int(resize.group(2))
+    if params:  # a parameters line with a Hires key made its picture with the hires fix, as A1111 reads it
+        fields["enable_hr"] = any(key.startswith("Hires ") for key in params)
     return fields

@@ -1,0 +1,98 @@
+"""Hires fix: A1111's sizes and step counts, the second pass through the worker, its infotext, refusals."""
+import numpy as np
+import pytest
+
+from webui.engine.hires import crop_center, hires_size, schedule_steps, upscale_latents
+from webui.schemas import GenerationRequest, InvalidRequest, JobState
+from webui.storage.infotext import request_fields_from_infotext
+
+
+@pytest.mark.parametrize("size, scale, resize, upscaled, final", [
+    ((512, 768), 1.5, (0, 0), (768, 1152), (768, 1152)),
+    ((512, 512), 1.7, (0, 0), (864, 864), (864, 864)),  # 870.4 -> 870 -> a multiple of 8
+    ((512, 768), 2, (1024, 0), (1024, 1536), (1024, 1536)),  # one side: the shape stays
+    ((512, 768), 2, (0, 1024), (680, 1024), (680, 1024)),
+    ((512, 768), 2, (1024, 1024), (1024, 1536), (1024, 1024)),  # both: fill, then cut the overflow
+    ((768, 512), 2, (1024, 1024), (1536, 1024), (1024, 1024)),
+])
+def test_the_hires_size_follows_a1111s_rule(size, scale, resize, upscaled, final):
+    result = hires_size(*size, scale, *resize)
+    assert result.upscaled == upscaled and result.final == final
+
+
+def test_the_second_pass_runs_exactly_the_hires_steps_asked_for():
+    for steps in range(1, 151):
+        for strength in np.arange(0.05, 1.0001, 0.01):
+            schedule = schedule_steps(steps, float(strength))
+            if schedule <= 1000:  # diffusers' img2img runs min(int(n * strength), n) of n steps
+                assert min(int(schedule * float(strength)), schedule) == steps, (steps, strength)
+
+
+def test_latents_are_enlarged_then_cut_to_the_middle():
+    import torch
+
+    latents = torch.arange(16.0).reshape(1, 1, 4, 4)
+    bigger = upscale_latents(latents, "Latent (nearest)", (8, 8))
+    assert bigger.shape == (1, 1, 8, 8) and bigger[0, 0, 0, 0] == 0 and bigger[0, 0, 7, 7] == 15
+    assert crop_center(bigger, (4, 8))[0, 0, 0].tolist() == [1, 1, 2, 2]  # columns 2-5 of 0 0 1 1 2 2 3 3
+
+
+QUICK = {"prompt": "a red apple", "steps": 3, "seed": 5, "enable_hr": True, "denoising_strength": 0.5}
+
+
+def test_a_hires_job_makes_the_larger_picture_in_two_passes(services):
+    job = services.worker.submit(QUICK | {"hr_scale": 1.5, "hr_second_pass_steps": 2})
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    assert job.images[0].image.size == (96, 96)
+    assert job.progress.step == job.progress.total_steps == 5  # 3 steps, then 2 at the larger size
+    text = job.images[0].infotext
+    assert ("Size: 64x64, Denoising strength: 0.5, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent,"
+            in text)
+    pasted = request_fields_from_infotext(text)
+    assert {key: pasted[key] for key in ("enable_hr", "hr_scale", "hr_second_pass_steps", "hr_upscaler",
+                                         "denoising_strength", "width")} == {
+        "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "hr_upscaler": "Latent",
+        "denoising_strength": 0.5, "width": 64}
+
+
+def test_the_hires_picture_is_reproducible_and_follows_its_settings(services):
+    def picture(**fields):
+        job = services.worker.submit(QUICK | {"save_images": False} | fields)
+        assert job.wait(60) and job.state is JobState.DONE, job.error
+        return np.asarray(job.images[0].image, np.int16)
+
+    first = picture(hr_resize_x=96, hr_resize_y=80)
+    assert first.shape == (80, 96, 3)
+    assert (picture(hr_resize_x=96, hr_resize_y=80) == first).all()
+    assert np.abs(picture(hr_resize_x=96, hr_resize_y=80, denoising_strength=0.9) - first).mean() > 1
+    assert np.abs(picture(hr_resize_x=96, hr_resize_y=80, hr_upscaler="Lanczos") - first).mean() > 1
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"hr_scale": 4, "width": 768, "height": 768}, "hr_scale: 768x768 enlarged comes to 3072x3072"),
+    ({"denoising_strength": 0}, "denoising_strength: hires fix needs a denoising strength above 0"),
+    ({"hr_second_pass_steps": 150, "denoising_strength": 0.1}, "need a schedule of over 1000 steps"),
+    ({"hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler: unknown upscaler 'R-ESRGAN 4x\\+'; choose one of: Latent,"),
+])
+def test_what_the_hires_fix_cannot_do_is_refused_before_queueing(services, fields, message):
+    with pytest.raises(InvalidRequest, match=message):
+        services.worker.submit(QUICK | fields)
+    assert services.worker.queue_length() == 0
+
+
+def test_hires_fix_is_refused_for_img2img():
+    request = GenerationRequest(init_image="0" * 40, enable_hr=True, width=64, height=64)
+    with pytest.raises(InvalidRequest, match="enable_hr: hires fix is for txt2img"):
+        request.check_hires(64, 64)
+
+
+def test_a_compiled_model_is_told_both_sizes_the_hires_fix_runs(services):
+    engine = services.engine
+    engine.load("tiny-sd")
+    factor = engine.pipe.vae_scale_factor
+    latent = GenerationRequest(**QUICK)  # 64 -> 128, decoded at 128 only
+    unet = {key[:2] for key in engine._shape_keys(latent, 1)["UNet"]}
+    decoder = {key[:2] for key in engine._shape_keys(latent, 1)["VAE decoder"]}
+    assert unet == {(64 // factor,) * 2, (128 // factor,) * 2} and decoder == {(128 // factor,) * 2}
+    pictures = GenerationRequest(**QUICK, hr_upscaler="Lanczos")  # decodes the first pass too
+    assert {key[:2] for key in engine._shape_keys(pictures, 1)["VAE decoder"]} == unet
