@@ -45,6 +45,18 @@ def services(settings):
     built.close()
 
 
+@pytest.fixture(scope="module")
+def engine(models_dir, tmp_path_factory):
+    """An Engine with the tiny model loaded, shared by a module's tests (modules with other needs define their own)."""
+    from webui.engine.generate import Engine
+    from webui.engine.models import ModelRegistry
+
+    loaded = Engine(Settings(models_dir=models_dir, device="cpu"),
+                    ModelRegistry(models_dir, tmp_path_factory.mktemp("cache") / "hashes.json"))
+    loaded.load(TINY)
+    return loaded
+
+
 @pytest.fixture
 def fresh_dynamo():
     """No compiled code from earlier tests in, none left behind for later ones."""

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+from PIL import Image
+
 
 def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> bool:
     """Poll until condition() is true; fail the test (not hang) when it never becomes true."""
@@ -25,3 +28,8 @@ def running_services(models_dir, outdir, **settings):
         yield services
     finally:
         services.close()
+
+
+def noise_picture(seed: int, width: int = 64, height: int = 64) -> Image.Image:
+    """A picture of random pixels: two seeds give two pictures."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))

@@ -194,7 +194,9 @@ def test_a_model_override_is_undone_after_the_job_unless_asked_to_keep_it(client
     ({"infotext": "a" * (64 * 1024 + 1)}, "infotext"),  # more than is ever read
     ({"steps": "many"}, "steps"),
     ({"cfg_scale": 99}, "cfg_scale"),
-    ({"enable_hr": True}, "enable_hr"),
+    ({"enable_hr": True, "hr_sampler_name": "DDIM"}, "hr_sampler_name"),  # a second pass of its own
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+    ({"enable_hr": True, "hr_scale": 40}, "hr_scale"),
     ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "override_settings.CLIP_stop_at_last_layers"),
     ({"infotext": "cat\nSteps: 2, Sampler: Euler, Seed: 5, Clip skip: 50"}, "infotext (Clip skip)"),  # where it came from
@@ -205,6 +207,18 @@ def test_bad_txt2img_requests_get_422_naming_the_field_and_queue_nothing(client,
         assert r.status_code == 422, r.text
         assert r.json()["error"] == "InvalidRequest" and r.json()["detail"].startswith(f"{field}: ")
     assert services.worker.queue_length() == 0 and services.worker.current() is None
+
+
+def test_the_hires_fix_runs_with_a1111s_fields_and_defaults(client):
+    body = QUICK | {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": None, "hr_sampler_name": "Euler",
+                    "sampler_name": "Euler", "hr_prompt": "", "hr_checkpoint_name": "Use same checkpoint"}
+    reply = client.post("/sdapi/v1/txt2img", json=body)
+    assert reply.status_code == 200, reply.text
+    info = json.loads(reply.json()["info"])
+    with Image.open(io.BytesIO(base64.b64decode(reply.json()["images"][0]))) as picture:
+        assert picture.size == (96, 96)
+    assert info["denoising_strength"] == 0.7 and (info["width"], info["height"]) == (64, 64)
+    assert "Size: 64x64, Denoising strength: 0.7, Hires upscale: 1.5, Hires upscaler: Latent" in info["infotexts"][0]
 
 
 def test_variation_seeds_run_and_come_back_in_info_and_infotext(client):
@@ -225,14 +239,12 @@ def test_variation_seeds_run_and_come_back_in_info_and_infotext(client):
     assert r.status_code == 422 and r.json()["detail"].startswith("subseed_strength: "), r.text
 
 
-def test_malformed_json_unknown_model_and_img2img(client):
+def test_malformed_json_and_unknown_model(client):
     r = client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"].startswith("body: not valid JSON at character 1 (")
     r = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"sd_model_checkpoint": "nope"}})
     assert r.status_code == 404
     assert r.json()["detail"].startswith("override_settings.sd_model_checkpoint: model 'nope' not found")
-    r = client.post("/sdapi/v1/img2img", json={"init_images": [], "prompt": "x"})
-    assert r.status_code == 501 and "not supported yet" in r.json()["detail"]
 
 
 def test_a_wrong_path_or_method_gets_our_json_error(client):

@@ -93,6 +93,8 @@ def test_webuiapi_client_works_unchanged(server):
     with pytest.raises(RuntimeError) as bad:
         api.txt2img(prompt="x", width=500, height=64)
     assert bad.value.args[0] == 422 and "width" in bad.value.args[1]
+    done = api.img2img(images=[result.image], prompt="x", width=64, height=64, denoising_strength=0.5)
+    assert "Denoising strength: 0.5" in done.info["infotexts"][0]
     with pytest.raises(RuntimeError) as unsupported:
-        api.img2img(images=[result.image], prompt="x", width=64, height=64)
-    assert unsupported.value.args[0] == 501
+        api.img2img(images=[result.image], mask_image=result.image, prompt="x", width=64, height=64)
+    assert unsupported.value.args[0] == 422 and "mask: inpainting" in unsupported.value.args[1]

@@ -12,17 +12,6 @@ from webui.schemas import GenerationRequest
 from tests.conftest import TINY
 
 
-@pytest.fixture(scope="module")
-def engine(models_dir, tmp_path_factory):
-    from webui.config import Settings
-
-    settings = Settings(models_dir=models_dir, device="cpu")
-    registry = ModelRegistry(models_dir, tmp_path_factory.mktemp("cache") / "hashes.json")
-    engine = Engine(settings, registry)
-    engine.load(TINY)
-    return engine
-
-
 def run(engine, seeds, **fields):
     request = GenerationRequest(prompt="a red apple", steps=3, **fields)
     return [np.asarray(r.image, dtype=np.int16) for r in engine.generate(request, seeds)]

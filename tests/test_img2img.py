@@ -7,13 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from webui.engine.generate import Engine
 from webui.engine.img2img import fit_image, image_sha1, size_from_image
-from webui.engine.models import ModelRegistry
 from webui.schemas import GenerationRequest, InvalidRequest, JobState
 from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.outputs import read_infotext
-from tests.conftest import TINY
+from tests.helpers import noise_picture
 
 
 def halves(width=40, height=20) -> Image.Image:
@@ -22,10 +20,6 @@ def halves(width=40, height=20) -> Image.Image:
     pixels[:, : width // 2] = (255, 0, 0)
     pixels[:, width // 2:] = (0, 0, 255)
     return Image.fromarray(pixels)
-
-
-def noise_picture(seed: int, width=64, height=64) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 # --- fitting the picture -------------------------------------------------------------------------
@@ -78,16 +72,6 @@ def test_the_infotext_gives_the_denoising_strength_back():
 
 
 # --- the engine -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def engine(models_dir, tmp_path_factory):
-    from webui.config import Settings
-
-    engine = Engine(Settings(models_dir=models_dir, device="cpu"),
-                    ModelRegistry(models_dir, tmp_path_factory.mktemp("cache") / "hashes.json"))
-    engine.load(TINY)
-    return engine
-
-
 def img2img(engine, picture, seeds, strength=0.6, **fields) -> list[np.ndarray]:
     request = GenerationRequest(prompt="a red apple", steps=4, denoising_strength=strength,
                                 init_image=image_sha1(picture), width=picture.width, height=picture.height, **fields)

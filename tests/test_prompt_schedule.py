@@ -4,11 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from webui.engine.generate import Engine
 from webui.engine.prompt_schedule import phase_at, prompt_phases
 from webui.engine.prompts import encode_prompt_pair
 from webui.schemas import GenerationRequest
-from tests.conftest import TINY
 
 
 def phases(prompt: str, steps: int, negative: str = "") -> list[tuple]:
@@ -79,17 +77,6 @@ def test_deeply_nested_brackets_are_text_not_a_crash():
 
 
 # --- the engine --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def engine(models_dir, tmp_path_factory):
-    from webui.config import Settings
-    from webui.engine.models import ModelRegistry
-
-    engine = Engine(Settings(models_dir=models_dir, device="cpu"),
-                    ModelRegistry(models_dir, tmp_path_factory.mktemp("cache") / "hashes.json"))
-    engine.load(TINY)
-    return engine
-
-
 def unet_conditions(engine, request: GenerationRequest) -> list[torch.Tensor]:
     """The text embeddings the UNet was given at each of its calls."""
     seen = []

@@ -170,7 +170,7 @@ class GenerationRequest(BaseModel):
         problems = []
         if self.denoising_steps < 1:
             problems.append(f"denoising_strength: {self.denoising_strength:g} x {self.steps} steps runs no step; "
-                            f"raise the denoising strength to at least {1 / self.steps:.2f} or the steps")
+                            f"raise the denoising strength to at least {math.ceil(100 / self.steps) / 100:g} or the steps")
         if self.subseed_strength > 0:
             problems.append("subseed_strength: variation seeds are not supported with img2img yet; set it to 0")
         if problems:

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from webui import __version__
-from webui.api.models import JobProgress, Txt2ImgRequest, Txt2ImgResponse
+from webui.api.models import GenerationBody, GenerationResponse, Img2ImgRequest, JobProgress, Txt2ImgRequest
 from webui.config import A1111_IGNORED_SWITCHES, A1111_IGNORED_VALUES, A1111_REFUSED_FLAGS, Settings
 from webui.engine.generate import LoadedModel
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
@@ -37,9 +37,8 @@ class ApiError(Exception):
         self.headers = headers
 
 
-# Fields that name a feature we lack: (field, asks for it?, what to say).
+# Fields that name a feature we lack: (field, asks for it?, what to say); a field a request type lacks asks nothing.
 _UNSUPPORTED = (
-    ("enable_hr", lambda v: bool(v), "hires fix is not supported yet (send false)"),
     ("seed_resize_from_h", lambda v: v is not None and v > 0, "seed resize is not supported yet (send -1)"),
     ("seed_resize_from_w", lambda v: v is not None and v > 0, "seed resize is not supported yet (send -1)"),
     ("restore_faces", lambda v: bool(v), "face restoration is not supported (send false)"),
@@ -47,11 +46,17 @@ _UNSUPPORTED = (
     ("refiner_checkpoint", lambda v: v not in (None, "", "None", "none"), "a refiner is not supported yet"),
     ("script_name", lambda v: v not in (None, "", "None", "none"), "no scripts are installed on this server"),
     ("alwayson_scripts", lambda v: bool(v), "no always-on scripts are installed on this server"),
+    ("mask", lambda v: bool(v), "inpainting is not supported yet (send null, or use img2img without a mask)"),
+    ("resize_mode", lambda v: v == 3, "3 (latent upscale) is not supported; use 0 (just resize), "
+                                      "1 (crop and resize) or 2 (resize and fill)"),
+    ("initial_noise_multiplier", lambda v: v not in (None, 1), "a noise multiplier is not supported yet (send 1 "
+                                                               "or null)"),
 )
 # Infotext fields the `infotext` request field may fill (the model is left out on purpose: pasting
 # an infotext should not switch the server's model behind the client's back).
 _INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed",
                     "subseed", "subseed_strength", "width", "height")
+_IMG2IMG_INFOTEXT_FIELDS = _INFOTEXT_FIELDS + ("denoising_strength",)
 # stable-diffusion-webui's schedule types (1.10). It never rejects one: those we lack run as Automatic.
 A1111_SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",
                         "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
@@ -59,24 +64,32 @@ _A1111_SCHEDULE_BY_NAME = {name: label for label in A1111_SCHEDULE_TYPES
                            for name in (label.lower(), schedule_key(label))}
 
 
-def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: ModelEntry | None,
+def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: ModelEntry | None,
                           default_clip_skip: int = 1, default_model: str | None = None
                           ) -> tuple[dict[str, Any], list[str]]:
-    """A1111 txt2img body -> GenerationRequest fields and notes on what runs other than asked (a schedule
-    type run as Automatic), or ApiError naming each field to fix. default_clip_skip and default_model are
-    for a request that gives none of its own (POST /options sets them)."""
-    problems = [f"{name}: {message}" for name, asks, message in _UNSUPPORTED if asks(getattr(req, name))]
-    values = {name: getattr(req, name) for name in _INFOTEXT_FIELDS}
+    """A1111 txt2img or img2img body -> GenerationRequest fields and notes on what runs other than asked (a
+    schedule type run as Automatic), or ApiError naming each field to fix. default_clip_skip and default_model
+    are for a request that gives none of its own (POST /options sets them). An img2img body's picture is not
+    among the fields: init_image_of decodes it."""
+    img2img = isinstance(req, Img2ImgRequest)
+    problems = [f"{name}: {message}" for name, asks, message in _UNSUPPORTED if asks(getattr(req, name, None))]
+    if img2img and len(req.init_images or []) != 1:
+        problems.append("init_images: send one base64 image" if not req.init_images else
+                        f"init_images: only one image is supported, got {len(req.init_images)}")
+    pasted_fields = _IMG2IMG_INFOTEXT_FIELDS if img2img else _INFOTEXT_FIELDS
+    values = {name: getattr(req, name) for name in pasted_fields}
     values["sampler_name"] = req.sampler_name or req.sampler_index or "Euler"
     values["subseed"] = -1 if req.subseed is None else req.subseed  # null: A1111's defaults
     values["subseed_strength"] = req.subseed_strength or 0.0
+    if img2img:
+        values["denoising_strength"] = 0.75 if req.denoising_strength is None else req.denoising_strength
     clip_skip = default_clip_skip
     if req.infotext:
         pasted = request_fields_from_infotext(req.infotext)
         given = set(req.model_fields_set)
         if given & {"sampler_name", "sampler_index"}:
             given |= {"sampler_name", "scheduler"}  # a sampler the client picks goes with its own schedule
-        for name in _INFOTEXT_FIELDS:
+        for name in pasted_fields:
             if name in pasted and name not in given:
                 values[name] = pasted[name]
         clip_skip = pasted.get("clip_skip", clip_skip)
@@ -103,6 +116,12 @@ def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: 
         "save_images": req.save_images, "send_images": req.send_images, "clip_skip": clip_skip,
         "styles": req.styles or [],
     }
+    if img2img and req.resize_mode != 3:  # (3 is refused above; the schema would only repeat it)
+        data["resize_mode"] = 0 if req.resize_mode is None else req.resize_mode
+    if isinstance(req, Txt2ImgRequest) and req.enable_hr:
+        hires, refused = hires_fields(req)
+        data |= hires
+        problems.extend(refused)
     try:
         parse_request(data)
     except InvalidRequest as err:
@@ -110,6 +129,26 @@ def to_generation_request(req: Txt2ImgRequest, registry: ModelRegistry, loaded: 
     if problems:
         raise ApiError(422, "; ".join(dict.fromkeys(problems)), "InvalidRequest")
     return data, [note] if note else []
+
+
+# A1111's values of the second pass's own settings that mean "as the first pass".
+_SAME = (None, "", "Use same checkpoint", "Use same sampler", "Use same scheduler")
+
+
+def hires_fields(req: Txt2ImgRequest) -> tuple[dict[str, Any], list[str]]:
+    """The hires fix's GenerationRequest fields (null means A1111's default), and what is refused: a second pass
+    with a model, sampler or prompt of its own."""
+    fields = {"enable_hr": True, "hr_scale": 2.0 if req.hr_scale is None else req.hr_scale,
+              "hr_upscaler": req.hr_upscaler or "Latent", "hr_second_pass_steps": req.hr_second_pass_steps or 0,
+              "hr_resize_x": req.hr_resize_x or 0, "hr_resize_y": req.hr_resize_y or 0,
+              "denoising_strength": 0.7 if req.denoising_strength is None else req.denoising_strength}
+    own = {"hr_checkpoint_name": req.hr_checkpoint_name, "hr_scheduler": req.hr_scheduler,
+           "hr_sampler_name": None if req.hr_sampler_name in (req.sampler_name, req.sampler_index) else req.hr_sampler_name,
+           "hr_prompt": None if req.hr_prompt == req.prompt else req.hr_prompt,
+           "hr_negative_prompt": None if req.hr_negative_prompt == req.negative_prompt else req.hr_negative_prompt}
+    return fields, [f"{name}: a second pass with its own {name.removeprefix('hr_').replace('_', ' ')} is not "
+                    "supported yet; leave it empty to use the first pass's" for name, value in own.items()
+                    if value not in _SAME]
 
 
 def sampler_and_schedule(sampler_name: str, schedule: str | None) -> tuple[str, str, str | None]:
@@ -152,7 +191,7 @@ def check_clip_skip_depth(clip_skip: int, model: LoadedModel | None) -> None:
                        "InvalidRequest")
 
 
-def clip_skip_for(req: Txt2ImgRequest, option: int, loaded: LoadedModel | None) -> tuple[int, list[str]]:
+def clip_skip_for(req: GenerationBody, option: int, loaded: LoadedModel | None) -> tuple[int, list[str]]:
     """The CLIP_stop_at_last_layers option as the request's default clip skip, and a note when the request
     uses it (gives no clip skip of its own; an infotext always does) and it is deeper than the model loaded
     since it was set: the client never sent it, so it runs at the model's deepest instead of failing."""
@@ -164,7 +203,7 @@ def clip_skip_for(req: Txt2ImgRequest, option: int, loaded: LoadedModel | None) 
                      f"{loaded.entry.name}'s text encoder; it ran with {deepest}"]
 
 
-def clip_skip_field(req: Txt2ImgRequest) -> str:
+def clip_skip_field(req: GenerationBody) -> str:
     """Where a request's clip skip came from, named as the client sent it."""
     if (req.override_settings or {}).get("CLIP_stop_at_last_layers") is not None:
         return "override_settings.CLIP_stop_at_last_layers"
@@ -173,9 +212,12 @@ def clip_skip_field(req: Txt2ImgRequest) -> str:
     return "CLIP_stop_at_last_layers (the option)"
 
 
-def client_field_names(req: Txt2ImgRequest) -> dict[str, str]:
+def client_field_names(req: GenerationBody) -> dict[str, str]:
     """Our names for the request fields a client sets under other names -> the names it used."""
-    return {"clip_skip": clip_skip_field(req), "model": "override_settings.sd_model_checkpoint"}
+    names = {"clip_skip": clip_skip_field(req), "model": "override_settings.sd_model_checkpoint"}
+    if isinstance(req, Img2ImgRequest):
+        names["init_image"] = "init_images[0]"
+    return names
 
 
 def rename_fields(message: str, names: dict[str, str]) -> str:
@@ -261,6 +303,14 @@ def decode_image(data: str, field: str = "image", pixels_needed: bool = True) ->
     return image
 
 
+def init_image_of(req: GenerationBody) -> Image.Image | None:
+    """An img2img body's init image, decoded (to_generation_request has checked that it sent one); None for
+    txt2img."""
+    if not isinstance(req, Img2ImgRequest):
+        return None
+    return decode_image(req.init_images[0], field="init_images[0]")
+
+
 def png_info(image: Image.Image) -> dict[str, Any]:
     """The infotext of an image, its other text chunks, and the infotext parsed as A1111 does."""
     infotext = read_infotext(image) or ""
@@ -276,7 +326,7 @@ def png_info(image: Image.Image) -> dict[str, Any]:
 
 
 # --- results ----------------------------------------------------------------------------------
-def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None = None) -> Txt2ImgResponse:
+def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None = None) -> GenerationResponse:
     """A finished job -> A1111's {"images", "parameters", "info"}. `loaded`: the model loaded now, which a job
     that never started (cancelled while queued) reports when it would have run on it.
 
@@ -327,7 +377,7 @@ def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None 
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": None,
+        "denoising_strength": request.denoising_strength if request.is_img2img or request.enable_hr else None,
         "extra_generation_params": {"Schedule type": request.scheduler},
         "index_of_first_image": first_index,
         "infotexts": infotexts,
@@ -342,7 +392,7 @@ def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None 
         "nsfw": [im.nsfw for im in images],
         "warnings": list(job.warnings),  # what ran other than asked (a schedule type), a failed save
     }
-    return Txt2ImgResponse(images=encoded, parameters=parameters, info=json.dumps(info))
+    return GenerationResponse(images=encoded, parameters=parameters, info=json.dumps(info))
 
 
 def job_progress(job: Job) -> JobProgress:

@@ -2,10 +2,11 @@
 
 Defaults follow stable-diffusion-webui's API (steps 50, sampler "Euler" through `sampler_index`,
 save_images False), with one deliberate difference: width/height left out mean the loaded model's
-native size (512 for SD 1.x, as there) instead of a fixed 512.
+native size (512 for SD 1.x, as there) instead of a fixed 512 for txt2img, and the init image's size
+(rounded down to a multiple of 8) for img2img.
 
 Fields that stable-diffusion-webui accepts but we cannot honour yet are declared too, so its
-clients validate; the adapter rejects them when they ask for something (enable_hr=True, a script)
+clients validate; the adapter rejects them when they ask for something (a mask, a script)
 and ignores them when they hold their defaults.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from webui.storage.infotext import MAX_INFOTEXT_CHARS
 
 
-class Txt2ImgRequest(BaseModel):
+class GenerationBody(BaseModel):
+    """The fields txt2img and img2img share (stable-diffusion-webui's StableDiffusionProcessing)."""
     model_config = ConfigDict(extra="ignore")
 
     # --- honoured ---------------------------------------------------------------------------
@@ -53,17 +55,15 @@ class Txt2ImgRequest(BaseModel):
     seed_resize_from_w: int | None = -1
     restore_faces: bool | None = None
     tiling: bool | None = None
-    enable_hr: bool | None = False
     refiner_checkpoint: str | None = None
     script_name: str | None = None
     alwayson_scripts: dict[str, Any] | None = Field(default_factory=dict)
 
-    # --- accepted and ignored (sampler fine-tuning, hires-fix details, A1111 internals) ----------
+    # --- accepted and ignored (sampler fine-tuning, A1111 internals) ------------------------------
     script_args: list[Any] | None = Field(default_factory=list)
     do_not_save_samples: bool | None = False
     do_not_save_grid: bool | None = False
     eta: float | None = None
-    denoising_strength: float | None = None
     s_min_uncond: float | None = None
     s_churn: float | None = None
     s_tmax: float | None = None
@@ -73,22 +73,76 @@ class Txt2ImgRequest(BaseModel):
     refiner_switch_at: float | None = None
     disable_extra_networks: bool | None = False
     comments: dict[str, Any] | None = None
-    firstphase_width: int | None = 0
-    firstphase_height: int | None = 0
-    hr_scale: float | None = 2.0
-    hr_upscaler: str | None = None
-    hr_second_pass_steps: int | None = 0
-    hr_resize_x: int | None = 0
-    hr_resize_y: int | None = 0
+    force_task_id: str | None = None
+
+    def parameters(self) -> dict[str, Any]:
+        """The request as the response's `parameters` echo it."""
+        return self.model_dump()
+
+
+class Txt2ImgRequest(GenerationBody):
+    # --- honoured: the hires fix ---------------------------------------------------------------
+    enable_hr: bool | None = Field(False, description="hires fix: enlarge the picture and denoise it again")
+    denoising_strength: float | None = Field(None, description="hires fix: how deep the second pass goes (null: 0.7)")
+    hr_scale: float | None = Field(2.0, description="hires fix: 1 to 4 times larger")
+    hr_upscaler: str | None = Field(None, description="hires fix: Latent (null), Latent (antialiased), Latent (bicubic), "
+                                    "Latent (bicubic antialiased), Latent (nearest), Latent (nearest-exact), "
+                                    "Lanczos or Nearest")
+    hr_second_pass_steps: int | None = Field(0, description="hires fix: steps of the second pass (0: steps)")
+    hr_resize_x: int | None = Field(0, description="hires fix: width to enlarge to, instead of hr_scale")
+    hr_resize_y: int | None = Field(0, description="hires fix: height to enlarge to, instead of hr_scale")
+
+    # --- accepted; a value of their own for the second pass is refused -------------------------
     hr_checkpoint_name: str | None = None
     hr_sampler_name: str | None = None
     hr_scheduler: str | None = None
     hr_prompt: str | None = ""
     hr_negative_prompt: str | None = ""
-    force_task_id: str | None = None
+
+    # --- accepted and ignored (A1111's old hires fix) -------------------------------------------
+    firstphase_width: int | None = 0
+    firstphase_height: int | None = 0
 
 
-class Txt2ImgResponse(BaseModel):
+class Img2ImgRequest(GenerationBody):
+    # --- honoured ---------------------------------------------------------------------------
+    init_images: list[str] | None = Field(None, description="the picture to start from: exactly one base64 image "
+                                          "(PNG, JPEG or WebP), optionally as a data: URL")
+    denoising_strength: float | None = Field(0.75, description="0 to 1: how much of the init image is noised away "
+                                             "(1 keeps none of it); steps x strength steps run")
+    resize_mode: int | None = Field(0, description="fitting the init image to width x height: 0 just resize, "
+                                    "1 crop and resize, 2 resize and fill (3, latent upscale, is not supported)")
+    include_init_images: bool | None = Field(False, description="echo init_images in the response's parameters")
+    width: int | None = Field(None, description="multiple of 8; left out = the init image's size")
+    height: int | None = Field(None, description="multiple of 8; left out = the init image's size")
+
+    # --- accepted for compatibility; the adapter rejects values that ask for a missing feature --
+    mask: str | None = Field(None, description="inpainting is not supported yet: send null")
+    initial_noise_multiplier: float | None = Field(None, description="only 1 (or null) is supported")
+
+    # --- accepted and ignored (inpainting details, with no mask; instruct-pix2pix's image CFG) ----
+    inpainting_fill: int | None = 0
+    mask_blur: int | None = None
+    mask_blur_x: int | None = 4
+    mask_blur_y: int | None = 4
+    mask_round: bool | None = True
+    inpaint_full_res: bool | None = True
+    inpaint_full_res_padding: int | None = 0
+    inpainting_mask_invert: int | None = 0
+    latent_mask: Any = None
+    image_cfg_scale: float | None = None
+
+    def parameters(self) -> dict[str, Any]:
+        # The init image is not echoed unless asked for, as in stable-diffusion-webui (its include_init_images):
+        # the client already has it, and sending megabytes of base64 back to it is waste.
+        echo = super().parameters()
+        if not self.include_init_images:
+            echo["init_images"] = None
+        return echo
+
+
+class GenerationResponse(BaseModel):
+    """txt2img's and img2img's answer (stable-diffusion-webui's TextToImageResponse and ImageToImageResponse)."""
     images: list[str] | None = Field(None, description="base64 PNGs, each with its infotext in the 'parameters' chunk")
     parameters: dict[str, Any]
     info: str = Field(description="a JSON string: seed, all_seeds, infotexts, width, height, sd_model_name, ...")
@@ -198,7 +252,7 @@ class JobStatus(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     current_image: str | None = Field(None, description="live preview (base64 PNG) when asked for")
-    result: Txt2ImgResponse | None = Field(None, description="images and info once the job has finished")
+    result: GenerationResponse | None = Field(None, description="images and info once the job has finished")
 
 
 class JobCancelReply(BaseModel):

@@ -25,9 +25,9 @@ from starlette.routing import Match
 from webui.api import convert
 from webui.api.convert import ApiError
 from webui.api.models import (
-    ErrorResponse, JobCancelReply, JobCreated, JobStatus, LoraItem, MemoryResponse, OptionsUpdateResponse,
-    PNGInfoRequest, PNGInfoResponse, ProgressResponse, PromptStyleItem, SamplerItem, SchedulerItem, ScriptsList,
-    SDModelItem, Txt2ImgRequest, Txt2ImgResponse,
+    ErrorResponse, GenerationBody, GenerationResponse, Img2ImgRequest, JobCancelReply, JobCreated, JobStatus,
+    LoraItem, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest, PNGInfoResponse, ProgressResponse,
+    PromptStyleItem, SamplerItem, SchedulerItem, ScriptsList, SDModelItem, Txt2ImgRequest,
 )
 from webui.engine.loader import ModelLoadError
 from webui.engine.generate import LoadedModel
@@ -102,23 +102,35 @@ class Api:
         self._kept_override: Job | None = None
 
     # --- generation ---------------------------------------------------------------------------
-    async def txt2img(self, req: Txt2ImgRequest, request: Request) -> Txt2ImgResponse:
+    async def txt2img(self, req: Txt2ImgRequest, request: Request) -> GenerationResponse:
         """Queue a txt2img job and answer when it has finished (A1111's blocking call)."""
+        return await self._generate(req, request)
+
+    async def img2img(self, req: Img2ImgRequest, request: Request) -> GenerationResponse:
+        """Queue an img2img job from the one picture in init_images and answer when it has finished. Its
+        `parameters` leave init_images out (null) unless include_init_images is true, as A1111's do."""
+        return await self._generate(req, request)
+
+    async def _generate(self, req: GenerationBody, request: Request) -> GenerationResponse:
         job = await anyio.to_thread.run_sync(self._submit, req, caller_of(request))
         # Wait on a thread of its own, outside the shared pool, so that many waiting clients
         # never starve /progress or /interrupt. The queue limit bounds how many wait at once.
         await anyio.to_thread.run_sync(job.wait, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
-        return await anyio.to_thread.run_sync(self._result, job, req.model_dump())
-
-    def img2img(self, body: dict[str, Any] | None = Body(None)) -> None:
-        raise ApiError(501, "img2img is not supported yet by this server; use /sdapi/v1/txt2img", "NotImplemented")
+        return await anyio.to_thread.run_sync(self._result, job, req.parameters())
 
     def submit_job(self, req: Txt2ImgRequest, request: Request) -> JobCreated:
         """Queue a txt2img job and answer at once with its id (cancel it with /cancel)."""
+        return self._job_created(req, request)
+
+    def submit_img2img_job(self, req: Img2ImgRequest, request: Request) -> JobCreated:
+        """Queue an img2img job (the body of /sdapi/v1/img2img) and answer at once with its id."""
+        return self._job_created(req, request)
+
+    def _job_created(self, req: GenerationBody, request: Request) -> JobCreated:
         job = self._submit(req, caller_of(request))
         return JobCreated(id=job.id, state=job.state.value, position=self.worker.position(job.id))
 
-    def _submit(self, req: Txt2ImgRequest, caller: str) -> Job:
+    def _submit(self, req: GenerationBody, caller: str) -> Job:
         model, chosen, notes = self._model_of_requests()
         default_model = model.entry.source if chosen else None
         kept = self._kept_override
@@ -133,8 +145,10 @@ class Api:
                                                             default_model=default_model)
         notes += clip_skip_notes + request_notes
         names = convert.client_field_names(req)
+        init_image = convert.init_image_of(req)
         try:
-            job = self.worker.submit(data, origin="api", owner=caller, warnings=notes, field_names=names)
+            job = self.worker.submit(data, origin="api", owner=caller, warnings=notes, field_names=names,
+                                     init_image=init_image)
             if (req.override_settings or {}).get("sd_model_checkpoint") and not data["restore_model"]:
                 self._kept_override = job
             return job
@@ -170,7 +184,7 @@ class Api:
         eta = running.progress.eta_seconds if running is not None else None
         return max(1, min(60, round(eta or 5)))
 
-    def _result(self, job: Job, parameters: dict[str, Any]) -> Txt2ImgResponse:
+    def _result(self, job: Job, parameters: dict[str, Any]) -> GenerationResponse:
         if job.state is JobState.FAILED and job.refused:  # what the job's model could not do, known once loaded
             raise ApiError(422, _error_of(job), "InvalidRequest")
         if job.state is JobState.FAILED:
@@ -232,7 +246,7 @@ class Api:
             "skipped": job.skip_event.is_set(),
             "interrupted": job.cancel_event.is_set(),
             "stopping_generation": False,
-            "job": "scripts_txt2img",
+            "job": f"scripts_{job.kind}",
             "job_count": job_request.n_iter,
             "job_timestamp": _timestamp(job.started_at),
             "job_no": p.image_index // job_request.batch_size,
@@ -422,9 +436,9 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     router = APIRouter(route_class=ApiRoute, dependencies=[Depends(auth)] if auth else [], responses=_ERRORS)
     sd = "/sdapi/v1"
     add = router.add_api_route
-    add(f"{sd}/txt2img", api.txt2img, methods=["POST"], response_model=Txt2ImgResponse, tags=["generate"])
-    add(f"{sd}/img2img", api.img2img, methods=["POST"], tags=["generate"], status_code=501,
-        summary="img2img (not supported yet: answers 501)")
+    add(f"{sd}/txt2img", api.txt2img, methods=["POST"], response_model=GenerationResponse, tags=["generate"])
+    add(f"{sd}/img2img", api.img2img, methods=["POST"], response_model=GenerationResponse, tags=["generate"],
+        summary="img2img from one init image (no inpainting mask yet)")
     add(f"{sd}/png-info", api.png_info, methods=["POST"], response_model=PNGInfoResponse, tags=["images"])
     add(f"{sd}/progress", api.progress, methods=["GET"], response_model=ProgressResponse, tags=["queue"])
     add(f"{sd}/interrupt", api.interrupt, methods=["POST"], tags=["queue"])
@@ -452,7 +466,10 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/embeddings", api.embeddings, methods=["GET"], tags=["models"])
     add(f"{sd}/memory", api.memory, methods=["GET"], response_model=MemoryResponse, tags=["settings"])
     add(f"{sd}/cmd-flags", api.cmd_flags, methods=["GET"], tags=["settings"])
-    add("/api/v1/jobs", api.submit_job, methods=["POST"], response_model=JobCreated, status_code=202, tags=["jobs"])
+    add("/api/v1/jobs", api.submit_job, methods=["POST"], response_model=JobCreated, status_code=202, tags=["jobs"],
+        summary="queue a txt2img job")
+    add("/api/v1/jobs/img2img", api.submit_img2img_job, methods=["POST"], response_model=JobCreated,
+        status_code=202, tags=["jobs"], summary="queue an img2img job")
     add("/api/v1/jobs/{job_id}", api.get_job, methods=["GET"], response_model=JobStatus, tags=["jobs"])
     add("/api/v1/jobs/{job_id}/cancel", api.cancel_job, methods=["POST"], response_model=JobCancelReply,
         tags=["jobs"], responses={409: {"model": ErrorResponse, "description": "the job has already finished"}})

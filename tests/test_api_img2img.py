@@ -1,0 +1,223 @@
+"""POST /sdapi/v1/img2img (and /api/v1/jobs/img2img) in-process, against the tiny model: a real run from a
+picture, where its files go, that the picture matters, and each refusal (422 naming the field, nothing queued)."""
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from webui.api import create_api_app
+from webui.schemas import JobState
+from webui.storage.outputs import read_infotext
+from tests.helpers import noise_picture as picture, running_services, wait_for
+
+QUICK = {"prompt": "a red apple", "steps": 2, "seed": 5, "denoising_strength": 0.5}
+
+
+def b64(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def png(data: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def pixels(data: str) -> np.ndarray:
+    return np.asarray(png(data).convert("RGB"), np.int16)
+
+
+@pytest.fixture(scope="module")
+def services(models_dir, tmp_path_factory):
+    yield from running_services(models_dir, tmp_path_factory.mktemp("img2img-api-out"))
+
+
+@pytest.fixture(scope="module")
+def client(services):
+    with TestClient(create_api_app(services)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def first_init():
+    return b64(picture(1, 72, 64))
+
+
+@pytest.fixture(scope="module")
+def first_run(client, first_init):
+    """One img2img call from a 72x64 picture (not the model's native 64x64), shared by the tests that read it."""
+    r = client.post("/sdapi/v1/img2img", json=QUICK | {"init_images": [first_init]})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_img2img_makes_an_image_of_the_init_images_size_with_its_denoising_strength(first_run):
+    info = json.loads(first_run["info"])
+    assert len(first_run["images"]) == 1
+    image = png(first_run["images"][0])
+    assert image.size == (72, 64) and (info["width"], info["height"]) == (72, 64)
+    assert read_infotext(image) == info["infotexts"][0]
+    assert "Denoising strength: 0.5" in info["infotexts"][0] and "Size: 72x64" in info["infotexts"][0]
+    assert info["denoising_strength"] == 0.5 and info["seed"] == 5
+    # The request is echoed, but not its multi-MB init image (asked back with include_init_images).
+    assert first_run["parameters"]["init_images"] is None
+    assert first_run["parameters"]["denoising_strength"] == 0.5 and first_run["parameters"]["prompt"] == "a red apple"
+
+
+def test_txt2img_info_keeps_no_denoising_strength(client):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "denoising_strength": 0.5})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["denoising_strength"] is None and "Denoising strength" not in info["infotexts"][0]
+
+
+def test_include_init_images_echoes_them(client, first_init):
+    r = client.post("/sdapi/v1/img2img", json=QUICK | {"init_images": [first_init], "include_init_images": True,
+                                                        "send_images": False})
+    assert r.status_code == 200, r.text
+    assert r.json()["parameters"]["init_images"] == [first_init] and r.json()["images"] == []
+
+
+def test_the_init_image_decides_the_pixels(client, services, first_run, first_init):
+    """Same seed and settings: another picture gives another image, the same picture the same one, and the
+    worker given the picture directly gives it too (a data: URL, or a JPEG, is read as well)."""
+    other = client.post("/sdapi/v1/img2img", json=QUICK | {"init_images": [b64(picture(2, 72, 64))]})
+    assert other.status_code == 200, other.text
+    first = pixels(first_run["images"][0])
+    assert np.abs(first - pixels(other.json()["images"][0])).mean() > 1
+    again = client.post("/sdapi/v1/img2img",
+                        json=QUICK | {"init_images": [f"data:image/png;base64,{first_init}"]})
+    assert again.status_code == 200, again.text
+    assert np.array_equal(first, pixels(again.json()["images"][0]))
+    job = services.worker.submit(QUICK, init_image=picture(1, 72, 64))
+    assert job.wait(60) and job.state is JobState.DONE
+    assert np.array_equal(first, np.asarray(job.images[0].image.convert("RGB"), np.int16))
+
+
+def test_the_lowest_strength_that_runs_a_step(client):
+    # 3 steps x 0.34 runs one step; 3 x 0.3 would run none (refused below).
+    r = client.post("/sdapi/v1/img2img", json=QUICK | {"steps": 3, "denoising_strength": 0.34,
+                                                        "init_images": [b64(picture(3))]})
+    assert r.status_code == 200, r.text
+    assert "Denoising strength: 0.34" in json.loads(r.json()["info"])["infotexts"][0]
+
+
+def test_saved_img2img_images_go_to_img2img_images(client, services):
+    r = client.post("/sdapi/v1/img2img", json=QUICK | {"init_images": [b64(picture(4))], "save_images": True,
+                                                        "width": 64, "height": 64, "resize_mode": 1})
+    assert r.status_code == 200, r.text
+    job_id = json.loads(r.json()["info"])["job_id"]
+    rows, _ = services.history.list_images(search="a red apple")
+    paths = [Path(row.path) for row in rows if row.job_id == job_id]
+    assert len(paths) == 1
+    saved = services.outputs.resolve(paths[0])
+    assert saved.parent.parent.name == "img2img-images" and saved.is_file()
+    assert "Denoising strength: 0.5" in read_infotext(Image.open(saved))
+    assert services.worker.get(job_id).request.resize_mode == 1
+
+
+def test_a_pasted_infotext_gives_the_denoising_strength_not_sent(client):
+    infotext = "a pear\nSteps: 2, Sampler: Euler, Seed: 9, Size: 64x64, Denoising strength: 0.9"
+    r = client.post("/sdapi/v1/img2img", json={"infotext": infotext, "init_images": [b64(picture(8))]})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert (info["denoising_strength"], info["seed"], info["prompt"]) == (0.9, 9, "a pear")
+    r = client.post("/sdapi/v1/img2img", json={"infotext": infotext, "init_images": [b64(picture(8))],
+                                               "denoising_strength": 0.6})
+    assert json.loads(r.json()["info"])["denoising_strength"] == 0.6
+
+
+def test_a_picture_the_worker_cannot_read_is_named_as_the_client_sent_it(client, monkeypatch):
+    import webui.worker
+
+    def unreadable(image):
+        raise OSError("image file is truncated")
+
+    monkeypatch.setattr(webui.worker, "as_rgb", unreadable)
+    r = client.post("/sdapi/v1/img2img", json=QUICK | {"init_images": [b64(picture(9))]})
+    assert r.status_code == 422 and r.json()["detail"].startswith("init_images[0]: the picture cannot be read"), r.text
+
+
+def test_the_per_job_route_queues_img2img(client, services):
+    r = client.post("/api/v1/jobs/img2img", json=QUICK | {"init_images": [b64(picture(5))]})
+    assert r.status_code == 202, r.text
+    job = services.worker.get(r.json()["id"])
+    assert job.wait(60) and job.kind == "img2img"
+    status = client.get(f"/api/v1/jobs/{job.id}").json()
+    assert status["state"] == "done" and json.loads(status["result"]["info"])["denoising_strength"] == 0.5
+    r = client.post("/api/v1/jobs/img2img", json=QUICK)
+    assert r.status_code == 422 and r.json()["detail"].startswith("init_images: "), r.text
+
+
+def test_nulls_take_a1111s_defaults(client, services):
+    r = client.post("/sdapi/v1/img2img", json=QUICK | {"init_images": [b64(picture(10))], "denoising_strength": None,
+                                                        "resize_mode": None})
+    assert r.status_code == 200, r.text
+    job = services.worker.get(json.loads(r.json()["info"])["job_id"])
+    assert (job.request.denoising_strength, job.request.resize_mode) == (0.75, 0)
+
+
+def test_progress_names_a_running_img2img_job_and_counts_the_steps_it_runs(client, services):
+    r = client.post("/api/v1/jobs/img2img", json=QUICK | {"init_images": [b64(picture(11))], "steps": 150})
+    job = services.worker.get(r.json()["id"])
+    try:
+        wait_for(lambda: job.progress.step >= 1, what="the img2img job's first step")
+        state = client.get("/sdapi/v1/progress").json()["state"]
+        assert state["job"] == "scripts_img2img" and state["sampling_steps"] == 75  # 150 steps x 0.5
+    finally:
+        services.worker.cancel(job.id)
+        job.wait(30)
+
+
+def _refusals() -> dict[str, tuple[dict, str]]:
+    one = b64(picture(6))
+    not_an_image = base64.b64encode(b"this is text, not a picture").decode()
+    return {
+        "no image": ({"init_images": []}, "init_images: send one base64 image"),
+        "no init_images at all": ({}, "init_images: send one base64 image"),
+        "two images": ({"init_images": [one, one]}, "init_images: only one image is supported, got 2"),
+        "not base64": ({"init_images": ["not base64 at all!"]}, "init_images[0]: not valid base64"),
+        "base64 of a non-image": ({"init_images": [not_an_image]}, "init_images[0]: the base64 data is not an image"),
+        "a mask": ({"init_images": [one], "mask": one}, "mask: inpainting is not supported yet"),
+        "latent upscale": ({"init_images": [one], "resize_mode": 3}, "resize_mode: 3 (latent upscale) is not supported"),
+        "resize mode 7": ({"init_images": [one], "resize_mode": 7}, "resize_mode: "),
+        "strength above 1": ({"init_images": [one], "denoising_strength": 1.5}, "denoising_strength: "),
+        "strength that runs no step": ({"init_images": [one], "steps": 3, "denoising_strength": 0.3},
+                                       "denoising_strength: 0.3 x 3 steps runs no step"),
+        "noise multiplier": ({"init_images": [one], "initial_noise_multiplier": 0.5}, "initial_noise_multiplier: "),
+    }
+
+
+REFUSALS = _refusals()
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refusals_name_the_field_and_queue_nothing(client, services, monkeypatch, case):
+    body, detail = REFUSALS[case]
+    submitted = []
+    submit = services.worker.submit
+    monkeypatch.setattr(services.worker, "submit", lambda *a, **k: submitted.append(submit(*a, **k)) or submitted[-1])
+    r = client.post("/sdapi/v1/img2img", json=QUICK | body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "InvalidRequest" and r.json()["detail"].startswith(detail), r.json()
+    assert submitted == []
+
+
+def test_the_worker_runs_on_after_the_refusals(client, services):
+    for body, _ in REFUSALS.values():
+        assert client.post("/sdapi/v1/img2img", json=QUICK | body).status_code == 422
+    assert services.worker.alive
+    r = client.post("/sdapi/v1/img2img", json=QUICK | {"init_images": [b64(picture(7), "JPEG")]})
+    assert r.status_code == 200 and len(r.json()["images"]) == 1, r.text
+
+
+def test_docs_list_img2img_with_its_request_model(client):
+    paths = client.get("/api/v1/openapi.json").json()["paths"]
+    assert "Img2ImgRequest" in json.dumps(paths["/sdapi/v1/img2img"])
+    assert "Img2ImgRequest" in json.dumps(paths["/api/v1/jobs/img2img"])
+    assert "501" not in paths["/sdapi/v1/img2img"]["post"]["responses"]
