@@ -414,9 +414,10 @@ def test_model_refresh_and_load(models_dir, tmp_path):
         update = event(ui, "refresh_models")("tiny-a")
         assert update["choices"] == ["tiny-a", "tiny-b"] and update["value"] == "tiny-a"
 
-        status, picker, width, height, clip_skip = drain(event(ui, "load_model")("tiny-b"))[-1]
+        status, picker, width, height, clip_skip, *img2img_sliders = drain(event(ui, "load_model")("tiny-b"))[-1]
         assert "tiny-b" in status and (picker["value"], width, height) == ("tiny-b", 64, 64)
         assert clip_skip["maximum"] == TINY_TEXT_LAYERS  # Clip skip goes as deep as the text encoder
+        assert img2img_sliders == [width, height, clip_skip]  # the img2img tab's sliders follow the model too
         status, picker, *_ = drain(event(ui, "load_model")("missing-model"))[-1]
         assert "Could not load missing-model" in status and picker["value"] == "tiny-b"  # the dropdown goes back
 
@@ -1109,7 +1110,7 @@ def test_the_embedding_picker_names_it_in_either_prompt(ui, ui_services, tmp_pat
     with pytest.raises(gr.Error, match="Pick an embedding first"):
         add("a cat", None)
     [negative] = [fn for fn in ui.blocks.fns.values() if getattr(fn.fn, "__name__", "") == "add_embedding"
-                  and fn.api_name != "add_embedding"]
+                  and fn.api_name != "add_embedding" and fn.inputs[0].elem_id == "txt2img_neg_prompt"]
     assert [block.label for block in negative.inputs] == ["Negative prompt", "Embedding"]
     *_, last = generate(ui, negative="badhands", seed=3)
     assert "TI hashes: \"badhands: " in last[4], last[2]
@@ -1146,11 +1147,11 @@ def test_styles_are_applied_saved_and_deleted_from_the_page(ui, ui_services):
 
 
 def test_a_shared_server_without_a_login_offers_no_style_editing(tmp_path):
-    from webui.ui.txt2img import Txt2ImgActions
+    from webui.ui.txt2img import GenerationActions
 
     services = build_services(Settings(outdir=tmp_path / "out", device="cpu", share=True), load_model=False)
     try:
-        actions = Txt2ImgActions(services, models=None)
+        actions = GenerationActions(services, models=None)
         assert not actions.can_edit_styles
         with pytest.raises(gr.Error, match="Saving styles is off on a server shared without --gradio-auth"):
             actions.save_style("Film", "a", "b")

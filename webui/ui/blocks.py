@@ -1,5 +1,5 @@
-"""The whole page: the model picker above three tabs (txt2img, History, PNG Info) and the wiring
-between them ("send to txt2img", history refresh after a run).
+"""The whole page: the model picker above four tabs (txt2img, img2img, History, PNG Info) and the wiring
+between them ("send to txt2img" and "send to img2img", history refresh after a run, the model's sliders).
 
 `build_ui(services)` gives the gr.Blocks; `create_ui(services)` also hands back the tabs, so tests
 can drive the event functions directly. Gradio 6 takes CSS and head scripts at launch()
@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
 from webui.services import Services
 from webui.ui.history import HistoryActions, HistoryTab, build_history
 from webui.ui.models import ModelActions, ModelPicker, build_model_picker
-from webui.ui.params import txt2img_updates
-from webui.ui.pnginfo import PngInfoTab, build_pnginfo, fields_for_txt2img
-from webui.ui.txt2img import Txt2ImgTab, build_txt2img
+from webui.ui.params import widget_updates
+from webui.ui.pnginfo import PngInfoTab, build_pnginfo, fields_for_txt2img, picture_for_img2img
+from webui.ui.txt2img import GenerationTab, build_generation_tab
 
 STATIC = Path(__file__).resolve().parent / "static"
 GRADIO_CACHE_CLEANUP = (3600, 3600)  # every hour, the files Gradio made more than an hour ago
@@ -30,7 +31,7 @@ TAB_TOKEN_JS = """() => {
     token = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
     sessionStorage.setItem("diffusers-webui-tab", token);
   }
-  return token;
+  return [token, token];  // one for each tab that resumes its own kind of job: txt2img, img2img
 }"""
 
 
@@ -39,10 +40,15 @@ class WebUI:
     blocks: gr.Blocks
     models: ModelActions
     picker: ModelPicker
-    txt2img: Txt2ImgTab
+    txt2img: GenerationTab
+    img2img: GenerationTab
     history: HistoryTab
     history_actions: HistoryActions
     pnginfo: PngInfoTab
+
+    @property
+    def generation_tabs(self) -> tuple[GenerationTab, GenerationTab]:
+        return self.txt2img, self.img2img
 
 
 def build_ui(services: Services) -> gr.Blocks:
@@ -56,13 +62,16 @@ def create_ui(services: Services) -> WebUI:
         picker = build_model_picker(models)
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
-                txt2img = build_txt2img(services, picker, models)
+                txt2img = build_generation_tab(services, picker, models, "txt2img")
+            with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
+                img2img = build_generation_tab(services, picker, models, "img2img")
             with gr.Tab("History", id="history", elem_id="tab_history"):
                 history, history_actions = build_history(services)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 pnginfo = build_pnginfo()
-        ui = WebUI(blocks, models, picker, txt2img, history, history_actions, pnginfo)
+        ui = WebUI(blocks, models, picker, txt2img, img2img, history, history_actions, pnginfo)
         _wire_between_tabs(ui, tabs)
+        _wire_page_load(ui)
     # The worker is the one queue that matters; Gradio's own per-event queue would only make
     # one browser tab wait for another's poll loop.
     blocks.queue(default_concurrency_limit=None)
@@ -70,35 +79,72 @@ def create_ui(services: Services) -> WebUI:
 
 
 def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
-    txt2img, history, actions = ui.txt2img, ui.history, ui.history_actions
-    send_outputs = [*txt2img.field_components, tabs]
+    txt2img, img2img, history, actions = ui.txt2img, ui.img2img, ui.history, ui.history_actions
+    private = dict(api_visibility="private", show_progress="hidden")
 
-    def to_txt2img(fields):
-        return *txt2img_updates(fields, ui.models.choices(), ui.models.find_pasted), gr.Tabs(selected="txt2img")
+    def to_tab(tab: GenerationTab, fields: dict, *picture: Any) -> tuple:
+        """The outputs of a send: [img2img's picture,] the tab's fields, then the tab shown."""
+        updates = widget_updates(fields, tab.field_names, ui.models.choices(), ui.models.find_pasted)
+        return *picture, *updates, gr.Tabs(selected=tab.kind)
 
     def send_from_history(image_id):
-        return to_txt2img(actions.fields(image_id))
+        return to_tab(txt2img, actions.fields(image_id))
 
     def send_from_pnginfo(text):
-        return to_txt2img(fields_for_txt2img(text))
+        return to_tab(txt2img, fields_for_txt2img(text))
 
-    history.send.click(send_from_history, inputs=[history.selected], outputs=send_outputs,
-                       api_visibility="private", show_progress="hidden")
-    ui.pnginfo.send.click(send_from_pnginfo, inputs=[ui.pnginfo.infotext], outputs=send_outputs,
-                          api_visibility="private", show_progress="hidden")
+    def history_to_img2img(image_id):
+        picture, fields = actions.picture_and_fields(image_id)
+        return to_tab(img2img, fields, picture)
+
+    def pnginfo_to_img2img(upload, text):
+        picture, fields = picture_for_img2img(upload, text)
+        return to_tab(img2img, fields, picture)
+
+    def gallery_to_img2img(session):
+        picture, fields = img2img.actions.sent_picture(session)
+        return to_tab(img2img, fields, picture)
+
+    to_txt2img_outputs = [*txt2img.field_components, tabs]
+    to_img2img_outputs = [img2img.widgets["init_image"], *img2img.field_components, tabs]
+    history.send.click(send_from_history, inputs=[history.selected], outputs=to_txt2img_outputs, **private)
+    ui.pnginfo.send.click(send_from_pnginfo, inputs=[ui.pnginfo.infotext], outputs=to_txt2img_outputs, **private)
+    history.send_img2img.click(history_to_img2img, inputs=[history.selected], outputs=to_img2img_outputs, **private)
+    # Unprocessed, as PNG Info reads it: the upload's path, though it be no picture Gradio can open.
+    ui.pnginfo.send_img2img.click(pnginfo_to_img2img, inputs=[ui.pnginfo.image, ui.pnginfo.infotext],
+                                  outputs=to_img2img_outputs, preprocess=False, **private)
     reload = dict(fn=actions.reload, inputs=[history.page, history.search, history.selected],
-                  outputs=history.reload_outputs,
-                  api_visibility="private", show_progress="hidden")
-    txt2img.generate_event.then(**reload)
+                  outputs=history.reload_outputs, **private)
+    for tab in ui.generation_tabs:
+        tab.generate_event.then(**reload)
+        tab.send_to_img2img.click(gallery_to_img2img, inputs=[tab.session], outputs=to_img2img_outputs, **private)
     ui.blocks.load(**reload)
-    size = [txt2img.widgets["width"], txt2img.widgets["height"]]
-    ui.blocks.load(ui.models.on_page_load, outputs=[ui.picker.dropdown, ui.picker.status, *size,
-                                                 txt2img.widgets["clip_skip"]],
-                   api_visibility="private", show_progress="hidden")
-    ui.blocks.load(txt2img.file_lists, outputs=txt2img.file_list_widgets, api_visibility="private",
-                   show_progress="hidden")
+    # The model's size and text encoder depth set the sliders of every tab: one load, all of them.
+    sliders = [slider for tab in ui.generation_tabs for slider in tab.model_sliders]
+    tab_count = len(ui.generation_tabs)
+
+    async def load_model(name):
+        async for status, dropdown, *model_sliders in ui.models.load(name):
+            yield status, dropdown, *model_sliders * tab_count
+
+    ui.picker.dropdown.input(load_model, inputs=[ui.picker.dropdown],
+                             outputs=[ui.picker.status, ui.picker.dropdown, *sliders], api_name="load_model",
+                             show_progress="hidden")
+
+    def models_on_page_load():
+        dropdown, status, *model_sliders = ui.models.on_page_load()
+        return dropdown, status, *model_sliders * tab_count
+
+    ui.blocks.load(models_on_page_load, outputs=[ui.picker.dropdown, ui.picker.status, *sliders], **private)
+
+
+def _wire_page_load(ui: WebUI) -> None:
+    """Each tab's file lists, and the tab token that resumes each tab's job of its own kind."""
+    private = dict(api_visibility="private", show_progress="hidden")
+    for tab in ui.generation_tabs:
+        ui.blocks.load(tab.file_lists, outputs=tab.file_list_widgets, **private)
     # The tab's token survives a reload (sessionStorage, one per tab); filling it in resumes the tab's job.
-    ui.blocks.load(None, outputs=[txt2img.tab_token], js=TAB_TOKEN_JS, api_visibility="private", show_progress="hidden")
+    ui.blocks.load(None, outputs=[tab.tab_token for tab in ui.generation_tabs], js=TAB_TOKEN_JS, **private)
 
 
 def launch_assets() -> dict:

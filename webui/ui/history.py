@@ -1,7 +1,8 @@
 """The History tab: past images from the SQLite history, newest first, paged and searchable.
 
 Selecting a thumbnail shows the image full size with its parameters, and offers to send them to
-txt2img, open the file, or delete it (after a second click on "Delete for good": the file goes too).
+txt2img (or the image with them to img2img), open the file, or delete it (after a second click on
+"Delete for good": the file goes too).
 A timer notices images finished by any session or the API.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ class HistoryTab:
     image: gr.Image
     details: gr.Textbox
     send: gr.Button
+    send_img2img: gr.Button
     open_file: gr.Button
     delete: gr.Button
     confirm_row: gr.Row  # "Delete for good" and "Keep", shown after Delete is clicked
@@ -146,12 +148,23 @@ class HistoryActions:
         return *self.load_page(page, search), *_nothing_selected()
 
     def fields(self, image_id: int | None) -> dict:
+        return fields_from_history(self._selected_row(image_id))
+
+    def picture_and_fields(self, image_id: int | None) -> tuple[str, dict]:
+        """The image's file and its parameters, for Send to img2img."""
+        row = self._selected_row(image_id)
+        path = self._file(row)
+        if path is None:
+            raise gr.Error(_GONE)
+        return str(path), fields_from_history(row)
+
+    def _selected_row(self, image_id: int | None) -> HistoryImage:
         if image_id is None:
             raise gr.Error("Select an image first.")
         row = self.history.get_image(image_id)
         if row is None:
             raise gr.Error(_GONE)
-        return fields_from_history(row)
+        return row
 
     def _file(self, row: HistoryImage) -> Path | None:
         """The file on disk, through OutputStore.resolve so no row can point outside outdir."""
@@ -210,6 +223,7 @@ def build_history(services: Services) -> tuple[HistoryTab, HistoryActions]:
                                  buttons=["copy"])
             with gr.Row():
                 send = gr.Button("Send to txt2img", elem_id="history_send")
+                send_img2img = gr.Button("Send to img2img", elem_id="history_send_img2img")
                 open_file = gr.Button("Open file", elem_id="history_open", link_target="_blank", interactive=False)
                 delete = gr.Button("Delete", variant="stop", elem_id="history_delete", visible=actions.can_delete,
                                    interactive=False)
@@ -220,7 +234,7 @@ def build_history(services: Services) -> tuple[HistoryTab, HistoryActions]:
     timer = gr.Timer(POLL_SECONDS)
 
     tab = HistoryTab(search, page_state, ids_state, selected, seen, gallery, page_info, previous, following, image,
-                     details, send, open_file, delete, confirm_row, confirm_delete, keep)
+                     details, send, send_img2img, open_file, delete, confirm_row, confirm_delete, keep)
     detail_outputs = tab.detail_outputs
     search.submit(actions.first_page, inputs=[search, selected], outputs=tab.page_outputs, api_name="history_search",
                   show_progress="hidden")

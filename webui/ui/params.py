@@ -1,4 +1,4 @@
-"""Turn saved parameters (history rows, PNG infotext) into updates for the txt2img widgets."""
+"""Turn saved parameters (history rows, PNG infotext) into updates for the txt2img or img2img widgets."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -10,10 +10,14 @@ from webui.schemas import GenerationRequest
 from webui.storage.history import HistoryImage
 from webui.storage.infotext import request_fields_from_infotext
 
-# GenerationRequest fields the txt2img tab has a widget for, in the order of Txt2ImgTab.field_components.
+# GenerationRequest fields a tab takes from a sent image, in the order of GenerationTab.field_components.
 TXT2IMG_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale",
                   "width", "height", "seed", "clip_skip", "model", "batch_size", "subseed", "subseed_strength",
                   "styles")
+# img2img runs no variation seeds (GenerationRequest.check_img2img): a sent one would only make Generate fail.
+IMG2IMG_FIELDS = (*(name for name in TXT2IMG_FIELDS if name not in ("subseed", "subseed_strength")),
+                  "denoising_strength")
+TAB_FIELDS = {"txt2img": TXT2IMG_FIELDS, "img2img": IMG2IMG_FIELDS}
 
 
 # What the page calls each request field, for messages: "Batch count", not "n_iter".
@@ -21,7 +25,8 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "scheduler": "Schedule type", "steps": "Sampling steps", "cfg_scale": "CFG scale", "width": "Width",
                 "height": "Height", "seed": "Seed", "n_iter": "Batch count", "batch_size": "Batch size",
                 "clip_skip": "Clip skip", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
-                "subseed_strength": "Variation strength", "styles": "Styles"}
+                "subseed_strength": "Variation strength", "styles": "Styles",
+                "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "init_image": "Image"}
 
 
 def with_labels(message: str) -> str:
@@ -46,23 +51,25 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
         "scheduler": image.scheduler, "steps": image.steps, "cfg_scale": image.cfg_scale,
         "width": image.width, "height": image.height, "seed": image.seed, "clip_skip": image.clip_skip,
         "model": image.model_name, "model_hash": image.model_hash,
-    } | {name: pasted.get(name) for name in ("batch_size", "subseed", "subseed_strength")}  # no columns of their own
+    } | {name: pasted.get(name)  # no columns of their own
+         for name in ("batch_size", "subseed", "subseed_strength", "denoising_strength")}
 
 
-def txt2img_updates(fields: dict[str, Any], model_names: list[str], find_model: FindModel) -> list[Any]:
-    """One value (or gr.skip()) per TXT2IMG_FIELDS entry. A sampler, schedule type or model that cannot be
-    applied is left out with a warning in the page saying why, since its dropdown would otherwise keep
+def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: list[str],
+                   find_model: FindModel) -> list[Any]:
+    """One value (or gr.skip()) per entry of names (a tab's TAB_FIELDS). A sampler, schedule type or model
+    that cannot be applied is left out with a warning in the page saying why, since its dropdown would otherwise keep
     its old value without a word. model_names: the model dropdown's list as it is now, which the
     dropdown gets again (another tab may have rescanned the models folder since this page was built)."""
     # A sent prompt has its styles joined in already: a style left picked would be joined in twice.
     fields = dict(fields) | {"styles": []}
     model_note = _apply_model(fields, model_names, find_model)
-    for note in (_apply_sampler(fields), model_note, *_round_sizes(fields), *_drop_out_of_range(fields)):
+    for note in (_apply_sampler(fields), model_note, *_round_sizes(fields), *_drop_out_of_range(fields, names)):
         if note:
             gr.Warning(note)
     if fields.get("scheduler"):  # the Schedule type list follows the sampler (txt2img.schedules_for)
         fields["scheduler"] = gr.update(choices=schedules_of(fields.get("sampler_name")), value=fields["scheduler"])
-    return [fields[name] if fields.get(name) is not None else gr.skip() for name in TXT2IMG_FIELDS]
+    return [fields[name] if fields.get(name) is not None else gr.skip() for name in names]
 
 
 def schedules_of(sampler_name: str | None) -> list[str]:
@@ -71,19 +78,20 @@ def schedules_of(sampler_name: str | None) -> list[str]:
 
 
 # Fields whose sliders end where the request's limits do: a value past them would make Generate fail.
-_RANGED_FIELDS = {"steps": "Sampling steps", "cfg_scale": "CFG scale", "width": "Width", "height": "Height",
-                  "clip_skip": "Clip skip", "batch_size": "Batch size"}
+_RANGED_FIELDS = ("steps", "cfg_scale", "width", "height", "clip_skip", "batch_size", "denoising_strength")
 
 
-def _drop_out_of_range(fields: dict[str, Any]) -> list[str]:
-    """Leave out values the page cannot take (Steps: 200 from another tool), and say so for each."""
+def _drop_out_of_range(fields: dict[str, Any], names: tuple[str, ...]) -> list[str]:
+    """Leave out values the page cannot take (Steps: 200 from another tool), and say so for each of the
+    fields sent (names): txt2img has no word to say about a denoising strength it does not take."""
     notes = []
-    for name, label in _RANGED_FIELDS.items():
+    for name in _RANGED_FIELDS:
         value = fields.get(name)
         low, high = _limits(name)
-        if value is not None and not low <= value <= high:
+        if name in names and value is not None and not low <= value <= high:
             fields.pop(name)
-            notes.append(f"{label} {value} not applied: this page takes {low} to {high}. It is left as it was.")
+            notes.append(f"{FIELD_LABELS[name]} {value} not applied: this page takes {low} to {high}. "
+                         "It is left as it was.")
     return notes
 
 

@@ -19,6 +19,7 @@ class PngInfoTab:
     table: gr.HTML
     infotext: gr.Textbox
     send: gr.Button
+    send_img2img: gr.Button
 
 
 def read_parameters(upload: dict | str | None) -> tuple[str, str]:
@@ -27,7 +28,7 @@ def read_parameters(upload: dict | str | None) -> tuple[str, str]:
     Takes Gradio's unprocessed upload (a FileData dict) or a path: gr.Image would open the file with PIL
     before this runs and turn a broken file into an internal error that leaves the old parameters up.
     """
-    path = upload.get("path") if isinstance(upload, dict) else upload
+    path = uploaded_path(upload)
     if not path:
         return "", ""
     name = (upload.get("orig_name") if isinstance(upload, dict) else None) or os.path.basename(path)
@@ -55,6 +56,11 @@ def read_parameters(upload: dict | str | None) -> tuple[str, str]:
     return text, parameters_table(text)
 
 
+def uploaded_path(upload: dict | str | None) -> str | None:
+    """The server's copy of an upload, from Gradio's unprocessed value (a FileData dict) or a path."""
+    return upload.get("path") if isinstance(upload, dict) else upload
+
+
 def parameters_table(text: str) -> str:
     prompt, negative, params = parse_infotext(text)
     rows = [("Prompt", prompt), ("Negative prompt", negative), *params.items()]
@@ -69,6 +75,14 @@ def fields_for_txt2img(text: str) -> dict:
     return request_fields_from_infotext(text)
 
 
+def picture_for_img2img(upload: dict | str | None, text: str) -> tuple[str, dict]:
+    """The dropped picture and its parameters, if it has any (a picture without them is a start too)."""
+    path = uploaded_path(upload)
+    if not path:
+        raise gr.Error("Drop a picture first.")
+    return path, request_fields_from_infotext(text) if text else {}
+
+
 def build_pnginfo() -> PngInfoTab:
     with gr.Row():
         with gr.Column():
@@ -79,7 +93,9 @@ def build_pnginfo() -> PngInfoTab:
             table = gr.HTML("", label="Parameters table", show_label=False, elem_id="pnginfo_params", padding=False)
             infotext = gr.Textbox(label="Parameters text", lines=5, interactive=False, elem_id="pnginfo_infotext",
                                   buttons=["copy"])
-            send = gr.Button("Send to txt2img", elem_id="pnginfo_send")
+            with gr.Row():
+                send = gr.Button("Send to txt2img", elem_id="pnginfo_send")
+                send_img2img = gr.Button("Send to img2img", elem_id="pnginfo_send_img2img")
     image.change(read_parameters, inputs=[image], outputs=[infotext, table], api_name="png_info",
                  show_progress="hidden", preprocess=False)
-    return PngInfoTab(image, table, infotext, send)
+    return PngInfoTab(image, table, infotext, send, send_img2img)

@@ -1,4 +1,7 @@
-"""The txt2img tab: prompts, parameters, Generate / Interrupt / Skip and the results area.
+"""The txt2img and img2img tabs: prompts, parameters, Generate / Interrupt / Skip and the results area.
+
+One builder and one actions class serve both, by kind ("txt2img" or "img2img"): img2img adds the picture
+to start from, Resize mode and Denoising strength, and its elem_ids start with "img2img_".
 
 Generate only submits a GenerationRequest to the worker and polls the Job it gets back; each
 browser session keeps ITS job id in gr.State, so Interrupt and Skip touch that job alone, and
@@ -14,34 +17,42 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import gradio as gr
+from PIL import Image
 
+from webui.engine.img2img import size_from_image
 from webui.engine.samplers import sampler_names
 from webui.engine.models import ModelNotFound
+from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.styles import Style
-from webui.schemas import MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, GeneratedImage, InvalidRequest
+from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, RESIZE_MODES, GeneratedImage,
+                           GenerationRequest, InvalidRequest)
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
-from webui.ui.params import TXT2IMG_FIELDS, schedules_of, with_labels
+from webui.ui.params import TAB_FIELDS, schedules_of, with_labels
 from webui.ui.progress import error_html, final_html, progress_html, timing_html, token_counter, too_long_counter
 from webui.worker import Job, QueueFull, WorkerStopped
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.25
 DEFAULT_SAMPLER = "Euler a"
+KINDS = ("txt2img", "img2img")
 
 
 @dataclass
 class Session:
     """Per-browser-session state (lives in gr.State): this session's job and what its gallery shows.
 
-    `seeds` and `infotexts` follow the gallery image for image, refreshed with every gallery update
-    (while the job runs too), so a click or ♻ reads the image the user sees, not the last finished run.
+    `seeds`, `infotexts` and `paths` follow the gallery image for image, refreshed with every gallery update
+    (while the job runs too), so a click, ♻ or Send to img2img reads the image the user sees, not the last
+    finished run. It holds no pictures: the worker bounds the memory finished jobs take, and pictures kept
+    in every session would get round that bound.
     """
 
     job_id: str | None = None
     tab: str = ""  # the browser tab's secret token (kept in its sessionStorage), so a reload finds its job
     seeds: list[int] = field(default_factory=list)
     infotexts: list[str] = field(default_factory=list)
+    paths: list[str | None] = field(default_factory=list)  # the saved files; None where an image was not saved
     selected: int | None = None  # the gallery's selected index; None when none is selected
 
     def start(self, job: Job) -> None:
@@ -52,6 +63,7 @@ class Session:
     def show(self, images: list[GeneratedImage]) -> None:
         self.seeds = [image.seed for image in images]
         self.infotexts = [image.infotext for image in images]
+        self.paths = [image.path for image in images]
 
     def current_index(self) -> int:
         """The selected image, else the first (as ♻ in stable-diffusion-webui)."""
@@ -76,12 +88,46 @@ def show_images(session: Session, job: Job) -> list[tuple[Any, str]]:
 
 
 EMBEDDINGS_WAIT = 5.0  # seconds the ↻ waits for the worker to read the embeddings folder
+NO_PICTURE = "Upload a picture to start from (drop one on Image, or send one from txt2img, History or PNG Info)."
 
 
-class Txt2ImgActions:
-    """The event functions; each takes widget values and returns widget values, nothing more."""
+@dataclass(frozen=True)
+class UnreadablePicture:
+    """An upload that is no picture, or a damaged one: Generate says so where its progress shows."""
+    name: str
 
-    def __init__(self, services: Services, models: ModelActions):
+    def problem(self) -> str:
+        # The upload's own name: the server's temp path means nothing to the user.
+        return (f"init_image: could not read {self.name} as an image: it is not a PNG, JPEG or WebP file, "
+                "or it is damaged")
+
+
+def picture_upload(**kwargs) -> gr.Image:
+    """A gr.Image (type "pil") that hands an unreadable upload on as an UnreadablePicture: gr.Image fails the
+    whole event while preparing its inputs, with a raw pop-up and nothing in the progress area.
+    Wrapped here, not subclassed: Gradio writes a .pyi stub beside the module of every Component subclass.
+    Send it plain values: a gr.update() of it makes Gradio build a plain gr.Image for the session."""
+    image = gr.Image(type="pil", **kwargs)
+    prepare = image.preprocess
+
+    def preprocess(payload):
+        try:
+            return prepare(payload)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, gr.Error):
+            return UnreadablePicture(getattr(payload, "orig_name", None) or "the picture")
+
+    image.preprocess = preprocess
+    return image
+
+
+class GenerationActions:
+    """The event functions of one tab (kind "txt2img" or "img2img"); each takes widget values and returns
+    widget values, nothing more."""
+
+    def __init__(self, services: Services, models: ModelActions, kind: str = "txt2img"):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.kind = kind
         self.worker = services.worker
         self.engine = services.engine
         self.models = models
@@ -89,12 +135,15 @@ class Txt2ImgActions:
         # As History's Delete: on a server shared without a login, visitors may not change what all share.
         self.can_edit_styles = not (services.settings.public and not services.settings.gradio_auth)
 
+    # img2img's own parameters come last, so txt2img's inputs (without them) line up with the others.
     def generate(self, session: Session, prompt: str, negative_prompt: str | None = None, sampler_name: str = DEFAULT_SAMPLER,
                  scheduler: str = "Automatic", steps: int = 20, cfg_scale: float = 7.0, width: int | None = None,
                  height: int | None = None, seed: int = -1, n_iter: int = 1, batch_size: int = 1, clip_skip: int = 1,
                  model: str | None = None, subseed: int = -1, subseed_strength: float = 0.0,
-                 styles: list[str] | None = None) -> Iterator[tuple]:
-        """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends."""
+                 styles: list[str] | None = None, init_image: Image.Image | UnreadablePicture | None = None,
+                 denoising_strength: float = 0.75, resize_mode: int = 0) -> Iterator[tuple]:
+        """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
+        img2img starts from init_image; txt2img ignores it and the two after it."""
         request = {
             "prompt": prompt, "negative_prompt": negative_prompt, "sampler_name": sampler_name,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height,
@@ -103,10 +152,13 @@ class Txt2ImgActions:
             "subseed": -1 if subseed is None else subseed, "subseed_strength": subseed_strength or 0.0,
             "styles": list(styles or []),
         }
+        if self.kind == "img2img":
+            request |= {"denoising_strength": denoising_strength, "resize_mode": resize_mode or 0}
         try:
+            picture = self._start_picture(init_image)
             if request["model"]:
                 request["model"] = self.models.checked_choice(request["model"])
-            job = self.worker.submit(request, origin="ui", owner=self._owner(session))
+            job = self.worker.submit(request, origin="ui", owner=self._owner(session), init_image=picture)
         except (InvalidRequest, QueueFull, ModelNotFound, WorkerStopped) as err:
             yield session, gr.skip(), error_html(with_labels(str(err))), gr.update(visible=False), gr.skip(), ""
             return
@@ -118,11 +170,21 @@ class Txt2ImgActions:
             message = error_html(f"The page lost track of the job: {err}")
             yield session, gr.skip(), message, gr.update(visible=False), gr.skip(), ""
 
+    def _start_picture(self, picture: Image.Image | UnreadablePicture | None) -> Image.Image | None:
+        """img2img's picture to start from (txt2img's: None); InvalidRequest when there is none to read."""
+        if self.kind != "img2img":
+            return None
+        if picture is None:
+            raise InvalidRequest(NO_PICTURE)
+        if isinstance(picture, UnreadablePicture):
+            raise InvalidRequest(picture.problem())
+        return picture
+
     def resume(self, session: Session, tab: str | None) -> Iterator[tuple]:
-        """A page (re)loaded in a tab whose job is still queued or running follows that job again: its
-        progress and images come back, and Interrupt and Skip reach it. Outputs as generate()'s."""
+        """A page (re)loaded in a tab whose job of this kind is still queued or running follows that job again:
+        its progress and images come back, and Interrupt and Skip reach it. Outputs as generate()'s."""
         session.tab = tab or ""
-        job = self.worker.unfinished_job_of(self._owner(session)) if session.tab else None
+        job = self.worker.unfinished_job_of(self._owner(session), self.kind) if session.tab else None
         if job is None:
             yield session, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
@@ -191,6 +253,30 @@ class Txt2ImgActions:
         """The seed of the image selected in the gallery (the first if none is); left alone if it is empty."""
         index = session.current_index()
         return session.seeds[index] if index < len(session.seeds) else gr.skip()
+
+    def sent_picture(self, session: Session) -> tuple[Any, dict]:
+        """The gallery's current image and its parameters, for Send to img2img: its file, else (not saved: cut
+        short, or the disk was full) the picture while the worker still holds its job."""
+        index = session.current_index()
+        if index >= len(session.seeds):
+            raise gr.Error("Generate an image first.")
+        picture = session.paths[index]
+        if not (picture and os.path.exists(picture)):
+            job = self.worker.get(session.job_id) if session.job_id else None
+            picture = job.images[index].image if job and index < len(job.images) else None
+        if picture is None:
+            raise gr.Error("This image was not saved and the server no longer holds it; send another one.")
+        return picture, request_fields_from_infotext(session.infotexts[index])
+
+    @staticmethod
+    def picture_size(picture: Image.Image | UnreadablePicture | None) -> tuple[int, int]:
+        """Width and Height from the picture to start from (A1111's 📐, "From image" here): its size, as a multiple
+        of 8 within the size limits."""
+        if picture is None:
+            raise gr.Error("Upload a picture first.")
+        if isinstance(picture, UnreadablePicture):
+            raise gr.Error(with_labels(picture.problem()))
+        return size_from_image(picture)
 
     def schedules_for(self, sampler_name: str, schedule: str):
         """The Schedule type list of this sampler only (Euler a cannot follow Karras): a pair Generate would
@@ -316,127 +402,178 @@ def busy_button() -> gr.Button:
 
 
 @dataclass
-class Txt2ImgTab:
-    # GenerationRequest field name -> its widget ("n_iter" is Batch count, "model" the model picker).
+class GenerationTab:
+    kind: str  # "txt2img" or "img2img"
+    actions: GenerationActions
+    session: gr.State
+    # GenerationRequest field name -> its widget ("n_iter" is Batch count, "model" the model picker,
+    # "init_image" img2img's picture).
     widgets: dict[str, gr.components.Component]
     generate_event: Any
     tab_token: gr.Textbox  # filled from the browser tab's sessionStorage when the page loads (blocks.py)
-    file_lists: Any  # () -> updates of `file_list_widgets`, run when the page loads (blocks.py)
-    file_list_widgets: list[gr.Dropdown]
+    file_list_widgets: list[gr.Dropdown]  # what file_lists updates, when the page loads (blocks.py)
+    send_to_img2img: gr.Button  # under the gallery: its current image and parameters to img2img (blocks.py)
+
+    @property
+    def file_lists(self) -> Any:
+        return self.actions.file_lists
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        """The fields a sent image sets (params.TAB_FIELDS)."""
+        return TAB_FIELDS[self.kind]
 
     @property
     def field_components(self) -> list[gr.components.Component]:
-        """Widgets in params.TXT2IMG_FIELDS order, for 'send to txt2img'."""
-        return [self.widgets[name] for name in TXT2IMG_FIELDS]
+        """Widgets in field_names order, for 'send to txt2img' and 'send to img2img'."""
+        return [self.widgets[name] for name in self.field_names]
+
+    @property
+    def model_sliders(self) -> list[gr.components.Component]:
+        """The sliders that follow the loaded model: width, height and clip skip."""
+        return [self.widgets[name] for name in ("width", "height", "clip_skip")]
 
 
-# generate()'s parameters after the session: request field names, which Gradio's API shows too.
-REQUEST_PARAMS = tuple(inspect.signature(Txt2ImgActions.generate).parameters)[2:]
+# generate()'s parameters after the session: request field names, which Gradio's API shows too. A tab's
+# Generate takes those it has a widget for (txt2img has none of img2img's, the last three).
+REQUEST_PARAMS = tuple(inspect.signature(GenerationActions.generate).parameters)[2:]
 
 
-def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions) -> Txt2ImgTab:
-    actions = Txt2ImgActions(services, models)
+def _api(kind: str, name: str) -> dict:
+    """txt2img's events keep their Gradio API names; img2img's, but Generate, are the page's own."""
+    return {"api_name": name} if kind == "txt2img" else {"api_visibility": "private"}
+
+
+def build_generation_tab(services: Services, picker: ModelPicker, models: ModelActions,
+                         kind: str = "txt2img") -> GenerationTab:
+    """The txt2img or img2img tab (kind), inside the gr.Tab it is called in. The model picker's own event is
+    wired in blocks.py, which knows the sliders of every tab."""
+    actions = GenerationActions(services, models, kind)
+    img2img = kind == "img2img"
     size = models.native_size()
     session = gr.State(Session())
-    with gr.Row(elem_id="txt2img_toprow"):
+    with gr.Row(elem_id=f"{kind}_toprow"):
         with gr.Column(scale=6):
             # Each counter floats over its box's top-right corner (webui.css), as in stable-diffusion-webui.
             with gr.Column(elem_classes="dw-prompt"):
-                prompt = gr.Textbox(label="Prompt", lines=3, elem_id="txt2img_prompt",
+                prompt = gr.Textbox(label="Prompt", lines=3, elem_id=f"{kind}_prompt",
                                     placeholder="Prompt (press Ctrl+Enter to generate)")
                 prompt_tokens = gr.HTML(token_counter(0), label="Tokens", show_label=False,
-                                        elem_id="txt2img_prompt_tokens", padding=False,
+                                        elem_id=f"{kind}_prompt_tokens", padding=False,
                                         container=False)
             with gr.Column(elem_classes="dw-prompt"):
-                negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt",
+                negative = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{kind}_neg_prompt",
                                       placeholder="Negative prompt (press Ctrl+Enter to generate)")
                 negative_tokens = gr.HTML(token_counter(0), label="Negative tokens", show_label=False,
-                                          elem_id="txt2img_neg_prompt_tokens", padding=False, container=False)
+                                          elem_id=f"{kind}_neg_prompt_tokens", padding=False, container=False)
         with gr.Column(scale=1, min_width=180):
-            generate = gr.Button("Generate", variant="primary", elem_id="txt2img_generate", size="lg")
+            generate = gr.Button("Generate", variant="primary", elem_id=f"{kind}_generate", size="lg")
             with gr.Row():
-                interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt", min_width=60, size="md")
-                skip = gr.Button("Skip", elem_id="txt2img_skip", min_width=60, size="md")
+                interrupt = gr.Button("Interrupt", elem_id=f"{kind}_interrupt", min_width=60, size="md")
+                skip = gr.Button("Skip", elem_id=f"{kind}_skip", min_width=60, size="md")
             # A1111's styles: joined into the prompts at Generate, or moved into them to edit.
             styles = gr.Dropdown(actions.style_names(), value=[], multiselect=True, label="Styles",
-                                 elem_id="txt2img_styles")
-            apply_styles = gr.Button("Apply styles to prompts", elem_id="txt2img_style_apply", size="sm")
+                                 elem_id=f"{kind}_styles")
+            apply_styles = gr.Button("Apply styles to prompts", elem_id=f"{kind}_style_apply", size="sm")
+    img2img_widgets = {}
     with gr.Row():
         with gr.Column(scale=1):
+            if img2img:  # as A1111: the picture first, then how it is fitted to Width x Height
+                # image_mode None: the worker lays a transparent part on white (Gradio's RGB would make it black).
+                img2img_widgets["init_image"] = picture_upload(
+                    label="Image", image_mode=None, sources=["upload", "clipboard"], format="png",
+                    elem_id="img2img_image", height=360)
+                img2img_widgets["resize_mode"] = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], type="index",
+                                                          label="Resize mode", elem_id="img2img_resize_mode")
             with gr.Row():
                 sampler = gr.Dropdown(sampler_names(), value=DEFAULT_SAMPLER, label="Sampling method",
-                                      elem_id="txt2img_sampler")
+                                      elem_id=f"{kind}_sampler")
                 # allow_custom_value: Gradio checks a value against the choices it last knew of, and a sampler
                 # pick racing its own list update failed that check with a raw error pop-up. What Generate
                 # gets is checked anyway, with a message that says what to fix.
                 scheduler = gr.Dropdown(schedules_of(DEFAULT_SAMPLER), value="Automatic", label="Schedule type",
-                                        elem_id="txt2img_scheduler", allow_custom_value=True)
-            steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id="txt2img_steps")
+                                        elem_id=f"{kind}_scheduler", allow_custom_value=True)
+            steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id=f"{kind}_steps")
+            # img2img's size is A1111's "Resize to": the model's size (what it draws best), or with "From image"
+            # (A1111's 📐) the picture's.
             with gr.Row():
-                width = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Width", elem_id="txt2img_width")
-                height = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Height", elem_id="txt2img_height")
+                width = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Width", elem_id=f"{kind}_width")
+                height = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Height", elem_id=f"{kind}_height")
+                if img2img:
+                    # Words, not A1111's 📐: without an emoji font it shows as an empty box.
+                    picture_size = gr.Button("From image", elem_id="img2img_picture_size", scale=0, min_width=80,
+                                             size="sm")
             with gr.Row():
-                batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id="txt2img_batch_count")
-                batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="txt2img_batch_size")
+                batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{kind}_batch_count")
+                batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{kind}_batch_size")
             with gr.Row():
-                cfg_scale = gr.Slider(1, 30, value=7, step=0.5, label="CFG scale", elem_id="txt2img_cfg_scale")
-                clip_skip = gr.Slider(1, MAX_CLIP_SKIP, value=1, step=1, label="Clip skip", elem_id="txt2img_clip_skip")
-            with gr.Row(elem_id="txt2img_seed_row"):
-                seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="txt2img_seed", scale=4)
-                random_seed = gr.Button("⚄", elem_id="txt2img_random_seed", scale=0, min_width=48)
-                reuse_seed = gr.Button("♻", elem_id="txt2img_reuse_seed", scale=0, min_width=48)
+                cfg_scale = gr.Slider(1, 30, value=7, step=0.5, label="CFG scale", elem_id=f"{kind}_cfg_scale")
+                clip_skip = gr.Slider(1, MAX_CLIP_SKIP, value=1, step=1, label="Clip skip",
+                                      elem_id=f"{kind}_clip_skip")
+            if img2img:
+                img2img_widgets["denoising_strength"] = gr.Slider(
+                    0, 1, value=GenerationRequest.model_fields["denoising_strength"].default, step=0.01,
+                    label="Denoising strength", elem_id="img2img_denoising_strength")
+            with gr.Row(elem_id=f"{kind}_seed_row"):
+                seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id=f"{kind}_seed", scale=4)
+                random_seed = gr.Button("⚄", elem_id=f"{kind}_random_seed", scale=0, min_width=48)
+                reuse_seed = gr.Button("♻", elem_id=f"{kind}_reuse_seed", scale=0, min_width=48)
             # A1111's "Extra" seed options: the same picture, changed a little (strength 0 leaves it alone).
-            with gr.Accordion("Variation seed", open=False, elem_id="txt2img_variation"):
+            # img2img runs none yet (GenerationRequest.check_img2img): hidden there, at strength 0.
+            with gr.Accordion("Variation seed", open=False, elem_id=f"{kind}_variation", visible=not img2img):
                 with gr.Row():
-                    subseed = gr.Number(-1, precision=0, label="Variation seed (-1 = random)", elem_id="txt2img_subseed")
+                    subseed = gr.Number(-1, precision=0, label="Variation seed (-1 = random)",
+                                        elem_id=f"{kind}_subseed")
                     subseed_strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength",
-                                                 elem_id="txt2img_subseed_strength")
+                                                 elem_id=f"{kind}_subseed_strength")
             # A1111's Lora cards in a short form: the tag goes into the prompt, where it can be edited.
-            with gr.Accordion("LoRA", open=False, elem_id="txt2img_lora"):
+            with gr.Accordion("LoRA", open=False, elem_id=f"{kind}_lora"):
                 lora_name, lora_refresh = file_picker(actions.lora_names(), "LoRA", "the LoRA folder (models/Lora or "
-                                                      "--lora-dir)", "txt2img_lora")
+                                                      "--lora-dir)", f"{kind}_lora")
                 with gr.Row():
-                    lora_weight = gr.Slider(-2, 2, value=1, step=0.05, label="Weight", elem_id="txt2img_lora_weight",
+                    lora_weight = gr.Slider(-2, 2, value=1, step=0.05, label="Weight", elem_id=f"{kind}_lora_weight",
                                             scale=4)
-                    lora_add = gr.Button("Add to prompt", elem_id="txt2img_lora_add", scale=1)
+                    lora_add = gr.Button("Add to prompt", elem_id=f"{kind}_lora_add", scale=1)
             # A1111's Textual Inversion cards: the embedding's name is the word that calls it.
-            with gr.Accordion("Textual inversion", open=False, elem_id="txt2img_embeddings"):
+            with gr.Accordion("Textual inversion", open=False, elem_id=f"{kind}_embeddings"):
                 embedding_name, embedding_refresh = file_picker(
                     actions.embedding_names(), "Embedding", "the embeddings folder (models/embeddings or "
-                    "--embeddings-dir)", "txt2img_embedding")
+                    "--embeddings-dir)", f"{kind}_embedding")
                 with gr.Row():
-                    embedding_to_prompt = gr.Button("Add to prompt", elem_id="txt2img_embedding_prompt")
-                    embedding_to_negative = gr.Button("Add to negative prompt", elem_id="txt2img_embedding_negative")
-            with gr.Accordion("Save a style", open=False, elem_id="txt2img_style_editor",
+                    embedding_to_prompt = gr.Button("Add to prompt", elem_id=f"{kind}_embedding_prompt")
+                    embedding_to_negative = gr.Button("Add to negative prompt", elem_id=f"{kind}_embedding_negative")
+            with gr.Accordion("Save a style", open=False, elem_id=f"{kind}_style_editor",
                               visible=actions.can_edit_styles):
                 with gr.Row():
-                    style_name = gr.Textbox(label="Style name", elem_id="txt2img_style_name", scale=3)
-                    save_style = gr.Button("Save prompts", elem_id="txt2img_style_save", scale=1, min_width=80)
-                    delete_style = gr.Button("Delete", elem_id="txt2img_style_delete", scale=1, min_width=80,
+                    style_name = gr.Textbox(label="Style name", elem_id=f"{kind}_style_name", scale=3)
+                    save_style = gr.Button("Save prompts", elem_id=f"{kind}_style_save", scale=1, min_width=80)
+                    delete_style = gr.Button("Delete", elem_id=f"{kind}_style_delete", scale=1, min_width=80,
                                              variant="stop")
         with gr.Column(scale=1):
-            progress = gr.HTML("", label="Progress", show_label=False, elem_id="txt2img_progress", padding=False)
-            preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id="txt2img_preview",
+            progress = gr.HTML("", label="Progress", show_label=False, elem_id=f"{kind}_progress", padding=False)
+            preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id=f"{kind}_preview",
                                height=256, buttons=["fullscreen"])  # no Share: it fails off Spaces
-            gallery = gr.Gallery(label="Output", elem_id="txt2img_gallery", columns=4, height=360,
+            gallery = gr.Gallery(label="Output", elem_id=f"{kind}_gallery", columns=4, height=360,
                                  object_fit="contain", format="png", interactive=False,
                                  buttons=["download", "download_all", "fullscreen"])  # no Share: it fails off Spaces
-            infotext = gr.Textbox(label="Parameters", lines=3, interactive=False, elem_id="txt2img_infotext",
+            # As A1111's: img2img's own result goes back to its input for another pass.
+            send_to_img2img = gr.Button("Send to img2img", elem_id=f"{kind}_send_to_img2img", size="sm")
+            infotext = gr.Textbox(label="Parameters", lines=3, interactive=False, elem_id=f"{kind}_infotext",
                                   buttons=["copy"])
-            timing = gr.HTML("", label="Time taken", show_label=False, elem_id="txt2img_time", padding=False)
+            timing = gr.HTML("", label="Time taken", show_label=False, elem_id=f"{kind}_time", padding=False)
 
-    tab_token = gr.Textbox(visible=False, elem_id="txt2img_tab_token")
+    tab_token = gr.Textbox(visible=False, elem_id=f"{kind}_tab_token")
     widgets = {"prompt": prompt, "negative_prompt": negative, "sampler_name": sampler, "scheduler": scheduler,
                "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height, "seed": seed,
                "n_iter": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "model": picker.dropdown,
-               "subseed": subseed, "subseed_strength": subseed_strength, "styles": styles}
-    request_inputs = [widgets[name] for name in REQUEST_PARAMS]
+               "subseed": subseed, "subseed_strength": subseed_strength, "styles": styles, **img2img_widgets}
+    request_inputs = [widgets[name] for name in REQUEST_PARAMS if name in widgets]
     run_outputs = [session, gallery, progress, preview, infotext, timing]
     # While the tab's own job runs, Generate is greyed out (A1111 hides it): a click would be dropped anyway.
     button_state = dict(outputs=[generate], api_visibility="private", show_progress="hidden", queue=False)
     generate_event = generate.click(busy_button, **button_state).then(
         actions.generate, inputs=[session, *request_inputs], outputs=run_outputs,
-        api_name="txt2img", show_progress="hidden", concurrency_limit=None)
+        api_name=kind, show_progress="hidden", concurrency_limit=None)
     after_run = dict(fn=actions.show_selected, inputs=[session], outputs=[gallery], api_visibility="private",
                      show_progress="hidden")
     model_status = dict(fn=models.status_after_run, outputs=[picker.status], api_visibility="private", show_progress="hidden")
@@ -446,8 +583,8 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
         actions.resume, inputs=[session, tab_token], outputs=run_outputs, api_visibility="private",
         show_progress="hidden", concurrency_limit=None).then(
         actions.generate_button, inputs=[session], **button_state).then(**after_run).then(**model_status)
-    interrupt.click(actions.interrupt, inputs=[session], outputs=[], api_name="interrupt", show_progress="hidden")
-    skip.click(actions.skip, inputs=[session], outputs=[], api_name="skip", show_progress="hidden")
+    interrupt.click(actions.interrupt, inputs=[session], outputs=[], **_api(kind, "interrupt"), show_progress="hidden")
+    skip.click(actions.skip, inputs=[session], outputs=[], **_api(kind, "skip"), show_progress="hidden")
     gallery.select(actions.select_image, inputs=[session], outputs=[session, infotext],
                    api_visibility="private", show_progress="hidden")
     # .input: the user's pick. Send to txt2img gives the Schedule type its list itself, since a .change
@@ -457,29 +594,31 @@ def build_txt2img(services: Services, picker: ModelPicker, models: ModelActions)
     # Gradio rounds a typed 12.7 to 13 for the run but leaves 12.7 in the box: show the seed that will be used.
     seed.blur(shown_seed, inputs=[seed], outputs=[seed], api_visibility="private", show_progress="hidden",
               queue=False)
-    lora_refresh.click(actions.refresh_loras, outputs=[lora_name], api_name="refresh_loras", show_progress="hidden")
-    lora_add.click(actions.add_lora, inputs=[prompt, lora_name, lora_weight], outputs=[prompt], api_name="add_lora",
-                   show_progress="hidden")
-    apply_styles.click(actions.apply_styles, inputs=[prompt, negative, styles], outputs=[prompt, negative, styles],
-                       api_name="apply_styles", show_progress="hidden")
-    save_style.click(actions.save_style, inputs=[style_name, prompt, negative], outputs=[styles],
-                     api_name="save_style", show_progress="hidden")
-    delete_style.click(actions.delete_style, inputs=[style_name, styles], outputs=[styles], api_name="delete_style",
+    lora_refresh.click(actions.refresh_loras, outputs=[lora_name], **_api(kind, "refresh_loras"),
                        show_progress="hidden")
-    embedding_refresh.click(actions.refresh_embeddings, outputs=[embedding_name], api_name="refresh_embeddings",
+    lora_add.click(actions.add_lora, inputs=[prompt, lora_name, lora_weight], outputs=[prompt],
+                   **_api(kind, "add_lora"), show_progress="hidden")
+    apply_styles.click(actions.apply_styles, inputs=[prompt, negative, styles], outputs=[prompt, negative, styles],
+                       **_api(kind, "apply_styles"), show_progress="hidden")
+    save_style.click(actions.save_style, inputs=[style_name, prompt, negative], outputs=[styles],
+                     **_api(kind, "save_style"), show_progress="hidden")
+    delete_style.click(actions.delete_style, inputs=[style_name, styles], outputs=[styles],
+                       **_api(kind, "delete_style"), show_progress="hidden")
+    embedding_refresh.click(actions.refresh_embeddings, outputs=[embedding_name], **_api(kind, "refresh_embeddings"),
                             show_progress="hidden")
     embedding_to_prompt.click(actions.add_embedding, inputs=[prompt, embedding_name], outputs=[prompt],
-                              api_name="add_embedding", show_progress="hidden")
+                              **_api(kind, "add_embedding"), show_progress="hidden")
     embedding_to_negative.click(actions.add_embedding, inputs=[negative, embedding_name], outputs=[negative],
                                 api_visibility="private", show_progress="hidden")
-    random_seed.click(actions.random_seed, outputs=[seed], api_name="random_seed", show_progress="hidden")
-    reuse_seed.click(actions.reuse_seed, inputs=[session], outputs=[seed], api_name="reuse_seed",
+    random_seed.click(actions.random_seed, outputs=[seed], **_api(kind, "random_seed"), show_progress="hidden")
+    reuse_seed.click(actions.reuse_seed, inputs=[session], outputs=[seed], **_api(kind, "reuse_seed"),
                      show_progress="hidden")
-    prompt.change(actions.count_tokens, inputs=[prompt, steps], outputs=[prompt_tokens], api_name="count_tokens",
+    prompt.change(actions.count_tokens, inputs=[prompt, steps], outputs=[prompt_tokens], **_api(kind, "count_tokens"),
                   show_progress="hidden", trigger_mode="always_last")
     negative.change(actions.count_tokens, inputs=[negative, steps], outputs=[negative_tokens],
                     api_visibility="private", show_progress="hidden", trigger_mode="always_last")
-    picker.dropdown.input(models.load, inputs=[picker.dropdown],
-                          outputs=[picker.status, picker.dropdown, width, height, clip_skip],
-                          api_name="load_model", show_progress="hidden")
-    return Txt2ImgTab(widgets, generate_event, tab_token, actions.file_lists, [styles, lora_name, embedding_name])
+    if img2img:
+        picture_size.click(actions.picture_size, inputs=[widgets["init_image"]], outputs=[width, height],
+                           api_visibility="private", show_progress="hidden")
+    return GenerationTab(kind, actions, session, widgets, generate_event, tab_token,
+                         [styles, lora_name, embedding_name], send_to_img2img)

@@ -1,0 +1,194 @@
+"""The img2img tab in-process: the same builder and actions as txt2img, with a picture to start from.
+
+Runs on the tiny model at 64x64 with 2-3 steps; the one long job (to resume) is interrupted once it runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
+
+from tests.conftest import TINY
+from tests.helpers import wait_for
+# ui_services and ui: test_ui's module fixtures, started again for this module.
+from tests.test_ui import event, generate, is_skip, selected, through_gradio, ui, ui_services, uploaded  # noqa: F401
+from webui.schemas import JobState
+from webui.ui.params import IMG2IMG_FIELDS, TXT2IMG_FIELDS
+from webui.ui.txt2img import Session
+
+
+def picture(color="red", size=(80, 48)) -> Image.Image:
+    image = Image.new("RGB", size, color)
+    ImageDraw.Draw(image).ellipse((10, 10, 40, 40), fill="blue")
+    return image
+
+
+def img2img(ui, session: Session | None = None, init_image=None, denoising_strength=0.67, resize_mode=1,
+            prompt="a red barn", steps=3, seed=7) -> list:
+    """Run the img2img event to the end, as Gradio calls it (its api_name is "img2img"); every yielded tuple."""
+    return list(event(ui, "img2img")(session or Session(), prompt, "", "Euler a", "Automatic", steps, 7.0, 64, 64,
+                                     seed, 1, 1, 1, TINY, -1, 0.0, [], init_image, denoising_strength, resize_mode))
+
+
+def by_field(names, values) -> dict:
+    return dict(zip(names, values))
+
+
+def test_the_img2img_tab_sits_between_txt2img_and_history_with_its_own_widgets(ui):
+    config = ui.blocks.get_config_file()
+    tabs = [c["props"]["elem_id"] for c in config["components"] if c["props"].get("elem_id", "").startswith("tab_")]
+    assert tabs == ["tab_txt2img", "tab_img2img", "tab_history", "tab_pnginfo"]
+    [wiring] = [fn for fn in ui.blocks.fns.values() if fn.api_name == "img2img"]
+    labels = [getattr(block, "label", None) for block in wiring.inputs]
+    assert labels[1] == "Prompt" and labels[-4:] == ["Styles", "Image", "Denoising strength", "Resize mode"]
+    assert all(block.elem_id.startswith("img2img_") for block in wiring.inputs[1:] if block.elem_id
+               and block is not ui.picker.dropdown)
+    denoising, resize_mode = ui.img2img.widgets["denoising_strength"], ui.img2img.widgets["resize_mode"]
+    assert (denoising.minimum, denoising.maximum, denoising.step, denoising.value) == (0, 1, 0.01, 0.75)
+    assert resize_mode.type == "index" and [c[0] for c in resize_mode.choices] == ["Just resize", "Crop and resize",
+                                                                                   "Resize and fill"]
+    assert ui.img2img.widgets["width"].value == 64  # "Resize to": the model's size, as txt2img's
+
+
+def test_img2img_generate_starts_from_the_picture_and_saves_under_img2img_images(ui, ui_services):
+    session, gallery, progress, _, infotext, timing = img2img(ui, init_image=picture())[-1]
+    assert progress == "" and "Time taken:" in timing
+    job = ui_services.worker.get(session.job_id)
+    assert job.state is JobState.DONE and job.kind == "img2img" and job.request.resize_mode == 1
+    assert "Denoising strength: 0.67" in infotext and "Size: 64x64" in infotext
+    [(path, caption)] = gallery
+    assert caption == "seed 7" and Image.open(path).size == (64, 64)
+    assert Path(path).relative_to(ui_services.outputs.outdir).parts[0] == "img2img-images"
+    # The picture is what it starts from: another one, with the same seed and settings, gives another image.
+    other = img2img(ui, init_image=picture("green"))[-1][1][0][0]
+    assert Image.open(path).tobytes() != Image.open(other).tobytes()
+
+
+def test_generate_without_a_picture_or_with_an_unreadable_one_says_so_and_queues_nothing(ui, ui_services, tmp_path,
+                                                                                          monkeypatch):
+    worker, queued = ui_services.worker, []
+    submit = worker.submit
+
+    def recorded_submit(*args, **kwargs):
+        queued.append(submit(*args, **kwargs))
+        return queued[-1]
+
+    monkeypatch.setattr(worker, "submit", recorded_submit)
+    [(session, _, progress, *_)] = img2img(ui, init_image=None)
+    assert "Upload a picture to start from" in progress and "dw-error" in progress and session.job_id is None
+    # Uploads as the browser sends them, through Gradio's preparation of the inputs.
+    [wiring] = [fn for fn in ui.blocks.fns.values() if fn.api_name == "img2img"]
+    raw = {"Prompt": "a red barn", "Negative prompt": "", "Sampling method": "Euler a", "Schedule type": "Automatic",
+           "Sampling steps": 2, "Width": 64, "Height": 64, "Seed (-1 = random)": 1, "Batch count": 1,
+           "Batch size": 1, "CFG scale": 7, "Clip skip": 1, "Stable Diffusion checkpoint": TINY,
+           "Variation seed (-1 = random)": -1, "Variation strength": 0, "Styles": [], "Denoising strength": 0.5,
+           "Resize mode": "Just resize"}
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    picture().save(tmp_path / "whole.png")
+    whole = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[:len(whole) // 2])  # opens, but its pixels end early
+    for name in ("junk.png", "cut.png"):
+        inputs = [uploaded(tmp_path / name) if block is ui.img2img.widgets["init_image"]
+                  else raw.get(getattr(block, "label", None)) for block in wiring.inputs]
+        progress = through_gradio(ui, "img2img", *inputs)[2]
+        assert f"Image: could not read {name} as an image" in progress and "dw-error" in progress, progress
+        assert str(tmp_path) not in progress  # no server paths shown
+    assert queued == []
+
+
+def test_send_to_img2img_from_history_fills_the_picture_and_the_denoising_strength(ui, ui_services):
+    session = img2img(ui, init_image=picture(), denoising_strength=0.55, seed=31, prompt="a sent barn")[-1][0]
+    [image] = ui_services.worker.get(session.job_id).images
+    sent, *values, tabs = event(ui, "history_to_img2img")(image.history_id)
+    assert Path(sent) == Path(image.path) and tabs.selected == "img2img"
+    fields = by_field(IMG2IMG_FIELDS, values)
+    assert (fields["prompt"], fields["seed"], fields["denoising_strength"]) == ("a sent barn", 31, 0.55)
+    assert (fields["width"], fields["height"], fields["steps"]) == (64, 64, 3)
+    # Send to txt2img from the same row still works, and says nothing of the strength it does not take.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        *values, tabs = event(ui, "send_from_history")(image.history_id)
+    assert by_field(TXT2IMG_FIELDS, values)["prompt"] == "a sent barn" and tabs.selected == "txt2img"
+    assert not [str(w.message) for w in caught if "not applied" in str(w.message)]
+    # What was sent starts the next run.
+    again = img2img(ui, init_image=Image.open(sent), denoising_strength=fields["denoising_strength"], seed=31)[-1]
+    assert "Denoising strength: 0.55" in again[4]
+
+
+def test_send_to_img2img_from_a_gallery_and_from_png_info(ui, ui_services, tmp_path):
+    send = event(ui, "gallery_to_img2img")
+    with pytest.raises(gr.Error, match="Generate an image first"):
+        send(Session())
+    session = generate(ui, prompt="a lighthouse to send", seed=41, n_iter=2)[-1][0]
+    session, _ = event(ui, "select_image")(session, selected(1))
+    sent, *values, tabs = send(session)
+    assert Path(sent) == Path(ui_services.worker.get(session.job_id).images[1].path) and tabs.selected == "img2img"
+    fields = by_field(IMG2IMG_FIELDS, values)
+    assert (fields["prompt"], fields["seed"]) == ("a lighthouse to send", 42)
+    assert is_skip(fields["denoising_strength"])  # a txt2img image has none: the slider keeps its own
+    # An image that was not saved (cut short, a full disk) goes as the picture the worker holds, while it does.
+    unsaved = dataclasses.replace(session, paths=[None, None])
+    sent, *_ = send(unsaved)
+    assert sent is ui_services.worker.get(session.job_id).images[1].image
+    with pytest.raises(gr.Error, match="no longer holds it"):
+        send(dataclasses.replace(unsaved, job_id="forgotten"))
+    # PNG Info: the dropped file and its parameters; a picture without any is a start too.
+    info = PngInfo()
+    info.add_text("parameters", "a castle\nSteps: 3, Sampler: Euler, Seed: 5, Size: 64x64, Denoising strength: 0.4")
+    picture().save(tmp_path / "castle.png", pnginfo=info)
+    sent, *values, tabs = event(ui, "pnginfo_to_img2img")(uploaded(tmp_path / "castle.png"), "a castle\nSteps: 3, "
+                                                          "Sampler: Euler, Seed: 5, Size: 64x64, Denoising strength: 0.4")
+    assert sent == str(tmp_path / "castle.png") and by_field(IMG2IMG_FIELDS, values)["denoising_strength"] == 0.4
+    sent, *values, _ = event(ui, "pnginfo_to_img2img")(uploaded(tmp_path / "castle.png"), "")
+    assert sent == str(tmp_path / "castle.png") and is_skip(by_field(IMG2IMG_FIELDS, values)["prompt"])
+    with pytest.raises(gr.Error, match="Drop a picture first"):
+        event(ui, "pnginfo_to_img2img")(None, "")
+
+
+def test_the_picture_size_button_sets_width_and_height_from_the_picture(ui):
+    size = ui.img2img.actions.picture_size
+    assert size(picture(size=(100, 60))) == (96, 64)  # multiples of 8, at least the smallest size
+    with pytest.raises(gr.Error, match="Upload a picture first"):
+        size(None)
+
+
+def test_a_reloaded_page_resumes_each_tabs_own_kind_of_job(ui, ui_services):
+    worker, img2img_actions = ui_services.worker, ui.img2img.actions
+    session = Session(tab="tab-img")
+    follow = img2img_actions.generate(session, "a long img2img", "", "Euler a", "Automatic", 150, 7.0, 64, 64, 1, 20,
+                                      1, 1, TINY, -1, 0.0, [], picture(), 1.0, 0)  # runs until interrupted
+    next(follow)
+    wait_for(lambda: worker.get(session.job_id).progress.step > 0, what="img2img job running")
+    try:
+        # The same browser tab's txt2img tab has no job of its own to resume.
+        txt2img_resume = next(event(ui, "resume")(Session(), "tab-img"))
+        assert txt2img_resume[0].job_id is None and all(is_skip(value) for value in txt2img_resume[1:])
+        reloaded = Session()
+        resumed = img2img_actions.resume(reloaded, "tab-img")
+        assert "Step" in next(resumed)[2] and reloaded.job_id == session.job_id
+        img2img_actions.interrupt(reloaded)
+        assert "Interrupted" in list(resumed)[-1][2]
+    finally:
+        worker.cancel(session.job_id)
+        list(follow)
+    assert worker.get(session.job_id).state is JobState.CANCELLED
+
+
+def test_the_page_load_covers_the_img2img_tab(ui):
+    by_name = {}
+    for block_fn in ui.blocks.fns.values():
+        if any(event_name == "load" for _, event_name in block_fn.targets):
+            by_name.setdefault(block_fn.name, []).append({block.elem_id for block in block_fn.outputs})
+    # One token (TAB_TOKEN_JS) for both tabs: each resumes its own kind of job with it.
+    assert [outputs for outputs in sum(by_name.values(), []) if "txt2img_tab_token" in outputs] == [
+        {"txt2img_tab_token", "img2img_tab_token"}]
+    assert {"img2img_styles", "img2img_lora_name", "img2img_embedding_name"} in by_name["file_lists"]
+    [model_outputs] = by_name["models_on_page_load"]
+    assert {"img2img_width", "img2img_height", "img2img_clip_skip", "txt2img_width"} <= model_outputs
+    dropdown, status, *sliders = event(ui, "models_on_page_load")()
+    assert sliders[:2] == sliders[3:5] == [64, 64]
