@@ -33,7 +33,7 @@ from webui.services import build_services
 from webui.ui import history as history_module
 from webui.ui.blocks import create_ui
 from webui.ui.params import TXT2IMG_FIELDS, schedules_of
-from webui.ui.txt2img import Session
+from webui.ui.generation import Session
 from tests.helpers import running_services, wait_for
 
 A1111_INFOTEXT = (
@@ -1147,7 +1147,7 @@ def test_styles_are_applied_saved_and_deleted_from_the_page(ui, ui_services):
 
 
 def test_a_shared_server_without_a_login_offers_no_style_editing(tmp_path):
-    from webui.ui.txt2img import GenerationActions
+    from webui.ui.generation import GenerationActions
 
     services = build_services(Settings(outdir=tmp_path / "out", device="cpu", share=True), load_model=False)
     try:

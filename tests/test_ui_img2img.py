@@ -19,7 +19,7 @@ from tests.helpers import wait_for
 from tests.test_ui import event, generate, is_skip, selected, through_gradio, ui, ui_services, uploaded  # noqa: F401
 from webui.schemas import JobState
 from webui.ui.params import IMG2IMG_FIELDS, TXT2IMG_FIELDS
-from webui.ui.txt2img import Session
+from webui.ui.generation import Session
 
 
 def picture(color="red", size=(80, 48)) -> Image.Image:

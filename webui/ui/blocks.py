@@ -18,7 +18,7 @@ from webui.ui.history import HistoryActions, HistoryTab, build_history
 from webui.ui.models import ModelActions, ModelPicker, build_model_picker
 from webui.ui.params import widget_updates
 from webui.ui.pnginfo import PngInfoTab, build_pnginfo, fields_for_txt2img, picture_for_img2img
-from webui.ui.txt2img import GenerationTab, build_generation_tab
+from webui.ui.generation import GenerationTab, build_generation_tab
 
 STATIC = Path(__file__).resolve().parent / "static"
 GRADIO_CACHE_CLEANUP = (3600, 3600)  # every hour, the files Gradio made more than an hour ago
