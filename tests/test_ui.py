@@ -517,9 +517,37 @@ def test_variation_seeds_go_from_the_page_to_the_infotext_and_back(ui, ui_servic
         assert (values[TXT2IMG_FIELDS.index("subseed")], values[TXT2IMG_FIELDS.index("subseed_strength")]) == (77, 0.3)
     plain = event(ui, "send_from_pnginfo")("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64")
     assert plain[TXT2IMG_FIELDS.index("subseed_strength")] == 0  # no variation written: none applied
-    [wiring] = [fn for fn in ui.blocks.fns.values() if fn.api_name == "txt2img"]
-    assert [getattr(block, "label", None) for block in wiring.inputs][-3:] == ["Variation seed (-1 = random)",
-                                                                              "Variation strength", "Styles"]
+    labels = input_labels(ui, "txt2img")
+    assert (labels["subseed"], labels["subseed_strength"], labels["styles"]) == (
+        "Variation seed (-1 = random)", "Variation strength", "Styles")
+
+
+def input_labels(ui, api_name: str) -> dict:
+    """A Generate event's inputs by generate()'s parameter names: each widget's label (None for a gr.State)."""
+    from webui.ui.generation import REQUEST_PARAMS
+
+    [wiring] = [fn for fn in ui.blocks.fns.values() if fn.api_name == api_name]
+    return {name: getattr(block, "label", None) for name, block in zip(REQUEST_PARAMS, wiring.inputs[1:], strict=True)}
+
+
+def test_the_hires_fix_goes_from_the_page_to_the_infotext_and_back(ui):
+    *_, last = event(ui, "txt2img")(Session(), "a hires probe", steps=2, width=64, height=64, seed=3, model=TINY,
+                                    enable_hr=True, hr_scale=1.5, hr_second_pass_steps=1, denoising_strength=0.6)
+    session, text = last[0], last[4]
+    assert "Size: 64x64, Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 1, Hires upscaler: Latent" in text
+    assert Image.open(session.paths[0]).size == (96, 96)
+    sent = event(ui, "send_from_pnginfo")(text)
+    assert [sent[TXT2IMG_FIELDS.index(name)] for name in ("enable_hr", "hr_scale", "hr_second_pass_steps",
+                                                          "denoising_strength")] == [True, 1.5, 1, 0.6]
+    plain = event(ui, "send_from_pnginfo")("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64")
+    assert plain[TXT2IMG_FIELDS.index("enable_hr")] is False  # a picture made without it turns it off
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        other = event(ui, "send_from_pnginfo")(text.replace("Hires upscaler: Latent", "Hires upscaler: 4x-UltraSharp"))
+    assert is_skip(other[TXT2IMG_FIELDS.index("hr_upscaler")])
+    assert any("Upscaler not applied: '4x-UltraSharp'" in str(w.message) for w in caught)
+    # img2img's Generate has no hires widgets: it passes generate()'s defaults in their places.
+    assert input_labels(ui, "txt2img")["hr_scale"] == "Upscale by" and input_labels(ui, "img2img")["hr_scale"] is None
 
 
 def test_a_model_that_cannot_be_applied_is_named_in_a_warning(ui):

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import gradio as gr
 from PIL import Image
 
+from webui.engine.hires import HIRES_UPSCALERS
 from webui.engine.img2img import size_from_image
 from webui.engine.samplers import sampler_names
 from webui.engine.models import ModelNotFound
@@ -135,15 +136,17 @@ class GenerationActions:
         # As History's Delete: on a server shared without a login, visitors may not change what all share.
         self.can_edit_styles = not (services.settings.public and not services.settings.gradio_auth)
 
-    # img2img's own parameters come last, so txt2img's inputs (without them) line up with the others.
+    # A tab passes the parameters it has no widget for at their defaults (build_generation_tab).
     def generate(self, session: Session, prompt: str, negative_prompt: str | None = None, sampler_name: str = DEFAULT_SAMPLER,
                  scheduler: str = "Automatic", steps: int = 20, cfg_scale: float = 7.0, width: int | None = None,
                  height: int | None = None, seed: int = -1, n_iter: int = 1, batch_size: int = 1, clip_skip: int = 1,
                  model: str | None = None, subseed: int = -1, subseed_strength: float = 0.0,
-                 styles: list[str] | None = None, init_image: Image.Image | UnreadablePicture | None = None,
-                 denoising_strength: float = 0.75, resize_mode: int = 0) -> Iterator[tuple]:
+                 styles: list[str] | None = None, denoising_strength: float = 0.75, enable_hr: bool = False,
+                 hr_scale: float = 2.0, hr_upscaler: str = "Latent", hr_second_pass_steps: int = 0,
+                 hr_resize_x: int = 0, hr_resize_y: int = 0,
+                 init_image: Image.Image | UnreadablePicture | None = None, resize_mode: int = 0) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
-        img2img starts from init_image; txt2img ignores it and the two after it."""
+        img2img starts from init_image, fitted by resize_mode; txt2img's denoising strength is its hires fix's."""
         request = {
             "prompt": prompt, "negative_prompt": negative_prompt, "sampler_name": sampler_name,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height,
@@ -154,6 +157,10 @@ class GenerationActions:
         }
         if self.kind == "img2img":
             request |= {"denoising_strength": denoising_strength, "resize_mode": resize_mode or 0}
+        elif enable_hr:
+            request |= {"enable_hr": True, "denoising_strength": denoising_strength, "hr_scale": hr_scale,
+                        "hr_upscaler": hr_upscaler, "hr_second_pass_steps": hr_second_pass_steps or 0,
+                        "hr_resize_x": hr_resize_x or 0, "hr_resize_y": hr_resize_y or 0}
         try:
             picture = self._start_picture(init_image)
             if request["model"]:
@@ -437,11 +444,35 @@ class GenerationTab:
 # generate()'s parameters after the session: request field names, which Gradio's API shows too. A tab's
 # Generate takes those it has a widget for (txt2img has none of img2img's, the last three).
 REQUEST_PARAMS = tuple(inspect.signature(GenerationActions.generate).parameters)[2:]
+REQUEST_DEFAULTS = {name: parameter.default
+                    for name, parameter in inspect.signature(GenerationActions.generate).parameters.items()}
 
 
 def _api(kind: str, name: str) -> dict:
     """txt2img's events keep their Gradio API names; img2img's, but Generate, are the page's own."""
     return {"api_name": name} if kind == "txt2img" else {"api_visibility": "private"}
+
+
+def hires_fix_section() -> dict[str, gr.components.Component]:
+    """txt2img's "Hires. fix" (A1111's): the picture enlarged and denoised again; the widgets by request field."""
+    with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hires_fix"):
+        enable = gr.Checkbox(False, label="Hires. fix", info="draw at Width x Height, then enlarge and add detail",
+                             elem_id="txt2img_enable_hr")
+        with gr.Row():
+            upscaler = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler",
+                                   elem_id="txt2img_hr_upscaler")
+            steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps", info="0: as many as Sampling steps",
+                              elem_id="txt2img_hires_steps")
+            strength = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength",
+                                 elem_id="txt2img_denoising_strength")
+        with gr.Row():
+            scale = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")
+            resize_x = gr.Slider(0, MAX_SIZE, value=0, step=8, label="Resize width to", info="0: by Upscale by",
+                                 elem_id="txt2img_hr_resize_x")
+            resize_y = gr.Slider(0, MAX_SIZE, value=0, step=8, label="Resize height to", info="0: by Upscale by",
+                                 elem_id="txt2img_hr_resize_y")
+    return {"enable_hr": enable, "hr_upscaler": upscaler, "hr_second_pass_steps": steps,
+            "denoising_strength": strength, "hr_scale": scale, "hr_resize_x": resize_x, "hr_resize_y": resize_y}
 
 
 def build_generation_tab(services: Services, picker: ModelPicker, models: ModelActions,
@@ -514,6 +545,8 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                 img2img_widgets["denoising_strength"] = gr.Slider(
                     0, 1, value=GenerationRequest.model_fields["denoising_strength"].default, step=0.01,
                     label="Denoising strength", elem_id="img2img_denoising_strength")
+            else:
+                hires_widgets = hires_fix_section()
             with gr.Row(elem_id=f"{kind}_seed_row"):
                 seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id=f"{kind}_seed", scale=4)
                 random_seed = gr.Button("⚄", elem_id=f"{kind}_random_seed", scale=0, min_width=48)
@@ -566,8 +599,10 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     widgets = {"prompt": prompt, "negative_prompt": negative, "sampler_name": sampler, "scheduler": scheduler,
                "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height, "seed": seed,
                "n_iter": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "model": picker.dropdown,
-               "subseed": subseed, "subseed_strength": subseed_strength, "styles": styles, **img2img_widgets}
-    request_inputs = [widgets[name] for name in REQUEST_PARAMS if name in widgets]
+               "subseed": subseed, "subseed_strength": subseed_strength, "styles": styles, **img2img_widgets,
+               **({} if img2img else hires_widgets)}
+    # A parameter the tab has no widget for goes in at generate()'s default, in its place.
+    request_inputs = [widgets[name] if name in widgets else gr.State(REQUEST_DEFAULTS[name]) for name in REQUEST_PARAMS]
     run_outputs = [session, gallery, progress, preview, infotext, timing]
     # While the tab's own job runs, Generate is greyed out (A1111 hides it): a click would be dropped anyway.
     button_state = dict(outputs=[generate], api_visibility="private", show_progress="hidden", queue=False)

@@ -5,18 +5,20 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from webui.engine.hires import HIRES_UPSCALERS
 from webui.engine.samplers import SCHEDULE_TYPES, get_sampler, resolve_sampler
 from webui.schemas import GenerationRequest
 from webui.storage.history import HistoryImage
 from webui.storage.infotext import request_fields_from_infotext
 
 # GenerationRequest fields a tab takes from a sent image, in the order of GenerationTab.field_components.
-TXT2IMG_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale",
-                  "width", "height", "seed", "clip_skip", "model", "batch_size", "subseed", "subseed_strength",
-                  "styles")
+_SHARED_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale",
+                  "width", "height", "seed", "clip_skip", "model", "batch_size", "styles", "denoising_strength")
+HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y")
 # img2img runs no variation seeds (GenerationRequest.check_img2img): a sent one would only make Generate fail.
-IMG2IMG_FIELDS = (*(name for name in TXT2IMG_FIELDS if name not in ("subseed", "subseed_strength")),
-                  "denoising_strength")
+# txt2img's Denoising strength is its hires fix's.
+TXT2IMG_FIELDS = (*_SHARED_FIELDS, "subseed", "subseed_strength", *HIRES_FIELDS)
+IMG2IMG_FIELDS = _SHARED_FIELDS
 TAB_FIELDS = {"txt2img": TXT2IMG_FIELDS, "img2img": IMG2IMG_FIELDS}
 
 
@@ -26,7 +28,10 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "height": "Height", "seed": "Seed", "n_iter": "Batch count", "batch_size": "Batch size",
                 "clip_skip": "Clip skip", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
                 "subseed_strength": "Variation strength", "styles": "Styles",
-                "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "init_image": "Image"}
+                "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "init_image": "Image",
+                "enable_hr": "Hires. fix", "hr_scale": "Upscale by", "hr_upscaler": "Upscaler",
+                "hr_second_pass_steps": "Hires steps", "hr_resize_x": "Resize width to",
+                "hr_resize_y": "Resize height to"}
 
 
 def with_labels(message: str) -> str:
@@ -52,7 +57,7 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
         "width": image.width, "height": image.height, "seed": image.seed, "clip_skip": image.clip_skip,
         "model": image.model_name, "model_hash": image.model_hash,
     } | {name: pasted.get(name)  # no columns of their own
-         for name in ("batch_size", "subseed", "subseed_strength", "denoising_strength")}
+         for name in ("batch_size", "subseed", "subseed_strength", "denoising_strength", *HIRES_FIELDS)}
 
 
 def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: list[str],
@@ -64,7 +69,8 @@ def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: 
     # A sent prompt has its styles joined in already: a style left picked would be joined in twice.
     fields = dict(fields) | {"styles": []}
     model_note = _apply_model(fields, model_names, find_model)
-    for note in (_apply_sampler(fields), model_note, *_round_sizes(fields), *_drop_out_of_range(fields, names)):
+    for note in (_apply_sampler(fields), model_note, _apply_upscaler(fields), *_round_sizes(fields),
+                 *_drop_out_of_range(fields, names)):
         if note:
             gr.Warning(note)
     if fields.get("scheduler"):  # the Schedule type list follows the sampler (txt2img.schedules_for)
@@ -78,12 +84,13 @@ def schedules_of(sampler_name: str | None) -> list[str]:
 
 
 # Fields whose sliders end where the request's limits do: a value past them would make Generate fail.
-_RANGED_FIELDS = ("steps", "cfg_scale", "width", "height", "clip_skip", "batch_size", "denoising_strength")
+_RANGED_FIELDS = ("steps", "cfg_scale", "width", "height", "clip_skip", "batch_size", "denoising_strength", "hr_scale",
+                  "hr_second_pass_steps", "hr_resize_x", "hr_resize_y")
 
 
 def _drop_out_of_range(fields: dict[str, Any], names: tuple[str, ...]) -> list[str]:
     """Leave out values the page cannot take (Steps: 200 from another tool), and say so for each of the
-    fields sent (names): txt2img has no word to say about a denoising strength it does not take."""
+    fields sent (names): a tab has no word to say about a field it does not have."""
     notes = []
     for name in _RANGED_FIELDS:
         value = fields.get(name)
@@ -113,6 +120,16 @@ def _limits(name: str) -> tuple[float, float]:
     for constraint in GenerationRequest.model_fields[name].metadata:
         low, high = getattr(constraint, "ge", low), getattr(constraint, "le", high)
     return low, high
+
+
+def _apply_upscaler(fields: dict[str, Any]) -> str | None:
+    """An upscaler this server lacks (A1111's ESRGAN family) is left out, with a warning."""
+    upscaler = fields.get("hr_upscaler")
+    if upscaler is None or upscaler in HIRES_UPSCALERS:
+        return None
+    fields.pop("hr_upscaler")
+    return (f"Upscaler not applied: {upscaler!r} is not on this server (it has {', '.join(HIRES_UPSCALERS)}). "
+            "The upscaler is left as it was.")
 
 
 def _apply_model(fields: dict[str, Any], model_names: list[str], find_model: FindModel) -> str | None:
