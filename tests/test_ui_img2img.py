@@ -16,7 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 from tests.conftest import TINY
 from tests.helpers import wait_for
 # ui_services and ui: test_ui's module fixtures, started again for this module.
-from tests.test_ui import event, generate, is_skip, selected, through_gradio, ui, ui_services, uploaded  # noqa: F401
+from tests.test_ui import event, generate, input_labels, is_skip, selected, through_gradio, ui, ui_services, uploaded  # noqa: F401
 from webui.schemas import JobState
 from webui.ui.params import IMG2IMG_FIELDS, TXT2IMG_FIELDS
 from webui.ui.generation import Session
@@ -31,8 +31,9 @@ def picture(color="red", size=(80, 48)) -> Image.Image:
 def img2img(ui, session: Session | None = None, init_image=None, denoising_strength=0.67, resize_mode=1,
             prompt="a red barn", steps=3, seed=7) -> list:
     """Run the img2img event to the end, as Gradio calls it (its api_name is "img2img"); every yielded tuple."""
-    return list(event(ui, "img2img")(session or Session(), prompt, "", "Euler a", "Automatic", steps, 7.0, 64, 64,
-                                     seed, 1, 1, 1, TINY, -1, 0.0, [], init_image, denoising_strength, resize_mode))
+    return list(event(ui, "img2img")(session or Session(), prompt, steps=steps, width=64, height=64, seed=seed,
+                                     model=TINY, init_image=init_image, denoising_strength=denoising_strength,
+                                     resize_mode=resize_mode))
 
 
 def by_field(names, values) -> dict:
@@ -43,9 +44,10 @@ def test_the_img2img_tab_sits_between_txt2img_and_history_with_its_own_widgets(u
     config = ui.blocks.get_config_file()
     tabs = [c["props"]["elem_id"] for c in config["components"] if c["props"].get("elem_id", "").startswith("tab_")]
     assert tabs == ["tab_txt2img", "tab_img2img", "tab_history", "tab_pnginfo"]
+    labels = input_labels(ui, "img2img")
+    assert [labels[name] for name in ("prompt", "styles", "init_image", "denoising_strength", "resize_mode")] == [
+        "Prompt", "Styles", "Image", "Denoising strength", "Resize mode"]
     [wiring] = [fn for fn in ui.blocks.fns.values() if fn.api_name == "img2img"]
-    labels = [getattr(block, "label", None) for block in wiring.inputs]
-    assert labels[1] == "Prompt" and labels[-4:] == ["Styles", "Image", "Denoising strength", "Resize mode"]
     assert all(block.elem_id.startswith("img2img_") for block in wiring.inputs[1:] if block.elem_id
                and block is not ui.picker.dropdown)
     denoising, resize_mode = ui.img2img.widgets["denoising_strength"], ui.img2img.widgets["resize_mode"]
@@ -160,8 +162,8 @@ def test_the_picture_size_button_sets_width_and_height_from_the_picture(ui):
 def test_a_reloaded_page_resumes_each_tabs_own_kind_of_job(ui, ui_services):
     worker, img2img_actions = ui_services.worker, ui.img2img.actions
     session = Session(tab="tab-img")
-    follow = img2img_actions.generate(session, "a long img2img", "", "Euler a", "Automatic", 150, 7.0, 64, 64, 1, 20,
-                                      1, 1, TINY, -1, 0.0, [], picture(), 1.0, 0)  # runs until interrupted
+    follow = img2img_actions.generate(session, "a long img2img", steps=150, width=64, height=64, seed=1, n_iter=20,
+                                      model=TINY, init_image=picture(), denoising_strength=1.0)  # runs until interrupted
     next(follow)
     wait_for(lambda: worker.get(session.job_id).progress.step > 0, what="img2img job running")
     try:
