@@ -197,6 +197,7 @@ def test_a_model_override_is_undone_after_the_job_unless_asked_to_keep_it(client
     ({"enable_hr": True, "hr_sampler_name": "DDIM"}, "hr_sampler_name"),  # a second pass of its own
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
     ({"enable_hr": True, "hr_scale": 40}, "hr_scale"),
+    ({"enable_hr": True, "firstphase_width": 256}, "firstphase_width"),  # A1111's old hires fix
     ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "override_settings.CLIP_stop_at_last_layers"),
     ({"infotext": "cat\nSteps: 2, Sampler: Euler, Seed: 5, Clip skip: 50"}, "infotext (Clip skip)"),  # where it came from
@@ -217,8 +218,8 @@ def test_the_hires_fix_runs_with_a1111s_fields_and_defaults(client):
     info = json.loads(reply.json()["info"])
     with Image.open(io.BytesIO(base64.b64decode(reply.json()["images"][0]))) as picture:
         assert picture.size == (96, 96)
-    assert info["denoising_strength"] == 0.7 and (info["width"], info["height"]) == (64, 64)
-    assert "Size: 64x64, Denoising strength: 0.7, Hires upscale: 1.5, Hires upscaler: Latent" in info["infotexts"][0]
+    assert info["denoising_strength"] == 0.75 and (info["width"], info["height"]) == (64, 64)  # A1111's default
+    assert "Size: 64x64, Denoising strength: 0.75, Hires upscale: 1.5, Hires upscaler: Latent" in info["infotexts"][0]
 
 
 def test_variation_seeds_run_and_come_back_in_info_and_infotext(client):

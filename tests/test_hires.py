@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from webui.engine.hires import crop_center, hires_size, schedule_steps, upscale_latents
+from webui.engine.img2img import pipeline_strength
 from webui.schemas import GenerationRequest, InvalidRequest, JobState
 from webui.storage.infotext import request_fields_from_infotext
 
@@ -20,12 +21,13 @@ def test_the_hires_size_follows_a1111s_rule(size, scale, resize, upscaled, final
     assert result.upscaled == upscaled and result.final == final
 
 
-def test_the_second_pass_runs_exactly_the_hires_steps_asked_for():
+def test_the_second_pass_runs_exactly_the_hires_steps_from_a1111s_schedule():
+    assert schedule_steps(10, 0.7) == 14 and schedule_steps(20, 1.0) == 20  # A1111: int(steps / min(d, 0.999))
     for steps in range(1, 151):
-        for strength in np.arange(0.05, 1.0001, 0.01):
+        for strength in np.arange(0.01, 1.0001, 0.01):
             schedule = schedule_steps(steps, float(strength))
-            if schedule <= 1000:  # diffusers' img2img runs min(int(n * strength), n) of n steps
-                assert min(int(schedule * float(strength)), schedule) == steps, (steps, strength)
+            # diffusers' img2img runs the last min(int(n * strength), n) of n steps
+            assert min(int(schedule * pipeline_strength(steps, schedule)), schedule) == steps, (steps, strength)
 
 
 def test_latents_are_enlarged_then_cut_to_the_middle():
@@ -71,7 +73,8 @@ def test_the_hires_picture_is_reproducible_and_follows_its_settings(services):
 @pytest.mark.parametrize("fields, message", [
     ({"hr_scale": 4, "width": 768, "height": 768}, "hr_scale: 768x768 enlarged comes to 3072x3072"),
     ({"denoising_strength": 0}, "denoising_strength: hires fix needs a denoising strength above 0"),
-    ({"hr_second_pass_steps": 150, "denoising_strength": 0.1}, "need a schedule of over 1000 steps"),
+    ({"hr_second_pass_steps": 150, "denoising_strength": 0.1}, "make a schedule of 1500 steps, and Euler a takes at"),
+    ({"sampler_name": "LCM", "hr_second_pass_steps": 30}, "make a schedule of 60 steps, and LCM takes at most 50"),
     ({"hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler: unknown upscaler 'R-ESRGAN 4x\\+'; choose one of: Latent,"),
 ])
 def test_what_the_hires_fix_cannot_do_is_refused_before_queueing(services, fields, message):
@@ -96,3 +99,40 @@ def test_a_compiled_model_is_told_both_sizes_the_hires_fix_runs(services):
     assert unet == {(64 // factor,) * 2, (128 // factor,) * 2} and decoder == {(128 // factor,) * 2}
     pictures = GenerationRequest(**QUICK, hr_upscaler="Lanczos")  # decodes the first pass too
     assert {key[:2] for key in engine._shape_keys(pictures, 1)["VAE decoder"]} == unet
+
+
+def test_the_second_passs_prompt_editing_counts_on_from_the_first_as_in_a1111():
+    from webui.engine.prompt_schedule import prompt_phases
+
+    def hires(prompt):  # a first pass of 20 steps, then 10 hires steps
+        return [(phase.last_step, phase.prompt) for phase in prompt_phases(prompt, "", 10, first_pass_steps=20)]
+
+    assert hires("a [b:c:0.5]") == [(10, "a c")]  # halfway through the first pass: long past
+    assert hires("a [b:c:1.5]") == [(5, "a b"), (10, "a c")]  # halfway through the second
+    assert hires("a [b:c:25]") == [(5, "a b"), (10, "a c")]  # step 25 of 30
+
+
+def test_a_full_variation_is_the_variation_seeds_own_picture_in_both_passes(services):
+    def picture(**fields):
+        job = services.worker.submit(QUICK | {"save_images": False, "sampler_name": "Euler", "hr_scale": 1.5}
+                                     | fields)
+        assert job.wait(60) and job.state is JobState.DONE, job.error
+        return np.asarray(job.images[0].image, np.int16)
+
+    own = picture(seed=7)
+    assert (picture(seed=3, subseed=7, subseed_strength=1.0) == own).all()  # the second pass's noise too
+    assert np.abs(picture(seed=3, subseed=7, subseed_strength=0.5) - own).mean() > 1
+
+
+def test_a1111s_none_upscaler_is_a_plain_resize():
+    assert GenerationRequest(enable_hr=True, hr_upscaler="None").hr_upscaler == "Lanczos"
+    assert GenerationRequest(enable_hr=True, hr_upscaler=None).hr_upscaler == "Latent"
+
+
+def test_zerogpu_budgets_the_second_pass_at_its_size():
+    from webui.zerogpu import gpu_seconds
+
+    plain = GenerationRequest(steps=20, width=512, height=512)
+    hires = GenerationRequest(steps=20, width=512, height=512, enable_hr=True, hr_scale=2)
+    # 10 s, and 0.15 s a step of 512x512 an image: 20 steps; then 20 more at four times the pixels
+    assert gpu_seconds(plain, [1] * 4) == 22 and gpu_seconds(hires, [1] * 4) == 70

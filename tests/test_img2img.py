@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from webui.engine.img2img import fit_image, image_sha1, size_from_image
+from webui.engine.img2img import fit_image, image_sha1, pipeline_strength, size_from_image
 from webui.schemas import GenerationRequest, InvalidRequest, JobState
 from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.outputs import read_infotext
@@ -44,10 +44,14 @@ def test_resize_and_fill_keeps_the_whole_picture_and_fills_the_bars_with_its_edg
     assert fitted[:, :, :].sum(axis=2).min() > 200
 
 
-@pytest.mark.parametrize("size, expected", [((517, 301), (512, 296)), ((30, 10), (64, 64)),
-                                            ((4000, 1000), (2048, 512))])
-def test_the_run_size_from_the_picture_is_a_multiple_of_8_within_the_limits(size, expected):
-    assert size_from_image(Image.new("RGB", size)) == expected
+@pytest.mark.parametrize("size, given, expected", [
+    ((517, 301), (None, None), (512, 296)), ((30, 10), (None, None), (64, 64)),
+    ((4000, 1000), (None, None), (2048, 512)),
+    ((200, 100), (128, None), (128, 64)), ((400, 100), (None, 64), (256, 64)),  # one side given: the shape stays
+    ((200, 100), (96, 200), (96, 200)),
+])
+def test_the_run_size_follows_the_picture_where_the_request_gives_none(size, given, expected):
+    assert size_from_image(Image.new("RGB", size), *given) == expected
 
 
 def test_the_init_image_hash_follows_the_pixels_not_the_file():
@@ -58,12 +62,15 @@ def test_the_init_image_hash_follows_the_pixels_not_the_file():
     assert image_sha1(noise_picture(2, 16, 16)) != image_sha1(picture)
 
 
-def test_denoising_steps_are_the_last_steps_times_the_strength():
-    assert GenerationRequest(steps=20, denoising_strength=0.5).denoising_steps == 20  # txt2img: all of them
-    img2img = GenerationRequest(steps=20, denoising_strength=0.56, init_image="0" * 40)
-    assert img2img.denoising_steps == 11
-    with pytest.raises(InvalidRequest, match="denoising_strength: 0.04 x 20 steps runs no step"):
-        GenerationRequest(steps=20, denoising_strength=0.04, init_image="0" * 40).check_img2img()
+@pytest.mark.parametrize("steps, strength, runs", [(20, 0.75, 16), (20, 0.56, 12), (20, 0.04, 1), (20, 0, 1),
+                                                   (20, 1.0, 20), (3, 0.3, 1), (150, 0.999, 150)])
+def test_img2img_runs_the_steps_a1111_runs(steps, strength, runs):
+    """A1111 runs the last int(steps x strength) + 1 steps (the strength kept below 1), and diffusers does the same
+    when given pipeline_strength."""
+    assert GenerationRequest(steps=steps, denoising_strength=strength).denoising_steps == steps  # txt2img: all
+    request = GenerationRequest(steps=steps, denoising_strength=strength, init_image="0" * 40)
+    assert request.denoising_steps == runs
+    assert min(int(steps * pipeline_strength(runs, steps)), steps) == runs
 
 
 def test_the_infotext_gives_the_denoising_strength_back():
@@ -72,14 +79,15 @@ def test_the_infotext_gives_the_denoising_strength_back():
 
 
 # --- the engine -----------------------------------------------------------------------------------
-def img2img(engine, picture, seeds, strength=0.6, **fields) -> list[np.ndarray]:
-    request = GenerationRequest(prompt="a red apple", steps=4, denoising_strength=strength,
+def img2img(engine, picture, seeds, strength=0.1, **fields) -> list[np.ndarray]:
+    """The tiny model's random VAE gives latents of little weight against the noise: low strengths show the picture."""
+    request = GenerationRequest(prompt="a red apple", steps=10, denoising_strength=strength,
                                 init_image=image_sha1(picture), width=picture.width, height=picture.height, **fields)
     return [np.asarray(r.image, np.int16) for r in engine.generate(request, seeds, init_image=picture)]
 
 
 def test_the_picture_and_the_seed_both_decide_the_result(engine):
-    first, second = noise_picture(1), noise_picture(2)
+    first, second = noise_picture(1), halves(64, 64)  # two random-noise pictures would look alike to the model
     a, again, other_seed = img2img(engine, first, [5]), img2img(engine, first, [5]), img2img(engine, first, [6])
     other_picture = img2img(engine, second, [5])
     assert (a[0] == again[0]).all()
@@ -92,8 +100,8 @@ def test_a_low_strength_stays_closer_to_the_picture_than_a_full_one(engine):
     with torch.inference_mode():  # the tiny VAE is random: compare with the picture as it decodes, not as given
         round_trip = np.asarray(engine._to_images(engine.encode(picture), [0])[0].image, np.int16)
     distance = {strength: np.abs(img2img(engine, picture, [9], strength)[0] - round_trip).mean()
-                for strength in (0.25, 0.5, 1.0)}
-    assert distance[0.25] < distance[0.5] and distance[0.25] < distance[1.0] * 0.75, distance
+                for strength in (0.0, 0.3, 1.0)}
+    assert distance[0.0] < distance[0.3] and distance[0.0] < distance[1.0] * 0.75, distance
 
 
 def test_image_i_of_an_img2img_batch_equals_a_single_run_with_its_seed(engine):
@@ -120,7 +128,7 @@ def test_an_img2img_job_takes_the_pictures_size_and_saves_where_a1111_does(servi
     assert job.wait(60) and job.state is JobState.DONE, job.error
     assert job.kind == "img2img" and job.request.init_image == image_sha1(picture)
     assert (job.request.width, job.request.height) == (88, 72) and job.images[0].image.size == (88, 72)
-    assert job.progress.total_steps == 2 and job.progress.step == 2  # 4 steps x 0.5
+    assert job.progress.total_steps == 3 and job.progress.step == 3  # int(4 steps x 0.5) + 1
     assert "/img2img-images/" in job.images[0].path and "img2img-grids" in job.grid_path
     with Image.open(job.images[1].path) as png:
         text = read_infotext(png)
@@ -138,16 +146,19 @@ def test_a_given_size_fits_the_picture_by_the_resize_mode(services):
     assert start.shape == (64, 64, 3) and start[:, :20, 0].min() > 200 and start[:, -20:, 2].min() > 200
 
 
-def test_a_transparent_picture_is_read_on_white():
+def test_a_transparent_picture_is_read_on_white_and_a_16_bit_one_in_its_greys():
     from webui.engine.img2img import as_rgb
 
     clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
     assert as_rgb(clear).getpixel((3, 3)) == (255, 255, 255)
+    ramp = Image.fromarray(np.linspace(0, 65535, 64 * 8).astype(np.uint16).reshape(8, 64))
+    grey = np.asarray(as_rgb(ramp), np.int16)
+    assert grey[0, 0, 0] == 0 and grey[-1, -1, 0] == 255 and 100 < grey.mean() < 155
 
 
 @pytest.mark.parametrize("fields, picture, message", [
-    ({"denoising_strength": 0.1}, "picture", "denoising_strength: 0.1 x 4 steps runs no step"),
-    ({"subseed_strength": 0.3}, "picture", "subseed_strength: variation seeds are not supported with img2img"),
+    ({"enable_hr": True}, "picture", "enable_hr: hires fix is for txt2img"),
+    ({}, "huge", "init_image: the picture cannot be read \\(the picture is 5000x4000 \\(20 megapixels\\)"),
     ({"init_image": "a" * 40}, None, "init_image: give the picture"),
     ({}, "truncated", "init_image: the picture cannot be read"),
     ({"resize_mode": 3}, "picture", "resize_mode"),
@@ -159,6 +170,8 @@ def test_what_img2img_cannot_do_is_refused_before_queueing(services, fields, pic
         picture = Image.open(io.BytesIO(data.getvalue()[:400]))  # opens; its pixels fail to load
     elif picture == "picture":
         picture = noise_picture(1)
+    elif picture == "huge":
+        picture = Image.new("1", (5000, 4000))
     with pytest.raises(InvalidRequest, match=message):
         services.worker.submit(QUICK | fields, init_image=picture)
     assert services.worker.queue_length() == 0 and services.history.list_images()[1] == 0
@@ -171,3 +184,26 @@ def test_a_finished_jobs_init_image_counts_towards_the_pixels_it_holds():
 
     request = GenerationRequest(init_image="0" * 40, width=64, height=96)
     assert _pixels_held(Job(id="j", request=request, origin="ui", init_image=Image.new("RGB", (64, 96)))) == 6144
+
+
+def test_img2img_times_prompt_editing_over_all_the_steps_from_the_first_that_runs():
+    from webui.engine.generate import _phases
+
+    def phases(prompt):  # 11 of 20 steps run
+        request = GenerationRequest(prompt=prompt, steps=20, denoising_strength=0.5, init_image="0" * 40)
+        return [(phase.last_step, phase.prompt) for phase in _phases(request)]
+
+    assert phases("a [b:c:0.25]") == [(5, "a b"), (20, "a c")]  # A1111: step 5 of the run, as in txt2img
+    assert phases("a [b:c:15]") == [(15, "a b")]  # the run ends before the switch: c is never read
+
+
+def test_variation_seeds_move_an_img2img_picture(services):
+    def picture(**fields):
+        job = services.worker.submit(QUICK | {"save_images": False, "denoising_strength": 0.75} | fields,
+                                     init_image=halves(64, 64))
+        assert job.wait(60) and job.state is JobState.DONE, job.error
+        return job.images[0]
+
+    plain, varied = picture(), picture(subseed=99, subseed_strength=0.6)
+    assert np.abs(np.asarray(plain.image, np.int16) - np.asarray(varied.image, np.int16)).mean() > 1
+    assert "Variation seed: 99, Variation seed strength: 0.6" in varied.infotext

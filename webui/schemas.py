@@ -108,6 +108,8 @@ class GenerationRequest(BaseModel):
     def _known_upscaler(cls, name: Any) -> Any:
         if name in (None, ""):  # A1111's API: none named is its default, Latent
             return "Latent"
+        if name == "None":  # A1111's "None": the picture resized plainly (with Lanczos)
+            return "Lanczos"
         if isinstance(name, str) and name not in HIRES_UPSCALERS:
             raise ValueError(f"unknown upscaler {name!r}; choose one of: {', '.join(HIRES_UPSCALERS)}")
         return name
@@ -148,33 +150,24 @@ class GenerationRequest(BaseModel):
         if max(size.upscaled) > MAX_SIZE or min(size.final) < MIN_SIZE:
             problems.append(f"hr_scale: {width}x{height} enlarged comes to {size.upscaled[0]}x{size.upscaled[1]}; "
                             f"the size must stay within {MIN_SIZE} to {MAX_SIZE}")
+        most = get_sampler(self.sampler_name).max_steps or MAX_SCHEDULE
         if self.denoising_strength == 0:
             problems.append("denoising_strength: hires fix needs a denoising strength above 0 (0.7 is usual)")
-        elif schedule_steps(self.hires_steps, self.denoising_strength) > MAX_SCHEDULE:
+        elif schedule_steps(self.hires_steps, self.denoising_strength) > most:
             problems.append(f"denoising_strength: {self.hires_steps} hires steps at strength "
-                            f"{self.denoising_strength:g} need a schedule of over {MAX_SCHEDULE} steps; raise the "
-                            "strength or lower the hires steps")
+                            f"{self.denoising_strength:g} make a schedule of "
+                            f"{schedule_steps(self.hires_steps, self.denoising_strength)} steps, and {self.sampler_name} "
+                            f"takes at most {most}; raise the strength or lower the hires steps")
         if problems:
             raise InvalidRequest("; ".join(problems))
 
     @property
     def denoising_steps(self) -> int:
-        """The sampler steps that run: img2img starts part-way, at steps x denoising strength from the end
-        (as A1111 and diffusers count them)."""
+        """The sampler steps that run. img2img runs the last int(steps x strength) + 1 (the strength kept below 1),
+        as A1111 does: 16 of 20 at 0.75, one at 0, all at 1."""
         if not self.is_img2img:
             return self.steps
-        return min(int(self.steps * self.denoising_strength), self.steps)
-
-    def check_img2img(self) -> None:
-        """What an img2img run cannot do, refused before it is queued."""
-        problems = []
-        if self.denoising_steps < 1:
-            problems.append(f"denoising_strength: {self.denoising_strength:g} x {self.steps} steps runs no step; "
-                            f"raise the denoising strength to at least {math.ceil(100 / self.steps) / 100:g} or the steps")
-        if self.subseed_strength > 0:
-            problems.append("subseed_strength: variation seeds are not supported with img2img yet; set it to 0")
-        if problems:
-            raise InvalidRequest("; ".join(problems))
+        return min(int(self.steps * min(self.denoising_strength, 0.999)) + 1, self.steps)
 
 
 class InvalidRequest(ValueError):

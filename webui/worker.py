@@ -761,11 +761,9 @@ def _with_init_image(request: GenerationRequest, image: Image.Image | None
     try:
         image = as_rgb(image)
     except (OSError, ValueError) as err:  # a truncated or damaged file fails only when its pixels are read
-        raise InvalidRequest(f"init_image: the picture cannot be read ({err}); upload a PNG, JPEG or WebP file") from None
-    width, height = size_from_image(image)
-    request = parse_request(request.model_dump() | {
-        "init_image": image_sha1(image), "width": request.width or width, "height": request.height or height})
-    request.check_img2img()
+        raise InvalidRequest(f"init_image: the picture cannot be read ({err}); send a PNG, JPEG or WebP file") from None
+    width, height = size_from_image(image, request.width, request.height)
+    request = parse_request(request.model_dump() | {"init_image": image_sha1(image), "width": width, "height": height})
     return request, fit_image(image, request.width, request.height, request.resize_mode)
 
 

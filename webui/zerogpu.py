@@ -22,6 +22,8 @@ import os
 import threading
 from typing import Any
 
+from webui.engine.hires import hires_size
+
 log = logging.getLogger(__name__)
 
 
@@ -45,8 +47,17 @@ def load_spaces() -> Any | None:
 def gpu_seconds(request, seeds, subseeds=None, init_image=None) -> int:
     """ZeroGPU's duration estimate for one batch (it is a budget, so keep it close): an SD 1.5 step at
     512x512 takes well under 0.1 s on the lent GPU; moving the weights in takes a few seconds."""
-    megapixels = max(1.0, ((request.width or 512) * (request.height or 512)) / (512 * 512))
-    return int(min(120, max(20, 10 + 0.15 * request.denoising_steps * len(seeds) * megapixels)))
+    width, height = request.width or 512, request.height or 512
+    step_seconds = request.denoising_steps * _megapixels(width, height)
+    if request.enable_hr:  # the second pass runs at the larger size
+        size = hires_size(width, height, request.hr_scale, request.hr_resize_x, request.hr_resize_y)
+        step_seconds += request.hires_steps * _megapixels(*size.final)
+    return int(min(120, max(20, 10 + 0.15 * step_seconds * len(seeds))))
+
+
+def _megapixels(width: int, height: int) -> float:
+    """The size in units of 512x512 (at least one)."""
+    return max(1.0, width * height / (512 * 512))
 
 
 def wrap_engine(engine):

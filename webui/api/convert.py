@@ -9,7 +9,7 @@ import binascii
 import datetime as dt
 import io
 import json
-from typing import Any
+from typing import Any, Callable
 
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
@@ -18,6 +18,7 @@ from webui import __version__
 from webui.api.models import GenerationBody, GenerationResponse, Img2ImgRequest, JobProgress, Txt2ImgRequest
 from webui.config import A1111_IGNORED_SWITCHES, A1111_IGNORED_VALUES, A1111_REFUSED_FLAGS, Settings
 from webui.engine.generate import LoadedModel
+from webui.engine.img2img import check_picture_size
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
 from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
 from webui.schemas import InvalidRequest, parse_request
@@ -46,6 +47,10 @@ _UNSUPPORTED = (
     ("refiner_checkpoint", lambda v: v not in (None, "", "None", "none"), "a refiner is not supported yet"),
     ("script_name", lambda v: v not in (None, "", "None", "none"), "no scripts are installed on this server"),
     ("alwayson_scripts", lambda v: bool(v), "no always-on scripts are installed on this server"),
+    ("firstphase_width", lambda v: bool(v), "the old hires fix's first-pass size is not supported; send 0, and "
+                                            "hr_scale or hr_resize_x/hr_resize_y for the larger size"),
+    ("firstphase_height", lambda v: bool(v), "the old hires fix's first-pass size is not supported; send 0, and "
+                                             "hr_scale or hr_resize_x/hr_resize_y for the larger size"),
     ("mask", lambda v: bool(v), "inpainting is not supported yet (send null, or use img2img without a mask)"),
     ("resize_mode", lambda v: v == 3, "3 (latent upscale) is not supported; use 0 (just resize), "
                                       "1 (crop and resize) or 2 (resize and fill)"),
@@ -141,7 +146,7 @@ def hires_fields(req: Txt2ImgRequest) -> tuple[dict[str, Any], list[str]]:
     fields = {"enable_hr": True, "hr_scale": 2.0 if req.hr_scale is None else req.hr_scale,
               "hr_upscaler": req.hr_upscaler or "Latent", "hr_second_pass_steps": req.hr_second_pass_steps or 0,
               "hr_resize_x": req.hr_resize_x or 0, "hr_resize_y": req.hr_resize_y or 0,
-              "denoising_strength": 0.7 if req.denoising_strength is None else req.denoising_strength}
+              "denoising_strength": 0.75 if req.denoising_strength is None else req.denoising_strength}
     own = {"hr_checkpoint_name": req.hr_checkpoint_name, "hr_scheduler": req.hr_scheduler,
            "hr_sampler_name": None if req.hr_sampler_name in (req.sampler_name, req.sampler_index) else req.hr_sampler_name,
            "hr_prompt": None if req.hr_prompt == req.prompt else req.hr_prompt,
@@ -282,9 +287,11 @@ def encode_png(image: Image.Image, infotext: str | None = None) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_image(data: str, field: str = "image", pixels_needed: bool = True) -> Image.Image:
+def decode_image(data: str, field: str = "image", pixels_needed: bool = True,
+                 check_size: Callable[[int, int], None] | None = None) -> Image.Image:
     """base64 (or a data: URL) -> PIL image, or ApiError 422 naming the field. pixels_needed=False
-    leaves the pixels undecoded, for callers that want the metadata alone (read_infotext)."""
+    leaves the pixels undecoded, for callers that want the metadata alone (read_infotext). check_size(width,
+    height) may refuse the picture (ValueError) before its pixels are read."""
     text = (data or "").strip()
     if text.startswith("data:"):
         text = text.partition(",")[2]
@@ -294,12 +301,21 @@ def decode_image(data: str, field: str = "image", pixels_needed: bool = True) ->
         raw = base64.b64decode("".join(text.split()), validate=True)  # line-wrapped base64 is fine
     except (binascii.Error, ValueError):
         raise ApiError(422, f"{field}: not valid base64", "InvalidRequest") from None
+    unreadable = ApiError(422, f"{field}: the base64 data is not an image PIL can read", "InvalidRequest")
     try:
         image = Image.open(io.BytesIO(raw))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise unreadable from None
+    try:
+        if check_size is not None:
+            check_size(*image.size)
+    except ValueError as err:
+        raise ApiError(422, f"{field}: {err}", "InvalidRequest") from None
+    try:
         if pixels_needed:
             image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        raise ApiError(422, f"{field}: the base64 data is not an image PIL can read", "InvalidRequest") from None
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise unreadable from None
     return image
 
 
@@ -308,7 +324,7 @@ def init_image_of(req: GenerationBody) -> Image.Image | None:
     txt2img."""
     if not isinstance(req, Img2ImgRequest):
         return None
-    return decode_image(req.init_images[0], field="init_images[0]")
+    return decode_image(req.init_images[0], field="init_images[0]", check_size=check_picture_size)
 
 
 def png_info(image: Image.Image) -> dict[str, Any]:

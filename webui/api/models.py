@@ -83,7 +83,7 @@ class GenerationBody(BaseModel):
 class Txt2ImgRequest(GenerationBody):
     # --- honoured: the hires fix ---------------------------------------------------------------
     enable_hr: bool | None = Field(False, description="hires fix: enlarge the picture and denoise it again")
-    denoising_strength: float | None = Field(None, description="hires fix: how deep the second pass goes (null: 0.7)")
+    denoising_strength: float | None = Field(None, description="hires fix: how deep the second pass goes (null: 0.75)")
     hr_scale: float | None = Field(2.0, description="hires fix: 1 to 4 times larger")
     hr_upscaler: str | None = Field(None, description="hires fix: Latent (null), Latent (antialiased), Latent (bicubic), "
                                     "Latent (bicubic antialiased), Latent (nearest), Latent (nearest-exact), "
@@ -99,7 +99,7 @@ class Txt2ImgRequest(GenerationBody):
     hr_prompt: str | None = ""
     hr_negative_prompt: str | None = ""
 
-    # --- accepted and ignored (A1111's old hires fix) -------------------------------------------
+    # --- accepted; the adapter refuses a size (A1111's old hires fix) -------------------------
     firstphase_width: int | None = 0
     firstphase_height: int | None = 0
 

@@ -7,6 +7,7 @@ Only the worker thread calls into an Engine, so the pipeline never serves two ru
 """
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import time
@@ -18,6 +19,7 @@ from PIL import Image
 
 from webui.config import Settings
 from webui.engine.hires import LATENT_UPSCALERS, crop_center, hires_size, schedule_steps, upscale_latents
+from webui.engine.img2img import pipeline_strength
 from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
 from webui.engine.embeddings import EmbeddingSet, load_embeddings, used_embeddings
 from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, lora_uses, strip_loras
@@ -75,17 +77,28 @@ def _negative_in_use(request: GenerationRequest) -> str:
 def _phases(request: GenerationRequest) -> list[PromptPhase]:
     """The prompt and negative prompt texts each stretch of the run reads (prompt editing, alternation), the
     prompt without its <lora:...> tags."""
-    return prompt_phases(strip_loras(request.prompt), _negative_in_use(request), request.denoising_steps)
+    # img2img too: A1111 times them over all the steps, counted from the first step that runs; the phases
+    # past the steps it runs are left out (their texts are never read).
+    phases = prompt_phases(strip_loras(request.prompt), _negative_in_use(request), request.steps)
+    return [phase for before, phase in zip([None, *phases], phases)
+            if before is None or before.last_step < request.denoising_steps]
 
 
 def _hires_phases(request: GenerationRequest) -> list[PromptPhase]:
-    """The prompt phases of the hires fix's second pass: A1111 counts prompt editing over its steps anew."""
-    return prompt_phases(strip_loras(request.prompt), _negative_in_use(request), request.hires_steps)
+    """The prompt phases of the hires fix's second pass, whose steps count on from the first pass's, as in A1111."""
+    return prompt_phases(strip_loras(request.prompt), _negative_in_use(request), request.hires_steps,
+                         first_pass_steps=request.steps)
 
 
 def _all_phases(request: GenerationRequest) -> list[PromptPhase]:
     """The phases of every pass: all the texts the run reads."""
     return _phases(request) + (_hires_phases(request) if request.enable_hr else [])
+
+
+def _noised_latents(pipe, noise: torch.Tensor, image: torch.Tensor, timestep: torch.Tensor, *_unused, **_also):
+    """img2img's start (in place of the pipeline's prepare_latents, which draws noise of its own): the picture's
+    latents noised to `timestep` with `noise`, by the pipeline's scheduler of this pass."""
+    return pipe.scheduler.add_noise(image, noise.to(image.device, image.dtype), timestep)
 
 
 def _nan_advice(dtype: torch.dtype) -> str:
@@ -104,6 +117,8 @@ class _Run:
     generators: list[torch.Generator]
     on_step: StepCallback | None
     total_steps: int
+    subseeds: list[int] | None = None  # with a variation strength, each image's variation seed
+    variation_strength: float = 0.0
     done: int = 0  # the steps of the passes finished
     reported: int = 0
     latents: torch.Tensor | None = None  # as they stood after the last step reported
@@ -420,23 +435,20 @@ class Engine:
         width, height = model.size_for(request)
         # Noise comes from CPU generators, one per image, so a seed gives the same picture on any
         # device and image i of a batch equals a single run with its seed.
-        run = _Run([torch.Generator("cpu").manual_seed(seed) for seed in seeds], on_step, request.total_steps)
+        run = _Run([torch.Generator("cpu").manual_seed(seed) for seed in seeds], on_step, request.total_steps,
+                   subseeds if request.subseed_strength > 0 else None, request.subseed_strength)
+        factor = self.pipe.vae_scale_factor
         with torch.inference_mode():
             try:
+                noise = self._start_noise(run, (height // factor, width // factor))
                 if init_image is None:
-                    noise = None  # drawn by the pipeline from the generators, unless a variation seed moves it
-                    if request.subseed_strength > 0 and subseeds:
-                        shape = (self.pipe.unet.config.in_channels, height // self.pipe.vae_scale_factor,
-                                 width // self.pipe.vae_scale_factor)
-                        noise = variation_noise(run.generators, subseeds, request.subseed_strength, shape,
-                                                self.pipe.unet.dtype)
                     start = {"width": width, "height": height, "latents": noise}
-                    latents = self._denoise(self.pipe, request, run, _phases(request), request.denoising_steps,
-                                            request.steps, start)
-                else:  # diffusers' img2img pipeline takes latents for its image, and noises them by the strength
+                    latents = self._denoise(self.pipe, request, run, _phases(request), request.steps, request.steps,
+                                            start)
+                else:  # the last denoising_steps of the steps, from the picture's latents noised to where they start
                     start = {"image": self.encode(init_image).expand(len(seeds), -1, -1, -1),
-                             "strength": request.denoising_strength}
-                    latents = self._denoise(self._img2img_pipeline(), request, run, _phases(request),
+                             "strength": pipeline_strength(request.denoising_steps, request.steps)}
+                    latents = self._denoise(self._img2img_pipeline(noise), request, run, _phases(request),
                                             request.denoising_steps, request.steps, start)
                 if request.enable_hr:
                     latents = self._hires_pass(request, run, latents, width, height)
@@ -501,14 +513,30 @@ class Engine:
         upscaled = (size.upscaled[0] // factor, size.upscaled[1] // factor)
         if request.hr_upscaler in LATENT_UPSCALERS:
             latents = upscale_latents(latents, request.hr_upscaler, upscaled)
-        else:
-            pictures, _ = self.check_safety(self.decode(latents, tiled=decodes_in_tiles(width, height)))
+        else:  # the safety checker looks at the finished picture only, as in A1111
+            pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(width, height)))
             resample = Image.Resampling.LANCZOS if request.hr_upscaler == "Lanczos" else Image.Resampling.NEAREST
             latents = torch.cat([self.encode(picture.resize(size.upscaled, resample)) for picture in pictures])
-        latents = crop_center(latents, (size.final[0] // factor, size.final[1] // factor))
-        start = {"image": latents.contiguous(), "strength": request.denoising_strength}
-        return self._denoise(self._img2img_pipeline(), request, run, _hires_phases(request), request.hires_steps,
-                             schedule_steps(request.hires_steps, request.denoising_strength), start)
+        final = (size.final[0] // factor, size.final[1] // factor)
+        latents = crop_center(latents, final)
+        # A1111 runs exactly the hires steps, as the last of a longer schedule that starts denoising_strength deep.
+        schedule = schedule_steps(request.hires_steps, request.denoising_strength)
+        start = {"image": latents.contiguous(), "strength": pipeline_strength(request.hires_steps, schedule)}
+        # As A1111, the second pass's noise is drawn afresh from each image's seed (and variation seed).
+        fresh = [torch.Generator("cpu").manual_seed(generator.initial_seed()) for generator in run.generators]
+        pipe = self._img2img_pipeline(self._start_noise(run, (final[1], final[0]), fresh))
+        return self._denoise(pipe, request, run, _hires_phases(request), request.hires_steps, schedule, start)
+
+    def _start_noise(self, run: "_Run", size: tuple[int, int],
+                     generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """Each image's noise at `size` (latent height, width), drawn from its generator (the run's, unless others
+        are given) as diffusers draws it, and moved towards its variation seed's where the request has a variation
+        strength."""
+        generators = generators or run.generators
+        shape, dtype = (self.pipe.unet.config.in_channels, *size), self.pipe.unet.dtype
+        if run.subseeds:
+            return variation_noise(generators, run.subseeds, run.variation_strength, shape, dtype)
+        return torch.cat([torch.randn((1, *shape), generator=generator, dtype=dtype) for generator in generators])
 
     def _encode_phases(self, phases: list[PromptPhase], count: int, clip_skip: int,
                        between_encodes: Callable[[], None] | None = None,
@@ -528,14 +556,16 @@ class Engine:
                 encoded[texts] = prompt_embeds.expand(count, -1, -1), negative_embeds.expand(count, -1, -1)
         return [encoded[(phase.prompt, phase.negative)] for phase in phases]
 
-    def _img2img_pipeline(self):
-        """diffusers' img2img pipeline over the loaded model's components (shared, not copied). Built per run,
-        which costs milliseconds, and not with from_pipe: that casts every part to one dtype, which would
-        undo an fp32 VAE (--no-half-vae)."""
+    def _img2img_pipeline(self, noise: torch.Tensor):
+        """diffusers' img2img pipeline over the loaded model's components (shared, not copied), noising its start
+        with `noise` (variation seeds move it; the hires pass draws its own). Built per run, which costs
+        milliseconds, and not with from_pipe: that casts every part to one dtype, which would undo an fp32 VAE
+        (--no-half-vae)."""
         from diffusers import StableDiffusionImg2ImgPipeline
 
         pipe = StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)  # as the loaded pipeline: progress goes to the page
+        pipe.prepare_latents = functools.partial(_noised_latents, pipe, noise)
         return pipe
 
     def encode(self, image: Image.Image) -> torch.Tensor:

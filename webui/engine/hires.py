@@ -6,7 +6,6 @@ the steps of the second pass follow A1111, so its infotexts and API requests mea
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +56,9 @@ def hires_size(width: int, height: int, scale: float, resize_x: int = 0, resize_
 
 
 def schedule_steps(hires_steps: int, strength: float) -> int:
-    """The schedule whose last `hires_steps` steps are the second pass: the pipeline runs int(n x strength)
-    of n steps, so n = ceil(steps / strength) runs exactly `hires_steps` (as A1111's hires pass does)."""
-    return math.ceil(hires_steps / strength - 1e-9)
+    """The schedule whose last `hires_steps` steps are the second pass, as A1111 makes it: hires_steps / strength
+    steps (the strength kept below 1), so the pass starts `strength` deep and runs exactly the hires steps."""
+    return int(hires_steps / min(strength, 0.999))
 
 
 def upscale_latents(latents: torch.Tensor, upscaler: str, size: tuple[int, int]) -> torch.Tensor:

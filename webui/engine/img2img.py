@@ -14,11 +14,28 @@ from PIL import Image, ImageOps
 from webui.schemas import MAX_SIZE, MIN_SIZE
 
 RESAMPLE = Image.Resampling.LANCZOS
+# Larger pictures are refused before their pixels are read: a 2 MB PNG can hold 144 megapixels (2.4 GB in memory),
+# and every run is at most 2048 wide anyway.
+MAX_PICTURE_PIXELS = 4096 * 4096
+
+
+def check_picture_size(width: int, height: int) -> None:
+    """ValueError saying what to send when a picture is too large to read."""
+    if width * height > MAX_PICTURE_PIXELS:
+        raise ValueError(f"the picture is {width}x{height} ({width * height / 1e6:.0f} megapixels); send one of at "
+                         f"most {MAX_PICTURE_PIXELS / 1e6:.1f} megapixels (4096x4096), scaled down")
 
 
 def as_rgb(image: Image.Image) -> Image.Image:
-    """The picture as RGB, a transparent part on white (as a browser shows it), turned as its EXIF says."""
+    """The picture as RGB, a transparent part on white (as a browser shows it), turned as its EXIF says; a
+    16-bit grey one scaled to 8 bits (PIL's convert would clip it to white)."""
+    check_picture_size(*image.size)
     image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        image = image.convert("I")
+        if image.getextrema()[1] > 255:
+            image = image.point(lambda value: value / 256)
+        image = image.convert("L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
@@ -33,13 +50,22 @@ def image_sha1(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
-def size_from_image(image: Image.Image) -> tuple[int, int]:
-    """The run's size where the request gives none: the picture's, rounded down to a multiple of 8 and kept
-    within the size limits (a larger picture is scaled down to fit them, keeping its shape)."""
-    width, height = image.size
-    scale = min(1.0, MAX_SIZE / max(width, height))
-    width, height = (max(MIN_SIZE, int(side * scale) // 8 * 8) for side in (width, height))
-    return min(width, MAX_SIZE), min(height, MAX_SIZE)
+def size_from_image(image: Image.Image, width: int | None = None, height: int | None = None) -> tuple[int, int]:
+    """The run's size: the width and height given; where one is given, the other in the picture's shape; where
+    none is, the picture's own size (scaled down to fit the size limits). Multiples of 8, within the limits."""
+    if width and height:
+        return width, height
+    if width:
+        return width, _side(width * image.height / image.width)
+    if height:
+        return _side(height * image.width / image.height), height
+    scale = min(1.0, MAX_SIZE / max(image.size))
+    return _side(image.width * scale), _side(image.height * scale)
+
+
+def _side(length: float) -> int:
+    """A side of the run: rounded down to a multiple of 8, within the size limits."""
+    return min(MAX_SIZE, max(MIN_SIZE, int(length) // 8 * 8))
 
 
 def fit_image(image: Image.Image, width: int, height: int, resize_mode: int) -> Image.Image:
@@ -51,6 +77,12 @@ def fit_image(image: Image.Image, width: int, height: int, resize_mode: int) -> 
     if resize_mode == 2:
         return _resize_and_fill(image, width, height)
     raise ValueError(f"unknown resize mode {resize_mode}")
+
+
+def pipeline_strength(steps_run: int, schedule: int) -> float:
+    """The strength that makes diffusers' img2img pipeline run the last `steps_run` of `schedule` steps: it runs
+    int(schedule x strength) of them; half a step more keeps float rounding from taking one away."""
+    return min(1.0, (steps_run + 0.5) / schedule)
 
 
 def _resize_and_fill(image: Image.Image, width: int, height: int) -> Image.Image:

@@ -42,13 +42,31 @@ class PromptPhase:
     negative: str
 
 
-def prompt_phases(prompt: str, negative: str, steps: int) -> list[PromptPhase]:
-    """The texts a run of `steps` reads, phase by phase; one phase when nothing is edited or alternated."""
+@dataclass(frozen=True)
+class _Clock:
+    """How a `when` becomes a step of this pass. The hires fix's second pass counts on from the first, as A1111
+    counts it: a step number past the first pass's steps, a fraction past 1.0 (0.5 has passed; 1.5 is halfway)."""
+    steps: int
+    step_offset: int = 0
+    fraction_offset: float = 0.0
+
+    def switch_step(self, when: str) -> int:
+        if "." in when:
+            value = (float(when) - self.fraction_offset) * self.steps
+        else:
+            value = float(when) - self.step_offset
+        return int(max(-1.0, min(float(self.steps), value)))  # clamped first: "1e999" is infinite
+
+
+def prompt_phases(prompt: str, negative: str, steps: int, first_pass_steps: int | None = None) -> list[PromptPhase]:
+    """The texts a run of `steps` reads, phase by phase; one phase when nothing is edited or alternated.
+    first_pass_steps: this is the hires fix's second pass, after a first pass of that many steps."""
+    clock = _Clock(steps) if first_pass_steps is None else _Clock(steps, first_pass_steps, 1.0)
     trees = _parsed(prompt), _parsed(negative)
-    ends = {steps} | _switch_steps(trees[0], steps) | _switch_steps(trees[1], steps)
+    ends = {steps} | _switch_steps(trees[0], clock) | _switch_steps(trees[1], clock)
     phases: list[PromptPhase] = []
     for end in sorted(ends):
-        texts = [_text_at(tree, end, steps) for tree in trees]
+        texts = [_text_at(tree, end, clock) for tree in trees]
         if phases and [phases[-1].prompt, phases[-1].negative] == texts:
             phases.pop()  # the same texts go on: one phase, ending at `end`
         phases.append(PromptPhase(end, *texts))
@@ -66,33 +84,28 @@ def prompt_variants(text: str, steps: int) -> list[str]:
     return list(dict.fromkeys(phase.prompt for phase in prompt_phases(text, "", steps)))
 
 
-def _switch_step(when: str, steps: int) -> int:
-    value = float(when) * steps if "." in when else float(when)
-    return int(max(-1.0, min(float(steps), value)))  # clamped first: "1e999" is infinite
-
-
-def _switch_steps(nodes: tuple, steps: int) -> set[int]:
+def _switch_steps(nodes: tuple, clock: _Clock) -> set[int]:
     found: set[int] = set()
     for node in nodes:
         if isinstance(node, Edit):
-            step = _switch_step(node.when, steps)
+            step = clock.switch_step(node.when)
             if step >= 1:
                 found.add(step)
-            found |= _switch_steps(node.before, steps) | _switch_steps(node.after, steps)
+            found |= _switch_steps(node.before, clock) | _switch_steps(node.after, clock)
         elif isinstance(node, Alternation):
-            found.update(range(1, steps + 1))
+            found.update(range(1, clock.steps + 1))
             for option in node.options:
-                found |= _switch_steps(option, steps)
+                found |= _switch_steps(option, clock)
     return found
 
 
-def _text_at(nodes: tuple, step: int, steps: int) -> str:
+def _text_at(nodes: tuple, step: int, clock: _Clock) -> str:
     parts = []
     for node in nodes:
         if isinstance(node, Edit):
-            parts.append(_text_at(node.before if step <= _switch_step(node.when, steps) else node.after, step, steps))
+            parts.append(_text_at(node.before if step <= clock.switch_step(node.when) else node.after, step, clock))
         elif isinstance(node, Alternation):
-            parts.append(_text_at(node.options[(step - 1) % len(node.options)], step, steps))
+            parts.append(_text_at(node.options[(step - 1) % len(node.options)], step, clock))
         else:
             parts.append(node)
     return "".join(parts)

@@ -552,8 +552,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                 random_seed = gr.Button("⚄", elem_id=f"{kind}_random_seed", scale=0, min_width=48)
                 reuse_seed = gr.Button("♻", elem_id=f"{kind}_reuse_seed", scale=0, min_width=48)
             # A1111's "Extra" seed options: the same picture, changed a little (strength 0 leaves it alone).
-            # img2img runs none yet (GenerationRequest.check_img2img): hidden there, at strength 0.
-            with gr.Accordion("Variation seed", open=False, elem_id=f"{kind}_variation", visible=not img2img):
+            with gr.Accordion("Variation seed", open=False, elem_id=f"{kind}_variation"):
                 with gr.Row():
                     subseed = gr.Number(-1, precision=0, label="Variation seed (-1 = random)",
                                         elem_id=f"{kind}_subseed")

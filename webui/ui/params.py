@@ -12,13 +12,12 @@ from webui.storage.history import HistoryImage
 from webui.storage.infotext import request_fields_from_infotext
 
 # GenerationRequest fields a tab takes from a sent image, in the order of GenerationTab.field_components.
-_SHARED_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale",
-                  "width", "height", "seed", "clip_skip", "model", "batch_size", "styles", "denoising_strength")
+IMG2IMG_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
+                  "seed", "clip_skip", "model", "batch_size", "subseed", "subseed_strength", "styles",
+                  "denoising_strength")
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y")
-# img2img runs no variation seeds (GenerationRequest.check_img2img): a sent one would only make Generate fail.
 # txt2img's Denoising strength is its hires fix's.
-TXT2IMG_FIELDS = (*_SHARED_FIELDS, "subseed", "subseed_strength", *HIRES_FIELDS)
-IMG2IMG_FIELDS = _SHARED_FIELDS
+TXT2IMG_FIELDS = (*IMG2IMG_FIELDS, *HIRES_FIELDS)
 TAB_FIELDS = {"txt2img": TXT2IMG_FIELDS, "img2img": IMG2IMG_FIELDS}
 
 
