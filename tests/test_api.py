@@ -222,6 +222,15 @@ def test_the_hires_fix_runs_with_a1111s_fields_and_defaults(client):
     assert "Size: 64x64, Denoising strength: 0.75, Hires upscale: 1.5, Hires upscaler: Latent" in info["infotexts"][0]
 
 
+def test_a_pasted_infotext_brings_its_hires_fix_unless_the_body_sets_one(client):
+    pasted = ("a pear\nSteps: 2, Sampler: Euler, Seed: 9, Size: 64x64, Denoising strength: 0.5, Hires upscale: 1.5, "
+              "Hires upscaler: Latent")
+    info = json.loads(client.post("/sdapi/v1/txt2img", json=QUICK | {"infotext": pasted}).json()["info"])
+    assert "Denoising strength: 0.5, Hires upscale: 1.5" in info["infotexts"][0]
+    off = json.loads(client.post("/sdapi/v1/txt2img", json=QUICK | {"infotext": pasted, "enable_hr": False}).json()["info"])
+    assert "Hires" not in off["infotexts"][0]
+
+
 def test_variation_seeds_run_and_come_back_in_info_and_infotext(client):
     body = QUICK | {"seed": 5, "subseed": 42, "subseed_strength": 0.5, "batch_size": 2}
     info = json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])

@@ -77,6 +77,8 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     are for a request that gives none of its own (POST /options sets them). An img2img body's picture is not
     among the fields: init_image_of decodes it."""
     img2img = isinstance(req, Img2ImgRequest)
+    if isinstance(req, Txt2ImgRequest) and req.infotext:
+        req = _with_pasted_hires(req)
     problems = [f"{name}: {message}" for name, asks, message in _UNSUPPORTED if asks(getattr(req, name, None))]
     if img2img and len(req.init_images or []) != 1:
         problems.append("init_images: send one base64 image" if not req.init_images else
@@ -134,6 +136,20 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     if problems:
         raise ApiError(422, "; ".join(dict.fromkeys(problems)), "InvalidRequest")
     return data, [note] if note else []
+
+
+_HIRES_PASTED = ("enable_hr", "denoising_strength", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
+                 "hr_resize_y")
+
+
+def _with_pasted_hires(req: Txt2ImgRequest) -> Txt2ImgRequest:
+    """A body whose pasted infotext made its picture with the hires fix, with that fix's fields where the body
+    sets no hires fix of its own (as A1111 applies a pasted infotext)."""
+    pasted = request_fields_from_infotext(req.infotext)
+    if not pasted.get("enable_hr") or "enable_hr" in req.model_fields_set:
+        return req
+    return req.model_copy(update={name: pasted[name] for name in _HIRES_PASTED
+                                  if name in pasted and name not in req.model_fields_set})
 
 
 # A1111's values of the second pass's own settings that mean "as the first pass".
