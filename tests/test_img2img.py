@@ -158,7 +158,7 @@ def test_a_transparent_picture_is_read_on_white_and_a_16_bit_one_in_its_greys():
 
 @pytest.mark.parametrize("fields, picture, message", [
     ({"enable_hr": True}, "picture", "enable_hr: hires fix is for txt2img"),
-    ({}, "huge", "init_image: the picture cannot be read \\(the picture is 5000x4000 \\(20 megapixels\\)"),
+    ({}, "huge", "init_image: the picture is 5000x4000 \\(20 megapixels\\); send one of at most 16.8"),
     ({"init_image": "a" * 40}, None, "init_image: give the picture"),
     ({}, "truncated", "init_image: the picture cannot be read"),
     ({"resize_mode": 3}, "picture", "resize_mode"),

@@ -194,3 +194,23 @@ def test_the_page_load_covers_the_img2img_tab(ui):
     assert {"img2img_width", "img2img_height", "img2img_clip_skip", "txt2img_width"} <= model_outputs
     dropdown, status, *sliders = event(ui, "models_on_page_load")()
     assert sliders[:2] == sliders[3:5] == [64, 64]
+
+
+def test_a_hires_picture_sent_to_img2img_keeps_its_own_size_and_not_its_batch_size(ui, ui_services):
+    """The infotext's Size is the first pass's: the picture is larger (A1111 sends the picture's size)."""
+    *_, last = event(ui, "txt2img")(Session(), "a hires barn", steps=2, width=64, height=64, seed=5, model=TINY,
+                                    batch_size=2, enable_hr=True, hr_scale=1.5, denoising_strength=0.5)
+    session = last[0]
+    sent, *values, _ = event(ui, "gallery_to_img2img")(session)
+    fields = by_field(IMG2IMG_FIELDS, values)
+    assert Image.open(sent).size == (96, 96) and (fields["width"], fields["height"]) == (96, 96)
+    assert "batch_size" not in IMG2IMG_FIELDS and "Batch size: 2" in session.infotexts[0]
+    # Send to txt2img gives back the first-pass size and the hires fix, and no hires size left over.
+    *values, _ = event(ui, "send_from_pnginfo")(session.infotexts[0])
+    fields = by_field(TXT2IMG_FIELDS, values)
+    assert (fields["width"], fields["enable_hr"], fields["hr_scale"], fields["hr_resize_x"]) == (64, True, 1.5, 0)
+
+
+def test_from_image_refuses_a_picture_generate_would_refuse(ui):
+    with pytest.raises(gr.Error, match="Image: the picture is 5000x4000"):
+        ui.img2img.actions.picture_size(Image.new("1", (5000, 4000)))

@@ -25,7 +25,7 @@ from PIL import Image
 
 from webui import __version__
 from webui.engine.generate import DenoisingStopped, Engine, LoadedModel
-from webui.engine.img2img import as_rgb, fit_image, image_sha1, size_from_image
+from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sha1, size_from_image
 from webui.engine.models import ModelEntry
 from webui.engine.lora import lora_uses, unread_tags
 from webui.schemas import (GeneratedImage, GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED,
@@ -758,6 +758,10 @@ def _with_init_image(request: GenerationRequest, image: Image.Image | None
         return request, None
     if not isinstance(image, Image.Image):
         raise InvalidRequest(f"init_image: expected a picture, got {type(image).__name__}")
+    try:
+        check_picture_size(*image.size)
+    except ValueError as err:
+        raise InvalidRequest(f"init_image: {err}") from None
     try:
         image = as_rgb(image)
     except (OSError, ValueError) as err:  # a truncated or damaged file fails only when its pixels are read

@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 from webui.schemas import MAX_SIZE, MIN_SIZE
 
 RESAMPLE = Image.Resampling.LANCZOS
+ORIENTATION = 0x0112  # the EXIF tag
 # Larger pictures are refused before their pixels are read: a 2 MB PNG can hold 144 megapixels (2.4 GB in memory),
 # and every run is at most 2048 wide anyway.
 MAX_PICTURE_PIXELS = 4096 * 4096
@@ -29,7 +30,6 @@ def check_picture_size(width: int, height: int) -> None:
 def as_rgb(image: Image.Image) -> Image.Image:
     """The picture as RGB, a transparent part on white (as a browser shows it), turned as its EXIF says; a
     16-bit grey one scaled to 8 bits (PIL's convert would clip it to white)."""
-    check_picture_size(*image.size)
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         image = image.convert("I")
@@ -55,12 +55,19 @@ def size_from_image(image: Image.Image, width: int | None = None, height: int | 
     none is, the picture's own size (scaled down to fit the size limits). Multiples of 8, within the limits."""
     if width and height:
         return width, height
+    own_width, own_height = upright_size(image)
     if width:
-        return width, _side(width * image.height / image.width)
+        return width, _side(width * own_height / own_width)
     if height:
-        return _side(height * image.width / image.height), height
-    scale = min(1.0, MAX_SIZE / max(image.size))
-    return _side(image.width * scale), _side(image.height * scale)
+        return _side(height * own_width / own_height), height
+    scale = min(1.0, MAX_SIZE / max(own_width, own_height))
+    return _side(own_width * scale), _side(own_height * scale)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """The picture's size as it is shown: an EXIF orientation of 5 to 8 turns it a quarter (as_rgb turns it)."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(ORIENTATION) in (5, 6, 7, 8) else (width, height)
 
 
 def _side(length: float) -> int:

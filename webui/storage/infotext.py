@@ -139,4 +139,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["hr_resize_x"], fields["hr_resize_y"] = int(resize.group(1)), int(resize.group(2))
     if params:  # a parameters line with a Hires key made its picture with the hires fix, as A1111 reads it
         fields["enable_hr"] = any(key.startswith("Hires ") for key in params)
+    if fields.get("enable_hr"):  # left out when written at 0 (by the scale; as many steps as the first pass)
+        for name in ("hr_second_pass_steps", "hr_resize_x", "hr_resize_y"):
+            fields.setdefault(name, 0)
     return fields

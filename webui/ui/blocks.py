@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
+from webui.engine.img2img import size_from_image
 from webui.services import Services
 from webui.ui.history import HistoryActions, HistoryTab, build_history
 from webui.ui.models import ModelActions, ModelPicker, build_model_picker
@@ -83,7 +85,10 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
     private = dict(api_visibility="private", show_progress="hidden")
 
     def to_tab(tab: GenerationTab, fields: dict, *picture: Any) -> tuple:
-        """The outputs of a send: [img2img's picture,] the tab's fields, then the tab shown."""
+        """The outputs of a send: [img2img's picture,] the tab's fields, then the tab shown. A picture sent sets
+        the size, as in A1111: a hires picture is larger than its infotext's first-pass size."""
+        if picture:
+            fields = fields | picture_dimensions(picture[0])
         updates = widget_updates(fields, tab.field_names, ui.models.choices(), ui.models.find_pasted)
         return *picture, *updates, gr.Tabs(selected=tab.kind)
 
@@ -136,6 +141,18 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
         return dropdown, status, *model_sliders * tab_count
 
     ui.blocks.load(models_on_page_load, outputs=[ui.picker.dropdown, ui.picker.status, *sliders], **private)
+
+
+def picture_dimensions(picture: Image.Image | str) -> dict[str, int]:
+    """A sent picture's (or picture file's) width and height as img2img runs it; none when it cannot be opened
+    (Generate then says what is wrong with it)."""
+    try:
+        if isinstance(picture, Image.Image):
+            return dict(zip(("width", "height"), size_from_image(picture)))
+        with Image.open(picture) as opened:
+            return dict(zip(("width", "height"), size_from_image(opened)))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return {}
 
 
 def _wire_page_load(ui: WebUI) -> None:

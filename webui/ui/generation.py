@@ -20,7 +20,7 @@ import gradio as gr
 from PIL import Image
 
 from webui.engine.hires import HIRES_UPSCALERS
-from webui.engine.img2img import size_from_image
+from webui.engine.img2img import MAX_PICTURE_PIXELS, check_picture_size, size_from_image
 from webui.engine.samplers import sampler_names
 from webui.engine.models import ModelNotFound
 from webui.storage.infotext import request_fields_from_infotext
@@ -94,13 +94,14 @@ NO_PICTURE = "Upload a picture to start from (drop one on Image, or send one fro
 
 @dataclass(frozen=True)
 class UnreadablePicture:
-    """An upload that is no picture, or a damaged one: Generate says so where its progress shows."""
+    """An upload that is no picture, a damaged one or one too large to read: Generate says so where its progress
+    shows."""
     name: str
+    reason: str = "it is not a PNG, JPEG or WebP file, or it is damaged"
 
     def problem(self) -> str:
         # The upload's own name: the server's temp path means nothing to the user.
-        return (f"init_image: could not read {self.name} as an image: it is not a PNG, JPEG or WebP file, "
-                "or it is damaged")
+        return f"init_image: could not read {self.name} as an image: {self.reason}"
 
 
 def picture_upload(**kwargs) -> gr.Image:
@@ -112,10 +113,14 @@ def picture_upload(**kwargs) -> gr.Image:
     prepare = image.preprocess
 
     def preprocess(payload):
+        name = getattr(payload, "orig_name", None) or "the picture"
         try:
             return prepare(payload)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, gr.Error):
-            return UnreadablePicture(getattr(payload, "orig_name", None) or "the picture")
+        except Image.DecompressionBombError:  # PIL's own limit, far above ours (check_picture_size)
+            return UnreadablePicture(name, f"it is too large; send one of at most {MAX_PICTURE_PIXELS / 1e6:.1f} "
+                                           "megapixels, scaled down")
+        except (OSError, SyntaxError, ValueError, gr.Error):
+            return UnreadablePicture(name)
 
     image.preprocess = preprocess
     return image
@@ -283,6 +288,10 @@ class GenerationActions:
             raise gr.Error("Upload a picture first.")
         if isinstance(picture, UnreadablePicture):
             raise gr.Error(with_labels(picture.problem()))
+        try:
+            check_picture_size(*picture.size)
+        except ValueError as err:
+            raise gr.Error(f"Image: {err}") from None
         return size_from_image(picture)
 
     def schedules_for(self, sampler_name: str, schedule: str):
@@ -455,21 +464,22 @@ def _api(kind: str, name: str) -> dict:
 
 def hires_fix_section() -> dict[str, gr.components.Component]:
     """txt2img's "Hires. fix" (A1111's): the picture enlarged and denoised again; the widgets by request field."""
-    with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hires_fix"):
-        enable = gr.Checkbox(False, label="Hires. fix", info="draw at Width x Height, then enlarge and add detail",
-                             elem_id="txt2img_enable_hr")
+    # The switch outside the section: whether it is on shows while the section is closed (a send may turn it on).
+    enable = gr.Checkbox(False, label="Hires. fix", info="draw at Width x Height, then enlarge and add detail",
+                         elem_id="txt2img_enable_hr")
+    with gr.Accordion("Hires. fix settings", open=False, elem_id="txt2img_hires_fix"):
         with gr.Row():
             upscaler = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler",
                                    elem_id="txt2img_hr_upscaler")
-            steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps", info="0: as many as Sampling steps",
+            steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: as many as Sampling steps)",
                               elem_id="txt2img_hires_steps")
             strength = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength",
                                  elem_id="txt2img_denoising_strength")
         with gr.Row():
             scale = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")
-            resize_x = gr.Slider(0, MAX_SIZE, value=0, step=8, label="Resize width to", info="0: by Upscale by",
+            resize_x = gr.Slider(0, MAX_SIZE, value=0, step=8, label="Resize width to (0: by Upscale by)",
                                  elem_id="txt2img_hr_resize_x")
-            resize_y = gr.Slider(0, MAX_SIZE, value=0, step=8, label="Resize height to", info="0: by Upscale by",
+            resize_y = gr.Slider(0, MAX_SIZE, value=0, step=8, label="Resize height to (0: by Upscale by)",
                                  elem_id="txt2img_hr_resize_y")
     return {"enable_hr": enable, "hr_upscaler": upscaler, "hr_second_pass_steps": steps,
             "denoising_strength": strength, "hr_scale": scale, "hr_resize_x": resize_x, "hr_resize_y": resize_y}

@@ -12,12 +12,13 @@ from webui.storage.history import HistoryImage
 from webui.storage.infotext import request_fields_from_infotext
 
 # GenerationRequest fields a tab takes from a sent image, in the order of GenerationTab.field_components.
+# img2img's leave the batch size alone (one picture sent need not become several), and take the size of the
+# picture sent rather than its infotext's (blocks.py).
 IMG2IMG_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
-                  "seed", "clip_skip", "model", "batch_size", "subseed", "subseed_strength", "styles",
-                  "denoising_strength")
+                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "styles", "denoising_strength")
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y")
 # txt2img's Denoising strength is its hires fix's.
-TXT2IMG_FIELDS = (*IMG2IMG_FIELDS, *HIRES_FIELDS)
+TXT2IMG_FIELDS = (*IMG2IMG_FIELDS, "batch_size", *HIRES_FIELDS)
 TAB_FIELDS = {"txt2img": TXT2IMG_FIELDS, "img2img": IMG2IMG_FIELDS}
 
 
