@@ -1,6 +1,7 @@
-"""img2img's preparation of the picture to start from: its fingerprint, the run's size, and the fit to it.
+"""img2img's preparation of the picture to start from: its fingerprint, the run's size, and the fit to it; and
+the strength that makes diffusers' img2img pipeline run the steps A1111 runs (pipeline_strength).
 
-Pure image work (PIL only), done by the worker at submit, so the job holds a picture of the run's size and the
+Image work (PIL only), done by the worker at submit, so the job holds a picture of the run's size and the
 engine only encodes it. The three resize modes are A1111's, by its numbers: 0 just resize (stretch),
 1 crop and resize (fill the size, cut the overflow), 2 resize and fill (fit inside, stretch the edges
 outwards into the bars).

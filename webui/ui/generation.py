@@ -451,10 +451,10 @@ class GenerationTab:
 
 
 # generate()'s parameters after the session: request field names, which Gradio's API shows too. A tab's
-# Generate takes those it has a widget for (txt2img has none of img2img's, the last three).
-REQUEST_PARAMS = tuple(inspect.signature(GenerationActions.generate).parameters)[2:]
-REQUEST_DEFAULTS = {name: parameter.default
-                    for name, parameter in inspect.signature(GenerationActions.generate).parameters.items()}
+# Generate takes its widget for each, or the parameter's default where it has none (img2img has no hires fix).
+_GENERATE_PARAMETERS = list(inspect.signature(GenerationActions.generate).parameters.values())[2:]
+REQUEST_PARAMS = tuple(parameter.name for parameter in _GENERATE_PARAMETERS)
+REQUEST_DEFAULTS = {parameter.name: parameter.default for parameter in _GENERATE_PARAMETERS}
 
 
 def _api(kind: str, name: str) -> dict:
