@@ -95,6 +95,6 @@ def test_webuiapi_client_works_unchanged(server):
     assert bad.value.args[0] == 422 and "width" in bad.value.args[1]
     done = api.img2img(images=[result.image], prompt="x", width=64, height=64, denoising_strength=0.5)
     assert "Denoising strength: 0.5" in done.info["infotexts"][0]
-    with pytest.raises(RuntimeError) as unsupported:
-        api.img2img(images=[result.image], mask_image=result.image, prompt="x", width=64, height=64)
-    assert unsupported.value.args[0] == 422 and "mask: inpainting" in unsupported.value.args[1]
+    inpainted = api.img2img(images=[result.image], mask_image=result.image.convert("L").point(lambda v: 255),
+                            prompt="x", width=64, height=64, inpaint_full_res=False)
+    assert "Mask blur: 4" in inpainted.info["infotexts"][0]

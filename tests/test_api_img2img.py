@@ -187,7 +187,11 @@ def _refusals() -> dict[str, tuple[dict, str]]:
         "two images": ({"init_images": [one, one]}, "init_images: only one image is supported, got 2"),
         "not base64": ({"init_images": ["not base64 at all!"]}, "init_images[0]: not valid base64"),
         "base64 of a non-image": ({"init_images": [not_an_image]}, "init_images[0]: the base64 data is not an image"),
-        "a mask": ({"init_images": [one], "mask": one}, "mask: inpainting is not supported yet"),
+        "a blank mask": ({"init_images": [one], "mask": b64(Image.new("L", (64, 64)))}, "mask: the mask is empty"),
+        "a mask that is no image": ({"init_images": [one], "mask": not_an_image}, "mask: the base64 data is not an image"),
+        "an unrounded mask": ({"init_images": [one], "mask": one, "mask_round": False}, "mask_round: "),
+        "blur across and down differ": ({"init_images": [one], "mask": one, "mask_blur_x": 2}, "mask_blur_x: "),
+        "masked content 5": ({"init_images": [one], "mask": one, "inpainting_fill": 5}, "inpainting_fill: "),
         "latent upscale": ({"init_images": [one], "resize_mode": 3}, "resize_mode: 3 (latent upscale) is not supported"),
         "resize mode 7": ({"init_images": [one], "resize_mode": 7}, "resize_mode: "),
         "strength above 1": ({"init_images": [one], "denoising_strength": 1.5}, "denoising_strength: "),
@@ -217,6 +221,23 @@ def test_the_worker_runs_on_after_the_refusals(client, services):
     assert services.worker.alive
     r = client.post("/sdapi/v1/img2img", json=QUICK | {"init_images": [b64(picture(7), "JPEG")]})
     assert r.status_code == 200 and len(r.json()["images"]) == 1, r.text
+
+
+def test_inpainting_keeps_the_picture_outside_the_mask_and_returns_it_whole(client):
+    """A1111's API defaults: only the masked part (no padding) drawn at width x height, filled first."""
+    init = picture(8, 96, 64)
+    mask = Image.new("L", (96, 64))
+    mask.paste(255, (60, 20, 90, 50))
+    r = client.post("/sdapi/v1/img2img", json=QUICK | {"init_images": [b64(init)], "mask": b64(mask), "width": 64,
+                                                       "height": 64})
+    assert r.status_code == 200, r.text
+    result, info = pixels(r.json()["images"][0]), json.loads(r.json()["info"])
+    assert result.shape == (64, 96, 3)
+    assert (result[:, :50] == np.asarray(init, np.int16)[:, :50]).all()  # beyond the mask's blurred edge: the picture
+    assert np.abs(result[25:45, 65:85] - np.asarray(init, np.int16)[25:45, 65:85]).mean() > 5
+    assert ("Mask blur: 4, Masked content: fill, Inpaint area: Only masked, Masked area padding: 0"
+            in info["infotexts"][0]), info["infotexts"][0]
+    assert r.json()["parameters"]["mask"] is None  # not echoed, as the init image
 
 
 def test_docs_list_img2img_with_its_request_model(client):

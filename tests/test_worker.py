@@ -347,7 +347,7 @@ def test_the_eta_counts_the_pace_of_the_steps_not_the_wait_before_the_first(serv
     now, etas = [0.0], {}
     monkeypatch.setattr(worker_module, "StepPace", lambda: StepPace(clock=lambda: now[0]))
 
-    def slow_start_then_quick_steps(request, seeds, on_step, subseeds=None, init_image=None):
+    def slow_start_then_quick_steps(request, seeds, on_step, subseeds=None, init_image=None, inpainting=None):
         batch = len(etas) // 20
         now[0] += 60.0  # a compile
         for step in range(1, 21):
@@ -383,7 +383,7 @@ def test_progress_counts_the_steps_asked_for_whatever_the_model_calls(services, 
     seen = []
     real = services.engine.generate
 
-    def record_steps(request, seeds, on_step, subseeds=None, init_image=None):
+    def record_steps(request, seeds, on_step, subseeds=None, init_image=None, inpainting=None):
         return real(request, seeds, lambda step, total, latents: seen.append((step, total)) or on_step(step, total, latents),
                     subseeds)
 

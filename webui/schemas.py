@@ -23,6 +23,12 @@ MAX_SEED = 2**32 - 1
 MAX_CLIP_SKIP = 12  # the layers of SD 1.x's text encoder; A1111's slider stops there too
 # img2img's ways to fit the init image to the run's size, by A1111's numbers (its 3, latent upscale, is not here).
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")
+# Inpainting's choices, by A1111's numbers: inpainting_fill, inpainting_mask_invert, inpaint_full_res.
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
+MASK_MODES = ("Inpaint masked", "Inpaint not masked")
+INPAINT_AREAS = ("Whole picture", "Only masked")
+MAX_MASK_BLUR, MAX_MASK_PADDING = 64, 256
+_SHA1 = r"^[0-9a-f]{40}$"
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -48,12 +54,26 @@ class GenerationRequest(BaseModel):
     n_iter: int = Field(1, ge=1, le=100, description="batch count: passes made one after another")
     clip_skip: int = Field(1, ge=1, le=MAX_CLIP_SKIP)
     # img2img: the worker sets init_image (its pixels' sha1) when it is given the picture to start from.
-    init_image: str | None = Field(None, pattern=r"^[0-9a-f]{40}$",
+    init_image: str | None = Field(None, pattern=_SHA1,
                                    description="img2img: the sha1 of the init image's pixels (set by the server)")
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0, description="img2img: how much of the init image is "
                                                                          "noised away (1 keeps none of it)")
     resize_mode: int = Field(0, ge=0, le=len(RESIZE_MODES) - 1,
                              description="img2img: 0 just resize, 1 crop and resize, 2 resize and fill")
+    # Inpainting (img2img with a mask): the worker sets mask (its pixels' sha1) when it is given one.
+    mask: str | None = Field(None, pattern=_SHA1, description="inpainting: the sha1 of the mask's pixels, white "
+                                                              "where to draw again (set by the server)")
+    mask_blur: int = Field(4, ge=0, le=MAX_MASK_BLUR, description="inpainting: how far the mask's edge is blurred, "
+                                                                  "in pixels")
+    inpainting_fill: int = Field(1, ge=0, le=len(MASKED_CONTENT) - 1,
+                                 description="inpainting: what the masked part starts from: 0 fill (the colours "
+                                             "around it), 1 original, 2 latent noise, 3 latent nothing")
+    inpainting_mask_invert: int = Field(0, ge=0, le=1, description="inpainting: 0 draws the masked part again, "
+                                                                   "1 the part outside it")
+    inpaint_full_res: bool = Field(False, description="inpainting: draw only the masked part (with padding) at the "
+                                                      "run's size, and paste it back (A1111's Only masked)")
+    inpaint_full_res_padding: int = Field(32, ge=0, le=MAX_MASK_PADDING,
+                                          description="inpainting, Only masked: pixels around the mask drawn too")
     # Hires fix (txt2img): a second, img2img-like pass at a larger size, denoising_strength deep.
     enable_hr: bool = Field(False, description="hires fix: enlarge the picture and denoise it again")
     hr_scale: float = Field(2.0, ge=1.0, le=4.0, description="hires fix: how many times larger")
@@ -127,6 +147,10 @@ class GenerationRequest(BaseModel):
     @property
     def is_img2img(self) -> bool:
         return self.init_image is not None
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.mask is not None
 
     @property
     def hires_steps(self) -> int:

@@ -26,10 +26,11 @@ from PIL import Image
 from webui import __version__
 from webui.engine.generate import DenoisingStopped, Engine, LoadedModel
 from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sha1, size_from_image
+from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.models import ModelEntry
 from webui.engine.lora import lora_uses, unread_tags
-from webui.schemas import (GeneratedImage, GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED,
-                           parse_request)
+from webui.schemas import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, GeneratedImage, GenerationRequest,
+                           InvalidRequest, JobState, Progress, MAX_SEED, parse_request)
 from webui.storage.history import History
 from webui.storage.infotext import build_infotext
 from webui.storage.outputs import OutputStore, make_grid
@@ -98,6 +99,7 @@ class Job:
     # Saved images whose history rows wait for the job's row, each with the call that writes its row.
     unrecorded: list[tuple[GeneratedImage, Callable[[], int]]] = field(default_factory=list)
     init_image: Image.Image | None = field(default=None, repr=False)  # img2img: the start, at the run's size
+    inpainting: Inpainting | None = field(default=None, repr=False)  # img2img with a mask: where to draw
     started_at: float | None = None
     finished_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
@@ -171,7 +173,8 @@ class StepPace:
 
 
 def _pixels_held(job: Job) -> int:
-    images = [im.image for im in job.images] + [picture for picture in (job.grid, job.init_image) if picture is not None]
+    held = (job.grid, job.init_image, job.inpainting and job.inpainting.original)
+    images = [im.image for im in job.images] + [picture for picture in held if picture is not None]
     return sum(image.width * image.height for image in images)
 
 
@@ -233,12 +236,13 @@ class Worker:
     # --- the public surface ---------------------------------------------------------------
     def submit(self, request: GenerationRequest | dict, origin: str = "ui", owner: str | None = None,
                warnings: list[str] | None = None, field_names: dict[str, str] | None = None,
-               init_image: Image.Image | None = None) -> Job:
+               init_image: Image.Image | None = None, mask: Image.Image | None = None) -> Job:
         """Queue a request; returns its Job at once. Raises InvalidRequest, QueueFull or WorkerStopped.
         `warnings`: what the caller already changed in the request (the API's schedule type run as Automatic).
         `field_names`: the caller's names for request fields, which its messages about the job use.
-        `init_image`: the picture an img2img job starts from (any size or mode; fitted to the run's size here)."""
-        request, init_image = _with_init_image(self._with_styles(parse_request(request)), init_image)
+        `init_image`: the picture an img2img job starts from (any size or mode; fitted to the run's size here).
+        `mask`: with it, an inpainting job: white (or, with transparency, painted) where the picture is drawn again."""
+        request, init_image, inpainting = _with_init_image(self._with_styles(parse_request(request)), init_image, mask)
         self._check_against_loaded_model(request)
         self._check_loras(request)
         warnings = list(warnings or [])
@@ -247,7 +251,7 @@ class Worker:
             warnings.append(f"left out of the prompt: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''} "
                             "(this server reads <lora:...> tags only)")
         job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=warnings,
-                  field_names=dict(field_names or {}), init_image=init_image)
+                  field_names=dict(field_names or {}), init_image=init_image, inpainting=inpainting)
         with self._wake:
             self._refuse_new_job()  # early: no history row for a job that cannot be queued
         # Outside the lock: a locked database waits seconds, and the queue must answer meanwhile.
@@ -563,7 +567,8 @@ class Worker:
         started = time.time()
         try:
             results = job.context.run(self.engine.generate, request, seeds,
-                                      self._step_callback(job, batch, compiling, pace), subseeds, job.init_image)
+                                      self._step_callback(job, batch, compiling, pace), subseeds, job.init_image,
+                                      job.inpainting)
         except DenoisingStopped as stopped:  # shown as they stood, not saved
             for i, result in enumerate(stopped.images):
                 self._keep_image(job, result, first + i, seconds=0.0, unfinished=True)
@@ -630,6 +635,7 @@ class Worker:
             "Size": f"{width}x{height}",
             "Denoising strength": request.denoising_strength if request.is_img2img or request.enable_hr else None,
             **_hires_infotext(request),
+            **_inpainting_infotext(request),
             "Model hash": model.short_hash,
             "Model": model.entry.name,
             "Variation seed": job.subseeds[index] if request.subseed_strength > 0 else None,
@@ -748,27 +754,57 @@ class Worker:
             excess, pixels = excess - 1, pixels - _pixels_held(job)
 
 
-def _with_init_image(request: GenerationRequest, image: Image.Image | None
-                     ) -> tuple[GenerationRequest, Image.Image | None]:
-    """An img2img request (marked by its init image's hash, sized by the picture where it gives no size) and
-    the picture fitted to that size; a txt2img request as it is."""
+def _with_init_image(request: GenerationRequest, image: Image.Image | None, mask: Image.Image | None = None
+                     ) -> tuple[GenerationRequest, Image.Image | None, Inpainting | None]:
+    """An img2img request (marked by its init image's hash, and its mask's for inpainting; sized by the picture
+    where it gives no size), the picture it starts from at that size, and with a mask the Inpainting; a txt2img
+    request as it is."""
     if image is None:
-        if request.is_img2img:
-            raise InvalidRequest("init_image: give the picture to start from, not only its hash")
-        return request, None
-    if not isinstance(image, Image.Image):
-        raise InvalidRequest(f"init_image: expected a picture, got {type(image).__name__}")
+        if request.is_img2img or request.is_inpainting or mask is not None:
+            raise InvalidRequest("init_image: give the picture to start from, not only its hash" if request.is_img2img
+                                 else "init_image: inpainting needs the picture to draw into, besides the mask")
+        return request, None, None
+    if request.is_inpainting and mask is None:
+        raise InvalidRequest("mask: give the mask picture, not only its hash")
+    image = _read_picture(image, "init_image", as_rgb)
+    fields = {"init_image": image_sha1(image)}
+    if mask is None:
+        width, height = size_from_image(image, request.width, request.height)
+        request = parse_request(request.model_dump() | fields | {"width": width, "height": height})
+        return request, fit_image(image, request.width, request.height, request.resize_mode), None
+    mask = _read_picture(mask, "mask", lambda picture: read_mask(picture, image.size))
     try:
-        check_picture_size(*image.size)
+        width, height, start, inpainting = prepare_inpainting(image, mask, request)
     except ValueError as err:
-        raise InvalidRequest(f"init_image: {err}") from None
+        raise InvalidRequest(f"mask: {err}") from None
+    request = parse_request(request.model_dump() | fields | {"mask": image_sha1(mask), "width": width, "height": height})
+    return request, start, inpainting
+
+
+def _read_picture(picture: Image.Image, field: str, read: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """An uploaded picture read into memory by `read`, or InvalidRequest naming the field and what to send."""
+    if not isinstance(picture, Image.Image):
+        raise InvalidRequest(f"{field}: expected a picture, got {type(picture).__name__}")
     try:
-        image = as_rgb(image)
+        check_picture_size(*picture.size)
+    except ValueError as err:
+        raise InvalidRequest(f"{field}: {err}") from None
+    try:
+        return read(picture)
     except (OSError, ValueError) as err:  # a truncated or damaged file fails only when its pixels are read
-        raise InvalidRequest(f"init_image: the picture cannot be read ({err}); send a PNG, JPEG or WebP file") from None
-    width, height = size_from_image(image, request.width, request.height)
-    request = parse_request(request.model_dump() | {"init_image": image_sha1(image), "width": width, "height": height})
-    return request, fit_image(image, request.width, request.height, request.resize_mode)
+        raise InvalidRequest(f"{field}: the picture cannot be read ({err}); send a PNG, JPEG or WebP file") from None
+
+
+def _inpainting_infotext(request: GenerationRequest) -> dict[str, Any]:
+    """Inpainting's infotext keys, as A1111 writes them: each only where it is not the default."""
+    if not request.is_inpainting:
+        return {}
+    only_masked = request.inpaint_full_res
+    return {"Mask blur": request.mask_blur or None,
+            "Mask mode": MASK_MODES[1] if request.inpainting_mask_invert else None,
+            "Masked content": None if request.inpainting_fill == 1 else MASKED_CONTENT[request.inpainting_fill],
+            "Inpaint area": INPAINT_AREAS[1] if only_masked else None,
+            "Masked area padding": request.inpaint_full_res_padding if only_masked else None}
 
 
 def _hires_infotext(request: GenerationRequest) -> dict[str, Any]:

@@ -51,7 +51,8 @@ _UNSUPPORTED = (
                                             "hr_scale or hr_resize_x/hr_resize_y for the larger size"),
     ("firstphase_height", lambda v: bool(v), "the old hires fix's first-pass size is not supported; send 0, and "
                                              "hr_scale or hr_resize_x/hr_resize_y for the larger size"),
-    ("mask", lambda v: bool(v), "inpainting is not supported yet (send null, or use img2img without a mask)"),
+    ("mask_round", lambda v: v is False, "only a rounded latent mask is supported (send true or null)"),
+    ("latent_mask", lambda v: v is not None, "a separate latent mask is not supported (send null)"),
     ("resize_mode", lambda v: v == 3, "3 (latent upscale) is not supported; use 0 (just resize), "
                                       "1 (crop and resize) or 2 (resize and fill)"),
     ("initial_noise_multiplier", lambda v: v not in (None, 1), "a noise multiplier is not supported yet (send 1 "
@@ -125,6 +126,10 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     }
     if img2img and req.resize_mode != 3:  # (3 is refused above; the schema would only repeat it)
         data["resize_mode"] = 0 if req.resize_mode is None else req.resize_mode
+    if img2img and req.mask:
+        inpainting, refused = inpainting_fields(req, request_fields_from_infotext(req.infotext) if req.infotext else {})
+        data |= inpainting
+        problems.extend(refused)
     if isinstance(req, Txt2ImgRequest) and req.enable_hr:
         hires, refused = hires_fields(req)
         data |= hires
@@ -170,6 +175,30 @@ def hires_fields(req: Txt2ImgRequest) -> tuple[dict[str, Any], list[str]]:
     return fields, [f"{name}: a second pass with its own {name.removeprefix('hr_').replace('_', ' ')} is not "
                     "supported yet; leave it empty to use the first pass's" for name, value in own.items()
                     if value not in _SAME]
+
+
+def inpainting_fields(req: Img2ImgRequest, pasted: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """An img2img body's inpainting fields (for those it leaves out, an `infotext`'s (pasted), else A1111's
+    defaults), and what is refused."""
+    given = req.model_fields_set
+    pasted = {name: value for name, value in pasted.items() if name not in given}
+    if given & {"mask_blur_x", "mask_blur_y"}:
+        pasted.pop("mask_blur", None)
+    blur, refused = req.mask_blur, []
+    if blur is None and "mask_blur" in pasted:
+        blur = pasted["mask_blur"]
+    if blur is None:
+        blur_x, blur_y = (4 if value is None else value for value in (req.mask_blur_x, req.mask_blur_y))
+        if blur_x != blur_y:
+            refused.append(f"mask_blur_x: a blur across ({blur_x}) other than down ({blur_y}) is not supported; send "
+                           "mask_blur")
+        blur = blur_x
+    defaults = Img2ImgRequest.model_fields
+    fields = {"mask_blur": blur}
+    for name in ("inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert"):
+        value = getattr(req, name)
+        fields[name] = pasted.get(name, defaults[name].default if value is None else value)
+    return fields, refused
 
 
 def sampler_and_schedule(sampler_name: str, schedule: str | None) -> tuple[str, str, str | None]:
@@ -341,6 +370,13 @@ def init_image_of(req: GenerationBody) -> Image.Image | None:
     if not isinstance(req, Img2ImgRequest):
         return None
     return decode_image(req.init_images[0], field="init_images[0]", check_size=check_picture_size)
+
+
+def mask_of(req: GenerationBody) -> Image.Image | None:
+    """An img2img body's inpainting mask, decoded; None when it sends none (and for txt2img)."""
+    if not isinstance(req, Img2ImgRequest) or not req.mask:
+        return None
+    return decode_image(req.mask, field="mask", check_size=check_picture_size)
 
 
 def png_info(image: Image.Image) -> dict[str, Any]:

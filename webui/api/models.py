@@ -112,24 +112,30 @@ class Img2ImgRequest(GenerationBody):
                                              "(1 keeps none of it); steps x strength steps run")
     resize_mode: int | None = Field(0, description="fitting the init image to width x height: 0 just resize, "
                                     "1 crop and resize, 2 resize and fill (3, latent upscale, is not supported)")
-    include_init_images: bool | None = Field(False, description="echo init_images in the response's parameters")
+    include_init_images: bool | None = Field(False, description="echo init_images and mask in the response's "
+                                             "parameters")
     width: int | None = Field(None, description="multiple of 8; left out = the init image's size")
     height: int | None = Field(None, description="multiple of 8; left out = the init image's size")
 
-    # --- accepted for compatibility; the adapter rejects values that ask for a missing feature --
-    mask: str | None = Field(None, description="inpainting is not supported yet: send null")
-    initial_noise_multiplier: float | None = Field(None, description="only 1 (or null) is supported")
+    # Inpainting, with A1111's API defaults (its UI's differ: original content, whole picture, padding 32).
+    mask: str | None = Field(None, description="inpainting: a base64 image, white where the picture is drawn again "
+                             "(or, with transparency, opaque there); the picture's size, else stretched to it")
+    mask_blur: int | None = Field(None, description="pixels the mask's edge is blurred; null: mask_blur_x")
+    mask_blur_x: int | None = Field(4, description="the mask's blur, when mask_blur is null (equal to mask_blur_y)")
+    mask_blur_y: int | None = Field(4, description="the mask's blur, when mask_blur is null (equal to mask_blur_x)")
+    inpainting_fill: int | None = Field(0, description="masked content: 0 fill, 1 original, 2 latent noise, "
+                                        "3 latent nothing")
+    inpaint_full_res: bool | None = Field(True, description="true: draw only the masked part, with padding, at "
+                                          "width x height, and paste it back (Only masked); false: the whole picture")
+    inpaint_full_res_padding: int | None = Field(0, description="Only masked: pixels around the mask drawn too")
+    inpainting_mask_invert: int | None = Field(0, description="1 draws the part outside the mask instead")
 
-    # --- accepted and ignored (inpainting details, with no mask; instruct-pix2pix's image CFG) ----
-    inpainting_fill: int | None = 0
-    mask_blur: int | None = None
-    mask_blur_x: int | None = 4
-    mask_blur_y: int | None = 4
-    mask_round: bool | None = True
-    inpaint_full_res: bool | None = True
-    inpaint_full_res_padding: int | None = 0
-    inpainting_mask_invert: int | None = 0
-    latent_mask: Any = None
+    # --- accepted for compatibility; the adapter rejects values that ask for a missing feature --
+    initial_noise_multiplier: float | None = Field(None, description="only 1 (or null) is supported")
+    mask_round: bool | None = Field(True, description="only true (or null) is supported")
+    latent_mask: Any = Field(None, description="not supported: send null")
+
+    # --- accepted and ignored (instruct-pix2pix's image CFG) ----------------------------------
     image_cfg_scale: float | None = None
 
     def parameters(self) -> dict[str, Any]:
@@ -137,7 +143,7 @@ class Img2ImgRequest(GenerationBody):
         # the client already has it, and sending megabytes of base64 back to it is waste.
         echo = super().parameters()
         if not self.include_init_images:
-            echo["init_images"] = None
+            echo["init_images"] = echo["mask"] = None
         return echo
 
 

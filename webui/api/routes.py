@@ -145,10 +145,10 @@ class Api:
                                                             default_model=default_model)
         notes += clip_skip_notes + request_notes
         names = convert.client_field_names(req)
-        init_image = convert.init_image_of(req)
+        init_image, mask = convert.init_image_of(req), convert.mask_of(req)
         try:
             job = self.worker.submit(data, origin="api", owner=caller, warnings=notes, field_names=names,
-                                     init_image=init_image)
+                                     init_image=init_image, mask=mask)
             if (req.override_settings or {}).get("sd_model_checkpoint") and not data["restore_model"]:
                 self._kept_override = job
             return job

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -22,6 +23,7 @@ from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compile
 from webui.engine.embeddings import EmbeddingSet, load_embeddings, used_embeddings
 from webui.engine.hires import LATENT_UPSCALERS, crop_center, hires_size, schedule_steps, upscale_latents
 from webui.engine.img2img import pipeline_strength
+from webui.engine.inpaint import Inpainting
 from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, lora_uses, strip_loras
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
@@ -30,7 +32,7 @@ from webui.engine.preview import latents_to_preview
 from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
 from webui.engine.prompts import chunk_count, encode_prompt_pair, token_count
 from webui.engine.samplers import make_scheduler
-from webui.schemas import MAX_PROMPT_CHARS, GenerationRequest
+from webui.schemas import MASKED_CONTENT, MAX_PROMPT_CHARS, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,11 @@ class _Run:
     reported: int = 0
     latents: torch.Tensor | None = None  # as they stood after the last step reported
     encoded: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    masked: "_MaskedStart | None" = None  # inpainting: what is kept, put back after every step
+
+    def after_step(self, pipe, call: int, latents: torch.Tensor) -> torch.Tensor:
+        """The latents a pass goes on with after its model call `call`: inpainting's kept part put back."""
+        return latents if self.masked is None else self.masked.put_back(pipe, call, latents)
 
     def step(self, step: int, latents: torch.Tensor) -> None:
         if self.on_step is not None and step > self.reported:
@@ -132,6 +139,29 @@ class _Run:
     def between_encodes(self) -> None:
         if self.on_step is not None:
             self.on_step(0, self.total_steps, None)
+
+
+@dataclass
+class _MaskedStart:
+    """Inpainting's latents: the picture's (`start`), its noise, and `keep` (1 where the picture stays)."""
+
+    start: torch.Tensor
+    noise: torch.Tensor
+    keep: torch.Tensor
+
+    def put_back(self, pipe, call: int, latents: torch.Tensor) -> torch.Tensor:
+        """After model call `call` of a pass: the kept part is the picture's, noised to where the schedule goes on
+        from (un-noised after the last call), as diffusers' inpainting does with a plain model."""
+        timesteps = pipe.scheduler.timesteps
+        following = len(timesteps) - pipe.num_timesteps + call + 1  # the pass runs the schedule's tail
+        kept = self.start
+        if following < len(timesteps):
+            kept = pipe.scheduler.add_noise(self.start, self.noise, timesteps[following:following + 1])
+        return self.finish(latents, kept)
+
+    def finish(self, latents: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        kept = self.start if kept is None else kept
+        return kept * self.keep + latents * (1 - self.keep)
 
 
 @dataclass
@@ -352,13 +382,17 @@ class Engine:
 
     # --- generation -----------------------------------------------------------------------
     def generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None,
-                 subseeds: list[int] | None = None, init_image: Image.Image | None = None) -> list[EngineImage]:
+                 subseeds: list[int] | None = None, init_image: Image.Image | None = None,
+                 inpainting: Inpainting | None = None) -> list[EngineImage]:
         """Denoise and decode one batch: image i uses seeds[i], and subseeds[i] as its variation seed when the
-        request has a variation strength. img2img starts from init_image (RGB, at the run's size)."""
+        request has a variation strength. img2img starts from init_image (RGB, at the run's size); inpainting
+        draws again only where `inpainting` says."""
         if request.is_img2img != (init_image is not None):
             raise ValueError("an img2img request needs its init image, and only it may have one")
+        if request.is_inpainting != (inpainting is not None):
+            raise ValueError("an inpainting request needs its Inpainting, and only it may have one")
         try:
-            images = self._generate(request, seeds, on_step, subseeds, init_image)
+            images = self._generate(request, seeds, on_step, subseeds, init_image, inpainting)
         except COMPILER_FAILURES as err:
             if not is_compiled(self.pipe):
                 raise
@@ -366,7 +400,7 @@ class Engine:
             log.warning("torch.compile failed (%s: %s); running %s uncompiled from now on",
                         type(err).__name__, str(err).splitlines()[0], self.model.entry.name)
             undo_compile(self.pipe)
-            images = self._generate(request, seeds, on_step, subseeds, init_image)
+            images = self._generate(request, seeds, on_step, subseeds, init_image, inpainting)
         self._warmed_up = True  # whatever ran has compiled its shapes
         if is_compiled(self.pipe):
             self._compiled_shapes.record(self._shape_keys(request, len(seeds)))
@@ -429,7 +463,8 @@ class Engine:
         self._lora_weights.use(self.pipe, [(self.loras.find(use.name), use) for use in uses])
 
     def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None,
-                  subseeds: list[int] | None = None, init_image: Image.Image | None = None) -> list[EngineImage]:
+                  subseeds: list[int] | None = None, init_image: Image.Image | None = None,
+                  inpainting: Inpainting | None = None) -> list[EngineImage]:
         model = self.require_model()
         self._use_loras(request)  # also when it names none: the last run's LoRAs come out
         width, height = model.size_for(request)
@@ -446,20 +481,37 @@ class Engine:
                     latents = self._denoise(self.pipe, request, run, _phases(request), request.steps, request.steps,
                                             start)
                 else:  # the last denoising_steps of the steps, from the picture's latents noised to where they start
-                    start = {"image": self.encode(init_image).expand(len(seeds), -1, -1, -1),
-                             "strength": pipeline_strength(request.denoising_steps, request.steps)}
+                    picture = self.encode(init_image).expand(len(seeds), -1, -1, -1)
+                    if inpainting is not None:
+                        run.masked = self._masked_start(picture, noise, inpainting)
+                        picture = run.masked.start
+                    start = {"image": picture, "strength": pipeline_strength(request.denoising_steps, request.steps)}
                     latents = self._denoise(self._img2img_pipeline(noise), request, run, _phases(request),
                                             request.denoising_steps, request.steps, start)
+                    if run.masked is not None:
+                        latents = run.masked.finish(latents)
                 if request.enable_hr:
                     latents = self._hires_pass(request, run, latents, width, height)
             except DenoisingStopped as stopped:
                 if run.latents is not None and torch.isfinite(run.latents).all():
                     try:
-                        stopped.images = self._to_images(run.latents, seeds)
+                        stopped.images = self._to_images(run.latents, seeds, inpainting)
                     except Exception:  # the stop matters, not the picture it would have left
                         log.exception("the image cut short could not be decoded")
                 raise
-            return self._to_images(latents, seeds)
+            return self._to_images(latents, seeds, inpainting)
+
+    def _masked_start(self, picture: torch.Tensor, noise: torch.Tensor, inpainting: Inpainting) -> _MaskedStart:
+        """Inpainting's start: the picture's latents, and where the masked content is latent noise or nothing,
+        the seed's noise or zeros in the part drawn again (as A1111)."""
+        keep = inpainting.latent_keep(picture.shape[-2:]).to(picture.device, picture.dtype)
+        noise = noise.to(picture.device, picture.dtype)
+        content = MASKED_CONTENT[inpainting.fill]
+        if content == "latent noise":
+            picture = picture * keep + noise * (1 - keep)
+        elif content == "latent nothing":
+            picture = picture * keep
+        return _MaskedStart(picture, noise, keep)
 
     def _denoise(self, pipe, request: GenerationRequest, run: "_Run", phases: list[PromptPhase], steps: int,
                  schedule: int, start: dict) -> torch.Tensor:
@@ -477,17 +529,19 @@ class Engine:
         def step_end(pipeline, call, timestep, tensors):
             nonlocal phase
             step = sampler_steps_done(call + 1, pipeline.num_timesteps, steps)
-            run.step(done_before + step, tensors["latents"])
+            latents = run.after_step(pipeline, call, tensors["latents"])
+            run.step(done_before + step, latents)
+            changed = {} if latents is tensors["latents"] else {"latents": latents}
             following = phase_at(phases, step)
             if following == phase:
-                return {}
+                return changed
             phase = following
             prompt_embeds, negative_embeds = embeddings[phase]
             # The pipeline reads the negative and positive embeddings as one batch under CFG.
             # Contiguous either way (the rows are one row shown `count` times): a compiled UNet would otherwise
             # compile again for the other memory layout.
-            return {"prompt_embeds": torch.cat([negative_embeds, prompt_embeds])
-                    if pipeline.do_classifier_free_guidance else prompt_embeds.contiguous()}
+            return changed | {"prompt_embeds": torch.cat([negative_embeds, prompt_embeds])
+                              if pipeline.do_classifier_free_guidance else prompt_embeds.contiguous()}
 
         latents = pipe(
             prompt_embeds=embeddings[0][0],
@@ -583,10 +637,14 @@ class Engine:
                                   "broken; try another model")
         return (latents * vae.config.scaling_factor).to(self.pipe.unet.dtype)
 
-    def _to_images(self, latents: torch.Tensor, seeds: list[int]) -> list[EngineImage]:
+    def _to_images(self, latents: torch.Tensor, seeds: list[int],
+                   inpainting: Inpainting | None = None) -> list[EngineImage]:
+        """Decoded, laid into the inpainted picture, and past the safety checker (which sees what is saved)."""
         height, width = (side * self.pipe.vae_scale_factor for side in latents.shape[-2:])
-        pixels = self.decode(latents, tiled=decodes_in_tiles(width, height))
-        images, flags = self.check_safety(pixels)
+        pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(width, height)))
+        if inpainting is not None:
+            pictures = [inpainting.compose(picture) for picture in pictures]
+        images, flags = self.check_safety(pictures)
         return [EngineImage(image, seed, flag) for image, seed, flag in zip(images, seeds, flags)]
 
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
@@ -615,14 +673,14 @@ class Engine:
                 return pixels
         raise NonFiniteOutput("the VAE produced NaN even in fp32: this model's VAE is broken; try another model")
 
-    def check_safety(self, pixels: torch.Tensor) -> tuple[list[Image.Image], list[bool]]:
+    def check_safety(self, pictures: list[Image.Image]) -> tuple[list[Image.Image], list[bool]]:
         """Run the model's safety checker when it has one: flagged images come back black."""
         pipe = self.pipe
         if getattr(pipe, "safety_checker", None) is None:
-            return to_pil_images(pixels), [False] * len(pixels)
-        as_array = pipe.image_processor.postprocess(pixels.float(), output_type="np")
+            return pictures, [False] * len(pictures)
+        as_array = np.stack([np.asarray(picture, dtype=np.float32) / 255 for picture in pictures])
         checked, flags = pipe.run_safety_checker(as_array, pipe._execution_device, pipe.text_encoder.dtype)
-        flags = [bool(f) for f in (flags or [False] * len(pixels))]
+        flags = [bool(f) for f in (flags or [False] * len(pictures))]
         return pipe.image_processor.numpy_to_pil(checked), flags
 
     def preview(self, latents: torch.Tensor) -> Image.Image:

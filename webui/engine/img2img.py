@@ -76,14 +76,16 @@ def _side(length: float) -> int:
     return min(MAX_SIZE, max(MIN_SIZE, int(length) // 8 * 8))
 
 
-def fit_image(image: Image.Image, width: int, height: int, resize_mode: int) -> Image.Image:
-    """The picture at width x height, fitted by the resize mode."""
+def fit_image(image: Image.Image, width: int, height: int, resize_mode: int,
+              resample: Image.Resampling = RESAMPLE) -> Image.Image:
+    """The picture at width x height, fitted by the resize mode (a mask with a gentler resampling than a picture's,
+    whose ringing would spread it)."""
     if resize_mode == 0 or image.size == (width, height):
-        return image.resize((width, height), RESAMPLE)
+        return image.resize((width, height), resample)
     if resize_mode == 1:
-        return ImageOps.fit(image, (width, height), RESAMPLE)
+        return ImageOps.fit(image, (width, height), resample)
     if resize_mode == 2:
-        return _resize_and_fill(image, width, height)
+        return _resize_and_fill(image, width, height, resample)
     raise ValueError(f"unknown resize mode {resize_mode}")
 
 
@@ -93,12 +95,12 @@ def pipeline_strength(steps_run: int, schedule: int) -> float:
     return min(1.0, (steps_run + 0.5) / schedule)
 
 
-def _resize_and_fill(image: Image.Image, width: int, height: int) -> Image.Image:
+def _resize_and_fill(image: Image.Image, width: int, height: int, resample: Image.Resampling) -> Image.Image:
     """Fit inside, then fill the bars with the picture's edge rows (or columns) stretched across them."""
     scale = min(width / image.width, height / image.height)
     inner = image.resize((max(1, min(width, round(image.width * scale))),
-                          max(1, min(height, round(image.height * scale)))), RESAMPLE)
-    canvas = Image.new("RGB", (width, height))
+                          max(1, min(height, round(image.height * scale)))), resample)
+    canvas = Image.new(image.mode, (width, height))
     left, top = (width - inner.width) // 2, (height - inner.height) // 2
     right, bottom = left + inner.width, top + inner.height
     canvas.paste(inner, (left, top))

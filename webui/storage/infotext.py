@@ -13,6 +13,8 @@ import json
 import re
 from typing import Any
 
+from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT
+
 NEGATIVE_PREFIX = "Negative prompt:"
 # Real infotexts are a few KiB. Longer text (a 178-byte compressed PNG chunk can inflate to 60 KB)
 # is cut to this many characters, so no reader spends unbounded work on it.
@@ -142,4 +144,27 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     if fields.get("enable_hr"):  # left out when written at 0 (by the scale; as many steps as the first pass)
         for name in ("hr_second_pass_steps", "hr_resize_x", "hr_resize_y"):
             fields.setdefault(name, 0)
+    return fields | _inpainting_fields(params)
+
+
+# Inpainting's keys, each left out where it is the default (a blur of 0 included), as A1111 writes them.
+_INPAINTING_KEYS = ("Mask blur", "Mask mode", "Masked content", "Inpaint area", "Masked area padding")
+
+
+def _inpainting_fields(params: dict[str, str]) -> dict[str, Any]:
+    """The inpainting fields of a parameters line with an inpainting key (made by inpainting); the defaults
+    for the keys it leaves out, as A1111's paste reads them."""
+    if not any(key in params for key in _INPAINTING_KEYS):
+        return {}
+    fields = {"mask_blur": 0, "inpainting_mask_invert": 0, "inpainting_fill": 1, "inpaint_full_res": False,
+              "inpaint_full_res_padding": 32}
+    choices = (("Mask mode", "inpainting_mask_invert", MASK_MODES), ("Masked content", "inpainting_fill", MASKED_CONTENT),
+               ("Inpaint area", "inpaint_full_res", INPAINT_AREAS))
+    for key, name, names in choices:
+        if params.get(key) in names:
+            fields[name] = names.index(params[key])
+    fields["inpaint_full_res"] = bool(fields["inpaint_full_res"])
+    for key, name in (("Mask blur", "mask_blur"), ("Masked area padding", "inpaint_full_res_padding")):
+        if params.get(key, "").strip().isdigit():
+            fields[name] = int(params[key])
     return fields

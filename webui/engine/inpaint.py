@@ -1,0 +1,156 @@
+"""Inpainting's preparation: which part of the picture is drawn again, what the run starts from there, and how
+the new picture is laid back into the old (Inpainting.compose).
+
+It works with any model, as A1111's does: the mask (white = draw again) is blurred; the run is img2img, and
+after every step the latents outside the mask are put back to the picture's, noised to where the run stands;
+at the end the picture's own pixels are laid over the result outside the mask, through the blurred edge.
+"Only masked" runs on the mask's surroundings alone, at the run's size (more detail for a small part), and
+pastes the result back into the whole picture.
+
+Image work (PIL only), done by the worker at submit; the engine uses latent_keep and compose.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+
+from webui.engine.img2img import RESAMPLE, fit_image, size_from_image
+from webui.schemas import MASKED_CONTENT, GenerationRequest
+
+# "Only masked" with no size given: the part is drawn this large on its longer side (SD 1.x's own size).
+ONLY_MASKED_SIDE = 512
+MASK_RESAMPLE = Image.Resampling.BILINEAR  # Lanczos' ringing would spread the mask's edge
+
+
+@dataclass
+class Inpainting:
+    """What the engine needs besides the start picture: where to draw, and how to lay the result in."""
+
+    mask: Image.Image  # "L", the run's size: how much each pixel is drawn again (blurred edge); the latent mask's source
+    fill: int  # what the masked part starts from (MASKED_CONTENT's index)
+    original: Image.Image  # RGB: the picture the result is laid into (the whole picture for "Only masked")
+    overlay: Image.Image  # "L", original's size: how much of the new picture shows at each pixel
+    box: tuple[int, int, int, int]  # (left, top, right, bottom) of original that the run drew
+
+    def latent_keep(self, size: tuple[int, int]) -> torch.Tensor:
+        """1 where the run keeps the picture, 0 where it draws, at the latents' (height, width): the blurred
+        mask shrunk and rounded, as A1111's latent mask."""
+        height, width = size
+        small = np.asarray(self.mask.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+        return torch.from_numpy(1 - np.round(small))[None, None]
+
+    def compose(self, drawn: Image.Image) -> Image.Image:
+        """The run's picture laid into the original, showing through the overlay."""
+        left, top, right, bottom = self.box
+        size = (right - left, bottom - top)
+        placed = drawn if drawn.size == size else ImageOps.fit(drawn, size, RESAMPLE)
+        result = self.original.copy()
+        result.paste(placed, (left, top), self.overlay.crop(self.box))
+        return result
+
+
+def read_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A mask picture -> "L", white where to draw, at `size` (the picture's): a picture with transparency is
+    read by its alpha (a painted layer), any other by its brightness; rounded to black and white at half."""
+    mask = ImageOps.exif_transpose(mask)
+    grey = mask.convert("L")
+    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+        alpha = mask.convert("RGBA").getchannel("A")
+        if alpha.getextrema() != (255, 255):  # not opaque all over: the paint is where it is opaque
+            grey = alpha
+    grey = grey.point(lambda value: 255 if value >= 128 else 0)
+    return grey if grey.size == size else grey.resize(size, Image.Resampling.NEAREST)
+
+
+def prepare_inpainting(picture: Image.Image, mask: Image.Image, request: GenerationRequest) -> tuple[int, int, Image.Image, Inpainting]:
+    """The run's width and height, the picture it starts from and the Inpainting, for an RGB picture and its
+    mask ("L" at its size, read_mask's) and a request's inpainting fields. ValueError when nothing is to be drawn."""
+    if request.inpainting_mask_invert:
+        mask = ImageOps.invert(mask)
+    if request.mask_blur > 0:
+        mask = mask.filter(ImageFilter.GaussianBlur(request.mask_blur))
+    if mask.getbbox() is None:
+        raise ValueError("the mask is empty, so nothing would be drawn: paint over the part to draw again (or pick "
+                         "Inpaint masked, if the mask covers all of it), or use img2img without a mask")
+    if request.inpaint_full_res:
+        return _only_masked(picture, mask, request)
+    width, height = size_from_image(picture, request.width, request.height)
+    start = fit_image(picture, width, height, request.resize_mode)
+    run_mask = fit_image(mask, width, height, request.resize_mode, MASK_RESAMPLE)
+    # Doubled, as A1111's: the new picture shows fully from half-way into the blurred edge.
+    overlay = run_mask.point(lambda value: min(255, value * 2))
+    inpainting = Inpainting(run_mask, request.inpainting_fill, start, overlay, (0, 0, width, height))
+    return width, height, _with_fill(start, run_mask, request.inpainting_fill), inpainting
+
+
+def _only_masked(picture: Image.Image, mask: Image.Image, request: GenerationRequest) -> tuple[int, int, Image.Image, Inpainting]:
+    left, top, right, bottom = mask.getbbox()
+    pad = request.inpaint_full_res_padding
+    box = (max(0, left - pad), max(0, top - pad), min(mask.width, right + pad), min(mask.height, bottom + pad))
+    width, height = _only_masked_size(box, request.width, request.height)
+    box = expand_to_shape(box, width, height, mask.size)
+    start = fit_image(picture.crop(box), width, height, 2)
+    run_mask = fit_image(mask.crop(box), width, height, 2, MASK_RESAMPLE)
+    inpainting = Inpainting(run_mask, request.inpainting_fill, picture, mask, box)
+    return width, height, _with_fill(start, run_mask, request.inpainting_fill), inpainting
+
+
+def _only_masked_size(box: tuple[int, int, int, int], width: int | None, height: int | None) -> tuple[int, int]:
+    """The run's size for "Only masked": the width and height given, else the part's shape at ONLY_MASKED_SIDE."""
+    box_width, box_height = box[2] - box[0], box[3] - box[1]
+    scale = ONLY_MASKED_SIDE / max(box_width, box_height)
+    return size_from_image(Image.new("L", (round(box_width * scale), round(box_height * scale))), width, height)
+
+
+def expand_to_shape(box: tuple[int, int, int, int], width: int, height: int,
+                    bounds: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The box grown, about its middle, to the shape of width x height, and moved back inside bounds (the
+    picture's size) where it juts out; cut at the picture where it cannot fit."""
+    left, top, right, bottom = box
+    box_width, box_height = right - left, bottom - top
+    if box_width * height < box_height * width:  # too narrow: widen
+        left, right = _grow(left, right, round(box_height * width / height), bounds[0])
+    else:  # too flat: heighten
+        top, bottom = _grow(top, bottom, round(box_width * height / width), bounds[1])
+    return left, top, right, bottom
+
+
+def _grow(start: int, end: int, length: int, limit: int) -> tuple[int, int]:
+    """[start, end) grown about its middle to `length`, moved inside [0, limit), cut to it if longer."""
+    length = min(length, limit)
+    start = max(0, min(start - (length - (end - start)) // 2, limit - length))
+    return start, start + length
+
+
+def _with_fill(start: Image.Image, mask: Image.Image, fill: int) -> Image.Image:
+    """The start picture, its masked part painted with the colours around it unless the masked content is
+    "original" (A1111 does so for the latent ones too, whose latents are then replaced there anyway)."""
+    return start if MASKED_CONTENT[fill] == "original" else fill_masked(start, mask)
+
+
+def fill_masked(picture: Image.Image, mask: Image.Image) -> Image.Image:
+    """The picture with what the mask covers painted over by the average colour of the kept pixels nearby,
+    coarse to fine: each finer pass repaints the pixels that have kept ones within its reach."""
+    pixels = np.asarray(picture, dtype=np.float32)
+    drawn = np.asarray(mask) > 0
+    keep = (~drawn).astype(np.float32)
+    result = pixels.copy()
+    if keep.any():  # first the average of all kept pixels, for those no pass below reaches
+        result[drawn] = pixels[~drawn].mean(axis=0)
+    size = picture.size
+    for cell in (64, 16, 4):
+        small = (max(1, size[0] // cell), max(1, size[1] // cell))
+        weight = _blurred(keep, small, size)
+        colours = np.stack([_blurred(pixels[..., c] * keep, small, size) for c in range(3)], axis=-1)
+        reached = drawn & (weight > 1e-3)
+        result[reached] = colours[reached] / weight[reached, None]
+    return Image.fromarray(np.clip(result.round(), 0, 255).astype(np.uint8))
+
+
+def _blurred(values: np.ndarray, small: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """An averaged copy of a float array: shrunk to `small` by box averaging, enlarged back smoothly."""
+    image = Image.fromarray(values.astype(np.float32)).resize(small, Image.Resampling.BOX)
+    return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
