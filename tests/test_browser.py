@@ -396,3 +396,30 @@ def test_gradio_auth_shows_a_login_page_first(browser, services):
     finally:
         context.close()
         served.close()
+
+
+def test_inpaint_paints_a_mask_on_the_canvas_and_draws_only_there(page, app_server, tmp_path):
+    """The Inpaint sub-tab's canvas as a user works it: upload, one brush stroke, Generate; the mask reaches the
+    worker through Gradio's image editor payload."""
+    Image.new("RGB", (64, 64), "teal").save(tmp_path / "teal.png")
+    page.click("#tab_img2img-button")
+    page.click("#img2img_inpaint_tab-button")
+    page.wait_for_selector("#img2img_inpaint_sketch canvas")  # the editor takes no upload before it is drawn
+    page.locator("#img2img_inpaint_sketch input[type=file]").set_input_files(str(tmp_path / "teal.png"))
+    playwright_api.expect(page.locator("#img2img_inpaint_sketch .empty")).to_be_hidden()  # the picture is in
+    box = page.locator("#img2img_inpaint_sketch .pixi-target").bounding_box()
+    middle_x, middle_y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(middle_x - 20, middle_y)  # the brush is the tool picked once a picture is in
+    page.mouse.down()
+    page.mouse.move(middle_x + 20, middle_y, steps=8)
+    page.mouse.up()
+    for name, value in (("img2img_steps", 2), ("img2img_width", 64), ("img2img_height", 64)):
+        set_number(page, name, value)
+    page.click("#img2img_generate")
+    expect_text(page, "#img2img_time", r"Time taken")
+    playwright_api.expect(page.locator("#img2img_infotext textarea")).to_have_value(re.compile(r"Mask blur: 4"))
+    page.screenshot(path=str(SCREENSHOTS / "inpaint.png"), full_page=True)
+    [saved] = (app_server.outdir / "img2img-images").rglob("*.png")
+    with Image.open(saved) as result:
+        assert result.getpixel((0, 0)) == (0, 128, 128)  # a corner the stroke did not reach: the picture's own
+        assert result.getpixel((32, 32)) != (0, 128, 128)  # the stroke's middle: drawn again

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
@@ -89,7 +90,8 @@ def test_generate_without_a_picture_or_with_an_unreadable_one_says_so_and_queues
            "Sampling steps": 2, "Width": 64, "Height": 64, "Seed (-1 = random)": 1, "Batch count": 1,
            "Batch size": 1, "CFG scale": 7, "Clip skip": 1, "Stable Diffusion checkpoint": TINY,
            "Variation seed (-1 = random)": -1, "Variation strength": 0, "Styles": [], "Denoising strength": 0.5,
-           "Resize mode": "Just resize"}
+           "Resize mode": "Just resize", "Mask blur": 4, "Mask mode": "Inpaint masked", "Masked content": "original",
+           "Inpaint area": "Whole picture", "Only masked padding, pixels": 32}
     (tmp_path / "junk.png").write_bytes(b"not a png")
     picture().save(tmp_path / "whole.png")
     whole = (tmp_path / "whole.png").read_bytes()
@@ -106,8 +108,10 @@ def test_generate_without_a_picture_or_with_an_unreadable_one_says_so_and_queues
 def test_send_to_img2img_from_history_fills_the_picture_and_the_denoising_strength(ui, ui_services):
     session = img2img(ui, init_image=picture(), denoising_strength=0.55, seed=31, prompt="a sent barn")[-1][0]
     [image] = ui_services.worker.get(session.job_id).images
-    sent, *values, tabs = event(ui, "history_to_img2img")(image.history_id)
+    sent, mode, sub_tab, *values, tabs = event(ui, "history_to_img2img")(image.history_id)
     assert Path(sent) == Path(image.path) and tabs.selected == "img2img"
+    # Its own sub-tab opens, whichever was open: the picture goes to img2img's Image, not to Inpaint.
+    assert mode == "img2img" and sub_tab.selected == "img2img"
     fields = by_field(IMG2IMG_FIELDS, values)
     assert (fields["prompt"], fields["seed"], fields["denoising_strength"]) == ("a sent barn", 31, 0.55)
     assert (fields["width"], fields["height"], fields["steps"]) == (64, 64, 3)
@@ -128,7 +132,7 @@ def test_send_to_img2img_from_a_gallery_and_from_png_info(ui, ui_services, tmp_p
         send(Session())
     session = generate(ui, prompt="a lighthouse to send", seed=41, n_iter=2)[-1][0]
     session, _ = event(ui, "select_image")(session, selected(1))
-    sent, *values, tabs = send(session)
+    sent, _, _, *values, tabs = send(session)
     assert Path(sent) == Path(ui_services.worker.get(session.job_id).images[1].path) and tabs.selected == "img2img"
     fields = by_field(IMG2IMG_FIELDS, values)
     assert (fields["prompt"], fields["seed"]) == ("a lighthouse to send", 42)
@@ -143,10 +147,10 @@ def test_send_to_img2img_from_a_gallery_and_from_png_info(ui, ui_services, tmp_p
     info = PngInfo()
     info.add_text("parameters", "a castle\nSteps: 3, Sampler: Euler, Seed: 5, Size: 64x64, Denoising strength: 0.4")
     picture().save(tmp_path / "castle.png", pnginfo=info)
-    sent, *values, tabs = event(ui, "pnginfo_to_img2img")(uploaded(tmp_path / "castle.png"), "a castle\nSteps: 3, "
+    sent, _, _, *values, tabs = event(ui, "pnginfo_to_img2img")(uploaded(tmp_path / "castle.png"), "a castle\nSteps: 3, "
                                                           "Sampler: Euler, Seed: 5, Size: 64x64, Denoising strength: 0.4")
     assert sent == str(tmp_path / "castle.png") and by_field(IMG2IMG_FIELDS, values)["denoising_strength"] == 0.4
-    sent, *values, _ = event(ui, "pnginfo_to_img2img")(uploaded(tmp_path / "castle.png"), "")
+    sent, _, _, *values, _ = event(ui, "pnginfo_to_img2img")(uploaded(tmp_path / "castle.png"), "")
     assert sent == str(tmp_path / "castle.png") and is_skip(by_field(IMG2IMG_FIELDS, values)["prompt"])
     with pytest.raises(gr.Error, match="Drop a picture first"):
         event(ui, "pnginfo_to_img2img")(None, "")
@@ -154,9 +158,12 @@ def test_send_to_img2img_from_a_gallery_and_from_png_info(ui, ui_services, tmp_p
 
 def test_the_picture_size_button_sets_width_and_height_from_the_picture(ui):
     size = ui.img2img.actions.picture_size
-    assert size(picture(size=(100, 60))) == (96, 64)  # multiples of 8, at least the smallest size
+    assert size("img2img", picture(size=(100, 60)), None, None) == (96, 64)  # multiples of 8, at least the smallest
     with pytest.raises(gr.Error, match="Upload a picture first"):
-        size(None)
+        size("img2img", None, None, picture())
+    # The open sub-tab's picture: the Inpaint canvas's, or Inpaint upload's.
+    assert size("Inpaint", picture(), {"background": picture(size=(200, 120)), "layers": []}, None) == (200, 120)
+    assert size("Inpaint upload", picture(), None, picture(size=(136, 72))) == (136, 72)
 
 
 def test_a_reloaded_page_resumes_each_tabs_own_kind_of_job(ui, ui_services):
@@ -201,7 +208,7 @@ def test_a_hires_picture_sent_to_img2img_keeps_its_own_size_and_not_its_batch_si
     *_, last = event(ui, "txt2img")(Session(), "a hires barn", steps=2, width=64, height=64, seed=5, model=TINY,
                                     batch_size=2, enable_hr=True, hr_scale=1.5, denoising_strength=0.5)
     session = last[0]
-    sent, *values, _ = event(ui, "gallery_to_img2img")(session)
+    sent, _, _, *values, _ = event(ui, "gallery_to_img2img")(session)
     fields = by_field(IMG2IMG_FIELDS, values)
     assert Image.open(sent).size == (96, 96) and (fields["width"], fields["height"]) == (96, 96)
     assert "batch_size" not in IMG2IMG_FIELDS and "Batch size: 2" in session.infotexts[0]
@@ -213,4 +220,80 @@ def test_a_hires_picture_sent_to_img2img_keeps_its_own_size_and_not_its_batch_si
 
 def test_from_image_refuses_a_picture_generate_would_refuse(ui):
     with pytest.raises(gr.Error, match="Image: the picture is 5000x4000"):
-        ui.img2img.actions.picture_size(Image.new("1", (5000, 4000)))
+        ui.img2img.actions.picture_size("img2img", Image.new("1", (5000, 4000)), None, None)
+
+
+# --- inpainting --------------------------------------------------------------------------------------------
+def painted_layer(size=(64, 64), box=(32, 0, 64, 64)) -> Image.Image:
+    """An Inpaint canvas layer: transparent, with a brush stroke over the box."""
+    layer = Image.new("RGBA", size, (0, 0, 0, 0))
+    layer.paste((20, 20, 20, 200), box)
+    return layer
+
+
+def inpaint(ui, mode="Inpaint", sketch=None, inpaint_image=None, mask=None, **fields) -> list:
+    """Run the img2img event on an Inpaint sub-tab, at 64x64 and 3 steps; every yielded tuple."""
+    return list(event(ui, "img2img")(Session(), "a red barn", steps=3, width=64, height=64, seed=7, model=TINY,
+                                     denoising_strength=0.5, img2img_mode=mode, sketch=sketch,
+                                     inpaint_image=inpaint_image, mask=mask, **fields))
+
+
+def test_the_inpainting_settings_start_at_a1111s_and_the_sub_tabs_sit_over_the_picture(ui):
+    widgets = ui.img2img.widgets
+    assert (widgets["mask_blur"].value, widgets["inpainting_mask_invert"].value, widgets["inpainting_fill"].value,
+            widgets["inpaint_full_res"].value, widgets["inpaint_full_res_padding"].value) == (
+        4, "Inpaint masked", "original", "Whole picture", 32)
+    assert [c[0] for c in widgets["inpainting_fill"].choices] == ["fill", "original", "latent noise", "latent nothing"]
+    config = ui.blocks.get_config_file()
+    sub_tabs = [c["props"]["label"] for c in config["components"]
+                if c["props"].get("elem_id", "").startswith("img2img_") and c["props"].get("elem_id", "").endswith("_tab")]
+    assert sub_tabs == ["img2img", "Inpaint", "Inpaint upload"]
+
+
+def test_the_inpaint_tab_draws_only_where_the_brush_went(ui, ui_services):
+    start = picture(size=(64, 64))
+    session, *_ = inpaint(ui, sketch={"background": start, "layers": [painted_layer()], "composite": start},
+                          mask_blur=0)[-1]
+    job = ui_services.worker.get(session.job_id)
+    assert job.state == JobState.DONE, job.error
+    result = np.asarray(job.images[0].image, np.int16)
+    assert (result[:, :32] == np.asarray(start, np.int16)[:, :32]).all()  # unpainted: the picture as it was
+    assert np.abs(result[:, 32:] - np.asarray(start, np.int16)[:, 32:]).mean() > 5
+    assert "Mask blur" not in job.images[0].infotext and job.request.mask is not None  # a blur of 0 is left out
+
+
+def test_inpaint_upload_takes_its_own_picture_and_mask_with_the_settings(ui, ui_services):
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (10, 10, 30, 30))
+    session, *_ = inpaint(ui, "Inpaint upload", inpaint_image=picture(size=(64, 64)), mask=mask, mask_blur=2,
+                          inpainting_fill=2, inpaint_full_res=1, inpaint_full_res_padding=16)[-1]
+    job = ui_services.worker.get(session.job_id)
+    assert job.state == JobState.DONE, job.error
+    assert "Mask blur: 2, Masked content: latent noise, Inpaint area: Only masked, Masked area padding: 16" in (
+        job.images[0].infotext)
+
+
+@pytest.mark.parametrize("mode, pictures, message", [
+    ("Inpaint", {"sketch": None}, "Inpaint: upload a picture, then paint over"),
+    ("Inpaint", {"sketch": {"background": picture(), "layers": [Image.new("RGBA", (80, 48))]}},
+     "Inpaint: upload a picture, then paint over"),
+    ("Inpaint upload", {"inpaint_image": picture()}, "Inpaint upload: upload the mask too"),
+    ("Inpaint upload", {"inpaint_image": None, "mask": picture()}, "Upload a picture to start from"),
+])
+def test_an_inpaint_tab_without_what_it_needs_says_what_to_upload_and_queues_nothing(ui, ui_services, mode, pictures,
+                                                                                     message):
+    before = len(ui_services.worker.waiting_jobs())
+    [(session, _, progress, *_)] = inpaint(ui, mode, **pictures)
+    assert message in progress and "dw-error" in progress and session.job_id is None
+    assert len(ui_services.worker.waiting_jobs()) == before
+
+
+def test_an_inpainting_infotext_sent_to_img2img_sets_the_inpainting_settings(ui, tmp_path):
+    text = ("a castle\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64, Denoising strength: 0.4, "
+            "Mask blur: 8, Masked content: latent nothing, Inpaint area: Only masked, Masked area padding: 48")
+    picture(size=(64, 64)).save(tmp_path / "castle.png")
+    _, _, _, *values, _ = event(ui, "pnginfo_to_img2img")(uploaded(tmp_path / "castle.png"), text)
+    fields = by_field(IMG2IMG_FIELDS, values)
+    assert (fields["mask_blur"], fields["inpainting_mask_invert"], fields["inpainting_fill"],
+            fields["inpaint_full_res"], fields["inpaint_full_res_padding"]) == (
+        8, "Inpaint masked", "latent nothing", "Only masked", 48)

@@ -19,6 +19,7 @@ from webui.services import Services
 from webui.ui.history import HistoryActions, HistoryTab, build_history
 from webui.ui.models import ModelActions, ModelPicker, build_model_picker
 from webui.ui.params import widget_updates
+from webui.ui.pictures import IMG2IMG_MODES
 from webui.ui.pnginfo import PngInfoTab, build_pnginfo, fields_for_txt2img, picture_for_img2img
 from webui.ui.generation import GenerationTab, build_generation_tab
 
@@ -85,12 +86,15 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
     private = dict(api_visibility="private", show_progress="hidden")
 
     def to_tab(tab: GenerationTab, fields: dict, *picture: Any) -> tuple:
-        """The outputs of a send: [img2img's picture,] the tab's fields, then the tab shown. A picture sent sets
-        the size, as in A1111: a hires picture is larger than its infotext's first-pass size."""
+        """The outputs of a send: [img2img's picture, its sub-tab (img2img's own) open,] the tab's fields, then the
+        tab shown. A picture sent sets the size, as in A1111: a hires picture is larger than its infotext's
+        first-pass size."""
+        opened = ()
         if picture:
             fields = fields | picture_dimensions(picture[0])
+            opened = (IMG2IMG_MODES[0], gr.Tabs(selected="img2img"))
         updates = widget_updates(fields, tab.field_names, ui.models.choices(), ui.models.find_pasted)
-        return *picture, *updates, gr.Tabs(selected=tab.kind)
+        return *picture, *opened, *updates, gr.Tabs(selected=tab.kind)
 
     def send_from_history(image_id):
         return to_tab(txt2img, actions.fields(image_id))
@@ -111,7 +115,8 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
         return to_tab(img2img, fields, picture)
 
     to_txt2img_outputs = [*txt2img.field_components, tabs]
-    to_img2img_outputs = [img2img.widgets["init_image"], *img2img.field_components, tabs]
+    to_img2img_outputs = [img2img.widgets["init_image"], img2img.widgets["img2img_mode"], img2img.picture_tabs,
+                          *img2img.field_components, tabs]
     history.send.click(send_from_history, inputs=[history.selected], outputs=to_txt2img_outputs, **private)
     ui.pnginfo.send.click(send_from_pnginfo, inputs=[ui.pnginfo.infotext], outputs=to_txt2img_outputs, **private)
     history.send_img2img.click(history_to_img2img, inputs=[history.selected], outputs=to_img2img_outputs, **private)

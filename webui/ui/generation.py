@@ -20,7 +20,7 @@ import gradio as gr
 from PIL import Image
 
 from webui.engine.hires import HIRES_UPSCALERS
-from webui.engine.img2img import MAX_PICTURE_PIXELS, check_picture_size, size_from_image
+from webui.engine.img2img import check_picture_size, size_from_image
 from webui.engine.samplers import sampler_names
 from webui.engine.models import ModelNotFound
 from webui.storage.infotext import request_fields_from_infotext
@@ -30,6 +30,7 @@ from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, 
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.params import TAB_FIELDS, schedules_of, with_labels
+from webui.ui.pictures import UnreadablePicture, inpainting_settings, picture_inputs, start_pictures
 from webui.ui.progress import error_html, final_html, progress_html, timing_html, token_counter, too_long_counter
 from webui.worker import Job, QueueFull, WorkerStopped
 
@@ -89,43 +90,6 @@ def show_images(session: Session, job: Job) -> list[tuple[Any, str]]:
 
 
 EMBEDDINGS_WAIT = 5.0  # seconds the ↻ waits for the worker to read the embeddings folder
-NO_PICTURE = "Upload a picture to start from (drop one on Image, or send one from txt2img, History or PNG Info)."
-
-
-@dataclass(frozen=True)
-class UnreadablePicture:
-    """An upload that is no picture, a damaged one or one too large to read: Generate says so where its progress
-    shows."""
-    name: str
-    reason: str = "it is not a PNG, JPEG or WebP file, or it is damaged"
-
-    def problem(self) -> str:
-        # The upload's own name: the server's temp path means nothing to the user.
-        return f"init_image: could not read {self.name} as an image: {self.reason}"
-
-
-def picture_upload(**kwargs) -> gr.Image:
-    """A gr.Image (type "pil") that hands an unreadable upload on as an UnreadablePicture: gr.Image fails the
-    whole event while preparing its inputs, with a raw pop-up and nothing in the progress area.
-    Wrapped here, not subclassed: Gradio writes a .pyi stub beside the module of every Component subclass.
-    Send it plain values: a gr.update() of it makes Gradio build a plain gr.Image for the session."""
-    image = gr.Image(type="pil", **kwargs)
-    prepare = image.preprocess
-
-    def preprocess(payload):
-        name = getattr(payload, "orig_name", None) or "the picture"
-        try:
-            return prepare(payload)
-        except Image.DecompressionBombError:  # PIL's own limit, far above ours (check_picture_size)
-            return UnreadablePicture(name, f"it is too large; send one of at most {MAX_PICTURE_PIXELS / 1e6:.1f} "
-                                           "megapixels, scaled down")
-        except (OSError, SyntaxError, ValueError, gr.Error):
-            return UnreadablePicture(name)
-
-    image.preprocess = preprocess
-    return image
-
-
 class GenerationActions:
     """The event functions of one tab (kind "txt2img" or "img2img"); each takes widget values and returns
     widget values, nothing more."""
@@ -149,9 +113,16 @@ class GenerationActions:
                  styles: list[str] | None = None, denoising_strength: float = 0.75, enable_hr: bool = False,
                  hr_scale: float = 2.0, hr_upscaler: str = "Latent", hr_second_pass_steps: int = 0,
                  hr_resize_x: int = 0, hr_resize_y: int = 0,
-                 init_image: Image.Image | UnreadablePicture | None = None, resize_mode: int = 0) -> Iterator[tuple]:
+                 init_image: Image.Image | UnreadablePicture | None = None, resize_mode: int = 0,
+                 img2img_mode: str = "img2img", sketch: dict | None = None,
+                 inpaint_image: Image.Image | UnreadablePicture | None = None,
+                 mask: Image.Image | UnreadablePicture | None = None, mask_blur: int = 4,
+                 inpainting_mask_invert: int = 0, inpainting_fill: int = 1, inpaint_full_res: int = 0,
+                 inpaint_full_res_padding: int = 32) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
-        img2img starts from init_image, fitted by resize_mode; txt2img's denoising strength is its hires fix's."""
+        img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
+        resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the sketch) says;
+        txt2img's denoising strength is its hires fix's."""
         request = {
             "prompt": prompt, "negative_prompt": negative_prompt, "sampler_name": sampler_name,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height,
@@ -167,10 +138,17 @@ class GenerationActions:
                         "hr_upscaler": hr_upscaler, "hr_second_pass_steps": hr_second_pass_steps or 0,
                         "hr_resize_x": hr_resize_x or 0, "hr_resize_y": hr_resize_y or 0}
         try:
-            picture = self._start_picture(init_image)
+            picture = mask_picture = None
+            if self.kind == "img2img":
+                picture, mask_picture = start_pictures(img2img_mode, init_image, sketch, inpaint_image, mask)
+            if mask_picture is not None:
+                request |= {"mask_blur": mask_blur, "inpainting_mask_invert": inpainting_mask_invert or 0,
+                            "inpainting_fill": inpainting_fill, "inpaint_full_res": bool(inpaint_full_res),
+                            "inpaint_full_res_padding": inpaint_full_res_padding}
             if request["model"]:
                 request["model"] = self.models.checked_choice(request["model"])
-            job = self.worker.submit(request, origin="ui", owner=self._owner(session), init_image=picture)
+            job = self.worker.submit(request, origin="ui", owner=self._owner(session), init_image=picture,
+                                     mask=mask_picture)
         except (InvalidRequest, QueueFull, ModelNotFound, WorkerStopped) as err:
             yield session, gr.skip(), error_html(with_labels(str(err))), gr.update(visible=False), gr.skip(), ""
             return
@@ -181,16 +159,6 @@ class GenerationActions:
             log.exception("following job %s failed", job.id)
             message = error_html(f"The page lost track of the job: {err}")
             yield session, gr.skip(), message, gr.update(visible=False), gr.skip(), ""
-
-    def _start_picture(self, picture: Image.Image | UnreadablePicture | None) -> Image.Image | None:
-        """img2img's picture to start from (txt2img's: None); InvalidRequest when there is none to read."""
-        if self.kind != "img2img":
-            return None
-        if picture is None:
-            raise InvalidRequest(NO_PICTURE)
-        if isinstance(picture, UnreadablePicture):
-            raise InvalidRequest(picture.problem())
-        return picture
 
     def resume(self, session: Session, tab: str | None) -> Iterator[tuple]:
         """A page (re)loaded in a tab whose job of this kind is still queued or running follows that job again:
@@ -281,9 +249,10 @@ class GenerationActions:
         return picture, request_fields_from_infotext(session.infotexts[index])
 
     @staticmethod
-    def picture_size(picture: Image.Image | UnreadablePicture | None) -> tuple[int, int]:
-        """Width and Height from the picture to start from (A1111's 📐, "From image" here): its size, as a multiple
-        of 8 within the size limits."""
+    def picture_size(mode: str, init_image: Any, sketch: dict | None, inpaint_image: Any) -> tuple[int, int]:
+        """Width and Height from the open sub-tab's picture to start from (A1111's 📐, "From image" here): its size,
+        as a multiple of 8 within the size limits."""
+        picture = {"Inpaint": (sketch or {}).get("background"), "Inpaint upload": inpaint_image}.get(mode, init_image)
         if picture is None:
             raise gr.Error("Upload a picture first.")
         if isinstance(picture, UnreadablePicture):
@@ -429,6 +398,7 @@ class GenerationTab:
     tab_token: gr.Textbox  # filled from the browser tab's sessionStorage when the page loads (blocks.py)
     file_list_widgets: list[gr.Dropdown]  # what file_lists updates, when the page loads (blocks.py)
     send_to_img2img: gr.Button  # under the gallery: its current image and parameters to img2img (blocks.py)
+    picture_tabs: gr.Tabs | None = None  # img2img's sub-tabs: img2img, Inpaint, Inpaint upload
 
     @property
     def file_lists(self) -> Any:
@@ -520,12 +490,10 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     with gr.Row():
         with gr.Column(scale=1):
             if img2img:  # as A1111: the picture first, then how it is fitted to Width x Height
-                # image_mode None: the worker lays a transparent part on white (Gradio's RGB would make it black).
-                img2img_widgets["init_image"] = picture_upload(
-                    label="Image", image_mode=None, sources=["upload", "clipboard"], format="png",
-                    elem_id="img2img_image", height=360)
+                img2img_widgets, picture_tabs = picture_inputs()
                 img2img_widgets["resize_mode"] = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], type="index",
                                                           label="Resize mode", elem_id="img2img_resize_mode")
+                img2img_widgets |= inpainting_settings()
             with gr.Row():
                 sampler = gr.Dropdown(sampler_names(), value=DEFAULT_SAMPLER, label="Sampling method",
                                       elem_id=f"{kind}_sampler")
@@ -662,7 +630,8 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     negative.change(actions.count_tokens, inputs=[negative, steps], outputs=[negative_tokens],
                     api_visibility="private", show_progress="hidden", trigger_mode="always_last")
     if img2img:
-        picture_size.click(actions.picture_size, inputs=[widgets["init_image"]], outputs=[width, height],
-                           api_visibility="private", show_progress="hidden")
+        picture_size.click(actions.picture_size, inputs=[widgets[name] for name in ("img2img_mode", "init_image",
+                                                                                    "sketch", "inpaint_image")],
+                           outputs=[width, height], api_visibility="private", show_progress="hidden")
     return GenerationTab(kind, actions, session, widgets, generate_event, tab_token,
-                         [styles, lora_name, embedding_name], send_to_img2img)
+                         [styles, lora_name, embedding_name], send_to_img2img, picture_tabs if img2img else None)

@@ -7,18 +7,24 @@ import gradio as gr
 
 from webui.engine.hires import HIRES_UPSCALERS
 from webui.engine.samplers import SCHEDULE_TYPES, get_sampler, resolve_sampler
-from webui.schemas import GenerationRequest
+from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, GenerationRequest
 from webui.storage.history import HistoryImage
 from webui.storage.infotext import request_fields_from_infotext
 
 # GenerationRequest fields a tab takes from a sent image, in the order of GenerationTab.field_components.
 # img2img's leave the batch size alone (one picture sent need not become several), and take the size of the
 # picture sent rather than its infotext's (blocks.py).
-IMG2IMG_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
-                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "styles", "denoising_strength")
+COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
+                 "seed", "clip_skip", "model", "subseed", "subseed_strength", "styles", "denoising_strength")
+INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
+                     "inpaint_full_res_padding")
+IMG2IMG_FIELDS = (*COMMON_FIELDS, *INPAINTING_FIELDS)
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y")
 # txt2img's Denoising strength is its hires fix's.
-TXT2IMG_FIELDS = (*IMG2IMG_FIELDS, "batch_size", *HIRES_FIELDS)
+TXT2IMG_FIELDS = (*COMMON_FIELDS, "batch_size", *HIRES_FIELDS)
+# Fields whose widget is a list of choices picked by their index: the widget takes the choice's label.
+_INDEXED_CHOICES = {"inpainting_mask_invert": MASK_MODES, "inpainting_fill": MASKED_CONTENT,
+                    "inpaint_full_res": INPAINT_AREAS}
 TAB_FIELDS = {"txt2img": TXT2IMG_FIELDS, "img2img": IMG2IMG_FIELDS}
 
 
@@ -31,7 +37,9 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "init_image": "Image",
                 "enable_hr": "Hires. fix", "hr_scale": "Upscale by", "hr_upscaler": "Upscaler",
                 "hr_second_pass_steps": "Hires steps", "hr_resize_x": "Resize width to",
-                "hr_resize_y": "Resize height to"}
+                "hr_resize_y": "Resize height to", "mask": "Mask", "mask_blur": "Mask blur",
+                "inpainting_mask_invert": "Mask mode", "inpainting_fill": "Masked content",
+                "inpaint_full_res": "Inpaint area", "inpaint_full_res_padding": "Only masked padding"}
 
 
 def with_labels(message: str) -> str:
@@ -57,7 +65,8 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
         "width": image.width, "height": image.height, "seed": image.seed, "clip_skip": image.clip_skip,
         "model": image.model_name, "model_hash": image.model_hash,
     } | {name: pasted.get(name)  # no columns of their own
-         for name in ("batch_size", "subseed", "subseed_strength", "denoising_strength", *HIRES_FIELDS)}
+         for name in ("batch_size", "subseed", "subseed_strength", "denoising_strength", *HIRES_FIELDS,
+                      *INPAINTING_FIELDS)}
 
 
 def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: list[str],
@@ -73,6 +82,9 @@ def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: 
                  *_drop_out_of_range(fields, names)):
         if note:
             gr.Warning(note)
+    for name, choices in _INDEXED_CHOICES.items():
+        if fields.get(name) is not None:
+            fields[name] = choices[int(fields[name])]
     if fields.get("scheduler"):  # the Schedule type list follows the sampler (txt2img.schedules_for)
         fields["scheduler"] = gr.update(choices=schedules_of(fields.get("sampler_name")), value=fields["scheduler"])
     return [fields[name] if fields.get(name) is not None else gr.skip() for name in names]
@@ -85,7 +97,7 @@ def schedules_of(sampler_name: str | None) -> list[str]:
 
 # Fields whose sliders end where the request's limits do: a value past them would make Generate fail.
 _RANGED_FIELDS = ("steps", "cfg_scale", "width", "height", "clip_skip", "batch_size", "denoising_strength", "hr_scale",
-                  "hr_second_pass_steps", "hr_resize_x", "hr_resize_y")
+                  "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "mask_blur", "inpaint_full_res_padding")
 
 
 def _drop_out_of_range(fields: dict[str, Any], names: tuple[str, ...]) -> list[str]:

@@ -1,0 +1,139 @@
+"""The img2img tab's pictures: the three ways to give them (A1111's sub-tabs img2img, Inpaint and Inpaint upload),
+the inpainting settings, and reading the uploads into the picture and mask the worker takes.
+
+Only reads widget values; the worker checks and fits what it is given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from webui.engine.img2img import MAX_PICTURE_PIXELS
+from webui.schemas import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASK_PADDING,
+                           GenerationRequest, InvalidRequest)
+
+# The img2img tab's sub-tabs: how the picture (and the mask) are given.
+IMG2IMG_MODES = ("img2img", "Inpaint", "Inpaint upload")
+NO_PICTURE = "Upload a picture to start from (drop one on Image, or send one from txt2img, History or PNG Info)."
+NO_SKETCH = "Inpaint: upload a picture, then paint over the part to draw again."
+NO_MASK = "Inpaint upload: upload the mask too (white where the picture is drawn again)."
+
+
+@dataclass(frozen=True)
+class UnreadablePicture:
+    """An upload that is no picture, a damaged one or one too large to read: Generate says so where its progress
+    shows."""
+    name: str
+    reason: str = "it is not a PNG, JPEG or WebP file, or it is damaged"
+    field: str = "init_image"
+
+    def problem(self) -> str:
+        # The upload's own name: the server's temp path means nothing to the user.
+        return f"{self.field}: could not read {self.name} as an image: {self.reason}"
+
+
+def picture_upload(field: str = "init_image", **kwargs) -> gr.Image:
+    """A gr.Image (type "pil") that hands an unreadable upload on as an UnreadablePicture (of request field
+    `field`): gr.Image fails the whole event while preparing its inputs, with a raw pop-up and nothing in the
+    progress area. Wrapped here, not subclassed: Gradio writes a .pyi stub beside the module of every Component
+    subclass. Send it plain values: a gr.update() of it makes Gradio build a plain gr.Image for the session."""
+    image = gr.Image(type="pil", **kwargs)
+    prepare = image.preprocess
+
+    def preprocess(payload):
+        name = getattr(payload, "orig_name", None) or "the picture"
+        try:
+            return prepare(payload)
+        except Image.DecompressionBombError:  # PIL's own limit, far above ours (check_picture_size)
+            return UnreadablePicture(name, f"it is too large; send one of at most {MAX_PICTURE_PIXELS / 1e6:.1f} "
+                                           "megapixels, scaled down", field)
+        except (OSError, SyntaxError, ValueError, gr.Error):
+            return UnreadablePicture(name, field=field)
+
+    image.preprocess = preprocess
+    return image
+
+
+def picture_inputs() -> tuple[dict[str, gr.components.Component], gr.Tabs]:
+    """The sub-tabs with the picture inputs, by generate() parameter: "img2img_mode" (which sub-tab is open, a
+    State), "init_image", "sketch" (the Inpaint canvas), "inpaint_image" and "mask" (Inpaint upload)."""
+    mode = gr.State(IMG2IMG_MODES[0])
+    # image_mode None: the worker lays a transparent part on white (Gradio's RGB would make it black).
+    with gr.Tabs(elem_id="img2img_mode_tabs") as tabs:
+        with gr.Tab("img2img", id="img2img", elem_id="img2img_img2img_tab") as plain_tab:
+            init_image = picture_upload(label="Image", image_mode=None, sources=["upload", "clipboard"], format="png",
+                                        elem_id="img2img_image", height=360)
+        with gr.Tab("Inpaint", id="inpaint", elem_id="img2img_inpaint_tab") as sketch_tab:
+            sketch = gr.ImageMask(label="Image: paint over the part to draw again", type="pil",
+                                  sources=["upload", "clipboard"], format="png", elem_id="img2img_inpaint_sketch",
+                                  height=360)
+        with gr.Tab("Inpaint upload", id="inpaint_upload", elem_id="img2img_inpaint_upload_tab") as upload_tab:
+            inpaint_image = picture_upload(label="Image", image_mode=None, sources=["upload", "clipboard"],
+                                           format="png", elem_id="img2img_inpaint_image", height=260)
+            mask = picture_upload("mask", label="Mask: white where the picture is drawn again", image_mode=None,
+                                  sources=["upload", "clipboard"], format="png", elem_id="img2img_inpaint_mask",
+                                  height=260)
+    for tab, name in zip((plain_tab, sketch_tab, upload_tab), IMG2IMG_MODES):
+        tab.select(lambda name=name: name, outputs=[mode], api_visibility="private", show_progress="hidden",
+                   queue=False)
+    return {"img2img_mode": mode, "init_image": init_image, "sketch": sketch, "inpaint_image": inpaint_image,
+            "mask": mask}, tabs
+
+
+def inpainting_settings() -> dict[str, gr.components.Component]:
+    """A1111's inpainting controls, by request field; they apply on the Inpaint sub-tabs only."""
+    defaults = GenerationRequest.model_fields
+    with gr.Accordion("Inpainting", open=True, elem_id="img2img_inpainting"):
+        with gr.Row():
+            blur = gr.Slider(0, MAX_MASK_BLUR, value=defaults["mask_blur"].default, step=1, label="Mask blur",
+                             elem_id="img2img_mask_blur")
+            invert = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], type="index", label="Mask mode",
+                              elem_id="img2img_mask_mode")
+        fill = gr.Radio(list(MASKED_CONTENT), value=MASKED_CONTENT[defaults["inpainting_fill"].default],
+                        type="index", label="Masked content", elem_id="img2img_inpainting_fill")
+        with gr.Row():
+            area = gr.Radio(list(INPAINT_AREAS), value=INPAINT_AREAS[0], type="index", label="Inpaint area",
+                            elem_id="img2img_inpaint_full_res")
+            padding = gr.Slider(0, MAX_MASK_PADDING, value=defaults["inpaint_full_res_padding"].default, step=4,
+                                label="Only masked padding, pixels", elem_id="img2img_inpaint_full_res_padding")
+    return {"mask_blur": blur, "inpainting_mask_invert": invert, "inpainting_fill": fill, "inpaint_full_res": area,
+            "inpaint_full_res_padding": padding}
+
+
+def start_pictures(mode: str, init_image: Any, sketch: dict | None, inpaint_image: Any,
+                   mask: Any) -> tuple[Image.Image, Image.Image | None]:
+    """The picture to start from and the mask (None: plain img2img) of the open sub-tab; InvalidRequest saying
+    what to upload where one is missing or unreadable."""
+    if mode == "Inpaint":
+        return sketch_parts(sketch)
+    if mode == "Inpaint upload":
+        picture = readable(inpaint_image, NO_PICTURE)
+        return picture, readable(mask, NO_MASK)
+    return readable(init_image, NO_PICTURE), None
+
+
+def readable(picture: Any, missing: str) -> Image.Image:
+    if picture is None:
+        raise InvalidRequest(missing)
+    if isinstance(picture, UnreadablePicture):
+        raise InvalidRequest(picture.problem())
+    return picture
+
+
+def sketch_parts(sketch: dict | None) -> tuple[Image.Image, Image.Image]:
+    """The Inpaint canvas's picture and its mask: opaque wherever any layer was painted."""
+    picture = (sketch or {}).get("background")
+    if picture is None:
+        raise InvalidRequest(NO_SKETCH)
+    mask = Image.new("L", picture.size, 0)
+    for layer in sketch.get("layers") or []:
+        alpha = layer.convert("RGBA").getchannel("A")
+        if alpha.size != picture.size:
+            alpha = alpha.resize(picture.size)
+        mask.paste(255, (0, 0), alpha.point(lambda value: 255 if value else 0))
+    if mask.getbbox() is None:
+        raise InvalidRequest(NO_SKETCH)
+    return picture, mask
