@@ -108,10 +108,17 @@ def test_generate_without_a_picture_or_with_an_unreadable_one_says_so_and_queues
 def test_send_to_img2img_from_history_fills_the_picture_and_the_denoising_strength(ui, ui_services):
     session = img2img(ui, init_image=picture(), denoising_strength=0.55, seed=31, prompt="a sent barn")[-1][0]
     [image] = ui_services.worker.get(session.job_id).images
-    sent, mode, sub_tab, *values, tabs = event(ui, "history_to_img2img")(image.history_id)
+    sent, _, mode, sub_tab, *values, tabs = event(ui, "history_to_img2img")(image.history_id)
     assert Path(sent) == Path(image.path) and tabs.selected == "img2img"
     # Its own sub-tab opens, whichever was open: the picture goes to img2img's Image, not to Inpaint.
     assert mode == "img2img" and sub_tab.selected == "img2img"
+    # Send to inpaint: the same picture on a fresh Inpaint canvas, that sub-tab open, the img2img Image left alone.
+    kept, canvas, mode, sub_tab, *inpaint_values, tabs = event(ui, "history_to_inpaint")(image.history_id)
+    assert is_skip(kept) and mode == "Inpaint" and sub_tab.selected == "inpaint" and tabs.selected == "img2img"
+    assert Path(canvas["background"]) == Path(image.path) and canvas["layers"] == []
+    assert inpaint_values == values
+    shown = ui.img2img.widgets["sketch"].postprocess(canvas)  # what the page gets: the picture as the background
+    assert shown.background is not None and shown.layers == []
     fields = by_field(IMG2IMG_FIELDS, values)
     assert (fields["prompt"], fields["seed"], fields["denoising_strength"]) == ("a sent barn", 31, 0.55)
     assert (fields["width"], fields["height"], fields["steps"]) == (64, 64, 3)
@@ -132,7 +139,7 @@ def test_send_to_img2img_from_a_gallery_and_from_png_info(ui, ui_services, tmp_p
         send(Session())
     session = generate(ui, prompt="a lighthouse to send", seed=41, n_iter=2)[-1][0]
     session, _ = event(ui, "select_image")(session, selected(1))
-    sent, _, _, *values, tabs = send(session)
+    sent, _, _, _, *values, tabs = send(session)
     assert Path(sent) == Path(ui_services.worker.get(session.job_id).images[1].path) and tabs.selected == "img2img"
     fields = by_field(IMG2IMG_FIELDS, values)
     assert (fields["prompt"], fields["seed"]) == ("a lighthouse to send", 42)
@@ -147,10 +154,10 @@ def test_send_to_img2img_from_a_gallery_and_from_png_info(ui, ui_services, tmp_p
     info = PngInfo()
     info.add_text("parameters", "a castle\nSteps: 3, Sampler: Euler, Seed: 5, Size: 64x64, Denoising strength: 0.4")
     picture().save(tmp_path / "castle.png", pnginfo=info)
-    sent, _, _, *values, tabs = event(ui, "pnginfo_to_img2img")(uploaded(tmp_path / "castle.png"), "a castle\nSteps: 3, "
+    sent, _, _, _, *values, tabs = event(ui, "pnginfo_to_img2img")(uploaded(tmp_path / "castle.png"), "a castle\nSteps: 3, "
                                                           "Sampler: Euler, Seed: 5, Size: 64x64, Denoising strength: 0.4")
     assert sent == str(tmp_path / "castle.png") and by_field(IMG2IMG_FIELDS, values)["denoising_strength"] == 0.4
-    sent, _, _, *values, _ = event(ui, "pnginfo_to_img2img")(uploaded(tmp_path / "castle.png"), "")
+    sent, _, _, _, *values, _ = event(ui, "pnginfo_to_img2img")(uploaded(tmp_path / "castle.png"), "")
     assert sent == str(tmp_path / "castle.png") and is_skip(by_field(IMG2IMG_FIELDS, values)["prompt"])
     with pytest.raises(gr.Error, match="Drop a picture first"):
         event(ui, "pnginfo_to_img2img")(None, "")
@@ -208,7 +215,7 @@ def test_a_hires_picture_sent_to_img2img_keeps_its_own_size_and_not_its_batch_si
     *_, last = event(ui, "txt2img")(Session(), "a hires barn", steps=2, width=64, height=64, seed=5, model=TINY,
                                     batch_size=2, enable_hr=True, hr_scale=1.5, denoising_strength=0.5)
     session = last[0]
-    sent, _, _, *values, _ = event(ui, "gallery_to_img2img")(session)
+    sent, _, _, _, *values, _ = event(ui, "gallery_to_img2img")(session)
     fields = by_field(IMG2IMG_FIELDS, values)
     assert Image.open(sent).size == (96, 96) and (fields["width"], fields["height"]) == (96, 96)
     assert "batch_size" not in IMG2IMG_FIELDS and "Batch size: 2" in session.infotexts[0]
@@ -292,7 +299,8 @@ def test_an_inpainting_infotext_sent_to_img2img_sets_the_inpainting_settings(ui,
     text = ("a castle\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64, Denoising strength: 0.4, "
             "Mask blur: 8, Masked content: latent nothing, Inpaint area: Only masked, Masked area padding: 48")
     picture(size=(64, 64)).save(tmp_path / "castle.png")
-    _, _, _, *values, _ = event(ui, "pnginfo_to_img2img")(uploaded(tmp_path / "castle.png"), text)
+    _, canvas, mode, _, *values, _ = event(ui, "pnginfo_to_inpaint")(uploaded(tmp_path / "castle.png"), text)
+    assert mode == "Inpaint" and Path(canvas["background"]).name == "castle.png"
     fields = by_field(IMG2IMG_FIELDS, values)
     assert (fields["mask_blur"], fields["inpainting_mask_invert"], fields["inpainting_fill"],
             fields["inpaint_full_res"], fields["inpaint_full_res_padding"]) == (

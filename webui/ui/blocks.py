@@ -85,16 +85,20 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
     txt2img, img2img, history, actions = ui.txt2img, ui.img2img, ui.history, ui.history_actions
     private = dict(api_visibility="private", show_progress="hidden")
 
-    def to_tab(tab: GenerationTab, fields: dict, *picture: Any) -> tuple:
-        """The outputs of a send: [img2img's picture, its sub-tab (img2img's own) open,] the tab's fields, then the
-        tab shown. A picture sent sets the size, as in A1111: a hires picture is larger than its infotext's
-        first-pass size."""
-        opened = ()
+    def to_tab(tab: GenerationTab, fields: dict, *picture: Any, inpaint: bool = False) -> tuple:
+        """The outputs of a send: [img2img's picture (on img2img's own sub-tab, or on the Inpaint canvas), the
+        sub-tab opened,] the tab's fields, then the tab shown. A picture sent sets the size, as in A1111: a hires
+        picture is larger than its infotext's first-pass size."""
+        sent = ()
         if picture:
             fields = fields | picture_dimensions(picture[0])
-            opened = (IMG2IMG_MODES[0], gr.Tabs(selected="img2img"))
+            if inpaint:  # a fresh canvas: no strokes from the last picture
+                canvas = {"background": picture[0], "layers": [], "composite": picture[0]}
+                sent = (gr.skip(), canvas, IMG2IMG_MODES[1], gr.Tabs(selected="inpaint"))
+            else:
+                sent = (picture[0], gr.skip(), IMG2IMG_MODES[0], gr.Tabs(selected="img2img"))
         updates = widget_updates(fields, tab.field_names, ui.models.choices(), ui.models.find_pasted)
-        return *picture, *opened, *updates, gr.Tabs(selected=tab.kind)
+        return *sent, *updates, gr.Tabs(selected=tab.kind)
 
     def send_from_history(image_id):
         return to_tab(txt2img, actions.fields(image_id))
@@ -102,32 +106,44 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
     def send_from_pnginfo(text):
         return to_tab(txt2img, fields_for_txt2img(text))
 
-    def history_to_img2img(image_id):
+    def history_to_img2img(image_id, inpaint=False):
         picture, fields = actions.picture_and_fields(image_id)
-        return to_tab(img2img, fields, picture)
+        return to_tab(img2img, fields, picture, inpaint=inpaint)
 
-    def pnginfo_to_img2img(upload, text):
+    def pnginfo_to_img2img(upload, text, inpaint=False):
         picture, fields = picture_for_img2img(upload, text)
-        return to_tab(img2img, fields, picture)
+        return to_tab(img2img, fields, picture, inpaint=inpaint)
 
-    def gallery_to_img2img(session):
+    def gallery_to_img2img(session, inpaint=False):
         picture, fields = img2img.actions.sent_picture(session)
-        return to_tab(img2img, fields, picture)
+        return to_tab(img2img, fields, picture, inpaint=inpaint)
+
+    def history_to_inpaint(image_id):
+        return history_to_img2img(image_id, inpaint=True)
+
+    def pnginfo_to_inpaint(upload, text):
+        return pnginfo_to_img2img(upload, text, inpaint=True)
+
+    def gallery_to_inpaint(session):
+        return gallery_to_img2img(session, inpaint=True)
 
     to_txt2img_outputs = [*txt2img.field_components, tabs]
-    to_img2img_outputs = [img2img.widgets["init_image"], img2img.widgets["img2img_mode"], img2img.picture_tabs,
-                          *img2img.field_components, tabs]
+    to_img2img_outputs = [img2img.widgets["init_image"], img2img.widgets["sketch"], img2img.widgets["img2img_mode"],
+                          img2img.picture_tabs, *img2img.field_components, tabs]
     history.send.click(send_from_history, inputs=[history.selected], outputs=to_txt2img_outputs, **private)
     ui.pnginfo.send.click(send_from_pnginfo, inputs=[ui.pnginfo.infotext], outputs=to_txt2img_outputs, **private)
     history.send_img2img.click(history_to_img2img, inputs=[history.selected], outputs=to_img2img_outputs, **private)
+    history.send_inpaint.click(history_to_inpaint, inputs=[history.selected], outputs=to_img2img_outputs, **private)
     # Unprocessed, as PNG Info reads it: the upload's path, though it be no picture Gradio can open.
-    ui.pnginfo.send_img2img.click(pnginfo_to_img2img, inputs=[ui.pnginfo.image, ui.pnginfo.infotext],
-                                  outputs=to_img2img_outputs, preprocess=False, **private)
+    for send, button in ((pnginfo_to_img2img, ui.pnginfo.send_img2img), (pnginfo_to_inpaint, ui.pnginfo.send_inpaint)):
+        button.click(send, inputs=[ui.pnginfo.image, ui.pnginfo.infotext], outputs=to_img2img_outputs,
+                     preprocess=False, **private)
     reload = dict(fn=actions.reload, inputs=[history.page, history.search, history.selected],
                   outputs=history.reload_outputs, **private)
     for tab in ui.generation_tabs:
         tab.generate_event.then(**reload)
         tab.send_to_img2img.click(gallery_to_img2img, inputs=[tab.session], outputs=to_img2img_outputs, **private)
+        tab.send_to_inpaint.click(gallery_to_inpaint, inputs=[tab.session], outputs=to_img2img_outputs, **private)
     ui.blocks.load(**reload)
     # The model's size and text encoder depth set the sliders of every tab: one load, all of them.
     sliders = [slider for tab in ui.generation_tabs for slider in tab.model_sliders]

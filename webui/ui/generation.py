@@ -398,6 +398,7 @@ class GenerationTab:
     tab_token: gr.Textbox  # filled from the browser tab's sessionStorage when the page loads (blocks.py)
     file_list_widgets: list[gr.Dropdown]  # what file_lists updates, when the page loads (blocks.py)
     send_to_img2img: gr.Button  # under the gallery: its current image and parameters to img2img (blocks.py)
+    send_to_inpaint: gr.Button  # the same, onto img2img's Inpaint canvas
     picture_tabs: gr.Tabs | None = None  # img2img's sub-tabs: img2img, Inpaint, Inpaint upload
 
     @property
@@ -567,7 +568,9 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                                  object_fit="contain", format="png", interactive=False,
                                  buttons=["download", "download_all", "fullscreen"])  # no Share: it fails off Spaces
             # As A1111's: img2img's own result goes back to its input for another pass.
-            send_to_img2img = gr.Button("Send to img2img", elem_id=f"{kind}_send_to_img2img", size="sm")
+            with gr.Row():
+                send_to_img2img = gr.Button("Send to img2img", elem_id=f"{kind}_send_to_img2img", size="sm")
+                send_to_inpaint = gr.Button("Send to inpaint", elem_id=f"{kind}_send_to_inpaint", size="sm")
             infotext = gr.Textbox(label="Parameters", lines=3, interactive=False, elem_id=f"{kind}_infotext",
                                   buttons=["copy"])
             timing = gr.HTML("", label="Time taken", show_label=False, elem_id=f"{kind}_time", padding=False)
@@ -634,4 +637,5 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                                                                                     "sketch", "inpaint_image")],
                            outputs=[width, height], api_visibility="private", show_progress="hidden")
     return GenerationTab(kind, actions, session, widgets, generate_event, tab_token,
-                         [styles, lora_name, embedding_name], send_to_img2img, picture_tabs if img2img else None)
+                         [styles, lora_name, embedding_name], send_to_img2img, send_to_inpaint,
+                         picture_tabs if img2img else None)
