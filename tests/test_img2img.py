@@ -44,6 +44,11 @@ def test_resize_and_fill_keeps_the_whole_picture_and_fills_the_bars_with_its_edg
     assert fitted[:, :, :].sum(axis=2).min() > 200
 
 
+def test_the_latent_resize_keeps_the_picture_at_its_own_size_for_the_engine_to_stretch():
+    assert fit_image(halves(100, 76), 64, 64, 3).size == (96, 72)  # multiples of 8, not the run's 64x64
+    assert fit_image(halves(3000, 1000), 64, 64, 3).size == (2048, 680)  # within the size limits
+
+
 @pytest.mark.parametrize("size, given, expected", [
     ((517, 301), (None, None), (512, 296)), ((30, 10), (None, None), (64, 64)),
     ((4000, 1000), (None, None), (2048, 512)),
@@ -81,8 +86,9 @@ def test_the_infotext_gives_the_denoising_strength_back():
 # --- the engine -----------------------------------------------------------------------------------
 def img2img(engine, picture, seeds, strength=0.1, **fields) -> list[np.ndarray]:
     """The tiny model's random VAE gives latents of little weight against the noise: low strengths show the picture."""
-    request = GenerationRequest(prompt="a red apple", steps=10, denoising_strength=strength,
-                                init_image=image_sha1(picture), width=picture.width, height=picture.height, **fields)
+    request = GenerationRequest(**{"prompt": "a red apple", "steps": 10, "denoising_strength": strength,
+                                   "init_image": image_sha1(picture), "width": picture.width,
+                                   "height": picture.height} | fields)
     return [np.asarray(r.image, np.int16) for r in engine.generate(request, seeds, init_image=picture)]
 
 
@@ -161,7 +167,7 @@ def test_a_transparent_picture_is_read_on_white_and_a_16_bit_one_in_its_greys():
     ({}, "huge", "init_image: the picture is 5000x4000 \\(20 megapixels\\); send one of at most 16.8"),
     ({"init_image": "a" * 40}, None, "init_image: give the picture"),
     ({}, "truncated", "init_image: the picture cannot be read"),
-    ({"resize_mode": 3}, "picture", "resize_mode"),
+    ({"resize_mode": 4}, "picture", "resize_mode"),
 ])
 def test_what_img2img_cannot_do_is_refused_before_queueing(services, fields, picture, message):
     if picture == "truncated":
@@ -207,3 +213,14 @@ def test_variation_seeds_move_an_img2img_picture(services):
     plain, varied = picture(), picture(subseed=99, subseed_strength=0.6)
     assert np.abs(np.asarray(plain.image, np.int16) - np.asarray(varied.image, np.int16)).mean() > 1
     assert "Variation seed: 99, Variation seed strength: 0.6" in varied.infotext
+
+
+def test_the_latent_resize_encodes_the_picture_at_its_size_and_stretches_its_latents(engine, monkeypatch):
+    picture = fit_image(halves(128, 64), 64, 64, 3)  # the worker keeps it at 128x64
+    encoded = []
+    encode = engine.encode
+    monkeypatch.setattr(engine, "encode", lambda image: encoded.append(image.size) or encode(image))
+    [stretched] = img2img(engine, picture, [5], resize_mode=3, width=64, height=64)
+    assert encoded == [(128, 64)] and stretched.shape == (64, 64, 3)
+    [resized] = img2img(engine, fit_image(picture, 64, 64, 0), [5], width=64, height=64)  # pixels, then latents
+    assert np.abs(stretched - resized).mean() > 0.5

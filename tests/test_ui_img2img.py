@@ -54,7 +54,8 @@ def test_the_img2img_tab_sits_between_txt2img_and_history_with_its_own_widgets(u
     denoising, resize_mode = ui.img2img.widgets["denoising_strength"], ui.img2img.widgets["resize_mode"]
     assert (denoising.minimum, denoising.maximum, denoising.step, denoising.value) == (0, 1, 0.01, 0.75)
     assert resize_mode.type == "index" and [c[0] for c in resize_mode.choices] == ["Just resize", "Crop and resize",
-                                                                                   "Resize and fill"]
+                                                                                   "Resize and fill",
+                                                                                   "Just resize (latent upscale)"]
     assert ui.img2img.widgets["width"].value == 64  # "Resize to": the model's size, as txt2img's
 
 

@@ -21,8 +21,9 @@ MAX_PROMPT_CHARS = 2000
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_SEED = 2**32 - 1
 MAX_CLIP_SKIP = 12  # the layers of SD 1.x's text encoder; A1111's slider stops there too
-# img2img's ways to fit the init image to the run's size, by A1111's numbers (its 3, latent upscale, is not here).
-RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")
+# img2img's ways to fit the init image to the run's size, by A1111's numbers.
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
+LATENT_RESIZE = 3
 # Inpainting's choices, by A1111's numbers: inpainting_fill, inpainting_mask_invert, inpaint_full_res.
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
@@ -59,7 +60,8 @@ class GenerationRequest(BaseModel):
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0, description="img2img: how much of the init image is "
                                                                          "noised away (1 keeps none of it)")
     resize_mode: int = Field(0, ge=0, le=len(RESIZE_MODES) - 1,
-                             description="img2img: 0 just resize, 1 crop and resize, 2 resize and fill")
+                             description="img2img: 0 just resize, 1 crop and resize, 2 resize and fill, 3 just "
+                                         "resize the picture's latents")
     # Inpainting (img2img with a mask): the worker sets mask (its pixels' sha1) when it is given one.
     mask: str | None = Field(None, pattern=_SHA1, description="inpainting: the sha1 of the mask's pixels, white "
                                                               "where to draw again (set by the server)")

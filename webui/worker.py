@@ -29,8 +29,8 @@ from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sh
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.models import ModelEntry
 from webui.engine.lora import lora_uses, unread_tags
-from webui.schemas import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, GeneratedImage, GenerationRequest,
-                           InvalidRequest, JobState, Progress, MAX_SEED, parse_request)
+from webui.schemas import (INPAINT_AREAS, LATENT_RESIZE, MASK_MODES, MASKED_CONTENT, RESIZE_MODES, GeneratedImage,
+                           GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED, parse_request)
 from webui.storage.history import History
 from webui.storage.infotext import build_infotext
 from webui.storage.outputs import OutputStore, make_grid
@@ -772,6 +772,9 @@ def _with_init_image(request: GenerationRequest, image: Image.Image | None, mask
         width, height = size_from_image(image, request.width, request.height)
         request = parse_request(request.model_dump() | fields | {"width": width, "height": height})
         return request, fit_image(image, request.width, request.height, request.resize_mode), None
+    if request.resize_mode == LATENT_RESIZE:  # the result is laid into the picture at the run's size
+        raise InvalidRequest(f"resize_mode: {RESIZE_MODES[LATENT_RESIZE]} does not go with a mask; pick one of "
+                             f"{', '.join(RESIZE_MODES[:LATENT_RESIZE])} to inpaint")
     mask = _read_picture(mask, "mask", lambda picture: read_mask(picture, image.size))
     try:
         width, height, start, inpainting = prepare_inpainting(image, mask, request)

@@ -53,8 +53,6 @@ _UNSUPPORTED = (
                                              "hr_scale or hr_resize_x/hr_resize_y for the larger size"),
     ("mask_round", lambda v: v is False, "only a rounded latent mask is supported (send true or null)"),
     ("latent_mask", lambda v: v is not None, "a separate latent mask is not supported (send null)"),
-    ("resize_mode", lambda v: v == 3, "3 (latent upscale) is not supported; use 0 (just resize), "
-                                      "1 (crop and resize) or 2 (resize and fill)"),
     ("initial_noise_multiplier", lambda v: v not in (None, 1), "a noise multiplier is not supported yet (send 1 "
                                                                "or null)"),
 )
@@ -124,7 +122,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         "save_images": req.save_images, "send_images": req.send_images, "clip_skip": clip_skip,
         "styles": req.styles or [],
     }
-    if img2img and req.resize_mode != 3:  # (3 is refused above; the schema would only repeat it)
+    if img2img:
         data["resize_mode"] = 0 if req.resize_mode is None else req.resize_mode
     if img2img and req.mask:
         inpainting, refused = inpainting_fields(req, request_fields_from_infotext(req.infotext) if req.infotext else {})

@@ -111,7 +111,7 @@ class Img2ImgRequest(GenerationBody):
     denoising_strength: float | None = Field(0.75, description="0 to 1: how much of the init image is noised away "
                                              "(1 keeps none of it); steps x strength steps run")
     resize_mode: int | None = Field(0, description="fitting the init image to width x height: 0 just resize, "
-                                    "1 crop and resize, 2 resize and fill (3, latent upscale, is not supported)")
+                                    "1 crop and resize, 2 resize and fill, 3 just resize its latents")
     include_init_images: bool | None = Field(False, description="echo init_images and mask in the response's "
                                              "parameters")
     width: int | None = Field(None, description="multiple of 8; left out = the init image's size")

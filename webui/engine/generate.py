@@ -481,7 +481,7 @@ class Engine:
                     latents = self._denoise(self.pipe, request, run, _phases(request), request.steps, request.steps,
                                             start)
                 else:  # the last denoising_steps of the steps, from the picture's latents noised to where they start
-                    picture = self.encode(init_image).expand(len(seeds), -1, -1, -1)
+                    picture = self._start_latents(init_image, (width // factor, height // factor), len(seeds))
                     if inpainting is not None:
                         run.masked = self._masked_start(picture, noise, inpainting)
                         picture = run.masked.start
@@ -500,6 +500,14 @@ class Engine:
                         log.exception("the image cut short could not be decoded")
                 raise
             return self._to_images(latents, seeds, inpainting)
+
+    def _start_latents(self, picture: Image.Image, size: tuple[int, int], count: int) -> torch.Tensor:
+        """img2img's start: the picture's latents, `count` rows; stretched to `size` (latent width x height) when
+        the picture comes at its own size (resize mode "Just resize (latent upscale)")."""
+        latents = self.encode(picture)
+        if latents.shape[-2:] != (size[1], size[0]):
+            latents = upscale_latents(latents, "Latent", size)
+        return latents.expand(count, -1, -1, -1)
 
     def _masked_start(self, picture: torch.Tensor, noise: torch.Tensor, inpainting: Inpainting) -> _MaskedStart:
         """Inpainting's start: the picture's latents, and where the masked content is latent noise or nothing,

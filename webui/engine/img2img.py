@@ -12,7 +12,7 @@ import hashlib
 
 from PIL import Image, ImageOps
 
-from webui.schemas import MAX_SIZE, MIN_SIZE
+from webui.schemas import LATENT_RESIZE, MAX_SIZE, MIN_SIZE
 
 RESAMPLE = Image.Resampling.LANCZOS
 ORIENTATION = 0x0112  # the EXIF tag
@@ -79,7 +79,11 @@ def _side(length: float) -> int:
 def fit_image(image: Image.Image, width: int, height: int, resize_mode: int,
               resample: Image.Resampling = RESAMPLE) -> Image.Image:
     """The picture at width x height, fitted by the resize mode (a mask with a gentler resampling than a picture's,
-    whose ringing would spread it)."""
+    whose ringing would spread it). The latent resize keeps the picture's own size (within the size limits): the
+    engine stretches its latents to the run's size."""
+    if resize_mode == LATENT_RESIZE:
+        own = size_from_image(image)
+        return image if image.size == own else image.resize(own, resample)
     if resize_mode == 0 or image.size == (width, height):
         return image.resize((width, height), resample)
     if resize_mode == 1:
