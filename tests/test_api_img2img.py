@@ -239,6 +239,11 @@ def test_inpainting_keeps_the_picture_outside_the_mask_and_returns_it_whole(clie
     assert ("Mask blur: 4, Masked content: fill, Inpaint area: Only masked, Masked area padding: 0"
             in info["infotexts"][0]), info["infotexts"][0]
     assert r.json()["parameters"]["mask"] is None  # not echoed, as the init image
+    # As in A1111, a pasted infotext sets no inpainting field: the API's defaults stand.
+    pasted = "x\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64, Mask blur: 8, Masked content: original"
+    r = client.post("/sdapi/v1/img2img", json=QUICK | {"init_images": [b64(init)], "mask": b64(mask), "width": 64,
+                                                       "height": 64, "infotext": pasted})
+    assert "Mask blur: 4, Masked content: fill, Inpaint area: Only masked" in json.loads(r.json()["info"])["infotexts"][0]
 
 
 def test_docs_list_img2img_with_its_request_model(client):

@@ -62,6 +62,37 @@ def test_fill_paints_the_masked_part_with_the_colours_around_it():
     assert inside[..., 0].min() > 150 and inside[..., 2].max() < 100  # red, from around it, not the blue
 
 
+def test_fill_fades_into_the_picture_through_the_masks_blurred_edge():
+    picture = noise_picture(9, 64, 64)
+    edge = Image.linear_gradient("L").resize((64, 64))  # 0 at the top to 255 at the bottom, row by row
+    filled, original = pixels(fill_masked(picture, edge)), pixels(picture)
+    cover = np.asarray(edge, np.int16)[..., None]
+    # Each pixel moves from the picture's colour by at most as much as the mask covers it.
+    assert (np.abs(filled - original) <= cover + 1).all()
+    assert np.abs(filled[-4:] - original[-4:]).mean() > 20  # where the mask covers it all: painted over
+
+
+def test_a_16_bit_mask_is_read_by_its_greys_not_clipped_to_white():
+    levels = np.full((64, 64), 3000, np.uint16)  # nearly black in 16 bits
+    levels[16:48, 16:48] = 65535
+    mask = read_mask(Image.fromarray(levels), (64, 64))
+    assert np.count_nonzero(np.asarray(mask)) == 32 * 32
+
+
+def test_the_kept_part_is_not_put_back_half_way_through_a_two_call_step():
+    from webui.engine.generate import _MaskedStart
+
+    class HalfWay:  # DPM2 and DPM++ SDE between their two model calls
+        state_in_first_order = False
+
+    class Pipe:
+        scheduler, num_timesteps = HalfWay(), 4
+
+    masked = _MaskedStart(torch.zeros(1, 4, 8, 8), torch.ones(1, 4, 8, 8), torch.ones(1, 1, 8, 8))
+    latents = torch.full((1, 4, 8, 8), 3.0)
+    assert masked.put_back(Pipe(), 0, latents) is latents
+
+
 def mask_array(mask) -> np.ndarray:
     return np.asarray(mask)
 

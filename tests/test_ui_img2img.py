@@ -21,6 +21,7 @@ from tests.test_ui import event, generate, input_labels, is_skip, selected, thro
 from webui.schemas import JobState
 from webui.ui.params import IMG2IMG_FIELDS, TXT2IMG_FIELDS
 from webui.ui.generation import Session
+from webui.ui.pictures import UnreadablePicture
 
 
 def picture(color="red", size=(80, 48)) -> Image.Image:
@@ -104,6 +105,16 @@ def test_generate_without_a_picture_or_with_an_unreadable_one_says_so_and_queues
         assert f"Image: could not read {name} as an image" in progress and "dw-error" in progress, progress
         assert str(tmp_path) not in progress  # no server paths shown
     assert queued == []
+    # Junk left on the Inpaint canvas fails no run on the img2img sub-tab (Generate prepares every sub-tab's input).
+    canvas = {"background": uploaded(tmp_path / "junk.png"), "layers": [], "composite": None}
+    inputs = [canvas if block is ui.img2img.widgets["sketch"] else uploaded(tmp_path / "whole.png")
+              if block is ui.img2img.widgets["init_image"] else raw.get(getattr(block, "label", None))
+              for block in wiring.inputs]
+    progress = through_gradio(ui, "img2img", *inputs)[2]
+    assert "dw-error" not in progress and len(queued) == 1, progress
+    # On the Inpaint sub-tab, the same junk is named.
+    [(_, _, progress, *_)] = inpaint(ui, sketch=UnreadablePicture("junk.png"))
+    assert "Image: could not read junk.png as an image" in progress
 
 
 def test_send_to_img2img_from_history_fills_the_picture_and_the_denoising_strength(ui, ui_services):

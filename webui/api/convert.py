@@ -125,7 +125,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     if img2img:
         data["resize_mode"] = 0 if req.resize_mode is None else req.resize_mode
     if img2img and req.mask:
-        inpainting, refused = inpainting_fields(req, request_fields_from_infotext(req.infotext) if req.infotext else {})
+        inpainting, refused = inpainting_fields(req)
         data |= inpainting
         problems.extend(refused)
     if isinstance(req, Txt2ImgRequest) and req.enable_hr:
@@ -175,16 +175,10 @@ def hires_fields(req: Txt2ImgRequest) -> tuple[dict[str, Any], list[str]]:
                     if value not in _SAME]
 
 
-def inpainting_fields(req: Img2ImgRequest, pasted: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """An img2img body's inpainting fields (for those it leaves out, an `infotext`'s (pasted), else A1111's
-    defaults), and what is refused."""
-    given = req.model_fields_set
-    pasted = {name: value for name, value in pasted.items() if name not in given}
-    if given & {"mask_blur_x", "mask_blur_y"}:
-        pasted.pop("mask_blur", None)
+def inpainting_fields(req: Img2ImgRequest) -> tuple[dict[str, Any], list[str]]:
+    """An img2img body's inpainting fields (A1111's API defaults for those left out or null; as in A1111, an
+    `infotext` does not set them), and what is refused."""
     blur, refused = req.mask_blur, []
-    if blur is None and "mask_blur" in pasted:
-        blur = pasted["mask_blur"]
     if blur is None:
         blur_x, blur_y = (4 if value is None else value for value in (req.mask_blur_x, req.mask_blur_y))
         if blur_x != blur_y:
@@ -195,7 +189,7 @@ def inpainting_fields(req: Img2ImgRequest, pasted: dict[str, Any]) -> tuple[dict
     fields = {"mask_blur": blur}
     for name in ("inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert"):
         value = getattr(req, name)
-        fields[name] = pasted.get(name, defaults[name].default if value is None else value)
+        fields[name] = defaults[name].default if value is None else value
     return fields, refused
 
 

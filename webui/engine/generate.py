@@ -151,7 +151,11 @@ class _MaskedStart:
 
     def put_back(self, pipe, call: int, latents: torch.Tensor) -> torch.Tensor:
         """After model call `call` of a pass: the kept part is the picture's, noised to where the schedule goes on
-        from (un-noised after the last call), as diffusers' inpainting does with a plain model."""
+        from (un-noised after the last call), as diffusers' inpainting does with a plain model. Not half-way through
+        a two-call step (DPM2, DPM++ SDE): the latents stand between two noise levels there, and the scheduler's
+        add_noise knows only the next one."""
+        if not getattr(pipe.scheduler, "state_in_first_order", True):
+            return latents
         timesteps = pipe.scheduler.timesteps
         following = len(timesteps) - pipe.num_timesteps + call + 1  # the pass runs the schedule's tail
         kept = self.start

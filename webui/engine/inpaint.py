@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from webui.engine.img2img import RESAMPLE, fit_image, size_from_image
+from webui.engine.img2img import RESAMPLE, as_rgb, fit_image, size_from_image
 from webui.schemas import MASKED_CONTENT, GenerationRequest
 
 # "Only masked" with no size given: the part is drawn this large on its longer side (SD 1.x's own size).
@@ -56,11 +56,13 @@ def read_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     """A mask picture -> "L", white where to draw, at `size` (the picture's): a picture with transparency is
     read by its alpha (a painted layer), any other by its brightness; rounded to black and white at half."""
     mask = ImageOps.exif_transpose(mask)
-    grey = mask.convert("L")
+    grey = None
     if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
         alpha = mask.convert("RGBA").getchannel("A")
         if alpha.getextrema() != (255, 255):  # not opaque all over: the paint is where it is opaque
             grey = alpha
+    if grey is None:  # read as a picture is (16-bit greys scaled, not clipped to white)
+        grey = as_rgb(mask).convert("L")
     grey = grey.point(lambda value: 255 if value >= 128 else 0)
     return grey if grey.size == size else grey.resize(size, Image.Resampling.NEAREST)
 
@@ -132,22 +134,24 @@ def _with_fill(start: Image.Image, mask: Image.Image, fill: int) -> Image.Image:
 
 
 def fill_masked(picture: Image.Image, mask: Image.Image) -> Image.Image:
-    """The picture with what the mask covers painted over by the average colour of the kept pixels nearby,
-    coarse to fine: each finer pass repaints the pixels that have kept ones within its reach."""
+    """The picture painted over, as far as the mask covers it (its blurred edge partly), by the average colour of
+    the kept pixels nearby: found coarse to fine, each finer pass taking over where kept pixels are in its reach."""
     pixels = np.asarray(picture, dtype=np.float32)
-    drawn = np.asarray(mask) > 0
-    keep = (~drawn).astype(np.float32)
-    result = pixels.copy()
-    if keep.any():  # first the average of all kept pixels, for those no pass below reaches
-        result[drawn] = pixels[~drawn].mean(axis=0)
+    cover = np.asarray(mask, dtype=np.float32)[..., None] / 255
+    keep = 1 - cover[..., 0]  # how much each pixel lends its colour
+    if keep.sum() == 0:  # nothing kept to take colours from
+        return picture
+    fill = np.empty_like(pixels)
+    fill[:] = (pixels * keep[..., None]).sum(axis=(0, 1)) / keep.sum()  # for those no pass below reaches
     size = picture.size
     for cell in (64, 16, 4):
         small = (max(1, size[0] // cell), max(1, size[1] // cell))
         weight = _blurred(keep, small, size)
         colours = np.stack([_blurred(pixels[..., c] * keep, small, size) for c in range(3)], axis=-1)
-        reached = drawn & (weight > 1e-3)
-        result[reached] = colours[reached] / weight[reached, None]
-    return Image.fromarray(np.clip(result.round(), 0, 255).astype(np.uint8))
+        reached = weight > 1e-3
+        fill[reached] = colours[reached] / weight[reached, None]
+    painted = pixels * (1 - cover) + fill * cover
+    return Image.fromarray(np.clip(painted.round(), 0, 255).astype(np.uint8))
 
 
 def _blurred(values: np.ndarray, small: tuple[int, int], size: tuple[int, int]) -> np.ndarray:

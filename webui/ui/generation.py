@@ -30,7 +30,7 @@ from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, 
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.params import TAB_FIELDS, schedules_of, with_labels
-from webui.ui.pictures import UnreadablePicture, inpainting_settings, picture_inputs, start_pictures
+from webui.ui.pictures import UnreadablePicture, inpainting_settings, open_picture, picture_inputs, start_pictures
 from webui.ui.progress import error_html, final_html, progress_html, timing_html, token_counter, too_long_counter
 from webui.worker import Job, QueueFull, WorkerStopped
 
@@ -252,7 +252,7 @@ class GenerationActions:
     def picture_size(mode: str, init_image: Any, sketch: dict | None, inpaint_image: Any) -> tuple[int, int]:
         """Width and Height from the open sub-tab's picture to start from (A1111's 📐, "From image" here): its size,
         as a multiple of 8 within the size limits."""
-        picture = {"Inpaint": (sketch or {}).get("background"), "Inpaint upload": inpaint_image}.get(mode, init_image)
+        picture = open_picture(mode, init_image, sketch, inpaint_image)
         if picture is None:
             raise gr.Error("Upload a picture first.")
         if isinstance(picture, UnreadablePicture):

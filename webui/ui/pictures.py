@@ -37,11 +37,16 @@ class UnreadablePicture:
 
 def picture_upload(field: str = "init_image", **kwargs) -> gr.Image:
     """A gr.Image (type "pil") that hands an unreadable upload on as an UnreadablePicture (of request field
-    `field`): gr.Image fails the whole event while preparing its inputs, with a raw pop-up and nothing in the
-    progress area. Wrapped here, not subclassed: Gradio writes a .pyi stub beside the module of every Component
-    subclass. Send it plain values: a gr.update() of it makes Gradio build a plain gr.Image for the session."""
-    image = gr.Image(type="pil", **kwargs)
-    prepare = image.preprocess
+    `field`). Send it plain values: a gr.update() of it makes Gradio build a plain gr.Image for the session."""
+    return tolerant(gr.Image(type="pil", **kwargs), field)
+
+
+def tolerant(component: gr.Image | gr.ImageMask, field: str) -> gr.Image | gr.ImageMask:
+    """The picture input, handing an unreadable upload on as an UnreadablePicture: Gradio would fail the whole
+    event while preparing its inputs, with a raw pop-up and nothing in the progress area (and Generate prepares
+    every sub-tab's inputs). Wrapped here, not subclassed: Gradio writes a .pyi stub beside the module of every
+    Component subclass."""
+    prepare = component.preprocess
 
     def preprocess(payload):
         name = getattr(payload, "orig_name", None) or "the picture"
@@ -53,8 +58,8 @@ def picture_upload(field: str = "init_image", **kwargs) -> gr.Image:
         except (OSError, SyntaxError, ValueError, gr.Error):
             return UnreadablePicture(name, field=field)
 
-    image.preprocess = preprocess
-    return image
+    component.preprocess = preprocess
+    return component
 
 
 def picture_inputs() -> tuple[dict[str, gr.components.Component], gr.Tabs]:
@@ -67,9 +72,9 @@ def picture_inputs() -> tuple[dict[str, gr.components.Component], gr.Tabs]:
             init_image = picture_upload(label="Image", image_mode=None, sources=["upload", "clipboard"], format="png",
                                         elem_id="img2img_image", height=360)
         with gr.Tab("Inpaint", id="inpaint", elem_id="img2img_inpaint_tab") as sketch_tab:
-            sketch = gr.ImageMask(label="Image: paint over the part to draw again", type="pil",
-                                  sources=["upload", "clipboard"], format="png", elem_id="img2img_inpaint_sketch",
-                                  height=360)
+            sketch = tolerant(gr.ImageMask(label="Image: paint over the part to draw again", type="pil",
+                                           sources=["upload", "clipboard"], format="png",
+                                           elem_id="img2img_inpaint_sketch", height=360), "init_image")
         with gr.Tab("Inpaint upload", id="inpaint_upload", elem_id="img2img_inpaint_upload_tab") as upload_tab:
             inpaint_image = picture_upload(label="Image", image_mode=None, sources=["upload", "clipboard"],
                                            format="png", elem_id="img2img_inpaint_image", height=260)
@@ -103,16 +108,24 @@ def inpainting_settings() -> dict[str, gr.components.Component]:
             "inpaint_full_res_padding": padding}
 
 
-def start_pictures(mode: str, init_image: Any, sketch: dict | None, inpaint_image: Any,
+def open_picture(mode: str, init_image: Any, sketch: dict | UnreadablePicture | None, inpaint_image: Any) -> Any:
+    """The open sub-tab's picture input, as Gradio gave it (None when empty)."""
+    if mode == "Inpaint":
+        return sketch.get("background") if isinstance(sketch, dict) else sketch
+    return inpaint_image if mode == "Inpaint upload" else init_image
+
+
+def start_pictures(mode: str, init_image: Any, sketch: dict | UnreadablePicture | None, inpaint_image: Any,
                    mask: Any) -> tuple[Image.Image, Image.Image | None]:
     """The picture to start from and the mask (None: plain img2img) of the open sub-tab; InvalidRequest saying
     what to upload where one is missing or unreadable."""
+    picture = readable(open_picture(mode, init_image, sketch, inpaint_image),
+                       NO_SKETCH if mode == "Inpaint" else NO_PICTURE)
     if mode == "Inpaint":
-        return sketch_parts(sketch)
+        return picture, painted_mask(picture, sketch.get("layers") or [])
     if mode == "Inpaint upload":
-        picture = readable(inpaint_image, NO_PICTURE)
         return picture, readable(mask, NO_MASK)
-    return readable(init_image, NO_PICTURE), None
+    return picture, None
 
 
 def readable(picture: Any, missing: str) -> Image.Image:
@@ -123,17 +136,13 @@ def readable(picture: Any, missing: str) -> Image.Image:
     return picture
 
 
-def sketch_parts(sketch: dict | None) -> tuple[Image.Image, Image.Image]:
-    """The Inpaint canvas's picture and its mask: opaque wherever any layer was painted."""
-    picture = (sketch or {}).get("background")
-    if picture is None:
+def painted_mask(picture: Image.Image, layers: list[Image.Image]) -> Image.Image:
+    """The Inpaint canvas's strokes, all layers laid on one transparent sheet of the picture's size: the worker
+    reads a mask with transparency by its alpha."""
+    sheet = Image.new("RGBA", picture.size, (0, 0, 0, 0))
+    for layer in layers:
+        layer = layer.convert("RGBA")
+        sheet.alpha_composite(layer if layer.size == picture.size else layer.resize(picture.size))
+    if sheet.getchannel("A").getbbox() is None:
         raise InvalidRequest(NO_SKETCH)
-    mask = Image.new("L", picture.size, 0)
-    for layer in sketch.get("layers") or []:
-        alpha = layer.convert("RGBA").getchannel("A")
-        if alpha.size != picture.size:
-            alpha = alpha.resize(picture.size)
-        mask.paste(255, (0, 0), alpha.point(lambda value: 255 if value else 0))
-    if mask.getbbox() is None:
-        raise InvalidRequest(NO_SKETCH)
-    return picture, mask
+    return sheet
