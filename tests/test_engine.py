@@ -318,7 +318,7 @@ def test_a_folder_naming_a_safety_checker_it_lacks_loads_without_one(models_dir,
 
 
 @pytest.mark.parametrize("kind, message", [("sdxl", "sdxl is an SDXL model"), ("flux", "flux is a FluxPipeline model"),
-                                           ("inpainting", "inpainting's UNet takes 9 input channels")])
+                                           ("pix2pix", "pix2pix's UNet takes 8 input channels \\(an instruct-pix2pix")])
 def test_a_diffusers_folder_this_app_cannot_run_is_refused_when_loaded(models_dir, tmp_path, kind, message):
     """They loaded as an SD pipeline, then every image failed deep inside diffusers."""
     import json
@@ -333,7 +333,7 @@ def test_a_diffusers_folder_this_app_cannot_run_is_refused_when_loaded(models_di
         "sdxl": ("model_index.json", {"_class_name": "StableDiffusionXLPipeline",
                                       "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}),
         "flux": ("model_index.json", {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}),
-        "inpainting": ("unet/config.json", {"in_channels": 9})}[kind]
+        "pix2pix": ("unet/config.json", {"in_channels": 8})}[kind]
     config = json.loads((folder / part).read_text())
     (folder / part).write_text(json.dumps(config | changes))
     engine = Engine(Settings(models_dir=folder.parent, device="cpu"), ModelRegistry(folder.parent, tmp_path / "h.json"))

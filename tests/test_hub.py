@@ -242,11 +242,11 @@ def fake_hub(tmp_path, hf_cache, monkeypatch):
     (sdxl / "text_encoder_2").mkdir(parents=True)
     (sdxl / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
     (sdxl / "text_encoder_2" / "model.safetensors").write_bytes(b"gigabytes of weights")
-    inpaint = save_tiny_model(tmp_path / "inpaint")
-    unet_config = inpaint / "unet" / "config.json"
-    unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "in_channels": 9}))
+    pix2pix = save_tiny_model(tmp_path / "pix2pix")
+    unet_config = pix2pix / "unet" / "config.json"
+    unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "in_channels": 8}))
     server = FakeHub({REPO: repo, "test-org/single-file": single, "test-org/gated": repo, "test-org/sdxl": sdxl,
-                      "test-org/inpaint": inpaint}, gated=("test-org/gated",))
+                      "test-org/pix2pix": pix2pix}, gated=("test-org/gated",))
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     yield server
     server.close()
@@ -295,9 +295,9 @@ def test_unknown_moved_gated_and_single_file_repositories_say_what_to_do(fake_hu
     assert fake_hub.fetched == []  # refused before anything was downloaded
 
 
-def test_a_hub_inpainting_model_is_refused_before_its_weights_are_downloaded(fake_hub, tmp_path):
-    with pytest.raises(ModelLoadError, match="takes 9 input channels"):
-        _engine(tmp_path).load("test-org/inpaint")
+def test_a_hub_instruct_pix2pix_model_is_refused_before_its_weights_are_downloaded(fake_hub, tmp_path):
+    with pytest.raises(ModelLoadError, match="takes 8 input channels"):
+        _engine(tmp_path).load("test-org/pix2pix")
     assert "unet/config.json" in fake_hub.fetched  # the UNet's config says it
     assert not [name for name in fake_hub.fetched if name.endswith((".safetensors", ".bin"))]
 

@@ -83,6 +83,21 @@ def test_safetensors_sd1_loads_offline_with_identical_weights(tmp_path):
     assert loaded.scheduler.config.prediction_type == "epsilon"
 
 
+def test_an_inpainting_checkpoint_loads_its_9_channel_unet_with_the_families_configs(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**tiny_components(seed=1, in_channels=9))
+    path = tmp_path / "tiny-inpainting.safetensors"
+    save_file(pipeline_to_ldm(pipe), path)
+    configs = write_config_dir(tiny_pipeline(), tmp_path / "cfg")  # the family's, for 4 channels, as shipped
+
+    loaded = load_single_file_pipeline(path, torch.float32, config_dir=configs)
+
+    assert loaded.unet.config.in_channels == 9
+    assert_same_weights(loaded, pipe)
+    assert json.loads((configs / "unet" / "config.json").read_text())["in_channels"] == 4  # the copy was changed
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
 def test_sd1_file_whose_clip_keys_lack_the_text_model_level_loads(tmp_path, suffix):
     """Files saved with an early transformers name CLIP's weights `cond_stage_model.transformer.embeddings...`;
@@ -220,8 +235,10 @@ def test_detect_family_from_keys():
     assert detect_family(_shapes(**sgm_open_clip)) == "sd-v2"  # SD-Turbo
     with pytest.raises(SingleFileLoadError, match="SDXL"):  # the SDXL refiner: the same embedder key, SDXL's UNet
         detect_family(_shapes(**sgm_open_clip, **{single_file._SDXL_UNET: (1280, 2816)}))
-    with pytest.raises(SingleFileLoadError, match="9 input channels"):
-        detect_family({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)})
+    inpainting = {"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3), single_file._CLIP_L: (77, 768)}
+    assert detect_family(inpainting) == "sd-v1"
+    with pytest.raises(SingleFileLoadError, match="8 input channels \\(an instruct-pix2pix model\\)"):
+        detect_family({"model.diffusion_model.input_blocks.0.0.weight": (320, 8, 3, 3)})
     with pytest.raises(SingleFileLoadError, match="LoRA"):
         detect_family({"lora_unet_down_blocks_0.alpha": ()})
 

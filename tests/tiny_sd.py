@@ -14,13 +14,14 @@ TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "webui" / "engine" / "m
 TEXT_LAYERS = 3  # the text encoder's layers: the deepest Clip skip of the tiny model
 
 
-def tiny_components(seed: int = 0, safety_checker: bool = False) -> dict:
+def tiny_components(seed: int = 0, safety_checker: bool = False, in_channels: int = 4) -> dict:
+    """in_channels 9: a model made for inpainting."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=32, in_channels=in_channels, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
@@ -63,13 +64,13 @@ def tiny_safety_checker() -> dict:
     return {"safety_checker": checker, "feature_extractor": extractor, "requires_safety_checker": True}
 
 
-def make_tiny_pipeline(seed: int = 0, safety_checker: bool = False):
+def make_tiny_pipeline(seed: int = 0, safety_checker: bool = False, in_channels: int = 4):
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline(**tiny_components(seed, safety_checker))
+    return StableDiffusionPipeline(**tiny_components(seed, safety_checker, in_channels))
 
 
-def save_tiny_model(folder: Path, seed: int = 0, safety_checker: bool = False) -> Path:
+def save_tiny_model(folder: Path, seed: int = 0, safety_checker: bool = False, in_channels: int = 4) -> Path:
     """Write a tiny model as a diffusers folder (model_index.json + components)."""
-    make_tiny_pipeline(seed, safety_checker).save_pretrained(folder)
+    make_tiny_pipeline(seed, safety_checker, in_channels).save_pretrained(folder)
     return folder

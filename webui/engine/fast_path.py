@@ -28,8 +28,10 @@ COMPILER_FAILURES = (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.
 
 
 def compile_choice(wanted: bool | None, *, device: str, offloading: bool, xformers: bool,
-                   zerogpu: bool) -> tuple[bool, str]:
+                   zerogpu: bool, inpainting_model: bool = False) -> tuple[bool, str]:
     """Whether to compile, and why. wanted: True (--compile), False (--no-compile), None (decide here)."""
+    if inpainting_model:  # its UNet's extra input comes through a hook per run, which a compiled graph would bake in
+        return False, "an inpainting model runs uncompiled"
     if wanted is not None:
         return wanted, "--compile" if wanted else "--no-compile"
     if device != "cuda":

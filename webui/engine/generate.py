@@ -24,6 +24,7 @@ from webui.engine.embeddings import EmbeddingSet, load_embeddings, used_embeddin
 from webui.engine.hires import LATENT_UPSCALERS, crop_center, hires_size, schedule_steps, upscale_latents
 from webui.engine.img2img import pipeline_strength
 from webui.engine.inpaint import Inpainting
+from webui.engine.inpainting_model import extra_input, masked_picture_input, takes_masked_picture
 from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, lora_uses, strip_loras
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
@@ -480,10 +481,11 @@ class Engine:
         with torch.inference_mode():
             try:
                 noise = self._start_noise(run, (height // factor, width // factor))
+                extra = self._extra_channels((width, height), init_image, inpainting)
                 if init_image is None:
                     start = {"width": width, "height": height, "latents": noise}
                     latents = self._denoise(self.pipe, request, run, _phases(request), request.steps, request.steps,
-                                            start)
+                                            start, extra)
                 else:  # the last denoising_steps of the steps, from the picture's latents noised to where they start
                     picture = self._start_latents(init_image, (width // factor, height // factor), len(seeds))
                     if inpainting is not None:
@@ -491,7 +493,7 @@ class Engine:
                         picture = run.masked.start
                     start = {"image": picture, "strength": pipeline_strength(request.denoising_steps, request.steps)}
                     latents = self._denoise(self._img2img_pipeline(noise), request, run, _phases(request),
-                                            request.denoising_steps, request.steps, start)
+                                            request.denoising_steps, request.steps, start, extra)
                     if run.masked is not None:
                         latents = run.masked.finish(latents)
                 if request.enable_hr:
@@ -504,6 +506,16 @@ class Engine:
                         log.exception("the image cut short could not be decoded")
                 raise
             return self._to_images(latents, seeds, inpainting)
+
+    def _extra_channels(self, size: tuple[int, int], picture: Image.Image | None = None,
+                        inpainting: Inpainting | None = None) -> torch.Tensor | None:
+        """An inpainting model's extra input for a pass at `size` (pixels): the inpainted part of the start picture
+        and its mask, or (txt2img, img2img, the hires pass) all of it to draw; None for other models."""
+        if not takes_masked_picture(self.pipe.unet):
+            return None
+        if inpainting is None:
+            return masked_picture_input(self.encode, size)
+        return masked_picture_input(self.encode, size, picture, inpainting.mask)
 
     def _start_latents(self, picture: Image.Image, size: tuple[int, int], count: int) -> torch.Tensor:
         """img2img's start: the picture's latents, `count` rows; stretched to `size` (latent width x height) when
@@ -526,9 +538,10 @@ class Engine:
         return _MaskedStart(picture, noise, keep)
 
     def _denoise(self, pipe, request: GenerationRequest, run: "_Run", phases: list[PromptPhase], steps: int,
-                 schedule: int, start: dict) -> torch.Tensor:
+                 schedule: int, start: dict, extra: torch.Tensor | None = None) -> torch.Tensor:
         """One denoising pass of a pipeline (txt2img's, or img2img's from `start`'s latents): the last `steps` of a
-        schedule of `schedule` steps, its prompt phases read at the steps they cover; the latents it ends with."""
+        schedule of `schedule` steps, its prompt phases read at the steps they cover; the latents it ends with.
+        `extra`: an inpainting model's extra input channels for this pass."""
         pipe.scheduler = make_scheduler(self._base_scheduler_config, request.sampler_name, request.scheduler)
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE draws its Brownian noise from its own seeds (else from torch's global RNG).
@@ -555,16 +568,17 @@ class Engine:
             return changed | {"prompt_embeds": torch.cat([negative_embeds, prompt_embeds])
                               if pipeline.do_classifier_free_guidance else prompt_embeds.contiguous()}
 
-        latents = pipe(
-            prompt_embeds=embeddings[0][0],
-            negative_prompt_embeds=embeddings[0][1],
-            num_inference_steps=schedule,
-            guidance_scale=request.cfg_scale,
-            generator=run.generators,
-            output_type="latent",
-            callback_on_step_end=step_end,
-            **start,
-        ).images
+        with extra_input(pipe.unet, extra):
+            latents = pipe(
+                prompt_embeds=embeddings[0][0],
+                negative_prompt_embeds=embeddings[0][1],
+                num_inference_steps=schedule,
+                guidance_scale=request.cfg_scale,
+                generator=run.generators,
+                output_type="latent",
+                callback_on_step_end=step_end,
+                **start,
+            ).images
         run.done = done_before + steps
         if not torch.isfinite(latents).all():  # decoding them would give a black picture
             raise NonFiniteOutput(_nan_advice(pipe.unet.dtype))
@@ -591,7 +605,8 @@ class Engine:
         # As A1111, the second pass's noise is drawn afresh from each image's seed (and variation seed).
         fresh = [torch.Generator("cpu").manual_seed(generator.initial_seed()) for generator in run.generators]
         pipe = self._img2img_pipeline(self._start_noise(run, (final[1], final[0]), fresh))
-        return self._denoise(pipe, request, run, _hires_phases(request), request.hires_steps, schedule, start)
+        return self._denoise(pipe, request, run, _hires_phases(request), request.hires_steps, schedule, start,
+                             self._extra_channels(size.final))
 
     def _start_noise(self, run: "_Run", size: tuple[int, int],
                      generators: list[torch.Generator] | None = None) -> torch.Tensor:
@@ -599,7 +614,7 @@ class Engine:
         are given) as diffusers draws it, and moved towards its variation seed's where the request has a variation
         strength."""
         generators = generators or run.generators
-        shape, dtype = (self.pipe.unet.config.in_channels, *size), self.pipe.unet.dtype
+        shape, dtype = (self.pipe.vae.config.latent_channels, *size), self.pipe.unet.dtype
         if run.subseeds:
             return variation_noise(generators, run.subseeds, run.variation_strength, shape, dtype)
         return torch.cat([torch.randn((1, *shape), generator=generator, dtype=dtype) for generator in generators])

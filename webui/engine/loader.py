@@ -16,6 +16,7 @@ import torch
 
 from webui.config import Settings
 from webui.engine import hub
+from webui.engine.inpainting_model import INPAINTING_CHANNELS, takes_masked_picture, unet_refusal
 from webui.engine.models import ModelEntry
 from webui.zerogpu import zerogpu_requested
 
@@ -82,7 +83,7 @@ def place_pipeline(pipe, settings: Settings, placement: Placement):
         pipe.to(placement.device)
     if settings.medvram or settings.lowvram:
         pipe.vae.enable_slicing()  # decode a batch one image at a time
-    compile_now = _compile_choice(settings, placement)
+    compile_now = _compile_choice(settings, placement, takes_masked_picture(pipe.unet))
     if placement.device == "cuda" or compile_now:
         from webui.engine.fast_path import apply_fast_path, use_compile_cache
 
@@ -95,11 +96,12 @@ def place_pipeline(pipe, settings: Settings, placement: Placement):
     return pipe
 
 
-def _compile_choice(settings: Settings, placement: Placement) -> bool:
+def _compile_choice(settings: Settings, placement: Placement, inpainting_model: bool) -> bool:
     from webui.engine.fast_path import compile_choice
 
     compile_now, why = compile_choice(settings.compile, device=placement.device, xformers=settings.xformers,
-                                      offloading=settings.medvram or settings.lowvram, zerogpu=zerogpu_requested())
+                                      offloading=settings.medvram or settings.lowvram, zerogpu=zerogpu_requested(),
+                                      inpainting_model=inpainting_model)
     log.info("torch.compile %s: %s", "on" if compile_now else "off", why)
     return compile_now
 
@@ -141,9 +143,8 @@ def check_pipeline_folder(folder: Path, name: str) -> None:
         what = "an SDXL model" if kind.startswith("StableDiffusionXL") else f"a {kind or 'non-SD 1.x/2.x'} model"
         raise ModelLoadError(f"{name} is {what}; only SD 1.x and 2.x models load for now")
     in_channels = _read_json(folder / "unet" / "config.json").get("in_channels", 4)
-    if in_channels != 4:
-        raise ModelLoadError(f"{name}'s UNet takes {in_channels} input channels (an inpainting or instruct-pix2pix "
-                             "model); only text-to-image models (4 channels) load for now")
+    if in_channels not in (4, INPAINTING_CHANNELS):
+        raise ModelLoadError(unet_refusal(name, in_channels))
 
 
 def _read_json(path: Path) -> dict:

@@ -10,15 +10,21 @@ SingleFileLoadError. No safety checker is ever loaded from a single file (none i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import pickle
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
+
+from webui.engine.inpainting_model import INPAINTING_CHANNELS, unet_refusal
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +108,10 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, *,
     parts = {"tokenizer": tokenizer}
     if _CLIP_L_OLD in shapes or _SGM_OPEN_CLIP in shapes:  # diffusers finds no text encoder there: build it here
         parts["text_encoder"] = _text_encoder_of_other_layout(path, config_dir, torch_dtype)
-    with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):  # diffusers re-reads a .ckpt itself
+    with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS), \
+            _with_unet_inputs(config_dir, shapes[_UNET_IN][1]) as configs:  # diffusers re-reads a .ckpt itself
         pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config_dir), local_files_only=True, dtype=torch_dtype,
+            str(path), config=str(configs), local_files_only=True, dtype=torch_dtype,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts,
         )
     if sd2 and prediction_type is None:
@@ -114,6 +121,20 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, *,
     if prediction_type and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     return pipe
+
+
+@contextlib.contextmanager
+def _with_unet_inputs(config_dir: Path, in_channels: int) -> Iterator[Path]:
+    """The config folder, or for an inpainting checkpoint a copy of it whose UNet takes its 9 input channels."""
+    if in_channels == 4:
+        yield Path(config_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="unet-config-") as folder:
+        copy = Path(folder) / "config"
+        shutil.copytree(config_dir, copy)
+        unet_config = copy / "unet" / "config.json"
+        unet_config.write_text(json.dumps(json.loads(unet_config.read_text()) | {"in_channels": in_channels}))
+        yield copy
 
 
 def detect_family(shapes: dict[str, tuple], path: Path | str = "checkpoint") -> str:
@@ -127,10 +148,8 @@ def detect_family(shapes: dict[str, tuple], path: Path | str = "checkpoint") -> 
             f"{name} has no Stable Diffusion UNet (no {_UNET_IN}); it may be a LoRA, VAE or embedding, "
             "which do not belong in the checkpoints folder")
     in_channels = shapes[_UNET_IN][1]
-    if in_channels != 4:
-        raise SingleFileLoadError(
-            f"{name}'s UNet takes {in_channels} input channels (an inpainting or instruct-pix2pix model); "
-            "only text-to-image checkpoints (4 channels) load for now")
+    if in_channels not in (4, INPAINTING_CHANNELS):
+        raise SingleFileLoadError(unet_refusal(name, in_channels))
     if _OPEN_CLIP in shapes or sgm_sd2:
         return "sd-v2"
     if _CLIP_L in shapes or _CLIP_L_OLD in shapes:

@@ -1,0 +1,93 @@
+"""Models made for inpainting (a 9-channel UNet): they load, and txt2img, img2img, the hires fix and inpainting
+run on them with the extra channels A1111 gives them."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import noise_picture
+from tests.tiny_sd import save_tiny_model
+from webui.config import Settings
+from webui.engine.fast_path import compile_choice
+from webui.engine.generate import Engine
+from webui.engine.img2img import image_sha1
+from webui.engine.inpaint import prepare_inpainting, read_mask
+from webui.engine.inpainting_model import masked_picture_input
+from webui.engine.models import ModelRegistry
+from webui.schemas import GenerationRequest
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """The tiny model with a 9-channel UNet, loaded from a diffusers folder, recording what its UNet reads."""
+    folder = tmp_path_factory.mktemp("models")
+    save_tiny_model(folder / "tiny-inpainting", in_channels=9)
+    loaded = Engine(Settings(models_dir=folder, device="cpu"), ModelRegistry(folder, folder / "hashes.json"))
+    loaded.load("tiny-inpainting")
+    loaded.unet_inputs = []
+    loaded.pipe.unet.register_forward_hook(lambda _module, args, _out: loaded.unet_inputs.append(args[0]))
+    return loaded
+
+
+def run(engine, request, seeds=(3,), **pictures) -> list[np.ndarray]:
+    engine.unet_inputs.clear()
+    return [np.asarray(r.image, np.int16) for r in engine.generate(request, list(seeds), **pictures)]
+
+
+def test_txt2img_reads_the_mask_of_everything_and_a_grey_picture(engine):
+    [image] = run(engine, GenerationRequest(prompt="a red apple", steps=2, cfg_scale=7, width=64, height=64))
+    assert image.shape == (64, 64, 3)
+    first = engine.unet_inputs[0]
+    assert first.shape[:2] == (2, 9)  # CFG's two rows, 4 + 1 + 4 channels
+    assert (first[:, 4] == 1).all()  # all of it drawn
+    with torch.inference_mode():
+        grey = engine.encode(Image.new("RGB", (64, 64), (128, 128, 128)))
+    assert torch.allclose(first[:1, 5:], grey)
+    assert not engine.pipe.unet._forward_pre_hooks  # the extra input is gone after the run
+
+
+def test_inpainting_reads_the_picture_greyed_out_under_the_mask_and_keeps_the_rest(engine):
+    picture = noise_picture(2)
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (0, 0, 32, 64))  # the left half
+    request = GenerationRequest(prompt="a red apple", steps=3, denoising_strength=0.6, mask_blur=0)
+    width, height, start, inpainting = prepare_inpainting(picture, read_mask(mask, picture.size), request)
+    request = request.model_copy(update={"init_image": image_sha1(picture), "mask": image_sha1(mask),
+                                         "width": width, "height": height})
+    [image] = run(engine, request, init_image=start, inpainting=inpainting)
+    assert (image[:, 32:] == np.asarray(picture, np.int16)[:, 32:]).all()
+    mask_channel = engine.unet_inputs[0][0, 4]
+    assert (mask_channel[:, :mask_channel.shape[1] // 2] == 1).all() and (mask_channel[:, mask_channel.shape[1] // 2:] == 0).all()
+
+
+def test_img2img_and_the_hires_fix_run_on_an_inpainting_model(engine):
+    picture = noise_picture(4)
+    request = GenerationRequest(prompt="x", steps=2, denoising_strength=0.5, init_image=image_sha1(picture),
+                                width=64, height=64)
+    [image] = run(engine, request, init_image=picture)
+    assert image.shape == (64, 64, 3) and (engine.unet_inputs[0][:, 4] == 1).all()
+    [large] = run(engine, GenerationRequest(prompt="x", steps=2, width=64, height=64, enable_hr=True, hr_scale=1.5,
+                                            denoising_strength=0.5))
+    assert large.shape == (96, 96, 3)
+    assert engine.unet_inputs[-1].shape[1:] == (9, 48, 48)  # the second pass reads its own size's channels
+
+
+def test_the_masked_picture_is_grey_where_the_mask_is_at_least_half_on():
+    picture = Image.new("RGB", (16, 16), (255, 0, 0))
+    mask = Image.new("L", (16, 16))
+    mask.paste(200, (0, 0, 8, 16))
+    mask.paste(100, (8, 0, 16, 16))  # under half: kept
+
+    def as_tensor(image):  # stands in for the VAE: the pixels themselves, -1 to 1
+        return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+
+    channels = masked_picture_input(as_tensor, (16, 16), picture, mask)
+    assert channels.shape == (1, 4, 16, 16)
+    assert (channels[0, 0, :, :8] == 1).all() and (channels[0, 0, :, 8:] == 0).all()
+    assert channels[0, 1:, :, :8].abs().max() < 0.01  # grey: 0 in -1..1
+    assert (channels[0, 1, :, 8:] == 1).all()  # red kept
+
+
+def test_an_inpainting_model_runs_uncompiled():
+    assert compile_choice(True, device="cuda", offloading=False, xformers=False, zerogpu=False,
+                          inpainting_model=True) == (False, "an inpainting model runs uncompiled")
