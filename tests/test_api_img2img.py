@@ -192,7 +192,7 @@ def _refusals() -> dict[str, tuple[dict, str]]:
         "an unrounded mask": ({"init_images": [one], "mask": one, "mask_round": False}, "mask_round: "),
         "blur across and down differ": ({"init_images": [one], "mask": one, "mask_blur_x": 2}, "mask_blur_x: "),
         "masked content 5": ({"init_images": [one], "mask": one, "inpainting_fill": 5}, "inpainting_fill: "),
-        "latent upscale with a mask": ({"init_images": [one], "mask": one, "resize_mode": 3},
+        "latent upscale with a mask": ({"init_images": [one], "mask": one, "resize_mode": 3, "inpaint_full_res": False},
                                        "resize_mode: Just resize (latent upscale) does not go with a mask"),
         "resize mode 7": ({"init_images": [one], "resize_mode": 7}, "resize_mode: "),
         "strength above 1": ({"init_images": [one], "denoising_strength": 1.5}, "denoising_strength: "),

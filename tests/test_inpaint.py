@@ -225,6 +225,13 @@ def test_an_only_masked_job_returns_the_whole_picture_and_says_so(services):
     assert request_fields_from_infotext(infotext)["inpaint_full_res_padding"] == 8
 
 
+def test_only_masked_runs_whatever_the_resize_mode_since_it_crops_the_part_itself(services):
+    job = submit_and_wait(services, noise_picture(7, 96, 64), square_mask((96, 64), (40, 20, 60, 40)),
+                          inpaint_full_res=True, resize_mode=3, width=64, height=64)
+    assert job.state == JobState.DONE, job.error
+    assert job.images[0].image.size == (96, 64)
+
+
 @pytest.mark.parametrize("mask, picture, message", [
     (Image.new("L", (64, 64), 0), noise_picture(1), "mask: the mask is empty"),
     (square_mask(), None, "init_image: inpainting needs the picture"),

@@ -1,5 +1,7 @@
 """Models made for inpainting (a 9-channel UNet): they load, and txt2img, img2img, the hires fix and inpainting
 run on them with the extra channels A1111 gives them."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,24 @@ def test_img2img_and_the_hires_fix_run_on_an_inpainting_model(engine):
     assert engine.unet_inputs[-1].shape[1:] == (9, 48, 48)  # the second pass reads its own size's channels
 
 
+def test_the_infotext_and_the_api_say_the_inpainting_conditioning_was_used(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tests.helpers import running_services
+    from webui.api import create_api_app
+
+    save_tiny_model(tmp_path / "models" / "tiny-inpainting", in_channels=9)
+    started = running_services(tmp_path / "models", tmp_path / "outputs", ckpt="tiny-inpainting")
+    try:
+        with TestClient(create_api_app(next(started))) as client:
+            r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64})
+    finally:
+        started.close()  # stops the services
+    info = json.loads(r.json()["info"])
+    assert info["is_using_inpainting_conditioning"] is True
+    assert "Conditional mask weight: 1" in info["infotexts"][0]
+
+
 def test_the_masked_picture_is_grey_where_the_mask_is_at_least_half_on():
     picture = Image.new("RGB", (16, 16), (255, 0, 0))
     mask = Image.new("L", (16, 16))
@@ -91,3 +111,41 @@ def test_the_masked_picture_is_grey_where_the_mask_is_at_least_half_on():
 def test_an_inpainting_model_runs_uncompiled():
     assert compile_choice(True, device="cuda", offloading=False, xformers=False, zerogpu=False,
                           inpainting_model=True) == (False, "an inpainting model runs uncompiled")
+
+
+def test_a_locon_made_for_text_to_image_leaves_the_extra_input_channels_alone():
+    """A1111 pads a conv_in update for 4 channels to an inpainting model's 9 with zeros."""
+    from types import SimpleNamespace
+
+    from webui.engine.lora import LayerUpdate, LoraPatcher
+
+    weight = torch.nn.Parameter(torch.zeros(16, 9, 3, 3), requires_grad=False)
+    up, down = torch.ones(16, 2, 1, 1), torch.ones(2, 4, 3, 3)
+    LoraPatcher()._add(SimpleNamespace(name="locon"), LayerUpdate("unet", "conv_in", up, down, alpha=2.0), weight, 1.0)
+    assert (weight[:, :4] == 2).all()  # up @ down = rank 2, times alpha / rank = 1
+    assert (weight[:, 4:] == 0).all()
+
+
+def test_an_sd2_inpainting_single_file_without_a_yaml_loads_as_512_epsilon(tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tests._single_file_ldm import pipeline_to_ldm
+    from tests.tiny_sd import tiny_components
+    from webui.engine.single_file import load_single_file_pipeline
+
+    parts = tiny_components(seed=1, in_channels=9)  # SD 2's shapes: linear projections, an OpenCLIP-style encoder
+    parts["unet"] = UNet2DConditionModel.from_config(parts["unet"].config, use_linear_projection=True)
+    parts["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_dict({**parts["text_encoder"].config.to_dict(),
+                                                                    "hidden_act": "gelu"}))
+    pipe = StableDiffusionPipeline(**parts)
+    path = tmp_path / "tiny-v2-inpainting.safetensors"
+    save_file(pipeline_to_ldm(pipe, open_clip=True), path)
+    config = tmp_path / "cfg"
+    pipe.save_config(config)
+    for name in ("unet", "vae", "scheduler"):
+        getattr(pipe, name).save_config(config / name)
+    pipe.text_encoder.config.save_pretrained(config / "text_encoder")
+    loaded = load_single_file_pipeline(path, torch.float32, config_dir=config)
+    assert loaded.unet.config.in_channels == 9 and loaded.scheduler.config.prediction_type == "epsilon"

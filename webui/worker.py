@@ -636,6 +636,8 @@ class Worker:
             "Denoising strength": request.denoising_strength if request.is_img2img or request.enable_hr else None,
             **_hires_infotext(request),
             **_inpainting_infotext(request),
+            # As A1111 says of a model made for inpainting: how much of its masked picture it was given (all).
+            "Conditional mask weight": 1.0 if model.inpainting else None,
             "Model hash": model.short_hash,
             "Model": model.entry.name,
             "Variation seed": job.subseeds[index] if request.subseed_strength > 0 else None,
@@ -772,9 +774,9 @@ def _with_init_image(request: GenerationRequest, image: Image.Image | None, mask
         width, height = size_from_image(image, request.width, request.height)
         request = parse_request(request.model_dump() | fields | {"width": width, "height": height})
         return request, fit_image(image, request.width, request.height, request.resize_mode), None
-    if request.resize_mode == LATENT_RESIZE:  # the result is laid into the picture at the run's size
-        raise InvalidRequest(f"resize_mode: {RESIZE_MODES[LATENT_RESIZE]} does not go with a mask; pick one of "
-                             f"{', '.join(RESIZE_MODES[:LATENT_RESIZE])} to inpaint")
+    if request.resize_mode == LATENT_RESIZE and not request.inpaint_full_res:  # laid into the picture at run size
+        raise InvalidRequest(f"resize_mode: {RESIZE_MODES[LATENT_RESIZE]} does not go with a mask on the whole "
+                             f"picture; pick one of {', '.join(RESIZE_MODES[:LATENT_RESIZE])}, or Only masked")
     mask = _read_picture(mask, "mask", lambda picture: read_mask(picture, image.size))
     try:
         width, height, start, inpainting = prepare_inpainting(image, mask, request)

@@ -444,7 +444,7 @@ def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None 
         "styles": list(request.styles),
         "job_timestamp": started.strftime("%Y%m%d%H%M%S"),
         "clip_skip": request.clip_skip,
-        "is_using_inpainting_conditioning": False,
+        "is_using_inpainting_conditioning": bool(model and model.inpainting),
         "version": f"diffusers-webui {__version__}",
         # ours, beyond A1111's keys
         "job_id": job.id,

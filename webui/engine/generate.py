@@ -183,6 +183,7 @@ class LoadedModel:
     native_width: int
     native_height: int
     text_encoder_layers: int  # the deepest Clip skip this model has
+    inpainting: bool = False  # made for inpainting: its UNet also reads a mask and a masked picture
 
     def names(self, name: str | None) -> bool:
         """`name` means this model (None keeps whatever is loaded)."""
@@ -332,7 +333,8 @@ class Engine:
         self.tokenizer = pipe.tokenizer  # kept while the weights are released: the UI's token counter needs it
         self.embeddings = embeddings if embeddings is not None else self._load_embeddings(pipe)
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        self.model = LoadedModel(entry, short_hash, size, size, pipe.text_encoder.config.num_hidden_layers)
+        self.model = LoadedModel(entry, short_hash, size, size, pipe.text_encoder.config.num_hidden_layers,
+                                 takes_masked_picture(pipe.unet))
         return self.model
 
     def unload(self) -> None:

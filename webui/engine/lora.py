@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from webui.engine.inpainting_model import INPAINTING_CHANNELS
 from webui.engine.models import file_stamp, files_under
 from webui.schemas import InvalidRequest
 
@@ -374,6 +375,7 @@ class LoraPatcher:
             raise LoraError("LoRAs cannot be merged while layers are offloaded one by one (--lowvram); "
                             "start with --medvram instead")
         up, down = update.up.float().flatten(1), update.down.float().flatten(1)
+        down = _padded_for_inpainting(down, update, weight)
         if up.shape[1] != down.shape[0] or (up.shape[0], down.shape[1]) != (weight.shape[0], weight[0].numel()):
             raise LoraError(f"LoRA {entry.name} does not fit layer {update.layer} ({update.part}: LoRA "
                             f"{tuple(up.shape[:1]) + tuple(down.shape[1:])} vs weight {tuple(weight.shape)}); "
@@ -381,6 +383,16 @@ class LoraPatcher:
         self._originals.setdefault(id(weight), (weight, weight.detach().to("cpu", copy=True)))
         delta = (up.to(weight.device) @ down.to(weight.device)) * (update.scale * multiplier)
         weight.add_(delta.reshape(weight.shape).to(weight.dtype))
+
+
+def _padded_for_inpainting(down: torch.Tensor, update: LayerUpdate, weight: torch.nn.Parameter) -> torch.Tensor:
+    """A LoRA made for a text-to-image model's first convolution (4 input channels) on an inpainting model's (9):
+    the update leaves the 5 extra channels alone, as A1111 pads it."""
+    if weight.dim() != 4 or update.down.dim() != 4 or (weight.shape[1], update.down.shape[1]) != (INPAINTING_CHANNELS, 4):
+        return down
+    padded = torch.zeros(down.shape[0], INPAINTING_CHANNELS, *update.down.shape[2:], dtype=down.dtype)
+    padded[:, :4] = update.down.float()
+    return padded.flatten(1)
 
 
 def _layers(model) -> dict[str, torch.nn.Module]:

@@ -96,6 +96,8 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, *,
     sd2 = family == "sd-v2"
     if sd2 and prediction_type is None and global_step == _SD2_BASE_GLOBAL_STEP:
         prediction_type = "epsilon"  # diffusers uses the same rule
+    if sd2 and prediction_type is None and shapes[_UNET_IN][1] == INPAINTING_CHANNELS:
+        prediction_type = "epsilon"  # SD 2's only inpainting model is 512 epsilon (A1111's v2-inpainting config)
     shipped = config_dir is None
     if shipped:
         if sd2:  # one of unknown kind loads as 768 v-prediction (the same shapes as 512-base); a probe settles it
