@@ -488,16 +488,8 @@ class Engine:
                     start = {"width": width, "height": height, "latents": noise}
                     latents = self._denoise(self.pipe, request, run, _phases(request), request.steps, request.steps,
                                             start, extra)
-                else:  # the last denoising_steps of the steps, from the picture's latents noised to where they start
-                    picture = self._start_latents(init_image, (width // factor, height // factor), len(seeds))
-                    if inpainting is not None:
-                        run.masked = self._masked_start(picture, noise, inpainting)
-                        picture = run.masked.start
-                    start = {"image": picture, "strength": pipeline_strength(request.denoising_steps, request.steps)}
-                    latents = self._denoise(self._img2img_pipeline(noise), request, run, _phases(request),
-                                            request.denoising_steps, request.steps, start, extra)
-                    if run.masked is not None:
-                        latents = run.masked.finish(latents)
+                else:
+                    latents = self._img2img_pass(request, run, noise, init_image, inpainting, extra)
                 if request.enable_hr:
                     latents = self._hires_pass(request, run, latents, width, height)
             except DenoisingStopped as stopped:
@@ -508,6 +500,19 @@ class Engine:
                         log.exception("the image cut short could not be decoded")
                 raise
             return self._to_images(latents, seeds, inpainting)
+
+    def _img2img_pass(self, request: GenerationRequest, run: "_Run", noise: torch.Tensor, init_image: Image.Image,
+                      inpainting: Inpainting | None, extra: torch.Tensor | None) -> torch.Tensor:
+        """img2img's pass: the last denoising_steps of the steps, from the picture's latents noised to where they
+        start; with inpainting, the picture's latents put back outside the mask after every step and at the end."""
+        picture = self._start_latents(init_image, (noise.shape[-1], noise.shape[-2]), noise.shape[0])
+        if inpainting is not None:
+            run.masked = self._masked_start(picture, noise, inpainting)
+            picture = run.masked.start
+        start = {"image": picture, "strength": pipeline_strength(request.denoising_steps, request.steps)}
+        latents = self._denoise(self._img2img_pipeline(noise), request, run, _phases(request), request.denoising_steps,
+                                request.steps, start, extra)
+        return latents if run.masked is None else run.masked.finish(latents)
 
     def _extra_channels(self, size: tuple[int, int], picture: Image.Image | None = None,
                         inpainting: Inpainting | None = None) -> torch.Tensor | None:
