@@ -83,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; tiny eager)")
     p.add_argument("--tune", default="", help=f"comma list out of {', '.join(TUNINGS)}, or all: a fast_path row "
                    "for each, compiled under that setting")
+    p.add_argument("--tune-batch-sizes", default=None, help="comma list for the --tune rows (default --batch-sizes)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", type=Path, default=None, help="default bench/results/<date>-<card>.json")
     args = p.parse_args(argv)
@@ -91,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = "cpu" if tiny else "cuda"
     args.dtype = torch.float32 if tiny else torch.float16
     args.batch_sizes = [int(b) for b in (args.batch_sizes or ("1,2" if tiny else "1,8")).split(",")]
+    args.tune_batch_sizes = ([int(b) for b in args.tune_batch_sizes.split(",")] if args.tune_batch_sizes
+                             else args.batch_sizes)
     args.size = args.size or (64 if tiny else 512)
     args.steps = args.steps or (2 if tiny else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 2)
@@ -116,8 +119,8 @@ def card_name(device: str) -> str:
     return torch.cuda.get_device_name(0) if device == "cuda" else f"cpu-{platform.machine()}"
 
 
-def build_components(args) -> dict:
-    """SD 1.5 (or tiny) components with random weights, created directly on the device."""
+def build_components(args, tiny: dict = TINY) -> dict:
+    """SD 1.5 (or, with --tiny, `tiny`'s) components with random weights, created directly on the device."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -125,9 +128,9 @@ def build_components(args) -> dict:
     sd15 = CONFIGS / "sd-v1"
     with torch.device(args.device):  # random init on the GPU takes seconds, not minutes
         if args.tiny:
-            unet = UNet2DConditionModel(**TINY["unet"])
-            vae = AutoencoderKL(**TINY["vae"])
-            text_encoder = CLIPTextModel(CLIPTextConfig(**TINY["text_encoder"]))
+            unet = UNet2DConditionModel(**tiny["unet"])
+            vae = AutoencoderKL(**tiny["vae"])
+            text_encoder = CLIPTextModel(CLIPTextConfig(**tiny["text_encoder"]))
         else:
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sd15, subfolder="unet"))
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(sd15, subfolder="vae"))
@@ -328,11 +331,12 @@ def tuned_pipeline(name: str, components: dict, args):
 def run(args, save=lambda report: None) -> dict:
     """Time every row; save(report) after each, so a run stopped by a time limit keeps what it measured."""
     components = build_components(args)
-    flops = {batch: count_flops(make_pipeline(components), args, batch) for batch in args.batch_sizes}
+    flops = {batch: count_flops(make_pipeline(components), args, batch)
+             for batch in sorted({*args.batch_sizes, *args.tune_batch_sizes})}
     eager_images, results = {}, []
 
-    def measure(name: str, pipe) -> None:
-        for batch in args.batch_sizes:
+    def measure(name: str, pipe, batch_sizes: list[int]) -> None:
+        for batch in batch_sizes:
             seconds, images, memory = time_row(pipe, args, batch)
             median = statistics.median(seconds)
             if name == "eager":
@@ -355,11 +359,11 @@ def run(args, save=lambda report: None) -> dict:
     for name in args.rows:
         pipe = row_pipeline(name, components, args, fast_pipe)
         fast_pipe = pipe if name == "fast_path" else fast_pipe
-        measure(name, pipe)
+        measure(name, pipe, args.batch_sizes)
     for name in args.tune:
         try:
             with tuning(name):
-                measure(f"fast_path+{name}", tuned_pipeline(name, components, args))
+                measure(f"fast_path+{name}", tuned_pipeline(name, components, args), args.tune_batch_sizes)
         except Exception as error:  # one setting this card or torch refuses must not cost the others' rows
             print(f"fast_path+{name}: failed: {type(error).__name__}: {error}"[:2000], flush=True)
             results.append({"row": f"fast_path+{name}", "error": f"{type(error).__name__}: {error}"[:2000]})
