@@ -403,7 +403,9 @@ def test_inpaint_paints_a_mask_on_the_canvas_and_draws_only_there(page, app_serv
     worker through Gradio's image editor payload."""
     Image.new("RGB", (64, 64), "teal").save(tmp_path / "teal.png")
     page.click("#tab_img2img-button")
+    playwright_api.expect(page.locator("#img2img_inpainting")).to_be_hidden()  # its settings on its sub-tabs only
     page.click("#img2img_inpaint_tab-button")
+    playwright_api.expect(page.locator("#img2img_inpainting")).to_be_visible()
     page.wait_for_selector("#img2img_inpaint_sketch canvas")  # the editor takes no upload before it is drawn
     page.locator("#img2img_inpaint_sketch input[type=file]").set_input_files(str(tmp_path / "teal.png"))
     playwright_api.expect(page.locator("#img2img_inpaint_sketch .empty")).to_be_hidden()  # the picture is in

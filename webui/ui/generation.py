@@ -494,7 +494,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                 img2img_widgets, picture_tabs = picture_inputs()
                 img2img_widgets["resize_mode"] = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], type="index",
                                                           label="Resize mode", elem_id="img2img_resize_mode")
-                img2img_widgets |= inpainting_settings()
+                img2img_widgets |= inpainting_settings(img2img_widgets["img2img_mode"])
             with gr.Row():
                 sampler = gr.Dropdown(sampler_names(), value=DEFAULT_SAMPLER, label="Sampling method",
                                       elem_id=f"{kind}_sampler")

@@ -82,16 +82,15 @@ def picture_inputs() -> tuple[dict[str, gr.components.Component], gr.Tabs]:
                                   sources=["upload", "clipboard"], format="png", elem_id="img2img_inpaint_mask",
                                   height=260)
     for tab, name in zip((plain_tab, sketch_tab, upload_tab), IMG2IMG_MODES):
-        tab.select(lambda name=name: name, outputs=[mode], api_visibility="private", show_progress="hidden",
-                   queue=False)
+        tab.select(lambda name=name: name, outputs=[mode], api_visibility="private", show_progress="hidden")
     return {"img2img_mode": mode, "init_image": init_image, "sketch": sketch, "inpaint_image": inpaint_image,
             "mask": mask}, tabs
 
 
-def inpainting_settings() -> dict[str, gr.components.Component]:
-    """A1111's inpainting controls, by request field; they apply on the Inpaint sub-tabs only."""
+def inpainting_settings(mode: gr.State) -> dict[str, gr.components.Component]:
+    """A1111's inpainting controls, by request field; shown on the Inpaint sub-tabs only (`mode`: the open one)."""
     defaults = GenerationRequest.model_fields
-    with gr.Accordion("Inpainting", open=True, elem_id="img2img_inpainting"):
+    with gr.Accordion("Inpainting", open=True, visible=False, elem_id="img2img_inpainting") as section:
         with gr.Row():
             blur = gr.Slider(0, MAX_MASK_BLUR, value=defaults["mask_blur"].default, step=1, label="Mask blur",
                              elem_id="img2img_mask_blur")
@@ -104,8 +103,14 @@ def inpainting_settings() -> dict[str, gr.components.Component]:
                             elem_id="img2img_inpaint_full_res")
             padding = gr.Slider(0, MAX_MASK_PADDING, value=defaults["inpaint_full_res_padding"].default, step=4,
                                 label="Only masked padding, pixels", elem_id="img2img_inpaint_full_res_padding")
+    mode.change(shows_inpainting_settings, inputs=[mode], outputs=[section], api_visibility="private",
+                show_progress="hidden")
     return {"mask_blur": blur, "inpainting_mask_invert": invert, "inpainting_fill": fill, "inpaint_full_res": area,
             "inpaint_full_res_padding": padding}
+
+
+def shows_inpainting_settings(mode: str) -> gr.Accordion:
+    return gr.Accordion(visible=mode != IMG2IMG_MODES[0])
 
 
 def open_picture(mode: str, init_image: Any, sketch: dict | UnreadablePicture | None, inpaint_image: Any) -> Any:
