@@ -7,7 +7,8 @@ at the end the picture's own pixels are laid over the result outside the mask, t
 "Only masked" runs on the mask's surroundings alone, at the run's size (more detail for a small part), and
 pastes the result back into the whole picture.
 
-Image work (PIL only), done by the worker at submit; the engine uses latent_keep and compose.
+Image work, done by the worker at submit; the engine uses latent_keep and compose. A model made for inpainting
+also reads the mask itself: inpainting_model.py.
 """
 from __future__ import annotations
 

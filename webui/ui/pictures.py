@@ -74,7 +74,10 @@ def picture_inputs() -> tuple[dict[str, gr.components.Component], gr.Tabs]:
         with gr.Tab("Inpaint", id="inpaint", elem_id="img2img_inpaint_tab") as sketch_tab:
             sketch = tolerant(gr.ImageMask(label="Image: paint over the part to draw again", type="pil",
                                            sources=["upload", "clipboard"], format="png",
-                                           elem_id="img2img_inpaint_sketch", height=360), "init_image")
+                                           elem_id="img2img_inpaint_sketch", height=360,
+                                           # See-through, so the part painted over still shows.
+                                           brush=gr.Brush(colors=[("#000000", 0.6)], color_mode="fixed")),
+                              "init_image")
         with gr.Tab("Inpaint upload", id="inpaint_upload", elem_id="img2img_inpaint_upload_tab") as upload_tab:
             inpaint_image = picture_upload(label="Image", image_mode=None, sources=["upload", "clipboard"],
                                            format="png", elem_id="img2img_inpaint_image", height=260)
@@ -142,12 +145,13 @@ def readable(picture: Any, missing: str) -> Image.Image:
 
 
 def painted_mask(picture: Image.Image, layers: list[Image.Image]) -> Image.Image:
-    """The Inpaint canvas's strokes, all layers laid on one transparent sheet of the picture's size: the worker
-    reads a mask with transparency by its alpha."""
+    """The Inpaint canvas's strokes as a mask ("L", the picture's size): white wherever any layer was painted,
+    however see-through the brush."""
     sheet = Image.new("RGBA", picture.size, (0, 0, 0, 0))
     for layer in layers:
         layer = layer.convert("RGBA")
         sheet.alpha_composite(layer if layer.size == picture.size else layer.resize(picture.size))
-    if sheet.getchannel("A").getbbox() is None:
+    mask = sheet.getchannel("A").point(lambda alpha: 255 if alpha else 0)
+    if mask.getbbox() is None:
         raise InvalidRequest(NO_SKETCH)
-    return sheet
+    return mask
