@@ -93,6 +93,29 @@ def test_img2img_under_cuda_graphs_in_fp16(engines, sampler):
     assert_same_pictures(ours, plain.generate(request, [3, 4], init_image=picture))
 
 
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM2"])
+def test_inpainting_under_cuda_graphs_in_fp16(engines, sampler):
+    """Inpainting hands the pipeline new latents after every step (the kept part put back); DPM2 skips it half-way
+    through its steps. The part outside the mask is the picture's own on both engines."""
+    from PIL import Image
+
+    from webui.engine.img2img import image_sha1
+    from webui.engine.inpaint import prepare_inpainting, read_mask
+
+    compiled, plain = engines
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (0, 0, 32, 64))
+    request = GenerationRequest(prompt="a red apple", steps=6, sampler_name=sampler, denoising_strength=0.6,
+                                mask_blur=0)
+    width, height, start, inpainting = prepare_inpainting(picture, read_mask(mask, picture.size), request)
+    request = request.model_copy(update={"init_image": image_sha1(picture), "mask": image_sha1(mask),
+                                         "width": width, "height": height})
+    ours = compiled.generate(request, [3, 4], init_image=start, inpainting=inpainting)
+    assert_same_pictures(ours, plain.generate(request, [3, 4], init_image=start, inpainting=inpainting))
+    assert (np.asarray(ours[0].image)[:, 32:] == np.asarray(picture)[:, 32:]).all()
+
+
 def test_variation_seeds_under_cuda_graphs(engines):
     """Variation seeds hand the pipeline its starting latents (slerp of two noises) instead of a seed."""
     compiled, plain = engines
