@@ -177,12 +177,17 @@ def test_send_to_img2img_from_a_gallery_and_from_png_info(ui, ui_services, tmp_p
 
 def test_the_picture_size_button_sets_width_and_height_from_the_picture(ui):
     size = ui.img2img.actions.picture_size
-    assert size("img2img", picture(size=(100, 60)), None, None) == (96, 64)  # multiples of 8, at least the smallest
+    # The sub-tabs' pictures in PICTURE_INPUTS order: Image, the Sketch, Inpaint and Inpaint sketch canvases, and
+    # Inpaint upload's Image.
+    assert size("img2img", picture(size=(100, 60)), None, None, None, None) == (96, 64)  # multiples of 8, >= 64
     with pytest.raises(gr.Error, match="Upload a picture first"):
-        size("img2img", None, None, picture())
+        size("img2img", None, None, None, None, picture())
     # The open sub-tab's picture: the Inpaint canvas's, or Inpaint upload's.
-    assert size("Inpaint", picture(), {"background": picture(size=(200, 120)), "layers": []}, None) == (200, 120)
-    assert size("Inpaint upload", picture(), None, picture(size=(136, 72))) == (136, 72)
+    canvas = {"background": picture(size=(200, 120)), "layers": [], "composite": picture(size=(200, 120))}
+    assert size("Inpaint", picture(), None, canvas, None, None) == (200, 120)
+    assert size("Sketch", picture(), canvas, None, None, None) == (200, 120)
+    assert size("Inpaint sketch", picture(), None, None, canvas, None) == (200, 120)
+    assert size("Inpaint upload", picture(), None, None, None, picture(size=(136, 72))) == (136, 72)
 
 
 def test_a_reloaded_page_resumes_each_tabs_own_kind_of_job(ui, ui_services):
@@ -239,7 +244,7 @@ def test_a_hires_picture_sent_to_img2img_keeps_its_own_size_and_not_its_batch_si
 
 def test_from_image_refuses_a_picture_generate_would_refuse(ui):
     with pytest.raises(gr.Error, match="Image: the picture is 5000x4000"):
-        ui.img2img.actions.picture_size("img2img", Image.new("1", (5000, 4000)), None, None)
+        ui.img2img.actions.picture_size("img2img", Image.new("1", (5000, 4000)), None, None, None, None)
 
 
 # --- inpainting --------------------------------------------------------------------------------------------
@@ -250,11 +255,10 @@ def painted_layer(size=(64, 64), box=(32, 0, 64, 64)) -> Image.Image:
     return layer
 
 
-def inpaint(ui, mode="Inpaint", sketch=None, inpaint_image=None, mask=None, **fields) -> list:
-    """Run the img2img event on an Inpaint sub-tab, at 64x64 and 3 steps; every yielded tuple."""
+def inpaint(ui, mode="Inpaint", **fields) -> list:
+    """Run the img2img event on a sub-tab other than img2img, at 64x64 and 3 steps; every yielded tuple."""
     return list(event(ui, "img2img")(Session(), "a red barn", steps=3, width=64, height=64, seed=7, model=TINY,
-                                     denoising_strength=0.5, img2img_mode=mode, sketch=sketch,
-                                     inpaint_image=inpaint_image, mask=mask, **fields))
+                                     denoising_strength=0.5, img2img_mode=mode, **fields))
 
 
 def test_the_inpainting_settings_start_at_a1111s_and_the_sub_tabs_sit_over_the_picture(ui):
@@ -266,7 +270,7 @@ def test_the_inpainting_settings_start_at_a1111s_and_the_sub_tabs_sit_over_the_p
     config = ui.blocks.get_config_file()
     sub_tabs = [c["props"]["label"] for c in config["components"]
                 if c["props"].get("elem_id", "").startswith("img2img_") and c["props"].get("elem_id", "").endswith("_tab")]
-    assert sub_tabs == ["img2img", "Inpaint", "Inpaint upload"]
+    assert sub_tabs == ["img2img", "Sketch", "Inpaint", "Inpaint sketch", "Inpaint upload"]
 
 
 def test_the_inpaint_tab_draws_only_where_the_brush_went(ui, ui_services):
@@ -317,3 +321,28 @@ def test_an_inpainting_infotext_sent_to_img2img_sets_the_inpainting_settings(ui,
     assert (fields["mask_blur"], fields["inpainting_mask_invert"], fields["inpainting_fill"],
             fields["inpaint_full_res"], fields["inpaint_full_res_padding"]) == (
         8, "Inpaint masked", "latent nothing", "Only masked", 48)
+
+
+def test_sketch_starts_from_the_picture_as_painted(ui, ui_services, monkeypatch):
+    start, painted = picture(size=(64, 64)), picture("green", size=(64, 64))
+    submitted = []
+    submit = ui_services.worker.submit
+    monkeypatch.setattr(ui_services.worker, "submit", lambda *a, **k: submitted.append(k) or submit(*a, **k))
+    session, *_ = inpaint(ui, "Sketch", color_sketch={"background": start, "layers": [painted_layer()],
+                                                       "composite": painted})[-1]
+    assert submitted[0]["init_image"] is painted and submitted[0]["mask"] is None  # plain img2img from the painting
+    assert ui_services.worker.get(session.job_id).wait(60)
+
+
+def test_inpaint_sketch_draws_again_where_it_was_painted_starting_from_the_paint(ui, ui_services):
+    start, painted = picture(size=(64, 64)), picture("green", size=(64, 64))
+    session, *_ = inpaint(ui, "Inpaint sketch", mask_blur=0, inpaint_color_sketch={
+        "background": start, "layers": [painted_layer()], "composite": painted})[-1]
+    job = ui_services.worker.get(session.job_id)
+    assert job.wait(60) and job.state == JobState.DONE, job.error
+    result = np.asarray(job.images[0].image, np.int16)
+    assert (result[:, :32] == np.asarray(painted, np.int16)[:, :32]).all()  # unpainted: the canvas as it was
+    assert job.request.mask is not None
+    [(_, _, progress, *_)] = inpaint(ui, "Inpaint sketch", inpaint_color_sketch={
+        "background": start, "layers": [], "composite": start})
+    assert "Inpaint sketch: upload a picture, then paint over" in progress

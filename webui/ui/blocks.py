@@ -19,7 +19,7 @@ from webui.services import Services
 from webui.ui.history import HistoryActions, HistoryTab, build_history
 from webui.ui.models import ModelActions, ModelPicker, build_model_picker
 from webui.ui.params import widget_updates
-from webui.ui.pictures import IMG2IMG_MODES
+from webui.ui.pictures import INPAINT, PLAIN
 from webui.ui.pnginfo import PngInfoTab, build_pnginfo, fields_for_txt2img, picture_for_img2img
 from webui.ui.generation import GenerationTab, build_generation_tab
 
@@ -94,9 +94,9 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
             fields = fields | picture_dimensions(picture[0])
             if inpaint:  # a fresh canvas: no strokes from the last picture
                 canvas = {"background": picture[0], "layers": [], "composite": picture[0]}
-                sent = (gr.skip(), canvas, IMG2IMG_MODES[1], gr.Tabs(selected="inpaint"))
+                sent = (gr.skip(), canvas, INPAINT, gr.Tabs(selected="inpaint"))
             else:
-                sent = (picture[0], gr.skip(), IMG2IMG_MODES[0], gr.Tabs(selected="img2img"))
+                sent = (picture[0], gr.skip(), PLAIN, gr.Tabs(selected="img2img"))
         updates = widget_updates(fields, tab.field_names, ui.models.choices(), ui.models.find_pasted)
         return *sent, *updates, gr.Tabs(selected=tab.kind)
 

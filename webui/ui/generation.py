@@ -30,7 +30,8 @@ from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, 
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.params import TAB_FIELDS, schedules_of, with_labels
-from webui.ui.pictures import UnreadablePicture, inpainting_settings, open_picture, picture_inputs, start_pictures
+from webui.ui.pictures import (PICTURE_INPUTS, UnreadablePicture, inpainting_settings, open_picture, picture_inputs,
+                               start_pictures)
 from webui.ui.progress import error_html, final_html, progress_html, timing_html, token_counter, too_long_counter
 from webui.worker import Job, QueueFull, WorkerStopped
 
@@ -114,14 +115,15 @@ class GenerationActions:
                  hr_scale: float = 2.0, hr_upscaler: str = "Latent", hr_second_pass_steps: int = 0,
                  hr_resize_x: int = 0, hr_resize_y: int = 0,
                  init_image: Image.Image | UnreadablePicture | None = None, resize_mode: int = 0,
-                 img2img_mode: str = "img2img", sketch: dict | None = None,
+                 img2img_mode: str = "img2img", color_sketch: dict | None = None, sketch: dict | None = None,
+                 inpaint_color_sketch: dict | None = None,
                  inpaint_image: Image.Image | UnreadablePicture | None = None,
                  mask: Image.Image | UnreadablePicture | None = None, mask_blur: int = 4,
                  inpainting_mask_invert: int = 0, inpainting_fill: int = 1, inpaint_full_res: int = 0,
                  inpaint_full_res_padding: int = 32) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
-        resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the sketch) says;
+        resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says;
         txt2img's denoising strength is its hires fix's."""
         request = {
             "prompt": prompt, "negative_prompt": negative_prompt, "sampler_name": sampler_name,
@@ -140,7 +142,9 @@ class GenerationActions:
         try:
             picture = mask_picture = None
             if self.kind == "img2img":
-                picture, mask_picture = start_pictures(img2img_mode, init_image, sketch, inpaint_image, mask)
+                picture, mask_picture = start_pictures(img2img_mode, {
+                    "init_image": init_image, "color_sketch": color_sketch, "sketch": sketch,
+                    "inpaint_color_sketch": inpaint_color_sketch, "inpaint_image": inpaint_image, "mask": mask})
             if mask_picture is not None:
                 request |= {"mask_blur": mask_blur, "inpainting_mask_invert": inpainting_mask_invert or 0,
                             "inpainting_fill": inpainting_fill, "inpaint_full_res": bool(inpaint_full_res),
@@ -249,10 +253,10 @@ class GenerationActions:
         return picture, request_fields_from_infotext(session.infotexts[index])
 
     @staticmethod
-    def picture_size(mode: str, init_image: Any, sketch: dict | None, inpaint_image: Any) -> tuple[int, int]:
+    def picture_size(mode: str, *pictures: Any) -> tuple[int, int]:
         """Width and Height from the open sub-tab's picture to start from (A1111's 📐, "From image" here): its size,
-        as a multiple of 8 within the size limits."""
-        picture = open_picture(mode, init_image, sketch, inpaint_image)
+        as a multiple of 8 within the size limits. `pictures`: the sub-tabs' inputs, in PICTURE_INPUTS order."""
+        picture = open_picture(mode, dict(zip(PICTURE_INPUTS, pictures)))
         if picture is None:
             raise gr.Error("Upload a picture first.")
         if isinstance(picture, UnreadablePicture):
@@ -399,7 +403,7 @@ class GenerationTab:
     file_list_widgets: list[gr.Dropdown]  # what file_lists updates, when the page loads (blocks.py)
     send_to_img2img: gr.Button  # under the gallery: its current image and parameters to img2img (blocks.py)
     send_to_inpaint: gr.Button  # the same, onto img2img's Inpaint canvas
-    picture_tabs: gr.Tabs | None = None  # img2img's sub-tabs: img2img, Inpaint, Inpaint upload
+    picture_tabs: gr.Tabs | None = None  # img2img's sub-tabs (pictures.IMG2IMG_MODES)
 
     @property
     def file_lists(self) -> Any:
@@ -633,8 +637,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     negative.change(actions.count_tokens, inputs=[negative, steps], outputs=[negative_tokens],
                     api_visibility="private", show_progress="hidden", trigger_mode="always_last")
     if img2img:
-        picture_size.click(actions.picture_size, inputs=[widgets[name] for name in ("img2img_mode", "init_image",
-                                                                                    "sketch", "inpaint_image")],
+        picture_size.click(actions.picture_size, inputs=[widgets[name] for name in ("img2img_mode", *PICTURE_INPUTS)],
                            outputs=[width, height], api_visibility="private", show_progress="hidden")
     return GenerationTab(kind, actions, session, widgets, generate_event, tab_token,
                          [styles, lora_name, embedding_name], send_to_img2img, send_to_inpaint,

@@ -1,5 +1,5 @@
-"""The img2img tab's pictures: the three ways to give them (A1111's sub-tabs img2img, Inpaint and Inpaint upload),
-the inpainting settings, and reading the uploads into the picture and mask the worker takes.
+"""The img2img tab's pictures: the ways to give them (A1111's sub-tabs img2img, Sketch, Inpaint, Inpaint sketch and
+Inpaint upload), the inpainting settings, and reading the uploads into the picture and mask the worker takes.
 
 Only reads widget values; the worker checks and fits what it is given.
 """
@@ -16,9 +16,18 @@ from webui.schemas import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_MASK_B
                            GenerationRequest, InvalidRequest)
 
 # The img2img tab's sub-tabs: how the picture (and the mask) are given.
-IMG2IMG_MODES = ("img2img", "Inpaint", "Inpaint upload")
+IMG2IMG_MODES = PLAIN, SKETCH, INPAINT, INPAINT_SKETCH, INPAINT_UPLOAD = (
+    "img2img", "Sketch", "Inpaint", "Inpaint sketch", "Inpaint upload")
+INPAINTING_MODES = (INPAINT, INPAINT_SKETCH, INPAINT_UPLOAD)
+# The sub-tabs drawn on a canvas: generate()'s parameter for the canvas, and the part of it to start from.
+CANVASES = {SKETCH: ("color_sketch", "composite"), INPAINT: ("sketch", "background"),
+            INPAINT_SKETCH: ("inpaint_color_sketch", "composite")}
+# The sub-tabs' picture inputs, by generate() parameter (the mask is no picture to start from).
+PICTURE_INPUTS = ("init_image", "color_sketch", "sketch", "inpaint_color_sketch", "inpaint_image")
 NO_PICTURE = "Upload a picture to start from (drop one on Image, or send one from txt2img, History or PNG Info)."
-NO_SKETCH = "Inpaint: upload a picture, then paint over the part to draw again."
+NO_STROKES = {INPAINT: "Inpaint: upload a picture, then paint over the part to draw again.",
+              INPAINT_SKETCH: "Inpaint sketch: upload a picture, then paint over the part to draw again in the "
+                              "colours it should start from."}
 NO_MASK = "Inpaint upload: upload the mask too (white where the picture is drawn again)."
 
 
@@ -64,30 +73,40 @@ def tolerant(component: gr.Image | gr.ImageMask, field: str) -> gr.Image | gr.Im
 
 def picture_inputs() -> tuple[dict[str, gr.components.Component], gr.Tabs]:
     """The sub-tabs with the picture inputs, by generate() parameter: "img2img_mode" (which sub-tab is open, a
-    State), "init_image", "sketch" (the Inpaint canvas), "inpaint_image" and "mask" (Inpaint upload)."""
-    mode = gr.State(IMG2IMG_MODES[0])
+    State), "init_image", "color_sketch" (the Sketch canvas), "sketch" (the Inpaint canvas), "inpaint_color_sketch"
+    (the Inpaint sketch canvas), "inpaint_image" and "mask" (Inpaint upload)."""
+    mode = gr.State(PLAIN)
+    picture = dict(sources=["upload", "clipboard"], format="png")
     # image_mode None: the worker lays a transparent part on white (Gradio's RGB would make it black).
     with gr.Tabs(elem_id="img2img_mode_tabs") as tabs:
-        with gr.Tab("img2img", id="img2img", elem_id="img2img_img2img_tab") as plain_tab:
-            init_image = picture_upload(label="Image", image_mode=None, sources=["upload", "clipboard"], format="png",
-                                        elem_id="img2img_image", height=360)
-        with gr.Tab("Inpaint", id="inpaint", elem_id="img2img_inpaint_tab") as sketch_tab:
+        with gr.Tab(PLAIN, id="img2img", elem_id="img2img_img2img_tab") as plain_tab:
+            init_image = picture_upload(label="Image", image_mode=None, elem_id="img2img_image", height=360, **picture)
+        with gr.Tab(SKETCH, id="sketch", elem_id="img2img_sketch_tab") as sketch_tab:
+            color_sketch = canvas("Image: paint on it in colours to start from", "img2img_sketch")
+        with gr.Tab(INPAINT, id="inpaint", elem_id="img2img_inpaint_tab") as inpaint_tab:
+            # See-through, so the part painted over still shows.
             sketch = tolerant(gr.ImageMask(label="Image: paint over the part to draw again", type="pil",
-                                           sources=["upload", "clipboard"], format="png",
                                            elem_id="img2img_inpaint_sketch", height=360,
-                                           # See-through, so the part painted over still shows.
-                                           brush=gr.Brush(colors=[("#000000", 0.6)], color_mode="fixed")),
+                                           brush=gr.Brush(colors=[("#000000", 0.6)], color_mode="fixed"), **picture),
                               "init_image")
-        with gr.Tab("Inpaint upload", id="inpaint_upload", elem_id="img2img_inpaint_upload_tab") as upload_tab:
-            inpaint_image = picture_upload(label="Image", image_mode=None, sources=["upload", "clipboard"],
-                                           format="png", elem_id="img2img_inpaint_image", height=260)
+        with gr.Tab(INPAINT_SKETCH, id="inpaint_sketch", elem_id="img2img_inpaint_sketch_tab") as inpaint_sketch_tab:
+            inpaint_color_sketch = canvas("Image: paint over the part to draw again, in the colours to start from",
+                                          "img2img_inpaint_color_sketch")
+        with gr.Tab(INPAINT_UPLOAD, id="inpaint_upload", elem_id="img2img_inpaint_upload_tab") as upload_tab:
+            inpaint_image = picture_upload(label="Image", image_mode=None, elem_id="img2img_inpaint_image", height=260,
+                                           **picture)
             mask = picture_upload("mask", label="Mask: white where the picture is drawn again", image_mode=None,
-                                  sources=["upload", "clipboard"], format="png", elem_id="img2img_inpaint_mask",
-                                  height=260)
-    for tab, name in zip((plain_tab, sketch_tab, upload_tab), IMG2IMG_MODES):
+                                  elem_id="img2img_inpaint_mask", height=260, **picture)
+    for tab, name in zip((plain_tab, sketch_tab, inpaint_tab, inpaint_sketch_tab, upload_tab), IMG2IMG_MODES):
         tab.select(lambda name=name: name, outputs=[mode], api_visibility="private", show_progress="hidden")
-    return {"img2img_mode": mode, "init_image": init_image, "sketch": sketch, "inpaint_image": inpaint_image,
-            "mask": mask}, tabs
+    return {"img2img_mode": mode, "init_image": init_image, "color_sketch": color_sketch, "sketch": sketch,
+            "inpaint_color_sketch": inpaint_color_sketch, "inpaint_image": inpaint_image, "mask": mask}, tabs
+
+
+def canvas(label: str, elem_id: str) -> gr.ImageEditor:
+    """A picture to paint on in any colour (Sketch, Inpaint sketch)."""
+    return tolerant(gr.ImageEditor(label=label, type="pil", sources=["upload", "clipboard"], format="png",
+                                   elem_id=elem_id, height=360, brush=gr.Brush(color_mode="defaults")), "init_image")
 
 
 def inpainting_settings(mode: gr.State) -> dict[str, gr.components.Component]:
@@ -113,26 +132,27 @@ def inpainting_settings(mode: gr.State) -> dict[str, gr.components.Component]:
 
 
 def shows_inpainting_settings(mode: str) -> gr.Accordion:
-    return gr.Accordion(visible=mode != IMG2IMG_MODES[0])
+    return gr.Accordion(visible=mode in INPAINTING_MODES)
 
 
-def open_picture(mode: str, init_image: Any, sketch: dict | UnreadablePicture | None, inpaint_image: Any) -> Any:
-    """The open sub-tab's picture input, as Gradio gave it (None when empty)."""
-    if mode == "Inpaint":
-        return sketch.get("background") if isinstance(sketch, dict) else sketch
-    return inpaint_image if mode == "Inpaint upload" else init_image
+def open_picture(mode: str, inputs: dict[str, Any]) -> Any:
+    """The open sub-tab's picture to start from, as Gradio gave it (None when empty), out of the sub-tabs'
+    inputs by generate() parameter: a canvas's picture as uploaded (Inpaint) or as painted (the sketches)."""
+    if mode in CANVASES:
+        name, part = CANVASES[mode]
+        value = inputs.get(name)
+        return value.get(part) if isinstance(value, dict) else value
+    return inputs.get("inpaint_image") if mode == INPAINT_UPLOAD else inputs.get("init_image")
 
 
-def start_pictures(mode: str, init_image: Any, sketch: dict | UnreadablePicture | None, inpaint_image: Any,
-                   mask: Any) -> tuple[Image.Image, Image.Image | None]:
-    """The picture to start from and the mask (None: plain img2img) of the open sub-tab; InvalidRequest saying
-    what to upload where one is missing or unreadable."""
-    picture = readable(open_picture(mode, init_image, sketch, inpaint_image),
-                       NO_SKETCH if mode == "Inpaint" else NO_PICTURE)
-    if mode == "Inpaint":
-        return picture, painted_mask(picture, sketch.get("layers") or [])
-    if mode == "Inpaint upload":
-        return picture, readable(mask, NO_MASK)
+def start_pictures(mode: str, inputs: dict[str, Any]) -> tuple[Image.Image, Image.Image | None]:
+    """The picture to start from and the mask (None: plain img2img) of the open sub-tab, out of the sub-tabs'
+    inputs by generate() parameter; InvalidRequest saying what to upload where one is missing or unreadable."""
+    picture = readable(open_picture(mode, inputs), NO_STROKES.get(mode, NO_PICTURE))
+    if mode in NO_STROKES:  # the canvases whose strokes are the mask
+        return picture, painted_mask(picture, inputs[CANVASES[mode][0]].get("layers") or [], NO_STROKES[mode])
+    if mode == INPAINT_UPLOAD:
+        return picture, readable(inputs.get("mask"), NO_MASK)
     return picture, None
 
 
@@ -144,14 +164,14 @@ def readable(picture: Any, missing: str) -> Image.Image:
     return picture
 
 
-def painted_mask(picture: Image.Image, layers: list[Image.Image]) -> Image.Image:
-    """The Inpaint canvas's strokes as a mask ("L", the picture's size): white wherever any layer was painted,
-    however see-through the brush."""
+def painted_mask(picture: Image.Image, layers: list[Image.Image], no_strokes: str) -> Image.Image:
+    """A canvas's strokes as a mask ("L", the picture's size): white wherever any layer was painted, however
+    see-through the brush; InvalidRequest(no_strokes) when none was."""
     sheet = Image.new("RGBA", picture.size, (0, 0, 0, 0))
     for layer in layers:
         layer = layer.convert("RGBA")
         sheet.alpha_composite(layer if layer.size == picture.size else layer.resize(picture.size))
     mask = sheet.getchannel("A").point(lambda alpha: 255 if alpha else 0)
     if mask.getbbox() is None:
-        raise InvalidRequest(NO_SKETCH)
+        raise InvalidRequest(no_strokes)
     return mask
