@@ -379,6 +379,27 @@ def test_gradio_client_drives_generation(app_server):
     assert text.startswith("an api fox\n") and "Seed: 7" in text and progress == ""
 
 
+
+def test_gradio_client_inpaints_through_the_img2img_endpoint(app_server, tmp_path):
+    """The open sub-tab is a parameter API callers see (img2img_mode), so they reach Inpaint upload too."""
+    from gradio_client import Client, handle_file
+
+    Image.new("RGB", (64, 64), "teal").save(tmp_path / "teal.png")
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save(tmp_path / "mask.png")
+    client = Client(app_server.url, verbose=False)
+    _, progress, _, text, _ = client.predict(
+        prompt="an api fox", steps=2, seed=7, width=64, height=64, img2img_mode="Inpaint upload",
+        inpaint_image=handle_file(str(tmp_path / "teal.png")), mask=handle_file(str(tmp_path / "mask.png")),
+        mask_blur=0, inpainting_fill="original", api_name="/img2img")
+    assert progress == "" and "Denoising strength: 0.75" in text and "Mask blur" not in text, (progress, text)
+    [saved] = [path for path in (app_server.outdir / "img2img-images").rglob("*.png") if "api fox" in
+               Image.open(path).info.get("parameters", "")]
+    with Image.open(saved) as result:
+        assert result.getpixel((60, 30)) == (0, 128, 128)  # outside the mask: the picture's own
+
+
 def test_gradio_auth_shows_a_login_page_first(browser, services):
     from webui.launch import serve
 

@@ -72,10 +72,10 @@ def tolerant(component: gr.Image | gr.ImageMask, field: str) -> gr.Image | gr.Im
 
 
 def picture_inputs() -> tuple[dict[str, gr.components.Component], gr.Tabs]:
-    """The sub-tabs with the picture inputs, by generate() parameter: "img2img_mode" (which sub-tab is open, a
-    State), "init_image", "color_sketch" (the Sketch canvas), "sketch" (the Inpaint canvas), "inpaint_color_sketch"
+    """The sub-tabs with the picture inputs, by generate() parameter: "img2img_mode" (which sub-tab is open: a
+    hidden Textbox, not a State, so that Gradio API callers can pick one too), "init_image", "color_sketch" (the Sketch canvas), "sketch" (the Inpaint canvas), "inpaint_color_sketch"
     (the Inpaint sketch canvas), "inpaint_image" and "mask" (Inpaint upload)."""
-    mode = gr.State(PLAIN)
+    mode = gr.Textbox(PLAIN, visible=False, label="img2img mode", elem_id="img2img_mode")
     picture = dict(sources=["upload", "clipboard"], format="png")
     # image_mode None: the worker lays a transparent part on white (Gradio's RGB would make it black).
     with gr.Tabs(elem_id="img2img_mode_tabs") as tabs:
@@ -109,7 +109,7 @@ def canvas(label: str, elem_id: str) -> gr.ImageEditor:
                                    elem_id=elem_id, height=360, brush=gr.Brush(color_mode="defaults")), "init_image")
 
 
-def inpainting_settings(mode: gr.State) -> dict[str, gr.components.Component]:
+def inpainting_settings(mode: gr.Textbox) -> dict[str, gr.components.Component]:
     """A1111's inpainting controls, by request field; shown on the Inpaint sub-tabs only (`mode`: the open one)."""
     defaults = GenerationRequest.model_fields
     with gr.Accordion("Inpainting", open=True, visible=False, elem_id="img2img_inpainting") as section:
