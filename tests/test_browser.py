@@ -427,10 +427,10 @@ def test_inpaint_paints_a_mask_on_the_canvas_and_draws_only_there(page, app_serv
     playwright_api.expect(page.locator("#img2img_inpainting")).to_be_hidden()  # its settings on its sub-tabs only
     page.click("#img2img_inpaint_tab-button")
     playwright_api.expect(page.locator("#img2img_inpainting")).to_be_visible()
-    page.wait_for_selector("#img2img_inpaint_sketch canvas")  # the editor takes no upload before it is drawn
-    page.locator("#img2img_inpaint_sketch input[type=file]").set_input_files(str(tmp_path / "teal.png"))
-    playwright_api.expect(page.locator("#img2img_inpaint_sketch .empty")).to_be_hidden()  # the picture is in
-    box = page.locator("#img2img_inpaint_sketch .pixi-target").bounding_box()
+    page.wait_for_selector("#img2img_inpaint_canvas canvas")  # the editor takes no upload before it is drawn
+    page.locator("#img2img_inpaint_canvas input[type=file]").set_input_files(str(tmp_path / "teal.png"))
+    playwright_api.expect(page.locator("#img2img_inpaint_canvas .empty")).to_be_hidden()  # the picture is in
+    box = page.locator("#img2img_inpaint_canvas .pixi-target").bounding_box()
     middle_x, middle_y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(middle_x - 20, middle_y)  # the brush is the tool picked once a picture is in
     page.mouse.down()

@@ -20,8 +20,8 @@ from tests.helpers import wait_for
 from tests.test_ui import event, generate, input_labels, is_skip, selected, through_gradio, ui, ui_services, uploaded  # noqa: F401
 from webui.schemas import JobState
 from webui.ui.params import IMG2IMG_FIELDS, TXT2IMG_FIELDS
-from webui.ui.generation import Session
-from webui.ui.pictures import UnreadablePicture
+from webui.ui.generation import REQUEST_DEFAULTS, Session, busy_button
+from webui.ui.pictures import ALL_SUBTAB_INPUTS, SUBTAB_INPUTS, UnreadablePicture
 
 
 def picture(color="red", size=(80, 48)) -> Image.Image:
@@ -105,15 +105,16 @@ def test_generate_without_a_picture_or_with_an_unreadable_one_says_so_and_queues
         assert f"Image: could not read {name} as an image" in progress and "dw-error" in progress, progress
         assert str(tmp_path) not in progress  # no server paths shown
     assert queued == []
-    # Junk left on the Inpaint canvas fails no run on the img2img sub-tab (Generate prepares every sub-tab's input).
+    # Junk left on the Inpaint canvas fails no run on the img2img sub-tab (the API event prepares every sub-tab's
+    # input).
     canvas = {"background": uploaded(tmp_path / "junk.png"), "layers": [], "composite": None}
-    inputs = [canvas if block is ui.img2img.widgets["sketch"] else uploaded(tmp_path / "whole.png")
+    inputs = [canvas if block is ui.img2img.widgets["inpaint_canvas"] else uploaded(tmp_path / "whole.png")
               if block is ui.img2img.widgets["init_image"] else raw.get(getattr(block, "label", None))
               for block in wiring.inputs]
     progress = through_gradio(ui, "img2img", *inputs)[2]
     assert "dw-error" not in progress and len(queued) == 1, progress
     # On the Inpaint sub-tab, the same junk is named.
-    [(_, _, progress, *_)] = inpaint(ui, sketch=UnreadablePicture("junk.png"))
+    [(_, _, progress, *_)] = inpaint(ui, inpaint_canvas=UnreadablePicture("junk.png"))
     assert "Image: could not read junk.png as an image" in progress
 
 
@@ -129,7 +130,7 @@ def test_send_to_img2img_from_history_fills_the_picture_and_the_denoising_streng
     assert is_skip(kept) and mode == "Inpaint" and sub_tab.selected == "inpaint" and tabs.selected == "img2img"
     assert Path(canvas["background"]) == Path(image.path) and canvas["layers"] == []
     assert inpaint_values == values
-    shown = ui.img2img.widgets["sketch"].postprocess(canvas)  # what the page gets: the picture as the background
+    shown = ui.img2img.widgets["inpaint_canvas"].postprocess(canvas)  # what the page gets: the picture as the background
     assert shown.background is not None and shown.layers == []
     fields = by_field(IMG2IMG_FIELDS, values)
     assert (fields["prompt"], fields["seed"], fields["denoising_strength"]) == ("a sent barn", 31, 0.55)
@@ -177,17 +178,54 @@ def test_send_to_img2img_from_a_gallery_and_from_png_info(ui, ui_services, tmp_p
 
 def test_the_picture_size_button_sets_width_and_height_from_the_picture(ui):
     size = ui.img2img.actions.picture_size
-    # The sub-tabs' pictures in PICTURE_INPUTS order: Image, the Sketch, Inpaint and Inpaint sketch canvases, and
-    # Inpaint upload's Image.
-    assert size("img2img", picture(size=(100, 60)), None, None, None, None) == (96, 64)  # multiples of 8, >= 64
+    # The open sub-tab and its own inputs (SUBTAB_INPUTS).
+    assert size("img2img", picture(size=(100, 60))) == (96, 64)  # multiples of 8, >= 64
     with pytest.raises(gr.Error, match="Upload a picture first"):
-        size("img2img", None, None, None, None, picture())
-    # The open sub-tab's picture: the Inpaint canvas's, or Inpaint upload's.
+        size("img2img", None)
     canvas = {"background": picture(size=(200, 120)), "layers": [], "composite": picture(size=(200, 120))}
-    assert size("Inpaint", picture(), None, canvas, None, None) == (200, 120)
-    assert size("Sketch", picture(), canvas, None, None, None) == (200, 120)
-    assert size("Inpaint sketch", picture(), None, None, canvas, None) == (200, 120)
-    assert size("Inpaint upload", picture(), None, None, None, picture(size=(136, 72))) == (136, 72)
+    assert size("Inpaint", canvas) == (200, 120)
+    assert size("Sketch", canvas) == (200, 120)
+    assert size("Inpaint sketch", canvas) == (200, 120)
+    assert size("Inpaint upload", picture(size=(136, 72)), None) == (136, 72)
+
+
+def page_run(ui, elem_id: str, mode: str):
+    """The event a click on the button elem_id runs on img2img's sub-tab `mode`, as Gradio wires it: the click
+    renews that sub-tab's token, whose change runs it (Generate greyed out first)."""
+    fns = list(ui.blocks.fns.values())
+    [button] = [block for block in ui.blocks.blocks.values() if getattr(block, "elem_id", None) == elem_id]
+    [renew] = [fn for fn in fns if (button._id, "click") in fn.targets]
+    [token] = renew.fn(mode)
+    [run] = [fn for fn in fns if (token._id, "change") in fn.targets]
+    if run.fn is busy_button:
+        [run] = [fn for fn in fns if fn.trigger_after == run._id]
+    return run
+
+
+def test_the_pages_generate_and_from_image_read_the_open_sub_tabs_pictures_only(ui, ui_services):
+    """Gradio's image editor uploads its whole picture for every event that reads it: a large picture left on one
+    sub-tab's canvas must not slow down Generate on another."""
+    widgets = ui.img2img.widgets
+    names = {widget._id: name for name, widget in widgets.items()}
+    for mode, own in SUBTAB_INPUTS.items():
+        for button in ("img2img_generate", "img2img_picture_size"):
+            read = [names[block._id] for block in page_run(ui, button, mode).inputs if block._id in names]
+            assert [name for name in read if name in ALL_SUBTAB_INPUTS] == list(own), (mode, button)
+    assert page_run(ui, "img2img_generate", "no such sub-tab") is page_run(ui, "img2img_generate", "img2img")
+    # The run is the open sub-tab's: on Inpaint upload, its picture and mask.
+    run = page_run(ui, "img2img_generate", "Inpaint upload")
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (32, 0, 64, 64))
+    given = {"prompt": "a red barn", "steps": 2, "width": 64, "height": 64, "seed": 3, "model": TINY,
+             "inpaint_image": picture(size=(64, 64)), "mask": mask, "mask_blur": 0, "denoising_strength": 0.5}
+    values = [given.get(names[block._id], REQUEST_DEFAULTS.get(names[block._id])) for block in run.inputs[1:]]
+    session, *_ = list(run.fn(Session(), *values))[-1]
+    job = ui_services.worker.get(session.job_id)
+    assert job.state == JobState.DONE and job.request.mask is not None, job.error
+    kept = np.asarray(job.images[0].image)[:, :32] == np.asarray(given["inpaint_image"])[:, :32]
+    assert kept.all()  # left of the mask: the picture's own
+    from_image = page_run(ui, "img2img_picture_size", "Inpaint upload")
+    assert from_image.fn(picture(size=(136, 72)), None) == (136, 72)
 
 
 def test_a_reloaded_page_resumes_each_tabs_own_kind_of_job(ui, ui_services):
@@ -275,7 +313,7 @@ def test_the_inpainting_settings_start_at_a1111s_and_the_sub_tabs_sit_over_the_p
 
 def test_the_inpaint_tab_draws_only_where_the_brush_went(ui, ui_services):
     start = picture(size=(64, 64))
-    session, *_ = inpaint(ui, sketch={"background": start, "layers": [painted_layer()], "composite": start},
+    session, *_ = inpaint(ui, inpaint_canvas={"background": start, "layers": [painted_layer()], "composite": start},
                           mask_blur=0)[-1]
     job = ui_services.worker.get(session.job_id)
     assert job.state == JobState.DONE, job.error
@@ -297,8 +335,8 @@ def test_inpaint_upload_takes_its_own_picture_and_mask_with_the_settings(ui, ui_
 
 
 @pytest.mark.parametrize("mode, pictures, message", [
-    ("Inpaint", {"sketch": None}, "Inpaint: upload a picture, then paint over"),
-    ("Inpaint", {"sketch": {"background": picture(), "layers": [Image.new("RGBA", (80, 48))]}},
+    ("Inpaint", {"inpaint_canvas": None}, "Inpaint: upload a picture, then paint over"),
+    ("Inpaint", {"inpaint_canvas": {"background": picture(), "layers": [Image.new("RGBA", (80, 48))]}},
      "Inpaint: upload a picture, then paint over"),
     ("Inpaint upload", {"inpaint_image": picture()}, "Inpaint upload: upload the mask too"),
     ("Inpaint upload", {"inpaint_image": None, "mask": picture()}, "Upload a picture to start from"),

@@ -128,8 +128,8 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
         return gallery_to_img2img(session, inpaint=True)
 
     to_txt2img_outputs = [*txt2img.field_components, tabs]
-    to_img2img_outputs = [img2img.widgets["init_image"], img2img.widgets["sketch"], img2img.widgets["img2img_mode"],
-                          img2img.picture_tabs, *img2img.field_components, tabs]
+    to_img2img_outputs = [img2img.widgets["init_image"], img2img.widgets["inpaint_canvas"],
+                          img2img.widgets["img2img_mode"], img2img.picture_tabs, *img2img.field_components, tabs]
     history.send.click(send_from_history, inputs=[history.selected], outputs=to_txt2img_outputs, **private)
     ui.pnginfo.send.click(send_from_pnginfo, inputs=[ui.pnginfo.infotext], outputs=to_txt2img_outputs, **private)
     history.send_img2img.click(history_to_img2img, inputs=[history.selected], outputs=to_img2img_outputs, **private)
@@ -141,7 +141,8 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
     reload = dict(fn=actions.reload, inputs=[history.page, history.search, history.selected],
                   outputs=history.reload_outputs, **private)
     for tab in ui.generation_tabs:
-        tab.generate_event.then(**reload)
+        for run in tab.generate_events:
+            run.then(**reload)
         tab.send_to_img2img.click(gallery_to_img2img, inputs=[tab.session], outputs=to_img2img_outputs, **private)
         tab.send_to_inpaint.click(gallery_to_inpaint, inputs=[tab.session], outputs=to_img2img_outputs, **private)
     ui.blocks.load(**reload)

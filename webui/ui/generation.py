@@ -14,7 +14,8 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 from PIL import Image
@@ -30,8 +31,8 @@ from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, 
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.params import TAB_FIELDS, schedules_of, with_labels
-from webui.ui.pictures import (PICTURE_INPUTS, UnreadablePicture, inpainting_settings, open_picture, picture_inputs,
-                               start_pictures)
+from webui.ui.pictures import (ALL_SUBTAB_INPUTS, SUBTAB_INPUTS, UnreadablePicture, inpainting_settings,
+                               on_open_subtab, open_picture, picture_inputs, start_pictures)
 from webui.ui.progress import error_html, final_html, progress_html, timing_html, token_counter, too_long_counter
 from webui.worker import Job, QueueFull, WorkerStopped
 
@@ -115,7 +116,7 @@ class GenerationActions:
                  hr_scale: float = 2.0, hr_upscaler: str = "Latent", hr_second_pass_steps: int = 0,
                  hr_resize_x: int = 0, hr_resize_y: int = 0,
                  init_image: Image.Image | UnreadablePicture | None = None, resize_mode: int = 0,
-                 img2img_mode: str = "img2img", color_sketch: dict | None = None, sketch: dict | None = None,
+                 img2img_mode: str = "img2img", color_sketch: dict | None = None, inpaint_canvas: dict | None = None,
                  inpaint_color_sketch: dict | None = None,
                  inpaint_image: Image.Image | UnreadablePicture | None = None,
                  mask: Image.Image | UnreadablePicture | None = None, mask_blur: int = 4,
@@ -143,7 +144,7 @@ class GenerationActions:
             picture = mask_picture = None
             if self.kind == "img2img":
                 picture, mask_picture = start_pictures(img2img_mode, {
-                    "init_image": init_image, "color_sketch": color_sketch, "sketch": sketch,
+                    "init_image": init_image, "color_sketch": color_sketch, "inpaint_canvas": inpaint_canvas,
                     "inpaint_color_sketch": inpaint_color_sketch, "inpaint_image": inpaint_image, "mask": mask})
             if mask_picture is not None:
                 request |= {"mask_blur": mask_blur, "inpainting_mask_invert": inpainting_mask_invert or 0,
@@ -163,6 +164,13 @@ class GenerationActions:
             log.exception("following job %s failed", job.id)
             message = error_html(f"The page lost track of the job: {err}")
             yield session, gr.skip(), message, gr.update(visible=False), gr.skip(), ""
+
+    def generate_on(self, subtab: str, names: list[str]) -> Callable[..., Iterator[tuple]]:
+        """generate() as the img2img sub-tab `subtab`'s own Generate event calls it: the inputs after the session
+        are the fields `names`, which hold that sub-tab's pictures and no other's."""
+        def generate_on_subtab(session: Session, *values: Any) -> Iterator[tuple]:
+            yield from self.generate(session, img2img_mode=subtab, **dict(zip(names, values)))
+        return generate_on_subtab
 
     def resume(self, session: Session, tab: str | None) -> Iterator[tuple]:
         """A page (re)loaded in a tab whose job of this kind is still queued or running follows that job again:
@@ -255,8 +263,8 @@ class GenerationActions:
     @staticmethod
     def picture_size(mode: str, *pictures: Any) -> tuple[int, int]:
         """Width and Height from the open sub-tab's picture to start from (A1111's 📐, "From image" here): its size,
-        as a multiple of 8 within the size limits. `pictures`: the sub-tabs' inputs, in PICTURE_INPUTS order."""
-        picture = open_picture(mode, dict(zip(PICTURE_INPUTS, pictures)))
+        as a multiple of 8 within the size limits. `pictures`: that sub-tab's inputs (pictures.SUBTAB_INPUTS)."""
+        picture = open_picture(mode, dict(zip(SUBTAB_INPUTS[mode], pictures)))
         if picture is None:
             raise gr.Error("Upload a picture first.")
         if isinstance(picture, UnreadablePicture):
@@ -398,7 +406,7 @@ class GenerationTab:
     # GenerationRequest field name -> its widget ("n_iter" is Batch count, "model" the model picker,
     # "init_image" img2img's picture).
     widgets: dict[str, gr.components.Component]
-    generate_event: Any
+    generate_events: list[Any]  # the page's runs (img2img: one per sub-tab), each followed to its end
     tab_token: gr.Textbox  # filled from the browser tab's sessionStorage when the page loads (blocks.py)
     file_list_widgets: list[gr.Dropdown]  # what file_lists updates, when the page loads (blocks.py)
     send_to_img2img: gr.Button  # under the gallery: its current image and parameters to img2img (blocks.py)
@@ -590,18 +598,33 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     run_outputs = [session, gallery, progress, preview, infotext, timing]
     # While the tab's own job runs, Generate is greyed out (A1111 hides it): a click would be dropped anyway.
     button_state = dict(outputs=[generate], api_visibility="private", show_progress="hidden", queue=False)
-    generate_event = generate.click(busy_button, **button_state).then(
-        actions.generate, inputs=[session, *request_inputs], outputs=run_outputs,
-        api_name=kind, show_progress="hidden", concurrency_limit=None)
     after_run = dict(fn=actions.show_selected, inputs=[session], outputs=[gallery], api_visibility="private",
                      show_progress="hidden")
     model_status = dict(fn=models.status_after_run, outputs=[picker.status], api_visibility="private", show_progress="hidden")
-    generate_event.then(actions.generate_button, inputs=[session], **button_state).then(**after_run).then(
-        **model_status)
-    tab_token.change(busy_button, **button_state).then(
-        actions.resume, inputs=[session, tab_token], outputs=run_outputs, api_visibility="private",
-        show_progress="hidden", concurrency_limit=None).then(
-        actions.generate_button, inputs=[session], **button_state).then(**after_run).then(**model_status)
+
+    def follow_run(trigger: Callable, fn: Callable, inputs: list, **api) -> Any:
+        """On trigger: Generate greyed out, fn's run followed to its end, then Generate back and the model's status."""
+        run = trigger(busy_button, **button_state).then(fn, inputs=inputs, outputs=run_outputs, show_progress="hidden",
+                                                        concurrency_limit=None, **api)
+        run.then(actions.generate_button, inputs=[session], **button_state).then(**after_run).then(**model_status)
+        return run
+
+    if img2img:
+        # The page's Generate runs the open sub-tab's own event (pictures.SUBTAB_INPUTS says why); Gradio API
+        # callers get one event with every sub-tab's inputs, on a button the page never shows.
+        common = [name for name in REQUEST_PARAMS if name in widgets and name not in ALL_SUBTAB_INPUTS
+                  and name != "img2img_mode"]
+        tokens = on_open_subtab(generate.click, widgets["img2img_mode"])
+        generate_events = [follow_run(tokens[subtab].change, actions.generate_on(subtab, [*common, *names]),
+                                      [session, *(widgets[name] for name in (*common, *names))],
+                                      api_visibility="private")
+                           for subtab, names in SUBTAB_INPUTS.items()]
+        api_generate = gr.Button("Generate", visible=False, elem_id="img2img_api_generate")
+        api_generate.click(actions.generate, inputs=[session, *request_inputs], outputs=run_outputs, api_name=kind,
+                           show_progress="hidden", concurrency_limit=None)
+    else:
+        generate_events = [follow_run(generate.click, actions.generate, [session, *request_inputs], api_name=kind)]
+    follow_run(tab_token.change, actions.resume, [session, tab_token], api_visibility="private")
     interrupt.click(actions.interrupt, inputs=[session], outputs=[], **_api(kind, "interrupt"), show_progress="hidden")
     skip.click(actions.skip, inputs=[session], outputs=[], **_api(kind, "skip"), show_progress="hidden")
     gallery.select(actions.select_image, inputs=[session], outputs=[session, infotext],
@@ -637,8 +660,10 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     negative.change(actions.count_tokens, inputs=[negative, steps], outputs=[negative_tokens],
                     api_visibility="private", show_progress="hidden", trigger_mode="always_last")
     if img2img:
-        picture_size.click(actions.picture_size, inputs=[widgets[name] for name in ("img2img_mode", *PICTURE_INPUTS)],
-                           outputs=[width, height], api_visibility="private", show_progress="hidden")
-    return GenerationTab(kind, actions, session, widgets, generate_event, tab_token,
+        for subtab, token in on_open_subtab(picture_size.click, widgets["img2img_mode"]).items():
+            token.change(partial(actions.picture_size, subtab),
+                         inputs=[widgets[name] for name in SUBTAB_INPUTS[subtab]], outputs=[width, height],
+                         api_visibility="private", show_progress="hidden")
+    return GenerationTab(kind, actions, session, widgets, generate_events, tab_token,
                          [styles, lora_name, embedding_name], send_to_img2img, send_to_inpaint,
                          picture_tabs if img2img else None)

@@ -5,8 +5,10 @@ Only reads widget values; the worker checks and fits what it is given.
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import gradio as gr
 from PIL import Image
@@ -20,10 +22,14 @@ IMG2IMG_MODES = PLAIN, SKETCH, INPAINT, INPAINT_SKETCH, INPAINT_UPLOAD = (
     "img2img", "Sketch", "Inpaint", "Inpaint sketch", "Inpaint upload")
 INPAINTING_MODES = (INPAINT, INPAINT_SKETCH, INPAINT_UPLOAD)
 # The sub-tabs drawn on a canvas: generate()'s parameter for the canvas, and the part of it to start from.
-CANVASES = {SKETCH: ("color_sketch", "composite"), INPAINT: ("sketch", "background"),
+CANVASES = {SKETCH: ("color_sketch", "composite"), INPAINT: ("inpaint_canvas", "background"),
             INPAINT_SKETCH: ("inpaint_color_sketch", "composite")}
-# The sub-tabs' picture inputs, by generate() parameter (the mask is no picture to start from).
-PICTURE_INPUTS = ("init_image", "color_sketch", "sketch", "inpaint_color_sketch", "inpaint_image")
+# Each sub-tab's own inputs, by generate() parameter. The page's Generate and From image read the open sub-tab's
+# only: Gradio's image editor exports and uploads its whole picture for every event that reads it, open or not
+# (a 1024x1024 picture left on the Sketch canvas made each Generate on the img2img sub-tab take 32 s, not 0.5 s).
+SUBTAB_INPUTS = {PLAIN: ("init_image",), SKETCH: ("color_sketch",), INPAINT: ("inpaint_canvas",),
+                 INPAINT_SKETCH: ("inpaint_color_sketch",), INPAINT_UPLOAD: ("inpaint_image", "mask")}
+ALL_SUBTAB_INPUTS = tuple(name for names in SUBTAB_INPUTS.values() for name in names)
 NO_PICTURE = "Upload a picture to start from (drop one on Image, or send one from txt2img, History or PNG Info)."
 NO_STROKES = {INPAINT: "Inpaint: upload a picture, then paint over the part to draw again.",
               INPAINT_SKETCH: "Inpaint sketch: upload a picture, then paint over the part to draw again in the "
@@ -52,9 +58,9 @@ def picture_upload(field: str = "init_image", **kwargs) -> gr.Image:
 
 def tolerant(component: gr.Image | gr.ImageMask, field: str) -> gr.Image | gr.ImageMask:
     """The picture input, handing an unreadable upload on as an UnreadablePicture: Gradio would fail the whole
-    event while preparing its inputs, with a raw pop-up and nothing in the progress area (and Generate prepares
-    every sub-tab's inputs). Wrapped here, not subclassed: Gradio writes a .pyi stub beside the module of every
-    Component subclass."""
+    event while preparing its inputs, with a raw pop-up and nothing in the progress area (and the Gradio API's
+    img2img prepares every sub-tab's inputs). Wrapped here, not subclassed: Gradio writes a .pyi stub beside the
+    module of every Component subclass."""
     prepare = component.preprocess
 
     def preprocess(payload):
@@ -73,8 +79,9 @@ def tolerant(component: gr.Image | gr.ImageMask, field: str) -> gr.Image | gr.Im
 
 def picture_inputs() -> tuple[dict[str, gr.components.Component], gr.Tabs]:
     """The sub-tabs with the picture inputs, by generate() parameter: "img2img_mode" (which sub-tab is open: a
-    hidden Textbox, not a State, so that Gradio API callers can pick one too), "init_image", "color_sketch" (the Sketch canvas), "sketch" (the Inpaint canvas), "inpaint_color_sketch"
-    (the Inpaint sketch canvas), "inpaint_image" and "mask" (Inpaint upload)."""
+    hidden Textbox, not a State, so that Gradio API callers can pick one too), "init_image", "color_sketch" (the
+    Sketch canvas), "inpaint_canvas", "inpaint_color_sketch" (the Inpaint sketch canvas), "inpaint_image" and "mask"
+    (Inpaint upload)."""
     mode = gr.Textbox(PLAIN, visible=False, label="img2img mode", elem_id="img2img_mode")
     picture = dict(sources=["upload", "clipboard"], format="png")
     # image_mode None: the worker lays a transparent part on white (Gradio's RGB would make it black).
@@ -85,8 +92,8 @@ def picture_inputs() -> tuple[dict[str, gr.components.Component], gr.Tabs]:
             color_sketch = canvas("Image: paint on it in colours to start from", "img2img_sketch")
         with gr.Tab(INPAINT, id="inpaint", elem_id="img2img_inpaint_tab") as inpaint_tab:
             # See-through, so the part painted over still shows.
-            sketch = tolerant(gr.ImageMask(label="Image: paint over the part to draw again", type="pil",
-                                           elem_id="img2img_inpaint_sketch", height=360,
+            inpaint_canvas = tolerant(gr.ImageMask(label="Image: paint over the part to draw again", type="pil",
+                                           elem_id="img2img_inpaint_canvas", height=360,
                                            brush=gr.Brush(colors=[("#000000", 0.6)], color_mode="fixed"), **picture),
                               "init_image")
         with gr.Tab(INPAINT_SKETCH, id="inpaint_sketch", elem_id="img2img_inpaint_sketch_tab") as inpaint_sketch_tab:
@@ -99,8 +106,22 @@ def picture_inputs() -> tuple[dict[str, gr.components.Component], gr.Tabs]:
                                   elem_id="img2img_inpaint_mask", height=260, **picture)
     for tab, name in zip((plain_tab, sketch_tab, inpaint_tab, inpaint_sketch_tab, upload_tab), IMG2IMG_MODES):
         tab.select(lambda name=name: name, outputs=[mode], api_visibility="private", show_progress="hidden")
-    return {"img2img_mode": mode, "init_image": init_image, "color_sketch": color_sketch, "sketch": sketch,
-            "inpaint_color_sketch": inpaint_color_sketch, "inpaint_image": inpaint_image, "mask": mask}, tabs
+    return {"img2img_mode": mode, "init_image": init_image, "color_sketch": color_sketch,
+            "inpaint_canvas": inpaint_canvas, "inpaint_color_sketch": inpaint_color_sketch,
+            "inpaint_image": inpaint_image, "mask": mask}, tabs
+
+
+def on_open_subtab(trigger: Callable, mode: gr.Textbox) -> dict[str, gr.Textbox]:
+    """Hidden tokens, one per sub-tab: `trigger` (a button's .click) renews the open sub-tab's (`mode`: its name),
+    so that an event wired to each token's .change runs for the open sub-tab alone, reading its inputs only."""
+    tokens = {name: gr.Textbox(visible=False) for name in IMG2IMG_MODES}
+    trigger(partial(renewed_token, tokens), inputs=[mode], outputs=list(tokens.values()), queue=False,
+            api_visibility="private", show_progress="hidden")
+    return tokens
+
+
+def renewed_token(tokens: dict[str, gr.Textbox], mode: str) -> dict[gr.Textbox, str]:
+    return {tokens.get(mode, tokens[PLAIN]): uuid.uuid4().hex}  # never equal to the last: its .change fires
 
 
 def canvas(label: str, elem_id: str) -> gr.ImageEditor:
