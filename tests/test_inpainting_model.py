@@ -121,7 +121,8 @@ def test_a_locon_made_for_text_to_image_leaves_the_extra_input_channels_alone():
 
     weight = torch.nn.Parameter(torch.zeros(16, 9, 3, 3), requires_grad=False)
     up, down = torch.ones(16, 2, 1, 1), torch.ones(2, 4, 3, 3)
-    LoraPatcher()._add(SimpleNamespace(name="locon"), LayerUpdate("unet", "conv_in", up, down, alpha=2.0), weight, 1.0)
+    update = LayerUpdate("unet", "conv_in", {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(2.0)})
+    LoraPatcher()._add(SimpleNamespace(name="locon"), update, weight, 1.0)
     assert (weight[:, :4] == 2).all()  # up @ down = rank 2, times alpha / rank = 1
     assert (weight[:, 4:] == 0).all()
 

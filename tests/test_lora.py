@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from tests.conftest import TINY
-from webui.engine.lora import (LoraError, LoraFile, LoraLibrary, LoraPatcher, LoraUse, MAX_LORAS, lora_uses,
-                               strip_loras, unread_tags)
+from webui.engine.lora import (LayerUpdate, LoraError, LoraFile, LoraLibrary, LoraPatcher, LoraUse, MAX_LORAS,
+                               lora_uses, strip_loras, unread_tags)
 from webui.schemas import GenerationRequest, InvalidRequest
 
 # Layers of the tiny model (tests/tiny_sd.py) a LoRA changes: attention and a 3x3 convolution (LoCon) in
@@ -219,8 +221,10 @@ def test_a_lora_changes_the_picture_and_leaves_no_trace_in_the_next_run(lora_eng
     ({"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(64, 2),
       "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(2, 64)},
      "does not fit layer"),
-    ({"lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(16, 2)}, "lacks its down weight"),
-    ({"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.zeros(16, 2)}, "LoHa"),
+    ({"lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(16, 2)}, "lacks lora_down.weight"),
+    ({"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.zeros(16, 2)}, "lacks hada_w1_b.*not a LoHa"),
+    ({"lora_unet_down_blocks_0_resnets_0_conv1.dora_scale": torch.zeros(1, 16)}, "DoRA"),
+    ({"lora_unet_down_blocks_0_resnets_0_conv1.oft_blocks": torch.zeros(4, 4, 4)}, "OFT"),
     ({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(4, 2)}, "for SDXL"),
     ({"emb_params": torch.zeros(4, 32)}, "no layers this server reads"),
 ])
@@ -235,6 +239,99 @@ def test_a_lora_that_does_not_fit_is_refused_and_the_weights_stay_as_loaded(lora
             pictures(lora_engine, "a red apple <lora:odd>")
         assert isinstance(refused.value, InvalidRequest)  # the worker refuses the job; it does not crash
         assert np.array_equal(pictures(lora_engine, "a red apple"), plain)  # nothing half-merged left behind
+    finally:
+        lora_engine.loras = library
+
+
+# --- LyCORIS: LoHa, LoKr and Tucker-decomposed LoCon ------------------------------------------------
+
+def merged_delta(pieces: dict, weight_shape: tuple, multiplier: float = 1.0) -> np.ndarray:
+    """What merging one layer's pieces adds to a weight of weight_shape."""
+    weight = torch.nn.Parameter(torch.randn(weight_shape), requires_grad=False)
+    before = weight.detach().clone()
+    LoraPatcher()._add(LoraFile("lyco", Path("lyco.safetensors")), LayerUpdate("unet", "layer", pieces), weight,
+                       multiplier)
+    return (weight.detach() - before).numpy()
+
+
+def tucker_kernel(core, a, b) -> np.ndarray:
+    """A Tucker-decomposed kernel, summed out loop by loop: core (r, r', k, k), a (r, out), b (r', in)."""
+    core, a, b = core.numpy(), a.numpy(), b.numpy()
+    kernel = np.zeros((a.shape[1], b.shape[1], *core.shape[2:]))
+    for i in range(core.shape[0]):
+        for j in range(core.shape[1]):
+            kernel += np.multiply.outer(np.outer(a[i], b[j]), core[i, j])
+    return kernel
+
+
+def test_a_loha_layer_adds_the_product_of_its_two_low_rank_updates():
+    w1a, w1b, w2a, w2b = torch.randn(8, 2), torch.randn(2, 6), torch.randn(8, 2), torch.randn(2, 6)
+    delta = merged_delta({"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b,
+                          "alpha": torch.tensor(1.0)}, (8, 6), multiplier=0.7)
+    expected = 0.7 * 0.5 * (w1a.numpy() @ w1b.numpy()) * (w2a.numpy() @ w2b.numpy())  # alpha 1 / rank 2
+    assert np.allclose(delta, expected, atol=1e-5)
+
+
+def test_a_loha_convolution_with_tucker_cores_adds_the_product_of_its_two_kernels():
+    t1, t2 = torch.randn(2, 2, 3, 3), torch.randn(2, 2, 3, 3)
+    w1a, w1b, w2a, w2b = torch.randn(2, 8), torch.randn(2, 6), torch.randn(2, 8), torch.randn(2, 6)
+    delta = merged_delta({"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b, "hada_t1": t1,
+                          "hada_t2": t2, "alpha": torch.tensor(4.0)}, (8, 6, 3, 3))
+    expected = 2.0 * tucker_kernel(t1, w1a, w1b) * tucker_kernel(t2, w2a, w2b)  # alpha 4 / rank 2
+    assert np.allclose(delta, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("second", ["full kernel", "low rank"])
+def test_a_lokr_convolution_scales_each_block_of_channels_by_the_small_factor(second):
+    """LoKr's Kronecker product: output channel a*4+b, input channel c*3+d take w1[a, c] times w2's kernel (b, d)."""
+    w1, kernel = torch.randn(2, 2), torch.randn(4, 3, 3, 3)
+    pieces = {"lokr_w1": w1, "alpha": torch.tensor(4.0)}
+    if second == "full kernel":
+        pieces["lokr_w2"], scale = kernel, 1.0  # no rank to divide alpha by: A1111 scales by 1
+    else:
+        w2a, w2b = torch.randn(4, 2), torch.randn(2, 27)
+        pieces |= {"lokr_w2_a": w2a, "lokr_w2_b": w2b}
+        kernel, scale = (w2a @ w2b).reshape(4, 3, 3, 3), 2.0  # alpha 4 / rank 2
+    delta = merged_delta(pieces, (8, 6, 3, 3))
+    expected = np.zeros((8, 6, 3, 3))
+    for a in range(2):
+        for b in range(4):
+            for c in range(2):
+                for d in range(3):
+                    expected[a * 4 + b, c * 3 + d] = scale * w1[a, c].item() * kernel[b, d].numpy()
+    assert np.allclose(delta, expected, atol=1e-4)
+
+
+def test_a_tucker_locon_acts_as_its_three_convolutions_in_a_row():
+    down, mid, up = torch.randn(2, 6, 1, 1), torch.randn(2, 2, 3, 3), torch.randn(8, 2, 1, 1)
+    delta = merged_delta({"lora_down.weight": down, "lora_mid.weight": mid, "lora_up.weight": up,
+                          "alpha": torch.tensor(1.0)}, (8, 6, 3, 3))
+    x = torch.randn(1, 6, 9, 9)
+    in_a_row = F.conv2d(F.conv2d(F.conv2d(x, down), mid, padding=1), up) * 0.5  # alpha 1 / rank 2
+    assert torch.allclose(F.conv2d(x, torch.from_numpy(delta), padding=1), in_a_row, atol=1e-4)
+
+
+def test_loha_and_lokr_files_change_the_picture_and_come_out_again(lora_engine, tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    loha = {}
+    for layer, (out_features, in_features) in [(name, shape) for name, shape in UNET_LAYERS.items() if len(shape) == 2]:
+        base = f"lora_unet_{layer}"
+        loha |= {f"{base}.hada_w1_a": torch.randn(out_features, 2, generator=generator),
+                 f"{base}.hada_w1_b": torch.randn(2, in_features, generator=generator),
+                 f"{base}.hada_w2_a": torch.randn(out_features, 2, generator=generator),
+                 f"{base}.hada_w2_b": torch.randn(2, in_features, generator=generator),
+                 f"{base}.alpha": torch.tensor(2.0)}
+    write_lora(tmp_path, "loha", loha)
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    write_lora(tmp_path, "lokr", {f"{te}.lokr_w1": torch.randn(4, 4, generator=generator),
+                                  f"{te}.lokr_w2": torch.randn(8, 8, generator=generator)})
+    plain = pictures(lora_engine, "a red apple")
+    library, lora_engine.loras = lora_engine.loras, LoraLibrary(tmp_path)
+    try:
+        for name in ("loha", "lokr"):
+            changed = pictures(lora_engine, f"a red apple <lora:{name}:1>")
+            assert np.abs(changed - plain).mean() > 1, name
+            assert np.array_equal(pictures(lora_engine, "a red apple"), plain)  # taken out again
     finally:
         lora_engine.loras = library
 

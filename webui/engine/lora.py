@@ -7,9 +7,9 @@
 The tags are taken out of the prompt before it is read (also from inside prompt editing's brackets, as A1111
 does); the negative prompt keeps its text. Files come from the LoRA folder (models/Lora, --lora-dir): kohya
 keys (`lora_unet_...`, `lora_te_...`, as A1111 and most trainers write them) or diffusers/PEFT keys
-(`unet....lora_A.weight`), for Linear and Conv2d layers (LoCon too).
+(`unet....lora_A.weight`), for Linear and Conv2d layers (LoCon too), and LyCORIS's LoHa and LoKr files.
 
-A LoRA is merged into the weights (W += multiplier * alpha/rank * up @ down) and the touched weights are kept
+A LoRA is merged into the weights (W += multiplier * alpha/rank * update) and the touched weights are kept
 on the CPU, so the next run with other LoRAs starts from the model as it was loaded. Merged weights keep the
 compiled model's graphs valid: the tensors change in place, not their shapes or addresses.
 """
@@ -40,9 +40,15 @@ HASH_DIGITS = 12  # A1111's "Lora hashes" carry 12 hex digits
 # LoRAs, other types (hypernet, ...) do not exist here and are named in a warning.
 _TAG = re.compile(r"<(\w+):([^>]+)>")
 LORA_TAG_TYPES = ("lora", "lyco")
-# LyCORIS types other than LoCon: their maths is not an up @ down product.
-_UNSUPPORTED_PARTS = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "oft_blocks": "OFT",
-                      "diff": "a full weight difference", "w_norm": "a norm LyCORIS"}
+# The pieces a layer's update is made of, by kohya key suffix: LoRA and LoCon (up @ down; a convolution's may
+# have a Tucker middle, lora_mid), LyCORIS LoHa (the elementwise product of two low-rank products) and LoKr (a
+# Kronecker product); the t pieces are Tucker cores for convolutions.
+_PIECES = ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha",
+           "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+           "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+# Other LyCORIS types and what they are called.
+_UNSUPPORTED_PARTS = {"oft_blocks": "OFT", "oft_diag": "OFT", "diff": "a full weight difference",
+                      "w_norm": "a norm LyCORIS", "dora_scale": "DoRA", "a1.weight": "GLoRA", "on_input": "IA3"}
 
 
 class LoraError(InvalidRequest):
@@ -262,16 +268,65 @@ def read_lora(entry: LoraFile) -> dict[str, torch.Tensor]:
 
 @dataclass
 class LayerUpdate:
-    """One layer's LoRA pair: delta = scale * up @ down, reshaped to the layer's weight."""
+    """One layer's update as the file holds it: its pieces by kohya key suffix (_PIECES)."""
     part: str  # "unet" | "te"
     layer: str  # the module's dotted path with "_" for ".", as kohya keys name it
-    up: torch.Tensor
-    down: torch.Tensor
-    alpha: float | None = None
+    pieces: dict[str, torch.Tensor]
+
+    @property
+    def kind(self) -> str:
+        if any(name.startswith("hada_") for name in self.pieces):
+            return "LoHa"
+        return "LoKr" if any(name.startswith("lokr_") for name in self.pieces) else "LoRA"
+
+    def missing(self) -> str | None:
+        """The piece the update cannot do without, if one is missing."""
+        has = self.pieces.__contains__
+        needed = {"LoRA": ["lora_up.weight", "lora_down.weight"],
+                  "LoHa": ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
+                  "LoKr": [] if has("lokr_w1") else ["lokr_w1_a", "lokr_w1_b"]}[self.kind]
+        if self.kind == "LoKr" and not has("lokr_w2"):
+            needed += ["lokr_w2_a", "lokr_w2_b"]
+        return next((name for name in needed if not has(name)), None)
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.down.shape[0] if self.alpha is not None else 1.0
+        """alpha / rank, as A1111 scales each kind; 1 without an alpha or (LoKr of full matrices) a rank."""
+        rank_piece = {"LoRA": "lora_down.weight", "LoHa": "hada_w1_b"}.get(self.kind)
+        if self.kind == "LoKr":
+            rank_piece = "lokr_w2_b" if "lokr_w2_b" in self.pieces else "lokr_w1_b"
+        alpha, rank = self.pieces.get("alpha"), self.pieces.get(rank_piece)
+        return float(alpha) / rank.shape[0] if alpha is not None and rank is not None else 1.0
+
+    def delta(self) -> torch.Tensor:
+        """The weight update as a matrix (out, in * kernel), float32, times scale."""
+        piece = {name: tensor.float() for name, tensor in self.pieces.items()}
+        if self.kind == "LoHa":
+            update = (_low_rank(piece["hada_w1_a"], piece["hada_w1_b"], piece.get("hada_t1")).flatten(1)
+                      * _low_rank(piece["hada_w2_a"], piece["hada_w2_b"], piece.get("hada_t2")).flatten(1))
+        elif self.kind == "LoKr":
+            first = piece.get("lokr_w1")
+            if first is None:
+                first = piece["lokr_w1_a"] @ piece["lokr_w1_b"]
+            second = piece.get("lokr_w2")
+            if second is None:
+                second = _low_rank(piece["lokr_w2_a"], piece["lokr_w2_b"], piece.get("lokr_t2"))
+            if second.dim() == 4:  # a convolution's kernel: the first factor scales whole kernels
+                first = first[:, :, None, None]
+            update = torch.kron(first, second)
+        elif "lora_mid.weight" in piece:  # Tucker: up (out, r), mid (r, r', k, k), down (r', in)
+            update = torch.einsum("nmkl,in,mj->ijkl", piece["lora_mid.weight"], piece["lora_up.weight"].flatten(1),
+                                  piece["lora_down.weight"].flatten(1))
+        else:
+            update = piece["lora_up.weight"].flatten(1) @ piece["lora_down.weight"].flatten(1)
+        return update.flatten(1) * self.scale
+
+
+def _low_rank(a: torch.Tensor, b: torch.Tensor, core: torch.Tensor | None) -> torch.Tensor:
+    """a @ b; with a Tucker core (r, r', k, k), a convolution's kernel: a is (r, out), b (r', in)."""
+    if core is None:
+        return a.flatten(1) @ b.flatten(1)
+    return torch.einsum("ijkl,jr,ip->prkl", core, b, a)
 
 
 def layer_updates(entry: LoraFile, state: dict[str, torch.Tensor]) -> list[LayerUpdate]:
@@ -284,38 +339,32 @@ def layer_updates(entry: LoraFile, state: dict[str, torch.Tensor]) -> list[Layer
     if not pairs:
         raise LoraError(f"LoRA {entry.name} has no layers this server reads (kohya lora_unet_/lora_te_ keys or "
                         "diffusers unet./text_encoder. keys); it may be an SDXL LoRA, an embedding or another format")
-    updates = []
-    for (part, layer), pieces in pairs.items():
-        if "up" not in pieces or "down" not in pieces:
-            raise LoraError(f"LoRA {entry.name}: layer {layer} lacks its {'up' if 'up' not in pieces else 'down'} "
-                            "weight; the file is damaged or not a LoRA")
-        alpha = pieces.get("alpha")
-        updates.append(LayerUpdate(part, layer, pieces["up"], pieces["down"],
-                                   float(alpha) if alpha is not None else None))
+    updates = [LayerUpdate(part, layer, pieces) for (part, layer), pieces in pairs.items()]
+    for update in updates:
+        missing = update.missing()
+        if missing:
+            raise LoraError(f"LoRA {entry.name}: layer {update.layer} lacks {missing}; the file is damaged or "
+                            f"not a {update.kind}")
     return updates
 
 
 def _split_key(entry: LoraFile, key: str) -> tuple[tuple[str, str] | None, str]:
-    """(("unet" | "te", layer), "up" | "down" | "alpha") for a key; (None, "") for keys LoRAs carry besides."""
+    """(("unet" | "te", layer), piece: one of _PIECES) for a key; (None, "") for keys LoRAs carry besides."""
     for suffix, kind in _UNSUPPORTED_PARTS.items():
         if key.endswith("." + suffix) or f".{suffix}." in key:
             raise LoraError(f"LoRA {entry.name} is {kind} (LyCORIS), which this server does not apply; "
-                            "use a LoRA or LoCon file")
+                            "use a LoRA, LoCon, LoHa or LoKr file")
     if key.startswith(("lora_unet_", "lora_te_")):
         base, _, piece = key.partition(".")
         part = "unet" if base.startswith("lora_unet_") else "te"
-        layer = base.removeprefix("lora_unet_" if part == "unet" else "lora_te_")
-        pieces = {"lora_up.weight": "up", "lora_down.weight": "down", "alpha": "alpha"}
-        if piece in pieces:
-            return (part, layer), pieces[piece]
-        if piece in ("dora_scale", "lora_mid.weight"):
-            raise LoraError(f"LoRA {entry.name} is a DoRA or LoCon-with-mid file, which this server does not apply")
-        return None, ""
+        return ((part, base.removeprefix("lora_unet_" if part == "unet" else "lora_te_")), piece) if (
+            piece in _PIECES) else (None, "")
     if "lora_magnitude_vector" in key:
         raise LoraError(f"LoRA {entry.name} is a DoRA file, which this server does not apply")
     for prefix, part in (("unet.", "unet"), ("text_encoder.", "te")):
         if key.startswith(prefix):
-            for ending, piece in ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".alpha", "alpha")):
+            for ending, piece in ((".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight"),
+                                  (".alpha", "alpha")):
                 if key.endswith(ending):
                     return (part, key[len(prefix):-len(ending)].replace(".", "_")), piece
     if key.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")):
@@ -374,25 +423,30 @@ class LoraPatcher:
         if weight.is_meta:
             raise LoraError("LoRAs cannot be merged while layers are offloaded one by one (--lowvram); "
                             "start with --medvram instead")
-        up, down = update.up.float().flatten(1), update.down.float().flatten(1)
-        down = _padded_for_inpainting(down, update, weight)
-        if up.shape[1] != down.shape[0] or (up.shape[0], down.shape[1]) != (weight.shape[0], weight[0].numel()):
-            raise LoraError(f"LoRA {entry.name} does not fit layer {update.layer} ({update.part}: LoRA "
-                            f"{tuple(up.shape[:1]) + tuple(down.shape[1:])} vs weight {tuple(weight.shape)}); "
-                            "it was made for another kind of model")
+        try:
+            delta = update.delta()
+        except RuntimeError as err:  # pieces whose shapes do not multiply
+            raise LoraError(f"LoRA {entry.name}: the {update.kind} pieces of layer {update.layer} do not fit "
+                            f"together ({str(err)[:120]}); the file is damaged") from err
+        delta = _fitted(entry, update, delta, weight)
         self._originals.setdefault(id(weight), (weight, weight.detach().to("cpu", copy=True)))
-        delta = (up.to(weight.device) @ down.to(weight.device)) * (update.scale * multiplier)
-        weight.add_(delta.reshape(weight.shape).to(weight.dtype))
+        weight.add_((delta.to(weight.device) * multiplier).to(weight.dtype))
 
 
-def _padded_for_inpainting(down: torch.Tensor, update: LayerUpdate, weight: torch.nn.Parameter) -> torch.Tensor:
-    """A LoRA made for a text-to-image model's first convolution (4 input channels) on an inpainting model's (9):
-    the update leaves the 5 extra channels alone, as A1111 pads it."""
-    if weight.dim() != 4 or update.down.dim() != 4 or (weight.shape[1], update.down.shape[1]) != (INPAINTING_CHANNELS, 4):
-        return down
-    padded = torch.zeros(down.shape[0], INPAINTING_CHANNELS, *update.down.shape[2:], dtype=down.dtype)
-    padded[:, :4] = update.down.float()
-    return padded.flatten(1)
+def _fitted(entry: LoraFile, update: LayerUpdate, delta: torch.Tensor, weight: torch.nn.Parameter) -> torch.Tensor:
+    """The update (out, in * kernel) in the weight's shape. One made for a text-to-image model's first convolution
+    (4 input channels) on an inpainting model's (9) leaves the 5 extra channels alone, as A1111 pads it."""
+    out_channels, kernel = weight.shape[0], weight.shape[2:]
+    if delta.shape == (out_channels, weight[0].numel()):
+        return delta.reshape(weight.shape)
+    if weight.dim() == 4 and weight.shape[1] == INPAINTING_CHANNELS and delta.shape == (
+            out_channels, 4 * math.prod(kernel)):
+        padded = torch.zeros(weight.shape, dtype=delta.dtype)
+        padded[:, :4] = delta.reshape(out_channels, 4, *kernel)
+        return padded
+    raise LoraError(f"LoRA {entry.name} does not fit layer {update.layer} ({update.part}: {update.kind} "
+                    f"{tuple(delta.shape)} vs weight {tuple(weight.shape)} as a matrix "
+                    f"{(out_channels, weight[0].numel())}); it was made for another kind of model")
 
 
 def _layers(model) -> dict[str, torch.nn.Module]:
