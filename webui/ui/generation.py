@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterator
@@ -27,14 +28,17 @@ from webui.engine.models import ModelNotFound
 from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.styles import Style
 from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, RESIZE_MODES, GeneratedImage,
-                           GenerationRequest, InvalidRequest)
+                           GenerationRequest, InvalidRequest, JobState)
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.params import TAB_FIELDS, schedules_of, with_labels
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, SUBTAB_INPUTS, UnreadablePicture, inpainting_settings,
                                on_open_subtab, open_picture, picture_inputs, start_pictures)
-from webui.ui.progress import error_html, final_html, progress_html, timing_html, token_counter, too_long_counter
+from webui.ui.plot import plot_section
+from webui.ui.progress import (error_html, final_html, notice_html, progress_html, seconds_html, timing_html,
+                               token_counter, too_long_counter)
 from webui.worker import Job, QueueFull, WorkerStopped
+from webui.xyz_plot import AXIS_NAMES, Axis, Cell, draw_grid, plan_cells, read_axis
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.25
@@ -104,6 +108,7 @@ class GenerationActions:
         self.engine = services.engine
         self.models = models
         self.styles = services.styles
+        self.outputs = services.outputs
         # As History's Delete: on a server shared without a login, visitors may not change what all share.
         self.can_edit_styles = not (services.settings.public and not services.settings.gradio_auth)
 
@@ -121,11 +126,15 @@ class GenerationActions:
                  inpaint_image: Image.Image | UnreadablePicture | None = None,
                  mask: Image.Image | UnreadablePicture | None = None, mask_blur: int = 4,
                  inpainting_mask_invert: int = 0, inpainting_fill: int = 1, inpaint_full_res: int = 0,
-                 inpaint_full_res_padding: int = 32) -> Iterator[tuple]:
+                 inpaint_full_res_padding: int = 32, xyz_plot: bool = False, x_type: str = "Nothing",
+                 x_values: str = "", y_type: str = "Nothing", y_values: str = "", z_type: str = "Nothing",
+                 z_values: str = "", xyz_legend: bool = True, xyz_sub_images: bool = False,
+                 xyz_keep_random_seeds: bool = False) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says;
-        txt2img's denoising strength is its hires fix's."""
+        txt2img's denoising strength is its hires fix's. With xyz_plot, one run for each combination of the
+        axes' values (x_type and x_values, ...: webui/xyz_plot.py), then their grid."""
         request = {
             "prompt": prompt, "negative_prompt": negative_prompt, "sampler_name": sampler_name,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height,
@@ -152,18 +161,85 @@ class GenerationActions:
                             "inpaint_full_res_padding": inpaint_full_res_padding}
             if request["model"]:
                 request["model"] = self.models.checked_choice(request["model"])
-            job = self.worker.submit(request, origin="ui", owner=self._owner(session), init_image=picture,
-                                     mask=mask_picture)
+            if xyz_plot:
+                axes = [read_axis(name, axis_type, values) for name, axis_type, values in
+                        zip(AXIS_NAMES, (x_type, y_type, z_type), (x_values, y_values, z_values))]
+                cells = self._checked_models(plan_cells(request, axes, xyz_keep_random_seeds), axes)
+                runs = self._plot(session, cells, axes, picture, mask_picture, xyz_legend, xyz_sub_images)
+            else:
+                job = self.worker.submit(request, origin="ui", owner=self._owner(session), init_image=picture,
+                                         mask=mask_picture)
+                session.start(job)
+                runs = self._follow(session, job)
         except (InvalidRequest, QueueFull, ModelNotFound, WorkerStopped) as err:
             yield session, gr.skip(), error_html(with_labels(str(err))), gr.update(visible=False), gr.skip(), ""
             return
-        session.start(job)
         try:
-            yield from self._follow(session, job)
+            yield from runs
         except Exception as err:  # a bug here must still end as a message, never a silent spinner
-            log.exception("following job %s failed", job.id)
+            log.exception("following job %s failed", session.job_id)
             message = error_html(f"The page lost track of the job: {err}")
             yield session, gr.skip(), message, gr.update(visible=False), gr.skip(), ""
+
+    def _checked_models(self, cells: list[Cell], axes: list[Axis]) -> list[Cell]:
+        """The cells, each Checkpoint name axis value found among the models (as the picker names it)."""
+        for axis in axes:
+            if axis.type.label != "Checkpoint name":
+                continue
+            for index, name in enumerate(axis.values):
+                found = self.models.find_pasted(name, None)
+                if found is None:
+                    raise InvalidRequest(f"{axis.name} values: there is no model {name!r}; the Stable Diffusion "
+                                         "checkpoint list names those there are")
+                for cell in cells:
+                    if (cell.x, cell.y, cell.z)[AXIS_NAMES.index(axis.name)] == index:
+                        cell.request["model"] = self.models.checked_choice(found)
+        return cells
+
+    def _plot(self, session: Session, cells: list[Cell], axes: list[Axis], picture: Image.Image | None,
+              mask: Image.Image | None, legend: bool, sub_images: bool) -> Iterator[tuple]:
+        """Run the plot's cells one job after another (others' jobs take their turns between), following each as
+        a run of its own; then show the grids (and the cells' images with sub_images). Interrupt, or a failed
+        cell, ends the plot there: the last update says why, and no grid is drawn from part of it."""
+        done: list[tuple[Cell, list[GeneratedImage]]] = []
+        started = time.monotonic()
+        for number, cell in enumerate(cells, 1):
+            job = self.worker.submit(cell.request, origin="ui", owner=self._owner(session), init_image=picture,
+                                     mask=mask)
+            session.start(job)
+            note = notice_html(f"X/Y/Z plot: picture {number} of {len(cells)}")
+            for update in self._follow(session, job):  # its progress (an HTML text, or a skip) under the note
+                yield (*update[:2], note + update[2], *update[3:]) if isinstance(update[2], str) else update
+            if job.state is not JobState.DONE:
+                return
+            done.append((cell, list(job.images)))
+        shown = self._plot_grids(done, axes, legend) + (
+            [image for _, images in done for image in images] if sub_images else [])
+        session.show(shown)
+        session.selected = 0 if shown else None
+        timing = seconds_html(time.monotonic() - started, f" for {len(cells)} runs")
+        yield session, gallery_items(shown), "", gr.update(visible=False, value=None), session.current_infotext(), timing
+
+    def _plot_grids(self, done: list[tuple[Cell, list[GeneratedImage]]], axes: list[Axis],
+                    legend: bool) -> list[GeneratedImage]:
+        """One grid for each Z value, of each cell's first image, saved under <kind>-grids with the infotext of
+        its first picture (as A1111 saves it)."""
+        x, y, z = axes
+        grids = []
+        for z_index in range(len(z.values)):
+            firsts = [(cell, images[0]) for cell, images in done if cell.z == z_index and images]
+            if not firsts:
+                continue
+            title = z.label(z_index) if z.type.label != "Nothing" else None
+            grid = draw_grid({(cell.x, cell.y): image.image for cell, image in firsts}, x, y, title, legend)
+            first = firsts[0][1]
+            try:
+                path = str(self.outputs.save_grid(grid, first.infotext, self.kind))
+            except OSError as err:  # shown all the same; the log says why it is not on disk
+                log.warning("the X/Y/Z plot's grid was not saved: %s", err)
+                path = None
+            grids.append(GeneratedImage(image=grid, seed=first.seed, index=0, infotext=first.infotext, path=path))
+        return grids
 
     def generate_on(self, subtab: str, names: list[str]) -> Callable[..., Iterator[tuple]]:
         """generate() as the img2img sub-tab `subtab`'s own Generate event calls it: the inputs after the session
@@ -572,6 +648,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                     save_style = gr.Button("Save prompts", elem_id=f"{kind}_style_save", scale=1, min_width=80)
                     delete_style = gr.Button("Delete", elem_id=f"{kind}_style_delete", scale=1, min_width=80,
                                              variant="stop")
+            plot_widgets = plot_section(kind)  # at the foot, where A1111's Script picker is
         with gr.Column(scale=1):
             progress = gr.HTML("", label="Progress", show_label=False, elem_id=f"{kind}_progress", padding=False)
             preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id=f"{kind}_preview",
@@ -592,7 +669,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height, "seed": seed,
                "n_iter": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "model": picker.dropdown,
                "subseed": subseed, "subseed_strength": subseed_strength, "styles": styles, **img2img_widgets,
-               **({} if img2img else hires_widgets)}
+               **({} if img2img else hires_widgets), **plot_widgets}
     # A parameter the tab has no widget for goes in at generate()'s default, in its place.
     request_inputs = [widgets[name] if name in widgets else gr.State(REQUEST_DEFAULTS[name]) for name in REQUEST_PARAMS]
     run_outputs = [session, gallery, progress, preview, infotext, timing]

@@ -85,9 +85,11 @@ def _warnings_html(job: Job) -> str:
 
 
 def timing_html(job: Job) -> str:
-    if job.seconds is None:
-        return ""
-    return f"<span class='dw-time'>Time taken: {job.seconds:.1f} s</span>"
+    return "" if job.seconds is None else seconds_html(job.seconds)
+
+
+def seconds_html(seconds: float, what: str = "") -> str:
+    return f"<span class='dw-time'>Time taken: {seconds:.1f} s{html.escape(what)}</span>"
 
 
 def _bar(fraction: float, text: str) -> str:

@@ -1,0 +1,181 @@
+"""The X/Y/Z plot: axis values as A1111 writes them, the combinations' requests, the labelled grid, and a plot run
+from the txt2img tab on the tiny model (64x64, 1-2 steps)."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import TINY
+# ui_services and ui: test_ui's module fixtures, started again for this module.
+from tests.test_ui import event, input_labels, ui, ui_services  # noqa: F401
+from webui.schemas import InvalidRequest, JobState
+from webui.ui.generation import Session
+from webui.xyz_plot import MAX_PLOT_CELLS, draw_grid, plan_cells, read_axis
+
+
+# --- values --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("axis_type, text, values", [
+    ("Steps", "5, 10,20", [5, 10, 20]),
+    ("Steps", "1-5", [1, 2, 3, 4, 5]),
+    ("Steps", "1-9 (+2), 15", [1, 3, 5, 7, 9, 15]),
+    ("Steps", "10-1 (-3)", [10, 7, 4, 1]),  # the end is kept, counting down too
+    ("Steps", "1-10 [4]", [1, 4, 7, 10]),
+    ("CFG Scale", "0-1 [5]", [0, 0.25, 0.5, 0.75, 1]),
+    ("CFG Scale", "3-4.5 (+0.5)", [3, 3.5, 4, 4.5]),
+    ("Seed", "-1, 7", [-1, 7]),
+    ("Seed", "-3-1", [-3, -2, -1, 0, 1]),
+    ("Sampler", 'Euler a, "DPM++ 2M, Karras" ,DDIM', ["Euler a", "DPM++ 2M, Karras", "DDIM"]),
+    ("Steps", " ", [None]),  # no values: an axis that changes nothing
+])
+def test_axis_values_are_read_as_a1111_writes_them(axis_type, text, values):
+    assert read_axis("X", axis_type, text).values == values
+
+
+@pytest.mark.parametrize("axis_type, text, says", [
+    ("Steps", "5, many", "X values: 'many' is no whole number or range"),
+    ("Steps", "1.5-3", "takes whole numbers"),
+    ("Steps", "1-5 (+0)", "a step of 0 never gets from 1 to 5"),
+    ("Steps", "1-5 (-1)", "never gets from 1 to 5"),
+    ("Steps", "1-500", "more than 64 values"),
+    ("Steps", "1-5 [0]", "take 1 to 64 values"),
+    ("Colour", "red", "X type: 'Colour' is no axis type"),
+])
+def test_unreadable_axis_values_say_what_to_write(axis_type, text, says):
+    with pytest.raises(InvalidRequest, match=says.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        read_axis("X", axis_type, text)
+
+
+# --- the combinations ------------------------------------------------------------------------
+
+BASE = {"prompt": "a cat on a mat", "negative_prompt": "blurry cat", "steps": 4, "seed": -1, "subseed": -1}
+
+
+def test_every_combination_runs_once_x_fastest_with_one_seed_for_all():
+    axes = [read_axis("X", "Steps", "1, 2"), read_axis("Y", "Sampler", "Euler, DDIM"), read_axis("Z", "Nothing", "")]
+    cells = plan_cells(BASE, axes)
+    assert [(c.x, c.y, c.z, c.request["steps"], c.request["sampler_name"]) for c in cells] == [
+        (0, 0, 0, 1, "Euler"), (1, 0, 0, 2, "Euler"), (0, 1, 0, 1, "DDIM"), (1, 1, 0, 2, "DDIM")]
+    seeds = {(c.request["seed"], c.request["subseed"]) for c in cells}
+    assert len(seeds) == 1 and -1 not in next(iter(seeds))  # picked once: the axes alone make the difference
+    kept = plan_cells(BASE, axes, keep_random_seeds=True)
+    assert {c.request["seed"] for c in kept} == {-1}
+    assert BASE["seed"] == -1  # the caller's request is left alone
+
+
+def test_prompt_search_and_replace_changes_both_prompts_and_needs_its_first_value_there():
+    axes = [read_axis("X", "Prompt S/R", "cat, dog"), read_axis("Y", "Nothing", ""), read_axis("Z", "Nothing", "")]
+    cells = plan_cells(BASE, axes)
+    assert [(c.request["prompt"], c.request["negative_prompt"]) for c in cells] == [
+        ("a cat on a mat", "blurry cat"), ("a dog on a mat", "blurry dog")]
+    assert [axes[0].label(i) for i in range(2)] == ["cat", "dog"]
+    with pytest.raises(InvalidRequest, match="Prompt S/R's first value 'bird' is not in the prompt"):
+        plan_cells(BASE, [read_axis("X", "Prompt S/R", "bird, fish"), *axes[1:]])
+
+
+@pytest.mark.parametrize("axis_type, text, says", [
+    ("Steps", "2, 0", "X value 'Steps: 0': .*steps"),
+    ("Sampler", "Euler, Eulr", "X value 'Eulr': .*sampler"),
+    ("Size", "64x64, 64 by 64", "'64 by 64' is no size; write it as 512x768"),
+    ("Size", "64x64, 500x64", "width"),
+])
+def test_a_combination_that_is_no_valid_request_is_named_before_anything_runs(axis_type, text, says):
+    axes = [read_axis("X", axis_type, text), read_axis("Y", "Nothing", ""), read_axis("Z", "Nothing", "")]
+    with pytest.raises(InvalidRequest, match=says):
+        plan_cells(BASE, axes)
+
+
+def test_a_plot_of_too_many_combinations_is_refused():
+    axes = [read_axis(name, "Steps", "1-8") for name in ("X", "Y", "Z")]
+    with pytest.raises(InvalidRequest, match=f"512 combinations; at most {MAX_PLOT_CELLS}"):
+        plan_cells(BASE, axes)
+
+
+# --- the grid --------------------------------------------------------------------------------
+
+COLOURS = {(0, 0): (255, 0, 0), (1, 0): (0, 255, 0), (0, 1): (0, 0, 255), (1, 1): (255, 255, 0)}
+
+
+def test_the_grid_puts_each_picture_in_its_cell_with_the_values_around_it():
+    pictures = {where: Image.new("RGB", (64, 48), colour) for where, colour in COLOURS.items()}
+    x, y = read_axis("X", "Steps", "10, 20"), read_axis("Y", "Sampler", "Euler a, DDIM")
+    bare = draw_grid(pictures, x, y, legend=False)
+    assert bare.size == (128, 96)
+    for (i, j), colour in COLOURS.items():
+        assert bare.getpixel((i * 64 + 32, j * 48 + 24)) == colour
+    grid = np.asarray(draw_grid(pictures, x, y, title="Clip skip: 2"))
+    height, width = grid.shape[:2]
+    left, top = width - 128, height - 96  # the labels take a band above and one on the left
+    assert left > 0 and top > 0
+    for (i, j), colour in COLOURS.items():
+        assert tuple(grid[top + j * 48 + 24, left + i * 64 + 32]) == colour
+    assert (grid[:top, left:] < 128).any() and (grid[top:, :left] < 128).any()  # text in both bands
+    assert (grid[:top, :left] == 255).all()  # the corner stays empty
+
+
+def test_a_missing_picture_leaves_its_cell_white():
+    pictures = {(0, 0): Image.new("RGB", (64, 64), "red")}
+    grid = draw_grid(pictures, read_axis("X", "Steps", "1, 2"), read_axis("Y", "Nothing", ""), legend=False)
+    assert grid.size == (128, 64) and grid.getpixel((96, 32)) == (255, 255, 255)
+
+
+# --- a plot from the txt2img tab ---------------------------------------------------------------------
+
+def test_both_tabs_hand_the_plot_settings_to_generate(ui):
+    for kind in ("txt2img", "img2img"):
+        labels = input_labels(ui, kind)
+        assert [labels[name] for name in ("xyz_plot", "x_type", "x_values", "z_values", "xyz_legend",
+                                          "xyz_keep_random_seeds")] == [
+            "X/Y/Z plot", "X type", "X values", "Z values", "Draw legend", "Keep -1 for seeds"]
+        choices = [choice[0] for choice in getattr(ui, kind).widgets["y_type"].choices]
+        assert choices[:2] == ["Nothing", "Seed"] and ("Hires steps" in choices) == (kind == "txt2img")
+
+
+def plot(ui, **fields) -> list:
+    return list(event(ui, "txt2img")(Session(), "a lighthouse", steps=2, width=64, height=64, seed=11, model=TINY,
+                                     xyz_plot=True, **fields))
+
+
+def test_a_plot_runs_each_combination_and_shows_the_saved_grid_first(ui, ui_services):
+    *running, (session, gallery, progress, _, infotext, timing) = plot(
+        ui, x_type="Steps", x_values="1, 2", y_type="CFG Scale", y_values="3", xyz_sub_images=True)
+    assert any("X/Y/Z plot: picture 2 of 2" in str(update[2]) for update in running)
+    assert progress == "" and "for 2 runs" in timing
+    (grid_path, _), *cells = gallery
+    assert Path(grid_path).parent.parent.name == "txt2img-grids" and len(cells) == 2
+    assert infotext == session.infotexts[0] and "Steps: 1" in infotext and "CFG scale: 3" in infotext
+    assert [text.split("Steps: ")[1].split(",")[0] for text in session.infotexts[1:]] == ["1", "2"]
+    assert len(set(session.seeds)) == 1  # one seed for all: the pictures differ by the steps alone
+    with Image.open(grid_path) as saved:
+        assert saved.info["parameters"] == infotext
+        grid = np.asarray(saved.convert("RGB"))
+    for i, (path, _) in enumerate(cells):  # each cell's picture sits in the grid's bottom row, as saved
+        with Image.open(path) as picture:
+            cell = np.asarray(picture.convert("RGB"))
+        height, width = grid.shape[:2]
+        assert np.array_equal(grid[height - 64:, width - 128 + i * 64:width - 128 + (i + 1) * 64], cell)
+
+
+def test_a_plot_value_that_cannot_run_is_named_and_nothing_is_queued(ui, ui_services):
+    jobs = len(ui_services.worker.waiting_jobs())
+    [(session, _, progress, *_)] = plot(ui, x_type="Steps", x_values="2, 0")
+    progress = html.unescape(progress)
+    assert "X value 'Steps: 0'" in progress and "dw-error" in progress and session.job_id is None
+    assert len(ui_services.worker.waiting_jobs()) == jobs
+    [(_, _, progress, *_)] = plot(ui, x_type="Checkpoint name", x_values=f"{TINY}, no-such-model")
+    assert "there is no model 'no-such-model'" in html.unescape(progress)
+
+
+def test_interrupt_ends_the_plot_without_a_grid(ui, ui_services):
+    updates = event(ui, "txt2img")(Session(), "a long one", steps=150, width=64, height=64, seed=1, model=TINY,
+                                   xyz_plot=True, x_type="Seed", x_values="1, 2, 3")
+    session = next(updates)[0]
+    ui_services.worker.cancel(session.job_id)
+    *_, (session, gallery, progress, *_rest) = list(updates)
+    assert ui_services.worker.get(session.job_id).state is JobState.CANCELLED
+    assert "Interrupted" in progress and "picture 1 of 3" in progress
+    assert not any("txt2img-grids" in str(item[0]) for item in (gallery if isinstance(gallery, list) else []))
