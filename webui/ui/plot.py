@@ -6,7 +6,7 @@ import gradio as gr
 
 from webui.xyz_plot import AXIS_NAMES, AXIS_TYPES
 
-VALUES_HELP = "comma-separated: 5, 10, 20 · ranges 1-5, 1-9 (+2), 0-1 [5] · Size: 512x768 · \"quotes, for commas\""
+VALUES_HELP = "5, 10, 20 · ranges 1-5, 1-9 (+2), 0-1 [5] · sizes 512x768"
 
 
 def axis_types(kind: str) -> list[str]:
