@@ -308,7 +308,7 @@ def test_the_inpainting_settings_start_at_a1111s_and_the_sub_tabs_sit_over_the_p
     config = ui.blocks.get_config_file()
     sub_tabs = [c["props"]["label"] for c in config["components"]
                 if c["props"].get("elem_id", "").startswith("img2img_") and c["props"].get("elem_id", "").endswith("_tab")]
-    assert sub_tabs == ["img2img", "Sketch", "Inpaint", "Inpaint sketch", "Inpaint upload"]
+    assert sub_tabs == ["img2img", "Sketch", "Inpaint", "Inpaint sketch", "Inpaint upload", "Batch"]
 
 
 def test_the_inpaint_tab_draws_only_where_the_brush_went(ui, ui_services):
@@ -384,3 +384,56 @@ def test_inpaint_sketch_draws_again_where_it_was_painted_starting_from_the_paint
     [(_, _, progress, *_)] = inpaint(ui, "Inpaint sketch", inpaint_color_sketch={
         "background": start, "layers": [], "composite": start})
     assert "Inpaint sketch: upload a picture, then paint over" in progress
+
+
+# --- Batch: several uploads, one run each ------------------------------------------------------------
+
+def saved(tmp_path: Path, name: str, image: Image.Image) -> str:
+    image.save(tmp_path / name)
+    return str(tmp_path / name)
+
+
+def test_batch_runs_each_uploaded_picture_and_shows_all_their_images(ui, ui_services, tmp_path):
+    paths = [saved(tmp_path, "red.png", picture("red", (64, 64))), saved(tmp_path, "green.jpg", picture("green", (64, 64)))]
+    *running, (session, gallery, progress, _, _, timing) = inpaint(ui, "Batch", batch_pictures=paths)
+    assert any("Batch: picture 2 of 2" in str(update[2]) for update in running)
+    assert progress == "" and "for 2 runs" in timing and len(gallery) == 2
+    pictures = [Image.open(path).convert("RGB") for path, _ in gallery]
+    assert pictures[0].tobytes() != pictures[1].tobytes()  # same seed and settings: each from its own picture
+    alone = inpaint(ui, "img2img", init_image=Image.open(paths[1]))[-1][1][0][0]
+    assert Image.open(alone).convert("RGB").tobytes() == pictures[1].tobytes()  # as green.jpg run on its own
+    assert all(Path(path).parent.parent.name == "img2img-images" for path, _ in gallery)
+    # From image: the first picture's size.
+    from_image = page_run(ui, "img2img_picture_size", "Batch")
+    assert from_image.fn([saved(tmp_path, "wide.png", picture(size=(136, 72)))], None) == (136, 72)
+
+
+def test_batch_masks_go_with_the_pictures_of_their_name_or_one_with_all(ui, ui_services, tmp_path):
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (32, 0, 64, 64))
+    paths = [saved(tmp_path, "a.png", picture("red", (64, 64))), saved(tmp_path, "b.png", picture("blue", (64, 64)))]
+    masks = [saved(tmp_path, "b.webp", mask), saved(tmp_path, "a.png.png", mask)]
+    [(_, _, progress, *_)] = inpaint(ui, "Batch", batch_pictures=paths, batch_masks=masks)
+    assert "no mask is named as a.png" in progress
+    one = [saved(tmp_path, "mask.png", mask)]
+    session, gallery, *_ = inpaint(ui, "Batch", batch_pictures=paths, batch_masks=one, mask_blur=0)[-1]
+    for (path, _), start in zip(gallery, paths):
+        result = np.asarray(Image.open(path).convert("RGB"))
+        assert (result[:, :32] == np.asarray(Image.open(start).convert("RGB"))[:, :32]).all()  # kept: no mask
+        assert "Denoising strength: 0.5" in Image.open(path).info["parameters"]
+    job = ui_services.worker.get(session.job_id)
+    assert job.request.mask is not None and job.inpainting
+
+
+def test_batch_without_pictures_or_with_a_bad_one_says_which_and_runs_nothing(ui, ui_services, tmp_path):
+    before = len(ui_services.worker.waiting_jobs())
+    [(session, _, progress, *_)] = inpaint(ui, "Batch", batch_pictures=[])
+    assert "Batch: upload the pictures to start from" in progress and session.job_id is None
+    (tmp_path / "notes.txt").write_text("not a picture")
+    good = saved(tmp_path, "good.png", picture())
+    [(session, _, progress, *_)] = inpaint(ui, "Batch", batch_pictures=[good, str(tmp_path / "notes.txt")])
+    assert "Batch: could not read notes.txt as an image" in progress and session.job_id is None
+    [(_, _, progress, *_)] = inpaint(ui, "Batch", batch_pictures=[good], xyz_plot=True, x_type="Steps",
+                                     x_values="1, 2")
+    assert "use it on another sub-tab than Batch" in progress
+    assert len(ui_services.worker.waiting_jobs()) == before

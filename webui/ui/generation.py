@@ -32,8 +32,9 @@ from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, 
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.params import TAB_FIELDS, schedules_of, with_labels
-from webui.ui.pictures import (ALL_SUBTAB_INPUTS, SUBTAB_INPUTS, UnreadablePicture, inpainting_settings,
-                               on_open_subtab, open_picture, picture_inputs, start_pictures)
+from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, SUBTAB_INPUTS, UnreadablePicture, batch_uploads,
+                               inpainting_settings, on_open_subtab, open_picture, picture_inputs, read_upload,
+                               start_pictures)
 from webui.ui.plot import plot_section
 from webui.ui.progress import (error_html, final_html, notice_html, progress_html, seconds_html, timing_html,
                                token_counter, too_long_counter)
@@ -95,6 +96,18 @@ def show_images(session: Session, job: Job) -> list[tuple[Any, str]]:
     return gallery_items(images)
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One job of a run of several (the X/Y/Z plot's cells, the img2img Batch's pictures)."""
+    request: dict
+    picture: Image.Image | str | None = None  # a picture, or an upload's path, read when its turn comes
+    mask: Image.Image | str | None = None
+
+
+def _opened(picture: Image.Image | str | None, where: str) -> Image.Image | None:
+    return read_upload(picture, where) if isinstance(picture, str) else picture
+
+
 EMBEDDINGS_WAIT = 5.0  # seconds the ↻ waits for the worker to read the embeddings folder
 class GenerationActions:
     """The event functions of one tab (kind "txt2img" or "img2img"); each takes widget values and returns
@@ -124,7 +137,8 @@ class GenerationActions:
                  img2img_mode: str = "img2img", color_sketch: dict | None = None, inpaint_canvas: dict | None = None,
                  inpaint_color_sketch: dict | None = None,
                  inpaint_image: Image.Image | UnreadablePicture | None = None,
-                 mask: Image.Image | UnreadablePicture | None = None, mask_blur: int = 4,
+                 mask: Image.Image | UnreadablePicture | None = None, batch_pictures: list[str] | None = None,
+                 batch_masks: list[str] | None = None, mask_blur: int = 4,
                  inpainting_mask_invert: int = 0, inpainting_fill: int = 1, inpaint_full_res: int = 0,
                  inpaint_full_res_padding: int = 32, xyz_plot: bool = False, x_type: str = "Nothing",
                  x_values: str = "", y_type: str = "Nothing", y_values: str = "", z_type: str = "Nothing",
@@ -132,7 +146,8 @@ class GenerationActions:
                  xyz_keep_random_seeds: bool = False) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
-        resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says;
+        resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
+        one run for each uploaded picture (with its mask, if masks are uploaded);
         txt2img's denoising strength is its hires fix's. With xyz_plot, one run for each combination of the
         axes' values (x_type and x_values, ...: webui/xyz_plot.py), then their grid."""
         request = {
@@ -151,7 +166,14 @@ class GenerationActions:
                         "hr_resize_x": hr_resize_x or 0, "hr_resize_y": hr_resize_y or 0}
         try:
             picture = mask_picture = None
-            if self.kind == "img2img":
+            batch = self.kind == "img2img" and img2img_mode == BATCH
+            if batch:
+                uploads = batch_uploads(batch_pictures, batch_masks)
+                if xyz_plot:
+                    raise InvalidRequest("X/Y/Z plot: it varies the settings for one picture; use it on another "
+                                         "sub-tab than Batch")
+                mask_picture = uploads[0][1]  # the masks come all or none
+            elif self.kind == "img2img":
                 picture, mask_picture = start_pictures(img2img_mode, {
                     "init_image": init_image, "color_sketch": color_sketch, "inpaint_canvas": inpaint_canvas,
                     "inpaint_color_sketch": inpaint_color_sketch, "inpaint_image": inpaint_image, "mask": mask})
@@ -166,6 +188,8 @@ class GenerationActions:
                         zip(AXIS_NAMES, (x_type, y_type, z_type), (x_values, y_values, z_values))]
                 cells = self._checked_models(plan_cells(request, axes, xyz_keep_random_seeds), axes)
                 runs = self._plot(session, cells, axes, picture, mask_picture, xyz_legend, xyz_sub_images)
+            elif batch:
+                runs = self._batch(session, [Submission(request, path, mask_path) for path, mask_path in uploads])
             else:
                 job = self.worker.submit(request, origin="ui", owner=self._owner(session), init_image=picture,
                                          mask=mask_picture)
@@ -196,29 +220,56 @@ class GenerationActions:
                         cell.request["model"] = self.models.checked_choice(found)
         return cells
 
-    def _plot(self, session: Session, cells: list[Cell], axes: list[Axis], picture: Image.Image | None,
-              mask: Image.Image | None, legend: bool, sub_images: bool) -> Iterator[tuple]:
-        """Run the plot's cells one job after another (others' jobs take their turns between), following each as
-        a run of its own; then show the grids (and the cells' images with sub_images). Interrupt, or a failed
-        cell, ends the plot there: the last update says why, and no grid is drawn from part of it."""
-        done: list[tuple[Cell, list[GeneratedImage]]] = []
-        started = time.monotonic()
-        for number, cell in enumerate(cells, 1):
-            job = self.worker.submit(cell.request, origin="ui", owner=self._owner(session), init_image=picture,
-                                     mask=mask)
+    def _in_turn(self, session: Session, submissions: list[Submission], what: str) -> Iterator[tuple]:
+        """Run the submissions one job after another (others' jobs take their turns between), following each as a
+        run of its own under a note "<what>: picture n of N". Returns each run's images; None when one did not
+        finish (Interrupt, a failure, a refusal): the last update says why, and the rest are not run."""
+        done = []
+        for number, submission in enumerate(submissions, 1):
+            note = notice_html(f"{what}: picture {number} of {len(submissions)}")
+            try:
+                job = self.worker.submit(submission.request, origin="ui", owner=self._owner(session),
+                                         init_image=_opened(submission.picture, what),
+                                         mask=_opened(submission.mask, what))
+            except (InvalidRequest, QueueFull, WorkerStopped) as err:
+                yield session, gr.skip(), note + error_html(with_labels(str(err))), gr.update(visible=False), \
+                    gr.skip(), ""
+                return None
             session.start(job)
-            note = notice_html(f"X/Y/Z plot: picture {number} of {len(cells)}")
             for update in self._follow(session, job):  # its progress (an HTML text, or a skip) under the note
                 yield (*update[:2], note + update[2], *update[3:]) if isinstance(update[2], str) else update
             if job.state is not JobState.DONE:
-                return
-            done.append((cell, list(job.images)))
-        shown = self._plot_grids(done, axes, legend) + (
-            [image for _, images in done for image in images] if sub_images else [])
+                return None
+            done.append(list(job.images))
+        return done
+
+    def _show_all(self, session: Session, shown: list[GeneratedImage], seconds: float, runs: int) -> tuple:
+        """The last update of a run of several jobs: the images shown, the first of them large."""
         session.show(shown)
         session.selected = 0 if shown else None
-        timing = seconds_html(time.monotonic() - started, f" for {len(cells)} runs")
-        yield session, gallery_items(shown), "", gr.update(visible=False, value=None), session.current_infotext(), timing
+        return (session, gallery_items(shown), "", gr.update(visible=False, value=None), session.current_infotext(),
+                seconds_html(seconds, f" for {runs} runs"))
+
+    def _batch(self, session: Session, submissions: list[Submission]) -> Iterator[tuple]:
+        """img2img's Batch: one run for each uploaded picture, then all their images."""
+        started = time.monotonic()
+        done = yield from self._in_turn(session, submissions, "Batch")
+        if done is not None:
+            yield self._show_all(session, [image for images in done for image in images], time.monotonic() - started,
+                                 len(submissions))
+
+    def _plot(self, session: Session, cells: list[Cell], axes: list[Axis], picture: Image.Image | None,
+              mask: Image.Image | None, legend: bool, sub_images: bool) -> Iterator[tuple]:
+        """The X/Y/Z plot: its cells in turn, then the grids (and the cells' images with sub_images). No grid is
+        drawn from part of a plot."""
+        started = time.monotonic()
+        done = yield from self._in_turn(session, [Submission(cell.request, picture, mask) for cell in cells],
+                                        "X/Y/Z plot")
+        if done is None:
+            return
+        shown = self._plot_grids(list(zip(cells, done)), axes, legend) + (
+            [image for images in done for image in images] if sub_images else [])
+        yield self._show_all(session, shown, time.monotonic() - started, len(cells))
 
     def _plot_grids(self, done: list[tuple[Cell, list[GeneratedImage]]], axes: list[Axis],
                     legend: bool) -> list[GeneratedImage]:
@@ -340,7 +391,10 @@ class GenerationActions:
     def picture_size(mode: str, *pictures: Any) -> tuple[int, int]:
         """Width and Height from the open sub-tab's picture to start from (A1111's 📐, "From image" here): its size,
         as a multiple of 8 within the size limits. `pictures`: that sub-tab's inputs (pictures.SUBTAB_INPUTS)."""
-        picture = open_picture(mode, dict(zip(SUBTAB_INPUTS[mode], pictures)))
+        try:
+            picture = open_picture(mode, dict(zip(SUBTAB_INPUTS[mode], pictures)))
+        except InvalidRequest as err:  # Batch's first picture, unreadable
+            raise gr.Error(str(err)) from None
         if picture is None:
             raise gr.Error("Upload a picture first.")
         if isinstance(picture, UnreadablePicture):

@@ -1,5 +1,6 @@
-"""The img2img tab's pictures: the ways to give them (A1111's sub-tabs img2img, Sketch, Inpaint, Inpaint sketch and
-Inpaint upload), the inpainting settings, and reading the uploads into the picture and mask the worker takes.
+"""The img2img tab's pictures: the ways to give them (A1111's sub-tabs img2img, Sketch, Inpaint, Inpaint sketch,
+Inpaint upload and Batch), the inpainting settings, and reading the uploads into the pictures and masks the worker
+takes.
 
 Only reads widget values; the worker checks and fits what it is given.
 """
@@ -7,20 +8,22 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from functools import partial
 from typing import Any, Callable
 
 import gradio as gr
 from PIL import Image
 
-from webui.engine.img2img import MAX_PICTURE_PIXELS
+from webui.engine.img2img import MAX_PICTURE_PIXELS, check_picture_size
 from webui.schemas import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASK_PADDING,
                            GenerationRequest, InvalidRequest)
 
 # The img2img tab's sub-tabs: how the picture (and the mask) are given.
-IMG2IMG_MODES = PLAIN, SKETCH, INPAINT, INPAINT_SKETCH, INPAINT_UPLOAD = (
-    "img2img", "Sketch", "Inpaint", "Inpaint sketch", "Inpaint upload")
-INPAINTING_MODES = (INPAINT, INPAINT_SKETCH, INPAINT_UPLOAD)
+IMG2IMG_MODES = PLAIN, SKETCH, INPAINT, INPAINT_SKETCH, INPAINT_UPLOAD, BATCH = (
+    "img2img", "Sketch", "Inpaint", "Inpaint sketch", "Inpaint upload", "Batch")
+INPAINTING_MODES = (INPAINT, INPAINT_SKETCH, INPAINT_UPLOAD, BATCH)  # Batch: with masks
+MAX_BATCH_PICTURES = 100  # each is a job of its own
 # The sub-tabs drawn on a canvas: generate()'s parameter for the canvas, and the part of it to start from.
 CANVASES = {SKETCH: ("color_sketch", "composite"), INPAINT: ("inpaint_canvas", "background"),
             INPAINT_SKETCH: ("inpaint_color_sketch", "composite")}
@@ -28,13 +31,15 @@ CANVASES = {SKETCH: ("color_sketch", "composite"), INPAINT: ("inpaint_canvas", "
 # only: Gradio's image editor exports and uploads its whole picture for every event that reads it, open or not
 # (a 1024x1024 picture left on the Sketch canvas made each Generate on the img2img sub-tab take 32 s, not 0.5 s).
 SUBTAB_INPUTS = {PLAIN: ("init_image",), SKETCH: ("color_sketch",), INPAINT: ("inpaint_canvas",),
-                 INPAINT_SKETCH: ("inpaint_color_sketch",), INPAINT_UPLOAD: ("inpaint_image", "mask")}
+                 INPAINT_SKETCH: ("inpaint_color_sketch",), INPAINT_UPLOAD: ("inpaint_image", "mask"),
+                 BATCH: ("batch_pictures", "batch_masks")}
 ALL_SUBTAB_INPUTS = tuple(name for names in SUBTAB_INPUTS.values() for name in names)
 NO_PICTURE = "Upload a picture to start from (drop one on Image, or send one from txt2img, History or PNG Info)."
 NO_STROKES = {INPAINT: "Inpaint: upload a picture, then paint over the part to draw again.",
               INPAINT_SKETCH: "Inpaint sketch: upload a picture, then paint over the part to draw again in the "
                               "colours it should start from."}
 NO_MASK = "Inpaint upload: upload the mask too (white where the picture is drawn again)."
+NO_BATCH = "Batch: upload the pictures to start from (several at once; each is a run of its own)."
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ def picture_inputs() -> tuple[dict[str, gr.components.Component], gr.Tabs]:
     """The sub-tabs with the picture inputs, by generate() parameter: "img2img_mode" (which sub-tab is open: a
     hidden Textbox, not a State, so that Gradio API callers can pick one too), "init_image", "color_sketch" (the
     Sketch canvas), "inpaint_canvas", "inpaint_color_sketch" (the Inpaint sketch canvas), "inpaint_image" and "mask"
-    (Inpaint upload)."""
+    (Inpaint upload), "batch_pictures" and "batch_masks" (Batch: the uploads' paths)."""
     mode = gr.Textbox(PLAIN, visible=False, label="img2img mode", elem_id="img2img_mode")
     picture = dict(sources=["upload", "clipboard"], format="png")
     # image_mode None: the worker lays a transparent part on white (Gradio's RGB would make it black).
@@ -104,11 +109,19 @@ def picture_inputs() -> tuple[dict[str, gr.components.Component], gr.Tabs]:
                                            **picture)
             mask = picture_upload("mask", label="Mask: white where the picture is drawn again", image_mode=None,
                                   elem_id="img2img_inpaint_mask", height=260, **picture)
-    for tab, name in zip((plain_tab, sketch_tab, inpaint_tab, inpaint_sketch_tab, upload_tab), IMG2IMG_MODES):
+        with gr.Tab(BATCH, id="batch", elem_id="img2img_batch_tab") as batch_tab:
+            batch_pictures = gr.File(file_count="multiple", file_types=["image"], type="filepath", height=200,
+                                     label="Pictures: each is a run of its own", elem_id="img2img_batch_pictures")
+            batch_masks = gr.File(file_count="multiple", file_types=["image"], type="filepath", height=150,
+                                  label="Masks, to inpaint: named as the pictures, or one for all",
+                                  elem_id="img2img_batch_masks")
+    tabs_in_order = (plain_tab, sketch_tab, inpaint_tab, inpaint_sketch_tab, upload_tab, batch_tab)
+    for tab, name in zip(tabs_in_order, IMG2IMG_MODES):
         tab.select(lambda name=name: name, outputs=[mode], api_visibility="private", show_progress="hidden")
     return {"img2img_mode": mode, "init_image": init_image, "color_sketch": color_sketch,
             "inpaint_canvas": inpaint_canvas, "inpaint_color_sketch": inpaint_color_sketch,
-            "inpaint_image": inpaint_image, "mask": mask}, tabs
+            "inpaint_image": inpaint_image, "mask": mask, "batch_pictures": batch_pictures,
+            "batch_masks": batch_masks}, tabs
 
 
 def on_open_subtab(trigger: Callable, mode: gr.Textbox) -> dict[str, gr.Textbox]:
@@ -163,6 +176,9 @@ def open_picture(mode: str, inputs: dict[str, Any]) -> Any:
         name, part = CANVASES[mode]
         value = inputs.get(name)
         return value.get(part) if isinstance(value, dict) else value
+    if mode == BATCH:
+        uploads = inputs.get("batch_pictures") or []
+        return read_upload(uploads[0], "Batch") if uploads else None
     return inputs.get("inpaint_image") if mode == INPAINT_UPLOAD else inputs.get("init_image")
 
 
@@ -196,3 +212,41 @@ def painted_mask(picture: Image.Image, layers: list[Image.Image], no_strokes: st
     if mask.getbbox() is None:
         raise InvalidRequest(no_strokes)
     return mask
+
+
+def batch_uploads(pictures: list[str] | None, masks: list[str] | None) -> list[tuple[str, str | None]]:
+    """Batch's pictures (paths), each with its mask: the one of the same name, the only one, or None (no masks:
+    img2img); InvalidRequest naming what to fix. Only the files' headers are read here: each picture is read
+    when its turn comes."""
+    pictures, masks = list(pictures or []), list(masks or [])
+    if not pictures:
+        raise InvalidRequest(NO_BATCH)
+    if len(pictures) > MAX_BATCH_PICTURES:
+        raise InvalidRequest(f"Batch: {len(pictures)} pictures; send at most {MAX_BATCH_PICTURES} at once")
+    for path in pictures + masks:
+        read_upload(path, "Batch", header_only=True)
+    if len(masks) <= 1:
+        return [(picture, masks[0] if masks else None) for picture in pictures]
+    by_name = {Path(mask).stem: mask for mask in masks}
+    missing = [Path(picture).name for picture in pictures if Path(picture).stem not in by_name]
+    if missing:
+        raise InvalidRequest(f"Batch: no mask is named as {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+                             "; name each mask as its picture (any image type), or upload one mask for all")
+    return [(picture, by_name[Path(picture).stem]) for picture in pictures]
+
+
+def read_upload(path: str, where: str, header_only: bool = False) -> Image.Image | None:
+    """An uploaded picture, read whole (None with header_only: only checked); InvalidRequest naming it if it is no
+    picture, too large, or (read whole) its pixels end early."""
+    try:
+        with Image.open(path) as image:
+            check_picture_size(*image.size)
+            if header_only:
+                return None
+            image.load()
+            return image.copy()
+    except ValueError as err:
+        raise InvalidRequest(f"{where}: {Path(path).name}: {err}") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError):
+        raise InvalidRequest(f"{where}: could not read {Path(path).name} as an image; it is not a PNG, JPEG or "
+                             "WebP file, or it is damaged") from None
