@@ -179,3 +179,19 @@ def test_interrupt_ends_the_plot_without_a_grid(ui, ui_services):
     assert ui_services.worker.get(session.job_id).state is JobState.CANCELLED
     assert "Interrupted" in progress and "picture 1 of 3" in progress
     assert not any("txt2img-grids" in str(item[0]) for item in (gallery if isinstance(gallery, list) else []))
+
+
+def test_interrupt_between_two_pictures_starts_no_more(ui, ui_services):
+    """Interrupt pressed after one picture ended and before the next was queued: no job to cancel, and yet the
+    plot stops there."""
+    session = Session()
+    updates = event(ui, "txt2img")(session, "between", steps=1, width=64, height=64, seed=1, model=TINY,
+                                   xyz_plot=True, x_type="Seed", x_values="1, 2, 3")
+    for update in updates:
+        job = ui_services.worker.get(session.job_id) if session.job_id else None
+        if job and job.state is JobState.DONE:  # the first picture's last update: the next is not queued yet
+            first = job.id
+            ui.txt2img.actions.interrupt(session)
+            break
+    *_, (session, _, progress, *_) = list(updates)
+    assert session.job_id == first and "interrupted before picture 2 of 3" in progress

@@ -63,6 +63,7 @@ class Session:
     infotexts: list[str] = field(default_factory=list)
     paths: list[str | None] = field(default_factory=list)  # the saved files; None where an image was not saved
     selected: int | None = None  # the gallery's selected index; None when none is selected
+    interrupted: bool = False  # Interrupt came during a run of several jobs (a plot, a batch): start no more
 
     def start(self, job: Job) -> None:
         self.job_id = job.id
@@ -225,8 +226,13 @@ class GenerationActions:
         run of its own under a note "<what>: picture n of N". Returns each run's images; None when one did not
         finish (Interrupt, a failure, a refusal): the last update says why, and the rest are not run."""
         done = []
+        session.interrupted = False
         for number, submission in enumerate(submissions, 1):
             note = notice_html(f"{what}: picture {number} of {len(submissions)}")
+            if session.interrupted:  # between two jobs, where no job was there to cancel
+                yield session, gr.skip(), notice_html(f"{what}: interrupted before picture {number} of "
+                                                      f"{len(submissions)}."), gr.skip(), gr.skip(), gr.skip()
+                return None
             try:
                 job = self.worker.submit(submission.request, origin="ui", owner=self._owner(session),
                                          init_image=_opened(submission.picture, what),
@@ -356,6 +362,7 @@ class GenerationActions:
         return gr.Button(interactive=job is None or job.state.finished)
 
     def interrupt(self, session: Session) -> None:
+        session.interrupted = True  # the same object a plot's loop holds: Gradio hands State on, uncopied
         if session.job_id:
             self.worker.cancel(session.job_id)
 
