@@ -281,17 +281,21 @@ def test_a_loha_convolution_with_tucker_cores_adds_the_product_of_its_two_kernel
     assert np.allclose(delta, expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("second", ["full kernel", "low rank"])
+@pytest.mark.parametrize("second", ["full kernel", "low rank", "tucker core"])
 def test_a_lokr_convolution_scales_each_block_of_channels_by_the_small_factor(second):
     """LoKr's Kronecker product: output channel a*4+b, input channel c*3+d take w1[a, c] times w2's kernel (b, d)."""
     w1, kernel = torch.randn(2, 2), torch.randn(4, 3, 3, 3)
     pieces = {"lokr_w1": w1, "alpha": torch.tensor(4.0)}
     if second == "full kernel":
         pieces["lokr_w2"], scale = kernel, 1.0  # no rank to divide alpha by: A1111 scales by 1
-    else:
+    elif second == "low rank":
         w2a, w2b = torch.randn(4, 2), torch.randn(2, 27)
         pieces |= {"lokr_w2_a": w2a, "lokr_w2_b": w2b}
         kernel, scale = (w2a @ w2b).reshape(4, 3, 3, 3), 2.0  # alpha 4 / rank 2
+    else:  # with a Tucker core, w2_a is (rank, out) and w2_b (rank, in)
+        t2, w2a, w2b = torch.randn(2, 2, 3, 3), torch.randn(2, 4), torch.randn(2, 3)
+        pieces |= {"lokr_t2": t2, "lokr_w2_a": w2a, "lokr_w2_b": w2b}
+        kernel, scale = torch.from_numpy(tucker_kernel(t2, w2a, w2b)).float(), 2.0
     delta = merged_delta(pieces, (8, 6, 3, 3))
     expected = np.zeros((8, 6, 3, 3))
     for a in range(2):

@@ -14,7 +14,8 @@ from tests.conftest import TINY
 from tests.test_ui import event, input_labels, ui, ui_services  # noqa: F401
 from webui.schemas import InvalidRequest, JobState
 from webui.ui.generation import Session
-from webui.xyz_plot import MAX_PLOT_CELLS, draw_grid, plan_cells, read_axis
+from webui import xyz_plot
+from webui.xyz_plot import MAX_PLOT_CELLS, draw_grid, plan, read_axis
 
 
 # --- values --------------------------------------------------------------------------------
@@ -25,6 +26,8 @@ from webui.xyz_plot import MAX_PLOT_CELLS, draw_grid, plan_cells, read_axis
     ("Steps", "1-9 (+2), 15", [1, 3, 5, 7, 9, 15]),
     ("Steps", "10-1 (-3)", [10, 7, 4, 1]),  # the end is kept, counting down too
     ("Steps", "1-10 [4]", [1, 4, 7, 10]),
+    ("Steps", "1-10 [5]", [1, 3, 5, 7, 10]),  # A1111 cuts 3.25 to 3 and 5.5 to 5
+    ("Sampler", "Euler\nDDIM", ["Euler", "DDIM"]),  # a line break parts values too
     ("CFG Scale", "0-1 [5]", [0, 0.25, 0.5, 0.75, 1]),
     ("CFG Scale", "3-4.5 (+0.5)", [3, 3.5, 4, 4.5]),
     ("Seed", "-1, 7", [-1, 7]),
@@ -43,6 +46,7 @@ def test_axis_values_are_read_as_a1111_writes_them(axis_type, text, values):
     ("Steps", "1-5 (-1)", "never gets from 1 to 5"),
     ("Steps", "1-500", "more than 64 values"),
     ("Steps", "1-5 [0]", "take 1 to 64 values"),
+    ("Seed", "1-" + "9" * 400, "X values"),
     ("Colour", "red", "X type: 'Colour' is no axis type"),
 ])
 def test_unreadable_axis_values_say_what_to_write(axis_type, text, says):
@@ -57,42 +61,69 @@ BASE = {"prompt": "a cat on a mat", "negative_prompt": "blurry cat", "steps": 4,
 
 def test_every_combination_runs_once_x_fastest_with_one_seed_for_all():
     axes = [read_axis("X", "Steps", "1, 2"), read_axis("Y", "Sampler", "Euler, DDIM"), read_axis("Z", "Nothing", "")]
-    cells = plan_cells(BASE, axes)
+    cells = plan(BASE, axes).cells
     assert [(c.x, c.y, c.z, c.request["steps"], c.request["sampler_name"]) for c in cells] == [
         (0, 0, 0, 1, "Euler"), (1, 0, 0, 2, "Euler"), (0, 1, 0, 1, "DDIM"), (1, 1, 0, 2, "DDIM")]
     seeds = {(c.request["seed"], c.request["subseed"]) for c in cells}
     assert len(seeds) == 1 and -1 not in next(iter(seeds))  # picked once: the axes alone make the difference
-    kept = plan_cells(BASE, axes, keep_random_seeds=True)
+    kept = plan(BASE, axes, keep_random_seeds=True).cells
     assert {c.request["seed"] for c in kept} == {-1}
     assert BASE["seed"] == -1  # the caller's request is left alone
 
 
 def test_prompt_search_and_replace_changes_both_prompts_and_needs_its_first_value_there():
     axes = [read_axis("X", "Prompt S/R", "cat, dog"), read_axis("Y", "Nothing", ""), read_axis("Z", "Nothing", "")]
-    cells = plan_cells(BASE, axes)
+    cells = plan(BASE, axes).cells
     assert [(c.request["prompt"], c.request["negative_prompt"]) for c in cells] == [
         ("a cat on a mat", "blurry cat"), ("a dog on a mat", "blurry dog")]
     assert [axes[0].label(i) for i in range(2)] == ["cat", "dog"]
     with pytest.raises(InvalidRequest, match="Prompt S/R's first value 'bird' is not in the prompt"):
-        plan_cells(BASE, [read_axis("X", "Prompt S/R", "bird, fish"), *axes[1:]])
+        plan(BASE, [read_axis("X", "Prompt S/R", "bird, fish"), *axes[1:]])
+    with pytest.raises(InvalidRequest, match="not in the prompt"):  # each prompt on its own, not the two joined
+        plan({"prompt": "a ca", "negative_prompt": "t"}, [read_axis("X", "Prompt S/R", "cat, dog"), *axes[1:]])
 
 
 @pytest.mark.parametrize("axis_type, text, says", [
     ("Steps", "2, 0", "X value 'Steps: 0': .*steps"),
     ("Sampler", "Euler, Eulr", "X value 'Eulr': .*sampler"),
-    ("Size", "64x64, 64 by 64", "'64 by 64' is no size; write it as 512x768"),
+    ("Size", "64x64, 64 by 64", "X value 'Size: 64 by 64': '64 by 64' is no size"),
     ("Size", "64x64, 500x64", "width"),
 ])
 def test_a_combination_that_is_no_valid_request_is_named_before_anything_runs(axis_type, text, says):
     axes = [read_axis("X", axis_type, text), read_axis("Y", "Nothing", ""), read_axis("Z", "Nothing", "")]
     with pytest.raises(InvalidRequest, match=says):
-        plan_cells(BASE, axes)
+        plan(BASE, axes)
+
+
+def test_a_combination_is_checked_whole_and_named_by_all_its_values():
+    """Karras with DPM++ 2M is a pair; with Euler a it is not: the check waits for both axes."""
+    axes = [read_axis("X", "Schedule type", "Karras"), read_axis("Y", "Sampler", "DPM++ 2M"), read_axis("Z", "Nothing", "")]
+    assert plan(BASE | {"sampler_name": "Euler a"}, axes).cells[0].request["scheduler"] == "Karras"
+    axes[1] = read_axis("Y", "Sampler", "DPM++ 2M, Euler a")
+    with pytest.raises(InvalidRequest, match="X value 'Karras', Y value 'Euler a': "):
+        plan(BASE, axes)
+    with pytest.raises(InvalidRequest, match=r"^steps"):  # wrong whatever the axes say: said plainly
+        plan(BASE | {"steps": 0}, axes)
+
+
+def test_a_random_seed_on_a_seed_axis_is_picked_once_and_shown():
+    axes = [read_axis("X", "Steps", "1, 2"), read_axis("Y", "Seed", "-1, 7"), read_axis("Z", "Nothing", "")]
+    made = plan(BASE, axes)
+    seeds = {cell.request["seed"] for cell in made.cells if cell.y == 0}
+    assert len(seeds) == 1 and -1 not in seeds and made.axes[1].label(0) == f"Seed: {seeds.pop()}"
+    assert {cell.request["seed"] for cell in plan(BASE, axes, keep_random_seeds=True).cells if cell.y == 0} == {-1}
+
+
+def test_the_checkpoint_axis_changes_slowest_as_the_plot_runs():
+    axes = [read_axis("X", "Checkpoint name", "a, b"), read_axis("Y", "Steps", "1, 2"), read_axis("Z", "Nothing", "")]
+    cells = plan(BASE, axes).cells
+    assert [(c.request["model"], c.request["steps"]) for c in cells] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
 
 
 def test_a_plot_of_too_many_combinations_is_refused():
     axes = [read_axis(name, "Steps", "1-8") for name in ("X", "Y", "Z")]
     with pytest.raises(InvalidRequest, match=f"512 combinations; at most {MAX_PLOT_CELLS}"):
-        plan_cells(BASE, axes)
+        plan(BASE, axes)
 
 
 # --- the grid --------------------------------------------------------------------------------
@@ -115,6 +146,24 @@ def test_the_grid_puts_each_picture_in_its_cell_with_the_values_around_it():
         assert tuple(grid[top + j * 48 + 24, left + i * 64 + 32]) == colour
     assert (grid[:top, left:] < 128).any() and (grid[top:, :left] < 128).any()  # text in both bands
     assert (grid[:top, :left] == 255).all()  # the corner stays empty
+
+
+def test_long_labels_stay_in_their_own_row_and_column():
+    pictures = {(i, j): Image.new("RGB", (64, 64), "grey") for i in range(2) for j in range(2)}
+    x = read_axis("X", "Sampler", f"{'W' * 40}, a")
+    y = read_axis("Y", "Sampler", f"{'word ' * 16}, b")
+    grid = np.asarray(draw_grid(pictures, x, y))
+    height, width = grid.shape[:2]
+    left, top = width - 128, height - 128  # the labels never make the grid taller than its bands
+    assert (grid[top + 64:top + 80, :left] == 255).all()  # row 1's band above its own "b": nothing spilled
+    assert (grid[:top, left + 64:left + 80] == 255).all()  # column 1's band left of its "a": nothing spilled
+
+
+def test_a_huge_grid_is_scaled_down_to_stay_readable(monkeypatch):
+    monkeypatch.setattr(xyz_plot, "MAX_GRID_PIXELS", 20_000)
+    pictures = {(i, 0): Image.new("RGB", (128, 128), "red") for i in range(3)}
+    grid = draw_grid(pictures, read_axis("X", "Steps", "1, 2, 3"), read_axis("Y", "Nothing", ""))
+    assert grid.width * grid.height <= 20_000 and grid.getpixel((grid.width - 5, grid.height - 5)) == (255, 0, 0)
 
 
 def test_a_missing_picture_leaves_its_cell_white():
@@ -168,6 +217,10 @@ def test_a_plot_value_that_cannot_run_is_named_and_nothing_is_queued(ui, ui_serv
     assert len(ui_services.worker.waiting_jobs()) == jobs
     [(_, _, progress, *_)] = plot(ui, x_type="Checkpoint name", x_values=f"{TINY}, no-such-model")
     assert "there is no model 'no-such-model'" in html.unescape(progress)
+    # What only the worker checks (the model's text encoder has 3 layers) is found before anything runs too.
+    [(session, _, progress, *_)] = plot(ui, x_type="Clip skip", x_values="1, 5")
+    assert "X value 'Clip skip: 5'" in html.unescape(progress) and session.job_id is None
+    assert len(ui_services.worker.waiting_jobs()) == jobs
 
 
 def test_interrupt_ends_the_plot_without_a_grid(ui, ui_services):
@@ -195,3 +248,13 @@ def test_interrupt_between_two_pictures_starts_no_more(ui, ui_services):
             break
     *_, (session, _, progress, *_) = list(updates)
     assert session.job_id == first and "interrupted before picture 2 of 3" in progress
+
+
+def test_a_bug_while_preparing_a_run_ends_as_a_message(ui, monkeypatch):
+    """A raised error would leave Generate greyed out (the events after it never run)."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("something unforeseen")
+
+    monkeypatch.setattr(xyz_plot.csv, "reader", broken)
+    [(_, _, progress, *_)] = plot(ui, x_type="Steps", x_values="1, 2")
+    assert "The run could not start: something unforeseen" in progress

@@ -243,8 +243,7 @@ class Worker:
         `init_image`: the picture an img2img job starts from (any size or mode; fitted to the run's size here).
         `mask`: with it, an inpainting job: white (or, with transparency, painted) where the picture is drawn again."""
         request, init_image, inpainting = _with_init_image(self._with_styles(parse_request(request)), init_image, mask)
-        self._check_against_loaded_model(request)
-        self._check_loras(request)
+        self._check_runnable(request)
         warnings = list(warnings or [])
         unread = unread_tags(request.prompt)
         if unread:
@@ -272,6 +271,17 @@ class Worker:
                 job.id, JobState.CANCELLED.value, error=str(refused), finished_at=time.time()))
             raise
         return job
+
+    def check(self, request: GenerationRequest | dict) -> GenerationRequest:
+        """What submit would refuse (InvalidRequest, LoraError), found without queuing anything: for runs of several
+        jobs, checked whole before the first starts. The request with its styles joined in."""
+        request = self._with_styles(parse_request(request))
+        self._check_runnable(request)
+        return request
+
+    def _check_runnable(self, request: GenerationRequest) -> None:
+        self._check_against_loaded_model(request)
+        self._check_loras(request)
 
     def _check_against_loaded_model(self, request: GenerationRequest) -> None:
         """Refuse now what the loaded model cannot do, rather than fail when the job's turn comes."""

@@ -11,7 +11,6 @@ import csv
 import itertools
 import random
 import re
-import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -103,7 +102,7 @@ def read_axis(name: str, type_label: str, text: str) -> Axis:
         return Axis(name, AXIS_TYPES["Nothing"], [None])
     try:
         values = [value for item in items for value in _values(axis_type.kind, item)]
-    except ValueError as err:
+    except (ValueError, OverflowError) as err:
         raise InvalidRequest(f"{name} values: {err}") from None
     if len(values) > MAX_AXIS_VALUES:
         raise InvalidRequest(f"{name} values: {len(values)} values; at most {MAX_AXIS_VALUES} fit on an axis")
@@ -113,10 +112,14 @@ def read_axis(name: str, type_label: str, text: str) -> Axis:
 
 
 def _split(text: str) -> list[str]:
-    """Comma-separated values, as a CSV line: quotes keep a comma inside a value."""
+    """Comma-separated values, as a CSV line: quotes keep a comma inside a value; a line break parts values too."""
+    text = text.replace("\r", "").replace("\n", ",")
     if not text.strip():
         return []
-    return [item.strip() for item in next(csv.reader([text], skipinitialspace=True)) if item.strip()]
+    try:
+        return [item.strip() for item in next(csv.reader([text], skipinitialspace=True)) if item.strip()]
+    except csv.Error as err:
+        raise InvalidRequest(f"values: {err}; put a value holding a comma in double quotes") from None
 
 
 _RANGE = re.compile(r"^([+-]?\d+(?:\.\d*)?)\s*-\s*([+-]?\d+(?:\.\d*)?)\s*(?:\(\s*([+-]?\d+(?:\.\d*)?)\s*\)|"
@@ -146,7 +149,7 @@ def _values(kind: str, item: str) -> list[Any]:
         if not 1 <= count <= MAX_AXIS_VALUES:
             raise ValueError(f"{item!r}: take 1 to {MAX_AXIS_VALUES} values")
         spaced = [start + (end - start) * i / max(count - 1, 1) for i in range(count)]
-        return [number(round(value)) if kind == "int" else round(value, 6) for value in spaced]
+        return [int(value) if kind == "int" else round(value, 6) for value in spaced]  # int(): as A1111 cuts
     step = step if step is not None else (1 if end >= start else -1)
     if step == 0 or (end - start) * step < 0:
         raise ValueError(f"{item!r}: a step of {step:g} never gets from {start:g} to {end:g}")
@@ -159,94 +162,165 @@ def _values(kind: str, item: str) -> list[Any]:
     return values
 
 
-def plan_cells(base: dict, axes: list[Axis], keep_random_seeds: bool = False) -> list[Cell]:
-    """Every combination's request, Z slowest and X fastest, each checked as a request; InvalidRequest naming the
-    axis value at fault. A random seed (-1) is picked once for all, so the pictures differ by the axes alone,
-    unless keep_random_seeds."""
+@dataclass(frozen=True)
+class Plot:
+    axes: list[Axis]  # X, Y, Z, with a random seed value (-1) fixed unless kept
+    cells: list[Cell]  # in the order they run: a Checkpoint name axis changes slowest, then Z, Y, X
+
+
+SEED_AXES = ("Seed", "Var. seed")
+
+
+def plan(base: dict, axes: list[Axis], keep_random_seeds: bool = False,
+         check: Callable[[dict], Any] = parse_request) -> Plot:
+    """Every combination's request, each checked whole by `check` (the worker's own checks, by default a
+    request's) before any runs; InvalidRequest naming the values at fault. A random seed (-1), in the request or
+    on a Seed axis, is picked once for all, so the pictures differ by the axes alone, unless keep_random_seeds."""
     x, y, z = axes
     count = len(x.values) * len(y.values) * len(z.values)
     if count > MAX_PLOT_CELLS:
         raise InvalidRequest(f"X/Y/Z plot: {count} combinations; at most {MAX_PLOT_CELLS} (use fewer values)")
     base = dict(base)
+    check(base)  # what is wrong whatever the axes say is named plainly
     if not keep_random_seeds:
+        axes = [_fixed_seeds(axis) for axis in axes]
         for field in ("seed", "subseed"):
             if base.get(field, -1) == -1:
                 base[field] = random.randint(0, MAX_SEED)
+    x, y, z = axes
     cells = []
     for (zi, zv), (yi, yv), (xi, xv) in itertools.product(enumerate(z.values), enumerate(y.values),
                                                           enumerate(x.values)):
         request = dict(base)
-        for axis, value, index in ((x, xv, xi), (y, yv, yi), (z, zv, zi)):
-            _apply(axis, request, value, index)
+        where = [(axis, index) for axis, index in ((x, xi), (y, yi), (z, zi)) if axis.type.label != "Nothing"]
+        for axis, index in where:
+            _apply(axis, request, axis.values[index], index)
+        try:
+            check(request)
+        except InvalidRequest as err:
+            values = ", ".join(f"{axis.name} value {axis.label(index)!r}" for axis, index in where)
+            raise InvalidRequest(f"{values}: {err}") from None
         cells.append(Cell(xi, yi, zi, request))
+    return Plot(axes, _run_order(cells, axes))
+
+
+def _fixed_seeds(axis: Axis) -> Axis:
+    if axis.type.label not in SEED_AXES or -1 not in axis.values:
+        return axis
+    return Axis(axis.name, axis.type, [random.randint(0, MAX_SEED) if v == -1 else v for v in axis.values])
+
+
+def _run_order(cells: list[Cell], axes: list[Axis]) -> list[Cell]:
+    """The cells as they run: each model loaded once (the Checkpoint name axis slowest), else as planned."""
+    for number, axis in enumerate(axes):
+        if axis.type.label == "Checkpoint name":
+            return sorted(cells, key=lambda cell: (cell.x, cell.y, cell.z)[number])  # stable: the rest in order
     return cells
 
 
 def _apply(axis: Axis, request: dict, value: Any, index: int) -> None:
-    if value is None:
-        return
-    where = f"{axis.name} value {axis.label(index)!r}"
-    if axis.type.label == "Prompt S/R" and value[0] not in (request.get("prompt") or "") + (
-            request.get("negative_prompt") or ""):
+    if axis.type.label == "Prompt S/R" and not any(value[0] in (request.get(field) or "")
+                                                   for field in ("prompt", "negative_prompt")):
         raise InvalidRequest(f"{axis.name} values: Prompt S/R's first value {value[0]!r} is not in the prompt; "
                              "it is the text the others replace")
     try:
         axis.type.apply(request, value)
     except ValueError as err:
-        raise InvalidRequest(f"{where}: {err}") from None
-    try:
-        parse_request(request)
-    except InvalidRequest as err:
-        raise InvalidRequest(f"{where}: {err}") from None
+        raise InvalidRequest(f"{axis.name} value {axis.label(index)!r}: {err}") from None
 
 
 # --- drawing -------------------------------------------------------------------------------
 
+MAX_GRID_PIXELS = 80_000_000  # below Pillow's decompression-bomb warning, so the saved grid opens again
+MIN_FONT = 8
+
+
 def draw_grid(pictures: dict[tuple[int, int], Image.Image], x: Axis, y: Axis, title: str | None = None,
               legend: bool = True) -> Image.Image:
     """One grid: pictures by (x, y) index in columns and rows, the X labels above, the Y labels on the left and
-    the title (the Z value) over all, unless legend is off. Cells take the largest picture's size; a missing
-    picture (a failed run) leaves its cell white."""
+    the title (the Z value) over all, unless legend is off. Cells take the largest picture's size (the whole
+    scaled down to stay under MAX_GRID_PIXELS); a missing picture (a failed run) leaves its cell white. A label
+    too long for its place is set smaller, then cut with "…"."""
+    columns, rows = len(x.values), len(y.values)
     cell_w = max(picture.width for picture in pictures.values())
     cell_h = max(picture.height for picture in pictures.values())
-    font = _font(max(12, min(48, cell_h // 14)))
-    line_h = font.size + font.size // 3
-    show_x = legend and x.type.label != "Nothing"
-    show_y = legend and y.type.label != "Nothing"
-    x_lines = [_wrapped(x.label(i), font, cell_w) for i in range(len(x.values))] if show_x else []
-    y_lines = [_wrapped(y.label(j), font, cell_w) for j in range(len(y.values))] if show_y else []
-    title_lines = _wrapped(title, font, cell_w * len(x.values)) if legend and title else []
-    top = (len(title_lines) + max(map(len, x_lines), default=0)) * line_h + (line_h // 2 if show_x or title_lines else 0)
-    left = (max(_text_width(line, font) for lines in y_lines for line in lines) + font.size) if show_y else 0
-    grid = Image.new("RGB", (left + cell_w * len(x.values), top + cell_h * len(y.values)), "white")
+    scale = min(1.0, (MAX_GRID_PIXELS / (columns * cell_w * rows * cell_h * 1.5)) ** 0.5)  # 1.5: room for labels
+    if scale < 1:
+        pictures = {where: picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))))
+                    for where, picture in pictures.items()}
+        cell_w, cell_h = max(1, round(cell_w * scale)), max(1, round(cell_h * scale))
+    size = max(MIN_FONT, min(48, cell_h // 14))
+    gap = size // 2
+    x_labels = [_fit(x.label(i), size, cell_w - gap, cell_h // 3) for i in range(columns)] if (
+        legend and x.type.label != "Nothing") else []
+    left = max(96, cell_w * 3 // 4) if legend and y.type.label != "Nothing" else 0
+    y_labels = [_fit(y.label(j), size, left - gap, cell_h) for j in range(rows)] if left else []
+    titled = _fit(title, size, columns * cell_w - gap, cell_h // 3) if legend and title else None
+    title_h = _height(titled) + gap if titled else 0
+    top = title_h + (max(_height(label) for label in x_labels) + gap if x_labels else 0)
+    grid = Image.new("RGB", (left + columns * cell_w, top + rows * cell_h), "white")
     draw = ImageDraw.Draw(grid)
-    _write(draw, title_lines, font, left, 0, cell_w * len(x.values), line_h)
-    for i, lines in enumerate(x_lines):
-        _write(draw, lines, font, left + i * cell_w, len(title_lines) * line_h, cell_w, line_h)
-    for j, lines in enumerate(y_lines):
-        middle = top + j * cell_h + (cell_h - len(lines) * line_h) // 2
-        _write(draw, lines, font, 0, middle, left, line_h)
+    if titled:
+        _write(draw, titled, left, 0, columns * cell_w)
+    for i, label in enumerate(x_labels):
+        _write(draw, label, left + i * cell_w, title_h, cell_w)
+    for j, label in enumerate(y_labels):
+        _write(draw, label, 0, top + j * cell_h + (cell_h - _height(label)) // 2, left)
     for (i, j), picture in pictures.items():
         grid.paste(picture.convert("RGB"), (left + i * cell_w + (cell_w - picture.width) // 2,
                                             top + j * cell_h + (cell_h - picture.height) // 2))
     return grid
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)  # Pillow's own font: nothing to install on a server
-
-
-def _text_width(text: str, font) -> int:
-    return int(font.getlength(text))
+def _fit(text: str, size: int, width: int, height: int) -> tuple[ImageFont.ImageFont, list[str]]:
+    """The font and lines that set text within width x height pixels: smaller type first, then cut with "…"."""
+    width = max(width, 1)
+    for tried in range(size, MIN_FONT - 1, -1):
+        font = ImageFont.load_default(size=tried)  # Pillow's own font: nothing to install on a server
+        lines = _wrapped(text, font, width)
+        if len(lines) * _line_height(font) <= height:
+            return font, lines
+    keep = max(1, height // _line_height(font))
+    if len(lines) > keep:
+        lines = lines[:keep - 1] + [_cut(" ".join(lines[keep - 1:]), font, width)]
+    return font, lines
 
 
 def _wrapped(text: str, font, width: int) -> list[str]:
-    """The text in lines that fit `width` pixels (at least a word a line)."""
-    per_line = max(4, int(width / max(font.getlength("n"), 1)))
-    return textwrap.wrap(text, per_line) or [""]
+    """Greedy word wrap by measured width; a word wider than a line is broken where it must be."""
+    lines: list[str] = []
+    for word in text.split():
+        line = f"{lines[-1]} {word}" if lines else word
+        if lines and font.getlength(line) <= width:
+            lines[-1] = line
+            continue
+        while font.getlength(word) > width and len(word) > 1:
+            cut = next(n for n in range(len(word) - 1, 0, -1) if font.getlength(word[:n]) <= width or n == 1)
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines or [""]
 
 
-def _write(draw: ImageDraw.ImageDraw, lines: list[str], font, left: int, top: int, width: int, line_h: int) -> None:
-    """Lines centred in the band [left, left + width)."""
+def _cut(text: str, font, width: int) -> str:
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _line_height(font) -> int:
+    return font.size + font.size // 3
+
+
+def _height(label: tuple[ImageFont.ImageFont, list[str]]) -> int:
+    font, lines = label
+    return len(lines) * _line_height(font)
+
+
+def _write(draw: ImageDraw.ImageDraw, label: tuple[ImageFont.ImageFont, list[str]], left: int, top: int,
+           width: int) -> None:
+    """The label's lines, centred in the band [left, left + width)."""
+    font, lines = label
     for k, line in enumerate(lines):
-        draw.text((left + (width - _text_width(line, font)) / 2, top + k * line_h), line, fill="black", font=font)
+        draw.text((left + (width - font.getlength(line)) / 2, top + k * _line_height(font)), line, fill="black",
+                  font=font)

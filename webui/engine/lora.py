@@ -298,9 +298,9 @@ class LayerUpdate:
         alpha, rank = self.pieces.get("alpha"), self.pieces.get(rank_piece)
         return float(alpha) / rank.shape[0] if alpha is not None and rank is not None else 1.0
 
-    def delta(self) -> torch.Tensor:
-        """The weight update as a matrix (out, in * kernel), float32, times scale."""
-        piece = {name: tensor.float() for name, tensor in self.pieces.items()}
+    def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The weight update as a matrix (out, in * kernel), float32 on `device`, times scale."""
+        piece = {name: tensor.to(device, torch.float32) for name, tensor in self.pieces.items()}
         if self.kind == "LoHa":
             update = (_low_rank(piece["hada_w1_a"], piece["hada_w1_b"], piece.get("hada_t1")).flatten(1)
                       * _low_rank(piece["hada_w2_a"], piece["hada_w2_b"], piece.get("hada_t2")).flatten(1))
@@ -313,7 +313,7 @@ class LayerUpdate:
                 second = _low_rank(piece["lokr_w2_a"], piece["lokr_w2_b"], piece.get("lokr_t2"))
             if second.dim() == 4:  # a convolution's kernel: the first factor scales whole kernels
                 first = first[:, :, None, None]
-            update = torch.kron(first, second)
+            update = torch.kron(first, second.contiguous())  # kron refuses einsum's strided result
         elif "lora_mid.weight" in piece:  # Tucker: up (out, r), mid (r, r', k, k), down (r', in)
             update = torch.einsum("nmkl,in,mj->ijkl", piece["lora_mid.weight"], piece["lora_up.weight"].flatten(1),
                                   piece["lora_down.weight"].flatten(1))
@@ -424,13 +424,13 @@ class LoraPatcher:
             raise LoraError("LoRAs cannot be merged while layers are offloaded one by one (--lowvram); "
                             "start with --medvram instead")
         try:
-            delta = update.delta()
+            delta = update.delta(weight.device)  # on the weight's device: a GPU multiplies faster than it copies
         except RuntimeError as err:  # pieces whose shapes do not multiply
             raise LoraError(f"LoRA {entry.name}: the {update.kind} pieces of layer {update.layer} do not fit "
                             f"together ({str(err)[:120]}); the file is damaged") from err
         delta = _fitted(entry, update, delta, weight)
         self._originals.setdefault(id(weight), (weight, weight.detach().to("cpu", copy=True)))
-        weight.add_((delta.to(weight.device) * multiplier).to(weight.dtype))
+        weight.add_((delta * multiplier).to(weight.dtype))
 
 
 def _fitted(entry: LoraFile, update: LayerUpdate, delta: torch.Tensor, weight: torch.nn.Parameter) -> torch.Tensor:
@@ -441,7 +441,7 @@ def _fitted(entry: LoraFile, update: LayerUpdate, delta: torch.Tensor, weight: t
         return delta.reshape(weight.shape)
     if weight.dim() == 4 and weight.shape[1] == INPAINTING_CHANNELS and delta.shape == (
             out_channels, 4 * math.prod(kernel)):
-        padded = torch.zeros(weight.shape, dtype=delta.dtype)
+        padded = torch.zeros(weight.shape, dtype=delta.dtype, device=delta.device)
         padded[:, :4] = delta.reshape(out_channels, 4, *kernel)
         return padded
     raise LoraError(f"LoRA {entry.name} does not fit layer {update.layer} ({update.part}: {update.kind} "

@@ -39,7 +39,7 @@ from webui.ui.plot import plot_section
 from webui.ui.progress import (error_html, final_html, notice_html, progress_html, seconds_html, timing_html,
                                token_counter, too_long_counter)
 from webui.worker import Job, QueueFull, WorkerStopped
-from webui.xyz_plot import AXIS_NAMES, Axis, Cell, draw_grid, plan_cells, read_axis
+from webui.xyz_plot import AXIS_NAMES, Axis, Cell, Plot, draw_grid, plan, read_axis
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.25
@@ -185,10 +185,10 @@ class GenerationActions:
             if request["model"]:
                 request["model"] = self.models.checked_choice(request["model"])
             if xyz_plot:
-                axes = [read_axis(name, axis_type, values) for name, axis_type, values in
+                axes = [self._found_models(read_axis(name, axis_type, values)) for name, axis_type, values in
                         zip(AXIS_NAMES, (x_type, y_type, z_type), (x_values, y_values, z_values))]
-                cells = self._checked_models(plan_cells(request, axes, xyz_keep_random_seeds), axes)
-                runs = self._plot(session, cells, axes, picture, mask_picture, xyz_legend, xyz_sub_images)
+                plot = plan(request, axes, xyz_keep_random_seeds, check=self.worker.check)
+                runs = self._plot(session, plot, picture, mask_picture, xyz_legend, xyz_sub_images)
             elif batch:
                 runs = self._batch(session, [Submission(request, path, mask_path) for path, mask_path in uploads])
             else:
@@ -199,6 +199,11 @@ class GenerationActions:
         except (InvalidRequest, QueueFull, ModelNotFound, WorkerStopped) as err:
             yield session, gr.skip(), error_html(with_labels(str(err))), gr.update(visible=False), gr.skip(), ""
             return
+        except Exception as err:  # a bug: a message, and Generate clickable again (a raised error would leave it grey)
+            log.exception("preparing a %s run failed", self.kind)
+            yield session, gr.skip(), error_html(f"The run could not start: {err}"), gr.update(visible=False), \
+                gr.skip(), ""
+            return
         try:
             yield from runs
         except Exception as err:  # a bug here must still end as a message, never a silent spinner
@@ -206,20 +211,18 @@ class GenerationActions:
             message = error_html(f"The page lost track of the job: {err}")
             yield session, gr.skip(), message, gr.update(visible=False), gr.skip(), ""
 
-    def _checked_models(self, cells: list[Cell], axes: list[Axis]) -> list[Cell]:
-        """The cells, each Checkpoint name axis value found among the models (as the picker names it)."""
-        for axis in axes:
-            if axis.type.label != "Checkpoint name":
-                continue
-            for index, name in enumerate(axis.values):
-                found = self.models.find_pasted(name, None)
-                if found is None:
-                    raise InvalidRequest(f"{axis.name} values: there is no model {name!r}; the Stable Diffusion "
-                                         "checkpoint list names those there are")
-                for cell in cells:
-                    if (cell.x, cell.y, cell.z)[AXIS_NAMES.index(axis.name)] == index:
-                        cell.request["model"] = self.models.checked_choice(found)
-        return cells
+    def _found_models(self, axis: Axis) -> Axis:
+        """A Checkpoint name axis with each value found among the models (as the picker names it)."""
+        if axis.type.label != "Checkpoint name":
+            return axis
+        found = []
+        for name in axis.values:
+            listed = self.models.find_pasted(name, None)
+            if listed is None:
+                raise InvalidRequest(f"{axis.name} values: there is no model {name!r}; the Stable Diffusion "
+                                     "checkpoint list names those there are")
+            found.append(self.models.checked_choice(listed))
+        return Axis(axis.name, axis.type, found)
 
     def _in_turn(self, session: Session, submissions: list[Submission], what: str) -> Iterator[tuple]:
         """Run the submissions one job after another (others' jobs take their turns between), following each as a
@@ -264,18 +267,19 @@ class GenerationActions:
             yield self._show_all(session, [image for images in done for image in images], time.monotonic() - started,
                                  len(submissions))
 
-    def _plot(self, session: Session, cells: list[Cell], axes: list[Axis], picture: Image.Image | None,
+    def _plot(self, session: Session, plot: Plot, picture: Image.Image | None,
               mask: Image.Image | None, legend: bool, sub_images: bool) -> Iterator[tuple]:
-        """The X/Y/Z plot: its cells in turn, then the grids (and the cells' images with sub_images). No grid is
-        drawn from part of a plot."""
+        """The X/Y/Z plot: its cells in turn, then the grids (and the cells' images with sub_images, in the grids'
+        order). No grid is drawn from part of a plot."""
         started = time.monotonic()
-        done = yield from self._in_turn(session, [Submission(cell.request, picture, mask) for cell in cells],
+        done = yield from self._in_turn(session, [Submission(cell.request, picture, mask) for cell in plot.cells],
                                         "X/Y/Z plot")
         if done is None:
             return
-        shown = self._plot_grids(list(zip(cells, done)), axes, legend) + (
-            [image for images in done for image in images] if sub_images else [])
-        yield self._show_all(session, shown, time.monotonic() - started, len(cells))
+        made = sorted(zip(plot.cells, done), key=lambda pair: (pair[0].z, pair[0].y, pair[0].x))
+        shown = self._plot_grids(made, plot.axes, legend) + (
+            [image for _, images in made for image in images] if sub_images else [])
+        yield self._show_all(session, shown, time.monotonic() - started, len(plot.cells))
 
     def _plot_grids(self, done: list[tuple[Cell, list[GeneratedImage]]], axes: list[Axis],
                     legend: bool) -> list[GeneratedImage]:
