@@ -249,7 +249,7 @@ def draw_grid(pictures: dict[tuple[int, int], Image.Image], x: Axis, y: Axis, ti
         pictures = {where: picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))))
                     for where, picture in pictures.items()}
         cell_w, cell_h = max(1, round(cell_w * scale)), max(1, round(cell_h * scale))
-    size = max(MIN_FONT, min(48, cell_h // 14))
+    size = max(12, min(48, cell_h // 14))
     gap = size // 2
     x_labels = [_fit(x.label(i), size, cell_w - gap, cell_h // 3) for i in range(columns)] if (
         legend and x.type.label != "Nothing") else []
