@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.tiny_sd import make_tiny_pipeline
@@ -17,17 +18,39 @@ POSITIVE = ("median_s", "s_per_image", "images_per_s", "steps_per_s", "flops_per
             "peak_mem_mib")
 
 
-def test_tiny_bench_writes_every_row_with_positive_numbers(tmp_path):
-    out = tmp_path / "bench.json"
+@pytest.fixture(scope="module")
+def bench_runs(tmp_path_factory):
+    """The two benchmark scripts on the tiny model, started together: each is mostly one process compiling, and
+    two at once take little longer than one (68 s against 107 s one after the other, on this 2-core machine)."""
+    folder = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE"):
+        env.pop(name, None)  # compile_start gives each start its own empty cache folder
     # The tuned rows at batch 1 only: each batch size is another compile, and batch 2 is checked on the rows
     # before them.
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_speed.py"), "--tiny", "--json", str(out),
-                           "--tune", "all", "--tune-batch-sizes", "1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands = {"speed": ["gpu_speed.py", "--tiny", "--json", str(folder / "speed.json"), "--tune", "all",
+                          "--tune-batch-sizes", "1"],
+                "start": ["compile_start.py", "--tiny", "--json", str(folder / "start.json")]}
+    runs = {name: (subprocess.Popen([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), folder / f"{name}.json")
+            for name, (script, *args) in commands.items()}
+    yield runs
+    for process, _ in runs.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
-    report = json.loads(out.read_text())
+
+def finished(runs, name: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """A benchmark run waited for to its end: its output, and the JSON it wrote."""
+    process, out = runs[name]
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), json.loads(out.read_text())
+
+
+def test_tiny_bench_writes_every_row_with_positive_numbers(bench_runs):
+    proc, report = finished(bench_runs, "speed")
     rows = {(r["row"], r["batch"]): r for r in report["rows"]}
     tuned = [f"fast_path+{name}" for name in ("cudnn_benchmark", "conv_1x1_as_mm", "cudnn_attention", "fused_qkv")]
     assert set(rows) == {(row, batch) for row in ("eager", "compiled_unet", "fast_path", "engine")
@@ -96,18 +119,10 @@ def test_each_tuning_is_set_only_while_its_row_runs():
     assert gpu_speed.parse_args(["--tiny", "--batch-sizes", "1,4"]).tune_batch_sizes == [1, 4]
 
 
-def test_the_second_start_compiles_from_the_disk_cache(tmp_path):
+def test_the_second_start_compiles_from_the_disk_cache(bench_runs):
     """bench/compile_start.py with inductor on the tiny model: the first start fills the cache folder
     (all misses), the second, a fresh process, finds every graph there (hits, no misses)."""
-    out = tmp_path / "start.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE"):
-        env.pop(name, None)  # the benchmark gives each run its own empty cache folder
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_start.py"), "--tiny", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    report = json.loads(out.read_text())
+    proc, report = finished(bench_runs, "start")
     first, second = report["first_start"], report["second_start"]
     assert first["graph_cache_misses"] >= 2 and first["graph_cache_hits"] == 0  # the UNet and the VAE decoder
     assert second["graph_cache_hits"] == first["graph_cache_misses"] and second["graph_cache_misses"] == 0
