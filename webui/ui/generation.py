@@ -35,10 +35,11 @@ from webui.ui.params import TAB_FIELDS, schedules_of, with_labels
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, SUBTAB_INPUTS, UnreadablePicture, batch_uploads,
                                inpainting_settings, on_open_subtab, open_picture, picture_inputs, read_upload,
                                start_pictures)
-from webui.ui.plot import plot_section
+from webui.ui.scripts import plot_section, prompt_list_section
 from webui.ui.progress import (error_html, final_html, notice_html, progress_html, seconds_html, timing_html,
                                token_counter, too_long_counter)
 from webui.worker import Job, QueueFull, WorkerStopped
+from webui.prompt_lines import line_requests
 from webui.xyz_plot import AXIS_NAMES, Axis, Cell, Plot, draw_grid, plan, read_axis
 
 log = logging.getLogger(__name__)
@@ -144,13 +145,15 @@ class GenerationActions:
                  inpaint_full_res_padding: int = 32, xyz_plot: bool = False, x_type: str = "Nothing",
                  x_values: str = "", y_type: str = "Nothing", y_values: str = "", z_type: str = "Nothing",
                  z_values: str = "", xyz_legend: bool = True, xyz_sub_images: bool = False,
-                 xyz_keep_random_seeds: bool = False) -> Iterator[tuple]:
+                 xyz_keep_random_seeds: bool = False, prompt_list: bool = False, prompt_lines: str = "",
+                 prompt_list_same_seed: bool = False) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
         one run for each uploaded picture (with its mask, if masks are uploaded);
         txt2img's denoising strength is its hires fix's. With xyz_plot, one run for each combination of the
-        axes' values (x_type and x_values, ...: webui/xyz_plot.py), then their grid."""
+        axes' values (x_type and x_values, ...: webui/xyz_plot.py), then their grid; with prompt_list, one run
+        for each of prompt_lines (webui/prompt_lines.py)."""
         request = {
             "prompt": prompt, "negative_prompt": negative_prompt, "sampler_name": sampler_name,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height,
@@ -184,13 +187,27 @@ class GenerationActions:
                             "inpaint_full_res_padding": inpaint_full_res_padding}
             if request["model"]:
                 request["model"] = self.models.checked_choice(request["model"])
-            if xyz_plot:
+            if xyz_plot and prompt_list:
+                raise InvalidRequest("Tick one of X/Y/Z plot and Prompts from a list: each makes its own runs")
+            if prompt_list:
+                if batch:
+                    raise InvalidRequest("Prompts from a list: use it on another sub-tab than Batch")
+                lines = line_requests(request, prompt_lines or "", prompt_list_same_seed)
+                for number, line in enumerate(lines, 1):  # every line checked before the first runs
+                    try:
+                        self.worker.check(line)
+                    except InvalidRequest as err:
+                        raise InvalidRequest(f"Prompts from a list, line {number}: {err}") from None
+                runs = self._several(session, [Submission(line, picture, mask_picture) for line in lines],
+                                     "Prompts from a list")
+            elif xyz_plot:
                 axes = [self._found_models(read_axis(name, axis_type, values)) for name, axis_type, values in
                         zip(AXIS_NAMES, (x_type, y_type, z_type), (x_values, y_values, z_values))]
                 plot = plan(request, axes, xyz_keep_random_seeds, check=self.worker.check)
                 runs = self._plot(session, plot, picture, mask_picture, xyz_legend, xyz_sub_images)
             elif batch:
-                runs = self._batch(session, [Submission(request, path, mask_path) for path, mask_path in uploads])
+                runs = self._several(session, [Submission(request, path, mask_path) for path, mask_path in uploads],
+                                     "Batch")
             else:
                 job = self.worker.submit(request, origin="ui", owner=self._owner(session), init_image=picture,
                                          mask=mask_picture)
@@ -259,10 +276,10 @@ class GenerationActions:
         return (session, gallery_items(shown), "", gr.update(visible=False, value=None), session.current_infotext(),
                 seconds_html(seconds, f" for {runs} runs"))
 
-    def _batch(self, session: Session, submissions: list[Submission]) -> Iterator[tuple]:
-        """img2img's Batch: one run for each uploaded picture, then all their images."""
+    def _several(self, session: Session, submissions: list[Submission], what: str) -> Iterator[tuple]:
+        """img2img's Batch, or prompts from a list: the runs in turn, then all their images."""
         started = time.monotonic()
-        done = yield from self._in_turn(session, submissions, "Batch")
+        done = yield from self._in_turn(session, submissions, what)
         if done is not None:
             yield self._show_all(session, [image for images in done for image in images], time.monotonic() - started,
                                  len(submissions))
@@ -713,7 +730,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                     save_style = gr.Button("Save prompts", elem_id=f"{kind}_style_save", scale=1, min_width=80)
                     delete_style = gr.Button("Delete", elem_id=f"{kind}_style_delete", scale=1, min_width=80,
                                              variant="stop")
-            plot_widgets = plot_section(kind)  # at the foot, where A1111's Script picker is
+            plot_widgets = plot_section(kind) | prompt_list_section(kind)  # at the foot, as A1111's scripts
         with gr.Column(scale=1):
             progress = gr.HTML("", label="Progress", show_label=False, elem_id=f"{kind}_progress", padding=False)
             preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id=f"{kind}_preview",

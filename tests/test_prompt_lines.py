@@ -1,0 +1,80 @@
+"""Prompts from a list (A1111's "Prompts from file or textbox"): reading the lines, and a list run from the
+txt2img tab on the tiny model (64x64, 1 step)."""
+from __future__ import annotations
+
+import html
+
+import pytest
+
+from tests.conftest import TINY
+# ui_services and ui: test_ui's module fixtures, started again for this module.
+from tests.test_ui import event, input_labels, ui, ui_services  # noqa: F401
+from webui.prompt_lines import MAX_LINES, line_requests
+from webui.schemas import InvalidRequest
+from webui.ui.generation import Session
+from webui.ui.scripts import read_prompt_file
+
+BASE = {"prompt": "the page's", "negative_prompt": "blurry", "steps": 4, "seed": -1}
+
+
+def test_each_line_is_a_prompt_or_a1111s_options_over_the_page():
+    text = '''a red fox
+
+--prompt "a blue fox, snow" --negative_prompt "" --steps 30 --seed -1 --cfg_scale 4.5 --styles "ink, warm"
+  a green fox  '''
+    first, second, third = line_requests(BASE, text)
+    assert first == BASE | {"prompt": "a red fox"}
+    assert second == BASE | {"prompt": "a blue fox, snow", "negative_prompt": "", "steps": 30, "seed": -1,
+                             "cfg_scale": 4.5, "styles": ["ink", "warm"]}
+    assert third["prompt"] == "a green fox" and third["negative_prompt"] == "blurry"
+
+
+def test_the_same_random_seed_for_all_lines_is_picked_once():
+    seeds = {request["seed"] for request in line_requests(BASE, "a\nb\nc", same_seed=True)}
+    assert len(seeds) == 1 and -1 not in seeds
+    assert {request["seed"] for request in line_requests(BASE, "a\nb")} == {-1}
+    assert line_requests(BASE | {"seed": 9}, "a\nb", same_seed=True)[1]["seed"] == 9  # a seed given stays
+
+
+@pytest.mark.parametrize("text, says", [
+    ("", "write one prompt"),
+    ("a\n--steps ten", "line 2: --steps 'ten' is no whole number"),
+    ("--colour red", "line 1: --colour is no option; the options are --prompt"),
+    ("--restore_faces true", "--restore_faces is an option this server does not have"),
+    ('--prompt "a cat', "close each quote"),
+    ("--prompt", "--prompt needs a value"),
+    ("--steps 3 twenty", "'twenty' is no option"),
+    ("\n".join(["a"] * (MAX_LINES + 1)), f"at most {MAX_LINES} runs"),
+])
+def test_a_line_that_cannot_be_read_is_named_with_what_to_fix(text, says):
+    with pytest.raises(InvalidRequest, match=says):
+        line_requests(BASE, text)
+
+
+def test_a_text_file_fills_the_box(tmp_path):
+    (tmp_path / "prompts.txt").write_text("\ufeffa fox\na hare\n", encoding="utf-8")
+    assert read_prompt_file(str(tmp_path / "prompts.txt")) == "a fox\na hare\n"  # A1111's BOM left out
+
+
+def run(ui, text: str, **fields) -> list:
+    return list(event(ui, "txt2img")(Session(), "the page's", steps=1, width=64, height=64, seed=4, model=TINY,
+                                     prompt_list=True, prompt_lines=text, **fields))
+
+
+def test_a_list_runs_each_line_in_turn_and_shows_all_their_images(ui, ui_services):
+    labels = input_labels(ui, "txt2img")
+    assert (labels["prompt_list"], labels["prompt_lines"]) == ("Prompts from a list", "One prompt a line")
+    *running, (session, gallery, progress, _, _, timing) = run(ui, 'a red fox\n--prompt "a hare" --steps 2')
+    assert any("Prompts from a list: picture 2 of 2" in str(update[2]) for update in running)
+    assert progress == "" and "for 2 runs" in timing and len(gallery) == 2
+    assert session.infotexts[0].startswith("a red fox\n") and "Steps: 1," in session.infotexts[0]
+    assert session.infotexts[1].startswith("a hare\n") and "Steps: 2," in session.infotexts[1]
+
+
+def test_a_list_line_the_worker_would_refuse_is_named_before_anything_runs(ui, ui_services):
+    jobs = len(ui_services.worker.waiting_jobs())
+    [(session, _, progress, *_)] = run(ui, "a fox\n--clip_skip 5")  # the tiny model's encoder has 3 layers
+    assert "Prompts from a list, line 2: " in html.unescape(progress) and session.job_id is None
+    [(_, _, progress, *_)] = run(ui, "a fox", xyz_plot=True, x_type="Steps", x_values="1, 2")
+    assert "Tick one of X/Y/Z plot and Prompts from a list" in progress
+    assert len(ui_services.worker.waiting_jobs()) == jobs

@@ -1,0 +1,72 @@
+"""A1111's "Prompts from file or textbox": one run for each line. A line is a prompt, or A1111's options for the
+run (`--prompt "a cat" --negative_prompt "blurry" --steps 30 --seed 5`); what a line leaves out is the page's.
+
+Pure reading: the caller runs the requests through the worker, one after another.
+"""
+from __future__ import annotations
+
+import random
+import shlex
+
+from webui.schemas import MAX_SEED, InvalidRequest
+
+MAX_LINES = 100  # runs in one list: each is a job of its own
+
+# A1111's options a line may give, by request field, and how each is read.
+_OPTIONS = {"prompt": str, "negative_prompt": str, "styles": str, "sampler_name": str, "scheduler": str,
+            "seed": int, "subseed": int, "subseed_strength": float, "steps": int, "cfg_scale": float, "width": int,
+            "height": int, "batch_size": int, "n_iter": int, "clip_skip": int, "denoising_strength": float}
+# A1111's options for what this server does not have: named in the message rather than passed over.
+_NOT_HERE = ("sd_model", "outpath_samples", "outpath_grids", "prompt_for_display", "seed_resize_from_h",
+             "seed_resize_from_w", "sampler_index", "restore_faces", "tiling", "do_not_save_samples",
+             "do_not_save_grid")
+
+
+def line_requests(base: dict, text: str, same_seed: bool = False) -> list[dict]:
+    """One request for each non-empty line of text, the line's options over base; InvalidRequest naming the line
+    and what to fix. same_seed: a random seed (-1) is picked once for every line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise InvalidRequest("Prompts from a list: write one prompt (or one line of --options) for each run")
+    if len(lines) > MAX_LINES:
+        raise InvalidRequest(f"Prompts from a list: {len(lines)} lines; at most {MAX_LINES} runs at once")
+    base = dict(base)
+    if same_seed and base.get("seed", -1) == -1:
+        base["seed"] = random.randint(0, MAX_SEED)
+    requests = []
+    for number, line in enumerate(lines, 1):
+        try:
+            requests.append(base | _options(line))
+        except ValueError as err:
+            raise InvalidRequest(f"Prompts from a list, line {number}: {err}") from None
+    return requests
+
+
+def _options(line: str) -> dict:
+    """The fields a line sets: its options, or the whole line as the prompt."""
+    if not line.startswith("--"):
+        return {"prompt": line}
+    try:
+        words = shlex.split(line)
+    except ValueError as err:  # an unclosed quote
+        raise ValueError(f"{err}; close each quote") from None
+    fields: dict = {}
+    while words:
+        flag = words.pop(0)
+        name = flag[2:]
+        if not flag.startswith("--") or not name:
+            raise ValueError(f"{flag!r} is no option; write --name value, with quotes around a value holding spaces")
+        if name in _NOT_HERE:
+            raise ValueError(f"--{name} is an option this server does not have; take it out")
+        if name not in _OPTIONS:
+            raise ValueError(f"--{name} is no option; the options are --{', --'.join(_OPTIONS)}")
+        if not words or words[0].startswith("--"):
+            raise ValueError(f"--{name} needs a value")
+        value = words.pop(0)
+        try:
+            fields[name] = _OPTIONS[name](value)
+        except ValueError:
+            raise ValueError(f"--{name} {value!r} is no {'whole ' if _OPTIONS[name] is int else ''}number") from None
+    if "styles" in fields:
+        fields["styles"] = [style.strip() for style in fields["styles"].split(",") if style.strip()]
+    return fields

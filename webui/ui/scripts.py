@@ -1,0 +1,64 @@
+"""The controls of A1111's scripts that make several runs from one Generate, in the txt2img and img2img tabs:
+the X/Y/Z plot (webui/xyz_plot.py reads it into runs and draws the grid) and prompts from a list
+(webui/prompt_lines.py reads the lines)."""
+from __future__ import annotations
+
+import gradio as gr
+
+from webui.xyz_plot import AXIS_NAMES, AXIS_TYPES
+
+MAX_PROMPT_FILE_CHARS = 200_000  # a hundred lines of long prompts, with room
+VALUES_HELP = "5, 10, 20 · ranges 1-5, 1-9 (+2), 0-1 [5] · sizes 512x768"
+
+
+def axis_types(kind: str) -> list[str]:
+    """The axis types a tab offers: img2img has no hires fix."""
+    return [label for label in AXIS_TYPES if not (kind == "img2img" and label == "Hires steps")]
+
+
+def plot_section(kind: str) -> dict[str, gr.components.Component]:
+    """The switch and the axes, by generate() parameter; the switch outside the section, as the hires fix's."""
+    widgets = {"xyz_plot": gr.Checkbox(False, label="X/Y/Z plot", elem_id=f"{kind}_xyz_plot",
+                                       info="one run for each combination of the values below, in a grid")}
+    with gr.Accordion("X/Y/Z plot settings", open=False, elem_id=f"{kind}_xyz"):
+        for name in AXIS_NAMES:
+            key = name.lower()
+            with gr.Row():
+                widgets[f"{key}_type"] = gr.Dropdown(axis_types(kind), value="Nothing", label=f"{name} type",
+                                                     elem_id=f"{kind}_xyz_{key}_type", scale=1)
+                widgets[f"{key}_values"] = gr.Textbox("", label=f"{name} values", placeholder=VALUES_HELP,
+                                                      elem_id=f"{kind}_xyz_{key}_values", scale=3)
+        with gr.Row():
+            widgets["xyz_legend"] = gr.Checkbox(True, label="Draw legend", elem_id=f"{kind}_xyz_legend")
+            widgets["xyz_sub_images"] = gr.Checkbox(False, label="Include sub images",
+                                                    elem_id=f"{kind}_xyz_sub_images")
+            widgets["xyz_keep_random_seeds"] = gr.Checkbox(False, label="Keep -1 for seeds",
+                                                           elem_id=f"{kind}_xyz_keep_random_seeds")
+    return widgets
+
+
+def prompt_list_section(kind: str) -> dict[str, gr.components.Component]:
+    """A1111's "Prompts from file or textbox", by generate() parameter; a text file dropped in fills the box."""
+    widgets = {"prompt_list": gr.Checkbox(False, label="Prompts from a list", elem_id=f"{kind}_prompt_list",
+                                          info="one run for each line below")}
+    with gr.Accordion("Prompts from a list", open=False, elem_id=f"{kind}_prompt_list_settings"):
+        widgets["prompt_lines"] = gr.Textbox("", lines=5, max_lines=20, label="One prompt a line",
+                                             placeholder='a red fox\n--prompt "a blue fox" --steps 30 --seed 5',
+                                             elem_id=f"{kind}_prompt_lines")
+        upload = gr.File(file_types=[".txt"], type="filepath", label="or a text file of them", height=90,
+                         elem_id=f"{kind}_prompt_file")
+        widgets["prompt_list_same_seed"] = gr.Checkbox(False, label="Use the same random seed for all lines",
+                                                       elem_id=f"{kind}_prompt_list_same_seed")
+    upload.upload(read_prompt_file, inputs=[upload], outputs=[widgets["prompt_lines"]], api_visibility="private",
+                  show_progress="hidden")
+    return widgets
+
+
+def read_prompt_file(path: str | None) -> str:
+    if not path:
+        return gr.skip()
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            return file.read(MAX_PROMPT_FILE_CHARS + 1)[:MAX_PROMPT_FILE_CHARS]
+    except (OSError, UnicodeDecodeError):
+        raise gr.Error("That file is no UTF-8 text; save the prompts as a .txt file, one a line.") from None
