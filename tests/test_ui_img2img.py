@@ -435,5 +435,5 @@ def test_batch_without_pictures_or_with_a_bad_one_says_which_and_runs_nothing(ui
     assert "Batch: could not read notes.txt as an image" in progress and session.job_id is None
     [(_, _, progress, *_)] = inpaint(ui, "Batch", batch_pictures=[good], xyz_plot=True, x_type="Steps",
                                      x_values="1, 2")
-    assert "use it on another sub-tab than Batch" in progress
+    assert "each make their own runs: use one of them at a time" in progress
     assert len(ui_services.worker.waiting_jobs()) == before

@@ -169,13 +169,13 @@ class GenerationActions:
                         "hr_upscaler": hr_upscaler, "hr_second_pass_steps": hr_second_pass_steps or 0,
                         "hr_resize_x": hr_resize_x or 0, "hr_resize_y": hr_resize_y or 0}
         try:
-            picture = mask_picture = None
             batch = self.kind == "img2img" and img2img_mode == BATCH
+            if sum(map(bool, (batch, xyz_plot, prompt_list))) > 1:
+                raise InvalidRequest("Batch, the X/Y/Z plot and Prompts from a list each make their own runs: use "
+                                     "one of them at a time")
+            picture = mask_picture = None
             if batch:
                 uploads = batch_uploads(batch_pictures, batch_masks)
-                if xyz_plot:
-                    raise InvalidRequest("X/Y/Z plot: it varies the settings for one picture; use it on another "
-                                         "sub-tab than Batch")
                 mask_picture = uploads[0][1]  # the masks come all or none
             elif self.kind == "img2img":
                 picture, mask_picture = start_pictures(img2img_mode, {
@@ -187,19 +187,9 @@ class GenerationActions:
                             "inpaint_full_res_padding": inpaint_full_res_padding}
             if request["model"]:
                 request["model"] = self.models.checked_choice(request["model"])
-            if xyz_plot and prompt_list:
-                raise InvalidRequest("Tick one of X/Y/Z plot and Prompts from a list: each makes its own runs")
             if prompt_list:
-                if batch:
-                    raise InvalidRequest("Prompts from a list: use it on another sub-tab than Batch")
-                lines = line_requests(request, prompt_lines or "", prompt_list_same_seed)
-                for number, line in enumerate(lines, 1):  # every line checked before the first runs
-                    try:
-                        self.worker.check(line)
-                    except InvalidRequest as err:
-                        raise InvalidRequest(f"Prompts from a list, line {number}: {err}") from None
-                runs = self._several(session, [Submission(line, picture, mask_picture) for line in lines],
-                                     "Prompts from a list")
+                runs = self._several(session, self._line_submissions(request, prompt_lines, prompt_list_same_seed,
+                                                                     picture, mask_picture), "Prompts from a list")
             elif xyz_plot:
                 axes = [self._found_models(read_axis(name, axis_type, values)) for name, axis_type, values in
                         zip(AXIS_NAMES, (x_type, y_type, z_type), (x_values, y_values, z_values))]
@@ -227,6 +217,17 @@ class GenerationActions:
             log.exception("following job %s failed", session.job_id)
             message = error_html(f"The page lost track of the job: {err}")
             yield session, gr.skip(), message, gr.update(visible=False), gr.skip(), ""
+
+    def _line_submissions(self, request: dict, text: str | None, same_seed: bool, picture: Image.Image | None,
+                          mask: Image.Image | None) -> list[Submission]:
+        """Prompts from a list: a run for each line, every line checked as the worker would before the first."""
+        lines = line_requests(request, text or "", same_seed)
+        for number, line in enumerate(lines, 1):
+            try:
+                self.worker.check(line)
+            except InvalidRequest as err:
+                raise InvalidRequest(f"Prompts from a list, line {number}: {err}") from None
+        return [Submission(line, picture, mask) for line in lines]
 
     def _found_models(self, axis: Axis) -> Axis:
         """A Checkpoint name axis with each value found among the models (as the picker names it)."""
