@@ -13,8 +13,7 @@ import inspect
 import logging
 import os
 import re
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator
 
@@ -27,20 +26,20 @@ from webui.engine.samplers import sampler_names
 from webui.engine.models import ModelNotFound
 from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.styles import Style
-from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, RESIZE_MODES, GeneratedImage,
-                           GenerationRequest, InvalidRequest, JobState)
+from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, RESIZE_MODES, GenerationRequest,
+                           InvalidRequest)
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.params import TAB_FIELDS, schedules_of, with_labels
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, SUBTAB_INPUTS, UnreadablePicture, batch_uploads,
-                               inpainting_settings, on_open_subtab, open_picture, picture_inputs, read_upload,
-                               start_pictures)
+                               inpainting_settings, on_open_subtab, open_picture, picture_inputs, start_pictures)
 from webui.ui.scripts import plot_section, prompt_list_section
-from webui.ui.progress import (error_html, final_html, notice_html, progress_html, seconds_html, timing_html,
-                               token_counter, too_long_counter)
+from webui.ui.progress import (error_html, final_html, progress_html, timing_html, token_counter,
+                               too_long_counter)
+from webui.ui.session import Session, show_images
+from webui.ui.several_runs import SeveralRuns, Submission
 from webui.worker import Job, QueueFull, WorkerStopped
-from webui.prompt_lines import line_requests
-from webui.xyz_plot import AXIS_NAMES, Axis, Cell, Plot, draw_grid, plan, read_axis
+from webui.xyz_plot import AXIS_NAMES, plan, read_axis
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.25
@@ -48,70 +47,10 @@ DEFAULT_SAMPLER = "Euler a"
 KINDS = ("txt2img", "img2img")
 
 
-@dataclass
-class Session:
-    """Per-browser-session state (lives in gr.State): this session's job and what its gallery shows.
-
-    `seeds`, `infotexts` and `paths` follow the gallery image for image, refreshed with every gallery update
-    (while the job runs too), so a click, ♻ or Send to img2img reads the image the user sees, not the last
-    finished run. It holds no pictures: the worker bounds the memory finished jobs take, and pictures kept
-    in every session would get round that bound.
-    """
-
-    job_id: str | None = None
-    tab: str = ""  # the browser tab's secret token (kept in its sessionStorage), so a reload finds its job
-    seeds: list[int] = field(default_factory=list)
-    infotexts: list[str] = field(default_factory=list)
-    paths: list[str | None] = field(default_factory=list)  # the saved files; None where an image was not saved
-    selected: int | None = None  # the gallery's selected index; None when none is selected
-    interrupted: bool = False  # Interrupt came during a run of several jobs (a plot, a batch): start no more
-
-    def start(self, job: Job) -> None:
-        self.job_id = job.id
-        self.show([])
-        self.selected = None  # the first update of the run clears the gallery's selection too
-
-    def show(self, images: list[GeneratedImage]) -> None:
-        self.seeds = [image.seed for image in images]
-        self.infotexts = [image.infotext for image in images]
-        self.paths = [image.path for image in images]
-
-    def current_index(self) -> int:
-        """The selected image, else the first (as ♻ in stable-diffusion-webui)."""
-        return self.selected if self.selected is not None else 0
-
-    def current_infotext(self) -> str:
-        index = self.current_index()
-        return self.infotexts[index] if index < len(self.infotexts) else ""
-
-
-def gallery_items(images: list[GeneratedImage]) -> list[tuple[Any, str]]:
-    """Saved files are shown by path (no re-encoding); unsaved or since-deleted ones as PIL."""
-    return [(image.path if image.path and os.path.exists(image.path) else image.image,
-             f"seed {image.seed}" + (" (unfinished)" if image.unfinished else "")) for image in images]
-
-
-def show_images(session: Session, job: Job) -> list[tuple[Any, str]]:
-    """Gallery items for the job's images so far; the session records the same images, in the same order."""
-    images = list(job.images)  # one snapshot: the worker may append while we read
-    session.show(images)
-    return gallery_items(images)
-
-
-@dataclass(frozen=True)
-class Submission:
-    """One job of a run of several (the X/Y/Z plot's cells, the img2img Batch's pictures)."""
-    request: dict
-    picture: Image.Image | str | None = None  # a picture, or an upload's path, read when its turn comes
-    mask: Image.Image | str | None = None
-
-
-def _opened(picture: Image.Image | str | None, where: str) -> Image.Image | None:
-    return read_upload(picture, where) if isinstance(picture, str) else picture
-
-
 EMBEDDINGS_WAIT = 5.0  # seconds the ↻ waits for the worker to read the embeddings folder
-class GenerationActions:
+
+
+class GenerationActions(SeveralRuns):
     """The event functions of one tab (kind "txt2img" or "img2img"); each takes widget values and returns
     widget values, nothing more."""
 
@@ -217,108 +156,6 @@ class GenerationActions:
             log.exception("following job %s failed", session.job_id)
             message = error_html(f"The page lost track of the job: {err}")
             yield session, gr.skip(), message, gr.update(visible=False), gr.skip(), ""
-
-    def _line_submissions(self, request: dict, text: str | None, same_seed: bool, picture: Image.Image | None,
-                          mask: Image.Image | None) -> list[Submission]:
-        """Prompts from a list: a run for each line, every line checked as the worker would before the first."""
-        lines = line_requests(request, text or "", same_seed)
-        for number, line in enumerate(lines, 1):
-            try:
-                self.worker.check(line)
-            except InvalidRequest as err:
-                raise InvalidRequest(f"Prompts from a list, line {number}: {err}") from None
-        return [Submission(line, picture, mask) for line in lines]
-
-    def _found_models(self, axis: Axis) -> Axis:
-        """A Checkpoint name axis with each value found among the models (as the picker names it)."""
-        if axis.type.label != "Checkpoint name":
-            return axis
-        found = []
-        for name in axis.values:
-            listed = self.models.find_pasted(name, None)
-            if listed is None:
-                raise InvalidRequest(f"{axis.name} values: there is no model {name!r}; the Stable Diffusion "
-                                     "checkpoint list names those there are")
-            found.append(self.models.checked_choice(listed))
-        return Axis(axis.name, axis.type, found)
-
-    def _in_turn(self, session: Session, submissions: list[Submission], what: str) -> Iterator[tuple]:
-        """Run the submissions one job after another (others' jobs take their turns between), following each as a
-        run of its own under a note "<what>: picture n of N". Returns each run's images; None when one did not
-        finish (Interrupt, a failure, a refusal): the last update says why, and the rest are not run."""
-        done = []
-        session.interrupted = False
-        for number, submission in enumerate(submissions, 1):
-            note = notice_html(f"{what}: picture {number} of {len(submissions)}")
-            if session.interrupted:  # between two jobs, where no job was there to cancel
-                yield session, gr.skip(), notice_html(f"{what}: interrupted before picture {number} of "
-                                                      f"{len(submissions)}."), gr.skip(), gr.skip(), gr.skip()
-                return None
-            try:
-                job = self.worker.submit(submission.request, origin="ui", owner=self._owner(session),
-                                         init_image=_opened(submission.picture, what),
-                                         mask=_opened(submission.mask, what))
-            except (InvalidRequest, QueueFull, WorkerStopped) as err:
-                yield session, gr.skip(), note + error_html(with_labels(str(err))), gr.update(visible=False), \
-                    gr.skip(), ""
-                return None
-            session.start(job)
-            for update in self._follow(session, job):  # its progress (an HTML text, or a skip) under the note
-                yield (*update[:2], note + update[2], *update[3:]) if isinstance(update[2], str) else update
-            if job.state is not JobState.DONE:
-                return None
-            done.append(list(job.images))
-        return done
-
-    def _show_all(self, session: Session, shown: list[GeneratedImage], seconds: float, runs: int) -> tuple:
-        """The last update of a run of several jobs: the images shown, the first of them large."""
-        session.show(shown)
-        session.selected = 0 if shown else None
-        return (session, gallery_items(shown), "", gr.update(visible=False, value=None), session.current_infotext(),
-                seconds_html(seconds, f" for {runs} runs"))
-
-    def _several(self, session: Session, submissions: list[Submission], what: str) -> Iterator[tuple]:
-        """img2img's Batch, or prompts from a list: the runs in turn, then all their images."""
-        started = time.monotonic()
-        done = yield from self._in_turn(session, submissions, what)
-        if done is not None:
-            yield self._show_all(session, [image for images in done for image in images], time.monotonic() - started,
-                                 len(submissions))
-
-    def _plot(self, session: Session, plot: Plot, picture: Image.Image | None,
-              mask: Image.Image | None, legend: bool, sub_images: bool) -> Iterator[tuple]:
-        """The X/Y/Z plot: its cells in turn, then the grids (and the cells' images with sub_images, in the grids'
-        order). No grid is drawn from part of a plot."""
-        started = time.monotonic()
-        done = yield from self._in_turn(session, [Submission(cell.request, picture, mask) for cell in plot.cells],
-                                        "X/Y/Z plot")
-        if done is None:
-            return
-        made = sorted(zip(plot.cells, done), key=lambda pair: (pair[0].z, pair[0].y, pair[0].x))
-        shown = self._plot_grids(made, plot.axes, legend) + (
-            [image for _, images in made for image in images] if sub_images else [])
-        yield self._show_all(session, shown, time.monotonic() - started, len(plot.cells))
-
-    def _plot_grids(self, done: list[tuple[Cell, list[GeneratedImage]]], axes: list[Axis],
-                    legend: bool) -> list[GeneratedImage]:
-        """One grid for each Z value, of each cell's first image, saved under <kind>-grids with the infotext of
-        its first picture (as A1111 saves it)."""
-        x, y, z = axes
-        grids = []
-        for z_index in range(len(z.values)):
-            firsts = [(cell, images[0]) for cell, images in done if cell.z == z_index and images]
-            if not firsts:
-                continue
-            title = z.label(z_index) if z.type.label != "Nothing" else None
-            grid = draw_grid({(cell.x, cell.y): image.image for cell, image in firsts}, x, y, title, legend)
-            first = firsts[0][1]
-            try:
-                path = str(self.outputs.save_grid(grid, first.infotext, self.kind))
-            except OSError as err:  # shown all the same; the log says why it is not on disk
-                log.warning("the X/Y/Z plot's grid was not saved: %s", err)
-                path = None
-            grids.append(GeneratedImage(image=grid, seed=first.seed, index=0, infotext=first.infotext, path=path))
-        return grids
 
     def generate_on(self, subtab: str, names: list[str]) -> Callable[..., Iterator[tuple]]:
         """generate() as the img2img sub-tab `subtab`'s own Generate event calls it: the inputs after the session
