@@ -18,7 +18,7 @@ from tests.conftest import TINY
 from tests.helpers import wait_for
 # ui_services and ui: test_ui's module fixtures, started again for this module.
 from tests.test_ui import event, generate, input_labels, is_skip, selected, through_gradio, ui, ui_services, uploaded  # noqa: F401
-from webui.schemas import JobState
+from webui.schemas import InvalidRequest, JobState
 from webui.ui.params import IMG2IMG_FIELDS, TXT2IMG_FIELDS
 from webui.ui.generation import REQUEST_DEFAULTS, Session, busy_button
 from webui.ui.pictures import ALL_SUBTAB_INPUTS, SUBTAB_INPUTS, UnreadablePicture
@@ -437,3 +437,12 @@ def test_batch_without_pictures_or_with_a_bad_one_says_which_and_runs_nothing(ui
                                      x_values="1, 2")
     assert "each make their own runs: use one of them at a time" in progress
     assert len(ui_services.worker.waiting_jobs()) == before
+
+
+def test_a_batch_picture_past_pils_own_limit_is_called_too_large(tmp_path, monkeypatch):
+    from webui.ui.pictures import batch_uploads
+
+    path = saved(tmp_path, "huge.png", picture(size=(64, 64)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64x64 is past twice PIL's limit: it refuses to open it
+    with pytest.raises(InvalidRequest, match="Batch: could not read huge.png as an image: it is too large"):
+        batch_uploads([path], None)

@@ -42,6 +42,9 @@ NO_MASK = "Inpaint upload: upload the mask too (white where the picture is drawn
 NO_BATCH = "Batch: upload the pictures to start from (several at once; each is a run of its own)."
 
 
+TOO_LARGE = f"it is too large; send one of at most {MAX_PICTURE_PIXELS / 1e6:.1f} megapixels, scaled down"
+
+
 @dataclass(frozen=True)
 class UnreadablePicture:
     """An upload that is no picture, a damaged one or one too large to read: Generate says so where its progress
@@ -73,8 +76,7 @@ def tolerant(component: gr.Image | gr.ImageMask, field: str) -> gr.Image | gr.Im
         try:
             return prepare(payload)
         except Image.DecompressionBombError:  # PIL's own limit, far above ours (check_picture_size)
-            return UnreadablePicture(name, f"it is too large; send one of at most {MAX_PICTURE_PIXELS / 1e6:.1f} "
-                                           "megapixels, scaled down", field)
+            return UnreadablePicture(name, TOO_LARGE, field)
         except (OSError, SyntaxError, ValueError, gr.Error):
             return UnreadablePicture(name, field=field)
 
@@ -247,6 +249,7 @@ def read_upload(path: str, where: str, header_only: bool = False) -> Image.Image
             return image.copy()
     except ValueError as err:
         raise InvalidRequest(f"{where}: {Path(path).name}: {err}") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError):
-        raise InvalidRequest(f"{where}: could not read {Path(path).name} as an image; it is not a PNG, JPEG or "
-                             "WebP file, or it is damaged") from None
+    except Image.DecompressionBombError:  # PIL's own limit, far above ours: it stops before the size is known
+        raise InvalidRequest(UnreadablePicture(Path(path).name, TOO_LARGE, where).problem()) from None
+    except (OSError, SyntaxError):
+        raise InvalidRequest(UnreadablePicture(Path(path).name, field=where).problem()) from None
