@@ -313,6 +313,64 @@ def test_png_info_parses_the_infotext_and_rejects_bad_base64(client):
     assert client.post("/sdapi/v1/png-info", json={}).json()["detail"].startswith("image: ")
 
 
+def png_base64(picture: Image.Image, infotext: str | None = None) -> str:
+    meta = PngInfo()
+    if infotext:
+        meta.add_text("parameters", infotext)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", pnginfo=meta)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decoded(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_extra_single_image_resizes_and_keeps_the_parameters(client):
+    text = "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 24x16"
+    body = {"image": "data:image/png;base64," + png_base64(Image.new("RGB", (24, 16), "teal"), text),
+            "upscaling_resize": 3, "upscaler_1": "Nearest", "show_extras_results": True, "gfpgan_visibility": 0}
+    r = client.post("/sdapi/v1/extra-single-image", json=body)
+    assert r.status_code == 200, r.text
+    picture = decoded(r.json()["image"])
+    assert picture.size == (72, 48) and picture.getpixel((70, 40)) == (0, 128, 128)
+    assert picture.text == {"parameters": text, "postprocessing": "Postprocess upscale by: 3, Postprocess upscaler: Nearest"}
+    assert "Postprocess upscale by: 3, Postprocess upscaler: Nearest" in r.json()["html_info"]
+    # A1111's own defaults: scale by 2 with upscaler_1 "None" sends the picture back as it was.
+    r = client.post("/sdapi/v1/extra-single-image", json={"image": png_base64(Image.new("RGB", (24, 16))),
+                                                           "upscaler_1": "None"})
+    assert r.status_code == 200 and decoded(r.json()["image"]).size == (24, 16)
+
+
+def test_extra_batch_images_answers_in_order_and_names_the_picture_to_fix(client):
+    pictures = [{"data": png_base64(Image.new("RGB", (8, 8 * (i + 1)))), "name": f"{i}.png"} for i in range(2)]
+    r = client.post("/sdapi/v1/extra-batch-images", json={"imageList": pictures, "resize_mode": 1,
+                                                          "upscaling_resize_w": 32, "upscaling_resize_h": 32,
+                                                          "upscaling_crop": False, "upscaler_1": "Lanczos"})
+    assert r.status_code == 200, r.text
+    assert [decoded(b64).size for b64 in r.json()["images"]] == [(32, 32), (32, 64)]
+    broken = pictures + [{"data": base64.b64encode(b"not a picture").decode(), "name": "notes.txt"}]
+    r = client.post("/sdapi/v1/extra-batch-images", json={"imageList": broken})
+    assert r.status_code == 422 and r.json()["detail"].startswith("imageList[2] (notes.txt): "), r.text
+    r = client.post("/sdapi/v1/extra-batch-images", json={"imageList": []})
+    assert r.status_code == 422 and "imageList: send from 1 to 100 pictures, got 0" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("body, problem", [
+    ({"upscaler_1": "R-ESRGAN 4x+"}, "upscaler_1: unknown upscaler 'R-ESRGAN 4x+'"),
+    ({"gfpgan_visibility": 1}, "gfpgan_visibility: face restoration is not supported (send 0)"),
+    ({"codeformer_visibility": 0.5}, "codeformer_visibility: face restoration is not supported"),
+    ({"upscaling_resize": 8, "upscaler_1": "Nearest", "image_size": 2000}, "the 2000x8 picture would become 16000x64"),
+    ({"resize_mode": 5}, "resize_mode must be 0 (scale by) or 1 (scale to)"),
+    ({"image": ""}, "image: empty; send a base64-encoded PNG"),
+])
+def test_extras_refuse_what_they_cannot_do_naming_the_field(client, body, problem):
+    width = body.pop("image_size", 8)
+    full = {"image": png_base64(Image.new("RGB", (width, 8)))} | body
+    r = client.post("/sdapi/v1/extra-single-image", json=full)
+    assert r.status_code == 422 and problem in r.json()["detail"], r.text
+
+
 # --- lists, options, models -------------------------------------------------------------------
 def test_lists_and_memory(client):
     samplers = client.get("/sdapi/v1/samplers").json()
@@ -322,8 +380,12 @@ def test_lists_and_memory(client):
     schedulers = client.get("/sdapi/v1/schedulers").json()
     assert [(s["name"], s["label"]) for s in schedulers][:2] == [("automatic", "Automatic"), ("karras", "Karras")]
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
-    for missing_feature in ("sd-vae", "upscalers", "latent-upscale-modes", "prompt-styles", "loras"):
+    for missing_feature in ("sd-vae", "prompt-styles", "loras"):
         assert client.get(f"/sdapi/v1/{missing_feature}").json() == [], missing_feature  # clients read these at start
+    # A1111's names, which hr_upscaler and the Extras routes take
+    assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
+    latent_modes = [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()]
+    assert latent_modes[0] == "Latent" and {"Latent (antialiased)", "Latent (nearest-exact)"} <= set(latent_modes)
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     memory = client.get("/sdapi/v1/memory").json()
     assert memory["ram"]["total"] > 0 and "cuda" in memory

@@ -287,6 +287,28 @@ def test_png_info_reads_a_stable_diffusion_webui_png(page, tmp_path):
         "Automatic", "SGM Uniform"]
 
 
+def test_extras_scales_a_picture_to_a_size_and_shows_the_saved_file(page, app_server, tmp_path):
+    text = "a teal square\nSteps: 3, Sampler: Euler a, CFG scale: 7, Seed: 8, Size: 32x16"
+    info = PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (32, 16), "teal").save(tmp_path / "small.png", pnginfo=info)
+
+    page.get_by_role("tab", name="Extras").click()
+    page.locator("#extras_image input[type=file]").set_input_files(str(tmp_path / "small.png"))
+    page.get_by_label("Scale to", exact=True).check()
+    set_number(page, "extras_upscaling_resize_w", 40)
+    set_number(page, "extras_upscaling_resize_h", 40)
+    page.click("#extras_generate")
+    expect_text(page, "#extras_info", "Postprocess upscale to: 40x40, Postprocess crop to: 40x40")
+    shown = page.locator("#extras_gallery img").first
+    playwright_api.expect(shown).to_be_visible()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=shown.element_handle())
+    assert shown.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [40, 40]  # served from outputs/
+    [saved] = (app_server.outdir / "extras-images").rglob("*.png")
+    with Image.open(saved) as picture:
+        assert picture.size == (40, 40) and picture.text["parameters"] == text
+
+
 def test_png_info_says_when_a_file_is_no_image_and_drops_the_old_parameters(page, tmp_path):
     info = PngInfo()
     info.add_text("parameters", "an old prompt\nSteps: 9, Sampler: Euler, CFG scale: 5, Seed: 11, Size: 64x64")

@@ -194,8 +194,8 @@ def test_paths_outside_outputs_are_refused(tmp_path):
 
 
 def img2img_and_grid_folders(store, *first) -> list:
-    """The output folders served besides a linked txt2img-images: these, then img2img's."""
-    return [(store.outdir / name).resolve() for name in (*first, "img2img-images", "img2img-grids")]
+    """The output folders served besides a linked txt2img-images: these, then img2img's and Extras'."""
+    return [(store.outdir / name).resolve() for name in (*first, "img2img-images", "img2img-grids", "extras-images")]
 
 
 def test_a_folder_linked_to_another_disk_counts_as_inside_outputs(tmp_path):

@@ -7,23 +7,26 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import html
 import io
 import json
 from typing import Any, Callable
 
 from PIL import Image, UnidentifiedImageError
-from PIL.PngImagePlugin import PngInfo
 
 from webui import __version__
-from webui.api.models import GenerationBody, GenerationResponse, Img2ImgRequest, JobProgress, Txt2ImgRequest
+from webui.api.models import (
+    ExtrasBody, GenerationBody, GenerationResponse, Img2ImgRequest, JobProgress, Txt2ImgRequest,
+)
 from webui.config import A1111_IGNORED_SWITCHES, A1111_IGNORED_VALUES, A1111_REFUSED_FLAGS, Settings
 from webui.engine.generate import LoadedModel
 from webui.engine.img2img import check_picture_size
+from webui.extras import MAX_PICTURES, upscale
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
 from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
 from webui.schemas import InvalidRequest, parse_request
 from webui.storage.infotext import parse_infotext, request_fields_from_infotext
-from webui.storage.outputs import read_infotext
+from webui.storage.outputs import png_texts, read_infotext
 from webui.worker import Job
 
 
@@ -43,6 +46,8 @@ _UNSUPPORTED = (
     ("seed_resize_from_h", lambda v: v is not None and v > 0, "seed resize is not supported yet (send -1)"),
     ("seed_resize_from_w", lambda v: v is not None and v > 0, "seed resize is not supported yet (send -1)"),
     ("restore_faces", lambda v: bool(v), "face restoration is not supported (send false)"),
+    ("gfpgan_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
+    ("codeformer_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
     ("tiling", lambda v: bool(v), "tiling is not supported yet (send false)"),
     ("refiner_checkpoint", lambda v: v not in (None, "", "None", "none"), "a refiner is not supported yet"),
     ("script_name", lambda v: v not in (None, "", "None", "none"), "no scripts are installed on this server"),
@@ -313,14 +318,12 @@ def cmd_flags(settings: Settings) -> dict[str, Any]:
 
 
 # --- images -----------------------------------------------------------------------------------
-def encode_png(image: Image.Image, infotext: str | None = None) -> str:
-    """A PIL image -> base64 PNG, with the infotext in the 'parameters' chunk when given."""
-    metadata = None
-    if infotext:
-        metadata = PngInfo()
-        metadata.add_text("parameters", infotext)
+def encode_png(image: Image.Image, infotext: str | None = None, postprocessing: str | None = None) -> str:
+    """A PIL image -> base64 PNG, with the infotext in the 'parameters' chunk when given (and what Extras did in
+    'postprocessing')."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=metadata)
+    image.save(buffer, format="PNG", pnginfo=png_texts({"parameters": infotext or None,
+                                                        "postprocessing": postprocessing or None}))
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -354,6 +357,25 @@ def decode_image(data: str, field: str = "image", pixels_needed: bool = True,
     except (OSError, ValueError, Image.DecompressionBombError):
         raise unreadable from None
     return image
+
+
+def upscale_pictures(req: ExtrasBody, pictures: list[tuple[str, str]]) -> tuple[list[str], str]:
+    """An Extras body's pictures, given as (field, base64), resized: (base64 PNGs, html_info), or ApiError naming
+    the field to fix. Each picture is read when its turn comes, so a batch never holds every original at once."""
+    problems = [f"{name}: {message}" for name, asks, message in _UNSUPPORTED if asks(getattr(req, name, None))]
+    if problems:
+        raise ApiError(422, "; ".join(problems), "InvalidRequest")
+    if not pictures or len(pictures) > MAX_PICTURES:
+        raise ApiError(422, f"imageList: send from 1 to {MAX_PICTURES} pictures, got {len(pictures)}", "InvalidRequest")
+    encoded, done = [], None
+    for field, data in pictures:
+        picture = decode_image(data, field, check_size=check_picture_size)
+        try:
+            done = upscale(picture, req)
+        except ValueError as err:
+            raise ApiError(422, f"{field}: {err}", "InvalidRequest") from None
+        encoded.append(encode_png(done.image, done.parameters, done.infotext))
+    return encoded, f"<p>{html.escape(done.infotext)}</p>"
 
 
 def init_image_of(req: GenerationBody) -> Image.Image | None:

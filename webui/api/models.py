@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from webui.extras import MAX_PICTURES, UpscaleSettings
 from webui.storage.infotext import MAX_INFOTEXT_CHARS
 
 
@@ -152,6 +153,52 @@ class GenerationResponse(BaseModel):
     images: list[str] | None = Field(None, description="base64 PNGs, each with its infotext in the 'parameters' chunk")
     parameters: dict[str, Any]
     info: str = Field(description="a JSON string: seed, all_seeds, infotexts, width, height, sd_model_name, ...")
+
+
+class ExtrasBody(UpscaleSettings):
+    """What extra-single-image and extra-batch-images share (A1111's ExtrasBaseRequest). Face restoration is
+    declared so A1111's clients validate, and refused when asked for: it needs models this server lacks."""
+    gfpgan_visibility: float = Field(0, description="refused unless 0: no face restorer is installed")
+    codeformer_visibility: float = Field(0, description="refused unless 0: no face restorer is installed")
+    codeformer_weight: float = Field(0, description="ignored (only for CodeFormer)")
+    upscale_first: bool = Field(False, description="ignored (the order of upscaling and face restoration)")
+    show_extras_results: bool = Field(True, description="ignored: the pictures are always returned")
+
+
+class ExtrasSingleImageRequest(ExtrasBody):
+    image: str = Field("", description="a base64 image, optionally as a data: URL")
+
+
+class ExtrasImage(BaseModel):
+    data: str = Field(description="a base64 image, optionally as a data: URL")
+    name: str = Field("", description="its file name (only to name it in an error)")
+
+
+class ExtrasBatchImagesRequest(ExtrasBody):
+    imageList: list[ExtrasImage] = Field(description=f"the pictures, at most {MAX_PICTURES}")
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str = Field(description="what was done, as A1111's 'postprocessing' infotext in HTML")
+    image: str = Field(description="base64 PNG; the original's 'parameters' chunk kept, what was done in "
+                                   "'postprocessing'")
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str = Field(description="what was done, as A1111's 'postprocessing' infotext in HTML")
+    images: list[str] = Field(description="base64 PNGs, in the order sent")
+
+
+class UpscalerItem(BaseModel):
+    name: str
+    model_name: str | None = None
+    model_path: str | None = None
+    model_url: str | None = None
+    scale: float | None = None
+
+
+class LatentUpscaleModeItem(BaseModel):
+    name: str
 
 
 class PNGInfoRequest(BaseModel):

@@ -25,14 +25,18 @@ from starlette.routing import Match
 from webui.api import convert
 from webui.api.convert import ApiError
 from webui.api.models import (
-    ErrorResponse, GenerationBody, GenerationResponse, Img2ImgRequest, JobCancelReply, JobCreated, JobStatus,
-    LoraItem, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest, PNGInfoResponse, ProgressResponse,
-    PromptStyleItem, SamplerItem, SchedulerItem, ScriptsList, SDModelItem, Txt2ImgRequest,
+    ErrorResponse, ExtrasBatchImagesRequest, ExtrasBatchImagesResponse, ExtrasSingleImageRequest,
+    ExtrasSingleImageResponse, GenerationBody, GenerationResponse, Img2ImgRequest, JobCancelReply, JobCreated,
+    JobStatus, LatentUpscaleModeItem, LoraItem, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest,
+    PNGInfoResponse, ProgressResponse, PromptStyleItem, SamplerItem, SchedulerItem, ScriptsList, SDModelItem,
+    Txt2ImgRequest, UpscalerItem,
 )
+from webui.engine.hires import LATENT_UPSCALERS
 from webui.engine.loader import ModelLoadError
 from webui.engine.generate import LoadedModel
 from webui.engine.models import ModelNotFound
 from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_key
+from webui.extras import EXTRAS_UPSCALERS
 from webui.schemas import InvalidRequest, JobState, describe_validation_errors
 from webui.storage.history import owner_key
 from webui.worker import Job, QueueFull, WorkerStopped, await_result
@@ -413,7 +417,7 @@ class Api:
 
     @staticmethod
     def none_installed() -> list:
-        """Lists of features this server does not have (VAEs, upscalers, LoRAs, styles...): empty, so
+        """Lists of features this server does not have (VAEs, hypernetworks, face restorers...): empty, so
         clients that read them at start-up go on instead of failing on a 404."""
         return []
 
@@ -424,6 +428,25 @@ class Api:
                 "skipped": {name: e.summary for name, e in found.skipped.items()}}
 
     # --- images and the machine ---------------------------------------------------------------
+    def extra_single_image(self, req: ExtrasSingleImageRequest) -> ExtrasSingleImageResponse:
+        images, info = convert.upscale_pictures(req, [("image", req.image)])
+        return ExtrasSingleImageResponse(html_info=info, image=images[0])
+
+    def extra_batch_images(self, req: ExtrasBatchImagesRequest) -> ExtrasBatchImagesResponse:
+        pictures = [(f"imageList[{i}]" + (f" ({item.name})" if item.name else ""), item.data)
+                    for i, item in enumerate(req.imageList)]
+        images, info = convert.upscale_pictures(req, pictures)
+        return ExtrasBatchImagesResponse(html_info=info, images=images)
+
+    @staticmethod
+    def upscalers() -> list[UpscalerItem]:
+        # A1111 lists "None" first; its filters have no model, and no scale of their own
+        return [UpscalerItem(name=name) for name in EXTRAS_UPSCALERS]
+
+    @staticmethod
+    def latent_upscale_modes() -> list[LatentUpscaleModeItem]:
+        return [LatentUpscaleModeItem(name=name) for name in LATENT_UPSCALERS]
+
     def png_info(self, req: PNGInfoRequest) -> PNGInfoResponse:
         return PNGInfoResponse(**convert.png_info(convert.decode_image(req.image, "image", pixels_needed=False)))
 
@@ -439,6 +462,10 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/txt2img", api.txt2img, methods=["POST"], response_model=GenerationResponse, tags=["generate"])
     add(f"{sd}/img2img", api.img2img, methods=["POST"], response_model=GenerationResponse, tags=["generate"],
         summary="img2img from one init image (no inpainting mask yet)")
+    add(f"{sd}/extra-single-image", api.extra_single_image, methods=["POST"],
+        response_model=ExtrasSingleImageResponse, tags=["images"], summary="resize one picture (Extras)")
+    add(f"{sd}/extra-batch-images", api.extra_batch_images, methods=["POST"],
+        response_model=ExtrasBatchImagesResponse, tags=["images"], summary="resize several pictures (Extras)")
     add(f"{sd}/png-info", api.png_info, methods=["POST"], response_model=PNGInfoResponse, tags=["images"])
     add(f"{sd}/progress", api.progress, methods=["GET"], response_model=ProgressResponse, tags=["queue"])
     add(f"{sd}/interrupt", api.interrupt, methods=["POST"], tags=["queue"])
@@ -459,7 +486,10 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/scripts", api.scripts, methods=["GET"], response_model=ScriptsList, tags=["models"])
     add(f"{sd}/prompt-styles", api.prompt_styles, methods=["GET"], response_model=list[PromptStyleItem],
         tags=["models"])
-    for name in ("sd-vae", "upscalers", "latent-upscale-modes", "hypernetworks",
+    add(f"{sd}/upscalers", api.upscalers, methods=["GET"], response_model=list[UpscalerItem], tags=["models"])
+    add(f"{sd}/latent-upscale-modes", api.latent_upscale_modes, methods=["GET"],
+        response_model=list[LatentUpscaleModeItem], tags=["models"])
+    for name in ("sd-vae", "hypernetworks",
                  "face-restorers", "realesrgan-models", "script-info", "extensions"):
         add(f"{sd}/{name}", api.none_installed, methods=["GET"], response_model=list, tags=["models"],
             summary=f"{name} (none on this server: an empty list)")

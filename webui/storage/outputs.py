@@ -2,6 +2,7 @@
 
     outputs/txt2img-images/YYYY-MM-DD/NNNNN-<seed>.png   (counter continues across restarts)
     outputs/txt2img-grids/YYYY-MM-DD/grid-NNNN.png
+    outputs/extras-images/YYYY-MM-DD/NNNNN.png            (Extras: pictures resized, as A1111 names them)
 
 Every file is written under a temporary name and linked to a free number, so a crash never leaves a
 half-written PNG under a real name (the temporary file is removed at the next start), and a file is never
@@ -26,7 +27,8 @@ from PIL.PngImagePlugin import PngInfo
 from webui.storage.infotext import MAX_INFOTEXT_CHARS, build_infotext
 
 KINDS = ("txt2img", "img2img")  # what made an image: the first part of its folder's name, as in A1111
-_NUMBERED = re.compile(r"^(\d{5,})-")  # five digits at least: 100000 follows 99999
+EXTRAS = "extras"  # the Extras tab's pictures: a folder of images, no grids
+_NUMBERED = re.compile(r"^(\d{5,})[-.]")  # five digits at least: 100000 follows 99999
 _GRID_NUMBERED = re.compile(r"^grid-(\d{4,})\.")
 # EXIF: the Exif sub-IFD, its UserComment tag, and the 8-byte character code that starts a comment.
 _EXIF_IFD, _USER_COMMENT, _COMMENT_PREFIX_SIZE = 0x8769, 0x9286, 8
@@ -71,7 +73,8 @@ class OutputStore:
 
     def image_folders(self) -> list[Path]:
         """The folders images and grids are saved under (the day folders go inside them)."""
-        return [self.outdir / f"{kind}-{what}" for kind in KINDS for what in ("images", "grids")]
+        return ([self.outdir / f"{kind}-{what}" for kind in KINDS for what in ("images", "grids")]
+                + [self.outdir / f"{EXTRAS}-images"])
 
     def image_folder(self, kind: str, day: dt.date | None = None) -> Path:
         return self.outdir / f"{kind}-images" / (day or dt.date.today()).isoformat()
@@ -81,11 +84,17 @@ class OutputStore:
 
     def save_image(self, image: Image.Image, infotext: str, seed: int, kind: str = "txt2img") -> Path:
         folder = self.image_folder(kind)
-        return self._save(image, infotext, folder, lambda n: f"{n:05d}-{seed}.png", _NUMBERED)
+        return self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}-{seed}.png", _NUMBERED)
 
     def save_grid(self, grid: Image.Image, infotext: str, kind: str = "txt2img") -> Path:
         folder = self.grid_folder(kind)
-        return self._save(grid, infotext, folder, lambda n: f"grid-{n:04d}.png", _GRID_NUMBERED)
+        return self._save(grid, {"parameters": infotext}, folder, lambda n: f"grid-{n:04d}.png", _GRID_NUMBERED)
+
+    def save_extra(self, image: Image.Image, parameters: str | None, postprocessing: str) -> Path:
+        """A picture the Extras tab resized: its generation parameters kept as they were (so PNG Info and
+        "send to" still read them), what Extras did in a `postprocessing` text chunk, as A1111 writes it."""
+        texts = {"parameters": parameters, "postprocessing": postprocessing or None}
+        return self._save(image, texts, self.image_folder(EXTRAS), lambda n: f"{n:05d}.png", _NUMBERED)
 
     def remove_partial_files(self, older_than: float = 3600.0) -> int:
         """Delete the temporary files of saves a crash cut short; returns how many. Only old ones: another
@@ -103,10 +112,11 @@ class OutputStore:
     def resolve(self, path: str | Path) -> Path:
         return resolve_inside(self.outdir, path)
 
-    def _save(self, image: Image.Image, infotext: str, folder: Path, name_for, numbered: re.Pattern) -> Path:
+    def _save(self, image: Image.Image, texts: dict[str, str | None], folder: Path, name_for,
+              numbered: re.Pattern) -> Path:
+        """Write the PNG with its text chunks (those with None: left out) under the next free number."""
         folder.mkdir(parents=True, exist_ok=True)
-        metadata = PngInfo()
-        metadata.add_text("parameters", infotext)
+        metadata = png_texts(texts)
         temp = folder / f".partial-{uuid.uuid4().hex}.png"
         try:
             with _create_new(temp) as handle:
@@ -114,6 +124,15 @@ class OutputStore:
             return _claim_name(temp, folder, name_for, numbered)
         finally:
             temp.unlink(missing_ok=True)
+
+
+def png_texts(texts: dict[str, str | None]) -> PngInfo:
+    """PNG text chunks (tEXt, or iTXt for text beyond Latin-1, as PIL picks); those with None are left out."""
+    metadata = PngInfo()
+    for key, text in texts.items():
+        if text is not None:
+            metadata.add_text(key, text)
+    return metadata
 
 
 def _create_new(path: Path):

@@ -1,4 +1,4 @@
-"""The whole page: the model picker above four tabs (txt2img, img2img, History, PNG Info) and the wiring
+"""The whole page: the model picker above five tabs (txt2img, img2img, Extras, History, PNG Info) and the wiring
 between them ("send to txt2img" and "send to img2img", history refresh after a run, the model's sliders).
 
 `build_ui(services)` gives the gr.Blocks; `create_ui(services)` also hands back the tabs, so tests
@@ -16,6 +16,7 @@ from PIL import Image
 
 from webui.engine.img2img import size_from_image
 from webui.services import Services
+from webui.ui.extras import ExtrasTab, build_extras
 from webui.ui.history import HistoryActions, HistoryTab, build_history
 from webui.ui.models import ModelActions, ModelPicker, build_model_picker
 from webui.ui.params import widget_updates
@@ -48,6 +49,7 @@ class WebUI:
     history: HistoryTab
     history_actions: HistoryActions
     pnginfo: PngInfoTab
+    extras: ExtrasTab
 
     @property
     def generation_tabs(self) -> tuple[GenerationTab, GenerationTab]:
@@ -68,11 +70,13 @@ def create_ui(services: Services) -> WebUI:
                 txt2img = build_generation_tab(services, picker, models, "txt2img")
             with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
                 img2img = build_generation_tab(services, picker, models, "img2img")
+            with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
+                extras = build_extras(services.outputs)
             with gr.Tab("History", id="history", elem_id="tab_history"):
                 history, history_actions = build_history(services)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 pnginfo = build_pnginfo()
-        ui = WebUI(blocks, models, picker, txt2img, img2img, history, history_actions, pnginfo)
+        ui = WebUI(blocks, models, picker, txt2img, img2img, history, history_actions, pnginfo, extras)
         _wire_between_tabs(ui, tabs)
         _wire_page_load(ui)
     # The worker is the one queue that matters; Gradio's own per-event queue would only make

@@ -1,0 +1,194 @@
+"""Extras: pictures resized without a model (webui/extras.py), saved by OutputStore.save_extra, and the tab's
+event (webui/ui/extras.py). The REST routes are tested in test_api.py."""
+from __future__ import annotations
+
+import datetime as dt
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from tests.helpers import noise_picture
+from webui.extras import MAX_SIDE, parse_upscale, upscale
+from webui.schemas import InvalidRequest
+from webui.storage.outputs import OutputStore, read_infotext
+from webui.ui.extras import BATCH, SINGLE, ExtrasActions
+from webui.ui.pictures import UnreadablePicture
+
+INFOTEXT = "a lighthouse\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 48x32"
+
+
+def halves(width: int, height: int) -> Image.Image:
+    """Red on the left half, blue on the right."""
+    picture = Image.new("RGB", (width, height), (255, 0, 0))
+    picture.paste((0, 0, 255), (width // 2, 0, width, height))
+    return picture
+
+
+def png_file(path, picture: Image.Image, infotext: str | None = INFOTEXT):
+    metadata = PngInfo()
+    if infotext:
+        metadata.add_text("parameters", infotext)
+    picture.save(path, pnginfo=metadata)
+    return str(path)
+
+
+# --- resizing ---------------------------------------------------------------------------------
+def test_nearest_by_two_repeats_every_pixel_in_a_square_of_four():
+    picture = noise_picture(1, 16, 8)
+    done = upscale(picture, parse_upscale({"upscaler_1": "Nearest", "upscaling_resize": 2}))
+    expected = np.asarray(picture).repeat(2, axis=0).repeat(2, axis=1)
+    assert np.array_equal(np.asarray(done.image), expected)
+    assert done.info == {"Postprocess upscale by": 2.0, "Postprocess upscaler": "Nearest"}
+    assert done.infotext == "Postprocess upscale by: 2, Postprocess upscaler: Nearest"
+
+
+def test_lanczos_makes_the_size_asked_and_keeps_the_colours_of_a_flat_picture():
+    done = upscale(Image.new("RGB", (40, 30), (10, 200, 30)), parse_upscale({"upscaling_resize": 2.5}))
+    assert done.image.size == (100, 75)
+    assert done.image.getextrema() == ((10, 10), (200, 200), (30, 30))
+
+
+def test_scale_to_covers_the_size_and_the_crop_keeps_the_middle():
+    picture = halves(100, 50)  # scaled by 1.28 to 128x64, then 32 columns cut from each side
+    settings = {"resize_mode": 1, "upscaling_resize_w": 64, "upscaling_resize_h": 64, "upscaler_1": "Nearest"}
+    done = upscale(picture, parse_upscale(settings))
+    assert done.image.size == (64, 64)
+    pixels = np.asarray(done.image)
+    assert (pixels[:, :32] == (255, 0, 0)).all() and (pixels[:, 32:] == (0, 0, 255)).all()
+    assert done.info == {"Postprocess upscale to": "64x64", "Postprocess crop to": "64x64",
+                         "Postprocess upscaler": "Nearest"}
+
+    uncut = upscale(picture, parse_upscale(settings | {"upscaling_crop": False}))
+    assert uncut.image.size == (128, 64) and "Postprocess crop to" not in uncut.info
+
+
+def test_the_second_upscaler_is_blended_in_by_its_visibility():
+    picture = noise_picture(2, 24, 24)
+    nearest = upscale(picture, parse_upscale({"upscaler_1": "Nearest"})).image
+    lanczos = upscale(picture, parse_upscale({"upscaler_1": "Lanczos"})).image
+    all_second = upscale(picture, parse_upscale({"upscaler_2": "Nearest", "extras_upscaler_2_visibility": 1}))
+    assert np.array_equal(np.asarray(all_second.image), np.asarray(nearest))
+    assert all_second.info["Postprocess upscaler 2"] == "Nearest"
+    half = np.asarray(upscale(picture, parse_upscale({"upscaler_2": "Nearest",
+                                                      "extras_upscaler_2_visibility": 0.5})).image).astype(int)
+    mean = (np.asarray(nearest).astype(int) + np.asarray(lanczos).astype(int)) / 2
+    assert np.abs(half - mean).max() <= 1
+    unseen = upscale(picture, parse_upscale({"upscaler_2": "Nearest", "extras_upscaler_2_visibility": 0}))
+    assert "Postprocess upscaler 2" not in unseen.info
+
+
+def test_upscaler_none_leaves_the_picture_and_keeps_its_parameters():
+    picture = halves(48, 32)
+    picture.info["parameters"] = INFOTEXT
+    done = upscale(picture, parse_upscale({"upscaler_1": "None"}))
+    assert done.image.size == (48, 32) and done.info == {} and done.infotext == ""
+    assert done.parameters == INFOTEXT
+
+
+def test_a_transparent_picture_is_laid_on_white():
+    picture = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    done = upscale(picture, parse_upscale({"upscaler_1": "Nearest"}))
+    assert done.image.mode == "RGB" and done.image.getextrema() == ((255, 255),) * 3
+
+
+def test_a_result_past_the_largest_side_is_refused_with_what_to_change():
+    with pytest.raises(ValueError, match=f"at most {MAX_SIDE} pixels a side.*smaller factor"):
+        upscale(Image.new("RGB", (2000, 10)), parse_upscale({"upscaling_resize": 8}))
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({"upscaler_1": "R-ESRGAN 4x+"}, "upscaler_1: unknown upscaler 'R-ESRGAN 4x+'; choose one of: None, Lanczos"),
+    ({"upscaler_2": "SwinIR_4x"}, "upscaler_2: unknown upscaler"),
+    ({"resize_mode": 2}, "resize_mode must be 0 (scale by) or 1 (scale to), got 2"),
+    ({"upscaling_resize": 0}, "upscaling_resize: Input should be greater than 0"),
+    ({"upscaling_resize": 9}, "upscaling_resize: Input should be less than or equal to 8"),
+    ({"upscaling_resize_w": 0}, "upscaling_resize_w: Input should be greater than or equal to 1"),
+    ({"extras_upscaler_2_visibility": 1.5}, "extras_upscaler_2_visibility: Input should be less than or equal to 1"),
+])
+def test_bad_settings_are_refused_naming_the_field(fields, problem):
+    with pytest.raises(InvalidRequest) as refused:
+        parse_upscale(fields)
+    assert problem in str(refused.value)
+
+
+# --- saving -----------------------------------------------------------------------------------
+def test_extras_are_numbered_in_their_own_folder_with_both_texts(tmp_path):
+    store = OutputStore(tmp_path)
+    first = store.save_extra(halves(8, 8), INFOTEXT, "Postprocess upscale by: 2, Postprocess upscaler: Lanczos")
+    second = store.save_extra(halves(8, 8), None, "")
+    folder = tmp_path / "extras-images" / dt.date.today().isoformat()
+    assert (first, second) == (folder / "00000.png", folder / "00001.png")
+    with Image.open(first) as saved:
+        assert saved.text == {"parameters": INFOTEXT,
+                              "postprocessing": "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"}
+        assert read_infotext(saved) == INFOTEXT
+    with Image.open(second) as saved:
+        assert saved.text == {}
+    assert folder.parent in store.image_folders()  # cleaned of partial files, served to the browser
+
+
+# --- the tab's event ----------------------------------------------------------------------------
+SETTINGS = {"resize_mode": 0, "upscaling_resize": 2, "upscaling_resize_w": 512, "upscaling_resize_h": 512,
+            "upscaling_crop": True, "upscaler_1": "Lanczos", "upscaler_2": "None", "extras_upscaler_2_visibility": 0}
+
+
+def test_a_single_picture_is_resized_saved_and_shown_from_its_file(tmp_path):
+    actions = ExtrasActions(OutputStore(tmp_path / "outputs"))
+    gallery, message = actions.run(SINGLE, png_file(tmp_path / "in.png", halves(48, 32)), None, SETTINGS)
+    assert len(gallery) == 1 and gallery[0].endswith("00000.png")
+    with Image.open(gallery[0]) as saved:
+        assert saved.size == (96, 64)
+        assert saved.text["parameters"] == INFOTEXT
+        assert saved.text["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"
+    assert "Postprocess upscale by: 2" in message and "dw-error" not in message
+
+
+def test_a_batch_is_checked_before_any_work_and_stops_at_a_picture_that_fails(tmp_path):
+    outputs = tmp_path / "outputs"
+    actions = ExtrasActions(OutputStore(outputs))
+    good = [png_file(tmp_path / f"{i}.png", noise_picture(i, 16, 16)) for i in range(2)]
+    not_a_picture = tmp_path / "notes.png"
+    not_a_picture.write_text("no picture here")
+    gallery, message = actions.run(BATCH, None, [*good, str(not_a_picture)], SETTINGS)
+    assert gallery == gr.skip() and "could not read notes.png as an image" in message
+    assert not outputs.exists() or not any(outputs.rglob("*.png"))  # nothing was written
+
+    # Pixels that end early are only found when the picture is read: those before it stay saved and shown.
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(open(png_file(tmp_path / "whole.png", noise_picture(5, 64, 64), None), "rb").read()[:400])
+    gallery, message = actions.run(BATCH, None, [*good, str(cut)], SETTINGS)
+    assert len(gallery) == 2 and "2 resized and saved; then" in message and "cut.png" in message
+    assert len(list(outputs.rglob("*.png"))) == 2
+
+    gallery, message = actions.run(BATCH, None, good, SETTINGS | {"upscaler_1": "Nearest"})
+    assert [Image.open(path).size for path in gallery] == [(32, 32), (32, 32)]
+
+
+def test_the_tab_says_what_to_fix(tmp_path):
+    actions = ExtrasActions(OutputStore(tmp_path))
+    picture = png_file(tmp_path / "in.png", halves(48, 32))
+    cases = [
+        ((SINGLE, None, None, SETTINGS), "Upload a picture to resize first."),
+        ((BATCH, picture, None, SETTINGS), "Batch Process: upload the pictures"),
+        ((SINGLE, UnreadablePicture("broken.png", field="Source"), None, SETTINGS),
+         "Source: could not read broken.png as an image"),
+        ((SINGLE, picture, None, SETTINGS | {"upscaler_1": "ESRGAN_4x"}), "upscaler_1: unknown upscaler"),
+        ((SINGLE, picture, None, SETTINGS | {"upscaling_resize": 8, "resize_mode": 1, "upscaling_resize_w": 8192,
+                                              "upscaling_resize_h": 8192}), "in.png: the 48x32 picture would become"),
+    ]
+    for args, problem in cases:
+        gallery, message = actions.run(*args)
+        assert gallery == gr.skip() and problem in message and "dw-error" in message, message
+    assert not any(tmp_path.rglob("0*.png"))
+
+
+def test_a_picture_that_cannot_be_saved_is_shown_all_the_same(tmp_path):
+    blocked = tmp_path / "outputs"
+    blocked.write_text("a file where the outputs folder should be")
+    gallery, message = ExtrasActions(OutputStore(blocked)).run(
+        SINGLE, png_file(tmp_path / "in.png", halves(48, 32)), None, SETTINGS)
+    assert isinstance(gallery[0], Image.Image) and gallery[0].size == (96, 64)
+    assert "Not saved (1)" in message and "dw-error" in message

@@ -1,0 +1,128 @@
+"""Extras (A1111's tab and its /sdapi/v1/extra-* routes): a picture enlarged, or shrunk, without a model.
+
+The upscalers are PIL's filters (Lanczos, Nearest). They need no model and no GPU, so an upscale runs where it is
+asked (a Gradio event, an API request) instead of in the worker's queue, where it would wait behind generations.
+A1111's model upscalers (ESRGAN and its kin) and its face restorers need model files this server does not have.
+Names, sizes and the infotext keys follow A1111, so its API clients and its PNG Info read ours.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from webui.engine.hires import IMAGE_UPSCALERS
+from webui.engine.img2img import as_rgb
+from webui.schemas import InvalidRequest, describe_validation_errors
+from webui.storage.infotext import build_infotext
+from webui.storage.outputs import read_infotext
+
+NO_UPSCALER = "None"  # A1111's name for "leave the size alone"
+EXTRAS_UPSCALERS = (NO_UPSCALER, *IMAGE_UPSCALERS)
+MAX_SCALE = 8.0  # A1111's largest factor
+MAX_PICTURES = 100  # in one batch
+MAX_SIDE = 8192  # an 8192x8192 RGB picture is 200 MB in memory, and its PNG takes seconds to write
+_FILTERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+
+
+class UpscaleSettings(BaseModel):
+    """How to resize, under A1111's API field names."""
+    model_config = ConfigDict(extra="ignore")
+
+    resize_mode: int = Field(0, description="0: scale by upscaling_resize; 1: scale to upscaling_resize_w x _h")
+    upscaling_resize: float = Field(2.0, gt=0, le=MAX_SCALE, description="the factor, for resize_mode 0")
+    upscaling_resize_w: int = Field(512, ge=1, le=MAX_SIDE, description="the width, for resize_mode 1")
+    upscaling_resize_h: int = Field(512, ge=1, le=MAX_SIDE, description="the height, for resize_mode 1")
+    upscaling_crop: bool = Field(True, description="resize_mode 1: cut what sticks out of the width x height "
+                                                   "(false: keep the shape, filling the size at least)")
+    upscaler_1: str = Field("Lanczos", description=f"one of {', '.join(EXTRAS_UPSCALERS)} ('None': left as it is)")
+    upscaler_2: str = Field(NO_UPSCALER, description="a second upscaler, blended in by extras_upscaler_2_visibility")
+    extras_upscaler_2_visibility: float = Field(0.0, ge=0, le=1, description="0..1: how much of upscaler_2 shows")
+
+    @field_validator("resize_mode")
+    @classmethod
+    def _known_mode(cls, mode: int) -> int:
+        if mode not in (0, 1):
+            raise ValueError(f"resize_mode must be 0 (scale by) or 1 (scale to), got {mode}")
+        return mode
+
+    @field_validator("upscaler_1", "upscaler_2", mode="before")
+    @classmethod
+    def _known_upscaler(cls, name: Any) -> Any:
+        if name is None or name == "":
+            return NO_UPSCALER
+        if name not in EXTRAS_UPSCALERS:
+            raise ValueError(f"unknown upscaler {name!r}; choose one of: {', '.join(EXTRAS_UPSCALERS)} (model upscalers "
+                             "such as ESRGAN are not installed on this server)")
+        return name
+
+
+def parse_upscale(data: dict[str, Any]) -> UpscaleSettings:
+    """A dict (from the UI) as UpscaleSettings, or InvalidRequest naming each field to fix."""
+    try:
+        return UpscaleSettings.model_validate(data)
+    except ValidationError as err:
+        raise InvalidRequest(describe_validation_errors(err.errors())) from None
+
+
+@dataclass
+class Upscaled:
+    """The resized picture, the generation parameters the original carried (None: it had none), and what was done
+    as A1111's infotext keys ({} when nothing was)."""
+    image: Image.Image
+    parameters: str | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def infotext(self) -> str:
+        """A1111's `postprocessing` text, e.g. "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"."""
+        return build_infotext("", "", self.info)
+
+
+def upscaled_size(width: int, height: int, settings: UpscaleSettings) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(the size the picture is resized to, the size kept after the crop). Scale to: the factor that makes the
+    picture cover the width x height, as A1111 picks it; the crop then cuts the middle of that size. ValueError when
+    a side would be 0 or past MAX_SIDE."""
+    if settings.resize_mode == 1:
+        target = (settings.upscaling_resize_w, settings.upscaling_resize_h)
+        scale = max(target[0] / width, target[1] / height)
+    else:
+        scale = settings.upscaling_resize
+    resized = (max(1, round(width * scale)), max(1, round(height * scale)))
+    kept = target if settings.resize_mode == 1 and settings.upscaling_crop else resized
+    if max(resized) > MAX_SIDE:
+        raise ValueError(f"the {width}x{height} picture would become {resized[0]}x{resized[1]}; at most "
+                         f"{MAX_SIDE} pixels a side can be made: pick a smaller factor or size")
+    return resized, kept
+
+
+def upscale(image: Image.Image, settings: UpscaleSettings) -> Upscaled:
+    """The picture (as RGB, transparency on white) resized as the settings say; ValueError saying what to change
+    when the result would be too large."""
+    parameters = read_infotext(image)
+    picture = as_rgb(image)
+    if settings.upscaler_1 == NO_UPSCALER:
+        return Upscaled(picture, parameters)
+    resized, kept = upscaled_size(picture.width, picture.height, settings)
+    # A1111's keys, in its order
+    asked = f"{settings.upscaling_resize_w}x{settings.upscaling_resize_h}"
+    info: dict[str, Any] = ({"Postprocess upscale to": asked} if settings.resize_mode == 1
+                            else {"Postprocess upscale by": settings.upscaling_resize})
+    if kept != resized:
+        info["Postprocess crop to"] = f"{kept[0]}x{kept[1]}"
+    info["Postprocess upscaler"] = settings.upscaler_1
+    result = picture.resize(resized, _FILTERS[settings.upscaler_1])
+    if settings.upscaler_2 != NO_UPSCALER and settings.extras_upscaler_2_visibility > 0:
+        info["Postprocess upscaler 2"] = settings.upscaler_2
+        second = picture.resize(resized, _FILTERS[settings.upscaler_2])
+        result = Image.blend(result, second, settings.extras_upscaler_2_visibility)
+    if kept != resized:
+        result = _middle(result, kept)
+    return Upscaled(result, parameters, info)
+
+
+def _middle(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    left, top = (image.width - size[0]) // 2, (image.height - size[1]) // 2
+    return image.crop((left, top, left + size[0], top + size[1]))

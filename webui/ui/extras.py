@@ -1,0 +1,147 @@
+"""The Extras tab: pictures resized without a model (webui/extras.py), each saved under outputs/extras-images with
+the parameters it carried and what was done to it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from webui.extras import (
+    EXTRAS_UPSCALERS, MAX_PICTURES, MAX_SCALE, MAX_SIDE, NO_UPSCALER, Upscaled, parse_upscale, upscale,
+)
+from webui.schemas import InvalidRequest
+from webui.storage.outputs import OutputStore
+from webui.ui.pictures import UnreadablePicture, read_upload, tolerant
+from webui.ui.progress import error_html, notice_html
+
+SINGLE, BATCH = "Single Image", "Batch Process"
+RESIZE_MODES = ("Scale by", "Scale to")  # resize_mode 0 and 1
+NO_SINGLE = "Upload a picture to resize first."
+NO_BATCH = "Batch Process: upload the pictures to resize first."
+
+
+@dataclass
+class ExtrasTab:
+    subtab: gr.Textbox  # the open sub-tab's name
+    image: gr.Image
+    batch: gr.File
+    settings: dict[str, gr.components.Component]  # by UpscaleSettings field
+    run: gr.Button
+    gallery: gr.Gallery
+    info: gr.HTML
+
+
+class ExtrasActions:
+    def __init__(self, outputs: OutputStore):
+        self.outputs = outputs
+
+    def run(self, subtab: str, image: str | UnreadablePicture | None, batch: list[str] | None,
+            settings: dict[str, Any]) -> tuple[Any, str]:
+        """(gallery items, message) for the open sub-tab's pictures resized and saved. A picture that fails stops
+        the batch there, and says which one and why; those resized before it stay shown and saved."""
+        try:
+            upscale_settings = parse_upscale(settings)
+            paths = self._uploads(subtab, image, batch)
+        except InvalidRequest as err:
+            return gr.skip(), error_html(str(err))
+        shown, unsaved = [], []
+        for path in paths:
+            try:
+                done = upscale(read_upload(path, subtab), upscale_settings)
+            except InvalidRequest as err:
+                return shown or gr.skip(), error_html(f"{_done_before(len(shown))}{err}")
+            except ValueError as err:
+                return shown or gr.skip(), error_html(f"{_done_before(len(shown))}{Path(path).name}: {err}")
+            shown.append(self._saved(done, unsaved))
+        return shown, self._summary(done, unsaved)
+
+    @staticmethod
+    def _uploads(subtab: str, image: str | UnreadablePicture | None, batch: list[str] | None) -> list[str]:
+        if subtab == BATCH:
+            if not batch:
+                raise InvalidRequest(NO_BATCH)
+            if len(batch) > MAX_PICTURES:
+                raise InvalidRequest(f"Batch Process: {len(batch)} pictures; send at most {MAX_PICTURES} at once")
+            for path in batch:  # a file that is no picture is found before any work is done
+                read_upload(path, BATCH, header_only=True)
+            return list(batch)
+        if isinstance(image, UnreadablePicture):
+            raise InvalidRequest(image.problem())
+        if not image:
+            raise InvalidRequest(NO_SINGLE)
+        return [image]
+
+    def _saved(self, done: Upscaled, unsaved: list[str]) -> Any:
+        """The gallery item of a resized picture: its saved file, or the picture itself when it could not be saved
+        (the reason kept in `unsaved`)."""
+        try:
+            return str(self.outputs.save_extra(done.image, done.parameters, done.infotext))
+        except OSError as err:
+            unsaved.append(str(err))
+            return done.image
+
+    @staticmethod
+    def _summary(done: Upscaled, unsaved: list[str]) -> str:
+        what = done.infotext or f"Upscaler {NO_UPSCALER}: the picture is left as it is."
+        if unsaved:
+            return error_html(f"{what} Not saved ({len(unsaved)}): {unsaved[0]}; is the disk full or read-only?")
+        return notice_html(what)
+
+
+def _done_before(count: int) -> str:
+    return f"{count} resized and saved; then " if count else ""
+
+
+def build_extras(outputs: OutputStore) -> ExtrasTab:
+    actions = ExtrasActions(outputs)
+    subtab = gr.Textbox(SINGLE, visible=False, label="Extras sub-tab", elem_id="extras_subtab")
+    with gr.Row():
+        with gr.Column():
+            with gr.Tabs(elem_id="extras_tabs"):
+                with gr.Tab(SINGLE, id="single", elem_id="extras_single_tab") as single_tab:
+                    # A path: the file is read whole here, with the parameters it carries.
+                    image = tolerant(gr.Image(label="Source", type="filepath", image_mode=None, height=360,
+                                              sources=["upload", "clipboard"], elem_id="extras_image"), "Source")
+                with gr.Tab(BATCH, id="batch", elem_id="extras_batch_tab") as batch_tab:
+                    batch = gr.File(file_count="multiple", file_types=["image"], type="filepath", height=200,
+                                    label=f"Pictures (at most {MAX_PICTURES})", elem_id="extras_batch")
+            settings = _settings_controls()
+            run = gr.Button("Generate", variant="primary", elem_id="extras_generate")
+        with gr.Column():
+            gallery = gr.Gallery(label="Resized", columns=2, height=480, elem_id="extras_gallery")
+            info = gr.HTML("", elem_id="extras_info", padding=False)
+    for tab, name in ((single_tab, SINGLE), (batch_tab, BATCH)):
+        tab.select(lambda name=name: name, outputs=[subtab], api_visibility="private", show_progress="hidden")
+    names = list(settings)
+
+    def run_extras(open_subtab, picture, pictures, *values):
+        return actions.run(open_subtab, picture, pictures, dict(zip(names, values)))
+
+    # One at a time: an 8192x8192 result takes 200 MB and seconds to write.
+    run.click(run_extras, inputs=[subtab, image, batch, *settings.values()], outputs=[gallery, info],
+              api_name="extras", concurrency_limit=1)
+    return ExtrasTab(subtab, image, batch, settings, run, gallery, info)
+
+
+def _settings_controls() -> dict[str, gr.components.Component]:
+    """The resize controls, by UpscaleSettings field (their values go to parse_upscale as they are)."""
+    resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], type="index", label="Resize",
+                           elem_id="extras_resize_mode")
+    with gr.Row():
+        factor = gr.Slider(0.25, MAX_SCALE, value=2, step=0.05, label="Scale by", elem_id="extras_upscaling_resize")
+        width = gr.Number(512, label="Scale to: width", minimum=1, maximum=MAX_SIDE, precision=0,
+                          elem_id="extras_upscaling_resize_w")
+        height = gr.Number(512, label="Scale to: height", minimum=1, maximum=MAX_SIDE, precision=0,
+                           elem_id="extras_upscaling_resize_h")
+    crop = gr.Checkbox(True, label="Scale to: crop to fit", elem_id="extras_upscaling_crop")
+    with gr.Row():
+        first = gr.Dropdown(list(EXTRAS_UPSCALERS), value="Lanczos", label="Upscaler 1", elem_id="extras_upscaler_1")
+        second = gr.Dropdown(list(EXTRAS_UPSCALERS), value=NO_UPSCALER, label="Upscaler 2",
+                             elem_id="extras_upscaler_2")
+        visibility = gr.Slider(0, 1, value=0, step=0.05, label="Upscaler 2 visibility",
+                               elem_id="extras_upscaler_2_visibility")
+    return {"resize_mode": resize_mode, "upscaling_resize": factor, "upscaling_resize_w": width,
+            "upscaling_resize_h": height, "upscaling_crop": crop, "upscaler_1": first, "upscaler_2": second,
+            "extras_upscaler_2_visibility": visibility}
