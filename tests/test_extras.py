@@ -3,6 +3,7 @@ event (webui/ui/extras.py). The REST routes are tested in test_api.py."""
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -11,6 +12,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from tests.helpers import noise_picture
+# ui_services and ui: test_ui's module fixtures, started again for this module.
+from tests.test_ui import event, generate, through_gradio, ui, ui_services, uploaded  # noqa: F401
 from webui.extras import MAX_SIDE, parse_upscale, upscale
 from webui.schemas import InvalidRequest
 from webui.storage.outputs import OutputStore, read_infotext
@@ -192,3 +195,36 @@ def test_a_picture_that_cannot_be_saved_is_shown_all_the_same(tmp_path):
         SINGLE, png_file(tmp_path / "in.png", halves(48, 32)), None, SETTINGS)
     assert isinstance(gallery[0], Image.Image) and gallery[0].size == (96, 64)
     assert "Not saved (1)" in message and "dw-error" in message
+
+
+# --- the tab on the page ------------------------------------------------------------------------
+def test_through_gradio_the_radio_gives_the_mode_and_a_broken_upload_is_named(ui, tmp_path):
+    wiring = next(fn for fn in ui.blocks.fns.values() if fn.api_name == "extras")
+    by_label = {"Resize": "Scale to", "Scale to: width": 40, "Scale to: height": 40}
+    values = [by_label.get(getattr(block, "label", None), getattr(block, "value", None)) for block in wiring.inputs]
+    values[1] = uploaded(Path(png_file(tmp_path / "in.png", halves(48, 32))))
+    gallery, message = through_gradio(ui, "extras", *values)
+    assert "Postprocess upscale to: 40x40, Postprocess crop to: 40x40" in message, message
+    assert len(gallery) == 1
+    (tmp_path / "junk.png").write_bytes(b"not a picture")
+    values[1] = uploaded(tmp_path / "junk.png")
+    _, message = through_gradio(ui, "extras", *values)
+    assert "Source: could not read junk.png as an image" in message and "dw-error" in message
+
+
+def test_send_to_extras_from_a_gallery_history_and_png_info_keeps_the_parameters(ui, ui_services, tmp_path):
+    session = generate(ui, prompt="a lighthouse to enlarge", seed=77)[-1][0]
+    [image] = ui_services.worker.get(session.job_id).images
+    for name, argument in (("gallery_to_extras", session), ("history_to_extras", image.history_id)):
+        sent, subtab, sub_tabs, tabs = event(ui, name)(argument)
+        assert Path(sent) == Path(image.path) and subtab == SINGLE
+        assert (sub_tabs.selected, tabs.selected) == ("single", "extras")
+    sent, *_ = event(ui, "pnginfo_to_extras")(uploaded(Path(image.path)))
+    assert Path(sent) == Path(image.path)
+    gallery, message = ExtrasActions(ui_services.outputs).run(SINGLE, sent, None, SETTINGS)
+    with Image.open(gallery[0]) as saved:
+        assert saved.size == (128, 128) and saved.text["parameters"] == image.infotext
+    with pytest.raises(gr.Error, match="Generate an image first"):
+        event(ui, "gallery_to_extras")(type(session)())
+    with pytest.raises(gr.Error, match="Drop a picture first"):
+        event(ui, "pnginfo_to_extras")(None)

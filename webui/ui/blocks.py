@@ -16,7 +16,7 @@ from PIL import Image
 
 from webui.engine.img2img import size_from_image
 from webui.services import Services
-from webui.ui.extras import ExtrasTab, build_extras
+from webui.ui.extras import SINGLE, SINGLE_ID, ExtrasTab, build_extras
 from webui.ui.history import HistoryActions, HistoryTab, build_history
 from webui.ui.models import ModelActions, ModelPicker, build_model_picker
 from webui.ui.params import widget_updates
@@ -142,6 +142,7 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
     for send, button in ((pnginfo_to_img2img, ui.pnginfo.send_img2img), (pnginfo_to_inpaint, ui.pnginfo.send_inpaint)):
         button.click(send, inputs=[ui.pnginfo.image, ui.pnginfo.infotext], outputs=to_img2img_outputs,
                      preprocess=False, **private)
+    _wire_sends_to_extras(ui, tabs)
     reload = dict(fn=actions.reload, inputs=[history.page, history.search, history.selected],
                   outputs=history.reload_outputs, **private)
     for tab in ui.generation_tabs:
@@ -167,6 +168,32 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
         return dropdown, status, *model_sliders * tab_count
 
     ui.blocks.load(models_on_page_load, outputs=[ui.picker.dropdown, ui.picker.status, *sliders], **private)
+
+
+def _wire_sends_to_extras(ui: WebUI, tabs: gr.Tabs) -> None:
+    """"Send to extras" under the galleries, in History and in PNG Info: the picture (its file where there is one,
+    so the parameters it carries are kept) onto Extras' Single Image sub-tab, shown."""
+    private = dict(api_visibility="private", show_progress="hidden")
+    outputs = [ui.extras.image, ui.extras.subtab, ui.extras.tabs, tabs]
+
+    def to_extras(picture: Any) -> tuple:
+        return picture, SINGLE, gr.Tabs(selected=SINGLE_ID), gr.Tabs(selected="extras")
+
+    def history_to_extras(image_id):
+        return to_extras(ui.history_actions.picture_and_fields(image_id)[0])
+
+    def pnginfo_to_extras(upload):
+        return to_extras(picture_for_img2img(upload, "")[0])
+
+    ui.history.send_extras.click(history_to_extras, inputs=[ui.history.selected], outputs=outputs, **private)
+    # Unprocessed, as PNG Info reads it.
+    ui.pnginfo.send_extras.click(pnginfo_to_extras, inputs=[ui.pnginfo.image], outputs=outputs, preprocess=False,
+                                 **private)
+    for tab in ui.generation_tabs:
+        def gallery_to_extras(session, tab=tab):
+            return to_extras(tab.actions.sent_picture(session)[0])
+
+        tab.send_to_extras.click(gallery_to_extras, inputs=[tab.session], outputs=outputs, **private)
 
 
 def picture_dimensions(picture: Image.Image | str) -> dict[str, int]:

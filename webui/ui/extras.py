@@ -17,6 +17,7 @@ from webui.ui.pictures import UnreadablePicture, read_upload, tolerant
 from webui.ui.progress import error_html, notice_html
 
 SINGLE, BATCH = "Single Image", "Batch Process"
+SINGLE_ID = "single"  # the Single Image sub-tab's id, which the "Send to extras" buttons open
 RESIZE_MODES = ("Scale by", "Scale to")  # resize_mode 0 and 1
 NO_SINGLE = "Upload a picture to resize first."
 NO_BATCH = "Batch Process: upload the pictures to resize first."
@@ -25,6 +26,7 @@ NO_BATCH = "Batch Process: upload the pictures to resize first."
 @dataclass
 class ExtrasTab:
     subtab: gr.Textbox  # the open sub-tab's name
+    tabs: gr.Tabs  # its sub-tabs: SINGLE_ID and "batch"
     image: gr.Image
     batch: gr.File
     settings: dict[str, gr.components.Component]  # by UpscaleSettings field
@@ -99,8 +101,8 @@ def build_extras(outputs: OutputStore) -> ExtrasTab:
     subtab = gr.Textbox(SINGLE, visible=False, label="Extras sub-tab", elem_id="extras_subtab")
     with gr.Row():
         with gr.Column():
-            with gr.Tabs(elem_id="extras_tabs"):
-                with gr.Tab(SINGLE, id="single", elem_id="extras_single_tab") as single_tab:
+            with gr.Tabs(elem_id="extras_tabs") as tabs:
+                with gr.Tab(SINGLE, id=SINGLE_ID, elem_id="extras_single_tab") as single_tab:
                     # A path: the file is read whole here, with the parameters it carries.
                     image = tolerant(gr.Image(label="Source", type="filepath", image_mode=None, height=360,
                                               sources=["upload", "clipboard"], elem_id="extras_image"), "Source")
@@ -122,7 +124,7 @@ def build_extras(outputs: OutputStore) -> ExtrasTab:
     # One at a time: an 8192x8192 result takes 200 MB and seconds to write.
     run.click(run_extras, inputs=[subtab, image, batch, *settings.values()], outputs=[gallery, info],
               api_name="extras", concurrency_limit=1)
-    return ExtrasTab(subtab, image, batch, settings, run, gallery, info)
+    return ExtrasTab(subtab, tabs, image, batch, settings, run, gallery, info)
 
 
 def _settings_controls() -> dict[str, gr.components.Component]:

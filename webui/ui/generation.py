@@ -407,6 +407,7 @@ class GenerationTab:
     file_list_widgets: list[gr.Dropdown]  # what file_lists updates, when the page loads (blocks.py)
     send_to_img2img: gr.Button  # under the gallery: its current image and parameters to img2img (blocks.py)
     send_to_inpaint: gr.Button  # the same, onto img2img's Inpaint canvas
+    send_to_extras: gr.Button  # its current image to the Extras tab
     picture_tabs: gr.Tabs | None = None  # img2img's sub-tabs (pictures.IMG2IMG_MODES)
 
     @property
@@ -580,6 +581,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
             with gr.Row():
                 send_to_img2img = gr.Button("Send to img2img", elem_id=f"{kind}_send_to_img2img", size="sm")
                 send_to_inpaint = gr.Button("Send to inpaint", elem_id=f"{kind}_send_to_inpaint", size="sm")
+                send_to_extras = gr.Button("Send to extras", elem_id=f"{kind}_send_to_extras", size="sm")
             infotext = gr.Textbox(label="Parameters", lines=3, interactive=False, elem_id=f"{kind}_infotext",
                                   buttons=["copy"])
             timing = gr.HTML("", label="Time taken", show_label=False, elem_id=f"{kind}_time", padding=False)
@@ -662,5 +664,5 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                          inputs=[widgets[name] for name in SUBTAB_INPUTS[subtab]], outputs=[width, height],
                          api_visibility="private", show_progress="hidden")
     return GenerationTab(kind, actions, session, widgets, generate_events, tab_token,
-                         [styles, lora_name, embedding_name], send_to_img2img, send_to_inpaint,
+                         [styles, lora_name, embedding_name], send_to_img2img, send_to_inpaint, send_to_extras,
                          picture_tabs if img2img else None)

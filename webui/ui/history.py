@@ -41,6 +41,7 @@ class HistoryTab:
     send: gr.Button
     send_img2img: gr.Button
     send_inpaint: gr.Button
+    send_extras: gr.Button
     open_file: gr.Button
     delete: gr.Button
     confirm_row: gr.Row  # "Delete for good" and "Keep", shown after Delete is clicked
@@ -226,6 +227,7 @@ def build_history(services: Services) -> tuple[HistoryTab, HistoryActions]:
                 send = gr.Button("Send to txt2img", elem_id="history_send")
                 send_img2img = gr.Button("Send to img2img", elem_id="history_send_img2img")
                 send_inpaint = gr.Button("Send to inpaint", elem_id="history_send_inpaint")
+                send_extras = gr.Button("Send to extras", elem_id="history_send_extras")
                 open_file = gr.Button("Open file", elem_id="history_open", link_target="_blank", interactive=False)
                 delete = gr.Button("Delete", variant="stop", elem_id="history_delete", visible=actions.can_delete,
                                    interactive=False)
@@ -236,7 +238,7 @@ def build_history(services: Services) -> tuple[HistoryTab, HistoryActions]:
     timer = gr.Timer(POLL_SECONDS)
 
     tab = HistoryTab(search, page_state, ids_state, selected, seen, gallery, page_info, previous, following, image,
-                     details, send, send_img2img, send_inpaint, open_file, delete, confirm_row, confirm_delete, keep)
+                     details, send, send_img2img, send_inpaint, send_extras, open_file, delete, confirm_row, confirm_delete, keep)
     detail_outputs = tab.detail_outputs
     search.submit(actions.first_page, inputs=[search, selected], outputs=tab.page_outputs, api_name="history_search",
                   show_progress="hidden")

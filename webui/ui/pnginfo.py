@@ -21,6 +21,7 @@ class PngInfoTab:
     send: gr.Button
     send_img2img: gr.Button
     send_inpaint: gr.Button
+    send_extras: gr.Button
 
 
 def read_parameters(upload: dict | str | None) -> tuple[str, str]:
@@ -98,6 +99,7 @@ def build_pnginfo() -> PngInfoTab:
                 send = gr.Button("Send to txt2img", elem_id="pnginfo_send")
                 send_img2img = gr.Button("Send to img2img", elem_id="pnginfo_send_img2img")
                 send_inpaint = gr.Button("Send to inpaint", elem_id="pnginfo_send_inpaint")
+                send_extras = gr.Button("Send to extras", elem_id="pnginfo_send_extras")
     image.change(read_parameters, inputs=[image], outputs=[infotext, table], api_name="png_info",
                  show_progress="hidden", preprocess=False)
-    return PngInfoTab(image, table, infotext, send, send_img2img, send_inpaint)
+    return PngInfoTab(image, table, infotext, send, send_img2img, send_inpaint, send_extras)
