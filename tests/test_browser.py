@@ -296,17 +296,20 @@ def test_extras_scales_a_picture_to_a_size_and_shows_the_saved_file(page, app_se
     page.get_by_role("tab", name="Extras").click()
     page.locator("#extras_image input[type=file]").set_input_files(str(tmp_path / "small.png"))
     page.get_by_label("Scale to", exact=True).check()
-    set_number(page, "extras_upscaling_resize_w", 40)
-    set_number(page, "extras_upscaling_resize_h", 40)
+    set_number(page, "extras_upscaling_resize_w", 96)
+    set_number(page, "extras_upscaling_resize_h", 96)
     page.click("#extras_generate")
-    expect_text(page, "#extras_info", "Postprocess upscale to: 40x40, Postprocess crop to: 40x40")
+    expect_text(page, "#extras_info", "Postprocess upscale to: 96x96, Postprocess crop to: 96x96")
     shown = page.locator("#extras_gallery img").first
     playwright_api.expect(shown).to_be_visible()
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=shown.element_handle())
-    assert shown.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [40, 40]  # served from outputs/
+    assert shown.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [96, 96]  # served from outputs/
     [saved] = (app_server.outdir / "extras-images").rglob("*.png")
     with Image.open(saved) as picture:
-        assert picture.size == (40, 40) and picture.text["parameters"] == text
+        assert picture.size == (96, 96) and picture.text["parameters"] == text
+    page.click("#extras_send_to_img2img")  # the result goes on, with the parameters it carries
+    playwright_api.expect(page.locator("#img2img_prompt textarea")).to_have_value("a teal square")
+    playwright_api.expect(page.locator("#img2img_width input[type=number]")).to_have_value("96")
 
 
 def test_png_info_says_when_a_file_is_no_image_and_drops_the_old_parameters(page, tmp_path):

@@ -18,6 +18,7 @@ from webui.extras import MAX_SIDE, parse_upscale, upscale
 from webui.schemas import InvalidRequest
 from webui.storage.outputs import OutputStore, read_infotext
 from webui.ui.extras import BATCH, SINGLE, ExtrasActions
+from webui.ui.params import IMG2IMG_FIELDS
 from webui.ui.pictures import UnreadablePicture
 
 INFOTEXT = "a lighthouse\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 48x32"
@@ -224,6 +225,19 @@ def test_send_to_extras_from_a_gallery_history_and_png_info_keeps_the_parameters
     gallery, message = ExtrasActions(ui_services.outputs).run(SINGLE, sent, None, SETTINGS)
     with Image.open(gallery[0]) as saved:
         assert saved.size == (128, 128) and saved.text["parameters"] == image.infotext
+    # And back, as A1111's Extras sends: the picked result with the parameters it carries, to img2img or inpaint.
+    items = [(str(tmp_path / "first.png"), None), (gallery[0], None)]
+    Image.new("RGB", (8, 8)).save(items[0][0])
+    sent, _, mode, sub_tab, *values, tabs = event(ui, "extras_to_img2img")(items, 1)
+    assert sent == gallery[0] and (mode, sub_tab.selected, tabs.selected) == ("img2img", "img2img", "img2img")
+    assert dict(zip(IMG2IMG_FIELDS, values))["prompt"] == "a lighthouse to enlarge"
+    assert dict(zip(IMG2IMG_FIELDS, values))["width"] == 128  # the picture's size, as any sent picture's
+    _, canvas, mode, *_ = event(ui, "extras_to_inpaint")(items, 1)
+    assert canvas["background"] == gallery[0] and mode == "Inpaint"
+    sent, _, _, _, *values, _ = event(ui, "extras_to_img2img")(items, None)  # nothing picked: the first
+    assert sent == items[0][0] and gr.skip() == dict(zip(IMG2IMG_FIELDS, values))["prompt"]
+    with pytest.raises(gr.Error, match="Resize a picture first"):
+        event(ui, "extras_to_img2img")(None, 0)
     with pytest.raises(gr.Error, match="Generate an image first"):
         event(ui, "gallery_to_extras")(type(session)())
     with pytest.raises(gr.Error, match="Drop a picture first"):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from webui.engine.img2img import size_from_image
 from webui.services import Services
-from webui.ui.extras import SINGLE, SINGLE_ID, ExtrasTab, build_extras
+from webui.ui.extras import SINGLE, SINGLE_ID, ExtrasActions, ExtrasTab, build_extras
 from webui.ui.history import HistoryActions, HistoryTab, build_history
 from webui.ui.models import ModelActions, ModelPicker, build_model_picker
 from webui.ui.params import widget_updates
@@ -122,6 +122,13 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
         picture, fields = img2img.actions.sent_picture(session)
         return to_tab(img2img, fields, picture, inpaint=inpaint)
 
+    def extras_to_img2img(items, index, inpaint=False):
+        picture, fields = ExtrasActions.sent_picture(items, index)
+        return to_tab(img2img, fields, picture, inpaint=inpaint)
+
+    def extras_to_inpaint(items, index):
+        return extras_to_img2img(items, index, inpaint=True)
+
     def history_to_inpaint(image_id):
         return history_to_img2img(image_id, inpaint=True)
 
@@ -143,6 +150,8 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
         button.click(send, inputs=[ui.pnginfo.image, ui.pnginfo.infotext], outputs=to_img2img_outputs,
                      preprocess=False, **private)
     _wire_sends_to_extras(ui, tabs)
+    for send, button in ((extras_to_img2img, ui.extras.send_img2img), (extras_to_inpaint, ui.extras.send_inpaint)):
+        button.click(send, inputs=[ui.extras.gallery, ui.extras.selected], outputs=to_img2img_outputs, **private)
     reload = dict(fn=actions.reload, inputs=[history.page, history.search, history.selected],
                   outputs=history.reload_outputs, **private)
     for tab in ui.generation_tabs:

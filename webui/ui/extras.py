@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from webui.extras import (
     EXTRAS_UPSCALERS, MAX_PICTURES, MAX_SCALE, MAX_SIDE, NO_UPSCALER, Upscaled, parse_upscale, upscale,
 )
 from webui.schemas import InvalidRequest
-from webui.storage.outputs import OutputStore
+from webui.storage.infotext import request_fields_from_infotext
+from webui.storage.outputs import OutputStore, read_infotext
 from webui.ui.pictures import UnreadablePicture, read_upload, tolerant
 from webui.ui.progress import error_html, notice_html
 
@@ -33,6 +35,9 @@ class ExtrasTab:
     run: gr.Button
     gallery: gr.Gallery
     info: gr.HTML
+    selected: gr.State  # the gallery's picked picture (its index)
+    send_img2img: gr.Button  # the picked picture and the parameters it carries to img2img (blocks.py)
+    send_inpaint: gr.Button  # the same, onto img2img's Inpaint canvas
 
 
 class ExtrasActions:
@@ -58,6 +63,19 @@ class ExtrasActions:
                 return shown or gr.skip(), error_html(f"{_done_before(len(shown))}{Path(path).name}: {err}")
             shown.append(self._saved(done, unsaved))
         return shown, self._summary(done, unsaved)
+
+    @staticmethod
+    def sent_picture(items: list[tuple[Any, str | None]] | None, index: int | None) -> tuple[Any, dict]:
+        """The gallery's picked picture (the first if none is) and the parameters it carries, for Send to img2img."""
+        if not items:
+            raise gr.Error("Resize a picture first.")
+        picture = items[min(index or 0, len(items) - 1)][0]
+        try:
+            with Image.open(picture) as opened:
+                text = read_infotext(opened)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            text = None  # sent all the same: img2img says what is wrong with it
+        return picture, request_fields_from_infotext(text) if text else {}
 
     @staticmethod
     def _uploads(subtab: str, image: str | UnreadablePicture | None, batch: list[str] | None) -> list[str]:
@@ -112,8 +130,13 @@ def build_extras(outputs: OutputStore) -> ExtrasTab:
             settings = _settings_controls()
             run = gr.Button("Generate", variant="primary", elem_id="extras_generate")
         with gr.Column():
-            gallery = gr.Gallery(label="Resized", columns=2, height=480, elem_id="extras_gallery")
+            gallery = gr.Gallery(label="Resized", columns=2, height=480, elem_id="extras_gallery", type="filepath",
+                                 format="png", interactive=False, buttons=["download", "download_all", "fullscreen"])
+            with gr.Row():
+                send_img2img = gr.Button("Send to img2img", elem_id="extras_send_to_img2img", size="sm")
+                send_inpaint = gr.Button("Send to inpaint", elem_id="extras_send_to_inpaint", size="sm")
             info = gr.HTML("", elem_id="extras_info", padding=False)
+    selected = gr.State(0)
     for tab, name in ((single_tab, SINGLE), (batch_tab, BATCH)):
         tab.select(lambda name=name: name, outputs=[subtab], api_visibility="private", show_progress="hidden")
     names = list(settings)
@@ -124,7 +147,13 @@ def build_extras(outputs: OutputStore) -> ExtrasTab:
     # One at a time: an 8192x8192 result takes 200 MB and seconds to write.
     run.click(run_extras, inputs=[subtab, image, batch, *settings.values()], outputs=[gallery, info],
               api_name="extras", concurrency_limit=1)
-    return ExtrasTab(subtab, tabs, image, batch, settings, run, gallery, info)
+    gallery.select(_picked, outputs=[selected], api_visibility="private", show_progress="hidden")
+    gallery.change(lambda: 0, outputs=[selected], api_visibility="private", show_progress="hidden")  # new results
+    return ExtrasTab(subtab, tabs, image, batch, settings, run, gallery, info, selected, send_img2img, send_inpaint)
+
+
+def _picked(evt: gr.SelectData) -> int:
+    return evt.index if isinstance(evt.index, int) else 0
 
 
 def _settings_controls() -> dict[str, gr.components.Component]:
