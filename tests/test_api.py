@@ -336,10 +336,10 @@ def test_extra_single_image_resizes_and_keeps_the_parameters(client):
     assert picture.size == (72, 48) and picture.getpixel((70, 40)) == (0, 128, 128)
     assert picture.text == {"parameters": text, "postprocessing": "Postprocess upscale by: 3, Postprocess upscaler: Nearest"}
     assert "Postprocess upscale by: 3, Postprocess upscaler: Nearest" in r.json()["html_info"]
-    # A1111's own defaults: scale by 2 with upscaler_1 "None" sends the picture back as it was.
-    r = client.post("/sdapi/v1/extra-single-image", json={"image": png_base64(Image.new("RGB", (24, 16))),
-                                                           "upscaler_1": "None"})
+    # A1111's own defaults: upscaler_1 "None" sends the picture back as it was.
+    r = client.post("/sdapi/v1/extra-single-image", json={"image": png_base64(Image.new("RGB", (24, 16)), text)})
     assert r.status_code == 200 and decoded(r.json()["image"]).size == (24, 16)
+    assert decoded(r.json()["image"]).text == {"parameters": text}
 
 
 def test_extra_batch_images_answers_in_order_and_names_the_picture_to_fix(client):
@@ -354,6 +354,12 @@ def test_extra_batch_images_answers_in_order_and_names_the_picture_to_fix(client
     assert r.status_code == 422 and r.json()["detail"].startswith("imageList[2] (notes.txt): "), r.text
     r = client.post("/sdapi/v1/extra-batch-images", json={"imageList": []})
     assert r.status_code == 422 and "imageList: send from 1 to 100 pictures, got 0" in r.json()["detail"]
+    # What one request makes is held whole until it is answered: refused, before any work, past two 8192x8192.
+    r = client.post("/sdapi/v1/extra-batch-images", json={"imageList": pictures * 3, "resize_mode": 1,
+                                                          "upscaling_resize_w": 8192, "upscaling_resize_h": 4096,
+                                                          "upscaler_1": "Lanczos"})
+    assert r.status_code == 422, r.text[:300]
+    assert "the results would be 201 megapixels in all; one request may make at most 134" in r.json()["detail"]
 
 
 @pytest.mark.parametrize("body, problem", [

@@ -2,7 +2,7 @@
 event (webui/ui/extras.py). The REST routes are tested in test_api.py."""
 from __future__ import annotations
 
-import datetime as dt
+import os
 from pathlib import Path
 
 import gradio as gr
@@ -50,7 +50,8 @@ def test_nearest_by_two_repeats_every_pixel_in_a_square_of_four():
 
 
 def test_lanczos_makes_the_size_asked_and_keeps_the_colours_of_a_flat_picture():
-    done = upscale(Image.new("RGB", (40, 30), (10, 200, 30)), parse_upscale({"upscaling_resize": 2.5}))
+    done = upscale(Image.new("RGB", (40, 30), (10, 200, 30)), parse_upscale({"upscaling_resize": 2.5,
+                                                                             "upscaler_1": "Lanczos"}))
     assert done.image.size == (100, 75)
     assert done.image.getextrema() == ((10, 10), (200, 200), (30, 30))
 
@@ -73,14 +74,15 @@ def test_the_second_upscaler_is_blended_in_by_its_visibility():
     picture = noise_picture(2, 24, 24)
     nearest = upscale(picture, parse_upscale({"upscaler_1": "Nearest"})).image
     lanczos = upscale(picture, parse_upscale({"upscaler_1": "Lanczos"})).image
-    all_second = upscale(picture, parse_upscale({"upscaler_2": "Nearest", "extras_upscaler_2_visibility": 1}))
+    lanczos_and = {"upscaler_1": "Lanczos", "upscaler_2": "Nearest"}
+    all_second = upscale(picture, parse_upscale(lanczos_and | {"extras_upscaler_2_visibility": 1}))
     assert np.array_equal(np.asarray(all_second.image), np.asarray(nearest))
     assert all_second.info["Postprocess upscaler 2"] == "Nearest"
-    half = np.asarray(upscale(picture, parse_upscale({"upscaler_2": "Nearest",
-                                                      "extras_upscaler_2_visibility": 0.5})).image).astype(int)
+    half = np.asarray(upscale(picture, parse_upscale(lanczos_and | {"extras_upscaler_2_visibility": 0.5})).image)
+    half = half.astype(int)
     mean = (np.asarray(nearest).astype(int) + np.asarray(lanczos).astype(int)) / 2
     assert np.abs(half - mean).max() <= 1
-    unseen = upscale(picture, parse_upscale({"upscaler_2": "Nearest", "extras_upscaler_2_visibility": 0}))
+    unseen = upscale(picture, parse_upscale(lanczos_and | {"extras_upscaler_2_visibility": 0}))
     assert "Postprocess upscaler 2" not in unseen.info
 
 
@@ -100,7 +102,20 @@ def test_a_transparent_picture_is_laid_on_white():
 
 def test_a_result_past_the_largest_side_is_refused_with_what_to_change():
     with pytest.raises(ValueError, match=f"at most {MAX_SIDE} pixels a side.*smaller factor"):
-        upscale(Image.new("RGB", (2000, 10)), parse_upscale({"upscaling_resize": 8}))
+        upscale(Image.new("RGB", (2000, 10)), parse_upscale({"upscaling_resize": 8, "upscaler_1": "Nearest"}))
+    # A crop counts only what it keeps: the uncut picture (8192x819200 here) is never made.
+    tall = {"upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": MAX_SIDE, "upscaling_resize_h": 100}
+    assert upscale(Image.new("RGB", (10, 1000)), parse_upscale(tall)).image.size == (MAX_SIDE, 100)
+    with pytest.raises(ValueError, match=f"would become {MAX_SIDE}x819200"):
+        upscale(Image.new("RGB", (10, 1000)), parse_upscale(tall | {"upscaling_crop": False}))
+
+
+def test_the_crop_is_the_middle_of_the_whole_picture_resized():
+    picture = noise_picture(3, 30, 20)
+    settings = {"upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 24, "upscaling_resize_h": 48}
+    whole = picture.resize((72, 48), Image.Resampling.LANCZOS)  # 30x20 scaled by 48/20 to cover 24x48
+    assert np.array_equal(np.asarray(upscale(picture, parse_upscale(settings)).image),
+                          np.asarray(whole.crop((24, 0, 48, 48))))
 
 
 @pytest.mark.parametrize("fields, problem", [
@@ -119,19 +134,27 @@ def test_bad_settings_are_refused_naming_the_field(fields, problem):
 
 
 # --- saving -----------------------------------------------------------------------------------
-def test_extras_are_numbered_in_their_own_folder_with_both_texts(tmp_path):
+def test_extras_are_numbered_in_their_own_folder_keeping_the_originals_texts(tmp_path):
     store = OutputStore(tmp_path)
-    first = store.save_extra(halves(8, 8), INFOTEXT, "Postprocess upscale by: 2, Postprocess upscaler: Lanczos")
-    second = store.save_extra(halves(8, 8), None, "")
-    folder = tmp_path / "extras-images" / dt.date.today().isoformat()
+    original = halves(8, 8)
+    original.info |= {"parameters": INFOTEXT, "Software": "another tool", "postprocessing": "an earlier pass",
+                      "dpi": (72, 72)}
+    done = upscale(original, parse_upscale({"upscaler_1": "Nearest"}))
+    first = store.save_extra(done.image, done.texts)
+    second = store.save_extra(halves(8, 8), {})
+    folder = tmp_path / "extras-images"  # one folder, no day folders, as A1111's
     assert (first, second) == (folder / "00000.png", folder / "00001.png")
     with Image.open(first) as saved:
-        assert saved.text == {"parameters": INFOTEXT,
-                              "postprocessing": "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"}
+        assert saved.text == {"parameters": INFOTEXT, "Software": "another tool",
+                              "postprocessing": "Postprocess upscale by: 2, Postprocess upscaler: Nearest"}
         assert read_infotext(saved) == INFOTEXT
     with Image.open(second) as saved:
         assert saved.text == {}
-    assert folder.parent in store.image_folders()  # cleaned of partial files, served to the browser
+    assert folder in store.image_folders()  # served to the browser
+    partial = folder / ".partial-left-by-a-crash.png"
+    partial.write_bytes(b"half a picture")
+    os.utime(partial, (0, 0))
+    assert store.remove_partial_files() == 1 and not partial.exists()
 
 
 # --- the tab's event ----------------------------------------------------------------------------
@@ -171,6 +194,19 @@ def test_a_batch_is_checked_before_any_work_and_stops_at_a_picture_that_fails(tm
     assert [Image.open(path).size for path in gallery] == [(32, 32), (32, 32)]
 
 
+def test_a_box_the_resize_mode_leaves_unused_may_be_empty(tmp_path):
+    actions = ExtrasActions(OutputStore(tmp_path), {"upscaling_resize_w": "Scale to: width"})
+    picture = png_file(tmp_path / "in.png", halves(48, 32))
+    cleared = SETTINGS | {"upscaling_resize_w": None, "upscaling_resize_h": 90000}
+    gallery, message = actions.run(SINGLE, picture, None, cleared)  # Scale by
+    assert Image.open(gallery[0]).size == (96, 64) and "dw-error" not in message
+    gallery, message = actions.run(SINGLE, picture, None, cleared | {"resize_mode": 1})
+    assert gallery == gr.skip() and "Scale to: width: Input should be a valid integer" in message
+    gallery, message = actions.run(SINGLE, picture, None, SETTINGS | {"resize_mode": 1, "upscaling_resize": None,
+                                                                    "upscaling_resize_w": 64})
+    assert Image.open(gallery[0]).size == (64, 512) and "dw-error" not in message
+
+
 def test_the_tab_says_what_to_fix(tmp_path):
     actions = ExtrasActions(OutputStore(tmp_path))
     picture = png_file(tmp_path / "in.png", halves(48, 32))
@@ -180,8 +216,8 @@ def test_the_tab_says_what_to_fix(tmp_path):
         ((SINGLE, UnreadablePicture("broken.png", field="Source"), None, SETTINGS),
          "Source: could not read broken.png as an image"),
         ((SINGLE, picture, None, SETTINGS | {"upscaler_1": "ESRGAN_4x"}), "upscaler_1: unknown upscaler"),
-        ((SINGLE, picture, None, SETTINGS | {"upscaling_resize": 8, "resize_mode": 1, "upscaling_resize_w": 8192,
-                                              "upscaling_resize_h": 8192}), "in.png: the 48x32 picture would become"),
+        ((SINGLE, picture, None, SETTINGS | {"resize_mode": 1, "upscaling_resize_w": 8192, "upscaling_resize_h": 8192,
+                                              "upscaling_crop": False}), "in.png: the 48x32 picture would become"),
     ]
     for args, problem in cases:
         gallery, message = actions.run(*args)
@@ -222,6 +258,8 @@ def test_send_to_extras_from_a_gallery_history_and_png_info_keeps_the_parameters
         assert (sub_tabs.selected, tabs.selected) == ("single", "extras")
     sent, *_ = event(ui, "pnginfo_to_extras")(uploaded(Path(image.path)))
     assert Path(sent) == Path(image.path)
+    # An unsaved gallery image goes as the picture itself: the page gets it as a PNG, not as a lossy WebP.
+    assert ui.extras.image.postprocess(Image.open(sent)).path.endswith(".png")
     gallery, message = ExtrasActions(ui_services.outputs).run(SINGLE, sent, None, SETTINGS)
     with Image.open(gallery[0]) as saved:
         assert saved.size == (128, 128) and saved.text["parameters"] == image.infotext

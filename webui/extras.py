@@ -24,6 +24,8 @@ EXTRAS_UPSCALERS = (NO_UPSCALER, *IMAGE_UPSCALERS)
 MAX_SCALE = 8.0  # A1111's largest factor
 MAX_PICTURES = 100  # in one batch
 MAX_SIDE = 8192  # an 8192x8192 RGB picture is 200 MB in memory, and its PNG takes seconds to write
+# All of one API request's results, which it holds at once (as PNGs, then base64 in JSON): two 8192x8192.
+MAX_REQUEST_PIXELS = 2 * MAX_SIDE * MAX_SIDE
 _FILTERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 
 
@@ -37,7 +39,8 @@ class UpscaleSettings(BaseModel):
     upscaling_resize_h: int = Field(512, ge=1, le=MAX_SIDE, description="the height, for resize_mode 1")
     upscaling_crop: bool = Field(True, description="resize_mode 1: cut what sticks out of the width x height "
                                                    "(false: keep the shape, filling the size at least)")
-    upscaler_1: str = Field("Lanczos", description=f"one of {', '.join(EXTRAS_UPSCALERS)} ('None': left as it is)")
+    upscaler_1: str = Field(NO_UPSCALER, description=f"one of {', '.join(EXTRAS_UPSCALERS)} ('None', A1111's "
+                                                     "default: the picture is left as it is)")
     upscaler_2: str = Field(NO_UPSCALER, description="a second upscaler, blended in by extras_upscaler_2_visibility")
     extras_upscaler_2_visibility: float = Field(0.0, ge=0, le=1, description="0..1: how much of upscaler_2 shows")
 
@@ -59,32 +62,48 @@ class UpscaleSettings(BaseModel):
         return name
 
 
-def parse_upscale(data: dict[str, Any]) -> UpscaleSettings:
-    """A dict (from the UI) as UpscaleSettings, or InvalidRequest naming each field to fix."""
+def parse_upscale(data: dict[str, Any], labels: dict[str, str] | None = None) -> UpscaleSettings:
+    """A dict (from the UI) as UpscaleSettings, or InvalidRequest naming each field to fix (by its label in
+    `labels`, where it has one)."""
     try:
         return UpscaleSettings.model_validate(data)
     except ValidationError as err:
-        raise InvalidRequest(describe_validation_errors(err.errors())) from None
+        errors = [error | {"loc": tuple((labels or {}).get(str(part), part) for part in error["loc"])}
+                  for error in err.errors()]
+        raise InvalidRequest(describe_validation_errors(errors)) from None
 
 
 @dataclass
 class Upscaled:
-    """The resized picture, the generation parameters the original carried (None: it had none), and what was done
-    as A1111's infotext keys ({} when nothing was)."""
+    """The resized picture, the text chunks the original carried (its generation parameters under `parameters`, also
+    those A1111 reads from a JPEG's EXIF or a NovelAI PNG), and what was done as A1111's infotext keys ({} when
+    nothing was)."""
     image: Image.Image
-    parameters: str | None
+    original_texts: dict[str, str]
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def parameters(self) -> str | None:
+        return self.original_texts.get("parameters")
 
     @property
     def infotext(self) -> str:
         """A1111's `postprocessing` text, e.g. "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"."""
         return build_infotext("", "", self.info)
 
+    @property
+    def texts(self) -> dict[str, str]:
+        """The text chunks to save it with: the original's, and what was done under `postprocessing`, as A1111 keeps
+        them."""
+        return self.original_texts | ({"postprocessing": self.infotext} if self.info else {})
+
 
 def upscaled_size(width: int, height: int, settings: UpscaleSettings) -> tuple[tuple[int, int], tuple[int, int]]:
     """(the size the picture is resized to, the size kept after the crop). Scale to: the factor that makes the
     picture cover the width x height, as A1111 picks it; the crop then cuts the middle of that size. ValueError when
     a side would be 0 or past MAX_SIDE."""
+    if settings.upscaler_1 == NO_UPSCALER:
+        return (width, height), (width, height)
     if settings.resize_mode == 1:
         target = (settings.upscaling_resize_w, settings.upscaling_resize_h)
         scale = max(target[0] / width, target[1] / height)
@@ -92,8 +111,8 @@ def upscaled_size(width: int, height: int, settings: UpscaleSettings) -> tuple[t
         scale = settings.upscaling_resize
     resized = (max(1, round(width * scale)), max(1, round(height * scale)))
     kept = target if settings.resize_mode == 1 and settings.upscaling_crop else resized
-    if max(resized) > MAX_SIDE:
-        raise ValueError(f"the {width}x{height} picture would become {resized[0]}x{resized[1]}; at most "
+    if max(kept) > MAX_SIDE:
+        raise ValueError(f"the {width}x{height} picture would become {kept[0]}x{kept[1]}; at most "
                          f"{MAX_SIDE} pixels a side can be made: pick a smaller factor or size")
     return resized, kept
 
@@ -101,10 +120,12 @@ def upscaled_size(width: int, height: int, settings: UpscaleSettings) -> tuple[t
 def upscale(image: Image.Image, settings: UpscaleSettings) -> Upscaled:
     """The picture (as RGB, transparency on white) resized as the settings say; ValueError saying what to change
     when the result would be too large."""
-    parameters = read_infotext(image)
+    texts = {key: value for key, value in image.info.items() if isinstance(value, str)}
+    if parameters := read_infotext(image):
+        texts["parameters"] = parameters
     picture = as_rgb(image)
     if settings.upscaler_1 == NO_UPSCALER:
-        return Upscaled(picture, parameters)
+        return Upscaled(picture, texts)
     resized, kept = upscaled_size(picture.width, picture.height, settings)
     # A1111's keys, in its order
     asked = f"{settings.upscaling_resize_w}x{settings.upscaling_resize_h}"
@@ -113,16 +134,18 @@ def upscale(image: Image.Image, settings: UpscaleSettings) -> Upscaled:
     if kept != resized:
         info["Postprocess crop to"] = f"{kept[0]}x{kept[1]}"
     info["Postprocess upscaler"] = settings.upscaler_1
-    result = picture.resize(resized, _FILTERS[settings.upscaler_1])
+    box = _middle(picture.size, resized, kept)
+    result = picture.resize(kept, _FILTERS[settings.upscaler_1], box=box)
     if settings.upscaler_2 != NO_UPSCALER and settings.extras_upscaler_2_visibility > 0:
         info["Postprocess upscaler 2"] = settings.upscaler_2
-        second = picture.resize(resized, _FILTERS[settings.upscaler_2])
+        second = picture.resize(kept, _FILTERS[settings.upscaler_2], box=box)
         result = Image.blend(result, second, settings.extras_upscaler_2_visibility)
-    if kept != resized:
-        result = _middle(result, kept)
-    return Upscaled(result, parameters, info)
+    return Upscaled(result, texts, info)
 
 
-def _middle(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    left, top = (image.width - size[0]) // 2, (image.height - size[1]) // 2
-    return image.crop((left, top, left + size[0], top + size[1]))
+def _middle(size: tuple[int, int], resized: tuple[int, int], kept: tuple[int, int]) -> tuple[float, ...]:
+    """The part of the original (a box in its pixels) that becomes the middle `kept` of it resized to `resized`:
+    only that part is resized, so a crop never makes the larger picture first."""
+    scale_x, scale_y = resized[0] / size[0], resized[1] / size[1]
+    left, top = (resized[0] - kept[0]) // 2, (resized[1] - kept[1]) // 2
+    return left / scale_x, top / scale_y, (left + kept[0]) / scale_x, (top + kept[1]) / scale_y

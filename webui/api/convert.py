@@ -21,7 +21,7 @@ from webui.api.models import (
 from webui.config import A1111_IGNORED_SWITCHES, A1111_IGNORED_VALUES, A1111_REFUSED_FLAGS, Settings
 from webui.engine.generate import LoadedModel
 from webui.engine.img2img import check_picture_size
-from webui.extras import MAX_PICTURES, upscale
+from webui.extras import MAX_PICTURES, MAX_REQUEST_PIXELS, upscale, upscaled_size
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
 from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
 from webui.schemas import InvalidRequest, parse_request
@@ -318,12 +318,12 @@ def cmd_flags(settings: Settings) -> dict[str, Any]:
 
 
 # --- images -----------------------------------------------------------------------------------
-def encode_png(image: Image.Image, infotext: str | None = None, postprocessing: str | None = None) -> str:
-    """A PIL image -> base64 PNG, with the infotext in the 'parameters' chunk when given (and what Extras did in
-    'postprocessing')."""
+def encode_png(image: Image.Image, infotext: str | None = None, texts: dict[str, str] | None = None) -> str:
+    """A PIL image -> base64 PNG, with the infotext in the 'parameters' chunk when given, or with the text chunks
+    `texts`."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=png_texts({"parameters": infotext or None,
-                                                        "postprocessing": postprocessing or None}))
+    texts = texts if texts is not None else {"parameters": infotext or None}
+    image.save(buffer, format="PNG", pnginfo=png_texts(texts))
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -361,21 +361,33 @@ def decode_image(data: str, field: str = "image", pixels_needed: bool = True,
 
 def upscale_pictures(req: ExtrasBody, pictures: list[tuple[str, str]]) -> tuple[list[str], str]:
     """An Extras body's pictures, given as (field, base64), resized: (base64 PNGs, html_info), or ApiError naming
-    the field to fix. Each picture is read when its turn comes, so a batch never holds every original at once."""
+    the field to fix. Every picture's size is checked first, from its header; then each is read in its turn, so a
+    batch never holds every original at once."""
     problems = [f"{name}: {message}" for name, asks, message in _UNSUPPORTED if asks(getattr(req, name, None))]
     if problems:
         raise ApiError(422, "; ".join(problems), "InvalidRequest")
     if not pictures or len(pictures) > MAX_PICTURES:
         raise ApiError(422, f"imageList: send from 1 to {MAX_PICTURES} pictures, got {len(pictures)}", "InvalidRequest")
+    total = sum(_result_pixels(req, field, data) for field, data in pictures)
+    if total > MAX_REQUEST_PIXELS:
+        raise ApiError(422, f"the results would be {total / 1e6:.0f} megapixels in all; one request may make at most "
+                            f"{MAX_REQUEST_PIXELS / 1e6:.0f}: send fewer pictures or a smaller size", "InvalidRequest")
     encoded, done = [], None
     for field, data in pictures:
-        picture = decode_image(data, field, check_size=check_picture_size)
-        try:
-            done = upscale(picture, req)
-        except ValueError as err:
-            raise ApiError(422, f"{field}: {err}", "InvalidRequest") from None
-        encoded.append(encode_png(done.image, done.parameters, done.infotext))
+        done = upscale(decode_image(data, field, check_size=check_picture_size), req)
+        encoded.append(encode_png(done.image, texts=done.texts))
     return encoded, f"<p>{html.escape(done.infotext)}</p>"
+
+
+def _result_pixels(req: ExtrasBody, field: str, data: str) -> int:
+    """How many pixels a picture's result has, from the picture's header; ApiError naming the field when it is no
+    picture or its result would be too large."""
+    width, height = decode_image(data, field, pixels_needed=False, check_size=check_picture_size).size
+    try:
+        size = upscaled_size(width, height, req)[1]
+    except ValueError as err:
+        raise ApiError(422, f"{field}: {err}", "InvalidRequest") from None
+    return size[0] * size[1]
 
 
 def init_image_of(req: GenerationBody) -> Image.Image | None:

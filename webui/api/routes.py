@@ -25,7 +25,7 @@ from starlette.routing import Match
 from webui.api import convert
 from webui.api.convert import ApiError
 from webui.api.models import (
-    ErrorResponse, ExtrasBatchImagesRequest, ExtrasBatchImagesResponse, ExtrasSingleImageRequest,
+    ErrorResponse, ExtrasBatchImagesRequest, ExtrasBody, ExtrasBatchImagesResponse, ExtrasSingleImageRequest,
     ExtrasSingleImageResponse, GenerationBody, GenerationResponse, Img2ImgRequest, JobCancelReply, JobCreated,
     JobStatus, LatentUpscaleModeItem, LoraItem, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest,
     PNGInfoResponse, ProgressResponse, PromptStyleItem, SamplerItem, SchedulerItem, ScriptsList, SDModelItem,
@@ -98,6 +98,7 @@ class Api:
         # The clip skip of API requests that give none (A1111's CLIP_stop_at_last_layers option). Kept in
         # memory only: A1111 writes its options to a file, but a restart here starts from 1 again.
         self.clip_skip = 1
+        self._extras_turn = anyio.CapacityLimiter(1)  # Extras requests, one at a time
         # The model of API requests that name none: the last sd_model_checkpoint set (None: the loaded one).
         # A browser tab's Generate runs its own pick, so it must not undo an API client's choice either.
         self.model: LoadedModel | None = None
@@ -428,15 +429,19 @@ class Api:
                 "skipped": {name: e.summary for name, e in found.skipped.items()}}
 
     # --- images and the machine ---------------------------------------------------------------
-    def extra_single_image(self, req: ExtrasSingleImageRequest) -> ExtrasSingleImageResponse:
-        images, info = convert.upscale_pictures(req, [("image", req.image)])
+    async def extra_single_image(self, req: ExtrasSingleImageRequest) -> ExtrasSingleImageResponse:
+        images, info = await self._upscaled(req, [("image", req.image)])
         return ExtrasSingleImageResponse(html_info=info, image=images[0])
 
-    def extra_batch_images(self, req: ExtrasBatchImagesRequest) -> ExtrasBatchImagesResponse:
+    async def extra_batch_images(self, req: ExtrasBatchImagesRequest) -> ExtrasBatchImagesResponse:
         pictures = [(f"imageList[{i}]" + (f" ({item.name})" if item.name else ""), item.data)
                     for i, item in enumerate(req.imageList)]
-        images, info = convert.upscale_pictures(req, pictures)
+        images, info = await self._upscaled(req, pictures)
         return ExtrasBatchImagesResponse(html_info=info, images=images)
+
+    async def _upscaled(self, req: ExtrasBody, pictures: list[tuple[str, str]]) -> tuple[list[str], str]:
+        # One request at a time: each may hold hundreds of MB of results. The others wait without taking a thread.
+        return await anyio.to_thread.run_sync(convert.upscale_pictures, req, pictures, limiter=self._extras_turn)
 
     @staticmethod
     def upscalers() -> list[UpscalerItem]:

@@ -2,7 +2,7 @@
 
     outputs/txt2img-images/YYYY-MM-DD/NNNNN-<seed>.png   (counter continues across restarts)
     outputs/txt2img-grids/YYYY-MM-DD/grid-NNNN.png
-    outputs/extras-images/YYYY-MM-DD/NNNNN.png            (Extras: pictures resized, as A1111 names them)
+    outputs/extras-images/NNNNN.png                      (Extras: pictures resized; no day folders, as in A1111)
 
 Every file is written under a temporary name and linked to a free number, so a crash never leaves a
 half-written PNG under a real name (the temporary file is removed at the next start), and a file is never
@@ -74,7 +74,7 @@ class OutputStore:
     def image_folders(self) -> list[Path]:
         """The folders images and grids are saved under (the day folders go inside them)."""
         return ([self.outdir / f"{kind}-{what}" for kind in KINDS for what in ("images", "grids")]
-                + [self.outdir / f"{EXTRAS}-images"])
+                + [self.extras_folder()])
 
     def image_folder(self, kind: str, day: dt.date | None = None) -> Path:
         return self.outdir / f"{kind}-images" / (day or dt.date.today()).isoformat()
@@ -90,17 +90,20 @@ class OutputStore:
         folder = self.grid_folder(kind)
         return self._save(grid, {"parameters": infotext}, folder, lambda n: f"grid-{n:04d}.png", _GRID_NUMBERED)
 
-    def save_extra(self, image: Image.Image, parameters: str | None, postprocessing: str) -> Path:
-        """A picture the Extras tab resized: its generation parameters kept as they were (so PNG Info and
-        "send to" still read them), what Extras did in a `postprocessing` text chunk, as A1111 writes it."""
-        texts = {"parameters": parameters, "postprocessing": postprocessing or None}
-        return self._save(image, texts, self.image_folder(EXTRAS), lambda n: f"{n:05d}.png", _NUMBERED)
+    def save_extra(self, image: Image.Image, texts: dict[str, str]) -> Path:
+        """A picture the Extras tab resized, with its text chunks: the original's `parameters` kept (so PNG Info and
+        "send to" still read them), and what Extras did in `postprocessing`, as A1111 writes them."""
+        return self._save(image, texts, self.extras_folder(), lambda n: f"{n:05d}.png", _NUMBERED)
+
+    def extras_folder(self) -> Path:
+        return self.outdir / f"{EXTRAS}-images"
 
     def remove_partial_files(self, older_than: float = 3600.0) -> int:
         """Delete the temporary files of saves a crash cut short; returns how many. Only old ones: another
         server sharing the folder may be writing a new one right now."""
         removed, cutoff = 0, time.time() - older_than
-        for partial in (p for folder in self.image_folders() for p in folder.glob("*/.partial-*.png")):
+        for partial in (p for folder in self.image_folders() for pattern in (".partial-*.png", "*/.partial-*.png")
+                        for p in folder.glob(pattern)):
             try:
                 if partial.stat().st_mtime < cutoff:
                     partial.unlink()

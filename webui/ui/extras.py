@@ -10,7 +10,7 @@ import gradio as gr
 from PIL import Image
 
 from webui.extras import (
-    EXTRAS_UPSCALERS, MAX_PICTURES, MAX_SCALE, MAX_SIDE, NO_UPSCALER, Upscaled, parse_upscale, upscale,
+    EXTRAS_UPSCALERS, MAX_PICTURES, MAX_SCALE, NO_UPSCALER, Upscaled, parse_upscale, upscale,
 )
 from webui.schemas import InvalidRequest
 from webui.storage.infotext import request_fields_from_infotext
@@ -40,16 +40,22 @@ class ExtrasTab:
     send_inpaint: gr.Button  # the same, onto img2img's Inpaint canvas
 
 
+# The fields each resize mode leaves unused: a cleared box there is no reason to refuse the run.
+_UNUSED_BY_MODE = {0: ("upscaling_resize_w", "upscaling_resize_h", "upscaling_crop"), 1: ("upscaling_resize",)}
+
+
 class ExtrasActions:
-    def __init__(self, outputs: OutputStore):
+    def __init__(self, outputs: OutputStore, labels: dict[str, str] | None = None):
         self.outputs = outputs
+        self.labels = labels or {}  # UpscaleSettings field -> the label of its control, for messages
 
     def run(self, subtab: str, image: str | UnreadablePicture | None, batch: list[str] | None,
             settings: dict[str, Any]) -> tuple[Any, str]:
         """(gallery items, message) for the open sub-tab's pictures resized and saved. A picture that fails stops
         the batch there, and says which one and why; those resized before it stay shown and saved."""
+        unused = _UNUSED_BY_MODE.get(settings.get("resize_mode"), ())
         try:
-            upscale_settings = parse_upscale(settings)
+            upscale_settings = parse_upscale({k: v for k, v in settings.items() if k not in unused}, self.labels)
             paths = self._uploads(subtab, image, batch)
         except InvalidRequest as err:
             return gr.skip(), error_html(str(err))
@@ -97,7 +103,7 @@ class ExtrasActions:
         """The gallery item of a resized picture: its saved file, or the picture itself when it could not be saved
         (the reason kept in `unsaved`)."""
         try:
-            return str(self.outputs.save_extra(done.image, done.parameters, done.infotext))
+            return str(self.outputs.save_extra(done.image, done.texts))
         except OSError as err:
             unsaved.append(str(err))
             return done.image
@@ -115,19 +121,21 @@ def _done_before(count: int) -> str:
 
 
 def build_extras(outputs: OutputStore) -> ExtrasTab:
-    actions = ExtrasActions(outputs)
     subtab = gr.Textbox(SINGLE, visible=False, label="Extras sub-tab", elem_id="extras_subtab")
     with gr.Row():
         with gr.Column():
             with gr.Tabs(elem_id="extras_tabs") as tabs:
                 with gr.Tab(SINGLE, id=SINGLE_ID, elem_id="extras_single_tab") as single_tab:
                     # A path: the file is read whole here, with the parameters it carries.
-                    image = tolerant(gr.Image(label="Source", type="filepath", image_mode=None, height=360,
-                                              sources=["upload", "clipboard"], elem_id="extras_image"), "Source")
+                    # PNG: a picture sent from an unsaved image is kept whole (Gradio's default is a lossy WebP).
+                    image = tolerant(gr.Image(label="Source", type="filepath", image_mode=None, format="png",
+                                              height=360, sources=["upload", "clipboard"], elem_id="extras_image"),
+                                     "Source")
                 with gr.Tab(BATCH, id="batch", elem_id="extras_batch_tab") as batch_tab:
                     batch = gr.File(file_count="multiple", file_types=["image"], type="filepath", height=200,
                                     label=f"Pictures (at most {MAX_PICTURES})", elem_id="extras_batch")
             settings = _settings_controls()
+            actions = ExtrasActions(outputs, {name: control.label for name, control in settings.items()})
             run = gr.Button("Generate", variant="primary", elem_id="extras_generate")
         with gr.Column():
             gallery = gr.Gallery(label="Resized", columns=2, height=480, elem_id="extras_gallery", type="filepath",
@@ -162,10 +170,9 @@ def _settings_controls() -> dict[str, gr.components.Component]:
                            elem_id="extras_resize_mode")
     with gr.Row():
         factor = gr.Slider(0.25, MAX_SCALE, value=2, step=0.05, label="Scale by", elem_id="extras_upscaling_resize")
-        width = gr.Number(512, label="Scale to: width", minimum=1, maximum=MAX_SIDE, precision=0,
-                          elem_id="extras_upscaling_resize_w")
-        height = gr.Number(512, label="Scale to: height", minimum=1, maximum=MAX_SIDE, precision=0,
-                           elem_id="extras_upscaling_resize_h")
+        # No minimum or maximum: Gradio would refuse a run in a pop-up even on "Scale by", where they are unused.
+        width = gr.Number(512, label="Scale to: width", precision=0, elem_id="extras_upscaling_resize_w")
+        height = gr.Number(512, label="Scale to: height", precision=0, elem_id="extras_upscaling_resize_h")
     crop = gr.Checkbox(True, label="Scale to: crop to fit", elem_id="extras_upscaling_crop")
     with gr.Row():
         first = gr.Dropdown(list(EXTRAS_UPSCALERS), value="Lanczos", label="Upscaler 1", elem_id="extras_upscaler_1")
