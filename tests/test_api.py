@@ -106,6 +106,12 @@ def test_same_seed_gives_the_same_image_through_the_api_and_the_worker(client, s
     assert "Sampler: DPM++ 2M, Schedule type: Karras" in json.loads(r.json()["info"])["infotexts"][0]
 
 
+def test_tiling_is_taken_and_written_into_the_infotext(client):
+    r = client.post("/sdapi/v1/txt2img", json=QUICK | {"seed": 5, "tiling": True})
+    assert r.status_code == 200, r.text[:300]
+    assert ", Tiling: True," in json.loads(r.json()["info"])["infotexts"][0]
+
+
 def test_saved_api_images_go_to_the_history_with_the_grid_returned_first(client, services):
     r = client.post("/sdapi/v1/txt2img", json=QUICK | {"batch_size": 2, "save_images": True, "seed": 30})
     assert r.status_code == 200, r.text

@@ -141,3 +141,15 @@ def test_a_lora_merged_into_a_graph_captured_unet_is_used_and_taken_out(engines,
     assert_same_pictures(ours, plain.generate(request, [2]))
     assert np.abs(np.asarray(ours[0].image, dtype=np.int16) - np.asarray(before[0].image, dtype=np.int16)).mean() > 2
     assert_same_pictures(compiled.generate(GenerationRequest(prompt="a red apple", steps=4), [2]), before)
+
+
+def test_a_tiled_run_on_a_compiled_model_runs_eagerly_and_the_next_plain_one_is_compiled_again(engines):
+    """Tiling changes every convolution's padding, which the compiled graphs were traced without."""
+    from webui.engine.fast_path import is_compiled
+
+    compiled, plain = engines
+    tiled = GenerationRequest(prompt="a brick wall", steps=4, tiling=True)
+    assert_same_pictures(compiled.generate(tiled, [5]), plain.generate(tiled, [5]))
+    request = GenerationRequest(prompt="a brick wall", steps=4)
+    assert_same_pictures(compiled.generate(request, [5]), plain.generate(request, [5]))
+    assert is_compiled(compiled.pipe)

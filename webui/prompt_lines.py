@@ -15,10 +15,11 @@ MAX_LINES = 100  # runs in one list: each is a job of its own
 # A1111's options a line may give, by request field, and how each is read.
 _OPTIONS = {"prompt": str, "negative_prompt": str, "styles": str, "sampler_name": str, "scheduler": str,
             "seed": int, "subseed": int, "subseed_strength": float, "steps": int, "cfg_scale": float, "width": int,
-            "height": int, "batch_size": int, "n_iter": int, "clip_skip": int, "denoising_strength": float}
+            "height": int, "batch_size": int, "n_iter": int, "clip_skip": int, "denoising_strength": float,
+            "tiling": "boolean"}
 # A1111's options for what this server does not have: named in the message rather than passed over.
 _NOT_HERE = ("sd_model", "outpath_samples", "outpath_grids", "prompt_for_display", "seed_resize_from_h",
-             "seed_resize_from_w", "sampler_index", "restore_faces", "tiling", "do_not_save_samples",
+             "seed_resize_from_w", "sampler_index", "restore_faces", "do_not_save_samples",
              "do_not_save_grid")
 
 
@@ -63,6 +64,11 @@ def _options(line: str) -> dict:
         if not words or words[0].startswith("--"):
             raise ValueError(f"--{name} needs a value")
         value = words.pop(0)
+        if _OPTIONS[name] == "boolean":  # A1111 writes --tiling true
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"--{name} {value!r}: write true or false")
+            fields[name] = value.lower() == "true"
+            continue
         try:
             fields[name] = _OPTIONS[name](value)
         except ValueError:

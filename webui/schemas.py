@@ -83,6 +83,7 @@ class GenerationRequest(BaseModel):
     hr_second_pass_steps: int = Field(0, ge=0, le=150, description="hires fix: steps of the second pass; 0 = steps")
     hr_resize_x: int = Field(0, ge=0, le=MAX_SIZE, description="hires fix: width to enlarge to instead of the scale")
     hr_resize_y: int = Field(0, ge=0, le=MAX_SIZE, description="hires fix: height to enlarge to instead of the scale")
+    tiling: bool = Field(False, description="pictures that tile seamlessly: right edge into left, bottom into top")
     styles: list[str] = Field(default_factory=list, max_length=20,
                               description="prompt styles (styles.csv) joined into the prompts before the run")
     model: str | None = Field(None, description="checkpoint name; None keeps the loaded model")

@@ -656,6 +656,7 @@ class Worker:
             "Batch size": request.batch_size if request.batch_size > 1 else None,
             "Batch pos": index % request.batch_size if request.batch_size > 1 else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+            "Tiling": True if request.tiling else None,
             "Pad conds": True if self.engine.pads_prompts(request) else None,
             "Lora hashes": self.engine.lora_hashes(request),
             "TI hashes": self.engine.ti_hashes(request),

@@ -48,7 +48,6 @@ _UNSUPPORTED = (
     ("restore_faces", lambda v: bool(v), "face restoration is not supported (send false)"),
     ("gfpgan_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
     ("codeformer_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
-    ("tiling", lambda v: bool(v), "tiling is not supported yet (send false)"),
     ("refiner_checkpoint", lambda v: v not in (None, "", "None", "none"), "a refiner is not supported yet"),
     ("script_name", lambda v: v not in (None, "", "None", "none"), "no scripts are installed on this server"),
     ("alwayson_scripts", lambda v: bool(v), "no always-on scripts are installed on this server"),
@@ -125,7 +124,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         "batch_size": req.batch_size, "n_iter": req.n_iter, "model": model or default_model,
         "restore_model": bool(model) and req.override_settings_restore_afterwards is not False,
         "save_images": req.save_images, "send_images": req.send_images, "clip_skip": clip_skip,
-        "styles": req.styles or [],
+        "styles": req.styles or [], "tiling": bool(req.tiling),
     }
     if img2img:
         data["resize_mode"] = 0 if req.resize_mode is None else req.resize_mode

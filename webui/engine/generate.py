@@ -21,6 +21,7 @@ from PIL import Image
 from webui.config import Settings
 from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
 from webui.engine.embeddings import EmbeddingSet, load_embeddings, used_embeddings
+from webui.engine.tiling import seamless
 from webui.engine.hires import LATENT_UPSCALERS, crop_center, hires_size, schedule_steps, upscale_latents
 from webui.engine.img2img import pipeline_strength
 from webui.engine.inpaint import Inpainting
@@ -409,14 +410,14 @@ class Engine:
             undo_compile(self.pipe)
             images = self._generate(request, seeds, on_step, subseeds, init_image, inpainting)
         self._warmed_up = True  # whatever ran has compiled its shapes
-        if is_compiled(self.pipe):
+        if is_compiled(self.pipe) and not request.tiling:  # a tiled run runs eagerly: it compiled nothing
             self._compiled_shapes.record(self._shape_keys(request, len(seeds)))
         return images
 
     def pending_compiles(self, request: GenerationRequest, batch_size: int) -> list[str]:
         """The parts ("UNet", "VAE decoder") that will compile before this batch can run: a compiled
         model at shapes it has not run yet."""
-        if self.pipe is None or not is_compiled(self.pipe):
+        if self.pipe is None or not is_compiled(self.pipe) or request.tiling:
             return []
         return self._compiled_shapes.pending(self._shape_keys(request, batch_size))
 
@@ -480,7 +481,7 @@ class Engine:
         run = _Run([torch.Generator("cpu").manual_seed(seed) for seed in seeds], on_step, request.total_steps,
                    subseeds if request.subseed_strength > 0 else None, request.subseed_strength)
         factor = self.pipe.vae_scale_factor
-        with torch.inference_mode():
+        with torch.inference_mode(), seamless(self.pipe, request.tiling):
             try:
                 noise = self._start_noise(run, (height // factor, width // factor))
                 extra = self._extra_channels((width, height), init_image, inpainting)

@@ -44,6 +44,7 @@ _REQUEST_FIELDS = {
     "Clip skip": ("clip_skip", int),
     "Batch size": ("batch_size", int),
     "Model": ("model", str),
+    "Tiling": ("tiling", lambda value: value.strip().lower() == "true"),
 }
 
 
@@ -126,6 +127,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         # without them means 1; A1111's paste resets the Clip skip slider the same way. A single image sent
         # to a page set to batch 4 would otherwise be made again inside a batch, a few pixel values off.
         fields["clip_skip"] = fields["batch_size"] = 1
+        fields["tiling"] = False
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation
     for key, (name, convert) in _REQUEST_FIELDS.items():
         if key in params:

@@ -85,7 +85,7 @@ class GenerationActions(SeveralRuns):
                  x_values: str = "", y_type: str = "Nothing", y_values: str = "", z_type: str = "Nothing",
                  z_values: str = "", xyz_legend: bool = True, xyz_sub_images: bool = False,
                  xyz_keep_random_seeds: bool = False, prompt_list: bool = False, prompt_lines: str = "",
-                 prompt_list_same_seed: bool = False) -> Iterator[tuple]:
+                 prompt_list_same_seed: bool = False, tiling: bool = False) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -99,7 +99,7 @@ class GenerationActions(SeveralRuns):
             "seed": -1 if seed is None else seed, "n_iter": n_iter, "batch_size": batch_size,
             "clip_skip": clip_skip, "model": model or None,
             "subseed": -1 if subseed is None else subseed, "subseed_strength": subseed_strength or 0.0,
-            "styles": list(styles or []),
+            "styles": list(styles or []), "tiling": bool(tiling),
         }
         if self.kind == "img2img":
             request |= {"denoising_strength": denoising_strength, "resize_mode": resize_mode or 0}
@@ -529,6 +529,8 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                 cfg_scale = gr.Slider(1, 30, value=7, step=0.5, label="CFG scale", elem_id=f"{kind}_cfg_scale")
                 clip_skip = gr.Slider(1, MAX_CLIP_SKIP, value=1, step=1, label="Clip skip",
                                       elem_id=f"{kind}_clip_skip")
+                tiling = gr.Checkbox(False, label="Tiling", info="a picture that tiles seamlessly",
+                                     elem_id=f"{kind}_tiling")
             if img2img:
                 img2img_widgets["denoising_strength"] = gr.Slider(
                     0, 1, value=GenerationRequest.model_fields["denoising_strength"].default, step=0.01,
@@ -589,7 +591,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     tab_token = gr.Textbox(visible=False, elem_id=f"{kind}_tab_token")
     widgets = {"prompt": prompt, "negative_prompt": negative, "sampler_name": sampler, "scheduler": scheduler,
                "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height, "seed": seed,
-               "n_iter": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "model": picker.dropdown,
+               "n_iter": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "tiling": tiling, "model": picker.dropdown,
                "subseed": subseed, "subseed_strength": subseed_strength, "styles": styles, **img2img_widgets,
                **({} if img2img else hires_widgets), **plot_widgets}
     # A parameter the tab has no widget for goes in at generate()'s default, in its place.

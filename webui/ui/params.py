@@ -15,7 +15,7 @@ from webui.storage.infotext import request_fields_from_infotext
 # img2img's leave the batch size alone (one picture sent need not become several), and take the size of the
 # picture sent rather than its infotext's (blocks.py).
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
-                 "seed", "clip_skip", "model", "subseed", "subseed_strength", "styles", "denoising_strength")
+                 "seed", "clip_skip", "model", "subseed", "subseed_strength", "styles", "denoising_strength", "tiling")
 INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding")
 IMG2IMG_FIELDS = (*COMMON_FIELDS, *INPAINTING_FIELDS)
@@ -32,7 +32,7 @@ TAB_FIELDS = {"txt2img": TXT2IMG_FIELDS, "img2img": IMG2IMG_FIELDS}
 FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampler_name": "Sampling method",
                 "scheduler": "Schedule type", "steps": "Sampling steps", "cfg_scale": "CFG scale", "width": "Width",
                 "height": "Height", "seed": "Seed", "n_iter": "Batch count", "batch_size": "Batch size",
-                "clip_skip": "Clip skip", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
+                "clip_skip": "Clip skip", "tiling": "Tiling", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
                 "subseed_strength": "Variation strength", "styles": "Styles",
                 "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "init_image": "Image",
                 "enable_hr": "Hires. fix", "hr_scale": "Upscale by", "hr_upscaler": "Upscaler",
@@ -65,7 +65,7 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
         "width": image.width, "height": image.height, "seed": image.seed, "clip_skip": image.clip_skip,
         "model": image.model_name, "model_hash": image.model_hash,
     } | {name: pasted.get(name)  # no columns of their own
-         for name in ("batch_size", "subseed", "subseed_strength", "denoising_strength", *HIRES_FIELDS,
+         for name in ("batch_size", "subseed", "subseed_strength", "denoising_strength", "tiling", *HIRES_FIELDS,
                       *INPAINTING_FIELDS)}
 
 
