@@ -520,6 +520,15 @@ def test_variation_seeds_go_from_the_page_to_the_infotext_and_back(ui, ui_servic
     labels = input_labels(ui, "txt2img")
     assert (labels["subseed"], labels["subseed_strength"], labels["styles"]) == (
         "Variation seed (-1 = random)", "Variation strength", "Styles")
+    assert (labels["seed_resize_from_w"], labels["seed_resize_from_h"]) == ("Resize seed from width",
+                                                                           "Resize seed from height")
+    resized = event(ui, "send_from_pnginfo")("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 96x64, "
+                                             "Seed resize from: 64x48")
+    assert [resized[TXT2IMG_FIELDS.index(name)] for name in ("seed_resize_from_w", "seed_resize_from_h")] == [64, 48]
+    assert [plain[TXT2IMG_FIELDS.index(name)] for name in ("seed_resize_from_w", "seed_resize_from_h")] == [0, 0]
+    *_, last = event(ui, "txt2img")(Session(), "a resized seed", steps=2, width=96, height=64, seed=1,
+                                    seed_resize_from_w=64, seed_resize_from_h=48)
+    assert ", Seed resize from: 64x48, " in last[4]
 
 
 def input_labels(ui, api_name: str) -> dict:

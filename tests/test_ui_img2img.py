@@ -91,7 +91,8 @@ def test_generate_without_a_picture_or_with_an_unreadable_one_says_so_and_queues
     raw = {"Prompt": "a red barn", "Negative prompt": "", "Sampling method": "Euler a", "Schedule type": "Automatic",
            "Sampling steps": 2, "Width": 64, "Height": 64, "Seed (-1 = random)": 1, "Batch count": 1,
            "Batch size": 1, "CFG scale": 7, "Clip skip": 1, "Stable Diffusion checkpoint": TINY,
-           "Variation seed (-1 = random)": -1, "Variation strength": 0, "Styles": [], "Denoising strength": 0.5,
+           "Variation seed (-1 = random)": -1, "Variation strength": 0, "Resize seed from width": 0,
+           "Resize seed from height": 0, "Tiling": False, "Styles": [], "Denoising strength": 0.5,
            "Resize mode": "Just resize", "Mask blur": 4, "Mask mode": "Inpaint masked", "Masked content": "original",
            "Inpaint area": "Whole picture", "Only masked padding, pixels": 32}
     (tmp_path / "junk.png").write_bytes(b"not a png")

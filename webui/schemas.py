@@ -45,6 +45,10 @@ class GenerationRequest(BaseModel):
     subseed: int = Field(-1, ge=-1, le=MAX_SEED, description="variation seed; -1 picks a random one")
     subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="variation strength: how far the starting "
                                                                      "noise moves towards the variation seed's")
+    seed_resize_from_w: int = Field(0, ge=0, le=MAX_SIZE, description="resize seed from width: the seed's noise "
+                                    "drawn at this size and put in the middle, to keep a picture's composition at "
+                                    "another size (0: off; give the height too)")
+    seed_resize_from_h: int = Field(0, ge=0, le=MAX_SIZE, description="resize seed from height (0: off)")
     sampler_name: str = Field("Euler a", description="e.g. 'Euler a', 'DPM++ 2M', or 'DPM++ 2M Karras'")
     scheduler: str = Field("Automatic", description="schedule type: Automatic, Karras, Exponential, SGM Uniform")
     steps: int = Field(20, ge=1, le=150)
@@ -136,6 +140,27 @@ class GenerationRequest(BaseModel):
         if isinstance(name, str) and name not in HIRES_UPSCALERS:
             raise ValueError(f"unknown upscaler {name!r}; choose one of: {', '.join(HIRES_UPSCALERS)}")
         return name
+
+    @field_validator("seed_resize_from_w", "seed_resize_from_h")
+    @classmethod
+    def _seed_resize_multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            below = value - value % 8
+            raise ValueError(f"must be a multiple of 8 (0: off), got {value}; use {below} or {below + 8}")
+        return value
+
+    @model_validator(mode="after")
+    def _seed_resize_both_or_neither(self) -> "GenerationRequest":
+        if bool(self.seed_resize_from_w) != bool(self.seed_resize_from_h):
+            given, missing = (("seed_resize_from_w", "seed_resize_from_h") if self.seed_resize_from_w
+                              else ("seed_resize_from_h", "seed_resize_from_w"))
+            raise ValueError(f"{missing}: give it too, since {given} is set (or set both to 0 for no seed resize)")
+        return self
+
+    @property
+    def seed_resize(self) -> tuple[int, int] | None:
+        """(width, height) the seeds' noise is drawn at, or None."""
+        return (self.seed_resize_from_w, self.seed_resize_from_h) if self.seed_resize_from_w else None
 
     @model_validator(mode="after")
     def _known_sampler(self) -> "GenerationRequest":

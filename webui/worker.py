@@ -652,6 +652,7 @@ class Worker:
             "Model": model.entry.name,
             "Variation seed": job.subseeds[index] if request.subseed_strength > 0 else None,
             "Variation seed strength": request.subseed_strength if request.subseed_strength > 0 else None,
+            "Seed resize from": "{}x{}".format(*request.seed_resize) if request.seed_resize else None,
             # As A1111: which image of its batch this is (a batch image differs from a single run by rounding).
             "Batch size": request.batch_size if request.batch_size > 1 else None,
             "Batch pos": index % request.batch_size if request.batch_size > 1 else None,

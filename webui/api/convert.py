@@ -43,8 +43,6 @@ class ApiError(Exception):
 
 # Fields that name a feature we lack: (field, asks for it?, what to say); a field a request type lacks asks nothing.
 _UNSUPPORTED = (
-    ("seed_resize_from_h", lambda v: v is not None and v > 0, "seed resize is not supported yet (send -1)"),
-    ("seed_resize_from_w", lambda v: v is not None and v > 0, "seed resize is not supported yet (send -1)"),
     ("restore_faces", lambda v: bool(v), "face restoration is not supported (send false)"),
     ("gfpgan_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
     ("codeformer_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
@@ -125,6 +123,9 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         "restore_model": bool(model) and req.override_settings_restore_afterwards is not False,
         "save_images": req.save_images, "send_images": req.send_images, "clip_skip": clip_skip,
         "styles": req.styles or [], "tiling": bool(req.tiling),
+        # A1111's -1 (its default) or 0: no seed resize
+        "seed_resize_from_w": max(req.seed_resize_from_w or 0, 0),
+        "seed_resize_from_h": max(req.seed_resize_from_h or 0, 0),
     }
     if img2img:
         data["resize_mode"] = 0 if req.resize_mode is None else req.resize_mode
@@ -468,8 +469,8 @@ def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None 
         "sd_model_hash": model.short_hash if model else None,
         "sd_vae_name": None,
         "sd_vae_hash": None,
-        "seed_resize_from_w": -1,
-        "seed_resize_from_h": -1,
+        "seed_resize_from_w": request.seed_resize_from_w or -1,
+        "seed_resize_from_h": request.seed_resize_from_h or -1,
         "denoising_strength": request.denoising_strength if request.is_img2img or request.enable_hr else None,
         "extra_generation_params": {"Schedule type": request.scheduler},
         "index_of_first_image": first_index,

@@ -29,7 +29,7 @@ from webui.engine.inpainting_model import extra_input, masked_picture_input, tak
 from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, lora_uses, strip_loras
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
-from webui.engine.noise import variation_noise
+from webui.engine.noise import start_noise
 from webui.engine.preview import latents_to_preview
 from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
 from webui.engine.prompts import chunk_count, encode_prompt_pair, token_count
@@ -123,6 +123,7 @@ class _Run:
     total_steps: int
     subseeds: list[int] | None = None  # with a variation strength, each image's variation seed
     variation_strength: float = 0.0
+    seed_resize: tuple[int, int] | None = None  # the (width, height) the seeds' noise is drawn at
     done: int = 0  # the steps of the passes finished
     reported: int = 0
     latents: torch.Tensor | None = None  # as they stood after the last step reported
@@ -479,7 +480,8 @@ class Engine:
         # Noise comes from CPU generators, one per image, so a seed gives the same picture on any
         # device and image i of a batch equals a single run with its seed.
         run = _Run([torch.Generator("cpu").manual_seed(seed) for seed in seeds], on_step, request.total_steps,
-                   subseeds if request.subseed_strength > 0 else None, request.subseed_strength)
+                   subseeds if request.subseed_strength > 0 else None, request.subseed_strength,
+                   request.seed_resize)
         factor = self.pipe.vae_scale_factor
         with torch.inference_mode(), seamless(self.pipe, request.tiling):
             try:
@@ -619,13 +621,15 @@ class Engine:
     def _start_noise(self, run: "_Run", size: tuple[int, int],
                      generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """Each image's noise at `size` (latent height, width), drawn from its generator (the run's, unless others
-        are given) as diffusers draws it, and moved towards its variation seed's where the request has a variation
-        strength."""
+        are given) as diffusers draws it, drawn at the seed resize's size and put in the middle where the request
+        has one, and moved towards its variation seed's where it has a variation strength (webui/engine/noise.py)."""
         generators = generators or run.generators
-        shape, dtype = (self.pipe.vae.config.latent_channels, *size), self.pipe.unet.dtype
-        if run.subseeds:
-            return variation_noise(generators, run.subseeds, run.variation_strength, shape, dtype)
-        return torch.cat([torch.randn((1, *shape), generator=generator, dtype=dtype) for generator in generators])
+        channels, factor = self.pipe.vae.config.latent_channels, self.pipe.vae_scale_factor
+        shape, from_shape = (channels, *size), None
+        if run.seed_resize:
+            from_shape = (channels, run.seed_resize[1] // factor, run.seed_resize[0] // factor)
+        return start_noise(generators, shape, self.pipe.unet.dtype, run.subseeds, run.variation_strength,
+                           from_shape if from_shape != shape else None)
 
     def _encode_phases(self, phases: list[PromptPhase], count: int, clip_skip: int,
                        between_encodes: Callable[[], None] | None = None,

@@ -1,24 +1,56 @@
-"""The starting noise of a run with a variation seed (A1111's "Variation seed" and "Variation strength").
+"""The starting noise of a run: with a variation seed (A1111's "Variation seed" and "Variation strength"), and with
+A1111's "Resize seed from width/height".
 
 Each image's noise is drawn from its seed exactly as diffusers draws it (one CPU generator per image, so the
 generator is left where the pipeline would leave it for the ancestral samplers' later draws), then moved
 towards the noise of its variation seed along the sphere: strength 0 is the seed's picture, 1 the variation
 seed's noise, and a small strength a small change of the same picture.
+
+Resize seed from: the seed's noise is drawn at that other size, as a run of that size would draw it, and put in
+the middle of the noise at the run's size (cut to fit when it is larger), so a seed keeps its composition when the
+size changes. The variation seed's noise is drawn at that size too, as A1111 draws it.
 """
 from __future__ import annotations
 
 import torch
 
 
-def variation_noise(generators: list[torch.Generator], subseeds: list[int], strength: float,
-                    shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """(images, *shape) noise: image i from generators[i], moved `strength` of the way to subseeds[i]'s."""
+def start_noise(generators: list[torch.Generator], shape: tuple[int, ...], dtype: torch.dtype,
+                subseeds: list[int] | None = None, strength: float = 0.0,
+                from_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """(images, *shape) noise: image i from generators[i]; drawn at from_shape and put in the middle when it is
+    given; moved `strength` of the way to subseeds[i]'s noise when they are given."""
     images = []
-    for generator, subseed in zip(generators, subseeds):
+    for index, generator in enumerate(generators):
         own = torch.randn((1, *shape), generator=generator, dtype=dtype)  # as diffusers' randn_tensor draws it
-        variation = torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(subseed), dtype=dtype)
-        images.append(slerp(strength, own, variation))  # (1, channels, height, width): angles per channel, column
+        seed = own if from_shape is None else _noise(generator.initial_seed(), from_shape, dtype)
+        if subseeds is not None:  # (1, channels, height, width): angles per channel, column
+            seed = slerp(strength, seed, _noise(subseeds[index], seed.shape[1:], dtype))
+        images.append(seed if from_shape is None else paste_middle(seed, own))
     return torch.cat(images)
+
+
+def _noise(seed: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(seed), dtype=dtype)
+
+
+def paste_middle(small: torch.Tensor, large: torch.Tensor) -> torch.Tensor:
+    """`large` with `small` put in its middle (the middle of `small` where it sticks out), by A1111's arithmetic: an
+    odd overhang is cut one more on the left (top) and, with its rounding down, one more from the right (bottom)."""
+    result = large.clone()
+    (small_h, small_w), (large_h, large_w) = small.shape[-2:], large.shape[-2:]
+    top, rows, from_top = _placement(small_h, large_h)
+    left, cols, from_left = _placement(small_w, large_w)
+    result[..., top:top + rows, left:left + cols] = small[..., from_top:from_top + rows, from_left:from_left + cols]
+    return result
+
+
+def _placement(small: int, large: int) -> tuple[int, int, int]:
+    """(where in the large side the pasted run starts, its length, where in the small side it starts)."""
+    offset = (large - small) // 2  # negative when the small side sticks out; rounded down, as A1111 does
+    if offset >= 0:
+        return offset, small, 0
+    return 0, small + 2 * offset, -offset
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

@@ -128,6 +128,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         # to a page set to batch 4 would otherwise be made again inside a batch, a few pixel values off.
         fields["clip_skip"] = fields["batch_size"] = 1
         fields["tiling"] = False
+        fields["seed_resize_from_w"] = fields["seed_resize_from_h"] = 0
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation
     for key, (name, convert) in _REQUEST_FIELDS.items():
         if key in params:
@@ -138,6 +139,9 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     size = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", params.get("Size", ""))
     if size:
         fields["width"], fields["height"] = int(size.group(1)), int(size.group(2))
+    seed_resize = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", params.get("Seed resize from", ""))
+    if seed_resize:
+        fields["seed_resize_from_w"], fields["seed_resize_from_h"] = map(int, seed_resize.groups())
     resize = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", params.get("Hires resize", ""))
     if resize:
         fields["hr_resize_x"], fields["hr_resize_y"] = int(resize.group(1)), int(resize.group(2))

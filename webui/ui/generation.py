@@ -85,7 +85,8 @@ class GenerationActions(SeveralRuns):
                  x_values: str = "", y_type: str = "Nothing", y_values: str = "", z_type: str = "Nothing",
                  z_values: str = "", xyz_legend: bool = True, xyz_sub_images: bool = False,
                  xyz_keep_random_seeds: bool = False, prompt_list: bool = False, prompt_lines: str = "",
-                 prompt_list_same_seed: bool = False, tiling: bool = False) -> Iterator[tuple]:
+                 prompt_list_same_seed: bool = False, tiling: bool = False, seed_resize_from_w: int = 0,
+                 seed_resize_from_h: int = 0) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -99,6 +100,7 @@ class GenerationActions(SeveralRuns):
             "seed": -1 if seed is None else seed, "n_iter": n_iter, "batch_size": batch_size,
             "clip_skip": clip_skip, "model": model or None,
             "subseed": -1 if subseed is None else subseed, "subseed_strength": subseed_strength or 0.0,
+            "seed_resize_from_w": seed_resize_from_w or 0, "seed_resize_from_h": seed_resize_from_h or 0,
             "styles": list(styles or []), "tiling": bool(tiling),
         }
         if self.kind == "img2img":
@@ -548,6 +550,12 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                                         elem_id=f"{kind}_subseed")
                     subseed_strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength",
                                                  elem_id=f"{kind}_subseed_strength")
+                # A1111's: the seed's noise drawn at this size, to keep a picture's composition at another size.
+                with gr.Row():
+                    seed_resize_w = gr.Slider(0, MAX_SIZE, value=0, step=8, label="Resize seed from width",
+                                              info="0: off", elem_id=f"{kind}_seed_resize_from_w")
+                    seed_resize_h = gr.Slider(0, MAX_SIZE, value=0, step=8, label="Resize seed from height",
+                                              info="0: off", elem_id=f"{kind}_seed_resize_from_h")
             # A1111's Lora cards in a short form: the tag goes into the prompt, where it can be edited.
             with gr.Accordion("LoRA", open=False, elem_id=f"{kind}_lora"):
                 lora_name, lora_refresh = file_picker(actions.lora_names(), "LoRA", "the LoRA folder (models/Lora or "
@@ -591,8 +599,10 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     tab_token = gr.Textbox(visible=False, elem_id=f"{kind}_tab_token")
     widgets = {"prompt": prompt, "negative_prompt": negative, "sampler_name": sampler, "scheduler": scheduler,
                "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height, "seed": seed,
-               "n_iter": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "tiling": tiling, "model": picker.dropdown,
-               "subseed": subseed, "subseed_strength": subseed_strength, "styles": styles, **img2img_widgets,
+               "n_iter": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "tiling": tiling,
+               "model": picker.dropdown,
+               "subseed": subseed, "subseed_strength": subseed_strength, "seed_resize_from_w": seed_resize_w,
+               "seed_resize_from_h": seed_resize_h, "styles": styles, **img2img_widgets,
                **({} if img2img else hires_widgets), **plot_widgets}
     # A parameter the tab has no widget for goes in at generate()'s default, in its place.
     request_inputs = [widgets[name] if name in widgets else gr.State(REQUEST_DEFAULTS[name]) for name in REQUEST_PARAMS]

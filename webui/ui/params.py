@@ -15,7 +15,8 @@ from webui.storage.infotext import request_fields_from_infotext
 # img2img's leave the batch size alone (one picture sent need not become several), and take the size of the
 # picture sent rather than its infotext's (blocks.py).
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
-                 "seed", "clip_skip", "model", "subseed", "subseed_strength", "styles", "denoising_strength", "tiling")
+                 "seed", "clip_skip", "model", "subseed", "subseed_strength", "seed_resize_from_w",
+                 "seed_resize_from_h", "styles", "denoising_strength", "tiling")
 INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding")
 IMG2IMG_FIELDS = (*COMMON_FIELDS, *INPAINTING_FIELDS)
@@ -33,7 +34,8 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "scheduler": "Schedule type", "steps": "Sampling steps", "cfg_scale": "CFG scale", "width": "Width",
                 "height": "Height", "seed": "Seed", "n_iter": "Batch count", "batch_size": "Batch size",
                 "clip_skip": "Clip skip", "tiling": "Tiling", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
-                "subseed_strength": "Variation strength", "styles": "Styles",
+                "subseed_strength": "Variation strength", "seed_resize_from_w": "Resize seed from width",
+                "seed_resize_from_h": "Resize seed from height", "styles": "Styles",
                 "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "init_image": "Image",
                 "enable_hr": "Hires. fix", "hr_scale": "Upscale by", "hr_upscaler": "Upscaler",
                 "hr_second_pass_steps": "Hires steps", "hr_resize_x": "Resize width to",
@@ -65,7 +67,8 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
         "width": image.width, "height": image.height, "seed": image.seed, "clip_skip": image.clip_skip,
         "model": image.model_name, "model_hash": image.model_hash,
     } | {name: pasted.get(name)  # no columns of their own
-         for name in ("batch_size", "subseed", "subseed_strength", "denoising_strength", "tiling", *HIRES_FIELDS,
+         for name in ("batch_size", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
+                      "denoising_strength", "tiling", *HIRES_FIELDS,
                       *INPAINTING_FIELDS)}
 
 
@@ -96,7 +99,7 @@ def schedules_of(sampler_name: str | None) -> list[str]:
 
 
 # Fields whose sliders end where the request's limits do: a value past them would make Generate fail.
-_RANGED_FIELDS = ("steps", "cfg_scale", "width", "height", "clip_skip", "batch_size", "denoising_strength", "hr_scale",
+_RANGED_FIELDS = ("steps", "cfg_scale", "width", "height", "seed_resize_from_w", "seed_resize_from_h", "clip_skip", "batch_size", "denoising_strength", "hr_scale",
                   "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "mask_blur", "inpaint_full_res_padding")
 
 
