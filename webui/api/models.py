@@ -50,12 +50,14 @@ class GenerationBody(BaseModel):
     infotext: str | None = Field(None, max_length=MAX_INFOTEXT_CHARS,
                                  description="fill fields not given from an A1111 infotext")
 
+    styles: list[str] | None = Field(None, description="prompt styles (styles.csv) joined into the prompts")
+    tiling: bool | None = Field(None, description="a picture that tiles seamlessly")
+    seed_resize_from_w: int | None = Field(-1, description="resize seed from width (-1 or 0: none; give the height "
+                                                           "too)")
+    seed_resize_from_h: int | None = Field(-1, description="resize seed from height (-1 or 0: none)")
+
     # --- accepted for compatibility; the adapter rejects values that ask for a missing feature --
-    styles: list[str] | None = None
-    seed_resize_from_h: int | None = -1
-    seed_resize_from_w: int | None = -1
     restore_faces: bool | None = None
-    tiling: bool | None = None
     refiner_checkpoint: str | None = None
     script_name: str | None = None
     alwayson_scripts: dict[str, Any] | None = Field(default_factory=dict)
