@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from webui.engine.img2img import fit_image, image_sha1, pipeline_strength, size_from_image
+from webui.engine.img2img import fit_image, image_sha1, pipeline_strength, scaled_size, size_from_image
 from webui.schemas import GenerationRequest, InvalidRequest, JobState
 from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.outputs import read_infotext
@@ -224,3 +224,23 @@ def test_the_latent_resize_encodes_the_picture_at_its_size_and_stretches_its_lat
     assert encoded == [(128, 64)] and stretched.shape == (64, 64, 3)
     [resized] = img2img(engine, fit_image(picture, 64, 64, 0), [5], width=64, height=64)  # pixels, then latents
     assert np.abs(stretched - resized).mean() > 0.5
+
+
+def test_resize_by_scales_the_pictures_own_size_and_names_the_scales_that_fit():
+    assert scaled_size(Image.new("RGB", (500, 300)), 1.5) == (744, 448)  # 750 -> 744, 450 -> 448
+    turned = Image.new("RGB", (300, 500))
+    exif = turned.getexif()
+    exif[0x0112] = 6  # shown turned a quarter: 500 wide
+    assert scaled_size(Image.open(_saved_jpeg(turned, exif)), 1) == (496, 296)
+    with pytest.raises(ValueError, match=r"would be 4000x16, and sides run from 64 to 2048; this picture's shape fits "
+                                         r"no scale: use Resize to"):
+        scaled_size(Image.new("RGB", (2000, 10)), 2)
+
+
+def _saved_jpeg(picture, exif):
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", exif=exif)
+    buffer.seek(0)
+    return buffer

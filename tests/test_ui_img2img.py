@@ -92,7 +92,7 @@ def test_generate_without_a_picture_or_with_an_unreadable_one_says_so_and_queues
            "Sampling steps": 2, "Width": 64, "Height": 64, "Seed (-1 = random)": 1, "Batch count": 1,
            "Batch size": 1, "CFG scale": 7, "Clip skip": 1, "Stable Diffusion checkpoint": TINY,
            "Variation seed (-1 = random)": -1, "Variation strength": 0, "Resize seed from width": 0,
-           "Resize seed from height": 0, "Tiling": False, "Styles": [], "Denoising strength": 0.5,
+           "Resize seed from height": 0, "Tiling": False, "Scale": 1, "Styles": [], "Denoising strength": 0.5,
            "Resize mode": "Just resize", "Mask blur": 4, "Mask mode": "Inpaint masked", "Masked content": "original",
            "Inpaint area": "Whole picture", "Only masked padding, pixels": 32}
     (tmp_path / "junk.png").write_bytes(b"not a png")
@@ -447,3 +447,26 @@ def test_a_batch_picture_past_pils_own_limit_is_called_too_large(tmp_path, monke
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64x64 is past twice PIL's limit: it refuses to open it
     with pytest.raises(InvalidRequest, match="Batch: could not read huge.png as an image: it is too large"):
         batch_uploads([path], None)
+
+
+def test_resize_by_makes_the_run_the_pictures_size_times_the_scale(ui, ui_services, tmp_path):
+    """A1111's "Resize by" tab: each picture's own size times the scale (multiples of 8), whatever Width and Height
+    say; one that does not fit says which scales do."""
+    by = {"size_tab": "Resize by", "scale_by": 0.5}
+    session, gallery, *_ = inpaint(ui, "img2img", init_image=picture(size=(160, 128)), **by)[-1]
+    assert ui_services.worker.get(session.job_id).request.width == 80 and Image.open(gallery[0][0]).size == (80, 64)
+    paths = [saved(tmp_path, "wide.png", picture(size=(160, 128))), saved(tmp_path, "tall.png", picture(size=(136, 200)))]
+    _, gallery, *_ = inpaint(ui, "Batch", batch_pictures=paths, **by)[-1]
+    assert [Image.open(path).size for path, _ in gallery] == [(80, 64), (64, 96)]  # 68 -> 64, 100 -> 96
+    [(session, _, progress, *_)] = inpaint(ui, "img2img", init_image=picture(size=(160, 128)), size_tab="Resize by",
+                                           scale_by=0.3)
+    assert "Resize by 0.3: the 160x128 picture would be 48x32" in progress and "pick a scale from 0.5 to 12.84" \
+        in progress and session.job_id is None
+    # Resize to (the tab first open) keeps Width and Height.
+    session, gallery, *_ = inpaint(ui, "img2img", init_image=picture(size=(160, 128)), scale_by=0.5)[-1]
+    assert Image.open(gallery[0][0]).size == (64, 64)
+    # The page's Generate reads which tab is open and the scale, on every sub-tab.
+    names = {widget._id: name for name, widget in ui.img2img.widgets.items()}
+    for mode in SUBTAB_INPUTS:
+        read = {names.get(block._id) for block in page_run(ui, "img2img_generate", mode).inputs}
+        assert {"size_tab", "scale_by"} <= read, mode

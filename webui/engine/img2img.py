@@ -9,6 +9,7 @@ outwards into the bars).
 from __future__ import annotations
 
 import hashlib
+import math
 
 from PIL import Image, ImageOps
 
@@ -63,6 +64,22 @@ def size_from_image(image: Image.Image, width: int | None = None, height: int | 
         return _side(height * own_width / own_height), height
     scale = min(1.0, MAX_SIZE / max(own_width, own_height))
     return _side(own_width * scale), _side(own_height * scale)
+
+
+def scaled_size(image: Image.Image, scale: float) -> tuple[int, int]:
+    """A1111's "Resize by": the picture's size times `scale`, rounded down to multiples of 8; ValueError saying
+    which scales fit when that leaves the size limits."""
+    own_width, own_height = upright_size(image)
+    width, height = int(own_width * scale) // 8 * 8, int(own_height * scale) // 8 * 8
+    if min(width, height) < MIN_SIZE or max(width, height) > MAX_SIZE:
+        # Two decimals, rounded inwards: the scales named must fit.
+        lowest = math.ceil(MIN_SIZE / min(own_width, own_height) * 100) / 100
+        highest = math.floor((MAX_SIZE + 7) / max(own_width, own_height) * 100) / 100
+        fits = (f"pick a scale from {lowest:g} to {highest:g}" if lowest <= highest
+                else "this picture's shape fits no scale: use Resize to")
+        raise ValueError(f"Resize by {scale:g}: the {own_width}x{own_height} picture would be {width}x{height}, and "
+                         f"sides run from {MIN_SIZE} to {MAX_SIZE}; {fits}")
+    return width, height
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:

@@ -31,8 +31,9 @@ from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, 
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.params import TAB_FIELDS, schedules_of, with_labels
-from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, SUBTAB_INPUTS, UnreadablePicture, batch_uploads,
-                               inpainting_settings, on_open_subtab, open_picture, picture_inputs, start_pictures)
+from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
+                               batch_uploads, inpainting_settings, on_open_subtab, open_picture, picture_inputs,
+                               scaled_size_fields, start_pictures)
 from webui.ui.scripts import plot_section, prompt_list_section
 from webui.ui.progress import (error_html, final_html, progress_html, timing_html, token_counter,
                                too_long_counter)
@@ -86,7 +87,7 @@ class GenerationActions(SeveralRuns):
                  z_values: str = "", xyz_legend: bool = True, xyz_sub_images: bool = False,
                  xyz_keep_random_seeds: bool = False, prompt_list: bool = False, prompt_lines: str = "",
                  prompt_list_same_seed: bool = False, tiling: bool = False, seed_resize_from_w: int = 0,
-                 seed_resize_from_h: int = 0) -> Iterator[tuple]:
+                 seed_resize_from_h: int = 0, size_tab: str = RESIZE_TO, scale_by: float = 1.0) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -122,6 +123,9 @@ class GenerationActions(SeveralRuns):
                 picture, mask_picture = start_pictures(img2img_mode, {
                     "init_image": init_image, "color_sketch": color_sketch, "inpaint_canvas": inpaint_canvas,
                     "inpaint_color_sketch": inpaint_color_sketch, "inpaint_image": inpaint_image, "mask": mask})
+            scale = scale_by if self.kind == "img2img" and size_tab == RESIZE_BY else None
+            if scale and picture is not None:
+                request |= scaled_size_fields(picture, scale)
             if mask_picture is not None:
                 request |= {"mask_blur": mask_blur, "inpainting_mask_invert": inpainting_mask_invert or 0,
                             "inpainting_fill": inpainting_fill, "inpaint_full_res": bool(inpaint_full_res),
@@ -137,8 +141,8 @@ class GenerationActions(SeveralRuns):
                 plot = plan(request, axes, xyz_keep_random_seeds, check=self.worker.check)
                 runs = self._plot(session, plot, picture, mask_picture, xyz_legend, xyz_sub_images)
             elif batch:
-                runs = self._several(session, [Submission(request, path, mask_path) for path, mask_path in uploads],
-                                     "Batch")
+                runs = self._several(session, [Submission(request, path, mask_path, scale)
+                                               for path, mask_path in uploads], "Batch")
             else:
                 job = self.worker.submit(request, origin="ui", owner=self._owner(session), init_image=picture,
                                          mask=mask_picture)
@@ -439,6 +443,17 @@ REQUEST_PARAMS = tuple(parameter.name for parameter in _GENERATE_PARAMETERS)
 REQUEST_DEFAULTS = {parameter.name: parameter.default for parameter in _GENERATE_PARAMETERS}
 
 
+def _size_row(kind: str, size: int) -> tuple[gr.Slider, gr.Slider, gr.Button | None]:
+    """Width and Height (and on img2img "From image": A1111's 📐 in words, since without an emoji font it shows as
+    an empty box)."""
+    with gr.Row():
+        width = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Width", elem_id=f"{kind}_width")
+        height = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Height", elem_id=f"{kind}_height")
+        picture_size = (gr.Button("From image", elem_id="img2img_picture_size", scale=0, min_width=80, size="sm")
+                        if kind == "img2img" else None)
+    return width, height, picture_size
+
+
 def _api(kind: str, name: str) -> dict:
     """txt2img's events keep their Gradio API names; img2img's, but Generate, are the page's own."""
     return {"api_name": name} if kind == "txt2img" else {"api_visibility": "private"}
@@ -516,14 +531,21 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                                         elem_id=f"{kind}_scheduler", allow_custom_value=True)
             steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id=f"{kind}_steps")
             # img2img's size is A1111's "Resize to": the model's size (what it draws best), or with "From image"
-            # (A1111's 📐) the picture's.
-            with gr.Row():
-                width = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Width", elem_id=f"{kind}_width")
-                height = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Height", elem_id=f"{kind}_height")
-                if img2img:
-                    # Words, not A1111's 📐: without an emoji font it shows as an empty box.
-                    picture_size = gr.Button("From image", elem_id="img2img_picture_size", scale=0, min_width=80,
-                                             size="sm")
+            # (A1111's 📐) the picture's; or its "Resize by": the picture's times a scale.
+            if img2img:
+                with gr.Tabs(elem_id="img2img_size_tabs"):
+                    with gr.Tab(RESIZE_TO, id="resize_to", elem_id="img2img_resize_to") as resize_to_tab:
+                        width, height, picture_size = _size_row(kind, size)
+                    with gr.Tab(RESIZE_BY, id="resize_by", elem_id="img2img_resize_by") as resize_by_tab:
+                        img2img_widgets["scale_by"] = gr.Slider(0.05, 4, value=1, step=0.05, label="Scale",
+                                                                info="the picture's size times this",
+                                                                elem_id="img2img_scale_by")
+                img2img_widgets["size_tab"] = gr.Textbox(RESIZE_TO, visible=False, elem_id="img2img_size_mode")
+                for tab, name in ((resize_to_tab, RESIZE_TO), (resize_by_tab, RESIZE_BY)):
+                    tab.select(lambda name=name: name, outputs=[img2img_widgets["size_tab"]],
+                               api_visibility="private", show_progress="hidden")
+            else:
+                width, height, _ = _size_row(kind, size)
             with gr.Row():
                 batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{kind}_batch_count")
                 batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{kind}_batch_size")

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import gradio as gr
 from PIL import Image
 
-from webui.engine.img2img import MAX_PICTURE_PIXELS, check_picture_size
+from webui.engine.img2img import MAX_PICTURE_PIXELS, check_picture_size, scaled_size
 from webui.schemas import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASK_PADDING,
                            GenerationRequest, InvalidRequest)
 
@@ -40,6 +40,18 @@ NO_STROKES = {INPAINT: "Inpaint: upload a picture, then paint over the part to d
                               "colours it should start from."}
 NO_MASK = "Inpaint upload: upload the mask too (white where the picture is drawn again)."
 NO_BATCH = "Batch: upload the pictures to start from (several at once; each is a run of its own)."
+
+
+RESIZE_TO, RESIZE_BY = "Resize to", "Resize by"  # img2img's size: Width and Height, or the picture's times a scale
+
+
+def scaled_size_fields(picture: Image.Image, scale: float) -> dict[str, int]:
+    """img2img's Resize by: the run's width and height from the picture; InvalidRequest saying which scales fit."""
+    try:
+        width, height = scaled_size(picture, scale)
+    except ValueError as err:
+        raise InvalidRequest(str(err)) from None
+    return {"width": width, "height": height}
 
 
 TOO_LARGE = f"it is too large; send one of at most {MAX_PICTURE_PIXELS / 1e6:.1f} megapixels, scaled down"

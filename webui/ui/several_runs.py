@@ -16,7 +16,7 @@ from PIL import Image
 from webui.prompt_lines import line_requests
 from webui.schemas import GeneratedImage, InvalidRequest, JobState
 from webui.ui.params import with_labels
-from webui.ui.pictures import read_upload
+from webui.ui.pictures import read_upload, scaled_size_fields
 from webui.ui.progress import error_html, notice_html, seconds_html
 from webui.ui.session import Session, gallery_items
 from webui.worker import QueueFull, WorkerStopped
@@ -31,6 +31,7 @@ class Submission:
     request: dict
     picture: Image.Image | str | None = None  # a picture, or an upload's path, read when its turn comes
     mask: Image.Image | str | None = None
+    scale: float | None = None  # img2img's Resize by: the run's size is the picture's times this
 
 
 def _opened(picture: Image.Image | str | None, where: str) -> Image.Image | None:
@@ -77,8 +78,10 @@ class SeveralRuns:
                                                       f"{len(submissions)}."), gr.skip(), gr.skip(), gr.skip()
                 return None
             try:
-                job = self.worker.submit(submission.request, origin="ui", owner=self._owner(session),
-                                         init_image=_opened(submission.picture, what),
+                picture, request = _opened(submission.picture, what), submission.request
+                if submission.scale and picture is not None:
+                    request = request | scaled_size_fields(picture, submission.scale)
+                job = self.worker.submit(request, origin="ui", owner=self._owner(session), init_image=picture,
                                          mask=_opened(submission.mask, what))
             except (InvalidRequest, QueueFull, WorkerStopped) as err:
                 yield session, gr.skip(), note + error_html(with_labels(str(err))), gr.update(visible=False), \
