@@ -87,6 +87,10 @@ def test_seed_resize_goes_into_the_infotext_and_back():
     assert (fields["seed_resize_from_w"], fields["seed_resize_from_h"]) == (64, 64)
     fields = request_fields_from_infotext(text.replace(", Seed resize from: 64x64", ""))
     assert (fields["seed_resize_from_w"], fields["seed_resize_from_h"]) == (0, 0)  # left out: none
+    fields = request_fields_from_infotext(text.replace("64x64", "500x300"))  # another tool's: as A1111 runs it
+    assert (fields["seed_resize_from_w"], fields["seed_resize_from_h"]) == (496, 296)
+    fields = request_fields_from_infotext(text.replace("64x64", "500x0"))
+    assert (fields["seed_resize_from_w"], fields["seed_resize_from_h"]) == (0, 0)
 
 
 def test_through_the_api_a_seed_resize_runs_and_comes_back(client):
@@ -99,8 +103,12 @@ def test_through_the_api_a_seed_resize_runs_and_comes_back(client):
     assert (info["seed_resize_from_w"], info["seed_resize_from_h"]) == (64, 64)
     assert resized[0]["images"] == resized[1]["images"] and resized[0]["images"] != plain["images"]
     assert json.loads(plain["info"])["seed_resize_from_w"] == -1  # A1111's "none"
-    r = client.post("/sdapi/v1/txt2img", json=body | {"seed_resize_from_w": 64})
-    assert r.status_code == 422 and "seed_resize_from_h: give it too" in r.json()["detail"], r.text[:300]
+    # As A1111 runs them: a side of 0 or less (its default, -1) is no seed resize, and a side is taken to a multiple
+    # of 8 (A1111 draws the noise at side // 8).
+    one_sided = client.post("/sdapi/v1/txt2img", json=body | {"seed_resize_from_w": 64}).json()
+    assert one_sided["images"] == plain["images"]
+    rounded = client.post("/sdapi/v1/txt2img", json=body | {"seed_resize_from_w": 70, "seed_resize_from_h": 71}).json()
+    assert rounded["images"] == resized[0]["images"]
 
 
 def test_a_seed_resize_to_the_runs_own_size_changes_nothing():

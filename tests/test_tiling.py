@@ -85,3 +85,23 @@ def test_the_tiling_checkbox_is_on_both_tabs_and_a_send_sets_it(ui):
     assert sent[TXT2IMG_FIELDS.index("tiling")] is True
     *_, last = event(ui, "txt2img")(Session(), "a brick wall", steps=2, width=64, height=64, seed=3, tiling=True)
     assert "Tiling: True" in last[4]
+
+
+def test_above_a_megapixel_a_tiling_run_decodes_whole_and_no_tiles_are_left_on(engine, monkeypatch):
+    """VAE tiles would each wrap around themselves, not around the picture."""
+    factor = engine.pipe.vae_scale_factor
+    latents = torch.zeros(1, 4, 1088 // factor, 1088 // factor)
+    asked = []
+
+    def decode(latents, tiled=False):  # what was asked, without the minutes a real decode this large takes here
+        asked.append(tiled)
+        return torch.zeros(latents.shape[0], 3, *(side * factor for side in latents.shape[-2:]))
+
+    monkeypatch.setattr(engine, "decode", decode)
+    engine._to_images(latents, [0])
+    engine._to_images(latents, [0], tiling=True)
+    assert asked == [True, False]
+    monkeypatch.undo()
+    with torch.inference_mode():
+        engine.decode(torch.randn(1, 4, 8, 8), tiled=True)
+    assert engine.pipe.vae.use_tiling is False  # an encode after it (img2img, hires) runs whole too

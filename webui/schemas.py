@@ -222,6 +222,13 @@ class GenerationRequest(BaseModel):
         return min(int(self.steps * min(self.denoising_strength, 0.999)) + 1, self.steps)
 
 
+def a1111_seed_resize(width: int | None, height: int | None) -> tuple[int, int]:
+    """A seed resize as A1111 runs it, in our fields: each side rounded down to a multiple of 8 (A1111 draws the
+    noise at side // 8), and none, (0, 0), when either side is 0 or less (A1111's API default is -1)."""
+    width, height = (max(side or 0, 0) // 8 * 8 for side in (width, height))
+    return (width, height) if width and height else (0, 0)
+
+
 class InvalidRequest(ValueError):
     """A request that fails validation; the message names each field and what to fix."""
 

@@ -24,7 +24,7 @@ from webui.engine.img2img import check_picture_size
 from webui.extras import MAX_PICTURES, MAX_REQUEST_PIXELS, upscale, upscaled_size
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
 from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
-from webui.schemas import InvalidRequest, parse_request
+from webui.schemas import InvalidRequest, a1111_seed_resize, parse_request
 from webui.storage.infotext import parse_infotext, request_fields_from_infotext
 from webui.storage.outputs import png_texts, read_infotext
 from webui.worker import Job
@@ -123,9 +123,8 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         "restore_model": bool(model) and req.override_settings_restore_afterwards is not False,
         "save_images": req.save_images, "send_images": req.send_images, "clip_skip": clip_skip,
         "styles": req.styles or [], "tiling": bool(req.tiling),
-        # A1111's -1 (its default) or 0: no seed resize
-        "seed_resize_from_w": max(req.seed_resize_from_w or 0, 0),
-        "seed_resize_from_h": max(req.seed_resize_from_h or 0, 0),
+        **dict(zip(("seed_resize_from_w", "seed_resize_from_h"),
+                   a1111_seed_resize(req.seed_resize_from_w, req.seed_resize_from_h))),
     }
     if img2img:
         data["resize_mode"] = 0 if req.resize_mode is None else req.resize_mode

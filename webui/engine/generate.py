@@ -196,9 +196,10 @@ class LoadedModel:
         return request.width or self.native_width, request.height or self.native_height
 
 
-def decodes_in_tiles(width: int, height: int) -> bool:
-    """Above a megapixel the VAE decodes in tiles, so memory does not grow with the size."""
-    return width * height > 1024 * 1024
+def decodes_in_tiles(width: int, height: int, tiling: bool = False) -> bool:
+    """Above a megapixel the VAE decodes in tiles, so memory does not grow with the size; not for a Tiling run,
+    whose picture must wrap around as a whole (a tile would wrap around itself)."""
+    return width * height > 1024 * 1024 and not tiling
 
 
 class Engine:
@@ -498,11 +499,11 @@ class Engine:
             except DenoisingStopped as stopped:
                 if run.latents is not None and torch.isfinite(run.latents).all():
                     try:
-                        stopped.images = self._to_images(run.latents, seeds, inpainting)
+                        stopped.images = self._to_images(run.latents, seeds, inpainting, request.tiling)
                     except Exception:  # the stop matters, not the picture it would have left
                         log.exception("the image cut short could not be decoded")
                 raise
-            return self._to_images(latents, seeds, inpainting)
+            return self._to_images(latents, seeds, inpainting, request.tiling)
 
     def _img2img_pass(self, request: GenerationRequest, run: "_Run", noise: torch.Tensor, init_image: Image.Image,
                       inpainting: Inpainting | None, extra: torch.Tensor | None) -> torch.Tensor:
@@ -604,7 +605,7 @@ class Engine:
         if request.hr_upscaler in LATENT_UPSCALERS:
             latents = upscale_latents(latents, request.hr_upscaler, upscaled)
         else:  # the safety checker looks at the finished picture only, as in A1111
-            pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(width, height)))
+            pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(width, height, request.tiling)))
             resample = Image.Resampling.LANCZOS if request.hr_upscaler == "Lanczos" else Image.Resampling.NEAREST
             latents = torch.cat([self.encode(picture.resize(size.upscaled, resample)) for picture in pictures])
         final = (size.final[0] // factor, size.final[1] // factor)
@@ -676,11 +677,11 @@ class Engine:
                                   "broken; try another model")
         return (latents * vae.config.scaling_factor).to(self.pipe.unet.dtype)
 
-    def _to_images(self, latents: torch.Tensor, seeds: list[int],
-                   inpainting: Inpainting | None = None) -> list[EngineImage]:
+    def _to_images(self, latents: torch.Tensor, seeds: list[int], inpainting: Inpainting | None = None,
+                   tiling: bool = False) -> list[EngineImage]:
         """Decoded, laid into the inpainted picture, and past the safety checker (which sees what is saved)."""
         height, width = (side * self.pipe.vae_scale_factor for side in latents.shape[-2:])
-        pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(width, height)))
+        pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(width, height, tiling)))
         if inpainting is not None:
             pictures = [inpainting.compose(picture) for picture in pictures]
         images, flags = self.check_safety(pictures)
@@ -691,13 +692,16 @@ class Engine:
         bug); when it does, decode again in fp32 and keep the VAE in fp32 from then on."""
         vae = self.pipe.vae
         scaled = latents / vae.config.scaling_factor
-        if tiled:
-            # Tiles keep memory flat; their sizes vary at the edges, so they run uncompiled.
-            vae.enable_tiling()
+        if not tiled:
+            return self._decode(scaled)
+        # Tiles keep memory flat; their sizes vary at the edges, so they run uncompiled. Off again after: an encode
+        # (img2img, the hires fix's picture upscaler) would otherwise run in tiles too.
+        vae.enable_tiling()
+        try:
             with uncompiled():
                 return self._decode(scaled)
-        vae.disable_tiling()
-        return self._decode(scaled)
+        finally:
+            vae.disable_tiling()
 
     def _decode(self, scaled: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae

@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any
 
-from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT
+from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, a1111_seed_resize
 
 NEGATIVE_PREFIX = "Negative prompt:"
 # Real infotexts are a few KiB. Longer text (a 178-byte compressed PNG chunk can inflate to 60 KB)
@@ -141,7 +141,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["width"], fields["height"] = int(size.group(1)), int(size.group(2))
     seed_resize = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", params.get("Seed resize from", ""))
     if seed_resize:
-        fields["seed_resize_from_w"], fields["seed_resize_from_h"] = map(int, seed_resize.groups())
+        fields["seed_resize_from_w"], fields["seed_resize_from_h"] = a1111_seed_resize(*map(int, seed_resize.groups()))
     resize = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", params.get("Hires resize", ""))
     if resize:
         fields["hr_resize_x"], fields["hr_resize_y"] = int(resize.group(1)), int(resize.group(2))
