@@ -280,3 +280,18 @@ def test_send_to_extras_from_a_gallery_history_and_png_info_keeps_the_parameters
         event(ui, "gallery_to_extras")(type(session)())
     with pytest.raises(gr.Error, match="Drop a picture first"):
         event(ui, "pnginfo_to_extras")(None)
+
+
+def test_png_info_shows_what_extras_did_and_the_files_other_text(tmp_path):
+    from webui.ui.pnginfo import OTHER_TEXT, read_parameters
+
+    original = halves(16, 16)
+    original.info |= {"parameters": INFOTEXT, "Software": "a <b>paint</b> program"}
+    done = upscale(original, parse_upscale({"upscaler_1": "Nearest"}))
+    saved = OutputStore(tmp_path).save_extra(done.image, done.texts)
+    text, table = read_parameters(str(saved))
+    assert text == INFOTEXT and table.index("Sampler") < table.index(OTHER_TEXT)
+    assert "<th>postprocessing</th><td>Postprocess upscale by: 2, Postprocess upscaler: Nearest</td>" in table
+    assert "<th>Software</th><td>a &lt;b&gt;paint&lt;/b&gt; program</td>" in table  # shown as text, not markup
+    _, table = read_parameters(png_file(tmp_path / "plain.png", halves(8, 8), None))
+    assert OTHER_TEXT not in table and "carries no generation parameters" in table

@@ -17,7 +17,7 @@ from webui.engine.hires import IMAGE_UPSCALERS
 from webui.engine.img2img import as_rgb
 from webui.schemas import InvalidRequest, describe_validation_errors
 from webui.storage.infotext import build_infotext
-from webui.storage.outputs import read_infotext
+from webui.storage.outputs import read_infotext, text_chunks
 
 NO_UPSCALER = "None"  # A1111's name for "leave the size alone"
 EXTRAS_UPSCALERS = (NO_UPSCALER, *IMAGE_UPSCALERS)
@@ -120,7 +120,7 @@ def upscaled_size(width: int, height: int, settings: UpscaleSettings) -> tuple[t
 def upscale(image: Image.Image, settings: UpscaleSettings) -> Upscaled:
     """The picture (as RGB, transparency on white) resized as the settings say; ValueError saying what to change
     when the result would be too large."""
-    texts = {key: value for key, value in image.info.items() if isinstance(value, str)}
+    texts = text_chunks(image)
     if parameters := read_infotext(image):
         texts["parameters"] = parameters
     picture = as_rgb(image)

@@ -26,7 +26,7 @@ from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
 from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
 from webui.schemas import InvalidRequest, a1111_seed_resize, parse_request
 from webui.storage.infotext import parse_infotext, request_fields_from_infotext
-from webui.storage.outputs import png_texts, read_infotext
+from webui.storage.outputs import png_texts, read_infotext, text_chunks
 from webui.worker import Job
 
 
@@ -407,7 +407,7 @@ def mask_of(req: GenerationBody) -> Image.Image | None:
 def png_info(image: Image.Image) -> dict[str, Any]:
     """The infotext of an image, its other text chunks, and the infotext parsed as A1111 does."""
     infotext = read_infotext(image) or ""
-    items = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str) and k != "parameters"}
+    items = text_chunks(image)
     parameters: dict[str, Any] = {}
     if infotext:
         prompt, negative, params = parse_infotext(infotext)

@@ -201,6 +201,13 @@ def read_infotext(image: Image.Image) -> str | None:
     return text[:MAX_INFOTEXT_CHARS] if text else None
 
 
+def text_chunks(image: Image.Image) -> dict[str, str]:
+    """The image's other text (PNG text chunks such as A1111's `postprocessing` or a program's `Software`; the
+    infotext's `parameters` left out), each cut to MAX_INFOTEXT_CHARS."""
+    return {key: value[:MAX_INFOTEXT_CHARS] for key, value in image.info.items()
+            if isinstance(key, str) and isinstance(value, str) and key != "parameters"}
+
+
 # NovelAI's sampler names -> ours; A1111 reads any other as Euler a.
 _NOVELAI_SAMPLERS = {"k_euler_ancestral": "Euler a", "k_euler": "Euler", "k_lms": "LMS", "k_heun": "Heun",
                      "k_dpm_2": "DPM2", "k_dpm_2_ancestral": "DPM2 a", "k_dpmpp_2m": "DPM++ 2M",

@@ -9,8 +9,11 @@ import gradio as gr
 from PIL import Image
 
 from webui.storage.infotext import parse_infotext, request_fields_from_infotext
-from webui.storage.outputs import MAX_SCANNED_PIXELS, read_infotext
+from webui.storage.outputs import MAX_SCANNED_PIXELS, read_infotext, text_chunks
 from webui.ui.progress import error_html
+
+
+OTHER_TEXT = "Other text in the file"
 
 
 @dataclass
@@ -37,6 +40,7 @@ def read_parameters(upload: dict | str | None) -> tuple[str, str]:
     damaged = False
     try:
         with Image.open(path) as image:
+            others = text_chunks(image)  # A1111's postprocessing (Extras), a program's Software, ...
             text = read_infotext(image)  # what comes before the pixels (ours and A1111's PNGs)
             try:
                 if image.width * image.height <= MAX_SCANNED_PIXELS:  # a small upload may decode to gigabytes
@@ -52,10 +56,11 @@ def read_parameters(upload: dict | str | None) -> tuple[str, str]:
                               "or it is damaged.")
     if damaged:
         note = f"<div class='dw-notice'>{html.escape(name)} is damaged; its parameters were read from the part that is whole.</div>"
-        return text, note + parameters_table(text)
+        return text, note + parameters_table(text) + _rows_table(others, OTHER_TEXT)
     if not text:
-        return "", "<div class='dw-notice'>This image carries no generation parameters.</div>"
-    return text, parameters_table(text)
+        return "", ("<div class='dw-notice'>This image carries no generation parameters.</div>"
+                    + _rows_table(others, OTHER_TEXT))
+    return text, parameters_table(text) + _rows_table(others, OTHER_TEXT)
 
 
 def uploaded_path(upload: dict | str | None) -> str | None:
@@ -65,10 +70,15 @@ def uploaded_path(upload: dict | str | None) -> str | None:
 
 def parameters_table(text: str) -> str:
     prompt, negative, params = parse_infotext(text)
-    rows = [("Prompt", prompt), ("Negative prompt", negative), *params.items()]
+    return _rows_table({"Prompt": prompt, "Negative prompt": negative, **params})
+
+
+def _rows_table(rows: dict[str, str], caption: str = "") -> str:
+    """A table of the rows that have a value ("" when none has)."""
     cells = "".join(f"<tr><th>{html.escape(key)}</th><td>{html.escape(str(value))}</td></tr>"
-                    for key, value in rows if value)
-    return f"<table class='dw-params'>{cells}</table>"
+                    for key, value in rows.items() if value)
+    title = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f"<table class='dw-params'>{title}{cells}</table>" if cells else ""
 
 
 def fields_for_txt2img(text: str) -> dict:
