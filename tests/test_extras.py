@@ -190,8 +190,10 @@ def test_a_batch_is_checked_before_any_work_and_stops_at_a_picture_that_fails(tm
     assert len(gallery) == 2 and "2 resized and saved; then" in message and "cut.png" in message
     assert len(list(outputs.rglob("*.png"))) == 2
 
-    gallery, message = actions.run(BATCH, None, good, SETTINGS | {"upscaler_1": "Nearest"})
-    assert [Image.open(path).size for path in gallery] == [(32, 32), (32, 32)]
+    told = []
+    gallery, message = actions.run(BATCH, None, good, SETTINGS | {"upscaler_1": "Nearest"},
+                                   lambda number, count: told.append((number, count)))
+    assert [Image.open(path).size for path in gallery] == [(32, 32), (32, 32)] and told == [(0, 2), (1, 2)]
 
 
 def test_a_box_the_resize_mode_leaves_unused_may_be_empty(tmp_path):

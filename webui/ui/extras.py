@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 from PIL import Image
@@ -50,9 +50,10 @@ class ExtrasActions:
         self.labels = labels or {}  # UpscaleSettings field -> the label of its control, for messages
 
     def run(self, subtab: str, image: str | UnreadablePicture | None, batch: list[str] | None,
-            settings: dict[str, Any]) -> tuple[Any, str]:
-        """(gallery items, message) for the open sub-tab's pictures resized and saved. A picture that fails stops
-        the batch there, and says which one and why; those resized before it stay shown and saved."""
+            settings: dict[str, Any], on_picture: Callable[[int, int], None] | None = None) -> tuple[Any, str]:
+        """(gallery items, message) for the open sub-tab's pictures resized and saved; on_picture(n, count) before
+        each. A picture that fails stops the batch there, and says which one and why; those resized before it stay
+        shown and saved."""
         unused = _UNUSED_BY_MODE.get(settings.get("resize_mode"), ())
         try:
             upscale_settings = parse_upscale({k: v for k, v in settings.items() if k not in unused}, self.labels)
@@ -60,7 +61,9 @@ class ExtrasActions:
         except InvalidRequest as err:
             return gr.skip(), error_html(str(err))
         shown, unsaved = [], []
-        for path in paths:
+        for number, path in enumerate(paths):
+            if on_picture:
+                on_picture(number, len(paths))
             try:
                 done = upscale(read_upload(path, subtab), upscale_settings)
             except InvalidRequest as err:
@@ -149,8 +152,11 @@ def build_extras(outputs: OutputStore) -> ExtrasTab:
         tab.select(lambda name=name: name, outputs=[subtab], api_visibility="private", show_progress="hidden")
     names = list(settings)
 
-    def run_extras(open_subtab, picture, pictures, *values):
-        return actions.run(open_subtab, picture, pictures, dict(zip(names, values)))
+    def run_extras(open_subtab, picture, pictures, *values, progress=gr.Progress()):
+        def on_picture(number: int, count: int) -> None:
+            progress((number, count), desc="Resizing", unit="pictures")
+
+        return actions.run(open_subtab, picture, pictures, dict(zip(names, values)), on_picture)
 
     # One at a time: an 8192x8192 result takes 200 MB and seconds to write.
     run.click(run_extras, inputs=[subtab, image, batch, *settings.values()], outputs=[gallery, info],
