@@ -200,7 +200,8 @@ def test_a_model_override_is_undone_after_the_job_unless_asked_to_keep_it(client
     ({"infotext": "a" * (64 * 1024 + 1)}, "infotext"),  # more than is ever read
     ({"steps": "many"}, "steps"),
     ({"cfg_scale": 99}, "cfg_scale"),
-    ({"enable_hr": True, "hr_sampler_name": "DDIM"}, "hr_sampler_name"),  # a second pass of its own
+    ({"enable_hr": True, "hr_sampler_name": "Wobbly"}, "hr_sampler_name"),
+    ({"enable_hr": True, "hr_prompt": "a dog"}, "hr_prompt"),  # a second pass with a prompt of its own
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
     ({"enable_hr": True, "hr_scale": 40}, "hr_scale"),
     ({"enable_hr": True, "firstphase_width": 256}, "firstphase_width"),  # A1111's old hires fix
@@ -226,6 +227,19 @@ def test_the_hires_fix_runs_with_a1111s_fields_and_defaults(client):
         assert picture.size == (96, 96)
     assert info["denoising_strength"] == 0.75 and (info["width"], info["height"]) == (64, 64)  # A1111's default
     assert "Size: 64x64, Denoising strength: 0.75, Hires upscale: 1.5, Hires upscaler: Latent" in info["infotexts"][0]
+
+
+def test_the_hires_fix_runs_its_own_sampler_and_says_so_as_a1111_does(client):
+    body = QUICK | {"enable_hr": True, "hr_scale": 1.5, "sampler_name": "Euler", "seed": 3}
+    plain, same, own = (client.post("/sdapi/v1/txt2img", json=body | extra).json() for extra in (
+        {}, {"hr_sampler_name": "Euler", "hr_scheduler": "Use same scheduler"},
+        {"hr_sampler_name": "DDIM", "hr_scheduler": "Automatic"}))
+    assert same["images"] == plain["images"] and own["images"] != plain["images"]
+    assert "Hires sampler" not in json.loads(same["info"])["infotexts"][0]
+    text = json.loads(own["info"])["infotexts"][0]
+    assert "Hires upscaler: Latent, Hires sampler: DDIM, " in text
+    again = client.post("/sdapi/v1/txt2img", json={"infotext": text, "steps": 2}).json()  # pasted back
+    assert again["images"] == own["images"]
 
 
 def test_a_pasted_infotext_brings_its_hires_fix_unless_the_body_sets_one(client):

@@ -550,6 +550,18 @@ def test_the_hires_fix_goes_from_the_page_to_the_infotext_and_back(ui):
                                                           "denoising_strength")] == [True, 1.5, 1, 0.6]
     plain = event(ui, "send_from_pnginfo")("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64")
     assert plain[TXT2IMG_FIELDS.index("enable_hr")] is False  # a picture made without it turns it off
+    # The second pass's own sampler: to the page's lists, "Use same ..." when the hires fix sent has none.
+    index = TXT2IMG_FIELDS.index
+    own = event(ui, "send_from_pnginfo")(text.replace("Hires upscaler: Latent", "Hires upscaler: Latent, "
+                                                      "Hires sampler: DPM++ 2M Karras"))
+    assert (own[index("hr_sampler_name")], own[index("hr_scheduler")]) == ("DPM++ 2M", "Karras")
+    assert (sent[index("hr_sampler_name")], sent[index("hr_scheduler")]) == ("Use same sampler", "Use same scheduler")
+    *_, last = event(ui, "txt2img")(Session(), "a hires probe", steps=2, width=64, height=64, seed=3, model=TINY,
+                                    enable_hr=True, hr_scale=1.5, hr_second_pass_steps=1, denoising_strength=0.6,
+                                    hr_sampler_name="DDIM", hr_scheduler="Use same scheduler")
+    assert "Hires upscaler: Latent, Hires sampler: DDIM" in last[4]
+    labels = input_labels(ui, "txt2img")
+    assert (labels["hr_sampler_name"], labels["hr_scheduler"]) == ("Hires sampling method", "Hires schedule type")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         other = event(ui, "send_from_pnginfo")(text.replace("Hires upscaler: Latent", "Hires upscaler: 4x-UltraSharp"))

@@ -85,6 +85,9 @@ class GenerationRequest(BaseModel):
     hr_scale: float = Field(2.0, ge=1.0, le=4.0, description="hires fix: how many times larger")
     hr_upscaler: str = Field("Latent", description=f"hires fix: one of {', '.join(HIRES_UPSCALERS)}")
     hr_second_pass_steps: int = Field(0, ge=0, le=150, description="hires fix: steps of the second pass; 0 = steps")
+    hr_sampler_name: str | None = Field(None, description="hires fix: the second pass's sampler (None: the first's)")
+    hr_scheduler: str | None = Field(None, description="hires fix: the second pass's schedule type (None: the "
+                                                       "first's, with the first's sampler; else Automatic)")
     hr_resize_x: int = Field(0, ge=0, le=MAX_SIZE, description="hires fix: width to enlarge to instead of the scale")
     hr_resize_y: int = Field(0, ge=0, le=MAX_SIZE, description="hires fix: height to enlarge to instead of the scale")
     tiling: bool = Field(False, description="pictures that tile seamlessly: right edge into left, bottom into top")
@@ -166,7 +169,30 @@ class GenerationRequest(BaseModel):
     def _known_sampler(self) -> "GenerationRequest":
         # Also splits old combined names: "DPM++ 2M Karras" -> ("DPM++ 2M", "Karras").
         self.sampler_name, self.scheduler = resolve_sampler(self.sampler_name, self.scheduler)
+        if self.hr_sampler_name or self.hr_scheduler:
+            self.hr_sampler_name, self.hr_scheduler = self._hires_pair()
         return self
+
+    def _hires_pair(self) -> tuple[str, str]:
+        """As A1111: a hires schedule type alone goes with the first pass's sampler, and a hires sampler alone with
+        the first pass's schedule type (its own default where it cannot follow that one)."""
+        sampler = self.hr_sampler_name or self.sampler_name
+        try:
+            return resolve_sampler(sampler, self.hr_scheduler or self.scheduler)
+        except ValueError as err:
+            if self.hr_scheduler:
+                raise ValueError(f"hr_sampler_name: {err}") from None
+        try:
+            return resolve_sampler(sampler, "Automatic")
+        except ValueError as err:
+            raise ValueError(f"hr_sampler_name: {err}") from None
+
+    @property
+    def hires_sampler(self) -> tuple[str, str]:
+        """The hires fix's sampler and schedule type: its own, or the first pass's."""
+        if self.hr_sampler_name:
+            return self.hr_sampler_name, self.hr_scheduler
+        return self.sampler_name, self.scheduler
 
     @property
     def image_count(self) -> int:

@@ -831,7 +831,11 @@ def _hires_infotext(request: GenerationRequest) -> dict[str, Any]:
     resized = request.hr_resize_x or request.hr_resize_y
     return {"Hires upscale": None if resized else request.hr_scale,
             "Hires resize": f"{request.hr_resize_x}x{request.hr_resize_y}" if resized else None,
-            "Hires steps": request.hr_second_pass_steps or None, "Hires upscaler": request.hr_upscaler}
+            "Hires steps": request.hr_second_pass_steps or None, "Hires upscaler": request.hr_upscaler,
+            # As A1111: only where they differ from the first pass's.
+            "Hires sampler": request.hires_sampler[0] if request.hires_sampler[0] != request.sampler_name else None,
+            "Hires schedule type": (request.hires_sampler[1] if request.hires_sampler[1] != request.scheduler
+                                    else None)}
 
 
 def _check_clip_skip(request: GenerationRequest, model: LoadedModel) -> None:

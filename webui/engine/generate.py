@@ -431,18 +431,23 @@ class Engine:
         if request.enable_hr:
             sizes.append(hires_size(*sizes[0], request.hr_scale, request.hr_resize_x, request.hr_resize_y).final)
         decoded = sizes[-1:] if not request.enable_hr or request.hr_upscaler in LATENT_UPSCALERS else sizes
-        scheduler = make_scheduler(self._base_scheduler_config, request.sampler_name, request.scheduler)
-        scheduler.set_timesteps(request.steps)
+        samplers = [(request.sampler_name, request.scheduler), request.hires_sampler][:len(sizes)]
         unet_rows = batch_size * (2 if request.cfg_scale > 1 else 1)  # CFG runs both prompts in one batch
         factor = pipe.vae_scale_factor
-        keys = {"UNet": {(height // factor, width // factor, unet_rows, max(chunks), scheduler.timesteps.dtype,
+        dtypes = [self._timestep_dtype(*sampler, request.steps) for sampler in samplers]
+        keys = {"UNet": {(height // factor, width // factor, unet_rows, max(chunks), dtype,
                           pipe.unet.config.cross_attention_dim)
-                         for width, height in sizes for chunks in self._chunk_counts(request)}}
+                         for (width, height), dtype in zip(sizes, dtypes) for chunks in self._chunk_counts(request)}}
         whole = [(width, height) for width, height in decoded if not decodes_in_tiles(width, height)]
         if whole:  # tiles are decoded uncompiled
             keys["VAE decoder"] = {(height // factor, width // factor, batch_size, pipe.vae.config.latent_channels)
                                    for width, height in whole}
         return keys
+
+    def _timestep_dtype(self, sampler_name: str, schedule: str, steps: int) -> torch.dtype:
+        scheduler = make_scheduler(self._base_scheduler_config, sampler_name, schedule)
+        scheduler.set_timesteps(steps)
+        return scheduler.timesteps.dtype
 
     def _chunk_counts(self, request: GenerationRequest) -> set[tuple[int, int]]:
         """How many 75-token chunks the prompt and the negative prompt in use take, in each prompt phase."""
@@ -549,11 +554,14 @@ class Engine:
         return _MaskedStart(picture, noise, keep)
 
     def _denoise(self, pipe, request: GenerationRequest, run: "_Run", phases: list[PromptPhase], steps: int,
-                 schedule: int, start: dict, extra: torch.Tensor | None = None) -> torch.Tensor:
+                 schedule: int, start: dict, extra: torch.Tensor | None = None,
+                 sampler: tuple[str, str] | None = None) -> torch.Tensor:
         """One denoising pass of a pipeline (txt2img's, or img2img's from `start`'s latents): the last `steps` of a
         schedule of `schedule` steps, its prompt phases read at the steps they cover; the latents it ends with.
-        `extra`: an inpainting model's extra input channels for this pass."""
-        pipe.scheduler = make_scheduler(self._base_scheduler_config, request.sampler_name, request.scheduler)
+        `extra`: an inpainting model's extra input channels for this pass; `sampler`: its sampler and schedule type,
+        when not the request's own (the hires fix's)."""
+        pipe.scheduler = make_scheduler(self._base_scheduler_config,
+                                        *(sampler or (request.sampler_name, request.scheduler)))
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE draws its Brownian noise from its own seeds (else from torch's global RNG).
             pipe.scheduler.noise_sampler_seed = [generator.initial_seed() for generator in run.generators]
@@ -617,7 +625,7 @@ class Engine:
         fresh = [torch.Generator("cpu").manual_seed(generator.initial_seed()) for generator in run.generators]
         pipe = self._img2img_pipeline(self._start_noise(run, (final[1], final[0]), fresh))
         return self._denoise(pipe, request, run, _hires_phases(request), request.hires_steps, schedule, start,
-                             self._extra_channels(size.final))
+                             self._extra_channels(size.final), request.hires_sampler)
 
     def _start_noise(self, run: "_Run", size: tuple[int, int],
                      generators: list[torch.Generator] | None = None) -> torch.Tensor:

@@ -41,6 +41,8 @@ _REQUEST_FIELDS = {
     "Hires upscale": ("hr_scale", float),
     "Hires steps": ("hr_second_pass_steps", int),
     "Hires upscaler": ("hr_upscaler", str),
+    "Hires sampler": ("hr_sampler_name", str),
+    "Hires schedule type": ("hr_scheduler", str),
     "Clip skip": ("clip_skip", int),
     "Batch size": ("batch_size", int),
     "Model": ("model", str),

@@ -22,7 +22,7 @@ from PIL import Image
 
 from webui.engine.hires import HIRES_UPSCALERS
 from webui.engine.img2img import check_picture_size, size_from_image
-from webui.engine.samplers import sampler_names
+from webui.engine.samplers import SCHEDULE_TYPES, sampler_names
 from webui.engine.models import ModelNotFound
 from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.styles import Style
@@ -30,7 +30,7 @@ from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, 
                            InvalidRequest)
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
-from webui.ui.params import TAB_FIELDS, schedules_of, with_labels
+from webui.ui.params import SAME_SAMPLER, SAME_SCHEDULE, TAB_FIELDS, schedules_of, with_labels
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
                                batch_uploads, inpainting_settings, on_open_subtab, open_picture, picture_inputs,
                                scaled_size_fields, start_pictures)
@@ -87,7 +87,8 @@ class GenerationActions(SeveralRuns):
                  z_values: str = "", xyz_legend: bool = True, xyz_sub_images: bool = False,
                  xyz_keep_random_seeds: bool = False, prompt_list: bool = False, prompt_lines: str = "",
                  prompt_list_same_seed: bool = False, tiling: bool = False, seed_resize_from_w: int = 0,
-                 seed_resize_from_h: int = 0, size_tab: str = RESIZE_TO, scale_by: float = 1.0) -> Iterator[tuple]:
+                 seed_resize_from_h: int = 0, size_tab: str = RESIZE_TO, scale_by: float = 1.0,
+                 hr_sampler_name: str = SAME_SAMPLER, hr_scheduler: str = SAME_SCHEDULE) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -109,7 +110,9 @@ class GenerationActions(SeveralRuns):
         elif enable_hr:
             request |= {"enable_hr": True, "denoising_strength": denoising_strength, "hr_scale": hr_scale,
                         "hr_upscaler": hr_upscaler, "hr_second_pass_steps": hr_second_pass_steps or 0,
-                        "hr_resize_x": hr_resize_x or 0, "hr_resize_y": hr_resize_y or 0}
+                        "hr_resize_x": hr_resize_x or 0, "hr_resize_y": hr_resize_y or 0,
+                        "hr_sampler_name": None if hr_sampler_name in (SAME_SAMPLER, "", None) else hr_sampler_name,
+                        "hr_scheduler": None if hr_scheduler in (SAME_SCHEDULE, "", None) else hr_scheduler}
         try:
             batch = self.kind == "img2img" and img2img_mode == BATCH
             if sum(map(bool, (batch, xyz_plot, prompt_list))) > 1:
@@ -478,8 +481,14 @@ def hires_fix_section() -> dict[str, gr.components.Component]:
                                  elem_id="txt2img_hr_resize_x")
             resize_y = gr.Slider(0, MAX_SIZE, value=0, step=8, label="Resize height to (0: by Upscale by)",
                                  elem_id="txt2img_hr_resize_y")
+        with gr.Row():
+            sampler = gr.Dropdown([SAME_SAMPLER, *sampler_names()], value=SAME_SAMPLER, label="Hires sampling method",
+                                  elem_id="txt2img_hr_sampler")
+            schedule = gr.Dropdown([SAME_SCHEDULE, *SCHEDULE_TYPES], value=SAME_SCHEDULE, label="Hires schedule type",
+                                   elem_id="txt2img_hr_scheduler")
     return {"enable_hr": enable, "hr_upscaler": upscaler, "hr_second_pass_steps": steps,
-            "denoising_strength": strength, "hr_scale": scale, "hr_resize_x": resize_x, "hr_resize_y": resize_y}
+            "denoising_strength": strength, "hr_scale": scale, "hr_resize_x": resize_x, "hr_resize_y": resize_y,
+            "hr_sampler_name": sampler, "hr_scheduler": schedule}
 
 
 def build_generation_tab(services: Services, picker: ModelPicker, models: ModelActions,

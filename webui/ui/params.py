@@ -6,7 +6,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from webui.engine.hires import HIRES_UPSCALERS
-from webui.engine.samplers import SCHEDULE_TYPES, get_sampler, resolve_sampler
+from webui.engine.samplers import SCHEDULE_TYPES, get_sampler, resolve_sampler, split_sampler_name
 from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, GenerationRequest
 from webui.storage.history import HistoryImage
 from webui.storage.infotext import request_fields_from_infotext
@@ -20,7 +20,10 @@ COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "step
 INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding")
 IMG2IMG_FIELDS = (*COMMON_FIELDS, *INPAINTING_FIELDS)
-HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y")
+HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
+                "hr_sampler_name", "hr_scheduler")
+# The hires fix's sampler and schedule type when they are the first pass's (A1111's words).
+SAME_SAMPLER, SAME_SCHEDULE = "Use same sampler", "Use same scheduler"
 # txt2img's Denoising strength is its hires fix's.
 TXT2IMG_FIELDS = (*COMMON_FIELDS, "batch_size", *HIRES_FIELDS)
 # Fields whose widget is a list of choices picked by their index: the widget takes the choice's label.
@@ -39,7 +42,8 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "init_image": "Image",
                 "enable_hr": "Hires. fix", "hr_scale": "Upscale by", "hr_upscaler": "Upscaler",
                 "hr_second_pass_steps": "Hires steps", "hr_resize_x": "Resize width to",
-                "hr_resize_y": "Resize height to", "mask": "Mask", "mask_blur": "Mask blur",
+                "hr_resize_y": "Resize height to", "hr_sampler_name": "Hires sampling method",
+                "hr_scheduler": "Hires schedule type", "mask": "Mask", "mask_blur": "Mask blur",
                 "inpainting_mask_invert": "Mask mode", "inpainting_fill": "Masked content",
                 "inpaint_full_res": "Inpaint area", "inpaint_full_res_padding": "Only masked padding"}
 
@@ -81,7 +85,8 @@ def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: 
     # A sent prompt has its styles joined in already: a style left picked would be joined in twice.
     fields = dict(fields) | {"styles": []}
     model_note = _apply_model(fields, model_names, find_model)
-    for note in (_apply_sampler(fields), model_note, _apply_upscaler(fields), *_round_sizes(fields),
+    for note in (_apply_sampler(fields), _apply_hires_sampler(fields), model_note, _apply_upscaler(fields),
+                 *_round_sizes(fields),
                  *_drop_out_of_range(fields, names)):
         if note:
             gr.Warning(note)
@@ -156,6 +161,26 @@ def _apply_model(fields: dict[str, Any], model_names: list[str], find_model: Fin
         what = repr(model) if model else f"the model with hash {short_hash}"
         return f"Model not applied: {what} is not in the models folder. The model is left as it was."
     fields["model"] = gr.update(choices=[*model_names, *([found] if found not in model_names else [])], value=found)
+    return None
+
+
+def _apply_hires_sampler(fields: dict[str, Any]) -> str | None:
+    """The hires fix's sampler and schedule type as the page's lists name them: "Use same ..." for what a hires fix
+    sent leaves to the first pass (as A1111 reads it); left as they were, with a note, where ours cannot run them."""
+    if not fields.get("enable_hr"):
+        return None
+    sampler, schedule = fields.get("hr_sampler_name"), fields.get("hr_scheduler")
+    try:
+        if sampler:  # an old combined name ("DPM++ 2M Karras") brings its schedule type
+            name, implied = split_sampler_name(sampler)
+            schedule = schedule or implied
+            sampler = resolve_sampler(name, schedule or "Automatic")[0]
+        if schedule:  # alone, it goes with the first pass's sampler
+            schedule = resolve_sampler(sampler or fields.get("sampler_name") or "Euler a", schedule)[1]
+    except ValueError as err:
+        fields["hr_sampler_name"] = fields["hr_scheduler"] = None
+        return f"Hires sampler not applied: {err}. The hires sampling method and schedule type are left as they were."
+    fields["hr_sampler_name"], fields["hr_scheduler"] = sampler or SAME_SAMPLER, schedule or SAME_SCHEDULE
     return None
 
 
