@@ -104,8 +104,9 @@ def schedules_of(sampler_name: str | None) -> list[str]:
 
 
 # Fields whose sliders end where the request's limits do: a value past them would make Generate fail.
-_RANGED_FIELDS = ("steps", "cfg_scale", "width", "height", "seed_resize_from_w", "seed_resize_from_h", "clip_skip", "batch_size", "denoising_strength", "hr_scale",
-                  "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "mask_blur", "inpaint_full_res_padding")
+_RANGED_FIELDS = ("steps", "cfg_scale", "width", "height", "seed_resize_from_w", "seed_resize_from_h", "clip_skip",
+                  "batch_size", "denoising_strength", "hr_scale", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
+                  "mask_blur", "inpaint_full_res_padding")
 
 
 def _drop_out_of_range(fields: dict[str, Any], names: tuple[str, ...]) -> list[str]:
