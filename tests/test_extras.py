@@ -137,15 +137,16 @@ def test_bad_settings_are_refused_naming_the_field(fields, problem):
 def test_extras_are_numbered_in_their_own_folder_keeping_the_originals_texts(tmp_path):
     store = OutputStore(tmp_path)
     original = halves(8, 8)
+    workflow = '{"nodes": [' + ", ".join(['{"id": 1}'] * 20_000) + "]}"  # a ComfyUI workflow: JSON, 200 KB
     original.info |= {"parameters": INFOTEXT, "Software": "another tool", "postprocessing": "an earlier pass",
-                      "dpi": (72, 72)}
+                      "dpi": (72, 72), "workflow": workflow}
     done = upscale(original, parse_upscale({"upscaler_1": "Nearest"}))
     first = store.save_extra(done.image, done.texts)
     second = store.save_extra(halves(8, 8), {})
     folder = tmp_path / "extras-images"  # one folder, no day folders, as A1111's
     assert (first, second) == (folder / "00000.png", folder / "00001.png")
     with Image.open(first) as saved:
-        assert saved.text == {"parameters": INFOTEXT, "Software": "another tool",
+        assert saved.text == {"parameters": INFOTEXT, "Software": "another tool", "workflow": workflow,  # whole
                               "postprocessing": "Postprocess upscale by: 2, Postprocess upscaler: Nearest"}
         assert read_infotext(saved) == INFOTEXT
     with Image.open(second) as saved:
@@ -297,3 +298,15 @@ def test_png_info_shows_what_extras_did_and_the_files_other_text(tmp_path):
     assert "<th>Software</th><td>a &lt;b&gt;paint&lt;/b&gt; program</td>" in table  # shown as text, not markup
     _, table = read_parameters(png_file(tmp_path / "plain.png", halves(8, 8), None))
     assert OTHER_TEXT not in table and "carries no generation parameters" in table
+
+
+def test_png_info_sends_the_page_a_bounded_table_of_a_files_other_text(tmp_path):
+    from webui.ui.pnginfo import MAX_ROWS, MAX_VALUE_CHARS, read_parameters
+
+    info = PngInfo()
+    for number in range(MAX_ROWS + 10):
+        info.add_text(f"chunk{number}", "x" * (MAX_VALUE_CHARS + 5 if number == 0 else 10))
+    halves(8, 8).save(tmp_path / "many.png", pnginfo=info)
+    _, table = read_parameters(str(tmp_path / "many.png"))
+    assert table.count("<tr>") == MAX_ROWS + 1 and "10 more not shown" in table
+    assert "x" * MAX_VALUE_CHARS + "… (5 more characters)" in table and "x" * (MAX_VALUE_CHARS + 1) not in table

@@ -75,12 +75,21 @@ def test_the_hires_picture_is_reproducible_and_follows_its_settings(services):
     ({"denoising_strength": 0}, "denoising_strength: hires fix needs a denoising strength above 0"),
     ({"hr_second_pass_steps": 150, "denoising_strength": 0.1}, "make a schedule of 1500 steps, and Euler a takes at"),
     ({"sampler_name": "LCM", "hr_second_pass_steps": 30}, "make a schedule of 60 steps, and LCM takes at most 50"),
+    # The second pass's schedule is its own sampler's: LCM there, after Euler.
+    ({"sampler_name": "Euler", "hr_sampler_name": "LCM", "hr_second_pass_steps": 30},
+     "make a schedule of 60 steps, and LCM takes at most 50"),
     ({"hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler: unknown upscaler 'R-ESRGAN 4x\\+'; choose one of: Latent,"),
 ])
 def test_what_the_hires_fix_cannot_do_is_refused_before_queueing(services, fields, message):
     with pytest.raises(InvalidRequest, match=message):
         services.worker.submit(QUICK | fields)
     assert services.worker.queue_length() == 0
+
+
+def test_an_lcm_first_pass_does_not_limit_a_hires_pass_with_its_own_sampler():
+    request = GenerationRequest(prompt="x", sampler_name="LCM", hr_sampler_name="Euler", enable_hr=True,
+                                hr_second_pass_steps=30, denoising_strength=0.5)
+    request.check_hires(64, 64)  # a schedule of 60 Euler steps: fine
 
 
 def test_hires_fix_is_refused_for_img2img():

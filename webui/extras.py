@@ -120,7 +120,7 @@ def upscaled_size(width: int, height: int, settings: UpscaleSettings) -> tuple[t
 def upscale(image: Image.Image, settings: UpscaleSettings) -> Upscaled:
     """The picture (as RGB, transparency on white) resized as the settings say; ValueError saying what to change
     when the result would be too large."""
-    texts = text_chunks(image)
+    texts = text_chunks(image, limit=None)  # copied whole: a ComfyUI workflow is JSON that a cut would break
     if parameters := read_infotext(image):
         texts["parameters"] = parameters
     picture = as_rgb(image)

@@ -228,13 +228,14 @@ class GenerationRequest(BaseModel):
         if max(size.upscaled) > MAX_SIZE or min(size.final) < MIN_SIZE:
             problems.append(f"hr_scale: {width}x{height} enlarged comes to {size.upscaled[0]}x{size.upscaled[1]}; "
                             f"the size must stay within {MIN_SIZE} to {MAX_SIZE}")
-        most = get_sampler(self.sampler_name).max_steps or MAX_SCHEDULE
+        hires_sampler = self.hires_sampler[0]  # the second pass's schedule is its own sampler's
+        most = get_sampler(hires_sampler).max_steps or MAX_SCHEDULE
         if self.denoising_strength == 0:
             problems.append("denoising_strength: hires fix needs a denoising strength above 0 (0.7 is usual)")
         elif schedule_steps(self.hires_steps, self.denoising_strength) > most:
             problems.append(f"denoising_strength: {self.hires_steps} hires steps at strength "
                             f"{self.denoising_strength:g} make a schedule of "
-                            f"{schedule_steps(self.hires_steps, self.denoising_strength)} steps, and {self.sampler_name} "
+                            f"{schedule_steps(self.hires_steps, self.denoising_strength)} steps, and {hires_sampler} "
                             f"takes at most {most}; raise the strength or lower the hires steps")
         if problems:
             raise InvalidRequest("; ".join(problems))

@@ -201,10 +201,10 @@ def read_infotext(image: Image.Image) -> str | None:
     return text[:MAX_INFOTEXT_CHARS] if text else None
 
 
-def text_chunks(image: Image.Image) -> dict[str, str]:
+def text_chunks(image: Image.Image, limit: int | None = MAX_INFOTEXT_CHARS) -> dict[str, str]:
     """The image's other text (PNG text chunks such as A1111's `postprocessing` or a program's `Software`; the
-    infotext's `parameters` left out), each cut to MAX_INFOTEXT_CHARS."""
-    return {key: value[:MAX_INFOTEXT_CHARS] for key, value in image.info.items()
+    infotext's `parameters` left out), each cut to `limit` characters (None: whole, to copy them)."""
+    return {key: value[:limit] for key, value in image.info.items()
             if isinstance(key, str) and isinstance(value, str) and key != "parameters"}
 
 

@@ -73,12 +73,24 @@ def parameters_table(text: str) -> str:
     return _rows_table({"Prompt": prompt, "Negative prompt": negative, **params})
 
 
+# What the page is sent of a file's other text: a file may carry thousands of chunks (a 40 MB PNG made a 40 MB table).
+MAX_ROWS, MAX_KEY_CHARS, MAX_VALUE_CHARS = 50, 100, 10_000
+
+
 def _rows_table(rows: dict[str, str], caption: str = "") -> str:
-    """A table of the rows that have a value ("" when none has)."""
-    cells = "".join(f"<tr><th>{html.escape(key)}</th><td>{html.escape(str(value))}</td></tr>"
-                    for key, value in rows.items() if value)
+    """A table of the rows that have a value ("" when none has): at most MAX_ROWS, long text cut, with a note of
+    what is left out."""
+    filled = [(key, str(value)) for key, value in rows.items() if value]
+    cells = "".join(f"<tr><th>{html.escape(_cut(key, MAX_KEY_CHARS))}</th>"
+                    f"<td>{html.escape(_cut(value, MAX_VALUE_CHARS))}</td></tr>" for key, value in filled[:MAX_ROWS])
+    if len(filled) > MAX_ROWS:
+        cells += f"<tr><td colspan='2'>{len(filled) - MAX_ROWS} more not shown</td></tr>"
     title = f"<caption>{html.escape(caption)}</caption>" if caption else ""
     return f"<table class='dw-params'>{title}{cells}</table>" if cells else ""
+
+
+def _cut(text: str, most: int) -> str:
+    return text if len(text) <= most else f"{text[:most]}… ({len(text) - most} more characters)"
 
 
 def fields_for_txt2img(text: str) -> dict:
