@@ -91,7 +91,7 @@ def test_upscaler_none_leaves_the_picture_and_keeps_its_parameters():
     picture.info["parameters"] = INFOTEXT
     done = upscale(picture, parse_upscale({"upscaler_1": "None"}))
     assert done.image.size == (48, 32) and done.info == {} and done.infotext == ""
-    assert done.parameters == INFOTEXT
+    assert done.texts == {"parameters": INFOTEXT}  # nothing done: no postprocessing text
 
 
 def test_a_transparent_picture_is_laid_on_white():

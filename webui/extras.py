@@ -83,10 +83,6 @@ class Upscaled:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def parameters(self) -> str | None:
-        return self.original_texts.get("parameters")
-
-    @property
     def infotext(self) -> str:
         """A1111's `postprocessing` text, e.g. "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"."""
         return build_infotext("", "", self.info)
