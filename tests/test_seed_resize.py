@@ -111,7 +111,7 @@ def test_through_the_api_a_seed_resize_runs_and_comes_back(client):
     assert rounded["images"] == resized[0]["images"]
 
 
-def test_a_seed_resize_to_the_runs_own_size_changes_nothing():
+def test_a_request_names_the_size_its_seed_noise_is_drawn_at_or_none():
     request = GenerationRequest(prompt="x", width=64, height=64, seed_resize_from_w=64, seed_resize_from_h=64)
     assert request.seed_resize == (64, 64)
     assert GenerationRequest(prompt="x").seed_resize is None

@@ -26,7 +26,6 @@ MAX_PICTURES = 100  # in one batch
 MAX_SIDE = 8192  # an 8192x8192 RGB picture is 200 MB in memory, and its PNG takes seconds to write
 # All of one API request's results, which it holds at once (as PNGs, then base64 in JSON): two 8192x8192.
 MAX_REQUEST_PIXELS = 2 * MAX_SIDE * MAX_SIDE
-_FILTERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 
 
 class UpscaleSettings(BaseModel):
@@ -131,10 +130,10 @@ def upscale(image: Image.Image, settings: UpscaleSettings) -> Upscaled:
         info["Postprocess crop to"] = f"{kept[0]}x{kept[1]}"
     info["Postprocess upscaler"] = settings.upscaler_1
     box = _middle(picture.size, resized, kept)
-    result = picture.resize(kept, _FILTERS[settings.upscaler_1], box=box)
+    result = picture.resize(kept, IMAGE_UPSCALERS[settings.upscaler_1], box=box)
     if settings.upscaler_2 != NO_UPSCALER and settings.extras_upscaler_2_visibility > 0:
         info["Postprocess upscaler 2"] = settings.upscaler_2
-        second = picture.resize(kept, _FILTERS[settings.upscaler_2], box=box)
+        second = picture.resize(kept, IMAGE_UPSCALERS[settings.upscaler_2], box=box)
         result = Image.blend(result, second, settings.extras_upscaler_2_visibility)
     return Upscaled(result, texts, info)
 

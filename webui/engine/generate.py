@@ -22,7 +22,9 @@ from webui.config import Settings
 from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
 from webui.engine.embeddings import EmbeddingSet, load_embeddings, used_embeddings
 from webui.engine.tiling import seamless
-from webui.engine.hires import LATENT_UPSCALERS, crop_center, hires_size, schedule_steps, upscale_latents
+from webui.engine.hires import (
+    IMAGE_UPSCALERS, LATENT_UPSCALERS, crop_center, hires_size, schedule_steps, upscale_latents,
+)
 from webui.engine.img2img import pipeline_strength
 from webui.engine.inpaint import Inpainting
 from webui.engine.inpainting_model import extra_input, masked_picture_input, takes_masked_picture
@@ -614,7 +616,7 @@ class Engine:
             latents = upscale_latents(latents, request.hr_upscaler, upscaled)
         else:  # the safety checker looks at the finished picture only, as in A1111
             pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(width, height, request.tiling)))
-            resample = Image.Resampling.LANCZOS if request.hr_upscaler == "Lanczos" else Image.Resampling.NEAREST
+            resample = IMAGE_UPSCALERS[request.hr_upscaler]
             latents = torch.cat([self.encode(picture.resize(size.upscaled, resample)) for picture in pictures])
         final = (size.final[0] // factor, size.final[1] // factor)
         latents = crop_center(latents, final)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 # A1111's latent upscalers: name -> (torch interpolation mode, antialias).
 LATENT_UPSCALERS = {
@@ -20,8 +21,9 @@ LATENT_UPSCALERS = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
-# Upscalers that enlarge the decoded picture (PIL's filters); A1111's ESRGAN family needs model files.
-IMAGE_UPSCALERS = ("Lanczos", "Nearest")
+# Upscalers that enlarge the decoded picture (name -> PIL's filter; Extras uses them too); A1111's ESRGAN family
+# needs model files.
+IMAGE_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 HIRES_UPSCALERS = (*LATENT_UPSCALERS, *IMAGE_UPSCALERS)
 MAX_SCHEDULE = 1000  # a second pass of s steps at strength d is a schedule of s/d steps; samplers stop at 1000
 
