@@ -51,6 +51,8 @@ TUNINGS = {
     "conv_1x1_as_mm": "inductor turns 1x1 convolutions into matmuls that it can fuse with their neighbours",
     "cudnn_attention": "SDPA prefers cuDNN's attention kernel (then flash, memory-efficient, math)",
     "fused_qkv": "one matmul for an attention layer's query, key and value projections",
+    "coordinate_descent": "inductor tunes each Triton kernel's block sizes by coordinate descent while compiling",
+    "freezing": "inductor folds the weights into the compiled graph as constants and picks their layouts",
 }
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 
@@ -309,6 +311,12 @@ def tuning(name: str):
             torch.backends.cudnn.benchmark = before
     elif name == "conv_1x1_as_mm":
         with torch._inductor.config.patch(conv_1x1_as_mm=True):
+            yield
+    elif name == "coordinate_descent":
+        with torch._inductor.config.patch(coordinate_descent_tuning=True):
+            yield
+    elif name == "freezing":
+        with torch._inductor.config.patch(freezing=True):
             yield
     elif name == "cudnn_attention":
         order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]

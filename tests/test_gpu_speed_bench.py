@@ -53,7 +53,8 @@ def finished(runs, name: str) -> tuple[subprocess.CompletedProcess, dict]:
 def test_tiny_bench_writes_every_row_with_positive_numbers(bench_runs):
     proc, report = finished(bench_runs, "speed")
     rows = {(r["row"], r["batch"]): r for r in report["rows"]}
-    tuned = [f"fast_path+{name}" for name in ("cudnn_benchmark", "conv_1x1_as_mm", "cudnn_attention", "fused_qkv")]
+    tuned = [f"fast_path+{name}" for name in ("cudnn_benchmark", "conv_1x1_as_mm", "cudnn_attention", "fused_qkv",
+                                                 "coordinate_descent", "freezing")]
     assert set(rows) == {(row, batch) for row in ("eager", "compiled_unet", "fast_path", "engine")
                          for batch in (1, 2)} | {(row, 1) for row in tuned}
     for key, row in rows.items():
