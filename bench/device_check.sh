@@ -5,17 +5,16 @@
 #   tune   batch 8 only: eager, fast_path and engine, then the fast path compiled under each setting it does
 #          not use yet (gpu_speed.py --tune all: cuDNN benchmark mode, 1x1 convs as matmuls, cuDNN
 #          attention, fused QKV, inductor's coordinate-descent tuning, inductor's freezing), to find what
-#          closes the gap to 16 images/s (~1 to 2 min per setting). TUNE=a,b and TUNE_ROWS=... pick fewer.
+#          closes the gap to 16 images/s (~1 min per setting; coordinate descent over 5). TUNE=a,b and TUNE_ROWS=... pick fewer.
 #   profile  where a UNet call's time goes by kind of op, and each attention backend at SD 1.5's shapes
 #          (bench/unet_profile.py; no compile) (~1 min)
 #   tests  the GPU tests (tests/test_gpu.py: samplers, previews and VAE tiles under CUDA graphs; no syncs
 #          in the loop) (~2 min)
 #   start  the first and second start of a compiled model (bench/compile_start.py) (~2.5 min)
-# They take longer than one device call (600 s): on 2026-11-26 an H100 ran out of time in the speed
-# part's batch-8 fast path with the start part after it. The speed part was measured then, so the next
-# session's 15 device minutes go to what is not known yet:
+# They take longer than one device call (600 s) together, so a session runs the ones it needs (the
+# results so far: bench/results/README.md). For example, the GPU tests and then two settings:
 #   local:  bash bench/prepare_device_wheels.sh
-#   device: run command "LIMIT=560 TUNE=coordinate_descent,freezing TUNE_ROWS=fast_path \
+#   device: run command "LIMIT=560 TUNE=cudnn_attention,fused_qkv TUNE_ROWS=fast_path \
 #           bash bench/device_check.sh tests tune", carry [".wheels"], timeout_s 560
 # LIMIT is the call's timeout_s: each part stops in time to leave the later parts what they need.
 # Each part saves its JSON or log as it goes, so a part cut off by its timeout keeps what it measured.
