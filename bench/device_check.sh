@@ -5,7 +5,8 @@
 #   tune   batch 8 only: eager, fast_path and engine, then the fast path compiled under each setting it does
 #          not use yet (gpu_speed.py --tune all: cuDNN benchmark mode, 1x1 convs as matmuls, cuDNN
 #          attention, fused QKV, inductor's coordinate-descent tuning, inductor's freezing), to find what
-#          closes the gap to 16 images/s (~1 min per setting; coordinate descent over 5). TUNE=a,b and TUNE_ROWS=... pick fewer.
+#          closes the gap to 16 images/s (~1 min per setting; coordinate descent over 5).
+#          TUNE=a,b and TUNE_ROWS=... pick fewer.
 #   profile  where a UNet call's time goes by kind of op, and each attention backend at SD 1.5's shapes
 #          (bench/unet_profile.py; no compile) (~1 min)
 #   tests  the GPU tests (tests/test_gpu.py: samplers, previews and VAE tiles under CUDA graphs; no syncs
