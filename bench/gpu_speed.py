@@ -396,13 +396,13 @@ def _version(package: str) -> str:
     return version(package)
 
 
-HEADER = (f"{'row':<26} {'batch':>5} {'s/img':>8} {'img/s':>8} {'steps/s':>8} {'TFLOP/s':>8} "
+HEADER = (f"{'row':<28} {'batch':>5} {'s/img':>8} {'img/s':>8} {'steps/s':>8} {'TFLOP/s':>8} "
           f"{'x floor':>8} {'peak MiB':>9} {'max|diff|':>10}")
 
 
 def print_row(r: dict) -> None:
     diff = "-" if r["max_abs_diff_vs_eager"] is None else f"{r['max_abs_diff_vs_eager']:.2e}"
-    print(f"{r['row']:<26} {r['batch']:>5} {r['s_per_image']:>8.4f} {r['images_per_s']:>8.2f} "
+    print(f"{r['row']:<28} {r['batch']:>5} {r['s_per_image']:>8.4f} {r['images_per_s']:>8.2f} "
           f"{r['steps_per_s']:>8.2f} {r['tflops']:>8.3g} {r['x_floor']:>8.3g} {r['peak_mem_mib']:>9.0f} {diff:>10}",
           flush=True)
     for site in r.get("loop_sync_sites") or []:
