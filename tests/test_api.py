@@ -201,7 +201,8 @@ def test_a_model_override_is_undone_after_the_job_unless_asked_to_keep_it(client
     ({"steps": "many"}, "steps"),
     ({"cfg_scale": 99}, "cfg_scale"),
     ({"enable_hr": True, "hr_sampler_name": "Wobbly"}, "hr_sampler_name"),
-    ({"enable_hr": True, "hr_prompt": "a dog"}, "hr_prompt"),  # a second pass with a prompt of its own
+    ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "hr_checkpoint_name"),  # a model of its own
+    ({"enable_hr": True, "hr_prompt": "a\u0000dog"}, "hr_prompt"),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
     ({"enable_hr": True, "hr_scale": 40}, "hr_scale"),
     ({"enable_hr": True, "firstphase_width": 256}, "firstphase_width"),  # A1111's old hires fix
@@ -227,6 +228,21 @@ def test_the_hires_fix_runs_with_a1111s_fields_and_defaults(client):
         assert picture.size == (96, 96)
     assert info["denoising_strength"] == 0.75 and (info["width"], info["height"]) == (64, 64)  # A1111's default
     assert "Size: 64x64, Denoising strength: 0.75, Hires upscale: 1.5, Hires upscaler: Latent" in info["infotexts"][0]
+    assert "Hires prompt" not in info["infotexts"][0]  # "" is the prompt
+
+
+def test_the_hires_fix_takes_a1111s_hires_prompts(client):
+    body = QUICK | {"enable_hr": True, "hr_scale": 1.5, "negative_prompt": "dull", "hr_prompt": "a green pear",
+                    "hr_negative_prompt": "blurry, dark"}
+    reply = client.post("/sdapi/v1/txt2img", json=body)
+    assert reply.status_code == 200, reply.text[:300]
+    assert 'Hires prompt: a green pear, Hires negative prompt: "blurry, dark"' in json.loads(reply.json()["info"])[
+        "infotexts"][0]
+    # An infotext pasted into the body brings them, as the other hires settings.
+    pasted = client.post("/sdapi/v1/txt2img", json=QUICK | {"infotext": "x\nSteps: 1, Sampler: Euler, Size: 64x64, "
+                                                                       "Hires upscale: 1.5, Hires prompt: a dog"})
+    assert pasted.status_code == 200, pasted.text[:300]
+    assert "Hires prompt: a dog," in json.loads(pasted.json()["info"])["infotexts"][0]
 
 
 def test_the_hires_fix_runs_its_own_sampler_and_says_so_as_a1111_does(client):

@@ -4,7 +4,7 @@ import pytest
 
 from webui.engine.hires import crop_center, hires_size, schedule_steps, upscale_latents
 from webui.engine.img2img import pipeline_strength
-from webui.schemas import GenerationRequest, InvalidRequest, JobState
+from webui.schemas import GenerationRequest, InvalidRequest, JobState, parse_request
 from webui.storage.infotext import request_fields_from_infotext
 
 
@@ -145,3 +145,77 @@ def test_zerogpu_budgets_the_second_pass_at_its_size():
     hires = GenerationRequest(steps=20, width=512, height=512, enable_hr=True, hr_scale=2)
     # 10 s, and 0.15 s a step of 512x512 an image: 20 steps; then 20 more at four times the pixels
     assert gpu_seconds(plain, [1] * 4) == 22 and gpu_seconds(hires, [1] * 4) == 70
+
+
+def test_a_hires_prompt_is_kept_only_where_it_differs_from_the_prompt():
+    def kept(**fields):
+        request = GenerationRequest(**(QUICK | fields))
+        return request.hr_prompt, request.hr_negative_prompt, request.hires_prompts
+
+    assert kept(negative_prompt="blurry") == (None, None, ("a red apple", "blurry"))
+    assert kept(hr_prompt="", hr_negative_prompt="") == (None, None, ("a red apple", ""))  # A1111's "same"
+    assert kept(hr_prompt="a red apple", negative_prompt="n", hr_negative_prompt="n") == (None, None,
+                                                                                       ("a red apple", "n"))
+    assert kept(hr_prompt="a green pear", hr_negative_prompt="dull") == ("a green pear", "dull",
+                                                                         ("a green pear", "dull"))
+    assert kept(enable_hr=False, hr_prompt="a green pear")[0] is None  # no second pass, no second prompt
+    with pytest.raises(InvalidRequest, match="hr_prompt: .*control character U\\+0000"):
+        parse_request(QUICK | {"hr_prompt": "a\x00b"})
+    with pytest.raises(InvalidRequest, match="hr_negative_prompt: .*at most 2000 characters"):
+        parse_request(QUICK | {"hr_negative_prompt": "x" * 2001})
+
+
+def test_the_second_pass_reads_the_hires_prompts():
+    from webui.engine.generate import _hires_phases, _phases
+
+    request = GenerationRequest(**QUICK, negative_prompt="blurry", hr_prompt="a [green:red:2] pear <lora:x:0.5>",
+                                hr_negative_prompt="dull")
+    assert [(phase.prompt, phase.negative) for phase in _phases(request)] == [("a red apple", "blurry")]
+    assert [(phase.prompt, phase.negative) for phase in _hires_phases(request)] == [("a red pear ", "dull")]
+    at_cfg_1 = GenerationRequest(**QUICK, cfg_scale=1, hr_negative_prompt="dull")  # no negative prompt is read
+    assert [phase.negative for phase in _hires_phases(at_cfg_1)] == [""]
+
+
+def test_a_hires_prompt_changes_only_the_second_pass_and_is_written_and_read_back(services):
+    def job(**fields):
+        done = services.worker.submit(QUICK | {"save_images": False, "hr_scale": 1.5, "negative_prompt": "dull"}
+                                      | fields)
+        assert done.wait(60) and done.state is JobState.DONE, done.error
+        return done
+
+    plain = np.asarray(job().images[0].image, np.int16)
+    assert (np.asarray(job(hr_prompt="a red apple", hr_negative_prompt="").images[0].image, np.int16)
+            == plain).all()
+    own = job(hr_prompt="a green pear, on a table", hr_negative_prompt="blurry")
+    # The tiny test model reads its prompt weakly: any change is the hires prompt's (the same texts gave the same).
+    assert (np.asarray(own.images[0].image, np.int16) != plain).any()
+    text = own.images[0].infotext
+    assert 'Hires prompt: "a green pear, on a table", Hires negative prompt: blurry,' in text
+    pasted = request_fields_from_infotext(text)
+    assert (pasted["hr_prompt"], pasted["hr_negative_prompt"]) == ("a green pear, on a table", "blurry")
+    # A hires infotext without them had none: a paste clears what the page held.
+    pasted = request_fields_from_infotext(job().images[0].infotext)
+    assert "Hires prompt" not in job().images[0].infotext
+    assert (pasted["enable_hr"], pasted["hr_prompt"], pasted["hr_negative_prompt"]) == (True, "", "")
+
+
+def test_a_hires_prompt_may_repeat_the_prompts_loras_but_name_no_others(services):
+    from webui.engine.lora import LoraError
+
+    with pytest.raises(LoraError, match="hr_prompt: its <lora:...> tags must be the prompt's"):
+        services.worker.submit(QUICK | {"hr_prompt": "a green pear <lora:other:1>"})
+    assert services.worker.queue_length() == 0
+
+
+def test_styles_join_the_hires_prompts_too(services):
+    from webui.storage.styles import Style
+
+    services.styles.save(Style("Film", "film still of {prompt}", "cartoon"))
+    try:
+        styled = services.worker.check(QUICK | {"styles": ["Film"], "hr_prompt": "a green pear"})
+        assert styled.hires_prompts == ("film still of a green pear", "cartoon")
+        plain = services.worker.check(QUICK | {"styles": ["Film"]})
+        assert (plain.prompt, plain.hr_prompt, plain.hires_prompts) == (
+            "film still of a red apple", None, ("film still of a red apple", "cartoon"))
+    finally:
+        services.settings.styles_path.unlink()

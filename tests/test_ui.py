@@ -571,6 +571,21 @@ def test_the_hires_fix_goes_from_the_page_to_the_infotext_and_back(ui):
     assert input_labels(ui, "txt2img")["hr_scale"] == "Upscale by" and input_labels(ui, "img2img")["hr_scale"] is None
 
 
+def test_the_hires_prompts_go_from_the_page_to_the_infotext_and_back(ui):
+    *_, last = event(ui, "txt2img")(Session(), "a hires probe", "dull", steps=2, width=64, height=64, seed=3,
+                                    model=TINY, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=1,
+                                    hr_prompt="a sharper probe", hr_negative_prompt="")
+    assert "Hires upscaler: Latent, Hires prompt: a sharper probe, Model hash" in last[4]  # "": the negative prompt
+    index = TXT2IMG_FIELDS.index
+    sent = event(ui, "send_from_pnginfo")(last[4])
+    assert (sent[index("hr_prompt")], sent[index("hr_negative_prompt")]) == ("a sharper probe", "")
+    labels = input_labels(ui, "txt2img")
+    assert (labels["hr_prompt"], labels["hr_negative_prompt"]) == ("Hires prompt", "Hires negative prompt")
+    *_, refused = event(ui, "txt2img")(Session(), "a hires probe", steps=2, width=64, height=64, model=TINY,
+                                       enable_hr=True, hr_prompt="x" * 2001)
+    assert "Hires prompt: String should have at most 2000 characters" in refused[2]
+
+
 def test_a_model_that_cannot_be_applied_is_named_in_a_warning(ui):
     text = "a castle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Model: not-here"
     with warnings.catch_warnings(record=True) as caught:

@@ -90,6 +90,12 @@ class GenerationRequest(BaseModel):
                                                        "first's, with the first's sampler; else Automatic)")
     hr_resize_x: int = Field(0, ge=0, le=MAX_SIZE, description="hires fix: width to enlarge to instead of the scale")
     hr_resize_y: int = Field(0, ge=0, le=MAX_SIZE, description="hires fix: height to enlarge to instead of the scale")
+    hr_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS,
+                                  description="hires fix: the second pass's prompt (None or empty: the prompt). Its "
+                                              "<lora:...> tags, if any, must be the prompt's: one set serves both")
+    hr_negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS,
+                                           description="hires fix: the second pass's negative prompt (None or empty: "
+                                                       "the negative prompt)")
     tiling: bool = Field(False, description="pictures that tile seamlessly: right edge into left, bottom into top")
     styles: list[str] = Field(default_factory=list, max_length=20,
                               description="prompt styles (styles.csv) joined into the prompts before the run")
@@ -123,11 +129,11 @@ class GenerationRequest(BaseModel):
     def _none_is_empty(cls, value: Any) -> Any:
         return "" if value is None else value
 
-    @field_validator("prompt", "negative_prompt")
+    @field_validator("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")
     @classmethod
-    def _no_control_characters(cls, text: str, info) -> str:
+    def _no_control_characters(cls, text: str | None, info) -> str | None:
         # The infotext goes into a PNG text chunk, which cannot hold them (readers cut a NUL short).
-        bad = _CONTROL_CHARACTER.search(text)
+        bad = _CONTROL_CHARACTER.search(text or "")
         if bad:
             raise ValueError(f"holds the control character U+{ord(bad.group()):04X} at "
                              f"position {bad.start()}; remove it (line breaks and tabs are fine)")
@@ -159,6 +165,22 @@ class GenerationRequest(BaseModel):
                               else ("seed_resize_from_h", "seed_resize_from_w"))
             raise ValueError(f"{missing}: give it too, since {given} is set (or set both to 0 for no seed resize)")
         return self
+
+    @model_validator(mode="after")
+    def _hires_prompts_only_where_they_differ(self) -> "GenerationRequest":
+        # As A1111, an empty hires prompt is the prompt; kept only when it differs, so the infotext and the
+        # history say a second prompt was used only when one was.
+        if not self.enable_hr or self.hr_prompt == self.prompt:
+            self.hr_prompt = None
+        if not self.enable_hr or self.hr_negative_prompt == self.negative_prompt:
+            self.hr_negative_prompt = None
+        self.hr_prompt, self.hr_negative_prompt = self.hr_prompt or None, self.hr_negative_prompt or None
+        return self
+
+    @property
+    def hires_prompts(self) -> tuple[str, str]:
+        """The prompt and negative prompt of the hires fix's second pass."""
+        return self.hr_prompt or self.prompt, self.hr_negative_prompt or self.negative_prompt
 
     @property
     def seed_resize(self) -> tuple[int, int] | None:

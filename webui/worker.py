@@ -28,7 +28,7 @@ from webui.engine.generate import DenoisingStopped, Engine, LoadedModel
 from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sha1, size_from_image
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.models import ModelEntry
-from webui.engine.lora import lora_uses, unread_tags
+from webui.engine.lora import LoraError, lora_uses, unread_tags
 from webui.schemas import (INPAINT_AREAS, LATENT_RESIZE, MASK_MODES, MASKED_CONTENT, RESIZE_MODES, GeneratedImage,
                            GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED, parse_request)
 from webui.storage.history import History
@@ -245,7 +245,7 @@ class Worker:
         request, init_image, inpainting = _with_init_image(self._with_styles(parse_request(request)), init_image, mask)
         self._check_runnable(request)
         warnings = list(warnings or [])
-        unread = unread_tags(request.prompt)
+        unread = unread_tags(request.prompt + " " + (request.hr_prompt or ""))
         if unread:
             warnings.append(f"left out of the prompt: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''} "
                             "(this server reads <lora:...> tags only)")
@@ -297,15 +297,25 @@ class Worker:
             return request
         if self.styles is None:
             raise InvalidRequest("styles: this server has no styles file")
-        prompt, negative = self.styles.apply(request.prompt, request.negative_prompt, request.styles)
+        styled = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
+        styled["prompt"], styled["negative_prompt"] = self.styles.apply(*styled.values(), request.styles)
+        if request.hr_prompt or request.hr_negative_prompt:  # as A1111, the hires fix's own prompts get them too
+            styled["hr_prompt"], styled["hr_negative_prompt"] = self.styles.apply(*request.hires_prompts,
+                                                                                  request.styles)
         try:
-            return parse_request(request.model_dump() | {"prompt": prompt, "negative_prompt": negative})
+            return parse_request(request.model_dump() | styled)
         except InvalidRequest as err:
             raise InvalidRequest(f"{err} (with the styles {', '.join(request.styles)} joined in)") from None
 
     def _check_loras(self, request: GenerationRequest) -> None:
-        """A misspelt <lora:...> is refused now, with the names there are, not after the queue."""
-        self.engine.loras.check(lora_uses(request.prompt))
+        """A misspelt <lora:...> is refused now, with the names there are, not after the queue. One set of LoRAs
+        serves both passes of a hires fix, so a hires prompt may repeat the prompt's tags but not name others."""
+        uses = lora_uses(request.prompt)
+        self.engine.loras.check(uses)
+        hires_uses = lora_uses(request.hr_prompt or "")
+        if hires_uses and set(hires_uses) != set(uses):
+            raise LoraError("hr_prompt: its <lora:...> tags must be the prompt's, with the same weights (one set of "
+                            "LoRAs serves both passes); leave them out of the hires prompt to use the prompt's")
 
     def _refuse_new_job(self) -> None:
         self._refuse_when_stopping()
@@ -835,7 +845,8 @@ def _hires_infotext(request: GenerationRequest) -> dict[str, Any]:
             # As A1111: only where they differ from the first pass's.
             "Hires sampler": request.hires_sampler[0] if request.hires_sampler[0] != request.sampler_name else None,
             "Hires schedule type": (request.hires_sampler[1] if request.hires_sampler[1] != request.scheduler
-                                    else None)}
+                                    else None),
+            "Hires prompt": request.hr_prompt, "Hires negative prompt": request.hr_negative_prompt}
 
 
 def _check_clip_skip(request: GenerationRequest, model: LoadedModel) -> None:

@@ -95,12 +95,16 @@ class Txt2ImgRequest(GenerationBody):
     hr_resize_x: int | None = Field(0, description="hires fix: width to enlarge to, instead of hr_scale")
     hr_resize_y: int | None = Field(0, description="hires fix: height to enlarge to, instead of hr_scale")
 
-    # --- accepted; a value of their own for the second pass is refused -------------------------
+    hr_sampler_name: str | None = Field(None, description="hires fix: the second pass's sampler (null, \"\" or "
+                                        "\"Use same sampler\": the first pass's)")
+    hr_scheduler: str | None = Field(None, description="hires fix: the second pass's schedule type (null, \"\" or "
+                                     "\"Use same scheduler\": the first pass's)")
+    hr_prompt: str | None = Field("", description="hires fix: the second pass's prompt (empty: the prompt)")
+    hr_negative_prompt: str | None = Field("", description="hires fix: the second pass's negative prompt (empty: the "
+                                           "negative prompt)")
+
+    # --- accepted; a checkpoint of its own for the second pass is refused ---------------------
     hr_checkpoint_name: str | None = None
-    hr_sampler_name: str | None = None
-    hr_scheduler: str | None = None
-    hr_prompt: str | None = ""
-    hr_negative_prompt: str | None = ""
 
     # --- accepted; the adapter refuses a size (A1111's old hires fix) -------------------------
     firstphase_width: int | None = 0

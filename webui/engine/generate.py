@@ -74,10 +74,10 @@ def sampler_steps_done(calls_done: int, calls: int, steps: int) -> int:
     return calls_done * steps // calls
 
 
-def _negative_in_use(request: GenerationRequest) -> str:
-    """At CFG 1 diffusers runs the prompt alone: the negative prompt is not used, and must not pad the
-    prompt to its length either."""
-    return request.negative_prompt if request.cfg_scale > 1 else ""
+def _negative_in_use(request: GenerationRequest, negative: str | None = None) -> str:
+    """At CFG 1 diffusers runs the prompt alone: the negative prompt (the request's, or the one given) is not
+    used, and must not pad the prompt to its length either."""
+    return (request.negative_prompt if negative is None else negative) if request.cfg_scale > 1 else ""
 
 
 def _phases(request: GenerationRequest) -> list[PromptPhase]:
@@ -91,8 +91,10 @@ def _phases(request: GenerationRequest) -> list[PromptPhase]:
 
 
 def _hires_phases(request: GenerationRequest) -> list[PromptPhase]:
-    """The prompt phases of the hires fix's second pass, whose steps count on from the first pass's, as in A1111."""
-    return prompt_phases(strip_loras(request.prompt), _negative_in_use(request), request.hires_steps,
+    """The prompt phases of the hires fix's second pass (its own prompts, where it has them), whose steps count
+    on from the first pass's, as in A1111."""
+    prompt, negative = request.hires_prompts
+    return prompt_phases(strip_loras(prompt), _negative_in_use(request, negative), request.hires_steps,
                          first_pass_steps=request.steps)
 
 

@@ -43,6 +43,8 @@ _REQUEST_FIELDS = {
     "Hires upscaler": ("hr_upscaler", str),
     "Hires sampler": ("hr_sampler_name", str),
     "Hires schedule type": ("hr_scheduler", str),
+    "Hires prompt": ("hr_prompt", str),
+    "Hires negative prompt": ("hr_negative_prompt", str),
     "Clip skip": ("clip_skip", int),
     "Batch size": ("batch_size", int),
     "Model": ("model", str),
@@ -152,6 +154,8 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     if fields.get("enable_hr"):  # left out when written at 0 (by the scale; as many steps as the first pass)
         for name in ("hr_second_pass_steps", "hr_resize_x", "hr_resize_y"):
             fields.setdefault(name, 0)
+        for name in ("hr_prompt", "hr_negative_prompt"):  # left out when the first pass's
+            fields.setdefault(name, "")
     return fields | _inpainting_fields(params)
 
 

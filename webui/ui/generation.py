@@ -88,7 +88,8 @@ class GenerationActions(SeveralRuns):
                  xyz_keep_random_seeds: bool = False, prompt_list: bool = False, prompt_lines: str = "",
                  prompt_list_same_seed: bool = False, tiling: bool = False, seed_resize_from_w: int = 0,
                  seed_resize_from_h: int = 0, size_tab: str = RESIZE_TO, scale_by: float = 1.0,
-                 hr_sampler_name: str = SAME_SAMPLER, hr_scheduler: str = SAME_SCHEDULE) -> Iterator[tuple]:
+                 hr_sampler_name: str = SAME_SAMPLER, hr_scheduler: str = SAME_SCHEDULE, hr_prompt: str = "",
+                 hr_negative_prompt: str = "") -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -112,7 +113,8 @@ class GenerationActions(SeveralRuns):
                         "hr_upscaler": hr_upscaler, "hr_second_pass_steps": hr_second_pass_steps or 0,
                         "hr_resize_x": hr_resize_x or 0, "hr_resize_y": hr_resize_y or 0,
                         "hr_sampler_name": None if hr_sampler_name in (SAME_SAMPLER, "", None) else hr_sampler_name,
-                        "hr_scheduler": None if hr_scheduler in (SAME_SCHEDULE, "", None) else hr_scheduler}
+                        "hr_scheduler": None if hr_scheduler in (SAME_SCHEDULE, "", None) else hr_scheduler,
+                        "hr_prompt": hr_prompt or None, "hr_negative_prompt": hr_negative_prompt or None}
         try:
             batch = self.kind == "img2img" and img2img_mode == BATCH
             if sum(map(bool, (batch, xyz_plot, prompt_list))) > 1:
@@ -486,9 +488,15 @@ def hires_fix_section() -> dict[str, gr.components.Component]:
                                   elem_id="txt2img_hr_sampler")
             schedule = gr.Dropdown([SAME_SCHEDULE, *SCHEDULE_TYPES], value=SAME_SCHEDULE, label="Hires schedule type",
                                    elem_id="txt2img_hr_scheduler")
+        with gr.Row():
+            prompt = gr.Textbox(label="Hires prompt", lines=2, elem_id="txt2img_hr_prompt",
+                                placeholder="The prompt of the second pass; empty: the same as the first pass's")
+            negative = gr.Textbox(label="Hires negative prompt", lines=2, elem_id="txt2img_hr_negative_prompt",
+                                  placeholder="The negative prompt of the second pass; empty: the same as the first "
+                                              "pass's")
     return {"enable_hr": enable, "hr_upscaler": upscaler, "hr_second_pass_steps": steps,
             "denoising_strength": strength, "hr_scale": scale, "hr_resize_x": resize_x, "hr_resize_y": resize_y,
-            "hr_sampler_name": sampler, "hr_scheduler": schedule}
+            "hr_sampler_name": sampler, "hr_scheduler": schedule, "hr_prompt": prompt, "hr_negative_prompt": negative}
 
 
 def build_generation_tab(services: Services, picker: ModelPicker, models: ModelActions,

@@ -21,7 +21,7 @@ INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "
                      "inpaint_full_res_padding")
 IMG2IMG_FIELDS = (*COMMON_FIELDS, *INPAINTING_FIELDS)
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
-                "hr_sampler_name", "hr_scheduler")
+                "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
 # The hires fix's sampler and schedule type when they are the first pass's (A1111's words).
 SAME_SAMPLER, SAME_SCHEDULE = "Use same sampler", "Use same scheduler"
 # txt2img's Denoising strength is its hires fix's.
@@ -43,7 +43,8 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "enable_hr": "Hires. fix", "hr_scale": "Upscale by", "hr_upscaler": "Upscaler",
                 "hr_second_pass_steps": "Hires steps", "hr_resize_x": "Resize width to",
                 "hr_resize_y": "Resize height to", "hr_sampler_name": "Hires sampling method",
-                "hr_scheduler": "Hires schedule type", "mask": "Mask", "mask_blur": "Mask blur",
+                "hr_scheduler": "Hires schedule type", "hr_prompt": "Hires prompt",
+                "hr_negative_prompt": "Hires negative prompt", "mask": "Mask", "mask_blur": "Mask blur",
                 "inpainting_mask_invert": "Mask mode", "inpainting_fill": "Masked content",
                 "inpaint_full_res": "Inpaint area", "inpaint_full_res_padding": "Only masked padding"}
 
