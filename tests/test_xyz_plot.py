@@ -83,6 +83,28 @@ def test_prompt_search_and_replace_changes_both_prompts_and_needs_its_first_valu
         plan({"prompt": "a ca", "negative_prompt": "t"}, [read_axis("X", "Prompt S/R", "cat, dog"), *axes[1:]])
 
 
+def test_prompt_search_and_replace_reaches_the_hires_prompts_too():
+    axes = [read_axis("X", "Prompt S/R", "cat, dog"), read_axis("Y", "Nothing", ""), read_axis("Z", "Nothing", "")]
+    hires = {"enable_hr": True, "hr_prompt": "a sharp cat", "hr_negative_prompt": "dull"}
+    assert [(c.request["prompt"], c.request["hr_prompt"], c.request["hr_negative_prompt"])
+            for c in plan(BASE | hires, axes).cells] == [("a cat on a mat", "a sharp cat", "dull"),
+                                                        ("a dog on a mat", "a sharp dog", "dull")]
+    # found in the hires prompt alone, it is still found
+    only_hires = plan({"prompt": "a mat", "enable_hr": True, "hr_prompt": "a cat"}, axes).cells
+    assert [(c.request["prompt"], c.request["hr_prompt"]) for c in only_hires] == [("a mat", "a cat"), ("a mat", "a dog")]
+
+
+def test_the_hires_axes_set_the_second_passs_sampler_and_upscaler():
+    axes = [read_axis("X", "Hires sampler", "DDIM, DPM++ 2M Karras"), read_axis("Y", "Hires upscaler", "Latent, Lanczos"),
+            read_axis("Z", "Nothing", "")]
+    cells = plan(BASE | {"enable_hr": True}, axes).cells
+    assert [(c.request["hr_sampler_name"], c.request["hr_upscaler"]) for c in cells] == [
+        ("DDIM", "Latent"), ("DPM++ 2M Karras", "Latent"), ("DDIM", "Lanczos"), ("DPM++ 2M Karras", "Lanczos")]
+    assert [axes[0].label(1), axes[1].label(1)] == ["Hires sampler: DPM++ 2M Karras", "Hires upscaler: Lanczos"]
+    with pytest.raises(InvalidRequest, match="Y value 'Hires upscaler: 4x-UltraSharp': hr_upscaler: unknown upscaler"):
+        plan(BASE | {"enable_hr": True}, [axes[0], read_axis("Y", "Hires upscaler", "4x-UltraSharp"), axes[2]])
+
+
 @pytest.mark.parametrize("axis_type, text, says", [
     ("Steps", "2, 0", "X value 'Steps: 0': .*steps"),
     ("Sampler", "Euler, Eulr", "X value 'Eulr': .*sampler"),
@@ -181,7 +203,9 @@ def test_both_tabs_hand_the_plot_settings_to_generate(ui):
                                           "xyz_keep_random_seeds")] == [
             "X/Y/Z plot", "X type", "X values", "Z values", "Draw legend", "Keep -1 for seeds"]
         choices = [choice[0] for choice in getattr(ui, kind).widgets["y_type"].choices]
-        assert choices[:2] == ["Nothing", "Seed"] and ("Hires steps" in choices) == (kind == "txt2img")
+        assert choices[:2] == ["Nothing", "Seed"]
+        hires_axes = [label for label in ("Hires steps", "Hires sampler", "Hires upscaler") if label in choices]
+        assert hires_axes == (["Hires steps", "Hires sampler", "Hires upscaler"] if kind == "txt2img" else [])
 
 
 def plot(ui, **fields) -> list:

@@ -29,6 +29,7 @@ class AxisType:
     kind: str  # "int", "float" or "text": how its values are read
     apply: Callable[[dict, Any], None]  # sets the value into a request (a dict of GenerationRequest fields)
     named: bool = True  # grid labels say "Steps: 20", else just the value (a sampler's or a prompt's text)
+    hires: bool = False  # sets the hires fix (txt2img's alone)
 
 
 def _setter(field: str) -> Callable[[dict, Any], None]:
@@ -37,10 +38,15 @@ def _setter(field: str) -> Callable[[dict, Any], None]:
     return apply
 
 
+# The texts Prompt S/R replaces in: the hires fix's own prompts too, so that its second pass follows the swap.
+PROMPT_FIELDS = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")
+
+
 def _replace_in_prompts(request: dict, pair: tuple[str, str]) -> None:
     search, replacement = pair
-    for field in ("prompt", "negative_prompt"):
-        request[field] = (request.get(field) or "").replace(search, replacement)
+    for field in PROMPT_FIELDS:
+        if request.get(field):
+            request[field] = request[field].replace(search, replacement)
 
 
 def _set_size(request: dict, size: str) -> None:
@@ -64,7 +70,9 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Clip skip", "int", _setter("clip_skip")),
     AxisType("Denoising", "float", _setter("denoising_strength")),
     AxisType("Size", "text", _set_size),
-    AxisType("Hires steps", "int", _setter("hr_second_pass_steps")),
+    AxisType("Hires steps", "int", _setter("hr_second_pass_steps"), hires=True),
+    AxisType("Hires sampler", "text", _setter("hr_sampler_name"), hires=True),
+    AxisType("Hires upscaler", "text", _setter("hr_upscaler"), hires=True),
 )}
 
 
@@ -219,8 +227,7 @@ def _run_order(cells: list[Cell], axes: list[Axis]) -> list[Cell]:
 
 
 def _apply(axis: Axis, request: dict, value: Any, index: int) -> None:
-    if axis.type.label == "Prompt S/R" and not any(value[0] in (request.get(field) or "")
-                                                   for field in ("prompt", "negative_prompt")):
+    if axis.type.label == "Prompt S/R" and not any(value[0] in (request.get(field) or "") for field in PROMPT_FIELDS):
         raise InvalidRequest(f"{axis.name} values: Prompt S/R's first value {value[0]!r} is not in the prompt; "
                              "it is the text the others replace")
     try:

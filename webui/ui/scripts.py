@@ -13,7 +13,7 @@ VALUES_HELP = "5, 10, 20 · ranges 1-5, 1-9 (+2), 0-1 [5] · sizes 512x768"
 
 def axis_types(kind: str) -> list[str]:
     """The axis types a tab offers: img2img has no hires fix."""
-    return [label for label in AXIS_TYPES if not (kind == "img2img" and label == "Hires steps")]
+    return [label for label, axis in AXIS_TYPES.items() if not (kind == "img2img" and axis.hires)]
 
 
 def plot_section(kind: str) -> dict[str, gr.components.Component]:
