@@ -6,7 +6,7 @@ native size (512 for SD 1.x, as there) instead of a fixed 512 for txt2img, and t
 (rounded down to a multiple of 8) for img2img.
 
 Fields that stable-diffusion-webui accepts but we cannot honour yet are declared too, so its
-clients validate; the adapter rejects them when they ask for something (a mask, a script)
+clients validate; the adapter rejects them when they ask for something (a script, a face restorer)
 and ignores them when they hold their defaults.
 """
 from __future__ import annotations

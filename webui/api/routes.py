@@ -466,7 +466,7 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add = router.add_api_route
     add(f"{sd}/txt2img", api.txt2img, methods=["POST"], response_model=GenerationResponse, tags=["generate"])
     add(f"{sd}/img2img", api.img2img, methods=["POST"], response_model=GenerationResponse, tags=["generate"],
-        summary="img2img from one init image (no inpainting mask yet)")
+        summary="img2img from one init image, inpainting with a mask")
     add(f"{sd}/extra-single-image", api.extra_single_image, methods=["POST"],
         response_model=ExtrasSingleImageResponse, tags=["images"], summary="resize one picture (Extras)")
     add(f"{sd}/extra-batch-images", api.extra_batch_images, methods=["POST"],
