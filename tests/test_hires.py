@@ -219,3 +219,30 @@ def test_styles_join_the_hires_prompts_too(services):
             "film still of a red apple", None, ("film still of a red apple", "cartoon"))
     finally:
         services.settings.styles_path.unlink()
+
+
+def test_the_second_pass_draws_from_fresh_generators_as_a1111(services, monkeypatch):
+    """A1111 makes new generators from the seeds for the hires pass: its start noise comes first from them, then an
+    ancestral sampler's noise, whatever the first pass drew."""
+    import torch
+
+    from webui.engine.generate import Engine
+
+    engine = services.engine
+    engine.load("tiny-sd")
+    states = []
+    denoise = Engine._denoise
+
+    def spy(self, pipe, request, run, *args, **kwargs):
+        states.append([generator.get_state() for generator in run.generators])
+        return denoise(self, pipe, request, run, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "_denoise", spy)
+    request = GenerationRequest(**QUICK | {"sampler_name": "Euler a", "hr_scale": 1.5})
+    engine.generate(request, [21, 22])
+    assert len(states) == 2  # the two passes
+    channels, factor = engine.pipe.vae.config.latent_channels, engine.pipe.vae_scale_factor
+    for seed, state in zip((21, 22), states[1]):
+        fresh = torch.Generator("cpu").manual_seed(seed)
+        torch.randn((1, channels, 96 // factor, 96 // factor), generator=fresh)  # the hires start noise
+        assert torch.equal(state, fresh.get_state())

@@ -119,8 +119,8 @@ def _nan_advice(dtype: torch.dtype) -> str:
 
 @dataclass
 class _Run:
-    """What the passes of one batch share (the hires fix runs two): the generators, whose streams go on from
-    one pass to the next, the encoded prompts, and the steps reported so far, counted over both passes."""
+    """What the passes of one batch share (the hires fix runs two): the generators (the hires pass replaces them
+    with fresh ones, as A1111 does), the encoded prompts, and the steps reported so far, counted over both passes."""
 
     generators: list[torch.Generator]
     on_step: StepCallback | None
@@ -625,23 +625,22 @@ class Engine:
         # A1111 runs exactly the hires steps, as the last of a longer schedule that starts denoising_strength deep.
         schedule = schedule_steps(request.hires_steps, request.denoising_strength)
         start = {"image": latents.contiguous(), "strength": pipeline_strength(request.hires_steps, schedule)}
-        # As A1111, the second pass's noise is drawn afresh from each image's seed (and variation seed).
-        fresh = [torch.Generator("cpu").manual_seed(generator.initial_seed()) for generator in run.generators]
-        pipe = self._img2img_pipeline(self._start_noise(run, (final[1], final[0]), fresh))
+        # As A1111, the second pass's noise is drawn afresh from each image's seed (and variation seed), and an
+        # ancestral sampler's noise goes on from there, not from where the first pass left the streams.
+        run.generators = [torch.Generator("cpu").manual_seed(generator.initial_seed()) for generator in run.generators]
+        pipe = self._img2img_pipeline(self._start_noise(run, (final[1], final[0])))
         return self._denoise(pipe, request, run, _hires_phases(request), request.hires_steps, schedule, start,
                              self._extra_channels(size.final), request.hires_sampler)
 
-    def _start_noise(self, run: "_Run", size: tuple[int, int],
-                     generators: list[torch.Generator] | None = None) -> torch.Tensor:
-        """Each image's noise at `size` (latent height, width), drawn from its generator (the run's, unless others
-        are given) as diffusers draws it, drawn at the seed resize's size and put in the middle where the request
-        has one, and moved towards its variation seed's where it has a variation strength (webui/engine/noise.py)."""
-        generators = generators or run.generators
+    def _start_noise(self, run: "_Run", size: tuple[int, int]) -> torch.Tensor:
+        """Each image's noise at `size` (latent height, width), drawn from the run's generator as diffusers draws
+        it, drawn at the seed resize's size and put in the middle where the request has one, and moved towards its
+        variation seed's where it has a variation strength (webui/engine/noise.py)."""
         channels, factor = self.pipe.vae.config.latent_channels, self.pipe.vae_scale_factor
         shape, from_shape = (channels, *size), None
         if run.seed_resize:
             from_shape = (channels, run.seed_resize[1] // factor, run.seed_resize[0] // factor)
-        return start_noise(generators, shape, self.pipe.unet.dtype, run.subseeds, run.variation_strength,
+        return start_noise(run.generators, shape, self.pipe.unet.dtype, run.subseeds, run.variation_strength,
                            from_shape if from_shape != shape else None)
 
     def _encode_phases(self, phases: list[PromptPhase], count: int, clip_skip: int,
