@@ -443,8 +443,8 @@ def test_sd_models_refresh_and_switching_the_model_through_options(client, servi
     assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
     assert [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()] == [TINY, "tiny-two"]
     try:
-        r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-two", "jpeg_quality": 80})
-        assert r.status_code == 200 and r.json() == {"applied": ["sd_model_checkpoint"], "ignored": ["jpeg_quality"]}
+        r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-two", "show_progressbar": True})
+        assert r.status_code == 200 and r.json() == {"applied": ["sd_model_checkpoint"], "ignored": ["show_progressbar"]}
         assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-two [")
         r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "missing-model"})
         assert r.status_code == 404 and r.json()["detail"].startswith("sd_model_checkpoint: model 'missing-model'")
@@ -592,8 +592,8 @@ def test_a_single_file_checkpoints_sha256_is_the_files_own(tmp_path):
 
 def test_options_set_the_clip_skip_of_api_requests_that_give_none(client):
     try:
-        r = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2, "jpeg_quality": 80})
-        assert r.json() == {"applied": ["CLIP_stop_at_last_layers"], "ignored": ["jpeg_quality"]}, r.text
+        r = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2, "show_progressbar": True})
+        assert r.json() == {"applied": ["CLIP_stop_at_last_layers"], "ignored": ["show_progressbar"]}, r.text
         assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
         info = json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])
         assert info["clip_skip"] == 2 and "Clip skip: 2" in info["infotexts"][0]

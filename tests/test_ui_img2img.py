@@ -45,7 +45,7 @@ def by_field(names, values) -> dict:
 def test_the_img2img_tab_sits_between_txt2img_and_history_with_its_own_widgets(ui):
     config = ui.blocks.get_config_file()
     tabs = [c["props"]["elem_id"] for c in config["components"] if c["props"].get("elem_id", "").startswith("tab_")]
-    assert tabs == ["tab_txt2img", "tab_img2img", "tab_extras", "tab_history", "tab_pnginfo"]
+    assert tabs == ["tab_txt2img", "tab_img2img", "tab_extras", "tab_history", "tab_pnginfo", "tab_settings"]
     labels = input_labels(ui, "img2img")
     assert [labels[name] for name in ("prompt", "styles", "init_image", "denoising_strength", "resize_mode")] == [
         "Prompt", "Styles", "Image", "Denoising strength", "Resize mode"]

@@ -52,6 +52,7 @@ ENV_ARGS = "WEBUI_ARGS"
 A1111_ENV_ARGS = "COMMANDLINE_ARGS"
 A1111_CHECKPOINTS = "Stable-diffusion"  # where A1111 keeps checkpoints inside its models folder
 STYLES_FILE = "styles.csv"  # A1111's prompt styles, in its own folder
+SETTINGS_FILE = "config.json"  # A1111's name for the file of the Settings tab
 
 # stable-diffusion-webui flags about who may reach the server, or how: this app cannot do what they ask, and
 # serving without a login file or TLS the user asked for is worse than not starting, so they stay unknown
@@ -83,7 +84,7 @@ A1111_IGNORED_SWITCHES = (
 )
 A1111_IGNORED_VALUES = (  # these take one value, which is dropped too
     "--precision", "--theme", "--device-id", "--data-dir", "--config", "--vae-dir", "--vae-path",
-    "--hypernetwork-dir", "--ui-config-file", "--ui-settings-file",
+    "--hypernetwork-dir", "--ui-config-file",
     "--localizations-dir", "--max-batch-count", "--loglevel", "--timeout-keep-alive",
     # folders of models and tools this project does not use (LoRA, upscalers, face restorers, CLIP)
     "--lyco-dir", "--lyco-dir-backcompat", "--textual-inversion-templates-dir", "--gfpgan-dir", "--gfpgan-model",
@@ -113,6 +114,7 @@ class Settings:
     lora_dir: Path | None = None  # None: the Lora folder inside models_dir
     embeddings_dir: Path | None = None  # None: the embeddings folder inside models_dir
     styles_file: Path | None = None  # None: styles.csv in outdir
+    ui_settings_file: Path | None = None  # None: config.json in outdir
     outdir: Path = DEFAULT_OUTPUTS_DIR
     ckpt: str = DEFAULT_MODEL_NAME
     device: str = "auto"
@@ -138,6 +140,10 @@ class Settings:
     @property
     def styles_path(self) -> Path:
         return self.styles_file or self.outdir / STYLES_FILE
+
+    @property
+    def options_path(self) -> Path:
+        return self.ui_settings_file or self.outdir / SETTINGS_FILE
 
     @property
     def host(self) -> str:
@@ -251,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--styles-file", type=_user_path, default=None,
                        help=f"A1111's prompt styles file (default: {STYLES_FILE} in the outputs folder, or A1111's own "
                             "beside its models/ with --models-dir when it has one)")
+    files.add_argument("--ui-settings-file", type=_user_path, default=None,
+                       help=f"the Settings tab's file, as A1111's (default: {SETTINGS_FILE} in the outputs folder); "
+                            "A1111's own may be named: the keys this server does not use are kept")
     files.add_argument("--outdir", type=_user_path, default=DEFAULT_OUTPUTS_DIR,
                        help="where images and the history database are written (env: WEBUI_OUTDIR; "
                             "on a Space with persistent storage: /data/outputs)")

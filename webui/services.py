@@ -14,6 +14,7 @@ from webui.engine.generate import Engine
 from webui.engine.loader import ModelLoadError
 from webui.engine.models import ModelNotFound, ModelRegistry
 from webui.storage.history import History
+from webui.storage.options import OptionsStore
 from webui.storage.outputs import OutputStore
 from webui.storage.styles import StyleStore
 from webui.worker import Worker
@@ -31,6 +32,7 @@ class Services:
     history: History
     worker: Worker
     styles: StyleStore
+    options: OptionsStore  # the Settings tab's, shared with /sdapi/v1/options
 
     def close(self, wait: float = 30.0) -> None:
         """Stop the worker (waiting up to `wait` seconds for what it is doing), then let go of the files."""
@@ -46,7 +48,8 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     registry = ModelRegistry(settings.models_dir, hash_cache=outdir / "cache" / "model_hashes.json",
                              skipped=(settings.lora_folder, settings.embeddings_folder))
     engine = wrap_engine(Engine(settings, registry))  # ZeroGPU Spaces only; a no-op elsewhere
-    outputs = OutputStore(outdir)
+    options = OptionsStore(settings.options_path)
+    outputs = OutputStore(outdir, options)
     history = History(outdir / "history.sqlite3", outdir)
     alone = outputs.claim()
     if not alone:
@@ -55,7 +58,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     styles = StyleStore(settings.styles_path)
     worker = Worker(engine, outputs, history, max_queue=settings.queue_size,
                     preview_every=settings.preview_every, styles=styles).start()
-    services = Services(settings, registry, engine, outputs, history, worker, styles)
+    services = Services(settings, registry, engine, outputs, history, worker, styles, options)
     if load_model:
         try:
             worker.load_model(settings.ckpt)

@@ -39,6 +39,7 @@ from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_key
 from webui.extras import EXTRAS_UPSCALERS
 from webui.schemas import InvalidRequest, JobState, describe_validation_errors
 from webui.storage.history import owner_key
+from webui.storage.options import OPTION_KEYS
 from webui.worker import Job, QueueFull, WorkerStopped, await_result
 
 log = logging.getLogger(__name__)
@@ -357,8 +358,7 @@ class Api:
             "sd_model_checkpoint": self.registry.title(entry) if entry else None,
             "sd_checkpoint_hash": self.registry.sha256(entry, cached_only=True) if entry else None,
             "CLIP_stop_at_last_layers": self.clip_skip,
-            "samples_format": "png",
-            "grid_format": "png",
+            **self.services.options.current().model_dump(),  # the Settings tab's: samples_format, ...
             "return_grid": True,
             "live_previews_enable": preview_every > 0,
             "show_progress_every_n_steps": preview_every,
@@ -367,10 +367,16 @@ class Api:
     async def set_options(self, body: dict[str, Any] = Body(..., examples=[{"sd_model_checkpoint": "model-name"}])
                           ) -> OptionsUpdateResponse:
         """Change settings: `sd_model_checkpoint` loads that model (after the jobs queued before it);
-        `CLIP_stop_at_last_layers` is the clip skip of later API requests that give none of their own."""
+        `CLIP_stop_at_last_layers` is the clip skip of later API requests that give none of their own;
+        `samples_format`, `grid_format` (png, jpg or webp) and `jpeg_quality` are the Settings tab's, for everyone."""
         clip_skip = None
         if "CLIP_stop_at_last_layers" in body:  # its range is checked first: a value out of it changes nothing
             clip_skip = convert.clip_skip_option(body["CLIP_stop_at_last_layers"])
+        saved = {key: body[key] for key in OPTION_KEYS if key in body}
+        try:
+            self.services.options.check(saved)  # before the model switch: a bad value changes nothing
+        except InvalidRequest as err:
+            raise ApiError(422, str(err), "InvalidRequest") from None
         if body.get("sd_model_checkpoint"):
             await self._switch_model(body["sd_model_checkpoint"])
         if clip_skip is not None:
@@ -383,8 +389,14 @@ class Api:
                 raise ApiError(err.status, f"{err.message} (sd_model_checkpoint was applied: "
                                            f"{self.model.entry.name} is loaded now)", err.kind) from None
             self.clip_skip = clip_skip
+        if saved:
+            try:
+                self.services.options.update(saved)
+            except (InvalidRequest, OSError) as err:  # changed meanwhile by another client, or the disk failed
+                raise ApiError(500, f"{', '.join(saved)} not saved, and unchanged: {err}",
+                               "SettingsNotSaved") from None
         applied = [key for key, value in body.items()
-                   if key == "CLIP_stop_at_last_layers" or (key == "sd_model_checkpoint" and value)]
+                   if key in ("CLIP_stop_at_last_layers", *OPTION_KEYS) or (key == "sd_model_checkpoint" and value)]
         ignored = [key for key in body if key not in applied]
         return OptionsUpdateResponse(applied=applied, ignored=ignored)
 

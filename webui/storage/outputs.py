@@ -1,8 +1,11 @@
-"""PNG files under outputs/, named and laid out as stable-diffusion-webui does.
+"""Image files under outputs/, named and laid out as stable-diffusion-webui does.
 
     outputs/txt2img-images/YYYY-MM-DD/NNNNN-<seed>.png   (counter continues across restarts)
     outputs/txt2img-grids/YYYY-MM-DD/grid-NNNN.png
     outputs/extras-images/NNNNN.png                      (Extras: pictures resized; no day folders, as in A1111)
+
+PNG by default, with the infotext in the text chunk `parameters`; the settings (storage/options.py) may choose
+JPEG or WebP, with the infotext in the EXIF UserComment, as A1111 writes them.
 
 Every file is written under a temporary name and linked to a free number, so a crash never leaves a
 half-written PNG under a real name (the temporary file is removed at the next start), and a file is never
@@ -25,6 +28,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from webui.storage.infotext import MAX_INFOTEXT_CHARS, build_infotext
+from webui.storage.options import OptionsStore, SavedOptions
 
 KINDS = ("txt2img", "img2img")  # what made an image: the first part of its folder's name, as in A1111
 EXTRAS = "extras"  # the Extras tab's pictures: a folder of images, no grids
@@ -36,11 +40,15 @@ _EXIF_IFD, _USER_COMMENT, _COMMENT_PREFIX_SIZE = 0x8769, 0x9286, 8
 MAX_SCANNED_PIXELS = 32 * 1024 * 1024
 # Numbers taken by other writers between our scan and our link, in a row, before we give up.
 _CLAIM_TRIES = 100
+# Each format's encoder, and the longest side it can store (a larger picture is saved as PNG instead).
+_ENCODERS = {"png": ("PNG", 2**31 - 1), "jpg": ("JPEG", 65_535), "webp": ("WEBP", 16_383)}
+_MAX_EXIF_BYTES = 65_000  # a JPEG's EXIF segment holds at most 64 KiB
 
 
 class OutputStore:
-    def __init__(self, outdir: Path):
+    def __init__(self, outdir: Path, options: OptionsStore | None = None):
         self.outdir = Path(outdir)
+        self.options = options or OptionsStore(None)  # the file formats to save in
         self._claim = None  # the open lock file while this server holds the folder
 
     def claim(self) -> bool:
@@ -83,17 +91,22 @@ class OutputStore:
         return self.outdir / f"{kind}-grids" / (day or dt.date.today()).isoformat()
 
     def save_image(self, image: Image.Image, infotext: str, seed: int, kind: str = "txt2img") -> Path:
-        folder = self.image_folder(kind)
-        return self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}-{seed}.png", _NUMBERED)
+        folder, options = self.image_folder(kind), self.options.current()
+        return self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}-{seed}", _NUMBERED,
+                          options.samples_format, options.jpeg_quality)
 
     def save_grid(self, grid: Image.Image, infotext: str, kind: str = "txt2img") -> Path:
-        folder = self.grid_folder(kind)
-        return self._save(grid, {"parameters": infotext}, folder, lambda n: f"grid-{n:04d}.png", _GRID_NUMBERED)
+        folder, options = self.grid_folder(kind), self.options.current()
+        return self._save(grid, {"parameters": infotext}, folder, lambda n: f"grid-{n:04d}", _GRID_NUMBERED,
+                          options.grid_format, options.jpeg_quality)
 
     def save_extra(self, image: Image.Image, texts: dict[str, str]) -> Path:
         """A picture the Extras tab resized, with its text chunks: the original's `parameters` kept (so PNG Info and
-        "send to" still read them), and what Extras did in `postprocessing`, as A1111 writes them."""
-        return self._save(image, texts, self.extras_folder(), lambda n: f"{n:05d}.png", _NUMBERED)
+        "send to" still read them), and what Extras did in `postprocessing`, as A1111 writes them. In JPEG or WebP
+        only `parameters` is kept, in EXIF."""
+        options = self.options.current()
+        return self._save(image, texts, self.extras_folder(), lambda n: f"{n:05d}", _NUMBERED,
+                          options.samples_format, options.jpeg_quality)
 
     def extras_folder(self) -> Path:
         return self.outdir / f"{EXTRAS}-images"
@@ -102,7 +115,7 @@ class OutputStore:
         """Delete the temporary files of saves a crash cut short; returns how many. Only old ones: another
         server sharing the folder may be writing a new one right now."""
         removed, cutoff = 0, time.time() - older_than
-        for partial in (p for folder in self.image_folders() for pattern in (".partial-*.png", "*/.partial-*.png")
+        for partial in (p for folder in self.image_folders() for pattern in (".partial-*", "*/.partial-*")
                         for p in folder.glob(pattern)):
             try:
                 if partial.stat().st_mtime < cutoff:
@@ -115,18 +128,37 @@ class OutputStore:
     def resolve(self, path: str | Path) -> Path:
         return resolve_inside(self.outdir, path)
 
-    def _save(self, image: Image.Image, texts: dict[str, str | None], folder: Path, name_for,
-              numbered: re.Pattern) -> Path:
-        """Write the PNG with its text chunks (those with None: left out) under the next free number."""
+    def _save(self, image: Image.Image, texts: dict[str, str | None], folder: Path, stem_for,
+              numbered: re.Pattern, file_format: str = "png", quality: int = 80) -> Path:
+        """Write the picture with its texts (those with None: left out) under the next free number: stem_for(n)
+        plus the format's extension. A picture too large for JPEG or WebP is saved as PNG."""
+        if max(image.size) > _ENCODERS[file_format][1]:
+            file_format = "png"
         folder.mkdir(parents=True, exist_ok=True)
-        metadata = png_texts(texts)
-        temp = folder / f".partial-{uuid.uuid4().hex}.png"
+        temp = folder / f".partial-{uuid.uuid4().hex}.{file_format}"
         try:
             with _create_new(temp) as handle:
-                image.save(handle, format="PNG", pnginfo=metadata)
-            return _claim_name(temp, folder, name_for, numbered)
+                _encode(image, texts, file_format, quality, handle)
+            return _claim_name(temp, folder, lambda n: f"{stem_for(n)}.{file_format}", numbered)
         finally:
             temp.unlink(missing_ok=True)
+
+
+def _encode(image: Image.Image, texts: dict[str, str | None], file_format: str, quality: int, handle) -> None:
+    encoder = _ENCODERS[file_format][0]
+    if file_format == "png":
+        image.save(handle, format=encoder, pnginfo=png_texts(texts))
+        return
+    # As A1111: the infotext in the EXIF UserComment, as "UNICODE" and UTF-16 big-endian (what piexif writes).
+    exif = Image.Exif()
+    if texts.get("parameters"):
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + texts["parameters"].encode("utf-16-be")
+    exif_bytes = exif.tobytes()
+    if len(exif_bytes) > _MAX_EXIF_BYTES:
+        raise ValueError(f"the infotext takes {len(exif_bytes)} bytes in EXIF, more than a {file_format} file holds; "
+                         "choose png in Settings")
+    picture = image if image.mode in ("RGB", "L") or file_format == "webp" else image.convert("RGB")
+    picture.save(handle, format=encoder, quality=quality, exif=exif_bytes)
 
 
 def png_texts(texts: dict[str, str | None]) -> PngInfo:

@@ -1,5 +1,5 @@
-"""The whole page: the model picker above five tabs (txt2img, img2img, Extras, History, PNG Info) and the wiring
-between them ("send to txt2img" and "send to img2img", history refresh after a run, the model's sliders).
+"""The whole page: the model picker above six tabs (txt2img, img2img, Extras, History, PNG Info, Settings) and the
+wiring between them ("send to txt2img" and "send to img2img", history refresh after a run, the model's sliders).
 
 `build_ui(services)` gives the gr.Blocks; `create_ui(services)` also hands back the tabs, so tests
 can drive the event functions directly. Gradio 6 takes CSS and head scripts at launch()
@@ -22,6 +22,7 @@ from webui.ui.models import ModelActions, ModelPicker, build_model_picker
 from webui.ui.params import widget_updates
 from webui.ui.pictures import INPAINT, PLAIN
 from webui.ui.pnginfo import PngInfoTab, build_pnginfo, fields_for_txt2img, picture_for_img2img
+from webui.ui.settings import SettingsTab, build_settings
 from webui.ui.generation import GenerationTab, build_generation_tab
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -50,6 +51,7 @@ class WebUI:
     history_actions: HistoryActions
     pnginfo: PngInfoTab
     extras: ExtrasTab
+    settings: SettingsTab
 
     @property
     def generation_tabs(self) -> tuple[GenerationTab, GenerationTab]:
@@ -76,7 +78,12 @@ def create_ui(services: Services) -> WebUI:
                 history, history_actions = build_history(services)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 pnginfo = build_pnginfo()
-        ui = WebUI(blocks, models, picker, txt2img, img2img, history, history_actions, pnginfo, extras)
+            with gr.Tab("Settings", id="settings", elem_id="tab_settings") as settings_tab:
+                settings = build_settings(services.options)
+        # Shown afresh when opened: another user or an API client may have changed them.
+        settings_tab.select(settings.actions.shown, None, settings.inputs, api_visibility="private",
+                            show_progress="hidden")
+        ui = WebUI(blocks, models, picker, txt2img, img2img, history, history_actions, pnginfo, extras, settings)
         _wire_between_tabs(ui, tabs)
         _wire_page_load(ui)
     # The worker is the one queue that matters; Gradio's own per-event queue would only make

@@ -1,0 +1,189 @@
+"""The Settings tab and /sdapi/v1/options' saved settings: A1111's config.json keys, kept across restarts, and
+images saved as PNG, JPEG or WebP with their infotext where other tools read it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from webui.api import create_api_app
+from webui.schemas import InvalidRequest, JobState
+from webui.storage.options import OptionsStore
+from webui.storage.outputs import OutputStore, read_infotext
+
+INFOTEXT = 'a "red" apple, Ünïcode 猫\nNegative prompt: dull\nSteps: 2, Sampler: Euler, Seed: 7, Size: 64x64'
+
+
+def noisy(size=(64, 64)) -> Image.Image:
+    return Image.effect_noise(size, 60).convert("RGB")
+
+
+# --- the settings file ---------------------------------------------------------------------------
+
+def test_settings_start_at_a1111s_defaults_and_survive_a_restart(tmp_path):
+    path = tmp_path / "config.json"
+    store = OptionsStore(path)
+    assert (store.current().samples_format, store.current().grid_format, store.current().jpeg_quality) == (
+        "png", "png", 80)
+    assert not path.exists()  # nothing written until something is saved
+    store.update({"samples_format": "webp", "jpeg_quality": 90})
+    again = OptionsStore(path).current()
+    assert (again.samples_format, again.grid_format, again.jpeg_quality) == ("webp", "png", 90)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no temporary file left
+
+
+def test_a1111s_own_config_file_is_read_and_its_other_keys_kept(tmp_path):
+    path = tmp_path / "config.json"
+    a1111 = {"samples_format": "jpg", "jpeg_quality": 95, "outdir_samples": "", "sd_model_checkpoint": "v1-5.ckpt",
+             "grid_format": "gif"}  # A1111 takes formats this server does not: that key alone falls back
+    path.write_text(json.dumps(a1111), encoding="utf-8")
+    store = OptionsStore(path)
+    assert (store.current().samples_format, store.current().jpeg_quality, store.current().grid_format) == (
+        "jpg", 95, "png")
+    store.update({"jpeg_quality": 70})
+    assert json.loads(path.read_text(encoding="utf-8")) == a1111 | {"jpeg_quality": 70, "grid_format": "png"}
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"samples_format": "gif"}, "samples_format: Input should be 'png', 'jpg' or 'webp'"),
+    ({"jpeg_quality": 0}, "jpeg_quality: Input should be greater than or equal to 1"),
+    ({"jpeg_quality": "best"}, "jpeg_quality: Input should be a valid integer"),
+])
+def test_a_bad_value_is_named_and_changes_nothing(tmp_path, changes, says):
+    path = tmp_path / "config.json"
+    store = OptionsStore(path)
+    store.update({"samples_format": "jpg"})
+    before = path.read_bytes()
+    with pytest.raises(InvalidRequest, match=says):
+        store.update({"grid_format": "webp", **changes})
+    assert store.current().grid_format == "png" and path.read_bytes() == before
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "\udcff"])
+def test_a_file_that_cannot_be_read_is_never_saved_over(tmp_path, content):
+    path = tmp_path / "config.json"
+    path.write_bytes(content.encode("utf-8", "surrogateescape"))
+    store = OptionsStore(path)
+    assert store.current().samples_format == "png"  # the defaults, and a line in the log
+    with pytest.raises(OSError, match="could not be read .* not saved over; fix or remove it"):
+        store.update({"samples_format": "jpg"})
+    assert path.read_bytes() == content.encode("utf-8", "surrogateescape")
+    assert store.current().samples_format == "png"
+
+
+# --- saving in each format -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("file_format, pil_format", [("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP")])
+def test_images_and_grids_are_saved_in_the_chosen_format_with_their_infotext(tmp_path, file_format, pil_format):
+    store = OutputStore(tmp_path, OptionsStore(None))
+    store.options.update({"samples_format": file_format, "grid_format": file_format})
+    image = store.save_image(noisy(), INFOTEXT, seed=7)
+    grid = store.save_grid(noisy((128, 64)), INFOTEXT)
+    assert (image.name, grid.name) == (f"00000-7.{file_format}", f"grid-0000.{file_format}")
+    for path in (image, grid):
+        with Image.open(path) as saved:
+            assert saved.format == pil_format and read_infotext(saved) == INFOTEXT
+    if file_format != "png":  # as A1111 (piexif) writes it: "UNICODE", then UTF-16 big-endian
+        data = image.read_bytes()
+        assert b"UNICODE\0" + 'a "red"'.encode("utf-16-be") in data and "Ünïcode 猫".encode("utf-16-be") in data
+
+
+def test_the_quality_setting_changes_the_file_and_numbers_go_on_across_formats(tmp_path):
+    store = OutputStore(tmp_path)
+    first = store.save_image(noisy(), INFOTEXT, seed=1)
+    store.options.update({"samples_format": "jpg", "jpeg_quality": 95})
+    fine = store.save_image(noisy(), INFOTEXT, seed=2)
+    store.options.update({"jpeg_quality": 10})
+    coarse = store.save_image(noisy(), INFOTEXT, seed=3)
+    assert [p.name for p in (first, fine, coarse)] == ["00000-1.png", "00001-2.jpg", "00002-3.jpg"]
+    assert coarse.stat().st_size < fine.stat().st_size
+
+
+def test_a_picture_too_large_for_webp_is_saved_as_png(tmp_path):
+    store = OutputStore(tmp_path)
+    store.options.update({"grid_format": "webp"})
+    wide = Image.new("RGB", (16_384 + 8, 8), "white")
+    path = store.save_grid(wide, INFOTEXT)
+    assert path.suffix == ".png"
+    with Image.open(path) as saved:
+        assert read_infotext(saved) == INFOTEXT
+
+
+def test_extras_in_jpeg_keep_the_parameters(tmp_path):
+    store = OutputStore(tmp_path)
+    store.options.update({"samples_format": "jpg"})
+    path = store.save_extra(noisy(), {"parameters": INFOTEXT, "postprocessing": "Postprocess upscale by: 2"})
+    with Image.open(path) as saved:
+        assert (path.name, read_infotext(saved)) == ("00000.jpg", INFOTEXT)
+
+
+def test_a_crash_left_partial_file_of_any_format_is_removed(tmp_path):
+    store = OutputStore(tmp_path)
+    folder = store.image_folder("txt2img")
+    folder.mkdir(parents=True)
+    for name in (".partial-a.png", ".partial-b.jpg", ".partial-c.webp"):
+        (folder / name).write_bytes(b"half")
+    assert store.remove_partial_files(older_than=-1) == 3 and list(folder.iterdir()) == []
+
+
+# --- through the worker, the API and the page ---------------------------------------------------
+
+def test_a_job_saves_in_the_format_set_and_its_history_row_points_at_that_file(services):
+    services.options.update({"samples_format": "webp"})
+    job = services.worker.submit({"prompt": "a red apple", "steps": 2, "seed": 3})
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    path = job.images[0].path
+    assert path.endswith("00000-3.webp")
+    with Image.open(path) as saved:
+        assert "Steps: 2" in read_infotext(saved)
+    [row], total = services.history.list_images()
+    assert total == 1 and str(row.path).endswith("00000-3.webp")
+
+
+def test_the_api_reads_and_changes_the_saved_settings(services, settings):
+    with TestClient(create_api_app(services)) as client:
+        assert client.get("/sdapi/v1/options").json()["samples_format"] == "png"
+        reply = client.post("/sdapi/v1/options", json={"samples_format": "jpg", "jpeg_quality": 85, "show_x": 1})
+        assert reply.status_code == 200, reply.text[:300]
+        assert reply.json() == {"applied": ["samples_format", "jpeg_quality"], "ignored": ["show_x"]}
+        assert client.get("/sdapi/v1/options").json()["jpeg_quality"] == 85
+        assert json.loads(settings.options_path.read_text(encoding="utf-8"))["samples_format"] == "jpg"
+        bad = client.post("/sdapi/v1/options", json={"jpeg_quality": 101, "samples_format": "webp"})
+        assert bad.status_code == 422 and bad.json()["detail"].startswith("jpeg_quality: "), bad.text[:300]
+        assert client.get("/sdapi/v1/options").json()["samples_format"] == "jpg"  # nothing of it applied
+        body = {"prompt": "a cat", "steps": 1, "width": 64, "height": 64, "save_images": True}
+        assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    saved = sorted(p.name for p in services.outputs.image_folder("txt2img").iterdir())
+    assert len(saved) == 1 and saved[0].endswith(".jpg")
+
+
+def test_the_settings_tab_saves_for_everyone_and_says_why_not(ui_settings):
+    from webui.ui.blocks import create_ui
+
+    services, tab = ui_settings, create_ui(ui_settings).settings
+    assert [tab.widgets[key].label for key in ("samples_format", "grid_format", "jpeg_quality")] == [
+        "File format for images", "File format for grids", "Quality for saved jpg and webp images"]
+    *values, message = tab.actions.apply("webp", "png", 90)
+    assert values == ["webp", "png", 90] and "Saved. File format for images: webp; Quality" in message
+    assert services.options.current().samples_format == "webp"
+    *values, message = tab.actions.apply("webp", "tiff", 90)  # not on the list: a page built by hand
+    assert values == ["webp", "png", 90]  # what is saved
+    assert "Not saved: File format for grids: Input should be" in message
+    services.options.update({"jpeg_quality": 40})  # an API client, meanwhile
+    assert tab.actions.shown() == ["webp", "png", 40]
+
+
+@pytest.fixture
+def ui_settings(services):
+    return services
+
+
+def test_the_settings_file_is_in_the_outputs_folder_unless_a1111s_flag_names_one(tmp_path):
+    from webui.config import parse_settings
+
+    outdir = tmp_path / "outputs"
+    assert parse_settings(["--outdir", str(outdir)], {}).options_path == outdir / "config.json"
+    named = tmp_path / "a1111" / "config.json"
+    assert parse_settings(["--outdir", str(outdir), "--ui-settings-file", str(named)], {}).options_path == named

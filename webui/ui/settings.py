@@ -1,0 +1,85 @@
+"""The Settings tab (A1111's, in short): the server-wide settings of storage/options.py, which
+/sdapi/v1/options reads and changes too. They apply to everyone's later images, as in A1111."""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import gradio as gr
+
+from webui.schemas import InvalidRequest
+from webui.storage.options import IMAGE_FORMATS, OPTION_KEYS, OptionsStore, SavedOptions
+
+# Each setting's label, by its key (A1111's words).
+LABELS = {"samples_format": "File format for images", "grid_format": "File format for grids",
+          "jpeg_quality": "Quality for saved jpg and webp images"}
+
+
+class SettingsActions:
+    def __init__(self, options: OptionsStore):
+        self.options = options
+
+    def shown(self) -> list:
+        """The values as they are now (another user or an API client may have changed them)."""
+        current = self.options.current()
+        return [getattr(current, key) for key in OPTION_KEYS]
+
+    def apply(self, *values) -> list:
+        """Save the values; the widgets then show what is saved, and a line says what changed or why nothing did."""
+        before = self.options.current()
+        try:
+            after = self.options.update(dict(zip(OPTION_KEYS, values, strict=True)))
+        except InvalidRequest as err:
+            return [*self.shown(), _message(f"Not saved: {_with_labels(str(err))}")]
+        except OSError as err:
+            return [*self.shown(), _message(f"Not saved: {err}")]
+        return [*self.shown(), _message(_changes(before, after))]
+
+
+def _changes(before: SavedOptions, after: SavedOptions) -> str:
+    changed = [f"{LABELS[key]}: {getattr(after, key)}" for key in OPTION_KEYS
+               if getattr(before, key) != getattr(after, key)]
+    return "Saved. " + "; ".join(changed) if changed else "Nothing to save: the settings were already these."
+
+
+def _with_labels(message: str) -> str:
+    for key, label in LABELS.items():
+        message = message.replace(f"{key}: ", f"{label}: ")
+    return message
+
+
+def _message(text: str) -> str:
+    return f'<p class="settings-result">{html.escape(text)}</p>'
+
+
+@dataclass
+class SettingsTab:
+    widgets: dict[str, gr.components.Component]
+    apply: gr.Button
+    result: gr.HTML
+    actions: SettingsActions
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        """The widgets in OPTION_KEYS order."""
+        return [self.widgets[key] for key in OPTION_KEYS]
+
+
+def build_settings(options: OptionsStore) -> SettingsTab:
+    actions = SettingsActions(options)
+    current = options.current()
+    gr.Markdown("These apply to every user's images from now on, and are kept in the settings file.")
+    widgets = {
+        "samples_format": gr.Dropdown(list(IMAGE_FORMATS), value=current.samples_format, label=LABELS["samples_format"],
+                                      info="jpg and webp keep the parameters in EXIF, as A1111's",
+                                      elem_id="settings_samples_format"),
+        "grid_format": gr.Dropdown(list(IMAGE_FORMATS), value=current.grid_format, label=LABELS["grid_format"],
+                                   elem_id="settings_grid_format"),
+        "jpeg_quality": gr.Slider(1, 100, value=current.jpeg_quality, step=1, label=LABELS["jpeg_quality"],
+                                  elem_id="settings_jpeg_quality"),
+    }
+    apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply")
+    result = gr.HTML("", elem_id="settings_result")
+    tab = SettingsTab(widgets, apply, result, actions)
+    apply.click(actions.apply, tab.inputs, [*tab.inputs, result], api_visibility="private")
+    return tab
