@@ -159,6 +159,7 @@ def test_a_hires_prompt_is_kept_only_where_it_differs_from_the_prompt():
     assert kept(hr_prompt="a green pear", hr_negative_prompt="dull") == ("a green pear", "dull",
                                                                          ("a green pear", "dull"))
     assert kept(enable_hr=False, hr_prompt="a green pear")[0] is None  # no second pass, no second prompt
+    assert kept(hr_prompt="  ", hr_negative_prompt="\n")[:2] == (None, None)  # blank: an infotext keeps no spaces
     with pytest.raises(InvalidRequest, match="hr_prompt: .*control character U\\+0000"):
         parse_request(QUICK | {"hr_prompt": "a\x00b"})
     with pytest.raises(InvalidRequest, match="hr_negative_prompt: .*at most 2000 characters"):
@@ -193,18 +194,34 @@ def test_a_hires_prompt_changes_only_the_second_pass_and_is_written_and_read_bac
     assert 'Hires prompt: "a green pear, on a table", Hires negative prompt: blurry,' in text
     pasted = request_fields_from_infotext(text)
     assert (pasted["hr_prompt"], pasted["hr_negative_prompt"]) == ("a green pear, on a table", "blurry")
-    # A hires infotext without them had none: a paste clears what the page held.
+    # An infotext without them had none, with or without the hires fix: a paste clears what the page held.
     pasted = request_fields_from_infotext(job().images[0].infotext)
     assert "Hires prompt" not in job().images[0].infotext
     assert (pasted["enable_hr"], pasted["hr_prompt"], pasted["hr_negative_prompt"]) == (True, "", "")
+    plain = request_fields_from_infotext("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64")
+    assert (plain["enable_hr"], plain["hr_prompt"], plain["hr_negative_prompt"]) == (False, "", "")
 
 
-def test_a_hires_prompt_may_repeat_the_prompts_loras_but_name_no_others(services):
+def test_a_hires_prompt_must_name_the_prompts_loras_as_a1111_would_run_them(services):
+    """A1111 runs the second pass with the hires prompt's LoRAs alone; one set serves both passes here."""
+    from tests.test_lora import kohya_state, lora_pairs, write_lora
     from webui.engine.lora import LoraError
 
-    with pytest.raises(LoraError, match="hr_prompt: its <lora:...> tags must be the prompt's"):
-        services.worker.submit(QUICK | {"hr_prompt": "a green pear <lora:other:1>"})
-    assert services.worker.queue_length() == 0
+    path = write_lora(services.settings.lora_folder, "detail", kohya_state(lora_pairs()))  # the session's models
+    try:
+        lora = {"prompt": "a red apple <lora:detail:0.5>"}
+        for hires_prompt in ("a green pear <lora:other:1>", "a green pear",  # A1111: no LoRA in the second pass
+                             "a green pear <lora:detail:1>"):  # another weight
+            with pytest.raises(LoraError, match="hr_prompt: its <lora:...> tags must be the prompt's"):
+                services.worker.submit(QUICK | lora | {"hr_prompt": hires_prompt})
+        with pytest.raises(LoraError, match="hr_prompt: <lora::0.5> names no LoRA"):
+            services.worker.submit(QUICK | {"hr_prompt": "a green pear <lora::0.5>"})
+        assert services.worker.queue_length() == 0
+        job = services.worker.submit(QUICK | lora | {"hr_prompt": "a green pear <lora:detail:0.5>",
+                                                     "save_images": False})
+        assert job.wait(60) and job.state is JobState.DONE, job.error
+    finally:
+        path.unlink()
 
 
 def test_styles_join_the_hires_prompts_too(services):

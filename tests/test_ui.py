@@ -550,6 +550,10 @@ def test_the_hires_fix_goes_from_the_page_to_the_infotext_and_back(ui):
                                                           "denoising_strength")] == [True, 1.5, 1, 0.6]
     plain = event(ui, "send_from_pnginfo")("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64")
     assert plain[TXT2IMG_FIELDS.index("enable_hr")] is False  # a picture made without it turns it off
+    # and sets its own settings back, as A1111's paste: nothing of an earlier picture's second pass lingers
+    assert [plain[TXT2IMG_FIELDS.index(name)] for name in ("hr_sampler_name", "hr_scheduler", "hr_prompt",
+                                                           "hr_negative_prompt")] == [
+        "Use same sampler", "Use same scheduler", "", ""]
     # The second pass's own sampler: to the page's lists, "Use same ..." when the hires fix sent has none.
     index = TXT2IMG_FIELDS.index
     own = event(ui, "send_from_pnginfo")(text.replace("Hires upscaler: Latent", "Hires upscaler: Latent, "

@@ -170,11 +170,12 @@ class GenerationRequest(BaseModel):
     def _hires_prompts_only_where_they_differ(self) -> "GenerationRequest":
         # As A1111, an empty hires prompt is the prompt; kept only when it differs, so the infotext and the
         # history say a second prompt was used only when one was.
-        if not self.enable_hr or self.hr_prompt == self.prompt:
+        # Blank is empty: an infotext cannot keep spaces alone, so they would not reproduce.
+        if not self.enable_hr or self.hr_prompt == self.prompt or not (self.hr_prompt or "").strip():
             self.hr_prompt = None
-        if not self.enable_hr or self.hr_negative_prompt == self.negative_prompt:
+        if (not self.enable_hr or self.hr_negative_prompt == self.negative_prompt
+                or not (self.hr_negative_prompt or "").strip()):
             self.hr_negative_prompt = None
-        self.hr_prompt, self.hr_negative_prompt = self.hr_prompt or None, self.hr_negative_prompt or None
         return self
 
     @property

@@ -312,10 +312,18 @@ class Worker:
         serves both passes of a hires fix, so a hires prompt may repeat the prompt's tags but not name others."""
         uses = lora_uses(request.prompt)
         self.engine.loras.check(uses)
-        hires_uses = lora_uses(request.hr_prompt or "")
-        if hires_uses and set(hires_uses) != set(uses):
+        if request.hr_prompt is None:  # the prompt's: the same LoRAs
+            return
+        try:
+            hires_uses = lora_uses(request.hr_prompt)
+        except LoraError as err:
+            raise LoraError(f"hr_prompt: {err}") from None
+        # A1111 runs the second pass with the hires prompt's LoRAs alone (none, where it names none); here one
+        # set serves both passes, so they must be the same for the picture to be the one A1111 would draw.
+        if set(hires_uses) != set(uses):
             raise LoraError("hr_prompt: its <lora:...> tags must be the prompt's, with the same weights (one set of "
-                            "LoRAs serves both passes); leave them out of the hires prompt to use the prompt's")
+                            "LoRAs serves both passes here; A1111 would run the second pass with the hires prompt's "
+                            "alone); copy the prompt's tags into the hires prompt")
 
     def _refuse_new_job(self) -> None:
         self._refuse_when_stopping()

@@ -134,6 +134,8 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["tiling"] = False
         fields["seed_resize_from_w"] = fields["seed_resize_from_h"] = 0
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation
+        # Left out where the first pass's: A1111's paste empties them, so an old hires prompt never lingers.
+        fields["hr_prompt"] = fields["hr_negative_prompt"] = ""
     for key, (name, convert) in _REQUEST_FIELDS.items():
         if key in params:
             try:
@@ -154,8 +156,6 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     if fields.get("enable_hr"):  # left out when written at 0 (by the scale; as many steps as the first pass)
         for name in ("hr_second_pass_steps", "hr_resize_x", "hr_resize_y"):
             fields.setdefault(name, 0)
-        for name in ("hr_prompt", "hr_negative_prompt"):  # left out when the first pass's
-            fields.setdefault(name, "")
     return fields | _inpainting_fields(params)
 
 

@@ -170,6 +170,8 @@ def _apply_hires_sampler(fields: dict[str, Any]) -> str | None:
     """The hires fix's sampler and schedule type as the page's lists name them: "Use same ..." for what a hires fix
     sent leaves to the first pass (as A1111 reads it); left as they were, with a note, where ours cannot run them."""
     if not fields.get("enable_hr"):
+        if fields.get("enable_hr") is False:  # a picture made without it: as A1111's paste, back to "Use same ..."
+            fields["hr_sampler_name"], fields["hr_scheduler"] = SAME_SAMPLER, SAME_SCHEDULE
         return None
     sampler, schedule = fields.get("hr_sampler_name"), fields.get("hr_scheduler")
     try:
