@@ -88,8 +88,8 @@ class GenerationActions(SeveralRuns):
                  xyz_keep_random_seeds: bool = False, prompt_list: bool = False, prompt_lines: str = "",
                  prompt_list_same_seed: bool = False, tiling: bool = False, seed_resize_from_w: int = 0,
                  seed_resize_from_h: int = 0, size_tab: str = RESIZE_TO, scale_by: float = 1.0,
-                 hr_sampler_name: str = SAME_SAMPLER, hr_scheduler: str = SAME_SCHEDULE, hr_prompt: str = "",
-                 hr_negative_prompt: str = "") -> Iterator[tuple]:
+                 hr_sampler_name: str = SAME_SAMPLER, hr_scheduler: str = SAME_SCHEDULE, hr_prompt: str | None = None,
+                 hr_negative_prompt: str | None = None) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
