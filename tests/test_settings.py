@@ -187,3 +187,32 @@ def test_the_settings_file_is_in_the_outputs_folder_unless_a1111s_flag_names_one
     assert parse_settings(["--outdir", str(outdir)], {}).options_path == outdir / "config.json"
     named = tmp_path / "a1111" / "config.json"
     assert parse_settings(["--outdir", str(outdir), "--ui-settings-file", str(named)], {}).options_path == named
+
+
+def test_frozen_settings_are_shown_but_cannot_be_changed_anywhere(settings, tmp_path):
+    import dataclasses
+
+    from webui.config import parse_settings
+    from webui.services import build_services
+    from webui.storage.options import SettingsFrozen
+    from webui.ui.blocks import create_ui
+
+    assert parse_settings(["--outdir", str(tmp_path / "o"), "--freeze-settings"], {}).freeze_settings
+    settings.options_path.parent.mkdir(parents=True, exist_ok=True)
+    settings.options_path.write_text('{"samples_format": "jpg"}', encoding="utf-8")
+    services = build_services(dataclasses.replace(settings, freeze_settings=True), load_model=False)
+    try:
+        with pytest.raises(SettingsFrozen, match="--freeze-settings"):
+            services.options.update({"samples_format": "png"})
+        with TestClient(create_api_app(services)) as client:
+            reply = client.post("/sdapi/v1/options", json={"samples_format": "webp"})
+            assert reply.status_code == 403 and reply.json()["detail"].startswith("samples_format: "), reply.text
+            assert client.get("/sdapi/v1/options").json()["samples_format"] == "jpg"
+            assert client.post("/sdapi/v1/options", json={"show_x": 1}).status_code == 200  # nothing to change
+        tab = create_ui(services).settings
+        assert not tab.apply.visible and not any(widget.interactive for widget in tab.widgets.values())
+        *values, message = tab.actions.apply("png", "png", 80)  # a page built before, or by hand
+        assert values == ["jpg", "png", 80] and "Not saved: the settings cannot be changed" in message
+    finally:
+        services.close()
+    assert json.loads(settings.options_path.read_text(encoding="utf-8")) == {"samples_format": "jpg"}

@@ -77,7 +77,7 @@ A1111_IGNORED_SWITCHES = (
     "--allow-code", "--administrator", "--disable-safe-unpickle", "--autolaunch", "--api-log",
     "--gradio-queue", "--no-gradio-queue", "--gradio-debug", "--no-progressbar-hiding",
     "--disable-console-progressbars", "--enable-console-prompts", "--use-textbox-seed", "--hide-ui-dir-config",
-    "--freeze-settings", "--ui-debug-mode", "--add-stop-route", "--api-server-stop",
+    "--ui-debug-mode", "--add-stop-route", "--api-server-stop",
     "--skip-load-model-at-start", "--deepdanbooru", "--show-negative-prompt", "--unload-gfpgan",
     "--test-server", "--disable-tls-verify",  # the latter only matters with TLS, which is refused (see above)
     "-f",  # webui.sh's "allow running as root", often left in COMMANDLINE_ARGS
@@ -115,6 +115,7 @@ class Settings:
     embeddings_dir: Path | None = None  # None: the embeddings folder inside models_dir
     styles_file: Path | None = None  # None: styles.csv in outdir
     ui_settings_file: Path | None = None  # None: config.json in outdir
+    freeze_settings: bool = False  # the Settings tab's settings shown, not changeable
     outdir: Path = DEFAULT_OUTPUTS_DIR
     ckpt: str = DEFAULT_MODEL_NAME
     device: str = "auto"
@@ -260,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--ui-settings-file", type=_user_path, default=None,
                        help=f"the Settings tab's file, as A1111's (default: {SETTINGS_FILE} in the outputs folder); "
                             "A1111's own may be named: the keys this server does not use are kept")
+    files.add_argument("--freeze-settings", action="store_true",
+                       help="the Settings tab shows the settings but nobody can change them, there or through "
+                            "/sdapi/v1/options (as A1111's)")
     files.add_argument("--outdir", type=_user_path, default=DEFAULT_OUTPUTS_DIR,
                        help="where images and the history database are written (env: WEBUI_OUTDIR; "
                             "on a Space with persistent storage: /data/outputs)")

@@ -39,7 +39,7 @@ from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_key
 from webui.extras import EXTRAS_UPSCALERS
 from webui.schemas import InvalidRequest, JobState, describe_validation_errors
 from webui.storage.history import owner_key
-from webui.storage.options import OPTION_KEYS
+from webui.storage.options import OPTION_KEYS, SettingsFrozen
 from webui.worker import Job, QueueFull, WorkerStopped, await_result
 
 log = logging.getLogger(__name__)
@@ -377,6 +377,8 @@ class Api:
             self.services.options.check(saved)  # before the model switch: a bad value changes nothing
         except InvalidRequest as err:
             raise ApiError(422, str(err), "InvalidRequest") from None
+        except SettingsFrozen as err:
+            raise ApiError(403, f"{', '.join(saved)}: {err}", "SettingsFrozen") from None
         if body.get("sd_model_checkpoint"):
             await self._switch_model(body["sd_model_checkpoint"])
         if clip_skip is not None:
@@ -392,7 +394,7 @@ class Api:
         if saved:
             try:
                 self.services.options.update(saved)
-            except (InvalidRequest, OSError) as err:  # changed meanwhile by another client, or the disk failed
+            except (InvalidRequest, OSError, SettingsFrozen) as err:  # a disk that failed, say
                 raise ApiError(500, f"{', '.join(saved)} not saved, and unchanged: {err}",
                                "SettingsNotSaved") from None
         applied = [key for key, value in body.items()

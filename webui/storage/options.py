@@ -36,11 +36,16 @@ class SavedOptions(BaseModel):
 OPTION_KEYS = tuple(SavedOptions.model_fields)
 
 
+class SettingsFrozen(Exception):
+    """The server was started with --freeze-settings: the settings cannot be changed."""
+
+
 class OptionsStore:
     """The settings in memory and in their file. Safe to use from several threads."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, frozen: bool = False):
         self.path = path  # None: kept in memory only (tests, tools)
+        self.frozen = frozen
         self._lock = threading.Lock()
         self._file_keys: dict[str, Any] = {}  # what the file holds, unknown keys included
         self._unreadable: str | None = None  # why the file cannot be read, if it cannot
@@ -52,8 +57,8 @@ class OptionsStore:
 
     def update(self, changes: dict[str, Any]) -> SavedOptions:
         """Apply and save changes (A1111's keys; others are the caller's to refuse). InvalidRequest naming the key
-        for a value out of range, and nothing changes; OSError when the file cannot be written, and nothing
-        changes either."""
+        for a value out of range, SettingsFrozen under --freeze-settings, OSError when the file cannot be
+        written; then nothing changes."""
         with self._lock:
             updated = self._validated(changes)
             if self.path is not None:
@@ -62,11 +67,13 @@ class OptionsStore:
             return updated
 
     def check(self, changes: dict[str, Any]) -> None:
-        """What update would refuse (InvalidRequest), found without changing anything."""
+        """What update would refuse (InvalidRequest, SettingsFrozen), found without changing anything."""
         with self._lock:
             self._validated(changes)
 
     def _validated(self, changes: dict[str, Any]) -> SavedOptions:
+        if self.frozen and changes:
+            raise SettingsFrozen("the settings cannot be changed on this server (started with --freeze-settings)")
         try:
             return SavedOptions(**(self._current.model_dump() | changes))
         except ValidationError as err:

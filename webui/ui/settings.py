@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from webui.schemas import InvalidRequest
-from webui.storage.options import IMAGE_FORMATS, OPTION_KEYS, OptionsStore, SavedOptions
+from webui.storage.options import IMAGE_FORMATS, OPTION_KEYS, OptionsStore, SavedOptions, SettingsFrozen
 
 # Each setting's label, by its key (A1111's words).
 LABELS = {"samples_format": "File format for images", "grid_format": "File format for grids",
@@ -31,7 +31,7 @@ class SettingsActions:
             after = self.options.update(dict(zip(OPTION_KEYS, values, strict=True)))
         except InvalidRequest as err:
             return [*self.shown(), _message(f"Not saved: {_with_labels(str(err))}")]
-        except OSError as err:
+        except (OSError, SettingsFrozen) as err:
             return [*self.shown(), _message(f"Not saved: {err}")]
         return [*self.shown(), _message(_changes(before, after))]
 
@@ -68,17 +68,19 @@ class SettingsTab:
 def build_settings(options: OptionsStore) -> SettingsTab:
     actions = SettingsActions(options)
     current = options.current()
-    gr.Markdown("These apply to every user's images from now on, and are kept in the settings file.")
+    frozen = options.frozen
+    gr.Markdown("Frozen by --freeze-settings: shown here, not changeable." if frozen else
+                "These apply to every user's images from now on, and are kept in the settings file.")
     widgets = {
         "samples_format": gr.Dropdown(list(IMAGE_FORMATS), value=current.samples_format, label=LABELS["samples_format"],
                                       info="jpg and webp keep the parameters in EXIF, as A1111's",
-                                      elem_id="settings_samples_format"),
+                                      elem_id="settings_samples_format", interactive=not frozen),
         "grid_format": gr.Dropdown(list(IMAGE_FORMATS), value=current.grid_format, label=LABELS["grid_format"],
-                                   elem_id="settings_grid_format"),
+                                   elem_id="settings_grid_format", interactive=not frozen),
         "jpeg_quality": gr.Slider(1, 100, value=current.jpeg_quality, step=1, label=LABELS["jpeg_quality"],
-                                  elem_id="settings_jpeg_quality"),
+                                  elem_id="settings_jpeg_quality", interactive=not frozen),
     }
-    apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply")
+    apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=not frozen)
     result = gr.HTML("", elem_id="settings_result")
     tab = SettingsTab(widgets, apply, result, actions)
     apply.click(actions.apply, tab.inputs, [*tab.inputs, result], api_visibility="private")
