@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import re
 from pathlib import Path
 from urllib.parse import quote, unquote, urljoin
@@ -18,6 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from tests.browser_server import ROOT, AppServer, free_port
 from tests.conftest import TINY
+from webui.storage.outputs import read_infotext
 
 pytestmark = pytest.mark.browser
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -472,3 +474,33 @@ def test_inpaint_paints_a_mask_on_the_canvas_and_draws_only_there(page, app_serv
     with Image.open(saved) as result:
         assert result.getpixel((0, 0)) == (0, 128, 128)  # a corner the stroke did not reach: the picture's own
         assert result.getpixel((32, 32)) != (0, 128, 128)  # the stroke's middle: drawn again
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def apply_samples_format(page, file_format: str) -> None:
+    page.get_by_role("tab", name="Settings").click()
+    choose(page, "settings_samples_format", file_format)
+    page.click("#settings_apply")
+    expect_text(page, "#settings_result", rf"Saved\. File format for images: {file_format}|Nothing to save")
+
+
+def test_the_settings_tab_saves_the_next_pictures_as_jpeg(page, app_server):
+    try:
+        apply_samples_format(page, "jpg")
+        assert json.loads((app_server.outdir / "config.json").read_text())["samples_format"] == "jpg"
+        page.get_by_role("tab", name="txt2img").click()
+        page.locator("#txt2img_prompt textarea").fill("a jpeg lighthouse")
+        for name, value in (("txt2img_steps", 2), ("txt2img_width", 64), ("txt2img_height", 64)):
+            set_number(page, name, value)
+        page.click("#txt2img_generate")
+        expect_text(page, "#txt2img_time", r"Time taken")
+        newest = max((app_server.outdir / "txt2img-images").rglob("*-*.*"), key=lambda path: path.stat().st_mtime)
+        assert newest.suffix == ".jpg"
+        with Image.open(newest) as saved:
+            assert saved.format == "JPEG" and read_infotext(saved).startswith("a jpeg lighthouse\n")
+    finally:  # the module's other tests look for PNG files
+        apply_samples_format(page, "png")
