@@ -34,16 +34,36 @@ def test_settings_start_at_a1111s_defaults_and_survive_a_restart(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no temporary file left
 
 
-def test_a1111s_own_config_file_is_read_and_its_other_keys_kept(tmp_path):
+def test_a1111s_own_config_file_is_read_and_only_the_keys_changed_are_written(tmp_path):
     path = tmp_path / "config.json"
-    a1111 = {"samples_format": "jpg", "jpeg_quality": 95, "outdir_samples": "", "sd_model_checkpoint": "v1-5.ckpt",
+    a1111 = {"samples_format": "JPEG", "jpeg_quality": 95, "outdir_samples": "", "sd_model_checkpoint": "v1-5.ckpt",
              "grid_format": "gif"}  # A1111 takes formats this server does not: that key alone falls back
     path.write_text(json.dumps(a1111), encoding="utf-8")
+    path.chmod(0o600)  # A1111's file may hold extensions' API keys
     store = OptionsStore(path)
     assert (store.current().samples_format, store.current().jpeg_quality, store.current().grid_format) == (
         "jpg", 95, "png")
+    edited = a1111 | {"outdir_samples": "elsewhere"}  # by A1111, while this server runs
+    path.write_text(json.dumps(edited), encoding="utf-8")
     store.update({"jpeg_quality": 70})
-    assert json.loads(path.read_text(encoding="utf-8")) == a1111 | {"jpeg_quality": 70, "grid_format": "png"}
+    assert json.loads(path.read_text(encoding="utf-8")) == edited | {"jpeg_quality": 70}  # "gif" and "JPEG" stay
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_linked_settings_file_stays_a_link(tmp_path):
+    target = tmp_path / "a1111" / "config.json"
+    target.parent.mkdir()
+    target.write_text("{}", encoding="utf-8")
+    link = tmp_path / "config.json"
+    link.symlink_to(target)
+    OptionsStore(link).update({"samples_format": "webp"})
+    assert link.is_symlink() and json.loads(target.read_text(encoding="utf-8")) == {"samples_format": "webp"}
+
+
+def test_a1111s_spellings_of_the_formats_are_taken():
+    store = OptionsStore(None)
+    assert store.update({"samples_format": "JPEG", "grid_format": " WebP"}).model_dump() == {
+        "samples_format": "jpg", "grid_format": "webp", "jpeg_quality": 80}
 
 
 @pytest.mark.parametrize("changes, says", [
@@ -88,6 +108,8 @@ def test_images_and_grids_are_saved_in_the_chosen_format_with_their_infotext(tmp
     if file_format != "png":  # as A1111 (piexif) writes it: "UNICODE", then UTF-16 big-endian
         data = image.read_bytes()
         assert b"UNICODE\0" + 'a "red"'.encode("utf-16-be") in data and "Ünïcode 猫".encode("utf-16-be") in data
+        # tagged UNDEFINED (type 7), as EXIF says: piexif, which A1111 reads it with, reads no other type
+        assert b"\x92\x86\x00\x07" in data
 
 
 def test_the_quality_setting_changes_the_file_and_numbers_go_on_across_formats(tmp_path):
@@ -109,6 +131,18 @@ def test_a_picture_too_large_for_webp_is_saved_as_png(tmp_path):
     assert path.suffix == ".png"
     with Image.open(path) as saved:
         assert read_infotext(saved) == INFOTEXT
+
+
+def test_an_infotext_too_long_for_jpeg_is_saved_as_png_and_a_picture_with_alpha_on_white(tmp_path):
+    store = OutputStore(tmp_path)
+    store.options.update({"samples_format": "jpg", "grid_format": "jpg"})
+    long = "x" * 40_000 + "\nSteps: 2, Sampler: Euler, Seed: 7"  # an upload's to Extras may hold 64K characters
+    path = store.save_extra(noisy(), {"parameters": long})
+    with Image.open(path) as saved:
+        assert path.suffix == ".png" and read_infotext(saved) == long
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    with Image.open(store.save_grid(clear, INFOTEXT)) as saved:
+        assert saved.format == "JPEG" and min(saved.convert("L").getdata()) > 240  # on white, not black
 
 
 def test_extras_in_jpeg_keep_the_parameters(tmp_path):
@@ -216,3 +250,30 @@ def test_frozen_settings_are_shown_but_cannot_be_changed_anywhere(settings, tmp_
     finally:
         services.close()
     assert json.loads(settings.options_path.read_text(encoding="utf-8")) == {"samples_format": "jpg"}
+
+
+def test_a_page_anyone_can_reach_shows_the_settings_but_cannot_change_them():
+    import gradio as gr
+
+    from webui.config import Settings
+    from webui.ui.settings import build_settings
+
+    assert Settings(listen=True).open_to_anyone and not Settings(listen=True, gradio_auth=[("a", "b")]).open_to_anyone
+    assert not Settings().open_to_anyone  # this machine only
+    options = OptionsStore(None)
+    with gr.Blocks():
+        tab = build_settings(options, open_to_anyone=True)
+    assert not tab.apply.visible and not any(widget.interactive for widget in tab.widgets.values())
+    *values, message = tab.actions.apply("jpg", "png", 80)
+    assert values == ["png", "png", 80] and "Not saved: this page is served to other machines without a login" in message
+
+
+def test_an_unreadable_settings_file_refuses_an_api_change_before_anything_changes(services, settings):
+    settings.options_path.write_text("{broken", encoding="utf-8")
+    services.options = OptionsStore(settings.options_path)
+    with TestClient(create_api_app(services)) as client:
+        reply = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2, "samples_format": "jpg"})
+        assert reply.status_code == 500 and "nothing changed" in reply.json()["detail"], reply.text[:300]
+        options = client.get("/sdapi/v1/options").json()
+        assert (options["CLIP_stop_at_last_layers"], options["samples_format"]) == (1, "png")
+    assert settings.options_path.read_text(encoding="utf-8") == "{broken"

@@ -161,6 +161,12 @@ class Settings:
         return self.share or not _loopback(self.host)
 
     @property
+    def open_to_anyone(self) -> bool:
+        """Served to other machines with no login: whoever finds the address uses the page, so nothing there may
+        change what other users have (delete their images, change everyone's settings)."""
+        return self.public and not self.gradio_auth
+
+    @property
     def api_enabled(self) -> bool:
         return self.api or self.nowebui
 

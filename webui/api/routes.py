@@ -379,6 +379,9 @@ class Api:
             raise ApiError(422, str(err), "InvalidRequest") from None
         except SettingsFrozen as err:
             raise ApiError(403, f"{', '.join(saved)}: {err}", "SettingsFrozen") from None
+        except OSError as err:  # a settings file that cannot be read is not saved over
+            raise ApiError(500, f"{', '.join(saved)} not saved, and nothing changed: {err}",
+                           "SettingsNotSaved") from None
         if body.get("sd_model_checkpoint"):
             await self._switch_model(body["sd_model_checkpoint"])
         if clip_skip is not None:

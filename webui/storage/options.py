@@ -1,20 +1,22 @@
 """Server-wide settings that users change while the server runs: the Settings tab and /sdapi/v1/options.
 
 They are kept in a JSON file under A1111's key names (its config.json; `--ui-settings-file`), so they survive a
-restart and A1111's own file can be pointed at: keys this server does not know are kept as they were when it
-saves. A file that cannot be read is never saved over, so nothing a user wrote there is lost.
+restart and A1111's own file can be pointed at: a save writes only the keys changed into the file as it is then,
+so A1111's other keys (and values of ours this server cannot use) stay. A file that cannot be read is never saved
+over, so nothing a user wrote there is lost.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import stat
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from webui.schemas import InvalidRequest
 
@@ -32,6 +34,15 @@ class SavedOptions(BaseModel):
     grid_format: ImageFormat = Field("png", description="file format of saved grids: png, jpg or webp")
     jpeg_quality: int = Field(80, ge=1, le=100, description="quality of saved jpg and webp files, 1 to 100")
 
+    @field_validator("samples_format", "grid_format", mode="before")
+    @classmethod
+    def _as_a1111_writes_it(cls, value: Any) -> Any:
+        # A1111 takes a file extension in any case: "JPG" and "jpeg" are our jpg.
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return "jpg" if value == "jpeg" else value
+        return value
+
 
 OPTION_KEYS = tuple(SavedOptions.model_fields)
 
@@ -47,7 +58,6 @@ class OptionsStore:
         self.path = path  # None: kept in memory only (tests, tools)
         self.frozen = frozen
         self._lock = threading.Lock()
-        self._file_keys: dict[str, Any] = {}  # what the file holds, unknown keys included
         self._unreadable: str | None = None  # why the file cannot be read, if it cannot
         self._current = self._read()
 
@@ -61,8 +71,8 @@ class OptionsStore:
         written; then nothing changes."""
         with self._lock:
             updated = self._validated(changes)
-            if self.path is not None:
-                self._write(self._file_keys | updated.model_dump())
+            if self.path is not None:  # only the keys changed: another program's values of the others stay
+                self._write({key: getattr(updated, key) for key in changes})
             self._current = updated
             return updated
 
@@ -74,6 +84,9 @@ class OptionsStore:
     def _validated(self, changes: dict[str, Any]) -> SavedOptions:
         if self.frozen and changes:
             raise SettingsFrozen("the settings cannot be changed on this server (started with --freeze-settings)")
+        if self._unreadable and changes and self.path is not None:
+            raise OSError(f"the settings file {self.path} could not be read ({self._unreadable}), so it is not "
+                          "saved over; fix or remove it, then restart")
         try:
             return SavedOptions(**(self._current.model_dump() | changes))
         except ValidationError as err:
@@ -81,18 +94,13 @@ class OptionsStore:
                                            for e in err.errors())) from None
 
     def _read(self) -> SavedOptions:
-        if self.path is None or not self.path.exists():
-            return SavedOptions()
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError("it holds no JSON object")
+            data = self._file_contents()
         except (OSError, UnicodeDecodeError, ValueError) as err:
             self._unreadable = f"{type(err).__name__}: {err}"
             log.warning("settings file %s cannot be read (%s): the defaults apply, and it is not saved over",
                         self.path, self._unreadable)
             return SavedOptions()
-        self._file_keys = data
         known = {}
         for key in OPTION_KEYS:  # one bad value costs only its own key
             if key in data:
@@ -103,18 +111,31 @@ class OptionsStore:
                                 self.path, key, data[key])
         return SavedOptions(**known)
 
-    def _write(self, data: dict[str, Any]) -> None:
-        if self._unreadable:
-            raise OSError(f"the settings file {self.path} could not be read ({self._unreadable}), so it is not "
-                          "saved over; fix or remove it, then restart")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=self.path.parent)
+    def _file_contents(self) -> dict[str, Any]:
+        """The JSON object in the file ({} when there is none); raises what a file that cannot be read raises."""
+        if self.path is None or not self.path.exists():
+            return {}
+        data = json.loads(self.path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("it holds no JSON object")
+        return data
+
+    def _write(self, changes: dict[str, Any]) -> None:
+        """The changed keys into the file as it is now (A1111, or a second server, may have written it since)."""
+        try:
+            data = self._file_contents() | changes
+        except (UnicodeDecodeError, ValueError) as err:  # spoilt since the start: still never saved over
+            raise OSError(f"the settings file {self.path} cannot be read now ({type(err).__name__}: {err}), so it "
+                          "is not saved over; fix or remove it") from None
+        target = Path(os.path.realpath(self.path))  # a linked config.json stays a link: its target is written
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644  # an A1111 file may be private
+        fd, temp = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=target.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(data, handle, indent=4, ensure_ascii=False)
-            os.chmod(temp, 0o644)
-            os.replace(temp, self.path)  # whole or not at all: a crash never leaves half a file
+            os.chmod(temp, mode)
+            os.replace(temp, target)  # whole or not at all: a crash never leaves half a file
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
-        self._file_keys = data

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import struct
 import time
 import uuid
 from pathlib import Path
@@ -42,7 +43,7 @@ MAX_SCANNED_PIXELS = 32 * 1024 * 1024
 _CLAIM_TRIES = 100
 # Each format's encoder, and the longest side it can store (a larger picture is saved as PNG instead).
 _ENCODERS = {"png": ("PNG", 2**31 - 1), "jpg": ("JPEG", 65_535), "webp": ("WEBP", 16_383)}
-_MAX_EXIF_BYTES = 65_000  # a JPEG's EXIF segment holds at most 64 KiB
+_MAX_EXIF_BYTES = 65_000  # a JPEG's EXIF segment holds at most 64 KiB (WebP's has no such limit)
 
 
 class OutputStore:
@@ -131,9 +132,9 @@ class OutputStore:
     def _save(self, image: Image.Image, texts: dict[str, str | None], folder: Path, stem_for,
               numbered: re.Pattern, file_format: str = "png", quality: int = 80) -> Path:
         """Write the picture with its texts (those with None: left out) under the next free number: stem_for(n)
-        plus the format's extension. A picture too large for JPEG or WebP is saved as PNG."""
-        if max(image.size) > _ENCODERS[file_format][1]:
-            file_format = "png"
+        plus the format's extension. A picture (or infotext) too large for JPEG or WebP is saved as PNG."""
+        if not _fits(image, file_format, texts.get("parameters")):
+            file_format = "png"  # rather than a file without its parameters, or none
         folder.mkdir(parents=True, exist_ok=True)
         temp = folder / f".partial-{uuid.uuid4().hex}.{file_format}"
         try:
@@ -149,16 +150,33 @@ def _encode(image: Image.Image, texts: dict[str, str | None], file_format: str, 
     if file_format == "png":
         image.save(handle, format=encoder, pnginfo=png_texts(texts))
         return
-    # As A1111: the infotext in the EXIF UserComment, as "UNICODE" and UTF-16 big-endian (what piexif writes).
-    exif = Image.Exif()
-    if texts.get("parameters"):
-        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + texts["parameters"].encode("utf-16-be")
-    exif_bytes = exif.tobytes()
-    if len(exif_bytes) > _MAX_EXIF_BYTES:
-        raise ValueError(f"the infotext takes {len(exif_bytes)} bytes in EXIF, more than a {file_format} file holds; "
-                         "choose png in Settings")
-    picture = image if image.mode in ("RGB", "L") or file_format == "webp" else image.convert("RGB")
-    picture.save(handle, format=encoder, quality=quality, exif=exif_bytes)
+    picture = image if image.mode in ("RGB", "L") else _on_white(image)
+    picture.save(handle, format=encoder, quality=quality, exif=exif_user_comment(texts.get("parameters") or ""))
+
+
+def exif_user_comment(text: str) -> bytes:
+    """EXIF holding `text` as its UserComment, as A1111 writes it (with piexif): "UNICODE" and UTF-16 big-endian,
+    tagged UNDEFINED as EXIF says, which piexif needs to read it back (PIL would tag it BYTE)."""
+    comment = b"UNICODE\0" + text.encode("utf-16-be")
+    exif_ifd = 8 + 18  # after the header and IFD0's one entry
+    header = b"MM\x00\x2a" + struct.pack(">I", 8)
+    ifd0 = struct.pack(">HHHII", 1, _EXIF_IFD, 4, 1, exif_ifd) + struct.pack(">I", 0)
+    sub_ifd = struct.pack(">HHHII", 1, _USER_COMMENT, 7, len(comment), exif_ifd + 18) + struct.pack(">I", 0)
+    return b"Exif\0\0" + header + ifd0 + sub_ifd + comment
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """An RGB copy; a transparent part on white, as a browser shows it."""
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, "white")
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def _fits(image: Image.Image, file_format: str, infotext: str | None) -> bool:
+    """Whether the format can hold the picture's size and (JPEG: 64 KiB of EXIF) its infotext."""
+    if max(image.size) > _ENCODERS[file_format][1]:
+        return False
+    return file_format != "jpg" or len(exif_user_comment(infotext or "")) <= _MAX_EXIF_BYTES
 
 
 def png_texts(texts: dict[str, str | None]) -> PngInfo:

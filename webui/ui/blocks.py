@@ -79,7 +79,7 @@ def create_ui(services: Services) -> WebUI:
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 pnginfo = build_pnginfo()
             with gr.Tab("Settings", id="settings", elem_id="tab_settings") as settings_tab:
-                settings = build_settings(services.options)
+                settings = build_settings(services.options, services.settings.open_to_anyone)
         # Shown afresh when opened: another user or an API client may have changed them.
         settings_tab.select(settings.actions.shown, None, settings.inputs, api_visibility="private",
                             show_progress="hidden")

@@ -65,8 +65,7 @@ class HistoryActions:
     def __init__(self, services: Services):
         self.history = services.history
         self.outputs = services.outputs
-        # Served to other machines with no login, anyone could wipe everyone's images.
-        self.can_delete = not (services.settings.public and not services.settings.gradio_auth)
+        self.can_delete = not services.settings.open_to_anyone  # else anyone could wipe everyone's images
 
     def load_page(self, page: int, search: str, selected: int | None = None):
         """(page, ids on the page, the gallery's update, page info, Newer, Older) for a page, clamped to the pages

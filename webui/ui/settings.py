@@ -16,8 +16,9 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
 
 
 class SettingsActions:
-    def __init__(self, options: OptionsStore):
+    def __init__(self, options: OptionsStore, locked_because: str | None = None):
         self.options = options
+        self.locked_because = locked_because  # why the page may not change them, if it may not
 
     def shown(self) -> list:
         """The values as they are now (another user or an API client may have changed them)."""
@@ -26,6 +27,8 @@ class SettingsActions:
 
     def apply(self, *values) -> list:
         """Save the values; the widgets then show what is saved, and a line says what changed or why nothing did."""
+        if self.locked_because:  # a page built before, or by hand
+            return [*self.shown(), _message(f"Not saved: {self.locked_because}")]
         before = self.options.current()
         try:
             after = self.options.update(dict(zip(OPTION_KEYS, values, strict=True)))
@@ -65,22 +68,34 @@ class SettingsTab:
         return [self.widgets[key] for key in OPTION_KEYS]
 
 
-def build_settings(options: OptionsStore) -> SettingsTab:
-    actions = SettingsActions(options)
+def locked_because(options: OptionsStore, open_to_anyone: bool) -> str | None:
+    if options.frozen:
+        return "the settings cannot be changed on this server (started with --freeze-settings)"
+    if open_to_anyone:
+        return ("this page is served to other machines without a login, and the settings are everyone's; start "
+                "the server with --gradio-auth to change them here")
+    return None
+
+
+def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> SettingsTab:
+    """The tab; read-only under --freeze-settings, or where anyone who finds the page could change everyone's
+    settings (as History's Delete)."""
+    locked = locked_because(options, open_to_anyone)
+    actions = SettingsActions(options, locked)
     current = options.current()
-    frozen = options.frozen
-    gr.Markdown("Frozen by --freeze-settings: shown here, not changeable." if frozen else
+    editable = locked is None
+    gr.Markdown(f"Shown, not changeable: {locked}." if locked else
                 "These apply to every user's images from now on, and are kept in the settings file.")
     widgets = {
         "samples_format": gr.Dropdown(list(IMAGE_FORMATS), value=current.samples_format, label=LABELS["samples_format"],
                                       info="jpg and webp keep the parameters in EXIF, as A1111's",
-                                      elem_id="settings_samples_format", interactive=not frozen),
+                                      elem_id="settings_samples_format", interactive=editable),
         "grid_format": gr.Dropdown(list(IMAGE_FORMATS), value=current.grid_format, label=LABELS["grid_format"],
-                                   elem_id="settings_grid_format", interactive=not frozen),
+                                   elem_id="settings_grid_format", interactive=editable),
         "jpeg_quality": gr.Slider(1, 100, value=current.jpeg_quality, step=1, label=LABELS["jpeg_quality"],
-                                  elem_id="settings_jpeg_quality", interactive=not frozen),
+                                  elem_id="settings_jpeg_quality", interactive=editable),
     }
-    apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=not frozen)
+    apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=editable)
     result = gr.HTML("", elem_id="settings_result")
     tab = SettingsTab(widgets, apply, result, actions)
     apply.click(actions.apply, tab.inputs, [*tab.inputs, result], api_visibility="private")
