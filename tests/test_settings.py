@@ -62,8 +62,8 @@ def test_a_linked_settings_file_stays_a_link(tmp_path):
 
 def test_a1111s_spellings_of_the_formats_are_taken():
     store = OptionsStore(None)
-    assert store.update({"samples_format": "JPEG", "grid_format": " WebP"}).model_dump() == {
-        "samples_format": "jpg", "grid_format": "webp", "jpeg_quality": 80}
+    updated = store.update({"samples_format": "JPEG", "grid_format": " WebP"})
+    assert (updated.samples_format, updated.grid_format) == ("jpg", "webp")
 
 
 @pytest.mark.parametrize("changes, says", [
@@ -197,16 +197,19 @@ def test_the_settings_tab_saves_for_everyone_and_says_why_not(ui_settings):
     from webui.ui.blocks import create_ui
 
     services, tab = ui_settings, create_ui(ui_settings).settings
-    assert [tab.widgets[key].label for key in ("samples_format", "grid_format", "jpeg_quality")] == [
-        "File format for images", "File format for grids", "Quality for saved jpg and webp images"]
-    *values, message = tab.actions.apply("webp", "png", 90)
-    assert values == ["webp", "png", 90] and "Saved. File format for images: webp; Quality" in message
+    assert [tab.widgets[key].label for key in ("samples_format", "grid_format", "jpeg_quality",
+                                               "samples_filename_pattern")] == [
+        "File format for images", "File format for grids", "Quality for saved jpg and webp images",
+        "Images filename pattern"]
+    *values, message = tab.actions.apply("webp", "png", 90, "[seed]-[prompt_words]")
+    assert values == ["webp", "png", 90, "[seed]-[prompt_words]"]
+    assert "Saved. File format for images: webp; Quality for saved jpg and webp images: 90; Images filename " in message
     assert services.options.current().samples_format == "webp"
-    *values, message = tab.actions.apply("webp", "tiff", 90)  # not on the list: a page built by hand
-    assert values == ["webp", "png", 90]  # what is saved
+    *values, message = tab.actions.apply("webp", "tiff", 90, "")  # not on the list: a page built by hand
+    assert values == ["webp", "png", 90, "[seed]-[prompt_words]"]  # what is saved
     assert "Not saved: File format for grids: Input should be" in message
     services.options.update({"jpeg_quality": 40})  # an API client, meanwhile
-    assert tab.actions.shown() == ["webp", "png", 40]
+    assert tab.actions.shown() == ["webp", "png", 40, "[seed]-[prompt_words]"]
 
 
 @pytest.fixture
@@ -245,8 +248,8 @@ def test_frozen_settings_are_shown_but_cannot_be_changed_anywhere(settings, tmp_
             assert client.post("/sdapi/v1/options", json={"show_x": 1}).status_code == 200  # nothing to change
         tab = create_ui(services).settings
         assert not tab.apply.visible and not any(widget.interactive for widget in tab.widgets.values())
-        *values, message = tab.actions.apply("png", "png", 80)  # a page built before, or by hand
-        assert values == ["jpg", "png", 80] and "Not saved: the settings cannot be changed" in message
+        *values, message = tab.actions.apply("png", "png", 80, "")  # a page built before, or by hand
+        assert values == ["jpg", "png", 80, ""] and "Not saved: the settings cannot be changed" in message
     finally:
         services.close()
     assert json.loads(settings.options_path.read_text(encoding="utf-8")) == {"samples_format": "jpg"}
@@ -264,8 +267,8 @@ def test_a_page_anyone_can_reach_shows_the_settings_but_cannot_change_them():
     with gr.Blocks():
         tab = build_settings(options, open_to_anyone=True)
     assert not tab.apply.visible and not any(widget.interactive for widget in tab.widgets.values())
-    *values, message = tab.actions.apply("jpg", "png", 80)
-    assert values == ["png", "png", 80] and "Not saved: this page is served to other machines without a login" in message
+    *values, message = tab.actions.apply("jpg", "png", 80, "")
+    assert values == ["png", "png", 80, ""] and "Not saved: this page is served to other machines without a login" in message
 
 
 def test_an_unreadable_settings_file_refuses_an_api_change_before_anything_changes(services, settings):

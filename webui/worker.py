@@ -31,6 +31,7 @@ from webui.engine.models import ModelEntry
 from webui.engine.lora import LoraError, lora_uses, unread_tags
 from webui.schemas import (INPAINT_AREAS, LATENT_RESIZE, MASK_MODES, MASKED_CONTENT, RESIZE_MODES, GeneratedImage,
                            GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED, parse_request)
+from webui.storage.filenames import NameParts
 from webui.storage.history import History
 from webui.storage.infotext import build_infotext
 from webui.storage.outputs import OutputStore, make_grid
@@ -689,11 +690,18 @@ class Worker:
             self._save(job, image, width, height, seconds)
 
     def _save(self, job: Job, image: GeneratedImage, width: int, height: int, seconds: float) -> None:
-        """Write the PNG, then its history row. A failure (a full disk, a locked database) is a warning on
+        """Write the image file, then its history row. A failure (a full disk, a locked database) is a warning on
         the job: the picture stays in the job, and a written file stays on disk."""
         request, model = job.request, job.model
+        name_parts = NameParts(
+            seed=image.seed, prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
+            cfg_scale=request.cfg_scale, width=width, height=height, sampler=request.sampler_name,
+            scheduler=request.scheduler, model_name=model.entry.name, model_hash=model.short_hash or "",
+            clip_skip=request.clip_skip,
+            denoising_strength=request.denoising_strength if request.is_img2img or request.enable_hr else None,
+            batch_number=image.index % request.batch_size, batch_size=request.batch_size)
         try:
-            path = self.outputs.save_image(image.image, image.infotext, image.seed, job.kind)
+            path = self.outputs.save_image(image.image, image.infotext, image.seed, job.kind, name_parts)
         except Exception as err:
             self._warn(job, f"image {image.index + 1} was not saved", err)
             return

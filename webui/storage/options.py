@@ -33,6 +33,9 @@ class SavedOptions(BaseModel):
     samples_format: ImageFormat = Field("png", description="file format of saved images: png, jpg or webp")
     grid_format: ImageFormat = Field("png", description="file format of saved grids: png, jpg or webp")
     jpeg_quality: int = Field(80, ge=1, le=100, description="quality of saved jpg and webp files, 1 to 100")
+    samples_filename_pattern: str = Field("", max_length=200,
+                                          description="saved images' names after their number, in A1111's tags: "
+                                                      "[seed], [prompt_spaces], [model_name], ... (empty: [seed])")
 
     @field_validator("samples_format", "grid_format", mode="before")
     @classmethod

@@ -1,6 +1,7 @@
 """Image files under outputs/, named and laid out as stable-diffusion-webui does.
 
-    outputs/txt2img-images/YYYY-MM-DD/NNNNN-<seed>.png   (counter continues across restarts)
+    outputs/txt2img-images/YYYY-MM-DD/NNNNN-<seed>.png   (counter continues across restarts; the settings'
+                                                          file name pattern may name more than the seed)
     outputs/txt2img-grids/YYYY-MM-DD/grid-NNNN.png
     outputs/extras-images/NNNNN.png                      (Extras: pictures resized; no day folders, as in A1111)
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from webui.storage.filenames import NameParts, file_name_part
 from webui.storage.infotext import MAX_INFOTEXT_CHARS, build_infotext
 from webui.storage.options import OptionsStore, SavedOptions
 
@@ -91,9 +93,12 @@ class OutputStore:
     def grid_folder(self, kind: str, day: dt.date | None = None) -> Path:
         return self.outdir / f"{kind}-grids" / (day or dt.date.today()).isoformat()
 
-    def save_image(self, image: Image.Image, infotext: str, seed: int, kind: str = "txt2img") -> Path:
+    def save_image(self, image: Image.Image, infotext: str, seed: int, kind: str = "txt2img",
+                   name_parts: NameParts | None = None) -> Path:
+        """A generated picture, named NNNNN-<the settings' file name pattern: the seed by default>."""
         folder, options = self.image_folder(kind), self.options.current()
-        return self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}-{seed}", _NUMBERED,
+        name = file_name_part(options.samples_filename_pattern, name_parts or NameParts(seed=seed))
+        return self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}-{name}", _NUMBERED,
                           options.samples_format, options.jpeg_quality)
 
     def save_grid(self, grid: Image.Image, infotext: str, kind: str = "txt2img") -> Path:

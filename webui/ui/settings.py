@@ -8,11 +8,13 @@ from dataclasses import dataclass
 import gradio as gr
 
 from webui.schemas import InvalidRequest
+from webui.storage.filenames import DEFAULT_PATTERN, TAGS
 from webui.storage.options import IMAGE_FORMATS, OPTION_KEYS, OptionsStore, SavedOptions, SettingsFrozen
 
 # Each setting's label, by its key (A1111's words).
 LABELS = {"samples_format": "File format for images", "grid_format": "File format for grids",
-          "jpeg_quality": "Quality for saved jpg and webp images"}
+          "jpeg_quality": "Quality for saved jpg and webp images",
+          "samples_filename_pattern": "Images filename pattern"}
 
 
 class SettingsActions:
@@ -94,6 +96,10 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
                                    elem_id="settings_grid_format", interactive=editable),
         "jpeg_quality": gr.Slider(1, 100, value=current.jpeg_quality, step=1, label=LABELS["jpeg_quality"],
                                   elem_id="settings_jpeg_quality", interactive=editable),
+        "samples_filename_pattern": gr.Textbox(
+            current.samples_filename_pattern, label=LABELS["samples_filename_pattern"], placeholder=DEFAULT_PATTERN,
+            info=f"after the file's number; empty: {DEFAULT_PATTERN}. Tags: {', '.join(f'[{tag}]' for tag in TAGS)}",
+            elem_id="settings_samples_filename_pattern", interactive=editable),
     }
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=editable)
     result = gr.HTML("", elem_id="settings_result")

@@ -1,0 +1,61 @@
+"""Saved images' names from A1111's Images filename pattern: its tags, and names that stay inside their folder."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from PIL import Image
+
+from webui.schemas import InvalidRequest, JobState
+from webui.storage.filenames import NameParts, file_name_part
+from webui.storage.outputs import OutputStore
+
+PARTS = NameParts(seed=1234, prompt="a cat, on a mat: (dusk)", negative_prompt="blurry", steps=20, cfg_scale=7.5,
+                  width=512, height=768, sampler="DPM++ 2M", scheduler="Karras", model_name="v1-5 pruned",
+                  model_hash="6ce0161689", clip_skip=2, batch_number=1, batch_size=4)
+NOW = dt.datetime(2026, 11, 27, 9, 5, 3)
+
+
+@pytest.mark.parametrize("pattern, name", [
+    ("", "1234"),  # A1111's default: [seed]
+    ("[seed]-[prompt_spaces]", "1234-a cat, on a mat_ (dusk)"),
+    ("[prompt]", "a_cat,_on_a_mat__(dusk)"),
+    ("[prompt_words]", "a cat on a mat dusk"),
+    ("[steps]-[cfg]-[width]x[height]-[sampler]-[scheduler]", "20-7.5-512x768-DPM++ 2M-Karras"),
+    ("[model_name]_[model_hash]_[clip_skip]", "v1-5 pruned_6ce0161689_2"),
+    ("[date] [datetime] [batch_number]of[batch_size]", "2026-11-27 20261127090503 1of4"),
+    ("[seed][none]", "1234"),
+    ("[SEED]", "1234"),  # tags read in any case
+    ("[seed]-[wobbly]", "1234-[wobbly]"),  # a tag not known here stays as written, as in A1111
+    ("../../etc/[seed]", ".._.._etc_1234"),  # no folder in a name: it stays where images go
+    ("[none]", "1234"),  # nothing left: the seed
+])
+def test_a1111s_tags_fill_the_pattern(pattern, name):
+    assert file_name_part(pattern, PARTS, NOW) == name
+
+
+def test_long_prompts_are_cut_and_hashes_name_them_shortly():
+    long = NameParts(seed=1, prompt="word " * 200)
+    assert len(file_name_part("[prompt_spaces]", long, NOW)) <= 128
+    assert len(file_name_part("[prompt_spaces] [prompt_spaces] [prompt_spaces]", long, NOW)) <= 200
+    hashed = file_name_part("[prompt_hash]-[negative_prompt_hash]", PARTS, NOW)
+    assert len(hashed) == 17 and hashed != file_name_part("[prompt_hash]-[negative_prompt_hash]",
+                                                           NameParts(seed=1, prompt="a dog"), NOW)
+
+
+def test_the_store_names_a_picture_by_the_pattern_after_its_number(tmp_path):
+    store = OutputStore(tmp_path)
+    store.options.update({"samples_filename_pattern": "[seed]-[prompt_words]"})
+    first = store.save_image(Image.new("RGB", (8, 8)), "x", seed=1234, name_parts=PARTS)
+    second = store.save_image(Image.new("RGB", (8, 8)), "x", seed=1234, name_parts=PARTS)
+    assert (first.name, second.name) == ("00000-1234-a cat on a mat dusk.png", "00001-1234-a cat on a mat dusk.png")
+    with pytest.raises(InvalidRequest, match="samples_filename_pattern: String should have at most 200 characters"):
+        store.options.update({"samples_filename_pattern": "[seed]" * 40})
+
+
+def test_a_job_names_its_files_by_the_pattern(services):
+    services.options.update({"samples_filename_pattern": "[seed]-[model_name]-[prompt_spaces]"})
+    job = services.worker.submit({"prompt": "a red apple", "steps": 2, "seed": 9, "batch_size": 2})
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    assert [image.path.rsplit("/", 1)[1] for image in job.images] == [
+        "00000-9-tiny-sd-a red apple.png", "00001-10-tiny-sd-a red apple.png"]

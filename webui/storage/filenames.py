@@ -1,0 +1,99 @@
+"""Saved images' file names from A1111's "Images filename pattern" (its samples_filename_pattern setting):
+`[seed]-[prompt_spaces]` names a picture 00012-1234-a cat on a mat.png. The tags are A1111's; a tag this
+server does not know stays as written, as in A1111. Every part is cleaned of what a file name cannot hold
+(a "/" among them), so a pattern never leaves the image folder."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+DEFAULT_PATTERN = "[seed]"
+MAX_PART_CHARS = 128  # of one tag's text, as A1111
+MAX_NAME_CHARS = 200  # of the whole name: file systems take 255 bytes, and the number and extension come too
+PROMPT_WORDS = 8  # [prompt_words]
+_TAG = re.compile(r"\[(\w+)\]")
+_NOT_IN_NAMES = str.maketrans({ch: "_" for ch in '#<>:"/\\|?*\n\r\t\0'})
+
+
+@dataclass(frozen=True)
+class NameParts:
+    """What a pattern's tags can say of one picture."""
+    seed: int
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 0
+    cfg_scale: float = 0.0
+    width: int = 0
+    height: int = 0
+    sampler: str = ""
+    scheduler: str = ""
+    model_name: str = ""
+    model_hash: str = ""
+    clip_skip: int = 1
+    denoising_strength: float | None = None
+    batch_number: int = 0  # the picture's place in its batch
+    batch_size: int = 1
+
+
+def _clean(text: str, spaces: bool = True, limit: int = MAX_PART_CHARS) -> str:
+    """text without what a file name cannot hold (spaces too, unless `spaces`), cut to `limit` characters."""
+    if not spaces:
+        text = text.replace(" ", "_")
+    return text.translate(_NOT_IN_NAMES).lstrip(" ")[:limit].rstrip(" .")
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"[^\W_]+", text)[:PROMPT_WORDS]) or "empty"
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+
+
+# A1111's tags: [prompt] has underscores for spaces, [prompt_spaces] keeps them.
+_TAGS: dict[str, Callable[[NameParts, dt.datetime], str]] = {
+    "seed": lambda p, now: str(p.seed),
+    "steps": lambda p, now: str(p.steps),
+    "cfg": lambda p, now: _number(p.cfg_scale),
+    "width": lambda p, now: str(p.width),
+    "height": lambda p, now: str(p.height),
+    "sampler": lambda p, now: _clean(p.sampler),
+    "scheduler": lambda p, now: _clean(p.scheduler),
+    "sampler_scheduler": lambda p, now: _clean(f"{p.sampler}_{p.scheduler}"),
+    "model_name": lambda p, now: _clean(p.model_name),
+    "model_hash": lambda p, now: p.model_hash,
+    "prompt": lambda p, now: _clean(p.prompt, spaces=False),
+    "prompt_spaces": lambda p, now: _clean(p.prompt),
+    "prompt_words": lambda p, now: _clean(_words(p.prompt)),
+    "prompt_hash": lambda p, now: _short_hash(p.prompt),
+    "negative_prompt_hash": lambda p, now: _short_hash(p.negative_prompt),
+    "full_prompt_hash": lambda p, now: _short_hash(p.prompt + p.negative_prompt),
+    "clip_skip": lambda p, now: str(p.clip_skip),
+    "denoising": lambda p, now: "" if p.denoising_strength is None else _number(p.denoising_strength),
+    "batch_number": lambda p, now: str(p.batch_number),
+    "batch_size": lambda p, now: str(p.batch_size),
+    "date": lambda p, now: now.strftime("%Y-%m-%d"),
+    "datetime": lambda p, now: now.strftime("%Y%m%d%H%M%S"),
+    "none": lambda p, now: "",
+}
+TAGS = tuple(_TAGS)
+
+
+def file_name_part(pattern: str, parts: NameParts, now: dt.datetime | None = None) -> str:
+    """The name after the number (NNNNN-<this>.png): the pattern with its tags filled in, cleaned for a file
+    system; the seed alone where that leaves nothing."""
+    now = now or dt.datetime.now()
+
+    def fill(match: re.Match) -> str:
+        tag = _TAGS.get(match.group(1).lower())
+        return tag(parts, now) if tag else _clean(match.group(0))
+
+    text = _clean(_TAG.sub(fill, pattern.strip() or DEFAULT_PATTERN), limit=MAX_NAME_CHARS)
+    return text or str(parts.seed)
