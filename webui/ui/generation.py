@@ -34,12 +34,13 @@ from webui.ui.params import SAME_SAMPLER, SAME_SCHEDULE, TAB_FIELDS, schedules_o
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
                                batch_uploads, inpainting_settings, on_open_subtab, open_picture, picture_inputs,
                                scaled_size_fields, start_pictures)
-from webui.ui.scripts import plot_section, prompt_list_section
+from webui.ui.scripts import plot_section, prompt_list_section, prompt_matrix_section
 from webui.ui.progress import (error_html, final_html, progress_html, timing_html, token_counter,
                                too_long_counter)
 from webui.ui.session import Session, show_images
 from webui.ui.several_runs import SeveralRuns, Submission
 from webui.worker import Job, QueueFull, WorkerStopped
+from webui.prompt_matrix import matrix_plot
 from webui.xyz_plot import AXIS_NAMES, plan, read_axis
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,9 @@ class GenerationActions(SeveralRuns):
                  prompt_list_same_seed: bool = False, tiling: bool = False, seed_resize_from_w: int = 0,
                  seed_resize_from_h: int = 0, size_tab: str = RESIZE_TO, scale_by: float = 1.0,
                  hr_sampler_name: str = SAME_SAMPLER, hr_scheduler: str = SAME_SCHEDULE, hr_prompt: str | None = None,
-                 hr_negative_prompt: str | None = None) -> Iterator[tuple]:
+                 hr_negative_prompt: str | None = None, prompt_matrix: bool = False,
+                 matrix_parts_first: bool = False, matrix_different_seeds: bool = False,
+                 matrix_prompt: str = "positive") -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -117,9 +120,9 @@ class GenerationActions(SeveralRuns):
                         "hr_prompt": hr_prompt or None, "hr_negative_prompt": hr_negative_prompt or None}
         try:
             batch = self.kind == "img2img" and img2img_mode == BATCH
-            if sum(map(bool, (batch, xyz_plot, prompt_list))) > 1:
-                raise InvalidRequest("Batch, the X/Y/Z plot and Prompts from a list each make their own runs: use "
-                                     "one of them at a time")
+            if sum(map(bool, (batch, xyz_plot, prompt_list, prompt_matrix))) > 1:
+                raise InvalidRequest("Batch, the X/Y/Z plot, the Prompt matrix and Prompts from a list each make "
+                                     "their own runs: use one of them at a time")
             picture = mask_picture = None
             if batch:
                 uploads = batch_uploads(batch_pictures, batch_masks)
@@ -145,6 +148,12 @@ class GenerationActions(SeveralRuns):
                         zip(AXIS_NAMES, (x_type, y_type, z_type), (x_values, y_values, z_values))]
                 plot = plan(request, axes, xyz_keep_random_seeds, check=self.worker.check)
                 runs = self._plot(session, plot, picture, mask_picture, xyz_legend, xyz_sub_images)
+            elif prompt_matrix:
+                plot = matrix_plot(request, parts_first=bool(matrix_parts_first),
+                                   different_seeds=bool(matrix_different_seeds), negative=matrix_prompt == "negative",
+                                   check=self.worker.check)
+                runs = self._plot(session, plot, picture, mask_picture, legend=True, sub_images=False,
+                                  what="Prompt matrix")
             elif batch:
                 runs = self._several(session, [Submission(request, path, mask_path, scale)
                                                for path, mask_path in uploads], "Batch")
@@ -618,7 +627,8 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                     save_style = gr.Button("Save prompts", elem_id=f"{kind}_style_save", scale=1, min_width=80)
                     delete_style = gr.Button("Delete", elem_id=f"{kind}_style_delete", scale=1, min_width=80,
                                              variant="stop")
-            plot_widgets = plot_section(kind) | prompt_list_section(kind)  # at the foot, as A1111's scripts
+            # at the foot, as A1111's scripts
+            plot_widgets = plot_section(kind) | prompt_matrix_section(kind) | prompt_list_section(kind)
         with gr.Column(scale=1):
             progress = gr.HTML("", label="Progress", show_label=False, elem_id=f"{kind}_progress", padding=False)
             preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id=f"{kind}_preview",

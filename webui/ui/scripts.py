@@ -1,6 +1,6 @@
 """The controls of A1111's scripts that make several runs from one Generate, in the txt2img and img2img tabs:
-the X/Y/Z plot (webui/xyz_plot.py reads it into runs and draws the grid) and prompts from a list
-(webui/prompt_lines.py reads the lines)."""
+the X/Y/Z plot (webui/xyz_plot.py reads it into runs and draws the grid), the prompt matrix
+(webui/prompt_matrix.py) and prompts from a list (webui/prompt_lines.py reads the lines)."""
 from __future__ import annotations
 
 import gradio as gr
@@ -51,6 +51,24 @@ def prompt_list_section(kind: str) -> dict[str, gr.components.Component]:
                                                        elem_id=f"{kind}_prompt_list_same_seed")
     upload.upload(read_prompt_file, inputs=[upload], outputs=[widgets["prompt_lines"]], api_visibility="private",
                   show_progress="hidden")
+    return widgets
+
+
+MATRIX_PROMPTS = ("positive", "negative")  # A1111's "Select prompt"
+
+
+def prompt_matrix_section(kind: str) -> dict[str, gr.components.Component]:
+    """A1111's "Prompt matrix", by generate() parameter: every combination of the prompt's parts after "|"."""
+    widgets = {"prompt_matrix": gr.Checkbox(False, label="Prompt matrix", elem_id=f"{kind}_prompt_matrix",
+                                            info='every combination of the parts after "|" in the prompt, in a grid')}
+    with gr.Accordion("Prompt matrix settings", open=False, elem_id=f"{kind}_prompt_matrix_settings"):
+        with gr.Row():
+            widgets["matrix_parts_first"] = gr.Checkbox(False, label="Put variable parts at start of prompt",
+                                                        elem_id=f"{kind}_matrix_parts_first")
+            widgets["matrix_different_seeds"] = gr.Checkbox(False, label="Use different seed for each picture",
+                                                            elem_id=f"{kind}_matrix_different_seeds")
+            widgets["matrix_prompt"] = gr.Radio(list(MATRIX_PROMPTS), value="positive", label="Select prompt",
+                                                elem_id=f"{kind}_matrix_prompt")
     return widgets
 
 

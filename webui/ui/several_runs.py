@@ -1,5 +1,6 @@
-"""Runs of several jobs from one Generate: img2img's Batch, the X/Y/Z plot and prompts from a list. Each job
-runs in turn, followed as a run of its own; the last update shows all their images (the plot's grids first).
+"""Runs of several jobs from one Generate: img2img's Batch, the X/Y/Z plot, the prompt matrix and prompts from a
+list. Each job runs in turn, followed as a run of its own; the last update shows all their images (the plot's grids
+first).
 
 Mixed into GenerationActions, whose worker, models, outputs, kind, _owner and _follow it uses.
 """
@@ -111,12 +112,12 @@ class SeveralRuns:
                                  len(submissions))
 
     def _plot(self, session: Session, plot: Plot, picture: Image.Image | None,
-              mask: Image.Image | None, legend: bool, sub_images: bool) -> Iterator[tuple]:
-        """The X/Y/Z plot: its cells in turn, then the grids (and the cells' images with sub_images, in the grids'
-        order). No grid is drawn from part of a plot."""
+              mask: Image.Image | None, legend: bool, sub_images: bool, what: str = "X/Y/Z plot") -> Iterator[tuple]:
+        """The X/Y/Z plot (or the prompt matrix, `what`): its cells in turn, then the grids (and the cells' images
+        with sub_images, in the grids' order). No grid is drawn from part of a plot."""
         started = time.monotonic()
         done = yield from self._in_turn(session, [Submission(cell.request, picture, mask) for cell in plot.cells],
-                                        "X/Y/Z plot")
+                                        what)
         if done is None:
             return
         made = sorted(zip(plot.cells, done), key=lambda pair: (pair[0].z, pair[0].y, pair[0].x))
@@ -140,7 +141,7 @@ class SeveralRuns:
             try:
                 path = str(self.outputs.save_grid(grid, first.infotext, self.kind))
             except OSError as err:  # shown all the same; the log says why it is not on disk
-                log.warning("the X/Y/Z plot's grid was not saved: %s", err)
+                log.warning("the grid was not saved: %s", err)
                 path = None
             grids.append(GeneratedImage(image=grid, seed=first.seed, index=0, infotext=first.infotext, path=path))
         return grids
