@@ -23,21 +23,33 @@ NOW = dt.datetime(2026, 11, 27, 9, 5, 3)
     ("[prompt_words]", "a cat on a mat dusk"),
     ("[steps]-[cfg]-[width]x[height]-[sampler]-[scheduler]", "20-7.5-512x768-DPM++ 2M-Karras"),
     ("[model_name]_[model_hash]_[clip_skip]", "v1-5 pruned_6ce0161689_2"),
-    ("[date] [datetime] [batch_number]of[batch_size]", "2026-11-27 20261127090503 1of4"),
+    ("[date] [datetime] [batch_number]of[batch_size]", "2026-11-27 20261127090503 2of4"),  # counted from 1
     ("[seed][none]", "1234"),
+    ("[cfg]", "7.5"),
     ("[SEED]", "1234"),  # tags read in any case
     ("[seed]-[wobbly]", "1234-[wobbly]"),  # a tag not known here stays as written, as in A1111
     ("../../etc/[seed]", ".._.._etc_1234"),  # no folder in a name: it stays where images go
-    ("[none]", "1234"),  # nothing left: the seed
+    ("[none]", ""),  # the number alone, as A1111
 ])
 def test_a1111s_tags_fill_the_pattern(pattern, name):
     assert file_name_part(pattern, PARTS, NOW) == name
 
 
-def test_long_prompts_are_cut_and_hashes_name_them_shortly():
+def test_a_picture_made_alone_has_no_batch_number_nor_the_text_before_it():
+    alone = NameParts(seed=3, batch_size=1)
+    assert file_name_part("[seed]-[batch_number]", alone, NOW) == "3"
+    assert file_name_part("[seed] #[batch_number] end", alone, NOW) == "3 end"
+    assert file_name_part("[seed]-[cfg]", alone, NOW) == "3-0.0"
+
+
+def test_long_prompts_are_cut_to_fit_a_file_system_in_bytes_and_hashes_name_them_shortly():
     long = NameParts(seed=1, prompt="word " * 200)
     assert len(file_name_part("[prompt_spaces]", long, NOW)) <= 128
     assert len(file_name_part("[prompt_spaces] [prompt_spaces] [prompt_spaces]", long, NOW)) <= 200
+    for text in ("猫" * 300, "🐱" * 300, "e\u0301" * 300):  # 3, 4 and 1 + 2 bytes a character in UTF-8
+        name = file_name_part("[seed]-[prompt_spaces]", NameParts(seed=1, prompt=text), NOW)
+        assert len(name.encode("utf-8")) <= 200 and name.startswith("1-")
+        name.encode("utf-8").decode("utf-8")  # cut at a character's end
     hashed = file_name_part("[prompt_hash]-[negative_prompt_hash]", PARTS, NOW)
     assert len(hashed) == 17 and hashed != file_name_part("[prompt_hash]-[negative_prompt_hash]",
                                                            NameParts(seed=1, prompt="a dog"), NOW)
@@ -53,9 +65,22 @@ def test_the_store_names_a_picture_by_the_pattern_after_its_number(tmp_path):
         store.options.update({"samples_filename_pattern": "[seed]" * 40})
 
 
+def test_a_cjk_prompt_in_the_name_still_saves(tmp_path):
+    store = OutputStore(tmp_path)
+    store.options.update({"samples_filename_pattern": "[prompt_spaces]"})
+    path = store.save_image(Image.new("RGB", (8, 8)), "x", seed=1, name_parts=NameParts(seed=1, prompt="灯台" * 90))
+    assert path.is_file() and path.name.startswith("00000-灯台")
+    store.options.update({"samples_filename_pattern": "[none]"})
+    assert store.save_image(Image.new("RGB", (8, 8)), "x", seed=1).name == "00001.png"
+
+
 def test_a_job_names_its_files_by_the_pattern(services):
     services.options.update({"samples_filename_pattern": "[seed]-[model_name]-[prompt_spaces]"})
     job = services.worker.submit({"prompt": "a red apple", "steps": 2, "seed": 9, "batch_size": 2})
     assert job.wait(60) and job.state is JobState.DONE, job.error
     assert [image.path.rsplit("/", 1)[1] for image in job.images] == [
         "00000-9-tiny-sd-a red apple.png", "00001-10-tiny-sd-a red apple.png"]
+    services.options.update({"samples_filename_pattern": "[seed]_[batch_number]"})
+    job = services.worker.submit({"prompt": "a red apple", "steps": 2, "seed": 9, "batch_size": 2})
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    assert [image.path.rsplit("/", 1)[1] for image in job.images] == ["00002-9_1.png", "00003-10_2.png"]

@@ -36,14 +36,22 @@ def test_the_options_put_parts_first_vary_the_seed_or_combine_the_negative_promp
     negative = matrix_plot(BASE, negative=True)
     assert [cell.request["negative_prompt"] for cell in negative.cells] == ["blurry", "blurry, dark"]
     assert len(negative.axes[1].values) == 1 and negative.axes[1].type.label == "Nothing"  # one part: one row
-    random_seed = {cell.request["seed"] for cell in matrix_plot(BASE | {"seed": -1}).cells}
-    assert len(random_seed) == 1 and -1 not in random_seed  # picked once for all
+    random_seeds = {(cell.request["seed"], cell.request["subseed"])
+                    for cell in matrix_plot(BASE | {"seed": -1, "subseed": -1, "subseed_strength": 0.5}).cells}
+    assert len(random_seeds) == 1 and -1 not in next(iter(random_seeds))  # both picked once for all
+
+
+def test_parts_are_trimmed_as_a1111_trims_them_and_each_combination_is_one_picture():
+    plot = matrix_plot(BASE | {"prompt": "a street, | at night, ||", "batch_size": 4, "n_iter": 3})
+    assert [cell.request["prompt"] for cell in plot.cells] == ["a street", "a street, at night"]  # no empty part
+    assert {(cell.request["batch_size"], cell.request["n_iter"]) for cell in plot.cells} == {(1, 1)}
 
 
 @pytest.mark.parametrize("request_fields, says", [
     ({"prompt": "a street"}, 'the prompt has no parts to combine; write them after "\\|"'),
     ({"prompt": "a|" + "|".join("abcdefg")}, "7 parts make 128 pictures; at most 6 parts"),
     ({"prompt": "a street|" + "x" * 2000}, "Prompt matrix, " + "x" * 20),  # too long with the part added
+    ({"steps": 0}, "^steps: "),  # wrong whatever the parts: said plainly
 ])
 def test_what_cannot_run_is_named_before_anything_runs(request_fields, says):
     with pytest.raises(InvalidRequest, match=says):
@@ -59,7 +67,7 @@ def test_the_tab_runs_the_matrix_and_shows_its_labelled_grid_first(ui, ui_servic
         Session(), "a lighthouse|at dusk|in fog", steps=2, width=64, height=64, seed=11, model=TINY,
         prompt_matrix=True))
     assert any("Prompt matrix: picture 4 of 4" in str(update[2]) for update in running)
-    assert progress == "" and "for 4 runs" in timing and len(gallery) == 1  # the grid alone, as A1111 shows it
+    assert progress == "" and "for 4 runs" in timing and len(gallery) == 5  # the grid, then each picture
     with Image.open(gallery[0][0]) as grid:
         assert grid.width > 2 * 64 and grid.height > 2 * 64  # two by two, with the labels around
     assert infotext.startswith("a lighthouse\n")  # the first picture's

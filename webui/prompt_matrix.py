@@ -21,18 +21,22 @@ def matrix_plot(request: dict[str, Any], *, parts_first: bool = False, different
     parts instead; one seed for all, picked once where it is random (-1), unless different_seeds. Every request is
     checked by `check` before any runs."""
     field = "negative_prompt" if negative else "prompt"
-    pieces = [piece.strip() for piece in (request.get(field) or "").split("|")]
+    # As A1111, each piece without the spaces and commas around it; an empty part adds nothing, so it is left out.
+    base, *parts = [piece.strip().strip(",").strip() for piece in (request.get(field) or "").split("|")]
+    parts = [part for part in parts if part]
     what = "negative prompt" if negative else "prompt"
-    if len(pieces) < 2:
+    if not parts:
         raise InvalidRequest(f"Prompt matrix: the {what} has no parts to combine; write them after \"|\", as in "
                              "\"a street|at night|in the rain\"")
-    base, parts = pieces[0], pieces[1:]
     if len(parts) > MAX_PARTS:
         raise InvalidRequest(f"Prompt matrix: {len(parts)} parts make {2 ** len(parts)} pictures; at most {MAX_PARTS} "
                              f"parts ({MAX_PLOT_CELLS} pictures)")
-    base_request = dict(request)
-    if base_request.get("seed", -1) == -1:
-        base_request["seed"] = random.randint(0, MAX_SEED)
+    # One picture for each combination (A1111 fills its batches with them); one seed and variation seed for all.
+    base_request = dict(request) | {"batch_size": 1, "n_iter": 1}
+    for seed_field in ("seed", "subseed"):
+        if base_request.get(seed_field, -1) == -1:
+            base_request[seed_field] = random.randint(0, MAX_SEED)
+    check(base_request | {field: base})  # what is wrong whatever the parts say is named plainly
     across = len(parts) - len(parts) // 2  # the first parts make the columns
     cells = []
     for combination in range(2 ** len(parts)):

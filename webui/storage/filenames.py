@@ -12,7 +12,8 @@ from typing import Callable
 
 DEFAULT_PATTERN = "[seed]"
 MAX_PART_CHARS = 128  # of one tag's text, as A1111
-MAX_NAME_CHARS = 200  # of the whole name: file systems take 255 bytes, and the number and extension come too
+MAX_NAME_BYTES = 200  # of the whole name in UTF-8: file systems take 255 bytes, and the number and extension come too
+_SKIP_BEFORE = object()  # a tag's value that also drops the text just before it ([batch_number] alone)
 PROMPT_WORDS = 8  # [prompt_words]
 _TAG = re.compile(r"\[(\w+)\]")
 _NOT_IN_NAMES = str.maketrans({ch: "_" for ch in '#<>:"/\\|?*\n\r\t\0'})
@@ -38,15 +39,13 @@ class NameParts:
     batch_size: int = 1
 
 
-def _clean(text: str, spaces: bool = True, limit: int = MAX_PART_CHARS) -> str:
+def _clean(text: str, spaces: bool = True, limit: int | None = MAX_PART_CHARS) -> str:
     """text without what a file name cannot hold (spaces too, unless `spaces`), cut to `limit` characters."""
     if not spaces:
         text = text.replace(" ", "_")
     return text.translate(_NOT_IN_NAMES).lstrip(" ")[:limit].rstrip(" .")
 
 
-def _number(value: float) -> str:
-    return f"{value:g}"
 
 
 def _words(text: str) -> str:
@@ -61,7 +60,7 @@ def _short_hash(text: str) -> str:
 _TAGS: dict[str, Callable[[NameParts, dt.datetime], str]] = {
     "seed": lambda p, now: str(p.seed),
     "steps": lambda p, now: str(p.steps),
-    "cfg": lambda p, now: _number(p.cfg_scale),
+    "cfg": lambda p, now: str(float(p.cfg_scale)),  # 7.0, as A1111
     "width": lambda p, now: str(p.width),
     "height": lambda p, now: str(p.height),
     "sampler": lambda p, now: _clean(p.sampler),
@@ -74,10 +73,11 @@ _TAGS: dict[str, Callable[[NameParts, dt.datetime], str]] = {
     "prompt_words": lambda p, now: _clean(_words(p.prompt)),
     "prompt_hash": lambda p, now: _short_hash(p.prompt),
     "negative_prompt_hash": lambda p, now: _short_hash(p.negative_prompt),
-    "full_prompt_hash": lambda p, now: _short_hash(p.prompt + p.negative_prompt),
+    "full_prompt_hash": lambda p, now: _short_hash(f"{p.prompt} {p.negative_prompt}"),
     "clip_skip": lambda p, now: str(p.clip_skip),
-    "denoising": lambda p, now: "" if p.denoising_strength is None else _number(p.denoising_strength),
-    "batch_number": lambda p, now: str(p.batch_number),
+    "denoising": lambda p, now: "" if p.denoising_strength is None else str(p.denoising_strength),
+    # as A1111: counted from 1, and nothing (with the text before it) for a picture made alone
+    "batch_number": lambda p, now: _SKIP_BEFORE if p.batch_size == 1 else str(p.batch_number + 1),
     "batch_size": lambda p, now: str(p.batch_size),
     "date": lambda p, now: now.strftime("%Y-%m-%d"),
     "datetime": lambda p, now: now.strftime("%Y%m%d%H%M%S"),
@@ -88,12 +88,19 @@ TAGS = tuple(_TAGS)
 
 def file_name_part(pattern: str, parts: NameParts, now: dt.datetime | None = None) -> str:
     """The name after the number (NNNNN-<this>.png): the pattern with its tags filled in, cleaned for a file
-    system; the seed alone where that leaves nothing."""
+    system and cut to MAX_NAME_BYTES; "" (the number alone) where that leaves nothing, as A1111's [none]."""
     now = now or dt.datetime.now()
-
-    def fill(match: re.Match) -> str:
+    pieces, start = [], 0
+    for match in _TAG.finditer(pattern.strip() or DEFAULT_PATTERN):
         tag = _TAGS.get(match.group(1).lower())
-        return tag(parts, now) if tag else _clean(match.group(0))
+        value = tag(parts, now) if tag else match.group(0)
+        pieces.append("" if value is _SKIP_BEFORE else match.string[start:match.start()])
+        pieces.append("" if value is _SKIP_BEFORE else value)
+        start = match.end()
+    pieces.append(pattern.strip()[start:] if pattern.strip() else "")
+    return _cut(_clean("".join(pieces), limit=None), MAX_NAME_BYTES).rstrip(" .")
 
-    text = _clean(_TAG.sub(fill, pattern.strip() or DEFAULT_PATTERN), limit=MAX_NAME_CHARS)
-    return text or str(parts.seed)
+
+def _cut(text: str, max_bytes: int) -> str:
+    """text cut to max_bytes of UTF-8, at a character's end."""
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")

@@ -98,7 +98,8 @@ class OutputStore:
         """A generated picture, named NNNNN-<the settings' file name pattern: the seed by default>."""
         folder, options = self.image_folder(kind), self.options.current()
         name = file_name_part(options.samples_filename_pattern, name_parts or NameParts(seed=seed))
-        return self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}-{name}", _NUMBERED,
+        stem = f"-{name}" if name else ""  # [none]: the number alone, as A1111
+        return self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}{stem}", _NUMBERED,
                           options.samples_format, options.jpeg_quality)
 
     def save_grid(self, grid: Image.Image, infotext: str, kind: str = "txt2img") -> Path:

@@ -152,8 +152,8 @@ class GenerationActions(SeveralRuns):
                 plot = matrix_plot(request, parts_first=bool(matrix_parts_first),
                                    different_seeds=bool(matrix_different_seeds), negative=matrix_prompt == "negative",
                                    check=self.worker.check)
-                runs = self._plot(session, plot, picture, mask_picture, legend=True, sub_images=False,
-                                  what="Prompt matrix")
+                runs = self._plot(session, plot, picture, mask_picture, legend=True, sub_images=True,
+                                  what="Prompt matrix")  # the grid, then each picture, as A1111 shows them
             elif batch:
                 runs = self._several(session, [Submission(request, path, mask_path, scale)
                                                for path, mask_path in uploads], "Batch")
