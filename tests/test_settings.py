@@ -48,6 +48,8 @@ def test_a1111s_own_config_file_is_read_and_only_the_keys_changed_are_written(tm
     store.update({"jpeg_quality": 70})
     assert json.loads(path.read_text(encoding="utf-8")) == edited | {"jpeg_quality": 70}  # "gif" and "JPEG" stay
     assert path.stat().st_mode & 0o777 == 0o600
+    store.update({"samples_format": "jpg", "grid_format": "png", "jpeg_quality": 70})  # the tab sends them all
+    assert json.loads(path.read_text(encoding="utf-8")) == edited | {"jpeg_quality": 70}  # none changed: none written
 
 
 def test_a_linked_settings_file_stays_a_link(tmp_path):

@@ -74,8 +74,10 @@ class OptionsStore:
         written; then nothing changes."""
         with self._lock:
             updated = self._validated(changes)
-            if self.path is not None:  # only the keys changed: another program's values of the others stay
-                self._write({key: getattr(updated, key) for key in changes})
+            changed = {key: getattr(updated, key) for key in changes
+                       if getattr(updated, key) != getattr(self._current, key)}
+            if self.path is not None and changed:  # only these: another program's values of the others stay
+                self._write(changed)
             self._current = updated
             return updated
 
