@@ -89,15 +89,15 @@ TAGS = tuple(_TAGS)
 def file_name_part(pattern: str, parts: NameParts, now: dt.datetime | None = None) -> str:
     """The name after the number (NNNNN-<this>.png): the pattern with its tags filled in, cleaned for a file
     system and cut to MAX_NAME_BYTES; "" (the number alone) where that leaves nothing, as A1111's [none]."""
-    now = now or dt.datetime.now()
+    now, text = now or dt.datetime.now(), pattern.strip() or DEFAULT_PATTERN
     pieces, start = [], 0
-    for match in _TAG.finditer(pattern.strip() or DEFAULT_PATTERN):
+    for match in _TAG.finditer(text):
         tag = _TAGS.get(match.group(1).lower())
         value = tag(parts, now) if tag else match.group(0)
-        pieces.append("" if value is _SKIP_BEFORE else match.string[start:match.start()])
-        pieces.append("" if value is _SKIP_BEFORE else value)
+        if value is not _SKIP_BEFORE:
+            pieces += [text[start:match.start()], value]
         start = match.end()
-    pieces.append(pattern.strip()[start:] if pattern.strip() else "")
+    pieces.append(text[start:])
     return _cut(_clean("".join(pieces), limit=None), MAX_NAME_BYTES).rstrip(" .")
 
 
