@@ -427,7 +427,9 @@ def test_readme_commands_use_real_flags_and_show_the_gpu_box_way():
     assert "--medvram" in gpu_box and "--lowvram" in gpu_box and "--no-half-vae" in gpu_box
     # The commands the project promises stay as they are.
     assert code_lines(readme_section("Install and run"))[-1] == "python app.py"
-    assert code_lines(readme_section("Test")) == ["pip install -r requirements-dev.txt", "python -m pytest -q"]
+    test_commands = code_lines(readme_section("Test"))
+    assert test_commands == ["pip install -r requirements-dev.txt", "python -m pytest -q -n 2 --dist loadfile"]
+    assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("\n" + test_commands[-1])  # CI runs exactly it
     variables = readme_section("Environment variables")
     for name in [*ENV_OVERRIDES, ENV_ARGS, "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "SPACE_ID", "SPACES_ZERO_GPU"]:
         assert f"`{name}`" in variables, name
