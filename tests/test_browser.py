@@ -82,6 +82,35 @@ def expect_text(page, selector: str, pattern: str) -> None:
     playwright_api.expect(page.locator(selector)).to_contain_text(re.compile(pattern), timeout=WAIT_MS)
 
 
+def open_list(page, elem_id: str, tries: int = 5):
+    """Open a dropdown's list; its options. Opened again where an update of the page (the end of a run's chain of
+    events, on a busy machine) closed it before it showed."""
+    options = page.locator(f"#{elem_id} [role=option]")
+    for _ in range(tries - 1):
+        page.locator(f"#{elem_id} input").click()
+        try:
+            options.first.wait_for(state="visible", timeout=5_000)
+            return options
+        except playwright_api.TimeoutError:
+            page.keyboard.press("Escape")
+    page.locator(f"#{elem_id} input").click()
+    return options
+
+
+def choose(page, elem_id: str, option: str, tries: int = 5) -> None:
+    """Pick a dropdown's option, trying again where an update of the page closed the list under the click."""
+    item = page.locator(f"#{elem_id}").get_by_role("option", name=option, exact=True)
+    for _ in range(tries - 1):
+        try:
+            open_list(page, elem_id)
+            item.click(timeout=5_000)
+            return
+        except playwright_api.TimeoutError:
+            page.keyboard.press("Escape")
+    open_list(page, elem_id)
+    item.click()
+
+
 def infotext(page) -> str:
     return page.locator("#txt2img_infotext textarea").input_value()
 
@@ -279,11 +308,9 @@ def test_png_info_reads_a_stable_diffusion_webui_png(page, tmp_path):
     expect_text(page, "#txt2img_time", r"Time taken")
     playwright_api.expect(page.locator("#txt2img_infotext textarea")).to_have_value(
         re.compile(r"Sampler: DPM\+\+ 2M, Schedule type: Karras,"))
-    page.locator("#txt2img_sampler input").click()
-    page.get_by_role("option", name="Euler a", exact=True).click()  # the list follows the sampler
+    choose(page, "txt2img_sampler", "Euler a")  # the list follows the sampler
     playwright_api.expect(page.locator("#txt2img_scheduler input")).to_have_value("Automatic")
-    page.locator("#txt2img_scheduler input").click()
-    options = page.locator("#txt2img_scheduler [role=option]")
+    options = open_list(page, "txt2img_scheduler")
     playwright_api.expect(options).to_have_count(2)
     assert options.evaluate_all("items => items.map(item => item.getAttribute('aria-label'))") == [
         "Automatic", "SGM Uniform"]
@@ -476,9 +503,6 @@ def test_inpaint_paints_a_mask_on_the_canvas_and_draws_only_there(page, app_serv
         assert result.getpixel((32, 32)) != (0, 128, 128)  # the stroke's middle: drawn again
 
 
-def choose(page, elem_id: str, option: str) -> None:
-    page.locator(f"#{elem_id} input").click()
-    page.get_by_role("option", name=option, exact=True).click()
 
 
 def apply_samples_format(page, file_format: str) -> None:
