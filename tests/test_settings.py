@@ -2,6 +2,8 @@
 images saved as PNG, JPEG or WebP with their infotext where other tools read it."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import pytest
@@ -190,7 +192,16 @@ def test_the_api_reads_and_changes_the_saved_settings(services, settings):
         assert bad.status_code == 422 and bad.json()["detail"].startswith("jpeg_quality: "), bad.text[:300]
         assert client.get("/sdapi/v1/options").json()["samples_format"] == "jpg"  # nothing of it applied
         body = {"prompt": "a cat", "steps": 1, "width": 64, "height": 64, "save_images": True}
-        assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+        reply = client.post("/sdapi/v1/txt2img", json=body)
+        assert reply.status_code == 200, reply.text[:300]
+        # As A1111's API: the pictures come in the settings' format, their infotext in EXIF
+        with Image.open(io.BytesIO(base64.b64decode(reply.json()["images"][0]))) as returned:
+            assert returned.format == "JPEG" and read_infotext(returned).startswith("a cat\n")
+        extras = client.post("/sdapi/v1/extra-single-image", json={"image": reply.json()["images"][0],
+                                                                   "upscaling_resize": 2, "upscaler_1": "Lanczos"})
+        with Image.open(io.BytesIO(base64.b64decode(extras.json()["image"]))) as upscaled:
+            assert upscaled.format == "JPEG" and upscaled.size == (128, 128)
+            assert read_infotext(upscaled).startswith("a cat\n")
     saved = sorted(p.name for p in services.outputs.image_folder("txt2img").iterdir())
     assert len(saved) == 1 and saved[0].endswith(".jpg")
 

@@ -26,7 +26,8 @@ from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
 from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
 from webui.schemas import InvalidRequest, a1111_seed_resize, parse_request
 from webui.storage.infotext import parse_infotext, request_fields_from_infotext
-from webui.storage.outputs import png_texts, read_infotext, text_chunks
+from webui.storage.options import SavedOptions
+from webui.storage.outputs import image_bytes, read_infotext, text_chunks
 from webui.worker import Job
 
 
@@ -318,13 +319,13 @@ def cmd_flags(settings: Settings) -> dict[str, Any]:
 
 
 # --- images -----------------------------------------------------------------------------------
-def encode_png(image: Image.Image, infotext: str | None = None, texts: dict[str, str] | None = None) -> str:
-    """A PIL image -> base64 PNG, with the infotext in the 'parameters' chunk when given, or with the text chunks
-    `texts`."""
-    buffer = io.BytesIO()
+def encode_image(image: Image.Image, infotext: str | None = None, texts: dict[str, str] | None = None,
+                 options: SavedOptions | None = None) -> str:
+    """A PIL image -> base64 of a file in the settings' format (`options`; PNG without them), as A1111's API
+    returns it: with the infotext (or the texts `texts`) where that format keeps it, PNG's text chunks or EXIF."""
     texts = texts if texts is not None else {"parameters": infotext or None}
-    image.save(buffer, format="PNG", pnginfo=png_texts(texts))
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    file_format, quality = (options.samples_format, options.jpeg_quality) if options else ("png", 80)
+    return base64.b64encode(image_bytes(image, texts, file_format, quality)).decode("ascii")
 
 
 def decode_image(data: str, field: str = "image", pixels_needed: bool = True,
@@ -359,7 +360,8 @@ def decode_image(data: str, field: str = "image", pixels_needed: bool = True,
     return image
 
 
-def upscale_pictures(req: ExtrasBody, pictures: list[tuple[str, str]]) -> tuple[list[str], str]:
+def upscale_pictures(req: ExtrasBody, pictures: list[tuple[str, str]],
+                     options: SavedOptions | None = None) -> tuple[list[str], str]:
     """An Extras body's pictures, given as (field, base64), resized: (base64 PNGs, html_info), or ApiError naming
     the field to fix. Every picture's size is checked first, from its header; then each is read in its turn, so a
     batch never holds every original at once."""
@@ -375,7 +377,7 @@ def upscale_pictures(req: ExtrasBody, pictures: list[tuple[str, str]]) -> tuple[
     encoded, done = [], None
     for field, data in pictures:
         done = upscale(decode_image(data, field, check_size=check_picture_size), req)
-        encoded.append(encode_png(done.image, texts=done.texts))
+        encoded.append(encode_image(done.image, texts=done.texts, options=options))
     return encoded, f"<p>{html.escape(done.infotext)}</p>"
 
 
@@ -420,20 +422,22 @@ def png_info(image: Image.Image) -> dict[str, Any]:
 
 
 # --- results ----------------------------------------------------------------------------------
-def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None = None) -> GenerationResponse:
+def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None = None,
+               options: SavedOptions | None = None) -> GenerationResponse:
     """A finished job -> A1111's {"images", "parameters", "info"}. `loaded`: the model loaded now, which a job
-    that never started (cancelled while queued) reports when it would have run on it.
+    that never started (cancelled while queued) reports when it would have run on it; `options`: the settings,
+    whose format the images come in.
 
     As in stable-diffusion-webui, a saved multi-image run returns its grid first
     (index_of_first_image = 1), and an interrupted run returns the images it finished.
     """
     request, images = job.request, list(job.images)
-    encoded = [encode_png(im.image, im.infotext) for im in images] if request.send_images else []
+    encoded = [encode_image(im.image, im.infotext, options=options) for im in images] if request.send_images else []
     infotexts = [im.infotext for im in images]
     first_index = 0
     if job.grid_path and request.send_images:  # from memory: the file may have been deleted since
         grid_infotext = next(im.infotext for im in images if not im.unfinished)  # the grid leaves those out
-        encoded.insert(0, encode_png(job.grid, grid_infotext))
+        encoded.insert(0, encode_image(job.grid, grid_infotext, options=options))
         infotexts.insert(0, grid_infotext)
         first_index = 1
     # One seed per returned image, in order (one Skip or Interrupt came before its first step returns

@@ -195,7 +195,7 @@ class Api:
             raise ApiError(422, _error_of(job), "InvalidRequest")
         if job.state is JobState.FAILED:
             raise ApiError(500, job.error or "the job failed", "GenerationFailed")
-        return convert.job_result(job, parameters, self.engine.model)
+        return convert.job_result(job, parameters, self.engine.model, self.services.options.current())
 
     # --- our per-job routes ------------------------------------------------------------------------
     def get_job(self, job_id: str, request: Request,
@@ -221,9 +221,10 @@ class Api:
         )
         preview = job.watch_preview() if current_image else None
         if preview is not None:
-            status.current_image = convert.encode_png(preview)
+            status.current_image = convert.encode_image(preview, options=self.services.options.current())
         if job.state.finished and (job.state is not JobState.FAILED or job.images):  # a failed job: what it made
-            status.result = convert.job_result(job, job.request.model_dump(), self.engine.model)
+            status.result = convert.job_result(job, job.request.model_dump(), self.engine.model,
+                                               self.services.options.current())
         return status
 
     def cancel_job(self, job_id: str, request: Request) -> JobCancelReply:
@@ -246,7 +247,8 @@ class Api:
                                     textinfo=self.worker.activity)
         p, job_request, own = job.progress, job.request, _is_callers(job, request)
         preview = None if skip_current_image or not own else job.watch_preview()
-        current_image = None if preview is None else convert.encode_png(preview)
+        current_image = (None if preview is None
+                         else convert.encode_image(preview, options=self.services.options.current()))
         steps = p.total_steps or job_request.steps
         state = {
             "skipped": job.skip_event.is_set(),
@@ -458,7 +460,8 @@ class Api:
 
     async def _upscaled(self, req: ExtrasBody, pictures: list[tuple[str, str]]) -> tuple[list[str], str]:
         # One request at a time: each may hold hundreds of MB of results. The others wait without taking a thread.
-        return await anyio.to_thread.run_sync(convert.upscale_pictures, req, pictures, limiter=self._extras_turn)
+        return await anyio.to_thread.run_sync(convert.upscale_pictures, req, pictures, self.services.options.current(),
+                                              limiter=self._extras_turn)
 
     @staticmethod
     def upscalers() -> list[UpscalerItem]:

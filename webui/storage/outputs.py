@@ -17,6 +17,7 @@ read_infotext() reads the text back from ours and from other tools' PNG, JPEG an
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import math
 import os
@@ -149,6 +150,15 @@ class OutputStore:
             return _claim_name(temp, folder, lambda n: f"{stem_for(n)}.{file_format}", numbered)
         finally:
             temp.unlink(missing_ok=True)
+
+
+def image_bytes(image: Image.Image, texts: dict[str, str | None], file_format: str = "png", quality: int = 80) -> bytes:
+    """The picture as a file's bytes, with its texts, as _save writes it (PNG where the format cannot hold it):
+    for the API, which returns pictures in the settings' format as A1111's does."""
+    buffer = io.BytesIO()
+    _encode(image, texts, file_format if _fits(image, file_format, texts.get("parameters")) else "png", quality,
+            buffer)
+    return buffer.getvalue()
 
 
 def _encode(image: Image.Image, texts: dict[str, str | None], file_format: str, quality: int, handle) -> None:
