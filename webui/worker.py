@@ -298,11 +298,11 @@ class Worker:
             return request
         if self.styles is None:
             raise InvalidRequest("styles: this server has no styles file")
-        styled = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
-        styled["prompt"], styled["negative_prompt"] = self.styles.apply(*styled.values(), request.styles)
+        prompt, negative = self.styles.apply(request.prompt, request.negative_prompt, request.styles)
+        styled = {"prompt": prompt, "negative_prompt": negative}
         if request.hr_prompt or request.hr_negative_prompt:  # as A1111, the hires fix's own prompts get them too
-            styled["hr_prompt"], styled["hr_negative_prompt"] = self.styles.apply(*request.hires_prompts,
-                                                                                  request.styles)
+            hr_prompt, hr_negative = self.styles.apply(*request.hires_prompts, request.styles)
+            styled |= {"hr_prompt": hr_prompt, "hr_negative_prompt": hr_negative}
         try:
             return parse_request(request.model_dump() | styled)
         except InvalidRequest as err:
@@ -310,7 +310,7 @@ class Worker:
 
     def _check_loras(self, request: GenerationRequest) -> None:
         """A misspelt <lora:...> is refused now, with the names there are, not after the queue. One set of LoRAs
-        serves both passes of a hires fix, so a hires prompt may repeat the prompt's tags but not name others."""
+        serves both passes of a hires fix, so a hires prompt must name the prompt's LoRAs, no more and no fewer."""
         uses = lora_uses(request.prompt)
         self.engine.loras.check(uses)
         if request.hr_prompt is None:  # the prompt's: the same LoRAs

@@ -399,7 +399,7 @@ class Api:
         if saved:
             try:
                 self.services.options.update(saved)
-            except (InvalidRequest, OSError, SettingsFrozen) as err:  # a disk that failed, say
+            except OSError as err:  # checked above, so a disk that failed, or the file spoilt meanwhile
                 raise ApiError(500, f"{', '.join(saved)} not saved, and unchanged: {err}",
                                "SettingsNotSaved") from None
         applied = [key for key, value in body.items()

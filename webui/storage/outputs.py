@@ -140,8 +140,7 @@ class OutputStore:
               numbered: re.Pattern, file_format: str = "png", quality: int = 80) -> Path:
         """Write the picture with its texts (those with None: left out) under the next free number: stem_for(n)
         plus the format's extension. A picture (or infotext) too large for JPEG or WebP is saved as PNG."""
-        if not _fits(image, file_format, texts.get("parameters")):
-            file_format = "png"  # rather than a file without its parameters, or none
+        file_format = _usable_format(image, file_format, texts)
         folder.mkdir(parents=True, exist_ok=True)
         temp = folder / f".partial-{uuid.uuid4().hex}.{file_format}"
         try:
@@ -152,12 +151,12 @@ class OutputStore:
             temp.unlink(missing_ok=True)
 
 
-def image_bytes(image: Image.Image, texts: dict[str, str | None], file_format: str = "png", quality: int = 80) -> bytes:
+def image_bytes(image: Image.Image, texts: dict[str, str | None], file_format: str = "png",
+                quality: int = 80) -> bytes:
     """The picture as a file's bytes, with its texts, as _save writes it (PNG where the format cannot hold it):
     for the API, which returns pictures in the settings' format as A1111's does."""
     buffer = io.BytesIO()
-    _encode(image, texts, file_format if _fits(image, file_format, texts.get("parameters")) else "png", quality,
-            buffer)
+    _encode(image, texts, _usable_format(image, file_format, texts), quality, buffer)
     return buffer.getvalue()
 
 
@@ -188,11 +187,12 @@ def _on_white(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
-def _fits(image: Image.Image, file_format: str, infotext: str | None) -> bool:
-    """Whether the format can hold the picture's size and (JPEG: 64 KiB of EXIF) its infotext."""
-    if max(image.size) > _ENCODERS[file_format][1]:
-        return False
-    return file_format != "jpg" or len(exif_user_comment(infotext or "")) <= _MAX_EXIF_BYTES
+def _usable_format(image: Image.Image, file_format: str, texts: dict[str, str | None]) -> str:
+    """file_format where it holds the picture's size and (JPEG: 64 KiB of EXIF) its infotext, else PNG: rather a
+    PNG than a file without its parameters, or none."""
+    too_large = max(image.size) > _ENCODERS[file_format][1]
+    too_long = file_format == "jpg" and len(exif_user_comment(texts.get("parameters") or "")) > _MAX_EXIF_BYTES
+    return "png" if too_large or too_long else file_format
 
 
 def png_texts(texts: dict[str, str | None]) -> PngInfo:
