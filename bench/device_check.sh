@@ -4,8 +4,9 @@
 #   speed  every row of bench/gpu_speed.py, checking the fast path's images against eager (~8 min on an H100)
 #   tune   batch 8 only: eager, fast_path and engine, then the fast path compiled under each setting it does
 #          not use yet (gpu_speed.py --tune all: cuDNN benchmark mode, 1x1 convs as matmuls, cuDNN
-#          attention, fused QKV, inductor's coordinate-descent tuning, inductor's freezing), to find what
-#          closes the gap to 16 images/s (~1 min per setting; coordinate descent over 5).
+#          attention, fused QKV, inductor's coordinate-descent tuning, inductor's freezing, and float8
+#          linear layers), to find what closes the gap to 16 images/s (~1 min per setting; coordinate
+#          descent over 5).
 #          TUNE=a,b and TUNE_ROWS=... pick fewer.
 #   profile  where a UNet call's time goes by kind of op, and each attention backend at SD 1.5's shapes
 #          (bench/unet_profile.py; no compile) (~1 min)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime as dt
 import json
 import platform
@@ -45,14 +46,16 @@ from webui.engine.fast_path import apply_fast_path  # noqa: E402
 CONFIGS = ROOT / "webui" / "engine" / "model_configs"
 ROWS = ("eager", "compiled_unet", "fast_path", "engine")
 SITE_FRAMES = 6  # Python frames kept per loop sync: enough to reach our code from inside torch
-# What --tune can time; each keeps the maths the same (the rows' images are checked against eager).
+# What --tune can time; each keeps the maths the same (the rows' images are checked against eager), except
+# fp8_linear, which rounds the linear layers' operands to 8 bits to see what that would buy.
 TUNINGS = {
     "cudnn_benchmark": "cuDNN times its convolution algorithms for each shape and keeps the fastest",
     "conv_1x1_as_mm": "inductor turns 1x1 convolutions into matmuls that it can fuse with their neighbours",
     "cudnn_attention": "SDPA prefers cuDNN's attention kernel (then flash, memory-efficient, math)",
-    "fused_qkv": "one matmul for an attention layer's query, key and value projections",
     "coordinate_descent": "inductor tunes each Triton kernel's block sizes by coordinate descent while compiling",
     "freezing": "inductor folds the weights into the compiled graph as constants and picks their layouts",
+    "fp8_linear": "the UNet's linear layers multiply in float8 (e4m3, scaled per tensor; changes the maths)",
+    "fused_qkv": "one matmul for an attention layer's query, key and value projections",
 }
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 
@@ -322,8 +325,24 @@ def tuning(name: str):
         order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         with sdpa_kernel(order, set_priority=True):
             yield
-    else:  # fused_qkv changes the models, not a global setting
+    else:  # fused_qkv and fp8_linear change the models, not a global setting
         yield
+
+
+@contextlib.contextmanager
+def fp8_unet(components: dict, args):
+    """A float8 copy of the shared UNet, made while the shared one waits in host memory so that the row's
+    peak GPU memory counts one UNet, as the other rows' do."""
+    from webui.engine.fp8_linear import use_fp8_linears
+
+    shared = components["unet"]
+    shared.to("cpu")
+    try:
+        unet = copy.deepcopy(shared)
+        print(f"fp8_linear: {use_fp8_linears(unet)} linear layers in float8", flush=True)
+        yield unet.to(args.device)
+    finally:
+        shared.to(args.device)
 
 
 def tuned_pipeline(name: str, components: dict, args):
@@ -334,6 +353,13 @@ def tuned_pipeline(name: str, components: dict, args):
         torch.cuda.empty_cache()
     return apply_fast_path(make_pipeline(components), compile=True, backend=args.compile_backend,
                            fused_qkv=name == "fused_qkv")
+
+
+def measure_tuned(name: str, components: dict, args, measure) -> None:
+    with tuning(name), contextlib.ExitStack() as stack:
+        if name == "fp8_linear":
+            components = {**components, "unet": stack.enter_context(fp8_unet(components, args))}
+        measure(f"fast_path+{name}", tuned_pipeline(name, components, args), args.tune_batch_sizes)
 
 
 def run(args, save=lambda report: None) -> dict:
@@ -370,8 +396,7 @@ def run(args, save=lambda report: None) -> dict:
         measure(name, pipe, args.batch_sizes)
     for name in args.tune:
         try:
-            with tuning(name):
-                measure(f"fast_path+{name}", tuned_pipeline(name, components, args), args.tune_batch_sizes)
+            measure_tuned(name, components, args, measure)
         except Exception as error:  # one setting this card or torch refuses must not cost the others' rows
             print(f"fast_path+{name}: failed: {type(error).__name__}: {error}"[:2000], flush=True)
             results.append({"row": f"fast_path+{name}", "error": f"{type(error).__name__}: {error}"[:2000]})

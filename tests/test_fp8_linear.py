@@ -1,0 +1,35 @@
+"""The float8 linear layers that `bench/gpu_speed.py --tune fp8_linear` times (webui/engine/fp8_linear.py)."""
+import torch
+from torch import nn
+
+from webui.engine.fp8_linear import Fp8Linear, use_fp8_linears
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+def test_an_fp8_linear_is_close_to_the_layer_it_replaces_in_each_dtype():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        layer = nn.Linear(64, 48).to(dtype)
+        x = torch.randn(2, 7, 64).to(dtype) * 30  # scaled: the per-call input scale must follow it
+        got, want = Fp8Linear(layer)(x), layer(x)
+        assert got.dtype == dtype and got.shape == want.shape
+        # e4m3 keeps 3 mantissa bits: a few percent off, but never exact (the matmul really ran in 8 bits).
+        assert 1e-3 < relative_error(got, want) < 0.08, dtype
+
+
+def test_an_all_zero_input_gives_the_bias_and_no_nan():
+    layer = nn.Linear(32, 16)
+    got = Fp8Linear(layer)(torch.zeros(3, 32))
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, layer.bias.detach().expand(3, 16), atol=1e-6)
+
+
+def test_only_linears_the_fp8_matmul_takes_are_replaced():
+    model = nn.Sequential(nn.Linear(32, 64), nn.SiLU(), nn.Sequential(nn.Linear(64, 40)), nn.Linear(40, 16))
+    assert use_fp8_linears(model) == 1  # 40 is no multiple of 16: the two layers that read or write it stay
+    assert isinstance(model[0], Fp8Linear) and type(model[2][0]) is nn.Linear and type(model[3]) is nn.Linear
+    x = torch.randn(4, 32)
+    assert model(x).shape == (4, 16)

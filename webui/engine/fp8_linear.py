@@ -1,0 +1,65 @@
+"""Float8 matmuls for a UNet's linear layers: Hopper's tensor cores multiply e4m3 numbers at twice the
+fp16 rate. An experiment measured by `bench/gpu_speed.py --tune fp8_linear`, not on in the engine: unlike
+the fast path it changes the maths (8-bit mantissas of 3 bits), so a seed's picture moves a little.
+
+Each weight is stored in e4m3 with one scale for the whole tensor; each input is scaled by its own largest
+magnitude on every call (dynamic scaling), so no calibration run is needed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+# cuBLASLt's fp8 matmul wants both matrix dimensions it reads along in multiples of 16.
+ALIGNMENT = 16
+
+
+def _scale(t: torch.Tensor) -> torch.Tensor:
+    """The fp32 scale that maps t's largest magnitude onto e4m3's largest number (1 for an all-zero t)."""
+    amax = t.detach().abs().amax().float()
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def _to_fp8(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T + b with x and W rounded to e4m3, accumulated in fp32, returned in the layer's dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_dtype = weight.dtype
+        scale = _scale(weight)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_fp8", _to_fp8(weight, scale))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        scale = _scale(rows)
+        # The second operand must be column-major: the transpose of the row-major (out, in) weight is.
+        y = torch._scaled_mm(_to_fp8(rows, scale), self.weight_fp8.t(), scale_a=scale,
+                             scale_b=self.weight_scale, out_dtype=self.out_dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def fits(linear: nn.Linear) -> bool:
+    return linear.in_features % ALIGNMENT == 0 and linear.out_features % ALIGNMENT == 0
+
+
+def use_fp8_linears(model: nn.Module) -> int:
+    """Replace, in place, every nn.Linear of `model` whose sizes the fp8 matmul takes; return how many."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and fits(child):
+                setattr(parent, name, Fp8Linear(child))
+                replaced += 1
+    return replaced
