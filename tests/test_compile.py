@@ -346,6 +346,21 @@ def test_prompt_editing_between_two_lengths_compiles_the_unet_at_both(models_dir
         assert engine.pending_compiles(GenerationRequest(prompt=text, steps=3), 1) == []
 
 
+def test_a_composed_prompt_runs_the_compiled_model_eagerly_and_compiles_nothing(models_dir, tmp_path, compile_with):
+    """AND runs a row per part (another batch shape) through hooks a graph would bake in: it runs uncompiled,
+    predicts no compile, and the next plain run still finds its graphs."""
+    engine, graphs = warmed_engine_counting_graphs(models_dir, tmp_path, compile_with)
+    composed = GenerationRequest(prompt="a red apple AND a green pear:0.5", steps=2)
+    assert engine.pending_compiles(composed, 1) == []
+    before = len(graphs)
+    engine.generate(composed, [1])
+    assert len(graphs) == before
+    plain = GenerationRequest(prompt="a red apple", steps=2)
+    assert engine.pending_compiles(plain, 1) == []
+    engine.generate(plain, [1])
+    assert len(graphs) == before
+
+
 def test_a_job_at_a_new_size_says_it_is_compiling(models_dir, tmp_path, compile_with, monkeypatch):
     compile_with("eager")
     first_step = threading.Event()

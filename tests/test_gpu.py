@@ -153,3 +153,15 @@ def test_a_tiled_run_on_a_compiled_model_runs_eagerly_and_the_next_plain_one_is_
     request = GenerationRequest(prompt="a brick wall", steps=4)
     assert_same_pictures(compiled.generate(request, [5]), plain.generate(request, [5]))
     assert is_compiled(compiled.pipe)
+
+
+def test_a_composed_prompt_on_a_compiled_model_runs_eagerly_and_the_next_plain_one_is_compiled_again(engines):
+    """AND runs a row per part through hooks around the UNet, which the CUDA graphs were captured without."""
+    from webui.engine.fast_path import is_compiled
+
+    compiled, plain = engines
+    composed = GenerationRequest(prompt="a red apple AND a green pear:0.5", steps=4, sampler_name="Euler a")
+    assert_same_pictures(compiled.generate(composed, [6, 7]), plain.generate(composed, [6, 7]))
+    request = GenerationRequest(prompt="a red apple", steps=4, sampler_name="Euler a")
+    assert_same_pictures(compiled.generate(request, [6]), plain.generate(request, [6]))
+    assert is_compiled(compiled.pipe)

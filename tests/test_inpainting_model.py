@@ -74,6 +74,16 @@ def test_img2img_and_the_hires_fix_run_on_an_inpainting_model(engine):
     assert engine.unet_inputs[-1].shape[1:] == (9, 48, 48)  # the second pass reads its own size's channels
 
 
+def test_a_composed_prompt_gives_every_part_row_the_extra_channels(engine):
+    """AND runs a row per part; each reads the mask and grey picture (the composing comes first)."""
+    def image(prompt, cfg):
+        return run(engine, GenerationRequest(prompt=prompt, steps=2, cfg_scale=cfg, width=64, height=64))[0]
+
+    doubled = image("a red apple AND a red apple", 3)
+    assert engine.unet_inputs[0].shape[:2] == (3, 9)  # uncond and two parts, 4 + 1 + 4 channels each
+    assert np.abs(doubled - image("a red apple", 6)).max() <= 1
+
+
 def test_the_infotext_and_the_api_say_the_inpainting_conditioning_was_used(tmp_path):
     from fastapi.testclient import TestClient
 

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from webui import __version__
-from webui.engine.generate import DenoisingStopped, Engine, LoadedModel
+from webui.engine.generate import DenoisingStopped, Engine, LoadedModel, composition_problem
 from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sha1, size_from_image
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.models import ModelEntry
@@ -283,6 +283,9 @@ class Worker:
     def _check_runnable(self, request: GenerationRequest) -> None:
         self._check_against_loaded_model(request)
         self._check_loras(request)
+        problem = composition_problem(request)
+        if problem:
+            raise InvalidRequest(problem)
 
     def _check_against_loaded_model(self, request: GenerationRequest) -> None:
         """Refuse now what the loaded model cannot do, rather than fail when the job's turn comes."""

@@ -7,6 +7,7 @@ Only the worker thread calls into an Engine, so the pipeline never serves two ru
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from webui.config import Settings
+from webui.engine.composable import composed_guidance, composition_error, is_composed, part_texts, split_parts
 from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
 from webui.engine.embeddings import EmbeddingSet, load_embeddings, used_embeddings
 from webui.engine.tiling import seamless
@@ -34,7 +36,7 @@ from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.noise import start_noise
 from webui.engine.preview import latents_to_preview
 from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
-from webui.engine.prompts import chunk_count, encode_prompt_pair, token_count
+from webui.engine.prompts import chunk_count, encode_parts, encode_prompt_pair, token_count
 from webui.engine.samplers import make_scheduler
 from webui.schemas import MASKED_CONTENT, MAX_PROMPT_CHARS, GenerationRequest
 
@@ -96,6 +98,28 @@ def _hires_phases(request: GenerationRequest) -> list[PromptPhase]:
     prompt, negative = request.hires_prompts
     return prompt_phases(strip_loras(prompt), _negative_in_use(request, negative), request.hires_steps,
                          first_pass_steps=request.steps)
+
+
+def _part_weights(phases: list[PromptPhase]) -> list[float] | None:
+    """The weights of a composed pass's parts (the request's check made them the same in every phase), or None."""
+    if not any(is_composed(phase.prompt) for phase in phases):
+        return None
+    return [part.weight for part in split_parts(phases[0].prompt)]
+
+
+def composition_problem(request: GenerationRequest) -> str | None:
+    """Why the request's AND (or a prompt's own weight) cannot run, naming the prompt; None when it can."""
+    passes = {"prompt": _phases(request), "hr_prompt": _hires_phases(request) if request.enable_hr else []}
+    for name, phases in passes.items():
+        problem = composition_error([phase.prompt for phase in phases], guided=request.cfg_scale > 1)
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
+def _runs_eagerly(request: GenerationRequest) -> bool:
+    """Whether a compiled model runs this request uncompiled (a tiled run; a composed prompt): it compiles nothing."""
+    return request.tiling or any(is_composed(phase.prompt) for phase in _all_phases(request))
 
 
 def _all_phases(request: GenerationRequest) -> list[PromptPhase]:
@@ -416,14 +440,14 @@ class Engine:
             undo_compile(self.pipe)
             images = self._generate(request, seeds, on_step, subseeds, init_image, inpainting)
         self._warmed_up = True  # whatever ran has compiled its shapes
-        if is_compiled(self.pipe) and not request.tiling:  # a tiled run runs eagerly: it compiled nothing
+        if is_compiled(self.pipe) and not _runs_eagerly(request):
             self._compiled_shapes.record(self._shape_keys(request, len(seeds)))
         return images
 
     def pending_compiles(self, request: GenerationRequest, batch_size: int) -> list[str]:
         """The parts ("UNet", "VAE decoder") that will compile before this batch can run: a compiled
         model at shapes it has not run yet."""
-        if self.pipe is None or not is_compiled(self.pipe) or request.tiling:
+        if self.pipe is None or not is_compiled(self.pipe) or _runs_eagerly(request):
             return []
         return self._compiled_shapes.pending(self._shape_keys(request, batch_size))
 
@@ -454,10 +478,12 @@ class Engine:
         return scheduler.timesteps.dtype
 
     def _chunk_counts(self, request: GenerationRequest) -> set[tuple[int, int]]:
-        """How many 75-token chunks the prompt and the negative prompt in use take, in each prompt phase."""
+        """How many 75-token chunks the prompt (its longest part, when composed) and the negative prompt in use
+        take, in each prompt phase."""
         tokenizer = self.pipe.tokenizer
         texts = {(phase.prompt, phase.negative) for phase in _all_phases(request)}
-        return {(chunk_count(tokenizer, prompt), chunk_count(tokenizer, negative)) for prompt, negative in texts}
+        return {(max(chunk_count(tokenizer, part) for part in part_texts(prompt)), chunk_count(tokenizer, negative))
+                for prompt, negative in texts}
 
     def pads_prompts(self, request: GenerationRequest) -> bool:
         """Whether the shorter of prompt and negative prompt is padded with empty chunks to the other's
@@ -591,7 +617,10 @@ class Engine:
             return changed | {"prompt_embeds": torch.cat([negative_embeds, prompt_embeds])
                               if pipeline.do_classifier_free_guidance else prompt_embeds.contiguous()}
 
-        with extra_input(pipe.unet, extra):
+        weights = _part_weights(phases)
+        # A composed pass runs a row per part: another batch shape, and hooks a compiled graph would bake in.
+        eager = uncompiled() if weights is not None else contextlib.nullcontext()
+        with eager, composed_guidance(pipe.unet, weights), extra_input(pipe.unet, extra):
             latents = pipe(
                 prompt_embeds=embeddings[0][0],
                 negative_prompt_embeds=embeddings[0][1],
@@ -656,10 +685,18 @@ class Engine:
             if texts not in encoded:
                 if encoded and between_encodes is not None:
                     between_encodes()
-                prompt_embeds, negative_embeds = encode_prompt_pair(self.pipe, [phase.prompt], [phase.negative],
-                                                                    clip_skip)
+                prompt_embeds, negative_embeds = self._encode_pair(phase.prompt, phase.negative, clip_skip)
                 encoded[texts] = prompt_embeds.expand(count, -1, -1), negative_embeds.expand(count, -1, -1)
         return [encoded[(phase.prompt, phase.negative)] for phase in phases]
+
+    def _encode_pair(self, prompt: str, negative: str, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row of (prompt, negative) embeddings. A composed prompt's parts lie one after another along the
+        tokens, and the negative prompt is repeated as often, so the two keep one shape (diffusers checks it);
+        composed_guidance splits them again around the UNet."""
+        if not is_composed(prompt):
+            return encode_prompt_pair(self.pipe, [prompt], [negative], clip_skip)
+        conds, uncond = encode_parts(self.pipe, part_texts(prompt), negative, clip_skip)
+        return conds.reshape(1, -1, conds.shape[-1]), uncond.repeat(1, conds.shape[0], 1)
 
     def _img2img_pipeline(self, noise: torch.Tensor):
         """diffusers' img2img pipeline over the loaded model's components (shared, not copied), noising its start
@@ -742,10 +779,11 @@ class Engine:
 
     def count_tokens(self, text: str, steps: int = 20) -> int:
         """Tokens the prompt uses, without start/end markers (the UI's 12/75 counter). With prompt editing or
-        alternation, those of the longest text it reads in `steps` steps, as A1111 counts."""
+        alternation, those of the longest text it reads in `steps` steps, and of its longest AND part, as A1111
+        counts."""
         tokenizer = self.tokenizer  # read once: the worker thread may swap models meanwhile
         if tokenizer is None:
             return 0
         # Past the prompt's length limit the request is refused anyway; never tokenize megabytes for a counter.
         variants = prompt_variants(strip_loras(text[:MAX_PROMPT_CHARS + 1]), steps)
-        return max(token_count(tokenizer, variant) for variant in variants)
+        return max(token_count(tokenizer, part) for variant in variants for part in part_texts(variant))

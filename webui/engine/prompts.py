@@ -94,6 +94,25 @@ def encode_prompt_pair(pipe, prompts: list[str], negatives: list[str], clip_skip
     return embeddings[: len(prompts)], embeddings[len(prompts):]
 
 
+def encode_parts(pipe, parts: list[str], negative: str, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings for the parts of a prompt joined with AND (parts, length, hidden) and for its negative prompt
+    (1, length, hidden). As A1111 stacks them, a part shorter than the longest repeats its last vector up to that
+    length; then the parts or the negative prompt are padded with empty chunks to the same length."""
+    encoded = [_encode(pipe, [_chunks(pipe.tokenizer, text)], clip_skip) for text in parts]
+    longest = max(part.shape[1] for part in encoded)
+    conds = torch.cat([torch.cat([part, part[:, -1:].expand(-1, longest - part.shape[1], -1)], dim=1)
+                       for part in encoded])
+    uncond = _encode(pipe, [_chunks(pipe.tokenizer, negative)], clip_skip)
+    empty = _encode(pipe, [_chunks(pipe.tokenizer, "")], clip_skip)
+    chunk = empty.shape[1]
+    if uncond.shape[1] < conds.shape[1]:
+        uncond = torch.cat([uncond, empty.repeat(1, (conds.shape[1] - uncond.shape[1]) // chunk, 1)], dim=1)
+    elif conds.shape[1] < uncond.shape[1]:
+        padding = empty.repeat(len(parts), (uncond.shape[1] - conds.shape[1]) // chunk, 1)
+        conds = torch.cat([conds, padding], dim=1)
+    return conds, uncond
+
+
 def chunk_count(tokenizer, text: str) -> int:
     """How many 77-token chunks a prompt takes (the text encoder's output is chunks x 77 long)."""
     return len(_split(tokenizer, text))

@@ -1,0 +1,110 @@
+"""Composable diffusion, as A1111 reads a prompt: `a castle AND a dragon:0.8` is two prompts, each denoised in
+the same UNet batch, whose pulls away from the negative prompt add up with their weights:
+
+    guided = uncond + cfg * sum_i weight_i * (cond_i - uncond)
+
+A part's weight is a number after a colon at its very end (1 when there is none); a lone prompt ending in one
+(`a castle:1.2`) is one part of that weight, as in A1111. The negative prompt is not split.
+
+diffusers' pipelines do classifier-free guidance themselves (uncond + cfg * (cond - uncond)), so the parts are
+folded in around the UNet: a pre-hook turns each image's one cond row into a row per part, and a hook after it
+hands back uncond + sum_i weight_i * (cond_i - uncond) as the cond row. Every sampler then runs unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+AND = re.compile(r"\bAND\b")
+WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")  # A1111's: "text:1.5"
+
+
+@dataclass(frozen=True)
+class Part:
+    text: str
+    weight: float = 1.0
+
+
+def split_parts(prompt: str) -> list[Part]:
+    """The prompt's parts between AND, each with its weight."""
+    parts = []
+    for piece in AND.split(prompt):
+        text, weight = WEIGHT.match(piece).groups()
+        parts.append(Part(text, float(weight) if weight is not None else 1.0))
+    return parts
+
+
+def is_composed(prompt: str) -> bool:
+    """Whether the prompt needs composing: more than one part, or one part with a weight of its own."""
+    parts = split_parts(prompt)
+    return len(parts) > 1 or parts[0].weight != 1.0
+
+
+def part_texts(prompt: str) -> list[str]:
+    """The texts the text encoder reads for a prompt: its parts' (the whole prompt when it is not composed)."""
+    return [part.text for part in split_parts(prompt)] if is_composed(prompt) else [prompt]
+
+
+def composition_error(prompts: list[str], guided: bool) -> str | None:
+    """Why a pass whose phases read `prompts` cannot be composed, or None. The UNet batch holds a row per part
+    for the whole pass, so every phase must have the same parts' weights."""
+    if not any(is_composed(prompt) for prompt in prompts):
+        return None
+    if not guided:
+        parts = split_parts(next(prompt for prompt in prompts if is_composed(prompt)))
+        if len(parts) > 1:
+            return "AND needs classifier-free guidance: set a CFG scale above 1"
+        return (f"it ends in ':{parts[0].weight:g}', which A1111 reads as the prompt's own weight (composable "
+                "diffusion), and that needs a CFG scale above 1: raise CFG, or end the prompt otherwise "
+                "(a comma after the number)")
+    if len({tuple(part.weight for part in split_parts(prompt)) for prompt in prompts}) > 1:
+        return ("AND inside prompt editing or alternation ([...]) is not read; put the [...] inside each part, "
+                "as in [a cat:a dog:5] AND a tree")
+    return None
+
+
+@contextlib.contextmanager
+def composed_guidance(unet, weights: list[float] | None) -> Iterator[None]:
+    """While inside, a UNet call under CFG (rows: each image's uncond, then each image's cond, whose text
+    embeddings hold the parts one after another along the tokens) runs a row per part and gives back
+    uncond + sum_i weight_i * (cond_i - uncond) as the cond row. None: the calls are left alone."""
+    if weights is None:
+        yield
+        return
+    count = len(weights)
+
+    def spread(_module, args, kwargs):
+        sample, timestep, *rest = args
+        images = sample.shape[0] // 2
+        states = kwargs["encoder_hidden_states"]
+        tokens = states.shape[1] // count
+        uncond = states[:images, :tokens]
+        conds = states[images:].reshape(images, count, tokens, -1).transpose(0, 1).reshape(count * images, tokens, -1)
+        kwargs = {**kwargs, "encoder_hidden_states": torch.cat([uncond, conds])}
+        sample = torch.cat([sample[:images], sample[images:].repeat(count, 1, 1, 1)])
+        if torch.is_tensor(timestep) and timestep.ndim == 1 and timestep.shape[0] == 2 * images:
+            timestep = torch.cat([timestep[:images], timestep[images:].repeat(count)])
+        return (sample, timestep, *rest), kwargs
+
+    def combine(_module, _args, output):
+        prediction = output[0]
+        images = prediction.shape[0] // (count + 1)
+        uncond = prediction[:images]
+        conds = prediction[images:].reshape(count, images, *prediction.shape[1:])
+        guided = uncond + sum(weight * (cond - uncond) for weight, cond in zip(weights, conds))
+        combined = torch.cat([uncond, guided.to(prediction.dtype)])
+        if isinstance(output, tuple):
+            return (combined, *output[1:])
+        output[next(iter(output.keys()))] = combined  # diffusers' output dataclass: its first field
+        return output
+
+    handles = [unet.register_forward_pre_hook(spread, with_kwargs=True), unet.register_forward_hook(combine)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
