@@ -359,6 +359,16 @@ def test_a_composed_prompt_runs_the_compiled_model_eagerly_and_compiles_nothing(
     assert engine.pending_compiles(plain, 1) == []
     engine.generate(plain, [1])
     assert len(graphs) == before
+    # At a new size the decoder still compiles, and so does a plain first pass before a composed hires pass.
+    wide = composed.model_copy(update={"width": 96})
+    assert engine.pending_compiles(wide, 1) == ["VAE decoder"]
+    engine.generate(wide, [1])
+    assert len(graphs) == before + 1 and engine.pending_compiles(wide, 1) == []
+    hires = GenerationRequest(prompt="a red apple", steps=2, width=80, enable_hr=True, hr_scale=1.2,
+                              hr_prompt="a red apple AND a pear", denoising_strength=0.5)
+    assert engine.pending_compiles(hires, 1) == ["UNet", "VAE decoder"]
+    engine.generate(hires, [1])
+    assert len(graphs) == before + 3 and engine.pending_compiles(hires, 1) == []
 
 
 def test_a_job_at_a_new_size_says_it_is_compiling(models_dir, tmp_path, compile_with, monkeypatch):

@@ -114,14 +114,42 @@ def test_img2img_and_the_hires_fix_compose_too(engine):
     assert rows == [2] * 3 + [3] * 3  # uncond and cond, then uncond and two parts
 
 
-def test_the_token_counter_counts_the_longest_part(engine):
+def test_the_token_counter_counts_the_longest_part_of_a_prompt_but_not_of_a_negative_prompt(engine):
     assert engine.count_tokens("cat AND dog bird fish") == 3
+    assert engine.count_tokens("cat AND dog bird fish", negative=True) == 5  # A1111 does not split it
+    assert engine.count_tokens("a cat:1") == 2
+
+
+def test_a_trailing_weight_of_1_is_not_read_as_text(engine):
+    assert np.abs(picture(engine, "a cat:1", 5) - picture(engine, "a cat", 5)).max() == 0
+
+
+def test_an_lcm_distilled_model_refuses_and_before_drawing(tmp_path):
+    """Its UNet takes the guidance scale as an input and runs without CFG's uncond rows, which AND needs."""
+    from tests.tiny_sd import make_tiny_pipeline
+    from webui.config import Settings
+    from webui.engine.generate import Engine
+    from webui.engine.models import ModelRegistry
+
+    pipe = make_tiny_pipeline(seed=1)
+    pipe.unet = type(pipe.unet)(**{**pipe.unet.config, "time_cond_proj_dim": 32})
+    pipe.save_pretrained(tmp_path / "lcm-tiny")
+    lcm = Engine(Settings(models_dir=tmp_path, device="cpu"), ModelRegistry(tmp_path, tmp_path / "hashes.json"))
+    lcm.load("lcm-tiny")
+    request = GenerationRequest(prompt="a cat AND a dog", steps=2, cfg_scale=5, width=64, height=64)
+    with pytest.raises(ValueError, match="LCM-distilled"):
+        lcm.generate(request, [1])
+    assert not lcm.pipe.unet._forward_pre_hooks  # nothing left behind
+    assert lcm.generate(request.model_copy(update={"prompt": "a cat"}), [1])
 
 
 @pytest.mark.parametrize("changes, message", [
     ({"prompt": "a cat AND a dog", "cfg_scale": 1}, "AND needs classifier-free guidance"),
     ({"prompt": "a screen 16:9", "cfg_scale": 1}, "ends in ':9'.*comma after the number"),
-    ({"prompt": "[a cat AND a dog:a tree:2]"}, "inside prompt editing"),
+    ({"prompt": "[a cat AND a dog:a tree:2]"}, r"AND inside \[...\]"),
+    ({"prompt": "[a cat AND a dog:a tree:50]"}, r"AND inside \[...\]"),  # also where the edit never comes
+    ({"prompt": "[cat AND dog|bird AND fish]"}, r"AND inside \[...\]"),
+    ({"prompt": "a cat:[1:2:2] AND a dog"}, "weights may not change"),
     ({"prompt": "a cat", "enable_hr": True, "hr_prompt": "a cat AND a dog", "cfg_scale": 1}, "hr_prompt"),
 ])
 def test_what_cannot_be_composed_is_refused_before_it_is_queued(services, changes, message):

@@ -45,25 +45,41 @@ def is_composed(prompt: str) -> bool:
 
 
 def part_texts(prompt: str) -> list[str]:
-    """The texts the text encoder reads for a prompt: its parts' (the whole prompt when it is not composed)."""
-    return [part.text for part in split_parts(prompt)] if is_composed(prompt) else [prompt]
+    """The texts the text encoder reads for a prompt: its parts' (as A1111, `a cat:1` reads `a cat`)."""
+    return [part.text for part in split_parts(prompt)]
 
 
-def composition_error(prompts: list[str], guided: bool) -> str | None:
-    """Why a pass whose phases read `prompts` cannot be composed, or None. The UNet batch holds a row per part
-    for the whole pass, so every phase must have the same parts' weights."""
-    if not any(is_composed(prompt) for prompt in prompts):
+def and_in_square_brackets(prompt: str) -> bool:
+    """Whether an AND stands inside [...] (prompt editing, alternation), which A1111 would cut in two."""
+    depth = 0
+    for token in re.finditer(r"\\.|\[|\]|\bAND\b", prompt):
+        text = token.group()
+        if text == "[":
+            depth += 1
+        elif text == "]":
+            depth = max(0, depth - 1)
+        elif text == "AND" and depth:
+            return True
+    return False
+
+
+def composition_error(prompt: str, phase_prompts: list[str], guided: bool) -> str | None:
+    """Why a pass of `prompt`, whose phases read `phase_prompts`, cannot be composed, or None."""
+    if not any(is_composed(text) for text in phase_prompts):
         return None
+    if and_in_square_brackets(prompt):
+        return ("AND inside [...] is not read (A1111 would cut the brackets in two); put the [...] inside each part, "
+                "as in [a cat:a dog:5] AND a tree")
     if not guided:
-        parts = split_parts(next(prompt for prompt in prompts if is_composed(prompt)))
+        parts = split_parts(next(text for text in phase_prompts if is_composed(text)))
         if len(parts) > 1:
             return "AND needs classifier-free guidance: set a CFG scale above 1"
         return (f"it ends in ':{parts[0].weight:g}', which A1111 reads as the prompt's own weight (composable "
                 "diffusion), and that needs a CFG scale above 1: raise CFG, or end the prompt otherwise "
                 "(a comma after the number)")
-    if len({tuple(part.weight for part in split_parts(prompt)) for prompt in prompts}) > 1:
-        return ("AND inside prompt editing or alternation ([...]) is not read; put the [...] inside each part, "
-                "as in [a cat:a dog:5] AND a tree")
+    if len({tuple(part.weight for part in split_parts(text)) for text in phase_prompts}) > 1:
+        # The UNet batch holds a row per part for the whole pass, each with its weight.
+        return "the parts' weights may not change during a run (a [...] in a part's weight); write them as numbers"
     return None
 
 

@@ -109,17 +109,14 @@ def _part_weights(phases: list[PromptPhase]) -> list[float] | None:
 
 def composition_problem(request: GenerationRequest) -> str | None:
     """Why the request's AND (or a prompt's own weight) cannot run, naming the prompt; None when it can."""
-    passes = {"prompt": _phases(request), "hr_prompt": _hires_phases(request) if request.enable_hr else []}
-    for name, phases in passes.items():
-        problem = composition_error([phase.prompt for phase in phases], guided=request.cfg_scale > 1)
+    passes = {"prompt": (request.prompt, _phases(request))}
+    if request.enable_hr:
+        passes["hr_prompt"] = (request.hires_prompts[0], _hires_phases(request))
+    for name, (prompt, phases) in passes.items():
+        problem = composition_error(prompt, [phase.prompt for phase in phases], guided=request.cfg_scale > 1)
         if problem:
             return f"{name}: {problem}"
     return None
-
-
-def _runs_eagerly(request: GenerationRequest) -> bool:
-    """Whether a compiled model runs this request uncompiled (a tiled run; a composed prompt): it compiles nothing."""
-    return request.tiling or any(is_composed(phase.prompt) for phase in _all_phases(request))
 
 
 def _all_phases(request: GenerationRequest) -> list[PromptPhase]:
@@ -440,14 +437,14 @@ class Engine:
             undo_compile(self.pipe)
             images = self._generate(request, seeds, on_step, subseeds, init_image, inpainting)
         self._warmed_up = True  # whatever ran has compiled its shapes
-        if is_compiled(self.pipe) and not _runs_eagerly(request):
+        if is_compiled(self.pipe) and not request.tiling:  # a tiled run runs eagerly: it compiled nothing
             self._compiled_shapes.record(self._shape_keys(request, len(seeds)))
         return images
 
     def pending_compiles(self, request: GenerationRequest, batch_size: int) -> list[str]:
         """The parts ("UNet", "VAE decoder") that will compile before this batch can run: a compiled
         model at shapes it has not run yet."""
-        if self.pipe is None or not is_compiled(self.pipe) or _runs_eagerly(request):
+        if self.pipe is None or not is_compiled(self.pipe) or request.tiling:
             return []
         return self._compiled_shapes.pending(self._shape_keys(request, batch_size))
 
@@ -460,12 +457,16 @@ class Engine:
             sizes.append(hires_size(*sizes[0], request.hr_scale, request.hr_resize_x, request.hr_resize_y).final)
         decoded = sizes[-1:] if not request.enable_hr or request.hr_upscaler in LATENT_UPSCALERS else sizes
         samplers = [(request.sampler_name, request.scheduler), request.hires_sampler][:len(sizes)]
+        passes = [_phases(request)] + ([_hires_phases(request)] if request.enable_hr else [])
         unet_rows = batch_size * (2 if request.cfg_scale > 1 else 1)  # CFG runs both prompts in one batch
         factor = pipe.vae_scale_factor
-        dtypes = [self._timestep_dtype(*sampler, request.steps) for sampler in samplers]
-        keys = {"UNet": {(height // factor, width // factor, unet_rows, max(chunks), dtype,
-                          pipe.unet.config.cross_attention_dim)
-                         for (width, height), dtype in zip(sizes, dtypes) for chunks in self._chunk_counts(request)}}
+        keys = {"UNet": set()}
+        for (width, height), sampler, phases in zip(sizes, samplers, passes):
+            if _part_weights(phases) is not None:  # a composed pass runs its UNet uncompiled
+                continue
+            dtype = self._timestep_dtype(*sampler, request.steps)
+            keys["UNet"] |= {(height // factor, width // factor, unet_rows, max(chunks), dtype,
+                              pipe.unet.config.cross_attention_dim) for chunks in self._chunk_counts(phases)}
         whole = [(width, height) for width, height in decoded if not decodes_in_tiles(width, height)]
         if whole:  # tiles are decoded uncompiled
             keys["VAE decoder"] = {(height // factor, width // factor, batch_size, pipe.vae.config.latent_channels)
@@ -477,11 +478,11 @@ class Engine:
         scheduler.set_timesteps(steps)
         return scheduler.timesteps.dtype
 
-    def _chunk_counts(self, request: GenerationRequest) -> set[tuple[int, int]]:
+    def _chunk_counts(self, phases: list[PromptPhase]) -> set[tuple[int, int]]:
         """How many 75-token chunks the prompt (its longest part, when composed) and the negative prompt in use
         take, in each prompt phase."""
         tokenizer = self.pipe.tokenizer
-        texts = {(phase.prompt, phase.negative) for phase in _all_phases(request)}
+        texts = {(phase.prompt, phase.negative) for phase in phases}
         return {(max(chunk_count(tokenizer, part) for part in part_texts(prompt)), chunk_count(tokenizer, negative))
                 for prompt, negative in texts}
 
@@ -489,7 +490,8 @@ class Engine:
         """Whether the shorter of prompt and negative prompt is padded with empty chunks to the other's
         length (classifier-free guidance runs both in one batch). It changes the picture a little; the
         infotext says so as A1111's "Pad conds", which A1111 then applies when the text is pasted there."""
-        return request.cfg_scale > 1 and any(prompt != negative for prompt, negative in self._chunk_counts(request))
+        return request.cfg_scale > 1 and any(prompt != negative
+                                             for prompt, negative in self._chunk_counts(_all_phases(request)))
 
     def lora_hashes(self, request: GenerationRequest) -> str | None:
         """The infotext's "Lora hashes" ("name: hash, ..."), None when the prompt names no LoRA."""
@@ -618,6 +620,9 @@ class Engine:
                               if pipeline.do_classifier_free_guidance else prompt_embeds.contiguous()}
 
         weights = _part_weights(phases)
+        if weights is not None and pipe.unet.config.get("time_cond_proj_dim") is not None:
+            raise ValueError("this model is LCM-distilled and runs without classifier-free guidance, which AND and a "
+                             "prompt's own weight need; remove them, or pick another model")
         # A composed pass runs a row per part: another batch shape, and hooks a compiled graph would bake in.
         eager = uncompiled() if weights is not None else contextlib.nullcontext()
         with eager, composed_guidance(pipe.unet, weights), extra_input(pipe.unet, extra):
@@ -693,8 +698,8 @@ class Engine:
         """One row of (prompt, negative) embeddings. A composed prompt's parts lie one after another along the
         tokens, and the negative prompt is repeated as often, so the two keep one shape (diffusers checks it);
         composed_guidance splits them again around the UNet."""
-        if not is_composed(prompt):
-            return encode_prompt_pair(self.pipe, [prompt], [negative], clip_skip)
+        if not is_composed(prompt):  # its text without a trailing ':1', which A1111 reads as the weight 1
+            return encode_prompt_pair(self.pipe, part_texts(prompt), [negative], clip_skip)
         conds, uncond = encode_parts(self.pipe, part_texts(prompt), negative, clip_skip)
         return conds.reshape(1, -1, conds.shape[-1]), uncond.repeat(1, conds.shape[0], 1)
 
@@ -777,13 +782,14 @@ class Engine:
     def preview(self, latents: torch.Tensor) -> Image.Image:
         return latents_to_preview(latents, self.pipe.vae)
 
-    def count_tokens(self, text: str, steps: int = 20) -> int:
+    def count_tokens(self, text: str, steps: int = 20, negative: bool = False) -> int:
         """Tokens the prompt uses, without start/end markers (the UI's 12/75 counter). With prompt editing or
-        alternation, those of the longest text it reads in `steps` steps, and of its longest AND part, as A1111
-        counts."""
+        alternation, those of the longest text it reads in `steps` steps, and of its longest AND part (a negative
+        prompt is not split), as A1111 counts."""
         tokenizer = self.tokenizer  # read once: the worker thread may swap models meanwhile
         if tokenizer is None:
             return 0
         # Past the prompt's length limit the request is refused anyway; never tokenize megabytes for a counter.
         variants = prompt_variants(strip_loras(text[:MAX_PROMPT_CHARS + 1]), steps)
-        return max(token_count(tokenizer, part) for variant in variants for part in part_texts(variant))
+        texts = variants if negative else [part for variant in variants for part in part_texts(variant)]
+        return max(token_count(tokenizer, text) for text in texts)

@@ -386,11 +386,15 @@ class GenerationActions(SeveralRuns):
             return same.sub(tag, prompt, count=1)
         return f"{prompt.rstrip()} {tag}".lstrip()
 
-    def count_tokens(self, text: str, steps: float = 20) -> str:
+    def count_negative_tokens(self, text: str, steps: float = 20) -> str:
+        """The negative prompt's counter: A1111 does not split it at AND."""
+        return self.count_tokens(text, steps, negative=True)
+
+    def count_tokens(self, text: str, steps: float = 20, negative: bool = False) -> str:
         if len(text or "") > MAX_PROMPT_CHARS:  # Generate would refuse it: say so while it is typed
             return too_long_counter(len(text), MAX_PROMPT_CHARS)
         try:
-            return token_counter(self.engine.count_tokens(text or "", max(1, int(steps or 20))))
+            return token_counter(self.engine.count_tokens(text or "", max(1, int(steps or 20)), negative))
         except Exception:  # the tokenizer is shared with the worker thread; a clash is not worth an error
             return gr.skip()
 
@@ -717,7 +721,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                      show_progress="hidden")
     prompt.change(actions.count_tokens, inputs=[prompt, steps], outputs=[prompt_tokens], **_api(kind, "count_tokens"),
                   show_progress="hidden", trigger_mode="always_last")
-    negative.change(actions.count_tokens, inputs=[negative, steps], outputs=[negative_tokens],
+    negative.change(actions.count_negative_tokens, inputs=[negative, steps], outputs=[negative_tokens],
                     api_visibility="private", show_progress="hidden", trigger_mode="always_last")
     if img2img:
         for subtab, token in on_open_subtab(picture_size.click, widgets["img2img_mode"]).items():
