@@ -528,3 +528,21 @@ def test_the_settings_tab_saves_the_next_pictures_as_jpeg(page, app_server):
             assert saved.format == "JPEG" and read_infotext(saved).startswith("a jpeg lighthouse\n")
     finally:  # the module's other tests look for PNG files
         apply_samples_format(page, "png")
+
+
+def test_the_checkpoint_merger_makes_a_model_the_picker_then_lists(page, app_server, models_dir):
+    import shutil
+
+    made = models_dir / "browser mix"
+    try:
+        page.get_by_role("tab", name="Checkpoint Merger").click()
+        choose(page, "merger_secondary", TINY)
+        page.locator("#merger_name textarea, #merger_name input").first.fill("browser mix")
+        page.click("#merger_merge")
+        expect_text(page, "#merger_result", r"Saved browser mix")
+        assert (made / "model_index.json").exists()
+        options = open_list(page, "model_dropdown")
+        playwright_api.expect(options.filter(has_text="browser mix")).to_have_count(1)
+        page.keyboard.press("Escape")
+    finally:  # the other tests' model lists hold the tiny model alone
+        shutil.rmtree(made, ignore_errors=True)

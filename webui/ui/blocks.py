@@ -18,6 +18,7 @@ from webui.engine.img2img import size_from_image
 from webui.services import Services
 from webui.ui.extras import SINGLE, SINGLE_ID, ExtrasActions, ExtrasTab, build_extras
 from webui.ui.history import HistoryActions, HistoryTab, build_history
+from webui.ui.merger import MergerTab, build_merger
 from webui.ui.models import ModelActions, ModelPicker, build_model_picker
 from webui.ui.params import widget_updates
 from webui.ui.pictures import INPAINT, PLAIN
@@ -52,6 +53,7 @@ class WebUI:
     pnginfo: PngInfoTab
     extras: ExtrasTab
     settings: SettingsTab
+    merger: MergerTab
 
     @property
     def generation_tabs(self) -> tuple[GenerationTab, GenerationTab]:
@@ -78,18 +80,29 @@ def create_ui(services: Services) -> WebUI:
                 history, history_actions = build_history(services)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 pnginfo = build_pnginfo()
+            with gr.Tab("Checkpoint Merger", id="merger", elem_id="tab_merger") as merger_tab:
+                merger = build_merger(services)
             with gr.Tab("Settings", id="settings", elem_id="tab_settings") as settings_tab:
                 settings = build_settings(services.options, services.settings.open_to_anyone)
         # Shown afresh when opened: another user or an API client may have changed them.
         settings_tab.select(settings.actions.shown, None, settings.inputs, api_visibility="private",
                             show_progress="hidden")
-        ui = WebUI(blocks, models, picker, txt2img, img2img, history, history_actions, pnginfo, extras, settings)
+        _wire_merger(merger, merger_tab, models, picker)
+        ui = WebUI(blocks, models, picker, txt2img, img2img, history, history_actions, pnginfo, extras, settings,
+                   merger)
         _wire_between_tabs(ui, tabs)
         _wire_page_load(ui)
     # The worker is the one queue that matters; Gradio's own per-event queue would only make
     # one browser tab wait for another's poll loop.
     blocks.queue(default_concurrency_limit=None)
     return ui
+
+
+def _wire_merger(merger: MergerTab, tab: gr.Tab, models: ModelActions, picker: ModelPicker) -> None:
+    """The merger's lists are read afresh when it opens; a merged model joins the model picker's list."""
+    private = dict(api_visibility="private", show_progress="hidden")
+    tab.select(merger.actions.model_lists, None, merger.model_lists, **private)
+    merger.merged.then(lambda: models.picker(), None, picker.dropdown, **private)
 
 
 def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:

@@ -1,0 +1,185 @@
+"""The checkpoint merger (webui/engine/merge.py and the Checkpoint Merger tab)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.tiny_sd import save_tiny_model
+from webui.config import Settings
+from webui.engine.generate import Engine
+from webui.engine.merge import ADD_DIFFERENCE, NO_INTERPOLATION, MergeError, MergeRecipe, merge_models
+from webui.engine.models import ModelRegistry
+from webui.schemas import GenerationRequest
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Three tiny models of different random weights, and an inpainting one."""
+    models = tmp_path_factory.mktemp("merge-models")
+    for seed, name in enumerate(["a", "b", "c"]):
+        save_tiny_model(models / name, seed=seed)
+    save_tiny_model(models / "inpainting", seed=3, in_channels=9)
+    return models
+
+
+@pytest.fixture
+def registry(folder, tmp_path):
+    yield ModelRegistry(folder, tmp_path / "hashes.json")
+    for made in folder.iterdir():  # each test's merges go; the four sources stay
+        if made.name not in ("a", "b", "c", "inpainting"):
+            import shutil
+
+            shutil.rmtree(made)
+
+
+def weights(folder, name: str, part: str = "unet") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    [file] = (folder / name / part).glob("*.safetensors")
+    return load_file(file)
+
+
+def settings(folder) -> Settings:
+    return Settings(models_dir=folder, device="cpu")
+
+
+def test_a_weighted_sum_is_each_weight_moved_towards_b(folder, registry):
+    made = merge_models(MergeRecipe("a", "b", multiplier=0.3), registry, settings(folder))
+    assert made.name == "a_0.7-b_0.3-Weighted_sum-merged" and "a_0.7-b_0.3-Weighted_sum-merged" in [
+        entry.name for entry in registry.entries()]
+    for part in ("unet", "text_encoder", "vae"):
+        a, b, merged = weights(folder, "a", part), weights(folder, "b", part), weights(folder, made.name, part)
+        assert merged.keys() == a.keys()
+        for key in a:
+            if a[key].is_floating_point():
+                assert torch.allclose(merged[key], 0.7 * a[key] + 0.3 * b[key], atol=1e-6), (part, key)
+    recipe = json.loads((made / "merge_recipe.json").read_text())
+    assert recipe["primary"] == "a" and recipe["secondary"] == "b" and recipe["multiplier"] == 0.3
+
+
+def test_add_difference_adds_b_minus_c_and_saves_in_half_precision(folder, registry):
+    made = merge_models(MergeRecipe("a", "b", "c", method=ADD_DIFFERENCE, multiplier=0.5, save_as_half=True,
+                                    name="a plus half b-c"), registry, settings(folder))
+    a, b, c, merged = (weights(folder, name) for name in ("a", "b", "c", "a plus half b-c"))
+    key = "conv_in.weight"
+    assert merged[key].dtype == torch.float16
+    assert torch.allclose(merged[key].float(), a[key] + 0.5 * (b[key] - c[key]), atol=2e-3)
+
+
+def test_the_merged_model_loads_and_draws_between_its_sources(folder, registry):
+    made = merge_models(MergeRecipe("a", "b", multiplier=0.5), registry, settings(folder))
+    engine = Engine(settings(folder), registry)
+    request = GenerationRequest(prompt="a red apple", steps=3, width=64, height=64)
+
+    def picture(name):
+        engine.load(name)
+        return np.asarray(engine.generate(request, [3])[0].image, np.int16)
+
+    merged, a, b = picture(made.name), picture("a"), picture("b")
+    assert np.abs(merged - a).mean() > 1 and np.abs(merged - b).mean() > 1
+
+
+def test_an_inpainting_a_merges_its_first_four_input_channels_with_a_text_to_image_b(folder, registry):
+    made = merge_models(MergeRecipe("inpainting", "b", "c", method=ADD_DIFFERENCE, multiplier=1.0), registry,
+                        settings(folder))
+    a, b, c, merged = (weights(folder, name) for name in ("inpainting", "b", "c", made.name))
+    assert merged["conv_in.weight"].shape[1] == 9
+    assert torch.allclose(merged["conv_in.weight"][:, :4], a["conv_in.weight"][:, :4] + b["conv_in.weight"]
+                          - c["conv_in.weight"], atol=1e-6)
+    assert torch.equal(merged["conv_in.weight"][:, 4:], a["conv_in.weight"][:, 4:])  # mask and picture channels
+    with pytest.raises(MergeError, match="make the inpainting model A"):
+        merge_models(MergeRecipe("b", "inpainting", multiplier=0.5), registry, settings(folder))
+
+
+def test_no_interpolation_copies_a(folder, registry):
+    made = merge_models(MergeRecipe("a", method=NO_INTERPOLATION), registry, settings(folder))
+    assert made.name == "a-merged"
+    a, copied = weights(folder, "a"), weights(folder, "a-merged")
+    assert all(torch.equal(copied[key], a[key]) for key in a)
+
+
+@pytest.mark.parametrize("recipe, message", [
+    (MergeRecipe("a", None), "needs a secondary model"),
+    (MergeRecipe("a", "b", None, method=ADD_DIFFERENCE), "needs a tertiary model"),
+    (MergeRecipe("a", "b", multiplier=1.5), "from 0 to 1"),
+    (MergeRecipe("a", "b", name="../outside"), "without /"),
+    (MergeRecipe("a", "b", name=".hidden"), "not starting with a dot"),
+    (MergeRecipe("a", "b", name="b"), "is in the models folder already"),
+    (MergeRecipe("a", "b", method="Sigmoid"), "choose one of"),
+    (MergeRecipe("a", "nowhere"), "not found"),
+])
+def test_a_merge_that_cannot_be_made_says_what_to_change_and_writes_nothing(folder, registry, recipe, message):
+    before = sorted(path.name for path in folder.iterdir())
+    with pytest.raises(ValueError, match=message):
+        merge_models(recipe, registry, settings(folder))
+    assert sorted(path.name for path in folder.iterdir()) == before
+
+
+def test_models_of_different_kinds_are_refused_and_a_failed_write_leaves_nothing(folder, registry, monkeypatch,
+                                                                                tmp_path):
+    from tests.tiny_sd import make_tiny_pipeline
+
+    wide = make_tiny_pipeline(seed=5)
+    wide.unet = type(wide.unet)(**{**wide.unet.config, "cross_attention_dim": 64})
+    wide.save_pretrained(folder / "wide")
+    registry.refresh()
+    before = sorted(path.name for path in folder.iterdir())
+    with pytest.raises(MergeError, match="different kinds"):
+        merge_models(MergeRecipe("a", "wide", multiplier=0.5), registry, settings(folder))
+
+    from diffusers import StableDiffusionPipeline
+
+    def full_disk(self, save_directory, *args, **kwargs):  # half a model written, then the disk is full
+        (save_directory / "unet").mkdir(parents=True)
+        (save_directory / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", full_disk)
+    with pytest.raises(OSError):
+        merge_models(MergeRecipe("a", "b", multiplier=0.5), registry, settings(folder))
+    assert sorted(path.name for path in folder.iterdir()) == before  # no partial folder left
+
+
+# --- the Checkpoint Merger tab -------------------------------------------------------------------
+def merge_event(ui):
+    """The Merge button's function and what Gradio runs after it."""
+    fns = list(ui.blocks.fns.values())
+    [merge] = [fn for fn in fns if getattr(fn.fn, "__name__", None) == "merge"]
+    [then] = [fn for fn in fns if fn.trigger_after == merge._id]
+    return merge.fn, then.fn
+
+
+def test_the_tab_merges_lists_the_new_model_and_says_what_to_change(folder, tmp_path):
+    from tests.helpers import running_services
+    from webui.ui.blocks import create_ui
+
+    own = tmp_path / "models"
+    own.mkdir()
+    for name in ("a", "b"):
+        (own / name).symlink_to(folder / name, target_is_directory=True)
+    for services in running_services(own, tmp_path / "out", ckpt="a"):
+        ui = create_ui(services)
+        assert [c[0] for c in ui.merger.primary.choices] == ["a", "b"]
+        merge, then = merge_event(ui)
+        said = merge("a", "b", "", "Weighted sum", 0.25, False, "my mix")
+        assert "Saved my mix" in said and (own / "my mix" / "model_index.json").exists()
+        assert "my mix" in then()["choices"]  # the model picker lists it
+        primary, secondary, tertiary = ui.merger.actions.model_lists()
+        assert primary["choices"] == ["a", "b", "my mix"] and secondary["choices"] == ["", "a", "b", "my mix"]
+        said = merge("a", "", "", "Add difference", 1.0, False, "")
+        assert "Not merged" in said and "needs a secondary model (B)" in said
+        job = services.worker.submit({"prompt": "x", "steps": 1, "model": "my mix", "width": 64, "height": 64})
+        assert job.wait(60) and job.error is None and services.engine.model.entry.name == "my mix"
+
+
+def test_a_page_open_to_anyone_may_not_merge(folder, tmp_path):
+    from tests.helpers import running_services
+    from webui.ui.blocks import create_ui
+
+    for services in running_services(folder, tmp_path / "out", ckpt="a", listen=True):
+        ui = create_ui(services)
+        merge, _ = merge_event(ui)
+        said = merge("a", "b", "", "Weighted sum", 0.5, False, "sneaky")
+        assert "Not merged" in said and "--gradio-auth" in said and not (folder / "sneaky").exists()
+        assert ui.merger.merge.interactive is False

@@ -1,0 +1,181 @@
+"""The checkpoint merger, as A1111's tab of that name: a new model made from two or three, weight by weight.
+
+- Weighted sum:     A + M (B - A), i.e. (1 - M) A + M B
+- Add difference:   A + M (B - C), e.g. an inpainting version of a model: A = an inpainting model, B = the
+                    model, C = the model both came from, M = 1
+- No interpolation: A as it is (to turn a single file into a diffusers folder, or halve its size)
+
+The UNet, text encoder and VAE are merged; the rest (tokenizer, scheduler, safety checker) is A's. As in A1111,
+an inpainting A (9 input channels) merges its first 4 with a text-to-image B. The result is written as a
+diffusers folder in the models folder (under a temporary name first, so a failed merge leaves nothing), with the
+recipe in merge_recipe.json, and is listed with the other models from then on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from webui.config import Settings
+from webui.engine.loader import Placement, read_pipeline
+from webui.engine.models import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+NO_INTERPOLATION, WEIGHTED_SUM, ADD_DIFFERENCE = "No interpolation", "Weighted sum", "Add difference"
+METHODS = (NO_INTERPOLATION, WEIGHTED_SUM, ADD_DIFFERENCE)
+MERGED_PARTS = ("unet", "text_encoder", "vae")
+RECIPE_FILE = "merge_recipe.json"
+MAX_NAME_CHARS = 100
+KINDS_HINT = "an SD 1.x model merges with SD 1.x models, an SD 2.x one with SD 2.x ones"
+_NAME = re.compile(r"^[^/\\:*?\"<>|\x00-\x1f]+$")  # one folder name, valid on Windows too
+
+
+class MergeError(ValueError):
+    """A merge that cannot be made; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    primary: str
+    secondary: str | None = None
+    tertiary: str | None = None
+    method: str = WEIGHTED_SUM
+    multiplier: float = 0.3
+    save_as_half: bool = False
+    name: str = ""  # empty: named after the models and the method, as A1111 names it
+
+    def models_needed(self) -> list[tuple[str, str | None]]:
+        """(role, model) for each model the method reads."""
+        roles = [("primary model (A)", self.primary)]
+        if self.method != NO_INTERPOLATION:
+            roles.append(("secondary model (B)", self.secondary))
+        if self.method == ADD_DIFFERENCE:
+            roles.append(("tertiary model (C)", self.tertiary))
+        return roles
+
+    def folder_name(self) -> str:
+        if self.name.strip():
+            return self.name.strip()
+        if self.method == NO_INTERPOLATION:
+            return f"{_stem(self.primary)}-merged"
+        return (f"{_stem(self.primary)}_{round(1 - self.multiplier, 2)}-{_stem(self.secondary)}_"
+                f"{round(self.multiplier, 2)}-{self.method.replace(' ', '_')}-merged")
+
+
+def _stem(name: str | None) -> str:
+    return Path(name or "").name.removesuffix(".safetensors").removesuffix(".ckpt")
+
+
+def check_recipe(recipe: MergeRecipe, models_dir: Path) -> Path:
+    """The folder the merge will be written to; MergeError for a recipe that cannot be made."""
+    if recipe.method not in METHODS:
+        raise MergeError(f"interpolation method {recipe.method!r}: choose one of {', '.join(METHODS)}")
+    for role, model in recipe.models_needed():
+        if not model:
+            raise MergeError(f"{recipe.method} needs a {role}: pick one")
+    if not 0.0 <= recipe.multiplier <= 1.0:
+        raise MergeError(f"multiplier {recipe.multiplier}: use a value from 0 to 1")
+    name = recipe.folder_name()
+    if len(name) > MAX_NAME_CHARS or not _NAME.match(name) or name.startswith(".") or name.endswith((" ", ".")):
+        raise MergeError(f"name {name[:MAX_NAME_CHARS]!r}: use up to {MAX_NAME_CHARS} characters, without / \\ : * ? "
+                         "\" < > |, and not starting with a dot")
+    target = models_dir / name
+    if target.exists() or any(models_dir.glob(f"{glob_escape(name)}.*")):
+        raise MergeError(f"a model named {name!r} is in the models folder already: choose another name")
+    return target
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def merge_models(recipe: MergeRecipe, registry: ModelRegistry, settings: Settings) -> Path:
+    """Make the merged model, write it into the models folder and list it; returns its folder."""
+    target = check_recipe(recipe, registry.models_dir)
+    entries = [registry.find_listed(model) for _role, model in recipe.models_needed()]
+    # fp32 on the CPU: the sums keep their precision, and the GPU stays the worker's.
+    placement = Placement(device="cpu", dtype=torch.float32)
+    result = read_pipeline(entries[0], settings, placement)
+    others = [_weights(read_pipeline(entry, settings, placement)) for entry in entries[1:]]
+    for part in MERGED_PARTS:
+        module = getattr(result, part)
+        module.load_state_dict(merge_state(part, module.state_dict(), *[weights[part] for weights in others],
+                                           method=recipe.method, multiplier=recipe.multiplier))
+    if recipe.save_as_half:
+        result.to(torch.float16)
+    _write(result, recipe, target)
+    registry.refresh()
+    log.info("merged %s into %s", " + ".join(entry.name for entry in entries), target)
+    return target
+
+
+def _weights(pipe) -> dict[str, dict[str, torch.Tensor]]:
+    """The merged parts' weights of a pipeline read only for them (the rest of it is let go)."""
+    return {part: getattr(pipe, part).state_dict() for part in MERGED_PARTS}
+
+
+def merge_state(part: str, a: dict, b: dict | None = None, c: dict | None = None, *, method: str,
+                multiplier: float) -> dict:
+    """One part's merged weights (the formulas at the top of this file). Integer buffers stay A's."""
+    if method == NO_INTERPOLATION:
+        return a
+    others = {"B": b, "C": c} if method == ADD_DIFFERENCE else {"B": b}
+    for name, other in others.items():
+        missing = sorted(set(a) - set(other))
+        if missing:
+            raise MergeError(f"{part}: model {name} lacks {len(missing)} of A's weights (such as {missing[0]}): the "
+                             f"models are of different kinds ({KINDS_HINT})")
+    merged = {}
+    for key, weight in a.items():
+        if not weight.is_floating_point():
+            merged[key] = weight
+            continue
+        if method == ADD_DIFFERENCE and b[key].shape != c[key].shape:
+            raise MergeError(f"{part}: {key} is {tuple(b[key].shape)} in B but {tuple(c[key].shape)} in C: B and C "
+                             f"must be models of the same kind ({KINDS_HINT})")
+        pull = b[key] - (c[key] if method == ADD_DIFFERENCE else _fitted(part, key, weight, b[key]))
+        merged[key] = _added(part, key, weight, multiplier * pull.to(weight.dtype))
+    return merged
+
+
+def _fitted(part: str, key: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A's weight in B's shape: the first 4 input channels of an inpainting A for a text-to-image B."""
+    return a if a.shape == b.shape else _first_channels(part, key, a, b)[:, :b.shape[1]]
+
+
+def _added(part: str, key: str, a: torch.Tensor, pull: torch.Tensor) -> torch.Tensor:
+    if a.shape == pull.shape:
+        return a + pull
+    merged = _first_channels(part, key, a, pull).clone()
+    merged[:, :pull.shape[1]] += pull
+    return merged
+
+
+def _first_channels(part: str, key: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Check that A (9 input channels) is an inpainting model and B (4) a text-to-image one; else MergeError."""
+    same_but_channels = a.ndim == b.ndim == 4 and a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:]
+    if same_but_channels and (a.shape[1], b.shape[1]) == (9, 4):
+        return a
+    if same_but_channels and (a.shape[1], b.shape[1]) == (4, 9):
+        raise MergeError("to merge an inpainting model with a text-to-image one, make the inpainting model A")
+    raise MergeError(f"{part}: {key} is {tuple(a.shape)} in A but {tuple(b.shape)} in the other model: the models "
+                     f"are of different kinds ({KINDS_HINT})")
+
+
+def _write(pipe, recipe: MergeRecipe, target: Path) -> None:
+    """Write under a temporary name and rename at the end: a merge stopped halfway leaves no model behind."""
+    partial = target.parent / f".partial-{target.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        pipe.save_pretrained(partial, safe_serialization=True)
+        (partial / RECIPE_FILE).write_text(json.dumps({"type": "diffusers-webui", **asdict(recipe)}, indent=2))
+        partial.rename(target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
