@@ -35,6 +35,20 @@ def test_a1111s_tags_fill_the_pattern(pattern, name):
     assert file_name_part(pattern, PARTS, NOW) == name
 
 
+@pytest.mark.parametrize("pattern, name", [
+    ("[datetime]", "20261127090503"),
+    ("[datetime<%Y-%m-%d_%H-%M>]", "2026-11-27_09-05"),
+    ("[datetime<>]", "20261127090503"),  # an empty format: the default
+    ("[datetime<%H:%M><Asia/Tokyo>]", "18_05"),  # 09:05 UTC is 18:05 in Tokyo; ":" cannot be in a file name
+    ("[datetime<%H><No/Such_Zone>]", "20261127090503"),  # an unknown zone: the default format, as A1111
+    ("[datetime<%Y/%m>]-[seed]", "2026_11-1234"),  # never a folder
+    ("[seed<x>]", "1234"),  # arguments a tag does not take are ignored
+])
+def test_datetime_takes_a1111s_format_and_time_zone(pattern, name):
+    now = NOW.replace(tzinfo=dt.timezone.utc)
+    assert file_name_part(pattern, PARTS, now) == name
+
+
 def test_a_picture_made_alone_has_no_batch_number_nor_the_text_before_it():
     alone = NameParts(seed=3, batch_size=1)
     assert file_name_part("[seed]-[batch_number]", alone, NOW) == "3"

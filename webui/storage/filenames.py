@@ -9,13 +9,16 @@ import hashlib
 import re
 from dataclasses import dataclass
 from typing import Callable
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DEFAULT_PATTERN = "[seed]"
 MAX_PART_CHARS = 128  # of one tag's text, as A1111
 MAX_NAME_BYTES = 200  # of the whole name in UTF-8: file systems take 255 bytes, and the number and extension come too
 _SKIP_BEFORE = object()  # a tag's value that also drops the text just before it ([batch_number] alone)
 PROMPT_WORDS = 8  # [prompt_words]
-_TAG = re.compile(r"\[(\w+)\]")
+# A tag, with A1111's arguments: [datetime<%Y-%m-%d_%H-%M><Europe/Paris>]
+_TAG = re.compile(r"\[(\w+)((?:<[^<>\[\]]*>)*)\]")
+DEFAULT_TIME_FORMAT = "%Y%m%d%H%M%S"
 _NOT_IN_NAMES = str.maketrans({ch: "_" for ch in '#<>:"/\\|?*\n\r\t\0'})
 
 
@@ -48,6 +51,17 @@ def _clean(text: str, spaces: bool = True, limit: int | None = MAX_PART_CHARS) -
 
 
 
+def _datetime(now: dt.datetime, args: list[str]) -> str:
+    """[datetime<format><time zone>], as A1111: strftime's format (the default when empty), in an IANA time zone
+    (the server's when none); a format or zone that cannot be used gives the default format."""
+    time_format = args[0] if args and args[0] else DEFAULT_TIME_FORMAT
+    try:
+        when = now.astimezone(ZoneInfo(args[1])) if len(args) > 1 else now
+        return when.strftime(time_format)
+    except (ValueError, TypeError, KeyError, ZoneInfoNotFoundError):
+        return now.strftime(DEFAULT_TIME_FORMAT)
+
+
 def _words(text: str) -> str:
     return " ".join(re.findall(r"[^\W_]+", text)[:PROMPT_WORDS]) or "empty"
 
@@ -57,31 +71,31 @@ def _short_hash(text: str) -> str:
 
 
 # A1111's tags: [prompt] has underscores for spaces, [prompt_spaces] keeps them.
-_TAGS: dict[str, Callable[[NameParts, dt.datetime], str]] = {
-    "seed": lambda p, now: str(p.seed),
-    "steps": lambda p, now: str(p.steps),
-    "cfg": lambda p, now: str(float(p.cfg_scale)),  # 7.0, as A1111
-    "width": lambda p, now: str(p.width),
-    "height": lambda p, now: str(p.height),
-    "sampler": lambda p, now: _clean(p.sampler),
-    "scheduler": lambda p, now: _clean(p.scheduler),
-    "sampler_scheduler": lambda p, now: _clean(f"{p.sampler}_{p.scheduler}"),
-    "model_name": lambda p, now: _clean(p.model_name),
-    "model_hash": lambda p, now: p.model_hash,
-    "prompt": lambda p, now: _clean(p.prompt, spaces=False),
-    "prompt_spaces": lambda p, now: _clean(p.prompt),
-    "prompt_words": lambda p, now: _clean(_words(p.prompt)),
-    "prompt_hash": lambda p, now: _short_hash(p.prompt),
-    "negative_prompt_hash": lambda p, now: _short_hash(p.negative_prompt),
-    "full_prompt_hash": lambda p, now: _short_hash(f"{p.prompt} {p.negative_prompt}"),
-    "clip_skip": lambda p, now: str(p.clip_skip),
-    "denoising": lambda p, now: "" if p.denoising_strength is None else str(p.denoising_strength),
+_TAGS: dict[str, Callable[[NameParts, dt.datetime, list[str]], str]] = {
+    "seed": lambda p, now, args: str(p.seed),
+    "steps": lambda p, now, args: str(p.steps),
+    "cfg": lambda p, now, args: str(float(p.cfg_scale)),  # 7.0, as A1111
+    "width": lambda p, now, args: str(p.width),
+    "height": lambda p, now, args: str(p.height),
+    "sampler": lambda p, now, args: _clean(p.sampler),
+    "scheduler": lambda p, now, args: _clean(p.scheduler),
+    "sampler_scheduler": lambda p, now, args: _clean(f"{p.sampler}_{p.scheduler}"),
+    "model_name": lambda p, now, args: _clean(p.model_name),
+    "model_hash": lambda p, now, args: p.model_hash,
+    "prompt": lambda p, now, args: _clean(p.prompt, spaces=False),
+    "prompt_spaces": lambda p, now, args: _clean(p.prompt),
+    "prompt_words": lambda p, now, args: _clean(_words(p.prompt)),
+    "prompt_hash": lambda p, now, args: _short_hash(p.prompt),
+    "negative_prompt_hash": lambda p, now, args: _short_hash(p.negative_prompt),
+    "full_prompt_hash": lambda p, now, args: _short_hash(f"{p.prompt} {p.negative_prompt}"),
+    "clip_skip": lambda p, now, args: str(p.clip_skip),
+    "denoising": lambda p, now, args: "" if p.denoising_strength is None else str(p.denoising_strength),
     # as A1111: counted from 1, and nothing (with the text before it) for a picture made alone
-    "batch_number": lambda p, now: _SKIP_BEFORE if p.batch_size == 1 else str(p.batch_number + 1),
-    "batch_size": lambda p, now: str(p.batch_size),
-    "date": lambda p, now: now.strftime("%Y-%m-%d"),
-    "datetime": lambda p, now: now.strftime("%Y%m%d%H%M%S"),
-    "none": lambda p, now: "",
+    "batch_number": lambda p, now, args: _SKIP_BEFORE if p.batch_size == 1 else str(p.batch_number + 1),
+    "batch_size": lambda p, now, args: str(p.batch_size),
+    "date": lambda p, now, args: now.strftime("%Y-%m-%d"),
+    "datetime": lambda p, now, args: _datetime(now, args),
+    "none": lambda p, now, args: "",
 }
 TAGS = tuple(_TAGS)
 
@@ -93,7 +107,7 @@ def file_name_part(pattern: str, parts: NameParts, now: dt.datetime | None = Non
     pieces, start = [], 0
     for match in _TAG.finditer(text):
         tag = _TAGS.get(match.group(1).lower())
-        value = tag(parts, now) if tag else match.group(0)
+        value = tag(parts, now, re.findall(r"<([^<>]*)>", match.group(2))) if tag else match.group(0)
         if value is not _SKIP_BEFORE:
             pieces += [text[start:match.start()], value]
         start = match.end()

@@ -98,7 +98,8 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
                                   elem_id="settings_jpeg_quality", interactive=editable),
         "samples_filename_pattern": gr.Textbox(
             current.samples_filename_pattern, label=LABELS["samples_filename_pattern"], placeholder=DEFAULT_PATTERN,
-            info=f"after the file's number; empty: {DEFAULT_PATTERN}. Tags: {', '.join(f'[{tag}]' for tag in TAGS)}",
+            info=f"after the file's number; empty: {DEFAULT_PATTERN}. Tags: {', '.join(f'[{tag}]' for tag in TAGS)}; "
+                 "[datetime<%Y-%m-%d><Europe/Paris>] takes a format and a time zone",
             elem_id="settings_samples_filename_pattern", interactive=editable),
     }
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=editable)
