@@ -76,5 +76,5 @@ def test_a_list_line_the_worker_would_refuse_is_named_before_anything_runs(ui, u
     [(session, _, progress, *_)] = run(ui, "a fox\n--clip_skip 5")  # the tiny model's encoder has 3 layers
     assert "Prompts from a list, line 2: " in html.unescape(progress) and session.job_id is None
     [(_, _, progress, *_)] = run(ui, "a fox", xyz_plot=True, x_type="Steps", x_values="1, 2")
-    assert "each make their own runs: use one of them at a time" in progress
+    assert "a script of their own: use one of them at a time" in progress
     assert len(ui_services.worker.waiting_jobs()) == jobs

@@ -45,7 +45,8 @@ def by_field(names, values) -> dict:
 def test_the_img2img_tab_sits_between_txt2img_and_history_with_its_own_widgets(ui):
     config = ui.blocks.get_config_file()
     tabs = [c["props"]["elem_id"] for c in config["components"] if c["props"].get("elem_id", "").startswith("tab_")]
-    assert tabs == ["tab_txt2img", "tab_img2img", "tab_extras", "tab_history", "tab_pnginfo", "tab_settings"]
+    assert tabs == ["tab_txt2img", "tab_img2img", "tab_extras", "tab_history", "tab_pnginfo", "tab_merger",
+                    "tab_settings"]
     labels = input_labels(ui, "img2img")
     assert [labels[name] for name in ("prompt", "styles", "init_image", "denoising_strength", "resize_mode")] == [
         "Prompt", "Styles", "Image", "Denoising strength", "Resize mode"]
@@ -94,7 +95,8 @@ def test_generate_without_a_picture_or_with_an_unreadable_one_says_so_and_queues
            "Variation seed (-1 = random)": -1, "Variation strength": 0, "Resize seed from width": 0,
            "Resize seed from height": 0, "Tiling": False, "Scale": 1, "Styles": [], "Denoising strength": 0.5,
            "Resize mode": "Just resize", "Mask blur": 4, "Mask mode": "Inpaint masked", "Masked content": "original",
-           "Inpaint area": "Whole picture", "Only masked padding, pixels": 32}
+           "Inpaint area": "Whole picture", "Only masked padding, pixels": 32, "Pixels to expand": 128,
+           "Outpainting direction": ["left", "right", "up", "down"]}
     (tmp_path / "junk.png").write_bytes(b"not a png")
     picture().save(tmp_path / "whole.png")
     whole = (tmp_path / "whole.png").read_bytes()
@@ -436,7 +438,7 @@ def test_batch_without_pictures_or_with_a_bad_one_says_which_and_runs_nothing(ui
     assert "Batch: could not read notes.txt as an image" in progress and session.job_id is None
     [(_, _, progress, *_)] = inpaint(ui, "Batch", batch_pictures=[good], xyz_plot=True, x_type="Steps",
                                      x_values="1, 2")
-    assert "each make their own runs: use one of them at a time" in progress
+    assert "a script of their own: use one of them at a time" in progress
     assert len(ui_services.worker.waiting_jobs()) == before
 
 

@@ -32,9 +32,9 @@ from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.params import SAME_SAMPLER, SAME_SCHEDULE, TAB_FIELDS, schedules_of, with_labels
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
-                               batch_uploads, inpainting_settings, on_open_subtab, open_picture, picture_inputs,
-                               scaled_size_fields, start_pictures)
-from webui.ui.scripts import plot_section, prompt_list_section, prompt_matrix_section
+                               batch_uploads, inpainting_settings, on_open_subtab, open_picture, outpainting_start,
+                               picture_inputs, scaled_size_fields, start_pictures)
+from webui.ui.scripts import outpainting_section, plot_section, prompt_list_section, prompt_matrix_section
 from webui.ui.progress import (error_html, final_html, progress_html, timing_html, token_counter,
                                too_long_counter)
 from webui.ui.session import Session, show_images
@@ -92,7 +92,9 @@ class GenerationActions(SeveralRuns):
                  hr_sampler_name: str = SAME_SAMPLER, hr_scheduler: str = SAME_SCHEDULE, hr_prompt: str | None = None,
                  hr_negative_prompt: str | None = None, prompt_matrix: bool = False,
                  matrix_parts_first: bool = False, matrix_different_seeds: bool = False,
-                 matrix_prompt: str = "positive") -> Iterator[tuple]:
+                 matrix_prompt: str = "positive", outpainting: bool = False, outpaint_pixels: int = 128,
+                 outpaint_mask_blur: int = 4, outpaint_fill: int = 0,
+                 outpaint_directions: list[str] | None = None) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -120,9 +122,9 @@ class GenerationActions(SeveralRuns):
                         "hr_prompt": hr_prompt or None, "hr_negative_prompt": hr_negative_prompt or None}
         try:
             batch = self.kind == "img2img" and img2img_mode == BATCH
-            if sum(map(bool, (batch, xyz_plot, prompt_list, prompt_matrix))) > 1:
-                raise InvalidRequest("Batch, the X/Y/Z plot, the Prompt matrix and Prompts from a list each make "
-                                     "their own runs: use one of them at a time")
+            if sum(map(bool, (batch, xyz_plot, prompt_list, prompt_matrix, outpainting))) > 1:
+                raise InvalidRequest("Batch, the X/Y/Z plot, the Prompt matrix, Prompts from a list and Poor man's "
+                                     "outpainting are each a script of their own: use one of them at a time")
             picture = mask_picture = None
             if batch:
                 uploads = batch_uploads(batch_pictures, batch_masks)
@@ -131,10 +133,15 @@ class GenerationActions(SeveralRuns):
                 picture, mask_picture = start_pictures(img2img_mode, {
                     "init_image": init_image, "color_sketch": color_sketch, "inpaint_canvas": inpaint_canvas,
                     "inpaint_color_sketch": inpaint_color_sketch, "inpaint_image": inpaint_image, "mask": mask})
-            scale = scale_by if self.kind == "img2img" and size_tab == RESIZE_BY else None
+            outpainting = outpainting and self.kind == "img2img"
+            scale = scale_by if self.kind == "img2img" and size_tab == RESIZE_BY and not outpainting else None
             if scale and picture is not None:
                 request |= scaled_size_fields(picture, scale)
-            if mask_picture is not None:
+            if outpainting:
+                picture, mask_picture, outpainted = outpainting_start(picture, mask_picture, outpaint_pixels,
+                                                                      outpaint_mask_blur, outpaint_directions)
+                request |= outpainted | {"inpainting_fill": outpaint_fill or 0}
+            elif mask_picture is not None:
                 request |= {"mask_blur": mask_blur, "inpainting_mask_invert": inpainting_mask_invert or 0,
                             "inpainting_fill": inpainting_fill, "inpaint_full_res": bool(inpaint_full_res),
                             "inpaint_full_res_padding": inpaint_full_res_padding}
@@ -633,6 +640,8 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                                              variant="stop")
             # at the foot, as A1111's scripts
             plot_widgets = plot_section(kind) | prompt_matrix_section(kind) | prompt_list_section(kind)
+            if img2img:
+                plot_widgets |= outpainting_section()
         with gr.Column(scale=1):
             progress = gr.HTML("", label="Progress", show_label=False, elem_id=f"{kind}_progress", padding=False)
             preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id=f"{kind}_preview",

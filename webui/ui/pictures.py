@@ -16,6 +16,7 @@ import gradio as gr
 from PIL import Image
 
 from webui.engine.img2img import MAX_PICTURE_PIXELS, check_picture_size, scaled_size
+from webui.outpainting import DIRECTIONS, outpaint
 from webui.schemas import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASK_PADDING,
                            GenerationRequest, InvalidRequest)
 
@@ -205,6 +206,26 @@ def start_pictures(mode: str, inputs: dict[str, Any]) -> tuple[Image.Image, Imag
     if mode == INPAINT_UPLOAD:
         return picture, readable(inputs.get("mask"), NO_MASK)
     return picture, None
+
+
+def outpainting_start(picture: Image.Image | None, mask: Image.Image | None, pixels: int, mask_blur: int,
+                      directions: list[str] | None) -> tuple[Image.Image, Image.Image, dict]:
+    """Poor man's outpainting: the canvas and mask for the picture of the img2img sub-tab, and the request's fields
+    for inpainting them (the whole canvas, at its size rounded down to a multiple of 8); InvalidRequest saying what
+    to change."""
+    if picture is None:
+        raise InvalidRequest(NO_PICTURE)
+    if mask is not None:
+        raise InvalidRequest("Poor man's outpainting makes its own mask: use it on the img2img sub-tab, not an "
+                             "inpainting one")
+    try:
+        grown = outpaint(picture, int(pixels), int(mask_blur), list(DIRECTIONS if directions is None else directions))
+    except ValueError as err:
+        raise InvalidRequest(str(err)) from None
+    width, height = grown.picture.width // 8 * 8, grown.picture.height // 8 * 8
+    return grown.picture, grown.mask, {"width": width, "height": height, "resize_mode": 0,
+                                       "mask_blur": grown.mask_blur, "inpainting_mask_invert": 0,
+                                       "inpaint_full_res": False}
 
 
 def readable(picture: Any, missing: str) -> Image.Image:

@@ -1,10 +1,13 @@
-"""The controls of A1111's scripts that make several runs from one Generate, in the txt2img and img2img tabs:
-the X/Y/Z plot (webui/xyz_plot.py reads it into runs and draws the grid), the prompt matrix
-(webui/prompt_matrix.py) and prompts from a list (webui/prompt_lines.py reads the lines)."""
+"""The controls of A1111's scripts, at the foot of the txt2img and img2img tabs: those that make several runs
+from one Generate, the X/Y/Z plot (webui/xyz_plot.py reads it into runs and draws the grid), the prompt matrix
+(webui/prompt_matrix.py) and prompts from a list (webui/prompt_lines.py reads the lines); and img2img's poor
+man's outpainting (webui/outpainting.py)."""
 from __future__ import annotations
 
 import gradio as gr
 
+from webui.outpainting import DIRECTIONS, MAX_PIXELS, MIN_PIXELS
+from webui.schemas import MASKED_CONTENT, MAX_MASK_BLUR
 from webui.xyz_plot import AXIS_NAMES, AXIS_TYPES
 
 MAX_PROMPT_FILE_CHARS = 200_000  # a hundred lines of long prompts, with room
@@ -51,6 +54,25 @@ def prompt_list_section(kind: str) -> dict[str, gr.components.Component]:
                                                        elem_id=f"{kind}_prompt_list_same_seed")
     upload.upload(read_prompt_file, inputs=[upload], outputs=[widgets["prompt_lines"]], api_visibility="private",
                   show_progress="hidden")
+    return widgets
+
+
+def outpainting_section() -> dict[str, gr.components.Component]:
+    """A1111's "Poor man's outpainting" (img2img), by generate() parameter: grow the picture and draw the border."""
+    widgets = {"outpainting": gr.Checkbox(False, label="Poor man's outpainting", elem_id="img2img_outpainting",
+                                          info="a larger canvas, its new border drawn to match the picture")}
+    with gr.Accordion("Outpainting settings", open=False, elem_id="img2img_outpainting_settings"):
+        with gr.Row():
+            widgets["outpaint_pixels"] = gr.Slider(MIN_PIXELS, MAX_PIXELS, value=128, step=8, label="Pixels to expand",
+                                                   elem_id="img2img_outpaint_pixels")
+            widgets["outpaint_mask_blur"] = gr.Slider(0, MAX_MASK_BLUR // 2, value=4, step=1, label="Mask blur",
+                                                      elem_id="img2img_outpaint_mask_blur")
+        with gr.Row():
+            widgets["outpaint_fill"] = gr.Radio(list(MASKED_CONTENT), value="fill", type="index", label="Masked content",
+                                                elem_id="img2img_outpaint_fill")
+            widgets["outpaint_directions"] = gr.CheckboxGroup(list(DIRECTIONS), value=list(DIRECTIONS),
+                                                              label="Outpainting direction",
+                                                              elem_id="img2img_outpaint_directions")
     return widgets
 
 
