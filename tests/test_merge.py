@@ -30,7 +30,7 @@ def registry(folder, tmp_path):
         if made.name not in ("a", "b", "c", "inpainting"):
             import shutil
 
-            shutil.rmtree(made)
+            shutil.rmtree(made) if made.is_dir() else made.unlink()
 
 
 def weights(folder, name: str, part: str = "unet") -> dict[str, torch.Tensor]:
@@ -103,13 +103,20 @@ def test_no_interpolation_copies_a(folder, registry):
     (MergeRecipe("a", None), "needs a secondary model"),
     (MergeRecipe("a", "b", None, method=ADD_DIFFERENCE), "needs a tertiary model"),
     (MergeRecipe("a", "b", multiplier=1.5), "from 0 to 1"),
-    (MergeRecipe("a", "b", name="../outside"), "without /"),
-    (MergeRecipe("a", "b", name=".hidden"), "not starting with a dot"),
+    (MergeRecipe("a", "b", name="../outside"), "use no /"),
+    (MergeRecipe("a", "b", name=".hidden"), "do not start it with a dot"),
     (MergeRecipe("a", "b", name="b"), "is in the models folder already"),
+    (MergeRecipe("a", "b", name="taken"), "is in the models folder already"),  # taken.safetensors is there
+    (MergeRecipe("a", "b", name="mix [20240115]"), "reads as a model hash"),
+    (MergeRecipe("a", "b", name="Lora"), "holds LoRAs or embeddings"),
+    (MergeRecipe("a", "b", name="mix.safetensors"), "leave the suffix out"),
+    (MergeRecipe("a", "b", name="con"), "device name on Windows"),
+    (MergeRecipe("a", "b", name="漢" * 85), "at most 200 bytes"),
     (MergeRecipe("a", "b", method="Sigmoid"), "choose one of"),
     (MergeRecipe("a", "nowhere"), "not found"),
 ])
 def test_a_merge_that_cannot_be_made_says_what_to_change_and_writes_nothing(folder, registry, recipe, message):
+    (folder / "taken.safetensors").write_bytes(b"")
     before = sorted(path.name for path in folder.iterdir())
     with pytest.raises(ValueError, match=message):
         merge_models(recipe, registry, settings(folder))
@@ -147,7 +154,8 @@ def merge_event(ui):
     fns = list(ui.blocks.fns.values())
     [merge] = [fn for fn in fns if getattr(fn.fn, "__name__", None) == "merge"]
     [then] = [fn for fn in fns if fn.trigger_after == merge._id]
-    return merge.fn, then.fn
+    [after] = [fn for fn in fns if fn.trigger_after == then._id]
+    return merge.fn, lambda: (then.fn(), after.fn())
 
 
 def test_the_tab_merges_lists_the_new_model_and_says_what_to_change(folder, tmp_path):
@@ -164,13 +172,32 @@ def test_the_tab_merges_lists_the_new_model_and_says_what_to_change(folder, tmp_
         merge, then = merge_event(ui)
         said = merge("a", "b", "", "Weighted sum", 0.25, False, "my mix")
         assert "Saved my mix" in said and (own / "my mix" / "model_index.json").exists()
-        assert "my mix" in then()["choices"]  # the model picker lists it
-        primary, secondary, tertiary = ui.merger.actions.model_lists()
+        picker, (primary, secondary, tertiary) = then()
+        assert "my mix" in picker["choices"]  # the model picker lists it, and so do the tab's own lists
         assert primary["choices"] == ["a", "b", "my mix"] and secondary["choices"] == ["", "a", "b", "my mix"]
         said = merge("a", "", "", "Add difference", 1.0, False, "")
         assert "Not merged" in said and "needs a secondary model (B)" in said
         job = services.worker.submit({"prompt": "x", "steps": 1, "model": "my mix", "width": 64, "height": 64})
         assert job.wait(60) and job.error is None and services.engine.model.entry.name == "my mix"
+
+
+def test_a_name_made_of_long_model_names_is_cut_to_fit_and_cleaned():
+    recipe = MergeRecipe("SD15/" + "realisticVision_v51HyperVAE-inpainting" * 4 + ".safetensors", "epic:real|ism",
+                         multiplier=0.3)
+    name = recipe.folder_name()
+    assert len(name.encode()) <= 200 and name.startswith("realisticVision_v51HyperVAE")
+    assert ":" not in name and "|" not in name and "/" not in name
+
+
+def test_one_merge_at_a_time(folder, tmp_path):
+    from tests.helpers import running_services
+    from webui.ui.merger import MergerActions
+
+    for services in running_services(folder, tmp_path / "out", ckpt="a"):
+        actions = MergerActions(services)
+        with actions._one_at_a_time:  # as while another page's merge runs
+            said = actions.merge("a", "b", "", "Weighted sum", 0.5, False, "second")
+        assert "another merge is running" in said and not (folder / "second").exists()
 
 
 def test_a_page_open_to_anyone_may_not_merge(folder, tmp_path):

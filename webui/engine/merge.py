@@ -12,6 +12,7 @@ recipe in merge_recipe.json, and is listed with the other models from then on.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -24,7 +25,7 @@ import torch
 
 from webui.config import Settings
 from webui.engine.loader import Placement, read_pipeline
-from webui.engine.models import ModelRegistry
+from webui.engine.models import EMBEDDINGS_FOLDER, LORA_FOLDER, SINGLE_FILE_SUFFIXES, ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,11 @@ NO_INTERPOLATION, WEIGHTED_SUM, ADD_DIFFERENCE = "No interpolation", "Weighted s
 METHODS = (NO_INTERPOLATION, WEIGHTED_SUM, ADD_DIFFERENCE)
 MERGED_PARTS = ("unet", "text_encoder", "vae")
 RECIPE_FILE = "merge_recipe.json"
-MAX_NAME_CHARS = 100
+MAX_NAME_BYTES = 200  # UTF-8: a file name holds 255, and the temporary name adds 18
 KINDS_HINT = "an SD 1.x model merges with SD 1.x models, an SD 2.x one with SD 2.x ones"
-_NAME = re.compile(r"^[^/\\:*?\"<>|\x00-\x1f]+$")  # one folder name, valid on Windows too
+_NOT_IN_NAMES = re.compile(r"[/\\:*?\"<>|\x00-\x1f]")  # one folder name, valid on Windows too
+_WINDOWS_DEVICES = re.compile(r"^(CON|PRN|AUX|NUL|COM\d|LPT\d)(\..*)?$", re.IGNORECASE)
+_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-f]{8,10}\]$")  # "name [abc12345]": the registry reads it as a hash
 
 
 class MergeError(ValueError):
@@ -61,16 +64,26 @@ class MergeRecipe:
         return roles
 
     def folder_name(self) -> str:
+        """The name given, else one made of the models' names as A1111 names its files (made fit for a folder)."""
         if self.name.strip():
             return self.name.strip()
         if self.method == NO_INTERPOLATION:
-            return f"{_stem(self.primary)}-merged"
-        return (f"{_stem(self.primary)}_{round(1 - self.multiplier, 2)}-{_stem(self.secondary)}_"
-                f"{round(self.multiplier, 2)}-{self.method.replace(' ', '_')}-merged")
+            made = f"{_stem(self.primary)}-merged"
+        else:
+            made = (f"{_stem(self.primary)}_{round(1 - self.multiplier, 2)}-{_stem(self.secondary)}_"
+                    f"{round(self.multiplier, 2)}-{self.method.replace(' ', '_')}-merged")
+        return _cut(_NOT_IN_NAMES.sub("_", made), MAX_NAME_BYTES)
 
 
 def _stem(name: str | None) -> str:
-    return Path(name or "").name.removesuffix(".safetensors").removesuffix(".ckpt")
+    stem = Path(name or "").name
+    for suffix in SINGLE_FILE_SUFFIXES:
+        stem = stem.removesuffix(suffix)
+    return stem
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore").rstrip(" .")
 
 
 def check_recipe(recipe: MergeRecipe, models_dir: Path) -> Path:
@@ -83,37 +96,63 @@ def check_recipe(recipe: MergeRecipe, models_dir: Path) -> Path:
     if not 0.0 <= recipe.multiplier <= 1.0:
         raise MergeError(f"multiplier {recipe.multiplier}: use a value from 0 to 1")
     name = recipe.folder_name()
-    if len(name) > MAX_NAME_CHARS or not _NAME.match(name) or name.startswith(".") or name.endswith((" ", ".")):
-        raise MergeError(f"name {name[:MAX_NAME_CHARS]!r}: use up to {MAX_NAME_CHARS} characters, without / \\ : * ? "
-                         "\" < > |, and not starting with a dot")
-    target = models_dir / name
-    if target.exists() or any(models_dir.glob(f"{glob_escape(name)}.*")):
+    problem = _name_problem(name)
+    if problem:
+        raise MergeError(f"name {_cut(name, 60)!r}: {problem}")
+    taken = [models_dir / name] + [models_dir / f"{name}{suffix}" for suffix in SINGLE_FILE_SUFFIXES]
+    if any(path.exists() or path.is_symlink() for path in taken):
         raise MergeError(f"a model named {name!r} is in the models folder already: choose another name")
-    return target
+    return models_dir / name
 
 
-def glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
+def _name_problem(name: str) -> str | None:
+    """What keeps `name` from being a model folder's name that the registry lists and finds as itself."""
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        return f"use at most {MAX_NAME_BYTES} bytes (a shorter custom name)"
+    if _NOT_IN_NAMES.search(name) or name.startswith(".") or name.endswith((" ", ".")):
+        return "use no / \\ : * ? \" < > |, and do not start it with a dot or end it with a dot or space"
+    if _WINDOWS_DEVICES.match(name):
+        return "that is a device name on Windows: choose another"
+    if name.lower() in (LORA_FOLDER.lower(), EMBEDDINGS_FOLDER.lower()):
+        return "that folder holds LoRAs or embeddings, never models: choose another"
+    if name.lower().endswith(SINGLE_FILE_SUFFIXES):
+        return "a folder named like a model file would be mistaken for one: leave the suffix out"
+    if _HASH_SUFFIX.search(name):
+        return "a name ending in [ and 8 to 10 hex digits ] reads as a model hash: choose another ending"
+    return None
 
 
 def merge_models(recipe: MergeRecipe, registry: ModelRegistry, settings: Settings) -> Path:
     """Make the merged model, write it into the models folder and list it; returns its folder."""
     target = check_recipe(recipe, registry.models_dir)
+    if target.resolve() in _skipped(registry):
+        raise MergeError(f"name {target.name!r}: that folder holds LoRAs or embeddings, never models: choose another")
     entries = [registry.find_listed(model) for _role, model in recipe.models_needed()]
-    # fp32 on the CPU: the sums keep their precision, and the GPU stays the worker's.
+    if any(entry.path is not None and entry.path.resolve() in _skipped(registry) for entry in entries):
+        raise MergeError("a model in the LoRA or embeddings folder cannot be merged")
+    # fp32 on the CPU: the sums keep their precision, and the GPU stays the worker's. A keeps its safety checker
+    # (also under --disable-safety-checker, which is this server's choice, not the model's); B and C need none.
     placement = Placement(device="cpu", dtype=torch.float32)
-    result = read_pipeline(entries[0], settings, placement)
-    others = [_weights(read_pipeline(entry, settings, placement)) for entry in entries[1:]]
+    result = read_pipeline(entries[0], dataclasses.replace(settings, no_safety_checker=False), placement)
+    without_checker = dataclasses.replace(settings, no_safety_checker=True)
+    others = [_weights(read_pipeline(entry, without_checker, placement)) for entry in entries[1:]]
     for part in MERGED_PARTS:
         module = getattr(result, part)
-        module.load_state_dict(merge_state(part, module.state_dict(), *[weights[part] for weights in others],
-                                           method=recipe.method, multiplier=recipe.multiplier))
+        merged = merge_state(part, module.state_dict(), *[weights.pop(part) for weights in others],
+                             method=recipe.method, multiplier=recipe.multiplier)
+        module.load_state_dict(merged)  # B's and C's weights of this part are let go here: one part at a time
+        del merged
+    del others
     if recipe.save_as_half:
         result.to(torch.float16)
     _write(result, recipe, target)
     registry.refresh()
     log.info("merged %s into %s", " + ".join(entry.name for entry in entries), target)
     return target
+
+
+def _skipped(registry: ModelRegistry) -> set[Path]:
+    return {path.resolve() for path in registry.skipped}
 
 
 def _weights(pipe) -> dict[str, dict[str, torch.Tensor]]:

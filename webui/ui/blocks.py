@@ -99,10 +99,11 @@ def create_ui(services: Services) -> WebUI:
 
 
 def _wire_merger(merger: MergerTab, tab: gr.Tab, models: ModelActions, picker: ModelPicker) -> None:
-    """The merger's lists are read afresh when it opens; a merged model joins the model picker's list."""
+    """The merger's lists are read afresh when it opens; a merged model joins the model picker's list and its own."""
     private = dict(api_visibility="private", show_progress="hidden")
     tab.select(merger.actions.model_lists, None, merger.model_lists, **private)
-    merger.merged.then(lambda: models.picker(), None, picker.dropdown, **private)
+    merger.merged.then(lambda: models.picker(), None, picker.dropdown, **private).then(
+        merger.actions.model_lists, None, merger.model_lists, **private)
 
 
 def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:

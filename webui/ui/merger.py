@@ -53,6 +53,11 @@ class MergerActions:
             log.exception("the merged model could not be written")
             return _message(f"Not merged: the model could not be written ({err}); nothing was left behind",
                             error=True)
+        except (MemoryError, RuntimeError) as err:  # a CPU out of memory, in torch's words or Python's
+            log.exception("the merge failed")
+            return _message(f"Not merged: {type(err).__name__}: {err}. A merge holds two or three models in memory "
+                            "at once in fp32; close other programs, or merge on a machine with more memory",
+                            error=True)
         finally:
             self._one_at_a_time.release()
         return _message(f"Saved {made.name} in {made.parent}; pick it in the model list.")
