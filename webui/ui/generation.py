@@ -34,7 +34,9 @@ from webui.ui.params import SAME_SAMPLER, SAME_SCHEDULE, TAB_FIELDS, schedules_o
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
                                batch_uploads, inpainting_settings, on_open_subtab, open_picture, outpainting_start,
                                picture_inputs, scaled_size_fields, start_pictures)
-from webui.ui.scripts import outpainting_section, plot_section, prompt_list_section, prompt_matrix_section
+from webui.loopback import loop_requests
+from webui.ui.scripts import (loopback_section, outpainting_section, plot_section, prompt_list_section,
+                              prompt_matrix_section)
 from webui.ui.progress import (error_html, final_html, progress_html, timing_html, token_counter,
                                too_long_counter)
 from webui.ui.session import Session, show_images
@@ -94,7 +96,8 @@ class GenerationActions(SeveralRuns):
                  matrix_parts_first: bool = False, matrix_different_seeds: bool = False,
                  matrix_prompt: str = "positive", outpainting: bool = False, outpaint_pixels: int = 128,
                  outpaint_mask_blur: int = 4, outpaint_fill: int = 0,
-                 outpaint_directions: list[str] | None = None) -> Iterator[tuple]:
+                 outpaint_directions: list[str] | None = None, loopback: bool = False, loopback_loops: int = 4,
+                 loopback_final_strength: float = 0.5, loopback_curve: str = "Linear") -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -122,9 +125,11 @@ class GenerationActions(SeveralRuns):
                         "hr_prompt": hr_prompt or None, "hr_negative_prompt": hr_negative_prompt or None}
         try:
             batch = self.kind == "img2img" and img2img_mode == BATCH
-            if sum(map(bool, (batch, xyz_plot, prompt_list, prompt_matrix, outpainting))) > 1:
-                raise InvalidRequest("Batch, the X/Y/Z plot, the Prompt matrix, Prompts from a list and Poor man's "
-                                     "outpainting are each a script of their own: use one of them at a time")
+            loopback = loopback and self.kind == "img2img"
+            if sum(map(bool, (batch, xyz_plot, prompt_list, prompt_matrix, outpainting, loopback))) > 1:
+                raise InvalidRequest("Batch, the X/Y/Z plot, the Prompt matrix, Prompts from a list, Poor man's "
+                                     "outpainting and Loopback are each a script of their own: use one of them at a "
+                                     "time")
             picture = mask_picture = None
             if batch:
                 uploads = batch_uploads(batch_pictures, batch_masks)
@@ -161,6 +166,11 @@ class GenerationActions(SeveralRuns):
                                    check=self.worker.check)
                 runs = self._plot(session, plot, picture, mask_picture, legend=True, sub_images=True,
                                   what="Prompt matrix")  # the grid, then each picture, as A1111 shows them
+            elif loopback:
+                chains = loop_requests(request, int(loopback_loops), float(loopback_final_strength), loopback_curve)
+                for loop in (chain[0] for chain in chains):  # each chain's first run: the others are like it
+                    self.worker.check(loop)
+                runs = self._loopback(session, chains, picture, mask_picture)
             elif batch:
                 runs = self._several(session, [Submission(request, path, mask_path, scale)
                                                for path, mask_path in uploads], "Batch")
@@ -641,7 +651,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
             # at the foot, as A1111's scripts
             plot_widgets = plot_section(kind) | prompt_matrix_section(kind) | prompt_list_section(kind)
             if img2img:
-                plot_widgets |= outpainting_section()
+                plot_widgets |= outpainting_section() | loopback_section()
         with gr.Column(scale=1):
             progress = gr.HTML("", label="Progress", show_label=False, elem_id=f"{kind}_progress", padding=False)
             preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id=f"{kind}_preview",

@@ -1,11 +1,12 @@
 """The controls of A1111's scripts, at the foot of the txt2img and img2img tabs: those that make several runs
 from one Generate, the X/Y/Z plot (webui/xyz_plot.py reads it into runs and draws the grid), the prompt matrix
 (webui/prompt_matrix.py) and prompts from a list (webui/prompt_lines.py reads the lines); and img2img's poor
-man's outpainting (webui/outpainting.py)."""
+man's outpainting (webui/outpainting.py) and Loopback (webui/loopback.py)."""
 from __future__ import annotations
 
 import gradio as gr
 
+from webui.loopback import CURVES, MAX_LOOPS
 from webui.outpainting import DIRECTIONS, MAX_PIXELS, MIN_PIXELS
 from webui.schemas import MASKED_CONTENT, MAX_MASK_BLUR
 from webui.xyz_plot import AXIS_NAMES, AXIS_TYPES
@@ -73,6 +74,22 @@ def outpainting_section() -> dict[str, gr.components.Component]:
             widgets["outpaint_directions"] = gr.CheckboxGroup(list(DIRECTIONS), value=list(DIRECTIONS),
                                                               label="Outpainting direction",
                                                               elem_id="img2img_outpaint_directions")
+    return widgets
+
+
+def loopback_section() -> dict[str, gr.components.Component]:
+    """A1111's "Loopback" (img2img), by generate() parameter: each picture made starts the next run."""
+    widgets = {"loopback": gr.Checkbox(False, label="Loopback", elem_id="img2img_loopback",
+                                       info="each picture made is the picture to start the next run from")}
+    with gr.Accordion("Loopback settings", open=False, elem_id="img2img_loopback_settings"):
+        with gr.Row():
+            widgets["loopback_loops"] = gr.Slider(1, MAX_LOOPS, value=4, step=1, label="Loops",
+                                                  elem_id="img2img_loopback_loops")
+            widgets["loopback_final_strength"] = gr.Slider(0, 1, value=0.5, step=0.01,
+                                                           label="Final denoising strength",
+                                                           elem_id="img2img_loopback_final_strength")
+        widgets["loopback_curve"] = gr.Radio(list(CURVES), value="Linear", label="Denoising strength curve",
+                                             elem_id="img2img_loopback_curve")
     return widgets
 
 

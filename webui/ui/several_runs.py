@@ -1,5 +1,5 @@
-"""Runs of several jobs from one Generate: img2img's Batch, the X/Y/Z plot, the prompt matrix and prompts from a
-list. Each job runs in turn, followed as a run of its own; the last update shows all their images (the plot's grids
+"""Runs of several jobs from one Generate: img2img's Batch and Loopback, the X/Y/Z plot, the prompt matrix and
+prompts from a list. Each job runs in turn, followed as a run of its own; the last update shows all their images (the plot's grids
 first).
 
 Mixed into GenerationActions, whose worker, models, outputs, kind, _owner and _follow it uses.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import gradio as gr
 from PIL import Image
@@ -30,12 +30,15 @@ log = logging.getLogger(__name__)
 class Submission:
     """One job of a run of several (the X/Y/Z plot's cells, the img2img Batch's pictures)."""
     request: dict
-    picture: Image.Image | str | None = None  # a picture, or an upload's path, read when its turn comes
+    # a picture, an upload's path or a function giving one (the picture the run before made), read when its turn comes
+    picture: Image.Image | str | Callable[[], Image.Image] | None = None
     mask: Image.Image | str | None = None
     scale: float | None = None  # img2img's Resize by: the run's size is the picture's times this
 
 
-def _opened(picture: Image.Image | str | None, where: str) -> Image.Image | None:
+def _opened(picture: Image.Image | str | Callable[[], Image.Image] | None, where: str) -> Image.Image | None:
+    if callable(picture):  # one the run before made (Loopback)
+        return picture()
     return read_upload(picture, where) if isinstance(picture, str) else picture
 
 
@@ -66,11 +69,13 @@ class SeveralRuns:
             found.append(self.models.checked_choice(listed))
         return Axis(axis.name, axis.type, found)
 
-    def _in_turn(self, session: Session, submissions: list[Submission], what: str) -> Iterator[tuple]:
+    def _in_turn(self, session: Session, submissions: list[Submission], what: str,
+                 done: list[list[GeneratedImage]] | None = None) -> Iterator[tuple]:
         """Run the submissions one job after another (others' jobs take their turns between), following each as a
-        run of its own under a note "<what>: picture n of N". Returns each run's images; None when one did not
-        finish (Interrupt, a failure, a refusal): the last update says why, and the rest are not run."""
-        done = []
+        run of its own under a note "<what>: picture n of N". Returns each run's images (also appended to `done`
+        as they come); None when one did not finish (Interrupt, a failure, a refusal): the last update says why,
+        and the rest are not run."""
+        done = [] if done is None else done
         session.interrupted = False
         for number, submission in enumerate(submissions, 1):
             note = notice_html(f"{what}: picture {number} of {len(submissions)}")
@@ -108,6 +113,17 @@ class SeveralRuns:
         started = time.monotonic()
         done = yield from self._in_turn(session, submissions, what)
         if done is not None:
+            yield self._show_all(session, [image for images in done for image in images], time.monotonic() - started,
+                                 len(submissions))
+
+    def _loopback(self, session: Session, chains: list[list[dict]], picture: Image.Image,
+                  mask: Image.Image | None) -> Iterator[tuple]:
+        """Loopback: each chain's loops in turn, each loop starting from the picture the loop before made; then all
+        their pictures."""
+        started, done = time.monotonic(), []
+        submissions = [Submission(request, picture if loop == 0 else (lambda: done[-1][0].image), mask)
+                       for chain in chains for loop, request in enumerate(chain)]
+        if (yield from self._in_turn(session, submissions, "Loopback", done)) is not None:
             yield self._show_all(session, [image for images in done for image in images], time.monotonic() - started,
                                  len(submissions))
 

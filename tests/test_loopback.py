@@ -1,0 +1,68 @@
+"""Loopback (webui/loopback.py, and the img2img tab's runs of it)."""
+from __future__ import annotations
+
+import pytest
+from PIL import Image, ImageDraw
+
+from tests.conftest import TINY
+# ui_services and ui: test_ui's module fixtures, started again for this module.
+from tests.test_ui import event, ui, ui_services  # noqa: F401
+from webui.engine.img2img import image_sha1
+from webui.loopback import loop_requests, loop_strengths
+from webui.schemas import InvalidRequest, JobState
+from webui.ui.generation import Session
+
+
+@pytest.mark.parametrize("curve, second", [
+    ("Linear", 0.75 - 0.25 / 3),
+    ("Aggressive", 0.75 - 0.25 * 0.5),  # sin(30 degrees): half the way after a third of the loops
+    ("Lazy", 0.75 - 0.25 * (1 - 3 ** 0.5 / 2)),  # 1 - cos(30 degrees)
+])
+def test_the_strength_moves_from_the_runs_own_to_the_final_one_along_the_curve(curve, second):
+    strengths = loop_strengths(0.75, 0.5, 4, curve)
+    assert strengths[0] == 0.75 and strengths[-1] == pytest.approx(0.5) and len(strengths) == 4
+    assert strengths[1] == pytest.approx(second)
+    assert loop_strengths(0.6, 0.2, 1, curve) == [0.6]
+
+
+def test_each_loop_takes_the_next_seed_and_each_batch_count_is_a_chain_that_goes_on_counting():
+    chains = loop_requests({"prompt": "x", "seed": 100, "n_iter": 2, "denoising_strength": 0.8}, 3, 0.2, "Linear")
+    assert [[r["seed"] for r in chain] for chain in chains] == [[100, 101, 102], [103, 104, 105]]
+    assert all(r["n_iter"] == 1 for chain in chains for r in chain)
+    assert [r["denoising_strength"] for r in chains[1]] == pytest.approx([0.8, 0.5, 0.2])
+    picked = loop_requests({"prompt": "x", "seed": -1}, 2, 0.5, "Lazy")[0]
+    assert picked[0]["seed"] >= 0 and picked[1]["seed"] == picked[0]["seed"] + 1  # one random seed for all
+
+
+@pytest.mark.parametrize("changes, loops, curve, message", [
+    ({"batch_size": 2}, 4, "Linear", "Batch size to 1"),
+    ({}, 0, "Linear", "Loops"),
+    ({}, 4, "Wavy", "Denoising strength curve"),
+])
+def test_what_loopback_cannot_run_says_what_to_change(changes, loops, curve, message):
+    with pytest.raises(InvalidRequest, match=message):
+        loop_requests({"prompt": "x"} | changes, loops, 0.5, curve)
+
+
+def test_the_img2img_tab_starts_each_loop_from_the_picture_the_loop_before_made(ui, ui_services, monkeypatch):
+    worker, submitted = ui_services.worker, []
+    submit = worker.submit
+
+    def recorded_submit(request, **kwargs):
+        submitted.append(submit(request, **kwargs))
+        return submitted[-1]
+
+    monkeypatch.setattr(worker, "submit", recorded_submit)
+    start = Image.new("RGB", (64, 64), "red")
+    ImageDraw.Draw(start).ellipse((10, 10, 40, 40), fill="blue")
+    updates = list(event(ui, "img2img")(Session(), "a red barn", steps=3, width=64, height=64, seed=40, model=TINY,
+                                        init_image=start, denoising_strength=0.6, loopback=True, loopback_loops=3,
+                                        loopback_final_strength=0.3, loopback_curve="Linear"))
+    session, gallery, *_ = updates[-1]
+    assert len(gallery) == 3 and [job.state for job in submitted] == [JobState.DONE] * 3
+    assert [job.request.seed for job in submitted] == [40, 41, 42]
+    assert [job.request.denoising_strength for job in submitted] == pytest.approx([0.6, 0.45, 0.3])
+    assert submitted[0].request.init_image == image_sha1(start)
+    for before, job in zip(submitted, submitted[1:]):  # each starts from the picture the one before made
+        assert job.request.init_image == image_sha1(before.images[0].image)
+    assert session.seeds == [40, 41, 42]  # all the loops shown, in turn
