@@ -1,6 +1,7 @@
 """Loopback (webui/loopback.py, and the img2img tab's runs of it)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -8,7 +9,7 @@ from tests.conftest import TINY
 # ui_services and ui: test_ui's module fixtures, started again for this module.
 from tests.test_ui import event, ui, ui_services  # noqa: F401
 from webui.engine.img2img import image_sha1
-from webui.loopback import loop_requests, loop_strengths
+from webui.loopback import loop_mask, loop_requests, loop_strengths
 from webui.schemas import InvalidRequest, JobState
 from webui.ui.generation import Session
 
@@ -32,6 +33,33 @@ def test_each_loop_takes_the_next_seed_and_each_batch_count_is_a_chain_that_goes
     assert [r["denoising_strength"] for r in chains[1]] == pytest.approx([0.8, 0.5, 0.2])
     picked = loop_requests({"prompt": "x", "seed": -1}, 2, 0.5, "Lazy")[0]
     assert picked[0]["seed"] >= 0 and picked[1]["seed"] == picked[0]["seed"] + 1  # one random seed for all
+
+
+def test_inpainting_loops_after_the_first_start_from_the_picture_and_the_variation_seed_is_picked_once():
+    [chain] = loop_requests({"prompt": "x", "seed": 5, "subseed": -1, "subseed_strength": 0.3, "inpainting_fill": 0},
+                            3, 0.5, "Linear")
+    assert [r["inpainting_fill"] for r in chain] == [0, 1, 1]  # fill, then original (A1111's loopback)
+    assert len({r["subseed"] for r in chain}) == 1 and chain[0]["subseed"] >= 0
+
+
+def test_the_mask_of_later_loops_is_the_first_loops_as_its_resize_mode_fitted_it():
+    mask = Image.new("L", (128, 64))
+    mask.paste(255, (64, 0, 96, 64))
+    picture = Image.new("RGB", (128, 64), "grey")
+    cropped = np.asarray(loop_mask(mask, picture, {"width": 64, "height": 64, "resize_mode": 1}))  # Crop and resize
+    assert cropped.shape == (64, 64) and (cropped[:, 33:63] == 255).all() and (cropped[:, :31] == 0).all()
+    assert loop_mask(mask, picture, {"inpaint_full_res": True}) is mask  # Only masked keeps the picture's size
+
+
+def test_a_loop_skipped_before_it_finished_ends_the_loops_with_a_message():
+    from webui.schemas import GeneratedImage
+    from webui.ui.several_runs import _last_picture
+
+    made = GeneratedImage(image=Image.new("RGB", (8, 8)), seed=1, index=0, infotext="", path=None)
+    assert _last_picture([[made]]) is made.image
+    for done in ([[]], [[GeneratedImage(image=made.image, seed=1, index=0, infotext="", path=None, unfinished=True)]]):
+        with pytest.raises(InvalidRequest, match="skipped"):
+            _last_picture(done)
 
 
 @pytest.mark.parametrize("changes, loops, curve, message", [

@@ -2,18 +2,24 @@
 the denoising strength moving from the run's own to a final one along a curve. Pure: the img2img tab runs the
 loops through the worker, one job after another.
 
-As in A1111, loop i of a chain uses seed + i (a random seed is picked once), and each Batch count is a chain of
-its own that goes on counting seeds from where the last one ended.
+As in A1111, loop i of a chain uses seed + i (a random seed, and variation seed, is picked once), each Batch
+count is a chain of its own that goes on counting seeds from where the last one ended, and inpainting's loops
+after the first start the masked part from the picture the loop before made (masked content "original").
 """
 from __future__ import annotations
 
 import math
 import random
 
-from webui.schemas import MAX_SEED, InvalidRequest
+from PIL import Image
+
+from webui.engine.img2img import fit_image, size_from_image
+from webui.engine.inpaint import MASK_RESAMPLE, read_mask
+from webui.schemas import MASKED_CONTENT, MAX_SEED, InvalidRequest
 
 CURVES = ("Aggressive", "Linear", "Lazy")  # A1111's "Denoising strength curve"
 MAX_LOOPS = 32  # A1111's slider
+ORIGINAL = MASKED_CONTENT.index("original")
 
 
 def loop_strengths(initial: float, final: float, loops: int, curve: str) -> list[float]:
@@ -43,12 +49,27 @@ def loop_requests(request: dict, loops: int, final_strength: float, curve: str) 
     if request.get("batch_size", 1) != 1:
         raise InvalidRequest("Loopback goes on from one picture at a time: set Batch size to 1 (Batch count makes "
                              "several chains)")
-    seed = request.get("seed", -1)
-    seed = random.randint(0, MAX_SEED) if seed is None or seed < 0 else seed
+    seed, subseed = (_fixed(request.get(field)) for field in ("seed", "subseed"))
     strengths = loop_strengths(request.get("denoising_strength", 0.75), final_strength, loops, curve)
     chains = []
     for chain in range(request.get("n_iter", 1)):
-        chains.append([request | {"n_iter": 1, "denoising_strength": strength,
+        chains.append([request | {"n_iter": 1, "denoising_strength": strength, "subseed": subseed,
                                   "seed": (seed + chain * loops + loop) % (MAX_SEED + 1)}
+                       # As A1111, a loop after the first inpaints from the picture the loop before made.
+                       | ({"inpainting_fill": ORIGINAL} if loop and "inpainting_fill" in request else {})
                        for loop, strength in enumerate(strengths)])
     return chains
+
+
+def loop_mask(mask: Image.Image | None, picture: Image.Image, request: dict) -> Image.Image | None:
+    """The mask for the loops after the first, which start from a picture of the run's size: the first loop's
+    mask as its resize mode fitted it ("Only masked" keeps the picture's size, and the mask as it is)."""
+    if mask is None or request.get("inpaint_full_res"):
+        return mask
+    width, height = size_from_image(picture, request.get("width"), request.get("height"))
+    return fit_image(read_mask(mask, picture.size), width, height, request.get("resize_mode", 0), MASK_RESAMPLE)
+
+
+def _fixed(seed: int | None) -> int:
+    """A seed picked once for all loops where it is random (-1)."""
+    return random.randint(0, MAX_SEED) if seed is None or seed < 0 else seed

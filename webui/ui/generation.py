@@ -104,7 +104,9 @@ class GenerationActions(SeveralRuns):
         one run for each uploaded picture (with its mask, if masks are uploaded);
         txt2img's denoising strength is its hires fix's. With xyz_plot, one run for each combination of the
         axes' values (x_type and x_values, ...: webui/xyz_plot.py), then their grid; with prompt_list, one run
-        for each of prompt_lines (webui/prompt_lines.py)."""
+        for each of prompt_lines (webui/prompt_lines.py); with prompt_matrix, the prompt matrix's runs and grid;
+        img2img's outpainting grows the picture and draws the border (webui/outpainting.py), and loopback runs
+        img2img again from each picture made (webui/loopback.py)."""
         request = {
             "prompt": prompt, "negative_prompt": negative_prompt, "sampler_name": sampler_name,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height,

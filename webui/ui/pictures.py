@@ -17,7 +17,7 @@ from PIL import Image
 
 from webui.engine.img2img import MAX_PICTURE_PIXELS, check_picture_size, scaled_size
 from webui.outpainting import DIRECTIONS, outpaint
-from webui.schemas import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASK_PADDING,
+from webui.schemas import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASK_PADDING, MAX_SIZE, MIN_SIZE,
                            GenerationRequest, InvalidRequest)
 
 # The img2img tab's sub-tabs: how the picture (and the mask) are given.
@@ -222,7 +222,11 @@ def outpainting_start(picture: Image.Image | None, mask: Image.Image | None, pix
         grown = outpaint(picture, int(pixels), int(mask_blur), list(DIRECTIONS if directions is None else directions))
     except ValueError as err:
         raise InvalidRequest(str(err)) from None
-    width, height = grown.picture.width // 8 * 8, grown.picture.height // 8 * 8
+    width, height = grown.picture.size
+    if not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
+        raise InvalidRequest(f"Poor man's outpainting: the canvas would be {width}x{height}; each side must be "
+                             f"{MIN_SIZE} to {MAX_SIZE}: expand by fewer pixels, use a smaller picture, or grow a "
+                             "short side too")
     return grown.picture, grown.mask, {"width": width, "height": height, "resize_mode": 0,
                                        "mask_blur": grown.mask_blur, "inpainting_mask_invert": 0,
                                        "inpaint_full_res": False}

@@ -7,8 +7,8 @@ from __future__ import annotations
 import gradio as gr
 
 from webui.loopback import CURVES, MAX_LOOPS
-from webui.outpainting import DIRECTIONS, MAX_PIXELS, MIN_PIXELS
-from webui.schemas import MASKED_CONTENT, MAX_MASK_BLUR
+from webui.outpainting import DIRECTIONS, MAX_BLUR, MAX_PIXELS, MIN_PIXELS
+from webui.schemas import MASKED_CONTENT
 from webui.xyz_plot import AXIS_NAMES, AXIS_TYPES
 
 MAX_PROMPT_FILE_CHARS = 200_000  # a hundred lines of long prompts, with room
@@ -66,7 +66,7 @@ def outpainting_section() -> dict[str, gr.components.Component]:
         with gr.Row():
             widgets["outpaint_pixels"] = gr.Slider(MIN_PIXELS, MAX_PIXELS, value=128, step=8, label="Pixels to expand",
                                                    elem_id="img2img_outpaint_pixels")
-            widgets["outpaint_mask_blur"] = gr.Slider(0, MAX_MASK_BLUR // 2, value=4, step=1, label="Mask blur",
+            widgets["outpaint_mask_blur"] = gr.Slider(0, MAX_BLUR, value=4, step=1, label="Mask blur",
                                                       elem_id="img2img_outpaint_mask_blur")
         with gr.Row():
             widgets["outpaint_fill"] = gr.Radio(list(MASKED_CONTENT), value="fill", type="index", label="Masked content",

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import gradio as gr
 from PIL import Image
 
+from webui.loopback import loop_mask
 from webui.prompt_lines import line_requests
 from webui.schemas import GeneratedImage, InvalidRequest, JobState
 from webui.ui.params import with_labels
@@ -40,6 +41,13 @@ def _opened(picture: Image.Image | str | Callable[[], Image.Image] | None, where
     if callable(picture):  # one the run before made (Loopback)
         return picture()
     return read_upload(picture, where) if isinstance(picture, str) else picture
+
+
+def _last_picture(done: list[list[GeneratedImage]]) -> Image.Image:
+    """The picture the last loop made, to start the next from; InvalidRequest where it made none to go on from."""
+    if not done[-1] or done[-1][0].unfinished:
+        raise InvalidRequest("Loopback: the last loop was skipped before it finished its picture; the loops end here")
+    return done[-1][0].image
 
 
 class SeveralRuns:
@@ -121,7 +129,10 @@ class SeveralRuns:
         """Loopback: each chain's loops in turn, each loop starting from the picture the loop before made; then all
         their pictures."""
         started, done = time.monotonic(), []
-        submissions = [Submission(request, picture if loop == 0 else (lambda: done[-1][0].image), mask)
+        # Later loops start from the run's size: the mask goes with them as the first loop fitted it.
+        fitted = loop_mask(mask, picture, chains[0][0])
+        submissions = [Submission(request, picture if loop == 0 else (lambda: _last_picture(done)),
+                                  mask if loop == 0 else fitted)
                        for chain in chains for loop, request in enumerate(chain)]
         if (yield from self._in_turn(session, submissions, "Loopback", done)) is not None:
             yield self._show_all(session, [image for images in done for image in images], time.monotonic() - started,
