@@ -210,3 +210,24 @@ def test_a_page_open_to_anyone_may_not_merge(folder, tmp_path):
         said = merge("a", "b", "", "Weighted sum", 0.5, False, "sneaky")
         assert "Not merged" in said and "--gradio-auth" in said and not (folder / "sneaky").exists()
         assert ui.merger.merge.interactive is False
+
+
+def test_a_start_removes_what_a_merge_killed_a_day_ago_left_and_keeps_a_running_ones(folder, tmp_path):
+    import os
+    import time
+
+    from tests.helpers import running_services
+
+    old, running = folder / ".partial-old-mix-0badf00d", folder / ".partial-new-mix-12345678"
+    for partial in (old, running):
+        (partial / "unet").mkdir(parents=True)
+        (partial / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 100)
+    day_ago = time.time() - 25 * 3600
+    os.utime(old, (day_ago, day_ago))
+    try:
+        for _services in running_services(folder, tmp_path / "out", ckpt="a"):
+            assert not old.exists() and running.exists()
+    finally:
+        import shutil
+
+        shutil.rmtree(running, ignore_errors=True)

@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 import sqlite3
 from dataclasses import dataclass
+from pathlib import Path
 
 from webui.config import Settings
 from webui.engine.generate import Engine
 from webui.engine.loader import ModelLoadError
+from webui.engine.merge import remove_stale_partials
 from webui.engine.models import ModelNotFound, ModelRegistry
 from webui.storage.history import History
 from webui.storage.options import OptionsStore
@@ -54,7 +56,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     alone = outputs.claim()
     if not alone:
         log.warning("another running server uses %s too; its unfinished jobs are left alone", outdir)
-    _tidy_up(history, outputs, fail_unfinished_jobs=alone)
+    _tidy_up(history, outputs, fail_unfinished_jobs=alone, models_dir=Path(settings.models_dir))
     styles = StyleStore(settings.styles_path)
     worker = Worker(engine, outputs, history, max_queue=settings.queue_size,
                     preview_every=settings.preview_every, styles=styles).start()
@@ -71,7 +73,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     return services
 
 
-def _tidy_up(history: History, outputs: OutputStore, fail_unfinished_jobs: bool) -> None:
+def _tidy_up(history: History, outputs: OutputStore, fail_unfinished_jobs: bool, models_dir: Path) -> None:
     """Bring the history in line with the outputs folder and the last stop, and remove files a crash left."""
     try:
         repaired = history.reconcile(fail_unfinished_jobs=fail_unfinished_jobs)
@@ -81,5 +83,6 @@ def _tidy_up(history: History, outputs: OutputStore, fail_unfinished_jobs: bool)
                     "what they could not record", err)
         repaired = {}
     repaired["partial_files_removed"] = outputs.remove_partial_files()
+    repaired["unfinished_merges_removed"] = remove_stale_partials(models_dir) if models_dir.is_dir() else 0
     if any(repaired.values()):
         log.warning("history brought in line with the outputs folder and the last stop: %s", repaired)

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import shutil
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -206,6 +207,21 @@ def _first_channels(part: str, key: str, a: torch.Tensor, b: torch.Tensor) -> to
         raise MergeError("to merge an inpainting model with a text-to-image one, make the inpainting model A")
     raise MergeError(f"{part}: {key} is {tuple(a.shape)} in A but {tuple(b.shape)} in the other model: the models "
                      f"are of different kinds ({KINDS_HINT})")
+
+
+def remove_stale_partials(models_dir: Path, older_than: float = 24 * 3600) -> int:
+    """Remove what merges killed halfway (the process ended, say, out of memory) left in the models folder: their
+    hidden temporary folders, gigabytes each. Only those a day old: another server may be merging into the same
+    folder now. Returns how many went."""
+    removed = 0
+    for partial in models_dir.glob(".partial-*"):
+        try:
+            if partial.is_dir() and time.time() - partial.stat().st_mtime > older_than:
+                shutil.rmtree(partial)
+                removed += 1
+        except OSError as err:
+            log.warning("could not remove %s, left by a merge that did not finish: %s", partial, err)
+    return removed
 
 
 def _write(pipe, recipe: MergeRecipe, target: Path) -> None:
