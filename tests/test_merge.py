@@ -61,7 +61,7 @@ def test_a_weighted_sum_is_each_weight_moved_towards_b(folder, registry):
 def test_add_difference_adds_b_minus_c_and_saves_in_half_precision(folder, registry):
     made = merge_models(MergeRecipe("a", "b", "c", method=ADD_DIFFERENCE, multiplier=0.5, save_as_half=True,
                                     name="a plus half b-c"), registry, settings(folder))
-    a, b, c, merged = (weights(folder, name) for name in ("a", "b", "c", "a plus half b-c"))
+    a, b, c, merged = (weights(folder, name) for name in ("a", "b", "c", made.name))
     key = "conv_in.weight"
     assert merged[key].dtype == torch.float16
     assert torch.allclose(merged[key].float(), a[key] + 0.5 * (b[key] - c[key]), atol=2e-3)

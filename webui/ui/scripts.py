@@ -15,6 +15,13 @@ MAX_PROMPT_FILE_CHARS = 200_000  # a hundred lines of long prompts, with room
 VALUES_HELP = "5, 10, 20 · ranges 1-5, 1-9 (+2), 0-1 [5] · sizes 512x768"
 
 
+def _switched(widgets: dict, key: str, label: str, elem_id: str, info: str, settings: str) -> gr.Accordion:
+    """A script's switch (generate()'s parameter `key`, into `widgets`) and the closed section of its settings,
+    to fill inside a `with`."""
+    widgets[key] = gr.Checkbox(False, label=label, elem_id=elem_id, info=info)
+    return gr.Accordion(settings, open=False, elem_id=f"{elem_id}_settings")
+
+
 def axis_types(kind: str) -> list[str]:
     """The axis types a tab offers: img2img has no hires fix."""
     return [label for label, axis in AXIS_TYPES.items() if not (kind == "img2img" and axis.hires)]
@@ -43,9 +50,9 @@ def plot_section(kind: str) -> dict[str, gr.components.Component]:
 
 def prompt_list_section(kind: str) -> dict[str, gr.components.Component]:
     """A1111's "Prompts from file or textbox", by generate() parameter; a text file dropped in fills the box."""
-    widgets = {"prompt_list": gr.Checkbox(False, label="Prompts from a list", elem_id=f"{kind}_prompt_list",
-                                          info="one run for each line below")}
-    with gr.Accordion("Prompts from a list", open=False, elem_id=f"{kind}_prompt_list_settings"):
+    widgets = {}
+    with _switched(widgets, "prompt_list", "Prompts from a list", f"{kind}_prompt_list", "one run for each line below",
+                   "Prompts from a list"):
         widgets["prompt_lines"] = gr.Textbox("", lines=5, max_lines=20, label="One prompt a line",
                                              placeholder='a red fox\n--prompt "a blue fox" --steps 30 --seed 5',
                                              elem_id=f"{kind}_prompt_lines")
@@ -60,9 +67,9 @@ def prompt_list_section(kind: str) -> dict[str, gr.components.Component]:
 
 def outpainting_section() -> dict[str, gr.components.Component]:
     """A1111's "Poor man's outpainting" (img2img), by generate() parameter: grow the picture and draw the border."""
-    widgets = {"outpainting": gr.Checkbox(False, label="Poor man's outpainting", elem_id="img2img_outpainting",
-                                          info="a larger canvas, its new border drawn to match the picture")}
-    with gr.Accordion("Outpainting settings", open=False, elem_id="img2img_outpainting_settings"):
+    widgets = {}
+    with _switched(widgets, "outpainting", "Poor man's outpainting", "img2img_outpainting",
+                   "a larger canvas, its new border drawn to match the picture", "Outpainting settings"):
         with gr.Row():
             widgets["outpaint_pixels"] = gr.Slider(MIN_PIXELS, MAX_PIXELS, value=128, step=8, label="Pixels to expand",
                                                    elem_id="img2img_outpaint_pixels")
@@ -79,9 +86,9 @@ def outpainting_section() -> dict[str, gr.components.Component]:
 
 def loopback_section() -> dict[str, gr.components.Component]:
     """A1111's "Loopback" (img2img), by generate() parameter: each picture made starts the next run."""
-    widgets = {"loopback": gr.Checkbox(False, label="Loopback", elem_id="img2img_loopback",
-                                       info="each picture made is the picture to start the next run from")}
-    with gr.Accordion("Loopback settings", open=False, elem_id="img2img_loopback_settings"):
+    widgets = {}
+    with _switched(widgets, "loopback", "Loopback", "img2img_loopback",
+                   "each picture made is the picture to start the next run from", "Loopback settings"):
         with gr.Row():
             widgets["loopback_loops"] = gr.Slider(1, MAX_LOOPS, value=4, step=1, label="Loops",
                                                   elem_id="img2img_loopback_loops")
@@ -98,9 +105,9 @@ MATRIX_PROMPTS = ("positive", "negative")  # A1111's "Select prompt"
 
 def prompt_matrix_section(kind: str) -> dict[str, gr.components.Component]:
     """A1111's "Prompt matrix", by generate() parameter: every combination of the prompt's parts after "|"."""
-    widgets = {"prompt_matrix": gr.Checkbox(False, label="Prompt matrix", elem_id=f"{kind}_prompt_matrix",
-                                            info='every combination of the parts after "|" in the prompt, in a grid')}
-    with gr.Accordion("Prompt matrix settings", open=False, elem_id=f"{kind}_prompt_matrix_settings"):
+    widgets = {}
+    with _switched(widgets, "prompt_matrix", "Prompt matrix", f"{kind}_prompt_matrix",
+                   'every combination of the parts after "|" in the prompt, in a grid', "Prompt matrix settings"):
         with gr.Row():
             widgets["matrix_parts_first"] = gr.Checkbox(False, label="Put variable parts at start of prompt",
                                                         elem_id=f"{kind}_matrix_parts_first")
