@@ -47,7 +47,7 @@ CONFIGS = ROOT / "webui" / "engine" / "model_configs"
 ROWS = ("eager", "compiled_unet", "fast_path", "engine")
 SITE_FRAMES = 6  # Python frames kept per loop sync: enough to reach our code from inside torch
 # What --tune can time; each keeps the maths the same (the rows' images are checked against eager), except
-# fp8_linear, which rounds the linear layers' operands to 8 bits to see what that would buy.
+# the fp8 rows, which round the linear layers' operands to 8 bits to see what that would buy.
 TUNINGS = {
     "cudnn_benchmark": "cuDNN times its convolution algorithms for each shape and keeps the fastest",
     "conv_1x1_as_mm": "inductor turns 1x1 convolutions into matmuls that it can fuse with their neighbours",
@@ -55,6 +55,7 @@ TUNINGS = {
     "coordinate_descent": "inductor tunes each Triton kernel's block sizes by coordinate descent while compiling",
     "freezing": "inductor folds the weights into the compiled graph as constants and picks their layouts",
     "fp8_linear": "the UNet's linear layers multiply in float8 (e4m3, scaled per tensor; changes the maths)",
+    "fp8_linear_static": "fp8_linear with each input's scale measured once in a calibration run, not every call",
     "fused_qkv": "one matmul for an attention layer's query, key and value projections",
 }
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
@@ -325,7 +326,7 @@ def tuning(name: str):
         order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         with sdpa_kernel(order, set_priority=True):
             yield
-    else:  # fused_qkv and fp8_linear change the models, not a global setting
+    else:  # fused_qkv and the fp8 rows change the models, not a global setting
         yield
 
 
@@ -356,9 +357,15 @@ def tuned_pipeline(name: str, components: dict, args):
 
 
 def measure_tuned(name: str, components: dict, args, measure) -> None:
+    from webui.engine.fp8_linear import calibrated
+
     with tuning(name), contextlib.ExitStack() as stack:
-        if name == "fp8_linear":
-            components = {**components, "unet": stack.enter_context(fp8_unet(components, args))}
+        if name.startswith("fp8_linear"):
+            unet = stack.enter_context(fp8_unet(components, args))
+            components = {**components, "unet": unet}
+            if name == "fp8_linear_static":  # one uncompiled run at the row's first batch size sets the scales
+                with calibrated(unet):
+                    generate(make_pipeline(components), args, args.tune_batch_sizes[0])
         measure(f"fast_path+{name}", tuned_pipeline(name, components, args), args.tune_batch_sizes)
 
 

@@ -33,3 +33,23 @@ def test_only_linears_the_fp8_matmul_takes_are_replaced():
     assert isinstance(model[0], Fp8Linear) and type(model[2][0]) is nn.Linear and type(model[3]) is nn.Linear
     x = torch.randn(4, 32)
     assert model(x).shape == (4, 16)
+
+
+def test_after_calibrating_each_layer_scales_by_the_largest_input_it_saw_and_one_never_called_stays_dynamic():
+    from webui.engine.fp8_linear import FP8_MAX, calibrated
+
+    torch.manual_seed(1)
+    model = nn.ModuleDict({"used": nn.Linear(32, 16), "unused": nn.Linear(32, 16)})
+    use_fp8_linears(model)
+    small, large = torch.randn(5, 32), torch.randn(5, 32) * 10
+    with calibrated(model):
+        model["used"](small)
+        model["used"](large)
+    assert torch.allclose(model["used"].input_scale, large.abs().max() / FP8_MAX)
+    assert model["unused"].input_scale is None and model["used"].seen_amax is None
+    # On the largest input the static scale is the dynamic one: the same numbers.
+    dynamic = Fp8Linear(nn.Linear(32, 16))
+    dynamic.load_state_dict(model["used"].state_dict())
+    assert torch.equal(model["used"](large), dynamic(large))
+    # On a smaller input it is coarser than the dynamic scale, but still close to the fp32 layer.
+    assert relative_error(model["used"](small), dynamic(small)) < 0.2

@@ -2,10 +2,13 @@
 fp16 rate. An experiment measured by `bench/gpu_speed.py --tune fp8_linear`, not on in the engine: unlike
 the fast path it changes the maths (8-bit mantissas of 3 bits), so a seed's picture moves a little.
 
-Each weight is stored in e4m3 with one scale for the whole tensor; each input is scaled by its own largest
-magnitude on every call (dynamic scaling), so no calibration run is needed.
+Each weight is stored in e4m3 with one scale for the whole tensor. Each input is scaled by its own largest
+magnitude on every call (dynamic scaling, no calibration run needed), or, after `calibrated()`, by the largest
+magnitude a calibration run saw (static scaling): no reduction over the input per call.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -38,16 +41,36 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_fp8", _to_fp8(weight, scale))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.input_scale: torch.Tensor | None = None  # static scaling's, once calibrated
+        self.seen_amax: torch.Tensor | None = None  # the largest input magnitude while calibrating
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        scale = _scale(rows)
+        if self.seen_amax is not None:  # calibrating: remember the largest input, and run dynamically
+            self.seen_amax = torch.maximum(self.seen_amax, rows.detach().abs().amax().float())
+        scale = _scale(rows) if self.input_scale is None else self.input_scale
         # The second operand must be column-major: the transpose of the row-major (out, in) weight is.
         y = torch._scaled_mm(_to_fp8(rows, scale), self.weight_fp8.t(), scale_a=scale,
                              scale_b=self.weight_scale, out_dtype=self.out_dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+@contextlib.contextmanager
+def calibrated(model: nn.Module, margin: float = 1.0):
+    """Run what needs calibrating inside: afterwards every Fp8Linear of `model` scales its inputs by the largest
+    magnitude it saw there (times `margin`), never measuring them again. A layer that saw no input stays dynamic."""
+    layers = [module for module in model.modules() if isinstance(module, Fp8Linear)]
+    for layer in layers:
+        layer.seen_amax = torch.zeros((), device=layer.weight_scale.device)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            if layer.seen_amax is not None and float(layer.seen_amax) > 0:
+                layer.input_scale = (layer.seen_amax * margin / FP8_MAX).clone()  # a plain tensor, not an inference one
+            layer.seen_amax = None
 
 
 def fits(linear: nn.Linear) -> bool:
