@@ -38,6 +38,7 @@ MAX_NAME_BYTES = 200  # UTF-8: a file name holds 255, and the temporary name add
 KINDS_HINT = "an SD 1.x model merges with SD 1.x models, an SD 2.x one with SD 2.x ones"
 _NOT_IN_NAMES = re.compile(r"[/\\:*?\"<>|\x00-\x1f]")  # one folder name, valid on Windows too
 _WINDOWS_DEVICES = re.compile(r"^(CON|PRN|AUX|NUL|COM\d|LPT\d)(\..*)?$", re.IGNORECASE)
+NOT_A_MODEL_FOLDER = "that folder holds LoRAs or embeddings, never models: choose another"
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-f]{8,10}\]$")  # "name [abc12345]": the registry reads it as a hash
 
 
@@ -115,7 +116,7 @@ def _name_problem(name: str) -> str | None:
     if _WINDOWS_DEVICES.match(name):
         return "that is a device name on Windows: choose another"
     if name.lower() in (LORA_FOLDER.lower(), EMBEDDINGS_FOLDER.lower()):
-        return "that folder holds LoRAs or embeddings, never models: choose another"
+        return NOT_A_MODEL_FOLDER
     if name.lower().endswith(SINGLE_FILE_SUFFIXES):
         return "a folder named like a model file would be mistaken for one: leave the suffix out"
     if _HASH_SUFFIX.search(name):
@@ -126,8 +127,8 @@ def _name_problem(name: str) -> str | None:
 def merge_models(recipe: MergeRecipe, registry: ModelRegistry, settings: Settings) -> Path:
     """Make the merged model, write it into the models folder and list it; returns its folder."""
     target = check_recipe(recipe, registry.models_dir)
-    if target.resolve() in _skipped(registry):
-        raise MergeError(f"name {target.name!r}: that folder holds LoRAs or embeddings, never models: choose another")
+    if target.resolve() in _skipped(registry):  # --lora-dir or --embeddings-dir, named otherwise
+        raise MergeError(f"name {target.name!r}: {NOT_A_MODEL_FOLDER}")
     entries = [registry.find_listed(model) for _role, model in recipe.models_needed()]
     if any(entry.path is not None and entry.path.resolve() in _skipped(registry) for entry in entries):
         raise MergeError("a model in the LoRA or embeddings folder cannot be merged")
@@ -141,9 +142,7 @@ def merge_models(recipe: MergeRecipe, registry: ModelRegistry, settings: Setting
         module = getattr(result, part)
         merged = merge_state(part, module.state_dict(), *[weights.pop(part) for weights in others],
                              method=recipe.method, multiplier=recipe.multiplier)
-        module.load_state_dict(merged)  # B's and C's weights of this part are let go here: one part at a time
-        del merged
-    del others
+        module.load_state_dict(merged)  # B's and C's weights of this part were popped: let go, one part at a time
     if recipe.save_as_half:
         result.to(torch.float16)
     _write(result, recipe, target)
