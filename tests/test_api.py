@@ -207,6 +207,8 @@ def test_a_model_override_is_undone_after_the_job_unless_asked_to_keep_it(client
     ({"enable_hr": True, "hr_scale": 40}, "hr_scale"),
     ({"enable_hr": True, "firstphase_width": 256}, "firstphase_width"),  # A1111's old hires fix
     ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts"),
+    ({"script_name": "SD upscale"}, "script_name"),  # an img2img script
+    ({"script_name": "x/y/z plot", "script_args": [1, "5, 10"]}, "script_name"),  # not on the API
     ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "override_settings.CLIP_stop_at_last_layers"),
     ({"infotext": "cat\nSteps: 2, Sampler: Euler, Seed: 5, Clip skip: 50"}, "infotext (Clip skip)"),  # where it came from
 ])
@@ -421,7 +423,11 @@ def test_lists_and_memory(client):
     assert "k_euler_a" in samplers[names.index("Euler a")]["aliases"]
     schedulers = client.get("/sdapi/v1/schedulers").json()
     assert [(s["name"], s["label"]) for s in schedulers][:2] == [("automatic", "Automatic"), ("karras", "Karras")]
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": ["sd upscale"]}
+    [info] = client.get("/sdapi/v1/script-info").json()
+    assert info["name"] == "sd upscale" and info["is_img2img"] and not info["is_alwayson"]
+    assert [arg["label"] for arg in info["args"]] == ["Info", "Tile overlap", "Upscaler", "Scale Factor"]
+    assert info["args"][2]["choices"] == ["None", "Lanczos", "Nearest"]  # A1111's positions: script_args[2]
     for missing_feature in ("sd-vae", "prompt-styles", "loras"):
         assert client.get(f"/sdapi/v1/{missing_feature}").json() == [], missing_feature  # clients read these at start
     # A1111's names, which hr_upscaler and the Extras routes take
@@ -734,7 +740,7 @@ def test_prompt_styles_are_listed_and_joined_into_the_prompts(client, services):
 
 
 def test_other_a1111_routes_clients_call_answer_and_change_nothing(client, services):
-    for name in ("realesrgan-models", "script-info", "extensions"):
+    for name in ("realesrgan-models", "extensions"):
         assert client.get(f"/sdapi/v1/{name}").json() == [], name
     model = services.engine.model
     for name in ("refresh-vae", "refresh-embeddings", "refresh-loras"):

@@ -198,6 +198,20 @@ def _refusals() -> dict[str, tuple[dict, str]]:
         "strength above 1": ({"init_images": [one], "denoising_strength": 1.5}, "denoising_strength: "),
         "a picture of 144 megapixels": ({"init_images": [huge]}, "init_images[0]: the picture is 12000x12000"),
         "noise multiplier": ({"init_images": [one], "initial_noise_multiplier": 0.5}, "initial_noise_multiplier: "),
+        "an unknown script": ({"init_images": [one], "script_name": "Loopback"}, "script_name: there is no img2img "
+                                                                                   "script 'Loopback'"),
+        "SD upscale with an ESRGAN": ({"init_images": [one], "script_name": "SD upscale",
+                                       "script_args": [None, 64, 5, 2]}, "script_args[2] (upscaler): no upscaler 5"),
+        "SD upscale overlap of a word": ({"init_images": [one], "script_name": "sd upscale",
+                                          "script_args": ["", "wide"]}, "script_args[1] (tile overlap): expected a "
+                                                                        "number"),
+        "SD upscale scale 9": ({"init_images": [one], "script_name": "sd upscale", "script_args": ["", 8, 0, 9]},
+                               "script_args[3] (scale factor): "),
+        "SD upscale with a mask": ({"init_images": [one], "mask": one, "script_name": "sd upscale"},
+                                   "SD upscale draws the whole picture again"),
+        "SD upscale tile larger than the picture": ({"init_images": [one], "script_name": "sd upscale", "width": 256,
+                                                     "height": 256}, "SD upscale: the upscaled picture (128x128) is "
+                                                                     "smaller than a tile"),
     }
 
 
@@ -251,3 +265,15 @@ def test_docs_list_img2img_with_its_request_model(client):
     assert "Img2ImgRequest" in json.dumps(paths["/sdapi/v1/img2img"])
     assert "Img2ImgRequest" in json.dumps(paths["/api/v1/jobs/img2img"])
     assert "501" not in paths["/sdapi/v1/img2img"]["post"]["responses"]
+
+
+def test_sd_upscale_returns_the_picture_enlarged_and_drawn_again_in_tiles(client, services):
+    r = client.post("/sdapi/v1/img2img", json=QUICK | {
+        "init_images": [b64(picture(8, 80, 64))], "width": 64, "height": 64, "save_images": True, "n_iter": 2,
+        "script_name": "SD upscale", "script_args": [None, 16, 2, 1.5]})  # Nearest, by its place in A1111's list
+    assert r.status_code == 200, r.text
+    images, info = r.json()["images"], json.loads(r.json()["info"])
+    assert [png(image).size for image in images] == [(120, 96)] * 2  # one per batch count, no grid
+    assert info["seed"] == 5 and info["all_seeds"] == [5, 6]
+    assert "SD upscale overlap: 16, SD upscale upscaler: Nearest" in info["infotexts"][0]
+    assert not np.array_equal(pixels(images[0]), pixels(images[1]))  # the second starts from seed 6

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from webui.engine.hires import HIRES_UPSCALERS, MAX_SCHEDULE, hires_size, schedule_steps
 from webui.engine.samplers import get_sampler, resolve_sampler
+from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE, UPSCALERS as SD_UPSCALERS
 
 MAX_PROMPT_CHARS = 2000
 MIN_SIZE, MAX_SIZE = 64, 2048
@@ -96,6 +97,12 @@ class GenerationRequest(BaseModel):
     hr_negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS,
                                            description="hires fix: the second pass's negative prompt (None or empty: "
                                                        "the negative prompt)")
+    # SD upscale (img2img): the picture enlarged, then drawn again in overlapping tiles of width x height.
+    sd_upscale: bool = Field(False, description="img2img: A1111's SD upscale script; one picture per batch count")
+    sd_upscale_overlap: int = Field(64, ge=0, le=MAX_OVERLAP, description="SD upscale: pixels neighbouring tiles "
+                                                                          "share, at least")
+    sd_upscale_scale: float = Field(2.0, ge=MIN_SCALE, le=MAX_SCALE, description="SD upscale: how many times larger")
+    sd_upscale_upscaler: str = Field(DEFAULT_UPSCALER, description=f"SD upscale: one of {', '.join(SD_UPSCALERS)}")
     tiling: bool = Field(False, description="pictures that tile seamlessly: right edge into left, bottom into top")
     styles: list[str] = Field(default_factory=list, max_length=20,
                               description="prompt styles (styles.csv) joined into the prompts before the run")
@@ -148,6 +155,13 @@ class GenerationRequest(BaseModel):
             return "Lanczos"
         if isinstance(name, str) and name not in HIRES_UPSCALERS:
             raise ValueError(f"unknown upscaler {name!r}; choose one of: {', '.join(HIRES_UPSCALERS)}")
+        return name
+
+    @field_validator("sd_upscale_upscaler")
+    @classmethod
+    def _known_sd_upscaler(cls, name: str) -> str:
+        if name not in SD_UPSCALERS:
+            raise ValueError(f"unknown upscaler {name!r}; choose one of: {', '.join(SD_UPSCALERS)}")
         return name
 
     @field_validator("seed_resize_from_w", "seed_resize_from_h")
@@ -219,7 +233,8 @@ class GenerationRequest(BaseModel):
 
     @property
     def image_count(self) -> int:
-        return self.batch_size * self.n_iter
+        """The pictures the job makes: SD upscale makes one from all its tiles for each batch count."""
+        return self.n_iter if self.sd_upscale else self.batch_size * self.n_iter
 
     @property
     def is_img2img(self) -> bool:

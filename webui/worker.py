@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from webui import __version__
-from webui.engine.generate import DenoisingStopped, Engine, LoadedModel, composition_problem
+from webui.engine.generate import DenoisingStopped, Engine, EngineImage, LoadedModel, composition_problem
 from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sha1, size_from_image
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.models import ModelEntry
@@ -35,6 +35,7 @@ from webui.storage.filenames import NameParts
 from webui.storage.history import History
 from webui.storage.infotext import build_infotext
 from webui.storage.outputs import OutputStore, make_grid
+from webui.sd_upscale import TileLayout, enlarge, tile_layout
 from webui.storage.styles import StyleStore
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ class Job:
     start_in_history: bool = False  # its start time is written (needs the row)
     # Saved images whose history rows wait for the job's row, each with the call that writes its row.
     unrecorded: list[tuple[GeneratedImage, Callable[[], int]]] = field(default_factory=list)
-    init_image: Image.Image | None = field(default=None, repr=False)  # img2img: the start, at the run's size
+    # img2img: the start, at the run's size (SD upscale's: the whole picture, to enlarge and cut into tiles)
+    init_image: Image.Image | None = field(default=None, repr=False)
     inpainting: Inpainting | None = field(default=None, repr=False)  # img2img with a mask: where to draw
     started_at: float | None = None
     finished_at: float | None = None
@@ -561,6 +563,9 @@ class Worker:
         if job.cancel_event.is_set():  # cancelled as the worker took it: no model switch for nothing
             raise JobCancelled
         self._prepare(job)
+        if job.request.sd_upscale:
+            self._upscale_in_tiles(job)
+            return
         pace = StepPace()
         for batch in range(job.request.n_iter):
             if job.cancel_event.is_set():
@@ -613,6 +618,47 @@ class Worker:
         for i, result in enumerate(results):
             self._keep_image(job, result, first + i, seconds)
 
+    def _upscale_in_tiles(self, job: Job) -> None:
+        """SD upscale: for each batch count, the picture enlarged, cut into tiles, the tiles drawn again batch_size
+        at a time (tile t with seed + t, whatever the batch size) and joined into the job's picture. A Skip ends
+        that picture with nothing to show; the next batch count goes on."""
+        request, pace = job.request, StepPace()
+        layout = _tiles_for(request, job.init_image.size)
+        tiles = layout.cut(enlarge(job.init_image, request.sd_upscale_scale, request.sd_upscale_upscaler))
+        groups = [range(first, min(first + request.batch_size, len(tiles)))
+                  for first in range(0, len(tiles), request.batch_size)]
+        for upscale in range(request.n_iter):
+            job.skip_event.clear()
+            started, drawn = time.time(), []
+            for number, group in enumerate(groups):
+                if job.cancel_event.is_set():
+                    raise JobCancelled
+                run = (upscale * len(groups) + number, request.n_iter * len(groups))
+                try:
+                    drawn += self._draw_tiles(job, [tiles[t] for t in group], upscale, group.start, run, pace)
+                except BatchSkipped:
+                    break
+            else:
+                joined = layout.join([result.image for result in drawn])
+                self._keep_image(job, EngineImage(joined, job.seeds[upscale], any(r.nsfw for r in drawn)), upscale,
+                                 time.time() - started)
+
+    def _draw_tiles(self, job: Job, tiles: list[Image.Image], upscale: int, first: int, run: tuple[int, int],
+                    pace: StepPace) -> list[EngineImage]:
+        """One batch of SD upscale's tiles (the first of them tile `first`) drawn again; run: (this, of all)."""
+        request = job.request
+        seeds = [(job.seeds[upscale] + first + i) % (MAX_SEED + 1) for i in range(len(tiles))]
+        subseeds = ([(job.subseeds[upscale] + first + i) % (MAX_SEED + 1) for i in range(len(tiles))]
+                    if request.subseed_strength > 0 else None)
+        compiling = self.engine.pending_compiles(request, len(seeds))
+        job.progress.note = self._compile_note(request, compiling)
+        try:
+            return job.context.run(self.engine.generate, request, seeds,
+                                   self._step_callback(job, run[0], compiling, pace, run[1], upscale), subseeds,
+                                   tiles, None)
+        finally:
+            job.progress.note = None
+
     def _save_grid(self, job: Job, images: list[GeneratedImage]) -> None:
         grid = make_grid([im.image for im in images])
         try:
@@ -629,8 +675,12 @@ class Worker:
         return (f"Compiling the {' and the '.join(parts)} for {width}x{height} (once for each new size, batch "
                 "size, prompt length or kind of sampler; later runs reuse it)")
 
-    def _step_callback(self, job: Job, batch: int, compiling: list[str], pace: StepPace):
-        batches = job.request.n_iter
+    def _step_callback(self, job: Job, batch: int, compiling: list[str], pace: StepPace, batches: int | None = None,
+                       image_index: int | None = None):
+        """The engine's step callback for run `batch` of `batches` (the batch counts; SD upscale's tile runs, which
+        make picture `image_index`)."""
+        batches = batches or job.request.n_iter
+        image_index = batch * job.request.batch_size if image_index is None else image_index
         # The VAE decoder compiles after the last step, while the bar would otherwise say 100 %.
         decoder_note = self._compile_note(job.request, ["VAE decoder"] if "VAE decoder" in compiling else [])
 
@@ -645,7 +695,7 @@ class Worker:
             pace.step(step, total_steps)
             steps_left = (total_steps - step) + (batches - batch - 1) * total_steps
             job.progress = Progress(
-                step=step, total_steps=total_steps, image_index=batch * job.request.batch_size,
+                step=step, total_steps=total_steps, image_index=image_index,
                 image_count=job.request.image_count, fraction=fraction, eta_seconds=pace.eta(steps_left),
                 note=decoder_note if step == total_steps else None,
             )
@@ -668,6 +718,8 @@ class Worker:
             "Denoising strength": request.denoising_strength if request.is_img2img or request.enable_hr else None,
             **_hires_infotext(request),
             **_inpainting_infotext(request),
+            "SD upscale overlap": request.sd_upscale_overlap if request.sd_upscale else None,
+            "SD upscale upscaler": request.sd_upscale_upscaler if request.sd_upscale else None,
             # As A1111 says of a model made for inpainting: how much of its masked picture it was given (all).
             "Conditional mask weight": 1.0 if model.inpainting else None,
             "Model hash": model.short_hash,
@@ -676,8 +728,8 @@ class Worker:
             "Variation seed strength": request.subseed_strength if request.subseed_strength > 0 else None,
             "Seed resize from": "{}x{}".format(*request.seed_resize) if request.seed_resize else None,
             # As A1111: which image of its batch this is (a batch image differs from a single run by rounding).
-            "Batch size": request.batch_size if request.batch_size > 1 else None,
-            "Batch pos": index % request.batch_size if request.batch_size > 1 else None,
+            "Batch size": request.batch_size if request.batch_size > 1 and not request.sd_upscale else None,
+            "Batch pos": index % request.batch_size if request.batch_size > 1 and not request.sd_upscale else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "Tiling": True if request.tiling else None,
             "Pad conds": True if self.engine.pads_prompts(request) else None,
@@ -803,6 +855,9 @@ def _with_init_image(request: GenerationRequest, image: Image.Image | None, mask
     where it gives no size), the picture it starts from at that size, and with a mask the Inpainting; a txt2img
     request as it is."""
     if image is None:
+        if request.sd_upscale:
+            raise InvalidRequest("sd_upscale: SD upscale enlarges a picture: give the picture to start from (it is "
+                                 "an img2img script)")
         if request.is_img2img or request.is_inpainting or mask is not None:
             raise InvalidRequest("init_image: give the picture to start from, not only its hash" if request.is_img2img
                                  else "init_image: inpainting needs the picture to draw into, besides the mask")
@@ -811,6 +866,14 @@ def _with_init_image(request: GenerationRequest, image: Image.Image | None, mask
         raise InvalidRequest("mask: give the mask picture, not only its hash")
     image = _read_picture(image, "init_image", as_rgb)
     fields = {"init_image": image_sha1(image)}
+    if request.sd_upscale:  # the picture kept whole; the size is a tile's
+        if mask is not None:
+            raise InvalidRequest("SD upscale draws the whole picture again: use it without a mask (on the img2img "
+                                 "sub-tab, not an Inpaint one)")
+        width, height = size_from_image(image, request.width, request.height)
+        request = parse_request(request.model_dump() | fields | {"width": width, "height": height})
+        _tiles_for(request, image.size)
+        return request, image, None
     if mask is None:
         width, height = size_from_image(image, request.width, request.height)
         request = parse_request(request.model_dump() | fields | {"width": width, "height": height})
@@ -825,6 +888,16 @@ def _with_init_image(request: GenerationRequest, image: Image.Image | None, mask
         raise InvalidRequest(f"mask: {err}") from None
     request = parse_request(request.model_dump() | fields | {"mask": image_sha1(mask), "width": width, "height": height})
     return request, start, inpainting
+
+
+def _tiles_for(request: GenerationRequest, picture_size: tuple[int, int]) -> TileLayout:
+    """SD upscale's tiles for a picture of `picture_size`, of the request's size; InvalidRequest saying what to
+    change."""
+    try:
+        return tile_layout(picture_size, (request.width, request.height), request.sd_upscale_overlap,
+                           request.sd_upscale_scale, request.sd_upscale_upscaler)
+    except ValueError as err:
+        raise InvalidRequest(str(err)) from None
 
 
 def _read_picture(picture: Image.Image, field: str, read: Callable[[Image.Image], Image.Image]) -> Image.Image:

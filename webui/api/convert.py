@@ -25,6 +25,7 @@ from webui.extras import MAX_PICTURES, MAX_REQUEST_PIXELS, upscale, upscaled_siz
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
 from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
 from webui.schemas import InvalidRequest, a1111_seed_resize, parse_request
+from webui.sd_upscale import UPSCALERS as SD_UPSCALERS
 from webui.storage.infotext import parse_infotext, request_fields_from_infotext
 from webui.storage.options import SavedOptions
 from webui.storage.outputs import image_bytes, read_infotext, text_chunks
@@ -48,7 +49,6 @@ _UNSUPPORTED = (
     ("gfpgan_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
     ("codeformer_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
     ("refiner_checkpoint", lambda v: v not in (None, "", "None", "none"), "a refiner is not supported yet"),
-    ("script_name", lambda v: v not in (None, "", "None", "none"), "no scripts are installed on this server"),
     ("alwayson_scripts", lambda v: bool(v), "no always-on scripts are installed on this server"),
     ("firstphase_width", lambda v: bool(v), "the old hires fix's first-pass size is not supported; send 0, and "
                                             "hr_scale or hr_resize_x/hr_resize_y for the larger size"),
@@ -129,6 +129,9 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     }
     if img2img:
         data["resize_mode"] = 0 if req.resize_mode is None else req.resize_mode
+    script, refused = script_fields(req)
+    data |= script
+    problems.extend(refused)
     if img2img and req.mask:
         inpainting, refused = inpainting_fields(req)
         data |= inpainting
@@ -144,6 +147,45 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     if problems:
         raise ApiError(422, "; ".join(dict.fromkeys(problems)), "InvalidRequest")
     return data, [note] if note else []
+
+
+SD_UPSCALE = "sd upscale"  # A1111's script name, as /sdapi/v1/scripts lists it
+# SD upscale's script_args, by A1111's positions (the first, its help text, is unused): field, label, default,
+# reader (None: the upscaler's).
+_SD_UPSCALE_ARGS = (("sd_upscale_overlap", "tile overlap", 64, int),
+                    ("sd_upscale_upscaler", "upscaler", "Lanczos", None),
+                    ("sd_upscale_scale", "scale factor", 2.0, float))
+
+
+def script_fields(req: GenerationBody) -> tuple[dict[str, Any], list[str]]:
+    """A body's script_name and script_args as request fields (img2img's SD upscale is the one script here), and
+    what is refused. As A1111, the name is matched without case; args left out take the script's defaults."""
+    name = (req.script_name or "").strip()
+    if name.lower() in ("", "none"):
+        return {}, []
+    if not isinstance(req, Img2ImgRequest) or name.lower() != SD_UPSCALE:
+        return {}, [f"script_name: there is no {'img2img' if isinstance(req, Img2ImgRequest) else 'txt2img'} script "
+                    f"{name!r} on this server; img2img has {SD_UPSCALE!r} (GET /sdapi/v1/scripts lists them)"]
+    fields, refused, args = {"sd_upscale": True}, [], list(req.script_args or [])
+    for position, (field, label, default, read) in enumerate(_SD_UPSCALE_ARGS, start=1):
+        value = args[position] if position < len(args) and args[position] is not None else default
+        try:
+            fields[field] = _sd_upscaler(value) if read is None else read(value)
+        except (TypeError, ValueError) as err:
+            refused.append(f"script_args[{position}] ({label}): " + (
+                str(err) if read is None else f"expected a number, got {value!r}"))
+    return fields, refused
+
+
+def _sd_upscaler(value: Any) -> str:
+    """SD upscale's upscaler, given by its place in A1111's list (0 None, 1 Lanczos, 2 Nearest) or by name."""
+    if isinstance(value, int) and 0 <= value < len(SD_UPSCALERS):
+        return SD_UPSCALERS[value]
+    by_name = {upscaler.lower(): upscaler for upscaler in SD_UPSCALERS}
+    if isinstance(value, str) and value.lower() in by_name:
+        return by_name[value.lower()]
+    choices = ", ".join(f"{i} {upscaler}" for i, upscaler in enumerate(SD_UPSCALERS))
+    raise ValueError(f"no upscaler {value!r} on this server; send one of {choices} (the number or the name)")
 
 
 _HIRES_PASTED = ("enable_hr", "denoising_strength", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
@@ -265,6 +307,8 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
     names = {"clip_skip": clip_skip_field(req), "model": "override_settings.sd_model_checkpoint"}
     if isinstance(req, Img2ImgRequest):
         names["init_image"] = "init_images[0]"
+        names |= {field: f"script_args[{position}] ({label})" for position, (field, label, _, _)
+                  in enumerate(_SD_UPSCALE_ARGS, start=1)}
     return names
 
 

@@ -59,11 +59,13 @@ class GenerationBody(BaseModel):
     # --- accepted for compatibility; the adapter rejects values that ask for a missing feature --
     restore_faces: bool | None = None
     refiner_checkpoint: str | None = None
-    script_name: str | None = None
+    script_name: str | None = Field(None, description="img2img: 'sd upscale' (A1111's SD upscale), or none")
+    script_args: list[Any] | None = Field(default_factory=list, description="the script's arguments by A1111's "
+                                          "positions; sd upscale: [unused, tile overlap, upscaler (0 None, 1 Lanczos, "
+                                          "2 Nearest, or its name), scale factor]")
     alwayson_scripts: dict[str, Any] | None = Field(default_factory=dict)
 
     # --- accepted and ignored (sampler fine-tuning, A1111 internals) ------------------------------
-    script_args: list[Any] | None = Field(default_factory=list)
     do_not_save_samples: bool | None = False
     do_not_save_grid: bool | None = False
     eta: float | None = None
@@ -274,6 +276,23 @@ class MemoryResponse(BaseModel):
 class ScriptsList(BaseModel):
     txt2img: list[str] = []
     img2img: list[str] = []
+
+
+class ScriptArg(BaseModel):
+    """One of a script's script_args, as A1111's /sdapi/v1/script-info describes it."""
+    label: str | None = None
+    value: Any = None
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    choices: list[str] | None = None
+
+
+class ScriptInfo(BaseModel):
+    name: str
+    is_alwayson: bool = False
+    is_img2img: bool = False
+    args: list[ScriptArg] = []
 
 
 class OptionsUpdateResponse(BaseModel):

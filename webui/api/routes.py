@@ -23,13 +23,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from webui.api import convert
-from webui.api.convert import ApiError
+from webui.api.convert import SD_UPSCALE, ApiError
 from webui.api.models import (
     ErrorResponse, ExtrasBatchImagesRequest, ExtrasBody, ExtrasBatchImagesResponse, ExtrasSingleImageRequest,
     ExtrasSingleImageResponse, GenerationBody, GenerationResponse, Img2ImgRequest, JobCancelReply, JobCreated,
     JobStatus, LatentUpscaleModeItem, LoraItem, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest,
-    PNGInfoResponse, ProgressResponse, PromptStyleItem, SamplerItem, SchedulerItem, ScriptsList, SDModelItem,
-    Txt2ImgRequest, UpscalerItem,
+    PNGInfoResponse, ProgressResponse, PromptStyleItem, SamplerItem, SchedulerItem, ScriptArg, ScriptInfo,
+    ScriptsList, SDModelItem, Txt2ImgRequest, UpscalerItem,
 )
 from webui.engine.hires import LATENT_UPSCALERS
 from webui.engine.loader import ModelLoadError
@@ -38,6 +38,7 @@ from webui.engine.models import ModelNotFound
 from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_key
 from webui.extras import EXTRAS_UPSCALERS
 from webui.schemas import InvalidRequest, JobState, describe_validation_errors
+from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE, UPSCALERS as SD_UPSCALERS
 from webui.storage.history import owner_key
 from webui.storage.options import OPTION_KEYS, SettingsFrozen
 from webui.worker import Job, QueueFull, WorkerStopped, await_result
@@ -433,7 +434,16 @@ class Api:
         ]
 
     def scripts(self) -> ScriptsList:
-        return ScriptsList()
+        return ScriptsList(img2img=[SD_UPSCALE])
+
+    @staticmethod
+    def script_info() -> list[ScriptInfo]:
+        """SD upscale's script_args, in A1111's order and with its labels."""
+        return [ScriptInfo(name=SD_UPSCALE, is_img2img=True, args=[
+            ScriptArg(label="Info", value=None),
+            ScriptArg(label="Tile overlap", value=64, minimum=0, maximum=MAX_OVERLAP, step=16),
+            ScriptArg(label="Upscaler", value=DEFAULT_UPSCALER, choices=list(SD_UPSCALERS)),
+            ScriptArg(label="Scale Factor", value=2.0, minimum=MIN_SCALE, maximum=MAX_SCALE, step=0.05)])]
 
     @staticmethod
     def none_installed() -> list:
@@ -514,8 +524,8 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/upscalers", api.upscalers, methods=["GET"], response_model=list[UpscalerItem], tags=["models"])
     add(f"{sd}/latent-upscale-modes", api.latent_upscale_modes, methods=["GET"],
         response_model=list[LatentUpscaleModeItem], tags=["models"])
-    for name in ("sd-vae", "hypernetworks",
-                 "face-restorers", "realesrgan-models", "script-info", "extensions"):
+    add(f"{sd}/script-info", api.script_info, methods=["GET"], response_model=list[ScriptInfo], tags=["models"])
+    for name in ("sd-vae", "hypernetworks", "face-restorers", "realesrgan-models", "extensions"):
         add(f"{sd}/{name}", api.none_installed, methods=["GET"], response_model=list, tags=["models"],
             summary=f"{name} (none on this server: an empty list)")
     add(f"{sd}/embeddings", api.embeddings, methods=["GET"], tags=["models"])

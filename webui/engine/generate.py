@@ -417,11 +417,11 @@ class Engine:
 
     # --- generation -----------------------------------------------------------------------
     def generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None,
-                 subseeds: list[int] | None = None, init_image: Image.Image | None = None,
+                 subseeds: list[int] | None = None, init_image: Image.Image | list[Image.Image] | None = None,
                  inpainting: Inpainting | None = None) -> list[EngineImage]:
         """Denoise and decode one batch: image i uses seeds[i], and subseeds[i] as its variation seed when the
-        request has a variation strength. img2img starts from init_image (RGB, at the run's size); inpainting
-        draws again only where `inpainting` says."""
+        request has a variation strength. img2img starts from init_image (RGB, at the run's size; a list gives
+        each image its own, as SD upscale's tiles); inpainting draws again only where `inpainting` says."""
         if request.is_img2img != (init_image is not None):
             raise ValueError("an img2img request needs its init image, and only it may have one")
         if request.is_inpainting != (inpainting is not None):
@@ -510,7 +510,7 @@ class Engine:
         self._lora_weights.use(self.pipe, [(self.loras.find(use.name), use) for use in uses])
 
     def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None,
-                  subseeds: list[int] | None = None, init_image: Image.Image | None = None,
+                  subseeds: list[int] | None = None, init_image: Image.Image | list[Image.Image] | None = None,
                   inpainting: Inpainting | None = None) -> list[EngineImage]:
         model = self.require_model()
         self._use_loras(request)  # also when it names none: the last run's LoRAs come out
@@ -542,7 +542,8 @@ class Engine:
                 raise
             return self._to_images(latents, seeds, inpainting, request.tiling)
 
-    def _img2img_pass(self, request: GenerationRequest, run: "_Run", noise: torch.Tensor, init_image: Image.Image,
+    def _img2img_pass(self, request: GenerationRequest, run: "_Run", noise: torch.Tensor,
+                      init_image: Image.Image | list[Image.Image],
                       inpainting: Inpainting | None, extra: torch.Tensor | None) -> torch.Tensor:
         """img2img's pass: the last denoising_steps of the steps, from the picture's latents noised to where they
         start; with inpainting, the picture's latents put back outside the mask after every step and at the end."""
@@ -565,9 +566,13 @@ class Engine:
             return masked_picture_input(self.encode, size)
         return masked_picture_input(self.encode, size, picture, inpainting.mask)
 
-    def _start_latents(self, picture: Image.Image, size: tuple[int, int], count: int) -> torch.Tensor:
-        """img2img's start: the picture's latents, `count` rows; stretched to `size` (latent width x height) when
-        the picture comes at its own size (resize mode "Just resize (latent upscale)")."""
+    def _start_latents(self, picture: Image.Image | list[Image.Image], size: tuple[int, int],
+                       count: int) -> torch.Tensor:
+        """img2img's start: the picture's latents, `count` rows (a list of `count` pictures: one row each);
+        stretched to `size` (latent width x height) when the picture comes at its own size (resize mode "Just
+        resize (latent upscale)")."""
+        if isinstance(picture, list):
+            return torch.cat([self.encode(one) for one in picture])
         latents = self.encode(picture)
         if latents.shape[-2:] != (size[1], size[0]):
             latents = upscale_latents(latents, "Latent", size)

@@ -36,7 +36,7 @@ from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, RESIZE_BY, RESIZE_TO, S
                                picture_inputs, scaled_size_fields, start_pictures)
 from webui.loopback import loop_requests
 from webui.ui.scripts import (loopback_section, outpainting_section, plot_section, prompt_list_section,
-                              prompt_matrix_section)
+                              prompt_matrix_section, sd_upscale_section)
 from webui.ui.progress import (error_html, final_html, progress_html, timing_html, token_counter,
                                too_long_counter)
 from webui.ui.session import Session, show_images
@@ -97,7 +97,9 @@ class GenerationActions(SeveralRuns):
                  matrix_prompt: str = "positive", outpainting: bool = False, outpaint_pixels: int = 128,
                  outpaint_mask_blur: int = 4, outpaint_fill: int = 0,
                  outpaint_directions: list[str] | None = None, loopback: bool = False, loopback_loops: int = 4,
-                 loopback_final_strength: float = 0.5, loopback_curve: str = "Linear") -> Iterator[tuple]:
+                 loopback_final_strength: float = 0.5, loopback_curve: str = "Linear", sd_upscale: bool = False,
+                 sd_upscale_overlap: int = 64, sd_upscale_scale: float = 2.0,
+                 sd_upscale_upscaler: str = "Lanczos") -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -106,7 +108,8 @@ class GenerationActions(SeveralRuns):
         axes' values (x_type and x_values, ...: webui/xyz_plot.py), then their grid; with prompt_list, one run
         for each of prompt_lines (webui/prompt_lines.py); with prompt_matrix, the prompt matrix's runs and grid;
         img2img's outpainting grows the picture and draws the border (webui/outpainting.py), and loopback runs
-        img2img again from each picture made (webui/loopback.py)."""
+        img2img again from each picture made (webui/loopback.py); sd_upscale enlarges the picture and draws it
+        again in tiles (webui/sd_upscale.py), on the img2img sub-tab or for each picture of Batch."""
         request = {
             "prompt": prompt, "negative_prompt": negative_prompt, "sampler_name": sampler_name,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height,
@@ -118,6 +121,9 @@ class GenerationActions(SeveralRuns):
         }
         if self.kind == "img2img":
             request |= {"denoising_strength": denoising_strength, "resize_mode": resize_mode or 0}
+            if sd_upscale:
+                request |= {"sd_upscale": True, "sd_upscale_overlap": int(sd_upscale_overlap),
+                            "sd_upscale_scale": float(sd_upscale_scale), "sd_upscale_upscaler": sd_upscale_upscaler}
         elif enable_hr:
             request |= {"enable_hr": True, "denoising_strength": denoising_strength, "hr_scale": hr_scale,
                         "hr_upscaler": hr_upscaler, "hr_second_pass_steps": hr_second_pass_steps or 0,
@@ -127,11 +133,13 @@ class GenerationActions(SeveralRuns):
                         "hr_prompt": hr_prompt or None, "hr_negative_prompt": hr_negative_prompt or None}
         try:
             batch = self.kind == "img2img" and img2img_mode == BATCH
-            loopback = loopback and self.kind == "img2img"
-            if sum(map(bool, (batch, xyz_plot, prompt_list, prompt_matrix, outpainting, loopback))) > 1:
+            loopback, sd_upscale = (switch and self.kind == "img2img" for switch in (loopback, sd_upscale))
+            scripts = (batch and not sd_upscale, xyz_plot, prompt_list, prompt_matrix, outpainting, loopback,
+                       sd_upscale)
+            if sum(map(bool, scripts)) > 1:
                 raise InvalidRequest("Batch, the X/Y/Z plot, the Prompt matrix, Prompts from a list, Poor man's "
-                                     "outpainting and Loopback are each a script of their own: use one of them at a "
-                                     "time")
+                                     "outpainting, Loopback and SD upscale are each a script of their own: use one "
+                                     "of them at a time (SD upscale also runs on Batch's pictures)")
             picture = mask_picture = None
             if batch:
                 uploads = batch_uploads(batch_pictures, batch_masks)
@@ -653,7 +661,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
             # at the foot, as A1111's scripts
             plot_widgets = plot_section(kind) | prompt_matrix_section(kind) | prompt_list_section(kind)
             if img2img:
-                plot_widgets |= outpainting_section() | loopback_section()
+                plot_widgets |= outpainting_section() | loopback_section() | sd_upscale_section()
         with gr.Column(scale=1):
             progress = gr.HTML("", label="Progress", show_label=False, elem_id=f"{kind}_progress", padding=False)
             preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id=f"{kind}_preview",

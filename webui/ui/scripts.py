@@ -1,7 +1,7 @@
 """The controls of A1111's scripts, at the foot of the txt2img and img2img tabs: those that make several runs
 from one Generate, the X/Y/Z plot (webui/xyz_plot.py reads it into runs and draws the grid), the prompt matrix
 (webui/prompt_matrix.py) and prompts from a list (webui/prompt_lines.py reads the lines); and img2img's poor
-man's outpainting (webui/outpainting.py) and Loopback (webui/loopback.py)."""
+man's outpainting (webui/outpainting.py), Loopback (webui/loopback.py) and SD upscale (webui/sd_upscale.py)."""
 from __future__ import annotations
 
 import gradio as gr
@@ -9,6 +9,7 @@ import gradio as gr
 from webui.loopback import CURVES, MAX_LOOPS
 from webui.outpainting import DIRECTIONS, MAX_BLUR, MAX_PIXELS, MIN_PIXELS
 from webui.schemas import MASKED_CONTENT
+from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE, UPSCALERS
 from webui.xyz_plot import AXIS_NAMES, AXIS_TYPES
 
 MAX_PROMPT_FILE_CHARS = 200_000  # a hundred lines of long prompts, with room
@@ -97,6 +98,22 @@ def loopback_section() -> dict[str, gr.components.Component]:
                                                            elem_id="img2img_loopback_final_strength")
         widgets["loopback_curve"] = gr.Radio(list(CURVES), value="Linear", label="Denoising strength curve",
                                              elem_id="img2img_loopback_curve")
+    return widgets
+
+
+def sd_upscale_section() -> dict[str, gr.components.Component]:
+    """A1111's "SD upscale" (img2img), by generate() parameter: the picture enlarged, then drawn again in tiles of
+    the Width x Height."""
+    widgets = {}
+    with _switched(widgets, "sd_upscale", "SD upscale", "img2img_sd_upscale",
+                   "enlarge the picture, then draw it again in tiles of the Width x Height", "SD upscale settings"):
+        with gr.Row():
+            widgets["sd_upscale_overlap"] = gr.Slider(0, MAX_OVERLAP, value=64, step=16, label="Tile overlap",
+                                                      elem_id="img2img_sd_upscale_overlap")
+            widgets["sd_upscale_scale"] = gr.Slider(MIN_SCALE, MAX_SCALE, value=2.0, step=0.05, label="Scale Factor",
+                                                    elem_id="img2img_sd_upscale_scale")
+        widgets["sd_upscale_upscaler"] = gr.Radio(list(UPSCALERS), value=DEFAULT_UPSCALER, label="Upscaler",
+                                                  elem_id="img2img_sd_upscale_upscaler")
     return widgets
 
 
