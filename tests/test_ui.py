@@ -411,8 +411,9 @@ def test_model_refresh_and_load(models_dir, tmp_path):
         ui = create_ui(services)
         assert ui.picker.dropdown.value == "tiny-a" and "tiny-a" in ui.models.status()
         (own_models / "tiny-b").symlink_to(models_dir / TINY, target_is_directory=True)
-        update = event(ui, "refresh_models")("tiny-a")
+        update, vae_update = event(ui, "refresh_models")("tiny-a", "gone.safetensors")
         assert update["choices"] == ["tiny-a", "tiny-b"] and update["value"] == "tiny-a"
+        assert vae_update["choices"] == ["Automatic", "None"] and vae_update["value"] == "Automatic"  # gone: back
 
         status, picker, width, height, clip_skip, *img2img_sliders = drain(event(ui, "load_model")("tiny-b"))[-1]
         assert "tiny-b" in status and (picker["value"], width, height) == ("tiny-b", 64, 64)

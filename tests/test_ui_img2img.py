@@ -52,7 +52,7 @@ def test_the_img2img_tab_sits_between_txt2img_and_history_with_its_own_widgets(u
         "Prompt", "Styles", "Image", "Denoising strength", "Resize mode"]
     [wiring] = [fn for fn in ui.blocks.fns.values() if fn.api_name == "img2img"]
     assert all(block.elem_id.startswith("img2img_") for block in wiring.inputs[1:] if block.elem_id
-               and block is not ui.picker.dropdown)
+               and block not in (ui.picker.dropdown, ui.picker.vae))
     denoising, resize_mode = ui.img2img.widgets["denoising_strength"], ui.img2img.widgets["resize_mode"]
     assert (denoising.minimum, denoising.maximum, denoising.step, denoising.value) == (0, 1, 0.01, 0.75)
     assert resize_mode.type == "index" and [c[0] for c in resize_mode.choices] == ["Just resize", "Crop and resize",

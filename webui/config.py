@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from webui.engine.models import EMBEDDINGS_FOLDER, LORA_FOLDER  # A1111's folder names
+from webui.engine.models import EMBEDDINGS_FOLDER, LORA_FOLDER, VAE_FOLDER  # A1111's folder names
 from webui.zerogpu import zerogpu_requested
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +83,7 @@ A1111_IGNORED_SWITCHES = (
     "-f",  # webui.sh's "allow running as root", often left in COMMANDLINE_ARGS
 )
 A1111_IGNORED_VALUES = (  # these take one value, which is dropped too
-    "--precision", "--theme", "--device-id", "--data-dir", "--config", "--vae-dir", "--vae-path",
+    "--precision", "--theme", "--device-id", "--data-dir", "--config", "--vae-path",
     "--hypernetwork-dir", "--ui-config-file",
     "--localizations-dir", "--max-batch-count", "--loglevel", "--timeout-keep-alive",
     # folders of models and tools this project does not use (LoRA, upscalers, face restorers, CLIP)
@@ -113,6 +113,7 @@ class Settings:
     models_dir: Path = DEFAULT_MODELS_DIR
     lora_dir: Path | None = None  # None: the Lora folder inside models_dir
     embeddings_dir: Path | None = None  # None: the embeddings folder inside models_dir
+    vae_dir: Path | None = None  # None: the VAE folder inside models_dir
     styles_file: Path | None = None  # None: styles.csv in outdir
     ui_settings_file: Path | None = None  # None: config.json in outdir
     freeze_settings: bool = False  # the Settings tab's settings shown, not changeable
@@ -133,6 +134,10 @@ class Settings:
     @property
     def lora_folder(self) -> Path:
         return self.lora_dir or self.models_dir / LORA_FOLDER
+
+    @property
+    def vae_folder(self) -> Path:
+        return self.vae_dir or self.models_dir / VAE_FOLDER
 
     @property
     def embeddings_folder(self) -> Path:
@@ -257,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--lora-dir", type=_user_path, default=None,
                        help=f"folder of LoRA files that prompts name as <lora:name:0.8> (default: {LORA_FOLDER}/ "
                             "inside the models folder, or beside Stable-diffusion/ with --models-dir)")
+    files.add_argument("--vae-dir", type=_user_path, default=None,
+                       help=f"folder of VAE files (.safetensors, .pt, .ckpt) the SD VAE list offers (default: "
+                            f"{VAE_FOLDER}/ inside the models folder, or beside Stable-diffusion/ with --models-dir)")
     files.add_argument("--embeddings-dir", type=_user_path, default=None,
                        help=f"folder of textual inversion embeddings that prompts name by file name (default: "
                             f"{EMBEDDINGS_FOLDER}/ inside the models folder, or A1111's embeddings/ beside its models/ "
@@ -385,6 +393,8 @@ def _choose_models_dir(args: argparse.Namespace, ckpt_dir_env: Path | None) -> N
         args.models_dir = ckpt_dir_env or DEFAULT_MODELS_DIR
     if args.lora_dir is None:  # A1111 keeps models/Lora beside models/Stable-diffusion
         args.lora_dir = (base if base is not None else args.models_dir) / LORA_FOLDER
+    if args.vae_dir is None:  # and models/VAE
+        args.vae_dir = (base if base is not None else args.models_dir) / VAE_FOLDER
     a1111 = base is not None and (base / A1111_CHECKPOINTS).is_dir()
     if args.embeddings_dir is None:  # and its embeddings/ beside models/
         args.embeddings_dir = base.parent / EMBEDDINGS_FOLDER if a1111 else args.models_dir / EMBEDDINGS_FOLDER

@@ -107,6 +107,8 @@ class GenerationRequest(BaseModel):
     styles: list[str] = Field(default_factory=list, max_length=20,
                               description="prompt styles (styles.csv) joined into the prompts before the run")
     model: str | None = Field(None, description="checkpoint name; None keeps the loaded model")
+    sd_vae: str = Field("Automatic", max_length=300, description="the VAE: Automatic (a file named after the "
+                        "model, else its own), None (the model's own), or a file of the VAE folder")
     restore_model: bool = Field(False, description="load the previous model again after this job "
                                                    "(A1111's override_settings_restore_afterwards)")
     save_images: bool = True

@@ -28,6 +28,7 @@ from webui.engine.generate import DenoisingStopped, Engine, EngineImage, LoadedM
 from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sha1, size_from_image
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.models import ModelEntry
+from webui.engine.vae import VaeFile
 from webui.engine.lora import LoraError, lora_uses, unread_tags
 from webui.schemas import (INPAINT_AREAS, LATENT_RESIZE, MASK_MODES, MASKED_CONTENT, RESIZE_MODES, GeneratedImage,
                            GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED, parse_request)
@@ -92,6 +93,8 @@ class Job:
     grid: Image.Image | None = None
     grid_path: str | None = None
     model: LoadedModel | None = None
+    vae: VaeFile | None = None  # the VAE file it ran with (None: the model's own)
+    vae_hash: str | None = None
     error: str | None = None
     warnings: list[str] = field(default_factory=list)  # what went wrong without failing the job (a save)
     in_history: bool = False  # its row is written (tried again at the start and before each image when not)
@@ -284,6 +287,7 @@ class Worker:
 
     def _check_runnable(self, request: GenerationRequest) -> None:
         self._check_against_loaded_model(request)
+        self.engine.vaes.check(request.sd_vae)
         self._check_loras(request)
         problem = composition_problem(request)
         if problem:
@@ -582,6 +586,8 @@ class Worker:
         _check_clip_skip(request, job.model)  # another model than at submit: checked now it is known
         request.check_hires(*job.model.size_for(request))
         self.engine.restore_device()  # after an unload-checkpoint
+        job.vae = self.engine.use_vae(request.sd_vae)
+        job.vae_hash = self.engine.vaes.short_hash(job.vae) if job.vae else None
         # As A1111: with a variation strength every image has the seed, and the variation seed counts up (a
         # batch of variations of one picture); without, the seed counts up. Variation seeds are drawn either way.
         if request.subseed_strength > 0:
@@ -724,6 +730,8 @@ class Worker:
             "Conditional mask weight": 1.0 if model.inpainting else None,
             "Model hash": model.short_hash,
             "Model": model.entry.name,
+            "VAE hash": job.vae_hash,
+            "VAE": job.vae.name if job.vae else None,
             "Variation seed": job.subseeds[index] if request.subseed_strength > 0 else None,
             "Variation seed strength": request.subseed_strength if request.subseed_strength > 0 else None,
             "Seed resize from": "{}x{}".format(*request.seed_resize) if request.seed_resize else None,

@@ -67,6 +67,7 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Sampler", "text", _setter("sampler_name"), named=False),
     AxisType("Schedule type", "text", _setter("scheduler"), named=False),
     AxisType("Checkpoint name", "text", _setter("model"), named=False),
+    AxisType("VAE", "text", _setter("sd_vae"), named=False),
     AxisType("Clip skip", "int", _setter("clip_skip")),
     AxisType("Denoising", "float", _setter("denoising_strength")),
     AxisType("Size", "text", _set_size),

@@ -23,6 +23,7 @@ from webui.engine.generate import LoadedModel
 from webui.engine.img2img import check_picture_size
 from webui.extras import MAX_PICTURES, MAX_REQUEST_PIXELS, upscale, upscaled_size
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
+from webui.engine.vae import AUTOMATIC, NO_VAE
 from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
 from webui.schemas import InvalidRequest, a1111_seed_resize, parse_request
 from webui.sd_upscale import UPSCALERS as SD_UPSCALERS
@@ -72,11 +73,11 @@ _A1111_SCHEDULE_BY_NAME = {name: label for label in A1111_SCHEDULE_TYPES
 
 
 def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: ModelEntry | None,
-                          default_clip_skip: int = 1, default_model: str | None = None
-                          ) -> tuple[dict[str, Any], list[str]]:
+                          default_clip_skip: int = 1, default_model: str | None = None,
+                          default_vae: str = AUTOMATIC) -> tuple[dict[str, Any], list[str]]:
     """A1111 txt2img or img2img body -> GenerationRequest fields and notes on what runs other than asked (a
-    schedule type run as Automatic), or ApiError naming each field to fix. default_clip_skip and default_model
-    are for a request that gives none of its own (POST /options sets them). An img2img body's picture is not
+    schedule type run as Automatic), or ApiError naming each field to fix. default_clip_skip, default_model and
+    default_vae are for a request that gives none of its own (POST /options sets them). An img2img body's picture is not
     among the fields: init_image_of decodes it."""
     img2img = isinstance(req, Img2ImgRequest)
     if isinstance(req, Txt2ImgRequest) and req.infotext:
@@ -106,6 +107,12 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     overrides = req.override_settings or {}
     if overrides.get("CLIP_stop_at_last_layers") is not None:
         clip_skip = overrides["CLIP_stop_at_last_layers"]
+    vae = default_vae
+    if overrides.get("sd_vae") is not None:
+        try:
+            vae = vae_choice(overrides["sd_vae"], "override_settings.sd_vae")
+        except InvalidRequest as err:
+            problems.append(str(err))
     model = None
     if overrides.get("sd_model_checkpoint"):
         model = model_name(overrides["sd_model_checkpoint"], "override_settings.sd_model_checkpoint")
@@ -123,7 +130,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         "batch_size": req.batch_size, "n_iter": req.n_iter, "model": model or default_model,
         "restore_model": bool(model) and req.override_settings_restore_afterwards is not False,
         "save_images": req.save_images, "send_images": req.send_images, "clip_skip": clip_skip,
-        "styles": req.styles or [], "tiling": bool(req.tiling),
+        "styles": req.styles or [], "tiling": bool(req.tiling), "sd_vae": vae,
         **dict(zip(("seed_resize_from_w", "seed_resize_from_h"),
                    a1111_seed_resize(req.seed_resize_from_w, req.seed_resize_from_h))),
     }
@@ -262,6 +269,15 @@ def sampler_and_schedule(sampler_name: str, schedule: str | None) -> tuple[str, 
             raise ValueError(f"scheduler: {err}") from None
     ran = "Automatic" if automatic == "Automatic" else f"Automatic ({automatic} for {sampler})"
     return sampler, automatic, f"scheduler: {sampler} cannot follow the {asked} schedule here; it ran with {ran}"
+
+
+def vae_choice(value: Any, field: str) -> str:
+    """A1111's sd_vae value as a request's: a name; "Automatic" and "None" in any case (A1111 also writes
+    "automatic")."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequest(f"{field}: expected Automatic, None or a VAE file's name (GET /sdapi/v1/sd-vae)")
+    value = value.strip()
+    return {choice.lower(): choice for choice in (AUTOMATIC, NO_VAE)}.get(value.lower(), value)
 
 
 def clip_skip_option(value: Any) -> int:
@@ -515,8 +531,8 @@ def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None 
         "face_restoration_model": None,
         "sd_model_name": model.entry.name if model else None,
         "sd_model_hash": model.short_hash if model else None,
-        "sd_vae_name": None,
-        "sd_vae_hash": None,
+        "sd_vae_name": job.vae.name if job.vae else None,
+        "sd_vae_hash": job.vae_hash,
         "seed_resize_from_w": request.seed_resize_from_w or -1,
         "seed_resize_from_h": request.seed_resize_from_h or -1,
         "denoising_strength": request.denoising_strength if request.is_img2img or request.enable_hr else None,

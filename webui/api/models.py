@@ -253,6 +253,13 @@ class SDModelItem(BaseModel):
     config: str | None = None
 
 
+class VaeItem(BaseModel):
+    """GET /sd-vae: one file of the VAE folder, as A1111 lists it (sd_vae and override_settings.sd_vae take the
+    model_name)."""
+    model_name: str
+    filename: str
+
+
 class LoraItem(BaseModel):
     """GET /loras: one file of the LoRA folder, named in prompts as <lora:name:0.8>."""
     name: str

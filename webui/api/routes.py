@@ -29,12 +29,13 @@ from webui.api.models import (
     ExtrasSingleImageResponse, GenerationBody, GenerationResponse, Img2ImgRequest, JobCancelReply, JobCreated,
     JobStatus, LatentUpscaleModeItem, LoraItem, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest,
     PNGInfoResponse, ProgressResponse, PromptStyleItem, SamplerItem, SchedulerItem, ScriptArg, ScriptInfo,
-    ScriptsList, SDModelItem, Txt2ImgRequest, UpscalerItem,
+    ScriptsList, SDModelItem, Txt2ImgRequest, UpscalerItem, VaeItem,
 )
 from webui.engine.hires import LATENT_UPSCALERS
 from webui.engine.loader import ModelLoadError
 from webui.engine.generate import LoadedModel
 from webui.engine.models import ModelNotFound
+from webui.engine.vae import AUTOMATIC
 from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_key
 from webui.extras import EXTRAS_UPSCALERS
 from webui.schemas import InvalidRequest, JobState, describe_validation_errors
@@ -100,6 +101,7 @@ class Api:
         # The clip skip of API requests that give none (A1111's CLIP_stop_at_last_layers option). Kept in
         # memory only: A1111 writes its options to a file, but a restart here starts from 1 again.
         self.clip_skip = 1
+        self.sd_vae = AUTOMATIC  # A1111's sd_vae option: the VAE of API requests that give none; in memory too
         self._extras_turn = anyio.CapacityLimiter(1)  # Extras requests, one at a time
         # The model of API requests that name none: the last sd_model_checkpoint set (None: the loaded one).
         # A browser tab's Generate runs its own pick, so it must not undo an API client's choice either.
@@ -149,7 +151,7 @@ class Api:
         default_clip_skip, clip_skip_notes = convert.clip_skip_for(req, self.clip_skip, model)
         data, request_notes = convert.to_generation_request(req, self.registry, loaded.entry if loaded else None,
                                                             default_clip_skip=default_clip_skip,
-                                                            default_model=default_model)
+                                                            default_model=default_model, default_vae=self.sd_vae)
         notes += clip_skip_notes + request_notes
         names = convert.client_field_names(req)
         init_image, mask = convert.init_image_of(req), convert.mask_of(req)
@@ -321,9 +323,12 @@ class Api:
     async def refresh_embeddings(self) -> None:
         await self._on_worker(self.worker.refresh_embeddings())
 
+    def vae_files(self) -> list[VaeItem]:
+        return [VaeItem(model_name=vae.name, filename=str(vae.path)) for vae in self.engine.vaes.files()]
+
     @staticmethod
-    def nothing_to_refresh() -> None:
-        """Refresh VAEs: this server has none, so there is nothing to do."""
+    def refresh_vae() -> None:
+        """Refresh VAEs: the VAE folder is read again at each look, so there is nothing to do."""
 
     async def unload_checkpoint(self) -> dict:
         """Free the model's GPU memory (or RAM, on a CPU) for other programs, as A1111 does, once the jobs
@@ -361,6 +366,7 @@ class Api:
             "sd_model_checkpoint": self.registry.title(entry) if entry else None,
             "sd_checkpoint_hash": self.registry.sha256(entry, cached_only=True) if entry else None,
             "CLIP_stop_at_last_layers": self.clip_skip,
+            "sd_vae": self.sd_vae,
             **self.services.options.current().model_dump(),  # the Settings tab's: samples_format, ...
             "return_grid": True,
             "live_previews_enable": preview_every > 0,
@@ -371,8 +377,15 @@ class Api:
                           ) -> OptionsUpdateResponse:
         """Change settings: `sd_model_checkpoint` loads that model (after the jobs queued before it);
         `CLIP_stop_at_last_layers` is the clip skip of later API requests that give none of their own;
-        `samples_format`, `grid_format` (png, jpg or webp) and `jpeg_quality` are the Settings tab's, for everyone."""
+        `sd_vae` (Automatic, None or a file of GET /sdapi/v1/sd-vae) is the VAE of later API requests that give
+        none of their own; `samples_format`, `grid_format` (png, jpg or webp) and `jpeg_quality` are the Settings
+        tab's, for everyone."""
         clip_skip = None
+        if "sd_vae" in body:  # checked first too
+            try:
+                self.engine.vaes.check(convert.vae_choice(body["sd_vae"], "sd_vae"))
+            except InvalidRequest as err:
+                raise ApiError(422, str(err), "InvalidRequest") from None
         if "CLIP_stop_at_last_layers" in body:  # its range is checked first: a value out of it changes nothing
             clip_skip = convert.clip_skip_option(body["CLIP_stop_at_last_layers"])
         saved = {key: body[key] for key in OPTION_KEYS if key in body}
@@ -397,6 +410,8 @@ class Api:
                 raise ApiError(err.status, f"{err.message} (sd_model_checkpoint was applied: "
                                            f"{self.model.entry.name} is loaded now)", err.kind) from None
             self.clip_skip = clip_skip
+        if "sd_vae" in body:
+            self.sd_vae = convert.vae_choice(body["sd_vae"], "sd_vae")
         if saved:
             try:
                 self.services.options.update(saved)
@@ -404,7 +419,8 @@ class Api:
                 raise ApiError(500, f"{', '.join(saved)} not saved, and unchanged: {err}",
                                "SettingsNotSaved") from None
         applied = [key for key, value in body.items()
-                   if key in ("CLIP_stop_at_last_layers", *OPTION_KEYS) or (key == "sd_model_checkpoint" and value)]
+                   if key in ("CLIP_stop_at_last_layers", "sd_vae", *OPTION_KEYS)
+                   or (key == "sd_model_checkpoint" and value)]
         ignored = [key for key in body if key not in applied]
         return OptionsUpdateResponse(applied=applied, ignored=ignored)
 
@@ -512,8 +528,9 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/loras", api.loras, methods=["GET"], response_model=list[LoraItem], tags=["models"])
     add(f"{sd}/refresh-loras", api.refresh_loras, methods=["POST"], tags=["models"])
     add(f"{sd}/refresh-embeddings", api.refresh_embeddings, methods=["POST"], tags=["models"])
-    add(f"{sd}/refresh-vae", api.nothing_to_refresh, methods=["POST"], tags=["models"],
-        summary="refresh-vae (no VAE list on this server: does nothing)")
+    add(f"{sd}/sd-vae", api.vae_files, methods=["GET"], response_model=list[VaeItem], tags=["models"])
+    add(f"{sd}/refresh-vae", api.refresh_vae, methods=["POST"], tags=["models"],
+        summary="refresh-vae (the folder is read at each look: does nothing)")
     add(f"{sd}/unload-checkpoint", api.unload_checkpoint, methods=["POST"], tags=["models"])
     add(f"{sd}/reload-checkpoint", api.reload_checkpoint, methods=["POST"], tags=["models"])
     add(f"{sd}/samplers", api.samplers, methods=["GET"], response_model=list[SamplerItem], tags=["models"])
@@ -525,7 +542,7 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/latent-upscale-modes", api.latent_upscale_modes, methods=["GET"],
         response_model=list[LatentUpscaleModeItem], tags=["models"])
     add(f"{sd}/script-info", api.script_info, methods=["GET"], response_model=list[ScriptInfo], tags=["models"])
-    for name in ("sd-vae", "hypernetworks", "face-restorers", "realesrgan-models", "extensions"):
+    for name in ("hypernetworks", "face-restorers", "realesrgan-models", "extensions"):
         add(f"{sd}/{name}", api.none_installed, methods=["GET"], response_model=list, tags=["models"],
             summary=f"{name} (none on this server: an empty list)")
     add(f"{sd}/embeddings", api.embeddings, methods=["GET"], tags=["models"])

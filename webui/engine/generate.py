@@ -31,6 +31,7 @@ from webui.engine.img2img import pipeline_strength
 from webui.engine.inpaint import Inpainting
 from webui.engine.inpainting_model import extra_input, masked_picture_input, takes_masked_picture
 from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, lora_uses, strip_loras
+from webui.engine.vae import VaeFile, VaeLibrary, VaeSwap
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.noise import start_noise
@@ -232,6 +233,8 @@ class Engine:
         self.settings = settings
         self.registry = registry
         self.loras = loras or LoraLibrary(settings.lora_folder)
+        self.vaes = VaeLibrary(settings.vae_folder, registry)
+        self._vae_weights = VaeSwap()  # which VAE file the loaded VAE holds now
         self._lora_weights = LoraPatcher()  # what the loaded weights hold merged now
         self.embeddings = EmbeddingSet()  # the textual inversions the loaded model's tokenizer knows
         self.placement: Placement | None = None
@@ -285,6 +288,7 @@ class Engine:
         # model named until the new one is in place, never "no model".
         self.pipe = None
         self._lora_weights.forget()
+        self._vae_weights.forget()
         gc.collect()  # the old weights go now, not at some later collection
         try:
             return self._load_entry(entry)
@@ -355,6 +359,7 @@ class Engine:
         textual inversions already loaded into it (else they are loaded here)."""
         self.pipe = pipe
         self._lora_weights.forget()
+        self._vae_weights.forget()
         self._base_scheduler_config = dict(pipe.scheduler.config)
         self._warmed_up = False
         self._on_device = True
@@ -369,6 +374,7 @@ class Engine:
         """Drop the current pipeline and give its memory back before another is used."""
         self.pipe = self.tokenizer = None
         self._lora_weights.forget()
+        self._vae_weights.forget()
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -409,6 +415,13 @@ class Engine:
                                  "program may still hold its memory: free it and try again") from err
         self._on_device = True
         return model
+
+    def use_vae(self, choice: str) -> VaeFile | None:
+        """Make the loaded model decode and encode with the VAE `choice` names (Automatic, None or a file of the
+        VAE folder); the file now in use, None for the model's own. VaeError when it cannot be used."""
+        chosen = self.vaes.resolve(choice, self.require_model().entry)
+        self._vae_weights.use(self.pipe.vae, chosen)
+        return chosen
 
     def require_model(self) -> LoadedModel:
         if self.model is None:

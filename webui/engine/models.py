@@ -58,7 +58,7 @@ def legacy_hash(path: Path) -> str | None:
 class ModelRegistry:
     def __init__(self, models_dir: Path, hash_cache: Path, skipped: tuple[Path, ...] = ()):
         self.models_dir = Path(models_dir)
-        self.skipped = skipped  # folders never listed as models: --lora-dir and --embeddings-dir, wherever they are
+        self.skipped = skipped  # folders never listed as models: --lora-dir, --embeddings-dir, --vae-dir
         self.hash_cache = Path(hash_cache)
         self._entries: list[ModelEntry] = []
         self._lock = threading.Lock()
@@ -199,12 +199,14 @@ SCAN_DEPTH = 3
 # The models folder's LoRA and embeddings folders hold .safetensors files that are not checkpoints.
 LORA_FOLDER = "Lora"
 EMBEDDINGS_FOLDER = "embeddings"
+VAE_FOLDER = "VAE"
 
 
 def scan_models_dir(models_dir: Path, skipped_folders: tuple[Path, ...] = ()) -> list[ModelEntry]:
     if not models_dir.is_dir():
         return []
-    skipped = {models_dir / LORA_FOLDER, models_dir / EMBEDDINGS_FOLDER, *map(Path, skipped_folders)}
+    skipped = {models_dir / LORA_FOLDER, models_dir / EMBEDDINGS_FOLDER, models_dir / VAE_FOLDER,
+               *map(Path, skipped_folders)}
     return _scan(models_dir, models_dir, SCAN_DEPTH, skipped)
 
 

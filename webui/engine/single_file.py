@@ -230,6 +230,18 @@ def _read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     return {key: value for key, value in _ckpt_weights(path)[0].items() if key.startswith(prefix)}
 
 
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All the tensors of a .safetensors file, or of a .ckpt/.pt pickle read weights-only (its state_dict);
+    SingleFileLoadError saying what the file is when it is not readable weights."""
+    _refuse_what_is_no_model(path)
+    try:
+        return _read_tensors(path, "")
+    except SingleFileLoadError:
+        raise
+    except Exception as err:  # a damaged .safetensors header, a cut-off file
+        raise SingleFileLoadError(f"{path.name} cannot be read ({err}); download it again") from err
+
+
 def _refuse_what_is_no_model(path: Path) -> None:
     """A git-lfs pointer (a repository cloned without LFS) or text (a login page or an error message saved
     by a download link) is no model at all: say so, rather than call it unsafe pickled code or a bad header."""

@@ -48,6 +48,7 @@ _REQUEST_FIELDS = {
     "Clip skip": ("clip_skip", int),
     "Batch size": ("batch_size", int),
     "Model": ("model", str),
+    "VAE": ("sd_vae", str),
     "Tiling": ("tiling", lambda value: value.strip().lower() == "true"),
 }
 

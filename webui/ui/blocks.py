@@ -122,7 +122,8 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
                 sent = (gr.skip(), canvas, INPAINT, gr.Tabs(selected="inpaint"))
             else:
                 sent = (picture[0], gr.skip(), PLAIN, gr.Tabs(selected="img2img"))
-        updates = widget_updates(fields, tab.field_names, ui.models.choices(), ui.models.find_pasted)
+        updates = widget_updates(fields, tab.field_names, ui.models.choices(), ui.models.find_pasted,
+                                 ui.models.vae_choices())
         return *sent, *updates, gr.Tabs(selected=tab.kind)
 
     def send_from_history(image_id):

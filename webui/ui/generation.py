@@ -99,7 +99,7 @@ class GenerationActions(SeveralRuns):
                  outpaint_directions: list[str] | None = None, loopback: bool = False, loopback_loops: int = 4,
                  loopback_final_strength: float = 0.5, loopback_curve: str = "Linear", sd_upscale: bool = False,
                  sd_upscale_overlap: int = 64, sd_upscale_scale: float = 2.0,
-                 sd_upscale_upscaler: str = "Lanczos") -> Iterator[tuple]:
+                 sd_upscale_upscaler: str = "Lanczos", sd_vae: str = "Automatic") -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -114,7 +114,7 @@ class GenerationActions(SeveralRuns):
             "prompt": prompt, "negative_prompt": negative_prompt, "sampler_name": sampler_name,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height,
             "seed": -1 if seed is None else seed, "n_iter": n_iter, "batch_size": batch_size,
-            "clip_skip": clip_skip, "model": model or None,
+            "clip_skip": clip_skip, "model": model or None, "sd_vae": sd_vae or "Automatic",
             "subseed": -1 if subseed is None else subseed, "subseed_strength": subseed_strength or 0.0,
             "seed_resize_from_w": seed_resize_from_w or 0, "seed_resize_from_h": seed_resize_from_h or 0,
             "styles": list(styles or []), "tiling": bool(tiling),
@@ -682,7 +682,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     widgets = {"prompt": prompt, "negative_prompt": negative, "sampler_name": sampler, "scheduler": scheduler,
                "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height, "seed": seed,
                "n_iter": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "tiling": tiling,
-               "model": picker.dropdown,
+               "model": picker.dropdown, "sd_vae": picker.vae,
                "subseed": subseed, "subseed_strength": subseed_strength, "seed_resize_from_w": seed_resize_w,
                "seed_resize_from_h": seed_resize_h, "styles": styles, **img2img_widgets,
                **({} if img2img else hires_widgets), **plot_widgets}

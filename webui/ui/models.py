@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from webui.engine.models import ModelNotFound
+from webui.engine.vae import AUTOMATIC
 from webui.schemas import MAX_CLIP_SKIP
 from webui.services import Services
 from webui.ui.progress import error_html, notice_html
@@ -29,6 +30,7 @@ class ModelPicker:
     dropdown: gr.Dropdown
     refresh: gr.Button
     status: gr.HTML
+    vae: gr.Dropdown  # A1111's "SD VAE": each Generate's own pick, as the checkpoint is
 
 
 class ModelActions:
@@ -115,10 +117,18 @@ class ModelActions:
         status ("Loading…", then the result) is the news."""
         return gr.skip() if self.services.worker.loading_model() else self.status()
 
-    def refresh(self, selected: str | None):
-        """Rescan the models folder; keeps the selection."""
+    def refresh(self, selected: str | None, vae: str | None = None):
+        """Rescan the models folder and the VAE folder; keeps the selections (a VAE file gone: Automatic)."""
         self.services.registry.refresh()
-        return self.picker(selected)
+        return self.picker(selected), self.vae_picker(vae)
+
+    def vae_choices(self) -> list[str]:
+        """Automatic, None, then the VAE folder's files."""
+        return self.services.engine.vaes.choices()
+
+    def vae_picker(self, value: str | None = None) -> dict:
+        choices = self.vae_choices()
+        return gr.update(choices=choices, value=value if value in choices else AUTOMATIC)
 
     async def load(self, name: str | None):
         """Load the picked model on the worker (after queued jobs); yields a status first.
@@ -159,9 +169,11 @@ def build_model_picker(actions: ModelActions) -> ModelPicker:
             allow_custom_value=not actions.public,  # locally, a typed path or hub id also works
             elem_id="model_dropdown", scale=4,
         )
+        vae = gr.Dropdown(choices=actions.vae_choices(), value=AUTOMATIC, label="SD VAE", elem_id="vae_dropdown",
+                          scale=2, info="Automatic: a VAE file named after the model, else its own")
         refresh = gr.Button("↻", elem_id="model_refresh", scale=0, min_width=48, size="lg")
         status = gr.HTML(actions.status(), label="Model status", show_label=False, elem_id="model_status",
                          padding=False)
-    refresh.click(actions.refresh, inputs=[dropdown], outputs=[dropdown], api_name="refresh_models",
+    refresh.click(actions.refresh, inputs=[dropdown, vae], outputs=[dropdown, vae], api_name="refresh_models",
                   show_progress="hidden")
-    return ModelPicker(dropdown, refresh, status)
+    return ModelPicker(dropdown, refresh, status, vae)

@@ -16,7 +16,7 @@ from webui.storage.infotext import request_fields_from_infotext
 # picture sent rather than its infotext's (blocks.py).
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "seed_resize_from_w",
-                 "seed_resize_from_h", "styles", "denoising_strength", "tiling")
+                 "seed_resize_from_h", "styles", "denoising_strength", "tiling", "sd_vae")
 INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding")
 IMG2IMG_FIELDS = (*COMMON_FIELDS, *INPAINTING_FIELDS)
@@ -46,7 +46,8 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "hr_scheduler": "Hires schedule type", "hr_prompt": "Hires prompt",
                 "hr_negative_prompt": "Hires negative prompt", "mask": "Mask", "mask_blur": "Mask blur",
                 "inpainting_mask_invert": "Mask mode", "inpainting_fill": "Masked content",
-                "inpaint_full_res": "Inpaint area", "inpaint_full_res_padding": "Only masked padding"}
+                "inpaint_full_res": "Inpaint area", "inpaint_full_res_padding": "Only masked padding",
+                "sd_vae": "SD VAE"}
 
 
 def with_labels(message: str) -> str:
@@ -73,20 +74,22 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
         "model": image.model_name, "model_hash": image.model_hash,
     } | {name: pasted.get(name)  # no columns of their own
          for name in ("batch_size", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
-                      "denoising_strength", "tiling", *HIRES_FIELDS,
+                      "denoising_strength", "tiling", "sd_vae", *HIRES_FIELDS,
                       *INPAINTING_FIELDS)}
 
 
 def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: list[str],
-                   find_model: FindModel) -> list[Any]:
+                   find_model: FindModel, vae_names: list[str] = ()) -> list[Any]:
     """One value (or gr.skip()) per entry of names (a tab's TAB_FIELDS). A sampler, schedule type or model
     that cannot be applied is left out with a warning in the page saying why, since its dropdown would otherwise keep
     its old value without a word. model_names: the model dropdown's list as it is now, which the
-    dropdown gets again (another tab may have rescanned the models folder since this page was built)."""
+    dropdown gets again (another tab may have rescanned the models folder since this page was built); vae_names:
+    the SD VAE dropdown's, likewise."""
     # A sent prompt has its styles joined in already: a style left picked would be joined in twice.
     fields = dict(fields) | {"styles": []}
     model_note = _apply_model(fields, model_names, find_model)
-    for note in (_apply_sampler(fields), _apply_hires_sampler(fields), model_note, _apply_upscaler(fields),
+    for note in (_apply_sampler(fields), _apply_hires_sampler(fields), model_note, _apply_vae(fields, vae_names),
+                 _apply_upscaler(fields),
                  *_round_sizes(fields),
                  *_drop_out_of_range(fields, names)):
         if note:
@@ -163,6 +166,18 @@ def _apply_model(fields: dict[str, Any], model_names: list[str], find_model: Fin
         what = repr(model) if model else f"the model with hash {short_hash}"
         return f"Model not applied: {what} is not in the models folder. The model is left as it was."
     fields["model"] = gr.update(choices=[*model_names, *([found] if found not in model_names else [])], value=found)
+    return None
+
+
+def _apply_vae(fields: dict[str, Any], vae_names: list[str]) -> str | None:
+    """The VAE an infotext names, where the VAE folder has it; none named leaves the pick alone (an image made with
+    the model's own VAE names none, and neither does one made by another tool)."""
+    vae = fields.pop("sd_vae", None)
+    if not vae:
+        return None
+    if vae not in vae_names:
+        return f"SD VAE not applied: {vae!r} is not in the VAE folder. The VAE is left as it was."
+    fields["sd_vae"] = gr.update(choices=list(vae_names), value=vae)
     return None
 
 
