@@ -207,6 +207,13 @@ def _refusals() -> dict[str, tuple[dict, str]]:
                                                                         "number"),
         "SD upscale scale 9": ({"init_images": [one], "script_name": "sd upscale", "script_args": ["", 8, 0, 9]},
                                "script_args[3] (scale factor): "),
+        "SD upscale overlap of true": ({"init_images": [one], "script_name": "sd upscale", "script_args": [0, True]},
+                                       "script_args[1] (tile overlap): expected a number, got True"),
+        "SD upscale overlap of 64.5": ({"init_images": [one], "script_name": "sd upscale",
+                                        "script_args": [0, "64.5"]}, "script_args[1] (tile overlap): expected a whole "
+                                                                     "number"),
+        "SD upscale with tiling": ({"init_images": [one], "script_name": "sd upscale", "tiling": True},
+                                   "tiling: SD upscale draws the picture in tiles"),
         "SD upscale with a mask": ({"init_images": [one], "mask": one, "script_name": "sd upscale"},
                                    "SD upscale draws the whole picture again"),
         "SD upscale tile larger than the picture": ({"init_images": [one], "script_name": "sd upscale", "width": 256,
@@ -270,10 +277,17 @@ def test_docs_list_img2img_with_its_request_model(client):
 def test_sd_upscale_returns_the_picture_enlarged_and_drawn_again_in_tiles(client, services):
     r = client.post("/sdapi/v1/img2img", json=QUICK | {
         "init_images": [b64(picture(8, 80, 64))], "width": 64, "height": 64, "save_images": True, "n_iter": 2,
-        "script_name": "SD upscale", "script_args": [None, 16, 2, 1.5]})  # Nearest, by its place in A1111's list
+        "script_name": "SD upscale", "script_args": [None, "16", 2.0, 1.5]})  # Nearest, by its place in A1111's list
     assert r.status_code == 200, r.text
     images, info = r.json()["images"], json.loads(r.json()["info"])
     assert [png(image).size for image in images] == [(120, 96)] * 2  # one per batch count, no grid
     assert info["seed"] == 5 and info["all_seeds"] == [5, 6]
     assert "SD upscale overlap: 16, SD upscale upscaler: Nearest" in info["infotexts"][0]
     assert not np.array_equal(pixels(images[0]), pixels(images[1]))  # the second starts from seed 6
+
+
+def test_a_script_argument_of_infinity_is_refused_not_a_server_error(client):
+    body = json.dumps(QUICK | {"init_images": [b64(picture(6))], "script_name": "sd upscale"})
+    body = body[:-1] + ', "script_args": [null, Infinity, 1, 2]}'  # Python's JSON reader takes Infinity
+    r = client.post("/sdapi/v1/img2img", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "script_args[1] (tile overlap): expected a number" in r.json()["detail"], r.text

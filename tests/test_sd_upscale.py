@@ -6,11 +6,11 @@ import pytest
 from PIL import Image
 
 from tests.conftest import TINY
-from tests.helpers import noise_picture, running_services
+from tests.helpers import noise_picture, running_services, wait_for
 # ui_services and ui: test_ui's module fixtures, started again for this module.
 from tests.test_ui import event, ui, ui_services  # noqa: F401
 from webui.schemas import JobState
-from webui.sd_upscale import TileLayout, tile_layout, tile_starts
+from webui.sd_upscale import TileLayout, tile_layout, tile_starts, upscaled_size
 from webui.ui.generation import Session
 
 QUICK = {"prompt": "a red barn", "steps": 3, "seed": 7, "width": 64, "height": 64, "denoising_strength": 0.5,
@@ -54,13 +54,19 @@ def test_two_tiles_fade_into_each_other_across_what_they_share():
     assert (np.diff(row[36:64]) >= 0).all() and 0 < row[40] < row[50] < row[60] < 255
 
 
+def test_the_enlarged_size_is_rounded_down_to_a_multiple_of_8_as_a1111s_upscalers_round_it():
+    assert upscaled_size((65, 33), 2, "Lanczos") == (128, 64)
+    assert upscaled_size((64, 64), 1.5, "Nearest") == (96, 96)
+    assert upscaled_size((65, 33), 2, "None") == (65, 33)
+
+
 @pytest.mark.parametrize("size, tile, overlap, scale, upscaler, message", [
     ((64, 64), (128, 128), 16, 1.5, "Lanczos", r"upscaled picture \(96x96\) is smaller than a tile \(128x128"),
     ((64, 64), (64, 64), 64, 2, "Lanczos", r"Tile overlap \(64\) must be smaller than the tile"),
     ((64, 64), (64, 64), 16, 2, "ESRGAN_4x", "unknown upscaler 'ESRGAN_4x'; choose one of None, Lanczos, Nearest"),
     ((64, 64), (64, 64), 16, 5, "Lanczos", "Scale Factor 5; use 1 to 4"),
     ((2048, 2048), (512, 512), 64, 2.5, "Lanczos", r"would be 5120x5120; at most 16.8 megapixels"),
-    ((2048, 2048), (64, 64), 0, 1, "None", r"32x32 tiles; at most 256"),
+    ((2048, 2048), (64, 64), 0, 1, "None", r"32x32 tiles; at most 256.*lower the Tile overlap"),
 ])
 def test_what_cannot_be_tiled_says_what_to_change(size, tile, overlap, scale, upscaler, message):
     with pytest.raises(ValueError, match=message):
@@ -151,3 +157,58 @@ def test_sd_upscale_is_a_script_of_its_own_and_needs_the_img2img_sub_tab(ui, ui_
                                      sd_upscale=True)
     assert "SD upscale draws the whole picture again" in progress
     assert len(ui_services.worker.waiting_jobs()) == before
+
+
+def test_a_flagged_tile_blacks_out_the_whole_picture(services, monkeypatch):
+    check_safety, calls = services.engine.check_safety, []
+
+    def flag_the_middle_tile(pictures):
+        images, flags = check_safety(pictures)
+        calls.append(len(pictures))
+        if len(calls) == 5:  # the middle one of 3x3
+            return [image.point(lambda _: 0) for image in images], [True]
+        return images, flags
+
+    monkeypatch.setattr(services.engine, "check_safety", flag_the_middle_tile)
+    job = finished(services, QUICK | {"save_images": False}, noise_picture(9))
+    assert len(calls) == 9 and job.images[0].nsfw and "NSFW" in job.images[0].infotext
+    assert np.asarray(job.images[0].image).max() == 0  # no fade lets the flagged part show through
+
+
+def test_a_short_last_batch_is_filled_up_where_only_the_full_batch_size_is_compiled(services, monkeypatch):
+    picture = noise_picture(10)
+    plain = finished(services, QUICK | {"save_images": False, "batch_size": 4}, picture)
+    generate, batches = services.engine.generate, []
+
+    def recorded(request, seeds, *args, **kwargs):
+        batches.append(list(seeds))
+        return generate(request, seeds, *args, **kwargs)
+
+    monkeypatch.setattr(services.engine, "generate", recorded)
+    monkeypatch.setattr(services.engine, "pending_compiles", lambda request, size: [] if size == 4 else ["UNet"])
+    filled = finished(services, QUICK | {"save_images": False, "batch_size": 4}, picture)
+    assert batches == [[7, 8, 9, 10], [11, 12, 13, 14], [15, 15, 15, 15]]  # 9 tiles: the ninth drawn 4 times
+    difference = np.abs(np.asarray(plain.images[0].image, int) - np.asarray(filled.images[0].image, int))
+    assert difference.max() <= 2
+
+
+def test_a_skip_ends_the_picture_being_made_and_the_next_batch_count_goes_on(services, monkeypatch):
+    generate, calls = services.engine.generate, []
+
+    def skip_in_the_first_picture(request, seeds, *args, **kwargs):
+        calls.append(seeds)
+        if len(calls) == 2:
+            wait_for(lambda: job.state is JobState.RUNNING)
+            services.worker.skip(job.id)
+        return generate(request, seeds, *args, **kwargs)
+
+    monkeypatch.setattr(services.engine, "generate", skip_in_the_first_picture)
+    job = services.worker.submit(QUICK | {"n_iter": 2, "save_images": False}, init_image=noise_picture(11))
+    assert job.wait(120) and job.state is JobState.DONE, job.error
+    assert [image.seed for image in job.images] == [8]  # the first picture (seed 7) was skipped
+    assert calls[2][0] == 8 and len(calls) == 2 + 9
+
+
+def test_tiling_does_not_go_with_sd_upscale(services):
+    with pytest.raises(Exception, match="tiling: SD upscale draws the picture in tiles"):
+        services.worker.submit(QUICK | {"tiling": True}, init_image=noise_picture(1))

@@ -183,6 +183,13 @@ class GenerationRequest(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _sd_upscale_not_tiling(self) -> "GenerationRequest":
+        if self.sd_upscale and self.tiling:  # each tile would wrap into itself, not the picture
+            raise ValueError("tiling: SD upscale draws the picture in tiles, so it cannot make it tile seamlessly; "
+                             "untick Tiling or SD upscale")
+        return self
+
+    @model_validator(mode="after")
     def _hires_prompts_only_where_they_differ(self) -> "GenerationRequest":
         # As A1111, an empty hires prompt is the prompt; kept only when it differs, so the infotext and the
         # history say a second prompt was used only when one was.

@@ -3,7 +3,8 @@ the run's size, each tile is drawn again by img2img, and the tiles are joined ba
 worker runs the tiles (webui/worker.py), so one job holds the whole upscale, its progress and its history row.
 
 As in A1111, the tiles are the run's width x height, spread evenly so they cover the picture and overlap by at
-least the overlap asked for, and the upscaled size is the picture's times the factor, rounded down. Unlike A1111,
+least the overlap asked for, and the upscaled size is the picture's times the factor, rounded down to a multiple
+of 8 as A1111's upscalers round it. Unlike A1111,
 which pastes each tile over the last with a ramp as wide as the overlap setting, the joins here fade across the
 whole part two tiles share, so no seam is left where tiles overlap by more than the setting.
 """
@@ -27,10 +28,11 @@ MAX_PIXELS = 4096 * 4096  # of the upscaled picture, held with its tiles' sums w
 
 
 def upscaled_size(size: tuple[int, int], scale: float, upscaler: str) -> tuple[int, int]:
-    """The picture's size after the upscaler (A1111 rounds down); the same size with no upscaler."""
+    """The picture's size after the upscaler (as A1111's: rounded down to a multiple of 8); the same size with no
+    upscaler."""
     if upscaler == NO_UPSCALER:
         return size
-    return int(size[0] * scale), int(size[1] * scale)
+    return int(size[0] * scale) // 8 * 8, int(size[1] * scale) // 8 * 8
 
 
 def enlarge(picture: Image.Image, scale: float, upscaler: str) -> Image.Image:
@@ -111,7 +113,8 @@ def tile_layout(picture_size: tuple[int, int], tile: tuple[int, int], overlap: i
                          f"{tile[1]}, the Width and Height): lower the overlap or raise the size")
     if width < tile[0] or height < tile[1]:
         raise ValueError(f"SD upscale: the upscaled picture ({width}x{height}) is smaller than a tile ({tile[0]}x"
-                         f"{tile[1]}, the Width and Height): lower the Width and Height or raise the Scale Factor")
+                         f"{tile[1]}, the Width and Height): lower the Width and Height (or Resize by) or raise the "
+                         "Scale Factor")
     if width * height > MAX_PIXELS:
         raise ValueError(f"SD upscale: the upscaled picture would be {width}x{height}; at most "
                          f"{MAX_PIXELS / 1e6:.1f} megapixels (4096x4096): lower the Scale Factor")
@@ -119,5 +122,6 @@ def tile_layout(picture_size: tuple[int, int], tile: tuple[int, int], overlap: i
                         tuple(tile_starts(height, tile[1], overlap)))
     if len(layout.corners) > MAX_TILES:
         raise ValueError(f"SD upscale: {len(layout.xs)}x{len(layout.ys)} tiles; at most {MAX_TILES} can be drawn "
-                         "in one upscale: raise the Width and Height (the tile) or lower the Scale Factor")
+                         "in one upscale: raise the Width and Height (the tile), lower the Tile overlap or lower the "
+                         "Scale Factor")
     return layout

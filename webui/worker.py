@@ -645,23 +645,29 @@ class Worker:
                 except BatchSkipped:
                     break
             else:
-                joined = layout.join([result.image for result in drawn])
-                self._keep_image(job, EngineImage(joined, job.seeds[upscale], any(r.nsfw for r in drawn)), upscale,
-                                 time.time() - started)
+                nsfw = any(result.nsfw for result in drawn)
+                # A flagged tile is black, but its neighbours' fades would show it through: all of it goes black.
+                joined = Image.new("RGB", layout.size) if nsfw else layout.join([result.image for result in drawn])
+                self._keep_image(job, EngineImage(joined, job.seeds[upscale], nsfw), upscale, time.time() - started)
 
     def _draw_tiles(self, job: Job, tiles: list[Image.Image], upscale: int, first: int, run: tuple[int, int],
                     pace: StepPace) -> list[EngineImage]:
         """One batch of SD upscale's tiles (the first of them tile `first`) drawn again; run: (this, of all)."""
-        request = job.request
-        seeds = [(job.seeds[upscale] + first + i) % (MAX_SEED + 1) for i in range(len(tiles))]
-        subseeds = ([(job.subseeds[upscale] + first + i) % (MAX_SEED + 1) for i in range(len(tiles))]
+        request, count = job.request, len(tiles)
+        # The last batch may be short: on a compiled model that is a shape of its own to compile, so it is filled
+        # up with its last tile again (drawn for nothing) where the full batch size is compiled already.
+        if (count < request.batch_size and self.engine.pending_compiles(request, count)
+                and not self.engine.pending_compiles(request, request.batch_size)):
+            tiles = tiles + [tiles[-1]] * (request.batch_size - count)
+        seeds = [(job.seeds[upscale] + first + min(i, count - 1)) % (MAX_SEED + 1) for i in range(len(tiles))]
+        subseeds = ([(job.subseeds[upscale] + first + min(i, count - 1)) % (MAX_SEED + 1) for i in range(len(tiles))]
                     if request.subseed_strength > 0 else None)
         compiling = self.engine.pending_compiles(request, len(seeds))
         job.progress.note = self._compile_note(request, compiling)
         try:
             return job.context.run(self.engine.generate, request, seeds,
                                    self._step_callback(job, run[0], compiling, pace, run[1], upscale), subseeds,
-                                   tiles, None)
+                                   tiles, None)[:count]
         finally:
             job.progress.note = None
 
@@ -762,7 +768,7 @@ class Worker:
             scheduler=request.scheduler, model_name=model.entry.name, model_hash=model.short_hash or "",
             clip_skip=request.clip_skip,
             denoising_strength=request.denoising_strength if request.is_img2img or request.enable_hr else None,
-            batch_number=image.index % request.batch_size, batch_size=request.batch_size)
+            batch_number=0 if request.sd_upscale else image.index % request.batch_size, batch_size=request.batch_size)
         try:
             path = self.outputs.save_image(image.image, image.infotext, image.seed, job.kind, name_parts)
         except Exception as err:
@@ -877,7 +883,7 @@ def _with_init_image(request: GenerationRequest, image: Image.Image | None, mask
     if request.sd_upscale:  # the picture kept whole; the size is a tile's
         if mask is not None:
             raise InvalidRequest("SD upscale draws the whole picture again: use it without a mask (on the img2img "
-                                 "sub-tab, not an Inpaint one)")
+                                 "sub-tab, not an Inpaint one; on Batch, without masks)")
         width, height = size_from_image(image, request.width, request.height)
         request = parse_request(request.model_dump() | fields | {"width": width, "height": height})
         _tiles_for(request, image.size)

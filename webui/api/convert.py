@@ -10,6 +10,7 @@ import datetime as dt
 import html
 import io
 import json
+import math
 from typing import Any, Callable
 
 from PIL import Image, UnidentifiedImageError
@@ -159,9 +160,9 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
 SD_UPSCALE = "sd upscale"  # A1111's script name, as /sdapi/v1/scripts lists it
 # SD upscale's script_args, by A1111's positions (the first, its help text, is unused): field, label, default,
 # reader (None: the upscaler's).
-_SD_UPSCALE_ARGS = (("sd_upscale_overlap", "tile overlap", 64, int),
-                    ("sd_upscale_upscaler", "upscaler", "Lanczos", None),
-                    ("sd_upscale_scale", "scale factor", 2.0, float))
+_SD_UPSCALE_ARGS = (("sd_upscale_overlap", "tile overlap", 64, lambda value: _number(value, whole=True)),
+                    ("sd_upscale_upscaler", "upscaler", "Lanczos", lambda value: _sd_upscaler(value)),
+                    ("sd_upscale_scale", "scale factor", 2.0, lambda value: _number(value, whole=False)))
 
 
 def script_fields(req: GenerationBody) -> tuple[dict[str, Any], list[str]]:
@@ -177,20 +178,37 @@ def script_fields(req: GenerationBody) -> tuple[dict[str, Any], list[str]]:
     for position, (field, label, default, read) in enumerate(_SD_UPSCALE_ARGS, start=1):
         value = args[position] if position < len(args) and args[position] is not None else default
         try:
-            fields[field] = _sd_upscaler(value) if read is None else read(value)
-        except (TypeError, ValueError) as err:
-            refused.append(f"script_args[{position}] ({label}): " + (
-                str(err) if read is None else f"expected a number, got {value!r}"))
+            fields[field] = read(value)
+        except ValueError as err:
+            refused.append(f"script_args[{position}] ({label}): {err}")
     return fields, refused
+
+
+def _number(value: Any, whole: bool) -> int | float:
+    """A script argument that is a number (a JSON number, or one written as text); whole: an integer."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"expected a number, got {value!r}"[:200])
+    if whole and value != int(value):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    return int(value) if whole else float(value)
 
 
 def _sd_upscaler(value: Any) -> str:
     """SD upscale's upscaler, given by its place in A1111's list (0 None, 1 Lanczos, 2 Nearest) or by name."""
-    if isinstance(value, int) and 0 <= value < len(SD_UPSCALERS):
-        return SD_UPSCALERS[value]
     by_name = {upscaler.lower(): upscaler for upscaler in SD_UPSCALERS}
-    if isinstance(value, str) and value.lower() in by_name:
-        return by_name[value.lower()]
+    if isinstance(value, str) and value.strip().lower() in by_name:
+        return by_name[value.strip().lower()]
+    try:
+        index = _number(value, whole=True)
+    except ValueError:
+        index = -1
+    if 0 <= index < len(SD_UPSCALERS):
+        return SD_UPSCALERS[index]
     choices = ", ".join(f"{i} {upscaler}" for i, upscaler in enumerate(SD_UPSCALERS))
     raise ValueError(f"no upscaler {value!r} on this server; send one of {choices} (the number or the name)")
 

@@ -260,7 +260,8 @@ class Api:
             "job": f"scripts_{job.kind}",
             "job_count": job_request.n_iter,
             "job_timestamp": _timestamp(job.started_at),
-            "job_no": p.image_index // job_request.batch_size,
+            # SD upscale counts its pictures (one per batch count), not images of a batch
+            "job_no": p.image_index if job_request.sd_upscale else p.image_index // job_request.batch_size,
             "sampling_step": p.step,
             "sampling_steps": steps,
             # ours: the queue behind the running job
