@@ -133,6 +133,14 @@ def test_generate_shows_the_image_then_history_and_seed_reuse(page, app_server):
     playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value(seed)
     page.click("#txt2img_random_seed")
     playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value("-1")
+    # A1111's ↙, titled on hover: with the prompt box empty, the last picture's parameters come back.
+    page.hover("#txt2img_paste")
+    playwright_api.expect(page.locator("#txt2img_paste")).to_have_attribute("title", re.compile("Read generation"))
+    page.locator("#txt2img_prompt textarea").fill("")
+    page.click("#txt2img_paste")
+    playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value(seed)
+    playwright_api.expect(page.locator("#txt2img_prompt textarea")).to_have_value("a tiny red fox")
+    page.click("#txt2img_random_seed")
 
     page.get_by_role("tab", name="History").click()
     thumbnail = page.locator(f"#history_gallery img[alt='a tiny red fox (seed {seed})']")

@@ -507,6 +507,29 @@ def test_send_to_txt2img_sets_the_batch_size_of_a_batch_image(ui):
     assert single[TXT2IMG_FIELDS.index("batch_size")] == 1  # left out when written: 1
 
 
+def test_the_paste_button_reads_the_parameters_pasted_into_the_prompt_or_the_last_pictures(ui, ui_services):
+    from webui.ui.params import IMG2IMG_FIELDS
+
+    paste = event(ui, "paste_into_txt2img")
+    text = ("a lighthouse at dusk\nNegative prompt: fog\nSteps: 3, Sampler: Euler, CFG scale: 5.5, Seed: 123, "
+            "Size: 64x72, Denoising strength: 0.4, Hires upscale: 2, Hires upscaler: Latent")
+    *values, tab = paste(text, Session())
+    fields = dict(zip(TXT2IMG_FIELDS, values))
+    assert (fields["prompt"], fields["negative_prompt"], fields["steps"], fields["seed"]) == (
+        "a lighthouse at dusk", "fog", 3, 123)
+    assert (fields["cfg_scale"], fields["width"], fields["height"], fields["enable_hr"]) == (5.5, 64, 72, True)
+    # With the box empty: the last picture the tab shows.
+    session = generate(ui, prompt="a lonely owl", seed=4242, steps=2)[-1][0]
+    fields = dict(zip(TXT2IMG_FIELDS, paste("", session)[:-1]))
+    assert fields["prompt"] == "a lonely owl" and fields["seed"] == 4242
+    with pytest.raises(gr.Error, match="Nothing to read"):
+        paste("  ", Session())
+    with pytest.raises(gr.Error, match="holds no parameters"):
+        paste("just a prompt, with words", Session())
+    fields = dict(zip(IMG2IMG_FIELDS, event(ui, "paste_into_img2img")(text, Session())[:-1]))
+    assert fields["denoising_strength"] == 0.4 and fields["steps"] == 3
+
+
 def test_variation_seeds_go_from_the_page_to_the_infotext_and_back(ui, ui_services):
     session = Session()
     outputs = list(event(ui, "txt2img")(session, "a variation probe", "", "Euler a", "Automatic", 2, 7.0, 64, 64,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 from PIL import Image
@@ -22,7 +22,7 @@ from webui.ui.merger import MergerTab, build_merger
 from webui.ui.models import ModelActions, ModelPicker, build_model_picker
 from webui.ui.params import widget_updates
 from webui.ui.pictures import INPAINT, PLAIN
-from webui.ui.pnginfo import PngInfoTab, build_pnginfo, fields_for_txt2img, picture_for_img2img
+from webui.ui.pnginfo import PngInfoTab, build_pnginfo, fields_for_txt2img, fields_to_paste, picture_for_img2img
 from webui.ui.settings import SettingsTab, build_settings
 from webui.ui.generation import GenerationTab, build_generation_tab
 
@@ -159,6 +159,16 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
 
     def gallery_to_inpaint(session):
         return gallery_to_img2img(session, inpaint=True)
+
+    def paste_into(tab: GenerationTab) -> Callable:
+        def paste(prompt, session):
+            return to_tab(tab, fields_to_paste(prompt, session.current_infotext()))
+        paste.__name__ = f"paste_into_{tab.kind}"  # an event of its own per tab (tests find it by name)
+        return paste
+
+    for tab in ui.generation_tabs:
+        tab.paste.click(paste_into(tab), inputs=[tab.widgets["prompt"], tab.session],
+                        outputs=[*tab.field_components, tabs], **private)
 
     to_txt2img_outputs = [*txt2img.field_components, tabs]
     to_img2img_outputs = [img2img.widgets["init_image"], img2img.widgets["inpaint_canvas"],

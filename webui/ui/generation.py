@@ -459,6 +459,7 @@ class GenerationTab:
     send_to_img2img: gr.Button  # under the gallery: its current image and parameters to img2img (blocks.py)
     send_to_inpaint: gr.Button  # the same, onto img2img's Inpaint canvas
     send_to_extras: gr.Button  # its current image to the Extras tab
+    paste: gr.Button  # A1111's ↙: the prompt box's parameters (or the last picture's) into the fields (blocks.py)
     picture_tabs: gr.Tabs | None = None  # img2img's sub-tabs (pictures.IMG2IMG_MODES)
 
     @property
@@ -566,6 +567,9 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
             with gr.Row():
                 interrupt = gr.Button("Interrupt", elem_id=f"{kind}_interrupt", min_width=60, size="md")
                 skip = gr.Button("Skip", elem_id=f"{kind}_skip", min_width=60, size="md")
+                # A1111's ↙: the parameters pasted into the prompt box (or, with the box empty, the last
+                # picture's) set the tab's fields (blocks.py).
+                paste = gr.Button("↙", elem_id=f"{kind}_paste", min_width=40, scale=0, size="md")
             # A1111's styles: joined into the prompts at Generate, or moved into them to edit.
             styles = gr.Dropdown(actions.style_names(), value=[], multiselect=True, label="Styles",
                                  elem_id=f"{kind}_styles")
@@ -759,4 +763,4 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                          api_visibility="private", show_progress="hidden")
     return GenerationTab(kind, actions, session, widgets, generate_events, tab_token,
                          [styles, lora_name, embedding_name], send_to_img2img, send_to_inpaint, send_to_extras,
-                         picture_tabs if img2img else None)
+                         paste, picture_tabs if img2img else None)

@@ -99,6 +99,19 @@ def fields_for_txt2img(text: str) -> dict:
     return request_fields_from_infotext(text)
 
 
+def fields_to_paste(prompt: str, last_infotext: str) -> dict:
+    """A1111's ↙: the fields an infotext pasted into the prompt box gives, or with the box empty, those of the
+    last picture shown (last_infotext); gr.Error saying what to do where there are none."""
+    if not (prompt or "").strip():
+        if not last_infotext:
+            raise gr.Error("Nothing to read: paste a picture's parameters into the prompt, or make a picture first.")
+        return request_fields_from_infotext(last_infotext)
+    if not parse_infotext(prompt)[2]:
+        raise gr.Error("The prompt holds no parameters to read: paste a picture's whole parameters (its prompt, "
+                       "then a line such as 'Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512').")
+    return request_fields_from_infotext(prompt)
+
+
 def picture_for_img2img(upload: dict | str | None, text: str) -> tuple[str, dict]:
     """The dropped picture and its parameters, if it has any (a picture without them is a start too)."""
     path = uploaded_path(upload)
