@@ -94,3 +94,12 @@ def test_the_img2img_tab_starts_each_loop_from_the_picture_the_loop_before_made(
     for before, job in zip(submitted, submitted[1:]):  # each starts from the picture the one before made
         assert job.request.init_image == image_sha1(before.images[0].image)
     assert session.seeds == [40, 41, 42]  # all the loops shown, in turn
+    # A1111's Loopback keys, in every loop's infotext
+    assert all("Final denoising strength: 0.3, Denoising curve: Linear" in job.images[0].infotext for job in submitted)
+
+
+def test_only_the_keys_scripts_write_go_into_the_infotext():
+    from webui.schemas import parse_request
+
+    with pytest.raises(InvalidRequest, match="script_params: .*unknown keys 'Steps'"):
+        parse_request({"prompt": "x", "script_params": {"Steps": 99}})

@@ -54,6 +54,8 @@ def loop_requests(request: dict, loops: int, final_strength: float, curve: str) 
     chains = []
     for chain in range(request.get("n_iter", 1)):
         chains.append([request | {"n_iter": 1, "denoising_strength": strength, "subseed": subseed,
+                                  "script_params": {"Final denoising strength": final_strength,
+                                                    "Denoising curve": curve},
                                   "seed": (seed + chain * loops + loop) % (MAX_SEED + 1)}
                        # As A1111, a loop after the first inpaints from the picture the loop before made.
                        | ({"inpainting_fill": ORIGINAL} if loop and "inpainting_fill" in request else {})

@@ -31,6 +31,8 @@ MASK_MODES = ("Inpaint masked", "Inpaint not masked")
 INPAINT_AREAS = ("Whole picture", "Only masked")
 MAX_MASK_BLUR, MAX_MASK_PADDING = 64, 256
 _SHA1 = r"^[0-9a-f]{40}$"
+# The infotext keys a script run through several jobs may add to its pictures' (A1111's Loopback's).
+SCRIPT_INFOTEXT_KEYS = ("Final denoising strength", "Denoising curve")
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -104,6 +106,9 @@ class GenerationRequest(BaseModel):
     sd_upscale_scale: float = Field(2.0, ge=MIN_SCALE, le=MAX_SCALE, description="SD upscale: how many times larger")
     sd_upscale_upscaler: str = Field(DEFAULT_UPSCALER, description=f"SD upscale: one of {', '.join(SD_UPSCALERS)}")
     tiling: bool = Field(False, description="pictures that tile seamlessly: right edge into left, bottom into top")
+    # What a script run through several jobs (Loopback) writes into each picture's infotext, as A1111's
+    # extra_generation_params; only the keys in SCRIPT_INFOTEXT_KEYS.
+    script_params: dict[str, str | float] = Field(default_factory=dict, description="infotext keys a script adds")
     styles: list[str] = Field(default_factory=list, max_length=20,
                               description="prompt styles (styles.csv) joined into the prompts before the run")
     model: str | None = Field(None, description="checkpoint name; None keeps the loaded model")
@@ -158,6 +163,15 @@ class GenerationRequest(BaseModel):
         if isinstance(name, str) and name not in HIRES_UPSCALERS:
             raise ValueError(f"unknown upscaler {name!r}; choose one of: {', '.join(HIRES_UPSCALERS)}")
         return name
+
+    @field_validator("script_params")
+    @classmethod
+    def _known_script_keys(cls, params: dict[str, str | float]) -> dict[str, str | float]:
+        unknown = [key for key in params if key not in SCRIPT_INFOTEXT_KEYS]
+        if unknown:
+            raise ValueError(f"unknown keys {', '.join(map(repr, unknown))}; scripts write "
+                             f"{', '.join(SCRIPT_INFOTEXT_KEYS)}")
+        return params
 
     @field_validator("sd_upscale_upscaler")
     @classmethod

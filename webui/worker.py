@@ -750,6 +750,7 @@ class Worker:
             "Lora hashes": self.engine.lora_hashes(request),
             "TI hashes": self.engine.ti_hashes(request),
             "NSFW": "blacked out by the safety checker" if result.nsfw else None,
+            **request.script_params,
             "Version": f"diffusers-webui {__version__}",
         })
         image = GeneratedImage(image=result.image, seed=result.seed, index=index, infotext=infotext, nsfw=result.nsfw,
