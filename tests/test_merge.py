@@ -108,7 +108,8 @@ def test_no_interpolation_copies_a(folder, registry):
     (MergeRecipe("a", "b", name="b"), "is in the models folder already"),
     (MergeRecipe("a", "b", name="taken"), "is in the models folder already"),  # taken.safetensors is there
     (MergeRecipe("a", "b", name="mix [20240115]"), "reads as a model hash"),
-    (MergeRecipe("a", "b", name="Lora"), "holds LoRAs or embeddings"),
+    (MergeRecipe("a", "b", name="Lora"), "holds LoRAs, embeddings or VAEs"),
+    (MergeRecipe("a", "b", name="vae"), "holds LoRAs, embeddings or VAEs"),
     (MergeRecipe("a", "b", name="mix.safetensors"), "leave the suffix out"),
     (MergeRecipe("a", "b", name="con"), "device name on Windows"),
     (MergeRecipe("a", "b", name="漢" * 85), "at most 200 bytes"),

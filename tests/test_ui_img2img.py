@@ -264,9 +264,9 @@ def test_the_page_load_covers_the_img2img_tab(ui):
         {"txt2img_tab_token", "img2img_tab_token"}]
     assert {"img2img_styles", "img2img_lora_name", "img2img_embedding_name"} in by_name["file_lists"]
     [model_outputs] = by_name["models_on_page_load"]
-    assert {"img2img_width", "img2img_height", "img2img_clip_skip", "txt2img_width"} <= model_outputs
-    dropdown, status, *sliders = event(ui, "models_on_page_load")()
-    assert sliders[:2] == sliders[3:5] == [64, 64]
+    assert {"img2img_width", "img2img_height", "img2img_clip_skip", "txt2img_width", "vae_dropdown"} <= model_outputs
+    dropdown, status, vae, *sliders = event(ui, "models_on_page_load")()
+    assert sliders[:2] == sliders[3:5] == [64, 64] and vae["value"] == "Automatic"
 
 
 def test_a_hires_picture_sent_to_img2img_keeps_its_own_size_and_not_its_batch_size(ui, ui_services):

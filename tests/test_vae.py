@@ -3,6 +3,7 @@ the page, the API and an infotext."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 
 import numpy as np
@@ -42,6 +43,7 @@ def folders(tmp_path_factory):
     diffusers' layout, and a file that is no VAE; and a copy of the model with the other VAE as its own."""
     models = tmp_path_factory.mktemp("vae-models")
     save_tiny_model(models / TINY)
+    (models / "tiny-two").symlink_to(models / TINY, target_is_directory=True)  # the same weights, another model
     vae = other_vae(models / TINY)
     (models / "VAE").mkdir()
     ldm = {key.removeprefix("first_stage_model."): value.contiguous() for key, value in vae_to_ldm(vae).items()}
@@ -112,8 +114,56 @@ def test_what_cannot_be_used_is_refused_and_the_worker_goes_on(services):
     assert pixels(services, {"sd_vae": "None"}).shape == (64, 64, 3)
 
 
-def test_the_models_list_leaves_the_vae_folder_out(folders):
-    assert [entry.name for entry in scan_models_dir(folders[0])] == [TINY]
+def test_the_models_list_leaves_the_vae_folder_and_the_vaes_beside_models_out(folders, tmp_path):
+    assert [entry.name for entry in scan_models_dir(folders[0])] == [TINY, "tiny-two"]
+    for name in ("m.safetensors", "m.vae.safetensors", "m.vae.pt", "m.VAE.ckpt"):
+        (tmp_path / name).write_bytes(b"weights")
+    assert [entry.name for entry in scan_models_dir(tmp_path)] == ["m"]
+
+
+def test_the_vae_follows_a_model_switch_and_a_file_beside_the_model_is_automatics(services, folders):
+    on_first = pixels(services, {"sd_vae": FILE, "model": TINY})
+    assert np.array_equal(pixels(services, {"sd_vae": FILE, "model": "tiny-two"}), on_first)  # put in the new model
+    own = pixels(services, {"sd_vae": "none", "model": "tiny-two"})  # "none": A1111 writes it in any case
+    assert not np.array_equal(own, on_first)
+    beside = folders[0] / "tiny-two.vae.safetensors"  # A1111's place for a model's own VAE file
+    shutil.copy(folders[0] / "VAE" / FILE, beside)
+    try:
+        assert "tiny-two.vae.safetensors" in services.engine.vaes.choices()
+        assert np.array_equal(pixels(services, {"sd_vae": "Automatic", "model": "tiny-two"}), on_first)
+        assert np.array_equal(pixels(services, {"sd_vae": "Automatic", "model": TINY}), own)  # not TINY's
+        assert np.array_equal(pixels(services, {"sd_vae": "tiny-two.vae.safetensors", "model": TINY}), on_first)
+    finally:
+        beside.unlink()
+        services.worker.submit(QUICK | {"model": TINY}).wait(60)
+
+
+def test_a_vae_file_saved_again_under_its_name_is_read_again(services, folders):
+    from diffusers import AutoencoderKL
+
+    swap = folders[0] / "VAE" / "sub" / "swap.safetensors"
+    swap.parent.mkdir()
+    try:
+        shutil.copy(folders[0] / "VAE" / FILE, swap)
+        assert np.array_equal(pixels(services, {"sd_vae": "sub/swap.safetensors"}), pixels(services, {"sd_vae": FILE}))
+        own = AutoencoderKL.from_pretrained(folders[0] / TINY / "vae")
+        save_file({k: v.contiguous() for k, v in own.state_dict().items()}, str(swap))
+        os.utime(swap, ns=(swap.stat().st_atime_ns, swap.stat().st_mtime_ns + 10**9))
+        assert np.array_equal(pixels(services, {"sd_vae": "swap.safetensors"}),  # its base name, as A1111's
+                              pixels(services, {"sd_vae": "None"}))
+    finally:
+        shutil.rmtree(swap.parent)
+
+
+def test_img2img_encodes_the_picture_with_the_chosen_vae_too(services):
+    from tests.helpers import noise_picture
+
+    runs = {}
+    for vae in ("None", FILE):
+        job = services.worker.submit(QUICK | {"sd_vae": vae, "denoising_strength": 0.3}, init_image=noise_picture(3))
+        assert job.wait(120) and job.state is JobState.DONE, job.error
+        runs[vae] = np.asarray(job.images[0].image, np.int16)
+    assert np.abs(runs["None"] - runs[FILE]).max() > 10
 
 
 def test_the_api_lists_the_vaes_and_takes_one_per_request_or_as_the_option(services, folders):
@@ -135,7 +185,12 @@ def test_the_api_lists_the_vaes_and_takes_one_per_request_or_as_the_option(servi
         client.post("/sdapi/v1/options", json={"sd_vae": "none"})  # A1111 writes it in any case
         assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["sd_vae_name"] is None
         r = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"sd_vae": "missing.pt"}})
-        assert r.status_code == 422 and "no VAE 'missing.pt'" in r.json()["detail"]
+        assert r.status_code == 422 and "override_settings.sd_vae: there is no VAE 'missing.pt'" in r.json()["detail"]
+        # An infotext's VAE is applied too (A1111 reads it as an override of the option).
+        pasted = QUICK | {"infotext": f"a barn\nSteps: 2, Seed: 3, Size: 64x64, VAE: {FILE}"}
+        assert json.loads(client.post("/sdapi/v1/txt2img", json=pasted).json()["info"])["sd_vae_name"] == FILE
+        r = client.post("/sdapi/v1/txt2img", json=pasted | {"infotext": pasted["infotext"] + "x"})
+        assert r.status_code == 422 and r.json()["detail"].startswith("infotext (VAE): there is no VAE")
 
 
 def test_the_page_picks_the_vae_beside_the_checkpoint_and_a_sent_infotext_sets_it(services):

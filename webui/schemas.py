@@ -164,6 +164,11 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"unknown upscaler {name!r}; choose one of: {', '.join(HIRES_UPSCALERS)}")
         return name
 
+    @field_validator("sd_vae")
+    @classmethod
+    def _vae_choice(cls, value: str) -> str:
+        return vae_choice(value)
+
     @field_validator("script_params")
     @classmethod
     def _known_script_keys(cls, params: dict[str, str | float]) -> dict[str, str | float]:
@@ -308,6 +313,12 @@ class GenerationRequest(BaseModel):
         if not self.is_img2img:
             return self.steps
         return min(int(self.steps * min(self.denoising_strength, 0.999)) + 1, self.steps)
+
+
+def vae_choice(value: str) -> str:
+    """An SD VAE pick as one name: Automatic and None in any case (A1111 writes "automatic" too), others as given."""
+    value = value.strip()
+    return {"automatic": "Automatic", "none": "None"}.get(value.lower(), value)
 
 
 def a1111_seed_resize(width: int | None, height: int | None) -> tuple[int, int]:

@@ -24,9 +24,9 @@ from webui.engine.generate import LoadedModel
 from webui.engine.img2img import check_picture_size
 from webui.extras import MAX_PICTURES, MAX_REQUEST_PIXELS, upscale, upscaled_size
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
-from webui.engine.vae import AUTOMATIC, NO_VAE
+from webui.engine.vae import AUTOMATIC
 from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
-from webui.schemas import InvalidRequest, a1111_seed_resize, parse_request
+from webui.schemas import InvalidRequest, a1111_seed_resize, parse_request, vae_choice as read_vae_choice
 from webui.sd_upscale import UPSCALERS as SD_UPSCALERS
 from webui.storage.infotext import parse_infotext, request_fields_from_infotext
 from webui.storage.options import SavedOptions
@@ -94,7 +94,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     values["subseed_strength"] = req.subseed_strength or 0.0
     if img2img:
         values["denoising_strength"] = 0.75 if req.denoising_strength is None else req.denoising_strength
-    clip_skip = default_clip_skip
+    clip_skip, vae = default_clip_skip, default_vae
     if req.infotext:
         pasted = request_fields_from_infotext(req.infotext)
         given = set(req.model_fields_set)
@@ -104,11 +104,11 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
             if name in pasted and name not in given:
                 values[name] = pasted[name]
         clip_skip = pasted.get("clip_skip", clip_skip)
+        vae = pasted.get("sd_vae", vae)  # as A1111, an override of the option
 
     overrides = req.override_settings or {}
     if overrides.get("CLIP_stop_at_last_layers") is not None:
         clip_skip = overrides["CLIP_stop_at_last_layers"]
-    vae = default_vae
     if overrides.get("sd_vae") is not None:
         try:
             vae = vae_choice(overrides["sd_vae"], "override_settings.sd_vae")
@@ -290,12 +290,10 @@ def sampler_and_schedule(sampler_name: str, schedule: str | None) -> tuple[str, 
 
 
 def vae_choice(value: Any, field: str) -> str:
-    """A1111's sd_vae value as a request's: a name; "Automatic" and "None" in any case (A1111 also writes
-    "automatic")."""
+    """A1111's sd_vae value as a request's: a name; "Automatic" and "None" in any case."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidRequest(f"{field}: expected Automatic, None or a VAE file's name (GET /sdapi/v1/sd-vae)")
-    value = value.strip()
-    return {choice.lower(): choice for choice in (AUTOMATIC, NO_VAE)}.get(value.lower(), value)
+    return read_vae_choice(value)
 
 
 def clip_skip_option(value: Any) -> int:
@@ -338,7 +336,9 @@ def clip_skip_field(req: GenerationBody) -> str:
 
 def client_field_names(req: GenerationBody) -> dict[str, str]:
     """Our names for the request fields a client sets under other names -> the names it used."""
-    names = {"clip_skip": clip_skip_field(req), "model": "override_settings.sd_model_checkpoint"}
+    names = {"clip_skip": clip_skip_field(req), "model": "override_settings.sd_model_checkpoint",
+             "sd_vae": "override_settings.sd_vae" if (req.override_settings or {}).get("sd_vae") is not None
+             else "infotext (VAE)" if req.infotext and "VAE" in parse_infotext(req.infotext)[2] else "sd_vae"}
     if isinstance(req, Img2ImgRequest):
         names["init_image"] = "init_images[0]"
         names |= {field: f"script_args[{position}] ({label})" for position, (field, label, _, _)

@@ -393,6 +393,7 @@ class Engine:
         if is_compiled(self.pipe) or not park_on_cpu(self.pipe, self.settings, self.placement):
             self.pipe = None  # the compiled graphs hold device memory of their own; the CPU has nowhere to park
             self._lora_weights.forget()  # else its kept originals would keep the dropped layers alive
+            self._vae_weights.forget()  # and the model's own VAE weights, kept while a file's are in
         self._on_device = False
         gc.collect()
         if torch.cuda.is_available():

@@ -26,7 +26,7 @@ import torch
 
 from webui.config import Settings
 from webui.engine.loader import Placement, read_pipeline
-from webui.engine.models import EMBEDDINGS_FOLDER, LORA_FOLDER, SINGLE_FILE_SUFFIXES, ModelRegistry
+from webui.engine.models import EMBEDDINGS_FOLDER, LORA_FOLDER, SINGLE_FILE_SUFFIXES, VAE_FOLDER, ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ MAX_NAME_BYTES = 200  # UTF-8: a file name holds 255, and the temporary name add
 KINDS_HINT = "an SD 1.x model merges with SD 1.x models, an SD 2.x one with SD 2.x ones"
 _NOT_IN_NAMES = re.compile(r"[/\\:*?\"<>|\x00-\x1f]")  # one folder name, valid on Windows too
 _WINDOWS_DEVICES = re.compile(r"^(CON|PRN|AUX|NUL|COM\d|LPT\d)(\..*)?$", re.IGNORECASE)
-NOT_A_MODEL_FOLDER = "that folder holds LoRAs or embeddings, never models: choose another"
+NOT_A_MODEL_FOLDER = "that folder holds LoRAs, embeddings or VAEs, never models: choose another"
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-f]{8,10}\]$")  # "name [abc12345]": the registry reads it as a hash
 
 
@@ -115,7 +115,7 @@ def _name_problem(name: str) -> str | None:
         return "use no / \\ : * ? \" < > |, and do not start it with a dot or end it with a dot or space"
     if _WINDOWS_DEVICES.match(name):
         return "that is a device name on Windows: choose another"
-    if name.lower() in (LORA_FOLDER.lower(), EMBEDDINGS_FOLDER.lower()):
+    if name.lower() in (LORA_FOLDER.lower(), EMBEDDINGS_FOLDER.lower(), VAE_FOLDER.lower()):
         return NOT_A_MODEL_FOLDER
     if name.lower().endswith(SINGLE_FILE_SUFFIXES):
         return "a folder named like a model file would be mistaken for one: leave the suffix out"
@@ -131,7 +131,7 @@ def merge_models(recipe: MergeRecipe, registry: ModelRegistry, settings: Setting
         raise MergeError(f"name {target.name!r}: {NOT_A_MODEL_FOLDER}")
     entries = [registry.find_listed(model) for _role, model in recipe.models_needed()]
     if any(entry.path is not None and entry.path.resolve() in _skipped(registry) for entry in entries):
-        raise MergeError("a model in the LoRA or embeddings folder cannot be merged")
+        raise MergeError("a model in the LoRA, embeddings or VAE folder cannot be merged")
     # fp32 on the CPU: the sums keep their precision, and the GPU stays the worker's. A keeps its safety checker
     # (also under --disable-safety-checker, which is this server's choice, not the model's); B and C need none.
     placement = Placement(device="cpu", dtype=torch.float32)

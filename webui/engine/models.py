@@ -217,7 +217,7 @@ def _scan(folder: Path, models_dir: Path, depth: int, skipped: set[Path]) -> lis
     except OSError:  # an unreadable folder (lost+found on a mounted volume): skip it, list the rest
         return entries
     for path in children:
-        if path.name.startswith(".") or path in skipped:
+        if path.name.startswith(".") or path in skipped or is_vae_beside_model(path):
             continue
         entry = entry_for_path(path, models_dir)
         if entry is not None:
@@ -225,6 +225,12 @@ def _scan(folder: Path, models_dir: Path, depth: int, skipped: set[Path]) -> lis
         elif depth > 1 and _is_folder(path):
             entries.extend(_scan(path, models_dir, depth - 1, skipped))
     return entries
+
+
+def is_vae_beside_model(path: Path) -> bool:
+    """A1111's VAE for the checkpoint beside it, `<model>.vae.safetensors` (.pt, .ckpt): a VAE, never a model."""
+    name = path.name.lower()
+    return any(name.endswith(f".vae{suffix}") for suffix in (".safetensors", ".pt", ".ckpt"))
 
 
 def _is_folder(path: Path) -> bool:

@@ -222,7 +222,7 @@ def _ckpt_weights(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
 
 def _read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors whose keys start with prefix, read from a file _read_header has checked."""
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
@@ -230,12 +230,12 @@ def _read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     return {key: value for key, value in _ckpt_weights(path)[0].items() if key.startswith(prefix)}
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All the tensors of a .safetensors file, or of a .ckpt/.pt pickle read weights-only (its state_dict);
-    SingleFileLoadError saying what the file is when it is not readable weights."""
+def read_state_dict(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors (those whose keys start with `prefix`) of a .safetensors file, or of a .ckpt/.pt pickle read
+    weights-only (its state_dict); SingleFileLoadError saying what the file is when it is not readable weights."""
     _refuse_what_is_no_model(path)
     try:
-        return _read_tensors(path, "")
+        return _read_tensors(path, prefix)
     except SingleFileLoadError:
         raise
     except Exception as err:  # a damaged .safetensors header, a cut-off file

@@ -206,9 +206,10 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
 
     def models_on_page_load():
         dropdown, status, *model_sliders = ui.models.on_page_load()
-        return dropdown, status, *model_sliders * tab_count
+        return dropdown, status, ui.models.vae_picker(), *model_sliders * tab_count
 
-    ui.blocks.load(models_on_page_load, outputs=[ui.picker.dropdown, ui.picker.status, *sliders], **private)
+    ui.blocks.load(models_on_page_load, outputs=[ui.picker.dropdown, ui.picker.status, ui.picker.vae, *sliders],
+                   **private)
 
 
 def _wire_sends_to_extras(ui: WebUI, tabs: gr.Tabs) -> None:
