@@ -35,6 +35,15 @@ def test_defaults_and_a1111_flag_names():
     assert str(parse_settings(["--ckpt-dir", "/x"]).models_dir) == "/x"
 
 
+def test_server_folders_are_read_only_where_the_page_is_not_open_to_anyone():
+    assert parse_settings([], environ={}).reads_server_folders
+    assert parse_settings(["--listen", "--gradio-auth", "a:b"], environ={}).reads_server_folders  # logged in
+    assert not parse_settings(["--listen"], environ={}).reads_server_folders
+    assert not parse_settings(["--share"], environ={}).reads_server_folders
+    assert not parse_settings(["--hide-ui-dir-config"], environ={}).reads_server_folders  # A1111's flag
+    assert str(parse_settings(["--vae-dir", "/v"], environ={}).vae_folder) == "/v"
+
+
 def test_bad_flags_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         parse_settings(["--gradio-auth", "admin:ok,admin=hunter2"], environ={})

@@ -97,7 +97,8 @@ def test_generate_without_a_picture_or_with_an_unreadable_one_says_so_and_queues
            "Resize mode": "Just resize", "Mask blur": 4, "Mask mode": "Inpaint masked", "Masked content": "original",
            "Inpaint area": "Whole picture", "Only masked padding, pixels": 32, "Pixels to expand": 128,
            "Outpainting direction": ["left", "right", "up", "down"], "Loops": 4, "Final denoising strength": 0.5,
-           "Denoising strength curve": "Linear", "Tile overlap": 64, "Scale Factor": 2, "Upscaler": "Lanczos"}
+           "Denoising strength curve": "Linear", "Input directory": "", "Inpaint batch mask directory": "",
+           "Tile overlap": 64, "Scale Factor": 2, "Upscaler": "Lanczos"}
     (tmp_path / "junk.png").write_bytes(b"not a png")
     picture().save(tmp_path / "whole.png")
     whole = (tmp_path / "whole.png").read_bytes()
@@ -410,6 +411,41 @@ def test_batch_runs_each_uploaded_picture_and_shows_all_their_images(ui, ui_serv
     # From image: the first picture's size.
     from_image = page_run(ui, "img2img_picture_size", "Batch")
     assert from_image.fn([saved(tmp_path, "wide.png", picture(size=(136, 72)))], None) == (136, 72)
+
+
+def test_batch_reads_a_server_folder_as_a1111s_input_directory(ui, ui_services, tmp_path, monkeypatch):
+    folder, masks = tmp_path / "in", tmp_path / "masks"
+    folder.mkdir(), masks.mkdir()
+    saved(folder, "b.png", picture("blue", (64, 64))), saved(folder, "a.jpg", picture("red", (64, 64)))
+    (folder / "notes.txt").write_text("not a picture")
+    saved(folder, ".hidden.png", picture("green", (64, 64)))
+    *running, (session, gallery, progress, *_) = inpaint(ui, "Batch", batch_input_dir=f"  {folder} ")
+    assert progress == "" and len(gallery) == 2 and any("Batch: picture 2 of 2" in str(u[2]) for u in running)
+    runs = [Image.open(path).convert("RGB") for path, _ in gallery]
+    alone = inpaint(ui, "img2img", init_image=Image.open(folder / "a.jpg"))[-1][1][0][0]
+    assert Image.open(alone).convert("RGB").tobytes() == runs[0].tobytes()  # a.jpg first, by name
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (32, 0, 64, 64))
+    saved(masks, "a.png", mask), saved(masks, "b.webp", mask)
+    before = len(ui_services.history.list_images()[0])
+    *_, (session, gallery, progress, *_) = inpaint(ui, "Batch", batch_input_dir=str(folder),
+                                                   batch_mask_dir=str(masks))
+    assert progress == "" and len(gallery) == 2, progress
+    kept = np.asarray(Image.open(gallery[0][0]).convert("RGB"))[:, :24]  # outside the mask: the picture
+    start = np.asarray(Image.open(folder / "a.jpg").convert("RGB"))[:, :24]
+    assert np.abs(kept.astype(int) - start).max() <= 3
+    assert len(ui_services.history.list_images()[0]) == before + 2
+    for fields, message in (({"batch_input_dir": str(tmp_path / "nowhere")}, "is no folder on this machine"),
+                            ({"batch_input_dir": str(masks.parent / "empty")}, "is no folder"),
+                            ({"batch_mask_dir": str(masks)}, "give the Input directory too")):
+        [(_, _, progress, *_)] = inpaint(ui, "Batch", **fields)
+        assert message in progress, progress
+    (tmp_path / "empty").mkdir()
+    [(_, _, progress, *_)] = inpaint(ui, "Batch", batch_input_dir=str(tmp_path / "empty"))
+    assert "holds no pictures" in progress
+    monkeypatch.setattr(ui.img2img.actions, "reads_server_folders", False)
+    [(_, _, progress, *_)] = inpaint(ui, "Batch", batch_input_dir=str(folder))
+    assert "reads no folders typed into the page" in progress
 
 
 def test_batch_masks_go_with_the_pictures_of_their_name_or_one_with_all(ui, ui_services, tmp_path):

@@ -76,7 +76,7 @@ A1111_IGNORED_SWITCHES = (
     "--enable-insecure-extension-access", "--disable-all-extensions", "--disable-extra-extensions",
     "--allow-code", "--administrator", "--disable-safe-unpickle", "--autolaunch", "--api-log",
     "--gradio-queue", "--no-gradio-queue", "--gradio-debug", "--no-progressbar-hiding",
-    "--disable-console-progressbars", "--enable-console-prompts", "--use-textbox-seed", "--hide-ui-dir-config",
+    "--disable-console-progressbars", "--enable-console-prompts", "--use-textbox-seed",
     "--ui-debug-mode", "--add-stop-route", "--api-server-stop",
     "--skip-load-model-at-start", "--deepdanbooru", "--show-negative-prompt", "--unload-gfpgan",
     "--test-server", "--disable-tls-verify",  # the latter only matters with TLS, which is refused (see above)
@@ -117,6 +117,7 @@ class Settings:
     styles_file: Path | None = None  # None: styles.csv in outdir
     ui_settings_file: Path | None = None  # None: config.json in outdir
     freeze_settings: bool = False  # the Settings tab's settings shown, not changeable
+    hide_ui_dir_config: bool = False  # no server folders typed into the page (img2img Batch's)
     outdir: Path = DEFAULT_OUTPUTS_DIR
     ckpt: str = DEFAULT_MODEL_NAME
     device: str = "auto"
@@ -170,6 +171,12 @@ class Settings:
         """Served to other machines with no login: whoever finds the address uses the page, so nothing there may
         change what other users have (delete their images, change everyone's settings)."""
         return self.public and not self.gradio_auth
+
+    @property
+    def reads_server_folders(self) -> bool:
+        """Whether the page may read a server folder typed into it (img2img Batch's Input directory): not where
+        anyone who finds the page would read the server's files, nor with --hide-ui-dir-config."""
+        return not (self.open_to_anyone or self.hide_ui_dir_config)
 
     @property
     def api_enabled(self) -> bool:
@@ -278,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--freeze-settings", action="store_true",
                        help="the Settings tab shows the settings but nobody can change them, there or through "
                             "/sdapi/v1/options (as A1111's)")
+    files.add_argument("--hide-ui-dir-config", action="store_true",
+                       help="no server folders in the page: img2img Batch takes uploads only (as A1111's; also so "
+                            "wherever the page is served to other machines without --gradio-auth)")
     files.add_argument("--outdir", type=_user_path, default=DEFAULT_OUTPUTS_DIR,
                        help="where images and the history database are written (env: WEBUI_OUTDIR; "
                             "on a Space with persistent storage: /data/outputs)")

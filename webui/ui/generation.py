@@ -33,7 +33,7 @@ from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.params import SAME_SAMPLER, SAME_SCHEDULE, TAB_FIELDS, schedules_of, with_labels
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
                                batch_uploads, inpainting_settings, on_open_subtab, open_picture, outpainting_start,
-                               picture_inputs, scaled_size_fields, start_pictures)
+                               folder_pictures, picture_inputs, scaled_size_fields, start_pictures)
 from webui.loopback import loop_requests
 from webui.ui.scripts import (loopback_section, outpainting_section, plot_section, prompt_list_section,
                               prompt_matrix_section, sd_upscale_section)
@@ -69,6 +69,7 @@ class GenerationActions(SeveralRuns):
         self.outputs = services.outputs
         # As History's Delete: on a server shared without a login, visitors may not change what all share.
         self.can_edit_styles = not (services.settings.public and not services.settings.gradio_auth)
+        self.reads_server_folders = services.settings.reads_server_folders  # Batch's Input directory
 
     # A tab passes the parameters it has no widget for at their defaults (build_generation_tab).
     def generate(self, session: Session, prompt: str, negative_prompt: str | None = None, sampler_name: str = DEFAULT_SAMPLER,
@@ -99,11 +100,13 @@ class GenerationActions(SeveralRuns):
                  outpaint_directions: list[str] | None = None, loopback: bool = False, loopback_loops: int = 4,
                  loopback_final_strength: float = 0.5, loopback_curve: str = "Linear", sd_upscale: bool = False,
                  sd_upscale_overlap: int = 64, sd_upscale_scale: float = 2.0,
-                 sd_upscale_upscaler: str = "Lanczos", sd_vae: str = "Automatic") -> Iterator[tuple]:
+                 sd_upscale_upscaler: str = "Lanczos", sd_vae: str = "Automatic", batch_input_dir: str = "",
+                 batch_mask_dir: str = "") -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
-        one run for each uploaded picture (with its mask, if masks are uploaded);
+        one run for each uploaded picture (with its mask, if masks are uploaded), or each picture of the server
+        folder batch_input_dir (masks from batch_mask_dir);
         txt2img's denoising strength is its hires fix's. With xyz_plot, one run for each combination of the
         axes' values (x_type and x_values, ...: webui/xyz_plot.py), then their grid; with prompt_list, one run
         for each of prompt_lines (webui/prompt_lines.py); with prompt_matrix, the prompt matrix's runs and grid;
@@ -142,7 +145,8 @@ class GenerationActions(SeveralRuns):
                                      "of them at a time (SD upscale also runs on Batch's pictures)")
             picture = mask_picture = None
             if batch:
-                uploads = batch_uploads(batch_pictures, batch_masks)
+                uploads = batch_uploads(*self._batch_files(batch_pictures, batch_masks, batch_input_dir,
+                                                           batch_mask_dir))
                 mask_picture = uploads[0][1]  # the masks come all or none
             elif self.kind == "img2img":
                 picture, mask_picture = start_pictures(img2img_mode, {
@@ -203,6 +207,20 @@ class GenerationActions(SeveralRuns):
             log.exception("following job %s failed", session.job_id)
             message = error_html(f"The page lost track of the job: {err}")
             yield session, gr.skip(), message, gr.update(visible=False), gr.skip(), ""
+
+    def _batch_files(self, pictures: list[str] | None, masks: list[str] | None, input_dir: str | None,
+                     mask_dir: str | None) -> tuple[list[str] | None, list[str] | None]:
+        """Batch's pictures and masks: the server folders' where they are given (and allowed), else the uploads."""
+        if not ((input_dir or "").strip() or (mask_dir or "").strip()):
+            return pictures, masks
+        if not self.reads_server_folders:
+            raise InvalidRequest("Batch: this server reads no folders typed into the page (it is served to other "
+                                 "machines without a login, or started with --hide-ui-dir-config); upload the "
+                                 "pictures instead")
+        if not (input_dir or "").strip():
+            raise InvalidRequest("Batch: give the Input directory too, for the masks' pictures")
+        folder_masks = folder_pictures(mask_dir, "Inpaint batch mask directory") if (mask_dir or "").strip() else None
+        return folder_pictures(input_dir, "Input directory"), folder_masks or masks
 
     def generate_on(self, subtab: str, names: list[str]) -> Callable[..., Iterator[tuple]]:
         """generate() as the img2img sub-tab `subtab`'s own Generate event calls it: the inputs after the session
@@ -578,7 +596,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     with gr.Row():
         with gr.Column(scale=1):
             if img2img:  # as A1111: the picture first, then how it is fitted to Width x Height
-                img2img_widgets, picture_tabs = picture_inputs()
+                img2img_widgets, picture_tabs = picture_inputs(actions.reads_server_folders)
                 img2img_widgets["resize_mode"] = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], type="index",
                                                           label="Resize mode", elem_id="img2img_resize_mode")
                 img2img_widgets |= inpainting_settings(img2img_widgets["img2img_mode"])

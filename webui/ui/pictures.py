@@ -33,7 +33,7 @@ CANVASES = {SKETCH: ("color_sketch", "composite"), INPAINT: ("inpaint_canvas", "
 # (a 1024x1024 picture left on the Sketch canvas made each Generate on the img2img sub-tab take 32 s, not 0.5 s).
 SUBTAB_INPUTS = {PLAIN: ("init_image",), SKETCH: ("color_sketch",), INPAINT: ("inpaint_canvas",),
                  INPAINT_SKETCH: ("inpaint_color_sketch",), INPAINT_UPLOAD: ("inpaint_image", "mask"),
-                 BATCH: ("batch_pictures", "batch_masks")}
+                 BATCH: ("batch_pictures", "batch_masks", "batch_input_dir", "batch_mask_dir")}
 ALL_SUBTAB_INPUTS = tuple(name for names in SUBTAB_INPUTS.values() for name in names)
 NO_PICTURE = "Upload a picture to start from (drop one on Image, or send one from txt2img, History or PNG Info)."
 NO_STROKES = {INPAINT: "Inpaint: upload a picture, then paint over the part to draw again.",
@@ -97,11 +97,12 @@ def tolerant(component: gr.Image | gr.ImageMask, field: str) -> gr.Image | gr.Im
     return component
 
 
-def picture_inputs() -> tuple[dict[str, gr.components.Component], gr.Tabs]:
+def picture_inputs(server_folders: bool = True) -> tuple[dict[str, gr.components.Component], gr.Tabs]:
     """The sub-tabs with the picture inputs, by generate() parameter: "img2img_mode" (which sub-tab is open: a
     hidden Textbox, not a State, so that Gradio API callers can pick one too), "init_image", "color_sketch" (the
     Sketch canvas), "inpaint_canvas", "inpaint_color_sketch" (the Inpaint sketch canvas), "inpaint_image" and "mask"
-    (Inpaint upload), "batch_pictures" and "batch_masks" (Batch: the uploads' paths)."""
+    (Inpaint upload), "batch_pictures" and "batch_masks" (Batch: the uploads' paths), "batch_input_dir" and
+    "batch_mask_dir" (Batch: server folders instead, shown where server_folders)."""
     mode = gr.Textbox(PLAIN, visible=False, label="img2img mode", elem_id="img2img_mode")
     picture = dict(sources=["upload", "clipboard"], format="png")
     # image_mode None: the worker lays a transparent part on white (Gradio's RGB would make it black).
@@ -130,13 +131,19 @@ def picture_inputs() -> tuple[dict[str, gr.components.Component], gr.Tabs]:
             batch_masks = gr.File(file_count="multiple", file_types=["image"], type="filepath", height=150,
                                   label="Masks, to inpaint: named as the pictures, or one for all",
                                   elem_id="img2img_batch_masks")
+            with gr.Accordion("Or from a folder on the server", open=False, visible=server_folders,
+                              elem_id="img2img_batch_folders"):
+                input_dir = gr.Textbox("", label="Input directory", elem_id="img2img_batch_input_dir",
+                                       placeholder="a folder of pictures on this machine: each is a run of its own")
+                mask_dir = gr.Textbox("", label="Inpaint batch mask directory", elem_id="img2img_batch_mask_dir",
+                                      placeholder="optional: masks named as the pictures, to inpaint")
     tabs_in_order = (plain_tab, sketch_tab, inpaint_tab, inpaint_sketch_tab, upload_tab, batch_tab)
     for tab, name in zip(tabs_in_order, IMG2IMG_MODES):
         tab.select(lambda name=name: name, outputs=[mode], api_visibility="private", show_progress="hidden")
     return {"img2img_mode": mode, "init_image": init_image, "color_sketch": color_sketch,
             "inpaint_canvas": inpaint_canvas, "inpaint_color_sketch": inpaint_color_sketch,
             "inpaint_image": inpaint_image, "mask": mask, "batch_pictures": batch_pictures,
-            "batch_masks": batch_masks}, tabs
+            "batch_masks": batch_masks, "batch_input_dir": input_dir, "batch_mask_dir": mask_dir}, tabs
 
 
 def on_open_subtab(trigger: Callable, mode: gr.Textbox) -> dict[str, gr.Textbox]:
@@ -272,6 +279,27 @@ def batch_uploads(pictures: list[str] | None, masks: list[str] | None) -> list[t
         raise InvalidRequest(f"Batch: no mask is named as {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
                              "; name each mask as its picture (any image type), or upload one mask for all")
     return [(picture, by_name[Path(picture).stem]) for picture in pictures]
+
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def folder_pictures(folder: str, label: str) -> list[str]:
+    """The pictures of a server folder (Batch's Input directory), by name, hidden files left out; InvalidRequest
+    naming what to fix. Their count is Batch's to check, as for uploads."""
+    path = Path(folder.strip()).expanduser()
+    if not path.is_dir():
+        raise InvalidRequest(f"Batch: {label} {folder.strip()[:200]!r} is no folder on this machine; give a "
+                             "folder's full path")
+    try:
+        pictures = sorted(str(child) for child in path.iterdir() if not child.name.startswith(".")
+                          and child.suffix.lower() in PICTURE_SUFFIXES and child.is_file())
+    except OSError as err:
+        raise InvalidRequest(f"Batch: {label} {folder.strip()[:200]!r} cannot be read ({err.strerror})") from None
+    if not pictures:
+        raise InvalidRequest(f"Batch: {label} {folder.strip()[:200]!r} holds no pictures "
+                             f"({', '.join(PICTURE_SUFFIXES)})")
+    return pictures
 
 
 def read_upload(path: str, where: str, header_only: bool = False) -> Image.Image | None:
