@@ -233,6 +233,27 @@ def test_a_plot_runs_each_combination_and_shows_the_saved_grid_first(ui, ui_serv
         assert np.array_equal(grid[height - 64:, width - 128 + i * 64:width - 128 + (i + 1) * 64], cell)
 
 
+def test_the_grids_infotext_names_the_plot_and_pasting_it_sets_the_plot_again(ui, ui_services):
+    from webui.ui.params import IMG2IMG_FIELDS, TXT2IMG_FIELDS
+
+    *_, (session, gallery, progress, _, infotext, _) = plot(ui, x_type="Steps", x_values="1, 2", y_type="Seed",
+                                                             y_values="-1")
+    assert progress == "" and infotext == session.infotexts[0]
+    seed = session.seeds[0]
+    assert infotext.endswith(f'Script: X/Y/Z plot, X Type: Steps, X Values: "1, 2", Y Type: Seed, Y Values: -1, '
+                             f"Fixed Y Values: {seed}")
+    with Image.open(gallery[0][0]) as saved:
+        assert saved.info["parameters"] == infotext
+    fields = dict(zip(TXT2IMG_FIELDS, event(ui, "send_from_pnginfo")(infotext)))
+    assert (fields["xyz_plot"], fields["x_type"], fields["x_values"], fields["y_type"], fields["y_values"],
+            fields["z_type"], fields["z_values"]) == (True, "Steps", "1, 2", "Seed", str(seed), "Nothing", "")
+    single = dict(zip(TXT2IMG_FIELDS, event(ui, "send_from_pnginfo")(infotext.split(", Script:")[0])))
+    assert single["xyz_plot"] is False  # any other picture's parameters switch the plot off, as A1111's paste
+    hires = infotext.replace("X Type: Steps", "X Type: Hires steps")
+    fields = dict(zip(IMG2IMG_FIELDS, event(ui, "paste_into_img2img")(hires, Session())[:-1]))
+    assert fields["xyz_plot"] is True and fields["x_type"] == "Nothing"  # img2img has no hires axes
+
+
 def test_a_plot_value_that_cannot_run_is_named_and_nothing_is_queued(ui, ui_services):
     jobs = len(ui_services.worker.waiting_jobs())
     [(session, _, progress, *_)] = plot(ui, x_type="Steps", x_values="2, 0")

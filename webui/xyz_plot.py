@@ -11,7 +11,7 @@ import csv
 import itertools
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from PIL import Image, ImageDraw, ImageFont
@@ -82,6 +82,7 @@ class Axis:
     name: str  # "X", "Y" or "Z"
     type: AxisType
     values: list[Any]
+    text: str = ""  # the values as written, which the grid's infotext keeps
 
     def label(self, index: int) -> str:
         value = self.values[index]
@@ -117,7 +118,23 @@ def read_axis(name: str, type_label: str, text: str) -> Axis:
         raise InvalidRequest(f"{name} values: {len(values)} values; at most {MAX_AXIS_VALUES} fit on an axis")
     if type_label == "Prompt S/R":  # the first value is what the others replace in the prompts
         values = [(values[0], value) for value in values]
-    return Axis(name, axis_type, values)
+    return Axis(name, axis_type, values, text.strip())
+
+
+SCRIPT = "X/Y/Z plot"  # A1111's "Script" infotext value for it
+
+
+def plot_params(axes: list[Axis]) -> dict[str, str]:
+    """A1111's keys for the plot in its grid's infotext: Script, and each axis's type and values as written (and
+    the seeds picked for -1, "Fixed X Values"), so that pasting the grid's parameters sets the plot again."""
+    params = {"Script": SCRIPT}
+    for axis in axes:
+        if axis.type.label == "Nothing":
+            continue
+        params[f"{axis.name} Type"], params[f"{axis.name} Values"] = axis.type.label, axis.text
+        if axis.type.label in SEED_AXES and read_axis(axis.name, axis.type.label, axis.text).values != axis.values:
+            params[f"Fixed {axis.name} Values"] = ", ".join(map(str, axis.values))
+    return params
 
 
 def _split(text: str) -> list[str]:
@@ -216,7 +233,7 @@ def plan(base: dict, axes: list[Axis], keep_random_seeds: bool = False,
 def _fixed_seeds(axis: Axis) -> Axis:
     if axis.type.label not in SEED_AXES or -1 not in axis.values:
         return axis
-    return Axis(axis.name, axis.type, [random.randint(0, MAX_SEED) if v == -1 else v for v in axis.values])
+    return replace(axis, values=[random.randint(0, MAX_SEED) if v == -1 else v for v in axis.values])
 
 
 def _run_order(cells: list[Cell], axes: list[Axis]) -> list[Cell]:

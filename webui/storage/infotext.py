@@ -48,6 +48,11 @@ _REQUEST_FIELDS = {
     "Clip skip": ("clip_skip", int),
     "Batch size": ("batch_size", int),
     "Model": ("model", str),
+    "X Type": ("x_type", str), "X Values": ("x_values", str),
+    "Y Type": ("y_type", str), "Y Values": ("y_values", str),
+    "Z Type": ("z_type", str), "Z Values": ("z_values", str),
+    # the seeds a plot picked for its -1s: pasted instead of the -1s, so the grid is made again
+    "Fixed X Values": ("x_values", str), "Fixed Y Values": ("y_values", str), "Fixed Z Values": ("z_values", str),
     "VAE": ("sd_vae", str),
     "Tiling": ("tiling", lambda value: value.strip().lower() == "true"),
 }
@@ -70,6 +75,13 @@ def build_infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) ->
         lines.append(f"{NEGATIVE_PREFIX} {negative_prompt}")
     lines.append(pairs)
     return "\n".join(lines).strip()
+
+
+def with_params(infotext: str, params: dict[str, Any]) -> str:
+    """The infotext with more parameters at the end of its parameters line (a script's, on its grid)."""
+    if not params:
+        return infotext
+    return infotext + ", " + ", ".join(f"{key}: {quote(value)}" for key, value in params.items() if value is not None)
 
 
 def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
@@ -137,6 +149,8 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation
         # Left out where the first pass's: A1111's paste empties them, so an old hires prompt never lingers.
         fields["hr_prompt"] = fields["hr_negative_prompt"] = ""
+        # The script that made it (A1111's X/Y/Z plot on its grids); none named is none, as A1111's paste reads it.
+        fields["script"] = params.get("Script", "")
     for key, (name, convert) in _REQUEST_FIELDS.items():
         if key in params:
             try:

@@ -10,13 +10,17 @@ from webui.engine.samplers import SCHEDULE_TYPES, get_sampler, resolve_sampler, 
 from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, GenerationRequest
 from webui.storage.history import HistoryImage
 from webui.storage.infotext import request_fields_from_infotext
+from webui.xyz_plot import AXIS_TYPES, SCRIPT
 
-# GenerationRequest fields a tab takes from a sent image, in the order of GenerationTab.field_components.
+# The X/Y/Z plot's switch and axes (generate() parameters), which a grid's infotext sets (A1111's "Script" keys).
+PLOT_FIELDS = ("xyz_plot", "x_type", "x_values", "y_type", "y_values", "z_type", "z_values")
+# The fields (GenerationRequest's, and the plot's) a tab takes from a sent image, in the order of
+# GenerationTab.field_components.
 # img2img's leave the batch size alone (one picture sent need not become several), and take the size of the
 # picture sent rather than its infotext's (blocks.py).
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "seed_resize_from_w",
-                 "seed_resize_from_h", "styles", "denoising_strength", "tiling", "sd_vae")
+                 "seed_resize_from_h", "styles", "denoising_strength", "tiling", "sd_vae", *PLOT_FIELDS)
 INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding")
 IMG2IMG_FIELDS = (*COMMON_FIELDS, *INPAINTING_FIELDS)
@@ -74,7 +78,7 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
         "model": image.model_name, "model_hash": image.model_hash,
     } | {name: pasted.get(name)  # no columns of their own
          for name in ("batch_size", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
-                      "denoising_strength", "tiling", "sd_vae", *HIRES_FIELDS,
+                      "denoising_strength", "tiling", "sd_vae", "script", *HIRES_FIELDS,
                       *INPAINTING_FIELDS)}
 
 
@@ -89,6 +93,7 @@ def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: 
     fields = dict(fields) | {"styles": []}
     model_note = _apply_model(fields, model_names, find_model)
     for note in (_apply_sampler(fields), _apply_hires_sampler(fields), model_note, _apply_vae(fields, vae_names),
+                 _apply_plot(fields, names),
                  _apply_upscaler(fields),
                  *_round_sizes(fields),
                  *_drop_out_of_range(fields, names)):
@@ -167,6 +172,30 @@ def _apply_model(fields: dict[str, Any], model_names: list[str], find_model: Fin
         return f"Model not applied: {what} is not in the models folder. The model is left as it was."
     fields["model"] = gr.update(choices=[*model_names, *([found] if found not in model_names else [])], value=found)
     return None
+
+
+def _apply_plot(fields: dict[str, Any], names: tuple[str, ...]) -> str | None:
+    """The X/Y/Z plot a grid's infotext names, switched on with its axes (those it names not: Nothing); any other
+    parameters switch it off, as A1111's paste does. An axis this tab lacks (the hires fix's, on img2img) is left
+    out with a note."""
+    script = fields.pop("script", None)
+    if script is None:  # no parameters line at all: the plot is left alone
+        return None
+    fields["xyz_plot"] = script == SCRIPT
+    axes = ("x", "y", "z")
+    if script != SCRIPT:
+        for axis in axes:
+            fields.pop(f"{axis}_type", None), fields.pop(f"{axis}_values", None)
+        return None
+    notes = []
+    for axis in axes:
+        label = fields.setdefault(f"{axis}_type", "Nothing")
+        fields.setdefault(f"{axis}_values", "")
+        known = AXIS_TYPES.get(label)
+        if known is None or (known.hires and "enable_hr" not in names):
+            fields[f"{axis}_type"], fields[f"{axis}_values"] = "Nothing", ""
+            notes.append(f"{axis.upper()} type {label!r} not applied: this tab has no such axis.")
+    return " ".join(notes) or None
 
 
 def _apply_vae(fields: dict[str, Any], vae_names: list[str]) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import gradio as gr
@@ -22,7 +22,8 @@ from webui.ui.pictures import read_upload, scaled_size_fields
 from webui.ui.progress import error_html, notice_html, seconds_html
 from webui.ui.session import Session, gallery_items
 from webui.worker import QueueFull, WorkerStopped
-from webui.xyz_plot import Axis, Cell, Plot, draw_grid
+from webui.storage.infotext import with_params
+from webui.xyz_plot import SCRIPT, Axis, Cell, Plot, draw_grid, plot_params
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class SeveralRuns:
                 raise InvalidRequest(f"{axis.name} values: there is no model {name!r}; the Stable Diffusion "
                                      "checkpoint list names those there are")
             found.append(self.models.checked_choice(listed))
-        return Axis(axis.name, axis.type, found)
+        return replace(axis, values=found)
 
     def _in_turn(self, session: Session, submissions: list[Submission], what: str,
                  done: list[list[GeneratedImage]] | None = None) -> Iterator[tuple]:
@@ -148,14 +149,14 @@ class SeveralRuns:
         if done is None:
             return
         made = sorted(zip(plot.cells, done), key=lambda pair: (pair[0].z, pair[0].y, pair[0].x))
-        shown = self._plot_grids(made, plot.axes, legend) + (
+        shown = self._plot_grids(made, plot.axes, legend, plot_params(plot.axes) if what == SCRIPT else {}) + (
             [image for _, images in made for image in images] if sub_images else [])
         yield self._show_all(session, shown, time.monotonic() - started, len(plot.cells))
 
-    def _plot_grids(self, done: list[tuple[Cell, list[GeneratedImage]]], axes: list[Axis],
-                    legend: bool) -> list[GeneratedImage]:
+    def _plot_grids(self, done: list[tuple[Cell, list[GeneratedImage]]], axes: list[Axis], legend: bool,
+                    params: dict[str, str]) -> list[GeneratedImage]:
         """One grid for each Z value, of each cell's first image, saved under <kind>-grids with the infotext of
-        its first picture (as A1111 saves it)."""
+        its first picture and `params` (the plot's keys, as A1111 saves it)."""
         x, y, z = axes
         grids = []
         for z_index in range(len(z.values)):
@@ -165,10 +166,11 @@ class SeveralRuns:
             title = z.label(z_index) if z.type.label != "Nothing" else None
             grid = draw_grid({(cell.x, cell.y): image.image for cell, image in firsts}, x, y, title, legend)
             first = firsts[0][1]
+            infotext = with_params(first.infotext, params)
             try:
-                path = str(self.outputs.save_grid(grid, first.infotext, self.kind))
+                path = str(self.outputs.save_grid(grid, infotext, self.kind))
             except OSError as err:  # shown all the same; the log says why it is not on disk
                 log.warning("the grid was not saved: %s", err)
                 path = None
-            grids.append(GeneratedImage(image=grid, seed=first.seed, index=0, infotext=first.infotext, path=path))
+            grids.append(GeneratedImage(image=grid, seed=first.seed, index=0, infotext=infotext, path=path))
         return grids
