@@ -232,3 +232,24 @@ def test_a_start_removes_what_a_merge_killed_a_day_ago_left_and_keeps_a_running_
         import shutil
 
         shutil.rmtree(running, ignore_errors=True)
+
+
+def test_bake_in_vae_puts_a_vae_files_weights_in_the_merged_model(folder, registry):
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from tests._single_file_ldm import vae_to_ldm
+
+    (folder / "VAE").mkdir()
+    vae = AutoencoderKL.from_pretrained(folder / "c" / "vae")
+    save_file({key.removeprefix("first_stage_model."): value.contiguous() for key, value in vae_to_ldm(vae).items()},
+              str(folder / "VAE" / "c-vae.safetensors"))
+    with pytest.raises(MergeError, match="Bake in VAE: there is no VAE 'nope.pt'"):
+        merge_models(MergeRecipe("a", "b", bake_in_vae="nope.pt"), registry, settings(folder))
+    made = merge_models(MergeRecipe("a", "b", multiplier=0.5, bake_in_vae="c-vae.safetensors"), registry,
+                        settings(folder))
+    baked, c = weights(folder, made.name, "vae"), weights(folder, "c", "vae")
+    assert all(torch.equal(baked[key], c[key]) for key in c)  # the file's VAE, not a mix of A's and B's
+    a, b, unet = weights(folder, "a"), weights(folder, "b"), weights(folder, made.name)
+    assert torch.allclose(unet["conv_in.weight"], 0.5 * a["conv_in.weight"] + 0.5 * b["conv_in.weight"], atol=1e-6)
+    assert json.loads((made / "merge_recipe.json").read_text())["bake_in_vae"] == "c-vae.safetensors"

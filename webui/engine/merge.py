@@ -27,6 +27,7 @@ import torch
 from webui.config import Settings
 from webui.engine.loader import Placement, read_pipeline
 from webui.engine.models import EMBEDDINGS_FOLDER, LORA_FOLDER, SINGLE_FILE_SUFFIXES, VAE_FOLDER, ModelRegistry
+from webui.engine.vae import NO_VAE, VaeError, VaeLibrary, read_vae_weights
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ class MergeRecipe:
     multiplier: float = 0.3
     save_as_half: bool = False
     name: str = ""  # empty: named after the models and the method, as A1111 names it
+    bake_in_vae: str = NO_VAE  # A1111's "Bake in VAE": a VAE file whose weights replace the merged VAE's
+
+    @property
+    def bakes_vae(self) -> bool:
+        return self.bake_in_vae not in ("", NO_VAE)
 
     def models_needed(self) -> list[tuple[str, str | None]]:
         """(role, model) for each model the method reads."""
@@ -132,6 +138,10 @@ def merge_models(recipe: MergeRecipe, registry: ModelRegistry, settings: Setting
     entries = [registry.find_listed(model) for _role, model in recipe.models_needed()]
     if any(entry.path is not None and entry.path.resolve() in _skipped(registry) for entry in entries):
         raise MergeError("a model in the LoRA, embeddings or VAE folder cannot be merged")
+    try:  # before the models are read: a misspelt name costs nothing
+        baked = VaeLibrary(settings.vae_folder, registry).find(recipe.bake_in_vae) if recipe.bakes_vae else None
+    except VaeError as err:
+        raise MergeError(f"Bake in VAE: {str(err).removeprefix('sd_vae: ')}") from None
     # fp32 on the CPU: the sums keep their precision, and the GPU stays the worker's. A keeps its safety checker
     # (also under --disable-safety-checker, which is this server's choice, not the model's); B and C need none.
     placement = Placement(device="cpu", dtype=torch.float32)
@@ -143,6 +153,11 @@ def merge_models(recipe: MergeRecipe, registry: ModelRegistry, settings: Setting
         merged = merge_state(part, module.state_dict(), *[weights.pop(part) for weights in others],
                              method=recipe.method, multiplier=recipe.multiplier)
         module.load_state_dict(merged)  # B's and C's weights of this part were popped: let go, one part at a time
+    if baked is not None:
+        try:
+            result.vae.load_state_dict(read_vae_weights(baked.path, result.vae))
+        except VaeError as err:
+            raise MergeError(f"Bake in VAE: {err}") from None
     if recipe.save_as_half:
         result.to(torch.float16)
     _write(result, recipe, target)

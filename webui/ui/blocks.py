@@ -102,6 +102,7 @@ def _wire_merger(merger: MergerTab, tab: gr.Tab, models: ModelActions, picker: M
     """The merger's lists are read afresh when it opens; a merged model joins the model picker's list and its own."""
     private = dict(api_visibility="private", show_progress="hidden")
     tab.select(merger.actions.model_lists, None, merger.model_lists, **private)
+    tab.select(merger.actions.vae_list, None, merger.bake_in_vae, **private)
     merger.merged.then(lambda: models.picker(), None, picker.dropdown, **private).then(
         merger.actions.model_lists, None, merger.model_lists, **private)
 

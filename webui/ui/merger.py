@@ -15,6 +15,7 @@ import gradio as gr
 from webui.engine.loader import ModelLoadError
 from webui.engine.merge import METHODS, WEIGHTED_SUM, MergeError, MergeRecipe, merge_models
 from webui.engine.models import ModelNotFound
+from webui.engine.vae import NO_VAE
 from webui.services import Services
 
 log = logging.getLogger(__name__)
@@ -36,13 +37,17 @@ class MergerActions:
         names = [entry.name for entry in self.services.registry.refresh()]
         return [gr.update(choices=names), gr.update(choices=["", *names]), gr.update(choices=["", *names])]
 
+    def vae_list(self) -> dict:
+        """Bake in VAE's choices: None, then the VAE files."""
+        return gr.update(choices=[NO_VAE, *(vae.name for vae in self.services.engine.vaes.files())])
+
     def merge(self, primary: str, secondary: str, tertiary: str, method: str, multiplier: float, save_as_half: bool,
-              name: str) -> str:
+              name: str, bake_in_vae: str = NO_VAE) -> str:
         """Make the merged model; a line saying where it went, or what to change."""
         if self.locked_because:
             return _message(f"Not merged: {self.locked_because}", error=True)
         recipe = MergeRecipe(primary or "", secondary or None, tertiary or None, method, float(multiplier),
-                             bool(save_as_half), name or "")
+                             bool(save_as_half), name or "", bake_in_vae or NO_VAE)
         if not self._one_at_a_time.acquire(blocking=False):
             return _message("Not merged: another merge is running; try again when it has finished", error=True)
         try:
@@ -77,6 +82,7 @@ class MergerTab:
     multiplier: gr.Slider
     save_as_half: gr.Checkbox
     name: gr.Textbox
+    bake_in_vae: gr.Dropdown
     merge: gr.Button
     result: gr.HTML
     actions: MergerActions
@@ -105,11 +111,15 @@ def build_merger(services: Services) -> MergerTab:
     multiplier = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="Multiplier (M) - set to 0 to get model A",
                            elem_id="merger_multiplier")
     method = gr.Radio(list(METHODS), value=WEIGHTED_SUM, label="Interpolation method", elem_id="merger_method")
-    save_as_half = gr.Checkbox(False, label="Save as float16", elem_id="merger_half")
+    with gr.Row():
+        save_as_half = gr.Checkbox(False, label="Save as float16", elem_id="merger_half")
+        bake_in_vae = gr.Dropdown([NO_VAE, *(vae.name for vae in services.engine.vaes.files())], value=NO_VAE,
+                                  label="Bake in VAE", elem_id="merger_bake_in_vae",
+                                  info="a VAE file (models/VAE) to put in the merged model instead of A's")
     merge = gr.Button("Merge", variant="primary", elem_id="merger_merge", interactive=locked is None)
     result = gr.HTML("", elem_id="merger_result")
-    merged = merge.click(actions.merge, [primary, secondary, tertiary, method, multiplier, save_as_half, name], result,
-                         api_visibility="private")
-    return MergerTab(primary, secondary, tertiary, method, multiplier, save_as_half, name, merge, result, actions,
-                     merged)
+    merged = merge.click(actions.merge, [primary, secondary, tertiary, method, multiplier, save_as_half, name,
+                                         bake_in_vae], result, api_visibility="private")
+    return MergerTab(primary, secondary, tertiary, method, multiplier, save_as_half, name, bake_in_vae, merge, result,
+                     actions, merged)
 
