@@ -174,6 +174,29 @@ def test_a_single_picture_is_resized_saved_and_shown_from_its_file(tmp_path):
     assert "Postprocess upscale by: 2" in message and "dw-error" not in message
 
 
+def test_batch_from_directory_resizes_a_server_folders_pictures_where_folders_may_be_read(tmp_path):
+    from webui.ui.extras import DIRECTORY
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, name in enumerate(("b.png", "a.png")):
+        png_file(folder / name, noise_picture(i, 16, 16))
+    (folder / "notes.txt").write_text("left out")
+    actions = ExtrasActions(OutputStore(tmp_path / "outputs"), server_folders=True)
+    gallery, message = actions.run(DIRECTORY, None, None, SETTINGS, input_dir=str(folder))
+    assert len(gallery) == 2 and "dw-error" not in message
+    with Image.open(gallery[0]) as first:  # a.png first, by name
+        assert first.size == (32, 32) and np.array_equal(
+            np.asarray(first), np.asarray(noise_picture(1, 16, 16).resize((32, 32), Image.Resampling.LANCZOS)))
+    _, message = actions.run(DIRECTORY, None, None, SETTINGS, input_dir=str(tmp_path / "nowhere"))
+    assert "Batch from Directory: Input directory" in message and "is no folder on this machine" in message
+    _, message = actions.run(DIRECTORY, None, None, SETTINGS, input_dir=" ")
+    assert "give the Input directory" in message
+    _, message = ExtrasActions(OutputStore(tmp_path / "o2")).run(DIRECTORY, None, None, SETTINGS,
+                                                                 input_dir=str(folder))
+    assert "reads no folders typed into the page" in message and not (tmp_path / "o2").exists()
+
+
 def test_a_batch_is_checked_before_any_work_and_stops_at_a_picture_that_fails(tmp_path):
     outputs = tmp_path / "outputs"
     actions = ExtrasActions(OutputStore(outputs))

@@ -75,7 +75,7 @@ def create_ui(services: Services) -> WebUI:
             with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
                 img2img = build_generation_tab(services, picker, models, "img2img")
             with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
-                extras = build_extras(services.outputs)
+                extras = build_extras(services.outputs, services.settings.reads_server_folders)
             with gr.Tab("History", id="history", elem_id="tab_history"):
                 history, history_actions = build_history(services)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):

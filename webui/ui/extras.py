@@ -15,14 +15,16 @@ from webui.extras import (
 from webui.schemas import InvalidRequest
 from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.outputs import OutputStore, read_infotext
-from webui.ui.pictures import UnreadablePicture, read_upload, tolerant
+from webui.ui.pictures import UnreadablePicture, folder_pictures, read_upload, tolerant
 from webui.ui.progress import error_html, notice_html
 
-SINGLE, BATCH = "Single Image", "Batch Process"
+SINGLE, BATCH, DIRECTORY = "Single Image", "Batch Process", "Batch from Directory"
 SINGLE_ID = "single"  # the Single Image sub-tab's id, which the "Send to extras" buttons open
 RESIZE_MODES = ("Scale by", "Scale to")  # resize_mode 0 and 1
 NO_SINGLE = "Upload a picture to resize first."
 NO_BATCH = "Batch Process: upload the pictures to resize first."
+NO_FOLDERS = ("Batch from Directory: this server reads no folders typed into the page (it is served to other "
+              "machines without a login, or started with --hide-ui-dir-config); upload the pictures instead")
 
 
 @dataclass
@@ -31,6 +33,7 @@ class ExtrasTab:
     tabs: gr.Tabs  # its sub-tabs: SINGLE_ID and "batch"
     image: gr.Image
     batch: gr.File
+    input_dir: gr.Textbox  # Batch from Directory's folder on the server
     settings: dict[str, gr.components.Component]  # by UpscaleSettings field
     run: gr.Button
     gallery: gr.Gallery
@@ -45,19 +48,21 @@ _UNUSED_BY_MODE = {0: ("upscaling_resize_w", "upscaling_resize_h", "upscaling_cr
 
 
 class ExtrasActions:
-    def __init__(self, outputs: OutputStore, labels: dict[str, str] | None = None):
+    def __init__(self, outputs: OutputStore, labels: dict[str, str] | None = None, server_folders: bool = False):
         self.outputs = outputs
         self.labels = labels or {}  # UpscaleSettings field -> the label of its control, for messages
+        self.server_folders = server_folders  # whether Batch from Directory may read a folder (Settings)
 
     def run(self, subtab: str, image: str | UnreadablePicture | None, batch: list[str] | None,
-            settings: dict[str, Any], on_picture: Callable[[int, int], None] | None = None) -> tuple[Any, str]:
+            settings: dict[str, Any], on_picture: Callable[[int, int], None] | None = None,
+            input_dir: str = "") -> tuple[Any, str]:
         """(gallery items, message) for the open sub-tab's pictures resized and saved; on_picture(n, count) before
         each. A picture that fails stops the batch there, and says which one and why; those resized before it stay
         shown and saved."""
         unused = _UNUSED_BY_MODE.get(settings.get("resize_mode"), ())
         try:
             upscale_settings = parse_upscale({k: v for k, v in settings.items() if k not in unused}, self.labels)
-            paths = self._uploads(subtab, image, batch)
+            paths = self._folder(input_dir) if subtab == DIRECTORY else self._uploads(subtab, image, batch)
         except InvalidRequest as err:
             return gr.skip(), error_html(str(err))
         shown, unsaved = [], []
@@ -86,21 +91,33 @@ class ExtrasActions:
             text = None  # sent all the same: img2img says what is wrong with it
         return picture, request_fields_from_infotext(text) if text else {}
 
-    @staticmethod
-    def _uploads(subtab: str, image: str | UnreadablePicture | None, batch: list[str] | None) -> list[str]:
+    def _folder(self, input_dir: str | None) -> list[str]:
+        if not self.server_folders:
+            raise InvalidRequest(NO_FOLDERS)
+        if not (input_dir or "").strip():
+            raise InvalidRequest("Batch from Directory: give the Input directory, a folder of pictures on this machine")
+        return self._checked(folder_pictures(input_dir, "Input directory", DIRECTORY), DIRECTORY)
+
+    @classmethod
+    def _uploads(cls, subtab: str, image: str | UnreadablePicture | None, batch: list[str] | None) -> list[str]:
         if subtab == BATCH:
             if not batch:
                 raise InvalidRequest(NO_BATCH)
-            if len(batch) > MAX_PICTURES:
-                raise InvalidRequest(f"Batch Process: {len(batch)} pictures; send at most {MAX_PICTURES} at once")
-            for path in batch:  # a file that is no picture is found before any work is done
-                read_upload(path, BATCH, header_only=True)
-            return list(batch)
+            return cls._checked(list(batch), BATCH)
         if isinstance(image, UnreadablePicture):
             raise InvalidRequest(image.problem())
         if not image:
             raise InvalidRequest(NO_SINGLE)
         return [image]
+
+    @staticmethod
+    def _checked(paths: list[str], where: str) -> list[str]:
+        """A batch's pictures: not too many, and each a picture (found before any work is done)."""
+        if len(paths) > MAX_PICTURES:
+            raise InvalidRequest(f"{where}: {len(paths)} pictures; resize at most {MAX_PICTURES} at once")
+        for path in paths:
+            read_upload(path, where, header_only=True)
+        return paths
 
     def _saved(self, done: Upscaled, unsaved: list[str]) -> Any:
         """The gallery item of a resized picture: its saved file, or the picture itself when it could not be saved
@@ -123,7 +140,7 @@ def _done_before(count: int) -> str:
     return f"{count} resized and saved; then " if count else ""
 
 
-def build_extras(outputs: OutputStore) -> ExtrasTab:
+def build_extras(outputs: OutputStore, server_folders: bool = False) -> ExtrasTab:
     subtab = gr.Textbox(SINGLE, visible=False, label="Extras sub-tab", elem_id="extras_subtab")
     with gr.Row():
         with gr.Column():
@@ -137,8 +154,13 @@ def build_extras(outputs: OutputStore) -> ExtrasTab:
                 with gr.Tab(BATCH, id="batch", elem_id="extras_batch_tab") as batch_tab:
                     batch = gr.File(file_count="multiple", file_types=["image"], type="filepath", height=200,
                                     label=f"Pictures (at most {MAX_PICTURES})", elem_id="extras_batch")
+                with gr.Tab(DIRECTORY, id="directory", elem_id="extras_directory_tab",
+                            visible=server_folders) as directory_tab:
+                    input_dir = gr.Textbox("", label="Input directory", elem_id="extras_input_dir",
+                                           placeholder=f"a folder of pictures on this machine (at most {MAX_PICTURES})")
             settings = _settings_controls()
-            actions = ExtrasActions(outputs, {name: control.label for name, control in settings.items()})
+            actions = ExtrasActions(outputs, {name: control.label for name, control in settings.items()},
+                                    server_folders)
             run = gr.Button("Generate", variant="primary", elem_id="extras_generate")
         with gr.Column():
             gallery = gr.Gallery(label="Resized", columns=2, height=480, elem_id="extras_gallery", type="filepath",
@@ -148,7 +170,7 @@ def build_extras(outputs: OutputStore) -> ExtrasTab:
                 send_inpaint = gr.Button("Send to inpaint", elem_id="extras_send_to_inpaint", size="sm")
             info = gr.HTML("", elem_id="extras_info", padding=False)
     selected = gr.State(0)
-    for tab, name in ((single_tab, SINGLE), (batch_tab, BATCH)):
+    for tab, name in ((single_tab, SINGLE), (batch_tab, BATCH), (directory_tab, DIRECTORY)):
         tab.select(lambda name=name: name, outputs=[subtab], api_visibility="private", show_progress="hidden")
     names = list(settings)
 
@@ -156,14 +178,17 @@ def build_extras(outputs: OutputStore) -> ExtrasTab:
         def on_picture(number: int, count: int) -> None:
             progress((number, count), desc="Resizing", unit="pictures")
 
-        return actions.run(open_subtab, picture, pictures, dict(zip(names, values)), on_picture)
+        folder = values[len(names)] if len(values) > len(names) else ""  # the last input, after the settings
+        return actions.run(open_subtab, picture, pictures, dict(zip(names, values)), on_picture, folder)
 
-    # One at a time: an 8192x8192 result takes 200 MB and seconds to write.
-    run.click(run_extras, inputs=[subtab, image, batch, *settings.values()], outputs=[gallery, info],
+    # One at a time: an 8192x8192 result takes 200 MB and seconds to write. The folder comes last: the Gradio API's
+    # callers from before it keep their positions.
+    run.click(run_extras, inputs=[subtab, image, batch, *settings.values(), input_dir], outputs=[gallery, info],
               api_name="extras", concurrency_limit=1)
     gallery.select(_picked, outputs=[selected], api_visibility="private", show_progress="hidden")
     gallery.change(lambda: 0, outputs=[selected], api_visibility="private", show_progress="hidden")  # new results
-    return ExtrasTab(subtab, tabs, image, batch, settings, run, gallery, info, selected, send_img2img, send_inpaint)
+    return ExtrasTab(subtab, tabs, image, batch, input_dir, settings, run, gallery, info, selected, send_img2img,
+                     send_inpaint)
 
 
 def _picked(evt: gr.SelectData) -> int:

@@ -284,20 +284,20 @@ def batch_uploads(pictures: list[str] | None, masks: list[str] | None) -> list[t
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
-def folder_pictures(folder: str, label: str) -> list[str]:
+def folder_pictures(folder: str, label: str, where: str = "Batch") -> list[str]:
     """The pictures of a server folder (Batch's Input directory), by name, hidden files left out; InvalidRequest
-    naming what to fix. Their count is Batch's to check, as for uploads."""
+    naming what to fix (`where`: the sub-tab's name). Their count is the caller's to check, as for uploads."""
     path = Path(folder.strip()).expanduser()
     if not path.is_dir():
-        raise InvalidRequest(f"Batch: {label} {folder.strip()[:200]!r} is no folder on this machine; give a "
+        raise InvalidRequest(f"{where}: {label} {folder.strip()[:200]!r} is no folder on this machine; give a "
                              "folder's full path")
     try:
         pictures = sorted(str(child) for child in path.iterdir() if not child.name.startswith(".")
                           and child.suffix.lower() in PICTURE_SUFFIXES and child.is_file())
     except OSError as err:
-        raise InvalidRequest(f"Batch: {label} {folder.strip()[:200]!r} cannot be read ({err.strerror})") from None
+        raise InvalidRequest(f"{where}: {label} {folder.strip()[:200]!r} cannot be read ({err.strerror})") from None
     if not pictures:
-        raise InvalidRequest(f"Batch: {label} {folder.strip()[:200]!r} holds no pictures "
+        raise InvalidRequest(f"{where}: {label} {folder.strip()[:200]!r} holds no pictures "
                              f"({', '.join(PICTURE_SUFFIXES)})")
     return pictures
 
