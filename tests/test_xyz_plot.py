@@ -252,6 +252,10 @@ def test_the_grids_infotext_names_the_plot_and_pasting_it_sets_the_plot_again(ui
     hires = infotext.replace("X Type: Steps", "X Type: Hires steps")
     fields = dict(zip(IMG2IMG_FIELDS, event(ui, "paste_into_img2img")(hires, Session())[:-1]))
     assert fields["xyz_plot"] is True and fields["x_type"] == "Nothing"  # img2img has no hires axes
+    # One script at a time, as Generate runs them: the others' switches go off.
+    assert (fields["loopback"], fields["sd_upscale"], fields["prompt_matrix"]) == (False, False, False)
+    pasted = dict(zip(TXT2IMG_FIELDS, event(ui, "send_from_pnginfo")(infotext)))
+    assert pasted["xyz_plot"] is True and pasted["prompt_matrix"] is False and pasted["prompt_list"] is False
 
 
 def test_a_plot_value_that_cannot_run_is_named_and_nothing_is_queued(ui, ui_services):

@@ -118,7 +118,7 @@ def read_vae_weights(path: Path, vae: torch.nn.Module) -> dict[str, torch.Tensor
     if missing or misfit:
         raise VaeError(f"{path.name} is not a VAE for this model ({len(missing)} of its {len(wanted)} weights "
                        f"missing, {len(misfit)} of another size): it may be a LoRA or another kind of model's file; "
-                       "pick another in SD VAE")
+                       "pick another VAE")
     # The original layout keeps the attention's projections as 1x1 convolutions; diffusers' are linear.
     return {key: weights[key].reshape(wanted[key].shape) for key in wanted}
 

@@ -14,16 +14,20 @@ from webui.xyz_plot import AXIS_TYPES, SCRIPT
 
 # The X/Y/Z plot's switch and axes (generate() parameters), which a grid's infotext sets (A1111's "Script" keys).
 PLOT_FIELDS = ("xyz_plot", "x_type", "x_values", "y_type", "y_values", "z_type", "z_values")
+# The other scripts' switches, each unticked by sent parameters (A1111 has one script list: a paste sets it).
+OTHER_SCRIPTS = ("prompt_matrix", "prompt_list")
+IMG2IMG_SCRIPTS = ("outpainting", "loopback", "sd_upscale")
 # The fields (GenerationRequest's, and the plot's) a tab takes from a sent image, in the order of
 # GenerationTab.field_components.
 # img2img's leave the batch size alone (one picture sent need not become several), and take the size of the
 # picture sent rather than its infotext's (blocks.py).
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "seed_resize_from_w",
-                 "seed_resize_from_h", "styles", "denoising_strength", "tiling", "sd_vae", *PLOT_FIELDS)
+                 "seed_resize_from_h", "styles", "denoising_strength", "tiling", "sd_vae", *PLOT_FIELDS,
+                 *OTHER_SCRIPTS)
 INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding")
-IMG2IMG_FIELDS = (*COMMON_FIELDS, *INPAINTING_FIELDS)
+IMG2IMG_FIELDS = (*COMMON_FIELDS, *INPAINTING_FIELDS, *IMG2IMG_SCRIPTS)
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
                 "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
 # The hires fix's sampler and schedule type when they are the first pass's (A1111's words).
@@ -179,9 +183,11 @@ def _apply_plot(fields: dict[str, Any], names: tuple[str, ...]) -> str | None:
     parameters switch it off, as A1111's paste does. An axis this tab lacks (the hires fix's, on img2img) is left
     out with a note."""
     script = fields.pop("script", None)
-    if script is None:  # no parameters line at all: the plot is left alone
+    if script is None:  # no parameters line at all: the scripts are left alone
         return None
     fields["xyz_plot"] = script == SCRIPT
+    for other in (*OTHER_SCRIPTS, *IMG2IMG_SCRIPTS):  # one script at a time, as Generate runs them
+        fields[other] = False
     axes = ("x", "y", "z")
     if script != SCRIPT:
         for axis in axes:
