@@ -146,6 +146,10 @@ def merge_models(recipe: MergeRecipe, registry: ModelRegistry, settings: Setting
     # (also under --disable-safety-checker, which is this server's choice, not the model's); B and C need none.
     placement = Placement(device="cpu", dtype=torch.float32)
     result = read_pipeline(entries[0], dataclasses.replace(settings, no_safety_checker=False), placement)
+    try:  # before B and C are read: a file that fits no VAE of A's kind costs one model's reading
+        baked_weights = read_vae_weights(baked.path, result.vae) if baked is not None else None
+    except VaeError as err:
+        raise MergeError(f"Bake in VAE: {err}") from None
     without_checker = dataclasses.replace(settings, no_safety_checker=True)
     others = [_weights(read_pipeline(entry, without_checker, placement)) for entry in entries[1:]]
     for part in MERGED_PARTS:
@@ -153,11 +157,8 @@ def merge_models(recipe: MergeRecipe, registry: ModelRegistry, settings: Setting
         merged = merge_state(part, module.state_dict(), *[weights.pop(part) for weights in others],
                              method=recipe.method, multiplier=recipe.multiplier)
         module.load_state_dict(merged)  # B's and C's weights of this part were popped: let go, one part at a time
-    if baked is not None:
-        try:
-            result.vae.load_state_dict(read_vae_weights(baked.path, result.vae))
-        except VaeError as err:
-            raise MergeError(f"Bake in VAE: {err}") from None
+    if baked_weights is not None:
+        result.vae.load_state_dict(baked_weights)
     if recipe.save_as_half:
         result.to(torch.float16)
     _write(result, recipe, target)
