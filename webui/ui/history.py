@@ -19,6 +19,7 @@ import gradio as gr
 from webui.services import Services
 from webui.storage.history import HistoryImage
 from webui.ui.params import fields_from_history
+from webui.ui.pnginfo import send_buttons
 
 PAGE_SIZE = 24
 POLL_SECONDS = 3.0
@@ -223,10 +224,7 @@ def build_history(services: Services) -> tuple[HistoryTab, HistoryActions]:
             details = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="history_details",
                                  buttons=["copy"])
             with gr.Row():
-                send = gr.Button("Send to txt2img", elem_id="history_send")
-                send_img2img = gr.Button("Send to img2img", elem_id="history_send_img2img")
-                send_inpaint = gr.Button("Send to inpaint", elem_id="history_send_inpaint")
-                send_extras = gr.Button("Send to extras", elem_id="history_send_extras")
+                send, send_img2img, send_inpaint, send_extras = send_buttons("history")
                 open_file = gr.Button("Open file", elem_id="history_open", link_target="_blank", interactive=False)
                 delete = gr.Button("Delete", variant="stop", elem_id="history_delete", visible=actions.can_delete,
                                    interactive=False)

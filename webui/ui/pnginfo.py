@@ -120,6 +120,14 @@ def picture_for_img2img(upload: dict | str | None, text: str) -> tuple[str, dict
     return path, request_fields_from_infotext(text) if text else {}
 
 
+def send_buttons(prefix: str) -> tuple[gr.Button, gr.Button, gr.Button, gr.Button]:
+    """Send to txt2img, img2img, inpaint and extras (PNG Info's and History's), elem_ids <prefix>_send..."""
+    return (gr.Button("Send to txt2img", elem_id=f"{prefix}_send"),
+            gr.Button("Send to img2img", elem_id=f"{prefix}_send_img2img"),
+            gr.Button("Send to inpaint", elem_id=f"{prefix}_send_inpaint"),
+            gr.Button("Send to extras", elem_id=f"{prefix}_send_extras"))
+
+
 def build_pnginfo() -> PngInfoTab:
     with gr.Row():
         with gr.Column():
@@ -131,10 +139,7 @@ def build_pnginfo() -> PngInfoTab:
             infotext = gr.Textbox(label="Parameters text", lines=5, interactive=False, elem_id="pnginfo_infotext",
                                   buttons=["copy"])
             with gr.Row():
-                send = gr.Button("Send to txt2img", elem_id="pnginfo_send")
-                send_img2img = gr.Button("Send to img2img", elem_id="pnginfo_send_img2img")
-                send_inpaint = gr.Button("Send to inpaint", elem_id="pnginfo_send_inpaint")
-                send_extras = gr.Button("Send to extras", elem_id="pnginfo_send_extras")
+                send, send_img2img, send_inpaint, send_extras = send_buttons("pnginfo")
     image.change(read_parameters, inputs=[image], outputs=[infotext, table], api_name="png_info",
                  show_progress="hidden", preprocess=False)
     return PngInfoTab(image, table, infotext, send, send_img2img, send_inpaint, send_extras)
