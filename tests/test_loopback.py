@@ -103,3 +103,6 @@ def test_only_the_keys_scripts_write_go_into_the_infotext():
 
     with pytest.raises(InvalidRequest, match="script_params: .*unknown keys 'Steps'"):
         parse_request({"prompt": "x", "script_params": {"Steps": 99}})
+    for bad in ("a\x00b", "two\nlines", "x" * 101, True):
+        with pytest.raises(InvalidRequest, match="Denoising curve"):
+            parse_request({"prompt": "x", "script_params": {"Denoising curve": bad}})

@@ -443,9 +443,24 @@ def test_batch_reads_a_server_folder_as_a1111s_input_directory(ui, ui_services, 
     (tmp_path / "empty").mkdir()
     [(_, _, progress, *_)] = inpaint(ui, "Batch", batch_input_dir=str(tmp_path / "empty"))
     assert "holds no pictures" in progress
+    [(_, _, progress, *_)] = inpaint(ui, "Batch", batch_input_dir="/" + "x" * 5000)
+    assert "cannot be read" in progress and "could not start" not in progress and len(progress) < 600
     monkeypatch.setattr(ui.img2img.actions, "reads_server_folders", False)
     [(_, _, progress, *_)] = inpaint(ui, "Batch", batch_input_dir=str(folder))
     assert "reads no folders typed into the page" in progress
+
+
+def test_a_server_folder_is_read_in_natural_order_and_at_most_100_pictures(tmp_path):
+    from webui.ui.pictures import MAX_BATCH_PICTURES, folder_pictures
+
+    for name in ("img10.png", "img2.png", "Img1.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    assert [Path(path).name for path in folder_pictures(str(tmp_path), "Input directory")] == [
+        "Img1.jpg", "img2.png", "img10.png"]
+    for number in range(MAX_BATCH_PICTURES):
+        (tmp_path / f"more{number}.png").write_bytes(b"")
+    with pytest.raises(InvalidRequest, match="holds more than 100 pictures; at most 100 run at once"):
+        folder_pictures(str(tmp_path), "Input directory")
 
 
 def test_batch_masks_go_with_the_pictures_of_their_name_or_one_with_all(ui, ui_services, tmp_path):

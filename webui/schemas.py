@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError,
+                      field_validator, model_validator)
 
 from webui.engine.hires import HIRES_UPSCALERS, MAX_SCHEDULE, hires_size, schedule_steps
 from webui.engine.samplers import get_sampler, resolve_sampler
@@ -108,7 +109,7 @@ class GenerationRequest(BaseModel):
     tiling: bool = Field(False, description="pictures that tile seamlessly: right edge into left, bottom into top")
     # What a script run through several jobs (Loopback) writes into each picture's infotext, as A1111's
     # extra_generation_params; only the keys in SCRIPT_INFOTEXT_KEYS.
-    script_params: dict[str, str | float] = Field(default_factory=dict, description="infotext keys a script adds")
+    script_params: dict[str, StrictStr | StrictFloat | StrictInt] = Field(default_factory=dict, description="infotext keys a script adds")
     styles: list[str] = Field(default_factory=list, max_length=20,
                               description="prompt styles (styles.csv) joined into the prompts before the run")
     model: str | None = Field(None, description="checkpoint name; None keeps the loaded model")
@@ -176,6 +177,9 @@ class GenerationRequest(BaseModel):
         if unknown:
             raise ValueError(f"unknown keys {', '.join(map(repr, unknown))}; scripts write "
                              f"{', '.join(SCRIPT_INFOTEXT_KEYS)}")
+        for key, value in params.items():  # a short word or a number: what an infotext value is
+            if isinstance(value, str) and (len(value) > 100 or _CONTROL_CHARACTER.search(value) or "\n" in value):
+                raise ValueError(f"{key}: a value of at most 100 characters on one line")
         return params
 
     @field_validator("sd_upscale_upscaler")

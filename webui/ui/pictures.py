@@ -6,6 +6,7 @@ Only reads widget values; the worker checks and fits what it is given.
 """
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,21 +286,33 @@ PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", "
 
 
 def folder_pictures(folder: str, label: str, where: str = "Batch") -> list[str]:
-    """The pictures of a server folder (Batch's Input directory), by name, hidden files left out; InvalidRequest
-    naming what to fix (`where`: the sub-tab's name). Their count is the caller's to check, as for uploads."""
-    path = Path(folder.strip()).expanduser()
-    if not path.is_dir():
-        raise InvalidRequest(f"{where}: {label} {folder.strip()[:200]!r} is no folder on this machine; give a "
-                             "folder's full path")
+    """The pictures of a server folder (Batch's Input directory), in natural order (img2 before img10), hidden
+    files left out; InvalidRequest naming what to fix (`where`: the sub-tab's name), also for a folder of more
+    than MAX_BATCH_PICTURES (found without listing all of a huge one)."""
+    shown = repr(folder.strip()[:200])
     try:
-        pictures = sorted(str(child) for child in path.iterdir() if not child.name.startswith(".")
-                          and child.suffix.lower() in PICTURE_SUFFIXES and child.is_file())
-    except OSError as err:
-        raise InvalidRequest(f"{where}: {label} {folder.strip()[:200]!r} cannot be read ({err.strerror})") from None
+        path = Path(folder.strip()).expanduser()
+        if not path.is_dir():
+            raise InvalidRequest(f"{where}: {label} {shown} is no folder on this machine; give a folder's full path")
+        pictures = []
+        for child in path.iterdir():
+            if (not child.name.startswith(".") and child.suffix.lower() in PICTURE_SUFFIXES
+                    and child.is_file()):
+                pictures.append(str(child))
+                if len(pictures) > MAX_BATCH_PICTURES:
+                    raise InvalidRequest(f"{where}: {label} {shown} holds more than {MAX_BATCH_PICTURES} "
+                                         f"pictures; at most {MAX_BATCH_PICTURES} run at once: split the folder")
+    except (OSError, RuntimeError) as err:  # unreadable, a path too long, an unknown ~user
+        raise InvalidRequest(f"{where}: {label} {shown} cannot be read ({getattr(err, 'strerror', None) or err})"
+                             ) from None
     if not pictures:
-        raise InvalidRequest(f"{where}: {label} {folder.strip()[:200]!r} holds no pictures "
-                             f"({', '.join(PICTURE_SUFFIXES)})")
-    return pictures
+        raise InvalidRequest(f"{where}: {label} {shown} holds no pictures ({', '.join(PICTURE_SUFFIXES)})")
+    return sorted(pictures, key=_natural_order)
+
+
+def _natural_order(path: str) -> list:
+    """A name's key with its numbers as numbers, as A1111 (and file managers) sort: img2 before img10."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", Path(path).name)]
 
 
 def read_upload(path: str, where: str, header_only: bool = False) -> Image.Image | None:
