@@ -524,3 +524,20 @@ def test_resize_by_makes_the_run_the_pictures_size_times_the_scale(ui, ui_servic
     for mode in SUBTAB_INPUTS:
         read = {names.get(block._id) for block in page_run(ui, "img2img_generate", mode).inputs}
         assert {"size_tab", "scale_by"} <= read, mode
+
+
+def test_a_page_served_to_others_without_a_login_offers_no_server_folders(models_dir, tmp_path):
+    from tests.helpers import running_services
+    from webui.ui.blocks import create_ui
+
+    started = running_services(models_dir, tmp_path / "out", listen=True)
+    try:
+        page = create_ui(next(started))
+        config = page.blocks.get_config_file()
+        hidden = {c["props"]["elem_id"]: c["props"].get("visible") for c in config["components"]
+                  if c["props"].get("elem_id") in ("img2img_batch_folders", "extras_directory_tab")}
+        assert hidden == {"img2img_batch_folders": False, "extras_directory_tab": False}
+        [(_, _, progress, *_)] = inpaint(page, "Batch", batch_input_dir=str(tmp_path))
+        assert "reads no folders typed into the page" in progress
+    finally:
+        started.close()
