@@ -659,8 +659,9 @@ class Worker:
         if (count < request.batch_size and self.engine.pending_compiles(request, count)
                 and not self.engine.pending_compiles(request, request.batch_size)):
             tiles = tiles + [tiles[-1]] * (request.batch_size - count)
-        seeds = [(job.seeds[upscale] + first + min(i, count - 1)) % (MAX_SEED + 1) for i in range(len(tiles))]
-        subseeds = ([(job.subseeds[upscale] + first + min(i, count - 1)) % (MAX_SEED + 1) for i in range(len(tiles))]
+        numbers = [first + min(i, count - 1) for i in range(len(tiles))]  # each tile's: seed + its number
+        seeds = [(job.seeds[upscale] + number) % (MAX_SEED + 1) for number in numbers]
+        subseeds = ([(job.subseeds[upscale] + number) % (MAX_SEED + 1) for number in numbers]
                     if request.subseed_strength > 0 else None)
         compiling = self.engine.pending_compiles(request, len(seeds))
         job.progress.note = self._compile_note(request, compiling)
