@@ -13,14 +13,13 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from webui.engine.hires import IMAGE_UPSCALERS
+from webui.engine.hires import IMAGE_UPSCALERS, NO_UPSCALER, PICTURE_UPSCALERS
 from webui.engine.img2img import as_rgb
 from webui.schemas import InvalidRequest, describe_validation_errors
 from webui.storage.infotext import build_infotext
 from webui.storage.outputs import read_infotext, text_chunks
 
-NO_UPSCALER = "None"  # A1111's name for "leave the size alone"
-EXTRAS_UPSCALERS = (NO_UPSCALER, *IMAGE_UPSCALERS)
+EXTRAS_UPSCALERS = PICTURE_UPSCALERS
 MAX_SCALE = 8.0  # A1111's largest factor
 MAX_PICTURES = 100  # in one batch
 MAX_SIDE = 8192  # an 8192x8192 RGB picture is 200 MB in memory, and its PNG takes seconds to write

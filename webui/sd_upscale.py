@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from webui.engine.hires import IMAGE_UPSCALERS  # (schemas imports this module: nothing here may import schemas)
+# (schemas imports this module: nothing here may import schemas)
+from webui.engine.hires import IMAGE_UPSCALERS, NO_UPSCALER, PICTURE_UPSCALERS as UPSCALERS
 
-NO_UPSCALER = "None"  # A1111's name for "leave the size alone": the picture is tiled as it is
-UPSCALERS = (NO_UPSCALER, *IMAGE_UPSCALERS)
 DEFAULT_UPSCALER = "Lanczos"  # not A1111's "None": with no model upscalers here, Lanczos is what users pick
 MAX_OVERLAP = 256  # A1111's slider
 MIN_SCALE, MAX_SCALE = 1.0, 4.0  # A1111's slider

@@ -24,6 +24,8 @@ LATENT_UPSCALERS = {
 # Upscalers that enlarge the decoded picture (name -> PIL's filter; Extras uses them too); A1111's ESRGAN family
 # needs model files.
 IMAGE_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+NO_UPSCALER = "None"  # A1111's name for "leave the size alone"
+PICTURE_UPSCALERS = (NO_UPSCALER, *IMAGE_UPSCALERS)  # Extras' and SD upscale's choices, as A1111 lists them
 HIRES_UPSCALERS = (*LATENT_UPSCALERS, *IMAGE_UPSCALERS)
 MAX_SCHEDULE = 1000  # a second pass of s steps at strength d is a schedule of s/d steps; samplers stop at 1000
 

@@ -23,6 +23,14 @@ def _switched(widgets: dict, key: str, label: str, elem_id: str, info: str, sett
     return gr.Accordion(settings, open=False, elem_id=f"{elem_id}_settings")
 
 
+def _img2img_sliders(widgets: dict, *sliders: tuple[str, float, float, float, float, str]) -> None:
+    """A row of img2img scripts' sliders, each (generate()'s parameter, minimum, maximum, value, step, label),
+    into `widgets`; elem_id img2img_<parameter>."""
+    with gr.Row():
+        for key, minimum, maximum, value, step, label in sliders:
+            widgets[key] = gr.Slider(minimum, maximum, value=value, step=step, label=label, elem_id=f"img2img_{key}")
+
+
 def axis_types(kind: str) -> list[str]:
     """The axis types a tab offers: img2img has no hires fix."""
     return [label for label, axis in AXIS_TYPES.items() if not (kind == "img2img" and axis.hires)]
@@ -71,11 +79,8 @@ def outpainting_section() -> dict[str, gr.components.Component]:
     widgets = {}
     with _switched(widgets, "outpainting", "Poor man's outpainting", "img2img_outpainting",
                    "a larger canvas, its new border drawn to match the picture", "Outpainting settings"):
-        with gr.Row():
-            widgets["outpaint_pixels"] = gr.Slider(MIN_PIXELS, MAX_PIXELS, value=128, step=8, label="Pixels to expand",
-                                                   elem_id="img2img_outpaint_pixels")
-            widgets["outpaint_mask_blur"] = gr.Slider(0, MAX_BLUR, value=4, step=1, label="Mask blur",
-                                                      elem_id="img2img_outpaint_mask_blur")
+        _img2img_sliders(widgets, ("outpaint_pixels", MIN_PIXELS, MAX_PIXELS, 128, 8, "Pixels to expand"),
+                         ("outpaint_mask_blur", 0, MAX_BLUR, 4, 1, "Mask blur"))
         with gr.Row():
             widgets["outpaint_fill"] = gr.Radio(list(MASKED_CONTENT), value="fill", type="index", label="Masked content",
                                                 elem_id="img2img_outpaint_fill")
@@ -90,12 +95,8 @@ def loopback_section() -> dict[str, gr.components.Component]:
     widgets = {}
     with _switched(widgets, "loopback", "Loopback", "img2img_loopback",
                    "each picture made is the picture to start the next run from", "Loopback settings"):
-        with gr.Row():
-            widgets["loopback_loops"] = gr.Slider(1, MAX_LOOPS, value=4, step=1, label="Loops",
-                                                  elem_id="img2img_loopback_loops")
-            widgets["loopback_final_strength"] = gr.Slider(0, 1, value=0.5, step=0.01,
-                                                           label="Final denoising strength",
-                                                           elem_id="img2img_loopback_final_strength")
+        _img2img_sliders(widgets, ("loopback_loops", 1, MAX_LOOPS, 4, 1, "Loops"),
+                         ("loopback_final_strength", 0, 1, 0.5, 0.01, "Final denoising strength"))
         widgets["loopback_curve"] = gr.Radio(list(CURVES), value="Linear", label="Denoising strength curve",
                                              elem_id="img2img_loopback_curve")
     return widgets
@@ -107,11 +108,8 @@ def sd_upscale_section() -> dict[str, gr.components.Component]:
     widgets = {}
     with _switched(widgets, "sd_upscale", "SD upscale", "img2img_sd_upscale",
                    "enlarge the picture, then draw it again in tiles of the Width x Height", "SD upscale settings"):
-        with gr.Row():
-            widgets["sd_upscale_overlap"] = gr.Slider(0, MAX_OVERLAP, value=64, step=16, label="Tile overlap",
-                                                      elem_id="img2img_sd_upscale_overlap")
-            widgets["sd_upscale_scale"] = gr.Slider(MIN_SCALE, MAX_SCALE, value=2.0, step=0.05, label="Scale Factor",
-                                                    elem_id="img2img_sd_upscale_scale")
+        _img2img_sliders(widgets, ("sd_upscale_overlap", 0, MAX_OVERLAP, 64, 16, "Tile overlap"),
+                         ("sd_upscale_scale", MIN_SCALE, MAX_SCALE, 2.0, 0.05, "Scale Factor"))
         widgets["sd_upscale_upscaler"] = gr.Radio(list(UPSCALERS), value=DEFAULT_UPSCALER, label="Upscaler",
                                                   elem_id="img2img_sd_upscale_upscaler")
     return widgets
