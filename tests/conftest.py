@@ -24,6 +24,19 @@ logging.getLogger("diffusers").setLevel(logging.ERROR)
 TINY = "tiny-sd"
 
 
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch):
+    """Tests never reach the network: the upscalers' downloads may read file: URLs only."""
+    import webui.engine.upscalers as upscalers
+
+    def local_only(url: str, *args, **kwargs):
+        if not url.startswith("file:"):
+            raise OSError(f"tests do not download ({url})")
+        return upscalers.urllib.request.urlopen(url, *args, **kwargs)
+
+    monkeypatch.setattr(upscalers, "open_url", local_only)
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models")

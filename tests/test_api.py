@@ -203,7 +203,7 @@ def test_a_model_override_is_undone_after_the_job_unless_asked_to_keep_it(client
     ({"enable_hr": True, "hr_sampler_name": "Wobbly"}, "hr_sampler_name"),
     ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "hr_checkpoint_name"),  # a model of its own
     ({"enable_hr": True, "hr_prompt": "a\u0000dog"}, "hr_prompt"),
-    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+    ({"enable_hr": True, "hr_upscaler": "4x-UltraSharp"}, "hr_upscaler"),
     ({"enable_hr": True, "hr_scale": 40}, "hr_scale"),
     ({"enable_hr": True, "firstphase_width": 256}, "firstphase_width"),  # A1111's old hires fix
     ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts"),
@@ -401,7 +401,7 @@ def test_extra_batch_images_answers_in_order_and_names_the_picture_to_fix(client
 
 
 @pytest.mark.parametrize("body, problem", [
-    ({"upscaler_1": "R-ESRGAN 4x+"}, "upscaler_1: unknown upscaler 'R-ESRGAN 4x+'"),
+    ({"upscaler_1": "4x-UltraSharp"}, "upscaler_1: there is no upscaler '4x-UltraSharp' on this server"),
     ({"gfpgan_visibility": 1}, "gfpgan_visibility: face restoration is not supported (send 0)"),
     ({"codeformer_visibility": 0.5}, "codeformer_visibility: face restoration is not supported"),
     ({"upscaling_resize": 8, "upscaler_1": "Nearest", "image_size": 2000}, "the 2000x8 picture would become 16000x64"),
@@ -427,11 +427,13 @@ def test_lists_and_memory(client):
     [info] = client.get("/sdapi/v1/script-info").json()
     assert info["name"] == "sd upscale" and info["is_img2img"] and not info["is_alwayson"]
     assert [arg["label"] for arg in info["args"]] == ["Info", "Tile overlap", "Upscaler", "Scale Factor"]
-    assert info["args"][2]["choices"] == ["None", "Lanczos", "Nearest"]  # A1111's positions: script_args[2]
+    assert info["args"][2]["choices"][:3] == ["None", "Lanczos", "Nearest"]  # A1111's positions: script_args[2]
     for missing_feature in ("sd-vae", "prompt-styles", "loras"):
         assert client.get(f"/sdapi/v1/{missing_feature}").json() == [], missing_feature  # clients read these at start
     # A1111's names, which hr_upscaler and the Extras routes take
-    assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
+    upscalers = client.get("/sdapi/v1/upscalers").json()
+    assert [u["name"] for u in upscalers][:4] == ["None", "Lanczos", "Nearest", "R-ESRGAN General 4xV3"]
+    assert upscalers[6]["model_url"].endswith("/RealESRGAN_x4plus.pth")  # R-ESRGAN 4x+, downloaded when first used
     latent_modes = [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()]
     assert latent_modes[0] == "Latent" and {"Latent (antialiased)", "Latent (nearest-exact)"} <= set(latent_modes)
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}

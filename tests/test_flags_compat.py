@@ -41,7 +41,7 @@ def test_a1111_flags_that_do_nothing_here_start_with_one_warning_naming_them(cap
 @pytest.mark.parametrize("line", [
     "--skip-torch-cuda-test", "--precision full", "--precision=full", "--theme dark", "--use-cpu interrogate",
     "--device-id 1", "--opt-sdp-no-mem-attention", "--medvram-sdxl",
-    "--lyco-dir /x/LyCORIS", "--esrgan-models-path /x/ESRGAN", "--gradio-allowed-path /x/outputs", "-f",
+    "--lyco-dir /x/LyCORIS", "--swinir-models-path /x/SwinIR", "--gradio-allowed-path /x/outputs", "-f",
     "--gradio-allowed-path=/x --gradio-allowed-path /y",  # A1111 appends each one
 ])
 def test_each_ignored_flag_takes_its_a1111_argument(line, caplog):

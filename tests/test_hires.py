@@ -78,7 +78,8 @@ def test_the_hires_picture_is_reproducible_and_follows_its_settings(services):
     # The second pass's schedule is its own sampler's: LCM there, after Euler.
     ({"sampler_name": "Euler", "hr_sampler_name": "LCM", "hr_second_pass_steps": 30},
      "make a schedule of 60 steps, and LCM takes at most 50"),
-    ({"hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler: unknown upscaler 'R-ESRGAN 4x\\+'; choose one of: Latent,"),
+    ({"hr_upscaler": "4x-UltraSharp"}, "hr_upscaler: there is no upscaler '4x-UltraSharp' on this server; choose one "
+                                       "of None, Lanczos, Nearest"),
 ])
 def test_what_the_hires_fix_cannot_do_is_refused_before_queueing(services, fields, message):
     with pytest.raises(InvalidRequest, match=message):

@@ -595,6 +595,9 @@ def test_the_hires_fix_goes_from_the_page_to_the_infotext_and_back(ui):
         other = event(ui, "send_from_pnginfo")(text.replace("Hires upscaler: Latent", "Hires upscaler: 4x-UltraSharp"))
     assert is_skip(other[TXT2IMG_FIELDS.index("hr_upscaler")])
     assert any("Upscaler not applied: '4x-UltraSharp'" in str(w.message) for w in caught)
+    # A model upscaler the server lists (Real-ESRGAN's, downloaded when first used) is applied
+    real = event(ui, "send_from_pnginfo")(text.replace("Hires upscaler: Latent", "Hires upscaler: R-ESRGAN 4x+"))
+    assert real[TXT2IMG_FIELDS.index("hr_upscaler")] == "R-ESRGAN 4x+"
     # img2img's Generate has no hires widgets: it passes generate()'s defaults in their places.
     assert input_labels(ui, "txt2img")["hr_scale"] == "Upscale by" and input_labels(ui, "img2img")["hr_scale"] is None
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from webui.engine.models import EMBEDDINGS_FOLDER, LORA_FOLDER, VAE_FOLDER  # A1111's folder names
+from webui.engine.models import (  # A1111's folder names
+    EMBEDDINGS_FOLDER, ESRGAN_FOLDER, LORA_FOLDER, REAL_ESRGAN_FOLDER, VAE_FOLDER)
 from webui.zerogpu import zerogpu_requested
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -88,8 +89,7 @@ A1111_IGNORED_VALUES = (  # these take one value, which is dropped too
     "--localizations-dir", "--max-batch-count", "--loglevel", "--timeout-keep-alive",
     # folders of models and tools this project does not use (LoRA, upscalers, face restorers, CLIP)
     "--lyco-dir", "--lyco-dir-backcompat", "--textual-inversion-templates-dir", "--gfpgan-dir", "--gfpgan-model",
-    "--codeformer-models-path", "--gfpgan-models-path", "--esrgan-models-path", "--bsrgan-models-path",
-    "--realesrgan-models-path", "--scunet-models-path", "--swinir-models-path", "--ldsr-models-path",
+    "--codeformer-models-path", "--gfpgan-models-path", "--bsrgan-models-path", "--scunet-models-path", "--swinir-models-path", "--ldsr-models-path",
     "--dat-models-path", "--clip-models-path",
     "--sub-quad-q-chunk-size", "--sub-quad-kv-chunk-size", "--sub-quad-chunk-threshold",
     "--gradio-img2img-tool", "--gradio-inpaint-tool", "--ngrok-region",
@@ -114,6 +114,8 @@ class Settings:
     lora_dir: Path | None = None  # None: the Lora folder inside models_dir
     embeddings_dir: Path | None = None  # None: the embeddings folder inside models_dir
     vae_dir: Path | None = None  # None: the VAE folder inside models_dir
+    esrgan_dir: Path | None = None  # None: the ESRGAN folder inside models_dir
+    real_esrgan_dir: Path | None = None  # None: the RealESRGAN folder inside models_dir
     styles_file: Path | None = None  # None: styles.csv in outdir
     ui_settings_file: Path | None = None  # None: config.json in outdir
     freeze_settings: bool = False  # the Settings tab's settings shown, not changeable
@@ -139,6 +141,14 @@ class Settings:
     @property
     def vae_folder(self) -> Path:
         return self.vae_dir or self.models_dir / VAE_FOLDER
+
+    @property
+    def esrgan_folder(self) -> Path:
+        return self.esrgan_dir or self.models_dir / ESRGAN_FOLDER
+
+    @property
+    def real_esrgan_folder(self) -> Path:
+        return self.real_esrgan_dir or self.models_dir / REAL_ESRGAN_FOLDER
 
     @property
     def embeddings_folder(self) -> Path:
@@ -272,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--vae-dir", type=_user_path, default=None,
                        help=f"folder of VAE files (.safetensors, .pt, .ckpt) the SD VAE list offers (default: "
                             f"{VAE_FOLDER}/ inside the models folder, or beside Stable-diffusion/ with --models-dir)")
+    files.add_argument("--esrgan-models-path", dest="esrgan_dir", type=_user_path, default=None,
+                       help=f"folder of ESRGAN upscaler files (.pth, .safetensors), each listed by its file name "
+                            f"(default: {ESRGAN_FOLDER}/ inside the models folder, or beside Stable-diffusion/ with "
+                            "--models-dir)")
+    files.add_argument("--realesrgan-models-path", dest="real_esrgan_dir", type=_user_path, default=None,
+                       help=f"folder of Real-ESRGAN upscaler files, where R-ESRGAN 4x+ and its kin are downloaded "
+                            f"when first used (default: {REAL_ESRGAN_FOLDER}/ beside {ESRGAN_FOLDER}/)")
     files.add_argument("--embeddings-dir", type=_user_path, default=None,
                        help=f"folder of textual inversion embeddings that prompts name by file name (default: "
                             f"{EMBEDDINGS_FOLDER}/ inside the models folder, or A1111's embeddings/ beside its models/ "
@@ -405,6 +422,10 @@ def _choose_models_dir(args: argparse.Namespace, ckpt_dir_env: Path | None) -> N
         args.lora_dir = (base if base is not None else args.models_dir) / LORA_FOLDER
     if args.vae_dir is None:  # and models/VAE
         args.vae_dir = (base if base is not None else args.models_dir) / VAE_FOLDER
+    if args.esrgan_dir is None:  # and models/ESRGAN, models/RealESRGAN
+        args.esrgan_dir = (base if base is not None else args.models_dir) / ESRGAN_FOLDER
+    if args.real_esrgan_dir is None:
+        args.real_esrgan_dir = (base if base is not None else args.models_dir) / REAL_ESRGAN_FOLDER
     a1111 = base is not None and (base / A1111_CHECKPOINTS).is_dir()
     if args.embeddings_dir is None:  # and its embeddings/ beside models/
         args.embeddings_dir = base.parent / EMBEDDINGS_FOLDER if a1111 else args.models_dir / EMBEDDINGS_FOLDER

@@ -1,14 +1,15 @@
 """Extras (A1111's tab and its /sdapi/v1/extra-* routes): a picture enlarged, or shrunk, without a model.
 
-The upscalers are PIL's filters (Lanczos, Nearest). They need no model and no GPU, so an upscale runs where it is
-asked (a Gradio event, an API request) instead of in the worker's queue, where it would wait behind generations.
-A1111's model upscalers (ESRGAN and its kin) and its face restorers need model files this server does not have.
+The upscalers are PIL's filters (Lanczos, Nearest), which need no model and no GPU, so they run where they are
+asked (a Gradio event, an API request) instead of in the worker's queue, where they would wait behind generations;
+and the model upscalers (ESRGAN, Real-ESRGAN: webui/engine/upscalers.py), which run on the worker, which owns the
+device. A1111's face restorers need model files this server does not read.
 Names, sizes and the infotext keys follow A1111, so its API clients and its PNG Info read ours.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -19,7 +20,11 @@ from webui.schemas import InvalidRequest, describe_validation_errors
 from webui.storage.infotext import build_infotext
 from webui.storage.outputs import read_infotext, text_chunks
 
-EXTRAS_UPSCALERS = PICTURE_UPSCALERS
+if TYPE_CHECKING:
+    from webui.worker import Worker
+
+EXTRAS_UPSCALERS = PICTURE_UPSCALERS  # those of every server; the model upscalers come after them
+MAX_UPSCALER_NAME = 200
 MAX_SCALE = 8.0  # A1111's largest factor
 MAX_PICTURES = 100  # in one batch
 MAX_SIDE = 8192  # an 8192x8192 RGB picture is 200 MB in memory, and its PNG takes seconds to write
@@ -38,7 +43,8 @@ class UpscaleSettings(BaseModel):
     upscaling_crop: bool = Field(True, description="resize_mode 1: cut what sticks out of the width x height "
                                                    "(false: keep the shape, filling the size at least)")
     upscaler_1: str = Field(NO_UPSCALER, description=f"one of {', '.join(EXTRAS_UPSCALERS)} ('None', A1111's "
-                                                     "default: the picture is left as it is)")
+                                                     "default: the picture is left as it is), or a model upscaler "
+                                                     "(GET /sdapi/v1/upscalers)")
     upscaler_2: str = Field(NO_UPSCALER, description="a second upscaler, blended in by extras_upscaler_2_visibility")
     extras_upscaler_2_visibility: float = Field(0.0, ge=0, le=1, description="0..1: how much of upscaler_2 shows")
 
@@ -54,10 +60,9 @@ class UpscaleSettings(BaseModel):
     def _known_upscaler(cls, name: Any) -> Any:
         if name is None or name == "":
             return NO_UPSCALER
-        if name not in EXTRAS_UPSCALERS:
-            raise ValueError(f"unknown upscaler {name!r}; choose one of: {', '.join(EXTRAS_UPSCALERS)} (model upscalers "
-                             "such as ESRGAN are not installed on this server)")
-        return name
+        if isinstance(name, str) and len(name) > MAX_UPSCALER_NAME:
+            raise ValueError(f"an upscaler's name has at most {MAX_UPSCALER_NAME} characters")
+        return name  # a model upscaler's name is checked by the Upscalers that run it
 
 
 def parse_upscale(data: dict[str, Any], labels: dict[str, str] | None = None) -> UpscaleSettings:
@@ -69,6 +74,46 @@ def parse_upscale(data: dict[str, Any], labels: dict[str, str] | None = None) ->
         errors = [error | {"loc": tuple((labels or {}).get(str(part), part) for part in error["loc"])}
                   for error in err.errors()]
         raise InvalidRequest(describe_validation_errors(errors)) from None
+
+
+class Upscalers:
+    """What runs Extras' upscalers: the filters here, in the caller's thread; model upscalers on the worker, after
+    the jobs queued before (without a worker only the filters exist)."""
+
+    def __init__(self, worker: "Worker | None" = None):
+        self.worker = worker
+
+    def names(self) -> list[str]:
+        return [*EXTRAS_UPSCALERS, *(self.worker.engine.upscalers.names() if self.worker else [])]
+
+    def check(self, settings: UpscaleSettings) -> None:
+        """InvalidRequest naming the field whose upscaler is not on this server (or whose file does not build)."""
+        for label in ("upscaler_1", "upscaler_2"):
+            name = getattr(settings, label)
+            if name in EXTRAS_UPSCALERS:
+                continue
+            if self.worker is None:
+                raise InvalidRequest(f"{label}: unknown upscaler {name[:100]!r}; choose one of: "
+                                     f"{', '.join(EXTRAS_UPSCALERS)}")
+            try:
+                self.worker.engine.upscalers.check(name)
+            except InvalidRequest as err:
+                raise InvalidRequest(f"{label}: {err}") from None
+
+    def resize(self, picture: Image.Image, resized: tuple[int, int], kept: tuple[int, int], name: str) -> Image.Image:
+        """The middle `kept` of the picture resized to `resized` by the named upscaler. A filter resizes only that
+        part, so a crop never makes the larger picture first; a model enlarges the whole by its own scale."""
+        if name in IMAGE_UPSCALERS:
+            return picture.resize(kept, IMAGE_UPSCALERS[name], box=_middle(picture.size, resized, kept))
+        if self.worker is None:
+            raise InvalidRequest(f"unknown upscaler {name[:100]!r}; choose one of: {', '.join(EXTRAS_UPSCALERS)}")
+        whole = self.worker.call(lambda engine: engine.upscale_picture(picture, resized, name),
+                                 activity=f"Extras: upscaling with {name}").result()
+        left, top = (resized[0] - kept[0]) // 2, (resized[1] - kept[1]) // 2
+        return whole if whole.size == kept else whole.crop((left, top, left + kept[0], top + kept[1]))
+
+
+FILTERS_ONLY = Upscalers()
 
 
 @dataclass
@@ -111,9 +156,9 @@ def upscaled_size(width: int, height: int, settings: UpscaleSettings) -> tuple[t
     return resized, kept
 
 
-def upscale(image: Image.Image, settings: UpscaleSettings) -> Upscaled:
+def upscale(image: Image.Image, settings: UpscaleSettings, upscalers: Upscalers = FILTERS_ONLY) -> Upscaled:
     """The picture (as RGB, transparency on white) resized as the settings say; ValueError saying what to change
-    when the result would be too large."""
+    when the result would be too large, InvalidRequest when an upscaler cannot be used."""
     texts = text_chunks(image, limit=None)  # copied whole: a ComfyUI workflow is JSON that a cut would break
     if parameters := read_infotext(image):
         texts["parameters"] = parameters
@@ -128,11 +173,10 @@ def upscale(image: Image.Image, settings: UpscaleSettings) -> Upscaled:
     if kept != resized:
         info["Postprocess crop to"] = f"{kept[0]}x{kept[1]}"
     info["Postprocess upscaler"] = settings.upscaler_1
-    box = _middle(picture.size, resized, kept)
-    result = picture.resize(kept, IMAGE_UPSCALERS[settings.upscaler_1], box=box)
+    result = upscalers.resize(picture, resized, kept, settings.upscaler_1)
     if settings.upscaler_2 != NO_UPSCALER and settings.extras_upscaler_2_visibility > 0:
         info["Postprocess upscaler 2"] = settings.upscaler_2
-        second = picture.resize(kept, IMAGE_UPSCALERS[settings.upscaler_2], box=box)
+        second = upscalers.resize(picture, resized, kept, settings.upscaler_2)
         result = Image.blend(result, second, settings.extras_upscaler_2_visibility)
     return Upscaled(result, texts, info)
 

@@ -22,6 +22,7 @@ from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE
 MAX_PROMPT_CHARS = 2000
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_SEED = 2**32 - 1
+MAX_UPSCALER_NAME = 200  # a model upscaler is named by its file name
 MAX_CLIP_SKIP = 12  # the layers of SD 1.x's text encoder; A1111's slider stops there too
 # img2img's ways to fit the init image to the run's size, by A1111's numbers.
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
@@ -87,7 +88,9 @@ class GenerationRequest(BaseModel):
     # Hires fix (txt2img): a second, img2img-like pass at a larger size, denoising_strength deep.
     enable_hr: bool = Field(False, description="hires fix: enlarge the picture and denoise it again")
     hr_scale: float = Field(2.0, ge=1.0, le=4.0, description="hires fix: how many times larger")
-    hr_upscaler: str = Field("Latent", description=f"hires fix: one of {', '.join(HIRES_UPSCALERS)}")
+    hr_upscaler: str = Field("Latent", max_length=MAX_UPSCALER_NAME,
+                             description=f"hires fix: one of {', '.join(HIRES_UPSCALERS)}, or a model upscaler's "
+                                         "name (GET /sdapi/v1/upscalers)")
     hr_second_pass_steps: int = Field(0, ge=0, le=150, description="hires fix: steps of the second pass; 0 = steps")
     hr_sampler_name: str | None = Field(None, description="hires fix: the second pass's sampler (None: the first's)")
     hr_scheduler: str | None = Field(None, description="hires fix: the second pass's schedule type (None: the "
@@ -105,7 +108,9 @@ class GenerationRequest(BaseModel):
     sd_upscale_overlap: int = Field(64, ge=0, le=MAX_OVERLAP, description="SD upscale: pixels neighbouring tiles "
                                                                           "share, at least")
     sd_upscale_scale: float = Field(2.0, ge=MIN_SCALE, le=MAX_SCALE, description="SD upscale: how many times larger")
-    sd_upscale_upscaler: str = Field(DEFAULT_UPSCALER, description=f"SD upscale: one of {', '.join(SD_UPSCALERS)}")
+    sd_upscale_upscaler: str = Field(DEFAULT_UPSCALER, min_length=1, max_length=MAX_UPSCALER_NAME,
+                                     description=f"SD upscale: one of {', '.join(SD_UPSCALERS)}, or a model "
+                                                 "upscaler's name (GET /sdapi/v1/upscalers)")
     tiling: bool = Field(False, description="pictures that tile seamlessly: right edge into left, bottom into top")
     # What a script run through several jobs (Loopback) writes into each picture's infotext, as A1111's
     # extra_generation_params; only the keys in SCRIPT_INFOTEXT_KEYS.
@@ -161,9 +166,7 @@ class GenerationRequest(BaseModel):
             return "Latent"
         if name == "None":  # A1111's "None": the picture resized plainly (with Lanczos)
             return "Lanczos"
-        if isinstance(name, str) and name not in HIRES_UPSCALERS:
-            raise ValueError(f"unknown upscaler {name!r}; choose one of: {', '.join(HIRES_UPSCALERS)}")
-        return name
+        return name  # a model upscaler's name is checked against the server's files when the job is queued
 
     @field_validator("sd_vae")
     @classmethod
@@ -181,13 +184,6 @@ class GenerationRequest(BaseModel):
             if isinstance(value, str) and (len(value) > 100 or _CONTROL_CHARACTER.search(value) or "\n" in value):
                 raise ValueError(f"{key}: a value of at most 100 characters on one line")
         return params
-
-    @field_validator("sd_upscale_upscaler")
-    @classmethod
-    def _known_sd_upscaler(cls, name: str) -> str:
-        if name not in SD_UPSCALERS:
-            raise ValueError(f"unknown upscaler {name!r}; choose one of: {', '.join(SD_UPSCALERS)}")
-        return name
 
     @field_validator("seed_resize_from_w", "seed_resize_from_h")
     @classmethod

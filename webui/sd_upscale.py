@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 # (schemas imports this module: nothing here may import schemas)
-from webui.engine.hires import IMAGE_UPSCALERS, NO_UPSCALER, PICTURE_UPSCALERS as UPSCALERS
+from webui.engine.hires import NO_UPSCALER, PICTURE_UPSCALERS as UPSCALERS
 
-DEFAULT_UPSCALER = "Lanczos"  # not A1111's "None": with no model upscalers here, Lanczos is what users pick
+DEFAULT_UPSCALER = "Lanczos"  # not A1111's "None", which leaves the size: a filter needs no file
 MAX_OVERLAP = 256  # A1111's slider
 MIN_SCALE, MAX_SCALE = 1.0, 4.0  # A1111's slider
 MAX_TILES = 256  # of one upscale: a 4096x4096 picture in 512x512 tiles is 100
@@ -34,10 +35,12 @@ def upscaled_size(size: tuple[int, int], scale: float, upscaler: str) -> tuple[i
     return int(size[0] * scale) // 8 * 8, int(size[1] * scale) // 8 * 8
 
 
-def enlarge(picture: Image.Image, scale: float, upscaler: str) -> Image.Image:
-    """The RGB picture enlarged by `scale` with the upscaler (as it is with "None")."""
+def enlarge(picture: Image.Image, scale: float, upscaler: str,
+            resize: Callable[[Image.Image, tuple[int, int], str], Image.Image]) -> Image.Image:
+    """The RGB picture enlarged by `scale` with the upscaler (as it is with "None"); `resize(picture, size, name)`
+    runs the upscaler (a filter, or a model upscaler)."""
     size = upscaled_size(picture.size, scale, upscaler)
-    return picture if size == picture.size else picture.resize(size, IMAGE_UPSCALERS[upscaler])
+    return picture if size == picture.size else resize(picture, size, upscaler)
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -99,9 +102,8 @@ def _ramp(starts: tuple[int, ...], tile: int, index: int) -> np.ndarray:
 
 def tile_layout(picture_size: tuple[int, int], tile: tuple[int, int], overlap: int, scale: float,
                 upscaler: str) -> TileLayout:
-    """The tiles for upscaling a picture of `picture_size`; ValueError saying what to change."""
-    if upscaler not in UPSCALERS:
-        raise ValueError(f"SD upscale: unknown upscaler {upscaler!r}; choose one of {', '.join(UPSCALERS)}")
+    """The tiles for upscaling a picture of `picture_size`; ValueError saying what to change. (The upscaler's name
+    is checked against the server's upscalers when the job is queued.)"""
     if not MIN_SCALE <= scale <= MAX_SCALE:
         raise ValueError(f"SD upscale: Scale Factor {scale:g}; use {MIN_SCALE:g} to {MAX_SCALE:g}")
     if not 0 <= overlap <= MAX_OVERLAP:

@@ -25,9 +25,11 @@ from PIL import Image
 
 from webui import __version__
 from webui.engine.generate import DenoisingStopped, Engine, EngineImage, LoadedModel, composition_problem
+from webui.engine.hires import LATENT_UPSCALERS
 from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sha1, size_from_image
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.models import ModelEntry
+from webui.engine.upscalers import UpscalerError
 from webui.engine.vae import VaeFile
 from webui.engine.lora import LoraError, lora_uses, unread_tags
 from webui.schemas import (INPAINT_AREAS, LATENT_RESIZE, MASK_MODES, MASKED_CONTENT, RESIZE_MODES, GeneratedImage,
@@ -288,6 +290,7 @@ class Worker:
     def _check_runnable(self, request: GenerationRequest) -> None:
         self._check_against_loaded_model(request)
         self.engine.vaes.check(request.sd_vae)
+        self._check_upscalers(request)
         self._check_loras(request)
         problem = composition_problem(request)
         if problem:
@@ -316,6 +319,17 @@ class Worker:
             return parse_request(request.model_dump() | styled)
         except InvalidRequest as err:
             raise InvalidRequest(f"{err} (with the styles {', '.join(request.styles)} joined in)") from None
+
+    def _check_upscalers(self, request: GenerationRequest) -> None:
+        """The picture upscaler the hires fix or SD upscale names is a filter or a model upscaler that builds."""
+        for used, name, label in ((request.enable_hr and request.hr_upscaler not in LATENT_UPSCALERS,
+                                   request.hr_upscaler, "hr_upscaler"),
+                                  (request.sd_upscale, request.sd_upscale_upscaler, "sd_upscale_upscaler")):
+            if used:
+                try:
+                    self.engine.upscalers.check(name)
+                except UpscalerError as err:
+                    raise UpscalerError(f"{label}: {err}") from None
 
     def _check_loras(self, request: GenerationRequest) -> None:
         """A misspelt <lora:...> is refused now, with the names there are, not after the queue. One set of LoRAs
@@ -630,7 +644,8 @@ class Worker:
         that picture with nothing to show; the next batch count goes on."""
         request, pace = job.request, StepPace()
         layout = _tiles_for(request, job.init_image.size)
-        tiles = layout.cut(enlarge(job.init_image, request.sd_upscale_scale, request.sd_upscale_upscaler))
+        tiles = layout.cut(enlarge(job.init_image, request.sd_upscale_scale, request.sd_upscale_upscaler,
+                                   self.engine.upscale_picture))
         groups = [range(first, min(first + request.batch_size, len(tiles)))
                   for first in range(0, len(tiles), request.batch_size)]
         for upscale in range(request.n_iter):

@@ -22,7 +22,7 @@ from webui.api.models import (
 from webui.config import A1111_IGNORED_SWITCHES, A1111_IGNORED_VALUES, A1111_REFUSED_FLAGS, Settings
 from webui.engine.generate import LoadedModel
 from webui.engine.img2img import check_picture_size
-from webui.extras import MAX_PICTURES, MAX_REQUEST_PIXELS, upscale, upscaled_size
+from webui.extras import FILTERS_ONLY, MAX_PICTURES, MAX_REQUEST_PIXELS, Upscalers, upscale, upscaled_size
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
 from webui.engine.vae import AUTOMATIC
 from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
@@ -199,7 +199,8 @@ def _number(value: Any, whole: bool) -> int | float:
 
 
 def _sd_upscaler(value: Any) -> str:
-    """SD upscale's upscaler, given by its place in A1111's list (0 None, 1 Lanczos, 2 Nearest) or by name."""
+    """SD upscale's upscaler, given by its place in A1111's list (0 None, 1 Lanczos, 2 Nearest) or by name (a model
+    upscaler's too)."""
     by_name = {upscaler.lower(): upscaler for upscaler in SD_UPSCALERS}
     if isinstance(value, str) and value.strip().lower() in by_name:
         return by_name[value.strip().lower()]
@@ -209,8 +210,11 @@ def _sd_upscaler(value: Any) -> str:
         index = -1
     if 0 <= index < len(SD_UPSCALERS):
         return SD_UPSCALERS[index]
+    if isinstance(value, str) and value.strip() and index < 0:
+        return value.strip()  # a model upscaler's name: checked against the server's files when the job is queued
     choices = ", ".join(f"{i} {upscaler}" for i, upscaler in enumerate(SD_UPSCALERS))
-    raise ValueError(f"no upscaler {value!r} on this server; send one of {choices} (the number or the name)")
+    raise ValueError(f"no upscaler {value!r} on this server; send one of {choices} (the number or the name), or a "
+                     "model upscaler's name from GET /sdapi/v1/upscalers (A1111's numbers past 2 differ by server)")
 
 
 _HIRES_PASTED = ("enable_hr", "denoising_strength", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
@@ -438,12 +442,16 @@ def decode_image(data: str, field: str = "image", pixels_needed: bool = True,
     return image
 
 
-def upscale_pictures(req: ExtrasBody, pictures: list[tuple[str, str]],
-                     options: SavedOptions | None = None) -> tuple[list[str], str]:
+def upscale_pictures(req: ExtrasBody, pictures: list[tuple[str, str]], options: SavedOptions | None = None,
+                     upscalers: Upscalers = FILTERS_ONLY) -> tuple[list[str], str]:
     """An Extras body's pictures, given as (field, base64), resized: (base64 PNGs, html_info), or ApiError naming
     the field to fix. Every picture's size is checked first, from its header; then each is read in its turn, so a
     batch never holds every original at once."""
     problems = [f"{name}: {message}" for name, asks, message in _UNSUPPORTED if asks(getattr(req, name, None))]
+    try:
+        upscalers.check(req)
+    except InvalidRequest as err:
+        problems.append(str(err))
     if problems:
         raise ApiError(422, "; ".join(problems), "InvalidRequest")
     if not pictures or len(pictures) > MAX_PICTURES:
@@ -454,7 +462,7 @@ def upscale_pictures(req: ExtrasBody, pictures: list[tuple[str, str]],
                             f"{MAX_REQUEST_PIXELS / 1e6:.0f}: send fewer pictures or a smaller size", "InvalidRequest")
     encoded, done = [], None
     for field, data in pictures:
-        done = upscale(decode_image(data, field, check_size=check_picture_size), req)
+        done = upscale(decode_image(data, field, check_size=check_picture_size), req, upscalers)
         encoded.append(encode_image(done.image, texts=done.texts, options=options))
     return encoded, f"<p>{html.escape(done.infotext)}</p>"
 

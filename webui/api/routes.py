@@ -37,9 +37,10 @@ from webui.engine.generate import LoadedModel
 from webui.engine.models import ModelNotFound
 from webui.engine.vae import AUTOMATIC
 from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_key
-from webui.extras import EXTRAS_UPSCALERS
+from webui.engine.upscalers import picture_upscalers
+from webui.extras import EXTRAS_UPSCALERS, Upscalers
 from webui.schemas import InvalidRequest, JobState, describe_validation_errors
-from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE, UPSCALERS as SD_UPSCALERS
+from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE
 from webui.storage.history import owner_key
 from webui.storage.options import OPTION_KEYS, SettingsFrozen
 from webui.worker import Job, QueueFull, WorkerStopped, await_result
@@ -453,13 +454,12 @@ class Api:
     def scripts(self) -> ScriptsList:
         return ScriptsList(img2img=[SD_UPSCALE])
 
-    @staticmethod
-    def script_info() -> list[ScriptInfo]:
-        """SD upscale's script_args, in A1111's order and with its labels."""
+    def script_info(self) -> list[ScriptInfo]:
+        """SD upscale's script_args, in A1111's order and with its labels (the model upscalers are taken by name)."""
         return [ScriptInfo(name=SD_UPSCALE, is_img2img=True, args=[
             ScriptArg(label="Info", value=None),
             ScriptArg(label="Tile overlap", value=64, minimum=0, maximum=MAX_OVERLAP, step=16),
-            ScriptArg(label="Upscaler", value=DEFAULT_UPSCALER, choices=list(SD_UPSCALERS)),
+            ScriptArg(label="Upscaler", value=DEFAULT_UPSCALER, choices=picture_upscalers(self.engine.upscalers)),
             ScriptArg(label="Scale Factor", value=2.0, minimum=MIN_SCALE, maximum=MAX_SCALE, step=0.05)])]
 
     @staticmethod
@@ -488,12 +488,15 @@ class Api:
     async def _upscaled(self, req: ExtrasBody, pictures: list[tuple[str, str]]) -> tuple[list[str], str]:
         # One request at a time: each may hold hundreds of MB of results. The others wait without taking a thread.
         return await anyio.to_thread.run_sync(convert.upscale_pictures, req, pictures, self.services.options.current(),
-                                              limiter=self._extras_turn)
+                                              Upscalers(self.services.worker), limiter=self._extras_turn)
 
-    @staticmethod
-    def upscalers() -> list[UpscalerItem]:
-        # A1111 lists "None" first; its filters have no model, and no scale of their own
-        return [UpscalerItem(name=name) for name in EXTRAS_UPSCALERS]
+    def upscalers(self) -> list[UpscalerItem]:
+        # A1111 lists "None" first; its filters have no model, and no scale of their own. A model upscaler's scale
+        # is known once its file is read, so it is left out (null) here.
+        models = self.services.engine.upscalers.models()
+        return [*(UpscalerItem(name=name) for name in EXTRAS_UPSCALERS),
+                *(UpscalerItem(name=model.name, model_name=model.path.stem, model_path=str(model.path),
+                               model_url=model.url) for model in models)]
 
     @staticmethod
     def latent_upscale_modes() -> list[LatentUpscaleModeItem]:

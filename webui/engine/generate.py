@@ -25,12 +25,13 @@ from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compile
 from webui.engine.embeddings import EmbeddingSet, load_embeddings, used_embeddings
 from webui.engine.tiling import seamless
 from webui.engine.hires import (
-    IMAGE_UPSCALERS, LATENT_UPSCALERS, crop_center, hires_size, schedule_steps, upscale_latents,
+    LATENT_UPSCALERS, crop_center, hires_size, schedule_steps, upscale_latents,
 )
 from webui.engine.img2img import pipeline_strength
 from webui.engine.inpaint import Inpainting
 from webui.engine.inpainting_model import extra_input, masked_picture_input, takes_masked_picture
 from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, lora_uses, strip_loras
+from webui.engine.upscalers import UpscalerLibrary
 from webui.engine.vae import VaeFile, VaeLibrary, VaeSwap
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
@@ -234,6 +235,9 @@ class Engine:
         self.registry = registry
         self.loras = loras or LoraLibrary(settings.lora_folder)
         self.vaes = VaeLibrary(settings.vae_folder, registry)
+        self.upscalers = UpscalerLibrary(settings.esrgan_folder, settings.real_esrgan_folder,
+                                         downloads=not settings.offline)
+        self.upscaler_device: str | None = None  # None: where the model runs (ZeroGPU sets "cpu")
         self._vae_weights = VaeSwap()  # which VAE file the loaded VAE holds now
         self._lora_weights = LoraPatcher()  # what the loaded weights hold merged now
         self.embeddings = EmbeddingSet()  # the textual inversions the loaded model's tokenizer knows
@@ -423,6 +427,14 @@ class Engine:
         chosen = self.vaes.resolve(choice, self.require_model().entry)
         self._vae_weights.use(self.pipe.vae, chosen)
         return chosen
+
+    def upscale_picture(self, picture: Image.Image, size: tuple[int, int], upscaler: str) -> Image.Image:
+        """The RGB picture at `size` (width, height) by a picture upscaler: a filter, or a model upscaler run on
+        the model's device (UpscalerError when it cannot be used)."""
+        placement = self.placement or pick_placement(self.settings)
+        device = self.upscaler_device or placement.device
+        dtype = placement.dtype if device != "cpu" else torch.float32
+        return self.upscalers.resize(picture, size, upscaler, device, dtype)
 
     def require_model(self) -> LoadedModel:
         if self.model is None:
@@ -671,8 +683,8 @@ class Engine:
             latents = upscale_latents(latents, request.hr_upscaler, upscaled)
         else:  # the safety checker looks at the finished picture only, as in A1111
             pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(width, height, request.tiling)))
-            resample = IMAGE_UPSCALERS[request.hr_upscaler]
-            latents = torch.cat([self.encode(picture.resize(size.upscaled, resample)) for picture in pictures])
+            latents = torch.cat([self.encode(self.upscale_picture(picture, size.upscaled, request.hr_upscaler))
+                                 for picture in pictures])
         final = (size.final[0] // factor, size.final[1] // factor)
         latents = crop_center(latents, final)
         # A1111 runs exactly the hires steps, as the last of a longer schedule that starts denoising_strength deep.

@@ -196,17 +196,18 @@ class ModelRegistry:
 SCAN_DEPTH = 3
 
 
-# The models folder's LoRA and embeddings folders hold .safetensors files that are not checkpoints.
+# The models folder's LoRA, embeddings, VAE and upscaler folders hold .safetensors files that are not checkpoints.
 LORA_FOLDER = "Lora"
 EMBEDDINGS_FOLDER = "embeddings"
 VAE_FOLDER = "VAE"
+ESRGAN_FOLDER, REAL_ESRGAN_FOLDER = "ESRGAN", "RealESRGAN"
 
 
 def scan_models_dir(models_dir: Path, skipped_folders: tuple[Path, ...] = ()) -> list[ModelEntry]:
     if not models_dir.is_dir():
         return []
-    skipped = {models_dir / LORA_FOLDER, models_dir / EMBEDDINGS_FOLDER, models_dir / VAE_FOLDER,
-               *map(Path, skipped_folders)}
+    skipped = {models_dir / folder for folder in (LORA_FOLDER, EMBEDDINGS_FOLDER, VAE_FOLDER, ESRGAN_FOLDER,
+                                                  REAL_ESRGAN_FOLDER)} | set(map(Path, skipped_folders))
     return _scan(models_dir, models_dir, SCAN_DEPTH, skipped)
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from webui.engine.img2img import size_from_image
 from webui.services import Services
+from webui.extras import Upscalers
 from webui.ui.extras import SINGLE, SINGLE_ID, ExtrasActions, ExtrasTab, build_extras
 from webui.ui.history import HistoryActions, HistoryTab, build_history
 from webui.ui.merger import MergerTab, build_merger
@@ -75,7 +76,8 @@ def create_ui(services: Services) -> WebUI:
             with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
                 img2img = build_generation_tab(services, picker, models, "img2img")
             with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
-                extras = build_extras(services.outputs, services.settings.reads_server_folders)
+                extras = build_extras(services.outputs, services.settings.reads_server_folders,
+                                      Upscalers(services.worker))
             with gr.Tab("History", id="history", elem_id="tab_history"):
                 history, history_actions = build_history(services)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
@@ -124,7 +126,7 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
             else:
                 sent = (picture[0], gr.skip(), PLAIN, gr.Tabs(selected="img2img"))
         updates = widget_updates(fields, tab.field_names, ui.models.choices(), ui.models.find_pasted,
-                                 ui.models.vae_choices())
+                                 ui.models.vae_choices(), tab.actions.upscaler_names())
         return *sent, *updates, gr.Tabs(selected=tab.kind)
 
     def send_from_history(image_id):
@@ -256,6 +258,8 @@ def _wire_page_load(ui: WebUI) -> None:
     private = dict(api_visibility="private", show_progress="hidden")
     for tab in ui.generation_tabs:
         ui.blocks.load(tab.file_lists, outputs=tab.file_list_widgets, **private)
+    ui.blocks.load(ui.extras.actions.upscaler_lists,
+                   outputs=[ui.extras.settings["upscaler_1"], ui.extras.settings["upscaler_2"]], **private)
     # The tab's token survives a reload (sessionStorage, one per tab); filling it in resumes the tab's job.
     ui.blocks.load(None, outputs=[tab.tab_token for tab in ui.generation_tabs], js=TAB_TOKEN_JS, **private)
 

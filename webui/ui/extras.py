@@ -1,4 +1,4 @@
-"""The Extras tab: pictures resized without a model (webui/extras.py), each saved under outputs/extras-images with
+"""The Extras tab: pictures resized (webui/extras.py), each saved under outputs/extras-images with
 the parameters it carried and what was done to it."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import gradio as gr
 from PIL import Image
 
 from webui.extras import (
-    EXTRAS_UPSCALERS, MAX_PICTURES, MAX_SCALE, NO_UPSCALER, Upscaled, parse_upscale, upscale,
+    FILTERS_ONLY, MAX_PICTURES, MAX_SCALE, NO_UPSCALER, Upscaled, Upscalers, parse_upscale, upscale,
 )
 from webui.schemas import InvalidRequest
 from webui.storage.infotext import request_fields_from_infotext
@@ -41,6 +41,7 @@ class ExtrasTab:
     selected: gr.State  # the gallery's picked picture (its index)
     send_img2img: gr.Button  # the picked picture and the parameters it carries to img2img (blocks.py)
     send_inpaint: gr.Button  # the same, onto img2img's Inpaint canvas
+    actions: ExtrasActions | None = None  # its events (blocks.py refreshes the upscaler lists on page load)
 
 
 # The fields each resize mode leaves unused: a cleared box there is no reason to refuse the run.
@@ -48,8 +49,10 @@ _UNUSED_BY_MODE = {0: ("upscaling_resize_w", "upscaling_resize_h", "upscaling_cr
 
 
 class ExtrasActions:
-    def __init__(self, outputs: OutputStore, labels: dict[str, str] | None = None, server_folders: bool = False):
+    def __init__(self, outputs: OutputStore, labels: dict[str, str] | None = None, server_folders: bool = False,
+                 upscalers: Upscalers = FILTERS_ONLY):
         self.outputs = outputs
+        self.upscalers = upscalers
         self.labels = labels or {}  # UpscaleSettings field -> the label of its control, for messages
         self.server_folders = server_folders  # whether Batch from Directory may read a folder (Settings)
 
@@ -62,6 +65,7 @@ class ExtrasActions:
         unused = _UNUSED_BY_MODE.get(settings.get("resize_mode"), ())
         try:
             upscale_settings = parse_upscale({k: v for k, v in settings.items() if k not in unused}, self.labels)
+            self.upscalers.check(upscale_settings)
             paths = self._folder(input_dir) if subtab == DIRECTORY else self._uploads(subtab, image, batch)
         except InvalidRequest as err:
             return gr.skip(), error_html(str(err))
@@ -70,13 +74,19 @@ class ExtrasActions:
             if on_picture:
                 on_picture(number, len(paths))
             try:
-                done = upscale(read_upload(path, subtab), upscale_settings)
+                done = upscale(read_upload(path, subtab), upscale_settings, self.upscalers)
             except InvalidRequest as err:
                 return shown or gr.skip(), error_html(f"{_done_before(len(shown))}{err}")
             except ValueError as err:
                 return shown or gr.skip(), error_html(f"{_done_before(len(shown))}{Path(path).name}: {err}")
             shown.append(self._saved(done, unsaved))
         return shown, self._summary(done, unsaved)
+
+    def upscaler_lists(self) -> tuple:
+        """Upscaler 1's and 2's lists as they are now: a model upscaler's file may have come since the page was
+        built."""
+        names = self.upscalers.names()
+        return gr.update(choices=names), gr.update(choices=names)
 
     @staticmethod
     def sent_picture(items: list[tuple[Any, str | None]] | None, index: int | None) -> tuple[Any, dict]:
@@ -140,7 +150,7 @@ def _done_before(count: int) -> str:
     return f"{count} resized and saved; then " if count else ""
 
 
-def build_extras(outputs: OutputStore, server_folders: bool = False) -> ExtrasTab:
+def build_extras(outputs: OutputStore, server_folders: bool = False, upscalers: Upscalers = FILTERS_ONLY) -> ExtrasTab:
     subtab = gr.Textbox(SINGLE, visible=False, label="Extras sub-tab", elem_id="extras_subtab")
     with gr.Row():
         with gr.Column():
@@ -158,9 +168,9 @@ def build_extras(outputs: OutputStore, server_folders: bool = False) -> ExtrasTa
                             visible=server_folders) as directory_tab:
                     input_dir = gr.Textbox("", label="Input directory", elem_id="extras_input_dir",
                                            placeholder=f"a folder of pictures on this machine (at most {MAX_PICTURES})")
-            settings = _settings_controls()
+            settings = _settings_controls(upscalers.names())
             actions = ExtrasActions(outputs, {name: control.label for name, control in settings.items()},
-                                    server_folders)
+                                    server_folders, upscalers)
             run = gr.Button("Generate", variant="primary", elem_id="extras_generate")
         with gr.Column():
             gallery = gr.Gallery(label="Resized", columns=2, height=480, elem_id="extras_gallery", type="filepath",
@@ -188,14 +198,14 @@ def build_extras(outputs: OutputStore, server_folders: bool = False) -> ExtrasTa
     gallery.select(_picked, outputs=[selected], api_visibility="private", show_progress="hidden")
     gallery.change(lambda: 0, outputs=[selected], api_visibility="private", show_progress="hidden")  # new results
     return ExtrasTab(subtab, tabs, image, batch, input_dir, settings, run, gallery, info, selected, send_img2img,
-                     send_inpaint)
+                     send_inpaint, actions)
 
 
 def _picked(evt: gr.SelectData) -> int:
     return evt.index if isinstance(evt.index, int) else 0
 
 
-def _settings_controls() -> dict[str, gr.components.Component]:
+def _settings_controls(upscalers: list[str]) -> dict[str, gr.components.Component]:
     """The resize controls, by UpscaleSettings field (their values go to parse_upscale as they are)."""
     resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], type="index", label="Resize",
                            elem_id="extras_resize_mode")
@@ -206,8 +216,8 @@ def _settings_controls() -> dict[str, gr.components.Component]:
         height = gr.Number(512, label="Scale to: height", precision=0, elem_id="extras_upscaling_resize_h")
     crop = gr.Checkbox(True, label="Scale to: crop to fit", elem_id="extras_upscaling_crop")
     with gr.Row():
-        first = gr.Dropdown(list(EXTRAS_UPSCALERS), value="Lanczos", label="Upscaler 1", elem_id="extras_upscaler_1")
-        second = gr.Dropdown(list(EXTRAS_UPSCALERS), value=NO_UPSCALER, label="Upscaler 2",
+        first = gr.Dropdown(upscalers, value="Lanczos", label="Upscaler 1", elem_id="extras_upscaler_1")
+        second = gr.Dropdown(upscalers, value=NO_UPSCALER, label="Upscaler 2",
                              elem_id="extras_upscaler_2")
         visibility = gr.Slider(0, 1, value=0, step=0.05, label="Upscaler 2 visibility",
                                elem_id="extras_upscaler_2_visibility")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 from PIL import Image
 
-from webui.engine.hires import HIRES_UPSCALERS
+from webui.engine.hires import HIRES_UPSCALERS, PICTURE_UPSCALERS
 from webui.engine.img2img import check_picture_size, size_from_image
 from webui.engine.samplers import SCHEDULE_TYPES, sampler_names
 from webui.engine.models import ModelNotFound
@@ -386,11 +386,18 @@ class GenerationActions(SeveralRuns):
         return gr.update(choices=names, value=[each for each in picked or [] if each in names])
 
     def file_lists(self) -> tuple:
-        """The Styles, LoRA and Embedding lists as they are now (the page may be older than a save or a file)."""
+        """The Styles, LoRA, Embedding and upscaler lists as they are now (the page may be older than a save or a
+        file)."""
         # The LoRA folder is read again here; embeddings only between jobs (↻), so those are the last read.
         return (gr.update(choices=self.style_names()),
                 gr.update(choices=[entry.name for entry in self.engine.loras.refresh()]),
-                gr.update(choices=self.embedding_names()))
+                gr.update(choices=self.embedding_names()),
+                gr.update(choices=self.upscaler_names()))
+
+    def upscaler_names(self) -> list[str]:
+        """The tab's picture upscaler list: the hires fix's (latent ones first) or SD upscale's (None first)."""
+        models = self.engine.upscalers.names()
+        return [*HIRES_UPSCALERS, *models] if self.kind == "txt2img" else [*PICTURE_UPSCALERS, *models]
 
     def lora_names(self) -> list[str]:
         return [entry.name for entry in self.engine.loras.entries()]
@@ -523,14 +530,14 @@ def _api(kind: str, name: str) -> dict:
     return {"api_name": name} if kind == "txt2img" else {"api_visibility": "private"}
 
 
-def hires_fix_section() -> dict[str, gr.components.Component]:
+def hires_fix_section(upscalers: list[str]) -> dict[str, gr.components.Component]:
     """txt2img's "Hires. fix" (A1111's): the picture enlarged and denoised again; the widgets by request field."""
     # The switch outside the section: whether it is on shows while the section is closed (a send may turn it on).
     enable = gr.Checkbox(False, label="Hires. fix", info="draw at Width x Height, then enlarge and add detail",
                          elem_id="txt2img_enable_hr")
     with gr.Accordion("Hires. fix settings", open=False, elem_id="txt2img_hires_fix"):
         with gr.Row():
-            upscaler = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler",
+            upscaler = gr.Dropdown(upscalers, value="Latent", label="Upscaler",
                                    elem_id="txt2img_hr_upscaler")
             steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: as many as Sampling steps)",
                               elem_id="txt2img_hires_steps")
@@ -639,7 +646,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                     0, 1, value=GenerationRequest.model_fields["denoising_strength"].default, step=0.01,
                     label="Denoising strength", elem_id="img2img_denoising_strength")
             else:
-                hires_widgets = hires_fix_section()
+                hires_widgets = hires_fix_section(actions.upscaler_names())
             with gr.Row(elem_id=f"{kind}_seed_row"):
                 seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id=f"{kind}_seed", scale=4)
                 random_seed = gr.Button("⚄", elem_id=f"{kind}_random_seed", scale=0, min_width=48)
@@ -683,7 +690,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
             # at the foot, as A1111's scripts
             plot_widgets = plot_section(kind) | prompt_matrix_section(kind) | prompt_list_section(kind)
             if img2img:
-                plot_widgets |= outpainting_section() | loopback_section() | sd_upscale_section()
+                plot_widgets |= outpainting_section() | loopback_section() | sd_upscale_section(actions.upscaler_names())
         with gr.Column(scale=1):
             progress = gr.HTML("", label="Progress", show_label=False, elem_id=f"{kind}_progress", padding=False)
             preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id=f"{kind}_preview",
@@ -780,5 +787,6 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                          inputs=[widgets[name] for name in SUBTAB_INPUTS[subtab]], outputs=[width, height],
                          api_visibility="private", show_progress="hidden")
     return GenerationTab(kind, actions, session, widgets, generate_events, tab_token,
-                         [styles, lora_name, embedding_name], send_to_img2img, send_to_inpaint, send_to_extras,
+                         [styles, lora_name, embedding_name,
+                          widgets["hr_upscaler" if kind == "txt2img" else "sd_upscale_upscaler"]], send_to_img2img, send_to_inpaint, send_to_extras,
                          paste, picture_tabs if img2img else None)

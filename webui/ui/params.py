@@ -87,18 +87,19 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
 
 
 def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: list[str],
-                   find_model: FindModel, vae_names: list[str] = ()) -> list[Any]:
+                   find_model: FindModel, vae_names: list[str] = (), upscaler_names: list[str] = HIRES_UPSCALERS
+                   ) -> list[Any]:
     """One value (or gr.skip()) per entry of names (a tab's TAB_FIELDS). A sampler, schedule type or model
     that cannot be applied is left out with a warning in the page saying why, since its dropdown would otherwise keep
     its old value without a word. model_names: the model dropdown's list as it is now, which the
     dropdown gets again (another tab may have rescanned the models folder since this page was built); vae_names:
-    the SD VAE dropdown's, likewise."""
+    the SD VAE dropdown's, likewise; upscaler_names: the hires fix's upscalers (with the model upscalers' files)."""
     # A sent prompt has its styles joined in already: a style left picked would be joined in twice.
     fields = dict(fields) | {"styles": []}
     model_note = _apply_model(fields, model_names, find_model)
     for note in (_apply_sampler(fields), _apply_hires_sampler(fields), model_note, _apply_vae(fields, vae_names),
                  _apply_plot(fields, names),
-                 _apply_upscaler(fields),
+                 _apply_upscaler(fields, upscaler_names),
                  *_round_sizes(fields),
                  *_drop_out_of_range(fields, names)):
         if note:
@@ -156,14 +157,14 @@ def _limits(name: str) -> tuple[float, float]:
     return low, high
 
 
-def _apply_upscaler(fields: dict[str, Any]) -> str | None:
-    """An upscaler this server lacks (A1111's ESRGAN family) is left out, with a warning."""
+def _apply_upscaler(fields: dict[str, Any], upscaler_names: list[str]) -> str | None:
+    """An upscaler this server lacks (a model upscaler whose file is not here) is left out, with a warning."""
     upscaler = fields.get("hr_upscaler")
-    if upscaler is None or upscaler in HIRES_UPSCALERS:
+    if upscaler is None or upscaler in upscaler_names:
         return None
     fields.pop("hr_upscaler")
-    return (f"Upscaler not applied: {upscaler!r} is not on this server (it has {', '.join(HIRES_UPSCALERS)}). "
-            "The upscaler is left as it was.")
+    return (f"Upscaler not applied: {upscaler!r} is not on this server (it has {', '.join(upscaler_names)}; a model "
+            "upscaler's file goes in models/ESRGAN). The upscaler is left as it was.")
 
 
 def _apply_model(fields: dict[str, Any], model_names: list[str], find_model: FindModel) -> str | None:

@@ -9,7 +9,7 @@ import gradio as gr
 from webui.loopback import CURVES, MAX_LOOPS
 from webui.outpainting import DIRECTIONS, MAX_BLUR, MAX_PIXELS, MIN_PIXELS
 from webui.schemas import MASKED_CONTENT
-from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE, UPSCALERS
+from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE
 from webui.xyz_plot import AXIS_NAMES, AXIS_TYPES
 
 MAX_PROMPT_FILE_CHARS = 200_000  # a hundred lines of long prompts, with room
@@ -102,16 +102,17 @@ def loopback_section() -> dict[str, gr.components.Component]:
     return widgets
 
 
-def sd_upscale_section() -> dict[str, gr.components.Component]:
-    """A1111's "SD upscale" (img2img), by generate() parameter: the picture enlarged, then drawn again in tiles of
-    the Width x Height."""
+def sd_upscale_section(upscalers: list[str]) -> dict[str, gr.components.Component]:
+    """A1111's "SD upscale" (img2img), by generate() parameter: the picture enlarged (by one of `upscalers`), then
+    drawn again in tiles of the Width x Height."""
     widgets = {}
     with _switched(widgets, "sd_upscale", "SD upscale", "img2img_sd_upscale",
                    "enlarge the picture, then draw it again in tiles of the Width x Height", "SD upscale settings"):
         _img2img_sliders(widgets, ("sd_upscale_overlap", 0, MAX_OVERLAP, 64, 16, "Tile overlap"),
                          ("sd_upscale_scale", MIN_SCALE, MAX_SCALE, 2.0, 0.05, "Scale Factor"))
-        widgets["sd_upscale_upscaler"] = gr.Radio(list(UPSCALERS), value=DEFAULT_UPSCALER, label="Upscaler",
-                                                  elem_id="img2img_sd_upscale_upscaler")
+        # A dropdown, not A1111's radio: the model upscalers' files may be many
+        widgets["sd_upscale_upscaler"] = gr.Dropdown(upscalers, value=DEFAULT_UPSCALER, label="Upscaler",
+                                                     elem_id="img2img_sd_upscale_upscaler")
     return widgets
 
 

@@ -1,0 +1,311 @@
+"""Model upscalers (ESRGAN, Real-ESRGAN): networks built from weights alone, the folder's names, passes and sizes."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import pytest
+from PIL import Image
+from safetensors.torch import save_file
+
+from webui.engine.upscaler_nets import RRDBNet, SRVGGNetCompact, UpscalerFileError, build_network, upscale_tensor
+from webui.engine.upscalers import REAL_ESRGAN_FILES, UpscalerError, UpscalerLibrary, picture_upscalers
+from webui.schemas import InvalidRequest
+
+
+def rrdb_weights(features=4, growth=2, blocks=1, ups=2, unfold=1, seed=0) -> dict[str, torch.Tensor]:
+    """A random RRDBNet in BasicSR's layout (conv_up1, conv_up2, ...), small weights so values stay sane."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def conv(out_c, in_c):
+        return {"weight": torch.randn(out_c, in_c, 3, 3, generator=gen) * 0.1, "bias": torch.randn(out_c, generator=gen) * 0.1}
+
+    layers = {"conv_first": conv(features, 3 * unfold * unfold)}
+    for b in range(blocks):
+        for r in (1, 2, 3):
+            for c in range(1, 6):
+                out_c = features if c == 5 else growth
+                layers[f"body.{b}.rdb{r}.conv{c}"] = conv(out_c, features + (c - 1) * growth)
+    layers["conv_body"] = conv(features, features)
+    for u in range(ups):
+        layers[f"conv_up{u + 1}"] = conv(features, features)
+    layers["conv_hr"] = conv(features, features)
+    layers["conv_last"] = conv(3, features)
+    return {f"{name}.{kind}": value for name, kinds in layers.items() for kind, value in kinds.items()}
+
+
+def esrgan_layout(basicsr: dict[str, torch.Tensor], ups: int) -> dict[str, torch.Tensor]:
+    """The same weights under the original ESRGAN's sequential `model.N` names (upsample, conv, act per doubling)."""
+    old = {}
+    for key, value in basicsr.items():
+        name, kind = key.rsplit(".", 1)
+        if name == "conv_first":
+            old[f"model.0.{kind}"] = value
+        elif name.startswith("body."):
+            _, b, rdb, conv = name.split(".")
+            old[f"model.1.sub.{b}.{rdb.upper()}.{conv}.0.{kind}"] = value
+        elif name == "conv_body":
+            blocks = 1 + max(int(k.split(".")[1]) for k in basicsr if k.startswith("body."))
+            old[f"model.1.sub.{blocks}.{kind}"] = value
+        elif name.startswith("conv_up"):
+            old[f"model.{3 * int(name[-1])}.{kind}"] = value  # model.3, model.6: after each Upsample
+        elif name == "conv_hr":
+            old[f"model.{3 * ups + 2}.{kind}"] = value
+        elif name == "conv_last":
+            old[f"model.{3 * ups + 4}.{kind}"] = value
+    return old
+
+
+def reference_rrdbnet(weights: dict[str, torch.Tensor], x: torch.Tensor, ups: int, unfold: int = 1) -> torch.Tensor:
+    """ESRGAN's forward written out with F.conv2d over the weight table, as the papers describe it."""
+    def conv(name, t):
+        return F.conv2d(t, weights[f"{name}.weight"], weights[f"{name}.bias"], padding=1)
+
+    def lrelu(t):
+        return F.leaky_relu(t, 0.2)
+
+    if unfold > 1:
+        x = F.pixel_unshuffle(x, unfold)
+    feat = conv("conv_first", x)
+    trunk = feat
+    blocks = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("body."))
+    for b in range(blocks):
+        block_in = trunk
+        for r in (1, 2, 3):
+            dense_in, xs = trunk, [trunk]
+            for c in range(1, 5):
+                xs.append(lrelu(conv(f"body.{b}.rdb{r}.conv{c}", torch.cat(xs, 1))))
+            trunk = conv(f"body.{b}.rdb{r}.conv5", torch.cat(xs, 1)) * 0.2 + dense_in
+        trunk = trunk * 0.2 + block_in
+    feat = feat + conv("conv_body", trunk)
+    for u in range(ups):
+        feat = lrelu(conv(f"conv_up{u + 1}", F.interpolate(feat, scale_factor=2, mode="nearest")))
+    return conv("conv_last", lrelu(conv("conv_hr", feat)))
+
+
+def test_rrdbnet_matches_the_written_out_forward_in_both_layouts():
+    weights = rrdb_weights(blocks=2)
+    x = torch.rand(1, 3, 10, 12, generator=torch.Generator().manual_seed(1))
+    expected = reference_rrdbnet(weights, x, ups=2)
+    for state in (dict(weights), esrgan_layout(weights, ups=2)):
+        network = build_network(state, "tiny")
+        assert isinstance(network, RRDBNet) and network.scale == 4
+        torch.testing.assert_close(network(x), expected)
+
+
+def test_real_esrgan_2x_folds_the_picture_first_and_pads_odd_sides():
+    weights = rrdb_weights(unfold=2)
+    network = build_network({"params_ema": weights}["params_ema"], "2x")
+    assert network.scale == 2
+    x = torch.rand(1, 3, 8, 10, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(network(x), reference_rrdbnet(weights, x, ups=2, unfold=2))
+    assert network(torch.rand(1, 3, 7, 9)).shape[-2:] == (14, 18)
+
+
+def test_compact_network_adds_its_residual_to_the_nearest_enlargement():
+    features, scale = 4, 4
+    state = {"body.0.weight": torch.randn(features, 3, 3, 3) * 0.1, "body.0.bias": torch.zeros(features),
+             "body.1.weight": torch.full((features,), 0.25),
+             "body.2.weight": torch.randn(features, features, 3, 3) * 0.1, "body.2.bias": torch.zeros(features),
+             "body.3.weight": torch.full((features,), 0.25),
+             "body.4.weight": torch.zeros(3 * scale * scale, features, 3, 3), "body.4.bias": torch.zeros(48)}
+    network = build_network(state, "compact")
+    assert isinstance(network, SRVGGNetCompact) and network.scale == 4
+    x = torch.rand(1, 3, 5, 6)
+    # the last conv is zero: what is left is the input, each pixel a 4x4 square
+    torch.testing.assert_close(network(x), x.repeat_interleave(4, 2).repeat_interleave(4, 3))
+    state["body.4.bias"] = torch.full((48,), 0.5)
+    network.load_state_dict(state)
+    torch.testing.assert_close(network(x), x.repeat_interleave(4, 2).repeat_interleave(4, 3) + 0.5)
+
+
+def test_files_of_other_kinds_are_refused_with_what_is_read():
+    with pytest.raises(UpscalerFileError, match="RRDBNet and SRVGGNetCompact"):
+        build_network({"layers.0.residual_group.blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, "swinir")
+    broken = rrdb_weights()
+    broken["conv_hr.weight"] = torch.zeros(4, 5, 3, 3)
+    with pytest.raises(UpscalerFileError, match="do not fit"):
+        build_network(broken, "broken")
+
+
+def test_tiles_with_a_margin_give_the_whole_pass():
+    network = build_network(rrdb_weights(blocks=1, ups=1, seed=3), "tiny")  # 2x
+    x = torch.rand(1, 3, 37, 29, generator=torch.Generator().manual_seed(4))
+    whole = network(x).clamp(0, 1)
+    # the network sees 17 convolutions deep at the input size and 3 after, so a margin of 24 covers it all
+    torch.testing.assert_close(upscale_tensor(network, x, tile=16, margin=24), whole)
+    assert not torch.allclose(upscale_tensor(network, x, tile=16, margin=0), whole)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    esrgan, real = tmp_path / "ESRGAN", tmp_path / "RealESRGAN"
+    esrgan.mkdir()
+    real.mkdir()
+    return esrgan, real
+
+
+def test_names_follow_a1111_and_downloadables_only_when_online(folders):
+    esrgan, real = folders
+    torch.save(rrdb_weights(), esrgan / "4x-Tiny.pth")
+    save_file(rrdb_weights(unfold=2), str(real / "RealESRGAN_x2plus.pth"))
+    (esrgan / "notes.txt").write_text("not a model")
+    offline = UpscalerLibrary(esrgan, real, downloads=False)
+    assert offline.names() == ["4x-Tiny", "R-ESRGAN 2x+"]
+    assert picture_upscalers(offline) == ["None", "Lanczos", "Nearest", "4x-Tiny", "R-ESRGAN 2x+"]
+    online = UpscalerLibrary(esrgan, real, downloads=True)
+    assert online.names()[:2] == ["4x-Tiny", "R-ESRGAN 2x+"]
+    assert set(online.names()) == {"4x-Tiny", *REAL_ESRGAN_FILES}
+    with pytest.raises(UpscalerError, match="no upscaler 'R-ESRGAN 4x\\+'.*4x-Tiny"):
+        offline.check("R-ESRGAN 4x+")
+
+
+def test_resize_passes_until_large_enough_then_lanczos(folders):
+    esrgan, real = folders
+    torch.save({"params_ema": rrdb_weights(ups=1)}, esrgan / "2x-Tiny.pth")  # BasicSR's wrapper
+    library = UpscalerLibrary(esrgan, real, downloads=False)
+    picture = Image.new("RGB", (10, 6), (200, 40, 90))
+    calls = []
+    network = library.network(library.find("2x-Tiny"))
+    network.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape[-2:])))
+    assert library.resize(picture, (30, 18), "2x-Tiny").size == (30, 18)
+    assert calls == [(6, 10), (12, 20)]  # 2x twice reaches 40x24, then Lanczos down to 30x18
+    calls.clear()
+    assert library.resize(picture, (10, 6), "2x-Tiny").size == (10, 6)
+    assert calls == [(6, 10)]  # the picture's own size: one pass, as A1111 runs a model at scale 1
+    assert library.resize(picture, (20, 12), "Nearest").getpixel((5, 5)) == (200, 40, 90)
+
+
+def test_a_changed_file_is_built_again_and_a_broken_one_refused(folders):
+    esrgan, real = folders
+    path = esrgan / "x.pth"
+    torch.save(rrdb_weights(ups=1), path)
+    library = UpscalerLibrary(esrgan, real, downloads=False)
+    first = library.network(library.find("x"))
+    torch.save(rrdb_weights(ups=2), path)
+    os.utime(path, ns=(1, 1))  # a stamp unlike the first file's, however fast the test writes
+    assert library.network(library.find("x")).scale == 4 and first.scale == 2
+    path.write_bytes(b"<html>not found</html>")
+    os.utime(path, ns=(2, 2))
+    with pytest.raises(UpscalerError, match="upscaler x: x.pth could not be read"):
+        library.check("x")
+
+
+def test_a_missing_release_file_is_downloaded_whole(folders, tmp_path, monkeypatch):
+    esrgan, real = folders
+    source = tmp_path / "release.pth"
+    torch.save({"params_ema": rrdb_weights(ups=2)}, source)
+    monkeypatch.setitem(REAL_ESRGAN_FILES, "R-ESRGAN 4x+", ("RealESRGAN_x4plus.pth", source.as_uri()))
+    library = UpscalerLibrary(esrgan, real, downloads=True)
+    assert library.network(library.find("R-ESRGAN 4x+")).scale == 4
+    assert (real / "RealESRGAN_x4plus.pth").read_bytes() == source.read_bytes()
+    monkeypatch.setitem(REAL_ESRGAN_FILES, "R-ESRGAN 2x+", ("RealESRGAN_x2plus.pth", (tmp_path / "gone").as_uri()))
+    with pytest.raises(UpscalerError, match="could not download .*download it yourself"):
+        library.network(library.find("R-ESRGAN 2x+"))
+    assert sorted(p.name for p in real.iterdir()) == ["RealESRGAN_x4plus.pth"]  # no partial file left
+
+
+# --- where the model upscalers are used ---------------------------------------------------------------
+@pytest.fixture
+def upscaling_services(models_dir, tmp_path):
+    """Services whose ESRGAN folder holds a tiny 2x network, "2x-Tiny" (the shared models folder stays as it is)."""
+    from tests.conftest import TINY
+    from webui.config import Settings
+    from webui.services import build_services
+
+    esrgan = tmp_path / "ESRGAN"
+    esrgan.mkdir()
+    torch.save({"params_ema": rrdb_weights(ups=1, seed=7)}, esrgan / "2x-Tiny.pth")
+    settings = Settings(models_dir=models_dir, outdir=tmp_path / "outputs", ckpt=TINY, device="cpu",
+                        esrgan_dir=esrgan, real_esrgan_dir=tmp_path / "RealESRGAN", offline=True)
+    built = build_services(settings)
+    yield built
+    built.close()
+
+
+def spy_network(services, name="2x-Tiny") -> list[tuple[int, int]]:
+    """The (height, width) of each picture the named network is run on, from now on."""
+    library = services.engine.upscalers
+    seen = []
+    library.network(library.find(name)).register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape[-2:])))
+    return seen
+
+
+def finished(services, request, **kwargs):
+    from webui.schemas import JobState
+
+    job = services.worker.submit(request, **kwargs)
+    assert job.wait(120) and job.state is JobState.DONE, job.error
+    return job
+
+
+def test_the_hires_fix_enlarges_the_first_pass_with_a_model_upscaler(upscaling_services):
+    from webui.storage.infotext import request_fields_from_infotext
+
+    seen = spy_network(upscaling_services)
+    hires = {"prompt": "a red apple", "steps": 3, "seed": 5, "width": 64, "height": 64, "enable_hr": True,
+             "denoising_strength": 0.5, "hr_scale": 1.5, "save_images": False}
+    job = finished(upscaling_services, hires | {"hr_upscaler": "2x-Tiny"})
+    assert seen == [(64, 64)]  # once, on the first pass's picture (2x gives 128, Lanczos then 96)
+    assert job.images[0].image.size == (96, 96)
+    assert "Hires upscaler: 2x-Tiny" in job.images[0].infotext
+    assert request_fields_from_infotext(job.images[0].infotext)["hr_upscaler"] == "2x-Tiny"
+    lanczos = finished(upscaling_services, hires | {"hr_upscaler": "Lanczos"})
+    assert np.abs(np.asarray(job.images[0].image, np.int16) - np.asarray(lanczos.images[0].image, np.int16)).mean() > 1
+
+
+def test_sd_upscale_enlarges_with_a_model_upscaler(upscaling_services):
+    from tests.helpers import noise_picture
+
+    seen = spy_network(upscaling_services)
+    request = {"prompt": "a barn", "steps": 3, "seed": 7, "width": 64, "height": 64, "denoising_strength": 0.3,
+               "sd_upscale": True, "sd_upscale_scale": 2, "sd_upscale_upscaler": "2x-Tiny", "sd_upscale_overlap": 16,
+               "save_images": False}
+    job = finished(upscaling_services, request, init_image=noise_picture(1, 64, 64))
+    assert seen == [(64, 64)] and job.images[0].image.size == (128, 128)
+    assert "SD upscale upscaler: 2x-Tiny" in job.images[0].infotext
+
+
+def test_extras_run_a_model_upscaler_on_the_worker_and_crop_its_result(upscaling_services):
+    from tests.helpers import noise_picture
+    from webui.extras import Upscalers, parse_upscale, upscale
+
+    upscalers = Upscalers(upscaling_services.worker)
+    assert upscalers.names() == ["None", "Lanczos", "Nearest", "2x-Tiny"]
+    picture = noise_picture(3, 30, 20)
+    library = upscaling_services.engine.upscalers
+    settings = parse_upscale({"upscaler_1": "2x-Tiny", "resize_mode": 1, "upscaling_resize_w": 40,
+                              "upscaling_resize_h": 60})  # covering 40x60 takes 3x: 90x60, cropped to its middle
+    done = upscale(picture, settings, upscalers)
+    direct = library.resize(picture, (90, 60), "2x-Tiny")  # run here, in this thread
+    assert np.array_equal(np.asarray(done.image), np.asarray(direct.crop((25, 0, 65, 60))))
+    assert done.info["Postprocess upscaler"] == "2x-Tiny"
+    (library.esrgan_folder / "broken.pth").write_bytes(b"not weights")
+    with pytest.raises(InvalidRequest, match="upscaler_2: upscaler broken: broken.pth could not be read"):
+        upscalers.check(parse_upscale({"upscaler_1": "Lanczos", "upscaler_2": "broken"}))
+
+
+def test_the_api_lists_and_uses_a_model_upscaler(upscaling_services):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from tests.helpers import noise_picture
+    from webui.api import create_api_app
+
+    buffer = io.BytesIO()
+    noise_picture(4, 16, 16).save(buffer, format="PNG")
+    with TestClient(create_api_app(upscaling_services)) as client:
+        listed = client.get("/sdapi/v1/upscalers").json()
+        assert [u["name"] for u in listed] == ["None", "Lanczos", "Nearest", "2x-Tiny"]  # offline: no downloadables
+        assert listed[3]["model_path"].endswith("2x-Tiny.pth")
+        r = client.post("/sdapi/v1/extra-single-image", json={"image": base64.b64encode(buffer.getvalue()).decode(),
+                                                                 "upscaler_1": "2x-Tiny", "upscaling_resize": 2})
+        assert r.status_code == 200, r.text[:300]
+        assert Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))).size == (32, 32)
+        assert "Postprocess upscaler: 2x-Tiny" in r.json()["html_info"]
+        r = client.post("/sdapi/v1/extra-single-image", json={"image": base64.b64encode(buffer.getvalue()).decode(),
+                                                                 "upscaler_1": "4x-Missing"})
+        assert r.status_code == 422 and "upscaler_1: there is no upscaler '4x-Missing'" in r.json()["detail"]
