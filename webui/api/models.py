@@ -205,6 +205,12 @@ class UpscalerItem(BaseModel):
     scale: float | None = None
 
 
+class RealesrganItem(BaseModel):
+    name: str
+    path: str | None = None  # the file, or the address it is downloaded from when first used
+    scale: int | None = None
+
+
 class LatentUpscaleModeItem(BaseModel):
     name: str
 

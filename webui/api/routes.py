@@ -29,7 +29,7 @@ from webui.api.models import (
     ExtrasSingleImageResponse, GenerationBody, GenerationResponse, Img2ImgRequest, JobCancelReply, JobCreated,
     JobStatus, LatentUpscaleModeItem, LoraItem, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest,
     PNGInfoResponse, ProgressResponse, PromptStyleItem, SamplerItem, SchedulerItem, ScriptArg, ScriptInfo,
-    ScriptsList, SDModelItem, Txt2ImgRequest, UpscalerItem, VaeItem,
+    RealesrganItem, ScriptsList, SDModelItem, Txt2ImgRequest, UpscalerItem, VaeItem,
 )
 from webui.engine.hires import LATENT_UPSCALERS
 from webui.engine.loader import ModelLoadError
@@ -498,6 +498,14 @@ class Api:
                 *(UpscalerItem(name=model.name, model_name=model.path.stem, model_path=str(model.path),
                                model_url=model.url) for model in models)]
 
+    def realesrgan_models(self) -> list[RealesrganItem]:
+        """The Real-ESRGAN folder's files and Real-ESRGAN's downloadable ones, as A1111 lists them (their scale is
+        known once a file is read: null here)."""
+        library = self.services.engine.upscalers
+        return [RealesrganItem(name=model.name, path=model.url if model.url and not model.path.is_file()
+                               else str(model.path))
+                for model in library.models() if library.real_esrgan_folder in model.path.parents]
+
     @staticmethod
     def latent_upscale_modes() -> list[LatentUpscaleModeItem]:
         return [LatentUpscaleModeItem(name=name) for name in LATENT_UPSCALERS]
@@ -546,7 +554,9 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/latent-upscale-modes", api.latent_upscale_modes, methods=["GET"],
         response_model=list[LatentUpscaleModeItem], tags=["models"])
     add(f"{sd}/script-info", api.script_info, methods=["GET"], response_model=list[ScriptInfo], tags=["models"])
-    for name in ("hypernetworks", "face-restorers", "realesrgan-models", "extensions"):
+    add(f"{sd}/realesrgan-models", api.realesrgan_models, methods=["GET"], response_model=list[RealesrganItem],
+        tags=["models"])
+    for name in ("hypernetworks", "face-restorers", "extensions"):
         add(f"{sd}/{name}", api.none_installed, methods=["GET"], response_model=list, tags=["models"],
             summary=f"{name} (none on this server: an empty list)")
     add(f"{sd}/embeddings", api.embeddings, methods=["GET"], tags=["models"])
