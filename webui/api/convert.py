@@ -75,11 +75,13 @@ _A1111_SCHEDULE_BY_NAME = {name: label for label in A1111_SCHEDULE_TYPES
 
 def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: ModelEntry | None,
                           default_clip_skip: int = 1, default_model: str | None = None,
-                          default_vae: str = AUTOMATIC) -> tuple[dict[str, Any], list[str]]:
+                          default_vae: str = AUTOMATIC, vae_exists: Callable[[str], bool] = lambda name: True
+                          ) -> tuple[dict[str, Any], list[str]]:
     """A1111 txt2img or img2img body -> GenerationRequest fields and notes on what runs other than asked (a
     schedule type run as Automatic), or ApiError naming each field to fix. default_clip_skip, default_model and
-    default_vae are for a request that gives none of its own (POST /options sets them). An img2img body's picture is not
-    among the fields: init_image_of decodes it."""
+    default_vae are for a request that gives none of its own (POST /options sets them); an infotext's VAE that
+    vae_exists says is not here is left out with a note, as A1111 runs on without it. An img2img body's picture is
+    not among the fields: init_image_of decodes it."""
     img2img = isinstance(req, Img2ImgRequest)
     if isinstance(req, Txt2ImgRequest) and req.infotext:
         req = _with_pasted_hires(req)
@@ -94,7 +96,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     values["subseed_strength"] = req.subseed_strength or 0.0
     if img2img:
         values["denoising_strength"] = 0.75 if req.denoising_strength is None else req.denoising_strength
-    clip_skip, vae = default_clip_skip, default_vae
+    clip_skip, vae, notes = default_clip_skip, default_vae, []
     if req.infotext:
         pasted = request_fields_from_infotext(req.infotext)
         given = set(req.model_fields_set)
@@ -104,7 +106,12 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
             if name in pasted and name not in given:
                 values[name] = pasted[name]
         clip_skip = pasted.get("clip_skip", clip_skip)
-        vae = pasted.get("sd_vae", vae)  # as A1111, an override of the option
+        pasted_vae = pasted.get("sd_vae")  # as A1111, an override of the option
+        if pasted_vae is not None and vae_exists(pasted_vae):
+            vae = pasted_vae
+        elif pasted_vae is not None:
+            notes.append(f"infotext: its VAE {pasted_vae[:100]!r} is not on this server; ran with {vae} (as A1111 "
+                         "does; GET /sdapi/v1/sd-vae lists the VAEs here)")
 
     overrides = req.override_settings or {}
     if overrides.get("CLIP_stop_at_last_layers") is not None:
@@ -154,7 +161,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         problems.extend(rename_fields(str(err), client_field_names(req)).split("; "))
     if problems:
         raise ApiError(422, "; ".join(dict.fromkeys(problems)), "InvalidRequest")
-    return data, [note] if note else []
+    return data, [note, *notes] if note else notes
 
 
 SD_UPSCALE = "sd upscale"  # A1111's script name, as /sdapi/v1/scripts lists it

@@ -35,7 +35,7 @@ from webui.engine.hires import LATENT_UPSCALERS
 from webui.engine.loader import ModelLoadError
 from webui.engine.generate import LoadedModel
 from webui.engine.models import ModelNotFound
-from webui.engine.vae import AUTOMATIC
+from webui.engine.vae import AUTOMATIC, VaeError
 from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_key
 from webui.engine.upscalers import picture_upscalers
 from webui.extras import EXTRAS_UPSCALERS, Upscalers
@@ -140,6 +140,13 @@ class Api:
         job = self._submit(req, caller_of(request))
         return JobCreated(id=job.id, state=job.state.value, position=self.worker.position(job.id))
 
+    def _vae_exists(self, name: str) -> bool:
+        try:
+            self.engine.vaes.check(name)
+        except VaeError:
+            return False
+        return True
+
     def _submit(self, req: GenerationBody, caller: str) -> Job:
         model, chosen, notes = self._model_of_requests()
         default_model = model.entry.source if chosen else None
@@ -152,7 +159,8 @@ class Api:
         default_clip_skip, clip_skip_notes = convert.clip_skip_for(req, self.clip_skip, model)
         data, request_notes = convert.to_generation_request(req, self.registry, loaded.entry if loaded else None,
                                                             default_clip_skip=default_clip_skip,
-                                                            default_model=default_model, default_vae=self.sd_vae)
+                                                            default_model=default_model, default_vae=self.sd_vae,
+                                                            vae_exists=self._vae_exists)
         notes += clip_skip_notes + request_notes
         names = convert.client_field_names(req)
         init_image, mask = convert.init_image_of(req), convert.mask_of(req)
