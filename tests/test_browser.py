@@ -196,6 +196,37 @@ def test_interrupt_stops_a_long_job_showing_progress_and_previews(page):
     playwright_api.expect(page.locator("#txt2img_generate")).to_be_enabled()
 
 
+def test_generate_forever_runs_again_until_interrupt_or_an_error(page, app_server):
+    def made() -> int:
+        return sum(1 for _ in (app_server.outdir / "txt2img-images").rglob("*.png"))
+
+    page.locator("#txt2img_prompt textarea").fill("again and again")
+    set_number(page, "txt2img_steps", 2)
+    before = made()
+    page.click("#txt2img_generate", button="right")
+    page.click("#txt2img_generate_forever")  # the menu's item
+    playwright_api.expect(page.locator("#txt2img_generate")).to_have_class(re.compile("dw-forever"))
+    deadline_ms, waited = WAIT_MS * 2, 0
+    while made() < before + 3 and waited < deadline_ms:  # three runs, each pressed by the page itself
+        page.wait_for_timeout(250)
+        waited += 250
+    assert made() >= before + 3
+    page.click("#txt2img_interrupt")  # ends the run and generate forever with it
+    playwright_api.expect(page.locator("#txt2img_generate")).not_to_have_class(re.compile("dw-forever"))
+    playwright_api.expect(page.locator("#txt2img_generate")).to_be_enabled()
+    settled = made()
+    page.wait_for_timeout(3000)
+    assert made() == settled  # nothing pressed Generate again
+    # A run refused with an error ends it too, rather than sending the same request again and again
+    page.locator("#txt2img_prompt textarea").fill("x" * 2001)
+    page.click("#txt2img_generate", button="right")
+    page.click("#txt2img_generate_forever")
+    expect_text(page, "#txt2img_progress", "at most 2000")
+    playwright_api.expect(page.locator("#txt2img_generate")).not_to_have_class(re.compile("dw-forever"))
+    page.click("#txt2img_generate", button="right")
+    playwright_api.expect(page.locator("#txt2img_generate_forever")).to_have_text("Generate forever")
+
+
 def test_a_reloaded_tab_follows_its_running_job_and_can_interrupt_it(page, app_server):
     page.locator("#txt2img_prompt textarea").fill("a job that outlives a reload")
     set_number(page, "txt2img_steps", 150)

@@ -24,3 +24,60 @@ document.addEventListener("mouseover", (event) => {
   const suffix = Object.keys(BUTTON_HINTS).find((end) => button.id.endsWith(end));
   if (suffix) button.title = BUTTON_HINTS[suffix];
 });
+
+// A1111's "Generate forever": right-click a tab's Generate for the menu. While it is on, Generate is pressed
+// again each time the tab's run ends. Unlike A1111's, it also ends with the tab's Interrupt, and when a run ends
+// with an error (a refused request would otherwise be sent again and again).
+const foreverTabs = {};  // tab ("txt2img", "img2img") -> {pressedAt, started}
+
+function closeForeverMenu() {
+  const menu = document.getElementById("generate_forever_menu");
+  if (menu) menu.remove();
+}
+
+function setForever(tab, on) {
+  if (on) foreverTabs[tab] = {pressedAt: 0, started: true};
+  else delete foreverTabs[tab];
+  const button = document.getElementById(tab + "_generate");
+  if (button) button.classList.toggle("dw-forever", on);
+}
+
+document.addEventListener("contextmenu", (event) => {
+  const button = event.target && event.target.closest && event.target.closest("#txt2img_generate, #img2img_generate");
+  if (!button) return;
+  event.preventDefault();
+  closeForeverMenu();
+  const tab = button.id.split("_")[0];
+  const menu = document.createElement("div");
+  menu.id = "generate_forever_menu";
+  menu.className = "dw-context-menu";
+  menu.style.left = event.pageX + "px";
+  menu.style.top = event.pageY + "px";
+  const item = document.createElement("button");
+  item.id = tab + "_generate_forever";
+  item.textContent = foreverTabs[tab] ? "Cancel generate forever" : "Generate forever";
+  item.addEventListener("click", () => { setForever(tab, !foreverTabs[tab]); closeForeverMenu(); });
+  menu.appendChild(item);
+  document.body.appendChild(menu);
+});
+document.addEventListener("click", (event) => {
+  if (!(event.target && event.target.closest && event.target.closest("#generate_forever_menu"))) closeForeverMenu();
+  const interrupt = event.target && event.target.closest && event.target.closest("#txt2img_interrupt, #img2img_interrupt");
+  if (interrupt) setForever(interrupt.id.split("_")[0], false);
+});
+
+setInterval(() => {
+  for (const tab of Object.keys(foreverTabs)) {
+    const state = foreverTabs[tab];
+    const button = document.getElementById(tab + "_generate");
+    if (!button) continue;
+    if (button.disabled) { state.started = true; continue; }  // the run goes on
+    // Pressed, and not greyed out yet: the page has not begun the run (give it a few seconds).
+    if (!state.started && Date.now() - state.pressedAt < 5000) continue;
+    const error = document.querySelector("#" + tab + "_progress .dw-error");
+    if (state.pressedAt && error) { setForever(tab, false); continue; }
+    state.pressedAt = Date.now();
+    state.started = false;
+    button.click();
+  }
+}, 500);
