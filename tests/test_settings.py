@@ -214,15 +214,18 @@ def test_the_settings_tab_saves_for_everyone_and_says_why_not(ui_settings):
                                                "samples_filename_pattern")] == [
         "File format for images", "File format for grids", "Quality for saved jpg and webp images",
         "Images filename pattern"]
-    *values, message = tab.actions.apply("webp", "png", 90, "[seed]-[prompt_words]")
-    assert values == ["webp", "png", 90, "[seed]-[prompt_words]"]
+    *values, message = tab.actions.apply("webp", "png", 90, "[seed]-[prompt_words]", *DIRS)
+    assert values == ["webp", "png", 90, "[seed]-[prompt_words]", *DIRS]
     assert "Saved. File format for images: webp; Quality for saved jpg and webp images: 90; Images filename " in message
     assert services.options.current().samples_format == "webp"
-    *values, message = tab.actions.apply("webp", "tiff", 90, "")  # not on the list: a page built by hand
-    assert values == ["webp", "png", 90, "[seed]-[prompt_words]"]  # what is saved
+    *values, message = tab.actions.apply("webp", "tiff", 90, "", *DIRS)  # not on the list: a page built by hand
+    assert values == ["webp", "png", 90, "[seed]-[prompt_words]", *DIRS]  # what is saved
     assert "Not saved: File format for grids: Input should be" in message
     services.options.update({"jpeg_quality": 40})  # an API client, meanwhile
-    assert tab.actions.shown() == ["webp", "png", 40, "[seed]-[prompt_words]"]
+    assert tab.actions.shown() == ["webp", "png", 40, "[seed]-[prompt_words]", *DIRS]
+
+
+DIRS = (True, True, "[date]")  # the subfolder settings as they are by default
 
 
 @pytest.fixture
@@ -261,8 +264,8 @@ def test_frozen_settings_are_shown_but_cannot_be_changed_anywhere(settings, tmp_
             assert client.post("/sdapi/v1/options", json={"show_x": 1}).status_code == 200  # nothing to change
         tab = create_ui(services).settings
         assert not tab.apply.visible and not any(widget.interactive for widget in tab.widgets.values())
-        *values, message = tab.actions.apply("png", "png", 80, "")  # a page built before, or by hand
-        assert values == ["jpg", "png", 80, ""] and "Not saved: the settings cannot be changed" in message
+        *values, message = tab.actions.apply("png", "png", 80, "", *DIRS)  # a page built before, or by hand
+        assert values == ["jpg", "png", 80, "", *DIRS] and "Not saved: the settings cannot be changed" in message
     finally:
         services.close()
     assert json.loads(settings.options_path.read_text(encoding="utf-8")) == {"samples_format": "jpg"}
@@ -280,8 +283,8 @@ def test_a_page_anyone_can_reach_shows_the_settings_but_cannot_change_them():
     with gr.Blocks():
         tab = build_settings(options, open_to_anyone=True)
     assert not tab.apply.visible and not any(widget.interactive for widget in tab.widgets.values())
-    *values, message = tab.actions.apply("jpg", "png", 80, "")
-    assert values == ["png", "png", 80, ""] and "Not saved: this page is served to other machines without a login" in message
+    *values, message = tab.actions.apply("jpg", "png", 80, "", *DIRS)
+    assert values == ["png", "png", 80, "", *DIRS] and "Not saved: this page is served to other machines without a login" in message
 
 
 def test_an_unreadable_settings_file_refuses_an_api_change_before_anything_changes(services, settings):

@@ -34,6 +34,30 @@ def test_names_follow_a1111_and_carry_the_infotext(tmp_path):
         assert read_infotext(png) == "a cat\nSteps: 2, Seed: 5, Size: 8x8"
 
 
+def test_the_directory_name_pattern_makes_the_subfolders_and_never_leaves_the_image_folder(tmp_path):
+    import datetime as dt
+
+    from webui.storage.filenames import NameParts
+    from webui.storage.options import OptionsStore
+
+    options = OptionsStore(None)
+    store = OutputStore(tmp_path, options)
+    parts = NameParts(seed=5, prompt="a cat, on a mat", model_name="sd/v1")
+    images = tmp_path / "txt2img-images"
+    assert store.save_image(red(), "x", 5, name_parts=parts).parent == images / dt.date.today().isoformat()
+    # A1111's "/" nests folders; a tag's own "/" does not, and ".", ".." and what comes out empty are left out
+    options.update({"directories_filename_pattern": "[model_name]/../[prompt_words]/./[none]"})
+    nested = images / "sd_v1" / "a cat on a mat"
+    assert store.save_image(red(), "x", 5, name_parts=parts).parent == nested
+    options.update({"save_to_dirs": False})
+    assert store.save_image(red(), "x", 6, name_parts=parts).parent == images
+    assert store.save_grid(red(), "x", name_parts=parts).parent == tmp_path / "txt2img-grids" / "sd_v1" / "a cat on a mat"
+    partial = nested / ".partial-cut-short.png"
+    partial.write_bytes(b"half")
+    os.utime(partial, (0, 0))
+    assert store.remove_partial_files() == 1 and not partial.exists()
+
+
 def test_counter_continues_after_a_restart(tmp_path):
     OutputStore(tmp_path).save_image(red(), "x", seed=1)
     OutputStore(tmp_path).save_image(red(), "x", seed=1)

@@ -690,7 +690,9 @@ class Worker:
     def _save_grid(self, job: Job, images: list[GeneratedImage]) -> None:
         grid = make_grid([im.image for im in images])
         try:
-            path = self.outputs.save_grid(grid, images[0].infotext, job.kind)
+            first = images[0]
+            path = self.outputs.save_grid(grid, first.infotext, job.kind,
+                                          _name_parts(job, first, first.image.width, first.image.height))
             job.grid, job.grid_path = grid, str(path)  # the grid first: readers test grid_path
         except Exception as err:
             self._warn(job, "the grid was not saved", err)
@@ -779,15 +781,9 @@ class Worker:
         """Write the image file, then its history row. A failure (a full disk, a locked database) is a warning on
         the job: the picture stays in the job, and a written file stays on disk."""
         request, model = job.request, job.model
-        name_parts = NameParts(
-            seed=image.seed, prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
-            cfg_scale=request.cfg_scale, width=width, height=height, sampler=request.sampler_name,
-            scheduler=request.scheduler, model_name=model.entry.name, model_hash=model.short_hash or "",
-            clip_skip=request.clip_skip,
-            denoising_strength=request.denoising_strength if request.is_img2img or request.enable_hr else None,
-            batch_number=0 if request.sd_upscale else image.index % request.batch_size, batch_size=request.batch_size)
         try:
-            path = self.outputs.save_image(image.image, image.infotext, image.seed, job.kind, name_parts)
+            path = self.outputs.save_image(image.image, image.infotext, image.seed, job.kind,
+                                           _name_parts(job, image, width, height))
         except Exception as err:
             self._warn(job, f"image {image.index + 1} was not saved", err)
             return
@@ -919,6 +915,18 @@ def _with_init_image(request: GenerationRequest, image: Image.Image | None, mask
         raise InvalidRequest(f"mask: {err}") from None
     request = parse_request(request.model_dump() | fields | {"mask": image_sha1(mask), "width": width, "height": height})
     return request, start, inpainting
+
+
+def _name_parts(job: Job, image: GeneratedImage, width: int, height: int) -> NameParts:
+    """What the file name and folder patterns' tags say of one of the job's pictures."""
+    request, model = job.request, job.model
+    return NameParts(
+        seed=image.seed, prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
+        cfg_scale=request.cfg_scale, width=width, height=height, sampler=request.sampler_name,
+        scheduler=request.scheduler, model_name=model.entry.name, model_hash=model.short_hash or "",
+        clip_skip=request.clip_skip,
+        denoising_strength=request.denoising_strength if request.is_img2img or request.enable_hr else None,
+        batch_number=0 if request.sd_upscale else image.index % request.batch_size, batch_size=request.batch_size)
 
 
 def _tiles_for(request: GenerationRequest, picture_size: tuple[int, int]) -> TileLayout:

@@ -12,6 +12,8 @@ from typing import Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DEFAULT_PATTERN = "[seed]"
+DEFAULT_FOLDER_PATTERN = "[date]"  # A1111's Directory name pattern
+MAX_FOLDER_DEPTH = 4
 MAX_PART_CHARS = 128  # of one tag's text, as A1111
 MAX_NAME_BYTES = 200  # of the whole name in UTF-8: file systems take 255 bytes, and the number and extension come too
 _SKIP_BEFORE = object()  # a tag's value that also drops the text just before it ([batch_number] alone)
@@ -113,6 +115,15 @@ def file_name_part(pattern: str, parts: NameParts, now: dt.datetime | None = Non
         start = match.end()
     pieces.append(text[start:])
     return _cut(_clean("".join(pieces), limit=None), MAX_NAME_BYTES).rstrip(" .")
+
+
+def folder_parts(pattern: str, parts: NameParts, now: dt.datetime | None = None) -> list[str]:
+    """A1111's "Directory name pattern": the subfolders to save in, one for each "/"-separated piece, each filled in
+    and cleaned as a file name is (so a tag's "/" never makes a folder); a piece that comes out empty, "." or ".."
+    is left out, so a pattern never leaves the image folder. At most MAX_FOLDER_DEPTH deep."""
+    pieces = re.split(r"[/\\]", pattern.strip() or DEFAULT_FOLDER_PATTERN)
+    folders = [file_name_part(piece, parts, now) for piece in pieces if piece.strip()]
+    return [folder for folder in folders if folder not in ("", ".", "..")][:MAX_FOLDER_DEPTH]
 
 
 def _cut(text: str, max_bytes: int) -> str:

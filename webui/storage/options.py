@@ -36,6 +36,11 @@ class SavedOptions(BaseModel):
     samples_filename_pattern: str = Field("", max_length=200,
                                           description="saved images' names after their number, in A1111's tags: "
                                                       "[seed], [prompt_spaces], [model_name], ... (empty: [seed])")
+    save_to_dirs: bool = Field(True, description="save images in subfolders named by directories_filename_pattern")
+    grid_save_to_dirs: bool = Field(True, description="save grids in subfolders named by directories_filename_pattern")
+    directories_filename_pattern: str = Field("[date]", max_length=200,
+                                              description="the subfolders' names, in the same tags ('/' nests them: "
+                                                          "[model_name]/[date]); empty: [date]")
 
     @field_validator("samples_format", "grid_format", mode="before")
     @classmethod

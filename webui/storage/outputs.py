@@ -1,7 +1,8 @@
 """Image files under outputs/, named and laid out as stable-diffusion-webui does.
 
     outputs/txt2img-images/YYYY-MM-DD/NNNNN-<seed>.png   (counter continues across restarts; the settings'
-                                                          file name pattern may name more than the seed)
+                                                          file name pattern may name more than the seed, and
+                                                          their Directory name pattern other folders than the day)
     outputs/txt2img-grids/YYYY-MM-DD/grid-NNNN.png
     outputs/extras-images/NNNNN.png                      (Extras: pictures resized; no day folders, as in A1111)
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from webui.storage.filenames import NameParts, file_name_part
+from webui.storage.filenames import NameParts, file_name_part, folder_parts
 from webui.storage.infotext import MAX_INFOTEXT_CHARS, build_infotext
 from webui.storage.options import OptionsStore, SavedOptions
 
@@ -88,23 +89,32 @@ class OutputStore:
         return ([self.outdir / f"{kind}-{what}" for kind in KINDS for what in ("images", "grids")]
                 + [self.extras_folder()])
 
-    def image_folder(self, kind: str, day: dt.date | None = None) -> Path:
-        return self.outdir / f"{kind}-images" / (day or dt.date.today()).isoformat()
+    def image_folder(self, kind: str, name_parts: NameParts | None = None) -> Path:
+        """Where a picture goes: the kind's folder, and in it the subfolders of the Directory name pattern ([date]
+        by default) unless the settings say no."""
+        return self._folder(f"{kind}-images", self.options.current().save_to_dirs, name_parts)
 
-    def grid_folder(self, kind: str, day: dt.date | None = None) -> Path:
-        return self.outdir / f"{kind}-grids" / (day or dt.date.today()).isoformat()
+    def grid_folder(self, kind: str, name_parts: NameParts | None = None) -> Path:
+        return self._folder(f"{kind}-grids", self.options.current().grid_save_to_dirs, name_parts)
+
+    def _folder(self, base: str, in_subfolders: bool, name_parts: NameParts | None) -> Path:
+        if not in_subfolders:
+            return self.outdir / base
+        pattern = self.options.current().directories_filename_pattern
+        return self.outdir.joinpath(base, *folder_parts(pattern, name_parts or NameParts(seed=0)))
 
     def save_image(self, image: Image.Image, infotext: str, seed: int, kind: str = "txt2img",
                    name_parts: NameParts | None = None) -> Path:
         """A generated picture, named NNNNN-<the settings' file name pattern: the seed by default>."""
-        folder, options = self.image_folder(kind), self.options.current()
+        folder, options = self.image_folder(kind, name_parts), self.options.current()
         name = file_name_part(options.samples_filename_pattern, name_parts or NameParts(seed=seed))
         stem = f"-{name}" if name else ""  # [none]: the number alone, as A1111
         return self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}{stem}", _NUMBERED,
                           options.samples_format, options.jpeg_quality)
 
-    def save_grid(self, grid: Image.Image, infotext: str, kind: str = "txt2img") -> Path:
-        folder, options = self.grid_folder(kind), self.options.current()
+    def save_grid(self, grid: Image.Image, infotext: str, kind: str = "txt2img",
+                  name_parts: NameParts | None = None) -> Path:
+        folder, options = self.grid_folder(kind, name_parts), self.options.current()
         return self._save(grid, {"parameters": infotext}, folder, lambda n: f"grid-{n:04d}", _GRID_NUMBERED,
                           options.grid_format, options.jpeg_quality)
 
@@ -123,8 +133,7 @@ class OutputStore:
         """Delete the temporary files of saves a crash cut short; returns how many. Only old ones: another
         server sharing the folder may be writing a new one right now."""
         removed, cutoff = 0, time.time() - older_than
-        for partial in (p for folder in self.image_folders() for pattern in (".partial-*", "*/.partial-*")
-                        for p in folder.glob(pattern)):
+        for partial in (p for folder in self.image_folders() for p in folder.rglob(".partial-*")):
             try:
                 if partial.stat().st_mtime < cutoff:
                     partial.unlink()

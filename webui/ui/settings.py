@@ -8,13 +8,14 @@ from dataclasses import dataclass
 import gradio as gr
 
 from webui.schemas import InvalidRequest
-from webui.storage.filenames import DEFAULT_PATTERN, TAGS
+from webui.storage.filenames import DEFAULT_FOLDER_PATTERN, DEFAULT_PATTERN, TAGS
 from webui.storage.options import IMAGE_FORMATS, OPTION_KEYS, OptionsStore, SavedOptions, SettingsFrozen
 
 # Each setting's label, by its key (A1111's words).
 LABELS = {"samples_format": "File format for images", "grid_format": "File format for grids",
           "jpeg_quality": "Quality for saved jpg and webp images",
-          "samples_filename_pattern": "Images filename pattern"}
+          "samples_filename_pattern": "Images filename pattern", "save_to_dirs": "Save images to a subdirectory",
+          "grid_save_to_dirs": "Save grids to a subdirectory", "directories_filename_pattern": "Directory name pattern"}
 
 
 class SettingsActions:
@@ -101,6 +102,15 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
             info=f"after the file's number; empty: {DEFAULT_PATTERN}. Tags: {', '.join(f'[{tag}]' for tag in TAGS)}; "
                  "[datetime<%Y-%m-%d><Europe/Paris>] takes a format and a time zone",
             elem_id="settings_samples_filename_pattern", interactive=editable),
+        "save_to_dirs": gr.Checkbox(current.save_to_dirs, label=LABELS["save_to_dirs"],
+                                    elem_id="settings_save_to_dirs", interactive=editable),
+        "grid_save_to_dirs": gr.Checkbox(current.grid_save_to_dirs, label=LABELS["grid_save_to_dirs"],
+                                         elem_id="settings_grid_save_to_dirs", interactive=editable),
+        "directories_filename_pattern": gr.Textbox(
+            current.directories_filename_pattern, label=LABELS["directories_filename_pattern"],
+            placeholder=DEFAULT_FOLDER_PATTERN, info=f"the subfolders, in the same tags; / nests them, as "
+                                                     f"[model_name]/[date]; empty: {DEFAULT_FOLDER_PATTERN}",
+            elem_id="settings_directories_filename_pattern", interactive=editable),
     }
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=editable)
     result = gr.HTML("", elem_id="settings_result")
