@@ -1,4 +1,5 @@
 """The checkpoint merger (webui/engine/merge.py and the Checkpoint Merger tab)."""
+import hashlib
 import json
 
 import numpy as np
@@ -56,6 +57,7 @@ def test_a_weighted_sum_is_each_weight_moved_towards_b(folder, registry):
                 assert torch.allclose(merged[key], 0.7 * a[key] + 0.3 * b[key], atol=1e-6), (part, key)
     recipe = json.loads((made / "merge_recipe.json").read_text())
     assert recipe["primary"] == "a" and recipe["secondary"] == "b" and recipe["multiplier"] == 0.3
+    assert recipe["bake_in_vae"] == "None" and recipe["bake_in_vae_hash"] is None
 
 
 def test_add_difference_adds_b_minus_c_and_saves_in_half_precision(folder, registry):
@@ -252,4 +254,6 @@ def test_bake_in_vae_puts_a_vae_files_weights_in_the_merged_model(folder, regist
     assert all(torch.equal(baked[key], c[key]) for key in c)  # the file's VAE, not a mix of A's and B's
     a, b, unet = weights(folder, "a"), weights(folder, "b"), weights(folder, made.name)
     assert torch.allclose(unet["conv_in.weight"], 0.5 * a["conv_in.weight"] + 0.5 * b["conv_in.weight"], atol=1e-6)
-    assert json.loads((made / "merge_recipe.json").read_text())["bake_in_vae"] == "c-vae.safetensors"
+    recipe = json.loads((made / "merge_recipe.json").read_text())
+    vae_hash = hashlib.sha256((folder / "VAE" / "c-vae.safetensors").read_bytes()).hexdigest()[:10]  # as A1111's
+    assert recipe["bake_in_vae"] == "c-vae.safetensors" and recipe["bake_in_vae_hash"] == vae_hash

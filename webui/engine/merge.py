@@ -138,8 +138,9 @@ def merge_models(recipe: MergeRecipe, registry: ModelRegistry, settings: Setting
     entries = [registry.find_listed(model) for _role, model in recipe.models_needed()]
     if any(entry.path is not None and entry.path.resolve() in _skipped(registry) for entry in entries):
         raise MergeError("a model in the LoRA, embeddings or VAE folder cannot be merged")
+    vaes = VaeLibrary(settings.vae_folder, registry)
     try:  # before the models are read: a misspelt name costs nothing
-        baked = VaeLibrary(settings.vae_folder, registry).find(recipe.bake_in_vae) if recipe.bakes_vae else None
+        baked = vaes.find(recipe.bake_in_vae) if recipe.bakes_vae else None
     except VaeError as err:
         raise MergeError(f"Bake in VAE: {str(err).removeprefix('sd_vae: ')}") from None
     # fp32 on the CPU: the sums keep their precision, and the GPU stays the worker's. A keeps its safety checker
@@ -161,7 +162,8 @@ def merge_models(recipe: MergeRecipe, registry: ModelRegistry, settings: Setting
         result.vae.load_state_dict(baked_weights)
     if recipe.save_as_half:
         result.to(torch.float16)
-    _write(result, recipe, target)
+    # The VAE's hash as the infotext's "VAE hash": its name alone may later mean another file.
+    _write(result, recipe, target, {"bake_in_vae_hash": vaes.short_hash(baked) if baked is not None else None})
     registry.refresh()
     log.info("merged %s into %s", " + ".join(entry.name for entry in entries), target)
     return target
@@ -239,12 +241,14 @@ def remove_stale_partials(models_dir: Path, older_than: float = 24 * 3600) -> in
     return removed
 
 
-def _write(pipe, recipe: MergeRecipe, target: Path) -> None:
-    """Write under a temporary name and rename at the end: a merge stopped halfway leaves no model behind."""
+def _write(pipe, recipe: MergeRecipe, target: Path, found: dict) -> None:
+    """Write under a temporary name and rename at the end: a merge stopped halfway leaves no model behind. The
+    recipe file holds the recipe and what the merge found out (`found`)."""
     partial = target.parent / f".partial-{target.name}-{uuid.uuid4().hex[:8]}"
     try:
         pipe.save_pretrained(partial, safe_serialization=True)
-        (partial / RECIPE_FILE).write_text(json.dumps({"type": "diffusers-webui", **asdict(recipe)}, indent=2))
+        (partial / RECIPE_FILE).write_text(json.dumps({"type": "diffusers-webui", **asdict(recipe), **found},
+                                                      indent=2))
         partial.rename(target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
