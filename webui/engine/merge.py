@@ -9,9 +9,10 @@ The UNet, text encoder and VAE are merged; the rest (tokenizer, scheduler, safet
 an inpainting A (9 input channels) merges its first 4 with a text-to-image B. A1111's "Discard weights" (a
 regular expression) leaves the weights whose names match out of its file; a diffusers folder without a weight
 loads it as random numbers, so here they are left out of the merge instead: they stay A's. A weight is named by
-its part and its diffusers name ("unet.conv_in.weight", "text_encoder.text_model....", "vae.decoder...."). The result is written as a
-diffusers folder in the models folder (under a temporary name first, so a failed merge leaves nothing), with the
-recipe in merge_recipe.json, and is listed with the other models from then on.
+its part and its diffusers name ("unet.conv_in.weight", "text_encoder.text_model...", "vae.decoder...").
+
+The result is written as a diffusers folder in the models folder (under a temporary name first, so a failed merge
+leaves nothing), with the recipe in merge_recipe.json, and is listed with the other models from then on.
 """
 from __future__ import annotations
 

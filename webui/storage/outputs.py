@@ -4,6 +4,7 @@
                                                           file name pattern may name more than the seed)
     outputs/txt2img-grids/YYYY-MM-DD/grid-NNNN.png
     outputs/extras-images/NNNNN.png                      (Extras: pictures resized; no day folders, as in A1111)
+    <img2img Batch's Output directory>/<picture's name>.png  (a copy; see save_named)
 
 PNG by default, with the infotext in the text chunk `parameters`; the settings (storage/options.py) may choose
 JPEG or WebP, with the infotext in the EXIF UserComment, as A1111 writes them.
@@ -47,9 +48,9 @@ MAX_SCANNED_PIXELS = 32 * 1024 * 1024
 _CLAIM_TRIES = 100
 # Each format's encoder, and the longest side it can store (a larger picture is saved as PNG instead).
 _ENCODERS = {"png": ("PNG", 2**31 - 1), "jpg": ("JPEG", 65_535), "webp": ("WEBP", 16_383)}
-_MAX_EXIF_BYTES = 65_000
+_MAX_EXIF_BYTES = 65_000  # a JPEG's EXIF segment holds at most 64 KiB (WebP's has no such limit)
 MAX_STEM_BYTES = 200  # a named copy's name before its suffixes: most file systems take 255 bytes
-_NAMED_TRIES = 1000  # <stem>-1 ... -999: a folder a batch ran into many times over  # a JPEG's EXIF segment holds at most 64 KiB (WebP's has no such limit)
+_NAMED_TRIES = 1000  # <stem>-1 ... -999: a folder a batch ran into many times over
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ def build_merger(services: Services) -> MergerTab:
                                   label="Bake in VAE", elem_id="merger_bake_in_vae",
                                   info="a VAE file (models/VAE) to put in the merged model instead of A's")
     discard_weights = gr.Textbox("", label="Discard weights", elem_id="merger_discard_weights",
-                                 placeholder="a regular expression, such as ^text_encoder\\. or ^unet\\.up_blocks",
+                                 placeholder=r"a regular expression, such as ^text_encoder\. or ^unet\.up_blocks",
                                  info="the weights whose names it matches (unet.…, text_encoder.…, vae.…) are not "
                                       "merged: they stay A's. A1111 leaves them out of its file; a model folder "
                                       "without them would load them as random numbers")
