@@ -600,3 +600,13 @@ def test_a_batch_output_directory_that_cannot_be_written_is_refused_before_the_b
     [(session, _, progress, *_)] = inpaint(ui, "Batch", batch_pictures=upload, batch_output_dir=str(tmp_path))
     assert "reads no folders typed into the page" in progress and "leave the Output directory empty" in progress
     assert session.job_id is None
+
+
+def test_an_output_directory_gone_before_the_picture_is_made_is_a_warning_and_outputs_keeps_it(ui_services, tmp_path):
+    from webui.storage.outputs import NamedCopy
+
+    job = ui_services.worker.submit({"prompt": "a red barn", "steps": 2, "width": 64, "height": 64, "model": TINY},
+                                    init_image=picture("red", (64, 64)), copy_to=NamedCopy(tmp_path / "gone", "a"))
+    assert job.wait(60) and job.state is JobState.DONE
+    assert any("image 1 was not saved in the output directory" in warning for warning in job.warnings), job.warnings
+    assert Path(job.images[0].path).exists() and job.images[0].history_id is not None
