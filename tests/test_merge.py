@@ -1,4 +1,5 @@
 """The checkpoint merger (webui/engine/merge.py and the Checkpoint Merger tab)."""
+import hashlib
 import json
 
 import numpy as np
@@ -56,6 +57,7 @@ def test_a_weighted_sum_is_each_weight_moved_towards_b(folder, registry):
                 assert torch.allclose(merged[key], 0.7 * a[key] + 0.3 * b[key], atol=1e-6), (part, key)
     recipe = json.loads((made / "merge_recipe.json").read_text())
     assert recipe["primary"] == "a" and recipe["secondary"] == "b" and recipe["multiplier"] == 0.3
+    assert recipe["bake_in_vae"] == "None" and recipe["bake_in_vae_hash"] is None
 
 
 def test_add_difference_adds_b_minus_c_and_saves_in_half_precision(folder, registry):
@@ -115,6 +117,9 @@ def test_no_interpolation_copies_a(folder, registry):
     (MergeRecipe("a", "b", name="漢" * 85), "at most 200 bytes"),
     (MergeRecipe("a", "b", method="Sigmoid"), "choose one of"),
     (MergeRecipe("a", "nowhere"), "not found"),
+    (MergeRecipe("a", "b", discard_weights="unet.(conv"), "Discard weights 'unet.\\(conv' is no regular expression"),
+    (MergeRecipe("a", "b", discard_weights="model_ema"), "matches no weight of the model; weights are named by part"),
+    (MergeRecipe("a", method=NO_INTERPOLATION, discard_weights="unet"), "with No interpolation every weight is A's"),
 ])
 def test_a_merge_that_cannot_be_made_says_what_to_change_and_writes_nothing(folder, registry, recipe, message):
     (folder / "taken.safetensors").write_bytes(b"")
@@ -178,6 +183,11 @@ def test_the_tab_merges_lists_the_new_model_and_says_what_to_change(folder, tmp_
         assert primary["choices"] == ["a", "b", "my mix"] and secondary["choices"] == ["", "a", "b", "my mix"]
         said = merge("a", "", "", "Add difference", 1.0, False, "")
         assert "Not merged" in said and "needs a secondary model (B)" in said
+        said = merge("a", "b", "", "Weighted sum", 0.5, False, "kept", "None", "^unet.(")
+        assert "Not merged: Discard weights" in said and "no regular expression" in said
+        said = merge("a", "b", "", "Weighted sum", 0.5, False, "kept", "None", r"^text_encoder\.")
+        assert "Saved kept" in said and json.loads((own / "kept" / "merge_recipe.json").read_text())[
+            "discard_weights"] == r"^text_encoder\."
         job = services.worker.submit({"prompt": "x", "steps": 1, "model": "my mix", "width": 64, "height": 64})
         assert job.wait(60) and job.error is None and services.engine.model.entry.name == "my mix"
 
@@ -252,4 +262,27 @@ def test_bake_in_vae_puts_a_vae_files_weights_in_the_merged_model(folder, regist
     assert all(torch.equal(baked[key], c[key]) for key in c)  # the file's VAE, not a mix of A's and B's
     a, b, unet = weights(folder, "a"), weights(folder, "b"), weights(folder, made.name)
     assert torch.allclose(unet["conv_in.weight"], 0.5 * a["conv_in.weight"] + 0.5 * b["conv_in.weight"], atol=1e-6)
-    assert json.loads((made / "merge_recipe.json").read_text())["bake_in_vae"] == "c-vae.safetensors"
+    recipe = json.loads((made / "merge_recipe.json").read_text())
+    vae_hash = hashlib.sha256((folder / "VAE" / "c-vae.safetensors").read_bytes()).hexdigest()[:10]  # as A1111's
+    assert recipe["bake_in_vae"] == "c-vae.safetensors" and recipe["bake_in_vae_hash"] == vae_hash
+
+
+def test_discard_weights_keeps_the_matching_weights_as_as_and_merges_the_rest(folder, registry):
+    """A1111's Discard weights leaves the weights out of its file; a diffusers folder must hold them all (one without
+    a weight loads it as random numbers), so here they stay A's, and the model loads and draws."""
+    made = merge_models(MergeRecipe("a", "b", multiplier=0.5, discard_weights=r" ^text_encoder\.|^unet\.conv_in\. "),
+                        registry, settings(folder))
+    a, b, merged = (weights(folder, name, "text_encoder") for name in ("a", "b", made.name))
+    assert merged.keys() == a.keys() and all(torch.equal(merged[key], a[key]) for key in a)
+    a, b, merged = (weights(folder, name) for name in ("a", "b", made.name))
+    assert merged.keys() == a.keys()
+    for key in a:
+        expected = a[key] if key.startswith("conv_in.") else 0.5 * a[key] + 0.5 * b[key]
+        assert torch.allclose(merged[key], expected, atol=1e-6), key
+    recipe = json.loads((made / "merge_recipe.json").read_text())
+    assert recipe["discard_weights"] == r" ^text_encoder\.|^unet\.conv_in\. "
+    assert recipe["discarded_weights"] == len(weights(folder, "a", "text_encoder")) + 2  # conv_in's weight and bias
+    engine = Engine(settings(folder), registry)
+    engine.load(made.name)
+    image = engine.generate(GenerationRequest(prompt="x", steps=1, width=64, height=64), [1])[0].image
+    assert np.asarray(image).std() > 0

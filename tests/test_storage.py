@@ -10,7 +10,7 @@ from PIL import ExifTags, Image
 from PIL.PngImagePlugin import PngInfo
 
 from webui.storage.history import History
-from webui.storage.outputs import OutputStore, highest_number, make_grid, read_infotext
+from webui.storage.outputs import NamedCopy, OutputStore, highest_number, make_grid, read_infotext
 
 
 def red(size=(8, 8)):
@@ -95,6 +95,33 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         store.save_image(red(), "x", seed=1)
     assert list(store.image_folder("txt2img").iterdir()) == []
+
+
+def test_a_named_copy_takes_its_name_and_never_replaces_a_file(tmp_path):
+    """img2img Batch's Output directory: <name>.<format>; a taken name (here the input picture itself) gets -1, -2."""
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    red().save(folder / "cat.png")
+    source = (folder / "cat.png").read_bytes()
+    store = OutputStore(tmp_path / "out")
+    copies = [store.save_named(red(), f"a cat\nSeed: {seed}", NamedCopy(folder, "cat")) for seed in (1, 2)]
+    assert [path.name for path in copies] == ["cat-1.png", "cat-2.png"]
+    assert (folder / "cat.png").read_bytes() == source  # the input is left as it was
+    with Image.open(copies[1]) as png:
+        assert read_infotext(png) == "a cat\nSeed: 2"
+    store.options.update({"samples_format": "jpg"})
+    assert store.save_named(red(), "x", NamedCopy(folder, "dog")).name == "dog.jpg"
+    (folder / "bird.png").symlink_to(tmp_path / "elsewhere.png")  # a link, even a dangling one, is a taken name
+    assert store.save_named(red(), "x", NamedCopy(folder, "bird")).name == "bird.jpg"
+    store.options.update({"samples_format": "png"})
+    assert store.save_named(red(), "x", NamedCopy(folder, "bird")).name == "bird-1.png"
+    assert not (tmp_path / "elsewhere.png").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["bird-1.png", "bird.jpg", "bird.png", "cat-1.png",
+                                                        "cat-2.png", "cat.png", "dog.jpg"]  # no temporary left
+    for stem in ("../up", "..", ""):
+        with pytest.raises(ValueError, match="cannot be a file name"):
+            store.save_named(red(), "x", NamedCopy(folder, stem))
+    assert store.save_named(red(), "x", NamedCopy(folder, "é" * 300)).name == "é" * 100 + ".png"  # 200 bytes
 
 
 def test_grid_is_near_square_and_saved_apart(tmp_path):

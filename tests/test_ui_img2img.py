@@ -5,6 +5,7 @@ Runs on the tiny model at 64x64 with 2-3 steps; the one long job (to resume) is 
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from pathlib import Path
 
@@ -543,3 +544,72 @@ def test_a_page_served_to_others_without_a_login_offers_no_server_folders(models
         assert "reads no folders typed into the page" in progress
     finally:
         started.close()
+
+
+def test_batch_also_saves_each_result_in_the_output_directory_named_as_its_picture(ui, ui_services, tmp_path,
+                                                                                   monkeypatch):
+    """A1111's Output directory: <picture's name>.png there (with -<n> when a run makes several), as well as the
+    outputs folder the gallery and the history read; a name taken there, the input itself too, is never replaced."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    saved(folder, "a.png", picture("red", (64, 64))), saved(folder, "b.jpg", picture("blue", (64, 64)))
+    source = (folder / "a.png").read_bytes()
+    before = ui_services.history.list_images()[1]
+    *_, (session, gallery, progress, *_) = inpaint(ui, "Batch", batch_input_dir=str(folder),
+                                                   batch_output_dir=f" {folder} ")  # the input folder itself
+    assert progress == "" and len(gallery) == 2, progress
+    assert sorted(p.name for p in folder.iterdir()) == ["a-1.png", "a.png", "b.jpg", "b.png"]
+    assert (folder / "a.png").read_bytes() == source
+    for (path, _), copy in zip(gallery, ("a-1.png", "b.png")):
+        assert Path(path).parent.parent.name == "img2img-images"  # the gallery's and the history's file
+        assert Image.open(path).tobytes() == Image.open(folder / copy).tobytes()
+        assert Image.open(folder / copy).info["parameters"] == Image.open(path).info["parameters"]
+    rows, total = ui_services.history.list_images()
+    assert total == before + 2 and {Path(row.path).name for row in rows[:2]} == {Path(p).name for p, _ in gallery}
+    out = tmp_path / "out"
+    out.mkdir()
+    upload = [saved(tmp_path, "c.png", picture("green", (64, 64)))]
+    *_, (_, gallery, progress, *_) = inpaint(ui, "Batch", batch_pictures=upload, batch_output_dir=str(out),
+                                             batch_size=2)
+    assert progress == "" and sorted(p.name for p in out.iterdir()) == ["c-1.png", "c-2.png"]
+
+
+def test_a_batch_output_directory_that_cannot_be_written_is_refused_before_the_batch_starts(ui, ui_services, tmp_path,
+                                                                                            monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    saved(folder, "a.png", picture("red", (64, 64)))
+    (tmp_path / "file.txt").write_text("not a folder")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    waiting = len(ui_services.worker.waiting_jobs())
+    try:
+        for output_dir, message in ((tmp_path / "nowhere", "is no folder on this machine"),
+                                    (tmp_path / "file.txt", "is no folder on this machine"),
+                                    (locked, "cannot be written to (Permission denied)"),
+                                    ("/" + "x" * 5000, "cannot be written to")):
+            if output_dir == locked and os.geteuid() == 0:
+                continue  # root writes anywhere
+            [(session, _, progress, *_)] = inpaint(ui, "Batch", batch_input_dir=str(folder),
+                                                   batch_output_dir=str(output_dir))
+            assert "Batch: Output directory" in progress and message in progress, progress
+            assert session.job_id is None and len(progress) < 700
+    finally:
+        locked.chmod(0o700)
+    assert list(locked.iterdir()) == [] and len(ui_services.worker.waiting_jobs()) == waiting
+    monkeypatch.setattr(ui.img2img.actions, "reads_server_folders", False)
+    upload = [saved(tmp_path, "c.png", picture("green", (64, 64)))]
+    [(session, _, progress, *_)] = inpaint(ui, "Batch", batch_pictures=upload, batch_output_dir=str(tmp_path))
+    assert "reads no folders typed into the page" in progress and "leave the Output directory empty" in progress
+    assert session.job_id is None
+
+
+def test_an_output_directory_gone_before_the_picture_is_made_is_a_warning_and_outputs_keeps_it(ui_services, tmp_path):
+    from webui.storage.outputs import NamedCopy
+
+    job = ui_services.worker.submit({"prompt": "a red barn", "steps": 2, "width": 64, "height": 64, "model": TINY},
+                                    init_image=picture("red", (64, 64)), copy_to=NamedCopy(tmp_path / "gone", "a"))
+    assert job.wait(60) and job.state is JobState.DONE
+    assert any("image 1 was not saved in the output directory" in warning for warning in job.warnings), job.warnings
+    assert Path(job.images[0].path).exists() and job.images[0].history_id is not None

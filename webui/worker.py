@@ -37,7 +37,7 @@ from webui.schemas import (INPAINT_AREAS, LATENT_RESIZE, MASK_MODES, MASKED_CONT
 from webui.storage.filenames import NameParts
 from webui.storage.history import History
 from webui.storage.infotext import build_infotext
-from webui.storage.outputs import OutputStore, make_grid
+from webui.storage.outputs import NamedCopy, OutputStore, make_grid
 from webui.sd_upscale import TileLayout, enlarge, tile_layout
 from webui.storage.styles import StyleStore
 
@@ -108,6 +108,7 @@ class Job:
     # img2img: the start, at the run's size (SD upscale's: the whole picture, to enlarge and cut into tiles)
     init_image: Image.Image | None = field(default=None, repr=False)
     inpainting: Inpainting | None = field(default=None, repr=False)  # img2img with a mask: where to draw
+    copy_to: NamedCopy | None = None  # img2img Batch's Output directory: each saved image also goes there
     started_at: float | None = None
     finished_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
@@ -244,12 +245,14 @@ class Worker:
     # --- the public surface ---------------------------------------------------------------
     def submit(self, request: GenerationRequest | dict, origin: str = "ui", owner: str | None = None,
                warnings: list[str] | None = None, field_names: dict[str, str] | None = None,
-               init_image: Image.Image | None = None, mask: Image.Image | None = None) -> Job:
+               init_image: Image.Image | None = None, mask: Image.Image | None = None,
+               copy_to: NamedCopy | None = None) -> Job:
         """Queue a request; returns its Job at once. Raises InvalidRequest, QueueFull or WorkerStopped.
         `warnings`: what the caller already changed in the request (the API's schedule type run as Automatic).
         `field_names`: the caller's names for request fields, which its messages about the job use.
         `init_image`: the picture an img2img job starts from (any size or mode; fitted to the run's size here).
-        `mask`: with it, an inpainting job: white (or, with transparency, painted) where the picture is drawn again."""
+        `mask`: with it, an inpainting job: white (or, with transparency, painted) where the picture is drawn again.
+        `copy_to`: each image saved is also saved there (img2img Batch's Output directory; see _save_copy)."""
         request, init_image, inpainting = _with_init_image(self._with_styles(parse_request(request)), init_image, mask)
         self._check_runnable(request)
         warnings = list(warnings or [])
@@ -258,7 +261,7 @@ class Worker:
             warnings.append(f"left out of the prompt: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''} "
                             "(this server reads <lora:...> tags only)")
         job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=warnings,
-                  field_names=dict(field_names or {}), init_image=init_image, inpainting=inpainting)
+                  field_names=dict(field_names or {}), init_image=init_image, inpainting=inpainting, copy_to=copy_to)
         with self._wake:
             self._refuse_new_job()  # early: no history row for a job that cannot be queued
         # Outside the lock: a locked database waits seconds, and the queue must answer meanwhile.
@@ -776,6 +779,8 @@ class Worker:
         job.images.append(image)  # first: whatever happens to the file, the user gets the picture
         if request.save_images and not unfinished:
             self._save(job, image, width, height, seconds)
+            if job.copy_to is not None:
+                self._save_copy(job, image)
 
     def _save(self, job: Job, image: GeneratedImage, width: int, height: int, seconds: float) -> None:
         """Write the image file, then its history row. A failure (a full disk, a locked database) is a warning on
@@ -797,6 +802,20 @@ class Worker:
             infotext=image.infotext,
         )))
         self._record_images(job)
+
+    def _save_copy(self, job: Job, image: GeneratedImage) -> None:
+        """The image also saved into img2img Batch's Output directory, named after the picture it started from, as
+        A1111 names it there: <name>, or <name>-<n> (n from 1) when the run makes several. Its outputs/ file stays
+        the one the history and the gallery point at: the page serves and deletes files there only."""
+        copy = job.copy_to
+        if job.request.image_count > 1:
+            copy = NamedCopy(copy.folder, f"{copy.stem}-{image.index + 1}")
+        try:
+            path = self.outputs.save_named(image.image, image.infotext, copy)
+        except Exception as err:
+            self._warn(job, f"image {image.index + 1} was not saved in the output directory", err)
+            return
+        log.info("job %s: image %d also saved as %s", job.id, image.index + 1, path)
 
     def _record_images(self, job: Job, last_try: bool = False) -> None:
         """Write the history rows of the job's saved images. An image row must point at the job's row, so

@@ -6,9 +6,13 @@
 - No interpolation: A as it is (to turn a single file into a diffusers folder, or halve its size)
 
 The UNet, text encoder and VAE are merged; the rest (tokenizer, scheduler, safety checker) is A's. As in A1111,
-an inpainting A (9 input channels) merges its first 4 with a text-to-image B. The result is written as a
-diffusers folder in the models folder (under a temporary name first, so a failed merge leaves nothing), with the
-recipe in merge_recipe.json, and is listed with the other models from then on.
+an inpainting A (9 input channels) merges its first 4 with a text-to-image B. A1111's "Discard weights" (a
+regular expression) leaves the weights whose names match out of its file; a diffusers folder without a weight
+loads it as random numbers, so here they are left out of the merge instead: they stay A's. A weight is named by
+its part and its diffusers name ("unet.conv_in.weight", "text_encoder.text_model...", "vae.decoder...").
+
+The result is written as a diffusers folder in the models folder (under a temporary name first, so a failed merge
+leaves nothing), with the recipe in merge_recipe.json, and is listed with the other models from then on.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ METHODS = (NO_INTERPOLATION, WEIGHTED_SUM, ADD_DIFFERENCE)
 MERGED_PARTS = ("unet", "text_encoder", "vae")
 RECIPE_FILE = "merge_recipe.json"
 MAX_NAME_BYTES = 200  # UTF-8: a file name holds 255, and the temporary name adds 18
+MAX_PATTERN_CHARS = 1000
 KINDS_HINT = "an SD 1.x model merges with SD 1.x models, an SD 2.x one with SD 2.x ones"
 _NOT_IN_NAMES = re.compile(r"[/\\:*?\"<>|\x00-\x1f]")  # one folder name, valid on Windows too
 _WINDOWS_DEVICES = re.compile(r"^(CON|PRN|AUX|NUL|COM\d|LPT\d)(\..*)?$", re.IGNORECASE)
@@ -57,6 +62,7 @@ class MergeRecipe:
     save_as_half: bool = False
     name: str = ""  # empty: named after the models and the method, as A1111 names it
     bake_in_vae: str = NO_VAE  # A1111's "Bake in VAE": a VAE file whose weights replace the merged VAE's
+    discard_weights: str = ""  # A1111's "Discard weights": a regular expression; matching weights stay A's
 
     @property
     def bakes_vae(self) -> bool:
@@ -103,6 +109,9 @@ def check_recipe(recipe: MergeRecipe, models_dir: Path) -> Path:
             raise MergeError(f"{recipe.method} needs a {role}: pick one")
     if not 0.0 <= recipe.multiplier <= 1.0:
         raise MergeError(f"multiplier {recipe.multiplier}: use a value from 0 to 1")
+    if discard_pattern(recipe.discard_weights) and recipe.method == NO_INTERPOLATION:
+        raise MergeError("Discard weights: with No interpolation every weight is A's already (here the weights it "
+                         "names are kept from A, not left out): leave it empty, or pick another method")
     name = recipe.folder_name()
     problem = _name_problem(name)
     if problem:
@@ -111,6 +120,21 @@ def check_recipe(recipe: MergeRecipe, models_dir: Path) -> Path:
     if any(path.exists() or path.is_symlink() for path in taken):
         raise MergeError(f"a model named {name!r} is in the models folder already: choose another name")
     return models_dir / name
+
+
+def discard_pattern(text: str) -> re.Pattern | None:
+    """Discard weights as a compiled pattern, searched for in each weight's name as A1111 does (None: empty);
+    MergeError for one that is no regular expression."""
+    text = text.strip()
+    if not text:
+        return None
+    if len(text) > MAX_PATTERN_CHARS:
+        raise MergeError(f"Discard weights: use at most {MAX_PATTERN_CHARS} characters")
+    try:
+        return re.compile(text)
+    except re.error as err:
+        raise MergeError(f"Discard weights {text[:100]!r} is no regular expression ({err}): fix it, or leave "
+                         "it empty") from None
 
 
 def _name_problem(name: str) -> str | None:
@@ -138,14 +162,17 @@ def merge_models(recipe: MergeRecipe, registry: ModelRegistry, settings: Setting
     entries = [registry.find_listed(model) for _role, model in recipe.models_needed()]
     if any(entry.path is not None and entry.path.resolve() in _skipped(registry) for entry in entries):
         raise MergeError("a model in the LoRA, embeddings or VAE folder cannot be merged")
+    vaes = VaeLibrary(settings.vae_folder, registry)
     try:  # before the models are read: a misspelt name costs nothing
-        baked = VaeLibrary(settings.vae_folder, registry).find(recipe.bake_in_vae) if recipe.bakes_vae else None
+        baked = vaes.find(recipe.bake_in_vae) if recipe.bakes_vae else None
     except VaeError as err:
         raise MergeError(f"Bake in VAE: {str(err).removeprefix('sd_vae: ')}") from None
     # fp32 on the CPU: the sums keep their precision, and the GPU stays the worker's. A keeps its safety checker
     # (also under --disable-safety-checker, which is this server's choice, not the model's); B and C need none.
     placement = Placement(device="cpu", dtype=torch.float32)
     result = read_pipeline(entries[0], dataclasses.replace(settings, no_safety_checker=False), placement)
+    discard = discard_pattern(recipe.discard_weights)
+    discarded = _discarded_names(result, discard) if discard else []  # before B and C are read: a typo is cheap
     try:  # before B and C are read: a file that fits no VAE of A's kind costs one model's reading
         baked_weights = read_vae_weights(baked.path, result.vae) if baked is not None else None
     except VaeError as err:
@@ -155,16 +182,31 @@ def merge_models(recipe: MergeRecipe, registry: ModelRegistry, settings: Setting
     for part in MERGED_PARTS:
         module = getattr(result, part)
         merged = merge_state(part, module.state_dict(), *[weights.pop(part) for weights in others],
-                             method=recipe.method, multiplier=recipe.multiplier)
+                             method=recipe.method, multiplier=recipe.multiplier, kept_as_a=discard)
         module.load_state_dict(merged)  # B's and C's weights of this part were popped: let go, one part at a time
     if baked_weights is not None:
         result.vae.load_state_dict(baked_weights)
     if recipe.save_as_half:
         result.to(torch.float16)
-    _write(result, recipe, target)
+    # The VAE's hash as the infotext's "VAE hash": its name alone may later mean another file.
+    _write(result, recipe, target, {"bake_in_vae_hash": vaes.short_hash(baked) if baked is not None else None,
+                                    "discarded_weights": len(discarded)})
     registry.refresh()
     log.info("merged %s into %s", " + ".join(entry.name for entry in entries), target)
     return target
+
+
+def _discarded_names(pipe, discard: re.Pattern) -> list[str]:
+    """The merged parts' weights that Discard weights names; MergeError, with names it could match, for none:
+    a pattern made for A1111's names ("model_ema.", "first_stage_model.") would otherwise change nothing, unsaid."""
+    names = [f"{part}.{key}" for part in MERGED_PARTS for key in getattr(pipe, part).state_dict()]
+    found = [name for name in names if discard.search(name)]
+    if not found:
+        firsts = [next(name for name in names if name.startswith(f"{part}.")) for part in MERGED_PARTS]
+        raise MergeError(f"Discard weights {discard.pattern[:100]!r} matches no weight of the model; weights "
+                         f"are named by part and diffusers name, such as {', '.join(firsts)} (A1111's names, such "
+                         "as model_ema. or first_stage_model., are not used here)")
+    return found
 
 
 def _skipped(registry: ModelRegistry) -> set[Path]:
@@ -177,8 +219,9 @@ def _weights(pipe) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def merge_state(part: str, a: dict, b: dict | None = None, c: dict | None = None, *, method: str,
-                multiplier: float) -> dict:
-    """One part's merged weights (the formulas at the top of this file). Integer buffers stay A's."""
+                multiplier: float, kept_as_a: re.Pattern | None = None) -> dict:
+    """One part's merged weights (the formulas at the top of this file). Integer buffers stay A's, and so do the
+    weights whose "<part>.<name>" kept_as_a finds (Discard weights)."""
     if method == NO_INTERPOLATION:
         return a
     others = {"B": b, "C": c} if method == ADD_DIFFERENCE else {"B": b}
@@ -189,7 +232,7 @@ def merge_state(part: str, a: dict, b: dict | None = None, c: dict | None = None
                              f"models are of different kinds ({KINDS_HINT})")
     merged = {}
     for key, weight in a.items():
-        if not weight.is_floating_point():
+        if not weight.is_floating_point() or (kept_as_a and kept_as_a.search(f"{part}.{key}")):
             merged[key] = weight
             continue
         if method == ADD_DIFFERENCE and b[key].shape != c[key].shape:
@@ -239,12 +282,14 @@ def remove_stale_partials(models_dir: Path, older_than: float = 24 * 3600) -> in
     return removed
 
 
-def _write(pipe, recipe: MergeRecipe, target: Path) -> None:
-    """Write under a temporary name and rename at the end: a merge stopped halfway leaves no model behind."""
+def _write(pipe, recipe: MergeRecipe, target: Path, found: dict) -> None:
+    """Write under a temporary name and rename at the end: a merge stopped halfway leaves no model behind. The
+    recipe file holds the recipe and what the merge found out (`found`)."""
     partial = target.parent / f".partial-{target.name}-{uuid.uuid4().hex[:8]}"
     try:
         pipe.save_pretrained(partial, safe_serialization=True)
-        (partial / RECIPE_FILE).write_text(json.dumps({"type": "diffusers-webui", **asdict(recipe)}, indent=2))
+        (partial / RECIPE_FILE).write_text(json.dumps({"type": "diffusers-webui", **asdict(recipe), **found},
+                                                      indent=2))
         partial.rename(target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

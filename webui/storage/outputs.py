@@ -5,6 +5,7 @@
                                                           their Directory name pattern other folders than the day)
     outputs/txt2img-grids/YYYY-MM-DD/grid-NNNN.png
     outputs/extras-images/NNNNN.png                      (Extras: pictures resized; no day folders, as in A1111)
+    <img2img Batch's Output directory>/<picture's name>.png  (a copy; see save_named)
 
 PNG by default, with the infotext in the text chunk `parameters`; the settings (storage/options.py) may choose
 JPEG or WebP, with the infotext in the EXIF UserComment, as A1111 writes them.
@@ -26,6 +27,7 @@ import re
 import struct
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -48,6 +50,16 @@ _CLAIM_TRIES = 100
 # Each format's encoder, and the longest side it can store (a larger picture is saved as PNG instead).
 _ENCODERS = {"png": ("PNG", 2**31 - 1), "jpg": ("JPEG", 65_535), "webp": ("WEBP", 16_383)}
 _MAX_EXIF_BYTES = 65_000  # a JPEG's EXIF segment holds at most 64 KiB (WebP's has no such limit)
+MAX_STEM_BYTES = 200  # a named copy's name before its suffixes: most file systems take 255 bytes
+_NAMED_TRIES = 1000  # <stem>-1 ... -999: a folder a batch ran into many times over
+
+
+@dataclass(frozen=True)
+class NamedCopy:
+    """Where a picture is also saved outside outputs/, under a name of its own: img2img Batch's Output directory,
+    named after the picture the run started from (its file name without the extension)."""
+    folder: Path
+    stem: str
 
 
 class OutputStore:
@@ -125,6 +137,24 @@ class OutputStore:
         options = self.options.current()
         return self._save(image, texts, self.extras_folder(), lambda n: f"{n:05d}", _NUMBERED,
                           options.samples_format, options.jpeg_quality)
+
+    def save_named(self, image: Image.Image, infotext: str, copy: NamedCopy) -> Path:
+        """The picture saved as <copy.folder>/<copy.stem>.<the settings' format>, as A1111 saves img2img Batch's
+        results into its Output directory. A taken name (the input picture itself, where the folders are one, or
+        an earlier run's) is never replaced: -1, -2, ... is added, as A1111's "Add number suffix" does."""
+        stem = copy.stem.encode()[:MAX_STEM_BYTES].decode(errors="ignore")  # cut whole characters only
+        if not stem or Path(stem).name != stem or stem in (".", ".."):  # a name, never a path out of the folder
+            raise ValueError(f"{copy.stem!r} cannot be a file name")
+        options = self.options.current()
+        texts = {"parameters": infotext}
+        file_format = _usable_format(image, options.samples_format, texts)
+        temp = copy.folder / f".partial-{uuid.uuid4().hex}.{file_format}"
+        try:
+            with _create_new(temp) as handle:
+                _encode(image, texts, file_format, options.jpeg_quality, handle)
+            return _link_unused_name(temp, copy.folder, stem, file_format)
+        finally:
+            temp.unlink(missing_ok=True)
 
     def extras_folder(self) -> Path:
         return self.outdir / f"{EXTRAS}-images"
@@ -236,6 +266,25 @@ def _claim_name(temp: Path, folder: Path, name_for, numbered: re.Pattern) -> Pat
             return final
     raise FileExistsError(f"no free file number in {folder} after {_CLAIM_TRIES} tries: "
                           f"is another program writing numbered files there?")
+
+
+def _link_unused_name(temp: Path, folder: Path, stem: str, extension: str) -> Path:
+    """Give the finished file the name <stem>.<extension>, else the first free <stem>-<n>.<extension>; os.link
+    fails rather than replace a file (or follow a link) that took the name meanwhile."""
+    for number in range(_NAMED_TRIES):
+        final = folder / (f"{stem}.{extension}" if number == 0 else f"{stem}-{number}.{extension}")
+        if os.path.lexists(final):
+            continue
+        try:
+            os.link(temp, final)
+            return final
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links (some network or FUSE drives): a rename, the name checked just before
+            os.replace(temp, final)
+            return final
+    raise FileExistsError(f"{stem}.{extension} and {_NAMED_TRIES - 1} numbered names after it are all taken in "
+                          f"{folder}")
 
 
 def resolve_inside(root: Path, path: str | Path) -> Path:

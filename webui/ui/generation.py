@@ -15,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import gradio as gr
@@ -25,6 +26,7 @@ from webui.engine.img2img import check_picture_size, size_from_image
 from webui.engine.samplers import SCHEDULE_TYPES, sampler_names
 from webui.engine.models import ModelNotFound
 from webui.storage.infotext import request_fields_from_infotext
+from webui.storage.outputs import NamedCopy
 from webui.storage.styles import Style
 from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, RESIZE_MODES, GenerationRequest,
                            InvalidRequest)
@@ -33,7 +35,7 @@ from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.params import SAME_SAMPLER, SAME_SCHEDULE, TAB_FIELDS, schedules_of, with_labels
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
                                batch_uploads, inpainting_settings, on_open_subtab, open_picture, outpainting_start,
-                               folder_pictures, picture_inputs, scaled_size_fields, start_pictures)
+                               folder_pictures, output_folder, picture_inputs, scaled_size_fields, start_pictures)
 from webui.loopback import loop_requests
 from webui.ui.scripts import (loopback_section, outpainting_section, plot_section, prompt_list_section,
                               prompt_matrix_section, sd_upscale_section)
@@ -50,6 +52,9 @@ POLL_SECONDS = 0.25
 DEFAULT_SAMPLER = "Euler a"
 KINDS = ("txt2img", "img2img")
 
+
+NO_SERVER_FOLDERS = ("Batch: this server reads no folders typed into the page (it is served to other machines "
+                     "without a login, or started with --hide-ui-dir-config)")
 
 EMBEDDINGS_WAIT = 5.0  # seconds the ↻ waits for the worker to read the embeddings folder
 
@@ -101,12 +106,12 @@ class GenerationActions(SeveralRuns):
                  loopback_final_strength: float = 0.5, loopback_curve: str = "Linear", sd_upscale: bool = False,
                  sd_upscale_overlap: int = 64, sd_upscale_scale: float = 2.0,
                  sd_upscale_upscaler: str = "Lanczos", sd_vae: str = "Automatic", batch_input_dir: str = "",
-                 batch_mask_dir: str = "") -> Iterator[tuple]:
+                 batch_mask_dir: str = "", batch_output_dir: str = "") -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
         one run for each uploaded picture (with its mask, if masks are uploaded), or each picture of the server
-        folder batch_input_dir (masks from batch_mask_dir);
+        folder batch_input_dir (masks from batch_mask_dir), each result also saved into batch_output_dir if given;
         txt2img's denoising strength is its hires fix's. With xyz_plot, one run for each combination of the
         axes' values (x_type and x_values, ...: webui/xyz_plot.py), then their grid; with prompt_list, one run
         for each of prompt_lines (webui/prompt_lines.py); with prompt_matrix, the prompt matrix's runs and grid;
@@ -147,6 +152,7 @@ class GenerationActions(SeveralRuns):
             if batch:
                 uploads = batch_uploads(*self._batch_files(batch_pictures, batch_masks, batch_input_dir,
                                                            batch_mask_dir))
+                copy_folder = self._batch_output(batch_output_dir)
                 mask_picture = uploads[0][1]  # the masks come all or none
             elif self.kind == "img2img":
                 picture, mask_picture = start_pictures(img2img_mode, {
@@ -186,8 +192,10 @@ class GenerationActions(SeveralRuns):
                     self.worker.check(loop)
                 runs = self._loopback(session, chains, picture, mask_picture)
             elif batch:
-                runs = self._several(session, [Submission(request, path, mask_path, scale)
-                                               for path, mask_path in uploads], "Batch")
+                runs = self._several(session, [
+                    Submission(request, path, mask_path, scale,
+                               NamedCopy(copy_folder, Path(path).stem) if copy_folder else None)
+                    for path, mask_path in uploads], "Batch")
             else:
                 job = self.worker.submit(request, origin="ui", owner=self._owner(session), init_image=picture,
                                          mask=mask_picture)
@@ -214,13 +222,20 @@ class GenerationActions(SeveralRuns):
         if not ((input_dir or "").strip() or (mask_dir or "").strip()):
             return pictures, masks
         if not self.reads_server_folders:
-            raise InvalidRequest("Batch: this server reads no folders typed into the page (it is served to other "
-                                 "machines without a login, or started with --hide-ui-dir-config); upload the "
-                                 "pictures instead")
+            raise InvalidRequest(NO_SERVER_FOLDERS + "; upload the pictures instead")
         if not (input_dir or "").strip():
             raise InvalidRequest("Batch: give the Input directory too, for the masks' pictures")
         folder_masks = folder_pictures(mask_dir, "Inpaint batch mask directory") if (mask_dir or "").strip() else None
         return folder_pictures(input_dir, "Input directory"), folder_masks or masks
+
+    def _batch_output(self, output_dir: str | None) -> Path | None:
+        """Batch's Output directory, checked before the first picture runs; None where none is given."""
+        if not (output_dir or "").strip():
+            return None
+        if not self.reads_server_folders:  # writing there is reaching the server's files as much as reading
+            raise InvalidRequest(NO_SERVER_FOLDERS + "; leave the Output directory empty (the results go to the "
+                                 "outputs folder as every run's)")
+        return output_folder(output_dir)
 
     def generate_on(self, subtab: str, names: list[str]) -> Callable[..., Iterator[tuple]]:
         """generate() as the img2img sub-tab `subtab`'s own Generate event calls it: the inputs after the session

@@ -42,12 +42,12 @@ class MergerActions:
         return gr.update(choices=[NO_VAE, *(vae.name for vae in self.services.engine.vaes.files())])
 
     def merge(self, primary: str, secondary: str, tertiary: str, method: str, multiplier: float, save_as_half: bool,
-              name: str, bake_in_vae: str = NO_VAE) -> str:
+              name: str, bake_in_vae: str = NO_VAE, discard_weights: str = "") -> str:
         """Make the merged model; a line saying where it went, or what to change."""
         if self.locked_because:
             return _message(f"Not merged: {self.locked_because}", error=True)
         recipe = MergeRecipe(primary or "", secondary or None, tertiary or None, method, float(multiplier),
-                             bool(save_as_half), name or "", bake_in_vae or NO_VAE)
+                             bool(save_as_half), name or "", bake_in_vae or NO_VAE, discard_weights or "")
         if not self._one_at_a_time.acquire(blocking=False):
             return _message("Not merged: another merge is running; try again when it has finished", error=True)
         try:
@@ -83,6 +83,7 @@ class MergerTab:
     save_as_half: gr.Checkbox
     name: gr.Textbox
     bake_in_vae: gr.Dropdown
+    discard_weights: gr.Textbox
     merge: gr.Button
     result: gr.HTML
     actions: MergerActions
@@ -116,10 +117,15 @@ def build_merger(services: Services) -> MergerTab:
         bake_in_vae = gr.Dropdown([NO_VAE, *(vae.name for vae in services.engine.vaes.files())], value=NO_VAE,
                                   label="Bake in VAE", elem_id="merger_bake_in_vae",
                                   info="a VAE file (models/VAE) to put in the merged model instead of A's")
+    discard_weights = gr.Textbox("", label="Discard weights", elem_id="merger_discard_weights",
+                                 placeholder=r"a regular expression, such as ^text_encoder\. or ^unet\.up_blocks",
+                                 info="the weights whose names it matches (unet.…, text_encoder.…, vae.…) are not "
+                                      "merged: they stay A's. A1111 leaves them out of its file; a model folder "
+                                      "without them would load them as random numbers")
     merge = gr.Button("Merge", variant="primary", elem_id="merger_merge", interactive=locked is None)
     result = gr.HTML("", elem_id="merger_result")
     merged = merge.click(actions.merge, [primary, secondary, tertiary, method, multiplier, save_as_half, name,
-                                         bake_in_vae], result, api_visibility="private")
-    return MergerTab(primary, secondary, tertiary, method, multiplier, save_as_half, name, bake_in_vae, merge, result,
-                     actions, merged)
+                                         bake_in_vae, discard_weights], result, api_visibility="private")
+    return MergerTab(primary, secondary, tertiary, method, multiplier, save_as_half, name, bake_in_vae,
+                     discard_weights, merge, result, actions, merged)
 

@@ -7,6 +7,7 @@ Only reads widget values; the worker checks and fits what it is given.
 from __future__ import annotations
 
 import re
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ CANVASES = {SKETCH: ("color_sketch", "composite"), INPAINT: ("inpaint_canvas", "
 # (a 1024x1024 picture left on the Sketch canvas made each Generate on the img2img sub-tab take 32 s, not 0.5 s).
 SUBTAB_INPUTS = {PLAIN: ("init_image",), SKETCH: ("color_sketch",), INPAINT: ("inpaint_canvas",),
                  INPAINT_SKETCH: ("inpaint_color_sketch",), INPAINT_UPLOAD: ("inpaint_image", "mask"),
-                 BATCH: ("batch_pictures", "batch_masks", "batch_input_dir", "batch_mask_dir")}
+                 BATCH: ("batch_pictures", "batch_masks", "batch_input_dir", "batch_mask_dir",
+                        "batch_output_dir")}
 ALL_SUBTAB_INPUTS = tuple(name for names in SUBTAB_INPUTS.values() for name in names)
 NO_PICTURE = "Upload a picture to start from (drop one on Image, or send one from txt2img, History or PNG Info)."
 NO_STROKES = {INPAINT: "Inpaint: upload a picture, then paint over the part to draw again.",
@@ -103,7 +105,8 @@ def picture_inputs(server_folders: bool = True) -> tuple[dict[str, gr.components
     hidden Textbox, not a State, so that Gradio API callers can pick one too), "init_image", "color_sketch" (the
     Sketch canvas), "inpaint_canvas", "inpaint_color_sketch" (the Inpaint sketch canvas), "inpaint_image" and "mask"
     (Inpaint upload), "batch_pictures" and "batch_masks" (Batch: the uploads' paths), "batch_input_dir" and
-    "batch_mask_dir" (Batch: server folders instead, shown where server_folders)."""
+    "batch_mask_dir" (Batch: server folders instead) and "batch_output_dir" (Batch: a server folder the results
+    also go to), shown where server_folders."""
     mode = gr.Textbox(PLAIN, visible=False, label="img2img mode", elem_id="img2img_mode")
     picture = dict(sources=["upload", "clipboard"], format="png")
     # image_mode None: the worker lays a transparent part on white (Gradio's RGB would make it black).
@@ -138,13 +141,17 @@ def picture_inputs(server_folders: bool = True) -> tuple[dict[str, gr.components
                                        placeholder="a folder of pictures on this machine: each is a run of its own")
                 mask_dir = gr.Textbox("", label="Inpaint batch mask directory", elem_id="img2img_batch_mask_dir",
                                       placeholder="optional: masks named as the pictures, to inpaint")
+                output_dir = gr.Textbox("", label="Output directory", elem_id="img2img_batch_output_dir",
+                                        placeholder="optional: each result is also saved here, named as its picture "
+                                                    "(a file there is never replaced)")
     tabs_in_order = (plain_tab, sketch_tab, inpaint_tab, inpaint_sketch_tab, upload_tab, batch_tab)
     for tab, name in zip(tabs_in_order, IMG2IMG_MODES):
         tab.select(lambda name=name: name, outputs=[mode], api_visibility="private", show_progress="hidden")
     return {"img2img_mode": mode, "init_image": init_image, "color_sketch": color_sketch,
             "inpaint_canvas": inpaint_canvas, "inpaint_color_sketch": inpaint_color_sketch,
             "inpaint_image": inpaint_image, "mask": mask, "batch_pictures": batch_pictures,
-            "batch_masks": batch_masks, "batch_input_dir": input_dir, "batch_mask_dir": mask_dir}, tabs
+            "batch_masks": batch_masks, "batch_input_dir": input_dir, "batch_mask_dir": mask_dir,
+            "batch_output_dir": output_dir}, tabs
 
 
 def on_open_subtab(trigger: Callable, mode: gr.Textbox) -> dict[str, gr.Textbox]:
@@ -308,6 +315,26 @@ def folder_pictures(folder: str, label: str, where: str = "Batch") -> list[str]:
     if not pictures:
         raise InvalidRequest(f"{where}: {label} {shown} holds no pictures ({', '.join(PICTURE_SUFFIXES)})")
     return sorted(pictures, key=_natural_order)
+
+
+def output_folder(folder: str, where: str = "Batch") -> Path:
+    """Batch's Output directory: the folder, absolute; InvalidRequest naming what to fix where it is no folder or
+    cannot be written to, found before the batch starts."""
+    shown = repr(folder.strip()[:200])
+    try:
+        path = Path(folder.strip()).expanduser().absolute()
+        if not path.is_dir():
+            raise InvalidRequest(f"{where}: Output directory {shown} is no folder on this machine; give the full path "
+                                 "of a folder that exists")
+        # Written to, not judged by its permission bits, which a read-only drive or an ACL makes wrong. Linux's
+        # temporary file has no name, so nothing shows in the folder even for a moment.
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except (OSError, RuntimeError) as err:  # not writable, a path too long, an unknown ~user
+        raise InvalidRequest(f"{where}: Output directory {shown} cannot be written to "
+                             f"({getattr(err, 'strerror', None) or err}); give a folder this server may write in"
+                             ) from None
+    return path
 
 
 def _natural_order(path: str) -> list:

@@ -23,6 +23,7 @@ from webui.ui.progress import error_html, notice_html, seconds_html
 from webui.ui.session import Session, gallery_items
 from webui.worker import QueueFull, WorkerStopped
 from webui.storage.infotext import with_params
+from webui.storage.outputs import NamedCopy
 from webui.xyz_plot import SCRIPT, Axis, Cell, Plot, draw_grid, plot_params
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class Submission:
     picture: Image.Image | str | Callable[[], Image.Image] | None = None
     mask: Image.Image | str | None = None
     scale: float | None = None  # img2img's Resize by: the run's size is the picture's times this
+    copy_to: NamedCopy | None = None  # img2img Batch's Output directory: where its images are also saved
 
 
 def _opened(picture: Image.Image | str | Callable[[], Image.Image] | None, where: str) -> Image.Image | None:
@@ -97,7 +99,7 @@ class SeveralRuns:
                 if submission.scale and picture is not None:
                     request = request | scaled_size_fields(picture, submission.scale)
                 job = self.worker.submit(request, origin="ui", owner=self._owner(session), init_image=picture,
-                                         mask=_opened(submission.mask, what))
+                                         mask=_opened(submission.mask, what), copy_to=submission.copy_to)
             except (InvalidRequest, QueueFull, WorkerStopped) as err:
                 yield session, gr.skip(), note + error_html(with_labels(str(err))), gr.update(visible=False), \
                     gr.skip(), ""
