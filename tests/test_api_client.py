@@ -83,7 +83,7 @@ def test_webuiapi_client_works_unchanged(server):
     assert api.get_options()["sd_checkpoint_hash"].startswith(title.partition("[")[2].rstrip("]"))
     flags = api.get_cmd_flags()
     assert flags["api_auth"] == "<set>" and PASSWORD not in str(flags)  # whether auth is on, never the password
-    assert api.get_realesrgan_models() == []
+    assert "R-ESRGAN 4x+" in [model["name"] for model in api.get_realesrgan_models()]  # downloadable, as A1111's
     api.set_options({"CLIP_stop_at_last_layers": 2})
     assert api.get_options()["CLIP_stop_at_last_layers"] == 2
     result = api.txt2img(prompt="a lighthouse", seed=1, width=64, height=64, sampler_name="DDIM", scheduler="normal")
