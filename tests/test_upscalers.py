@@ -124,6 +124,10 @@ def test_compact_network_adds_its_residual_to_the_nearest_enlargement():
 def test_files_of_other_kinds_are_refused_with_what_is_read():
     with pytest.raises(UpscalerFileError, match="RRDBNet and SRVGGNetCompact"):
         build_network({"layers.0.residual_group.blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, "swinir")
+    relu_compact = {"body.0.weight": torch.zeros(4, 3, 3, 3), "body.0.bias": torch.zeros(4),
+                    "body.2.weight": torch.zeros(48, 4, 3, 3), "body.2.bias": torch.zeros(48)}  # no PReLU at body.1
+    with pytest.raises(UpscalerFileError, match="without PReLU"):
+        build_network(relu_compact | {"body.1.weight": torch.zeros(4, 4, 3, 3)}, "relu")
     broken = rrdb_weights()
     broken["conv_hr.weight"] = torch.zeros(4, 5, 3, 3)
     with pytest.raises(UpscalerFileError, match="do not fit"):

@@ -183,7 +183,8 @@ def _rrdbnet_for(state: dict[str, torch.Tensor]) -> RRDBNet:
 
 def _srvgg_for(state: dict[str, torch.Tensor], name: str) -> SRVGGNetCompact:
     conv_keys = sorted((int(k.split(".")[1]) for k in state if k.endswith(".weight") and state[k].ndim == 4))
-    if any(state[f"body.{i}.weight"].ndim != 1 for i in range(1, conv_keys[-1], 2)):
+    activations = [state.get(f"body.{i}.weight") for i in range(1, conv_keys[-1], 2)]
+    if any(weight is None or weight.ndim != 1 for weight in activations):
         raise UpscalerFileError(f"{name}: a compact network without PReLU activations is not built here")
     features, in_channels = state["body.0.weight"].shape[:2]
     out_channels = in_channels
