@@ -313,3 +313,13 @@ def test_the_api_lists_and_uses_a_model_upscaler(upscaling_services):
         r = client.post("/sdapi/v1/extra-single-image", json={"image": base64.b64encode(buffer.getvalue()).decode(),
                                                                  "upscaler_1": "4x-Missing"})
         assert r.status_code == 422 and "upscaler_1: there is no upscaler '4x-Missing'" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("unfold", [2, 4])
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (40, 1), (1, 3), (3, 2)])
+def test_a_folding_network_takes_pictures_narrower_than_its_fold(unfold, size):
+    """Real-ESRGAN's 2x and 1x networks fold 2x2 or 4x4 pixels into channels: a side of 1 to 3 pixels is padded by
+    repeating its edge (a mirror needs more pixels than it adds), not refused with a RuntimeError."""
+    network = build_network(rrdb_weights(unfold=unfold), "fold")
+    x = torch.rand(1, 3, size[1], size[0])
+    assert network(x).shape[-2:] == (size[1] * network.scale, size[0] * network.scale)

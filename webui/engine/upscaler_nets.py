@@ -66,7 +66,9 @@ class RRDBNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         if self.unfold > 1:  # the fold needs sides that divide; mirror the edge out to them, cut off after
-            x = F.pad(x, (0, -width % self.unfold, 0, -height % self.unfold), mode="reflect")
+            pad = (0, -width % self.unfold, 0, -height % self.unfold)
+            # (a mirror needs more pixels than it adds: a side of 1 to 3 pixels repeats its edge instead)
+            x = F.pad(x, pad, mode="reflect" if pad[1] < width and pad[3] < height else "replicate")
             x = F.pixel_unshuffle(x, self.unfold)
         features = self.conv_first(x)
         features = features + self.conv_body(self.body(features))
