@@ -323,3 +323,83 @@ def test_a_folding_network_takes_pictures_narrower_than_its_fold(unfold, size):
     network = build_network(rrdb_weights(unfold=unfold), "fold")
     x = torch.rand(1, 3, size[1], size[0])
     assert network(x).shape[-2:] == (size[1] * network.scale, size[0] * network.scale)
+
+
+class _Answer:
+    """A download's answer as urllib gives it: headers, then reads until b""; `cut` raises mid-way."""
+
+    def __init__(self, body: bytes, length: int | None = None, cut: Exception | None = None):
+        import email.message
+
+        self.headers = email.message.Message()
+        if length is not None:
+            self.headers["Content-Length"] = str(length)
+        self.body, self.cut = body, cut
+
+    def read(self, size):
+        if not self.body and self.cut:
+            raise self.cut
+        chunk, self.body = self.body[:size], self.body[size:]
+        return chunk
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("answer, says", [
+    (lambda whole: _Answer(whole[:100], length=len(whole)), "ended after 100 of"),  # urllib's short read: no error
+    (lambda whole: _Answer(whole[:100], cut=__import__("http.client").client.IncompleteRead(b"")), "IncompleteRead"),
+    (lambda whole: _Answer(b"<html>rate limited</html>", length=25), "could not be read as weights"),
+])
+def test_a_cut_or_wrong_download_leaves_no_file(folders, monkeypatch, answer, says):
+    """A download cut short (urllib reports a cut connection with a known length as the end of the file), a chunked
+    one cut (http.client's IncompleteRead, no OSError) or a page that is no weights file: refused with the message
+    that says to download it by hand, and nothing is left in the folder, so the next use downloads it again."""
+    import io
+    import webui.engine.upscalers as upscalers
+
+    esrgan, real = folders
+    buffer = io.BytesIO()
+    torch.save({"params_ema": rrdb_weights()}, buffer)
+    monkeypatch.setattr(upscalers, "open_url", lambda url, timeout: answer(buffer.getvalue()))
+    library = UpscalerLibrary(esrgan, real, downloads=True)
+    with pytest.raises(UpscalerError, match=f"(?s)R-ESRGAN 4x\\+: could not download .*{says}.*download it yourself"):
+        library.network(library.find("R-ESRGAN 4x+"))
+    assert list(real.iterdir()) == []
+    monkeypatch.setattr(upscalers, "open_url", lambda url, timeout: _Answer(buffer.getvalue(), len(buffer.getvalue())))
+    assert library.network(library.find("R-ESRGAN 4x+")).scale == 4  # tried again, and whole this time
+    assert [p.name for p in real.iterdir()] == ["RealESRGAN_x4plus.pth"]
+
+
+def test_a_download_does_not_hold_up_checks_of_files_that_are_there(folders, monkeypatch):
+    """The worker downloading a Real-ESRGAN file for minutes; meanwhile a request naming a file that is there is
+    checked at once (it used to wait on the same lock for the whole download)."""
+    import threading
+    import webui.engine.upscalers as upscalers
+
+    esrgan, real = folders
+    torch.save(rrdb_weights(), esrgan / "4x-Here.pth")
+    started, release = threading.Event(), threading.Event()
+
+    def slow(url, timeout):
+        started.set()
+        release.wait(30)
+        raise OSError("gave up")
+
+    monkeypatch.setattr(upscalers, "open_url", slow)
+    library = UpscalerLibrary(esrgan, real, downloads=True)
+    downloading = threading.Thread(target=lambda: pytest.raises(UpscalerError, library.network,
+                                                                library.find("R-ESRGAN 4x+")))
+    downloading.start()
+    try:
+        assert started.wait(10)
+        checked = threading.Thread(target=library.check, args=("4x-Here",))
+        checked.start()
+        checked.join(10)
+        assert not checked.is_alive()
+    finally:
+        release.set()
+        downloading.join(30)

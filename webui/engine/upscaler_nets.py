@@ -96,11 +96,11 @@ class SRVGGNetCompact(nn.Module):
         return out + F.interpolate(x, scale_factor=self.scale, mode="nearest")
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, suffix: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a `.pth`/`.pt` (read without running pickled code) or `.safetensors` file, unwrapped from
-    BasicSR's `params_ema` / `params`."""
+    BasicSR's `params_ema` / `params`. `suffix`: the kind of file, where its name does not say it (a download)."""
     try:
-        if path.suffix.lower() == ".safetensors":
+        if (suffix or path.suffix).lower() == ".safetensors":
             from safetensors.torch import load_file
             state = load_file(str(path))
         else:
