@@ -403,3 +403,54 @@ def test_a_download_does_not_hold_up_checks_of_files_that_are_there(folders, mon
     finally:
         release.set()
         downloading.join(30)
+
+
+def test_extras_crop_runs_a_model_on_the_kept_middle_only(upscaling_services, monkeypatch):
+    """Scale to with Crop to fit: a thin picture covering a square is enlarged many times over along its length, and
+    only the middle is kept. A filter resizes only that middle; a model upscaler used to be asked for the whole
+    uncut size (here 2048x16 to 2048x2048 asked for 262144x2048: 537 megapixels, hours of work and gigabytes),
+    now for the kept part and a little context around it, or refused when even that is too large."""
+    from tests.helpers import noise_picture
+    from webui.extras import Upscalers, parse_upscale, upscale
+
+    asked = []
+    engine = upscaling_services.engine
+    real = engine.upscale_picture
+
+    def spy(picture, size, name):
+        asked.append(size)
+        if size[0] * size[1] > 20_000_000:
+            raise AssertionError(f"asked for {size}")
+        return real(picture, size, name)
+
+    monkeypatch.setattr(engine, "upscale_picture", spy)
+    upscalers = Upscalers(upscaling_services.worker)
+    settings = parse_upscale({"upscaler_1": "2x-Tiny", "resize_mode": 1, "upscaling_resize_w": 64,
+                              "upscaling_resize_h": 64})
+    done = upscale(noise_picture(5, 64, 2), settings, upscalers)  # covering 64x64 takes 32x: 2048x64
+    assert done.image.size == (64, 64)
+    assert asked[-1][1] == 64 and asked[-1][0] < 2048 / 2  # the middle and its context, not the 2048 wide whole
+    settings = parse_upscale({"upscaler_1": "2x-Tiny", "resize_mode": 1, "upscaling_resize_w": 2048,
+                              "upscaling_resize_h": 2048})
+    asked.clear()
+    try:
+        done = upscale(noise_picture(6, 2048, 16), settings, upscalers)
+        assert done.image.size == (2048, 2048)
+    except InvalidRequest as err:  # refused before any pass, naming what to change
+        assert "Crop" in str(err) or "crop" in str(err)
+    assert all(w * h <= 20_000_000 for w, h in asked)
+
+
+def test_extras_crop_of_a_model_matches_the_middle_of_the_whole(upscaling_services):
+    """The kept middle made from its part of the picture is the middle of the whole enlargement (but for the last
+    bits of the network's reach at the part's edges)."""
+    from tests.helpers import noise_picture
+    from webui.extras import Upscalers, parse_upscale, upscale
+
+    picture = noise_picture(8, 100, 20)
+    settings = parse_upscale({"upscaler_1": "2x-Tiny", "resize_mode": 1, "upscaling_resize_w": 60,
+                              "upscaling_resize_h": 60})  # 3x: 300x60, its middle 60x60 kept
+    done = upscale(picture, settings, Upscalers(upscaling_services.worker))
+    whole = upscaling_services.engine.upscalers.resize(picture, (300, 60), "2x-Tiny").crop((120, 0, 180, 60))
+    difference = np.abs(np.asarray(done.image, np.int16) - np.asarray(whole, np.int16))
+    assert done.image.size == (60, 60) and difference.mean() < 0.5 and difference.max() <= 8
