@@ -454,3 +454,20 @@ def test_extras_crop_of_a_model_matches_the_middle_of_the_whole(upscaling_servic
     whole = upscaling_services.engine.upscalers.resize(picture, (300, 60), "2x-Tiny").crop((120, 0, 180, 60))
     difference = np.abs(np.asarray(done.image, np.int16) - np.asarray(whole, np.int16))
     assert done.image.size == (60, 60) and difference.mean() < 0.5 and difference.max() <= 8
+
+
+def test_a_hires_picture_sent_to_img2img_warns_of_no_upscaler(monkeypatch):
+    """img2img has no hires fix: the hires upscaler of a picture sent there is not applied, and no warning says that
+    'Latent' is not on this server (the img2img tab's list is SD upscale's, which has no latent upscalers)."""
+    import webui.ui.params as params
+    from webui.engine.hires import PICTURE_UPSCALERS
+
+    notes = []
+    monkeypatch.setattr(params.gr, "Warning", lambda note, *args, **kwargs: notes.append(note))
+    fields = {"prompt": "a cat", "enable_hr": True, "hr_upscaler": "Latent", "hr_scale": 2.0}
+    params.widget_updates(fields, params.TAB_FIELDS["img2img"], [], lambda *a: None, [],
+                          [*PICTURE_UPSCALERS, "4x-Tiny"])
+    assert notes == []
+    params.widget_updates(fields | {"hr_upscaler": "4x-Gone"}, params.TAB_FIELDS["txt2img"], [], lambda *a: None, [],
+                          ["Latent", "Lanczos", "4x-Tiny"])
+    assert len(notes) == 1 and "'4x-Gone' is not on this server" in notes[0]
