@@ -471,3 +471,11 @@ def test_a_hires_picture_sent_to_img2img_warns_of_no_upscaler(monkeypatch):
     params.widget_updates(fields | {"hr_upscaler": "4x-Gone"}, params.TAB_FIELDS["txt2img"], [], lambda *a: None, [],
                           ["Latent", "Lanczos", "4x-Tiny"])
     assert len(notes) == 1 and "'4x-Gone' is not on this server" in notes[0]
+
+
+def test_an_unknown_hires_upscaler_is_refused_naming_the_latent_ones_too(upscaling_services):
+    with pytest.raises(InvalidRequest, match="hr_upscaler: there is no upscaler 'Bogus'.*2x-Tiny.*or a latent "
+                                             "upscaler: Latent, Latent \\(antialiased\\)"):
+        upscaling_services.worker.check({"prompt": "x", "enable_hr": True, "hr_upscaler": "Bogus"})
+    with pytest.raises(InvalidRequest, match="sd_upscale_upscaler: there is no upscaler 'Bogus'.*put the file there\\)$"):
+        upscaling_services.worker.check({"prompt": "x", "sd_upscale": True, "sd_upscale_upscaler": "Bogus"})
