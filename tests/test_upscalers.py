@@ -439,6 +439,12 @@ def test_extras_crop_runs_a_model_on_the_kept_middle_only(upscaling_services, mo
     except InvalidRequest as err:  # refused before any pass, naming what to change
         assert "Crop" in str(err) or "crop" in str(err)
     assert all(w * h <= 20_000_000 for w, h in asked)
+    settings = parse_upscale({"upscaler_1": "2x-Tiny", "resize_mode": 1, "upscaling_resize_w": 8192,
+                              "upscaling_resize_h": 8192})
+    asked.clear()
+    with pytest.raises(InvalidRequest, match="2x-Tiny: the 8192x8192 kept of 8192000x8192 .*untick Crop to fit"):
+        upscale(noise_picture(7, 1000, 1), settings, upscalers)  # each pixel of it 8192 wide
+    assert asked == []
 
 
 def test_extras_crop_of_a_model_matches_the_middle_of_the_whole(upscaling_services):

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from webui.engine.hires import IMAGE_UPSCALERS, NO_UPSCALER, PICTURE_UPSCALERS
 from webui.engine.img2img import as_rgb
+from webui.engine.upscalers import MAX_PASS_PIXELS
 from webui.schemas import InvalidRequest, describe_validation_errors
 from webui.storage.infotext import build_infotext
 from webui.storage.outputs import read_infotext, text_chunks
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 EXTRAS_UPSCALERS = PICTURE_UPSCALERS  # those of every server; the model upscalers come after them
 MAX_UPSCALER_NAME = 200
 MODEL_CONTEXT = 16  # pixels of the original around a crop's part that a model upscaler sees too
-MAX_MODEL_PIXELS = 2 * 8192 * 8192  # the most a model upscaler makes for one crop (then cut to at most 8192^2)
 MAX_SCALE = 8.0  # A1111's largest factor
 MAX_PICTURES = 100  # in one batch
 MAX_SIDE = 8192  # an 8192x8192 RGB picture is 200 MB in memory, and its PNG takes seconds to write
@@ -118,7 +118,7 @@ class Upscalers:
         part = (max(0, math.floor(box[0]) - context[0]), max(0, math.floor(box[1]) - context[1]),
                 min(picture.width, math.ceil(box[2]) + context[0]), min(picture.height, math.ceil(box[3]) + context[1]))
         size = (round((part[2] - part[0]) * scale[0]), round((part[3] - part[1]) * scale[1]))
-        if size[0] * size[1] > MAX_MODEL_PIXELS:
+        if size[0] * size[1] > MAX_PASS_PIXELS:  # what one pass may make
             raise InvalidRequest(f"{name}: the {kept[0]}x{kept[1]} kept of {resized[0]}x{resized[1]} would be made "
                                  f"from a {size[0]}x{size[1]} enlargement, too large for a model upscaler; untick "
                                  "Crop to fit, ask for a shape nearer the picture's, or use Lanczos")
