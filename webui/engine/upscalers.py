@@ -182,7 +182,7 @@ def picture_upscalers(library: UpscalerLibrary | None) -> list[str]:
 def run_network(network: torch.nn.Module, picture: Image.Image) -> Image.Image:
     """One pass of the network over an RGB picture (on the network's device and dtype)."""
     weights = next(network.parameters())
-    pixels = torch.from_numpy(np.asarray(picture.convert("RGB"))).permute(2, 0, 1)[None]
+    pixels = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)[None]  # (a copy: writable)
     pixels = pixels.to(weights.device, weights.dtype) / 255
     out = upscale_tensor(network, pixels).float()
     return Image.fromarray(out[0].permute(1, 2, 0).mul(255).round().byte().cpu().numpy())
