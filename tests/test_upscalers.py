@@ -485,3 +485,38 @@ def test_an_unknown_hires_upscaler_is_refused_naming_the_latent_ones_too(upscali
         upscaling_services.worker.check({"prompt": "x", "enable_hr": True, "hr_upscaler": "Bogus"})
     with pytest.raises(InvalidRequest, match="sd_upscale_upscaler: there is no upscaler 'Bogus'.*put the file there\\)$"):
         upscaling_services.worker.check({"prompt": "x", "sd_upscale": True, "sd_upscale_upscaler": "Bogus"})
+
+
+@pytest.mark.parametrize("name, make, scale", [
+    ("RealESRGAN_x4plus", lambda: {"params_ema": rrdb_weights(64, 32, 23, ups=2)}, 4),
+    ("RealESRGAN_x4plus_anime_6B", lambda: {"params_ema": rrdb_weights(64, 32, 6, ups=2)}, 4),
+    ("RealESRGAN_x2plus", lambda: {"params_ema": rrdb_weights(64, 32, 23, ups=2, unfold=2)}, 2),
+    ("4x-UltraSharp (ESRGAN's model.N)", lambda: esrgan_layout(rrdb_weights(64, 32, 23, ups=2), ups=2), 4),
+    ("8x ESRGAN", lambda: esrgan_layout(rrdb_weights(64, 32, 23, ups=3), ups=3), 8),
+    ("2x ESRGAN", lambda: esrgan_layout(rrdb_weights(64, 32, 23, ups=1), ups=1), 2),
+    ("1x ESRGAN", lambda: esrgan_layout(rrdb_weights(64, 32, 23, ups=0), ups=0), 1),
+    ("realesr-general-x4v3", lambda: {"params": compact_weights(64, 32, 4)}, 4),
+    ("realesr-animevideov3", lambda: {"params": compact_weights(64, 16, 4)}, 4),
+])
+def test_the_released_networks_full_size_load_and_enlarge_by_their_scale(name, make, scale, tmp_path):
+    """The published files' key names and shapes (BasicSR's params_ema/params, ESRGAN's model.N from 1x to 8x,
+    SRVGGNetCompact's body.N with PReLU), at full size."""
+    from webui.engine.upscaler_nets import read_weights
+
+    path = tmp_path / "model.pth"
+    torch.save(make(), path)
+    network = build_network(read_weights(path), name)
+    assert network.scale == scale
+    with torch.inference_mode():
+        assert network(torch.rand(1, 3, 10, 12)).shape == (1, 3, 10 * scale, 12 * scale)
+
+
+def compact_weights(features: int, convs: int, scale: int) -> dict[str, torch.Tensor]:
+    state = {"body.0.weight": torch.randn(features, 3, 3, 3) * 0.05, "body.0.bias": torch.zeros(features),
+             "body.1.weight": torch.full((features,), 0.25)}
+    for n in range(convs):
+        state |= {f"body.{2 * n + 2}.weight": torch.randn(features, features, 3, 3) * 0.05,
+                  f"body.{2 * n + 2}.bias": torch.zeros(features), f"body.{2 * n + 3}.weight": torch.full((features,), 0.25)}
+    last = 2 * convs + 2
+    return state | {f"body.{last}.weight": torch.randn(3 * scale * scale, features, 3, 3) * 0.05,
+                    f"body.{last}.bias": torch.zeros(3 * scale * scale)}
