@@ -313,3 +313,210 @@ def test_the_api_lists_and_uses_a_model_upscaler(upscaling_services):
         r = client.post("/sdapi/v1/extra-single-image", json={"image": base64.b64encode(buffer.getvalue()).decode(),
                                                                  "upscaler_1": "4x-Missing"})
         assert r.status_code == 422 and "upscaler_1: there is no upscaler '4x-Missing'" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("unfold", [2, 4])
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (40, 1), (1, 3), (3, 2)])
+def test_a_folding_network_takes_pictures_narrower_than_its_fold(unfold, size):
+    """Real-ESRGAN's 2x and 1x networks fold 2x2 or 4x4 pixels into channels: a side of 1 to 3 pixels is padded by
+    repeating its edge (a mirror needs more pixels than it adds), not refused with a RuntimeError."""
+    network = build_network(rrdb_weights(unfold=unfold), "fold")
+    x = torch.rand(1, 3, size[1], size[0])
+    assert network(x).shape[-2:] == (size[1] * network.scale, size[0] * network.scale)
+
+
+class _Answer:
+    """A download's answer as urllib gives it: headers, then reads until b""; `cut` raises mid-way."""
+
+    def __init__(self, body: bytes, length: int | None = None, cut: Exception | None = None):
+        import email.message
+
+        self.headers = email.message.Message()
+        if length is not None:
+            self.headers["Content-Length"] = str(length)
+        self.body, self.cut = body, cut
+
+    def read(self, size):
+        if not self.body and self.cut:
+            raise self.cut
+        chunk, self.body = self.body[:size], self.body[size:]
+        return chunk
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("answer, says", [
+    (lambda whole: _Answer(whole[:100], length=len(whole)), "ended after 100 of"),  # urllib's short read: no error
+    (lambda whole: _Answer(whole[:100], cut=__import__("http.client").client.IncompleteRead(b"")), "IncompleteRead"),
+    (lambda whole: _Answer(b"<html>rate limited</html>", length=25), "could not be read as weights"),
+])
+def test_a_cut_or_wrong_download_leaves_no_file(folders, monkeypatch, answer, says):
+    """A download cut short (urllib reports a cut connection with a known length as the end of the file), a chunked
+    one cut (http.client's IncompleteRead, no OSError) or a page that is no weights file: refused with the message
+    that says to download it by hand, and nothing is left in the folder, so the next use downloads it again."""
+    import io
+    import webui.engine.upscalers as upscalers
+
+    esrgan, real = folders
+    buffer = io.BytesIO()
+    torch.save({"params_ema": rrdb_weights()}, buffer)
+    monkeypatch.setattr(upscalers, "open_url", lambda url, timeout: answer(buffer.getvalue()))
+    library = UpscalerLibrary(esrgan, real, downloads=True)
+    with pytest.raises(UpscalerError, match=f"(?s)R-ESRGAN 4x\\+: could not download .*{says}.*download it yourself"):
+        library.network(library.find("R-ESRGAN 4x+"))
+    assert list(real.iterdir()) == []
+    monkeypatch.setattr(upscalers, "open_url", lambda url, timeout: _Answer(buffer.getvalue(), len(buffer.getvalue())))
+    assert library.network(library.find("R-ESRGAN 4x+")).scale == 4  # tried again, and whole this time
+    assert [p.name for p in real.iterdir()] == ["RealESRGAN_x4plus.pth"]
+
+
+def test_a_download_does_not_hold_up_checks_of_files_that_are_there(folders, monkeypatch):
+    """The worker downloading a Real-ESRGAN file for minutes; meanwhile a request naming a file that is there is
+    checked at once (it used to wait on the same lock for the whole download)."""
+    import threading
+    import webui.engine.upscalers as upscalers
+
+    esrgan, real = folders
+    torch.save(rrdb_weights(), esrgan / "4x-Here.pth")
+    started, release = threading.Event(), threading.Event()
+
+    def slow(url, timeout):
+        started.set()
+        release.wait(30)
+        raise OSError("gave up")
+
+    monkeypatch.setattr(upscalers, "open_url", slow)
+    library = UpscalerLibrary(esrgan, real, downloads=True)
+    downloading = threading.Thread(target=lambda: pytest.raises(UpscalerError, library.network,
+                                                                library.find("R-ESRGAN 4x+")))
+    downloading.start()
+    try:
+        assert started.wait(10)
+        checked = threading.Thread(target=library.check, args=("4x-Here",))
+        checked.start()
+        checked.join(10)
+        assert not checked.is_alive()
+    finally:
+        release.set()
+        downloading.join(30)
+
+
+def test_extras_crop_runs_a_model_on_the_kept_middle_only(upscaling_services, monkeypatch):
+    """Scale to with Crop to fit: a thin picture covering a square is enlarged many times over along its length, and
+    only the middle is kept. A filter resizes only that middle; a model upscaler used to be asked for the whole
+    uncut size (here 2048x16 to 2048x2048 asked for 262144x2048: 537 megapixels, hours of work and gigabytes),
+    now for the kept part and a little context around it, or refused when even that is too large."""
+    from tests.helpers import noise_picture
+    from webui.extras import Upscalers, parse_upscale, upscale
+
+    asked = []
+    engine = upscaling_services.engine
+    real = engine.upscale_picture
+
+    def spy(picture, size, name):
+        asked.append(size)
+        if size[0] * size[1] > 20_000_000:
+            raise AssertionError(f"asked for {size}")
+        return real(picture, size, name)
+
+    monkeypatch.setattr(engine, "upscale_picture", spy)
+    upscalers = Upscalers(upscaling_services.worker)
+    settings = parse_upscale({"upscaler_1": "2x-Tiny", "resize_mode": 1, "upscaling_resize_w": 64,
+                              "upscaling_resize_h": 64})
+    done = upscale(noise_picture(5, 64, 2), settings, upscalers)  # covering 64x64 takes 32x: 2048x64
+    assert done.image.size == (64, 64)
+    assert asked[-1][1] == 64 and asked[-1][0] < 2048 / 2  # the middle and its context, not the 2048 wide whole
+    settings = parse_upscale({"upscaler_1": "2x-Tiny", "resize_mode": 1, "upscaling_resize_w": 2048,
+                              "upscaling_resize_h": 2048})
+    asked.clear()
+    try:
+        done = upscale(noise_picture(6, 2048, 16), settings, upscalers)
+        assert done.image.size == (2048, 2048)
+    except InvalidRequest as err:  # refused before any pass, naming what to change
+        assert "Crop" in str(err) or "crop" in str(err)
+    assert all(w * h <= 20_000_000 for w, h in asked)
+    settings = parse_upscale({"upscaler_1": "2x-Tiny", "resize_mode": 1, "upscaling_resize_w": 8192,
+                              "upscaling_resize_h": 8192})
+    asked.clear()
+    with pytest.raises(InvalidRequest, match="2x-Tiny: the 8192x8192 kept of 8192000x8192 .*untick Crop to fit"):
+        upscale(noise_picture(7, 1000, 1), settings, upscalers)  # each pixel of it 8192 wide
+    assert asked == []
+
+
+def test_extras_crop_of_a_model_matches_the_middle_of_the_whole(upscaling_services):
+    """The kept middle made from its part of the picture is the middle of the whole enlargement (but for the last
+    bits of the network's reach at the part's edges)."""
+    from tests.helpers import noise_picture
+    from webui.extras import Upscalers, parse_upscale, upscale
+
+    picture = noise_picture(8, 100, 20)
+    settings = parse_upscale({"upscaler_1": "2x-Tiny", "resize_mode": 1, "upscaling_resize_w": 60,
+                              "upscaling_resize_h": 60})  # 3x: 300x60, its middle 60x60 kept
+    done = upscale(picture, settings, Upscalers(upscaling_services.worker))
+    whole = upscaling_services.engine.upscalers.resize(picture, (300, 60), "2x-Tiny").crop((120, 0, 180, 60))
+    difference = np.abs(np.asarray(done.image, np.int16) - np.asarray(whole, np.int16))
+    assert done.image.size == (60, 60) and difference.mean() < 0.5 and difference.max() <= 8
+
+
+def test_a_hires_picture_sent_to_img2img_warns_of_no_upscaler(monkeypatch):
+    """img2img has no hires fix: the hires upscaler of a picture sent there is not applied, and no warning says that
+    'Latent' is not on this server (the img2img tab's list is SD upscale's, which has no latent upscalers)."""
+    import webui.ui.params as params
+    from webui.engine.hires import PICTURE_UPSCALERS
+
+    notes = []
+    monkeypatch.setattr(params.gr, "Warning", lambda note, *args, **kwargs: notes.append(note))
+    fields = {"prompt": "a cat", "enable_hr": True, "hr_upscaler": "Latent", "hr_scale": 2.0}
+    params.widget_updates(fields, params.TAB_FIELDS["img2img"], [], lambda *a: None, [],
+                          [*PICTURE_UPSCALERS, "4x-Tiny"])
+    assert notes == []
+    params.widget_updates(fields | {"hr_upscaler": "4x-Gone"}, params.TAB_FIELDS["txt2img"], [], lambda *a: None, [],
+                          ["Latent", "Lanczos", "4x-Tiny"])
+    assert len(notes) == 1 and "'4x-Gone' is not on this server" in notes[0]
+
+
+def test_an_unknown_hires_upscaler_is_refused_naming_the_latent_ones_too(upscaling_services):
+    with pytest.raises(InvalidRequest, match="hr_upscaler: there is no upscaler 'Bogus'.*2x-Tiny.*or a latent "
+                                             "upscaler: Latent, Latent \\(antialiased\\)"):
+        upscaling_services.worker.check({"prompt": "x", "enable_hr": True, "hr_upscaler": "Bogus"})
+    with pytest.raises(InvalidRequest, match="sd_upscale_upscaler: there is no upscaler 'Bogus'.*put the file there\\)$"):
+        upscaling_services.worker.check({"prompt": "x", "sd_upscale": True, "sd_upscale_upscaler": "Bogus"})
+
+
+@pytest.mark.parametrize("name, make, scale", [
+    ("RealESRGAN_x4plus", lambda: {"params_ema": rrdb_weights(64, 32, 23, ups=2)}, 4),
+    ("RealESRGAN_x4plus_anime_6B", lambda: {"params_ema": rrdb_weights(64, 32, 6, ups=2)}, 4),
+    ("RealESRGAN_x2plus", lambda: {"params_ema": rrdb_weights(64, 32, 23, ups=2, unfold=2)}, 2),
+    ("4x-UltraSharp (ESRGAN's model.N)", lambda: esrgan_layout(rrdb_weights(64, 32, 23, ups=2), ups=2), 4),
+    ("8x ESRGAN", lambda: esrgan_layout(rrdb_weights(64, 32, 23, ups=3), ups=3), 8),
+    ("2x ESRGAN", lambda: esrgan_layout(rrdb_weights(64, 32, 23, ups=1), ups=1), 2),
+    ("1x ESRGAN", lambda: esrgan_layout(rrdb_weights(64, 32, 23, ups=0), ups=0), 1),
+    ("realesr-general-x4v3", lambda: {"params": compact_weights(64, 32, 4)}, 4),
+    ("realesr-animevideov3", lambda: {"params": compact_weights(64, 16, 4)}, 4),
+])
+def test_the_released_networks_full_size_load_and_enlarge_by_their_scale(name, make, scale, tmp_path):
+    """The published files' key names and shapes (BasicSR's params_ema/params, ESRGAN's model.N from 1x to 8x,
+    SRVGGNetCompact's body.N with PReLU), at full size."""
+    from webui.engine.upscaler_nets import read_weights
+
+    path = tmp_path / "model.pth"
+    torch.save(make(), path)
+    network = build_network(read_weights(path), name)
+    assert network.scale == scale
+    with torch.inference_mode():
+        assert network(torch.rand(1, 3, 10, 12)).shape == (1, 3, 10 * scale, 12 * scale)
+
+
+def compact_weights(features: int, convs: int, scale: int) -> dict[str, torch.Tensor]:
+    state = {"body.0.weight": torch.randn(features, 3, 3, 3) * 0.05, "body.0.bias": torch.zeros(features),
+             "body.1.weight": torch.full((features,), 0.25)}
+    for n in range(convs):
+        state |= {f"body.{2 * n + 2}.weight": torch.randn(features, features, 3, 3) * 0.05,
+                  f"body.{2 * n + 2}.bias": torch.zeros(features), f"body.{2 * n + 3}.weight": torch.full((features,), 0.25)}
+    last = 2 * convs + 2
+    return state | {f"body.{last}.weight": torch.randn(3 * scale * scale, features, 3, 3) * 0.05,
+                    f"body.{last}.bias": torch.zeros(3 * scale * scale)}

@@ -8,6 +8,7 @@ Names, sizes and the infotext keys follow A1111, so its API clients and its PNG 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from webui.engine.hires import IMAGE_UPSCALERS, NO_UPSCALER, PICTURE_UPSCALERS
 from webui.engine.img2img import as_rgb
+from webui.engine.upscalers import MAX_PASS_PIXELS
 from webui.schemas import InvalidRequest, describe_validation_errors
 from webui.storage.infotext import build_infotext
 from webui.storage.outputs import read_infotext, text_chunks
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 EXTRAS_UPSCALERS = PICTURE_UPSCALERS  # those of every server; the model upscalers come after them
 MAX_UPSCALER_NAME = 200
+MODEL_CONTEXT = 16  # pixels of the original around a crop's part that a model upscaler sees too
 MAX_SCALE = 8.0  # A1111's largest factor
 MAX_PICTURES = 100  # in one batch
 MAX_SIDE = 8192  # an 8192x8192 RGB picture is 200 MB in memory, and its PNG takes seconds to write
@@ -101,16 +104,32 @@ class Upscalers:
                 raise InvalidRequest(f"{label}: {err}") from None
 
     def resize(self, picture: Image.Image, resized: tuple[int, int], kept: tuple[int, int], name: str) -> Image.Image:
-        """The middle `kept` of the picture resized to `resized` by the named upscaler. A filter resizes only that
-        part, so a crop never makes the larger picture first; a model enlarges the whole by its own scale."""
+        """The middle `kept` of the picture resized to `resized` by the named upscaler. Only that part is resized,
+        so a crop never makes the larger picture first: a filter resizes just the box it keeps; a model enlarges
+        the whole pixels around it (with some context, so its edges are as the whole's) by its own scale."""
+        box = _middle(picture.size, resized, kept)
         if name in IMAGE_UPSCALERS:
-            return picture.resize(kept, IMAGE_UPSCALERS[name], box=_middle(picture.size, resized, kept))
+            return picture.resize(kept, IMAGE_UPSCALERS[name], box=box)
         if self.worker is None:
             raise InvalidRequest(f"unknown upscaler {name[:100]!r}; choose one of: {', '.join(EXTRAS_UPSCALERS)}")
-        whole = self.worker.call(lambda engine: engine.upscale_picture(picture, resized, name),
+        scale = (resized[0] / picture.width, resized[1] / picture.height)
+        # context: MODEL_CONTEXT pixels of the original, fewer where each would become many (a thin picture)
+        context = [min(MODEL_CONTEXT, math.ceil(MODEL_CONTEXT * 8 / s)) for s in scale]
+        part = (max(0, math.floor(box[0]) - context[0]), max(0, math.floor(box[1]) - context[1]),
+                min(picture.width, math.ceil(box[2]) + context[0]), min(picture.height, math.ceil(box[3]) + context[1]))
+        size = (round((part[2] - part[0]) * scale[0]), round((part[3] - part[1]) * scale[1]))
+        if size[0] * size[1] > MAX_PASS_PIXELS:  # what one pass may make
+            raise InvalidRequest(f"{name}: the {kept[0]}x{kept[1]} kept of {resized[0]}x{resized[1]} would be made "
+                                 f"from a {size[0]}x{size[1]} enlargement, too large for a model upscaler; untick "
+                                 "Crop to fit, ask for a shape nearer the picture's, or use Lanczos")
+        source = picture if part == (0, 0, *picture.size) else picture.crop(part)
+        whole = self.worker.call(lambda engine: engine.upscale_picture(source, size, name),
                                  activity=f"Extras: upscaling with {name}").result()
-        left, top = (resized[0] - kept[0]) // 2, (resized[1] - kept[1]) // 2
-        return whole if whole.size == kept else whole.crop((left, top, left + kept[0], top + kept[1]))
+        if whole.size == kept:
+            return whole
+        left = min(max(0, round(box[0] * scale[0] - part[0] * scale[0])), size[0] - kept[0])
+        top = min(max(0, round(box[1] * scale[1] - part[1] * scale[1])), size[1] - kept[1])
+        return whole.crop((left, top, left + kept[0], top + kept[1]))
 
 
 FILTERS_ONLY = Upscalers()

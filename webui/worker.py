@@ -332,7 +332,8 @@ class Worker:
                 try:
                     self.engine.upscalers.check(name)
                 except UpscalerError as err:
-                    raise UpscalerError(f"{label}: {err}") from None
+                    latent = f"; or a latent upscaler: {', '.join(LATENT_UPSCALERS)}" if label == "hr_upscaler" else ""
+                    raise UpscalerError(f"{label}: {err}{latent}") from None
 
     def _check_loras(self, request: GenerationRequest) -> None:
         """A misspelt <lora:...> is refused now, with the names there are, not after the queue. One set of LoRAs

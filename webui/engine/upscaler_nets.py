@@ -66,7 +66,9 @@ class RRDBNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         if self.unfold > 1:  # the fold needs sides that divide; mirror the edge out to them, cut off after
-            x = F.pad(x, (0, -width % self.unfold, 0, -height % self.unfold), mode="reflect")
+            pad = (0, -width % self.unfold, 0, -height % self.unfold)
+            # (a mirror needs more pixels than it adds: a side of 1 to 3 pixels repeats its edge instead)
+            x = F.pad(x, pad, mode="reflect" if pad[1] < width and pad[3] < height else "replicate")
             x = F.pixel_unshuffle(x, self.unfold)
         features = self.conv_first(x)
         features = features + self.conv_body(self.body(features))
@@ -94,11 +96,11 @@ class SRVGGNetCompact(nn.Module):
         return out + F.interpolate(x, scale_factor=self.scale, mode="nearest")
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, suffix: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a `.pth`/`.pt` (read without running pickled code) or `.safetensors` file, unwrapped from
-    BasicSR's `params_ema` / `params`."""
+    BasicSR's `params_ema` / `params`. `suffix`: the kind of file, where its name does not say it (a download)."""
     try:
-        if path.suffix.lower() == ".safetensors":
+        if (suffix or path.suffix).lower() == ".safetensors":
             from safetensors.torch import load_file
             state = load_file(str(path))
         else:

@@ -11,6 +11,7 @@ moved to the device it is asked for.
 """
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import tempfile
@@ -65,7 +66,8 @@ class UpscalerLibrary:
     def __init__(self, esrgan_folder: Path, real_esrgan_folder: Path, downloads: bool = True):
         self.esrgan_folder, self.real_esrgan_folder = Path(esrgan_folder), Path(real_esrgan_folder)
         self.downloads = downloads
-        self._lock = threading.Lock()  # one build or download at a time
+        self._lock = threading.Lock()  # one build at a time
+        self._download_lock = threading.Lock()  # one download at a time
         self._built: tuple[Path, tuple, torch.nn.Module] | None = None
 
     def models(self) -> list[UpscalerModel]:
@@ -105,9 +107,13 @@ class UpscalerLibrary:
     def network(self, model: UpscalerModel) -> torch.nn.Module:
         """The model's network on the CPU in float32, built again when its file changed; downloaded first when it
         is not there yet."""
+        if not model.path.is_file():
+            # Under a lock of its own: a download takes minutes, and check() in request threads waits for the
+            # build lock (a file that is there), never for a download.
+            with self._download_lock:
+                if not model.path.is_file():
+                    self._download(model)
         with self._lock:
-            if not model.path.is_file():
-                self._download(model)
             stamp = file_stamp(model.path)
             if self._built is None or self._built[:2] != (model.path, stamp):
                 try:
@@ -121,15 +127,24 @@ class UpscalerLibrary:
         if model.url is None or not self.downloads:
             raise UpscalerError(f"upscaler {model.name}: its file {model.path} is gone; put it back or pick another")
         log.info("downloading upscaler %s from %s", model.name, model.url)
-        model.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=model.path.parent, prefix=f".{model.path.name}.", suffix=".partial")
+        partial = None
         try:
+            model.path.parent.mkdir(parents=True, exist_ok=True)
+            handle, partial = tempfile.mkstemp(dir=model.path.parent, prefix=f".{model.path.name}.",
+                                               suffix=".partial")
             with os.fdopen(handle, "wb") as file, open_url(model.url, timeout=DOWNLOAD_SECONDS) as answer:
+                expected = answer.headers.get("Content-Length") if getattr(answer, "headers", None) else None
+                written = 0
                 while chunk := answer.read(1 << 20):
-                    file.write(chunk)
+                    written += file.write(chunk)
+            # urllib ends a cut connection as a short read, without an error: the length says whether it is whole
+            if expected is not None and expected.isdigit() and written != int(expected):
+                raise OSError(f"the connection ended after {written} of {expected} bytes")
+            read_weights(Path(partial), model.path.suffix)  # a page of HTML, or a cut file, is no upscaler
             os.replace(partial, model.path)  # whole or not at all: a cut download never looks like the file
-        except OSError as err:
-            Path(partial).unlink(missing_ok=True)
+        except (OSError, http.client.HTTPException, UpscalerFileError) as err:
+            if partial is not None:
+                Path(partial).unlink(missing_ok=True)
             raise UpscalerError(f"upscaler {model.name}: could not download {model.url} ({err}); download it "
                                 f"yourself into {model.path}, or pick another upscaler") from None
 
@@ -167,7 +182,7 @@ def picture_upscalers(library: UpscalerLibrary | None) -> list[str]:
 def run_network(network: torch.nn.Module, picture: Image.Image) -> Image.Image:
     """One pass of the network over an RGB picture (on the network's device and dtype)."""
     weights = next(network.parameters())
-    pixels = torch.from_numpy(np.asarray(picture.convert("RGB"))).permute(2, 0, 1)[None]
+    pixels = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)[None]  # (a copy: writable)
     pixels = pixels.to(weights.device, weights.dtype) / 255
     out = upscale_tensor(network, pixels).float()
     return Image.fromarray(out[0].permute(1, 2, 0).mul(255).round().byte().cpu().numpy())
