@@ -520,3 +520,11 @@ def compact_weights(features: int, convs: int, scale: int) -> dict[str, torch.Te
     last = 2 * convs + 2
     return state | {f"body.{last}.weight": torch.randn(3 * scale * scale, features, 3, 3) * 0.05,
                     f"body.{last}.bias": torch.zeros(3 * scale * scale)}
+
+
+def test_releasing_the_device_lets_go_of_the_upscalers_network_too(upscaling_services):
+    library = upscaling_services.engine.upscalers
+    built = library.network(library.find("2x-Tiny"))
+    assert library.network(library.find("2x-Tiny")) is built  # kept between uses
+    assert upscaling_services.worker.release_device().result(60)
+    assert library.network(library.find("2x-Tiny")) is not built  # read again after the release

@@ -399,6 +399,7 @@ class Engine:
             self._lora_weights.forget()  # else its kept originals would keep the dropped layers alive
             self._vae_weights.forget()  # and the model's own VAE weights, kept while a file's are in
         self._on_device = False
+        self.upscalers.forget()  # a model upscaler's network on the device too
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -123,6 +123,11 @@ class UpscalerLibrary:
                 self._built = (model.path, stamp, network)
             return self._built[2]
 
+    def forget(self) -> None:
+        """Drop the built network (its memory goes back to the device); the next use reads the file again."""
+        with self._lock:
+            self._built = None
+
     def _download(self, model: UpscalerModel) -> None:
         if model.url is None or not self.downloads:
             raise UpscalerError(f"upscaler {model.name}: its file {model.path} is gone; put it back or pick another")
