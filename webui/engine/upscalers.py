@@ -105,8 +105,8 @@ class UpscalerLibrary:
             self.network(model)
 
     def network(self, model: UpscalerModel) -> torch.nn.Module:
-        """The model's network on the CPU in float32, built again when its file changed; downloaded first when it
-        is not there yet."""
+        """The model's network, built on the CPU in float32 (resize moves it to the device it runs on) and built
+        again when its file changed; the file downloaded first when it is not there yet."""
         if not model.path.is_file():
             # Under a lock of its own: a download takes minutes, and check() in request threads waits for the
             # build lock (a file that is there), never for a download.
