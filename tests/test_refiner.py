@@ -182,3 +182,31 @@ def test_the_api_takes_a1111s_refiner_fields(services):
         assert "Refiner switch at: 0.5" in json.loads(r.json()["info"])["infotexts"][0]
         r = client.post("/sdapi/v1/txt2img", json=body | {"refiner_checkpoint": "nope"})
         assert r.status_code == 422 and "refiner_checkpoint" in r.text
+
+
+def test_a_pasted_infotext_sets_the_refiner_fields_of_both_tabs(services):
+    from webui.ui.blocks import create_ui
+    from webui.ui.generation import Session
+    from webui.ui.params import IMG2IMG_FIELDS, TXT2IMG_FIELDS
+
+    ui = create_ui(services)
+    send = next(fn.fn for fn in ui.blocks.fns.values() if getattr(fn.fn, "__name__", None) == "send_from_pnginfo")
+    text = f"a castle\nSteps: 3, Sampler: Euler, Seed: 4, Size: 64x64, Refiner: {REFINER} [0123456789], " \
+           "Refiner switch at: 0.6"
+    *values, _ = send(text)
+    by_field = dict(zip(TXT2IMG_FIELDS, values))
+    assert by_field["refiner"] is True and by_field["refiner_switch_at"] == 0.6
+    assert by_field["refiner_checkpoint"]["value"] == REFINER  # found by its name (the hash is another's)
+    *values, _ = send("a castle\nSteps: 3, Sampler: Euler, Seed: 4, Size: 64x64")
+    assert dict(zip(TXT2IMG_FIELDS, values))["refiner"] is False  # a picture made without one unticks it
+    assert {"refiner", "refiner_checkpoint", "refiner_switch_at"} <= set(IMG2IMG_FIELDS)
+
+    # The tab's Generate takes the section's widgets: ticked with a checkpoint, the job has the refiner.
+    generate = next(fn.fn for fn in ui.blocks.fns.values() if fn.api_name == "txt2img")
+    outputs = list(generate(Session(), "a red apple", "", "Euler", "Automatic", 3, 7.0, 64, 64, 11, 1, 1, 1, TINY,
+                            refiner=True, refiner_checkpoint=REFINER, refiner_switch_at=0.5))
+    assert f"Refiner: {REFINER} [" in outputs[-1][4] and "Refiner switch at: 0.5" in outputs[-1][4]
+    outputs = list(generate(Session(), "a red apple", "", "Euler", "Automatic", 3, 7.0, 64, 64, 11, 1, 1, 1, TINY,
+                            refiner=False, refiner_checkpoint=REFINER))
+    assert "Refiner" not in outputs[-1][4]
+
