@@ -210,3 +210,31 @@ def test_a_pasted_infotext_sets_the_refiner_fields_of_both_tabs(services):
                             refiner=False, refiner_checkpoint=REFINER))
     assert "Refiner" not in outputs[-1][4]
 
+
+
+@pytest.mark.parametrize("stop", ["skip", "cancel"])
+def test_skip_or_interrupt_after_the_switch_leaves_the_main_model_loaded(services, unet_calls, monkeypatch, stop):
+    from diffusers import UNet2DConditionModel
+
+    job = None
+    spy = UNet2DConditionModel.forward
+
+    def stop_at_the_refiner(self, *args, **kwargs):
+        output = spy(self, *args, **kwargs)
+        if unet_calls[-1][0] == REFINER and len(unet_calls) <= 4:  # in the first batch
+            getattr(services.worker, stop)(job.id)
+        return output
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", stop_at_the_refiner)
+    job = services.worker.submit(QUICK | {"steps": 4, "n_iter": 2, "refiner_checkpoint": REFINER,
+                                          "refiner_switch_at": 0.5})
+    assert job.wait(120)
+    names = [name for name, _ in unet_calls]
+    assert names[:3] == [TINY, TINY, REFINER]  # stopped after the refiner's first call
+    assert job.images[0].unfinished  # shown as it stood, decoded by the refiner, as A1111 shows it
+    if stop == "skip":
+        assert job.state is JobState.DONE and names[3:] == [TINY, TINY, REFINER, REFINER]
+        assert not job.images[1].unfinished
+    else:
+        assert job.state is JobState.CANCELLED and len(names) == 3
+    assert services.engine.model.entry.name == TINY
