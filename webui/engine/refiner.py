@@ -12,9 +12,6 @@ import torch
 from webui.engine.models import ModelEntry
 from webui.engine.single_file import _read_header
 
-NO_REFINER = (None, "", "None", "none")
-# A1111's default "Switch at".
-DEFAULT_SWITCH_AT = 0.8
 # single-file keys that tell the kinds apart: the UNet's input (9 channels: inpainting) and its text width
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _CROSS_ATTENTION = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
