@@ -99,7 +99,8 @@ def test_generate_without_a_picture_or_with_an_unreadable_one_says_so_and_queues
            "Inpaint area": "Whole picture", "Only masked padding, pixels": 32, "Pixels to expand": 128,
            "Outpainting direction": ["left", "right", "up", "down"], "Loops": 4, "Final denoising strength": 0.5,
            "Denoising strength curve": "Linear", "Input directory": "", "Inpaint batch mask directory": "",
-           "Tile overlap": 64, "Scale Factor": 2, "Upscaler": "Lanczos"}
+           "Tile overlap": 64, "Scale Factor": 2, "Upscaler": "Lanczos", "Refiner": False, "Checkpoint": "None",
+           "Switch at": 0.8}
     (tmp_path / "junk.png").write_bytes(b"not a png")
     picture().save(tmp_path / "whole.png")
     whole = (tmp_path / "whole.png").read_bytes()

@@ -120,6 +120,11 @@ class GenerationRequest(BaseModel):
     model: str | None = Field(None, description="checkpoint name; None keeps the loaded model")
     sd_vae: str = Field("Automatic", max_length=300, description="the VAE: Automatic (a file named after the "
                         "model, else its own), None (the model's own), or a file of the VAE folder")
+    # A1111's refiner: the rest of the denoising by another checkpoint, from where the run has come this far.
+    refiner_checkpoint: str | None = Field(None, max_length=300, description="the refiner's checkpoint name (None, "
+                                           "'' or 'None': no refiner)")
+    refiner_switch_at: float = Field(0.8, description="refiner: the part of the denoising done when the refiner takes "
+                                                      "over, by noise level (above 0, at most 1)")
     restore_model: bool = Field(False, description="load the previous model again after this job "
                                                    "(A1111's override_settings_restore_afterwards)")
     save_images: bool = True
@@ -167,6 +172,20 @@ class GenerationRequest(BaseModel):
         if name == "None":  # A1111's "None": the picture resized plainly (with Lanczos)
             return "Lanczos"
         return name  # a model upscaler's name is checked against the server's files when the job is queued
+
+    @field_validator("refiner_checkpoint")
+    @classmethod
+    def _no_refiner_is_none(cls, name: str | None) -> str | None:
+        name = (name or "").strip()
+        return None if name in ("", "None", "none") else name
+
+    @field_validator("refiner_switch_at")
+    @classmethod
+    def _switch_within_the_run(cls, fraction: float) -> float:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"must be above 0 and at most 1 (the part of the denoising done before the refiner takes "
+                             f"over; 0.8 is usual), got {fraction:g}")
+        return fraction
 
     @field_validator("sd_vae")
     @classmethod

@@ -28,7 +28,8 @@ from webui.engine.generate import DenoisingStopped, Engine, EngineImage, LoadedM
 from webui.engine.hires import LATENT_UPSCALERS
 from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sha1, size_from_image
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
-from webui.engine.models import ModelEntry
+from webui.engine.models import ModelEntry, ModelNotFound
+from webui.engine.refiner import kind_of_entry, kind_problem
 from webui.engine.upscalers import UpscalerError
 from webui.engine.vae import VaeFile
 from webui.engine.lora import LoraError, lora_uses, unread_tags
@@ -295,6 +296,7 @@ class Worker:
         self.engine.vaes.check(request.sd_vae)
         self._check_upscalers(request)
         self._check_loras(request)
+        self._check_refiner(request)
         problem = composition_problem(request)
         if problem:
             raise InvalidRequest(problem)
@@ -352,6 +354,35 @@ class Worker:
             raise LoraError("hr_prompt: its <lora:...> tags must be the prompt's, with the same weights (one set of "
                             "LoRAs serves both passes here; A1111 would run the second pass with the hires prompt's "
                             "alone); copy the prompt's tags into the hires prompt")
+
+    def _check_refiner(self, request: GenerationRequest) -> None:
+        """The refiner is a listed model of the main model's kind (as far as their files tell before loading)."""
+        if not request.refiner_checkpoint:
+            return
+        registry, loaded = self.engine.registry, self.engine.model
+        try:
+            refiner = registry.find_listed(request.refiner_checkpoint, loaded.entry if loaded else None)
+        except ModelNotFound as err:
+            raise InvalidRequest(f"refiner_checkpoint: {err}") from None
+        try:
+            main = registry.find(request.model) if request.model else loaded.entry if loaded else None
+        except ModelNotFound:
+            return  # the model's own check says so
+        problem = kind_problem(main and kind_of_entry(main), kind_of_entry(refiner), refiner.name)
+        if problem:
+            raise InvalidRequest(problem)
+
+    def _refiner_infotext(self, request: GenerationRequest) -> dict[str, Any]:
+        """A1111's keys: the refiner's title ("name [short hash]") and where it took over."""
+        if not request.refiner_checkpoint:
+            return {}
+        try:
+            entry = self.engine.registry.find(request.refiner_checkpoint)
+        except ModelNotFound:  # deleted since: the name the job gave
+            return {"Refiner": request.refiner_checkpoint, "Refiner switch at": request.refiner_switch_at}
+        digest = self.engine.registry.short_hash(entry)
+        return {"Refiner": f"{entry.name} [{digest}]" if digest else entry.name,
+                "Refiner switch at": request.refiner_switch_at}
 
     def _refuse_new_job(self) -> None:
         self._refuse_when_stopping()
@@ -760,6 +791,7 @@ class Worker:
             "Model": model.entry.name,
             "VAE hash": job.vae_hash,
             "VAE": job.vae.name if job.vae else None,
+            **self._refiner_infotext(request),
             "Variation seed": job.subseeds[index] if request.subseed_strength > 0 else None,
             "Variation seed strength": request.subseed_strength if request.subseed_strength > 0 else None,
             "Seed resize from": "{}x{}".format(*request.seed_resize) if request.seed_resize else None,

@@ -50,7 +50,6 @@ _UNSUPPORTED = (
     ("restore_faces", lambda v: bool(v), "face restoration is not supported (send false)"),
     ("gfpgan_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
     ("codeformer_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
-    ("refiner_checkpoint", lambda v: v not in (None, "", "None", "none"), "a refiner is not supported yet"),
     ("alwayson_scripts", lambda v: bool(v), "no always-on scripts are installed on this server"),
     ("firstphase_width", lambda v: bool(v), "the old hires fix's first-pass size is not supported; send 0, and "
                                             "hr_scale or hr_resize_x/hr_resize_y for the larger size"),
@@ -62,9 +61,9 @@ _UNSUPPORTED = (
                                                                "or null)"),
 )
 # Infotext fields the `infotext` request field may fill (the model is left out on purpose: pasting
-# an infotext should not switch the server's model behind the client's back).
+# an infotext should not switch the server's model behind the client's back; its refiner runs for that job alone).
 _INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed",
-                    "subseed", "subseed_strength", "width", "height")
+                    "subseed", "subseed_strength", "width", "height", "refiner_checkpoint", "refiner_switch_at")
 _IMG2IMG_INFOTEXT_FIELDS = _INFOTEXT_FIELDS + ("denoising_strength",)
 # stable-diffusion-webui's schedule types (1.10). It never rejects one: those we lack run as Automatic.
 A1111_SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",
@@ -94,6 +93,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     values["sampler_name"] = req.sampler_name or req.sampler_index or "Euler"
     values["subseed"] = -1 if req.subseed is None else req.subseed  # null: A1111's defaults
     values["subseed_strength"] = req.subseed_strength or 0.0
+    values["refiner_switch_at"] = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at  # A1111's default
     if img2img:
         values["denoising_strength"] = 0.75 if req.denoising_strength is None else req.denoising_strength
     clip_skip, vae, notes = default_clip_skip, default_vae, []

@@ -58,7 +58,10 @@ class GenerationBody(BaseModel):
 
     # --- accepted for compatibility; the adapter rejects values that ask for a missing feature --
     restore_faces: bool | None = None
-    refiner_checkpoint: str | None = None
+    refiner_checkpoint: str | None = Field(None, description="a checkpoint that does the rest of the denoising "
+                                           "(A1111's refiner; null, '' or 'None': none)")
+    refiner_switch_at: float | None = Field(None, description="refiner: the part of the denoising done when it takes "
+                                                              "over, by noise level (null: 0.8)")
     script_name: str | None = Field(None, description="img2img: 'sd upscale' (A1111's SD upscale), or none")
     script_args: list[Any] | None = Field(default_factory=list, description="the script's arguments by A1111's "
                                           "positions; sd upscale: [unused, tile overlap, upscaler (0 None, 1 Lanczos, "
@@ -75,7 +78,6 @@ class GenerationBody(BaseModel):
     s_tmin: float | None = None
     s_noise: float | None = None
     override_settings_restore_afterwards: bool | None = True
-    refiner_switch_at: float | None = None
     disable_extra_networks: bool | None = False
     comments: dict[str, Any] | None = None
     force_task_id: str | None = None

@@ -39,6 +39,7 @@ from webui.engine.noise import start_noise
 from webui.engine.preview import latents_to_preview
 from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
 from webui.engine.prompts import chunk_count, encode_parts, encode_prompt_pair, token_count
+from webui.engine.refiner import first_refiner_call, kind_of_pipeline, kind_problem, pass_timesteps
 from webui.engine.samplers import make_scheduler
 from webui.schemas import MASKED_CONTENT, MAX_PROMPT_CHARS, GenerationRequest
 
@@ -257,7 +258,10 @@ class Engine:
         # the registry cannot find it by name: every Generate names the model on the page.
         if self.model is not None and self.model.names(name):
             return self.model
-        entry = self.registry.find(name)
+        return self._switch_to(self.registry.find(name))
+
+    def _switch_to(self, entry: ModelEntry) -> LoadedModel:
+        """Make `entry` the loaded model (the refiner's switch and its way back use this too)."""
         if self.model is not None and self.model.entry == entry:
             return self.model
         self.placement = self.placement or pick_placement(self.settings)
@@ -453,8 +457,9 @@ class Engine:
             raise ValueError("an img2img request needs its init image, and only it may have one")
         if request.is_inpainting != (inpainting is not None):
             raise ValueError("an inpainting request needs its Inpainting, and only it may have one")
+        main = self.require_model()
         try:
-            images = self._generate(request, seeds, on_step, subseeds, init_image, inpainting)
+            images = self._generate_and_return(main, request, seeds, on_step, subseeds, init_image, inpainting)
         except COMPILER_FAILURES as err:
             if not is_compiled(self.pipe):
                 raise
@@ -462,11 +467,56 @@ class Engine:
             log.warning("torch.compile failed (%s: %s); running %s uncompiled from now on",
                         type(err).__name__, str(err).splitlines()[0], self.model.entry.name)
             undo_compile(self.pipe)
-            images = self._generate(request, seeds, on_step, subseeds, init_image, inpainting)
+            images = self._generate_and_return(main, request, seeds, on_step, subseeds, init_image, inpainting)
         self._warmed_up = True  # whatever ran has compiled its shapes
         if is_compiled(self.pipe) and not request.tiling:  # a tiled run runs eagerly: it compiled nothing
             self._compiled_shapes.record(self._shape_keys(request, len(seeds)))
         return images
+
+    def _generate_and_return(self, main: LoadedModel, request: GenerationRequest, *args) -> list[EngineImage]:
+        """_generate, and the model it started with loaded again after it: a refiner that took over is dropped,
+        so the next batch and the next job begin with the main model (A1111 too loads it again)."""
+        try:
+            images = self._generate(request, *args)
+        except BaseException:
+            try:
+                self._return_to(main, request)
+            except Exception:  # the run's own error is the one to report
+                log.exception("could not load %s again after its refiner", main.entry.name)
+            raise
+        self._return_to(main, request)
+        return images
+
+    def _return_to(self, main: LoadedModel, request: GenerationRequest) -> None:
+        if self.model is not None and self.model.entry == main.entry:
+            return
+        log.info("loading %s again after its refiner", main.entry.name)
+        self._switch_to(main.entry)
+        self.use_vae(request.sd_vae)  # the job's VAE pick, which the worker made for the main model
+
+    def _use_refiner(self, request: GenerationRequest) -> None:
+        """Load the request's refiner in place of the running model (the running model's weights go, as in A1111),
+        with the job's LoRAs and VAE pick; it must be of the same kind to go on from the model's latents."""
+        main_kind = kind_of_pipeline(self.pipe)
+        entry = self.registry.find(request.refiner_checkpoint)
+        log.info("switching to the refiner %s", entry.name)
+        with torch.inference_mode(False):  # weights read under inference mode could never be patched again
+            self._switch_to(entry)
+            problem = kind_problem(main_kind, kind_of_pipeline(self.pipe), entry.name)
+            if problem:
+                raise ValueError(problem)
+            self._use_loras(request)
+            self.use_vae(request.sd_vae)
+
+    def _refiner_call(self, request: GenerationRequest, steps: int, schedule: int, sampler: tuple[str, str]
+                      ) -> int | None:
+        """Which model call of this pass the refiner takes over at; None when it does not (no refiner, the refiner
+        is the running model already, or the pass does not get as far as the switch)."""
+        if not request.refiner_checkpoint or self.registry.find(request.refiner_checkpoint) == self.model.entry:
+            return None
+        # The timesteps the pass will run, from a scheduler of its own kind (the pass's own is set by diffusers).
+        scheduler = make_scheduler(self._base_scheduler_config, *sampler)
+        return first_refiner_call(pass_timesteps(scheduler, schedule, steps), request.refiner_switch_at)
 
     def pending_compiles(self, request: GenerationRequest, batch_size: int) -> list[str]:
         """The parts ("UNet", "VAE decoder") that will compile before this batch can run: a compiled
@@ -624,15 +674,31 @@ class Engine:
         schedule of `schedule` steps, its prompt phases read at the steps they cover; the latents it ends with.
         `extra`: an inpainting model's extra input channels for this pass; `sampler`: its sampler and schedule type,
         when not the request's own (the hires fix's)."""
-        pipe.scheduler = make_scheduler(self._base_scheduler_config,
-                                        *(sampler or (request.sampler_name, request.scheduler)))
+        sampler = sampler or (request.sampler_name, request.scheduler)
+        pipe.scheduler = make_scheduler(self._base_scheduler_config, *sampler)
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE draws its Brownian noise from its own seeds (else from torch's global RNG).
             pipe.scheduler.noise_sampler_seed = [generator.initial_seed() for generator in run.generators]
         done_before = run.done
         phase = 0  # the prompt phase the next model call reads
-        embeddings = self._encode_phases(phases, len(run.generators), request.clip_skip, run.between_encodes,
-                                         run.encoded)
+        refiner_call = self._refiner_call(request, steps, schedule, sampler)
+        weights = _part_weights(phases)
+        hooks = contextlib.ExitStack()  # a refiner's UNet gets the hooks the model's has
+
+        def encode():
+            return self._encode_phases(phases, len(run.generators), request.clip_skip, run.between_encodes,
+                                       run.encoded)
+
+        def to_refiner(pipeline):
+            nonlocal embeddings
+            self._use_refiner(request)
+            pipeline.unet = self.pipe.unet  # the scheduler, and so the sampler's state, goes on
+            run.encoded.clear()  # the refiner's own text encoder reads the prompts again
+            embeddings = encode()
+            hooks.enter_context(composed_guidance(pipeline.unet, weights))
+            hooks.enter_context(extra_input(pipeline.unet, extra))
+
+        embeddings = encode()
 
         def step_end(pipeline, call, timestep, tensors):
             nonlocal phase
@@ -640,8 +706,11 @@ class Engine:
             latents = run.after_step(pipeline, call, tensors["latents"])
             run.step(done_before + step, latents)
             changed = {} if latents is tensors["latents"] else {"latents": latents}
+            switching = refiner_call == call + 1
+            if switching:
+                to_refiner(pipeline)
             following = phase_at(phases, step)
-            if following == phase:
+            if following == phase and not switching:
                 return changed
             phase = following
             prompt_embeds, negative_embeds = embeddings[phase]
@@ -651,13 +720,14 @@ class Engine:
             return changed | {"prompt_embeds": torch.cat([negative_embeds, prompt_embeds])
                               if pipeline.do_classifier_free_guidance else prompt_embeds.contiguous()}
 
-        weights = _part_weights(phases)
         if weights is not None and pipe.unet.config.get("time_cond_proj_dim") is not None:
             raise ValueError("this model is LCM-distilled and runs without classifier-free guidance, which AND and a "
                              "prompt's own weight need; remove them, or pick another model")
         # A composed pass runs a row per part: another batch shape, and hooks a compiled graph would bake in.
         eager = uncompiled() if weights is not None else contextlib.nullcontext()
-        with eager, composed_guidance(pipe.unet, weights), extra_input(pipe.unet, extra):
+        with eager, composed_guidance(pipe.unet, weights), extra_input(pipe.unet, extra), hooks:
+            if refiner_call == 0:  # the pass starts past the switch (img2img, the hires fix)
+                to_refiner(pipe)
             latents = pipe(
                 prompt_embeds=embeddings[0][0],
                 negative_prompt_embeds=embeddings[0][1],

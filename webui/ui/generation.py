@@ -32,7 +32,7 @@ from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, 
                            InvalidRequest)
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
-from webui.ui.params import SAME_SAMPLER, SAME_SCHEDULE, TAB_FIELDS, schedules_of, with_labels
+from webui.ui.params import NO_REFINER, SAME_SAMPLER, SAME_SCHEDULE, TAB_FIELDS, schedules_of, with_labels
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
                                batch_uploads, inpainting_settings, on_open_subtab, open_picture, outpainting_start,
                                folder_pictures, output_folder, picture_inputs, scaled_size_fields, start_pictures)
@@ -106,7 +106,8 @@ class GenerationActions(SeveralRuns):
                  loopback_final_strength: float = 0.5, loopback_curve: str = "Linear", sd_upscale: bool = False,
                  sd_upscale_overlap: int = 64, sd_upscale_scale: float = 2.0,
                  sd_upscale_upscaler: str = "Lanczos", sd_vae: str = "Automatic", batch_input_dir: str = "",
-                 batch_mask_dir: str = "", batch_output_dir: str = "") -> Iterator[tuple]:
+                 batch_mask_dir: str = "", batch_output_dir: str = "", refiner: bool = False,
+                 refiner_checkpoint: str | None = NO_REFINER, refiner_switch_at: float = 0.8) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -127,6 +128,8 @@ class GenerationActions(SeveralRuns):
             "seed_resize_from_w": seed_resize_from_w or 0, "seed_resize_from_h": seed_resize_from_h or 0,
             "styles": list(styles or []), "tiling": bool(tiling),
         }
+        if refiner and refiner_checkpoint not in (None, "", NO_REFINER):  # as A1111: ticked with none picked is off
+            request |= {"refiner_checkpoint": refiner_checkpoint, "refiner_switch_at": refiner_switch_at}
         if self.kind == "img2img":
             request |= {"denoising_strength": denoising_strength, "resize_mode": resize_mode or 0}
             if sd_upscale:
@@ -580,6 +583,19 @@ def hires_fix_section(upscalers: list[str]) -> dict[str, gr.components.Component
             "hr_sampler_name": sampler, "hr_scheduler": schedule, "hr_prompt": prompt, "hr_negative_prompt": negative}
 
 
+def refiner_section(kind: str, model_names: list[str]) -> dict[str, gr.components.Component]:
+    """A1111's "Refiner": another checkpoint does the rest of the denoising, from the switch point on."""
+    with gr.Accordion("Refiner", open=False, elem_id=f"{kind}_refiner_section"):
+        enable = gr.Checkbox(False, label="Refiner", elem_id=f"{kind}_enable_refiner")
+        with gr.Row():
+            checkpoint = gr.Dropdown([NO_REFINER, *model_names], value=NO_REFINER, label="Checkpoint",
+                                     elem_id=f"{kind}_refiner_checkpoint", allow_custom_value=True)
+            switch_at = gr.Slider(0.01, 1, value=0.8, step=0.01, label="Switch at",
+                                  info="the part of the denoising done (by noise level) when the refiner takes over",
+                                  elem_id=f"{kind}_refiner_switch_at")
+    return {"refiner": enable, "refiner_checkpoint": checkpoint, "refiner_switch_at": switch_at}
+
+
 def build_generation_tab(services: Services, picker: ModelPicker, models: ModelActions,
                          kind: str = "txt2img") -> GenerationTab:
     """The txt2img or img2img tab (kind), inside the gr.Tab it is called in. The model picker's own event is
@@ -662,6 +678,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                     label="Denoising strength", elem_id="img2img_denoising_strength")
             else:
                 hires_widgets = hires_fix_section(actions.upscaler_names())
+            refiner_widgets = refiner_section(kind, models.names())
             with gr.Row(elem_id=f"{kind}_seed_row"):
                 seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id=f"{kind}_seed", scale=4)
                 random_seed = gr.Button("⚄", elem_id=f"{kind}_random_seed", scale=0, min_width=48)
@@ -728,7 +745,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                "n_iter": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "tiling": tiling,
                "model": picker.dropdown, "sd_vae": picker.vae,
                "subseed": subseed, "subseed_strength": subseed_strength, "seed_resize_from_w": seed_resize_w,
-               "seed_resize_from_h": seed_resize_h, "styles": styles, **img2img_widgets,
+               "seed_resize_from_h": seed_resize_h, "styles": styles, **img2img_widgets, **refiner_widgets,
                **({} if img2img else hires_widgets), **plot_widgets}
     # A parameter the tab has no widget for goes in at generate()'s default, in its place.
     request_inputs = [widgets[name] if name in widgets else gr.State(REQUEST_DEFAULTS[name]) for name in REQUEST_PARAMS]

@@ -1,6 +1,7 @@
 """Turn saved parameters (history rows, PNG infotext) into updates for the txt2img or img2img widgets."""
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import gradio as gr
@@ -24,12 +25,14 @@ IMG2IMG_SCRIPTS = ("outpainting", "loopback", "sd_upscale")
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "seed_resize_from_w",
                  "seed_resize_from_h", "styles", "denoising_strength", "tiling", "sd_vae", *PLOT_FIELDS,
-                 *OTHER_SCRIPTS)
+                 *OTHER_SCRIPTS, "refiner", "refiner_checkpoint", "refiner_switch_at")
 INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding")
 IMG2IMG_FIELDS = (*COMMON_FIELDS, *INPAINTING_FIELDS, *IMG2IMG_SCRIPTS)
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
                 "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
+# The Refiner section's Checkpoint when none is picked.
+NO_REFINER = "None"
 # The hires fix's sampler and schedule type when they are the first pass's (A1111's words).
 SAME_SAMPLER, SAME_SCHEDULE = "Use same sampler", "Use same scheduler"
 # txt2img's Denoising strength is its hires fix's.
@@ -55,7 +58,7 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "hr_negative_prompt": "Hires negative prompt", "mask": "Mask", "mask_blur": "Mask blur",
                 "inpainting_mask_invert": "Mask mode", "inpainting_fill": "Masked content",
                 "inpaint_full_res": "Inpaint area", "inpaint_full_res_padding": "Only masked padding",
-                "sd_vae": "SD VAE"}
+                "sd_vae": "SD VAE", "refiner_checkpoint": "Refiner checkpoint", "refiner_switch_at": "Switch at"}
 
 
 def with_labels(message: str) -> str:
@@ -82,7 +85,8 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
         "model": image.model_name, "model_hash": image.model_hash,
     } | {name: pasted.get(name)  # no columns of their own
          for name in ("batch_size", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
-                      "denoising_strength", "tiling", "sd_vae", "script", *HIRES_FIELDS,
+                      "denoising_strength", "tiling", "sd_vae", "script", "refiner_checkpoint", "refiner_switch_at",
+                      *HIRES_FIELDS,
                       *INPAINTING_FIELDS)}
 
 
@@ -98,6 +102,7 @@ def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: 
     fields = dict(fields) | {"styles": []}
     model_note = _apply_model(fields, model_names, find_model)
     for note in (_apply_sampler(fields), _apply_hires_sampler(fields), model_note, _apply_vae(fields, vae_names),
+                 _apply_refiner(fields, model_names, find_model),
                  _apply_plot(fields, names),
                  _apply_upscaler(fields, upscaler_names) if "hr_upscaler" in names else None,
                  *_round_sizes(fields),
@@ -214,6 +219,30 @@ def _apply_vae(fields: dict[str, Any], vae_names: list[str]) -> str | None:
     if vae not in vae_names:
         return f"SD VAE not applied: {vae!r} is not in the VAE folder. The VAE is left as it was."
     fields["sd_vae"] = gr.update(choices=list(vae_names), value=vae)
+    return None
+
+
+def _apply_refiner(fields: dict[str, Any], model_names: list[str], find_model: FindModel) -> str | None:
+    """The refiner an infotext names (its title, "name [short hash]") ticks the Refiner and picks it; a parameters
+    line without one unticks it, as A1111's paste; a refiner not in the models folder is left out with a note."""
+    title = fields.pop("refiner_checkpoint", None)
+    if title is None:  # no parameters line: left alone
+        fields.pop("refiner_switch_at", None)
+        return None
+    if not title:
+        fields["refiner"] = False
+        return None
+    named = re.fullmatch(r"(.*?)\s*\[([0-9a-f]{8,10})\]", title)
+    name, short_hash = (named.group(1), named.group(2)) if named else (title, None)
+    found = find_model(name, short_hash)
+    if found is None:
+        fields.pop("refiner_switch_at", None)
+        return f"Refiner not applied: {title!r} is not in the models folder. The Refiner is left as it was."
+    fields["refiner"] = True
+    if not 0 < (fields.get("refiner_switch_at") or 0) <= 1:  # the slider's range; A1111's default otherwise
+        fields["refiner_switch_at"] = 0.8
+    fields["refiner_checkpoint"] = gr.update(choices=[NO_REFINER, *model_names, *([found] if found not in model_names
+                                                                                   else [])], value=found)
     return None
 
 
