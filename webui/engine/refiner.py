@@ -10,7 +10,7 @@ import json
 import torch
 
 from webui.engine.models import ModelEntry
-from webui.engine.single_file import _read_header
+from webui.engine.single_file import read_header
 
 # single-file keys that tell the kinds apart: the UNet's input (9 channels: inpainting) and its text width
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
@@ -63,7 +63,7 @@ def kind_of_entry(entry: ModelEntry) -> str | None:
                           if scheduler_config.exists() else None)
             return kind_from_config(unet["cross_attention_dim"], unet["in_channels"], prediction)
         if entry.kind == "single_file" and path is not None and path.suffix.lower() == ".safetensors":
-            shapes, _ = _read_header(path)
+            shapes, _ = read_header(path)
             if _UNET_IN not in shapes or _CROSS_ATTENTION not in shapes:
                 return None
             kind = kind_from_config(shapes[_CROSS_ATTENTION][1], shapes[_UNET_IN][1])

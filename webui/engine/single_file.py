@@ -90,7 +90,7 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, *,
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise SingleFileLoadError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     path = Path(path)
-    shapes, global_step = _read_header(path)
+    shapes, global_step = read_header(path)
     family = detect_family(shapes, path)
     prediction_type = prediction_type or _sidecar_prediction_type(path)
     sd2 = family == "sd-v2"
@@ -185,7 +185,7 @@ def _text_encoder_of_other_layout(path: Path, config_dir: Path, dtype: torch.dty
     return model.to(dtype)
 
 
-def _read_header(path: Path) -> tuple[dict[str, tuple], int | None]:
+def read_header(path: Path) -> tuple[dict[str, tuple], int | None]:
     """Tensor shapes by key, and the training step if stored. Cheap: safetensors reads only the header,
     and a zip .ckpt is memory-mapped, so the weights are read once, later, by diffusers."""
     if not path.is_file():
@@ -221,7 +221,7 @@ def _ckpt_weights(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
 
 
 def _read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors whose keys start with prefix, read from a file _read_header has checked."""
+    """The tensors whose keys start with prefix, read from a file read_header has checked."""
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
