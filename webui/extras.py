@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from webui.engine.hires import IMAGE_UPSCALERS, NO_UPSCALER, PICTURE_UPSCALERS
 from webui.engine.img2img import as_rgb
 from webui.engine.upscalers import MAX_PASS_PIXELS
-from webui.schemas import InvalidRequest, describe_validation_errors
+from webui.schemas import MAX_UPSCALER_NAME, InvalidRequest, describe_validation_errors
 from webui.storage.infotext import build_infotext
 from webui.storage.outputs import read_infotext, text_chunks
 
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from webui.worker import Worker
 
 EXTRAS_UPSCALERS = PICTURE_UPSCALERS  # those of every server; the model upscalers come after them
-MAX_UPSCALER_NAME = 200
 MODEL_CONTEXT = 16  # pixels of the original around a crop's part that a model upscaler sees too
 MAX_SCALE = 8.0  # A1111's largest factor
 MAX_PICTURES = 100  # in one batch

@@ -18,7 +18,6 @@ read_infotext() reads the text back from ours and from other tools' PNG, JPEG an
 """
 from __future__ import annotations
 
-import datetime as dt
 import io
 import json
 import math
@@ -35,7 +34,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from webui.storage.filenames import NameParts, file_name_part, folder_parts
 from webui.storage.infotext import MAX_INFOTEXT_CHARS, build_infotext
-from webui.storage.options import OptionsStore, SavedOptions
+from webui.storage.options import OptionsStore
 
 KINDS = ("txt2img", "img2img")  # what made an image: the first part of its folder's name, as in A1111
 EXTRAS = "extras"  # the Extras tab's pictures: a folder of images, no grids
