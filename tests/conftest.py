@@ -26,8 +26,13 @@ TINY = "tiny-sd"
 
 @pytest.fixture(autouse=True)
 def no_downloads(monkeypatch):
-    """Tests never reach the network: the upscalers' downloads may read file: URLs only."""
+    """Tests never reach the network: the upscalers' downloads may read file: URLs only, and Interrogate's models
+    are never fetched from the hub."""
+    import webui.engine.interrogate as interrogate
     import webui.engine.upscalers as upscalers
+
+    def no_hub(repo: str):
+        raise OSError(f"tests do not download ({repo})")
 
     def local_only(url: str, *args, **kwargs):
         if not url.startswith("file:"):
@@ -35,6 +40,7 @@ def no_downloads(monkeypatch):
         return upscalers.urllib.request.urlopen(url, *args, **kwargs)
 
     monkeypatch.setattr(upscalers, "open_url", local_only)
+    monkeypatch.setattr(interrogate, "_hub_snapshot", no_hub)
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Mapping
 
 from webui.engine.models import (  # A1111's folder names
-    EMBEDDINGS_FOLDER, ESRGAN_FOLDER, LORA_FOLDER, REAL_ESRGAN_FOLDER, VAE_FOLDER)
+    BLIP_FOLDER, CLIP_FOLDER, EMBEDDINGS_FOLDER, ESRGAN_FOLDER, LORA_FOLDER, REAL_ESRGAN_FOLDER, VAE_FOLDER)
 from webui.zerogpu import zerogpu_requested
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ A1111_IGNORED_VALUES = (  # these take one value, which is dropped too
     # folders of models and tools this project does not use (LoRA, upscalers, face restorers, CLIP)
     "--lyco-dir", "--lyco-dir-backcompat", "--textual-inversion-templates-dir", "--gfpgan-dir", "--gfpgan-model",
     "--codeformer-models-path", "--gfpgan-models-path", "--bsrgan-models-path", "--scunet-models-path", "--swinir-models-path", "--ldsr-models-path",
-    "--dat-models-path", "--clip-models-path",
+    "--dat-models-path",
     "--sub-quad-q-chunk-size", "--sub-quad-kv-chunk-size", "--sub-quad-chunk-threshold",
     "--gradio-img2img-tool", "--gradio-inpaint-tool", "--ngrok-region",
     # more folders Gradio may serve: this app serves only its two image folders
@@ -116,6 +116,8 @@ class Settings:
     vae_dir: Path | None = None  # None: the VAE folder inside models_dir
     esrgan_dir: Path | None = None  # None: the ESRGAN folder inside models_dir
     real_esrgan_dir: Path | None = None  # None: the RealESRGAN folder inside models_dir
+    blip_dir: Path | None = None  # None: the BLIP folder inside models_dir (Interrogate's captioning model)
+    clip_dir: Path | None = None  # None: the CLIP folder inside models_dir (Interrogate's CLIP model)
     styles_file: Path | None = None  # None: styles.csv in outdir
     ui_settings_file: Path | None = None  # None: config.json in outdir
     freeze_settings: bool = False  # the Settings tab's settings shown, not changeable
@@ -149,6 +151,14 @@ class Settings:
     @property
     def real_esrgan_folder(self) -> Path:
         return self.real_esrgan_dir or self.models_dir / REAL_ESRGAN_FOLDER
+
+    @property
+    def blip_folder(self) -> Path:
+        return self.blip_dir or self.models_dir / BLIP_FOLDER
+
+    @property
+    def clip_folder(self) -> Path:
+        return self.clip_dir or self.models_dir / CLIP_FOLDER
 
     @property
     def embeddings_folder(self) -> Path:
@@ -289,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--realesrgan-models-path", dest="real_esrgan_dir", type=_user_path, default=None,
                        help=f"folder of Real-ESRGAN upscaler files, where R-ESRGAN 4x+ and its kin are downloaded "
                             f"when first used (default: {REAL_ESRGAN_FOLDER}/ beside {ESRGAN_FOLDER}/)")
+    files.add_argument("--clip-models-path", dest="clip_dir", type=_user_path, default=None,
+                       help=f"folder of the CLIP model Interrogate ranks words with, in transformers' layout; when it "
+                            f"holds no config.json, OpenAI's CLIP ViT-L/14 is downloaded once into the hub cache (default: "
+                            f"{CLIP_FOLDER}/ beside {ESRGAN_FOLDER}/; the captioning model is read from {BLIP_FOLDER}/ "
+                            "beside it)")
     files.add_argument("--embeddings-dir", type=_user_path, default=None,
                        help=f"folder of textual inversion embeddings that prompts name by file name (default: "
                             f"{EMBEDDINGS_FOLDER}/ inside the models folder, or A1111's embeddings/ beside its models/ "
@@ -426,6 +441,9 @@ def _choose_models_dir(args: argparse.Namespace, ckpt_dir_env: Path | None) -> N
         args.esrgan_dir = (base if base is not None else args.models_dir) / ESRGAN_FOLDER
     if args.real_esrgan_dir is None:
         args.real_esrgan_dir = (base if base is not None else args.models_dir) / REAL_ESRGAN_FOLDER
+    args.blip_dir = (base if base is not None else args.models_dir) / BLIP_FOLDER  # A1111's models/BLIP: no flag
+    if args.clip_dir is None:
+        args.clip_dir = (base if base is not None else args.models_dir) / CLIP_FOLDER
     a1111 = base is not None and (base / A1111_CHECKPOINTS).is_dir()
     if args.embeddings_dir is None:  # and its embeddings/ beside models/
         args.embeddings_dir = base.parent / EMBEDDINGS_FOLDER if a1111 else args.models_dir / EMBEDDINGS_FOLDER

@@ -28,6 +28,7 @@ from webui.engine.generate import DenoisingStopped, Engine, EngineImage, LoadedM
 from webui.engine.hires import LATENT_UPSCALERS
 from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sha1, size_from_image
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
+from webui.engine.interrogate import INTERROGATE_MODEL
 from webui.engine.models import ModelEntry, ModelNotFound
 from webui.engine.refiner import kind_of_entry, kind_problem
 from webui.engine.upscalers import UpscalerError
@@ -451,6 +452,16 @@ class Worker:
             self._queue.append(_Call(fn, future, activity))
             self._wake.notify_all()
         return future
+
+    def interrogate(self, picture: Image.Image, model: str = "clip") -> Future:
+        """A1111's Interrogate: the future of a prompt describing the picture, made on the worker thread after the
+        jobs queued before it (the models share the device with the jobs). InvalidRequest, here for a model other
+        than CLIP, from the future for models that cannot be had."""
+        if model.strip().lower() != INTERROGATE_MODEL:
+            raise InvalidRequest(f"model: {model[:50]!r} is not an interrogator on this server; send 'clip' (A1111's "
+                                 "DeepBooru tagger is not offered)")
+        picture = as_rgb(picture)
+        return self.call(lambda engine: engine.interrogate(picture), activity="Interrogate CLIP")
 
     def _refuse_when_stopping(self) -> None:
         if self._stopping:

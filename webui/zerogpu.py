@@ -94,8 +94,9 @@ def wrap_engine(engine):
 
     engine.generate = generate
     engine.load = load
-    # SD upscale's and Extras' model upscalers run outside the GPU call, where no GPU is lent: on the CPU.
-    engine.upscaler_device = "cpu"
+    # SD upscale's and Extras' model upscalers and Interrogate run outside the GPU call, where no GPU is lent: on
+    # the CPU.
+    engine.tool_device_name = "cpu"
     # The GPU is lent per call to a forked process, and given back after it: there is nothing to release.
     engine.release_device = lambda: False
     log.info("ZeroGPU: generation runs on a lent GPU (spaces.GPU); progress is reported per batch")

@@ -221,6 +221,16 @@ class PNGInfoRequest(BaseModel):
     image: str = Field(description="a base64 image, optionally as a data: URL")
 
 
+class InterrogateRequest(BaseModel):
+    image: str = Field(description="a base64 image, optionally as a data: URL")
+    model: str = Field("clip", max_length=100, description="clip (A1111's Interrogate CLIP: a caption, then a medium, "
+                                                           "an art movement and three flavours)")
+
+
+class InterrogateResponse(BaseModel):
+    caption: str = Field(description="a prompt describing the picture")
+
+
 class PNGInfoResponse(BaseModel):
     info: str = Field(description="the infotext ('parameters' text chunk), or '' when the image has none")
     items: dict[str, Any] = Field(description="the image's other text chunks")

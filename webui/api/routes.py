@@ -26,7 +26,8 @@ from webui.api import convert
 from webui.api.convert import SD_UPSCALE, ApiError
 from webui.api.models import (
     ErrorResponse, ExtrasBatchImagesRequest, ExtrasBody, ExtrasBatchImagesResponse, ExtrasSingleImageRequest,
-    ExtrasSingleImageResponse, GenerationBody, GenerationResponse, Img2ImgRequest, JobCancelReply, JobCreated,
+    ExtrasSingleImageResponse, GenerationBody, GenerationResponse, Img2ImgRequest, InterrogateRequest,
+    InterrogateResponse, JobCancelReply, JobCreated,
     JobStatus, LatentUpscaleModeItem, LoraItem, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest,
     PNGInfoResponse, ProgressResponse, PromptStyleItem, SamplerItem, SchedulerItem, ScriptArg, ScriptInfo,
     RealesrganItem, ScriptsList, SDModelItem, Txt2ImgRequest, UpscalerItem, VaeItem,
@@ -521,6 +522,15 @@ class Api:
     def png_info(self, req: PNGInfoRequest) -> PNGInfoResponse:
         return PNGInfoResponse(**convert.png_info(convert.decode_image(req.image, "image", pixels_needed=False)))
 
+    async def interrogate(self, req: InterrogateRequest) -> InterrogateResponse:
+        """A1111's Interrogate CLIP, after the jobs queued before it; the models are read from models/BLIP and
+        models/CLIP, or downloaded once."""
+        picture = convert.decode_image(req.image, "image")
+        try:
+            return InterrogateResponse(caption=await self._on_worker(self.services.worker.interrogate(picture, req.model)))
+        except InvalidRequest as err:
+            raise ApiError(422, str(err), "InvalidRequest") from None
+
     def memory(self) -> MemoryResponse:
         return MemoryResponse(ram=_ram(), cuda=_cuda())
 
@@ -538,6 +548,7 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/extra-batch-images", api.extra_batch_images, methods=["POST"],
         response_model=ExtrasBatchImagesResponse, tags=["images"], summary="resize several pictures (Extras)")
     add(f"{sd}/png-info", api.png_info, methods=["POST"], response_model=PNGInfoResponse, tags=["images"])
+    add(f"{sd}/interrogate", api.interrogate, methods=["POST"], response_model=InterrogateResponse, tags=["images"])
     add(f"{sd}/progress", api.progress, methods=["GET"], response_model=ProgressResponse, tags=["queue"])
     add(f"{sd}/interrupt", api.interrupt, methods=["POST"], tags=["queue"])
     add(f"{sd}/skip", api.skip, methods=["POST"], tags=["queue"])

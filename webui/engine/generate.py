@@ -31,6 +31,7 @@ from webui.engine.img2img import pipeline_strength
 from webui.engine.inpaint import Inpainting
 from webui.engine.inpainting_model import extra_input, masked_picture_input, takes_masked_picture
 from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, lora_uses, strip_loras
+from webui.engine.interrogate import Interrogator
 from webui.engine.upscalers import UpscalerLibrary
 from webui.engine.vae import VaeFile, VaeLibrary, VaeSwap
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
@@ -238,7 +239,8 @@ class Engine:
         self.vaes = VaeLibrary(settings.vae_folder, registry)
         self.upscalers = UpscalerLibrary(settings.esrgan_folder, settings.real_esrgan_folder,
                                          downloads=not settings.offline)
-        self.upscaler_device: str | None = None  # None: where the model runs (ZeroGPU sets "cpu")
+        self.tool_device_name: str | None = None  # upscalers and Interrogate; None: the model's (ZeroGPU: "cpu")
+        self.interrogator = Interrogator(settings.blip_folder, settings.clip_folder, downloads=not settings.offline)
         self._vae_weights = VaeSwap()  # which VAE file the loaded VAE holds now
         self._lora_weights = LoraPatcher()  # what the loaded weights hold merged now
         self.embeddings = EmbeddingSet()  # the textual inversions the loaded model's tokenizer knows
@@ -404,6 +406,7 @@ class Engine:
             self._vae_weights.forget()  # and the model's own VAE weights, kept while a file's are in
         self._on_device = False
         self.upscalers.forget()  # a model upscaler's network on the device too
+        self.interrogator.forget()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -436,10 +439,18 @@ class Engine:
     def upscale_picture(self, picture: Image.Image, size: tuple[int, int], upscaler: str) -> Image.Image:
         """The RGB picture at `size` (width, height) by a picture upscaler: a filter, or a model upscaler run on
         the model's device (UpscalerError when it cannot be used)."""
+        return self.upscalers.resize(picture, size, upscaler, *self._tool_device())
+
+    def _tool_device(self) -> tuple[str, torch.dtype]:
+        """Where the upscalers' and Interrogate's networks run, and in what precision: the model's device."""
         placement = self.placement or pick_placement(self.settings)
-        device = self.upscaler_device or placement.device
-        dtype = placement.dtype if device != "cpu" else torch.float32
-        return self.upscalers.resize(picture, size, upscaler, device, dtype)
+        device = self.tool_device_name or placement.device
+        return device, placement.dtype if device != "cpu" else torch.float32
+
+    def interrogate(self, picture: Image.Image) -> str:
+        """A1111's Interrogate CLIP: a prompt describing the picture (InterrogateError when the models cannot be
+        had)."""
+        return self.interrogator.describe(picture, *self._tool_device())
 
     def require_model(self) -> LoadedModel:
         if self.model is None:

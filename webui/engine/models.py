@@ -196,18 +196,20 @@ class ModelRegistry:
 SCAN_DEPTH = 3
 
 
-# The models folder's LoRA, embeddings, VAE and upscaler folders hold .safetensors files that are not checkpoints.
+# The models folder's LoRA, embeddings, VAE, upscaler and Interrogate folders hold .safetensors files that are not checkpoints.
 LORA_FOLDER = "Lora"
 EMBEDDINGS_FOLDER = "embeddings"
 VAE_FOLDER = "VAE"
 ESRGAN_FOLDER, REAL_ESRGAN_FOLDER = "ESRGAN", "RealESRGAN"
+BLIP_FOLDER, CLIP_FOLDER = "BLIP", "CLIP"  # Interrogate's models, in transformers' layout
 
 
 def scan_models_dir(models_dir: Path, skipped_folders: tuple[Path, ...] = ()) -> list[ModelEntry]:
     if not models_dir.is_dir():
         return []
     skipped = {models_dir / folder for folder in (LORA_FOLDER, EMBEDDINGS_FOLDER, VAE_FOLDER, ESRGAN_FOLDER,
-                                                  REAL_ESRGAN_FOLDER)} | set(map(Path, skipped_folders))
+                                                  REAL_ESRGAN_FOLDER, BLIP_FOLDER, CLIP_FOLDER)}
+    skipped |= set(map(Path, skipped_folders))
     return _scan(models_dir, models_dir, SCAN_DEPTH, skipped)
 
 

@@ -337,9 +337,9 @@ class GenerationActions(SeveralRuns):
         return picture, request_fields_from_infotext(session.infotexts[index])
 
     @staticmethod
-    def picture_size(mode: str, *pictures: Any) -> tuple[int, int]:
-        """Width and Height from the open sub-tab's picture to start from (A1111's 📐, "From image" here): its size,
-        as a multiple of 8 within the size limits. `pictures`: that sub-tab's inputs (pictures.SUBTAB_INPUTS)."""
+    def _subtab_picture(mode: str, pictures: tuple) -> Image.Image:
+        """The open sub-tab's picture to start from; gr.Error saying what to upload where there is none to read.
+        `pictures`: that sub-tab's inputs (pictures.SUBTAB_INPUTS)."""
         try:
             picture = open_picture(mode, dict(zip(SUBTAB_INPUTS[mode], pictures)))
         except InvalidRequest as err:  # Batch's first picture, unreadable
@@ -348,6 +348,21 @@ class GenerationActions(SeveralRuns):
             raise gr.Error("Upload a picture first.")
         if isinstance(picture, UnreadablePicture):
             raise gr.Error(with_labels(picture.problem()))
+        return picture
+
+    def interrogate(self, mode: str, *pictures: Any) -> str:
+        """A1111's Interrogate CLIP: a prompt describing the open sub-tab's picture, for the Prompt box."""
+        picture = self._subtab_picture(mode, pictures)
+        try:
+            return self.worker.interrogate(picture).result()
+        except (InvalidRequest, WorkerStopped) as err:
+            raise gr.Error(str(err)) from None
+
+    @classmethod
+    def picture_size(cls, mode: str, *pictures: Any) -> tuple[int, int]:
+        """Width and Height from the open sub-tab's picture to start from (A1111's 📐, "From image" here): its size,
+        as a multiple of 8 within the size limits. `pictures`: that sub-tab's inputs (pictures.SUBTAB_INPUTS)."""
+        picture = cls._subtab_picture(mode, pictures)
         try:
             check_picture_size(*picture.size)
         except ValueError as err:
@@ -630,6 +645,8 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
             styles = gr.Dropdown(actions.style_names(), value=[], multiselect=True, label="Styles",
                                  elem_id=f"{kind}_styles")
             apply_styles = gr.Button("Apply styles to prompts", elem_id=f"{kind}_style_apply", size="sm")
+            # A1111's: a prompt describing the picture to start from, by a captioning and a CLIP model.
+            interrogate = gr.Button("Interrogate CLIP", elem_id="img2img_interrogate", size="sm") if img2img else None
     img2img_widgets = {}
     with gr.Row():
         with gr.Column(scale=1):
@@ -818,6 +835,10 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
             token.change(partial(actions.picture_size, subtab),
                          inputs=[widgets[name] for name in SUBTAB_INPUTS[subtab]], outputs=[width, height],
                          api_visibility="private", show_progress="hidden")
+        for subtab, token in on_open_subtab(interrogate.click, widgets["img2img_mode"]).items():
+            token.change(partial(actions.interrogate, subtab),
+                         inputs=[widgets[name] for name in SUBTAB_INPUTS[subtab]], outputs=[prompt],
+                         api_visibility="private", show_progress="minimal")
     return GenerationTab(kind, actions, session, widgets, generate_events, tab_token,
                          [styles, lora_name, embedding_name,
                           widgets["hr_upscaler" if kind == "txt2img" else "sd_upscale_upscaler"]], send_to_img2img, send_to_inpaint, send_to_extras,
