@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 
 import pytest
 from fastapi.testclient import TestClient
@@ -225,7 +226,7 @@ def test_the_settings_tab_saves_for_everyone_and_says_why_not(ui_settings):
     assert tab.actions.shown() == ["webp", "png", 40, "[seed]-[prompt_words]", *DIRS]
 
 
-DIRS = (True, True, "[date]")  # the subfolder settings as they are by default
+DIRS = (True, True, "[date]", False)  # the subfolder settings and the text file's as they are by default
 
 
 @pytest.fixture
@@ -296,3 +297,51 @@ def test_an_unreadable_settings_file_refuses_an_api_change_before_anything_chang
         options = client.get("/sdapi/v1/options").json()
         assert (options["CLIP_stop_at_last_layers"], options["samples_format"]) == (1, "png")
     assert settings.options_path.read_text(encoding="utf-8") == "{broken"
+
+
+# --- A1111's "Create a text file next to every image" ----------------------------------------------
+
+def test_with_save_txt_each_image_grid_and_named_copy_has_its_infotext_beside_it(tmp_path):
+    from webui.storage.outputs import NamedCopy
+
+    options = OptionsStore(None)
+    store = OutputStore(tmp_path / "out", options)
+    assert not store.save_image(noisy(), INFOTEXT, seed=7).with_suffix(".txt").exists()  # off by default
+    options.update({"save_txt": True, "samples_format": "jpg"})
+    image = store.save_image(noisy(), INFOTEXT, seed=7)
+    grid = store.save_grid(noisy((128, 64)), INFOTEXT + ", Script: X/Y/Z plot")
+    (tmp_path / "copies").mkdir()
+    copy = store.save_named(noisy(), INFOTEXT, NamedCopy(tmp_path / "copies", "holiday"))
+    assert image.with_suffix(".txt").read_text(encoding="utf-8") == INFOTEXT + "\n"
+    assert grid.with_suffix(".txt").read_text(encoding="utf-8") == INFOTEXT + ", Script: X/Y/Z plot\n"
+    assert copy.name == "holiday.jpg" and (tmp_path / "copies" / "holiday.txt").read_text(encoding="utf-8") \
+        == INFOTEXT + "\n"
+    assert not [p for p in (tmp_path / "out").rglob(".partial-*")]
+
+
+def test_a_text_file_that_cannot_be_written_loses_no_picture(tmp_path, caplog, monkeypatch):
+    import webui.storage.outputs as outputs
+
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outputs, "write_text_file", disk_full)
+    options = OptionsStore(None)
+    options.update({"save_txt": True})
+    path = OutputStore(tmp_path, options).save_image(noisy(), INFOTEXT, seed=7)
+    assert path.name == "00000-7.png" and read_infotext(Image.open(path)) == INFOTEXT
+    assert "could not write the text file beside" in caplog.text and "No space left" in caplog.text
+
+
+def test_a_job_writes_the_text_file_and_deleting_from_history_removes_it(services):
+    with TestClient(create_api_app(services)) as client:
+        assert client.post("/sdapi/v1/options", json={"save_txt": True}).json()["applied"] == ["save_txt"]
+        assert client.get("/sdapi/v1/options").json()["save_txt"] is True
+    job = services.worker.submit({"prompt": "a red apple", "steps": 1, "seed": 3, "width": 64, "height": 64})
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    text = job.images[0].path.rsplit(".", 1)[0] + ".txt"
+    with open(text, encoding="utf-8") as file:
+        assert file.read() == job.images[0].infotext + "\n"
+    [row], _ = services.history.list_images()
+    assert services.history.delete_image(row.id)
+    assert not services.history.list_images()[0] and not os.path.exists(text)

@@ -276,7 +276,9 @@ class History:
             return False
         self._set_file_state([image_id], "missing")
         try:
-            self._file(image.path).unlink(missing_ok=True)
+            path = self._file(image.path)
+            path.unlink(missing_ok=True)
+            path.with_suffix(".txt").unlink(missing_ok=True)  # Settings' "text file next to every image"
         except OSError:  # the file is still there (read-only folder, in use): so is its row
             self._set_file_state([image_id], "ok")
             raise

@@ -41,6 +41,8 @@ class SavedOptions(BaseModel):
     directories_filename_pattern: str = Field("[date]", max_length=200,
                                               description="the subfolders' names, in the same tags ('/' nests them: "
                                                           "[model_name]/[date]); empty: [date]")
+    save_txt: bool = Field(False, description="also write the infotext into a .txt file of the same name beside "
+                                              "each saved image and grid")
 
     @field_validator("samples_format", "grid_format", mode="before")
     @classmethod

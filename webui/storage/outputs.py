@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -34,8 +35,9 @@ from PIL.PngImagePlugin import PngInfo
 
 from webui.storage.filenames import NameParts, file_name_part, folder_parts
 from webui.storage.infotext import MAX_INFOTEXT_CHARS, build_infotext
-from webui.storage.options import OptionsStore
+from webui.storage.options import OptionsStore, SavedOptions
 
+log = logging.getLogger(__name__)
 KINDS = ("txt2img", "img2img")  # what made an image: the first part of its folder's name, as in A1111
 EXTRAS = "extras"  # the Extras tab's pictures: a folder of images, no grids
 _NUMBERED = re.compile(r"^(\d{5,})[-.]")  # five digits at least: 100000 follows 99999
@@ -120,14 +122,27 @@ class OutputStore:
         folder, options = self.image_folder(kind, name_parts), self.options.current()
         name = file_name_part(options.samples_filename_pattern, name_parts or NameParts(seed=seed))
         stem = f"-{name}" if name else ""  # [none]: the number alone, as A1111
-        return self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}{stem}", _NUMBERED,
+        path = self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}{stem}", _NUMBERED,
                           options.samples_format, options.jpeg_quality)
+        return self._with_text_file(path, infotext, options)
 
     def save_grid(self, grid: Image.Image, infotext: str, kind: str = "txt2img",
                   name_parts: NameParts | None = None) -> Path:
         folder, options = self.grid_folder(kind, name_parts), self.options.current()
-        return self._save(grid, {"parameters": infotext}, folder, lambda n: f"grid-{n:04d}", _GRID_NUMBERED,
+        path = self._save(grid, {"parameters": infotext}, folder, lambda n: f"grid-{n:04d}", _GRID_NUMBERED,
                           options.grid_format, options.jpeg_quality)
+        return self._with_text_file(path, infotext, options)
+
+    @staticmethod
+    def _with_text_file(path: Path, infotext: str, options: SavedOptions) -> Path:
+        """A1111's "Create a text file next to every image": the infotext in <the picture's name>.txt, written
+        whole or not at all. The picture is saved already, so a text file that cannot be written is only logged."""
+        if options.save_txt and infotext:
+            try:
+                write_text_file(path.with_suffix(".txt"), infotext + "\n")
+            except OSError as err:
+                log.warning("could not write the text file beside %s: %s", path, err)
+        return path
 
     def save_extra(self, image: Image.Image, texts: dict[str, str]) -> Path:
         """A picture the Extras tab resized, with its text chunks: the original's `parameters` kept (so PNG Info and
@@ -151,9 +166,10 @@ class OutputStore:
         try:
             with _create_new(temp) as handle:
                 _encode(image, texts, file_format, options.jpeg_quality, handle)
-            return _link_unused_name(temp, copy.folder, stem, file_format)
+            path = _link_unused_name(temp, copy.folder, stem, file_format)
         finally:
             temp.unlink(missing_ok=True)
+        return self._with_text_file(path, infotext, options)
 
     def extras_folder(self) -> Path:
         return self.outdir / f"{EXTRAS}-images"
@@ -240,6 +256,17 @@ def png_texts(texts: dict[str, str | None]) -> PngInfo:
         if text is not None:
             metadata.add_text(key, text)
     return metadata
+
+
+def write_text_file(path: Path, text: str) -> None:
+    """The text in `path` (UTF-8), by way of a temporary file, so a reader never sees half of it."""
+    temp = path.with_name(f".partial-{uuid.uuid4().hex}.txt")
+    try:
+        with _create_new(temp) as handle:
+            handle.write(text.encode("utf-8"))
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def _create_new(path: Path):

@@ -15,7 +15,8 @@ from webui.storage.options import IMAGE_FORMATS, OPTION_KEYS, OptionsStore, Save
 LABELS = {"samples_format": "File format for images", "grid_format": "File format for grids",
           "jpeg_quality": "Quality for saved jpg and webp images",
           "samples_filename_pattern": "Images filename pattern", "save_to_dirs": "Save images to a subdirectory",
-          "grid_save_to_dirs": "Save grids to a subdirectory", "directories_filename_pattern": "Directory name pattern"}
+          "grid_save_to_dirs": "Save grids to a subdirectory", "directories_filename_pattern": "Directory name pattern",
+          "save_txt": "Create a text file next to every image with generation parameters"}
 
 
 class SettingsActions:
@@ -111,6 +112,8 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
             placeholder=DEFAULT_FOLDER_PATTERN, info=f"the subfolders, in the same tags; / nests them, as "
                                                      f"[model_name]/[date]; empty: {DEFAULT_FOLDER_PATTERN}",
             elem_id="settings_directories_filename_pattern", interactive=editable),
+        "save_txt": gr.Checkbox(current.save_txt, label=LABELS["save_txt"], elem_id="settings_save_txt",
+                                interactive=editable),
     }
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=editable)
     result = gr.HTML("", elem_id="settings_result")
