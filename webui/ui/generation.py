@@ -32,6 +32,7 @@ from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, 
                            InvalidRequest)
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
+from webui.ui.cards import CardPictures, card_gallery, picked_name
 from webui.ui.params import NO_REFINER, SAME_SAMPLER, SAME_SCHEDULE, TAB_FIELDS, schedules_of, with_labels
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
                                batch_uploads, inpainting_settings, on_open_subtab, open_picture, outpainting_start,
@@ -75,6 +76,7 @@ class GenerationActions(SeveralRuns):
         # As History's Delete: on a server shared without a login, visitors may not change what all share.
         self.can_edit_styles = not (services.settings.public and not services.settings.gradio_auth)
         self.reads_server_folders = services.settings.reads_server_folders  # Batch's Input directory
+        self.cards = CardPictures()  # the LoRA and embedding cards' pictures
 
     # A tab passes the parameters it has no widget for at their defaults (build_generation_tab).
     def generate(self, session: Session, prompt: str, negative_prompt: str | None = None, sampler_name: str = DEFAULT_SAMPLER,
@@ -419,13 +421,14 @@ class GenerationActions(SeveralRuns):
         return gr.update(choices=names, value=[each for each in picked or [] if each in names])
 
     def file_lists(self) -> tuple:
-        """The Styles, LoRA, Embedding and upscaler lists as they are now (the page may be older than a save or a
-        file)."""
+        """The Styles, LoRA, Embedding and upscaler lists, and the LoRA and embedding cards, as they are now (the
+        page may be older than a save or a file)."""
         # The LoRA folder is read again here; embeddings only between jobs (↻), so those are the last read.
         return (gr.update(choices=self.style_names()),
                 gr.update(choices=[entry.name for entry in self.engine.loras.refresh()]),
                 gr.update(choices=self.embedding_names()),
-                gr.update(choices=self.upscaler_names()))
+                gr.update(choices=self.upscaler_names()),
+                self.lora_cards(), self.embedding_cards())
 
     def upscaler_names(self) -> list[str]:
         """The tab's picture upscaler list: the hires fix's (latent ones first) or SD upscale's (None first)."""
@@ -434,6 +437,28 @@ class GenerationActions(SeveralRuns):
 
     def lora_names(self) -> list[str]:
         return [entry.name for entry in self.engine.loras.entries()]
+
+    def lora_files(self) -> list[tuple[str, Path]]:
+        return [(entry.name, entry.path) for entry in self.engine.loras.entries()]
+
+    def embedding_files(self) -> list[tuple[str, Path]]:
+        return sorted((name, embedding.path) for name, embedding in self.engine.embeddings.loaded.items())
+
+    def lora_cards(self, search: str = "") -> list:
+        return self.cards.gallery(self.lora_files(), search)
+
+    def embedding_cards(self, search: str = "") -> list:
+        return self.cards.gallery(self.embedding_files(), search)
+
+    def lora_card_picked(self, prompt: str, weight: float, search: str, evt: gr.SelectData) -> tuple:
+        """A LoRA card clicked: its tag into the prompt (at the Weight slider's weight), and picked in the list."""
+        name = picked_name(evt, self.lora_files(), search)
+        return (gr.skip(), gr.skip()) if name is None else (self.add_lora(prompt, name, weight), name)
+
+    def embedding_card_picked(self, prompt: str, search: str, evt: gr.SelectData) -> tuple:
+        """An embedding card clicked: its name into the prompt, and picked in the list."""
+        name = picked_name(evt, self.embedding_files(), search)
+        return (gr.skip(), gr.skip()) if name is None else (self.add_embedding(prompt, name), name)
 
     def refresh_loras(self):
         return gr.update(choices=[entry.name for entry in self.engine.loras.refresh()])
@@ -513,7 +538,7 @@ class GenerationTab:
     widgets: dict[str, gr.components.Component]
     generate_events: list[Any]  # the page's runs (img2img: one per sub-tab), each followed to its end
     tab_token: gr.Textbox  # filled from the browser tab's sessionStorage when the page loads (blocks.py)
-    file_list_widgets: list[gr.Dropdown]  # what file_lists updates, when the page loads (blocks.py)
+    file_list_widgets: list[gr.components.Component]  # what file_lists updates, when the page loads (blocks.py)
     send_to_img2img: gr.Button  # under the gallery: its current image and parameters to img2img (blocks.py)
     send_to_inpaint: gr.Button  # the same, onto img2img's Inpaint canvas
     send_to_extras: gr.Button  # its current image to the Extras tab
@@ -721,6 +746,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                     lora_weight = gr.Slider(-2, 2, value=1, step=0.05, label="Weight", elem_id=f"{kind}_lora_weight",
                                             scale=4)
                     lora_add = gr.Button("Add to prompt", elem_id=f"{kind}_lora_add", scale=1)
+                lora_search, lora_cards = card_gallery(f"{kind}_lora")
             # A1111's Textual Inversion cards: the embedding's name is the word that calls it.
             with gr.Accordion("Textual inversion", open=False, elem_id=f"{kind}_embeddings"):
                 embedding_name, embedding_refresh = file_picker(
@@ -729,6 +755,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                 with gr.Row():
                     embedding_to_prompt = gr.Button("Add to prompt", elem_id=f"{kind}_embedding_prompt")
                     embedding_to_negative = gr.Button("Add to negative prompt", elem_id=f"{kind}_embedding_negative")
+                embedding_search, embedding_cards = card_gallery(f"{kind}_embedding")
             with gr.Accordion("Save a style", open=False, elem_id=f"{kind}_style_editor",
                               visible=actions.can_edit_styles):
                 with gr.Row():
@@ -808,7 +835,12 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     seed.blur(shown_seed, inputs=[seed], outputs=[seed], api_visibility="private", show_progress="hidden",
               queue=False)
     lora_refresh.click(actions.refresh_loras, outputs=[lora_name], **_api(kind, "refresh_loras"),
-                       show_progress="hidden")
+                       show_progress="hidden").then(actions.lora_cards, inputs=[lora_search], outputs=[lora_cards],
+                                                    api_visibility="private", show_progress="hidden")
+    lora_search.change(actions.lora_cards, inputs=[lora_search], outputs=[lora_cards], api_visibility="private",
+                       show_progress="hidden", trigger_mode="always_last")
+    lora_cards.select(actions.lora_card_picked, inputs=[prompt, lora_weight, lora_search], outputs=[prompt, lora_name],
+                      api_visibility="private", show_progress="hidden")
     lora_add.click(actions.add_lora, inputs=[prompt, lora_name, lora_weight], outputs=[prompt],
                    **_api(kind, "add_lora"), show_progress="hidden")
     apply_styles.click(actions.apply_styles, inputs=[prompt, negative, styles], outputs=[prompt, negative, styles],
@@ -818,7 +850,13 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     delete_style.click(actions.delete_style, inputs=[style_name, styles], outputs=[styles],
                        **_api(kind, "delete_style"), show_progress="hidden")
     embedding_refresh.click(actions.refresh_embeddings, outputs=[embedding_name], **_api(kind, "refresh_embeddings"),
-                            show_progress="hidden")
+                            show_progress="hidden").then(actions.embedding_cards, inputs=[embedding_search],
+                                                         outputs=[embedding_cards], api_visibility="private",
+                                                         show_progress="hidden")
+    embedding_search.change(actions.embedding_cards, inputs=[embedding_search], outputs=[embedding_cards],
+                            api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+    embedding_cards.select(actions.embedding_card_picked, inputs=[prompt, embedding_search],
+                           outputs=[prompt, embedding_name], api_visibility="private", show_progress="hidden")
     embedding_to_prompt.click(actions.add_embedding, inputs=[prompt, embedding_name], outputs=[prompt],
                               **_api(kind, "add_embedding"), show_progress="hidden")
     embedding_to_negative.click(actions.add_embedding, inputs=[negative, embedding_name], outputs=[negative],
@@ -841,5 +879,6 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                          api_visibility="private", show_progress="minimal")
     return GenerationTab(kind, actions, session, widgets, generate_events, tab_token,
                          [styles, lora_name, embedding_name,
-                          widgets["hr_upscaler" if kind == "txt2img" else "sd_upscale_upscaler"]], send_to_img2img, send_to_inpaint, send_to_extras,
+                          widgets["hr_upscaler" if kind == "txt2img" else "sd_upscale_upscaler"], lora_cards,
+                          embedding_cards], send_to_img2img, send_to_inpaint, send_to_extras,
                          paste, picture_tabs if img2img else None)
