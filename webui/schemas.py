@@ -112,6 +112,8 @@ class GenerationRequest(BaseModel):
                                      description=f"SD upscale: one of {', '.join(SD_UPSCALERS)}, or a model "
                                                  "upscaler's name (GET /sdapi/v1/upscalers)")
     tiling: bool = Field(False, description="pictures that tile seamlessly: right edge into left, bottom into top")
+    color_correction: bool = Field(False, description="img2img: each result's colours matched to those of the picture "
+                                                      "it started from, its lightness kept (A1111's setting)")
     # What a script run through several jobs (Loopback) writes into each picture's infotext, as A1111's
     # extra_generation_params; only the keys in SCRIPT_INFOTEXT_KEYS.
     script_params: dict[str, StrictStr | StrictFloat | StrictInt] = Field(default_factory=dict, description="infotext keys a script adds")

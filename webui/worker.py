@@ -811,6 +811,7 @@ class Worker:
             "Batch pos": index % request.batch_size if request.batch_size > 1 and not request.sd_upscale else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "Tiling": True if request.tiling else None,
+            "Color correction": True if request.color_correction and request.is_img2img else None,
             "Pad conds": True if self.engine.pads_prompts(request) else None,
             "Lora hashes": self.engine.lora_hashes(request),
             "TI hashes": self.engine.ti_hashes(request),

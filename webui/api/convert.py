@@ -144,6 +144,8 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     }
     if img2img:
         data["resize_mode"] = 0 if req.resize_mode is None else req.resize_mode
+        # A1111's setting, by override_settings as A1111 takes it
+        data["color_correction"] = bool(overrides.get("img2img_color_correction", False))
     script, refused = script_fields(req)
     data |= script
     problems.extend(refused)

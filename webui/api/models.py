@@ -43,7 +43,8 @@ class GenerationBody(BaseModel):
     height: int | None = Field(None, description="multiple of 8; left out = the model's native size")
     override_settings: dict[str, Any] | None = Field(
         None, description="honoured keys: sd_model_checkpoint (switches the model), CLIP_stop_at_last_layers "
-                          "(else the one set with POST /sdapi/v1/options)")
+                          "(else the one set with POST /sdapi/v1/options), sd_vae, img2img_color_correction (img2img: "
+                          "the results' colours matched to the picture's)")
     send_images: bool = True
     save_images: bool = Field(False, description="also write the PNGs to outputs/ and the history")
     # The most of an infotext that is ever read: room for prompts and extensions' long parameter lines.

@@ -31,6 +31,7 @@ from webui.engine.img2img import pipeline_strength
 from webui.engine.inpaint import Inpainting
 from webui.engine.inpainting_model import extra_input, masked_picture_input, takes_masked_picture
 from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, lora_uses, strip_loras
+from webui.engine.color_correction import match_colors
 from webui.engine.interrogate import Interrogator
 from webui.engine.upscalers import UpscalerLibrary
 from webui.engine.vae import VaeFile, VaeLibrary, VaeSwap
@@ -609,6 +610,7 @@ class Engine:
                    subseeds if request.subseed_strength > 0 else None, request.subseed_strength,
                    request.seed_resize)
         factor = self.pipe.vae_scale_factor
+        colours = init_image if request.color_correction else None  # what each result's colours are matched to
         with torch.inference_mode(), seamless(self.pipe, request.tiling):
             try:
                 noise = self._start_noise(run, (height // factor, width // factor))
@@ -624,11 +626,11 @@ class Engine:
             except DenoisingStopped as stopped:
                 if run.latents is not None and torch.isfinite(run.latents).all():
                     try:
-                        stopped.images = self._to_images(run.latents, seeds, inpainting, request.tiling)
+                        stopped.images = self._to_images(run.latents, seeds, inpainting, request.tiling, colours)
                     except Exception:  # the stop matters, not the picture it would have left
                         log.exception("the image cut short could not be decoded")
                 raise
-            return self._to_images(latents, seeds, inpainting, request.tiling)
+            return self._to_images(latents, seeds, inpainting, request.tiling, colours)
 
     def _img2img_pass(self, request: GenerationRequest, run: "_Run", noise: torch.Tensor,
                       init_image: Image.Image | list[Image.Image],
@@ -844,10 +846,14 @@ class Engine:
         return (latents * vae.config.scaling_factor).to(self.pipe.unet.dtype)
 
     def _to_images(self, latents: torch.Tensor, seeds: list[int], inpainting: Inpainting | None = None,
-                   tiling: bool = False) -> list[EngineImage]:
-        """Decoded, laid into the inpainted picture, and past the safety checker (which sees what is saved)."""
+                   tiling: bool = False, colours: Image.Image | list[Image.Image] | None = None) -> list[EngineImage]:
+        """Decoded, given the colours of `colours` (img2img's colour correction: a picture, or one per image),
+        laid into the inpainted picture, and past the safety checker (which sees what is saved)."""
         height, width = (side * self.pipe.vae_scale_factor for side in latents.shape[-2:])
         pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(width, height, tiling)))
+        if colours is not None:
+            references = colours if isinstance(colours, list) else [colours] * len(pictures)
+            pictures = [match_colors(picture, reference) for picture, reference in zip(pictures, references)]
         if inpainting is not None:
             pictures = [inpainting.compose(picture) for picture in pictures]
         images, flags = self.check_safety(pictures)

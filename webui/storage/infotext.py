@@ -55,6 +55,7 @@ _REQUEST_FIELDS = {
     "Fixed X Values": ("x_values", str), "Fixed Y Values": ("y_values", str), "Fixed Z Values": ("z_values", str),
     "VAE": ("sd_vae", str),
     "Tiling": ("tiling", lambda value: value.strip().lower() == "true"),
+    "Color correction": ("color_correction", lambda value: value.strip().lower() == "true"),
     "Refiner": ("refiner_checkpoint", str),  # its title, "name [short hash]", which finds it as a model name does
     "Refiner switch at": ("refiner_switch_at", float),
 }
@@ -146,7 +147,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         # without them means 1; A1111's paste resets the Clip skip slider the same way. A single image sent
         # to a page set to batch 4 would otherwise be made again inside a batch, a few pixel values off.
         fields["clip_skip"] = fields["batch_size"] = 1
-        fields["tiling"] = False
+        fields["tiling"] = fields["color_correction"] = False
         fields["refiner_checkpoint"] = ""  # A1111 leaves the key out without a refiner: none was used
         fields["seed_resize_from_w"] = fields["seed_resize_from_h"] = 0
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation

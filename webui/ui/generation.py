@@ -109,7 +109,8 @@ class GenerationActions(SeveralRuns):
                  sd_upscale_overlap: int = 64, sd_upscale_scale: float = 2.0,
                  sd_upscale_upscaler: str = "Lanczos", sd_vae: str = "Automatic", batch_input_dir: str = "",
                  batch_mask_dir: str = "", batch_output_dir: str = "", refiner: bool = False,
-                 refiner_checkpoint: str | None = NO_REFINER, refiner_switch_at: float = 0.8) -> Iterator[tuple]:
+                 refiner_checkpoint: str | None = NO_REFINER, refiner_switch_at: float = 0.8,
+                 color_correction: bool = False) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -133,7 +134,8 @@ class GenerationActions(SeveralRuns):
         if refiner and refiner_checkpoint not in (None, "", NO_REFINER):  # as A1111: ticked with none picked is off
             request |= {"refiner_checkpoint": refiner_checkpoint, "refiner_switch_at": refiner_switch_at}
         if self.kind == "img2img":
-            request |= {"denoising_strength": denoising_strength, "resize_mode": resize_mode or 0}
+            request |= {"denoising_strength": denoising_strength, "resize_mode": resize_mode or 0,
+                        "color_correction": bool(color_correction)}
             if sd_upscale:
                 request |= {"sd_upscale": True, "sd_upscale_overlap": int(sd_upscale_overlap),
                             "sd_upscale_scale": float(sd_upscale_scale), "sd_upscale_upscaler": sd_upscale_upscaler}
@@ -718,6 +720,9 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                 img2img_widgets["denoising_strength"] = gr.Slider(
                     0, 1, value=GenerationRequest.model_fields["denoising_strength"].default, step=0.01,
                     label="Denoising strength", elem_id="img2img_denoising_strength")
+                img2img_widgets["color_correction"] = gr.Checkbox(
+                    False, label="Color correction", elem_id="img2img_color_correction",
+                    info="the result's colours matched to the picture's, its lightness kept (A1111's setting)")
             else:
                 hires_widgets = hires_fix_section(actions.upscaler_names())
             refiner_widgets = refiner_section(kind, models.names())
