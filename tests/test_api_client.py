@@ -98,3 +98,14 @@ def test_webuiapi_client_works_unchanged(server):
     inpainted = api.img2img(images=[result.image], mask_image=result.image.convert("L").point(lambda v: 255),
                             prompt="x", width=64, height=64, inpaint_full_res=False)
     assert "Mask blur: 4" in inpainted.info["infotexts"][0]
+
+
+def test_webuiapi_runs_an_xyz_plot_by_its_script_args(server):
+    """A1111's way to run a script: its name and positional args (here Steps across, by A1111's index 4)."""
+    _, port = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=1, username=USER, password=PASSWORD)
+    assert "x/y/z plot" in api.get_scripts()["txt2img"]
+    result = api.txt2img(prompt="a lighthouse", seed=5, width=64, height=64, script_name="X/Y/Z plot",
+                         script_args=[4, "1, 2", [], 0, "", [], 0, "", [], False, True])
+    assert [image.size for image in result.images] == [(128, 64), (64, 64), (64, 64)]  # the grid, then the cells
+    assert result.info["all_seeds"] == [5, 5] and "Steps: 2," in result.info["infotexts"][2]

@@ -198,8 +198,8 @@ def _refusals() -> dict[str, tuple[dict, str]]:
         "strength above 1": ({"init_images": [one], "denoising_strength": 1.5}, "denoising_strength: "),
         "a picture of 144 megapixels": ({"init_images": [huge]}, "init_images[0]: the picture is 12000x12000"),
         "noise multiplier": ({"init_images": [one], "initial_noise_multiplier": 0.5}, "initial_noise_multiplier: "),
-        "an unknown script": ({"init_images": [one], "script_name": "Loopback"}, "script_name: there is no img2img "
-                                                                                   "script 'Loopback'"),
+        "an unknown script": ({"init_images": [one], "script_name": "Outpainting mk2"},
+                              "script_name: there is no img2img script 'Outpainting mk2'"),
         "SD upscale with an ESRGAN": ({"init_images": [one], "script_name": "SD upscale",
                                        "script_args": [None, 64, 5, 2]}, "script_args[2] (upscaler): no upscaler 5"),
         "SD upscale overlap of a word": ({"init_images": [one], "script_name": "sd upscale",

@@ -53,7 +53,7 @@ def test_the_mask_of_later_loops_is_the_first_loops_as_its_resize_mode_fitted_it
 
 def test_a_loop_skipped_before_it_finished_ends_the_loops_with_a_message():
     from webui.schemas import GeneratedImage
-    from webui.ui.several_runs import _last_picture
+    from webui.runs import last_picture as _last_picture
 
     made = GeneratedImage(image=Image.new("RGB", (8, 8)), seed=1, index=0, infotext="", path=None)
     assert _last_picture([[made]]) is made.image

@@ -36,6 +36,18 @@ def test_the_same_random_seed_for_all_lines_is_picked_once():
     assert line_requests(BASE | {"seed": 9}, "a\nb", same_seed=True)[1]["seed"] == 9  # a seed given stays
 
 
+def test_a1111s_iterated_seed_and_prompts_joined_at_the_start_or_end():
+    base = BASE | {"seed": 100, "batch_size": 2, "n_iter": 2}
+    first, second, third = line_requests(base, "a fox\n--seed 7 --prompt a hare\n--negative_prompt grey",
+                                         iterate_seed=True, prompt_position="end")
+    assert [first["seed"], second["seed"], third["seed"]] == [100, 7, 108]  # each line's 4 pictures counted
+    assert first["prompt"] == "the page's a fox" and third["prompt"] == "the page's"
+    assert third["negative_prompt"] == "blurry grey"
+    assert line_requests(BASE, "a fox", prompt_position="start")[0]["prompt"] == "a fox the page's"
+    assert line_requests(BASE | {"prompt": ""}, "a fox", prompt_position="start")[0]["prompt"] == "a fox"
+    assert -1 not in {request["seed"] for request in line_requests(BASE, "a\nb", iterate_seed=True)}
+
+
 @pytest.mark.parametrize("text, says", [
     ("", "write one prompt"),
     ("a\n--steps ten", "line 2: --steps 'ten' is no whole number"),

@@ -33,6 +33,7 @@ def test_the_options_put_parts_first_vary_the_seed_or_combine_the_negative_promp
     assert first == "at night, in the rain, a street"
     seeds = [cell.request["seed"] for cell in matrix_plot(BASE | {"seed": MAX_SEED}, different_seeds=True).cells]
     assert seeds[:3] == [MAX_SEED, 0, 1]  # one apart, wrapping round at the largest seed
+    assert matrix_plot(BASE, joiner=" ").cells[3].request["prompt"] == "a street at night in the rain"
     negative = matrix_plot(BASE, negative=True)
     assert [cell.request["negative_prompt"] for cell in negative.cells] == ["blurry", "blurry, dark"]
     assert len(negative.axes[1].values) == 1 and negative.axes[1].type.label == "Nothing"  # one part: one row

@@ -71,6 +71,14 @@ def test_every_combination_runs_once_x_fastest_with_one_seed_for_all():
     assert BASE["seed"] == -1  # the caller's request is left alone
 
 
+def test_seeds_vary_along_the_axes_asked_x_fastest_as_a1111_counts():
+    axes = [read_axis("X", "Steps", "1, 2"), read_axis("Y", "CFG Scale", "5, 6, 7"), read_axis("Z", "Nothing", "")]
+    cells = plan(BASE | {"seed": 40}, axes, vary_seeds=(True, True, False)).cells
+    assert [cell.request["seed"] for cell in cells] == [40, 41, 42, 43, 44, 45]
+    assert [cell.request["seed"] for cell in plan(BASE | {"seed": 40}, axes, vary_seeds=(False, True, False)).cells
+            ] == [40, 40, 41, 41, 42, 42]
+
+
 def test_prompt_search_and_replace_changes_both_prompts_and_needs_its_first_value_there():
     axes = [read_axis("X", "Prompt S/R", "cat, dog"), read_axis("Y", "Nothing", ""), read_axis("Z", "Nothing", "")]
     cells = plan(BASE, axes).cells

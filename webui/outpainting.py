@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from webui.engine.img2img import as_rgb
-from webui.schemas import MAX_MASK_BLUR
+from webui.schemas import MAX_MASK_BLUR, MAX_SIZE, MIN_SIZE, InvalidRequest
 
 DIRECTIONS = ("left", "right", "up", "down")
 MIN_PIXELS, MAX_PIXELS = 8, 256  # A1111's slider
@@ -63,3 +63,21 @@ def _shared(length: int, before: int, after: int) -> tuple[int, int]:
     grown = math.ceil((length + before + after) / CANVAS_STEP) * CANVAS_STEP - length
     first = before * grown // (before + after)
     return first, grown - first
+
+
+def outpainting_job(picture: Image.Image, pixels: int, mask_blur: int, directions: list[str] | None
+                    ) -> tuple[Image.Image, Image.Image, dict]:
+    """The canvas and mask to inpaint for growing `picture` (directions None: every side), and the request's fields
+    for inpainting them (the whole canvas, at its size); InvalidRequest saying what to change."""
+    try:
+        grown = outpaint(picture, int(pixels), int(mask_blur), list(DIRECTIONS if directions is None else directions))
+    except ValueError as err:
+        raise InvalidRequest(str(err)) from None
+    width, height = grown.picture.size
+    if not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
+        raise InvalidRequest(f"Poor man's outpainting: the canvas would be {width}x{height}; each side must be "
+                             f"{MIN_SIZE} to {MAX_SIZE}: expand by fewer pixels, use a smaller picture, or grow a "
+                             "short side too")
+    return grown.picture, grown.mask, {"width": width, "height": height, "resize_mode": 0,
+                                       "mask_blur": grown.mask_blur, "inpainting_mask_invert": 0,
+                                       "inpaint_full_res": False}

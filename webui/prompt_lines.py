@@ -22,24 +22,44 @@ _NOT_HERE = ("sd_model", "outpath_samples", "outpath_grids", "prompt_for_display
              "do_not_save_grid")
 
 
-def line_requests(base: dict, text: str, same_seed: bool = False) -> list[dict]:
+def line_requests(base: dict, text: str, same_seed: bool = False, iterate_seed: bool = False,
+                  prompt_position: str | None = None) -> list[dict]:
     """One request for each non-empty line of text, the line's options over base; InvalidRequest naming the line
-    and what to fix. same_seed: a random seed (-1) is picked once for every line."""
+    and what to fix. same_seed: a random seed (-1) is picked once for every line. iterate_seed (A1111's "Iterate seed
+    every line"): line n's seed is that seed + n x the base's images, unless the line gives one. prompt_position
+    "start" or "end" (A1111's "Insert prompts at the"): a line's prompts go before or after the base's, joined by a
+    space, instead of replacing them."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise InvalidRequest("Prompts from a list: write one prompt (or one line of --options) for each run")
     if len(lines) > MAX_LINES:
         raise InvalidRequest(f"Prompts from a list: {len(lines)} lines; at most {MAX_LINES} runs at once")
     base = dict(base)
-    if same_seed and base.get("seed", -1) == -1:
+    if (same_seed or iterate_seed) and base.get("seed", -1) == -1:
         base["seed"] = random.randint(0, MAX_SEED)
+    images_per_line = base.get("batch_size", 1) * base.get("n_iter", 1)
     requests = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(lines):
         try:
-            requests.append(base | _options(line))
+            fields = _options(line)
         except ValueError as err:
-            raise InvalidRequest(f"Prompts from a list, line {number}: {err}") from None
+            raise InvalidRequest(f"Prompts from a list, line {number + 1}: {err}") from None
+        if iterate_seed and "seed" not in fields:
+            fields["seed"] = (base["seed"] + number * images_per_line) % (MAX_SEED + 1)
+        requests.append(base | fields | _joined_prompts(base, fields, prompt_position))
     return requests
+
+
+def _joined_prompts(base: dict, fields: dict, position: str | None) -> dict:
+    """A line's prompts joined to the base's, at the start or the end (as A1111 joins them: where both are given)."""
+    if position is None:
+        return {}
+    joined = {}
+    for name in ("prompt", "negative_prompt"):
+        if fields.get(name) and base.get(name):
+            parts = (fields[name], base[name]) if position == "start" else (base[name], fields[name])
+            joined[name] = " ".join(parts)
+    return joined
 
 
 def _options(line: str) -> dict:
@@ -63,6 +83,8 @@ def _options(line: str) -> dict:
         if not words or words[0].startswith("--"):
             raise ValueError(f"--{name} needs a value")
         value = words.pop(0)
+        while name in ("prompt", "negative_prompt") and words and not words[0].startswith("--"):
+            value += " " + words.pop(0)  # as A1111: a prompt's words run on to the next option, quoted or not
         if _OPTIONS[name] == "boolean":  # A1111 writes --tiling true
             if value.lower() not in ("true", "false"):
                 raise ValueError(f"--{name} {value!r}: write true or false")

@@ -1,6 +1,6 @@
 """A1111's Prompt matrix script: `a street|at night|in the rain` draws the prompt with every combination of the parts
 after the first "|" (with neither, with each, with both: four pictures), then a grid of them with the parts each
-row and column adds. The combinations run as the X/Y/Z plot's cells do (webui/ui/several_runs.py)."""
+row and column adds. The combinations run as the X/Y/Z plot's cells do (webui/runs.py)."""
 from __future__ import annotations
 
 import random
@@ -15,11 +15,11 @@ _PARTS_AXIS = AxisType("Prompt matrix", "text", lambda request, value: None, nam
 
 
 def matrix_plot(request: dict[str, Any], *, parts_first: bool = False, different_seeds: bool = False,
-                negative: bool = False, check: Callable[[dict], Any] = parse_request) -> Plot:
+                negative: bool = False, check: Callable[[dict], Any] = parse_request, joiner: str = ", ") -> Plot:
     """The combinations as a plot's cells: columns by the first half of the parts, rows by the rest (as A1111 lays
     them out). parts_first puts the parts before the prompt's first piece; negative combines the negative prompt's
-    parts instead; one seed for all, picked once where it is random (-1), unless different_seeds. Every request is
-    checked by `check` before any runs."""
+    parts instead; one seed for all, picked once where it is random (-1), unless different_seeds; `joiner` joins the
+    pieces (A1111's "Joining char": comma or space). Every request is checked by `check` before any runs."""
     field = "negative_prompt" if negative else "prompt"
     # As A1111, each piece without the spaces and commas around it; an empty part adds nothing, so it is left out.
     base, *parts = [piece.strip().strip(",").strip() for piece in (request.get(field) or "").split("|")]
@@ -42,7 +42,7 @@ def matrix_plot(request: dict[str, Any], *, parts_first: bool = False, different
     for combination in range(2 ** len(parts)):
         added = [part for bit, part in enumerate(parts) if combination >> bit & 1]
         cell = dict(base_request)
-        cell[field] = ", ".join(piece for piece in (added + [base] if parts_first else [base] + added) if piece)
+        cell[field] = joiner.join(piece for piece in (added + [base] if parts_first else [base] + added) if piece)
         if different_seeds:
             cell["seed"] = (base_request["seed"] + combination) % (MAX_SEED + 1)
         try:

@@ -198,10 +198,12 @@ SEED_AXES = ("Seed", "Var. seed")
 
 
 def plan(base: dict, axes: list[Axis], keep_random_seeds: bool = False,
-         check: Callable[[dict], Any] = parse_request) -> Plot:
+         check: Callable[[dict], Any] = parse_request, vary_seeds: tuple[bool, bool, bool] = (False, False, False)
+         ) -> Plot:
     """Every combination's request, each checked whole by `check` (the worker's own checks, by default a
     request's) before any runs; InvalidRequest naming the values at fault. A random seed (-1), in the request or
-    on a Seed axis, is picked once for all, so the pictures differ by the axes alone, unless keep_random_seeds."""
+    on a Seed axis, is picked once for all, so the pictures differ by the axes alone, unless keep_random_seeds.
+    vary_seeds (A1111's "Vary seeds for X", Y, Z): the seed counts up along those axes, each cell its own."""
     x, y, z = axes
     count = len(x.values) * len(y.values) * len(z.values)
     if count > MAX_PLOT_CELLS:
@@ -221,6 +223,7 @@ def plan(base: dict, axes: list[Axis], keep_random_seeds: bool = False,
         where = [(axis, index) for axis, index in ((x, xi), (y, yi), (z, zi)) if axis.type.label != "Nothing"]
         for axis, index in where:
             _apply(axis, request, axis.values[index], index)
+        _vary_seed(request, (xi, yi, zi), [len(axis.values) for axis in axes], vary_seeds)
         try:
             check(request)
         except InvalidRequest as err:
@@ -228,6 +231,17 @@ def plan(base: dict, axes: list[Axis], keep_random_seeds: bool = False,
             raise InvalidRequest(f"{values}: {err}") from None
         cells.append(Cell(xi, yi, zi, request))
     return Plot(axes, _run_order(cells, axes))
+
+
+def _vary_seed(request: dict, where: tuple[int, ...], sizes: list[int], vary: tuple[bool, ...]) -> None:
+    """The cell's seed counted up by its place along the varied axes, as A1111 counts: X fastest."""
+    offset, step = 0, 1
+    for index, size, varied in zip(where, sizes, vary):
+        if varied:
+            offset += index * step
+            step *= size
+    if offset and request.get("seed", -1) != -1:  # a random seed stays random
+        request["seed"] = (request["seed"] + offset) % (MAX_SEED + 1)
 
 
 def _fixed_seeds(axis: Axis) -> Axis:

@@ -10,12 +10,12 @@ import datetime as dt
 import html
 import io
 import json
-import math
 from typing import Any, Callable
 
 from PIL import Image, UnidentifiedImageError
 
 from webui import __version__
+from webui.api import scripts
 from webui.api.models import (
     ExtrasBody, GenerationBody, GenerationResponse, Img2ImgRequest, JobProgress, Txt2ImgRequest,
 )
@@ -26,8 +26,8 @@ from webui.extras import FILTERS_ONLY, MAX_PICTURES, MAX_REQUEST_PIXELS, Upscale
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
 from webui.engine.vae import AUTOMATIC
 from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
-from webui.schemas import InvalidRequest, a1111_seed_resize, parse_request, vae_choice as read_vae_choice
-from webui.sd_upscale import UPSCALERS as SD_UPSCALERS
+from webui.schemas import (GeneratedImage, InvalidRequest, a1111_seed_resize, parse_request,
+                           vae_choice as read_vae_choice)
 from webui.storage.infotext import parse_infotext, request_fields_from_infotext
 from webui.storage.options import SavedOptions
 from webui.storage.outputs import image_bytes, read_infotext, text_chunks
@@ -166,64 +166,22 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     return data, [note, *notes] if note else notes
 
 
-SD_UPSCALE = "sd upscale"  # A1111's script name, as /sdapi/v1/scripts lists it
-# SD upscale's script_args, by A1111's positions (the first, its help text, is unused): field, label, default,
-# reader (None: the upscaler's).
-_SD_UPSCALE_ARGS = (("sd_upscale_overlap", "tile overlap", 64, lambda value: _number(value, whole=True)),
-                    ("sd_upscale_upscaler", "upscaler", "Lanczos", lambda value: _sd_upscaler(value)),
-                    ("sd_upscale_scale", "scale factor", 2.0, lambda value: _number(value, whole=False)))
+def kind_of(req: GenerationBody) -> str:
+    return "img2img" if isinstance(req, Img2ImgRequest) else "txt2img"
 
 
 def script_fields(req: GenerationBody) -> tuple[dict[str, Any], list[str]]:
-    """A body's script_name and script_args as request fields (img2img's SD upscale is the one script here), and
-    what is refused. As A1111, the name is matched without case; args left out take the script's defaults."""
-    name = (req.script_name or "").strip()
-    if name.lower() in ("", "none"):
-        return {}, []
-    if not isinstance(req, Img2ImgRequest) or name.lower() != SD_UPSCALE:
-        return {}, [f"script_name: there is no {'img2img' if isinstance(req, Img2ImgRequest) else 'txt2img'} script "
-                    f"{name!r} on this server; img2img has {SD_UPSCALE!r} (GET /sdapi/v1/scripts lists them)"]
-    fields, refused, args = {"sd_upscale": True}, [], list(req.script_args or [])
-    for position, (field, label, default, read) in enumerate(_SD_UPSCALE_ARGS, start=1):
-        value = args[position] if position < len(args) and args[position] is not None else default
-        try:
-            fields[field] = read(value)
-        except ValueError as err:
-            refused.append(f"script_args[{position}] ({label}): {err}")
-    return fields, refused
-
-
-def _number(value: Any, whole: bool) -> int | float:
-    """A script argument that is a number (a JSON number, or one written as text); whole: an integer."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"expected a number, got {value!r}"[:200])
-    if whole and value != int(value):
-        raise ValueError(f"expected a whole number, got {value!r}")
-    return int(value) if whole else float(value)
-
-
-def _sd_upscaler(value: Any) -> str:
-    """SD upscale's upscaler, given by its place in A1111's list (0 None, 1 Lanczos, 2 Nearest) or by name (a model
-    upscaler's too)."""
-    by_name = {upscaler.lower(): upscaler for upscaler in SD_UPSCALERS}
-    if isinstance(value, str) and value.strip().lower() in by_name:
-        return by_name[value.strip().lower()]
+    """A body's script_name and script_args as request fields (img2img's SD upscale; the other scripts change the
+    pictures or run several jobs: webui/api/scripts.py), and what is refused."""
+    kind = kind_of(req)
     try:
-        index = _number(value, whole=True)
-    except ValueError:
-        index = -1
-    if 0 <= index < len(SD_UPSCALERS):
-        return SD_UPSCALERS[index]
-    if isinstance(value, str) and value.strip() and index < 0:
-        return value.strip()  # a model upscaler's name: checked against the server's files when the job is queued
-    choices = ", ".join(f"{i} {upscaler}" for i, upscaler in enumerate(SD_UPSCALERS))
-    raise ValueError(f"no upscaler {value!r} on this server; send one of {choices} (the number or the name), or a "
-                     "model upscaler's name from GET /sdapi/v1/upscalers (A1111's numbers past 2 differ by server)")
+        name = scripts.script_name(req.script_name, kind)
+    except InvalidRequest as err:
+        return {}, [str(err)]
+    if name is None:
+        return {}, []
+    values, refused = scripts.read_args(kind, name, req.script_args)
+    return (scripts.sd_upscale_fields(values) if name == scripts.SD_UPSCALE and not refused else {}), refused
 
 
 _HIRES_PASTED = ("enable_hr", "denoising_strength", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
@@ -354,8 +312,7 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
              else "infotext (VAE)" if req.infotext and "VAE" in parse_infotext(req.infotext)[2] else "sd_vae"}
     if isinstance(req, Img2ImgRequest):
         names["init_image"] = "init_images[0]"
-        names |= {field: f"script_args[{position}] ({label})" for position, (field, label, _, _)
-                  in enumerate(_SD_UPSCALE_ARGS, start=1)}
+        names |= scripts.sd_upscale_names()
     return names
 
 
@@ -526,30 +483,38 @@ def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None 
     As in stable-diffusion-webui, a saved multi-image run returns its grid first
     (index_of_first_image = 1), and an interrupted run returns the images it finished.
     """
-    request, images = job.request, list(job.images)
-    encoded = [encode_image(im.image, im.infotext, options=options) for im in images] if request.send_images else []
-    infotexts = [im.infotext for im in images]
-    first_index = 0
-    if job.grid_path and request.send_images:  # from memory: the file may have been deleted since
-        grid_infotext = next(im.infotext for im in images if not im.unfinished)  # the grid leaves those out
-        encoded.insert(0, encode_image(job.grid, grid_infotext, options=options))
-        infotexts.insert(0, grid_infotext)
-        first_index = 1
-    # One seed per returned image, in order (one Skip or Interrupt came before its first step returns
-    # none), so all_seeds[i] labels image i; with no image at all, the seeds the job was given.
-    seeds = [im.seed for im in images] or job.seeds or [request.seed]
+    grids = []
+    if job.grid_path and job.request.send_images:  # from memory: the file may have been deleted since
+        first = next(im for im in job.images if not im.unfinished)  # the grid leaves those out
+        grids.append(GeneratedImage(image=job.grid, seed=first.seed, index=0, infotext=first.infotext))
+    return run_result([job], grids, [(job, image) for image in job.images], parameters, loaded, options)
+
+
+def run_result(jobs: list[Job], grids: list[GeneratedImage], made: list[tuple[Job, GeneratedImage]],
+               parameters: dict[str, Any], loaded: LoadedModel | None = None, options: SavedOptions | None = None,
+               send_made: bool = True, notes: list[str] | None = None) -> GenerationResponse:
+    """The jobs of one request (one, or a script's several) -> A1111's {"images", "parameters", "info"}: the grids
+    first, then the images made (each with its job) where send_made. info's all_seeds, all_prompts and the infotexts
+    after the grids' follow the images made, as A1111's do; the rest of it is the first job's."""
+    job, request = jobs[0], jobs[0].request
+    shown = grids + ([image for _, image in made] if send_made else [])
+    encoded = [encode_image(im.image, im.infotext, options=options) for im in shown] if request.send_images else []
+    # One seed per image made, in order (one Skip or Interrupt came before its first step returns none), so
+    # all_seeds[i] labels image i; with no image at all, the seeds the job was given.
+    seeds = [image.seed for _, image in made] or job.seeds or [request.seed]
     count = len(seeds)
-    # Likewise one variation seed per returned image (a job that never started drew none).
-    subseeds = [job.subseeds[im.index] for im in images] or job.subseeds or [request.subseed] * count
+    # Likewise one variation seed per image (a job that never started drew none).
+    subseeds = [maker.subseeds[image.index] for maker, image in made] or job.subseeds or [request.subseed] * count
     model = job.model  # None when it never started; then the model it would have run, when known
     if model is None and loaded is not None and loaded.names(request.model):
         model = loaded
     started = dt.datetime.fromtimestamp(job.started_at or job.created_at)
     info = {
         "prompt": request.prompt,
-        "all_prompts": [request.prompt] * count,
+        "all_prompts": [maker.request.prompt for maker, _ in made] or [request.prompt] * count,
         "negative_prompt": request.negative_prompt,
-        "all_negative_prompts": [request.negative_prompt] * count,
+        "all_negative_prompts": ([maker.request.negative_prompt for maker, _ in made]
+                                 or [request.negative_prompt] * count),
         "seed": seeds[0],
         "all_seeds": seeds,
         "subseed": subseeds[0],
@@ -572,8 +537,8 @@ def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None 
         "seed_resize_from_h": request.seed_resize_from_h or -1,
         "denoising_strength": request.denoising_strength if request.is_img2img or request.enable_hr else None,
         "extra_generation_params": {"Schedule type": request.scheduler},
-        "index_of_first_image": first_index,
-        "infotexts": infotexts,
+        "index_of_first_image": 1 if grids else 0,
+        "infotexts": [grid.infotext for grid in grids] + [image.infotext for _, image in made],
         "styles": list(request.styles),
         "job_timestamp": started.strftime("%Y%m%d%H%M%S"),
         "clip_skip": request.clip_skip,
@@ -581,10 +546,13 @@ def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None 
         "version": f"diffusers-webui {__version__}",
         # ours, beyond A1111's keys
         "job_id": job.id,
-        "state": job.state.value,
-        "nsfw": [im.nsfw for im in images],
-        "warnings": list(job.warnings),  # what ran other than asked (a schedule type), a failed save
+        "state": jobs[-1].state.value,
+        "nsfw": [image.nsfw for _, image in made],
+        # what ran other than asked (a schedule type), a failed save
+        "warnings": list(dict.fromkeys([*(notes or []), *(note for each in jobs for note in each.warnings)])),
     }
+    if len(jobs) > 1:
+        info["job_ids"] = [each.id for each in jobs]
     return GenerationResponse(images=encoded, parameters=parameters, info=json.dumps(info))
 
 

@@ -6,7 +6,7 @@ native size (512 for SD 1.x, as there) instead of a fixed 512 for txt2img, and t
 (rounded down to a multiple of 8) for img2img.
 
 Fields that stable-diffusion-webui accepts but we cannot honour yet are declared too, so its
-clients validate; the adapter rejects them when they ask for something (a script, a face restorer)
+clients validate; the adapter rejects them when they ask for something (a face restorer, a script not here)
 and ignores them when they hold their defaults.
 """
 from __future__ import annotations
@@ -63,10 +63,12 @@ class GenerationBody(BaseModel):
                                            "(A1111's refiner; null, '' or 'None': none)")
     refiner_switch_at: float | None = Field(None, description="refiner: the part of the denoising done when it takes "
                                                               "over, by noise level (null: 0.8)")
-    script_name: str | None = Field(None, description="img2img: 'sd upscale' (A1111's SD upscale), or none")
+    script_name: str | None = Field(None, description="A1111's script, in any case: 'x/y/z plot', 'prompt matrix', "
+                                    "'prompts from file or textbox'; img2img also 'loopback', \"poor man's "
+                                    "outpainting\", 'sd upscale' (GET /sdapi/v1/scripts)")
     script_args: list[Any] | None = Field(default_factory=list, description="the script's arguments by A1111's "
-                                          "positions; sd upscale: [unused, tile overlap, upscaler (0 None, 1 Lanczos, "
-                                          "2 Nearest, or its name), scale factor]")
+                                          "positions (GET /sdapi/v1/script-info); those left out or null take "
+                                          "A1111's defaults")
     alwayson_scripts: dict[str, Any] | None = Field(default_factory=dict)
 
     # --- accepted and ignored (sampler fine-tuning, A1111 internals) ------------------------------

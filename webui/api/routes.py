@@ -7,9 +7,11 @@ whatever app the routes are attached to (our route class formats them, not app-w
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,8 +24,8 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from webui.api import convert
-from webui.api.convert import SD_UPSCALE, ApiError
+from webui.api import convert, scripts
+from webui.api.convert import ApiError
 from webui.api.models import (
     ErrorResponse, ExtrasBatchImagesRequest, ExtrasBody, ExtrasBatchImagesResponse, ExtrasSingleImageRequest,
     ExtrasSingleImageResponse, GenerationBody, GenerationResponse, Img2ImgRequest, InterrogateRequest,
@@ -41,7 +43,7 @@ from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_key
 from webui.engine.upscalers import picture_upscalers
 from webui.extras import EXTRAS_UPSCALERS, Upscalers
 from webui.schemas import InvalidRequest, JobState, describe_validation_errors
-from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE
+from webui.runs import SeveralJobs, saved_grids
 from webui.storage.history import owner_key
 from webui.storage.options import OPTION_KEYS, SettingsFrozen
 from webui.worker import Job, QueueFull, WorkerStopped, await_result
@@ -111,6 +113,7 @@ class Api:
         # The last job whose override_settings switched the model without restoring it afterwards: once done,
         # its model is the option's, as in A1111, where such an override stays set.
         self._kept_override: Job | None = None
+        self._runs: list[SeveralJobs] = []  # the scripts' runs of several jobs going on, for /progress and /interrupt
 
     # --- generation ---------------------------------------------------------------------------
     async def txt2img(self, req: Txt2ImgRequest, request: Request) -> GenerationResponse:
@@ -123,6 +126,8 @@ class Api:
         return await self._generate(req, request)
 
     async def _generate(self, req: GenerationBody, request: Request) -> GenerationResponse:
+        if _script_of(req) in scripts.SEVERAL_JOBS:
+            return await self._run_script(req, request)
         job = await anyio.to_thread.run_sync(self._submit, req, caller_of(request))
         # Wait on a thread of its own, outside the shared pool, so that many waiting clients
         # never starve /progress or /interrupt. The queue limit bounds how many wait at once.
@@ -149,6 +154,25 @@ class Api:
         return True
 
     def _submit(self, req: GenerationBody, caller: str) -> Job:
+        data, notes, names = self._request_data(req)
+        init_image, mask = convert.init_image_of(req), convert.mask_of(req)
+        script = _script_of(req)
+        with self._queueing(names):
+            if script in scripts.SEVERAL_JOBS:  # (on /api/v1/jobs: one job id cannot stand for several)
+                raise InvalidRequest(f"script_name: {script} runs several jobs; send it to "
+                                     f"/sdapi/v1/{convert.kind_of(req)}, which answers once all have run")
+            if script == scripts.OUTPAINTING:
+                init_image, mask, fields = scripts.outpainting(_script_args(req), init_image, mask)
+                data |= fields
+            job = self.worker.submit(data, origin="api", owner=caller, warnings=notes, field_names=names,
+                                     init_image=init_image, mask=mask)
+        if _keeps_model(req, data):
+            self._kept_override = job
+        return job
+
+    def _request_data(self, req: GenerationBody) -> tuple[dict[str, Any], list[str], dict[str, str]]:
+        """A body's GenerationRequest fields (with the model, clip skip and VAE of requests that give none), notes on
+        what runs other than asked, and the body's names for our fields; ApiError for what is refused."""
         model, chosen, notes = self._model_of_requests()
         default_model = model.entry.source if chosen else None
         kept = self._kept_override
@@ -162,21 +186,73 @@ class Api:
                                                             default_clip_skip=default_clip_skip,
                                                             default_model=default_model, default_vae=self.sd_vae,
                                                             vae_exists=self._vae_exists)
-        notes += clip_skip_notes + request_notes
-        names = convert.client_field_names(req)
-        init_image, mask = convert.init_image_of(req), convert.mask_of(req)
+        return data, notes + clip_skip_notes + request_notes, convert.client_field_names(req)
+
+    @contextlib.contextmanager
+    def _queueing(self, names: dict[str, str]):
+        """Refusals of the worker as the client's errors."""
         try:
-            job = self.worker.submit(data, origin="api", owner=caller, warnings=notes, field_names=names,
-                                     init_image=init_image, mask=mask)
-            if (req.override_settings or {}).get("sd_model_checkpoint") and not data["restore_model"]:
-                self._kept_override = job
-            return job
+            yield
         except InvalidRequest as err:  # e.g. a clip skip deeper than the loaded model, named as the client sent it
             raise ApiError(422, convert.rename_fields(str(err), names), "InvalidRequest") from None
         except QueueFull as err:
             raise ApiError(503, str(err), "QueueFull", headers={"Retry-After": str(self._retry_after())}) from None
         except WorkerStopped as err:
             raise ApiError(503, str(err), "ServerStopping") from None
+
+    # --- scripts that run several jobs ----------------------------------------------------------
+    async def _run_script(self, req: GenerationBody, request: Request) -> GenerationResponse:
+        """A script's jobs, every one checked before the first is queued, run in turn; the answer once all have run
+        (or Interrupt ended them), as A1111's."""
+        script, names, keeps_model = await anyio.to_thread.run_sync(self._plan_script, req)
+        # As _generate's wait: on a thread of its own, so many waiting clients never starve /progress or /interrupt.
+        await anyio.to_thread.run_sync(self._run_in_turn, script.run, caller_of(request), names, keeps_model,
+                                       abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
+        return await anyio.to_thread.run_sync(self._script_result, script, req)
+
+    def _plan_script(self, req: GenerationBody) -> tuple[scripts.ScriptRun, dict[str, str], bool]:
+        data, notes, names = self._request_data(req)
+        init_image, mask = convert.init_image_of(req), convert.mask_of(req)
+        try:
+            script = scripts.several_jobs(convert.kind_of(req), _script_of(req), _script_args(req), data, init_image,
+                                          mask, self.worker, self._find_model)
+        except InvalidRequest as err:
+            raise ApiError(422, convert.rename_fields(str(err), names), "InvalidRequest") from None
+        script.notes[:0] = notes
+        return script, names, _keeps_model(req, data)
+
+    def _find_model(self, name: str) -> str:
+        """A Checkpoint name axis's value: the listed model of that name (ModelNotFound for none)."""
+        loaded = self.engine.model
+        return self.registry.find_listed(name, loaded.entry if loaded else None).name
+
+    def _run_in_turn(self, run: SeveralJobs, caller: str, names: dict[str, str], keeps_model: bool) -> None:
+        run.owner = caller  # from now on /interrupt finds it, even between two jobs
+        self._runs.append(run)
+        try:
+            with self._queueing(names):
+                for job in run.in_turn(self.worker, "api", caller, field_names=names):
+                    if keeps_model:
+                        self._kept_override = job
+                    job.wait()
+        finally:
+            self._runs.remove(run)
+
+    def _script_result(self, script: scripts.ScriptRun, req: GenerationBody) -> GenerationResponse:
+        run = script.run
+        if run.job is None:
+            raise ApiError(409, f"{_script_of(req)}: interrupted before its first job", "Interrupted")
+        if run.job.state is JobState.FAILED:
+            self._result(run.job, {})  # raises its error, as a job of its own would
+        result = script.result()
+        grids = result.grids
+        if req.save_images:
+            grids = saved_grids(grids, self.services.outputs, convert.kind_of(req))
+        return convert.run_result(run.jobs, grids, result.made, req.parameters(), self.engine.model,
+                                  self.services.options.current(), result.send_made, script.notes)
+
+    def _run_of(self, job: Job) -> SeveralJobs | None:
+        return next((run for run in list(self._runs) if run.job is job), None)
 
     def _model_of_requests(self) -> tuple[LoadedModel | None, bool, list[str]]:
         """The model API requests that name none run on, whether the sd_model_checkpoint option chose it, and
@@ -277,9 +353,16 @@ class Api:
             # ours: the queue behind the running job
             "queued": self.worker.queue_length(),
         }
-        return ProgressResponse(progress=min(p.fraction, 1.0), eta_relative=p.eta_seconds or 0.0, state=state,
-                                current_image=current_image, textinfo=p.note or f"Step {p.step}/{steps}",
-                                current_task=job.id if own else None)
+        progress, eta, textinfo = min(p.fraction, 1.0), p.eta_seconds or 0.0, p.note or f"Step {p.step}/{steps}"
+        run = self._run_of(job)
+        if run is not None:  # a script's run of several jobs: how far all of it has come, its jobs counted as A1111's
+            number, count = len(run.jobs), len(run.submissions)
+            progress, elapsed = run.fraction(), time.time() - run.started_at
+            eta = elapsed / progress - elapsed if progress > 0 else eta
+            state |= {"job": f"{number} out of {count}", "job_count": count, "job_no": number - 1}
+            textinfo = f"{run.what}: picture {number} of {count}; {textinfo}"
+        return ProgressResponse(progress=progress, eta_relative=eta, state=state, current_image=current_image,
+                                textinfo=textinfo, current_task=job.id if own else None)
 
     def interrupt(self, request: Request) -> dict:
         """Stop the caller's API job (A1111's Interrupt): the running one, which keeps the images it
@@ -287,7 +370,12 @@ class Api:
         The caller is the --api-auth user, else the client's address (clients behind one proxy share it).
         POST /api/v1/jobs/{id}/cancel stops one job by its id."""
         job = self._callers_running_job(request) or self._callers_queued_job(request)
-        if job is not None:
+        # A script's run of several jobs ends whole, even between two of its jobs.
+        run = self._run_of(job) if job is not None else next(
+            (run for run in list(self._runs) if run.owner == caller_of(request)), None)
+        if run is not None:
+            run.stop(self.worker)
+        elif job is not None:
             self.worker.cancel(job.id)
         return {}
 
@@ -460,16 +548,17 @@ class Api:
             for label in SCHEDULE_TYPES
         ]
 
-    def scripts(self) -> ScriptsList:
-        return ScriptsList(img2img=[SD_UPSCALE])
+    @staticmethod
+    def scripts() -> ScriptsList:
+        return ScriptsList(**{kind: list(names) for kind, names in scripts.SCRIPTS.items()})
 
     def script_info(self) -> list[ScriptInfo]:
-        """SD upscale's script_args, in A1111's order and with its labels (the model upscalers are taken by name)."""
-        return [ScriptInfo(name=SD_UPSCALE, is_img2img=True, args=[
-            ScriptArg(label="Info", value=None),
-            ScriptArg(label="Tile overlap", value=64, minimum=0, maximum=MAX_OVERLAP, step=16),
-            ScriptArg(label="Upscaler", value=DEFAULT_UPSCALER, choices=picture_upscalers(self.engine.upscalers)),
-            ScriptArg(label="Scale Factor", value=2.0, minimum=MIN_SCALE, maximum=MAX_SCALE, step=0.05)])]
+        """Each script's script_args, in A1111's order and with its labels, defaults and choices (SD upscale's model
+        upscalers are taken by name)."""
+        upscalers = picture_upscalers(self.engine.upscalers)
+        return [ScriptInfo(name=name, is_img2img=kind == "img2img",
+                           args=[ScriptArg(**arg) for arg in scripts.script_info(kind, name, upscalers)])
+                for kind, names in scripts.SCRIPTS.items() for name in names]
 
     @staticmethod
     def none_installed() -> list:
@@ -609,6 +698,24 @@ def _no_such_route(router: APIRouter) -> Callable:
         raise ApiError(404, f"{request.url.path}: no such API route; the list is at /docs", "NotFound")
 
     return no_such_route
+
+
+def _script_of(req: GenerationBody) -> str | None:
+    """The script a body names, in A1111's lower case (None for none; one not here is refused with its fields)."""
+    try:
+        return scripts.script_name(req.script_name, convert.kind_of(req))
+    except InvalidRequest:
+        return None
+
+
+def _script_args(req: GenerationBody) -> list[Any]:
+    """The script's arguments read (they were checked with the body's other fields)."""
+    return scripts.read_args(convert.kind_of(req), _script_of(req), req.script_args)[0]
+
+
+def _keeps_model(req: GenerationBody, data: dict[str, Any]) -> bool:
+    """Whether the body's override_settings switch the model for good (not restored after its job)."""
+    return bool((req.override_settings or {}).get("sd_model_checkpoint")) and not data["restore_model"]
 
 
 def _error_of(job: Job) -> str | None:

@@ -36,17 +36,18 @@ from webui.ui.cards import CardPictures, card_gallery, picked_name
 from webui.ui.params import NO_REFINER, SAME_SAMPLER, SAME_SCHEDULE, TAB_FIELDS, schedules_of, with_labels
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
                                batch_uploads, inpainting_settings, on_open_subtab, open_picture, outpainting_start,
-                               folder_pictures, output_folder, picture_inputs, scaled_size_fields, start_pictures)
-from webui.loopback import loop_requests
+                               folder_pictures, output_folder, picture_inputs, read_upload, start_pictures)
+from webui.runs import (SeveralJobs, Submission, found_models, line_run, loopback_run, plot_run,
+                        scaled_size_fields)
 from webui.ui.scripts import (loopback_section, outpainting_section, plot_section, prompt_list_section,
                               prompt_matrix_section, sd_upscale_section)
 from webui.ui.progress import (error_html, final_html, progress_html, timing_html, token_counter,
                                too_long_counter)
 from webui.ui.session import Session, show_images
-from webui.ui.several_runs import SeveralRuns, Submission
+from webui.ui.several_runs import SeveralRuns
 from webui.worker import Job, QueueFull, WorkerStopped
 from webui.prompt_matrix import matrix_plot
-from webui.xyz_plot import AXIS_NAMES, plan, read_axis
+from webui.xyz_plot import AXIS_NAMES, SCRIPT, plan, read_axis
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.25
@@ -180,29 +181,31 @@ class GenerationActions(SeveralRuns):
             if request["model"]:
                 request["model"] = self.models.checked_choice(request["model"])
             if prompt_list:
-                runs = self._several(session, self._line_submissions(request, prompt_lines, prompt_list_same_seed,
-                                                                     picture, mask_picture), "Prompts from a list")
+                runs = self._several(session, line_run(self.worker, request, prompt_lines, prompt_list_same_seed,
+                                                       picture, mask_picture))
             elif xyz_plot:
-                axes = [self._found_models(read_axis(name, axis_type, values)) for name, axis_type, values in
-                        zip(AXIS_NAMES, (x_type, y_type, z_type), (x_values, y_values, z_values))]
+                axes = [found_models(read_axis(name, axis_type, values), self._find_model) for name, axis_type, values
+                        in zip(AXIS_NAMES, (x_type, y_type, z_type), (x_values, y_values, z_values))]
                 plot = plan(request, axes, xyz_keep_random_seeds, check=self.worker.check)
-                runs = self._plot(session, plot, picture, mask_picture, xyz_legend, xyz_sub_images)
+                runs = self._plot(session, plot, plot_run(plot, picture, mask_picture, SCRIPT), xyz_legend,
+                                  xyz_sub_images)
             elif prompt_matrix:
                 plot = matrix_plot(request, parts_first=bool(matrix_parts_first),
                                    different_seeds=bool(matrix_different_seeds), negative=matrix_prompt == "negative",
                                    check=self.worker.check)
-                runs = self._plot(session, plot, picture, mask_picture, legend=True, sub_images=True,
-                                  what="Prompt matrix")  # the grid, then each picture, as A1111 shows them
+                # the grid, then each picture, as A1111 shows them
+                runs = self._plot(session, plot, plot_run(plot, picture, mask_picture, "Prompt matrix"), legend=True,
+                                  sub_images=True)
             elif loopback:
-                chains = loop_requests(request, int(loopback_loops), float(loopback_final_strength), loopback_curve)
-                for loop in (chain[0] for chain in chains):  # each chain's first run: the others are like it
-                    self.worker.check(loop)
-                runs = self._loopback(session, chains, picture, mask_picture)
+                runs = self._several(session, loopback_run(self.worker, request, int(loopback_loops),
+                                                           float(loopback_final_strength), loopback_curve, picture,
+                                                           mask_picture))
             elif batch:
-                runs = self._several(session, [
-                    Submission(request, path, mask_path, scale,
+                runs = self._several(session, SeveralJobs([
+                    Submission(request, partial(read_upload, path, "Batch"),
+                               partial(read_upload, mask_path, "Batch") if mask_path else None, scale,
                                NamedCopy(copy_folder, Path(path).stem) if copy_folder else None)
-                    for path, mask_path in uploads], "Batch")
+                    for path, mask_path in uploads], "Batch"))
             else:
                 job = self.worker.submit(request, origin="ui", owner=self._owner(session), init_image=picture,
                                          mask=mask_picture)
@@ -222,6 +225,14 @@ class GenerationActions(SeveralRuns):
             log.exception("following job %s failed", session.job_id)
             message = error_html(f"The page lost track of the job: {err}")
             yield session, gr.skip(), message, gr.update(visible=False), gr.skip(), ""
+
+    def _find_model(self, name: str) -> str:
+        """A Checkpoint name axis's value: the model the picker names so."""
+        listed = self.models.find_pasted(name, None)
+        if listed is None:
+            raise InvalidRequest(f"there is no model {name!r}; the Stable Diffusion checkpoint list names those there "
+                                 "are")
+        return self.models.checked_choice(listed)
 
     def _batch_files(self, pictures: list[str] | None, masks: list[str] | None, input_dir: str | None,
                      mask_dir: str | None) -> tuple[list[str] | None, list[str] | None]:

@@ -17,9 +17,9 @@ from typing import Any, Callable
 import gradio as gr
 from PIL import Image
 
-from webui.engine.img2img import MAX_PICTURE_PIXELS, check_picture_size, scaled_size
-from webui.outpainting import DIRECTIONS, outpaint
-from webui.schemas import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASK_PADDING, MAX_SIZE, MIN_SIZE,
+from webui.engine.img2img import MAX_PICTURE_PIXELS, check_picture_size
+from webui.outpainting import outpainting_job
+from webui.schemas import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASK_PADDING,
                            GenerationRequest, InvalidRequest)
 
 # The img2img tab's sub-tabs: how the picture (and the mask) are given.
@@ -47,15 +47,6 @@ NO_BATCH = "Batch: upload the pictures to start from (several at once; each is a
 
 
 RESIZE_TO, RESIZE_BY = "Resize to", "Resize by"  # img2img's size: Width and Height, or the picture's times a scale
-
-
-def scaled_size_fields(picture: Image.Image, scale: float) -> dict[str, int]:
-    """img2img's Resize by: the run's width and height from the picture; InvalidRequest saying which scales fit."""
-    try:
-        width, height = scaled_size(picture, scale)
-    except ValueError as err:
-        raise InvalidRequest(str(err)) from None
-    return {"width": width, "height": height}
 
 
 TOO_LARGE = f"it is too large; send one of at most {MAX_PICTURE_PIXELS / 1e6:.1f} megapixels, scaled down"
@@ -225,26 +216,14 @@ def start_pictures(mode: str, inputs: dict[str, Any]) -> tuple[Image.Image, Imag
 
 def outpainting_start(picture: Image.Image | None, mask: Image.Image | None, pixels: int, mask_blur: int,
                       directions: list[str] | None) -> tuple[Image.Image, Image.Image, dict]:
-    """Poor man's outpainting: the canvas and mask for the picture of the img2img sub-tab, and the request's fields
-    for inpainting them (the whole canvas, at its size rounded down to a multiple of 8); InvalidRequest saying what
-    to change."""
+    """Poor man's outpainting of the picture of the img2img sub-tab (webui/outpainting.py's outpainting_job);
+    InvalidRequest saying what to change."""
     if picture is None:
         raise InvalidRequest(NO_PICTURE)
     if mask is not None:
         raise InvalidRequest("Poor man's outpainting makes its own mask: use it on the img2img sub-tab, not an "
                              "inpainting one")
-    try:
-        grown = outpaint(picture, int(pixels), int(mask_blur), list(DIRECTIONS if directions is None else directions))
-    except ValueError as err:
-        raise InvalidRequest(str(err)) from None
-    width, height = grown.picture.size
-    if not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
-        raise InvalidRequest(f"Poor man's outpainting: the canvas would be {width}x{height}; each side must be "
-                             f"{MIN_SIZE} to {MAX_SIZE}: expand by fewer pixels, use a smaller picture, or grow a "
-                             "short side too")
-    return grown.picture, grown.mask, {"width": width, "height": height, "resize_mode": 0,
-                                       "mask_blur": grown.mask_blur, "inpainting_mask_invert": 0,
-                                       "inpaint_full_res": False}
+    return outpainting_job(picture, pixels, mask_blur, directions)
 
 
 def readable(picture: Any, missing: str) -> Image.Image:
