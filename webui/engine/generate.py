@@ -474,15 +474,15 @@ class Engine:
         return images
 
     def _generate_and_return(self, main: LoadedModel, request: GenerationRequest, *args) -> list[EngineImage]:
-        """_generate, and the model it started with loaded again after it: a refiner that took over is dropped,
-        so the next batch and the next job begin with the main model (A1111 too loads it again)."""
+        """_generate, and the model it started with loaded again after it: a checkpoint that took over (a refiner)
+        is dropped, so the next batch and the next job begin with the main model (A1111 too loads it again)."""
         try:
             images = self._generate(request, *args)
         except BaseException:
             try:
                 self._return_to(main, request)
             except Exception:  # the run's own error is the one to report
-                log.exception("could not load %s again after its refiner", main.entry.name)
+                log.exception("could not load %s again after another checkpoint", main.entry.name)
             raise
         self._return_to(main, request)
         return images
@@ -490,23 +490,25 @@ class Engine:
     def _return_to(self, main: LoadedModel, request: GenerationRequest) -> None:
         if self.model is not None and self.model.entry == main.entry:
             return
-        log.info("loading %s again after its refiner", main.entry.name)
+        log.info("loading %s again after another checkpoint", main.entry.name)
         self._switch_to(main.entry)
         self.use_vae(request.sd_vae)  # the job's VAE pick, which the worker made for the main model
 
-    def _use_refiner(self, request: GenerationRequest) -> None:
-        """Load the request's refiner in place of the running model (the running model's weights go, as in A1111),
-        with the job's LoRAs and VAE pick; it must be of the same kind to go on from the model's latents."""
+    def _take_over(self, request: GenerationRequest, run: "_Run", field: str) -> None:
+        """Load the checkpoint the request's `field` names (its refiner) in place of the running
+        model (whose weights go, as in A1111), with the job's LoRAs and VAE pick; it must be of the running model's
+        kind to go on from its latents. Its own text encoder reads the prompts again."""
         main_kind = kind_of_pipeline(self.pipe)
-        entry = self.registry.find(request.refiner_checkpoint)
-        log.info("switching to the refiner %s", entry.name)
+        entry = self.registry.find(getattr(request, field))
+        log.info("switching to %s (%s)", entry.name, field)
         with torch.inference_mode(False):  # weights read under inference mode could never be patched again
             self._switch_to(entry)
-            problem = kind_problem(main_kind, kind_of_pipeline(self.pipe), entry.name)
+            problem = kind_problem(main_kind, kind_of_pipeline(self.pipe), entry.name, field)
             if problem:
                 raise ValueError(problem)
             self._use_loras(request)
             self.use_vae(request.sd_vae)
+        run.encoded.clear()  # the encodes so far are the other text encoder's
 
     def _refiner_call(self, request: GenerationRequest, steps: int, schedule: int, sampler: tuple[str, str]
                       ) -> int | None:
@@ -691,9 +693,8 @@ class Engine:
 
         def to_refiner(pipeline):
             nonlocal embeddings
-            self._use_refiner(request)
+            self._take_over(request, run, "refiner_checkpoint")
             pipeline.unet = self.pipe.unet  # the scheduler, and so the sampler's state, goes on
-            run.encoded.clear()  # the refiner's own text encoder reads the prompts again
             embeddings = encode()
             hooks.enter_context(composed_guidance(pipeline.unet, weights))
             hooks.enter_context(extra_input(pipeline.unet, extra))
