@@ -356,9 +356,10 @@ class Worker:
                             "alone); copy the prompt's tags into the hires prompt")
 
     def _check_other_checkpoints(self, request: GenerationRequest) -> None:
-        """The refiner is a listed model of the main model's kind (as far as their files tell before loading): it goes
-        on from the main model's latents."""
-        named = {field: getattr(request, field) for field in ("refiner_checkpoint",) if getattr(request, field)}
+        """The refiner and the hires fix's checkpoint are listed models of the main model's kind (as far as their
+        files tell before loading): both go on from the main model's latents."""
+        named = {name: getattr(request, name) for name in ("refiner_checkpoint", "hr_checkpoint_name")
+                 if getattr(request, name)}
         if not named:
             return
         registry, loaded = self.engine.registry, self.engine.model
@@ -366,12 +367,12 @@ class Worker:
             main = registry.find(request.model) if request.model else loaded.entry if loaded else None
         except ModelNotFound:
             main = None  # the model's own check says so; the kinds wait for the job
-        for field, name in named.items():
+        for request_field, name in named.items():
             try:
                 other = registry.find_listed(name, loaded.entry if loaded else None)
             except ModelNotFound as err:
-                raise InvalidRequest(f"{field}: {err}") from None
-            problem = kind_problem(main and kind_of_entry(main), kind_of_entry(other), other.name, field)
+                raise InvalidRequest(f"{request_field}: {err}") from None
+            problem = kind_problem(main and kind_of_entry(main), kind_of_entry(other), other.name, request_field)
             if problem:
                 raise InvalidRequest(problem)
 
@@ -383,7 +384,7 @@ class Worker:
                 "Refiner switch at": request.refiner_switch_at}
 
     def _checkpoint_title(self, name: str | None) -> str | None:
-        """A checkpoint a job names besides its model (its refiner) as A1111's infotext names it, by its
+        """A checkpoint a job names besides its model (refiner, hires checkpoint) as A1111's infotext names it, by its
         CheckpointInfo.short_title: "name [short hash]"; the name the job gave where the model is gone since."""
         if not name:
             return None
@@ -792,6 +793,7 @@ class Worker:
             "Size": f"{width}x{height}",
             "Denoising strength": request.denoising_strength if request.is_img2img or request.enable_hr else None,
             **_hires_infotext(request),
+            "Hires checkpoint": self._checkpoint_title(request.hr_checkpoint_name),
             **_inpainting_infotext(request),
             "SD upscale overlap": request.sd_upscale_overlap if request.sd_upscale else None,
             "SD upscale upscaler": request.sd_upscale_upscaler if request.sd_upscale else None,

@@ -474,8 +474,8 @@ class Engine:
         return images
 
     def _generate_and_return(self, main: LoadedModel, request: GenerationRequest, *args) -> list[EngineImage]:
-        """_generate, and the model it started with loaded again after it: a checkpoint that took over (a refiner)
-        is dropped, so the next batch and the next job begin with the main model (A1111 too loads it again)."""
+        """_generate, and the model it started with loaded again after it: a refiner or hires checkpoint that took
+        over is dropped, so the next batch and the next job begin with the main model (A1111 too loads it again)."""
         try:
             images = self._generate(request, *args)
         except BaseException:
@@ -490,12 +490,12 @@ class Engine:
     def _return_to(self, main: LoadedModel, request: GenerationRequest) -> None:
         if self.model is not None and self.model.entry == main.entry:
             return
-        log.info("loading %s again after another checkpoint", main.entry.name)
+        log.info("loading %s again after another checkpoint (refiner, hires checkpoint)", main.entry.name)
         self._switch_to(main.entry)
         self.use_vae(request.sd_vae)  # the job's VAE pick, which the worker made for the main model
 
     def _take_over(self, request: GenerationRequest, run: "_Run", field: str) -> None:
-        """Load the checkpoint the request's `field` names (its refiner) in place of the running
+        """Load the checkpoint the request's `field` names (its refiner, its hires checkpoint) in place of the running
         model (whose weights go, as in A1111), with the job's LoRAs and VAE pick; it must be of the running model's
         kind to go on from its latents. Its own text encoder reads the prompts again."""
         main_kind = kind_of_pipeline(self.pipe)
@@ -747,7 +747,9 @@ class Engine:
     def _hires_pass(self, request: GenerationRequest, run: "_Run", latents: torch.Tensor, width: int,
                     height: int) -> torch.Tensor:
         """A1111's hires fix: the first pass's latents enlarged (in latent space, or as pictures), then denoised
-        again from denoising_strength for the hires steps, with the prompt phases counted over those steps."""
+        again from denoising_strength for the hires steps, with the prompt phases counted over those steps. A hires
+        checkpoint runs that pass in place of whichever model ended the first (the model, or its refiner); a refiner
+        takes over from it at its switch, as from the model (A1111's order)."""
         size = hires_size(width, height, request.hr_scale, request.hr_resize_x, request.hr_resize_y)
         factor = self.pipe.vae_scale_factor
         upscaled = (size.upscaled[0] // factor, size.upscaled[1] // factor)
@@ -759,6 +761,8 @@ class Engine:
                                  for picture in pictures])
         final = (size.final[0] // factor, size.final[1] // factor)
         latents = crop_center(latents, final)
+        if request.hr_checkpoint_name:  # A1111's Hires checkpoint runs the second pass (a refiner may take over later)
+            self._take_over(request, run, "hr_checkpoint_name")
         # A1111 runs exactly the hires steps, as the last of a longer schedule that starts denoising_strength deep.
         schedule = schedule_steps(request.hires_steps, request.denoising_strength)
         start = {"image": latents.contiguous(), "strength": pipeline_strength(request.hires_steps, schedule)}

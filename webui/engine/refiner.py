@@ -74,8 +74,8 @@ def kind_of_entry(entry: ModelEntry) -> str | None:
 
 
 def kind_problem(main_kind: str | None, other_kind: str | None, other_name: str, field: str) -> str | None:
-    """Why a checkpoint that goes on from the main model's latents (the refiner: the request `field` names it)
-    cannot, or None (also when either kind is not known yet)."""
+    """Why a checkpoint that goes on from the main model's latents (the refiner, the hires fix's checkpoint: the
+    request `field` names it) cannot, or None (also when either kind is not known yet)."""
     if main_kind is None or other_kind is None or main_kind == other_kind:
         return None
     return (f"{field}: {other_name} is a model of another kind ({other_kind}) than the model ({main_kind}); pick a "

@@ -1,0 +1,209 @@
+"""A1111's Hires checkpoint: which model runs (and reads the prompts in) the hires fix's second pass, its pixels against
+a run made by hand, the main model back after, with the refiner, the infotext, refusals."""
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import TINY
+from tests.helpers import running_services
+from tests.tiny_sd import save_tiny_model, tiny_components
+from webui.schemas import SAME_CHECKPOINT, InvalidRequest, JobState
+from webui.storage.infotext import request_fields_from_infotext
+
+HIRES = "tiny-hires"  # its own UNet and text encoder; the VAE is the main model's, so a run by hand can match
+REFINER = "tiny-refiner"
+QUICK = {"prompt": "a red apple", "steps": 3, "seed": 11, "sampler_name": "Euler", "save_images": False,
+         "model": TINY}
+# 64x64 -> 96x96, 2 steps of a schedule of 4 (timesteps 333 and 0)
+HIRES_FIX = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.5}
+
+
+def save_with_the_main_vae(folder, seed: int):
+    from diffusers import StableDiffusionPipeline
+
+    components = tiny_components(seed) | {"vae": tiny_components(0)["vae"]}
+    StableDiffusionPipeline(**components).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hires-checkpoint-models")
+    save_tiny_model(folder / TINY)
+    save_with_the_main_vae(folder / HIRES, seed=1)
+    save_tiny_model(folder / REFINER, seed=3)
+    save_tiny_model(folder / "tiny-inpainting", seed=2, in_channels=9)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def services(models, tmp_path_factory):
+    yield from running_services(models, tmp_path_factory.mktemp("hires-checkpoint-out"))
+
+
+@pytest.fixture
+def calls(models, monkeypatch):
+    """("unet" or "text", model name) of every UNet and text encoder call, the model told by its weights (read here
+    from the files)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    def fingerprint(module):
+        return round(float(next(module.parameters()).double().sum()), 6)
+
+    names = {}
+    for name in (TINY, HIRES, REFINER):
+        names[fingerprint(UNet2DConditionModel.from_pretrained(models / name / "unet"))] = name
+        names[fingerprint(CLIPTextModel.from_pretrained(models / name / "text_encoder"))] = name
+    seen = []
+    for part, model_class in (("unet", UNet2DConditionModel), ("text", CLIPTextModel)):
+        def spy(self, *args, _forward=model_class.forward, _part=part, **kwargs):
+            seen.append((_part, names.get(fingerprint(self), "?")))
+            return _forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(model_class, "forward", spy)
+    return seen
+
+
+def unet_names(calls):
+    return [name for part, name in calls if part == "unet"]
+
+
+def run(services, init_image=None, **fields):
+    job = services.worker.submit(QUICK | fields, init_image=init_image)
+    assert job.wait(120) and job.state is JobState.DONE, job.error
+    return job
+
+
+def pixels(job):
+    return np.asarray(job.images[0].image, np.int16)
+
+
+def title_of(services, name):
+    return f"{name} [{services.registry.short_hash(services.registry.find(name))}]"
+
+
+def test_the_second_pass_runs_with_the_hires_checkpoint_which_reads_the_prompts_itself(services, calls):
+    job = run(services, **HIRES_FIX, hr_checkpoint_name=HIRES)
+    assert job.images[0].image.size == (96, 96)
+    # The prompts (with the negative prompt, in one batch) read by each pass's text encoder before its UNet runs.
+    assert calls == [("text", TINY)] + [("unet", TINY)] * 3 + [("text", HIRES)] + [("unet", HIRES)] * 2
+    assert services.engine.model.entry.name == TINY and job.model.entry.name == TINY  # back for the next job
+
+
+def test_its_picture_is_the_hires_checkpoints_img2img_of_the_first_pass_and_differs_from_the_same_checkpoints(
+        services):
+    # A picture upscaler: the first pass's picture, enlarged, is what the second pass starts from.
+    job = run(services, **HIRES_FIX, hr_upscaler="Lanczos", hr_checkpoint_name=HIRES)
+    same = run(services, **HIRES_FIX, hr_upscaler="Lanczos")
+    assert np.abs(pixels(job) - pixels(same)).mean() > 1
+    # By hand: the model's picture, enlarged as the hires fix does, then img2img by the hires checkpoint from the
+    # same seed over the same two last steps of four (int(4 x 0.45) + 1 = 2).
+    first_pass = run(services).images[0].image
+    enlarged = services.engine.upscale_picture(first_pass, (96, 96), "Lanczos")
+    by_hand = run(services, init_image=enlarged, model=HIRES, steps=4, denoising_strength=0.45, width=96, height=96)
+    # The same but for float rounding: img2img's start keeps the VAE's memory layout, the hires pass's is contiguous,
+    # so the UNet sums in another order (a few values of the 27648 come out one apart).
+    apart = np.abs(pixels(job) - pixels(by_hand))
+    assert apart.max() <= 1 and (apart > 0).mean() < 0.001
+
+
+def test_every_batch_starts_with_the_main_model(services, calls):
+    job = run(services, n_iter=2, **HIRES_FIX, hr_checkpoint_name=HIRES)
+    assert unet_names(calls) == ([TINY] * 3 + [HIRES] * 2) * 2
+    assert len(job.images) == 2 and services.engine.model.entry.name == TINY
+
+
+def test_the_main_model_as_hires_checkpoint_changes_nothing_but_the_infotext(services, calls):
+    same = run(services, **HIRES_FIX, hr_checkpoint_name=TINY)
+    assert set(unet_names(calls)) == {TINY}
+    assert np.array_equal(pixels(same), pixels(run(services, **HIRES_FIX)))
+    assert f"Hires checkpoint: {title_of(services, TINY)}," in same.images[0].infotext  # as A1111 writes it
+
+
+def test_a_refiner_takes_over_from_the_hires_checkpoint_at_its_switch(services, calls):
+    # Switch at 0.9: the first pass's last call (timestep 0) and the second pass's (0) are past it; 333 is not.
+    run(services, **HIRES_FIX, hr_checkpoint_name=HIRES, refiner_checkpoint=REFINER, refiner_switch_at=0.9)
+    assert unet_names(calls) == [TINY, TINY, REFINER, HIRES, REFINER]
+    assert services.engine.model.entry.name == TINY
+
+
+@pytest.mark.parametrize("stop", ["skip", "cancel"])
+def test_skip_or_interrupt_in_the_second_pass_leaves_the_main_model_loaded(services, calls, monkeypatch, stop):
+    from diffusers import UNet2DConditionModel
+
+    job = None
+    spy = UNet2DConditionModel.forward
+
+    def stop_in_the_second_pass(self, *args, **kwargs):
+        output = spy(self, *args, **kwargs)
+        if unet_names(calls)[-1] == HIRES and len(unet_names(calls)) <= 5:  # in the first batch
+            getattr(services.worker, stop)(job.id)
+        return output
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", stop_in_the_second_pass)
+    job = services.worker.submit(QUICK | HIRES_FIX | {"n_iter": 2, "hr_checkpoint_name": HIRES})
+    assert job.wait(120)
+    assert unet_names(calls)[:4] == [TINY] * 3 + [HIRES]
+    if stop == "skip":
+        assert job.state is JobState.DONE and unet_names(calls)[4:] == [TINY] * 3 + [HIRES] * 2
+    else:
+        assert job.state is JobState.CANCELLED and len(unet_names(calls)) == 4
+    assert services.engine.model.entry.name == TINY
+
+
+def test_a_hires_checkpoint_that_fails_to_load_fails_the_job_and_keeps_the_main_model(services, models):
+    broken = models / "tiny-broken"
+    shutil.copytree(models / HIRES, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
+    try:
+        services.registry.refresh()
+        job = services.worker.submit(QUICK | HIRES_FIX | {"hr_checkpoint_name": "tiny-broken"})
+        assert job.wait(120) and job.state is JobState.FAILED
+        assert services.engine.model.entry.name == TINY
+        assert np.array_equal(pixels(run(services)), pixels(run(services)))  # and it still draws
+    finally:
+        shutil.rmtree(broken)
+        services.registry.refresh()
+
+
+def test_the_infotext_names_it_as_a1111_and_pastes_back(services):
+    job = run(services, **HIRES_FIX, hr_checkpoint_name=HIRES)
+    title = title_of(services, HIRES)
+    assert re.fullmatch(rf"{HIRES} \[[0-9a-f]{{10}}\]", title)  # A1111's short_title: the sha256's first 10
+    text = job.images[0].infotext
+    assert f", Hires upscaler: Latent, Hires checkpoint: {title}, Model hash: " in text
+    pasted = request_fields_from_infotext(text)
+    assert pasted["enable_hr"] is True and pasted["hr_checkpoint_name"] == title
+    again = run(services, **{key: pasted[key] for key in ("enable_hr", "hr_scale", "hr_second_pass_steps",
+                                                         "denoising_strength", "hr_checkpoint_name")})
+    assert np.array_equal(pixels(again), pixels(job))
+    # None written is the first pass's, in A1111's words
+    for plain in (run(services, **HIRES_FIX), run(services)):
+        assert "Hires checkpoint" not in plain.images[0].infotext
+        assert request_fields_from_infotext(plain.images[0].infotext)["hr_checkpoint_name"] == SAME_CHECKPOINT
+
+
+@pytest.mark.parametrize("name", [None, "", SAME_CHECKPOINT])
+def test_the_same_checkpoint_is_none(services, name):
+    job = services.worker.submit(QUICK | HIRES_FIX | {"hr_checkpoint_name": name})
+    assert job.request.hr_checkpoint_name is None
+    assert job.wait(120) and "Hires checkpoint" not in job.images[0].infotext
+
+
+def test_without_the_hires_fix_it_is_not_read(services, calls):
+    job = run(services, hr_checkpoint_name="no-such-model")  # as A1111: neither checked nor loaded
+    assert job.request.hr_checkpoint_name is None and set(unet_names(calls)) == {TINY}
+
+
+@pytest.mark.parametrize("name, message", [
+    ("no-such-model", "hr_checkpoint_name: model 'no-such-model' not found in the models folder; available: "),
+    ("tiny-inpainting", "hr_checkpoint_name: tiny-inpainting is a model of another kind (text width 32 inpainting) "
+                        "than the model (text width 32); pick a checkpoint of the model's kind"),
+])
+def test_what_cannot_run_is_refused_before_the_queue(services, name, message):
+    with pytest.raises(InvalidRequest) as refused:
+        services.worker.submit(QUICK | HIRES_FIX | {"hr_checkpoint_name": name})
+    assert message in str(refused.value)
+    assert services.worker.queue_length() == 0
