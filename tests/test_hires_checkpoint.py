@@ -1,5 +1,6 @@
 """A1111's Hires checkpoint: which model runs (and reads the prompts in) the hires fix's second pass, its pixels against
-a run made by hand, the main model back after, with the refiner, the infotext, refusals."""
+a run made by hand, the main model back after, with the refiner, the infotext, refusals, the API field."""
+import json
 import re
 import shutil
 
@@ -207,3 +208,27 @@ def test_what_cannot_run_is_refused_before_the_queue(services, name, message):
         services.worker.submit(QUICK | HIRES_FIX | {"hr_checkpoint_name": name})
     assert message in str(refused.value)
     assert services.worker.queue_length() == 0
+
+
+def test_the_api_takes_a1111s_hr_checkpoint_name(services):
+    from fastapi.testclient import TestClient
+
+    from webui.api import create_api_app
+
+    body = {"prompt": "a red apple", "steps": 3, "seed": 11, "sampler_name": "Euler", "enable_hr": True,
+            "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.5}
+    with TestClient(create_api_app(services)) as client:
+        r = client.post("/sdapi/v1/txt2img", json=body | {"hr_checkpoint_name": HIRES})
+        assert r.status_code == 200, r.text
+        infotext = json.loads(r.json()["info"])["infotexts"][0]
+        assert f"Hires checkpoint: {title_of(services, HIRES)}," in infotext
+        # A pasted infotext brings it, as A1111's does.
+        r = client.post("/sdapi/v1/txt2img", json={"infotext": infotext})
+        assert r.status_code == 200, r.text
+        assert f"Hires checkpoint: {HIRES} [" in json.loads(r.json()["info"])["infotexts"][0]
+        r = client.post("/sdapi/v1/txt2img", json=body | {"hr_checkpoint_name": SAME_CHECKPOINT})
+        assert r.status_code == 200 and "Hires checkpoint" not in json.loads(r.json()["info"])["infotexts"][0]
+        for wrong in ("nope", "tiny-inpainting"):
+            r = client.post("/sdapi/v1/txt2img", json=body | {"hr_checkpoint_name": wrong})
+            assert r.status_code == 422 and r.json()["detail"].startswith("hr_checkpoint_name: "), r.text
+    assert services.engine.model.entry.name == TINY
