@@ -1,5 +1,6 @@
 """A1111's Hires checkpoint: which model runs (and reads the prompts in) the hires fix's second pass, its pixels against
-a run made by hand, the main model back after, with the refiner, the infotext, refusals, the API field."""
+a run made by hand, the main model back after, with the refiner, the infotext and history, refusals, the API field and
+the txt2img tab's list."""
 import json
 import re
 import shutil
@@ -186,6 +187,15 @@ def test_the_infotext_names_it_as_a1111_and_pastes_back(services):
         assert request_fields_from_infotext(plain.images[0].infotext)["hr_checkpoint_name"] == SAME_CHECKPOINT
 
 
+def test_the_history_row_gives_its_title_back(services):
+    from webui.ui.params import fields_from_history
+
+    job = run(services, **HIRES_FIX, save_images=True, hr_checkpoint_name=HIRES)
+    rows, _ = services.history.list_images()
+    row = next(row for row in rows if row.job_id == job.id)
+    assert fields_from_history(row)["hr_checkpoint_name"] == title_of(services, HIRES)
+
+
 @pytest.mark.parametrize("name", [None, "", SAME_CHECKPOINT])
 def test_the_same_checkpoint_is_none(services, name):
     job = services.worker.submit(QUICK | HIRES_FIX | {"hr_checkpoint_name": name})
@@ -232,3 +242,52 @@ def test_the_api_takes_a1111s_hr_checkpoint_name(services):
             r = client.post("/sdapi/v1/txt2img", json=body | {"hr_checkpoint_name": wrong})
             assert r.status_code == 422 and r.json()["detail"].startswith("hr_checkpoint_name: "), r.text
     assert services.engine.model.entry.name == TINY
+
+
+def test_the_txt2img_tab_lists_passes_and_pastes_it(services, models):
+    import gradio as gr
+
+    from webui.ui.blocks import create_ui
+    from webui.ui.generation import Session
+    from webui.ui.params import TXT2IMG_FIELDS
+
+    ui = create_ui(services)
+    dropdown = ui.txt2img.widgets["hr_checkpoint_name"]
+    assert dropdown.elem_id == "txt2img_hr_checkpoint" and dropdown.value == SAME_CHECKPOINT
+    assert [choice[0] for choice in dropdown.choices][:1] == [SAME_CHECKPOINT]
+    assert {HIRES, TINY} <= {choice[0] for choice in dropdown.choices}
+    assert "hr_checkpoint_name" not in ui.img2img.widgets  # img2img has no hires fix
+
+    # Generate takes it with the hires fix on (and reads "Use same checkpoint" as none).
+    generate = next(fn.fn for fn in ui.blocks.fns.values() if fn.api_name == "txt2img")
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.5}
+    outputs = list(generate(Session(), "a red apple", "", "Euler", "Automatic", 3, 7.0, 64, 64, 11, 1, 1, 1, TINY,
+                            **hires, hr_checkpoint_name=HIRES))
+    assert f"Hires checkpoint: {HIRES} [" in outputs[-1][4]
+    outputs = list(generate(Session(), "a red apple", "", "Euler", "Automatic", 3, 7.0, 64, 64, 11, 1, 1, 1, TINY,
+                            **hires, hr_checkpoint_name=SAME_CHECKPOINT))
+    assert "Hires checkpoint" not in outputs[-1][4] and "Hires upscale: 1.5" in outputs[-1][4]
+
+    # Pasted parameters pick it (by name; the hash is another's), or "Use same checkpoint" where they name none.
+    send = next(fn.fn for fn in ui.blocks.fns.values() if getattr(fn.fn, "__name__", None) == "send_from_pnginfo")
+    line = "a castle\nSteps: 3, Sampler: Euler, Seed: 4, Size: 64x64"
+    *values, _ = send(f"{line}, Denoising strength: 0.5, Hires checkpoint: {HIRES} [0123456789]")
+    assert dict(zip(TXT2IMG_FIELDS, values))["hr_checkpoint_name"]["value"] == HIRES
+    *values, _ = send(line)
+    assert dict(zip(TXT2IMG_FIELDS, values))["hr_checkpoint_name"] == SAME_CHECKPOINT
+    with pytest.warns(UserWarning, match="Hires checkpoint not applied: 'gone \\[0123456789\\]'"):
+        *values, _ = send(f"{line}, Hires checkpoint: gone [0123456789]")
+    assert dict(zip(TXT2IMG_FIELDS, values))["hr_checkpoint_name"] == gr.skip()  # left as it was
+
+    # The list follows the models folder when the page loads (and after the model list's refresh and a merge).
+    wired = [fn.fn for fn in ui.blocks.fns.values() if getattr(fn.fn, "__name__", None) == "read_lists"]
+    assert len(wired) == 3  # page load, the model list's ↻, a merge
+    read_lists = wired[0]
+    shutil.copytree(models / TINY, models / "tiny-new")
+    try:
+        services.registry.refresh()
+        lists = dict(zip([id(dropdown) for dropdown, _ in ui.txt2img.checkpoint_lists], read_lists()))
+        assert lists[id(dropdown)]["choices"][0] == SAME_CHECKPOINT and "tiny-new" in lists[id(dropdown)]["choices"]
+    finally:
+        shutil.rmtree(models / "tiny-new")
+        services.registry.refresh()
