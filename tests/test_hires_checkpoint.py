@@ -1,12 +1,13 @@
 """A1111's Hires checkpoint: which model runs (and reads the prompts in) the hires fix's second pass, its pixels against
-a run made by hand, the main model back after, with the refiner, the infotext and history, refusals, the API field and
-the txt2img tab's list."""
+a run made by hand, the main model back after, with the refiner, Tiling, the infotext and history, refusals, the API
+field and the txt2img tab's list."""
 import json
 import re
 import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import TINY
 from tests.helpers import running_services
@@ -129,6 +130,25 @@ def test_a_refiner_takes_over_from_the_hires_checkpoint_at_its_switch(services, 
     run(services, **HIRES_FIX, hr_checkpoint_name=HIRES, refiner_checkpoint=REFINER, refiner_switch_at=0.9)
     assert unet_names(calls) == [TINY, TINY, REFINER, HIRES, REFINER]
     assert services.engine.model.entry.name == TINY
+
+
+@pytest.mark.parametrize("others", [{"hr_checkpoint_name": HIRES},
+                                    {"refiner_checkpoint": REFINER, "refiner_switch_at": 0.5}])
+def test_tiling_wraps_the_convolutions_of_the_checkpoint_that_takes_over_too(services, calls, monkeypatch, others):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    modes = []
+    for model_class, method in ((UNet2DConditionModel, "forward"), (AutoencoderKL, "decode")):
+        def spy(self, *args, _run=getattr(model_class, method), **kwargs):
+            modes.append(next(module for module in self.modules() if isinstance(module, torch.nn.Conv2d)).padding_mode)
+            return _run(self, *args, **kwargs)
+
+        monkeypatch.setattr(model_class, method, spy)
+    run(services, **HIRES_FIX, tiling=True, **others)
+    assert set(unet_names(calls)) == {TINY, *[others.get(key) for key in ("hr_checkpoint_name", "refiner_checkpoint")
+                                               if others.get(key)]}
+    assert len(modes) == 6 and set(modes) == {"circular"}  # 5 UNet calls, then the decode
+    assert services.engine.pipe.unet.conv_in.padding_mode == "zeros"  # the model back, as it was
 
 
 @pytest.mark.parametrize("stop", ["skip", "cancel"])

@@ -157,6 +157,8 @@ class _Run:
     latents: torch.Tensor | None = None  # as they stood after the last step reported
     encoded: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     masked: "_MaskedStart | None" = None  # inpainting: what is kept, put back after every step
+    # Tiling's wrap-around padding, on the model and on each checkpoint that takes over from it; undone after the run
+    tiled: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def after_step(self, pipe, call: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents a pass goes on with after its model call `call`: inpainting's kept part put back."""
@@ -496,8 +498,8 @@ class Engine:
 
     def _take_over(self, request: GenerationRequest, run: "_Run", field: str) -> None:
         """Load the checkpoint the request's `field` names (its refiner, its hires checkpoint) in place of the running
-        model (whose weights go, as in A1111), with the job's LoRAs and VAE pick; it must be of the running model's
-        kind to go on from its latents. Its own text encoder reads the prompts again."""
+        model (whose weights go, as in A1111), with the job's LoRAs, VAE pick and Tiling; it must be of the running
+        model's kind to go on from its latents. Its own text encoder reads the prompts again."""
         main_kind = kind_of_pipeline(self.pipe)
         entry = self.registry.find(getattr(request, field))
         log.info("switching to %s (%s)", entry.name, field)
@@ -508,6 +510,7 @@ class Engine:
                 raise ValueError(problem)
             self._use_loras(request)
             self.use_vae(request.sd_vae)
+        run.tiled.enter_context(seamless(self.pipe, request.tiling))
         run.encoded.clear()  # the encodes so far are the other text encoder's
 
     def _refiner_call(self, request: GenerationRequest, steps: int, schedule: int, sampler: tuple[str, str]
@@ -600,7 +603,8 @@ class Engine:
                    subseeds if request.subseed_strength > 0 else None, request.subseed_strength,
                    request.seed_resize)
         factor = self.pipe.vae_scale_factor
-        with torch.inference_mode(), seamless(self.pipe, request.tiling):
+        with torch.inference_mode(), run.tiled:
+            run.tiled.enter_context(seamless(self.pipe, request.tiling))
             try:
                 noise = self._start_noise(run, (height // factor, width // factor))
                 extra = self._extra_channels((width, height), init_image, inpainting)
