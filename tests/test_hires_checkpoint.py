@@ -4,6 +4,7 @@ field and the txt2img tab's list."""
 import json
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -269,7 +270,7 @@ def test_the_txt2img_tab_lists_passes_and_pastes_it(services, models):
 
     from webui.ui.blocks import create_ui
     from webui.ui.generation import Session
-    from webui.ui.params import TXT2IMG_FIELDS
+    from webui.ui.params import IMG2IMG_FIELDS, TXT2IMG_FIELDS, widget_updates
 
     ui = create_ui(services)
     dropdown = ui.txt2img.widgets["hr_checkpoint_name"]
@@ -298,6 +299,10 @@ def test_the_txt2img_tab_lists_passes_and_pastes_it(services, models):
     with pytest.warns(UserWarning, match="Hires checkpoint not applied: 'gone \\[0123456789\\]'"):
         *values, _ = send(f"{line}, Hires checkpoint: gone [0123456789]")
     assert dict(zip(TXT2IMG_FIELDS, values))["hr_checkpoint_name"] == gr.skip()  # left as it was
+    with warnings.catch_warnings():  # img2img has no hires fix: nothing to say about its checkpoint
+        warnings.simplefilter("error")
+        widget_updates(request_fields_from_infotext(f"{line}, Hires checkpoint: gone [0123456789]"), IMG2IMG_FIELDS,
+                       [TINY], lambda name, short_hash: None)
 
     # The list follows the models folder when the page loads (and after the model list's refresh and a merge).
     wired = [fn.fn for fn in ui.blocks.fns.values() if getattr(fn.fn, "__name__", None) == "read_lists"]

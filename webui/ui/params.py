@@ -104,7 +104,7 @@ def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: 
     model_note = _apply_model(fields, model_names, find_model)
     for note in (_apply_sampler(fields), _apply_hires_sampler(fields), model_note, _apply_vae(fields, vae_names),
                  _apply_refiner(fields, model_names, find_model),
-                 _apply_hires_checkpoint(fields, model_names, find_model),
+                 _apply_hires_checkpoint(fields, model_names, find_model) if "hr_checkpoint_name" in names else None,
                  _apply_plot(fields, names),
                  _apply_upscaler(fields, upscaler_names) if "hr_upscaler" in names else None,
                  *_round_sizes(fields),
