@@ -201,7 +201,7 @@ def test_a_model_override_is_undone_after_the_job_unless_asked_to_keep_it(client
     ({"steps": "many"}, "steps"),
     ({"cfg_scale": 99}, "cfg_scale"),
     ({"enable_hr": True, "hr_sampler_name": "Wobbly"}, "hr_sampler_name"),
-    ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "hr_checkpoint_name"),  # a model of its own
+    ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "hr_checkpoint_name"),  # not in the folder
     ({"enable_hr": True, "hr_prompt": "a\u0000dog"}, "hr_prompt"),
     ({"enable_hr": True, "hr_upscaler": "4x-UltraSharp"}, "hr_upscaler"),
     ({"enable_hr": True, "hr_scale": 40}, "hr_scale"),

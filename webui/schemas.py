@@ -36,6 +36,8 @@ _SHA1 = r"^[0-9a-f]{40}$"
 # The infotext keys a script run through several jobs may add to its pictures' (A1111's Loopback's).
 SCRIPT_INFOTEXT_KEYS = ("Final denoising strength", "Denoising curve")
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# The hires fix's checkpoint when it is the first pass's (A1111's words, which its API and paste send too).
+SAME_CHECKPOINT = "Use same checkpoint"
 
 
 class GenerationRequest(BaseModel):
@@ -103,6 +105,8 @@ class GenerationRequest(BaseModel):
     hr_negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS,
                                            description="hires fix: the second pass's negative prompt (None or empty: "
                                                        "the negative prompt)")
+    hr_checkpoint_name: str | None = Field(None, max_length=300, description="hires fix: the checkpoint of the second "
+                                           f"pass (None, '' or '{SAME_CHECKPOINT}': the first pass's)")
     # SD upscale (img2img): the picture enlarged, then drawn again in overlapping tiles of width x height.
     sd_upscale: bool = Field(False, description="img2img: A1111's SD upscale script; one picture per batch count")
     sd_upscale_overlap: int = Field(64, ge=0, le=MAX_OVERLAP, description="SD upscale: pixels neighbouring tiles "
@@ -181,6 +185,12 @@ class GenerationRequest(BaseModel):
         name = (name or "").strip()
         return None if name in ("", "None", "none") else name
 
+    @field_validator("hr_checkpoint_name")
+    @classmethod
+    def _same_checkpoint_is_none(cls, name: str | None) -> str | None:
+        name = (name or "").strip()
+        return None if name in ("", SAME_CHECKPOINT) else name
+
     @field_validator("refiner_switch_at")
     @classmethod
     def _switch_within_the_run(cls, fraction: float) -> float:
@@ -239,6 +249,13 @@ class GenerationRequest(BaseModel):
         if (not self.enable_hr or self.hr_negative_prompt == self.negative_prompt
                 or not (self.hr_negative_prompt or "").strip()):
             self.hr_negative_prompt = None
+        return self
+
+    @model_validator(mode="after")
+    def _hires_checkpoint_only_with_the_hires_fix(self) -> "GenerationRequest":
+        # As A1111, which reads it only with the hires fix: never checked, loaded or written without it.
+        if not self.enable_hr:
+            self.hr_checkpoint_name = None
         return self
 
     @property

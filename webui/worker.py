@@ -297,7 +297,7 @@ class Worker:
         self.engine.vaes.check(request.sd_vae)
         self._check_upscalers(request)
         self._check_loras(request)
-        self._check_refiner(request)
+        self._check_other_checkpoints(request)
         problem = composition_problem(request)
         if problem:
             raise InvalidRequest(problem)
@@ -356,34 +356,45 @@ class Worker:
                             "LoRAs serves both passes here; A1111 would run the second pass with the hires prompt's "
                             "alone); copy the prompt's tags into the hires prompt")
 
-    def _check_refiner(self, request: GenerationRequest) -> None:
-        """The refiner is a listed model of the main model's kind (as far as their files tell before loading)."""
-        if not request.refiner_checkpoint:
+    def _check_other_checkpoints(self, request: GenerationRequest) -> None:
+        """The refiner and the hires fix's checkpoint are listed models of the main model's kind (as far as their
+        files tell before loading): both go on from the main model's latents."""
+        named = {name: getattr(request, name) for name in ("refiner_checkpoint", "hr_checkpoint_name")
+                 if getattr(request, name)}
+        if not named:
             return
         registry, loaded = self.engine.registry, self.engine.model
         try:
-            refiner = registry.find_listed(request.refiner_checkpoint, loaded.entry if loaded else None)
-        except ModelNotFound as err:
-            raise InvalidRequest(f"refiner_checkpoint: {err}") from None
-        try:
             main = registry.find(request.model) if request.model else loaded.entry if loaded else None
         except ModelNotFound:
-            return  # the model's own check says so
-        problem = kind_problem(main and kind_of_entry(main), kind_of_entry(refiner), refiner.name)
-        if problem:
-            raise InvalidRequest(problem)
+            main = None  # the model's own check says so; the kinds wait for the job
+        for request_field, name in named.items():
+            try:
+                other = registry.find_listed(name, loaded.entry if loaded else None)
+            except ModelNotFound as err:
+                raise InvalidRequest(f"{request_field}: {err}") from None
+            problem = kind_problem(main and kind_of_entry(main), kind_of_entry(other), other.name, request_field)
+            if problem:
+                raise InvalidRequest(problem)
 
     def _refiner_infotext(self, request: GenerationRequest) -> dict[str, Any]:
         """A1111's keys: the refiner's title ("name [short hash]") and where it took over."""
         if not request.refiner_checkpoint:
             return {}
-        try:
-            entry = self.engine.registry.find(request.refiner_checkpoint)
-        except ModelNotFound:  # deleted since: the name the job gave
-            return {"Refiner": request.refiner_checkpoint, "Refiner switch at": request.refiner_switch_at}
-        digest = self.engine.registry.short_hash(entry)
-        return {"Refiner": f"{entry.name} [{digest}]" if digest else entry.name,
+        return {"Refiner": self._checkpoint_title(request.refiner_checkpoint),
                 "Refiner switch at": request.refiner_switch_at}
+
+    def _checkpoint_title(self, name: str | None) -> str | None:
+        """A checkpoint a job names besides its model (refiner, hires checkpoint) as A1111's infotext names it, by its
+        CheckpointInfo.short_title: "name [short hash]"; the name the job gave where the model is gone since."""
+        if not name:
+            return None
+        try:
+            entry = self.engine.registry.find(name)
+        except ModelNotFound:
+            return name
+        digest = self.engine.registry.short_hash(entry)
+        return f"{entry.name} [{digest}]" if digest else entry.name
 
     def _refuse_new_job(self) -> None:
         self._refuse_when_stopping()
@@ -793,6 +804,7 @@ class Worker:
             "Size": f"{width}x{height}",
             "Denoising strength": request.denoising_strength if request.is_img2img or request.enable_hr else None,
             **_hires_infotext(request),
+            "Hires checkpoint": self._checkpoint_title(request.hr_checkpoint_name),
             **_inpainting_infotext(request),
             "SD upscale overlap": request.sd_upscale_overlap if request.sd_upscale else None,
             "SD upscale upscaler": request.sd_upscale_upscaler if request.sd_upscale else None,

@@ -185,7 +185,8 @@ def script_fields(req: GenerationBody) -> tuple[dict[str, Any], list[str]]:
 
 
 _HIRES_PASTED = ("enable_hr", "denoising_strength", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
-                 "hr_resize_y", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
+                 "hr_resize_y", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
+                 "hr_checkpoint_name")
 
 
 def _with_pasted_hires(req: Txt2ImgRequest) -> Txt2ImgRequest:
@@ -203,8 +204,8 @@ _SAME = (None, "", "Use same checkpoint", "Use same sampler", "Use same schedule
 
 
 def hires_fields(req: Txt2ImgRequest) -> tuple[dict[str, Any], list[str]]:
-    """The hires fix's GenerationRequest fields (null means A1111's default), and what is refused: a second pass
-    with a model of its own."""
+    """The hires fix's GenerationRequest fields (null means A1111's default), and what is refused (nothing now; the
+    worker checks hr_checkpoint_name against the models folder when the job is queued)."""
     fields = {"enable_hr": True, "hr_scale": 2.0 if req.hr_scale is None else req.hr_scale,
               "hr_upscaler": req.hr_upscaler or "Latent", "hr_second_pass_steps": req.hr_second_pass_steps or 0,
               "hr_resize_x": req.hr_resize_x or 0, "hr_resize_y": req.hr_resize_y or 0,
@@ -212,11 +213,9 @@ def hires_fields(req: Txt2ImgRequest) -> tuple[dict[str, Any], list[str]]:
               "hr_sampler_name": None if req.hr_sampler_name in _SAME else req.hr_sampler_name,
               "hr_scheduler": None if req.hr_scheduler in _SAME else req.hr_scheduler,
               # empty: the first pass's (GenerationRequest keeps them only where they differ)
-              "hr_prompt": req.hr_prompt or None, "hr_negative_prompt": req.hr_negative_prompt or None}
-    refused = [] if req.hr_checkpoint_name in _SAME else [
-        "hr_checkpoint_name: a second pass with its own checkpoint is not supported yet; leave it empty to use the "
-        "first pass's"]
-    return fields, refused
+              "hr_prompt": req.hr_prompt or None, "hr_negative_prompt": req.hr_negative_prompt or None,
+              "hr_checkpoint_name": None if req.hr_checkpoint_name in _SAME else req.hr_checkpoint_name}
+    return fields, []
 
 
 def inpainting_fields(req: Img2ImgRequest) -> tuple[dict[str, Any], list[str]]:

@@ -109,9 +109,9 @@ class Txt2ImgRequest(GenerationBody):
     hr_prompt: str | None = Field("", description="hires fix: the second pass's prompt (empty: the prompt)")
     hr_negative_prompt: str | None = Field("", description="hires fix: the second pass's negative prompt (empty: the "
                                            "negative prompt)")
-
-    # --- accepted; a checkpoint of its own for the second pass is refused ---------------------
-    hr_checkpoint_name: str | None = None
+    hr_checkpoint_name: str | None = Field(None, description="hires fix: the second pass's checkpoint, a model of the "
+                                           "models folder of the model's kind (null, \"\" or \"Use same checkpoint\": "
+                                           "the first pass's)")
 
     # --- accepted; the adapter refuses a size (A1111's old hires fix) -------------------------
     firstphase_width: int | None = 0

@@ -159,6 +159,8 @@ class _Run:
     latents: torch.Tensor | None = None  # as they stood after the last step reported
     encoded: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     masked: "_MaskedStart | None" = None  # inpainting: what is kept, put back after every step
+    # Tiling's wrap-around padding, on the model and on each checkpoint that takes over from it; undone after the run
+    tiled: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def after_step(self, pipe, call: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents a pass goes on with after its model call `call`: inpainting's kept part put back."""
@@ -486,15 +488,15 @@ class Engine:
         return images
 
     def _generate_and_return(self, main: LoadedModel, request: GenerationRequest, *args) -> list[EngineImage]:
-        """_generate, and the model it started with loaded again after it: a refiner that took over is dropped,
-        so the next batch and the next job begin with the main model (A1111 too loads it again)."""
+        """_generate, and the model it started with loaded again after it: a refiner or hires checkpoint that took
+        over is dropped, so the next batch and the next job begin with the main model (A1111 too loads it again)."""
         try:
             images = self._generate(request, *args)
         except BaseException:
             try:
                 self._return_to(main, request)
             except Exception:  # the run's own error is the one to report
-                log.exception("could not load %s again after its refiner", main.entry.name)
+                log.exception("could not load %s again after another checkpoint", main.entry.name)
             raise
         self._return_to(main, request)
         return images
@@ -502,23 +504,26 @@ class Engine:
     def _return_to(self, main: LoadedModel, request: GenerationRequest) -> None:
         if self.model is not None and self.model.entry == main.entry:
             return
-        log.info("loading %s again after its refiner", main.entry.name)
+        log.info("loading %s again after another checkpoint (refiner, hires checkpoint)", main.entry.name)
         self._switch_to(main.entry)
         self.use_vae(request.sd_vae)  # the job's VAE pick, which the worker made for the main model
 
-    def _use_refiner(self, request: GenerationRequest) -> None:
-        """Load the request's refiner in place of the running model (the running model's weights go, as in A1111),
-        with the job's LoRAs and VAE pick; it must be of the same kind to go on from the model's latents."""
+    def _take_over(self, request: GenerationRequest, run: "_Run", field: str) -> None:
+        """Load the checkpoint the request's `field` names (its refiner, its hires checkpoint) in place of the running
+        model (whose weights go, as in A1111), with the job's LoRAs, VAE pick and Tiling; it must be of the running
+        model's kind to go on from its latents. Its own text encoder reads the prompts again."""
         main_kind = kind_of_pipeline(self.pipe)
-        entry = self.registry.find(request.refiner_checkpoint)
-        log.info("switching to the refiner %s", entry.name)
+        entry = self.registry.find(getattr(request, field))
+        log.info("switching to %s (%s)", entry.name, field)
         with torch.inference_mode(False):  # weights read under inference mode could never be patched again
             self._switch_to(entry)
-            problem = kind_problem(main_kind, kind_of_pipeline(self.pipe), entry.name)
+            problem = kind_problem(main_kind, kind_of_pipeline(self.pipe), entry.name, field)
             if problem:
                 raise ValueError(problem)
             self._use_loras(request)
             self.use_vae(request.sd_vae)
+        run.tiled.enter_context(seamless(self.pipe, request.tiling))
+        run.encoded.clear()  # the encodes so far are the other text encoder's
 
     def _refiner_call(self, request: GenerationRequest, steps: int, schedule: int, sampler: tuple[str, str]
                       ) -> int | None:
@@ -611,7 +616,8 @@ class Engine:
                    request.seed_resize)
         factor = self.pipe.vae_scale_factor
         colours = init_image if request.color_correction else None  # what each result's colours are matched to
-        with torch.inference_mode(), seamless(self.pipe, request.tiling):
+        with torch.inference_mode(), run.tiled:
+            run.tiled.enter_context(seamless(self.pipe, request.tiling))
             try:
                 noise = self._start_noise(run, (height // factor, width // factor))
                 extra = self._extra_channels((width, height), init_image, inpainting)
@@ -704,9 +710,8 @@ class Engine:
 
         def to_refiner(pipeline):
             nonlocal embeddings
-            self._use_refiner(request)
+            self._take_over(request, run, "refiner_checkpoint")
             pipeline.unet = self.pipe.unet  # the scheduler, and so the sampler's state, goes on
-            run.encoded.clear()  # the refiner's own text encoder reads the prompts again
             embeddings = encode()
             hooks.enter_context(composed_guidance(pipeline.unet, weights))
             hooks.enter_context(extra_input(pipeline.unet, extra))
@@ -759,7 +764,9 @@ class Engine:
     def _hires_pass(self, request: GenerationRequest, run: "_Run", latents: torch.Tensor, width: int,
                     height: int) -> torch.Tensor:
         """A1111's hires fix: the first pass's latents enlarged (in latent space, or as pictures), then denoised
-        again from denoising_strength for the hires steps, with the prompt phases counted over those steps."""
+        again from denoising_strength for the hires steps, with the prompt phases counted over those steps. A hires
+        checkpoint runs that pass in place of whichever model ended the first (the model, or its refiner); a refiner
+        takes over from it at its switch, as from the model (A1111's order)."""
         size = hires_size(width, height, request.hr_scale, request.hr_resize_x, request.hr_resize_y)
         factor = self.pipe.vae_scale_factor
         upscaled = (size.upscaled[0] // factor, size.upscaled[1] // factor)
@@ -771,6 +778,8 @@ class Engine:
                                  for picture in pictures])
         final = (size.final[0] // factor, size.final[1] // factor)
         latents = crop_center(latents, final)
+        if request.hr_checkpoint_name:  # A1111's Hires checkpoint runs the second pass (a refiner may take over later)
+            self._take_over(request, run, "hr_checkpoint_name")
         # A1111 runs exactly the hires steps, as the last of a longer schedule that starts denoising_strength deep.
         schedule = schedule_steps(request.hires_steps, request.denoising_strength)
         start = {"image": latents.contiguous(), "strength": pipeline_strength(request.hires_steps, schedule)}

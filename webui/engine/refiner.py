@@ -73,9 +73,10 @@ def kind_of_entry(entry: ModelEntry) -> str | None:
     return None
 
 
-def kind_problem(main_kind: str | None, refiner_kind: str | None, refiner_name: str) -> str | None:
-    """Why a refiner cannot follow the main model, or None (also when either kind is not known yet)."""
-    if main_kind is None or refiner_kind is None or main_kind == refiner_kind:
+def kind_problem(main_kind: str | None, other_kind: str | None, other_name: str, field: str) -> str | None:
+    """Why a checkpoint that goes on from the main model's latents (the refiner, the hires fix's checkpoint: the
+    request `field` names it) cannot, or None (also when either kind is not known yet)."""
+    if main_kind is None or other_kind is None or main_kind == other_kind:
         return None
-    return (f"refiner_checkpoint: {refiner_name} is a model of another kind ({refiner_kind}) than the model "
-            f"({main_kind}); pick a refiner of the model's kind")
+    return (f"{field}: {other_name} is a model of another kind ({other_kind}) than the model ({main_kind}); pick a "
+            "checkpoint of the model's kind")

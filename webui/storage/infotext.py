@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any
 
-from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, a1111_seed_resize
+from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, SAME_CHECKPOINT, a1111_seed_resize
 
 NEGATIVE_PREFIX = "Negative prompt:"
 # Real infotexts are a few KiB. Longer text (a 178-byte compressed PNG chunk can inflate to 60 KB)
@@ -45,6 +45,7 @@ _REQUEST_FIELDS = {
     "Hires schedule type": ("hr_scheduler", str),
     "Hires prompt": ("hr_prompt", str),
     "Hires negative prompt": ("hr_negative_prompt", str),
+    "Hires checkpoint": ("hr_checkpoint_name", str),  # its title, "name [short hash]", as the refiner's
     "Clip skip": ("clip_skip", int),
     "Batch size": ("batch_size", int),
     "Model": ("model", str),
@@ -153,6 +154,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation
         # Left out where the first pass's: A1111's paste empties them, so an old hires prompt never lingers.
         fields["hr_prompt"] = fields["hr_negative_prompt"] = ""
+        fields["hr_checkpoint_name"] = SAME_CHECKPOINT  # likewise A1111's paste, in its words
         # The script that made it (A1111's X/Y/Z plot on its grids); none named is none, as A1111's paste reads it.
         fields["script"] = params.get("Script", "")
     for key, (name, convert) in _REQUEST_FIELDS.items():

@@ -94,6 +94,7 @@ def create_ui(services: Services) -> WebUI:
                    merger)
         _wire_between_tabs(ui, tabs)
         _wire_page_load(ui)
+        _wire_checkpoint_lists(ui)
     # The worker is the one queue that matters; Gradio's own per-event queue would only make
     # one browser tab wait for another's poll loop.
     blocks.queue(default_concurrency_limit=None)
@@ -107,6 +108,22 @@ def _wire_merger(merger: MergerTab, tab: gr.Tab, models: ModelActions, picker: M
     tab.select(merger.actions.vae_list, None, merger.bake_in_vae, **private)
     merger.merged.then(lambda: models.picker(), None, picker.dropdown, **private).then(
         merger.actions.model_lists, None, merger.model_lists, **private)
+
+
+def _wire_checkpoint_lists(ui: WebUI) -> None:
+    """The refiner's and the hires fix's checkpoint lists follow the models folder where the model picker's list
+    does: when the page loads, after its ↻ and after a merge."""
+    lists = [pair for tab in ui.generation_tabs for pair in tab.checkpoint_lists]
+
+    def read_lists():
+        names = ui.models.names()
+        return [gr.update(choices=[first, *names]) for _, first in lists]
+
+    wiring = dict(fn=read_lists, outputs=[dropdown for dropdown, _ in lists], api_visibility="private",
+                  show_progress="hidden")
+    ui.blocks.load(**wiring)
+    ui.picker.refreshed.then(**wiring)
+    ui.merger.merged.then(**wiring)
 
 
 def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:

@@ -28,8 +28,8 @@ from webui.engine.models import ModelNotFound
 from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.outputs import NamedCopy
 from webui.storage.styles import Style
-from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, RESIZE_MODES, GenerationRequest,
-                           InvalidRequest)
+from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, RESIZE_MODES, SAME_CHECKPOINT,
+                           GenerationRequest, InvalidRequest)
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.cards import CardPictures, card_gallery, picked_name
@@ -111,7 +111,7 @@ class GenerationActions(SeveralRuns):
                  sd_upscale_upscaler: str = "Lanczos", sd_vae: str = "Automatic", batch_input_dir: str = "",
                  batch_mask_dir: str = "", batch_output_dir: str = "", refiner: bool = False,
                  refiner_checkpoint: str | None = NO_REFINER, refiner_switch_at: float = 0.8,
-                 color_correction: bool = False) -> Iterator[tuple]:
+                 hr_checkpoint_name: str | None = SAME_CHECKPOINT, color_correction: bool = False) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -146,7 +146,8 @@ class GenerationActions(SeveralRuns):
                         "hr_resize_x": hr_resize_x or 0, "hr_resize_y": hr_resize_y or 0,
                         "hr_sampler_name": None if hr_sampler_name in (SAME_SAMPLER, "", None) else hr_sampler_name,
                         "hr_scheduler": None if hr_scheduler in (SAME_SCHEDULE, "", None) else hr_scheduler,
-                        "hr_prompt": hr_prompt or None, "hr_negative_prompt": hr_negative_prompt or None}
+                        "hr_prompt": hr_prompt or None, "hr_negative_prompt": hr_negative_prompt or None,
+                        "hr_checkpoint_name": hr_checkpoint_name}  # "Use same checkpoint" reads as none
         try:
             batch = self.kind == "img2img" and img2img_mode == BATCH
             loopback, sd_upscale = (switch and self.kind == "img2img" for switch in (loopback, sd_upscale))
@@ -573,6 +574,13 @@ class GenerationTab:
         return [self.widgets[name] for name in self.field_names]
 
     @property
+    def checkpoint_lists(self) -> list[tuple[gr.Dropdown, str]]:
+        """The tab's lists of checkpoints besides the model (the refiner's, the hires fix's), each with the choice
+        that comes before the models (blocks.py reads the models folder into them)."""
+        lists = (("refiner_checkpoint", NO_REFINER), ("hr_checkpoint_name", SAME_CHECKPOINT))
+        return [(self.widgets[name], first) for name, first in lists if name in self.widgets]
+
+    @property
     def model_sliders(self) -> list[gr.components.Component]:
         """The sliders that follow the loaded model: width, height and clip skip."""
         return [self.widgets[name] for name in ("width", "height", "clip_skip")]
@@ -601,8 +609,9 @@ def _api(kind: str, name: str) -> dict:
     return {"api_name": name} if kind == "txt2img" else {"api_visibility": "private"}
 
 
-def hires_fix_section(upscalers: list[str]) -> dict[str, gr.components.Component]:
-    """txt2img's "Hires. fix" (A1111's): the picture enlarged and denoised again; the widgets by request field."""
+def hires_fix_section(upscalers: list[str], model_names: list[str]) -> dict[str, gr.components.Component]:
+    """txt2img's "Hires. fix" (A1111's): the picture enlarged and denoised again (by another checkpoint, if one is
+    picked); the widgets by request field."""
     # The switch outside the section: whether it is on shows while the section is closed (a send may turn it on).
     enable = gr.Checkbox(False, label="Hires. fix", info="draw at Width x Height, then enlarge and add detail",
                          elem_id="txt2img_enable_hr")
@@ -621,6 +630,8 @@ def hires_fix_section(upscalers: list[str]) -> dict[str, gr.components.Component
             resize_y = gr.Slider(0, MAX_SIZE, value=0, step=8, label="Resize height to (0: by Upscale by)",
                                  elem_id="txt2img_hr_resize_y")
         with gr.Row():
+            checkpoint = gr.Dropdown([SAME_CHECKPOINT, *model_names], value=SAME_CHECKPOINT, label="Hires checkpoint",
+                                     elem_id="txt2img_hr_checkpoint", allow_custom_value=True)
             sampler = gr.Dropdown([SAME_SAMPLER, *sampler_names()], value=SAME_SAMPLER, label="Hires sampling method",
                                   elem_id="txt2img_hr_sampler")
             schedule = gr.Dropdown([SAME_SCHEDULE, *SCHEDULE_TYPES], value=SAME_SCHEDULE, label="Hires schedule type",
@@ -633,7 +644,8 @@ def hires_fix_section(upscalers: list[str]) -> dict[str, gr.components.Component
                                               "pass's")
     return {"enable_hr": enable, "hr_upscaler": upscaler, "hr_second_pass_steps": steps,
             "denoising_strength": strength, "hr_scale": scale, "hr_resize_x": resize_x, "hr_resize_y": resize_y,
-            "hr_sampler_name": sampler, "hr_scheduler": schedule, "hr_prompt": prompt, "hr_negative_prompt": negative}
+            "hr_sampler_name": sampler, "hr_scheduler": schedule, "hr_prompt": prompt, "hr_negative_prompt": negative,
+            "hr_checkpoint_name": checkpoint}
 
 
 def refiner_section(kind: str, model_names: list[str]) -> dict[str, gr.components.Component]:
@@ -735,7 +747,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                     False, label="Color correction", elem_id="img2img_color_correction",
                     info="the result's colours matched to the picture's, its lightness kept (A1111's setting)")
             else:
-                hires_widgets = hires_fix_section(actions.upscaler_names())
+                hires_widgets = hires_fix_section(actions.upscaler_names(), models.names())
             refiner_widgets = refiner_section(kind, models.names())
             with gr.Row(elem_id=f"{kind}_seed_row"):
                 seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id=f"{kind}_seed", scale=4)

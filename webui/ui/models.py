@@ -31,6 +31,7 @@ class ModelPicker:
     refresh: gr.Button
     status: gr.HTML
     vae: gr.Dropdown  # A1111's "SD VAE": each Generate's own pick, as the checkpoint is
+    refreshed: object  # the refresh click's event, for what follows it
 
 
 class ModelActions:
@@ -174,6 +175,6 @@ def build_model_picker(actions: ModelActions) -> ModelPicker:
         refresh = gr.Button("↻", elem_id="model_refresh", scale=0, min_width=48, size="lg")
         status = gr.HTML(actions.status(), label="Model status", show_label=False, elem_id="model_status",
                          padding=False)
-    refresh.click(actions.refresh, inputs=[dropdown, vae], outputs=[dropdown, vae], api_name="refresh_models",
-                  show_progress="hidden")
-    return ModelPicker(dropdown, refresh, status, vae)
+    refreshed = refresh.click(actions.refresh, inputs=[dropdown, vae], outputs=[dropdown, vae],
+                              api_name="refresh_models", show_progress="hidden")
+    return ModelPicker(dropdown, refresh, status, vae, refreshed)

@@ -8,7 +8,7 @@ import gradio as gr
 
 from webui.engine.hires import HIRES_UPSCALERS
 from webui.engine.samplers import SCHEDULE_TYPES, get_sampler, resolve_sampler, split_sampler_name
-from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, GenerationRequest
+from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, SAME_CHECKPOINT, GenerationRequest
 from webui.storage.history import HistoryImage
 from webui.storage.infotext import request_fields_from_infotext
 from webui.xyz_plot import AXIS_TYPES, SCRIPT
@@ -30,7 +30,7 @@ INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "
                      "inpaint_full_res_padding")
 IMG2IMG_FIELDS = (*COMMON_FIELDS, "color_correction", *INPAINTING_FIELDS, *IMG2IMG_SCRIPTS)
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
-                "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
+                "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_checkpoint_name")
 # The Refiner section's Checkpoint when none is picked.
 NO_REFINER = "None"
 # The hires fix's sampler and schedule type when they are the first pass's (A1111's words).
@@ -55,7 +55,8 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "hr_second_pass_steps": "Hires steps", "hr_resize_x": "Resize width to",
                 "hr_resize_y": "Resize height to", "hr_sampler_name": "Hires sampling method",
                 "hr_scheduler": "Hires schedule type", "hr_prompt": "Hires prompt",
-                "hr_negative_prompt": "Hires negative prompt", "mask": "Mask", "mask_blur": "Mask blur",
+                "hr_negative_prompt": "Hires negative prompt", "hr_checkpoint_name": "Hires checkpoint",
+                "mask": "Mask", "mask_blur": "Mask blur",
                 "inpainting_mask_invert": "Mask mode", "inpainting_fill": "Masked content",
                 "inpaint_full_res": "Inpaint area", "inpaint_full_res_padding": "Only masked padding",
                 "sd_vae": "SD VAE", "refiner_checkpoint": "Refiner checkpoint", "refiner_switch_at": "Switch at"}
@@ -103,6 +104,7 @@ def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: 
     model_note = _apply_model(fields, model_names, find_model)
     for note in (_apply_sampler(fields), _apply_hires_sampler(fields), model_note, _apply_vae(fields, vae_names),
                  _apply_refiner(fields, model_names, find_model),
+                 _apply_hires_checkpoint(fields, model_names, find_model) if "hr_checkpoint_name" in names else None,
                  _apply_plot(fields, names),
                  _apply_upscaler(fields, upscaler_names) if "hr_upscaler" in names else None,
                  *_round_sizes(fields),
@@ -232,18 +234,43 @@ def _apply_refiner(fields: dict[str, Any], model_names: list[str], find_model: F
     if not title:
         fields["refiner"] = False
         return None
-    named = re.fullmatch(r"(.*?)\s*\[([0-9a-f]{8,10})\]", title)
-    name, short_hash = (named.group(1), named.group(2)) if named else (title, None)
-    found = find_model(name, short_hash)
-    if found is None:
+    picked = _checkpoint_pick(title, NO_REFINER, model_names, find_model)
+    if picked is None:
         fields.pop("refiner_switch_at", None)
         return f"Refiner not applied: {title!r} is not in the models folder. The Refiner is left as it was."
     fields["refiner"] = True
     if not 0 < (fields.get("refiner_switch_at") or 0) <= 1:  # the slider's range; A1111's default otherwise
         fields["refiner_switch_at"] = 0.8
-    fields["refiner_checkpoint"] = gr.update(choices=[NO_REFINER, *model_names, *([found] if found not in model_names
-                                                                                   else [])], value=found)
+    fields["refiner_checkpoint"] = picked
     return None
+
+
+def _apply_hires_checkpoint(fields: dict[str, Any], model_names: list[str], find_model: FindModel) -> str | None:
+    """The hires checkpoint an infotext names (its title, "name [short hash]") picked in its list; "Use same
+    checkpoint" where it names none (as A1111's paste); one not in the models folder is left out with a note."""
+    title = fields.pop("hr_checkpoint_name", None)
+    if title is None:  # no parameters line: left alone
+        return None
+    if title in ("", SAME_CHECKPOINT):
+        fields["hr_checkpoint_name"] = SAME_CHECKPOINT
+        return None
+    picked = _checkpoint_pick(title, SAME_CHECKPOINT, model_names, find_model)
+    if picked is None:
+        return (f"Hires checkpoint not applied: {title!r} is not in the models folder. The hires checkpoint is left "
+                "as it was.")
+    fields["hr_checkpoint_name"] = picked
+    return None
+
+
+def _checkpoint_pick(title: str, first: str, model_names: list[str], find_model: FindModel) -> dict | None:
+    """A checkpoint list (`first`, then the models) showing the model an infotext's title ("name [short hash]", or a
+    name alone) means, found by its name or else its hash; None when no model here is it."""
+    named = re.fullmatch(r"(.*?)\s*\[([0-9a-f]{8,10})\]", title)
+    name, short_hash = (named.group(1), named.group(2)) if named else (title, None)
+    found = find_model(name, short_hash)
+    if found is None:
+        return None
+    return gr.update(choices=[first, *model_names, *([found] if found not in model_names else [])], value=found)
 
 
 def _apply_hires_sampler(fields: dict[str, Any]) -> str | None:
