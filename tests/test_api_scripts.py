@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -245,13 +246,34 @@ def test_loopback_starts_each_loop_from_the_last_picture_and_returns_their_grid_
         assert np.array_equal(pixels(picture), pixels(loops[loop]))
 
 
-def test_loopback_refuses_an_interrogator_and_too_many_loops(client, submitted):
+def test_loopback_refuses_deepbooru_and_too_many_loops(client, submitted):
     body = QUICK | {"init_images": [b64(noise_picture(3))], "script_name": "loopback"}
-    assert "script_args[3] (append interrogated prompt at each iteration): 'CLIP': no interrogator" in refused(
-        client, body | {"script_args": [2, 0.5, "Linear", "CLIP"]}, "img2img")
+    assert "script_args[3] (append interrogated prompt at each iteration): 'DeepBooru': send None or CLIP" in refused(
+        client, body | {"script_args": [2, 0.5, "Linear", "DeepBooru"]}, "img2img")
     assert "script_args[0] (loops): 40 is out of range; use 1 to 32" in refused(
         client, body | {"script_args": [40]}, "img2img")
     assert submitted == []
+
+
+def test_loopback_appends_what_interrogate_clip_says_of_each_loops_start_picture(client, services, submitted,
+                                                                                  tmp_path):
+    from tests.test_interrogate import save_tiny_blip, save_tiny_clip
+    from webui.engine.interrogate import Interrogator
+
+    save_tiny_blip(tmp_path / "BLIP")
+    save_tiny_clip(tmp_path / "CLIP")
+    kept, services.engine.interrogator = services.engine.interrogator, Interrogator(tmp_path / "BLIP",
+                                                                                     tmp_path / "CLIP")
+    try:
+        body = QUICK | {"init_images": [b64(noise_picture(3))], "script_name": "loopback",
+                        "script_args": [2, 0.5, "Linear", "clip"]}
+        run(client, body, "img2img")
+    finally:
+        services.engine.interrogator = kept
+    by_hand = Interrogator(tmp_path / "BLIP", tmp_path / "CLIP")
+    assert len(submitted) == 2
+    for request, start in submitted:  # the first loop's picture is the upload, the second's what the first made
+        assert request["prompt"] == "a red apple, " + by_hand.describe(start, "cpu", torch.float32)
 
 
 def test_poor_mans_outpainting_draws_a_larger_canvas(client):

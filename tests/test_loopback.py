@@ -106,3 +106,13 @@ def test_only_the_keys_scripts_write_go_into_the_infotext():
     for bad in ("a\x00b", "two\nlines", "x" * 101, True):
         with pytest.raises(InvalidRequest, match="Denoising curve"):
             parse_request({"prompt": "x", "script_params": {"Denoising curve": bad}})
+
+
+def test_the_tab_offers_clip_interrogation_and_refuses_without_its_models(ui, ui_services, monkeypatch):
+    monkeypatch.setattr(ui_services.engine.interrogator, "downloads", False)  # and the models folder has no BLIP/
+    [wiring] = [fn for fn in ui.blocks.fns.values() if fn.api_name == "img2img"]
+    assert "img2img_loopback_interrogation" in [block.elem_id for block in wiring.inputs]
+    updates = list(event(ui, "img2img")(Session(), "a red barn", steps=1, width=64, height=64, seed=40, model=TINY,
+                                        init_image=Image.new("RGB", (64, 64), "red"), loopback=True,
+                                        loopback_loops=2, loopback_interrogation="CLIP"))
+    assert "Interrogate needs the captioning model (BLIP)" in updates[-1][2]

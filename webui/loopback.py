@@ -18,6 +18,8 @@ from webui.engine.inpaint import MASK_RESAMPLE, read_mask
 from webui.schemas import MASKED_CONTENT, MAX_SEED, InvalidRequest
 
 CURVES = ("Aggressive", "Linear", "Lazy")  # A1111's "Denoising strength curve"
+# A1111's "Append interrogated prompt at each iteration": its DeepBooru tagger is not offered here
+INTERROGATIONS = ("None", "CLIP")
 MAX_LOOPS = 32  # A1111's slider
 ORIGINAL = MASKED_CONTENT.index("original")
 
@@ -61,6 +63,12 @@ def loop_requests(request: dict, loops: int, final_strength: float, curve: str) 
                        | ({"inpainting_fill": ORIGINAL} if loop and "inpainting_fill" in request else {})
                        for loop, strength in enumerate(strengths)])
     return chains
+
+
+def with_interrogation(prompt: str, described: str) -> str:
+    """A loop's prompt under "Append interrogated prompt": the run's prompt, then what Interrogate CLIP says of the
+    loop's start picture, as A1111 joins them."""
+    return f"{prompt}, {described}" if prompt else described
 
 
 def loop_mask(mask: Image.Image | None, picture: Image.Image, request: dict) -> Image.Image | None:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from webui.engine.img2img import scaled_size
 from webui.engine.models import ModelNotFound
-from webui.loopback import loop_mask, loop_requests
+from webui.loopback import INTERROGATIONS, loop_mask, loop_requests, with_interrogation
 from webui.prompt_lines import line_requests
 from webui.schemas import GeneratedImage, InvalidRequest, JobState
 from webui.storage.infotext import with_params
@@ -35,7 +35,7 @@ Picture = Image.Image | Callable[[], Image.Image] | None
 @dataclass(frozen=True)
 class Submission:
     """One job of a run of several (the X/Y/Z plot's cells, the img2img Batch's pictures)."""
-    request: dict
+    request: dict | Callable[[Image.Image | None], dict]  # a function of the job's picture: made when its turn comes
     picture: Picture = None
     mask: Picture = None
     scale: float | None = None  # img2img's Resize by: the run's size is the picture's times this
@@ -91,6 +91,8 @@ class SeveralJobs:
             if self.stopped or stopped():
                 return
             picture, request = _opened(submission.picture), submission.request
+            if callable(request):  # Loopback's interrogated prompt: of the picture the loop starts from
+                request = request(picture)
             if submission.scale and picture is not None:
                 request = request | scaled_size_fields(picture, submission.scale)
             job = worker.submit(request, origin=origin, owner=owner, init_image=picture,
@@ -140,9 +142,13 @@ def last_picture(done: list[list[GeneratedImage]]) -> Image.Image:
 
 
 def loopback_run(worker: Worker, request: dict, loops: int, final_strength: float, curve: str,
-                 picture: Image.Image, mask: Image.Image | None) -> SeveralJobs:
+                 picture: Image.Image, mask: Image.Image | None, interrogation: str = "None") -> SeveralJobs:
     """Loopback: each chain's loops in turn (webui/loopback.py), each loop after a chain's first starting from the
-    picture the loop before made."""
+    picture the loop before made; with interrogation "CLIP", each loop's prompt ends with what Interrogate CLIP says
+    of the picture it starts from, as A1111's "Append interrogated prompt at each iteration"."""
+    if interrogation not in INTERROGATIONS:
+        raise InvalidRequest(f"Append interrogated prompt at each iteration: {interrogation!r}; choose one of "
+                             f"{', '.join(INTERROGATIONS)} (A1111's DeepBooru is not offered)"[:300])
     chains = loop_requests(request, loops, final_strength, curve)
     for loop in (chain[0] for chain in chains):  # each chain's first run: the others are like it
         worker.check(loop)
@@ -150,7 +156,15 @@ def loopback_run(worker: Worker, request: dict, loops: int, final_strength: floa
     fitted_mask = loop_mask(mask, picture, chains[0][0])
     run = SeveralJobs([], "Loopback")
     later = lambda: last_picture(run.done)  # noqa: E731 (read when the loop's turn comes)
-    run.submissions = [Submission(loop_request, picture if loop == 0 else later, mask if loop == 0 else fitted_mask)
+
+    def interrogated(loop_request: dict) -> Callable[[Image.Image], dict]:
+        def described(start: Image.Image) -> dict:
+            words = worker.interrogate(start).result()
+            return loop_request | {"prompt": with_interrogation(loop_request.get("prompt") or "", words)}
+        return described
+
+    run.submissions = [Submission(interrogated(loop_request) if interrogation == "CLIP" else loop_request,
+                                  picture if loop == 0 else later, mask if loop == 0 else fitted_mask)
                        for chain in chains for loop, loop_request in enumerate(chain)]
     return run
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 from PIL import Image
 
-from webui.loopback import CURVES, MAX_LOOPS
+from webui.loopback import CURVES, INTERROGATIONS, MAX_LOOPS
 from webui.outpainting import DIRECTIONS, MAX_BLUR, MAX_PIXELS, MIN_PIXELS, outpainting_job
 from webui.prompt_matrix import matrix_plot
 from webui.runs import SeveralJobs, found_models, in_grid_order, line_run, loopback_run, plot_grids, plot_run, \
@@ -193,10 +193,12 @@ def _axis_values(value: Any) -> str:
     raise ValueError(f"expected a text or a list, got {type(value).__name__}")
 
 
-def _no_interrogation(value: Any) -> str:
-    if str(value).strip().lower() != "none":
-        raise ValueError(f"{value!r}: no interrogator (CLIP, DeepBooru) is installed on this server; send None"[:200])
-    return "None"
+def _interrogation(value: Any) -> str:
+    """None or CLIP, in any case (A1111's DeepBooru tagger is not offered)."""
+    for choice in INTERROGATIONS:
+        if str(value).strip().lower() == choice.lower():
+            return choice
+    raise ValueError(f"{value!r}: send None or CLIP (A1111's DeepBooru tagger is not on this server)"[:200])
 
 
 def _margin(value: Any) -> int:
@@ -230,8 +232,8 @@ def _args(kind: str, name: str) -> tuple[Arg, ...]:
         return (Arg("Loops", 4, _whole(1, MAX_LOOPS), minimum=1, maximum=MAX_LOOPS, step=1),
                 Arg("Final denoising strength", 0.5, _fraction, minimum=0, maximum=1, step=0.01),
                 Arg("Denoising strength curve", "Linear", _one_of(CURVES), choices=list(CURVES)),
-                Arg("Append interrogated prompt at each iteration", "None", _no_interrogation,
-                    choices=["None", "CLIP", "DeepBooru"]))
+                Arg("Append interrogated prompt at each iteration", "None", _interrogation,
+                    choices=list(INTERROGATIONS)))
     if name == OUTPAINTING:
         return (Arg("Pixels to expand", 128, _whole(MIN_PIXELS, MAX_PIXELS), minimum=MIN_PIXELS, maximum=MAX_PIXELS,
                     step=8),
@@ -331,8 +333,8 @@ def several_jobs(kind: str, name: str, values: list[Any], base: dict, picture: I
         iterate, same_seed, position, text = values
         run = line_run(worker, base, text, same_seed, picture, mask, iterate_seed=iterate, prompt_position=position)
         return ScriptRun(run, lambda: Result([], _made(run.jobs)))
-    loops, final_strength, curve, _ = values
-    run = loopback_run(worker, base, loops, final_strength, curve, picture, mask)
+    loops, final_strength, curve, interrogation = values
+    run = loopback_run(worker, base, loops, final_strength, curve, picture, mask, interrogation)
     return ScriptRun(run, lambda: _loopback_result(run, loops))
 
 

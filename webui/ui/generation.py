@@ -106,7 +106,8 @@ class GenerationActions(SeveralRuns):
                  matrix_prompt: str = "positive", outpainting: bool = False, outpaint_pixels: int = 128,
                  outpaint_mask_blur: int = 4, outpaint_fill: int = 0,
                  outpaint_directions: list[str] | None = None, loopback: bool = False, loopback_loops: int = 4,
-                 loopback_final_strength: float = 0.5, loopback_curve: str = "Linear", sd_upscale: bool = False,
+                 loopback_final_strength: float = 0.5, loopback_curve: str = "Linear",
+                 loopback_interrogation: str = "None", sd_upscale: bool = False,
                  sd_upscale_overlap: int = 64, sd_upscale_scale: float = 2.0,
                  sd_upscale_upscaler: str = "Lanczos", sd_vae: str = "Automatic", batch_input_dir: str = "",
                  batch_mask_dir: str = "", batch_output_dir: str = "", refiner: bool = False,
@@ -200,7 +201,7 @@ class GenerationActions(SeveralRuns):
             elif loopback:
                 runs = self._several(session, loopback_run(self.worker, request, int(loopback_loops),
                                                            float(loopback_final_strength), loopback_curve, picture,
-                                                           mask_picture))
+                                                           mask_picture, loopback_interrogation or "None"))
             elif batch:
                 runs = self._several(session, SeveralJobs([
                     Submission(request, partial(read_upload, path, "Batch"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from webui.loopback import CURVES, MAX_LOOPS
+from webui.loopback import CURVES, INTERROGATIONS, MAX_LOOPS
 from webui.outpainting import DIRECTIONS, MAX_BLUR, MAX_PIXELS, MIN_PIXELS
 from webui.schemas import MASKED_CONTENT
 from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE
@@ -99,6 +99,10 @@ def loopback_section() -> dict[str, gr.components.Component]:
                          ("loopback_final_strength", 0, 1, 0.5, 0.01, "Final denoising strength"))
         widgets["loopback_curve"] = gr.Radio(list(CURVES), value="Linear", label="Denoising strength curve",
                                              elem_id="img2img_loopback_curve")
+        widgets["loopback_interrogation"] = gr.Radio(
+            list(INTERROGATIONS), value="None", label="Append interrogated prompt at each iteration",
+            info="CLIP: each loop's prompt ends with what Interrogate CLIP says of the picture it starts from",
+            elem_id="img2img_loopback_interrogation")
     return widgets
 
 
