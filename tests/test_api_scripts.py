@@ -97,6 +97,16 @@ def test_a_plot_returns_its_grid_then_each_cell_in_grid_order(client, submitted)
     assert param(grid_infotext, "Y Type") == "Seed"
 
 
+def test_a_styles_axis_by_a1111s_index_and_dropdown_list_joins_each_style(client, services):
+    from webui.storage.styles import Style
+
+    services.styles.save(Style("Film", "{prompt}, film grain", "blurry"))
+    styles_index = 30  # "Styles" in A1111 1.10's txt2img axis list
+    body, info = run(client, QUICK | {"script_name": "x/y/z plot", "script_args": [
+        styles_index, "", ["Film"], 0, "", [], 0, "", [], True, True]})
+    assert info["infotexts"][1].startswith("a red apple, film grain\nNegative prompt: blurry\n")
+
+
 def test_a_plot_with_the_defaults_returns_its_labelled_grid_alone(client):
     """Only x_type and the dropdown's values given (the Sampler axis reads its list, as A1111's): the legend is
     drawn, the cells are not sent, but info labels them, as A1111's does."""

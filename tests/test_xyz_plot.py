@@ -111,6 +111,20 @@ def test_the_hires_axes_set_the_second_passs_sampler_and_upscaler():
     assert [axes[0].label(1), axes[1].label(1)] == ["Hires sampler: DPM++ 2M Karras", "Hires upscaler: Lanczos"]
 
 
+def test_the_styles_and_refiner_axes_add_styles_and_set_the_refiner():
+    axes = [read_axis("X", "Styles", 'Film, "Film,Ink"'), read_axis("Y", "Refiner checkpoint", "None, other"),
+            read_axis("Z", "Refiner switch at", "0.5, 0.8")]
+    cells = plan(BASE | {"styles": ["Base"]}, axes).cells
+    assert [c.request["styles"] for c in cells[:2]] == [["Base", "Film"], ["Base", "Film", "Ink"]]
+    assert [c.request["refiner_checkpoint"] for c in cells[:4]] == ["None", "None", "other", "other"]
+    assert [c.request["refiner_switch_at"] for c in cells[::4]] == [0.5, 0.8]
+    assert [axes[0].label(1), axes[1].label(1), axes[2].label(0)] == [
+        "Styles: Film,Ink", "Refiner checkpoint: other", "Refiner switch at: 0.5"]
+    with pytest.raises(InvalidRequest, match="Refiner switch at: 1.5"):
+        plan(BASE, [read_axis("X", "Refiner switch at", "1.5"), read_axis("Y", "Nothing", ""),
+                    read_axis("Z", "Nothing", "")])
+
+
 @pytest.mark.parametrize("axis_type, text, says", [
     ("Steps", "2, 0", "X value 'Steps: 0': .*steps"),
     ("Sampler", "Euler, Eulr", "X value 'Eulr': .*sampler"),

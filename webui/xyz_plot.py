@@ -49,6 +49,11 @@ def _replace_in_prompts(request: dict, pair: tuple[str, str]) -> None:
             request[field] = request[field].replace(search, replacement)
 
 
+def _add_styles(request: dict, names: str) -> None:
+    """A1111's Styles axis: the value's styles (several joined by commas) added to the request's own."""
+    request["styles"] = [*request.get("styles", []), *(name.strip() for name in names.split(",") if name.strip())]
+
+
 def _set_size(request: dict, size: str) -> None:
     match = re.fullmatch(r"\s*(\d+)\s*[x×]\s*(\d+)\s*", size)
     if not match:
@@ -74,6 +79,9 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Hires steps", "int", _setter("hr_second_pass_steps"), hires=True),
     AxisType("Hires sampler", "text", _setter("hr_sampler_name"), hires=True),
     AxisType("Hires upscaler", "text", _setter("hr_upscaler"), hires=True),
+    AxisType("Styles", "text", _add_styles),
+    AxisType("Refiner checkpoint", "text", _setter("refiner_checkpoint")),  # None: no refiner
+    AxisType("Refiner switch at", "float", _setter("refiner_switch_at")),
 )}
 
 

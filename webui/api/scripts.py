@@ -50,7 +50,8 @@ A1111_AXES = (
     ("FP8 mode", None), ("Size", None),
 )
 # The axes A1111 takes from a dropdown (its x_values_dropdown...) unless csv_mode: a list of its choices.
-_DROPDOWN_AXES = ("Sampler", "Hires sampler", "Checkpoint name", "Schedule type", "Hires upscaler", "VAE")
+_DROPDOWN_AXES = ("Sampler", "Hires sampler", "Checkpoint name", "Schedule type", "Hires upscaler", "VAE", "Styles",
+                  "Refiner checkpoint")
 
 
 def a1111_axes(kind: str) -> list[str]:
