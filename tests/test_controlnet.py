@@ -1,0 +1,265 @@
+"""ControlNet (sd-webui-controlnet's, one unit): the models folder, the Canny preprocessor, the UNet hook in every
+pass, the request's checks, the infotext, and its UI and API. Tiny random ControlNets are made from the tiny
+model's UNet (ControlNetModel.from_unet), with their zero-initialised output convolutions randomised so they steer."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import TINY
+from tests.helpers import noise_picture, running_services
+from tests.tiny_sd import save_tiny_model, tiny_components
+from webui.controlnet import controlnet_fields
+from webui.engine.canny import _hysteresis, canny
+from webui.engine.controlnet import ControlNetError, ControlUnit, detect_map, pixel_perfect_resolution
+from webui.engine.img2img import fit_image
+from webui.schemas import GenerationRequest, InvalidRequest, JobState
+from webui.storage.infotext import request_fields_from_infotext
+
+CN = "tiny-cn"
+QUICK = {"prompt": "a house", "steps": 2, "seed": 3, "cfg_scale": 5.0}
+
+
+def tiny_controlnet(unet, seed: int = 1):
+    """A ControlNet of `unet`'s shape whose residuals are not zero (from_unet zeroes its output convolutions)."""
+    from diffusers import ControlNetModel
+
+    network = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))  # 2x down: the tiny VAE's
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in [*network.controlnet_down_blocks, network.controlnet_mid_block,
+                       network.controlnet_cond_embedding.conv_out]:
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.3)
+    return network
+
+
+def other_kind_controlnet():
+    """A ControlNet for a model whose text embeddings are 64 wide: another kind than the tiny model (32)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=4, norm_num_groups=8)
+    return tiny_controlnet(unet)
+
+
+@pytest.fixture(scope="module")
+def cn_models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cn-models")
+    save_tiny_model(folder / TINY)
+    tiny_controlnet(tiny_components()["unet"]).save_pretrained(folder / "ControlNet" / CN)
+    other_kind_controlnet().save_pretrained(folder / "ControlNet" / "sdxl-like-cn")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cn_services(cn_models, tmp_path_factory):
+    yield from running_services(cn_models, tmp_path_factory.mktemp("cn-out"))
+
+
+@pytest.fixture(scope="module")
+def cn_engine(cn_services):
+    return cn_services.engine
+
+
+def square(contrast: int = 255, size: int = 64) -> Image.Image:
+    pixels = np.zeros((size, size, 3), np.uint8)
+    pixels[16:48, 16:48] = contrast
+    return Image.fromarray(pixels)
+
+
+def run(worker, fields: dict, **pictures):
+    job = worker.submit(QUICK | fields, **pictures)
+    assert job.wait(120) and job.state is JobState.DONE, job.error
+    return job
+
+
+def pixels(job) -> np.ndarray:
+    return np.asarray(job.images[0].image, np.int16)
+
+
+def title(engine) -> str:
+    return engine.controlnets.find(CN).title
+
+
+def controlnet_on(engine, **fields) -> dict:
+    return {"controlnet_enabled": True, "controlnet_model": title(engine), "controlnet_module": "canny"} | fields
+
+
+class Calls:
+    """Records each call of the ControlNet (the size of its control map, its sample's rows) and whether the UNet
+    call after it got residuals."""
+
+    def __init__(self, engine):
+        network = engine.controlnets.network(engine.controlnets.find(CN), "cpu", torch.float32)  # the job's, cached
+        self.conds, self.residuals = [], []
+        self.handles = [
+            network.register_forward_pre_hook(self._cond, with_kwargs=True),
+            engine.pipe.unet.register_forward_hook(self._unet, with_kwargs=True),
+        ]
+
+    def _cond(self, _module, args, kwargs):
+        self.conds.append((tuple(kwargs["controlnet_cond"].shape), args[0].shape[0]))
+
+    def _unet(self, _module, _args, kwargs, _output):
+        self.residuals.append(kwargs.get("mid_block_additional_residual") is not None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        for handle in self.handles:
+            handle.remove()
+
+
+# --- the Canny preprocessor --------------------------------------------------------------------------
+def test_canny_finds_the_outline_of_a_square_and_nothing_else():
+    edges = canny(np.asarray(square()), 100, 200) > 0
+    ring = np.zeros_like(edges)
+    ring[15:48, 15:48] = True
+    ring[17:46, 17:46] = False  # a one- or two-pixel line around the square's border
+    assert edges.any() and not (edges & ~ring).any()
+    assert edges[30, 15:17].any() and edges[30, 46:48].any() and edges[15:17, 30].any() and edges[46:48, 30].any()
+    assert edges[15:48, 15:48].sum() >= 4 * 30  # the whole outline, one pixel thick at least
+
+
+def test_canny_thresholds_decide_which_edges_count():
+    faint = np.asarray(square(contrast=40))
+    assert not canny(faint, 100, 200).any()  # the extension's defaults leave a faint square out
+    assert canny(faint, 20, 50).sum() == canny(np.asarray(square()), 100, 200).sum()  # lower ones keep it
+    assert canny(faint, 100, 110).any()  # its edges (120 strong, after the blur) are above a high threshold of 110
+    # Hysteresis: a weak line counts where it touches a strong pixel, and only then.
+    magnitude = np.zeros((8, 32), np.float32)
+    magnitude[2, 1:30] = 150  # weak: between 100 and 200
+    magnitude[2, 0] = magnitude[5, 31] = 250  # strong; only the first touches the line
+    edges = _hysteresis(magnitude, 100, 200) > 0
+    assert edges[2, :30].all() and not edges[2, 30] and edges[5, 31] and edges.sum() == 31
+
+
+def test_the_preprocessors_give_the_extensions_maps():
+    picture = noise_picture(1, 96, 64)
+    assert detect_map(picture, "none") is picture
+    assert np.array_equal(np.asarray(detect_map(picture, "invert")), 255 - np.asarray(picture))
+    edges = detect_map(square(), "canny", processor_res=128)
+    assert edges.size == (128, 128) and edges.mode == "RGB"  # found at the resolution asked (the short side)
+    assert set(np.unique(np.asarray(edges))) == {0, 255}
+    assert pixel_perfect_resolution((256, 128), (64, 64), 1) == 64  # crop and resize: by the larger scale
+    assert pixel_perfect_resolution((256, 128), (64, 64), 2) == 32  # resize and fill: by the smaller
+
+
+# --- models -----------------------------------------------------------------------------------------------
+def test_controlnet_models_are_listed_with_the_extensions_hash_and_never_as_checkpoints(cn_engine):
+    titles = cn_engine.controlnets.titles()
+    assert [t.rsplit(" ", 1)[0] for t in titles] == ["sdxl-like-cn", CN]
+    assert all(len(t.rsplit("[", 1)[1].rstrip("]")) == 8 for t in titles)
+    assert cn_engine.controlnets.find(CN.upper()) == cn_engine.controlnets.find(title(cn_engine))  # name alone
+    assert all("ControlNet" not in entry.name for entry in cn_engine.registry.entries())
+
+
+def test_the_control_map_is_fitted_to_each_size_by_the_resize_mode():
+    picture = Image.fromarray(np.arange(96 * 64 * 3, dtype=np.uint32).reshape(64, 96, 3).astype(np.uint8))
+    for mode in (0, 1, 2):
+        cond = ControlUnit(torch.nn.Identity(), picture, resize_mode=mode).cond((32, 48), "cpu", torch.float32)
+        expected = np.asarray(fit_image(picture, 32, 48, mode), np.float32) / 255
+        assert cond.shape == (1, 3, 48, 32)
+        assert np.allclose(cond[0].permute(1, 2, 0).numpy(), expected)
+
+
+# --- the engine ---------------------------------------------------------------------------------
+def test_controlnet_changes_the_picture_and_is_exactly_off_at_weight_0_or_outside_its_window(cn_services):
+    worker, engine = cn_services.worker, cn_services.engine
+    plain = pixels(run(worker, {}))
+    control = {"control_image": square()}
+    steered = pixels(run(worker, controlnet_on(engine), **control))
+    assert np.abs(steered - plain).mean() > 1
+    for off in ({"controlnet_weight": 0.0}, {"controlnet_guidance_start": 1.0, "controlnet_guidance_end": 1.0}):
+        with Calls(engine) as calls:
+            assert np.array_equal(pixels(run(worker, controlnet_on(engine, **off), **control)), plain)
+        assert calls.conds == [] and not any(calls.residuals)
+    # A picture left in a closed ControlNet section changes nothing either.
+    assert np.array_equal(pixels(run(worker, {}, **control)), plain)
+
+
+def test_the_controlnet_steers_each_unet_call_within_its_window(cn_services):
+    worker, engine = cn_services.worker, cn_services.engine
+    with Calls(engine) as calls:
+        run(worker, controlnet_on(engine, controlnet_guidance_start=0.5) | {"steps": 4, "batch_size": 2},
+            control_image=square())
+    # CFG runs 2 rows per image; the second half of 4 steps is 2 calls, each UNet call right after its ControlNet's.
+    assert calls.conds == [((4, 3, 64, 64), 4)] * 2
+    assert calls.residuals == [False, False, True, True]
+
+
+def test_the_hires_pass_is_steered_at_its_own_size(cn_services):
+    worker, engine = cn_services.worker, cn_services.engine
+    with Calls(engine) as calls:
+        run(worker, controlnet_on(engine) | {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.6,
+                                             "hr_second_pass_steps": 1}, control_image=noise_picture(2, 40, 30))
+    assert [shape for shape, _rows in calls.conds] == [(2, 3, 64, 64)] * 2 + [(2, 3, 96, 96)]
+    assert all(calls.residuals)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_img2img_and_inpainting_are_steered_at_their_size(cn_services, masked):
+    worker, engine = cn_services.worker, cn_services.engine
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (16, 16, 48, 40))
+    extra = {"mask": mask} if masked else {}
+    with Calls(engine) as calls:
+        job = run(worker, controlnet_on(engine, controlnet_module="invert") | {"denoising_strength": 1.0},
+                  init_image=noise_picture(3, 96, 64), control_image=square(), **extra)
+    assert job.images[0].image.size == (96, 64)
+    assert [shape for shape, _rows in calls.conds] == [(2, 3, 64, 96)] * 2 and all(calls.residuals)
+
+
+# --- the request ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fields, picture, message", [
+    ({"controlnet_model": None}, True, "controlnet_model: pick a ControlNet model"),
+    ({"controlnet_model": "no-such-cn"}, True, "controlnet_model: there is no ControlNet model 'no-such-cn'"),
+    ({"controlnet_model": "sdxl-like-cn"}, True, "is a ControlNet for text embeddings 64 wide models, and the loaded "
+                                                 "model is text embeddings 32 wide"),
+    ({}, False, "controlnet_image: ControlNet is on but has no control picture"),
+    ({"controlnet_guidance_start": 0.8, "controlnet_guidance_end": 0.2}, True, "controlnet_guidance_start: 0.8 comes "
+                                                                               "after controlnet_guidance_end"),
+    ({"controlnet_weight": 3}, True, "controlnet_weight: Input should be less than or equal to 2"),
+    ({"controlnet_module": "depth_midas"}, True, "controlnet_module: 'depth_midas' is not here"),
+    ({"controlnet_threshold_a": 0}, True, "controlnet_threshold_a: Input should be greater than or equal to 1"),
+])
+def test_what_controlnet_cannot_run_is_refused_at_submit_naming_the_field(cn_services, fields, picture, message):
+    engine = cn_services.engine
+    with pytest.raises(InvalidRequest) as refused:
+        cn_services.worker.submit(QUICK | controlnet_on(engine, **fields),
+                                  control_image=square() if picture else None)
+    assert message in str(refused.value)
+
+
+def test_controlnet_does_not_go_with_sd_upscale():
+    with pytest.raises(ValueError, match="controlnet_enabled: SD upscale draws the picture in tiles"):
+        GenerationRequest(controlnet_enabled=True, controlnet_model=CN, sd_upscale=True, init_image="0" * 40)
+
+
+# --- the infotext -----------------------------------------------------------------------------------
+def test_the_infotext_is_the_extensions_and_pastes_back(cn_services):
+    engine = cn_services.engine
+    fields = controlnet_on(engine, controlnet_weight=0.8, controlnet_resize_mode=2, controlnet_threshold_a=50,
+                           controlnet_guidance_end=0.9)
+    job = run(cn_services.worker, fields, control_image=square())
+    text = job.images[0].infotext
+    assert (f'ControlNet 0: "Module: canny, Model: {title(engine)}, Weight: 0.8, Resize Mode: Resize and Fill, '
+            'Processor Res: 512, Threshold A: 50.0, Threshold B: 200.0, Guidance Start: 0.0, Guidance End: 0.9, '
+            'Pixel Perfect: False, Control Mode: Balanced"') in text
+    pasted = request_fields_from_infotext(text)
+    request = job.request.model_dump()
+    assert {name: value for name, value in pasted.items() if name.startswith("controlnet_")} == {
+        name: request[name] for name in request if name.startswith("controlnet_") and name != "controlnet_image"}
+    assert request_fields_from_infotext(run(cn_services.worker, {}).images[0].infotext)["controlnet_enabled"] is False
+
+
+def test_a_pasted_unit_keeps_only_what_this_server_runs():
+    fields = controlnet_fields({"ControlNet 0": "Module: depth_midas, Model: control_sd15_depth [fef5e48e], Weight: 1, "
+                                                "Threshold A: 0.5, Threshold B: 0.5, Guidance End: x"})
+    assert fields == {"controlnet_enabled": True, "controlnet_model": "control_sd15_depth [fef5e48e]",
+                      "controlnet_weight": 1.0}
