@@ -263,3 +263,85 @@ def test_a_pasted_unit_keeps_only_what_this_server_runs():
                                                 "Threshold A: 0.5, Threshold B: 0.5, Guidance End: x"})
     assert fields == {"controlnet_enabled": True, "controlnet_model": "control_sd15_depth [fef5e48e]",
                       "controlnet_weight": 1.0}
+
+
+# --- the UI ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cn_ui(cn_services):
+    from webui.ui.blocks import create_ui
+
+    return create_ui(cn_services)
+
+
+def ui_generate(tab, **controlnet):
+    from webui.ui.session import Session
+
+    return list(tab.actions.generate(Session(), "a house", "", "Euler a", "Automatic", 2, 5.0, 64, 64, 3, 1, 1, 1,
+                                     TINY, **controlnet))
+
+
+def test_both_tabs_have_the_controlnet_section_with_its_models(cn_ui, cn_engine):
+    for tab in (cn_ui.txt2img, cn_ui.img2img):
+        widgets = tab.widgets
+        assert widgets["controlnet_enabled"].value is False  # off by default
+        assert widgets["controlnet_model"].choices[0][0] == "None"
+        assert title(cn_engine) in [choice[0] for choice in widgets["controlnet_model"].choices]
+        assert [choice[0] for choice in widgets["controlnet_module"].choices] == ["none", "canny", "invert"]
+        assert widgets["controlnet_resize_mode"].value == "Crop and Resize"
+
+
+def test_the_ui_runs_controlnet_and_says_what_is_missing(cn_ui, cn_engine):
+    results = ui_generate(cn_ui.txt2img, controlnet_enabled=True, controlnet_model=title(cn_engine),
+                          controlnet_module="canny", controlnet_image=square(), controlnet_resize_mode=1)
+    assert f"ControlNet 0: \"Module: canny, Model: {title(cn_engine)}" in results[-1][4]
+    no_picture = ui_generate(cn_ui.txt2img, controlnet_enabled=True, controlnet_model=title(cn_engine))
+    assert "ControlNet picture: ControlNet is on but has no control picture" in no_picture[-1][2]
+    no_model = ui_generate(cn_ui.txt2img, controlnet_enabled=True, controlnet_model="None", controlnet_image=square())
+    assert "ControlNet Model: pick a ControlNet model" in no_model[-1][2]
+    with_a_script = ui_generate(cn_ui.txt2img, controlnet_enabled=True, controlnet_model=title(cn_engine),
+                                controlnet_image=square(), prompt_list=True, prompt_lines="a\nb")
+    assert "ControlNet runs with a plain Generate here" in with_a_script[-1][2]
+
+
+def test_preview_shows_the_preprocessed_map_and_the_sliders_follow_the_preprocessor(cn_engine):
+    from webui.ui.controlnet import ControlNetActions
+
+    actions = ControlNetActions(cn_engine.controlnets)
+    edges = actions.preview(square(), "canny", 64, 100, 200)
+    assert np.array_equal(np.asarray(edges)[..., 0], canny(np.asarray(square()), 100, 200))
+    assert np.array_equal(np.asarray(actions.preview(square(), "invert", 512, 1, 1)), 255 - np.asarray(square()))
+    with pytest.raises(Exception, match="Upload a control picture first"):
+        actions.preview(None, "canny", 512, 100, 200)
+    assert [update["visible"] for update in actions.sliders_for("canny")] == [True] * 3
+    assert [update["visible"] for update in actions.sliders_for("none")] == [False] * 3
+
+
+def test_the_refresh_button_lists_a_model_dropped_in_since(cn_engine, cn_models):
+    from webui.ui.controlnet import ControlNetActions
+
+    actions = ControlNetActions(cn_engine.controlnets)
+    extra = cn_models / "ControlNet" / "sub" / "late-cn.safetensors"
+    extra.parent.mkdir()
+    extra.write_bytes(b"not really weights")
+    try:
+        update = actions.refresh_models("gone [12345678]")
+        assert any(choice.startswith("late-cn [") for choice in update["choices"]) and update["value"] == "None"
+    finally:
+        extra.unlink()
+
+
+def test_pasted_parameters_set_the_controlnet_section(cn_ui, cn_engine):
+    from webui.ui.params import widget_updates
+
+    text = f'a house\nSteps: 2, Seed: 3, Size: 64x64, ControlNet 0: "Module: canny, Model: {title(cn_engine)}, ' \
+           'Weight: 0.5, Resize Mode: Just Resize, Processor Res: 256, Threshold A: 50.0, Threshold B: 150.0, ' \
+           'Guidance Start: 0.1, Guidance End: 0.7, Pixel Perfect: True, Control Mode: Balanced"'
+    names = cn_ui.txt2img.field_names
+    values = dict(zip(names, widget_updates(request_fields_from_infotext(text), names, [TINY], lambda *_: None,
+                                            ["Automatic"], ["Latent"])))
+    assert {name: values[name] for name in names if name.startswith("controlnet_")} == {
+        "controlnet_enabled": True, "controlnet_module": "canny", "controlnet_model": title(cn_engine),
+        "controlnet_weight": 0.5, "controlnet_guidance_start": 0.1, "controlnet_guidance_end": 0.7,
+        "controlnet_resize_mode": "Just Resize", "controlnet_processor_res": 256, "controlnet_threshold_a": 50.0,
+        "controlnet_threshold_b": 150.0, "controlnet_pixel_perfect": True}
+
