@@ -159,6 +159,65 @@ def test_controlnet_models_are_listed_with_the_extensions_hash_and_never_as_chec
     assert all("ControlNet" not in entry.name for entry in cn_engine.registry.entries())
 
 
+
+def controlnet_to_ldm(network, unet_config) -> dict[str, torch.Tensor]:
+    """A ControlNet's weights in the original layout (control_model.*), as lllyasviel's files hold them."""
+    import re
+
+    from diffusers import UNet2DConditionModel
+
+    from tests._single_file_ldm import UNET, unet_to_ldm
+
+    shared = UNet2DConditionModel.from_config(unet_config)  # the encoder half it shares, named as a UNet's
+    shared.load_state_dict(network.state_dict(), strict=False)
+    ldm = {key.removeprefix(UNET): value for key, value in unet_to_ldm(shared).items()}
+    ldm = {key: value for key, value in ldm.items() if key.startswith(("input_blocks", "middle_block", "time_embed"))}
+    renames = [(r"controlnet_down_blocks\.(\d+)\.", lambda m: f"zero_convs.{m[1]}.0."),
+               (r"controlnet_mid_block\.", lambda m: "middle_block_out.0."),
+               (r"controlnet_cond_embedding\.conv_in\.", lambda m: "input_hint_block.0."),
+               (r"controlnet_cond_embedding\.conv_out\.", lambda m: "input_hint_block.14."),
+               (r"controlnet_cond_embedding\.blocks\.(\d+)\.", lambda m: f"input_hint_block.{2 * int(m[1]) + 2}.")]
+    for key, value in network.state_dict().items():
+        for pattern, name in renames:
+            if match := re.match(pattern, key):
+                ldm[name(match) + key[match.end():]] = value
+    return {f"control_model.{key}": value.contiguous() for key, value in ldm.items()}
+
+
+ORIGINAL_YAML = """model:
+  params:
+    control_stage_config: {params: {hint_channels: 3}}
+    unet_config:
+      params: {in_channels: 4, out_channels: 4, model_channels: 32, channel_mult: [1, 2], attention_resolutions: [2],
+               num_res_blocks: 1, transformer_depth: 1, num_heads: 4, context_dim: 32,
+               use_linear_in_transformer: false}
+    first_stage_config: {params: {ddconfig: {ch_mult: [1, 2]}}}
+"""
+
+
+def test_a_single_file_in_the_original_layout_loads_by_the_yaml_beside_it(tmp_path):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from webui.engine.controlnet import ControlNetLibrary, read_network
+
+    # Original ControlNets' GroupNorms have 32 groups, and their hint block the extension's 8x reduction.
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, out_channels=4,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_head_dim=4,
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
+    network = ControlNetModel.from_unet(unet)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)) * 0.01)
+    save_file(controlnet_to_ldm(network, unet.config), tmp_path / "control_tiny.safetensors")
+    (tmp_path / "control_tiny.yaml").write_text(ORIGINAL_YAML)
+    library = ControlNetLibrary(tmp_path)
+    [model] = library.models()
+    assert library.check("control_tiny", unet.config) == model  # its kind read from the file's shapes alone
+    read = read_network(model).state_dict()
+    assert read.keys() == network.state_dict().keys()
+    assert all(torch.equal(value, read[key]) for key, value in network.state_dict().items())
+
 def test_the_control_map_is_fitted_to_each_size_by_the_resize_mode():
     picture = Image.fromarray(np.arange(96 * 64 * 3, dtype=np.uint32).reshape(64, 96, 3).astype(np.uint8))
     for mode in (0, 1, 2):

@@ -126,14 +126,29 @@ def read_network(model: ControlNetFile) -> torch.nn.Module:
     try:
         if model.path.is_dir():
             return ControlNetModel.from_pretrained(model.path, local_files_only=True)
-        yaml = model.path.with_suffix(".yaml")
-        if yaml.is_file():  # the original config beside the file, as the extension reads it
-            return ControlNetModel.from_single_file(str(model.path), original_config=str(yaml), local_files_only=True)
-        return ControlNetModel.from_single_file(str(model.path), config=str(SD15_CONFIG), local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        yaml = model.path.with_suffix(".yaml")  # the original config beside the file, as the extension reads it
+        shape = _yaml_config(yaml) if yaml.is_file() else {}
+        return ControlNetModel.from_single_file(str(model.path), config=str(SD15_CONFIG), local_files_only=True,
+                                                **shape)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise ControlNetError(f"controlnet_model: {model.title} could not be read ({type(err).__name__}: "
                               f"{str(err)[:300]}); is it a ControlNet (T2I-Adapters, control-LoRAs and others are "
                               "not supported)?") from None
+
+
+def _yaml_config(yaml: Path) -> dict:
+    """The diffusers settings an original ControlNet config (the .yaml) gives, over SD 1.5's. Mapped here: diffusers
+    0.42's own mapping (from_single_file's original_config) fails, calling the UNet's without its checkpoint."""
+    import yaml as pyyaml
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+
+    original = pyyaml.safe_load(yaml.read_text())
+    unet = create_unet_diffusers_config_from_ldm(original, {}, image_size=512)  # the size: not a ControlNet's
+    keys = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+            "attention_head_dim", "use_linear_projection", "class_embed_type", "addition_embed_type",
+            "addition_time_embed_dim", "projection_class_embeddings_input_dim", "transformer_layers_per_block")
+    hint = original["model"]["params"]["control_stage_config"]["params"]["hint_channels"]
+    return {key: unet[key] for key in keys if key in unet} | {"conditioning_channels": hint}
 
 
 def cross_attention_width(model: ControlNetFile) -> int:
