@@ -206,7 +206,7 @@ def test_a_model_override_is_undone_after_the_job_unless_asked_to_keep_it(client
     ({"enable_hr": True, "hr_upscaler": "4x-UltraSharp"}, "hr_upscaler"),
     ({"enable_hr": True, "hr_scale": 40}, "hr_scale"),
     ({"enable_hr": True, "firstphase_width": 256}, "firstphase_width"),  # A1111's old hires fix
-    ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts"),
+    ({"alwayson_scripts": {"ADetailer": {"args": []}}}, "alwayson_scripts"),  # ControlNet is the one here
     ({"script_name": "SD upscale"}, "script_name"),  # an img2img script
     ({"script_name": "x/y/z plot", "script_args": [1, "5, 10"]}, "script_name"),  # not on the API
     ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "override_settings.CLIP_stop_at_last_layers"),

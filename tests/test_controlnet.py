@@ -404,3 +404,113 @@ def test_pasted_parameters_set_the_controlnet_section(cn_ui, cn_engine):
         "controlnet_resize_mode": "Just Resize", "controlnet_processor_res": 256, "controlnet_threshold_a": 50.0,
         "controlnet_threshold_b": 150.0, "controlnet_pixel_perfect": True}
 
+
+# --- the API --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cn_client(cn_services):
+    from fastapi.testclient import TestClient
+
+    from webui.api import create_api_app
+
+    with TestClient(create_api_app(cn_services)) as client:
+        yield client
+
+
+def b64(picture: Image.Image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def unb64(data: str) -> Image.Image:
+    import base64
+    import io
+
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+API_BODY = {"prompt": "a house", "steps": 2, "seed": 3, "cfg_scale": 5, "width": 64, "height": 64,
+            "sampler_name": "Euler a"}
+
+
+def test_the_api_runs_the_extensions_unit_on_txt2img_and_img2img(cn_client, cn_engine):
+    plain = cn_client.post("/sdapi/v1/txt2img", json=API_BODY).json()
+    unit = {"enabled": True, "image": b64(square()), "module": "canny", "model": title(cn_engine), "weight": 1,
+            "guidance_start": 0, "guidance_end": 1, "threshold_a": -1, "threshold_b": 200, "resize_mode": 1,
+            "processor_res": -1, "pixel_perfect": False, "control_mode": "Balanced"}
+    scripts = {"alwayson_scripts": {"ControlNet": {"args": [unit, {"enabled": False}]}}}
+    answer = cn_client.post("/sdapi/v1/txt2img", json=API_BODY | scripts)
+    assert answer.status_code == 200, answer.text
+    info = __import__("json").loads(answer.json()["info"])
+    assert (f'ControlNet 0: "Module: canny, Model: {title(cn_engine)}, Weight: 1.0, Resize Mode: Crop and Resize, '
+            'Processor Res: 512, Threshold A: 100.0, Threshold B: 200.0') in info["infotexts"][0]
+    assert not np.array_equal(np.asarray(unb64(answer.json()["images"][0])), np.asarray(unb64(plain["images"][0])))
+    legacy = unit | {"input_image": unit["image"], "resize_mode": "Inner Fit (Scale to Fit)", "model": CN}
+    del legacy["image"]
+    img2img = cn_client.post("/sdapi/v1/img2img", json=API_BODY | {"init_images": [b64(noise_picture(4))],
+                                                                   "alwayson_scripts": {"controlnet": {"args": [legacy]}}})
+    assert img2img.status_code == 200, img2img.text
+    assert "ControlNet 0" in __import__("json").loads(img2img.json()["info"])["infotexts"][0]
+
+
+@pytest.mark.parametrize("scripts, message", [
+    ({"controlnet": {"args": [{"enabled": True, "model": "nope", "image": "x"}]}},
+     "alwayson_scripts.controlnet.args[0].model: there is no ControlNet model 'nope'"),
+    ({"controlnet": {"args": [{"enabled": True, "model": CN}]}},
+     "alwayson_scripts.controlnet.args[0].image: send the control picture"),
+    ({"controlnet": {"args": [{"enabled": True, "model": CN, "image": "x", "resize_mode": "Stretch"}]}},
+     "alwayson_scripts.controlnet.args[0].resize_mode: 'Stretch' is no resize mode"),
+    ({"controlnet": {"args": [{"enabled": True, "model": CN, "image": "x", "control_mode": 2}]}},
+     "alwayson_scripts.controlnet.args[0].control_mode: only Balanced (0) is supported"),
+    ({"controlnet": {"args": [{"enabled": True}, {"enabled": True}]}}, "2 units are enabled"),
+    ({"controlnet": {"args": [{"enabled": True, "model": CN, "image": "x", "weight": 5}]}},
+     "alwayson_scripts.controlnet.args[0].weight: Input should be less than or equal to 2"),
+    ({"adetailer": {"args": []}}, "alwayson_scripts: no always-on script but ControlNet"),
+])
+def test_the_api_refuses_what_controlnet_cannot_run_naming_the_clients_field(cn_client, scripts, message):
+    if "image" in str(scripts):
+        for unit in scripts.get("controlnet", {}).get("args", []):
+            unit["image"] = b64(square()) if unit.get("image") else unit.get("image")
+    answer = cn_client.post("/sdapi/v1/txt2img", json=API_BODY | {"alwayson_scripts": scripts})
+    assert answer.status_code in (404, 422) and message in answer.json()["detail"], answer.text
+
+
+def test_a_unit_sent_without_enabled_is_off_as_in_the_extension_and_the_answer_says_so(cn_client):
+    unit = {"image": b64(square()), "model": CN, "module": "canny"}
+    answer = cn_client.post("/sdapi/v1/txt2img", json=API_BODY | {"alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    info = __import__("json").loads(answer.json()["info"])
+    assert "ControlNet 0" not in info["infotexts"][0]
+    assert any('not enabled (send "enabled": true)' in warning for warning in info["warnings"])
+
+
+def test_the_extensions_routes_list_models_and_modules_and_detect(cn_client, cn_engine):
+    assert cn_client.get("/controlnet/model_list").json() == {"model_list": cn_engine.controlnets.titles()}
+    modules = cn_client.get("/controlnet/module_list").json()
+    assert modules["module_list"] == ["none", "canny", "invert"]
+    assert [slider["name"] for slider in modules["module_detail"]["canny"]["sliders"]] == [
+        "Resolution", "Low Threshold", "High Threshold"]
+    assert "invert (from white bg & black line)" in cn_client.get("/controlnet/module_list?alias_names=true").json()[
+        "module_list"]
+    detected = cn_client.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images": [
+        b64(square())], "controlnet_processor_res": 64, "controlnet_threshold_a": 100, "controlnet_threshold_b": 200})
+    assert detected.status_code == 200 and detected.json()["info"] == "Success"
+    edges = np.asarray(unb64(detected.json()["images"][0]).convert("L"))
+    assert np.array_equal(edges, canny(np.asarray(square()), 100, 200))
+    refused = cn_client.post("/controlnet/detect", json={"controlnet_module": "depth", "controlnet_input_images": []})
+    assert refused.status_code == 422 and "'depth' is not available here" in refused.json()["detail"]
+    empty = cn_client.post("/controlnet/detect", json={"controlnet_module": "canny"})
+    assert empty.status_code == 422 and "no image selected" in empty.json()["detail"]
+
+
+def test_the_controlnet_folder_follows_the_flags(tmp_path):
+    from webui.config import parse_settings
+
+    a1111 = tmp_path / "a1111" / "models"
+    (a1111 / "Stable-diffusion").mkdir(parents=True)
+    assert parse_settings(["--models-dir", str(a1111), "--outdir", str(tmp_path / "o")], {}).controlnet_folder == \
+        a1111 / "ControlNet"
+    chosen = parse_settings(["--controlnet-dir", str(tmp_path / "cn"), "--outdir", str(tmp_path / "o")], {})
+    assert chosen.controlnet_folder == tmp_path / "cn"

@@ -22,7 +22,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from webui.api import convert
+from webui.api import controlnet, convert
 from webui.api.convert import SD_UPSCALE, ApiError
 from webui.api.models import (
     ErrorResponse, ExtrasBatchImagesRequest, ExtrasBody, ExtrasBatchImagesResponse, ExtrasSingleImageRequest,
@@ -162,12 +162,14 @@ class Api:
                                                             default_clip_skip=default_clip_skip,
                                                             default_model=default_model, default_vae=self.sd_vae,
                                                             vae_exists=self._vae_exists)
-        notes += clip_skip_notes + request_notes
-        names = convert.client_field_names(req)
+        controlnet_fields, controlnet_notes = controlnet.controlnet_fields(req)  # alwayson_scripts.controlnet
+        data |= controlnet_fields
+        notes += clip_skip_notes + request_notes + controlnet_notes
+        names = convert.client_field_names(req) | controlnet.field_names(req)
         init_image, mask = convert.init_image_of(req), convert.mask_of(req)
         try:
             job = self.worker.submit(data, origin="api", owner=caller, warnings=notes, field_names=names,
-                                     init_image=init_image, mask=mask)
+                                     init_image=init_image, mask=mask, control_image=controlnet.control_image_of(req))
             if (req.override_settings or {}).get("sd_model_checkpoint") and not data["restore_model"]:
                 self._kept_override = job
             return job
@@ -588,6 +590,7 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add("/api/v1/jobs/{job_id}", api.get_job, methods=["GET"], response_model=JobStatus, tags=["jobs"])
     add("/api/v1/jobs/{job_id}/cancel", api.cancel_job, methods=["POST"], response_model=JobCancelReply,
         tags=["jobs"], responses={409: {"model": ErrorResponse, "description": "the job has already finished"}})
+    controlnet.add_controlnet_routes(router, services)  # sd-webui-controlnet's /controlnet/* routes
     # Last, so they catch only what no route above takes: a wrong path or method under our prefixes still
     # gets a JSON error in our format, not the framework's plain one.
     for path in (f"{sd}/{{rest:path}}", "/api/v1/jobs{rest:path}"):
