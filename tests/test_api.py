@@ -206,7 +206,7 @@ def test_a_model_override_is_undone_after_the_job_unless_asked_to_keep_it(client
     ({"enable_hr": True, "hr_upscaler": "4x-UltraSharp"}, "hr_upscaler"),
     ({"enable_hr": True, "hr_scale": 40}, "hr_scale"),
     ({"enable_hr": True, "firstphase_width": 256}, "firstphase_width"),  # A1111's old hires fix
-    ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts"),
+    ({"alwayson_scripts": {"ADetailer": {"args": []}}}, "alwayson_scripts"),  # ControlNet is the one here
     ({"script_name": "SD upscale"}, "script_name"),  # an img2img script
     ({"script_name": "Controlnet m2m"}, "script_name"),  # not on this server
     ({"script_name": "x/y/z plot", "script_args": [15, "5, 10"]}, "script_args[0] (x type)"),  # A1111's Sigma max

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Mapping
 
 from webui.engine.models import (  # A1111's folder names
-    BLIP_FOLDER, CLIP_FOLDER, EMBEDDINGS_FOLDER, ESRGAN_FOLDER, LORA_FOLDER, REAL_ESRGAN_FOLDER, VAE_FOLDER)
+    BLIP_FOLDER, CLIP_FOLDER, CONTROLNET_FOLDER, EMBEDDINGS_FOLDER, ESRGAN_FOLDER, LORA_FOLDER, REAL_ESRGAN_FOLDER,
+    VAE_FOLDER)
 from webui.zerogpu import zerogpu_requested
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +119,7 @@ class Settings:
     real_esrgan_dir: Path | None = None  # None: the RealESRGAN folder inside models_dir
     blip_dir: Path | None = None  # None: the BLIP folder inside models_dir (Interrogate's captioning model)
     clip_dir: Path | None = None  # None: the CLIP folder inside models_dir (Interrogate's CLIP model)
+    controlnet_dir: Path | None = None  # None: the ControlNet folder inside models_dir
     styles_file: Path | None = None  # None: styles.csv in outdir
     ui_settings_file: Path | None = None  # None: config.json in outdir
     freeze_settings: bool = False  # the Settings tab's settings shown, not changeable
@@ -159,6 +161,10 @@ class Settings:
     @property
     def clip_folder(self) -> Path:
         return self.clip_dir or self.models_dir / CLIP_FOLDER
+
+    @property
+    def controlnet_folder(self) -> Path:
+        return self.controlnet_dir or self.models_dir / CONTROLNET_FOLDER
 
     @property
     def embeddings_folder(self) -> Path:
@@ -304,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
                             f"holds no config.json, OpenAI's CLIP ViT-L/14 is downloaded once into the hub cache (default: "
                             f"{CLIP_FOLDER}/ beside {ESRGAN_FOLDER}/; the captioning model is read from {BLIP_FOLDER}/ "
                             "beside it)")
+    files.add_argument("--controlnet-dir", type=_user_path, default=None,
+                       help=f"folder of ControlNet models (diffusers folders, .safetensors, .pth), listed as "
+                            f"'name [hash]' (default: {CONTROLNET_FOLDER}/ inside the models folder, or beside "
+                            "Stable-diffusion/ with --models-dir)")
     files.add_argument("--embeddings-dir", type=_user_path, default=None,
                        help=f"folder of textual inversion embeddings that prompts name by file name (default: "
                             f"{EMBEDDINGS_FOLDER}/ inside the models folder, or A1111's embeddings/ beside its models/ "
@@ -444,6 +454,8 @@ def _choose_models_dir(args: argparse.Namespace, ckpt_dir_env: Path | None) -> N
     args.blip_dir = (base if base is not None else args.models_dir) / BLIP_FOLDER  # A1111's models/BLIP: no flag
     if args.clip_dir is None:
         args.clip_dir = (base if base is not None else args.models_dir) / CLIP_FOLDER
+    if args.controlnet_dir is None:  # and models/ControlNet, the extension's folder
+        args.controlnet_dir = (base if base is not None else args.models_dir) / CONTROLNET_FOLDER
     a1111 = base is not None and (base / A1111_CHECKPOINTS).is_dir()
     if args.embeddings_dir is None:  # and its embeddings/ beside models/
         args.embeddings_dir = base.parent / EMBEDDINGS_FOLDER if a1111 else args.models_dir / EMBEDDINGS_FOLDER

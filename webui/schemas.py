@@ -15,6 +15,8 @@ from typing import Any
 from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError,
                       field_validator, model_validator)
 
+from webui.controlnet import (CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RES,
+                              controlnet_problem)
 from webui.engine.hires import HIRES_UPSCALERS, MAX_SCHEDULE, hires_size, schedule_steps
 from webui.engine.samplers import get_sampler, resolve_sampler
 from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE, UPSCALERS as SD_UPSCALERS
@@ -121,6 +123,29 @@ class GenerationRequest(BaseModel):
     # What a script run through several jobs (Loopback) writes into each picture's infotext, as A1111's
     # extra_generation_params; only the keys in SCRIPT_INFOTEXT_KEYS.
     script_params: dict[str, StrictStr | StrictFloat | StrictInt] = Field(default_factory=dict, description="infotext keys a script adds")
+    # ControlNet (webui/engine/controlnet.py): one unit, as sd-webui-controlnet's. The worker sets controlnet_image
+    # (its pixels' sha1) when it is given the control picture.
+    controlnet_enabled: bool = Field(False, description="ControlNet: steer the picture by a control map")
+    controlnet_image: str | None = Field(None, pattern=_SHA1, description="ControlNet: the sha1 of the control "
+                                         "picture's pixels (set by the server)")
+    controlnet_module: str = Field("none", description=f"ControlNet: the preprocessor, one of {', '.join(CN_MODULES)} "
+                                   "(none: the picture is the control map)")
+    controlnet_model: str | None = Field(None, max_length=MAX_UPSCALER_NAME,
+                                         description="ControlNet: the model, 'name [hash]' as GET /controlnet/model_list "
+                                                     "lists it, or its name")
+    controlnet_weight: float = Field(1.0, ge=0.0, le=2.0, description="ControlNet: how strongly it steers")
+    controlnet_guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="ControlNet: the part of the steps "
+                                             "done before it starts")
+    controlnet_guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="ControlNet: the part of the steps "
+                                           "done when it stops")
+    controlnet_resize_mode: int = Field(1, ge=0, le=2, description="ControlNet: how the map is fitted to the size: "
+                                        "0 just resize, 1 crop and resize, 2 resize and fill")
+    controlnet_processor_res: int = Field(CN_PROCESSOR_RES, ge=MIN_SIZE, le=MAX_SIZE,
+                                          description="ControlNet: the preprocessor's resolution (the short side)")
+    controlnet_threshold_a: float = Field(CANNY_LOW, ge=1, le=255, description="ControlNet canny: low threshold")
+    controlnet_threshold_b: float = Field(CANNY_HIGH, ge=1, le=255, description="ControlNet canny: high threshold")
+    controlnet_pixel_perfect: bool = Field(False, description="ControlNet: the preprocessor's resolution picked "
+                                                              "from the size (the extension's Pixel Perfect)")
     styles: list[str] = Field(default_factory=list, max_length=20,
                               description="prompt styles (styles.csv) joined into the prompts before the run")
     model: str | None = Field(None, description="checkpoint name; None keeps the loaded model")
@@ -231,6 +256,17 @@ class GenerationRequest(BaseModel):
                               else ("seed_resize_from_h", "seed_resize_from_w"))
             raise ValueError(f"{missing}: give it too, since {given} is set (or set both to 0 for no seed resize)")
         return self
+
+    @model_validator(mode="after")
+    def _controlnet_runnable(self) -> "GenerationRequest":
+        problem = self.uses_controlnet and controlnet_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @property
+    def uses_controlnet(self) -> bool:
+        return self.controlnet_enabled
 
     @model_validator(mode="after")
     def _sd_upscale_not_tiling(self) -> "GenerationRequest":

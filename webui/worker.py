@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 
 from webui import __version__
+from webui.controlnet import NO_PICTURE, controlnet_infotext
+from webui.engine.controlnet import ControlNetError, request_map
 from webui.engine.generate import DenoisingStopped, Engine, EngineImage, LoadedModel, composition_problem
 from webui.engine.hires import LATENT_UPSCALERS
 from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sha1, size_from_image
@@ -110,6 +112,8 @@ class Job:
     # img2img: the start, at the run's size (SD upscale's: the whole picture, to enlarge and cut into tiles)
     init_image: Image.Image | None = field(default=None, repr=False)
     inpainting: Inpainting | None = field(default=None, repr=False)  # img2img with a mask: where to draw
+    control_image: Image.Image | None = field(default=None, repr=False)  # ControlNet's picture, RGB
+    control_map: Image.Image | None = field(default=None, repr=False)  # ... preprocessed when the job starts
     copy_to: NamedCopy | None = None  # img2img Batch's Output directory: each saved image also goes there
     started_at: float | None = None
     finished_at: float | None = None
@@ -184,7 +188,7 @@ class StepPace:
 
 
 def _pixels_held(job: Job) -> int:
-    held = (job.grid, job.init_image, job.inpainting and job.inpainting.original)
+    held = (job.grid, job.init_image, job.inpainting and job.inpainting.original, job.control_image, job.control_map)
     images = [im.image for im in job.images] + [picture for picture in held if picture is not None]
     return sum(image.width * image.height for image in images)
 
@@ -248,14 +252,16 @@ class Worker:
     def submit(self, request: GenerationRequest | dict, origin: str = "ui", owner: str | None = None,
                warnings: list[str] | None = None, field_names: dict[str, str] | None = None,
                init_image: Image.Image | None = None, mask: Image.Image | None = None,
-               copy_to: NamedCopy | None = None) -> Job:
+               copy_to: NamedCopy | None = None, control_image: Image.Image | None = None) -> Job:
         """Queue a request; returns its Job at once. Raises InvalidRequest, QueueFull or WorkerStopped.
         `warnings`: what the caller already changed in the request (the API's schedule type run as Automatic).
         `field_names`: the caller's names for request fields, which its messages about the job use.
         `init_image`: the picture an img2img job starts from (any size or mode; fitted to the run's size here).
         `mask`: with it, an inpainting job: white (or, with transparency, painted) where the picture is drawn again.
-        `copy_to`: each image saved is also saved there (img2img Batch's Output directory; see _save_copy)."""
+        `copy_to`: each image saved is also saved there (img2img Batch's Output directory; see _save_copy).
+        `control_image`: ControlNet's picture, which its preprocessor turns into the control map (ControlNet on only)."""
         request, init_image, inpainting = _with_init_image(self._with_styles(parse_request(request)), init_image, mask)
+        request, control_image = _with_control_image(request, control_image)
         self._check_runnable(request)
         warnings = list(warnings or [])
         unread = unread_tags(request.prompt + " " + (request.hr_prompt or ""))
@@ -263,7 +269,8 @@ class Worker:
             warnings.append(f"left out of the prompt: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''} "
                             "(this server reads <lora:...> tags only)")
         job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=warnings,
-                  field_names=dict(field_names or {}), init_image=init_image, inpainting=inpainting, copy_to=copy_to)
+                  field_names=dict(field_names or {}), init_image=init_image, inpainting=inpainting, copy_to=copy_to,
+                  control_image=control_image)
         with self._wake:
             self._refuse_new_job()  # early: no history row for a job that cannot be queued
         # Outside the lock: a locked database waits seconds, and the queue must answer meanwhile.
@@ -298,6 +305,7 @@ class Worker:
         self._check_upscalers(request)
         self._check_loras(request)
         self._check_other_checkpoints(request)
+        self._check_controlnet(request)
         problem = composition_problem(request)
         if problem:
             raise InvalidRequest(problem)
@@ -376,6 +384,26 @@ class Worker:
             problem = kind_problem(main and kind_of_entry(main), kind_of_entry(other), other.name, request_field)
             if problem:
                 raise InvalidRequest(problem)
+
+    def _check_controlnet(self, request: GenerationRequest) -> None:
+        """The ControlNet model is listed, and made for the loaded model's kind where the job runs on it."""
+        if not request.uses_controlnet:
+            return
+        pipe, model = self.engine.pipe, self.engine.model  # read once: the worker thread may switch them
+        if pipe is not None and model is not None and model.names(request.model):
+            self.engine.controlnets.check(request.controlnet_model, pipe.unet.config)
+        else:
+            self.engine.controlnets.find(request.controlnet_model)
+
+    def _controlnet_infotext(self, request: GenerationRequest) -> dict[str, Any]:
+        """The extension's "ControlNet 0" key, naming the model by its title ("name [hash]")."""
+        if not request.uses_controlnet:
+            return {}
+        try:
+            title = self.engine.controlnets.find(request.controlnet_model).title
+        except ControlNetError:  # deleted since the run: the name the job gave
+            title = None
+        return controlnet_infotext(request, title)
 
     def _refiner_infotext(self, request: GenerationRequest) -> dict[str, Any]:
         """A1111's keys: the refiner's title ("name [short hash]") and where it took over."""
@@ -659,6 +687,8 @@ class Worker:
         self.engine.restore_device()  # after an unload-checkpoint
         job.vae = self.engine.use_vae(request.sd_vae)
         job.vae_hash = self.engine.vaes.short_hash(job.vae) if job.vae else None
+        if job.control_image is not None:
+            job.control_map = request_map(job.control_image, request, job.model.size_for(request))
         # As A1111: with a variation strength every image has the seed, and the variation seed counts up (a
         # batch of variations of one picture); without, the seed counts up. Variation seeds are drawn either way.
         if request.subseed_strength > 0:
@@ -679,10 +709,11 @@ class Worker:
         compiling = self.engine.pending_compiles(request, len(seeds))
         job.progress.note = self._compile_note(request, compiling)
         started = time.time()
+        control = {} if job.control_map is None else {"control": job.control_map}  # a plain job calls as before
         try:
             results = job.context.run(self.engine.generate, request, seeds,
                                       self._step_callback(job, batch, compiling, pace), subseeds, job.init_image,
-                                      job.inpainting)
+                                      job.inpainting, **control)
         except DenoisingStopped as stopped:  # shown as they stood, not saved
             for i, result in enumerate(stopped.images):
                 self._keep_image(job, result, first + i, seconds=0.0, unfinished=True)
@@ -815,6 +846,7 @@ class Worker:
             "VAE hash": job.vae_hash,
             "VAE": job.vae.name if job.vae else None,
             **self._refiner_infotext(request),
+            **self._controlnet_infotext(request),
             "Variation seed": job.subseeds[index] if request.subseed_strength > 0 else None,
             "Variation seed strength": request.subseed_strength if request.subseed_strength > 0 else None,
             "Seed resize from": "{}x{}".format(*request.seed_resize) if request.seed_resize else None,
@@ -991,6 +1023,18 @@ def _with_init_image(request: GenerationRequest, image: Image.Image | None, mask
         raise InvalidRequest(f"mask: {err}") from None
     request = parse_request(request.model_dump() | fields | {"mask": image_sha1(mask), "width": width, "height": height})
     return request, start, inpainting
+
+
+def _with_control_image(request: GenerationRequest, picture: Image.Image | None
+                        ) -> tuple[GenerationRequest, Image.Image | None]:
+    """A ControlNet request marked by its control picture's hash, and the picture in RGB; with ControlNet off, the
+    request as it is and no picture (one left in a closed ControlNet section is not used)."""
+    if not request.uses_controlnet:
+        return request, None
+    if picture is None:
+        raise InvalidRequest(NO_PICTURE)
+    picture = _read_picture(picture, "controlnet_image", as_rgb)
+    return parse_request(request.model_dump() | {"controlnet_image": image_sha1(picture)}), picture
 
 
 def _name_parts(job: Job, image: GeneratedImage, width: int, height: int) -> NameParts:

@@ -50,7 +50,8 @@ _UNSUPPORTED = (
     ("restore_faces", lambda v: bool(v), "face restoration is not supported (send false)"),
     ("gfpgan_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
     ("codeformer_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
-    ("alwayson_scripts", lambda v: bool(v), "no always-on scripts are installed on this server"),
+    ("alwayson_scripts", lambda v: any(name.lower() != "controlnet" for name in v or {}),
+     "no always-on script but ControlNet (alwayson_scripts.controlnet) is installed on this server"),
     ("firstphase_width", lambda v: bool(v), "the old hires fix's first-pass size is not supported; send 0, and "
                                             "hr_scale or hr_resize_x/hr_resize_y for the larger size"),
     ("firstphase_height", lambda v: bool(v), "the old hires fix's first-pass size is not supported; send 0, and "

@@ -24,7 +24,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from webui.api import convert, scripts
+from webui.api import controlnet, convert, scripts
 from webui.api.convert import ApiError
 from webui.api.models import (
     ErrorResponse, ExtrasBatchImagesRequest, ExtrasBody, ExtrasBatchImagesResponse, ExtrasSingleImageRequest,
@@ -165,7 +165,7 @@ class Api:
                 init_image, mask, fields = scripts.outpainting(_script_args(req), init_image, mask)
                 data |= fields
             job = self.worker.submit(data, origin="api", owner=caller, warnings=notes, field_names=names,
-                                     init_image=init_image, mask=mask)
+                                     init_image=init_image, mask=mask, control_image=controlnet.control_image_of(req))
         if _keeps_model(req, data):
             self._kept_override = job
         return job
@@ -186,7 +186,9 @@ class Api:
                                                             default_clip_skip=default_clip_skip,
                                                             default_model=default_model, default_vae=self.sd_vae,
                                                             vae_exists=self._vae_exists)
-        return data, notes + clip_skip_notes + request_notes, convert.client_field_names(req)
+        controlnet_fields, controlnet_notes = controlnet.controlnet_fields(req)  # alwayson_scripts.controlnet
+        names = convert.client_field_names(req) | controlnet.field_names(req)
+        return data | controlnet_fields, notes + clip_skip_notes + request_notes + controlnet_notes, names
 
     @contextlib.contextmanager
     def _queueing(self, names: dict[str, str]):
@@ -212,6 +214,9 @@ class Api:
 
     def _plan_script(self, req: GenerationBody) -> tuple[scripts.ScriptRun, dict[str, str], bool]:
         data, notes, names = self._request_data(req)
+        if data.get("controlnet_enabled"):  # its picture travels with one job, not with a script's several
+            raise ApiError(422, f"alwayson_scripts.controlnet: not with script_name {_script_of(req)!r}; send the "
+                                "ControlNet unit without a script", "InvalidRequest")
         init_image, mask = convert.init_image_of(req), convert.mask_of(req)
         try:
             script = scripts.several_jobs(convert.kind_of(req), _script_of(req), _script_args(req), data, init_image,
@@ -677,6 +682,7 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add("/api/v1/jobs/{job_id}", api.get_job, methods=["GET"], response_model=JobStatus, tags=["jobs"])
     add("/api/v1/jobs/{job_id}/cancel", api.cancel_job, methods=["POST"], response_model=JobCancelReply,
         tags=["jobs"], responses={409: {"model": ErrorResponse, "description": "the job has already finished"}})
+    controlnet.add_controlnet_routes(router, services)  # sd-webui-controlnet's /controlnet/* routes
     # Last, so they catch only what no route above takes: a wrong path or method under our prefixes still
     # gets a JSON error in our format, not the framework's plain one.
     for path in (f"{sd}/{{rest:path}}", "/api/v1/jobs{rest:path}"):

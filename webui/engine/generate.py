@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from webui.config import Settings
+from webui.engine.controlnet import ControlNetLibrary, ControlPass, ControlUnit, controlled
 from webui.engine.composable import composed_guidance, composition_error, is_composed, part_texts, split_parts
 from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
 from webui.engine.embeddings import EmbeddingSet, load_embeddings, used_embeddings
@@ -161,6 +162,7 @@ class _Run:
     masked: "_MaskedStart | None" = None  # inpainting: what is kept, put back after every step
     # Tiling's wrap-around padding, on the model and on each checkpoint that takes over from it; undone after the run
     tiled: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    control: ControlUnit | None = None  # ControlNet: steers every pass (webui/engine/controlnet.py)
 
     def after_step(self, pipe, call: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents a pass goes on with after its model call `call`: inpainting's kept part put back."""
@@ -244,6 +246,7 @@ class Engine:
                                          downloads=not settings.offline)
         self.tool_device_name: str | None = None  # upscalers and Interrogate; None: the model's (ZeroGPU: "cpu")
         self.interrogator = Interrogator(settings.blip_folder, settings.clip_folder, downloads=not settings.offline)
+        self.controlnets = ControlNetLibrary(settings.controlnet_folder)
         self._vae_weights = VaeSwap()  # which VAE file the loaded VAE holds now
         self._lora_weights = LoraPatcher()  # what the loaded weights hold merged now
         self.embeddings = EmbeddingSet()  # the textual inversions the loaded model's tokenizer knows
@@ -410,6 +413,7 @@ class Engine:
         self._on_device = False
         self.upscalers.forget()  # a model upscaler's network on the device too
         self.interrogator.forget()
+        self.controlnets.forget()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -463,17 +467,20 @@ class Engine:
     # --- generation -----------------------------------------------------------------------
     def generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None,
                  subseeds: list[int] | None = None, init_image: Image.Image | list[Image.Image] | None = None,
-                 inpainting: Inpainting | None = None) -> list[EngineImage]:
+                 inpainting: Inpainting | None = None, control: Image.Image | None = None) -> list[EngineImage]:
         """Denoise and decode one batch: image i uses seeds[i], and subseeds[i] as its variation seed when the
         request has a variation strength. img2img starts from init_image (RGB, at the run's size; a list gives
-        each image its own, as SD upscale's tiles); inpainting draws again only where `inpainting` says."""
+        each image its own, as SD upscale's tiles); inpainting draws again only where `inpainting` says; ControlNet
+        steers by `control`, the control map (fitted to each pass's size here)."""
         if request.is_img2img != (init_image is not None):
             raise ValueError("an img2img request needs its init image, and only it may have one")
         if request.is_inpainting != (inpainting is not None):
             raise ValueError("an inpainting request needs its Inpainting, and only it may have one")
+        if request.uses_controlnet != (control is not None):
+            raise ValueError("a ControlNet request needs its control map, and only it may have one")
         main = self.require_model()
         try:
-            images = self._generate_and_return(main, request, seeds, on_step, subseeds, init_image, inpainting)
+            images = self._generate_and_return(main, request, seeds, on_step, subseeds, init_image, inpainting, control)
         except COMPILER_FAILURES as err:
             if not is_compiled(self.pipe):
                 raise
@@ -481,7 +488,7 @@ class Engine:
             log.warning("torch.compile failed (%s: %s); running %s uncompiled from now on",
                         type(err).__name__, str(err).splitlines()[0], self.model.entry.name)
             undo_compile(self.pipe)
-            images = self._generate_and_return(main, request, seeds, on_step, subseeds, init_image, inpainting)
+            images = self._generate_and_return(main, request, seeds, on_step, subseeds, init_image, inpainting, control)
         self._warmed_up = True  # whatever ran has compiled its shapes
         if is_compiled(self.pipe) and not request.tiling:  # a tiled run runs eagerly: it compiled nothing
             self._compiled_shapes.record(self._shape_keys(request, len(seeds)))
@@ -556,7 +563,7 @@ class Engine:
         factor = pipe.vae_scale_factor
         keys = {"UNet": set()}
         for (width, height), sampler, phases in zip(sizes, samplers, passes):
-            if _part_weights(phases) is not None:  # a composed pass runs its UNet uncompiled
+            if _part_weights(phases) is not None or request.uses_controlnet:  # these run their UNet uncompiled
                 continue
             dtype = self._timestep_dtype(*sampler, request.steps)
             keys["UNet"] |= {(height // factor, width // factor, unet_rows, max(chunks), dtype,
@@ -605,7 +612,7 @@ class Engine:
 
     def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None,
                   subseeds: list[int] | None = None, init_image: Image.Image | list[Image.Image] | None = None,
-                  inpainting: Inpainting | None = None) -> list[EngineImage]:
+                  inpainting: Inpainting | None = None, control: Image.Image | None = None) -> list[EngineImage]:
         model = self.require_model()
         self._use_loras(request)  # also when it names none: the last run's LoRAs come out
         width, height = model.size_for(request)
@@ -614,6 +621,7 @@ class Engine:
         run = _Run([torch.Generator("cpu").manual_seed(seed) for seed in seeds], on_step, request.total_steps,
                    subseeds if request.subseed_strength > 0 else None, request.subseed_strength,
                    request.seed_resize)
+        run.control = self._control_unit(request, control)  # out of inference mode: its weights may be read now
         factor = self.pipe.vae_scale_factor
         colours = init_image if request.color_correction else None  # what each result's colours are matched to
         with torch.inference_mode(), run.tiled:
@@ -637,6 +645,16 @@ class Engine:
                         log.exception("the image cut short could not be decoded")
                 raise
             return self._to_images(latents, seeds, inpainting, request.tiling, colours)
+
+    def _control_unit(self, request: GenerationRequest, control: Image.Image | None) -> ControlUnit | None:
+        """The request's ControlNet with its map (None without one), on the model's device in its UNet's dtype."""
+        if control is None:
+            return None
+        unet = self.pipe.unet
+        network = self.controlnets.network(self.controlnets.check(request.controlnet_model, unet.config),
+                                           self.pipe._execution_device, unet.dtype)
+        return ControlUnit(network, control, request.controlnet_weight, request.controlnet_guidance_start,
+                           request.controlnet_guidance_end, request.controlnet_resize_mode)
 
     def _img2img_pass(self, request: GenerationRequest, run: "_Run", noise: torch.Tensor,
                       init_image: Image.Image | list[Image.Image],
@@ -702,6 +720,7 @@ class Engine:
         phase = 0  # the prompt phase the next model call reads
         refiner_call = self._refiner_call(request, steps, schedule, sampler)
         weights = _part_weights(phases)
+        control = run.control and ControlPass(run.control, pipe, steps, pipe.vae_scale_factor)
         hooks = contextlib.ExitStack()  # a refiner's UNet gets the hooks the model's has
 
         def encode():
@@ -714,6 +733,7 @@ class Engine:
             pipeline.unet = self.pipe.unet  # the scheduler, and so the sampler's state, goes on
             embeddings = encode()
             hooks.enter_context(composed_guidance(pipeline.unet, weights))
+            hooks.enter_context(controlled(pipeline.unet, control))
             hooks.enter_context(extra_input(pipeline.unet, extra))
 
         embeddings = encode()
@@ -741,9 +761,11 @@ class Engine:
         if weights is not None and pipe.unet.config.get("time_cond_proj_dim") is not None:
             raise ValueError("this model is LCM-distilled and runs without classifier-free guidance, which AND and a "
                              "prompt's own weight need; remove them, or pick another model")
-        # A composed pass runs a row per part: another batch shape, and hooks a compiled graph would bake in.
-        eager = uncompiled() if weights is not None else contextlib.nullcontext()
-        with eager, composed_guidance(pipe.unet, weights), extra_input(pipe.unet, extra), hooks:
+        # A composed pass runs a row per part: another batch shape, and hooks a compiled graph would bake in; a
+        # controlled one gives the UNet inputs of its own.
+        eager = uncompiled() if weights is not None or control else contextlib.nullcontext()
+        with (eager, composed_guidance(pipe.unet, weights), controlled(pipe.unet, control), extra_input(pipe.unet, extra),
+              hooks):
             if refiner_call == 0:  # the pass starts past the switch (img2img, the hires fix)
                 to_refiner(pipe)
             latents = pipe(

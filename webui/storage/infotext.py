@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any
 
+from webui.controlnet import controlnet_fields
 from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, SAME_CHECKPOINT, a1111_seed_resize
 
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -177,7 +178,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     if fields.get("enable_hr"):  # left out when written at 0 (by the scale; as many steps as the first pass)
         for name in ("hr_second_pass_steps", "hr_resize_x", "hr_resize_y"):
             fields.setdefault(name, 0)
-    return fields | _inpainting_fields(params)
+    return fields | _inpainting_fields(params) | controlnet_fields(params)
 
 
 # Inpainting's keys, each left out where it is the default (a blur of 0 included), as A1111 writes them.

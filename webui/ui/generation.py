@@ -33,6 +33,7 @@ from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, 
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.cards import CardPictures, card_gallery, picked_name
+from webui.ui.controlnet import controlnet_section, request_fields as controlnet_fields
 from webui.ui.params import NO_REFINER, SAME_SAMPLER, SAME_SCHEDULE, TAB_FIELDS, schedules_of, with_labels
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
                                batch_uploads, inpainting_settings, on_open_subtab, open_picture, outpainting_start,
@@ -112,7 +113,14 @@ class GenerationActions(SeveralRuns):
                  sd_upscale_upscaler: str = "Lanczos", sd_vae: str = "Automatic", batch_input_dir: str = "",
                  batch_mask_dir: str = "", batch_output_dir: str = "", refiner: bool = False,
                  refiner_checkpoint: str | None = NO_REFINER, refiner_switch_at: float = 0.8,
-                 hr_checkpoint_name: str | None = SAME_CHECKPOINT, color_correction: bool = False) -> Iterator[tuple]:
+                 hr_checkpoint_name: str | None = SAME_CHECKPOINT, color_correction: bool = False,
+                 controlnet_enabled: bool = False,
+                 controlnet_image: Image.Image | None = None, controlnet_module: str = "none",
+                 controlnet_model: str | None = None, controlnet_weight: float = 1.0,
+                 controlnet_guidance_start: float = 0.0, controlnet_guidance_end: float = 1.0,
+                 controlnet_resize_mode: int = 1, controlnet_processor_res: int = 512,
+                 controlnet_threshold_a: float = 100.0, controlnet_threshold_b: float = 200.0,
+                 controlnet_pixel_perfect: bool = False) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -123,7 +131,10 @@ class GenerationActions(SeveralRuns):
         for each of prompt_lines (webui/prompt_lines.py); with prompt_matrix, the prompt matrix's runs and grid;
         img2img's outpainting grows the picture and draws the border (webui/outpainting.py), and loopback runs
         img2img again from each picture made (webui/loopback.py); sd_upscale enlarges the picture and draws it
-        again in tiles (webui/sd_upscale.py), on the img2img sub-tab or for each picture of Batch."""
+        again in tiles (webui/sd_upscale.py), on the img2img sub-tab or for each picture of Batch. ControlNet
+        (controlnet_*: webui/ui/controlnet.py) steers a plain Generate by controlnet_image."""
+        controlnet = controlnet_fields({name: value for name, value in locals().items()
+                                        if name.startswith("controlnet_")})
         request = {
             "prompt": prompt, "negative_prompt": negative_prompt, "sampler_name": sampler_name,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height,
@@ -158,6 +169,10 @@ class GenerationActions(SeveralRuns):
                 raise InvalidRequest("Batch, the X/Y/Z plot, the Prompt matrix, Prompts from a list, Poor man's "
                                      "outpainting, Loopback and SD upscale are each a script of their own: use one "
                                      "of them at a time (SD upscale also runs on Batch's pictures)")
+            if controlnet and any(scripts):
+                raise InvalidRequest("controlnet_enabled: ControlNet runs with a plain Generate here, not with Batch "
+                                     "or a script; turn one of them off")
+            request |= controlnet
             picture = mask_picture = None
             if batch:
                 uploads = batch_uploads(*self._batch_files(batch_pictures, batch_masks, batch_input_dir,
@@ -210,7 +225,7 @@ class GenerationActions(SeveralRuns):
                     for path, mask_path in uploads], "Batch"))
             else:
                 job = self.worker.submit(request, origin="ui", owner=self._owner(session), init_image=picture,
-                                         mask=mask_picture)
+                                         mask=mask_picture, control_image=controlnet_image)
                 session.start(job)
                 runs = self._follow(session, job)
         except (InvalidRequest, QueueFull, ModelNotFound, WorkerStopped) as err:
@@ -793,6 +808,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                     delete_style = gr.Button("Delete", elem_id=f"{kind}_style_delete", scale=1, min_width=80,
                                              variant="stop")
             # at the foot, as A1111's scripts
+            controlnet_widgets = controlnet_section(kind, services.engine.controlnets)
             plot_widgets = plot_section(kind) | prompt_matrix_section(kind) | prompt_list_section(kind)
             if img2img:
                 plot_widgets |= outpainting_section() | loopback_section() | sd_upscale_section(actions.upscaler_names())
@@ -819,7 +835,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                "model": picker.dropdown, "sd_vae": picker.vae,
                "subseed": subseed, "subseed_strength": subseed_strength, "seed_resize_from_w": seed_resize_w,
                "seed_resize_from_h": seed_resize_h, "styles": styles, **img2img_widgets, **refiner_widgets,
-               **({} if img2img else hires_widgets), **plot_widgets}
+               **({} if img2img else hires_widgets), **plot_widgets, **controlnet_widgets}
     # A parameter the tab has no widget for goes in at generate()'s default, in its place.
     request_inputs = [widgets[name] if name in widgets else gr.State(REQUEST_DEFAULTS[name]) for name in REQUEST_PARAMS]
     run_outputs = [session, gallery, progress, preview, infotext, timing]

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from webui.controlnet import CN_RESIZE_MODES
 from webui.engine.hires import HIRES_UPSCALERS
 from webui.engine.samplers import SCHEDULE_TYPES, get_sampler, resolve_sampler, split_sampler_name
 from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, SAME_CHECKPOINT, GenerationRequest
@@ -18,6 +19,11 @@ PLOT_FIELDS = ("xyz_plot", "x_type", "x_values", "y_type", "y_values", "z_type",
 # The other scripts' switches, each unticked by sent parameters (A1111 has one script list: a paste sets it).
 OTHER_SCRIPTS = ("prompt_matrix", "prompt_list")
 IMG2IMG_SCRIPTS = ("outpainting", "loopback", "sd_upscale")
+# ControlNet's unit (webui/ui/controlnet.py); its picture never comes with parameters.
+CONTROLNET_FIELDS = ("controlnet_enabled", "controlnet_module", "controlnet_model", "controlnet_weight",
+                     "controlnet_guidance_start", "controlnet_guidance_end", "controlnet_resize_mode",
+                     "controlnet_processor_res", "controlnet_threshold_a", "controlnet_threshold_b",
+                     "controlnet_pixel_perfect")
 # The fields (GenerationRequest's, and the plot's) a tab takes from a sent image, in the order of
 # GenerationTab.field_components.
 # img2img's leave the batch size alone (one picture sent need not become several), and take the size of the
@@ -25,7 +31,7 @@ IMG2IMG_SCRIPTS = ("outpainting", "loopback", "sd_upscale")
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "seed_resize_from_w",
                  "seed_resize_from_h", "styles", "denoising_strength", "tiling", "sd_vae", *PLOT_FIELDS,
-                 *OTHER_SCRIPTS, "refiner", "refiner_checkpoint", "refiner_switch_at")
+                 *OTHER_SCRIPTS, "refiner", "refiner_checkpoint", "refiner_switch_at", *CONTROLNET_FIELDS)
 INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding")
 IMG2IMG_FIELDS = (*COMMON_FIELDS, "color_correction", *INPAINTING_FIELDS, *IMG2IMG_SCRIPTS)
@@ -39,7 +45,7 @@ SAME_SAMPLER, SAME_SCHEDULE = "Use same sampler", "Use same scheduler"
 TXT2IMG_FIELDS = (*COMMON_FIELDS, "batch_size", *HIRES_FIELDS)
 # Fields whose widget is a list of choices picked by their index: the widget takes the choice's label.
 _INDEXED_CHOICES = {"inpainting_mask_invert": MASK_MODES, "inpainting_fill": MASKED_CONTENT,
-                    "inpaint_full_res": INPAINT_AREAS}
+                    "inpaint_full_res": INPAINT_AREAS, "controlnet_resize_mode": CN_RESIZE_MODES}
 TAB_FIELDS = {"txt2img": TXT2IMG_FIELDS, "img2img": IMG2IMG_FIELDS}
 
 
@@ -59,7 +65,12 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "mask": "Mask", "mask_blur": "Mask blur",
                 "inpainting_mask_invert": "Mask mode", "inpainting_fill": "Masked content",
                 "inpaint_full_res": "Inpaint area", "inpaint_full_res_padding": "Only masked padding",
-                "sd_vae": "SD VAE", "refiner_checkpoint": "Refiner checkpoint", "refiner_switch_at": "Switch at"}
+                "sd_vae": "SD VAE", "refiner_checkpoint": "Refiner checkpoint", "refiner_switch_at": "Switch at",
+                "controlnet_enabled": "ControlNet", "controlnet_image": "ControlNet picture",
+                "controlnet_module": "ControlNet Preprocessor", "controlnet_model": "ControlNet Model",
+                "controlnet_weight": "Control Weight", "controlnet_guidance_start": "Starting Control Step",
+                "controlnet_guidance_end": "Ending Control Step", "controlnet_processor_res": "Preprocessor Resolution",
+                "controlnet_threshold_a": "Canny Low Threshold", "controlnet_threshold_b": "Canny High Threshold"}
 
 
 def with_labels(message: str) -> str:
@@ -88,7 +99,7 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
          for name in ("batch_size", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
                       "denoising_strength", "tiling", "color_correction", "sd_vae", "script", "refiner_checkpoint", "refiner_switch_at",
                       *HIRES_FIELDS,
-                      *INPAINTING_FIELDS)}
+                      *INPAINTING_FIELDS, *CONTROLNET_FIELDS)}
 
 
 def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: list[str],
@@ -127,7 +138,8 @@ def schedules_of(sampler_name: str | None) -> list[str]:
 # Fields whose sliders end where the request's limits do: a value past them would make Generate fail.
 _RANGED_FIELDS = ("steps", "cfg_scale", "width", "height", "seed_resize_from_w", "seed_resize_from_h", "clip_skip",
                   "batch_size", "denoising_strength", "hr_scale", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
-                  "mask_blur", "inpaint_full_res_padding")
+                  "mask_blur", "inpaint_full_res_padding", "controlnet_weight", "controlnet_guidance_start",
+                  "controlnet_guidance_end", "controlnet_processor_res")
 
 
 def _drop_out_of_range(fields: dict[str, Any], names: tuple[str, ...]) -> list[str]:
