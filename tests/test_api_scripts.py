@@ -315,3 +315,11 @@ def test_a_script_of_several_jobs_is_refused_on_the_job_routes(client, submitted
     r = client.post("/api/v1/jobs", json=QUICK | {"script_name": "x/y/z plot", "script_args": [STEPS, "1, 2"]})
     assert r.status_code == 422 and "x/y/z plot runs several jobs; send it to /sdapi/v1/txt2img" in r.text
     assert submitted == []
+
+
+def test_a_controlnet_unit_with_a_script_of_several_jobs_is_refused(client, submitted):
+    unit = {"enabled": True, "image": b64(noise_picture(2)), "module": "none", "model": "canny [12345678]"}
+    detail = refused(client, QUICK | {"script_name": "prompts from file or textbox", "script_args": [
+        False, False, "start", "a\nb"], "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert "alwayson_scripts.controlnet: not with script_name 'prompts from file or textbox'" in detail
+    assert submitted == []
