@@ -156,10 +156,12 @@ def test_models_of_different_kinds_are_refused_and_a_failed_write_leaves_nothing
 
 # --- the Checkpoint Merger tab -------------------------------------------------------------------
 def merge_event(ui):
-    """The Merge button's function and what Gradio runs after it."""
+    """The Merge button's function and what Gradio runs after it: the model picker's list, then the tab's own (the
+    refiner's and hires fix's checkpoint lists follow too, wired in blocks.py)."""
     fns = list(ui.blocks.fns.values())
     [merge] = [fn for fn in fns if getattr(fn.fn, "__name__", None) == "merge"]
-    [then] = [fn for fn in fns if fn.trigger_after == merge._id]
+    [then] = [fn for fn in fns if fn.trigger_after == merge._id
+              and [block.elem_id for block in fn.outputs] == ["model_dropdown"]]
     [after] = [fn for fn in fns if fn.trigger_after == then._id]
     return merge.fn, lambda: (then.fn(), after.fn())
 
