@@ -256,6 +256,37 @@ def test_loopback_starts_each_loop_from_the_last_picture_and_returns_their_grid_
         assert np.array_equal(pixels(picture), pixels(loops[loop]))
 
 
+def test_a_loopback_ended_by_a_skipped_loop_answers_with_the_loops_it_made(client, submitted, monkeypatch):
+    import webui.runs as runs
+    from webui.schemas import InvalidRequest
+
+    def skipped(done):  # the second loop was skipped before it finished its picture
+        if len(done) == 2:
+            raise InvalidRequest("Loopback: the last loop was skipped before it finished its picture; the loops end "
+                                 "here")
+        return done[-1][0].image
+
+    monkeypatch.setattr(runs, "last_picture", skipped)
+    body = QUICK | {"init_images": [b64(noise_picture(3))], "script_name": "Loopback", "script_args": [4, 0.5]}
+    response, info = run(client, body, "img2img")  # not a 422 that throws away what ran
+    assert len(submitted) == 2 and len(response["images"]) == 3  # the two loops' grid, then each
+    assert info["all_seeds"] == [10, 11]
+    assert any("Loopback: ended after picture 2 of 4: Loopback: the last loop was skipped" in warning
+               for warning in info["warnings"]), info["warnings"]
+
+
+def test_a_script_that_cannot_queue_its_first_job_is_still_an_error(client, services, monkeypatch):
+    from webui.worker import QueueFull
+
+    def full(*args, **kwargs):
+        raise QueueFull("the queue is full (4 jobs); try again later")
+
+    monkeypatch.setattr(services.worker, "submit", full)
+    body = QUICK | {"init_images": [b64(noise_picture(3))], "script_name": "Loopback", "script_args": [2, 0.5]}
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 503 and "queue is full" in r.json()["detail"], r.text
+
+
 def test_loopback_refuses_deepbooru_and_too_many_loops(client, submitted):
     body = QUICK | {"init_images": [b64(noise_picture(3))], "script_name": "loopback"}
     assert "script_args[3] (append interrogated prompt at each iteration): 'DeepBooru': send None or CLIP" in refused(

@@ -108,3 +108,18 @@ def test_the_api_takes_a1111s_override_setting(services):
     assert "Color correction: True" in on.json()["info"]
     assert "Color correction" not in off.json()["info"]
     assert on.json()["images"][0] != off.json()["images"][0]
+
+
+def test_the_override_setting_is_read_as_a_boolean_and_refused_under_its_name(services):
+    from fastapi.testclient import TestClient
+    from webui.api import create_api_app
+
+    buffer = io.BytesIO()
+    tinted(4, (1.0, 0.4, 0.2)).save(buffer, format="PNG")
+    body = QUICK | {"init_images": [base64.b64encode(buffer.getvalue()).decode()]}
+    with TestClient(create_api_app(services)) as client:
+        off = client.post("/sdapi/v1/img2img", json=body | {"override_settings": {"img2img_color_correction": "false"}})
+        bad = client.post("/sdapi/v1/img2img", json=body | {"override_settings": {"img2img_color_correction": "maybe"}})
+    assert off.status_code == 200, off.text[:300]
+    assert "Color correction" not in off.json()["info"]  # "false" is false, not a non-empty text
+    assert bad.status_code == 422 and "override_settings.img2img_color_correction:" in bad.json()["detail"], bad.text

@@ -116,3 +116,25 @@ def test_the_tab_offers_clip_interrogation_and_refuses_without_its_models(ui, ui
                                         init_image=Image.new("RGB", (64, 64), "red"), loopback=True,
                                         loopback_loops=2, loopback_interrogation="CLIP"))
     assert "Interrogate needs the captioning model (BLIP)" in updates[-1][2]
+
+
+def test_colour_correction_matches_every_loop_to_the_runs_picture_not_the_loops_start(ui, ui_services, monkeypatch):
+    # A1111's Loopback sets its colour correction up once, from the run's picture: later loops are matched to it too,
+    # so a cast cannot build up from loop to loop.
+    import webui.engine.generate as generate
+
+    references, match = [], generate.match_colors
+
+    def recorded_match(picture, reference):
+        references.append(np.asarray(reference.convert("RGB")).copy())
+        return match(picture, reference)
+
+    monkeypatch.setattr(generate, "match_colors", recorded_match)
+    start = Image.new("RGB", (64, 64), (40, 60, 200))
+    ImageDraw.Draw(start).ellipse((10, 10, 40, 40), fill=(230, 200, 30))
+    updates = list(event(ui, "img2img")(Session(), "a blue barn", steps=2, width=64, height=64, seed=7, model=TINY,
+                                        init_image=start, denoising_strength=0.6, loopback=True, loopback_loops=3,
+                                        loopback_final_strength=0.5, loopback_curve="Linear", color_correction=True))
+    assert len(updates[-1][1]) == 3
+    assert len(references) == 3
+    assert all(np.array_equal(reference, np.asarray(start)) for reference in references)

@@ -424,6 +424,17 @@ def test_a_file_that_cannot_be_deleted_keeps_its_row(history, tmp_path, monkeypa
     assert (tmp_path / "a.png").exists() and history.get_image(image_id).file_state == "ok"
 
 
+def test_a_text_file_that_cannot_be_deleted_leaves_no_row_for_the_deleted_picture(history, tmp_path, caplog):
+    history.add_job("j1", "ui", {}, 1.0)
+    (tmp_path / "a.png").write_bytes(b"png")
+    (tmp_path / "a.txt").mkdir()  # cannot be unlinked
+    (tmp_path / "a.txt" / "x").write_text("x")
+    image_id = history.add_image(**history_row("j1", "a.png"))
+    assert history.delete_image(image_id)
+    assert not (tmp_path / "a.png").exists() and history.get_image(image_id) is None  # no row saying "ok" for it
+    assert "not the text file beside it" in caplog.text
+
+
 def test_a_damaged_database_is_set_aside_and_a_new_history_begins(tmp_path, caplog):
     db = tmp_path / "history.sqlite3"
     db.write_bytes(b"this is not a database" * 100)

@@ -40,6 +40,7 @@ class Submission:
     mask: Picture = None
     scale: float | None = None  # img2img's Resize by: the run's size is the picture's times this
     copy_to: NamedCopy | None = None  # img2img Batch's Output directory: where its images are also saved
+    colours: Image.Image | None = None  # colour correction's reference, where not the job's picture (Loopback's)
 
 
 def scaled_size_fields(picture: Image.Image, scale: float) -> dict[str, int]:
@@ -96,7 +97,8 @@ class SeveralJobs:
             if submission.scale and picture is not None:
                 request = request | scaled_size_fields(picture, submission.scale)
             job = worker.submit(request, origin=origin, owner=owner, init_image=picture,
-                                mask=_opened(submission.mask), copy_to=submission.copy_to, field_names=field_names)
+                                mask=_opened(submission.mask), copy_to=submission.copy_to, field_names=field_names,
+                                color_reference=submission.colours)
             self.jobs.append(job)
             if self.stopped or stopped():  # stop() came while it was submitted: it found the job before
                 worker.cancel(job.id)
@@ -163,8 +165,10 @@ def loopback_run(worker: Worker, request: dict, loops: int, final_strength: floa
             return loop_request | {"prompt": with_interrogation(loop_request.get("prompt") or "", words)}
         return described
 
+    # As A1111's, colour correction matches every loop to the run's picture, not to the loop's start: no drift.
     run.submissions = [Submission(interrogated(loop_request) if interrogation == "CLIP" else loop_request,
-                                  picture if loop == 0 else later, mask if loop == 0 else fitted_mask)
+                                  picture if loop == 0 else later, mask if loop == 0 else fitted_mask,
+                                  colours=picture)
                        for chain in chains for loop, loop_request in enumerate(chain)]
     return run
 

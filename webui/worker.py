@@ -114,6 +114,8 @@ class Job:
     inpainting: Inpainting | None = field(default=None, repr=False)  # img2img with a mask: where to draw
     control_image: Image.Image | None = field(default=None, repr=False)  # ControlNet's picture, RGB
     control_map: Image.Image | None = field(default=None, repr=False)  # ... preprocessed when the job starts
+    # Colour correction's reference where it is not the start picture (Loopback's later loops: the run's first picture)
+    color_reference: Image.Image | None = field(default=None, repr=False)
     copy_to: NamedCopy | None = None  # img2img Batch's Output directory: each saved image also goes there
     started_at: float | None = None
     finished_at: float | None = None
@@ -252,14 +254,17 @@ class Worker:
     def submit(self, request: GenerationRequest | dict, origin: str = "ui", owner: str | None = None,
                warnings: list[str] | None = None, field_names: dict[str, str] | None = None,
                init_image: Image.Image | None = None, mask: Image.Image | None = None,
-               copy_to: NamedCopy | None = None, control_image: Image.Image | None = None) -> Job:
+               copy_to: NamedCopy | None = None, control_image: Image.Image | None = None,
+               color_reference: Image.Image | None = None) -> Job:
         """Queue a request; returns its Job at once. Raises InvalidRequest, QueueFull or WorkerStopped.
         `warnings`: what the caller already changed in the request (the API's schedule type run as Automatic).
         `field_names`: the caller's names for request fields, which its messages about the job use.
         `init_image`: the picture an img2img job starts from (any size or mode; fitted to the run's size here).
         `mask`: with it, an inpainting job: white (or, with transparency, painted) where the picture is drawn again.
         `copy_to`: each image saved is also saved there (img2img Batch's Output directory; see _save_copy).
-        `control_image`: ControlNet's picture, which its preprocessor turns into the control map (ControlNet on only)."""
+        `control_image`: ControlNet's picture, which its preprocessor turns into the control map (ControlNet on only).
+        `color_reference`: the picture colour correction matches the results to, where not the start picture (as
+        A1111's Loopback, whose every loop is matched to the run's first picture so the colours do not drift)."""
         request, init_image, inpainting = _with_init_image(self._with_styles(parse_request(request)), init_image, mask)
         request, control_image = _with_control_image(request, control_image)
         self._check_runnable(request)
@@ -270,7 +275,8 @@ class Worker:
                             "(this server reads <lora:...> tags only)")
         job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=warnings,
                   field_names=dict(field_names or {}), init_image=init_image, inpainting=inpainting, copy_to=copy_to,
-                  control_image=control_image)
+                  control_image=control_image,
+                  color_reference=None if color_reference is None else as_rgb(color_reference))
         with self._wake:
             self._refuse_new_job()  # early: no history row for a job that cannot be queued
         # Outside the lock: a locked database waits seconds, and the queue must answer meanwhile.
@@ -709,11 +715,13 @@ class Worker:
         compiling = self.engine.pending_compiles(request, len(seeds))
         job.progress.note = self._compile_note(request, compiling)
         started = time.time()
-        control = {} if job.control_map is None else {"control": job.control_map}  # a plain job calls as before
+        # only what the job has, so a plain job calls as before
+        extras = {name: value for name, value in (("control", job.control_map),
+                                                  ("color_reference", job.color_reference)) if value is not None}
         try:
             results = job.context.run(self.engine.generate, request, seeds,
                                       self._step_callback(job, batch, compiling, pace), subseeds, job.init_image,
-                                      job.inpainting, **control)
+                                      job.inpainting, **extras)
         except DenoisingStopped as stopped:  # shown as they stood, not saved
             for i, result in enumerate(stopped.images):
                 self._keep_image(job, result, first + i, seconds=0.0, unfinished=True)

@@ -44,7 +44,8 @@ def load_spaces() -> Any | None:
     return spaces
 
 
-def gpu_seconds(request, seeds, subseeds=None, init_image=None, inpainting=None, control=None) -> int:
+def gpu_seconds(request, seeds, subseeds=None, init_image=None, inpainting=None, control=None,
+                color_reference=None) -> int:
     """ZeroGPU's duration estimate for one batch (it is a budget, so keep it close): an SD 1.5 step at
     512x512 takes well under 0.1 s on the lent GPU; moving the weights in takes a few seconds."""
     width, height = request.width or 512, request.height or 512
@@ -73,12 +74,13 @@ def wrap_engine(engine):
     run_batch = engine.generate  # the bound method; the forked child runs its own copy of the engine
 
     @spaces.GPU(duration=gpu_seconds)
-    def generate_on_gpu(request, seeds, subseeds, init_image, inpainting, control):
-        return run_batch(request, seeds, None, subseeds, init_image, inpainting, control)
+    def generate_on_gpu(request, seeds, subseeds, init_image, inpainting, control, color_reference):
+        return run_batch(request, seeds, None, subseeds, init_image, inpainting, control, color_reference)
 
-    def generate(request, seeds, on_step=None, subseeds=None, init_image=None, inpainting=None, control=None):
+    def generate(request, seeds, on_step=None, subseeds=None, init_image=None, inpainting=None, control=None,
+                 color_reference=None):
         # on_step stays behind: it closes over thread events that cannot cross into the GPU process.
-        return generate_on_gpu(request, seeds, subseeds, init_image, inpainting, control)
+        return generate_on_gpu(request, seeds, subseeds, init_image, inpainting, control, color_reference)
 
     load_model = engine.load
     entered: set[int] = set()

@@ -146,7 +146,9 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     if img2img:
         data["resize_mode"] = 0 if req.resize_mode is None else req.resize_mode
         # A1111's setting, by override_settings as A1111 takes it
-        data["color_correction"] = bool(overrides.get("img2img_color_correction", False))
+        # (read by the schema: "false" is false, and a value that is no boolean is refused under its name)
+        correction = overrides.get("img2img_color_correction")
+        data["color_correction"] = False if correction is None else correction
     script, refused = script_fields(req)
     data |= script
     problems.extend(refused)
@@ -312,6 +314,7 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
              else "infotext (VAE)" if req.infotext and "VAE" in parse_infotext(req.infotext)[2] else "sd_vae"}
     if isinstance(req, Img2ImgRequest):
         names["init_image"] = "init_images[0]"
+        names["color_correction"] = "override_settings.img2img_color_correction"
         names |= scripts.sd_upscale_names()
     return names
 

@@ -208,7 +208,7 @@ class Api:
         (or Interrupt ended them), as A1111's."""
         script, names, keeps_model = await anyio.to_thread.run_sync(self._plan_script, req)
         # As _generate's wait: on a thread of its own, so many waiting clients never starve /progress or /interrupt.
-        await anyio.to_thread.run_sync(self._run_in_turn, script.run, caller_of(request), names, keeps_model,
+        await anyio.to_thread.run_sync(self._run_in_turn, script, caller_of(request), names, keeps_model,
                                        abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
         return await anyio.to_thread.run_sync(self._script_result, script, req)
 
@@ -231,7 +231,8 @@ class Api:
         loaded = self.engine.model
         return self.registry.find_listed(name, loaded.entry if loaded else None).name
 
-    def _run_in_turn(self, run: SeveralJobs, caller: str, names: dict[str, str], keeps_model: bool) -> None:
+    def _run_in_turn(self, script: scripts.ScriptRun, caller: str, names: dict[str, str], keeps_model: bool) -> None:
+        run = script.run
         run.owner = caller  # from now on /interrupt finds it, even between two jobs
         self._runs.append(run)
         try:
@@ -240,6 +241,13 @@ class Api:
                     if keeps_model:
                         self._kept_override = job
                     job.wait()
+        except ApiError as err:
+            if not run.jobs:  # nothing ran: the request's error
+                raise
+            # A later job could not be queued (a Loopback loop skipped, a full queue): the answer holds what the jobs
+            # before it made, as after an Interrupt, and says why the rest did not run.
+            script.notes.append(f"{run.what}: ended after picture {len(run.jobs)} of {len(run.submissions)}: "
+                                f"{err.message}")
         finally:
             self._runs.remove(run)
 

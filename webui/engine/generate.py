@@ -467,11 +467,13 @@ class Engine:
     # --- generation -----------------------------------------------------------------------
     def generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None,
                  subseeds: list[int] | None = None, init_image: Image.Image | list[Image.Image] | None = None,
-                 inpainting: Inpainting | None = None, control: Image.Image | None = None) -> list[EngineImage]:
+                 inpainting: Inpainting | None = None, control: Image.Image | None = None,
+                 color_reference: Image.Image | None = None) -> list[EngineImage]:
         """Denoise and decode one batch: image i uses seeds[i], and subseeds[i] as its variation seed when the
         request has a variation strength. img2img starts from init_image (RGB, at the run's size; a list gives
         each image its own, as SD upscale's tiles); inpainting draws again only where `inpainting` says; ControlNet
-        steers by `control`, the control map (fitted to each pass's size here)."""
+        steers by `control`, the control map (fitted to each pass's size here). Colour correction matches the
+        results to color_reference where given, else to init_image."""
         if request.is_img2img != (init_image is not None):
             raise ValueError("an img2img request needs its init image, and only it may have one")
         if request.is_inpainting != (inpainting is not None):
@@ -480,7 +482,8 @@ class Engine:
             raise ValueError("a ControlNet request needs its control map, and only it may have one")
         main = self.require_model()
         try:
-            images = self._generate_and_return(main, request, seeds, on_step, subseeds, init_image, inpainting, control)
+            images = self._generate_and_return(main, request, seeds, on_step, subseeds, init_image, inpainting,
+                                               control, color_reference)
         except COMPILER_FAILURES as err:
             if not is_compiled(self.pipe):
                 raise
@@ -488,7 +491,8 @@ class Engine:
             log.warning("torch.compile failed (%s: %s); running %s uncompiled from now on",
                         type(err).__name__, str(err).splitlines()[0], self.model.entry.name)
             undo_compile(self.pipe)
-            images = self._generate_and_return(main, request, seeds, on_step, subseeds, init_image, inpainting, control)
+            images = self._generate_and_return(main, request, seeds, on_step, subseeds, init_image, inpainting,
+                                               control, color_reference)
         self._warmed_up = True  # whatever ran has compiled its shapes
         if is_compiled(self.pipe) and not request.tiling:  # a tiled run runs eagerly: it compiled nothing
             self._compiled_shapes.record(self._shape_keys(request, len(seeds)))
@@ -612,7 +616,8 @@ class Engine:
 
     def _generate(self, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None,
                   subseeds: list[int] | None = None, init_image: Image.Image | list[Image.Image] | None = None,
-                  inpainting: Inpainting | None = None, control: Image.Image | None = None) -> list[EngineImage]:
+                  inpainting: Inpainting | None = None, control: Image.Image | None = None,
+                  color_reference: Image.Image | None = None) -> list[EngineImage]:
         model = self.require_model()
         self._use_loras(request)  # also when it names none: the last run's LoRAs come out
         width, height = model.size_for(request)
@@ -623,7 +628,8 @@ class Engine:
                    request.seed_resize)
         run.control = self._control_unit(request, control)  # out of inference mode: its weights may be read now
         factor = self.pipe.vae_scale_factor
-        colours = init_image if request.color_correction else None  # what each result's colours are matched to
+        # what each result's colours are matched to: the start picture, or the reference the job gives (Loopback's)
+        colours = (init_image if color_reference is None else color_reference) if request.color_correction else None
         with torch.inference_mode(), run.tiled:
             run.tiled.enter_context(seamless(self.pipe, request.tiling))
             try:

@@ -275,14 +275,17 @@ class History:
         if image is None:
             return False
         self._set_file_state([image_id], "missing")
+        path = self._file(image.path)
         try:
-            path = self._file(image.path)
             path.unlink(missing_ok=True)
-            path.with_suffix(".txt").unlink(missing_ok=True)  # Settings' "text file next to every image"
         except OSError:  # the file is still there (read-only folder, in use): so is its row
             self._set_file_state([image_id], "ok")
             raise
         self._execute("DELETE FROM images WHERE id = ?", (image_id,))
+        try:  # Settings' "text file next to every image": the picture is gone already, so its row goes too
+            path.with_suffix(".txt").unlink(missing_ok=True)
+        except OSError as err:
+            log.warning("deleted %s but not the text file beside it: %s", path, err)
         return True
 
     def reconcile(self, fail_unfinished_jobs: bool = True) -> dict[str, int]:
