@@ -514,3 +514,21 @@ def test_the_controlnet_folder_follows_the_flags(tmp_path):
         a1111 / "ControlNet"
     chosen = parse_settings(["--controlnet-dir", str(tmp_path / "cn"), "--outdir", str(tmp_path / "o")], {})
     assert chosen.controlnet_folder == tmp_path / "cn"
+
+
+# --- review: what the extension does that the first version did not ------------------------------------------
+def test_a_long_thin_picture_gives_a_map_of_bounded_size(monkeypatch):
+    """The preprocessor scales the short side to its resolution: a 4x2000 strip at 512 would be a 512x256000 map
+    (131 megapixels, gigabytes in Canny's float arrays). The map stays within the pictures' pixel limit."""
+    import webui.engine.controlnet as engine_cn
+
+    monkeypatch.setattr(engine_cn, "MAX_MAP_PIXELS", 64 * 64)
+    strip = noise_picture(5, 4, 2000)
+    edges = detect_map(strip, "canny", 512)
+    assert edges.width * edges.height <= 64 * 64 and edges.height > edges.width
+    assert engine_cn.MAX_MAP_PIXELS == 64 * 64  # the patched limit is the one read
+    monkeypatch.undo()
+    assert engine_cn.MAX_MAP_PIXELS >= 2048 * 2048  # a square picture at the largest resolution is not limited
+    assert detect_map(noise_picture(6, 40, 40), "canny", 80).size == (80, 80)
+
+

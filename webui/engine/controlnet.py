@@ -29,7 +29,7 @@ from PIL import Image, ImageOps
 
 from webui.controlnet import CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RES
 from webui.engine.canny import canny
-from webui.engine.img2img import fit_image
+from webui.engine.img2img import MAX_PICTURE_PIXELS, fit_image
 from webui.engine.models import file_stamp, files_under, legacy_hash
 from webui.schemas import InvalidRequest
 
@@ -40,6 +40,9 @@ _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_
 SD15_CONFIG = Path(__file__).resolve().parent / "model_configs" / "controlnet-sd15"
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,10}\]$")
 _KINDS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # by the text embeddings' width (cross-attention)
+# A preprocessor's map is at most this large: scaling a long thin picture's short side to the resolution would
+# make it gigapixels (Canny's float arrays: gigabytes); the pictures' own limit.
+MAX_MAP_PIXELS = MAX_PICTURE_PIXELS
 
 
 class ControlNetError(InvalidRequest):
@@ -204,7 +207,7 @@ def detect_map(picture: Image.Image, module: str, processor_res: int = CN_PROCES
                low: float = CANNY_LOW, high: float = CANNY_HIGH) -> Image.Image:
     """The control map of an RGB picture: itself ("none"), its negative ("invert", for black lines on white), or its
     Canny edges found at `processor_res` (the short side, as the extension scales it; the map keeps that size and is
-    fitted to each pass's size later)."""
+    fitted to each pass's size later), within MAX_MAP_PIXELS."""
     if module == "none":
         return picture
     if module == "invert":
@@ -213,6 +216,9 @@ def detect_map(picture: Image.Image, module: str, processor_res: int = CN_PROCES
         raise ValueError(f"unknown preprocessor {module!r}; one of {', '.join(CN_MODULES)}")
     scale = processor_res / min(picture.size)
     size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    if size[0] * size[1] > MAX_MAP_PIXELS:  # rounded down: within the limit
+        scale = (MAX_MAP_PIXELS / (picture.width * picture.height)) ** 0.5
+        size = (max(1, int(picture.width * scale)), max(1, int(picture.height * scale)))
     scaled = picture if picture.size == size else picture.resize(size, Image.Resampling.LANCZOS)
     return Image.fromarray(canny(np.asarray(scaled), low, high)).convert("RGB")
 
