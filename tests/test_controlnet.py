@@ -13,7 +13,7 @@ from tests.helpers import noise_picture, running_services
 from tests.tiny_sd import save_tiny_model, tiny_components
 from webui.controlnet import controlnet_fields
 from webui.engine.canny import _hysteresis, canny
-from webui.engine.controlnet import ControlNetError, ControlUnit, detect_map, pixel_perfect_resolution
+from webui.engine.controlnet import ControlNetError, ControlUnit, detect_map, fit_map, pixel_perfect_resolution
 from webui.engine.img2img import fit_image
 from webui.schemas import GenerationRequest, InvalidRequest, JobState
 from webui.storage.infotext import request_fields_from_infotext
@@ -222,7 +222,7 @@ def test_the_control_map_is_fitted_to_each_size_by_the_resize_mode():
     picture = Image.fromarray(np.arange(96 * 64 * 3, dtype=np.uint32).reshape(64, 96, 3).astype(np.uint8))
     for mode in (0, 1, 2):
         cond = ControlUnit(torch.nn.Identity(), picture, resize_mode=mode).cond((32, 48), "cpu", torch.float32)
-        expected = np.asarray(fit_image(picture, 32, 48, mode), np.float32) / 255
+        expected = np.asarray((fit_map if mode == 2 else fit_image)(picture, 32, 48, mode), np.float32) / 255
         assert cond.shape == (1, 3, 48, 32)
         assert np.allclose(cond[0].permute(1, 2, 0).numpy(), expected)
 
@@ -530,5 +530,18 @@ def test_a_long_thin_picture_gives_a_map_of_bounded_size(monkeypatch):
     monkeypatch.undo()
     assert engine_cn.MAX_MAP_PIXELS >= 2048 * 2048  # a square picture at the largest resolution is not limited
     assert detect_map(noise_picture(6, 40, 40), "canny", 80).size == (80, 80)
+
+
+def test_resize_and_fill_fills_the_bars_with_the_maps_border_colour_not_stretched_edges():
+    """The extension pads a map it fits inside with its border's median colour: stretching the edge columns (as
+    img2img's Resize and fill does to a picture) would draw an edge that touches the side as a line across the
+    bar."""
+    edges = np.zeros((64, 32, 3), np.uint8)
+    edges[20, :] = 255  # a line from side to side, touching both
+    cond = ControlUnit(torch.nn.Identity(), Image.fromarray(edges), resize_mode=2).cond((128, 64), "cpu",
+                                                                                      torch.float32)
+    bars = torch.cat([cond[0, :, :, :40], cond[0, :, :, -40:]], dim=2)
+    assert cond.shape == (1, 3, 64, 128) and bars.abs().max() == 0
+    assert cond[0, :, 20, 48:80].min() > 0.5  # the map itself is there, in the middle
 
 

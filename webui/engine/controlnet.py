@@ -29,7 +29,7 @@ from PIL import Image, ImageOps
 
 from webui.controlnet import CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RES
 from webui.engine.canny import canny
-from webui.engine.img2img import MAX_PICTURE_PIXELS, fit_image
+from webui.engine.img2img import MAX_PICTURE_PIXELS, RESAMPLE, fit_image
 from webui.engine.models import file_stamp, files_under, legacy_hash
 from webui.schemas import InvalidRequest
 
@@ -248,9 +248,26 @@ class ControlUnit:
         """The map at `size` (width, height) as the ControlNet reads it: one row of RGB in 0..1."""
         key = (size, str(device), dtype)
         if key not in self._conds:
-            fitted = np.asarray(fit_image(self.image, *size, self.resize_mode).convert("RGB"), dtype=np.float32)
+            fitted = np.asarray(fit_map(self.image, *size, self.resize_mode).convert("RGB"), dtype=np.float32)
             self._conds[key] = torch.from_numpy(fitted / 255).permute(2, 0, 1)[None].to(device, dtype)
         return self._conds[key]
+
+
+def fit_map(image: Image.Image, width: int, height: int, resize_mode: int) -> Image.Image:
+    """A control map at width x height by the resize mode, as the extension fits it: Resize and Fill pads with the
+    median colour of the map's border (img2img's stretched edge rows would draw an edge touching the side as a line
+    across the bar); the other modes as img2img's."""
+    if resize_mode != 2 or image.size == (width, height):
+        return fit_image(image, width, height, resize_mode)
+    image = image.convert("RGB")
+    pixels = np.asarray(image)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    scale = min(width / image.width, height / image.height)
+    inner = image.resize((max(1, min(width, round(image.width * scale))),
+                          max(1, min(height, round(image.height * scale)))), RESAMPLE)
+    canvas = Image.new("RGB", (width, height), tuple(int(v) for v in np.median(border, axis=0)))
+    canvas.paste(inner, ((width - inner.width) // 2, (height - inner.height) // 2))
+    return canvas
 
 
 class ControlPass:
