@@ -545,3 +545,22 @@ def test_resize_and_fill_fills_the_bars_with_the_maps_border_colour_not_stretche
     assert cond[0, :, 20, 48:80].min() > 0.5  # the map itself is there, in the middle
 
 
+
+
+def test_a_transparent_control_picture_uploaded_on_the_page_is_read_as_the_apis_on_white(cn_ui, cn_services,
+                                                                                         tmp_path):
+    """Black strokes on a transparent layer: the API lays them on white (as the extension's HWC3 does); the page's
+    picture must reach the worker with its transparency too, not made RGB by Gradio (black strokes on black)."""
+    from gradio.components.image import ImageData
+
+    strokes = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    strokes.paste((0, 0, 0, 255), (16, 16, 48, 24))
+    strokes.save(tmp_path / "strokes.png")
+    for tab in (cn_ui.txt2img, cn_ui.img2img):
+        uploaded = tab.widgets["controlnet_image"].preprocess(ImageData(path=str(tmp_path / "strokes.png"),
+                                                                        orig_name="strokes.png"))
+        job = cn_services.worker.submit(QUICK | controlnet_on(cn_services.engine, controlnet_module="none"),
+                                        control_image=uploaded)
+        assert job.wait(120) and job.state is JobState.DONE, job.error
+        read = np.asarray(job.control_map)
+        assert read[0, 0].tolist() == [255] * 3 and read[20, 20].tolist() == [0] * 3
