@@ -564,3 +564,19 @@ def test_a_transparent_control_picture_uploaded_on_the_page_is_read_as_the_apis_
         assert job.wait(120) and job.state is JobState.DONE, job.error
         read = np.asarray(job.control_map)
         assert read[0, 0].tolist() == [255] * 3 and read[20, 20].tolist() == [0] * 3
+def test_img2img_with_no_control_picture_is_steered_by_its_own_picture_as_in_the_extension(cn_services,
+                                                                                           cn_client):
+    worker, engine = cn_services.worker, cn_services.engine
+    start = noise_picture(8, 96, 64)
+    with Calls(engine) as calls:
+        job = run(worker, controlnet_on(engine) | {"denoising_strength": 0.75}, init_image=start)
+    assert calls.conds and all(calls.residuals)
+    assert np.array_equal(np.asarray(job.control_image), np.asarray(start))
+    # txt2img still needs one
+    with pytest.raises(InvalidRequest, match="controlnet_image: ControlNet is on but has no control picture"):
+        worker.submit(QUICK | controlnet_on(engine))
+    unit = {"enabled": True, "module": "canny", "model": CN}
+    answer = cn_client.post("/sdapi/v1/img2img", json=API_BODY | {"init_images": [b64(start)],
+                                                                  "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert answer.status_code == 200, answer.text
+    assert "ControlNet 0" in __import__("json").loads(answer.json()["info"])["infotexts"][0]
