@@ -580,3 +580,11 @@ def test_img2img_with_no_control_picture_is_steered_by_its_own_picture_as_in_the
                                                                   "alwayson_scripts": {"controlnet": {"args": [unit]}}})
     assert answer.status_code == 200, answer.text
     assert "ControlNet 0" in __import__("json").loads(answer.json()["info"])["infotexts"][0]
+
+
+def test_a_weights_file_holding_no_dict_is_refused_naming_it(tmp_path):
+    from webui.engine.controlnet import ControlNetLibrary
+
+    torch.save(torch.zeros(3), tmp_path / "odd.pt")  # loads under weights_only, but is no state dict
+    with pytest.raises(ControlNetError, match="odd"):
+        ControlNetLibrary(tmp_path).check("odd", tiny_components()["unet"].config)

@@ -183,7 +183,10 @@ def _weight_shapes(path: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
     except Exception as err:  # any damaged or foreign file: say which, never crash the check
         raise ControlNetError(f"controlnet_model: {path.name} cannot be read ({type(err).__name__}: "
                               f"{str(err)[:200]})") from None
-    state = state.get("state_dict", state)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):  # a tensor, a list: no weights by name (an AttributeError, a 500, before)
+        raise ControlNetError(f"controlnet_model: {path.name} holds no weights by name ({type(state).__name__}); "
+                              "is it a ControlNet?")
     for key, value in state.items():
         if torch.is_tensor(value):
             yield key, tuple(value.shape)
