@@ -588,3 +588,11 @@ def test_a_weights_file_holding_no_dict_is_refused_naming_it(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "odd.pt")  # loads under weights_only, but is no state dict
     with pytest.raises(ControlNetError, match="odd"):
         ControlNetLibrary(tmp_path).check("odd", tiny_components()["unet"].config)
+
+
+def test_a_unit_may_name_its_preprocessor_by_the_extensions_label(cn_client):
+    """The extension matches a unit's module by name or by label (module_list?alias_names=true lists labels)."""
+    unit = {"enabled": True, "module": "invert (from white bg & black line)", "model": CN, "image": b64(square())}
+    answer = cn_client.post("/sdapi/v1/txt2img", json=API_BODY | {"alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert answer.status_code == 200, answer.text
+    assert 'ControlNet 0: "Module: invert' in __import__("json").loads(answer.json()["info"])["infotexts"][0]

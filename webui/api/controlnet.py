@@ -78,6 +78,8 @@ def unit_fields(unit: dict, field: str, needs_image: bool = True) -> tuple[dict[
     fields |= {ours: unit[theirs] for theirs, ours in _PLAIN.items() if unit.get(theirs) is not None}
     if unit.get("guidance") is not None and unit.get("guidance_end") is None:  # the extension's older name
         fields["controlnet_guidance_end"] = unit["guidance"]
+    module = fields["controlnet_module"]  # by name, or by its label as the extension matches it
+    fields["controlnet_module"] = {label: name for name, label in _LABELS.items()}.get(module, module)
     if fields["controlnet_model"] == "None":
         fields["controlnet_model"] = None
     refused = []
