@@ -13,7 +13,7 @@ from tests.helpers import noise_picture, running_services
 from tests.tiny_sd import save_tiny_model, tiny_components
 from webui.controlnet import controlnet_fields
 from webui.engine.canny import _hysteresis, canny
-from webui.engine.controlnet import ControlNetError, ControlUnit, detect_map, pixel_perfect_resolution
+from webui.engine.controlnet import ControlNetError, ControlUnit, detect_map, fit_map, pixel_perfect_resolution
 from webui.engine.img2img import fit_image
 from webui.schemas import GenerationRequest, InvalidRequest, JobState
 from webui.storage.infotext import request_fields_from_infotext
@@ -222,7 +222,7 @@ def test_the_control_map_is_fitted_to_each_size_by_the_resize_mode():
     picture = Image.fromarray(np.arange(96 * 64 * 3, dtype=np.uint32).reshape(64, 96, 3).astype(np.uint8))
     for mode in (0, 1, 2):
         cond = ControlUnit(torch.nn.Identity(), picture, resize_mode=mode).cond((32, 48), "cpu", torch.float32)
-        expected = np.asarray(fit_image(picture, 32, 48, mode), np.float32) / 255
+        expected = np.asarray((fit_map if mode == 2 else fit_image)(picture, 32, 48, mode), np.float32) / 255
         assert cond.shape == (1, 3, 48, 32)
         assert np.allclose(cond[0].permute(1, 2, 0).numpy(), expected)
 
@@ -514,3 +514,85 @@ def test_the_controlnet_folder_follows_the_flags(tmp_path):
         a1111 / "ControlNet"
     chosen = parse_settings(["--controlnet-dir", str(tmp_path / "cn"), "--outdir", str(tmp_path / "o")], {})
     assert chosen.controlnet_folder == tmp_path / "cn"
+
+
+# --- review: what the extension does that the first version did not ------------------------------------------
+def test_a_long_thin_picture_gives_a_map_of_bounded_size(monkeypatch):
+    """The preprocessor scales the short side to its resolution: a 4x2000 strip at 512 would be a 512x256000 map
+    (131 megapixels, gigabytes in Canny's float arrays). The map stays within the pictures' pixel limit."""
+    import webui.engine.controlnet as engine_cn
+
+    monkeypatch.setattr(engine_cn, "MAX_MAP_PIXELS", 64 * 64)
+    strip = noise_picture(5, 4, 2000)
+    edges = detect_map(strip, "canny", 512)
+    assert edges.width * edges.height <= 64 * 64 and edges.height > edges.width
+    assert engine_cn.MAX_MAP_PIXELS == 64 * 64  # the patched limit is the one read
+    monkeypatch.undo()
+    assert engine_cn.MAX_MAP_PIXELS >= 2048 * 2048  # a square picture at the largest resolution is not limited
+    assert detect_map(noise_picture(6, 40, 40), "canny", 80).size == (80, 80)
+
+
+def test_resize_and_fill_fills_the_bars_with_the_maps_border_colour_not_stretched_edges():
+    """The extension pads a map it fits inside with its border's median colour: stretching the edge columns (as
+    img2img's Resize and fill does to a picture) would draw an edge that touches the side as a line across the
+    bar."""
+    edges = np.zeros((64, 32, 3), np.uint8)
+    edges[20, :] = 255  # a line from side to side, touching both
+    cond = ControlUnit(torch.nn.Identity(), Image.fromarray(edges), resize_mode=2).cond((128, 64), "cpu",
+                                                                                      torch.float32)
+    bars = torch.cat([cond[0, :, :, :40], cond[0, :, :, -40:]], dim=2)
+    assert cond.shape == (1, 3, 64, 128) and bars.abs().max() == 0
+    assert cond[0, :, 20, 48:80].min() > 0.5  # the map itself is there, in the middle
+
+
+
+
+def test_a_transparent_control_picture_uploaded_on_the_page_is_read_as_the_apis_on_white(cn_ui, cn_services,
+                                                                                         tmp_path):
+    """Black strokes on a transparent layer: the API lays them on white (as the extension's HWC3 does); the page's
+    picture must reach the worker with its transparency too, not made RGB by Gradio (black strokes on black)."""
+    from gradio.components.image import ImageData
+
+    strokes = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    strokes.paste((0, 0, 0, 255), (16, 16, 48, 24))
+    strokes.save(tmp_path / "strokes.png")
+    for tab in (cn_ui.txt2img, cn_ui.img2img):
+        uploaded = tab.widgets["controlnet_image"].preprocess(ImageData(path=str(tmp_path / "strokes.png"),
+                                                                        orig_name="strokes.png"))
+        job = cn_services.worker.submit(QUICK | controlnet_on(cn_services.engine, controlnet_module="none"),
+                                        control_image=uploaded)
+        assert job.wait(120) and job.state is JobState.DONE, job.error
+        read = np.asarray(job.control_map)
+        assert read[0, 0].tolist() == [255] * 3 and read[20, 20].tolist() == [0] * 3
+def test_img2img_with_no_control_picture_is_steered_by_its_own_picture_as_in_the_extension(cn_services,
+                                                                                           cn_client):
+    worker, engine = cn_services.worker, cn_services.engine
+    start = noise_picture(8, 96, 64)
+    with Calls(engine) as calls:
+        job = run(worker, controlnet_on(engine) | {"denoising_strength": 0.75}, init_image=start)
+    assert calls.conds and all(calls.residuals)
+    assert np.array_equal(np.asarray(job.control_image), np.asarray(start))
+    # txt2img still needs one
+    with pytest.raises(InvalidRequest, match="controlnet_image: ControlNet is on but has no control picture"):
+        worker.submit(QUICK | controlnet_on(engine))
+    unit = {"enabled": True, "module": "canny", "model": CN}
+    answer = cn_client.post("/sdapi/v1/img2img", json=API_BODY | {"init_images": [b64(start)],
+                                                                  "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert answer.status_code == 200, answer.text
+    assert "ControlNet 0" in __import__("json").loads(answer.json()["info"])["infotexts"][0]
+
+
+def test_a_weights_file_holding_no_dict_is_refused_naming_it(tmp_path):
+    from webui.engine.controlnet import ControlNetLibrary
+
+    torch.save(torch.zeros(3), tmp_path / "odd.pt")  # loads under weights_only, but is no state dict
+    with pytest.raises(ControlNetError, match="odd"):
+        ControlNetLibrary(tmp_path).check("odd", tiny_components()["unet"].config)
+
+
+def test_a_unit_may_name_its_preprocessor_by_the_extensions_label(cn_client):
+    """The extension matches a unit's module by name or by label (module_list?alias_names=true lists labels)."""
+    unit = {"enabled": True, "module": "invert (from white bg & black line)", "model": CN, "image": b64(square())}
+    answer = cn_client.post("/sdapi/v1/txt2img", json=API_BODY | {"alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert answer.status_code == 200, answer.text
+    assert 'ControlNet 0: "Module: invert' in __import__("json").loads(answer.json()["info"])["infotexts"][0]

@@ -18,7 +18,7 @@ CN_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")  # the e
 CONTROL_MODE = "Balanced"  # the only one here: the extension's "My prompt/ControlNet is more important" are not
 INFOTEXT_KEY = "ControlNet 0"
 NO_PICTURE = ("controlnet_image: ControlNet is on but has no control picture (an infotext cannot bring it back); "
-              "give one, or turn ControlNet off")
+              "give one (img2img without one uses its own picture), or turn ControlNet off")
 
 
 def controlnet_problem(request) -> str | None:

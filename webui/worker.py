@@ -265,8 +265,9 @@ class Worker:
         `control_image`: ControlNet's picture, which its preprocessor turns into the control map (ControlNet on only).
         `color_reference`: the picture colour correction matches the results to, where not the start picture (as
         A1111's Loopback, whose every loop is matched to the run's first picture so the colours do not drift)."""
+        picture = init_image
         request, init_image, inpainting = _with_init_image(self._with_styles(parse_request(request)), init_image, mask)
-        request, control_image = _with_control_image(request, control_image)
+        request, control_image = _with_control_image(request, control_image, picture)
         self._check_runnable(request)
         warnings = list(warnings or [])
         unread = unread_tags(request.prompt + " " + (request.hr_prompt or ""))
@@ -1033,12 +1034,16 @@ def _with_init_image(request: GenerationRequest, image: Image.Image | None, mask
     return request, start, inpainting
 
 
-def _with_control_image(request: GenerationRequest, picture: Image.Image | None
-                        ) -> tuple[GenerationRequest, Image.Image | None]:
+def _with_control_image(request: GenerationRequest, picture: Image.Image | None,
+                        init_image: Image.Image | None = None) -> tuple[GenerationRequest, Image.Image | None]:
     """A ControlNet request marked by its control picture's hash, and the picture in RGB; with ControlNet off, the
-    request as it is and no picture (one left in a closed ControlNet section is not used)."""
+    request as it is and no picture (one left in a closed ControlNet section is not used). img2img without a
+    control picture is steered by its own picture (`init_image`) fitted by img2img's resize mode, as the extension."""
     if not request.uses_controlnet:
         return request, None
+    if picture is None and init_image is not None:
+        mode = 0 if request.resize_mode == LATENT_RESIZE else request.resize_mode  # the extension's Just Resize
+        picture = fit_image(_read_picture(init_image, "init_image", as_rgb), request.width, request.height, mode)
     if picture is None:
         raise InvalidRequest(NO_PICTURE)
     picture = _read_picture(picture, "controlnet_image", as_rgb)

@@ -10,7 +10,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from webui.api.convert import ApiError, decode_image, encode_image
-from webui.api.models import GenerationBody
+from webui.api.models import GenerationBody, Img2ImgRequest
 from webui.controlnet import CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RES, CN_RESIZE_MODES, CONTROL_MODE
 from webui.engine.controlnet import detect_map
 from webui.engine.img2img import as_rgb, check_picture_size
@@ -64,18 +64,22 @@ def controlnet_fields(req: GenerationBody) -> tuple[dict[str, Any], list[str]]:
                             "runs on this server", "InvalidRequest")
     if not units:
         return {}, notes
-    fields, refused = unit_fields(units[0][1], where(units[0][0]))
+    # img2img: a unit without a picture is steered by the img2img picture, as the extension's
+    fields, refused = unit_fields(units[0][1], where(units[0][0]), needs_image=not isinstance(req, Img2ImgRequest))
     if refused:
         raise ApiError(422, "; ".join(refused), "InvalidRequest")
     return fields, notes
 
 
-def unit_fields(unit: dict, field: str) -> tuple[dict[str, Any], list[str]]:
-    """One enabled unit as request fields (the extension's defaults for what it leaves out or sends as -1)."""
+def unit_fields(unit: dict, field: str, needs_image: bool = True) -> tuple[dict[str, Any], list[str]]:
+    """One enabled unit as request fields (the extension's defaults for what it leaves out or sends as -1);
+    `needs_image`: a unit without its picture is refused (txt2img)."""
     fields = {"controlnet_enabled": True, "controlnet_module": "none", "controlnet_model": None}
     fields |= {ours: unit[theirs] for theirs, ours in _PLAIN.items() if unit.get(theirs) is not None}
     if unit.get("guidance") is not None and unit.get("guidance_end") is None:  # the extension's older name
         fields["controlnet_guidance_end"] = unit["guidance"]
+    module = fields["controlnet_module"]  # by name, or by its label as the extension matches it
+    fields["controlnet_module"] = {label: name for name, label in _LABELS.items()}.get(module, module)
     if fields["controlnet_model"] == "None":
         fields["controlnet_model"] = None
     refused = []
@@ -96,7 +100,7 @@ def unit_fields(unit: dict, field: str) -> tuple[dict[str, Any], list[str]]:
         refused.append(f"{field}.hr_option: only Both is supported here (ControlNet steers both hires passes)")
     if unit.get("mask") or unit.get("mask_image") or isinstance(unit.get("image"), (dict, list)):
         refused.append(f"{field}.image: send one base64 picture; a ControlNet mask is not supported here")
-    if not (unit.get("image") or unit.get("input_image")):
+    if needs_image and not (unit.get("image") or unit.get("input_image")):
         refused.append(f"{field}.image: send the control picture (base64)")
     return fields, refused
 
@@ -129,11 +133,13 @@ def field_names(req: GenerationBody) -> dict[str, str]:
 
 
 def control_image_of(req: GenerationBody) -> Image.Image | None:
-    """The enabled unit's picture, decoded (controlnet_fields has checked that there is one)."""
+    """The enabled unit's picture, decoded; None without one (controlnet_fields allows that on img2img only)."""
     units = units_of(req)
     if len(units) != 1:
         return None
     place, unit = units[0]
+    if not (unit.get("image") or unit.get("input_image")):  # img2img's: its own picture steers
+        return None
     field = f"{where(place)}.{'image' if unit.get('image') else 'input_image'}"
     return decode_image(unit.get("image") or unit.get("input_image"), field=field, check_size=check_picture_size)
 

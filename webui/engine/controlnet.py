@@ -29,7 +29,7 @@ from PIL import Image, ImageOps
 
 from webui.controlnet import CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RES
 from webui.engine.canny import canny
-from webui.engine.img2img import fit_image
+from webui.engine.img2img import MAX_PICTURE_PIXELS, RESAMPLE, fit_image
 from webui.engine.models import file_stamp, files_under, legacy_hash
 from webui.schemas import InvalidRequest
 
@@ -40,6 +40,9 @@ _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_
 SD15_CONFIG = Path(__file__).resolve().parent / "model_configs" / "controlnet-sd15"
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,10}\]$")
 _KINDS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # by the text embeddings' width (cross-attention)
+# A preprocessor's map is at most this large: scaling a long thin picture's short side to the resolution would
+# make it gigapixels (Canny's float arrays: gigabytes); the pictures' own limit.
+MAX_MAP_PIXELS = MAX_PICTURE_PIXELS
 
 
 class ControlNetError(InvalidRequest):
@@ -180,7 +183,10 @@ def _weight_shapes(path: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
     except Exception as err:  # any damaged or foreign file: say which, never crash the check
         raise ControlNetError(f"controlnet_model: {path.name} cannot be read ({type(err).__name__}: "
                               f"{str(err)[:200]})") from None
-    state = state.get("state_dict", state)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):  # a tensor, a list: no weights by name (an AttributeError, a 500, before)
+        raise ControlNetError(f"controlnet_model: {path.name} holds no weights by name ({type(state).__name__}); "
+                              "is it a ControlNet?")
     for key, value in state.items():
         if torch.is_tensor(value):
             yield key, tuple(value.shape)
@@ -204,7 +210,7 @@ def detect_map(picture: Image.Image, module: str, processor_res: int = CN_PROCES
                low: float = CANNY_LOW, high: float = CANNY_HIGH) -> Image.Image:
     """The control map of an RGB picture: itself ("none"), its negative ("invert", for black lines on white), or its
     Canny edges found at `processor_res` (the short side, as the extension scales it; the map keeps that size and is
-    fitted to each pass's size later)."""
+    fitted to each pass's size later), within MAX_MAP_PIXELS."""
     if module == "none":
         return picture
     if module == "invert":
@@ -213,6 +219,9 @@ def detect_map(picture: Image.Image, module: str, processor_res: int = CN_PROCES
         raise ValueError(f"unknown preprocessor {module!r}; one of {', '.join(CN_MODULES)}")
     scale = processor_res / min(picture.size)
     size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    if size[0] * size[1] > MAX_MAP_PIXELS:  # rounded down: within the limit
+        scale = (MAX_MAP_PIXELS / (picture.width * picture.height)) ** 0.5
+        size = (max(1, int(picture.width * scale)), max(1, int(picture.height * scale)))
     scaled = picture if picture.size == size else picture.resize(size, Image.Resampling.LANCZOS)
     return Image.fromarray(canny(np.asarray(scaled), low, high)).convert("RGB")
 
@@ -242,9 +251,26 @@ class ControlUnit:
         """The map at `size` (width, height) as the ControlNet reads it: one row of RGB in 0..1."""
         key = (size, str(device), dtype)
         if key not in self._conds:
-            fitted = np.asarray(fit_image(self.image, *size, self.resize_mode).convert("RGB"), dtype=np.float32)
+            fitted = np.asarray(fit_map(self.image, *size, self.resize_mode).convert("RGB"), dtype=np.float32)
             self._conds[key] = torch.from_numpy(fitted / 255).permute(2, 0, 1)[None].to(device, dtype)
         return self._conds[key]
+
+
+def fit_map(image: Image.Image, width: int, height: int, resize_mode: int) -> Image.Image:
+    """A control map at width x height by the resize mode, as the extension fits it: Resize and Fill pads with the
+    median colour of the map's border (img2img's stretched edge rows would draw an edge touching the side as a line
+    across the bar); the other modes as img2img's."""
+    if resize_mode != 2 or image.size == (width, height):
+        return fit_image(image, width, height, resize_mode)
+    image = image.convert("RGB")
+    pixels = np.asarray(image)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    scale = min(width / image.width, height / image.height)
+    inner = image.resize((max(1, min(width, round(image.width * scale))),
+                          max(1, min(height, round(image.height * scale)))), RESAMPLE)
+    canvas = Image.new("RGB", (width, height), tuple(int(v) for v in np.median(border, axis=0)))
+    canvas.paste(inner, ((width - inner.width) // 2, (height - inner.height) // 2))
+    return canvas
 
 
 class ControlPass:

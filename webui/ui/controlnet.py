@@ -66,8 +66,9 @@ def controlnet_section(kind: str, library: ControlNetLibrary) -> dict[str, gr.co
     with gr.Accordion("ControlNet", open=False, elem_id=f"{kind}_controlnet"):
         enable = gr.Checkbox(False, label="Enable", elem_id=f"{kind}_controlnet_enable")
         with gr.Row():
+            # image_mode None: the worker lays a transparent part on white, as for the API (Gradio's RGB: black)
             picture = gr.Image(type="pil", label="Control picture", sources=["upload", "clipboard"], height=256,
-                               elem_id=f"{kind}_controlnet_image")
+                               image_mode=None, format="png", elem_id=f"{kind}_controlnet_image")
             shown = gr.Image(label="Preprocessor preview", interactive=False, height=256,
                              elem_id=f"{kind}_controlnet_preview")
         with gr.Row():
