@@ -316,3 +316,22 @@ def test_the_txt2img_tab_lists_passes_and_pastes_it(services, models):
     finally:
         shutil.rmtree(models / "tiny-new")
         services.registry.refresh()
+
+
+def test_a_picture_upscaler_decodes_with_the_first_models_vae_and_encodes_with_the_hires_checkpoints(
+        services, models, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    def fingerprint(module):
+        return round(float(next(module.parameters()).double().sum()), 6)
+
+    names = {fingerprint(AutoencoderKL.from_pretrained(models / name / "vae")): name for name in (TINY, REFINER)}
+    seen = []
+    for method in ("encode", "decode"):
+        def spy(self, *args, _method=getattr(AutoencoderKL, method), _name=method, **kwargs):
+            seen.append((_name, names.get(fingerprint(self), "?")))
+            return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(AutoencoderKL, method, spy)
+    run(services, **HIRES_FIX, hr_upscaler="Lanczos", hr_checkpoint_name=REFINER)
+    assert seen[:2] == [("decode", TINY), ("encode", REFINER)]

@@ -798,16 +798,18 @@ class Engine:
         size = hires_size(width, height, request.hr_scale, request.hr_resize_x, request.hr_resize_y)
         factor = self.pipe.vae_scale_factor
         upscaled = (size.upscaled[0] // factor, size.upscaled[1] // factor)
+        pictures = None
         if request.hr_upscaler in LATENT_UPSCALERS:
             latents = upscale_latents(latents, request.hr_upscaler, upscaled)
         else:  # the safety checker looks at the finished picture only, as in A1111
             pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(width, height, request.tiling)))
+        if request.hr_checkpoint_name:  # A1111's Hires checkpoint runs the second pass (a refiner may take over later)
+            self._take_over(request, run, "hr_checkpoint_name")
+        if pictures is not None:  # decoded by the first pass's VAE, encoded by the second's, as A1111 does
             latents = torch.cat([self.encode(self.upscale_picture(picture, size.upscaled, request.hr_upscaler))
                                  for picture in pictures])
         final = (size.final[0] // factor, size.final[1] // factor)
         latents = crop_center(latents, final)
-        if request.hr_checkpoint_name:  # A1111's Hires checkpoint runs the second pass (a refiner may take over later)
-            self._take_over(request, run, "hr_checkpoint_name")
         # A1111 runs exactly the hires steps, as the last of a longer schedule that starts denoising_strength deep.
         schedule = schedule_steps(request.hires_steps, request.denoising_strength)
         start = {"image": latents.contiguous(), "strength": pipeline_strength(request.hires_steps, schedule)}
