@@ -79,8 +79,20 @@ def test_a_list_runs_each_line_in_turn_and_shows_all_their_images(ui, ui_service
     *running, (session, gallery, progress, _, _, timing) = run(ui, 'a red fox\n--prompt "a hare" --steps 2')
     assert any("Prompts from a list: picture 2 of 2" in str(update[2]) for update in running)
     assert progress == "" and "for 2 runs" in timing and len(gallery) == 2
-    assert session.infotexts[0].startswith("a red fox\n") and "Steps: 1," in session.infotexts[0]
-    assert session.infotexts[1].startswith("a hare\n") and "Steps: 2," in session.infotexts[1]
+    # As A1111 1.10, each line's prompt goes before the tab's own ("Insert prompts at the": start)
+    assert session.infotexts[0].startswith("a red fox the page's\n") and "Steps: 1," in session.infotexts[0]
+    assert session.infotexts[1].startswith("a hare the page's\n") and "Steps: 2," in session.infotexts[1]
+
+
+def test_the_page_iterates_the_seed_and_puts_the_lines_at_the_end_as_asked(ui, ui_services):
+    labels = input_labels(ui, "txt2img")
+    assert (labels["prompt_list_iterate_seed"], labels["prompt_list_position"]) == (
+        "Iterate seed every line", "Insert prompts at the")
+    *_, (session, *_) = run(ui, 'a fox\na hare\n--seed 99 --prompt "a wolf"', prompt_list_iterate_seed=True,
+                            prompt_list_position="end")
+    assert session.seeds == [4, 5, 99]  # the tab's seed 4, counting up a line at a time; a line's own seed wins
+    assert [text.split("\n")[0] for text in session.infotexts] == ["the page's a fox", "the page's a hare",
+                                                                     "the page's a wolf"]
 
 
 def test_a_list_line_the_worker_would_refuse_is_named_before_anything_runs(ui, ui_services):

@@ -22,6 +22,9 @@ _NOT_HERE = ("sd_model", "outpath_samples", "outpath_grids", "prompt_for_display
              "do_not_save_grid")
 
 
+PROMPT_POSITIONS = ("start", "end")  # A1111's "Insert prompts at the"
+
+
 def line_requests(base: dict, text: str, same_seed: bool = False, iterate_seed: bool = False,
                   prompt_position: str | None = None) -> list[dict]:
     """One request for each non-empty line of text, the line's options over base; InvalidRequest naming the line

@@ -18,6 +18,7 @@ from PIL import Image
 
 from webui.loopback import CURVES, INTERROGATIONS, MAX_LOOPS
 from webui.outpainting import DIRECTIONS, MAX_BLUR, MAX_PIXELS, MIN_PIXELS, outpainting_job
+from webui.prompt_lines import PROMPT_POSITIONS
 from webui.prompt_matrix import matrix_plot
 from webui.runs import SeveralJobs, found_models, in_grid_order, line_run, loopback_run, plot_grids, plot_run, \
     side_by_side
@@ -227,7 +228,7 @@ def _args(kind: str, name: str) -> tuple[Arg, ...]:
     if name == PROMPT_LINES:
         return (Arg("Iterate seed every line", False, _boolean),
                 Arg("Use same random seed for all lines", False, _boolean),
-                Arg("Insert prompts at the", "start", _one_of(("start", "end")), choices=["start", "end"]),
+                Arg("Insert prompts at the", "start", _one_of(PROMPT_POSITIONS), choices=list(PROMPT_POSITIONS)),
                 Arg("List of prompt inputs", "", _text))
     if name == LOOPBACK:
         return (Arg("Loops", 4, _whole(1, MAX_LOOPS), minimum=1, maximum=MAX_LOOPS, step=1),

@@ -99,7 +99,8 @@ class GenerationActions(SeveralRuns):
                  x_values: str = "", y_type: str = "Nothing", y_values: str = "", z_type: str = "Nothing",
                  z_values: str = "", xyz_legend: bool = True, xyz_sub_images: bool = False,
                  xyz_keep_random_seeds: bool = False, prompt_list: bool = False, prompt_lines: str = "",
-                 prompt_list_same_seed: bool = False, tiling: bool = False, seed_resize_from_w: int = 0,
+                 prompt_list_same_seed: bool = False, prompt_list_iterate_seed: bool = False,
+                 prompt_list_position: str = "start", tiling: bool = False, seed_resize_from_w: int = 0,
                  seed_resize_from_h: int = 0, size_tab: str = RESIZE_TO, scale_by: float = 1.0,
                  hr_sampler_name: str = SAME_SAMPLER, hr_scheduler: str = SAME_SCHEDULE, hr_prompt: str | None = None,
                  hr_negative_prompt: str | None = None, prompt_matrix: bool = False,
@@ -198,8 +199,10 @@ class GenerationActions(SeveralRuns):
             if request["model"]:
                 request["model"] = self.models.checked_choice(request["model"])
             if prompt_list:
-                runs = self._several(session, line_run(self.worker, request, prompt_lines, prompt_list_same_seed,
-                                                       picture, mask_picture))
+                lines = line_run(self.worker, request, prompt_lines, prompt_list_same_seed, picture, mask_picture,
+                                 iterate_seed=bool(prompt_list_iterate_seed),
+                                 prompt_position=prompt_list_position or "start")
+                runs = self._several(session, lines)
             elif xyz_plot:
                 axes = [found_models(read_axis(name, axis_type, values), self._find_model) for name, axis_type, values
                         in zip(AXIS_NAMES, (x_type, y_type, z_type), (x_values, y_values, z_values))]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gradio as gr
 
 from webui.loopback import CURVES, INTERROGATIONS, MAX_LOOPS
+from webui.prompt_lines import PROMPT_POSITIONS
 from webui.outpainting import DIRECTIONS, MAX_BLUR, MAX_PIXELS, MIN_PIXELS
 from webui.schemas import MASKED_CONTENT
 from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE
@@ -67,8 +68,14 @@ def prompt_list_section(kind: str) -> dict[str, gr.components.Component]:
                                              elem_id=f"{kind}_prompt_lines")
         upload = gr.File(file_types=[".txt"], type="filepath", label="or a text file of them", height=90,
                          elem_id=f"{kind}_prompt_file")
-        widgets["prompt_list_same_seed"] = gr.Checkbox(False, label="Use the same random seed for all lines",
-                                                       elem_id=f"{kind}_prompt_list_same_seed")
+        with gr.Row():
+            widgets["prompt_list_iterate_seed"] = gr.Checkbox(False, label="Iterate seed every line",
+                                                              elem_id=f"{kind}_prompt_list_iterate_seed")
+            widgets["prompt_list_same_seed"] = gr.Checkbox(False, label="Use the same random seed for all lines",
+                                                           elem_id=f"{kind}_prompt_list_same_seed")
+        # A1111 1.10's: a line's prompt joins the tab's own (where both have one), before or after it
+        widgets["prompt_list_position"] = gr.Radio(list(PROMPT_POSITIONS), value=PROMPT_POSITIONS[0],
+                                                   label="Insert prompts at the", elem_id=f"{kind}_prompt_list_position")
     upload.upload(read_prompt_file, inputs=[upload], outputs=[widgets["prompt_lines"]], api_visibility="private",
                   show_progress="hidden")
     return widgets
