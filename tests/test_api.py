@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import logging
 import shutil
 import threading
 import time

@@ -140,8 +140,8 @@ def test_the_history_keeps_the_refiner_with_the_request(services):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"refiner_checkpoint": "no-such-model"}, f"refiner_checkpoint: model 'no-such-model' not found in the models "
-                                              f"folder; available: "),
+    ({"refiner_checkpoint": "no-such-model"}, "refiner_checkpoint: model 'no-such-model' not found in the models "
+                                              "folder; available: "),
     ({"refiner_checkpoint": "tiny-inpainting"}, "refiner_checkpoint: tiny-inpainting is a model of another kind "
                                                 "(text width 32 inpainting) than the model (text width 32); pick"),
     ({"refiner_checkpoint": REFINER, "refiner_switch_at": 0}, "refiner_switch_at: must be above 0 and at most 1"),

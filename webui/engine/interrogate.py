@@ -40,10 +40,9 @@ class InterrogateError(InvalidRequest):
 
 @dataclass
 class _Loaded:
-    """A model and its processor, where they were read from, and (CLIP) the topic words' embeddings."""
+    """A model and its processor, and (CLIP) the topic words' embeddings."""
     model: Any
     processor: Any
-    source: Path
     words: dict[str, torch.Tensor] | None = None
 
 
@@ -140,7 +139,7 @@ class Interrogator:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise InterrogateError(f"Interrogate: {what} in {source} could not be read ({err}); put a transformers "
                                    f"copy of {repo} there (its config.json, tokenizer and weights)") from err
-        return _Loaded(model, processor, source)
+        return _Loaded(model, processor)
 
     def _fetch(self, folder: Path, repo: str, what: str) -> Path:
         if not self.downloads:
