@@ -291,6 +291,25 @@ def test_generate_stays_greyed_out_while_the_tabs_job_runs_even_after_a_resume_t
         assert after(ui, chain)(session).interactive is True, chain
 
 
+def test_a_page_load_greys_generate_out_only_where_the_tab_has_a_job_to_resume(ui, ui_services):
+    # Greyed out on every load, a Generate clicked while the page still loads was lost (the click on a greyed button).
+    [wiring] = [fn for fn in ui.blocks.fns.values() if getattr(fn.fn, "__name__", "") == "resume_button"
+                and [block.elem_id for block in fn.outputs] == ["txt2img_generate"]]
+    greyed = wiring.fn
+    assert is_skip(greyed("a-fresh-tab")) and is_skip(greyed(""))
+    session = Session()
+    session.tab = "tab-with-a-job"
+    thread, _ = run_in_thread(ui, session, steps=150, n_iter=1)
+    worker = ui_services.worker
+    wait_for(lambda: session.job_id and worker.get(session.job_id).progress.step > 0, what="job running")
+    try:
+        assert greyed("tab-with-a-job").interactive is False
+        assert is_skip(greyed("another-tab"))
+    finally:
+        worker.cancel(session.job_id)
+        thread.join(30)
+
+
 def test_the_model_status_is_said_again_after_a_run_unless_a_load_is_on_its_way(ui, ui_services, monkeypatch):
     # Another tab may have loaded another model since this page last said; this run loaded the tab's own.
     status_after_run = after(ui, "show_selected")

@@ -293,9 +293,19 @@ class GenerationActions(SeveralRuns):
         session.start(job)
         yield from self._follow(session, job)
 
+    def resume_button(self, tab: str | None):
+        """Generate greyed out when the page loads in a tab whose job of this kind is still unfinished; else left
+        as it is (a click made meanwhile must count)."""
+        job = self.worker.unfinished_job_of(self._owner_of_tab(tab), self.kind) if tab else None
+        return busy_button() if job is not None else gr.skip()
+
+    @classmethod
+    def _owner(cls, session: Session) -> str | None:
+        return cls._owner_of_tab(session.tab)
+
     @staticmethod
-    def _owner(session: Session) -> str | None:
-        return f"ui-tab:{session.tab}" if session.tab else None
+    def _owner_of_tab(tab: str | None) -> str | None:
+        return f"ui-tab:{tab}" if tab else None
 
     def _follow(self, session: Session, job: Job) -> Iterator[tuple]:
         shown_images, shown_preview = 0, -1
@@ -848,10 +858,12 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                      show_progress="hidden")
     model_status = dict(fn=models.status_after_run, outputs=[picker.status], api_visibility="private", show_progress="hidden")
 
-    def follow_run(trigger: Callable, fn: Callable, inputs: list, **api) -> Any:
-        """On trigger: Generate greyed out, fn's run followed to its end, then Generate back and the model's status."""
-        run = trigger(busy_button, **button_state).then(fn, inputs=inputs, outputs=run_outputs, show_progress="hidden",
-                                                        concurrency_limit=None, **api)
+    def follow_run(trigger: Callable, fn: Callable, inputs: list, greyed: Callable = busy_button,
+                   greyed_inputs: list | None = None, **api) -> Any:
+        """On trigger: Generate greyed out (by `greyed`), fn's run followed to its end, then Generate back and the
+        model's status."""
+        run = trigger(greyed, inputs=greyed_inputs, **button_state).then(
+            fn, inputs=inputs, outputs=run_outputs, show_progress="hidden", concurrency_limit=None, **api)
         run.then(actions.generate_button, inputs=[session], **button_state).then(**after_run).then(**model_status)
         return run
 
@@ -870,7 +882,9 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                            show_progress="hidden", concurrency_limit=None)
     else:
         generate_events = [follow_run(generate.click, actions.generate, [session, *request_inputs], api_name=kind)]
-    follow_run(tab_token.change, actions.resume, [session, tab_token], api_visibility="private")
+    # Greyed out only where there is a job to resume: a Generate clicked while the page loads is not lost.
+    follow_run(tab_token.change, actions.resume, [session, tab_token], greyed=actions.resume_button,
+               greyed_inputs=[tab_token], api_visibility="private")
     interrupt.click(actions.interrupt, inputs=[session], outputs=[], **_api(kind, "interrupt"), show_progress="hidden")
     skip.click(actions.skip, inputs=[session], outputs=[], **_api(kind, "skip"), show_progress="hidden")
     gallery.select(actions.select_image, inputs=[session], outputs=[session, infotext],
