@@ -33,3 +33,20 @@ def running_services(models_dir, outdir, **settings):
 def noise_picture(seed: int, width: int = 64, height: int = 64) -> Image.Image:
     """A picture of random pixels: two seeds give two pictures."""
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def fingerprint(module) -> float:
+    """A model part told apart by its weights: the sum of its first parameter."""
+    return round(float(next(module.parameters()).double().sum()), 6)
+
+
+def spy_on(monkeypatch, model_class, method: str, names: dict[float, str], seen: list, note=lambda name, *a, **k: name):
+    """From now on every call of model_class.method appends note(the model's name, the call's arguments) to seen; the
+    model is named by its fingerprint in `names` ("?" for one not there)."""
+    original = getattr(model_class, method)
+
+    def spy(self, *args, **kwargs):
+        seen.append(note(names.get(fingerprint(self), "?"), *args, **kwargs))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_class, method, spy)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY
-from tests.helpers import running_services
+from tests.helpers import fingerprint, running_services, spy_on
 from tests.tiny_sd import save_tiny_model, tiny_components
 from webui.schemas import SAME_CHECKPOINT, InvalidRequest, JobState
 from webui.storage.infotext import request_fields_from_infotext
@@ -53,20 +53,14 @@ def calls(models, monkeypatch):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    def fingerprint(module):
-        return round(float(next(module.parameters()).double().sum()), 6)
-
     names = {}
     for name in (TINY, HIRES, REFINER):
         names[fingerprint(UNet2DConditionModel.from_pretrained(models / name / "unet"))] = name
         names[fingerprint(CLIPTextModel.from_pretrained(models / name / "text_encoder"))] = name
     seen = []
     for part, model_class in (("unet", UNet2DConditionModel), ("text", CLIPTextModel)):
-        def spy(self, *args, _forward=model_class.forward, _part=part, **kwargs):
-            seen.append((_part, names.get(fingerprint(self), "?")))
-            return _forward(self, *args, **kwargs)
-
-        monkeypatch.setattr(model_class, "forward", spy)
+        spy_on(monkeypatch, model_class, "forward", names, seen,
+               lambda name, *args, _part=part, **kwargs: (_part, name))
     return seen
 
 
@@ -322,16 +316,10 @@ def test_a_picture_upscaler_decodes_with_the_first_models_vae_and_encodes_with_t
         services, models, monkeypatch):
     from diffusers import AutoencoderKL
 
-    def fingerprint(module):
-        return round(float(next(module.parameters()).double().sum()), 6)
-
     names = {fingerprint(AutoencoderKL.from_pretrained(models / name / "vae")): name for name in (TINY, REFINER)}
     seen = []
     for method in ("encode", "decode"):
-        def spy(self, *args, _method=getattr(AutoencoderKL, method), _name=method, **kwargs):
-            seen.append((_name, names.get(fingerprint(self), "?")))
-            return _method(self, *args, **kwargs)
-
-        monkeypatch.setattr(AutoencoderKL, method, spy)
+        spy_on(monkeypatch, AutoencoderKL, method, names, seen,
+               lambda name, *args, _method=method, **kwargs: (_method, name))
     run(services, **HIRES_FIX, hr_upscaler="Lanczos", hr_checkpoint_name=REFINER)
     assert seen[:2] == [("decode", TINY), ("encode", REFINER)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY
-from tests.helpers import running_services
+from tests.helpers import fingerprint, running_services, spy_on
 from tests.tiny_sd import save_tiny_model
 from webui.schemas import InvalidRequest, JobState
 from webui.storage.infotext import request_fields_from_infotext
@@ -36,19 +36,11 @@ def unet_calls(models, monkeypatch):
     """(model name, timestep) of every UNet call, the model told by its weights (read here from the files)."""
     from diffusers import UNet2DConditionModel
 
-    def fingerprint(unet):
-        return round(float(unet.conv_in.weight.double().sum()), 6)
-
     names = {fingerprint(UNet2DConditionModel.from_pretrained(models / name / "unet")): name
              for name in (TINY, REFINER)}
     calls = []
-    forward = UNet2DConditionModel.forward
-
-    def spy(self, sample, timestep, *args, **kwargs):
-        calls.append((names.get(fingerprint(self), "?"), float(torch.as_tensor(timestep).flatten()[0])))
-        return forward(self, sample, timestep, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    spy_on(monkeypatch, UNet2DConditionModel, "forward", names, calls,
+           lambda name, sample, timestep, *args, **kwargs: (name, float(torch.as_tensor(timestep).flatten()[0])))
     return calls
 
 
