@@ -19,6 +19,7 @@ from webui.controlnet import (CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RE
                               controlnet_problem)
 from webui.engine.hires import HIRES_UPSCALERS, MAX_SCHEDULE, hires_size, schedule_steps
 from webui.engine.samplers import get_sampler, resolve_sampler
+from webui.engine.uncond_skip import MAX_NGMS
 from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE, UPSCALERS as SD_UPSCALERS
 
 MAX_PROMPT_CHARS = 2000
@@ -120,6 +121,14 @@ class GenerationRequest(BaseModel):
     tiling: bool = Field(False, description="pictures that tile seamlessly: right edge into left, bottom into top")
     color_correction: bool = Field(False, description="img2img: each result's colours matched to those of the picture "
                                                       "it started from, its lightness kept (A1111's setting)")
+    # A1111's sampler options that leave the negative prompt out of some model calls (webui/engine/uncond_skip.py).
+    s_min_uncond: float = Field(0.0, ge=0.0, le=MAX_NGMS, description="NGMS (Negative Guidance minimum sigma): below "
+                                "this noise level every other model call leaves the negative prompt out, which is "
+                                "faster (0: off; A1111's s_min_uncond)")
+    s_min_uncond_all: bool = Field(False, description="NGMS leaves the negative prompt out of every call below its "
+                                                      "sigma, not every other one")
+    skip_early_cond: float = Field(0.0, ge=0.0, le=1.0, description="Skip Early CFG: the part of the steps, from the "
+                                   "start, run without the negative prompt (0: none; A1111's skip_early_cond)")
     # What a script run through several jobs (Loopback) writes into each picture's infotext, as A1111's
     # extra_generation_params; only the keys in SCRIPT_INFOTEXT_KEYS.
     script_params: dict[str, StrictStr | StrictFloat | StrictInt] = Field(default_factory=dict, description="infotext keys a script adds")

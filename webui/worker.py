@@ -866,6 +866,7 @@ class Worker:
             "Tiling": True if request.tiling else None,
             "Color correction": True if request.color_correction and request.is_img2img else None,
             "Pad conds": True if self.engine.pads_prompts(request) else None,
+            **_uncond_skip_infotext(request),
             "Lora hashes": self.engine.lora_hashes(request),
             "TI hashes": self.engine.ti_hashes(request),
             "NSFW": "blacked out by the safety checker" if result.nsfw else None,
@@ -1096,6 +1097,12 @@ def _inpainting_infotext(request: GenerationRequest) -> dict[str, Any]:
             "Masked content": None if request.inpainting_fill == 1 else MASKED_CONTENT[request.inpainting_fill],
             "Inpaint area": INPAINT_AREAS[1] if only_masked else None,
             "Masked area padding": request.inpaint_full_res_padding if only_masked else None}
+
+
+def _uncond_skip_infotext(request: GenerationRequest) -> dict[str, Any]:
+    """A1111's keys for the sampler options that leave the negative prompt out of some calls, when they are set."""
+    return {"Skip Early CFG": request.skip_early_cond or None, "NGMS": request.s_min_uncond or None,
+            "NGMS all steps": True if request.s_min_uncond and request.s_min_uncond_all else None}
 
 
 def _hires_infotext(request: GenerationRequest) -> dict[str, Any]:

@@ -82,6 +82,7 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Styles", "text", _add_styles),
     AxisType("Refiner checkpoint", "text", _setter("refiner_checkpoint")),  # None: no refiner
     AxisType("Refiner switch at", "float", _setter("refiner_switch_at")),
+    AxisType("Negative Guidance minimum sigma", "float", _setter("s_min_uncond")),
 )}
 
 

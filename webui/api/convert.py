@@ -149,6 +149,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         # (read by the schema: "false" is false, and a value that is no boolean is refused under its name)
         correction = overrides.get("img2img_color_correction")
         data["color_correction"] = False if correction is None else correction
+    data |= uncond_skip_fields(req)
     script, refused = script_fields(req)
     data |= script
     problems.extend(refused)
@@ -298,6 +299,15 @@ def clip_skip_for(req: GenerationBody, option: int, loaded: LoadedModel | None) 
                      f"{loaded.entry.name}'s text encoder; it ran with {deepest}"]
 
 
+def uncond_skip_fields(req: GenerationBody) -> dict[str, Any]:
+    """A1111's NGMS and Skip Early CFG: s_min_uncond as a field or an override, the others as overrides (the
+    schema checks the values, under the names client_field_names gives)."""
+    overrides = req.override_settings or {}
+    given = {"s_min_uncond": req.s_min_uncond if req.s_min_uncond is not None else overrides.get("s_min_uncond"),
+             "s_min_uncond_all": overrides.get("s_min_uncond_all"), "skip_early_cond": overrides.get("skip_early_cond")}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def clip_skip_field(req: GenerationBody) -> str:
     """Where a request's clip skip came from, named as the client sent it."""
     if (req.override_settings or {}).get("CLIP_stop_at_last_layers") is not None:
@@ -312,6 +322,9 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
     names = {"clip_skip": clip_skip_field(req), "model": "override_settings.sd_model_checkpoint",
              "sd_vae": "override_settings.sd_vae" if (req.override_settings or {}).get("sd_vae") is not None
              else "infotext (VAE)" if req.infotext and "VAE" in parse_infotext(req.infotext)[2] else "sd_vae"}
+    names |= {name: f"override_settings.{name}" for name in ("s_min_uncond_all", "skip_early_cond")}
+    if req.s_min_uncond is None:
+        names["s_min_uncond"] = "override_settings.s_min_uncond"
     if isinstance(req, Img2ImgRequest):
         names["init_image"] = "init_images[0]"
         names["color_correction"] = "override_settings.img2img_color_correction"

@@ -44,7 +44,8 @@ class GenerationBody(BaseModel):
     override_settings: dict[str, Any] | None = Field(
         None, description="honoured keys: sd_model_checkpoint (switches the model), CLIP_stop_at_last_layers "
                           "(else the one set with POST /sdapi/v1/options), sd_vae, img2img_color_correction (img2img: "
-                          "the results' colours matched to the picture's)")
+                          "the results' colours matched to the picture's), s_min_uncond, s_min_uncond_all, "
+                          "skip_early_cond (A1111's NGMS and Skip Early CFG)")
     send_images: bool = True
     save_images: bool = Field(False, description="also write the PNGs to outputs/ and the history")
     # The most of an infotext that is ever read: room for prompts and extensions' long parameter lines.
@@ -70,12 +71,16 @@ class GenerationBody(BaseModel):
                                           "positions (GET /sdapi/v1/script-info); those left out or null take "
                                           "A1111's defaults")
     alwayson_scripts: dict[str, Any] | None = Field(default_factory=dict)
+    s_min_uncond: float | None = Field(None, description="NGMS (Negative Guidance minimum sigma): below this noise "
+                                       "level every other model call leaves the negative prompt out (null: "
+                                       "override_settings.s_min_uncond, else 0, off); override_settings."
+                                       "s_min_uncond_all makes it every call, override_settings.skip_early_cond "
+                                       "(0 to 1) leaves it out of that part of the steps from the start")
 
     # --- accepted and ignored (sampler fine-tuning, A1111 internals) ------------------------------
     do_not_save_samples: bool | None = False
     do_not_save_grid: bool | None = False
     eta: float | None = None
-    s_min_uncond: float | None = None
     s_churn: float | None = None
     s_tmax: float | None = None
     s_tmin: float | None = None

@@ -44,6 +44,7 @@ from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, p
 from webui.engine.prompts import chunk_count, encode_parts, encode_prompt_pair, token_count
 from webui.engine.refiner import first_refiner_call, kind_of_pipeline, kind_problem, pass_timesteps
 from webui.engine.samplers import make_scheduler
+from webui.engine.uncond_skip import SkipCalls, UncondSkip, skip_plan, skipping_uncond
 from webui.schemas import MASKED_CONTENT, MAX_PROMPT_CHARS, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -546,6 +547,16 @@ class Engine:
         scheduler = make_scheduler(self._base_scheduler_config, *sampler)
         return first_refiner_call(pass_timesteps(scheduler, schedule, steps), request.refiner_switch_at)
 
+    def _uncond_skips(self, request: GenerationRequest, steps: int, schedule: int, sampler: tuple[str, str],
+                      images: int) -> SkipCalls | None:
+        """The model calls of this pass that leave the negative prompt out (Skip Early CFG, NGMS), or None."""
+        skip = UncondSkip(request.skip_early_cond, request.s_min_uncond, request.s_min_uncond_all)
+        if not skip.active or request.cfg_scale <= 1:
+            return None
+        scheduler = make_scheduler(self._base_scheduler_config, *sampler)
+        plan = skip_plan(skip, pass_timesteps(scheduler, schedule, steps), scheduler.alphas_cumprod)
+        return SkipCalls(plan, images) if any(plan) else None
+
     def pending_compiles(self, request: GenerationRequest, batch_size: int) -> list[str]:
         """The parts ("UNet", "VAE decoder") that will compile before this batch can run: a compiled
         model at shapes it has not run yet."""
@@ -727,6 +738,7 @@ class Engine:
         refiner_call = self._refiner_call(request, steps, schedule, sampler)
         weights = _part_weights(phases)
         control = run.control and ControlPass(run.control, pipe, steps, pipe.vae_scale_factor)
+        skips = self._uncond_skips(request, steps, schedule, sampler, len(run.generators))
         hooks = contextlib.ExitStack()  # a refiner's UNet gets the hooks the model's has
 
         def encode():
@@ -741,6 +753,7 @@ class Engine:
             hooks.enter_context(composed_guidance(pipeline.unet, weights))
             hooks.enter_context(controlled(pipeline.unet, control))
             hooks.enter_context(extra_input(pipeline.unet, extra))
+            hooks.enter_context(skipping_uncond(pipeline.unet, skips))
 
         embeddings = encode()
 
@@ -768,10 +781,10 @@ class Engine:
             raise ValueError("this model is LCM-distilled and runs without classifier-free guidance, which AND and a "
                              "prompt's own weight need; remove them, or pick another model")
         # A composed pass runs a row per part: another batch shape, and hooks a compiled graph would bake in; a
-        # controlled one gives the UNet inputs of its own.
-        eager = uncompiled() if weights is not None or control else contextlib.nullcontext()
+        # controlled one gives the UNet inputs of its own; one that skips the negative rows, a batch half as large.
+        eager = uncompiled() if weights is not None or control or skips else contextlib.nullcontext()
         with (eager, composed_guidance(pipe.unet, weights), controlled(pipe.unet, control), extra_input(pipe.unet, extra),
-              hooks):
+              skipping_uncond(pipe.unet, skips), hooks):
             if refiner_call == 0:  # the pass starts past the switch (img2img, the hires fix)
                 to_refiner(pipe)
             latents = pipe(

@@ -60,6 +60,9 @@ _REQUEST_FIELDS = {
     "Color correction": ("color_correction", lambda value: value.strip().lower() == "true"),
     "Refiner": ("refiner_checkpoint", str),  # its title, "name [short hash]", which finds it as a model name does
     "Refiner switch at": ("refiner_switch_at", float),
+    "Skip Early CFG": ("skip_early_cond", float),
+    "NGMS": ("s_min_uncond", float),
+    "NGMS all steps": ("s_min_uncond_all", lambda value: value.strip().lower() == "true"),
 }
 
 
@@ -150,6 +153,9 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         # to a page set to batch 4 would otherwise be made again inside a batch, a few pixel values off.
         fields["clip_skip"] = fields["batch_size"] = 1
         fields["tiling"] = fields["color_correction"] = False
+        # Left out when off: a picture made without them is made again without them.
+        fields["skip_early_cond"] = fields["s_min_uncond"] = 0.0
+        fields["s_min_uncond_all"] = False
         fields["refiner_checkpoint"] = ""  # A1111 leaves the key out without a refiner: none was used
         fields["seed_resize_from_w"] = fields["seed_resize_from_h"] = 0
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation

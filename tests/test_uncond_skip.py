@@ -1,0 +1,198 @@
+"""A1111's Skip Early CFG and NGMS (Negative Guidance minimum sigma): which model calls leave the negative prompt
+out, the UNet hooks that do it, and the request fields through the engine, the worker, the infotext, the page and
+the API."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from webui.engine.composable import composed_guidance
+from webui.engine.uncond_skip import SkipCalls, UncondSkip, sigmas_at, skip_plan, skipping_uncond
+from webui.schemas import GenerationRequest, JobState
+from webui.storage.infotext import request_fields_from_infotext
+
+
+def sd_alphas_cumprod() -> torch.Tensor:
+    """SD 1.x's schedule (scaled linear betas from 0.00085 to 0.012 over 1000 steps), worked out here."""
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    return torch.tensor(np.cumprod(1 - betas))
+
+
+def test_a_sigma_is_the_noise_to_signal_ratio_of_the_timestep():
+    alphas = sd_alphas_cumprod()
+    for t in (0, 250, 999):
+        a = float(alphas[t])
+        assert sigmas_at([t], alphas)[0] == pytest.approx(((1 - a) / a) ** 0.5)
+    assert sigmas_at([999], alphas)[0] == pytest.approx(14.6146, abs=1e-3)  # SD's largest sigma, as A1111 shows it
+    low, mid, high = sigmas_at([100, 100.5, 101], alphas)
+    assert low < mid < high and mid == pytest.approx((low * high) ** 0.5, rel=1e-6)  # between, on a log scale
+
+
+def test_skip_early_cfg_skips_the_first_part_of_the_calls():
+    alphas = sd_alphas_cumprod()
+    timesteps = list(range(999, -1, -100))  # ten calls
+    assert skip_plan(UncondSkip(early=0.3), timesteps, alphas) == [True] * 4 + [False] * 6  # 0/10 ... 3/10
+    assert skip_plan(UncondSkip(early=1.0), timesteps, alphas) == [True] * 10
+    assert skip_plan(UncondSkip(), timesteps, alphas) == [False] * 10
+
+
+def test_ngms_skips_every_other_call_below_its_sigma_or_every_call_with_all_steps():
+    alphas = sd_alphas_cumprod()
+    timesteps = list(range(999, -1, -100))
+    sigmas = [((1 - float(alphas[t])) / float(alphas[t])) ** 0.5 for t in timesteps]
+    below = [sigma < 1.0 for sigma in sigmas]
+    assert any(below) and not all(below)
+    assert skip_plan(UncondSkip(min_sigma=1.0), timesteps, alphas) == [b and i % 2 == 1 for i, b in enumerate(below)]
+    assert skip_plan(UncondSkip(min_sigma=1.0, all_steps=True), timesteps, alphas) == below
+
+
+class RowUNet(torch.nn.Module):
+    """A stand-in UNet whose prediction for a row depends on that row's text alone; it records its batch sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, sample, timestep, encoder_hidden_states=None):
+        self.batches.append(sample.shape[0])
+        return (sample + encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1),)
+
+
+def guided(unet, sample, states, cfg):
+    """What a diffusers pipeline does with a guided batch: uncond + cfg * (cond - uncond)."""
+    uncond, cond = unet(torch.cat([sample, sample]), 0, encoder_hidden_states=states)[0].chunk(2)
+    return uncond + cfg * (cond - uncond)
+
+
+def test_a_skipped_call_runs_the_positive_rows_alone_and_gives_their_prediction():
+    unet, sample = RowUNet(), torch.zeros(2, 4, 8, 8)
+    negative, positive = torch.full((2, 3, 5), 1.0), torch.stack([torch.full((3, 5), 2.0), torch.full((3, 5), 3.0)])
+    states = torch.cat([negative, positive])
+    with skipping_uncond(unet, SkipCalls([True, False], images=2)):
+        skipped = guided(unet, sample, states, cfg=7.0)
+        kept = guided(unet, sample, states, cfg=7.0)
+    assert unet.batches == [2, 4]
+    assert torch.equal(skipped[:, 0, 0, 0], torch.tensor([2.0, 3.0]))  # the positive prediction, unguided
+    assert torch.equal(kept[:, 0, 0, 0], torch.tensor([1 + 7 * 1.0, 1 + 7 * 2.0]))
+    unet.batches.clear()
+    guided(unet, sample, states, cfg=7.0)  # outside: the hooks are gone
+    assert unet.batches == [4]
+
+
+def test_an_unguided_batch_is_left_alone():
+    unet = RowUNet()
+    with skipping_uncond(unet, SkipCalls([True], images=2)):
+        out = unet(torch.zeros(2, 4, 8, 8), 0, encoder_hidden_states=torch.ones(2, 3, 5))[0]
+    assert unet.batches == [2] and torch.equal(out, torch.ones(2, 4, 8, 8))
+
+
+def test_a_composed_prompt_skipped_takes_a1111s_guidance_at_scale_one():
+    # Two parts weighted 1 and 0.5; A1111 stands the first part's prediction in for the negative one and combines
+    # at scale 1: c0 + 1 * (c0 - c0) + 0.5 * (c1 - c0).
+    unet, sample = RowUNet(), torch.zeros(1, 4, 8, 8)
+    negative = torch.full((1, 6, 5), 1.0)
+    parts = torch.cat([torch.full((1, 3, 5), 2.0), torch.full((1, 3, 5), 4.0)], dim=1)  # parts along the tokens
+    with composed_guidance(unet, [1.0, 0.5]), skipping_uncond(unet, SkipCalls([True], images=1)):
+        out = guided(unet, sample, torch.cat([negative, parts]), cfg=7.0)
+    assert unet.batches == [2]  # the two parts' rows, no negative row
+    assert out[0, 0, 0, 0].item() == pytest.approx(2.0 + 0.5 * (4.0 - 2.0))
+
+
+QUICK = {"prompt": "a lighthouse", "negative_prompt": "fog", "steps": 4, "seed": 11, "width": 64, "height": 64,
+         "cfg_scale": 7.0, "sampler_name": "Euler"}
+
+
+def pixels(engine, **fields) -> np.ndarray:
+    request = GenerationRequest(**(QUICK | fields))
+    return np.asarray(engine.generate(request, [request.seed])[0].image, dtype=np.int16)
+
+
+def test_skipping_every_call_draws_the_picture_guidance_1_draws(engine):
+    unguided = pixels(engine, cfg_scale=1.0)
+    assert np.array_equal(pixels(engine, skip_early_cond=1.0), unguided)
+    # NGMS above the largest sigma, every step: every call too
+    assert np.array_equal(pixels(engine, s_min_uncond=15.0, s_min_uncond_all=True), unguided)
+
+
+def test_skipping_some_calls_changes_the_picture_and_reproduces(engine):
+    plain, unguided = pixels(engine), pixels(engine, cfg_scale=1.0)
+    early = pixels(engine, skip_early_cond=0.5)
+    assert not np.array_equal(early, plain) and not np.array_equal(early, unguided)
+    assert np.array_equal(pixels(engine, skip_early_cond=0.5), early)
+    ngms = pixels(engine, s_min_uncond=15.0)  # every other call
+    assert not np.array_equal(ngms, plain) and not np.array_equal(ngms, unguided)
+    assert np.array_equal(pixels(engine), plain)  # the hooks left nothing behind
+
+
+def test_the_hires_pass_skips_too(engine):
+    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "hr_second_pass_steps": 2}
+    assert np.array_equal(pixels(engine, skip_early_cond=1.0, **hires), pixels(engine, cfg_scale=1.0, **hires))
+
+
+@pytest.mark.parametrize("fields, problem", [({"skip_early_cond": 1.5}, "skip_early_cond"),
+                                             ({"s_min_uncond": -1}, "s_min_uncond"),
+                                             ({"s_min_uncond": 16}, "s_min_uncond")])
+def test_values_out_of_range_are_refused_by_name(fields, problem):
+    from webui.schemas import InvalidRequest, parse_request
+
+    with pytest.raises(InvalidRequest, match=problem):
+        parse_request(QUICK | fields)
+
+
+@pytest.fixture(scope="module")
+def services(models_dir, tmp_path_factory):
+    from tests.helpers import running_services
+
+    yield from running_services(models_dir, tmp_path_factory.mktemp("uncond") / "outputs")
+
+
+def finished(services, request):
+    job = services.worker.submit(request)
+    assert job.wait(120) and job.state is JobState.DONE, job.error
+    return job
+
+
+def test_the_infotext_says_so_in_a1111s_keys_and_a_paste_puts_them_back(services):
+    job = finished(services, QUICK | {"skip_early_cond": 0.25, "s_min_uncond": 2.5, "s_min_uncond_all": True})
+    infotext = job.images[0].infotext
+    assert "Skip Early CFG: 0.25" in infotext and "NGMS: 2.5" in infotext and "NGMS all steps: True" in infotext
+    pasted = request_fields_from_infotext(infotext)
+    assert (pasted["skip_early_cond"], pasted["s_min_uncond"], pasted["s_min_uncond_all"]) == (0.25, 2.5, True)
+    plain = finished(services, QUICK).images[0].infotext
+    assert "Skip Early CFG" not in plain and "NGMS" not in plain
+    assert request_fields_from_infotext(plain)["s_min_uncond"] == 0.0  # a paste turns them off again
+
+
+def test_the_api_takes_the_field_and_a1111s_override_settings(services):
+    from fastapi.testclient import TestClient
+    from webui.api import create_api_app
+
+    body = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed": 3}
+    with TestClient(create_api_app(services)) as client:
+        given = client.post("/sdapi/v1/txt2img", json=body | {"s_min_uncond": 1.5, "override_settings": {
+            "skip_early_cond": 0.5, "s_min_uncond_all": True}})
+        overridden = client.post("/sdapi/v1/txt2img", json=body | {"override_settings": {"s_min_uncond": 2}})
+        bad = client.post("/sdapi/v1/txt2img", json=body | {"override_settings": {"skip_early_cond": 3}})
+    assert given.status_code == 200, given.text[:300]
+    info = given.json()["info"]
+    assert "NGMS: 1.5" in info and "NGMS all steps: True" in info and "Skip Early CFG: 0.5" in info
+    assert "NGMS: 2" in overridden.json()["info"]
+    assert bad.status_code == 422 and "override_settings.skip_early_cond:" in bad.json()["detail"], bad.text
+
+
+def test_the_tabs_have_the_controls_and_the_plot_an_axis(services):
+    from webui.ui.blocks import create_ui
+    from webui.ui.params import IMG2IMG_FIELDS, TXT2IMG_FIELDS
+    from webui.xyz_plot import plan, read_axis
+
+    ui = create_ui(services)
+    for kind, tab in (("txt2img", ui.txt2img), ("img2img", ui.img2img)):
+        assert tab.widgets["s_min_uncond"].elem_id == f"{kind}_s_min_uncond"
+        assert tab.widgets["skip_early_cond"].elem_id == f"{kind}_skip_early_cond"
+        assert {"s_min_uncond", "s_min_uncond_all", "skip_early_cond"} <= set(tab.field_names)
+    assert "s_min_uncond" in TXT2IMG_FIELDS and "s_min_uncond" in IMG2IMG_FIELDS
+    axes = [read_axis("X", "Negative Guidance minimum sigma", "0, 2.5"), read_axis("Y", "Nothing", ""),
+            read_axis("Z", "Nothing", "")]
+    cells = plan(QUICK, axes).cells
+    assert [cell.request["s_min_uncond"] for cell in cells] == [0.0, 2.5]
