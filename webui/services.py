@@ -61,7 +61,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     _tidy_up(history, outputs, fail_unfinished_jobs=alone, models_dir=Path(settings.models_dir))
     styles = StyleStore(settings.styles_path)
     worker = Worker(engine, outputs, history, max_queue=settings.queue_size,
-                    preview_every=settings.preview_every, styles=styles).start()
+                    preview_every=settings.preview_every, styles=styles, options=options).start()
     services = Services(settings, registry, engine, outputs, history, worker, styles, options)
     if load_model:
         try:

@@ -43,7 +43,9 @@ from webui.storage.history import History
 from webui.storage.infotext import build_infotext
 from webui.storage.outputs import NamedCopy, OutputStore, make_grid
 from webui.sd_upscale import TileLayout, enlarge, tile_layout
+from webui.storage.options import OptionsStore
 from webui.storage.styles import StyleStore
+from webui.prompt_comments import PROMPT_FIELDS, without_comments
 
 log = logging.getLogger(__name__)
 _JOB_ROW_MISSING = "the job is missing from the history"
@@ -207,11 +209,13 @@ class _Call:
 
 class Worker:
     def __init__(self, engine: Engine, outputs: OutputStore, history: History, *,
-                 max_queue: int = 64, preview_every: int = 5, styles: StyleStore | None = None):
+                 max_queue: int = 64, preview_every: int = 5, styles: StyleStore | None = None,
+                 options: OptionsStore | None = None):
         self.engine = engine
         self.outputs = outputs
         self.history = history
         self.styles = styles
+        self.options = options or OptionsStore(None)  # the Settings tab's (prompt comments)
         self.max_queue = max_queue
         self.preview_every = preview_every
         self._queue: collections.deque[Job | _Call] = collections.deque()
@@ -266,7 +270,7 @@ class Worker:
         `color_reference`: the picture colour correction matches the results to, where not the start picture (as
         A1111's Loopback, whose every loop is matched to the run's first picture so the colours do not drift)."""
         picture = init_image
-        request, init_image, inpainting = _with_init_image(self._with_styles(parse_request(request)), init_image, mask)
+        request, init_image, inpainting = _with_init_image(self._prepared(request), init_image, mask)
         request, control_image = _with_control_image(request, control_image, picture)
         self._check_runnable(request)
         warnings = list(warnings or [])
@@ -302,8 +306,17 @@ class Worker:
     def check(self, request: GenerationRequest | dict) -> GenerationRequest:
         """What submit would refuse (InvalidRequest, LoraError), found without queuing anything: for runs of several
         jobs, checked whole before the first starts. The request with its styles joined in."""
-        request = self._with_styles(parse_request(request))
+        request = self._prepared(request)
         self._check_runnable(request)
+        return request
+
+    def _prepared(self, request: GenerationRequest | dict) -> GenerationRequest:
+        """The request checked, with its styles joined in, then its prompts' comments left out (A1111's order)."""
+        request = self._with_styles(parse_request(request))
+        if self.options.current().enable_prompt_comments:
+            stripped = without_comments(request.model_dump(include=set(PROMPT_FIELDS)))
+            if stripped:
+                request = parse_request(request.model_dump() | stripped)
         return request
 
     def _check_runnable(self, request: GenerationRequest) -> None:

@@ -43,6 +43,8 @@ class SavedOptions(BaseModel):
                                                           "[model_name]/[date]); empty: [date]")
     save_txt: bool = Field(False, description="also write the infotext into a .txt file of the same name beside "
                                               "each saved image and grid")
+    enable_prompt_comments: bool = Field(True, description="a # in a prompt leaves the rest of its line out of what "
+                                                           "is drawn (and of the infotext)")
 
     @field_validator("samples_format", "grid_format", mode="before")
     @classmethod

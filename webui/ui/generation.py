@@ -48,6 +48,7 @@ from webui.ui.progress import (error_html, final_html, progress_html, timing_htm
 from webui.ui.session import Session, show_images
 from webui.ui.several_runs import SeveralRuns
 from webui.worker import Job, QueueFull, WorkerStopped
+from webui.prompt_comments import strip_comments
 from webui.prompt_matrix import matrix_plot
 from webui.xyz_plot import AXIS_NAMES, SCRIPT, plan, read_axis
 
@@ -76,6 +77,7 @@ class GenerationActions(SeveralRuns):
         self.models = models
         self.styles = services.styles
         self.outputs = services.outputs
+        self.options = services.options
         # As History's Delete: on a server shared without a login, visitors may not change what all share.
         self.can_edit_styles = not (services.settings.public and not services.settings.gradio_auth)
         self.reads_server_folders = services.settings.reads_server_folders  # Batch's Input directory
@@ -549,6 +551,8 @@ class GenerationActions(SeveralRuns):
     def count_tokens(self, text: str, steps: float = 20, negative: bool = False) -> str:
         if len(text or "") > MAX_PROMPT_CHARS:  # Generate would refuse it: say so while it is typed
             return too_long_counter(len(text), MAX_PROMPT_CHARS)
+        if self.options.current().enable_prompt_comments:  # comments are not drawn: not counted either
+            text = strip_comments(text or "")
         try:
             return token_counter(self.engine.count_tokens(text or "", max(1, int(steps or 20)), negative))
         except Exception:  # the tokenizer is shared with the worker thread; a clash is not worth an error

@@ -16,7 +16,8 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "jpeg_quality": "Quality for saved jpg and webp images",
           "samples_filename_pattern": "Images filename pattern", "save_to_dirs": "Save images to a subdirectory",
           "grid_save_to_dirs": "Save grids to a subdirectory", "directories_filename_pattern": "Directory name pattern",
-          "save_txt": "Create a text file next to every image with generation parameters"}
+          "save_txt": "Create a text file next to every image with generation parameters",
+          "enable_prompt_comments": "Enable comments"}
 
 
 class SettingsActions:
@@ -114,6 +115,10 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
             elem_id="settings_directories_filename_pattern", interactive=editable),
         "save_txt": gr.Checkbox(current.save_txt, label=LABELS["save_txt"], elem_id="settings_save_txt",
                                 interactive=editable),
+        "enable_prompt_comments": gr.Checkbox(
+            current.enable_prompt_comments, label=LABELS["enable_prompt_comments"],
+            info="a # anywhere in a prompt hides the rest of its line from the generation",
+            elem_id="settings_enable_prompt_comments", interactive=editable),
     }
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=editable)
     result = gr.HTML("", elem_id="settings_result")
