@@ -439,6 +439,8 @@ def test_lists_and_memory(client):
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     memory = client.get("/sdapi/v1/memory").json()
     assert memory["ram"]["total"] > 0 and "cuda" in memory
+    ping = client.get("/internal/ping")  # A1111's, which clients call to test the connection
+    assert ping.status_code == 200 and ping.json() == {}
 
 
 def test_sd_models_refresh_and_switching_the_model_through_options(client, services):
