@@ -197,7 +197,9 @@ def _refusals() -> dict[str, tuple[dict, str]]:
         "resize mode 7": ({"init_images": [one], "resize_mode": 7}, "resize_mode: "),
         "strength above 1": ({"init_images": [one], "denoising_strength": 1.5}, "denoising_strength: "),
         "a picture of 144 megapixels": ({"init_images": [huge]}, "init_images[0]: the picture is 12000x12000"),
-        "noise multiplier": ({"init_images": [one], "initial_noise_multiplier": 0.5}, "initial_noise_multiplier: "),
+        "noise multiplier above 1.5": ({"init_images": [one], "initial_noise_multiplier": 2}, "initial_noise_multiplier: "),
+        "noise multiplier override of a word": ({"init_images": [one], "override_settings": {
+            "initial_noise_multiplier": "lots"}}, "override_settings.initial_noise_multiplier: "),
         "an unknown script": ({"init_images": [one], "script_name": "Outpainting mk2"},
                               "script_name: there is no img2img script 'Outpainting mk2'"),
         "SD upscale with an ESRGAN": ({"init_images": [one], "script_name": "SD upscale",

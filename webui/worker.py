@@ -878,6 +878,8 @@ class Worker:
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "Tiling": True if request.tiling else None,
             "Color correction": True if request.color_correction and request.is_img2img else None,
+            "Noise multiplier": request.initial_noise_multiplier
+            if request.initial_noise_multiplier != 1 and request.is_img2img else None,
             "Pad conds": True if self.engine.pads_prompts(request) else None,
             **_uncond_skip_infotext(request),
             "Lora hashes": self.engine.lora_hashes(request),

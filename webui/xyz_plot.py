@@ -83,6 +83,7 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Refiner checkpoint", "text", _setter("refiner_checkpoint")),  # None: no refiner
     AxisType("Refiner switch at", "float", _setter("refiner_switch_at")),
     AxisType("Negative Guidance minimum sigma", "float", _setter("s_min_uncond")),
+    AxisType("Initial noise multiplier", "float", _setter("initial_noise_multiplier")),
 )}
 
 

@@ -58,8 +58,6 @@ _UNSUPPORTED = (
                                              "hr_scale or hr_resize_x/hr_resize_y for the larger size"),
     ("mask_round", lambda v: v is False, "only a rounded latent mask is supported (send true or null)"),
     ("latent_mask", lambda v: v is not None, "a separate latent mask is not supported (send null)"),
-    ("initial_noise_multiplier", lambda v: v not in (None, 1), "a noise multiplier is not supported yet (send 1 "
-                                                               "or null)"),
 )
 # Infotext fields the `infotext` request field may fill (the model is left out on purpose: pasting
 # an infotext should not switch the server's model behind the client's back; its refiner runs for that job alone).
@@ -149,6 +147,10 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         # (read by the schema: "false" is false, and a value that is no boolean is refused under its name)
         correction = overrides.get("img2img_color_correction")
         data["color_correction"] = False if correction is None else correction
+        multiplier = req.initial_noise_multiplier
+        multiplier = overrides.get("initial_noise_multiplier") if multiplier is None else multiplier
+        if multiplier is not None:
+            data["initial_noise_multiplier"] = multiplier
     data |= uncond_skip_fields(req)
     script, refused = script_fields(req)
     data |= script
@@ -328,6 +330,8 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
     if isinstance(req, Img2ImgRequest):
         names["init_image"] = "init_images[0]"
         names["color_correction"] = "override_settings.img2img_color_correction"
+        if req.initial_noise_multiplier is None:
+            names["initial_noise_multiplier"] = "override_settings.initial_noise_multiplier"
         names |= scripts.sd_upscale_names()
     return names
 

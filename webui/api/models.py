@@ -149,8 +149,11 @@ class Img2ImgRequest(GenerationBody):
     inpaint_full_res_padding: int | None = Field(0, description="Only masked: pixels around the mask drawn too")
     inpainting_mask_invert: int | None = Field(0, description="1 draws the part outside the mask instead")
 
+    initial_noise_multiplier: float | None = Field(None, description="img2img: the noise the picture is noised with, "
+                                                   "times this, 0 to 1.5 (null: override_settings."
+                                                   "initial_noise_multiplier, else 1)")
+
     # --- accepted for compatibility; the adapter rejects values that ask for a missing feature --
-    initial_noise_multiplier: float | None = Field(None, description="only 1 (or null) is supported")
     mask_round: bool | None = Field(True, description="only true (or null) is supported")
     latent_mask: Any = Field(None, description="not supported: send null")
 

@@ -679,6 +679,8 @@ class Engine:
         """img2img's pass: the last denoising_steps of the steps, from the picture's latents noised to where they
         start; with inpainting, the picture's latents put back outside the mask after every step and at the end."""
         picture = self._start_latents(init_image, (noise.shape[-1], noise.shape[-2]), noise.shape[0])
+        if request.initial_noise_multiplier != 1:  # A1111's Noise multiplier for img2img
+            noise = noise * request.initial_noise_multiplier
         if inpainting is not None:
             run.masked = self._masked_start(picture, noise, inpainting)
             picture = run.masked.start

@@ -125,7 +125,7 @@ class GenerationActions(SeveralRuns):
                  controlnet_resize_mode: int = 1, controlnet_processor_res: int = 512,
                  controlnet_threshold_a: float = 100.0, controlnet_threshold_b: float = 200.0,
                  controlnet_pixel_perfect: bool = False, s_min_uncond: float = 0.0, s_min_uncond_all: bool = False,
-                 skip_early_cond: float = 0.0) -> Iterator[tuple]:
+                 skip_early_cond: float = 0.0, initial_noise_multiplier: float = 1.0) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -154,7 +154,8 @@ class GenerationActions(SeveralRuns):
             request |= {"refiner_checkpoint": refiner_checkpoint, "refiner_switch_at": refiner_switch_at}
         if self.kind == "img2img":
             request |= {"denoising_strength": denoising_strength, "resize_mode": resize_mode or 0,
-                        "color_correction": bool(color_correction)}
+                        "color_correction": bool(color_correction),
+                        "initial_noise_multiplier": 1.0 if initial_noise_multiplier is None else initial_noise_multiplier}
             if sd_upscale:
                 request |= {"sd_upscale": True, "sd_upscale_overlap": int(sd_upscale_overlap),
                             "sd_upscale_scale": float(sd_upscale_scale), "sd_upscale_upscaler": sd_upscale_upscaler}
@@ -685,20 +686,29 @@ def hires_fix_section(upscalers: list[str], model_names: list[str]) -> dict[str,
 
 
 
-def uncond_skip_section(kind: str) -> dict[str, Any]:
-    """A1111's sampler options that leave the negative prompt out of some steps (its Settings > Sampler
-    parameters; here per run, so one user's choice is not another's)."""
+def sampler_parameters_section(kind: str) -> dict[str, Any]:
+    """A1111's sampler options (its Settings > Sampler parameters; here per run, so one user's choice is not
+    another's): those that leave the negative prompt out of some steps, and img2img's noise multiplier."""
+    widgets = {}
     with gr.Accordion("Sampler parameters", open=False, elem_id=f"{kind}_sampler_parameters"):
         with gr.Row():
-            skip_early = gr.Slider(0, 1, value=0, step=0.01, label="Ignore negative prompt during early sampling",
-                                   info="the part of the steps, from the start, run without the negative prompt "
-                                        "(0: none); can make pictures more varied", elem_id=f"{kind}_skip_early_cond")
-            ngms = gr.Slider(0, MAX_NGMS, value=0, step=0.05, label="Negative Guidance minimum sigma",
-                             info="below this noise level every other step leaves the negative prompt out: faster "
-                                  "(0: off)", elem_id=f"{kind}_s_min_uncond")
-        ngms_all = gr.Checkbox(False, label="Negative Guidance minimum sigma all steps",
-                               info="every step below that sigma, not every other one", elem_id=f"{kind}_s_min_uncond_all")
-    return {"skip_early_cond": skip_early, "s_min_uncond": ngms, "s_min_uncond_all": ngms_all}
+            widgets["skip_early_cond"] = gr.Slider(
+                0, 1, value=0, step=0.01, label="Ignore negative prompt during early sampling",
+                info="the part of the steps, from the start, run without the negative prompt (0: none); can make "
+                     "pictures more varied", elem_id=f"{kind}_skip_early_cond")
+            widgets["s_min_uncond"] = gr.Slider(
+                0, MAX_NGMS, value=0, step=0.05, label="Negative Guidance minimum sigma",
+                info="below this noise level every other step leaves the negative prompt out: faster (0: off)",
+                elem_id=f"{kind}_s_min_uncond")
+        widgets["s_min_uncond_all"] = gr.Checkbox(False, label="Negative Guidance minimum sigma all steps",
+                                                  info="every step below that sigma, not every other one",
+                                                  elem_id=f"{kind}_s_min_uncond_all")
+        if kind == "img2img":
+            widgets["initial_noise_multiplier"] = gr.Slider(
+                0, 1.5, value=1, step=0.01, label="Noise multiplier for img2img",
+                info="the noise the picture is noised with, times this (1: as is)",
+                elem_id="img2img_initial_noise_multiplier")
+    return widgets
 
 def refiner_section(kind: str, model_names: list[str]) -> dict[str, gr.components.Component]:
     """A1111's "Refiner": another checkpoint does the rest of the denoising, from the switch point on."""
@@ -818,7 +828,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                                               info="0: off", elem_id=f"{kind}_seed_resize_from_w")
                     seed_resize_h = gr.Slider(0, MAX_SIZE, value=0, step=8, label="Resize seed from height",
                                               info="0: off", elem_id=f"{kind}_seed_resize_from_h")
-            uncond_skip_widgets = uncond_skip_section(kind)
+            sampler_widgets = sampler_parameters_section(kind)
             # A1111's Lora cards in a short form: the tag goes into the prompt, where it can be edited.
             with gr.Accordion("LoRA", open=False, elem_id=f"{kind}_lora"):
                 lora_name, lora_refresh = file_picker(actions.lora_names(), "LoRA", "the LoRA folder (models/Lora or "
@@ -872,7 +882,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                "model": picker.dropdown, "sd_vae": picker.vae,
                "subseed": subseed, "subseed_strength": subseed_strength, "seed_resize_from_w": seed_resize_w,
                "seed_resize_from_h": seed_resize_h, "styles": styles, **img2img_widgets, **refiner_widgets,
-               **({} if img2img else hires_widgets), **plot_widgets, **controlnet_widgets, **uncond_skip_widgets}
+               **({} if img2img else hires_widgets), **plot_widgets, **controlnet_widgets, **sampler_widgets}
     # A parameter the tab has no widget for goes in at generate()'s default, in its place.
     request_inputs = [widgets[name] if name in widgets else gr.State(REQUEST_DEFAULTS[name]) for name in REQUEST_PARAMS]
     run_outputs = [session, gallery, progress, preview, infotext, timing]

@@ -37,7 +37,7 @@ COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "step
                  *UNCOND_SKIP_FIELDS)
 INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding")
-IMG2IMG_FIELDS = (*COMMON_FIELDS, "color_correction", *INPAINTING_FIELDS, *IMG2IMG_SCRIPTS)
+IMG2IMG_FIELDS = (*COMMON_FIELDS, "color_correction", "initial_noise_multiplier", *INPAINTING_FIELDS, *IMG2IMG_SCRIPTS)
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
                 "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_checkpoint_name")
 # The Refiner section's Checkpoint when none is picked.
@@ -57,7 +57,7 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "scheduler": "Schedule type", "steps": "Sampling steps", "cfg_scale": "CFG scale", "width": "Width",
                 "height": "Height", "seed": "Seed", "n_iter": "Batch count", "batch_size": "Batch size",
                 "clip_skip": "Clip skip", "tiling": "Tiling", "skip_early_cond": "Ignore negative prompt during early sampling",
-                "s_min_uncond": "Negative Guidance minimum sigma", "s_min_uncond_all": "Negative Guidance minimum sigma all steps", "color_correction": "Color correction", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
+                "s_min_uncond": "Negative Guidance minimum sigma", "initial_noise_multiplier": "Noise multiplier for img2img", "s_min_uncond_all": "Negative Guidance minimum sigma all steps", "color_correction": "Color correction", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
                 "subseed_strength": "Variation strength", "seed_resize_from_w": "Resize seed from width",
                 "seed_resize_from_h": "Resize seed from height", "styles": "Styles",
                 "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "init_image": "Image",
@@ -101,7 +101,7 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
         "model": image.model_name, "model_hash": image.model_hash,
     } | {name: pasted.get(name)  # no columns of their own
          for name in ("batch_size", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
-                      "denoising_strength", "tiling", "color_correction", "sd_vae", "script", "refiner_checkpoint", "refiner_switch_at",
+                      "denoising_strength", "tiling", "color_correction", "initial_noise_multiplier", "sd_vae", "script", "refiner_checkpoint", "refiner_switch_at",
                       *HIRES_FIELDS,
                       *INPAINTING_FIELDS, *CONTROLNET_FIELDS, *UNCOND_SKIP_FIELDS)}
 

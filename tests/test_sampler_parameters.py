@@ -1,13 +1,16 @@
-"""A1111's Skip Early CFG and NGMS (Negative Guidance minimum sigma): which model calls leave the negative prompt
-out, the UNet hooks that do it, and the request fields through the engine, the worker, the infotext, the page and
-the API."""
+"""A1111's sampler parameters: Skip Early CFG and NGMS (Negative Guidance minimum sigma), which model calls leave
+the negative prompt out and the UNet hooks that do it; img2img's Noise multiplier; and their request fields through
+the engine, the worker, the infotext, the page and the API."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
+from tests.helpers import noise_picture
+
 from webui.engine.composable import composed_guidance
+from webui.engine.img2img import image_sha1
 from webui.engine.uncond_skip import SkipCalls, UncondSkip, sigmas_at, skip_plan, skipping_uncond
 from webui.schemas import GenerationRequest, JobState
 from webui.storage.infotext import request_fields_from_infotext
@@ -187,6 +190,8 @@ def test_the_tabs_have_the_controls_and_the_plot_an_axis(services):
     from webui.xyz_plot import plan, read_axis
 
     ui = create_ui(services)
+    assert ui.img2img.widgets["initial_noise_multiplier"].elem_id == "img2img_initial_noise_multiplier"
+    assert "initial_noise_multiplier" not in ui.txt2img.widgets
     for kind, tab in (("txt2img", ui.txt2img), ("img2img", ui.img2img)):
         assert tab.widgets["s_min_uncond"].elem_id == f"{kind}_s_min_uncond"
         assert tab.widgets["skip_early_cond"].elem_id == f"{kind}_skip_early_cond"
@@ -196,3 +201,54 @@ def test_the_tabs_have_the_controls_and_the_plot_an_axis(services):
             read_axis("Z", "Nothing", "")]
     cells = plan(QUICK, axes).cells
     assert [cell.request["s_min_uncond"] for cell in cells] == [0.0, 2.5]
+
+
+# --- img2img's Noise multiplier ---------------------------------------------------------------------------------
+
+def first_model_input(engine, multiplier: float) -> torch.Tensor:
+    """The latents img2img's first UNet call is given, at this noise multiplier."""
+    seen = []
+    handle = engine.pipe.unet.register_forward_pre_hook(lambda _module, args: seen.append(args[0].clone()))
+    try:
+        picture = noise_picture(4)
+        request = GenerationRequest(**(QUICK | {"denoising_strength": 0.6, "initial_noise_multiplier": multiplier,
+                                                "init_image": image_sha1(picture)}))
+        engine.generate(request, [request.seed], init_image=picture)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_the_noise_multiplier_scales_the_noise_the_picture_starts_with(engine):
+    none, half, full = (first_model_input(engine, m) for m in (0.0, 0.5, 1.0))
+    assert not torch.allclose(none, full)
+    # the start is the picture's latents plus the noise times the multiplier: linear in it
+    assert torch.allclose(full - half, half - none, atol=1e-5)
+
+
+def test_the_noise_multiplier_goes_through_infotext_page_and_api(services):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from webui.api import create_api_app
+    from webui.ui.params import IMG2IMG_FIELDS, TXT2IMG_FIELDS
+
+    job = services.worker.submit(QUICK | {"initial_noise_multiplier": 0.8}, init_image=noise_picture(4))
+    assert job.wait(120) and job.state is JobState.DONE, job.error
+    assert "Noise multiplier: 0.8" in job.images[0].infotext
+    assert request_fields_from_infotext(job.images[0].infotext)["initial_noise_multiplier"] == 0.8
+    assert "Noise multiplier" not in finished(services, QUICK | {"initial_noise_multiplier": 0.8}).images[0].infotext
+    assert "initial_noise_multiplier" in IMG2IMG_FIELDS and "initial_noise_multiplier" not in TXT2IMG_FIELDS
+    buffer = io.BytesIO()
+    noise_picture(4).save(buffer, format="PNG")
+    body = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed": 3,
+            "init_images": [base64.b64encode(buffer.getvalue()).decode()]}
+    with TestClient(create_api_app(services)) as client:
+        given = client.post("/sdapi/v1/img2img", json=body | {"initial_noise_multiplier": 0.5})
+        overridden = client.post("/sdapi/v1/img2img", json=body | {"override_settings": {"initial_noise_multiplier": 0.7}})
+        plain = client.post("/sdapi/v1/img2img", json=body)
+    assert given.status_code == 200, given.text[:300]
+    assert "Noise multiplier: 0.5" in given.json()["info"] and "Noise multiplier: 0.7" in overridden.json()["info"]
+    assert "Noise multiplier" not in plain.json()["info"]
+    assert given.json()["images"][0] != plain.json()["images"][0]
