@@ -260,9 +260,9 @@ def test_a_loopback_ended_by_a_skipped_loop_answers_with_the_loops_it_made(clien
     import webui.runs as runs
     from webui.schemas import InvalidRequest
 
-    def skipped(done):  # the second loop was skipped before it finished its picture
+    def skipped(done):  # the second loop was skipped before it made a picture
         if len(done) == 2:
-            raise InvalidRequest("Loopback: the last loop was skipped before it finished its picture; the loops end "
+            raise InvalidRequest("Loopback: the last loop was skipped before it made a picture; the loops end "
                                  "here")
         return done[-1][0].image
 

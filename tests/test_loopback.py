@@ -51,15 +51,17 @@ def test_the_mask_of_later_loops_is_the_first_loops_as_its_resize_mode_fitted_it
     assert loop_mask(mask, picture, {"inpaint_full_res": True}) is mask  # Only masked keeps the picture's size
 
 
-def test_a_loop_skipped_before_it_finished_ends_the_loops_with_a_message():
+def test_a_skipped_loop_goes_on_from_its_picture_and_one_without_a_picture_ends_the_loops():
     from webui.schemas import GeneratedImage
     from webui.runs import last_picture as _last_picture
 
     made = GeneratedImage(image=Image.new("RGB", (8, 8)), seed=1, index=0, infotext="", path=None)
     assert _last_picture([[made]]) is made.image
-    for done in ([[]], [[GeneratedImage(image=made.image, seed=1, index=0, infotext="", path=None, unfinished=True)]]):
-        with pytest.raises(InvalidRequest, match="skipped"):
-            _last_picture(done)
+    cut_short = GeneratedImage(image=Image.new("RGB", (8, 8), "red"), seed=1, index=0, infotext="", path=None,
+                               unfinished=True)
+    assert _last_picture([[made], [cut_short]]) is cut_short.image  # as A1111: Skip ends that loop, not the run
+    with pytest.raises(InvalidRequest, match="skipped before it made a picture"):
+        _last_picture([[made], []])
 
 
 @pytest.mark.parametrize("changes, loops, curve, message", [

@@ -137,9 +137,10 @@ def line_run(worker: Worker, request: dict, text: str | None, same_seed: bool, p
 
 
 def last_picture(done: list[list[GeneratedImage]]) -> Image.Image:
-    """The picture the last loop made, to start the next from; InvalidRequest where it made none to go on from."""
-    if not done[-1] or done[-1][0].unfinished:
-        raise InvalidRequest("Loopback: the last loop was skipped before it finished its picture; the loops end here")
+    """The picture the last loop made, to start the next from: as A1111, a loop that Skip cut short goes on from the
+    picture it had come to. InvalidRequest where it made none to go on from (skipped before its first step)."""
+    if not done[-1]:
+        raise InvalidRequest("Loopback: the last loop was skipped before it made a picture; the loops end here")
     return done[-1][0].image
 
 
