@@ -688,10 +688,10 @@ def test_loras_are_listed_refreshed_used_and_named_in_the_infotext(client, servi
         assert info["prompt"] == body["prompt"]  # the tag stays in the prompt, as A1111 writes it
         plain = client.post("/sdapi/v1/txt2img", json=body | {"prompt": "a red apple"}).json()
         assert plain["images"][0] != r.json()["images"][0]
-        other = client.post("/sdapi/v1/txt2img", json=body | {"prompt": "a red apple <hypernet:old:1>"})
+        other = client.post("/sdapi/v1/txt2img", json=body | {"prompt": "a red apple <wildcard:old:1>"})
         pixels = [np.asarray(png(reply["images"][0])) for reply in (other.json(), plain)]
         assert np.array_equal(*pixels)  # the tag left the text, as in A1111 (the PNGs differ only in their infotext)
-        assert "left out of the prompt: <hypernet:old:1>" in json.loads(other.json()["info"])["warnings"][0]
+        assert "left out of the prompt: <wildcard:old:1>" in json.loads(other.json()["info"])["warnings"][0]
         queued = services.worker.queue_length()
         bad = client.post("/sdapi/v1/txt2img", json=body | {"prompt": "a red apple <lora:detial>"})
         assert bad.status_code == 422 and "no LoRA named 'detial'" in bad.json()["detail"], bad.text

@@ -371,6 +371,26 @@ def test_a_composed_prompt_runs_the_compiled_model_eagerly_and_compiles_nothing(
     assert len(graphs) == before + 3 and engine.pending_compiles(hires, 1) == []
 
 
+def test_hypernetworks_run_the_compiled_model_eagerly_and_compile_nothing(models_dir, tmp_path, compile_with):
+    """Their hooks on the attention's key and value projections are not in a graph compiled without them (nor may a
+    graph keep them): the pass runs uncompiled, with them, and predicts no compile."""
+    from tests.test_hypernetworks import relu_file, write
+    from webui.engine.hypernetworks import HypernetworkLibrary
+
+    write(tmp_path / "hypernetworks", "bend", relu_file())
+    engine, graphs = warmed_engine_counting_graphs(models_dir, tmp_path, compile_with)
+    engine.hypernetworks = HypernetworkLibrary(tmp_path / "hypernetworks")
+    bent = GenerationRequest(prompt="a red apple <hypernet:bend>", steps=2, width=80)  # a size not compiled yet
+    assert engine.pending_compiles(bent, 1) == ["VAE decoder"]
+    before = len(graphs)
+    compiled = pixels(engine.generate(bent, [1]))
+    assert len(graphs) == before + 1  # the decoder's graph alone
+    assert np.abs(compiled - pixels(engine.generate(bent.model_copy(update={"prompt": "a red apple"}), [1]))).max() > 10
+    eager = tiny_engine(models_dir, tmp_path, compile=False)
+    eager.hypernetworks = engine.hypernetworks
+    assert np.abs(compiled - pixels(eager.generate(bent, [1]))).max() <= 1  # the fast path's SDPA rounds apart
+
+
 def test_a_job_at_a_new_size_says_it_is_compiling(models_dir, tmp_path, compile_with, monkeypatch):
     compile_with("eager")
     first_step = threading.Event()

@@ -252,6 +252,26 @@ def test_the_controlnet_steers_each_unet_call_within_its_window(cn_services):
     assert calls.residuals == [False, False, True, True]
 
 
+def test_a_hypernetwork_bends_the_controlnets_attention_too(cn_services, tmp_path, monkeypatch):
+    """A1111 bends every attention of its kind, the ControlNet's as well (the extension's layers are A1111's)."""
+    from tests.test_hypernetworks import hooks_on, relu_file, write
+    from webui.engine.hypernetworks import HypernetworkLibrary
+
+    worker, engine = cn_services.worker, cn_services.engine
+    write(tmp_path, "bend", relu_file())
+    monkeypatch.setattr(engine, "hypernetworks", HypernetworkLibrary(tmp_path))
+    network = engine.controlnets.network(engine.controlnets.find(CN), "cpu", torch.float32)  # the job's, cached
+    seen = []
+    handle = network.register_forward_pre_hook(lambda module, _args: seen.append(hooks_on(module)))
+    try:
+        run(worker, controlnet_on(engine) | {"prompt": "a house <hypernet:bend>"}, control_image=square())
+    finally:
+        handle.remove()
+    attentions = sum(name.endswith(("attn1", "attn2")) for name, _ in network.named_modules())
+    assert attentions and seen == [2 * attentions] * QUICK["steps"]  # a key and a value input each, every call
+    assert hooks_on(network) == 0
+
+
 def test_the_hires_pass_is_steered_at_its_own_size(cn_services):
     worker, engine = cn_services.worker, cn_services.engine
     with Calls(engine) as calls:

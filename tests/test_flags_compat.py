@@ -167,6 +167,15 @@ def test_embeddings_come_from_embeddings_dir_or_a1111s_embeddings_folder(tmp_pat
     assert own.embeddings_folder == tmp_path / "ti"
 
 
+def test_hypernetworks_come_from_hypernetwork_dir_or_the_hypernetworks_folder_of_the_models_folder(tmp_path):
+    a1111 = tmp_path / "a1111-models"
+    (a1111 / "Stable-diffusion").mkdir(parents=True)
+    assert parse_settings(["--models-dir", str(a1111)], environ={}).hypernetwork_folder == a1111 / "hypernetworks"
+    assert parse_settings(["--ckpt-dir", str(tmp_path)], environ={}).hypernetwork_folder == tmp_path / "hypernetworks"
+    own = parse_settings(["--models-dir", str(a1111), "--hypernetwork-dir", str(tmp_path / "hn")], environ={})
+    assert own.hypernetwork_folder == tmp_path / "hn"
+
+
 def test_styles_come_from_styles_file_or_a1111s_own_or_the_outputs_folder(tmp_path):
     a1111 = tmp_path / "webui"
     (a1111 / "models" / "Stable-diffusion").mkdir(parents=True)

@@ -98,12 +98,13 @@ def test_tags_leave_the_prompt_and_give_their_multipliers():
 
 def test_tags_read_as_a1111_reads_them_lyco_dyn_and_other_types():
     """A1111 takes every <type:...> tag out of the text; <lyco:> is its older name for a LoRA, and the third
-    value (or dyn=) a DyLoRA rank, accepted and not used here."""
+    value (or dyn=) a DyLoRA rank, accepted and not used here. <hypernet:...> is read elsewhere (hypernetworks.py);
+    an extension's type is not read here at all."""
     prompt = "a cat <lyco:ink:0.5> <lora:detail:1:0.5:8> <lora:more:dyn=4> <hypernet:old:1> <lora:>"
     text, uses = strip_loras(prompt), lora_uses(prompt)
     assert uses == [LoraUse("ink", 0.5, 0.5), LoraUse("detail", 1.0, 0.5), LoraUse("more", 1.0, 1.0)]
     assert text == "a cat     <lora:>"  # <lora:> has no name: not a tag to A1111 either, so it stays text
-    assert unread_tags("a <hypernet:old:1> <lora:x> <lyco:y>") == ["<hypernet:old:1>"]
+    assert unread_tags("a <hypernet:old:1> <lora:x> <lyco:y> <wildcard:hair>") == ["<wildcard:hair>"]
 
 
 @pytest.mark.parametrize("prompt, says", [

@@ -270,7 +270,8 @@ def test_the_page_load_covers_the_img2img_tab(ui):
     assert [outputs for outputs in sum(by_name.values(), []) if "txt2img_tab_token" in outputs] == [
         {"txt2img_tab_token", "img2img_tab_token"}]
     assert {"img2img_styles", "img2img_lora_name", "img2img_embedding_name", "img2img_sd_upscale_upscaler",
-            "img2img_lora_cards", "img2img_embedding_cards"} in by_name["file_lists"]
+            "img2img_lora_cards", "img2img_embedding_cards", "img2img_hypernet_name",
+            "img2img_hypernet_cards"} in by_name["file_lists"]
     assert by_name["upscaler_lists"] == [{"extras_upscaler_1", "extras_upscaler_2"}]
     [model_outputs] = by_name["models_on_page_load"]
     assert {"img2img_width", "img2img_height", "img2img_clip_skip", "txt2img_width", "vae_dropdown"} <= model_outputs

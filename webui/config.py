@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Mapping
 
 from webui.engine.models import (  # A1111's folder names
-    BLIP_FOLDER, CLIP_FOLDER, CONTROLNET_FOLDER, EMBEDDINGS_FOLDER, ESRGAN_FOLDER, LORA_FOLDER, REAL_ESRGAN_FOLDER,
-    VAE_FOLDER)
+    BLIP_FOLDER, CLIP_FOLDER, CONTROLNET_FOLDER, EMBEDDINGS_FOLDER, ESRGAN_FOLDER, HYPERNETWORKS_FOLDER, LORA_FOLDER,
+    REAL_ESRGAN_FOLDER, VAE_FOLDER)
 from webui.zerogpu import zerogpu_requested
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -85,8 +85,7 @@ A1111_IGNORED_SWITCHES = (
     "-f",  # webui.sh's "allow running as root", often left in COMMANDLINE_ARGS
 )
 A1111_IGNORED_VALUES = (  # these take one value, which is dropped too
-    "--precision", "--theme", "--device-id", "--data-dir", "--config", "--vae-path",
-    "--hypernetwork-dir", "--ui-config-file",
+    "--precision", "--theme", "--device-id", "--data-dir", "--config", "--vae-path", "--ui-config-file",
     "--localizations-dir", "--max-batch-count", "--loglevel", "--timeout-keep-alive",
     # folders of models and tools this project does not use (LoRA, upscalers, face restorers, CLIP)
     "--lyco-dir", "--lyco-dir-backcompat", "--textual-inversion-templates-dir", "--gfpgan-dir", "--gfpgan-model",
@@ -120,6 +119,7 @@ class Settings:
     blip_dir: Path | None = None  # None: the BLIP folder inside models_dir (Interrogate's captioning model)
     clip_dir: Path | None = None  # None: the CLIP folder inside models_dir (Interrogate's CLIP model)
     controlnet_dir: Path | None = None  # None: the ControlNet folder inside models_dir
+    hypernetwork_dir: Path | None = None  # None: the hypernetworks folder inside models_dir
     styles_file: Path | None = None  # None: styles.csv in outdir
     ui_settings_file: Path | None = None  # None: config.json in outdir
     freeze_settings: bool = False  # the Settings tab's settings shown, not changeable
@@ -165,6 +165,10 @@ class Settings:
     @property
     def controlnet_folder(self) -> Path:
         return self.controlnet_dir or self.models_dir / CONTROLNET_FOLDER
+
+    @property
+    def hypernetwork_folder(self) -> Path:
+        return self.hypernetwork_dir or self.models_dir / HYPERNETWORKS_FOLDER
 
     @property
     def embeddings_folder(self) -> Path:
@@ -314,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"folder of ControlNet models (diffusers folders, .safetensors, .pth), listed as "
                             f"'name [hash]' (default: {CONTROLNET_FOLDER}/ inside the models folder, or beside "
                             "Stable-diffusion/ with --models-dir)")
+    files.add_argument("--hypernetwork-dir", type=_user_path, default=None,
+                       help=f"folder of A1111's hypernetwork files (.pt) that prompts name as <hypernet:name:0.6> "
+                            f"(default: {HYPERNETWORKS_FOLDER}/ inside the models folder, or beside Stable-diffusion/ "
+                            "with --models-dir)")
     files.add_argument("--embeddings-dir", type=_user_path, default=None,
                        help=f"folder of textual inversion embeddings that prompts name by file name (default: "
                             f"{EMBEDDINGS_FOLDER}/ inside the models folder, or A1111's embeddings/ beside its models/ "
@@ -456,6 +464,8 @@ def _choose_models_dir(args: argparse.Namespace, ckpt_dir_env: Path | None) -> N
         args.clip_dir = (base if base is not None else args.models_dir) / CLIP_FOLDER
     if args.controlnet_dir is None:  # and models/ControlNet, the extension's folder
         args.controlnet_dir = (base if base is not None else args.models_dir) / CONTROLNET_FOLDER
+    if args.hypernetwork_dir is None:  # and models/hypernetworks
+        args.hypernetwork_dir = (base if base is not None else args.models_dir) / HYPERNETWORKS_FOLDER
     a1111 = base is not None and (base / A1111_CHECKPOINTS).is_dir()
     if args.embeddings_dir is None:  # and its embeddings/ beside models/
         args.embeddings_dir = base.parent / EMBEDDINGS_FOLDER if a1111 else args.models_dir / EMBEDDINGS_FOLDER

@@ -50,7 +50,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     registry = ModelRegistry(settings.models_dir, hash_cache=outdir / "cache" / "model_hashes.json",
                              skipped=(settings.lora_folder, settings.embeddings_folder, settings.vae_folder,
                                       settings.esrgan_folder, settings.real_esrgan_folder, settings.blip_folder,
-                                      settings.clip_folder, settings.controlnet_folder))
+                                      settings.clip_folder, settings.controlnet_folder, settings.hypernetwork_folder))
     engine = wrap_engine(Engine(settings, registry))  # ZeroGPU Spaces only; a no-op elsewhere
     options = OptionsStore(settings.options_path, frozen=settings.freeze_settings)
     outputs = OutputStore(outdir, options)

@@ -35,6 +35,7 @@ from webui.engine.models import ModelEntry, ModelNotFound
 from webui.engine.refiner import kind_of_entry, kind_problem
 from webui.engine.upscalers import UpscalerError
 from webui.engine.vae import VaeFile
+from webui.engine.hypernetworks import HypernetworkError, hypernetwork_uses
 from webui.engine.lora import LoraError, lora_uses, unread_tags
 from webui.schemas import (INPAINT_AREAS, LATENT_RESIZE, MASK_MODES, MASKED_CONTENT, RESIZE_MODES, GeneratedImage,
                            GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED, parse_request)
@@ -277,7 +278,7 @@ class Worker:
         unread = unread_tags(request.prompt + " " + (request.hr_prompt or ""))
         if unread:
             warnings.append(f"left out of the prompt: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''} "
-                            "(this server reads <lora:...> tags only)")
+                            "(this server reads <lora:...> and <hypernet:...> tags only)")
         job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=warnings,
                   field_names=dict(field_names or {}), init_image=init_image, inpainting=inpainting, copy_to=copy_to,
                   control_image=control_image,
@@ -324,6 +325,7 @@ class Worker:
         self.engine.vaes.check(request.sd_vae)
         self._check_upscalers(request)
         self._check_loras(request)
+        self._check_hypernetworks(request)
         self._check_other_checkpoints(request)
         self._check_controlnet(request)
         problem = composition_problem(request)
@@ -383,6 +385,16 @@ class Worker:
             raise LoraError("hr_prompt: its <lora:...> tags must be the prompt's, with the same weights (one set of "
                             "LoRAs serves both passes here; A1111 would run the second pass with the hires prompt's "
                             "alone); copy the prompt's tags into the hires prompt")
+
+    def _check_hypernetworks(self, request: GenerationRequest) -> None:
+        """A misspelt <hypernet:...> is refused now, with the names there are; the hires prompt's too (its pass runs
+        the hypernetworks it names, as in A1111)."""
+        self.engine.hypernetworks.check(hypernetwork_uses(request.prompt))
+        if request.hr_prompt is not None:
+            try:
+                self.engine.hypernetworks.check(hypernetwork_uses(request.hr_prompt))
+            except HypernetworkError as err:
+                raise HypernetworkError(f"hr_prompt: {err}") from None
 
     def _check_other_checkpoints(self, request: GenerationRequest) -> None:
         """The refiner and the hires fix's checkpoint are listed models of the main model's kind (as far as their

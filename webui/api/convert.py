@@ -377,7 +377,8 @@ def cmd_flags(settings: Settings) -> dict[str, Any]:
         "api": settings.api, "nowebui": settings.nowebui, "listen": settings.listen,
         "server_name": settings.server_name, "port": settings.port, "share": settings.share,
         "ckpt": settings.ckpt, "ckpt_dir": str(settings.models_dir), "data_dir": None, "models_dir": None,
-        "lora_dir": str(settings.lora_folder), "medvram": settings.medvram, "lowvram": settings.lowvram, "no_half": settings.no_half,
+        "lora_dir": str(settings.lora_folder), "hypernetwork_dir": str(settings.hypernetwork_folder),
+        "medvram": settings.medvram, "lowvram": settings.lowvram, "no_half": settings.no_half,
         "no_half_vae": settings.no_half_vae, "xformers": settings.xformers,
         "use_cpu": ["all"] if settings.device == "cpu" else [],
         # Whether a login is on, never the credentials. The API's login is the --gradio-auth one without --api-auth.

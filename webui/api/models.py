@@ -297,6 +297,12 @@ class LoraItem(BaseModel):
     metadata: dict[str, Any] = {}
 
 
+class HypernetworkItem(BaseModel):
+    """GET /hypernetworks: one file of the hypernetworks folder, named in prompts as <hypernet:name:0.6>."""
+    name: str
+    path: str | None = None
+
+
 class PromptStyleItem(BaseModel):
     """GET /prompt-styles: one style of styles.csv."""
     name: str

@@ -29,7 +29,7 @@ from webui.api.convert import ApiError
 from webui.api.models import (
     ErrorResponse, ExtrasBatchImagesRequest, ExtrasBody, ExtrasBatchImagesResponse, ExtrasSingleImageRequest,
     ExtrasSingleImageResponse, GenerationBody, GenerationResponse, Img2ImgRequest, InterrogateRequest,
-    InterrogateResponse, JobCancelReply, JobCreated,
+    HypernetworkItem, InterrogateResponse, JobCancelReply, JobCreated,
     JobStatus, LatentUpscaleModeItem, LoraItem, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest,
     PNGInfoResponse, ProgressResponse, PromptStyleItem, SamplerItem, SchedulerItem, ScriptArg, ScriptInfo,
     RealesrganItem, ScriptsList, SDModelItem, Txt2ImgRequest, UpscalerItem, VaeItem,
@@ -425,6 +425,10 @@ class Api:
                                   path=str(entry.path), metadata=metadata))
         return items
 
+    def hypernetworks(self) -> list[HypernetworkItem]:
+        """The hypernetworks folder's files, read again at each look, as A1111 lists them."""
+        return [HypernetworkItem(name=entry.name, path=str(entry.path)) for entry in self.engine.hypernetworks.refresh()]
+
     def prompt_styles(self) -> list[PromptStyleItem]:
         return [PromptStyleItem(name=s.name, prompt=s.prompt, negative_prompt=s.negative_prompt)
                 for s in self.services.styles.styles()]
@@ -575,7 +579,7 @@ class Api:
 
     @staticmethod
     def none_installed() -> list:
-        """Lists of features this server does not have (VAEs, hypernetworks, face restorers...): empty, so
+        """Lists of features this server does not have (face restorers, extensions): empty, so
         clients that read them at start-up go on instead of failing on a 404."""
         return []
 
@@ -677,7 +681,9 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add(f"{sd}/script-info", api.script_info, methods=["GET"], response_model=list[ScriptInfo], tags=["models"])
     add(f"{sd}/realesrgan-models", api.realesrgan_models, methods=["GET"], response_model=list[RealesrganItem],
         tags=["models"])
-    for name in ("hypernetworks", "face-restorers", "extensions"):
+    add(f"{sd}/hypernetworks", api.hypernetworks, methods=["GET"], response_model=list[HypernetworkItem],
+        tags=["models"])
+    for name in ("face-restorers", "extensions"):
         add(f"{sd}/{name}", api.none_installed, methods=["GET"], response_model=list, tags=["models"],
             summary=f"{name} (none on this server: an empty list)")
     add(f"{sd}/embeddings", api.embeddings, methods=["GET"], tags=["models"])

@@ -25,6 +25,7 @@ from webui.engine.composable import composed_guidance, composition_error, is_com
 from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
 from webui.engine.embeddings import EmbeddingSet, load_embeddings, used_embeddings
 from webui.engine.tiling import seamless
+from webui.engine.hypernetworks import HypernetworkLibrary, bent_attention, hypernetwork_uses
 from webui.engine.hires import (
     LATENT_UPSCALERS, crop_center, hires_size, schedule_steps, upscale_latents,
 )
@@ -164,6 +165,9 @@ class _Run:
     # Tiling's wrap-around padding, on the model and on each checkpoint that takes over from it; undone after the run
     tiled: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     control: ControlUnit | None = None  # ControlNet: steers every pass (webui/engine/controlnet.py)
+    # Hypernetworks (network, multiplier) of the running pass, and of the hires fix's (its prompt's, as in A1111)
+    hypernetworks: list = field(default_factory=list)
+    hires_hypernetworks: list = field(default_factory=list)
 
     def after_step(self, pipe, call: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents a pass goes on with after its model call `call`: inpainting's kept part put back."""
@@ -248,6 +252,7 @@ class Engine:
         self.tool_device_name: str | None = None  # upscalers and Interrogate; None: the model's (ZeroGPU: "cpu")
         self.interrogator = Interrogator(settings.blip_folder, settings.clip_folder, downloads=not settings.offline)
         self.controlnets = ControlNetLibrary(settings.controlnet_folder)
+        self.hypernetworks = HypernetworkLibrary(settings.hypernetwork_folder)
         self._vae_weights = VaeSwap()  # which VAE file the loaded VAE holds now
         self._lora_weights = LoraPatcher()  # what the loaded weights hold merged now
         self.embeddings = EmbeddingSet()  # the textual inversions the loaded model's tokenizer knows
@@ -415,6 +420,7 @@ class Engine:
         self.upscalers.forget()  # a model upscaler's network on the device too
         self.interrogator.forget()
         self.controlnets.forget()
+        self.hypernetworks.forget()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -577,8 +583,10 @@ class Engine:
         unet_rows = batch_size * (2 if request.cfg_scale > 1 else 1)  # CFG runs both prompts in one batch
         factor = pipe.vae_scale_factor
         keys = {"UNet": set()}
-        for (width, height), sampler, phases in zip(sizes, samplers, passes):
-            if _part_weights(phases) is not None or request.uses_controlnet:  # these run their UNet uncompiled
+        hypernetworks = [hypernetwork_uses(request.prompt), hypernetwork_uses(request.hires_prompts[0])]
+        skips = request.cfg_scale > 1 and UncondSkip(request.skip_early_cond, request.s_min_uncond).active
+        for (width, height), sampler, phases, bent in zip(sizes, samplers, passes, hypernetworks):
+            if _part_weights(phases) is not None or request.uses_controlnet or bent or skips:  # these run uncompiled
                 continue
             dtype = self._timestep_dtype(*sampler, request.steps)
             keys["UNet"] |= {(height // factor, width // factor, unet_rows, max(chunks), dtype,
@@ -638,6 +646,7 @@ class Engine:
                    subseeds if request.subseed_strength > 0 else None, request.subseed_strength,
                    request.seed_resize)
         run.control = self._control_unit(request, control)  # out of inference mode: its weights may be read now
+        run.hypernetworks, run.hires_hypernetworks = self._hypernetworks(request)
         factor = self.pipe.vae_scale_factor
         # what each result's colours are matched to: the start picture, or the reference the job gives (Loopback's)
         colours = (init_image if color_reference is None else color_reference) if request.color_correction else None
@@ -662,6 +671,14 @@ class Engine:
                         log.exception("the image cut short could not be decoded")
                 raise
             return self._to_images(latents, seeds, inpainting, request.tiling, colours)
+
+    def _hypernetworks(self, request: GenerationRequest) -> tuple[list, list]:
+        """The (network, multiplier) pairs of the first pass's prompt and of the hires pass's, read from their files
+        (one read for both) and on the model's device."""
+        first = hypernetwork_uses(request.prompt)
+        hires = hypernetwork_uses(request.hires_prompts[0]) if request.enable_hr else []
+        networks = self.hypernetworks.networks([*first, *hires], self.pipe._execution_device)
+        return networks[:len(first)], networks[len(first):]
 
     def _control_unit(self, request: GenerationRequest, control: Image.Image | None) -> ControlUnit | None:
         """The request's ControlNet with its map (None without one), on the model's device in its UNet's dtype."""
@@ -755,6 +772,7 @@ class Engine:
             hooks.enter_context(composed_guidance(pipeline.unet, weights))
             hooks.enter_context(controlled(pipeline.unet, control))
             hooks.enter_context(extra_input(pipeline.unet, extra))
+            hooks.enter_context(bent_attention([pipeline.unet], run.hypernetworks))
             hooks.enter_context(skipping_uncond(pipeline.unet, skips))
 
         embeddings = encode()
@@ -783,10 +801,14 @@ class Engine:
             raise ValueError("this model is LCM-distilled and runs without classifier-free guidance, which AND and a "
                              "prompt's own weight need; remove them, or pick another model")
         # A composed pass runs a row per part: another batch shape, and hooks a compiled graph would bake in; a
-        # controlled one gives the UNet inputs of its own; one that skips the negative rows, a batch half as large.
-        eager = uncompiled() if weights is not None or control or skips else contextlib.nullcontext()
+        # controlled one gives the UNet inputs of its own; one that skips the negative rows, a batch half as large;
+        # hypernetworks hook its attention.
+        eager = (uncompiled() if weights is not None or control or skips or run.hypernetworks
+                 else contextlib.nullcontext())
+        # As A1111, a ControlNet's own attention reads through the hypernetworks too.
+        bent = bent_attention([pipe.unet, *([run.control.network] if run.control else [])], run.hypernetworks)
         with (eager, composed_guidance(pipe.unet, weights), controlled(pipe.unet, control), extra_input(pipe.unet, extra),
-              skipping_uncond(pipe.unet, skips), hooks):
+              skipping_uncond(pipe.unet, skips), bent, hooks):
             if refiner_call == 0:  # the pass starts past the switch (img2img, the hires fix)
                 to_refiner(pipe)
             latents = pipe(
@@ -832,6 +854,7 @@ class Engine:
         # ancestral sampler's noise goes on from there, not from where the first pass left the streams.
         run.generators = [torch.Generator("cpu").manual_seed(generator.initial_seed()) for generator in run.generators]
         pipe = self._img2img_pipeline(self._start_noise(run, (final[1], final[0])))
+        run.hypernetworks = run.hires_hypernetworks
         return self._denoise(pipe, request, run, _hires_phases(request), request.hires_steps, schedule, start,
                              self._extra_channels(size.final), request.hires_sampler)
 

@@ -37,9 +37,11 @@ MAX_LORAS = 20  # in one prompt: each is a file to read and merge
 MAX_MULTIPLIER = 10.0
 HASH_DIGITS = 12  # A1111's "Lora hashes" carry 12 hex digits
 # A1111's extra-network tag: every <type:args> leaves the text; "lora" and "lyco" (its old LyCORIS name) are
-# LoRAs, other types (hypernet, ...) do not exist here and are named in a warning.
+# LoRAs, "hypernet" a hypernetwork (webui/engine/hypernetworks.py); other types do not exist here and are named in
+# a warning.
 _TAG = re.compile(r"<(\w+):([^>]+)>")
 LORA_TAG_TYPES = ("lora", "lyco")
+READ_TAG_TYPES = (*LORA_TAG_TYPES, "hypernet")
 # The pieces a layer's update is made of, by kohya key suffix: LoRA and LoCon (up @ down; a convolution's may
 # have a Tucker middle, lora_mid), LyCORIS LoHa (the elementwise product of two low-rank products) and LoKr (a
 # Kronecker product); the t pieces are Tucker cores for convolutions.
@@ -90,9 +92,9 @@ def strip_loras(prompt: str) -> str:
 
 
 def unread_tags(prompt: str) -> list[str]:
-    """Extra-network tags of types this server does not have (<hypernet:...>): left out, as A1111 leaves out
+    """Extra-network tags of types this server does not have (an extension's): left out, as A1111 leaves out
     the ones it cannot find, and worth a warning."""
-    return [match.group(0) for match in _TAG.finditer(prompt) if match.group(1) not in LORA_TAG_TYPES]
+    return [match.group(0) for match in _TAG.finditer(prompt) if match.group(1) not in READ_TAG_TYPES]
 
 
 def _parse_tag(body: str, tag: str) -> LoraUse:

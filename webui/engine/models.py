@@ -203,13 +203,15 @@ VAE_FOLDER = "VAE"
 ESRGAN_FOLDER, REAL_ESRGAN_FOLDER = "ESRGAN", "RealESRGAN"
 BLIP_FOLDER, CLIP_FOLDER = "BLIP", "CLIP"  # Interrogate's models, in transformers' layout
 CONTROLNET_FOLDER = "ControlNet"  # sd-webui-controlnet's models (webui/engine/controlnet.py)
+HYPERNETWORKS_FOLDER = "hypernetworks"  # A1111's (webui/engine/hypernetworks.py)
 
 
 def scan_models_dir(models_dir: Path, skipped_folders: tuple[Path, ...] = ()) -> list[ModelEntry]:
     if not models_dir.is_dir():
         return []
     skipped = {models_dir / folder for folder in (LORA_FOLDER, EMBEDDINGS_FOLDER, VAE_FOLDER, ESRGAN_FOLDER,
-                                                  REAL_ESRGAN_FOLDER, BLIP_FOLDER, CLIP_FOLDER, CONTROLNET_FOLDER)}
+                                                  REAL_ESRGAN_FOLDER, BLIP_FOLDER, CLIP_FOLDER, CONTROLNET_FOLDER,
+                                                  HYPERNETWORKS_FOLDER)}
     skipped |= set(map(Path, skipped_folders))
     return _scan(models_dir, models_dir, SCAN_DEPTH, skipped)
 

@@ -22,6 +22,7 @@ import gradio as gr
 from PIL import Image
 
 from webui.engine.hires import HIRES_UPSCALERS, PICTURE_UPSCALERS
+from webui.engine.hypernetworks import HYPERNET_TAG
 from webui.engine.img2img import check_picture_size, size_from_image
 from webui.engine.samplers import SCHEDULE_TYPES, sampler_names
 from webui.engine.uncond_skip import MAX_NGMS
@@ -81,7 +82,7 @@ class GenerationActions(SeveralRuns):
         # As History's Delete: on a server shared without a login, visitors may not change what all share.
         self.can_edit_styles = not (services.settings.public and not services.settings.gradio_auth)
         self.reads_server_folders = services.settings.reads_server_folders  # Batch's Input directory
-        self.cards = CardPictures()  # the LoRA and embedding cards' pictures
+        self.cards = CardPictures()  # the LoRA, hypernetwork and embedding cards' pictures
 
     # A tab passes the parameters it has no widget for at their defaults (build_generation_tab).
     def generate(self, session: Session, prompt: str, negative_prompt: str | None = None, sampler_name: str = DEFAULT_SAMPLER,
@@ -470,14 +471,16 @@ class GenerationActions(SeveralRuns):
         return gr.update(choices=names, value=[each for each in picked or [] if each in names])
 
     def file_lists(self) -> tuple:
-        """The Styles, LoRA, Embedding and upscaler lists, and the LoRA and embedding cards, as they are now (the
-        page may be older than a save or a file)."""
-        # The LoRA folder is read again here; embeddings only between jobs (↻), so those are the last read.
+        """The Styles, LoRA, Embedding and upscaler lists, the LoRA and embedding cards, and the Hypernetwork list
+        and cards, as they are now (the page may be older than a save or a file)."""
+        # The LoRA and hypernetwork folders are read again here; embeddings only between jobs (↻), so those are the
+        # last read.
         return (gr.update(choices=self.style_names()),
                 gr.update(choices=[entry.name for entry in self.engine.loras.refresh()]),
                 gr.update(choices=self.embedding_names()),
                 gr.update(choices=self.upscaler_names()),
-                self.lora_cards(), self.embedding_cards())
+                self.lora_cards(), self.embedding_cards(),
+                self.refresh_hypernetworks(), self.hypernetwork_cards())
 
     def upscaler_names(self) -> list[str]:
         """The tab's picture upscaler list: the hires fix's (latent ones first) or SD upscale's (None first)."""
@@ -512,6 +515,31 @@ class GenerationActions(SeveralRuns):
     def refresh_loras(self):
         return gr.update(choices=[entry.name for entry in self.engine.loras.refresh()])
 
+    def hypernetwork_names(self) -> list[str]:
+        return [entry.name for entry in self.engine.hypernetworks.entries()]
+
+    def hypernetwork_files(self) -> list[tuple[str, Path]]:
+        return [(entry.name, entry.path) for entry in self.engine.hypernetworks.entries()]
+
+    def hypernetwork_cards(self, search: str = "") -> list:
+        return self.cards.gallery(self.hypernetwork_files(), search)
+
+    def hypernetwork_card_picked(self, prompt: str, weight: float, search: str, evt: gr.SelectData) -> tuple:
+        """A hypernetwork card clicked: its tag into the prompt (at the Weight slider's weight), and picked in the
+        list."""
+        name = picked_name(evt, self.hypernetwork_files(), search)
+        return (gr.skip(), gr.skip()) if name is None else (self.add_hypernetwork(prompt, name, weight), name)
+
+    def refresh_hypernetworks(self):
+        return gr.update(choices=[entry.name for entry in self.engine.hypernetworks.refresh()])
+
+    @staticmethod
+    def add_hypernetwork(prompt: str, name: str | None, weight: float) -> str:
+        """The prompt with <hypernet:name:weight> at its end; a tag already there for it gets the new weight."""
+        if not name:
+            raise gr.Error("Pick a hypernetwork first (files in the hypernetworks folder; ↻ reads it again).")
+        return with_tag(prompt, HYPERNET_TAG, name, weight)
+
     def embedding_names(self) -> list[str]:
         return sorted(self.engine.embeddings.loaded)
 
@@ -538,12 +566,7 @@ class GenerationActions(SeveralRuns):
         """The prompt with <lora:name:weight> at its end; a tag already there for this LoRA gets the new weight."""
         if not name:
             raise gr.Error("Pick a LoRA first (files in the LoRA folder; ↻ reads it again).")
-        tag = f"<lora:{name}:{round(float(weight), 2):g}>"
-        prompt = prompt or ""
-        same = re.compile(rf"<lora:{re.escape(name)}(:[^<>]*)?>")
-        if same.search(prompt):
-            return same.sub(tag, prompt, count=1)
-        return f"{prompt.rstrip()} {tag}".lstrip()
+        return with_tag(prompt, "lora", name, weight)
 
     def count_negative_tokens(self, text: str, steps: float = 20) -> str:
         """The negative prompt's counter: A1111 does not split it at AND."""
@@ -564,6 +587,16 @@ def shown_seed(value: float | None):
     """The seed box's value as Generate will read it (Gradio rounds 12.7 to 13). A number past 64 bits
     cannot be sent back to the page; it stays as typed, and Generate says which seeds there are."""
     return value if value is None or abs(value) < 2**63 else gr.skip()
+
+
+def with_tag(prompt: str | None, tag_type: str, name: str, weight: float) -> str:
+    """The prompt with <tag_type:name:weight> at its end; a tag already there for this name gets the new weight."""
+    tag = f"<{tag_type}:{name}:{round(float(weight), 2):g}>"
+    prompt = prompt or ""
+    same = re.compile(rf"<{tag_type}:{re.escape(name)}(:[^<>]*)?>")
+    if same.search(prompt):
+        return same.sub(tag, prompt, count=1)
+    return f"{prompt.rstrip()} {tag}".lstrip()
 
 
 def file_picker(names: list[str], label: str, folder: str, elem_prefix: str) -> tuple[gr.Dropdown, gr.Button]:
@@ -838,6 +871,16 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                                             scale=4)
                     lora_add = gr.Button("Add to prompt", elem_id=f"{kind}_lora_add", scale=1)
                 lora_search, lora_cards = card_gallery(f"{kind}_lora")
+            # A1111's Hypernetworks cards, as the LoRA ones: the tag goes into the prompt.
+            with gr.Accordion("Hypernetworks", open=False, elem_id=f"{kind}_hypernet"):
+                hypernet_name, hypernet_refresh = file_picker(
+                    actions.hypernetwork_names(), "Hypernetwork", "the hypernetworks folder (models/hypernetworks or "
+                    "--hypernetwork-dir)", f"{kind}_hypernet")
+                with gr.Row():
+                    hypernet_weight = gr.Slider(-2, 2, value=1, step=0.05, label="Weight",
+                                                elem_id=f"{kind}_hypernet_weight", scale=4)
+                    hypernet_add = gr.Button("Add to prompt", elem_id=f"{kind}_hypernet_add", scale=1)
+                hypernet_search, hypernet_cards = card_gallery(f"{kind}_hypernet")
             # A1111's Textual Inversion cards: the embedding's name is the word that calls it.
             with gr.Accordion("Textual inversion", open=False, elem_id=f"{kind}_embeddings"):
                 embedding_name, embedding_refresh = file_picker(
@@ -939,6 +982,16 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                       api_visibility="private", show_progress="hidden")
     lora_add.click(actions.add_lora, inputs=[prompt, lora_name, lora_weight], outputs=[prompt],
                    **_api(kind, "add_lora"), show_progress="hidden")
+    hypernet_refresh.click(actions.refresh_hypernetworks, outputs=[hypernet_name],
+                           **_api(kind, "refresh_hypernetworks"), show_progress="hidden").then(
+        actions.hypernetwork_cards, inputs=[hypernet_search], outputs=[hypernet_cards], api_visibility="private",
+        show_progress="hidden")
+    hypernet_search.change(actions.hypernetwork_cards, inputs=[hypernet_search], outputs=[hypernet_cards],
+                           api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+    hypernet_cards.select(actions.hypernetwork_card_picked, inputs=[prompt, hypernet_weight, hypernet_search],
+                          outputs=[prompt, hypernet_name], api_visibility="private", show_progress="hidden")
+    hypernet_add.click(actions.add_hypernetwork, inputs=[prompt, hypernet_name, hypernet_weight], outputs=[prompt],
+                       **_api(kind, "add_hypernetwork"), show_progress="hidden")
     apply_styles.click(actions.apply_styles, inputs=[prompt, negative, styles], outputs=[prompt, negative, styles],
                        **_api(kind, "apply_styles"), show_progress="hidden")
     save_style.click(actions.save_style, inputs=[style_name, prompt, negative], outputs=[styles],
@@ -976,5 +1029,5 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     return GenerationTab(kind, actions, session, widgets, generate_events, tab_token,
                          [styles, lora_name, embedding_name,
                           widgets["hr_upscaler" if kind == "txt2img" else "sd_upscale_upscaler"], lora_cards,
-                          embedding_cards], send_to_img2img, send_to_inpaint, send_to_extras,
-                         paste, picture_tabs if img2img else None)
+                          embedding_cards, hypernet_name, hypernet_cards], send_to_img2img, send_to_inpaint,
+                         send_to_extras, paste, picture_tabs if img2img else None)
