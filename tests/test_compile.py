@@ -391,6 +391,16 @@ def test_hypernetworks_run_the_compiled_model_eagerly_and_compile_nothing(models
     assert np.abs(compiled - pixels(eager.generate(bent, [1]))).max() <= 1  # the fast path's SDPA rounds apart
 
 
+def test_a_pass_that_skips_the_negative_prompt_runs_eagerly_and_compiles_nothing(models_dir, tmp_path, compile_with):
+    """Skip Early CFG and NGMS run some calls on half the batch: uncompiled, predicting no UNet compile."""
+    engine, graphs = warmed_engine_counting_graphs(models_dir, tmp_path, compile_with)
+    skipping = GenerationRequest(prompt="a red apple", steps=2, width=80, skip_early_cond=0.5)  # a new size
+    assert engine.pending_compiles(skipping, 1) == ["VAE decoder"]
+    before = len(graphs)
+    engine.generate(skipping, [1])
+    assert len(graphs) == before + 1  # the decoder's graph alone
+
+
 def test_a_job_at_a_new_size_says_it_is_compiling(models_dir, tmp_path, compile_with, monkeypatch):
     compile_with("eager")
     first_step = threading.Event()
