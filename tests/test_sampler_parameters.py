@@ -177,11 +177,16 @@ def test_the_api_takes_the_field_and_a1111s_override_settings(services):
             "skip_early_cond": 0.5, "s_min_uncond_all": True}})
         overridden = client.post("/sdapi/v1/txt2img", json=body | {"override_settings": {"s_min_uncond": 2}})
         bad = client.post("/sdapi/v1/txt2img", json=body | {"override_settings": {"skip_early_cond": 3}})
+        hires = client.post("/sdapi/v1/txt2img", json=body | {"enable_hr": True, "hr_scale": 1.5, "override_settings": {
+            "img2img_extra_noise": 0.25}})
+        bad_noise = client.post("/sdapi/v1/txt2img", json=body | {"override_settings": {"img2img_extra_noise": 2}})
     assert given.status_code == 200, given.text[:300]
     info = given.json()["info"]
     assert "NGMS: 1.5" in info and "NGMS all steps: True" in info and "Skip Early CFG: 0.5" in info
     assert "NGMS: 2" in overridden.json()["info"]
     assert bad.status_code == 422 and "override_settings.skip_early_cond:" in bad.json()["detail"], bad.text
+    assert hires.status_code == 200 and "Extra noise: 0.25" in hires.json()["info"], hires.text[:300]
+    assert bad_noise.status_code == 422 and "override_settings.img2img_extra_noise:" in bad_noise.json()["detail"]
 
 
 def test_the_tabs_have_the_controls_and_the_plot_an_axis(services):
@@ -191,6 +196,7 @@ def test_the_tabs_have_the_controls_and_the_plot_an_axis(services):
 
     ui = create_ui(services)
     assert ui.img2img.widgets["initial_noise_multiplier"].elem_id == "img2img_initial_noise_multiplier"
+    assert ui.txt2img.widgets["img2img_extra_noise"].elem_id == "txt2img_img2img_extra_noise"
     assert "initial_noise_multiplier" not in ui.txt2img.widgets
     for kind, tab in (("txt2img", ui.txt2img), ("img2img", ui.img2img)):
         assert tab.widgets["s_min_uncond"].elem_id == f"{kind}_s_min_uncond"
@@ -252,3 +258,48 @@ def test_the_noise_multiplier_goes_through_infotext_page_and_api(services):
     assert "Noise multiplier: 0.5" in given.json()["info"] and "Noise multiplier: 0.7" in overridden.json()["info"]
     assert "Noise multiplier" not in plain.json()["info"]
     assert given.json()["images"][0] != plain.json()["images"][0]
+
+
+# --- Extra noise (img2img and the hires fix) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_extra_noise_adds_the_start_noise_again_counted_in_sigmas(sampler):
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from webui.engine.generate import _noised_latents
+    from webui.engine.samplers import make_scheduler
+
+    config = json.loads((Path("webui/engine/model_configs/sd-v1/scheduler/scheduler_config.json")).read_text())
+    scheduler = make_scheduler(config, sampler, "Automatic")
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[4:5]
+    pipe = SimpleNamespace(scheduler=scheduler)
+    generator = torch.Generator().manual_seed(0)
+    picture, noise = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 4, 8, 8, generator=generator)
+    plain = _noised_latents(pipe, noise, 0.0, picture, t)
+    extra = _noised_latents(pipe, noise, 0.3, picture, t)
+    # Euler's latents are the picture plus sigma x noise; DDIM's are that times sqrt(alpha-bar), worked out here.
+    alpha = float(sd_alphas_cumprod()[int(t)]) if sampler == "DDIM" else 1.0
+    assert torch.allclose(extra - plain, 0.3 * alpha ** 0.5 * noise, atol=1e-5)
+
+
+def test_extra_noise_changes_img2img_and_the_hires_pass_and_says_so(services):
+    picture = noise_picture(4)
+    img2img = [finished_with(services, QUICK | {"img2img_extra_noise": e}, init_image=picture) for e in (0.0, 0.4)]
+    assert "Extra noise: 0.4" in img2img[1].infotext and "Extra noise" not in img2img[0].infotext
+    assert not np.array_equal(np.asarray(img2img[0].image), np.asarray(img2img[1].image))
+    assert request_fields_from_infotext(img2img[1].infotext)["img2img_extra_noise"] == 0.4
+    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "hr_second_pass_steps": 2}
+    made = [finished_with(services, QUICK | hires | {"img2img_extra_noise": e}) for e in (0.0, 0.4)]
+    assert "Extra noise: 0.4" in made[1].infotext
+    assert not np.array_equal(np.asarray(made[0].image), np.asarray(made[1].image))
+    plain = finished_with(services, QUICK | {"img2img_extra_noise": 0.4})  # no pass starts from a picture
+    assert "Extra noise" not in plain.infotext
+
+
+def finished_with(services, request, **kwargs):
+    job = services.worker.submit(request, **kwargs)
+    assert job.wait(120) and job.state is JobState.DONE, job.error
+    return job.images[0]

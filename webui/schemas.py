@@ -131,6 +131,8 @@ class GenerationRequest(BaseModel):
                                    "start, run without the negative prompt (0: none; A1111's skip_early_cond)")
     initial_noise_multiplier: float = Field(1.0, ge=0.0, le=1.5, description="img2img: the noise the picture is "
                                             "noised with, times this (A1111's Noise multiplier for img2img; 1: as is)")
+    img2img_extra_noise: float = Field(0.0, ge=0.0, le=1.0, description="img2img and the hires fix: that much more "
+                                       "of the start noise added (A1111's Extra noise; 0: none)")
     # What a script run through several jobs (Loopback) writes into each picture's infotext, as A1111's
     # extra_generation_params; only the keys in SCRIPT_INFOTEXT_KEYS.
     script_params: dict[str, StrictStr | StrictFloat | StrictInt] = Field(default_factory=dict, description="infotext keys a script adds")

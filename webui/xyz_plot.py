@@ -84,6 +84,7 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Refiner switch at", "float", _setter("refiner_switch_at")),
     AxisType("Negative Guidance minimum sigma", "float", _setter("s_min_uncond")),
     AxisType("Initial noise multiplier", "float", _setter("initial_noise_multiplier")),
+    AxisType("Extra noise", "float", _setter("img2img_extra_noise")),
 )}
 
 

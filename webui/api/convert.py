@@ -151,7 +151,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         multiplier = overrides.get("initial_noise_multiplier") if multiplier is None else multiplier
         if multiplier is not None:
             data["initial_noise_multiplier"] = multiplier
-    data |= uncond_skip_fields(req)
+    data |= sampler_parameter_fields(req)
     script, refused = script_fields(req)
     data |= script
     problems.extend(refused)
@@ -301,12 +301,13 @@ def clip_skip_for(req: GenerationBody, option: int, loaded: LoadedModel | None) 
                      f"{loaded.entry.name}'s text encoder; it ran with {deepest}"]
 
 
-def uncond_skip_fields(req: GenerationBody) -> dict[str, Any]:
-    """A1111's NGMS and Skip Early CFG: s_min_uncond as a field or an override, the others as overrides (the
-    schema checks the values, under the names client_field_names gives)."""
+def sampler_parameter_fields(req: GenerationBody) -> dict[str, Any]:
+    """A1111's sampler parameters: NGMS's s_min_uncond as a field or an override; s_min_uncond_all, Skip Early CFG
+    and Extra noise as overrides (the schema checks the values, under the names client_field_names gives)."""
     overrides = req.override_settings or {}
     given = {"s_min_uncond": req.s_min_uncond if req.s_min_uncond is not None else overrides.get("s_min_uncond"),
-             "s_min_uncond_all": overrides.get("s_min_uncond_all"), "skip_early_cond": overrides.get("skip_early_cond")}
+             "s_min_uncond_all": overrides.get("s_min_uncond_all"), "skip_early_cond": overrides.get("skip_early_cond"),
+             "img2img_extra_noise": overrides.get("img2img_extra_noise")}
     return {name: value for name, value in given.items() if value is not None}
 
 
@@ -324,7 +325,8 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
     names = {"clip_skip": clip_skip_field(req), "model": "override_settings.sd_model_checkpoint",
              "sd_vae": "override_settings.sd_vae" if (req.override_settings or {}).get("sd_vae") is not None
              else "infotext (VAE)" if req.infotext and "VAE" in parse_infotext(req.infotext)[2] else "sd_vae"}
-    names |= {name: f"override_settings.{name}" for name in ("s_min_uncond_all", "skip_early_cond")}
+    names |= {name: f"override_settings.{name}" for name in ("s_min_uncond_all", "skip_early_cond",
+                                                                "img2img_extra_noise")}
     if req.s_min_uncond is None:
         names["s_min_uncond"] = "override_settings.s_min_uncond"
     if isinstance(req, Img2ImgRequest):

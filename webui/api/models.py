@@ -45,7 +45,8 @@ class GenerationBody(BaseModel):
         None, description="honoured keys: sd_model_checkpoint (switches the model), CLIP_stop_at_last_layers "
                           "(else the one set with POST /sdapi/v1/options), sd_vae, img2img_color_correction (img2img: "
                           "the results' colours matched to the picture's), s_min_uncond, s_min_uncond_all, "
-                          "skip_early_cond (A1111's NGMS and Skip Early CFG)")
+                          "skip_early_cond (A1111's NGMS and Skip Early CFG), img2img_extra_noise (img2img and the hires fix: more "
+                          "of the start noise, 0 to 1)")
     send_images: bool = True
     save_images: bool = Field(False, description="also write the PNGs to outputs/ and the history")
     # The most of an infotext that is ever read: room for prompts and extensions' long parameter lines.

@@ -132,10 +132,18 @@ def _all_phases(request: GenerationRequest) -> list[PromptPhase]:
     return _phases(request) + (_hires_phases(request) if request.enable_hr else [])
 
 
-def _noised_latents(pipe, noise: torch.Tensor, image: torch.Tensor, timestep: torch.Tensor, *_unused, **_also):
+def _noised_latents(pipe, noise: torch.Tensor, extra: float, image: torch.Tensor, timestep: torch.Tensor, *_unused,
+                    **_also):
     """img2img's start (in place of the pipeline's prepare_latents, which draws noise of its own): the picture's
-    latents noised to `timestep` with `noise`, by the pipeline's scheduler of this pass."""
-    return pipe.scheduler.add_noise(image, noise.to(image.device, image.dtype), timestep)
+    latents noised to `timestep` with `noise`, by the pipeline's scheduler of this pass. `extra`: A1111's Extra noise,
+    that much more of the same noise on top, counted as A1111 counts it (in sigmas: a scheduler that scales the
+    latents by sqrt(alpha) scales it too)."""
+    noise = noise.to(image.device, image.dtype)
+    latents = pipe.scheduler.add_noise(image, noise, timestep)
+    if extra:
+        scale = pipe.scheduler.add_noise(torch.ones_like(image), torch.zeros_like(noise), timestep)
+        latents = latents + scale * extra * noise
+    return latents
 
 
 def _nan_advice(dtype: torch.dtype) -> str:
@@ -702,7 +710,7 @@ class Engine:
             run.masked = self._masked_start(picture, noise, inpainting)
             picture = run.masked.start
         start = {"image": picture, "strength": pipeline_strength(request.denoising_steps, request.steps)}
-        latents = self._denoise(self._img2img_pipeline(noise), request, run, _phases(request), request.denoising_steps,
+        latents = self._denoise(self._img2img_pipeline(noise, request.img2img_extra_noise), request, run, _phases(request), request.denoising_steps,
                                 request.steps, start, extra)
         return latents if run.masked is None else run.masked.finish(latents)
 
@@ -853,7 +861,7 @@ class Engine:
         # As A1111, the second pass's noise is drawn afresh from each image's seed (and variation seed), and an
         # ancestral sampler's noise goes on from there, not from where the first pass left the streams.
         run.generators = [torch.Generator("cpu").manual_seed(generator.initial_seed()) for generator in run.generators]
-        pipe = self._img2img_pipeline(self._start_noise(run, (final[1], final[0])))
+        pipe = self._img2img_pipeline(self._start_noise(run, (final[1], final[0])), request.img2img_extra_noise)
         run.hypernetworks = run.hires_hypernetworks
         return self._denoise(pipe, request, run, _hires_phases(request), request.hires_steps, schedule, start,
                              self._extra_channels(size.final), request.hires_sampler)
@@ -895,16 +903,17 @@ class Engine:
         conds, uncond = encode_parts(self.pipe, part_texts(prompt), negative, clip_skip)
         return conds.reshape(1, -1, conds.shape[-1]), uncond.repeat(1, conds.shape[0], 1)
 
-    def _img2img_pipeline(self, noise: torch.Tensor):
+    def _img2img_pipeline(self, noise: torch.Tensor, extra_noise: float = 0.0):
         """diffusers' img2img pipeline over the loaded model's components (shared, not copied), noising its start
-        with `noise` (variation seeds move it; the hires pass draws its own). Built per run, which costs
+        with `noise` (variation seeds move it; the hires pass draws its own), and `extra_noise` times it more
+        (A1111's Extra noise). Built per run, which costs
         milliseconds, and not with from_pipe: that casts every part to one dtype, which would undo an fp32 VAE
         (--no-half-vae)."""
         from diffusers import StableDiffusionImg2ImgPipeline
 
         pipe = StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)  # as the loaded pipeline: progress goes to the page
-        pipe.prepare_latents = functools.partial(_noised_latents, pipe, noise)
+        pipe.prepare_latents = functools.partial(_noised_latents, pipe, noise, extra_noise)
         return pipe
 
     def encode(self, image: Image.Image) -> torch.Tensor:

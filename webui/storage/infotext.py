@@ -64,6 +64,7 @@ _REQUEST_FIELDS = {
     "NGMS": ("s_min_uncond", float),
     "NGMS all steps": ("s_min_uncond_all", lambda value: value.strip().lower() == "true"),
     "Noise multiplier": ("initial_noise_multiplier", float),
+    "Extra noise": ("img2img_extra_noise", float),
 }
 
 
@@ -158,6 +159,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["skip_early_cond"] = fields["s_min_uncond"] = 0.0
         fields["s_min_uncond_all"] = False
         fields["initial_noise_multiplier"] = 1.0
+        fields["img2img_extra_noise"] = 0.0
         fields["refiner_checkpoint"] = ""  # A1111 leaves the key out without a refiner: none was used
         fields["seed_resize_from_w"] = fields["seed_resize_from_h"] = 0
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation

@@ -126,7 +126,8 @@ class GenerationActions(SeveralRuns):
                  controlnet_resize_mode: int = 1, controlnet_processor_res: int = 512,
                  controlnet_threshold_a: float = 100.0, controlnet_threshold_b: float = 200.0,
                  controlnet_pixel_perfect: bool = False, s_min_uncond: float = 0.0, s_min_uncond_all: bool = False,
-                 skip_early_cond: float = 0.0, initial_noise_multiplier: float = 1.0) -> Iterator[tuple]:
+                 skip_early_cond: float = 0.0, initial_noise_multiplier: float = 1.0,
+                 img2img_extra_noise: float = 0.0) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -150,6 +151,7 @@ class GenerationActions(SeveralRuns):
             "seed_resize_from_w": seed_resize_from_w or 0, "seed_resize_from_h": seed_resize_from_h or 0,
             "styles": list(styles or []), "tiling": bool(tiling), "s_min_uncond": s_min_uncond or 0.0,
             "s_min_uncond_all": bool(s_min_uncond_all), "skip_early_cond": skip_early_cond or 0.0,
+            "img2img_extra_noise": img2img_extra_noise or 0.0,
         }
         if refiner and refiner_checkpoint not in (None, "", NO_REFINER):  # as A1111: ticked with none picked is off
             request |= {"refiner_checkpoint": refiner_checkpoint, "refiner_switch_at": refiner_switch_at}
@@ -721,7 +723,8 @@ def hires_fix_section(upscalers: list[str], model_names: list[str]) -> dict[str,
 
 def sampler_parameters_section(kind: str) -> dict[str, Any]:
     """A1111's sampler options (its Settings > Sampler parameters; here per run, so one user's choice is not
-    another's): those that leave the negative prompt out of some steps, and img2img's noise multiplier."""
+    another's): those that leave the negative prompt out of some steps, the extra noise, and img2img's noise
+    multiplier."""
     widgets = {}
     with gr.Accordion("Sampler parameters", open=False, elem_id=f"{kind}_sampler_parameters"):
         with gr.Row():
@@ -736,6 +739,10 @@ def sampler_parameters_section(kind: str) -> dict[str, Any]:
         widgets["s_min_uncond_all"] = gr.Checkbox(False, label="Negative Guidance minimum sigma all steps",
                                                   info="every step below that sigma, not every other one",
                                                   elem_id=f"{kind}_s_min_uncond_all")
+        widgets["img2img_extra_noise"] = gr.Slider(
+            0, 1, value=0, step=0.01, label="Extra noise multiplier for img2img and hires fix",
+            info="that much more of the start noise, where a pass starts from a picture (0: none)",
+            elem_id=f"{kind}_img2img_extra_noise")
         if kind == "img2img":
             widgets["initial_noise_multiplier"] = gr.Slider(
                 0, 1.5, value=1, step=0.01, label="Noise multiplier for img2img",

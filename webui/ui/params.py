@@ -28,13 +28,13 @@ CONTROLNET_FIELDS = ("controlnet_enabled", "controlnet_module", "controlnet_mode
 # GenerationTab.field_components.
 # img2img's leave the batch size alone (one picture sent need not become several), and take the size of the
 # picture sent rather than its infotext's (blocks.py).
-# A1111's sampler options that leave the negative prompt out of some steps (Sampler parameters).
-UNCOND_SKIP_FIELDS = ("skip_early_cond", "s_min_uncond", "s_min_uncond_all")
+# A1111's sampler options both tabs have (Sampler parameters).
+SAMPLER_FIELDS = ("skip_early_cond", "s_min_uncond", "s_min_uncond_all", "img2img_extra_noise")
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "seed_resize_from_w",
                  "seed_resize_from_h", "styles", "denoising_strength", "tiling", "sd_vae", *PLOT_FIELDS,
                  *OTHER_SCRIPTS, "refiner", "refiner_checkpoint", "refiner_switch_at", *CONTROLNET_FIELDS,
-                 *UNCOND_SKIP_FIELDS)
+                 *SAMPLER_FIELDS)
 INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding")
 IMG2IMG_FIELDS = (*COMMON_FIELDS, "color_correction", "initial_noise_multiplier", *INPAINTING_FIELDS, *IMG2IMG_SCRIPTS)
@@ -57,7 +57,8 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "scheduler": "Schedule type", "steps": "Sampling steps", "cfg_scale": "CFG scale", "width": "Width",
                 "height": "Height", "seed": "Seed", "n_iter": "Batch count", "batch_size": "Batch size",
                 "clip_skip": "Clip skip", "tiling": "Tiling", "skip_early_cond": "Ignore negative prompt during early sampling",
-                "s_min_uncond": "Negative Guidance minimum sigma", "initial_noise_multiplier": "Noise multiplier for img2img", "s_min_uncond_all": "Negative Guidance minimum sigma all steps", "color_correction": "Color correction", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
+                "s_min_uncond": "Negative Guidance minimum sigma", "initial_noise_multiplier": "Noise multiplier for img2img",
+                "img2img_extra_noise": "Extra noise multiplier for img2img and hires fix", "s_min_uncond_all": "Negative Guidance minimum sigma all steps", "color_correction": "Color correction", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
                 "subseed_strength": "Variation strength", "seed_resize_from_w": "Resize seed from width",
                 "seed_resize_from_h": "Resize seed from height", "styles": "Styles",
                 "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "init_image": "Image",
@@ -103,7 +104,7 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
          for name in ("batch_size", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
                       "denoising_strength", "tiling", "color_correction", "initial_noise_multiplier", "sd_vae", "script", "refiner_checkpoint", "refiner_switch_at",
                       *HIRES_FIELDS,
-                      *INPAINTING_FIELDS, *CONTROLNET_FIELDS, *UNCOND_SKIP_FIELDS)}
+                      *INPAINTING_FIELDS, *CONTROLNET_FIELDS, *SAMPLER_FIELDS)}
 
 
 def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: list[str],
