@@ -20,6 +20,10 @@ from PIL import Image
 # (schemas imports this module: nothing here may import schemas)
 from webui.engine.hires import NO_UPSCALER, PICTURE_UPSCALERS as UPSCALERS
 
+# UPSCALERS: SD upscale's choices, which schemas and the API read from here
+__all__ = ["DEFAULT_UPSCALER", "MAX_OVERLAP", "MAX_SCALE", "MIN_SCALE", "UPSCALERS", "TileLayout", "enlarge",
+           "tile_layout", "tile_starts", "upscaled_size"]
+
 DEFAULT_UPSCALER = "Lanczos"  # not A1111's "None", which leaves the size: a filter needs no file
 MAX_OVERLAP = 256  # A1111's slider
 MIN_SCALE, MAX_SCALE = 1.0, 4.0  # A1111's slider

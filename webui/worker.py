@@ -299,8 +299,9 @@ class Worker:
                 self._forget_old_jobs()
                 self._wake.notify_all()
         except (QueueFull, WorkerStopped) as refused:
+            reason = str(refused)
             self._record(job, "the refused job's row stays 'queued' in the history", lambda: self.history.set_job_state(
-                job.id, JobState.CANCELLED.value, error=str(refused), finished_at=time.time()))
+                job.id, JobState.CANCELLED.value, error=reason, finished_at=time.time()))
             raise
         return job
 
