@@ -77,7 +77,8 @@ def test_a_created_embedding_is_a1111s_pt_and_both_loaders_read_it(services):
     assert torch.equal(read_embedding(path).vectors, data["string_to_param"]["*"])
     # Read in at once: prompts use it without a refresh.
     loaded = services.engine.embeddings.loaded["apple"]
-    assert loaded.step == 0 and torch.equal(token_table(services)[list(loaded.vector_ids)], data["string_to_param"]["*"])
+    assert loaded.step == 0
+    assert torch.equal(token_table(services)[list(loaded.vector_ids)], data["string_to_param"]["*"])
     assert not list(path.parent.glob(".partial-*"))  # written by way of a temporary file, which is gone
 
 
@@ -242,7 +243,7 @@ def test_a_run_stopped_while_queued_never_starts(services, dataset):
     run = TrainingRun(plan_training(train_fields(dataset, "never"), services.settings))
     run.stop()
     assert services.worker.train_embedding(run).result(60) is None
-    assert run.state == "interrupted" and "before it started" in run.result()
+    assert run.state == "interrupted" and "before its first step" in run.result()
     assert torch.load(services.settings.embeddings_folder / "never.pt", weights_only=True)["step"] == 0
 
 
@@ -252,7 +253,8 @@ def test_the_api_creates_trains_reports_progress_and_interrupts(services, datase
         made = client.post("/sdapi/v1/create/embedding", json={"name": "viaapi", "num_vectors_per_token": 2,
                                                                 "overwrite_old": False, "init_text": "pear"})
         assert made.status_code == 200
-        assert made.json() == {"info": f"create embedding filename: {services.settings.embeddings_folder / 'viaapi.pt'}"}
+        path = services.settings.embeddings_folder / "viaapi.pt"
+        assert made.json() == {"info": f"create embedding filename: {path}"}
         again = client.post("/sdapi/v1/create/embedding", json={"name": "viaapi"})
         assert again.status_code == 422 and "overwrite_old: true" in again.json()["detail"]
         assert client.post("/sdapi/v1/create/embedding", json={"name": "../x"}).status_code == 422
@@ -263,7 +265,6 @@ def test_the_api_creates_trains_reports_progress_and_interrupts(services, datase
                 "template_filename": "style_filewords.txt", "id_task": "task(abc)", "varsize": False}
         done = client.post("/sdapi/v1/train/embedding", json=body)
         assert done.status_code == 200
-        path = services.settings.embeddings_folder / "viaapi.pt"
         assert done.json() == {"info": f"train embedding complete: filename: {path} error: None"}
         assert torch.load(path, weights_only=True)["step"] == 2
         refused = client.post("/sdapi/v1/train/embedding", json=body | {"data_root": str(dataset / "none")})
@@ -331,3 +332,14 @@ def test_a_batch_whose_prompts_never_name_the_embedding_trains_nothing_and_fails
     assert services.worker.train_embedding(run).result(60).step == 2
     after = torch.load(services.settings.embeddings_folder / "unnamed.pt", weights_only=True)["string_to_param"]["*"]
     assert torch.equal(after, before)
+
+
+def test_a_picture_that_cannot_be_read_fails_the_run_with_its_name_and_leaves_the_embedding(services, tmp_path):
+    create(services, "broken")
+    noise_picture(1).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    run = TrainingRun(plan_training(train_fields(tmp_path, "broken", batch_size=1), services.settings))
+    with pytest.raises(InvalidRequest, match="data_root: bad.png cannot be read as a picture"):
+        services.worker.train_embedding(run).result(60)
+    assert run.state == "failed" and "bad.png" in run.result()
+    assert torch.load(services.settings.embeddings_folder / "broken.pt", weights_only=True)["step"] == 0

@@ -287,7 +287,8 @@ def log_folder(outdir: Path, log_directory: str, name: str, today: dt.date) -> P
 
 
 # --- a training run -------------------------------------------------------------------------------
-QUEUED, PREPARING, TRAINING, DONE, INTERRUPTED, FAILED = "queued", "preparing", "training", "done", "interrupted", "failed"
+QUEUED, PREPARING, TRAINING = "queued", "preparing", "training"
+DONE, INTERRUPTED, FAILED = "done", "interrupted", "failed"
 
 
 @dataclass(eq=False)
@@ -323,10 +324,10 @@ class TrainingRun:
         if self.stopped():
             self._end(INTERRUPTED)
             return None
-        model = engine.require_model()
-        self._model = (model.short_hash, model.entry.name)
         self.state = PREPARING
         try:
+            model = engine.require_model()
+            self._model = (model.short_hash, model.entry.name)
             self.outcome = train_embedding(engine, self.plan, self)
         except Exception as err:
             self.error = str(err) or type(err).__name__
@@ -410,8 +411,8 @@ class TrainingRun:
         outcome, name = self.outcome, self.plan.name
         if self.state == FAILED:
             return f"Training failed: {self.error}"
-        if outcome is None:
-            return "Training interrupted before it started; the embedding is as it was."
+        if outcome is None or outcome.step == outcome.first_step and outcome.stopped:
+            return "Training interrupted before its first step; the embedding is as it was."
         if outcome.already_trained:
             return (f"{name} has been trained for {outcome.step} steps already, as many as Max steps allow: raise Max "
                     "steps to train it further.")

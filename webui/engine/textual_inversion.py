@@ -29,7 +29,7 @@ from webui.engine.fast_path import uncompiled
 from webui.engine.img2img import as_rgb, check_picture_size
 from webui.engine.inpainting_model import takes_masked_picture
 from webui.engine.prompts import encode_prompt_pair
-from webui.schemas import GenerationRequest, InvalidRequest
+from webui.schemas import MAX_PROMPT_CHARS, GenerationRequest, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +244,6 @@ def train_embedding(engine, plan: TrainingPlan, hooks: TrainingHooks) -> Trainin
         return TrainingOutcome(embedding.path, first, first, already_trained=True)
     engine.without_loras()  # the model as it is: a LoRA merged for the last picture must not train in
     dataset = _Dataset(_encode_pictures(pipe, plan, hooks), plan)
-    if hooks.stopped():  # during the preparation: nothing trained, the file stays as it was
-        return TrainingOutcome(embedding.path, first, first, stopped=True)
     device = pipe._execution_device
     vectors = embedding.vectors.to(device, torch.float32).clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([vectors], lr=plan.learn_rate.rate_at(first, plan.steps), weight_decay=0.0)
@@ -266,8 +264,9 @@ def train_embedding(engine, plan: TrainingPlan, hooks: TrainingHooks) -> Trainin
             hooks.step(TrainingStatus(step, first, last, loss, rate, prompt, last_copy))
             if plan.preview_every and step % plan.preview_every == 0:
                 _preview(engine, plan, embedding, vectors, step, prompt, hooks)
-    write_embedding_file(embedding.path, vectors, plan.name, step, model.short_hash, model.entry.name)
-    engine.refresh_embeddings()  # the file changed: prompts use the trained vectors from now on
+    if step > first:  # (Interrupt may come before the first step: then the file stays as it was)
+        write_embedding_file(embedding.path, vectors, plan.name, step, model.short_hash, model.entry.name)
+        engine.refresh_embeddings()  # the file changed: prompts use the trained vectors from now on
     return TrainingOutcome(embedding.path, first, step, stopped=step < last)
 
 
@@ -456,6 +455,7 @@ def _preview(engine, plan: TrainingPlan, embedding: Embedding, vectors: torch.Te
     table = engine.pipe.text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         table[list(embedding.vector_ids)] = vectors.detach().to(table.device, table.dtype)
-    request = GenerationRequest(prompt=prompt, steps=PREVIEW_STEPS, width=plan.width, height=plan.height)
+    request = GenerationRequest(prompt=prompt[:MAX_PROMPT_CHARS], steps=PREVIEW_STEPS, width=plan.width,
+                                height=plan.height)
     seed = random.randint(0, 2**32 - 1)
     hooks.preview(step, request, seed, engine.generate(request, [seed])[0].image)

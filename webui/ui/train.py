@@ -75,6 +75,9 @@ class TrainActions:
             path = queue_new_embedding(self.services.worker, new, self.services.settings.embeddings_folder).result()
         except (InvalidRequest, WorkerStopped, ModelLoadError) as err:
             return error_html(f"Not created: {_labelled(str(err))}"), gr.skip()
+        except OSError as err:
+            return error_html(f"Not created: the file could not be written ({err}); check that the embeddings folder "
+                              "is writable"), gr.skip()
         return notice_html(f"Created {path.name} in {path.parent}: prompts can use {path.stem} now, and Train "
                            "trains it."), self.embedding_list(path.stem)
 
@@ -225,11 +228,11 @@ def build_train_tab(services: Services) -> TrainTab:
             create_result = gr.HTML("", elem_id="train_create_result")
         with gr.Tab("Train", id="train", elem_id="train_train_tab"):
             reads = settings.reads_server_folders
-            gr.Markdown(
-                "Train an embedding on a folder of pictures on this server, best of one size and square. It runs in "
-                "the queue like a picture and may take hours: **pictures asked for meanwhile wait until it ends**. "
-                "Interrupt stops it and keeps what it has learned; copies and previews go to the log directory "
-                "(inside the outputs folder)." if reads else f"Shown, not usable: {NO_SERVER_FOLDERS.split(': ', 1)[1]}.")
+            about = ("Train an embedding on a folder of pictures on this server, best of one size and square. It "
+                     "runs in the queue like a picture and may take hours: **pictures asked for meanwhile wait until "
+                     "it ends**. Interrupt stops it and keeps what it has learned; copies and previews go to the log "
+                     "directory (inside the outputs folder).")
+            gr.Markdown(about if reads else f"Shown, not usable: {NO_SERVER_FOLDERS.split(': ', 1)[1]}.")
             with gr.Row():
                 embedding = gr.Dropdown(embeddings, value=embeddings[0] if embeddings else None, label="Embedding",
                                         elem_id="train_embedding")
