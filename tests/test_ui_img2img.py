@@ -47,7 +47,7 @@ def test_the_img2img_tab_sits_between_txt2img_and_history_with_its_own_widgets(u
     config = ui.blocks.get_config_file()
     tabs = [c["props"]["elem_id"] for c in config["components"] if c["props"].get("elem_id", "").startswith("tab_")]
     assert tabs == ["tab_txt2img", "tab_img2img", "tab_extras", "tab_history", "tab_pnginfo", "tab_merger",
-                    "tab_settings"]
+                    "tab_train", "tab_settings"]
     labels = input_labels(ui, "img2img")
     assert [labels[name] for name in ("prompt", "styles", "init_image", "denoising_strength", "resize_mode")] == [
         "Prompt", "Styles", "Image", "Denoising strength", "Resize mode"]
@@ -266,9 +266,9 @@ def test_the_page_load_covers_the_img2img_tab(ui):
     for block_fn in ui.blocks.fns.values():
         if any(event_name == "load" for _, event_name in block_fn.targets):
             by_name.setdefault(block_fn.name, []).append({block.elem_id for block in block_fn.outputs})
-    # One token (TAB_TOKEN_JS) for both tabs: each resumes its own kind of job with it.
+    # One token (TAB_TOKEN_JS) for the tabs: each resumes its own kind of job with it (Train: its training run).
     assert [outputs for outputs in sum(by_name.values(), []) if "txt2img_tab_token" in outputs] == [
-        {"txt2img_tab_token", "img2img_tab_token"}]
+        {"txt2img_tab_token", "img2img_tab_token", "train_tab_token"}]
     assert {"img2img_styles", "img2img_lora_name", "img2img_embedding_name", "img2img_sd_upscale_upscaler",
             "img2img_lora_cards", "img2img_embedding_cards", "img2img_hypernet_name",
             "img2img_hypernet_cards"} in by_name["file_lists"]

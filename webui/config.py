@@ -39,6 +39,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = PROJECT_ROOT / "models"
 DEFAULT_OUTPUTS_DIR = PROJECT_ROOT / "outputs"
 DEFAULT_MODEL_NAME = "sd-emoji-tiny"
+DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent / "textual_inversion_templates"  # Train's prompt templates
 DEVICES = ("auto", "cuda", "mps", "cpu")
 SPACES_DATA_DIR = Path("/data")  # a Space's persistent storage, when the owner has added it
 
@@ -88,7 +89,7 @@ A1111_IGNORED_VALUES = (  # these take one value, which is dropped too
     "--precision", "--theme", "--device-id", "--data-dir", "--config", "--vae-path", "--ui-config-file",
     "--localizations-dir", "--max-batch-count", "--loglevel", "--timeout-keep-alive",
     # folders of models and tools this project does not use (LoRA, upscalers, face restorers, CLIP)
-    "--lyco-dir", "--lyco-dir-backcompat", "--textual-inversion-templates-dir", "--gfpgan-dir", "--gfpgan-model",
+    "--lyco-dir", "--lyco-dir-backcompat", "--gfpgan-dir", "--gfpgan-model",
     "--codeformer-models-path", "--gfpgan-models-path", "--bsrgan-models-path", "--scunet-models-path", "--swinir-models-path", "--ldsr-models-path",
     "--dat-models-path",
     "--sub-quad-q-chunk-size", "--sub-quad-kv-chunk-size", "--sub-quad-chunk-threshold",
@@ -120,6 +121,7 @@ class Settings:
     clip_dir: Path | None = None  # None: the CLIP folder inside models_dir (Interrogate's CLIP model)
     controlnet_dir: Path | None = None  # None: the ControlNet folder inside models_dir
     hypernetwork_dir: Path | None = None  # None: the hypernetworks folder inside models_dir
+    textual_inversion_templates_dir: Path = DEFAULT_TEMPLATES_DIR  # the Train tab's prompt templates
     styles_file: Path | None = None  # None: styles.csv in outdir
     ui_settings_file: Path | None = None  # None: config.json in outdir
     freeze_settings: bool = False  # the Settings tab's settings shown, not changeable
@@ -326,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"folder of textual inversion embeddings that prompts name by file name (default: "
                             f"{EMBEDDINGS_FOLDER}/ inside the models folder, or A1111's embeddings/ beside its models/ "
                             "with --models-dir)")
+    files.add_argument("--textual-inversion-templates-dir", type=_user_path, default=DEFAULT_TEMPLATES_DIR,
+                       help="folder of the Train tab's prompt templates (.txt files whose lines hold [name] and "
+                            "[filewords]) (default: the ones shipped in webui/textual_inversion_templates/)")
     files.add_argument("--styles-file", type=_user_path, default=None,
                        help=f"A1111's prompt styles file (default: {STYLES_FILE} in the outputs folder, or A1111's own "
                             "beside its models/ with --models-dir when it has one)")

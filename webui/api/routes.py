@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from webui.api import controlnet, convert, scripts
+from webui.api.training import TrainingRoutes
 from webui.api.convert import ApiError
 from webui.api.models import (
     ErrorResponse, ExtrasBatchImagesRequest, ExtrasBody, ExtrasBatchImagesResponse, ExtrasSingleImageRequest,
@@ -114,6 +115,7 @@ class Api:
         # its model is the option's, as in A1111, where such an override stays set.
         self._kept_override: Job | None = None
         self._runs: list[SeveralJobs] = []  # the scripts' runs of several jobs going on, for /progress and /interrupt
+        self.training = TrainingRoutes(services, caller_of)  # /sdapi/v1/create/embedding, /train/embedding
 
     # --- generation ---------------------------------------------------------------------------
     async def txt2img(self, req: Txt2ImgRequest, request: Request) -> GenerationResponse:
@@ -344,6 +346,9 @@ class Api:
         caller who owns it."""
         job = self.worker.current()
         if job is None or job.state is not JobState.RUNNING:
+            training = self.training.progress(request, skip_current_image)
+            if training is not None:
+                return training
             # Between jobs the worker may be loading or compiling a model: say so to clients waiting.
             return ProgressResponse(progress=0.0, eta_relative=0.0, state=_idle_state(self.worker.queue_length()),
                                     textinfo=self.worker.activity)
@@ -381,7 +386,9 @@ class Api:
         """Stop the caller's API job (A1111's Interrupt): the running one, which keeps the images it
         finished, else its next queued one. Nobody else's job: not another client's, not a web-UI user's.
         The caller is the --api-auth user, else the client's address (clients behind one proxy share it).
-        POST /api/v1/jobs/{id}/cancel stops one job by its id."""
+        POST /api/v1/jobs/{id}/cancel stops one job by its id. The caller's embedding training stops too."""
+        if self.training.interrupt(caller_of(request), running_only=True):  # the caller's embedding training
+            return {}
         job = self._callers_running_job(request) or self._callers_queued_job(request)
         # A script's run of several jobs ends whole, even between two of its jobs.
         run = self._run_of(job) if job is not None else next(
@@ -390,6 +397,8 @@ class Api:
             run.stop(self.worker)
         elif job is not None:
             self.worker.cancel(job.id)
+        else:
+            self.training.interrupt(caller_of(request))  # a training of theirs that waits in the queue
         return {}
 
     def skip(self, request: Request) -> None:
@@ -699,6 +708,7 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
     add("/api/v1/jobs/{job_id}/cancel", api.cancel_job, methods=["POST"], response_model=JobCancelReply,
         tags=["jobs"], responses={409: {"model": ErrorResponse, "description": "the job has already finished"}})
     controlnet.add_controlnet_routes(router, services)  # sd-webui-controlnet's /controlnet/* routes
+    api.training.add_routes(add, sd)
     # Last, so they catch only what no route above takes: a wrong path or method under our prefixes still
     # gets a JSON error in our format, not the framework's plain one.
     for path in (f"{sd}/{{rest:path}}", "/api/v1/jobs{rest:path}"):

@@ -637,6 +637,10 @@ class Engine:
                 hashes.append(f"{use.name.translate(str.maketrans('', '', ':,'))}: {digest}")
         return ", ".join(hashes) or None
 
+    def without_loras(self) -> None:
+        """The model's own weights again: the LoRAs the last run merged in taken out (embedding training)."""
+        self._lora_weights.use(self.pipe, [])
+
     def _use_loras(self, request: GenerationRequest) -> None:
         uses = lora_uses(request.prompt)
         self._lora_weights.use(self.pipe, [(self.loras.find(use.name), use) for use in uses])

@@ -25,6 +25,7 @@ from webui.ui.params import widget_updates
 from webui.ui.pictures import INPAINT, PLAIN
 from webui.ui.pnginfo import PngInfoTab, build_pnginfo, fields_for_txt2img, fields_to_paste, picture_for_img2img
 from webui.ui.settings import SettingsTab, build_settings
+from webui.ui.train import TrainTab, build_train_tab
 from webui.ui.generation import GenerationTab, build_generation_tab
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -38,7 +39,7 @@ TAB_TOKEN_JS = """() => {
     token = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
     sessionStorage.setItem("diffusers-webui-tab", token);
   }
-  return [token, token];  // one for each tab that resumes its own kind of job: txt2img, img2img
+  return [token, token, token];  // one for each tab that resumes its own work: txt2img, img2img, Train
 }"""
 
 
@@ -55,6 +56,7 @@ class WebUI:
     extras: ExtrasTab
     settings: SettingsTab
     merger: MergerTab
+    train: TrainTab | None = None
 
     @property
     def generation_tabs(self) -> tuple[GenerationTab, GenerationTab]:
@@ -84,6 +86,8 @@ def create_ui(services: Services) -> WebUI:
                 pnginfo = build_pnginfo()
             with gr.Tab("Checkpoint Merger", id="merger", elem_id="tab_merger") as merger_tab:
                 merger = build_merger(services)
+            with gr.Tab("Train", id="train", elem_id="tab_train"):
+                train = build_train_tab(services)
             with gr.Tab("Settings", id="settings", elem_id="tab_settings") as settings_tab:
                 settings = build_settings(services.options, services.settings.open_to_anyone)
         # Shown afresh when opened: another user or an API client may have changed them.
@@ -91,7 +95,7 @@ def create_ui(services: Services) -> WebUI:
                             show_progress="hidden")
         _wire_merger(merger, merger_tab, models, picker)
         ui = WebUI(blocks, models, picker, txt2img, img2img, history, history_actions, pnginfo, extras, settings,
-                   merger)
+                   merger, train)
         _wire_between_tabs(ui, tabs)
         _wire_page_load(ui)
         _wire_checkpoint_lists(ui)
@@ -278,7 +282,8 @@ def _wire_page_load(ui: WebUI) -> None:
     ui.blocks.load(ui.extras.actions.upscaler_lists,
                    outputs=[ui.extras.settings["upscaler_1"], ui.extras.settings["upscaler_2"]], **private)
     # The tab's token survives a reload (sessionStorage, one per tab); filling it in resumes the tab's job.
-    ui.blocks.load(None, outputs=[tab.tab_token for tab in ui.generation_tabs], js=TAB_TOKEN_JS, **private)
+    ui.blocks.load(None, outputs=[*(tab.tab_token for tab in ui.generation_tabs), ui.train.tab_token], js=TAB_TOKEN_JS,
+                   **private)
 
 
 def launch_assets() -> dict:

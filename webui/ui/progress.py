@@ -100,3 +100,8 @@ def _bar(fraction: float, text: str) -> str:
         f"<div class='dw-progress-text'>{html.escape(text)}</div>"
         "</div>"
     )
+
+
+def bar_html(fraction: float, text: str) -> str:
+    """A progress bar with its text, for what is no Job (the Train tab's training run)."""
+    return _bar(fraction, text)

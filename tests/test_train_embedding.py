@@ -1,0 +1,345 @@
+"""The Train tab for textual inversion (A1111's): Create embedding, Train, their API routes, progress and Interrupt.
+
+Runs on the tiny model (tests/tiny_sd.py) with 64x64 pictures and a few steps; no previews but in one test.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import random
+import threading
+
+import gradio as gr
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from tests.helpers import noise_picture, running_services, wait_for
+from webui.api import create_api_app
+from webui.engine.embeddings import read_embedding
+from webui.engine.textual_inversion import RateSchedule, prompt_text
+from webui.schemas import InvalidRequest, JobState
+from webui.textual_inversion import (
+    NewEmbedding, TrainEmbedding, TrainingRun, filewords_of, plan_training, queue_new_embedding,
+)
+from webui.ui.train import TrainSession, build_train_tab
+
+TINY_WIDTH = 32  # the tiny text encoder's width
+A1111_KEYS = {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
+
+
+@pytest.fixture(scope="module")
+def services(models_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    yield from running_services(models_dir, root / "outputs", embeddings_dir=root / "embeddings")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Three 64x64 pictures: one with a caption file, two named as A1111's preprocessing names them."""
+    folder = tmp_path_factory.mktemp("dataset")
+    for number in range(3):
+        noise_picture(number).save(folder / f"{number:05d}-a red apple {number}.png")
+    (folder / "00000-a red apple 0.txt").write_text("shiny, round\n")
+    (folder / "notes.md").write_text("not a picture")
+    return folder
+
+
+def create(services, name: str, **fields):
+    new = NewEmbedding(name=name, **fields)
+    return queue_new_embedding(services.worker, new, services.settings.embeddings_folder).result(60)
+
+
+def train_fields(dataset, name: str, **fields) -> TrainEmbedding:
+    defaults = dict(embedding_name=name, data_root=str(dataset), training_width=64, training_height=64, steps=3,
+                    create_image_every=0, save_embedding_every=0, template_filename="subject_filewords.txt")
+    return TrainEmbedding(**(defaults | fields))
+
+
+def train(services, dataset, name: str, **fields) -> TrainingRun:
+    run = TrainingRun(plan_training(train_fields(dataset, name, **fields), services.settings))
+    services.worker.train_embedding(run).result(120)
+    return run
+
+
+def token_table(services) -> torch.Tensor:
+    return services.engine.pipe.text_encoder.get_input_embeddings().weight
+
+
+# --- Create embedding -----------------------------------------------------------------------------
+def test_a_created_embedding_is_a1111s_pt_and_both_loaders_read_it(services):
+    path = create(services, "apple", init_text="red apple", num_vectors_per_token=3)
+    assert path == services.settings.embeddings_folder / "apple.pt"
+    data = torch.load(path, map_location="cpu", weights_only=True)  # no code runs: A1111's plain layout
+    assert set(data) == A1111_KEYS
+    assert data["name"] == "apple" and data["step"] == 0 and data["string_to_token"] == {"*": 265}
+    assert list(data["string_to_param"]) == ["*"] and data["string_to_param"]["*"].shape == (3, TINY_WIDTH)
+    assert torch.equal(read_embedding(path).vectors, data["string_to_param"]["*"])
+    # Read in at once: prompts use it without a refresh.
+    loaded = services.engine.embeddings.loaded["apple"]
+    assert loaded.step == 0
+    assert torch.equal(token_table(services)[list(loaded.vector_ids)], data["string_to_param"]["*"])
+    assert not list(path.parent.glob(".partial-*"))  # written by way of a temporary file, which is gone
+
+
+def test_the_initialization_text_gives_its_tokens_vectors_repeated_or_cut(services):
+    tokenizer, table = services.engine.tokenizer, token_table(services)
+    red, apple = tokenizer("red apple", add_special_tokens=False).input_ids
+    stretched = torch.load(create(services, "stretched", init_text="red apple", num_vectors_per_token=4),
+                           weights_only=True)["string_to_param"]["*"]
+    assert torch.equal(stretched, table[[red, red, apple, apple]].detach())  # A1111's i * tokens // vectors
+    cut = torch.load(create(services, "cut", init_text="red apple", num_vectors_per_token=1),
+                     weights_only=True)["string_to_param"]["*"]
+    assert torch.equal(cut, table[[red]].detach())
+    blank = torch.load(create(services, "blank", init_text="", num_vectors_per_token=2),
+                       weights_only=True)["string_to_param"]["*"]
+    assert torch.equal(blank, torch.zeros(2, TINY_WIDTH))
+
+
+def test_bad_names_and_taken_names_are_refused_and_overwrite_replaces(services):
+    folder = services.settings.embeddings_folder
+    create(services, "taken", init_text="cat")
+    for name, says in (("../escape", "no /"), ("sub/name", "no /"), ("..", "no /"), (".hidden", ". at the start"),
+                       ("", "give the embedding a name"), ("star*", "'*'"), ("taken", "taken.pt exists")):
+        with pytest.raises(InvalidRequest, match=f"name: .*{says.replace('*', '[*]')}"):
+            create(services, name)
+    with pytest.raises(InvalidRequest, match="num_vectors_per_token: 1 to 75"):
+        create(services, "many", num_vectors_per_token=76)
+    assert not (folder.parent / "escape.pt").exists() and not (folder / "many.pt").exists()
+    before = torch.load(folder / "taken.pt", weights_only=True)["string_to_param"]["*"]
+    create(services, "taken", init_text="dog", overwrite_old=True)
+    assert not torch.equal(torch.load(folder / "taken.pt", weights_only=True)["string_to_param"]["*"], before)
+
+
+# --- the parts of a run ---------------------------------------------------------------------------
+def test_the_learning_rate_schedule_reads_a1111s_syntax():
+    one = RateSchedule.parse("0.005")
+    assert [one.rate_at(done, 100) for done in (0, 99, 100)] == [0.005, 0.005, None] and one.end(100) == 100
+    stepped = RateSchedule.parse("0.005:100, 1e-3:1000, 1e-5")
+    assert [stepped.rate_at(done, 2000) for done in (0, 99, 100, 999, 1000, 1999, 2000)] == [
+        0.005, 0.005, 0.001, 0.001, 1e-5, 1e-5, None]
+    assert stepped.end(2000) == 2000 and stepped.end(500) == 500 and stepped.rate_at(499, 500) == 0.001
+    ends_early = RateSchedule.parse("0.01:10")  # a last rate with a step ends the training there, as in A1111
+    assert ends_early.end(50) == 10 and ends_early.rate_at(10, 50) is None
+    assert RateSchedule.parse("0.01:10, 0.001:-1,").end(50) == 50  # -1: to the end; a comma at the end is nothing
+    for bad, says in (("", "give a rate"), ("abc", "rate above 0"), ("0", "rate above 0"), ("-0.1", "rate above 0"),
+                      ("nan", "rate above 0"), ("0.005:abc", "whole number"), ("0.005:0", "whole number"),
+                      ("0.01:10:5", "whole number"), ("0.01:100, 0.001:50", "must grow"),
+                      ("0.01, 0.001:100", "nothing may follow")):
+        with pytest.raises(InvalidRequest, match=f"learn_rate: .*{says}"):
+            RateSchedule.parse(bad)
+
+
+def test_template_lines_take_the_name_and_the_filewords(dataset):
+    line = "a photo of [name], [filewords]"
+    assert prompt_text(line, "apple", "shiny, round") == "a photo of apple, shiny, round"
+    assert prompt_text(line, "apple", "shiny, round", tag_drop_out=1.0) == "a photo of apple, "
+    shuffled = prompt_text("[filewords]", "x", "a,b,c,d,e,f", shuffle_tags=True, rng=random.Random(3))
+    assert sorted(shuffled.split(",")) == list("abcdef") and shuffled != "a,b,c,d,e,f"
+    # A caption file beside the picture, else its name without A1111's leading numbers.
+    assert filewords_of(dataset / "00000-a red apple 0.png") == "shiny, round"
+    assert filewords_of(dataset / "00002-a red apple 2.png") == "a red apple 2"
+
+
+def test_a_plan_reads_the_dataset_and_puts_the_log_under_the_outputs_folder(services, dataset):
+    create(services, "planned")
+    plan = plan_training(train_fields(dataset, "planned", learn_rate="0.01:2, 0.001"), services.settings,
+                         today=dt.date(2024, 5, 17))
+    assert [picture.path.name for picture in plan.pictures] == [f"0000{n}-a red apple {n}.png" for n in range(3)]
+    assert plan.log_folder == services.settings.outdir / "textual_inversion" / "2024-05-17" / "planned"
+    assert all("[name]" in line for line in plan.template if "[filewords]" in line)
+
+
+def test_bad_training_inputs_are_refused_before_anything_is_queued(services, dataset, tmp_path):
+    create(services, "refusals")
+    (tmp_path / "empty").mkdir()
+    for fields, says in (
+            ({"data_root": str(tmp_path / "missing")}, "data_root: .* is no folder"),
+            ({"data_root": str(tmp_path / "empty")}, "data_root: .* holds no pictures"),
+            ({"data_root": ""}, "data_root: give the folder"),
+            ({"embedding_name": "nobody"}, "embedding_name: no embedding 'nobody'"),
+            ({"embedding_name": "../refusals"}, "embedding_name: no embedding"),
+            ({"log_directory": "../elsewhere"}, "log_directory: .* outside the outputs folder"),
+            ({"log_directory": "/tmp/elsewhere"}, "log_directory: .* outside the outputs folder"),
+            ({"template_filename": "../style.txt"}, "template_filename: no prompt template"),
+            ({"training_width": 100}, "training_width: must be a multiple of 8"),
+            ({"batch_size": 4}, "batch_size: 4 is more than the 3 pictures"),
+            ({"learn_rate": "fast"}, "learn_rate: 'fast' does not start with a rate"),
+            ({"steps": 0}, "steps: 1 to"),
+            ({"latent_sampling_method": "sometimes"}, "latent_sampling_method: one of once, deterministic, random"),
+            ({"varsize": True}, "varsize: .* send false")):
+        with pytest.raises(InvalidRequest, match=says):
+            plan_training(train_fields(dataset, "refusals", **fields), services.settings)
+    hidden = dataclasses.replace(services.settings, hide_ui_dir_config=True)
+    with pytest.raises(InvalidRequest, match="reads no folders"):
+        plan_training(train_fields(dataset, "refusals"), hidden)
+
+
+# --- training on the worker -----------------------------------------------------------------------
+def test_training_changes_the_embedding_alone_saves_copies_as_a1111_and_reloads_it(services, dataset):
+    create(services, "trained", init_text="red apple", num_vectors_per_token=2)
+    folder = services.settings.embeddings_folder
+    start = torch.load(folder / "trained.pt", weights_only=True)["string_to_param"]["*"]
+    pipe = services.engine.pipe
+    frozen = {name: value.clone() for part in ("unet", "vae", "text_encoder")
+              for name, value in getattr(pipe, part).state_dict(prefix=f"{part}.").items()}
+    vocabulary = token_table(services).shape[0]
+    run = train(services, dataset, "trained", steps=3, save_embedding_every=2, learn_rate="0.05", batch_size=2)
+
+    assert run.state == "done" and run.outcome.step == 3 and torch.isfinite(torch.tensor(run.status.loss))
+    data = torch.load(folder / "trained.pt", weights_only=True)
+    trained = data["string_to_param"]["*"]
+    assert data["step"] == 3 and data["sd_checkpoint_name"] == "tiny-sd" and data["sd_checkpoint"]
+    assert (trained - start).abs().max() > 0.01  # Adam moves each vector about the rate per step
+    # Nothing else learned: the UNet, the VAE and the text encoder (its token table up to the embeddings' rows).
+    for name, value in pipe.unet.state_dict(prefix="unet.").items() | pipe.vae.state_dict(prefix="vae.").items():
+        assert torch.equal(value, frozen[name]), name
+    for name, value in pipe.text_encoder.state_dict(prefix="text_encoder.").items():
+        assert torch.equal(value[:vocabulary], frozen[name][:vocabulary]), name
+    assert all(parameter.requires_grad for parameter in pipe.unet.parameters())  # as the model was loaded
+    # Every 2 steps a copy, named <name>-<step>.pt, in <log directory>/<date>/<name>/embeddings.
+    copies = run.plan.log_folder / "embeddings"
+    assert run.plan.log_folder.parent.parent == services.settings.outdir / "textual_inversion"
+    assert sorted(path.name for path in copies.iterdir()) == ["trained-2.pt"]
+    copy = torch.load(copies / "trained-2.pt", weights_only=True)
+    assert copy["name"] == "trained-2" and copy["step"] == 2
+    assert not torch.equal(copy["string_to_param"]["*"], trained)  # the third step came after it
+    # Read in again: prompts use the trained vectors.
+    loaded = services.engine.embeddings.loaded["trained"]
+    assert loaded.step == 3 and torch.equal(token_table(services)[list(loaded.vector_ids)], trained)
+
+
+def test_training_goes_on_from_the_embeddings_steps_and_makes_previews(services, dataset):
+    create(services, "resumed")
+    train(services, dataset, "resumed", steps=2)
+    run = train(services, dataset, "resumed", steps=4, create_image_every=4, latent_sampling_method="random")
+    assert (run.outcome.first_step, run.outcome.step) == (2, 4)
+    preview = run.plan.log_folder / "images" / "resumed-4.png"
+    assert run.preview_path == preview and preview.is_file() and run.preview_image.size == (64, 64)
+    again = train(services, dataset, "resumed", steps=4)
+    assert again.outcome.already_trained and "raise Max steps" in again.result()
+
+
+def test_interrupt_stops_the_run_keeps_its_files_and_leaves_other_jobs_alone(services, dataset):
+    create(services, "stopped")
+    run = TrainingRun(plan_training(train_fields(dataset, "stopped", steps=100000, save_embedding_every=1),
+                                    services.settings))
+    future = services.worker.train_embedding(run)
+    other = services.worker.submit({"prompt": "a pear", "steps": 2, "width": 64, "height": 64}, owner="someone")
+    wait_for(lambda: run.status is not None and run.status.step >= 2, what="two training steps")
+    assert services.worker.training is run and other.state is JobState.QUEUED
+    assert "other jobs wait" in services.worker.activity
+    run.stop()
+    outcome = future.result(60)
+    assert outcome.stopped and 2 <= outcome.step < 100000 and run.state == "interrupted"
+    saved = torch.load(outcome.path, weights_only=True)
+    assert saved["step"] == outcome.step
+    assert (run.plan.log_folder / "embeddings" / f"stopped-{outcome.step}.pt").is_file()
+    assert other.wait(60) and other.state is JobState.DONE  # someone else's job ran after it, untouched
+
+
+def test_a_run_stopped_while_queued_never_starts(services, dataset):
+    create(services, "never")
+    run = TrainingRun(plan_training(train_fields(dataset, "never"), services.settings))
+    run.stop()
+    assert services.worker.train_embedding(run).result(60) is None
+    assert run.state == "interrupted" and "before its first step" in run.result()
+    assert torch.load(services.settings.embeddings_folder / "never.pt", weights_only=True)["step"] == 0
+
+
+# --- the API ----------------------------------------------------------------------------------------
+def test_the_api_creates_trains_reports_progress_and_interrupts(services, dataset):
+    with TestClient(create_api_app(services)) as client:
+        made = client.post("/sdapi/v1/create/embedding", json={"name": "viaapi", "num_vectors_per_token": 2,
+                                                                "overwrite_old": False, "init_text": "pear"})
+        assert made.status_code == 200
+        path = services.settings.embeddings_folder / "viaapi.pt"
+        assert made.json() == {"info": f"create embedding filename: {path}"}
+        again = client.post("/sdapi/v1/create/embedding", json={"name": "viaapi"})
+        assert again.status_code == 422 and "overwrite_old: true" in again.json()["detail"]
+        assert client.post("/sdapi/v1/create/embedding", json={"name": "../x"}).status_code == 422
+
+        body = {"embedding_name": "viaapi", "learn_rate": 0.01, "batch_size": 1, "gradient_step": 2,
+                "data_root": str(dataset), "log_directory": "textual_inversion", "training_width": 64,
+                "training_height": 64, "steps": 2, "create_image_every": 0, "save_embedding_every": 0,
+                "template_filename": "style_filewords.txt", "id_task": "task(abc)", "varsize": False}
+        done = client.post("/sdapi/v1/train/embedding", json=body)
+        assert done.status_code == 200
+        assert done.json() == {"info": f"train embedding complete: filename: {path} error: None"}
+        assert torch.load(path, weights_only=True)["step"] == 2
+        refused = client.post("/sdapi/v1/train/embedding", json=body | {"data_root": str(dataset / "none")})
+        assert refused.status_code == 422 and refused.json()["detail"].startswith("data_root:")
+
+        answers = []
+        waiting = threading.Thread(target=lambda: answers.append(
+            client.post("/sdapi/v1/train/embedding", json=body | {"steps": 100000})))
+        waiting.start()
+        wait_for(lambda: services.worker.training is not None and services.worker.training.status is not None,
+                 what="the API's training")
+        progress = client.get("/sdapi/v1/progress").json()
+        assert progress["state"]["job"] == "train-embedding" and progress["state"]["job_count"] == 100000
+        assert progress["state"]["job_no"] >= 3 and "Loss: " in progress["textinfo"]
+        assert client.post("/sdapi/v1/interrupt").status_code == 200
+        waiting.join(60)
+        [answer] = answers
+        assert answer.status_code == 200 and answer.json()["info"].endswith("error: None")
+        assert 3 <= torch.load(path, weights_only=True)["step"] < 100000
+
+
+# --- the page -------------------------------------------------------------------------------------
+def test_the_train_tab_creates_and_trains(services, dataset):
+    with gr.Blocks():
+        tab = build_train_tab(services)
+    assert tab.fields["learn_rate"].value == "0.005" and tab.fields["log_directory"].value == "textual_inversion"
+    assert tab.template.value == "style_filewords.txt"
+    message, dropdown = tab.actions.create("pagemade", "apple", 1, False)
+    assert "Created pagemade.pt" in message and dropdown["value"] == "pagemade"
+    assert "pagemade.pt exists" in tab.actions.create("pagemade", "apple", 1, False)[0]
+    values = dict(embedding_name="pagemade", learn_rate="0.005", clip_grad_mode="disabled", clip_grad_value="0.1",
+                  batch_size=1, gradient_step=1, data_root=str(dataset), log_directory="textual_inversion",
+                  template_filename="subject.txt", training_width=64, training_height=64, steps=2,
+                  create_image_every=0, save_embedding_every=0, shuffle_tags=False, tag_drop_out=0.0,
+                  latent_sampling_method="once")
+    session = TrainSession(tab="page-token")
+    *_, last = tab.actions.train(session, *(values[name] for name in tab.fields))
+    assert "Training finished at 2 steps" in last[3] and session.run.owner == "ui-tab:page-token"
+    *_, refused = tab.actions.train(session, *((values | {"data_root": ""})[name] for name in tab.fields))
+    assert "Dataset directory: give the folder" in refused[3]
+    # A page reloaded in the same browser tab follows its run again, and its Interrupt stops it.
+    first = TrainSession(tab="reloaded")
+    following = tab.actions.train(first, *((values | {"steps": 100000})[name] for name in tab.fields))
+    next(following)
+    wait_for(lambda: first.run.status is not None, what="the page's training")
+    following.close()  # the page went away; the run goes on
+    again = TrainSession()
+    resumed = tab.actions.resume(again, "reloaded")
+    next(resumed)
+    assert again.run is first.run and not first.run.finished
+    tab.actions.interrupt(again)
+    *_, last = resumed
+    assert "Training interrupted at" in last[3] and first.run.outcome.stopped
+    locked = dataclasses.replace(services, settings=dataclasses.replace(services.settings, hide_ui_dir_config=True))
+    with gr.Blocks():
+        hidden = build_train_tab(locked)
+    assert hidden.train.interactive is False and hidden.fields["data_root"].interactive is False
+
+
+def test_a_batch_whose_prompts_never_name_the_embedding_trains_nothing_and_fails_nothing(services, dataset):
+    create(services, "unnamed")
+    plan = plan_training(train_fields(dataset, "unnamed", steps=2), services.settings)
+    run = TrainingRun(dataclasses.replace(plan, template=("a plain picture",)))
+    before = torch.load(services.settings.embeddings_folder / "unnamed.pt", weights_only=True)["string_to_param"]["*"]
+    assert services.worker.train_embedding(run).result(60).step == 2
+    after = torch.load(services.settings.embeddings_folder / "unnamed.pt", weights_only=True)["string_to_param"]["*"]
+    assert torch.equal(after, before)
+
+
+def test_a_picture_that_cannot_be_read_fails_the_run_with_its_name_and_leaves_the_embedding(services, tmp_path):
+    create(services, "broken")
+    noise_picture(1).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    run = TrainingRun(plan_training(train_fields(tmp_path, "broken", batch_size=1), services.settings))
+    with pytest.raises(InvalidRequest, match="data_root: bad.png cannot be read as a picture"):
+        services.worker.train_embedding(run).result(60)
+    assert run.state == "failed" and "bad.png" in run.result()
+    assert torch.load(services.settings.embeddings_folder / "broken.pt", weights_only=True)["step"] == 0
