@@ -252,3 +252,15 @@ def test_the_noise_multiplier_goes_through_infotext_page_and_api(services):
     assert "Noise multiplier: 0.5" in given.json()["info"] and "Noise multiplier: 0.7" in overridden.json()["info"]
     assert "Noise multiplier" not in plain.json()["info"]
     assert given.json()["images"][0] != plain.json()["images"][0]
+
+
+def test_the_noise_multiplier_leaves_the_latent_noise_fill_as_drawn(engine):
+    """A1111 fills an inpainted part with the seed's noise (masked content "latent noise") as drawn, and scales only
+    the noise the start is noised with: at multiplier 0 that part starts from noise, not from nothing."""
+    from tests.test_inpaint import inpaint, square_mask
+
+    picture, mask = noise_picture(5), square_mask()
+    noise_fill, nothing = (inpaint(engine, picture, mask, inpainting_fill=fill, mask_blur=0, denoising_strength=0.6,
+                                   initial_noise_multiplier=0.0)[0] for fill in (2, 3))
+    inside = np.asarray(mask) > 0
+    assert np.abs(noise_fill[inside] - nothing[inside]).mean() > 1

@@ -696,10 +696,11 @@ class Engine:
         """img2img's pass: the last denoising_steps of the steps, from the picture's latents noised to where they
         start; with inpainting, the picture's latents put back outside the mask after every step and at the end."""
         picture = self._start_latents(init_image, (noise.shape[-1], noise.shape[-2]), noise.shape[0])
+        fill = noise  # as A1111, masked content "latent noise" is the seed's noise unscaled by the multiplier
         if request.initial_noise_multiplier != 1:  # A1111's Noise multiplier for img2img
             noise = noise * request.initial_noise_multiplier
         if inpainting is not None:
-            run.masked = self._masked_start(picture, noise, inpainting)
+            run.masked = self._masked_start(picture, noise, inpainting, fill)
             picture = run.masked.start
         start = {"image": picture, "strength": pipeline_strength(request.denoising_steps, request.steps)}
         latents = self._denoise(self._img2img_pipeline(noise), request, run, _phases(request), request.denoising_steps,
@@ -728,14 +729,15 @@ class Engine:
             latents = upscale_latents(latents, "Latent", size)
         return latents.expand(count, -1, -1, -1)
 
-    def _masked_start(self, picture: torch.Tensor, noise: torch.Tensor, inpainting: Inpainting) -> _MaskedStart:
+    def _masked_start(self, picture: torch.Tensor, noise: torch.Tensor, inpainting: Inpainting,
+                      fill: torch.Tensor | None = None) -> _MaskedStart:
         """Inpainting's start: the picture's latents, and where the masked content is latent noise or nothing,
-        the seed's noise or zeros in the part drawn again (as A1111)."""
+        the seed's noise (`fill`, where not `noise`) or zeros in the part drawn again (as A1111)."""
         keep = inpainting.latent_keep(picture.shape[-2:]).to(picture.device, picture.dtype)
         noise = noise.to(picture.device, picture.dtype)
         content = MASKED_CONTENT[inpainting.fill]
         if content == "latent noise":
-            picture = picture * keep + noise * (1 - keep)
+            picture = picture * keep + (noise if fill is None else fill.to(noise)) * (1 - keep)
         elif content == "latent nothing":
             picture = picture * keep
         return _MaskedStart(picture, noise, keep)
