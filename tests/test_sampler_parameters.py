@@ -264,3 +264,32 @@ def test_the_noise_multiplier_leaves_the_latent_noise_fill_as_drawn(engine):
                                    initial_noise_multiplier=0.0)[0] for fill in (2, 3))
     inside = np.asarray(mask) > 0
     assert np.abs(noise_fill[inside] - nothing[inside]).mean() > 1
+
+
+def test_an_api_infotext_brings_its_keys_as_a1111_reads_them_into_override_settings(services):
+    """A1111's API takes an `infotext`'s NGMS, NGMS all steps, Skip Early CFG and Noise multiplier as overrides of
+    their options: used where neither the request's field nor its override_settings gives one."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from webui.api import create_api_app
+
+    pasted = ("a lighthouse\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 64x64, Skip Early CFG: 0.25, "
+              "NGMS: 2.5, NGMS all steps: True, Noise multiplier: 0.7")
+    buffer = io.BytesIO()
+    noise_picture(4).save(buffer, format="PNG")
+    picture = base64.b64encode(buffer.getvalue()).decode()
+    with TestClient(create_api_app(services)) as client:
+        as_pasted = client.post("/sdapi/v1/txt2img", json={"infotext": pasted})
+        own = client.post("/sdapi/v1/txt2img", json={"infotext": pasted, "s_min_uncond": 1.5,
+                                                      "override_settings": {"skip_early_cond": 0.5}})
+        img2img = client.post("/sdapi/v1/img2img", json={"infotext": pasted, "init_images": [picture]})
+        out_of_range = client.post("/sdapi/v1/txt2img", json={"infotext": pasted.replace("NGMS: 2.5", "NGMS: 20")})
+    assert as_pasted.status_code == 200, as_pasted.text[:300]
+    info = as_pasted.json()["info"]
+    assert "Skip Early CFG: 0.25" in info and "NGMS: 2.5" in info and "NGMS all steps: True" in info
+    info = own.json()["info"]
+    assert "Skip Early CFG: 0.5" in info and "NGMS: 1.5" in info and "NGMS all steps: True" in info
+    assert img2img.status_code == 200 and "Noise multiplier: 0.7" in img2img.json()["info"], img2img.text[:300]
+    assert out_of_range.status_code == 422 and "infotext (NGMS)" in out_of_range.json()["detail"], out_of_range.text
