@@ -584,8 +584,13 @@ class Engine:
         factor = pipe.vae_scale_factor
         keys = {"UNet": set()}
         hypernetworks = [hypernetwork_uses(request.prompt), hypernetwork_uses(request.hires_prompts[0])]
-        skips = request.cfg_scale > 1 and UncondSkip(request.skip_early_cond, request.s_min_uncond).active
-        for (width, height), sampler, phases, bent in zip(sizes, samplers, passes, hypernetworks):
+        # (steps, schedule) of each pass: whether one leaves the negative prompt out of a call depends on them
+        lengths = [(request.denoising_steps, request.steps)] + (
+            [(request.hires_steps, schedule_steps(request.hires_steps, request.denoising_strength))]
+            if request.enable_hr else [])
+        for (width, height), sampler, phases, bent, (steps, schedule) in zip(sizes, samplers, passes, hypernetworks,
+                                                                             lengths):
+            skips = self._uncond_skips(request, steps, schedule, sampler, batch_size) is not None
             if _part_weights(phases) is not None or request.uses_controlnet or bent or skips:  # these run uncompiled
                 continue
             dtype = self._timestep_dtype(*sampler, request.steps)
