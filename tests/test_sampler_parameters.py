@@ -133,6 +133,19 @@ def test_the_hires_pass_skips_too(engine):
     assert np.array_equal(pixels(engine, skip_early_cond=1.0, **hires), pixels(engine, cfg_scale=1.0, **hires))
 
 
+def test_skip_early_cfg_counts_a_second_order_samplers_steps_twice_as_a1111(engine):
+    """A1111 measures Skip Early CFG against its sampler's expected calls, steps x 2 for Heun (6 for 3 steps), though
+    Heun's last step calls the model once (5 calls): at 0.5, calls 0/6 to 3/6 skip, four of the five."""
+    rows = []
+    # a forward hook sees the inputs the pre-hooks laid out: the rows the UNet ran
+    handle = engine.pipe.unet.register_forward_hook(lambda _module, args, _out: rows.append(args[0].shape[0]))
+    try:
+        pixels(engine, steps=3, sampler_name="Heun", skip_early_cond=0.5)
+    finally:
+        handle.remove()
+    assert rows == [1, 1, 1, 1, 2]
+
+
 @pytest.mark.parametrize("fields, problem", [({"skip_early_cond": 1.5}, "skip_early_cond"),
                                              ({"s_min_uncond": -1}, "s_min_uncond"),
                                              ({"s_min_uncond": 16}, "s_min_uncond")])

@@ -560,7 +560,8 @@ class Engine:
         if not skip.active or request.cfg_scale <= 1:
             return None
         scheduler = make_scheduler(self._base_scheduler_config, *sampler)
-        plan = skip_plan(skip, pass_timesteps(scheduler, schedule, steps), scheduler.alphas_cumprod)
+        plan = skip_plan(skip, pass_timesteps(scheduler, schedule, steps), scheduler.alphas_cumprod,
+                         steps * scheduler.order)  # A1111's count: steps x 2 for a second-order sampler
         return SkipCalls(plan, images) if any(plan) else None
 
     def pending_compiles(self, request: GenerationRequest, batch_size: int) -> list[str]:
