@@ -401,6 +401,17 @@ def test_a_pass_that_skips_the_negative_prompt_runs_eagerly_and_compiles_nothing
     assert len(graphs) == before + 1  # the decoder's graph alone
 
 
+def test_skip_options_that_skip_no_call_run_compiled_as_predicted(models_dir, tmp_path, compile_with):
+    """NGMS below every noise level of the pass leaves every call guided: the compiled model runs, and the
+    prediction says it compiles at a new size."""
+    engine, graphs = warmed_engine_counting_graphs(models_dir, tmp_path, compile_with)
+    never = GenerationRequest(prompt="a red apple", steps=2, width=80, s_min_uncond=0.01)  # sigmas end near 0.03
+    assert engine.pending_compiles(never, 1) == ["UNet", "VAE decoder"]
+    before = len(graphs)
+    engine.generate(never, [1])
+    assert len(graphs) == before + 2
+
+
 def test_a_job_at_a_new_size_says_it_is_compiling(models_dir, tmp_path, compile_with, monkeypatch):
     compile_with("eager")
     first_step = threading.Event()

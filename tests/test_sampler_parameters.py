@@ -133,6 +133,19 @@ def test_the_hires_pass_skips_too(engine):
     assert np.array_equal(pixels(engine, skip_early_cond=1.0, **hires), pixels(engine, cfg_scale=1.0, **hires))
 
 
+def test_skip_early_cfg_counts_a_second_order_samplers_steps_twice_as_a1111(engine):
+    """A1111 measures Skip Early CFG against its sampler's expected calls, steps x 2 for Heun (6 for 3 steps), though
+    Heun's last step calls the model once (5 calls): at 0.5, calls 0/6 to 3/6 skip, four of the five."""
+    rows = []
+    # a forward hook sees the inputs the pre-hooks laid out: the rows the UNet ran
+    handle = engine.pipe.unet.register_forward_hook(lambda _module, args, _out: rows.append(args[0].shape[0]))
+    try:
+        pixels(engine, steps=3, sampler_name="Heun", skip_early_cond=0.5)
+    finally:
+        handle.remove()
+    assert rows == [1, 1, 1, 1, 2]
+
+
 @pytest.mark.parametrize("fields, problem", [({"skip_early_cond": 1.5}, "skip_early_cond"),
                                              ({"s_min_uncond": -1}, "s_min_uncond"),
                                              ({"s_min_uncond": 16}, "s_min_uncond")])
@@ -258,6 +271,47 @@ def test_the_noise_multiplier_goes_through_infotext_page_and_api(services):
     assert "Noise multiplier: 0.5" in given.json()["info"] and "Noise multiplier: 0.7" in overridden.json()["info"]
     assert "Noise multiplier" not in plain.json()["info"]
     assert given.json()["images"][0] != plain.json()["images"][0]
+
+
+def test_the_noise_multiplier_leaves_the_latent_noise_fill_as_drawn(engine):
+    """A1111 fills an inpainted part with the seed's noise (masked content "latent noise") as drawn, and scales only
+    the noise the start is noised with: at multiplier 0 that part starts from noise, not from nothing."""
+    from tests.test_inpaint import inpaint, square_mask
+
+    picture, mask = noise_picture(5), square_mask()
+    noise_fill, nothing = (inpaint(engine, picture, mask, inpainting_fill=fill, mask_blur=0, denoising_strength=0.6,
+                                   initial_noise_multiplier=0.0)[0] for fill in (2, 3))
+    inside = np.asarray(mask) > 0
+    assert np.abs(noise_fill[inside] - nothing[inside]).mean() > 1
+
+
+def test_an_api_infotext_brings_its_keys_as_a1111_reads_them_into_override_settings(services):
+    """A1111's API takes an `infotext`'s NGMS, NGMS all steps, Skip Early CFG and Noise multiplier as overrides of
+    their options: used where neither the request's field nor its override_settings gives one."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from webui.api import create_api_app
+
+    pasted = ("a lighthouse\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 64x64, Skip Early CFG: 0.25, "
+              "NGMS: 2.5, NGMS all steps: True, Noise multiplier: 0.7")
+    buffer = io.BytesIO()
+    noise_picture(4).save(buffer, format="PNG")
+    picture = base64.b64encode(buffer.getvalue()).decode()
+    with TestClient(create_api_app(services)) as client:
+        as_pasted = client.post("/sdapi/v1/txt2img", json={"infotext": pasted})
+        own = client.post("/sdapi/v1/txt2img", json={"infotext": pasted, "s_min_uncond": 1.5,
+                                                      "override_settings": {"skip_early_cond": 0.5}})
+        img2img = client.post("/sdapi/v1/img2img", json={"infotext": pasted, "init_images": [picture]})
+        out_of_range = client.post("/sdapi/v1/txt2img", json={"infotext": pasted.replace("NGMS: 2.5", "NGMS: 20")})
+    assert as_pasted.status_code == 200, as_pasted.text[:300]
+    info = as_pasted.json()["info"]
+    assert "Skip Early CFG: 0.25" in info and "NGMS: 2.5" in info and "NGMS all steps: True" in info
+    info = own.json()["info"]
+    assert "Skip Early CFG: 0.5" in info and "NGMS: 1.5" in info and "NGMS all steps: True" in info
+    assert img2img.status_code == 200 and "Noise multiplier: 0.7" in img2img.json()["info"], img2img.text[:300]
+    assert out_of_range.status_code == 422 and "infotext (NGMS)" in out_of_range.json()["detail"], out_of_range.text
 
 
 # --- Extra noise (img2img and the hires fix) -------------------------------------------------------------------

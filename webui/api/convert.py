@@ -64,6 +64,12 @@ _UNSUPPORTED = (
 _INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed",
                     "subseed", "subseed_strength", "width", "height", "refiner_checkpoint", "refiner_switch_at")
 _IMG2IMG_INFOTEXT_FIELDS = _INFOTEXT_FIELDS + ("denoising_strength",)
+# A1111's options that are request fields here, by their infotext keys: a field or override_settings gives one,
+# else the `infotext` (option_fields)
+_OPTION_KEYS = {"s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps", "skip_early_cond": "Skip Early CFG",
+                "img2img_extra_noise": "Extra noise", "initial_noise_multiplier": "Noise multiplier"}
+_OPTION_FIELDS = ("s_min_uncond", "s_min_uncond_all", "skip_early_cond", "img2img_extra_noise")
+_IMG2IMG_OPTION_FIELDS = _OPTION_FIELDS + ("initial_noise_multiplier",)
 # stable-diffusion-webui's schedule types (1.10). It never rejects one: those we lack run as Automatic.
 A1111_SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",
                         "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
@@ -147,11 +153,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         # (read by the schema: "false" is false, and a value that is no boolean is refused under its name)
         correction = overrides.get("img2img_color_correction")
         data["color_correction"] = False if correction is None else correction
-        multiplier = req.initial_noise_multiplier
-        multiplier = overrides.get("initial_noise_multiplier") if multiplier is None else multiplier
-        if multiplier is not None:
-            data["initial_noise_multiplier"] = multiplier
-    data |= sampler_parameter_fields(req)
+    data |= option_fields(req, _IMG2IMG_OPTION_FIELDS if img2img else _OPTION_FIELDS)
     script, refused = script_fields(req)
     data |= script
     problems.extend(refused)
@@ -301,14 +303,30 @@ def clip_skip_for(req: GenerationBody, option: int, loaded: LoadedModel | None) 
                      f"{loaded.entry.name}'s text encoder; it ran with {deepest}"]
 
 
-def sampler_parameter_fields(req: GenerationBody) -> dict[str, Any]:
-    """A1111's sampler parameters: NGMS's s_min_uncond as a field or an override; s_min_uncond_all, Skip Early CFG
-    and Extra noise as overrides (the schema checks the values, under the names client_field_names gives)."""
-    overrides = req.override_settings or {}
-    given = {"s_min_uncond": req.s_min_uncond if req.s_min_uncond is not None else overrides.get("s_min_uncond"),
-             "s_min_uncond_all": overrides.get("s_min_uncond_all"), "skip_early_cond": overrides.get("skip_early_cond"),
-             "img2img_extra_noise": overrides.get("img2img_extra_noise")}
-    return {name: value for name, value in given.items() if value is not None}
+def option_fields(req: GenerationBody, names: tuple[str, ...]) -> dict[str, Any]:
+    """A1111's options that are request fields here (NGMS, Skip Early CFG, Extra noise, img2img's Noise multiplier), each from
+    where A1111 takes it: the body's field (s_min_uncond, initial_noise_multiplier), else override_settings, else
+    the `infotext`'s key, which A1111 reads into override_settings. The schema checks the values, under the names
+    client_field_names gives."""
+    pasted = request_fields_from_infotext(req.infotext) if req.infotext else {}
+    given = {}
+    for name in names:
+        value = getattr(req, name, None)
+        for source in (req.override_settings or {}, pasted):
+            value = source.get(name) if value is None else value
+        if value is not None:
+            given[name] = value
+    return given
+
+
+def _option_field_name(req: GenerationBody, name: str) -> str:
+    """Where an option field's value came from, named as the client sent it."""
+    if getattr(req, name, None) is not None:
+        return name
+    if (req.override_settings or {}).get(name) is None and req.infotext and _OPTION_KEYS[name] in parse_infotext(
+            req.infotext)[2]:
+        return f"infotext ({_OPTION_KEYS[name]})"
+    return f"override_settings.{name}"
 
 
 def clip_skip_field(req: GenerationBody) -> str:
@@ -325,15 +343,10 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
     names = {"clip_skip": clip_skip_field(req), "model": "override_settings.sd_model_checkpoint",
              "sd_vae": "override_settings.sd_vae" if (req.override_settings or {}).get("sd_vae") is not None
              else "infotext (VAE)" if req.infotext and "VAE" in parse_infotext(req.infotext)[2] else "sd_vae"}
-    names |= {name: f"override_settings.{name}" for name in ("s_min_uncond_all", "skip_early_cond",
-                                                                "img2img_extra_noise")}
-    if req.s_min_uncond is None:
-        names["s_min_uncond"] = "override_settings.s_min_uncond"
+    names |= {name: _option_field_name(req, name) for name in _IMG2IMG_OPTION_FIELDS}
     if isinstance(req, Img2ImgRequest):
         names["init_image"] = "init_images[0]"
         names["color_correction"] = "override_settings.img2img_color_correction"
-        if req.initial_noise_multiplier is None:
-            names["initial_noise_multiplier"] = "override_settings.initial_noise_multiplier"
         names |= scripts.sd_upscale_names()
     return names
 

@@ -568,7 +568,8 @@ class Engine:
         if not skip.active or request.cfg_scale <= 1:
             return None
         scheduler = make_scheduler(self._base_scheduler_config, *sampler)
-        plan = skip_plan(skip, pass_timesteps(scheduler, schedule, steps), scheduler.alphas_cumprod)
+        plan = skip_plan(skip, pass_timesteps(scheduler, schedule, steps), scheduler.alphas_cumprod,
+                         steps * scheduler.order)  # A1111's count: steps x 2 for a second-order sampler
         return SkipCalls(plan, images) if any(plan) else None
 
     def pending_compiles(self, request: GenerationRequest, batch_size: int) -> list[str]:
@@ -592,8 +593,13 @@ class Engine:
         factor = pipe.vae_scale_factor
         keys = {"UNet": set()}
         hypernetworks = [hypernetwork_uses(request.prompt), hypernetwork_uses(request.hires_prompts[0])]
-        skips = request.cfg_scale > 1 and UncondSkip(request.skip_early_cond, request.s_min_uncond).active
-        for (width, height), sampler, phases, bent in zip(sizes, samplers, passes, hypernetworks):
+        # (steps, schedule) of each pass: whether one leaves the negative prompt out of a call depends on them
+        lengths = [(request.denoising_steps, request.steps)] + (
+            [(request.hires_steps, schedule_steps(request.hires_steps, request.denoising_strength))]
+            if request.enable_hr else [])
+        for (width, height), sampler, phases, bent, (steps, schedule) in zip(sizes, samplers, passes, hypernetworks,
+                                                                             lengths):
+            skips = self._uncond_skips(request, steps, schedule, sampler, batch_size) is not None
             if _part_weights(phases) is not None or request.uses_controlnet or bent or skips:  # these run uncompiled
                 continue
             dtype = self._timestep_dtype(*sampler, request.steps)
@@ -708,10 +714,11 @@ class Engine:
         """img2img's pass: the last denoising_steps of the steps, from the picture's latents noised to where they
         start; with inpainting, the picture's latents put back outside the mask after every step and at the end."""
         picture = self._start_latents(init_image, (noise.shape[-1], noise.shape[-2]), noise.shape[0])
+        fill = noise  # as A1111, masked content "latent noise" is the seed's noise unscaled by the multiplier
         if request.initial_noise_multiplier != 1:  # A1111's Noise multiplier for img2img
             noise = noise * request.initial_noise_multiplier
         if inpainting is not None:
-            run.masked = self._masked_start(picture, noise, inpainting)
+            run.masked = self._masked_start(picture, noise, inpainting, fill)
             picture = run.masked.start
         start = {"image": picture, "strength": pipeline_strength(request.denoising_steps, request.steps)}
         latents = self._denoise(self._img2img_pipeline(noise, request.img2img_extra_noise), request, run, _phases(request), request.denoising_steps,
@@ -740,14 +747,15 @@ class Engine:
             latents = upscale_latents(latents, "Latent", size)
         return latents.expand(count, -1, -1, -1)
 
-    def _masked_start(self, picture: torch.Tensor, noise: torch.Tensor, inpainting: Inpainting) -> _MaskedStart:
+    def _masked_start(self, picture: torch.Tensor, noise: torch.Tensor, inpainting: Inpainting,
+                      fill: torch.Tensor | None = None) -> _MaskedStart:
         """Inpainting's start: the picture's latents, and where the masked content is latent noise or nothing,
-        the seed's noise or zeros in the part drawn again (as A1111)."""
+        the seed's noise (`fill`, where not `noise`) or zeros in the part drawn again (as A1111)."""
         keep = inpainting.latent_keep(picture.shape[-2:]).to(picture.device, picture.dtype)
         noise = noise.to(picture.device, picture.dtype)
         content = MASKED_CONTENT[inpainting.fill]
         if content == "latent noise":
-            picture = picture * keep + noise * (1 - keep)
+            picture = picture * keep + (noise if fill is None else fill.to(noise)) * (1 - keep)
         elif content == "latent nothing":
             picture = picture * keep
         return _MaskedStart(picture, noise, keep)

@@ -35,7 +35,8 @@ class UncondSkip:
         return self.early > 0 or self.min_sigma > 0
 
     def skips(self, call: int, calls: int, sigma: float) -> bool:
-        """Whether model call `call` (from 0) of a pass of `calls`, at noise level `sigma`, skips the negative."""
+        """Whether model call `call` (from 0) of a pass A1111 counts as `calls` (its steps times the sampler's
+        order), at noise level `sigma`, skips the negative."""
         if self.early > 0 and call / calls <= self.early:
             return True
         return self.min_sigma > 0 and (call % 2 == 1 or self.all_steps) and sigma < self.min_sigma
@@ -50,12 +51,15 @@ def sigmas_at(timesteps: torch.Tensor | list[float], alphas_cumprod: torch.Tenso
     return np.exp(np.interp(points, np.arange(len(alphas)), log_sigmas)).tolist()
 
 
-def skip_plan(skip: UncondSkip, timesteps: torch.Tensor | list[float], alphas_cumprod: torch.Tensor) -> list[bool]:
-    """For each model call of a pass (at these timesteps), whether it leaves the negative prompt out."""
+def skip_plan(skip: UncondSkip, timesteps: torch.Tensor | list[float], alphas_cumprod: torch.Tensor,
+              calls: int | None = None) -> list[bool]:
+    """For each model call of a pass (at these timesteps), whether it leaves the negative prompt out. `calls`: the
+    calls A1111 expects of the pass, Skip Early CFG's measure (steps x 2 for a second-order sampler such as Heun,
+    whose last step calls once); None: one per timestep."""
     if not skip.active:
         return [False] * len(timesteps)
     sigmas = sigmas_at(timesteps, alphas_cumprod)
-    return [skip.skips(call, len(sigmas), sigma) for call, sigma in enumerate(sigmas)]
+    return [skip.skips(call, calls or len(sigmas), sigma) for call, sigma in enumerate(sigmas)]
 
 
 class SkipCalls:
