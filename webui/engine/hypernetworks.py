@@ -122,6 +122,14 @@ class Structure:
         return cls(tuple(layers), activation, bool(state.get("is_layer_norm", False)), tuple(dropout),
                    bool(state.get("activate_output", True)))
 
+    def parameter_count(self, width: int) -> int:
+        """The weights network(width) holds, counted without building it."""
+        count = 0
+        for i in range(len(self.layers) - 1):
+            inputs, size = int(width * self.layers[i]), int(width * self.layers[i + 1])
+            count += inputs * size + size + (2 * size if self.layer_norm else 0)
+        return count
+
     def network(self, width: int) -> "KeyValueNetwork":
         """The network for inputs `width` wide, laid out as A1111 lays it out (its Sequential's indexes)."""
         parts: list[torch.nn.Module] = []
@@ -198,6 +206,14 @@ def read_hypernetwork(entry: HypernetworkFile) -> Hypernetwork:
 
 
 def _loaded(structure: Structure, width: int, weights: dict, where: str) -> KeyValueNetwork:
+    # Checked before anything is built: a structure far larger than the weights (a huge width or layer) would
+    # otherwise take all the memory before load_state_dict could say they do not fit.
+    needed = structure.parameter_count(width)
+    given = sum(value.numel() for value in weights.values() if torch.is_tensor(value))
+    if needed != given:
+        raise HypernetworkError(f"{where}: its weights do not fit the structure it gives (layers "
+                                f"{list(structure.layers)}, layer norm {structure.layer_norm}): that needs {needed} "
+                                f"weights, and it holds {given}")
     try:
         network = structure.network(width)
     except (TypeError, ValueError, RuntimeError) as err:  # an activation that needs arguments, a zero width
