@@ -95,7 +95,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     values["refiner_switch_at"] = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at  # A1111's default
     if img2img:
         values["denoising_strength"] = 0.75 if req.denoising_strength is None else req.denoising_strength
-    clip_skip, vae, notes = default_clip_skip, default_vae, []
+    clip_skip, vae, notes, pasted = default_clip_skip, default_vae, [], {}
     if req.infotext:
         pasted = request_fields_from_infotext(req.infotext)
         given = set(req.model_fields_set)
@@ -152,6 +152,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         if multiplier is not None:
             data["initial_noise_multiplier"] = multiplier
     data |= sampler_parameter_fields(req)
+    data |= token_merging_fields(req, pasted)
     script, refused = script_fields(req)
     data |= script
     problems.extend(refused)
@@ -170,6 +171,18 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     if problems:
         raise ApiError(422, "; ".join(dict.fromkeys(problems)), "InvalidRequest")
     return data, [note, *notes] if note else notes
+
+
+def token_merging_fields(req: GenerationBody, pasted: dict[str, Any]) -> dict[str, Any]:
+    """A1111's token merging options as request fields: override_settings' (else a pasted infotext's, as A1111 takes
+    those as overrides too). img2img runs at token_merging_ratio_img2img where token_merging_ratio is 0, as A1111;
+    the hires fix's pass at token_merging_ratio_hr, where it is not 0."""
+    overrides = req.override_settings or {}
+    ratio = overrides.get("token_merging_ratio", pasted.get("token_merging_ratio"))
+    if isinstance(req, Img2ImgRequest):
+        return {"token_merging_ratio": ratio or overrides.get("token_merging_ratio_img2img") or 0.0}
+    ratio_hr = overrides.get("token_merging_ratio_hr", pasted.get("token_merging_ratio_hr"))
+    return {"token_merging_ratio": ratio or 0.0, "token_merging_ratio_hr": ratio_hr or 0.0}
 
 
 def kind_of(req: GenerationBody) -> str:
@@ -329,6 +342,13 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
                                                                 "img2img_extra_noise")}
     if req.s_min_uncond is None:
         names["s_min_uncond"] = "override_settings.s_min_uncond"
+    overrides = req.override_settings or {}
+    if overrides.get("token_merging_ratio") is not None:
+        names["token_merging_ratio"] = "override_settings.token_merging_ratio"
+    elif isinstance(req, Img2ImgRequest) and overrides.get("token_merging_ratio_img2img") is not None:
+        names["token_merging_ratio"] = "override_settings.token_merging_ratio_img2img"
+    if overrides.get("token_merging_ratio_hr") is not None:
+        names["token_merging_ratio_hr"] = "override_settings.token_merging_ratio_hr"
     if isinstance(req, Img2ImgRequest):
         names["init_image"] = "init_images[0]"
         names["color_correction"] = "override_settings.img2img_color_correction"
