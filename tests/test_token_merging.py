@@ -34,7 +34,8 @@ def plain_merge_result(tokens: torch.Tensor, height: int, width: int, r: int) ->
     token of each whole 2x2 cell; the r sources whose best cosine similarity to a destination is highest are averaged
     with the other tokens going to that destination, and take that average; the rest keep their own values."""
     rows = [tokens[i] for i in range(height * width)]
-    destinations = [row * width + col for row in range(0, height - height % 2, 2) for col in range(0, width - width % 2, 2)]
+    destinations = [row * width + col for row in range(0, height - height % 2, 2)
+                    for col in range(0, width - width % 2, 2)]
     sources = [i for i in range(height * width) if i not in destinations]
 
     def cosine(a, b):

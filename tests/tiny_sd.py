@@ -18,16 +18,17 @@ def tiny_components(seed: int = 0, safety_checker: bool = False, in_channels: in
                     full_size_attention: bool = False) -> dict:
     """in_channels 9: a model made for inpainting. full_size_attention: attention at the full latent size, as in SD 1.x
     (token merging works there), and none at half size."""
-    attention_first = ("CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D")
-    attention_second = ("DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")
-    down_blocks, up_blocks = attention_first if full_size_attention else attention_second
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    attention_first = ("CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D")
+    attention_second = ("DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")
+    down_blocks, up_blocks = attention_first if full_size_attention else attention_second
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32), layers_per_block=1, sample_size=32, in_channels=in_channels, out_channels=4,
-        down_block_types=down_blocks, up_block_types=up_blocks, cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+        down_block_types=down_blocks, up_block_types=up_blocks, cross_attention_dim=32, attention_head_dim=4,
+        norm_num_groups=8,
     )
     vae = AutoencoderKL(
         block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,

@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-MAX_RATIO = 0.9  # A1111's sliders end there: at 1 no source would be left to attend on its own
+MAX_RATIO = 0.9  # where A1111's sliders end
 STRIDE = 2  # one destination per 2x2 cell of the latent grid (tomesd's sx = sy = 2)
 SCORED_AT_ONCE = 4096  # sources scored against all destinations at a time: the whole table at 2048x2048 takes GBs
 
