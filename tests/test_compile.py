@@ -412,6 +412,23 @@ def test_skip_options_that_skip_no_call_run_compiled_as_predicted(models_dir, tm
     assert len(graphs) == before + 2
 
 
+def test_token_merging_runs_the_compiled_model_eagerly_and_compiles_nothing(models_dir, tmp_path, compile_with):
+    """Its hooks on the attention layers would be baked into a graph: a pass with a ratio runs uncompiled, predicts no
+    compile, and one without still finds its graphs (a hires pass merges at its own ratio)."""
+    engine, graphs = warmed_engine_counting_graphs(models_dir, tmp_path, compile_with)
+    merged = GenerationRequest(prompt="a red apple", steps=2, width=72, token_merging_ratio=0.5)
+    assert engine.pending_compiles(merged, 1) == ["VAE decoder"]  # at a new size: the decoder alone
+    before = len(graphs)
+    engine.generate(merged, [1])
+    assert len(graphs) == before + 1 and engine.pending_compiles(merged, 1) == []
+    assert engine.pending_compiles(merged.model_copy(update={"token_merging_ratio": 0}), 1) == ["UNet"]
+    hires = GenerationRequest(prompt="a red apple", steps=2, width=80, enable_hr=True, hr_scale=1.2,
+                              denoising_strength=0.5, token_merging_ratio_hr=0.5)
+    assert engine.pending_compiles(hires, 1) == ["UNet", "VAE decoder"]  # the first pass at 80 wide, unmerged
+    engine.generate(hires, [1])
+    assert len(graphs) == before + 3 and engine.pending_compiles(hires, 1) == []
+
+
 def test_a_job_at_a_new_size_says_it_is_compiling(models_dir, tmp_path, compile_with, monkeypatch):
     compile_with("eager")
     first_step = threading.Event()

@@ -104,7 +104,8 @@ def test_generate_without_a_picture_or_with_an_unreadable_one_says_so_and_queues
            "Ending Control Step": 1, "Preprocessor Resolution": 512, "Canny Low Threshold": 100,
            "Canny High Threshold": 200, "Resize Mode": "Crop and Resize",  # ControlNet's
            "Ignore negative prompt during early sampling": 0, "Negative Guidance minimum sigma": 0,
-           "Noise multiplier for img2img": 1, "Extra noise multiplier for img2img and hires fix": 0}  # Sampler's
+           "Noise multiplier for img2img": 1, "Extra noise multiplier for img2img and hires fix": 0,  # Sampler's
+           "Token merging ratio": 0}
     (tmp_path / "junk.png").write_bytes(b"not a png")
     picture().save(tmp_path / "whole.png")
     whole = (tmp_path / "whole.png").read_bytes()

@@ -14,17 +14,21 @@ TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "webui" / "engine" / "m
 TEXT_LAYERS = 3  # the text encoder's layers: the deepest Clip skip of the tiny model
 
 
-def tiny_components(seed: int = 0, safety_checker: bool = False, in_channels: int = 4) -> dict:
-    """in_channels 9: a model made for inpainting."""
+def tiny_components(seed: int = 0, safety_checker: bool = False, in_channels: int = 4,
+                    full_size_attention: bool = False) -> dict:
+    """in_channels 9: a model made for inpainting. full_size_attention: attention at the full latent size, as in SD 1.x
+    (token merging works there), and none at half size."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    attention_first = ("CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D")
+    attention_second = ("DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")
+    down_blocks, up_blocks = attention_first if full_size_attention else attention_second
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32), layers_per_block=1, sample_size=32, in_channels=in_channels, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+        down_block_types=down_blocks, up_block_types=up_blocks, cross_attention_dim=32, attention_head_dim=4,
+        norm_num_groups=8,
     )
     vae = AutoencoderKL(
         block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
@@ -64,13 +68,15 @@ def tiny_safety_checker() -> dict:
     return {"safety_checker": checker, "feature_extractor": extractor, "requires_safety_checker": True}
 
 
-def make_tiny_pipeline(seed: int = 0, safety_checker: bool = False, in_channels: int = 4):
+def make_tiny_pipeline(seed: int = 0, safety_checker: bool = False, in_channels: int = 4,
+                       full_size_attention: bool = False):
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline(**tiny_components(seed, safety_checker, in_channels))
+    return StableDiffusionPipeline(**tiny_components(seed, safety_checker, in_channels, full_size_attention))
 
 
-def save_tiny_model(folder: Path, seed: int = 0, safety_checker: bool = False, in_channels: int = 4) -> Path:
+def save_tiny_model(folder: Path, seed: int = 0, safety_checker: bool = False, in_channels: int = 4,
+                    full_size_attention: bool = False) -> Path:
     """Write a tiny model as a diffusers folder (model_index.json + components)."""
-    make_tiny_pipeline(seed, safety_checker, in_channels).save_pretrained(folder)
+    make_tiny_pipeline(seed, safety_checker, in_channels, full_size_attention).save_pretrained(folder)
     return folder

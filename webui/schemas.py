@@ -20,6 +20,7 @@ from webui.controlnet import (CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RE
 from webui.engine.hires import HIRES_UPSCALERS, MAX_SCHEDULE, hires_size, schedule_steps
 from webui.engine.samplers import get_sampler, resolve_sampler
 from webui.engine.uncond_skip import MAX_NGMS
+from webui.engine.token_merging import MAX_RATIO as MAX_MERGING_RATIO
 from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE, UPSCALERS as SD_UPSCALERS
 
 MAX_PROMPT_CHARS = 2000
@@ -133,6 +134,12 @@ class GenerationRequest(BaseModel):
                                             "noised with, times this (A1111's Noise multiplier for img2img; 1: as is)")
     img2img_extra_noise: float = Field(0.0, ge=0.0, le=1.0, description="img2img and the hires fix: that much more "
                                        "of the start noise added (A1111's Extra noise; 0: none)")
+    # A1111's Token merging (webui/engine/token_merging.py), its settings here per request as every generation setting.
+    token_merging_ratio: float = Field(0.0, ge=0.0, le=MAX_MERGING_RATIO, description="token merging: the part of the "
+                                       "tokens merged away before self-attention at the full latent resolution; 0: off "
+                                       "(A1111's token_merging_ratio, on img2img its token_merging_ratio_img2img)")
+    token_merging_ratio_hr: float = Field(0.0, ge=0.0, le=MAX_MERGING_RATIO, description="hires fix: the token "
+                                          "merging ratio of the second pass; 0: token_merging_ratio")
     # What a script run through several jobs (Loopback) writes into each picture's infotext, as A1111's
     # extra_generation_params; only the keys in SCRIPT_INFOTEXT_KEYS.
     script_params: dict[str, StrictStr | StrictFloat | StrictInt] = Field(default_factory=dict, description="infotext keys a script adds")
@@ -216,6 +223,18 @@ class GenerationRequest(BaseModel):
         if name == "None":  # A1111's "None": the picture resized plainly (with Lanczos)
             return "Lanczos"
         return name  # a model upscaler's name is checked against the server's files when the job is queued
+
+    @field_validator("token_merging_ratio", "token_merging_ratio_hr", mode="before")
+    @classmethod
+    def _merging_ratio_in_range(cls, value: Any) -> Any:
+        # Before the bounds' own check, whose "less than or equal to 0.9" does not say what the number is.
+        try:
+            ratio = float(value)
+        except (TypeError, ValueError):
+            return value  # not a number: the type check says so
+        if not 0 <= ratio <= MAX_MERGING_RATIO:
+            raise ValueError(f"must be from 0 (off) to {MAX_MERGING_RATIO}, got {ratio:g}")
+        return value
 
     @field_validator("refiner_checkpoint")
     @classmethod
@@ -338,6 +357,11 @@ class GenerationRequest(BaseModel):
             return resolve_sampler(sampler, "Automatic")
         except ValueError as err:
             raise ValueError(f"hr_sampler_name: {err}") from None
+
+    @property
+    def hires_token_merging_ratio(self) -> float:
+        """The token merging ratio of the hires fix's second pass: its own, else the first pass's (A1111's)."""
+        return self.token_merging_ratio_hr or self.token_merging_ratio
 
     @property
     def hires_sampler(self) -> tuple[str, str]:

@@ -906,6 +906,8 @@ class Worker:
             "Batch size": request.batch_size if request.batch_size > 1 and not request.sd_upscale else None,
             "Batch pos": index % request.batch_size if request.batch_size > 1 and not request.sd_upscale else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+            "Token merging ratio": request.token_merging_ratio or None,
+            "Token merging ratio hr": (request.hires_token_merging_ratio or None) if request.enable_hr else None,
             "Tiling": True if request.tiling else None,
             "Color correction": True if request.color_correction and request.is_img2img else None,
             "Noise multiplier": request.initial_noise_multiplier

@@ -85,6 +85,8 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Negative Guidance minimum sigma", "float", _setter("s_min_uncond")),
     AxisType("Initial noise multiplier", "float", _setter("initial_noise_multiplier")),
     AxisType("Extra noise", "float", _setter("img2img_extra_noise")),
+    AxisType("Token merging ratio", "float", _setter("token_merging_ratio")),
+    AxisType("Token merging ratio high-res", "float", _setter("token_merging_ratio_hr"), hires=True),
 )}
 
 

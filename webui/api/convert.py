@@ -101,7 +101,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     values["refiner_switch_at"] = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at  # A1111's default
     if img2img:
         values["denoising_strength"] = 0.75 if req.denoising_strength is None else req.denoising_strength
-    clip_skip, vae, notes = default_clip_skip, default_vae, []
+    clip_skip, vae, notes, pasted = default_clip_skip, default_vae, [], {}
     if req.infotext:
         pasted = request_fields_from_infotext(req.infotext)
         given = set(req.model_fields_set)
@@ -154,6 +154,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         correction = overrides.get("img2img_color_correction")
         data["color_correction"] = False if correction is None else correction
     data |= option_fields(req, _IMG2IMG_OPTION_FIELDS if img2img else _OPTION_FIELDS)
+    data |= token_merging_fields(req, pasted)
     script, refused = script_fields(req)
     data |= script
     problems.extend(refused)
@@ -172,6 +173,18 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     if problems:
         raise ApiError(422, "; ".join(dict.fromkeys(problems)), "InvalidRequest")
     return data, [note, *notes] if note else notes
+
+
+def token_merging_fields(req: GenerationBody, pasted: dict[str, Any]) -> dict[str, Any]:
+    """A1111's token merging options as request fields: override_settings' (else a pasted infotext's, as A1111 takes
+    those as overrides too). img2img runs at token_merging_ratio_img2img where token_merging_ratio is 0, as A1111;
+    the hires fix's pass at token_merging_ratio_hr, where it is not 0."""
+    overrides = req.override_settings or {}
+    ratio = overrides.get("token_merging_ratio", pasted.get("token_merging_ratio"))
+    if isinstance(req, Img2ImgRequest):
+        return {"token_merging_ratio": ratio or overrides.get("token_merging_ratio_img2img") or 0.0}
+    ratio_hr = overrides.get("token_merging_ratio_hr", pasted.get("token_merging_ratio_hr"))
+    return {"token_merging_ratio": ratio or 0.0, "token_merging_ratio_hr": ratio_hr or 0.0}
 
 
 def kind_of(req: GenerationBody) -> str:
@@ -344,6 +357,13 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
              "sd_vae": "override_settings.sd_vae" if (req.override_settings or {}).get("sd_vae") is not None
              else "infotext (VAE)" if req.infotext and "VAE" in parse_infotext(req.infotext)[2] else "sd_vae"}
     names |= {name: _option_field_name(req, name) for name in _IMG2IMG_OPTION_FIELDS}
+    overrides = req.override_settings or {}
+    if overrides.get("token_merging_ratio") is not None:
+        names["token_merging_ratio"] = "override_settings.token_merging_ratio"
+    elif isinstance(req, Img2ImgRequest) and overrides.get("token_merging_ratio_img2img") is not None:
+        names["token_merging_ratio"] = "override_settings.token_merging_ratio_img2img"
+    if overrides.get("token_merging_ratio_hr") is not None:
+        names["token_merging_ratio_hr"] = "override_settings.token_merging_ratio_hr"
     if isinstance(req, Img2ImgRequest):
         names["init_image"] = "init_images[0]"
         names["color_correction"] = "override_settings.img2img_color_correction"

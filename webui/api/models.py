@@ -46,7 +46,9 @@ class GenerationBody(BaseModel):
                           "(else the one set with POST /sdapi/v1/options), sd_vae, img2img_color_correction (img2img: "
                           "the results' colours matched to the picture's), s_min_uncond, s_min_uncond_all, "
                           "skip_early_cond (A1111's NGMS and Skip Early CFG), img2img_extra_noise (img2img and the hires fix: more "
-                          "of the start noise, 0 to 1)")
+                          "of the start noise, 0 to 1), token_merging_ratio (0 to 0.9; 0: off), "
+                          "token_merging_ratio_img2img (img2img, where token_merging_ratio is 0), "
+                          "token_merging_ratio_hr (the hires fix's pass; 0: token_merging_ratio)")
     send_images: bool = True
     save_images: bool = Field(False, description="also write the PNGs to outputs/ and the history")
     # The most of an infotext that is ever read: room for prompts and extensions' long parameter lines.

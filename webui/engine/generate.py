@@ -46,6 +46,7 @@ from webui.engine.prompts import chunk_count, encode_parts, encode_prompt_pair, 
 from webui.engine.refiner import first_refiner_call, kind_of_pipeline, kind_problem, pass_timesteps
 from webui.engine.samplers import make_scheduler
 from webui.engine.uncond_skip import SkipCalls, UncondSkip, skip_plan, skipping_uncond
+from webui.engine.token_merging import merged_tokens
 from webui.schemas import MASKED_CONTENT, MAX_PROMPT_CHARS, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -589,6 +590,7 @@ class Engine:
         decoded = sizes[-1:] if not request.enable_hr or request.hr_upscaler in LATENT_UPSCALERS else sizes
         samplers = [(request.sampler_name, request.scheduler), request.hires_sampler][:len(sizes)]
         passes = [_phases(request)] + ([_hires_phases(request)] if request.enable_hr else [])
+        merging = [request.token_merging_ratio, request.hires_token_merging_ratio]
         unet_rows = batch_size * (2 if request.cfg_scale > 1 else 1)  # CFG runs both prompts in one batch
         factor = pipe.vae_scale_factor
         keys = {"UNet": set()}
@@ -597,10 +599,11 @@ class Engine:
         lengths = [(request.denoising_steps, request.steps)] + (
             [(request.hires_steps, schedule_steps(request.hires_steps, request.denoising_strength))]
             if request.enable_hr else [])
-        for (width, height), sampler, phases, bent, (steps, schedule) in zip(sizes, samplers, passes, hypernetworks,
-                                                                             lengths):
+        for (width, height), sampler, phases, bent, ratio, (steps, schedule) in zip(
+                sizes, samplers, passes, hypernetworks, merging, lengths):
             skips = self._uncond_skips(request, steps, schedule, sampler, batch_size) is not None
-            if _part_weights(phases) is not None or request.uses_controlnet or bent or skips:  # these run uncompiled
+            uncompiled_pass = _part_weights(phases) is not None or request.uses_controlnet or bent or skips or ratio
+            if uncompiled_pass:
                 continue
             dtype = self._timestep_dtype(*sampler, request.steps)
             keys["UNet"] |= {(height // factor, width // factor, unet_rows, max(chunks), dtype,
@@ -762,12 +765,13 @@ class Engine:
 
     def _denoise(self, pipe, request: GenerationRequest, run: "_Run", phases: list[PromptPhase], steps: int,
                  schedule: int, start: dict, extra: torch.Tensor | None = None,
-                 sampler: tuple[str, str] | None = None) -> torch.Tensor:
+                 sampler: tuple[str, str] | None = None, merging: float | None = None) -> torch.Tensor:
         """One denoising pass of a pipeline (txt2img's, or img2img's from `start`'s latents): the last `steps` of a
         schedule of `schedule` steps, its prompt phases read at the steps they cover; the latents it ends with.
-        `extra`: an inpainting model's extra input channels for this pass; `sampler`: its sampler and schedule type,
-        when not the request's own (the hires fix's)."""
+        `extra`: an inpainting model's extra input channels for this pass; `sampler`, `merging`: its sampler and
+        schedule type, its token merging ratio, when not the request's own (the hires fix's)."""
         sampler = sampler or (request.sampler_name, request.scheduler)
+        merging = request.token_merging_ratio if merging is None else merging
         pipe.scheduler = make_scheduler(self._base_scheduler_config, *sampler)
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE draws its Brownian noise from its own seeds (else from torch's global RNG).
@@ -794,6 +798,7 @@ class Engine:
             hooks.enter_context(extra_input(pipeline.unet, extra))
             hooks.enter_context(bent_attention([pipeline.unet], run.hypernetworks))
             hooks.enter_context(skipping_uncond(pipeline.unet, skips))
+            hooks.enter_context(merged_tokens(pipeline.unet, merging))
 
         embeddings = encode()
 
@@ -822,13 +827,13 @@ class Engine:
                              "prompt's own weight need; remove them, or pick another model")
         # A composed pass runs a row per part: another batch shape, and hooks a compiled graph would bake in; a
         # controlled one gives the UNet inputs of its own; one that skips the negative rows, a batch half as large;
-        # hypernetworks hook its attention.
-        eager = (uncompiled() if weights is not None or control or skips or run.hypernetworks
+        # hypernetworks and token merging hook its attention.
+        eager = (uncompiled() if weights is not None or control or skips or run.hypernetworks or merging
                  else contextlib.nullcontext())
         # As A1111, a ControlNet's own attention reads through the hypernetworks too.
         bent = bent_attention([pipe.unet, *([run.control.network] if run.control else [])], run.hypernetworks)
         with (eager, composed_guidance(pipe.unet, weights), controlled(pipe.unet, control), extra_input(pipe.unet, extra),
-              skipping_uncond(pipe.unet, skips), bent, hooks):
+              skipping_uncond(pipe.unet, skips), bent, merged_tokens(pipe.unet, merging), hooks):
             if refiner_call == 0:  # the pass starts past the switch (img2img, the hires fix)
                 to_refiner(pipe)
             latents = pipe(
@@ -876,7 +881,7 @@ class Engine:
         pipe = self._img2img_pipeline(self._start_noise(run, (final[1], final[0])), request.img2img_extra_noise)
         run.hypernetworks = run.hires_hypernetworks
         return self._denoise(pipe, request, run, _hires_phases(request), request.hires_steps, schedule, start,
-                             self._extra_channels(size.final), request.hires_sampler)
+                             self._extra_channels(size.final), request.hires_sampler, request.hires_token_merging_ratio)
 
     def _start_noise(self, run: "_Run", size: tuple[int, int]) -> torch.Tensor:
         """Each image's noise at `size` (latent height, width), drawn from the run's generator as diffusers draws

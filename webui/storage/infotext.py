@@ -65,6 +65,8 @@ _REQUEST_FIELDS = {
     "NGMS all steps": ("s_min_uncond_all", lambda value: value.strip().lower() == "true"),
     "Noise multiplier": ("initial_noise_multiplier", float),
     "Extra noise": ("img2img_extra_noise", float),
+    "Token merging ratio": ("token_merging_ratio", float),
+    "Token merging ratio hr": ("token_merging_ratio_hr", float),
 }
 
 
@@ -163,6 +165,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["refiner_checkpoint"] = ""  # A1111 leaves the key out without a refiner: none was used
         fields["seed_resize_from_w"] = fields["seed_resize_from_h"] = 0
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation
+        fields["token_merging_ratio"] = fields["token_merging_ratio_hr"] = 0.0  # likewise: made without merging
         # Left out where the first pass's: A1111's paste empties them, so an old hires prompt never lingers.
         fields["hr_prompt"] = fields["hr_negative_prompt"] = ""
         fields["hr_checkpoint_name"] = SAME_CHECKPOINT  # likewise A1111's paste, in its words

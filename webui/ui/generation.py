@@ -30,8 +30,8 @@ from webui.engine.models import ModelNotFound
 from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.outputs import NamedCopy
 from webui.storage.styles import Style
-from webui.schemas import (MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, RESIZE_MODES, SAME_CHECKPOINT,
-                           GenerationRequest, InvalidRequest)
+from webui.schemas import (MAX_CLIP_SKIP, MAX_MERGING_RATIO, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, RESIZE_MODES,
+                           SAME_CHECKPOINT, GenerationRequest, InvalidRequest)
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.cards import CardPictures, card_gallery, picked_name
@@ -127,7 +127,8 @@ class GenerationActions(SeveralRuns):
                  controlnet_threshold_a: float = 100.0, controlnet_threshold_b: float = 200.0,
                  controlnet_pixel_perfect: bool = False, s_min_uncond: float = 0.0, s_min_uncond_all: bool = False,
                  skip_early_cond: float = 0.0, initial_noise_multiplier: float = 1.0,
-                 img2img_extra_noise: float = 0.0) -> Iterator[tuple]:
+                 img2img_extra_noise: float = 0.0, token_merging_ratio: float = 0.0,
+                 token_merging_ratio_hr: float = 0.0) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -152,6 +153,7 @@ class GenerationActions(SeveralRuns):
             "styles": list(styles or []), "tiling": bool(tiling), "s_min_uncond": s_min_uncond or 0.0,
             "s_min_uncond_all": bool(s_min_uncond_all), "skip_early_cond": skip_early_cond or 0.0,
             "img2img_extra_noise": img2img_extra_noise or 0.0,
+            "token_merging_ratio": token_merging_ratio or 0.0,
         }
         if refiner and refiner_checkpoint not in (None, "", NO_REFINER):  # as A1111: ticked with none picked is off
             request |= {"refiner_checkpoint": refiner_checkpoint, "refiner_switch_at": refiner_switch_at}
@@ -169,7 +171,8 @@ class GenerationActions(SeveralRuns):
                         "hr_sampler_name": None if hr_sampler_name in (SAME_SAMPLER, "", None) else hr_sampler_name,
                         "hr_scheduler": None if hr_scheduler in (SAME_SCHEDULE, "", None) else hr_scheduler,
                         "hr_prompt": hr_prompt or None, "hr_negative_prompt": hr_negative_prompt or None,
-                        "hr_checkpoint_name": hr_checkpoint_name}  # "Use same checkpoint" reads as none
+                        "hr_checkpoint_name": hr_checkpoint_name,  # "Use same checkpoint" reads as none
+                        "token_merging_ratio_hr": token_merging_ratio_hr or 0.0}
         try:
             batch = self.kind == "img2img" and img2img_mode == BATCH
             loopback, sd_upscale = (switch and self.kind == "img2img" for switch in (loopback, sd_upscale))
@@ -763,6 +766,23 @@ def refiner_section(kind: str, model_names: list[str]) -> dict[str, gr.component
     return {"refiner": enable, "refiner_checkpoint": checkpoint, "refiner_switch_at": switch_at}
 
 
+def token_merging_section(kind: str) -> dict[str, gr.components.Component]:
+    """A1111's Token merging, which it keeps in Settings > Optimizations: here on the tab, as every generation
+    setting, so a pasted infotext sets it and a run carries it."""
+    with gr.Accordion("Token merging", open=False, elem_id=f"{kind}_token_merging"):
+        with gr.Row():
+            widgets = {"token_merging_ratio": gr.Slider(
+                0, MAX_MERGING_RATIO, value=0, step=0.1, label="Token merging ratio",
+                elem_id=f"{kind}_token_merging_ratio",
+                info="0: off; higher: faster at large sizes, and further from the picture made without it")}
+            if kind == "txt2img":
+                widgets["token_merging_ratio_hr"] = gr.Slider(
+                    0, MAX_MERGING_RATIO, value=0, step=0.1, label="Token merging ratio for high-res pass",
+                    info="the hires fix's second pass; 0: as Token merging ratio",
+                    elem_id="txt2img_token_merging_ratio_hr")
+    return widgets
+
+
 def build_generation_tab(services: Services, picker: ModelPicker, models: ModelActions,
                          kind: str = "txt2img") -> GenerationTab:
     """The txt2img or img2img tab (kind), inside the gr.Tab it is called in. The model picker's own event is
@@ -869,6 +889,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                     seed_resize_h = gr.Slider(0, MAX_SIZE, value=0, step=8, label="Resize seed from height",
                                               info="0: off", elem_id=f"{kind}_seed_resize_from_h")
             sampler_widgets = sampler_parameters_section(kind)
+            merging_widgets = token_merging_section(kind)  # A1111's Settings > Optimizations
             # A1111's Lora cards in a short form: the tag goes into the prompt, where it can be edited.
             with gr.Accordion("LoRA", open=False, elem_id=f"{kind}_lora"):
                 lora_name, lora_refresh = file_picker(actions.lora_names(), "LoRA", "the LoRA folder (models/Lora or "
@@ -932,7 +953,8 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                "model": picker.dropdown, "sd_vae": picker.vae,
                "subseed": subseed, "subseed_strength": subseed_strength, "seed_resize_from_w": seed_resize_w,
                "seed_resize_from_h": seed_resize_h, "styles": styles, **img2img_widgets, **refiner_widgets,
-               **({} if img2img else hires_widgets), **plot_widgets, **controlnet_widgets, **sampler_widgets}
+               **({} if img2img else hires_widgets), **plot_widgets, **controlnet_widgets, **sampler_widgets,
+               **merging_widgets}
     # A parameter the tab has no widget for goes in at generate()'s default, in its place.
     request_inputs = [widgets[name] if name in widgets else gr.State(REQUEST_DEFAULTS[name]) for name in REQUEST_PARAMS]
     run_outputs = [session, gallery, progress, preview, infotext, timing]

@@ -34,12 +34,13 @@ COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "step
                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "seed_resize_from_w",
                  "seed_resize_from_h", "styles", "denoising_strength", "tiling", "sd_vae", *PLOT_FIELDS,
                  *OTHER_SCRIPTS, "refiner", "refiner_checkpoint", "refiner_switch_at", *CONTROLNET_FIELDS,
-                 *SAMPLER_FIELDS)
+                 *SAMPLER_FIELDS, "token_merging_ratio")
 INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding")
 IMG2IMG_FIELDS = (*COMMON_FIELDS, "color_correction", "initial_noise_multiplier", *INPAINTING_FIELDS, *IMG2IMG_SCRIPTS)
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
-                "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_checkpoint_name")
+                "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_checkpoint_name",
+                "token_merging_ratio_hr")
 # The Refiner section's Checkpoint when none is picked.
 NO_REFINER = "None"
 # The hires fix's sampler and schedule type when they are the first pass's (A1111's words).
@@ -75,7 +76,9 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "controlnet_module": "ControlNet Preprocessor", "controlnet_model": "ControlNet Model",
                 "controlnet_weight": "Control Weight", "controlnet_guidance_start": "Starting Control Step",
                 "controlnet_guidance_end": "Ending Control Step", "controlnet_processor_res": "Preprocessor Resolution",
-                "controlnet_threshold_a": "Canny Low Threshold", "controlnet_threshold_b": "Canny High Threshold"}
+                "controlnet_threshold_a": "Canny Low Threshold", "controlnet_threshold_b": "Canny High Threshold",
+                "token_merging_ratio": "Token merging ratio",
+                "token_merging_ratio_hr": "Token merging ratio for high-res pass"}
 
 
 def with_labels(message: str) -> str:
@@ -103,6 +106,7 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
     } | {name: pasted.get(name)  # no columns of their own
          for name in ("batch_size", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
                       "denoising_strength", "tiling", "color_correction", "initial_noise_multiplier", "sd_vae", "script", "refiner_checkpoint", "refiner_switch_at",
+                      "token_merging_ratio",
                       *HIRES_FIELDS,
                       *INPAINTING_FIELDS, *CONTROLNET_FIELDS, *SAMPLER_FIELDS)}
 
@@ -144,7 +148,8 @@ def schedules_of(sampler_name: str | None) -> list[str]:
 _RANGED_FIELDS = ("steps", "cfg_scale", "width", "height", "seed_resize_from_w", "seed_resize_from_h", "clip_skip",
                   "batch_size", "denoising_strength", "hr_scale", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
                   "mask_blur", "inpaint_full_res_padding", "controlnet_weight", "controlnet_guidance_start",
-                  "controlnet_guidance_end", "controlnet_processor_res")
+                  "controlnet_guidance_end", "controlnet_processor_res", "token_merging_ratio",
+                  "token_merging_ratio_hr")
 
 
 def _drop_out_of_range(fields: dict[str, Any], names: tuple[str, ...]) -> list[str]:
