@@ -354,3 +354,20 @@ def test_a_controlnet_unit_with_a_script_of_several_jobs_is_refused(client, subm
         False, False, "start", "a\nb"], "alwayson_scripts": {"controlnet": {"args": [unit]}}})
     assert "alwayson_scripts.controlnet: not with script_name 'prompts from file or textbox'" in detail
     assert submitted == []
+
+
+def test_a_loop_cut_short_by_skip_is_among_the_loopback_pictures_it_went_on_from():
+    from types import SimpleNamespace
+
+    from webui.api.scripts import _loopback_result
+    from webui.schemas import GeneratedImage
+
+    def loop(colour: str, unfinished: bool = False) -> SimpleNamespace:
+        image = GeneratedImage(image=Image.new("RGB", (8, 8), colour), seed=1, index=0, infotext="x", path=None,
+                               unfinished=unfinished)
+        return SimpleNamespace(images=[image])
+
+    jobs = [loop("red"), loop("green", unfinished=True), loop("blue")]
+    result = _loopback_result(SimpleNamespace(jobs=jobs, submissions=[None] * 3), loops=3)
+    assert [image.image.getpixel((0, 0)) for _, image in result.made] == [(255, 0, 0), (0, 128, 0), (0, 0, 255)]
+    assert result.grids[0].image.size == (24, 8)  # the three side by side

@@ -390,8 +390,8 @@ def _prompt_matrix(values: list[Any], base: dict, picture: Image.Image | None, m
 
 def _loopback_result(run: SeveralJobs, loops: int) -> Result:
     """As A1111's Loopback: every loop's picture (with several batch counts, each chain's last), and their grid first
-    when there are more than one."""
-    finished = [job for job in run.jobs if job.images and not job.images[0].unfinished]
+    when there are more than one. A loop cut short by Skip counts: the next went on from its picture."""
+    finished = [job for job in run.jobs if job.images]
     chains = math.ceil(len(run.submissions) / loops)
     if chains > 1:
         finished = [job for number, job in enumerate(run.jobs, 1) if number % loops == 0 and job in finished]
