@@ -50,3 +50,12 @@ def spy_on(monkeypatch, model_class, method: str, names: dict[float, str], seen:
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(model_class, method, spy)
+
+
+def finished_job(services, request, **kwargs):
+    """A request submitted to the services' worker and waited for; the job, which must have finished well."""
+    from webui.schemas import JobState
+
+    job = services.worker.submit(request, **kwargs)
+    assert job.wait(120) and job.state is JobState.DONE, job.error
+    return job

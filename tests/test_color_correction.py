@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import noise_picture
+from tests.helpers import finished_job, noise_picture
 from webui.engine.color_correction import match_colors, match_histogram, with_luminosity
-from webui.schemas import JobState
 from webui.storage.infotext import request_fields_from_infotext
 
 LUMA = np.array([0.3, 0.59, 0.11])
@@ -60,27 +59,21 @@ def services(models_dir, tmp_path_factory):
     yield from running_services(models_dir, tmp_path_factory.mktemp("colours") / "outputs")
 
 
-def finished(services, request, **kwargs):
-    job = services.worker.submit(request, **kwargs)
-    assert job.wait(120) and job.state is JobState.DONE, job.error
-    return job
-
-
 QUICK = {"prompt": "a red apple", "steps": 2, "seed": 5, "denoising_strength": 0.6, "width": 64, "height": 64}
 
 
 def test_an_img2img_job_with_colour_correction_has_the_pictures_colours(services):
     bluish = tinted(3, (0.3, 0.6, 1.0))
-    plain = np.asarray(finished(services, QUICK, init_image=bluish).images[0].image, float)
-    job = finished(services, QUICK | {"color_correction": True}, init_image=bluish)
+    plain = np.asarray(finished_job(services, QUICK, init_image=bluish).images[0].image, float)
+    job = finished_job(services, QUICK | {"color_correction": True}, init_image=bluish)
     corrected = np.asarray(job.images[0].image, float)
     assert np.array_equal(corrected, np.asarray(match_colors(Image.fromarray(plain.astype(np.uint8)), bluish)))
     assert "Color correction: True" in job.images[0].infotext
     assert request_fields_from_infotext(job.images[0].infotext)["color_correction"] is True
-    assert "Color correction" not in finished(services, QUICK, init_image=bluish).images[0].infotext
-    assert request_fields_from_infotext(finished(services, QUICK, init_image=bluish).images[0].infotext)[
+    assert "Color correction" not in finished_job(services, QUICK, init_image=bluish).images[0].infotext
+    assert request_fields_from_infotext(finished_job(services, QUICK, init_image=bluish).images[0].infotext)[
         "color_correction"] is False
-    txt2img = finished(services, {"prompt": "a", "steps": 1, "width": 64, "height": 64, "color_correction": True})
+    txt2img = finished_job(services, {"prompt": "a", "steps": 1, "width": 64, "height": 64, "color_correction": True})
     assert "Color correction" not in txt2img.images[0].infotext  # no picture to match: nothing was done
 
 

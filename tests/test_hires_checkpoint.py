@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY
-from tests.helpers import fingerprint, running_services, spy_on
+from tests.helpers import finished_job, fingerprint, running_services, spy_on
 from tests.tiny_sd import save_tiny_model, tiny_components
 from webui.schemas import SAME_CHECKPOINT, InvalidRequest, JobState
 from webui.storage.infotext import request_fields_from_infotext
@@ -69,9 +69,7 @@ def unet_names(calls):
 
 
 def run(services, init_image=None, **fields):
-    job = services.worker.submit(QUICK | fields, init_image=init_image)
-    assert job.wait(120) and job.state is JobState.DONE, job.error
-    return job
+    return finished_job(services, QUICK | fields, init_image=init_image)
 
 
 def pixels(job):

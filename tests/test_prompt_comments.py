@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.helpers import finished_job
 from webui.api import create_api_app
 from webui.prompt_comments import strip_comments
-from webui.schemas import JobState
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -35,9 +35,7 @@ QUICK = {"steps": 2, "seed": 21, "width": 64, "height": 64, "cfg_scale": 5.0}
 
 
 def made(services, **fields):
-    job = services.worker.submit(QUICK | fields)
-    assert job.wait(120) and job.state is JobState.DONE, job.error
-    return job.images[0]
+    return finished_job(services, QUICK | fields).images[0]
 
 
 def test_a_commented_prompt_draws_and_records_what_is_left(services):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import noise_picture
+from tests.helpers import finished_job, noise_picture
 
 from webui.engine.composable import composed_guidance
 from webui.engine.img2img import image_sha1
@@ -163,19 +163,13 @@ def services(models_dir, tmp_path_factory):
     yield from running_services(models_dir, tmp_path_factory.mktemp("uncond") / "outputs")
 
 
-def finished(services, request):
-    job = services.worker.submit(request)
-    assert job.wait(120) and job.state is JobState.DONE, job.error
-    return job
-
-
 def test_the_infotext_says_so_in_a1111s_keys_and_a_paste_puts_them_back(services):
-    job = finished(services, QUICK | {"skip_early_cond": 0.25, "s_min_uncond": 2.5, "s_min_uncond_all": True})
+    job = finished_job(services, QUICK | {"skip_early_cond": 0.25, "s_min_uncond": 2.5, "s_min_uncond_all": True})
     infotext = job.images[0].infotext
     assert "Skip Early CFG: 0.25" in infotext and "NGMS: 2.5" in infotext and "NGMS all steps: True" in infotext
     pasted = request_fields_from_infotext(infotext)
     assert (pasted["skip_early_cond"], pasted["s_min_uncond"], pasted["s_min_uncond_all"]) == (0.25, 2.5, True)
-    plain = finished(services, QUICK).images[0].infotext
+    plain = finished_job(services, QUICK).images[0].infotext
     assert "Skip Early CFG" not in plain and "NGMS" not in plain
     assert request_fields_from_infotext(plain)["s_min_uncond"] == 0.0  # a paste turns them off again
 
@@ -257,7 +251,7 @@ def test_the_noise_multiplier_goes_through_infotext_page_and_api(services):
     assert job.wait(120) and job.state is JobState.DONE, job.error
     assert "Noise multiplier: 0.8" in job.images[0].infotext
     assert request_fields_from_infotext(job.images[0].infotext)["initial_noise_multiplier"] == 0.8
-    assert "Noise multiplier" not in finished(services, QUICK | {"initial_noise_multiplier": 0.8}).images[0].infotext
+    assert "Noise multiplier" not in finished_job(services, QUICK | {"initial_noise_multiplier": 0.8}).images[0].infotext
     assert "initial_noise_multiplier" in IMG2IMG_FIELDS and "initial_noise_multiplier" not in TXT2IMG_FIELDS
     buffer = io.BytesIO()
     noise_picture(4).save(buffer, format="PNG")
@@ -341,19 +335,13 @@ def test_extra_noise_adds_the_start_noise_again_counted_in_sigmas(sampler):
 
 def test_extra_noise_changes_img2img_and_the_hires_pass_and_says_so(services):
     picture = noise_picture(4)
-    img2img = [finished_with(services, QUICK | {"img2img_extra_noise": e}, init_image=picture) for e in (0.0, 0.4)]
+    img2img = [finished_job(services, QUICK | {"img2img_extra_noise": e}, init_image=picture).images[0] for e in (0.0, 0.4)]
     assert "Extra noise: 0.4" in img2img[1].infotext and "Extra noise" not in img2img[0].infotext
     assert not np.array_equal(np.asarray(img2img[0].image), np.asarray(img2img[1].image))
     assert request_fields_from_infotext(img2img[1].infotext)["img2img_extra_noise"] == 0.4
     hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "hr_second_pass_steps": 2}
-    made = [finished_with(services, QUICK | hires | {"img2img_extra_noise": e}) for e in (0.0, 0.4)]
+    made = [finished_job(services, QUICK | hires | {"img2img_extra_noise": e}).images[0] for e in (0.0, 0.4)]
     assert "Extra noise: 0.4" in made[1].infotext
     assert not np.array_equal(np.asarray(made[0].image), np.asarray(made[1].image))
-    plain = finished_with(services, QUICK | {"img2img_extra_noise": 0.4})  # no pass starts from a picture
+    plain = finished_job(services, QUICK | {"img2img_extra_noise": 0.4}).images[0]  # no pass starts from a picture
     assert "Extra noise" not in plain.infotext
-
-
-def finished_with(services, request, **kwargs):
-    job = services.worker.submit(request, **kwargs)
-    assert job.wait(120) and job.state is JobState.DONE, job.error
-    return job.images[0]
