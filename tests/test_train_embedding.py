@@ -10,11 +10,12 @@ import random
 import threading
 
 import gradio as gr
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tests.helpers import noise_picture, running_services, wait_for
+from tests.helpers import finished_job, noise_picture, running_services, wait_for
 from webui.api import create_api_app
 from webui.engine.embeddings import read_embedding
 from webui.engine.textual_inversion import RateSchedule, prompt_text
@@ -343,3 +344,25 @@ def test_a_picture_that_cannot_be_read_fails_the_run_with_its_name_and_leaves_th
         services.worker.train_embedding(run).result(60)
     assert run.state == "failed" and "bad.png" in run.result()
     assert torch.load(services.settings.embeddings_folder / "broken.pt", weights_only=True)["step"] == 0
+
+
+def test_a_run_that_fails_after_a_preview_leaves_the_prompts_reading_the_file_as_it_was(services, dataset):
+    """A preview puts the vectors being trained into the token table; a run that then fails writes no file, so the
+    table must read as the file again, and a picture of the embedding be the one it was before the run."""
+    create(services, "previewed", init_text="red apple")
+    request = {"prompt": "a photo of previewed", "steps": 2, "width": 64, "height": 64, "seed": 5}
+    before = np.asarray(finished_job(services, request).images[0].image)
+    plan = plan_training(train_fields(dataset, "previewed", steps=5, create_image_every=1, save_embedding_every=2,
+                                      learn_rate="0.5"), services.settings)
+    plan.copies_folder.parent.mkdir(parents=True, exist_ok=True)
+    plan.copies_folder.write_text("a file where the copies' folder would go: the copy at step 2 fails")
+    run = TrainingRun(plan)
+    with pytest.raises(OSError):
+        services.worker.train_embedding(run).result(120)
+    assert run.state == "failed" and run.preview_step == 1  # a preview came before the failure
+    loaded = services.engine.embeddings.loaded["previewed"]
+    saved = torch.load(services.settings.embeddings_folder / "previewed.pt", weights_only=True)
+    assert saved["step"] == 0
+    assert torch.equal(token_table(services)[list(loaded.vector_ids)].detach(), saved["string_to_param"]["*"])
+    after = np.asarray(finished_job(services, request).images[0].image)
+    assert np.array_equal(after, before)

@@ -413,7 +413,9 @@ class _Trainer:
 def _training_mode(pipe, first_row: int, vectors: torch.Tensor):
     """The model frozen, the embedding's rows read from `vectors` wherever gradients are on, the UNet's activations
     recomputed in the backward pass (as A1111 trains: memory for larger pictures), compiled parts run eagerly.
-    All undone after."""
+    All undone after, the embedding's rows too (a preview writes the vectors there; a run that fails writes no file)."""
+    table = pipe.text_encoder.get_input_embeddings().weight
+    rows = table[first_row:first_row + vectors.shape[0]].detach().clone()
     parts = (pipe.unet, pipe.text_encoder, pipe.vae)
     wanted = [(parameter, parameter.requires_grad) for part in parts for parameter in part.parameters()]
     for part in parts:
@@ -426,6 +428,8 @@ def _training_mode(pipe, first_row: int, vectors: torch.Tensor):
             yield
     finally:
         hook.remove()
+        with torch.no_grad():
+            table[first_row:first_row + len(rows)] = rows
         if not checkpointing:
             pipe.unet.disable_gradient_checkpointing()
         for parameter, requires_grad in wanted:
