@@ -366,3 +366,20 @@ def test_a_run_that_fails_after_a_preview_leaves_the_prompts_reading_the_file_as
     assert torch.equal(token_table(services)[list(loaded.vector_ids)].detach(), saved["string_to_param"]["*"])
     after = np.asarray(finished_job(services, request).images[0].image)
     assert np.array_equal(after, before)
+
+
+def test_an_api_training_that_fails_as_it_runs_answers_as_a1111_with_the_error_in_its_info(services, dataset):
+    """A1111's route answers 200 and puts what went wrong in info; a 500 leaves a client reading info with nothing."""
+    create(services, "apifails")
+    body = {"embedding_name": "apifails", "data_root": str(dataset), "training_width": 64, "training_height": 64,
+            "steps": 3, "create_image_every": 0, "save_embedding_every": 1,
+            "template_filename": "subject_filewords.txt"}
+    plan = plan_training(TrainEmbedding(**body), services.settings)
+    plan.copies_folder.parent.mkdir(parents=True, exist_ok=True)
+    plan.copies_folder.write_text("a file where the copies' folder would go")
+    with TestClient(create_api_app(services)) as client:
+        answer = client.post("/sdapi/v1/train/embedding", json=body)
+    assert answer.status_code == 200, answer.text
+    info = answer.json()["info"]
+    assert info.startswith("train embedding complete: filename:  error: ") and not info.endswith("error: None")
+    assert torch.load(services.settings.embeddings_folder / "apifails.pt", weights_only=True)["step"] == 0

@@ -1,5 +1,6 @@
 """A1111's training routes for textual inversion: POST /sdapi/v1/create/embedding and /sdapi/v1/train/embedding, with
-its field names and its answers ({"info": "..."}), and what /progress and /interrupt say and do while one trains.
+its field names and its answers ({"info": "..."}, also for a run that fails as it runs), and what /progress and
+/interrupt say and do while one trains.
 
 Training runs on the worker like every job: the request answers when it ends (as A1111's), /sdapi/v1/progress shows
 its step and loss meanwhile, and the caller's /sdapi/v1/interrupt stops it (the embedding is saved as it stands).
@@ -7,6 +8,7 @@ Bad input is refused with 422 and what to fix, before anything is queued.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
@@ -17,9 +19,11 @@ from webui.api.convert import ApiError, encode_image
 from webui.api.models import ProgressResponse
 from webui.schemas import InvalidRequest
 from webui.textual_inversion import (
-    NewEmbedding, TrainEmbedding, TrainingRun, plan_training, queue_new_embedding,
+    FAILED, NewEmbedding, TrainEmbedding, TrainingRun, plan_training, queue_new_embedding,
 )
 from webui.worker import WorkerStopped, await_result
+
+log = logging.getLogger(__name__)
 
 
 class CreateResponse(BaseModel):
@@ -63,6 +67,11 @@ class TrainingRoutes:
             await _result(lambda: self.services.worker.train_embedding(run))
         except InvalidRequest as err:  # found once it ran: a picture, the embedding, the model
             raise ApiError(422, str(err), "InvalidRequest") from None
+        except Exception:
+            if run.state != FAILED:  # not the run's own failure
+                raise
+            # As A1111: the answer is the run's, with what broke in its info (a file that could not be written...)
+            log.exception("training embedding %s failed", plan.name)
         finally:
             self.runs.remove(run)
         return TrainResponse(info=run.api_info())
