@@ -15,10 +15,10 @@ import torch
 from fastapi.testclient import TestClient
 
 from tests.conftest import TINY
-from tests.helpers import fingerprint, noise_picture, running_services
+from tests.helpers import finished_job, fingerprint, noise_picture, running_services
 from tests.tiny_sd import save_tiny_model
 from webui.engine.token_merging import merged_tokens, plan_merge
-from webui.schemas import GenerationRequest, InvalidRequest, JobState, parse_request
+from webui.schemas import GenerationRequest, InvalidRequest, parse_request
 from webui.storage.infotext import request_fields_from_infotext
 
 FULL = "tiny-full-size"  # attention at the full latent size, where tokens merge
@@ -133,9 +133,7 @@ def services(models, tmp_path_factory):
 
 
 def run(services, init_image=None, **fields):
-    job = services.worker.submit(QUICK | fields, init_image=init_image)
-    assert job.wait(120) and job.state is JobState.DONE, job.error
-    return job
+    return finished_job(services, QUICK | fields, init_image=init_image)
 
 
 def pixels(job):
