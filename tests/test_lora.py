@@ -390,3 +390,18 @@ def test_the_token_counter_and_prompt_phases_ignore_the_tags(lora_engine):
     request = GenerationRequest(prompt="a red apple <lora:detail>", steps=3)
     assert lora_engine.lora_hashes(request) == f"detail: {lora_engine.loras.short_hash(lora_engine.loras.find('detail'))}"
     assert lora_engine.lora_hashes(GenerationRequest(prompt="a red apple", steps=3)) is None
+
+
+def test_a_folder_lists_one_file_per_name_and_says_which_it_left_out(tmp_path, caplog):
+    from webui.engine.models import files_by_name
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for path in (tmp_path / "a" / "style.safetensors", tmp_path / "b" / "style.safetensors", tmp_path / "None.pt",
+                 tmp_path / "other.pt"):
+        path.write_bytes(b"x")
+    files = files_by_name(tmp_path, (".safetensors", ".pt"), "LoRAs", left_out=("None",))
+    assert sorted(files) == ["other", "style"]
+    kept = files["style"]
+    assert kept.parent.name in ("a", "b") and "two LoRAs are named style" in caplog.text
+    assert str(kept) in caplog.text.split(" is used")[0]  # the message names the one kept first

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from webui.engine.models import file_stamp, files_under
+from webui.engine.models import file_stamp, files_by_name
 from webui.schemas import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -241,15 +241,9 @@ class HypernetworkLibrary:
         self._loaded: dict[tuple, Hypernetwork] = {}  # (path, stamp) -> its networks: only the last job's
 
     def refresh(self) -> list[HypernetworkFile]:
-        files: dict[str, HypernetworkFile] = {}
-        for path in files_under(self.folder, HYPERNETWORK_SUFFIXES):
-            if path.stem == "None":  # A1111 leaves it out: "None" is its list's empty choice
-                continue
-            if path.stem in files:
-                log.warning("two hypernetworks are named %s: %s is used, %s is not; rename one", path.stem,
-                            files[path.stem].path, path)
-                continue
-            files[path.stem] = HypernetworkFile(path.stem, path)
+        # "None" is left out as A1111 leaves it out: its list's empty choice
+        files = {name: HypernetworkFile(name, path) for name, path in files_by_name(
+            self.folder, HYPERNETWORK_SUFFIXES, "hypernetworks", left_out=("None",)).items()}
         self._files = files
         return list(files.values())
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from webui.engine.inpainting_model import INPAINTING_CHANNELS
-from webui.engine.models import file_stamp, files_under
+from webui.engine.models import file_stamp, files_by_name
 from webui.schemas import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -143,13 +143,8 @@ class LoraLibrary:
         self._hashes: dict[tuple[str, int, int], str] = {}
 
     def refresh(self) -> list[LoraFile]:
-        files: dict[str, LoraFile] = {}
-        for path in files_under(self.folder, LORA_SUFFIXES):
-            if path.stem in files:
-                log.warning("two LoRAs are named %s: %s is used, %s is not; rename one", path.stem,
-                            files[path.stem].path, path)
-                continue
-            files[path.stem] = LoraFile(path.stem, path)
+        files = {name: LoraFile(name, path)
+                 for name, path in files_by_name(self.folder, LORA_SUFFIXES, "LoRAs").items()}
         self._aliases = _aliases(files.values(), self.metadata)
         self._files = files
         return list(files.values())

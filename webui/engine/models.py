@@ -304,6 +304,21 @@ def file_stamp(path: Path) -> tuple[int, int]:
         return 0, 0
 
 
+def files_by_name(folder: Path, suffixes: tuple[str, ...], what: str, left_out: tuple[str, ...] = ()) -> dict[str, Path]:
+    """The files under folder (files_under) by the name a prompt calls them: their stem. Of two with one name the
+    first is kept and the other logged (`what`: "LoRAs", "hypernetworks"); stems in `left_out` are skipped."""
+    files: dict[str, Path] = {}
+    for path in files_under(folder, suffixes):
+        if path.stem in left_out:
+            continue
+        if path.stem in files:
+            log.warning("two %s are named %s: %s is used, %s is not; rename one", what, path.stem, files[path.stem],
+                        path)
+            continue
+        files[path.stem] = path
+    return files
+
+
 def files_under(folder: Path, suffixes: tuple[str, ...], seen: set[Path] | None = None) -> list[Path]:
     """Files with these suffixes in folder and its subfolders at any depth (LoRAs, embeddings), hidden ones left
     out; a linked folder is followed once (users link their collections in), so a link to a folder above ends
