@@ -19,6 +19,7 @@ from webui.controlnet import (CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RE
                               controlnet_problem)
 from webui.engine.hires import HIRES_UPSCALERS, MAX_SCHEDULE, hires_size, schedule_steps
 from webui.engine.samplers import get_sampler, resolve_sampler
+from webui.engine.step_options import LIMITS as STEP_LIMITS
 from webui.engine.uncond_skip import MAX_NGMS
 from webui.engine.token_merging import MAX_RATIO as MAX_MERGING_RATIO
 from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE, UPSCALERS as SD_UPSCALERS
@@ -134,6 +135,20 @@ class GenerationRequest(BaseModel):
                                             "noised with, times this (A1111's Noise multiplier for img2img; 1: as is)")
     img2img_extra_noise: float = Field(0.0, ge=0.0, le=1.0, description="img2img and the hires fix: that much more "
                                        "of the start noise added (A1111's Extra noise; 0: none)")
+    # A1111's step options (webui/engine/step_options.py: which samplers follow each) and its Eta noise seed delta.
+    eta_ddim: float = Field(0.0, ge=0.0, le=STEP_LIMITS["eta_ddim"], description="DDIM: how much fresh noise each step "
+                            "adds (0: deterministic; A1111's Eta for DDIM)")
+    eta_ancestral: float = Field(1.0, ge=0.0, le=STEP_LIMITS["eta_ancestral"], description="Euler a: how much of each "
+                                 "step is fresh noise (0: none, a plain Euler; A1111's Eta for ancestral samplers)")
+    s_churn: float = Field(0.0, ge=0.0, le=STEP_LIMITS["s_churn"], description="Euler: sigma churn, noise added before "
+                           "each step to raise its noise level (0: none)")
+    s_tmin: float = Field(0.0, ge=0.0, le=STEP_LIMITS["s_tmin"], description="Euler: the churn applies from this sigma")
+    s_tmax: float = Field(0.0, ge=0.0, le=STEP_LIMITS["s_tmax"], description="Euler: the churn applies up to this sigma "
+                          "(0: no limit)")
+    s_noise: float = Field(1.0, ge=0.0, le=STEP_LIMITS["s_noise"], description="Euler and Euler a: their added noise "
+                           "times this (sigma noise)")
+    eta_noise_seed_delta: int = Field(0, ge=0, le=MAX_SEED, description="the noise a sampler draws after the start "
+                                      "noise comes from seed + this (A1111's ENSD; 0: the seed's own)")
     # A1111's Token merging (webui/engine/token_merging.py), its settings here per request as every generation setting.
     token_merging_ratio: float = Field(0.0, ge=0.0, le=MAX_MERGING_RATIO, description="token merging: the part of the "
                                        "tokens merged away before self-attention at the full latent resolution; 0: off "

@@ -35,6 +35,7 @@ from webui.engine.models import ModelEntry, ModelNotFound
 from webui.engine.refiner import kind_of_entry, kind_problem
 from webui.engine.upscalers import UpscalerError
 from webui.engine.vae import VaeFile
+from webui.engine.step_options import INFOTEXT_KEYS as STEP_INFOTEXT_KEYS, StepOptions, draws_noise
 from webui.engine.hypernetworks import HypernetworkError, hypernetwork_uses
 from webui.engine.lora import LoraError, lora_uses, unread_tags
 from webui.schemas import (INPAINT_AREAS, LATENT_RESIZE, MASK_MODES, MASKED_CONTENT, RESIZE_MODES, GeneratedImage,
@@ -915,6 +916,7 @@ class Worker:
             "Extra noise": (request.img2img_extra_noise or None) if request.is_img2img or request.enable_hr else None,
             "Pad conds": True if self.engine.pads_prompts(request) else None,
             **_uncond_skip_infotext(request),
+            **_step_options_infotext(request),
             "Lora hashes": self.engine.lora_hashes(request),
             "TI hashes": self.engine.ti_hashes(request),
             "NSFW": "blacked out by the safety checker" if result.nsfw else None,
@@ -1151,6 +1153,17 @@ def _uncond_skip_infotext(request: GenerationRequest) -> dict[str, Any]:
     """A1111's keys for the sampler options that leave the negative prompt out of some calls, when they are set."""
     return {"Skip Early CFG": request.skip_early_cond or None, "NGMS": request.s_min_uncond or None,
             "NGMS all steps": True if request.s_min_uncond and request.s_min_uncond_all else None}
+
+
+def _step_options_infotext(request: GenerationRequest) -> dict[str, Any]:
+    """A1111's keys for the step options the passes' samplers follow (where not at their defaults), and its ENSD where
+    a sampler draws noise as it steps."""
+    options = StepOptions.of(request)
+    samplers = [request.sampler_name] + ([request.hires_sampler[0]] if request.enable_hr else [])
+    followed = {name: value for sampler in samplers for name, value in options.followed(sampler).items()}
+    drawing = any(draws_noise(sampler, options) for sampler in samplers)
+    return {**{STEP_INFOTEXT_KEYS[name]: value for name, value in followed.items()},
+            "ENSD": request.eta_noise_seed_delta if request.eta_noise_seed_delta and drawing else None}
 
 
 def _hires_infotext(request: GenerationRequest) -> dict[str, Any]:

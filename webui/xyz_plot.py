@@ -54,6 +54,11 @@ def _add_styles(request: dict, names: str) -> None:
     request["styles"] = [*request.get("styles", []), *(name.strip() for name in names.split(",") if name.strip())]
 
 
+def _set_eta(request: dict, eta: float) -> None:
+    """A1111's Eta axis sets the run's eta, which its sampler reads as its own: DDIM's, or an ancestral one's."""
+    request["eta_ddim"] = request["eta_ancestral"] = eta
+
+
 def _set_size(request: dict, size: str) -> None:
     match = re.fullmatch(r"\s*(\d+)\s*[x×]\s*(\d+)\s*", size)
     if not match:
@@ -87,6 +92,11 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Extra noise", "float", _setter("img2img_extra_noise")),
     AxisType("Token merging ratio", "float", _setter("token_merging_ratio")),
     AxisType("Token merging ratio high-res", "float", _setter("token_merging_ratio_hr"), hires=True),
+    AxisType("Sigma Churn", "float", _setter("s_churn")),
+    AxisType("Sigma min", "float", _setter("s_tmin")),
+    AxisType("Sigma max", "float", _setter("s_tmax")),
+    AxisType("Sigma noise", "float", _setter("s_noise")),
+    AxisType("Eta", "float", _set_eta),
 )}
 
 

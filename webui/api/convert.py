@@ -26,6 +26,7 @@ from webui.extras import FILTERS_ONLY, MAX_PICTURES, MAX_REQUEST_PIXELS, Upscale
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
 from webui.engine.vae import AUTOMATIC
 from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
+from webui.engine.step_options import INFOTEXT_KEYS as STEP_INFOTEXT_KEYS
 from webui.schemas import (GeneratedImage, InvalidRequest, a1111_seed_resize, parse_request,
                            vae_choice as read_vae_choice)
 from webui.storage.infotext import parse_infotext, request_fields_from_infotext
@@ -68,8 +69,14 @@ _IMG2IMG_INFOTEXT_FIELDS = _INFOTEXT_FIELDS + ("denoising_strength",)
 # else the `infotext` (option_fields)
 _OPTION_KEYS = {"s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps", "skip_early_cond": "Skip Early CFG",
                 "img2img_extra_noise": "Extra noise", "initial_noise_multiplier": "Noise multiplier"}
-_OPTION_FIELDS = ("s_min_uncond", "s_min_uncond_all", "skip_early_cond", "img2img_extra_noise")
+_OPTION_KEYS |= {name: key for name, key in STEP_INFOTEXT_KEYS.items()} | {"eta_noise_seed_delta": "ENSD"}
+_OPTION_FIELDS = ("s_min_uncond", "s_min_uncond_all", "skip_early_cond", "img2img_extra_noise", *STEP_INFOTEXT_KEYS,
+                  "eta_noise_seed_delta")
+# Options a body field of another name gives: A1111's `eta` is whichever eta the run's sampler reads.
+_BODY_FIELDS = {"eta_ddim": "eta", "eta_ancestral": "eta"}
 _IMG2IMG_OPTION_FIELDS = _OPTION_FIELDS + ("initial_noise_multiplier",)
+# The ones POST /sdapi/v1/options sets for the API requests that give none (A1111's options)
+SAMPLER_OPTIONS = _IMG2IMG_OPTION_FIELDS
 # stable-diffusion-webui's schedule types (1.10). It never rejects one: those we lack run as Automatic.
 A1111_SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",
                         "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
@@ -79,11 +86,12 @@ _A1111_SCHEDULE_BY_NAME = {name: label for label in A1111_SCHEDULE_TYPES
 
 def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: ModelEntry | None,
                           default_clip_skip: int = 1, default_model: str | None = None,
-                          default_vae: str = AUTOMATIC, vae_exists: Callable[[str], bool] = lambda name: True
-                          ) -> tuple[dict[str, Any], list[str]]:
+                          default_vae: str = AUTOMATIC, vae_exists: Callable[[str], bool] = lambda name: True,
+                          default_options: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
     """A1111 txt2img or img2img body -> GenerationRequest fields and notes on what runs other than asked (a
     schedule type run as Automatic), or ApiError naming each field to fix. default_clip_skip, default_model and
-    default_vae are for a request that gives none of its own (POST /options sets them); an infotext's VAE that
+    default_vae are for a request that gives none of its own (POST /options sets them, and default_options: A1111's
+    sampler options, SAMPLER_OPTIONS); an infotext's VAE that
     vae_exists says is not here is left out with a note, as A1111 runs on without it. An img2img body's picture is
     not among the fields: init_image_of decodes it."""
     img2img = isinstance(req, Img2ImgRequest)
@@ -153,7 +161,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         # (read by the schema: "false" is false, and a value that is no boolean is refused under its name)
         correction = overrides.get("img2img_color_correction")
         data["color_correction"] = False if correction is None else correction
-    data |= option_fields(req, _IMG2IMG_OPTION_FIELDS if img2img else _OPTION_FIELDS)
+    data |= option_fields(req, _IMG2IMG_OPTION_FIELDS if img2img else _OPTION_FIELDS, default_options)
     data |= token_merging_fields(req, pasted)
     script, refused = script_fields(req)
     data |= script
@@ -316,26 +324,40 @@ def clip_skip_for(req: GenerationBody, option: int, loaded: LoadedModel | None) 
                      f"{loaded.entry.name}'s text encoder; it ran with {deepest}"]
 
 
-def option_fields(req: GenerationBody, names: tuple[str, ...]) -> dict[str, Any]:
-    """A1111's options that are request fields here (NGMS, Skip Early CFG, Extra noise, img2img's Noise multiplier), each from
-    where A1111 takes it: the body's field (s_min_uncond, initial_noise_multiplier), else override_settings, else
-    the `infotext`'s key, which A1111 reads into override_settings. The schema checks the values, under the names
-    client_field_names gives."""
-    pasted = request_fields_from_infotext(req.infotext) if req.infotext else {}
+def option_fields(req: GenerationBody, names: tuple[str, ...], defaults: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """A1111's options that are request fields here (NGMS, Skip Early CFG, Extra noise, img2img's Noise multiplier, the
+    eta and sigma options, ENSD), each from where A1111 takes it: the body's field (s_min_uncond,
+    initial_noise_multiplier, eta, s_churn, ...), else override_settings, else
+    the `infotext`'s key, which A1111 reads into override_settings, else `defaults` (the options POST /options set).
+    The schema checks the values, under the names client_field_names gives."""
+    pasted = {}
+    if req.infotext:
+        keys = parse_infotext(req.infotext)[2]
+        pasted = {name: value for name, value in request_fields_from_infotext(req.infotext).items()
+                  if name in _OPTION_KEYS and _OPTION_KEYS[name] in keys}
     given = {}
     for name in names:
-        value = getattr(req, name, None)
-        for source in (req.override_settings or {}, pasted):
+        value = getattr(req, _BODY_FIELDS.get(name, name), None)
+        for source in (req.override_settings or {}, pasted, defaults or {}):
             value = source.get(name) if value is None else value
         if value is not None:
             given[name] = value
     return given
 
 
+def sampler_option_values(body: dict[str, Any]) -> dict[str, Any]:
+    """The SAMPLER_OPTIONS a POST /options body sets, checked as a request checks them (InvalidRequest naming each
+    key to fix)."""
+    given = {name: body[name] for name in SAMPLER_OPTIONS if name in body}
+    checked = parse_request({"prompt": ""} | given)
+    return {name: getattr(checked, name) for name in given}
+
+
 def _option_field_name(req: GenerationBody, name: str) -> str:
     """Where an option field's value came from, named as the client sent it."""
-    if getattr(req, name, None) is not None:
-        return name
+    if getattr(req, _BODY_FIELDS.get(name, name), None) is not None:
+        return _BODY_FIELDS.get(name, name)
     if (req.override_settings or {}).get(name) is None and req.infotext and _OPTION_KEYS[name] in parse_infotext(
             req.infotext)[2]:
         return f"infotext ({_OPTION_KEYS[name]})"

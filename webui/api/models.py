@@ -48,7 +48,9 @@ class GenerationBody(BaseModel):
                           "skip_early_cond (A1111's NGMS and Skip Early CFG), img2img_extra_noise (img2img and the hires fix: more "
                           "of the start noise, 0 to 1), token_merging_ratio (0 to 0.9; 0: off), "
                           "token_merging_ratio_img2img (img2img, where token_merging_ratio is 0), "
-                          "token_merging_ratio_hr (the hires fix's pass; 0: token_merging_ratio)")
+                          "token_merging_ratio_hr (the hires fix's pass; 0: token_merging_ratio), eta_ddim, eta_ancestral, s_churn, "
+                          "s_tmin, s_tmax, s_noise (where the body's eta and s_* fields are null), "
+                          "eta_noise_seed_delta (A1111's ENSD)")
     send_images: bool = True
     save_images: bool = Field(False, description="also write the PNGs to outputs/ and the history")
     # The most of an infotext that is ever read: room for prompts and extensions' long parameter lines.
@@ -80,14 +82,17 @@ class GenerationBody(BaseModel):
                                        "s_min_uncond_all makes it every call, override_settings.skip_early_cond "
                                        "(0 to 1) leaves it out of that part of the steps from the start")
 
-    # --- accepted and ignored (sampler fine-tuning, A1111 internals) ------------------------------
+    # A1111's step options (null: override_settings' eta_ddim / eta_ancestral, s_churn, ..., else the defaults)
+    eta: float | None = Field(None, description="the run's eta, whichever its sampler reads: DDIM's (0 to 1, default "
+                              "0), Euler a's (0 to 1, default 1: 0 makes it a plain Euler)")
+    s_churn: float | None = Field(None, description="Euler: sigma churn, 0 to 100 (0: none)")
+    s_tmax: float | None = Field(None, description="Euler: the churn up to this sigma, 0 to 999 (0: no limit)")
+    s_tmin: float | None = Field(None, description="Euler: the churn from this sigma, 0 to 10")
+    s_noise: float | None = Field(None, description="Euler and Euler a: their added noise times this, 0 to 1.1")
+
+    # --- accepted and ignored (A1111 internals) -----------------------------------------------
     do_not_save_samples: bool | None = False
     do_not_save_grid: bool | None = False
-    eta: float | None = None
-    s_churn: float | None = None
-    s_tmax: float | None = None
-    s_tmin: float | None = None
-    s_noise: float | None = None
     override_settings_restore_afterwards: bool | None = True
     disable_extra_networks: bool | None = False
     comments: dict[str, Any] | None = None

@@ -45,6 +45,7 @@ from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, p
 from webui.engine.prompts import chunk_count, encode_parts, encode_prompt_pair, token_count
 from webui.engine.refiner import first_refiner_call, kind_of_pipeline, kind_problem, pass_timesteps
 from webui.engine.samplers import make_scheduler
+from webui.engine.step_options import StepOptions, use_step_options
 from webui.engine.uncond_skip import SkipCalls, UncondSkip, skip_plan, skipping_uncond
 from webui.engine.token_merging import merged_tokens
 from webui.schemas import MASKED_CONTENT, MAX_PROMPT_CHARS, GenerationRequest
@@ -160,9 +161,10 @@ class _Run:
     """What the passes of one batch share (the hires fix runs two): the generators (the hires pass replaces them
     with fresh ones, as A1111 does), the encoded prompts, and the steps reported so far, counted over both passes."""
 
-    generators: list[torch.Generator]
+    seeds: list[int]
     on_step: StepCallback | None
     total_steps: int
+    noise_seed_delta: int = 0  # A1111's Eta noise seed delta (ENSD)
     subseeds: list[int] | None = None  # with a variation strength, each image's variation seed
     variation_strength: float = 0.0
     seed_resize: tuple[int, int] | None = None  # the (width, height) the seeds' noise is drawn at
@@ -177,6 +179,20 @@ class _Run:
     # Hypernetworks (network, multiplier) of the running pass, and of the hires fix's (its prompt's, as in A1111)
     hypernetworks: list = field(default_factory=list)
     hires_hypernetworks: list = field(default_factory=list)
+    generators: list[torch.Generator] = field(init=False)
+
+    def __post_init__(self):
+        self.fresh_generators()
+
+    def fresh_generators(self) -> None:
+        """A generator per image from its seed, as at the start (the hires pass begins so too, as in A1111)."""
+        self.generators = [torch.Generator("cpu").manual_seed(seed) for seed in self.seeds]
+
+    def after_start_noise(self) -> None:
+        """A1111's Eta noise seed delta: the noise a sampler draws after the start noise (an ancestral step's, DDIM's
+        with eta) comes from generators seeded seed + delta."""
+        if self.noise_seed_delta:
+            self.generators = [torch.Generator("cpu").manual_seed(seed + self.noise_seed_delta) for seed in self.seeds]
 
     def after_step(self, pipe, call: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents a pass goes on with after its model call `call`: inpainting's kept part put back."""
@@ -663,7 +679,7 @@ class Engine:
         width, height = model.size_for(request)
         # Noise comes from CPU generators, one per image, so a seed gives the same picture on any
         # device and image i of a batch equals a single run with its seed.
-        run = _Run([torch.Generator("cpu").manual_seed(seed) for seed in seeds], on_step, request.total_steps,
+        run = _Run(list(seeds), on_step, request.total_steps, request.eta_noise_seed_delta,
                    subseeds if request.subseed_strength > 0 else None, request.subseed_strength,
                    request.seed_resize)
         run.control = self._control_unit(request, control)  # out of inference mode: its weights may be read now
@@ -773,9 +789,10 @@ class Engine:
         sampler = sampler or (request.sampler_name, request.scheduler)
         merging = request.token_merging_ratio if merging is None else merging
         pipe.scheduler = make_scheduler(self._base_scheduler_config, *sampler)
+        use_step_options(pipe.scheduler, sampler[0], StepOptions.of(request))
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE draws its Brownian noise from its own seeds (else from torch's global RNG).
-            pipe.scheduler.noise_sampler_seed = [generator.initial_seed() for generator in run.generators]
+            pipe.scheduler.noise_sampler_seed = list(run.seeds)  # the seeds, not ENSD's (as A1111)
         done_before = run.done
         phase = 0  # the prompt phase the next model call reads
         refiner_call = self._refiner_call(request, steps, schedule, sampler)
@@ -877,7 +894,7 @@ class Engine:
         start = {"image": latents.contiguous(), "strength": pipeline_strength(request.hires_steps, schedule)}
         # As A1111, the second pass's noise is drawn afresh from each image's seed (and variation seed), and an
         # ancestral sampler's noise goes on from there, not from where the first pass left the streams.
-        run.generators = [torch.Generator("cpu").manual_seed(generator.initial_seed()) for generator in run.generators]
+        run.fresh_generators()
         pipe = self._img2img_pipeline(self._start_noise(run, (final[1], final[0])), request.img2img_extra_noise)
         run.hypernetworks = run.hires_hypernetworks
         return self._denoise(pipe, request, run, _hires_phases(request), request.hires_steps, schedule, start,
@@ -891,8 +908,10 @@ class Engine:
         shape, from_shape = (channels, *size), None
         if run.seed_resize:
             from_shape = (channels, run.seed_resize[1] // factor, run.seed_resize[0] // factor)
-        return start_noise(run.generators, shape, self.pipe.unet.dtype, run.subseeds, run.variation_strength,
-                           from_shape if from_shape != shape else None)
+        noise = start_noise(run.generators, shape, self.pipe.unet.dtype, run.subseeds, run.variation_strength,
+                            from_shape if from_shape != shape else None)
+        run.after_start_noise()
+        return noise
 
     def _encode_phases(self, phases: list[PromptPhase], count: int, clip_skip: int,
                        between_encodes: Callable[[], None] | None = None,

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from webui.controlnet import controlnet_fields
+from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS
 from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, SAME_CHECKPOINT, a1111_seed_resize
 
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -65,6 +66,13 @@ _REQUEST_FIELDS = {
     "NGMS all steps": ("s_min_uncond_all", lambda value: value.strip().lower() == "true"),
     "Noise multiplier": ("initial_noise_multiplier", float),
     "Extra noise": ("img2img_extra_noise", float),
+    "Eta DDIM": ("eta_ddim", float),
+    "Eta": ("eta_ancestral", float),
+    "Sigma churn": ("s_churn", float),
+    "Sigma tmin": ("s_tmin", float),
+    "Sigma tmax": ("s_tmax", float),
+    "Sigma noise": ("s_noise", float),
+    "ENSD": ("eta_noise_seed_delta", int),
     "Token merging ratio": ("token_merging_ratio", float),
     "Token merging ratio hr": ("token_merging_ratio_hr", float),
 }
@@ -162,6 +170,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["s_min_uncond_all"] = False
         fields["initial_noise_multiplier"] = 1.0
         fields["img2img_extra_noise"] = 0.0
+        fields |= STEP_DEFAULTS | {"eta_noise_seed_delta": 0}
         fields["refiner_checkpoint"] = ""  # A1111 leaves the key out without a refiner: none was used
         fields["seed_resize_from_w"] = fields["seed_resize_from_h"] = 0
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation

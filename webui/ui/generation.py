@@ -26,12 +26,13 @@ from webui.engine.hypernetworks import HYPERNET_TAG
 from webui.engine.img2img import check_picture_size, size_from_image
 from webui.engine.samplers import SCHEDULE_TYPES, sampler_names
 from webui.engine.uncond_skip import MAX_NGMS
+from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS, LIMITS as STEP_LIMITS
 from webui.engine.models import ModelNotFound
 from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.outputs import NamedCopy
 from webui.storage.styles import Style
-from webui.schemas import (MAX_CLIP_SKIP, MAX_MERGING_RATIO, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, RESIZE_MODES,
-                           SAME_CHECKPOINT, GenerationRequest, InvalidRequest)
+from webui.schemas import (MAX_CLIP_SKIP, MAX_MERGING_RATIO, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MIN_SIZE,
+                           RESIZE_MODES, SAME_CHECKPOINT, GenerationRequest, InvalidRequest)
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.cards import CardPictures, card_gallery, picked_name
@@ -128,7 +129,9 @@ class GenerationActions(SeveralRuns):
                  controlnet_pixel_perfect: bool = False, s_min_uncond: float = 0.0, s_min_uncond_all: bool = False,
                  skip_early_cond: float = 0.0, initial_noise_multiplier: float = 1.0,
                  img2img_extra_noise: float = 0.0, token_merging_ratio: float = 0.0,
-                 token_merging_ratio_hr: float = 0.0) -> Iterator[tuple]:
+                 token_merging_ratio_hr: float = 0.0, eta_ddim: float = 0.0, eta_ancestral: float = 1.0,
+                 s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = 0.0, s_noise: float = 1.0,
+                 eta_noise_seed_delta: int = 0) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -154,6 +157,11 @@ class GenerationActions(SeveralRuns):
             "s_min_uncond_all": bool(s_min_uncond_all), "skip_early_cond": skip_early_cond or 0.0,
             "img2img_extra_noise": img2img_extra_noise or 0.0,
             "token_merging_ratio": token_merging_ratio or 0.0,
+            # a number box emptied by the user reads as None: its default
+            **{name: STEP_DEFAULTS[name] if value is None else value for name, value in (
+                ("eta_ddim", eta_ddim), ("eta_ancestral", eta_ancestral), ("s_churn", s_churn), ("s_tmin", s_tmin),
+                ("s_tmax", s_tmax), ("s_noise", s_noise))},
+            "eta_noise_seed_delta": eta_noise_seed_delta or 0,
         }
         if refiner and refiner_checkpoint not in (None, "", NO_REFINER):  # as A1111: ticked with none picked is off
             request |= {"refiner_checkpoint": refiner_checkpoint, "refiner_switch_at": refiner_switch_at}
@@ -751,6 +759,31 @@ def sampler_parameters_section(kind: str) -> dict[str, Any]:
                 0, 1.5, value=1, step=0.01, label="Noise multiplier for img2img",
                 info="the noise the picture is noised with, times this (1: as is)",
                 elem_id="img2img_initial_noise_multiplier")
+        widgets |= step_options_widgets(kind)
+    return widgets
+
+
+def step_options_widgets(kind: str) -> dict[str, Any]:
+    """A1111's eta and sigma options, and its Eta noise seed delta (webui/engine/step_options.py)."""
+    def slider(name: str, label: str, step: float, info: str) -> gr.Slider:
+        return gr.Slider(0, STEP_LIMITS[name], value=STEP_DEFAULTS[name], step=step, label=label, info=info,
+                         elem_id=f"{kind}_{name}")
+
+    widgets = {}
+    with gr.Row():
+        widgets["eta_ddim"] = slider("eta_ddim", "Eta for DDIM", 0.01, "DDIM: fresh noise in each step (0: none)")
+        widgets["eta_ancestral"] = slider("eta_ancestral", "Eta for ancestral samplers", 0.01,
+                                          "Euler a: how much of each step is fresh noise (0: a plain Euler)")
+    with gr.Row():
+        widgets["s_churn"] = slider("s_churn", "Sigma churn", 0.01, "Euler: noise added before each step (0: none)")
+        widgets["s_noise"] = slider("s_noise", "Sigma noise", 0.001, "Euler, Euler a: their added noise times this")
+    with gr.Row():
+        widgets["s_tmin"] = slider("s_tmin", "Sigma tmin", 0.01, "Euler: the churn from this noise level")
+        widgets["s_tmax"] = slider("s_tmax", "Sigma tmax", 0.01, "Euler: the churn up to this noise level (0: all)")
+    widgets["eta_noise_seed_delta"] = gr.Number(
+        0, precision=0, minimum=0, maximum=MAX_SEED, label="Eta noise seed delta",
+        info="the noise a sampler draws as it steps comes from seed + this (ENSD; 31337 reproduces many shared "
+             "pictures; 0: off)", elem_id=f"{kind}_eta_noise_seed_delta")
     return widgets
 
 def refiner_section(kind: str, model_names: list[str]) -> dict[str, gr.components.Component]:

@@ -1,0 +1,139 @@
+"""A1111's sampler parameters that change how a sampler steps: eta and the sigma churn family.
+
+- Eta for DDIM (`eta_ddim`, 0 by default): how much fresh noise each DDIM step adds (0: deterministic DDIM).
+- Eta for ancestral samplers (`eta_ancestral`, 1 by default): how much of an ancestral step is noise; 0 makes
+  Euler a a plain Euler.
+- Sigma churn, tmin, tmax and noise (`s_churn`, `s_tmin`, `s_tmax`, `s_noise`): Karras et al.'s stochastic
+  sampling, which raises the noise level a little before each step whose sigma lies in [tmin, tmax] (tmax 0: no
+  upper limit) and adds noise to match; sigma noise scales that noise, and an ancestral step's.
+
+Only the samplers whose diffusers scheduler can do it follow them (FOLLOWS); A1111 has Heun and DPM2 take the churn
+too, and DPM2 a and the SDE samplers eta and sigma noise, which their diffusers schedulers cannot. Where a sampler
+does not follow one, it is left out of the infotext, as A1111 leaves out those its samplers do not take.
+
+Euler's churn is diffusers' (EulerDiscreteScheduler): it adds the churn noise after the model call of the step, where
+A1111's k-diffusion adds it before, so a churned picture is like A1111's, not the same.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+# A1111's defaults: a parameter at its default changes nothing and is not written into the infotext.
+DEFAULTS = {"eta_ddim": 0.0, "eta_ancestral": 1.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
+INFOTEXT_KEYS = {"eta_ddim": "Eta DDIM", "eta_ancestral": "Eta", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin",
+                 "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
+# A1111's slider ranges
+LIMITS = {"eta_ddim": 1.0, "eta_ancestral": 1.0, "s_churn": 100.0, "s_tmin": 10.0, "s_tmax": 999.0, "s_noise": 1.1}
+FOLLOWS = {"DDIM": ("eta_ddim",), "Euler a": ("eta_ancestral", "s_noise"),
+           "Euler": ("s_churn", "s_tmin", "s_tmax", "s_noise")}
+# The samplers that draw fresh noise from the images' generators as they step, when they do: their pictures are the
+# ones A1111's Eta noise seed delta changes.
+_DRAWS_NOISE = {"Euler a": lambda options: options.eta_ancestral > 0, "DDIM": lambda options: options.eta_ddim > 0,
+                "Euler": lambda options: options.s_churn > 0, "DPM2 a": lambda options: True,
+                "DPM++ 2M SDE": lambda options: True, "LCM": lambda options: True}
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    eta_ddim: float = 0.0
+    eta_ancestral: float = 1.0
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 0.0  # 0: no upper limit
+    s_noise: float = 1.0
+
+    @classmethod
+    def of(cls, request) -> "StepOptions":
+        """The options a request (any object with these attributes) asks for."""
+        return cls(**{field.name: getattr(request, field.name) for field in fields(cls)})
+
+    def followed(self, sampler_name: str) -> dict[str, float]:
+        """Those the sampler follows that are not at their defaults, by name (what the infotext records)."""
+        return {name: getattr(self, name) for name in FOLLOWS.get(sampler_name, ())
+                if getattr(self, name) != DEFAULTS[name]}
+
+
+def draws_noise(sampler_name: str, options: "StepOptions") -> bool:
+    """Whether the sampler, with these options, draws noise after the start noise (so ENSD changes its picture)."""
+    return sampler_name in _DRAWS_NOISE and _DRAWS_NOISE[sampler_name](options)
+
+
+def use_step_options(scheduler, sampler_name: str, options: StepOptions) -> None:
+    """Make a freshly built scheduler step with the options its sampler follows (nothing when all are defaults)."""
+    changed = options.followed(sampler_name)
+    if not changed:
+        return
+    if sampler_name == "Euler a":
+        scheduler.step = _ancestral_step(scheduler, options.eta_ancestral, options.s_noise)
+    elif sampler_name == "DDIM":
+        _step_with(scheduler, eta=options.eta_ddim)  # the pipeline passes eta=0 itself: this one wins
+    elif sampler_name == "Euler":
+        _step_with(scheduler, s_churn=options.s_churn, s_tmin=options.s_tmin,
+                   s_tmax=options.s_tmax or math.inf, s_noise=options.s_noise)
+
+
+def _step_with(scheduler, **options) -> None:
+    step = scheduler.step
+
+    @functools.wraps(step)  # the pipeline reads the step's signature to know it takes a generator
+    def step_with_options(*args, **kwargs):
+        return step(*args, **(kwargs | options))
+
+    scheduler.step = step_with_options
+
+
+def _ancestral_step(scheduler, eta: float, s_noise: float):
+    """Euler a's step with k-diffusion's eta and sigma noise: the step goes down to sigma_down deterministically, then
+    sigma_up of fresh noise (times s_noise) brings it back to the next sigma; eta scales sigma_up (eta 1 is diffusers'
+    own step). diffusers' step is run for the prediction of the clean picture (whatever the model predicts) and to
+    move the scheduler on; the generators are set back after it, so the noise drawn here is the draw that step made."""
+    step = scheduler.step
+
+    def step_with_eta(model_output, timestep, sample, generator=None, return_dict=True, **kwargs):
+        saved = _states(generator)
+        denoised = step(model_output, timestep, sample, generator=generator, return_dict=True).pred_original_sample
+        _restore(generator, saved)
+        index = scheduler.step_index - 1  # the step just taken
+        sigma, sigma_to = float(scheduler.sigmas[index]), float(scheduler.sigmas[index + 1])
+        sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2) ** 0.5)
+        sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+        sample = sample.to(torch.float32)
+        derivative = (sample - denoised) / sigma
+        noise = _draw(model_output, generator)
+        following = (sample + derivative * (sigma_down - sigma) + noise * sigma_up * s_noise).to(model_output.dtype)
+        if not return_dict:
+            return following, denoised
+        return _output(following, denoised)
+
+    return step_with_eta
+
+
+def _output(prev_sample: torch.Tensor, pred_original_sample: torch.Tensor):
+    from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
+
+    return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+
+def _draw(like: torch.Tensor, generator) -> torch.Tensor:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+
+
+def _generators(generator) -> list[torch.Generator]:
+    if generator is None:
+        return []
+    return list(generator) if isinstance(generator, (list, tuple)) else [generator]
+
+
+def _states(generator) -> list[torch.Tensor]:
+    return [one.get_state() for one in _generators(generator)]
+
+
+def _restore(generator, states: list[torch.Tensor]) -> None:
+    for one, state in zip(_generators(generator), states):
+        one.set_state(state)
