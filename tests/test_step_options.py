@@ -32,9 +32,9 @@ def denoise(scheduler, steps: int = 5, seeds=(1, 2), step_kwargs: dict | None = 
 
 def test_euler_a_at_eta_1_is_diffusers_own_step_and_draws_the_same_noise():
     own, own_generators = denoise(EulerAncestralDiscreteScheduler(**SD_SCHEDULE))
-    # s_noise 1 and eta 1 are the defaults, which install nothing: ask for a sigma noise a hair off to run ours
+    # eta 1 is the default, which installs nothing: ask for an eta a hair off to run ours
     ours, our_generators = denoise(EulerAncestralDiscreteScheduler(**SD_SCHEDULE), sampler="Euler a",
-                                   s_noise=1.0 - 1e-9)
+                                   eta_ancestral=1.0 - 1e-9)
     torch.testing.assert_close(ours, own, atol=1e-5, rtol=0)
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(own_generators, our_generators))
 
@@ -45,11 +45,11 @@ def test_euler_a_at_eta_0_is_a_plain_euler():
     torch.testing.assert_close(eta_0, plain, atol=1e-5, rtol=0)
 
 
-def test_an_ancestral_step_with_eta_and_sigma_noise_follows_k_diffusion():
-    """One step worked out here by k-diffusion's formulas: down to sigma_down, then sigma_up * s_noise of noise."""
-    eta, s_noise = 0.5, 0.8
+def test_an_ancestral_step_with_eta_follows_k_diffusion():
+    """One step worked out here by k-diffusion's formulas: down to sigma_down, then sigma_up of noise."""
+    eta = 0.5
     scheduler = EulerAncestralDiscreteScheduler(**SD_SCHEDULE)
-    use_step_options(scheduler, "Euler a", StepOptions(eta_ancestral=eta, s_noise=s_noise))
+    use_step_options(scheduler, "Euler a", StepOptions(eta_ancestral=eta))
     scheduler.set_timesteps(4)
     sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)) * scheduler.init_noise_sigma
     timestep = scheduler.timesteps[0]
@@ -61,7 +61,7 @@ def test_an_ancestral_step_with_eta_and_sigma_noise_follows_k_diffusion():
     sigma_up = eta * (sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2) ** 0.5
     sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
-    expected = sample + epsilon * (sigma_down - sigma) + noise * sigma_up * s_noise  # epsilon is the slope
+    expected = sample + epsilon * (sigma_down - sigma) + noise * sigma_up  # epsilon is the slope
     torch.testing.assert_close(stepped, expected, atol=1e-4, rtol=1e-5)
 
 
@@ -76,7 +76,7 @@ def test_ddim_takes_its_eta_over_the_pipelines():
 
 def test_only_the_samplers_that_follow_an_option_get_it():
     options = StepOptions(eta_ddim=0.3, eta_ancestral=0.5, s_churn=2.0, s_noise=0.9)
-    assert options.followed("Euler a") == {"eta_ancestral": 0.5, "s_noise": 0.9}
+    assert options.followed("Euler a") == {"eta_ancestral": 0.5}  # A1111's Euler a takes no sigma noise
     assert options.followed("DDIM") == {"eta_ddim": 0.3}
     assert options.followed("Euler") == {"s_churn": 2.0, "s_noise": 0.9}
     assert options.followed("DPM++ 2M") == {}

@@ -88,7 +88,7 @@ class GenerationBody(BaseModel):
     s_churn: float | None = Field(None, description="Euler: sigma churn, 0 to 100 (0: none)")
     s_tmax: float | None = Field(None, description="Euler: the churn up to this sigma, 0 to 999 (0: no limit)")
     s_tmin: float | None = Field(None, description="Euler: the churn from this sigma, 0 to 10")
-    s_noise: float | None = Field(None, description="Euler and Euler a: their added noise times this, 0 to 1.1")
+    s_noise: float | None = Field(None, description="Euler: its churn noise times this, 0 to 1.1")
 
     # --- accepted and ignored (A1111 internals) -----------------------------------------------
     do_not_save_samples: bool | None = False

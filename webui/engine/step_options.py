@@ -5,10 +5,10 @@
   Euler a a plain Euler.
 - Sigma churn, tmin, tmax and noise (`s_churn`, `s_tmin`, `s_tmax`, `s_noise`): Karras et al.'s stochastic
   sampling, which raises the noise level a little before each step whose sigma lies in [tmin, tmax] (tmax 0: no
-  upper limit) and adds noise to match; sigma noise scales that noise, and an ancestral step's.
+  upper limit) and adds noise to match; sigma noise scales that noise.
 
 Only the samplers whose diffusers scheduler can do it follow them (FOLLOWS); A1111 has Heun and DPM2 take the churn
-too, and DPM2 a and the SDE samplers eta and sigma noise, which their diffusers schedulers cannot. Where a sampler
+too, and DPM2 a, DPM++ 2S a and the SDE samplers eta, which their diffusers schedulers cannot. Where a sampler
 does not follow one, it is left out of the infotext, as A1111 leaves out those its samplers do not take.
 
 Euler's churn is diffusers' (EulerDiscreteScheduler): it adds the churn noise after the model call of the step, where
@@ -28,7 +28,7 @@ INFOTEXT_KEYS = {"eta_ddim": "Eta DDIM", "eta_ancestral": "Eta", "s_churn": "Sig
                  "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
 # A1111's slider ranges
 LIMITS = {"eta_ddim": 1.0, "eta_ancestral": 1.0, "s_churn": 100.0, "s_tmin": 10.0, "s_tmax": 999.0, "s_noise": 1.1}
-FOLLOWS = {"DDIM": ("eta_ddim",), "Euler a": ("eta_ancestral", "s_noise"),
+FOLLOWS = {"DDIM": ("eta_ddim",), "Euler a": ("eta_ancestral",),
            "Euler": ("s_churn", "s_tmin", "s_tmax", "s_noise")}
 # The samplers that draw fresh noise from the images' generators as they step, when they do: their pictures are the
 # ones A1111's Eta noise seed delta changes.
@@ -68,7 +68,7 @@ def use_step_options(scheduler, sampler_name: str, options: StepOptions) -> None
     if not changed:
         return
     if sampler_name == "Euler a":
-        scheduler.step = _ancestral_step(scheduler, options.eta_ancestral, options.s_noise)
+        scheduler.step = _ancestral_step(scheduler, options.eta_ancestral)
     elif sampler_name == "DDIM":
         _step_with(scheduler, eta=options.eta_ddim)  # the pipeline passes eta=0 itself: this one wins
     elif sampler_name == "Euler":
@@ -86,10 +86,9 @@ def _step_with(scheduler, **options) -> None:
     scheduler.step = step_with_options
 
 
-def _ancestral_step(scheduler, eta: float, s_noise: float):
-    """Euler a's step with k-diffusion's eta and sigma noise: the step goes down to sigma_down deterministically, then
-    sigma_up of fresh noise (times s_noise) brings it back to the next sigma; eta scales sigma_up (eta 1 is diffusers'
-    own step). diffusers' step is run for the prediction of the clean picture (whatever the model predicts) and to
+def _ancestral_step(scheduler, eta: float):
+    """Euler a's step with k-diffusion's eta: the step goes down to sigma_down deterministically, then sigma_up of fresh
+    noise brings it back to the next sigma; eta scales sigma_up (eta 1 is diffusers' own step). diffusers' step is run for the prediction of the clean picture (whatever the model predicts) and to
     move the scheduler on; the generators are set back after it, so the noise drawn here is the draw that step made."""
     step = scheduler.step
 
@@ -104,7 +103,7 @@ def _ancestral_step(scheduler, eta: float, s_noise: float):
         sample = sample.to(torch.float32)
         derivative = (sample - denoised) / sigma
         noise = _draw(model_output, generator)
-        following = (sample + derivative * (sigma_down - sigma) + noise * sigma_up * s_noise).to(model_output.dtype)
+        following = (sample + derivative * (sigma_down - sigma) + noise * sigma_up).to(model_output.dtype)
         if not return_dict:
             return following, denoised
         return _output(following, denoised)
