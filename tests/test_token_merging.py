@@ -353,6 +353,26 @@ def test_the_api_takes_a1111s_override_settings(client):
         "detail"]
 
 
+def test_post_options_sets_the_ratios_of_api_requests_that_give_none(services):
+    from webui.api import create_api_app
+
+    with TestClient(create_api_app(services)) as client:  # its own: the options stay with this app
+        refused = client.post("/sdapi/v1/options", json={"token_merging_ratio_img2img": 1.5})
+        set_ = client.post("/sdapi/v1/options", json={"token_merging_ratio": 0.5, "token_merging_ratio_hr": 0.6})
+        options = client.get("/sdapi/v1/options").json()
+        by_option = info_of(client.post("/sdapi/v1/txt2img", json=API | HIRES))
+        own = info_of(client.post("/sdapi/v1/txt2img", json=API | {"override_settings": API["override_settings"] | {
+            "token_merging_ratio": 0.2}}))
+        pasted = info_of(client.post("/sdapi/v1/txt2img", json=API | {"infotext": "a\nSteps: 2, Sampler: Euler, Seed: "
+                                                                                  "5, Size: 64x64"}))
+    assert refused.status_code == 422 and "token_merging_ratio_img2img: must be from 0 (off) to 0.9" in refused.text
+    assert set_.status_code == 200 and (options["token_merging_ratio"], options["token_merging_ratio_hr"],
+                                        options["token_merging_ratio_img2img"]) == (0.5, 0.6, 0.0)
+    assert "Token merging ratio: 0.5" in by_option and "Token merging ratio hr: 0.6" in by_option
+    assert "Token merging ratio: 0.2" in own
+    assert "Token merging ratio: 0.5" in pasted  # an infotext without the key leaves the option standing, as A1111
+
+
 def test_the_xyz_plot_has_a1111s_two_axes(client):
     from webui.api.scripts import a1111_axes
     from webui.xyz_plot import plan, read_axis

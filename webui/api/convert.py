@@ -75,8 +75,11 @@ _OPTION_FIELDS = ("s_min_uncond", "s_min_uncond_all", "skip_early_cond", "img2im
 # Options a body field of another name gives: A1111's `eta` is whichever eta the run's sampler reads.
 _BODY_FIELDS = {"eta_ddim": "eta", "eta_ancestral": "eta"}
 _IMG2IMG_OPTION_FIELDS = _OPTION_FIELDS + ("initial_noise_multiplier",)
-# The ones POST /sdapi/v1/options sets for the API requests that give none (A1111's options)
-SAMPLER_OPTIONS = _IMG2IMG_OPTION_FIELDS
+# The options POST /sdapi/v1/options sets for the API requests that give none (A1111's), each -> the request field it is
+# checked as (img2img's token merging ratio is checked as the ratio is)
+API_OPTIONS = {name: name for name in _IMG2IMG_OPTION_FIELDS} | {
+    "token_merging_ratio": "token_merging_ratio", "token_merging_ratio_hr": "token_merging_ratio_hr",
+    "token_merging_ratio_img2img": "token_merging_ratio"}
 # stable-diffusion-webui's schedule types (1.10). It never rejects one: those we lack run as Automatic.
 A1111_SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",
                         "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
@@ -91,7 +94,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     """A1111 txt2img or img2img body -> GenerationRequest fields and notes on what runs other than asked (a
     schedule type run as Automatic), or ApiError naming each field to fix. default_clip_skip, default_model and
     default_vae are for a request that gives none of its own (POST /options sets them, and default_options: A1111's
-    sampler options, SAMPLER_OPTIONS); an infotext's VAE that
+    sampler and token merging options, API_OPTIONS); an infotext's VAE that
     vae_exists says is not here is left out with a note, as A1111 runs on without it. An img2img body's picture is
     not among the fields: init_image_of decodes it."""
     img2img = isinstance(req, Img2ImgRequest)
@@ -162,7 +165,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         correction = overrides.get("img2img_color_correction")
         data["color_correction"] = False if correction is None else correction
     data |= option_fields(req, _IMG2IMG_OPTION_FIELDS if img2img else _OPTION_FIELDS, default_options)
-    data |= token_merging_fields(req, pasted)
+    data |= token_merging_fields(req, pasted, default_options)
     script, refused = script_fields(req)
     data |= script
     problems.extend(refused)
@@ -183,16 +186,26 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     return data, [note, *notes] if note else notes
 
 
-def token_merging_fields(req: GenerationBody, pasted: dict[str, Any]) -> dict[str, Any]:
+def token_merging_fields(req: GenerationBody, pasted: dict[str, Any], defaults: dict[str, Any] | None = None
+                         ) -> dict[str, Any]:
     """A1111's token merging options as request fields: override_settings' (else a pasted infotext's, as A1111 takes
-    those as overrides too). img2img runs at token_merging_ratio_img2img where token_merging_ratio is 0, as A1111;
-    the hires fix's pass at token_merging_ratio_hr, where it is not 0."""
-    overrides = req.override_settings or {}
-    ratio = overrides.get("token_merging_ratio", pasted.get("token_merging_ratio"))
+    those as overrides too, else `defaults`: the options POST /options set). img2img runs at
+    token_merging_ratio_img2img where token_merging_ratio is 0, as A1111; the hires fix's pass at
+    token_merging_ratio_hr, where it is not 0."""
+    keys = parse_infotext(req.infotext)[2] if req.infotext else {}
+
+    def option(name: str, infotext_key: str | None = None) -> float:
+        for value in ((req.override_settings or {}).get(name), pasted.get(name) if infotext_key in keys else None,
+                      (defaults or {}).get(name)):
+            if value is not None:
+                return value
+        return 0.0
+
+    ratio = option("token_merging_ratio", "Token merging ratio")
     if isinstance(req, Img2ImgRequest):
-        return {"token_merging_ratio": ratio or overrides.get("token_merging_ratio_img2img") or 0.0}
-    ratio_hr = overrides.get("token_merging_ratio_hr", pasted.get("token_merging_ratio_hr"))
-    return {"token_merging_ratio": ratio or 0.0, "token_merging_ratio_hr": ratio_hr or 0.0}
+        return {"token_merging_ratio": ratio or option("token_merging_ratio_img2img")}
+    return {"token_merging_ratio": ratio, "token_merging_ratio_hr": option("token_merging_ratio_hr",
+                                                                           "Token merging ratio hr")}
 
 
 def kind_of(req: GenerationBody) -> str:
@@ -346,12 +359,17 @@ def option_fields(req: GenerationBody, names: tuple[str, ...], defaults: dict[st
     return given
 
 
-def sampler_option_values(body: dict[str, Any]) -> dict[str, Any]:
-    """The SAMPLER_OPTIONS a POST /options body sets, checked as a request checks them (InvalidRequest naming each
-    key to fix)."""
-    given = {name: body[name] for name in SAMPLER_OPTIONS if name in body}
-    checked = parse_request({"prompt": ""} | given)
-    return {name: getattr(checked, name) for name in given}
+def api_option_values(body: dict[str, Any]) -> dict[str, Any]:
+    """The API_OPTIONS a POST /options body sets, checked as a request checks them (InvalidRequest naming the key to
+    fix)."""
+    values = {}
+    for name, field in API_OPTIONS.items():
+        if name in body:
+            try:
+                values[name] = getattr(parse_request({"prompt": "", field: body[name]}), field)
+            except InvalidRequest as err:
+                raise InvalidRequest(str(err).replace(field, name, 1)) from None
+    return values
 
 
 def _option_field_name(req: GenerationBody, name: str) -> str:

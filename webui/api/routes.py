@@ -107,8 +107,9 @@ class Api:
         # memory only: A1111 writes its options to a file, but a restart here starts from 1 again.
         self.clip_skip = 1
         self.sd_vae = AUTOMATIC  # A1111's sd_vae option: the VAE of API requests that give none; in memory too
-        # A1111's sampler options (eta, ENSD, NGMS, ...) POST /options set, for API requests that give none; likewise
-        self.sampler_options: dict[str, Any] = {}
+        # A1111's sampler and token merging options (eta, ENSD, NGMS, ...) POST /options set, for API requests that
+        # give none; likewise
+        self.api_options: dict[str, Any] = {}
         self._extras_turn = anyio.CapacityLimiter(1)  # Extras requests, one at a time
         # The model of API requests that name none: the last sd_model_checkpoint set (None: the loaded one).
         # A browser tab's Generate runs its own pick, so it must not undo an API client's choice either.
@@ -190,7 +191,7 @@ class Api:
                                                             default_clip_skip=default_clip_skip,
                                                             default_model=default_model, default_vae=self.sd_vae,
                                                             vae_exists=self._vae_exists,
-                                                            default_options=self.sampler_options)
+                                                            default_options=self.api_options)
         controlnet_fields, controlnet_notes = controlnet.controlnet_fields(req)  # alwayson_scripts.controlnet
         names = convert.client_field_names(req) | controlnet.field_names(req)
         return data | controlnet_fields, notes + clip_skip_notes + request_notes + controlnet_notes, names
@@ -495,8 +496,8 @@ class Api:
             "sd_checkpoint_hash": self.registry.sha256(entry, cached_only=True) if entry else None,
             "CLIP_stop_at_last_layers": self.clip_skip,
             "sd_vae": self.sd_vae,
-            **{name: self.sampler_options.get(name, GenerationRequest.model_fields[name].default)
-               for name in convert.SAMPLER_OPTIONS},
+            **{name: self.api_options.get(name, GenerationRequest.model_fields[field].default)
+               for name, field in convert.API_OPTIONS.items()},
             **self.services.options.current().model_dump(),  # the Settings tab's: samples_format, ...
             "return_grid": True,
             "live_previews_enable": preview_every > 0,
@@ -510,7 +511,8 @@ class Api:
         `sd_vae` (Automatic, None or a file of GET /sdapi/v1/sd-vae) is the VAE of later API requests that give
         none of their own; A1111's sampler options (eta_ddim, eta_ancestral, s_churn, s_tmin, s_tmax, s_noise,
         eta_noise_seed_delta, s_min_uncond, s_min_uncond_all, skip_early_cond, img2img_extra_noise,
-        initial_noise_multiplier) are those of later API requests that give none; `samples_format`, `grid_format`
+        initial_noise_multiplier) and token merging options (token_merging_ratio, token_merging_ratio_hr,
+        token_merging_ratio_img2img) are those of later API requests that give none; `samples_format`, `grid_format`
         (png, jpg or webp) and `jpeg_quality` are the Settings tab's, for everyone."""
         clip_skip = None
         if "sd_vae" in body:  # checked first too
@@ -521,7 +523,7 @@ class Api:
         if "CLIP_stop_at_last_layers" in body:  # its range is checked first: a value out of it changes nothing
             clip_skip = convert.clip_skip_option(body["CLIP_stop_at_last_layers"])
         try:
-            sampler_options = convert.sampler_option_values(body)  # likewise
+            api_options = convert.api_option_values(body)  # likewise
         except InvalidRequest as err:
             raise ApiError(422, str(err), "InvalidRequest") from None
         saved = {key: body[key] for key in OPTION_KEYS if key in body}
@@ -548,7 +550,7 @@ class Api:
             self.clip_skip = clip_skip
         if "sd_vae" in body:
             self.sd_vae = convert.vae_choice(body["sd_vae"], "sd_vae")
-        self.sampler_options |= sampler_options
+        self.api_options |= api_options
         if saved:
             try:
                 self.services.options.update(saved)
@@ -556,7 +558,7 @@ class Api:
                 raise ApiError(500, f"{', '.join(saved)} not saved, and unchanged: {err}",
                                "SettingsNotSaved") from None
         applied = [key for key, value in body.items()
-                   if key in ("CLIP_stop_at_last_layers", "sd_vae", *OPTION_KEYS, *sampler_options)
+                   if key in ("CLIP_stop_at_last_layers", "sd_vae", *OPTION_KEYS, *api_options)
                    or (key == "sd_model_checkpoint" and value)]
         ignored = [key for key in body if key not in applied]
         return OptionsUpdateResponse(applied=applied, ignored=ignored)
