@@ -2,6 +2,8 @@
 through the engine, the infotext, the page and the API."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -236,3 +238,20 @@ def test_post_options_sets_them_for_api_requests_that_give_none(services):
     assert "ENSD" not in own.json()["info"] and "Eta: 0.25" in own.json()["info"]
     # as A1111: an infotext's keys override the options, and the options stand for the keys it lacks
     assert "Eta: 0.75" in pasted.json()["info"] and "ENSD: 31337" in pasted.json()["info"]
+
+
+def test_the_api_warns_when_the_sampler_here_cannot_follow_what_a1111s_would(services):
+    from fastapi.testclient import TestClient
+    from webui.api import create_api_app
+
+    body = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed": 3}
+    with TestClient(create_api_app(services)) as client:
+        sde = client.post("/sdapi/v1/txt2img", json=body | {"sampler_name": "DPM++ 2M SDE", "eta": 0.5})
+        heun = client.post("/sdapi/v1/txt2img", json=body | {"sampler_name": "Heun", "s_churn": 1})
+        followed = client.post("/sdapi/v1/txt2img", json=body | {"sampler_name": "Euler a", "eta": 0.5})
+        plain = client.post("/sdapi/v1/txt2img", json=body | {"sampler_name": "DPM++ 2M", "eta": 0.5})
+    infos = [json.loads(response.json()["info"]) for response in (sde, heun, followed, plain)]
+    assert any("eta: DPM++ 2M SDE here takes no eta_ancestral" in warning for warning in infos[0]["warnings"])
+    assert "Eta:" not in infos[0]["infotexts"][0]  # it ran without
+    assert any("s_churn: Heun here takes no s_churn" in warning for warning in infos[1]["warnings"])
+    assert not infos[2]["warnings"] and not infos[3]["warnings"]  # A1111's DPM++ 2M takes no eta either

@@ -26,8 +26,8 @@ from webui.extras import FILTERS_ONLY, MAX_PICTURES, MAX_REQUEST_PIXELS, Upscale
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
 from webui.engine.vae import AUTOMATIC
 from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
-from webui.engine.step_options import INFOTEXT_KEYS as STEP_INFOTEXT_KEYS
-from webui.schemas import (GeneratedImage, InvalidRequest, a1111_seed_resize, parse_request,
+from webui.engine.step_options import INFOTEXT_KEYS as STEP_INFOTEXT_KEYS, StepOptions, unfollowed
+from webui.schemas import (GeneratedImage, GenerationRequest, InvalidRequest, a1111_seed_resize, parse_request,
                            vae_choice as read_vae_choice)
 from webui.storage.infotext import parse_infotext, request_fields_from_infotext
 from webui.storage.options import SavedOptions
@@ -183,7 +183,17 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         problems.extend(rename_fields(str(err), client_field_names(req)).split("; "))
     if problems:
         raise ApiError(422, "; ".join(dict.fromkeys(problems)), "InvalidRequest")
+    notes += step_option_notes(parse_request(data))
     return data, [note, *notes] if note else notes
+
+
+def step_option_notes(request: GenerationRequest) -> list[str]:
+    """What a client asked of A1111's eta and sigma options that the run's sampler here cannot follow (A1111's would)."""
+    options = StepOptions.of(request)
+    samplers = dict.fromkeys([request.sampler_name] + ([request.hires_sampler[0]] if request.enable_hr else []))
+    return [f"{_BODY_FIELDS.get(name, name)}: {sampler} here takes no {name} (diffusers' scheduler has none); it ran "
+            "without"
+            for sampler in samplers for name in unfollowed(sampler, options)]
 
 
 def token_merging_fields(req: GenerationBody, pasted: dict[str, Any], defaults: dict[str, Any] | None = None

@@ -30,6 +30,10 @@ INFOTEXT_KEYS = {"eta_ddim": "Eta DDIM", "eta_ancestral": "Eta", "s_churn": "Sig
 LIMITS = {"eta_ddim": 1.0, "eta_ancestral": 1.0, "s_churn": 100.0, "s_tmin": 10.0, "s_tmax": 999.0, "s_noise": 1.1}
 FOLLOWS = {"DDIM": ("eta_ddim",), "Euler a": ("eta_ancestral",),
            "Euler": ("s_churn", "s_tmin", "s_tmax", "s_noise")}
+# What A1111's samplers of the same names follow, where ours cannot (their diffusers schedulers have no such parameter)
+_A1111_ALSO = {"DPM2 a": ("eta_ancestral",), "DPM++ 2S a": ("eta_ancestral",), "DPM++ SDE": ("eta_ancestral",),
+               "DPM++ 2M SDE": ("eta_ancestral",), "Heun": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
+               "DPM2": ("s_churn", "s_tmin", "s_tmax", "s_noise")}
 # The samplers that draw fresh noise from the images' generators as they step, when they do: their pictures are the
 # ones A1111's Eta noise seed delta changes.
 _DRAWS_NOISE = {"Euler a": lambda options: options.eta_ancestral > 0, "DDIM": lambda options: options.eta_ddim > 0,
@@ -55,6 +59,11 @@ class StepOptions:
         """Those the sampler follows that are not at their defaults, by name (what the infotext records)."""
         return {name: getattr(self, name) for name in FOLLOWS.get(sampler_name, ())
                 if getattr(self, name) != DEFAULTS[name]}
+
+
+def unfollowed(sampler_name: str, options: "StepOptions") -> list[str]:
+    """The options set (off their defaults) that A1111's sampler of this name would follow and ours cannot."""
+    return [name for name in _A1111_ALSO.get(sampler_name, ()) if getattr(options, name) != DEFAULTS[name]]
 
 
 def draws_noise(sampler_name: str, options: "StepOptions") -> bool:
