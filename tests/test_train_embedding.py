@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import random
-import threading
 
 import gradio as gr
 import numpy as np
@@ -15,7 +14,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tests.helpers import finished_job, noise_picture, running_services, wait_for
+from tests.helpers import (
+    finished_job, interrupted_api_training, noise_picture, running_services, wait_for,
+)
 from webui.api import create_api_app
 from webui.engine.embeddings import read_embedding
 from webui.engine.training import RateSchedule, prompt_text
@@ -270,18 +271,9 @@ def test_the_api_creates_trains_reports_progress_and_interrupts(services, datase
         refused = client.post("/sdapi/v1/train/embedding", json=body | {"data_root": str(dataset / "none")})
         assert refused.status_code == 422 and refused.json()["detail"].startswith("data_root:")
 
-        answers = []
-        waiting = threading.Thread(target=lambda: answers.append(
-            client.post("/sdapi/v1/train/embedding", json=body | {"steps": 100000})))
-        waiting.start()
-        wait_for(lambda: services.worker.training is not None and services.worker.training.status is not None,
-                 what="the API's training")
-        progress = client.get("/sdapi/v1/progress").json()
+        progress, answer = interrupted_api_training(client, services, "/sdapi/v1/train/embedding", body)
         assert progress["state"]["job"] == "train-embedding" and progress["state"]["job_count"] == 100000
         assert progress["state"]["job_no"] >= 3 and "Loss: " in progress["textinfo"]
-        assert client.post("/sdapi/v1/interrupt").status_code == 200
-        waiting.join(60)
-        [answer] = answers
         assert answer.status_code == 200 and answer.json()["info"].endswith("error: None")
         assert 3 <= torch.load(path, weights_only=True)["step"] < 100000
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import gradio as gr
@@ -69,55 +70,52 @@ class TrainActions:
 
     def embedding_list(self, keep: str | None = None) -> dict:
         """The embeddings folder's .pt files, read again; the pick kept where it is still there."""
-        names = trainable_embeddings(self.services.settings.embeddings_folder)
-        return gr.update(choices=names, value=keep if keep in names else (names[0] if names else None))
+        return _choices(trainable_embeddings(self.services.settings.embeddings_folder), keep)
 
     def hypernetwork_list(self, keep: str | None = None) -> dict:
         """The hypernetworks folder's files, read again; the pick kept where it is still there."""
-        names = trainable_hypernetworks(self.services.settings.hypernetwork_folder)
-        return gr.update(choices=names, value=keep if keep in names else (names[0] if names else None))
+        return _choices(trainable_hypernetworks(self.services.settings.hypernetwork_folder), keep)
 
     def template_list(self, keep: str | None = None) -> dict:
-        names = template_names(self.services.settings.textual_inversion_templates_dir)
-        return gr.update(choices=names, value=keep if keep in names else (names[0] if names else None))
+        return _choices(template_names(self.services.settings.textual_inversion_templates_dir), keep)
 
     def create(self, name: str, init_text: str, vectors: float, overwrite: bool) -> tuple[str, dict]:
-        """Make the embedding (on the worker: it reads the model's token table); a line saying where it went, or what
-        to change, and the Train list with it picked."""
-        if self.create_locked_because:
-            return error_html(f"Not created: {self.create_locked_because}"), gr.skip()
-        try:
+        """Make the embedding (on the worker: it reads the model's token table)."""
+        def make() -> Path:
             new = NewEmbedding(name=name or "", init_text=init_text or "", num_vectors_per_token=int(vectors or 0),
                                overwrite_old=bool(overwrite))
-            path = queue_new_embedding(self.services.worker, new, self.services.settings.embeddings_folder).result()
-        except (InvalidRequest, WorkerStopped, ModelLoadError) as err:
-            return error_html(f"Not created: {_labelled(str(err))}"), gr.skip()
-        except OSError as err:
-            return error_html(f"Not created: the file could not be written ({err}); check that the embeddings folder "
-                              "is writable"), gr.skip()
-        return notice_html(f"Created {path.name} in {path.parent}: prompts can use {path.stem} now, and Train "
-                           "trains it."), self.embedding_list(path.stem)
+            return queue_new_embedding(self.services.worker, new, self.services.settings.embeddings_folder).result()
+
+        return self._create(make, "embeddings", lambda path: path.stem, self.embedding_list)
 
     def create_hypernetwork(self, name: str, sizes: list[str], layer_structure: str, activation: str,
                             weight_init: str, layer_norm: bool, use_dropout: bool, dropout_structure: str,
                             overwrite: bool) -> tuple[str, dict]:
-        """Make the hypernetwork's file; a line saying where it went, or what to change, and the Train list with it
-        picked."""
-        if self.create_locked_because:
-            return error_html(f"Not created: {self.create_locked_because}"), gr.skip()
-        try:
+        """Make the hypernetwork's file (at once: it needs no model)."""
+        def make() -> Path:
             new = NewHypernetwork(name=name or "", enable_sizes=list(sizes or []), layer_structure=layer_structure or "",
                                   activation_func=activation, weight_init=weight_init,
                                   add_layer_norm=bool(layer_norm), use_dropout=bool(use_dropout),
                                   dropout_structure=dropout_structure or "", overwrite_old=bool(overwrite))
-            path = create_hypernetwork(new, self.services.settings.hypernetwork_folder)
-        except InvalidRequest as err:
+            return create_hypernetwork(new, self.services.settings.hypernetwork_folder)
+
+        return self._create(make, "hypernetworks", lambda path: f"<hypernet:{path.stem}>", self.hypernetwork_list)
+
+    def _create(self, make: Callable[[], Path], folder: str, used_as: Callable[[Path], str],
+                listing: Callable[[str], dict]) -> tuple[str, dict]:
+        """A line saying where the file `make` wrote went (and how prompts name it), or what to change; and the
+        Train list `listing` with it picked."""
+        if self.create_locked_because:
+            return error_html(f"Not created: {self.create_locked_because}"), gr.skip()
+        try:
+            path = make()
+        except (InvalidRequest, WorkerStopped, ModelLoadError) as err:
             return error_html(f"Not created: {_labelled(str(err))}"), gr.skip()
         except OSError as err:
-            return error_html(f"Not created: the file could not be written ({err}); check that the hypernetworks "
-                              "folder is writable"), gr.skip()
-        return notice_html(f"Created {path.name} in {path.parent}: prompts can use <hypernet:{path.stem}> now, and "
-                           "Train trains it."), self.hypernetwork_list(path.stem)
+            return error_html(f"Not created: the file could not be written ({err}); check that the {folder} folder "
+                              "is writable"), gr.skip()
+        return notice_html(f"Created {path.name} in {path.parent}: prompts can use {used_as(path)} now, and Train "
+                           "trains it."), listing(path.stem)
 
     def train(self, session: TrainSession, *values: Any) -> Iterator[tuple]:
         """Train Embedding: check the fields, queue the run, and follow it to its end: (session, progress, preview,
@@ -195,6 +193,10 @@ class TrainActions:
         copy = f" · last copy {status.last_copy.name}" if status.last_copy else ""
         return bar_html(run.fraction, f"Step {status.step}/{status.last_step} · loss {status.loss:.4f} · "
                                       f"ETA {format_seconds(run.eta_seconds)}{copy}{behind}")
+
+
+def _choices(names: list[str], keep: str | None) -> dict:
+    return gr.update(choices=names, value=keep if keep in names else (names[0] if names else None))
 
 
 def _result_html(run: TrainingRun) -> str:
