@@ -232,8 +232,8 @@ def read_template(folder: Path, filename: str) -> tuple[str, ...]:
     except (OSError, UnicodeError) as err:
         raise InvalidRequest(f"template_filename: {path.name} cannot be read ({err})") from None
     if not any("[name]" in line for line in lines):
-        raise InvalidRequest(f"template_filename: no line of {path.name} holds [name], which stands for what is trained "
-                             "in the prompts: nothing would train it; pick another template")
+        raise InvalidRequest(f"template_filename: no line of {path.name} holds [name], which stands for what is "
+                             "trained in the prompts: nothing would train it; pick another template")
     return lines
 
 

@@ -93,10 +93,11 @@ class TrainActions:
                             overwrite: bool) -> tuple[str, dict]:
         """Make the hypernetwork's file (at once: it needs no model)."""
         def make() -> Path:
-            new = NewHypernetwork(name=name or "", enable_sizes=list(sizes or []), layer_structure=layer_structure or "",
-                                  activation_func=activation, weight_init=weight_init,
-                                  add_layer_norm=bool(layer_norm), use_dropout=bool(use_dropout),
-                                  dropout_structure=dropout_structure or "", overwrite_old=bool(overwrite))
+            new = NewHypernetwork(name=name or "", enable_sizes=list(sizes or []),
+                                  layer_structure=layer_structure or "", activation_func=activation,
+                                  weight_init=weight_init, add_layer_norm=bool(layer_norm),
+                                  use_dropout=bool(use_dropout), dropout_structure=dropout_structure or "",
+                                  overwrite_old=bool(overwrite))
             return create_hypernetwork(new, self.services.settings.hypernetwork_folder)
 
         return self._create(make, "hypernetworks", lambda path: f"<hypernet:{path.stem}>", self.hypernetwork_list)
@@ -230,7 +231,8 @@ LABELS = {"name": "Name", "num_vectors_per_token": "Number of vectors per token"
           "hypernetwork_name": "Hypernetwork", "save_hypernetwork_every": "Save a copy of embedding every N steps",
           "enable_sizes": "Modules", "layer_structure": "Enter hypernetwork layer structure",
           "activation_func": "Select activation function of hypernetwork",
-          "weight_init": "Select Layer weights initialization", "dropout_structure": "Enter hypernetwork Dropout structure"}
+          "weight_init": "Select Layer weights initialization",
+          "dropout_structure": "Enter hypernetwork Dropout structure"}
 
 
 HYPERNETWORK_LABELS = LABELS | {"learn_rate": "Hypernetwork Learning rate"}
