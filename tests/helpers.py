@@ -1,6 +1,7 @@
 """Small helpers shared by the test modules."""
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -59,3 +60,18 @@ def finished_job(services, request, **kwargs):
     job = services.worker.submit(request, **kwargs)
     assert job.wait(120) and job.state is JobState.DONE, job.error
     return job
+
+
+def interrupted_api_training(client, services, route: str, body: dict) -> tuple[dict, object]:
+    """A long training POSTed to `route` (steps 100000), /sdapi/v1/progress read once it has stepped, then the
+    caller's /sdapi/v1/interrupt: the progress read, and the route's answer."""
+    answers = []
+    waiting = threading.Thread(target=lambda: answers.append(client.post(route, json=body | {"steps": 100000})))
+    waiting.start()
+    wait_for(lambda: services.worker.training is not None and services.worker.training.status is not None,
+             what="the API's training")
+    progress = client.get("/sdapi/v1/progress").json()
+    assert client.post("/sdapi/v1/interrupt").status_code == 200
+    waiting.join(60)
+    [answer] = answers
+    return progress, answer

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import random
-import threading
 
 import gradio as gr
 import numpy as np
@@ -15,14 +14,15 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tests.helpers import finished_job, noise_picture, running_services, wait_for
+from tests.helpers import (
+    finished_job, interrupted_api_training, noise_picture, running_services, wait_for,
+)
 from webui.api import create_api_app
 from webui.engine.embeddings import read_embedding
-from webui.engine.textual_inversion import RateSchedule, prompt_text
+from webui.engine.training import RateSchedule, prompt_text
 from webui.schemas import InvalidRequest, JobState
-from webui.textual_inversion import (
-    NewEmbedding, TrainEmbedding, TrainingRun, filewords_of, plan_training, queue_new_embedding,
-)
+from webui.textual_inversion import NewEmbedding, TrainEmbedding, plan_training, queue_new_embedding
+from webui.training import TrainingRun, filewords_of
 from webui.ui.train import TrainSession, build_train_tab
 
 TINY_WIDTH = 32  # the tiny text encoder's width
@@ -59,7 +59,7 @@ def train_fields(dataset, name: str, **fields) -> TrainEmbedding:
 
 def train(services, dataset, name: str, **fields) -> TrainingRun:
     run = TrainingRun(plan_training(train_fields(dataset, name, **fields), services.settings))
-    services.worker.train_embedding(run).result(120)
+    services.worker.train(run).result(120)
     return run
 
 
@@ -225,7 +225,7 @@ def test_interrupt_stops_the_run_keeps_its_files_and_leaves_other_jobs_alone(ser
     create(services, "stopped")
     run = TrainingRun(plan_training(train_fields(dataset, "stopped", steps=100000, save_embedding_every=1),
                                     services.settings))
-    future = services.worker.train_embedding(run)
+    future = services.worker.train(run)
     other = services.worker.submit({"prompt": "a pear", "steps": 2, "width": 64, "height": 64}, owner="someone")
     wait_for(lambda: run.status is not None and run.status.step >= 2, what="two training steps")
     assert services.worker.training is run and other.state is JobState.QUEUED
@@ -243,7 +243,7 @@ def test_a_run_stopped_while_queued_never_starts(services, dataset):
     create(services, "never")
     run = TrainingRun(plan_training(train_fields(dataset, "never"), services.settings))
     run.stop()
-    assert services.worker.train_embedding(run).result(60) is None
+    assert services.worker.train(run).result(60) is None
     assert run.state == "interrupted" and "before its first step" in run.result()
     assert torch.load(services.settings.embeddings_folder / "never.pt", weights_only=True)["step"] == 0
 
@@ -271,18 +271,9 @@ def test_the_api_creates_trains_reports_progress_and_interrupts(services, datase
         refused = client.post("/sdapi/v1/train/embedding", json=body | {"data_root": str(dataset / "none")})
         assert refused.status_code == 422 and refused.json()["detail"].startswith("data_root:")
 
-        answers = []
-        waiting = threading.Thread(target=lambda: answers.append(
-            client.post("/sdapi/v1/train/embedding", json=body | {"steps": 100000})))
-        waiting.start()
-        wait_for(lambda: services.worker.training is not None and services.worker.training.status is not None,
-                 what="the API's training")
-        progress = client.get("/sdapi/v1/progress").json()
+        progress, answer = interrupted_api_training(client, services, "/sdapi/v1/train/embedding", body)
         assert progress["state"]["job"] == "train-embedding" and progress["state"]["job_count"] == 100000
         assert progress["state"]["job_no"] >= 3 and "Loss: " in progress["textinfo"]
-        assert client.post("/sdapi/v1/interrupt").status_code == 200
-        waiting.join(60)
-        [answer] = answers
         assert answer.status_code == 200 and answer.json()["info"].endswith("error: None")
         assert 3 <= torch.load(path, weights_only=True)["step"] < 100000
 
@@ -330,7 +321,7 @@ def test_a_batch_whose_prompts_never_name_the_embedding_trains_nothing_and_fails
     plan = plan_training(train_fields(dataset, "unnamed", steps=2), services.settings)
     run = TrainingRun(dataclasses.replace(plan, template=("a plain picture",)))
     before = torch.load(services.settings.embeddings_folder / "unnamed.pt", weights_only=True)["string_to_param"]["*"]
-    assert services.worker.train_embedding(run).result(60).step == 2
+    assert services.worker.train(run).result(60).step == 2
     after = torch.load(services.settings.embeddings_folder / "unnamed.pt", weights_only=True)["string_to_param"]["*"]
     assert torch.equal(after, before)
 
@@ -341,7 +332,7 @@ def test_a_picture_that_cannot_be_read_fails_the_run_with_its_name_and_leaves_th
     (tmp_path / "bad.png").write_bytes(b"not a png")
     run = TrainingRun(plan_training(train_fields(tmp_path, "broken", batch_size=1), services.settings))
     with pytest.raises(InvalidRequest, match="data_root: bad.png cannot be read as a picture"):
-        services.worker.train_embedding(run).result(60)
+        services.worker.train(run).result(60)
     assert run.state == "failed" and "bad.png" in run.result()
     assert torch.load(services.settings.embeddings_folder / "broken.pt", weights_only=True)["step"] == 0
 
@@ -358,7 +349,7 @@ def test_a_run_that_fails_after_a_preview_leaves_the_prompts_reading_the_file_as
     plan.copies_folder.write_text("a file where the copies' folder would go: the copy at step 2 fails")
     run = TrainingRun(plan)
     with pytest.raises(OSError):
-        services.worker.train_embedding(run).result(120)
+        services.worker.train(run).result(120)
     assert run.state == "failed" and run.preview_step == 1  # a preview came before the failure
     loaded = services.engine.embeddings.loaded["previewed"]
     saved = torch.load(services.settings.embeddings_folder / "previewed.pt", weights_only=True)

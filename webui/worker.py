@@ -48,7 +48,7 @@ from webui.sd_upscale import TileLayout, enlarge, tile_layout
 from webui.storage.options import OptionsStore
 from webui.storage.styles import StyleStore
 from webui.prompt_comments import PROMPT_FIELDS, without_comments
-from webui.textual_inversion import TrainingRun
+from webui.training import TrainingRun
 
 log = logging.getLogger(__name__)
 _JOB_ROW_MISSING = "the job is missing from the history"
@@ -230,7 +230,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         # What the worker does between jobs (loading or compiling a model), for people waiting; else None.
         self.activity: str | None = None
-        self.training: TrainingRun | None = None  # the embedding training running now (/progress, Interrupt)
+        self.training: TrainingRun | None = None  # the training running now (/progress, Interrupt)
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -245,7 +245,7 @@ class Worker:
             self._stopping = True
             if self._current is not None:
                 self._current.cancel_event.set()
-            if self.training is not None:  # it saves the embedding as it stands and ends
+            if self.training is not None:  # it saves what it trains as it stands and ends
                 self.training.stop()
             while self._queue:
                 item = self._queue.popleft()
@@ -540,10 +540,10 @@ class Worker:
         picture = as_rgb(picture)
         return self.call(lambda engine: engine.interrogate(picture), activity="Interrogate CLIP")
 
-    def train_embedding(self, run: TrainingRun) -> Future:
-        """Train a textual inversion embedding on the worker thread (it owns the model), after the work queued before
-        it; what is queued after waits until it ends, or until run.stop() (its own Interrupt) ends it. The future of
-        its TrainingOutcome (None: stopped before it started)."""
+    def train(self, run: TrainingRun) -> Future:
+        """Train an embedding or a hypernetwork (run.plan.kind) on the worker thread (it owns the model), after the
+        work queued before it; what is queued after waits until it ends, or until run.stop() (its own Interrupt) ends
+        it. The future of its TrainingOutcome (None: stopped before it started)."""
         def train(engine: Engine):
             self.training = run
             try:
@@ -551,7 +551,7 @@ class Worker:
             finally:
                 self.training = None
 
-        return self.call(train, activity=f"Training embedding {run.plan.name} (other jobs wait until it ends)")
+        return self.call(train, activity=f"{run.activity} (other jobs wait until it ends)")
 
     def _refuse_when_stopping(self) -> None:
         if self._stopping:

@@ -118,7 +118,7 @@ class Api:
         # its model is the option's, as in A1111, where such an override stays set.
         self._kept_override: Job | None = None
         self._runs: list[SeveralJobs] = []  # the scripts' runs of several jobs going on, for /progress and /interrupt
-        self.training = TrainingRoutes(services, caller_of)  # /sdapi/v1/create/embedding, /train/embedding
+        self.training = TrainingRoutes(services, caller_of)  # /sdapi/v1/create/..., /train/...
 
     # --- generation ---------------------------------------------------------------------------
     async def txt2img(self, req: Txt2ImgRequest, request: Request) -> GenerationResponse:
@@ -391,7 +391,7 @@ class Api:
         finished, else its next queued one. Nobody else's job: not another client's, not a web-UI user's.
         The caller is the --api-auth user, else the client's address (clients behind one proxy share it).
         POST /api/v1/jobs/{id}/cancel stops one job by its id. The caller's embedding training stops too."""
-        if self.training.interrupt(caller_of(request), running_only=True):  # the caller's embedding training
+        if self.training.interrupt(caller_of(request), running_only=True):  # the caller's training
             return {}
         job = self._callers_running_job(request) or self._callers_queued_job(request)
         # A script's run of several jobs ends whole, even between two of its jobs.

@@ -1,9 +1,9 @@
-"""A1111's training routes for textual inversion: POST /sdapi/v1/create/embedding and /sdapi/v1/train/embedding, with
-its field names and its answers ({"info": "..."}, also for a run that fails as it runs), and what /progress and
-/interrupt say and do while one trains.
+"""A1111's training routes: POST /sdapi/v1/create/embedding, /sdapi/v1/create/hypernetwork, /sdapi/v1/train/embedding
+and /sdapi/v1/train/hypernetwork, with its field names and its answers ({"info": "..."}, also for a run that fails as
+it runs), and what /progress and /interrupt say and do while one trains.
 
 Training runs on the worker like every job: the request answers when it ends (as A1111's), /sdapi/v1/progress shows
-its step and loss meanwhile, and the caller's /sdapi/v1/interrupt stops it (the embedding is saved as it stands).
+its step and loss meanwhile, and the caller's /sdapi/v1/interrupt stops it (what it trains is saved as it stands).
 Bad input is refused with 422 and what to fix, before anything is queued.
 """
 from __future__ import annotations
@@ -17,10 +17,13 @@ from pydantic import BaseModel
 
 from webui.api.convert import ApiError, encode_image
 from webui.api.models import ProgressResponse
-from webui.schemas import InvalidRequest
-from webui.textual_inversion import (
-    FAILED, NewEmbedding, TrainEmbedding, TrainingRun, plan_training, queue_new_embedding,
+from webui.engine.training import TrainingPlan
+from webui.hypernetwork_training import (
+    NewHypernetwork, TrainHypernetwork, create_hypernetwork, plan_hypernetwork_training,
 )
+from webui.schemas import InvalidRequest
+from webui.textual_inversion import NewEmbedding, TrainEmbedding, plan_training, queue_new_embedding
+from webui.training import FAILED, TrainingRun
 from webui.worker import WorkerStopped, await_result
 
 log = logging.getLogger(__name__)
@@ -45,8 +48,12 @@ class TrainingRoutes:
     def add_routes(self, add: Callable, prefix: str) -> None:
         add(f"{prefix}/create/embedding", self.create_embedding, methods=["POST"], response_model=CreateResponse,
             tags=["training"], summary="create an embedding (textual inversion) from an initialization text")
+        add(f"{prefix}/create/hypernetwork", self.create_hypernetwork, methods=["POST"], response_model=CreateResponse,
+            tags=["training"], summary="create a hypernetwork (its networks freshly initialized)")
         add(f"{prefix}/train/embedding", self.train_embedding, methods=["POST"], response_model=TrainResponse,
             tags=["training"], summary="train an embedding on a folder of pictures; answers when it ends")
+        add(f"{prefix}/train/hypernetwork", self.train_hypernetwork, methods=["POST"], response_model=TrainResponse,
+            tags=["training"], summary="train a hypernetwork on a folder of pictures; answers when it ends")
 
     async def create_embedding(self, body: NewEmbedding) -> CreateResponse:
         folder = self.services.settings.embeddings_folder
@@ -56,22 +63,36 @@ class TrainingRoutes:
             raise ApiError(422, str(err), "InvalidRequest") from None
         return CreateResponse(info=f"create embedding filename: {path}")
 
-    async def train_embedding(self, body: TrainEmbedding, request: Request) -> TrainResponse:
+    def create_hypernetwork(self, body: NewHypernetwork) -> CreateResponse:
+        """(A plain def: FastAPI runs it on its threads; it needs no model, so not the worker.)"""
         try:
-            plan = plan_training(body, self.services.settings)
+            path = create_hypernetwork(body, self.services.settings.hypernetwork_folder)
+        except InvalidRequest as err:
+            raise ApiError(422, str(err), "InvalidRequest") from None
+        return CreateResponse(info=f"create hypernetwork filename: {path}")
+
+    async def train_embedding(self, body: TrainEmbedding, request: Request) -> TrainResponse:
+        return await self._train(lambda: plan_training(body, self.services.settings), request)
+
+    async def train_hypernetwork(self, body: TrainHypernetwork, request: Request) -> TrainResponse:
+        return await self._train(lambda: plan_hypernetwork_training(body, self.services.settings), request)
+
+    async def _train(self, plan_of: Callable[[], TrainingPlan], request: Request) -> TrainResponse:
+        try:
+            plan = plan_of()
         except InvalidRequest as err:
             raise ApiError(422, str(err), "InvalidRequest") from None
         run = TrainingRun(plan, origin="api", owner=self.caller_of(request))
         self.runs.append(run)
         try:
-            await _result(lambda: self.services.worker.train_embedding(run))
+            await _result(lambda: self.services.worker.train(run))
         except InvalidRequest as err:  # found once it ran: a picture, the embedding, the model
             raise ApiError(422, str(err), "InvalidRequest") from None
         except Exception:
             if run.state != FAILED:  # not the run's own failure
                 raise
             # As A1111: the answer is the run's, with what broke in its info (a file that could not be written...)
-            log.exception("training embedding %s failed", plan.name)
+            log.exception("training %s %s failed", plan.kind, plan.name)
         finally:
             self.runs.remove(run)
         return TrainResponse(info=run.api_info())
@@ -86,15 +107,16 @@ class TrainingRoutes:
         return bool(mine)
 
     def progress(self, request: Request, skip_current_image: bool = False) -> ProgressResponse | None:
-        """The running training's progress, as A1111 reports it (job "train-embedding", its steps as the job count),
-        whoever's it is; its preview only to the caller who started it. None when none is running."""
+        """The running training's progress, as A1111 reports it (job "train-embedding" or "train-hypernetwork", its
+        steps as the job count), whoever's it is; its preview only to the caller who started it. None when none is
+        running."""
         run = self.services.worker.training
         if run is None:
             return None
         status, own = run.status, run.origin == "api" and run.owner == self.caller_of(request)
         preview = run.preview_image if own and not skip_current_image else None
         state = {"skipped": False, "interrupted": run.stopped(), "stopping_generation": False,
-                 "job": "train-embedding", "job_count": run.plan.steps,
+                 "job": f"train-{run.plan.kind}", "job_count": run.plan.steps,
                  "job_no": status.step if status else 0, "job_timestamp": _timestamp(run.started_at),
                  "sampling_step": 0, "sampling_steps": 0, "queued": self.services.worker.queue_length()}
         return ProgressResponse(

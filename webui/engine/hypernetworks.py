@@ -41,9 +41,9 @@ MAX_MULTIPLIER = 10.0
 _TAG = re.compile(rf"<{HYPERNET_TAG}:([^>]+)>")  # as A1111 (and lora.py) read a tag
 # A1111's activation names: its own few, then every activation class of torch by its name in lower case ('swish'
 # is Hardswish there, and stays so: a file trained with it must compute the same).
-_ACTIVATIONS = {name.lower(): cls for name, cls in inspect.getmembers(torch.nn.modules.activation, inspect.isclass)
+ACTIVATIONS = {name.lower(): cls for name, cls in inspect.getmembers(torch.nn.modules.activation, inspect.isclass)
                 if cls.__module__ == torch.nn.modules.activation.__name__}
-_ACTIVATIONS |= {"relu": torch.nn.ReLU, "leakyrelu": torch.nn.LeakyReLU, "elu": torch.nn.ELU,
+ACTIVATIONS |= {"relu": torch.nn.ReLU, "leakyrelu": torch.nn.LeakyReLU, "elu": torch.nn.ELU,
                  "swish": torch.nn.Hardswish, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}
 _OLD_KEYS = {"linear1.weight": "linear.0.weight", "linear1.bias": "linear.0.bias",  # the first files' names
              "linear2.weight": "linear.1.weight", "linear2.bias": "linear.1.bias"}
@@ -109,7 +109,7 @@ class Structure:
                 or not all(isinstance(value, (int, float)) and value > 0 for value in layers)):
             raise HypernetworkError(f"{where}: its layer_structure {layers!r} is not a list of widths from 1 to 1")
         activation = state.get("activation_func")
-        if activation not in (None, "linear") and activation not in _ACTIVATIONS:
+        if activation not in (None, "linear") and activation not in ACTIVATIONS:
             raise HypernetworkError(f"{where}: its activation function {activation!r} is not one A1111 has")
         dropout = state.get("dropout_structure")
         use_dropout = bool(dropout and any(dropout)) or bool(state.get("use_dropout", False))
@@ -123,11 +123,16 @@ class Structure:
                    bool(state.get("activate_output", True)))
 
     def parameter_count(self, width: int) -> int:
-        """The weights network(width) holds, counted without building it."""
-        count = 0
+        """The weights network(width) holds, counted without building it (an activation's own, as PReLU's, too)."""
+        count, last = 0, len(self.layers) - 2
+        activation = 0
+        with contextlib.suppress(TypeError):  # one that needs arguments: network() says it cannot be built
+            if self.activation not in (None, "linear"):
+                activation = sum(weights.numel() for weights in ACTIVATIONS[self.activation]().parameters())
         for i in range(len(self.layers) - 1):
             inputs, size = int(width * self.layers[i]), int(width * self.layers[i + 1])
             count += inputs * size + size + (2 * size if self.layer_norm else 0)
+            count += activation if i < last or self.activate_output else 0
         return count
 
     def network(self, width: int) -> "KeyValueNetwork":
@@ -138,7 +143,7 @@ class Structure:
             size = int(width * self.layers[i + 1])
             parts.append(torch.nn.Linear(int(width * self.layers[i]), size))
             if self.activation not in (None, "linear") and (i < last or self.activate_output):
-                parts.append(_ACTIVATIONS[self.activation]())
+                parts.append(ACTIVATIONS[self.activation]())
             if self.layer_norm:
                 parts.append(torch.nn.LayerNorm(size))
             if self.dropout[i + 1] > 0:  # nothing at run time (eval), but it takes its index
