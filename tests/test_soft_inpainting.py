@@ -12,7 +12,9 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from tests.conftest import TINY
 from tests.helpers import noise_picture, running_services, wait_for
+from tests.test_ui import event, uploaded
 from webui.api import create_api_app
 from webui.engine.img2img import image_sha1
 from webui.engine.inpaint import prepare_inpainting, read_mask
@@ -20,7 +22,9 @@ from webui.engine.soft_inpainting import (SoftInpainting, blend_latents, gaussia
                                           weighted_percentile_filter)
 from webui.schemas import GenerationRequest, InvalidRequest, JobState, parse_request
 from webui.storage.infotext import request_fields_from_infotext
-from webui.ui.params import fields_from_history
+from webui.ui.blocks import create_ui
+from webui.ui.generation import Session
+from webui.ui.params import IMG2IMG_FIELDS, fields_from_history
 
 SOFT_FIELDS = ("soft_inpainting_schedule_bias", "soft_inpainting_preservation_strength",
                "soft_inpainting_transition_contrast_boost", "soft_inpainting_mask_influence",
@@ -244,6 +248,51 @@ def test_only_masked_soft_inpainting_keeps_the_picture_outside_the_region(engine
     assert np.abs(result[38:52, 68:82] - pixels(picture)[38:52, 68:82]).mean() > 5
 
 
+# --- a model made for inpainting -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def inpainting_engine(tmp_path_factory):
+    """The tiny model with a 9-channel UNet, recording what its UNet reads."""
+    from tests.tiny_sd import save_tiny_model
+    from webui.config import Settings
+    from webui.engine.generate import Engine
+    from webui.engine.models import ModelRegistry
+
+    folder = tmp_path_factory.mktemp("models")
+    save_tiny_model(folder / "tiny-inpainting", in_channels=9)
+    loaded = Engine(Settings(models_dir=folder, device="cpu"), ModelRegistry(folder, folder / "hashes.json"))
+    loaded.load("tiny-inpainting")
+    loaded.unet_inputs = []
+    loaded.pipe.unet.register_forward_hook(lambda _module, args, _out: loaded.unet_inputs.append(args[0]))
+    return loaded
+
+
+def test_an_inpainting_model_reads_the_masks_shades_as_a1111_gives_them_with_soft_inpainting(inpainting_engine):
+    picture = noise_picture(10, 128, 64)
+    result = inpaint(inpainting_engine, picture, left_mask((128, 64), 32), soft_inpainting=True)
+    mask_channel = inpainting_engine.unet_inputs[0][0, 4]
+    shades = mask_channel[(mask_channel > 0.05) & (mask_channel < 0.95)]
+    assert shades.numel() > 0  # the blurred edge, not rounded to 0 or 1
+    assert (result[:, 96:] == pixels(picture)[:, 96:]).all()
+    inpainting_engine.unet_inputs.clear()
+    inpaint(inpainting_engine, picture, left_mask((128, 64), 32))
+    hard = inpainting_engine.unet_inputs[0][0, 4]
+    assert set(hard.unique().tolist()) == {0.0, 1.0}  # without it, rounded as before
+
+
+def test_the_masked_picture_is_greyed_as_far_as_the_mask_covers_it_when_not_rounded():
+    from webui.engine.inpainting_model import masked_picture_input
+
+    picture, mask = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("L", (8, 8), 200)
+
+    def as_tensor(image):  # stands in for the VAE: the pixels themselves, -1 to 1
+        return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+
+    channels = masked_picture_input(as_tensor, (8, 8), picture, mask, rounded=False)
+    assert torch.allclose(channels[0, 0], torch.tensor(200 / 255))
+    # red 255 and grey 128, 200/255 of the way to grey: 155.4, or 0.22 in -1..1
+    assert torch.allclose(channels[0, 1], torch.tensor(155 / 127.5 - 1), atol=0.01)
+
+
 # --- infotext, the worker ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def services(models_dir, tmp_path_factory):
@@ -348,6 +397,7 @@ def test_the_api_says_when_there_was_no_mask_to_soften(client):
     assert r.status_code == 200, r.text
     info = json.loads(r.json()["info"])
     assert "Soft inpainting" not in info["infotexts"][0]
+    assert any("no mask was sent, so soft inpainting did not run" in note for note in info["warnings"])
 
 
 def test_the_api_lists_it_as_an_img2img_always_on_script(client):
@@ -357,3 +407,41 @@ def test_the_api_lists_it_as_an_img2img_always_on_script(client):
     assert info["is_alwayson"] and info["is_img2img"]
     assert [arg["value"] for arg in info["args"]] == [False, *A1111_DEFAULTS]
     assert [(arg["minimum"], arg["maximum"]) for arg in info["args"][1:]] == list(A1111_RANGES)
+
+
+# --- the img2img tab --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ui(services):
+    return create_ui(services)
+
+
+def test_the_tab_has_a1111s_switch_and_sliders_under_inpainting(ui):
+    widgets = ui.img2img.widgets
+    assert widgets["soft_inpainting"].value is False and widgets["soft_inpainting"].label == "Soft inpainting"
+    sliders = [widgets[name] for name in SOFT_FIELDS]
+    assert [slider.label for slider in sliders] == [key.removeprefix("Soft inpainting ").capitalize()
+                                                    for key in A1111_KEYS[1:]]
+    assert [(slider.minimum, slider.maximum) for slider in sliders] == list(A1111_RANGES)
+    assert tuple(slider.value for slider in sliders) == A1111_DEFAULTS
+
+
+def test_a_pasted_infotext_sets_the_switch_and_sliders_and_generate_sends_them(ui, services, tmp_path):
+    text = ("a castle\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64, Denoising strength: 0.5, "
+            "Mask blur: 8, Soft inpainting enabled: True, Soft inpainting schedule bias: 2, "
+            "Soft inpainting preservation strength: 0.5, Soft inpainting transition contrast boost: 4, "
+            "Soft inpainting mask influence: 0.25, Soft inpainting difference threshold: 1, "
+            "Soft inpainting difference contrast: 2")
+    noise_picture(11).save(tmp_path / "castle.png")
+    _, _, _, _, *values, _ = event(ui, "pnginfo_to_inpaint")(uploaded(tmp_path / "castle.png"), text)
+    fields = dict(zip(IMG2IMG_FIELDS, values))
+    assert fields["soft_inpainting"] is True
+    assert tuple(fields[name] for name in SOFT_FIELDS) == (2, 0.5, 4, 0.25, 1, 2)
+    mask = left_mask()
+    chosen = {name: fields[name] for name in ("soft_inpainting", *SOFT_FIELDS)}
+    [*_, (session, *_)] = list(event(ui, "img2img")(
+        Session(), "a castle", steps=3, width=64, height=64, seed=7, model=TINY, denoising_strength=0.5,
+        img2img_mode="Inpaint upload", inpaint_image=noise_picture(11), mask=mask, mask_blur=8, **chosen))
+    job = services.worker.get(session.job_id)
+    assert job.state == JobState.DONE, job.error
+    assert "Soft inpainting enabled: True, Soft inpainting schedule bias: 2" in job.images[0].infotext
+    assert "Soft inpainting mask influence: 0.25, Soft inpainting difference threshold: 1" in job.images[0].infotext
