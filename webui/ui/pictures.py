@@ -203,7 +203,7 @@ def soft_inpainting_settings() -> dict[str, gr.components.Component]:
     """A1111's Soft inpainting: its switch, then its sliders (webui/engine/soft_inpainting.py), by request field."""
     defaults = GenerationRequest.model_fields
     # The switch outside the section, as the hires fix's: whether it is on shows while the section is closed.
-    enable = gr.Checkbox(False, label="Soft inpainting", elem_id="soft_inpainting_enabled",
+    enable = gr.Checkbox(False, label="Soft inpainting", elem_id="img2img_soft_inpainting_enabled",
                          info="blend the picture and the new content by the mask's shades, so no seam shows; a high "
                               "Mask blur is recommended (at 0 the mask has no shades to blend by)")
     sliders = {}
