@@ -333,7 +333,7 @@ def test_the_lists_of_scripts_and_their_args(client):
     assert client.get("/sdapi/v1/scripts").json() == {
         "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot"],
         "img2img": ["loopback", "poor man's outpainting", "prompt matrix", "prompts from file or textbox",
-                    "sd upscale", "x/y/z plot"]}
+                    "sd upscale", "soft inpainting", "x/y/z plot"]}
     info = {(item["name"], item["is_img2img"]): item["args"] for item in client.get("/sdapi/v1/script-info").json()}
     plot = info[("x/y/z plot", False)]
     assert len(plot) == 18 and plot[0]["label"] == "X type" and plot[0]["value"] == "Seed"

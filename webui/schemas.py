@@ -92,6 +92,22 @@ class GenerationRequest(BaseModel):
                                                       "run's size, and paste it back (A1111's Only masked)")
     inpaint_full_res_padding: int = Field(32, ge=0, le=MAX_MASK_PADDING,
                                           description="inpainting, Only masked: pixels around the mask drawn too")
+    # A1111's Soft inpainting (webui/engine/soft_inpainting.py): the blurred mask as a per-pixel strength; only with a
+    # mask. Its defaults and ranges are A1111's sliders'.
+    soft_inpainting: bool = Field(False, description="inpainting: A1111's Soft inpainting, which blends the picture "
+                                  "and the new content by the blurred mask's shades (a high Mask blur helps)")
+    soft_inpainting_schedule_bias: float = Field(1.0, ge=0.0, le=8.0, description="soft inpainting: when the "
+                                                 "picture is kept during denoising (below 1: more near the end)")
+    soft_inpainting_preservation_strength: float = Field(0.5, ge=0.0, le=8.0, description="soft inpainting: how "
+                                                         "strongly partly masked content is kept")
+    soft_inpainting_transition_contrast_boost: float = Field(4.0, ge=1.0, le=32.0, description="soft inpainting: "
+                                                             "restores the contrast partly masked parts lose")
+    soft_inpainting_mask_influence: float = Field(0.0, ge=0.0, le=1.0, description="soft inpainting: how far the "
+                                                  "mask biases the difference threshold")
+    soft_inpainting_difference_threshold: float = Field(0.5, ge=0.0, le=8.0, description="soft inpainting: how "
+                                                        "much a part may change and still get the picture's pixels")
+    soft_inpainting_difference_contrast: float = Field(2.0, ge=0.0, le=8.0, description="soft inpainting: how "
+                                                       "sharp the change from picture to new pixels is")
     # Hires fix (txt2img): a second, img2img-like pass at a larger size, denoising_strength deep.
     enable_hr: bool = Field(False, description="hires fix: enlarge the picture and denoise it again")
     hr_scale: float = Field(2.0, ge=1.0, le=4.0, description="hires fix: how many times larger")

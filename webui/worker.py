@@ -33,6 +33,7 @@ from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.interrogate import INTERROGATE_MODEL
 from webui.engine.models import ModelEntry, ModelNotFound
 from webui.engine.refiner import kind_of_entry, kind_problem
+from webui.engine.soft_inpainting import ENABLED_KEY, SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.upscalers import UpscalerError
 from webui.engine.vae import VaeFile
 from webui.engine.step_options import INFOTEXT_KEYS as STEP_INFOTEXT_KEYS, StepOptions, draws_noise
@@ -890,6 +891,7 @@ class Worker:
             **_hires_infotext(request),
             "Hires checkpoint": self._checkpoint_title(request.hr_checkpoint_name),
             **_inpainting_infotext(request),
+            **_soft_inpainting_infotext(request),
             "SD upscale overlap": request.sd_upscale_overlap if request.sd_upscale else None,
             "SD upscale upscaler": request.sd_upscale_upscaler if request.sd_upscale else None,
             # As A1111 says of a model made for inpainting: how much of its masked picture it was given (all).
@@ -1147,6 +1149,14 @@ def _inpainting_infotext(request: GenerationRequest) -> dict[str, Any]:
             "Masked content": None if request.inpainting_fill == 1 else MASKED_CONTENT[request.inpainting_fill],
             "Inpaint area": INPAINT_AREAS[1] if only_masked else None,
             "Masked area padding": request.inpaint_full_res_padding if only_masked else None}
+
+
+def _soft_inpainting_infotext(request: GenerationRequest) -> dict[str, Any]:
+    """Soft inpainting's keys, as A1111 writes them: all of them, where it inpainted with it on."""
+    if not (request.soft_inpainting and request.is_inpainting):
+        return {}
+    return {ENABLED_KEY: True} | {key: getattr(request, name)
+                                  for key, name in zip(SOFT_INPAINTING_KEYS, SOFT_INPAINTING_FIELDS)}
 
 
 def _uncond_skip_infotext(request: GenerationRequest) -> dict[str, Any]:

@@ -51,8 +51,9 @@ _UNSUPPORTED = (
     ("restore_faces", lambda v: bool(v), "face restoration is not supported (send false)"),
     ("gfpgan_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
     ("codeformer_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
-    ("alwayson_scripts", lambda v: any(name.lower() != "controlnet" for name in v or {}),
-     "no always-on script but ControlNet (alwayson_scripts.controlnet) is installed on this server"),
+    ("alwayson_scripts", lambda v: any(name.lower() not in ("controlnet", scripts.SOFT_INPAINTING) for name in v or {}),
+     "no always-on script but ControlNet (alwayson_scripts.controlnet) and Soft inpainting (alwayson_scripts."
+     "soft inpainting, on img2img) is installed on this server"),
     ("firstphase_width", lambda v: bool(v), "the old hires fix's first-pass size is not supported; send 0, and "
                                             "hr_scale or hr_resize_x/hr_resize_y for the larger size"),
     ("firstphase_height", lambda v: bool(v), "the old hires fix's first-pass size is not supported; send 0, and "
@@ -173,6 +174,12 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         inpainting, refused = inpainting_fields(req)
         data |= inpainting
         problems.extend(refused)
+    # poor man's outpainting inpaints with a mask of its own
+    masked = bool(getattr(req, "mask", None)) or (req.script_name or "").strip().lower() == scripts.OUTPAINTING
+    soft, refused, soft_notes = scripts.soft_inpainting_fields(req.alwayson_scripts, kind_of(req), masked)
+    data |= soft
+    problems.extend(refused)
+    notes.extend(soft_notes)
     if isinstance(req, Txt2ImgRequest) and req.enable_hr:
         hires, refused = hires_fields(req)
         data |= hires

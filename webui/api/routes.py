@@ -590,15 +590,16 @@ class Api:
 
     @staticmethod
     def scripts() -> ScriptsList:
-        return ScriptsList(**{kind: list(names) for kind, names in scripts.SCRIPTS.items()})
+        """The selectable and the always-on scripts of each tab, as A1111 lists them together."""
+        return ScriptsList(**{kind: sorted(names + scripts.ALWAYS_ON[kind]) for kind, names in scripts.SCRIPTS.items()})
 
     def script_info(self) -> list[ScriptInfo]:
         """Each script's script_args, in A1111's order and with its labels, defaults and choices (SD upscale's model
-        upscalers are taken by name)."""
+        upscalers are taken by name); the always-on scripts' args are those of alwayson_scripts.<name>.args."""
         upscalers = picture_upscalers(self.engine.upscalers)
-        return [ScriptInfo(name=name, is_img2img=kind == "img2img",
+        return [ScriptInfo(name=name, is_img2img=kind == "img2img", is_alwayson=name in scripts.ALWAYS_ON[kind],
                            args=[ScriptArg(**arg) for arg in scripts.script_info(kind, name, upscalers)])
-                for kind, names in scripts.SCRIPTS.items() for name in names]
+                for kind, names in scripts.SCRIPTS.items() for name in names + scripts.ALWAYS_ON[kind]]
 
     @staticmethod
     def none_installed() -> list:

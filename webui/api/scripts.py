@@ -22,6 +22,8 @@ from webui.prompt_lines import PROMPT_POSITIONS
 from webui.prompt_matrix import matrix_plot
 from webui.runs import SeveralJobs, found_models, in_grid_order, line_run, loopback_run, plot_grids, plot_run, \
     side_by_side
+from webui.engine.soft_inpainting import DEFAULTS as SOFT_DEFAULTS, LABELS as SOFT_LABELS, RANGES as SOFT_RANGES
+from webui.engine.soft_inpainting import SOFT_INPAINTING_FIELDS, STEPS as SOFT_STEPS
 from webui.schemas import MASKED_CONTENT, GeneratedImage, InvalidRequest
 from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE, UPSCALERS as SD_UPSCALERS
 from webui.worker import Job, Worker
@@ -33,6 +35,10 @@ LOOPBACK, OUTPAINTING, SD_UPSCALE = "loopback", "poor man's outpainting", "sd up
 SCRIPTS = {"txt2img": (PROMPT_MATRIX, PROMPT_LINES, XYZ_PLOT),
            "img2img": (LOOPBACK, OUTPAINTING, PROMPT_MATRIX, PROMPT_LINES, SD_UPSCALE, XYZ_PLOT)}
 SEVERAL_JOBS = (XYZ_PLOT, PROMPT_MATRIX, PROMPT_LINES, LOOPBACK)  # the scripts that run several jobs
+# A1111's always-on scripts here (besides the ControlNet extension's: webui/api/controlnet.py), taken from
+# alwayson_scripts: {name: {"args": [...]}}, and listed by /scripts and /script-info as A1111 lists them.
+SOFT_INPAINTING = "soft inpainting"
+ALWAYS_ON = {"txt2img": (), "img2img": (SOFT_INPAINTING,)}
 
 # A1111 1.10's X/Y/Z plot axes, in its order, each for both tabs or for one: x_type, y_type and z_type are indexes
 # into those of the tab. Ours are taken by label; the others are refused by name.
@@ -207,6 +213,10 @@ def _margin(value: Any) -> int:
     return number(value, True, 0, 500)
 
 
+def _between(low: float, high: float) -> Callable[[Any], float]:
+    return lambda value: number(value, False, low, high)
+
+
 def _args(kind: str, name: str) -> tuple[Arg, ...]:
     """A script's script_args in A1111's order."""
     if name == XYZ_PLOT:
@@ -236,6 +246,11 @@ def _args(kind: str, name: str) -> tuple[Arg, ...]:
                 Arg("Denoising strength curve", "Linear", _one_of(CURVES), choices=list(CURVES)),
                 Arg("Append interrogated prompt at each iteration", "None", _interrogation,
                     choices=list(INTERROGATIONS)))
+    if name == SOFT_INPAINTING:  # its checkbox, then its sliders
+        return (Arg("Soft inpainting", False, _boolean),
+                *(Arg(label, default, _between(low, high), minimum=low, maximum=high, step=step, field=field)
+                  for label, default, (low, high), step, field
+                  in zip(SOFT_LABELS, SOFT_DEFAULTS, SOFT_RANGES, SOFT_STEPS, SOFT_INPAINTING_FIELDS)))
     if name == OUTPAINTING:
         return (Arg("Pixels to expand", 128, _whole(MIN_PIXELS, MAX_PIXELS), minimum=MIN_PIXELS, maximum=MAX_PIXELS,
                     step=8),
@@ -259,17 +274,39 @@ def script_name(name: str | None, kind: str) -> str | None:
     return name.lower()
 
 
-def read_args(kind: str, name: str, given: list | None) -> tuple[list[Any], list[str]]:
-    """The script's arguments, given or A1111's defaults, read; and what is refused, naming script_args[i]."""
+def read_args(kind: str, name: str, given: list | None, where: str = "script_args") -> tuple[list[Any], list[str]]:
+    """The script's arguments, given or A1111's defaults, read; and what is refused, naming where[i]. Args past the
+    script's own are left alone, as A1111 leaves them."""
     given, values, refused = list(given or []), [], []
     for position, arg in enumerate(_args(kind, name)):
         value = given[position] if position < len(given) and given[position] is not None else arg.default
         try:
             values.append(arg.read(value))
         except ValueError as err:
-            refused.append(f"script_args[{position}] ({arg.label.lower()}): {err}")
+            refused.append(f"{where}[{position}] ({arg.label.lower()}): {err}")
             values.append(None)
     return values, refused
+
+
+def soft_inpainting_fields(alwayson: dict[str, Any] | None, kind: str, has_mask: bool
+                           ) -> tuple[dict[str, Any], list[str], list[str]]:
+    """A body's alwayson_scripts["soft inpainting"] (its name in any case, as A1111 matches it) as request fields:
+    the fields, what is refused (naming the arg) and notes (on, but with no mask to soften)."""
+    script = next((value for name, value in (alwayson or {}).items() if name.lower() == SOFT_INPAINTING), None)
+    where = f"alwayson_scripts.{SOFT_INPAINTING}"
+    if script is None:
+        return {}, [], []
+    if kind != "img2img":
+        return {}, [f"{where}: soft inpainting is an img2img script for inpainting; send it to /sdapi/v1/img2img "
+                    "with a mask"], []
+    if not isinstance(script, dict) or not isinstance(script.get("args", []), list):
+        return {}, [f"{where}: send {{\"args\": [enabled, {', '.join(label.lower() for label in SOFT_LABELS)}]}}"], []
+    values, refused = read_args(kind, SOFT_INPAINTING, script.get("args"), f"{where}.args")
+    if refused or not values[0]:
+        return {}, refused, []
+    if not has_mask:  # as A1111, which softens only a mask
+        return {}, [], [f"{where}: no mask was sent, so soft inpainting did not run (it softens inpainting's mask)"]
+    return {"soft_inpainting": True} | dict(zip(SOFT_INPAINTING_FIELDS, values[1:])), [], []
 
 
 def sd_upscale_fields(values: list[Any]) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, p
 from webui.engine.prompts import chunk_count, encode_parts, encode_prompt_pair, token_count
 from webui.engine.refiner import first_refiner_call, kind_of_pipeline, kind_problem, pass_timesteps
 from webui.engine.samplers import make_scheduler
+from webui.engine.soft_inpainting import SoftInpainting, sigma_of
 from webui.engine.step_options import StepOptions, use_step_options
 from webui.engine.uncond_skip import SkipCalls, UncondSkip, skip_plan, skipping_uncond
 from webui.engine.token_merging import merged_tokens
@@ -210,11 +211,13 @@ class _Run:
 
 @dataclass
 class _MaskedStart:
-    """Inpainting's latents: the picture's (`start`), its noise, and `keep` (1 where the picture stays)."""
+    """Inpainting's latents: the picture's (`start`), its noise, and `keep` (1 where the picture stays; with soft
+    inpainting, the blurred mask's shades between)."""
 
     start: torch.Tensor
     noise: torch.Tensor
     keep: torch.Tensor
+    soft: SoftInpainting | None = None  # A1111's Soft inpainting: the kept part blended in by the mask's shades
 
     def put_back(self, pipe, call: int, latents: torch.Tensor) -> torch.Tensor:
         """After model call `call` of a pass: the kept part is the picture's, noised to where the schedule goes on
@@ -228,11 +231,19 @@ class _MaskedStart:
         kept = self.start
         if following < len(timesteps):
             kept = pipe.scheduler.add_noise(self.start, self.noise, timesteps[following:following + 1])
+        if self.soft is not None:  # weighed by the noise level of the call just made, as A1111 weighs its blend
+            return self.soft.blend(kept, latents, self.drawn, sigma_of(pipe.scheduler, timesteps[following - 1]))
         return self.finish(latents, kept)
 
     def finish(self, latents: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        if self.soft is not None:  # soft inpainting's last step has blended already: no hard blend (A1111's too)
+            return latents
         kept = self.start if kept is None else kept
         return kept * self.keep + latents * (1 - self.keep)
+
+    @property
+    def drawn(self) -> torch.Tensor:
+        return 1 - self.keep
 
 
 @dataclass
@@ -691,7 +702,7 @@ class Engine:
             run.tiled.enter_context(seamless(self.pipe, request.tiling))
             try:
                 noise = self._start_noise(run, (height // factor, width // factor))
-                extra = self._extra_channels((width, height), init_image, inpainting)
+                extra = self._extra_channels((width, height), init_image, inpainting, request.soft_inpainting)
                 if init_image is None:
                     start = {"width": width, "height": height, "latents": noise}
                     latents = self._denoise(self.pipe, request, run, _phases(request), request.steps, request.steps,
@@ -703,11 +714,12 @@ class Engine:
             except DenoisingStopped as stopped:
                 if run.latents is not None and torch.isfinite(run.latents).all():
                     try:
-                        stopped.images = self._to_images(run.latents, seeds, inpainting, request.tiling, colours)
+                        stopped.images = self._to_images(run.latents, seeds, inpainting, request.tiling, colours,
+                                                         run.masked)
                     except Exception:  # the stop matters, not the picture it would have left
                         log.exception("the image cut short could not be decoded")
                 raise
-            return self._to_images(latents, seeds, inpainting, request.tiling, colours)
+            return self._to_images(latents, seeds, inpainting, request.tiling, colours, run.masked)
 
     def _hypernetworks(self, request: GenerationRequest) -> tuple[list, list]:
         """The (network, multiplier) pairs of the first pass's prompt and of the hires pass's, read from their files
@@ -737,7 +749,7 @@ class Engine:
         if request.initial_noise_multiplier != 1:  # A1111's Noise multiplier for img2img
             noise = noise * request.initial_noise_multiplier
         if inpainting is not None:
-            run.masked = self._masked_start(picture, noise, inpainting, fill)
+            run.masked = self._masked_start(picture, noise, inpainting, fill, SoftInpainting.of(request))
             picture = run.masked.start
         start = {"image": picture, "strength": pipeline_strength(request.denoising_steps, request.steps)}
         latents = self._denoise(self._img2img_pipeline(noise, request.img2img_extra_noise), request, run, _phases(request), request.denoising_steps,
@@ -745,14 +757,15 @@ class Engine:
         return latents if run.masked is None else run.masked.finish(latents)
 
     def _extra_channels(self, size: tuple[int, int], picture: Image.Image | None = None,
-                        inpainting: Inpainting | None = None) -> torch.Tensor | None:
+                        inpainting: Inpainting | None = None, soft: bool = False) -> torch.Tensor | None:
         """An inpainting model's extra input for a pass at `size` (pixels): the inpainted part of the start picture
-        and its mask, or (txt2img, img2img, the hires pass) all of it to draw; None for other models."""
+        and its mask (soft inpainting's unrounded, as A1111's), or (txt2img, img2img, the hires pass) all of it to
+        draw; None for other models."""
         if not takes_masked_picture(self.pipe.unet):
             return None
         if inpainting is None:
             return masked_picture_input(self.encode, size)
-        return masked_picture_input(self.encode, size, picture, inpainting.mask)
+        return masked_picture_input(self.encode, size, picture, inpainting.mask, rounded=not soft)
 
     def _start_latents(self, picture: Image.Image | list[Image.Image], size: tuple[int, int],
                        count: int) -> torch.Tensor:
@@ -767,17 +780,18 @@ class Engine:
         return latents.expand(count, -1, -1, -1)
 
     def _masked_start(self, picture: torch.Tensor, noise: torch.Tensor, inpainting: Inpainting,
-                      fill: torch.Tensor | None = None) -> _MaskedStart:
+                      fill: torch.Tensor | None = None, soft: SoftInpainting | None = None) -> _MaskedStart:
         """Inpainting's start: the picture's latents, and where the masked content is latent noise or nothing,
-        the seed's noise (`fill`, where not `noise`) or zeros in the part drawn again (as A1111)."""
-        keep = inpainting.latent_keep(picture.shape[-2:]).to(picture.device, picture.dtype)
+        the seed's noise (`fill`, where not `noise`) or zeros in the part drawn again (as A1111). Soft inpainting
+        keeps the mask's shades (A1111 leaves its latent mask unrounded then)."""
+        keep = inpainting.latent_keep(picture.shape[-2:], rounded=soft is None).to(picture.device, picture.dtype)
         noise = noise.to(picture.device, picture.dtype)
         content = MASKED_CONTENT[inpainting.fill]
         if content == "latent noise":
             picture = picture * keep + (noise if fill is None else fill.to(noise)) * (1 - keep)
         elif content == "latent nothing":
             picture = picture * keep
-        return _MaskedStart(picture, noise, keep)
+        return _MaskedStart(picture, noise, keep, soft)
 
     def _denoise(self, pipe, request: GenerationRequest, run: "_Run", phases: list[PromptPhase], steps: int,
                  schedule: int, start: dict, extra: torch.Tensor | None = None,
@@ -968,16 +982,21 @@ class Engine:
         return (latents * vae.config.scaling_factor).to(self.pipe.unet.dtype)
 
     def _to_images(self, latents: torch.Tensor, seeds: list[int], inpainting: Inpainting | None = None,
-                   tiling: bool = False, colours: Image.Image | list[Image.Image] | None = None) -> list[EngineImage]:
+                   tiling: bool = False, colours: Image.Image | list[Image.Image] | None = None,
+                   masked: _MaskedStart | None = None) -> list[EngineImage]:
         """Decoded, given the colours of `colours` (img2img's colour correction: a picture, or one per image),
-        laid into the inpainted picture, and past the safety checker (which sees what is saved)."""
+        laid into the inpainted picture (with soft inpainting, `masked`'s, through masks of where the latents
+        changed), and past the safety checker (which sees what is saved)."""
         height, width = (side * self.pipe.vae_scale_factor for side in latents.shape[-2:])
         pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(width, height, tiling)))
         if colours is not None:
             references = colours if isinstance(colours, list) else [colours] * len(pictures)
             pictures = [match_colors(picture, reference) for picture, reference in zip(pictures, references)]
         if inpainting is not None:
-            pictures = [inpainting.compose(picture) for picture in pictures]
+            overlays = [None] * len(pictures)
+            if masked is not None and masked.soft is not None:
+                overlays = masked.soft.pixel_masks(masked.start, latents, masked.drawn, (width, height))
+            pictures = [inpainting.compose(picture, overlay) for picture, overlay in zip(pictures, overlays)]
         images, flags = self.check_safety(pictures)
         return [EngineImage(image, seed, flag) for image, seed, flag in zip(images, seeds, flags)]
 

@@ -36,20 +36,25 @@ class Inpainting:
     overlay: Image.Image  # "L", original's size: how much of the new picture shows at each pixel
     box: tuple[int, int, int, int]  # (left, top, right, bottom) of original that the run drew
 
-    def latent_keep(self, size: tuple[int, int]) -> torch.Tensor:
+    def latent_keep(self, size: tuple[int, int], rounded: bool = True) -> torch.Tensor:
         """1 where the run keeps the picture, 0 where it draws, at the latents' (height, width): the blurred
-        mask shrunk and rounded, as A1111's latent mask."""
+        mask shrunk and rounded, as A1111's latent mask (unrounded: its shades kept, for soft inpainting)."""
         height, width = size
         small = np.asarray(self.mask.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32) / 255
-        return torch.from_numpy(1 - np.round(small))[None, None]
+        return torch.from_numpy(1 - (np.round(small) if rounded else small))[None, None]
 
-    def compose(self, drawn: Image.Image) -> Image.Image:
-        """The run's picture laid into the original, showing through the overlay."""
+    def compose(self, drawn: Image.Image, overlay: Image.Image | None = None) -> Image.Image:
+        """The run's picture laid into the original, showing through the overlay, or through `overlay` ("L", the
+        run's size: soft inpainting's, for this picture) within the part drawn."""
         left, top, right, bottom = self.box
         size = (right - left, bottom - top)
         placed = drawn if drawn.size == size else ImageOps.fit(drawn, size, RESAMPLE)
+        if overlay is None:
+            overlay = self.overlay.crop(self.box)
+        elif overlay.size != size:
+            overlay = ImageOps.fit(overlay, size, RESAMPLE)
         result = self.original.copy()
-        result.paste(placed, (left, top), self.overlay.crop(self.box))
+        result.paste(placed, (left, top), overlay)
         return result
 
 

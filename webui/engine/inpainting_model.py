@@ -31,12 +31,17 @@ def unet_refusal(name: str, in_channels: int) -> str:
 
 
 def masked_picture_input(encode: Callable[[Image.Image], torch.Tensor], size: tuple[int, int],
-                         picture: Image.Image | None = None, mask: Image.Image | None = None) -> torch.Tensor:
+                         picture: Image.Image | None = None, mask: Image.Image | None = None,
+                         rounded: bool = True) -> torch.Tensor:
     """The 5 extra channels (one row) at `size` (pixels, width x height): with no picture, all to be drawn from
-    grey; else the picture greyed out where the mask ("L", the picture's size) is at least half on."""
-    drawn = np.ones((size[1], size[0]), np.float32) if mask is None else (np.asarray(mask) >= 128).astype(np.float32)
+    grey; else the picture greyed out where the mask ("L", the picture's size) is at least half on (not rounded:
+    greyed as far as the mask covers it, as A1111 gives it with soft inpainting)."""
+    if mask is None:
+        drawn = np.ones((size[1], size[0]), np.float32)
+    else:
+        drawn = (np.asarray(mask) >= 128).astype(np.float32) if rounded else np.asarray(mask, np.float32) / 255
     grey = Image.new("RGB", size, (128, 128, 128))  # 0 in the VAE's -1..1, as A1111's 0.5
-    masked = grey if picture is None else Image.composite(grey, picture, Image.fromarray((drawn * 255).astype(np.uint8)))
+    masked = grey if picture is None else Image.composite(grey, picture, Image.fromarray(np.round(drawn * 255).astype(np.uint8)))
     latents = encode(masked)
     small = F.interpolate(torch.from_numpy(drawn)[None, None], size=latents.shape[-2:])
     return torch.cat([small.to(latents.device, latents.dtype), latents], dim=1)

@@ -10,10 +10,13 @@ parameters only when it holds at least 3 `Key: value` pairs.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
 from webui.controlnet import controlnet_fields
+from webui.engine.soft_inpainting import DEFAULTS as SOFT_DEFAULTS, ENABLED_KEY as SOFT_INPAINTING_ENABLED
+from webui.engine.soft_inpainting import SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS
 from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, SAME_CHECKPOINT, a1111_seed_resize
 
@@ -200,7 +203,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     if fields.get("enable_hr"):  # left out when written at 0 (by the scale; as many steps as the first pass)
         for name in ("hr_second_pass_steps", "hr_resize_x", "hr_resize_y"):
             fields.setdefault(name, 0)
-    return fields | _inpainting_fields(params) | controlnet_fields(params)
+    return fields | _inpainting_fields(params) | _soft_inpainting_fields(params) | controlnet_fields(params)
 
 
 # Inpainting's keys, each left out where it is the default (a blur of 0 included), as A1111 writes them.
@@ -223,4 +226,21 @@ def _inpainting_fields(params: dict[str, str]) -> dict[str, Any]:
     for key, name in (("Mask blur", "mask_blur"), ("Masked area padding", "inpaint_full_res_padding")):
         if params.get(key, "").strip().isdigit():
             fields[name] = int(params[key])
+    return fields
+
+
+def _soft_inpainting_fields(params: dict[str, str]) -> dict[str, Any]:
+    """Soft inpainting's fields: on with its numbers (A1111's defaults for those left out or unreadable) where the
+    parameters line says it was on; off for any other parameters line, since its picture was made without it."""
+    if not params:
+        return {}
+    if params.get(SOFT_INPAINTING_ENABLED, "").strip().lower() != "true":
+        return {"soft_inpainting": False}
+    fields: dict[str, Any] = {"soft_inpainting": True}
+    for key, name, default in zip(SOFT_INPAINTING_KEYS, SOFT_INPAINTING_FIELDS, SOFT_DEFAULTS):
+        try:
+            value = float(params[key])
+        except (KeyError, ValueError):
+            value = default
+        fields[name] = value if math.isfinite(value) else default
     return fields

@@ -100,7 +100,11 @@ class GenerationActions(SeveralRuns):
                  mask: Image.Image | UnreadablePicture | None = None, batch_pictures: list[str] | None = None,
                  batch_masks: list[str] | None = None, mask_blur: int = 4,
                  inpainting_mask_invert: int = 0, inpainting_fill: int = 1, inpaint_full_res: int = 0,
-                 inpaint_full_res_padding: int = 32, xyz_plot: bool = False, x_type: str = "Nothing",
+                 inpaint_full_res_padding: int = 32, soft_inpainting: bool = False,
+                 soft_inpainting_schedule_bias: float = 1.0, soft_inpainting_preservation_strength: float = 0.5,
+                 soft_inpainting_transition_contrast_boost: float = 4.0, soft_inpainting_mask_influence: float = 0.0,
+                 soft_inpainting_difference_threshold: float = 0.5, soft_inpainting_difference_contrast: float = 2.0,
+                 xyz_plot: bool = False, x_type: str = "Nothing",
                  x_values: str = "", y_type: str = "Nothing", y_values: str = "", z_type: str = "Nothing",
                  z_values: str = "", xyz_legend: bool = True, xyz_sub_images: bool = False,
                  xyz_keep_random_seeds: bool = False, prompt_list: bool = False, prompt_lines: str = "",
@@ -216,6 +220,9 @@ class GenerationActions(SeveralRuns):
                 request |= {"mask_blur": mask_blur, "inpainting_mask_invert": inpainting_mask_invert or 0,
                             "inpainting_fill": inpainting_fill, "inpaint_full_res": bool(inpaint_full_res),
                             "inpaint_full_res_padding": inpaint_full_res_padding}
+            if mask_picture is not None and soft_inpainting:  # outpainting's mask too, as A1111's always-on script
+                request |= {"soft_inpainting": True} | {
+                    name: value for name, value in locals().items() if name.startswith("soft_inpainting_")}
             if request["model"]:
                 request["model"] = self.models.checked_choice(request["model"])
             if prompt_list:

@@ -9,6 +9,7 @@ import gradio as gr
 from webui.controlnet import CN_RESIZE_MODES
 from webui.engine.hires import HIRES_UPSCALERS
 from webui.engine.samplers import SCHEDULE_TYPES, get_sampler, resolve_sampler, split_sampler_name
+from webui.engine.soft_inpainting import LABELS as SOFT_LABELS, SOFT_INPAINTING_FIELDS
 from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, SAME_CHECKPOINT, GenerationRequest
 from webui.storage.history import HistoryImage
 from webui.storage.infotext import request_fields_from_infotext
@@ -36,8 +37,9 @@ COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "step
                  "seed_resize_from_h", "styles", "denoising_strength", "tiling", "sd_vae", *PLOT_FIELDS,
                  *OTHER_SCRIPTS, "refiner", "refiner_checkpoint", "refiner_switch_at", *CONTROLNET_FIELDS,
                  *SAMPLER_FIELDS, "token_merging_ratio")
+SOFT_INPAINTING = ("soft_inpainting", *SOFT_INPAINTING_FIELDS)
 INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
-                     "inpaint_full_res_padding")
+                     "inpaint_full_res_padding", *SOFT_INPAINTING)
 IMG2IMG_FIELDS = (*COMMON_FIELDS, "color_correction", "initial_noise_multiplier", *INPAINTING_FIELDS, *IMG2IMG_SCRIPTS)
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
                 "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_checkpoint_name",
@@ -82,7 +84,9 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "controlnet_guidance_end": "Ending Control Step", "controlnet_processor_res": "Preprocessor Resolution",
                 "controlnet_threshold_a": "Canny Low Threshold", "controlnet_threshold_b": "Canny High Threshold",
                 "token_merging_ratio": "Token merging ratio",
-                "token_merging_ratio_hr": "Token merging ratio for high-res pass"}
+                "token_merging_ratio_hr": "Token merging ratio for high-res pass",
+                "soft_inpainting": "Soft inpainting"} | {
+    name: f"Soft inpainting {label.lower()}" for name, label in zip(SOFT_INPAINTING_FIELDS, SOFT_LABELS)}
 
 
 def with_labels(message: str) -> str:
@@ -153,7 +157,7 @@ _RANGED_FIELDS = ("steps", "cfg_scale", "width", "height", "seed_resize_from_w",
                   "batch_size", "denoising_strength", "hr_scale", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
                   "mask_blur", "inpaint_full_res_padding", "controlnet_weight", "controlnet_guidance_start",
                   "controlnet_guidance_end", "controlnet_processor_res", "token_merging_ratio",
-                  "token_merging_ratio_hr")
+                  "token_merging_ratio_hr", *SOFT_INPAINTING_FIELDS)
 
 
 def _drop_out_of_range(fields: dict[str, Any], names: tuple[str, ...]) -> list[str]:

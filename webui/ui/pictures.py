@@ -18,6 +18,8 @@ import gradio as gr
 from PIL import Image
 
 from webui.engine.img2img import MAX_PICTURE_PIXELS, check_picture_size
+from webui.engine.soft_inpainting import LABELS as SOFT_LABELS, RANGES as SOFT_RANGES, SOFT_INPAINTING_FIELDS
+from webui.engine.soft_inpainting import STEPS as SOFT_STEPS
 from webui.outpainting import outpainting_job
 from webui.schemas import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASK_PADDING,
                            GenerationRequest, InvalidRequest)
@@ -180,10 +182,39 @@ def inpainting_settings(mode: gr.Textbox) -> dict[str, gr.components.Component]:
                             elem_id="img2img_inpaint_full_res")
             padding = gr.Slider(0, MAX_MASK_PADDING, value=defaults["inpaint_full_res_padding"].default, step=4,
                                 label="Only masked padding, pixels", elem_id="img2img_inpaint_full_res_padding")
+        soft = soft_inpainting_settings()
     mode.change(shows_inpainting_settings, inputs=[mode], outputs=[section], api_visibility="private",
                 show_progress="hidden")
     return {"mask_blur": blur, "inpainting_mask_invert": invert, "inpainting_fill": fill, "inpaint_full_res": area,
-            "inpaint_full_res_padding": padding}
+            "inpaint_full_res_padding": padding} | soft
+
+
+# Soft inpainting's sliders' info lines (A1111's in our words): what each does.
+_SOFT_INFO = ("when the picture is kept while denoising: below 1 more near the end, above 1 more at the start",
+              "how strongly partly masked parts keep the picture (higher: more of the picture)",
+              "restores the contrast partly masked parts lose in the blend (higher: stronger colours)",
+              "how far the mask biases the difference threshold (0: only the change counts, 1: follow the mask)",
+              "how much a part may change and still show the picture's pixels (the change at which they are half "
+              "shown)",
+              "how sharp the change from the picture's pixels to the new ones is (low: gradual, may ghost)")
+
+
+def soft_inpainting_settings() -> dict[str, gr.components.Component]:
+    """A1111's Soft inpainting: its switch, then its sliders (webui/engine/soft_inpainting.py), by request field."""
+    defaults = GenerationRequest.model_fields
+    # The switch outside the section, as the hires fix's: whether it is on shows while the section is closed.
+    enable = gr.Checkbox(False, label="Soft inpainting", elem_id="img2img_soft_inpainting_enabled",
+                         info="blend the picture and the new content by the mask's shades, so no seam shows; a high "
+                              "Mask blur is recommended (at 0 the mask has no shades to blend by)")
+    sliders = {}
+    with gr.Accordion("Soft inpainting settings", open=False, elem_id="img2img_soft_inpainting"):
+        for index, (name, label, (low, high), step, info) in enumerate(
+                zip(SOFT_INPAINTING_FIELDS, SOFT_LABELS, SOFT_RANGES, SOFT_STEPS, _SOFT_INFO)):
+            if index == 3:  # A1111's second group: how the final pixels are laid in
+                gr.Markdown("Pixel composite: the picture's pixels laid back where the result changed little")
+            sliders[name] = gr.Slider(low, high, value=defaults[name].default, step=step, label=label, info=info,
+                                      elem_id=f"img2img_{name}")
+    return {"soft_inpainting": enable} | sliders
 
 
 def shows_inpainting_settings(mode: str) -> gr.Accordion:
