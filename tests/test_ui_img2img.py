@@ -106,13 +106,17 @@ def test_generate_without_a_picture_or_with_an_unreadable_one_says_so_and_queues
            "Ignore negative prompt during early sampling": 0, "Negative Guidance minimum sigma": 0,
            "Noise multiplier for img2img": 1, "Extra noise multiplier for img2img and hires fix": 0,  # Sampler's
            "Token merging ratio": 0}
+
+    def given(block):  # what the page sends: the value above, else the control's own starting value
+        return raw.get(getattr(block, "label", None), getattr(block, "value", None))
+
     (tmp_path / "junk.png").write_bytes(b"not a png")
     picture().save(tmp_path / "whole.png")
     whole = (tmp_path / "whole.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(whole[:len(whole) // 2])  # opens, but its pixels end early
     for name in ("junk.png", "cut.png"):
         inputs = [uploaded(tmp_path / name) if block is ui.img2img.widgets["init_image"]
-                  else raw.get(getattr(block, "label", None)) for block in wiring.inputs]
+                  else given(block) for block in wiring.inputs]
         progress = through_gradio(ui, "img2img", *inputs)[2]
         assert f"Image: could not read {name} as an image" in progress and "dw-error" in progress, progress
         assert str(tmp_path) not in progress  # no server paths shown
@@ -121,8 +125,7 @@ def test_generate_without_a_picture_or_with_an_unreadable_one_says_so_and_queues
     # input).
     canvas = {"background": uploaded(tmp_path / "junk.png"), "layers": [], "composite": None}
     inputs = [canvas if block is ui.img2img.widgets["inpaint_canvas"] else uploaded(tmp_path / "whole.png")
-              if block is ui.img2img.widgets["init_image"] else raw.get(getattr(block, "label", None))
-              for block in wiring.inputs]
+              if block is ui.img2img.widgets["init_image"] else given(block) for block in wiring.inputs]
     progress = through_gradio(ui, "img2img", *inputs)[2]
     assert "dw-error" not in progress and len(queued) == 1, progress
     # On the Inpaint sub-tab, the same junk is named.
