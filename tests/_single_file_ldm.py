@@ -14,11 +14,22 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer."  # SD 1.x: Hugging Face CLIPTextModel keys under this prefix
 OPEN_CLIP = "cond_stage_model.model."  # SD 2.x: OpenCLIP keys
+SDXL_CLIP_L = "conditioner.embedders.0.transformer."  # SDXL (sgm layout): CLIP-L as Hugging Face keys
+SDXL_OPEN_CLIP = "conditioner.embedders.1.model."  # SDXL: OpenCLIP bigG keys, with its text projection
 
 
 def pipeline_to_ldm(pipe, open_clip: bool = False) -> dict[str, torch.Tensor]:
     text = open_clip_to_ldm(pipe.text_encoder) if open_clip else clip_to_ldm(pipe.text_encoder)
     return {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **text}
+
+
+def sdxl_pipeline_to_sgm(pipe) -> dict[str, torch.Tensor]:
+    """An SDXL base pipeline as one state dict in the sgm layout of SDXL's single files."""
+    clip_l = {SDXL_CLIP_L + key.removeprefix(CLIP): value for key, value in clip_to_ldm(pipe.text_encoder).items()}
+    open_clip = open_clip_to_ldm(pipe.text_encoder_2)
+    open_clip[OPEN_CLIP + "text_projection"] = pipe.text_encoder_2.text_projection.weight.T.contiguous()
+    open_clip = {SDXL_OPEN_CLIP + key.removeprefix(OPEN_CLIP): value for key, value in open_clip.items()}
+    return {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **clip_l, **open_clip}
 
 
 def _rename(key: str, pairs) -> str:
@@ -36,7 +47,8 @@ def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
     fixed = {"conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
              "time_embedding.linear_2.": "time_embed.2.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
              "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
-             "mid_block.resnets.1.": "middle_block.2."}
+             "mid_block.resnets.1.": "middle_block.2.",
+             "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}  # SDXL's
     out = {}
     for key, value in unet.state_dict().items():
         new = None
@@ -93,7 +105,7 @@ def clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
 
 
 def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items() if "text_projection" not in k}
     hidden = text_encoder.config.hidden_size
     out = {
         "token_embedding.weight": sd["embeddings.token_embedding.weight"],

@@ -317,7 +317,8 @@ def test_a_folder_naming_a_safety_checker_it_lacks_loads_without_one(models_dir,
     assert result.image.size == (64, 64)
 
 
-@pytest.mark.parametrize("kind, message", [("sdxl", "sdxl is an SDXL model"), ("flux", "flux is a FluxPipeline model"),
+@pytest.mark.parametrize("kind, message", [("sdxl", "sdxl is an SDXL refiner .* pick an SDXL base model"),
+                                           ("flux", "flux is a FluxPipeline model"),
                                            ("pix2pix", "pix2pix's UNet takes 8 input channels \\(an instruct-pix2pix")])
 def test_a_diffusers_folder_this_app_cannot_run_is_refused_when_loaded(models_dir, tmp_path, kind, message):
     """They loaded as an SD pipeline, then every image failed deep inside diffusers."""
@@ -330,7 +331,7 @@ def test_a_diffusers_folder_this_app_cannot_run_is_refused_when_loaded(models_di
     folder = tmp_path / "models" / kind
     shutil.copytree(models_dir / TINY, folder)
     part, changes = {
-        "sdxl": ("model_index.json", {"_class_name": "StableDiffusionXLPipeline",
+        "sdxl": ("model_index.json", {"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None],
                                       "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}),
         "flux": ("model_index.json", {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}),
         "pix2pix": ("unet/config.json", {"in_channels": 8})}[kind]

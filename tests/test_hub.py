@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from tests.tiny_sd import make_tiny_pipeline, save_tiny_model
+from tests.tiny_sdxl import save_tiny_sdxl_model
 from webui.config import Settings
 from webui.engine import hub
 from webui.engine.generate import Engine
@@ -238,15 +239,23 @@ def fake_hub(tmp_path, hf_cache, monkeypatch):
     single = tmp_path / "single"
     single.mkdir()
     (single / "model.safetensors").write_bytes(b"weights")
-    sdxl = tmp_path / "sdxl"
-    (sdxl / "text_encoder_2").mkdir(parents=True)
-    (sdxl / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
-    (sdxl / "text_encoder_2" / "model.safetensors").write_bytes(b"gigabytes of weights")
+    refiner = tmp_path / "sdxl-refiner"  # an SDXL refiner: the second text encoder alone
+    (refiner / "text_encoder_2").mkdir(parents=True)
+    (refiner / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    (refiner / "text_encoder_2" / "model.safetensors").write_bytes(b"gigabytes of weights")
+    sd3 = tmp_path / "sd3"
+    (sd3 / "transformer").mkdir(parents=True)
+    (sd3 / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    (sd3 / "transformer" / "model.safetensors").write_bytes(b"gigabytes of weights")
+    sdxl = save_tiny_sdxl_model(tmp_path / "sdxl")
     pix2pix = save_tiny_model(tmp_path / "pix2pix")
     unet_config = pix2pix / "unet" / "config.json"
     unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "in_channels": 8}))
-    server = FakeHub({REPO: repo, "test-org/single-file": single, "test-org/gated": repo, "test-org/sdxl": sdxl,
-                      "test-org/pix2pix": pix2pix}, gated=("test-org/gated",))
+    server = FakeHub({REPO: repo, "test-org/single-file": single, "test-org/gated": repo, "test-org/sd3": sd3,
+                      "test-org/sdxl-refiner": refiner, "test-org/sdxl": sdxl, "test-org/pix2pix": pix2pix},
+                     gated=("test-org/gated",))
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     yield server
     server.close()
@@ -290,8 +299,8 @@ def test_unknown_moved_gated_and_single_file_repositories_say_what_to_do(fake_hu
         engine.load("test-org/single-file")
     with pytest.raises(ModelLoadError, match=r"'test-org/gated' is gated: accept its licence .* HF_TOKEN"):
         engine.load("test-org/gated")
-    with pytest.raises(ModelLoadError, match=r"'test-org/sdxl' is not an SD 1.x or 2.x model \(SDXL"):
-        engine.load("test-org/sdxl")
+    with pytest.raises(ModelLoadError, match=r"'test-org/sd3' is not an SD 1.x, 2.x or SDXL model \(SD3"):
+        engine.load("test-org/sd3")
     assert fake_hub.fetched == []  # refused before anything was downloaded
 
 
@@ -300,6 +309,17 @@ def test_a_hub_instruct_pix2pix_model_is_refused_before_its_weights_are_download
         _engine(tmp_path).load("test-org/pix2pix")
     assert "unet/config.json" in fake_hub.fetched  # the UNet's config says it
     assert not [name for name in fake_hub.fetched if name.endswith((".safetensors", ".bin"))]
+
+
+def test_a_hub_sdxl_model_downloads_and_draws_and_a_refiner_is_refused_before_its_weights(fake_hub, tmp_path):
+    engine = _engine(tmp_path)
+    assert engine.load("test-org/sdxl").sdxl
+    assert _one_image(engine).size == (64, 64)
+    assert "text_encoder_2/config.json" in fake_hub.fetched and "tokenizer_2/tokenizer_config.json" in fake_hub.fetched
+    fake_hub.fetched.clear()
+    with pytest.raises(ModelLoadError, match="test-org/sdxl-refiner is an SDXL refiner .* pick an SDXL base model"):
+        engine.load("test-org/sdxl-refiner")
+    assert fake_hub.fetched == ["model_index.json"]  # its index says it, before any weights
 
 
 def test_a_hub_that_takes_the_connection_but_never_answers_gives_up(hf_cache, monkeypatch):

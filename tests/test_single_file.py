@@ -229,12 +229,17 @@ def _shapes(**extra):
 def test_detect_family_from_keys():
     assert detect_family(_shapes(**{single_file._CLIP_L: (77, 768)})) == "sd-v1"
     assert detect_family(_shapes(**{single_file._OPEN_CLIP: (49408, 1024)})) == "sd-v2"
-    with pytest.raises(SingleFileLoadError, match="SDXL"):
+    with pytest.raises(SingleFileLoadError, match="SDXL's text encoder keys but not an SDXL base model's UNet"):
         detect_family(_shapes(**{"conditioner.embedders.0.transformer.x": (1,)}))
     sgm_open_clip = {single_file._SGM_OPEN_CLIP: (49408, 1024)}
     assert detect_family(_shapes(**sgm_open_clip)) == "sd-v2"  # SD-Turbo
-    with pytest.raises(SingleFileLoadError, match="SDXL"):  # the SDXL refiner: the same embedder key, SDXL's UNet
+    with pytest.raises(SingleFileLoadError, match="an SDXL refiner"):  # the same embedder key, SDXL's UNet
         detect_family(_shapes(**sgm_open_clip, **{single_file._SDXL_UNET: (1280, 2816)}))
+    sdxl_base = {single_file._SDXL_UNET: (1280, 2816), single_file._SDXL_CLIP_L: (77, 768),
+                 single_file._SDXL_OPEN_CLIP: (77, 1280)}
+    assert detect_family(_shapes(**sdxl_base)) == "sdxl-base"
+    with pytest.raises(SingleFileLoadError, match="SDXL model whose UNet takes 9 input channels"):
+        detect_family({**sdxl_base, "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)})
     inpainting = {"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3), single_file._CLIP_L: (77, 768)}
     assert detect_family(inpainting) == "sd-v1"
     with pytest.raises(SingleFileLoadError, match="8 input channels \\(an instruct-pix2pix model\\)"):

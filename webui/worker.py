@@ -32,7 +32,8 @@ from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sh
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.interrogate import INTERROGATE_MODEL
 from webui.engine.models import ModelEntry, ModelNotFound
-from webui.engine.refiner import kind_of_entry, kind_problem
+from webui.engine.refiner import SDXL, kind_of_entry, kind_problem
+from webui.engine.sdxl import sdxl_problem
 from webui.engine.soft_inpainting import ENABLED_KEY, SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.upscalers import UpscalerError
 from webui.engine.vae import VaeFile
@@ -328,6 +329,7 @@ class Worker:
         return request
 
     def _check_runnable(self, request: GenerationRequest) -> None:
+        self._check_sdxl(request)  # first: an SDXL model refuses some features whatever else the request says
         self._check_against_loaded_model(request)
         self.engine.vaes.check(request.sd_vae)
         self._check_upscalers(request)
@@ -336,6 +338,21 @@ class Worker:
         self._check_other_checkpoints(request)
         self._check_controlnet(request)
         problem = composition_problem(request)
+        if problem:
+            raise InvalidRequest(problem)
+
+    def _check_sdxl(self, request: GenerationRequest) -> None:
+        """What an SDXL model cannot run yet (webui/engine/sdxl.py) is refused now, where the job's model is known to
+        be one: the loaded model, or one whose files say so (a hub model's kind is known once it loads: _prepare)."""
+        loaded = self.engine.model
+        if loaded is not None and loaded.names(request.model):
+            sdxl = loaded.sdxl
+        else:
+            try:
+                sdxl = request.model is not None and kind_of_entry(self.engine.registry.find(request.model)) == SDXL
+            except ModelNotFound:
+                sdxl = False  # the model's own check says so when the job starts
+        problem = sdxl and sdxl_problem(request)
         if problem:
             raise InvalidRequest(problem)
 
@@ -735,6 +752,9 @@ class Worker:
         request = job.request
         job.model = self.engine.load(request.model) if request.model else self.engine.require_model()
         _check_clip_skip(request, job.model)  # another model than at submit: checked now it is known
+        problem = job.model.sdxl and sdxl_problem(request)
+        if problem:
+            raise InvalidRequest(problem)
         request.check_hires(*job.model.size_for(request))
         self.engine.restore_device()  # after an unload-checkpoint
         job.vae = self.engine.use_vae(request.sd_vae)

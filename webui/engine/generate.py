@@ -13,7 +13,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -42,9 +42,10 @@ from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.noise import start_noise
 from webui.engine.preview import latents_to_preview
 from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
-from webui.engine.prompts import chunk_count, encode_parts, encode_prompt_pair, token_count
+from webui.engine.prompts import chunk_count, encode_parts, encode_prompt_pair, encode_sdxl_pair, token_count
 from webui.engine.refiner import first_refiner_call, kind_of_pipeline, kind_problem, pass_timesteps
 from webui.engine.samplers import make_scheduler
+from webui.engine.sdxl import is_sdxl, sdxl_problem
 from webui.engine.soft_inpainting import SoftInpainting, sigma_of
 from webui.engine.step_options import StepOptions, use_step_options
 from webui.engine.uncond_skip import SkipCalls, UncondSkip, skip_plan, skipping_uncond
@@ -157,6 +158,39 @@ def _nan_advice(dtype: torch.dtype) -> str:
             "Start with --no-half, or try a lower CFG scale or another sampler")
 
 
+class _Conds(NamedTuple):
+    """One prompt phase's embeddings: the prompt's and the negative prompt's; an SDXL model's pooled ones too."""
+
+    prompt: torch.Tensor
+    negative: torch.Tensor
+    pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+
+    def rows(self, count: int) -> "_Conds":
+        """The same, `count` rows each (one row shown `count` times)."""
+        return _Conds(*(None if part is None else part.expand(count, *part.shape[1:]) for part in self))
+
+    def call_inputs(self) -> dict:
+        """The pipeline call's embeddings arguments."""
+        inputs = {"prompt_embeds": self.prompt, "negative_prompt_embeds": self.negative}
+        if self.pooled is not None:
+            inputs |= {"pooled_prompt_embeds": self.pooled, "negative_pooled_prompt_embeds": self.negative_pooled}
+        return inputs
+
+    def step_inputs(self, guided: bool) -> dict:
+        """What a step's end hands the pipeline to read from the next step on (prompt editing, alternation): under
+        CFG the negative and positive rows as one batch, as the pipeline reads them; SDXL's pooled ones likewise."""
+        def batch(negative: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+            # Contiguous either way (the rows are one row shown `count` times): a compiled UNet would otherwise
+            # compile again for the other memory layout.
+            return torch.cat([negative, prompt]) if guided else prompt.contiguous()
+
+        inputs = {"prompt_embeds": batch(self.negative, self.prompt)}
+        if self.pooled is not None:
+            inputs["add_text_embeds"] = batch(self.negative_pooled, self.pooled)
+        return inputs
+
+
 @dataclass
 class _Run:
     """What the passes of one batch share (the hires fix runs two): the generators (the hires pass replaces them
@@ -172,7 +206,7 @@ class _Run:
     done: int = 0  # the steps of the passes finished
     reported: int = 0
     latents: torch.Tensor | None = None  # as they stood after the last step reported
-    encoded: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    encoded: dict[tuple[str, str], _Conds] = field(default_factory=dict)
     masked: "_MaskedStart | None" = None  # inpainting: what is kept, put back after every step
     # Tiling's wrap-around padding, on the model and on each checkpoint that takes over from it; undone after the run
     tiled: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
@@ -261,6 +295,7 @@ class LoadedModel:
     native_height: int
     text_encoder_layers: int  # the deepest Clip skip this model has
     inpainting: bool = False  # made for inpainting: its UNet also reads a mask and a masked picture
+    sdxl: bool = False  # an SDXL (base) model: webui/engine/sdxl.py says what it cannot run yet
 
     def names(self, name: str | None) -> bool:
         """`name` means this model (None keeps whatever is loaded)."""
@@ -362,6 +397,10 @@ class Engine:
             raise
 
     def _load_embeddings(self, pipe, already: EmbeddingSet | None = None) -> EmbeddingSet:
+        if is_sdxl(pipe):  # the folder's SD 1.x/2.x ones would be read for SDXL's as well; none is read yet
+            log.info("textual inversion embeddings are not loaded into SDXL models yet (SDXL ones hold vectors for "
+                     "both text encoders, which this server does not read); a prompt's embedding names stay words")
+            return EmbeddingSet()
         try:
             found = load_embeddings(pipe, self.settings.embeddings_folder, already)
         except Exception as err:  # the model works without them: say why, and go on
@@ -425,7 +464,7 @@ class Engine:
         self.embeddings = embeddings if embeddings is not None else self._load_embeddings(pipe)
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.model = LoadedModel(entry, short_hash, size, size, pipe.text_encoder.config.num_hidden_layers,
-                                 takes_masked_picture(pipe.unet))
+                                 takes_masked_picture(pipe.unet), is_sdxl(pipe))
         return self.model
 
     def unload(self) -> None:
@@ -524,6 +563,9 @@ class Engine:
         if request.uses_controlnet != (control is not None):
             raise ValueError("a ControlNet request needs its control map, and only it may have one")
         main = self.require_model()
+        problem = main.sdxl and sdxl_problem(request)
+        if problem:
+            raise ValueError(problem)
         try:
             images = self._generate_and_return(main, request, seeds, on_step, subseeds, init_image, inpainting,
                                                control, color_reference)
@@ -846,12 +888,7 @@ class Engine:
             if following == phase and not switching:
                 return changed
             phase = following
-            prompt_embeds, negative_embeds = embeddings[phase]
-            # The pipeline reads the negative and positive embeddings as one batch under CFG.
-            # Contiguous either way (the rows are one row shown `count` times): a compiled UNet would otherwise
-            # compile again for the other memory layout.
-            return changed | {"prompt_embeds": torch.cat([negative_embeds, prompt_embeds])
-                              if pipeline.do_classifier_free_guidance else prompt_embeds.contiguous()}
+            return changed | embeddings[phase].step_inputs(pipeline.do_classifier_free_guidance)
 
         if weights is not None and pipe.unet.config.get("time_cond_proj_dim") is not None:
             raise ValueError("this model is LCM-distilled and runs without classifier-free guidance, which AND and a "
@@ -867,9 +904,10 @@ class Engine:
               skipping_uncond(pipe.unet, skips), bent, merged_tokens(pipe.unet, merging), hooks):
             if refiner_call == 0:  # the pass starts past the switch (img2img, the hires fix)
                 to_refiner(pipe)
+            # SDXL's size conditioning is left to the pipeline: original and target size are the pass's (the
+            # hires pass's its own), the crop 0,0, as A1111 conditions SDXL.
             latents = pipe(
-                prompt_embeds=embeddings[0][0],
-                negative_prompt_embeds=embeddings[0][1],
+                **embeddings[0].call_inputs(),
                 num_inference_steps=schedule,
                 guidance_scale=request.cfg_scale,
                 generator=run.generators,
@@ -929,7 +967,7 @@ class Engine:
 
     def _encode_phases(self, phases: list[PromptPhase], count: int, clip_skip: int,
                        between_encodes: Callable[[], None] | None = None,
-                       encoded: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                       encoded: dict | None = None) -> list[_Conds]:
         """(prompt, negative) embeddings for each phase, `count` rows each. Each pair of texts is encoded once
         (in `encoded`, which a second pass shares), in one row shown `count` times (every image of a batch reads
         the same text; alternation repeats). `between_encodes` runs before each encode after the first, and may
@@ -940,18 +978,19 @@ class Engine:
             if texts not in encoded:
                 if encoded and between_encodes is not None:
                     between_encodes()
-                prompt_embeds, negative_embeds = self._encode_pair(phase.prompt, phase.negative, clip_skip)
-                encoded[texts] = prompt_embeds.expand(count, -1, -1), negative_embeds.expand(count, -1, -1)
+                encoded[texts] = self._encode_pair(phase.prompt, phase.negative, clip_skip).rows(count)
         return [encoded[(phase.prompt, phase.negative)] for phase in phases]
 
-    def _encode_pair(self, prompt: str, negative: str, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_pair(self, prompt: str, negative: str, clip_skip: int) -> _Conds:
         """One row of (prompt, negative) embeddings. A composed prompt's parts lie one after another along the
         tokens, and the negative prompt is repeated as often, so the two keep one shape (diffusers checks it);
-        composed_guidance splits them again around the UNet."""
+        composed_guidance splits them again around the UNet. SDXL reads no Clip skip (as A1111) and no AND (refused)."""
+        if is_sdxl(self.pipe):
+            return _Conds(*encode_sdxl_pair(self.pipe, part_texts(prompt), [negative]))
         if not is_composed(prompt):  # its text without a trailing ':1', which A1111 reads as the weight 1
-            return encode_prompt_pair(self.pipe, part_texts(prompt), [negative], clip_skip)
+            return _Conds(*encode_prompt_pair(self.pipe, part_texts(prompt), [negative], clip_skip))
         conds, uncond = encode_parts(self.pipe, part_texts(prompt), negative, clip_skip)
-        return conds.reshape(1, -1, conds.shape[-1]), uncond.repeat(1, conds.shape[0], 1)
+        return _Conds(conds.reshape(1, -1, conds.shape[-1]), uncond.repeat(1, conds.shape[0], 1))
 
     def _img2img_pipeline(self, noise: torch.Tensor, extra_noise: float = 0.0):
         """diffusers' img2img pipeline over the loaded model's components (shared, not copied), noising its start
@@ -959,9 +998,12 @@ class Engine:
         (A1111's Extra noise). Built per run, which costs
         milliseconds, and not with from_pipe: that casts every part to one dtype, which would undo an fp32 VAE
         (--no-half-vae)."""
-        from diffusers import StableDiffusionImg2ImgPipeline
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
-        pipe = StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
+        if is_sdxl(self.pipe):  # no watermark: the latents are decoded here, not by the pipeline
+            pipe = StableDiffusionXLImg2ImgPipeline(**self.pipe.components, add_watermarker=False)
+        else:
+            pipe = StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)  # as the loaded pipeline: progress goes to the page
         pipe.prepare_latents = functools.partial(_noised_latents, pipe, noise, extra_noise)
         return pipe

@@ -1,4 +1,4 @@
-"""Hub ids (`org/name`): find a Stable Diffusion model in the Hugging Face cache, or download it there once.
+"""Hub ids (`org/name`): find a Stable Diffusion (or SDXL) model in the Hugging Face cache, or download it there once.
 
 A hub repository often holds far more than one pipeline needs (runwayml's SD 1.5 repository also has two
 4-7 GB `.ckpt` files, fp16 and non-EMA copies and Flax weights), so only the diffusers layout is
@@ -19,8 +19,9 @@ from typing import Callable, Iterable
 
 log = logging.getLogger(__name__)
 
-# Parts of pipelines other than SD 1.x/2.x (SDXL's second text encoder; SD3's, Flux's, PixArt's transformer).
-NOT_SD_PARTS = ("text_encoder_2", "transformer")
+# Parts of pipelines other than SD 1.x/2.x and SDXL (SD3's, Flux's, PixArt's transformer). SDXL refiners are told
+# apart by their model_index.json (loader.check_pipeline_folder), fetched before any weights.
+NOT_SD_PARTS = ("transformer",)
 CONFIG_EXTENSIONS = (".json", ".txt", ".model")  # configs, tokenizer vocab/merges, sentencepiece
 # name[.variant][-00001-of-00002].ext, e.g. diffusion_pytorch_model.fp16.safetensors
 _WEIGHT_NAME = re.compile(r"^(?P<base>[^.]+?)(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d{5}-of-\d{5})?\.(?P<ext>safetensors|bin)$")
@@ -174,7 +175,8 @@ def download(repo_id: str, *, half: bool, safety_checker: bool = True, offline: 
                 "folder and pick it by name.") if singles else ""
         raise HubError(f"{repo_id!r} is not a diffusers Stable Diffusion repository (no model_index.json).{hint}")
     if any(f.split("/")[0] in NOT_SD_PARTS for f in files):  # found before gigabytes are fetched
-        raise HubError(f"{repo_id!r} is not an SD 1.x or 2.x model (SDXL, SD3, Flux, ...); only those load for now")
+        raise HubError(f"{repo_id!r} is not an SD 1.x, 2.x or SDXL model (SD3, Flux, PixArt, ...); only those load "
+                       "for now")
     wanted, variant = select_files(files, half=half, safety_checker=safety_checker)
     log.info("downloading %s (%d files%s) into %s", repo_id, len(wanted), ", fp16" if variant else "",
              hub_cache_dir())

@@ -1,4 +1,5 @@
-"""Load a model entry into a ready-to-run StableDiffusionPipeline on the chosen device.
+"""Load a model entry into a ready-to-run StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) on the chosen
+device.
 
 Precision and memory follow the flags: fp16 on CUDA unless --no-half, fp32 elsewhere;
 --medvram = model CPU offload, --lowvram = sequential offload; SDPA attention by default and
@@ -18,6 +19,7 @@ from webui.config import Settings
 from webui.engine import hub
 from webui.engine.inpainting_model import INPAINTING_CHANNELS, takes_masked_picture, unet_refusal
 from webui.engine.models import ModelEntry
+from webui.engine.single_file import sdxl_refiner_refusal
 from webui.zerogpu import zerogpu_requested
 
 log = logging.getLogger(__name__)
@@ -115,17 +117,15 @@ def park_on_cpu(pipe, settings: Settings, placement: Placement) -> bool:
 
 
 def _read_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
-
     skip_checker = {"safety_checker": None, "requires_safety_checker": False} if settings.no_safety_checker else {}
     if entry.kind == "diffusers":
-        check_pipeline_folder(Path(entry.source), entry.name)
+        pipeline_class = check_pipeline_folder(Path(entry.source), entry.name)
         if not skip_checker and _safety_checker_missing(Path(entry.source)):
             log.warning("%s names a safety checker whose files are missing; loading it without one (no NSFW "
                         "filter)", entry.name)
             skip_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-        return StableDiffusionPipeline.from_pretrained(entry.source, dtype=dtype, local_files_only=True,
-                                                       **skip_checker)
+        return pipeline_class.from_pretrained(entry.source, dtype=dtype, local_files_only=True,
+                                              **_pipeline_options(pipeline_class, skip_checker))
     if entry.kind == "single_file":
         from webui.engine.single_file import load_single_file_pipeline
 
@@ -133,18 +133,33 @@ def _read_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype):
     return _read_hub_pipeline(entry, settings, dtype, skip_checker)
 
 
-def check_pipeline_folder(folder: Path, name: str) -> None:
-    """Refuse, before reading gigabytes, a diffusers folder this app cannot run: it would load as an SD
-    pipeline and then fail every image deep inside diffusers (SDXL: a NoneType error; inpainting: a tensor
-    size mismatch)."""
+def check_pipeline_folder(folder: Path, name: str):
+    """The diffusers pipeline class to read the folder with (SD or SDXL); refuse, before reading gigabytes, a folder
+    this app cannot run: it would load and then fail every image deep inside diffusers (an SDXL refiner, whose
+    only text encoder is the second; another family; an UNet of other inputs: a tensor size mismatch)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
     index = _read_json(folder / "model_index.json")
     kind = str(index.get("_class_name", ""))
-    if any(part in index for part in hub.NOT_SD_PARTS):
-        what = "an SDXL model" if kind.startswith("StableDiffusionXL") else f"a {kind or 'non-SD 1.x/2.x'} model"
-        raise ModelLoadError(f"{name} is {what}; only SD 1.x and 2.x models load for now")
     in_channels = _read_json(folder / "unet" / "config.json").get("in_channels", 4)
+    if kind.startswith("StableDiffusionXL") and not any(part in index for part in hub.NOT_SD_PARTS):
+        if not (index.get("text_encoder") or [None])[0]:
+            raise ModelLoadError(sdxl_refiner_refusal(name))
+        if in_channels != 4:
+            raise ModelLoadError(f"{name} is an SDXL model whose UNet takes {in_channels} input channels (an "
+                                 "inpainting or instruct-pix2pix model); only SDXL base models load for now")
+        return StableDiffusionXLPipeline
+    if any(part in index for part in (*hub.NOT_SD_PARTS, "text_encoder_2")):
+        raise ModelLoadError(f"{name} is a {kind or 'non-SD'} model; only SD 1.x, 2.x and SDXL models load for now")
     if in_channels not in (4, INPAINTING_CHANNELS):
         raise ModelLoadError(unet_refusal(name, in_channels))
+    return StableDiffusionPipeline
+
+
+def _pipeline_options(pipeline_class, skip_checker: dict) -> dict:
+    """from_pretrained's options: SD's safety checker ones; for SDXL, no invisible watermark (it marks decoded
+    pictures, and this app decodes its latents itself)."""
+    return {"add_watermarker": False} if "XL" in pipeline_class.__name__ else skip_checker
 
 
 def _read_json(path: Path) -> dict:
@@ -171,14 +186,12 @@ def _safety_checker_missing(folder: Path) -> bool:
 
 def _read_hub_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype, extra: dict):
     """A hub id: load it from the Hugging Face cache, or download it there once (webui/engine/hub.py)."""
-    from diffusers import StableDiffusionPipeline
-
     half = dtype != torch.float32
 
     def from_snapshot(snapshot: hub.HubSnapshot):
-        check_pipeline_folder(snapshot.folder, entry.source)
-        return StableDiffusionPipeline.from_pretrained(snapshot.folder, dtype=dtype, variant=snapshot.variant,
-                                                       local_files_only=True, **extra)
+        pipeline_class = check_pipeline_folder(snapshot.folder, entry.source)
+        return pipeline_class.from_pretrained(snapshot.folder, dtype=dtype, variant=snapshot.variant,
+                                              local_files_only=True, **_pipeline_options(pipeline_class, extra))
 
     cached = hub.cached_snapshot(entry.source, half)
     if cached is not None:

@@ -1,6 +1,6 @@
 """Cheap live previews of latents during denoising.
 
-For full-size SD 1.x/2.x VAEs a linear map from the 4 latent channels to RGB is good enough and
+For full-size SD 1.x/2.x and SDXL VAEs a linear map from the 4 latent channels to RGB is good enough and
 costs nothing; for small VAEs (the embedded model, test models) a real decode is just as cheap and
 far more faithful, so those are decoded.
 """
@@ -18,6 +18,14 @@ SD_LATENT_RGB = torch.tensor([
     [-0.158, 0.189, 0.264],
     [-0.184, -0.271, -0.473],
 ])
+# SDXL's latents (a VAE scaling factor of 0.13025) map to RGB otherwise; A1111's cheap approximation uses these.
+SDXL_LATENT_RGB = torch.tensor([
+    [0.3448, 0.4168, 0.4395],
+    [-0.1953, -0.0290, 0.0250],
+    [0.1074, 0.0886, -0.0163],
+    [-0.3730, -0.2499, -0.2088],
+])
+SDXL_SCALING_FACTOR = 0.13025
 SMALL_VAE_PARAMS = 5_000_000
 
 
@@ -30,7 +38,8 @@ def latents_to_preview(latents: torch.Tensor, vae) -> Image.Image:
             decoded = vae.decode((first / vae.config.scaling_factor).to(vae.dtype)).sample[0]
         rgb = (decoded.float().clamp(-1, 1) + 1) / 2
     elif first.shape[1] == 4:
-        rgb = torch.einsum("chw,cr->rhw", first[0].float().cpu(), SD_LATENT_RGB)
+        factors = SDXL_LATENT_RGB if vae.config.scaling_factor == SDXL_SCALING_FACTOR else SD_LATENT_RGB
+        rgb = torch.einsum("chw,cr->rhw", first[0].float().cpu(), factors)
         rgb = ((rgb + 1) / 2).clamp(0, 1)
     else:  # an unknown latent layout: show the first three channels normalised
         rgb = first[0, :3].float()

@@ -10,7 +10,8 @@ Attention syntax, as stable-diffusion-webui reads it: `(word)` weighs 1.1, `[wor
 cross), a backslash makes a bracket literal, and `BREAK` starts a new 75-token chunk. A chunk that
 fills up within 20 tokens after a comma ends at that comma, so a tag is not cut in two. A weight scales the token's embedding, and the chunk is then scaled back to its old
 mean. Prompt editing ([a:b:0.5]) and alternation ([a|b]) are resolved before this, per step
-(prompt_schedule.py); <lora:...> is not read: it stays text.
+(prompt_schedule.py); <lora:...> is not read: it stays text. An SDXL model reads the same chunks with both its
+text encoders (encode_sdxl_pair).
 """
 from __future__ import annotations
 
@@ -85,13 +86,38 @@ def encode_prompt_pair(pipe, prompts: list[str], negatives: list[str], clip_skip
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings for prompts and negative prompts, padded to the same number of chunks
     (classifier-free guidance needs equal shapes)."""
-    prompt_chunks = [_chunks(pipe.tokenizer, text) for text in prompts]
-    negative_chunks = [_chunks(pipe.tokenizer, text) for text in negatives]
-    count = max(len(chunks) for chunks in prompt_chunks + negative_chunks)
-    empty = _chunks(pipe.tokenizer, "")[0]
-    batch = [chunks + [empty] * (count - len(chunks)) for chunks in prompt_chunks + negative_chunks]
-    embeddings = _encode(pipe, batch, clip_skip)
+    embeddings = _encode(pipe, _padded_chunks(pipe.tokenizer, prompts + negatives), clip_skip)
     return embeddings[: len(prompts)], embeddings[len(prompts):]
+
+
+def encode_sdxl_pair(pipe, prompts: list[str], negatives: list[str]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An SDXL model's (prompt, negative, pooled prompt, pooled negative) embeddings, as A1111 conditions SDXL: each
+    75-token chunk is read by both text encoders (the penultimate layer of each, without its final norm), each
+    encoder's output weighted on its own (as ours for SD), the two joined side by side (768 + 1280 = 2048 wide for
+    SDXL); the pooled vector is the second encoder's projection of a text's first chunk, unweighted. An empty
+    negative prompt is all zeros (A1111 and diffusers both zero it). Clip skip is not read: A1111 ignores it for
+    SDXL by default (its "Clip skip SDXL" option, off by default, would apply it to CLIP-L alone)."""
+    texts = prompts + negatives
+    device = pipe._execution_device
+    first, _ = _encode_penultimate(pipe.text_encoder, _padded_chunks(pipe.tokenizer, texts), device)
+    # The second tokenizer pads with "!" (OpenCLIP's padding); the chunks are the same (one BPE vocabulary).
+    second, pooled = _encode_penultimate(pipe.text_encoder_2, _padded_chunks(pipe.tokenizer_2, texts), device)
+    hidden = torch.cat([first, second.to(first.dtype)], dim=-1)
+    empty_negative = torch.tensor([index >= len(prompts) and not text for index, text in enumerate(texts)],
+                                  device=hidden.device)
+    hidden = hidden.masked_fill(empty_negative[:, None, None], 0)
+    pooled = pooled.masked_fill(empty_negative[:, None], 0)
+    count = len(prompts)
+    return hidden[:count], hidden[count:], pooled[:count], pooled[count:]
+
+
+def _padded_chunks(tokenizer, texts: list[str]) -> list[list[Chunk]]:
+    """Each text's chunks, the shorter ones padded with empty chunks to the longest's count."""
+    chunked = [_chunks(tokenizer, text) for text in texts]
+    count = max(len(chunks) for chunks in chunked)
+    empty = _chunks(tokenizer, "")[0]
+    return [chunks + [empty] * (count - len(chunks)) for chunks in chunked]
 
 
 def encode_parts(pipe, parts: list[str], negative: str, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,10 +214,7 @@ def _token_groups(tokenizer, text: str) -> list[list[int]]:
 def _encode(pipe, batch: list[list[Chunk]], clip_skip: int) -> torch.Tensor:
     """[prompt][chunk] -> (prompts, chunks * 77, hidden); clip_skip=2 takes the penultimate layer."""
     encoder = pipe.text_encoder
-    prompts, chunks = len(batch), len(batch[0])
-    device = pipe._execution_device
-    input_ids = torch.tensor([ids for prompt in batch for ids, _ in prompt], device=device)
-    weights = torch.tensor([w for prompt in batch for _, w in prompt], device=device)
+    input_ids, weights = _token_tensors(batch, pipe._execution_device)
     if clip_skip <= 1 or _is_open_clip(encoder):
         hidden = encoder(input_ids)[0]
     else:
@@ -201,9 +224,34 @@ def _encode(pipe, batch: list[list[Chunk]], clip_skip: int) -> torch.Tensor:
         states = encoder(input_ids, output_hidden_states=True).hidden_states
         layers = getattr(encoder, "text_model", encoder)  # transformers 4.x wraps the layers
         hidden = layers.final_layer_norm(states[-clip_skip])
+    return _weighted(hidden, weights, len(batch), encoder.dtype)
+
+
+def _encode_penultimate(encoder, batch: list[list[Chunk]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[prompt][chunk] -> the encoder's penultimate layer (prompts, chunks * 77, hidden), weighted, as SDXL reads
+    both its text encoders; and for an encoder with a projection, each prompt's first chunk projected (prompts,
+    projection), else None."""
+    input_ids, weights = _token_tensors(batch, device)
+    output = encoder(input_ids, output_hidden_states=True)
+    hidden = _weighted(output.hidden_states[-2], weights, len(batch), encoder.dtype)
+    projected = getattr(output, "text_embeds", None)
+    if projected is None:
+        return hidden, None
+    return hidden, projected.reshape(len(batch), -1, projected.shape[-1])[:, 0]
+
+
+def _token_tensors(batch: list[list[Chunk]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[prompt][chunk] -> the token ids and their weights, a row per chunk."""
+    input_ids = torch.tensor([ids for prompt in batch for ids, _ in prompt], device=device)
+    weights = torch.tensor([w for prompt in batch for _, w in prompt], device=device)
+    return input_ids, weights
+
+
+def _weighted(hidden: torch.Tensor, weights: torch.Tensor, prompts: int, dtype: torch.dtype) -> torch.Tensor:
+    """A row per chunk -> the chunks weighted, and a prompt's chunks joined: (prompts, chunks * 77, hidden)."""
     if (weights != 1).any():
         hidden = _weigh(hidden.float(), weights)
-    return hidden.reshape(prompts, chunks * hidden.shape[1], hidden.shape[2]).to(dtype=encoder.dtype)
+    return hidden.reshape(prompts, -1, hidden.shape[2]).to(dtype=dtype)
 
 
 def _is_open_clip(encoder) -> bool:

@@ -12,9 +12,14 @@ import torch
 from webui.engine.models import ModelEntry
 from webui.engine.single_file import read_header
 
-# single-file keys that tell the kinds apart: the UNet's input (9 channels: inpainting) and its text width
+SDXL = "SDXL"  # its UNet reads text embeddings 2048 wide
+
+# single-file keys that tell the kinds apart: the UNet's input (9 channels: inpainting), its text width, SDXL's size
+# conditioning and its base's first text encoder (a refiner has none)
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _CROSS_ATTENTION = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+_SDXL_UNET = "model.diffusion_model.label_emb.0.0.weight"
+_SDXL_CLIP_L = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
 
 
 def completed_ratio(timestep: float) -> float:
@@ -37,10 +42,13 @@ def pass_timesteps(scheduler, schedule: int, steps: int) -> torch.Tensor:
     return scheduler.timesteps[(schedule - steps) * scheduler.order:]
 
 
-def kind_from_config(cross_attention_dim: int, in_channels: int, prediction_type: str | None = None) -> str:
-    """A model's kind in words ("SD 1.x", "SD 2.x inpainting", ...): what must match between a model and its
-    refiner, whose UNet goes on from the model's latents with the model's scheduler."""
-    family = {768: "SD 1.x", 1024: "SD 2.x"}.get(cross_attention_dim, f"text width {cross_attention_dim}")
+def kind_from_config(cross_attention_dim: int, in_channels: int, prediction_type: str | None = None,
+                     addition_embed_type: str | None = None) -> str:
+    """A model's kind in words ("SD 1.x", "SD 2.x inpainting", "SDXL", ...): what must match between a model and its
+    refiner, whose UNet goes on from the model's latents with the model's scheduler. SDXL's UNet is known by its size
+    conditioning ("text_time")."""
+    family = SDXL if addition_embed_type == "text_time" else {768: "SD 1.x", 1024: "SD 2.x"}.get(
+        cross_attention_dim, f"text width {cross_attention_dim}")
     inpainting = " inpainting" if in_channels == 9 else ""
     v_prediction = " v-prediction" if prediction_type == "v_prediction" else ""
     return f"{family}{inpainting}{v_prediction}"
@@ -48,7 +56,8 @@ def kind_from_config(cross_attention_dim: int, in_channels: int, prediction_type
 
 def kind_of_pipeline(pipe) -> str:
     config = pipe.unet.config
-    return kind_from_config(config.cross_attention_dim, config.in_channels, pipe.scheduler.config.get("prediction_type"))
+    return kind_from_config(config.cross_attention_dim, config.in_channels, pipe.scheduler.config.get("prediction_type"),
+                            config.get("addition_embed_type"))
 
 
 def kind_of_entry(entry: ModelEntry) -> str | None:
@@ -61,9 +70,12 @@ def kind_of_entry(entry: ModelEntry) -> str | None:
             scheduler_config = path / "scheduler" / "scheduler_config.json"
             prediction = (json.loads(scheduler_config.read_text()).get("prediction_type")
                           if scheduler_config.exists() else None)
-            return kind_from_config(unet["cross_attention_dim"], unet["in_channels"], prediction)
+            return kind_from_config(unet["cross_attention_dim"], unet["in_channels"], prediction,
+                                    unet.get("addition_embed_type"))
         if entry.kind == "single_file" and path is not None and path.suffix.lower() == ".safetensors":
             shapes, _ = read_header(path)
+            if _SDXL_UNET in shapes:  # a refiner (no first text encoder) is refused when it loads
+                return SDXL if _SDXL_CLIP_L in shapes else None
             if _UNET_IN not in shapes or _CROSS_ATTENTION not in shapes:
                 return None
             kind = kind_from_config(shapes[_CROSS_ATTENTION][1], shapes[_UNET_IN][1])

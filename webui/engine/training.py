@@ -274,6 +274,9 @@ def prepare(engine, plan: TrainingPlan) -> None:
     what = f"{plan.kind}s"
     if takes_masked_picture(engine.pipe.unet):
         raise TrainingError(f"the loaded model is made for inpainting; load the model it was made from to train {what}")
+    if engine.model.sdxl:  # both trainers read and write SD 1.x/2.x layouts (one text encoder, its attention)
+        raise TrainingError(f"the loaded model is an SDXL model, which cannot train {what} yet; load an SD 1.x/2.x "
+                            "model to train")
     settings = engine.settings
     if engine.placement.device == "cuda" and (settings.medvram or settings.lowvram):
         # Offloading moves the text encoder off the GPU while the UNet runs, before the backward pass needs it.
