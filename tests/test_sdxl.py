@@ -359,3 +359,20 @@ def test_the_api_txt2img_draws_with_the_sdxl_model(services):
         assert picture.size == (64, 64)
         refused = client.post("/sdapi/v1/txt2img", json={"prompt": "a <lora:x:1>", "steps": 2})
         assert refused.status_code in (400, 422) and "SDXL" in refused.text
+
+
+@pytest.mark.parametrize("field", ["refiner_checkpoint", "hr_checkpoint_name"])
+def test_another_sdxl_model_takes_over_as_refiner_or_hires_checkpoint(models, tmp_path, field):
+    import shutil
+
+    folder = tmp_path / "models"
+    shutil.copytree(models / XL, folder / XL)
+    save_tiny_sdxl_model(folder / "other-xl", seed=7)
+    two = Engine(Settings(models_dir=folder, device="cpu"), ModelRegistry(folder, tmp_path / "h.json"))
+    two.load(XL)
+    extra = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5} if field == "hr_checkpoint_name" else {
+        "refiner_switch_at": 0.5}
+    [taken_over] = draw(two, [4], steps=4, **{field: "other-xl"} | extra)
+    [alone] = draw(two, [4], steps=4, **extra)
+    assert taken_over.shape == alone.shape and not (taken_over == alone).all()
+    assert two.model.entry.name == XL  # the model again after the run, as A1111
