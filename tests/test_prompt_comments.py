@@ -2,6 +2,8 @@
 the infotext; the setting turns it off."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -66,3 +68,14 @@ def test_the_token_counter_leaves_comments_uncounted(services):
     actions = GenerationActions(services, ModelActions(services))
     assert actions.count_tokens("a red apple # and a very long note that would count many tokens") == \
         actions.count_tokens("a red apple")
+
+
+def test_an_api_request_overrides_the_setting_for_itself_alone(services):
+    body = {"prompt": "a red apple # try green next", "steps": 2, "width": 64, "height": 64, "seed": 5}
+    with TestClient(create_api_app(services)) as client:
+        kept = client.post("/sdapi/v1/txt2img", json=body | {"override_settings": {"enable_prompt_comments": False}})
+        stripped = client.post("/sdapi/v1/txt2img", json=body)
+        bad = client.post("/sdapi/v1/txt2img", json=body | {"override_settings": {"enable_prompt_comments": "maybe"}})
+    assert json.loads(kept.json()["info"])["prompt"] == "a red apple # try green next"
+    assert json.loads(stripped.json()["info"])["prompt"] == "a red apple"  # the setting (on) for the next request
+    assert bad.status_code == 422 and "override_settings.enable_prompt_comments" in bad.json()["detail"], bad.text

@@ -151,6 +151,8 @@ class GenerationRequest(BaseModel):
                                             "noised with, times this (A1111's Noise multiplier for img2img; 1: as is)")
     img2img_extra_noise: float = Field(0.0, ge=0.0, le=1.0, description="img2img and the hires fix: that much more "
                                        "of the start noise added (A1111's Extra noise; 0: none)")
+    prompt_comments: bool | None = Field(None, description="leave out of the prompts what follows a # on its line "
+                                         "(None: as the Settings tab's Enable comments says)")
     # A1111's step options (webui/engine/step_options.py: which samplers follow each) and its Eta noise seed delta.
     eta_ddim: float = Field(0.0, ge=0.0, le=STEP_LIMITS["eta_ddim"], description="DDIM: how much fresh noise each step "
                             "adds (0: deterministic; A1111's Eta for DDIM)")

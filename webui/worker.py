@@ -322,7 +322,8 @@ class Worker:
     def _prepared(self, request: GenerationRequest | dict) -> GenerationRequest:
         """The request checked, with its styles joined in, then its prompts' comments left out (A1111's order)."""
         request = self._with_styles(parse_request(request))
-        if self.options.current().enable_prompt_comments:
+        comments = request.prompt_comments
+        if comments if comments is not None else self.options.current().enable_prompt_comments:
             stripped = without_comments(request.model_dump(include=set(PROMPT_FIELDS)))
             if stripped:
                 request = parse_request(request.model_dump() | stripped)

@@ -166,6 +166,8 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         correction = overrides.get("img2img_color_correction")
         data["color_correction"] = False if correction is None else correction
     data |= option_fields(req, _IMG2IMG_OPTION_FIELDS if img2img else _OPTION_FIELDS, default_options)
+    if overrides.get("enable_prompt_comments") is not None:  # else the Settings tab's, for everyone
+        data["prompt_comments"] = overrides["enable_prompt_comments"]
     data |= token_merging_fields(req, pasted, default_options)
     script, refused = script_fields(req)
     data |= script
@@ -425,6 +427,7 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
         names["init_image"] = "init_images[0]"
         names["color_correction"] = "override_settings.img2img_color_correction"
         names |= scripts.sd_upscale_names()
+    names["prompt_comments"] = "override_settings.enable_prompt_comments"
     return names
 
 
