@@ -75,3 +75,19 @@ def interrupted_api_training(client, services, route: str, body: dict) -> tuple[
     waiting.join(60)
     [answer] = answers
     return progress, answer
+
+
+def inpainting_model_engine(folder):
+    """An Engine with the tiny model made for inpainting (a 9-channel UNet) loaded from `folder`, recording what its
+    UNet reads in `unet_inputs`."""
+    from tests.tiny_sd import save_tiny_model
+    from webui.config import Settings
+    from webui.engine.generate import Engine
+    from webui.engine.models import ModelRegistry
+
+    save_tiny_model(folder / "tiny-inpainting", in_channels=9)
+    loaded = Engine(Settings(models_dir=folder, device="cpu"), ModelRegistry(folder, folder / "hashes.json"))
+    loaded.load("tiny-inpainting")
+    loaded.unet_inputs = []
+    loaded.pipe.unet.register_forward_hook(lambda _module, args, _out: loaded.unet_inputs.append(args[0]))
+    return loaded

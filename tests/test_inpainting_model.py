@@ -7,28 +7,19 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import noise_picture
+from tests.helpers import inpainting_model_engine, noise_picture
 from tests.tiny_sd import save_tiny_model
-from webui.config import Settings
 from webui.engine.fast_path import compile_choice
-from webui.engine.generate import Engine
 from webui.engine.img2img import image_sha1
 from webui.engine.inpaint import prepare_inpainting, read_mask
 from webui.engine.inpainting_model import masked_picture_input
-from webui.engine.models import ModelRegistry
 from webui.schemas import GenerationRequest
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     """The tiny model with a 9-channel UNet, loaded from a diffusers folder, recording what its UNet reads."""
-    folder = tmp_path_factory.mktemp("models")
-    save_tiny_model(folder / "tiny-inpainting", in_channels=9)
-    loaded = Engine(Settings(models_dir=folder, device="cpu"), ModelRegistry(folder, folder / "hashes.json"))
-    loaded.load("tiny-inpainting")
-    loaded.unet_inputs = []
-    loaded.pipe.unet.register_forward_hook(lambda _module, args, _out: loaded.unet_inputs.append(args[0]))
-    return loaded
+    return inpainting_model_engine(tmp_path_factory.mktemp("models"))
 
 
 def run(engine, request, seeds=(3,), **pictures) -> list[np.ndarray]:

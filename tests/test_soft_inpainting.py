@@ -252,18 +252,9 @@ def test_only_masked_soft_inpainting_keeps_the_picture_outside_the_region(engine
 @pytest.fixture(scope="module")
 def inpainting_engine(tmp_path_factory):
     """The tiny model with a 9-channel UNet, recording what its UNet reads."""
-    from tests.tiny_sd import save_tiny_model
-    from webui.config import Settings
-    from webui.engine.generate import Engine
-    from webui.engine.models import ModelRegistry
+    from tests.helpers import inpainting_model_engine
 
-    folder = tmp_path_factory.mktemp("models")
-    save_tiny_model(folder / "tiny-inpainting", in_channels=9)
-    loaded = Engine(Settings(models_dir=folder, device="cpu"), ModelRegistry(folder, folder / "hashes.json"))
-    loaded.load("tiny-inpainting")
-    loaded.unet_inputs = []
-    loaded.pipe.unet.register_forward_hook(lambda _module, args, _out: loaded.unet_inputs.append(args[0]))
-    return loaded
+    return inpainting_model_engine(tmp_path_factory.mktemp("models"))
 
 
 def test_an_inpainting_model_reads_the_masks_shades_as_a1111_gives_them_with_soft_inpainting(inpainting_engine):
