@@ -53,7 +53,7 @@ _UNSUPPORTED = (
     ("codeformer_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
     ("alwayson_scripts", lambda v: any(name.lower() not in ("controlnet", scripts.SOFT_INPAINTING) for name in v or {}),
      "no always-on script but ControlNet (alwayson_scripts.controlnet) and Soft inpainting (alwayson_scripts."
-     "soft inpainting, on img2img) is installed on this server"),
+     "soft inpainting, on img2img) are installed on this server; leave the others out"),
     ("firstphase_width", lambda v: bool(v), "the old hires fix's first-pass size is not supported; send 0, and "
                                             "hr_scale or hr_resize_x/hr_resize_y for the larger size"),
     ("firstphase_height", lambda v: bool(v), "the old hires fix's first-pass size is not supported; send 0, and "
