@@ -17,11 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from webui.config import Settings
 from webui.engine.hypernetwork_training import (
-    DEFAULT_SIZES, OFFERED_ACTIVATIONS, WEIGHT_INITS, new_hypernetwork_state, write_hypernetwork_file,
+    DEFAULT_SIZES, OFFERED_ACTIVATIONS, WEIGHT_INITS, new_hypernetwork_state,
 )
 from webui.engine.hypernetworks import HYPERNETWORK_SUFFIXES, Structure
 from webui.engine.models import HYPERNETWORKS_FOLDER, files_by_name
-from webui.engine.training import TrainingPlan
+from webui.engine.training import TrainingPlan, save_whole
 from webui.schemas import InvalidRequest
 from webui.training import TrainFields, new_file_path, plan_run
 
@@ -86,7 +86,7 @@ def create_hypernetwork(new: NewHypernetwork, folder: Path) -> Path:
     """Check the new hypernetwork (InvalidRequest) and write its file: its networks freshly initialized, as A1111
     makes them (their outputs near 0: it starts out changing little); step 0. Prompts find it by its name at once."""
     path, sizes, structure, weight_init = checked_new_hypernetwork(new, folder)
-    write_hypernetwork_file(path, new_hypernetwork_state(path.stem, sizes, structure, weight_init))
+    save_whole(path, new_hypernetwork_state(path.stem, sizes, structure, weight_init))
     return path
 
 

@@ -68,10 +68,6 @@ def _initialized(network: torch.nn.Module, weight_init: str, activation: str | N
     return network
 
 
-def write_hypernetwork_file(path: Path, state: dict) -> None:
-    save_whole(path, state)
-
-
 # --- training -------------------------------------------------------------------------------------
 def train_hypernetwork(engine, plan: TrainingPlan, hooks: TrainingHooks) -> TrainingOutcome:
     """Train the hypernetwork `plan.name` on the loaded model, on the worker thread (training.run_training); its
