@@ -38,40 +38,18 @@ def _rename(key: str, pairs) -> str:
     return key
 
 
-_UNET_RESNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
-                ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")]
-
-
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
-    per_level = unet.config.layers_per_block + 1  # LDM numbers resnets and samplers in one flat list
-    fixed = {"conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
-             "time_embedding.linear_2.": "time_embed.2.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
-             "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
-             "mid_block.resnets.1.": "middle_block.2.",
-             "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}  # SDXL's
+    """The UNet's weights by the engine's own mapping to the original layout (webui/engine/lora.py sgm_name, which
+    kohya's SDXL LoRAs need): the single-file tests then check that mapping against diffusers' converter."""
+    from webui.engine.lora import sgm_name
+
     out = {}
     for key, value in unet.state_dict().items():
-        new = None
-        for old, ldm in fixed.items():
-            if key.startswith(old):
-                new = ldm + key[len(old):]
-        if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-            level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-            new = f"input_blocks.{level * per_level + j + 1}.{0 if kind == 'resnets' else 1}.{rest}"
-        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
-            new = f"input_blocks.{(int(m[1]) + 1) * per_level}.0.op.{m[2]}"
-        elif m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-            level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-            new = f"output_blocks.{level * per_level + j}.{0 if kind == 'resnets' else 1}.{rest}"
-        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
-            level = int(m[1])
-            has_attention = hasattr(unet.up_blocks[level], "attentions")
-            new = f"output_blocks.{level * per_level + per_level - 1}.{2 if has_attention else 1}.conv.{m[2]}"
+        module, _, parameter = key.rpartition(".")
+        new = sgm_name(module, unet.config)
         if new is None:
             raise KeyError(f"no LDM name for UNet key {key}")
-        if "resnets" in key:
-            new = _rename(new, _UNET_RESNET)
-        out[UNET + new] = value
+        out[f"{UNET}{new}.{parameter}"] = value
     return out
 
 

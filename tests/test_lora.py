@@ -226,7 +226,9 @@ def test_a_lora_changes_the_picture_and_leaves_no_trace_in_the_next_run(lora_eng
     ({"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.zeros(16, 2)}, "lacks hada_w1_b.*not a LoHa"),
     ({"lora_unet_down_blocks_0_resnets_0_conv1.dora_scale": torch.zeros(1, 16)}, "DoRA"),
     ({"lora_unet_down_blocks_0_resnets_0_conv1.oft_blocks": torch.zeros(4, 4, 4)}, "OFT"),
-    ({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(4, 2)}, "for SDXL"),
+    ({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(4, 2),
+      "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 4)},
+     "made for SDXL .it changes a second text encoder.; this model is SD 1.x/2.x"),
     ({"emb_params": torch.zeros(4, 32)}, "no layers this server reads"),
 ])
 def test_a_lora_that_does_not_fit_is_refused_and_the_weights_stay_as_loaded(lora_engine, tmp_path, state, says):

@@ -250,8 +250,7 @@ def test_tiling_makes_a_picture_that_wraps_around(engine):
 
 # --- refusals -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fields, named", [
-    ({"prompt": "a cat <lora:style:0.8>"}, "prompt: <lora:...> tags are not applied to SDXL models yet"),
-    ({"prompt": "a cat", "enable_hr": True, "hr_prompt": "a cat <lora:style:1>"}, "hr_prompt: <lora:...> tags"),
+    ({"prompt": "a cat", "enable_hr": True, "hr_prompt": "a cat <hypernet:anime:1>"}, "hr_prompt: <hypernet:...>"),
     ({"prompt": "a cat <hypernet:anime:1>"}, "prompt: <hypernet:...> tags are not applied to SDXL models yet"),
     ({"prompt": "a cat AND a dog"}, "prompt: AND \\(composable prompts"),
     ({"prompt": "a cat:1.3"}, "prompt: AND \\(composable prompts, or a prompt's own weight"),
@@ -357,7 +356,7 @@ def test_the_api_txt2img_draws_with_the_sdxl_model(services):
         assert answer.status_code == 200, answer.text
         picture = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
         assert picture.size == (64, 64)
-        refused = client.post("/sdapi/v1/txt2img", json={"prompt": "a <lora:x:1>", "steps": 2})
+        refused = client.post("/sdapi/v1/txt2img", json={"prompt": "a <hypernet:x:1>", "steps": 2})
         assert refused.status_code in (400, 422) and "SDXL" in refused.text
 
 

@@ -7,7 +7,9 @@
 The tags are taken out of the prompt before it is read (also from inside prompt editing's brackets, as A1111
 does); the negative prompt keeps its text. Files come from the LoRA folder (models/Lora, --lora-dir): kohya
 keys (`lora_unet_...`, `lora_te_...`, as A1111 and most trainers write them) or diffusers/PEFT keys
-(`unet....lora_A.weight`), for Linear and Conv2d layers (LoCon too), and LyCORIS's LoHa and LoKr files.
+(`unet....lora_A.weight`), for Linear and Conv2d layers (LoCon too), and LyCORIS's LoHa and LoKr files. SDXL
+LoRAs name the two text encoders `lora_te1_`/`lora_te2_` (`text_encoder_2.` in diffusers keys) and the UNet's
+layers as Stability's original code names them (`input_blocks_4_1_...`); sgm_name maps those to diffusers' names.
 
 A LoRA is merged into the weights (W += multiplier * alpha/rank * update) and the touched weights are kept
 on the CPU, so the next run with other LoRAs starts from the model as it was loaded. Merged weights keep the
@@ -266,7 +268,7 @@ def read_lora(entry: LoraFile) -> dict[str, torch.Tensor]:
 @dataclass
 class LayerUpdate:
     """One layer's update as the file holds it: its pieces by kohya key suffix (_PIECES)."""
-    part: str  # "unet" | "te"
+    part: str  # "unet" | "te" (the first or only text encoder) | "te2" (SDXL's second)
     layer: str  # the module's dotted path with "_" for ".", as kohya keys name it
     pieces: dict[str, torch.Tensor]
 
@@ -335,7 +337,7 @@ def layer_updates(entry: LoraFile, state: dict[str, torch.Tensor]) -> list[Layer
             pairs.setdefault(where, {})[piece] = tensor
     if not pairs:
         raise LoraError(f"LoRA {entry.name} has no layers this server reads (kohya lora_unet_/lora_te_ keys or "
-                        "diffusers unet./text_encoder. keys); it may be an SDXL LoRA, an embedding or another format")
+                        "diffusers unet./text_encoder. keys); it may be an embedding or another format")
     updates = [LayerUpdate(part, layer, pieces) for (part, layer), pieces in pairs.items()]
     for update in updates:
         missing = update.missing()
@@ -345,27 +347,29 @@ def layer_updates(entry: LoraFile, state: dict[str, torch.Tensor]) -> list[Layer
     return updates
 
 
+# Which part of the model a key's prefix names: kohya's, then diffusers'. SDXL's text encoders are te1 and te2.
+_KOHYA_PARTS = (("lora_unet_", "unet"), ("lora_te1_", "te"), ("lora_te2_", "te2"), ("lora_te_", "te"))
+_DIFFUSERS_PARTS = (("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te"))
+
+
 def _split_key(entry: LoraFile, key: str) -> tuple[tuple[str, str] | None, str]:
-    """(("unet" | "te", layer), piece: one of _PIECES) for a key; (None, "") for keys LoRAs carry besides."""
+    """((part, layer), piece: one of _PIECES) for a key; (None, "") for keys LoRAs carry besides."""
     for suffix, kind in _UNSUPPORTED_PARTS.items():
         if key.endswith("." + suffix) or f".{suffix}." in key:
             raise LoraError(f"LoRA {entry.name} is {kind} (LyCORIS), which this server does not apply; "
                             "use a LoRA, LoCon, LoHa or LoKr file")
-    if key.startswith(("lora_unet_", "lora_te_")):
-        base, _, piece = key.partition(".")
-        part = "unet" if base.startswith("lora_unet_") else "te"
-        return ((part, base.removeprefix("lora_unet_" if part == "unet" else "lora_te_")), piece) if (
-            piece in _PIECES) else (None, "")
+    for prefix, part in _KOHYA_PARTS:
+        if key.startswith(prefix):
+            base, _, piece = key.partition(".")
+            return ((part, base.removeprefix(prefix)), piece) if piece in _PIECES else (None, "")
     if "lora_magnitude_vector" in key:
         raise LoraError(f"LoRA {entry.name} is a DoRA file, which this server does not apply")
-    for prefix, part in (("unet.", "unet"), ("text_encoder.", "te")):
+    for prefix, part in _DIFFUSERS_PARTS:
         if key.startswith(prefix):
             for ending, piece in ((".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight"),
                                   (".alpha", "alpha")):
                 if key.endswith(ending):
                     return (part, key[len(prefix):-len(ending)].replace(".", "_")), piece
-    if key.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")):
-        raise LoraError(f"LoRA {entry.name} is for SDXL; this server runs SD 1.x models")
     return None, ""
 
 
@@ -403,7 +407,12 @@ class LoraPatcher:
 
     def _merge(self, pipe, entry: LoraFile, use: LoraUse) -> None:
         updates = layer_updates(entry, read_lora(entry))
-        layers = {"unet": _layers(pipe.unet), "te": _layers(pipe.text_encoder)}
+        second_encoder = getattr(pipe, "text_encoder_2", None)
+        if second_encoder is None and any(update.part == "te2" for update in updates):
+            raise LoraError(f"LoRA {entry.name} is made for SDXL (it changes a second text encoder); this model is "
+                            "SD 1.x/2.x: pick an SDXL model, or a LoRA made for this one")
+        layers = {"unet": _layers(pipe.unet, lambda name: sgm_name(name, pipe.unet.config)),
+                  "te": _layers(pipe.text_encoder), "te2": _layers(second_encoder) if second_encoder else {}}
         with torch.no_grad():
             for update in updates:
                 multiplier = use.unet if update.part == "unet" else use.te
@@ -446,10 +455,65 @@ def _fitted(entry: LoraFile, update: LayerUpdate, delta: torch.Tensor, weight: t
                     f"{(out_channels, weight[0].numel())}); it was made for another kind of model")
 
 
-def _layers(model) -> dict[str, torch.nn.Module]:
-    """Linear and Conv2d layers by kohya's name for them: the dotted module path with "_" for "."."""
+def _layers(model, other_name=None) -> dict[str, torch.nn.Module]:
+    """Linear and Conv2d layers by kohya's name for them: the dotted module path with "_" for "."; also by
+    other_name(path), where that gives one."""
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            layers[name.replace("_orig_mod.", "").replace(".", "_")] = module
+            name = name.replace("_orig_mod.", "")
+            layers[name.replace(".", "_")] = module
+            alias = other_name(name) if other_name else None
+            if alias:
+                layers.setdefault(alias.replace(".", "_"), module)
     return layers
+
+
+# --- the UNet's layers as Stability's original code names them (kohya's SDXL LoRAs use these names) ---------
+# input_blocks: 0 is conv_in, then each level's resnets (with their attentions beside them, at .1) and its
+# downsampler; middle_block: resnet, attention, resnet; output_blocks: each level's resnets (one more than going
+# down) with attentions at .1, the level's upsampler after its last resnet's parts.
+
+_TOP_LEVEL_SGM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+                  "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+                  "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_RESNET_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_BLOCK = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)")
+_MID_BLOCK = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
+
+
+def sgm_name(name: str, config) -> str | None:
+    """The original-layout name of a diffusers UNet module (dotted), given the UNet's config; None for a module
+    that layout does not name the same way, or a config with per-level layer counts."""
+    if name in _TOP_LEVEL_SGM:
+        return _TOP_LEVEL_SGM[name]
+    per_level = config.layers_per_block
+    if not isinstance(per_level, int):
+        return None
+    if match := _MID_BLOCK.fullmatch(name):
+        kind, index, rest = match.group(1), int(match.group(2)), match.group(3)
+        return _inside(f"middle_block.{1 if kind == 'attentions' else 2 * index}", kind, rest)
+    match = _BLOCK.fullmatch(name)
+    if match is None:
+        return None
+    way, level, kind, index, rest = match.group(1), int(match.group(2)), match.group(3), int(match.group(4)), \
+        match.group(5)
+    if way == "down":
+        first = 1 + level * (per_level + 1)  # the level's resnets, then its downsampler
+        if kind == "downsamplers":
+            return f"input_blocks.{first + per_level}.0.op" if rest == "conv" else None
+        return _inside(f"input_blocks.{first + index}.{1 if kind == 'attentions' else 0}", kind, rest)
+    first = level * (per_level + 1)  # going up, a level has one resnet more, the upsampler inside the last
+    if kind == "upsamplers":
+        has_attention = "CrossAttn" in config.up_block_types[level]
+        return f"output_blocks.{first + per_level}.{2 if has_attention else 1}.conv" if rest == "conv" else None
+    return _inside(f"output_blocks.{first + index}.{1 if kind == 'attentions' else 0}", kind, rest)
+
+
+def _inside(block: str, kind: str, rest: str) -> str | None:
+    """A module inside a resnet (renamed) or an attention (named the same in both layouts)."""
+    if kind == "attentions":
+        return f"{block}.{rest}"
+    renamed = _RESNET_SGM.get(rest)
+    return f"{block}.{renamed}" if renamed else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from webui.engine.composable import is_composed
 from webui.engine.hypernetworks import hypernetwork_uses
-from webui.engine.lora import lora_uses, strip_loras
+from webui.engine.lora import strip_loras
 from webui.engine.prompt_schedule import prompt_variants
 from webui.engine.uncond_skip import UncondSkip
 
@@ -26,9 +26,6 @@ def sdxl_problem(request) -> str | None:
     None when it all runs."""
     prompts = {"prompt": request.prompt, **({"hr_prompt": request.hr_prompt} if request.hr_prompt else {})}
     for field, prompt in prompts.items():
-        if lora_uses(prompt):
-            return (f"{field}: <lora:...> tags are not applied to SDXL models yet (this server's LoRA loader reads "
-                    f"SD 1.x/2.x LoRAs only); remove the tags, {OTHER_MODEL}")
         if hypernetwork_uses(prompt):
             return (f"{field}: <hypernet:...> tags are not applied to SDXL models yet (hypernetworks are made for SD "
                     f"1.x/2.x); remove the tags, {OTHER_MODEL}")
