@@ -96,14 +96,15 @@ def composed_guidance(unet, weights: list[float] | None) -> Iterator[None]:
     def spread(_module, args, kwargs):
         sample, timestep, *rest = args
         images = sample.shape[0] // 2
-        states = kwargs["encoder_hidden_states"]
-        tokens = states.shape[1] // count
-        uncond = states[:images, :tokens]
-        conds = states[images:].reshape(images, count, tokens, -1).transpose(0, 1).reshape(count * images, tokens, -1)
-        kwargs = {**kwargs, "encoder_hidden_states": torch.cat([uncond, conds])}
-        sample = torch.cat([sample[:images], sample[images:].repeat(count, 1, 1, 1)])
+        kwargs = {**kwargs, "encoder_hidden_states": _row_per_part(kwargs["encoder_hidden_states"], images, count)}
+        added = kwargs.get("added_cond_kwargs")
+        if added:  # SDXL: each part's pooled vector (side by side as the parts' tokens are); the size numbers repeat
+            kwargs["added_cond_kwargs"] = {
+                name: _row_per_part(value, images, count) if name == "text_embeds" else _repeated(value, images, count)
+                for name, value in added.items()}
+        sample = _repeated(sample, images, count)
         if torch.is_tensor(timestep) and timestep.ndim == 1 and timestep.shape[0] == 2 * images:
-            timestep = torch.cat([timestep[:images], timestep[images:].repeat(count)])
+            timestep = _repeated(timestep, images, count)
         return (sample, timestep, *rest), kwargs
 
     def combine(_module, _args, output):
@@ -124,3 +125,16 @@ def composed_guidance(unet, weights: list[float] | None) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _row_per_part(value: torch.Tensor, images: int, count: int) -> torch.Tensor:
+    """[uncond rows; cond rows holding the parts side by side along dim 1] -> [uncond rows, as wide as one part; a
+    row per part of each image, part by part]."""
+    width = value.shape[1] // count
+    conds = value[images:].unflatten(1, (count, width)).transpose(0, 1).flatten(0, 1)
+    return torch.cat([value[:images, :width], conds])
+
+
+def _repeated(value: torch.Tensor, images: int, count: int) -> torch.Tensor:
+    """[uncond rows; cond rows] -> [uncond rows; the cond rows `count` times over]."""
+    return torch.cat([value[:images], value[images:].repeat(count, *[1] * (value.ndim - 1))])

@@ -42,7 +42,8 @@ from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.noise import start_noise
 from webui.engine.preview import latents_to_preview
 from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
-from webui.engine.prompts import chunk_count, encode_parts, encode_prompt_pair, encode_sdxl_pair, token_count
+from webui.engine.prompts import (chunk_count, encode_parts, encode_prompt_pair, encode_sdxl_pair, encode_sdxl_parts,
+                                  token_count)
 from webui.engine.refiner import first_refiner_call, kind_of_pipeline, kind_problem, pass_timesteps
 from webui.engine.samplers import make_scheduler
 from webui.engine.sdxl import is_sdxl, sdxl_problem
@@ -984,13 +985,22 @@ class Engine:
     def _encode_pair(self, prompt: str, negative: str, clip_skip: int) -> _Conds:
         """One row of (prompt, negative) embeddings. A composed prompt's parts lie one after another along the
         tokens, and the negative prompt is repeated as often, so the two keep one shape (diffusers checks it);
-        composed_guidance splits them again around the UNet. SDXL reads no Clip skip (as A1111) and no AND (refused)."""
-        if is_sdxl(self.pipe):
-            return _Conds(*encode_sdxl_pair(self.pipe, part_texts(prompt), [negative]))
+        composed_guidance splits them again around the UNet; an SDXL model's pooled vectors likewise lie side by side.
+        SDXL reads no Clip skip (as A1111)."""
+        sdxl, texts = is_sdxl(self.pipe), part_texts(prompt)
         if not is_composed(prompt):  # its text without a trailing ':1', which A1111 reads as the weight 1
-            return _Conds(*encode_prompt_pair(self.pipe, part_texts(prompt), [negative], clip_skip))
-        conds, uncond = encode_parts(self.pipe, part_texts(prompt), negative, clip_skip)
-        return _Conds(conds.reshape(1, -1, conds.shape[-1]), uncond.repeat(1, conds.shape[0], 1))
+            if sdxl:
+                return _Conds(*encode_sdxl_pair(self.pipe, texts, [negative]))
+            return _Conds(*encode_prompt_pair(self.pipe, texts, [negative], clip_skip))
+        if sdxl:
+            conds, uncond, pooled, negative_pooled = encode_sdxl_parts(self.pipe, texts, negative)
+        else:
+            (conds, uncond), pooled = encode_parts(self.pipe, texts, negative, clip_skip), None
+        count = conds.shape[0]
+        joined = _Conds(conds.reshape(1, -1, conds.shape[-1]), uncond.repeat(1, count, 1))
+        if pooled is None:
+            return joined
+        return joined._replace(pooled=pooled.reshape(1, -1), negative_pooled=negative_pooled.repeat(1, count))
 
     def _img2img_pipeline(self, noise: torch.Tensor, extra_noise: float = 0.0):
         """diffusers' img2img pipeline over the loaded model's components (shared, not copied), noising its start

@@ -122,19 +122,36 @@ def _padded_chunks(tokenizer, texts: list[str]) -> list[list[Chunk]]:
 
 def encode_parts(pipe, parts: list[str], negative: str, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings for the parts of a prompt joined with AND (parts, length, hidden) and for its negative prompt
-    (1, length, hidden). As A1111 stacks them, a part shorter than the longest repeats its last vector up to that
-    length; then the parts or the negative prompt are padded with empty chunks to the same length."""
-    encoded = [_encode(pipe, [_chunks(pipe.tokenizer, text)], clip_skip) for text in parts]
+    (1, length, hidden), stacked as _stack_parts says."""
+    def encode(text: str) -> torch.Tensor:
+        return _encode(pipe, [_chunks(pipe.tokenizer, text)], clip_skip)
+
+    return _stack_parts([encode(text) for text in parts], encode(negative), encode(""))
+
+
+def encode_sdxl_parts(pipe, parts: list[str], negative: str
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """encode_parts for an SDXL model, each text read as encode_sdxl_pair reads it; and the pooled vectors, each
+    part's (parts, projection) and the negative prompt's (1, projection)."""
+    encoded = [encode_sdxl_pair(pipe, [text], []) for text in parts]
+    _, uncond, _, negative_pooled = encode_sdxl_pair(pipe, [], [negative])
+    conds, uncond = _stack_parts([hidden for hidden, *_ in encoded], uncond, encode_sdxl_pair(pipe, [""], [])[0])
+    return conds, uncond, torch.cat([pooled for _, _, pooled, _ in encoded]), negative_pooled
+
+
+def _stack_parts(encoded: list[torch.Tensor], uncond: torch.Tensor, empty: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parts (each (1, length, hidden)) stacked as A1111 stacks them: a part shorter than the longest repeats its
+    last vector up to that length; then the parts or the negative prompt are padded with `empty` chunks to the same
+    length."""
     longest = max(part.shape[1] for part in encoded)
     conds = torch.cat([torch.cat([part, part[:, -1:].expand(-1, longest - part.shape[1], -1)], dim=1)
                        for part in encoded])
-    uncond = _encode(pipe, [_chunks(pipe.tokenizer, negative)], clip_skip)
-    empty = _encode(pipe, [_chunks(pipe.tokenizer, "")], clip_skip)
     chunk = empty.shape[1]
     if uncond.shape[1] < conds.shape[1]:
         uncond = torch.cat([uncond, empty.repeat(1, (conds.shape[1] - uncond.shape[1]) // chunk, 1)], dim=1)
     elif conds.shape[1] < uncond.shape[1]:
-        padding = empty.repeat(len(parts), (uncond.shape[1] - conds.shape[1]) // chunk, 1)
+        padding = empty.repeat(len(encoded), (uncond.shape[1] - conds.shape[1]) // chunk, 1)
         conds = torch.cat([conds, padding], dim=1)
     return conds, uncond
 

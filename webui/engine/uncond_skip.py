@@ -126,6 +126,8 @@ def _rows_after(value, head: int, rows: int):
         return value[head:]
     if isinstance(value, (list, tuple)) and value and all(torch.is_tensor(item) for item in value):
         return type(value)(_rows_after(item, head, rows) for item in value)
+    if isinstance(value, dict):  # SDXL's added_cond_kwargs: pooled vectors and size numbers, a row per image
+        return {name: _rows_after(item, head, rows) for name, item in value.items()}
     return value
 
 
