@@ -94,7 +94,8 @@ class Calls:
     call after it got residuals."""
 
     def __init__(self, engine):
-        network = engine.controlnets.network(engine.controlnets.find(CN), "cpu", torch.float32)  # the job's, cached
+        network = engine.controlnets.network(engine.controlnets.find(CN), engine.pipe.unet.config, "cpu",
+                                         torch.float32)  # the job's, cached
         self.conds, self.residuals = [], []
         self.handles = [
             network.register_forward_pre_hook(self._cond, with_kwargs=True),
@@ -214,7 +215,7 @@ def test_a_single_file_in_the_original_layout_loads_by_the_yaml_beside_it(tmp_pa
     library = ControlNetLibrary(tmp_path)
     [model] = library.models()
     assert library.check("control_tiny", unet.config) == model  # its kind read from the file's shapes alone
-    read = read_network(model).state_dict()
+    read = read_network(model, unet.config).state_dict()
     assert read.keys() == network.state_dict().keys()
     assert all(torch.equal(value, read[key]) for key, value in network.state_dict().items())
 
@@ -260,7 +261,8 @@ def test_a_hypernetwork_bends_the_controlnets_attention_too(cn_services, tmp_pat
     worker, engine = cn_services.worker, cn_services.engine
     write(tmp_path, "bend", relu_file())
     monkeypatch.setattr(engine, "hypernetworks", HypernetworkLibrary(tmp_path))
-    network = engine.controlnets.network(engine.controlnets.find(CN), "cpu", torch.float32)  # the job's, cached
+    network = engine.controlnets.network(engine.controlnets.find(CN), engine.pipe.unet.config, "cpu",
+                                         torch.float32)  # the job's, cached
     seen = []
     handle = network.register_forward_pre_hook(lambda module, _args: seen.append(hooks_on(module)))
     try:

@@ -271,14 +271,6 @@ def test_a_job_naming_an_sdxl_model_that_is_not_loaded_is_refused_at_submit(serv
         services.worker.load_model(XL)
 
 
-def test_controlnet_is_refused_for_sdxl():
-    from webui.engine.sdxl import sdxl_problem
-
-    request = SimpleNamespace(prompt="a cat", hr_prompt=None, steps=2, skip_early_cond=0, s_min_uncond=0,
-                              s_min_uncond_all=False, uses_controlnet=True)
-    assert sdxl_problem(request).startswith("controlnet: ControlNet runs SD 1.x ControlNets only")
-
-
 @pytest.mark.parametrize("field", ["hr_checkpoint_name", "refiner_checkpoint"])
 def test_a_checkpoint_of_the_other_kind_is_refused_as_hires_checkpoint_or_refiner(services, field):
     extra = {"enable_hr": True, "denoising_strength": 0.5} if field == "hr_checkpoint_name" else {}

@@ -1,9 +1,11 @@
-"""ControlNet for SD 1.x (and any model its ControlNet is made for), as sd-webui-controlnet gives it: one unit of a
-control map, a model from `models/ControlNet` (--controlnet-dir), a weight and the part of the steps it acts in.
+"""ControlNet for SD 1.x and SDXL (and any model its ControlNet is made for), as sd-webui-controlnet gives it: one
+unit of a control map, a model from `models/ControlNet` (--controlnet-dir), a weight and the part of the steps it
+acts in.
 
-Models: diffusers folders (config.json + diffusion_pytorch_model.*) and single files in the original layout
-(.safetensors, .pth, ...), the latter read with the config of a `<name>.yaml` beside them, as the extension reads
-it, else with SD 1.5's ControlNet config kept in the repository. Each is listed as the extension lists it, "name
+Models: diffusers folders (config.json + diffusion_pytorch_model.*); single files in diffusers' layout (as most SDXL
+ControlNets are shared), read with the loaded model's UNet config and the depths and widths their weights show; and
+single files in the original layout (.safetensors, .pth, ...) for SD 1.x/2.x, read with the config of a
+`<name>.yaml` beside them, as the extension reads it, else with SD 1.5's ControlNet config kept in the repository. Each is listed as the extension lists it, "name
 [hash]", the hash being A1111's old 8-digit one (the sha256 of 64 KiB at 1 MiB into the weights file).
 
 The control: every UNet call of a pass goes through a forward pre-hook that runs the ControlNet on the same input
@@ -107,14 +109,16 @@ class ControlNetLibrary:
             raise ControlNetError(f"controlnet_model: {problem}")
         return model
 
-    def network(self, model: ControlNetFile, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
-        """The model's ControlNet on `device` in `dtype`, built again when its file changed."""
-        key = (model.path, file_stamp(model.weights), str(device), dtype)
+    def network(self, model: ControlNetFile, unet_config, device: torch.device | str,
+                dtype: torch.dtype) -> torch.nn.Module:
+        """The model's ControlNet for a UNet of `unet_config`, on `device` in `dtype`, built again when its file
+        changed (or the UNet it is built after, for a file without a config of its own)."""
+        key = (model.path, file_stamp(model.weights), str(device), dtype, json.dumps(dict(unet_config), default=str))
         with self._lock:
             if self._built is None or self._built[0] != key:
                 self._built = None  # the old one's memory goes first
                 log.info("loading ControlNet %s", model.title)
-                self._built = (key, read_network(model).to(device, dtype).eval())
+                self._built = (key, read_network(model, unet_config).to(device, dtype).eval())
             return self._built[1]
 
     def forget(self) -> None:
@@ -122,13 +126,20 @@ class ControlNetLibrary:
             self._built = None
 
 
-def read_network(model: ControlNetFile) -> torch.nn.Module:
-    """A ControlNet from its folder or file, never from the hub."""
+def read_network(model: ControlNetFile, unet_config) -> torch.nn.Module:
+    """A ControlNet from its folder or file, for a UNet of `unet_config`; never from the hub."""
     from diffusers import ControlNetModel
 
     try:
         if model.path.is_dir():
             return ControlNetModel.from_pretrained(model.path, local_files_only=True)
+        shapes = dict(_weight_shapes(model.path))
+        if _DIFFUSERS_KEY in shapes:
+            return _diffusers_layout_file(model, unet_config, shapes)
+        if unet_config.addition_embed_type == "text_time":
+            raise ControlNetError(f"controlnet_model: {model.title} is in the original layout, which is read for SD "
+                                  "1.x/2.x ControlNets only; use the SDXL ControlNet's diffusers-format file "
+                                  "(diffusion_pytorch_model.safetensors, renamed as you like)")
         yaml = model.path.with_suffix(".yaml")  # the original config beside the file, as the extension reads it
         shape = _yaml_config(yaml) if yaml.is_file() else {}
         return ControlNetModel.from_single_file(str(model.path), config=str(SD15_CONFIG), local_files_only=True,
@@ -137,6 +148,45 @@ def read_network(model: ControlNetFile) -> torch.nn.Module:
         raise ControlNetError(f"controlnet_model: {model.title} could not be read ({type(err).__name__}: "
                               f"{str(err)[:300]}); is it a ControlNet (T2I-Adapters, control-LoRAs and others are "
                               "not supported)?") from None
+
+
+_DIFFUSERS_KEY = "controlnet_cond_embedding.conv_in.weight"  # a key only diffusers' layout has
+# From the loaded model's UNet: what a ControlNet made for it shares and its weights cannot show.
+_SHARED_WITH_UNET = ("in_channels", "flip_sin_to_cos", "freq_shift", "block_out_channels", "layers_per_block",
+                     "downsample_padding", "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim",
+                     "attention_head_dim", "num_attention_heads", "use_linear_projection", "class_embed_type",
+                     "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                     "upcast_attention", "only_cross_attention", "resnet_time_scale_shift", "encoder_hid_dim",
+                     "encoder_hid_dim_type", "num_class_embeds")
+
+
+def _diffusers_layout_file(model: ControlNetFile, unet_config, shapes: dict[str, tuple[int, ...]]):
+    """A single file in diffusers' layout without its config.json: the UNet's config for what they share, the
+    weights' shapes for what ControlNets vary (SDXL's "mid" and "small" ones have fewer transformer layers)."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import load_file
+
+    def depth(level: int) -> int:  # transformer layers in the level's first attention; 0: the level has none
+        prefix = f"down_blocks.{level}.attentions.0.transformer_blocks."
+        return len({key[len(prefix):].split(".")[0] for key in shapes if key.startswith(prefix)})
+
+    depths = [depth(level) for level in range(len(unet_config.block_out_channels))]
+    # The map's encoder: conv_in, then pairs of convolutions, the second of each pair widening (odd block numbers).
+    widening = sorted((int(match[1]), shape[0]) for key, shape in shapes.items()
+                      if (match := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)\.weight", key))
+                      and int(match[1]) % 2 == 1)
+    config = {name: unet_config[name] for name in _SHARED_WITH_UNET if name in unet_config} | {
+        "down_block_types": ["CrossAttnDownBlock2D" if layers else "DownBlock2D" for layers in depths],
+        "transformer_layers_per_block": [layers or 1 for layers in depths],
+        "mid_block_type": ("UNetMidBlock2DCrossAttn" if any(key.startswith("mid_block.attentions.") for key in shapes)
+                           else "UNetMidBlock2D"),
+        "conditioning_channels": shapes[_DIFFUSERS_KEY][1],
+        "conditioning_embedding_out_channels": [shapes[_DIFFUSERS_KEY][0], *(width for _, width in widening)]}
+    network = ControlNetModel.from_config(config)
+    state = load_file(str(model.path)) if model.path.suffix.lower() == ".safetensors" else torch.load(
+        model.path, map_location="cpu", weights_only=True)
+    network.load_state_dict(state.get("state_dict", state))  # strict: a file of another shape says so
+    return network
 
 
 def _yaml_config(yaml: Path) -> dict:
@@ -285,16 +335,20 @@ class ControlPass:
         step = self.calls * self.steps // max(self.pipe.num_timesteps, 1)  # sampler steps done (generate.py's count)
         return self.unit.weight > 0 and self.unit.start <= step / self.steps <= self.unit.end
 
-    def residuals(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> dict:
-        """The UNet's extra keyword arguments for this call: the ControlNet's residuals, or none outside its window."""
+    def residuals(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                  added_cond_kwargs: dict | None = None) -> dict:
+        """The UNet's extra keyword arguments for this call: the ControlNet's residuals, or none outside its window.
+        An SDXL ControlNet reads the UNet's pooled text vectors and size numbers (added_cond_kwargs) too."""
         active, self.calls = self.active(), self.calls + 1
         if not active:
             return {}
         network = self.unit.network
         size = (sample.shape[-1] * self.scale_factor, sample.shape[-2] * self.scale_factor)
         cond = self.unit.cond(size, sample.device, network.dtype).expand(sample.shape[0], -1, -1, -1)
+        added = {"added_cond_kwargs": {name: value.to(network.dtype) for name, value in added_cond_kwargs.items()}
+                 } if added_cond_kwargs else {}
         down, mid = network(sample.to(network.dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(
-            network.dtype), controlnet_cond=cond, conditioning_scale=self.unit.weight, return_dict=False)
+            network.dtype), controlnet_cond=cond, conditioning_scale=self.unit.weight, return_dict=False, **added)
         return {"down_block_additional_residuals": [residual.to(sample.dtype) for residual in down],
                 "mid_block_additional_residual": mid.to(sample.dtype)}
 
@@ -310,7 +364,7 @@ def controlled(unet, control: ControlPass | None) -> Iterator[None]:
     def add_residuals(_module, args, kwargs):
         sample, timestep = args[0], args[1] if len(args) > 1 else kwargs["timestep"]
         states = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
-        return args, kwargs | control.residuals(sample, timestep, states)
+        return args, kwargs | control.residuals(sample, timestep, states, kwargs.get("added_cond_kwargs"))
 
     handle = unet.register_forward_pre_hook(add_residuals, with_kwargs=True)
     try:

@@ -777,7 +777,7 @@ class Engine:
         if control is None:
             return None
         unet = self.pipe.unet
-        network = self.controlnets.network(self.controlnets.check(request.controlnet_model, unet.config),
+        network = self.controlnets.network(self.controlnets.check(request.controlnet_model, unet.config), unet.config,
                                            self.pipe._execution_device, unet.dtype)
         return ControlUnit(network, control, request.controlnet_weight, request.controlnet_guidance_start,
                            request.controlnet_guidance_end, request.controlnet_resize_mode)

@@ -25,6 +25,4 @@ def sdxl_problem(request) -> str | None:
         if hypernetwork_uses(prompt):
             return (f"{field}: <hypernet:...> tags are not applied to SDXL models yet (hypernetworks are made for SD "
                     f"1.x/2.x); remove the tags, {OTHER_MODEL}")
-    if request.uses_controlnet:
-        return f"controlnet: ControlNet runs SD 1.x ControlNets only for now; turn it off, {OTHER_MODEL}"
     return None
