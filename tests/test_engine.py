@@ -319,7 +319,7 @@ def test_a_folder_naming_a_safety_checker_it_lacks_loads_without_one(models_dir,
 
 @pytest.mark.parametrize("kind, message", [("sdxl", "sdxl is an SDXL refiner .* pick an SDXL base model"),
                                            ("flux", "flux is a FluxPipeline model"),
-                                           ("pix2pix", "pix2pix's UNet takes 8 input channels \\(an instruct-pix2pix")])
+                                           ("odd-unet", "odd-unet's UNet takes 7 input channels \\(neither a text-to-image")])
 def test_a_diffusers_folder_this_app_cannot_run_is_refused_when_loaded(models_dir, tmp_path, kind, message):
     """They loaded as an SD pipeline, then every image failed deep inside diffusers."""
     import json
@@ -334,7 +334,7 @@ def test_a_diffusers_folder_this_app_cannot_run_is_refused_when_loaded(models_di
         "sdxl": ("model_index.json", {"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None],
                                       "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}),
         "flux": ("model_index.json", {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}),
-        "pix2pix": ("unet/config.json", {"in_channels": 8})}[kind]
+        "odd-unet": ("unet/config.json", {"in_channels": 7})}[kind]
     config = json.loads((folder / part).read_text())
     (folder / part).write_text(json.dumps(config | changes))
     engine = Engine(Settings(models_dir=folder.parent, device="cpu"), ModelRegistry(folder.parent, tmp_path / "h.json"))

@@ -252,7 +252,7 @@ def fake_hub(tmp_path, hf_cache, monkeypatch):
     sdxl = save_tiny_sdxl_model(tmp_path / "sdxl")
     pix2pix = save_tiny_model(tmp_path / "pix2pix")
     unet_config = pix2pix / "unet" / "config.json"
-    unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "in_channels": 8}))
+    unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "in_channels": 7}))  # no kind we run
     server = FakeHub({REPO: repo, "test-org/single-file": single, "test-org/gated": repo, "test-org/sd3": sd3,
                       "test-org/sdxl-refiner": refiner, "test-org/sdxl": sdxl, "test-org/pix2pix": pix2pix},
                      gated=("test-org/gated",))
@@ -304,8 +304,8 @@ def test_unknown_moved_gated_and_single_file_repositories_say_what_to_do(fake_hu
     assert fake_hub.fetched == []  # refused before anything was downloaded
 
 
-def test_a_hub_instruct_pix2pix_model_is_refused_before_its_weights_are_downloaded(fake_hub, tmp_path):
-    with pytest.raises(ModelLoadError, match="takes 8 input channels"):
+def test_a_hub_model_whose_unet_takes_other_inputs_is_refused_before_its_weights_are_downloaded(fake_hub, tmp_path):
+    with pytest.raises(ModelLoadError, match="takes 7 input channels"):
         _engine(tmp_path).load("test-org/pix2pix")
     assert "unet/config.json" in fake_hub.fetched  # the UNet's config says it
     assert not [name for name in fake_hub.fetched if name.endswith((".safetensors", ".bin"))]

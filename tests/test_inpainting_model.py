@@ -114,13 +114,15 @@ def test_an_inpainting_model_runs_uncompiled():
                           inpainting_model=True) == (False, "an inpainting model runs uncompiled")
 
 
-def test_a_locon_made_for_text_to_image_leaves_the_extra_input_channels_alone():
-    """A1111 pads a conv_in update for 4 channels to an inpainting model's 9 with zeros."""
+@pytest.mark.parametrize("channels", [9, 8])  # inpainting, instruct-pix2pix
+def test_a_locon_made_for_text_to_image_leaves_the_extra_input_channels_alone(channels):
+    """A1111 pads a conv_in update for 4 channels to an inpainting model's 9 (an instruct-pix2pix model's 8) with
+    zeros."""
     from types import SimpleNamespace
 
     from webui.engine.lora import LayerUpdate, LoraPatcher
 
-    weight = torch.nn.Parameter(torch.zeros(16, 9, 3, 3), requires_grad=False)
+    weight = torch.nn.Parameter(torch.zeros(16, channels, 3, 3), requires_grad=False)
     up, down = torch.ones(16, 2, 1, 1), torch.ones(2, 4, 3, 3)
     update = LayerUpdate("unet", "conv_in", {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(2.0)})
     LoraPatcher()._add(SimpleNamespace(name="locon"), update, weight, 1.0)

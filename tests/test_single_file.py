@@ -242,8 +242,9 @@ def test_detect_family_from_keys():
         detect_family({**sdxl_base, "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)})
     inpainting = {"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3), single_file._CLIP_L: (77, 768)}
     assert detect_family(inpainting) == "sd-v1"
-    with pytest.raises(SingleFileLoadError, match="8 input channels \\(an instruct-pix2pix model\\)"):
-        detect_family({"model.diffusion_model.input_blocks.0.0.weight": (320, 8, 3, 3)})
+    assert detect_family({**inpainting, "model.diffusion_model.input_blocks.0.0.weight": (320, 8, 3, 3)}) == "sd-v1"
+    with pytest.raises(SingleFileLoadError, match="7 input channels \\(neither a text-to-image"):
+        detect_family({"model.diffusion_model.input_blocks.0.0.weight": (320, 7, 3, 3)})
     with pytest.raises(SingleFileLoadError, match="LoRA"):
         detect_family({"lora_unet_down_blocks_0.alpha": ()})
 

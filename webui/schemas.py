@@ -149,6 +149,9 @@ class GenerationRequest(BaseModel):
                                    "start, run without the negative prompt (0: none; A1111's skip_early_cond)")
     initial_noise_multiplier: float = Field(1.0, ge=0.0, le=1.5, description="img2img: the noise the picture is "
                                             "noised with, times this (A1111's Noise multiplier for img2img; 1: as is)")
+    image_cfg_scale: float = Field(1.5, ge=0.0, le=3.0, description="img2img with an instruct-pix2pix model: how "
+                                   "closely the result keeps to the start picture (A1111's Image CFG Scale; 1: plain "
+                                   "CFG; other models ignore it)")
     img2img_extra_noise: float = Field(0.0, ge=0.0, le=1.0, description="img2img and the hires fix: that much more "
                                        "of the start noise added (A1111's Extra noise; 0: none)")
     prompt_comments: bool | None = Field(None, description="leave out of the prompts what follows a # on its line "

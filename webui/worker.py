@@ -33,6 +33,7 @@ from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.interrogate import INTERROGATE_MODEL
 from webui.engine.models import ModelEntry, ModelNotFound
 from webui.engine.refiner import SDXL, kind_of_entry, kind_problem
+from webui.engine.instruct_pix2pix import edit_problem
 from webui.engine.sdxl import sdxl_problem
 from webui.engine.soft_inpainting import ENABLED_KEY, SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.upscalers import UpscalerError
@@ -362,6 +363,7 @@ class Worker:
         model = self.engine.model
         if model is not None and model.names(request.model):
             _check_clip_skip(request, model)
+            _check_edit_model(request, model)
             request.check_hires(*model.size_for(request))
 
     def _with_styles(self, request: GenerationRequest) -> GenerationRequest:
@@ -753,6 +755,7 @@ class Worker:
         request = job.request
         job.model = self.engine.load(request.model) if request.model else self.engine.require_model()
         _check_clip_skip(request, job.model)  # another model than at submit: checked now it is known
+        _check_edit_model(request, job.model)
         problem = job.model.sdxl and sdxl_problem(request)
         if problem:
             raise InvalidRequest(problem)
@@ -917,6 +920,7 @@ class Worker:
             "SD upscale upscaler": request.sd_upscale_upscaler if request.sd_upscale else None,
             # As A1111 says of a model made for inpainting: how much of its masked picture it was given (all).
             "Conditional mask weight": 1.0 if model.inpainting else None,
+            "Image CFG scale": request.image_cfg_scale if model.edit and request.is_img2img else None,
             "Model hash": model.short_hash,
             "Model": model.entry.name,
             "VAE hash": job.vae_hash,
@@ -1210,6 +1214,12 @@ def _hires_infotext(request: GenerationRequest) -> dict[str, Any]:
             "Hires schedule type": (request.hires_sampler[1] if request.hires_sampler[1] != request.scheduler
                                     else None),
             "Hires prompt": request.hr_prompt, "Hires negative prompt": request.hr_negative_prompt}
+
+
+def _check_edit_model(request: GenerationRequest, model: LoadedModel) -> None:
+    problem = model.edit and edit_problem(request)
+    if problem:
+        raise InvalidRequest(problem)
 
 
 def _check_clip_skip(request: GenerationRequest, model: LoadedModel) -> None:

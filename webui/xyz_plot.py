@@ -29,7 +29,7 @@ class AxisType:
     kind: str  # "int", "float" or "text": how its values are read
     apply: Callable[[dict, Any], None]  # sets the value into a request (a dict of GenerationRequest fields)
     named: bool = True  # grid labels say "Steps: 20", else just the value (a sampler's or a prompt's text)
-    hires: bool = False  # sets the hires fix (txt2img's alone)
+    tab: str | None = None  # the one tab it is for: "txt2img" (it sets the hires fix) or "img2img"; None: both
 
 
 def _setter(field: str) -> Callable[[dict, Any], None]:
@@ -73,6 +73,7 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Var. strength", "float", _setter("subseed_strength")),
     AxisType("Steps", "int", _setter("steps")),
     AxisType("CFG Scale", "float", _setter("cfg_scale")),
+    AxisType("Image CFG Scale", "float", _setter("image_cfg_scale"), tab="img2img"),
     AxisType("Prompt S/R", "text", _replace_in_prompts, named=False),
     AxisType("Sampler", "text", _setter("sampler_name"), named=False),
     AxisType("Schedule type", "text", _setter("scheduler"), named=False),
@@ -81,9 +82,9 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Clip skip", "int", _setter("clip_skip")),
     AxisType("Denoising", "float", _setter("denoising_strength")),
     AxisType("Size", "text", _set_size),
-    AxisType("Hires steps", "int", _setter("hr_second_pass_steps"), hires=True),
-    AxisType("Hires sampler", "text", _setter("hr_sampler_name"), hires=True),
-    AxisType("Hires upscaler", "text", _setter("hr_upscaler"), hires=True),
+    AxisType("Hires steps", "int", _setter("hr_second_pass_steps"), tab="txt2img"),
+    AxisType("Hires sampler", "text", _setter("hr_sampler_name"), tab="txt2img"),
+    AxisType("Hires upscaler", "text", _setter("hr_upscaler"), tab="txt2img"),
     AxisType("Styles", "text", _add_styles),
     AxisType("Refiner checkpoint", "text", _setter("refiner_checkpoint")),  # None: no refiner
     AxisType("Refiner switch at", "float", _setter("refiner_switch_at")),
@@ -91,7 +92,7 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Initial noise multiplier", "float", _setter("initial_noise_multiplier")),
     AxisType("Extra noise", "float", _setter("img2img_extra_noise")),
     AxisType("Token merging ratio", "float", _setter("token_merging_ratio")),
-    AxisType("Token merging ratio high-res", "float", _setter("token_merging_ratio_hr"), hires=True),
+    AxisType("Token merging ratio high-res", "float", _setter("token_merging_ratio_hr"), tab="txt2img"),
     AxisType("Sigma Churn", "float", _setter("s_churn")),
     AxisType("Sigma min", "float", _setter("s_tmin")),
     AxisType("Sigma max", "float", _setter("s_tmax")),

@@ -65,7 +65,7 @@ _UNSUPPORTED = (
 # an infotext should not switch the server's model behind the client's back; its refiner runs for that job alone).
 _INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed",
                     "subseed", "subseed_strength", "width", "height", "refiner_checkpoint", "refiner_switch_at")
-_IMG2IMG_INFOTEXT_FIELDS = _INFOTEXT_FIELDS + ("denoising_strength",)
+_IMG2IMG_INFOTEXT_FIELDS = _INFOTEXT_FIELDS + ("denoising_strength", "image_cfg_scale")
 # A1111's options that are request fields here, by their infotext keys: a field or override_settings gives one,
 # else the `infotext` (option_fields)
 _OPTION_KEYS = {"s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps", "skip_early_cond": "Skip Early CFG",
@@ -113,6 +113,8 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     values["refiner_switch_at"] = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at  # A1111's default
     if img2img:
         values["denoising_strength"] = 0.75 if req.denoising_strength is None else req.denoising_strength
+        # null: no image guidance (plain CFG with the picture), as A1111's API runs an instruct-pix2pix model then
+        values["image_cfg_scale"] = 1.0 if req.image_cfg_scale is None else req.image_cfg_scale
     clip_skip, vae, notes, pasted = default_clip_skip, default_vae, [], {}
     if req.infotext:
         pasted = request_fields_from_infotext(req.infotext)

@@ -160,13 +160,12 @@ class Img2ImgRequest(GenerationBody):
     initial_noise_multiplier: float | None = Field(None, description="img2img: the noise the picture is noised with, "
                                                    "times this, 0 to 1.5 (null: override_settings."
                                                    "initial_noise_multiplier, else 1)")
+    image_cfg_scale: float | None = Field(None, description="instruct-pix2pix models: how closely the result keeps "
+                                          "to the init image, 0 to 3 (null or 1: plain CFG; other models ignore it)")
 
     # --- accepted for compatibility; the adapter rejects values that ask for a missing feature --
     mask_round: bool | None = Field(True, description="only true (or null) is supported")
     latent_mask: Any = Field(None, description="not supported: send null")
-
-    # --- accepted and ignored (instruct-pix2pix's image CFG) ----------------------------------
-    image_cfg_scale: float | None = None
 
     def parameters(self) -> dict[str, Any]:
         # The init image is not echoed unless asked for, as in stable-diffusion-webui (its include_init_images):

@@ -179,7 +179,7 @@ def _axis_type(kind: str) -> Callable[[Any], str]:
             if not 0 <= index < len(labels):
                 raise ValueError(f"no axis {index}; {kind}'s axes are 0 to {len(labels) - 1}")
             label = labels[index]
-        if label not in AXIS_TYPES or (kind == "img2img" and AXIS_TYPES[label].hires):
+        if label not in AXIS_TYPES or AXIS_TYPES[label].tab not in (None, kind):
             ours = ", ".join(f"{labels.index(name)} {name}" for name in labels if name in AXIS_TYPES)
             raise ValueError(f"the axis {label!r} is not on this server; its axes are {ours}")
         return label

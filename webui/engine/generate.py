@@ -31,7 +31,8 @@ from webui.engine.hires import (
 )
 from webui.engine.img2img import pipeline_strength
 from webui.engine.inpaint import Inpainting
-from webui.engine.inpainting_model import extra_input, masked_picture_input, takes_masked_picture
+from webui.engine.inpainting_model import masked_picture_input, takes_masked_picture
+from webui.engine.instruct_pix2pix import EditPicture, edit_problem, model_input, takes_edit_picture
 from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, lora_uses, strip_loras
 from webui.engine.color_correction import match_colors
 from webui.engine.interrogate import Interrogator
@@ -296,6 +297,7 @@ class LoadedModel:
     native_height: int
     text_encoder_layers: int  # the deepest Clip skip this model has
     inpainting: bool = False  # made for inpainting: its UNet also reads a mask and a masked picture
+    edit: bool = False  # an instruct-pix2pix model: its UNet also reads the picture to edit
     sdxl: bool = False  # an SDXL (base) model: webui/engine/sdxl.py says what it cannot run yet
 
     def names(self, name: str | None) -> bool:
@@ -465,7 +467,7 @@ class Engine:
         self.embeddings = embeddings if embeddings is not None else self._load_embeddings(pipe)
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.model = LoadedModel(entry, short_hash, size, size, pipe.text_encoder.config.num_hidden_layers,
-                                 takes_masked_picture(pipe.unet), is_sdxl(pipe))
+                                 takes_masked_picture(pipe.unet), takes_edit_picture(pipe.unet), is_sdxl(pipe))
         return self.model
 
     def unload(self) -> None:
@@ -564,7 +566,7 @@ class Engine:
         if request.uses_controlnet != (control is not None):
             raise ValueError("a ControlNet request needs its control map, and only it may have one")
         main = self.require_model()
-        problem = main.sdxl and sdxl_problem(request)
+        problem = (main.sdxl and sdxl_problem(request)) or (main.edit and edit_problem(request))
         if problem:
             raise ValueError(problem)
         try:
@@ -745,7 +747,7 @@ class Engine:
             run.tiled.enter_context(seamless(self.pipe, request.tiling))
             try:
                 noise = self._start_noise(run, (height // factor, width // factor))
-                extra = self._extra_channels((width, height), init_image, inpainting, request.soft_inpainting)
+                extra = self._extra_channels((width, height), init_image, inpainting, request)
                 if init_image is None:
                     start = {"width": width, "height": height, "latents": noise}
                     latents = self._denoise(self.pipe, request, run, _phases(request), request.steps, request.steps,
@@ -784,7 +786,7 @@ class Engine:
 
     def _img2img_pass(self, request: GenerationRequest, run: "_Run", noise: torch.Tensor,
                       init_image: Image.Image | list[Image.Image],
-                      inpainting: Inpainting | None, extra: torch.Tensor | None) -> torch.Tensor:
+                      inpainting: Inpainting | None, extra: torch.Tensor | EditPicture | None) -> torch.Tensor:
         """img2img's pass: the last denoising_steps of the steps, from the picture's latents noised to where they
         start; with inpainting, the picture's latents put back outside the mask after every step and at the end."""
         picture = self._start_latents(init_image, (noise.shape[-1], noise.shape[-2]), noise.shape[0])
@@ -799,16 +801,26 @@ class Engine:
                                 request.steps, start, extra)
         return latents if run.masked is None else run.masked.finish(latents)
 
-    def _extra_channels(self, size: tuple[int, int], picture: Image.Image | None = None,
-                        inpainting: Inpainting | None = None, soft: bool = False) -> torch.Tensor | None:
-        """An inpainting model's extra input for a pass at `size` (pixels): the inpainted part of the start picture
-        and its mask (soft inpainting's unrounded, as A1111's), or (txt2img, img2img, the hires pass) all of it to
-        draw; None for other models."""
-        if not takes_masked_picture(self.pipe.unet):
+    def _extra_channels(self, size: tuple[int, int], picture: Image.Image | list[Image.Image] | None = None,
+                        inpainting: Inpainting | None = None, request: GenerationRequest | None = None
+                        ) -> torch.Tensor | EditPicture | None:
+        """A model's extra input for a pass at `size` (pixels). An inpainting model's: the inpainted part of the
+        start picture and its mask (soft inpainting's unrounded, as A1111's), or (txt2img, img2img, the hires pass)
+        all of it to draw. An instruct-pix2pix model's: the start picture (its latents unscaled, as it was trained)
+        with the request's guidance, or none (zeros). None for other models."""
+        unet, factor = self.pipe.unet, self.pipe.vae_scale_factor
+        if takes_edit_picture(unet):
+            latent_size = (size[0] // factor, size[1] // factor)
+            if picture is None:
+                return torch.zeros(1, self.pipe.vae.config.latent_channels, latent_size[1], latent_size[0])
+            latents = self._start_latents(picture, latent_size, 1) / self.pipe.vae.config.scaling_factor
+            return EditPicture(latents, request.cfg_scale, request.image_cfg_scale)
+        if not takes_masked_picture(unet):
             return None
         if inpainting is None:
             return masked_picture_input(self.encode, size)
-        return masked_picture_input(self.encode, size, picture, inpainting.mask, rounded=not soft)
+        return masked_picture_input(self.encode, size, picture, inpainting.mask,
+                                    rounded=not (request and request.soft_inpainting))
 
     def _start_latents(self, picture: Image.Image | list[Image.Image], size: tuple[int, int],
                        count: int) -> torch.Tensor:
@@ -837,11 +849,11 @@ class Engine:
         return _MaskedStart(picture, noise, keep, soft)
 
     def _denoise(self, pipe, request: GenerationRequest, run: "_Run", phases: list[PromptPhase], steps: int,
-                 schedule: int, start: dict, extra: torch.Tensor | None = None,
+                 schedule: int, start: dict, extra: torch.Tensor | EditPicture | None = None,
                  sampler: tuple[str, str] | None = None, merging: float | None = None) -> torch.Tensor:
         """One denoising pass of a pipeline (txt2img's, or img2img's from `start`'s latents): the last `steps` of a
         schedule of `schedule` steps, its prompt phases read at the steps they cover; the latents it ends with.
-        `extra`: an inpainting model's extra input channels for this pass; `sampler`, `merging`: its sampler and
+        `extra`: an inpainting or instruct-pix2pix model's extra input for this pass; `sampler`, `merging`: its sampler and
         schedule type, its token merging ratio, when not the request's own (the hires fix's)."""
         sampler = sampler or (request.sampler_name, request.scheduler)
         merging = request.token_merging_ratio if merging is None else merging
@@ -869,7 +881,7 @@ class Engine:
             embeddings = encode()
             hooks.enter_context(composed_guidance(pipeline.unet, weights))
             hooks.enter_context(controlled(pipeline.unet, control))
-            hooks.enter_context(extra_input(pipeline.unet, extra))
+            hooks.enter_context(model_input(pipeline.unet, extra))
             hooks.enter_context(bent_attention([pipeline.unet], run.hypernetworks))
             hooks.enter_context(skipping_uncond(pipeline.unet, skips))
             hooks.enter_context(merged_tokens(pipeline.unet, merging))
@@ -901,7 +913,8 @@ class Engine:
                  else contextlib.nullcontext())
         # As A1111, a ControlNet's own attention reads through the hypernetworks too.
         bent = bent_attention([pipe.unet, *([run.control.network] if run.control else [])], run.hypernetworks)
-        with (eager, composed_guidance(pipe.unet, weights), controlled(pipe.unet, control), extra_input(pipe.unet, extra),
+        with (eager, composed_guidance(pipe.unet, weights), controlled(pipe.unet, control),
+              model_input(pipe.unet, extra),
               skipping_uncond(pipe.unet, skips), bent, merged_tokens(pipe.unet, merging), hooks):
             if refiner_call == 0:  # the pass starts past the switch (img2img, the hires fix)
                 to_refiner(pipe)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 INPAINTING_CHANNELS = 9  # 4 latents + 1 mask + 4 masked-picture latents
+EDIT_CHANNELS = 8  # instruct-pix2pix: 4 latents + 4 of the picture to edit (webui/engine/instruct_pix2pix.py)
+UNET_INPUTS = (4, INPAINTING_CHANNELS, EDIT_CHANNELS)  # the UNets that load: text to image, inpainting, pix2pix
 
 
 def takes_masked_picture(unet) -> bool:
@@ -24,10 +26,10 @@ def takes_masked_picture(unet) -> bool:
 
 
 def unet_refusal(name: str, in_channels: int) -> str:
-    """Why a model whose UNet takes neither 4 channels (text to image) nor 9 (inpainting) is refused."""
-    what = "an instruct-pix2pix model" if in_channels == 8 else "neither a text-to-image nor an inpainting model"
-    return (f"{name}'s UNet takes {in_channels} input channels ({what}); only text-to-image (4) and inpainting "
-            f"({INPAINTING_CHANNELS}) models load")
+    """Why a model whose UNet takes none of UNET_INPUTS is refused."""
+    return (f"{name}'s UNet takes {in_channels} input channels (neither a text-to-image, an inpainting nor an "
+            f"instruct-pix2pix model); only text-to-image (4), inpainting ({INPAINTING_CHANNELS}) and "
+            f"instruct-pix2pix ({EDIT_CHANNELS}) models load")
 
 
 def masked_picture_input(encode: Callable[[Image.Image], torch.Tensor], size: tuple[int, int],

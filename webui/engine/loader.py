@@ -17,7 +17,8 @@ import torch
 
 from webui.config import Settings
 from webui.engine import hub
-from webui.engine.inpainting_model import INPAINTING_CHANNELS, takes_masked_picture, unet_refusal
+from webui.engine.inpainting_model import UNET_INPUTS, takes_masked_picture, unet_refusal
+from webui.engine.instruct_pix2pix import takes_edit_picture
 from webui.engine.models import ModelEntry
 from webui.engine.single_file import sdxl_refiner_refusal
 from webui.zerogpu import zerogpu_requested
@@ -85,7 +86,7 @@ def place_pipeline(pipe, settings: Settings, placement: Placement):
         pipe.to(placement.device)
     if settings.medvram or settings.lowvram:
         pipe.vae.enable_slicing()  # decode a batch one image at a time
-    compile_now = _compile_choice(settings, placement, takes_masked_picture(pipe.unet))
+    compile_now = _compile_choice(settings, placement, takes_masked_picture(pipe.unet) or takes_edit_picture(pipe.unet))
     if placement.device == "cuda" or compile_now:
         from webui.engine.fast_path import apply_fast_path, use_compile_cache
 
@@ -151,7 +152,7 @@ def check_pipeline_folder(folder: Path, name: str):
         return StableDiffusionXLPipeline
     if any(part in index for part in (*hub.NOT_SD_PARTS, "text_encoder_2")):
         raise ModelLoadError(f"{name} is a {kind or 'non-SD'} model; only SD 1.x, 2.x and SDXL models load for now")
-    if in_channels not in (4, INPAINTING_CHANNELS):
+    if in_channels not in UNET_INPUTS:
         raise ModelLoadError(unet_refusal(name, in_channels))
     return StableDiffusionPipeline
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from webui.engine.inpainting_model import INPAINTING_CHANNELS
+from webui.engine.inpainting_model import EDIT_CHANNELS, INPAINTING_CHANNELS
 from webui.engine.models import file_stamp, files_by_name
 from webui.schemas import InvalidRequest
 
@@ -441,11 +441,12 @@ class LoraPatcher:
 
 def _fitted(entry: LoraFile, update: LayerUpdate, delta: torch.Tensor, weight: torch.nn.Parameter) -> torch.Tensor:
     """The update (out, in * kernel) in the weight's shape. One made for a text-to-image model's first convolution
-    (4 input channels) on an inpainting model's (9) leaves the 5 extra channels alone, as A1111 pads it."""
+    (4 input channels) on an inpainting model's (9) or an instruct-pix2pix model's (8) leaves the extra channels
+    alone, as A1111 pads it."""
     out_channels, kernel = weight.shape[0], weight.shape[2:]
     if delta.shape == (out_channels, weight[0].numel()):
         return delta.reshape(weight.shape)
-    if weight.dim() == 4 and weight.shape[1] == INPAINTING_CHANNELS and delta.shape == (
+    if weight.dim() == 4 and weight.shape[1] in (INPAINTING_CHANNELS, EDIT_CHANNELS) and delta.shape == (
             out_channels, 4 * math.prod(kernel)):
         padded = torch.zeros(weight.shape, dtype=delta.dtype, device=delta.device)
         padded[:, :4] = delta.reshape(out_channels, 4, *kernel)

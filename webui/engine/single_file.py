@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from webui.engine.inpainting_model import INPAINTING_CHANNELS, unet_refusal
+from webui.engine.inpainting_model import INPAINTING_CHANNELS, UNET_INPUTS, unet_refusal
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def detect_family(shapes: dict[str, tuple], path: Path | str = "checkpoint") -> 
             f"{name} has no Stable Diffusion UNet (no {_UNET_IN}); it may be a LoRA, VAE or embedding, "
             "which do not belong in the checkpoints folder")
     in_channels = shapes[_UNET_IN][1]
-    if in_channels not in (4, INPAINTING_CHANNELS):
+    if in_channels not in UNET_INPUTS:
         raise SingleFileLoadError(unet_refusal(name, in_channels))
     if _OPEN_CLIP in shapes or sgm_sd2:
         return "sd-v2"

@@ -27,6 +27,7 @@ from PIL import Image
 from webui.engine.fast_path import uncompiled
 from webui.engine.img2img import as_rgb, check_picture_size
 from webui.engine.inpainting_model import takes_masked_picture
+from webui.engine.instruct_pix2pix import takes_edit_picture
 from webui.engine.prompts import encode_prompt_pair
 from webui.schemas import MAX_PROMPT_CHARS, GenerationRequest, InvalidRequest
 
@@ -272,8 +273,9 @@ def prepare(engine, plan: TrainingPlan) -> None:
     engine.restore_device()
     engine.require_model()
     what = f"{plan.kind}s"
-    if takes_masked_picture(engine.pipe.unet):
-        raise TrainingError(f"the loaded model is made for inpainting; load the model it was made from to train {what}")
+    if takes_masked_picture(engine.pipe.unet) or takes_edit_picture(engine.pipe.unet):
+        kind = "inpainting" if takes_masked_picture(engine.pipe.unet) else "instruct-pix2pix editing"
+        raise TrainingError(f"the loaded model is made for {kind}; load the model it was made from to train {what}")
     if engine.model.sdxl:  # both trainers read and write SD 1.x/2.x layouts (one text encoder, its attention)
         raise TrainingError(f"the loaded model is an SDXL model, which cannot train {what} yet; load an SD 1.x/2.x "
                             "model to train")

@@ -68,6 +68,7 @@ _REQUEST_FIELDS = {
     "NGMS": ("s_min_uncond", float),
     "NGMS all steps": ("s_min_uncond_all", lambda value: value.strip().lower() == "true"),
     "Noise multiplier": ("initial_noise_multiplier", float),
+    "Image CFG scale": ("image_cfg_scale", float),
     "Extra noise": ("img2img_extra_noise", float),
     "Eta DDIM": ("eta_ddim", float),
     "Eta": ("eta_ancestral", float),

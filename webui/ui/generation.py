@@ -131,7 +131,7 @@ class GenerationActions(SeveralRuns):
                  controlnet_resize_mode: int = 1, controlnet_processor_res: int = 512,
                  controlnet_threshold_a: float = 100.0, controlnet_threshold_b: float = 200.0,
                  controlnet_pixel_perfect: bool = False, s_min_uncond: float = 0.0, s_min_uncond_all: bool = False,
-                 skip_early_cond: float = 0.0, initial_noise_multiplier: float = 1.0,
+                 skip_early_cond: float = 0.0, initial_noise_multiplier: float = 1.0, image_cfg_scale: float = 1.5,
                  img2img_extra_noise: float = 0.0, token_merging_ratio: float = 0.0,
                  token_merging_ratio_hr: float = 0.0, eta_ddim: float = 0.0, eta_ancestral: float = 1.0,
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = 0.0, s_noise: float = 1.0,
@@ -172,7 +172,8 @@ class GenerationActions(SeveralRuns):
         if self.kind == "img2img":
             request |= {"denoising_strength": denoising_strength, "resize_mode": resize_mode or 0,
                         "color_correction": bool(color_correction),
-                        "initial_noise_multiplier": 1.0 if initial_noise_multiplier is None else initial_noise_multiplier}
+                        "initial_noise_multiplier": 1.0 if initial_noise_multiplier is None else initial_noise_multiplier,
+                        "image_cfg_scale": 1.5 if image_cfg_scale is None else image_cfg_scale}
             if sd_upscale:
                 request |= {"sd_upscale": True, "sd_upscale_overlap": int(sd_upscale_overlap),
                             "sd_upscale_scale": float(sd_upscale_scale), "sd_upscale_upscaler": sd_upscale_upscaler}
@@ -905,6 +906,10 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                 img2img_widgets["denoising_strength"] = gr.Slider(
                     0, 1, value=GenerationRequest.model_fields["denoising_strength"].default, step=0.01,
                     label="Denoising strength", elem_id="img2img_denoising_strength")
+                img2img_widgets["image_cfg_scale"] = gr.Slider(
+                    0, 3, value=GenerationRequest.model_fields["image_cfg_scale"].default, step=0.05,
+                    label="Image CFG Scale", elem_id="img2img_image_cfg_scale",
+                    info="instruct-pix2pix models: how closely the result keeps to the picture (others ignore it)")
                 img2img_widgets["color_correction"] = gr.Checkbox(
                     False, label="Color correction", elem_id="img2img_color_correction",
                     info="the result's colours matched to the picture's, its lightness kept (A1111's setting)")

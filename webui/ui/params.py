@@ -40,7 +40,8 @@ COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "step
 SOFT_INPAINTING = ("soft_inpainting", *SOFT_INPAINTING_FIELDS)
 INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding", *SOFT_INPAINTING)
-IMG2IMG_FIELDS = (*COMMON_FIELDS, "color_correction", "initial_noise_multiplier", *INPAINTING_FIELDS, *IMG2IMG_SCRIPTS)
+IMG2IMG_FIELDS = (*COMMON_FIELDS, "color_correction", "initial_noise_multiplier", "image_cfg_scale", *INPAINTING_FIELDS,
+                  *IMG2IMG_SCRIPTS)
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
                 "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_checkpoint_name",
                 "token_merging_ratio_hr")
@@ -62,6 +63,7 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "height": "Height", "seed": "Seed", "n_iter": "Batch count", "batch_size": "Batch size",
                 "clip_skip": "Clip skip", "tiling": "Tiling", "skip_early_cond": "Ignore negative prompt during early sampling",
                 "s_min_uncond": "Negative Guidance minimum sigma", "initial_noise_multiplier": "Noise multiplier for img2img",
+                "image_cfg_scale": "Image CFG Scale",
                 "img2img_extra_noise": "Extra noise multiplier for img2img and hires fix", "s_min_uncond_all": "Negative Guidance minimum sigma all steps",
                 "eta_ddim": "Eta for DDIM", "eta_ancestral": "Eta for ancestral samplers", "s_churn": "Sigma churn",
                 "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise",
@@ -113,7 +115,8 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
         "model": image.model_name, "model_hash": image.model_hash,
     } | {name: pasted.get(name)  # no columns of their own
          for name in ("batch_size", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
-                      "denoising_strength", "tiling", "color_correction", "initial_noise_multiplier", "sd_vae", "script", "refiner_checkpoint", "refiner_switch_at",
+                      "denoising_strength", "tiling", "color_correction", "initial_noise_multiplier",
+                      "image_cfg_scale", "sd_vae", "script", "refiner_checkpoint", "refiner_switch_at",
                       "token_merging_ratio",
                       *HIRES_FIELDS,
                       *INPAINTING_FIELDS, *CONTROLNET_FIELDS, *SAMPLER_FIELDS)}
@@ -236,7 +239,8 @@ def _apply_plot(fields: dict[str, Any], names: tuple[str, ...]) -> str | None:
         label = fields.setdefault(f"{axis}_type", "Nothing")
         fields.setdefault(f"{axis}_values", "")
         known = AXIS_TYPES.get(label)
-        if known is None or (known.hires and "enable_hr" not in names):
+        if known is None or (known.tab == "txt2img" and "enable_hr" not in names) or (
+                known.tab == "img2img" and "image_cfg_scale" not in names):
             fields[f"{axis}_type"], fields[f"{axis}_values"] = "Nothing", ""
             notes.append(f"{axis.upper()} type {label!r} not applied: this tab has no such axis.")
     return " ".join(notes) or None

@@ -33,8 +33,8 @@ def _img2img_sliders(widgets: dict, *sliders: tuple[str, float, float, float, fl
 
 
 def axis_types(kind: str) -> list[str]:
-    """The axis types a tab offers: img2img has no hires fix."""
-    return [label for label, axis in AXIS_TYPES.items() if not (kind == "img2img" and axis.hires)]
+    """The axis types a tab offers: those of both tabs and its own (img2img has no hires fix)."""
+    return [label for label, axis in AXIS_TYPES.items() if axis.tab in (None, kind)]
 
 
 def plot_section(kind: str) -> dict[str, gr.components.Component]:
