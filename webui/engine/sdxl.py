@@ -1,9 +1,9 @@
 """SDXL (base) models: how the engine tells them apart, and what it cannot run on them yet.
 
 An SDXL model runs diffusers' StableDiffusionXLPipeline (and its img2img pipeline) with the conditioning
-prompts.encode_sdxl_pair builds. The features below hook parts an SDXL model does not have, or read and write
-weights in SD 1.x/2.x layouts; a request that uses one with an SDXL model is refused before it runs, naming the
-feature and what to do, rather than crash deep in a pass or quietly draw something else.
+prompts.encode_sdxl_pair builds. What sdxl_problem names is made for SD 1.x/2.x layouts (hypernetworks); a request
+that uses it with an SDXL model is refused before it runs, naming the feature and what to do, rather than crash deep
+in a pass or quietly draw something else.
 """
 from __future__ import annotations
 
