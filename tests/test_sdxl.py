@@ -287,19 +287,6 @@ def test_training_on_an_sdxl_model_is_refused(engine):
             prepare(engine, SimpleNamespace(kind=kind))
 
 
-def test_embeddings_are_not_loaded_into_an_sdxl_model_and_the_log_says_why(models, tmp_path, caplog):
-    import logging
-
-    folder = tmp_path / "embeddings"
-    folder.mkdir()
-    torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "name": "style"}, folder / "style.pt")
-    caplog.set_level(logging.INFO, logger="webui.engine.generate")
-    loaded = Engine(Settings(models_dir=models, device="cpu", embeddings_dir=folder),
-                    ModelRegistry(models, tmp_path / "h.json"))
-    loaded.load(XL)
-    assert not loaded.embeddings.loaded and "not loaded into SDXL models yet" in caplog.text
-
-
 # --- the worker and the API ------------------------------------------------------------------------------
 def test_a_job_writes_a1111s_infotext_keys_and_a_history_row(services):
     job = finished_job(services, {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 2, "seed": 11,

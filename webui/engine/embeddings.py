@@ -4,8 +4,13 @@ Files come from the embeddings folder (models/embeddings, --embeddings-dir): A11
 .safetensors (emb_params) and diffusers' learned_embeds.bin ({token: vector}). As in A1111, a prompt names an
 embedding when its token ids contain the ids of the embedding's name (so "art" matches the word art, not the
 "art" inside "cartoon"); those ids are swapped for new ids, one per vector, that point at new rows of the text
-encoder's token table. The tokenizer itself is left as it is. Files made for another text encoder width
-(SD 2.x on SD 1.x, SDXL) are skipped with the reason, as A1111 lists them.
+encoder's token table. The tokenizer itself is left as it is.
+
+SDXL embeddings are A1111's .safetensors with two tensors of as many vectors: "clip_l" for the first text encoder
+(CLIP-L) and "clip_g" for the second (OpenCLIP bigG). An SDXL model gets each embedding's rows in both encoders' tables
+at the same ids, so one match table serves both tokenizers (they share one vocabulary) and a chunk's ids read the
+right rows in each. Files that do not fit the model (SD 2.x on SD 1.x, an SD one on SDXL or the reverse, widths or
+counts that do not match) are skipped with the reason, as A1111 lists them.
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ MATCHES_ATTR = "embedding_matches"
 class Embedding:
     name: str
     path: Path
-    vectors: torch.Tensor | None = None  # (count, width); None when the file could not be read
+    vectors: torch.Tensor | None = None  # (count, width); None when the file could not be read. SDXL's: clip_l
+    vectors_2: torch.Tensor | None = None  # an SDXL embedding's for the second text encoder (clip_g), else None
     step: int | None = None
     checkpoint: str | None = None
     checkpoint_name: str | None = None
@@ -41,11 +47,17 @@ class Embedding:
     stamp: tuple[int, int] = (0, 0)  # the file's size and time when read
 
     @property
+    def sdxl(self) -> bool:
+        return self.vectors_2 is not None
+
+    @property
     def summary(self) -> dict:
-        """As A1111's /sdapi/v1/embeddings gives each."""
+        """As A1111's /sdapi/v1/embeddings gives each: an SDXL one's shape is its two widths added (2048), as in
+        A1111, whose SDXL models expect that width."""
+        shape = None if self.vectors is None else int(self.vectors.shape[-1]) + (
+            int(self.vectors_2.shape[-1]) if self.sdxl else 0)
         return {"step": self.step, "sd_checkpoint": self.checkpoint, "sd_checkpoint_name": self.checkpoint_name,
-                "shape": int(self.vectors.shape[-1]) if self.vectors is not None else None,
-                "vectors": int(self.vectors.shape[0]) if self.vectors is not None else None}
+                "shape": shape, "vectors": int(self.vectors.shape[0]) if self.vectors is not None else None}
 
 
 @dataclass
@@ -73,16 +85,31 @@ def read_embedding(path: Path) -> Embedding:
     except Exception as err:
         embedding.skipped = f"unreadable ({type(err).__name__}); download it again"
         return embedding
-    vectors = _vectors_of(data) if isinstance(data, dict) else None
+    vectors, vectors_2 = _sdxl_vectors_of(data) if isinstance(data, dict) else (None, None)
     if vectors is None:
-        embedding.skipped = "holds no embedding vectors (it may be a LoRA, an SDXL embedding or another file)"
+        vectors = _vectors_of(data) if isinstance(data, dict) else None
+    if vectors is None:
+        embedding.skipped = "holds no embedding vectors (it may be a LoRA or another file)"
         return embedding
-    embedding.vectors = vectors.detach().float().reshape(-1, vectors.shape[-1])
+    embedding.vectors = _rows(vectors)
+    embedding.vectors_2 = None if vectors_2 is None else _rows(vectors_2)
     embedding.step = data.get("step") if isinstance(data.get("step"), int) else None
     embedding.checkpoint = data.get("sd_checkpoint") if isinstance(data.get("sd_checkpoint"), str) else None
     name = data.get("sd_checkpoint_name")
     embedding.checkpoint_name = name if isinstance(name, str) else None
     return embedding
+
+
+def _rows(vectors: torch.Tensor) -> torch.Tensor:
+    return vectors.detach().float().reshape(-1, vectors.shape[-1])
+
+
+def _sdxl_vectors_of(data: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """An SDXL embedding's (clip_l, clip_g), or (None, None) for a file of another kind."""
+    pair = data.get("clip_l"), data.get("clip_g")
+    if all(isinstance(vectors, torch.Tensor) and vectors.ndim in (1, 2) for vectors in pair):
+        return pair
+    return None, None
 
 
 def _vectors_of(data: dict) -> torch.Tensor | None:
@@ -98,15 +125,35 @@ def _vectors_of(data: dict) -> torch.Tensor | None:
     return vectors if isinstance(vectors, torch.Tensor) and vectors.ndim in (1, 2) else None
 
 
+@dataclass
+class _TextEncoder:
+    """One of the model's text encoders, its tokenizer, and which Embedding field holds the vectors for it."""
+    tokenizer: object
+    encoder: object
+    field: str  # "vectors" or "vectors_2"
+    name: str  # as A1111's SDXL files call it
+
+    @property
+    def table(self) -> torch.Tensor:
+        return self.encoder.get_input_embeddings().weight
+
+
+def _text_encoders(pipe) -> list[_TextEncoder]:
+    """An SD model's text encoder; an SDXL model's two (its second is what makes it SDXL, as sdxl.is_sdxl says)."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return [_TextEncoder(pipe.tokenizer, pipe.text_encoder, "vectors", "text encoder")]
+    return [_TextEncoder(pipe.tokenizer, pipe.text_encoder, "vectors", "clip_l"),
+            _TextEncoder(pipe.tokenizer_2, pipe.text_encoder_2, "vectors_2", "clip_g")]
+
+
 def load_embeddings(pipe, folder: Path, already: EmbeddingSet | None = None) -> EmbeddingSet:
-    """Give every embedding in folder that fits this model's text encoder rows of its own, and return those
+    """Give every embedding in folder that fits this model's text encoders rows of its own, and return those
     loaded (with `already`'s, which a refresh keeps) and those skipped, with the reason."""
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    table = encoder.get_input_embeddings().weight
-    if table.is_meta:  # --lowvram has offloaded it layer by layer: it cannot grow now
+    encoders = _text_encoders(pipe)
+    if any(encoder.table.is_meta for encoder in encoders):  # --lowvram has offloaded it layer by layer: it cannot
+        # grow now
         log.warning("embeddings are read when a model loads, not while --lowvram offloads it; load the model again")
         return already or EmbeddingSet()
-    width = table.shape[1]
     found = EmbeddingSet(dict(already.loaded) if already else {})
     new: list[Embedding] = []
     for path in files_under(folder, EMBEDDING_SUFFIXES):
@@ -120,10 +167,9 @@ def load_embeddings(pipe, folder: Path, already: EmbeddingSet | None = None) -> 
         if embedding.skipped is not None:
             log.warning("embedding %s skipped: %s", path, embedding.skipped)
             continue
-        embedding.name_ids = tuple(tokenizer(embedding.name, add_special_tokens=False).input_ids)
-        if embedding.vectors.shape[1] != width:
-            embedding.skipped = (f"made for a text encoder {embedding.vectors.shape[1]} wide; this model's is "
-                                 f"{width} (an SD 2.x embedding on SD 1.x, or the reverse)")
+        embedding.name_ids = tuple(encoders[0].tokenizer(embedding.name, add_special_tokens=False).input_ids)
+        embedding.skipped = _misfit(embedding, encoders)
+        if embedding.skipped is not None:
             found.skipped[embedding.name] = embedding
         elif not embedding.name_ids:
             log.warning("embedding %s skipped: its name reads as no token", path)
@@ -131,24 +177,70 @@ def load_embeddings(pipe, folder: Path, already: EmbeddingSet | None = None) -> 
             found.loaded[embedding.name] = embedding
             new.append(embedding)
     if new:
-        _add_rows(encoder, new)
-    setattr(tokenizer, MATCHES_ATTR, _matches(found.loaded.values()))
+        _add_rows(encoders, new)
+    matches = _matches(found.loaded.values())
+    for encoder in encoders:  # the same ids name the same rows in each encoder (_add_rows)
+        setattr(encoder.tokenizer, MATCHES_ATTR, matches)
     return found
 
 
-def _add_rows(encoder, embeddings: list[Embedding]) -> None:
-    """One resize for all (each resize copies the whole table), then each embedding's vectors in its rows."""
-    first = encoder.get_input_embeddings().weight.shape[0]
+def _misfit(embedding: Embedding, encoders: list[_TextEncoder]) -> str | None:
+    """Why the embedding does not fit the model whose text encoders these are, or None when it does."""
+    widths = [int(encoder.table.shape[1]) for encoder in encoders]
+    if len(encoders) == 1:
+        if embedding.sdxl:
+            return (f"an SDXL embedding (clip_l and clip_g); this model is SD 1.x/2.x, with one text encoder "
+                    f"{widths[0]} wide: load an SDXL model to use it")
+        if embedding.vectors.shape[1] != widths[0]:
+            return (f"made for a text encoder {embedding.vectors.shape[1]} wide; this model's is {widths[0]} wide "
+                    "(an SD 2.x embedding on SD 1.x, or the reverse)")
+        return None
+    if not embedding.sdxl:
+        return (f"made for SD 1.x/2.x (one text encoder, {embedding.vectors.shape[1]} wide); this SDXL model reads "
+                "SDXL embeddings (clip_l and clip_g): load an SD 1.x/2.x model to use it")
+    if embedding.vectors.shape[0] != embedding.vectors_2.shape[0]:
+        return (f"its clip_l holds {embedding.vectors.shape[0]} vectors and its clip_g {embedding.vectors_2.shape[0]}; "
+                "both must hold as many (the file is damaged or not an A1111 SDXL embedding)")
+    for encoder, width in zip(encoders, widths):
+        got = getattr(embedding, encoder.field).shape[1]
+        if got != width:
+            return (f"its {encoder.name} is {got} wide; this model's is {width} wide (an embedding made for "
+                    "another kind of model)")
+    ids = [tuple(encoder.tokenizer(embedding.name, add_special_tokens=False).input_ids) for encoder in encoders]
+    if len(set(ids)) > 1:  # one match table serves both tokenizers
+        return "its name reads as other tokens in the second tokenizer than in the first; rename it"
+    return None
+
+
+def _add_rows(encoders: list[_TextEncoder], embeddings: list[Embedding]) -> None:
+    """One resize of each table for all (each resize copies the whole table), then each embedding's vectors in its
+    rows, at the same ids in every table: rows past the end of a table shorter than another's stay unused."""
+    first = max(encoder.table.shape[0] for encoder in encoders)
     total = sum(e.vectors.shape[0] for e in embeddings)
-    encoder.resize_token_embeddings(first + total, mean_resizing=False)  # the new rows are written below
-    table = encoder.get_input_embeddings().weight
+    for encoder in encoders:
+        encoder.encoder.resize_token_embeddings(first + total, mean_resizing=False)  # the new rows are written below
+        _pool_at_end_marker(encoder)
+        table = encoder.table
+        row = first
+        with torch.no_grad():
+            for embedding in embeddings:
+                count = embedding.vectors.shape[0]
+                table[row:row + count] = getattr(embedding, encoder.field).to(table.device, table.dtype)
+                row += count
     row = first
-    with torch.no_grad():
-        for embedding in embeddings:
-            count = embedding.vectors.shape[0]
-            embedding.vector_ids = tuple(range(row, row + count))
-            table[row:row + count] = embedding.vectors.to(table.device, table.dtype)
-            row += count
+    for embedding in embeddings:
+        embedding.vector_ids = tuple(range(row, row + embedding.vectors.shape[0]))
+        row += len(embedding.vector_ids)
+
+
+def _pool_at_end_marker(encoder: _TextEncoder) -> None:
+    """The encoder's pooled output (SDXL's pooled vector, from its second encoder) read at each chunk's end marker.
+    Configs with eos_token_id 2 (SD's and SDXL's published ones) make transformers read it at the highest id,
+    which is an embedding's row once the table has grown; A1111 reads the end marker."""
+    text_model = getattr(encoder.encoder, "text_model", None)
+    end = getattr(encoder.tokenizer, "eos_token_id", None)
+    if text_model is not None and end is not None and getattr(text_model, "eos_token_id", None) != end:
+        text_model.eos_token_id = end
 
 
 def _matches(embeddings) -> dict[int, list[Embedding]]:

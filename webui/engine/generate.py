@@ -400,10 +400,6 @@ class Engine:
             raise
 
     def _load_embeddings(self, pipe, already: EmbeddingSet | None = None) -> EmbeddingSet:
-        if is_sdxl(pipe):  # the folder's SD 1.x/2.x ones would be read for SDXL's as well; none is read yet
-            log.info("textual inversion embeddings are not loaded into SDXL models yet (SDXL ones hold vectors for "
-                     "both text encoders, which this server does not read); a prompt's embedding names stay words")
-            return EmbeddingSet()
         try:
             found = load_embeddings(pipe, self.settings.embeddings_folder, already)
         except Exception as err:  # the model works without them: say why, and go on

@@ -101,7 +101,8 @@ def encode_sdxl_pair(pipe, prompts: list[str], negatives: list[str]
     texts = prompts + negatives
     device = pipe._execution_device
     first, _ = _encode_penultimate(pipe.text_encoder, _padded_chunks(pipe.tokenizer, texts), device)
-    # The second tokenizer pads with "!" (OpenCLIP's padding); the chunks are the same (one BPE vocabulary).
+    # The second tokenizer pads with "!" (OpenCLIP's padding); the chunks are the same (one BPE vocabulary, and an
+    # embedding's vectors at the same ids in both encoders: embeddings.py).
     second, pooled = _encode_penultimate(pipe.text_encoder_2, _padded_chunks(pipe.tokenizer_2, texts), device)
     hidden = torch.cat([first, second.to(first.dtype)], dim=-1)
     empty_negative = torch.tensor([index >= len(prompts) and not text for index, text in enumerate(texts)],

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from webui.engine.embeddings import Embedding
+from webui.engine.sdxl import is_sdxl
 from webui.engine.training import (
     TRAINED_SUFFIX, TrainingError, TrainingHooks, TrainingOutcome, TrainingPlan, prepare, run_training, save_whole,
 )
@@ -25,6 +26,9 @@ EMBEDDING_SUFFIX = TRAINED_SUFFIX  # what training reads and writes: A1111's lay
 def init_vectors(pipe, init_text: str, count: int) -> torch.Tensor:
     """`count` vectors from the token embeddings of `init_text`, as A1111 makes them: its first `count` tokens, each
     repeated in turn where it has fewer (two tokens over four vectors: a a b b); zeros for a text of no tokens."""
+    if is_sdxl(pipe):  # its vectors would be CLIP-L's alone: an SD 1.x file, which SDXL models skip
+        raise TrainingError("the loaded model is an SDXL model, which cannot create or train embeddings yet; load an "
+                            "SD 1.x/2.x model to create one")
     table = pipe.text_encoder.get_input_embeddings().weight
     if table.is_meta:
         raise TrainingError("the model's token table is offloaded layer by layer (--lowvram): start without "
