@@ -130,8 +130,8 @@ class _TextEncoder:
     """One of the model's text encoders, its tokenizer, and which Embedding field holds the vectors for it."""
     tokenizer: object
     encoder: object
-    field: str  # "vectors" or "vectors_2"
-    name: str  # as A1111's SDXL files call it
+    vectors_attr: str  # "vectors" or "vectors_2"
+    name: str  # in messages: an SDXL model's are named as A1111's SDXL files name their tensors
 
     @property
     def table(self) -> torch.Tensor:
@@ -150,8 +150,8 @@ def load_embeddings(pipe, folder: Path, already: EmbeddingSet | None = None) -> 
     """Give every embedding in folder that fits this model's text encoders rows of its own, and return those
     loaded (with `already`'s, which a refresh keeps) and those skipped, with the reason."""
     encoders = _text_encoders(pipe)
-    if any(encoder.table.is_meta for encoder in encoders):  # --lowvram has offloaded it layer by layer: it cannot
-        # grow now
+    # --lowvram has offloaded a table layer by layer: it cannot grow now
+    if any(encoder.table.is_meta for encoder in encoders):
         log.warning("embeddings are read when a model loads, not while --lowvram offloads it; load the model again")
         return already or EmbeddingSet()
     found = EmbeddingSet(dict(already.loaded) if already else {})
@@ -202,7 +202,7 @@ def _misfit(embedding: Embedding, encoders: list[_TextEncoder]) -> str | None:
         return (f"its clip_l holds {embedding.vectors.shape[0]} vectors and its clip_g {embedding.vectors_2.shape[0]}; "
                 "both must hold as many (the file is damaged or not an A1111 SDXL embedding)")
     for encoder, width in zip(encoders, widths):
-        got = getattr(embedding, encoder.field).shape[1]
+        got = getattr(embedding, encoder.vectors_attr).shape[1]
         if got != width:
             return (f"its {encoder.name} is {got} wide; this model's is {width} wide (an embedding made for "
                     "another kind of model)")
@@ -225,7 +225,7 @@ def _add_rows(encoders: list[_TextEncoder], embeddings: list[Embedding]) -> None
         with torch.no_grad():
             for embedding in embeddings:
                 count = embedding.vectors.shape[0]
-                table[row:row + count] = getattr(embedding, encoder.field).to(table.device, table.dtype)
+                table[row:row + count] = getattr(embedding, encoder.vectors_attr).to(table.device, table.dtype)
                 row += count
     row = first
     for embedding in embeddings:
