@@ -19,6 +19,8 @@ from typing import Iterator
 
 import torch
 
+from webui.engine.unet_hooks import removed_after, with_prediction
+
 AND = re.compile(r"\bAND\b")
 WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")  # A1111's: "text:1.5"
 
@@ -107,24 +109,16 @@ def composed_guidance(unet, weights: list[float] | None) -> Iterator[None]:
             timestep = _repeated(timestep, images, count)
         return (sample, timestep, *rest), kwargs
 
-    def combine(_module, _args, output):
-        prediction = output[0]
+    def combine(prediction):
         images = prediction.shape[0] // (count + 1)
         uncond = prediction[:images]
         conds = prediction[images:].reshape(count, images, *prediction.shape[1:])
         guided = uncond + sum(weight * (cond - uncond) for weight, cond in zip(weights, conds))
-        combined = torch.cat([uncond, guided.to(prediction.dtype)])
-        if isinstance(output, tuple):
-            return (combined, *output[1:])
-        output[next(iter(output.keys()))] = combined  # diffusers' output dataclass: its first field
-        return output
+        return torch.cat([uncond, guided.to(prediction.dtype)])
 
-    handles = [unet.register_forward_pre_hook(spread, with_kwargs=True), unet.register_forward_hook(combine)]
-    try:
+    with removed_after([unet.register_forward_pre_hook(spread, with_kwargs=True),
+                        unet.register_forward_hook(lambda _module, _args, output: with_prediction(output, combine))]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _row_per_part(value: torch.Tensor, images: int, count: int) -> torch.Tensor:

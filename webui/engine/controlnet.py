@@ -33,6 +33,7 @@ from webui.controlnet import CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RES
 from webui.engine.canny import canny
 from webui.engine.img2img import MAX_PICTURE_PIXELS, RESAMPLE, fit_image
 from webui.engine.models import file_stamp, files_under, legacy_hash
+from webui.engine.unet_hooks import removed_after
 from webui.schemas import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -366,11 +367,8 @@ def controlled(unet, control: ControlPass | None) -> Iterator[None]:
         states = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
         return args, kwargs | control.residuals(sample, timestep, states, kwargs.get("added_cond_kwargs"))
 
-    handle = unet.register_forward_pre_hook(add_residuals, with_kwargs=True)
-    try:
+    with removed_after([unet.register_forward_pre_hook(add_residuals, with_kwargs=True)]):
         yield
-    finally:
-        handle.remove()
 
 
 def request_map(picture: Image.Image, request, size: tuple[int, int]) -> Image.Image:

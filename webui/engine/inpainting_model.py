@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from webui.engine.unet_hooks import removed_after
+
 INPAINTING_CHANNELS = 9  # 4 latents + 1 mask + 4 masked-picture latents
 EDIT_CHANNELS = 8  # instruct-pix2pix: 4 latents + 4 of the picture to edit (webui/engine/instruct_pix2pix.py)
 UNET_INPUTS = (4, INPAINTING_CHANNELS, EDIT_CHANNELS)  # the UNets that load: text to image, inpainting, pix2pix
@@ -62,8 +64,5 @@ def extra_input(unet, channels: torch.Tensor | None) -> Iterator[None]:
         extra = channels.to(sample.device, sample.dtype).repeat(sample.shape[0] // channels.shape[0], 1, 1, 1)
         return (torch.cat([sample, extra], dim=1), *args[1:]), kwargs
 
-    handle = unet.register_forward_pre_hook(add_channels, with_kwargs=True)
-    try:
+    with removed_after([unet.register_forward_pre_hook(add_channels, with_kwargs=True)]):
         yield
-    finally:
-        handle.remove()

@@ -27,6 +27,7 @@ from webui.engine.inpainting_model import EDIT_CHANNELS, extra_input
 from webui.engine.lora import strip_loras
 from webui.engine.prompt_schedule import prompt_variants
 from webui.engine.uncond_skip import UncondSkip
+from webui.engine.unet_hooks import removed_after, with_prediction
 
 
 def takes_edit_picture(unet) -> bool:
@@ -94,19 +95,11 @@ def edit_guidance(unet, picture: EditPicture) -> Iterator[None]:
         kwargs = {**kwargs, "encoder_hidden_states": spread(kwargs["encoder_hidden_states"])}
         return (sample, timestep, *rest), kwargs
 
-    def two_rows(_module, _args, output):
-        prediction = output[0]
+    def two_rows(prediction):
         without, with_picture, prompt = prediction.chunk(3)
         cond = without + (prompt - with_picture) + ratio * (with_picture - without)
-        combined = torch.cat([without, cond.to(prediction.dtype)])
-        if isinstance(output, tuple):
-            return (combined, *output[1:])
-        output[next(iter(output.keys()))] = combined  # diffusers' output dataclass: its first field
-        return output
+        return torch.cat([without, cond.to(prediction.dtype)])
 
-    handles = [unet.register_forward_pre_hook(three_rows, with_kwargs=True), unet.register_forward_hook(two_rows)]
-    try:
+    with removed_after([unet.register_forward_pre_hook(three_rows, with_kwargs=True),
+                        unet.register_forward_hook(lambda _module, _args, output: with_prediction(output, two_rows))]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -21,6 +21,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from webui.engine.unet_hooks import removed_after, with_prediction
+
 MAX_NGMS = 15.0  # A1111's slider's end
 
 
@@ -100,23 +102,19 @@ def skipping_uncond(unet, calls: SkipCalls | None) -> Iterator[None]:
         # first positive row), so a composed prompt's hook finds the batch it laid out.
         if not skipped[0]:
             return None
-        return _with_first(output, lambda pred: torch.cat([pred[:calls.images], pred]))
+        return with_prediction(output, lambda pred: torch.cat([pred[:calls.images], pred]))
 
     def cond_for_both(_module, _args, output):
         # Last: the negative rows become the positive ones, so guidance leaves the positive prediction as it is.
         if not skipped[0]:
             return None
         images = calls.images
-        return _with_first(output, lambda pred: torch.cat([pred[images:2 * images], pred[images:]]))
+        return with_prediction(output, lambda pred: torch.cat([pred[images:2 * images], pred[images:]]))
 
-    handles = [unet.register_forward_pre_hook(drop_uncond, with_kwargs=True),
-               unet.register_forward_hook(stand_in_for_uncond, prepend=True),
-               unet.register_forward_hook(cond_for_both)]
-    try:
+    with removed_after([unet.register_forward_pre_hook(drop_uncond, with_kwargs=True),
+                        unet.register_forward_hook(stand_in_for_uncond, prepend=True),
+                        unet.register_forward_hook(cond_for_both)]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _rows_after(value, head: int, rows: int):
@@ -129,12 +127,3 @@ def _rows_after(value, head: int, rows: int):
     if isinstance(value, dict):  # SDXL's added_cond_kwargs: pooled vectors and size numbers, a row per image
         return {name: _rows_after(item, head, rows) for name, item in value.items()}
     return value
-
-
-def _with_first(output, change):
-    """The UNet's output (a tuple, or diffusers' output dataclass) with its first field changed."""
-    if isinstance(output, tuple):
-        return (change(output[0]), *output[1:])
-    key = next(iter(output.keys()))
-    output[key] = change(output[key])
-    return output
