@@ -5,12 +5,12 @@ from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, make_scheduler, reso
 from tests.tiny_sd import tiny_components
 
 EXPECTED = ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE",
-            "DPM++ 2S a", "DDIM", "PLMS", "UniPC", "LCM"]
+            "DPM++ 3M SDE", "DPM++ 2S a", "DDIM", "PLMS", "UniPC", "LCM"]
 
 
 def test_every_known_sampler_name_is_offered():
     assert sampler_names() == EXPECTED
-    assert list(SCHEDULE_TYPES) == ["Automatic", "Karras", "Exponential", "SGM Uniform"]
+    assert list(SCHEDULE_TYPES) == ["Automatic", "Karras", "Exponential", "SGM Uniform", "Beta"]
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -122,6 +122,7 @@ def test_one_step_goes_from_pure_noise_to_the_image_with_every_schedule(sampler)
 # stable-diffusion-webui 1.9+ (modules/sd_samplers_kdiffusion.py, samplers_k_diffusion): the schedule type
 # each sampler uses when the request says Automatic.
 A1111_AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",
+                   "DPM++ 3M SDE": "Exponential",
                    "DPM++ 2S a": "Karras", "DPM2": "Karras", "DPM2 a": "Karras"}
 
 
@@ -170,3 +171,26 @@ def test_unipc_and_dpmpp_2s_a_use_a1111s_settings():
     assert (unipc.solver_type, unipc.solver_order) == ("bh1", 3)  # A1111: uni_pc_variant bh1, uni_pc_order 3
     assert unipc.final_sigmas_type == "sigma_min"  # A1111's UniPC stops at t = 1/1000
     assert make_scheduler(SD15_SCHEDULER, "DPM++ 2S a").config.lower_order_final is True
+
+
+def test_beta_sigmas_are_a1111s():
+    """A1111's beta_scheduler(n, sigma_min, sigma_max, alpha=0.6, beta=0.6): the beta distribution's quantiles at
+    1 - linspace(0, 1, n, endpoint=False) between the model's smallest and largest sigma, then a final 0."""
+    import numpy as np
+    import scipy.stats
+
+    sigmas = sd15_sigmas()
+    low, high, steps = float(sigmas[0]), float(sigmas[-1]), 12
+    quantiles = scipy.stats.beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), 0.6, 0.6)
+    expected = torch.tensor(low + quantiles * (high - low))
+    for sampler in ("Euler", "DPM++ 2M", "Heun"):
+        scheduler = make_scheduler(SD15_SCHEDULER, sampler, "Beta")
+        scheduler.set_timesteps(steps)
+        ours = scheduler.sigmas.double()
+        assert float(ours[-1]) == 0, sampler
+        assert torch.allclose(ours[:-1].unique_consecutive(), expected, rtol=1e-3), sampler  # Heun repeats sigmas
+
+
+def test_dpmpp_3m_sde_is_the_third_order_sde_solver():
+    config = make_scheduler(SD15_SCHEDULER, "DPM++ 3M SDE").config
+    assert (config.algorithm_type, config.solver_order, config.use_exponential_sigmas) == ("sde-dpmsolver++", 3, True)

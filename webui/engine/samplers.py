@@ -25,7 +25,7 @@ class Sampler:
     aliases: tuple[str, ...] = ()
     # The schedule types its diffusers scheduler can follow (not every one takes custom sigmas
     # or a timestep spacing); asking for another is an error rather than silently ignored.
-    schedules: tuple[str, ...] = ("Automatic", "Karras", "Exponential", "SGM Uniform")
+    schedules: tuple[str, ...] = ("Automatic", "Karras", "Exponential", "SGM Uniform", "Beta")
     max_steps: int | None = None  # a limit of its scheduler's, checked with the request
     automatic: str = "Automatic"  # the schedule type that "Automatic" stands for (A1111's per-sampler default)
     # Ported from k-diffusion: A1111 runs it from the model's largest sigma, which diffusers' "leading"
@@ -50,11 +50,16 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, aliases=("k_dpmpp_2m_sde",),
             automatic="Exponential", k_diffusion=True),
+    # diffusers' third-order SDE solver; A1111's draws Brownian-tree noise and drops the next-to-last sigma, so
+    # their pictures differ (as DPM++ 2M SDE's do).
+    Sampler("DPM++ 3M SDE", "DPMSolverMultistepScheduler",
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, aliases=("k_dpmpp_3m_sde",),
+            automatic="Exponential", k_diffusion=True),
     # diffusers has no ancestral single-step DPM++; its deterministic single-step solver is the
     # closest match, as diffusers' own scheduler table notes. It needs a low-order last step (and
     # warns when it has to switch one on itself).
     Sampler("DPM++ 2S a", "DPMSolverSinglestepScheduler", {"solver_order": 2, "lower_order_final": True},
-            aliases=("k_dpmpp_2s_a",), schedules=("Automatic", "Karras", "Exponential"), automatic="Karras"),
+            aliases=("k_dpmpp_2s_a",), schedules=("Automatic", "Karras", "Exponential", "Beta"), automatic="Karras"),
     # DDIMScheduler clips its x0 estimate to [-1, 1] unless the model's config says otherwise; that is
     # meant for pixel-space models and ruins latents (A1111's DDIM never clips).
     Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}, aliases=("ddim",), schedules=NO_CUSTOM_SIGMAS),
@@ -74,7 +79,9 @@ SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
     "Karras": {"use_karras_sigmas": True},
     "Exponential": {"use_exponential_sigmas": True},
     "SGM Uniform": {"timestep_spacing": "trailing"},
+    "Beta": {"use_beta_sigmas": True},  # A1111's spacing of it: _with_a1111_beta
 }
+BETA_ALPHA = BETA_BETA = 0.6  # A1111's defaults (its beta_dist_alpha, beta_dist_beta options), diffusers' too
 
 
 def schedule_key(label: str) -> str:
@@ -146,7 +153,24 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
     if sampler.k_diffusion and base_config.get("timestep_spacing") == "leading":
         options["timestep_spacing"] = "linspace"  # from t=999, not t=951 (at 20 steps)
     options.update(SCHEDULE_TYPES[schedule])
-    return _starting_at_the_first_step(scheduler_class.from_config(base_config, **options))
+    scheduler = _starting_at_the_first_step(scheduler_class.from_config(base_config, **options))
+    return _with_a1111_beta(scheduler) if schedule == "Beta" else scheduler
+
+
+def _with_a1111_beta(scheduler):
+    """The Beta schedule's sigmas as A1111 spaces them: the beta distribution's quantiles at 1, 1 - 1/n, ..., 1/n
+    between the smallest and largest sigma, then 0. diffusers' own takes them at 1 ... 0, so its last step ends
+    at the smallest sigma before the final 0, and the pictures would differ from A1111's."""
+    def beta_sigmas(in_sigmas, num_inference_steps, alpha=BETA_ALPHA, beta=BETA_BETA):
+        import numpy as np
+        import scipy.stats
+
+        sigma_min, sigma_max = float(in_sigmas[-1]), float(in_sigmas[0])
+        points = 1 - np.linspace(0, 1, num_inference_steps, endpoint=False)
+        return sigma_min + scipy.stats.beta.ppf(points, alpha, beta) * (sigma_max - sigma_min)
+
+    scheduler._convert_to_beta = beta_sigmas
+    return scheduler
 
 
 def _starting_at_the_first_step(scheduler):
@@ -165,7 +189,7 @@ def _starting_at_the_first_step(scheduler):
 
     def set_timesteps_from_the_first_step(num_inference_steps=None, *args, **kwargs):
         if num_inference_steps == 1:
-            custom_sigmas = {key: False for key in ("use_karras_sigmas", "use_exponential_sigmas")
+            custom_sigmas = {key: False for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
                              if scheduler.config.get(key)}
             scheduler.register_to_config(timestep_spacing="trailing", **custom_sigmas)
         set_timesteps(num_inference_steps, *args, **kwargs)
