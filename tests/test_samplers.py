@@ -10,7 +10,7 @@ EXPECTED = ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DP
 
 def test_every_known_sampler_name_is_offered():
     assert sampler_names() == EXPECTED
-    assert list(SCHEDULE_TYPES) == ["Automatic", "Karras", "Exponential", "SGM Uniform", "Beta"]
+    assert list(SCHEDULE_TYPES) == ["Automatic", "Karras", "Exponential", "SGM Uniform", "Beta", "Align Your Steps"]
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -194,3 +194,24 @@ def test_beta_sigmas_are_a1111s():
 def test_dpmpp_3m_sde_is_the_third_order_sde_solver():
     config = make_scheduler(SD15_SCHEDULER, "DPM++ 3M SDE").config
     assert (config.algorithm_type, config.solver_order, config.use_exponential_sigmas) == ("sde-dpmsolver++", 3, True)
+
+
+# NVIDIA's published Align Your Steps levels (its how-to page), as A1111 1.10 uses them
+AYS_SD15 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
+AYS_SDXL = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]
+
+
+@pytest.mark.parametrize("sdxl, levels", [(False, AYS_SD15), (True, AYS_SDXL)])
+@pytest.mark.parametrize("steps", [11, 20, 6])
+def test_align_your_steps_uses_the_published_levels_interpolated_log_linearly(sdxl, levels, steps):
+    if steps == len(levels):
+        expected = torch.tensor(levels, dtype=torch.float64)
+    else:  # log-linear interpolation, here by torch's linear resampling of the logs
+        logs = torch.tensor(levels, dtype=torch.float64).log().flip(0)[None, None]
+        expected = torch.nn.functional.interpolate(logs, size=steps, mode="linear", align_corners=True)[0, 0]
+        expected = expected.exp().flip(0)
+    for sampler in ("Euler", "DPM++ 2M"):
+        scheduler = make_scheduler(SD15_SCHEDULER, sampler, "Align Your Steps", sdxl=sdxl)
+        scheduler.set_timesteps(steps)
+        ours = scheduler.sigmas.double()
+        assert float(ours[-1]) == 0 and torch.allclose(ours[:-1], expected, rtol=1e-3), (sampler, ours)

@@ -96,3 +96,12 @@ def test_skip_early_cfg_with_a_composed_prompt(engine):
     composed = picture(engine, "a cat AND a dog", skip_early_cond=1.0)
     assert not np.array_equal(composed, picture(engine, "a cat AND a dog"))
     assert np.array_equal(picture(engine, "a cat AND a dog", skip_early_cond=1.0), composed)
+
+
+def test_align_your_steps_takes_sdxls_noise_levels_on_an_sdxl_model(engine):
+    from tests.test_samplers import AYS_SDXL
+
+    scheduler = engine._scheduler("Euler", "Align Your Steps")
+    scheduler.set_timesteps(len(AYS_SDXL))
+    assert torch.allclose(scheduler.sigmas[:-1].double(), torch.tensor(AYS_SDXL, dtype=torch.float64), rtol=1e-3)
+    assert picture(engine, "a cat", scheduler="Align Your Steps").std() > 0

@@ -627,7 +627,7 @@ class Engine:
         if not request.refiner_checkpoint or self.registry.find(request.refiner_checkpoint) == self.model.entry:
             return None
         # The timesteps the pass will run, from a scheduler of its own kind (the pass's own is set by diffusers).
-        scheduler = make_scheduler(self._base_scheduler_config, *sampler)
+        scheduler = self._scheduler(*sampler)
         return first_refiner_call(pass_timesteps(scheduler, schedule, steps), request.refiner_switch_at)
 
     def _uncond_skips(self, request: GenerationRequest, steps: int, schedule: int, sampler: tuple[str, str],
@@ -636,7 +636,7 @@ class Engine:
         skip = UncondSkip(request.skip_early_cond, request.s_min_uncond, request.s_min_uncond_all)
         if not skip.active or request.cfg_scale <= 1:
             return None
-        scheduler = make_scheduler(self._base_scheduler_config, *sampler)
+        scheduler = self._scheduler(*sampler)
         plan = skip_plan(skip, pass_timesteps(scheduler, schedule, steps), scheduler.alphas_cumprod,
                          steps * scheduler.order)  # A1111's count: steps x 2 for a second-order sampler
         return SkipCalls(plan, images) if any(plan) else None
@@ -682,8 +682,12 @@ class Engine:
                                    for width, height in whole}
         return keys
 
+    def _scheduler(self, sampler_name: str, schedule: str):
+        """A fresh scheduler of this sampler and schedule type for the loaded model."""
+        return make_scheduler(self._base_scheduler_config, sampler_name, schedule, sdxl=is_sdxl(self.pipe))
+
     def _timestep_dtype(self, sampler_name: str, schedule: str, steps: int) -> torch.dtype:
-        scheduler = make_scheduler(self._base_scheduler_config, sampler_name, schedule)
+        scheduler = self._scheduler(sampler_name, schedule)
         scheduler.set_timesteps(steps)
         return scheduler.timesteps.dtype
 
@@ -853,7 +857,7 @@ class Engine:
         schedule type, its token merging ratio, when not the request's own (the hires fix's)."""
         sampler = sampler or (request.sampler_name, request.scheduler)
         merging = request.token_merging_ratio if merging is None else merging
-        pipe.scheduler = make_scheduler(self._base_scheduler_config, *sampler)
+        pipe.scheduler = self._scheduler(*sampler)
         use_step_options(pipe.scheduler, sampler[0], StepOptions.of(request))
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE draws its Brownian noise from its own seeds (else from torch's global RNG).

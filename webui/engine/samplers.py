@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Sampler:
@@ -25,7 +27,7 @@ class Sampler:
     aliases: tuple[str, ...] = ()
     # The schedule types its diffusers scheduler can follow (not every one takes custom sigmas
     # or a timestep spacing); asking for another is an error rather than silently ignored.
-    schedules: tuple[str, ...] = ("Automatic", "Karras", "Exponential", "SGM Uniform", "Beta")
+    schedules: tuple[str, ...] = ("Automatic", "Karras", "Exponential", "SGM Uniform", "Beta", "Align Your Steps")
     max_steps: int | None = None  # a limit of its scheduler's, checked with the request
     automatic: str = "Automatic"  # the schedule type that "Automatic" stands for (A1111's per-sampler default)
     # Ported from k-diffusion: A1111 runs it from the model's largest sigma, which diffusers' "leading"
@@ -59,7 +61,8 @@ SAMPLERS: tuple[Sampler, ...] = (
     # closest match, as diffusers' own scheduler table notes. It needs a low-order last step (and
     # warns when it has to switch one on itself).
     Sampler("DPM++ 2S a", "DPMSolverSinglestepScheduler", {"solver_order": 2, "lower_order_final": True},
-            aliases=("k_dpmpp_2s_a",), schedules=("Automatic", "Karras", "Exponential", "Beta"), automatic="Karras"),
+            aliases=("k_dpmpp_2s_a",), schedules=("Automatic", "Karras", "Exponential", "Beta", "Align Your Steps"),
+            automatic="Karras"),
     # DDIMScheduler clips its x0 estimate to [-1, 1] unless the model's config says otherwise; that is
     # meant for pixel-space models and ruins latents (A1111's DDIM never clips).
     Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}, aliases=("ddim",), schedules=NO_CUSTOM_SIGMAS),
@@ -80,8 +83,12 @@ SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
     "Exponential": {"use_exponential_sigmas": True},
     "SGM Uniform": {"timestep_spacing": "trailing"},
     "Beta": {"use_beta_sigmas": True},  # A1111's spacing of it: _with_a1111_beta
+    "Align Your Steps": {"use_karras_sigmas": True},  # its sigmas in place of Karras's: _with_ays_sigmas
 }
 BETA_ALPHA = BETA_BETA = 0.6  # A1111's defaults (its beta_dist_alpha, beta_dist_beta options), diffusers' too
+# NVIDIA's Align Your Steps noise levels for 10 steps (11 sigmas), of SD 1.5 and of SDXL, as A1111 1.10 keeps them
+AYS_SIGMAS = {"sd": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+              "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)}
 
 
 def schedule_key(label: str) -> str:
@@ -142,8 +149,9 @@ def _canonical_schedule(schedule: str) -> str:
     return label
 
 
-def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str = "Automatic"):
-    """Build a fresh diffusers scheduler for one run from the model's scheduler config."""
+def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str = "Automatic", sdxl: bool = False):
+    """Build a fresh diffusers scheduler for one run from the model's scheduler config (an SDXL model's: `sdxl`,
+    which Align Your Steps' noise levels depend on)."""
     import diffusers
 
     sampler_name, schedule = resolve_sampler(sampler_name, schedule)
@@ -154,7 +162,28 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
         options["timestep_spacing"] = "linspace"  # from t=999, not t=951 (at 20 steps)
     options.update(SCHEDULE_TYPES[schedule])
     scheduler = _starting_at_the_first_step(scheduler_class.from_config(base_config, **options))
-    return _with_a1111_beta(scheduler) if schedule == "Beta" else scheduler
+    if schedule == "Beta":
+        return _with_a1111_beta(scheduler)
+    return _with_ays_sigmas(scheduler, AYS_SIGMAS["sdxl" if sdxl else "sd"]) if schedule == "Align Your Steps" \
+        else scheduler
+
+
+def ays_sigmas(steps: int, levels: tuple[float, ...]) -> np.ndarray:
+    """Align Your Steps' noise levels for `steps` steps, as A1111 makes them: the 11 levels as they are for 11 steps,
+    else interpolated log-linearly to `steps` (the final 0 comes after them)."""
+    if steps == len(levels):
+        return np.array(levels)
+    logs = np.log(np.array(levels)[::-1])
+    return np.exp(np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, len(levels)), logs))[::-1].copy()
+
+
+def _with_ays_sigmas(scheduler, levels: tuple[float, ...]):
+    """The scheduler's Karras sigmas replaced by Align Your Steps' levels (both are custom sigmas to diffusers)."""
+    def levels_for(in_sigmas, num_inference_steps=None, **_):  # LMS and DPM++ SDE give no count: it is set already
+        return ays_sigmas(num_inference_steps or scheduler.num_inference_steps, levels)
+
+    scheduler._convert_to_karras = levels_for
+    return scheduler
 
 
 def _with_a1111_beta(scheduler):
@@ -162,7 +191,6 @@ def _with_a1111_beta(scheduler):
     between the smallest and largest sigma, then 0. diffusers' own takes them at 1 ... 0, so its last step ends
     at the smallest sigma before the final 0, and the pictures would differ from A1111's."""
     def beta_sigmas(in_sigmas, num_inference_steps, alpha=BETA_ALPHA, beta=BETA_BETA):
-        import numpy as np
         import scipy.stats
 
         sigma_min, sigma_max = float(in_sigmas[-1]), float(in_sigmas[0])
