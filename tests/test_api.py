@@ -148,7 +148,7 @@ def test_a_sampler_the_client_picks_wins_over_the_infotexts_with_its_schedule(cl
     ({"sampler_name": "Euler a", "scheduler": "Karras"}, "Sampler: Euler a, Schedule type: Automatic"),
     ({"sampler_name": "Euler a Karras"}, "Sampler: Euler a, Schedule type: Automatic"),  # the old combined name
     ({"sampler_name": "DDIM Karras", "scheduler": "Automatic"}, "Sampler: DDIM, Schedule type: Automatic"),
-    ({"sampler_name": "DPM++ 2M", "scheduler": "Align Your Steps"}, "Sampler: DPM++ 2M, Schedule type: Karras"),
+    ({"sampler_name": "DPM++ 2M", "scheduler": "KL Optimal"}, "Sampler: DPM++ 2M, Schedule type: Karras"),
 ])
 def test_a_schedule_a1111_knows_but_we_cannot_run_runs_as_automatic_and_says_so(client, services, asked, ran):
     """As A1111, which never rejects a schedule type it knows; an unknown name still gets a 422 (above)."""

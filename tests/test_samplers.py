@@ -40,8 +40,8 @@ def test_unknown_sampler_lists_the_valid_ones():
 
 
 def test_unknown_schedule_and_unsupported_pair_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown schedule type 'Polyexponential'"):
-        resolve_sampler("Euler", "Polyexponential")
+    with pytest.raises(ValueError, match="unknown schedule type 'KL Optimal'"):  # one of A1111's we lack
+        resolve_sampler("Euler", "KL Optimal")
     with pytest.raises(ValueError, match="'DDIM' does not support the Karras schedule"):
         resolve_sampler("DDIM", "Karras")
 
@@ -215,3 +215,17 @@ def test_align_your_steps_uses_the_published_levels_interpolated_log_linearly(sd
         scheduler.set_timesteps(steps)
         ours = scheduler.sigmas.double()
         assert float(ours[-1]) == 0 and torch.allclose(ours[:-1], expected, rtol=1e-3), (sampler, ours)
+
+
+def test_polyexponential_is_k_diffusions_at_a1111s_rho_of_1():
+    """get_sigmas_polyexponential(n, sigma_min, sigma_max, rho=1): exp(ramp ** rho * (log max - log min) + log min)
+    with ramp from 1 to 0, then a final 0."""
+    sigmas = sd15_sigmas()
+    low, high, steps = float(sigmas[0]), float(sigmas[-1]), 15
+    ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** 1.0
+    expected = (ramp * (torch.tensor(high).log() - torch.tensor(low).log()) + torch.tensor(low).log()).exp()
+    assert resolve_sampler("Euler", "Polyexponential") == ("Euler", "Exponential")  # A1111's name for it at rho 1
+    scheduler = make_scheduler(SD15_SCHEDULER, "Euler", "Polyexponential")
+    scheduler.set_timesteps(steps)
+    ours = scheduler.sigmas.double()
+    assert float(ours[-1]) == 0 and torch.allclose(ours[:-1], expected, rtol=1e-3)

@@ -752,7 +752,8 @@ def test_png_info_reads_stable_diffusion_webui_png_and_sends_it(ui, tmp_path):
                          "height", "seed", "clip_skip", "model"], values))
     assert by_field["prompt"] == "masterpiece, a castle on a hill" and by_field["negative_prompt"] == "blurry, lowres"
     assert (by_field["sampler_name"], by_field["scheduler"]["value"]) == ("DPM++ 2M", "Karras")  # old name split
-    assert by_field["scheduler"]["choices"] == ["Automatic", "Karras", "Exponential", "SGM Uniform"]
+    assert by_field["scheduler"]["choices"] == ["Automatic", "Karras", "Exponential", "SGM Uniform", "Beta",
+                                                "Align Your Steps"]
     assert (by_field["steps"], by_field["cfg_scale"], by_field["seed"]) == (25, 6.5, 42)
     assert (by_field["width"], by_field["height"]) == (512, 768)
     assert is_skip(by_field["model"])  # not in our models folder: the dropdown is left alone, with a warning

@@ -99,6 +99,8 @@ def schedule_key(label: str) -> str:
 _SAMPLER_BY_KEY = {key.lower(): s for s in SAMPLERS for key in (s.name, *s.aliases)}
 _SCHEDULE_BY_KEY = {label.lower(): label for label in SCHEDULE_TYPES}
 _SCHEDULE_BY_KEY.update({schedule_key(label): label for label in SCHEDULE_TYPES})
+# A1111's Polyexponential is k-diffusion's polyexponential ramp at rho 1: the exponential schedule itself
+_SCHEDULE_BY_KEY["polyexponential"] = "Exponential"
 
 
 def sampler_names() -> list[str]:
