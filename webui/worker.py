@@ -32,9 +32,10 @@ from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sh
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.interrogate import INTERROGATE_MODEL
 from webui.engine.models import ModelEntry, ModelNotFound
-from webui.engine.refiner import SDXL, kind_of_entry, kind_problem
+from webui.engine.refiner import SDXL, SDXL_REFINER, kind_of_entry, kind_problem
 from webui.engine.instruct_pix2pix import edit_problem
 from webui.engine.sdxl import sdxl_problem
+from webui.engine.single_file import sdxl_refiner_refusal
 from webui.engine.soft_inpainting import ENABLED_KEY, SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.upscalers import UpscalerError
 from webui.engine.vae import VaeFile
@@ -351,9 +352,12 @@ class Worker:
             sdxl = loaded.sdxl
         else:
             try:
-                sdxl = request.model is not None and kind_of_entry(self.engine.registry.find(request.model)) == SDXL
+                kind = request.model is not None and kind_of_entry(self.engine.registry.find(request.model))
             except ModelNotFound:
-                sdxl = False  # the model's own check says so when the job starts
+                kind = None  # the model's own check says so when the job starts
+            if kind == SDXL_REFINER:
+                raise InvalidRequest(f"model: {sdxl_refiner_refusal(request.model)}")
+            sdxl = kind == SDXL
         problem = sdxl and sdxl_problem(request)
         if problem:
             raise InvalidRequest(problem)
