@@ -212,3 +212,51 @@ def test_an_sd_model_with_an_sdxl_refiner_and_sdxl_with_an_sd_refiner_are_refuse
         services.worker.check({"prompt": "a cat", "steps": 2, "model": SD, "refiner_checkpoint": REFINER})
     with pytest.raises(InvalidRequest, match=f"refiner_checkpoint: {SD} is a model of another kind"):
         services.worker.check({"prompt": "a cat", "steps": 2, "refiner_checkpoint": SD})
+
+
+def test_a_controlnet_with_an_sdxl_refiner_is_refused(services):
+    from webui.engine.generate import CONTROLNET_WITH_SDXL_REFINER
+
+    request = {"prompt": "a cat", "steps": 2, "refiner_checkpoint": REFINER, "controlnet_enabled": True,
+               "controlnet_model": "any"}
+    with pytest.raises(InvalidRequest, match="a ControlNet cannot steer an SDXL refiner"):
+        services.worker._check_other_checkpoints(GenerationRequest(**request))
+    assert "refiner_checkpoint" in CONTROLNET_WITH_SDXL_REFINER
+
+
+# --- the API -------------------------------------------------------------------------------------------
+def test_the_api_takes_a1111s_aesthetic_score_options_in_override_settings(services, refiner_calls):
+    from fastapi.testclient import TestClient
+
+    from webui.api import create_api_app
+
+    body = {"prompt": "a red apple", "steps": 4, "seed": 3, "refiner_checkpoint": REFINER, "refiner_switch_at": 0.5,
+            "override_settings": {"sdxl_refiner_high_aesthetic_score": 8.0, "sdxl_refiner_low_aesthetic_score": 3.0}}
+    with TestClient(create_api_app(services)) as client:
+        answer = client.post("/sdapi/v1/txt2img", json=body)
+        assert answer.status_code == 200, answer.text
+        assert refiner_calls and all(ids[:, 4].tolist() == [3.0, 8.0] for _, _, ids in refiner_calls)
+        body["override_settings"] = {"sdxl_refiner_high_aesthetic_score": 11}
+        refused = client.post("/sdapi/v1/txt2img", json=body)
+        assert refused.status_code in (400, 422)
+        assert "override_settings.sdxl_refiner_high_aesthetic_score" in refused.text
+
+
+def test_loras_change_the_models_part_and_the_refiner_runs_without_them(models, tmp_path, refiner_calls, caplog):
+    """SDXL LoRAs are made for the base's layers; the refiner's are of other widths, so it runs as it is."""
+    import logging
+
+    from tests.test_lora import write_lora
+    from tests.test_sdxl_lora import kohya_state
+
+    loras = tmp_path / "Lora"
+    write_lora(loras, "xl-lora", kohya_state())
+    with_loras = Engine(Settings(models_dir=models, device="cpu", lora_dir=loras),
+                        ModelRegistry(models, tmp_path / "hashes.json"))
+    with_loras.load(XL)
+    [plain] = draw(with_loras, [4], refiner_checkpoint=REFINER, refiner_switch_at=0.5)
+    with caplog.at_level(logging.INFO, logger="webui.engine.generate"):
+        [lora] = draw(with_loras, [4], prompt="a red apple <lora:xl-lora:1>", refiner_checkpoint=REFINER,
+                      refiner_switch_at=0.5)
+    assert not (plain == lora).all() and len(refiner_calls) == 4
+    assert "LoRAs are not applied to the SDXL refiner" in caplog.text

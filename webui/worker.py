@@ -26,7 +26,8 @@ from PIL import Image
 from webui import __version__
 from webui.controlnet import NO_PICTURE, controlnet_infotext
 from webui.engine.controlnet import ControlNetError, request_map
-from webui.engine.generate import DenoisingStopped, Engine, EngineImage, LoadedModel, composition_problem
+from webui.engine.generate import (CONTROLNET_WITH_SDXL_REFINER, DenoisingStopped, Engine, EngineImage, LoadedModel,
+                                  composition_problem)
 from webui.engine.hires import LATENT_UPSCALERS
 from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sha1, size_from_image
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
@@ -444,9 +445,12 @@ class Worker:
                 other = registry.find_listed(name, loaded.entry if loaded else None)
             except ModelNotFound as err:
                 raise InvalidRequest(f"{request_field}: {err}") from None
-            problem = kind_problem(main and kind_of_entry(main), kind_of_entry(other), other.name, request_field)
+            other_kind = kind_of_entry(other)
+            problem = kind_problem(main and kind_of_entry(main), other_kind, other.name, request_field)
             if problem:
                 raise InvalidRequest(problem)
+            if other_kind == SDXL_REFINER and request.uses_controlnet:
+                raise InvalidRequest(CONTROLNET_WITH_SDXL_REFINER)
 
     def _check_controlnet(self, request: GenerationRequest) -> None:
         """The ControlNet model is listed, and made for the loaded model's kind where the job runs on it."""

@@ -48,6 +48,9 @@ from webui.engine.prompts import (chunk_count, encode_parts, encode_prompt_pair,
 from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_call, is_sdxl_refiner, kind_of_entry,
                                   kind_of_pipeline, kind_problem, pass_timesteps, refiner_size_inputs)
 from webui.engine.single_file import sdxl_refiner_refusal
+
+CONTROLNET_WITH_SDXL_REFINER = ("refiner_checkpoint: a ControlNet cannot steer an SDXL refiner (SDXL ControlNets read "
+                                "the base's conditioning); turn the ControlNet off, or pick no refiner")
 from webui.engine.samplers import make_scheduler
 from webui.engine.sdxl import is_sdxl, sdxl_problem
 from webui.engine.soft_inpainting import SoftInpainting, sigma_of
@@ -629,7 +632,12 @@ class Engine:
             problem = kind_problem(main_kind, kind_of_pipeline(self.pipe), entry.name, field)
             if problem:
                 raise ValueError(problem)
-            self._use_loras(request)
+            if is_sdxl_refiner(self.pipe) and lora_uses(request.prompt):
+                # SDXL LoRAs are made for the base's layers (the refiner's are of other widths): the base's part only
+                log.info("LoRAs are not applied to the SDXL refiner %s; they changed the model's part of the run",
+                         entry.name)
+            else:
+                self._use_loras(request)
             self.use_vae(request.sd_vae)
         run.tiled.enter_context(seamless(self.pipe, request.tiling))
         run.encoded.clear()  # the encodes so far are the other text encoder's
@@ -889,6 +897,8 @@ class Engine:
             self._take_over(request, run, "refiner_checkpoint")
             pipeline.unet = self.pipe.unet  # the scheduler, and so the sampler's state, goes on
             embeddings = encode()
+            if control and is_sdxl_refiner(self.pipe):  # the worker refuses it first where the files tell
+                raise ValueError(CONTROLNET_WITH_SDXL_REFINER)
             if is_sdxl_refiner(self.pipe):  # its own size numbers; eager, as the hook is new to a compiled UNet
                 hooks.enter_context(uncompiled())
                 hooks.enter_context(scored(pipeline))
