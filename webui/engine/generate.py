@@ -49,8 +49,6 @@ from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_
                                   kind_of_pipeline, kind_problem, pass_timesteps, refiner_size_inputs)
 from webui.engine.single_file import sdxl_refiner_refusal
 
-CONTROLNET_WITH_SDXL_REFINER = ("refiner_checkpoint: a ControlNet cannot steer an SDXL refiner (SDXL ControlNets read "
-                                "the base's conditioning); turn the ControlNet off, or pick no refiner")
 from webui.engine.samplers import make_scheduler
 from webui.engine.sdxl import is_sdxl, sdxl_problem
 from webui.engine.soft_inpainting import SoftInpainting, sigma_of
@@ -64,6 +62,9 @@ log = logging.getLogger(__name__)
 # Called after every sampler step with (step, steps, latents), and with (0, steps, None) between the encodes
 # of a prompt that reads several texts (editing, alternation: minutes of them on a CPU); it may raise to stop.
 StepCallback = Callable[[int, int, torch.Tensor], None]
+
+CONTROLNET_WITH_SDXL_REFINER = ("refiner_checkpoint: a ControlNet cannot steer an SDXL refiner (SDXL ControlNets read "
+                                "the base's conditioning); turn the ControlNet off, or pick no refiner")
 
 
 class DenoisingStopped(Exception):

@@ -20,8 +20,7 @@ from webui.engine.single_file import read_header
 
 SDXL = "SDXL"  # its UNet reads text embeddings 2048 wide
 SDXL_REFINER = "SDXL refiner"  # its UNet reads OpenCLIP bigG's alone, and an aesthetic score
-# A1111's defaults for its options sdxl_refiner_high_aesthetic_score (the prompt's) and ..._low_... (the negative's)
-HIGH_AESTHETIC_SCORE, LOW_AESTHETIC_SCORE = 6.0, 2.5
+HIGH_AESTHETIC_SCORE = 6.0  # A1111's default for its option sdxl_refiner_high_aesthetic_score (the prompt's)
 
 # single-file keys that tell the kinds apart: the UNet's input (9 channels: inpainting), its text width, SDXL's size
 # conditioning and its base's first text encoder (a refiner has none: its only one, bigG, is embedder 0)
@@ -29,7 +28,7 @@ _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _CROSS_ATTENTION = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 _SDXL_UNET = "model.diffusion_model.label_emb.0.0.weight"
 _SDXL_CLIP_L = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
-_SDXL_REFINER_OPEN_CLIP = "conditioner.embedders.0.model.positional_embedding"
+_SDXL_REFINER_OPEN_CLIP = "conditioner.embedders.0.model.token_embedding.weight"
 
 
 def completed_ratio(timestep: float) -> float:
@@ -116,7 +115,6 @@ def kind_problem(main_kind: str | None, other_kind: str | None, other_name: str,
                 f"(refiner_checkpoint); the model is {main_kind}")
     return (f"{field}: {other_name} is a model of another kind ({other_kind}) than the model ({main_kind}); pick a "
             "checkpoint of the model's kind")
-
 
 
 @contextlib.contextmanager

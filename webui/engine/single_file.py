@@ -48,7 +48,6 @@ _SGM_OPEN_CLIP = _SGM_OPEN_CLIP_PREFIX + "token_embedding.weight"
 _SDXL_UNET = "model.diffusion_model.label_emb.0.0.weight"
 _SDXL_CLIP_L = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"  # base only
 _SDXL_OPEN_CLIP = "conditioner.embedders.1.model.positional_embedding"  # the base's second text encoder
-_SDXL_REFINER_OPEN_CLIP = "conditioner.embedders.0.model.positional_embedding"  # the refiner's only text encoder
 # The SD 2.0 512-base checkpoint stops at this step; diffusers uses the same rule to pick epsilon.
 _SD2_BASE_GLOBAL_STEP = 875000
 
@@ -173,7 +172,7 @@ def detect_family(shapes: dict[str, tuple], path: Path | str = "checkpoint") -> 
 def _sdxl_family(shapes: dict[str, tuple], name: str) -> str:
     """'sdxl-base' for an SDXL base checkpoint (both text encoders, a 4-channel UNet), 'sdxl-refiner' for a refiner
     (OpenCLIP bigG alone, as embedder 0); the rest is refused."""
-    refiner = _SDXL_CLIP_L not in shapes and _SDXL_REFINER_OPEN_CLIP in shapes
+    refiner = _SDXL_CLIP_L not in shapes and _SGM_OPEN_CLIP in shapes  # bigG as embedder 0, as SD-Turbo's
     if _SDXL_UNET not in shapes or _UNET_IN not in shapes or not (refiner or _SDXL_OPEN_CLIP in shapes):
         raise SingleFileLoadError(f"{name} has SDXL's text encoder keys but not an SDXL base model's UNet and both text "
                                   "encoders; it may be a LoRA or an embedding, which do not belong in the checkpoints folder")
