@@ -86,9 +86,11 @@ def kind_of_entry(entry: ModelEntry) -> str | None:
             scheduler_config = path / "scheduler" / "scheduler_config.json"
             prediction = (json.loads(scheduler_config.read_text()).get("prediction_type")
                           if scheduler_config.exists() else None)
-            index = json.loads((path / "model_index.json").read_text())
+            index_file = path / "model_index.json"
+            index = json.loads(index_file.read_text()) if index_file.exists() else {}
+            refiner = "text_encoder" in index and not (index["text_encoder"] or [None])[0]  # a refiner names none
             return kind_from_config(unet["cross_attention_dim"], unet["in_channels"], prediction,
-                                    unet.get("addition_embed_type"), not (index.get("text_encoder") or [None])[0])
+                                    unet.get("addition_embed_type"), refiner)
         if entry.kind == "single_file" and path is not None and path.suffix.lower() == ".safetensors":
             shapes, _ = read_header(path)
             if _SDXL_UNET in shapes:
