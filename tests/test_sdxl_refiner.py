@@ -260,3 +260,21 @@ def test_loras_change_the_models_part_and_the_refiner_runs_without_them(models, 
                       refiner_switch_at=0.5)
     assert not (plain == lora).all() and len(refiner_calls) == 4
     assert "LoRAs are not applied to the SDXL refiner" in caplog.text
+
+
+def test_a_compiled_base_and_refiner_draw_the_uncompiled_picture(models, tmp_path, monkeypatch, fresh_dynamo,
+                                                                   refiner_calls):
+    """Under --compile the refiner runs eagerly (its size numbers are set by a hook a compiled graph would not see)."""
+    from webui.engine import fast_path
+
+    real = fast_path.apply_fast_path
+    monkeypatch.setattr(fast_path, "apply_fast_path", lambda pipe, compile: real(pipe, compile=compile, backend="eager"))
+    pictures = []
+    for compiled in (False, True):
+        two = Engine(Settings(models_dir=models, outdir=tmp_path, device="cpu", compile=compiled),
+                     ModelRegistry(models, tmp_path / "hashes.json"))
+        two.load(XL)
+        assert fast_path.is_compiled(two.pipe) == compiled
+        pictures += draw(two, [4], refiner_checkpoint=REFINER, refiner_switch_at=0.5)
+    assert (pictures[0] == pictures[1]).all()
+    assert len(refiner_calls) == 4 and all(ids[:, 4].tolist() == [2.5, 6.0] for _, _, ids in refiner_calls)
