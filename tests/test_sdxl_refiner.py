@@ -240,6 +240,17 @@ def test_the_api_takes_a1111s_aesthetic_score_options_in_override_settings(servi
         refused = client.post("/sdapi/v1/txt2img", json=body)
         assert refused.status_code in (400, 422)
         assert "override_settings.sdxl_refiner_high_aesthetic_score" in refused.text
+        # POST /options sets them for later API requests that give none, as A1111's settings
+        assert client.get("/sdapi/v1/options").json()["sdxl_refiner_low_aesthetic_score"] == 2.5
+        set_ = client.post("/sdapi/v1/options", json={"sdxl_refiner_low_aesthetic_score": 1.5})
+        assert set_.status_code == 200, set_.text
+        refiner_calls.clear()
+        del body["override_settings"]
+        try:
+            assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+        finally:
+            client.post("/sdapi/v1/options", json={"sdxl_refiner_low_aesthetic_score": 2.5})
+        assert refiner_calls and all(ids[:, 4].tolist() == [1.5, 6.0] for _, _, ids in refiner_calls)
 
 
 def test_loras_change_the_models_part_and_the_refiner_runs_without_them(models, tmp_path, refiner_calls, caplog):
