@@ -103,3 +103,14 @@ def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
             out[dst + f"mlp.c_fc.{part}"] = sd[src + f"mlp.fc1.{part}"]
             out[dst + f"mlp.c_proj.{part}"] = sd[src + f"mlp.fc2.{part}"]
     return {OPEN_CLIP + k: v for k, v in out.items()}
+
+
+SDXL_REFINER_OPEN_CLIP = "conditioner.embedders.0.model."  # an SDXL refiner: OpenCLIP bigG alone, as embedder 0
+
+
+def sdxl_refiner_to_sgm(pipe) -> dict[str, torch.Tensor]:
+    """An SDXL refiner pipeline as one state dict in the sgm layout of its single files."""
+    open_clip = open_clip_to_ldm(pipe.text_encoder_2)
+    open_clip[OPEN_CLIP + "text_projection"] = pipe.text_encoder_2.text_projection.weight.T.contiguous()
+    open_clip = {SDXL_REFINER_OPEN_CLIP + key.removeprefix(OPEN_CLIP): value for key, value in open_clip.items()}
+    return {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **open_clip}

@@ -233,8 +233,8 @@ def test_detect_family_from_keys():
         detect_family(_shapes(**{"conditioner.embedders.0.transformer.x": (1,)}))
     sgm_open_clip = {single_file._SGM_OPEN_CLIP: (49408, 1024)}
     assert detect_family(_shapes(**sgm_open_clip)) == "sd-v2"  # SD-Turbo
-    with pytest.raises(SingleFileLoadError, match="an SDXL refiner"):  # the same embedder key, SDXL's UNet
-        detect_family(_shapes(**sgm_open_clip, **{single_file._SDXL_UNET: (1280, 2816)}))
+    # the same embedder key with SDXL's UNet: an SDXL refiner
+    assert detect_family(_shapes(**sgm_open_clip, **{single_file._SDXL_UNET: (1280, 2560)})) == "sdxl-refiner"
     sdxl_base = {single_file._SDXL_UNET: (1280, 2816), single_file._SDXL_CLIP_L: (77, 768),
                  single_file._SDXL_OPEN_CLIP: (77, 1280)}
     assert detect_family(_shapes(**sdxl_base)) == "sdxl-base"

@@ -64,3 +64,35 @@ def save_tiny_sdxl_model(folder: Path, seed: int = 0) -> Path:
     """Write a tiny SDXL model as a diffusers folder (model_index.json + components)."""
     make_tiny_sdxl_pipeline(seed).save_pretrained(folder)
     return folder
+
+
+def tiny_sdxl_refiner_components(seed: int = 0) -> dict:
+    """A tiny SDXL refiner: the base's OpenCLIP bigG (40 wide, 16-wide projection) alone, and a UNet that reads its
+    embeddings (40 wide) and five size numbers (original size, crop, aesthetic score), as SDXL refiner 1.0's."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    parts = tiny_sdxl_components(seed)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        cross_attention_dim=CLIP_G_WIDTH, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED,
+        projection_class_embeddings_input_dim=5 * TIME_EMBED + PROJECTION,
+    )
+    return parts | {"unet": unet, "text_encoder": None, "tokenizer": None, "requires_aesthetics_score": True,
+                    "force_zeros_for_empty_prompt": False}
+
+
+def make_tiny_sdxl_refiner_pipeline(seed: int = 0):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    return StableDiffusionXLImg2ImgPipeline(**tiny_sdxl_refiner_components(seed))
+
+
+def save_tiny_sdxl_refiner(folder: Path, seed: int = 0) -> Path:
+    """Write a tiny SDXL refiner as a diffusers folder, laid out as stabilityai's refiner (no first text encoder)."""
+    make_tiny_sdxl_refiner_pipeline(seed).save_pretrained(folder)
+    return folder

@@ -212,6 +212,11 @@ class GenerationRequest(BaseModel):
                                            "'' or 'None': no refiner)")
     refiner_switch_at: float = Field(0.8, description="refiner: the part of the denoising done when the refiner takes "
                                                       "over, by noise level (above 0, at most 1)")
+    # A1111's options of these names: the aesthetic score an SDXL refiner is conditioned on (other models ignore them)
+    sdxl_refiner_high_aesthetic_score: float = Field(6.0, ge=0.0, le=10.0, description="an SDXL refiner: the "
+                                                     "aesthetic score of the prompt's conditioning")
+    sdxl_refiner_low_aesthetic_score: float = Field(2.5, ge=0.0, le=10.0, description="an SDXL refiner: the aesthetic "
+                                                    "score of the negative prompt's conditioning")
     restore_model: bool = Field(False, description="load the previous model again after this job "
                                                    "(A1111's override_settings_restore_afterwards)")
     save_images: bool = True

@@ -26,15 +26,17 @@ from PIL import Image
 from webui import __version__
 from webui.controlnet import NO_PICTURE, controlnet_infotext
 from webui.engine.controlnet import ControlNetError, request_map
-from webui.engine.generate import DenoisingStopped, Engine, EngineImage, LoadedModel, composition_problem
+from webui.engine.generate import (CONTROLNET_WITH_SDXL_REFINER, DenoisingStopped, Engine, EngineImage, LoadedModel,
+                                  composition_problem)
 from webui.engine.hires import LATENT_UPSCALERS
 from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sha1, size_from_image
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.interrogate import INTERROGATE_MODEL
 from webui.engine.models import ModelEntry, ModelNotFound
-from webui.engine.refiner import SDXL, kind_of_entry, kind_problem
+from webui.engine.refiner import SDXL, SDXL_REFINER, kind_of_entry, kind_problem
 from webui.engine.instruct_pix2pix import edit_problem
 from webui.engine.sdxl import sdxl_problem
+from webui.engine.single_file import sdxl_refiner_refusal
 from webui.engine.soft_inpainting import ENABLED_KEY, SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.upscalers import UpscalerError
 from webui.engine.vae import VaeFile
@@ -351,9 +353,12 @@ class Worker:
             sdxl = loaded.sdxl
         else:
             try:
-                sdxl = request.model is not None and kind_of_entry(self.engine.registry.find(request.model)) == SDXL
+                kind = request.model is not None and kind_of_entry(self.engine.registry.find(request.model))
             except ModelNotFound:
-                sdxl = False  # the model's own check says so when the job starts
+                kind = None  # the model's own check says so when the job starts
+            if kind == SDXL_REFINER:
+                raise InvalidRequest(f"model: {sdxl_refiner_refusal(request.model)}")
+            sdxl = kind == SDXL
         problem = sdxl and sdxl_problem(request)
         if problem:
             raise InvalidRequest(problem)
@@ -440,9 +445,12 @@ class Worker:
                 other = registry.find_listed(name, loaded.entry if loaded else None)
             except ModelNotFound as err:
                 raise InvalidRequest(f"{request_field}: {err}") from None
-            problem = kind_problem(main and kind_of_entry(main), kind_of_entry(other), other.name, request_field)
+            other_kind = kind_of_entry(other)
+            problem = kind_problem(main and kind_of_entry(main), other_kind, other.name, request_field)
             if problem:
                 raise InvalidRequest(problem)
+            if other_kind == SDXL_REFINER and request.uses_controlnet:
+                raise InvalidRequest(CONTROLNET_WITH_SDXL_REFINER)
 
     def _check_controlnet(self, request: GenerationRequest) -> None:
         """The ControlNet model is listed, and made for the loaded model's kind where the job runs on it."""

@@ -72,7 +72,9 @@ _OPTION_KEYS = {"s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps", "s
                 "img2img_extra_noise": "Extra noise", "initial_noise_multiplier": "Noise multiplier"}
 _OPTION_KEYS |= {name: key for name, key in STEP_INFOTEXT_KEYS.items()} | {"eta_noise_seed_delta": "ENSD"}
 _OPTION_FIELDS = ("s_min_uncond", "s_min_uncond_all", "skip_early_cond", "img2img_extra_noise", *STEP_INFOTEXT_KEYS,
-                  "eta_noise_seed_delta")
+                  "eta_noise_seed_delta",
+                  # an SDXL refiner's aesthetic scores: no infotext key (A1111 writes none)
+                  "sdxl_refiner_high_aesthetic_score", "sdxl_refiner_low_aesthetic_score")
 # Options a body field of another name gives: A1111's `eta` is whichever eta the run's sampler reads.
 _BODY_FIELDS = {"eta_ddim": "eta", "eta_ancestral": "eta"}
 _IMG2IMG_OPTION_FIELDS = _OPTION_FIELDS + ("initial_noise_multiplier",)
@@ -397,7 +399,7 @@ def _option_field_name(req: GenerationBody, name: str) -> str:
     """Where an option field's value came from, named as the client sent it."""
     if getattr(req, _BODY_FIELDS.get(name, name), None) is not None:
         return _BODY_FIELDS.get(name, name)
-    if (req.override_settings or {}).get(name) is None and req.infotext and _OPTION_KEYS[name] in parse_infotext(
+    if (req.override_settings or {}).get(name) is None and req.infotext and _OPTION_KEYS.get(name) in parse_infotext(
             req.infotext)[2]:
         return f"infotext ({_OPTION_KEYS[name]})"
     return f"override_settings.{name}"

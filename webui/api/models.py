@@ -50,7 +50,9 @@ class GenerationBody(BaseModel):
                           "token_merging_ratio_img2img (img2img, where token_merging_ratio is 0), "
                           "token_merging_ratio_hr (the hires fix's pass; 0: token_merging_ratio), eta_ddim, eta_ancestral, s_churn, "
                           "s_tmin, s_tmax, s_noise (where the body's eta and s_* fields are null), "
-                          "eta_noise_seed_delta (A1111's ENSD), enable_prompt_comments (else the Settings tab's)")
+                          "eta_noise_seed_delta (A1111's ENSD), sdxl_refiner_high_aesthetic_score, "
+                          "sdxl_refiner_low_aesthetic_score (an SDXL refiner's: 6.0 and 2.5), enable_prompt_comments "
+                          "(else the Settings tab's)")
     send_images: bool = True
     save_images: bool = Field(False, description="also write the PNGs to outputs/ and the history")
     # The most of an infotext that is ever read: room for prompts and extensions' long parameter lines.

@@ -45,7 +45,10 @@ from webui.engine.preview import latents_to_preview
 from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
 from webui.engine.prompts import (chunk_count, encode_parts, encode_prompt_pair, encode_sdxl_pair, encode_sdxl_parts,
                                   token_count)
-from webui.engine.refiner import first_refiner_call, kind_of_pipeline, kind_problem, pass_timesteps
+from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_call, is_sdxl_refiner, kind_of_entry,
+                                  kind_of_pipeline, kind_problem, pass_timesteps, refiner_size_inputs)
+from webui.engine.single_file import sdxl_refiner_refusal
+
 from webui.engine.samplers import make_scheduler
 from webui.engine.sdxl import is_sdxl, sdxl_problem
 from webui.engine.soft_inpainting import SoftInpainting, sigma_of
@@ -59,6 +62,9 @@ log = logging.getLogger(__name__)
 # Called after every sampler step with (step, steps, latents), and with (0, steps, None) between the encodes
 # of a prompt that reads several texts (editing, alternation: minutes of them on a CPU); it may raise to stop.
 StepCallback = Callable[[int, int, torch.Tensor], None]
+
+CONTROLNET_WITH_SDXL_REFINER = ("refiner_checkpoint: a ControlNet cannot steer an SDXL refiner (SDXL ControlNets read "
+                                "the base's conditioning); turn the ControlNet off, or pick no refiner")
 
 
 class DenoisingStopped(Exception):
@@ -346,19 +352,23 @@ class Engine:
         # the registry cannot find it by name: every Generate names the model on the page.
         if self.model is not None and self.model.names(name):
             return self.model
-        return self._switch_to(self.registry.find(name))
+        entry = self.registry.find(name)
+        if kind_of_entry(entry) == SDXL_REFINER:  # before the loaded model goes (its reader refuses it too, later)
+            raise ModelLoadError(sdxl_refiner_refusal(entry.name))
+        return self._switch_to(entry)
 
-    def _switch_to(self, entry: ModelEntry) -> LoadedModel:
-        """Make `entry` the loaded model (the refiner's switch and its way back use this too)."""
+    def _switch_to(self, entry: ModelEntry, refiner: bool = False) -> LoadedModel:
+        """Make `entry` the loaded model (the refiner's switch and its way back use this too; `refiner`: for the
+        refiner's role, the only one an SDXL refiner takes)."""
         if self.model is not None and self.model.entry == entry:
             return self.model
         self.placement = self.placement or pick_placement(self.settings)
         if self.placement.device == "cpu" and self.model is not None:
-            return self._replace_on_cpu(entry)
-        return self._load_entry(entry)
+            return self._replace_on_cpu(entry, refiner)
+        return self._load_entry(entry, refiner)
 
-    def _load_entry(self, entry: ModelEntry) -> LoadedModel:
-        pipe = read_pipeline(entry, self.settings, self.placement)
+    def _load_entry(self, entry: ModelEntry, refiner: bool = False) -> LoadedModel:
+        pipe = read_pipeline(entry, self.settings, self.placement, refiner)
         # Before placing: --lowvram's offload keeps its own copy of the token table, which must be the grown one.
         embeddings = self._load_embeddings(pipe)
         # Make room on the device, but keep the old model until the new one is in place.
@@ -376,7 +386,7 @@ class Engine:
         log.info("loaded model %s (%s) on %s", entry.name, self.model.short_hash, self.placement.device)
         return self.model
 
-    def _replace_on_cpu(self, entry: ModelEntry) -> LoadedModel:
+    def _replace_on_cpu(self, entry: ModelEntry, refiner: bool = False) -> LoadedModel:
         """On the CPU both models' weights would share the RAM (10 GB for two SD 1.5 in fp32): drop the old
         model first, and read it again if the new one fails to load."""
         previous, was_released = self.model.entry, self.released
@@ -387,7 +397,7 @@ class Engine:
         self._vae_weights.forget()
         gc.collect()  # the old weights go now, not at some later collection
         try:
-            return self._load_entry(entry)
+            return self._load_entry(entry, refiner)
         except Exception:
             if was_released:  # its RAM was given back on purpose: it stays released, and the next image reads it
                 raise
@@ -459,10 +469,14 @@ class Engine:
         self._base_scheduler_config = dict(pipe.scheduler.config)
         self._warmed_up = False
         self._on_device = True
-        self.tokenizer = pipe.tokenizer  # kept while the weights are released: the UI's token counter needs it
+        # an SDXL refiner (loaded for a run's refiner) has the second tokenizer and text encoder alone
+        first = pipe.text_encoder is not None
+        # kept while the weights are released: the UI's token counter needs it
+        self.tokenizer = pipe.tokenizer if first else pipe.tokenizer_2
         self.embeddings = embeddings if embeddings is not None else self._load_embeddings(pipe)
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        self.model = LoadedModel(entry, short_hash, size, size, pipe.text_encoder.config.num_hidden_layers,
+        text_encoder = pipe.text_encoder if first else pipe.text_encoder_2
+        self.model = LoadedModel(entry, short_hash, size, size, text_encoder.config.num_hidden_layers,
                                  takes_masked_picture(pipe.unet), takes_edit_picture(pipe.unet), is_sdxl(pipe))
         return self.model
 
@@ -611,11 +625,16 @@ class Engine:
         entry = self.registry.find(getattr(request, field))
         log.info("switching to %s (%s)", entry.name, field)
         with torch.inference_mode(False):  # weights read under inference mode could never be patched again
-            self._switch_to(entry)
+            self._switch_to(entry, refiner=field == "refiner_checkpoint")
             problem = kind_problem(main_kind, kind_of_pipeline(self.pipe), entry.name, field)
             if problem:
                 raise ValueError(problem)
-            self._use_loras(request)
+            if is_sdxl_refiner(self.pipe) and lora_uses(request.prompt):
+                # SDXL LoRAs are made for the base's layers (the refiner's are of other widths): the base's part only
+                log.info("LoRAs are not applied to the SDXL refiner %s; they changed the model's part of the run",
+                         entry.name)
+            else:
+                self._use_loras(request)
             self.use_vae(request.sd_vae)
         run.tiled.enter_context(seamless(self.pipe, request.tiling))
         run.encoded.clear()  # the encodes so far are the other text encoder's
@@ -879,12 +898,21 @@ class Engine:
             self._take_over(request, run, "refiner_checkpoint")
             pipeline.unet = self.pipe.unet  # the scheduler, and so the sampler's state, goes on
             embeddings = encode()
+            if control and is_sdxl_refiner(self.pipe):  # the worker refuses it first where the files tell
+                raise ValueError(CONTROLNET_WITH_SDXL_REFINER)
+            if is_sdxl_refiner(self.pipe):  # its own size numbers; eager, as the hook is new to a compiled UNet
+                hooks.enter_context(uncompiled())
+                hooks.enter_context(scored(pipeline))
             hooks.enter_context(composed_guidance(pipeline.unet, weights))
             hooks.enter_context(controlled(pipeline.unet, control))
             hooks.enter_context(model_input(pipeline.unet, extra))
             hooks.enter_context(bent_attention([pipeline.unet], run.hypernetworks))
             hooks.enter_context(skipping_uncond(pipeline.unet, skips))
             hooks.enter_context(merged_tokens(pipeline.unet, merging))
+
+        def scored(pipeline):
+            return aesthetic_scores(pipeline, request.sdxl_refiner_high_aesthetic_score,
+                                    request.sdxl_refiner_low_aesthetic_score)
 
         embeddings = encode()
 
@@ -910,17 +938,21 @@ class Engine:
         # controlled one gives the UNet inputs of its own; one that skips the negative rows, a batch half as large;
         # hypernetworks and token merging hook its attention.
         eager = (uncompiled() if weights is not None or control or skips or run.hypernetworks or merging
-                 else contextlib.nullcontext())
+                 or is_sdxl_refiner(pipe) else contextlib.nullcontext())
+        # A pass that starts on an SDXL refiner (the hires pass after it took over) gets its size numbers first.
+        scoring = scored(pipe) if is_sdxl_refiner(pipe) else contextlib.nullcontext()
         # As A1111, a ControlNet's own attention reads through the hypernetworks too.
         bent = bent_attention([pipe.unet, *([run.control.network] if run.control else [])], run.hypernetworks)
-        with (eager, composed_guidance(pipe.unet, weights), controlled(pipe.unet, control),
+        with (eager, scoring, composed_guidance(pipe.unet, weights), controlled(pipe.unet, control),
               model_input(pipe.unet, extra),
               skipping_uncond(pipe.unet, skips), bent, merged_tokens(pipe.unet, merging), hooks):
             if refiner_call == 0:  # the pass starts past the switch (img2img, the hires fix)
                 to_refiner(pipe)
             # SDXL's size conditioning is left to the pipeline: original and target size are the pass's (the
-            # hires pass's its own), the crop 0,0, as A1111 conditions SDXL.
+            # hires pass's its own), the crop 0,0, as A1111 conditions SDXL. An SDXL refiner's: aesthetic_scores.
+            sizes = refiner_size_inputs() if is_sdxl_refiner(self.pipe) and pipe.unet is self.pipe.unet else {}
             latents = pipe(
+                **sizes,
                 **embeddings[0].call_inputs(),
                 num_inference_steps=schedule,
                 guidance_scale=request.cfg_scale,

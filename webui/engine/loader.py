@@ -1,5 +1,5 @@
-"""Load a model entry into a ready-to-run StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) on the chosen
-device.
+"""Load a model entry into a ready-to-run StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL; an SDXL refiner,
+for the refiner's role only, as StableDiffusionXLImg2ImgPipeline) on the chosen device.
 
 Precision and memory follow the flags: fp16 on CUDA unless --no-half, fp32 elsewhere;
 --medvram = model CPU offload, --lowvram = sequential offload; SDPA attention by default and
@@ -60,10 +60,11 @@ def pick_placement(settings: Settings) -> Placement:
     return Placement(device=device, dtype=torch.float16 if half else torch.float32)
 
 
-def read_pipeline(entry: ModelEntry, settings: Settings, placement: Placement):
-    """Read the weights of `entry` into CPU memory, or raise ModelLoadError."""
+def read_pipeline(entry: ModelEntry, settings: Settings, placement: Placement, refiner: bool = False):
+    """Read the weights of `entry` into CPU memory, or raise ModelLoadError. `refiner`: it is read for the refiner's
+    role, the only one an SDXL refiner can take."""
     try:
-        pipe = _read_pipeline(entry, settings, placement.dtype)
+        pipe = _read_pipeline(entry, settings, placement.dtype, refiner)
     except ModelLoadError:
         raise
     except Exception as err:  # diffusers raises many types; the user needs one clear message
@@ -117,10 +118,10 @@ def park_on_cpu(pipe, settings: Settings, placement: Placement) -> bool:
     return True
 
 
-def _read_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype):
+def _read_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype, refiner: bool = False):
     skip_checker = {"safety_checker": None, "requires_safety_checker": False} if settings.no_safety_checker else {}
     if entry.kind == "diffusers":
-        pipeline_class = check_pipeline_folder(Path(entry.source), entry.name)
+        pipeline_class = check_pipeline_folder(Path(entry.source), entry.name, refiner)
         if not skip_checker and _safety_checker_missing(Path(entry.source)):
             log.warning("%s names a safety checker whose files are missing; loading it without one (no NSFW "
                         "filter)", entry.name)
@@ -130,26 +131,28 @@ def _read_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype):
     if entry.kind == "single_file":
         from webui.engine.single_file import load_single_file_pipeline
 
-        return load_single_file_pipeline(entry.source, torch_dtype=dtype)
-    return _read_hub_pipeline(entry, settings, dtype, skip_checker)
+        return load_single_file_pipeline(entry.source, torch_dtype=dtype, refiner=refiner)
+    return _read_hub_pipeline(entry, settings, dtype, skip_checker, refiner)
 
 
-def check_pipeline_folder(folder: Path, name: str):
-    """The diffusers pipeline class to read the folder with (SD or SDXL); refuse, before reading gigabytes, a folder
-    this app cannot run: it would load and then fail every image deep inside diffusers (an SDXL refiner, whose
-    only text encoder is the second; another family; an UNet of other inputs: a tensor size mismatch)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def check_pipeline_folder(folder: Path, name: str, refiner: bool = False):
+    """The diffusers pipeline class to read the folder with (SD, SDXL, an SDXL refiner's img2img one where `refiner`:
+    it is read for the refiner's role); refuse, before reading gigabytes, a folder this app cannot run: it would load
+    and then fail every image deep inside diffusers (an SDXL refiner as the model: it has no first text encoder;
+    another family; an UNet of other inputs: a tensor size mismatch)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     index = _read_json(folder / "model_index.json")
     kind = str(index.get("_class_name", ""))
     in_channels = _read_json(folder / "unet" / "config.json").get("in_channels", 4)
     if kind.startswith("StableDiffusionXL") and not any(part in index for part in hub.NOT_SD_PARTS):
-        if not (index.get("text_encoder") or [None])[0]:
+        sdxl_refiner = not (index.get("text_encoder") or [None])[0]
+        if sdxl_refiner and not refiner:
             raise ModelLoadError(sdxl_refiner_refusal(name))
         if in_channels != 4:
             raise ModelLoadError(f"{name} is an SDXL model whose UNet takes {in_channels} input channels (an "
                                  "inpainting or instruct-pix2pix model); only SDXL base models load for now")
-        return StableDiffusionXLPipeline
+        return StableDiffusionXLImg2ImgPipeline if sdxl_refiner else StableDiffusionXLPipeline
     if any(part in index for part in (*hub.NOT_SD_PARTS, "text_encoder_2")):
         raise ModelLoadError(f"{name} is a {kind or 'non-SD'} model; only SD 1.x, 2.x and SDXL models load for now")
     if in_channels not in UNET_INPUTS:
@@ -185,12 +188,12 @@ def _safety_checker_missing(folder: Path) -> bool:
     return lacks("safety_checker", ("*.safetensors", "*.bin")) or lacks("feature_extractor", ("*.json",))
 
 
-def _read_hub_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype, extra: dict):
+def _read_hub_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype, extra: dict, refiner: bool = False):
     """A hub id: load it from the Hugging Face cache, or download it there once (webui/engine/hub.py)."""
     half = dtype != torch.float32
 
     def from_snapshot(snapshot: hub.HubSnapshot):
-        pipeline_class = check_pipeline_folder(snapshot.folder, entry.source)
+        pipeline_class = check_pipeline_folder(snapshot.folder, entry.source, refiner)
         return pipeline_class.from_pretrained(snapshot.folder, dtype=dtype, variant=snapshot.variant,
                                               local_files_only=True, **_pipeline_options(pipeline_class, extra))
 
@@ -212,7 +215,7 @@ def _read_hub_pipeline(entry: ModelEntry, settings: Settings, dtype: torch.dtype
     try:
         snapshot = hub.download(entry.source, half=half, safety_checker=not settings.no_safety_checker,
                                 offline=settings.offline,
-                                check=lambda folder: check_pipeline_folder(folder, entry.source))
+                                check=lambda folder: check_pipeline_folder(folder, entry.source, refiner))
     except hub.HubError as err:
         raise ModelLoadError(str(err)) from err
     return from_snapshot(snapshot)

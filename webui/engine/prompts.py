@@ -97,14 +97,17 @@ def encode_sdxl_pair(pipe, prompts: list[str], negatives: list[str]
     encoder's output weighted on its own (as ours for SD), the two joined side by side (768 + 1280 = 2048 wide for
     SDXL); the pooled vector is the second encoder's projection of a text's first chunk, unweighted. An empty
     negative prompt is all zeros (A1111 and diffusers both zero it). Clip skip is not read: A1111 ignores it for
-    SDXL by default (its "Clip skip SDXL" option, off by default, would apply it to CLIP-L alone)."""
+    SDXL by default (its "Clip skip SDXL" option, off by default, would apply it to CLIP-L alone). An SDXL refiner
+    has the second encoder alone: its embeddings are that one's (1280 wide)."""
     texts = prompts + negatives
     device = pipe._execution_device
-    first, _ = _encode_penultimate(pipe.text_encoder, _padded_chunks(pipe.tokenizer, texts), device)
     # The second tokenizer pads with "!" (OpenCLIP's padding); the chunks are the same (one BPE vocabulary, and an
     # embedding's vectors at the same ids in both encoders: embeddings.py).
     second, pooled = _encode_penultimate(pipe.text_encoder_2, _padded_chunks(pipe.tokenizer_2, texts), device)
-    hidden = torch.cat([first, second.to(first.dtype)], dim=-1)
+    hidden = second
+    if pipe.text_encoder is not None:  # a base model; a refiner has no first encoder
+        first, _ = _encode_penultimate(pipe.text_encoder, _padded_chunks(pipe.tokenizer, texts), device)
+        hidden = torch.cat([first, second.to(first.dtype)], dim=-1)
     empty_negative = torch.tensor([index >= len(prompts) and not text for index, text in enumerate(texts)],
                                   device=hidden.device)
     hidden = hidden.masked_fill(empty_negative[:, None, None], 0)

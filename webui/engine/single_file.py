@@ -2,8 +2,8 @@
 
 diffusers' `from_single_file` normally downloads the diffusers configs of the model it detects. We
 ship those small config files in `model_configs/` (sd-v1 = SD 1.5, sd-v2 = SD 2.1-base 512 epsilon,
-sd-v2-v = SD 2.1 768 v-prediction, sdxl-base = SDXL 1.0 base) and point it at them, so loading never touches
-the network. SDXL refiners (the second text encoder only) are refused.
+sd-v2-v = SD 2.1 768 v-prediction, sdxl-base = SDXL 1.0 base, sdxl-refiner = SDXL refiner 1.0) and point it at
+them, so loading never touches the network. An SDXL refiner (OpenCLIP bigG alone) loads only for the refiner role.
 
 `.ckpt` files are pickles: they are read with `torch.load(weights_only=True)`, which only rebuilds
 tensors and plain containers. A file that needs any other pickled code is refused with
@@ -77,9 +77,10 @@ _EXTRA_SAFE_GLOBALS = [
 
 
 def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, *, config_dir=None,
-                              prediction_type: str | None = None):
+                              prediction_type: str | None = None, refiner: bool = False):
     """Build a StableDiffusionPipeline from one SD 1.x / 2.x checkpoint file (a StableDiffusionXLPipeline from an
-    SDXL base one), with no network.
+    SDXL base one; with `refiner`, the refiner's role, a StableDiffusionXLImg2ImgPipeline from an SDXL refiner, which
+    is refused otherwise), with no network.
 
     config_dir: a config-only diffusers folder to use instead of the shipped one picked from the
         checkpoint keys (tests pass a tiny one).
@@ -96,8 +97,10 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, *,
     path = Path(path)
     shapes, global_step = read_header(path)
     family = detect_family(shapes, path)
-    if family == "sdxl-base":
-        return _load_sdxl(path, torch_dtype, config_dir or CONFIG_ROOT / family)
+    if family == "sdxl-refiner" and not refiner:
+        raise SingleFileLoadError(sdxl_refiner_refusal(path.name))
+    if family in ("sdxl-base", "sdxl-refiner"):
+        return _load_sdxl(path, torch_dtype, config_dir or CONFIG_ROOT / family, family == "sdxl-refiner")
     prediction_type = prediction_type or _sidecar_prediction_type(path)
     sd2 = family == "sd-v2"
     if sd2 and prediction_type is None and global_step == _SD2_BASE_GLOBAL_STEP:
@@ -146,7 +149,8 @@ def _with_unet_inputs(config_dir: Path, in_channels: int) -> Iterator[Path]:
 
 
 def detect_family(shapes: dict[str, tuple], path: Path | str = "checkpoint") -> str:
-    """'sd-v1', 'sd-v2' or 'sdxl-base' from the checkpoint's keys; anything else is refused with the reason."""
+    """'sd-v1', 'sd-v2', 'sdxl-base' or 'sdxl-refiner' from the checkpoint's keys; anything else is refused with
+    the reason."""
     name = Path(path).name
     sgm_sd2 = _SGM_OPEN_CLIP in shapes and _SDXL_UNET not in shapes
     if any(key.startswith(_SDXL_PREFIX) for key in shapes) and not sgm_sd2:
@@ -166,34 +170,38 @@ def detect_family(shapes: dict[str, tuple], path: Path | str = "checkpoint") -> 
 
 
 def _sdxl_family(shapes: dict[str, tuple], name: str) -> str:
-    """'sdxl-base' for an SDXL base checkpoint (both text encoders, a 4-channel UNet); the rest is refused."""
-    if _SDXL_UNET in shapes and _SDXL_CLIP_L not in shapes:  # the refiner keeps OpenCLIP alone, as embedder 0
-        raise SingleFileLoadError(sdxl_refiner_refusal(name))
-    if _SDXL_UNET not in shapes or _SDXL_OPEN_CLIP not in shapes or _UNET_IN not in shapes:
+    """'sdxl-base' for an SDXL base checkpoint (both text encoders, a 4-channel UNet), 'sdxl-refiner' for a refiner
+    (OpenCLIP bigG alone, as embedder 0); the rest is refused."""
+    refiner = _SDXL_CLIP_L not in shapes and _SGM_OPEN_CLIP in shapes  # bigG as embedder 0, as SD-Turbo's
+    if _SDXL_UNET not in shapes or _UNET_IN not in shapes or not (refiner or _SDXL_OPEN_CLIP in shapes):
         raise SingleFileLoadError(f"{name} has SDXL's text encoder keys but not an SDXL base model's UNet and both text "
                                   "encoders; it may be a LoRA or an embedding, which do not belong in the checkpoints folder")
     if shapes[_UNET_IN][1] != 4:
         raise SingleFileLoadError(f"{name} is an SDXL model whose UNet takes {shapes[_UNET_IN][1]} input channels (an "
                                   "inpainting or instruct-pix2pix model); only SDXL base models load for now")
-    return "sdxl-base"
+    return "sdxl-refiner" if refiner else "sdxl-base"
 
 
 def sdxl_refiner_refusal(name: str) -> str:
-    return (f"{name} is an SDXL refiner (it has only the second text encoder), which does not load yet; pick an SDXL "
-            "base model (the refiner setting cannot use it either)")
+    return (f"{name} is an SDXL refiner (it has only the second text encoder), which finishes another model's run "
+            "and cannot be the model: pick an SDXL base model as the model, and this one as its Refiner")
 
 
-def _load_sdxl(path: Path, dtype: torch.dtype, config_dir: Path):
-    """An SDXL base pipeline from its single file. Both tokenizers are the CLIP BPE shipped here; the second pads with
-    "!" as OpenCLIP (bigG) was trained to."""
-    from diffusers import StableDiffusionXLPipeline
+def _load_sdxl(path: Path, dtype: torch.dtype, config_dir: Path, refiner: bool = False):
+    """An SDXL base pipeline from its single file, or a refiner's (an img2img pipeline, as diffusers keeps
+    refiners, with no first text encoder). The tokenizers are the CLIP BPE shipped here; the second pads with "!" as
+    OpenCLIP (bigG) was trained to."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
-    tokenizers = {"tokenizer": CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
-                  "tokenizer_2": CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!")}
+    second = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!")
+    if refiner:
+        pipeline_class, parts = StableDiffusionXLImg2ImgPipeline, {"tokenizer": None, "text_encoder": None}
+    else:
+        pipeline_class, parts = StableDiffusionXLPipeline, {"tokenizer": CLIPTokenizer.from_pretrained(TOKENIZER_DIR)}
     with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):  # diffusers re-reads a .ckpt itself
-        return StableDiffusionXLPipeline.from_single_file(str(path), config=str(config_dir), local_files_only=True,
-                                                          dtype=dtype, add_watermarker=False, **tokenizers)
+        return pipeline_class.from_single_file(str(path), config=str(config_dir), local_files_only=True, dtype=dtype,
+                                               add_watermarker=False, tokenizer_2=second, **parts)
 
 
 def _text_encoder_of_other_layout(path: Path, config_dir: Path, dtype: torch.dtype):
