@@ -211,3 +211,18 @@ def test_creating_or_training_an_embedding_on_an_sdxl_model_is_refused(engine):
         init_vectors(engine.pipe, "red apple", 2)
     with pytest.raises(TrainingError, match="SDXL model, which cannot train embeddings yet"):
         prepare(engine, SimpleNamespace(kind="embedding"))
+
+
+def test_an_sdxl_refiner_gets_the_clip_g_vectors_in_its_one_text_encoder(folders):
+    from tests.tiny_sdxl import make_tiny_sdxl_refiner_pipeline
+    from webui.engine.embeddings import load_embeddings
+
+    refiner = make_tiny_sdxl_refiner_pipeline()
+    plain = encode_sdxl_pair(refiner, [f"a {NAME} cat"], [""])[0]
+    loaded = load_embeddings(refiner, folders[1])
+    embedding = loaded.loaded[NAME]
+    table = refiner.text_encoder_2.get_input_embeddings().weight
+    assert torch.equal(table[list(embedding.vector_ids)], CLIP_G)  # bigG's rows hold clip_g
+    assert "matte" in loaded.skipped  # an SD 1.x file, as on the base
+    named = encode_sdxl_pair(refiner, [f"a {NAME} cat"], [""])[0]
+    assert named.shape == plain.shape and not torch.equal(named, plain)  # the name now reads the vectors

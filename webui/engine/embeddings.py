@@ -139,11 +139,12 @@ class _TextEncoder:
 
 
 def _text_encoders(pipe) -> list[_TextEncoder]:
-    """An SD model's text encoder; an SDXL model's two (its second is what makes it SDXL, as sdxl.is_sdxl says)."""
+    """An SD model's text encoder; an SDXL model's two (its second is what makes it SDXL, as sdxl.is_sdxl says); an
+    SDXL refiner's second alone."""
     if getattr(pipe, "text_encoder_2", None) is None:
         return [_TextEncoder(pipe.tokenizer, pipe.text_encoder, "vectors", "text encoder")]
-    return [_TextEncoder(pipe.tokenizer, pipe.text_encoder, "vectors", "clip_l"),
-            _TextEncoder(pipe.tokenizer_2, pipe.text_encoder_2, "vectors_2", "clip_g")]
+    first = [_TextEncoder(pipe.tokenizer, pipe.text_encoder, "vectors", "clip_l")] if pipe.text_encoder else []
+    return [*first, _TextEncoder(pipe.tokenizer_2, pipe.text_encoder_2, "vectors_2", "clip_g")]
 
 
 def load_embeddings(pipe, folder: Path, already: EmbeddingSet | None = None) -> EmbeddingSet:
@@ -187,7 +188,7 @@ def load_embeddings(pipe, folder: Path, already: EmbeddingSet | None = None) -> 
 def _misfit(embedding: Embedding, encoders: list[_TextEncoder]) -> str | None:
     """Why the embedding does not fit the model whose text encoders these are, or None when it does."""
     widths = [int(encoder.table.shape[1]) for encoder in encoders]
-    if len(encoders) == 1:
+    if encoders[-1].vectors_attr == "vectors":  # an SD model's one encoder
         if embedding.sdxl:
             return (f"an SDXL embedding (clip_l and clip_g); this model is SD 1.x/2.x, with one text encoder "
                     f"{widths[0]} wide: load an SDXL model to use it")
