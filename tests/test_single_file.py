@@ -238,8 +238,9 @@ def test_detect_family_from_keys():
     sdxl_base = {single_file._SDXL_UNET: (1280, 2816), single_file._SDXL_CLIP_L: (77, 768),
                  single_file._SDXL_OPEN_CLIP: (77, 1280)}
     assert detect_family(_shapes(**sdxl_base)) == "sdxl-base"
-    with pytest.raises(SingleFileLoadError, match="SDXL model whose UNet takes 9 input channels"):
-        detect_family({**sdxl_base, "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)})
+    assert detect_family({**sdxl_base, "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}) == "sdxl-base"
+    with pytest.raises(SingleFileLoadError, match="SDXL model whose UNet takes 8 input channels"):
+        detect_family({**sdxl_base, "model.diffusion_model.input_blocks.0.0.weight": (320, 8, 3, 3)})
     inpainting = {"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3), single_file._CLIP_L: (77, 768)}
     assert detect_family(inpainting) == "sd-v1"
     assert detect_family({**inpainting, "model.diffusion_model.input_blocks.0.0.weight": (320, 8, 3, 3)}) == "sd-v1"

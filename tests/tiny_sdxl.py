@@ -14,14 +14,15 @@ CLIP_L_WIDTH, CLIP_G_WIDTH, PROJECTION = 24, 40, 16
 TIME_EMBED = 8  # each of the 6 size numbers (original size, crop, target size) embedded this wide
 
 
-def tiny_sdxl_components(seed: int = 0) -> dict:
+def tiny_sdxl_components(seed: int = 0, in_channels: int = 4) -> dict:
+    """in_channels 9: a model made for inpainting."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=32, in_channels=in_channels, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
         cross_attention_dim=CLIP_L_WIDTH + CLIP_G_WIDTH, norm_num_groups=8,
@@ -54,15 +55,15 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
     }
 
 
-def make_tiny_sdxl_pipeline(seed: int = 0):
+def make_tiny_sdxl_pipeline(seed: int = 0, in_channels: int = 4):
     from diffusers import StableDiffusionXLPipeline
 
-    return StableDiffusionXLPipeline(**tiny_sdxl_components(seed))
+    return StableDiffusionXLPipeline(**tiny_sdxl_components(seed, in_channels))
 
 
-def save_tiny_sdxl_model(folder: Path, seed: int = 0) -> Path:
+def save_tiny_sdxl_model(folder: Path, seed: int = 0, in_channels: int = 4) -> Path:
     """Write a tiny SDXL model as a diffusers folder (model_index.json + components)."""
-    make_tiny_sdxl_pipeline(seed).save_pretrained(folder)
+    make_tiny_sdxl_pipeline(seed, in_channels).save_pretrained(folder)
     return folder
 
 

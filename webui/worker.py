@@ -358,7 +358,7 @@ class Worker:
                 kind = None  # the model's own check says so when the job starts
             if kind == SDXL_REFINER:
                 raise InvalidRequest(f"model: {sdxl_refiner_refusal(request.model)}")
-            sdxl = kind == SDXL
+            sdxl = kind in (SDXL, f"{SDXL} inpainting")
         problem = sdxl and sdxl_problem(request)
         if problem:
             raise InvalidRequest(problem)

@@ -20,7 +20,7 @@ from webui.engine import hub
 from webui.engine.inpainting_model import UNET_INPUTS, takes_masked_picture, unet_refusal
 from webui.engine.instruct_pix2pix import takes_edit_picture
 from webui.engine.models import ModelEntry
-from webui.engine.single_file import sdxl_refiner_refusal
+from webui.engine.single_file import SDXL_UNET_INPUTS, sdxl_refiner_refusal, sdxl_unet_refusal
 from webui.zerogpu import zerogpu_requested
 
 log = logging.getLogger(__name__)
@@ -149,9 +149,8 @@ def check_pipeline_folder(folder: Path, name: str, refiner: bool = False):
         sdxl_refiner = not (index.get("text_encoder") or [None])[0]
         if sdxl_refiner and not refiner:
             raise ModelLoadError(sdxl_refiner_refusal(name))
-        if in_channels != 4:
-            raise ModelLoadError(f"{name} is an SDXL model whose UNet takes {in_channels} input channels (an "
-                                 "inpainting or instruct-pix2pix model); only SDXL base models load for now")
+        if in_channels not in SDXL_UNET_INPUTS[sdxl_refiner]:
+            raise ModelLoadError(sdxl_unet_refusal(name, in_channels))
         return StableDiffusionXLImg2ImgPipeline if sdxl_refiner else StableDiffusionXLPipeline
     if any(part in index for part in (*hub.NOT_SD_PARTS, "text_encoder_2")):
         raise ModelLoadError(f"{name} is a {kind or 'non-SD'} model; only SD 1.x, 2.x and SDXL models load for now")

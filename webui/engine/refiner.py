@@ -94,7 +94,9 @@ def kind_of_entry(entry: ModelEntry) -> str | None:
         if entry.kind == "single_file" and path is not None and path.suffix.lower() == ".safetensors":
             shapes, _ = read_header(path)
             if _SDXL_UNET in shapes:
-                return SDXL if _SDXL_CLIP_L in shapes else SDXL_REFINER if _SDXL_REFINER_OPEN_CLIP in shapes else None
+                if _SDXL_CLIP_L in shapes:  # a base model, or one made for inpainting
+                    return kind_from_config(2048, shapes[_UNET_IN][1], addition_embed_type="text_time")
+                return SDXL_REFINER if _SDXL_REFINER_OPEN_CLIP in shapes else None
             if _UNET_IN not in shapes or _CROSS_ATTENTION not in shapes:
                 return None
             kind = kind_from_config(shapes[_CROSS_ATTENTION][1], shapes[_UNET_IN][1])

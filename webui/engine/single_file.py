@@ -100,7 +100,8 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, *,
     if family == "sdxl-refiner" and not refiner:
         raise SingleFileLoadError(sdxl_refiner_refusal(path.name))
     if family in ("sdxl-base", "sdxl-refiner"):
-        return _load_sdxl(path, torch_dtype, config_dir or CONFIG_ROOT / family, family == "sdxl-refiner")
+        with _with_unet_inputs(config_dir or CONFIG_ROOT / family, shapes[_UNET_IN][1]) as configs:
+            return _load_sdxl(path, torch_dtype, configs, family == "sdxl-refiner")
     prediction_type = prediction_type or _sidecar_prediction_type(path)
     sd2 = family == "sd-v2"
     if sd2 and prediction_type is None and global_step == _SD2_BASE_GLOBAL_STEP:
@@ -170,16 +171,24 @@ def detect_family(shapes: dict[str, tuple], path: Path | str = "checkpoint") -> 
 
 
 def _sdxl_family(shapes: dict[str, tuple], name: str) -> str:
-    """'sdxl-base' for an SDXL base checkpoint (both text encoders, a 4-channel UNet), 'sdxl-refiner' for a refiner
-    (OpenCLIP bigG alone, as embedder 0); the rest is refused."""
+    """'sdxl-base' for an SDXL base checkpoint (both text encoders, a UNet of 4 channels, or 9 for an inpainting
+    model), 'sdxl-refiner' for a refiner (OpenCLIP bigG alone, as embedder 0); the rest is refused."""
     refiner = _SDXL_CLIP_L not in shapes and _SGM_OPEN_CLIP in shapes  # bigG as embedder 0, as SD-Turbo's
     if _SDXL_UNET not in shapes or _UNET_IN not in shapes or not (refiner or _SDXL_OPEN_CLIP in shapes):
         raise SingleFileLoadError(f"{name} has SDXL's text encoder keys but not an SDXL base model's UNet and both text "
                                   "encoders; it may be a LoRA or an embedding, which do not belong in the checkpoints folder")
-    if shapes[_UNET_IN][1] != 4:
-        raise SingleFileLoadError(f"{name} is an SDXL model whose UNet takes {shapes[_UNET_IN][1]} input channels (an "
-                                  "inpainting or instruct-pix2pix model); only SDXL base models load for now")
+    if shapes[_UNET_IN][1] not in SDXL_UNET_INPUTS[refiner]:
+        raise SingleFileLoadError(sdxl_unet_refusal(name, shapes[_UNET_IN][1]))
     return "sdxl-refiner" if refiner else "sdxl-base"
+
+
+# The SDXL UNets that load, by their input channels: a base model's (text to image, inpainting), a refiner's
+SDXL_UNET_INPUTS = {False: (4, INPAINTING_CHANNELS), True: (4,)}
+
+
+def sdxl_unet_refusal(name: str, in_channels: int) -> str:
+    return (f"{name} is an SDXL model whose UNet takes {in_channels} input channels (an instruct-pix2pix model or "
+            "another kind); SDXL base, inpainting and refiner models load")
 
 
 def sdxl_refiner_refusal(name: str) -> str:
