@@ -408,7 +408,7 @@ def test_a_released_model_that_is_gone_from_disk_fails_the_next_image_with_its_n
     import webui.engine.generate as generate
     from webui.engine.loader import ModelLoadError
 
-    def read_fails(entry, settings, placement):
+    def read_fails(entry, settings, placement, *_role):
         raise ModelLoadError(f"could not load model {entry.name!r}: no such file")
 
     engine.release_device()  # on the CPU: dropped, to be read again
@@ -525,7 +525,7 @@ def test_on_the_cpu_a_released_model_stays_released_when_a_switch_fails(engine, 
 
     reads = []
 
-    def read_fails(entry, settings, placement):
+    def read_fails(entry, settings, placement, *_role):
         reads.append(entry.name)
         raise ModelLoadError(f"could not load model {entry.name!r}")
 
