@@ -47,10 +47,9 @@ from webui.engine.prompts import (chunk_count, encode_parts, encode_prompt_pair,
                                   token_count)
 from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_call, is_sdxl_refiner, kind_of_entry,
                                   kind_of_pipeline, kind_problem, pass_timesteps, refiner_size_inputs)
-from webui.engine.single_file import sdxl_refiner_refusal
-
 from webui.engine.samplers import make_scheduler
 from webui.engine.sdxl import is_sdxl, sdxl_problem
+from webui.engine.single_file import sdxl_refiner_refusal
 from webui.engine.soft_inpainting import SoftInpainting, sigma_of
 from webui.engine.step_options import StepOptions, use_step_options
 from webui.engine.uncond_skip import SkipCalls, UncondSkip, skip_plan, skipping_uncond
