@@ -8,6 +8,21 @@ import numpy as np
 from PIL import Image
 
 
+def loaded_engine(models_dir, model: str, cache_dir=None, **settings):
+    """An Engine on the CPU over `models_dir` with `model` loaded (its hash cache in cache_dir, else models_dir);
+    settings: more Settings fields (lora_dir=..., embeddings_dir=...)."""
+    from pathlib import Path
+
+    from webui.config import Settings
+    from webui.engine.generate import Engine
+    from webui.engine.models import ModelRegistry
+
+    engine = Engine(Settings(models_dir=models_dir, device="cpu", **settings),
+                    ModelRegistry(models_dir, Path(cache_dir or models_dir) / "hashes.json"))
+    engine.load(model)
+    return engine
+
+
 def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> bool:
     """Poll until condition() is true; fail the test (not hang) when it never becomes true."""
     deadline = time.monotonic() + timeout
@@ -81,13 +96,14 @@ def inpainting_model_engine(folder):
     """An Engine with the tiny model made for inpainting (a 9-channel UNet) loaded from `folder`, recording what its
     UNet reads in `unet_inputs`."""
     from tests.tiny_sd import save_tiny_model
-    from webui.config import Settings
-    from webui.engine.generate import Engine
-    from webui.engine.models import ModelRegistry
 
     save_tiny_model(folder / "tiny-inpainting", in_channels=9)
-    loaded = Engine(Settings(models_dir=folder, device="cpu"), ModelRegistry(folder, folder / "hashes.json"))
-    loaded.load("tiny-inpainting")
-    loaded.unet_inputs = []
-    loaded.pipe.unet.register_forward_hook(lambda _module, args, _out: loaded.unet_inputs.append(args[0]))
-    return loaded
+    return recording_unet_inputs(loaded_engine(folder, "tiny-inpainting"))
+
+
+def recording_unet_inputs(engine):
+    """The engine, its UNet's inputs from now on in `engine.unet_inputs` (as the UNet reads them: after the run's own
+    pre-hooks)."""
+    engine.unet_inputs = []
+    engine.pipe.unet.register_forward_hook(lambda _module, args, _out: engine.unet_inputs.append(args[0]))
+    return engine

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import finished_job, noise_picture, running_services
+from tests.helpers import finished_job, loaded_engine, noise_picture, running_services
 from tests.tiny_sd import save_tiny_model
 from tests.tiny_sdxl import CLIP_L_WIDTH, make_tiny_sdxl_pipeline, save_tiny_sdxl_model
 from webui.config import Settings
@@ -35,10 +35,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(models, tmp_path_factory):
-    loaded = Engine(Settings(models_dir=models, device="cpu"),
-                    ModelRegistry(models, tmp_path_factory.mktemp("cache") / "hashes.json"))
-    loaded.load(XL)
-    return loaded
+    return loaded_engine(models, XL, tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import loaded_engine
 from tests.tiny_sdxl import PROJECTION, make_tiny_sdxl_pipeline, save_tiny_sdxl_model
 from webui.engine.composable import composed_guidance
 from webui.schemas import GenerationRequest
@@ -16,16 +17,9 @@ XL = "tiny-xl"
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from webui.config import Settings
-    from webui.engine.generate import Engine
-    from webui.engine.models import ModelRegistry
-
     models = tmp_path_factory.mktemp("models")
     save_tiny_sdxl_model(models / XL)
-    loaded = Engine(Settings(models_dir=models, device="cpu"),
-                    ModelRegistry(models, tmp_path_factory.mktemp("cache") / "hashes.json"))
-    loaded.load(XL)
-    return loaded
+    return loaded_engine(models, XL)
 
 
 def picture(engine, prompt: str, cfg: float = 5.0, **fields) -> np.ndarray:

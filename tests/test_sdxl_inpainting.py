@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import noise_picture
+from tests.helpers import loaded_engine, noise_picture, recording_unet_inputs
 from tests.tiny_sdxl import make_tiny_sdxl_pipeline, save_tiny_sdxl_model
 from webui.engine.img2img import image_sha1
 from webui.engine.inpaint import prepare_inpainting, read_mask
@@ -19,17 +19,9 @@ XL_INPAINTING = "tiny-xl-inpainting"
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from webui.config import Settings
-    from webui.engine.generate import Engine
-    from webui.engine.models import ModelRegistry
-
     models = tmp_path_factory.mktemp("models")
     save_tiny_sdxl_model(models / XL_INPAINTING, in_channels=9)
-    loaded = Engine(Settings(models_dir=models, device="cpu"), ModelRegistry(models, models / "hashes.json"))
-    loaded.load(XL_INPAINTING)
-    loaded.unet_inputs = []  # what the UNet reads, after the run's own hooks
-    loaded.pipe.unet.register_forward_hook(lambda _module, args, _output: loaded.unet_inputs.append(args[0]))
-    return loaded
+    return recording_unet_inputs(loaded_engine(models, XL_INPAINTING))
 
 
 def test_it_loads_as_an_sdxl_inpainting_model(engine):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import loaded_engine
 from tests.test_lora import write_lora
 from tests.tiny_sd import save_tiny_model
 from tests.tiny_sdxl import save_tiny_sdxl_model
@@ -65,10 +66,6 @@ def diffusers_state() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from webui.config import Settings
-    from webui.engine.generate import Engine
-    from webui.engine.models import ModelRegistry
-
     models = tmp_path_factory.mktemp("models")
     save_tiny_sdxl_model(models / XL)
     save_tiny_model(models / SD)
@@ -76,10 +73,7 @@ def engine(tmp_path_factory):
     write_lora(loras, "xl-kohya", kohya_state())
     write_lora(loras, "xl-diffusers", diffusers_state())
     write_lora(loras, "xl-te2", kohya_state(only=("te2",)))
-    settings = Settings(models_dir=models, device="cpu", lora_dir=loras)
-    loaded = Engine(settings, ModelRegistry(models, tmp_path_factory.mktemp("cache") / "hashes.json"))
-    loaded.load(XL)
-    return loaded
+    return loaded_engine(models, XL, tmp_path_factory.mktemp("cache"), lora_dir=loras)
 
 
 def picture(engine, prompt: str) -> np.ndarray:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import noise_picture, running_services
+from tests.helpers import loaded_engine, noise_picture, running_services
 from tests.tiny_sd import save_tiny_model
 from tests.tiny_sdxl import CLIP_G_WIDTH, make_tiny_sdxl_refiner_pipeline, save_tiny_sdxl_model, save_tiny_sdxl_refiner
 from webui.config import Settings
@@ -31,10 +31,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(models, tmp_path_factory):
-    loaded = Engine(Settings(models_dir=models, device="cpu"),
-                    ModelRegistry(models, tmp_path_factory.mktemp("cache") / "hashes.json"))
-    loaded.load(XL)
-    return loaded
+    return loaded_engine(models, XL, tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
