@@ -8,10 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import loaded_engine, noise_picture, recording_unet_inputs
+from tests.helpers import loaded_engine, recording_unet_inputs
 from tests.tiny_sdxl import make_tiny_sdxl_pipeline, save_tiny_sdxl_model
-from webui.engine.img2img import image_sha1
-from webui.engine.inpaint import prepare_inpainting, read_mask
 from webui.schemas import GenerationRequest
 
 XL_INPAINTING = "tiny-xl-inpainting"
@@ -42,20 +40,9 @@ def test_txt2img_reads_the_mask_of_everything_and_a_grey_picture(engine):
 
 
 def test_inpainting_reads_the_picture_greyed_out_under_the_mask_and_keeps_the_rest(engine):
-    picture = noise_picture(2)
-    mask = Image.new("L", (64, 64))
-    mask.paste(255, (0, 0, 32, 64))  # the left half
-    request = GenerationRequest(prompt="a red apple", steps=3, denoising_strength=0.6, mask_blur=0)
-    width, height, start, inpainting = prepare_inpainting(picture, read_mask(mask, picture.size), request)
-    request = request.model_copy(update={"init_image": image_sha1(picture), "mask": image_sha1(mask),
-                                         "width": width, "height": height})
-    engine.unet_inputs.clear()
-    [result] = engine.generate(request, [3], init_image=start, inpainting=inpainting)
-    image = np.asarray(result.image, np.int16)
-    assert (image[:, 32:] == np.asarray(picture, np.int16)[:, 32:]).all()
-    mask_channel = engine.unet_inputs[0][0, 4]
-    half = mask_channel.shape[1] // 2
-    assert (mask_channel[:, :half] == 1).all() and (mask_channel[:, half:] == 0).all()
+    from tests.test_inpainting_model import check_left_half_inpainting
+
+    check_left_half_inpainting(engine)
 
 
 def test_a_single_file_in_the_sgm_layout_loads_with_its_9_input_channels(tmp_path):
