@@ -17,6 +17,7 @@ import torch
 
 from webui.engine.models import ModelEntry
 from webui.engine.single_file import read_header
+from webui.engine.unet_hooks import removed_after
 
 SDXL = "SDXL"  # its UNet reads text embeddings 2048 wide
 SDXL_REFINER = "SDXL refiner"  # its UNet reads OpenCLIP bigG's alone, and an aesthetic score
@@ -140,11 +141,8 @@ def aesthetic_scores(pipeline, high: float, low: float) -> Iterator[None]:
         refiners = torch.cat([numbers[:, :4], scores], dim=1)
         return args, {**kwargs, "added_cond_kwargs": {**added, "time_ids": refiners}}
 
-    handle = pipeline.unet.register_forward_pre_hook(with_scores, with_kwargs=True)
-    try:
+    with removed_after([pipeline.unet.register_forward_pre_hook(with_scores, with_kwargs=True)]):
         yield
-    finally:
-        handle.remove()
 
 
 def refiner_size_inputs() -> dict:
