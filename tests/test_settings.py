@@ -226,7 +226,7 @@ def test_the_settings_tab_saves_for_everyone_and_says_why_not(ui_settings):
     assert tab.actions.shown() == ["webp", "png", 40, "[seed]-[prompt_words]", *DIRS]
 
 
-DIRS = (True, True, "[date]", False, True)  # the subfolder settings, the text file's and comments' as by default
+DIRS = (True, True, "[date]", False, True, "Original")  # the subfolders, the text file, comments, emphasis: defaults
 
 
 @pytest.fixture

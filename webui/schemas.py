@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stri
 from webui.controlnet import (CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RES,
                               controlnet_problem)
 from webui.engine.hires import HIRES_UPSCALERS, MAX_SCHEDULE, hires_size, schedule_steps
+from webui.engine.prompts import EMPHASIS_MODES
 from webui.engine.samplers import get_sampler, resolve_sampler
 from webui.engine.step_options import LIMITS as STEP_LIMITS
 from webui.engine.uncond_skip import MAX_NGMS
@@ -154,6 +155,8 @@ class GenerationRequest(BaseModel):
                                    "CFG; other models ignore it)")
     img2img_extra_noise: float = Field(0.0, ge=0.0, le=1.0, description="img2img and the hires fix: that much more "
                                        "of the start noise added (A1111's Extra noise; 0: none)")
+    emphasis: str | None = Field(None, description="how (word:1.2) weights are read: Original (A1111's default), No "
+                                 "norm, Ignore or None, A1111's Emphasis mode (None: as the Settings tab says)")
     prompt_comments: bool | None = Field(None, description="leave out of the prompts what follows a # on its line "
                                          "(None: as the Settings tab's Enable comments says)")
     # A1111's step options (webui/engine/step_options.py: which samplers follow each) and its Eta noise seed delta.
@@ -288,6 +291,16 @@ class GenerationRequest(BaseModel):
     def _same_checkpoint_is_none(cls, name: str | None) -> str | None:
         name = (name or "").strip()
         return None if name in ("", SAME_CHECKPOINT) else name
+
+    @field_validator("emphasis")
+    @classmethod
+    def _known_emphasis(cls, mode: str | None) -> str | None:
+        if mode is None:
+            return None
+        known = {name.lower(): name for name in EMPHASIS_MODES}.get(mode.strip().lower())
+        if known is None:
+            raise ValueError(f"{mode[:40]!r} is no emphasis mode; use one of {', '.join(EMPHASIS_MODES)}")
+        return known
 
     @field_validator("refiner_switch_at")
     @classmethod

@@ -35,6 +35,7 @@ from webui.engine.interrogate import INTERROGATE_MODEL
 from webui.engine.models import ModelEntry, ModelNotFound
 from webui.engine.refiner import SDXL, SDXL_REFINER, kind_of_entry, kind_problem
 from webui.engine.instruct_pix2pix import edit_problem
+from webui.engine.prompts import ORIGINAL
 from webui.engine.sdxl import sdxl_problem
 from webui.engine.single_file import sdxl_refiner_refusal
 from webui.engine.soft_inpainting import ENABLED_KEY, SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
@@ -330,6 +331,8 @@ class Worker:
             stripped = without_comments(request.model_dump(include=set(PROMPT_FIELDS)))
             if stripped:
                 request = parse_request(request.model_dump() | stripped)
+        if request.emphasis is None:  # the Settings tab's, fixed now: its infotext says what was read
+            request = request.model_copy(update={"emphasis": self.options.current().emphasis})
         return request
 
     def _check_runnable(self, request: GenerationRequest) -> None:
@@ -950,6 +953,7 @@ class Worker:
             if request.initial_noise_multiplier != 1 and request.is_img2img else None,
             "Extra noise": (request.img2img_extra_noise or None) if request.is_img2img or request.enable_hr else None,
             "Pad conds": True if self.engine.pads_prompts(request) else None,
+            "Emphasis": _emphasis_infotext(request),
             **_uncond_skip_infotext(request),
             **_step_options_infotext(request),
             "Lora hashes": self.engine.lora_hashes(request),
@@ -1222,6 +1226,14 @@ def _hires_infotext(request: GenerationRequest) -> dict[str, Any]:
             "Hires schedule type": (request.hires_sampler[1] if request.hires_sampler[1] != request.scheduler
                                     else None),
             "Hires prompt": request.hr_prompt, "Hires negative prompt": request.hr_negative_prompt}
+
+
+def _emphasis_infotext(request: GenerationRequest) -> str | None:
+    """A1111's key: the emphasis mode, where it is not the default and a prompt has brackets it changes."""
+    texts = (request.prompt, request.negative_prompt, request.hr_prompt or "", request.hr_negative_prompt or "")
+    if request.emphasis in (None, ORIGINAL) or not any("(" in text or "[" in text for text in texts):
+        return None
+    return request.emphasis
 
 
 def _check_edit_model(request: GenerationRequest, model: LoadedModel) -> None:

@@ -172,6 +172,11 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     data |= option_fields(req, _IMG2IMG_OPTION_FIELDS if img2img else _OPTION_FIELDS, default_options)
     if overrides.get("enable_prompt_comments") is not None:  # else the Settings tab's, for everyone
         data["prompt_comments"] = overrides["enable_prompt_comments"]
+    # A1111's Emphasis mode: override_settings, else an infotext's key (A1111 reads it into override_settings), else
+    # the Settings tab's
+    emphasis = overrides.get("emphasis", pasted.get("emphasis"))
+    if emphasis is not None:
+        data["emphasis"] = emphasis
     data |= token_merging_fields(req, pasted, default_options)
     script, refused = script_fields(req)
     data |= script
@@ -432,6 +437,7 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
         names["color_correction"] = "override_settings.img2img_color_correction"
         names |= scripts.sd_upscale_names()
     names["prompt_comments"] = "override_settings.enable_prompt_comments"
+    names["emphasis"] = "override_settings.emphasis"
     return names
 
 

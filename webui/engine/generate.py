@@ -43,8 +43,8 @@ from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.noise import start_noise
 from webui.engine.preview import latents_to_preview
 from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
-from webui.engine.prompts import (chunk_count, encode_parts, encode_prompt_pair, encode_sdxl_pair, encode_sdxl_parts,
-                                  token_count)
+from webui.engine.prompts import (ORIGINAL, chunk_count, encode_parts, encode_prompt_pair, encode_sdxl_pair,
+                                  encode_sdxl_parts, token_count)
 from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_call, is_sdxl_refiner, kind_of_entry,
                                   kind_of_pipeline, kind_problem, pass_timesteps, refiner_size_inputs)
 from webui.engine.samplers import make_scheduler
@@ -889,8 +889,7 @@ class Engine:
         hooks = contextlib.ExitStack()  # a refiner's UNet gets the hooks the model's has
 
         def encode():
-            return self._encode_phases(phases, len(run.generators), request.clip_skip, run.between_encodes,
-                                       run.encoded)
+            return self._encode_phases(phases, len(run.generators), request, run.between_encodes, run.encoded)
 
         def to_refiner(pipeline):
             nonlocal embeddings
@@ -1010,10 +1009,11 @@ class Engine:
         run.after_start_noise()
         return noise
 
-    def _encode_phases(self, phases: list[PromptPhase], count: int, clip_skip: int,
+    def _encode_phases(self, phases: list[PromptPhase], count: int, request: GenerationRequest,
                        between_encodes: Callable[[], None] | None = None,
                        encoded: dict | None = None) -> list[_Conds]:
-        """(prompt, negative) embeddings for each phase, `count` rows each. Each pair of texts is encoded once
+        """(prompt, negative) embeddings for each phase, `count` rows each, read with the request's Clip skip and
+        emphasis mode. Each pair of texts is encoded once
         (in `encoded`, which a second pass shares), in one row shown `count` times (every image of a batch reads
         the same text; alternation repeats). `between_encodes` runs before each encode after the first, and may
         raise to stop."""
@@ -1023,10 +1023,11 @@ class Engine:
             if texts not in encoded:
                 if encoded and between_encodes is not None:
                     between_encodes()
-                encoded[texts] = self._encode_pair(phase.prompt, phase.negative, clip_skip).rows(count)
+                encoded[texts] = self._encode_pair(phase.prompt, phase.negative, request.clip_skip,
+                                                   request.emphasis or ORIGINAL).rows(count)
         return [encoded[(phase.prompt, phase.negative)] for phase in phases]
 
-    def _encode_pair(self, prompt: str, negative: str, clip_skip: int) -> _Conds:
+    def _encode_pair(self, prompt: str, negative: str, clip_skip: int, emphasis: str = ORIGINAL) -> _Conds:
         """One row of (prompt, negative) embeddings. A composed prompt's parts lie one after another along the
         tokens, and the negative prompt is repeated as often, so the two keep one shape (diffusers checks it);
         composed_guidance splits them again around the UNet; an SDXL model's pooled vectors likewise lie side by side.
@@ -1034,12 +1035,12 @@ class Engine:
         sdxl, texts = is_sdxl(self.pipe), part_texts(prompt)
         if not is_composed(prompt):  # its text without a trailing ':1', which A1111 reads as the weight 1
             if sdxl:
-                return _Conds(*encode_sdxl_pair(self.pipe, texts, [negative]))
-            return _Conds(*encode_prompt_pair(self.pipe, texts, [negative], clip_skip))
+                return _Conds(*encode_sdxl_pair(self.pipe, texts, [negative], emphasis))
+            return _Conds(*encode_prompt_pair(self.pipe, texts, [negative], clip_skip, emphasis))
         if sdxl:
-            conds, uncond, pooled, negative_pooled = encode_sdxl_parts(self.pipe, texts, negative)
+            conds, uncond, pooled, negative_pooled = encode_sdxl_parts(self.pipe, texts, negative, emphasis)
         else:
-            (conds, uncond), pooled = encode_parts(self.pipe, texts, negative, clip_skip), None
+            (conds, uncond), pooled = encode_parts(self.pipe, texts, negative, clip_skip, emphasis), None
         count = conds.shape[0]
         joined = _Conds(conds.reshape(1, -1, conds.shape[-1]), uncond.repeat(1, count, 1))
         if pooled is None:
@@ -1138,7 +1139,7 @@ class Engine:
     def preview(self, latents: torch.Tensor) -> Image.Image:
         return latents_to_preview(latents, self.pipe.vae)
 
-    def count_tokens(self, text: str, steps: int = 20, negative: bool = False) -> int:
+    def count_tokens(self, text: str, steps: int = 20, negative: bool = False, emphasis: str = ORIGINAL) -> int:
         """Tokens the prompt uses, without start/end markers (the UI's 12/75 counter). With prompt editing or
         alternation, those of the longest text it reads in `steps` steps, and of its longest AND part (a negative
         prompt is not split), as A1111 counts."""
@@ -1148,4 +1149,4 @@ class Engine:
         # Past the prompt's length limit the request is refused anyway; never tokenize megabytes for a counter.
         variants = prompt_variants(strip_loras(text[:MAX_PROMPT_CHARS + 1]), steps)
         texts = variants if negative else [part for variant in variants for part in part_texts(variant)]
-        return max(token_count(tokenizer, text) for text in texts)
+        return max(token_count(tokenizer, text, emphasis) for text in texts)

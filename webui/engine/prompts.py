@@ -9,7 +9,9 @@ Attention syntax, as stable-diffusion-webui reads it: `(word)` weighs 1.1, `[wor
 1.5, brackets nest (their weights multiply; round and square ones are matched separately, so they may
 cross), a backslash makes a bracket literal, and `BREAK` starts a new 75-token chunk. A chunk that
 fills up within 20 tokens after a comma ends at that comma, so a tag is not cut in two. A weight scales the token's embedding, and the chunk is then scaled back to its old
-mean. Prompt editing ([a:b:0.5]) and alternation ([a|b]) are resolved before this, per step
+mean. A1111's *Emphasis mode* setting changes that: "No norm" leaves the chunk's mean as the weights make it,
+"Ignore" reads the brackets but weighs every token 1, "None" reads brackets as plain text (and BREAK as a word).
+Prompt editing ([a:b:0.5]) and alternation ([a|b]) are resolved before this, per step
 (prompt_schedule.py); <lora:...> is not read: it stays text. An SDXL model reads the same chunks with both its
 text encoders (encode_sdxl_pair).
 """
@@ -25,6 +27,8 @@ CHUNK_TOKENS = 75  # CLIP's 77 positions less the start and end markers
 UP, DOWN = 1.1, 1 / 1.1  # what ( ) and [ ] multiply by
 BREAK = "BREAK"
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
+ORIGINAL = "Original"
+EMPHASIS_MODES = (ORIGINAL, "No norm", "Ignore", "None")  # A1111's names, its default first
 # A weight is digits with an optional fraction: one way to split a run of digits, so matching stays linear.
 _ATTENTION_TOKEN = re.compile(r"\\.|\(|\[|:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)|\)|\]|\bBREAK\b|[^\\()\[\]:B]+|.", re.S)
 
@@ -82,15 +86,15 @@ def _merge(runs: list[list]) -> list[tuple[str, float | None]]:
     return merged or [("", 1.0)]
 
 
-def encode_prompt_pair(pipe, prompts: list[str], negatives: list[str], clip_skip: int = 1
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompt_pair(pipe, prompts: list[str], negatives: list[str], clip_skip: int = 1,
+                       emphasis: str = ORIGINAL) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings for prompts and negative prompts, padded to the same number of chunks
     (classifier-free guidance needs equal shapes)."""
-    embeddings = _encode(pipe, _padded_chunks(pipe.tokenizer, prompts + negatives), clip_skip)
+    embeddings = _encode(pipe, _padded_chunks(pipe.tokenizer, prompts + negatives, emphasis), clip_skip, emphasis)
     return embeddings[: len(prompts)], embeddings[len(prompts):]
 
 
-def encode_sdxl_pair(pipe, prompts: list[str], negatives: list[str]
+def encode_sdxl_pair(pipe, prompts: list[str], negatives: list[str], emphasis: str = ORIGINAL
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """An SDXL model's (prompt, negative, pooled prompt, pooled negative) embeddings, as A1111 conditions SDXL: each
     75-token chunk is read by both text encoders (the penultimate layer of each, without its final norm), each
@@ -103,10 +107,12 @@ def encode_sdxl_pair(pipe, prompts: list[str], negatives: list[str]
     device = pipe._execution_device
     # The second tokenizer pads with "!" (OpenCLIP's padding); the chunks are the same (one BPE vocabulary, and an
     # embedding's vectors at the same ids in both encoders: embeddings.py).
-    second, pooled = _encode_penultimate(pipe.text_encoder_2, _padded_chunks(pipe.tokenizer_2, texts), device)
+    second, pooled = _encode_penultimate(pipe.text_encoder_2, _padded_chunks(pipe.tokenizer_2, texts, emphasis), device,
+                                         emphasis)
     hidden = second
     if pipe.text_encoder is not None:  # a base model; a refiner has no first encoder
-        first, _ = _encode_penultimate(pipe.text_encoder, _padded_chunks(pipe.tokenizer, texts), device)
+        first, _ = _encode_penultimate(pipe.text_encoder, _padded_chunks(pipe.tokenizer, texts, emphasis), device,
+                                       emphasis)
         hidden = torch.cat([first, second.to(first.dtype)], dim=-1)
     empty_negative = torch.tensor([index >= len(prompts) and not text for index, text in enumerate(texts)],
                                   device=hidden.device)
@@ -116,29 +122,30 @@ def encode_sdxl_pair(pipe, prompts: list[str], negatives: list[str]
     return hidden[:count], hidden[count:], pooled[:count], pooled[count:]
 
 
-def _padded_chunks(tokenizer, texts: list[str]) -> list[list[Chunk]]:
+def _padded_chunks(tokenizer, texts: list[str], emphasis: str = ORIGINAL) -> list[list[Chunk]]:
     """Each text's chunks, the shorter ones padded with empty chunks to the longest's count."""
-    chunked = [_chunks(tokenizer, text) for text in texts]
+    chunked = [_chunks(tokenizer, text, emphasis) for text in texts]
     count = max(len(chunks) for chunks in chunked)
     empty = _chunks(tokenizer, "")[0]
     return [chunks + [empty] * (count - len(chunks)) for chunks in chunked]
 
 
-def encode_parts(pipe, parts: list[str], negative: str, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_parts(pipe, parts: list[str], negative: str, clip_skip: int = 1, emphasis: str = ORIGINAL
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings for the parts of a prompt joined with AND (parts, length, hidden) and for its negative prompt
     (1, length, hidden), stacked as _stack_parts says."""
     def encode(text: str) -> torch.Tensor:
-        return _encode(pipe, [_chunks(pipe.tokenizer, text)], clip_skip)
+        return _encode(pipe, [_chunks(pipe.tokenizer, text, emphasis)], clip_skip, emphasis)
 
     return _stack_parts([encode(text) for text in parts], encode(negative), encode(""))
 
 
-def encode_sdxl_parts(pipe, parts: list[str], negative: str
+def encode_sdxl_parts(pipe, parts: list[str], negative: str, emphasis: str = ORIGINAL
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """encode_parts for an SDXL model, each text read as encode_sdxl_pair reads it; and the pooled vectors, each
     part's (parts, projection) and the negative prompt's (1, projection)."""
-    encoded = [encode_sdxl_pair(pipe, [text], []) for text in parts]
-    _, uncond, _, negative_pooled = encode_sdxl_pair(pipe, [], [negative])
+    encoded = [encode_sdxl_pair(pipe, [text], [], emphasis) for text in parts]
+    _, uncond, _, negative_pooled = encode_sdxl_pair(pipe, [], [negative], emphasis)
     conds, uncond = _stack_parts([hidden for hidden, *_ in encoded], uncond, encode_sdxl_pair(pipe, [""], [])[0])
     return conds, uncond, torch.cat([pooled for _, _, pooled, _ in encoded]), negative_pooled
 
@@ -160,37 +167,47 @@ def _stack_parts(encoded: list[torch.Tensor], uncond: torch.Tensor, empty: torch
     return conds, uncond
 
 
-def chunk_count(tokenizer, text: str) -> int:
+def chunk_count(tokenizer, text: str, emphasis: str = ORIGINAL) -> int:
     """How many 77-token chunks a prompt takes (the text encoder's output is chunks x 77 long)."""
-    return len(_split(tokenizer, text))
+    return len(_split(tokenizer, text, emphasis))
 
 
-def token_count(tokenizer, text: str) -> int:
+def token_count(tokenizer, text: str, emphasis: str = ORIGINAL) -> int:
     """The UI's counter (12/75), counted as stable-diffusion-webui counts: the tokens of the last chunk, plus
     75 for each chunk before it, so a BREAK or a chunk ended early at a comma shows in the count."""
-    chunks = _split(tokenizer, text)
+    chunks = _split(tokenizer, text, emphasis)
     return CHUNK_TOKENS * (len(chunks) - 1) + len(chunks[-1][0])
 
 
 Chunk = tuple[list[int], list[float]]  # token ids and each one's weight
 
 
-def _chunks(tokenizer, text: str) -> list[Chunk]:
+def _chunks(tokenizer, text: str, emphasis: str = ORIGINAL) -> list[Chunk]:
     """One prompt as chunks of 77 tokens: start marker, up to 75 tokens, end marker, padding."""
     padding = [tokenizer.pad_token_id]
     return [([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + padding * (CHUNK_TOKENS - len(ids)),
              [1.0, *weights, 1.0] + [1.0] * (CHUNK_TOKENS - len(ids)))
-            for ids, weights in _split(tokenizer, text)]
+            for ids, weights in _split(tokenizer, text, emphasis)]
 
 
-def _split(tokenizer, text: str) -> list[Chunk]:
+def _runs(text: str, emphasis: str) -> list[tuple[str, float | None]]:
+    """The text's runs and their weights (None: BREAK) as the emphasis mode reads them."""
+    if emphasis == "None":
+        return [(text, 1.0)]
+    runs = parse_attention(text)
+    if emphasis == "Ignore":
+        return [(run, None if weight is None else 1.0) for run, weight in runs]
+    return runs
+
+
+def _split(tokenizer, text: str, emphasis: str = ORIGINAL) -> list[Chunk]:
     """One prompt's tokens, split into chunks of at most 75. BREAK and a full chunk start a new one; a chunk
     that fills up at most COMMA_BACKTRACK tokens after its last comma moves the words after that comma to
     the next chunk, as stable-diffusion-webui does."""
     comma = _comma_id(tokenizer)
     pieces: list[Chunk] = [([], [])]
     last_comma = -1  # position of the last comma in the current chunk
-    for run, weight in parse_attention(text):
+    for run, weight in _runs(text, emphasis):
         if weight is None:  # BREAK
             pieces.append(([], []))
             last_comma = -1
@@ -232,7 +249,7 @@ def _token_groups(tokenizer, text: str) -> list[list[int]]:
     return token_groups(tokenizer, tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
 
 
-def _encode(pipe, batch: list[list[Chunk]], clip_skip: int) -> torch.Tensor:
+def _encode(pipe, batch: list[list[Chunk]], clip_skip: int, emphasis: str = ORIGINAL) -> torch.Tensor:
     """[prompt][chunk] -> (prompts, chunks * 77, hidden); clip_skip=2 takes the penultimate layer."""
     encoder = pipe.text_encoder
     input_ids, weights = _token_tensors(batch, pipe._execution_device)
@@ -245,16 +262,17 @@ def _encode(pipe, batch: list[list[Chunk]], clip_skip: int) -> torch.Tensor:
         states = encoder(input_ids, output_hidden_states=True).hidden_states
         layers = getattr(encoder, "text_model", encoder)  # transformers 4.x wraps the layers
         hidden = layers.final_layer_norm(states[-clip_skip])
-    return _weighted(hidden, weights, len(batch), encoder.dtype)
+    return _weighted(hidden, weights, len(batch), encoder.dtype, emphasis)
 
 
-def _encode_penultimate(encoder, batch: list[list[Chunk]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _encode_penultimate(encoder, batch: list[list[Chunk]], device, emphasis: str = ORIGINAL
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[prompt][chunk] -> the encoder's penultimate layer (prompts, chunks * 77, hidden), weighted, as SDXL reads
     both its text encoders; and for an encoder with a projection, each prompt's first chunk projected (prompts,
     projection), else None."""
     input_ids, weights = _token_tensors(batch, device)
     output = encoder(input_ids, output_hidden_states=True)
-    hidden = _weighted(output.hidden_states[-2], weights, len(batch), encoder.dtype)
+    hidden = _weighted(output.hidden_states[-2], weights, len(batch), encoder.dtype, emphasis)
     projected = getattr(output, "text_embeds", None)
     if projected is None:
         return hidden, None
@@ -268,10 +286,11 @@ def _token_tensors(batch: list[list[Chunk]], device) -> tuple[torch.Tensor, torc
     return input_ids, weights
 
 
-def _weighted(hidden: torch.Tensor, weights: torch.Tensor, prompts: int, dtype: torch.dtype) -> torch.Tensor:
+def _weighted(hidden: torch.Tensor, weights: torch.Tensor, prompts: int, dtype: torch.dtype,
+              emphasis: str = ORIGINAL) -> torch.Tensor:
     """A row per chunk -> the chunks weighted, and a prompt's chunks joined: (prompts, chunks * 77, hidden)."""
     if (weights != 1).any():
-        hidden = _weigh(hidden.float(), weights)
+        hidden = _weigh(hidden.float(), weights, keep_mean=emphasis == ORIGINAL)
     return hidden.reshape(prompts, -1, hidden.shape[2]).to(dtype=dtype)
 
 
@@ -282,9 +301,9 @@ def _is_open_clip(encoder) -> bool:
     return getattr(encoder.config, "hidden_act", "") == "gelu"  # OpenAI's CLIP (SD 1.x) uses quick_gelu
 
 
-def _weigh(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Scale each token's embedding by its weight, then each chunk back to its old mean, as
+def _weigh(hidden: torch.Tensor, weights: torch.Tensor, keep_mean: bool = True) -> torch.Tensor:
+    """Scale each token's embedding by its weight, then (keep_mean) each chunk back to its old mean, as
     stable-diffusion-webui does (so weights shift emphasis rather than the overall level)."""
     old_mean = hidden.mean(dim=(1, 2), keepdim=True)
     hidden = hidden * weights[..., None]
-    return hidden * (old_mean / hidden.mean(dim=(1, 2), keepdim=True))
+    return hidden * (old_mean / hidden.mean(dim=(1, 2), keepdim=True)) if keep_mean else hidden

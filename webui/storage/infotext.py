@@ -69,6 +69,7 @@ _REQUEST_FIELDS = {
     "NGMS all steps": ("s_min_uncond_all", lambda value: value.strip().lower() == "true"),
     "Noise multiplier": ("initial_noise_multiplier", float),
     "Image CFG scale": ("image_cfg_scale", float),
+    "Emphasis": ("emphasis", str),
     "Extra noise": ("img2img_extra_noise", float),
     "Eta DDIM": ("eta_ddim", float),
     "Eta": ("eta_ancestral", float),

@@ -18,12 +18,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from webui.engine.prompts import EMPHASIS_MODES
 from webui.schemas import InvalidRequest
 
 log = logging.getLogger(__name__)
 
 IMAGE_FORMATS = ("png", "jpg", "webp")
 ImageFormat = Literal["png", "jpg", "webp"]
+
+
+EmphasisMode = Literal[EMPHASIS_MODES]  # A1111's Emphasis mode setting
 
 
 class SavedOptions(BaseModel):
@@ -45,6 +49,9 @@ class SavedOptions(BaseModel):
                                               "each saved image and grid")
     enable_prompt_comments: bool = Field(True, description="a # in a prompt leaves the rest of its line out of what "
                                                            "is drawn (and of the infotext)")
+    emphasis: EmphasisMode = Field("Original", description="how (word:1.2) weights are read: Original (weights, then "
+                                   "each chunk back to its mean), No norm (weights alone), Ignore (brackets read, "
+                                   "weights 1), None (brackets are text)")
 
     @field_validator("samples_format", "grid_format", mode="before")
     @classmethod

@@ -599,7 +599,8 @@ class GenerationActions(SeveralRuns):
         if self.options.current().enable_prompt_comments:  # comments are not drawn: not counted either
             text = strip_comments(text or "")
         try:
-            return token_counter(self.engine.count_tokens(text or "", max(1, int(steps or 20)), negative))
+            return token_counter(self.engine.count_tokens(text or "", max(1, int(steps or 20)), negative,
+                                                          self.options.current().emphasis))
         except Exception:  # the tokenizer is shared with the worker thread; a clash is not worth an error
             return gr.skip()
 

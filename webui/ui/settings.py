@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from webui.engine.prompts import EMPHASIS_MODES
 from webui.schemas import InvalidRequest
 from webui.storage.filenames import DEFAULT_FOLDER_PATTERN, DEFAULT_PATTERN, TAGS
 from webui.storage.options import IMAGE_FORMATS, OPTION_KEYS, OptionsStore, SavedOptions, SettingsFrozen
@@ -17,7 +18,7 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "samples_filename_pattern": "Images filename pattern", "save_to_dirs": "Save images to a subdirectory",
           "grid_save_to_dirs": "Save grids to a subdirectory", "directories_filename_pattern": "Directory name pattern",
           "save_txt": "Create a text file next to every image with generation parameters",
-          "enable_prompt_comments": "Enable comments"}
+          "enable_prompt_comments": "Enable comments", "emphasis": "Emphasis mode"}
 
 
 class SettingsActions:
@@ -119,6 +120,11 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
             current.enable_prompt_comments, label=LABELS["enable_prompt_comments"],
             info="a # anywhere in a prompt hides the rest of its line from the generation",
             elem_id="settings_enable_prompt_comments", interactive=editable),
+        "emphasis": gr.Dropdown(
+            list(EMPHASIS_MODES), value=current.emphasis, label=LABELS["emphasis"],
+            info="how (word:1.2) is read: Original weighs, then keeps each chunk's mean; No norm weighs alone; "
+                 "Ignore reads the brackets, weighs nothing; None reads brackets as text",
+            elem_id="settings_emphasis", interactive=editable),
     }
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=editable)
     result = gr.HTML("", elem_id="settings_result")
