@@ -80,3 +80,11 @@ def test_the_api_takes_override_settings_an_infotext_and_post_options(services):
     assert "Emphasis: Ignore" in infotexts[0] and "Emphasis: None" in infotexts[1]
     assert bad.status_code == 422 and "override_settings.emphasis" in bad.text
     assert saved.status_code == 200 and options["emphasis"] == "No norm"
+
+
+def test_the_chunk_counts_behind_pad_conds_follow_the_mode(engine):
+    from webui.schemas import GenerationRequest
+
+    request = GenerationRequest(prompt="a cat BREAK a dog", steps=2)  # two chunks, the negative prompt one
+    assert engine.pads_prompts(request)
+    assert not engine.pads_prompts(request.model_copy(update={"emphasis": "None"}))  # BREAK is a word: one chunk

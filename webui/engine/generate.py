@@ -693,7 +693,7 @@ class Engine:
                 continue
             dtype = self._timestep_dtype(*sampler, request.steps)
             keys["UNet"] |= {(height // factor, width // factor, unet_rows, max(chunks), dtype,
-                              pipe.unet.config.cross_attention_dim) for chunks in self._chunk_counts(phases)}
+                              pipe.unet.config.cross_attention_dim) for chunks in self._chunk_counts(phases, request.emphasis)}
         whole = [(width, height) for width, height in decoded if not decodes_in_tiles(width, height)]
         if whole:  # tiles are decoded uncompiled
             keys["VAE decoder"] = {(height // factor, width // factor, batch_size, pipe.vae.config.latent_channels)
@@ -709,20 +709,21 @@ class Engine:
         scheduler.set_timesteps(steps)
         return scheduler.timesteps.dtype
 
-    def _chunk_counts(self, phases: list[PromptPhase]) -> set[tuple[int, int]]:
+    def _chunk_counts(self, phases: list[PromptPhase], emphasis: str | None = None) -> set[tuple[int, int]]:
         """How many 75-token chunks the prompt (its longest part, when composed) and the negative prompt in use
-        take, in each prompt phase."""
-        tokenizer = self.pipe.tokenizer
+        take, in each prompt phase, read in the emphasis mode (None: the default)."""
+        tokenizer, emphasis = self.pipe.tokenizer, emphasis or ORIGINAL
         texts = {(phase.prompt, phase.negative) for phase in phases}
-        return {(max(chunk_count(tokenizer, part) for part in part_texts(prompt)), chunk_count(tokenizer, negative))
-                for prompt, negative in texts}
+        return {(max(chunk_count(tokenizer, part, emphasis) for part in part_texts(prompt)),
+                 chunk_count(tokenizer, negative, emphasis)) for prompt, negative in texts}
 
     def pads_prompts(self, request: GenerationRequest) -> bool:
         """Whether the shorter of prompt and negative prompt is padded with empty chunks to the other's
         length (classifier-free guidance runs both in one batch). It changes the picture a little; the
         infotext says so as A1111's "Pad conds", which A1111 then applies when the text is pasted there."""
         return request.cfg_scale > 1 and any(prompt != negative
-                                             for prompt, negative in self._chunk_counts(_all_phases(request)))
+                                             for prompt, negative in self._chunk_counts(_all_phases(request),
+                                                                                         request.emphasis))
 
     def lora_hashes(self, request: GenerationRequest) -> str | None:
         """The infotext's "Lora hashes" ("name: hash, ..."), None when the prompt names no LoRA."""
