@@ -476,7 +476,8 @@ class Engine:
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         text_encoder = pipe.text_encoder if first else pipe.text_encoder_2
         self.model = LoadedModel(entry, short_hash, size, size, text_encoder.config.num_hidden_layers,
-                                 takes_masked_picture(pipe.unet), takes_edit_picture(pipe.unet), is_sdxl(pipe))
+                                 inpainting=takes_masked_picture(pipe.unet), edit=takes_edit_picture(pipe.unet),
+                                 sdxl=is_sdxl(pipe))
         return self.model
 
     def unload(self) -> None:
