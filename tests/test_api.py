@@ -148,7 +148,7 @@ def test_a_sampler_the_client_picks_wins_over_the_infotexts_with_its_schedule(cl
     ({"sampler_name": "Euler a", "scheduler": "Karras"}, "Sampler: Euler a, Schedule type: Automatic"),
     ({"sampler_name": "Euler a Karras"}, "Sampler: Euler a, Schedule type: Automatic"),  # the old combined name
     ({"sampler_name": "DDIM Karras", "scheduler": "Automatic"}, "Sampler: DDIM, Schedule type: Automatic"),
-    ({"sampler_name": "DPM++ 2M", "scheduler": "KL Optimal"}, "Sampler: DPM++ 2M, Schedule type: Karras"),
+    ({"sampler_name": "Euler a", "scheduler": "kl_optimal"}, "Sampler: Euler a, Schedule type: Automatic"),
 ])
 def test_a_schedule_a1111_knows_but_we_cannot_run_runs_as_automatic_and_says_so(client, services, asked, ran):
     """As A1111, which never rejects a schedule type it knows; an unknown name still gets a 422 (above)."""
@@ -164,10 +164,13 @@ def test_a_schedule_a1111_knows_but_we_cannot_run_runs_as_automatic_and_says_so(
     assert client.get(f"/api/v1/jobs/{job_id}").json()["warnings"] == info["warnings"]
 
 
-def test_a_schedule_that_runs_as_asked_brings_no_warning(client):
-    r = client.post("/sdapi/v1/txt2img", json=QUICK | {"sampler_name": "DPM++ 2M", "scheduler": "sgm_uniform"})
+@pytest.mark.parametrize("key, label", [("sgm_uniform", "SGM Uniform"), ("kl_optimal", "KL Optimal"),
+                                        ("Simple", "Simple"), ("ddim", "DDIM"), ("normal", "Normal")])
+def test_a_schedule_that_runs_as_asked_brings_no_warning(client, key, label):
+    r = client.post("/sdapi/v1/txt2img", json=QUICK | {"sampler_name": "DPM++ 2M", "scheduler": key})
     info = json.loads(r.json()["info"])
-    assert "Schedule type: SGM Uniform" in info["infotexts"][0] and info["warnings"] == []
+    assert f"Schedule type: {label}," in info["infotexts"][0] and info["warnings"] == []
+    assert info["scheduler"] == label
 
 
 def test_a_model_override_is_undone_after_the_job_unless_asked_to_keep_it(client, services):
@@ -422,7 +425,15 @@ def test_lists_and_memory(client):
     assert {"Euler a", "Euler", "DPM++ 2M", "DDIM", "UniPC"} <= set(names)
     assert "k_euler_a" in samplers[names.index("Euler a")]["aliases"]
     schedulers = client.get("/sdapi/v1/schedulers").json()
-    assert [(s["name"], s["label"]) for s in schedulers][:2] == [("automatic", "Automatic"), ("karras", "Karras")]
+    # A1111 1.10's list, in its order
+    assert [(s["name"], s["label"]) for s in schedulers] == [
+        ("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"), ("exponential", "Exponential"),
+        ("polyexponential", "Polyexponential"), ("sgm_uniform", "SGM Uniform"), ("kl_optimal", "KL Optimal"),
+        ("align_your_steps", "Align Your Steps"), ("simple", "Simple"), ("normal", "Normal"), ("ddim", "DDIM"),
+        ("beta", "Beta")]
+    by_name = {s["name"]: s for s in schedulers}
+    assert (by_name["karras"]["default_rho"], by_name["polyexponential"]["default_rho"]) == (7.0, 1.0)
+    assert by_name["sgm_uniform"]["aliases"] == ["SGMUniform"] and by_name["beta"]["need_inner_model"] is True
     assert "sd upscale" in client.get("/sdapi/v1/scripts").json()["img2img"]  # (test_api_scripts: the others)
     [info] = [item for item in client.get("/sdapi/v1/script-info").json() if item["name"] == "sd upscale"]
     assert info["is_img2img"] and not info["is_alwayson"]

@@ -138,7 +138,8 @@ def test_deterministic_samplers_agree_with_euler(engine, sampler):
 # both map to t=999, and from 25 steps on the run started at its second step and ran off the end.
 @pytest.mark.parametrize("sampler, schedule", [("DPM++ 2M", "Karras"), ("DPM++ 2M SDE", "Exponential"),
                                                ("UniPC", "Karras"), ("Euler", "Beta"), ("DPM++ 3M SDE", "Automatic"),
-                                               ("DPM++ 2M", "Align Your Steps")])
+                                               ("DPM++ 2M", "Align Your Steps"), ("Euler", "KL Optimal"),
+                                               ("UniPC", "Simple"), ("DPM++ SDE", "DDIM"), ("Heun", "Normal")])
 def test_karras_and_exponential_schedules_run_every_step_count(engine, sampler, schedule):
     from webui.schemas import GenerationRequest
 

@@ -10,7 +10,9 @@ EXPECTED = ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DP
 
 def test_every_known_sampler_name_is_offered():
     assert sampler_names() == EXPECTED
-    assert list(SCHEDULE_TYPES) == ["Automatic", "Karras", "Exponential", "SGM Uniform", "Beta", "Align Your Steps"]
+    # stable-diffusion-webui 1.10's schedule types, in its order, less Polyexponential (read as Exponential)
+    assert list(SCHEDULE_TYPES) == ["Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform", "KL Optimal",
+                                    "Align Your Steps", "Simple", "Normal", "DDIM", "Beta"]
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -30,6 +32,8 @@ def test_names_and_old_combined_names_resolve(name, expected):
 def test_schedule_type_names_are_case_insensitive():
     assert resolve_sampler("Euler", "karras") == ("Euler", "Karras")
     assert resolve_sampler("Euler", "sgm_uniform") == ("Euler", "SGM Uniform")
+    assert resolve_sampler("Euler", "SGMUniform") == ("Euler", "SGM Uniform")  # A1111's alias
+    assert resolve_sampler("Euler", "kl_optimal") == ("Euler", "KL Optimal")
 
 
 def test_unknown_sampler_lists_the_valid_ones():
@@ -40,8 +44,8 @@ def test_unknown_sampler_lists_the_valid_ones():
 
 
 def test_unknown_schedule_and_unsupported_pair_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown schedule type 'KL Optimal'"):  # one of A1111's we lack
-        resolve_sampler("Euler", "KL Optimal")
+    with pytest.raises(ValueError, match="unknown schedule type 'Linear Quadratic'"):  # ComfyUI's, not A1111's
+        resolve_sampler("Euler", "Linear Quadratic")
     with pytest.raises(ValueError, match="'DDIM' does not support the Karras schedule"):
         resolve_sampler("DDIM", "Karras")
 
@@ -94,13 +98,19 @@ def test_every_schedule_a_sampler_accepts_changes_its_schedule(sampler):
     """A schedule type a sampler accepts but ignores would be a setting that silently does nothing."""
     def schedule(schedule_type):
         scheduler = make_scheduler(SD15_SCHEDULER, sampler.name, schedule_type)
-        scheduler.set_timesteps(10)
+        scheduler.set_timesteps(12)  # at 10, our SGM Uniform (trailing) gives Simple's timesteps
         sigmas = getattr(scheduler, "sigmas", None)
         return scheduler.timesteps.tolist(), None if sigmas is None else [round(float(s), 4) for s in sigmas]
 
-    distinct = {resolve_sampler(sampler.name, label)[1] for label in sampler.schedules}
-    schedules = [schedule(label) for label in distinct]
-    assert all(a != b for i, a in enumerate(schedules) for b in schedules[i + 1:]), distinct
+    distinct = sorted({resolve_sampler(sampler.name, label)[1] for label in sampler.schedules})
+    schedules = {label: schedule(label) for label in distinct}
+    same = [(a, b) for i, a in enumerate(distinct) for b in distinct[i + 1:] if schedules[a] == schedules[b]]
+    assert all({a, b} in SAME_IN_A1111 for a, b in same), same
+
+
+# A1111's Normal is its Uniform (k-diffusion's get_sigmas), and so is its Automatic for a sampler with no schedule of
+# its own (diffusers' own spacing interpolates the sigmas linearly, k-diffusion log-linearly: nearly the same).
+SAME_IN_A1111 = [{"Uniform", "Normal"}, {"Automatic", "Uniform"}, {"Automatic", "Normal"}]
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.name)
@@ -175,14 +185,15 @@ def test_unipc_and_dpmpp_2s_a_use_a1111s_settings():
 
 def test_beta_sigmas_are_a1111s():
     """A1111's beta_scheduler(n, sigma_min, sigma_max, alpha=0.6, beta=0.6): the beta distribution's quantiles at
-    1 - linspace(0, 1, n, endpoint=False) between the model's smallest and largest sigma, then a final 0."""
+    1 - linspace(0, 1, n) (1 down to 0, both ends in) between the model's smallest and largest sigma, then a final 0."""
     import numpy as np
     import scipy.stats
 
     sigmas = sd15_sigmas()
     low, high, steps = float(sigmas[0]), float(sigmas[-1]), 12
-    quantiles = scipy.stats.beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), 0.6, 0.6)
+    quantiles = scipy.stats.beta.ppf(1 - np.linspace(0, 1, steps), 0.6, 0.6)
     expected = torch.tensor(low + quantiles * (high - low))
+    assert float(expected[0]) == pytest.approx(high) and float(expected[-1]) == pytest.approx(low)
     for sampler in ("Euler", "DPM++ 2M", "Heun"):
         scheduler = make_scheduler(SD15_SCHEDULER, sampler, "Beta")
         scheduler.set_timesteps(steps)
@@ -229,3 +240,81 @@ def test_polyexponential_is_k_diffusions_at_a1111s_rho_of_1():
     scheduler.set_timesteps(steps)
     ours = scheduler.sigmas.double()
     assert float(ours[-1]) == 0 and torch.allclose(ours[:-1], expected, rtol=1e-3)
+
+
+def log_linear_sigma(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """k-diffusion's t_to_sigma: the log of the table's sigmas interpolated between the two whole timesteps around t."""
+    low = t.floor().long().clamp(max=len(table) - 2)
+    weight = t - low
+    return ((1 - weight) * table[low].log() + weight * table[low + 1].log()).exp()
+
+
+def a1111_uniform(steps, table):  # sd_schedulers.uniform (k-diffusion get_sigmas) and normal_scheduler
+    return log_linear_sigma(table, torch.linspace(len(table) - 1, 0, steps, dtype=torch.float64))
+
+
+def a1111_simple(steps, table):  # sd_schedulers.simple_scheduler
+    return torch.stack([table[-(1 + int(x * len(table) / steps))] for x in range(steps)])
+
+
+def a1111_ddim(steps, table):  # sd_schedulers.ddim_scheduler: the timesteps 1, 1 + k, ... below 1000, largest first
+    return torch.stack([table[t] for t in range(1, len(table), max(len(table) // steps, 1))]).flip(0)
+
+
+def a1111_kl_optimal(steps, table):  # sd_schedulers.kl_optimal: steps + 1 levels, the last the smallest sigma
+    indices = torch.arange(steps + 1, dtype=torch.float64)
+    low, high = torch.atan(table[0]), torch.atan(table[-1])
+    return torch.tan(indices / steps * low + (1 - indices / steps) * high)
+
+
+@pytest.mark.parametrize("schedule, a1111", [("Uniform", a1111_uniform), ("Normal", a1111_uniform),
+                                             ("Simple", a1111_simple), ("DDIM", a1111_ddim)])
+@pytest.mark.parametrize("steps", [20, 13])
+def test_the_table_schedules_are_a1111s(schedule, a1111, steps):
+    """Uniform, Normal, Simple and DDIM read the model's sigma table; each then ends at 0."""
+    expected = a1111(steps, sd15_sigmas())
+    for sampler in ("Euler", "DPM++ 2M", "LMS"):
+        scheduler = make_scheduler(SD15_SCHEDULER, sampler, schedule)
+        scheduler.set_timesteps(steps)
+        ours = scheduler.sigmas.double()
+        assert float(ours[-1]) == 0, (schedule, sampler)
+        if len(expected) == steps:
+            assert torch.allclose(ours[:-1], expected, rtol=1e-3), (schedule, sampler, ours, expected)
+        else:  # DDIM at 13 steps: A1111 makes 14 levels and runs 14 steps; we keep the 13 largest
+            assert schedule == "DDIM" and len(expected) == steps + 1
+            assert torch.allclose(ours[:-1], expected[:steps], rtol=1e-3), (schedule, sampler)
+
+
+@pytest.mark.parametrize("steps", [20, 7])
+def test_kl_optimal_is_a1111s_and_ends_at_the_smallest_sigma(steps):
+    expected = a1111_kl_optimal(steps, sd15_sigmas())
+    for sampler in ("Euler", "DPM++ 2M", "UniPC", "DPM++ 2S a"):  # the schedulers that can end at a sigma
+        scheduler = make_scheduler(SD15_SCHEDULER, sampler, "KL Optimal")
+        scheduler.set_timesteps(steps)
+        assert torch.allclose(scheduler.sigmas.double(), expected, rtol=1e-3), (sampler, scheduler.sigmas)
+    lms = make_scheduler(SD15_SCHEDULER, "LMS", "KL Optimal")  # LMS always ends at 0
+    lms.set_timesteps(steps)
+    assert torch.allclose(lms.sigmas.double()[:-1], expected[:-1], rtol=1e-3) and float(lms.sigmas[-1]) == 0
+
+
+@pytest.mark.parametrize("schedule", ["Simple", "DDIM", "KL Optimal", "Uniform", "Align Your Steps"])
+def test_unipc_ends_its_schedule_at_the_smallest_sigma(schedule):
+    """UniPC ends custom sigmas by repeating their last level; Simple's at 30 steps is 0.18, left in the picture."""
+    scheduler = make_scheduler(SD15_SCHEDULER, "UniPC", schedule)
+    scheduler.set_timesteps(30)
+    sigmas = scheduler.sigmas.double()
+    assert float(sigmas[-1]) == pytest.approx(float(sd15_sigmas()[0]), rel=1e-3)
+    assert float(sigmas[-2]) > float(sigmas[-1]) or schedule in ("Uniform", "Align Your Steps")  # those end there
+
+
+@pytest.mark.parametrize("schedule", ["Beta", "KL Optimal", "Uniform", "Simple"])
+def test_the_model_schedules_span_the_whole_table_whatever_the_timestep_spacing(schedule):
+    """A config naming "trailing" spacing (the embedded model's) samples timesteps 999, 949, ..., 49 at 20 steps;
+    the schedule types still run from the model's largest sigma to its smallest, as A1111's do."""
+    trailing = {**SD15_SCHEDULER, "timestep_spacing": "trailing"}
+    leading = make_scheduler(SD15_SCHEDULER, "Euler", schedule)
+    ours = make_scheduler(trailing, "Euler", schedule)
+    for scheduler in (leading, ours):
+        scheduler.set_timesteps(20)
+    assert torch.allclose(ours.sigmas, leading.sigmas)
+    assert float(ours.sigmas[0]) == pytest.approx(float(sd15_sigmas()[-1]), rel=1e-3)

@@ -752,8 +752,8 @@ def test_png_info_reads_stable_diffusion_webui_png_and_sends_it(ui, tmp_path):
                          "height", "seed", "clip_skip", "model"], values))
     assert by_field["prompt"] == "masterpiece, a castle on a hill" and by_field["negative_prompt"] == "blurry, lowres"
     assert (by_field["sampler_name"], by_field["scheduler"]["value"]) == ("DPM++ 2M", "Karras")  # old name split
-    assert by_field["scheduler"]["choices"] == ["Automatic", "Karras", "Exponential", "SGM Uniform", "Beta",
-                                                "Align Your Steps"]
+    assert by_field["scheduler"]["choices"] == ["Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform",
+                                                "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta"]
     assert (by_field["steps"], by_field["cfg_scale"], by_field["seed"]) == (25, 6.5, 42)
     assert (by_field["width"], by_field["height"]) == (512, 768)
     assert is_skip(by_field["model"])  # not in our models folder: the dropdown is left alone, with a warning
@@ -826,7 +826,8 @@ def test_send_to_txt2img_keeps_a_known_sampler_and_says_what_it_could_not_apply(
     sampler, schedule, notes = sent_sampler(ui, "Sampler: Euler a, Schedule type: Karras")
     assert (sampler, schedule) == ("Euler a", "Automatic")
     assert len(notes) == 1 and "Karras" in notes[0] and "Euler a" in notes[0] and "Using Automatic" in notes[0]
-    for unknown in ("Normal", "Uniform"):  # stable-diffusion-webui's schedule types we lack
+    assert sent_sampler(ui, "Sampler: DPM++ 2M, Schedule type: KL Optimal") == ("DPM++ 2M", "KL Optimal", [])
+    for unknown in ("Linear Quadratic", "Karras Exponential"):  # ComfyUI's, a stable-diffusion-webui fork's
         sampler, schedule, notes = sent_sampler(ui, f"Sampler: DPM++ 2M, Schedule type: {unknown}")
         assert (sampler, schedule) == ("DPM++ 2M", "Karras")  # what Automatic stands for with DPM++ 2M
         assert len(notes) == 1 and f"unknown schedule type '{unknown}'" in notes[0] and "Using Karras" in notes[0]

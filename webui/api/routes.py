@@ -41,6 +41,11 @@ from webui.engine.generate import LoadedModel
 from webui.engine.models import ModelNotFound
 from webui.engine.vae import AUTOMATIC, VaeError
 from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_key
+
+# As A1111's /sdapi/v1/schedulers gives them: the types that read the model's sigma table, the rho of two, one alias
+SIGMAS_FROM_MODEL = ("Uniform", "SGM Uniform", "Simple", "Normal", "DDIM", "Beta")
+_DEFAULT_RHO = {"Karras": 7.0, "Polyexponential": 1.0}
+_SCHEDULE_ALIASES = {"SGM Uniform": ["SGMUniform"]}
 from webui.engine.upscalers import picture_upscalers
 from webui.extras import EXTRAS_UPSCALERS, Upscalers
 from webui.schemas import GenerationRequest, InvalidRequest, JobState, describe_validation_errors
@@ -583,11 +588,12 @@ class Api:
                 for s in SAMPLERS]
 
     def schedulers(self) -> list[SchedulerItem]:
-        return [
-            SchedulerItem(name=schedule_key(label), label=label, aliases=[],
-                          default_rho=7.0 if label == "Karras" else None, need_inner_model=False)
-            for label in SCHEDULE_TYPES
-        ]
+        """A1111's list: each schedule type, and Polyexponential after Exponential (the same schedule at its rho)."""
+        labels = [label for label in SCHEDULE_TYPES for label in
+                  ((label, "Polyexponential") if label == "Exponential" else (label,))]
+        return [SchedulerItem(name=schedule_key(label), label=label, aliases=_SCHEDULE_ALIASES.get(label),
+                              default_rho=_DEFAULT_RHO.get(label, -1.0), need_inner_model=label in SIGMAS_FROM_MODEL)
+                for label in labels]
 
     @staticmethod
     def scripts() -> ScriptsList:

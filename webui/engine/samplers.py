@@ -19,6 +19,11 @@ from typing import Any
 import numpy as np
 
 
+# A1111's schedule types (Polyexponential aside: at its rho of 1 it is Exponential), in its order
+ALL_SCHEDULES = ("Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform", "KL Optimal", "Align Your Steps",
+                 "Simple", "Normal", "DDIM", "Beta")
+
+
 @dataclass(frozen=True)
 class Sampler:
     name: str
@@ -27,7 +32,7 @@ class Sampler:
     aliases: tuple[str, ...] = ()
     # The schedule types its diffusers scheduler can follow (not every one takes custom sigmas
     # or a timestep spacing); asking for another is an error rather than silently ignored.
-    schedules: tuple[str, ...] = ("Automatic", "Karras", "Exponential", "SGM Uniform", "Beta", "Align Your Steps")
+    schedules: tuple[str, ...] = ALL_SCHEDULES
     max_steps: int | None = None  # a limit of its scheduler's, checked with the request
     automatic: str = "Automatic"  # the schedule type that "Automatic" stands for (A1111's per-sampler default)
     # Ported from k-diffusion: A1111 runs it from the model's largest sigma, which diffusers' "leading"
@@ -61,7 +66,7 @@ SAMPLERS: tuple[Sampler, ...] = (
     # closest match, as diffusers' own scheduler table notes. It needs a low-order last step (and
     # warns when it has to switch one on itself).
     Sampler("DPM++ 2S a", "DPMSolverSinglestepScheduler", {"solver_order": 2, "lower_order_final": True},
-            aliases=("k_dpmpp_2s_a",), schedules=("Automatic", "Karras", "Exponential", "Beta", "Align Your Steps"),
+            aliases=("k_dpmpp_2s_a",), schedules=tuple(s for s in ALL_SCHEDULES if s != "SGM Uniform"),
             automatic="Karras"),
     # DDIMScheduler clips its x0 estimate to [-1, 1] unless the model's config says otherwise; that is
     # meant for pixel-space models and ruins latents (A1111's DDIM never clips).
@@ -76,14 +81,21 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("LCM", "LCMScheduler", aliases=("lcm",), schedules=("Automatic",), max_steps=50),
 )
 
-# Schedule type label -> the scheduler config options that give it.
+# Schedule type label -> the scheduler config options that give it, in A1111's order. The types whose sigmas are worked
+# out here (SIGMAS_OF) reach diffusers as custom sigmas, in the place of Karras's.
+_CUSTOM = {"use_karras_sigmas": True}
 SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
     "Automatic": {},
+    "Uniform": _CUSTOM,
     "Karras": {"use_karras_sigmas": True},
     "Exponential": {"use_exponential_sigmas": True},
     "SGM Uniform": {"timestep_spacing": "trailing"},
-    "Beta": {"use_beta_sigmas": True},  # A1111's spacing of it: _with_a1111_beta
-    "Align Your Steps": {"use_karras_sigmas": True},  # its sigmas in place of Karras's: _with_ays_sigmas
+    "KL Optimal": _CUSTOM,
+    "Align Your Steps": _CUSTOM,
+    "Simple": _CUSTOM,
+    "Normal": _CUSTOM,
+    "DDIM": _CUSTOM,
+    "Beta": _CUSTOM,
 }
 BETA_ALPHA = BETA_BETA = 0.6  # A1111's defaults (its beta_dist_alpha, beta_dist_beta options), diffusers' too
 # NVIDIA's Align Your Steps noise levels for 10 steps (11 sigmas), of SD 1.5 and of SDXL, as A1111 1.10 keeps them
@@ -101,6 +113,7 @@ _SCHEDULE_BY_KEY = {label.lower(): label for label in SCHEDULE_TYPES}
 _SCHEDULE_BY_KEY.update({schedule_key(label): label for label in SCHEDULE_TYPES})
 # A1111's Polyexponential is k-diffusion's polyexponential ramp at rho 1: the exponential schedule itself
 _SCHEDULE_BY_KEY["polyexponential"] = "Exponential"
+_SCHEDULE_BY_KEY["sgmuniform"] = "SGM Uniform"  # A1111's alias of it
 
 
 def sampler_names() -> list[str]:
@@ -137,7 +150,7 @@ def split_sampler_name(sampler_name: str) -> tuple[str, str | None]:
     """An old combined name ("DPM++ 2M Karras") -> ("DPM++ 2M", "Karras"); any other name -> (name, None)."""
     name = (sampler_name or "").strip()
     if name.lower() not in _SAMPLER_BY_KEY:
-        for label in SCHEDULE_TYPES:
+        for label in sorted(SCHEDULE_TYPES, key=len, reverse=True):  # "SGM Uniform" before "Uniform"
             suffix = " " + label.lower()
             if label != "Automatic" and name.lower().endswith(suffix):
                 return name[: -len(suffix)], label
@@ -163,11 +176,57 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
     if sampler.k_diffusion and base_config.get("timestep_spacing") == "leading":
         options["timestep_spacing"] = "linspace"  # from t=999, not t=951 (at 20 steps)
     options.update(SCHEDULE_TYPES[schedule])
+    if schedule == "KL Optimal" and _takes(scheduler_class, "final_sigmas_type"):
+        options["final_sigmas_type"] = "sigma_min"  # its last level is the model's smallest sigma, not 0
     scheduler = _starting_at_the_first_step(scheduler_class.from_config(base_config, **options))
-    if schedule == "Beta":
-        return _with_a1111_beta(scheduler)
-    return _with_ays_sigmas(scheduler, AYS_SIGMAS["sdxl" if sdxl else "sd"]) if schedule == "Align Your Steps" \
-        else scheduler
+    sigmas_for = _sigmas_function(schedule, sdxl)
+    return _with_custom_sigmas(scheduler, sigmas_for) if sigmas_for else scheduler
+
+
+def _takes(scheduler_class, option: str) -> bool:
+    import inspect
+
+    return option in inspect.signature(scheduler_class.__init__).parameters
+
+
+# A1111's schedule types, each as the sigmas of `steps` steps (the final 0 comes after them) from `table`, the
+# model's sigma at each of its training timesteps, smallest first (k-diffusion's table, whatever timestep
+# spacing the model's config names).
+
+def uniform_sigmas(steps: int, table: np.ndarray) -> np.ndarray:
+    """Evenly spaced timesteps from the last to the first, their sigmas interpolated log-linearly (k-diffusion's
+    get_sigmas; A1111's Uniform and Normal)."""
+    timesteps = np.linspace(len(table) - 1, 0, steps)
+    return np.exp(np.interp(timesteps, np.arange(len(table)), np.log(table)))
+
+
+def simple_sigmas(steps: int, table: np.ndarray) -> np.ndarray:
+    """Every (len / steps)-th sigma of the table counted down from the largest, the index rounded down."""
+    stride = len(table) / steps
+    return table[[len(table) - 1 - int(step * stride) for step in range(steps)]]
+
+
+def ddim_sigmas(steps: int, table: np.ndarray) -> np.ndarray:
+    """The sigmas at timesteps 1, 1 + k, 1 + 2k, ... (k = len // steps), largest first: DDIM's uniform timesteps.
+    Where k does not divide the table (30 steps of 1000) that makes one more level than steps; A1111 then runs
+    one more step, here the smallest level is left out so that a run has the steps it asked for."""
+    stride = max(len(table) // steps, 1)
+    return table[1::stride][::-1][:steps]
+
+
+def kl_optimal_sigmas(steps: int, table: np.ndarray) -> np.ndarray:
+    """KL Optimal: evenly spaced in arctan(sigma) from the largest sigma towards the smallest, which is the final
+    level (make_scheduler ends it there, not at 0, where the scheduler allows it)."""
+    fraction = np.arange(steps) / steps
+    return np.tan(fraction * np.arctan(table[0]) + (1 - fraction) * np.arctan(table[-1]))
+
+
+def beta_sigmas(steps: int, table: np.ndarray, alpha: float = BETA_ALPHA, beta: float = BETA_BETA) -> np.ndarray:
+    """The beta distribution's quantiles at 1 ... 0 (steps points) between the smallest and largest sigma."""
+    import scipy.stats
+
+    low, high = table[0], table[-1]
+    return low + scipy.stats.beta.ppf(1 - np.linspace(0, 1, steps), alpha, beta) * (high - low)
 
 
 def ays_sigmas(steps: int, levels: tuple[float, ...]) -> np.ndarray:
@@ -179,28 +238,49 @@ def ays_sigmas(steps: int, levels: tuple[float, ...]) -> np.ndarray:
     return np.exp(np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, len(levels)), logs))[::-1].copy()
 
 
-def _with_ays_sigmas(scheduler, levels: tuple[float, ...]):
-    """The scheduler's Karras sigmas replaced by Align Your Steps' levels (both are custom sigmas to diffusers)."""
-    def levels_for(in_sigmas, num_inference_steps=None, **_):  # LMS and DPM++ SDE give no count: it is set already
-        return ays_sigmas(num_inference_steps or scheduler.num_inference_steps, levels)
+SIGMAS_OF = {"Uniform": uniform_sigmas, "Normal": uniform_sigmas, "Simple": simple_sigmas, "DDIM": ddim_sigmas,
+             "KL Optimal": kl_optimal_sigmas, "Beta": beta_sigmas}
 
-    scheduler._convert_to_karras = levels_for
+
+def _sigmas_function(schedule: str, sdxl: bool):
+    if schedule == "Align Your Steps":
+        levels = AYS_SIGMAS["sdxl" if sdxl else "sd"]
+        return lambda steps, table: ays_sigmas(steps, levels)
+    return SIGMAS_OF.get(schedule)
+
+
+def model_sigmas(scheduler) -> np.ndarray:
+    """The model's sigma at each training timestep, smallest first, from the scheduler's noise schedule (a
+    zero-terminal-SNR one as diffusers clamps it)."""
+    alphas_cumprod = np.asarray(scheduler.alphas_cumprod, dtype=np.float64)
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def _with_custom_sigmas(scheduler, sigmas_for):
+    """The scheduler's Karras sigmas replaced by sigmas_for(steps, table): diffusers takes both as custom sigmas."""
+    table = model_sigmas(scheduler)
+
+    def sigmas(in_sigmas, num_inference_steps=None, **_):  # LMS and DPM++ SDE give no count: it is set already
+        return sigmas_for(num_inference_steps or scheduler.num_inference_steps, table)
+
+    scheduler._convert_to_karras = sigmas
+    if scheduler.config.get("final_sigmas_type") == "sigma_min":
+        _ending_at_the_smallest_sigma(scheduler, float(table[0]))
     return scheduler
 
 
-def _with_a1111_beta(scheduler):
-    """The Beta schedule's sigmas as A1111 spaces them: the beta distribution's quantiles at 1, 1 - 1/n, ..., 1/n
-    between the smallest and largest sigma, then 0. diffusers' own takes them at 1 ... 0, so its last step ends
-    at the smallest sigma before the final 0, and the pictures would differ from A1111's."""
-    def beta_sigmas(in_sigmas, num_inference_steps, alpha=BETA_ALPHA, beta=BETA_BETA):
-        import scipy.stats
+def _ending_at_the_smallest_sigma(scheduler, smallest: float):
+    """UniPC ends custom sigmas by repeating their last level: a last step that goes nowhere and leaves that level's
+    noise in the picture (0.18 for Simple at 30 steps). Its end is the model's smallest sigma, as on its own
+    schedule."""
+    set_timesteps = scheduler.set_timesteps
 
-        sigma_min, sigma_max = float(in_sigmas[-1]), float(in_sigmas[0])
-        points = 1 - np.linspace(0, 1, num_inference_steps, endpoint=False)
-        return sigma_min + scipy.stats.beta.ppf(points, alpha, beta) * (sigma_max - sigma_min)
+    def set_timesteps_ending_at_the_smallest_sigma(*args, **kwargs):
+        set_timesteps(*args, **kwargs)
+        if scheduler.config.use_karras_sigmas:  # not after a one-step run's plain schedule
+            scheduler.sigmas[-1] = smallest
 
-    scheduler._convert_to_beta = beta_sigmas
-    return scheduler
+    scheduler.set_timesteps = set_timesteps_ending_at_the_smallest_sigma
 
 
 def _starting_at_the_first_step(scheduler):
@@ -219,7 +299,7 @@ def _starting_at_the_first_step(scheduler):
 
     def set_timesteps_from_the_first_step(num_inference_steps=None, *args, **kwargs):
         if num_inference_steps == 1:
-            custom_sigmas = {key: False for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+            custom_sigmas = {key: False for key in ("use_karras_sigmas", "use_exponential_sigmas")
                              if scheduler.config.get(key)}
             scheduler.register_to_config(timestep_spacing="trailing", **custom_sigmas)
         set_timesteps(num_inference_steps, *args, **kwargs)
