@@ -19,7 +19,7 @@ from webui.controlnet import (CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RE
                               controlnet_problem)
 from webui.engine.hires import HIRES_UPSCALERS, MAX_SCHEDULE, hires_size, schedule_steps
 from webui.engine.prompts import EMPHASIS_MODES
-from webui.engine.samplers import get_sampler, resolve_sampler
+from webui.engine.samplers import BETA_ALPHA, BETA_BETA, get_sampler, resolve_sampler
 from webui.engine.step_options import LIMITS as STEP_LIMITS
 from webui.engine.uncond_skip import MAX_NGMS
 from webui.engine.token_merging import MAX_RATIO as MAX_MERGING_RATIO
@@ -173,6 +173,11 @@ class GenerationRequest(BaseModel):
                            "(sigma noise)")
     eta_noise_seed_delta: int = Field(0, ge=0, le=MAX_SEED, description="the noise a sampler draws after the start "
                                       "noise comes from seed + this (A1111's ENSD; 0: the seed's own)")
+    # A1111's beta_dist_alpha and beta_dist_beta options: the shape of the Beta schedule type's spacing.
+    beta_dist_alpha: float = Field(BETA_ALPHA, ge=0.01, le=1.0, description="Beta schedule: the beta distribution's "
+                                   "alpha, 0.01 to 1 (lower: more steps at low noise)")
+    beta_dist_beta: float = Field(BETA_BETA, ge=0.01, le=1.0, description="Beta schedule: the beta distribution's "
+                                  "beta, 0.01 to 1 (lower: more steps at high noise)")
     # A1111's Token merging (webui/engine/token_merging.py), its settings here per request as every generation setting.
     token_merging_ratio: float = Field(0.0, ge=0.0, le=MAX_MERGING_RATIO, description="token merging: the part of the "
                                        "tokens merged away before self-attention at the full latent resolution; 0: off "
@@ -416,6 +421,16 @@ class GenerationRequest(BaseModel):
     def hires_token_merging_ratio(self) -> float:
         """The token merging ratio of the hires fix's second pass: its own, else the first pass's (A1111's)."""
         return self.token_merging_ratio_hr or self.token_merging_ratio
+
+    @property
+    def beta_shape(self) -> tuple[float, float]:
+        """The Beta schedule type's alpha and beta."""
+        return self.beta_dist_alpha, self.beta_dist_beta
+
+    @property
+    def uses_beta_schedule(self) -> bool:
+        """Whether a pass runs the Beta schedule type (A1111 writes its alpha and beta into the infotext then)."""
+        return self.scheduler == "Beta" or (self.enable_hr and self.hires_sampler[1] == "Beta")
 
     @property
     def hires_sampler(self) -> tuple[str, str]:

@@ -956,6 +956,8 @@ class Worker:
             "Emphasis": _emphasis_infotext(request),
             **_uncond_skip_infotext(request),
             **_step_options_infotext(request),
+            "Beta schedule alpha": request.beta_dist_alpha if request.uses_beta_schedule else None,
+            "Beta schedule beta": request.beta_dist_beta if request.uses_beta_schedule else None,
             "Lora hashes": self.engine.lora_hashes(request),
             "TI hashes": self.engine.ti_hashes(request),
             "NSFW": "blacked out by the safety checker" if result.nsfw else None,

@@ -164,9 +164,10 @@ def _canonical_schedule(schedule: str) -> str:
     return label
 
 
-def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str = "Automatic", sdxl: bool = False):
+def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str = "Automatic", sdxl: bool = False,
+                   beta: tuple[float, float] = (BETA_ALPHA, BETA_BETA)):
     """Build a fresh diffusers scheduler for one run from the model's scheduler config (an SDXL model's: `sdxl`,
-    which Align Your Steps' noise levels depend on)."""
+    which Align Your Steps' noise levels depend on; `beta`: the Beta schedule's alpha and beta)."""
     import diffusers
 
     sampler_name, schedule = resolve_sampler(sampler_name, schedule)
@@ -179,7 +180,7 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
     if schedule == "KL Optimal" and _takes(scheduler_class, "final_sigmas_type"):
         options["final_sigmas_type"] = "sigma_min"  # its last level is the model's smallest sigma, not 0
     scheduler = _starting_at_the_first_step(scheduler_class.from_config(base_config, **options))
-    sigmas_for = _sigmas_function(schedule, sdxl)
+    sigmas_for = _sigmas_function(schedule, sdxl, beta)
     return _with_custom_sigmas(scheduler, sigmas_for) if sigmas_for else scheduler
 
 
@@ -239,13 +240,15 @@ def ays_sigmas(steps: int, levels: tuple[float, ...]) -> np.ndarray:
 
 
 SIGMAS_OF = {"Uniform": uniform_sigmas, "Normal": uniform_sigmas, "Simple": simple_sigmas, "DDIM": ddim_sigmas,
-             "KL Optimal": kl_optimal_sigmas, "Beta": beta_sigmas}
+             "KL Optimal": kl_optimal_sigmas}
 
 
-def _sigmas_function(schedule: str, sdxl: bool):
+def _sigmas_function(schedule: str, sdxl: bool, beta: tuple[float, float]):
     if schedule == "Align Your Steps":
         levels = AYS_SIGMAS["sdxl" if sdxl else "sd"]
         return lambda steps, table: ays_sigmas(steps, levels)
+    if schedule == "Beta":
+        return lambda steps, table: beta_sigmas(steps, table, *beta)
     return SIGMAS_OF.get(schedule)
 
 

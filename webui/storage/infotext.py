@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from webui.controlnet import controlnet_fields
+from webui.engine.samplers import BETA_ALPHA, BETA_BETA
 from webui.engine.soft_inpainting import DEFAULTS as SOFT_DEFAULTS, ENABLED_KEY as SOFT_INPAINTING_ENABLED
 from webui.engine.soft_inpainting import SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS
@@ -78,6 +79,8 @@ _REQUEST_FIELDS = {
     "Sigma tmax": ("s_tmax", float),
     "Sigma noise": ("s_noise", float),
     "ENSD": ("eta_noise_seed_delta", int),
+    "Beta schedule alpha": ("beta_dist_alpha", float),
+    "Beta schedule beta": ("beta_dist_beta", float),
     "Token merging ratio": ("token_merging_ratio", float),
     "Token merging ratio hr": ("token_merging_ratio_hr", float),
 }
@@ -176,6 +179,8 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["initial_noise_multiplier"] = 1.0
         fields["img2img_extra_noise"] = 0.0
         fields |= STEP_DEFAULTS | {"eta_noise_seed_delta": 0}
+        # Written with the Beta schedule only: without them, its defaults (a paste never keeps a stale shape)
+        fields["beta_dist_alpha"], fields["beta_dist_beta"] = BETA_ALPHA, BETA_BETA
         fields["refiner_checkpoint"] = ""  # A1111 leaves the key out without a refiner: none was used
         fields["seed_resize_from_w"] = fields["seed_resize_from_h"] = 0
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation

@@ -24,7 +24,7 @@ from PIL import Image
 from webui.engine.hires import HIRES_UPSCALERS, PICTURE_UPSCALERS
 from webui.engine.hypernetworks import HYPERNET_TAG
 from webui.engine.img2img import check_picture_size, size_from_image
-from webui.engine.samplers import SCHEDULE_TYPES, sampler_names
+from webui.engine.samplers import BETA_ALPHA, BETA_BETA, SCHEDULE_TYPES, sampler_names
 from webui.engine.uncond_skip import MAX_NGMS
 from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS, LIMITS as STEP_LIMITS
 from webui.engine.models import ModelNotFound
@@ -135,7 +135,8 @@ class GenerationActions(SeveralRuns):
                  img2img_extra_noise: float = 0.0, token_merging_ratio: float = 0.0,
                  token_merging_ratio_hr: float = 0.0, eta_ddim: float = 0.0, eta_ancestral: float = 1.0,
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = 0.0, s_noise: float = 1.0,
-                 eta_noise_seed_delta: int = 0) -> Iterator[tuple]:
+                 eta_noise_seed_delta: int = 0, beta_dist_alpha: float = BETA_ALPHA,
+                 beta_dist_beta: float = BETA_BETA) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -166,6 +167,8 @@ class GenerationActions(SeveralRuns):
                 ("eta_ddim", eta_ddim), ("eta_ancestral", eta_ancestral), ("s_churn", s_churn), ("s_tmin", s_tmin),
                 ("s_tmax", s_tmax), ("s_noise", s_noise))},
             "eta_noise_seed_delta": eta_noise_seed_delta or 0,
+            "beta_dist_alpha": BETA_ALPHA if beta_dist_alpha is None else beta_dist_alpha,
+            "beta_dist_beta": BETA_BETA if beta_dist_beta is None else beta_dist_beta,
         }
         if refiner and refiner_checkpoint not in (None, "", NO_REFINER):  # as A1111: ticked with none picked is off
             request |= {"refiner_checkpoint": refiner_checkpoint, "refiner_switch_at": refiner_switch_at}
@@ -769,6 +772,13 @@ def sampler_parameters_section(kind: str) -> dict[str, Any]:
                 info="the noise the picture is noised with, times this (1: as is)",
                 elem_id="img2img_initial_noise_multiplier")
         widgets |= step_options_widgets(kind)
+        with gr.Row():
+            widgets["beta_dist_alpha"] = gr.Slider(
+                0.01, 1, value=BETA_ALPHA, step=0.01, label="Beta schedule alpha",
+                info="Beta schedule type: lower puts more steps at low noise", elem_id=f"{kind}_beta_dist_alpha")
+            widgets["beta_dist_beta"] = gr.Slider(
+                0.01, 1, value=BETA_BETA, step=0.01, label="Beta schedule beta",
+                info="Beta schedule type: lower puts more steps at high noise", elem_id=f"{kind}_beta_dist_beta")
     return widgets
 
 

@@ -31,7 +31,8 @@ CONTROLNET_FIELDS = ("controlnet_enabled", "controlnet_module", "controlnet_mode
 # picture sent rather than its infotext's (blocks.py).
 # A1111's sampler options both tabs have (Sampler parameters).
 SAMPLER_FIELDS = ("skip_early_cond", "s_min_uncond", "s_min_uncond_all", "img2img_extra_noise", "eta_ddim",
-                  "eta_ancestral", "s_churn", "s_tmin", "s_tmax", "s_noise", "eta_noise_seed_delta")
+                  "eta_ancestral", "s_churn", "s_tmin", "s_tmax", "s_noise", "eta_noise_seed_delta", "beta_dist_alpha",
+                  "beta_dist_beta")
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "seed_resize_from_w",
                  "seed_resize_from_h", "styles", "denoising_strength", "tiling", "sd_vae", *PLOT_FIELDS,
@@ -67,7 +68,8 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "img2img_extra_noise": "Extra noise multiplier for img2img and hires fix", "s_min_uncond_all": "Negative Guidance minimum sigma all steps",
                 "eta_ddim": "Eta for DDIM", "eta_ancestral": "Eta for ancestral samplers", "s_churn": "Sigma churn",
                 "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise",
-                "eta_noise_seed_delta": "Eta noise seed delta", "color_correction": "Color correction", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
+                "eta_noise_seed_delta": "Eta noise seed delta", "beta_dist_alpha": "Beta schedule alpha",
+                "beta_dist_beta": "Beta schedule beta", "color_correction": "Color correction", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
                 "subseed_strength": "Variation strength", "seed_resize_from_w": "Resize seed from width",
                 "seed_resize_from_h": "Resize seed from height", "styles": "Styles",
                 "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "init_image": "Image",
