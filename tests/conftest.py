@@ -28,8 +28,8 @@ TINY = "tiny-sd"
 def no_downloads(monkeypatch):
     """Tests never reach the network: the upscalers' downloads may read file: URLs only, and Interrogate's models
     are never fetched from the hub."""
+    import webui.engine.downloads as downloads
     import webui.engine.interrogate as interrogate
-    import webui.engine.upscalers as upscalers
 
     def no_hub(repo: str):
         raise OSError(f"tests do not download ({repo})")
@@ -37,9 +37,9 @@ def no_downloads(monkeypatch):
     def local_only(url: str, *args, **kwargs):
         if not url.startswith("file:"):
             raise OSError(f"tests do not download ({url})")
-        return upscalers.urllib.request.urlopen(url, *args, **kwargs)
+        return downloads.urllib.request.urlopen(url, *args, **kwargs)
 
-    monkeypatch.setattr(upscalers, "open_url", local_only)
+    monkeypatch.setattr(downloads, "open_url", local_only)
     monkeypatch.setattr(interrogate, "_hub_snapshot", no_hub)
 
 

@@ -359,17 +359,17 @@ def test_a_cut_or_wrong_download_leaves_no_file(folders, monkeypatch, answer, sa
     one cut (http.client's IncompleteRead, no OSError) or a page that is no weights file: refused with the message
     that says to download it by hand, and nothing is left in the folder, so the next use downloads it again."""
     import io
-    import webui.engine.upscalers as upscalers
+    import webui.engine.downloads as downloads
 
     esrgan, real = folders
     buffer = io.BytesIO()
     torch.save({"params_ema": rrdb_weights()}, buffer)
-    monkeypatch.setattr(upscalers, "open_url", lambda url, timeout: answer(buffer.getvalue()))
+    monkeypatch.setattr(downloads, "open_url", lambda url, timeout: answer(buffer.getvalue()))
     library = UpscalerLibrary(esrgan, real, downloads=True)
     with pytest.raises(UpscalerError, match=f"(?s)R-ESRGAN 4x\\+: could not download .*{says}.*download it yourself"):
         library.network(library.find("R-ESRGAN 4x+"))
     assert list(real.iterdir()) == []
-    monkeypatch.setattr(upscalers, "open_url", lambda url, timeout: _Answer(buffer.getvalue(), len(buffer.getvalue())))
+    monkeypatch.setattr(downloads, "open_url", lambda url, timeout: _Answer(buffer.getvalue(), len(buffer.getvalue())))
     assert library.network(library.find("R-ESRGAN 4x+")).scale == 4  # tried again, and whole this time
     assert [p.name for p in real.iterdir()] == ["RealESRGAN_x4plus.pth"]
 
@@ -378,7 +378,7 @@ def test_a_download_does_not_hold_up_checks_of_files_that_are_there(folders, mon
     """The worker downloading a Real-ESRGAN file for minutes; meanwhile a request naming a file that is there is
     checked at once (it used to wait on the same lock for the whole download)."""
     import threading
-    import webui.engine.upscalers as upscalers
+    import webui.engine.downloads as downloads
 
     esrgan, real = folders
     torch.save(rrdb_weights(), esrgan / "4x-Here.pth")
@@ -389,7 +389,7 @@ def test_a_download_does_not_hold_up_checks_of_files_that_are_there(folders, mon
         release.wait(30)
         raise OSError("gave up")
 
-    monkeypatch.setattr(upscalers, "open_url", slow)
+    monkeypatch.setattr(downloads, "open_url", slow)
     library = UpscalerLibrary(esrgan, real, downloads=True)
     downloading = threading.Thread(target=lambda: pytest.raises(UpscalerError, library.network,
                                                                 library.find("R-ESRGAN 4x+")))

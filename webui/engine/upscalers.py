@@ -11,12 +11,8 @@ moved to the device it is asked for.
 """
 from __future__ import annotations
 
-import http.client
 import logging
-import os
-import tempfile
 import threading
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from webui.engine.downloads import DownloadFailed, download
 from webui.engine.hires import IMAGE_UPSCALERS, NO_UPSCALER
 from webui.engine.models import file_stamp, files_under
 from webui.engine.upscaler_nets import WEIGHT_FILE_SUFFIXES, UpscalerFileError, build_network, read_weights, \
@@ -32,7 +29,6 @@ from webui.schemas import InvalidRequest
 
 MAX_PASSES = 3
 MAX_PASS_PIXELS = 8192 * 8192  # one pass's result is held as floats: 800 MB
-DOWNLOAD_SECONDS = 60  # per read of the connection; a stalled download fails instead of holding the worker
 _RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download"
 # Real-ESRGAN's released files under A1111's names, and where they are downloaded from.
 REAL_ESRGAN_FILES = {
@@ -46,7 +42,6 @@ REAL_ESRGAN_FILES = {
 }
 
 log = logging.getLogger(__name__)
-open_url = urllib.request.urlopen  # (the tests' conftest lets it read local files only)
 
 
 class UpscalerError(InvalidRequest):
@@ -131,25 +126,10 @@ class UpscalerLibrary:
     def _download(self, model: UpscalerModel) -> None:
         if model.url is None or not self.downloads:
             raise UpscalerError(f"upscaler {model.name}: its file {model.path} is gone; put it back or pick another")
-        log.info("downloading upscaler %s from %s", model.name, model.url)
-        partial = None
-        try:
-            model.path.parent.mkdir(parents=True, exist_ok=True)
-            handle, partial = tempfile.mkstemp(dir=model.path.parent, prefix=f".{model.path.name}.",
-                                               suffix=".partial")
-            with os.fdopen(handle, "wb") as file, open_url(model.url, timeout=DOWNLOAD_SECONDS) as answer:
-                expected = answer.headers.get("Content-Length") if getattr(answer, "headers", None) else None
-                written = 0
-                while chunk := answer.read(1 << 20):
-                    written += file.write(chunk)
-            # urllib ends a cut connection as a short read, without an error: the length says whether it is whole
-            if expected is not None and expected.isdigit() and written != int(expected):
-                raise OSError(f"the connection ended after {written} of {expected} bytes")
-            read_weights(Path(partial), model.path.suffix)  # a page of HTML, or a cut file, is no upscaler
-            os.replace(partial, model.path)  # whole or not at all: a cut download never looks like the file
-        except (OSError, http.client.HTTPException, UpscalerFileError) as err:
-            if partial is not None:
-                Path(partial).unlink(missing_ok=True)
+        try:  # a page of HTML, or a cut file, is no upscaler
+            download(model.url, model.path, lambda partial: read_weights(partial, model.path.suffix),
+                     f"upscaler {model.name}")
+        except DownloadFailed as err:
             raise UpscalerError(f"upscaler {model.name}: could not download {model.url} ({err}); download it "
                                 f"yourself into {model.path}, or pick another upscaler") from None
 
