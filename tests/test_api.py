@@ -405,8 +405,8 @@ def test_extra_batch_images_answers_in_order_and_names_the_picture_to_fix(client
 
 @pytest.mark.parametrize("body, problem", [
     ({"upscaler_1": "4x-UltraSharp"}, "upscaler_1: there is no upscaler '4x-UltraSharp' on this server"),
-    ({"gfpgan_visibility": 1}, "gfpgan_visibility: face restoration is not supported (send 0)"),
-    ({"codeformer_visibility": 0.5}, "codeformer_visibility: face restoration is not supported"),
+    ({"gfpgan_visibility": 1.5}, "gfpgan_visibility: Input should be less than or equal to 1"),
+    ({"codeformer_visibility": 0.5, "codeformer_weight": -1}, "codeformer_weight: Input should be greater than or equal"),
     ({"upscaling_resize": 8, "upscaler_1": "Nearest", "image_size": 2000}, "the 2000x8 picture would become 16000x64"),
     ({"resize_mode": 5}, "resize_mode must be 0 (scale by) or 1 (scale to)"),
     ({"image": ""}, "image: empty; send a base64-encoded PNG"),

@@ -52,7 +52,7 @@ def test_a1111s_iterated_seed_and_prompts_joined_at_the_start_or_end():
     ("", "write one prompt"),
     ("a\n--steps ten", "line 2: --steps 'ten' is no whole number"),
     ("--colour red", "line 1: --colour is no option; the options are --prompt"),
-    ("--restore_faces true", "--restore_faces is an option this server does not have"),
+    ("--do_not_save_grid true", "--do_not_save_grid is an option this server does not have"),
     ('--prompt "a cat', "close each quote"),
     ("--prompt", "--prompt needs a value"),
     ("--steps 3 twenty", "'twenty' is no option"),

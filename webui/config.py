@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Mapping
 
 from webui.engine.models import (  # A1111's folder names
-    BLIP_FOLDER, CLIP_FOLDER, CONTROLNET_FOLDER, EMBEDDINGS_FOLDER, ESRGAN_FOLDER, HYPERNETWORKS_FOLDER, LORA_FOLDER,
-    REAL_ESRGAN_FOLDER, VAE_FOLDER)
+    BLIP_FOLDER, CLIP_FOLDER, CODEFORMER_FOLDER, CONTROLNET_FOLDER, EMBEDDINGS_FOLDER, ESRGAN_FOLDER, GFPGAN_FOLDER,
+    HYPERNETWORKS_FOLDER, LORA_FOLDER, REAL_ESRGAN_FOLDER, VAE_FOLDER)
 from webui.zerogpu import zerogpu_requested
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ A1111_IGNORED_VALUES = (  # these take one value, which is dropped too
     "--localizations-dir", "--max-batch-count", "--loglevel", "--timeout-keep-alive",
     # folders of models and tools this project does not use (LoRA, upscalers, face restorers, CLIP)
     "--lyco-dir", "--lyco-dir-backcompat", "--gfpgan-dir", "--gfpgan-model",
-    "--codeformer-models-path", "--gfpgan-models-path", "--bsrgan-models-path", "--scunet-models-path", "--swinir-models-path", "--ldsr-models-path",
+    "--bsrgan-models-path", "--scunet-models-path", "--swinir-models-path", "--ldsr-models-path",
     "--dat-models-path",
     "--sub-quad-q-chunk-size", "--sub-quad-kv-chunk-size", "--sub-quad-chunk-threshold",
     "--gradio-img2img-tool", "--gradio-inpaint-tool", "--ngrok-region",
@@ -117,6 +117,8 @@ class Settings:
     vae_dir: Path | None = None  # None: the VAE folder inside models_dir
     esrgan_dir: Path | None = None  # None: the ESRGAN folder inside models_dir
     real_esrgan_dir: Path | None = None  # None: the RealESRGAN folder inside models_dir
+    gfpgan_dir: Path | None = None  # None: the GFPGAN folder inside models_dir (also the face detector's file)
+    codeformer_dir: Path | None = None  # None: the Codeformer folder inside models_dir
     blip_dir: Path | None = None  # None: the BLIP folder inside models_dir (Interrogate's captioning model)
     clip_dir: Path | None = None  # None: the CLIP folder inside models_dir (Interrogate's CLIP model)
     controlnet_dir: Path | None = None  # None: the ControlNet folder inside models_dir
@@ -155,6 +157,14 @@ class Settings:
     @property
     def real_esrgan_folder(self) -> Path:
         return self.real_esrgan_dir or self.models_dir / REAL_ESRGAN_FOLDER
+
+    @property
+    def gfpgan_folder(self) -> Path:
+        return self.gfpgan_dir or self.models_dir / GFPGAN_FOLDER
+
+    @property
+    def codeformer_folder(self) -> Path:
+        return self.codeformer_dir or self.models_dir / CODEFORMER_FOLDER
 
     @property
     def blip_folder(self) -> Path:
@@ -311,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--realesrgan-models-path", dest="real_esrgan_dir", type=_user_path, default=None,
                        help=f"folder of Real-ESRGAN upscaler files, where R-ESRGAN 4x+ and its kin are downloaded "
                             f"when first used (default: {REAL_ESRGAN_FOLDER}/ beside {ESRGAN_FOLDER}/)")
+    files.add_argument("--gfpgan-models-path", dest="gfpgan_dir", type=_user_path, default=None,
+                       help=f"folder of GFPGAN's file (GFPGANv1.4.pth) and of the face detector Restore faces uses "
+                            f"(detection_Resnet50_Final.pth), each downloaded when first used (default: {GFPGAN_FOLDER}/ "
+                            f"beside {ESRGAN_FOLDER}/)")
+    files.add_argument("--codeformer-models-path", dest="codeformer_dir", type=_user_path, default=None,
+                       help=f"folder of CodeFormer's file (codeformer-v0.1.0.pth), downloaded when first used "
+                            f"(default: {CODEFORMER_FOLDER}/ beside {ESRGAN_FOLDER}/)")
     files.add_argument("--clip-models-path", dest="clip_dir", type=_user_path, default=None,
                        help=f"folder of the CLIP model Interrogate ranks words with, in transformers' layout; when it "
                             f"holds no config.json, OpenAI's CLIP ViT-L/14 is downloaded once into the hub cache (default: "
@@ -464,6 +481,10 @@ def _choose_models_dir(args: argparse.Namespace, ckpt_dir_env: Path | None) -> N
         args.esrgan_dir = (base if base is not None else args.models_dir) / ESRGAN_FOLDER
     if args.real_esrgan_dir is None:
         args.real_esrgan_dir = (base if base is not None else args.models_dir) / REAL_ESRGAN_FOLDER
+    if args.gfpgan_dir is None:  # and models/GFPGAN, models/Codeformer
+        args.gfpgan_dir = (base if base is not None else args.models_dir) / GFPGAN_FOLDER
+    if args.codeformer_dir is None:
+        args.codeformer_dir = (base if base is not None else args.models_dir) / CODEFORMER_FOLDER
     args.blip_dir = (base if base is not None else args.models_dir) / BLIP_FOLDER  # A1111's models/BLIP: no flag
     if args.clip_dir is None:
         args.clip_dir = (base if base is not None else args.models_dir) / CLIP_FOLDER

@@ -1,10 +1,11 @@
-"""Extras (A1111's tab and its /sdapi/v1/extra-* routes): a picture enlarged, or shrunk, without a model.
+"""Extras (A1111's tab and its /sdapi/v1/extra-* routes): a picture enlarged, or shrunk, then its faces restored.
 
 The upscalers are PIL's filters (Lanczos, Nearest), which need no model and no GPU, so they run where they are
 asked (a Gradio event, an API request) instead of in the worker's queue, where they would wait behind generations;
 and the model upscalers (ESRGAN, Real-ESRGAN: webui/engine/upscalers.py), which run on the worker, which owns the
-device. A1111's face restorers need model files this server does not read.
-Names, sizes and the infotext keys follow A1111, so its API clients and its PNG Info read ours.
+device, as the face restorers do (GFPGAN, then CodeFormer, each blended in by its visibility, as A1111 orders them:
+webui/engine/face_restoration.py). Names, sizes and the infotext keys follow A1111, so its API clients and its PNG
+Info read ours.
 """
 from __future__ import annotations
 
@@ -49,6 +50,20 @@ class UpscaleSettings(BaseModel):
                                                      "(GET /sdapi/v1/upscalers)")
     upscaler_2: str = Field(NO_UPSCALER, description="a second upscaler, blended in by extras_upscaler_2_visibility")
     extras_upscaler_2_visibility: float = Field(0.0, ge=0, le=1, description="0..1: how much of upscaler_2 shows")
+    gfpgan_visibility: float = Field(0.0, ge=0, le=1, description="0..1: how much of GFPGAN's restored faces shows "
+                                                                  "(0: GFPGAN does not run)")
+    codeformer_visibility: float = Field(0.0, ge=0, le=1, description="0..1: how much of CodeFormer's restored faces "
+                                                                      "shows (0: CodeFormer does not run)")
+    # 0 as A1111's Extras and API have it (its generation setting's default is 0.5)
+    codeformer_weight: float = Field(0.0, ge=0, le=1, description="CodeFormer's weight: 0 changes a face most, 1 "
+                                     "least")
+
+    @property
+    def face_restorers(self) -> list[tuple[str, float]]:
+        """(restorer, visibility) of those that run, in A1111's order: GFPGAN, then CodeFormer."""
+        return [(name, visibility) for name, visibility in (("GFPGAN", self.gfpgan_visibility),
+                                                            ("CodeFormer", self.codeformer_visibility))
+                if visibility > 0]
 
     @field_validator("resize_mode")
     @classmethod
@@ -79,8 +94,8 @@ def parse_upscale(data: dict[str, Any], labels: dict[str, str] | None = None) ->
 
 
 class Upscalers:
-    """What runs Extras' upscalers: the filters here, in the caller's thread; model upscalers on the worker, after
-    the jobs queued before (without a worker only the filters exist)."""
+    """What runs Extras' upscalers and face restorers: the filters here, in the caller's thread; model upscalers and
+    face restorers on the worker, after the jobs queued before (without a worker only the filters exist)."""
 
     def __init__(self, worker: "Worker | None" = None):
         self.worker = worker
@@ -101,6 +116,21 @@ class Upscalers:
                 self.worker.engine.upscalers.check(name)
             except InvalidRequest as err:
                 raise InvalidRequest(f"{label}: {err}") from None
+        for restorer, _visibility in settings.face_restorers:
+            label = f"{restorer.lower()}_visibility"
+            if self.worker is None:
+                raise InvalidRequest(f"{label}: face restoration runs on the worker, which this server has not")
+            try:
+                self.worker.engine.faces.check(restorer)
+            except InvalidRequest as err:
+                raise InvalidRequest(f"{label}: {err}") from None
+
+    def restore_faces(self, picture: Image.Image, restorer: str, codeformer_weight: float) -> Image.Image:
+        """The picture with its faces drawn again by the restorer, on the worker."""
+        if self.worker is None:
+            raise InvalidRequest("face restoration runs on the worker, which this server has not")
+        return self.worker.call(lambda engine: engine.restore_faces(picture, restorer, codeformer_weight),
+                                activity=f"Extras: restoring faces with {restorer}").result()
 
     def resize(self, picture: Image.Image, resized: tuple[int, int], kept: tuple[int, int], name: str) -> Image.Image:
         """The middle `kept` of the picture resized to `resized` by the named upscaler. Only that part is resized,
@@ -180,9 +210,21 @@ def upscale(image: Image.Image, settings: UpscaleSettings, upscalers: Upscalers 
     texts = text_chunks(image, limit=None)  # copied whole: a ComfyUI workflow is JSON that a cut would break
     if parameters := read_infotext(image):
         texts["parameters"] = parameters
-    picture = as_rgb(image)
+    result, info = _resized(as_rgb(image), settings, upscalers)
+    for restorer, visibility in settings.face_restorers:  # A1111's keys, rounded as it rounds them
+        restored = upscalers.restore_faces(result, restorer, settings.codeformer_weight)
+        result = restored if visibility >= 1 else Image.blend(result, restored, visibility)
+        info[f"{restorer} visibility"] = round(visibility, 3)
+        if restorer == "CodeFormer":
+            info["CodeFormer weight"] = round(settings.codeformer_weight, 3)
+    return Upscaled(result, texts, info)
+
+
+def _resized(picture: Image.Image, settings: UpscaleSettings, upscalers: Upscalers
+             ) -> tuple[Image.Image, dict[str, Any]]:
+    """The picture resized by the upscalers, and A1111's infotext keys of what was done."""
     if settings.upscaler_1 == NO_UPSCALER:
-        return Upscaled(picture, texts)
+        return picture, {}
     resized, kept = upscaled_size(picture.width, picture.height, settings)
     # A1111's keys, in its order
     asked = f"{settings.upscaling_resize_w}x{settings.upscaling_resize_h}"
@@ -196,7 +238,7 @@ def upscale(image: Image.Image, settings: UpscaleSettings, upscalers: Upscalers 
         info["Postprocess upscaler 2"] = settings.upscaler_2
         second = upscalers.resize(picture, resized, kept, settings.upscaler_2)
         result = Image.blend(result, second, settings.extras_upscaler_2_visibility)
-    return Upscaled(result, texts, info)
+    return result, info
 
 
 def _middle(size: tuple[int, int], resized: tuple[int, int], kept: tuple[int, int]) -> tuple[float, ...]:

@@ -16,9 +16,9 @@ MAX_LINES = 100  # runs in one list: each is a job of its own
 _OPTIONS = {"prompt": str, "negative_prompt": str, "styles": str, "sampler_name": str, "scheduler": str,
             "seed": int, "subseed": int, "subseed_strength": float, "steps": int, "cfg_scale": float, "width": int,
             "height": int, "batch_size": int, "n_iter": int, "clip_skip": int, "denoising_strength": float,
-            "tiling": "boolean", "seed_resize_from_w": int, "seed_resize_from_h": int}
+            "tiling": "boolean", "restore_faces": "boolean", "seed_resize_from_w": int, "seed_resize_from_h": int}
 # A1111's options for what this server does not have: named in the message rather than passed over.
-_NOT_HERE = ("sd_model", "outpath_samples", "outpath_grids", "prompt_for_display", "sampler_index", "restore_faces", "do_not_save_samples",
+_NOT_HERE = ("sd_model", "outpath_samples", "outpath_grids", "prompt_for_display", "sampler_index", "do_not_save_samples",
              "do_not_save_grid")
 
 

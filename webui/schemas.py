@@ -37,6 +37,18 @@ LATENT_RESIZE = 3
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
 INPAINT_AREAS = ("Whole picture", "Only masked")
+# Restore faces (webui/engine/face_restoration.py): A1111's face restorers, in its order, and its defaults
+FACE_RESTORERS = ("CodeFormer", "GFPGAN")
+DEFAULT_FACE_RESTORER = "CodeFormer"
+DEFAULT_CODEFORMER_WEIGHT = 0.5  # 0 changes a face most, 1 least
+
+
+def known_restorer(name: str) -> str:
+    """A1111's name of a face restorer, whatever its case; ValueError listing them for any other."""
+    known = {restorer.lower(): restorer for restorer in FACE_RESTORERS}.get((name or "").strip().lower())
+    if known is None:
+        raise ValueError(f"{(name or '')[:40]!r} is no face restorer; use one of {', '.join(FACE_RESTORERS)}")
+    return known
 MAX_MASK_BLUR, MAX_MASK_PADDING = 64, 256
 _SHA1 = r"^[0-9a-f]{40}$"
 # The infotext keys a script run through several jobs may add to its pictures' (A1111's Loopback's).
@@ -138,6 +150,12 @@ class GenerationRequest(BaseModel):
                                      description=f"SD upscale: one of {', '.join(SD_UPSCALERS)}, or a model "
                                                  "upscaler's name (GET /sdapi/v1/upscalers)")
     tiling: bool = Field(False, description="pictures that tile seamlessly: right edge into left, bottom into top")
+    restore_faces: bool = Field(False, description="draw each face found again with a face restorer (A1111's "
+                                "Restore faces)")
+    face_restoration_model: str | None = Field(None, description=f"the face restorer, {' or '.join(FACE_RESTORERS)} "
+                                               "(None: the Settings tab's)")
+    code_former_weight: float | None = Field(None, ge=0.0, le=1.0, description="CodeFormer's weight, 0 to 1: 0 changes "
+                                             "the face most, 1 least (None: the Settings tab's)")
     color_correction: bool = Field(False, description="img2img: each result's colours matched to those of the picture "
                                                       "it started from, its lightness kept (A1111's setting)")
     # A1111's sampler options that leave the negative prompt out of some model calls (webui/engine/uncond_skip.py).
@@ -296,6 +314,11 @@ class GenerationRequest(BaseModel):
     def _same_checkpoint_is_none(cls, name: str | None) -> str | None:
         name = (name or "").strip()
         return None if name in ("", SAME_CHECKPOINT) else name
+
+    @field_validator("face_restoration_model")
+    @classmethod
+    def _known_face_restorer(cls, name: str | None) -> str | None:
+        return None if name is None else known_restorer(name)
 
     @field_validator("emphasis")
     @classmethod

@@ -331,8 +331,13 @@ class Worker:
             stripped = without_comments(request.model_dump(include=set(PROMPT_FIELDS)))
             if stripped:
                 request = parse_request(request.model_dump() | stripped)
+        settings = self.options.current()
         if request.emphasis is None:  # the Settings tab's, fixed now: its infotext says what was read
-            request = request.model_copy(update={"emphasis": self.options.current().emphasis})
+            request = request.model_copy(update={"emphasis": settings.emphasis})
+        if request.face_restoration_model is None:  # likewise
+            request = request.model_copy(update={"face_restoration_model": settings.face_restoration_model})
+        if request.code_former_weight is None:
+            request = request.model_copy(update={"code_former_weight": settings.code_former_weight})
         return request
 
     def _check_runnable(self, request: GenerationRequest) -> None:
@@ -340,6 +345,8 @@ class Worker:
         self._check_against_loaded_model(request)
         self.engine.vaes.check(request.sd_vae)
         self._check_upscalers(request)
+        if request.restore_faces:
+            self.engine.faces.check(request.face_restoration_model)
         self._check_loras(request)
         self._check_hypernetworks(request)
         self._check_other_checkpoints(request)
@@ -948,6 +955,7 @@ class Worker:
             "Token merging ratio": request.token_merging_ratio or None,
             "Token merging ratio hr": (request.hires_token_merging_ratio or None) if request.enable_hr else None,
             "Tiling": True if request.tiling else None,
+            "Face restoration": request.face_restoration_model if request.restore_faces else None,
             "Color correction": True if request.color_correction and request.is_img2img else None,
             "Noise multiplier": request.initial_noise_multiplier
             if request.initial_noise_multiplier != 1 and request.is_img2img else None,

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from PIL import Image, ImageDraw, ImageFont
 
-from webui.schemas import MAX_SEED, InvalidRequest, parse_request
+from webui.schemas import MAX_SEED, InvalidRequest, known_restorer, parse_request
 
 MAX_PLOT_CELLS = 64  # runs in one plot: each is a job of its own
 MAX_AXIS_VALUES = 64
@@ -66,6 +66,14 @@ def _set_size(request: dict, size: str) -> None:
     request["width"], request["height"] = int(match.group(1)), int(match.group(2))
 
 
+def _set_face_restore(request: dict, value: str) -> None:
+    """A1111's Face restore axis: a restorer's name turns it on with that restorer; yes/true/1 on, anything else off."""
+    chosen = value.strip().lower()
+    if chosen in ("codeformer", "gfpgan"):
+        request["face_restoration_model"] = known_restorer(chosen)
+    request["restore_faces"] = chosen in ("codeformer", "gfpgan", "true", "yes", "y", "1")
+
+
 AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Nothing", "text", lambda request, value: None),
     AxisType("Seed", "int", _setter("seed")),
@@ -86,6 +94,7 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Hires sampler", "text", _setter("hr_sampler_name"), tab="txt2img"),
     AxisType("Hires upscaler", "text", _setter("hr_upscaler"), tab="txt2img"),
     AxisType("Styles", "text", _add_styles),
+    AxisType("Face restore", "text", _set_face_restore),
     AxisType("Refiner checkpoint", "text", _setter("refiner_checkpoint")),  # None: no refiner
     AxisType("Refiner switch at", "float", _setter("refiner_switch_at")),
     AxisType("Negative Guidance minimum sigma", "float", _setter("s_min_uncond")),

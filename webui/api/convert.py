@@ -48,9 +48,6 @@ class ApiError(Exception):
 
 # Fields that name a feature we lack: (field, asks for it?, what to say); a field a request type lacks asks nothing.
 _UNSUPPORTED = (
-    ("restore_faces", lambda v: bool(v), "face restoration is not supported (send false)"),
-    ("gfpgan_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
-    ("codeformer_visibility", lambda v: bool(v), "face restoration is not supported (send 0)"),
     ("alwayson_scripts", lambda v: any(name.lower() not in ("controlnet", scripts.SOFT_INPAINTING) for name in v or {}),
      "no always-on script but ControlNet (alwayson_scripts.controlnet) and Soft inpainting (alwayson_scripts."
      "soft inpainting, on img2img) are installed on this server; leave the others out"),
@@ -178,6 +175,11 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     emphasis = overrides.get("emphasis", pasted.get("emphasis"))
     if emphasis is not None:
         data["emphasis"] = emphasis
+    # Restore faces: the body's, else an infotext's (its key is there); the restorer and CodeFormer's weight by
+    # override_settings, else an infotext's restorer, else the Settings tab's
+    data["restore_faces"] = pasted.get("restore_faces", False) if req.restore_faces is None else req.restore_faces
+    data["face_restoration_model"] = overrides.get("face_restoration_model", pasted.get("face_restoration_model"))
+    data["code_former_weight"] = overrides.get("code_former_weight")
     data |= token_merging_fields(req, pasted, default_options)
     script, refused = script_fields(req)
     data |= script
@@ -439,6 +441,8 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
         names |= scripts.sd_upscale_names()
     names["prompt_comments"] = "override_settings.enable_prompt_comments"
     names["emphasis"] = "override_settings.emphasis"
+    names["face_restoration_model"] = "override_settings.face_restoration_model"
+    names["code_former_weight"] = "override_settings.code_former_weight"
     return names
 
 
@@ -654,8 +658,8 @@ def run_result(jobs: list[Job], grids: list[GeneratedImage], made: list[tuple[Jo
         "cfg_scale": request.cfg_scale,
         "steps": request.steps,
         "batch_size": request.batch_size,
-        "restore_faces": False,
-        "face_restoration_model": None,
+        "restore_faces": request.restore_faces,
+        "face_restoration_model": request.face_restoration_model if request.restore_faces else None,
         "sd_model_name": model.entry.name if model else None,
         "sd_model_hash": model.short_hash if model else None,
         "sd_vae_name": job.vae.name if job.vae else None,

@@ -187,12 +187,9 @@ class GenerationResponse(BaseModel):
 
 
 class ExtrasBody(UpscaleSettings):
-    """What extra-single-image and extra-batch-images share (A1111's ExtrasBaseRequest). Face restoration is
-    declared so A1111's clients validate, and refused when asked for: it needs models this server lacks."""
-    gfpgan_visibility: float = Field(0, description="refused unless 0: no face restorer is installed")
-    codeformer_visibility: float = Field(0, description="refused unless 0: no face restorer is installed")
-    codeformer_weight: float = Field(0, description="ignored (only for CodeFormer)")
-    upscale_first: bool = Field(False, description="ignored (the order of upscaling and face restoration)")
+    """What extra-single-image and extra-batch-images share (A1111's ExtrasBaseRequest)."""
+    upscale_first: bool = Field(False, description="ignored: the upscalers run first, then GFPGAN, then CodeFormer, "
+                                                   "as A1111 orders them")
     show_extras_results: bool = Field(True, description="ignored: the pictures are always returned")
 
 
@@ -226,6 +223,11 @@ class UpscalerItem(BaseModel):
     model_path: str | None = None
     model_url: str | None = None
     scale: float | None = None
+
+
+class FaceRestorerItem(BaseModel):
+    name: str
+    cmd_dir: str | None = None
 
 
 class RealesrganItem(BaseModel):

@@ -28,7 +28,7 @@ from webui.api import controlnet, convert, scripts
 from webui.api.training import TrainingRoutes
 from webui.api.convert import ApiError
 from webui.api.models import (
-    ErrorResponse, ExtrasBatchImagesRequest, ExtrasBody, ExtrasBatchImagesResponse, ExtrasSingleImageRequest,
+    ErrorResponse, ExtrasBatchImagesRequest, FaceRestorerItem, ExtrasBody, ExtrasBatchImagesResponse, ExtrasSingleImageRequest,
     ExtrasSingleImageResponse, GenerationBody, GenerationResponse, Img2ImgRequest, InterrogateRequest,
     HypernetworkItem, InterrogateResponse, JobCancelReply, JobCreated,
     JobStatus, LatentUpscaleModeItem, LoraItem, MemoryResponse, OptionsUpdateResponse, PNGInfoRequest,
@@ -48,7 +48,7 @@ _DEFAULT_RHO = {"Karras": 7.0, "Polyexponential": 1.0}
 _SCHEDULE_ALIASES = {"SGM Uniform": ["SGMUniform"]}
 from webui.engine.upscalers import picture_upscalers
 from webui.extras import EXTRAS_UPSCALERS, Upscalers
-from webui.schemas import GenerationRequest, InvalidRequest, JobState, describe_validation_errors
+from webui.schemas import FACE_RESTORERS, GenerationRequest, InvalidRequest, JobState, describe_validation_errors
 from webui.runs import SeveralJobs, saved_grids
 from webui.storage.history import owner_key
 from webui.storage.options import OPTION_KEYS, SettingsFrozen
@@ -644,6 +644,12 @@ class Api:
                 *(UpscalerItem(name=model.name, model_name=model.path.stem, model_path=str(model.path),
                                model_url=model.url) for model in models)]
 
+    def face_restorers(self) -> list[FaceRestorerItem]:
+        """A1111's face restorers, each with the folder its file is read from (and downloaded into)."""
+        faces = self.services.engine.faces
+        return [FaceRestorerItem(name=name, cmd_dir=str(faces.weight_file(name).path.parent))
+                for name in FACE_RESTORERS]
+
     def realesrgan_models(self) -> list[RealesrganItem]:
         """The Real-ESRGAN folder's files and Real-ESRGAN's downloadable ones, as A1111 lists them (their scale is
         known once a file is read: null here)."""
@@ -714,9 +720,10 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
         tags=["models"])
     add(f"{sd}/hypernetworks", api.hypernetworks, methods=["GET"], response_model=list[HypernetworkItem],
         tags=["models"])
-    for name in ("face-restorers", "extensions"):
-        add(f"{sd}/{name}", api.none_installed, methods=["GET"], response_model=list, tags=["models"],
-            summary=f"{name} (none on this server: an empty list)")
+    add(f"{sd}/face-restorers", api.face_restorers, methods=["GET"], response_model=list[FaceRestorerItem],
+        tags=["models"])
+    add(f"{sd}/extensions", api.none_installed, methods=["GET"], response_model=list, tags=["models"],
+        summary="extensions (none on this server: an empty list)")
     add(f"{sd}/embeddings", api.embeddings, methods=["GET"], tags=["models"])
     add(f"{sd}/memory", api.memory, methods=["GET"], response_model=MemoryResponse, tags=["settings"])
     # A1111's liveness check, which clients (SillyTavern's connection test) call before the API

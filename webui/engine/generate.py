@@ -36,6 +36,7 @@ from webui.engine.instruct_pix2pix import EditPicture, edit_problem, model_input
 from webui.engine.lora import LoraError, LoraLibrary, LoraPatcher, lora_uses, strip_loras
 from webui.engine.color_correction import match_colors
 from webui.engine.interrogate import Interrogator
+from webui.engine.face_restoration import FaceRestorers
 from webui.engine.upscalers import UpscalerLibrary
 from webui.engine.vae import VaeFile, VaeLibrary, VaeSwap
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
@@ -328,6 +329,7 @@ class Engine:
         self.vaes = VaeLibrary(settings.vae_folder, registry)
         self.upscalers = UpscalerLibrary(settings.esrgan_folder, settings.real_esrgan_folder,
                                          downloads=not settings.offline)
+        self.faces = FaceRestorers(settings.gfpgan_folder, settings.codeformer_folder, downloads=not settings.offline)
         self.tool_device_name: str | None = None  # upscalers and Interrogate; None: the model's (ZeroGPU: "cpu")
         self.interrogator = Interrogator(settings.blip_folder, settings.clip_folder, downloads=not settings.offline)
         self.controlnets = ControlNetLibrary(settings.controlnet_folder)
@@ -506,6 +508,7 @@ class Engine:
             self._vae_weights.forget()  # and the model's own VAE weights, kept while a file's are in
         self._on_device = False
         self.upscalers.forget()  # a model upscaler's network on the device too
+        self.faces.forget()
         self.interrogator.forget()
         self.controlnets.forget()
         self.hypernetworks.forget()
@@ -542,6 +545,10 @@ class Engine:
         """The RGB picture at `size` (width, height) by a picture upscaler: a filter, or a model upscaler run on
         the model's device (UpscalerError when it cannot be used)."""
         return self.upscalers.resize(picture, size, upscaler, *self._tool_device())
+
+    def restore_faces(self, picture: Image.Image, restorer: str, codeformer_weight: float) -> Image.Image:
+        """The picture with its faces drawn again by the face restorer, on the model's device (in float32)."""
+        return self.faces.restore(picture, restorer, codeformer_weight, self._tool_device()[0])
 
     def _tool_device(self) -> tuple[str, torch.dtype]:
         """Where the upscalers' and Interrogate's networks run, and in what precision: the model's device."""
@@ -764,6 +771,7 @@ class Engine:
         factor = self.pipe.vae_scale_factor
         # what each result's colours are matched to: the start picture, or the reference the job gives (Loopback's)
         colours = (init_image if color_reference is None else color_reference) if request.color_correction else None
+        faces = (request.face_restoration_model, request.code_former_weight) if request.restore_faces else None
         with torch.inference_mode(), run.tiled:
             run.tiled.enter_context(seamless(self.pipe, request.tiling))
             try:
@@ -781,11 +789,11 @@ class Engine:
                 if run.latents is not None and torch.isfinite(run.latents).all():
                     try:
                         stopped.images = self._to_images(run.latents, seeds, inpainting, request.tiling, colours,
-                                                         run.masked)
+                                                         run.masked, faces)
                     except Exception:  # the stop matters, not the picture it would have left
                         log.exception("the image cut short could not be decoded")
                 raise
-            return self._to_images(latents, seeds, inpainting, request.tiling, colours, run.masked)
+            return self._to_images(latents, seeds, inpainting, request.tiling, colours, run.masked, faces)
 
     def _hypernetworks(self, request: GenerationRequest) -> tuple[list, list]:
         """The (network, multiplier) pairs of the first pass's prompt and of the hires pass's, read from their files
@@ -1083,12 +1091,15 @@ class Engine:
 
     def _to_images(self, latents: torch.Tensor, seeds: list[int], inpainting: Inpainting | None = None,
                    tiling: bool = False, colours: Image.Image | list[Image.Image] | None = None,
-                   masked: _MaskedStart | None = None) -> list[EngineImage]:
-        """Decoded, given the colours of `colours` (img2img's colour correction: a picture, or one per image),
+                   masked: _MaskedStart | None = None, faces: tuple[str, float] | None = None) -> list[EngineImage]:
+        """Decoded, the faces drawn again (`faces`: the face restorer and CodeFormer's weight, as A1111 does it before
+        the rest), given the colours of `colours` (img2img's colour correction: a picture, or one per image),
         laid into the inpainted picture (with soft inpainting, `masked`'s, through masks of where the latents
         changed), and past the safety checker (which sees what is saved)."""
         height, width = (side * self.pipe.vae_scale_factor for side in latents.shape[-2:])
         pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(width, height, tiling)))
+        if faces is not None:
+            pictures = [self.restore_faces(picture, *faces) for picture in pictures]
         if colours is not None:
             references = colours if isinstance(colours, list) else [colours] * len(pictures)
             pictures = [match_colors(picture, reference) for picture, reference in zip(pictures, references)]

@@ -19,7 +19,7 @@ from webui.engine.samplers import BETA_ALPHA, BETA_BETA
 from webui.engine.soft_inpainting import DEFAULTS as SOFT_DEFAULTS, ENABLED_KEY as SOFT_INPAINTING_ENABLED
 from webui.engine.soft_inpainting import SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS
-from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, SAME_CHECKPOINT, a1111_seed_resize
+from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, SAME_CHECKPOINT, a1111_seed_resize, known_restorer
 
 NEGATIVE_PREFIX = "Negative prompt:"
 # Real infotexts are a few KiB. Longer text (a 178-byte compressed PNG chunk can inflate to 60 KB)
@@ -62,6 +62,7 @@ _REQUEST_FIELDS = {
     "Fixed X Values": ("x_values", str), "Fixed Y Values": ("y_values", str), "Fixed Z Values": ("z_values", str),
     "VAE": ("sd_vae", str),
     "Tiling": ("tiling", lambda value: value.strip().lower() == "true"),
+    "Face restoration": ("face_restoration_model", known_restorer),  # and restore_faces: the key is there
     "Color correction": ("color_correction", lambda value: value.strip().lower() == "true"),
     "Refiner": ("refiner_checkpoint", str),  # its title, "name [short hash]", which finds it as a model name does
     "Refiner switch at": ("refiner_switch_at", float),
@@ -173,6 +174,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         # to a page set to batch 4 would otherwise be made again inside a batch, a few pixel values off.
         fields["clip_skip"] = fields["batch_size"] = 1
         fields["tiling"] = fields["color_correction"] = False
+        fields["restore_faces"] = "Face restoration" in params
         # Left out when off: a picture made without them is made again without them.
         fields["skip_early_cond"] = fields["s_min_uncond"] = 0.0
         fields["s_min_uncond_all"] = False

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from webui.engine.prompts import EMPHASIS_MODES
-from webui.schemas import InvalidRequest
+from webui.schemas import DEFAULT_CODEFORMER_WEIGHT, DEFAULT_FACE_RESTORER, FACE_RESTORERS, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ ImageFormat = Literal["png", "jpg", "webp"]
 
 
 EmphasisMode = Literal[EMPHASIS_MODES]  # A1111's Emphasis mode setting
+FaceRestorer = Literal[FACE_RESTORERS]
 
 
 class SavedOptions(BaseModel):
@@ -52,6 +53,10 @@ class SavedOptions(BaseModel):
     emphasis: EmphasisMode = Field("Original", description="how (word:1.2) weights are read: Original (weights, then "
                                    "each chunk back to its mean), No norm (weights alone), Ignore (brackets read, "
                                    "weights 1), None (brackets are text)")
+    face_restoration_model: FaceRestorer = Field(DEFAULT_FACE_RESTORER, description="the face restorer Restore faces "
+                                                 f"uses: {' or '.join(FACE_RESTORERS)}")
+    code_former_weight: float = Field(DEFAULT_CODEFORMER_WEIGHT, ge=0.0, le=1.0, description="CodeFormer's weight, 0 "
+                                      "to 1: 0 changes a face most, 1 least")
 
     @field_validator("samples_format", "grid_format", mode="before")
     @classmethod

@@ -169,7 +169,8 @@ def build_extras(outputs: OutputStore, server_folders: bool = False, upscalers: 
                     input_dir = gr.Textbox("", label="Input directory", elem_id="extras_input_dir",
                                            placeholder=f"a folder of pictures on this machine (at most {MAX_PICTURES})")
             settings = _settings_controls(upscalers.names())
-            actions = ExtrasActions(outputs, {name: control.label for name, control in settings.items()},
+            faces = _face_controls()
+            actions = ExtrasActions(outputs, {name: control.label for name, control in (settings | faces).items()},
                                     server_folders, upscalers)
             run = gr.Button("Generate", variant="primary", elem_id="extras_generate")
         with gr.Column():
@@ -182,18 +183,20 @@ def build_extras(outputs: OutputStore, server_folders: bool = False, upscalers: 
     selected = gr.State(0)
     for tab, name in ((single_tab, SINGLE), (batch_tab, BATCH), (directory_tab, DIRECTORY)):
         tab.select(lambda name=name: name, outputs=[subtab], api_visibility="private", show_progress="hidden")
-    names = list(settings)
+    names, face_names = list(settings), list(faces)
 
     def run_extras(open_subtab, picture, pictures, *values, progress=gr.Progress()):
         def on_picture(number: int, count: int) -> None:
             progress((number, count), desc="Resizing", unit="pictures")
 
-        folder = values[len(names)] if len(values) > len(names) else ""  # the last input, after the settings
-        return actions.run(open_subtab, picture, pictures, dict(zip(names, values)), on_picture, folder)
+        folder = values[len(names)] if len(values) > len(names) else ""  # after the settings
+        given = dict(zip(names, values)) | dict(zip(face_names, values[len(names) + 1:]))
+        return actions.run(open_subtab, picture, pictures, given, on_picture, folder)
 
-    # One at a time: an 8192x8192 result takes 200 MB and seconds to write. The folder comes last: the Gradio API's
-    # callers from before it keep their positions.
-    run.click(run_extras, inputs=[subtab, image, batch, *settings.values(), input_dir], outputs=[gallery, info],
+    # One at a time: an 8192x8192 result takes 200 MB and seconds to write. The folder, then the face restorers, come
+    # last: the Gradio API's callers from before them keep their positions.
+    run.click(run_extras, inputs=[subtab, image, batch, *settings.values(), input_dir, *faces.values()],
+              outputs=[gallery, info],
               api_name="extras", concurrency_limit=1)
     gallery.select(_picked, outputs=[selected], api_visibility="private", show_progress="hidden")
     gallery.change(lambda: 0, outputs=[selected], api_visibility="private", show_progress="hidden")  # new results
@@ -203,6 +206,18 @@ def build_extras(outputs: OutputStore, server_folders: bool = False, upscalers: 
 
 def _picked(evt: gr.SelectData) -> int:
     return evt.index if isinstance(evt.index, int) else 0
+
+
+def _face_controls() -> dict[str, gr.components.Component]:
+    """A1111's GFPGAN and CodeFormer sections, by UpscaleSettings field: each restores the faces of the resized
+    picture, blended in by its visibility (0: it does not run)."""
+    with gr.Row():
+        gfpgan = gr.Slider(0, 1, value=0, step=0.001, label="GFPGAN visibility", elem_id="extras_gfpgan_visibility")
+        codeformer = gr.Slider(0, 1, value=0, step=0.001, label="CodeFormer visibility",
+                               elem_id="extras_codeformer_visibility")
+        weight = gr.Slider(0, 1, value=0, step=0.001, label="CodeFormer weight (0 = maximum effect, 1 = minimum effect)",
+                           elem_id="extras_codeformer_weight")
+    return {"gfpgan_visibility": gfpgan, "codeformer_visibility": codeformer, "codeformer_weight": weight}
 
 
 def _settings_controls(upscalers: list[str]) -> dict[str, gr.components.Component]:

@@ -109,7 +109,8 @@ class GenerationActions(SeveralRuns):
                  z_values: str = "", xyz_legend: bool = True, xyz_sub_images: bool = False,
                  xyz_keep_random_seeds: bool = False, prompt_list: bool = False, prompt_lines: str = "",
                  prompt_list_same_seed: bool = False, prompt_list_iterate_seed: bool = False,
-                 prompt_list_position: str = "start", tiling: bool = False, seed_resize_from_w: int = 0,
+                 prompt_list_position: str = "start", tiling: bool = False, restore_faces: bool = False,
+                 seed_resize_from_w: int = 0,
                  seed_resize_from_h: int = 0, size_tab: str = RESIZE_TO, scale_by: float = 1.0,
                  hr_sampler_name: str = SAME_SAMPLER, hr_scheduler: str = SAME_SCHEDULE, hr_prompt: str | None = None,
                  hr_negative_prompt: str | None = None, prompt_matrix: bool = False,
@@ -158,7 +159,8 @@ class GenerationActions(SeveralRuns):
             "clip_skip": clip_skip, "model": model or None, "sd_vae": sd_vae or "Automatic",
             "subseed": -1 if subseed is None else subseed, "subseed_strength": subseed_strength or 0.0,
             "seed_resize_from_w": seed_resize_from_w or 0, "seed_resize_from_h": seed_resize_from_h or 0,
-            "styles": list(styles or []), "tiling": bool(tiling), "s_min_uncond": s_min_uncond or 0.0,
+            "styles": list(styles or []), "tiling": bool(tiling), "restore_faces": bool(restore_faces),
+            "s_min_uncond": s_min_uncond or 0.0,
             "s_min_uncond_all": bool(s_min_uncond_all), "skip_early_cond": skip_early_cond or 0.0,
             "img2img_extra_noise": img2img_extra_noise or 0.0,
             "token_merging_ratio": token_merging_ratio or 0.0,
@@ -913,6 +915,8 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                                       elem_id=f"{kind}_clip_skip")
                 tiling = gr.Checkbox(False, label="Tiling", info="a picture that tiles seamlessly",
                                      elem_id=f"{kind}_tiling")
+                restore_faces = gr.Checkbox(False, label="Restore faces", info="faces drawn again by the Settings "
+                                            "tab's face restorer", elem_id=f"{kind}_restore_faces")
             if img2img:
                 img2img_widgets["denoising_strength"] = gr.Slider(
                     0, 1, value=GenerationRequest.model_fields["denoising_strength"].default, step=0.01,
@@ -1006,6 +1010,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     widgets = {"prompt": prompt, "negative_prompt": negative, "sampler_name": sampler, "scheduler": scheduler,
                "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height, "seed": seed,
                "n_iter": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "tiling": tiling,
+               "restore_faces": restore_faces,
                "model": picker.dropdown, "sd_vae": picker.vae,
                "subseed": subseed, "subseed_strength": subseed_strength, "seed_resize_from_w": seed_resize_w,
                "seed_resize_from_h": seed_resize_h, "styles": styles, **img2img_widgets, **refiner_widgets,

@@ -35,7 +35,7 @@ SAMPLER_FIELDS = ("skip_early_cond", "s_min_uncond", "s_min_uncond_all", "img2im
                   "beta_dist_beta")
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "seed_resize_from_w",
-                 "seed_resize_from_h", "styles", "denoising_strength", "tiling", "sd_vae", *PLOT_FIELDS,
+                 "seed_resize_from_h", "styles", "denoising_strength", "tiling", "restore_faces", "sd_vae", *PLOT_FIELDS,
                  *OTHER_SCRIPTS, "refiner", "refiner_checkpoint", "refiner_switch_at", *CONTROLNET_FIELDS,
                  *SAMPLER_FIELDS, "token_merging_ratio")
 SOFT_INPAINTING = ("soft_inpainting", *SOFT_INPAINTING_FIELDS)
@@ -62,7 +62,7 @@ TAB_FIELDS = {"txt2img": TXT2IMG_FIELDS, "img2img": IMG2IMG_FIELDS}
 FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampler_name": "Sampling method",
                 "scheduler": "Schedule type", "steps": "Sampling steps", "cfg_scale": "CFG scale", "width": "Width",
                 "height": "Height", "seed": "Seed", "n_iter": "Batch count", "batch_size": "Batch size",
-                "clip_skip": "Clip skip", "tiling": "Tiling", "skip_early_cond": "Ignore negative prompt during early sampling",
+                "clip_skip": "Clip skip", "tiling": "Tiling", "restore_faces": "Restore faces", "skip_early_cond": "Ignore negative prompt during early sampling",
                 "s_min_uncond": "Negative Guidance minimum sigma", "initial_noise_multiplier": "Noise multiplier for img2img",
                 "image_cfg_scale": "Image CFG Scale",
                 "img2img_extra_noise": "Extra noise multiplier for img2img and hires fix", "s_min_uncond_all": "Negative Guidance minimum sigma all steps",
@@ -117,7 +117,7 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
         "model": image.model_name, "model_hash": image.model_hash,
     } | {name: pasted.get(name)  # no columns of their own
          for name in ("batch_size", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
-                      "denoising_strength", "tiling", "color_correction", "initial_noise_multiplier",
+                      "denoising_strength", "tiling", "restore_faces", "color_correction", "initial_noise_multiplier",
                       "image_cfg_scale", "sd_vae", "script", "refiner_checkpoint", "refiner_switch_at",
                       "token_merging_ratio",
                       *HIRES_FIELDS,

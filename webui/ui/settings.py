@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from webui.engine.prompts import EMPHASIS_MODES
-from webui.schemas import InvalidRequest
+from webui.schemas import FACE_RESTORERS, InvalidRequest
 from webui.storage.filenames import DEFAULT_FOLDER_PATTERN, DEFAULT_PATTERN, TAGS
 from webui.storage.options import IMAGE_FORMATS, OPTION_KEYS, OptionsStore, SavedOptions, SettingsFrozen
 
@@ -18,7 +18,8 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "samples_filename_pattern": "Images filename pattern", "save_to_dirs": "Save images to a subdirectory",
           "grid_save_to_dirs": "Save grids to a subdirectory", "directories_filename_pattern": "Directory name pattern",
           "save_txt": "Create a text file next to every image with generation parameters",
-          "enable_prompt_comments": "Enable comments", "emphasis": "Emphasis mode"}
+          "enable_prompt_comments": "Enable comments", "emphasis": "Emphasis mode",
+          "face_restoration_model": "Face restoration model", "code_former_weight": "CodeFormer weight"}
 
 
 class SettingsActions:
@@ -125,6 +126,13 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
             info="how (word:1.2) is read: Original weighs, then keeps each chunk's mean; No norm weighs alone; "
                  "Ignore reads the brackets, weighs nothing; None reads brackets as text",
             elem_id="settings_emphasis", interactive=editable),
+        "face_restoration_model": gr.Radio(
+            list(FACE_RESTORERS), value=current.face_restoration_model, label=LABELS["face_restoration_model"],
+            info="what Restore faces draws the faces again with", elem_id="settings_face_restoration_model",
+            interactive=editable),
+        "code_former_weight": gr.Slider(
+            0, 1, value=current.code_former_weight, step=0.01, label=LABELS["code_former_weight"],
+            info="0 changes a face most, 1 least", elem_id="settings_code_former_weight", interactive=editable),
     }
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=editable)
     result = gr.HTML("", elem_id="settings_result")
