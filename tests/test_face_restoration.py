@@ -40,6 +40,19 @@ class PaintingNet(torch.nn.Module):
         return (painted, None, None) if w is not None else painted  # CodeFormer's tuple, GFPGAN's picture
 
 
+class ClassParser(torch.nn.Module):
+    """A stand-in face-parsing network that reads every pixel as one class (1: skin, pasted; 17: hair, not)."""
+
+    def __init__(self, face_class: int = 1):
+        super().__init__()
+        self.face_class = torch.nn.Parameter(torch.tensor(float(face_class)), requires_grad=False)
+
+    def forward(self, faces: torch.Tensor):
+        logits = torch.zeros(faces.shape[0], 19, *faces.shape[2:])
+        logits[:, int(self.face_class)] = 1
+        return logits, faces
+
+
 def face_at(scale: float, offset: tuple[float, float]) -> Face:
     """A face whose five points are the template's, scaled and moved (so its aligned face is the template's)."""
     points = TEMPLATE * scale + np.array(offset)
@@ -53,10 +66,11 @@ def stand_ins(tmp_path, monkeypatch):
     gfpgan, codeformer = tmp_path / "GFPGAN", tmp_path / "Codeformer"
     gfpgan.mkdir()
     codeformer.mkdir()
-    for path in (gfpgan / "detection_Resnet50_Final.pth", gfpgan / "GFPGANv1.4.pth",
+    for path in (gfpgan / "detection_Resnet50_Final.pth", gfpgan / "parsing_parsenet.pth", gfpgan / "GFPGANv1.4.pth",
                  codeformer / "codeformer-v0.1.0.pth"):
         path.write_bytes(b"weights")
-    nets = {"detector": torch.nn.Identity(), "GFPGAN": PaintingNet(RED), "CodeFormer": PaintingNet(BLUE)}
+    nets = {"detector": torch.nn.Identity(), "parser": ClassParser(), "GFPGAN": PaintingNet(RED),
+            "CodeFormer": PaintingNet(BLUE)}
     loaded = []
 
     def loader(network):
@@ -111,10 +125,19 @@ def test_the_networks_are_read_once_and_again_after_forget(stand_ins):
     found.append(face_at(0.25, (60, 50)))
     faces.restore(grey_picture(), "GFPGAN")
     faces.restore(grey_picture(), "GFPGAN")
-    assert loaded == ["detector", "GFPGAN"]
+    assert loaded == ["detector", "GFPGAN", "parser"]
     faces.forget()
     faces.restore(grey_picture(), "GFPGAN")
-    assert loaded == ["detector", "GFPGAN", "detector", "GFPGAN"]
+    assert loaded == ["detector", "GFPGAN", "parser"] * 2
+
+
+def test_the_face_is_pasted_where_the_parsing_network_sees_face_not_hair(stand_ins):
+    """A1111's paste mask comes from face parsing: a face read as hair everywhere leaves the picture as it was."""
+    faces, nets, found, _ = stand_ins
+    found.append(face_at(0.25, (60, 50)))
+    nets["parser"].face_class.fill_(17)
+    picture = grey_picture()
+    assert np.array_equal(np.asarray(faces.restore(picture, "GFPGAN")), np.asarray(picture))
 
 
 def test_the_files_are_a1111s_and_a_newer_gfpgan_file_wins(tmp_path):
@@ -122,6 +145,7 @@ def test_the_files_are_a1111s_and_a_newer_gfpgan_file_wins(tmp_path):
     assert faces.weight_file("GFPGAN").path == tmp_path / "GFPGAN" / "GFPGANv1.4.pth"
     assert faces.weight_file("CodeFormer").path == tmp_path / "Codeformer" / "codeformer-v0.1.0.pth"
     assert faces.weight_file("detector").path == tmp_path / "GFPGAN" / "detection_Resnet50_Final.pth"
+    assert faces.weight_file("parser").path == tmp_path / "GFPGAN" / "parsing_parsenet.pth"
     (tmp_path / "GFPGAN").mkdir()
     for name in ("GFPGANv1.3.pth", "GFPGANv1.4.pth", "notes.txt"):
         (tmp_path / "GFPGAN" / name).write_bytes(b"x")

@@ -493,12 +493,14 @@ def _erode(mask: np.ndarray, size: int) -> np.ndarray:
     return ndimage.minimum_filter(mask, size=size, mode="nearest")
 
 
-def paste_face(image: Image.Image, restored: Image.Image, matrix: np.ndarray) -> Image.Image:
+def paste_face(image: Image.Image, restored: Image.Image, matrix: np.ndarray,
+               mask: np.ndarray | None = None) -> Image.Image:
     """The picture with `restored` (the restored face, at the size it was aligned at) warped back through the
     inverse of `matrix` (AlignedFace.matrix) and blended under facexlib's use_parse=False mask for
     upscale_factor 1: the face square eroded by 2 pixels, eroded again by 1/10 of the face's width and blurred by
-    as much, so the face fades out inside its square. (A1111 asks facexlib for use_parse=True, a mask from a
-    face-parsing network that we do not have.) Pixels outside the face's square keep their values exactly.
+    as much, so the face fades out inside its square; or, given `mask` (face_parsing.face_mask: facexlib's
+    use_parse=True, which A1111 asks for), through that mask warped back. Pixels outside the face's square keep their
+    values exactly.
     As in facexlib the blend is truncated to integers, here per pasted face. Against facexlib with OpenCV 4.x this
     differs by at most one level: its float32 blur peaks at 0.99999994, never 1, so its truncation takes a level
     off wherever the restored face is brighter than the picture; ours keeps the restored pixel."""
@@ -513,6 +515,12 @@ def paste_face(image: Image.Image, restored: Image.Image, matrix: np.ndarray) ->
 
     # cv2.warpAffine(M) samples the source at M's inverse; the inverse of the inverse is `to_face` itself
     warped_face = _round_to_uint8(_warp(face, to_face, xs, ys, 0)).astype(np.float32)
+    if mask is not None:  # facexlib's use_parse=True: the parsed mask, warped back, is the blend itself
+        soft = _warp(mask.astype(np.float32)[..., None], to_face, xs, ys, 0)[..., 0].astype(np.float32)[..., None]
+        area = picture[top:bottom, left:right].astype(np.float32)
+        out = picture.copy()
+        out[top:bottom, left:right] = np.clip(soft * warped_face + (1 - soft) * area, 0, 255).astype(np.uint8)
+        return Image.fromarray(out)
     square = _warp(np.ones(face.shape[:2] + (1,), np.float32), to_face, xs, ys, 0)[..., 0].astype(np.float32)
     inner = _erode(square, 2)  # drops the half-covered rim
     edge = int(float(inner.sum()) ** 0.5) // 20

@@ -2,7 +2,8 @@
 FFHQ's 512x512 template, drawn again by GFPGAN (webui/engine/gfpgan_net.py) or CodeFormer
 (webui/engine/codeformer_net.py), and pasted back.
 
-The weight files are where A1111 keeps them: GFPGAN's and the face detector's in models/GFPGAN, CodeFormer's in
+The weight files are where A1111 keeps them: GFPGAN's, the face detector's and the face-parsing network's (the paste
+mask, webui/engine/face_parsing.py) in models/GFPGAN, CodeFormer's in
 models/Codeformer (`--gfpgan-models-path`, `--codeformer-models-path`); each is downloaded from its project's releases
 when first used (not with --offline). The networks run on the worker's thread, in float32 (A1111 runs them so too).
 """
@@ -21,13 +22,14 @@ from webui.engine.models import file_stamp
 from webui.schemas import DEFAULT_CODEFORMER_WEIGHT, InvalidRequest, known_restorer
 
 FACE_SIZE = 512  # what both networks draw: FFHQ's aligned faces
-DETECTOR = "detector"
+DETECTOR, PARSER = "detector", "parser"
 _FILES = {  # the file each network is read from when the folder has none of its own, and where it comes from
     "GFPGAN": ("GFPGANv1.4.pth", "https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth"),
     "CodeFormer": ("codeformer-v0.1.0.pth",
                    "https://github.com/sczhou/CodeFormer/releases/download/v0.1.0/codeformer.pth"),
     DETECTOR: ("detection_Resnet50_Final.pth",
                "https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth"),
+    PARSER: ("parsing_parsenet.pth", "https://github.com/xinntao/facexlib/releases/download/v0.2.2/parsing_parsenet.pth"),
 }
 _SUFFIXES = (".pth", ".safetensors")
 
@@ -47,7 +49,7 @@ class FaceRestorers:
 
     def __init__(self, gfpgan_folder: Path, codeformer_folder: Path, downloads: bool = True):
         self.folders = {"GFPGAN": Path(gfpgan_folder), "CodeFormer": Path(codeformer_folder),
-                        DETECTOR: Path(gfpgan_folder)}
+                        DETECTOR: Path(gfpgan_folder), PARSER: Path(gfpgan_folder)}
         self.downloads = downloads
         self._lock = threading.Lock()
         self._built: dict[str, tuple[Path, tuple, torch.nn.Module]] = {}
@@ -57,7 +59,7 @@ class FaceRestorers:
         folder (the last by name, so GFPGANv1.4 before v1.3), else the released file there."""
         folder = self.folders[network]
         name, url = _FILES[network]
-        if network != DETECTOR and folder.is_dir():
+        if network in ("GFPGAN", "CodeFormer") and folder.is_dir():
             prefix = network.lower()
             own = sorted(path for path in folder.iterdir()
                          if path.suffix in _SUFFIXES and path.name.lower().startswith(prefix) and path.is_file())
@@ -73,7 +75,7 @@ class FaceRestorers:
             raise FaceRestorationError(str(err)) from None
         if self.downloads:
             return
-        for network in (restorer, DETECTOR):
+        for network in (restorer, DETECTOR, PARSER):
             file = self.weight_file(network)
             if not file.path.is_file():
                 raise FaceRestorationError(
@@ -92,12 +94,15 @@ class FaceRestorers:
         faces = detect_faces(detector, picture)
         if not faces:
             return picture
-        net = self._network(restorer, device)
+        from webui.engine.face_parsing import face_mask
+
+        net, parser = self._network(restorer, device), self._network(PARSER, device)
         result = picture
         for face in faces:  # every face is taken from the picture as it was, as facexlib crops them all first
             aligned = align_face(picture, face, FACE_SIZE)
             restored = _draw_again(net, aligned.picture, restorer, codeformer_weight, device)
-            result = paste_face(result, restored, aligned.matrix)
+            # pasted through the face-parsing mask (facexlib's use_parse, as A1111 asks for it)
+            result = paste_face(result, restored, aligned.matrix, face_mask(parser, restored))
         return result
 
     def forget(self) -> None:
@@ -153,7 +158,13 @@ def _load_codeformer(path: Path) -> torch.nn.Module:
     return load_codeformer(path)
 
 
-_LOADERS = {DETECTOR: _load_detector, "GFPGAN": _load_gfpgan, "CodeFormer": _load_codeformer}
+def _load_parser(path: Path) -> torch.nn.Module:
+    from webui.engine.face_parsing import load_parser
+
+    return load_parser(path)
+
+
+_LOADERS = {DETECTOR: _load_detector, PARSER: _load_parser, "GFPGAN": _load_gfpgan, "CodeFormer": _load_codeformer}
 
 
 @torch.inference_mode()
