@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from webui.engine.upscaler_nets import read_weights
+from webui.engine.upscaler_nets import read_weights, weights_mismatch
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -257,26 +257,6 @@ class CodeFormer(nn.Module):
         return x, logits, latent
 
 
-def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], shown: int = 4) -> str:
-    """A short account of how a weights table differs from the network's, or '' where it matches."""
-    def listed(keys: list[str]) -> str:
-        more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
-        return ", ".join(keys[:shown]) + more
-
-    missing = [key for key in expected if key not in found]
-    unexpected = [key for key in found if key not in expected]
-    reshaped = [f"{key} is {list(found[key].shape)}, expected {list(expected[key].shape)}"
-                for key in expected if key in found and found[key].shape != expected[key].shape]
-    parts = []
-    if missing:
-        parts.append(f"missing {listed(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {listed(unexpected)}")
-    if reshaped:
-        parts.append(f"wrong shape: {listed(reshaped)}")
-    return "; ".join(parts)
-
-
 def load_codeformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     **architecture) -> CodeFormer:
     """CodeFormer with the weights of a `.pth` ({"params_ema": ...} or {"params": ...}, read without running
@@ -287,7 +267,7 @@ def load_codeformer(path: str | Path, device: str | torch.device = "cpu", dtype:
     state = read_weights(path)
     with torch.device("meta"):  # the weights come from the file: building the network costs no memory
         model = CodeFormer(**architecture)
-    problems = _mismatch(model.state_dict(), state)
+    problems = weights_mismatch(model.state_dict(), state)
     if problems:
         raise ValueError(f"{path.name} is not a CodeFormer weights file of this layout: {problems}")
     model.load_state_dict(state, assign=True)

@@ -27,7 +27,7 @@ from PIL import Image
 from scipy import ndimage
 from torch import nn
 
-from webui.engine.upscaler_nets import read_weights
+from webui.engine.upscaler_nets import read_weights, weights_mismatch
 
 # ---------------------------------------------------------------------------------------------------------------
 # The network
@@ -181,20 +181,6 @@ class RetinaFace(nn.Module):
         return run(self.BboxHead), F.softmax(run(self.ClassHead), dim=-1), run(self.LandmarkHead)
 
 
-def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], shown: int = 4) -> str:
-    """A short account of how a weights table differs from the network's, or '' where it matches."""
-    def listed(items: list[str]) -> str:
-        return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
-
-    missing = [key for key in expected if key not in found]
-    unexpected = [key for key in found if key not in expected]
-    reshaped = [f"{key} is {list(found[key].shape)}, expected {list(expected[key].shape)}"
-                for key in expected if key in found and found[key].shape != expected[key].shape]
-    parts = [f"{label} {listed(items)}" for label, items in
-             (("missing", missing), ("unexpected", unexpected), ("wrong shape:", reshaped)) if items]
-    return "; ".join(parts)
-
-
 def load_detector(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   **architecture) -> RetinaFace:
     """RetinaFace with the weights of a `.pth` (read without running pickled code) or `.safetensors` file, in eval
@@ -209,7 +195,7 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu", dtype: t
     for key in expected:  # files saved by older PyTorch lack BatchNorm's step counter, which inference never reads
         if key.endswith(".num_batches_tracked") and key not in state:
             state[key] = torch.zeros((), dtype=torch.long)
-    problems = _mismatch(expected, state)
+    problems = weights_mismatch(expected, state)
     if problems:
         raise ValueError(f"{path.name} is not a RetinaFace ResNet-50 weights file of this layout: {problems}")
     model.load_state_dict(state, assign=True)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from webui.engine.upscaler_nets import read_weights
+from webui.engine.upscaler_nets import read_weights, weights_mismatch
 
 PARSE_SIZE = 512  # ParseNet reads 512x512 faces; other sizes are resized first, as facexlib does
 
@@ -122,26 +122,6 @@ class ParseNet(nn.Module):
         return self.out_mask_conv(decoded), self.out_img_conv(decoded)
 
 
-def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], shown: int = 4) -> str:
-    """A short account of how a weights table differs from the network's, or '' where it matches."""
-    def listed(keys: list[str]) -> str:
-        more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
-        return ", ".join(keys[:shown]) + more
-
-    missing = [key for key in expected if key not in found]
-    unexpected = [key for key in found if key not in expected]
-    reshaped = [f"{key} is {list(found[key].shape)}, expected {list(expected[key].shape)}"
-                for key in expected if key in found and found[key].shape != expected[key].shape]
-    parts = []
-    if missing:
-        parts.append(f"missing {listed(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {listed(unexpected)}")
-    if reshaped:
-        parts.append(f"wrong shape: {listed(reshaped)}")
-    return "; ".join(parts)
-
-
 def load_parser(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 **architecture) -> ParseNet:
     """ParseNet with the weights of a `.pth` (a flat state dict, read without running pickled code) or
@@ -157,7 +137,7 @@ def load_parser(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     for key in expected:
         if key.endswith(".num_batches_tracked"):
             state.setdefault(key, torch.tensor(0, dtype=torch.long))
-    problems = _mismatch(expected, state)
+    problems = weights_mismatch(expected, state)
     if problems:
         raise ValueError(f"{path.name} is not a ParseNet face-parsing weights file (parsing_parsenet.pth layout): "
                          f"{problems}")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from webui.engine.upscaler_nets import read_weights
+from webui.engine.upscaler_nets import read_weights, weights_mismatch
 
 
 def _upsample(x: torch.Tensor) -> torch.Tensor:
@@ -260,21 +260,6 @@ class GFPGANv1Clean(nn.Module):
         return self.stylegan_decoder(latent, conditions).clamp(-1, 1)
 
 
-def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], shown: int = 4) -> str:
-    """A short account of how a weights table differs from the network's, or '' where it matches."""
-    def listed(keys: list[str]) -> str:
-        more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
-        return ", ".join(keys[:shown]) + more
-
-    missing = [key for key in expected if key not in found]
-    unexpected = [key for key in found if key not in expected]
-    reshaped = [f"{key} is {list(found[key].shape)}, expected {list(expected[key].shape)}"
-                for key in expected if key in found and found[key].shape != expected[key].shape]
-    parts = [f"{what} {listed(keys)}" for what, keys in
-             (("missing", missing), ("unexpected", unexpected), ("wrong shape:", reshaped)) if keys]
-    return "; ".join(parts)
-
-
 def load_gfpgan(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 **architecture) -> GFPGANv1Clean:
     """GFPGANv1Clean with the weights of a `.pth` ({"params_ema": ...} or {"params": ...}, read without running
@@ -288,7 +273,7 @@ def load_gfpgan(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     state = read_weights(path)
     with torch.device("meta"):  # the weights come from the file: building the network costs no memory
         model = GFPGANv1Clean(**architecture)
-    problems = _mismatch(model.state_dict(), state)
+    problems = weights_mismatch(model.state_dict(), state)
     if problems:
         raise ValueError(f"{path.name} is not a GFPGANv1 clean weights file of this layout: {problems}")
     model.load_state_dict(state, assign=True)

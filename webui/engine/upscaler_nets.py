@@ -210,3 +210,18 @@ def upscale_tensor(network: nn.Module, picture: torch.Tensor, tile: int = 192, m
             out[..., top * scale:bottom * scale, left * scale:right * scale] = result[
                 ..., (top - y0) * scale:(bottom - y0) * scale, (left - x0) * scale:(right - x0) * scale]
     return out.clamp_(0, 1)
+
+
+def weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], shown: int = 4) -> str:
+    """A short account of how a weights table differs from a network's (missing, unexpected and wrong-shaped keys,
+    a few of each), or '' where it matches: what a refused weight file's message says."""
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    reshaped = [f"{key} is {list(found[key].shape)}, expected {list(expected[key].shape)}"
+                for key in expected if key in found and found[key].shape != expected[key].shape]
+    parts = [f"{what} {listed(keys)}" for what, keys in
+             (("missing", missing), ("unexpected", unexpected), ("wrong shape:", reshaped)) if keys]
+    return "; ".join(parts)
