@@ -401,19 +401,19 @@ def test_png_info_says_when_a_file_is_no_image_and_drops_the_old_parameters(page
 
 def test_png_info_send_keeps_the_sampler_and_warns_about_a_schedule_we_lack(page, tmp_path):
     info = PngInfo()
-    info.add_text("parameters", "a lake\nSteps: 9, Sampler: DPM++ 2M, Schedule type: Normal, CFG scale: 5, "
+    info.add_text("parameters", "a lake\nSteps: 9, Sampler: DPM++ 2M, Schedule type: Linear Quadratic, CFG scale: 5, "
                                 "Seed: 12, Size: 64x64")
-    Image.new("RGB", (32, 32), "navy").save(tmp_path / "normal.png", pnginfo=info)
+    Image.new("RGB", (32, 32), "navy").save(tmp_path / "quadratic.png", pnginfo=info)
 
     page.get_by_role("tab", name="PNG Info").click()
-    page.locator("#pnginfo_image input[type=file]").set_input_files(str(tmp_path / "normal.png"))
-    expect_text(page, "#pnginfo_params", "Normal")
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(tmp_path / "quadratic.png"))
+    expect_text(page, "#pnginfo_params", "Linear Quadratic")  # ComfyUI's, not A1111's
     page.click("#pnginfo_send")
     playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value("12")
     playwright_api.expect(page.locator("#txt2img_sampler input")).to_have_value("DPM++ 2M")
     # DPM++ 2M's own schedule type, which Automatic stands for
     playwright_api.expect(page.locator("#txt2img_scheduler input")).to_have_value("Karras")
-    expect_text(page, "body", "Schedule type not applied: unknown schedule type 'Normal'")
+    expect_text(page, "body", "Schedule type not applied: unknown schedule type 'Linear Quadratic'")
 
 
 def test_the_history_highlight_follows_the_selected_image_when_new_ones_push_it_along(page):
