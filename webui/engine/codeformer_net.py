@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from webui.engine.upscaler_nets import read_weights, weights_mismatch
+from webui.engine.upscaler_nets import load_network, read_weights
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -264,11 +264,5 @@ def load_codeformer(path: str | Path, device: str | torch.device = "cpu", dtype:
     arguments where they differ from the published configuration (tests' tiny networks). A file whose keys or
     shapes do not fit raises ValueError naming the file and the first differences."""
     path = Path(path)
-    state = read_weights(path)
-    with torch.device("meta"):  # the weights come from the file: building the network costs no memory
-        model = CodeFormer(**architecture)
-    problems = weights_mismatch(model.state_dict(), state)
-    if problems:
-        raise ValueError(f"{path.name} is not a CodeFormer weights file of this layout: {problems}")
-    model.load_state_dict(state, assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return load_network(path, lambda: CodeFormer(**architecture), "a CodeFormer weights file", read_weights(path),
+                        device, dtype)

@@ -27,7 +27,7 @@ from PIL import Image
 from scipy import ndimage
 from torch import nn
 
-from webui.engine.upscaler_nets import read_weights, weights_mismatch
+from webui.engine.upscaler_nets import load_network, read_weights
 
 # ---------------------------------------------------------------------------------------------------------------
 # The network
@@ -189,17 +189,8 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu", dtype: t
     networks). A file whose keys or shapes do not fit raises ValueError naming the file and the differences."""
     path = Path(path)
     state = {key.removeprefix("module."): value for key, value in read_weights(path).items()}
-    with torch.device("meta"):  # the weights come from the file: building the network costs no memory
-        model = RetinaFace(**architecture)
-    expected = model.state_dict()
-    for key in expected:  # files saved by older PyTorch lack BatchNorm's step counter, which inference never reads
-        if key.endswith(".num_batches_tracked") and key not in state:
-            state[key] = torch.zeros((), dtype=torch.long)
-    problems = weights_mismatch(expected, state)
-    if problems:
-        raise ValueError(f"{path.name} is not a RetinaFace ResNet-50 weights file of this layout: {problems}")
-    model.load_state_dict(state, assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return load_network(path, lambda: RetinaFace(**architecture), "a RetinaFace ResNet-50 weights file", state,
+                        device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from webui.engine.upscaler_nets import read_weights, weights_mismatch
+from webui.engine.upscaler_nets import load_network, read_weights
 
 PARSE_SIZE = 512  # ParseNet reads 512x512 faces; other sizes are resized first, as facexlib does
 
@@ -129,20 +129,8 @@ def load_parser(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     from the published configuration (tests' tiny networks). A file whose keys or shapes do not fit raises
     ValueError naming the file and the first differences."""
     path = Path(path)
-    state = dict(read_weights(path))
-    with torch.device("meta"):  # the weights come from the file: building the network costs no memory
-        model = ParseNet(**architecture)
-    expected = model.state_dict()
-    # BatchNorm's step counter is unused in eval mode, and files saved by old PyTorch versions lack it
-    for key in expected:
-        if key.endswith(".num_batches_tracked"):
-            state.setdefault(key, torch.tensor(0, dtype=torch.long))
-    problems = weights_mismatch(expected, state)
-    if problems:
-        raise ValueError(f"{path.name} is not a ParseNet face-parsing weights file (parsing_parsenet.pth layout): "
-                         f"{problems}")
-    model.load_state_dict(state, assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    what = "a ParseNet face-parsing weights file (parsing_parsenet.pth)"
+    return load_network(path, lambda: ParseNet(**architecture), what, read_weights(path), device, dtype)
 
 
 def gaussian_kernel(size: int, sigma: float) -> np.ndarray:

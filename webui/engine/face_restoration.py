@@ -29,7 +29,8 @@ _FILES = {  # the file each network is read from when the folder has none of its
                    "https://github.com/sczhou/CodeFormer/releases/download/v0.1.0/codeformer.pth"),
     DETECTOR: ("detection_Resnet50_Final.pth",
                "https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth"),
-    PARSER: ("parsing_parsenet.pth", "https://github.com/xinntao/facexlib/releases/download/v0.2.2/parsing_parsenet.pth"),
+    PARSER: ("parsing_parsenet.pth",
+             "https://github.com/xinntao/facexlib/releases/download/v0.2.2/parsing_parsenet.pth"),
 }
 _SUFFIXES = (".pth", ".safetensors")
 

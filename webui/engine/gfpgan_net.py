@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from webui.engine.upscaler_nets import read_weights, weights_mismatch
+from webui.engine.upscaler_nets import load_network, read_weights
 
 
 def _upsample(x: torch.Tensor) -> torch.Tensor:
@@ -270,11 +270,5 @@ def load_gfpgan(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     float16 is risky: the demodulation sums squared modulated weights, which can pass float16's range (spandrel,
     A1111's loader, marks GFPGAN as not float16-safe, bfloat16-safe)."""
     path = Path(path)
-    state = read_weights(path)
-    with torch.device("meta"):  # the weights come from the file: building the network costs no memory
-        model = GFPGANv1Clean(**architecture)
-    problems = weights_mismatch(model.state_dict(), state)
-    if problems:
-        raise ValueError(f"{path.name} is not a GFPGANv1 clean weights file of this layout: {problems}")
-    model.load_state_dict(state, assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return load_network(path, lambda: GFPGANv1Clean(**architecture), "a GFPGANv1 clean weights file",
+                        read_weights(path), device, dtype)

@@ -225,3 +225,23 @@ def weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.T
     parts = [f"{what} {listed(keys)}" for what, keys in
              (("missing", missing), ("unexpected", unexpected), ("wrong shape:", reshaped)) if keys]
     return "; ".join(parts)
+
+
+def load_network(path: Path, build, what: str, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The network `build()` makes, with the weights table `state` read from `path`, in eval mode on `device` as
+    `dtype`. It is built on the meta device (the weights come from the file: no memory spent twice). BatchNorm's step
+    counters, which inference never reads and files saved by old PyTorch lack, are filled in. A table that does not
+    fit raises ValueError: "<file> is not <what> of this layout: <the differences>"."""
+    with torch.device("meta"):
+        model = build()
+    expected = model.state_dict()
+    state = dict(state)
+    for key in expected:
+        if key.endswith(".num_batches_tracked"):
+            state.setdefault(key, torch.zeros((), dtype=torch.long))
+    problems = weights_mismatch(expected, state)
+    if problems:
+        raise ValueError(f"{path.name} is not {what} of this layout: {problems}")
+    model.load_state_dict(state, assign=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
