@@ -1,8 +1,10 @@
 """Hires fix: A1111's sizes and step counts, the second pass through the worker, its infotext, refusals."""
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-from webui.engine.hires import crop_center, hires_size, schedule_steps, upscale_latents
+from webui.engine.hires import crop_center, crop_center_picture, hires_size, schedule_steps, upscale_latents
 from webui.engine.img2img import pipeline_strength
 from webui.schemas import GenerationRequest, InvalidRequest, JobState, parse_request
 from webui.storage.infotext import request_fields_from_infotext
@@ -264,3 +266,16 @@ def test_the_second_pass_draws_from_fresh_generators_as_a1111(services, monkeypa
         fresh = torch.Generator("cpu").manual_seed(seed)
         torch.randn((1, channels, 96 // factor, 96 // factor), generator=fresh)  # the hires start noise
         assert torch.equal(state, fresh.get_state())
+
+
+def test_a_cropped_hires_picture_is_the_part_whose_latents_are_kept():
+    """The hires pass gives an inpainting model the enlarged picture cropped as its latents are cropped."""
+    factor, blocks = 8, (10, 7)  # a picture of 10 x 7 blocks, each block one latent
+    columns, rows = np.meshgrid(np.arange(blocks[0]), np.arange(blocks[1]))
+    pixels = np.stack([columns * 20, rows * 30, np.zeros_like(columns)], -1).astype(np.uint8)
+    picture = Image.fromarray(pixels.repeat(factor, 0).repeat(factor, 1))
+    latents = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    kept = crop_center(latents, (4, 3))[0].permute(1, 2, 0).numpy()
+    cropped = crop_center_picture(picture, (4 * factor, 3 * factor), factor)
+    assert cropped.size == (32, 24)
+    assert (np.asarray(cropped)[::factor, ::factor] == kept).all()

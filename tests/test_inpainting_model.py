@@ -160,3 +160,115 @@ def test_an_sd2_inpainting_single_file_without_a_yaml_loads_as_512_epsilon(tmp_p
     pipe.text_encoder.config.save_pretrained(config / "text_encoder")
     loaded = load_single_file_pipeline(path, torch.float32, config_dir=config)
     assert loaded.unet.config.in_channels == 9 and loaded.scheduler.config.prediction_type == "epsilon"
+
+
+# A1111's Inpainting conditioning mask strength ("Conditional mask weight")
+
+def halfway_to_grey(picture: Image.Image) -> Image.Image:
+    """The picture moved half way to A1111's grey, worked out by PIL (the engine computes it with numpy)."""
+    return Image.blend(Image.new("RGB", picture.size, (128, 128, 128)), picture.convert("RGB"), 0.5)
+
+
+def test_the_mask_strength_lets_the_picture_show_through_the_grey():
+    picture = Image.new("RGB", (16, 16), (255, 0, 40))
+    mask = Image.new("L", (16, 16))
+    mask.paste(255, (0, 0, 8, 16))
+
+    def as_pixels(image):  # stands in for the VAE: the pixel values themselves
+        return torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1)[None]
+
+    half = masked_picture_input(as_pixels, (16, 16), picture, mask, weight=0.5)
+    assert (half[0, 0, :, :8] == 1).all() and (half[0, 0, :, 8:] == 0).all()  # the mask channel is not weakened
+    expected = torch.from_numpy(np.asarray(halfway_to_grey(picture), np.float32)).permute(2, 0, 1)
+    assert (half[0, 1:, :, :8] - expected[:, :, :8]).abs().max() <= 1  # half way to grey under the mask
+    assert (half[0, 1:, :, 8:] == expected.new_tensor([255, 0, 40])[:, None, None]).all()  # the rest untouched
+    none = masked_picture_input(as_pixels, (16, 16), picture, mask, weight=0.0)
+    assert (none[0, 1:] == expected.new_tensor([255, 0, 40])[:, None, None]).all()  # nothing greyed out
+    rows = masked_picture_input(as_pixels, (16, 16), [picture, Image.new("RGB", (16, 16))], weight=0.5)
+    assert rows.shape == (2, 4, 16, 16) and (rows[:, 0] == 1).all()  # a row per picture, each all drawn
+    assert (rows[1, 1:] - 64).abs().max() <= 1  # black half way to grey
+
+
+def extra_picture_channels(engine, call: int = 0) -> torch.Tensor:
+    return engine.unet_inputs[call][:1, 5:]
+
+
+def test_img2img_on_an_inpainting_model_reads_its_picture_greyed_out_by_the_mask_strength(engine):
+    picture = noise_picture(5)
+    request = GenerationRequest(prompt="x", steps=2, denoising_strength=0.5, init_image=image_sha1(picture),
+                                width=64, height=64)
+    with torch.inference_mode():
+        grey = engine.encode(Image.new("RGB", (64, 64), (128, 128, 128)))
+        half = engine.encode(halfway_to_grey(picture))
+    full = run(engine, request, init_image=picture)
+    assert torch.allclose(extra_picture_channels(engine), grey)  # unset: 1, all grey (A1111's default)
+    weakened = run(engine, request.model_copy(update={"inpainting_mask_weight": 0.5}), init_image=picture)
+    assert torch.allclose(extra_picture_channels(engine), half, atol=0.05)
+    assert (engine.unet_inputs[0][:, 4] == 1).all()
+    assert np.abs(full[0] - weakened[0]).max() > 0  # the model was given something else: a different picture
+
+
+def test_inpainting_reads_the_masked_part_half_greyed_at_half_strength(engine):
+    picture = noise_picture(6)
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (0, 0, 32, 64))
+    request = GenerationRequest(prompt="x", steps=2, denoising_strength=0.6, mask_blur=0, inpainting_mask_weight=0.5)
+    width, height, start, inpainting = prepare_inpainting(picture, read_mask(mask, picture.size), request)
+    request = request.model_copy(update={"init_image": image_sha1(picture), "mask": image_sha1(mask),
+                                         "width": width, "height": height})
+    [image] = run(engine, request, init_image=start, inpainting=inpainting)
+    kept = Image.composite(halfway_to_grey(picture), picture, mask)
+    with torch.inference_mode():
+        expected = engine.encode(kept)
+    assert torch.allclose(extra_picture_channels(engine), expected, atol=0.05)
+    assert (image[:, 32:] == np.asarray(picture, np.int16)[:, 32:]).all()  # outside the mask: the picture's
+
+
+@pytest.mark.parametrize("upscaler", ["Lanczos", "Latent"])
+def test_the_hires_pass_reads_the_enlarged_first_pass_greyed_out_by_the_mask_strength(engine, upscaler):
+    base = GenerationRequest(prompt="x", steps=2, width=64, height=64, seed=4)
+    [first] = run(engine, base)
+    request = base.model_copy(update={"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5,
+                                      "hr_upscaler": upscaler})
+    run(engine, request)
+    with torch.inference_mode():
+        grey = engine.encode(Image.new("RGB", (96, 96), (128, 128, 128)))
+    assert torch.allclose(extra_picture_channels(engine, -1), grey)  # strength 1: grey, as txt2img
+    run(engine, request.model_copy(update={"inpainting_mask_weight": 0.5}))
+    seen = extra_picture_channels(engine, -1)
+    assert seen.shape[-2:] == (48, 48) and not torch.allclose(seen, grey, atol=0.05)
+    if upscaler == "Lanczos":  # the first pass's picture enlarged (as the upscaler enlarges it), half way to grey
+        enlarged = engine.upscale_picture(Image.fromarray(first.astype(np.uint8)), (96, 96), upscaler)
+        with torch.inference_mode():
+            expected = engine.encode(halfway_to_grey(enlarged))
+        assert torch.allclose(seen, expected, atol=0.05)
+
+
+def test_the_mask_strength_comes_from_the_settings_and_goes_into_the_infotext_and_back(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tests.helpers import running_services
+    from webui.api import create_api_app
+    from webui.storage.infotext import request_fields_from_infotext
+
+    save_tiny_model(tmp_path / "models" / "tiny-inpainting", in_channels=9)
+    started = running_services(tmp_path / "models", tmp_path / "outputs", ckpt="tiny-inpainting")
+    body = {"prompt": "x", "steps": 1, "width": 64, "height": 64}
+    try:
+        with TestClient(create_api_app(next(started))) as client:
+            overridden = client.post("/sdapi/v1/txt2img", json=body | {
+                "override_settings": {"inpainting_mask_weight": 0.25}})
+            assert client.post("/sdapi/v1/options", json={"inpainting_mask_weight": 0.75}).status_code == 200
+            assert client.get("/sdapi/v1/options").json()["inpainting_mask_weight"] == 0.75
+            from_settings = client.post("/sdapi/v1/txt2img", json=body)
+            pasted = client.post("/sdapi/v1/txt2img", json=body | {
+                "infotext": json.loads(overridden.json()["info"])["infotexts"][0]})
+            refused = client.post("/sdapi/v1/txt2img", json=body | {
+                "override_settings": {"inpainting_mask_weight": 1.5}})
+    finally:
+        started.close()
+    assert "Conditional mask weight: 0.25" in json.loads(overridden.json()["info"])["infotexts"][0]
+    assert "Conditional mask weight: 0.75" in json.loads(from_settings.json()["info"])["infotexts"][0]
+    assert "Conditional mask weight: 0.25" in json.loads(pasted.json()["info"])["infotexts"][0]
+    assert refused.status_code == 422 and "override_settings.inpainting_mask_weight" in refused.text
+    assert request_fields_from_infotext("x\nSteps: 2, Seed: 1, Conditional mask weight: 0.4")["inpainting_mask_weight"] == 0.4

@@ -156,6 +156,10 @@ class GenerationRequest(BaseModel):
                                                "(None: the Settings tab's)")
     code_former_weight: float | None = Field(None, ge=0.0, le=1.0, description="CodeFormer's weight, 0 to 1: 0 changes "
                                              "the face most, 1 least (None: the Settings tab's)")
+    inpainting_mask_weight: float | None = Field(None, ge=0.0, le=1.0, description="a model made for inpainting: how "
+                                                 "far the picture it is given is greyed out where it is drawn again, "
+                                                 "0 to 1 (below 1 it keeps more of the start picture; img2img, "
+                                                 "inpainting and the hires pass; None: the Settings tab's)")
     color_correction: bool = Field(False, description="img2img: each result's colours matched to those of the picture "
                                                       "it started from, its lightness kept (A1111's setting)")
     # A1111's sampler options that leave the negative prompt out of some model calls (webui/engine/uncond_skip.py).

@@ -338,6 +338,8 @@ class Worker:
             request = request.model_copy(update={"face_restoration_model": settings.face_restoration_model})
         if request.code_former_weight is None:
             request = request.model_copy(update={"code_former_weight": settings.code_former_weight})
+        if request.inpainting_mask_weight is None:
+            request = request.model_copy(update={"inpainting_mask_weight": settings.inpainting_mask_weight})
         return request
 
     def _check_runnable(self, request: GenerationRequest) -> None:
@@ -936,8 +938,8 @@ class Worker:
             **_soft_inpainting_infotext(request),
             "SD upscale overlap": request.sd_upscale_overlap if request.sd_upscale else None,
             "SD upscale upscaler": request.sd_upscale_upscaler if request.sd_upscale else None,
-            # As A1111 says of a model made for inpainting: how much of its masked picture it was given (all).
-            "Conditional mask weight": 1.0 if model.inpainting else None,
+            # As A1111, of a model made for inpainting: how far its start picture was greyed out
+            "Conditional mask weight": request.inpainting_mask_weight if model.inpainting else None,
             "Image CFG scale": request.image_cfg_scale if model.edit and request.is_img2img else None,
             "Model hash": model.short_hash,
             "Model": model.entry.name,

@@ -180,6 +180,8 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     data["restore_faces"] = pasted.get("restore_faces", False) if req.restore_faces is None else req.restore_faces
     data["face_restoration_model"] = overrides.get("face_restoration_model", pasted.get("face_restoration_model"))
     data["code_former_weight"] = overrides.get("code_former_weight")
+    # A1111's Inpainting conditioning mask strength: override_settings, else an infotext's, else the Settings tab's
+    data["inpainting_mask_weight"] = overrides.get("inpainting_mask_weight", pasted.get("inpainting_mask_weight"))
     data |= token_merging_fields(req, pasted, default_options)
     script, refused = script_fields(req)
     data |= script
@@ -443,6 +445,7 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
     names["emphasis"] = "override_settings.emphasis"
     names["face_restoration_model"] = "override_settings.face_restoration_model"
     names["code_former_weight"] = "override_settings.code_former_weight"
+    names["inpainting_mask_weight"] = "override_settings.inpainting_mask_weight"
     return names
 
 

@@ -27,7 +27,7 @@ from webui.engine.embeddings import EmbeddingSet, load_embeddings, used_embeddin
 from webui.engine.tiling import seamless
 from webui.engine.hypernetworks import HypernetworkLibrary, bent_attention, hypernetwork_uses
 from webui.engine.hires import (
-    LATENT_UPSCALERS, crop_center, hires_size, schedule_steps, upscale_latents,
+    LATENT_UPSCALERS, crop_center, crop_center_picture, hires_size, schedule_steps, upscale_latents,
 )
 from webui.engine.img2img import pipeline_strength
 from webui.engine.inpaint import Inpainting
@@ -156,6 +156,12 @@ def _noised_latents(pipe, noise: torch.Tensor, extra: float, image: torch.Tensor
         scale = pipe.scheduler.add_noise(torch.ones_like(image), torch.zeros_like(noise), timestep)
         latents = latents + scale * extra * noise
     return latents
+
+
+def _mask_weight(request: GenerationRequest | None) -> float:
+    """A1111's Inpainting conditioning mask strength for a run (none given: 1, all greyed out)."""
+    weight = None if request is None else request.inpainting_mask_weight
+    return 1.0 if weight is None else weight
 
 
 def _nan_advice(dtype: torch.dtype) -> str:
@@ -846,10 +852,23 @@ class Engine:
             return EditPicture(latents, request.cfg_scale, request.image_cfg_scale)
         if not takes_masked_picture(unet):
             return None
+        weight = _mask_weight(request)
         if inpainting is None:
-            return masked_picture_input(self.encode, size)
+            return masked_picture_input(self.encode, size, picture if weight < 1 else None, weight=weight)
         return masked_picture_input(self.encode, size, picture, inpainting.mask,
-                                    rounded=not (request and request.soft_inpainting))
+                                    rounded=not (request and request.soft_inpainting), weight=weight)
+
+    def _hires_extra_channels(self, size: tuple[int, int], latents: torch.Tensor,
+                              pictures: list[Image.Image] | None, request: GenerationRequest
+                              ) -> torch.Tensor | EditPicture | None:
+        """The hires pass's extra input, by the model that runs it. An inpainting model's picture is the enlarged
+        first pass (`pictures`, else, as A1111 does for this alone, the enlarged latents decoded) where the mask
+        strength lets it show; otherwise grey, as in txt2img."""
+        if not takes_masked_picture(self.pipe.unet) or _mask_weight(request) >= 1:
+            return self._extra_channels(size)
+        if pictures is None:
+            pictures = to_pil_images(self.decode(latents))
+        return masked_picture_input(self.encode, size, pictures, weight=_mask_weight(request))
 
     def _start_latents(self, picture: Image.Image | list[Image.Image], size: tuple[int, int],
                        count: int) -> torch.Tensor:
@@ -992,10 +1011,12 @@ class Engine:
         if request.hr_checkpoint_name:  # A1111's Hires checkpoint runs the second pass (a refiner may take over later)
             self._take_over(request, run, "hr_checkpoint_name")
         if pictures is not None:  # decoded by the first pass's VAE, encoded by the second's, as A1111 does
-            latents = torch.cat([self.encode(self.upscale_picture(picture, size.upscaled, request.hr_upscaler))
-                                 for picture in pictures])
+            pictures = [self.upscale_picture(picture, size.upscaled, request.hr_upscaler) for picture in pictures]
+            latents = torch.cat([self.encode(picture) for picture in pictures])
         final = (size.final[0] // factor, size.final[1] // factor)
         latents = crop_center(latents, final)
+        if pictures is not None:  # as the latents: the middle of each
+            pictures = [crop_center_picture(picture, size.final, factor) for picture in pictures]
         # A1111 runs exactly the hires steps, as the last of a longer schedule that starts denoising_strength deep.
         schedule = schedule_steps(request.hires_steps, request.denoising_strength)
         start = {"image": latents.contiguous(), "strength": pipeline_strength(request.hires_steps, schedule)}
@@ -1005,7 +1026,8 @@ class Engine:
         pipe = self._img2img_pipeline(self._start_noise(run, (final[1], final[0])), request.img2img_extra_noise)
         run.hypernetworks = run.hires_hypernetworks
         return self._denoise(pipe, request, run, _hires_phases(request), request.hires_steps, schedule, start,
-                             self._extra_channels(size.final), request.hires_sampler, request.hires_token_merging_ratio)
+                             self._hires_extra_channels(size.final, latents, pictures, request), request.hires_sampler,
+                             request.hires_token_merging_ratio)
 
     def _start_noise(self, run: "_Run", size: tuple[int, int]) -> torch.Tensor:
         """Each image's noise at `size` (latent height, width), drawn from the run's generator as diffusers draws

@@ -73,6 +73,15 @@ def upscale_latents(latents: torch.Tensor, upscaler: str, size: tuple[int, int])
 
 def crop_center(latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The middle `size` (width x height) of the latents."""
-    height, width = latents.shape[-2:]
-    top, left = (height - size[1]) // 2, (width - size[0]) // 2
+    left, top = _middle(latents.shape[-1], latents.shape[-2], size)
     return latents[..., top:top + size[1], left:left + size[0]]
+
+
+def crop_center_picture(picture: Image.Image, size: tuple[int, int], factor: int) -> Image.Image:
+    """The part of a picture that crop_center keeps of its latents (`size` in pixels, `factor` pixels a latent)."""
+    left, top = _middle(picture.width // factor, picture.height // factor, (size[0] // factor, size[1] // factor))
+    return picture.crop((left * factor, top * factor, left * factor + size[0], top * factor + size[1]))
+
+
+def _middle(width: int, height: int, size: tuple[int, int]) -> tuple[int, int]:
+    return (width - size[0]) // 2, (height - size[1]) // 2

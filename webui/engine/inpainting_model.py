@@ -1,8 +1,10 @@
 """Models made for inpainting (sd-v1-5-inpainting and its kin): their UNet reads 9 channels, the 4 of the latents
 and 5 that say what to keep: a mask (1 where the picture is drawn again) and the latents of the picture with
 that part greyed out. As A1111 gives them:
-- txt2img, img2img and the hires fix's second pass: all drawn again, from a grey picture;
+- txt2img: all drawn again, from a grey picture;
+- img2img and the hires fix's second pass: all drawn again, from the start picture greyed out;
 - inpainting: the mask, rounded, and the start picture greyed out under it.
+How far greyed out is A1111's Inpainting conditioning mask strength (1: all grey, the default).
 The 5 channels are added to every UNet call of a pass by a forward pre-hook, so diffusers' txt2img and img2img
 pipelines run these models unchanged.
 """
@@ -21,6 +23,7 @@ from webui.engine.unet_hooks import removed_after
 INPAINTING_CHANNELS = 9  # 4 latents + 1 mask + 4 masked-picture latents
 EDIT_CHANNELS = 8  # instruct-pix2pix: 4 latents + 4 of the picture to edit (webui/engine/instruct_pix2pix.py)
 UNET_INPUTS = (4, INPAINTING_CHANNELS, EDIT_CHANNELS)  # the UNets that load: text to image, inpainting, pix2pix
+GREY = 128  # 0 in the VAE's -1..1, as A1111's 0.5
 
 
 def takes_masked_picture(unet) -> bool:
@@ -35,20 +38,32 @@ def unet_refusal(name: str, in_channels: int) -> str:
 
 
 def masked_picture_input(encode: Callable[[Image.Image], torch.Tensor], size: tuple[int, int],
-                         picture: Image.Image | None = None, mask: Image.Image | None = None,
-                         rounded: bool = True) -> torch.Tensor:
-    """The 5 extra channels (one row) at `size` (pixels, width x height): with no picture, all to be drawn from
-    grey; else the picture greyed out where the mask ("L", the picture's size) is at least half on (not rounded:
-    greyed as far as the mask covers it, as A1111 gives it with soft inpainting)."""
+                         picture: Image.Image | list[Image.Image] | None = None, mask: Image.Image | None = None,
+                         rounded: bool = True, weight: float = 1.0) -> torch.Tensor:
+    """The 5 extra channels at `size` (pixels, width x height): the mask ("L", the picture's size; none: all of it
+    drawn), at least half on where rounded (not rounded: as far as it covers, as A1111 gives it with soft
+    inpainting), and the picture greyed out under it. `weight` is A1111's Inpainting conditioning mask strength:
+    below 1 the picture shows through the grey, so the model keeps more of it. No picture: all grey (txt2img). A
+    list of pictures gives a row each."""
     if mask is None:
         drawn = np.ones((size[1], size[0]), np.float32)
     else:
         drawn = (np.asarray(mask) >= 128).astype(np.float32) if rounded else np.asarray(mask, np.float32) / 255
-    grey = Image.new("RGB", size, (128, 128, 128))  # 0 in the VAE's -1..1, as A1111's 0.5
-    masked = grey if picture is None else Image.composite(grey, picture, Image.fromarray(np.round(drawn * 255).astype(np.uint8)))
-    latents = encode(masked)
+    pictures = picture if isinstance(picture, list) else [picture]
+    latents = torch.cat([encode(_greyed_out(one, size, drawn, weight)) for one in pictures])
     small = F.interpolate(torch.from_numpy(drawn)[None, None], size=latents.shape[-2:])
-    return torch.cat([small.to(latents.device, latents.dtype), latents], dim=1)
+    return torch.cat([small.to(latents.device, latents.dtype).expand(latents.shape[0], -1, -1, -1), latents], dim=1)
+
+
+def _greyed_out(picture: Image.Image | None, size: tuple[int, int], drawn: np.ndarray, weight: float) -> Image.Image:
+    """The picture (stretched to `size`) moved towards grey by `weight` times the mask; no picture: grey."""
+    if picture is None:
+        return Image.new("RGB", size, (GREY,) * 3)
+    if picture.size != size:  # a start picture kept at its own size (resize mode "Just resize (latent upscale)")
+        picture = picture.resize(size, Image.LANCZOS)
+    kept = (1 - weight * drawn)[..., None]
+    pixels = GREY + (np.asarray(picture.convert("RGB"), np.float32) - GREY) * kept
+    return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
 
 
 @contextlib.contextmanager

@@ -71,6 +71,7 @@ _REQUEST_FIELDS = {
     "NGMS all steps": ("s_min_uncond_all", lambda value: value.strip().lower() == "true"),
     "Noise multiplier": ("initial_noise_multiplier", float),
     "Image CFG scale": ("image_cfg_scale", float),
+    "Conditional mask weight": ("inpainting_mask_weight", float),
     "Emphasis": ("emphasis", str),
     "Extra noise": ("img2img_extra_noise", float),
     "Eta DDIM": ("eta_ddim", float),

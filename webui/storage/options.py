@@ -57,6 +57,9 @@ class SavedOptions(BaseModel):
                                                  f"uses: {' or '.join(FACE_RESTORERS)}")
     code_former_weight: float = Field(DEFAULT_CODEFORMER_WEIGHT, ge=0.0, le=1.0, description="CodeFormer's weight, 0 "
                                       "to 1: 0 changes a face most, 1 least")
+    inpainting_mask_weight: float = Field(1.0, ge=0.0, le=1.0, description="Inpainting conditioning mask strength: "
+                                          "how far a model made for inpainting sees its start picture greyed out "
+                                          "where it draws, 0 to 1 (below 1 it keeps more of the picture)")
 
     @field_validator("samples_format", "grid_format", mode="before")
     @classmethod

@@ -19,7 +19,8 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "grid_save_to_dirs": "Save grids to a subdirectory", "directories_filename_pattern": "Directory name pattern",
           "save_txt": "Create a text file next to every image with generation parameters",
           "enable_prompt_comments": "Enable comments", "emphasis": "Emphasis mode",
-          "face_restoration_model": "Face restoration model", "code_former_weight": "CodeFormer weight"}
+          "face_restoration_model": "Face restoration model", "code_former_weight": "CodeFormer weight",
+          "inpainting_mask_weight": "Inpainting conditioning mask strength"}
 
 
 class SettingsActions:
@@ -133,6 +134,10 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
         "code_former_weight": gr.Slider(
             0, 1, value=current.code_former_weight, step=0.01, label=LABELS["code_former_weight"],
             info="0 changes a face most, 1 least", elem_id="settings_code_former_weight", interactive=editable),
+        "inpainting_mask_weight": gr.Slider(
+            0, 1, value=current.inpainting_mask_weight, step=0.01, label=LABELS["inpainting_mask_weight"],
+            info="models made for inpainting: 1 greys out all they draw again, lower keeps more of the start picture",
+            elem_id="settings_inpainting_mask_weight", interactive=editable),
     }
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=editable)
     result = gr.HTML("", elem_id="settings_result")
