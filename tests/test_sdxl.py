@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -157,6 +158,31 @@ def test_a_long_prompt_takes_two_chunks_and_its_pooled_vector_is_the_first_chunk
 
 def test_clip_skip_is_ignored_as_a1111_does_for_sdxl(engine):
     assert (draw(engine, clip_skip=2)[0] == draw(engine, clip_skip=1)[0]).all()
+    assert (draw(engine, clip_skip=3, sdxl_clip_l_skip=False)[0] == draw(engine, clip_skip=1)[0]).all()
+
+
+def test_clip_skip_sdxl_reads_clip_skip_in_clip_l_alone_without_its_final_norm(engine):
+    """A1111's Clip skip SDXL: CLIP-L's hidden states that far from the end; bigG's penultimate layer as always."""
+    pipe = engine.pipe
+
+    def layers(encoder, tokenizer, text):
+        ids = tokenizer(text, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        return encoder(ids, output_hidden_states=True).hidden_states
+
+    with torch.no_grad():
+        clip_l, big_g = layers(pipe.text_encoder, pipe.tokenizer, "a red apple"), layers(
+            pipe.text_encoder_2, pipe.tokenizer_2, "a red apple")
+        default = encode_sdxl_pair(pipe, ["a red apple"], ["x"])[0]
+        for skip in (1, 3):
+            skipped = encode_sdxl_pair(pipe, ["a red apple"], ["x"], clip_l_skip=skip)[0]
+            assert torch.allclose(skipped[0, :, :CLIP_L_WIDTH], clip_l[-skip][0], atol=1e-6)
+            assert torch.allclose(skipped[0, :, CLIP_L_WIDTH:], big_g[-2][0], atol=1e-6)
+        assert torch.equal(encode_sdxl_pair(pipe, ["a red apple"], ["x"], clip_l_skip=2)[0], default)
+    on = draw(engine, clip_skip=1, sdxl_clip_l_skip=True)[0]
+    assert (on != draw(engine, clip_skip=1)[0]).any()
+    assert (draw(engine, clip_skip=2, sdxl_clip_l_skip=True)[0] == draw(engine, clip_skip=1)[0]).all()
+    assert (draw(engine, prompt="a red apple AND a pear", clip_skip=1, sdxl_clip_l_skip=True)[0]
+            != draw(engine, prompt="a red apple AND a pear", clip_skip=1)[0]).any()  # composed prompts read it too
 
 
 # --- the passes ----------------------------------------------------------------------------------------
@@ -330,6 +356,37 @@ def test_the_api_txt2img_draws_with_the_sdxl_model(services):
         assert picture.size == (64, 64)
         refused = client.post("/sdapi/v1/txt2img", json={"prompt": "a <hypernet:x:1>", "steps": 2})
         assert refused.status_code in (400, 422) and "SDXL" in refused.text
+
+
+def test_clip_skip_sdxl_comes_from_the_settings_or_override_settings_and_goes_into_the_infotext_and_back(services):
+    from fastapi.testclient import TestClient
+
+    from webui.api import create_api_app
+
+    body = {"prompt": "a red apple", "steps": 2, "seed": 3, "clip_skip": 1}
+
+    def infotext(answer):
+        assert answer.status_code == 200, answer.text
+        return json.loads(answer.json()["info"])["infotexts"][0]
+
+    with TestClient(create_api_app(services)) as client:
+        plain = client.post("/sdapi/v1/txt2img", json=body)
+        overridden = client.post("/sdapi/v1/txt2img", json=body | {"override_settings": {"sdxl_clip_l_skip": True}})
+        pasted = client.post("/sdapi/v1/txt2img", json=body | {"infotext": infotext(overridden)})
+        assert client.post("/sdapi/v1/options", json={"sdxl_clip_l_skip": True}).status_code == 200
+        try:
+            from_settings = client.post("/sdapi/v1/txt2img", json=body)
+        finally:
+            client.post("/sdapi/v1/options", json={"sdxl_clip_l_skip": False})
+    assert "Clip skip SDXL" not in infotext(plain)
+    for answer in (overridden, pasted, from_settings):
+        assert "Clip skip SDXL: True" in infotext(answer)
+        assert answer_pixels(answer) == answer_pixels(overridden)
+    assert answer_pixels(plain) != answer_pixels(overridden)
+
+
+def answer_pixels(answer) -> bytes:
+    return Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))).tobytes()
 
 
 @pytest.mark.parametrize("field", ["refiner_checkpoint", "hr_checkpoint_name"])

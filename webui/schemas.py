@@ -83,6 +83,9 @@ class GenerationRequest(BaseModel):
     batch_size: int = Field(1, ge=1, le=8, description="images made together in one pass")
     n_iter: int = Field(1, ge=1, le=100, description="batch count: passes made one after another")
     clip_skip: int = Field(1, ge=1, le=MAX_CLIP_SKIP)
+    sdxl_clip_l_skip: bool | None = Field(None, description="an SDXL model: Clip skip read by its first text encoder "
+                                          "(CLIP-L), as A1111's Clip skip SDXL setting; else SDXL ignores Clip skip "
+                                          "(None: the Settings tab's)")
     # img2img: the worker sets init_image (its pixels' sha1) when it is given the picture to start from.
     init_image: str | None = Field(None, pattern=_SHA1,
                                    description="img2img: the sha1 of the init image's pixels (set by the server)")

@@ -340,6 +340,8 @@ class Worker:
             request = request.model_copy(update={"code_former_weight": settings.code_former_weight})
         if request.inpainting_mask_weight is None:
             request = request.model_copy(update={"inpainting_mask_weight": settings.inpainting_mask_weight})
+        if request.sdxl_clip_l_skip is None:
+            request = request.model_copy(update={"sdxl_clip_l_skip": settings.sdxl_clip_l_skip})
         return request
 
     def _check_runnable(self, request: GenerationRequest) -> None:
@@ -954,6 +956,8 @@ class Worker:
             "Batch size": request.batch_size if request.batch_size > 1 and not request.sd_upscale else None,
             "Batch pos": index % request.batch_size if request.batch_size > 1 and not request.sd_upscale else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+            # not written by A1111, whose pictures made with it cannot be made again from their infotext
+            "Clip skip SDXL": True if request.sdxl_clip_l_skip and model.sdxl else None,
             "Token merging ratio": request.token_merging_ratio or None,
             "Token merging ratio hr": (request.hires_token_merging_ratio or None) if request.enable_hr else None,
             "Tiling": True if request.tiling else None,

@@ -182,6 +182,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     data["code_former_weight"] = overrides.get("code_former_weight")
     # A1111's Inpainting conditioning mask strength: override_settings, else an infotext's, else the Settings tab's
     data["inpainting_mask_weight"] = overrides.get("inpainting_mask_weight", pasted.get("inpainting_mask_weight"))
+    data["sdxl_clip_l_skip"] = overrides.get("sdxl_clip_l_skip", pasted.get("sdxl_clip_l_skip"))  # likewise
     data |= token_merging_fields(req, pasted, default_options)
     script, refused = script_fields(req)
     data |= script
@@ -446,6 +447,7 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
     names["face_restoration_model"] = "override_settings.face_restoration_model"
     names["code_former_weight"] = "override_settings.code_former_weight"
     names["inpainting_mask_weight"] = "override_settings.inpainting_mask_weight"
+    names["sdxl_clip_l_skip"] = "override_settings.sdxl_clip_l_skip"
     return names
 
 

@@ -1057,21 +1057,24 @@ class Engine:
                 if encoded and between_encodes is not None:
                     between_encodes()
                 encoded[texts] = self._encode_pair(phase.prompt, phase.negative, request.clip_skip,
-                                                   request.emphasis or ORIGINAL).rows(count)
+                                                   request.emphasis or ORIGINAL, bool(request.sdxl_clip_l_skip)
+                                                   ).rows(count)
         return [encoded[(phase.prompt, phase.negative)] for phase in phases]
 
-    def _encode_pair(self, prompt: str, negative: str, clip_skip: int, emphasis: str = ORIGINAL) -> _Conds:
+    def _encode_pair(self, prompt: str, negative: str, clip_skip: int, emphasis: str = ORIGINAL,
+                     sdxl_clip_skip: bool = False) -> _Conds:
         """One row of (prompt, negative) embeddings. A composed prompt's parts lie one after another along the
         tokens, and the negative prompt is repeated as often, so the two keep one shape (diffusers checks it);
         composed_guidance splits them again around the UNet; an SDXL model's pooled vectors likewise lie side by side.
-        SDXL reads no Clip skip (as A1111)."""
+        SDXL reads Clip skip only with `sdxl_clip_skip` (A1111's Clip skip SDXL setting), in CLIP-L alone."""
         sdxl, texts = is_sdxl(self.pipe), part_texts(prompt)
+        clip_l_skip = clip_skip if sdxl_clip_skip else None
         if not is_composed(prompt):  # its text without a trailing ':1', which A1111 reads as the weight 1
             if sdxl:
-                return _Conds(*encode_sdxl_pair(self.pipe, texts, [negative], emphasis))
+                return _Conds(*encode_sdxl_pair(self.pipe, texts, [negative], emphasis, clip_l_skip))
             return _Conds(*encode_prompt_pair(self.pipe, texts, [negative], clip_skip, emphasis))
         if sdxl:
-            conds, uncond, pooled, negative_pooled = encode_sdxl_parts(self.pipe, texts, negative, emphasis)
+            conds, uncond, pooled, negative_pooled = encode_sdxl_parts(self.pipe, texts, negative, emphasis, clip_l_skip)
         else:
             (conds, uncond), pooled = encode_parts(self.pipe, texts, negative, clip_skip, emphasis), None
         count = conds.shape[0]

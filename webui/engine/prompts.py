@@ -94,25 +94,26 @@ def encode_prompt_pair(pipe, prompts: list[str], negatives: list[str], clip_skip
     return embeddings[: len(prompts)], embeddings[len(prompts):]
 
 
-def encode_sdxl_pair(pipe, prompts: list[str], negatives: list[str], emphasis: str = ORIGINAL
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_sdxl_pair(pipe, prompts: list[str], negatives: list[str], emphasis: str = ORIGINAL,
+                     clip_l_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """An SDXL model's (prompt, negative, pooled prompt, pooled negative) embeddings, as A1111 conditions SDXL: each
     75-token chunk is read by both text encoders (the penultimate layer of each, without its final norm), each
     encoder's output weighted on its own (as ours for SD), the two joined side by side (768 + 1280 = 2048 wide for
     SDXL); the pooled vector is the second encoder's projection of a text's first chunk, unweighted. An empty
-    negative prompt is all zeros (A1111 and diffusers both zero it). Clip skip is not read: A1111 ignores it for
-    SDXL by default (its "Clip skip SDXL" option, off by default, would apply it to CLIP-L alone). An SDXL refiner
-    has the second encoder alone: its embeddings are that one's (1280 wide)."""
+    negative prompt is all zeros (A1111 and diffusers both zero it). Clip skip is not read by default, as A1111;
+    `clip_l_skip` (A1111's "Clip skip SDXL" setting, with its Clip skip) reads CLIP-L's layer that far from the end
+    instead, still without the final norm (2 is the default's layer). An SDXL refiner has the second encoder alone:
+    its embeddings are that one's (1280 wide)."""
     texts = prompts + negatives
     device = pipe._execution_device
     # The second tokenizer pads with "!" (OpenCLIP's padding); the chunks are the same (one BPE vocabulary, and an
     # embedding's vectors at the same ids in both encoders: embeddings.py).
-    second, pooled = _encode_penultimate(pipe.text_encoder_2, _padded_chunks(pipe.tokenizer_2, texts, emphasis), device,
-                                         emphasis)
+    second, pooled = _encode_layer(pipe.text_encoder_2, _padded_chunks(pipe.tokenizer_2, texts, emphasis), device,
+                                   emphasis)
     hidden = second
     if pipe.text_encoder is not None:  # a base model; a refiner has no first encoder
-        first, _ = _encode_penultimate(pipe.text_encoder, _padded_chunks(pipe.tokenizer, texts, emphasis), device,
-                                       emphasis)
+        first, _ = _encode_layer(pipe.text_encoder, _padded_chunks(pipe.tokenizer, texts, emphasis), device, emphasis,
+                                 -(clip_l_skip or 2))
         hidden = torch.cat([first, second.to(first.dtype)], dim=-1)
     empty_negative = torch.tensor([index >= len(prompts) and not text for index, text in enumerate(texts)],
                                   device=hidden.device)
@@ -140,13 +141,16 @@ def encode_parts(pipe, parts: list[str], negative: str, clip_skip: int = 1, emph
     return _stack_parts([encode(text) for text in parts], encode(negative), encode(""))
 
 
-def encode_sdxl_parts(pipe, parts: list[str], negative: str, emphasis: str = ORIGINAL
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_sdxl_parts(pipe, parts: list[str], negative: str, emphasis: str = ORIGINAL,
+                      clip_l_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """encode_parts for an SDXL model, each text read as encode_sdxl_pair reads it; and the pooled vectors, each
     part's (parts, projection) and the negative prompt's (1, projection)."""
-    encoded = [encode_sdxl_pair(pipe, [text], [], emphasis) for text in parts]
-    _, uncond, _, negative_pooled = encode_sdxl_pair(pipe, [], [negative], emphasis)
-    conds, uncond = _stack_parts([hidden for hidden, *_ in encoded], uncond, encode_sdxl_pair(pipe, [""], [])[0])
+    def encode(prompts: list[str], negatives: list[str]):
+        return encode_sdxl_pair(pipe, prompts, negatives, emphasis, clip_l_skip)
+
+    encoded = [encode([text], []) for text in parts]
+    _, uncond, _, negative_pooled = encode([], [negative])
+    conds, uncond = _stack_parts([hidden for hidden, *_ in encoded], uncond, encode([""], [])[0])
     return conds, uncond, torch.cat([pooled for _, _, pooled, _ in encoded]), negative_pooled
 
 
@@ -265,14 +269,14 @@ def _encode(pipe, batch: list[list[Chunk]], clip_skip: int, emphasis: str = ORIG
     return _weighted(hidden, weights, len(batch), encoder.dtype, emphasis)
 
 
-def _encode_penultimate(encoder, batch: list[list[Chunk]], device, emphasis: str = ORIGINAL
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[prompt][chunk] -> the encoder's penultimate layer (prompts, chunks * 77, hidden), weighted, as SDXL reads
-    both its text encoders; and for an encoder with a projection, each prompt's first chunk projected (prompts,
-    projection), else None."""
+def _encode_layer(encoder, batch: list[list[Chunk]], device, emphasis: str = ORIGINAL, layer: int = -2
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[prompt][chunk] -> the encoder's hidden states at `layer` (the penultimate, as SDXL reads both its text
+    encoders) (prompts, chunks * 77, hidden), weighted; and for an encoder with a projection, each prompt's first
+    chunk projected (prompts, projection), else None."""
     input_ids, weights = _token_tensors(batch, device)
     output = encoder(input_ids, output_hidden_states=True)
-    hidden = _weighted(output.hidden_states[-2], weights, len(batch), encoder.dtype, emphasis)
+    hidden = _weighted(output.hidden_states[layer], weights, len(batch), encoder.dtype, emphasis)
     projected = getattr(output, "text_embeds", None)
     if projected is None:
         return hidden, None

@@ -53,6 +53,7 @@ _REQUEST_FIELDS = {
     "Hires negative prompt": ("hr_negative_prompt", str),
     "Hires checkpoint": ("hr_checkpoint_name", str),  # its title, "name [short hash]", as the refiner's
     "Clip skip": ("clip_skip", int),
+    "Clip skip SDXL": ("sdxl_clip_l_skip", lambda value: value.strip().lower() == "true"),
     "Batch size": ("batch_size", int),
     "Model": ("model", str),
     "X Type": ("x_type", str), "X Values": ("x_values", str),

@@ -60,6 +60,8 @@ class SavedOptions(BaseModel):
     inpainting_mask_weight: float = Field(1.0, ge=0.0, le=1.0, description="Inpainting conditioning mask strength: "
                                           "how far a model made for inpainting sees its start picture greyed out "
                                           "where it draws, 0 to 1 (below 1 it keeps more of the picture)")
+    sdxl_clip_l_skip: bool = Field(False, description="Clip skip SDXL: SDXL models read Clip skip in their first "
+                                   "text encoder (CLIP-L); off, they ignore it")
 
     @field_validator("samples_format", "grid_format", mode="before")
     @classmethod

@@ -20,7 +20,7 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "save_txt": "Create a text file next to every image with generation parameters",
           "enable_prompt_comments": "Enable comments", "emphasis": "Emphasis mode",
           "face_restoration_model": "Face restoration model", "code_former_weight": "CodeFormer weight",
-          "inpainting_mask_weight": "Inpainting conditioning mask strength"}
+          "inpainting_mask_weight": "Inpainting conditioning mask strength", "sdxl_clip_l_skip": "Clip skip SDXL"}
 
 
 class SettingsActions:
@@ -138,6 +138,10 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
             0, 1, value=current.inpainting_mask_weight, step=0.01, label=LABELS["inpainting_mask_weight"],
             info="models made for inpainting: 1 greys out all they draw again, lower keeps more of the start picture",
             elem_id="settings_inpainting_mask_weight", interactive=editable),
+        "sdxl_clip_l_skip": gr.Checkbox(
+            current.sdxl_clip_l_skip, label=LABELS["sdxl_clip_l_skip"],
+            info="SDXL models read Clip skip in their first text encoder (CLIP-L); off, they ignore it",
+            elem_id="settings_sdxl_clip_l_skip", interactive=editable),
     }
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=editable)
     result = gr.HTML("", elem_id="settings_result")
