@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -141,9 +143,15 @@ def test_automatic_is_the_samplers_own_default_schedule_as_in_a1111(sampler):
     expected = A1111_AUTOMATIC.get(sampler, "Automatic")
     assert resolve_sampler(sampler, "Automatic") == (sampler, expected)
     assert resolve_sampler(sampler, None) == (sampler, expected)
-    built = make_scheduler(SD15_SCHEDULER, sampler, "Automatic").config
-    assert built.get("use_karras_sigmas", False) is (expected == "Karras")
-    assert built.get("use_exponential_sigmas", False) is (expected == "Exponential")
+    built = make_scheduler(SD15_SCHEDULER, sampler, "Automatic")
+    built.set_timesteps(20)
+    same = make_scheduler(SD15_SCHEDULER, sampler, expected)
+    same.set_timesteps(20)
+    assert torch.equal(built.timesteps, same.timesteps)
+    if expected == "Automatic":
+        assert not built.config.get("use_karras_sigmas", False)  # the scheduler's own sigmas
+    elif len(built.sigmas) == 21:  # not DPM2's, which puts a midpoint between each two
+        assert torch.allclose(built.sigmas.double()[:-1], A1111_FORMULAS[expected](20, sd15_sigmas()), rtol=1e-3)
 
 
 def sd15_sigmas() -> torch.Tensor:
@@ -162,13 +170,25 @@ def test_k_diffusion_samplers_start_at_the_models_largest_sigma_even_with_leadin
     assert float(scheduler.sigmas[0]) == pytest.approx(float(sd15_sigmas()[-1]), rel=1e-3)
 
 
-def test_karras_sigmas_are_a1111s():
-    """k-diffusion's get_sigmas_karras(n, sigma_min, sigma_max, rho=7), which A1111 calls with the model's
-    smallest and largest sigma, then a final 0."""
-    sigmas = sd15_sigmas()
-    low, high, steps = float(sigmas[0]), float(sigmas[-1]), 20
+def a1111_karras(steps, table):
+    """k-diffusion's get_sigmas_karras(n, sigma_min, sigma_max, rho=7), which A1111 calls with the model's smallest
+    and largest sigma."""
+    low, high = float(table[0]), float(table[-1])
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    expected = (high ** (1 / 7) + ramp * (low ** (1 / 7) - high ** (1 / 7))) ** 7
+    return (high ** (1 / 7) + ramp * (low ** (1 / 7) - high ** (1 / 7))) ** 7
+
+
+def a1111_exponential(steps, table):  # k-diffusion's get_sigmas_exponential: even in log sigma, largest first
+    return torch.linspace(math.log(float(table[-1])), math.log(float(table[0])), steps, dtype=torch.float64).exp()
+
+
+A1111_FORMULAS = {"Karras": a1111_karras, "Exponential": a1111_exponential}
+
+
+def test_karras_sigmas_are_a1111s():
+    """A1111's Karras, then a final 0."""
+    steps = 20
+    expected = a1111_karras(steps, sd15_sigmas())
     for sampler in ("Euler", "DPM++ 2M"):
         scheduler = make_scheduler(SD15_SCHEDULER, sampler, "Karras")
         scheduler.set_timesteps(steps)
@@ -204,7 +224,8 @@ def test_beta_sigmas_are_a1111s():
 
 def test_dpmpp_3m_sde_is_the_third_order_sde_solver():
     config = make_scheduler(SD15_SCHEDULER, "DPM++ 3M SDE").config
-    assert (config.algorithm_type, config.solver_order, config.use_exponential_sigmas) == ("sde-dpmsolver++", 3, True)
+    assert (config.algorithm_type, config.solver_order) == ("sde-dpmsolver++", 3)
+    assert resolve_sampler("DPM++ 3M SDE", "Automatic") == ("DPM++ 3M SDE", "Exponential")
 
 
 # NVIDIA's published Align Your Steps levels (its how-to page), as A1111 1.10 uses them
@@ -307,7 +328,7 @@ def test_unipc_ends_its_schedule_at_the_smallest_sigma(schedule):
     assert float(sigmas[-2]) > float(sigmas[-1]) or schedule in ("Uniform", "Align Your Steps")  # those end there
 
 
-@pytest.mark.parametrize("schedule", ["Beta", "KL Optimal", "Uniform", "Simple"])
+@pytest.mark.parametrize("schedule", ["Beta", "KL Optimal", "Uniform", "Simple", "Karras", "Exponential"])
 def test_the_model_schedules_span_the_whole_table_whatever_the_timestep_spacing(schedule):
     """A config naming "trailing" spacing (the embedded model's) samples timesteps 999, 949, ..., 49 at 20 steps;
     the schedule types still run from the model's largest sigma to its smallest, as A1111's do."""

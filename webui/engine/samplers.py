@@ -87,8 +87,8 @@ _CUSTOM = {"use_karras_sigmas": True}
 SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
     "Automatic": {},
     "Uniform": _CUSTOM,
-    "Karras": {"use_karras_sigmas": True},
-    "Exponential": {"use_exponential_sigmas": True},
+    "Karras": _CUSTOM,
+    "Exponential": _CUSTOM,
     "SGM Uniform": {"timestep_spacing": "trailing"},
     "KL Optimal": _CUSTOM,
     "Align Your Steps": _CUSTOM,
@@ -201,6 +201,18 @@ def uniform_sigmas(steps: int, table: np.ndarray) -> np.ndarray:
     return np.exp(np.interp(timesteps, np.arange(len(table)), np.log(table)))
 
 
+def karras_sigmas(steps: int, table: np.ndarray, rho: float = 7.0) -> np.ndarray:
+    """Karras et al.'s schedule from the largest sigma to the smallest, even in sigma ** (1 / rho) (k-diffusion's
+    get_sigmas_karras between the model's sigma_max and sigma_min, as A1111's Karras)."""
+    high, low = table[-1] ** (1 / rho), table[0] ** (1 / rho)
+    return (high + np.linspace(0, 1, steps) * (low - high)) ** rho
+
+
+def exponential_sigmas(steps: int, table: np.ndarray) -> np.ndarray:
+    """Evenly spaced in log sigma from the largest sigma to the smallest (k-diffusion's get_sigmas_exponential)."""
+    return np.exp(np.linspace(np.log(table[-1]), np.log(table[0]), steps))
+
+
 def simple_sigmas(steps: int, table: np.ndarray) -> np.ndarray:
     """Every (len / steps)-th sigma of the table counted down from the largest, the index rounded down."""
     stride = len(table) / steps
@@ -239,7 +251,8 @@ def ays_sigmas(steps: int, levels: tuple[float, ...]) -> np.ndarray:
     return np.exp(np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, len(levels)), logs))[::-1].copy()
 
 
-SIGMAS_OF = {"Uniform": uniform_sigmas, "Normal": uniform_sigmas, "Simple": simple_sigmas, "DDIM": ddim_sigmas,
+SIGMAS_OF = {"Uniform": uniform_sigmas, "Normal": uniform_sigmas, "Karras": karras_sigmas,
+             "Exponential": exponential_sigmas, "Simple": simple_sigmas, "DDIM": ddim_sigmas,
              "KL Optimal": kl_optimal_sigmas}
 
 
