@@ -58,6 +58,13 @@ _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 SAME_CHECKPOINT = "Use same checkpoint"
 
 
+# The request fields that, left None, take the Settings tab's value of the same name (webui/storage/options.py) when
+# the worker accepts the request
+SETTINGS_FIELDS = ("emphasis", "face_restoration_model", "code_former_weight", "inpainting_mask_weight",
+                   "sdxl_clip_l_skip", "save_images_before_highres_fix", "save_images_before_face_restoration",
+                   "save_images_before_color_correction")
+
+
 class GenerationRequest(BaseModel):
     """One txt2img request: everything needed to reproduce its images."""
 
@@ -253,6 +260,13 @@ class GenerationRequest(BaseModel):
     restore_model: bool = Field(False, description="load the previous model again after this job "
                                                    "(A1111's override_settings_restore_afterwards)")
     save_images: bool = True
+    # A1111's settings "Save a copy of image before ..." (None: the Settings tab's)
+    save_images_before_highres_fix: bool | None = Field(None, description="also save each picture as the first pass "
+                                                        "left it, before the hires fix")
+    save_images_before_face_restoration: bool | None = Field(None, description="also save each picture as it was "
+                                                             "before Restore faces")
+    save_images_before_color_correction: bool | None = Field(None, description="img2img: also save each picture as it "
+                                                             "was before colour correction")
     send_images: bool = True
 
     @field_validator("width", "height")
@@ -468,6 +482,18 @@ class GenerationRequest(BaseModel):
         if self.hr_sampler_name:
             return self.hr_sampler_name, self.hr_scheduler
         return self.sampler_name, self.scheduler
+
+    @property
+    def copies_before(self) -> frozenset[str]:
+        """The steps (COPY_STEPS) before which each saved picture is also saved as it stood then: those the settings
+        ask for that the run takes (not SD upscale's tiles)."""
+        if not self.save_images or self.sd_upscale:
+            return frozenset()
+        wanted = {"highres_fix": self.enable_hr and self.save_images_before_highres_fix,
+                  "face_restoration": self.restore_faces and self.save_images_before_face_restoration,
+                  "color_correction": self.color_correction and self.is_img2img
+                  and self.save_images_before_color_correction}
+        return frozenset(step for step, kept in wanted.items() if kept)
 
     @property
     def image_count(self) -> int:

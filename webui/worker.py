@@ -45,7 +45,8 @@ from webui.engine.step_options import INFOTEXT_KEYS as STEP_INFOTEXT_KEYS, StepO
 from webui.engine.hypernetworks import HypernetworkError, hypernetwork_uses
 from webui.engine.lora import LoraError, lora_uses, unread_tags
 from webui.schemas import (INPAINT_AREAS, LATENT_RESIZE, MASK_MODES, MASKED_CONTENT, RESIZE_MODES, GeneratedImage,
-                           GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED, parse_request)
+                           GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED, SETTINGS_FIELDS,
+                           parse_request)
 from webui.storage.filenames import NameParts
 from webui.storage.history import History
 from webui.storage.infotext import build_infotext
@@ -331,17 +332,10 @@ class Worker:
             stripped = without_comments(request.model_dump(include=set(PROMPT_FIELDS)))
             if stripped:
                 request = parse_request(request.model_dump() | stripped)
-        settings = self.options.current()
-        if request.emphasis is None:  # the Settings tab's, fixed now: its infotext says what was read
-            request = request.model_copy(update={"emphasis": settings.emphasis})
-        if request.face_restoration_model is None:  # likewise
-            request = request.model_copy(update={"face_restoration_model": settings.face_restoration_model})
-        if request.code_former_weight is None:
-            request = request.model_copy(update={"code_former_weight": settings.code_former_weight})
-        if request.inpainting_mask_weight is None:
-            request = request.model_copy(update={"inpainting_mask_weight": settings.inpainting_mask_weight})
-        if request.sdxl_clip_l_skip is None:
-            request = request.model_copy(update={"sdxl_clip_l_skip": settings.sdxl_clip_l_skip})
+        unset = [name for name in SETTINGS_FIELDS if getattr(request, name) is None]
+        if unset:  # the Settings tab's, fixed now: the infotext says what was read
+            settings = self.options.current()
+            request = request.model_copy(update={name: getattr(settings, name) for name in unset})
         return request
 
     def _check_runnable(self, request: GenerationRequest) -> None:
@@ -982,6 +976,7 @@ class Worker:
                                unfinished=unfinished)
         job.images.append(image)  # first: whatever happens to the file, the user gets the picture
         if request.save_images and not unfinished:
+            self._save_earlier(job, image, result.earlier, width, height)
             self._save(job, image, width, height, seconds)
             if job.copy_to is not None:
                 self._save_copy(job, image)
@@ -1006,6 +1001,19 @@ class Worker:
             infotext=image.infotext,
         )))
         self._record_images(job)
+
+    def _save_earlier(self, job: Job, image: GeneratedImage, earlier: dict[str, Image.Image], width: int,
+                      height: int) -> None:
+        """A1111's "Save a copy of image before ...": each copy the engine kept, with the image's infotext, named as
+        the image with -before-<step> after it and numbered before it. Not in the history: a copy, not a result. A
+        copy that cannot be written is a warning; the image is still saved."""
+        for step, picture in earlier.items():
+            suffix = "-before-" + step.replace("_", "-")
+            try:
+                self.outputs.save_image(picture, image.infotext, image.seed, job.kind,
+                                        _name_parts(job, image, width, height), suffix=suffix)
+            except Exception as err:
+                self._warn(job, f"image {image.index + 1}'s copy before {step.replace('_', ' ')} was not saved", err)
 
     def _save_copy(self, job: Job, image: GeneratedImage) -> None:
         """The image also saved into img2img Batch's Output directory, named after the picture it started from, as

@@ -58,6 +58,8 @@ _UNSUPPORTED = (
     ("mask_round", lambda v: v is False, "only a rounded latent mask is supported (send true or null)"),
     ("latent_mask", lambda v: v is not None, "a separate latent mask is not supported (send null)"),
 )
+COPY_SETTINGS = ("save_images_before_highres_fix", "save_images_before_face_restoration",
+                 "save_images_before_color_correction")
 # Infotext fields the `infotext` request field may fill (the model is left out on purpose: pasting
 # an infotext should not switch the server's model behind the client's back; its refiner runs for that job alone).
 _INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed",
@@ -183,6 +185,8 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     # A1111's Inpainting conditioning mask strength: override_settings, else an infotext's, else the Settings tab's
     data["inpainting_mask_weight"] = overrides.get("inpainting_mask_weight", pasted.get("inpainting_mask_weight"))
     data["sdxl_clip_l_skip"] = overrides.get("sdxl_clip_l_skip", pasted.get("sdxl_clip_l_skip"))  # likewise
+    for name in COPY_SETTINGS:  # A1111's "Save a copy of image before ...": override_settings, else the Settings tab's
+        data[name] = overrides.get(name)
     data |= token_merging_fields(req, pasted, default_options)
     script, refused = script_fields(req)
     data |= script
@@ -448,6 +452,7 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
     names["code_former_weight"] = "override_settings.code_former_weight"
     names["inpainting_mask_weight"] = "override_settings.inpainting_mask_weight"
     names["sdxl_clip_l_skip"] = "override_settings.sdxl_clip_l_skip"
+    names |= {name: f"override_settings.{name}" for name in COPY_SETTINGS}
     return names
 
 

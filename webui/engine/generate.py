@@ -228,6 +228,8 @@ class _Run:
     # Hypernetworks (network, multiplier) of the running pass, and of the hires fix's (its prompt's, as in A1111)
     hypernetworks: list = field(default_factory=list)
     hires_hypernetworks: list = field(default_factory=list)
+    # copies kept of each picture as it stood before a step, by step (copies_before): the hires fix's here
+    earlier: dict[str, list[Image.Image]] = field(default_factory=dict)
     generators: list[torch.Generator] = field(init=False)
 
     def __post_init__(self):
@@ -299,6 +301,8 @@ class EngineImage:
     image: Image.Image
     seed: int
     nsfw: bool
+    # the picture as it stood before each step the request keeps a copy from (GenerationRequest.copies_before)
+    earlier: dict[str, Image.Image] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -790,6 +794,9 @@ class Engine:
                 else:
                     latents = self._img2img_pass(request, run, noise, init_image, inpainting, extra)
                 if request.enable_hr:
+                    if "highres_fix" in request.copies_before:
+                        run.earlier["highres_fix"] = to_pil_images(self.decode(
+                            latents, tiled=decodes_in_tiles(width, height, request.tiling)))
                     latents = self._hires_pass(request, run, latents, width, height)
             except DenoisingStopped as stopped:
                 if run.latents is not None and torch.isfinite(run.latents).all():
@@ -799,7 +806,8 @@ class Engine:
                     except Exception:  # the stop matters, not the picture it would have left
                         log.exception("the image cut short could not be decoded")
                 raise
-            return self._to_images(latents, seeds, inpainting, request.tiling, colours, run.masked, faces)
+            return self._to_images(latents, seeds, inpainting, request.tiling, colours, run.masked, faces,
+                                   run.earlier, request.copies_before)
 
     def _hypernetworks(self, request: GenerationRequest) -> tuple[list, list]:
         """The (network, multiplier) pairs of the first pass's prompt and of the hires pass's, read from their files
@@ -1116,16 +1124,25 @@ class Engine:
 
     def _to_images(self, latents: torch.Tensor, seeds: list[int], inpainting: Inpainting | None = None,
                    tiling: bool = False, colours: Image.Image | list[Image.Image] | None = None,
-                   masked: _MaskedStart | None = None, faces: tuple[str, float] | None = None) -> list[EngineImage]:
+                   masked: _MaskedStart | None = None, faces: tuple[str, float] | None = None,
+                   earlier: dict[str, list[Image.Image]] | None = None, copies: frozenset[str] = frozenset()
+                   ) -> list[EngineImage]:
         """Decoded, the faces drawn again (`faces`: the face restorer and CodeFormer's weight, as A1111 does it before
         the rest), given the colours of `colours` (img2img's colour correction: a picture, or one per image),
         laid into the inpainted picture (with soft inpainting, `masked`'s, through masks of where the latents
-        changed), and past the safety checker (which sees what is saved)."""
+        changed), and past the safety checker (which sees what is saved). The steps in `copies` leave a copy of
+        each picture as it was before them, laid into the inpainted picture too, beside those in `earlier`; a
+        picture the safety checker flags keeps none."""
         height, width = (side * self.pipe.vae_scale_factor for side in latents.shape[-2:])
         pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(width, height, tiling)))
+        earlier = dict(earlier or {})
         if faces is not None:
+            if "face_restoration" in copies:
+                earlier["face_restoration"] = pictures
             pictures = [self.restore_faces(picture, *faces) for picture in pictures]
         if colours is not None:
+            if "color_correction" in copies:
+                earlier["color_correction"] = pictures
             references = colours if isinstance(colours, list) else [colours] * len(pictures)
             pictures = [match_colors(picture, reference) for picture, reference in zip(pictures, references)]
         if inpainting is not None:
@@ -1133,8 +1150,11 @@ class Engine:
             if masked is not None and masked.soft is not None:
                 overlays = masked.soft.pixel_masks(masked.start, latents, masked.drawn, (width, height))
             pictures = [inpainting.compose(picture, overlay) for picture, overlay in zip(pictures, overlays)]
+            earlier = {step: [inpainting.compose(copy, overlay) for copy, overlay in zip(kept, overlays)]
+                       for step, kept in earlier.items()}
         images, flags = self.check_safety(pictures)
-        return [EngineImage(image, seed, flag) for image, seed, flag in zip(images, seeds, flags)]
+        return [EngineImage(image, seed, flag, {} if flag else {step: kept[i] for step, kept in earlier.items()})
+                for i, (image, seed, flag) in enumerate(zip(images, seeds, flags))]
 
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """Latents -> pixels in [-1, 1]. A half-precision VAE can overflow to NaN (the black-image

@@ -117,11 +117,12 @@ class OutputStore:
         return self.outdir.joinpath(base, *folder_parts(pattern, name_parts or NameParts(seed=0)))
 
     def save_image(self, image: Image.Image, infotext: str, seed: int, kind: str = "txt2img",
-                   name_parts: NameParts | None = None) -> Path:
-        """A generated picture, named NNNNN-<the settings' file name pattern: the seed by default>."""
+                   name_parts: NameParts | None = None, suffix: str = "") -> Path:
+        """A generated picture, named NNNNN-<the settings' file name pattern: the seed by default><suffix> (A1111's
+        "-before-highres-fix" of a copy)."""
         folder, options = self.image_folder(kind, name_parts), self.options.current()
         name = file_name_part(options.samples_filename_pattern, name_parts or NameParts(seed=seed))
-        stem = f"-{name}" if name else ""  # [none]: the number alone, as A1111
+        stem = (f"-{name}" if name else "") + suffix  # [none]: the number alone, as A1111
         path = self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}{stem}", _NUMBERED,
                           options.samples_format, options.jpeg_quality)
         return self._with_text_file(path, infotext, options)

@@ -20,7 +20,11 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "save_txt": "Create a text file next to every image with generation parameters",
           "enable_prompt_comments": "Enable comments", "emphasis": "Emphasis mode",
           "face_restoration_model": "Face restoration model", "code_former_weight": "CodeFormer weight",
-          "inpainting_mask_weight": "Inpainting conditioning mask strength", "sdxl_clip_l_skip": "Clip skip SDXL"}
+          "inpainting_mask_weight": "Inpainting conditioning mask strength", "sdxl_clip_l_skip": "Clip skip SDXL",
+          "save_images_before_highres_fix": "Save a copy of image before applying highres fix",
+          "save_images_before_face_restoration": "Save a copy of image before doing face restoration",
+          "save_images_before_color_correction": "Save a copy of image before applying color correction to img2img "
+                                                 "results"}
 
 
 class SettingsActions:
@@ -142,6 +146,9 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
             current.sdxl_clip_l_skip, label=LABELS["sdxl_clip_l_skip"],
             info="SDXL models read Clip skip in their first text encoder (CLIP-L); off, they ignore it",
             elem_id="settings_sdxl_clip_l_skip", interactive=editable),
+        **{key: gr.Checkbox(getattr(current, key), label=LABELS[key], elem_id=f"settings_{key}", interactive=editable)
+           for key in ("save_images_before_highres_fix", "save_images_before_face_restoration",
+                       "save_images_before_color_correction")},
     }
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=editable)
     result = gr.HTML("", elem_id="settings_result")
