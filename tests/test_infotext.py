@@ -48,10 +48,10 @@ def test_values_with_commas_colons_or_newlines_are_json_quoted():
 def test_round_trip_through_a_request():
     request = GenerationRequest(prompt="line one\nline two, with comma", negative_prompt="ugly", seed=77,
                                 sampler_name="DPM++ 2M", scheduler="Karras", steps=12, cfg_scale=4.5,
-                                width=96, height=64, clip_skip=2)
+                                width=96, height=64, clip_skip=2, randn_source="CPU")
     text = build_infotext(request.prompt, request.negative_prompt, {
         "Steps": request.steps, "Sampler": request.sampler_name, "Schedule type": request.scheduler,
-        "CFG scale": request.cfg_scale, "Seed": request.seed, "Size": "96x64", "Clip skip": 2})
+        "CFG scale": request.cfg_scale, "Seed": request.seed, "Size": "96x64", "Clip skip": 2, "RNG": "CPU"})
     again = GenerationRequest(**request_fields_from_infotext(text))
     assert again.model_dump() == request.model_dump()
 

@@ -10,7 +10,7 @@ import enum
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError,
                       field_validator, model_validator)
@@ -58,9 +58,21 @@ _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 SAME_CHECKPOINT = "Use same checkpoint"
 
 
+RANDN_SOURCES = ("CPU", "NV")  # A1111's Random number generator source; its GPU is NV here (webui/engine/philox.py)
+RandnSource = Literal[RANDN_SOURCES]
+
+
+def canonical_randn_source(value: Any) -> Any:
+    """A random number source as written ("cpu", "GPU", ...) -> one of RANDN_SOURCES; A1111's GPU (an NVIDIA
+    card's numbers) is NV. Anything else is left for the field's check to refuse."""
+    if isinstance(value, str) and value.strip().upper() in (*RANDN_SOURCES, "GPU"):
+        return "NV" if value.strip().upper() == "GPU" else value.strip().upper()
+    return value
+
+
 # The request fields that, left None, take the Settings tab's value of the same name (webui/storage/options.py) when
 # the worker accepts the request
-SETTINGS_FIELDS = ("emphasis", "face_restoration_model", "code_former_weight", "inpainting_mask_weight",
+SETTINGS_FIELDS = ("emphasis", "randn_source", "face_restoration_model", "code_former_weight", "inpainting_mask_weight",
                    "sdxl_clip_l_skip", "save_images_before_highres_fix", "save_images_before_face_restoration",
                    "save_images_before_color_correction")
 
@@ -205,6 +217,10 @@ class GenerationRequest(BaseModel):
                            "(sigma noise)")
     eta_noise_seed_delta: int = Field(0, ge=0, le=MAX_SEED, description="the noise a sampler draws after the start "
                                       "noise comes from seed + this (A1111's ENSD; 0: the seed's own)")
+    randn_source: RandnSource | None = Field(None, description="where the noise comes from (A1111's Random number "
+                                             "generator source): CPU, torch's CPU generator; NV, the numbers an "
+                                             "NVIDIA card draws (A1111's default GPU source, read as NV), on any "
+                                             "device. None: the Settings tab's")
     # A1111's beta_dist_alpha and beta_dist_beta options: the shape of the Beta schedule type's spacing.
     beta_dist_alpha: float = Field(BETA_ALPHA, ge=0.01, le=1.0, description="Beta schedule: the beta distribution's "
                                    "alpha, 0.01 to 1 (lower: more steps at low noise)")
@@ -268,6 +284,11 @@ class GenerationRequest(BaseModel):
     save_images_before_color_correction: bool | None = Field(None, description="img2img: also save each picture as it "
                                                              "was before colour correction")
     send_images: bool = True
+
+    @field_validator("randn_source", mode="before")
+    @classmethod
+    def _nv_for_gpu(cls, value: Any) -> Any:
+        return canonical_randn_source(value)
 
     @field_validator("width", "height")
     @classmethod

@@ -32,7 +32,7 @@ from webui.engine.training import (
     TrainingStatus,
 )
 from webui.schemas import MAX_SIZE, MIN_SIZE, GenerationRequest, InvalidRequest
-from webui.storage.infotext import build_infotext
+from webui.storage.infotext import PROGRAM, build_infotext
 from webui.storage.outputs import image_bytes, resolve_inside
 from webui.zerogpu import zerogpu_requested
 
@@ -326,7 +326,7 @@ class TrainingRun:
         infotext = build_infotext(request.prompt, "", {
             "Steps": request.steps, "Sampler": request.sampler_name, "Schedule type": request.scheduler,
             "CFG scale": request.cfg_scale, "Seed": seed, "Size": f"{image.width}x{image.height}",
-            "Model hash": model_hash, "Model": model_name, "Version": f"diffusers-webui {__version__}"})
+            "Model hash": model_hash, "Model": model_name, "Version": f"{PROGRAM} {__version__}"})
         path = self.plan.previews_folder / f"{self.plan.name}-{step}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f".partial-{uuid.uuid4().hex}.png")

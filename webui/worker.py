@@ -49,7 +49,7 @@ from webui.schemas import (INPAINT_AREAS, LATENT_RESIZE, MASK_MODES, MASKED_CONT
                            parse_request)
 from webui.storage.filenames import NameParts
 from webui.storage.history import History
-from webui.storage.infotext import build_infotext
+from webui.storage.infotext import PROGRAM, build_infotext
 from webui.storage.outputs import NamedCopy, OutputStore, make_grid
 from webui.sd_upscale import TileLayout, enlarge, tile_layout
 from webui.storage.options import OptionsStore
@@ -962,6 +962,8 @@ class Worker:
             "Extra noise": (request.img2img_extra_noise or None) if request.is_img2img or request.enable_hr else None,
             "Pad conds": True if self.engine.pads_prompts(request) else None,
             "Emphasis": _emphasis_infotext(request),
+            # always: A1111 reads a picture without the key as made by its GPU source (NV here)
+            "RNG": request.randn_source,
             **_uncond_skip_infotext(request),
             **_step_options_infotext(request),
             "Beta schedule alpha": request.beta_dist_alpha if request.uses_beta_schedule else None,
@@ -970,7 +972,7 @@ class Worker:
             "TI hashes": self.engine.ti_hashes(request),
             "NSFW": "blacked out by the safety checker" if result.nsfw else None,
             **request.script_params,
-            "Version": f"diffusers-webui {__version__}",
+            "Version": f"{PROGRAM} {__version__}",
         })
         image = GeneratedImage(image=result.image, seed=result.seed, index=index, infotext=infotext, nsfw=result.nsfw,
                                unfinished=unfinished)

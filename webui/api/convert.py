@@ -29,7 +29,7 @@ from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_n
 from webui.engine.step_options import INFOTEXT_KEYS as STEP_INFOTEXT_KEYS, StepOptions, unfollowed
 from webui.schemas import (GeneratedImage, GenerationRequest, InvalidRequest, a1111_seed_resize, parse_request,
                            vae_choice as read_vae_choice)
-from webui.storage.infotext import parse_infotext, request_fields_from_infotext
+from webui.storage.infotext import PROGRAM, parse_infotext, request_fields_from_infotext
 from webui.storage.options import SavedOptions
 from webui.storage.outputs import image_bytes, read_infotext, text_chunks
 from webui.worker import Job
@@ -185,6 +185,9 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     # A1111's Inpainting conditioning mask strength: override_settings, else an infotext's, else the Settings tab's
     data["inpainting_mask_weight"] = overrides.get("inpainting_mask_weight", pasted.get("inpainting_mask_weight"))
     data["sdxl_clip_l_skip"] = overrides.get("sdxl_clip_l_skip", pasted.get("sdxl_clip_l_skip"))  # likewise
+    # A1111's Random number generator source: override_settings, else an infotext's (its key, or A1111's GPU where
+    # it has none), else the Settings tab's
+    data["randn_source"] = overrides.get("randn_source", pasted.get("randn_source"))
     for name in COPY_SETTINGS:  # A1111's "Save a copy of image before ...": override_settings, else the Settings tab's
         data[name] = overrides.get(name)
     data |= token_merging_fields(req, pasted, default_options)
@@ -452,7 +455,7 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
     names["code_former_weight"] = "override_settings.code_former_weight"
     names["inpainting_mask_weight"] = "override_settings.inpainting_mask_weight"
     names["sdxl_clip_l_skip"] = "override_settings.sdxl_clip_l_skip"
-    names |= {name: f"override_settings.{name}" for name in COPY_SETTINGS}
+    names |= {name: f"override_settings.{name}" for name in ("randn_source", *COPY_SETTINGS)}
     return names
 
 
@@ -684,7 +687,7 @@ def run_result(jobs: list[Job], grids: list[GeneratedImage], made: list[tuple[Jo
         "job_timestamp": started.strftime("%Y%m%d%H%M%S"),
         "clip_skip": request.clip_skip,
         "is_using_inpainting_conditioning": bool(model and model.inpainting),
-        "version": f"diffusers-webui {__version__}",
+        "version": f"{PROGRAM} {__version__}",
         # ours, beyond A1111's keys
         "job_id": job.id,
         "state": jobs[-1].state.value,

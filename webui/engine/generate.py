@@ -26,6 +26,7 @@ from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compile
 from webui.engine.embeddings import EmbeddingSet, load_embeddings, used_embeddings
 from webui.engine.tiling import seamless
 from webui.engine.hypernetworks import HypernetworkLibrary, bent_attention, hypernetwork_uses
+from webui.engine.philox import drawing_from_philox, make_generator
 from webui.engine.hires import (
     LATENT_UPSCALERS, crop_center, crop_center_picture, hires_size, schedule_steps, upscale_latents,
 )
@@ -217,6 +218,7 @@ class _Run:
     subseeds: list[int] | None = None  # with a variation strength, each image's variation seed
     variation_strength: float = 0.0
     seed_resize: tuple[int, int] | None = None  # the (width, height) the seeds' noise is drawn at
+    rng: str = "CPU"  # A1111's random number source: "CPU" (torch's CPU generator) or "NV" (webui/engine/philox.py)
     done: int = 0  # the steps of the passes finished
     reported: int = 0
     latents: torch.Tensor | None = None  # as they stood after the last step reported
@@ -237,13 +239,13 @@ class _Run:
 
     def fresh_generators(self) -> None:
         """A generator per image from its seed, as at the start (the hires pass begins so too, as in A1111)."""
-        self.generators = [torch.Generator("cpu").manual_seed(seed) for seed in self.seeds]
+        self.generators = [make_generator(self.rng, seed) for seed in self.seeds]
 
     def after_start_noise(self) -> None:
         """A1111's Eta noise seed delta: the noise a sampler draws after the start noise (an ancestral step's, DDIM's
         with eta) comes from generators seeded seed + delta."""
         if self.noise_seed_delta:
-            self.generators = [torch.Generator("cpu").manual_seed(seed + self.noise_seed_delta) for seed in self.seeds]
+            self.generators = [make_generator(self.rng, seed + self.noise_seed_delta) for seed in self.seeds]
 
     def after_step(self, pipe, call: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents a pass goes on with after its model call `call`: inpainting's kept part put back."""
@@ -775,7 +777,7 @@ class Engine:
         # device and image i of a batch equals a single run with its seed.
         run = _Run(list(seeds), on_step, request.total_steps, request.eta_noise_seed_delta,
                    subseeds if request.subseed_strength > 0 else None, request.subseed_strength,
-                   request.seed_resize)
+                   request.seed_resize, request.randn_source or "CPU")
         run.control = self._control_unit(request, control)  # out of inference mode: its weights may be read now
         run.hypernetworks, run.hires_hypernetworks = self._hypernetworks(request)
         factor = self.pipe.vae_scale_factor
@@ -915,6 +917,8 @@ class Engine:
         merging = request.token_merging_ratio if merging is None else merging
         pipe.scheduler = self._scheduler(*sampler, beta=request.beta_shape)
         use_step_options(pipe.scheduler, sampler[0], StepOptions.of(request))
+        if run.rng == "NV":
+            drawing_from_philox(pipe.scheduler)
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE draws its Brownian noise from its own seeds (else from torch's global RNG).
             pipe.scheduler.noise_sampler_seed = list(run.seeds)  # the seeds, not ENSD's (as A1111)
@@ -1046,7 +1050,7 @@ class Engine:
         if run.seed_resize:
             from_shape = (channels, run.seed_resize[1] // factor, run.seed_resize[0] // factor)
         noise = start_noise(run.generators, shape, self.pipe.unet.dtype, run.subseeds, run.variation_strength,
-                            from_shape if from_shape != shape else None)
+                            from_shape if from_shape != shape else None, run.rng)
         run.after_start_noise()
         return noise
 

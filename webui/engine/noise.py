@@ -14,24 +14,28 @@ from __future__ import annotations
 
 import torch
 
+from webui.engine.philox import draw, make_generator
 
-def start_noise(generators: list[torch.Generator], shape: tuple[int, ...], dtype: torch.dtype,
+
+def start_noise(generators: list, shape: tuple[int, ...], dtype: torch.dtype,
                 subseeds: list[int] | None = None, strength: float = 0.0,
-                from_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """(images, *shape) noise: image i from generators[i]; drawn at from_shape and put in the middle when it is
-    given; moved `strength` of the way to subseeds[i]'s noise when they are given."""
+                from_shape: tuple[int, ...] | None = None, source: str = "CPU") -> torch.Tensor:
+    """(images, *shape) noise: image i from generators[i] (of the random number `source`, philox.make_generator's);
+    drawn at from_shape and put in the middle when it is given; moved `strength` of the way to subseeds[i]'s noise
+    when they are given."""
     images = []
     for index, generator in enumerate(generators):
-        own = torch.randn((1, *shape), generator=generator, dtype=dtype)  # as diffusers' randn_tensor draws it
-        seed = own if from_shape is None else _noise(generator.initial_seed(), from_shape, dtype)
+        own = draw(generator, (1, *shape), dtype)  # as diffusers' randn_tensor draws it
+        seed = own if from_shape is None else _noise(generator.initial_seed(), from_shape, dtype, source)
         if subseeds is not None:  # (1, channels, height, width): angles per channel, column
-            seed = slerp(strength, seed, _noise(subseeds[index], seed.shape[1:], dtype))
+            seed = slerp(strength, seed, _noise(subseeds[index], seed.shape[1:], dtype, source))
         images.append(seed if from_shape is None else paste_middle(seed, own))
     return torch.cat(images)
 
 
-def _noise(seed: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(seed), dtype=dtype)
+def _noise(seed: int, shape: tuple[int, ...], dtype: torch.dtype, source: str) -> torch.Tensor:
+    """A seed's first draw, from a generator of its own."""
+    return draw(make_generator(source, seed), (1, *shape), dtype)
 
 
 def paste_middle(small: torch.Tensor, large: torch.Tensor) -> torch.Tensor:

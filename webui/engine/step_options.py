@@ -22,6 +22,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from webui.engine.philox import philox_noise, uses_philox
+
 # A1111's defaults: a parameter at its default changes nothing and is not written into the infotext.
 DEFAULTS = {"eta_ddim": 0.0, "eta_ancestral": 1.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
 INFOTEXT_KEYS = {"eta_ddim": "Eta DDIM", "eta_ancestral": "Eta", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin",
@@ -128,9 +130,11 @@ def _output(prev_sample: torch.Tensor, pred_original_sample: torch.Tensor):
 
 
 def _draw(like: torch.Tensor, generator) -> torch.Tensor:
+    """Noise as the scheduler's own step draws it, from either random number source's generators."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    return randn_tensor(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+    draw = philox_noise if uses_philox(generator) else randn_tensor
+    return draw(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
 def _generators(generator) -> list[torch.Generator]:

@@ -19,6 +19,7 @@ from webui.engine.samplers import BETA_ALPHA, BETA_BETA
 from webui.engine.soft_inpainting import DEFAULTS as SOFT_DEFAULTS, ENABLED_KEY as SOFT_INPAINTING_ENABLED
 from webui.engine.soft_inpainting import SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS
+from webui.schemas import canonical_randn_source
 from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, SAME_CHECKPOINT, a1111_seed_resize, known_restorer
 
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -74,6 +75,7 @@ _REQUEST_FIELDS = {
     "Image CFG scale": ("image_cfg_scale", float),
     "Conditional mask weight": ("inpainting_mask_weight", float),
     "Emphasis": ("emphasis", str),
+    "RNG": ("randn_source", canonical_randn_source),
     "Extra noise": ("img2img_extra_noise", float),
     "Eta DDIM": ("eta_ddim", float),
     "Eta": ("eta_ancestral", float),
@@ -88,6 +90,7 @@ _REQUEST_FIELDS = {
     "Token merging ratio hr": ("token_merging_ratio_hr", float),
 }
 
+PROGRAM = "diffusers-webui"  # how our infotexts' Version begins
 
 def quote(value: Any) -> str:
     # A float in full (7.1234567 reads back as itself), without ".0" for whole numbers ("CFG scale: 7").
@@ -186,6 +189,8 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         # Written with the Beta schedule only: without them, its defaults (a paste never keeps a stale shape)
         fields["beta_dist_alpha"], fields["beta_dist_beta"] = BETA_ALPHA, BETA_BETA
         fields["refiner_checkpoint"] = ""  # A1111 leaves the key out without a refiner: none was used
+        # A1111 leaves RNG out for its GPU source (NV here); ours wrote none before it was there, from the CPU
+        fields["randn_source"] = "CPU" if params.get("Version", "").startswith(PROGRAM) else "NV"
         fields["seed_resize_from_w"] = fields["seed_resize_from_h"] = 0
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation
         fields["token_merging_ratio"] = fields["token_merging_ratio_hr"] = 0.0  # likewise: made without merging

@@ -19,7 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from webui.engine.prompts import EMPHASIS_MODES
-from webui.schemas import DEFAULT_CODEFORMER_WEIGHT, DEFAULT_FACE_RESTORER, FACE_RESTORERS, InvalidRequest
+from webui.schemas import (DEFAULT_CODEFORMER_WEIGHT, DEFAULT_FACE_RESTORER, FACE_RESTORERS, InvalidRequest,
+                           RandnSource, canonical_randn_source)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class SavedOptions(BaseModel):
     emphasis: EmphasisMode = Field("Original", description="how (word:1.2) weights are read: Original (weights, then "
                                    "each chunk back to its mean), No norm (weights alone), Ignore (brackets read, "
                                    "weights 1), None (brackets are text)")
+    randn_source: RandnSource = Field("CPU", description="Random number generator source: CPU (torch's CPU "
+                                      "generator) or NV (the numbers an NVIDIA card draws, on any device: A1111's "
+                                      "default GPU source, written GPU or NV)")
     face_restoration_model: FaceRestorer = Field(DEFAULT_FACE_RESTORER, description="the face restorer Restore faces "
                                                  f"uses: {' or '.join(FACE_RESTORERS)}")
     code_former_weight: float = Field(DEFAULT_CODEFORMER_WEIGHT, ge=0.0, le=1.0, description="CodeFormer's weight, 0 "
@@ -68,6 +72,11 @@ class SavedOptions(BaseModel):
                                                       "Restore faces (...-before-face-restoration)")
     save_images_before_color_correction: bool = Field(False, description="img2img: also save each picture as it was "
                                                       "before colour correction (...-before-color-correction)")
+
+    @field_validator("randn_source", mode="before")
+    @classmethod
+    def _nv_for_gpu(cls, value: Any) -> Any:
+        return canonical_randn_source(value)
 
     @field_validator("samples_format", "grid_format", mode="before")
     @classmethod

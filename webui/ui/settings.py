@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from webui.engine.prompts import EMPHASIS_MODES
-from webui.schemas import FACE_RESTORERS, InvalidRequest
+from webui.schemas import FACE_RESTORERS, RANDN_SOURCES, InvalidRequest
 from webui.storage.filenames import DEFAULT_FOLDER_PATTERN, DEFAULT_PATTERN, TAGS
 from webui.storage.options import IMAGE_FORMATS, OPTION_KEYS, OptionsStore, SavedOptions, SettingsFrozen
 
@@ -21,6 +21,7 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "enable_prompt_comments": "Enable comments", "emphasis": "Emphasis mode",
           "face_restoration_model": "Face restoration model", "code_former_weight": "CodeFormer weight",
           "inpainting_mask_weight": "Inpainting conditioning mask strength", "sdxl_clip_l_skip": "Clip skip SDXL",
+          "randn_source": "Random number generator source",
           "save_images_before_highres_fix": "Save a copy of image before applying highres fix",
           "save_images_before_face_restoration": "Save a copy of image before doing face restoration",
           "save_images_before_color_correction": "Save a copy of image before applying color correction to img2img "
@@ -131,6 +132,11 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
             info="how (word:1.2) is read: Original weighs, then keeps each chunk's mean; No norm weighs alone; "
                  "Ignore reads the brackets, weighs nothing; None reads brackets as text",
             elem_id="settings_emphasis", interactive=editable),
+        "randn_source": gr.Radio(
+            list(RANDN_SOURCES), value=current.randn_source, label=LABELS["randn_source"],
+            info="CPU: torch's CPU generator; NV: the noise an NVIDIA card draws (A1111's default GPU source), on any "
+                 "device, so A1111's seeds make their pictures here", elem_id="settings_randn_source",
+            interactive=editable),
         "face_restoration_model": gr.Radio(
             list(FACE_RESTORERS), value=current.face_restoration_model, label=LABELS["face_restoration_model"],
             info="what Restore faces draws the faces again with", elem_id="settings_face_restoration_model",
