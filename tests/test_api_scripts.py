@@ -107,6 +107,13 @@ def test_a_styles_axis_by_a1111s_index_and_dropdown_list_joins_each_style(client
     assert info["infotexts"][1].startswith("a red apple, film grain\nNegative prompt: blurry\n")
 
 
+def test_an_rng_source_axis_by_a1111s_index_takes_its_dropdown_list(client):
+    rng_index = 39  # "RNG source" in A1111 1.10's txt2img axis list
+    _, info = run(client, QUICK | {"script_name": "x/y/z plot", "script_args": [
+        rng_index, "", ["CPU", "GPU"], 0, "", [], 0, "", [], True, True]})
+    assert [param(text, "RNG") for text in info["infotexts"][1:]] == ["CPU", "NV"]  # A1111's GPU is NV here
+
+
 def test_a_plot_with_the_defaults_returns_its_labelled_grid_alone(client):
     """Only x_type and the dropdown's values given (the Sampler axis reads its list, as A1111's): the legend is
     drawn, the cells are not sent, but info labels them, as A1111's does."""

@@ -12,7 +12,7 @@ from PIL import Image
 from tests.conftest import TINY
 # ui_services and ui: test_ui's module fixtures, started again for this module.
 from tests.test_ui import event, input_labels, ui, ui_services  # noqa: F401
-from webui.schemas import InvalidRequest, JobState
+from webui.schemas import InvalidRequest, JobState, parse_request
 from webui.ui.generation import Session
 from webui import xyz_plot
 from webui.xyz_plot import MAX_PLOT_CELLS, draw_grid, plan, read_axis
@@ -123,6 +123,21 @@ def test_the_styles_and_refiner_axes_add_styles_and_set_the_refiner():
     with pytest.raises(InvalidRequest, match="Refiner switch at: 1.5"):
         plan(BASE, [read_axis("X", "Refiner switch at", "1.5"), read_axis("Y", "Nothing", ""),
                     read_axis("Z", "Nothing", "")])
+
+
+def test_the_rng_source_and_beta_schedule_axes_set_their_fields():
+    axes = [read_axis("X", "RNG source", "CPU, GPU, NV"), read_axis("Y", "Beta schedule alpha", "0.3, 0.9"),
+            read_axis("Z", "Beta schedule beta", "0.5")]
+    cells = plan(BASE | {"scheduler": "Beta", "sampler_name": "Euler"}, axes).cells
+    assert [parse_request(c.request).randn_source for c in cells[:3]] == ["CPU", "NV", "NV"]  # A1111's GPU is NV
+    assert [(c.request["beta_dist_alpha"], c.request["beta_dist_beta"]) for c in cells[::3]] == [(0.3, 0.5), (0.9, 0.5)]
+    assert axes[0].label(1) == "RNG source: GPU"
+    weights = plan(BASE, [read_axis("X", "Cond. Image Mask Weight", "0.25, 1"), read_axis("Y", "Nothing", ""),
+                          read_axis("Z", "Nothing", "")]).cells
+    assert [c.request["inpainting_mask_weight"] for c in weights] == [0.25, 1.0]
+    assert xyz_plot.AXIS_TYPES["Cond. Image Mask Weight"].tab == "img2img"  # A1111's, for img2img only
+    with pytest.raises(InvalidRequest, match="X value 'RNG source: TPU'"):
+        plan(BASE, [read_axis("X", "RNG source", "TPU"), read_axis("Y", "Nothing", ""), read_axis("Z", "Nothing", "")])
 
 
 @pytest.mark.parametrize("axis_type, text, says", [

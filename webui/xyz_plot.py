@@ -107,6 +107,10 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Sigma max", "float", _setter("s_tmax")),
     AxisType("Sigma noise", "float", _setter("s_noise")),
     AxisType("Eta", "float", _set_eta),
+    AxisType("Beta schedule alpha", "float", _setter("beta_dist_alpha")),
+    AxisType("Beta schedule beta", "float", _setter("beta_dist_beta")),
+    AxisType("RNG source", "text", _setter("randn_source")),  # CPU, NV, or A1111's GPU (read as NV)
+    AxisType("Cond. Image Mask Weight", "float", _setter("inpainting_mask_weight"), tab="img2img"),
 )}
 
 
