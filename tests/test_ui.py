@@ -582,6 +582,18 @@ def input_labels(ui, api_name: str) -> dict:
     return {name: getattr(block, "label", None) for name, block in zip(REQUEST_PARAMS, wiring.inputs[1:], strict=True)}
 
 
+def test_the_random_number_source_goes_from_the_page_to_the_infotext_and_back(ui, ui_services):
+    """The run's own choice, or the Settings tab's; a pasted A1111 infotext without RNG was made by its GPU source."""
+    assert input_labels(ui, "txt2img")["randn_source"] == "Random number generator source"
+    *_, settings = event(ui, "txt2img")(Session(), "an rng probe", steps=2, width=64, height=64, seed=4)
+    *_, nv = event(ui, "txt2img")(Session(), "an rng probe", steps=2, width=64, height=64, seed=4, randn_source="NV")
+    assert ", RNG: CPU, " in settings[4] and ", RNG: NV, " in nv[4]  # the Settings tab's: CPU
+    field = TXT2IMG_FIELDS.index("randn_source")
+    assert event(ui, "send_from_pnginfo")(nv[4])[field] == "NV"
+    assert event(ui, "send_from_pnginfo")("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64")[field] == "NV"
+    assert event(ui, "send_from_pnginfo")(settings[4])[field] == "CPU"
+
+
 def test_the_hires_fix_goes_from_the_page_to_the_infotext_and_back(ui):
     *_, last = event(ui, "txt2img")(Session(), "a hires probe", steps=2, width=64, height=64, seed=3, model=TINY,
                                     enable_hr=True, hr_scale=1.5, hr_second_pass_steps=1, denoising_strength=0.6)

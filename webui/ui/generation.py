@@ -32,12 +32,13 @@ from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.outputs import NamedCopy
 from webui.storage.styles import Style
 from webui.schemas import (MAX_CLIP_SKIP, MAX_MERGING_RATIO, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MIN_SIZE,
-                           RESIZE_MODES, SAME_CHECKPOINT, GenerationRequest, InvalidRequest)
+                           RANDN_SOURCES, RESIZE_MODES, SAME_CHECKPOINT, GenerationRequest, InvalidRequest)
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.cards import CardPictures, card_gallery, picked_name
 from webui.ui.controlnet import controlnet_section, request_fields as controlnet_fields
-from webui.ui.params import NO_REFINER, SAME_SAMPLER, SAME_SCHEDULE, TAB_FIELDS, schedules_of, with_labels
+from webui.ui.params import (NO_REFINER, SAME_SAMPLER, SAME_SCHEDULE, SETTINGS_SOURCE, TAB_FIELDS, schedules_of,
+                             with_labels)
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
                                batch_uploads, inpainting_settings, on_open_subtab, open_picture, outpainting_start,
                                folder_pictures, output_folder, picture_inputs, read_upload, start_pictures)
@@ -137,7 +138,7 @@ class GenerationActions(SeveralRuns):
                  token_merging_ratio_hr: float = 0.0, eta_ddim: float = 0.0, eta_ancestral: float = 1.0,
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = 0.0, s_noise: float = 1.0,
                  eta_noise_seed_delta: int = 0, beta_dist_alpha: float = BETA_ALPHA,
-                 beta_dist_beta: float = BETA_BETA) -> Iterator[tuple]:
+                 beta_dist_beta: float = BETA_BETA, randn_source: str = SETTINGS_SOURCE) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -171,6 +172,7 @@ class GenerationActions(SeveralRuns):
             "eta_noise_seed_delta": eta_noise_seed_delta or 0,
             "beta_dist_alpha": BETA_ALPHA if beta_dist_alpha is None else beta_dist_alpha,
             "beta_dist_beta": BETA_BETA if beta_dist_beta is None else beta_dist_beta,
+            "randn_source": None if randn_source in (None, SETTINGS_SOURCE) else randn_source,
         }
         if refiner and refiner_checkpoint not in (None, "", NO_REFINER):  # as A1111: ticked with none picked is off
             request |= {"refiner_checkpoint": refiner_checkpoint, "refiner_switch_at": refiner_switch_at}
@@ -948,6 +950,11 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                                               info="0: off", elem_id=f"{kind}_seed_resize_from_w")
                     seed_resize_h = gr.Slider(0, MAX_SIZE, value=0, step=8, label="Resize seed from height",
                                               info="0: off", elem_id=f"{kind}_seed_resize_from_h")
+                # A1111's Random number generator source, for this run: a pasted infotext's RNG lands here
+                randn_source = gr.Radio([SETTINGS_SOURCE, *RANDN_SOURCES], value=SETTINGS_SOURCE,
+                                        label="Random number generator source",
+                                        info="NV: the noise an NVIDIA card draws, as A1111's default GPU source; "
+                                             "Settings: the Settings tab's", elem_id=f"{kind}_randn_source")
             sampler_widgets = sampler_parameters_section(kind)
             merging_widgets = token_merging_section(kind)  # A1111's Settings > Optimizations
             # A1111's Lora cards in a short form: the tag goes into the prompt, where it can be edited.
@@ -1013,7 +1020,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                "restore_faces": restore_faces,
                "model": picker.dropdown, "sd_vae": picker.vae,
                "subseed": subseed, "subseed_strength": subseed_strength, "seed_resize_from_w": seed_resize_w,
-               "seed_resize_from_h": seed_resize_h, "styles": styles, **img2img_widgets, **refiner_widgets,
+               "seed_resize_from_h": seed_resize_h, "randn_source": randn_source, "styles": styles, **img2img_widgets, **refiner_widgets,
                **({} if img2img else hires_widgets), **plot_widgets, **controlnet_widgets, **sampler_widgets,
                **merging_widgets}
     # A parameter the tab has no widget for goes in at generate()'s default, in its place.

@@ -35,7 +35,7 @@ SAMPLER_FIELDS = ("skip_early_cond", "s_min_uncond", "s_min_uncond_all", "img2im
                   "beta_dist_beta")
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "seed_resize_from_w",
-                 "seed_resize_from_h", "styles", "denoising_strength", "tiling", "restore_faces", "sd_vae", *PLOT_FIELDS,
+                 "seed_resize_from_h", "randn_source", "styles", "denoising_strength", "tiling", "restore_faces", "sd_vae", *PLOT_FIELDS,
                  *OTHER_SCRIPTS, "refiner", "refiner_checkpoint", "refiner_switch_at", *CONTROLNET_FIELDS,
                  *SAMPLER_FIELDS, "token_merging_ratio")
 SOFT_INPAINTING = ("soft_inpainting", *SOFT_INPAINTING_FIELDS)
@@ -46,6 +46,8 @@ IMG2IMG_FIELDS = (*COMMON_FIELDS, "color_correction", "initial_noise_multiplier"
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
                 "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_checkpoint_name",
                 "token_merging_ratio_hr")
+# The Random number generator source's choice that leaves it to the Settings tab.
+SETTINGS_SOURCE = "Settings"
 # The Refiner section's Checkpoint when none is picked.
 NO_REFINER = "None"
 # The hires fix's sampler and schedule type when they are the first pass's (A1111's words).
@@ -71,7 +73,8 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "eta_noise_seed_delta": "Eta noise seed delta", "beta_dist_alpha": "Beta schedule alpha",
                 "beta_dist_beta": "Beta schedule beta", "color_correction": "Color correction", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
                 "subseed_strength": "Variation strength", "seed_resize_from_w": "Resize seed from width",
-                "seed_resize_from_h": "Resize seed from height", "styles": "Styles",
+                "seed_resize_from_h": "Resize seed from height", "randn_source": "Random number generator source",
+                "styles": "Styles",
                 "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "init_image": "Image",
                 "enable_hr": "Hires. fix", "hr_scale": "Upscale by", "hr_upscaler": "Upscaler",
                 "hr_second_pass_steps": "Hires steps", "hr_resize_x": "Resize width to",
@@ -116,7 +119,7 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
         "width": image.width, "height": image.height, "seed": image.seed, "clip_skip": image.clip_skip,
         "model": image.model_name, "model_hash": image.model_hash,
     } | {name: pasted.get(name)  # no columns of their own
-         for name in ("batch_size", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
+         for name in ("batch_size", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "randn_source",
                       "denoising_strength", "tiling", "restore_faces", "color_correction", "initial_noise_multiplier",
                       "image_cfg_scale", "sd_vae", "script", "refiner_checkpoint", "refiner_switch_at",
                       "token_merging_ratio",
