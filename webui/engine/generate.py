@@ -783,7 +783,6 @@ class Engine:
         factor = self.pipe.vae_scale_factor
         # what each result's colours are matched to: the start picture, or the reference the job gives (Loopback's)
         colours = (init_image if color_reference is None else color_reference) if request.color_correction else None
-        faces = (request.face_restoration_model, request.code_former_weight) if request.restore_faces else None
         with torch.inference_mode(), run.tiled:
             run.tiled.enter_context(seamless(self.pipe, request.tiling))
             try:
@@ -803,13 +802,11 @@ class Engine:
             except DenoisingStopped as stopped:
                 if run.latents is not None and torch.isfinite(run.latents).all():
                     try:
-                        stopped.images = self._to_images(run.latents, seeds, inpainting, request.tiling, colours,
-                                                         run.masked, faces)
+                        stopped.images = self._to_images(run.latents, request, run, inpainting, colours)
                     except Exception:  # the stop matters, not the picture it would have left
                         log.exception("the image cut short could not be decoded")
                 raise
-            return self._to_images(latents, seeds, inpainting, request.tiling, colours, run.masked, faces,
-                                   run.earlier, request.copies_before)
+            return self._to_images(latents, request, run, inpainting, colours)
 
     def _hypernetworks(self, request: GenerationRequest) -> tuple[list, list]:
         """The (network, multiplier) pairs of the first pass's prompt and of the hires pass's, read from their files
@@ -1126,24 +1123,23 @@ class Engine:
                                   "broken; try another model")
         return (latents * vae.config.scaling_factor).to(self.pipe.unet.dtype)
 
-    def _to_images(self, latents: torch.Tensor, seeds: list[int], inpainting: Inpainting | None = None,
-                   tiling: bool = False, colours: Image.Image | list[Image.Image] | None = None,
-                   masked: _MaskedStart | None = None, faces: tuple[str, float] | None = None,
-                   earlier: dict[str, list[Image.Image]] | None = None, copies: frozenset[str] = frozenset()
+    def _to_images(self, latents: torch.Tensor, request: GenerationRequest, run: "_Run",
+                   inpainting: Inpainting | None = None, colours: Image.Image | list[Image.Image] | None = None
                    ) -> list[EngineImage]:
-        """Decoded, the faces drawn again (`faces`: the face restorer and CodeFormer's weight, as A1111 does it before
-        the rest), given the colours of `colours` (img2img's colour correction: a picture, or one per image),
-        laid into the inpainted picture (with soft inpainting, `masked`'s, through masks of where the latents
-        changed), and past the safety checker (which sees what is saved). The steps in `copies` leave a copy of
-        each picture as it was before them, laid into the inpainted picture too, beside those in `earlier`; a
-        picture the safety checker flags keeps none."""
+        """Decoded, the faces drawn again (Restore faces, as A1111 does it before the rest), given the colours of
+        `colours` (img2img's colour correction: a picture, or one per image), laid into the inpainted picture (with
+        soft inpainting, through masks of where the latents changed), and past the safety checker (which sees what
+        is saved). The steps of the request's copies_before leave a copy of each picture as it was before them (laid
+        into the inpainted picture too), beside the run's earlier ones; a picture the safety checker flags keeps
+        none."""
         height, width = (side * self.pipe.vae_scale_factor for side in latents.shape[-2:])
-        pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(width, height, tiling)))
-        earlier = dict(earlier or {})
-        if faces is not None:
+        pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(width, height, request.tiling)))
+        earlier, copies, masked = dict(run.earlier), request.copies_before, run.masked
+        if request.restore_faces:
             if "face_restoration" in copies:
                 earlier["face_restoration"] = pictures
-            pictures = [self.restore_faces(picture, *faces) for picture in pictures]
+            pictures = [self.restore_faces(picture, request.face_restoration_model, request.code_former_weight)
+                        for picture in pictures]
         if colours is not None:
             if "color_correction" in copies:
                 earlier["color_correction"] = pictures
@@ -1158,7 +1154,7 @@ class Engine:
                        for step, kept in earlier.items()}
         images, flags = self.check_safety(pictures)
         return [EngineImage(image, seed, flag, {} if flag else {step: kept[i] for step, kept in earlier.items()})
-                for i, (image, seed, flag) in enumerate(zip(images, seeds, flags))]
+                for i, (image, seed, flag) in enumerate(zip(images, run.seeds, flags))]
 
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """Latents -> pixels in [-1, 1]. A half-precision VAE can overflow to NaN (the black-image
