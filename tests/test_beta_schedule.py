@@ -9,7 +9,7 @@ import torch
 
 from tests.helpers import finished_job
 
-from webui.engine.samplers import make_scheduler
+from webui.engine.samplers import ScheduleShape, make_scheduler
 from webui.schemas import GenerationRequest, InvalidRequest, parse_request
 from webui.storage.infotext import request_fields_from_infotext
 
@@ -25,7 +25,7 @@ def test_the_sigmas_follow_the_beta_distribution_of_that_shape(alpha, beta):
     low, high = ((1 - alphas_cumprod[[0, -1]]) / alphas_cumprod[[0, -1]]) ** 0.5
     steps = 9
     expected = low + scipy.stats.beta.ppf(np.linspace(1, 0, steps), alpha, beta) * (high - low)
-    scheduler = make_scheduler(SD_SCHEDULE, "DPM++ 2M", "Beta", beta=(alpha, beta))
+    scheduler = make_scheduler(SD_SCHEDULE, "DPM++ 2M", "Beta", shape=ScheduleShape(alpha, beta))
     scheduler.set_timesteps(steps)
     assert np.allclose(scheduler.sigmas.numpy()[:-1], expected, rtol=1e-3)
 
@@ -116,7 +116,7 @@ def test_the_tabs_have_the_sliders(services):
 
 def test_a_scheduler_made_for_the_run_is_not_shared(engine):
     """Two requests' shapes never meet: each run builds its own scheduler."""
-    first = engine._scheduler("Euler", "Beta", beta=(0.2, 0.2))
+    first = engine._scheduler("Euler", "Beta", shape=ScheduleShape(0.2, 0.2))
     second = engine._scheduler("Euler", "Beta")
     for scheduler in (first, second):
         scheduler.set_timesteps(6)

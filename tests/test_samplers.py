@@ -339,3 +339,42 @@ def test_the_model_schedules_span_the_whole_table_whatever_the_timestep_spacing(
         scheduler.set_timesteps(20)
     assert torch.allclose(ours.sigmas, leading.sigmas)
     assert float(ours.sigmas[0]) == pytest.approx(float(sd15_sigmas()[-1]), rel=1e-3)
+
+
+# A1111's sigma_min, sigma_max and rho options (ScheduleShape)
+
+@pytest.mark.parametrize("schedule, formula", [
+    ("Karras", lambda steps, ends: a1111_karras(steps, ends)),
+    ("Exponential", lambda steps, ends: a1111_exponential(steps, ends)),
+    ("KL Optimal", lambda steps, ends: a1111_kl_optimal(steps, ends)[:-1]),
+])
+def test_the_schedule_min_and_max_sigma_move_the_ends_of_the_range_spanning_schedules(schedule, formula):
+    from webui.engine.samplers import ScheduleShape
+
+    ends = torch.tensor([0.1, 8.0], dtype=torch.float64)
+    scheduler = make_scheduler(SD15_SCHEDULER, "Euler", schedule, shape=ScheduleShape(sigma_min=0.1, sigma_max=8.0))
+    scheduler.set_timesteps(12)
+    assert torch.allclose(scheduler.sigmas.double()[:12], formula(12, ends), rtol=1e-3), scheduler.sigmas
+    only_max = make_scheduler(SD15_SCHEDULER, "Euler", schedule, shape=ScheduleShape(sigma_max=8.0))
+    only_max.set_timesteps(12)
+    model_min = float(sd15_sigmas()[0])
+    assert float(only_max.sigmas[0]) == pytest.approx(8.0, rel=1e-3)
+    assert torch.allclose(only_max.sigmas.double()[:12], formula(12, torch.tensor([model_min, 8.0],
+                                                                                    dtype=torch.float64)), rtol=1e-3)
+
+
+def test_the_schedule_rho_bends_karras_and_the_table_schedules_ignore_the_range():
+    from webui.engine.samplers import ScheduleShape
+
+    steep = make_scheduler(SD15_SCHEDULER, "Euler", "Karras", shape=ScheduleShape(rho=3.0))
+    steep.set_timesteps(10)
+    low, high = float(sd15_sigmas()[0]), float(sd15_sigmas()[-1])
+    ramp = torch.linspace(0, 1, 10, dtype=torch.float64)
+    expected = (high ** (1 / 3) + ramp * (low ** (1 / 3) - high ** (1 / 3))) ** 3
+    assert torch.allclose(steep.sigmas.double()[:10], expected, rtol=1e-3)
+    for schedule in ("Uniform", "Simple", "Align Your Steps"):  # A1111 hands them the range; they read their own
+        plain, shaped = (make_scheduler(SD15_SCHEDULER, "Euler", schedule, shape=shape)
+                         for shape in (ScheduleShape(), ScheduleShape(sigma_min=0.5, sigma_max=5.0, rho=2.0)))
+        plain.set_timesteps(10)
+        shaped.set_timesteps(10)
+        assert torch.equal(plain.sigmas, shaped.sigmas), schedule

@@ -19,7 +19,8 @@ from webui.controlnet import (CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RE
                               controlnet_problem)
 from webui.engine.hires import HIRES_UPSCALERS, MAX_SCHEDULE, hires_size, schedule_steps
 from webui.engine.prompts import EMPHASIS_MODES
-from webui.engine.samplers import BETA_ALPHA, BETA_BETA, get_sampler, resolve_sampler
+from webui.engine.samplers import (BETA_ALPHA, BETA_BETA, ENDS_SCHEDULES, KARRAS_RHO, ScheduleShape, get_sampler,
+                                  resolve_sampler)
 from webui.engine.step_options import LIMITS as STEP_LIMITS
 from webui.engine.uncond_skip import MAX_NGMS
 from webui.engine.token_merging import MAX_RATIO as MAX_MERGING_RATIO
@@ -58,6 +59,8 @@ _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 SAME_CHECKPOINT = "Use same checkpoint"
 
 
+MAX_SCHEDULE_SIGMA = 10000.0  # Schedule min/max sigma: a zero-terminal-SNR model's largest is 4096
+MAX_SCHEDULE_RHO = 100.0
 RANDN_SOURCES = ("CPU", "NV")  # A1111's Random number generator source; its GPU is NV here (webui/engine/philox.py)
 RandnSource = Literal[RANDN_SOURCES]
 
@@ -226,6 +229,13 @@ class GenerationRequest(BaseModel):
                                    "alpha, 0.01 to 1 (lower: more steps at low noise)")
     beta_dist_beta: float = Field(BETA_BETA, ge=0.01, le=1.0, description="Beta schedule: the beta distribution's "
                                   "beta, 0.01 to 1 (lower: more steps at high noise)")
+    # A1111's sigma_min, sigma_max and rho options: where Karras, Exponential, KL Optimal and Beta begin and end
+    sigma_min: float = Field(0.0, ge=0.0, le=MAX_SCHEDULE_SIGMA, description="Schedule min sigma: the smallest noise "
+                             "level of Karras, Exponential, KL Optimal and Beta (0: the model's, ~0.03)")
+    sigma_max: float = Field(0.0, ge=0.0, le=MAX_SCHEDULE_SIGMA, description="Schedule max sigma: their largest "
+                             "(0: the model's, ~14.6)")
+    rho: float = Field(0.0, ge=0.0, le=MAX_SCHEDULE_RHO, description="Schedule rho: how steeply Karras's noise "
+                       "levels fall (0: its own 7; higher falls faster at first)")
     # A1111's Token merging (webui/engine/token_merging.py), its settings here per request as every generation setting.
     token_merging_ratio: float = Field(0.0, ge=0.0, le=MAX_MERGING_RATIO, description="token merging: the part of the "
                                        "tokens merged away before self-attention at the full latent resolution; 0: off "
@@ -414,6 +424,13 @@ class GenerationRequest(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _sigma_range_in_order(self) -> "GenerationRequest":
+        if self.sigma_min and self.sigma_max and self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min: {self.sigma_min:g} is not below sigma_max {self.sigma_max:g}; lower it, or "
+                             "set either to 0 for the model's own")
+        return self
+
+    @model_validator(mode="after")
     def _controlnet_runnable(self) -> "GenerationRequest":
         problem = self.uses_controlnet and controlnet_problem(self)
         if problem:
@@ -488,9 +505,18 @@ class GenerationRequest(BaseModel):
         return self.token_merging_ratio_hr or self.token_merging_ratio
 
     @property
-    def beta_shape(self) -> tuple[float, float]:
-        """The Beta schedule type's alpha and beta."""
-        return self.beta_dist_alpha, self.beta_dist_beta
+    def schedule_shape(self) -> ScheduleShape:
+        """A1111's options that reshape the schedule types (the Beta schedule's alpha and beta, sigma range, rho)."""
+        return ScheduleShape(self.beta_dist_alpha, self.beta_dist_beta, self.sigma_min, self.sigma_max, self.rho)
+
+    def shapes_schedule(self, schedule: str) -> dict[str, float]:
+        """The sigma range and rho options set, by A1111's infotext keys, that a pass of this schedule type reads
+        (A1111 writes them for every type it hands them to, as here: those that span a range; rho Karras alone)."""
+        if schedule not in ENDS_SCHEDULES:
+            return {}
+        keys = {"Schedule min sigma": self.sigma_min, "Schedule max sigma": self.sigma_max,
+                "Schedule rho": self.rho if schedule == "Karras" and self.rho != KARRAS_RHO else 0}
+        return {key: value for key, value in keys.items() if value}
 
     @property
     def uses_beta_schedule(self) -> bool:

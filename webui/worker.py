@@ -968,6 +968,8 @@ class Worker:
             **_step_options_infotext(request),
             "Beta schedule alpha": request.beta_dist_alpha if request.uses_beta_schedule else None,
             "Beta schedule beta": request.beta_dist_beta if request.uses_beta_schedule else None,
+            **request.shapes_schedule(request.scheduler),
+            **(request.shapes_schedule(request.hires_sampler[1]) if request.enable_hr else {}),
             "Lora hashes": self.engine.lora_hashes(request),
             "TI hashes": self.engine.ti_hashes(request),
             "NSFW": "blacked out by the safety checker" if result.nsfw else None,

@@ -107,6 +107,9 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Sigma max", "float", _setter("s_tmax")),
     AxisType("Sigma noise", "float", _setter("s_noise")),
     AxisType("Eta", "float", _set_eta),
+    AxisType("Schedule min sigma", "float", _setter("sigma_min")),
+    AxisType("Schedule max sigma", "float", _setter("sigma_max")),
+    AxisType("Schedule rho", "float", _setter("rho")),
     AxisType("Beta schedule alpha", "float", _setter("beta_dist_alpha")),
     AxisType("Beta schedule beta", "float", _setter("beta_dist_beta")),
     AxisType("RNG source", "text", _setter("randn_source")),  # CPU, NV, or A1111's GPU (read as NV)

@@ -51,7 +51,8 @@ class GenerationBody(BaseModel):
                           "token_merging_ratio_hr (the hires fix's pass; 0: token_merging_ratio), eta_ddim, eta_ancestral, s_churn, "
                           "s_tmin, s_tmax, s_noise (where the body's eta and s_* fields are null), "
                           "eta_noise_seed_delta (A1111's ENSD), beta_dist_alpha, beta_dist_beta (the Beta "
-                          "schedule's shape, 0.01 to 1), sdxl_refiner_high_aesthetic_score, "
+                          "schedule's shape, 0.01 to 1), sigma_min, sigma_max, rho (Schedule min and max sigma "
+                          "and rho; 0: the model's, Karras's 7), sdxl_refiner_high_aesthetic_score, "
                           "sdxl_refiner_low_aesthetic_score (an SDXL refiner's: 6.0 and 2.5), enable_prompt_comments "
                           "(else the Settings tab's)")
     send_images: bool = True

@@ -516,8 +516,8 @@ class Api:
         `sd_vae` (Automatic, None or a file of GET /sdapi/v1/sd-vae) is the VAE of later API requests that give
         none of their own; A1111's sampler options (eta_ddim, eta_ancestral, s_churn, s_tmin, s_tmax, s_noise,
         eta_noise_seed_delta, s_min_uncond, s_min_uncond_all, skip_early_cond, img2img_extra_noise,
-        initial_noise_multiplier, beta_dist_alpha, beta_dist_beta), an SDXL refiner's sdxl_refiner_high_aesthetic_score and
-        sdxl_refiner_low_aesthetic_score, and token merging options (token_merging_ratio, token_merging_ratio_hr,
+        initial_noise_multiplier, beta_dist_alpha, beta_dist_beta, sigma_min, sigma_max, rho), an SDXL refiner's
+        sdxl_refiner_high_aesthetic_score and sdxl_refiner_low_aesthetic_score, and token merging options (token_merging_ratio, token_merging_ratio_hr,
         token_merging_ratio_img2img) are those of later API requests that give none; `samples_format`, `grid_format`
         (png, jpg or webp) and `jpeg_quality` are the Settings tab's, for everyone."""
         clip_skip = None

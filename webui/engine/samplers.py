@@ -164,10 +164,32 @@ def _canonical_schedule(schedule: str) -> str:
     return label
 
 
+@dataclass(frozen=True)
+class ScheduleShape:
+    """A1111's options that reshape the schedule types: the Beta schedule's alpha and beta; Schedule min and max
+    sigma (0: the model's), where the types that span a range of sigmas (ENDS_SCHEDULES) begin and end; Schedule
+    rho (0: Karras's own 7)."""
+    beta_alpha: float = BETA_ALPHA
+    beta_beta: float = BETA_BETA
+    sigma_min: float = 0.0
+    sigma_max: float = 0.0
+    rho: float = 0.0
+
+    def ends(self, table: np.ndarray) -> np.ndarray:
+        """The smallest and largest sigma a range-spanning schedule runs between: the model's unless set."""
+        return np.array([self.sigma_min or table[0], self.sigma_max or table[-1]])
+
+
+# The schedule types worked out from the model's smallest and largest sigma alone (A1111's that take sigma_min and
+# sigma_max); the others read the whole table, and Align Your Steps its own levels.
+ENDS_SCHEDULES = ("Karras", "Exponential", "KL Optimal", "Beta")
+KARRAS_RHO = 7.0
+
+
 def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str = "Automatic", sdxl: bool = False,
-                   beta: tuple[float, float] = (BETA_ALPHA, BETA_BETA)):
+                   shape: ScheduleShape = ScheduleShape()):
     """Build a fresh diffusers scheduler for one run from the model's scheduler config (an SDXL model's: `sdxl`,
-    which Align Your Steps' noise levels depend on; `beta`: the Beta schedule's alpha and beta)."""
+    which Align Your Steps' noise levels depend on; `shape`: A1111's schedule options)."""
     import diffusers
 
     sampler_name, schedule = resolve_sampler(sampler_name, schedule)
@@ -180,7 +202,7 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
     if schedule == "KL Optimal" and _takes(scheduler_class, "final_sigmas_type"):
         options["final_sigmas_type"] = "sigma_min"  # its last level is the model's smallest sigma, not 0
     scheduler = _starting_at_the_first_step(scheduler_class.from_config(base_config, **options))
-    sigmas_for = _sigmas_function(schedule, sdxl, beta)
+    sigmas_for = _sigmas_function(schedule, sdxl, shape)
     return _with_custom_sigmas(scheduler, sigmas_for) if sigmas_for else scheduler
 
 
@@ -201,7 +223,7 @@ def uniform_sigmas(steps: int, table: np.ndarray) -> np.ndarray:
     return np.exp(np.interp(timesteps, np.arange(len(table)), np.log(table)))
 
 
-def karras_sigmas(steps: int, table: np.ndarray, rho: float = 7.0) -> np.ndarray:
+def karras_sigmas(steps: int, table: np.ndarray, rho: float = KARRAS_RHO) -> np.ndarray:
     """Karras et al.'s schedule from the largest sigma to the smallest, even in sigma ** (1 / rho) (k-diffusion's
     get_sigmas_karras between the model's sigma_max and sigma_min, as A1111's Karras)."""
     high, low = table[-1] ** (1 / rho), table[0] ** (1 / rho)
@@ -256,12 +278,18 @@ SIGMAS_OF = {"Uniform": uniform_sigmas, "Normal": uniform_sigmas, "Karras": karr
              "KL Optimal": kl_optimal_sigmas}
 
 
-def _sigmas_function(schedule: str, sdxl: bool, beta: tuple[float, float]):
+def _sigmas_function(schedule: str, sdxl: bool, shape: ScheduleShape):
+    """The schedule type's sigmas as a function of (steps, the model's table), with the shape's options applied."""
     if schedule == "Align Your Steps":
         levels = AYS_SIGMAS["sdxl" if sdxl else "sd"]
         return lambda steps, table: ays_sigmas(steps, levels)
     if schedule == "Beta":
-        return lambda steps, table: beta_sigmas(steps, table, *beta)
+        return lambda steps, table: beta_sigmas(steps, shape.ends(table), shape.beta_alpha, shape.beta_beta)
+    if schedule == "Karras":
+        return lambda steps, table: karras_sigmas(steps, shape.ends(table), shape.rho or KARRAS_RHO)
+    if schedule in ENDS_SCHEDULES:
+        function = SIGMAS_OF[schedule]
+        return lambda steps, table: function(steps, shape.ends(table))
     return SIGMAS_OF.get(schedule)
 
 

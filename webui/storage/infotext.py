@@ -86,6 +86,9 @@ _REQUEST_FIELDS = {
     "ENSD": ("eta_noise_seed_delta", int),
     "Beta schedule alpha": ("beta_dist_alpha", float),
     "Beta schedule beta": ("beta_dist_beta", float),
+    "Schedule min sigma": ("sigma_min", float),
+    "Schedule max sigma": ("sigma_max", float),
+    "Schedule rho": ("rho", float),
     "Token merging ratio": ("token_merging_ratio", float),
     "Token merging ratio hr": ("token_merging_ratio_hr", float),
 }
@@ -188,6 +191,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields |= STEP_DEFAULTS | {"eta_noise_seed_delta": 0}
         # Written with the Beta schedule only: without them, its defaults (a paste never keeps a stale shape)
         fields["beta_dist_alpha"], fields["beta_dist_beta"] = BETA_ALPHA, BETA_BETA
+        fields["sigma_min"] = fields["sigma_max"] = fields["rho"] = 0.0  # likewise left out when the model's own
         fields["refiner_checkpoint"] = ""  # A1111 leaves the key out without a refiner: none was used
         # A1111 leaves RNG out for its GPU source (NV here); ours wrote none before it was there, from the CPU
         fields["randn_source"] = "CPU" if params.get("Version", "").startswith(PROGRAM) else "NV"

@@ -32,7 +32,8 @@ from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.outputs import NamedCopy
 from webui.storage.styles import Style
 from webui.schemas import (MAX_CLIP_SKIP, MAX_MERGING_RATIO, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MIN_SIZE,
-                           RANDN_SOURCES, RESIZE_MODES, SAME_CHECKPOINT, GenerationRequest, InvalidRequest)
+                           MAX_SCHEDULE_RHO, MAX_SCHEDULE_SIGMA, RANDN_SOURCES, RESIZE_MODES, SAME_CHECKPOINT,
+                           GenerationRequest, InvalidRequest)
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.cards import CardPictures, card_gallery, picked_name
@@ -138,7 +139,8 @@ class GenerationActions(SeveralRuns):
                  token_merging_ratio_hr: float = 0.0, eta_ddim: float = 0.0, eta_ancestral: float = 1.0,
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = 0.0, s_noise: float = 1.0,
                  eta_noise_seed_delta: int = 0, beta_dist_alpha: float = BETA_ALPHA,
-                 beta_dist_beta: float = BETA_BETA, randn_source: str = SETTINGS_SOURCE) -> Iterator[tuple]:
+                 beta_dist_beta: float = BETA_BETA, randn_source: str = SETTINGS_SOURCE, sigma_min: float = 0.0,
+                 sigma_max: float = 0.0, rho: float = 0.0) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -173,6 +175,7 @@ class GenerationActions(SeveralRuns):
             "beta_dist_alpha": BETA_ALPHA if beta_dist_alpha is None else beta_dist_alpha,
             "beta_dist_beta": BETA_BETA if beta_dist_beta is None else beta_dist_beta,
             "randn_source": None if randn_source in (None, SETTINGS_SOURCE) else randn_source,
+            "sigma_min": sigma_min or 0.0, "sigma_max": sigma_max or 0.0, "rho": rho or 0.0,  # an emptied box: 0
         }
         if refiner and refiner_checkpoint not in (None, "", NO_REFINER):  # as A1111: ticked with none picked is off
             request |= {"refiner_checkpoint": refiner_checkpoint, "refiner_switch_at": refiner_switch_at}
@@ -783,6 +786,15 @@ def sampler_parameters_section(kind: str) -> dict[str, Any]:
             widgets["beta_dist_beta"] = gr.Slider(
                 0.01, 1, value=BETA_BETA, step=0.01, label="Beta schedule beta",
                 info="Beta schedule type: lower puts more steps at high noise", elem_id=f"{kind}_beta_dist_beta")
+        # A1111's sigma min, sigma max and rho: typed, as A1111's boxes (0: the model's own)
+        with gr.Row():
+            widgets["sigma_min"] = gr.Number(0, minimum=0, maximum=MAX_SCHEDULE_SIGMA, label="Schedule min sigma",
+                                             info="Karras, Exponential, KL Optimal, Beta end here (0: the model's)",
+                                             elem_id=f"{kind}_sigma_min")
+            widgets["sigma_max"] = gr.Number(0, minimum=0, maximum=MAX_SCHEDULE_SIGMA, label="Schedule max sigma",
+                                             info="and start here (0: the model's)", elem_id=f"{kind}_sigma_max")
+            widgets["rho"] = gr.Number(0, minimum=0, maximum=MAX_SCHEDULE_RHO, label="Schedule rho",
+                                       info="Karras: higher falls faster at first (0: 7)", elem_id=f"{kind}_rho")
     return widgets
 
 

@@ -32,7 +32,7 @@ CONTROLNET_FIELDS = ("controlnet_enabled", "controlnet_module", "controlnet_mode
 # A1111's sampler options both tabs have (Sampler parameters).
 SAMPLER_FIELDS = ("skip_early_cond", "s_min_uncond", "s_min_uncond_all", "img2img_extra_noise", "eta_ddim",
                   "eta_ancestral", "s_churn", "s_tmin", "s_tmax", "s_noise", "eta_noise_seed_delta", "beta_dist_alpha",
-                  "beta_dist_beta")
+                  "beta_dist_beta", "sigma_min", "sigma_max", "rho")
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "seed_resize_from_w",
                  "seed_resize_from_h", "randn_source", "styles", "denoising_strength", "tiling", "restore_faces", "sd_vae", *PLOT_FIELDS,
@@ -71,7 +71,8 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "eta_ddim": "Eta for DDIM", "eta_ancestral": "Eta for ancestral samplers", "s_churn": "Sigma churn",
                 "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise",
                 "eta_noise_seed_delta": "Eta noise seed delta", "beta_dist_alpha": "Beta schedule alpha",
-                "beta_dist_beta": "Beta schedule beta", "color_correction": "Color correction", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
+                "beta_dist_beta": "Beta schedule beta", "sigma_min": "Schedule min sigma",
+                "sigma_max": "Schedule max sigma", "rho": "Schedule rho", "color_correction": "Color correction", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
                 "subseed_strength": "Variation strength", "seed_resize_from_w": "Resize seed from width",
                 "seed_resize_from_h": "Resize seed from height", "randn_source": "Random number generator source",
                 "styles": "Styles",
