@@ -125,6 +125,20 @@ def test_the_styles_and_refiner_axes_add_styles_and_set_the_refiner():
                     read_axis("Z", "Nothing", "")])
 
 
+def test_prompt_order_puts_the_words_in_every_order_in_their_places():
+    axes = [read_axis("X", "Prompt order", "red, big, apple"), read_axis("Y", "Nothing", ""),
+            read_axis("Z", "Nothing", "")]
+    cells = plan(BASE | {"prompt": "a big red shiny apple"}, axes).cells
+    assert [c.request["prompt"] for c in cells] == [
+        "a red big shiny apple", "a red apple shiny big", "a big red shiny apple", "a big apple shiny red",
+        "a apple red shiny big", "a apple big shiny red"]
+    assert axes[0].label(1) == "red, apple, big" and cells[0].request["negative_prompt"] == BASE["negative_prompt"]
+    with pytest.raises(InvalidRequest, match="'pear' is not in the prompt"):
+        plan(BASE | {"prompt": "a big red apple"}, [read_axis("X", "Prompt order", "red, pear"), axes[1], axes[2]])
+    with pytest.raises(InvalidRequest, match="5 words make 120 orders"):
+        read_axis("X", "Prompt order", "a, b, c, d, e")
+
+
 def test_the_rng_source_and_beta_schedule_axes_set_their_fields():
     axes = [read_axis("X", "RNG source", "CPU, GPU, NV"), read_axis("Y", "Beta schedule alpha", "0.3, 0.9"),
             read_axis("Z", "Beta schedule beta", "0.5")]

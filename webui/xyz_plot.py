@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import math
 import random
 import re
 from dataclasses import dataclass, replace
@@ -49,6 +50,20 @@ def _replace_in_prompts(request: dict, pair: tuple[str, str]) -> None:
             request[field] = request[field].replace(search, replacement)
 
 
+def _reorder_prompt(request: dict, order: tuple[str, ...]) -> None:
+    """A1111's Prompt order: the places the words take in the prompt, first to last, filled with them in this order."""
+    prompt = request.get("prompt") or ""
+    missing = [word for word in order if word not in prompt]
+    if missing:
+        raise ValueError(f"{missing[0]!r} is not in the prompt; Prompt order reorders words the prompt has")
+    parts, rest = [], prompt
+    for word in sorted(order, key=prompt.find):  # cut out in the order they stand
+        at = rest.find(word)
+        parts.append(rest[:at])
+        rest = rest[at + len(word):]
+    request["prompt"] = "".join(part + word for part, word in zip(parts, order)) + rest
+
+
 def _add_styles(request: dict, names: str) -> None:
     """A1111's Styles axis: the value's styles (several joined by commas) added to the request's own."""
     request["styles"] = [*request.get("styles", []), *(name.strip() for name in names.split(",") if name.strip())]
@@ -83,6 +98,7 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("CFG Scale", "float", _setter("cfg_scale")),
     AxisType("Image CFG Scale", "float", _setter("image_cfg_scale"), tab="img2img"),
     AxisType("Prompt S/R", "text", _replace_in_prompts, named=False),
+    AxisType("Prompt order", "text", _reorder_prompt, named=False),
     AxisType("Sampler", "text", _setter("sampler_name"), named=False),
     AxisType("Schedule type", "text", _setter("scheduler"), named=False),
     AxisType("Checkpoint name", "text", _setter("model"), named=False),
@@ -127,6 +143,8 @@ class Axis:
     def label(self, index: int) -> str:
         value = self.values[index]
         shown = value[1] if self.type.label == "Prompt S/R" else value
+        if self.type.label == "Prompt order":
+            shown = ", ".join(value)
         if isinstance(shown, float):
             shown = f"{shown:g}"
         return f"{self.type.label}: {shown}" if self.type.named else str(shown)
@@ -154,6 +172,11 @@ def read_axis(name: str, type_label: str, text: str) -> Axis:
         values = [value for item in items for value in _values(axis_type.kind, item)]
     except (ValueError, OverflowError) as err:
         raise InvalidRequest(f"{name} values: {err}") from None
+    if type_label == "Prompt order":  # every order of the words
+        if math.factorial(len(values)) > MAX_AXIS_VALUES:
+            raise InvalidRequest(f"{name} values: {len(values)} words make {math.factorial(len(values))} orders; at "
+                                 f"most {MAX_AXIS_VALUES} fit on an axis (4 words)")
+        values = list(itertools.permutations(values))
     if len(values) > MAX_AXIS_VALUES:
         raise InvalidRequest(f"{name} values: {len(values)} values; at most {MAX_AXIS_VALUES} fit on an axis")
     if type_label == "Prompt S/R":  # the first value is what the others replace in the prompts
