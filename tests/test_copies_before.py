@@ -1,6 +1,7 @@
 """A1111's settings "Save a copy of image before applying highres fix / doing face restoration / applying color
 correction": each saved picture also saved as it stood before that step, named <its name>-before-<step>, with its
-infotext, numbered before it, and not in the history."""
+infotext, numbered before it, and not in the history; and "For inpainting, save a copy of the greyscale mask / a
+masked composite", "Save init images when using img2img"."""
 from __future__ import annotations
 
 import json
@@ -146,3 +147,51 @@ def test_a_picture_the_safety_checker_blacks_out_leaves_no_copy(services, monkey
     finished_job(services, QUICK | HIRES | {"save_images_before_highres_fix": True})
     [final] = new_files(services, before)
     assert not pixels(Image.open(final)).any()  # the blacked-out picture alone
+
+
+# --- A1111's "For inpainting, save a copy of the greyscale mask / a masked composite", "Save init images" -------------
+
+def left_half_mask() -> Image.Image:
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (0, 0, 32, 64))
+    return mask
+
+
+def test_inpainting_saves_the_mask_and_the_masked_composite_after_the_picture(services):
+    start, mask = noise_picture(4), left_half_mask()
+    before = saved_files(services)
+    job = finished_job(services, QUICK | {"denoising_strength": 0.7, "mask_blur": 0, "save_mask": True,
+                                          "save_mask_composite": True}, init_image=start, mask=mask)
+    final, saved_mask, composite = new_files(services, before)
+    assert saved_mask.name.endswith("-7-mask.png") and composite.name.endswith("-7-mask-composite.png")
+    assert int(final.name[:5]) + 1 == int(saved_mask.name[:5])  # numbered after the picture, as A1111 saves them
+    with Image.open(saved_mask) as grey, Image.open(composite) as shown, Image.open(final) as picture:
+        assert grey.mode == "RGB" and (pixels(grey)[..., 0] == np.asarray(mask)).all()
+        assert shown.mode == "RGBA" and grey.info["parameters"] == job.images[0].infotext
+        alpha = np.asarray(shown)[..., 3]
+        assert (alpha[:, :32] == 255).all() and (alpha[:, 32:] == 0).all()  # the drawn half alone
+        assert (np.asarray(shown)[:, :32, :3] == np.asarray(picture)[:, :32]).all()
+
+
+def test_no_mask_is_saved_without_the_settings_nor_for_plain_img2img(services):
+    before = saved_files(services)
+    finished_job(services, QUICK | {"denoising_strength": 0.7}, init_image=noise_picture(4), mask=left_half_mask())
+    finished_job(services, QUICK | {"denoising_strength": 0.7, "save_mask": True}, init_image=noise_picture(4))
+    assert [path.name.endswith("-7.png") for path in new_files(services, before)] == [True, True]
+
+
+def test_the_init_image_is_saved_once_by_its_hash(services):
+    import hashlib
+
+    start = noise_picture(12)
+    folder = services.outputs.outdir / "init-images"
+    for _ in range(2):
+        finished_job(services, QUICK | {"denoising_strength": 0.5, "save_init_img": True, "batch_size": 2},
+                     init_image=start)
+    [saved] = folder.glob("*.png")
+    assert saved.name == hashlib.sha1(start.tobytes()).hexdigest() + ".png"
+    assert (pixels(Image.open(saved)) == pixels(start)).all()
+    inpainted = noise_picture(13)
+    finished_job(services, QUICK | {"denoising_strength": 0.5, "save_init_img": True, "inpaint_full_res": True},
+                 init_image=inpainted, mask=left_half_mask())
+    assert (folder / (hashlib.sha1(inpainted.tobytes()).hexdigest() + ".png")).exists()  # the whole picture

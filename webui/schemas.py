@@ -73,11 +73,13 @@ def canonical_randn_source(value: Any) -> Any:
     return value
 
 
+# A1111's settings that save more than the pictures: copies before a step, the mask, the start picture
+SAVE_SETTINGS = ("save_images_before_highres_fix", "save_images_before_face_restoration",
+                 "save_images_before_color_correction", "save_mask", "save_mask_composite", "save_init_img")
 # The request fields that, left None, take the Settings tab's value of the same name (webui/storage/options.py) when
 # the worker accepts the request
 SETTINGS_FIELDS = ("emphasis", "randn_source", "face_restoration_model", "code_former_weight", "inpainting_mask_weight",
-                   "sdxl_clip_l_skip", "save_images_before_highres_fix", "save_images_before_face_restoration",
-                   "save_images_before_color_correction")
+                   "sdxl_clip_l_skip", *SAVE_SETTINGS)
 
 
 class GenerationRequest(BaseModel):
@@ -293,6 +295,11 @@ class GenerationRequest(BaseModel):
                                                              "before Restore faces")
     save_images_before_color_correction: bool | None = Field(None, description="img2img: also save each picture as it "
                                                              "was before colour correction")
+    save_mask: bool | None = Field(None, description="inpainting: also save the mask beside each picture")
+    save_mask_composite: bool | None = Field(None, description="inpainting: also save each picture where the mask is, "
+                                             "transparent elsewhere")
+    save_init_img: bool | None = Field(None, description="img2img: also save the picture it starts from, once, in "
+                                       "outputs/init-images")
     send_images: bool = True
 
     @field_validator("randn_source", mode="before")

@@ -754,6 +754,8 @@ class Worker:
         if job.cancel_event.is_set():  # cancelled as the worker took it: no model switch for nothing
             raise JobCancelled
         self._prepare(job)
+        if job.request.save_images and job.request.save_init_img and job.init_image is not None:
+            self._save_init_image(job)
         if job.request.sd_upscale:
             self._upscale_in_tiles(job)
             return
@@ -982,6 +984,7 @@ class Worker:
         if request.save_images and not unfinished:
             self._save_earlier(job, image, result.earlier, width, height)
             self._save(job, image, width, height, seconds)
+            self._save_masks(job, image, width, height)
             if job.copy_to is not None:
                 self._save_copy(job, image)
 
@@ -1018,6 +1021,36 @@ class Worker:
                                         _name_parts(job, image, width, height), suffix=suffix)
             except Exception as err:
                 self._warn(job, f"image {image.index + 1}'s copy before {step.replace('_', ' ')} was not saved", err)
+
+    def _save_masks(self, job: Job, image: GeneratedImage, width: int, height: int) -> None:
+        """A1111's "For inpainting, save a copy of the greyscale mask" and "... a masked composite": the mask the
+        picture was laid in through, and the picture there (transparent elsewhere), named -mask and -mask-composite
+        and numbered after it. A file that cannot be written is a warning."""
+        request, inpainting = job.request, job.inpainting
+        if inpainting is None:
+            return
+        extras = {"mask": inpainting.overlay.convert("RGB") if request.save_mask else None}
+        if request.save_mask_composite:
+            shown = Image.composite(image.image.convert("RGBA"), Image.new("RGBA", image.image.size),
+                                    inpainting.overlay.resize(image.image.size))
+            extras["mask-composite"] = shown
+        for suffix, picture in extras.items():
+            if picture is None:
+                continue
+            try:
+                self.outputs.save_image(picture, image.infotext, image.seed, job.kind,
+                                        _name_parts(job, image, width, height), suffix=f"-{suffix}")
+            except Exception as err:
+                self._warn(job, f"image {image.index + 1}'s {suffix.replace('-', ' ')} was not saved", err)
+
+    def _save_init_image(self, job: Job) -> None:
+        """A1111's "Save init images when using img2img": the picture the job starts from (an inpainting job's
+        whole picture), once, as init-images/<its pixels' sha1>.png in the outputs folder; one saved before stays."""
+        picture = job.inpainting.original if job.inpainting is not None else job.init_image
+        try:
+            self.outputs.save_init_image(picture)
+        except Exception as err:
+            self._warn(job, "the init image was not saved", err)
 
     def _save_copy(self, job: Job, image: GeneratedImage) -> None:
         """The image also saved into img2img Batch's Output directory, named after the picture it started from, as

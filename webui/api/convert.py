@@ -27,8 +27,8 @@ from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
 from webui.engine.vae import AUTOMATIC
 from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
 from webui.engine.step_options import INFOTEXT_KEYS as STEP_INFOTEXT_KEYS, StepOptions, unfollowed
-from webui.schemas import (GeneratedImage, GenerationRequest, InvalidRequest, a1111_seed_resize, parse_request,
-                           vae_choice as read_vae_choice)
+from webui.schemas import (SAVE_SETTINGS, GeneratedImage, GenerationRequest, InvalidRequest, a1111_seed_resize,
+                           parse_request, vae_choice as read_vae_choice)
 from webui.storage.infotext import PROGRAM, parse_infotext, request_fields_from_infotext
 from webui.storage.options import SavedOptions
 from webui.storage.outputs import image_bytes, read_infotext, text_chunks
@@ -58,8 +58,6 @@ _UNSUPPORTED = (
     ("mask_round", lambda v: v is False, "only a rounded latent mask is supported (send true or null)"),
     ("latent_mask", lambda v: v is not None, "a separate latent mask is not supported (send null)"),
 )
-COPY_SETTINGS = ("save_images_before_highres_fix", "save_images_before_face_restoration",
-                 "save_images_before_color_correction")
 # Infotext fields the `infotext` request field may fill (the model is left out on purpose: pasting
 # an infotext should not switch the server's model behind the client's back; its refiner runs for that job alone).
 _INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed",
@@ -189,7 +187,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     # A1111's Random number generator source: override_settings, else an infotext's (its key, or A1111's GPU where
     # it has none), else the Settings tab's
     data["randn_source"] = overrides.get("randn_source", pasted.get("randn_source"))
-    for name in COPY_SETTINGS:  # A1111's "Save a copy of image before ...": override_settings, else the Settings tab's
+    for name in SAVE_SETTINGS:  # A1111's "Save a copy of image before ...", mask, init image: override_settings
         data[name] = overrides.get(name)
     data |= token_merging_fields(req, pasted, default_options)
     script, refused = script_fields(req)
@@ -456,7 +454,7 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
     names["code_former_weight"] = "override_settings.code_former_weight"
     names["inpainting_mask_weight"] = "override_settings.inpainting_mask_weight"
     names["sdxl_clip_l_skip"] = "override_settings.sdxl_clip_l_skip"
-    names |= {name: f"override_settings.{name}" for name in ("randn_source", *COPY_SETTINGS)}
+    names |= {name: f"override_settings.{name}" for name in ("randn_source", *SAVE_SETTINGS)}
     return names
 
 

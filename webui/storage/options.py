@@ -72,6 +72,11 @@ class SavedOptions(BaseModel):
                                                       "Restore faces (...-before-face-restoration)")
     save_images_before_color_correction: bool = Field(False, description="img2img: also save each picture as it was "
                                                       "before colour correction (...-before-color-correction)")
+    save_mask: bool = Field(False, description="inpainting: also save the mask beside each picture (...-mask)")
+    save_mask_composite: bool = Field(False, description="inpainting: also save each picture where the mask is, "
+                                      "transparent elsewhere (...-mask-composite)")
+    save_init_img: bool = Field(False, description="img2img: also save the picture it starts from, once, as "
+                                "init-images/<its pixels' sha1>.png in the outputs folder")
 
     @field_validator("randn_source", mode="before")
     @classmethod

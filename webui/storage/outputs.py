@@ -18,6 +18,7 @@ read_infotext() reads the text back from ours and from other tools' PNG, JPEG an
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -40,6 +41,7 @@ from webui.storage.options import OptionsStore, SavedOptions
 log = logging.getLogger(__name__)
 KINDS = ("txt2img", "img2img")  # what made an image: the first part of its folder's name, as in A1111
 EXTRAS = "extras"  # the Extras tab's pictures: a folder of images, no grids
+INIT_IMAGES = "init-images"  # img2img's start pictures, with Save init images (A1111's outputs/init-images)
 _NUMBERED = re.compile(r"^(\d{5,})[-.]")  # five digits at least: 100000 follows 99999
 _GRID_NUMBERED = re.compile(r"^grid-(\d{4,})\.")
 # EXIF: the Exif sub-IFD, its UserComment tag, and the 8-byte character code that starts a comment.
@@ -171,6 +173,22 @@ class OutputStore:
         finally:
             temp.unlink(missing_ok=True)
         return self._with_text_file(path, infotext, options)
+
+    def save_init_image(self, picture: Image.Image) -> Path:
+        """An img2img start picture, as init-images/<its pixels' sha1>.png (A1111's init image folder, named by a hash
+        as A1111 names it): the same picture is kept once."""
+        folder = self.outdir / INIT_IMAGES
+        path = folder / f"{hashlib.sha1(picture.tobytes()).hexdigest()}.png"
+        if path.exists():
+            return path
+        folder.mkdir(parents=True, exist_ok=True)
+        temp = folder / f".partial-{uuid.uuid4().hex}.png"
+        try:
+            picture.save(temp, format="PNG")
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+        return path
 
     def extras_folder(self) -> Path:
         return self.outdir / f"{EXTRAS}-images"

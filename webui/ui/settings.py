@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from webui.engine.prompts import EMPHASIS_MODES
-from webui.schemas import FACE_RESTORERS, RANDN_SOURCES, InvalidRequest
+from webui.schemas import FACE_RESTORERS, RANDN_SOURCES, SAVE_SETTINGS, InvalidRequest
 from webui.storage.filenames import DEFAULT_FOLDER_PATTERN, DEFAULT_PATTERN, TAGS
 from webui.storage.options import IMAGE_FORMATS, OPTION_KEYS, OptionsStore, SavedOptions, SettingsFrozen
 
@@ -25,7 +25,10 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "save_images_before_highres_fix": "Save a copy of image before applying highres fix",
           "save_images_before_face_restoration": "Save a copy of image before doing face restoration",
           "save_images_before_color_correction": "Save a copy of image before applying color correction to img2img "
-                                                 "results"}
+                                                 "results",
+          "save_mask": "For inpainting, save a copy of the greyscale mask",
+          "save_mask_composite": "For inpainting, save a masked composite", "save_init_img": "Save init images when "
+                                                                                             "using img2img"}
 
 
 class SettingsActions:
@@ -153,8 +156,7 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
             info="SDXL models read Clip skip in their first text encoder (CLIP-L); off, they ignore it",
             elem_id="settings_sdxl_clip_l_skip", interactive=editable),
         **{key: gr.Checkbox(getattr(current, key), label=LABELS[key], elem_id=f"settings_{key}", interactive=editable)
-           for key in ("save_images_before_highres_fix", "save_images_before_face_restoration",
-                       "save_images_before_color_correction")},
+           for key in SAVE_SETTINGS},
     }
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=editable)
     result = gr.HTML("", elem_id="settings_result")
