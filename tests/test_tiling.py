@@ -89,6 +89,8 @@ def test_the_tiling_checkbox_is_on_both_tabs_and_a_send_sets_it(ui):
 
 def test_above_a_megapixel_a_tiling_run_decodes_whole_and_no_tiles_are_left_on(engine, monkeypatch):
     """VAE tiles would each wrap around themselves, not around the picture."""
+    from webui.engine.generate import _Run
+
     factor = engine.pipe.vae_scale_factor
     latents = torch.zeros(1, 4, 1088 // factor, 1088 // factor)
     asked = []
@@ -98,8 +100,8 @@ def test_above_a_megapixel_a_tiling_run_decodes_whole_and_no_tiles_are_left_on(e
         return torch.zeros(latents.shape[0], 3, *(side * factor for side in latents.shape[-2:]))
 
     monkeypatch.setattr(engine, "decode", decode)
-    engine._to_images(latents, [0])
-    engine._to_images(latents, [0], tiling=True)
+    for tiling in (False, True):
+        engine._to_images(latents, GenerationRequest(tiling=tiling), _Run([0], None, 1))
     assert asked == [True, False]
     monkeypatch.undo()
     with torch.inference_mode():
