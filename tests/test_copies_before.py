@@ -189,9 +189,9 @@ def test_the_init_image_is_saved_once_by_its_hash(services):
         finished_job(services, QUICK | {"denoising_strength": 0.5, "save_init_img": True, "batch_size": 2},
                      init_image=start)
     [saved] = folder.glob("*.png")
-    assert saved.name == hashlib.sha1(start.tobytes()).hexdigest() + ".png"
+    assert saved.name == hashlib.md5(start.tobytes()).hexdigest() + ".png"
     assert (pixels(Image.open(saved)) == pixels(start)).all()
     inpainted = noise_picture(13)
     finished_job(services, QUICK | {"denoising_strength": 0.5, "save_init_img": True, "inpaint_full_res": True},
                  init_image=inpainted, mask=left_half_mask())
-    assert (folder / (hashlib.sha1(inpainted.tobytes()).hexdigest() + ".png")).exists()  # the whole picture
+    assert (folder / (hashlib.md5(inpainted.tobytes()).hexdigest() + ".png")).exists()  # the whole picture

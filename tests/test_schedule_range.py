@@ -40,6 +40,14 @@ def test_values_that_cannot_run_are_refused_by_name(fields, problem):
         parse_request(QUICK | fields)
 
 
+def test_one_end_past_the_models_other_end_is_refused_before_the_job_is_queued(services):
+    for fields, says in (({"sigma_min": 20}, "sigma_min: 20 is not below"), ({"sigma_max": 0.01}, "sigma_max: 0.01")):
+        with pytest.raises(InvalidRequest, match=says):
+            services.worker.submit(QUICK | fields)
+    uniform = finished_job(services, QUICK | {"scheduler": "Uniform", "sigma_min": 20})  # read by no pass: runs
+    assert "Schedule min sigma" not in uniform.images[0].infotext
+
+
 def test_the_infotext_has_the_options_a_pass_read_and_a_paste_puts_them_back(services):
     infotext = finished_job(services, QUICK | {"sigma_min": 0.25, "sigma_max": 9.5, "rho": 5}).images[0].infotext
     assert "Schedule min sigma: 0.25, Schedule max sigma: 9.5, Schedule rho: 5," in infotext

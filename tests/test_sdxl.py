@@ -22,6 +22,7 @@ from webui.engine.models import ModelRegistry
 from webui.engine.prompts import encode_sdxl_pair
 from webui.engine.img2img import image_sha1
 from webui.schemas import GenerationRequest, InvalidRequest
+from webui.storage.infotext import request_fields_from_infotext
 
 XL, SD = "tiny-xl", "tiny-sd"
 
@@ -383,6 +384,9 @@ def test_clip_skip_sdxl_comes_from_the_settings_or_override_settings_and_goes_in
         assert "Clip skip SDXL: True" in infotext(answer)
         assert answer_pixels(answer) == answer_pixels(overridden)
     assert answer_pixels(plain) != answer_pixels(overridden)
+    ours_off = request_fields_from_infotext(infotext(plain))
+    assert ours_off["sdxl_clip_l_skip"] is False  # ours without the key: made with it off, whatever the Settings say
+    assert "sdxl_clip_l_skip" not in request_fields_from_infotext("x\nSteps: 2, Seed: 1, Sampler: Euler")  # A1111's
 
 
 def answer_pixels(answer) -> bytes:

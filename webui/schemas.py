@@ -299,7 +299,7 @@ class GenerationRequest(BaseModel):
     save_mask_composite: bool | None = Field(None, description="inpainting: also save each picture where the mask is, "
                                              "transparent elsewhere")
     save_init_img: bool | None = Field(None, description="img2img: also save the picture it starts from, once, in "
-                                       "outputs/init-images")
+                                       "outputs/init-images, named by the md5 of its pixels")
     send_images: bool = True
 
     @field_validator("randn_source", mode="before")
@@ -515,6 +515,12 @@ class GenerationRequest(BaseModel):
     def schedule_shape(self) -> ScheduleShape:
         """A1111's options that reshape the schedule types (the Beta schedule's alpha and beta, sigma range, rho)."""
         return ScheduleShape(self.beta_dist_alpha, self.beta_dist_beta, self.sigma_min, self.sigma_max, self.rho)
+
+    @property
+    def reads_sigma_range(self) -> bool:
+        """Whether a pass runs a schedule type that reads Schedule min or max sigma, and one is set."""
+        schedules = {self.scheduler, self.hires_sampler[1]} if self.enable_hr else {self.scheduler}
+        return bool(self.sigma_min or self.sigma_max) and any(name in ENDS_SCHEDULES for name in schedules)
 
     def shapes_schedule(self, schedule: str) -> dict[str, float]:
         """The sigma range and rho options set, by A1111's infotext keys, that a pass of this schedule type reads

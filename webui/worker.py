@@ -377,6 +377,10 @@ class Worker:
         if model is not None and model.names(request.model):
             _check_clip_skip(request, model)
             _check_edit_model(request, model)
+            if request.reads_sigma_range:
+                problem = request.schedule_shape.range_problem(self.engine.sigma_table())
+                if problem:
+                    raise InvalidRequest(problem)
             request.check_hires(*model.size_for(request))
 
     def _with_styles(self, request: GenerationRequest) -> GenerationRequest:
@@ -1044,8 +1048,9 @@ class Worker:
                 self._warn(job, f"image {image.index + 1}'s {suffix.replace('-', ' ')} was not saved", err)
 
     def _save_init_image(self, job: Job) -> None:
-        """A1111's "Save init images when using img2img": the picture the job starts from (an inpainting job's
-        whole picture), once, as init-images/<its pixels' sha1>.png in the outputs folder; one saved before stays."""
+        """A1111's "Save init images when using img2img": the picture the job starts from, as the run uses it
+        (fitted to its size; an inpainting job's whole picture, where A1111 keeps the upload as sent), once, as
+        init-images/<the md5 of its pixels>.png in the outputs folder; one saved before stays."""
         picture = job.inpainting.original if job.inpainting is not None else job.init_image
         try:
             self.outputs.save_init_image(picture)

@@ -49,7 +49,7 @@ from webui.engine.prompts import (ORIGINAL, chunk_count, encode_parts, encode_pr
                                   encode_sdxl_parts, token_count)
 from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_call, is_sdxl_refiner, kind_of_entry,
                                   kind_of_pipeline, kind_problem, pass_timesteps, refiner_size_inputs)
-from webui.engine.samplers import ScheduleShape, make_scheduler
+from webui.engine.samplers import ScheduleShape, make_scheduler, model_sigmas
 from webui.engine.sdxl import is_sdxl, sdxl_problem
 from webui.engine.single_file import sdxl_refiner_refusal
 from webui.engine.soft_inpainting import SoftInpainting, sigma_of
@@ -725,6 +725,10 @@ class Engine:
         reshape the schedule)."""
         return make_scheduler(self._base_scheduler_config, sampler_name, schedule, sdxl=is_sdxl(self.pipe), shape=shape)
 
+    def sigma_table(self) -> np.ndarray:
+        """The loaded model's sigma at each training timestep, smallest first."""
+        return model_sigmas(self._scheduler("Euler", "Automatic"))
+
     def _timestep_dtype(self, sampler_name: str, schedule: str, steps: int) -> torch.dtype:
         scheduler = self._scheduler(sampler_name, schedule)
         scheduler.set_timesteps(steps)
@@ -874,7 +878,7 @@ class Engine:
         if not takes_masked_picture(self.pipe.unet) or _mask_weight(request) >= 1:
             return self._extra_channels(size)
         if pictures is None:
-            pictures = to_pil_images(self.decode(latents))
+            pictures = to_pil_images(self.decode(latents, tiled=decodes_in_tiles(*size, request.tiling)))
         return masked_picture_input(self.encode, size, pictures, weight=_mask_weight(request))
 
     def _start_latents(self, picture: Image.Image | list[Image.Image], size: tuple[int, int],

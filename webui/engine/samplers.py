@@ -176,8 +176,23 @@ class ScheduleShape:
     rho: float = 0.0
 
     def ends(self, table: np.ndarray) -> np.ndarray:
-        """The smallest and largest sigma a range-spanning schedule runs between: the model's unless set."""
+        """The smallest and largest sigma a range-spanning schedule runs between: the model's unless set (ValueError
+        when they are the wrong way round)."""
+        problem = self.range_problem(table)
+        if problem:
+            raise ValueError(problem)
         return np.array([self.sigma_min or table[0], self.sigma_max or table[-1]])
+
+    def range_problem(self, table: np.ndarray) -> str | None:
+        """Why one end set alone cannot run with this model's sigmas (`table`, smallest first), if it cannot: a
+        schedule would climb instead of fall. Both set are checked against each other by the request."""
+        if self.sigma_min and not self.sigma_max and self.sigma_min >= table[-1]:
+            return (f"sigma_min: {self.sigma_min:g} is not below this model's largest sigma {table[-1]:.4g}; lower it "
+                    "(0: the model's own)")
+        if self.sigma_max and not self.sigma_min and self.sigma_max <= table[0]:
+            return (f"sigma_max: {self.sigma_max:g} is not above this model's smallest sigma {table[0]:.4g}; raise it "
+                    "(0: the model's own)")
+        return None
 
 
 # The schedule types worked out from the model's smallest and largest sigma alone (A1111's that take sigma_min and
@@ -203,7 +218,9 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
         options["final_sigmas_type"] = "sigma_min"  # its last level is the model's smallest sigma, not 0
     scheduler = _starting_at_the_first_step(scheduler_class.from_config(base_config, **options))
     sigmas_for = _sigmas_function(schedule, sdxl, shape)
-    return _with_custom_sigmas(scheduler, sigmas_for) if sigmas_for else scheduler
+    if not sigmas_for:
+        return scheduler
+    return _with_custom_sigmas(scheduler, sigmas_for, shape.sigma_min if schedule in ENDS_SCHEDULES else 0.0)
 
 
 def _takes(scheduler_class, option: str) -> bool:
@@ -300,8 +317,9 @@ def model_sigmas(scheduler) -> np.ndarray:
     return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
 
-def _with_custom_sigmas(scheduler, sigmas_for):
-    """The scheduler's Karras sigmas replaced by sigmas_for(steps, table): diffusers takes both as custom sigmas."""
+def _with_custom_sigmas(scheduler, sigmas_for, smallest: float = 0.0):
+    """The scheduler's Karras sigmas replaced by sigmas_for(steps, table): diffusers takes both as custom sigmas. A
+    scheduler that ends at a sigma ends at `smallest` (Schedule min sigma), else the model's smallest."""
     table = model_sigmas(scheduler)
 
     def sigmas(in_sigmas, num_inference_steps=None, **_):  # LMS and DPM++ SDE give no count: it is set already
@@ -309,14 +327,14 @@ def _with_custom_sigmas(scheduler, sigmas_for):
 
     scheduler._convert_to_karras = sigmas
     if scheduler.config.get("final_sigmas_type") == "sigma_min":
-        _ending_at_the_smallest_sigma(scheduler, float(table[0]))
+        _ending_at_the_smallest_sigma(scheduler, float(smallest or table[0]))
     return scheduler
 
 
 def _ending_at_the_smallest_sigma(scheduler, smallest: float):
-    """UniPC ends custom sigmas by repeating their last level: a last step that goes nowhere and leaves that level's
-    noise in the picture (0.18 for Simple at 30 steps). Its end is the model's smallest sigma, as on its own
-    schedule."""
+    """Where a scheduler ends at a sigma, not 0 (UniPC; KL Optimal's): the end is `smallest`. UniPC would otherwise
+    repeat the last custom level: a last step that goes nowhere and leaves that level's noise in the picture (0.18
+    for Simple at 30 steps); the others would end at the model's smallest, whatever Schedule min sigma says."""
     set_timesteps = scheduler.set_timesteps
 
     def set_timesteps_ending_at_the_smallest_sigma(*args, **kwargs):

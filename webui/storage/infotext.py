@@ -194,7 +194,10 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["sigma_min"] = fields["sigma_max"] = fields["rho"] = 0.0  # likewise left out when the model's own
         fields["refiner_checkpoint"] = ""  # A1111 leaves the key out without a refiner: none was used
         # A1111 leaves RNG out for its GPU source (NV here); ours wrote none before it was there, from the CPU
-        fields["randn_source"] = "CPU" if params.get("Version", "").startswith(PROGRAM) else "NV"
+        ours = params.get("Version", "").startswith(PROGRAM)
+        fields["randn_source"] = "CPU" if ours else "NV"
+        if ours:  # we write Clip skip SDXL only when on: without it, a picture of ours was made with it off
+            fields["sdxl_clip_l_skip"] = False
         fields["seed_resize_from_w"] = fields["seed_resize_from_h"] = 0
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation
         fields["token_merging_ratio"] = fields["token_merging_ratio_hr"] = 0.0  # likewise: made without merging

@@ -76,7 +76,7 @@ class SavedOptions(BaseModel):
     save_mask_composite: bool = Field(False, description="inpainting: also save each picture where the mask is, "
                                       "transparent elsewhere (...-mask-composite)")
     save_init_img: bool = Field(False, description="img2img: also save the picture it starts from, once, as "
-                                "init-images/<its pixels' sha1>.png in the outputs folder")
+                                "init-images/<the md5 of its pixels>.png in the outputs folder")
 
     @field_validator("randn_source", mode="before")
     @classmethod

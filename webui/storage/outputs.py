@@ -175,10 +175,10 @@ class OutputStore:
         return self._with_text_file(path, infotext, options)
 
     def save_init_image(self, picture: Image.Image) -> Path:
-        """An img2img start picture, as init-images/<its pixels' sha1>.png (A1111's init image folder, named by a hash
-        as A1111 names it): the same picture is kept once."""
+        """An img2img start picture, as init-images/<the md5 of its pixels>.png (A1111's folder and name): the same
+        picture is kept once."""
         folder = self.outdir / INIT_IMAGES
-        path = folder / f"{hashlib.sha1(picture.tobytes()).hexdigest()}.png"
+        path = folder / f"{hashlib.md5(picture.tobytes()).hexdigest()}.png"
         if path.exists():
             return path
         folder.mkdir(parents=True, exist_ok=True)
