@@ -136,7 +136,7 @@ def test_a_copy_that_cannot_be_written_is_a_warning_and_the_picture_is_still_sav
     monkeypatch.setattr(services.outputs, "save_image", no_copies)
     job = finished_job(services, QUICK | HIRES | {"save_images_before_highres_fix": True})
     assert job.images[0].path is not None
-    assert any("copy before highres fix was not saved" in warning and "disk full" in warning
+    assert any("'s copy before highres fix was not saved" in warning and "disk full" in warning
                for warning in job.warnings)
 
 

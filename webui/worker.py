@@ -1015,37 +1015,35 @@ class Worker:
 
     def _save_earlier(self, job: Job, image: GeneratedImage, earlier: dict[str, Image.Image], width: int,
                       height: int) -> None:
-        """A1111's "Save a copy of image before ...": each copy the engine kept, with the image's infotext, named as
-        the image with -before-<step> after it and numbered before it. Not in the history: a copy, not a result. A
-        copy that cannot be written is a warning; the image is still saved."""
+        """A1111's "Save a copy of image before ...": each copy the engine kept, named as the image with
+        -before-<step> after it, numbered before it."""
         for step, picture in earlier.items():
-            suffix = "-before-" + step.replace("_", "-")
-            try:
-                self.outputs.save_image(picture, image.infotext, image.seed, job.kind,
-                                        _name_parts(job, image, width, height), suffix=suffix)
-            except Exception as err:
-                self._warn(job, f"image {image.index + 1}'s copy before {step.replace('_', ' ')} was not saved", err)
+            self._save_beside(job, image, picture, "-before-" + step.replace("_", "-"), width, height,
+                              "copy before " + step.replace("_", " "))
 
     def _save_masks(self, job: Job, image: GeneratedImage, width: int, height: int) -> None:
         """A1111's "For inpainting, save a copy of the greyscale mask" and "... a masked composite": the mask the
-        picture was laid in through, and the picture there (transparent elsewhere), named -mask and -mask-composite
-        and numbered after it. A file that cannot be written is a warning."""
+        picture was laid in through, and the picture there (transparent elsewhere), named -mask and -mask-composite,
+        numbered after it."""
         request, inpainting = job.request, job.inpainting
         if inpainting is None:
             return
-        extras = {"mask": inpainting.overlay.convert("RGB") if request.save_mask else None}
+        if request.save_mask:
+            self._save_beside(job, image, inpainting.overlay.convert("RGB"), "-mask", width, height, "mask")
         if request.save_mask_composite:
             shown = Image.composite(image.image.convert("RGBA"), Image.new("RGBA", image.image.size),
                                     inpainting.overlay.resize(image.image.size))
-            extras["mask-composite"] = shown
-        for suffix, picture in extras.items():
-            if picture is None:
-                continue
-            try:
-                self.outputs.save_image(picture, image.infotext, image.seed, job.kind,
-                                        _name_parts(job, image, width, height), suffix=f"-{suffix}")
-            except Exception as err:
-                self._warn(job, f"image {image.index + 1}'s {suffix.replace('-', ' ')} was not saved", err)
+            self._save_beside(job, image, shown, "-mask-composite", width, height, "masked composite")
+
+    def _save_beside(self, job: Job, image: GeneratedImage, picture: Image.Image, suffix: str, width: int,
+                     height: int, what: str) -> None:
+        """A picture saved beside the image: its name with `suffix`, its infotext, the next number; not in the
+        history (a copy, not a result). One that cannot be written is a warning; the image is saved all the same."""
+        try:
+            self.outputs.save_image(picture, image.infotext, image.seed, job.kind,
+                                    _name_parts(job, image, width, height), suffix=suffix)
+        except Exception as err:
+            self._warn(job, f"image {image.index + 1}'s {what} was not saved", err)
 
     def _save_init_image(self, job: Job) -> None:
         """A1111's "Save init images when using img2img": the picture the job starts from, as the run uses it
