@@ -246,3 +246,56 @@ def _saved_jpeg(picture, exif):
     picture.save(buffer, format="JPEG", exif=exif)
     buffer.seek(0)
     return buffer
+
+
+# A1111's "With img2img, do exactly the amount of steps the slider specifies" (img2img_fix_steps)
+
+def test_exact_steps_run_all_the_steps_as_the_end_of_a_longer_schedule(engine, monkeypatch):
+    from webui.engine.samplers import make_scheduler
+
+    picture = noise_picture(7)
+    base = {"prompt": "a red apple", "steps": 4, "denoising_strength": 0.5, "init_image": image_sha1(picture),
+            "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 1.0}
+    exact = GenerationRequest(**base, img2img_fix_steps=True)
+    assert (exact.denoising_steps, exact.img2img_schedule) == (4, 8)
+    plain = GenerationRequest(**base)
+    assert (plain.denoising_steps, plain.img2img_schedule) == (3, 4)  # int(4 x 0.5) + 1 of 4, as A1111
+    seen = []
+    forward = engine.pipe.unet.forward
+    monkeypatch.setattr(engine.pipe.unet, "forward",
+                        lambda sample, timestep, *a, **k: seen.append(float(timestep)) or forward(sample, timestep, *a, **k))
+    steps = []
+    engine.generate(exact, [3], lambda step, total, _: steps.append((step, total)), init_image=picture)
+    eight = make_scheduler(engine.pipe.scheduler.config, "Euler")
+    eight.set_timesteps(8)
+    assert seen == pytest.approx([float(t) for t in eight.timesteps[-4:]])  # the last 4 of 8, as A1111
+    assert [step for step, _ in steps if step] == [1, 2, 3, 4] and steps[-1][1] == 4
+
+
+@pytest.mark.parametrize("fields, says", [
+    ({"denoising_strength": 0}, "denoising_strength: 0 draws nothing"),
+    ({"denoising_strength": 0.01, "steps": 50}, "make a schedule of 5000 steps"),
+])
+def test_exact_steps_that_cannot_run_are_refused(fields, says):
+    from webui.schemas import parse_request
+
+    with pytest.raises(InvalidRequest, match=says):
+        parse_request({"prompt": "x", "init_image": "0" * 40, "img2img_fix_steps": True} | fields)
+    parse_request({"prompt": "x", "img2img_fix_steps": True} | fields)  # txt2img: not read
+
+
+def test_exact_steps_come_from_the_settings_and_go_into_the_infotext_and_back(services):
+    picture = noise_picture(8)
+    request = {"prompt": "x", "steps": 2, "denoising_strength": 0.5, "width": 64, "height": 64}
+    services.options.update({"img2img_fix_steps": True})
+    try:
+        job = services.worker.submit(request, init_image=picture)
+        assert job.wait(120) and job.state is JobState.DONE, job.error
+    finally:
+        services.options.update({"img2img_fix_steps": False})
+    infotext = job.images[0].infotext
+    assert "Img2img exact steps: True" in infotext
+    assert request_fields_from_infotext(infotext)["img2img_fix_steps"] is True
+    plain = services.worker.submit(request, init_image=picture)
+    assert plain.wait(120) and "Img2img exact steps" not in plain.images[0].infotext
+    assert request_fields_from_infotext(plain.images[0].infotext)["img2img_fix_steps"] is False

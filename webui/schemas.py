@@ -79,7 +79,7 @@ SAVE_SETTINGS = ("save_images_before_highres_fix", "save_images_before_face_rest
 # The request fields that, left None, take the Settings tab's value of the same name (webui/storage/options.py) when
 # the worker accepts the request
 SETTINGS_FIELDS = ("emphasis", "randn_source", "face_restoration_model", "code_former_weight", "inpainting_mask_weight",
-                   "sdxl_clip_l_skip", *SAVE_SETTINGS)
+                   "sdxl_clip_l_skip", "img2img_fix_steps", *SAVE_SETTINGS)
 
 
 class GenerationRequest(BaseModel):
@@ -287,6 +287,10 @@ class GenerationRequest(BaseModel):
                                                     "score of the negative prompt's conditioning")
     restore_model: bool = Field(False, description="load the previous model again after this job "
                                                    "(A1111's override_settings_restore_afterwards)")
+    img2img_fix_steps: bool | None = Field(None, description="img2img: run exactly `steps` steps, as the last of a "
+                                           "schedule of steps / denoising_strength (A1111's 'With img2img, do exactly "
+                                           "the amount of steps the slider specifies'; else steps x strength run). "
+                                           "None: the Settings tab's")
     save_images: bool = True
     # A1111's settings "Save a copy of image before ..." (None: the Settings tab's)
     save_images_before_highres_fix: bool | None = Field(None, description="also save each picture as the first pass "
@@ -605,10 +609,32 @@ class GenerationRequest(BaseModel):
     @property
     def denoising_steps(self) -> int:
         """The sampler steps that run. img2img runs the last int(steps x strength) + 1 (the strength kept below 1),
-        as A1111 does: 16 of 20 at 0.75, one at 0, all at 1."""
-        if not self.is_img2img:
+        as A1111 does: 16 of 20 at 0.75, one at 0, all at 1; with img2img_fix_steps, all of them."""
+        if not self.is_img2img or self.img2img_fix_steps:
             return self.steps
         return min(int(self.steps * min(self.denoising_strength, 0.999)) + 1, self.steps)
+
+    @property
+    def img2img_schedule(self) -> int:
+        """The schedule whose last denoising_steps img2img runs: the steps; with img2img_fix_steps, steps / strength
+        (as A1111 makes it, and as the hires fix's), so that the steps asked for all run."""
+        if self.is_img2img and self.img2img_fix_steps:
+            return schedule_steps(self.steps, self.denoising_strength)
+        return self.steps
+
+    @model_validator(mode="after")
+    def _exact_img2img_steps_runnable(self) -> "GenerationRequest":
+        if not (self.is_img2img and self.img2img_fix_steps):
+            return self
+        if self.denoising_strength == 0:
+            raise ValueError("denoising_strength: 0 draws nothing, and img2img_fix_steps would run its steps over "
+                             "an endless schedule; raise the strength or untick exact img2img steps")
+        most = get_sampler(self.sampler_name).max_steps or MAX_SCHEDULE
+        if self.img2img_schedule > most:
+            raise ValueError(f"denoising_strength: {self.steps} exact img2img steps at strength "
+                             f"{self.denoising_strength:g} make a schedule of {self.img2img_schedule} steps, and "
+                             f"{self.sampler_name} takes at most {most}; raise the strength or lower the steps")
+        return self
 
 
 def vae_choice(value: str) -> str:

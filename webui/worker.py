@@ -335,7 +335,7 @@ class Worker:
         unset = [name for name in SETTINGS_FIELDS if getattr(request, name) is None]
         if unset:  # the Settings tab's, fixed now: the infotext says what was read
             settings = self.options.current()
-            request = request.model_copy(update={name: getattr(settings, name) for name in unset})
+            request = parse_request(request.model_dump() | {name: getattr(settings, name) for name in unset})
         return request
 
     def _check_runnable(self, request: GenerationRequest) -> None:
@@ -958,6 +958,7 @@ class Worker:
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             # not written by A1111, whose pictures made with it cannot be made again from their infotext
             "Clip skip SDXL": True if request.sdxl_clip_l_skip and model.sdxl else None,
+            "Img2img exact steps": True if request.img2img_fix_steps and request.is_img2img else None,  # likewise
             "Token merging ratio": request.token_merging_ratio or None,
             "Token merging ratio hr": (request.hires_token_merging_ratio or None) if request.enable_hr else None,
             "Tiling": True if request.tiling else None,

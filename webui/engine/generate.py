@@ -702,7 +702,7 @@ class Engine:
         keys = {"UNet": set()}
         hypernetworks = [hypernetwork_uses(request.prompt), hypernetwork_uses(request.hires_prompts[0])]
         # (steps, schedule) of each pass: whether one leaves the negative prompt out of a call depends on them
-        lengths = [(request.denoising_steps, request.steps)] + (
+        lengths = [(request.denoising_steps, request.img2img_schedule)] + (
             [(request.hires_steps, schedule_steps(request.hires_steps, request.denoising_strength))]
             if request.enable_hr else [])
         for (width, height), sampler, phases, bent, ratio, (steps, schedule) in zip(
@@ -842,9 +842,9 @@ class Engine:
         if inpainting is not None:
             run.masked = self._masked_start(picture, noise, inpainting, fill, SoftInpainting.of(request))
             picture = run.masked.start
-        start = {"image": picture, "strength": pipeline_strength(request.denoising_steps, request.steps)}
-        latents = self._denoise(self._img2img_pipeline(noise, request.img2img_extra_noise), request, run, _phases(request), request.denoising_steps,
-                                request.steps, start, extra)
+        start = {"image": picture, "strength": pipeline_strength(request.denoising_steps, request.img2img_schedule)}
+        latents = self._denoise(self._img2img_pipeline(noise, request.img2img_extra_noise), request, run,
+                                _phases(request), request.denoising_steps, request.img2img_schedule, start, extra)
         return latents if run.masked is None else run.masked.finish(latents)
 
     def _extra_channels(self, size: tuple[int, int], picture: Image.Image | list[Image.Image] | None = None,

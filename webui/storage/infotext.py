@@ -55,6 +55,7 @@ _REQUEST_FIELDS = {
     "Hires checkpoint": ("hr_checkpoint_name", str),  # its title, "name [short hash]", as the refiner's
     "Clip skip": ("clip_skip", int),
     "Clip skip SDXL": ("sdxl_clip_l_skip", lambda value: value.strip().lower() == "true"),
+    "Img2img exact steps": ("img2img_fix_steps", lambda value: value.strip().lower() == "true"),
     "Batch size": ("batch_size", int),
     "Model": ("model", str),
     "X Type": ("x_type", str), "X Values": ("x_values", str),
@@ -196,8 +197,8 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         # A1111 leaves RNG out for its GPU source (NV here); ours wrote none before it was there, from the CPU
         ours = params.get("Version", "").startswith(PROGRAM)
         fields["randn_source"] = "CPU" if ours else "NV"
-        if ours:  # we write Clip skip SDXL only when on: without it, a picture of ours was made with it off
-            fields["sdxl_clip_l_skip"] = False
+        if ours:  # we write these only when on: without them, a picture of ours was made with them off
+            fields["sdxl_clip_l_skip"] = fields["img2img_fix_steps"] = False
         fields["seed_resize_from_w"] = fields["seed_resize_from_h"] = 0
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation
         fields["token_merging_ratio"] = fields["token_merging_ratio_hr"] = 0.0  # likewise: made without merging

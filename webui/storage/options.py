@@ -66,6 +66,8 @@ class SavedOptions(BaseModel):
                                           "where it draws, 0 to 1 (below 1 it keeps more of the picture)")
     sdxl_clip_l_skip: bool = Field(False, description="Clip skip SDXL: SDXL models read Clip skip in their first "
                                    "text encoder (CLIP-L); off, they ignore it")
+    img2img_fix_steps: bool = Field(False, description="img2img runs exactly its steps, as the last of a schedule "
+                                    "of steps / denoising strength (off: steps x strength of them run)")
     save_images_before_highres_fix: bool = Field(False, description="also save each picture as the first pass left "
                                                  "it, before the hires fix (named ...-before-highres-fix)")
     save_images_before_face_restoration: bool = Field(False, description="also save each picture as it was before "

@@ -22,6 +22,7 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "face_restoration_model": "Face restoration model", "code_former_weight": "CodeFormer weight",
           "inpainting_mask_weight": "Inpainting conditioning mask strength", "sdxl_clip_l_skip": "Clip skip SDXL",
           "randn_source": "Random number generator source",
+          "img2img_fix_steps": "With img2img, do exactly the amount of steps the slider specifies",
           "save_images_before_highres_fix": "Save a copy of image before applying highres fix",
           "save_images_before_face_restoration": "Save a copy of image before doing face restoration",
           "save_images_before_color_correction": "Save a copy of image before applying color correction to img2img "
@@ -155,6 +156,10 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
             current.sdxl_clip_l_skip, label=LABELS["sdxl_clip_l_skip"],
             info="SDXL models read Clip skip in their first text encoder (CLIP-L); off, they ignore it",
             elem_id="settings_sdxl_clip_l_skip", interactive=editable),
+        "img2img_fix_steps": gr.Checkbox(
+            current.img2img_fix_steps, label=LABELS["img2img_fix_steps"],
+            info="off: steps x denoising strength of them run, as A1111 by default", elem_id="settings_img2img_fix_steps",
+            interactive=editable),
         **{key: gr.Checkbox(getattr(current, key), label=LABELS[key], elem_id=f"settings_{key}", interactive=editable)
            for key in SAVE_SETTINGS},
     }
