@@ -19,7 +19,7 @@ from webui.controlnet import (CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RE
                               controlnet_problem)
 from webui.engine.hires import HIRES_UPSCALERS, MAX_SCHEDULE, hires_size, schedule_steps
 from webui.engine.prompts import EMPHASIS_MODES
-from webui.engine.samplers import (BETA_ALPHA, BETA_BETA, ENDS_SCHEDULES, KARRAS_RHO, ScheduleShape, get_sampler,
+from webui.engine.samplers import (BETA_ALPHA, BETA_BETA, ENDS_SCHEDULES, ScheduleShape, get_sampler,
                                   resolve_sampler)
 from webui.engine.step_options import LIMITS as STEP_LIMITS
 from webui.engine.uncond_skip import MAX_NGMS
@@ -521,19 +521,14 @@ class GenerationRequest(BaseModel):
         return ScheduleShape(self.beta_dist_alpha, self.beta_dist_beta, self.sigma_min, self.sigma_max, self.rho)
 
     @property
+    def pass_schedules(self) -> set[str]:
+        """The schedule types the passes run: the first pass's, and the hires fix's."""
+        return {self.scheduler, self.hires_sampler[1]} if self.enable_hr else {self.scheduler}
+
+    @property
     def reads_sigma_range(self) -> bool:
         """Whether a pass runs a schedule type that reads Schedule min or max sigma, and one is set."""
-        schedules = {self.scheduler, self.hires_sampler[1]} if self.enable_hr else {self.scheduler}
-        return bool(self.sigma_min or self.sigma_max) and any(name in ENDS_SCHEDULES for name in schedules)
-
-    def shapes_schedule(self, schedule: str) -> dict[str, float]:
-        """The sigma range and rho options set, by A1111's infotext keys, that a pass of this schedule type reads
-        (A1111 writes them for every type it hands them to, as here: those that span a range; rho Karras alone)."""
-        if schedule not in ENDS_SCHEDULES:
-            return {}
-        keys = {"Schedule min sigma": self.sigma_min, "Schedule max sigma": self.sigma_max,
-                "Schedule rho": self.rho if schedule == "Karras" and self.rho != KARRAS_RHO else 0}
-        return {key: value for key, value in keys.items() if value}
+        return bool(self.sigma_min or self.sigma_max) and bool(self.pass_schedules & set(ENDS_SCHEDULES))
 
     @property
     def uses_beta_schedule(self) -> bool:

@@ -37,6 +37,7 @@ from webui.engine.refiner import SDXL, SDXL_REFINER, kind_of_entry, kind_problem
 from webui.engine.instruct_pix2pix import edit_problem
 from webui.engine.prompts import ORIGINAL
 from webui.engine.sdxl import sdxl_problem
+from webui.engine.samplers import ENDS_SCHEDULES, KARRAS_RHO
 from webui.engine.single_file import sdxl_refiner_refusal
 from webui.engine.soft_inpainting import ENABLED_KEY, SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.upscalers import UpscalerError
@@ -975,8 +976,7 @@ class Worker:
             **_step_options_infotext(request),
             "Beta schedule alpha": request.beta_dist_alpha if request.uses_beta_schedule else None,
             "Beta schedule beta": request.beta_dist_beta if request.uses_beta_schedule else None,
-            **request.shapes_schedule(request.scheduler),
-            **(request.shapes_schedule(request.hires_sampler[1]) if request.enable_hr else {}),
+            **_schedule_range_infotext(request),
             "Lora hashes": self.engine.lora_hashes(request),
             "TI hashes": self.engine.ti_hashes(request),
             "NSFW": "blacked out by the safety checker" if result.nsfw else None,
@@ -1276,6 +1276,17 @@ def _step_options_infotext(request: GenerationRequest) -> dict[str, Any]:
     drawing = any(draws_noise(sampler, options) for sampler in samplers)
     return {**{STEP_INFOTEXT_KEYS[name]: value for name, value in followed.items()},
             "ENSD": request.eta_noise_seed_delta if request.eta_noise_seed_delta and drawing else None}
+
+
+def _schedule_range_infotext(request: GenerationRequest) -> dict[str, Any]:
+    """A1111's Schedule min sigma, max sigma and rho keys, where set and a pass ran a schedule type that reads them
+    (rho: Karras alone, and not at its own 7)."""
+    schedules = request.pass_schedules
+    if not schedules & set(ENDS_SCHEDULES):
+        return {}
+    rho = request.rho if "Karras" in schedules and request.rho != KARRAS_RHO else 0
+    return {"Schedule min sigma": request.sigma_min or None, "Schedule max sigma": request.sigma_max or None,
+            "Schedule rho": rho or None}
 
 
 def _hires_infotext(request: GenerationRequest) -> dict[str, Any]:
