@@ -96,6 +96,12 @@ _REQUEST_FIELDS = {
 
 PROGRAM = "diffusers-webui"  # how our infotexts' Version begins
 
+# The Settings tab's options an infotext records (A1111's settings with an infotext label), by request field: a paste
+# offers those that differ from the Settings tab's in the page's Override settings, for the page's runs only.
+SETTING_KEYS = {"emphasis": "Emphasis", "face_restoration_model": "Face restoration",
+                "inpainting_mask_weight": "Conditional mask weight", "sdxl_clip_l_skip": "Clip skip SDXL",
+                "img2img_fix_steps": "Img2img exact steps"}
+
 def quote(value: Any) -> str:
     # A float in full (7.1234567 reads back as itself), without ".0" for whole numbers ("CFG scale: 7").
     text = (str(int(value)) if value.is_integer() else repr(value)) if isinstance(value, float) else str(value)
@@ -138,6 +144,29 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
             line = line[len(NEGATIVE_PREFIX):].lstrip()
         (negative_lines if in_negative else prompt_lines).append(line)
     return "\n".join(prompt_lines).strip(), "\n".join(negative_lines).strip(), params
+
+
+def setting_pair(name: str, value: Any) -> str:
+    """One of the page's Override settings: a SETTING_KEYS field as its infotext pair ("Emphasis: No norm")."""
+    return f"{SETTING_KEYS[name]}: {quote(value)}"
+
+
+def setting_fields(pairs: list[str]) -> dict[str, Any]:
+    """The request fields of the page's Override settings, each pair read as a paste reads its infotext key.
+    ValueError, saying which pair, for one that is no such setting or whose value does not read."""
+    fields, names = {}, {key: name for name, key in SETTING_KEYS.items()}
+    for pair in pairs:
+        parsed = _parse_pairs(pair)
+        key = next(iter(parsed), "")
+        if len(parsed) != 1 or key not in names:
+            raise ValueError(f"{pair[:60]!r} is none of the settings a pasted infotext sets here "
+                             f"({', '.join(SETTING_KEYS.values())}); remove it")
+        name, convert = _REQUEST_FIELDS[key]
+        try:
+            fields[name] = convert(parsed[key])
+        except ValueError as err:
+            raise ValueError(f"{pair[:60]!r} does not read: {err}; remove it") from None
+    return fields
 
 
 def _parse_pairs(line: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ from webui.ui.extras import SINGLE, SINGLE_ID, ExtrasActions, ExtrasTab, build_e
 from webui.ui.history import HistoryActions, HistoryTab, build_history
 from webui.ui.merger import MergerTab, build_merger
 from webui.ui.models import ModelActions, ModelPicker, build_model_picker
-from webui.ui.params import widget_updates
+from webui.ui.params import override_settings, widget_updates
 from webui.ui.pictures import INPAINT, PLAIN
 from webui.ui.pnginfo import PngInfoTab, build_pnginfo, fields_for_txt2img, fields_to_paste, picture_for_img2img
 from webui.ui.settings import SettingsTab, build_settings
@@ -146,6 +146,7 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
                 sent = (gr.skip(), canvas, INPAINT, gr.Tabs(selected="inpaint"))
             else:
                 sent = (picture[0], gr.skip(), PLAIN, gr.Tabs(selected="img2img"))
+        fields = fields | {"override_settings": override_settings(fields, tab.actions.options.current(), tab.kind)}
         updates = widget_updates(fields, tab.field_names, ui.models.choices(), ui.models.find_pasted,
                                  ui.models.vae_choices(), tab.actions.upscaler_names())
         return *sent, *updates, gr.Tabs(selected=tab.kind)

@@ -28,7 +28,7 @@ from webui.engine.samplers import BETA_ALPHA, BETA_BETA, SCHEDULE_TYPES, sampler
 from webui.engine.uncond_skip import MAX_NGMS
 from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS, LIMITS as STEP_LIMITS
 from webui.engine.models import ModelNotFound
-from webui.storage.infotext import request_fields_from_infotext
+from webui.storage.infotext import request_fields_from_infotext, setting_fields
 from webui.storage.outputs import NamedCopy
 from webui.storage.styles import Style
 from webui.schemas import (MAX_CLIP_SKIP, MAX_MERGING_RATIO, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MIN_SIZE,
@@ -140,7 +140,8 @@ class GenerationActions(SeveralRuns):
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = 0.0, s_noise: float = 1.0,
                  eta_noise_seed_delta: int = 0, beta_dist_alpha: float = BETA_ALPHA,
                  beta_dist_beta: float = BETA_BETA, randn_source: str = SETTINGS_SOURCE, sigma_min: float = 0.0,
-                 sigma_max: float = 0.0, rho: float = 0.0) -> Iterator[tuple]:
+                 sigma_max: float = 0.0, rho: float = 0.0, override_settings: list[str] | None = None
+                 ) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -152,7 +153,8 @@ class GenerationActions(SeveralRuns):
         img2img's outpainting grows the picture and draws the border (webui/outpainting.py), and loopback runs
         img2img again from each picture made (webui/loopback.py); sd_upscale enlarges the picture and draws it
         again in tiles (webui/sd_upscale.py), on the img2img sub-tab or for each picture of Batch. ControlNet
-        (controlnet_*: webui/ui/controlnet.py) steers a plain Generate by controlnet_image."""
+        (controlnet_*: webui/ui/controlnet.py) steers a plain Generate by controlnet_image. override_settings: the
+        Settings tab's options a paste set for the page's runs, as infotext pairs ("Emphasis: No norm")."""
         controlnet = controlnet_fields({name: value for name, value in locals().items()
                                         if name.startswith("controlnet_")})
         request = {
@@ -197,6 +199,7 @@ class GenerationActions(SeveralRuns):
                         "hr_checkpoint_name": hr_checkpoint_name,  # "Use same checkpoint" reads as none
                         "token_merging_ratio_hr": token_merging_ratio_hr or 0.0}
         try:
+            request |= overridden_settings(override_settings)
             batch = self.kind == "img2img" and img2img_mode == BATCH
             loopback, sd_upscale = (switch and self.kind == "img2img" for switch in (loopback, sd_upscale))
             scripts = (batch and not sd_upscale, xyz_plot, prompt_list, prompt_matrix, outpainting, loopback,
@@ -615,6 +618,14 @@ class GenerationActions(SeveralRuns):
             return gr.skip()
 
 
+def overridden_settings(pairs: list[str] | None) -> dict[str, Any]:
+    """The request fields of the page's Override settings (a paste's pairs, which the user may have removed)."""
+    try:
+        return setting_fields(pairs or [])
+    except ValueError as err:
+        raise InvalidRequest(f"override_settings: {err}") from None
+
+
 def shown_seed(value: float | None):
     """The seed box's value as Generate will read it (Gradio rounds 12.7 to 13). A number past 64 bits
     cannot be sent back to the page; it stays as typed, and Generate says which seeds there are."""
@@ -1004,6 +1015,12 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                     save_style = gr.Button("Save prompts", elem_id=f"{kind}_style_save", scale=1, min_width=80)
                     delete_style = gr.Button("Delete", elem_id=f"{kind}_style_delete", scale=1, min_width=80,
                                              variant="stop")
+            # A1111's: the Settings tab's options a paste recorded otherwise, for the page's runs only (blocks.py fills
+            # it). Typed pairs are read as pasted ones, so the list takes them too.
+            override = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, visible=False,
+                                   label="Override settings", elem_id=f"{kind}_override_settings",
+                                   info="from the pasted parameters, for these runs only; remove one to use the "
+                                        "Settings tab's")
             # at the foot, as A1111's scripts
             controlnet_widgets = controlnet_section(kind, services.engine.controlnets)
             plot_widgets = plot_section(kind) | prompt_matrix_section(kind) | prompt_list_section(kind)
@@ -1034,7 +1051,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                "subseed": subseed, "subseed_strength": subseed_strength, "seed_resize_from_w": seed_resize_w,
                "seed_resize_from_h": seed_resize_h, "randn_source": randn_source, "styles": styles, **img2img_widgets, **refiner_widgets,
                **({} if img2img else hires_widgets), **plot_widgets, **controlnet_widgets, **sampler_widgets,
-               **merging_widgets}
+               **merging_widgets, "override_settings": override}
     # A parameter the tab has no widget for goes in at generate()'s default, in its place.
     request_inputs = [widgets[name] if name in widgets else gr.State(REQUEST_DEFAULTS[name]) for name in REQUEST_PARAMS]
     run_outputs = [session, gallery, progress, preview, infotext, timing]

@@ -12,7 +12,8 @@ from webui.engine.samplers import SCHEDULE_TYPES, get_sampler, resolve_sampler, 
 from webui.engine.soft_inpainting import LABELS as SOFT_LABELS, SOFT_INPAINTING_FIELDS
 from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, SAME_CHECKPOINT, GenerationRequest
 from webui.storage.history import HistoryImage
-from webui.storage.infotext import request_fields_from_infotext
+from webui.storage.infotext import SETTING_KEYS, request_fields_from_infotext, setting_pair
+from webui.storage.options import SavedOptions
 from webui.xyz_plot import AXIS_TYPES, SCRIPT
 
 # The X/Y/Z plot's switch and axes (generate() parameters), which a grid's infotext sets (A1111's "Script" keys).
@@ -37,7 +38,7 @@ COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "step
                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "seed_resize_from_w",
                  "seed_resize_from_h", "randn_source", "styles", "denoising_strength", "tiling", "restore_faces", "sd_vae", *PLOT_FIELDS,
                  *OTHER_SCRIPTS, "refiner", "refiner_checkpoint", "refiner_switch_at", *CONTROLNET_FIELDS,
-                 *SAMPLER_FIELDS, "token_merging_ratio")
+                 *SAMPLER_FIELDS, "token_merging_ratio", "override_settings")
 SOFT_INPAINTING = ("soft_inpainting", *SOFT_INPAINTING_FIELDS)
 INPAINTING_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding", *SOFT_INPAINTING)
@@ -58,6 +59,9 @@ TXT2IMG_FIELDS = (*COMMON_FIELDS, "batch_size", *HIRES_FIELDS)
 _INDEXED_CHOICES = {"inpainting_mask_invert": MASK_MODES, "inpainting_fill": MASKED_CONTENT,
                     "inpaint_full_res": INPAINT_AREAS, "controlnet_resize_mode": CN_RESIZE_MODES}
 TAB_FIELDS = {"txt2img": TXT2IMG_FIELDS, "img2img": IMG2IMG_FIELDS}
+# The Settings tab's options a pasted infotext may override on each tab (txt2img runs no img2img steps).
+TAB_SETTINGS = {"txt2img": tuple(name for name in SETTING_KEYS if name != "img2img_fix_steps"),
+                "img2img": tuple(SETTING_KEYS)}
 
 
 # What the page calls each request field, for messages: "Batch count", not "n_iter".
@@ -93,8 +97,9 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "controlnet_threshold_a": "Canny Low Threshold", "controlnet_threshold_b": "Canny High Threshold",
                 "token_merging_ratio": "Token merging ratio",
                 "token_merging_ratio_hr": "Token merging ratio for high-res pass",
-                "soft_inpainting": "Soft inpainting"} | {
-    name: f"Soft inpainting {label.lower()}" for name, label in zip(SOFT_INPAINTING_FIELDS, SOFT_LABELS)}
+                "soft_inpainting": "Soft inpainting", "override_settings": "Override settings"} | {
+    name: f"Soft inpainting {label.lower()}" for name, label in zip(SOFT_INPAINTING_FIELDS, SOFT_LABELS)} | {
+    name: f"Override settings ({key})" for name, key in SETTING_KEYS.items()}  # the page sets them there alone
 
 
 def with_labels(message: str) -> str:
@@ -125,7 +130,15 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
                       "image_cfg_scale", "sd_vae", "script", "refiner_checkpoint", "refiner_switch_at",
                       "token_merging_ratio",
                       *HIRES_FIELDS,
-                      *INPAINTING_FIELDS, *CONTROLNET_FIELDS, *SAMPLER_FIELDS)}
+                      *INPAINTING_FIELDS, *CONTROLNET_FIELDS, *SAMPLER_FIELDS, *SETTING_KEYS)}
+
+
+def override_settings(fields: dict[str, Any], current: SavedOptions, kind: str) -> dict:
+    """The tab's Override settings after a paste (A1111's): the pasted settings the Settings tab has otherwise
+    now, each as its infotext pair, all picked; hidden when there are none."""
+    pairs = [setting_pair(name, fields[name]) for name in TAB_SETTINGS[kind]
+             if fields.get(name) is not None and fields[name] != getattr(current, name)]
+    return gr.update(choices=pairs, value=pairs, visible=bool(pairs))
 
 
 def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: list[str],
