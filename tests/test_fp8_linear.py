@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from webui.engine.fp8_linear import Fp8Linear, use_fp8_linears
+from webui.engine.fp8_linear import Fp8Linear, scaled_product, use_fp8_linears
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -53,3 +53,19 @@ def test_after_calibrating_each_layer_scales_by_the_largest_input_it_saw_and_one
     assert torch.equal(model["used"](large), dynamic(large))
     # On a smaller input it is coarser than the dynamic scale, but still close to the fp32 layer.
     assert relative_error(model["used"](small), dynamic(small)) < 0.2
+
+
+def test_off_a_gpu_the_product_is_the_float8_matmuls_to_fp32_rounding():
+    from webui.engine.fp8_linear import FP8, _scale, _to_fp8
+
+    torch.manual_seed(2)
+    rows, weight = torch.randn(40, 64) * 5, torch.randn(32, 64)
+    rows_scale, weight_scale = _scale(rows), _scale(weight)
+    operands = (_to_fp8(rows, rows_scale), rows_scale, _to_fp8(weight, weight_scale), weight_scale)
+    assert operands[0].dtype == FP8
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        float8 = scaled_product(*operands, dtype, tensor_cores=True)  # torch._scaled_mm, as on a GPU
+        fp32 = scaled_product(*operands, dtype)  # on this CPU: the fp32 product of the same operands
+        assert fp32.dtype == float8.dtype == dtype
+        assert relative_error(fp32, float8) < (1e-6 if dtype == torch.float32 else 4e-3), dtype
+        assert relative_error(fp32, rows @ weight.t()) > 1e-3  # the 8-bit rounding is still there

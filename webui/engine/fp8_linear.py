@@ -49,12 +49,21 @@ class Fp8Linear(nn.Module):
         if self.seen_amax is not None:  # calibrating: remember the largest input, and run dynamically
             self.seen_amax = torch.maximum(self.seen_amax, rows.detach().abs().amax().float())
         scale = _scale(rows) if self.input_scale is None else self.input_scale
-        # The second operand must be column-major: the transpose of the row-major (out, in) weight is.
-        y = torch._scaled_mm(_to_fp8(rows, scale), self.weight_fp8.t(), scale_a=scale,
-                             scale_b=self.weight_scale, out_dtype=self.out_dtype)
+        y = scaled_product(_to_fp8(rows, scale), scale, self.weight_fp8, self.weight_scale, self.out_dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def scaled_product(rows: torch.Tensor, rows_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   out_dtype: torch.dtype, tensor_cores: bool | None = None) -> torch.Tensor:
+    """(rows * rows_scale) @ (weight * weight_scale)^T of e4m3 operands, accumulated in fp32. tensor_cores (default:
+    on a CUDA device) multiplies in float8 with torch._scaled_mm; otherwise the same operands are multiplied in fp32,
+    the same numbers to fp32's rounding, since torch's CPU _scaled_mm is a reference loop some 700 times slower."""
+    if rows.is_cuda if tensor_cores is None else tensor_cores:
+        # The second operand must be column-major: the transpose of the row-major (out, in) weight is.
+        return torch._scaled_mm(rows, weight.t(), scale_a=rows_scale, scale_b=weight_scale, out_dtype=out_dtype)
+    return ((rows.float() * rows_scale) @ (weight.float() * weight_scale).t()).to(out_dtype)
 
 
 @contextlib.contextmanager
