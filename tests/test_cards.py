@@ -82,17 +82,67 @@ def test_lora_cards_list_the_folder_and_a_click_adds_the_tag_at_the_weight(card_
     lists = actions.file_lists()
     assert [caption for _, caption in lists[4]] == ["detail", "lineart"]  # the page's cards when it loads
     assert [caption for _, caption in actions.lora_cards("line")] == ["lineart"]
-    prompt, picked = actions.lora_card_picked("a cat", 0.7, "line", clicked(0, None))
-    assert (prompt, picked) == ("a cat <lora:lineart:0.7>", "lineart")
-    prompt, _ = actions.lora_card_picked(prompt, 0.4, "", clicked(1, "lineart"))
+    prompt, negative, picked = actions.lora_card_picked("a cat", "", 0.7, "line", clicked(0, None))
+    assert (prompt, negative, picked) == ("a cat <lora:lineart:0.7>", "", "lineart")  # no metadata: as it was
+    prompt, _, _ = actions.lora_card_picked(prompt, "", 0.4, "", clicked(1, "lineart"))
     assert prompt == "a cat <lora:lineart:0.4>"  # the tag there gets the new weight
-    assert actions.lora_card_picked("a cat", 1, "zzz", clicked(0, None)) == (gr.skip(), gr.skip())
+    assert actions.lora_card_picked("a cat", "", 1, "zzz", clicked(0, None)) == (gr.skip(),) * 3
     ui = create_ui(card_services)
     [wiring] = [fn for fn in ui.blocks.fns.values() if getattr(fn.fn, "__name__", "") == "lora_card_picked"
                 and fn.inputs[0].elem_id == "txt2img_prompt"]
-    assert [block.elem_id for block in wiring.inputs] == ["txt2img_prompt", "txt2img_lora_weight",
-                                                          "txt2img_lora_search"]
-    assert [block.elem_id for block in wiring.outputs] == ["txt2img_prompt", "txt2img_lora_name"]
+    assert [block.elem_id for block in wiring.inputs] == ["txt2img_prompt", "txt2img_neg_prompt",
+                                                          "txt2img_lora_weight", "txt2img_lora_search"]
+    assert [block.elem_id for block in wiring.outputs] == ["txt2img_prompt", "txt2img_neg_prompt",
+                                                           "txt2img_lora_name"]
+
+
+def test_a_loras_metadata_gives_a_click_its_weight_and_texts_and_the_editor_saves_it(card_services, tmp_path,
+                                                                                     monkeypatch):
+    import json
+
+    from tests.test_lora import kohya_state, lora_pairs, write_lora
+    from webui.engine.lora import LoraLibrary
+    from webui.ui.blocks import create_ui
+    from webui.ui.generation import GenerationActions
+
+    card_services.engine.loras = LoraLibrary(tmp_path)
+    write_lora(tmp_path, "ink", kohya_state(lora_pairs()))
+    (tmp_path / "ink.json").write_text(json.dumps({  # as A1111's card editor writes it, with an extension's key
+        "description": "pen and ink", "activation text": "ink drawing, hatching", "preferred weight": 0.6,
+        "negative text": "colour", "notes": "", "sd version": "SD1", "some extension": [1, 2]}))
+    actions = GenerationActions(card_services, models=None)
+    click = clicked(0, "ink")
+    prompt, negative, _ = actions.lora_card_picked("a cat", "blurry,", 1.0, "", click)
+    assert (prompt, negative) == ("a cat <lora:ink:0.6> ink drawing, hatching", "blurry, colour")
+    assert actions.lora_card_picked(prompt, negative, 1.0, "", click)[:2] == (prompt, negative)  # nothing twice
+    assert actions.lora_card_picked("", "", 1.0, "", click)[:2] == ("<lora:ink:0.6> ink drawing, hatching", "colour")
+
+    assert actions.lora_metadata("ink") == ("pen and ink", "ink drawing, hatching", 0.6, "colour", "")
+    assert actions.lora_metadata(None) == ("", "", 0.0, "", "")
+    actions.save_lora_metadata("ink", "pen and ink", "ink style", None, "", "from a friend")  # weight box emptied
+    saved = json.loads((tmp_path / "ink.json").read_text())
+    assert saved == {"description": "pen and ink", "activation text": "ink style", "preferred weight": 0.0,
+                     "negative text": "", "notes": "from a friend", "sd version": "SD1", "some extension": [1, 2]}
+    assert actions.lora_card_picked("a cat", "", 0.3, "", click)[:2] == ("a cat <lora:ink:0.3> ink style", "")
+    with pytest.raises(gr.Error, match="out of range"):
+        actions.save_lora_metadata("ink", "", "", 50, "", "")
+    with pytest.raises(gr.Error, match="Pick a LoRA first"):
+        actions.save_lora_metadata(None, "", "", 0, "", "")
+    with pytest.raises(gr.Error, match="no LoRA named 'gone'"):
+        actions.save_lora_metadata("gone", "", "", 0, "", "")
+    assert json.loads((tmp_path / "ink.json").read_text()) == saved  # nothing written by the refusals
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ink.json", "ink.safetensors"]
+
+    ui = create_ui(card_services)
+    editor = [fn for fn in ui.blocks.fns.values() if getattr(fn.fn, "__name__", "") == "lora_metadata"
+              and fn.inputs[0].elem_id == "img2img_lora_name"]
+    assert [block.label for block in editor[0].outputs] == ["Description", "Activation text", "Preferred weight",
+                                                            "Negative text", "Notes"]
+    monkeypatch.setattr(card_services.settings, "share", True)  # shared without a login: visitors may not edit
+    shared = GenerationActions(card_services, models=None)
+    with pytest.raises(gr.Error, match="off on a server shared"):
+        shared.save_lora_metadata("ink", "", "", 0, "", "")
+    assert json.loads((tmp_path / "ink.json").read_text()) == saved
 
 
 def test_embedding_cards_list_the_loaded_embeddings_and_a_click_names_one(card_services, tmp_path, monkeypatch):

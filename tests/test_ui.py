@@ -1280,7 +1280,7 @@ def test_a_shared_server_without_a_login_offers_no_style_editing(tmp_path):
     services = build_services(Settings(outdir=tmp_path / "out", device="cpu", share=True), load_model=False)
     try:
         actions = GenerationActions(services, models=None)
-        assert not actions.can_edit_styles
+        assert not actions.can_edit_shared
         with pytest.raises(gr.Error, match="Saving styles is off on a server shared without --gradio-auth"):
             actions.save_style("Film", "a", "b")
         assert not services.settings.styles_path.exists()

@@ -1,6 +1,7 @@
 """A1111's extra network cards, in the LoRA and Textual inversion sections: each file as a picture to click, with
 its preview where one lies beside it under A1111's names (<name>.png, <name>.preview.png, then the same in jpg,
-jpeg, webp and gif), else a card that shows its name. A search box narrows the cards by name.
+jpeg, webp and gif), else a card that shows its name. A search box narrows the cards by name. A LoRA's card reads
+A1111's user metadata beside it (webui/storage/card_metadata.py), which the LoRA section's Metadata editor shows.
 
 Pictures are made small once per preview file (and again when the file changes), so a folder of large previews
 costs one read each, not one per page load.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import textwrap
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import gradio as gr
 from PIL import Image, ImageDraw, ImageOps
 
 from webui.engine.models import file_stamp
+from webui.storage.card_metadata import MAX_WEIGHT, CardMetadata
 
 PREVIEW_SUFFIXES = ("png", "jpg", "jpeg", "webp", "gif")
 CARD_SIZE = 160  # pixels a side
@@ -99,3 +102,56 @@ def card_gallery(elem_id: str) -> tuple[gr.Textbox, gr.Gallery]:
     gallery = gr.Gallery(label="Cards", show_label=False, elem_id=f"{elem_id}_cards", columns=6, height=240,
                          object_fit="cover", allow_preview=False, interactive=False, buttons=[], format="jpeg")
     return search, gallery
+
+
+# The LoRA section's metadata editor (A1111's card editor, in short): its widgets' names and labels, in the order the
+# actions take and give their values.
+METADATA_FIELDS = {"description": "Description", "activation_text": "Activation text",
+                   "preferred_weight": "Preferred weight", "negative_text": "Negative text", "notes": "Notes"}
+
+
+def metadata_values(metadata: CardMetadata) -> tuple:
+    """The editor's values for a card's metadata."""
+    return tuple(getattr(metadata, name) for name in METADATA_FIELDS)
+
+
+def edited_metadata(saved: CardMetadata, values: tuple) -> CardMetadata:
+    """The saved metadata with the editor's values in (an emptied number box: weight 0); keys it does not show, such
+    as sd version, kept."""
+    edited = dict(zip(METADATA_FIELDS, values))
+    edited["preferred_weight"] = float(edited["preferred_weight"] or 0.0)
+    return replace(saved, **{name: value if name == "preferred_weight" else (value or "")
+                             for name, value in edited.items()})
+
+
+def with_card_texts(prompt: str, negative: str, metadata: CardMetadata) -> tuple[str, str]:
+    """The prompts with a clicked card's activation text after the prompt's end and its negative text at the negative
+    prompt's end, as A1111's card click puts them; either left out where the prompt holds it already."""
+    activation, negative_text = metadata.activation_text.strip(), metadata.negative_text.strip()
+    if activation and activation not in prompt:
+        prompt = f"{prompt.rstrip()} {activation}".lstrip()
+    if negative_text and negative_text not in (negative or ""):
+        negative = f"{negative.rstrip().rstrip(',')}, {negative_text}" if (negative or "").strip() else negative_text
+    return prompt, negative
+
+
+def metadata_editor(elem_id: str, editable: bool) -> tuple[dict[str, gr.components.Component], gr.Button]:
+    """The editor's widgets (METADATA_FIELDS order) and its Save button, shown where the server lets a visitor change
+    files all share."""
+    with gr.Accordion("Metadata", open=False, elem_id=f"{elem_id}_metadata"):
+        widgets = {"description": gr.Textbox(label="Description", lines=2, elem_id=f"{elem_id}_description",
+                                              interactive=editable)}
+        with gr.Row():
+            widgets["activation_text"] = gr.Textbox(
+                label="Activation text", elem_id=f"{elem_id}_activation_text", interactive=editable,
+                info="put after the tag when its card is clicked (trigger words)", scale=3)
+            widgets["preferred_weight"] = gr.Number(
+                0, label="Preferred weight", minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT, step=0.05, scale=1,
+                elem_id=f"{elem_id}_preferred_weight", interactive=editable,
+                info="a card click's weight; 0: the Weight slider's")
+        widgets["negative_text"] = gr.Textbox(label="Negative text", elem_id=f"{elem_id}_negative_text",
+                                              interactive=editable,
+                                              info="put into the negative prompt when its card is clicked")
+        widgets["notes"] = gr.Textbox(label="Notes", lines=2, elem_id=f"{elem_id}_notes", interactive=editable)
+        save = gr.Button("Save metadata", elem_id=f"{elem_id}_metadata_save", size="sm", visible=editable)
+    return widgets, save

@@ -28,6 +28,7 @@ from webui.engine.samplers import BETA_ALPHA, BETA_BETA, SCHEDULE_TYPES, sampler
 from webui.engine.uncond_skip import MAX_NGMS
 from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS, LIMITS as STEP_LIMITS
 from webui.engine.models import ModelNotFound
+from webui.storage.card_metadata import CardMetadata, read_metadata, write_metadata
 from webui.storage.infotext import request_fields_from_infotext, setting_fields
 from webui.storage.outputs import NamedCopy
 from webui.storage.styles import Style
@@ -36,7 +37,8 @@ from webui.schemas import (MAX_CLIP_SKIP, MAX_MERGING_RATIO, MAX_PROMPT_CHARS, M
                            GenerationRequest, InvalidRequest)
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
-from webui.ui.cards import CardPictures, card_gallery, picked_name
+from webui.ui.cards import (CardPictures, card_gallery, edited_metadata, metadata_editor, metadata_values, picked_name,
+                            with_card_texts)
 from webui.ui.controlnet import controlnet_section, request_fields as controlnet_fields
 from webui.ui.params import (NO_REFINER, SAME_SAMPLER, SAME_SCHEDULE, SETTINGS_SOURCE, TAB_FIELDS, schedules_of,
                              with_labels)
@@ -82,8 +84,9 @@ class GenerationActions(SeveralRuns):
         self.styles = services.styles
         self.outputs = services.outputs
         self.options = services.options
-        # As History's Delete: on a server shared without a login, visitors may not change what all share.
-        self.can_edit_styles = not (services.settings.public and not services.settings.gradio_auth)
+        # As History's Delete: on a server shared without a login, visitors may not change what all share (the styles,
+        # the cards' metadata).
+        self.can_edit_shared = not services.settings.open_to_anyone
         self.reads_server_folders = services.settings.reads_server_folders  # Batch's Input directory
         self.cards = CardPictures()  # the LoRA, hypernetwork and embedding cards' pictures
 
@@ -482,7 +485,7 @@ class GenerationActions(SeveralRuns):
 
     def save_style(self, name: str, prompt: str, negative_prompt: str):
         """Save the prompts as a style (replacing one of the same name) and offer it in the list."""
-        if not self.can_edit_styles:
+        if not self.can_edit_shared:
             raise gr.Error("Saving styles is off on a server shared without --gradio-auth.")
         replaced = (name or "").strip() in self.style_names()
         try:
@@ -493,7 +496,7 @@ class GenerationActions(SeveralRuns):
         return gr.update(choices=self.style_names())
 
     def delete_style(self, name: str, picked: list[str] | None):
-        if not self.can_edit_styles:
+        if not self.can_edit_shared:
             raise gr.Error("Deleting styles is off on a server shared without --gradio-auth.")
         try:
             deleted = self.styles.delete((name or "").strip())
@@ -536,10 +539,38 @@ class GenerationActions(SeveralRuns):
     def embedding_cards(self, search: str = "") -> list:
         return self.cards.gallery(self.embedding_files(), search)
 
-    def lora_card_picked(self, prompt: str, weight: float, search: str, evt: gr.SelectData) -> tuple:
-        """A LoRA card clicked: its tag into the prompt (at the Weight slider's weight), and picked in the list."""
+    def lora_card_picked(self, prompt: str, negative: str, weight: float, search: str, evt: gr.SelectData) -> tuple:
+        """A LoRA card clicked (A1111's): its tag into the prompt at its metadata's preferred weight (else the Weight
+        slider's), the activation text after it and the negative text into the negative prompt; picked in the list."""
         name = picked_name(evt, self.lora_files(), search)
-        return (gr.skip(), gr.skip()) if name is None else (self.add_lora(prompt, name, weight), name)
+        if name is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        metadata = read_metadata(self._lora_path(name))
+        prompt = self.add_lora(prompt, name, metadata.preferred_weight or weight)
+        return *with_card_texts(prompt, negative or "", metadata), name
+
+    def lora_metadata(self, name: str | None) -> tuple:
+        """The Metadata editor's values for the LoRA picked (empty with none picked)."""
+        return metadata_values(read_metadata(self._lora_path(name)) if name else CardMetadata())
+
+    def save_lora_metadata(self, name: str | None, *values: Any) -> None:
+        """The Metadata editor's values into the picked LoRA's <name>.json (the keys it does not show kept)."""
+        if not self.can_edit_shared:
+            raise gr.Error("Saving metadata is off on a server shared without --gradio-auth.")
+        if not name:
+            raise gr.Error("Pick a LoRA first (files in the LoRA folder; ↻ reads it again).")
+        path = self._lora_path(name)
+        try:
+            saved = write_metadata(path, edited_metadata(read_metadata(path), values))
+        except (ValueError, OSError) as err:
+            raise gr.Error(f"The metadata was not saved: {err}") from None
+        gr.Info(f"Saved {saved.name} beside the LoRA.")
+
+    def _lora_path(self, name: str) -> Path:
+        found = next((path for listed, path in self.lora_files() if listed == name), None)
+        if found is None:
+            raise gr.Error(f"There is no LoRA named {name!r} in the LoRA folder now; ↻ reads it again.")
+        return found
 
     def embedding_card_picked(self, prompt: str, search: str, evt: gr.SelectData) -> tuple:
         """An embedding card clicked: its name into the prompt, and picked in the list."""
@@ -989,6 +1020,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                                             scale=4)
                     lora_add = gr.Button("Add to prompt", elem_id=f"{kind}_lora_add", scale=1)
                 lora_search, lora_cards = card_gallery(f"{kind}_lora")
+                lora_metadata, lora_metadata_save = metadata_editor(f"{kind}_lora", actions.can_edit_shared)
             # A1111's Hypernetworks cards, as the LoRA ones: the tag goes into the prompt.
             with gr.Accordion("Hypernetworks", open=False, elem_id=f"{kind}_hypernet"):
                 hypernet_name, hypernet_refresh = file_picker(
@@ -1009,7 +1041,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                     embedding_to_negative = gr.Button("Add to negative prompt", elem_id=f"{kind}_embedding_negative")
                 embedding_search, embedding_cards = card_gallery(f"{kind}_embedding")
             with gr.Accordion("Save a style", open=False, elem_id=f"{kind}_style_editor",
-                              visible=actions.can_edit_styles):
+                              visible=actions.can_edit_shared):
                 with gr.Row():
                     style_name = gr.Textbox(label="Style name", elem_id=f"{kind}_style_name", scale=3)
                     save_style = gr.Button("Save prompts", elem_id=f"{kind}_style_save", scale=1, min_width=80)
@@ -1104,8 +1136,12 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                                                     api_visibility="private", show_progress="hidden")
     lora_search.change(actions.lora_cards, inputs=[lora_search], outputs=[lora_cards], api_visibility="private",
                        show_progress="hidden", trigger_mode="always_last")
-    lora_cards.select(actions.lora_card_picked, inputs=[prompt, lora_weight, lora_search], outputs=[prompt, lora_name],
-                      api_visibility="private", show_progress="hidden")
+    lora_cards.select(actions.lora_card_picked, inputs=[prompt, negative, lora_weight, lora_search],
+                      outputs=[prompt, negative, lora_name], api_visibility="private", show_progress="hidden")
+    lora_name.change(actions.lora_metadata, inputs=[lora_name], outputs=list(lora_metadata.values()),
+                     api_visibility="private", show_progress="hidden")
+    lora_metadata_save.click(actions.save_lora_metadata, inputs=[lora_name, *lora_metadata.values()], outputs=[],
+                             api_visibility="private", show_progress="hidden")
     lora_add.click(actions.add_lora, inputs=[prompt, lora_name, lora_weight], outputs=[prompt],
                    **_api(kind, "add_lora"), show_progress="hidden")
     hypernet_refresh.click(actions.refresh_hypernetworks, outputs=[hypernet_name],
