@@ -227,7 +227,7 @@ def test_the_settings_tab_saves_for_everyone_and_says_why_not(ui_settings):
 
 
 DIRS = (True, True, "[date]", False, True, "Original", "CPU", "CodeFormer", 0.5, 1.0, False, False, False, False,
-        False, False, False, False)
+        False, False, False, False, "Approx cheap")
 # the subfolders, the text file, comments, emphasis, the random number source, the face restorer and its weight, the
 # inpainting conditioning mask strength, Clip skip SDXL, exact img2img steps, the copies before the hires fix, face
 # restoration and colour correction, the mask, the masked composite, the init image: defaults

@@ -397,12 +397,20 @@ def test_progress_counts_the_steps_asked_for_whatever_the_model_calls(services, 
 def test_previews_are_decoded_only_while_someone_watches(services, monkeypatch):
     calls = []
     real = services.engine.preview
-    monkeypatch.setattr(services.engine, "preview", lambda latents: calls.append(1) or real(latents))
+    monkeypatch.setattr(services.engine, "preview", lambda latents, method: calls.append(method) or real(latents))
     unwatched = services.worker.submit(QUICK | {"steps": 20})
     assert unwatched.wait(60) and calls == []
     watched = services.worker.submit(QUICK | {"steps": 40})
     wait_for(lambda: watched.watch_preview() is not None)  # reading the preview is what asks for it
     assert watched.wait(60) and calls
+    services.options.update({"show_progress_type": "Full"})  # the Settings tab's Live preview method
+    try:
+        calls.clear()
+        full = services.worker.submit(QUICK | {"steps": 40})
+        wait_for(lambda: full.watch_preview() is not None)
+        assert full.wait(60) and set(calls) == {"Full"}
+    finally:
+        services.options.update({"show_progress_type": "Approx cheap"})
 
 
 def test_a_model_asked_for_twice_in_a_row_loads_once(services, monkeypatch):

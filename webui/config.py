@@ -32,7 +32,7 @@ from typing import Mapping
 
 from webui.engine.models import (  # A1111's folder names
     BLIP_FOLDER, CLIP_FOLDER, CODEFORMER_FOLDER, CONTROLNET_FOLDER, EMBEDDINGS_FOLDER, ESRGAN_FOLDER, GFPGAN_FOLDER,
-    HYPERNETWORKS_FOLDER, LORA_FOLDER, REAL_ESRGAN_FOLDER, VAE_FOLDER)
+    HYPERNETWORKS_FOLDER, LORA_FOLDER, REAL_ESRGAN_FOLDER, TAESD_FOLDER, VAE_FOLDER)
 from webui.zerogpu import zerogpu_requested
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -185,6 +185,10 @@ class Settings:
     @property
     def embeddings_folder(self) -> Path:
         return self.embeddings_dir or self.models_dir / EMBEDDINGS_FOLDER
+
+    @property
+    def taesd_folder(self) -> Path:
+        return self.models_dir / TAESD_FOLDER
 
     @property
     def styles_path(self) -> Path:

@@ -920,7 +920,8 @@ class Worker:
             )
             if (self.preview_every and step % self.preview_every == 0 and step < total_steps
                     and job.preview_watched()):
-                job.set_preview(self.engine.preview(latents), batch * total_steps + step)
+                job.set_preview(self.engine.preview(latents, self.options.current().show_progress_type),
+                                batch * total_steps + step)
 
         return on_step
 

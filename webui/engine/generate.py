@@ -43,7 +43,7 @@ from webui.engine.vae import VaeFile, VaeLibrary, VaeSwap
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.noise import start_noise
-from webui.engine.preview import latents_to_preview
+from webui.engine.preview import TinyDecoders, latents_to_preview
 from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
 from webui.engine.prompts import (ORIGINAL, chunk_count, encode_parts, encode_prompt_pair, encode_sdxl_pair,
                                   encode_sdxl_parts, token_count)
@@ -346,6 +346,7 @@ class Engine:
         self.interrogator = Interrogator(settings.blip_folder, settings.clip_folder, downloads=not settings.offline)
         self.controlnets = ControlNetLibrary(settings.controlnet_folder)
         self.hypernetworks = HypernetworkLibrary(settings.hypernetwork_folder)
+        self.tiny_decoders = TinyDecoders(settings.taesd_folder, downloads=not settings.offline)  # TAESD previews
         self._vae_weights = VaeSwap()  # which VAE file the loaded VAE holds now
         self._lora_weights = LoraPatcher()  # what the loaded weights hold merged now
         self.embeddings = EmbeddingSet()  # the textual inversions the loaded model's tokenizer knows
@@ -1199,8 +1200,13 @@ class Engine:
         flags = [bool(f) for f in (flags or [False] * len(pictures))]
         return pipe.image_processor.numpy_to_pil(checked), flags
 
-    def preview(self, latents: torch.Tensor) -> Image.Image:
-        return latents_to_preview(latents, self.pipe.vae)
+    def preview(self, latents: torch.Tensor, method: str = "Approx cheap") -> Image.Image:
+        """A live preview of the batch's first picture, by A1111's Live preview method (webui/engine/preview.py)."""
+        pipe = self.pipe
+        tiny = None
+        if method == "TAESD" and latents.shape[1] == 4:
+            tiny = self.tiny_decoders.decoder(is_sdxl(pipe), latents.device, pipe.vae.dtype)
+        return latents_to_preview(latents, pipe.vae, method, tiny)
 
     def count_tokens(self, text: str, steps: int = 20, negative: bool = False, emphasis: str = ORIGINAL) -> int:
         """Tokens the prompt uses, without start/end markers (the UI's 12/75 counter). With prompt editing or

@@ -205,6 +205,7 @@ BLIP_FOLDER, CLIP_FOLDER = "BLIP", "CLIP"  # Interrogate's models, in transforme
 CONTROLNET_FOLDER = "ControlNet"  # sd-webui-controlnet's models (webui/engine/controlnet.py)
 HYPERNETWORKS_FOLDER = "hypernetworks"  # A1111's (webui/engine/hypernetworks.py)
 GFPGAN_FOLDER, CODEFORMER_FOLDER = "GFPGAN", "Codeformer"  # Restore faces' files (webui/engine/face_restoration.py)
+TAESD_FOLDER = "VAE-taesd"  # the TAESD live preview's decoders (webui/engine/preview.py)
 
 
 def scan_models_dir(models_dir: Path, skipped_folders: tuple[Path, ...] = ()) -> list[ModelEntry]:
@@ -212,7 +213,7 @@ def scan_models_dir(models_dir: Path, skipped_folders: tuple[Path, ...] = ()) ->
         return []
     skipped = {models_dir / folder for folder in (LORA_FOLDER, EMBEDDINGS_FOLDER, VAE_FOLDER, ESRGAN_FOLDER,
                                                   REAL_ESRGAN_FOLDER, BLIP_FOLDER, CLIP_FOLDER, CONTROLNET_FOLDER,
-                                                  HYPERNETWORKS_FOLDER, GFPGAN_FOLDER, CODEFORMER_FOLDER)}
+                                                  HYPERNETWORKS_FOLDER, GFPGAN_FOLDER, CODEFORMER_FOLDER, TAESD_FOLDER)}
     skipped |= set(map(Path, skipped_folders))
     return _scan(models_dir, models_dir, SCAN_DEPTH, skipped)
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from webui.engine.preview import PREVIEW_METHODS
 from webui.engine.prompts import EMPHASIS_MODES
 from webui.schemas import (DEFAULT_CODEFORMER_WEIGHT, DEFAULT_FACE_RESTORER, FACE_RESTORERS, InvalidRequest,
                            RandnSource, canonical_randn_source)
@@ -30,6 +31,7 @@ ImageFormat = Literal["png", "jpg", "webp"]
 
 EmphasisMode = Literal[EMPHASIS_MODES]  # A1111's Emphasis mode setting
 FaceRestorer = Literal[FACE_RESTORERS]
+PreviewMethod = Literal[PREVIEW_METHODS]
 
 
 class SavedOptions(BaseModel):
@@ -80,10 +82,20 @@ class SavedOptions(BaseModel):
     save_init_img: bool = Field(False, description="img2img: also save the picture it starts from, once, as "
                                 "init-images/<the md5 of its pixels>.png in the outputs folder")
 
+    show_progress_type: PreviewMethod = Field("Approx cheap", description="Live preview method: Approx cheap (a "
+                                              "linear map of the latents, free), Full (the model's VAE), TAESD (a "
+                                              "tiny decoder, fetched into models/VAE-taesd on first use); A1111's "
+                                              "Approx NN is read as Approx cheap")
+
     @field_validator("randn_source", mode="before")
     @classmethod
     def _nv_for_gpu(cls, value: Any) -> Any:
         return canonical_randn_source(value)
+
+    @field_validator("show_progress_type", mode="before")
+    @classmethod
+    def _approx_nn_as_cheap(cls, value: Any) -> Any:
+        return "Approx cheap" if value == "Approx NN" else value  # A1111's default, a network this server lacks
 
     @field_validator("samples_format", "grid_format", mode="before")
     @classmethod

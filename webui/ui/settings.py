@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from webui.engine.preview import PREVIEW_METHODS
 from webui.engine.prompts import EMPHASIS_MODES
 from webui.schemas import FACE_RESTORERS, RANDN_SOURCES, SAVE_SETTINGS, InvalidRequest
 from webui.storage.filenames import DEFAULT_FOLDER_PATTERN, DEFAULT_PATTERN, TAGS
@@ -29,7 +30,8 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
                                                  "results",
           "save_mask": "For inpainting, save a copy of the greyscale mask",
           "save_mask_composite": "For inpainting, save a masked composite", "save_init_img": "Save init images when "
-                                                                                             "using img2img"}
+                                                                                             "using img2img",
+          "show_progress_type": "Live preview method"}
 
 
 class SettingsActions:
@@ -162,6 +164,11 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
             interactive=editable),
         **{key: gr.Checkbox(getattr(current, key), label=LABELS[key], elem_id=f"settings_{key}", interactive=editable)
            for key in SAVE_SETTINGS},
+        "show_progress_type": gr.Radio(
+            list(PREVIEW_METHODS), value=current.show_progress_type, label=LABELS["show_progress_type"],
+            info="Approx cheap: free, rough colours; Full: the model's VAE, exact, a decode each time; TAESD: a tiny "
+                 "decoder, near Full at little cost (fetched into models/VAE-taesd on first use)",
+            elem_id="settings_show_progress_type", interactive=editable),
     }
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=editable)
     result = gr.HTML("", elem_id="settings_result")
