@@ -107,3 +107,19 @@ def recording_unet_inputs(engine):
     engine.unet_inputs = []
     engine.pipe.unet.register_forward_hook(lambda _module, args, _out: engine.unet_inputs.append(args[0]))
     return engine
+
+
+def reported_steps(monkeypatch) -> list[tuple]:
+    """(latents, the sampler's estimate or None) of each step an engine run reports from now on, as they stood then
+    (on_step itself is shown the estimate, for the live preview)."""
+    from webui.engine.generate import _Run
+
+    reported, real = [], _Run.step
+
+    def step(run, number, latents, estimate=None):
+        if number > run.reported:  # PLMS calls its model twice for its first step
+            reported.append((latents.clone(), None if estimate is None else estimate.clone()))
+        return real(run, number, latents, estimate)
+
+    monkeypatch.setattr(_Run, "step", step)
+    return reported

@@ -10,7 +10,7 @@ from webui.engine.inpaint import expand_to_shape, fill_masked, prepare_inpaintin
 from webui.schemas import GenerationRequest, InvalidRequest, JobState
 from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.outputs import read_infotext
-from tests.helpers import noise_picture, wait_for
+from tests.helpers import noise_picture, reported_steps, wait_for
 
 
 def square_mask(size=(64, 64), box=(16, 16, 48, 48)) -> Image.Image:
@@ -162,12 +162,13 @@ def test_a_mask_over_everything_draws_as_img2img_does(engine):
     assert (everything[0] == plain).all()
 
 
-def test_the_picture_outside_the_mask_stays_and_the_latents_end_as_the_pictures_there(engine):
+def test_the_picture_outside_the_mask_stays_and_the_latents_end_as_the_pictures_there(engine, monkeypatch):
     picture = noise_picture(4)
     mask = square_mask(box=(0, 0, 32, 64))  # the left half
-    steps = []
-    result = inpaint(engine, picture, mask, on_step=lambda step, total, latents: steps.append(latents.clone()),
+    reported, previews = reported_steps(monkeypatch), []
+    result = inpaint(engine, picture, mask, on_step=lambda step, total, latents: previews.append(latents.clone()),
                      mask_blur=0, denoising_strength=0.5)[0]
+    steps = [latents for latents, _ in reported]
     assert (result[:, 32:] == pixels(picture)[:, 32:]).all()
     assert np.abs(result[:, :32] - pixels(picture)[:, :32]).mean() > 5  # drawn again
     with torch.inference_mode():
@@ -176,6 +177,10 @@ def test_the_picture_outside_the_mask_stays_and_the_latents_end_as_the_pictures_
     assert torch.equal(steps[-1][kept], start[kept])  # after the last step: exactly the picture's
     # Before it, the picture's noised to where the run stands: far from the picture, still away from the drawn part.
     assert (steps[0][kept] - start[kept]).abs().mean() > 0.1
+    # The live preview shows where the run is heading: the sampler's estimate, the kept part the picture's own
+    assert all(torch.equal(preview[kept], start[kept]) for preview in previews)
+    drawn = (slice(None), slice(None), slice(None), slice(None, start.shape[-1] // 2))
+    assert torch.equal(previews[0][drawn], reported[0][1][drawn])
 
 
 def test_latent_masked_content_starts_the_masked_part_elsewhere(engine):

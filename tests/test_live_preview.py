@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import webui.engine.preview as preview
+from tests.helpers import reported_steps
 from webui.engine.preview import TAESD_FILES, TinyDecoders, latents_to_preview, load_tiny_decoder
 from webui.schemas import InvalidRequest
 from webui.storage.options import OptionsStore
@@ -131,3 +132,46 @@ def test_the_setting_takes_a1111s_names_and_refuses_others():
     assert store.update({"show_progress_type": "TAESD"}).show_progress_type == "TAESD"
     with pytest.raises(InvalidRequest, match="show_progress_type: Input should be 'Approx cheap', 'Full' or 'TAESD'"):
         store.update({"show_progress_type": "Fast"})
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M", "UniPC", "PLMS"])
+def test_the_preview_is_shown_where_the_run_is_heading(engine, monkeypatch, sampler):
+    """Each step's estimate of the finished latents goes to the preview (PLMS keeps none: its latents do). A sampler's
+    last step lands on its last estimate; Euler's steps are each the straight line towards theirs."""
+    from webui.schemas import GenerationRequest
+
+    reported, shown = reported_steps(monkeypatch), []
+    request = GenerationRequest(prompt="a red fox", steps=4, width=64, height=64, sampler_name=sampler,
+                                eta_ancestral=0.0 if sampler == "Euler a" else 1.0)
+    engine.generate(request, [5], lambda step, total, latents: latents is not None and shown.append(latents))
+    assert len(reported) == len(shown) == 4
+    if sampler == "PLMS":
+        assert all(estimate is None for _, estimate in reported)
+        assert all(torch.equal(seen, latents) for seen, (latents, _) in zip(shown, reported))
+        return
+    assert all(torch.equal(seen, estimate) for seen, (_, estimate) in zip(shown, reported))
+    assert not any(torch.allclose(latents, estimate, atol=1e-2) for latents, estimate in reported[:-1])
+    if sampler == "Euler":  # x' = x + (x - estimate) / sigma * (sigma' - sigma), k-diffusion's Euler step
+        scheduler = engine._scheduler("Euler", "Automatic")
+        scheduler.set_timesteps(4)
+        sigma, following = map(float, scheduler.sigmas[1:3])
+        (before, _), (after, estimate) = reported[0], reported[1]
+        assert torch.allclose(after, before + (before - estimate) / sigma * (following - sigma), atol=1e-3)
+    last_latents, last_estimate = reported[-1]
+    if sampler != "UniPC":  # UniPC ends at the smallest sigma, a hair from its estimate
+        assert torch.allclose(last_latents, last_estimate, atol=1e-4)
+
+
+def test_the_step_keeps_its_signature_and_both_ways_of_returning(engine):
+    import inspect
+
+    from webui.engine.preview import denoised_estimate
+
+    scheduler = engine._scheduler("Euler a", "Automatic")
+    assert "generator" in inspect.signature(scheduler.step).parameters  # the pipeline passes the generators so
+    scheduler.set_timesteps(4)
+    sample, output = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    prev, estimate = scheduler.step(output, scheduler.timesteps[0], sample, return_dict=False)
+    assert denoised_estimate(scheduler) is estimate
+    returned = scheduler.step(output, scheduler.timesteps[1], prev)
+    assert denoised_estimate(scheduler) is returned.pred_original_sample

@@ -43,7 +43,7 @@ from webui.engine.vae import VaeFile, VaeLibrary, VaeSwap
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.noise import start_noise
-from webui.engine.preview import TinyDecoders, latents_to_preview
+from webui.engine.preview import TinyDecoders, denoised_estimate, keeping_estimates, latents_to_preview
 from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
 from webui.engine.prompts import (ORIGINAL, chunk_count, encode_parts, encode_prompt_pair, encode_sdxl_pair,
                                   encode_sdxl_parts, token_count)
@@ -251,10 +251,18 @@ class _Run:
         """The latents a pass goes on with after its model call `call`: inpainting's kept part put back."""
         return latents if self.masked is None else self.masked.put_back(pipe, call, latents)
 
-    def step(self, step: int, latents: torch.Tensor) -> None:
+    def step(self, step: int, latents: torch.Tensor, estimate: torch.Tensor | None = None) -> None:
+        """Report a step: on_step is shown the sampler's estimate of the finished latents where it has one (for the
+        live preview), else the latents."""
         if self.on_step is not None and step > self.reported:
             self.reported, self.latents = step, latents
-            self.on_step(step, self.total_steps, latents)
+            self.on_step(step, self.total_steps, latents if estimate is None else self._with_kept_part(estimate))
+
+    def _with_kept_part(self, estimate: torch.Tensor) -> torch.Tensor:
+        """Inpainting's estimate with the part kept the picture's own, as the run will end there."""
+        if self.masked is None:
+            return estimate
+        return self.masked.start * self.masked.keep + estimate * (1 - self.masked.keep)
 
     def between_encodes(self) -> None:
         if self.on_step is not None:
@@ -724,7 +732,8 @@ class Engine:
     def _scheduler(self, sampler_name: str, schedule: str, shape: ScheduleShape = ScheduleShape()):
         """A fresh scheduler of this sampler and schedule type for the loaded model (`shape`: A1111's options that
         reshape the schedule)."""
-        return make_scheduler(self._base_scheduler_config, sampler_name, schedule, sdxl=is_sdxl(self.pipe), shape=shape)
+        return keeping_estimates(make_scheduler(self._base_scheduler_config, sampler_name, schedule,
+                                                sdxl=is_sdxl(self.pipe), shape=shape))
 
     def sigma_table(self) -> np.ndarray:
         """The loaded model's sigma at each training timestep, smallest first."""
@@ -962,7 +971,7 @@ class Engine:
             nonlocal phase
             step = sampler_steps_done(call + 1, pipeline.num_timesteps, steps)
             latents = run.after_step(pipeline, call, tensors["latents"])
-            run.step(done_before + step, latents)
+            run.step(done_before + step, latents, denoised_estimate(pipeline.scheduler))
             changed = {} if latents is tensors["latents"] else {"latents": latents}
             switching = refiner_call == call + 1
             if switching:

@@ -7,9 +7,14 @@
   `taesdxl_decoder.pth` for SDXL, fetched on first use as A1111 does), near Full's look at a fraction of its cost.
   Where it cannot be had, Approx cheap's preview is shown and the log says why, once.
 A1111's Approx NN (a small network of its own) is read as Approx cheap.
+
+What is shown is where the run is heading (A1111's default preview subject): each step's estimate of the finished
+latents, as the sampler works it out, rather than the noisy latents it goes on with; PLMS, which keeps none, shows
+those.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 import threading
@@ -128,3 +133,31 @@ def _diffusers_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             raise ValueError(f"{key!r} is no TAESD decoder key")
         renamed[f"layers.{int(index) - 1}.{rest}"] = value
     return renamed
+
+
+def keeping_estimates(scheduler):
+    """The scheduler, made to keep each step's estimate of the finished latents for denoised_estimate (its step's
+    pred_original_sample, which the pipeline itself drops)."""
+    step = scheduler.step
+
+    @functools.wraps(step)  # the pipeline reads the step's signature to know what it takes
+    def step_keeping_the_estimate(*args, **kwargs):
+        out = step(*args, **kwargs)
+        scheduler.denoised_estimate = out[1] if isinstance(out, tuple) and len(out) > 1 else getattr(
+            out, "pred_original_sample", None)
+        return out
+
+    scheduler.step = step_keeping_the_estimate
+    return scheduler
+
+
+def denoised_estimate(scheduler) -> torch.Tensor | None:
+    """The last step's estimate of the finished latents, where the scheduler has one: kept by keeping_estimates, or
+    the last model output of a multistep solver that converts them into such estimates (DPM++, UniPC)."""
+    estimate = getattr(scheduler, "denoised_estimate", None)
+    if estimate is not None:
+        return estimate
+    config = scheduler.config
+    predicts_x0 = config.get("algorithm_type") in ("dpmsolver++", "sde-dpmsolver++") or config.get("predict_x0")
+    outputs = getattr(scheduler, "model_outputs", None)
+    return outputs[-1] if predicts_x0 and outputs else None
