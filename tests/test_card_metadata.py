@@ -30,6 +30,17 @@ def test_a_spoilt_file_reads_as_none_with_a_log_line(tmp_path, caplog, text):
     assert "ink.json is not read" in caplog.text
 
 
+def test_a_long_text_is_read_whole_and_a_linked_file_stays_a_link(tmp_path):
+    lora = tmp_path / "ink.pt"
+    target = tmp_path / "shared" / "ink.json"
+    target.parent.mkdir()
+    target.write_text(json.dumps({"notes": "n" * (MAX_TEXT_CHARS + 5)}))
+    metadata_path(lora).symlink_to(target)
+    assert len(read_metadata(lora).notes) == MAX_TEXT_CHARS + 5  # never cut short, so never saved back cut
+    write_metadata(lora, CardMetadata(description="linked"))
+    assert metadata_path(lora).is_symlink() and json.loads(target.read_text())["description"] == "linked"
+
+
 def test_a_value_that_does_not_read_is_left_out_alone(tmp_path):
     lora = tmp_path / "ink.pt"
     metadata_path(lora).write_text(json.dumps({"activation text": 12, "preferred weight": "heavy"}))
@@ -51,7 +62,7 @@ def test_writing_keeps_the_keys_it_does_not_set_and_leaves_no_partial_file(tmp_p
     assert read_metadata(fresh).notes == "é"
 
 
-@pytest.mark.parametrize("metadata, says", [(CardMetadata(preferred_weight=11), "Preferred weight: 11"),
+@pytest.mark.parametrize("metadata, says", [(CardMetadata(preferred_weight=101), "Preferred weight: 101"),
                                             (CardMetadata(preferred_weight=float("nan")), "Preferred weight: nan"),
                                             (CardMetadata(notes="x" * (MAX_TEXT_CHARS + 1)), "Notes: ")])
 def test_what_cannot_be_saved_is_refused_saying_what_to_fix_and_nothing_is_written(tmp_path, metadata, says):

@@ -117,15 +117,21 @@ def test_a_loras_metadata_gives_a_click_its_weight_and_texts_and_the_editor_save
     assert actions.lora_card_picked(prompt, negative, 1.0, "", click)[:2] == (prompt, negative)  # nothing twice
     assert actions.lora_card_picked("", "", 1.0, "", click)[:2] == ("<lora:ink:0.6> ink drawing, hatching", "colour")
 
-    assert actions.lora_metadata("ink") == ("pen and ink", "ink drawing, hatching", 0.6, "colour", "")
-    assert actions.lora_metadata(None) == ("", "", 0.0, "", "")
+    assert actions.lora_metadata("ink") == ("pen and ink", "ink drawing, hatching", 0.6, "colour", "", "ink")
+    assert actions.lora_metadata(None) == ("", "", 0.0, "", "", None)
     actions.save_lora_metadata("ink", "pen and ink", "ink style", None, "", "from a friend")  # weight box emptied
     saved = json.loads((tmp_path / "ink.json").read_text())
     assert saved == {"description": "pen and ink", "activation text": "ink style", "preferred weight": 0.0,
                      "negative text": "", "notes": "from a friend", "sd version": "SD1", "some extension": [1, 2]}
     assert actions.lora_card_picked("a cat", "", 0.3, "", click)[:2] == ("a cat <lora:ink:0.3> ink style", "")
+    # a trigger word that is the LoRA's own name, or that another word holds, is still put in
+    actions.save_lora_metadata("ink", "", "ink", 0, "blur", "")
+    assert actions.lora_card_picked("pink sky", "blurry", 1, "", click)[:2] == ("pink sky <lora:ink:1> ink",
+                                                                             "blurry, blur")
+    assert actions.lora_card_picked("INK, sky", "blur", 1, "", click)[:2] == ("INK, sky <lora:ink:1>", "blur")
+    actions.save_lora_metadata("ink", "pen and ink", "ink style", 0, "", "from a friend")
     with pytest.raises(gr.Error, match="out of range"):
-        actions.save_lora_metadata("ink", "", "", 50, "", "")
+        actions.save_lora_metadata("ink", "", "", 500, "", "")
     with pytest.raises(gr.Error, match="Pick a LoRA first"):
         actions.save_lora_metadata(None, "", "", 0, "", "")
     with pytest.raises(gr.Error, match="no LoRA named 'gone'"):
@@ -136,8 +142,11 @@ def test_a_loras_metadata_gives_a_click_its_weight_and_texts_and_the_editor_save
     ui = create_ui(card_services)
     editor = [fn for fn in ui.blocks.fns.values() if getattr(fn.fn, "__name__", "") == "lora_metadata"
               and fn.inputs[0].elem_id == "img2img_lora_name"]
-    assert [block.label for block in editor[0].outputs] == ["Description", "Activation text", "Preferred weight",
-                                                            "Negative text", "Notes"]
+    assert [block.label for block in editor[0].outputs[:5]] == ["Description", "Activation text", "Preferred weight",
+                                                                "Negative text", "Notes"]
+    [save] = [fn for fn in ui.blocks.fns.values() if getattr(fn.fn, "__name__", "") == "save_lora_metadata"
+              and fn.inputs[1].elem_id == "img2img_lora_description"]
+    assert save.inputs[0] is editor[0].outputs[5]  # Save writes to the LoRA whose metadata was read
     monkeypatch.setattr(card_services.settings, "share", True)  # shared without a login: visitors may not edit
     shared = GenerationActions(card_services, models=None)
     with pytest.raises(gr.Error, match="off on a server shared"):

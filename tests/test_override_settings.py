@@ -26,6 +26,7 @@ def test_each_setting_with_an_infotext_key_reads_back_from_its_pair():
 
 
 @pytest.mark.parametrize("pair, says", [("Steps: 3", "is none of the settings"),
+                                        ("Clip skip SDXL: yes", "neither True nor False"),
                                         ("Emphasis: Original, Eta: 1", "is none of the settings"),
                                         ("Conditional mask weight: lots", "does not read"),
                                         ("Face restoration: RestoreFormer", "CodeFormer, GFPGAN")])
@@ -37,7 +38,8 @@ def test_a_pair_that_is_no_such_setting_or_does_not_read_is_named(pair, says):
 
 def test_a_paste_lists_what_differs_from_the_settings_tab_on_the_tab_that_reads_it():
     defaults = SavedOptions()
-    pasted = OTHER_VALUES | {"inpainting_mask_weight": defaults.inpainting_mask_weight}  # as the Settings tab: no pair
+    pasted = OTHER_VALUES | {"inpainting_mask_weight": defaults.inpainting_mask_weight,  # as the Settings tab: no pair
+                             "recorded_settings": list(OTHER_VALUES)}
     img2img = override_settings(pasted, defaults, "img2img")
     expected = ["Emphasis: No norm", "Face restoration: GFPGAN", "Clip skip SDXL: True", "Img2img exact steps: True"]
     assert (img2img["choices"], img2img["value"], img2img["visible"]) == (expected, expected, True)
@@ -46,6 +48,9 @@ def test_a_paste_lists_what_differs_from_the_settings_tab_on_the_tab_that_reads_
     # what the Settings tab has now decides: with its emphasis No norm, the paste overrides nothing of it
     assert "Emphasis: No norm" not in override_settings(pasted, defaults.model_copy(update={"emphasis": "No norm"}),
                                                         "txt2img")["value"]
+    # a value the text does not record (one of ours without the key, filled in for the API) is offered as none
+    unrecorded = override_settings(pasted | {"recorded_settings": ["emphasis"]}, defaults, "img2img")
+    assert unrecorded["value"] == ["Emphasis: No norm"]
     nothing = override_settings({"prompt": "x", "emphasis": defaults.emphasis}, defaults, "img2img")
     assert (nothing["value"], nothing["visible"]) == ([], False)  # a paste without any clears and hides the list
     assert "override_settings" in TXT2IMG_FIELDS and "override_settings" in IMG2IMG_FIELDS
@@ -97,6 +102,16 @@ def test_a_pasted_emphasis_shows_in_the_list_and_runs_without_changing_the_setti
     assert ui.txt2img.actions.options.current().emphasis == "Original"  # for the page's runs only
     again = dict(zip(TXT2IMG_FIELDS, page_event(ui, "paste_into_txt2img")(plain, Session())[:-1]))
     assert again["override_settings"]["value"] == [] and again["override_settings"]["visible"] is False
+    # Our picture without the img2img-only key says nothing of the setting: with it on, a send offers no override
+    ui.img2img.actions.options.update({"img2img_fix_steps": True, "sdxl_clip_l_skip": True})
+    try:
+        sent = dict(zip(IMG2IMG_FIELDS, page_event(ui, "paste_into_img2img")(plain, Session())[:-1]))
+        assert sent["override_settings"]["value"] == []
+        recorded = plain.replace(", Version", ", Img2img exact steps: False, Version")  # as another tool may write it
+        sent = dict(zip(IMG2IMG_FIELDS, page_event(ui, "paste_into_img2img")(recorded, Session())[:-1]))
+        assert sent["override_settings"]["value"] == ["Img2img exact steps: False"]
+    finally:
+        ui.img2img.actions.options.update({"img2img_fix_steps": False, "sdxl_clip_l_skip": False})
 
 
 def test_a_pair_that_does_not_read_stops_the_run_with_what_to_fix(ui, services):

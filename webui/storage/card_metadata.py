@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,8 @@ from webui.storage.outputs import write_text_file
 
 log = logging.getLogger(__name__)
 
-MAX_TEXT_CHARS = 10_000  # a note, not a book: longer is refused, so a file stays quick to read at each click
-MAX_WEIGHT = 10.0  # as far as a <lora:...> tag's weight is read
+MAX_TEXT_CHARS = 10_000  # a note, not a book: a longer one is refused when saved (a file's own is read whole)
+MAX_WEIGHT = 100.0  # far past any useful LoRA weight
 MAX_FILE_BYTES = 1 << 20
 # field -> A1111's key
 KEYS = {"description": "description", "activation_text": "activation text", "preferred_weight": "preferred weight",
@@ -55,7 +56,8 @@ def metadata_path(model_file: Path) -> Path:
 
 def read_metadata(model_file: Path) -> CardMetadata:
     """The file's metadata; none (the defaults) when there is no such file or it cannot be read, with a log line
-    saying why for a file that is there, since a card must still work."""
+    saying why for a file that is there, since a card must still work. A value that does not read (a weight that is
+    no number) is left out alone."""
     data = _read_object(metadata_path(model_file))
     fields = {}
     for name, key in KEYS.items():
@@ -63,7 +65,7 @@ def read_metadata(model_file: Path) -> CardMetadata:
         if name == "preferred_weight":
             value = _weight(value)
         elif value is not None:
-            value = str(value)[:MAX_TEXT_CHARS]
+            value = str(value)
         if value is not None:
             fields[name] = value
     return CardMetadata(**fields)
@@ -75,7 +77,7 @@ def write_metadata(model_file: Path, metadata: CardMetadata) -> Path:
     problem = metadata.problem()
     if problem:
         raise ValueError(problem)
-    path = metadata_path(model_file)
+    path = Path(os.path.realpath(metadata_path(model_file)))  # a linked file stays a link: its target is written
     data = _read_object(path, strict=True) | {KEYS[name]: value for name, value in asdict(metadata).items()}
     write_text_file(path, json.dumps(data, indent=4, ensure_ascii=False))
     return path

@@ -33,6 +33,14 @@ _SPACES = re.compile(r"\s*")
 # The value is a JSON string followed by a comma or the end, or else everything up to the next comma.
 _VALUE = re.compile(r'\s*("(?:\\.|[^\\"])*"(?=,|$)|[^,]*),?')
 
+def _flag(value: str) -> bool:
+    """A True or False as A1111 writes them (any case); ValueError for anything else, which a paste then skips."""
+    word = value.strip().lower()
+    if word not in ("true", "false"):
+        raise ValueError(f"{value.strip()[:20]!r} is neither True nor False")
+    return word == "true"
+
+
 # Infotext key -> GenerationRequest field, for the keys that map one to one ("model_hash" is no request
 # field: it finds the model when its name does not).
 _REQUEST_FIELDS = {
@@ -54,8 +62,8 @@ _REQUEST_FIELDS = {
     "Hires negative prompt": ("hr_negative_prompt", str),
     "Hires checkpoint": ("hr_checkpoint_name", str),  # its title, "name [short hash]", as the refiner's
     "Clip skip": ("clip_skip", int),
-    "Clip skip SDXL": ("sdxl_clip_l_skip", lambda value: value.strip().lower() == "true"),
-    "Img2img exact steps": ("img2img_fix_steps", lambda value: value.strip().lower() == "true"),
+    "Clip skip SDXL": ("sdxl_clip_l_skip", _flag),
+    "Img2img exact steps": ("img2img_fix_steps", _flag),
     "Batch size": ("batch_size", int),
     "Model": ("model", str),
     "X Type": ("x_type", str), "X Values": ("x_values", str),
@@ -64,14 +72,14 @@ _REQUEST_FIELDS = {
     # the seeds a plot picked for its -1s: pasted instead of the -1s, so the grid is made again
     "Fixed X Values": ("x_values", str), "Fixed Y Values": ("y_values", str), "Fixed Z Values": ("z_values", str),
     "VAE": ("sd_vae", str),
-    "Tiling": ("tiling", lambda value: value.strip().lower() == "true"),
+    "Tiling": ("tiling", _flag),
     "Face restoration": ("face_restoration_model", known_restorer),  # and restore_faces: the key is there
-    "Color correction": ("color_correction", lambda value: value.strip().lower() == "true"),
+    "Color correction": ("color_correction", _flag),
     "Refiner": ("refiner_checkpoint", str),  # its title, "name [short hash]", which finds it as a model name does
     "Refiner switch at": ("refiner_switch_at", float),
     "Skip Early CFG": ("skip_early_cond", float),
     "NGMS": ("s_min_uncond", float),
-    "NGMS all steps": ("s_min_uncond_all", lambda value: value.strip().lower() == "true"),
+    "NGMS all steps": ("s_min_uncond_all", _flag),
     "Noise multiplier": ("initial_noise_multiplier", float),
     "Image CFG scale": ("image_cfg_scale", float),
     "Conditional mask weight": ("inpainting_mask_weight", float),
@@ -205,7 +213,10 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     since a PNG from another tool may carry keys in formats we never wrote.
     """
     prompt, negative, params = parse_infotext(text)
-    fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
+    # The Settings-tab options the text itself records (the page offers only these as Override settings, as A1111;
+    # those of ours it leaves out are filled in below for the API's paste, and are no record)
+    fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative,
+                              "recorded_settings": [name for name, key in SETTING_KEYS.items() if key in params]}
     if params:
         # "Clip skip: 1" and "Batch size: 1" are left out when written (as A1111 does), so a parameters line
         # without them means 1; A1111's paste resets the Clip skip slider the same way. A single image sent

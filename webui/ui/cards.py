@@ -8,6 +8,7 @@ costs one read each, not one per page load.
 """
 from __future__ import annotations
 
+import re
 import textwrap
 import threading
 from dataclasses import replace
@@ -128,11 +129,18 @@ def with_card_texts(prompt: str, negative: str, metadata: CardMetadata) -> tuple
     """The prompts with a clicked card's activation text after the prompt's end and its negative text at the negative
     prompt's end, as A1111's card click puts them; either left out where the prompt holds it already."""
     activation, negative_text = metadata.activation_text.strip(), metadata.negative_text.strip()
-    if activation and activation not in prompt:
+    if activation and not _holds(prompt, activation):
         prompt = f"{prompt.rstrip()} {activation}".lstrip()
-    if negative_text and negative_text not in (negative or ""):
+    if negative_text and not _holds(negative or "", negative_text):
         negative = f"{negative.rstrip().rstrip(',')}, {negative_text}" if (negative or "").strip() else negative_text
     return prompt, negative
+
+
+def _holds(prompt: str, words: str) -> bool:
+    """Whether the prompt's text has the words as words (not "ink" inside "pink"), outside its <...> tags (a trigger
+    word that is also the LoRA's name is not in the prompt for its tag)."""
+    text = re.sub(r"<[^<>]*>", " ", prompt)
+    return re.search(rf"(?<!\w){re.escape(words)}(?!\w)", text, flags=re.IGNORECASE) is not None
 
 
 def metadata_editor(elem_id: str, editable: bool) -> tuple[dict[str, gr.components.Component], gr.Button]:

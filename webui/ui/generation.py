@@ -550,8 +550,9 @@ class GenerationActions(SeveralRuns):
         return *with_card_texts(prompt, negative or "", metadata), name
 
     def lora_metadata(self, name: str | None) -> tuple:
-        """The Metadata editor's values for the LoRA picked (empty with none picked)."""
-        return metadata_values(read_metadata(self._lora_path(name)) if name else CardMetadata())
+        """The Metadata editor's values for the LoRA picked (empty with none picked), then its name: what Save writes
+        to (the list may have moved on to another LoRA while these were read)."""
+        return *metadata_values(read_metadata(self._lora_path(name)) if name else CardMetadata()), name
 
     def save_lora_metadata(self, name: str | None, *values: Any) -> None:
         """The Metadata editor's values into the picked LoRA's <name>.json (the keys it does not show kept)."""
@@ -1138,9 +1139,10 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                        show_progress="hidden", trigger_mode="always_last")
     lora_cards.select(actions.lora_card_picked, inputs=[prompt, negative, lora_weight, lora_search],
                       outputs=[prompt, negative, lora_name], api_visibility="private", show_progress="hidden")
-    lora_name.change(actions.lora_metadata, inputs=[lora_name], outputs=list(lora_metadata.values()),
+    metadata_of = gr.State(None)  # the LoRA whose metadata the editor holds
+    lora_name.change(actions.lora_metadata, inputs=[lora_name], outputs=[*lora_metadata.values(), metadata_of],
                      api_visibility="private", show_progress="hidden")
-    lora_metadata_save.click(actions.save_lora_metadata, inputs=[lora_name, *lora_metadata.values()], outputs=[],
+    lora_metadata_save.click(actions.save_lora_metadata, inputs=[metadata_of, *lora_metadata.values()], outputs=[],
                              api_visibility="private", show_progress="hidden")
     lora_add.click(actions.add_lora, inputs=[prompt, lora_name, lora_weight], outputs=[prompt],
                    **_api(kind, "add_lora"), show_progress="hidden")

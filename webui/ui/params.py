@@ -130,14 +130,16 @@ def fields_from_history(image: HistoryImage) -> dict[str, Any]:
                       "image_cfg_scale", "sd_vae", "script", "refiner_checkpoint", "refiner_switch_at",
                       "token_merging_ratio",
                       *HIRES_FIELDS,
-                      *INPAINTING_FIELDS, *CONTROLNET_FIELDS, *SAMPLER_FIELDS, *SETTING_KEYS)}
+                      *INPAINTING_FIELDS, *CONTROLNET_FIELDS, *SAMPLER_FIELDS, *SETTING_KEYS, "recorded_settings")}
 
 
 def override_settings(fields: dict[str, Any], current: SavedOptions, kind: str) -> dict:
-    """The tab's Override settings after a paste (A1111's): the pasted settings the Settings tab has otherwise
-    now, each as its infotext pair, all picked; hidden when there are none."""
+    """The tab's Override settings after a paste (A1111's): the settings the pasted infotext records (its
+    recorded_settings) where the Settings tab has them otherwise now, each as its infotext pair, all picked; hidden
+    when there are none."""
+    recorded = fields.get("recorded_settings") or ()
     pairs = [setting_pair(name, fields[name]) for name in TAB_SETTINGS[kind]
-             if fields.get(name) is not None and fields[name] != getattr(current, name)]
+             if name in recorded and fields.get(name) is not None and fields[name] != getattr(current, name)]
     return gr.update(choices=pairs, value=pairs, visible=bool(pairs))
 
 
