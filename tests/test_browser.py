@@ -35,8 +35,10 @@ WAIT_MS = 60_000  # generous: the first run warms the model up on a busy CPU
 def app_server(models_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser")
     outdir = folder / "outputs"
-    server = AppServer(["--ckpt-dir", str(models_dir), "--ckpt", TINY, "--outdir", str(outdir), "--preview-every", "2"],
-                       log_path=folder / "app.log")
+    sound = folder / "notification.mp3"  # any bytes: the page's test counts plays, it never decodes them
+    sound.write_bytes(b"ID3" + bytes(64))
+    server = AppServer(["--ckpt-dir", str(models_dir), "--ckpt", TINY, "--outdir", str(outdir), "--preview-every", "2",
+                        "--notification-audio", str(sound)], log_path=folder / "app.log")
     server.outdir = outdir
     print(f"\napp.py served its page {server.startup_seconds:.1f} s after start")
     yield server
@@ -225,6 +227,43 @@ def test_generate_forever_runs_again_until_interrupt_or_an_error(page, app_serve
     playwright_api.expect(page.locator("#txt2img_generate")).not_to_have_class(re.compile("dw-forever"))
     page.click("#txt2img_generate", button="right")
     playwright_api.expect(page.locator("#txt2img_generate_forever")).to_have_text("Generate forever")
+
+
+def test_a_finished_run_plays_the_sound_and_a_page_in_the_background_shows_a_notification(browser, app_server):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    # The browser's sound and notifications, counted instead of made; the page as one in the background.
+    context.add_init_script("""
+        window.plays = [];
+        HTMLMediaElement.prototype.play = function () { window.plays.push(this.src); return Promise.resolve(); };
+        window.notices = [];
+        window.Notification = class {
+            static permission = "granted";
+            static requestPermission() { return Promise.resolve("granted"); }
+            constructor(title, options) { window.notices.push([title, options.body, options.icon]); }
+        };
+        document.hasFocus = () => false;
+    """)
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    try:
+        page.goto(app_server.url, wait_until="domcontentloaded")
+        page.wait_for_selector("#txt2img_prompt textarea")
+        page.locator("#txt2img_prompt textarea").fill("a bell")
+        set_number(page, "txt2img_steps", 2)
+        page.click("#txt2img_generate")
+        page.wait_for_function("window.notices.length > 0")
+        title, body, icon = page.evaluate("window.notices[0]")
+        assert (title, body) == ("diffusers-webui", "txt2img: 1 picture made") and "/gradio_api/file=" in icon
+        played = page.evaluate("window.plays")
+        assert played and all(url.endswith("/notification.mp3") and "/gradio_api/file=" in url for url in played)
+        assert page.request.get(played[0]).body() == b"ID3" + bytes(64)  # the server's file, as the page fetches it
+        page.locator("#txt2img_prompt textarea").fill("x" * 2001)  # refused: the page says so, no notification
+        page.click("#txt2img_generate")
+        expect_text(page, "#txt2img_progress", "at most 2000")
+        page.wait_for_timeout(1500)
+        assert page.evaluate("window.notices.length") == 1 and page.evaluate("window.plays.length") == len(played)
+    finally:
+        context.close()
 
 
 def test_a_reloaded_tab_follows_its_running_job_and_can_interrupt_it(page, app_server):

@@ -26,7 +26,7 @@ from gradio.state_holder import SessionState
 
 from tests.conftest import TINY
 from tests.tiny_sd import TEXT_LAYERS as TINY_TEXT_LAYERS
-from webui.config import Settings
+from webui.config import Settings, parse_settings
 from webui.engine.samplers import get_sampler
 from webui.schemas import JobState
 from webui.services import build_services
@@ -1286,3 +1286,17 @@ def test_a_shared_server_without_a_login_offers_no_style_editing(tmp_path):
         assert not services.settings.styles_path.exists()
     finally:
         services.close()
+
+
+def test_the_notification_sound_is_a1111s_file_beside_app_py_where_there_is_one(tmp_path):
+    from webui.config import PROJECT_ROOT
+    from webui.ui.blocks import notification_sound
+
+    assert parse_settings([]).notification_audio == PROJECT_ROOT / "notification.mp3"
+    assert parse_settings(["--notification-audio", str(tmp_path / "bell.mp3")]).notification_audio == \
+        tmp_path / "bell.mp3"
+    with gr.Blocks():
+        assert notification_sound(tmp_path / "bell.mp3") is None and notification_sound(None) is None  # no file: none
+        (tmp_path / "bell.mp3").write_bytes(b"ID3")
+        sound = notification_sound(tmp_path / "bell.mp3")
+    assert (sound.elem_id, sound.visible) == ("audio_notification", "hidden")

@@ -36,6 +36,7 @@ from webui.engine.models import (  # A1111's folder names
 from webui.zerogpu import zerogpu_requested
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+NOTIFICATION_AUDIO = "notification.mp3"  # A1111's name: put one beside app.py, and the page plays it after each run
 DEFAULT_MODELS_DIR = PROJECT_ROOT / "models"
 DEFAULT_OUTPUTS_DIR = PROJECT_ROOT / "outputs"
 DEFAULT_MODEL_NAME = "sd-emoji-tiny"
@@ -141,6 +142,7 @@ class Settings:
     compile: bool | None = None  # None: on for a CUDA GPU where safe (fast_path.compile_choice)
     queue_size: int = 64
     preview_every: int = 5
+    notification_audio: Path | None = None  # played by the page when a run ends, where the file exists
 
     @property
     def lora_folder(self) -> Path:
@@ -364,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--hide-ui-dir-config", action="store_true",
                        help="no server folders in the page: img2img Batch takes uploads only (as A1111's; also so "
                             "wherever the page is served to other machines without --gradio-auth)")
+    files.add_argument("--notification-audio", type=_user_path, default=PROJECT_ROOT / NOTIFICATION_AUDIO,
+                       help=f"a sound the page plays when a run ends, where the file exists (default: A1111's "
+                            f"{NOTIFICATION_AUDIO} beside app.py)")
     files.add_argument("--outdir", type=_user_path, default=DEFAULT_OUTPUTS_DIR,
                        help="where images and the history database are written (env: WEBUI_OUTDIR; "
                             "on a Space with persistent storage: /data/outputs)")

@@ -90,6 +90,7 @@ def create_ui(services: Services) -> WebUI:
                 train = build_train_tab(services)
             with gr.Tab("Settings", id="settings", elem_id="tab_settings") as settings_tab:
                 settings = build_settings(services.options, services.settings.open_to_anyone)
+        notification_sound(services.settings.notification_audio)
         # Shown afresh when opened: another user or an API client may have changed them.
         settings_tab.select(settings.actions.shown, None, settings.inputs, api_visibility="private",
                             show_progress="hidden")
@@ -285,6 +286,14 @@ def _wire_page_load(ui: WebUI) -> None:
     # The tab's token survives a reload (sessionStorage, one per tab); filling it in resumes the tab's job.
     ui.blocks.load(None, outputs=[*(tab.tab_token for tab in ui.generation_tabs), ui.train.tab_token], js=TAB_TOKEN_JS,
                    **private)
+
+
+def notification_sound(path: Path | None) -> gr.Audio | None:
+    """A1111's notification.mp3: in the page, out of sight, where the file exists; webui.js plays it when a run ends."""
+    if path is None or not path.is_file():
+        return None
+    return gr.Audio(str(path), visible="hidden", interactive=False, elem_id="audio_notification",
+                    show_label=False, buttons=[])
 
 
 def launch_assets() -> dict:

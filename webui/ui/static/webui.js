@@ -81,3 +81,46 @@ setInterval(() => {
     button.click();
   }
 }, 500);
+
+// A1111's notifications: when a tab's run ends with pictures, notification.mp3 plays (where the server has one), and
+// when the page is not in front the browser shows a notification too (the permission is asked at the first Generate).
+const runningTabs = {};  // tab -> true while its Generate is greyed out
+
+document.addEventListener("click", (event) => {
+  const button = event.target && event.target.closest && event.target.closest("#txt2img_generate, #img2img_generate");
+  if (button && "Notification" in window && Notification.permission === "default") Notification.requestPermission();
+});
+
+function notificationSound() {
+  // The file the page's hidden #audio_notification holds, read from the page's config rather than from Gradio's
+  // player, whose inner elements change between versions.
+  const components = (window.gradio_config && window.gradio_config.components) || [];
+  const holder = components.find((c) => c.props && c.props.elem_id === "audio_notification");
+  const url = holder && holder.props.value && holder.props.value.url;
+  return url ? new Audio(url) : null;
+}
+
+function notifyRunEnded(tab) {
+  if (document.querySelector("#" + tab + "_progress .dw-error")) return;  // an error says so on the page
+  const pictures = new Set(Array.from(document.querySelectorAll("#" + tab + "_gallery img"), (img) => img.src));
+  if (!pictures.size) return;
+  const sound = notificationSound();
+  if (sound) sound.play().catch(() => {});  // a browser may refuse sound before the user has clicked the page
+  if (document.hasFocus() || !("Notification" in window) || Notification.permission !== "granted") return;
+  const first = pictures.values().next().value;
+  const notice = new Notification("diffusers-webui", {
+    body: `${tab}: ${pictures.size} picture${pictures.size > 1 ? "s" : ""} made`, icon: first, image: first});
+  notice.onclick = () => { window.focus(); notice.close(); };
+}
+
+setInterval(() => {
+  for (const tab of ["txt2img", "img2img"]) {
+    const button = document.getElementById(tab + "_generate");
+    if (!button) continue;
+    if (button.disabled) runningTabs[tab] = true;
+    else if (runningTabs[tab]) {
+      delete runningTabs[tab];
+      setTimeout(() => notifyRunEnded(tab), 500);  // the gallery's last pictures land just after Generate is back
+    }
+  }
+}, 250);
