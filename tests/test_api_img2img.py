@@ -293,3 +293,32 @@ def test_a_script_argument_of_infinity_is_refused_not_a_server_error(client):
     body = body[:-1] + ', "script_args": [null, Infinity, 1, 2]}'  # Python's JSON reader takes Infinity
     r = client.post("/sdapi/v1/img2img", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422 and "script_args[1] (tile overlap): expected a number" in r.json()["detail"], r.text
+
+
+def damaged_exif_jpeg(image: Image.Image) -> bytes:
+    """A JPEG whose first segment is an EXIF block that is not one (PIL reports it as a SyntaxError)."""
+    out = io.BytesIO()
+    image.save(out, format="JPEG")
+    return b"\xff\xd8" + b"\xff\xe1\x00\x10Exif\x00\x00" + b"\xff" * 8 + out.getvalue()[2:]
+
+
+def test_a_picture_whose_exif_cannot_be_read_is_used_as_it_is(client):
+    from webui.engine.img2img import as_rgb, upright_size
+
+    raw = damaged_exif_jpeg(picture(8))
+    with Image.open(io.BytesIO(raw)) as opened:
+        assert as_rgb(opened).size == (64, 64) and upright_size(opened) == (64, 64)
+    data = base64.b64encode(raw).decode()
+    body = {"prompt": "x", "steps": 2, "seed": 1, "denoising_strength": 0.5, "init_images": [data], "mask": data}
+    answer = client.post("/sdapi/v1/img2img", json=body)
+    assert answer.status_code == 200, answer.text
+    assert png(answer.json()["images"][0]).size == (64, 64)
+
+
+def test_a_picture_too_large_to_open_is_refused_as_too_large(client):
+    header = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(header, format="PNG")  # small as a file, 400 megapixels as a picture
+    answer = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2,
+                                                    "init_images": [base64.b64encode(header.getvalue()).decode()]})
+    assert answer.status_code == 422 and "init_images[0]: the picture is too large to read" in answer.text
+    assert "at most 4096x4096" in answer.text

@@ -71,6 +71,9 @@ def test_step_callback_sees_every_step_and_can_stop_the_run(engine):
         pass
 
     def on_step(step, total, latents):
+        if step == 0:  # no step ended: a chance to stop (between encodes, inside a model call)
+            assert latents is None
+            return
         seen.append((step, total, tuple(latents.shape)))
         if step == 2:
             raise Stop
@@ -78,6 +81,30 @@ def test_step_callback_sees_every_step_and_can_stop_the_run(engine):
     with pytest.raises(Stop):
         engine.generate(GenerationRequest(prompt="x", steps=5), [1], on_step)
     assert seen == [(1, 5, (1, 4, 32, 32)), (2, 5, (1, 4, 32, 32))]
+
+
+def test_a_stop_is_heard_inside_a_model_call(engine):
+    """On a CPU one model call at a large size takes minutes: Interrupt must not wait for it to end."""
+    from webui.engine.generate import DenoisingStopped
+
+    unet = engine.pipe.unet
+    started, finished = [], []
+    handles = [unet.conv_in.register_forward_pre_hook(lambda module, args: started.append(1)),
+               unet.register_forward_hook(lambda module, args, output: finished.append(1))]
+
+    def on_step(step, total, latents):
+        if started:  # the first model call has begun
+            raise DenoisingStopped
+
+    try:
+        with pytest.raises(DenoisingStopped):
+            engine.generate(GenerationRequest(prompt="x", steps=3), [1], on_step)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert started and not finished  # stopped before the call ended
+    assert not unet.down_blocks[0]._forward_pre_hooks  # the checks come off with the run
+    assert len(engine.generate(GenerationRequest(prompt="x", steps=2), [1])) == 1  # the next run goes on
 
 
 def test_nan_from_a_half_precision_vae_is_decoded_again_in_fp32(engine, monkeypatch):

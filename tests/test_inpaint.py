@@ -166,7 +166,7 @@ def test_the_picture_outside_the_mask_stays_and_the_latents_end_as_the_pictures_
     picture = noise_picture(4)
     mask = square_mask(box=(0, 0, 32, 64))  # the left half
     reported, previews = reported_steps(monkeypatch), []
-    result = inpaint(engine, picture, mask, on_step=lambda step, total, latents: previews.append(latents.clone()),
+    result = inpaint(engine, picture, mask, on_step=lambda step, total, latents: latents is not None and previews.append(latents.clone()),
                      mask_blur=0, denoising_strength=0.5)[0]
     steps = [latents for latents, _ in reported]
     assert (result[:, 32:] == pixels(picture)[:, 32:]).all()

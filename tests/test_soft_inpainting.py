@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.conftest import TINY
-from tests.helpers import noise_picture, running_services, wait_for
+from tests.helpers import noise_picture, reported_steps, running_services, wait_for
 from tests.test_ui import event, uploaded
 from webui.api import create_api_app
 from webui.engine.img2img import image_sha1
@@ -206,12 +206,12 @@ def inpaint(engine, picture, mask, on_step=None, **fields) -> np.ndarray:
     return pixels(engine.generate(request, [5], on_step, init_image=start, inpainting=inpainting)[0].image)
 
 
-def test_soft_inpainting_draws_otherwise_and_keeps_the_picture_away_from_the_mask(engine):
+def test_soft_inpainting_draws_otherwise_and_keeps_the_picture_away_from_the_mask(engine, monkeypatch):
     picture = noise_picture(4, 128, 64)
     mask = left_mask((128, 64), 32)
-    steps = []
-    soft = inpaint(engine, picture, mask, lambda step, total, latents: steps.append(latents.clone()),
-                   soft_inpainting=True)
+    reported = reported_steps(monkeypatch)
+    soft = inpaint(engine, picture, mask, lambda step, total, latents: None, soft_inpainting=True)
+    steps = [latents for latents, _ in reported]
     hard = inpaint(engine, picture, mask)
     assert np.abs(soft - hard)[:, :64].mean() > 2  # the drawn part and its edge differ
     assert (soft[:, 96:] == pixels(picture)[:, 96:]).all()  # far from the mask: the picture's own pixels

@@ -384,7 +384,7 @@ def test_progress_counts_the_steps_asked_for_whatever_the_model_calls(services, 
     real = services.engine.generate
 
     def record_steps(request, seeds, on_step, subseeds=None, init_image=None, inpainting=None):
-        return real(request, seeds, lambda step, total, latents: seen.append((step, total)) or on_step(step, total, latents),
+        return real(request, seeds, lambda step, total, latents: (step and seen.append((step, total))) or on_step(step, total, latents),
                     subseeds)
 
     monkeypatch.setattr(services.engine, "generate", record_steps)

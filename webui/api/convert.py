@@ -537,7 +537,10 @@ def decode_image(data: str, field: str = "image", pixels_needed: bool = True,
     unreadable = ApiError(422, f"{field}: the base64 data is not an image PIL can read", "InvalidRequest")
     try:
         image = Image.open(io.BytesIO(raw))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError as err:  # its header alone says it is far too large
+        raise ApiError(422, f"{field}: the picture is too large to read ({err}); send one of at most 4096x4096",
+                       "InvalidRequest") from None
+    except (UnidentifiedImageError, OSError, ValueError):
         raise unreadable from None
     try:
         if check_size is not None:

@@ -55,6 +55,7 @@ from webui.engine.single_file import sdxl_refiner_refusal
 from webui.engine.soft_inpainting import SoftInpainting, sigma_of
 from webui.engine.step_options import StepOptions, use_step_options
 from webui.engine.uncond_skip import SkipCalls, UncondSkip, skip_plan, skipping_uncond
+from webui.engine.unet_hooks import stoppable_inside_calls
 from webui.engine.token_merging import merged_tokens
 from webui.schemas import MASKED_CONTENT, MAX_PROMPT_CHARS, GenerationRequest
 
@@ -265,6 +266,8 @@ class _Run:
         return self.masked.start * self.masked.keep + estimate * (1 - self.masked.keep)
 
     def between_encodes(self) -> None:
+        """Let on_step stop the run (Interrupt, Skip) where no step ends: between the prompt's encodes, inside a
+        model call."""
         if self.on_step is not None:
             self.on_step(0, self.total_steps, None)
 
@@ -960,6 +963,7 @@ class Engine:
             hooks.enter_context(bent_attention([pipeline.unet], run.hypernetworks))
             hooks.enter_context(skipping_uncond(pipeline.unet, skips))
             hooks.enter_context(merged_tokens(pipeline.unet, merging))
+            hooks.enter_context(stoppable_inside_calls(pipeline.unet, run.between_encodes))
 
         def scored(pipeline):
             return aesthetic_scores(pipeline, request.sdxl_refiner_high_aesthetic_score,
@@ -996,7 +1000,8 @@ class Engine:
         bent = bent_attention([pipe.unet, *([run.control.network] if run.control else [])], run.hypernetworks)
         with (eager, scoring, composed_guidance(pipe.unet, weights), controlled(pipe.unet, control),
               model_input(pipe.unet, extra),
-              skipping_uncond(pipe.unet, skips), bent, merged_tokens(pipe.unet, merging), hooks):
+              skipping_uncond(pipe.unet, skips), bent, merged_tokens(pipe.unet, merging),
+              stoppable_inside_calls(pipe.unet, run.between_encodes), hooks):
             if refiner_call == 0:  # the pass starts past the switch (img2img, the hires fix)
                 to_refiner(pipe)
             # SDXL's size conditioning is left to the pipeline: original and target size are the pass's (the

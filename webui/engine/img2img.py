@@ -29,10 +29,26 @@ def check_picture_size(width: int, height: int) -> None:
                          f"most {MAX_PICTURE_PIXELS / 1e6:.1f} megapixels (4096x4096), scaled down")
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """The picture turned as its EXIF orientation says; as it is where its EXIF cannot be read (a damaged block:
+    the pixels still can be)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (SyntaxError, OSError, ValueError):  # PIL reports a damaged EXIF block as a SyntaxError
+        return image
+
+
+def _orientation(image: Image.Image) -> int | None:
+    try:
+        return image.getexif().get(ORIENTATION)
+    except (SyntaxError, OSError, ValueError):
+        return None
+
+
 def as_rgb(image: Image.Image) -> Image.Image:
     """The picture as RGB, a transparent part on white (as a browser shows it), turned as its EXIF says; a
     16-bit grey one scaled to 8 bits (PIL's convert would clip it to white)."""
-    image = ImageOps.exif_transpose(image)
+    image = upright(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         image = image.convert("I")
         if image.getextrema()[1] > 255:
@@ -85,7 +101,7 @@ def scaled_size(image: Image.Image, scale: float) -> tuple[int, int]:
 def upright_size(image: Image.Image) -> tuple[int, int]:
     """The picture's size as it is shown: an EXIF orientation of 5 to 8 turns it a quarter (as_rgb turns it)."""
     width, height = image.size
-    return (height, width) if image.getexif().get(ORIENTATION) in (5, 6, 7, 8) else (width, height)
+    return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
 
 
 def _side(length: float) -> int:

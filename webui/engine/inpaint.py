@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from webui.engine.img2img import RESAMPLE, as_rgb, fit_image, size_from_image
+from webui.engine.img2img import RESAMPLE, as_rgb, fit_image, size_from_image, upright
 from webui.schemas import MASKED_CONTENT, GenerationRequest
 
 # "Only masked" with no size given: the part is drawn this large on its longer side (SD 1.x's own size).
@@ -61,7 +61,7 @@ class Inpainting:
 def read_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     """A mask picture -> "L", white where to draw, at `size` (the picture's): a picture with transparency is
     read by its alpha (a painted layer), any other by its brightness; rounded to black and white at half."""
-    mask = ImageOps.exif_transpose(mask)
+    mask = upright(mask)
     grey = None
     if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
         alpha = mask.convert("RGBA").getchannel("A")

@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image, ImageDraw, ImageOps
 
+from webui.engine.img2img import upright
 from webui.engine.models import file_stamp
 from webui.storage.card_metadata import MAX_WEIGHT, CardMetadata
 
@@ -71,7 +72,7 @@ def _thumbnail(preview: Path) -> Image.Image | None:
     try:
         with Image.open(preview) as opened:
             opened.draft("RGB", (CARD_SIZE * 2, CARD_SIZE * 2))  # JPEG: decode at a fraction of the size
-            picture = ImageOps.exif_transpose(opened).convert("RGB")
+            picture = upright(opened).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
     return ImageOps.fit(picture, (CARD_SIZE, CARD_SIZE), Image.Resampling.LANCZOS)
