@@ -19,8 +19,8 @@ from webui.controlnet import (CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RE
                               controlnet_problem)
 from webui.engine.hires import HIRES_UPSCALERS, MAX_SCHEDULE, hires_size, schedule_steps
 from webui.engine.prompts import EMPHASIS_MODES
-from webui.engine.samplers import (BETA_ALPHA, BETA_BETA, ENDS_SCHEDULES, ScheduleShape, get_sampler,
-                                  resolve_sampler)
+from webui.engine.samplers import (BETA_ALPHA, BETA_BETA, ENDS_SCHEDULES, MAX_UNIPC_ORDER, UNIPC_VARIANTS,
+                                  ScheduleShape, UniPCOptions, get_sampler, resolve_sampler)
 from webui.engine.step_options import LIMITS as STEP_LIMITS
 from webui.engine.uncond_skip import MAX_NGMS
 from webui.engine.token_merging import MAX_RATIO as MAX_MERGING_RATIO
@@ -238,6 +238,13 @@ class GenerationRequest(BaseModel):
                              "(0: the model's, ~14.6)")
     rho: float = Field(0.0, ge=0.0, le=MAX_SCHEDULE_RHO, description="Schedule rho: how steeply Karras's noise "
                        "levels fall (0: its own 7; higher falls faster at first)")
+    # A1111's UniPC settings (webui/engine/samplers.py UniPCOptions), read by the UniPC sampler alone
+    uni_pc_variant: Literal[UNIPC_VARIANTS] = Field(UniPCOptions.variant, description="UniPC variant: bh1 or bh2 (A1111's "
+                                                    "vary_coeff is not offered)")
+    uni_pc_order: int = Field(UniPCOptions.order, ge=1, le=MAX_UNIPC_ORDER, description="UniPC order: how many past model outputs "
+                              "each step reads, 1 to 50 (higher: smoother, less stable at few steps)")
+    uni_pc_lower_order_final: bool = Field(UniPCOptions.lower_order_final, description="UniPC lower order final: the last steps read fewer "
+                                           "past outputs (keeps runs of few steps stable)")
     # A1111's Token merging (webui/engine/token_merging.py), its settings here per request as every generation setting.
     token_merging_ratio: float = Field(0.0, ge=0.0, le=MAX_MERGING_RATIO, description="token merging: the part of the "
                                        "tokens merged away before self-attention at the full latent resolution; 0: off "
@@ -519,6 +526,15 @@ class GenerationRequest(BaseModel):
     def schedule_shape(self) -> ScheduleShape:
         """A1111's options that reshape the schedule types (the Beta schedule's alpha and beta, sigma range, rho)."""
         return ScheduleShape(self.beta_dist_alpha, self.beta_dist_beta, self.sigma_min, self.sigma_max, self.rho)
+
+    @property
+    def unipc_options(self) -> UniPCOptions:
+        return UniPCOptions(self.uni_pc_variant, self.uni_pc_order, self.uni_pc_lower_order_final)
+
+    @property
+    def uses_unipc(self) -> bool:
+        """Whether a pass runs UniPC (A1111 writes its settings into the infotext then, where not its defaults)."""
+        return "UniPC" in {self.sampler_name, self.hires_sampler[0] if self.enable_hr else self.sampler_name}
 
     @property
     def pass_schedules(self) -> set[str]:

@@ -50,7 +50,7 @@ from webui.schemas import (INPAINT_AREAS, LATENT_RESIZE, MASK_MODES, MASKED_CONT
                            parse_request)
 from webui.storage.filenames import NameParts
 from webui.storage.history import History
-from webui.storage.infotext import PROGRAM, build_infotext
+from webui.storage.infotext import PROGRAM, UNIPC_INFOTEXT_KEYS, build_infotext
 from webui.storage.outputs import NamedCopy, OutputStore, make_grid
 from webui.sd_upscale import TileLayout, enlarge, tile_layout
 from webui.storage.options import OptionsStore
@@ -978,6 +978,7 @@ class Worker:
             "Beta schedule alpha": request.beta_dist_alpha if request.uses_beta_schedule else None,
             "Beta schedule beta": request.beta_dist_beta if request.uses_beta_schedule else None,
             **_schedule_range_infotext(request),
+            **_unipc_infotext(request),
             "Lora hashes": self.engine.lora_hashes(request),
             "TI hashes": self.engine.ti_hashes(request),
             "NSFW": "blacked out by the safety checker" if result.nsfw else None,
@@ -1303,6 +1304,15 @@ def _hires_infotext(request: GenerationRequest) -> dict[str, Any]:
             "Hires schedule type": (request.hires_sampler[1] if request.hires_sampler[1] != request.scheduler
                                     else None),
             "Hires prompt": request.hr_prompt, "Hires negative prompt": request.hr_negative_prompt}
+
+
+def _unipc_infotext(request: GenerationRequest) -> dict[str, Any]:
+    """A1111's keys for its UniPC settings, where a pass runs UniPC and they are not the defaults."""
+    if not request.uses_unipc:
+        return {}
+    defaults = GenerationRequest.model_fields
+    return {key: getattr(request, name) if getattr(request, name) != defaults[name].default else None
+            for name, key in UNIPC_INFOTEXT_KEYS.items()}
 
 
 def _emphasis_infotext(request: GenerationRequest) -> str | None:

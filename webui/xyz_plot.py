@@ -130,6 +130,7 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Beta schedule beta", "float", _setter("beta_dist_beta")),
     AxisType("RNG source", "text", _setter("randn_source")),  # CPU, NV, or A1111's GPU (read as NV)
     AxisType("Cond. Image Mask Weight", "float", _setter("inpainting_mask_weight"), tab="img2img"),
+    AxisType("UniPC Order", "int", _setter("uni_pc_order")),
 )}
 
 

@@ -29,7 +29,7 @@ from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_n
 from webui.engine.step_options import INFOTEXT_KEYS as STEP_INFOTEXT_KEYS, StepOptions, unfollowed
 from webui.schemas import (SAVE_SETTINGS, GeneratedImage, GenerationRequest, InvalidRequest, a1111_seed_resize,
                            parse_request, vae_choice as read_vae_choice)
-from webui.storage.infotext import PROGRAM, parse_infotext, request_fields_from_infotext
+from webui.storage.infotext import PROGRAM, UNIPC_INFOTEXT_KEYS, parse_infotext, request_fields_from_infotext
 from webui.storage.options import SavedOptions
 from webui.storage.outputs import image_bytes, read_infotext, text_chunks
 from webui.worker import Job
@@ -70,8 +70,10 @@ _OPTION_KEYS = {"s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps", "s
 _OPTION_KEYS |= {name: key for name, key in STEP_INFOTEXT_KEYS.items()} | {"eta_noise_seed_delta": "ENSD"}
 _OPTION_KEYS |= {"beta_dist_alpha": "Beta schedule alpha", "beta_dist_beta": "Beta schedule beta",
                  "sigma_min": "Schedule min sigma", "sigma_max": "Schedule max sigma", "rho": "Schedule rho"}
+_OPTION_KEYS |= UNIPC_INFOTEXT_KEYS
 _OPTION_FIELDS = ("s_min_uncond", "s_min_uncond_all", "skip_early_cond", "img2img_extra_noise", *STEP_INFOTEXT_KEYS,
                   "eta_noise_seed_delta", "beta_dist_alpha", "beta_dist_beta", "sigma_min", "sigma_max", "rho",
+                  *UNIPC_INFOTEXT_KEYS,
                   # an SDXL refiner's aesthetic scores: no infotext key (A1111 writes none)
                   "sdxl_refiner_high_aesthetic_score", "sdxl_refiner_low_aesthetic_score")
 # Options a body field of another name gives: A1111's `eta` is whichever eta the run's sampler reads.

@@ -49,7 +49,7 @@ from webui.engine.prompts import (ORIGINAL, chunk_count, encode_parts, encode_pr
                                   encode_sdxl_parts, token_count)
 from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_call, is_sdxl_refiner, kind_of_entry,
                                   kind_of_pipeline, kind_problem, pass_timesteps, refiner_size_inputs)
-from webui.engine.samplers import ScheduleShape, make_scheduler, model_sigmas
+from webui.engine.samplers import ScheduleShape, UniPCOptions, make_scheduler, model_sigmas
 from webui.engine.sdxl import is_sdxl, sdxl_problem
 from webui.engine.single_file import sdxl_refiner_refusal
 from webui.engine.soft_inpainting import SoftInpainting, sigma_of
@@ -677,7 +677,7 @@ class Engine:
         if not request.refiner_checkpoint or self.registry.find(request.refiner_checkpoint) == self.model.entry:
             return None
         # The timesteps the pass will run, from a scheduler of its own kind (the pass's own is set by diffusers).
-        scheduler = self._scheduler(*sampler, shape=request.schedule_shape)
+        scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options)
         return first_refiner_call(pass_timesteps(scheduler, schedule, steps), request.refiner_switch_at)
 
     def _uncond_skips(self, request: GenerationRequest, steps: int, schedule: int, sampler: tuple[str, str],
@@ -686,7 +686,7 @@ class Engine:
         skip = UncondSkip(request.skip_early_cond, request.s_min_uncond, request.s_min_uncond_all)
         if not skip.active or request.cfg_scale <= 1:
             return None
-        scheduler = self._scheduler(*sampler, shape=request.schedule_shape)
+        scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options)
         plan = skip_plan(skip, pass_timesteps(scheduler, schedule, steps), scheduler.alphas_cumprod,
                          steps * scheduler.order)  # A1111's count: steps x 2 for a second-order sampler
         return SkipCalls(plan, images) if any(plan) else None
@@ -732,11 +732,12 @@ class Engine:
                                    for width, height in whole}
         return keys
 
-    def _scheduler(self, sampler_name: str, schedule: str, shape: ScheduleShape = ScheduleShape()):
+    def _scheduler(self, sampler_name: str, schedule: str, shape: ScheduleShape = ScheduleShape(),
+                   unipc: UniPCOptions = UniPCOptions()):
         """A fresh scheduler of this sampler and schedule type for the loaded model (`shape`: A1111's options that
-        reshape the schedule)."""
+        reshape the schedule; `unipc`: its UniPC settings)."""
         return keeping_estimates(make_scheduler(self._base_scheduler_config, sampler_name, schedule,
-                                                sdxl=is_sdxl(self.pipe), shape=shape))
+                                                sdxl=is_sdxl(self.pipe), shape=shape, unipc=unipc))
 
     def sigma_table(self) -> np.ndarray:
         """The loaded model's sigma at each training timestep, smallest first."""
@@ -929,7 +930,7 @@ class Engine:
         schedule type, its token merging ratio, when not the request's own (the hires fix's)."""
         sampler = sampler or (request.sampler_name, request.scheduler)
         merging = request.token_merging_ratio if merging is None else merging
-        pipe.scheduler = self._scheduler(*sampler, shape=request.schedule_shape)
+        pipe.scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options)
         use_step_options(pipe.scheduler, sampler[0], StepOptions.of(request))
         if run.rng == "NV":
             drawing_from_philox(pipe.scheduler)

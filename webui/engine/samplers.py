@@ -72,8 +72,9 @@ SAMPLERS: tuple[Sampler, ...] = (
     # meant for pixel-space models and ruins latents (A1111's DDIM never clips).
     Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}, aliases=("ddim",), schedules=NO_CUSTOM_SIGMAS),
     Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms", "PNDM"), schedules=NO_CUSTOM_SIGMAS),
-    # A1111's UniPC settings (uni_pc_variant bh1, uni_pc_order 3; diffusers' defaults are bh2 and 2). Its
-    # UniPC ends at the model's smallest sigma, not at 0; diffusers' bh1 step to 0 gives NaN.
+    # A1111's UniPC settings by default (uni_pc_variant bh1, uni_pc_order 3; diffusers' defaults are bh2 and 2; a
+    # request's UniPCOptions set them). Its UniPC ends at the model's smallest sigma, not at 0; diffusers' bh1 step to
+    # 0 gives NaN.
     Sampler("UniPC", "UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3,
                                                  "final_sigmas_type": "sigma_min"}, aliases=("unipc",)),
     # LCM picks its steps from a 50-step schedule (diffusers' original_inference_steps), whatever the
@@ -195,6 +196,22 @@ class ScheduleShape:
         return None
 
 
+UNIPC_VARIANTS = ("bh1", "bh2")  # A1111's UniPC variants diffusers' UniPC has (its vary_coeff it has not)
+MAX_UNIPC_ORDER = 50
+
+
+@dataclass(frozen=True)
+class UniPCOptions:
+    """A1111's UniPC settings: the variant (its B(h) function), the solver's order, and whether the last steps
+    lower it (which keeps few-step runs stable); A1111's defaults."""
+    variant: str = "bh1"
+    order: int = 3
+    lower_order_final: bool = True
+
+    def config(self) -> dict[str, Any]:
+        return {"solver_type": self.variant, "solver_order": self.order, "lower_order_final": self.lower_order_final}
+
+
 # The schedule types worked out from the model's smallest and largest sigma alone (A1111's that take sigma_min and
 # sigma_max); the others read the whole table, and Align Your Steps its own levels.
 ENDS_SCHEDULES = ("Karras", "Exponential", "KL Optimal", "Beta")
@@ -202,15 +219,17 @@ KARRAS_RHO = 7.0
 
 
 def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str = "Automatic", sdxl: bool = False,
-                   shape: ScheduleShape = ScheduleShape()):
+                   shape: ScheduleShape = ScheduleShape(), unipc: UniPCOptions = UniPCOptions()):
     """Build a fresh diffusers scheduler for one run from the model's scheduler config (an SDXL model's: `sdxl`,
-    which Align Your Steps' noise levels depend on; `shape`: A1111's schedule options)."""
+    which Align Your Steps' noise levels depend on; `shape`: A1111's schedule options; `unipc`: UniPC's)."""
     import diffusers
 
     sampler_name, schedule = resolve_sampler(sampler_name, schedule)
     sampler = get_sampler(sampler_name)
     scheduler_class = getattr(diffusers, sampler.scheduler_class)
     options = dict(sampler.options)
+    if sampler.name == "UniPC":
+        options |= unipc.config()
     if sampler.k_diffusion and base_config.get("timestep_spacing") == "leading":
         options["timestep_spacing"] = "linspace"  # from t=999, not t=951 (at 20 steps)
     options.update(SCHEDULE_TYPES[schedule])

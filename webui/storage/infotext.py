@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import astuple
 from typing import Any
 
 from webui.controlnet import controlnet_fields
-from webui.engine.samplers import BETA_ALPHA, BETA_BETA
+from webui.engine.samplers import BETA_ALPHA, BETA_BETA, UniPCOptions
 from webui.engine.soft_inpainting import DEFAULTS as SOFT_DEFAULTS, ENABLED_KEY as SOFT_INPAINTING_ENABLED
 from webui.engine.soft_inpainting import SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS
@@ -98,11 +99,18 @@ _REQUEST_FIELDS = {
     "Schedule min sigma": ("sigma_min", float),
     "Schedule max sigma": ("sigma_max", float),
     "Schedule rho": ("rho", float),
+    "UniPC variant": ("uni_pc_variant", str),
+    "UniPC order": ("uni_pc_order", int),
+    "UniPC lower order final": ("uni_pc_lower_order_final", _flag),
     "Token merging ratio": ("token_merging_ratio", float),
     "Token merging ratio hr": ("token_merging_ratio_hr", float),
 }
 
 PROGRAM = "diffusers-webui"  # how our infotexts' Version begins
+# A1111's UniPC settings, by request field: written where UniPC ran and they are not these defaults
+UNIPC_INFOTEXT_KEYS = {"uni_pc_variant": "UniPC variant", "uni_pc_order": "UniPC order",
+                       "uni_pc_lower_order_final": "UniPC lower order final"}
+UNIPC_DEFAULTS = dict(zip(UNIPC_INFOTEXT_KEYS, astuple(UniPCOptions())))
 
 # The Settings tab's options an infotext records (A1111's settings with an infotext label), by request field: a paste
 # offers those that differ from the Settings tab's in the page's Override settings, for the page's runs only.
@@ -233,6 +241,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         # Written with the Beta schedule only: without them, its defaults (a paste never keeps a stale shape)
         fields["beta_dist_alpha"], fields["beta_dist_beta"] = BETA_ALPHA, BETA_BETA
         fields["sigma_min"] = fields["sigma_max"] = fields["rho"] = 0.0  # likewise left out when the model's own
+        fields |= UNIPC_DEFAULTS  # likewise UniPC's settings
         fields["refiner_checkpoint"] = ""  # A1111 leaves the key out without a refiner: none was used
         # A1111 leaves RNG out for its GPU source (NV here); ours wrote none before it was there, from the CPU
         ours = params.get("Version", "").startswith(PROGRAM)

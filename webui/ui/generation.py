@@ -24,7 +24,8 @@ from PIL import Image
 from webui.engine.hires import HIRES_UPSCALERS, PICTURE_UPSCALERS
 from webui.engine.hypernetworks import HYPERNET_TAG
 from webui.engine.img2img import check_picture_size, size_from_image
-from webui.engine.samplers import BETA_ALPHA, BETA_BETA, SCHEDULE_TYPES, sampler_names
+from webui.engine.samplers import (BETA_ALPHA, BETA_BETA, MAX_UNIPC_ORDER, SCHEDULE_TYPES, UNIPC_VARIANTS, UniPCOptions,
+                                  sampler_names)
 from webui.engine.uncond_skip import MAX_NGMS
 from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS, LIMITS as STEP_LIMITS
 from webui.engine.models import ModelNotFound
@@ -143,8 +144,9 @@ class GenerationActions(SeveralRuns):
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = 0.0, s_noise: float = 1.0,
                  eta_noise_seed_delta: int = 0, beta_dist_alpha: float = BETA_ALPHA,
                  beta_dist_beta: float = BETA_BETA, randn_source: str = SETTINGS_SOURCE, sigma_min: float = 0.0,
-                 sigma_max: float = 0.0, rho: float = 0.0, override_settings: list[str] | None = None
-                 ) -> Iterator[tuple]:
+                 sigma_max: float = 0.0, rho: float = 0.0, uni_pc_variant: str = UniPCOptions.variant,
+                 uni_pc_order: int = UniPCOptions.order, uni_pc_lower_order_final: bool = UniPCOptions.lower_order_final,
+                 override_settings: list[str] | None = None) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -181,6 +183,8 @@ class GenerationActions(SeveralRuns):
             "beta_dist_beta": BETA_BETA if beta_dist_beta is None else beta_dist_beta,
             "randn_source": None if randn_source in (None, SETTINGS_SOURCE) else randn_source,
             "sigma_min": sigma_min or 0.0, "sigma_max": sigma_max or 0.0, "rho": rho or 0.0,  # an emptied box: 0
+            "uni_pc_variant": uni_pc_variant, "uni_pc_order": uni_pc_order,
+            "uni_pc_lower_order_final": bool(uni_pc_lower_order_final),
         }
         if refiner and refiner_checkpoint not in (None, "", NO_REFINER):  # as A1111: ticked with none picked is off
             request |= {"refiner_checkpoint": refiner_checkpoint, "refiner_switch_at": refiner_switch_at}
@@ -838,7 +842,20 @@ def sampler_parameters_section(kind: str) -> dict[str, Any]:
                                              info="and start here (0: the model's)", elem_id=f"{kind}_sigma_max")
             widgets["rho"] = gr.Number(0, minimum=0, maximum=MAX_SCHEDULE_RHO, label="Schedule rho",
                                        info="Karras: higher falls faster at first (0: 7)", elem_id=f"{kind}_rho")
+        widgets |= unipc_widgets(kind)
     return widgets
+
+
+def unipc_widgets(kind: str) -> dict[str, Any]:
+    """A1111's UniPC settings, read by the UniPC sampler alone."""
+    defaults = UniPCOptions()
+    with gr.Row():
+        return {"uni_pc_variant": gr.Radio(list(UNIPC_VARIANTS), value=defaults.variant, label="UniPC variant",
+                                           elem_id=f"{kind}_uni_pc_variant"),
+                "uni_pc_order": gr.Slider(1, MAX_UNIPC_ORDER, value=defaults.order, step=1, label="UniPC order",
+                                          info="past the steps it runs as the steps", elem_id=f"{kind}_uni_pc_order"),
+                "uni_pc_lower_order_final": gr.Checkbox(defaults.lower_order_final, label="UniPC lower order final",
+                                                        elem_id=f"{kind}_uni_pc_lower_order_final")}
 
 
 def step_options_widgets(kind: str) -> dict[str, Any]:
