@@ -293,6 +293,10 @@ def test_variation_seeds_run_and_come_back_in_info_and_infotext(client):
 def test_malformed_json_and_unknown_model(client):
     r = client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"].startswith("body: not valid JSON at character 1 (")
+    for unreadable in (b'{"prompt": "\xff\xfe"}', b"[" * 100_000):  # not UTF-8; nested deeper than JSON is read
+        r = client.post("/sdapi/v1/txt2img", content=unreadable, headers={"Content-Type": "application/json"})
+        assert (r.status_code, r.json()["error"]) == (400, "InvalidRequest"), r.text
+        assert r.json()["detail"].startswith("body: cannot be read as JSON") and "UTF-8" in r.json()["detail"]
     r = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"sd_model_checkpoint": "nope"}})
     assert r.status_code == 404
     assert r.json()["detail"].startswith("override_settings.sd_model_checkpoint: model 'nope' not found")

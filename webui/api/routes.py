@@ -74,6 +74,13 @@ def caller_of(request: Request) -> str:
     return f"address {request.client.host if request.client else 'unknown'}"
 
 
+# What FastAPI says of a body its JSON reader fails on other than by syntax (bytes that are not UTF-8, nesting deeper
+# than the reader goes), and what we say instead
+_UNPARSED_BODY = "There was an error parsing the body"
+UNREADABLE_BODY = ("body: cannot be read as JSON (bytes that are not UTF-8 text, or lists and objects nested too "
+                   "deep); send a UTF-8 JSON object such as {\"prompt\": \"a cat\"}")
+
+
 def error_response(status: int, kind: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": kind, "detail": detail}, headers=headers)
 
@@ -92,6 +99,8 @@ class ApiRoute(APIRoute):
             except RequestValidationError as err:
                 return error_response(422, "InvalidRequest", describe_validation_errors(err.errors()))
             except StarletteHTTPException as err:
+                if err.status_code == 400 and err.detail == _UNPARSED_BODY:  # FastAPI's words: say what to fix
+                    return error_response(400, "InvalidRequest", UNREADABLE_BODY)
                 return error_response(err.status_code, "HTTPException", str(err.detail), err.headers)
             except Exception as err:  # the server stays up and says what broke
                 log.exception("API error: %s %s", request.method, request.url.path)
