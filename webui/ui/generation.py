@@ -335,6 +335,7 @@ class GenerationActions(SeveralRuns):
         its progress and images come back, and Interrupt and Skip reach it. Outputs as generate()'s."""
         session.tab = tab or ""
         job = self.worker.unfinished_job_of(self._owner(session), self.kind) if session.tab else None
+        session.resumed = job is not None
         if job is None:
             yield session, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
@@ -389,10 +390,15 @@ class GenerationActions(SeveralRuns):
         An event of its own, so that Gradio API clients of txt2img still get the gallery as a plain list."""
         return gr.update(selected_index=session.selected) if session.seeds else gr.skip()
 
+    def resumed_button(self, session: Session):
+        """Generate back at the end of a page-load resume, only where it followed a job (and so greyed Generate
+        out): one that found nothing leaves the button alone, since a Generate clicked during the page load may
+        have greyed it out for a job not yet submitted."""
+        return self.generate_button(session) if session.resumed else gr.skip()
+
     def generate_button(self, session: Session) -> gr.Button:
-        """Generate greyed out while this tab's own job is queued or running, else clickable. Asked at the
-        end of a run or of a page-load resume: a resume that found nothing must not re-enable the button
-        while a job the user started during the page load runs."""
+        """Generate greyed out while this tab's own job is queued or running, else clickable; asked at the end of
+        a run."""
         job = self.worker.get(session.job_id) if session.job_id else None
         return gr.Button(interactive=job is None or job.state.finished)
 
@@ -1112,12 +1118,12 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     model_status = dict(fn=models.status_after_run, outputs=[picker.status], api_visibility="private", show_progress="hidden")
 
     def follow_run(trigger: Callable, fn: Callable, inputs: list, greyed: Callable = busy_button,
-                   greyed_inputs: list | None = None, **api) -> Any:
-        """On trigger: Generate greyed out (by `greyed`), fn's run followed to its end, then Generate back and the
-        model's status."""
+                   greyed_inputs: list | None = None, ungreyed: Callable = actions.generate_button, **api) -> Any:
+        """On trigger: Generate greyed out (by `greyed`), fn's run followed to its end, then Generate back (by
+        `ungreyed`) and the model's status."""
         run = trigger(greyed, inputs=greyed_inputs, **button_state).then(
             fn, inputs=inputs, outputs=run_outputs, show_progress="hidden", concurrency_limit=None, **api)
-        run.then(actions.generate_button, inputs=[session], **button_state).then(**after_run).then(**model_status)
+        run.then(ungreyed, inputs=[session], **button_state).then(**after_run).then(**model_status)
         return run
 
     if img2img:
@@ -1137,7 +1143,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
         generate_events = [follow_run(generate.click, actions.generate, [session, *request_inputs], api_name=kind)]
     # Greyed out only where there is a job to resume: a Generate clicked while the page loads is not lost.
     follow_run(tab_token.change, actions.resume, [session, tab_token], greyed=actions.resume_button,
-               greyed_inputs=[tab_token], api_visibility="private")
+               greyed_inputs=[tab_token], ungreyed=actions.resumed_button, api_visibility="private")
     interrupt.click(actions.interrupt, inputs=[session], outputs=[], **_api(kind, "interrupt"), show_progress="hidden")
     skip.click(actions.skip, inputs=[session], outputs=[], **_api(kind, "skip"), show_progress="hidden")
     gallery.select(actions.select_image, inputs=[session], outputs=[session, infotext],
