@@ -56,7 +56,8 @@ def test_bad_flags_exit_with_a_message(capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--port", "70000"], "--port must be between 1 and 65535, not 70000"),
     (["--port", "0"], "--port must be between 1 and 65535, not 0"),
-    (["--preview-every", "-1"], "--preview-every must be 0 (no previews) or more"),
+    (["--preview-every", "-1"], "--preview-every must be 0 (no previews) to 32"),
+    (["--preview-every", "33"], "--preview-every must be 0 (no previews) to 32"),
     (["--outdir", "{file}"], "it is a file, not a folder; pass a folder you can write to"),
     (["--outdir", "{file}/sub"], "is a file, not a folder; pass a folder you can write to"),
 ])

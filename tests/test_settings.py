@@ -227,10 +227,11 @@ def test_the_settings_tab_saves_for_everyone_and_says_why_not(ui_settings):
 
 
 DIRS = (True, True, "[date]", False, True, "Original", "CPU", "CodeFormer", 0.5, 1.0, False, False, False, False,
-        False, False, False, False, "Approx cheap")
+        False, False, False, False, True, 2, "Approx cheap")
 # the subfolders, the text file, comments, emphasis, the random number source, the face restorer and its weight, the
 # inpainting conditioning mask strength, Clip skip SDXL, exact img2img steps, the copies before the hires fix, face
-# restoration and colour correction, the mask, the masked composite, the init image: defaults
+# restoration and colour correction, the mask, the masked composite, the init image, live previews: defaults; the
+# preview period: the fixture's --preview-every 2
 
 
 @pytest.fixture
@@ -284,12 +285,45 @@ def test_a_page_anyone_can_reach_shows_the_settings_but_cannot_change_them():
 
     assert Settings(listen=True).open_to_anyone and not Settings(listen=True, gradio_auth=[("a", "b")]).open_to_anyone
     assert not Settings().open_to_anyone  # this machine only
-    options = OptionsStore(None)
+    options = OptionsStore(None, starting={"show_progress_every_n_steps": 2})  # as DIRS has it
     with gr.Blocks():
         tab = build_settings(options, open_to_anyone=True)
     assert not tab.apply.visible and not any(widget.interactive for widget in tab.widgets.values())
     *values, message = tab.actions.apply("jpg", "png", 80, "", *DIRS)
     assert values == ["png", "png", 80, "", *DIRS] and "Not saved: this page is served to other machines without a login" in message
+
+
+def test_preview_every_starts_the_server_with_its_period_over_the_files_and_saves_it_only_when_changed(tmp_path):
+    from webui.config import parse_settings
+    from webui.services import _starting_options
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"show_progress_every_n_steps": 8, "jpeg_quality": 70}), encoding="utf-8")
+    assert OptionsStore(path).preview_period() == 8  # the file's
+    flags = parse_settings(["--preview-every", "3"], {})
+    options = OptionsStore(path, starting=_starting_options(flags))
+    assert options.preview_period() == 3 and options.current().jpeg_quality == 70
+    options.update({"jpeg_quality": 60, "show_progress_every_n_steps": 3})  # the Settings tab sends every value
+    assert json.loads(path.read_text(encoding="utf-8"))["show_progress_every_n_steps"] == 8  # the flag's, not saved
+    options.update({"show_progress_every_n_steps": 4})
+    assert json.loads(path.read_text(encoding="utf-8"))["show_progress_every_n_steps"] == 4
+    off = OptionsStore(None, starting=_starting_options(parse_settings(["--preview-every", "0"], {})))
+    assert off.preview_period() == 0 and not off.current().live_previews_enable
+    assert _starting_options(parse_settings([], {})) == {}  # no flag: the saved setting
+
+
+def test_the_api_reads_and_sets_the_live_preview_options(services):
+    with TestClient(create_api_app(services)) as client:
+        options = client.get("/sdapi/v1/options").json()
+        assert options["live_previews_enable"] is True and options["show_progress_every_n_steps"] == 2
+        refused = client.post("/sdapi/v1/options", json={"show_progress_every_n_steps": 40})
+        assert refused.status_code == 422 and "show_progress_every_n_steps" in refused.text
+        assert "less than or equal to 32" in refused.text
+        applied = client.post("/sdapi/v1/options", json={"show_progress_every_n_steps": 7, "live_previews_enable": False})
+        assert applied.status_code == 200, applied.text
+        options = client.get("/sdapi/v1/options").json()
+        assert options["show_progress_every_n_steps"] == 7 and options["live_previews_enable"] is False
+    assert services.options.preview_period() == 0
 
 
 def test_an_unreadable_settings_file_refuses_an_api_change_before_anything_changes(services, settings):

@@ -144,9 +144,17 @@ def test_generate_fills_gallery_with_seeds_infotext_and_time(ui, ui_services):
     assert ui_services.worker.get(session.job_id).state is JobState.DONE
 
 
-def test_with_previews_off_no_preview_box_is_shown(ui, ui_services, monkeypatch):
-    monkeypatch.setattr(ui_services.worker, "preview_every", 0)  # --preview-every 0
-    assert generate(ui, seed=3)[0][3]["visible"] is False
+@pytest.mark.parametrize("change", [{"live_previews_enable": False}, {"show_progress_every_n_steps": 0},
+                                    {"show_progress_every_n_steps": -1}])
+def test_with_previews_off_no_preview_box_is_shown(ui, ui_services, change):
+    options = ui_services.options
+    before = options.current()
+    options.update(change)
+    try:
+        assert generate(ui, seed=3)[0][3]["visible"] is False
+    finally:
+        options.update(before.model_dump())
+    assert generate(ui, seed=3)[0][3]["visible"] is True
 
 
 def test_reuse_seed_takes_the_selected_image_and_random_sets_minus_one(ui):

@@ -413,6 +413,25 @@ def test_previews_are_decoded_only_while_someone_watches(services, monkeypatch):
         services.options.update({"show_progress_type": "Approx cheap"})
 
 
+@pytest.mark.parametrize("change, steps", [({"show_progress_every_n_steps": 3}, [3, 6, 9]),
+                                           ({"show_progress_every_n_steps": 1}, list(range(1, 10))),
+                                           ({"show_progress_every_n_steps": -1}, []),
+                                           ({"live_previews_enable": False, "show_progress_every_n_steps": 3}, [])])
+def test_the_settings_preview_period_decides_which_steps_are_previewed(services, monkeypatch, change, steps):
+    from webui.worker import Job
+
+    monkeypatch.setattr(Job, "preview_watched", lambda job: True)
+    previewed = []
+    monkeypatch.setattr(Job, "set_preview", lambda job, image, step: previewed.append(step))
+    before = services.options.current()
+    services.options.update(change)
+    try:
+        assert services.worker.submit(QUICK | {"steps": 10}).wait(60)
+    finally:
+        services.options.update(before.model_dump())
+    assert previewed == steps  # none at the last step: the picture itself comes then
+
+
 def test_a_model_asked_for_twice_in_a_row_loads_once(services, monkeypatch):
     """The model dropdown sends each pick twice: a broken checkpoint failed, and the old model was read
     back, twice over."""

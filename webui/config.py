@@ -141,7 +141,7 @@ class Settings:
     offline: bool = False
     compile: bool | None = None  # None: on for a CUDA GPU where safe (fast_path.compile_choice)
     queue_size: int = 64
-    preview_every: int = 5
+    preview_every: int | None = None  # --preview-every: the Settings tab's Live preview display period at start
     notification_audio: Path | None = None  # played by the page when a run ends, where the file exists
 
     @property
@@ -393,8 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = p.add_argument_group("queue")
     q.add_argument("--queue-size", type=int, default=64, help="most jobs waiting at once (default 64)")
-    q.add_argument("--preview-every", type=int, default=5,
-                   help="show a live preview every N denoising steps; 0 turns previews off (default 5)")
+    q.add_argument("--preview-every", type=int, default=None,
+                   help="start with a live preview every N denoising steps, 0 to 32 (0: none) over the Settings "
+                        "tab's Live preview display period, which can change it later (default: the setting's, 5)")
 
     # A1111's flags that do nothing here: hidden from --help (the epilog mentions them), named in a warning.
     p.set_defaults(ignored=[])
@@ -434,8 +435,8 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
     api_auth = _credentials(parser, args.api_auth, "--api-auth", "WEBUI_API_AUTH", env_defaults)
     if args.queue_size < 1:
         parser.error("--queue-size must be at least 1")
-    if args.preview_every < 0:
-        parser.error("--preview-every must be 0 (no previews) or more")
+    if args.preview_every is not None and not 0 <= args.preview_every <= 32:
+        parser.error("--preview-every must be 0 (no previews) to 32")
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be between 1 and 65535, not {args.port}")
     problem = _unwritable(args.outdir)

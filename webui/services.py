@@ -9,6 +9,7 @@ import logging
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from webui.config import Settings
 from webui.engine.generate import Engine
@@ -52,7 +53,8 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
                                       settings.esrgan_folder, settings.real_esrgan_folder, settings.blip_folder,
                                       settings.clip_folder, settings.controlnet_folder, settings.hypernetwork_folder))
     engine = wrap_engine(Engine(settings, registry))  # ZeroGPU Spaces only; a no-op elsewhere
-    options = OptionsStore(settings.options_path, frozen=settings.freeze_settings)
+    options = OptionsStore(settings.options_path, frozen=settings.freeze_settings,
+                           starting=_starting_options(settings))
     outputs = OutputStore(outdir, options)
     history = History(outdir / "history.sqlite3", outdir)
     alone = outputs.claim()
@@ -60,8 +62,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
         log.warning("another running server uses %s too; its unfinished jobs are left alone", outdir)
     _tidy_up(history, outputs, fail_unfinished_jobs=alone, models_dir=Path(settings.models_dir))
     styles = StyleStore(settings.styles_path)
-    worker = Worker(engine, outputs, history, max_queue=settings.queue_size,
-                    preview_every=settings.preview_every, styles=styles, options=options).start()
+    worker = Worker(engine, outputs, history, max_queue=settings.queue_size, styles=styles, options=options).start()
     services = Services(settings, registry, engine, outputs, history, worker, styles, options)
     if load_model:
         try:
@@ -73,6 +74,13 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
             services.close(wait=1)
             raise
     return services
+
+
+def _starting_options(settings: Settings) -> dict[str, Any]:
+    """The settings the command line starts the server with, over the settings file's."""
+    if settings.preview_every is None:
+        return {}
+    return {"show_progress_every_n_steps": settings.preview_every, "live_previews_enable": settings.preview_every > 0}
 
 
 def _tidy_up(history: History, outputs: OutputStore, fail_unfinished_jobs: bool, models_dir: Path) -> None:

@@ -220,15 +220,14 @@ class _Call:
 
 class Worker:
     def __init__(self, engine: Engine, outputs: OutputStore, history: History, *,
-                 max_queue: int = 64, preview_every: int = 5, styles: StyleStore | None = None,
+                 max_queue: int = 64, styles: StyleStore | None = None,
                  options: OptionsStore | None = None):
         self.engine = engine
         self.outputs = outputs
         self.history = history
         self.styles = styles
-        self.options = options or OptionsStore(None)  # the Settings tab's (prompt comments)
+        self.options = options or OptionsStore(None)  # the Settings tab's (prompt comments, live previews)
         self.max_queue = max_queue
-        self.preview_every = preview_every
         self._queue: collections.deque[Job | _Call] = collections.deque()
         self._jobs: dict[str, Job] = {}
         self._current: Job | None = None
@@ -918,8 +917,8 @@ class Worker:
                 image_count=job.request.image_count, fraction=fraction, eta_seconds=pace.eta(steps_left),
                 note=decoder_note if step == total_steps else None,
             )
-            if (self.preview_every and step % self.preview_every == 0 and step < total_steps
-                    and job.preview_watched()):
+            period = self.options.preview_period()  # the Settings tab's, changed even during a run
+            if period and step % period == 0 and step < total_steps and job.preview_watched():
                 job.set_preview(self.engine.preview(latents, self.options.current().show_progress_type),
                                 batch * total_steps + step)
 

@@ -504,7 +504,6 @@ class Api:
     def get_options(self) -> dict[str, Any]:
         model = self._model_of_requests()[0]
         entry = model.entry if model else None
-        preview_every = self.services.settings.preview_every
         return {
             "sd_model_checkpoint": self.registry.title(entry) if entry else None,
             "sd_checkpoint_hash": self.registry.sha256(entry, cached_only=True) if entry else None,
@@ -514,8 +513,6 @@ class Api:
                for name, field in convert.API_OPTIONS.items()},
             **self.services.options.current().model_dump(),  # the Settings tab's: samples_format, ...
             "return_grid": True,
-            "live_previews_enable": preview_every > 0,
-            "show_progress_every_n_steps": preview_every,
         }
 
     async def set_options(self, body: dict[str, Any] = Body(..., examples=[{"sd_model_checkpoint": "model-name"}])

@@ -82,6 +82,10 @@ class SavedOptions(BaseModel):
     save_init_img: bool = Field(False, description="img2img: also save the picture it starts from, once, as "
                                 "init-images/<the md5 of its pixels>.png in the outputs folder")
 
+    live_previews_enable: bool = Field(True, description="show a live preview of the picture while it is denoised")
+    show_progress_every_n_steps: int = Field(5, ge=-1, le=32, description="Live preview display period: a new "
+                                             "preview every N denoising steps, 1 to 32; 0 or -1 (A1111's 'only after "
+                                             "each batch', which the gallery shows): none")
     show_progress_type: PreviewMethod = Field("Approx cheap", description="Live preview method: Approx cheap (a "
                                               "linear map of the latents, free), Full (the model's VAE), TAESD (a "
                                               "tiny decoder, fetched into models/VAE-taesd on first use); A1111's "
@@ -117,12 +121,20 @@ class SettingsFrozen(Exception):
 class OptionsStore:
     """The settings in memory and in their file. Safe to use from several threads."""
 
-    def __init__(self, path: Path | None, frozen: bool = False):
+    def __init__(self, path: Path | None, frozen: bool = False, starting: dict[str, Any] | None = None):
+        """`starting`: values the server starts with over the file's (command-line flags), saved only if changed."""
         self.path = path  # None: kept in memory only (tests, tools)
         self.frozen = frozen
         self._lock = threading.Lock()
         self._unreadable: str | None = None  # why the file cannot be read, if it cannot
         self._current = self._read()
+        if starting:
+            self._current = SavedOptions(**(self._current.model_dump() | starting))
+
+    def preview_period(self) -> int:
+        """Denoising steps between live previews; 0 when there are none."""
+        current = self.current()
+        return max(current.show_progress_every_n_steps, 0) if current.live_previews_enable else 0
 
     def current(self) -> SavedOptions:
         with self._lock:

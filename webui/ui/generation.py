@@ -361,7 +361,7 @@ class GenerationActions(SeveralRuns):
         shown_progress = progress_html(job, self.worker.position(job.id), self.worker.activity)
         # selected_index=None: the browser would otherwise keep the last run's selected index.
         empty = gr.Gallery(value=[], selected_index=None)
-        previews = bool(self.worker.preview_every)  # --preview-every 0: no box that stays empty
+        previews = bool(self.worker.options.preview_period())  # previews off: no box that stays empty
         yield session, empty, shown_progress, gr.update(visible=previews, value=None), "", ""
         while not job.wait(POLL_SECONDS):
             # Send only what changed: every send copies or encodes its images again.

@@ -31,7 +31,8 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "save_mask": "For inpainting, save a copy of the greyscale mask",
           "save_mask_composite": "For inpainting, save a masked composite", "save_init_img": "Save init images when "
                                                                                              "using img2img",
-          "show_progress_type": "Live preview method"}
+          "live_previews_enable": "Show live previews of the created image",
+          "show_progress_every_n_steps": "Live preview display period", "show_progress_type": "Live preview method"}
 
 
 class SettingsActions:
@@ -164,6 +165,13 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
             interactive=editable),
         **{key: gr.Checkbox(getattr(current, key), label=LABELS[key], elem_id=f"settings_{key}", interactive=editable)
            for key in SAVE_SETTINGS},
+        "live_previews_enable": gr.Checkbox(current.live_previews_enable, label=LABELS["live_previews_enable"],
+                                            elem_id="settings_live_previews_enable", interactive=editable),
+        "show_progress_every_n_steps": gr.Slider(
+            -1, 32, value=current.show_progress_every_n_steps, step=1, label=LABELS["show_progress_every_n_steps"],
+            info="a new preview every N denoising steps; 0 or -1 (only after each batch, which the gallery shows "
+                 "anyway): none. Applies to runs under way too", elem_id="settings_show_progress_every_n_steps",
+            interactive=editable),
         "show_progress_type": gr.Radio(
             list(PREVIEW_METHODS), value=current.show_progress_type, label=LABELS["show_progress_type"],
             info="Approx cheap: free, rough colours; Full: the model's VAE, exact, a decode each time; TAESD: a tiny "
