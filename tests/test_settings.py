@@ -117,6 +117,43 @@ def test_images_and_grids_are_saved_in_the_chosen_format_with_their_infotext(tmp
         assert b"\x92\x86\x00\x07" in data
 
 
+@pytest.mark.parametrize("file_format", ["png", "jpg", "webp"])
+def test_with_write_infotext_off_the_files_and_the_apis_pictures_hold_none_but_the_text_file_is_written(
+        tmp_path, file_format):
+    from webui.api.convert import encode_image
+
+    store = OutputStore(tmp_path, OptionsStore(None))
+    store.options.update({"samples_format": file_format, "grid_format": file_format, "enable_pnginfo": False,
+                          "save_txt": True})
+    options = store.options.current()
+    image, grid = store.save_image(noisy(), INFOTEXT, seed=7), store.save_grid(noisy((128, 64)), INFOTEXT)
+    extra = store.save_extra(noisy(), {"parameters": INFOTEXT, "postprocessing": "Postprocess upscaler: Lanczos"})
+    returned = Image.open(io.BytesIO(base64.b64decode(encode_image(noisy(), INFOTEXT, options=options))))
+    for picture in (*(Image.open(path) for path in (image, grid, extra)), returned):
+        with picture:
+            assert read_infotext(picture) is None and "parameters" not in picture.info
+            assert not picture.getexif().get_ifd(0x8769)  # no EXIF sub-IFD, so no UserComment
+            assert getattr(picture, "text", {}) == {}
+    assert image.with_suffix(".txt").read_text(encoding="utf-8") == INFOTEXT + "\n"  # A1111's apart from it
+    store.options.update({"enable_pnginfo": True})
+    back_on = store.options.current()
+    with Image.open(io.BytesIO(base64.b64decode(encode_image(noisy(), INFOTEXT, options=back_on)))) as returned:
+        assert read_infotext(returned) == INFOTEXT
+
+
+def test_lossless_webp_keeps_every_pixel_where_lossy_does_not(tmp_path):
+    store = OutputStore(tmp_path, OptionsStore(None))
+    picture = noisy()
+    store.options.update({"samples_format": "webp"})
+    lossy = store.save_image(picture, INFOTEXT, seed=1)
+    store.options.update({"webp_lossless": True})
+    lossless = store.save_image(picture, INFOTEXT, seed=2)
+    for path, kept in ((lossy, False), (lossless, True)):
+        with Image.open(path) as saved:
+            assert saved.format == "WEBP" and read_infotext(saved) == INFOTEXT
+            assert (saved.convert("RGB").tobytes() == picture.tobytes()) is kept, path
+
+
 def test_the_quality_setting_changes_the_file_and_numbers_go_on_across_formats(tmp_path):
     store = OutputStore(tmp_path)
     first = store.save_image(noisy(), INFOTEXT, seed=1)
@@ -226,9 +263,9 @@ def test_the_settings_tab_saves_for_everyone_and_says_why_not(ui_settings):
     assert tab.actions.shown() == ["webp", "png", 40, "[seed]-[prompt_words]", *DIRS]
 
 
-DIRS = (True, True, "[date]", False, True, "Original", "CPU", "CodeFormer", 0.5, 1.0, False, False, False, False,
+DIRS = (True, True, "[date]", True, False, False, True, "Original", "CPU", "CodeFormer", 0.5, 1.0, False, False, False, False,
         False, False, False, False, True, 2, "Approx cheap")
-# the subfolders, the text file, comments, emphasis, the random number source, the face restorer and its weight, the
+# the subfolders, the infotext in the files, lossy webp, the text file, comments, emphasis, the random number source, the face restorer and its weight, the
 # inpainting conditioning mask strength, Clip skip SDXL, exact img2img steps, the copies before the hires fix, face
 # restoration and colour correction, the mask, the masked composite, the init image, live previews: defaults; the
 # preview period: the fixture's --preview-every 2

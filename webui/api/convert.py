@@ -518,8 +518,8 @@ def encode_image(image: Image.Image, infotext: str | None = None, texts: dict[st
     """A PIL image -> base64 of a file in the settings' format (`options`; PNG without them), as A1111's API
     returns it: with the infotext (or the texts `texts`) where that format keeps it, PNG's text chunks or EXIF."""
     texts = texts if texts is not None else {"parameters": infotext or None}
-    file_format, quality = (options.samples_format, options.jpeg_quality) if options else ("png", 80)
-    return base64.b64encode(image_bytes(image, texts, file_format, quality)).decode("ascii")
+    file_format = options.samples_format if options else "png"
+    return base64.b64encode(image_bytes(image, texts, file_format, options)).decode("ascii")
 
 
 def decode_image(data: str, field: str = "image", pixels_needed: bool = True,

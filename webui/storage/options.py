@@ -49,6 +49,11 @@ class SavedOptions(BaseModel):
     directories_filename_pattern: str = Field("[date]", max_length=200,
                                               description="the subfolders' names, in the same tags ('/' nests them: "
                                                           "[model_name]/[date]); empty: [date]")
+    enable_pnginfo: bool = Field(True, description="write the infotext into each saved picture (PNG text chunk, "
+                                 "jpg/webp EXIF) and the pictures the API returns; off, the files hold none (the "
+                                 ".txt file of save_txt is apart)")
+    webp_lossless: bool = Field(False, description="save webp pictures losslessly (jpeg_quality is then how hard "
+                                                   "it compresses)")
     save_txt: bool = Field(False, description="also write the infotext into a .txt file of the same name beside "
                                               "each saved image and grid")
     enable_prompt_comments: bool = Field(True, description="a # in a prompt leaves the rest of its line out of what "

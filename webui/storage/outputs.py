@@ -126,14 +126,14 @@ class OutputStore:
         name = file_name_part(options.samples_filename_pattern, name_parts or NameParts(seed=seed))
         stem = (f"-{name}" if name else "") + suffix  # [none]: the number alone, as A1111
         path = self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}{stem}", _NUMBERED,
-                          options.samples_format, options.jpeg_quality)
+                          options.samples_format, options)
         return self._with_text_file(path, infotext, options)
 
     def save_grid(self, grid: Image.Image, infotext: str, kind: str = "txt2img",
                   name_parts: NameParts | None = None) -> Path:
         folder, options = self.grid_folder(kind, name_parts), self.options.current()
         path = self._save(grid, {"parameters": infotext}, folder, lambda n: f"grid-{n:04d}", _GRID_NUMBERED,
-                          options.grid_format, options.jpeg_quality)
+                          options.grid_format, options)
         return self._with_text_file(path, infotext, options)
 
     @staticmethod
@@ -153,7 +153,7 @@ class OutputStore:
         only `parameters` is kept, in EXIF."""
         options = self.options.current()
         return self._save(image, texts, self.extras_folder(), lambda n: f"{n:05d}", _NUMBERED,
-                          options.samples_format, options.jpeg_quality)
+                          options.samples_format, options)
 
     def save_named(self, image: Image.Image, infotext: str, copy: NamedCopy) -> Path:
         """The picture saved as <copy.folder>/<copy.stem>.<the settings' format>, as A1111 saves img2img Batch's
@@ -163,12 +163,12 @@ class OutputStore:
         if not stem or Path(stem).name != stem or stem in (".", ".."):  # a name, never a path out of the folder
             raise ValueError(f"{copy.stem!r} cannot be a file name")
         options = self.options.current()
-        texts = {"parameters": infotext}
+        texts = kept_texts({"parameters": infotext}, options)
         file_format = _usable_format(image, options.samples_format, texts)
         temp = copy.folder / f".partial-{uuid.uuid4().hex}.{file_format}"
         try:
             with _create_new(temp) as handle:
-                _encode(image, texts, file_format, options.jpeg_quality, handle)
+                _encode(image, texts, file_format, options, handle)
             path = _link_unused_name(temp, copy.folder, stem, file_format)
         finally:
             temp.unlink(missing_ok=True)
@@ -210,36 +210,49 @@ class OutputStore:
         return resolve_inside(self.outdir, path)
 
     def _save(self, image: Image.Image, texts: dict[str, str | None], folder: Path, stem_for,
-              numbered: re.Pattern, file_format: str = "png", quality: int = 80) -> Path:
+              numbered: re.Pattern, file_format: str, options: SavedOptions) -> Path:
         """Write the picture with its texts (those with None: left out) under the next free number: stem_for(n)
         plus the format's extension. A picture (or infotext) too large for JPEG or WebP is saved as PNG."""
+        texts = kept_texts(texts, options)
         file_format = _usable_format(image, file_format, texts)
         folder.mkdir(parents=True, exist_ok=True)
         temp = folder / f".partial-{uuid.uuid4().hex}.{file_format}"
         try:
             with _create_new(temp) as handle:
-                _encode(image, texts, file_format, quality, handle)
+                _encode(image, texts, file_format, options, handle)
             return _claim_name(temp, folder, lambda n: f"{stem_for(n)}.{file_format}", numbered)
         finally:
             temp.unlink(missing_ok=True)
 
 
 def image_bytes(image: Image.Image, texts: dict[str, str | None], file_format: str = "png",
-                quality: int = 80) -> bytes:
+                options: SavedOptions | None = None) -> bytes:
     """The picture as a file's bytes, with its texts, as _save writes it (PNG where the format cannot hold it):
-    for the API, which returns pictures in the settings' format as A1111's does."""
+    for the API, which returns pictures in the settings' format as A1111's does. `options`: the settings' (quality,
+    lossless WebP, texts or none); None: the defaults."""
+    options = options or SavedOptions()
+    texts = kept_texts(texts, options)
     buffer = io.BytesIO()
-    _encode(image, texts, _usable_format(image, file_format, texts), quality, buffer)
+    _encode(image, texts, _usable_format(image, file_format, texts), options, buffer)
     return buffer.getvalue()
 
 
-def _encode(image: Image.Image, texts: dict[str, str | None], file_format: str, quality: int, handle) -> None:
+def kept_texts(texts: dict[str, str | None], options: SavedOptions) -> dict[str, str | None]:
+    """The texts a file gets: none where A1111's *Write infotext to metadata* is off (the .txt file is apart)."""
+    return texts if options.enable_pnginfo else {}
+
+
+def _encode(image: Image.Image, texts: dict[str, str | None], file_format: str, options: SavedOptions,
+            handle) -> None:
     encoder = _ENCODERS[file_format][0]
     if file_format == "png":
         image.save(handle, format=encoder, pnginfo=png_texts(texts))
         return
     picture = image if image.mode in ("RGB", "L") else _on_white(image)
-    picture.save(handle, format=encoder, quality=quality, exif=exif_user_comment(texts.get("parameters") or ""))
+    parameters = texts.get("parameters")
+    lossless = {"lossless": True} if file_format == "webp" and options.webp_lossless else {}
+    picture.save(handle, format=encoder, quality=options.jpeg_quality,
+                 exif=exif_user_comment(parameters) if parameters else b"", **lossless)
 
 
 def exif_user_comment(text: str) -> bytes:

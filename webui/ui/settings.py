@@ -18,6 +18,8 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "jpeg_quality": "Quality for saved jpg and webp images",
           "samples_filename_pattern": "Images filename pattern", "save_to_dirs": "Save images to a subdirectory",
           "grid_save_to_dirs": "Save grids to a subdirectory", "directories_filename_pattern": "Directory name pattern",
+          "enable_pnginfo": "Write infotext to metadata of the generated image",
+          "webp_lossless": "Use lossless compression for webp images",
           "save_txt": "Create a text file next to every image with generation parameters",
           "enable_prompt_comments": "Enable comments", "emphasis": "Emphasis mode",
           "face_restoration_model": "Face restoration model", "code_former_weight": "CodeFormer weight",
@@ -128,6 +130,14 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
             placeholder=DEFAULT_FOLDER_PATTERN, info=f"the subfolders, in the same tags; / nests them, as "
                                                      f"[model_name]/[date]; empty: {DEFAULT_FOLDER_PATTERN}",
             elem_id="settings_directories_filename_pattern", interactive=editable),
+        "enable_pnginfo": gr.Checkbox(
+            current.enable_pnginfo, label=LABELS["enable_pnginfo"],
+            info="the parameters in each saved picture (PNG text, jpg/webp EXIF) and in those the API returns, so "
+                 "PNG Info and other tools read them; off, the files hold none", elem_id="settings_enable_pnginfo",
+            interactive=editable),
+        "webp_lossless": gr.Checkbox(current.webp_lossless, label=LABELS["webp_lossless"],
+                                     info="the quality above then sets how hard it compresses",
+                                     elem_id="settings_webp_lossless", interactive=editable),
         "save_txt": gr.Checkbox(current.save_txt, label=LABELS["save_txt"], elem_id="settings_save_txt",
                                 interactive=editable),
         "enable_prompt_comments": gr.Checkbox(
