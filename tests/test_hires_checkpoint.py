@@ -118,10 +118,15 @@ def test_the_main_model_as_hires_checkpoint_changes_nothing_but_the_infotext(ser
     assert f"Hires checkpoint: {title_of(services, TINY)}," in same.images[0].infotext  # as A1111 writes it
 
 
-def test_a_refiner_takes_over_from_the_hires_checkpoint_at_its_switch(services, calls):
-    # Switch at 0.9: the first pass's last call (timestep 0) and the second pass's (0) are past it; 333 is not.
-    run(services, **HIRES_FIX, hr_checkpoint_name=HIRES, refiner_checkpoint=REFINER, refiner_switch_at=0.9)
-    assert unet_names(calls) == [TINY, TINY, REFINER, HIRES, REFINER]
+@pytest.mark.parametrize("refiner_pass, expected", [("second pass", [TINY, TINY, TINY, HIRES, REFINER]),
+                                                    ("first pass", [TINY, TINY, REFINER, HIRES, HIRES]),
+                                                    ("both passes", [TINY, TINY, REFINER, HIRES, REFINER])])
+def test_a_refiner_takes_over_from_the_hires_checkpoint_at_its_switch(services, calls, refiner_pass, expected):
+    # Switch at 0.9: the first pass's last call (timestep 0) and the second pass's (0) are past it; 333 is not. The
+    # refiner takes over in the passes A1111's Hires fix: which pass to enable refiner for names.
+    run(services, **HIRES_FIX, hr_checkpoint_name=HIRES, refiner_checkpoint=REFINER, refiner_switch_at=0.9,
+        hires_fix_refiner_pass=refiner_pass)
+    assert unet_names(calls) == expected
     assert services.engine.model.entry.name == TINY
 
 

@@ -12,14 +12,14 @@ from webui.ui.params import FIELD_LABELS, IMG2IMG_FIELDS, TXT2IMG_FIELDS, overri
 
 # A value for each setting that is not SavedOptions' default
 OTHER_VALUES = {"emphasis": "No norm", "face_restoration_model": "GFPGAN", "inpainting_mask_weight": 0.25,
-                "sdxl_clip_l_skip": True, "img2img_fix_steps": True}
+                "sdxl_clip_l_skip": True, "img2img_fix_steps": True, "hires_fix_refiner_pass": "both passes"}
 
 
 def test_each_setting_with_an_infotext_key_reads_back_from_its_pair():
     assert set(OTHER_VALUES) == set(SETTING_KEYS)
     pairs = [setting_pair(name, value) for name, value in OTHER_VALUES.items()]
     assert pairs == ["Emphasis: No norm", "Face restoration: GFPGAN", "Conditional mask weight: 0.25",
-                     "Clip skip SDXL: True", "Img2img exact steps: True"]  # A1111's keys and its way of writing them
+                     "Clip skip SDXL: True", "Img2img exact steps: True", "Hires refiner: both passes"]  # A1111's keys
     assert setting_fields(pairs) == OTHER_VALUES
     assert setting_fields(["Face restoration: codeformer", "Clip skip SDXL: False"]) == {
         "face_restoration_model": "CodeFormer", "sdxl_clip_l_skip": False}
@@ -29,6 +29,7 @@ def test_each_setting_with_an_infotext_key_reads_back_from_its_pair():
                                         ("Clip skip SDXL: yes", "neither True nor False"),
                                         ("Emphasis: Original, Eta: 1", "is none of the settings"),
                                         ("Conditional mask weight: lots", "does not read"),
+                                        ("Hires refiner: third pass", "first pass, second pass, both passes"),
                                         ("Face restoration: RestoreFormer", "CodeFormer, GFPGAN")])
 def test_a_pair_that_is_no_such_setting_or_does_not_read_is_named(pair, says):
     with pytest.raises(ValueError, match=says) as raised:
@@ -42,9 +43,9 @@ def test_a_paste_lists_what_differs_from_the_settings_tab_on_the_tab_that_reads_
                              "recorded_settings": list(OTHER_VALUES)}
     img2img = override_settings(pasted, defaults, "img2img")
     expected = ["Emphasis: No norm", "Face restoration: GFPGAN", "Clip skip SDXL: True", "Img2img exact steps: True"]
-    assert (img2img["choices"], img2img["value"], img2img["visible"]) == (expected, expected, True)
+    assert (img2img["choices"], img2img["value"], img2img["visible"]) == (expected, expected, True)  # no hires fix
     txt2img = override_settings(pasted, defaults, "txt2img")  # txt2img runs no img2img steps
-    assert txt2img["value"] == expected[:-1]
+    assert txt2img["value"] == [*expected[:-1], "Hires refiner: both passes"]
     # what the Settings tab has now decides: with its emphasis No norm, the paste overrides nothing of it
     assert "Emphasis: No norm" not in override_settings(pasted, defaults.model_copy(update={"emphasis": "No norm"}),
                                                         "txt2img")["value"]

@@ -95,11 +95,38 @@ def test_every_batch_starts_with_the_main_model(services, unet_calls):
     assert names == [TINY, TINY, REFINER] * 2  # 999 and 499.5 are before 0.5, 0 after
 
 
-def test_with_the_hires_fix_the_second_pass_is_the_refiners(services, unet_calls):
+# A1111's "Hires fix: which pass to enable refiner for". The first pass's calls at 999, 499.5, 0; the second pass's
+# at 333 and 0 (its last 2 of 4): all but 999 and 499.5 are past the switch at 0.5. Once the refiner took over in the
+# first pass, the second runs on it whole (the model that ended the first pass).
+@pytest.mark.parametrize("refiner_pass, expected", [
+    (None, [TINY, TINY, TINY, REFINER, REFINER]),  # the Settings tab's: second pass, A1111's default
+    ("second pass", [TINY, TINY, TINY, REFINER, REFINER]),
+    ("first pass", [TINY, TINY, REFINER, REFINER, REFINER]),
+    ("both passes", [TINY, TINY, REFINER, REFINER, REFINER])])
+def test_with_the_hires_fix_the_refiner_takes_over_in_the_passes_the_setting_names(services, unet_calls, refiner_pass,
+                                                                                   expected):
     job = run(services, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2, denoising_strength=0.5,
-              refiner_checkpoint=REFINER, refiner_switch_at=0.5)
+              refiner_checkpoint=REFINER, refiner_switch_at=0.5, hires_fix_refiner_pass=refiner_pass)
     assert job.images[0].image.size == (96, 96)
+    assert [name for name, _ in unet_calls] == expected
+    text = job.images[0].infotext
+    if refiner_pass in (None, "second pass"):  # A1111 writes it only where it is not its default
+        assert "Hires refiner" not in text
+        assert "hires_fix_refiner_pass" not in request_fields_from_infotext(text)
+    else:
+        assert f", Hires refiner: {refiner_pass}," in text
+        assert request_fields_from_infotext(text)["hires_fix_refiner_pass"] == refiner_pass
+
+
+def test_the_settings_tabs_refiner_pass_is_a_requests_that_gives_none(services, unet_calls):
+    services.options.update({"hires_fix_refiner_pass": "first pass"})
+    try:
+        job = run(services, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2, denoising_strength=0.5,
+                  refiner_checkpoint=REFINER, refiner_switch_at=0.5)
+    finally:
+        services.options.update({"hires_fix_refiner_pass": "second pass"})
     assert [name for name, _ in unet_calls] == [TINY, TINY, REFINER, REFINER, REFINER]
+    assert job.request.hires_fix_refiner_pass == "first pass" and "Hires refiner: first pass" in job.images[0].infotext
 
 
 def test_img2img_past_the_switch_runs_the_refiner_from_its_first_step(services, unet_calls):
@@ -174,6 +201,18 @@ def test_the_api_takes_a1111s_refiner_fields(services):
         assert "Refiner switch at: 0.5" in json.loads(r.json()["info"])["infotexts"][0]
         r = client.post("/sdapi/v1/txt2img", json=body | {"refiner_checkpoint": "nope"})
         assert r.status_code == 422 and "refiner_checkpoint" in r.text
+        # A1111's Hires fix: which pass to enable refiner for, by override_settings or an infotext's key
+        hires = body | {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.5}
+        r = client.post("/sdapi/v1/txt2img", json=hires | {"override_settings": {"hires_fix_refiner_pass": "both passes"}})
+        assert r.status_code == 200, r.text
+        infotext = json.loads(r.json()["info"])["infotexts"][0]
+        assert "Hires refiner: both passes" in infotext
+        r = client.post("/sdapi/v1/txt2img", json={"infotext": infotext})
+        assert "Hires refiner: both passes" in json.loads(r.json()["info"])["infotexts"][0]
+        r = client.post("/sdapi/v1/txt2img", json=hires | {"override_settings": {"hires_fix_refiner_pass": "all"}})
+        assert r.status_code == 422 and "override_settings.hires_fix_refiner_pass" in r.text
+        assert "'first pass', 'second pass' or 'both passes'" in r.text
+        assert client.get("/sdapi/v1/options").json()["hires_fix_refiner_pass"] == "second pass"
 
 
 def test_a_pasted_infotext_sets_the_refiner_fields_of_both_tabs(services):

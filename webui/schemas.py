@@ -76,10 +76,13 @@ def canonical_randn_source(value: Any) -> Any:
 # A1111's settings that save more than the pictures: copies before a step, the mask, the start picture
 SAVE_SETTINGS = ("save_images_before_highres_fix", "save_images_before_face_restoration",
                  "save_images_before_color_correction", "save_mask", "save_mask_composite", "save_init_img")
+# A1111's "Hires fix: which pass to enable refiner for"
+HIRES_REFINER_PASSES = ("first pass", "second pass", "both passes")
+HiresRefinerPass = Literal[HIRES_REFINER_PASSES]
 # The request fields that, left None, take the Settings tab's value of the same name (webui/storage/options.py) when
 # the worker accepts the request
 SETTINGS_FIELDS = ("emphasis", "randn_source", "face_restoration_model", "code_former_weight", "inpainting_mask_weight",
-                   "sdxl_clip_l_skip", "img2img_fix_steps", *SAVE_SETTINGS)
+                   "sdxl_clip_l_skip", "img2img_fix_steps", "hires_fix_refiner_pass", *SAVE_SETTINGS)
 
 
 class GenerationRequest(BaseModel):
@@ -287,6 +290,9 @@ class GenerationRequest(BaseModel):
                                            "'' or 'None': no refiner)")
     refiner_switch_at: float = Field(0.8, description="refiner: the part of the denoising done when the refiner takes "
                                                       "over, by noise level (above 0, at most 1)")
+    hires_fix_refiner_pass: HiresRefinerPass | None = Field(
+        None, description="with the hires fix: the pass the refiner takes over in, 'first pass', 'second pass' or "
+                          "'both passes' (None: the Settings tab's, 'second pass' by default, as A1111's)")
     # A1111's options of these names: the aesthetic score an SDXL refiner is conditioned on (other models ignore them)
     sdxl_refiner_high_aesthetic_score: float = Field(6.0, ge=0.0, le=10.0, description="an SDXL refiner: the "
                                                      "aesthetic score of the prompt's conditioning")
@@ -582,6 +588,14 @@ class GenerationRequest(BaseModel):
     @property
     def is_inpainting(self) -> bool:
         return self.mask is not None
+
+    def refiner_in(self, hires_pass: bool) -> bool:
+        """Whether the refiner may take over in this pass: any pass without the hires fix, else the passes its
+        hires_fix_refiner_pass names."""
+        if not self.enable_hr:
+            return True
+        chosen = self.hires_fix_refiner_pass or "second pass"
+        return chosen == "both passes" or (chosen == "second pass") == hires_pass
 
     @property
     def hires_steps(self) -> int:

@@ -489,7 +489,10 @@ class Worker:
         if not request.refiner_checkpoint:
             return {}
         return {"Refiner": self._checkpoint_title(request.refiner_checkpoint),
-                "Refiner switch at": request.refiner_switch_at}
+                "Refiner switch at": request.refiner_switch_at,
+                # A1111 writes the pass setting where it is not its default, second pass
+                "Hires refiner": (request.hires_fix_refiner_pass if request.enable_hr
+                                  and request.hires_fix_refiner_pass != "second pass" else None)}
 
     def _checkpoint_title(self, name: str | None) -> str | None:
         """A checkpoint a job names besides its model (refiner, hires checkpoint) as A1111's infotext names it, by its

@@ -670,11 +670,13 @@ class Engine:
         run.tiled.enter_context(seamless(self.pipe, request.tiling))
         run.encoded.clear()  # the encodes so far are the other text encoder's
 
-    def _refiner_call(self, request: GenerationRequest, steps: int, schedule: int, sampler: tuple[str, str]
-                      ) -> int | None:
-        """Which model call of this pass the refiner takes over at; None when it does not (no refiner, the refiner
-        is the running model already, or the pass does not get as far as the switch)."""
-        if not request.refiner_checkpoint or self.registry.find(request.refiner_checkpoint) == self.model.entry:
+    def _refiner_call(self, request: GenerationRequest, steps: int, schedule: int, sampler: tuple[str, str],
+                      hires_pass: bool) -> int | None:
+        """Which model call of this pass the refiner takes over at; None when it does not (no refiner, not in this
+        pass of a hires fix, the refiner is the running model already, or the pass does not get as far as the
+        switch)."""
+        if (not request.refiner_checkpoint or not request.refiner_in(hires_pass)
+                or self.registry.find(request.refiner_checkpoint) == self.model.entry):
             return None
         # The timesteps the pass will run, from a scheduler of its own kind (the pass's own is set by diffusers).
         scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options)
@@ -923,11 +925,13 @@ class Engine:
 
     def _denoise(self, pipe, request: GenerationRequest, run: "_Run", phases: list[PromptPhase], steps: int,
                  schedule: int, start: dict, extra: torch.Tensor | EditPicture | None = None,
-                 sampler: tuple[str, str] | None = None, merging: float | None = None) -> torch.Tensor:
+                 sampler: tuple[str, str] | None = None, merging: float | None = None,
+                 hires_pass: bool = False) -> torch.Tensor:
         """One denoising pass of a pipeline (txt2img's, or img2img's from `start`'s latents): the last `steps` of a
         schedule of `schedule` steps, its prompt phases read at the steps they cover; the latents it ends with.
         `extra`: an inpainting or instruct-pix2pix model's extra input for this pass; `sampler`, `merging`: its sampler and
-        schedule type, its token merging ratio, when not the request's own (the hires fix's)."""
+        schedule type, its token merging ratio, when not the request's own (the hires fix's); `hires_pass`: this is
+        the hires fix's pass (the refiner's pass setting tells which it takes over in)."""
         sampler = sampler or (request.sampler_name, request.scheduler)
         merging = request.token_merging_ratio if merging is None else merging
         pipe.scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options)
@@ -939,7 +943,7 @@ class Engine:
             pipe.scheduler.noise_sampler_seed = list(run.seeds)  # the seeds, not ENSD's (as A1111)
         done_before = run.done
         phase = 0  # the prompt phase the next model call reads
-        refiner_call = self._refiner_call(request, steps, schedule, sampler)
+        refiner_call = self._refiner_call(request, steps, schedule, sampler, hires_pass)
         weights = _part_weights(phases)
         control = run.control and ControlPass(run.control, pipe, steps, pipe.vae_scale_factor)
         skips = self._uncond_skips(request, steps, schedule, sampler, len(run.generators))
@@ -1056,7 +1060,7 @@ class Engine:
         run.hypernetworks = run.hires_hypernetworks
         return self._denoise(pipe, request, run, _hires_phases(request), request.hires_steps, schedule, start,
                              self._hires_extra_channels(size.final, latents, pictures, request), request.hires_sampler,
-                             request.hires_token_merging_ratio)
+                             request.hires_token_merging_ratio, hires_pass=True)
 
     def _start_noise(self, run: "_Run", size: tuple[int, int]) -> torch.Tensor:
         """Each image's noise at `size` (latent height, width), drawn from the run's generator as diffusers draws

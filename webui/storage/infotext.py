@@ -20,7 +20,7 @@ from webui.engine.samplers import BETA_ALPHA, BETA_BETA, UniPCOptions
 from webui.engine.soft_inpainting import DEFAULTS as SOFT_DEFAULTS, ENABLED_KEY as SOFT_INPAINTING_ENABLED
 from webui.engine.soft_inpainting import SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS
-from webui.schemas import canonical_randn_source
+from webui.schemas import HIRES_REFINER_PASSES, canonical_randn_source
 from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, SAME_CHECKPOINT, a1111_seed_resize, known_restorer
 
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -40,6 +40,13 @@ def _flag(value: str) -> bool:
     if word not in ("true", "false"):
         raise ValueError(f"{value.strip()[:20]!r} is neither True nor False")
     return word == "true"
+
+
+def _refiner_pass(value: str) -> str:
+    """A1111's Hires refiner value; ValueError for another, which a paste then skips."""
+    if value.strip() not in HIRES_REFINER_PASSES:
+        raise ValueError(f"{value.strip()[:20]!r} is none of {', '.join(HIRES_REFINER_PASSES)}")
+    return value.strip()
 
 
 # Infotext key -> GenerationRequest field, for the keys that map one to one ("model_hash" is no request
@@ -78,6 +85,7 @@ _REQUEST_FIELDS = {
     "Color correction": ("color_correction", _flag),
     "Refiner": ("refiner_checkpoint", str),  # its title, "name [short hash]", which finds it as a model name does
     "Refiner switch at": ("refiner_switch_at", float),
+    "Hires refiner": ("hires_fix_refiner_pass", _refiner_pass),
     "Skip Early CFG": ("skip_early_cond", float),
     "NGMS": ("s_min_uncond", float),
     "NGMS all steps": ("s_min_uncond_all", _flag),
@@ -116,7 +124,7 @@ UNIPC_DEFAULTS = dict(zip(UNIPC_INFOTEXT_KEYS, astuple(UniPCOptions())))
 # offers those that differ from the Settings tab's in the page's Override settings, for the page's runs only.
 SETTING_KEYS = {"emphasis": "Emphasis", "face_restoration_model": "Face restoration",
                 "inpainting_mask_weight": "Conditional mask weight", "sdxl_clip_l_skip": "Clip skip SDXL",
-                "img2img_fix_steps": "Img2img exact steps"}
+                "img2img_fix_steps": "Img2img exact steps", "hires_fix_refiner_pass": "Hires refiner"}
 
 def quote(value: Any) -> str:
     # A float in full (7.1234567 reads back as itself), without ".0" for whole numbers ("CFG scale: 7").

@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from webui.engine.preview import PREVIEW_METHODS
 from webui.engine.prompts import EMPHASIS_MODES
-from webui.schemas import (DEFAULT_CODEFORMER_WEIGHT, DEFAULT_FACE_RESTORER, FACE_RESTORERS, InvalidRequest,
-                           RandnSource, canonical_randn_source)
+from webui.schemas import (DEFAULT_CODEFORMER_WEIGHT, DEFAULT_FACE_RESTORER, FACE_RESTORERS, HiresRefinerPass,
+                           InvalidRequest, RandnSource, canonical_randn_source)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ class SavedOptions(BaseModel):
                                           "where it draws, 0 to 1 (below 1 it keeps more of the picture)")
     sdxl_clip_l_skip: bool = Field(False, description="Clip skip SDXL: SDXL models read Clip skip in their first "
                                    "text encoder (CLIP-L); off, they ignore it")
+    hires_fix_refiner_pass: HiresRefinerPass = Field("second pass", description="Hires fix: which pass to enable "
+                                                     "refiner for: first pass, second pass or both passes")
     img2img_fix_steps: bool = Field(False, description="img2img runs exactly its steps, as the last of a schedule "
                                     "of steps / denoising strength (off: steps x strength of them run)")
     save_images_before_highres_fix: bool = Field(False, description="also save each picture as the first pass left "

@@ -60,9 +60,10 @@ TXT2IMG_FIELDS = (*COMMON_FIELDS, "batch_size", *HIRES_FIELDS)
 _INDEXED_CHOICES = {"inpainting_mask_invert": MASK_MODES, "inpainting_fill": MASKED_CONTENT,
                     "inpaint_full_res": INPAINT_AREAS, "controlnet_resize_mode": CN_RESIZE_MODES}
 TAB_FIELDS = {"txt2img": TXT2IMG_FIELDS, "img2img": IMG2IMG_FIELDS}
-# The Settings tab's options a pasted infotext may override on each tab (txt2img runs no img2img steps).
+# The Settings tab's options a pasted infotext may override on each tab (txt2img runs no img2img steps, img2img no
+# hires fix).
 TAB_SETTINGS = {"txt2img": tuple(name for name in SETTING_KEYS if name != "img2img_fix_steps"),
-                "img2img": tuple(SETTING_KEYS)}
+                "img2img": tuple(name for name in SETTING_KEYS if name != "hires_fix_refiner_pass")}
 
 
 # What the page calls each request field, for messages: "Batch count", not "n_iter".

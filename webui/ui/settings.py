@@ -9,7 +9,7 @@ import gradio as gr
 
 from webui.engine.preview import PREVIEW_METHODS
 from webui.engine.prompts import EMPHASIS_MODES
-from webui.schemas import FACE_RESTORERS, RANDN_SOURCES, SAVE_SETTINGS, InvalidRequest
+from webui.schemas import FACE_RESTORERS, HIRES_REFINER_PASSES, RANDN_SOURCES, SAVE_SETTINGS, InvalidRequest
 from webui.storage.filenames import DEFAULT_FOLDER_PATTERN, DEFAULT_PATTERN, TAGS
 from webui.storage.options import IMAGE_FORMATS, OPTION_KEYS, OptionsStore, SavedOptions, SettingsFrozen
 
@@ -26,6 +26,7 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "inpainting_mask_weight": "Inpainting conditioning mask strength", "sdxl_clip_l_skip": "Clip skip SDXL",
           "randn_source": "Random number generator source",
           "img2img_fix_steps": "With img2img, do exactly the amount of steps the slider specifies",
+          "hires_fix_refiner_pass": "Hires fix: which pass to enable refiner for",
           "save_images_before_highres_fix": "Save a copy of image before applying highres fix",
           "save_images_before_face_restoration": "Save a copy of image before doing face restoration",
           "save_images_before_color_correction": "Save a copy of image before applying color correction to img2img "
@@ -169,6 +170,11 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
             current.sdxl_clip_l_skip, label=LABELS["sdxl_clip_l_skip"],
             info="SDXL models read Clip skip in their first text encoder (CLIP-L); off, they ignore it",
             elem_id="settings_sdxl_clip_l_skip", interactive=editable),
+        "hires_fix_refiner_pass": gr.Radio(
+            list(HIRES_REFINER_PASSES), value=current.hires_fix_refiner_pass, label=LABELS["hires_fix_refiner_pass"],
+            info="with the hires fix, the pass a refiner takes over in at its switch; after the first pass's switch "
+                 "the second runs on the refiner whole", elem_id="settings_hires_fix_refiner_pass",
+            interactive=editable),
         "img2img_fix_steps": gr.Checkbox(
             current.img2img_fix_steps, label=LABELS["img2img_fix_steps"],
             info="off: steps x denoising strength of them run, as A1111 by default", elem_id="settings_img2img_fix_steps",
