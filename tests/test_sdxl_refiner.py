@@ -170,8 +170,8 @@ def test_the_scores_change_the_refined_picture(engine):
 
 
 def test_the_refiner_runs_an_img2img_pass_from_its_start_and_the_hires_pass_after_it(engine, refiner_calls):
-    """img2img starting past the switch: the whole pass is the refiner's; with the hires fix, its pass is the
-    refiner's too (A1111's order), at the hires size."""
+    """img2img starting past the switch: the whole pass is the refiner's; with the hires fix and the refiner in the
+    first pass, the hires pass is the refiner's too (A1111's order), at the hires size."""
     picture = noise_picture(4)
     request = GenerationRequest(prompt="a red apple", steps=4, denoising_strength=0.5, init_image=image_sha1(picture),
                                 refiner_checkpoint=REFINER, refiner_switch_at=0.3)
@@ -180,7 +180,7 @@ def test_the_refiner_runs_an_img2img_pass_from_its_start_and_the_hires_pass_afte
     assert all(time_ids.tolist() == [[64, 64, 0, 0, 2.5], [64, 64, 0, 0, 6.0]] for _, _, time_ids in refiner_calls)
     refiner_calls.clear()
     draw(engine, [4], steps=2, refiner_checkpoint=REFINER, refiner_switch_at=0.5, enable_hr=True, hr_scale=1.5,
-         denoising_strength=0.5)
+         denoising_strength=0.5, hires_fix_refiner_pass="first pass")
     sizes = [tuple(time_ids[0, :2].tolist()) for _, _, time_ids in refiner_calls]
     assert sizes[0] == (64, 64) and sizes[-1] == (96, 96)
     assert all(time_ids[:, 4].tolist() == [2.5, 6.0] for _, _, time_ids in refiner_calls)
