@@ -196,6 +196,8 @@ class GenerationRequest(BaseModel):
     s_min_uncond: float = Field(0.0, ge=0.0, le=MAX_NGMS, description="NGMS (Negative Guidance minimum sigma): below "
                                 "this noise level every other model call leaves the negative prompt out, which is "
                                 "faster (0: off; A1111's s_min_uncond)")
+    sgm_noise_multiplier: bool = Field(False, description="A1111's SGM noise multiplier: txt2img on a k-diffusion "
+                                       "sampler starts from noise of sqrt(1 + sigma0²), as the SGM code, not sigma0")
     s_min_uncond_all: bool = Field(False, description="NGMS leaves the negative prompt out of every call below its "
                                                       "sigma, not every other one")
     skip_early_cond: float = Field(0.0, ge=0.0, le=1.0, description="Skip Early CFG: the part of the steps, from the "
@@ -536,6 +538,13 @@ class GenerationRequest(BaseModel):
     @property
     def unipc_options(self) -> UniPCOptions:
         return UniPCOptions(self.uni_pc_variant, self.uni_pc_order, self.uni_pc_lower_order_final)
+
+    @property
+    def uses_sgm_noise_multiplier(self) -> bool:
+        """Whether A1111's SGM noise multiplier changes the run: txt2img's first pass on a k-diffusion sampler (A1111
+        applies it there alone, and writes its infotext key then)."""
+        return (self.sgm_noise_multiplier and not self.is_img2img
+                and get_sampler(resolve_sampler(self.sampler_name, self.scheduler)[0]).k_diffusion)
 
     @property
     def uses_unipc(self) -> bool:

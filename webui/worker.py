@@ -970,6 +970,7 @@ class Worker:
             "Color correction": True if request.color_correction and request.is_img2img else None,
             "Noise multiplier": request.initial_noise_multiplier
             if request.initial_noise_multiplier != 1 and request.is_img2img else None,
+            "SGM noise multiplier": True if request.uses_sgm_noise_multiplier else None,
             "Extra noise": (request.img2img_extra_noise or None) if request.is_img2img or request.enable_hr else None,
             "Pad conds": True if self.engine.pads_prompts(request) else None,
             "Emphasis": _emphasis_infotext(request),

@@ -89,6 +89,16 @@ def _set_face_restore(request: dict, value: str) -> None:
     request["restore_faces"] = chosen in ("codeformer", "gfpgan", "true", "yes", "y", "1")
 
 
+def _flag_setter(field: str) -> Callable[[dict, Any], None]:
+    """An on/off axis, its values True or False as A1111's (any case); another value is refused."""
+    def apply(request: dict, value: str) -> None:
+        word = value.strip().lower()
+        if word not in ("true", "false"):
+            raise ValueError(f"{value.strip()[:20]!r} is neither True nor False")
+        request[field] = word == "true"
+    return apply
+
+
 AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Nothing", "text", lambda request, value: None),
     AxisType("Seed", "int", _setter("seed")),
@@ -131,6 +141,7 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("RNG source", "text", _setter("randn_source")),  # CPU, NV, or A1111's GPU (read as NV)
     AxisType("Cond. Image Mask Weight", "float", _setter("inpainting_mask_weight"), tab="img2img"),
     AxisType("UniPC Order", "int", _setter("uni_pc_order")),
+    AxisType("SGM noise multiplier", "text", _flag_setter("sgm_noise_multiplier")),
 )}
 
 

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import gc
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -745,6 +746,17 @@ class Engine:
         """The loaded model's sigma at each training timestep, smallest first."""
         return model_sigmas(self._scheduler("Euler", "Automatic"))
 
+    def _start_noise_factor(self, request: GenerationRequest) -> float:
+        """What txt2img's unit noise is multiplied by besides the scheduler's start level: 1, or with A1111's SGM noise
+        multiplier on (a k-diffusion sampler; others start from their own level) what makes the start sqrt(1 + sigma0²)
+        in place of sigma0, as the SGM code starts."""
+        if not request.uses_sgm_noise_multiplier:
+            return 1.0
+        scheduler = self._scheduler(request.sampler_name, request.scheduler, shape=request.schedule_shape)
+        scheduler.set_timesteps(request.steps)
+        first = float(scheduler.sigmas[0])
+        return math.sqrt(1.0 + first ** 2) / float(scheduler.init_noise_sigma)
+
     def _timestep_dtype(self, sampler_name: str, schedule: str, steps: int) -> torch.dtype:
         scheduler = self._scheduler(sampler_name, schedule)
         scheduler.set_timesteps(steps)
@@ -809,7 +821,7 @@ class Engine:
                 noise = self._start_noise(run, (height // factor, width // factor))
                 extra = self._extra_channels((width, height), init_image, inpainting, request)
                 if init_image is None:
-                    start = {"width": width, "height": height, "latents": noise}
+                    start = {"width": width, "height": height, "latents": noise * self._start_noise_factor(request)}
                     latents = self._denoise(self.pipe, request, run, _phases(request), request.steps, request.steps,
                                             start, extra)
                 else:

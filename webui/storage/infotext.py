@@ -89,6 +89,7 @@ _REQUEST_FIELDS = {
     "Skip Early CFG": ("skip_early_cond", float),
     "NGMS": ("s_min_uncond", float),
     "NGMS all steps": ("s_min_uncond_all", _flag),
+    "SGM noise multiplier": ("sgm_noise_multiplier", _flag),
     "Noise multiplier": ("initial_noise_multiplier", float),
     "Image CFG scale": ("image_cfg_scale", float),
     "Conditional mask weight": ("inpainting_mask_weight", float),
@@ -242,7 +243,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["restore_faces"] = "Face restoration" in params
         # Left out when off: a picture made without them is made again without them.
         fields["skip_early_cond"] = fields["s_min_uncond"] = 0.0
-        fields["s_min_uncond_all"] = False
+        fields["s_min_uncond_all"] = fields["sgm_noise_multiplier"] = False
         fields["initial_noise_multiplier"] = 1.0
         fields["img2img_extra_noise"] = 0.0
         fields |= STEP_DEFAULTS | {"eta_noise_seed_delta": 0}

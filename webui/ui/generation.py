@@ -138,6 +138,7 @@ class GenerationActions(SeveralRuns):
                  controlnet_resize_mode: int = 1, controlnet_processor_res: int = 512,
                  controlnet_threshold_a: float = 100.0, controlnet_threshold_b: float = 200.0,
                  controlnet_pixel_perfect: bool = False, s_min_uncond: float = 0.0, s_min_uncond_all: bool = False,
+                 sgm_noise_multiplier: bool = False,
                  skip_early_cond: float = 0.0, initial_noise_multiplier: float = 1.0, image_cfg_scale: float = 1.5,
                  img2img_extra_noise: float = 0.0, token_merging_ratio: float = 0.0,
                  token_merging_ratio_hr: float = 0.0, eta_ddim: float = 0.0, eta_ancestral: float = 1.0,
@@ -172,6 +173,7 @@ class GenerationActions(SeveralRuns):
             "styles": list(styles or []), "tiling": bool(tiling), "restore_faces": bool(restore_faces),
             "s_min_uncond": s_min_uncond or 0.0,
             "s_min_uncond_all": bool(s_min_uncond_all), "skip_early_cond": skip_early_cond or 0.0,
+            "sgm_noise_multiplier": bool(sgm_noise_multiplier),
             "img2img_extra_noise": img2img_extra_noise or 0.0,
             "token_merging_ratio": token_merging_ratio or 0.0,
             # a number box emptied by the user reads as None: its default
@@ -822,6 +824,10 @@ def sampler_parameters_section(kind: str) -> dict[str, Any]:
         widgets["s_min_uncond_all"] = gr.Checkbox(False, label="Negative Guidance minimum sigma all steps",
                                                   info="every step below that sigma, not every other one",
                                                   elem_id=f"{kind}_s_min_uncond_all")
+        if kind == "txt2img":  # A1111 applies it to txt2img's start noise alone
+            widgets["sgm_noise_multiplier"] = gr.Checkbox(
+                False, label="SGM noise multiplier", elem_id="txt2img_sgm_noise_multiplier",
+                info="a k-diffusion sampler starts from noise of sqrt(1 + sigma²), as SGM's own code, not sigma")
         widgets["img2img_extra_noise"] = gr.Slider(
             0, 1, value=0, step=0.01, label="Extra noise multiplier for img2img and hires fix",
             info="that much more of the start noise, where a pass starts from a picture (0: none)",

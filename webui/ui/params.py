@@ -55,7 +55,7 @@ NO_REFINER = "None"
 # The hires fix's sampler and schedule type when they are the first pass's (A1111's words).
 SAME_SAMPLER, SAME_SCHEDULE = "Use same sampler", "Use same scheduler"
 # txt2img's Denoising strength is its hires fix's.
-TXT2IMG_FIELDS = (*COMMON_FIELDS, "batch_size", *HIRES_FIELDS)
+TXT2IMG_FIELDS = (*COMMON_FIELDS, "batch_size", *HIRES_FIELDS, "sgm_noise_multiplier")
 # Fields whose widget is a list of choices picked by their index: the widget takes the choice's label.
 _INDEXED_CHOICES = {"inpainting_mask_invert": MASK_MODES, "inpainting_fill": MASKED_CONTENT,
                     "inpaint_full_res": INPAINT_AREAS, "controlnet_resize_mode": CN_RESIZE_MODES}
@@ -71,7 +71,7 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "scheduler": "Schedule type", "steps": "Sampling steps", "cfg_scale": "CFG scale", "width": "Width",
                 "height": "Height", "seed": "Seed", "n_iter": "Batch count", "batch_size": "Batch size",
                 "clip_skip": "Clip skip", "tiling": "Tiling", "restore_faces": "Restore faces", "skip_early_cond": "Ignore negative prompt during early sampling",
-                "s_min_uncond": "Negative Guidance minimum sigma", "initial_noise_multiplier": "Noise multiplier for img2img",
+                "s_min_uncond": "Negative Guidance minimum sigma", "sgm_noise_multiplier": "SGM noise multiplier", "initial_noise_multiplier": "Noise multiplier for img2img",
                 "image_cfg_scale": "Image CFG Scale",
                 "img2img_extra_noise": "Extra noise multiplier for img2img and hires fix", "s_min_uncond_all": "Negative Guidance minimum sigma all steps",
                 "eta_ddim": "Eta for DDIM", "eta_ancestral": "Eta for ancestral samplers", "s_churn": "Sigma churn",
