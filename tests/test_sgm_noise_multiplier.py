@@ -29,7 +29,7 @@ def first_sigma() -> float:
 
 @pytest.fixture
 def first_unet_input(monkeypatch):
-    """The sample of the first UNet call of each run from now on."""
+    """The sample of every UNet call from now on (a run's first is its first)."""
     seen, real = [], UNet2DConditionModel.forward
 
     def forward(self, sample, *args, **kwargs):
@@ -54,6 +54,16 @@ def test_euler_starts_from_sqrt_1_plus_sigma_squared_times_the_noise(engine, fir
     # The UNet sees the start latents over sqrt(sigma0² + 1): sigma0 x noise before, sqrt(1 + sigma0²) x noise now.
     torch.testing.assert_close(sgm, plain * (math.sqrt(1 + sigma ** 2) / sigma), rtol=1e-5, atol=1e-6)
     assert not torch.equal(sgm, plain)
+
+
+def test_dpm_2m_which_steps_unit_variance_latents_starts_from_the_same_unit_noise(engine, first_unet_input):
+    # Its scheduler steps x / sqrt(1 + sigma²) and gives the UNet that unscaled: SGM's start is the unit noise itself,
+    # which Euler with the multiplier gives its UNet too (sqrt(1 + sigma0²) x noise over sqrt(sigma0² + 1)).
+    draw(engine, sampler_name="Euler", sgm_noise_multiplier=True)
+    euler = first_unet_input[0]
+    first_unet_input.clear()
+    draw(engine, sampler_name="DPM++ 2M", sgm_noise_multiplier=True)
+    torch.testing.assert_close(first_unet_input[0], euler, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("fields", [{"sampler_name": "DDIM"}, {"sampler_name": "UniPC"},
