@@ -302,9 +302,17 @@ def test_a_resume_that_found_nothing_leaves_generate_greyed_for_a_click_whose_jo
     # Clicked during the page load: the click greyed Generate out, and its run has not yet given the session a
     # job when the resume chain ends; making Generate clickable there left it so for the whole run.
     session = Session()
+    assert is_skip(resume_button(ui)(session, "new-token"))
     assert all(is_skip(value) for value in next(event(ui, "resume")(session, "new-token"))[1:])
     assert session.job_id is None
     assert is_skip(after(ui, "resume")(session))
+
+
+def resume_button(ui):
+    """txt2img's page-load step that greys Generate out where the tab has a job to resume."""
+    [wiring] = [fn for fn in ui.blocks.fns.values() if getattr(fn.fn, "__name__", "") == "resume_button"
+                and [block.elem_id for block in fn.outputs] == ["txt2img_generate"]]
+    return wiring.fn
 
 
 def test_a_resumed_job_gives_generate_back_when_it_ends(ui, ui_services):
@@ -314,6 +322,7 @@ def test_a_resumed_job_gives_generate_back_when_it_ends(ui, ui_services):
     worker = ui_services.worker
     wait_for(lambda: session.job_id and worker.get(session.job_id).progress.step > 0, what="job running")
     reloaded = Session()
+    assert resume_button(ui)(reloaded, "tab-with-a-job").interactive is False
     following = event(ui, "resume")(reloaded, "tab-with-a-job")
     next(following)
     assert after(ui, "resume")(reloaded).interactive is False  # still running
@@ -324,20 +333,33 @@ def test_a_resumed_job_gives_generate_back_when_it_ends(ui, ui_services):
     assert after(ui, "resume")(reloaded).interactive is True
 
 
+def test_a_job_that_ends_between_greying_and_resuming_gives_generate_back(ui, ui_services):
+    # The reload came as the run ended: resume_button saw it running and greyed Generate out, resume found it done.
+    session = Session()
+    session.tab = "tab-ending"
+    thread, _ = run_in_thread(ui, session, steps=150, n_iter=1)
+    worker = ui_services.worker
+    wait_for(lambda: session.job_id and worker.get(session.job_id).progress.step > 0, what="job running")
+    reloaded = Session()
+    assert resume_button(ui)(reloaded, "tab-ending").interactive is False
+    worker.cancel(session.job_id)
+    thread.join(30)
+    assert all(is_skip(value) for value in next(event(ui, "resume")(reloaded, "tab-ending"))[1:])
+    assert after(ui, "resume")(reloaded).interactive is True
+
+
 def test_a_page_load_greys_generate_out_only_where_the_tab_has_a_job_to_resume(ui, ui_services):
     # Greyed out on every load, a Generate clicked while the page still loads was lost (the click on a greyed button).
-    [wiring] = [fn for fn in ui.blocks.fns.values() if getattr(fn.fn, "__name__", "") == "resume_button"
-                and [block.elem_id for block in fn.outputs] == ["txt2img_generate"]]
-    greyed = wiring.fn
-    assert is_skip(greyed("a-fresh-tab")) and is_skip(greyed(""))
+    greyed = resume_button(ui)
+    assert is_skip(greyed(Session(), "a-fresh-tab")) and is_skip(greyed(Session(), ""))
     session = Session()
     session.tab = "tab-with-a-job"
     thread, _ = run_in_thread(ui, session, steps=150, n_iter=1)
     worker = ui_services.worker
     wait_for(lambda: session.job_id and worker.get(session.job_id).progress.step > 0, what="job running")
     try:
-        assert greyed("tab-with-a-job").interactive is False
-        assert is_skip(greyed("another-tab"))
+        assert greyed(Session(), "tab-with-a-job").interactive is False
+        assert is_skip(greyed(Session(), "another-tab"))
     finally:
         worker.cancel(session.job_id)
         thread.join(30)

@@ -337,17 +337,17 @@ class GenerationActions(SeveralRuns):
         its progress and images come back, and Interrupt and Skip reach it. Outputs as generate()'s."""
         session.tab = tab or ""
         job = self.worker.unfinished_job_of(self._owner(session), self.kind) if session.tab else None
-        session.resumed = job is not None
         if job is None:
             yield session, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         session.start(job)
         yield from self._follow(session, job)
 
-    def resume_button(self, tab: str | None):
+    def resume_button(self, session: Session, tab: str | None):
         """Generate greyed out when the page loads in a tab whose job of this kind is still unfinished; else left
-        as it is (a click made meanwhile must count)."""
+        as it is (a click made meanwhile must count). The session notes which, for resumed_button."""
         job = self.worker.unfinished_job_of(self._owner_of_tab(tab), self.kind) if tab else None
+        session.resumed = job is not None  # State is handed on uncopied: the chain's next steps see this
         return busy_button() if job is not None else gr.skip()
 
     @classmethod
@@ -393,9 +393,9 @@ class GenerationActions(SeveralRuns):
         return gr.update(selected_index=session.selected) if session.seeds else gr.skip()
 
     def resumed_button(self, session: Session):
-        """Generate back at the end of a page-load resume, only where it followed a job (and so greyed Generate
-        out): one that found nothing leaves the button alone, since a Generate clicked during the page load may
-        have greyed it out for a job not yet submitted."""
+        """Generate back at the end of a page-load resume, only where resume_button greyed it out (the job may have
+        ended before resume looked again): one that found nothing leaves the button alone, since a Generate clicked
+        during the page load may have greyed it out for a job not yet submitted."""
         return self.generate_button(session) if session.resumed else gr.skip()
 
     def generate_button(self, session: Session) -> gr.Button:
@@ -1149,7 +1149,7 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
         generate_events = [follow_run(generate.click, actions.generate, [session, *request_inputs], api_name=kind)]
     # Greyed out only where there is a job to resume: a Generate clicked while the page loads is not lost.
     follow_run(tab_token.change, actions.resume, [session, tab_token], greyed=actions.resume_button,
-               greyed_inputs=[tab_token], ungreyed=actions.resumed_button, api_visibility="private")
+               greyed_inputs=[session, tab_token], ungreyed=actions.resumed_button, api_visibility="private")
     interrupt.click(actions.interrupt, inputs=[session], outputs=[], **_api(kind, "interrupt"), show_progress="hidden")
     skip.click(actions.skip, inputs=[session], outputs=[], **_api(kind, "skip"), show_progress="hidden")
     gallery.select(actions.select_image, inputs=[session], outputs=[session, infotext],

@@ -26,7 +26,7 @@ class Session:
     paths: list[str | None] = field(default_factory=list)  # the saved files; None where an image was not saved
     selected: int | None = None  # the gallery's selected index; None when none is selected
     interrupted: bool = False  # Interrupt came during a run of several jobs (a plot, a batch): start no more
-    resumed: bool = False  # the page load found this tab's job and followed it (so Generate is its to give back)
+    resumed: bool = False  # the page load found this tab's job and greyed Generate out (so it gives it back)
 
     def start(self, job: Job) -> None:
         self.job_id = job.id
