@@ -103,6 +103,28 @@ def test_cancel_a_running_job_stops_it_at_the_next_step(services):
     assert not services.worker.cancel(victim.id)  # already finished
 
 
+@pytest.mark.parametrize("by", ["setting", "request"])
+def test_save_incomplete_images_saves_what_interrupt_and_skip_cut_short(services, by):
+    # A1111's Save incomplete images: the Settings tab's, or the request's own (override_settings on the API)
+    if by == "setting":
+        services.options.update({"save_incomplete_images": True})
+    fields = {"save_incomplete_images": True} if by == "request" else {}
+    skipped = services.worker.submit(QUICK | fields | {"steps": 150, "n_iter": 2, "seed": 20})
+    wait_for(lambda: skipped.progress.step >= 2)
+    assert services.worker.skip(skipped.id) and skipped.wait(60) and skipped.state is JobState.DONE
+    cut = services.worker.submit(QUICK | fields | {"steps": 150, "seed": 30})
+    wait_for(lambda: cut.progress.step >= 2)
+    assert services.worker.cancel(cut.id) and cut.wait(30) and cut.state is JobState.CANCELLED
+    images = [*skipped.images, *cut.images]
+    assert [(im.seed, im.unfinished) for im in images] == [(20, True), (21, False), (30, True)]
+    assert all(im.path and Path(im.path).exists() for im in images)
+    with Image.open(cut.images[0].path) as saved:  # as it stood, with what was asked for (A1111 writes the same)
+        assert "Steps: 150" in read_infotext(saved) and "Seed: 30" in read_infotext(saved)
+    rows, count = services.history.list_images()
+    assert count == 3 and {row.seed for row in rows} == {20, 21, 30}
+    assert skipped.grid_path is None  # one finished picture: no grid, as before
+
+
 def test_a_job_cancelled_as_the_worker_takes_it_loads_no_model(services, monkeypatch):
     from webui.worker import Job
     from webui.schemas import parse_request

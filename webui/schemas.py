@@ -75,7 +75,8 @@ def canonical_randn_source(value: Any) -> Any:
 
 # A1111's settings that save more than the pictures: copies before a step, the mask, the start picture
 SAVE_SETTINGS = ("save_images_before_highres_fix", "save_images_before_face_restoration",
-                 "save_images_before_color_correction", "save_mask", "save_mask_composite", "save_init_img")
+                 "save_images_before_color_correction", "save_mask", "save_mask_composite", "save_init_img",
+                 "save_incomplete_images")
 # A1111's "Hires fix: which pass to enable refiner for"
 HIRES_REFINER_PASSES = ("first pass", "second pass", "both passes")
 HiresRefinerPass = Literal[HIRES_REFINER_PASSES]
@@ -319,6 +320,8 @@ class GenerationRequest(BaseModel):
                                              "transparent elsewhere")
     save_init_img: bool | None = Field(None, description="img2img: also save the picture it starts from, once, in "
                                        "outputs/init-images, named by the md5 of its pixels")
+    save_incomplete_images: bool | None = Field(None, description="also save the pictures an Interrupt or Skip cut "
+                                                "short, as they stood")
     send_images: bool = True
 
     @field_validator("randn_source", mode="before")

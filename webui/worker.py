@@ -991,6 +991,8 @@ class Worker:
         image = GeneratedImage(image=result.image, seed=result.seed, index=index, infotext=infotext, nsfw=result.nsfw,
                                unfinished=unfinished)
         job.images.append(image)  # first: whatever happens to the file, the user gets the picture
+        if request.save_images and unfinished and request.save_incomplete_images:  # as it stood, and no copies
+            self._save(job, image, width, height, seconds)
         if request.save_images and not unfinished:
             self._save_earlier(job, image, result.earlier, width, height)
             self._save(job, image, width, height, seconds)

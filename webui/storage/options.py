@@ -88,6 +88,8 @@ class SavedOptions(BaseModel):
                                       "transparent elsewhere (...-mask-composite)")
     save_init_img: bool = Field(False, description="img2img: also save the picture it starts from, once, as "
                                 "init-images/<the md5 of its pixels>.png in the outputs folder")
+    save_incomplete_images: bool = Field(False, description="also save the pictures an Interrupt or Skip cut short, "
+                                         "as they stood")
 
     live_previews_enable: bool = Field(True, description="show a live preview of the picture while it is denoised")
     show_progress_every_n_steps: int = Field(5, ge=-1, le=32, description="Live preview display period: a new "

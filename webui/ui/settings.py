@@ -32,8 +32,8 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "save_images_before_color_correction": "Save a copy of image before applying color correction to img2img "
                                                  "results",
           "save_mask": "For inpainting, save a copy of the greyscale mask",
-          "save_mask_composite": "For inpainting, save a masked composite", "save_init_img": "Save init images when "
-                                                                                             "using img2img",
+          "save_mask_composite": "For inpainting, save a masked composite",
+          "save_init_img": "Save init images when using img2img", "save_incomplete_images": "Save incomplete images",
           "live_previews_enable": "Show live previews of the created image",
           "show_progress_every_n_steps": "Live preview display period", "show_progress_type": "Live preview method"}
 
