@@ -315,12 +315,19 @@ def resume_button(ui):
     return wiring.fn
 
 
-def test_a_resumed_job_gives_generate_back_when_it_ends(ui, ui_services):
+def tab_job_running(ui, ui_services, tab: str) -> tuple[Session, threading.Thread]:
+    """A long txt2img job of the browser tab `tab`, started from the page and running; its session and thread."""
     session = Session()
-    session.tab = "tab-with-a-job"
+    session.tab = tab
     thread, _ = run_in_thread(ui, session, steps=150, n_iter=1)
     worker = ui_services.worker
     wait_for(lambda: session.job_id and worker.get(session.job_id).progress.step > 0, what="job running")
+    return session, thread
+
+
+def test_a_resumed_job_gives_generate_back_when_it_ends(ui, ui_services):
+    session, thread = tab_job_running(ui, ui_services, "tab-with-a-job")
+    worker = ui_services.worker
     reloaded = Session()
     assert resume_button(ui)(reloaded, "tab-with-a-job").interactive is False
     following = event(ui, "resume")(reloaded, "tab-with-a-job")
@@ -335,14 +342,10 @@ def test_a_resumed_job_gives_generate_back_when_it_ends(ui, ui_services):
 
 def test_a_job_that_ends_between_greying_and_resuming_gives_generate_back(ui, ui_services):
     # The reload came as the run ended: resume_button saw it running and greyed Generate out, resume found it done.
-    session = Session()
-    session.tab = "tab-ending"
-    thread, _ = run_in_thread(ui, session, steps=150, n_iter=1)
-    worker = ui_services.worker
-    wait_for(lambda: session.job_id and worker.get(session.job_id).progress.step > 0, what="job running")
+    session, thread = tab_job_running(ui, ui_services, "tab-ending")
     reloaded = Session()
     assert resume_button(ui)(reloaded, "tab-ending").interactive is False
-    worker.cancel(session.job_id)
+    ui_services.worker.cancel(session.job_id)
     thread.join(30)
     assert all(is_skip(value) for value in next(event(ui, "resume")(reloaded, "tab-ending"))[1:])
     assert after(ui, "resume")(reloaded).interactive is True
@@ -352,11 +355,8 @@ def test_a_page_load_greys_generate_out_only_where_the_tab_has_a_job_to_resume(u
     # Greyed out on every load, a Generate clicked while the page still loads was lost (the click on a greyed button).
     greyed = resume_button(ui)
     assert is_skip(greyed(Session(), "a-fresh-tab")) and is_skip(greyed(Session(), ""))
-    session = Session()
-    session.tab = "tab-with-a-job"
-    thread, _ = run_in_thread(ui, session, steps=150, n_iter=1)
+    session, thread = tab_job_running(ui, ui_services, "tab-with-a-job")
     worker = ui_services.worker
-    wait_for(lambda: session.job_id and worker.get(session.job_id).progress.step > 0, what="job running")
     try:
         assert greyed(Session(), "tab-with-a-job").interactive is False
         assert is_skip(greyed(Session(), "another-tab"))

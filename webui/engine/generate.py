@@ -753,11 +753,10 @@ class Engine:
         if not request.uses_sgm_noise_multiplier:
             return 1.0
         scheduler = self._scheduler(request.sampler_name, request.scheduler, shape=request.schedule_shape)
+        if hasattr(scheduler, "_sigma_to_alpha_sigma_t"):
+            return 1.0  # DPM++ 2M and its kin step x / sqrt(1 + sigma²): their unit-noise start is SGM's already
         scheduler.set_timesteps(request.steps)
-        wanted = math.sqrt(1.0 + float(scheduler.sigmas[0]) ** 2)  # in k-diffusion's scale, where x = x0 + sigma * noise
-        # DPM++ 2M and its kin step x / sqrt(1 + sigma²), where unit noise is that start already
-        scale = wanted if hasattr(scheduler, "_sigma_to_alpha_sigma_t") else 1.0
-        return wanted / (scale * float(scheduler.init_noise_sigma))
+        return math.sqrt(1.0 + float(scheduler.sigmas[0]) ** 2) / float(scheduler.init_noise_sigma)
 
     def _timestep_dtype(self, sampler_name: str, schedule: str, steps: int) -> torch.dtype:
         scheduler = self._scheduler(sampler_name, schedule)
