@@ -103,6 +103,26 @@ def test_cancel_a_running_job_stops_it_at_the_next_step(services):
     assert not services.worker.cancel(victim.id)  # already finished
 
 
+def test_the_add_to_infotext_switches_leave_their_keys_out(services):
+    every = finished_image(services).infotext
+    for key in ("Model hash: ", "Model: ", "Version: diffusers-webui"):
+        assert key in every
+    services.options.update({"add_model_hash_to_info": False, "add_model_name_to_info": False,
+                             "add_version_to_infotext": False})
+    image = finished_image(services)
+    bare = image.infotext
+    assert "Model hash" not in bare and "Model:" not in bare and "Version" not in bare
+    assert "Steps: 2" in bare and "Seed: 1" in bare  # the rest as before
+    with Image.open(image.path) as saved:  # the file says the same
+        assert read_infotext(saved) == bare
+
+
+def finished_image(services):
+    job = services.worker.submit(QUICK)
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    return job.images[0]
+
+
 @pytest.mark.parametrize("by", ["setting", "request"])
 def test_save_incomplete_images_saves_what_interrupt_and_skip_cut_short(services, by):
     # A1111's Save incomplete images: the Settings tab's, or the request's own (override_settings on the API)

@@ -53,7 +53,7 @@ from webui.storage.history import History
 from webui.storage.infotext import PROGRAM, UNIPC_INFOTEXT_KEYS, build_infotext
 from webui.storage.outputs import NamedCopy, OutputStore, make_grid
 from webui.sd_upscale import TileLayout, enlarge, tile_layout
-from webui.storage.options import OptionsStore
+from webui.storage.options import INFOTEXT_SWITCHES, OptionsStore
 from webui.storage.styles import StyleStore
 from webui.prompt_comments import PROMPT_FIELDS, without_comments
 from webui.training import TrainingRun
@@ -483,6 +483,11 @@ class Worker:
         except ControlNetError:  # deleted since the run: the name the job gave
             title = None
         return controlnet_infotext(request, title)
+
+    def _infotext_switched_off(self) -> dict[str, None]:
+        """The infotext keys the Settings tab's Add ... to infotext switches leave out (None leaves a key out)."""
+        options = self.options.current()
+        return {key: None for switch, key in INFOTEXT_SWITCHES.items() if not getattr(options, switch)}
 
     def _refiner_infotext(self, request: GenerationRequest) -> dict[str, Any]:
         """A1111's keys: the refiner's title ("name [short hash]") and where it took over."""
@@ -987,7 +992,7 @@ class Worker:
             "NSFW": "blacked out by the safety checker" if result.nsfw else None,
             **request.script_params,
             "Version": f"{PROGRAM} {__version__}",
-        })
+        } | self._infotext_switched_off())
         image = GeneratedImage(image=result.image, seed=result.seed, index=index, infotext=infotext, nsfw=result.nsfw,
                                unfinished=unfinished)
         job.images.append(image)  # first: whatever happens to the file, the user gets the picture

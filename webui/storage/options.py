@@ -54,6 +54,15 @@ class SavedOptions(BaseModel):
                                  ".txt file of save_txt is apart)")
     webp_lossless: bool = Field(False, description="save webp pictures losslessly (jpeg_quality is then how hard "
                                                    "it compresses)")
+    add_model_hash_to_info: bool = Field(True, description="the infotext names the model's hash (Model hash)")
+    add_model_name_to_info: bool = Field(True, description="the infotext names the model (Model)")
+    add_vae_hash_to_info: bool = Field(True, description="the infotext names a VAE file's hash (VAE hash)")
+    add_vae_name_to_info: bool = Field(True, description="the infotext names a VAE file (VAE)")
+    add_version_to_infotext: bool = Field(True, description="the infotext names this program and its version "
+                                          "(Version; without it a paste reads the text as another program's)")
+    lora_add_hashes_to_infotext: bool = Field(True, description="the infotext gives the LoRAs' hashes (Lora hashes)")
+    textual_inversion_add_hashes_to_infotext: bool = Field(True, description="the infotext gives the embeddings' "
+                                                           "hashes (TI hashes)")
     save_txt: bool = Field(False, description="also write the infotext into a .txt file of the same name beside "
                                               "each saved image and grid")
     enable_prompt_comments: bool = Field(True, description="a # in a prompt leaves the rest of its line out of what "
@@ -121,6 +130,11 @@ class SavedOptions(BaseModel):
 
 
 OPTION_KEYS = tuple(SavedOptions.model_fields)
+# A1111's switches for infotext keys, each -> the key it leaves out when off
+INFOTEXT_SWITCHES = {"add_model_hash_to_info": "Model hash", "add_model_name_to_info": "Model",
+                     "add_vae_hash_to_info": "VAE hash", "add_vae_name_to_info": "VAE",
+                     "add_version_to_infotext": "Version", "lora_add_hashes_to_infotext": "Lora hashes",
+                     "textual_inversion_add_hashes_to_infotext": "TI hashes"}
 
 
 class SettingsFrozen(Exception):

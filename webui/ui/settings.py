@@ -11,7 +11,8 @@ from webui.engine.preview import PREVIEW_METHODS
 from webui.engine.prompts import EMPHASIS_MODES
 from webui.schemas import FACE_RESTORERS, HIRES_REFINER_PASSES, RANDN_SOURCES, SAVE_SETTINGS, InvalidRequest
 from webui.storage.filenames import DEFAULT_FOLDER_PATTERN, DEFAULT_PATTERN, TAGS
-from webui.storage.options import IMAGE_FORMATS, OPTION_KEYS, OptionsStore, SavedOptions, SettingsFrozen
+from webui.storage.options import (IMAGE_FORMATS, INFOTEXT_SWITCHES, OPTION_KEYS, OptionsStore, SavedOptions,
+                                   SettingsFrozen)
 
 # Each setting's label, by its key (A1111's words).
 LABELS = {"samples_format": "File format for images", "grid_format": "File format for grids",
@@ -20,6 +21,11 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "grid_save_to_dirs": "Save grids to a subdirectory", "directories_filename_pattern": "Directory name pattern",
           "enable_pnginfo": "Write infotext to metadata of the generated image",
           "webp_lossless": "Use lossless compression for webp images",
+          "add_model_hash_to_info": "Add model hash to infotext", "add_model_name_to_info": "Add model name to infotext",
+          "add_vae_hash_to_info": "Add VAE hash to infotext", "add_vae_name_to_info": "Add VAE name to infotext",
+          "add_version_to_infotext": "Add program version to infotext",
+          "lora_add_hashes_to_infotext": "Add Lora hashes to infotext",
+          "textual_inversion_add_hashes_to_infotext": "Add Textual Inversion hashes to infotext",
           "save_txt": "Create a text file next to every image with generation parameters",
           "enable_prompt_comments": "Enable comments", "emphasis": "Emphasis mode",
           "face_restoration_model": "Face restoration model", "code_former_weight": "CodeFormer weight",
@@ -139,6 +145,8 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
         "webp_lossless": gr.Checkbox(current.webp_lossless, label=LABELS["webp_lossless"],
                                      info="the quality above then sets how hard it compresses",
                                      elem_id="settings_webp_lossless", interactive=editable),
+        **{key: gr.Checkbox(getattr(current, key), label=LABELS[key], elem_id=f"settings_{key}", interactive=editable)
+           for key in INFOTEXT_SWITCHES},
         "save_txt": gr.Checkbox(current.save_txt, label=LABELS["save_txt"], elem_id="settings_save_txt",
                                 interactive=editable),
         "enable_prompt_comments": gr.Checkbox(
