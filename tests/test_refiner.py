@@ -203,7 +203,8 @@ def test_the_api_takes_a1111s_refiner_fields(services):
         assert r.status_code == 422 and "refiner_checkpoint" in r.text
         # A1111's Hires fix: which pass to enable refiner for, by override_settings or an infotext's key
         hires = body | {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.5}
-        r = client.post("/sdapi/v1/txt2img", json=hires | {"override_settings": {"hires_fix_refiner_pass": "both passes"}})
+        both = {"override_settings": {"hires_fix_refiner_pass": "both passes"}}
+        r = client.post("/sdapi/v1/txt2img", json=hires | both)
         assert r.status_code == 200, r.text
         infotext = json.loads(r.json()["info"])["infotexts"][0]
         assert "Hires refiner: both passes" in infotext

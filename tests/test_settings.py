@@ -265,11 +265,11 @@ def test_the_settings_tab_saves_for_everyone_and_says_why_not(ui_settings):
 
 DIRS = (True, True, "[date]", True, False, *[True] * 7, False, True, "Original", "CPU", "CodeFormer", 0.5, 1.0, False,
         "second pass", False, False, False, False, False, False, False, False, True, 2, "Approx cheap")
-# the subfolders, the infotext in the files, lossy webp, the infotext's model, VAE, version and hashes, the text file, comments, emphasis, the random number source,
-# the face restorer and its weight, the inpainting conditioning mask strength, Clip skip SDXL, the refiner's hires
-# pass, exact img2img steps, the copies before the hires fix, face restoration and colour correction, the mask, the
-# masked composite, the init image, incomplete images, live previews: defaults; the preview period: the fixture's
-# --preview-every 2
+# the subfolders, the infotext in the files, lossy webp, the infotext's model, VAE, version and hashes, the text
+# file, comments, emphasis, the random number source, the face restorer and its weight, the inpainting conditioning
+# mask strength, Clip skip SDXL, the refiner's hires pass, exact img2img steps, the copies before the hires fix, face
+# restoration and colour correction, the mask, the masked composite, the init image, incomplete images, live previews:
+# defaults; the preview period: the fixture's --preview-every 2
 
 
 @pytest.fixture
@@ -357,7 +357,8 @@ def test_the_api_reads_and_sets_the_live_preview_options(services):
         refused = client.post("/sdapi/v1/options", json={"show_progress_every_n_steps": 40})
         assert refused.status_code == 422 and "show_progress_every_n_steps" in refused.text
         assert "less than or equal to 32" in refused.text
-        applied = client.post("/sdapi/v1/options", json={"show_progress_every_n_steps": 7, "live_previews_enable": False})
+        applied = client.post("/sdapi/v1/options", json={"show_progress_every_n_steps": 7,
+                                                          "live_previews_enable": False})
         assert applied.status_code == 200, applied.text
         options = client.get("/sdapi/v1/options").json()
         assert options["show_progress_every_n_steps"] == 7 and options["live_previews_enable"] is False
