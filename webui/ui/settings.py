@@ -107,6 +107,12 @@ def locked_because(options: OptionsStore, open_to_anyone: bool) -> str | None:
     return None
 
 
+def _checkboxes(keys, current: SavedOptions, editable: bool) -> dict[str, gr.Checkbox]:
+    """A plain checkbox, labelled as A1111 labels it, for each of these on/off settings."""
+    return {key: gr.Checkbox(getattr(current, key), label=LABELS[key], elem_id=f"settings_{key}", interactive=editable)
+            for key in keys}
+
+
 def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> SettingsTab:
     """The tab; read-only under --freeze-settings, or where anyone who finds the page could change everyone's
     settings (as History's Delete)."""
@@ -146,8 +152,7 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
         "webp_lossless": gr.Checkbox(current.webp_lossless, label=LABELS["webp_lossless"],
                                      info="the quality above then sets how hard it compresses",
                                      elem_id="settings_webp_lossless", interactive=editable),
-        **{key: gr.Checkbox(getattr(current, key), label=LABELS[key], elem_id=f"settings_{key}", interactive=editable)
-           for key in INFOTEXT_SWITCHES},
+        **_checkboxes(INFOTEXT_SWITCHES, current, editable),
         "save_txt": gr.Checkbox(current.save_txt, label=LABELS["save_txt"], elem_id="settings_save_txt",
                                 interactive=editable),
         "enable_prompt_comments": gr.Checkbox(
@@ -188,8 +193,7 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
             current.img2img_fix_steps, label=LABELS["img2img_fix_steps"],
             info="off: steps x denoising strength of them run, as A1111 by default", elem_id="settings_img2img_fix_steps",
             interactive=editable),
-        **{key: gr.Checkbox(getattr(current, key), label=LABELS[key], elem_id=f"settings_{key}", interactive=editable)
-           for key in SAVE_SETTINGS},
+        **_checkboxes(SAVE_SETTINGS, current, editable),
         "live_previews_enable": gr.Checkbox(current.live_previews_enable, label=LABELS["live_previews_enable"],
                                             elem_id="settings_live_previews_enable", interactive=editable),
         "show_progress_every_n_steps": gr.Slider(
