@@ -211,7 +211,7 @@ def test_a_model_override_is_undone_after_the_job_unless_asked_to_keep_it(client
     ({"alwayson_scripts": {"ADetailer": {"args": []}}}, "alwayson_scripts"),  # ControlNet is the one here
     ({"script_name": "SD upscale"}, "script_name"),  # an img2img script
     ({"script_name": "Controlnet m2m"}, "script_name"),  # not on this server
-    ({"script_name": "x/y/z plot", "script_args": [35, "1, 2"]}, "script_args[0] (x type)"),  # Always discard ...
+    ({"script_name": "x/y/z plot", "script_args": [40, "1, 2"]}, "script_args[0] (x type)"),  # FP8 mode
     ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "override_settings.CLIP_stop_at_last_layers"),
     ({"infotext": "cat\nSteps: 2, Sampler: Euler, Seed: 5, Clip skip: 50"}, "infotext (Clip skip)"),  # where it came from
 ])

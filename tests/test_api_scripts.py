@@ -149,7 +149,7 @@ def test_an_img2img_plot_runs_from_the_picture(client):
 
 
 @pytest.mark.parametrize("args, says", [
-    ([35, "1, 2"], "script_args[0] (x type): the axis 'Always discard next-to-last sigma' is not on this server"),
+    ([40, "1, 2"], "script_args[0] (x type): the axis 'FP8 mode' is not on this server"),
     ([STEPS, "1", [], 40, "a, b"], "script_args[3] (y type): the axis 'FP8 mode' is not on this server"),
     ([99, "1"], "script_args[0] (x type): no axis 99; txt2img's axes are 0 to 41"),
     ([STEPS, "a, b"], "script_args[1] (x values): 'a' is no whole number"),

@@ -19,8 +19,8 @@ from webui.controlnet import (CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RE
                               controlnet_problem)
 from webui.engine.hires import HIRES_UPSCALERS, MAX_SCHEDULE, hires_size, schedule_steps
 from webui.engine.prompts import EMPHASIS_MODES
-from webui.engine.samplers import (BETA_ALPHA, BETA_BETA, ENDS_SCHEDULES, MAX_UNIPC_ORDER, UNIPC_VARIANTS,
-                                  ScheduleShape, UniPCOptions, get_sampler, resolve_sampler)
+from webui.engine.samplers import (BETA_ALPHA, BETA_BETA, ENDS_SCHEDULES, MAX_UNIPC_ORDER, NOISE_SCHEDULES,
+                                  UNIPC_VARIANTS, ScheduleShape, UniPCOptions, get_sampler, resolve_sampler)
 from webui.engine.step_options import LIMITS as STEP_LIMITS
 from webui.engine.uncond_skip import MAX_NGMS
 from webui.engine.token_merging import MAX_RATIO as MAX_MERGING_RATIO
@@ -244,6 +244,12 @@ class GenerationRequest(BaseModel):
                              "(0: the model's, ~14.6)")
     rho: float = Field(0.0, ge=0.0, le=MAX_SCHEDULE_RHO, description="Schedule rho: how steeply Karras's noise "
                        "levels fall (0: its own 7; higher falls faster at first)")
+    always_discard_next_to_last_sigma: bool = Field(False, description="A1111's Always discard next-to-last sigma: a "
+                                                    "k-diffusion sampler runs a schedule of one step more, its "
+                                                    "next-to-last noise level left out (DPM2 and DPM2 a always do)")
+    sd_noise_schedule: Literal[NOISE_SCHEDULES] = Field("Default", description="A1111's Noise schedule for sampling: "
+                                                        "Default (the model's), or Zero Terminal SNR (its noise levels "
+                                                        "rescaled so that the first step starts from almost pure noise)")
     # A1111's UniPC settings (webui/engine/samplers.py UniPCOptions), read by the UniPC sampler alone
     uni_pc_variant: Literal[UNIPC_VARIANTS] = Field(UniPCOptions.variant, description="UniPC variant: bh1 or bh2 (A1111's "
                                                     "vary_coeff is not offered)")
@@ -535,8 +541,16 @@ class GenerationRequest(BaseModel):
 
     @property
     def schedule_shape(self) -> ScheduleShape:
-        """A1111's options that reshape the schedule types (the Beta schedule's alpha and beta, sigma range, rho)."""
-        return ScheduleShape(self.beta_dist_alpha, self.beta_dist_beta, self.sigma_min, self.sigma_max, self.rho)
+        """A1111's options that reshape the schedule (the Beta schedule's alpha and beta, sigma range, rho, the
+        next-to-last sigma's discard, the noise schedule)."""
+        return ScheduleShape(self.beta_dist_alpha, self.beta_dist_beta, self.sigma_min, self.sigma_max, self.rho,
+                             self.always_discard_next_to_last_sigma, self.sd_noise_schedule)
+
+    @property
+    def discards_penultimate_sigma(self) -> bool:
+        """Whether a pass's sampler leaves the next-to-last sigma out (A1111 writes it into the infotext then)."""
+        samplers = {self.sampler_name, self.hires_sampler[0] if self.enable_hr else self.sampler_name}
+        return any(self.schedule_shape.discards_penultimate(get_sampler(name)) for name in samplers)
 
     @property
     def unipc_options(self) -> UniPCOptions:

@@ -986,6 +986,8 @@ class Worker:
             "Beta schedule alpha": request.beta_dist_alpha if request.uses_beta_schedule else None,
             "Beta schedule beta": request.beta_dist_beta if request.uses_beta_schedule else None,
             **_schedule_range_infotext(request),
+            "Discard penultimate sigma": True if request.discards_penultimate_sigma else None,
+            "Noise Schedule": request.sd_noise_schedule if request.sd_noise_schedule != "Default" else None,
             **_unipc_infotext(request),
             "Lora hashes": self.engine.lora_hashes(request),
             "TI hashes": self.engine.ti_hashes(request),

@@ -141,6 +141,7 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("RNG source", "text", _setter("randn_source")),  # CPU, NV, or A1111's GPU (read as NV)
     AxisType("Cond. Image Mask Weight", "float", _setter("inpainting_mask_weight"), tab="img2img"),
     AxisType("UniPC Order", "int", _setter("uni_pc_order")),
+    AxisType("Always discard next-to-last sigma", "text", _flag_setter("always_discard_next_to_last_sigma")),
     AxisType("SGM noise multiplier", "text", _flag_setter("sgm_noise_multiplier")),
 )}
 

@@ -67,13 +67,14 @@ _IMG2IMG_INFOTEXT_FIELDS = _INFOTEXT_FIELDS + ("denoising_strength", "image_cfg_
 # else the `infotext` (option_fields)
 _OPTION_KEYS = {"s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps", "skip_early_cond": "Skip Early CFG",
                 "sgm_noise_multiplier": "SGM noise multiplier",
+                "always_discard_next_to_last_sigma": "Discard penultimate sigma", "sd_noise_schedule": "Noise Schedule",
                 "img2img_extra_noise": "Extra noise", "initial_noise_multiplier": "Noise multiplier"}
 _OPTION_KEYS |= {name: key for name, key in STEP_INFOTEXT_KEYS.items()} | {"eta_noise_seed_delta": "ENSD"}
 _OPTION_KEYS |= {"beta_dist_alpha": "Beta schedule alpha", "beta_dist_beta": "Beta schedule beta",
                  "sigma_min": "Schedule min sigma", "sigma_max": "Schedule max sigma", "rho": "Schedule rho"}
 _OPTION_KEYS |= UNIPC_INFOTEXT_KEYS
 _OPTION_FIELDS = ("s_min_uncond", "s_min_uncond_all", "skip_early_cond", "sgm_noise_multiplier", "img2img_extra_noise",
-                  *STEP_INFOTEXT_KEYS,
+                  "always_discard_next_to_last_sigma", "sd_noise_schedule", *STEP_INFOTEXT_KEYS,
                   "eta_noise_seed_delta", "beta_dist_alpha", "beta_dist_beta", "sigma_min", "sigma_max", "rho",
                   *UNIPC_INFOTEXT_KEYS,
                   # an SDXL refiner's aesthetic scores: no infotext key (A1111 writes none)

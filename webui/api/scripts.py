@@ -58,7 +58,7 @@ A1111_AXES = (
 )
 # The axes A1111 takes from a dropdown (its x_values_dropdown...) unless csv_mode: a list of its choices.
 _DROPDOWN_AXES = ("Sampler", "Hires sampler", "Checkpoint name", "Schedule type", "Hires upscaler", "VAE", "Styles",
-                  "Refiner checkpoint", "RNG source", "SGM noise multiplier")
+                  "Refiner checkpoint", "RNG source", "Always discard next-to-last sigma", "SGM noise multiplier")
 
 
 def a1111_axes(kind: str) -> list[str]:

@@ -38,6 +38,9 @@ class Sampler:
     # Ported from k-diffusion: A1111 runs it from the model's largest sigma, which diffusers' "leading"
     # timestep spacing (named by many SD configs, for DDIM and PLMS) would skip.
     k_diffusion: bool = False
+    # A1111's sampler table has it drop its schedule's next-to-last sigma, whatever Always discard next-to-last
+    # sigma says (DPM2 and DPM2 a)
+    discards_penultimate: bool = False
 
 
 NO_CUSTOM_SIGMAS = ("Automatic", "SGM Uniform")
@@ -48,9 +51,10 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("Euler", "EulerDiscreteScheduler", aliases=("k_euler",), k_diffusion=True),
     Sampler("LMS", "LMSDiscreteScheduler", aliases=("k_lms", "K-LMS"), k_diffusion=True),
     Sampler("Heun", "HeunDiscreteScheduler", aliases=("k_heun",), k_diffusion=True),
-    Sampler("DPM2", "KDPM2DiscreteScheduler", aliases=("k_dpm_2",), automatic="Karras", k_diffusion=True),
+    Sampler("DPM2", "KDPM2DiscreteScheduler", aliases=("k_dpm_2",), automatic="Karras", k_diffusion=True,
+            discards_penultimate=True),
     Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", aliases=("k_dpm_2_a",), automatic="Karras",
-            k_diffusion=True),
+            k_diffusion=True, discards_penultimate=True),
     Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
             aliases=("k_dpmpp_2m",), automatic="Karras", k_diffusion=True),
     Sampler("DPM++ SDE", "DPMSolverSDEScheduler", aliases=("k_dpmpp_sde",), automatic="Karras", k_diffusion=True),
@@ -165,16 +169,30 @@ def _canonical_schedule(schedule: str) -> str:
     return label
 
 
+NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")  # A1111's Noise schedule for sampling
+# A1111's last noise level of a zero-terminal-SNR schedule: a sigma of 4519 rather than an infinite one
+ZERO_SNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
+
+
 @dataclass(frozen=True)
 class ScheduleShape:
     """A1111's options that reshape the schedule types: the Beta schedule's alpha and beta; Schedule min and max
     sigma (0: the model's), where the types that span a range of sigmas (ENDS_SCHEDULES) begin and end; Schedule
-    rho (0: Karras's own 7)."""
+    rho (0: Karras's own 7); Always discard next-to-last sigma (k-diffusion samplers: a schedule of one step more,
+    its next-to-last level left out); Noise schedule for sampling (Zero Terminal SNR: the model's noise levels
+    rescaled so that the last is almost pure noise)."""
     beta_alpha: float = BETA_ALPHA
     beta_beta: float = BETA_BETA
     sigma_min: float = 0.0
     sigma_max: float = 0.0
     rho: float = 0.0
+    discard_penultimate: bool = False
+    noise_schedule: str = "Default"
+
+    def discards_penultimate(self, sampler: Sampler) -> bool:
+        """Whether a run of this sampler leaves its schedule's next-to-last sigma out (A1111: k-diffusion samplers
+        alone, where asked or where its sampler table says so)."""
+        return sampler.k_diffusion and (sampler.discards_penultimate or self.discard_penultimate)
 
     def ends(self, table: np.ndarray) -> np.ndarray:
         """The smallest and largest sigma a range-spanning schedule runs between: the model's unless set (ValueError
@@ -235,11 +253,64 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
     options.update(SCHEDULE_TYPES[schedule])
     if schedule == "KL Optimal" and _takes(scheduler_class, "final_sigmas_type"):
         options["final_sigmas_type"] = "sigma_min"  # its last level is the model's smallest sigma, not 0
-    scheduler = _starting_at_the_first_step(scheduler_class.from_config(base_config, **options))
     sigmas_for = _sigmas_function(schedule, sdxl, shape)
+    discard = shape.discards_penultimate(sampler)
+    if discard and not sigmas_for and "Uniform" in sampler.schedules:
+        # diffusers works these two out itself, for the steps asked alone: A1111's formulas can make one level more
+        sigmas_for = sgm_uniform_sigmas if schedule == "SGM Uniform" else uniform_sigmas
+        options.update(_CUSTOM)
+    scheduler = scheduler_class.from_config(_with_noise_schedule(base_config, shape.noise_schedule), **options)
+    if discard and sigmas_for:
+        sigmas_for = _without_the_penultimate_level(sigmas_for)
+    elif discard:
+        _running_without_the_penultimate_level(scheduler)  # Euler a, which takes no custom sigmas
+    scheduler = _starting_at_the_first_step(scheduler)
     if not sigmas_for:
         return scheduler
     return _with_custom_sigmas(scheduler, sigmas_for, shape.sigma_min if schedule in ENDS_SCHEDULES else 0.0)
+
+
+def _with_noise_schedule(base_config: dict[str, Any], noise_schedule: str) -> dict[str, Any]:
+    """The model's scheduler config under A1111's Noise schedule for sampling: as it is (Default), or with its noise
+    levels as betas rescaled to zero terminal SNR (every diffusers scheduler takes betas; not all can rescale)."""
+    if noise_schedule == "Default":
+        return base_config
+    return base_config | {"trained_betas": zero_terminal_snr_betas(base_config), "rescale_betas_zero_snr": False}
+
+
+def zero_terminal_snr_betas(base_config: dict[str, Any]) -> list[float]:
+    """A1111's Zero Terminal SNR: the square roots of the model's alpha bars moved to end at 0 and stretched to start
+    where they did, the last alpha bar then ZERO_SNR_LAST_ALPHA_BAR; as the betas that make them."""
+    import diffusers
+
+    plain = diffusers.DDPMScheduler.from_config(base_config | {"rescale_betas_zero_snr": False})
+    root = np.sqrt(np.asarray(plain.alphas_cumprod, dtype=np.float64))
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    alpha_bars = root ** 2
+    alpha_bars[-1] = ZERO_SNR_LAST_ALPHA_BAR
+    return (1 - alpha_bars / np.concatenate([[1.0], alpha_bars[:-1]])).tolist()
+
+
+def _without_the_penultimate_level(sigmas_for):
+    """A1111's discard of the next-to-last sigma: the schedule of one step more, its smallest level (the one before
+    the end) left out."""
+    return lambda steps, table: sigmas_for(steps + 1, table)[:-1]
+
+
+def _running_without_the_penultimate_level(scheduler) -> None:
+    """The same for a scheduler that works its sigmas out itself: it sets one step more, then drops the next-to-last
+    sigma and the last timestep."""
+    import torch
+
+    set_timesteps = scheduler.set_timesteps
+
+    def set_timesteps_one_more(num_inference_steps=None, *args, **kwargs):
+        set_timesteps(num_inference_steps + 1, *args, **kwargs)
+        scheduler.sigmas = torch.cat([scheduler.sigmas[:-2], scheduler.sigmas[-1:]])
+        scheduler.timesteps = scheduler.timesteps[:-1]
+        scheduler.num_inference_steps = num_inference_steps
+
+    scheduler.set_timesteps = set_timesteps_one_more
 
 
 def _takes(scheduler_class, option: str) -> bool:
@@ -307,6 +378,13 @@ def ays_sigmas(steps: int, levels: tuple[float, ...]) -> np.ndarray:
         return np.array(levels)
     logs = np.log(np.array(levels)[::-1])
     return np.exp(np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, len(levels)), logs))[::-1].copy()
+
+
+def sgm_uniform_sigmas(steps: int, table: np.ndarray) -> np.ndarray:
+    """Evenly spaced timesteps from the last towards the first, which a step more would reach, their sigmas
+    interpolated log-linearly (A1111's sgm_uniform; diffusers' "trailing" spacing, used but where a level is
+    discarded, rounds the timesteps instead)."""
+    return uniform_sigmas(steps + 1, table)[:-1]
 
 
 SIGMAS_OF = {"Uniform": uniform_sigmas, "Normal": uniform_sigmas, "Karras": karras_sigmas,

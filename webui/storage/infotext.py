@@ -16,7 +16,7 @@ from dataclasses import astuple
 from typing import Any
 
 from webui.controlnet import controlnet_fields
-from webui.engine.samplers import BETA_ALPHA, BETA_BETA, UniPCOptions
+from webui.engine.samplers import BETA_ALPHA, BETA_BETA, NOISE_SCHEDULES, UniPCOptions
 from webui.engine.soft_inpainting import DEFAULTS as SOFT_DEFAULTS, ENABLED_KEY as SOFT_INPAINTING_ENABLED
 from webui.engine.soft_inpainting import SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS
@@ -42,11 +42,14 @@ def _flag(value: str) -> bool:
     return word == "true"
 
 
-def _refiner_pass(value: str) -> str:
-    """A1111's Hires refiner value; ValueError for another, which a paste then skips."""
-    if value.strip() not in HIRES_REFINER_PASSES:
-        raise ValueError(f"{value.strip()[:20]!r} is none of {', '.join(HIRES_REFINER_PASSES)}")
-    return value.strip()
+def _one_of(choices: tuple[str, ...]):
+    """A value that must be one of A1111's choices (Hires refiner's passes, Noise Schedule's); ValueError for another,
+    which a paste then skips."""
+    def read(value: str) -> str:
+        if value.strip() not in choices:
+            raise ValueError(f"{value.strip()[:20]!r} is none of {', '.join(choices)}")
+        return value.strip()
+    return read
 
 
 # Infotext key -> GenerationRequest field, for the keys that map one to one ("model_hash" is no request
@@ -85,11 +88,13 @@ _REQUEST_FIELDS = {
     "Color correction": ("color_correction", _flag),
     "Refiner": ("refiner_checkpoint", str),  # its title, "name [short hash]", which finds it as a model name does
     "Refiner switch at": ("refiner_switch_at", float),
-    "Hires refiner": ("hires_fix_refiner_pass", _refiner_pass),
+    "Hires refiner": ("hires_fix_refiner_pass", _one_of(HIRES_REFINER_PASSES)),
     "Skip Early CFG": ("skip_early_cond", float),
     "NGMS": ("s_min_uncond", float),
     "NGMS all steps": ("s_min_uncond_all", _flag),
     "SGM noise multiplier": ("sgm_noise_multiplier", _flag),
+    "Discard penultimate sigma": ("always_discard_next_to_last_sigma", _flag),
+    "Noise Schedule": ("sd_noise_schedule", _one_of(NOISE_SCHEDULES)),
     "Noise multiplier": ("initial_noise_multiplier", float),
     "Image CFG scale": ("image_cfg_scale", float),
     "Conditional mask weight": ("inpainting_mask_weight", float),
@@ -244,6 +249,8 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         # Left out when off: a picture made without them is made again without them.
         fields["skip_early_cond"] = fields["s_min_uncond"] = 0.0
         fields["s_min_uncond_all"] = fields["sgm_noise_multiplier"] = False
+        fields["always_discard_next_to_last_sigma"] = False  # (DPM2 discards without it)
+        fields["sd_noise_schedule"] = "Default"
         fields["initial_noise_multiplier"] = 1.0
         fields["img2img_extra_noise"] = 0.0
         fields |= STEP_DEFAULTS | {"eta_noise_seed_delta": 0}

@@ -24,8 +24,8 @@ from PIL import Image
 from webui.engine.hires import HIRES_UPSCALERS, PICTURE_UPSCALERS
 from webui.engine.hypernetworks import HYPERNET_TAG
 from webui.engine.img2img import check_picture_size, size_from_image
-from webui.engine.samplers import (BETA_ALPHA, BETA_BETA, MAX_UNIPC_ORDER, SCHEDULE_TYPES, UNIPC_VARIANTS, UniPCOptions,
-                                  sampler_names)
+from webui.engine.samplers import (BETA_ALPHA, BETA_BETA, MAX_UNIPC_ORDER, NOISE_SCHEDULES, SCHEDULE_TYPES,
+                                  UNIPC_VARIANTS, UniPCOptions, sampler_names)
 from webui.engine.uncond_skip import MAX_NGMS
 from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS, LIMITS as STEP_LIMITS
 from webui.engine.models import ModelNotFound
@@ -147,6 +147,7 @@ class GenerationActions(SeveralRuns):
                  beta_dist_beta: float = BETA_BETA, randn_source: str = SETTINGS_SOURCE, sigma_min: float = 0.0,
                  sigma_max: float = 0.0, rho: float = 0.0, uni_pc_variant: str = UniPCOptions.variant,
                  uni_pc_order: int = UniPCOptions.order, uni_pc_lower_order_final: bool = UniPCOptions.lower_order_final,
+                 always_discard_next_to_last_sigma: bool = False, sd_noise_schedule: str = NOISE_SCHEDULES[0],
                  override_settings: list[str] | None = None) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
@@ -187,6 +188,8 @@ class GenerationActions(SeveralRuns):
             "sigma_min": sigma_min or 0.0, "sigma_max": sigma_max or 0.0, "rho": rho or 0.0,  # an emptied box: 0
             "uni_pc_variant": uni_pc_variant, "uni_pc_order": uni_pc_order,
             "uni_pc_lower_order_final": bool(uni_pc_lower_order_final),
+            "always_discard_next_to_last_sigma": bool(always_discard_next_to_last_sigma),
+            "sd_noise_schedule": sd_noise_schedule or NOISE_SCHEDULES[0],
         }
         if refiner and refiner_checkpoint not in (None, "", NO_REFINER):  # as A1111: ticked with none picked is off
             request |= {"refiner_checkpoint": refiner_checkpoint, "refiner_switch_at": refiner_switch_at}
@@ -854,6 +857,15 @@ def sampler_parameters_section(kind: str) -> dict[str, Any]:
                                              info="and start here (0: the model's)", elem_id=f"{kind}_sigma_max")
             widgets["rho"] = gr.Number(0, minimum=0, maximum=MAX_SCHEDULE_RHO, label="Schedule rho",
                                        info="Karras: higher falls faster at first (0: 7)", elem_id=f"{kind}_rho")
+        with gr.Row():
+            widgets["always_discard_next_to_last_sigma"] = gr.Checkbox(
+                False, label="Always discard next-to-last sigma", elem_id=f"{kind}_always_discard_next_to_last_sigma",
+                info="k-diffusion samplers run one step more and leave out the smallest noise level before the end "
+                     "(DPM2 and DPM2 a always do)")
+            widgets["sd_noise_schedule"] = gr.Radio(
+                list(NOISE_SCHEDULES), value=NOISE_SCHEDULES[0], label="Noise schedule for sampling",
+                elem_id=f"{kind}_sd_noise_schedule",
+                info="Zero Terminal SNR: the first step starts from almost pure noise, for models trained so")
         widgets |= unipc_widgets(kind)
     return widgets
 

@@ -33,8 +33,8 @@ CONTROLNET_FIELDS = ("controlnet_enabled", "controlnet_module", "controlnet_mode
 # A1111's sampler options both tabs have (Sampler parameters).
 SAMPLER_FIELDS = ("skip_early_cond", "s_min_uncond", "s_min_uncond_all", "img2img_extra_noise", "eta_ddim",
                   "eta_ancestral", "s_churn", "s_tmin", "s_tmax", "s_noise", "eta_noise_seed_delta", "beta_dist_alpha",
-                  "beta_dist_beta", "sigma_min", "sigma_max", "rho", "uni_pc_variant", "uni_pc_order",
-                  "uni_pc_lower_order_final")
+                  "beta_dist_beta", "sigma_min", "sigma_max", "rho", "always_discard_next_to_last_sigma",
+                  "sd_noise_schedule", "uni_pc_variant", "uni_pc_order", "uni_pc_lower_order_final")
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "seed_resize_from_w",
                  "seed_resize_from_h", "randn_source", "styles", "denoising_strength", "tiling", "restore_faces", "sd_vae", *PLOT_FIELDS,
@@ -79,7 +79,9 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise",
                 "eta_noise_seed_delta": "Eta noise seed delta", "beta_dist_alpha": "Beta schedule alpha",
                 "beta_dist_beta": "Beta schedule beta", "sigma_min": "Schedule min sigma",
-                "sigma_max": "Schedule max sigma", "rho": "Schedule rho", "uni_pc_variant": "UniPC variant",
+                "sigma_max": "Schedule max sigma", "rho": "Schedule rho",
+                "always_discard_next_to_last_sigma": "Always discard next-to-last sigma",
+                "sd_noise_schedule": "Noise schedule for sampling", "uni_pc_variant": "UniPC variant",
                 "uni_pc_order": "UniPC order", "uni_pc_lower_order_final": "UniPC lower order final", "color_correction": "Color correction", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
                 "subseed_strength": "Variation strength", "seed_resize_from_w": "Resize seed from width",
                 "seed_resize_from_h": "Resize seed from height", "randn_source": "Random number generator source",

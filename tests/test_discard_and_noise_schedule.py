@@ -1,0 +1,224 @@
+"""A1111's Always discard next-to-last sigma (and DPM2's own discard) and Noise schedule for sampling (Zero Terminal
+SNR): the schedules against A1111's formulas, and the options through the engine, the infotext, the API, the X/Y/Z
+plot and the page."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from fastapi.testclient import TestClient
+
+from tests.helpers import finished_job
+from tests.test_samplers import SD15_SCHEDULER, a1111_karras, a1111_uniform, log_linear_sigma, sd15_sigmas
+from webui.api import create_api_app
+from webui.engine.samplers import ScheduleShape, make_scheduler
+from webui.schemas import GenerationRequest
+from webui.storage.infotext import request_fields_from_infotext
+from webui.xyz_plot import AXIS_TYPES
+
+QUICK = {"prompt": "a red apple", "steps": 3, "seed": 21, "width": 64, "height": 64, "save_images": False}
+DISCARD = ScheduleShape(discard_penultimate=True)
+ZERO_SNR = ScheduleShape(noise_schedule="Zero Terminal SNR")
+
+
+def a1111_discarded(formula, steps: int) -> torch.Tensor:
+    """A1111's get_sigmas with the discard: the schedule of steps + 1, then its last level before the 0 left out."""
+    return formula(steps + 1, sd15_sigmas())[:-1]
+
+
+def a1111_sgm_uniform(steps, table):  # sd_schedulers.sgm_uniform: steps timesteps of steps + 1 from 999 towards 0
+    return log_linear_sigma(table, torch.linspace(len(table) - 1, 0, steps + 1, dtype=torch.float64)[:-1])
+
+
+def sigmas_of(sampler: str, schedule: str, steps: int, shape: ScheduleShape = DISCARD) -> torch.Tensor:
+    scheduler = make_scheduler(SD15_SCHEDULER, sampler, schedule, shape=shape)
+    scheduler.set_timesteps(steps)
+    return scheduler.sigmas.double()
+
+
+@pytest.mark.parametrize("sampler, schedule, formula", [
+    ("Euler", "Karras", a1111_karras), ("DPM++ 2M", "Karras", a1111_karras), ("LMS", "Uniform", a1111_uniform),
+    ("Euler", "Automatic", a1111_uniform),  # A1111's Automatic for Euler is k-diffusion's own (uniform) schedule
+    ("DPM++ 2M", "SGM Uniform", a1111_sgm_uniform)])
+@pytest.mark.parametrize("steps", [20, 7])
+def test_the_discard_runs_a1111s_schedule_of_one_step_more_without_its_next_to_last_level(sampler, schedule, formula,
+                                                                                         steps):
+    ours = sigmas_of(sampler, schedule, steps)
+    expected = a1111_discarded(formula, steps)
+    assert len(ours) == steps + 1 and float(ours[-1]) == 0, ours
+    torch.testing.assert_close(ours[:-1], expected, rtol=1e-3, atol=0)
+    assert not torch.allclose(sigmas_of(sampler, schedule, steps, ScheduleShape())[:-1], expected, rtol=1e-3)
+
+
+def test_a_second_order_sampler_keeps_its_midpoints_around_the_discarded_schedule():
+    ours = sigmas_of("Heun", "Karras", 10)
+    expected = a1111_discarded(a1111_karras, 10)
+    for level in expected:  # Heun repeats each level but the first for its second model call
+        assert torch.isclose(ours, level, rtol=1e-3).any(), float(level)
+    assert not torch.isclose(ours, a1111_karras(11, sd15_sigmas())[-1], rtol=1e-3).any()  # the discarded level
+
+
+def test_euler_a_which_takes_no_custom_sigmas_drops_the_level_from_its_own_schedule():
+    plain = make_scheduler(SD15_SCHEDULER, "Euler a")
+    plain.set_timesteps(11)  # diffusers' own schedule of one step more
+    discarding = make_scheduler(SD15_SCHEDULER, "Euler a", shape=DISCARD)
+    discarding.set_timesteps(10)
+    assert torch.equal(discarding.sigmas, torch.cat([plain.sigmas[:-2], plain.sigmas[-1:]]))
+    assert torch.equal(discarding.timesteps, plain.timesteps[:-1]) and len(discarding.timesteps) == 10
+
+
+@pytest.mark.parametrize("sampler", ["DPM2", "DPM2 a"])
+def test_dpm2_discards_whatever_the_option_says_as_in_a1111(sampler):
+    assert torch.equal(sigmas_of(sampler, "Karras", 12, ScheduleShape()), sigmas_of(sampler, "Karras", 12))
+    assert GenerationRequest(prompt="", sampler_name=sampler).discards_penultimate_sigma
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "UniPC", "PLMS", "LCM"])
+def test_samplers_that_are_not_k_diffusions_ignore_it(sampler):
+    plain, asked = (make_scheduler(SD15_SCHEDULER, sampler, shape=shape) for shape in (ScheduleShape(), DISCARD))
+    plain.set_timesteps(8)
+    asked.set_timesteps(8)
+    assert torch.equal(plain.timesteps, asked.timesteps)
+    assert not GenerationRequest(prompt="", sampler_name=sampler,
+                                 always_discard_next_to_last_sigma=True).discards_penultimate_sigma
+
+
+def test_the_request_says_whether_a_pass_discards():
+    def discards(**fields) -> bool:
+        return GenerationRequest(prompt="", **fields).discards_penultimate_sigma
+
+    assert not discards(sampler_name="Euler")
+    assert discards(sampler_name="Euler", always_discard_next_to_last_sigma=True)
+    assert discards(sampler_name="Euler", enable_hr=True, hr_sampler_name="DPM2")  # the hires pass's sampler
+    assert not discards(sampler_name="DDIM", enable_hr=True, always_discard_next_to_last_sigma=True)
+
+
+def a1111_zero_snr_alpha_bars() -> torch.Tensor:
+    """sd_models.rescale_zero_terminal_snr_abar on SD's alpha bars."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    root = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    alpha_bars = root ** 2
+    alpha_bars[-1] = 4.8973451890853435e-08
+    return alpha_bars
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M", "LMS", "DDIM", "UniPC", "DPM2", "LCM"])
+def test_zero_terminal_snr_gives_every_sampler_a1111s_rescaled_noise_levels(sampler):
+    scheduler = make_scheduler(SD15_SCHEDULER, sampler, shape=ZERO_SNR)
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), a1111_zero_snr_alpha_bars(), rtol=2e-4, atol=0)
+    default = make_scheduler(SD15_SCHEDULER, sampler)
+    assert float(default.alphas_cumprod[-1]) == pytest.approx(0.0047, rel=0.01)  # SD's own: sigma 14.6
+
+
+def test_zero_terminal_snr_starts_karras_at_its_largest_sigma():
+    expected = math.sqrt((1 - 4.8973451890853435e-08) / 4.8973451890853435e-08)  # 4518.8
+    assert float(sigmas_of("Euler", "Karras", 10, ZERO_SNR)[0]) == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.fixture
+def unet_calls(monkeypatch):
+    """(sample, timestep) of every UNet call from now on."""
+    seen, real = [], UNet2DConditionModel.forward
+
+    def forward(self, sample, timestep, *args, **kwargs):
+        seen.append((sample.detach().clone(), float(timestep.flatten()[0]) if torch.is_tensor(timestep) else timestep))
+        return real(self, sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    return seen
+
+
+def draw(engine, **fields):
+    return engine.generate(GenerationRequest(**QUICK | fields), [21])
+
+
+def test_a_discarding_run_has_the_steps_asked_on_other_timesteps(engine, unet_calls):
+    draw(engine, sampler_name="Euler", scheduler="Karras")
+    plain = [timestep for _, timestep in unet_calls]
+    unet_calls.clear()
+    draw(engine, sampler_name="Euler", scheduler="Karras", always_discard_next_to_last_sigma=True)
+    discarding = [timestep for _, timestep in unet_calls]
+    assert len(discarding) == len(plain) == 3 and discarding[0] == plain[0] == 999
+    assert discarding[1:] != plain[1:]
+
+
+def test_a_zero_terminal_snr_run_starts_from_its_larger_sigma(engine, unet_calls):
+    """Euler gives the UNet sigma0 x noise over sqrt(sigma0² + 1): 0.9977 of the noise at SD's sigma0, all of it
+    (to 1e-8) at the rescaled one."""
+    draw(engine, sampler_name="Euler")
+    plain = unet_calls[0][0]
+    unet_calls.clear()
+    draw(engine, sampler_name="Euler", sd_noise_schedule="Zero Terminal SNR")
+    rescaled = unet_calls[0][0]
+    default_sigma = float(sd15_sigmas()[-1])
+    zero_snr_sigma = math.sqrt((1 - 4.8973451890853435e-08) / 4.8973451890853435e-08)
+
+    def kept(sigma):
+        return sigma / math.sqrt(sigma ** 2 + 1)
+
+    torch.testing.assert_close(rescaled, plain * (kept(zero_snr_sigma) / kept(default_sigma)), rtol=1e-4, atol=1e-5)
+    assert unet_calls[0][1] == 999
+
+
+def test_the_infotext_says_so_and_a_paste_reads_it_back(services):
+    text = finished_job(services, QUICK | {"sampler_name": "Euler", "always_discard_next_to_last_sigma": True,
+                                           "sd_noise_schedule": "Zero Terminal SNR"}).images[0].infotext
+    assert ", Discard penultimate sigma: True," in text and ", Noise Schedule: Zero Terminal SNR," in text
+    pasted = request_fields_from_infotext(text)
+    assert pasted["always_discard_next_to_last_sigma"] is True and pasted["sd_noise_schedule"] == "Zero Terminal SNR"
+    plain = finished_job(services, QUICK | {"sampler_name": "Euler"}).images[0].infotext
+    assert "Discard penultimate sigma" not in plain and "Noise Schedule" not in plain
+    pasted = request_fields_from_infotext(plain)
+    assert pasted["always_discard_next_to_last_sigma"] is False and pasted["sd_noise_schedule"] == "Default"
+    dpm2 = finished_job(services, QUICK | {"sampler_name": "DPM2"}).images[0].infotext
+    assert "Discard penultimate sigma: True" in dpm2  # as A1111 writes it for DPM2
+    odd = request_fields_from_infotext("x\nSteps: 3, Sampler: Euler, Noise Schedule: Cosine")
+    assert odd["sd_noise_schedule"] == "Default"  # a value this server lacks is skipped
+
+
+def test_the_api_takes_them_by_override_settings_options_and_infotext(services):
+    body = QUICK | {"sampler_name": "Euler"}
+    with TestClient(create_api_app(services)) as client:
+        def infotext(**extra) -> str:
+            answer = client.post("/sdapi/v1/txt2img", json=body | extra)
+            assert answer.status_code == 200, answer.text
+            return json.loads(answer.json()["info"])["infotexts"][0]
+
+        assert "Discard penultimate sigma" not in infotext()
+        on = infotext(override_settings={"always_discard_next_to_last_sigma": True})
+        assert "Discard penultimate sigma: True" in on
+        assert "Discard penultimate sigma: True" in infotext(infotext=on)
+        refused = client.post("/sdapi/v1/txt2img", json=body | {"override_settings": {"sd_noise_schedule": "Cosine"}})
+        assert refused.status_code == 422 and "override_settings.sd_noise_schedule" in refused.text
+        assert client.post("/sdapi/v1/options", json={"sd_noise_schedule": "Zero Terminal SNR"}).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["sd_noise_schedule"] == "Zero Terminal SNR"
+        assert "Noise Schedule: Zero Terminal SNR" in infotext()
+        assert "Noise Schedule" not in infotext(override_settings={"sd_noise_schedule": "Default"})
+
+
+def test_the_xyz_plot_has_a1111s_discard_axis():
+    request = {}
+    AXIS_TYPES["Always discard next-to-last sigma"].apply(request, "True")
+    assert request == {"always_discard_next_to_last_sigma": True}
+
+
+def test_both_pages_have_the_controls_and_send_them(services):
+    from webui.ui.blocks import create_ui
+    from webui.ui.session import Session
+
+    ui = create_ui(services)
+    for tab in (ui.txt2img, ui.img2img):
+        assert tab.widgets["always_discard_next_to_last_sigma"].label == "Always discard next-to-last sigma"
+        assert tab.widgets["sd_noise_schedule"].choices == [("Default", "Default"),
+                                                            ("Zero Terminal SNR", "Zero Terminal SNR")]
+    fields = {name: value for name, value in QUICK.items() if name != "save_images"}
+    outputs = list(ui.txt2img.actions.generate(Session(), **fields, sampler_name="Euler",
+                                               always_discard_next_to_last_sigma=True,
+                                               sd_noise_schedule="Zero Terminal SNR"))
+    assert "Discard penultimate sigma: True" in outputs[-1][4] and "Noise Schedule: Zero Terminal SNR" in outputs[-1][4]
