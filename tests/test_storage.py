@@ -10,7 +10,7 @@ from PIL import ExifTags, Image
 from PIL.PngImagePlugin import PngInfo
 
 from webui.storage.history import History
-from webui.storage.outputs import NamedCopy, OutputStore, highest_number, make_grid, read_infotext
+from webui.storage.outputs import NamedCopy, OutputStore, grid_rows, highest_number, make_grid, read_infotext
 
 
 def red(size=(8, 8)):
@@ -122,6 +122,21 @@ def test_a_named_copy_takes_its_name_and_never_replaces_a_file(tmp_path):
         with pytest.raises(ValueError, match="cannot be a file name"):
             store.save_named(red(), "x", NamedCopy(folder, stem))
     assert store.save_named(red(), "x", NamedCopy(folder, "é" * 300)).name == "é" * 100 + ".png"  # 200 bytes
+
+
+# A1111's image_grid: (pictures, n_rows, batch size, prevent empty spots) -> rows, worked out by hand from its rules
+@pytest.mark.parametrize("count, n_rows, batch, prevent, rows", [
+    (1, -1, 1, False, 1), (2, -1, 1, False, 1), (3, -1, 1, False, 2), (5, -1, 1, False, 2), (7, -1, 1, False, 3),
+    (12, -1, 1, False, 3), (13, -1, 1, False, 4),
+    (7, -1, 1, True, 1), (12, -1, 1, True, 3), (10, -1, 1, True, 2), (8, -1, 1, True, 2),
+    (6, 0, 3, False, 3), (6, 0, 1, False, 1), (4, 3, 1, False, 3), (2, 5, 1, False, 2)])
+def test_the_grid_row_count_is_a1111s(count, n_rows, batch, prevent, rows):
+    assert grid_rows(count, n_rows, batch, prevent) == rows
+
+
+def test_a_grid_of_set_rows_leaves_the_last_places_empty():
+    grid = make_grid([red((4, 4))] * 5, rows=4)  # 2 columns, 4 rows: the 8th place empty and white
+    assert grid.size == (8, 16) and grid.getpixel((6, 14)) == (255, 255, 255) and grid.getpixel((2, 10)) == (255, 0, 0)
 
 
 def test_grid_is_near_square_and_saved_apart(tmp_path):

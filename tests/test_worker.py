@@ -33,6 +33,16 @@ def test_a_job_makes_saved_images_with_infotext_and_history(services):
     assert job.grid_path and "txt2img-grids" in job.grid_path
 
 
+def test_the_grid_takes_the_settings_row_count(services):
+    services.options.update({"n_rows": 0})  # as many rows as the batch size: each batch a column
+    job = services.worker.submit(QUICK | {"batch_size": 3, "n_iter": 2, "save_images": True})
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    assert job.grid.size == (2 * 64, 3 * 64)
+    services.options.update({"n_rows": 6})
+    job = services.worker.submit(QUICK | {"batch_size": 3, "n_iter": 2, "save_images": True})
+    assert job.wait(60) and job.grid.size == (64, 6 * 64)
+
+
 def test_same_request_twice_gives_identical_pixels_and_random_seed_is_recorded(services):
     a = services.worker.submit(QUICK)
     b = services.worker.submit(QUICK)

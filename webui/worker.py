@@ -51,7 +51,7 @@ from webui.schemas import (INPAINT_AREAS, LATENT_RESIZE, MASK_MODES, MASKED_CONT
 from webui.storage.filenames import NameParts
 from webui.storage.history import History
 from webui.storage.infotext import PROGRAM, UNIPC_INFOTEXT_KEYS, build_infotext
-from webui.storage.outputs import NamedCopy, OutputStore, make_grid
+from webui.storage.outputs import NamedCopy, OutputStore, grid_rows, make_grid
 from webui.sd_upscale import TileLayout, enlarge, tile_layout
 from webui.storage.options import INFOTEXT_SWITCHES, OptionsStore
 from webui.storage.styles import StyleStore
@@ -884,7 +884,9 @@ class Worker:
             job.progress.note = None
 
     def _save_grid(self, job: Job, images: list[GeneratedImage]) -> None:
-        grid = make_grid([im.image for im in images])
+        options = self.options.current()
+        rows = grid_rows(len(images), options.n_rows, job.request.batch_size, options.grid_prevent_empty_spots)
+        grid = make_grid([im.image for im in images], rows)
         try:
             first = images[0]
             path = self.outputs.save_grid(grid, first.infotext, job.kind,

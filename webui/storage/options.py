@@ -108,6 +108,10 @@ class SavedOptions(BaseModel):
                                               "linear map of the latents, free), Full (the model's VAE), TAESD (a "
                                               "tiny decoder, fetched into models/VAE-taesd on first use); A1111's "
                                               "Approx NN is read as Approx cheap")
+    n_rows: int = Field(-1, ge=-1, le=16, description="Grid row count: the rows of a batch's grid; -1: about the "
+                        "square root of the pictures; 0: as many as the batch size")
+    grid_prevent_empty_spots: bool = Field(False, description="a grid of -1 rows takes a row count that divides the "
+                                           "pictures evenly, so no place is empty")
 
     @field_validator("randn_source", mode="before")
     @classmethod

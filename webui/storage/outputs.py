@@ -362,10 +362,26 @@ def highest_number(folder: Path, numbered: re.Pattern = _NUMBERED) -> int:
     return max(numbers, default=-1)
 
 
-def make_grid(images: list[Image.Image]) -> Image.Image:
-    """Lay images out in a near-square grid, row by row."""
-    columns = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
+def grid_rows(count: int, n_rows: int = -1, batch_size: int = 1, prevent_empty_spots: bool = False) -> int:
+    """A1111's Grid row count for `count` pictures: n_rows; 0: the batch size; -1: the square root rounded, or with
+    prevent_empty_spots the largest count up to it that divides the pictures evenly. Never more than the pictures."""
+    if n_rows > 0:
+        rows = n_rows
+    elif n_rows == 0:
+        rows = batch_size
+    elif prevent_empty_spots:
+        rows = math.isqrt(count)
+        while count % rows:
+            rows -= 1
+    else:
+        rows = round(math.sqrt(count))
+    return max(1, min(rows, count))
+
+
+def make_grid(images: list[Image.Image], rows: int | None = None) -> Image.Image:
+    """Lay images out row by row in `rows` rows (None: near-square), as many columns as that takes."""
+    rows = rows or grid_rows(len(images))
+    columns = math.ceil(len(images) / rows)
     width, height = images[0].size
     grid = Image.new("RGB", (columns * width, rows * height), "white")
     for i, image in enumerate(images):

@@ -42,7 +42,9 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "save_mask_composite": "For inpainting, save a masked composite",
           "save_init_img": "Save init images when using img2img", "save_incomplete_images": "Save incomplete images",
           "live_previews_enable": "Show live previews of the created image",
-          "show_progress_every_n_steps": "Live preview display period", "show_progress_type": "Live preview method"}
+          "show_progress_every_n_steps": "Live preview display period", "show_progress_type": "Live preview method",
+          "n_rows": "Grid row count; use -1 for autodetect and 0 for it to be same as batch size",
+          "grid_prevent_empty_spots": "Prevent empty spots in grid (when set to autodetect)"}
 
 
 class SettingsActions:
@@ -128,6 +130,10 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
                                       elem_id="settings_samples_format", interactive=editable),
         "grid_format": gr.Dropdown(list(IMAGE_FORMATS), value=current.grid_format, label=LABELS["grid_format"],
                                    elem_id="settings_grid_format", interactive=editable),
+        "n_rows": gr.Slider(-1, 16, value=current.n_rows, step=1, label=LABELS["n_rows"],
+                            info="the grid of a run of several pictures; 0: a row for each picture of a batch, a batch to a column",
+                            elem_id="settings_n_rows", interactive=editable),
+        **_checkboxes(("grid_prevent_empty_spots",), current, editable),
         "jpeg_quality": gr.Slider(1, 100, value=current.jpeg_quality, step=1, label=LABELS["jpeg_quality"],
                                   elem_id="settings_jpeg_quality", interactive=editable),
         "samples_filename_pattern": gr.Textbox(
