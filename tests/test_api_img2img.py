@@ -269,6 +269,20 @@ def test_inpainting_keeps_the_picture_outside_the_mask_and_returns_it_whole(clie
     assert "Mask blur: 4, Masked content: fill, Inpaint area: Only masked" in json.loads(r.json()["info"])["infotexts"][0]
 
 
+def test_override_settings_can_leave_the_original_off_an_inpainting(client):
+    init = picture(8, 64, 64)
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (32, 0, 64, 64))
+    body = QUICK | {"init_images": [b64(init)], "mask": b64(mask), "inpaint_full_res": False, "mask_blur": 0}
+    laid = pixels(client.post("/sdapi/v1/img2img", json=body).json()["images"][0])
+    assert (laid[:, :28] == np.asarray(init, np.int16)[:, :28]).all()
+    r = client.post("/sdapi/v1/img2img", json=body | {"override_settings": {"overlay_inpaint": False}})
+    assert r.status_code == 200, r.text
+    assert not (pixels(r.json()["images"][0])[:, :28] == np.asarray(init, np.int16)[:, :28]).all()
+    refused = client.post("/sdapi/v1/img2img", json=body | {"override_settings": {"overlay_inpaint": "maybe"}})
+    assert refused.status_code == 422 and "override_settings.overlay_inpaint" in refused.text
+
+
 def test_docs_list_img2img_with_its_request_model(client):
     paths = client.get("/api/v1/openapi.json").json()["paths"]
     assert "Img2ImgRequest" in json.dumps(paths["/sdapi/v1/img2img"])

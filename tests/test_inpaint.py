@@ -135,6 +135,25 @@ def test_only_masked_draws_the_region_at_the_runs_size_and_pastes_it_back():
     assert (result[42:58, 102:118] == (0, 255, 0)).all()
 
 
+def test_without_the_overlay_the_part_drawn_shows_whole_as_the_model_drew_it():
+    """A1111's Overlay original for inpaint off: no laying in through the mask (Only masked: its rectangle)."""
+    picture = noise_picture(1, 128, 64)
+    mask = square_mask((128, 64), (64, 0, 128, 64))
+    drawn = noise_picture(9, 128, 64)
+    _, _, _, whole = prepare_inpainting(picture, mask, request_for(width=128, height=64, mask_blur=4,
+                                                                   overlay_inpaint=False))
+    assert (pixels(whole.compose(drawn)) == pixels(drawn)).all()  # the kept half too is the model's
+    _, _, _, laid = prepare_inpainting(picture, mask, request_for(width=128, height=64, mask_blur=4))
+    assert (pixels(laid.compose(drawn))[:, :40] == pixels(picture)[:, :40]).all()  # by default, laid in
+    only = request_for(width=64, height=64, mask_blur=0, inpaint_full_res=True, inpaint_full_res_padding=10,
+                       overlay_inpaint=False)
+    picture, mask = noise_picture(2, 200, 100), square_mask((200, 100), (100, 40, 120, 60))
+    _, _, _, masked = prepare_inpainting(picture, mask, only)
+    result = pixels(masked.compose(Image.new("RGB", (64, 64), (0, 255, 0))))
+    assert (result[30:70, 90:130] == (0, 255, 0)).all()  # the whole rectangle drawn, its unmasked rim too
+    assert (result[:, :90] == pixels(picture)[:, :90]).all()  # the rest of the picture stays
+
+
 def test_only_masked_without_a_size_draws_the_region_512_on_its_longer_side():
     picture = noise_picture(2, 300, 300)
     width, height, _, inpainting = prepare_inpainting(
@@ -228,6 +247,19 @@ def test_an_only_masked_job_returns_the_whole_picture_and_says_so(services):
     infotext = job.images[0].infotext
     assert "Size: 64x64" in infotext and "Inpaint area: Only masked, Masked area padding: 8" in infotext
     assert request_fields_from_infotext(infotext)["inpaint_full_res_padding"] == 8
+
+
+def test_the_overlay_is_the_settings_tabs_unless_the_request_says(services):
+    picture, mask = noise_picture(6, 64, 64), square_mask((64, 64), (32, 0, 64, 64))
+    laid = submit_and_wait(services, picture, mask, mask_blur=0, denoising_strength=0.6)
+    assert laid.request.overlay_inpaint is True
+    assert (pixels(laid.images[0].image)[:, :28] == pixels(picture)[:, :28]).all()
+    services.options.update({"overlay_inpaint": False})
+    raw = submit_and_wait(services, picture, mask, mask_blur=0, denoising_strength=0.6)
+    assert raw.request.overlay_inpaint is False
+    assert not (pixels(raw.images[0].image)[:, :28] == pixels(picture)[:, :28]).all()  # the model's kept half
+    again = submit_and_wait(services, picture, mask, mask_blur=0, denoising_strength=0.6, overlay_inpaint=True)
+    assert (pixels(again.images[0].image) == pixels(laid.images[0].image)).all()
 
 
 def test_only_masked_runs_whatever_the_resize_mode_since_it_crops_the_part_itself(services):

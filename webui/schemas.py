@@ -83,7 +83,8 @@ HiresRefinerPass = Literal[HIRES_REFINER_PASSES]
 # The request fields that, left None, take the Settings tab's value of the same name (webui/storage/options.py) when
 # the worker accepts the request
 SETTINGS_FIELDS = ("emphasis", "randn_source", "face_restoration_model", "code_former_weight", "inpainting_mask_weight",
-                   "sdxl_clip_l_skip", "img2img_fix_steps", "hires_fix_refiner_pass", *SAVE_SETTINGS)
+                   "sdxl_clip_l_skip", "img2img_fix_steps", "hires_fix_refiner_pass", "overlay_inpaint",
+                   *SAVE_SETTINGS)
 
 
 class GenerationRequest(BaseModel):
@@ -313,6 +314,9 @@ class GenerationRequest(BaseModel):
                                            "schedule of steps / denoising_strength (A1111's 'With img2img, do exactly "
                                            "the amount of steps the slider specifies'; else steps x strength run). "
                                            "None: the Settings tab's")
+    overlay_inpaint: bool | None = Field(None, description="inpainting: the result laid into the original through the "
+                                         "mask (A1111's Overlay original for inpaint); False: the part drawn shows as "
+                                         "the model drew it, edges and all. None: the Settings tab's")
     save_images: bool = True
     # A1111's settings "Save a copy of image before ..." (None: the Settings tab's)
     save_images_before_highres_fix: bool | None = Field(None, description="also save each picture as the first pass "

@@ -35,6 +35,8 @@ class Inpainting:
     original: Image.Image  # RGB: the picture the result is laid into (the whole picture for "Only masked")
     overlay: Image.Image  # "L", original's size: how much of the new picture shows at each pixel
     box: tuple[int, int, int, int]  # (left, top, right, bottom) of original that the run drew
+    # A1111's Overlay original for inpaint: off, the part drawn shows as the run drew it, unmasked
+    overlaid: bool = True
 
     def latent_keep(self, size: tuple[int, int], rounded: bool = True) -> torch.Tensor:
         """1 where the run keeps the picture, 0 where it draws, at the latents' (height, width): the blurred
@@ -45,11 +47,13 @@ class Inpainting:
 
     def compose(self, drawn: Image.Image, overlay: Image.Image | None = None) -> Image.Image:
         """The run's picture laid into the original, showing through the overlay, or through `overlay` ("L", the
-        run's size: soft inpainting's, for this picture) within the part drawn."""
+        run's size: soft inpainting's, for this picture) within the part drawn; not overlaid, the part drawn whole."""
         left, top, right, bottom = self.box
         size = (right - left, bottom - top)
         placed = drawn if drawn.size == size else ImageOps.fit(drawn, size, RESAMPLE)
-        if overlay is None:
+        if not self.overlaid:
+            overlay = Image.new("L", size, 255)
+        elif overlay is None:
             overlay = self.overlay.crop(self.box)
         elif overlay.size != size:
             overlay = ImageOps.fit(overlay, size, RESAMPLE)
@@ -90,7 +94,8 @@ def prepare_inpainting(picture: Image.Image, mask: Image.Image, request: Generat
     run_mask = fit_image(mask, width, height, request.resize_mode, MASK_RESAMPLE)
     # Doubled, as A1111's: the new picture shows fully from half-way into the blurred edge.
     overlay = run_mask.point(lambda value: min(255, value * 2))
-    inpainting = Inpainting(run_mask, request.inpainting_fill, start, overlay, (0, 0, width, height))
+    inpainting = Inpainting(run_mask, request.inpainting_fill, start, overlay, (0, 0, width, height),
+                            request.overlay_inpaint is not False)
     return width, height, _with_fill(start, run_mask, request.inpainting_fill), inpainting
 
 
@@ -102,7 +107,7 @@ def _only_masked(picture: Image.Image, mask: Image.Image, request: GenerationReq
     box = expand_to_shape(box, width, height, mask.size)
     start = fit_image(picture.crop(box), width, height, 2)
     run_mask = fit_image(mask.crop(box), width, height, 2, MASK_RESAMPLE)
-    inpainting = Inpainting(run_mask, request.inpainting_fill, picture, mask, box)
+    inpainting = Inpainting(run_mask, request.inpainting_fill, picture, mask, box, request.overlay_inpaint is not False)
     return width, height, _with_fill(start, run_mask, request.inpainting_fill), inpainting
 
 

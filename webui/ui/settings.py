@@ -33,6 +33,7 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "inpainting_mask_weight": "Inpainting conditioning mask strength", "sdxl_clip_l_skip": "Clip skip SDXL",
           "randn_source": "Random number generator source",
           "img2img_fix_steps": "With img2img, do exactly the amount of steps the slider specifies",
+          "overlay_inpaint": "Overlay original for inpaint",
           "hires_fix_refiner_pass": "Hires fix: which pass to enable refiner for",
           "save_images_before_highres_fix": "Save a copy of image before applying highres fix",
           "save_images_before_face_restoration": "Save a copy of image before doing face restoration",
@@ -198,6 +199,11 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
         "img2img_fix_steps": gr.Checkbox(
             current.img2img_fix_steps, label=LABELS["img2img_fix_steps"],
             info="off: steps x denoising strength of them run, as A1111 by default", elem_id="settings_img2img_fix_steps",
+            interactive=editable),
+        "overlay_inpaint": gr.Checkbox(
+            current.overlay_inpaint, label=LABELS["overlay_inpaint"],
+            info="inpainting lays its result into the picture through the mask; off, the part drawn shows as the "
+                 "model drew it (Only masked: its whole rectangle)", elem_id="settings_overlay_inpaint",
             interactive=editable),
         **_checkboxes(SAVE_SETTINGS, current, editable),
         "live_previews_enable": gr.Checkbox(current.live_previews_enable, label=LABELS["live_previews_enable"],
