@@ -66,6 +66,17 @@ def test_dpm_2m_which_steps_unit_variance_latents_starts_from_the_same_unit_nois
     torch.testing.assert_close(first_unet_input[0], euler, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "DPM++ 2M SDE", "DPM++ 3M SDE"])
+def test_without_it_dpm_2m_starts_from_sigma0_times_the_noise_as_a1111s_k_diffusion(engine, first_unet_input, sampler):
+    """A1111 starts every k-diffusion sampler from sigma0 x noise: Euler's UNet sees that over sqrt(sigma0² + 1), and
+    so must DPM++ 2M's, whose diffusers scheduler would start from the unit noise (SGM's start)."""
+    draw(engine, sampler_name="Euler")
+    euler = first_unet_input[0]
+    first_unet_input.clear()
+    draw(engine, sampler_name=sampler, scheduler="Exponential")  # from the model's largest sigma, as Euler
+    torch.testing.assert_close(first_unet_input[0], euler, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("fields", [{"sampler_name": "DDIM"}, {"sampler_name": "UniPC"},
                                     {"sampler_name": "Euler", "denoising_strength": 0.6}])
 def test_samplers_of_timesteps_and_img2img_are_left_as_they_were(engine, first_unet_input, fields):

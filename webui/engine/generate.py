@@ -50,7 +50,7 @@ from webui.engine.prompts import (ORIGINAL, chunk_count, encode_parts, encode_pr
                                   encode_sdxl_parts, token_count)
 from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_call, is_sdxl_refiner, kind_of_entry,
                                   kind_of_pipeline, kind_problem, pass_timesteps, refiner_size_inputs)
-from webui.engine.samplers import ScheduleShape, UniPCOptions, make_scheduler, model_sigmas
+from webui.engine.samplers import ScheduleShape, UniPCOptions, get_sampler, make_scheduler, model_sigmas
 from webui.engine.sdxl import is_sdxl, sdxl_problem
 from webui.engine.single_file import sdxl_refiner_refusal
 from webui.engine.soft_inpainting import SoftInpainting, sigma_of
@@ -747,16 +747,21 @@ class Engine:
         return model_sigmas(self._scheduler("Euler", "Automatic"))
 
     def _start_noise_factor(self, request: GenerationRequest) -> float:
-        """What txt2img's unit noise is multiplied by besides the scheduler's start level: 1, or with A1111's SGM noise
-        multiplier on (a k-diffusion sampler; others start from their own level) what makes the start sqrt(1 + sigma0²)
-        in place of sigma0, as the SGM code starts."""
-        if not request.uses_sgm_noise_multiplier:
+        """What txt2img's unit noise is multiplied by besides the scheduler's start level, so that a k-diffusion sampler
+        starts where A1111's does: from sigma0 x noise, or with A1111's SGM noise multiplier sqrt(1 + sigma0²) x noise,
+        as the SGM code starts. DPM++ 2M and its kin step x / sqrt(1 + sigma²) from diffusers' unit noise, which is
+        SGM's start: theirs is sigma0 / sqrt(1 + sigma0²) without it. Other samplers start from their own level."""
+        if not get_sampler(request.sampler_name).k_diffusion:
             return 1.0
         scheduler = self._scheduler(request.sampler_name, request.scheduler, shape=request.schedule_shape)
-        if hasattr(scheduler, "_sigma_to_alpha_sigma_t"):
-            return 1.0  # DPM++ 2M and its kin step x / sqrt(1 + sigma²): their unit-noise start is SGM's already
+        scaled_to_unit_variance = hasattr(scheduler, "_sigma_to_alpha_sigma_t")
+        if not scaled_to_unit_variance and not request.uses_sgm_noise_multiplier:
+            return 1.0
         scheduler.set_timesteps(request.steps)
-        return math.sqrt(1.0 + float(scheduler.sigmas[0]) ** 2) / float(scheduler.init_noise_sigma)
+        first = float(scheduler.sigmas[0])
+        if scaled_to_unit_variance:
+            return 1.0 if request.uses_sgm_noise_multiplier else first / math.sqrt(1.0 + first ** 2)
+        return math.sqrt(1.0 + first ** 2) / float(scheduler.init_noise_sigma)
 
     def _timestep_dtype(self, sampler_name: str, schedule: str, steps: int) -> torch.dtype:
         scheduler = self._scheduler(sampler_name, schedule)
