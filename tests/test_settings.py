@@ -264,13 +264,14 @@ def test_the_settings_tab_saves_for_everyone_and_says_why_not(ui_settings):
 
 
 DIRS = (True, True, "[date]", True, False, *[True] * 7, False, True, "Original", "CPU", "CodeFormer", 0.5, 1.0, False,
-        "second pass", True, False, False, False, False, False, False, False, False, True, 2, "Approx cheap", -1, False)
+        "second pass", True, False, False, False, False, False, False, False, False, True, 2, "Approx cheap", -1, False,
+        True, 4.0, 4000)
 # the subfolders, the infotext in the files, lossy webp, the infotext's model, VAE, version and hashes, the text
 # file, comments, emphasis, the random number source, the face restorer and its weight, the inpainting conditioning
 # mask strength, Clip skip SDXL, the refiner's hires pass, the inpainting overlay, exact img2img steps, the copies
 # before the hires fix, face restoration and colour correction, the mask, the masked composite, the init image,
-# incomplete images, live previews: defaults; the preview period: the fixture's --preview-every 2; the grid's rows:
-# defaults
+# incomplete images, live previews: defaults; the preview period: the fixture's --preview-every 2; the grid's rows,
+# the JPG copy of large pictures: defaults
 
 
 @pytest.fixture
@@ -397,6 +398,43 @@ def test_with_save_txt_each_image_grid_and_named_copy_has_its_infotext_beside_it
     assert not [p for p in (tmp_path / "out").rglob(".partial-*")]
 
 
+def test_a_large_picture_or_file_gets_a1111s_jpg_copy_beside_it(tmp_path):
+    options = OptionsStore(None)
+    store = OutputStore(tmp_path, options)
+    small = store.save_image(noisy(), INFOTEXT, seed=7)
+    assert options.current().export_for_4chan and not small.with_suffix(".jpg").exists()  # 64x64: below both limits
+    options.update({"target_side_length": 100})
+    wide = store.save_image(noisy((300, 150)), INFOTEXT, seed=8)
+    with Image.open(wide.with_suffix(".jpg")) as copy:  # shrunk to the side limit, the shape kept
+        assert copy.format == "JPEG" and copy.size == (100, 50) and read_infotext(copy) == INFOTEXT
+    tall = store.save_grid(noisy((150, 300)), INFOTEXT)
+    with Image.open(tall.with_suffix(".jpg")) as copy:
+        assert copy.size == (50, 100)
+    options.update({"target_side_length": 4000, "img_downscale_threshold": 0.001})  # about 1 KB: a file above it
+    heavy = store.save_image(noisy(), INFOTEXT, seed=9)
+    with Image.open(heavy.with_suffix(".jpg")) as copy:
+        assert copy.size == (64, 64)  # not shrunk: only the file was large
+    options.update({"samples_format": "jpg"})
+    assert store.save_image(noisy(), INFOTEXT, seed=10).suffix == ".jpg"  # a jpg itself: no copy over it
+    options.update({"samples_format": "png", "export_for_4chan": False})
+    assert not store.save_image(noisy(), INFOTEXT, seed=11).with_suffix(".jpg").exists()
+    assert not [p for p in tmp_path.rglob(".partial-*")]
+
+
+def test_a_jpg_copy_that_cannot_be_written_loses_no_picture(tmp_path, caplog, monkeypatch):
+    import webui.storage.outputs as outputs
+
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outputs, "write_file", disk_full)
+    options = OptionsStore(None)
+    options.update({"img_downscale_threshold": 0})
+    path = OutputStore(tmp_path, options).save_image(noisy(), INFOTEXT, seed=7)
+    assert read_infotext(Image.open(path)) == INFOTEXT and not path.with_suffix(".jpg").exists()
+    assert "could not write the JPG copy of" in caplog.text
+
+
 def test_a_text_file_that_cannot_be_written_loses_no_picture(tmp_path, caplog, monkeypatch):
     import webui.storage.outputs as outputs
 
@@ -411,15 +449,17 @@ def test_a_text_file_that_cannot_be_written_loses_no_picture(tmp_path, caplog, m
     assert "could not write the text file beside" in caplog.text and "No space left" in caplog.text
 
 
-def test_a_job_writes_the_text_file_and_deleting_from_history_removes_it(services):
+def test_a_job_writes_the_text_file_and_jpg_copy_and_deleting_from_history_removes_them(services):
     with TestClient(create_api_app(services)) as client:
         assert client.post("/sdapi/v1/options", json={"save_txt": True}).json()["applied"] == ["save_txt"]
         assert client.get("/sdapi/v1/options").json()["save_txt"] is True
+        assert client.post("/sdapi/v1/options", json={"img_downscale_threshold": 0}).status_code == 200
     job = services.worker.submit({"prompt": "a red apple", "steps": 1, "seed": 3, "width": 64, "height": 64})
     assert job.wait(60) and job.state is JobState.DONE, job.error
-    text = job.images[0].path.rsplit(".", 1)[0] + ".txt"
+    text, jpg = (job.images[0].path.rsplit(".", 1)[0] + suffix for suffix in (".txt", ".jpg"))
     with open(text, encoding="utf-8") as file:
         assert file.read() == job.images[0].infotext + "\n"
-    [row], _ = services.history.list_images()
+    assert os.path.exists(jpg)  # every file is above a limit of 0 MB
+    [row], _ = services.history.list_images()  # the copy is no picture of the history's
     assert services.history.delete_image(row.id)
-    assert not services.history.list_images()[0] and not os.path.exists(text)
+    assert not services.history.list_images()[0] and not os.path.exists(text) and not os.path.exists(jpg)

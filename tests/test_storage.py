@@ -447,7 +447,7 @@ def test_a_text_file_that_cannot_be_deleted_leaves_no_row_for_the_deleted_pictur
     image_id = history.add_image(**history_row("j1", "a.png"))
     assert history.delete_image(image_id)
     assert not (tmp_path / "a.png").exists() and history.get_image(image_id) is None  # no row saying "ok" for it
-    assert "not the text file beside it" in caplog.text
+    assert "not the .txt file beside it" in caplog.text
 
 
 def test_a_damaged_database_is_set_aside_and_a_new_history_begins(tmp_path, caplog):

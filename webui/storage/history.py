@@ -282,10 +282,12 @@ class History:
             self._set_file_state([image_id], "ok")
             raise
         self._execute("DELETE FROM images WHERE id = ?", (image_id,))
-        try:  # Settings' "text file next to every image": the picture is gone already, so its row goes too
-            path.with_suffix(".txt").unlink(missing_ok=True)
-        except OSError as err:
-            log.warning("deleted %s but not the text file beside it: %s", path, err)
+        for beside in (".txt", ".jpg"):  # the Settings' text file and JPG copy: the picture and its row are gone
+            try:
+                if path.with_suffix(beside) != path:
+                    path.with_suffix(beside).unlink(missing_ok=True)
+            except OSError as err:
+                log.warning("deleted %s but not the %s file beside it: %s", path, beside, err)
         return True
 
     def reconcile(self, fail_unfinished_jobs: bool = True) -> dict[str, int]:

@@ -114,6 +114,13 @@ class SavedOptions(BaseModel):
                         "square root of the pictures; 0: as many as the batch size")
     grid_prevent_empty_spots: bool = Field(False, description="a grid of -1 rows takes a row count that divides the "
                                            "pictures evenly, so no place is empty")
+    export_for_4chan: bool = Field(True, description="Save copy of large images as JPG: beside a saved picture or grid "
+                                   "whose file is above img_downscale_threshold MB, or a side above "
+                                   "target_side_length pixels, a JPG of the same name (shrunk to that side)")
+    img_downscale_threshold: float = Field(4.0, ge=0.0, le=1000.0, description="the file size, in MB, above which "
+                                           "the JPG copy is made")
+    target_side_length: int = Field(4000, ge=64, le=65_535, description="the width or height, in pixels, above which "
+                                    "the JPG copy is made, shrunk to it")
 
     @field_validator("randn_source", mode="before")
     @classmethod

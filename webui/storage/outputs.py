@@ -127,14 +127,14 @@ class OutputStore:
         stem = (f"-{name}" if name else "") + suffix  # [none]: the number alone, as A1111
         path = self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}{stem}", _NUMBERED,
                           options.samples_format, options)
-        return self._with_text_file(path, infotext, options)
+        return self._with_jpg_copy(self._with_text_file(path, infotext, options), image, infotext, options)
 
     def save_grid(self, grid: Image.Image, infotext: str, kind: str = "txt2img",
                   name_parts: NameParts | None = None) -> Path:
         folder, options = self.grid_folder(kind, name_parts), self.options.current()
         path = self._save(grid, {"parameters": infotext}, folder, lambda n: f"grid-{n:04d}", _GRID_NUMBERED,
                           options.grid_format, options)
-        return self._with_text_file(path, infotext, options)
+        return self._with_jpg_copy(self._with_text_file(path, infotext, options), grid, infotext, options)
 
     @staticmethod
     def _with_text_file(path: Path, infotext: str, options: SavedOptions) -> Path:
@@ -145,6 +145,29 @@ class OutputStore:
                 write_text_file(path.with_suffix(".txt"), infotext + "\n")
             except OSError as err:
                 log.warning("could not write the text file beside %s: %s", path, err)
+        return path
+
+    @staticmethod
+    def _with_jpg_copy(path: Path, image: Image.Image, infotext: str, options: SavedOptions) -> Path:
+        """A1111's "Save copy of large images as JPG": beside a picture whose file is larger than
+        img_downscale_threshold MB, or a side longer than target_side_length, a JPG of the same name, with its
+        infotext (where EXIF holds it), shrunk to that side where longer. A jpg picture gets none. The picture is
+        saved already, so a copy that cannot be written is only logged."""
+        side = options.target_side_length
+        try:
+            oversize = max(image.size) > side
+            if (not options.export_for_4chan or path.suffix == ".jpg"
+                    or not (oversize or path.stat().st_size > options.img_downscale_threshold * 1024 * 1024)):
+                return path
+            copy = image.resize(_within_side(image.size, side), Image.Resampling.LANCZOS) if oversize else image
+            texts = kept_texts({"parameters": infotext}, options)
+            if _usable_format(copy, "jpg", texts) != "jpg":  # an infotext too long for EXIF: the picture keeps it
+                texts = {}
+            buffer = io.BytesIO()
+            _encode(copy, texts, "jpg", options, buffer)
+            write_file(path.with_suffix(".jpg"), buffer.getvalue())
+        except OSError as err:
+            log.warning("could not write the JPG copy of %s: %s", path, err)
         return path
 
     def save_extra(self, image: Image.Image, texts: dict[str, str]) -> Path:
@@ -292,13 +315,24 @@ def png_texts(texts: dict[str, str | None]) -> PngInfo:
 
 def write_text_file(path: Path, text: str) -> None:
     """The text in `path` (UTF-8), by way of a temporary file, so a reader never sees half of it."""
-    temp = path.with_name(f".partial-{uuid.uuid4().hex}.txt")
+    write_file(path, text.encode("utf-8"))
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """The bytes in `path`, by way of a temporary file, so a reader never sees half of them."""
+    temp = path.with_name(f".partial-{uuid.uuid4().hex}{path.suffix}")
     try:
         with _create_new(temp) as handle:
-            handle.write(text.encode("utf-8"))
+            handle.write(data)
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _within_side(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """A size whose longer side is `side`, the shape kept (A1111's rounding)."""
+    width, height = size
+    return (side, round(height * side / width)) if width > height else (round(width * side / height), side)
 
 
 def _create_new(path: Path):

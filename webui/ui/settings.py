@@ -45,7 +45,10 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "live_previews_enable": "Show live previews of the created image",
           "show_progress_every_n_steps": "Live preview display period", "show_progress_type": "Live preview method",
           "n_rows": "Grid row count; use -1 for autodetect and 0 for it to be same as batch size",
-          "grid_prevent_empty_spots": "Prevent empty spots in grid (when set to autodetect)"}
+          "grid_prevent_empty_spots": "Prevent empty spots in grid (when set to autodetect)",
+          "export_for_4chan": "Save copy of large images as JPG",
+          "img_downscale_threshold": "File size limit for the above option, MB",
+          "target_side_length": "Width/height limit for the above option, in pixels"}
 
 
 class SettingsActions:
@@ -135,6 +138,16 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
                             info="the grid of a run of several pictures; 0: a row for each picture of a batch, a batch to a column",
                             elem_id="settings_n_rows", interactive=editable),
         **_checkboxes(("grid_prevent_empty_spots",), current, editable),
+        "export_for_4chan": gr.Checkbox(
+            current.export_for_4chan, label=LABELS["export_for_4chan"],
+            info="beside a saved png or webp picture or grid above either limit, a jpg of the same name, shrunk to the "
+                 "width/height limit", elem_id="settings_export_for_4chan", interactive=editable),
+        "img_downscale_threshold": gr.Number(current.img_downscale_threshold, minimum=0, maximum=1000,
+                                             label=LABELS["img_downscale_threshold"],
+                                             elem_id="settings_img_downscale_threshold", interactive=editable),
+        "target_side_length": gr.Number(current.target_side_length, minimum=64, maximum=65_535, precision=0,
+                                        label=LABELS["target_side_length"], elem_id="settings_target_side_length",
+                                        interactive=editable),
         "jpeg_quality": gr.Slider(1, 100, value=current.jpeg_quality, step=1, label=LABELS["jpeg_quality"],
                                   elem_id="settings_jpeg_quality", interactive=editable),
         "samples_filename_pattern": gr.Textbox(
