@@ -283,6 +283,16 @@ def test_override_settings_can_leave_the_original_off_an_inpainting(client):
     assert refused.status_code == 422 and "override_settings.overlay_inpaint" in refused.text
 
 
+def test_override_settings_names_the_upscaler_for_img2img(client):
+    body = QUICK | {"init_images": [b64(picture(3, 32, 32))], "width": 64, "height": 64}
+    nearest = client.post("/sdapi/v1/img2img", json=body | {"override_settings": {"upscaler_for_img2img": "Nearest"}})
+    assert nearest.status_code == 200, nearest.text
+    plain = client.post("/sdapi/v1/img2img", json=body)
+    assert (pixels(nearest.json()["images"][0]) != pixels(plain.json()["images"][0])).any()
+    refused = client.post("/sdapi/v1/img2img", json=body | {"override_settings": {"upscaler_for_img2img": "4x-None"}})
+    assert refused.status_code == 422 and refused.json()["detail"].startswith("override_settings.upscaler_for_img2img:")
+
+
 def test_docs_list_img2img_with_its_request_model(client):
     paths = client.get("/api/v1/openapi.json").json()["paths"]
     assert "Img2ImgRequest" in json.dumps(paths["/sdapi/v1/img2img"])

@@ -154,6 +154,58 @@ def test_a_given_size_fits_the_picture_by_the_resize_mode(services):
     assert start.shape == (64, 64, 3) and start[:, :20, 0].min() > 200 and start[:, -20:, 2].min() > 200
 
 
+@pytest.mark.parametrize("mode, size, enlarged", [
+    (0, (32, 16), (64, 64)),  # Just resize: to the run's size itself
+    (1, (32, 16), (128, 64)),  # Crop and resize: to cover 64x64 (x4), then cut to it
+    (2, (32, 16), (64, 32)),  # Resize and fill: to fit inside (x2), then filled
+    (1, (128, 16), (512, 64)),  # wider than the run: covering still enlarges
+])
+def test_the_upscaler_for_img2img_enlarges_to_the_size_the_mode_scales_to(mode, size, enlarged):
+    calls = []
+
+    def enlarge(picture, target):
+        calls.append((picture.size, target))
+        return picture.resize(target, Image.Resampling.NEAREST)
+
+    fitted = fit_image(noise_picture(1, *size), 64, 64, mode, enlarge=enlarge)
+    assert calls == [(size, enlarged)] and fitted.size == (64, 64)
+    assert fit_image(noise_picture(1, 128, 128), 64, 64, mode, enlarge=enlarge).size == (64, 64)
+    assert len(calls) == 1  # a picture the mode shrinks is resampled alone, as A1111
+
+
+def test_inpaintings_only_masked_part_is_enlarged_too_and_its_mask_never():
+    from webui.engine.inpaint import prepare_inpainting
+
+    calls = []
+
+    def enlarge(picture, target):
+        calls.append((picture.size, target))
+        return picture.resize(target, Image.Resampling.NEAREST)
+
+    mask = Image.new("L", (100, 100))
+    mask.paste(255, (40, 40, 56, 56))
+    request = GenerationRequest(prompt="", width=64, height=64, denoising_strength=0.5, inpaint_full_res=True,
+                                inpaint_full_res_padding=0, mask_blur=0)
+    prepare_inpainting(noise_picture(2, 100, 100), mask, request, enlarge)
+    assert calls == [((16, 16), (64, 64))]  # the part drawn, 16x16, to the run's 64x64
+
+
+def test_the_upscaler_for_img2img_runs_on_the_worker_from_the_settings_or_the_request(services):
+    picture = noise_picture(3, 32, 32)
+    plain = services.worker.submit(QUICK | {"width": 64, "height": 64}, init_image=picture)
+    assert plain.wait(60) and plain.state is JobState.DONE, plain.error
+    nearest = np.asarray(picture.resize((64, 64), Image.Resampling.NEAREST), np.int16)
+    assert not (np.asarray(plain.init_image, np.int16) == nearest).all()  # Lanczos by default
+    services.options.update({"upscaler_for_img2img": "Nearest"})
+    job = services.worker.submit(QUICK | {"width": 64, "height": 64}, init_image=picture)
+    assert job.request.upscaler_for_img2img == "Nearest"
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    assert (np.asarray(job.init_image, np.int16) == nearest).all() and job.unfitted is None
+    assert not (np.asarray(job.images[0].image) == np.asarray(plain.images[0].image)).all()
+    with pytest.raises(InvalidRequest, match="upscaler_for_img2img: .*4x-Nothing"):
+        services.worker.submit(QUICK | {"upscaler_for_img2img": "4x-Nothing"}, init_image=picture)
+
+
 def test_a_transparent_picture_is_read_on_white_and_a_16_bit_one_in_its_greys():
     from webui.engine.img2img import as_rgb
 

@@ -84,7 +84,7 @@ HiresRefinerPass = Literal[HIRES_REFINER_PASSES]
 # the worker accepts the request
 SETTINGS_FIELDS = ("emphasis", "randn_source", "face_restoration_model", "code_former_weight", "inpainting_mask_weight",
                    "sdxl_clip_l_skip", "img2img_fix_steps", "hires_fix_refiner_pass", "overlay_inpaint",
-                   *SAVE_SETTINGS)
+                   "upscaler_for_img2img", *SAVE_SETTINGS)
 
 
 class GenerationRequest(BaseModel):
@@ -314,6 +314,10 @@ class GenerationRequest(BaseModel):
                                            "schedule of steps / denoising_strength (A1111's 'With img2img, do exactly "
                                            "the amount of steps the slider specifies'; else steps x strength run). "
                                            "None: the Settings tab's")
+    upscaler_for_img2img: str | None = Field(None, max_length=200, description="img2img: the picture upscaler that "
+                                             "enlarges the start picture (or inpainting's part drawn) where the run "
+                                             "is larger (A1111's Upscaler for img2img; None or 'None': resampling "
+                                             "alone). None: the Settings tab's")
     overlay_inpaint: bool | None = Field(None, description="inpainting: the result laid into the original through the "
                                          "mask (A1111's Overlay original for inpaint); False: the part drawn shows as "
                                          "the model drew it, edges and all. None: the Settings tab's")

@@ -28,8 +28,8 @@ from webui.controlnet import NO_PICTURE, controlnet_infotext
 from webui.engine.controlnet import ControlNetError, request_map
 from webui.engine.generate import (CONTROLNET_WITH_SDXL_REFINER, DenoisingStopped, Engine, EngineImage, LoadedModel,
                                   composition_problem)
-from webui.engine.hires import LATENT_UPSCALERS
-from webui.engine.img2img import as_rgb, check_picture_size, fit_image, image_sha1, size_from_image
+from webui.engine.hires import LATENT_UPSCALERS, NO_UPSCALER
+from webui.engine.img2img import Enlarge, as_rgb, check_picture_size, fit_image, image_sha1, size_from_image
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.interrogate import INTERROGATE_MODEL
 from webui.engine.models import ModelEntry, ModelNotFound
@@ -125,6 +125,8 @@ class Job:
     # img2img: the start, at the run's size (SD upscale's: the whole picture, to enlarge and cut into tiles)
     init_image: Image.Image | None = field(default=None, repr=False)
     inpainting: Inpainting | None = field(default=None, repr=False)  # img2img with a mask: where to draw
+    # The picture and mask as given, to fit again on the worker with the Upscaler for img2img (a network run there)
+    unfitted: tuple[Image.Image, Image.Image | None] | None = field(default=None, repr=False)
     control_image: Image.Image | None = field(default=None, repr=False)  # ControlNet's picture, RGB
     control_map: Image.Image | None = field(default=None, repr=False)  # ... preprocessed when the job starts
     # Colour correction's reference where it is not the start picture (Loopback's later loops: the run's first picture)
@@ -203,7 +205,8 @@ class StepPace:
 
 
 def _pixels_held(job: Job) -> int:
-    held = (job.grid, job.init_image, job.inpainting and job.inpainting.original, job.control_image, job.control_map)
+    held = (job.grid, job.init_image, job.inpainting and job.inpainting.original, job.control_image, job.control_map,
+            *(job.unfitted or ()))  # a job cancelled before it started keeps the pictures to fit
     images = [im.image for im in job.images] + [picture for picture in held if picture is not None]
     return sum(image.width * image.height for image in images)
 
@@ -291,9 +294,10 @@ class Worker:
         if unread:
             warnings.append(f"left out of the prompt: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''} "
                             "(this server reads <lora:...> and <hypernet:...> tags only)")
+        enlarged = init_image is not None and request.upscaler_for_img2img not in (None, NO_UPSCALER)
         job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=warnings,
                   field_names=dict(field_names or {}), init_image=init_image, inpainting=inpainting, copy_to=copy_to,
-                  control_image=control_image,
+                  unfitted=(picture, mask) if enlarged and not request.sd_upscale else None, control_image=control_image,
                   color_reference=None if color_reference is None else as_rgb(color_reference))
         with self._wake:
             self._refuse_new_job()  # early: no history row for a job that cannot be queued
@@ -404,7 +408,9 @@ class Worker:
         """The picture upscaler the hires fix or SD upscale names is a filter or a model upscaler that builds."""
         for used, name, label in ((request.enable_hr and request.hr_upscaler not in LATENT_UPSCALERS,
                                    request.hr_upscaler, "hr_upscaler"),
-                                  (request.sd_upscale, request.sd_upscale_upscaler, "sd_upscale_upscaler")):
+                                  (request.sd_upscale, request.sd_upscale_upscaler, "sd_upscale_upscaler"),
+                                  (request.is_img2img and request.upscaler_for_img2img not in (None, NO_UPSCALER),
+                                   request.upscaler_for_img2img, "upscaler_for_img2img")):
             if used:
                 try:
                     self.engine.upscalers.check(name)
@@ -762,6 +768,15 @@ class Worker:
         except Exception:  # the job itself went fine; the next one loads what it needs
             log.exception("could not load %s again after a job with another model", previous.entry.name)
 
+    def _fit_with_upscaler(self, job: Job) -> None:
+        """The start fitted again, A1111's Upscaler for img2img enlarging the picture (or the part drawn) where the
+        fit makes it larger; the same size and place as the fit at submit."""
+        name = job.request.upscaler_for_img2img
+        picture, mask = job.unfitted
+        _, job.init_image, job.inpainting = _with_init_image(
+            job.request, picture, mask, lambda image, size: self.engine.upscale_picture(image, size, name))
+        job.unfitted = None
+
     def _generate_images(self, job: Job) -> None:
         if job.cancel_event.is_set():  # cancelled as the worker took it: no model switch for nothing
             raise JobCancelled
@@ -791,6 +806,8 @@ class Worker:
             raise InvalidRequest(problem)
         request.check_hires(*job.model.size_for(request))
         self.engine.restore_device()  # after an unload-checkpoint
+        if job.unfitted is not None:
+            self._fit_with_upscaler(job)
         job.vae = self.engine.use_vae(request.sd_vae)
         job.vae_hash = self.engine.vaes.short_hash(job.vae) if job.vae else None
         if job.control_image is not None:
@@ -1164,11 +1181,11 @@ class Worker:
             excess, pixels = excess - 1, pixels - _pixels_held(job)
 
 
-def _with_init_image(request: GenerationRequest, image: Image.Image | None, mask: Image.Image | None = None
-                     ) -> tuple[GenerationRequest, Image.Image | None, Inpainting | None]:
+def _with_init_image(request: GenerationRequest, image: Image.Image | None, mask: Image.Image | None = None,
+                     enlarge: Enlarge | None = None) -> tuple[GenerationRequest, Image.Image | None, Inpainting | None]:
     """An img2img request (marked by its init image's hash, and its mask's for inpainting; sized by the picture
     where it gives no size), the picture it starts from at that size, and with a mask the Inpainting; a txt2img
-    request as it is."""
+    request as it is. `enlarge`: the Upscaler for img2img (run on the worker: the job's start is fitted again)."""
     if image is None:
         if request.sd_upscale:
             raise InvalidRequest("sd_upscale: SD upscale enlarges a picture: give the picture to start from (it is "
@@ -1192,13 +1209,13 @@ def _with_init_image(request: GenerationRequest, image: Image.Image | None, mask
     if mask is None:
         width, height = size_from_image(image, request.width, request.height)
         request = parse_request(request.model_dump() | fields | {"width": width, "height": height})
-        return request, fit_image(image, request.width, request.height, request.resize_mode), None
+        return request, fit_image(image, request.width, request.height, request.resize_mode, enlarge=enlarge), None
     if request.resize_mode == LATENT_RESIZE and not request.inpaint_full_res:  # laid into the picture at run size
         raise InvalidRequest(f"resize_mode: {RESIZE_MODES[LATENT_RESIZE]} does not go with a mask on the whole "
                              f"picture; pick one of {', '.join(RESIZE_MODES[:LATENT_RESIZE])}, or Only masked")
     mask = _read_picture(mask, "mask", lambda picture: read_mask(picture, image.size))
     try:
-        width, height, start, inpainting = prepare_inpainting(image, mask, request)
+        width, height, start, inpainting = prepare_inpainting(image, mask, request, enlarge)
     except ValueError as err:
         raise InvalidRequest(f"mask: {err}") from None
     request = parse_request(request.model_dump() | fields | {"mask": image_sha1(mask), "width": width, "height": height})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Callable
 
 from PIL import Image, ImageOps
 
@@ -109,14 +110,22 @@ def _side(length: float) -> int:
     return min(MAX_SIZE, max(MIN_SIZE, int(length) // 8 * 8))
 
 
+Enlarge = Callable[[Image.Image, tuple[int, int]], Image.Image]  # a picture upscaler: (picture, size) -> picture
+
+
 def fit_image(image: Image.Image, width: int, height: int, resize_mode: int,
-              resample: Image.Resampling = RESAMPLE) -> Image.Image:
+              resample: Image.Resampling = RESAMPLE, enlarge: Enlarge | None = None) -> Image.Image:
     """The picture at width x height, fitted by the resize mode (a mask with a gentler resampling than a picture's,
     whose ringing would spread it). The latent resize keeps the picture's own size (within the size limits): the
-    engine stretches its latents to the run's size."""
+    engine stretches its latents to the run's size. `enlarge`: A1111's Upscaler for img2img, which takes the picture
+    to the size the mode scales it to where that is larger; resampling then fits it exactly."""
     if resize_mode == LATENT_RESIZE:
         own = size_from_image(image)
         return image if image.size == own else image.resize(own, resample)
+    if enlarge is not None:
+        scaled = fitted_scale_size(image.size, width, height, resize_mode)
+        if scaled[0] > image.width or scaled[1] > image.height:
+            image = enlarge(image, scaled)
     if resize_mode == 0 or image.size == (width, height):
         return image.resize((width, height), resample)
     if resize_mode == 1:
@@ -124,6 +133,15 @@ def fit_image(image: Image.Image, width: int, height: int, resize_mode: int,
     if resize_mode == 2:
         return _resize_and_fill(image, width, height, resample)
     raise ValueError(f"unknown resize mode {resize_mode}")
+
+
+def fitted_scale_size(size: tuple[int, int], width: int, height: int, resize_mode: int) -> tuple[int, int]:
+    """The size a resize mode scales a picture of `size` to before it is cut or filled to width x height: that size
+    itself (Just resize), the smallest cover of it (Crop and resize), the largest fit inside (Resize and fill)."""
+    if resize_mode == 0:
+        return width, height
+    scale = (max if resize_mode == 1 else min)(width / size[0], height / size[1])
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def pipeline_strength(steps_run: int, schedule: int) -> float:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from webui.engine.img2img import RESAMPLE, as_rgb, fit_image, size_from_image, upright
+from webui.engine.img2img import RESAMPLE, Enlarge, as_rgb, fit_image, size_from_image, upright
 from webui.schemas import MASKED_CONTENT, GenerationRequest
 
 # "Only masked" with no size given: the part is drawn this large on its longer side (SD 1.x's own size).
@@ -77,9 +77,11 @@ def read_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     return grey if grey.size == size else grey.resize(size, Image.Resampling.NEAREST)
 
 
-def prepare_inpainting(picture: Image.Image, mask: Image.Image, request: GenerationRequest) -> tuple[int, int, Image.Image, Inpainting]:
+def prepare_inpainting(picture: Image.Image, mask: Image.Image, request: GenerationRequest,
+                       enlarge: Enlarge | None = None) -> tuple[int, int, Image.Image, Inpainting]:
     """The run's width and height, the picture it starts from and the Inpainting, for an RGB picture and its
-    mask ("L" at its size, read_mask's) and a request's inpainting fields. ValueError when nothing is to be drawn."""
+    mask ("L" at its size, read_mask's) and a request's inpainting fields. ValueError when nothing is to be drawn.
+    `enlarge`: the Upscaler for img2img, where the picture (or the part drawn) is enlarged."""
     if request.inpainting_mask_invert:
         mask = ImageOps.invert(mask)
     if request.mask_blur > 0:
@@ -88,9 +90,9 @@ def prepare_inpainting(picture: Image.Image, mask: Image.Image, request: Generat
         raise ValueError("the mask is empty, so nothing would be drawn: paint over the part to draw again (or pick "
                          "Inpaint masked, if the mask covers all of it), or use img2img without a mask")
     if request.inpaint_full_res:
-        return _only_masked(picture, mask, request)
+        return _only_masked(picture, mask, request, enlarge)
     width, height = size_from_image(picture, request.width, request.height)
-    start = fit_image(picture, width, height, request.resize_mode)
+    start = fit_image(picture, width, height, request.resize_mode, enlarge=enlarge)
     run_mask = fit_image(mask, width, height, request.resize_mode, MASK_RESAMPLE)
     # Doubled, as A1111's: the new picture shows fully from half-way into the blurred edge.
     overlay = run_mask.point(lambda value: min(255, value * 2))
@@ -99,13 +101,14 @@ def prepare_inpainting(picture: Image.Image, mask: Image.Image, request: Generat
     return width, height, _with_fill(start, run_mask, request.inpainting_fill), inpainting
 
 
-def _only_masked(picture: Image.Image, mask: Image.Image, request: GenerationRequest) -> tuple[int, int, Image.Image, Inpainting]:
+def _only_masked(picture: Image.Image, mask: Image.Image, request: GenerationRequest,
+                 enlarge: Enlarge | None = None) -> tuple[int, int, Image.Image, Inpainting]:
     left, top, right, bottom = mask.getbbox()
     pad = request.inpaint_full_res_padding
     box = (max(0, left - pad), max(0, top - pad), min(mask.width, right + pad), min(mask.height, bottom + pad))
     width, height = _only_masked_size(box, request.width, request.height)
     box = expand_to_shape(box, width, height, mask.size)
-    start = fit_image(picture.crop(box), width, height, 2)
+    start = fit_image(picture.crop(box), width, height, 2, enlarge=enlarge)
     run_mask = fit_image(mask.crop(box), width, height, 2, MASK_RESAMPLE)
     inpainting = Inpainting(run_mask, request.inpainting_fill, picture, mask, box, request.overlay_inpaint is not False)
     return width, height, _with_fill(start, run_mask, request.inpainting_fill), inpainting

@@ -84,6 +84,8 @@ class SavedOptions(BaseModel):
                                    "text encoder (CLIP-L); off, they ignore it")
     hires_fix_refiner_pass: HiresRefinerPass = Field("second pass", description="Hires fix: which pass to enable "
                                                      "refiner for: first pass, second pass or both passes")
+    upscaler_for_img2img: str = Field("None", max_length=200, description="img2img: the picture upscaler that "
+                                      "enlarges the start picture where the run is larger ('None': resampling alone)")
     overlay_inpaint: bool = Field(True, description="inpainting: the result laid into the original through the mask "
                                   "(off: the part drawn shows as the model drew it)")
     img2img_fix_steps: bool = Field(False, description="img2img runs exactly its steps, as the last of a schedule "

@@ -89,7 +89,8 @@ def create_ui(services: Services) -> WebUI:
             with gr.Tab("Train", id="train", elem_id="tab_train"):
                 train = build_train_tab(services)
             with gr.Tab("Settings", id="settings", elem_id="tab_settings") as settings_tab:
-                settings = build_settings(services.options, services.settings.open_to_anyone)
+                settings = build_settings(services.options, services.settings.open_to_anyone,
+                                          img2img.actions.upscaler_names())
         notification_sound(services.settings.notification_audio)
         # Shown afresh when opened: another user or an API client may have changed them.
         settings_tab.select(settings.actions.shown, None, settings.inputs, api_visibility="private",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from webui.engine.hires import PICTURE_UPSCALERS
 from webui.engine.preview import PREVIEW_METHODS
 from webui.engine.prompts import EMPHASIS_MODES
 from webui.schemas import FACE_RESTORERS, HIRES_REFINER_PASSES, RANDN_SOURCES, SAVE_SETTINGS, InvalidRequest
@@ -33,7 +34,7 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "inpainting_mask_weight": "Inpainting conditioning mask strength", "sdxl_clip_l_skip": "Clip skip SDXL",
           "randn_source": "Random number generator source",
           "img2img_fix_steps": "With img2img, do exactly the amount of steps the slider specifies",
-          "overlay_inpaint": "Overlay original for inpaint",
+          "overlay_inpaint": "Overlay original for inpaint", "upscaler_for_img2img": "Upscaler for img2img",
           "hires_fix_refiner_pass": "Hires fix: which pass to enable refiner for",
           "save_images_before_highres_fix": "Save a copy of image before applying highres fix",
           "save_images_before_face_restoration": "Save a copy of image before doing face restoration",
@@ -119,9 +120,10 @@ def _checkboxes(keys, current: SavedOptions, editable: bool) -> dict[str, gr.Che
             for key in keys}
 
 
-def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> SettingsTab:
+def build_settings(options: OptionsStore, open_to_anyone: bool = False,
+                   upscalers: list[str] | tuple[str, ...] = PICTURE_UPSCALERS) -> SettingsTab:
     """The tab; read-only under --freeze-settings, or where anyone who finds the page could change everyone's
-    settings (as History's Delete)."""
+    settings (as History's Delete). `upscalers`: the picture upscalers img2img may enlarge with."""
     locked = locked_because(options, open_to_anyone)
     actions = SettingsActions(options, locked)
     current = options.current()
@@ -212,6 +214,11 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False) -> Setti
         "img2img_fix_steps": gr.Checkbox(
             current.img2img_fix_steps, label=LABELS["img2img_fix_steps"],
             info="off: steps x denoising strength of them run, as A1111 by default", elem_id="settings_img2img_fix_steps",
+            interactive=editable),
+        "upscaler_for_img2img": gr.Dropdown(
+            list(upscalers), value=current.upscaler_for_img2img, label=LABELS["upscaler_for_img2img"],
+            info="enlarges the start picture (inpainting's Only masked part too) where img2img runs larger; None: "
+                 "Lanczos resampling alone", allow_custom_value=True, elem_id="settings_upscaler_for_img2img",
             interactive=editable),
         "overlay_inpaint": gr.Checkbox(
             current.overlay_inpaint, label=LABELS["overlay_inpaint"],
