@@ -71,10 +71,14 @@ def test_euler_a_which_takes_no_custom_sigmas_drops_the_level_from_its_own_sched
     assert torch.equal(discarding.timesteps, plain.timesteps[:-1]) and len(discarding.timesteps) == 10
 
 
-@pytest.mark.parametrize("sampler", ["DPM2", "DPM2 a"])
-def test_dpm2_discards_whatever_the_option_says_as_in_a1111(sampler):
+@pytest.mark.parametrize("sampler", ["DPM2", "DPM2 a", "DPM++ 3M SDE"])
+def test_dpm2_and_dpmpp_3m_sde_discard_whatever_the_option_says_as_in_a1111(sampler):
+    """A1111's sampler table discards for them; the option changes nothing, so A1111 writes no infotext key."""
     assert torch.equal(sigmas_of(sampler, "Karras", 12, ScheduleShape()), sigmas_of(sampler, "Karras", 12))
-    assert GenerationRequest(prompt="", sampler_name=sampler).discards_penultimate_sigma
+    torch.testing.assert_close(sigmas_of(sampler, "Exponential", 12, ScheduleShape())[:1], torch.tensor(
+        [float(sd15_sigmas()[-1])], dtype=torch.float64), rtol=1e-3, atol=0)
+    assert not GenerationRequest(prompt="", sampler_name=sampler,
+                                 always_discard_next_to_last_sigma=True).discard_changes_a_pass
 
 
 @pytest.mark.parametrize("sampler", ["DDIM", "UniPC", "PLMS", "LCM"])
@@ -84,17 +88,18 @@ def test_samplers_that_are_not_k_diffusions_ignore_it(sampler):
     asked.set_timesteps(8)
     assert torch.equal(plain.timesteps, asked.timesteps)
     assert not GenerationRequest(prompt="", sampler_name=sampler,
-                                 always_discard_next_to_last_sigma=True).discards_penultimate_sigma
+                                 always_discard_next_to_last_sigma=True).discard_changes_a_pass
 
 
-def test_the_request_says_whether_a_pass_discards():
-    def discards(**fields) -> bool:
-        return GenerationRequest(prompt="", **fields).discards_penultimate_sigma
+def test_the_request_says_whether_the_option_changed_a_pass():
+    def changed(**fields) -> bool:
+        return GenerationRequest(prompt="", **fields).discard_changes_a_pass
 
-    assert not discards(sampler_name="Euler")
-    assert discards(sampler_name="Euler", always_discard_next_to_last_sigma=True)
-    assert discards(sampler_name="Euler", enable_hr=True, hr_sampler_name="DPM2")  # the hires pass's sampler
-    assert not discards(sampler_name="DDIM", enable_hr=True, always_discard_next_to_last_sigma=True)
+    assert not changed(sampler_name="Euler")
+    assert changed(sampler_name="Euler", always_discard_next_to_last_sigma=True)
+    assert not changed(sampler_name="Euler", enable_hr=True, hr_sampler_name="DPM2")  # DPM2's own discard
+    assert changed(sampler_name="DPM2", enable_hr=True, hr_sampler_name="Euler", always_discard_next_to_last_sigma=True)
+    assert not changed(sampler_name="DDIM", enable_hr=True, always_discard_next_to_last_sigma=True)
 
 
 def a1111_zero_snr_alpha_bars() -> torch.Tensor:
@@ -119,6 +124,15 @@ def test_zero_terminal_snr_gives_every_sampler_a1111s_rescaled_noise_levels(samp
 def test_zero_terminal_snr_starts_karras_at_its_largest_sigma():
     expected = math.sqrt((1 - 4.8973451890853435e-08) / 4.8973451890853435e-08)  # 4518.8
     assert float(sigmas_of("Euler", "Karras", 10, ZERO_SNR)[0]) == pytest.approx(expected, rel=1e-3)
+
+
+def test_a_schedule_range_is_checked_against_the_noise_schedule_it_runs_on(services):
+    from webui.schemas import InvalidRequest
+
+    high = QUICK | {"sampler_name": "Euler", "scheduler": "Karras", "sigma_min": 20}  # above SD's largest, 14.6
+    with pytest.raises(InvalidRequest, match="sigma_min: 20 is not below this model's largest sigma 14.6"):
+        services.worker.check(high)
+    assert services.worker.check(high | {"sd_noise_schedule": "Zero Terminal SNR"}).sigma_min == 20  # below 4519
 
 
 @pytest.fixture
@@ -176,8 +190,8 @@ def test_the_infotext_says_so_and_a_paste_reads_it_back(services):
     assert "Discard penultimate sigma" not in plain and "Noise Schedule" not in plain
     pasted = request_fields_from_infotext(plain)
     assert pasted["always_discard_next_to_last_sigma"] is False and pasted["sd_noise_schedule"] == "Default"
-    dpm2 = finished_job(services, QUICK | {"sampler_name": "DPM2"}).images[0].infotext
-    assert "Discard penultimate sigma: True" in dpm2  # as A1111 writes it for DPM2
+    dpm2 = finished_job(services, QUICK | {"sampler_name": "DPM2", "always_discard_next_to_last_sigma": True})
+    assert "Discard penultimate sigma" not in dpm2.images[0].infotext  # its own discard: A1111 writes no key
     odd = request_fields_from_infotext("x\nSteps: 3, Sampler: Euler, Noise Schedule: Cosine")
     assert odd["sd_noise_schedule"] == "Default"  # a value this server lacks is skipped
 

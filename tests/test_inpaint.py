@@ -143,6 +143,8 @@ def test_without_the_overlay_the_part_drawn_shows_whole_as_the_model_drew_it():
     _, _, _, whole = prepare_inpainting(picture, mask, request_for(width=128, height=64, mask_blur=4,
                                                                    overlay_inpaint=False))
     assert (pixels(whole.compose(drawn)) == pixels(drawn)).all()  # the kept half too is the model's
+    soft = Image.new("L", (128, 64), 0)  # soft inpainting's own overlay is laid in whatever the setting, as A1111
+    assert (pixels(whole.compose(drawn, soft)) == pixels(whole.original)).all()
     _, _, _, laid = prepare_inpainting(picture, mask, request_for(width=128, height=64, mask_blur=4))
     assert (pixels(laid.compose(drawn))[:, :40] == pixels(picture)[:, :40]).all()  # by default, laid in
     only = request_for(width=64, height=64, mask_blur=0, inpaint_full_res=True, inpaint_full_res_padding=10,

@@ -91,6 +91,40 @@ def test_a_full_chunk_ends_at_a_comma_less_than_20_tokens_back(pipe):
     assert token_count(tokenizer, near) == 75 + 20 and token_count(tokenizer, far) == 75 + 6
 
 
+def test_the_prompt_word_wrap_length_limit_moves_or_stops_the_cut_at_the_comma(pipe):
+    from webui.engine.prompts import _chunks
+
+    tokenizer = pipe.tokenizer
+    near = "cat " * 60 + ", " + "dog " * 20  # the 75th token is 14 words after the comma
+    far = "cat " * 50 + ", " + "dog " * 30  # 24 words after it
+    at_comma, at_full = [61, 20], [75, 6]  # near's tokens in each chunk: cut after the comma, or where it is full
+
+    def lengths(text, backtrack):
+        special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+        return [len([t for t in ids if t not in special]) for ids, _ in _chunks(tokenizer, text, backtrack=backtrack)]
+
+    # Full, a chunk's comma is 15 tokens back (its 61st of 75): a limit of 15 cuts there, 14 does not
+    assert lengths(near, 15) == at_comma and lengths(near, 14) == at_full
+    assert lengths(near, 0) == at_full  # 0: never at the comma
+    assert lengths(far, 25) == [51, 30] and lengths(far, 24) == at_full  # its comma 25 back
+    assert token_count(tokenizer, near, backtrack=0) == 75 + 6 and chunk_count(tokenizer, near, backtrack=0) == 2
+
+
+def test_the_prompt_word_wrap_length_limit_comes_from_the_settings_for_jobs_and_the_counter(services):
+    from webui.ui.blocks import create_ui
+
+    near = "cat " * 60 + ", " + "dog " * 20
+    request = {"prompt": near, "steps": 1, "seed": 2, "width": 64, "height": 64, "save_images": False}
+    wrapped = services.worker.submit(request)
+    services.options.update({"comma_padding_backtrack": 0})
+    cut = services.worker.submit(request)
+    assert (wrapped.request.comma_padding_backtrack, cut.request.comma_padding_backtrack) == (20, 0)
+    assert wrapped.wait(60) and cut.wait(60) and cut.error is None
+    assert wrapped.images[0].image.tobytes() != cut.images[0].image.tobytes()  # other embeddings, another picture
+    ui = create_ui(services)
+    assert "81/150" in ui.txt2img.actions.count_tokens(near, 20)  # 75 + 6 with no wrap at the comma
+
+
 def test_the_token_counter_counts_a_chunk_ended_by_break_as_full(pipe):
     assert token_count(pipe.tokenizer, "a red apple BREAK a pear") == 75 + 2
     assert token_count(pipe.tokenizer, "a red apple BREAK") == 3

@@ -149,9 +149,10 @@ def test_automatic_is_the_samplers_own_default_schedule_as_in_a1111(sampler):
         assert not built.config.get("use_karras_sigmas", False)  # the scheduler's own sigmas
         return
     ours = built.sigmas.double()
-    # A1111's DPM2 and DPM2 a make a level more and leave the next-to-last out (its discard_next_to_last_sigma)
-    levels = A1111_FORMULAS[expected](21, sd15_sigmas())[:-1] if sampler.startswith("DPM2") else \
-        A1111_FORMULAS[expected](20, sd15_sigmas())
+    # A1111's DPM2, DPM2 a and DPM++ 3M SDE make a level more and leave the next-to-last out (its
+    # discard_next_to_last_sigma)
+    levels = A1111_FORMULAS[expected](21, sd15_sigmas())[:-1] if sampler in ("DPM2", "DPM2 a", "DPM++ 3M SDE") \
+        else A1111_FORMULAS[expected](20, sd15_sigmas())
     for level in levels:  # each level is there (DPM2 adds midpoints)
         assert torch.isclose(ours, level, rtol=1e-3).any(), (sampler, float(level))
 

@@ -263,11 +263,11 @@ def test_the_settings_tab_saves_for_everyone_and_says_why_not(ui_settings):
     assert tab.actions.shown() == ["webp", "png", 40, "[seed]-[prompt_words]", *DIRS]
 
 
-DIRS = (True, True, "[date]", True, False, *[True] * 7, False, True, "Original", "CPU", "CodeFormer", 0.5, 1.0, False,
+DIRS = (True, True, "[date]", True, False, *[True] * 7, False, True, 20, "Original", "CPU", "CodeFormer", 0.5, 1.0, False,
         "second pass", "None", True, False, False, False, False, False, False, False, False, True, 2, "Approx cheap",
         -1, False, True, 4.0, 4000)
 # the subfolders, the infotext in the files, lossy webp, the infotext's model, VAE, version and hashes, the text
-# file, comments, emphasis, the random number source, the face restorer and its weight, the inpainting conditioning
+# file, comments, the comma backtrack, emphasis, the random number source, the face restorer and its weight, the inpainting conditioning
 # mask strength, Clip skip SDXL, the refiner's hires pass, img2img's upscaler, the inpainting overlay, exact img2img
 # steps, the copies before the hires fix, face restoration and colour correction, the mask, the masked composite, the
 # init image, incomplete images, live previews: defaults; the preview period: the fixture's --preview-every 2; the
@@ -416,23 +416,34 @@ def test_a_large_picture_or_file_gets_a1111s_jpg_copy_beside_it(tmp_path):
         assert copy.size == (64, 64)  # not shrunk: only the file was large
     options.update({"samples_format": "jpg"})
     assert store.save_image(noisy(), INFOTEXT, seed=10).suffix == ".jpg"  # a jpg itself: no copy over it
-    options.update({"samples_format": "png", "export_for_4chan": False})
+    from webui.storage.outputs import NamedCopy
+
+    options.update({"samples_format": "png"})
+    (tmp_path / "batch").mkdir()
+    (tmp_path / "batch" / "holiday.jpg").write_bytes(b"the picture the batch read")
+    named = store.save_named(noisy(), INFOTEXT, NamedCopy(tmp_path / "batch", "holiday"))
+    assert named.name == "holiday.png" and (tmp_path / "batch" / "holiday.jpg").read_bytes().startswith(b"the pic")
+    extra = store.save_extra(noisy(), {"parameters": INFOTEXT})
+    with Image.open(extra.with_suffix(".jpg")) as copy:  # Extras' pictures too, as A1111 saves them
+        assert read_infotext(copy) == INFOTEXT
+    options.update({"export_for_4chan": False})
     assert not store.save_image(noisy(), INFOTEXT, seed=11).with_suffix(".jpg").exists()
     assert not [p for p in tmp_path.rglob(".partial-*")]
 
 
-def test_a_jpg_copy_that_cannot_be_written_loses_no_picture(tmp_path, caplog, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), ValueError("cannot write mode I;16")])
+def test_a_jpg_copy_that_cannot_be_written_loses_no_picture(tmp_path, caplog, monkeypatch, error):
     import webui.storage.outputs as outputs
 
     def disk_full(path, data):
-        raise OSError(28, "No space left on device")
+        raise error
 
     monkeypatch.setattr(outputs, "write_file", disk_full)
     options = OptionsStore(None)
     options.update({"img_downscale_threshold": 0})
     path = OutputStore(tmp_path, options).save_image(noisy(), INFOTEXT, seed=7)
     assert read_infotext(Image.open(path)) == INFOTEXT and not path.with_suffix(".jpg").exists()
-    assert "could not write the JPG copy of" in caplog.text
+    assert "could not write the JPG copy of" in caplog.text and type(error).__name__ in caplog.text
 
 
 def test_a_text_file_that_cannot_be_written_loses_no_picture(tmp_path, caplog, monkeypatch):

@@ -84,7 +84,7 @@ HiresRefinerPass = Literal[HIRES_REFINER_PASSES]
 # the worker accepts the request
 SETTINGS_FIELDS = ("emphasis", "randn_source", "face_restoration_model", "code_former_weight", "inpainting_mask_weight",
                    "sdxl_clip_l_skip", "img2img_fix_steps", "hires_fix_refiner_pass", "overlay_inpaint",
-                   "upscaler_for_img2img", *SAVE_SETTINGS)
+                   "upscaler_for_img2img", "comma_padding_backtrack", *SAVE_SETTINGS)
 
 
 class GenerationRequest(BaseModel):
@@ -213,6 +213,9 @@ class GenerationRequest(BaseModel):
                                        "of the start noise added (A1111's Extra noise; 0: none)")
     emphasis: str | None = Field(None, description="how (word:1.2) weights are read: Original (A1111's default), No "
                                  "norm, Ignore or None, A1111's Emphasis mode (None: as the Settings tab says)")
+    comma_padding_backtrack: int | None = Field(None, ge=0, le=74, description="a 75-token chunk that fills up at "
+                                                "most this many tokens after its last comma ends at that comma (A1111's "
+                                                "Prompt word wrap length limit; 0: never). None: the Settings tab's")
     prompt_comments: bool | None = Field(None, description="leave out of the prompts what follows a # on its line "
                                          "(None: as the Settings tab's Enable comments says)")
     # A1111's step options (webui/engine/step_options.py: which samplers follow each) and its Eta noise seed delta.
@@ -555,10 +558,12 @@ class GenerationRequest(BaseModel):
                              self.always_discard_next_to_last_sigma, self.sd_noise_schedule)
 
     @property
-    def discards_penultimate_sigma(self) -> bool:
-        """Whether a pass's sampler leaves the next-to-last sigma out (A1111 writes it into the infotext then)."""
+    def discard_changes_a_pass(self) -> bool:
+        """Whether Always discard next-to-last sigma changed a pass: one of a k-diffusion sampler that keeps that
+        sigma by itself (A1111 writes its infotext key then; DPM2's own discard writes none)."""
         samplers = {self.sampler_name, self.hires_sampler[0] if self.enable_hr else self.sampler_name}
-        return any(self.schedule_shape.discards_penultimate(get_sampler(name)) for name in samplers)
+        return self.always_discard_next_to_last_sigma and any(
+            get_sampler(name).k_diffusion and not get_sampler(name).discards_penultimate for name in samplers)
 
     @property
     def unipc_options(self) -> UniPCOptions:

@@ -382,7 +382,7 @@ class Worker:
             _check_clip_skip(request, model)
             _check_edit_model(request, model)
             if request.reads_sigma_range:
-                problem = request.schedule_shape.range_problem(self.engine.sigma_table())
+                problem = request.schedule_shape.range_problem(self.engine.sigma_table(request.sd_noise_schedule))
                 if problem:
                     raise InvalidRequest(problem)
             request.check_hires(*model.size_for(request))
@@ -1005,7 +1005,7 @@ class Worker:
             "Beta schedule alpha": request.beta_dist_alpha if request.uses_beta_schedule else None,
             "Beta schedule beta": request.beta_dist_beta if request.uses_beta_schedule else None,
             **_schedule_range_infotext(request),
-            "Discard penultimate sigma": True if request.discards_penultimate_sigma else None,
+            "Discard penultimate sigma": True if request.discard_changes_a_pass else None,
             "Noise Schedule": request.sd_noise_schedule if request.sd_noise_schedule != "Default" else None,
             **_unipc_infotext(request),
             "Lora hashes": self.engine.lora_hashes(request),

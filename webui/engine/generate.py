@@ -46,8 +46,8 @@ from webui.engine.models import ModelEntry, ModelRegistry
 from webui.engine.noise import start_noise
 from webui.engine.preview import TinyDecoders, denoised_estimate, keeping_estimates, latents_to_preview
 from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
-from webui.engine.prompts import (ORIGINAL, chunk_count, encode_parts, encode_prompt_pair, encode_sdxl_pair,
-                                  encode_sdxl_parts, token_count)
+from webui.engine.prompts import (COMMA_BACKTRACK, ORIGINAL, chunk_count, encode_parts, encode_prompt_pair,
+                                  encode_sdxl_pair, encode_sdxl_parts, token_count)
 from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_call, is_sdxl_refiner, kind_of_entry,
                                   kind_of_pipeline, kind_problem, pass_timesteps, refiner_size_inputs)
 from webui.engine.samplers import ScheduleShape, UniPCOptions, get_sampler, make_scheduler, model_sigmas
@@ -140,6 +140,13 @@ def composition_problem(request: GenerationRequest) -> str | None:
         if problem:
             return f"{name}: {problem}"
     return None
+
+
+def _prompt_reading(request: GenerationRequest) -> tuple[str, int]:
+    """How the request's prompts are read into chunks: its emphasis mode and A1111's Prompt word wrap length limit
+    (the defaults where the worker has not filled them in from the settings)."""
+    backtrack = request.comma_padding_backtrack
+    return request.emphasis or ORIGINAL, COMMA_BACKTRACK if backtrack is None else backtrack
 
 
 def _all_phases(request: GenerationRequest) -> list[PromptPhase]:
@@ -728,7 +735,7 @@ class Engine:
                 continue
             dtype = self._timestep_dtype(*sampler, request.steps)
             keys["UNet"] |= {(height // factor, width // factor, unet_rows, max(chunks), dtype,
-                              pipe.unet.config.cross_attention_dim) for chunks in self._chunk_counts(phases, request.emphasis)}
+                              pipe.unet.config.cross_attention_dim) for chunks in self._chunk_counts(phases, request)}
         whole = [(width, height) for width, height in decoded if not decodes_in_tiles(width, height)]
         if whole:  # tiles are decoded uncompiled
             keys["VAE decoder"] = {(height // factor, width // factor, batch_size, pipe.vae.config.latent_channels)
@@ -742,9 +749,9 @@ class Engine:
         return keeping_estimates(make_scheduler(self._base_scheduler_config, sampler_name, schedule,
                                                 sdxl=is_sdxl(self.pipe), shape=shape, unipc=unipc))
 
-    def sigma_table(self) -> np.ndarray:
-        """The loaded model's sigma at each training timestep, smallest first."""
-        return model_sigmas(self._scheduler("Euler", "Automatic"))
+    def sigma_table(self, noise_schedule: str = "Default") -> np.ndarray:
+        """The loaded model's sigma at each training timestep, smallest first, under that noise schedule."""
+        return model_sigmas(self._scheduler("Euler", "Automatic", ScheduleShape(noise_schedule=noise_schedule)))
 
     def _start_noise_factor(self, request: GenerationRequest) -> float:
         """What txt2img's unit noise is multiplied by besides the scheduler's start level, so that a k-diffusion sampler
@@ -768,13 +775,13 @@ class Engine:
         scheduler.set_timesteps(steps)
         return scheduler.timesteps.dtype
 
-    def _chunk_counts(self, phases: list[PromptPhase], emphasis: str | None = None) -> set[tuple[int, int]]:
+    def _chunk_counts(self, phases: list[PromptPhase], request: GenerationRequest) -> set[tuple[int, int]]:
         """How many 75-token chunks the prompt (its longest part, when composed) and the negative prompt in use
-        take, in each prompt phase, read in the emphasis mode (None: the default)."""
-        tokenizer, emphasis = self.pipe.tokenizer, emphasis or ORIGINAL
+        take, in each prompt phase, read as the request reads prompts."""
+        tokenizer, reading = self.pipe.tokenizer, _prompt_reading(request)
         texts = {(phase.prompt, phase.negative) for phase in phases}
-        return {(max(chunk_count(tokenizer, part, emphasis) for part in part_texts(prompt)),
-                 chunk_count(tokenizer, negative, emphasis)) for prompt, negative in texts}
+        return {(max(chunk_count(tokenizer, part, *reading) for part in part_texts(prompt)),
+                 chunk_count(tokenizer, negative, *reading)) for prompt, negative in texts}
 
     def pads_prompts(self, request: GenerationRequest) -> bool:
         """Whether the shorter of prompt and negative prompt is padded with empty chunks to the other's
@@ -782,7 +789,7 @@ class Engine:
         infotext says so as A1111's "Pad conds", which A1111 then applies when the text is pasted there."""
         return request.cfg_scale > 1 and any(prompt != negative
                                              for prompt, negative in self._chunk_counts(_all_phases(request),
-                                                                                         request.emphasis))
+                                                                                         request))
 
     def lora_hashes(self, request: GenerationRequest) -> str | None:
         """The infotext's "Lora hashes" ("name: hash, ..."), None when the prompt names no LoRA."""
@@ -1108,26 +1115,29 @@ class Engine:
                 if encoded and between_encodes is not None:
                     between_encodes()
                 encoded[texts] = self._encode_pair(phase.prompt, phase.negative, request.clip_skip,
-                                                   request.emphasis or ORIGINAL, bool(request.sdxl_clip_l_skip)
+                                                   _prompt_reading(request), bool(request.sdxl_clip_l_skip)
                                                    ).rows(count)
         return [encoded[(phase.prompt, phase.negative)] for phase in phases]
 
-    def _encode_pair(self, prompt: str, negative: str, clip_skip: int, emphasis: str = ORIGINAL,
-                     sdxl_clip_skip: bool = False) -> _Conds:
+    def _encode_pair(self, prompt: str, negative: str, clip_skip: int, reading: tuple[str, int] = (ORIGINAL,
+                     COMMA_BACKTRACK), sdxl_clip_skip: bool = False) -> _Conds:
         """One row of (prompt, negative) embeddings. A composed prompt's parts lie one after another along the
         tokens, and the negative prompt is repeated as often, so the two keep one shape (diffusers checks it);
         composed_guidance splits them again around the UNet; an SDXL model's pooled vectors likewise lie side by side.
-        SDXL reads Clip skip only with `sdxl_clip_skip` (A1111's Clip skip SDXL setting), in CLIP-L alone."""
+        SDXL reads Clip skip only with `sdxl_clip_skip` (A1111's Clip skip SDXL setting), in CLIP-L alone.
+        `reading`: the emphasis mode and the comma backtrack (_prompt_reading)."""
         sdxl, texts = is_sdxl(self.pipe), part_texts(prompt)
         clip_l_skip = clip_skip if sdxl_clip_skip else None
+        emphasis, backtrack = reading
         if not is_composed(prompt):  # its text without a trailing ':1', which A1111 reads as the weight 1
             if sdxl:
-                return _Conds(*encode_sdxl_pair(self.pipe, texts, [negative], emphasis, clip_l_skip))
-            return _Conds(*encode_prompt_pair(self.pipe, texts, [negative], clip_skip, emphasis))
+                return _Conds(*encode_sdxl_pair(self.pipe, texts, [negative], emphasis, clip_l_skip, backtrack))
+            return _Conds(*encode_prompt_pair(self.pipe, texts, [negative], clip_skip, emphasis, backtrack))
         if sdxl:
-            conds, uncond, pooled, negative_pooled = encode_sdxl_parts(self.pipe, texts, negative, emphasis, clip_l_skip)
+            conds, uncond, pooled, negative_pooled = encode_sdxl_parts(self.pipe, texts, negative, emphasis, clip_l_skip,
+                                                                       backtrack)
         else:
-            (conds, uncond), pooled = encode_parts(self.pipe, texts, negative, clip_skip, emphasis), None
+            (conds, uncond), pooled = encode_parts(self.pipe, texts, negative, clip_skip, emphasis, backtrack), None
         count = conds.shape[0]
         joined = _Conds(conds.reshape(1, -1, conds.shape[-1]), uncond.repeat(1, count, 1))
         if pooled is None:
@@ -1245,7 +1255,8 @@ class Engine:
             tiny = self.tiny_decoders.decoder(is_sdxl(pipe), latents.device, pipe.vae.dtype)
         return latents_to_preview(latents, pipe.vae, method, tiny)
 
-    def count_tokens(self, text: str, steps: int = 20, negative: bool = False, emphasis: str = ORIGINAL) -> int:
+    def count_tokens(self, text: str, steps: int = 20, negative: bool = False, emphasis: str = ORIGINAL,
+                     backtrack: int = COMMA_BACKTRACK) -> int:
         """Tokens the prompt uses, without start/end markers (the UI's 12/75 counter). With prompt editing or
         alternation, those of the longest text it reads in `steps` steps, and of its longest AND part (a negative
         prompt is not split), as A1111 counts."""
@@ -1255,4 +1266,4 @@ class Engine:
         # Past the prompt's length limit the request is refused anyway; never tokenize megabytes for a counter.
         variants = prompt_variants(strip_loras(text[:MAX_PROMPT_CHARS + 1]), steps)
         texts = variants if negative else [part for variant in variants for part in part_texts(variant)]
-        return max(token_count(tokenizer, text, emphasis) for text in texts)
+        return max(token_count(tokenizer, text, emphasis, backtrack) for text in texts)

@@ -47,11 +47,12 @@ class Inpainting:
 
     def compose(self, drawn: Image.Image, overlay: Image.Image | None = None) -> Image.Image:
         """The run's picture laid into the original, showing through the overlay, or through `overlay` ("L", the
-        run's size: soft inpainting's, for this picture) within the part drawn; not overlaid, the part drawn whole."""
+        run's size: soft inpainting's, for this picture) within the part drawn; not overlaid (and without soft
+        inpainting's, which A1111 lays in whatever the setting), the part drawn whole."""
         left, top, right, bottom = self.box
         size = (right - left, bottom - top)
         placed = drawn if drawn.size == size else ImageOps.fit(drawn, size, RESAMPLE)
-        if not self.overlaid:
+        if overlay is None and not self.overlaid:
             overlay = Image.new("L", size, 255)
         elif overlay is None:
             overlay = self.overlay.crop(self.box)

@@ -8,7 +8,8 @@ stable-diffusion-webui does, instead of being cut off.
 Attention syntax, as stable-diffusion-webui reads it: `(word)` weighs 1.1, `[word]` 1/1.1, `(word:1.5)`
 1.5, brackets nest (their weights multiply; round and square ones are matched separately, so they may
 cross), a backslash makes a bracket literal, and `BREAK` starts a new 75-token chunk. A chunk that
-fills up within 20 tokens after a comma ends at that comma, so a tag is not cut in two. A weight scales the token's embedding, and the chunk is then scaled back to its old
+fills up within 20 tokens after a comma (A1111's Prompt word wrap length limit) ends at that comma, so a tag is not
+cut in two. A weight scales the token's embedding, and the chunk is then scaled back to its old
 mean. A1111's *Emphasis mode* setting changes that: "No norm" leaves the chunk's mean as the weights make it,
 "Ignore" reads the brackets but weighs every token 1, "None" reads brackets as plain text (and BREAK as a word).
 Prompt editing ([a:b:0.5]) and alternation ([a|b]) are resolved before this, per step
@@ -87,15 +88,18 @@ def _merge(runs: list[list]) -> list[tuple[str, float | None]]:
 
 
 def encode_prompt_pair(pipe, prompts: list[str], negatives: list[str], clip_skip: int = 1,
-                       emphasis: str = ORIGINAL) -> tuple[torch.Tensor, torch.Tensor]:
+                       emphasis: str = ORIGINAL, backtrack: int = COMMA_BACKTRACK
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings for prompts and negative prompts, padded to the same number of chunks
-    (classifier-free guidance needs equal shapes)."""
-    embeddings = _encode(pipe, _padded_chunks(pipe.tokenizer, prompts + negatives, emphasis), clip_skip, emphasis)
+    (classifier-free guidance needs equal shapes). `backtrack`: A1111's Prompt word wrap length limit."""
+    embeddings = _encode(pipe, _padded_chunks(pipe.tokenizer, prompts + negatives, emphasis, backtrack), clip_skip,
+                         emphasis)
     return embeddings[: len(prompts)], embeddings[len(prompts):]
 
 
 def encode_sdxl_pair(pipe, prompts: list[str], negatives: list[str], emphasis: str = ORIGINAL,
-                     clip_l_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     clip_l_skip: int | None = None, backtrack: int = COMMA_BACKTRACK
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """An SDXL model's (prompt, negative, pooled prompt, pooled negative) embeddings, as A1111 conditions SDXL: each
     75-token chunk is read by both text encoders (the penultimate layer of each, without its final norm), each
     encoder's output weighted on its own (as ours for SD), the two joined side by side (768 + 1280 = 2048 wide for
@@ -108,12 +112,12 @@ def encode_sdxl_pair(pipe, prompts: list[str], negatives: list[str], emphasis: s
     device = pipe._execution_device
     # The second tokenizer pads with "!" (OpenCLIP's padding); the chunks are the same (one BPE vocabulary, and an
     # embedding's vectors at the same ids in both encoders: embeddings.py).
-    second, pooled = _encode_layer(pipe.text_encoder_2, _padded_chunks(pipe.tokenizer_2, texts, emphasis), device,
-                                   emphasis)
+    second, pooled = _encode_layer(pipe.text_encoder_2, _padded_chunks(pipe.tokenizer_2, texts, emphasis, backtrack),
+                                   device, emphasis)
     hidden = second
     if pipe.text_encoder is not None:  # a base model; a refiner has no first encoder
-        first, _ = _encode_layer(pipe.text_encoder, _padded_chunks(pipe.tokenizer, texts, emphasis), device, emphasis,
-                                 -(clip_l_skip or 2))
+        first, _ = _encode_layer(pipe.text_encoder, _padded_chunks(pipe.tokenizer, texts, emphasis, backtrack), device,
+                                 emphasis, -(clip_l_skip or 2))
         hidden = torch.cat([first, second.to(first.dtype)], dim=-1)
     empty_negative = torch.tensor([index >= len(prompts) and not text for index, text in enumerate(texts)],
                                   device=hidden.device)
@@ -123,30 +127,32 @@ def encode_sdxl_pair(pipe, prompts: list[str], negatives: list[str], emphasis: s
     return hidden[:count], hidden[count:], pooled[:count], pooled[count:]
 
 
-def _padded_chunks(tokenizer, texts: list[str], emphasis: str = ORIGINAL) -> list[list[Chunk]]:
+def _padded_chunks(tokenizer, texts: list[str], emphasis: str = ORIGINAL,
+                   backtrack: int = COMMA_BACKTRACK) -> list[list[Chunk]]:
     """Each text's chunks, the shorter ones padded with empty chunks to the longest's count."""
-    chunked = [_chunks(tokenizer, text, emphasis) for text in texts]
+    chunked = [_chunks(tokenizer, text, emphasis, backtrack) for text in texts]
     count = max(len(chunks) for chunks in chunked)
     empty = _chunks(tokenizer, "")[0]
     return [chunks + [empty] * (count - len(chunks)) for chunks in chunked]
 
 
-def encode_parts(pipe, parts: list[str], negative: str, clip_skip: int = 1, emphasis: str = ORIGINAL
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_parts(pipe, parts: list[str], negative: str, clip_skip: int = 1, emphasis: str = ORIGINAL,
+                 backtrack: int = COMMA_BACKTRACK) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings for the parts of a prompt joined with AND (parts, length, hidden) and for its negative prompt
     (1, length, hidden), stacked as _stack_parts says."""
     def encode(text: str) -> torch.Tensor:
-        return _encode(pipe, [_chunks(pipe.tokenizer, text, emphasis)], clip_skip, emphasis)
+        return _encode(pipe, [_chunks(pipe.tokenizer, text, emphasis, backtrack)], clip_skip, emphasis)
 
     return _stack_parts([encode(text) for text in parts], encode(negative), encode(""))
 
 
 def encode_sdxl_parts(pipe, parts: list[str], negative: str, emphasis: str = ORIGINAL,
-                      clip_l_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      clip_l_skip: int | None = None, backtrack: int = COMMA_BACKTRACK
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """encode_parts for an SDXL model, each text read as encode_sdxl_pair reads it; and the pooled vectors, each
     part's (parts, projection) and the negative prompt's (1, projection)."""
     def encode(prompts: list[str], negatives: list[str]):
-        return encode_sdxl_pair(pipe, prompts, negatives, emphasis, clip_l_skip)
+        return encode_sdxl_pair(pipe, prompts, negatives, emphasis, clip_l_skip, backtrack)
 
     encoded = [encode([text], []) for text in parts]
     _, uncond, _, negative_pooled = encode([], [negative])
@@ -171,27 +177,27 @@ def _stack_parts(encoded: list[torch.Tensor], uncond: torch.Tensor, empty: torch
     return conds, uncond
 
 
-def chunk_count(tokenizer, text: str, emphasis: str = ORIGINAL) -> int:
+def chunk_count(tokenizer, text: str, emphasis: str = ORIGINAL, backtrack: int = COMMA_BACKTRACK) -> int:
     """How many 77-token chunks a prompt takes (the text encoder's output is chunks x 77 long)."""
-    return len(_split(tokenizer, text, emphasis))
+    return len(_split(tokenizer, text, emphasis, backtrack))
 
 
-def token_count(tokenizer, text: str, emphasis: str = ORIGINAL) -> int:
+def token_count(tokenizer, text: str, emphasis: str = ORIGINAL, backtrack: int = COMMA_BACKTRACK) -> int:
     """The UI's counter (12/75), counted as stable-diffusion-webui counts: the tokens of the last chunk, plus
     75 for each chunk before it, so a BREAK or a chunk ended early at a comma shows in the count."""
-    chunks = _split(tokenizer, text, emphasis)
+    chunks = _split(tokenizer, text, emphasis, backtrack)
     return CHUNK_TOKENS * (len(chunks) - 1) + len(chunks[-1][0])
 
 
 Chunk = tuple[list[int], list[float]]  # token ids and each one's weight
 
 
-def _chunks(tokenizer, text: str, emphasis: str = ORIGINAL) -> list[Chunk]:
+def _chunks(tokenizer, text: str, emphasis: str = ORIGINAL, backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
     """One prompt as chunks of 77 tokens: start marker, up to 75 tokens, end marker, padding."""
     padding = [tokenizer.pad_token_id]
     return [([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + padding * (CHUNK_TOKENS - len(ids)),
              [1.0, *weights, 1.0] + [1.0] * (CHUNK_TOKENS - len(ids)))
-            for ids, weights in _split(tokenizer, text, emphasis)]
+            for ids, weights in _split(tokenizer, text, emphasis, backtrack)]
 
 
 def _runs(text: str, emphasis: str) -> list[tuple[str, float | None]]:
@@ -204,10 +210,10 @@ def _runs(text: str, emphasis: str) -> list[tuple[str, float | None]]:
     return runs
 
 
-def _split(tokenizer, text: str, emphasis: str = ORIGINAL) -> list[Chunk]:
+def _split(tokenizer, text: str, emphasis: str = ORIGINAL, backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
     """One prompt's tokens, split into chunks of at most 75. BREAK and a full chunk start a new one; a chunk
-    that fills up at most COMMA_BACKTRACK tokens after its last comma moves the words after that comma to
-    the next chunk, as stable-diffusion-webui does."""
+    that fills up at most `backtrack` tokens after its last comma (A1111's Prompt word wrap length limit; 0:
+    never) moves the words after that comma to the next chunk, as stable-diffusion-webui does."""
     comma = _comma_id(tokenizer)
     pieces: list[Chunk] = [([], [])]
     last_comma = -1  # position of the last comma in the current chunk
@@ -220,7 +226,7 @@ def _split(tokenizer, text: str, emphasis: str = ORIGINAL) -> list[Chunk]:
             ids, weights = pieces[-1]
             if group == [comma]:
                 last_comma = len(ids)
-            elif len(ids) == CHUNK_TOKENS and last_comma >= 0 and len(ids) - last_comma <= COMMA_BACKTRACK:
+            elif len(ids) == CHUNK_TOKENS and last_comma >= 0 and len(ids) - last_comma <= backtrack:
                 cut = last_comma + 1
                 pieces[-1] = (ids[:cut], weights[:cut])
                 pieces.append((ids[cut:], weights[cut:]))

@@ -39,7 +39,7 @@ class Sampler:
     # timestep spacing (named by many SD configs, for DDIM and PLMS) would skip.
     k_diffusion: bool = False
     # A1111's sampler table has it drop its schedule's next-to-last sigma, whatever Always discard next-to-last
-    # sigma says (DPM2 and DPM2 a)
+    # sigma says (DPM2, DPM2 a, DPM++ 3M SDE)
     discards_penultimate: bool = False
 
 
@@ -65,7 +65,7 @@ SAMPLERS: tuple[Sampler, ...] = (
     # their pictures differ (as DPM++ 2M SDE's do).
     Sampler("DPM++ 3M SDE", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, aliases=("k_dpmpp_3m_sde",),
-            automatic="Exponential", k_diffusion=True),
+            automatic="Exponential", k_diffusion=True, discards_penultimate=True),
     # diffusers has no ancestral single-step DPM++; its deterministic single-step solver is the
     # closest match, as diffusers' own scheduler table notes. It needs a low-order last step (and
     # warns when it has to switch one on itself).

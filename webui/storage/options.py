@@ -67,6 +67,9 @@ class SavedOptions(BaseModel):
                                               "each saved image and grid")
     enable_prompt_comments: bool = Field(True, description="a # in a prompt leaves the rest of its line out of what "
                                                            "is drawn (and of the infotext)")
+    comma_padding_backtrack: int = Field(20, ge=0, le=74, description="Prompt word wrap length limit: a 75-token "
+                                         "chunk that fills up at most this many tokens after its last comma ends at "
+                                         "that comma (0: never)")
     emphasis: EmphasisMode = Field("Original", description="how (word:1.2) weights are read: Original (weights, then "
                                    "each chunk back to its mean), No norm (weights alone), Ignore (brackets read, "
                                    "weights 1), None (brackets are text)")

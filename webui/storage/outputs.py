@@ -151,12 +151,13 @@ class OutputStore:
     def _with_jpg_copy(path: Path, image: Image.Image, infotext: str, options: SavedOptions) -> Path:
         """A1111's "Save copy of large images as JPG": beside a picture whose file is larger than
         img_downscale_threshold MB, or a side longer than target_side_length, a JPG of the same name, with its
-        infotext (where EXIF holds it), shrunk to that side where longer. A jpg picture gets none. The picture is
-        saved already, so a copy that cannot be written is only logged."""
-        side = options.target_side_length
+        infotext (where EXIF holds it), shrunk to that side where longer. A jpg picture gets none, nor one whose
+        name is taken (img2img Batch's Output directory may hold the pictures it read). The picture is saved
+        already, so a copy that cannot be made is only logged."""
+        side, copy_path = options.target_side_length, path.with_suffix(".jpg")
         try:
             oversize = max(image.size) > side
-            if (not options.export_for_4chan or path.suffix == ".jpg"
+            if (not options.export_for_4chan or path.suffix == ".jpg" or copy_path.exists()  # never over a file
                     or not (oversize or path.stat().st_size > options.img_downscale_threshold * 1024 * 1024)):
                 return path
             copy = image.resize(_within_side(image.size, side), Image.Resampling.LANCZOS) if oversize else image
@@ -165,9 +166,9 @@ class OutputStore:
                 texts = {}
             buffer = io.BytesIO()
             _encode(copy, texts, "jpg", options, buffer)
-            write_file(path.with_suffix(".jpg"), buffer.getvalue())
-        except OSError as err:
-            log.warning("could not write the JPG copy of %s: %s", path, err)
+            write_file(copy_path, buffer.getvalue())
+        except Exception as err:  # noqa: BLE001 - a file system's error, or a picture mode JPEG cannot take
+            log.warning("could not write the JPG copy of %s: %s: %s", path, type(err).__name__, err)
         return path
 
     def save_extra(self, image: Image.Image, texts: dict[str, str]) -> Path:
@@ -175,8 +176,9 @@ class OutputStore:
         "send to" still read them), and what Extras did in `postprocessing`, as A1111 writes them. In JPEG or WebP
         only `parameters` is kept, in EXIF."""
         options = self.options.current()
-        return self._save(image, texts, self.extras_folder(), lambda n: f"{n:05d}", _NUMBERED,
+        path = self._save(image, texts, self.extras_folder(), lambda n: f"{n:05d}", _NUMBERED,
                           options.samples_format, options)
+        return self._with_jpg_copy(path, image, texts.get("parameters") or "", options)
 
     def save_named(self, image: Image.Image, infotext: str, copy: NamedCopy) -> Path:
         """The picture saved as <copy.folder>/<copy.stem>.<the settings' format>, as A1111 saves img2img Batch's
@@ -195,7 +197,7 @@ class OutputStore:
             path = _link_unused_name(temp, copy.folder, stem, file_format)
         finally:
             temp.unlink(missing_ok=True)
-        return self._with_text_file(path, infotext, options)
+        return self._with_jpg_copy(self._with_text_file(path, infotext, options), image, infotext, options)
 
     def save_init_image(self, picture: Image.Image) -> Path:
         """An img2img start picture, as init-images/<the md5 of its pixels>.png (A1111's folder and name): the same

@@ -659,8 +659,9 @@ class GenerationActions(SeveralRuns):
         if self.options.current().enable_prompt_comments:  # comments are not drawn: not counted either
             text = strip_comments(text or "")
         try:
+            settings = self.options.current()
             return token_counter(self.engine.count_tokens(text or "", max(1, int(steps or 20)), negative,
-                                                          self.options.current().emphasis))
+                                                          settings.emphasis, settings.comma_padding_backtrack))
         except Exception:  # the tokenizer is shared with the worker thread; a clash is not worth an error
             return gr.skip()
 

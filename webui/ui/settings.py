@@ -30,6 +30,7 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "textual_inversion_add_hashes_to_infotext": "Add Textual Inversion hashes to infotext",
           "save_txt": "Create a text file next to every image with generation parameters",
           "enable_prompt_comments": "Enable comments", "emphasis": "Emphasis mode",
+          "comma_padding_backtrack": "Prompt word wrap length limit",
           "face_restoration_model": "Face restoration model", "code_former_weight": "CodeFormer weight",
           "inpainting_mask_weight": "Inpainting conditioning mask strength", "sdxl_clip_l_skip": "Clip skip SDXL",
           "randn_source": "Random number generator source",
@@ -137,7 +138,8 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False,
         "grid_format": gr.Dropdown(list(IMAGE_FORMATS), value=current.grid_format, label=LABELS["grid_format"],
                                    elem_id="settings_grid_format", interactive=editable),
         "n_rows": gr.Slider(-1, 16, value=current.n_rows, step=1, label=LABELS["n_rows"],
-                            info="the grid of a run of several pictures; 0: a row for each picture of a batch, a batch to a column",
+                            info="the grid of a run of several pictures, filled row by row; 0: as many rows as "
+                                 "the batch size",
                             elem_id="settings_n_rows", interactive=editable),
         **_checkboxes(("grid_prevent_empty_spots",), current, editable),
         "export_for_4chan": gr.Checkbox(
@@ -181,6 +183,11 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False,
             current.enable_prompt_comments, label=LABELS["enable_prompt_comments"],
             info="a # anywhere in a prompt hides the rest of its line from the generation",
             elem_id="settings_enable_prompt_comments", interactive=editable),
+        "comma_padding_backtrack": gr.Slider(
+            0, 74, value=current.comma_padding_backtrack, step=1, label=LABELS["comma_padding_backtrack"],
+            info="in tokens: a 75-token chunk that fills up at most this far past its last comma ends at that comma, "
+                 "so a tag is not cut in two (0: never)", elem_id="settings_comma_padding_backtrack",
+            interactive=editable),
         "emphasis": gr.Dropdown(
             list(EMPHASIS_MODES), value=current.emphasis, label=LABELS["emphasis"],
             info="how (word:1.2) is read: Original weighs, then keeps each chunk's mean; No norm weighs alone; "
