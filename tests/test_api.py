@@ -1069,3 +1069,11 @@ def test_docs_and_attaching_to_an_existing_app(client, services):
         assert c.get("/sdapi/v1/samplers").status_code == 200
         assert c.get("/docs").status_code == 200  # the host's own docs page stays
         assert c.post("/sdapi/v1/txt2img", json={"steps": 0}).status_code == 422
+
+
+def test_override_settings_takes_the_prompt_word_wrap_length_limit(client):
+    ok = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"comma_padding_backtrack": 0}})
+    assert ok.status_code == 200, ok.text
+    refused = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"comma_padding_backtrack": 75}})
+    assert refused.status_code == 422
+    assert refused.json()["detail"].startswith("override_settings.comma_padding_backtrack:")
