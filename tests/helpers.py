@@ -77,6 +77,15 @@ def finished_job(services, request, **kwargs):
     return job
 
 
+def api_infotext(client, body: dict, **extra) -> str:
+    """The first picture's infotext of a txt2img the API answered, the body with `extra` fields, which must run."""
+    import json
+
+    answer = client.post("/sdapi/v1/txt2img", json=body | extra)
+    assert answer.status_code == 200, answer.text
+    return json.loads(answer.json()["info"])["infotexts"][0]
+
+
 def interrupted_api_training(client, services, route: str, body: dict) -> tuple[dict, object]:
     """A long training POSTed to `route` (steps 100000), /sdapi/v1/progress read once it has stepped, then the
     caller's /sdapi/v1/interrupt: the progress read, and the route's answer."""

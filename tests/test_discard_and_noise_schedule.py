@@ -3,16 +3,15 @@ SNR): the schedules against A1111's formulas, and the options through the engine
 plot and the page."""
 from __future__ import annotations
 
-import json
 import math
+from functools import partial
 
-import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from fastapi.testclient import TestClient
 
-from tests.helpers import finished_job
+from tests.helpers import api_infotext, finished_job
 from tests.test_samplers import SD15_SCHEDULER, a1111_karras, a1111_uniform, log_linear_sigma, sd15_sigmas
 from webui.api import create_api_app
 from webui.engine.samplers import ScheduleShape, make_scheduler
@@ -199,11 +198,7 @@ def test_the_infotext_says_so_and_a_paste_reads_it_back(services):
 def test_the_api_takes_them_by_override_settings_options_and_infotext(services):
     body = QUICK | {"sampler_name": "Euler"}
     with TestClient(create_api_app(services)) as client:
-        def infotext(**extra) -> str:
-            answer = client.post("/sdapi/v1/txt2img", json=body | extra)
-            assert answer.status_code == 200, answer.text
-            return json.loads(answer.json()["info"])["infotexts"][0]
-
+        infotext = partial(api_infotext, client, body)
         assert "Discard penultimate sigma" not in infotext()
         on = infotext(override_settings={"always_discard_next_to_last_sigma": True})
         assert "Discard penultimate sigma: True" in on

@@ -2,8 +2,8 @@
 sigma0; through the engine, the infotext, the page's field, the API and the X/Y/Z plot."""
 from __future__ import annotations
 
-import json
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from fastapi.testclient import TestClient
 
-from tests.helpers import finished_job, noise_picture
+from tests.helpers import api_infotext, finished_job, noise_picture
 from webui.api import create_api_app
 from webui.schemas import GenerationRequest
 from webui.storage.infotext import request_fields_from_infotext
@@ -104,11 +104,7 @@ def test_the_infotext_says_so_where_it_applied_and_a_paste_reads_it_back(service
 def test_the_api_takes_it_by_override_settings_options_and_infotext(services):
     body = QUICK | {"sampler_name": "Euler"}
     with TestClient(create_api_app(services)) as client:
-        def infotext(**extra) -> str:
-            answer = client.post("/sdapi/v1/txt2img", json=body | extra)
-            assert answer.status_code == 200, answer.text
-            return json.loads(answer.json()["info"])["infotexts"][0]
-
+        infotext = partial(api_infotext, client, body)
         assert "SGM noise multiplier" not in infotext()
         on = infotext(override_settings={"sgm_noise_multiplier": True})
         assert "SGM noise multiplier: True" in on
