@@ -293,6 +293,17 @@ def test_override_settings_names_the_upscaler_for_img2img(client):
     assert refused.status_code == 422 and refused.json()["detail"].startswith("override_settings.upscaler_for_img2img:")
 
 
+def test_override_settings_gives_the_fill_colour_of_a_transparent_start(client):
+    body = QUICK | {"init_images": [b64(Image.new("RGBA", (64, 64), (0, 0, 0, 0)))]}
+    blue = client.post("/sdapi/v1/img2img", json=body | {"override_settings": {"img2img_background_color": "#0000ff"}})
+    assert blue.status_code == 200, blue.text
+    white = client.post("/sdapi/v1/img2img", json=body)
+    assert (pixels(blue.json()["images"][0]) != pixels(white.json()["images"][0])).any()  # another start picture
+    refused = client.post("/sdapi/v1/img2img", json=body | {"override_settings": {"img2img_background_color": "blue"}})
+    assert refused.status_code == 422
+    assert refused.json()["detail"].startswith("override_settings.img2img_background_color:")
+
+
 def test_docs_list_img2img_with_its_request_model(client):
     paths = client.get("/api/v1/openapi.json").json()["paths"]
     assert "Img2ImgRequest" in json.dumps(paths["/sdapi/v1/img2img"])

@@ -206,6 +206,20 @@ def test_the_upscaler_for_img2img_runs_on_the_worker_from_the_settings_or_the_re
         services.worker.submit(QUICK | {"upscaler_for_img2img": "4x-Nothing"}, init_image=picture)
 
 
+def test_a_transparent_start_is_laid_on_the_settings_fill_colour_or_the_requests(services):
+    clear = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    services.options.update({"img2img_background_color": "#00ff00"})
+    green = services.worker.submit(QUICK, init_image=clear)
+    assert green.request.img2img_background_color == "#00ff00"
+    assert green.init_image.getpixel((5, 5)) == (0, 255, 0)
+    red = services.worker.submit(QUICK | {"img2img_background_color": "#FF0000"}, init_image=clear)
+    assert red.init_image.getpixel((5, 5)) == (255, 0, 0) and red.request.init_image != green.request.init_image
+    with pytest.raises(InvalidRequest, match="img2img_background_color"):
+        services.worker.submit(QUICK | {"img2img_background_color": "green"}, init_image=clear)
+    for job in (green, red):
+        assert job.wait(60) and job.state is JobState.DONE, job.error
+
+
 def test_a_transparent_picture_is_read_on_white_and_a_16_bit_one_in_its_greys():
     from webui.engine.img2img import as_rgb
 

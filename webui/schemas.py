@@ -77,6 +77,8 @@ def canonical_randn_source(value: Any) -> Any:
 SAVE_SETTINGS = ("save_images_before_highres_fix", "save_images_before_face_restoration",
                  "save_images_before_color_correction", "save_mask", "save_mask_composite", "save_init_img",
                  "save_incomplete_images")
+COLOR_PATTERN = r"^#[0-9a-fA-F]{6}$"  # a colour as A1111's colour pickers give it
+DEFAULT_BACKGROUND = "#ffffff"
 # A1111's "Hires fix: which pass to enable refiner for"
 HIRES_REFINER_PASSES = ("first pass", "second pass", "both passes")
 HiresRefinerPass = Literal[HIRES_REFINER_PASSES]
@@ -84,7 +86,7 @@ HiresRefinerPass = Literal[HIRES_REFINER_PASSES]
 # the worker accepts the request
 SETTINGS_FIELDS = ("emphasis", "randn_source", "face_restoration_model", "code_former_weight", "inpainting_mask_weight",
                    "sdxl_clip_l_skip", "img2img_fix_steps", "hires_fix_refiner_pass", "overlay_inpaint",
-                   "upscaler_for_img2img", "comma_padding_backtrack", *SAVE_SETTINGS)
+                   "upscaler_for_img2img", "comma_padding_backtrack", "img2img_background_color", *SAVE_SETTINGS)
 
 
 class GenerationRequest(BaseModel):
@@ -321,6 +323,10 @@ class GenerationRequest(BaseModel):
                                              "enlarges the start picture (or inpainting's part drawn) where the run "
                                              "is larger (A1111's Upscaler for img2img; None or 'None': resampling "
                                              "alone). None: the Settings tab's")
+    img2img_background_color: str | None = Field(None, pattern=COLOR_PATTERN, description="img2img: the colour a "
+                                                 "transparent part of the start picture is laid on, #rrggbb (A1111's "
+                                                 "'With img2img, fill transparent parts of the input image with this "
+                                                 "color'). None: the Settings tab's")
     overlay_inpaint: bool | None = Field(None, description="inpainting: the result laid into the original through the "
                                          "mask (A1111's Overlay original for inpaint); False: the part drawn shows as "
                                          "the model drew it, edges and all. None: the Settings tab's")

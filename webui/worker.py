@@ -45,9 +45,9 @@ from webui.engine.vae import VaeFile
 from webui.engine.step_options import INFOTEXT_KEYS as STEP_INFOTEXT_KEYS, StepOptions, draws_noise
 from webui.engine.hypernetworks import HypernetworkError, hypernetwork_uses
 from webui.engine.lora import LoraError, lora_uses, unread_tags
-from webui.schemas import (INPAINT_AREAS, LATENT_RESIZE, MASK_MODES, MASKED_CONTENT, RESIZE_MODES, GeneratedImage,
-                           GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED, SETTINGS_FIELDS,
-                           parse_request)
+from webui.schemas import (DEFAULT_BACKGROUND, INPAINT_AREAS, LATENT_RESIZE, MASK_MODES, MASKED_CONTENT, RESIZE_MODES,
+                           GeneratedImage, GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED,
+                           SETTINGS_FIELDS, parse_request)
 from webui.storage.filenames import NameParts
 from webui.storage.history import History
 from webui.storage.infotext import PROGRAM, UNIPC_INFOTEXT_KEYS, build_infotext
@@ -1196,7 +1196,8 @@ def _with_init_image(request: GenerationRequest, image: Image.Image | None, mask
         return request, None, None
     if request.is_inpainting and mask is None:
         raise InvalidRequest("mask: give the mask picture, not only its hash")
-    image = _read_picture(image, "init_image", as_rgb)
+    image = _read_picture(image, "init_image", lambda picture: as_rgb(picture, request.img2img_background_color
+                                                                      or DEFAULT_BACKGROUND))
     fields = {"init_image": image_sha1(image)}
     if request.sd_upscale:  # the picture kept whole; the size is a tile's
         if mask is not None:

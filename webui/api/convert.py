@@ -191,7 +191,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     data["sdxl_clip_l_skip"] = overrides.get("sdxl_clip_l_skip", pasted.get("sdxl_clip_l_skip"))  # likewise
     data["img2img_fix_steps"] = overrides.get("img2img_fix_steps", pasted.get("img2img_fix_steps"))  # likewise
     # no infotext key: override_settings, else the tab's
-    for name in ("overlay_inpaint", "upscaler_for_img2img", "comma_padding_backtrack"):
+    for name in ("overlay_inpaint", "upscaler_for_img2img", "comma_padding_backtrack", "img2img_background_color"):
         data[name] = overrides.get(name)
     data["hires_fix_refiner_pass"] = overrides.get("hires_fix_refiner_pass", pasted.get("hires_fix_refiner_pass"))
     # A1111's Random number generator source: override_settings, else an infotext's (its key, or A1111's GPU where
@@ -467,7 +467,7 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
     names |= {name: f"override_settings.{name}" for name in ("randn_source", "img2img_fix_steps",
                                                                "hires_fix_refiner_pass", "overlay_inpaint",
                                                                "upscaler_for_img2img", "comma_padding_backtrack",
-                                                               *SAVE_SETTINGS)}
+                                                               "img2img_background_color", *SAVE_SETTINGS)}
     return names
 
 

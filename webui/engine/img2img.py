@@ -46,9 +46,9 @@ def _orientation(image: Image.Image) -> int | None:
         return None
 
 
-def as_rgb(image: Image.Image) -> Image.Image:
-    """The picture as RGB, a transparent part on white (as a browser shows it), turned as its EXIF says; a
-    16-bit grey one scaled to 8 bits (PIL's convert would clip it to white)."""
+def as_rgb(image: Image.Image, background: str = "#ffffff") -> Image.Image:
+    """The picture as RGB, a transparent part on `background` (white, as a browser shows it), turned as its EXIF
+    says; a 16-bit grey one scaled to 8 bits (PIL's convert would clip it to white)."""
     image = upright(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         image = image.convert("I")
@@ -56,8 +56,8 @@ def as_rgb(image: Image.Image) -> Image.Image:
             image = image.point(lambda value: value / 256)
         image = image.convert("L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+        behind = Image.new("RGBA", image.size, background)
+        return Image.alpha_composite(behind, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
 
 

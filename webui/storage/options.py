@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from webui.engine.preview import PREVIEW_METHODS
 from webui.engine.prompts import EMPHASIS_MODES
-from webui.schemas import (DEFAULT_CODEFORMER_WEIGHT, DEFAULT_FACE_RESTORER, FACE_RESTORERS, HiresRefinerPass,
-                           InvalidRequest, RandnSource, canonical_randn_source)
+from webui.schemas import (COLOR_PATTERN, DEFAULT_BACKGROUND, DEFAULT_CODEFORMER_WEIGHT, DEFAULT_FACE_RESTORER,
+                           FACE_RESTORERS, HiresRefinerPass, InvalidRequest, RandnSource, canonical_randn_source)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ class SavedOptions(BaseModel):
                                                      "refiner for: first pass, second pass or both passes")
     upscaler_for_img2img: str = Field("None", max_length=200, description="img2img: the picture upscaler that "
                                       "enlarges the start picture where the run is larger ('None': resampling alone)")
+    img2img_background_color: str = Field(DEFAULT_BACKGROUND, pattern=COLOR_PATTERN, description="img2img: the colour "
+                                          "a transparent part of the start picture is laid on, #rrggbb")
     overlay_inpaint: bool = Field(True, description="inpainting: the result laid into the original through the mask "
                                   "(off: the part drawn shows as the model drew it)")
     img2img_fix_steps: bool = Field(False, description="img2img runs exactly its steps, as the last of a schedule "

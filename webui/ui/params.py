@@ -105,7 +105,8 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "token_merging_ratio_hr": "Token merging ratio for high-res pass",
                 "soft_inpainting": "Soft inpainting", "override_settings": "Override settings",
                 "upscaler_for_img2img": "Upscaler for img2img (Settings)",
-                "comma_padding_backtrack": "Prompt word wrap length limit (Settings)"} | {
+                "comma_padding_backtrack": "Prompt word wrap length limit (Settings)",
+                "img2img_background_color": "Fill colour of transparent parts (Settings)"} | {
     name: f"Soft inpainting {label.lower()}" for name, label in zip(SOFT_INPAINTING_FIELDS, SOFT_LABELS)} | {
     name: f"Override settings ({key})" for name, key in SETTING_KEYS.items()}  # the page sets them there alone
 

@@ -36,6 +36,7 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "randn_source": "Random number generator source",
           "img2img_fix_steps": "With img2img, do exactly the amount of steps the slider specifies",
           "overlay_inpaint": "Overlay original for inpaint", "upscaler_for_img2img": "Upscaler for img2img",
+          "img2img_background_color": "With img2img, fill transparent parts of the input image with this color",
           "hires_fix_refiner_pass": "Hires fix: which pass to enable refiner for",
           "save_images_before_highres_fix": "Save a copy of image before applying highres fix",
           "save_images_before_face_restoration": "Save a copy of image before doing face restoration",
@@ -227,6 +228,9 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False,
             info="enlarges the start picture (inpainting's Only masked part too) where img2img runs larger; None: "
                  "Lanczos resampling alone", allow_custom_value=True, elem_id="settings_upscaler_for_img2img",
             interactive=editable),
+        "img2img_background_color": gr.ColorPicker(current.img2img_background_color,
+                                                   label=LABELS["img2img_background_color"],
+                                                   elem_id="settings_img2img_background_color", interactive=editable),
         "overlay_inpaint": gr.Checkbox(
             current.overlay_inpaint, label=LABELS["overlay_inpaint"],
             info="inpainting lays its result into the picture through the mask; off, the part drawn shows as the "
