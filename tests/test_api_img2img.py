@@ -138,7 +138,7 @@ def test_a_pasted_infotext_gives_the_denoising_strength_not_sent(client):
 def test_a_picture_the_worker_cannot_read_is_named_as_the_client_sent_it(client, monkeypatch):
     import webui.worker
 
-    def unreadable(image):
+    def unreadable(image, *background):
         raise OSError("image file is truncated")
 
     monkeypatch.setattr(webui.worker, "as_rgb", unreadable)
@@ -291,6 +291,15 @@ def test_override_settings_names_the_upscaler_for_img2img(client):
     assert (pixels(nearest.json()["images"][0]) != pixels(plain.json()["images"][0])).any()
     refused = client.post("/sdapi/v1/img2img", json=body | {"override_settings": {"upscaler_for_img2img": "4x-None"}})
     assert refused.status_code == 422 and refused.json()["detail"].startswith("override_settings.upscaler_for_img2img:")
+    # POST /options: A1111's null is none; a name this server lacks is refused, nothing saved
+    assert client.post("/sdapi/v1/options", json={"upscaler_for_img2img": "Nearest"}).status_code == 200
+    unknown = client.post("/sdapi/v1/options", json={"upscaler_for_img2img": "4x-None"})
+    assert unknown.status_code == 422 and unknown.json()["detail"].startswith("upscaler_for_img2img:")
+    assert client.get("/sdapi/v1/options").json()["upscaler_for_img2img"] == "Nearest"
+    nulled = client.post("/sdapi/v1/img2img", json=body | {"override_settings": {"upscaler_for_img2img": None}})
+    assert (pixels(nulled.json()["images"][0]) == pixels(plain.json()["images"][0])).all()  # null: none, as A1111
+    assert client.post("/sdapi/v1/options", json={"upscaler_for_img2img": None}).status_code == 200
+    assert client.get("/sdapi/v1/options").json()["upscaler_for_img2img"] == "None"
 
 
 def test_override_settings_gives_the_fill_colour_of_a_transparent_start(client):

@@ -204,6 +204,18 @@ def test_the_upscaler_for_img2img_runs_on_the_worker_from_the_settings_or_the_re
     assert not (np.asarray(job.images[0].image) == np.asarray(plain.images[0].image)).all()
     with pytest.raises(InvalidRequest, match="upscaler_for_img2img: .*4x-Nothing"):
         services.worker.submit(QUICK | {"upscaler_for_img2img": "4x-Nothing"}, init_image=picture)
+    services.options.update({"upscaler_for_img2img": "None"})
+    asked = services.worker.submit(QUICK | {"width": 64, "height": 64, "upscaler_for_img2img": "Nearest"},
+                                   init_image=picture)  # the request's own, over the Settings tab's None
+    assert asked.wait(60) and (np.asarray(asked.init_image, np.int16) == nearest).all()
+    shrunk = services.worker.submit(QUICK | {"width": 64, "height": 64, "upscaler_for_img2img": "Nearest"},
+                                    init_image=noise_picture(3, 128, 128))
+    assert shrunk.unfitted is None  # nothing to enlarge: no second fit, no pictures held for it
+    services.options.update({"upscaler_for_img2img": "4x-Gone"})  # a model file deleted since it was picked
+    tiles = services.worker.submit(QUICK | {"sd_upscale": True, "sd_upscale_scale": 2.0, "sd_upscale_overlap": 8,
+                                            "width": 64, "height": 64}, init_image=picture)
+    assert tiles.wait(60) and tiles.error is None  # SD upscale never reads it, so is never refused over it
+    assert shrunk.wait(60)
 
 
 def test_a_transparent_start_is_laid_on_the_settings_fill_colour_or_the_requests(services):
@@ -212,8 +224,10 @@ def test_a_transparent_start_is_laid_on_the_settings_fill_colour_or_the_requests
     green = services.worker.submit(QUICK, init_image=clear)
     assert green.request.img2img_background_color == "#00ff00"
     assert green.init_image.getpixel((5, 5)) == (0, 255, 0)
-    red = services.worker.submit(QUICK | {"img2img_background_color": "#FF0000"}, init_image=clear)
+    red = services.worker.submit(QUICK | {"img2img_background_color": "#FF0000"}, init_image=clear,
+                                 color_reference=clear)  # Loopback's reference picture: laid on the same colour
     assert red.init_image.getpixel((5, 5)) == (255, 0, 0) and red.request.init_image != green.request.init_image
+    assert red.color_reference.getpixel((5, 5)) == (255, 0, 0)
     with pytest.raises(InvalidRequest, match="img2img_background_color"):
         services.worker.submit(QUICK | {"img2img_background_color": "green"}, init_image=clear)
     for job in (green, red):

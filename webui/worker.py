@@ -29,7 +29,8 @@ from webui.engine.controlnet import ControlNetError, request_map
 from webui.engine.generate import (CONTROLNET_WITH_SDXL_REFINER, DenoisingStopped, Engine, EngineImage, LoadedModel,
                                   composition_problem)
 from webui.engine.hires import LATENT_UPSCALERS, NO_UPSCALER
-from webui.engine.img2img import Enlarge, as_rgb, check_picture_size, fit_image, image_sha1, size_from_image
+from webui.engine.img2img import (Enlarge, as_rgb, check_picture_size, fit_image, fitted_scale_size, image_sha1,
+                                  size_from_image, upright_size)
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.interrogate import INTERROGATE_MODEL
 from webui.engine.models import ModelEntry, ModelNotFound
@@ -294,11 +295,12 @@ class Worker:
         if unread:
             warnings.append(f"left out of the prompt: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''} "
                             "(this server reads <lora:...> and <hypernet:...> tags only)")
-        enlarged = init_image is not None and request.upscaler_for_img2img not in (None, NO_UPSCALER)
+        enlarged = _enlarges(request, picture, inpainting) and not request.sd_upscale
         job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=warnings,
                   field_names=dict(field_names or {}), init_image=init_image, inpainting=inpainting, copy_to=copy_to,
-                  unfitted=(picture, mask) if enlarged and not request.sd_upscale else None, control_image=control_image,
-                  color_reference=None if color_reference is None else as_rgb(color_reference))
+                  unfitted=(picture, mask) if enlarged else None, control_image=control_image,
+                  color_reference=None if color_reference is None else as_rgb(
+                      color_reference, request.img2img_background_color or DEFAULT_BACKGROUND))
         with self._wake:
             self._refuse_new_job()  # early: no history row for a job that cannot be queued
         # Outside the lock: a locked database waits seconds, and the queue must answer meanwhile.
@@ -409,7 +411,8 @@ class Worker:
         for used, name, label in ((request.enable_hr and request.hr_upscaler not in LATENT_UPSCALERS,
                                    request.hr_upscaler, "hr_upscaler"),
                                   (request.sd_upscale, request.sd_upscale_upscaler, "sd_upscale_upscaler"),
-                                  (request.is_img2img and request.upscaler_for_img2img not in (None, NO_UPSCALER),
+                                  (request.is_img2img and not request.sd_upscale
+                                   and request.upscaler_for_img2img not in (None, NO_UPSCALER),
                                    request.upscaler_for_img2img, "upscaler_for_img2img")):
             if used:
                 try:
@@ -773,9 +776,15 @@ class Worker:
         fit makes it larger; the same size and place as the fit at submit."""
         name = job.request.upscaler_for_img2img
         picture, mask = job.unfitted
-        _, job.init_image, job.inpainting = _with_init_image(
-            job.request, picture, mask, lambda image, size: self.engine.upscale_picture(image, size, name))
+        job.progress.note = f"Enlarging the start picture with {name}"
+        try:
+            _, job.init_image, job.inpainting = _with_init_image(
+                job.request, picture, mask, lambda image, size: self.engine.upscale_picture(image, size, name))
+        finally:
+            job.progress.note = None
         job.unfitted = None
+        if job.cancel_event.is_set():
+            raise JobCancelled
 
     def _generate_images(self, job: Job) -> None:
         if job.cancel_event.is_set():  # cancelled as the worker took it: no model switch for nothing
@@ -1154,6 +1163,7 @@ class Worker:
             self._record_images(job, last_try=True)
         # The state last: whoever sees a finished job (another thread, unlocked) finds its time and error set.
         job.finished_at = time.time()
+        job.unfitted = None  # a job that ended before its start was fitted again holds the pictures no longer
         job.error = error
         job.state = state
         job.clear_preview()
@@ -1221,6 +1231,20 @@ def _with_init_image(request: GenerationRequest, image: Image.Image | None, mask
         raise InvalidRequest(f"mask: {err}") from None
     request = parse_request(request.model_dump() | fields | {"mask": image_sha1(mask), "width": width, "height": height})
     return request, start, inpainting
+
+
+def _enlarges(request: GenerationRequest, picture: Image.Image | None, inpainting: Inpainting | None) -> bool:
+    """Whether the Upscaler for img2img has a picture to enlarge: one is named, and the fit makes the start picture
+    (Only masked: the part drawn) larger than it is."""
+    if picture is None or request.upscaler_for_img2img in (None, NO_UPSCALER) or request.resize_mode == LATENT_RESIZE:
+        return False
+    if inpainting is not None and request.inpaint_full_res:
+        left, top, right, bottom = inpainting.box
+        source, mode = (right - left, bottom - top), 2
+    else:
+        source, mode = upright_size(picture), request.resize_mode
+    wanted = fitted_scale_size(source, request.width, request.height, mode)
+    return wanted[0] > source[0] or wanted[1] > source[1]
 
 
 def _with_control_image(request: GenerationRequest, picture: Image.Image | None,

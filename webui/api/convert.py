@@ -25,6 +25,7 @@ from webui.engine.img2img import check_picture_size
 from webui.extras import FILTERS_ONLY, MAX_PICTURES, MAX_REQUEST_PIXELS, Upscalers, upscale, upscaled_size
 from webui.engine.models import ModelEntry, ModelNotFound, ModelRegistry
 from webui.engine.vae import AUTOMATIC
+from webui.engine.hires import NO_UPSCALER
 from webui.engine.samplers import resolve_sampler, schedule_key, split_sampler_name
 from webui.engine.step_options import INFOTEXT_KEYS as STEP_INFOTEXT_KEYS, StepOptions, unfollowed
 from webui.schemas import (SAVE_SETTINGS, GeneratedImage, GenerationRequest, InvalidRequest, a1111_seed_resize,
@@ -193,6 +194,8 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     # no infotext key: override_settings, else the tab's
     for name in ("overlay_inpaint", "upscaler_for_img2img", "comma_padding_backtrack", "img2img_background_color"):
         data[name] = overrides.get(name)
+    if "upscaler_for_img2img" in overrides and overrides["upscaler_for_img2img"] in (None, ""):
+        data["upscaler_for_img2img"] = NO_UPSCALER  # null overrides the setting with none, as in A1111
     data["hires_fix_refiner_pass"] = overrides.get("hires_fix_refiner_pass", pasted.get("hires_fix_refiner_pass"))
     # A1111's Random number generator source: override_settings, else an infotext's (its key, or A1111's GPU where
     # it has none), else the Settings tab's

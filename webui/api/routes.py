@@ -35,7 +35,7 @@ from webui.api.models import (
     PNGInfoResponse, ProgressResponse, PromptStyleItem, SamplerItem, SchedulerItem, ScriptArg, ScriptInfo,
     RealesrganItem, ScriptsList, SDModelItem, Txt2ImgRequest, UpscalerItem, VaeItem,
 )
-from webui.engine.hires import LATENT_UPSCALERS
+from webui.engine.hires import LATENT_UPSCALERS, NO_UPSCALER
 from webui.engine.loader import ModelLoadError
 from webui.engine.generate import LoadedModel
 from webui.engine.models import ModelNotFound
@@ -532,6 +532,11 @@ class Api:
                 self.engine.vaes.check(convert.vae_choice(body["sd_vae"], "sd_vae"))
             except InvalidRequest as err:
                 raise ApiError(422, str(err), "InvalidRequest") from None
+        if body.get("upscaler_for_img2img") not in (None, "", NO_UPSCALER):  # a name the server has, or none saved
+            try:
+                self.engine.upscalers.check(str(body["upscaler_for_img2img"]))
+            except InvalidRequest as err:
+                raise ApiError(422, f"upscaler_for_img2img: {err}", "InvalidRequest") from None
         if "CLIP_stop_at_last_layers" in body:  # its range is checked first: a value out of it changes nothing
             clip_skip = convert.clip_skip_option(body["CLIP_stop_at_last_layers"])
         try:

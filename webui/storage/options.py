@@ -134,6 +134,11 @@ class SavedOptions(BaseModel):
     def _nv_for_gpu(cls, value: Any) -> Any:
         return canonical_randn_source(value)
 
+    @field_validator("upscaler_for_img2img", mode="before")
+    @classmethod
+    def _none_as_a1111_keeps_it(cls, value: Any) -> Any:
+        return "None" if value in (None, "") else value  # A1111's default is null
+
     @field_validator("show_progress_type", mode="before")
     @classmethod
     def _approx_nn_as_cheap(cls, value: Any) -> Any:
