@@ -252,7 +252,8 @@ class GenerationRequest(BaseModel):
                        "levels fall (0: its own 7; higher falls faster at first)")
     always_discard_next_to_last_sigma: bool = Field(False, description="A1111's Always discard next-to-last sigma: a "
                                                     "k-diffusion sampler runs a schedule of one step more, its "
-                                                    "next-to-last noise level left out (DPM2 and DPM2 a always do)")
+                                                    "next-to-last noise level left out (DPM2, DPM2 a and DPM++ 3M "
+                                                    "SDE always do)")
     sd_noise_schedule: Literal[NOISE_SCHEDULES] = Field("Default", description="A1111's Noise schedule for sampling: "
                                                         "Default (the model's), or Zero Terminal SNR (its noise levels "
                                                         "rescaled so that the first step starts from almost pure noise)")

@@ -29,7 +29,7 @@ from webui.engine.controlnet import ControlNetError, request_map
 from webui.engine.generate import (CONTROLNET_WITH_SDXL_REFINER, DenoisingStopped, Engine, EngineImage, LoadedModel,
                                   composition_problem)
 from webui.engine.hires import LATENT_UPSCALERS, NO_UPSCALER
-from webui.engine.img2img import (Enlarge, as_rgb, check_picture_size, fit_image, fitted_scale_size, image_sha1,
+from webui.engine.img2img import (Enlarge, as_rgb, check_picture_size, enlarges, fit_image, image_sha1,
                                   size_from_image, upright_size)
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.interrogate import INTERROGATE_MODEL
@@ -1240,11 +1240,8 @@ def _enlarges(request: GenerationRequest, picture: Image.Image | None, inpaintin
         return False
     if inpainting is not None and request.inpaint_full_res:
         left, top, right, bottom = inpainting.box
-        source, mode = (right - left, bottom - top), 2
-    else:
-        source, mode = upright_size(picture), request.resize_mode
-    wanted = fitted_scale_size(source, request.width, request.height, mode)
-    return wanted[0] > source[0] or wanted[1] > source[1]
+        return enlarges((right - left, bottom - top), request.width, request.height, 2)
+    return enlarges(upright_size(picture), request.width, request.height, request.resize_mode)
 
 
 def _with_control_image(request: GenerationRequest, picture: Image.Image | None,

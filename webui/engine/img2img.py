@@ -122,10 +122,8 @@ def fit_image(image: Image.Image, width: int, height: int, resize_mode: int,
     if resize_mode == LATENT_RESIZE:
         own = size_from_image(image)
         return image if image.size == own else image.resize(own, resample)
-    if enlarge is not None:
-        scaled = fitted_scale_size(image.size, width, height, resize_mode)
-        if scaled[0] > image.width or scaled[1] > image.height:
-            image = enlarge(image, scaled)
+    if enlarge is not None and enlarges(image.size, width, height, resize_mode):
+        image = enlarge(image, fitted_scale_size(image.size, width, height, resize_mode))
     if resize_mode == 0 or image.size == (width, height):
         return image.resize((width, height), resample)
     if resize_mode == 1:
@@ -142,6 +140,13 @@ def fitted_scale_size(size: tuple[int, int], width: int, height: int, resize_mod
         return width, height
     scale = (max if resize_mode == 1 else min)(width / size[0], height / size[1])
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def enlarges(size: tuple[int, int], width: int, height: int, resize_mode: int) -> bool:
+    """Whether the resize mode scales a picture of `size` up on its way to width x height (A1111's scale > 1, where its
+    Upscaler for img2img runs)."""
+    scaled = fitted_scale_size(size, width, height, resize_mode)
+    return scaled[0] > size[0] or scaled[1] > size[1]
 
 
 def pipeline_strength(steps_run: int, schedule: int) -> float:

@@ -127,14 +127,18 @@ class OutputStore:
         stem = (f"-{name}" if name else "") + suffix  # [none]: the number alone, as A1111
         path = self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}{stem}", _NUMBERED,
                           options.samples_format, options)
-        return self._with_jpg_copy(self._with_text_file(path, infotext, options), image, infotext, options)
+        return self._with_files_beside(path, image, infotext, options)
 
     def save_grid(self, grid: Image.Image, infotext: str, kind: str = "txt2img",
                   name_parts: NameParts | None = None) -> Path:
         folder, options = self.grid_folder(kind, name_parts), self.options.current()
         path = self._save(grid, {"parameters": infotext}, folder, lambda n: f"grid-{n:04d}", _GRID_NUMBERED,
                           options.grid_format, options)
-        return self._with_jpg_copy(self._with_text_file(path, infotext, options), grid, infotext, options)
+        return self._with_files_beside(path, grid, infotext, options)
+
+    def _with_files_beside(self, path: Path, image: Image.Image, infotext: str, options: SavedOptions) -> Path:
+        """The settings' text file and JPG copy beside a saved picture."""
+        return self._with_jpg_copy(self._with_text_file(path, infotext, options), image, infotext, options)
 
     @staticmethod
     def _with_text_file(path: Path, infotext: str, options: SavedOptions) -> Path:
@@ -197,7 +201,7 @@ class OutputStore:
             path = _link_unused_name(temp, copy.folder, stem, file_format)
         finally:
             temp.unlink(missing_ok=True)
-        return self._with_jpg_copy(self._with_text_file(path, infotext, options), image, infotext, options)
+        return self._with_files_beside(path, image, infotext, options)
 
     def save_init_image(self, picture: Image.Image) -> Path:
         """An img2img start picture, as init-images/<the md5 of its pixels>.png (A1111's folder and name): the same
