@@ -135,13 +135,23 @@ def test_generate_fills_gallery_with_seeds_infotext_and_time(ui, ui_services):
     assert "dw-progress" in first[2] and first[3]["visible"] is True  # progress and preview shown at once
     session, gallery, progress, preview, infotext, timing = last
     assert event(ui, "show_selected")(session)["selected_index"] == 0  # the first image shown large, as in A1111
-    assert [caption for _, caption in gallery] == ["seed 1234", "seed 1235"]
+    # A1111's Show grid in gallery (on by default): the run's grid too, after its pictures
+    assert [caption for _, caption in gallery] == ["seed 1234", "seed 1235", "grid"]
     assert all(Path(path).is_file() and Path(path).is_relative_to(ui_services.outputs.outdir)
                for path, _ in gallery)
+    assert "txt2img-grids" in gallery[2][0] and gallery[2][0] == ui_services.worker.get(session.job_id).grid_path
     assert infotext.startswith("a lighthouse at dusk\n") and "Seed: 1234" in infotext
     assert "Time taken:" in timing and progress == "" and preview["visible"] is False
-    assert session.seeds == [1234, 1235]
+    assert session.seeds == [1234, 1235, 1234]  # the grid's: the first picture's, as A1111's
     assert ui_services.worker.get(session.job_id).state is JobState.DONE
+    session, grid_infotext = event(ui, "select_image")(session, selected(2))
+    assert "Seed: 1234" in grid_infotext and event(ui, "reuse_seed")(session) == 1234
+    ui_services.options.update({"return_grid": False})
+    try:
+        gallery = generate(ui, prompt="a lighthouse at dusk", seed=1234, n_iter=2)[-1][1]
+    finally:
+        ui_services.options.update({"return_grid": True})
+    assert [caption for _, caption in gallery] == ["seed 1234", "seed 1235"]
 
 
 @pytest.mark.parametrize("change", [{"live_previews_enable": False}, {"show_progress_every_n_steps": 0},

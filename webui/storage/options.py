@@ -121,6 +121,8 @@ class SavedOptions(BaseModel):
                         "square root of the pictures; 0: as many as the batch size")
     grid_prevent_empty_spots: bool = Field(False, description="a grid of -1 rows takes a row count that divides the "
                                            "pictures evenly, so no place is empty")
+    return_grid: bool = Field(True, description="Show grid in gallery: a run's saved grid is shown in the page's "
+                              "gallery after its pictures")
     export_for_4chan: bool = Field(True, description="Save copy of large images as JPG: beside a saved picture or grid "
                                    "whose file is above img_downscale_threshold MB, or a side above "
                                    "target_side_length pixels, a JPG of the same name (shrunk to that side)")

@@ -53,8 +53,14 @@ def gallery_items(images: list[GeneratedImage]) -> list[tuple[Any, str]]:
              f"seed {image.seed}" + (" (unfinished)" if image.unfinished else "")) for image in images]
 
 
-def show_images(session: Session, job: Job) -> list[tuple[Any, str]]:
-    """Gallery items for the job's images so far; the session records the same images, in the same order."""
+def show_images(session: Session, job: Job, grid: bool = False) -> list[tuple[Any, str]]:
+    """Gallery items for the job's images so far, and with `grid` its saved grid after them (A1111's Show grid in
+    gallery, which puts it first: last here, so a picture clicked while the run went on keeps its place); the session
+    records the same images, in the same order (the grid with the first picture's seed and infotext, as A1111's)."""
     images = list(job.images)  # one snapshot: the worker may append while we read
+    grid_path = job.grid_path if grid and images else None
+    if grid_path:
+        images.append(GeneratedImage(job.grid, images[0].seed, 0, images[0].infotext, path=grid_path))
     session.show(images)
-    return gallery_items(images)
+    items = gallery_items(images)
+    return items[:-1] + [(items[-1][0], "grid")] if grid_path else items

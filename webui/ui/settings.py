@@ -49,7 +49,7 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "show_progress_every_n_steps": "Live preview display period", "show_progress_type": "Live preview method",
           "n_rows": "Grid row count; use -1 for autodetect and 0 for it to be same as batch size",
           "grid_prevent_empty_spots": "Prevent empty spots in grid (when set to autodetect)",
-          "export_for_4chan": "Save copy of large images as JPG",
+          "return_grid": "Show grid in gallery", "export_for_4chan": "Save copy of large images as JPG",
           "img_downscale_threshold": "File size limit for the above option, MB",
           "target_side_length": "Width/height limit for the above option, in pixels"}
 
@@ -142,7 +142,7 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False,
                             info="the grid of a run of several pictures, filled row by row; 0: as many rows as "
                                  "the batch size",
                             elem_id="settings_n_rows", interactive=editable),
-        **_checkboxes(("grid_prevent_empty_spots",), current, editable),
+        **_checkboxes(("grid_prevent_empty_spots", "return_grid"), current, editable),
         "export_for_4chan": gr.Checkbox(
             current.export_for_4chan, label=LABELS["export_for_4chan"],
             info="beside a saved png or webp picture or grid above either limit, a jpg of the same name, shrunk to the "
