@@ -221,6 +221,27 @@ def test_training_goes_on_from_the_embeddings_steps_and_makes_previews(services,
     assert again.outcome.already_trained and "raise Max steps" in again.result()
 
 
+def test_training_reads_prompts_with_the_settings_emphasis_and_word_wrap_limit(services, dataset, monkeypatch):
+    import webui.engine.training as engine_training
+
+    seen, real = [], engine_training.encode_prompt_pair
+
+    def encode(pipe, prompts, negatives, clip_skip=1, emphasis="Original", backtrack=20):
+        seen.append((emphasis, backtrack))
+        return real(pipe, prompts, negatives, clip_skip, emphasis, backtrack)
+
+    monkeypatch.setattr(engine_training, "encode_prompt_pair", encode)
+    create(services, "read")
+    before = services.options.current()
+    services.options.update({"emphasis": "No norm", "comma_padding_backtrack": 5})
+    try:
+        run = train(services, dataset, "read", steps=1, create_image_every=1)
+    finally:  # the module's other tests share these services
+        services.options.update({"emphasis": before.emphasis, "comma_padding_backtrack": before.comma_padding_backtrack})
+    assert run.outcome.step == 1 and seen and set(seen) == {("No norm", 5)}
+    assert (run.plan.emphasis, run.plan.comma_backtrack) == ("No norm", 5)  # the preview's request reads them too
+
+
 def test_interrupt_stops_the_run_keeps_its_files_and_leaves_other_jobs_alone(services, dataset):
     create(services, "stopped")
     run = TrainingRun(plan_training(train_fields(dataset, "stopped", steps=100000, save_embedding_every=1),

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -604,6 +604,8 @@ class Worker:
         it. The future of its TrainingOutcome (None: stopped before it started)."""
         def train(engine: Engine):
             self.training = run
+            settings = self.options.current()  # prompts read as for pictures, with the settings when it starts
+            run.plan = replace(run.plan, emphasis=settings.emphasis, comma_backtrack=settings.comma_padding_backtrack)
             try:
                 return run.run(engine, announce=lambda text: setattr(self, "activity", text))
             finally:

@@ -28,7 +28,7 @@ from webui.engine.fast_path import uncompiled
 from webui.engine.img2img import as_rgb, check_picture_size
 from webui.engine.inpainting_model import takes_masked_picture
 from webui.engine.instruct_pix2pix import takes_edit_picture
-from webui.engine.prompts import encode_prompt_pair
+from webui.engine.prompts import COMMA_BACKTRACK, ORIGINAL, encode_prompt_pair
 from webui.schemas import MAX_PROMPT_CHARS, GenerationRequest, InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,9 @@ class TrainingPlan:
     clip_grad: str = "disabled"
     clip_grad_value: RateSchedule | None = None
     kind: str = "embedding"  # what is trained: "embedding" or "hypernetwork"
+    # How the prompts are read (the Settings tab's Emphasis mode and Prompt word wrap length limit, as for pictures)
+    emphasis: str = ORIGINAL
+    comma_backtrack: int = COMMA_BACKTRACK
 
     @property
     def copies_folder(self) -> Path:
@@ -389,7 +392,8 @@ class _Trainer:
         unet = self.pipe.unet
         latents, prompts = self.dataset.batch()
         latents = latents.to(self.device, unet.dtype)
-        cond = encode_prompt_pair(self.pipe, prompts, [])[0]
+        cond = encode_prompt_pair(self.pipe, prompts, [], emphasis=self.plan.emphasis,
+                                  backtrack=self.plan.comma_backtrack)[0]
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, self.noise.config.num_train_timesteps, (len(prompts),), device=self.device)
         noisy = self.noise.add_noise(latents, noise, timesteps)
@@ -424,6 +428,6 @@ def frozen_model(pipe):
 def _preview(engine, plan: TrainingPlan, step: int, prompt: str, hooks: TrainingHooks) -> None:
     """A picture of the last prompt trained on, with what is trained as it is now (A1111's preview)."""
     request = GenerationRequest(prompt=prompt[:MAX_PROMPT_CHARS], steps=PREVIEW_STEPS, width=plan.width,
-                                height=plan.height)
+                                height=plan.height, emphasis=plan.emphasis, comma_padding_backtrack=plan.comma_backtrack)
     seed = random.randint(0, 2**32 - 1)
     hooks.preview(step, request, seed, engine.generate(request, [seed])[0].image)
