@@ -119,6 +119,12 @@ def test_saved_api_images_go_to_the_history_with_the_grid_returned_first(client,
     assert png(r.json()["images"][0]).size == (128, 64)  # the 2x1 grid
     rows, _ = services.history.list_images(search="a red apple")
     assert sorted(row.seed for row in rows if row.job_id == info["job_id"]) == [30, 31]
+    services.options.update({"return_grid": False})  # A1111's Show grid in gallery off: saved, not returned
+    try:
+        r = client.post("/sdapi/v1/txt2img", json=QUICK | {"batch_size": 2, "save_images": True, "seed": 30})
+    finally:
+        services.options.update({"return_grid": True})
+    assert len(r.json()["images"]) == 2 and json.loads(r.json()["info"])["index_of_first_image"] == 0
 
 
 def test_override_settings_and_infotext_fill_the_request(client, services):

@@ -642,11 +642,12 @@ def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None 
     that never started (cancelled while queued) reports when it would have run on it; `options`: the settings,
     whose format the images come in.
 
-    As in stable-diffusion-webui, a saved multi-image run returns its grid first
-    (index_of_first_image = 1), and an interrupted run returns the images it finished.
+    As in stable-diffusion-webui, a saved multi-image run returns its grid first (index_of_first_image = 1) unless
+    the settings' Show grid in gallery is off, and an interrupted run returns the images it finished.
     """
     grids = []
-    if job.grid_path and job.request.send_images:  # from memory: the file may have been deleted since
+    shown = options is None or options.return_grid
+    if job.grid_path and job.request.send_images and shown:  # from memory: the file may have been deleted since
         first = next(im for im in job.images if not im.unfinished)  # the grid leaves those out
         grids.append(GeneratedImage(image=job.grid, seed=first.seed, index=0, infotext=first.infotext))
     return run_result([job], grids, [(job, image) for image in job.images], parameters, loaded, options)
