@@ -27,15 +27,41 @@ def unweighted(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     return hidden, weights
 
 
+@pytest.fixture
+def leveled(engine):
+    """The tiny text encoder with a bias on its last layer norm, as CLIP's has: its output then has a mean to keep
+    (a fresh layer norm's is 0 to rounding)."""
+    norm = engine.pipe.text_encoder.get_submodule("final_layer_norm")
+    before = norm.bias.detach().clone()
+    with torch.no_grad():
+        norm.bias.copy_(torch.linspace(-0.3, 0.1, norm.bias.numel()))
+    yield engine
+    with torch.no_grad():
+        norm.bias.copy_(before)
+
+
 @pytest.mark.parametrize("mode", ["Original", "No norm"])
-def test_weights_scale_the_token_and_original_restores_each_chunks_mean(engine, mode):
-    hidden, weights = unweighted(engine.pipe, PLAIN)
+def test_weights_scale_the_token_and_original_restores_each_chunks_mean(leveled, mode):
+    hidden, weights = unweighted(leveled.pipe, PLAIN)
+    assert abs(float(hidden.mean())) > 0.05  # a level to keep
     expected = hidden * weights[..., None]
     if mode == "Original":
         expected = expected * (hidden.mean() / expected.mean())
     with torch.no_grad():
-        ours = encode_prompt_pair(engine.pipe, [WEIGHTED], [], emphasis=mode)[0]
+        ours = encode_prompt_pair(leveled.pipe, [WEIGHTED], [], emphasis=mode)[0]
     assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_a_chunk_without_a_mean_is_weighted_not_blown_up(engine):
+    """The tiny encoder's fresh layer norm gives chunks a mean of ~0: A1111's division by it made inf embeddings (and
+    a NaN picture); the chunk is weighted as No norm weighs it instead."""
+    hidden, weights = unweighted(engine.pipe, PLAIN)
+    assert abs(float(hidden.mean())) < 1e-6
+    with torch.no_grad():
+        original = encode_prompt_pair(engine.pipe, [WEIGHTED], [], emphasis="Original")[0]
+        no_norm = encode_prompt_pair(engine.pipe, [WEIGHTED], [], emphasis="No norm")[0]
+    assert torch.isfinite(original).all() and torch.equal(original, no_norm)
+    assert torch.allclose(original, hidden * weights[..., None], atol=1e-5)
 
 
 def test_ignore_reads_the_brackets_and_weighs_nothing(engine):
@@ -57,11 +83,11 @@ def test_the_settings_mode_is_used_written_and_read_back(services):
     services.options.update({"emphasis": "No norm"})
     weighted = finished_job(services, QUICK | {"prompt": WEIGHTED})
     plain = finished_job(services, QUICK | {"prompt": PLAIN})
-    own = finished_job(services, QUICK | {"prompt": WEIGHTED, "emphasis": "Original"})  # a request's own wins
+    own = finished_job(services, QUICK | {"prompt": WEIGHTED, "emphasis": "Ignore"})  # a request's own wins
     infotext = weighted.images[0].infotext
     assert "Emphasis: No norm" in infotext and request_fields_from_infotext(infotext)["emphasis"] == "No norm"
     assert "Emphasis" not in plain.images[0].infotext  # no brackets: nothing it changed, as A1111 leaves it out
-    assert "Emphasis" not in own.images[0].infotext
+    assert "Emphasis: Ignore" in own.images[0].infotext
     assert weighted.images[0].image.tobytes() != own.images[0].image.tobytes()
 
 

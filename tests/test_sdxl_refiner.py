@@ -284,5 +284,6 @@ def test_a_compiled_base_and_refiner_draw_the_uncompiled_picture(models, tmp_pat
         two.load(XL)
         assert fast_path.is_compiled(two.pipe) == compiled
         pictures += draw(two, [4], refiner_checkpoint=REFINER, refiner_switch_at=0.5)
-    assert (pictures[0] == pictures[1]).all()
+    # the same picture to rounding: the compiled graph may order a sum otherwise (seen: one value of 12288 off by 1)
+    assert np.abs(pictures[0] - pictures[1]).max() <= 1 and (pictures[0] != pictures[1]).mean() < 0.01
     assert len(refiner_calls) == 4 and all(ids[:, 4].tolist() == [2.5, 6.0] for _, _, ids in refiner_calls)

@@ -311,9 +311,19 @@ def _is_open_clip(encoder) -> bool:
     return getattr(encoder.config, "hidden_act", "") == "gelu"  # OpenAI's CLIP (SD 1.x) uses quick_gelu
 
 
+# A chunk whose mean is below this share of its values' mean size has no level to keep: dividing by a mean of
+# (about) 0 would blow the embeddings up, to inf and then a NaN picture (a text encoder whose last layer norm has no
+# bias, as a freshly made one, gives such chunks; CLIP's is ~0.1 of the size)
+MIN_MEAN_SHARE = 1e-4
+
+
 def _weigh(hidden: torch.Tensor, weights: torch.Tensor, keep_mean: bool = True) -> torch.Tensor:
     """Scale each token's embedding by its weight, then (keep_mean) each chunk back to its old mean, as
-    stable-diffusion-webui does (so weights shift emphasis rather than the overall level)."""
+    stable-diffusion-webui does (so weights shift emphasis rather than the overall level), where it has one."""
     old_mean = hidden.mean(dim=(1, 2), keepdim=True)
     hidden = hidden * weights[..., None]
-    return hidden * (old_mean / hidden.mean(dim=(1, 2), keepdim=True)) if keep_mean else hidden
+    if not keep_mean:
+        return hidden
+    new_mean = hidden.mean(dim=(1, 2), keepdim=True)
+    has_level = new_mean.abs() > MIN_MEAN_SHARE * hidden.abs().mean(dim=(1, 2), keepdim=True)
+    return torch.where(has_level, hidden * (old_mean / torch.where(has_level, new_mean, 1.0)), hidden)
