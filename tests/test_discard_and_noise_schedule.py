@@ -1,6 +1,7 @@
-"""A1111's Always discard next-to-last sigma (and DPM2's own discard) and Noise schedule for sampling (Zero Terminal
-SNR): the schedules against A1111's formulas, and the options through the engine, the infotext, the API, the X/Y/Z
-plot and the page."""
+"""A1111's Always discard next-to-last sigma (and DPM2's own discard), Noise schedule for sampling (Zero Terminal
+SNR) and the Compatibility options Use old karras scheduler sigmas and Downcast model alphas_cumprod to fp16: the
+schedules against A1111's formulas, and the options through the engine, the infotext, the API, the X/Y/Z plot and the
+page."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,8 @@ from diffusers import UNet2DConditionModel
 from fastapi.testclient import TestClient
 
 from tests.helpers import api_infotext, finished_job
-from tests.test_samplers import SD15_SCHEDULER, a1111_karras, a1111_uniform, log_linear_sigma, sd15_sigmas
+from tests.test_samplers import (SD15_SCHEDULER, a1111_exponential, a1111_karras, a1111_uniform, log_linear_sigma,
+                                 sd15_sigmas)
 from webui.api import create_api_app
 from webui.engine.samplers import ScheduleShape, make_scheduler
 from webui.schemas import GenerationRequest
@@ -231,3 +233,113 @@ def test_both_pages_have_the_controls_and_send_them(services):
                                                always_discard_next_to_last_sigma=True,
                                                sd_noise_schedule="Zero Terminal SNR"))
     assert "Discard penultimate sigma: True" in outputs[-1][4] and "Noise Schedule: Zero Terminal SNR" in outputs[-1][4]
+
+
+# A1111's Compatibility options Use old karras scheduler sigmas and Downcast model alphas_cumprod to fp16
+OLD_KARRAS = ScheduleShape(old_karras_sigmas=True)
+DOWNCAST = ScheduleShape(downcast_alpha_bar=True)
+
+
+def old_range_table() -> torch.Tensor:
+    """A table whose ends are A1111's old Karras range, for the formulas that read a table's ends."""
+    return torch.tensor([0.1, 10.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("schedule, formula", [("Karras", a1111_karras), ("Exponential", a1111_exponential)])
+def test_old_karras_sigmas_run_the_range_schedules_from_10_to_0_1(schedule, formula):
+    """As A1111 1.10's get_sigmas: the option sets the default ends of every schedule that takes them."""
+    ours = sigmas_of("Euler", schedule, 12, OLD_KARRAS)
+    torch.testing.assert_close(ours[:-1], formula(12, old_range_table()), rtol=1e-4, atol=0)
+    assert float(sigmas_of("Euler", schedule, 12, ScheduleShape())[0]) == pytest.approx(14.61, rel=1e-3)
+
+
+def test_old_karras_sigmas_leave_a_set_end_and_the_table_schedules_alone():
+    half_set = sigmas_of("Euler", "Karras", 12, ScheduleShape(sigma_min=0.5, old_karras_sigmas=True))
+    torch.testing.assert_close(half_set[:-1], a1111_karras(12, torch.tensor([0.5, 10.0], dtype=torch.float64)),
+                               rtol=1e-4, atol=0)
+    for sampler, schedule in (("Euler", "Uniform"), ("Euler", "Automatic"), ("DPM++ 2M", "Align Your Steps")):
+        assert torch.equal(sigmas_of(sampler, schedule, 9, OLD_KARRAS), sigmas_of(sampler, schedule, 9, ScheduleShape()))
+
+
+def test_old_karras_sigmas_check_a_lone_end_against_their_range():
+    assert OLD_KARRAS.range_problem(sd15_sigmas().numpy()) is None
+    problem = ScheduleShape(sigma_min=12, old_karras_sigmas=True).range_problem(sd15_sigmas().numpy())
+    assert problem == "sigma_min: 12 is not below the old Karras range's largest sigma 10; lower it (0: 0.1 to 10)"
+    assert ScheduleShape(sigma_min=12).range_problem(sd15_sigmas().numpy()) is None  # below the model's 14.6
+
+
+def sd15_alpha_bars() -> torch.Tensor:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "DDIM", "UniPC"])
+def test_downcast_rounds_the_models_alpha_bars_to_fp16_as_a1111(sampler):
+    """sd_models.apply_alpha_schedule_override: alphas_cumprod.half(), from the model's float32 buffer."""
+    downcast = make_scheduler(SD15_SCHEDULER, sampler, shape=DOWNCAST).alphas_cumprod.double()
+    expected = sd15_alpha_bars().float().half().double()
+    torch.testing.assert_close(downcast, expected, rtol=2e-6, atol=0)
+    plain = make_scheduler(SD15_SCHEDULER, sampler).alphas_cumprod.double()
+    assert not torch.allclose(plain, expected, rtol=1e-4, atol=0)  # the rounding shows
+
+
+def test_downcast_comes_before_the_zero_terminal_snr_rescale():
+    both = make_scheduler(SD15_SCHEDULER, "Euler", shape=ScheduleShape(noise_schedule="Zero Terminal SNR",
+                                                                       downcast_alpha_bar=True))
+    root = sd15_alpha_bars().float().half().double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    expected = ((root - last) * first / (first - last)) ** 2
+    expected[-1] = 4.8973451890853435e-08
+    torch.testing.assert_close(both.alphas_cumprod.double(), expected, rtol=2e-4, atol=0)
+    assert not torch.allclose(both.alphas_cumprod.double()[:-1], a1111_zero_snr_alpha_bars()[:-1], rtol=2e-5, atol=0)
+
+
+def test_the_infotext_records_them_so_a_paste_makes_the_same_picture(services):
+    karras = QUICK | {"sampler_name": "Euler", "scheduler": "Karras"}
+    old = finished_job(services, karras | {"use_old_karras_scheduler_sigmas": True}).images[0]
+    assert ", Schedule min sigma: 0.1, Schedule max sigma: 10," in old.infotext  # A1111 writes nothing
+    pasted = request_fields_from_infotext(old.infotext)
+    assert (pasted["sigma_min"], pasted["sigma_max"], pasted["use_old_karras_scheduler_sigmas"]) == (0.1, 10.0, False)
+    again = finished_job(services, karras | {"sigma_min": pasted["sigma_min"], "sigma_max": pasted["sigma_max"]})
+    assert again.images[0].image.tobytes() == old.image.tobytes()
+    assert finished_job(services, karras).images[0].image.tobytes() != old.image.tobytes()
+    uniform = finished_job(services, QUICK | {"sampler_name": "Euler", "use_old_karras_scheduler_sigmas": True})
+    assert "Schedule m" not in uniform.images[0].infotext  # its schedule reads no range
+
+    downcast = finished_job(services, karras | {"use_downcasted_alpha_bar": True}).images[0].infotext
+    assert ", Downcast alphas_cumprod: True" in downcast
+    assert request_fields_from_infotext(downcast)["use_downcasted_alpha_bar"] is True
+    assert request_fields_from_infotext(old.infotext)["use_downcasted_alpha_bar"] is False
+
+
+def test_the_api_takes_them_by_override_settings_options_and_infotext_too(services):
+    body = QUICK | {"sampler_name": "Euler", "scheduler": "Karras"}
+    with TestClient(create_api_app(services)) as client:
+        infotext = partial(api_infotext, client, body)
+        assert "Schedule max sigma" not in infotext() and "Downcast" not in infotext()
+        assert "Schedule max sigma: 10" in infotext(override_settings={"use_old_karras_scheduler_sigmas": True})
+        downcast = infotext(override_settings={"use_downcasted_alpha_bar": True})
+        assert "Downcast alphas_cumprod: True" in downcast
+        assert "Downcast alphas_cumprod: True" in infotext(infotext=downcast)
+        assert client.post("/sdapi/v1/options", json={"use_downcasted_alpha_bar": True}).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["use_downcasted_alpha_bar"] is True
+        assert "Downcast alphas_cumprod: True" in infotext()
+        assert "Downcast" not in infotext(override_settings={"use_downcasted_alpha_bar": False})
+        refused = client.post("/sdapi/v1/txt2img", json=body | {"override_settings": {
+            "use_old_karras_scheduler_sigmas": True, "sigma_min": 11}})
+        assert refused.status_code == 422 and "old Karras range" in refused.text
+        assert client.post("/sdapi/v1/options", json={"use_downcasted_alpha_bar": False}).status_code == 200
+
+
+def test_both_pages_have_the_compatibility_boxes_and_send_them(services):
+    from webui.ui.blocks import create_ui
+    from webui.ui.session import Session
+
+    ui = create_ui(services)
+    for tab in (ui.txt2img, ui.img2img):
+        assert tab.widgets["use_old_karras_scheduler_sigmas"].label == "Use old karras scheduler sigmas (0.1 to 10)"
+        assert tab.widgets["use_downcasted_alpha_bar"].value is False
+    fields = {name: value for name, value in QUICK.items() if name != "save_images"}
+    outputs = list(ui.txt2img.actions.generate(Session(), **fields, sampler_name="Euler", scheduler="Karras",
+                                               use_old_karras_scheduler_sigmas=True, use_downcasted_alpha_bar=True))
+    assert "Schedule min sigma: 0.1" in outputs[-1][4] and "Downcast alphas_cumprod: True" in outputs[-1][4]

@@ -71,6 +71,29 @@ def test_steps_past_the_schedule_read_the_last_phase():
     assert schedule[phase_at(schedule, 7)].prompt == "dog"
 
 
+def old_phases(prompt: str, steps: int, first_pass_steps: int | None = None) -> list[tuple]:
+    return [(phase.last_step, phase.prompt) for phase in prompt_phases(prompt, "", steps, first_pass_steps, True)]
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("[cat:dog:0.5]", [(10, "cat"), (20, "dog")]),  # below 1: a fraction, as now
+    ("[cat:dog:5]", [(5, "cat"), (20, "dog")]),
+    ("[cat:dog:1.0]", [(1, "cat"), (20, "dog")]),  # not below 1: step 1, where now it is all the steps
+    ("[cat:dog:5.0]", [(5, "cat"), (20, "dog")]),  # now: 5 times the steps, never switching
+    ("[cat:dog:7.9]", [(7, "cat"), (20, "dog")]),
+])
+def test_a1111s_old_timelines_read_below_1_as_a_fraction_and_the_rest_as_steps(prompt, expected):
+    """A1111's get_learned_conditioning_prompt_schedules with use_old_scheduling."""
+    assert old_phases(prompt, 20) == expected
+
+
+def test_on_a1111s_old_timelines_the_hires_pass_reads_on_the_first_passs_clock():
+    # a first pass of 20 steps, then 10: the hires texts are timed as the first pass's were
+    assert old_phases("a [b:c:0.5]", 10, first_pass_steps=20) == [(10, "a b"), (20, "a c")]  # now: "a c" throughout
+    assert old_phases("a [b:c:1.5]", 10, first_pass_steps=20) == [(1, "a b"), (20, "a c")]  # now: halfway, at 5
+    assert old_phases("a [b|c]", 2, first_pass_steps=4) == [(1, "a b"), (2, "a c"), (3, "a b"), (4, "a c")]
+
+
 def test_deeply_nested_brackets_are_text_not_a_crash():
     prompt = "[" * 3000 + "cat"
     assert phases(prompt, 20) == [(20, prompt, "")]
@@ -179,3 +202,43 @@ def test_a_stop_between_the_encodes_of_several_texts_comes_before_the_rest(engin
     finally:
         hook.remove()
     assert calls == [(0, 8, None)] and encodes == [1]  # the first text only: the stop came before the second
+
+
+def test_old_timelines_are_a_setting_written_where_they_change_the_run(services):
+    from fastapi.testclient import TestClient
+
+    from tests.helpers import api_infotext, finished_job
+    from webui.api import create_api_app
+    from webui.storage.infotext import request_fields_from_infotext
+
+    quick = {"steps": 6, "seed": 8, "width": 64, "height": 64, "sampler_name": "Euler", "save_images": False}
+    new_rule = finished_job(services, quick | {"prompt": "a [red:green:1] apple"}).images[0]
+    services.options.update({"use_old_scheduling": True})
+    old = finished_job(services, quick | {"prompt": "a [red:green:1.0] apple"}).images[0]
+    assert ", Old prompt editing timelines: True" in old.infotext
+    assert old.image.tobytes() == new_rule.image.tobytes()  # 1.0 was step 1 on the old timelines
+    pasted = request_fields_from_infotext(old.infotext)
+    assert pasted["use_old_scheduling"] is True and "use_old_scheduling" in pasted["recorded_settings"]
+    same = finished_job(services, quick | {"prompt": "a [red:green:0.5] apple"}).images[0].infotext
+    assert "Old prompt editing timelines" not in same  # both rules read 0.5 alike: A1111 writes nothing
+    services.options.update({"use_old_scheduling": False})
+    now = finished_job(services, quick | {"prompt": "a [red:green:1.0] apple"}).images[0]
+    assert "Old prompt editing" not in now.infotext and now.image.tobytes() != old.image.tobytes()
+    assert request_fields_from_infotext(now.infotext)["use_old_scheduling"] is False
+
+    with TestClient(create_api_app(services)) as client:
+        body = quick | {"prompt": "a [red:green:1.0] apple"}
+        on = api_infotext(client, body, override_settings={"use_old_scheduling": True})
+        assert "Old prompt editing timelines: True" in on
+        assert "Old prompt editing timelines: True" in api_infotext(client, body, infotext=on)
+        refused = client.post("/sdapi/v1/txt2img", json=body | {"override_settings": {"use_old_scheduling": "old"}})
+        assert refused.status_code == 422 and "override_settings.use_old_scheduling" in refused.text
+
+
+def test_on_old_timelines_a_hires_run_counts_as_changed_when_its_pass_reads_otherwise():
+    from webui.engine.generate import old_timelines_change_the_run
+
+    hires = {"prompt": "a cat", "steps": 20, "enable_hr": True, "hr_second_pass_steps": 10, "use_old_scheduling": True}
+    assert old_timelines_change_the_run(GenerationRequest(**hires))  # timed on 20 steps, not 10: as A1111 compares
+    assert not old_timelines_change_the_run(GenerationRequest(**hires | {"enable_hr": False}))
+    assert not old_timelines_change_the_run(GenerationRequest(**hires | {"use_old_scheduling": False}))

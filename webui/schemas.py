@@ -86,7 +86,8 @@ HiresRefinerPass = Literal[HIRES_REFINER_PASSES]
 # the worker accepts the request
 SETTINGS_FIELDS = ("emphasis", "randn_source", "face_restoration_model", "code_former_weight", "inpainting_mask_weight",
                    "sdxl_clip_l_skip", "img2img_fix_steps", "hires_fix_refiner_pass", "overlay_inpaint",
-                   "upscaler_for_img2img", "comma_padding_backtrack", "img2img_background_color", *SAVE_SETTINGS)
+                   "upscaler_for_img2img", "comma_padding_backtrack", "img2img_background_color", "use_old_scheduling",
+                   *SAVE_SETTINGS)
 
 
 class GenerationRequest(BaseModel):
@@ -257,6 +258,14 @@ class GenerationRequest(BaseModel):
     sd_noise_schedule: Literal[NOISE_SCHEDULES] = Field("Default", description="A1111's Noise schedule for sampling: "
                                                         "Default (the model's), or Zero Terminal SNR (its noise levels "
                                                         "rescaled so that the first step starts from almost pure noise)")
+    # Two of A1111's Compatibility options, for seeds made by its older versions
+    use_old_karras_scheduler_sigmas: bool = Field(False, description="A1111's Use old karras scheduler sigmas: Karras, "
+                                                  "Exponential, KL Optimal and Beta run from 10 down to 0.1 (where "
+                                                  "sigma_max and sigma_min leave them to the default), as its first "
+                                                  "versions did")
+    use_downcasted_alpha_bar: bool = Field(False, description="A1111's Downcast model alphas_cumprod to fp16 before "
+                                           "sampling: the model's noise levels rounded as its versions before 1.8 "
+                                           "kept them on an fp16 model, for their seeds")
     # A1111's UniPC settings (webui/engine/samplers.py UniPCOptions), read by the UniPC sampler alone
     uni_pc_variant: Literal[UNIPC_VARIANTS] = Field(UniPCOptions.variant, description="UniPC variant: bh1 or bh2 (A1111's "
                                                     "vary_coeff is not offered)")
@@ -320,6 +329,10 @@ class GenerationRequest(BaseModel):
                                            "schedule of steps / denoising_strength (A1111's 'With img2img, do exactly "
                                            "the amount of steps the slider specifies'; else steps x strength run). "
                                            "None: the Settings tab's")
+    use_old_scheduling: bool | None = Field(None, description="A1111's Use old prompt editing timelines: in "
+                                            "[a:b:N], N below 1 is a fraction of the steps and any other a step "
+                                            "number, and the hires fix's second pass reads on the first pass's clock "
+                                            "(now: N with a decimal point is a fraction). None: the Settings tab's")
     upscaler_for_img2img: str | None = Field(None, max_length=200, description="img2img: the picture upscaler that "
                                              "enlarges the start picture (or inpainting's part drawn) where the run "
                                              "is larger (A1111's Upscaler for img2img; None or 'None': resampling "
@@ -562,7 +575,8 @@ class GenerationRequest(BaseModel):
         """A1111's options that reshape the schedule (the Beta schedule's alpha and beta, sigma range, rho, the
         next-to-last sigma's discard, the noise schedule)."""
         return ScheduleShape(self.beta_dist_alpha, self.beta_dist_beta, self.sigma_min, self.sigma_max, self.rho,
-                             self.always_discard_next_to_last_sigma, self.sd_noise_schedule)
+                             self.always_discard_next_to_last_sigma, self.sd_noise_schedule,
+                             self.use_old_karras_scheduler_sigmas, self.use_downcasted_alpha_bar)
 
     @property
     def discard_changes_a_pass(self) -> bool:
@@ -595,8 +609,10 @@ class GenerationRequest(BaseModel):
 
     @property
     def reads_sigma_range(self) -> bool:
-        """Whether a pass runs a schedule type that reads Schedule min or max sigma, and one is set."""
-        return bool(self.sigma_min or self.sigma_max) and bool(self.pass_schedules & set(ENDS_SCHEDULES))
+        """Whether a pass runs a schedule type that reads Schedule min or max sigma, and one is set (or the old
+        Karras range stands for them)."""
+        return (bool(self.sigma_min or self.sigma_max or self.use_old_karras_scheduler_sigmas)
+                and bool(self.pass_schedules & set(ENDS_SCHEDULES)))
 
     @property
     def uses_beta_schedule(self) -> bool:

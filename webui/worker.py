@@ -27,7 +27,7 @@ from webui import __version__
 from webui.controlnet import NO_PICTURE, controlnet_infotext
 from webui.engine.controlnet import ControlNetError, request_map
 from webui.engine.generate import (CONTROLNET_WITH_SDXL_REFINER, DenoisingStopped, Engine, EngineImage, LoadedModel,
-                                  composition_problem)
+                                   composition_problem, old_timelines_change_the_run)
 from webui.engine.hires import LATENT_UPSCALERS, NO_UPSCALER
 from webui.engine.img2img import (Enlarge, as_rgb, check_picture_size, enlarges, fit_image, image_sha1,
                                   size_from_image, upright_size)
@@ -38,7 +38,7 @@ from webui.engine.refiner import SDXL, SDXL_REFINER, kind_of_entry, kind_problem
 from webui.engine.instruct_pix2pix import edit_problem
 from webui.engine.prompts import ORIGINAL
 from webui.engine.sdxl import sdxl_problem
-from webui.engine.samplers import ENDS_SCHEDULES, KARRAS_RHO
+from webui.engine.samplers import ENDS_SCHEDULES, KARRAS_RHO, OLD_KARRAS_ENDS
 from webui.engine.single_file import sdxl_refiner_refusal
 from webui.engine.soft_inpainting import ENABLED_KEY, SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.upscalers import UpscalerError
@@ -384,7 +384,8 @@ class Worker:
             _check_clip_skip(request, model)
             _check_edit_model(request, model)
             if request.reads_sigma_range:
-                problem = request.schedule_shape.range_problem(self.engine.sigma_table(request.sd_noise_schedule))
+                shape = request.schedule_shape
+                problem = shape.range_problem(self.engine.sigma_table(shape))
                 if problem:
                     raise InvalidRequest(problem)
             request.check_hires(*model.size_for(request))
@@ -998,6 +999,7 @@ class Worker:
             # not written by A1111, whose pictures made with it cannot be made again from their infotext
             "Clip skip SDXL": True if request.sdxl_clip_l_skip and model.sdxl else None,
             "Img2img exact steps": True if request.img2img_fix_steps and request.is_img2img else None,  # likewise
+            "Old prompt editing timelines": True if old_timelines_change_the_run(request) else None,
             "Token merging ratio": request.token_merging_ratio or None,
             "Token merging ratio hr": (request.hires_token_merging_ratio or None) if request.enable_hr else None,
             "Tiling": True if request.tiling else None,
@@ -1018,6 +1020,7 @@ class Worker:
             **_schedule_range_infotext(request),
             "Discard penultimate sigma": True if request.discard_changes_a_pass else None,
             "Noise Schedule": request.sd_noise_schedule if request.sd_noise_schedule != "Default" else None,
+            "Downcast alphas_cumprod": True if request.use_downcasted_alpha_bar else None,
             **_unipc_infotext(request),
             "Lora hashes": self.engine.lora_hashes(request),
             "TI hashes": self.engine.ti_hashes(request),
@@ -1337,13 +1340,15 @@ def _step_options_infotext(request: GenerationRequest) -> dict[str, Any]:
 
 def _schedule_range_infotext(request: GenerationRequest) -> dict[str, Any]:
     """A1111's Schedule min sigma, max sigma and rho keys, where set and a pass ran a schedule type that reads them
-    (rho: Karras alone, and not at its own 7)."""
+    (rho: Karras alone, and not at its own 7). The old Karras range writes its ends as these keys (A1111 writes
+    nothing for it), so that the text makes the same picture again, here or in A1111, whatever its settings."""
     schedules = request.pass_schedules
     if not schedules & set(ENDS_SCHEDULES):
         return {}
     rho = request.rho if "Karras" in schedules and request.rho != KARRAS_RHO else 0
-    return {"Schedule min sigma": request.sigma_min or None, "Schedule max sigma": request.sigma_max or None,
-            "Schedule rho": rho or None}
+    smallest, largest = OLD_KARRAS_ENDS if request.use_old_karras_scheduler_sigmas else (0.0, 0.0)
+    return {"Schedule min sigma": request.sigma_min or smallest or None,
+            "Schedule max sigma": request.sigma_max or largest or None, "Schedule rho": rho or None}
 
 
 def _hires_infotext(request: GenerationRequest) -> dict[str, Any]:

@@ -69,13 +69,15 @@ _IMG2IMG_INFOTEXT_FIELDS = _INFOTEXT_FIELDS + ("denoising_strength", "image_cfg_
 _OPTION_KEYS = {"s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps", "skip_early_cond": "Skip Early CFG",
                 "sgm_noise_multiplier": "SGM noise multiplier",
                 "always_discard_next_to_last_sigma": "Discard penultimate sigma", "sd_noise_schedule": "Noise Schedule",
+                "use_downcasted_alpha_bar": "Downcast alphas_cumprod",
                 "img2img_extra_noise": "Extra noise", "initial_noise_multiplier": "Noise multiplier"}
 _OPTION_KEYS |= {name: key for name, key in STEP_INFOTEXT_KEYS.items()} | {"eta_noise_seed_delta": "ENSD"}
 _OPTION_KEYS |= {"beta_dist_alpha": "Beta schedule alpha", "beta_dist_beta": "Beta schedule beta",
                  "sigma_min": "Schedule min sigma", "sigma_max": "Schedule max sigma", "rho": "Schedule rho"}
 _OPTION_KEYS |= UNIPC_INFOTEXT_KEYS
 _OPTION_FIELDS = ("s_min_uncond", "s_min_uncond_all", "skip_early_cond", "sgm_noise_multiplier", "img2img_extra_noise",
-                  "always_discard_next_to_last_sigma", "sd_noise_schedule", *STEP_INFOTEXT_KEYS,
+                  "always_discard_next_to_last_sigma", "sd_noise_schedule", "use_downcasted_alpha_bar",
+                  "use_old_karras_scheduler_sigmas", *STEP_INFOTEXT_KEYS,
                   "eta_noise_seed_delta", "beta_dist_alpha", "beta_dist_beta", "sigma_min", "sigma_max", "rho",
                   *UNIPC_INFOTEXT_KEYS,
                   # an SDXL refiner's aesthetic scores: no infotext key (A1111 writes none)
@@ -191,6 +193,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     data["inpainting_mask_weight"] = overrides.get("inpainting_mask_weight", pasted.get("inpainting_mask_weight"))
     data["sdxl_clip_l_skip"] = overrides.get("sdxl_clip_l_skip", pasted.get("sdxl_clip_l_skip"))  # likewise
     data["img2img_fix_steps"] = overrides.get("img2img_fix_steps", pasted.get("img2img_fix_steps"))  # likewise
+    data["use_old_scheduling"] = overrides.get("use_old_scheduling", pasted.get("use_old_scheduling"))  # likewise
     # no infotext key: override_settings, else the tab's
     for name in ("overlay_inpaint", "upscaler_for_img2img", "comma_padding_backtrack", "img2img_background_color"):
         data[name] = overrides.get(name)
@@ -468,7 +471,8 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
     names["inpainting_mask_weight"] = "override_settings.inpainting_mask_weight"
     names["sdxl_clip_l_skip"] = "override_settings.sdxl_clip_l_skip"
     names |= {name: f"override_settings.{name}" for name in ("randn_source", "img2img_fix_steps",
-                                                               "hires_fix_refiner_pass", "overlay_inpaint",
+                                                               "use_old_scheduling", "hires_fix_refiner_pass",
+                                                               "overlay_inpaint",
                                                                "upscaler_for_img2img", "comma_padding_backtrack",
                                                                "img2img_background_color", *SAVE_SETTINGS)}
     return names

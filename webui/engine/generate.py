@@ -110,17 +110,32 @@ def _phases(request: GenerationRequest) -> list[PromptPhase]:
     prompt without its <lora:...> tags."""
     # img2img too: A1111 times them over all the steps, counted from the first step that runs; the phases
     # past the steps it runs are left out (their texts are never read).
-    phases = prompt_phases(strip_loras(request.prompt), _negative_in_use(request), request.steps)
+    phases = _first_pass_phases(request, bool(request.use_old_scheduling))
     return [phase for before, phase in zip([None, *phases], phases)
             if before is None or before.last_step < request.denoising_steps]
 
 
-def _hires_phases(request: GenerationRequest) -> list[PromptPhase]:
+def _first_pass_phases(request: GenerationRequest, old_timelines: bool) -> list[PromptPhase]:
+    return prompt_phases(strip_loras(request.prompt), _negative_in_use(request), request.steps,
+                         old_timelines=old_timelines)
+
+
+def _hires_phases(request: GenerationRequest, old_timelines: bool | None = None) -> list[PromptPhase]:
     """The prompt phases of the hires fix's second pass (its own prompts, where it has them), whose steps count
-    on from the first pass's, as in A1111."""
+    on from the first pass's, as in A1111 (old_timelines: A1111's old rule; None: the request's)."""
     prompt, negative = request.hires_prompts
+    old = bool(request.use_old_scheduling) if old_timelines is None else old_timelines
     return prompt_phases(strip_loras(prompt), _negative_in_use(request, negative), request.hires_steps,
-                         first_pass_steps=request.steps)
+                         first_pass_steps=request.steps, old_timelines=old)
+
+
+def old_timelines_change_the_run(request: GenerationRequest) -> bool:
+    """Whether A1111's Use old prompt editing timelines changes what a pass reads (A1111 writes its infotext key
+    then alone)."""
+    if not request.use_old_scheduling:
+        return False
+    passes = [_first_pass_phases] + ([_hires_phases] if request.enable_hr else [])
+    return any(phases(request, True) != phases(request, False) for phases in passes)
 
 
 def _part_weights(phases: list[PromptPhase]) -> list[float] | None:
@@ -749,9 +764,11 @@ class Engine:
         return keeping_estimates(make_scheduler(self._base_scheduler_config, sampler_name, schedule,
                                                 sdxl=is_sdxl(self.pipe), shape=shape, unipc=unipc))
 
-    def sigma_table(self, noise_schedule: str = "Default") -> np.ndarray:
-        """The loaded model's sigma at each training timestep, smallest first, under that noise schedule."""
-        return model_sigmas(self._scheduler("Euler", "Automatic", ScheduleShape(noise_schedule=noise_schedule)))
+    def sigma_table(self, shape: ScheduleShape = ScheduleShape()) -> np.ndarray:
+        """The loaded model's sigma at each training timestep, smallest first, under the shape's noise schedule (and
+        fp16 rounding, where asked)."""
+        noise_levels = ScheduleShape(noise_schedule=shape.noise_schedule, downcast_alpha_bar=shape.downcast_alpha_bar)
+        return model_sigmas(self._scheduler("Euler", "Automatic", noise_levels))
 
     def _start_noise_factor(self, request: GenerationRequest) -> float:
         """What txt2img's unit noise is multiplied by besides the scheduler's start level, so that a k-diffusion sampler

@@ -7,7 +7,8 @@ Everything else, attention brackets included, is left as text for prompts.parse_
 
 Steps are counted as stable-diffusion-webui counts them, so a prompt pasted from an A1111 infotext switches at
 the same step here: from 0, with the text before a `when` of 10 read through step 10, and alternation
-starting with its first option twice. Anything that is not well formed stays text, as in A1111.
+starting with its first option twice. Anything that is not well formed stays text, as in A1111. Its older rule
+(Use old prompt editing timelines) reads a `when` below 1 as a fraction and any other as a step number.
 """
 from __future__ import annotations
 
@@ -45,25 +46,38 @@ class PromptPhase:
 @dataclass(frozen=True)
 class _Clock:
     """How a `when` becomes a step of this pass. The hires fix's second pass counts on from the first, as A1111
-    counts it: a step number past the first pass's steps, a fraction past 1.0 (0.5 has passed; 1.5 is halfway)."""
+    counts it: a step number past the first pass's steps, a fraction past 1.0 (0.5 has passed; 1.5 is halfway).
+    A1111's old timelines (`old`): below 1 a fraction, else a step number, decimal point or not; the hires fix's
+    second pass reads its texts on the first pass's clock."""
     steps: int
     step_offset: int = 0
     fraction_offset: float = 0.0
+    old: bool = False
 
     def switch_step(self, when: str) -> int:
-        if "." in when:
+        if self.old:
+            value = float(when) * self.steps if float(when) < 1 else float(when)
+        elif "." in when:
             value = (float(when) - self.fraction_offset) * self.steps
         else:
             value = float(when) - self.step_offset
         return int(max(-1.0, min(float(self.steps), value)))  # clamped first: "1e999" is infinite
 
 
-def prompt_phases(prompt: str, negative: str, steps: int, first_pass_steps: int | None = None) -> list[PromptPhase]:
+def _clock(steps: int, first_pass_steps: int | None, old: bool) -> _Clock:
+    if old:
+        return _Clock(first_pass_steps or steps, old=True)
+    return _Clock(steps) if first_pass_steps is None else _Clock(steps, first_pass_steps, 1.0)
+
+
+def prompt_phases(prompt: str, negative: str, steps: int, first_pass_steps: int | None = None,
+                  old_timelines: bool = False) -> list[PromptPhase]:
     """The texts a run of `steps` reads, phase by phase; one phase when nothing is edited or alternated.
-    first_pass_steps: this is the hires fix's second pass, after a first pass of that many steps."""
-    clock = _Clock(steps) if first_pass_steps is None else _Clock(steps, first_pass_steps, 1.0)
+    first_pass_steps: this is the hires fix's second pass, after a first pass of that many steps. old_timelines:
+    A1111's Use old prompt editing timelines."""
+    clock = _clock(steps, first_pass_steps, old_timelines)
     trees = _parsed(prompt), _parsed(negative)
-    ends = {steps} | _switch_steps(trees[0], clock) | _switch_steps(trees[1], clock)
+    ends = {clock.steps} | _switch_steps(trees[0], clock) | _switch_steps(trees[1], clock)
     phases: list[PromptPhase] = []
     for end in sorted(ends):
         texts = [_text_at(tree, end, clock) for tree in trees]

@@ -61,6 +61,10 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, aliases=("k_dpmpp_2m_sde",),
             automatic="Exponential", k_diffusion=True),
+    # the same solver with k-diffusion's Heun correction in place of the midpoint one (A1111's solver_type heun)
+    Sampler("DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler",
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
+            aliases=("k_dpmpp_2m_sde_heun",), automatic="Exponential", k_diffusion=True),
     # diffusers' third-order SDE solver; A1111's draws Brownian-tree noise and drops the next-to-last sigma, so
     # their pictures differ (as DPM++ 2M SDE's do).
     Sampler("DPM++ 3M SDE", "DPMSolverMultistepScheduler",
@@ -172,6 +176,8 @@ def _canonical_schedule(schedule: str) -> str:
 NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")  # A1111's Noise schedule for sampling
 # A1111's last noise level of a zero-terminal-SNR schedule: a sigma of 4519 rather than an infinite one
 ZERO_SNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
+# A1111's Use old karras scheduler sigmas: the range of its first Karras schedules, whatever the model's
+OLD_KARRAS_ENDS = (0.1, 10.0)
 
 
 @dataclass(frozen=True)
@@ -180,7 +186,9 @@ class ScheduleShape:
     sigma (0: the model's), where the types that span a range of sigmas (ENDS_SCHEDULES) begin and end; Schedule
     rho (0: Karras's own 7); Always discard next-to-last sigma (k-diffusion samplers: a schedule of one step more,
     its next-to-last level left out); Noise schedule for sampling (Zero Terminal SNR: the model's noise levels
-    rescaled so that the last is almost pure noise)."""
+    rescaled so that the last is almost pure noise); and two of its Compatibility options for old seeds: Use old
+    karras scheduler sigmas (that range runs from 0.1 to 10 unless set) and Downcast model alphas_cumprod to fp16
+    (the noise levels rounded as an fp16 model kept them, before any rescaling)."""
     beta_alpha: float = BETA_ALPHA
     beta_beta: float = BETA_BETA
     sigma_min: float = 0.0
@@ -188,30 +196,47 @@ class ScheduleShape:
     rho: float = 0.0
     discard_penultimate: bool = False
     noise_schedule: str = "Default"
+    old_karras_sigmas: bool = False
+    downcast_alpha_bar: bool = False
 
     def discards_penultimate(self, sampler: Sampler) -> bool:
         """Whether a run of this sampler leaves its schedule's next-to-last sigma out (A1111: k-diffusion samplers
         alone, where asked or where its sampler table says so)."""
         return sampler.k_diffusion and (sampler.discards_penultimate or self.discard_penultimate)
 
+    def default_ends(self, table: np.ndarray) -> tuple[float, float]:
+        """Where a range-spanning schedule begins and ends unless Schedule min or max sigma says: the model's
+        smallest and largest sigma (`table`, smallest first), or the old Karras range."""
+        return OLD_KARRAS_ENDS if self.old_karras_sigmas else (float(table[0]), float(table[-1]))
+
     def ends(self, table: np.ndarray) -> np.ndarray:
-        """The smallest and largest sigma a range-spanning schedule runs between: the model's unless set (ValueError
-        when they are the wrong way round)."""
+        """The smallest and largest sigma a range-spanning schedule runs between (ValueError when they are the wrong
+        way round)."""
         problem = self.range_problem(table)
         if problem:
             raise ValueError(problem)
-        return np.array([self.sigma_min or table[0], self.sigma_max or table[-1]])
+        smallest, largest = self.default_ends(table)
+        return np.array([self.sigma_min or smallest, self.sigma_max or largest])
 
     def range_problem(self, table: np.ndarray) -> str | None:
-        """Why one end set alone cannot run with this model's sigmas (`table`, smallest first), if it cannot: a
-        schedule would climb instead of fall. Both set are checked against each other by the request."""
-        if self.sigma_min and not self.sigma_max and self.sigma_min >= table[-1]:
-            return (f"sigma_min: {self.sigma_min:g} is not below this model's largest sigma {table[-1]:.4g}; lower it "
-                    "(0: the model's own)")
-        if self.sigma_max and not self.sigma_min and self.sigma_max <= table[0]:
-            return (f"sigma_max: {self.sigma_max:g} is not above this model's smallest sigma {table[0]:.4g}; raise it "
-                    "(0: the model's own)")
+        """Why one end set alone cannot run with the other end's default (`table`: the model's sigmas, smallest
+        first), if it cannot: a schedule would climb instead of fall. Both set are checked against each other by the
+        request."""
+        smallest, largest = self.default_ends(table)
+        whose, default = (("the old Karras range's", "0.1 to 10") if self.old_karras_sigmas
+                          else ("this model's", "the model's own"))
+        if self.sigma_min and not self.sigma_max and self.sigma_min >= largest:
+            return (f"sigma_min: {self.sigma_min:g} is not below {whose} largest sigma {largest:.4g}; lower it "
+                    f"(0: {default})")
+        if self.sigma_max and not self.sigma_min and self.sigma_max <= smallest:
+            return (f"sigma_max: {self.sigma_max:g} is not above {whose} smallest sigma {smallest:.4g}; raise it "
+                    f"(0: {default})")
         return None
+
+    @property
+    def smallest_sigma(self) -> float:
+        """Where a range-spanning schedule ends where that is not the model's smallest sigma (0: it is)."""
+        return self.sigma_min or (OLD_KARRAS_ENDS[0] if self.old_karras_sigmas else 0.0)
 
 
 UNIPC_VARIANTS = ("bh1", "bh2")  # A1111's UniPC variants diffusers' UniPC has (its vary_coeff it has not)
@@ -259,7 +284,7 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
         # diffusers works these two out itself, for the steps asked alone: A1111's formulas can make one level more
         sigmas_for = sgm_uniform_sigmas if schedule == "SGM Uniform" else uniform_sigmas
         options.update(_CUSTOM)
-    scheduler = scheduler_class.from_config(_with_noise_schedule(base_config, shape.noise_schedule), **options)
+    scheduler = scheduler_class.from_config(_with_noise_schedule(base_config, shape), **options)
     if discard and sigmas_for:
         sigmas_for = _without_the_penultimate_level(sigmas_for)
     elif discard:
@@ -267,27 +292,54 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
     scheduler = _starting_at_the_first_step(scheduler)
     if not sigmas_for:
         return scheduler
-    return _with_custom_sigmas(scheduler, sigmas_for, shape.sigma_min if schedule in ENDS_SCHEDULES else 0.0)
+    return _with_custom_sigmas(scheduler, sigmas_for, shape.smallest_sigma if schedule in ENDS_SCHEDULES else 0.0)
 
 
-def _with_noise_schedule(base_config: dict[str, Any], noise_schedule: str) -> dict[str, Any]:
-    """The model's scheduler config under A1111's Noise schedule for sampling: as it is (Default), or with its noise
-    levels as betas rescaled to zero terminal SNR (every diffusers scheduler takes betas; not all can rescale)."""
-    if noise_schedule == "Default":
+def _with_noise_schedule(base_config: dict[str, Any], shape: ScheduleShape) -> dict[str, Any]:
+    """The model's scheduler config under A1111's Noise schedule for sampling and Downcast alphas_cumprod: as it is,
+    or with its alpha bars rounded to fp16 and then (Zero Terminal SNR) rescaled, given as the betas that make them
+    (every diffusers scheduler takes betas; not all can rescale)."""
+    if shape.noise_schedule == "Default" and not shape.downcast_alpha_bar:
         return base_config
-    return base_config | {"trained_betas": zero_terminal_snr_betas(base_config), "rescale_betas_zero_snr": False}
+    alpha_bars = model_alpha_bars(base_config)
+    if shape.downcast_alpha_bar:
+        alpha_bars = alpha_bars.astype(np.float16).astype(np.float64)
+    if shape.noise_schedule == "Zero Terminal SNR":
+        alpha_bars = zero_terminal_snr(alpha_bars)
+    return base_config | {"trained_betas": betas_of(alpha_bars), "rescale_betas_zero_snr": False}
 
 
-def zero_terminal_snr_betas(base_config: dict[str, Any]) -> list[float]:
-    """A1111's Zero Terminal SNR: the square roots of the model's alpha bars moved to end at 0 and stretched to start
-    where they did, the last alpha bar then ZERO_SNR_LAST_ALPHA_BAR; as the betas that make them."""
+def model_alpha_bars(base_config: dict[str, Any]) -> np.ndarray:
+    """The model's alpha bar (the share of the picture left) at each training timestep. SD's linear beta schedules
+    are worked out in float64 and kept as float32, as A1111's model keeps them (diffusers' float32 arithmetic lands a
+    few of them on another fp16 value when downcast); any other from diffusers."""
     import diffusers
 
+    schedule, betas = base_config.get("beta_schedule", "linear"), base_config.get("trained_betas")
+    if betas is None and schedule in ("linear", "scaled_linear"):
+        start, end = base_config.get("beta_start", 0.0001), base_config.get("beta_end", 0.02)
+        count = base_config.get("num_train_timesteps", 1000)
+        if schedule == "scaled_linear":
+            betas = np.linspace(start ** 0.5, end ** 0.5, count, dtype=np.float64) ** 2
+        else:
+            betas = np.linspace(start, end, count, dtype=np.float64)
+        return np.cumprod(1 - betas).astype(np.float32).astype(np.float64)
     plain = diffusers.DDPMScheduler.from_config(base_config | {"rescale_betas_zero_snr": False})
-    root = np.sqrt(np.asarray(plain.alphas_cumprod, dtype=np.float64))
+    return np.asarray(plain.alphas_cumprod, dtype=np.float64)
+
+
+def zero_terminal_snr(alpha_bars: np.ndarray) -> np.ndarray:
+    """A1111's Zero Terminal SNR: the square roots of the alpha bars moved to end at 0 and stretched to start where
+    they did, the last alpha bar then ZERO_SNR_LAST_ALPHA_BAR."""
+    root = np.sqrt(alpha_bars)
     root = (root - root[-1]) * root[0] / (root[0] - root[-1])
-    alpha_bars = root ** 2
-    alpha_bars[-1] = ZERO_SNR_LAST_ALPHA_BAR
+    rescaled = root ** 2
+    rescaled[-1] = ZERO_SNR_LAST_ALPHA_BAR
+    return rescaled
+
+
+def betas_of(alpha_bars: np.ndarray) -> list[float]:
+    """The betas whose running product of (1 - beta) gives these alpha bars."""
     return (1 - alpha_bars / np.concatenate([[1.0], alpha_bars[:-1]])).tolist()
 
 

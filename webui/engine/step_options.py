@@ -34,13 +34,15 @@ FOLLOWS = {"DDIM": ("eta_ddim",), "Euler a": ("eta_ancestral",),
            "Euler": ("s_churn", "s_tmin", "s_tmax", "s_noise")}
 # What A1111's samplers of the same names follow, where ours cannot (their diffusers schedulers have no such parameter)
 _A1111_ALSO = {"DPM2 a": ("eta_ancestral",), "DPM++ 2S a": ("eta_ancestral",), "DPM++ SDE": ("eta_ancestral",),
-               "DPM++ 2M SDE": ("eta_ancestral",), "DPM++ 3M SDE": ("eta_ancestral",), "Heun": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
+               "DPM++ 2M SDE": ("eta_ancestral",), "DPM++ 2M SDE Heun": ("eta_ancestral",),
+               "DPM++ 3M SDE": ("eta_ancestral",), "Heun": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
                "DPM2": ("s_churn", "s_tmin", "s_tmax", "s_noise")}
 # The samplers that draw fresh noise from the images' generators as they step, when they do: their pictures are the
 # ones A1111's Eta noise seed delta changes.
 _DRAWS_NOISE = {"Euler a": lambda options: options.eta_ancestral > 0, "DDIM": lambda options: options.eta_ddim > 0,
                 "Euler": lambda options: options.s_churn > 0, "DPM2 a": lambda options: True,
-                "DPM++ 2M SDE": lambda options: True, "DPM++ 3M SDE": lambda options: True,
+                "DPM++ 2M SDE": lambda options: True, "DPM++ 2M SDE Heun": lambda options: True,
+                "DPM++ 3M SDE": lambda options: True,
                 "LCM": lambda options: True}
 
 

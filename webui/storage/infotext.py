@@ -75,6 +75,7 @@ _REQUEST_FIELDS = {
     "Clip skip": ("clip_skip", int),
     "Clip skip SDXL": ("sdxl_clip_l_skip", _flag),
     "Img2img exact steps": ("img2img_fix_steps", _flag),
+    "Old prompt editing timelines": ("use_old_scheduling", _flag),
     "Batch size": ("batch_size", int),
     "Model": ("model", str),
     "X Type": ("x_type", str), "X Values": ("x_values", str),
@@ -95,6 +96,7 @@ _REQUEST_FIELDS = {
     "SGM noise multiplier": ("sgm_noise_multiplier", _flag),
     "Discard penultimate sigma": ("always_discard_next_to_last_sigma", _flag),
     "Noise Schedule": ("sd_noise_schedule", _one_of(NOISE_SCHEDULES)),
+    "Downcast alphas_cumprod": ("use_downcasted_alpha_bar", _flag),
     "Noise multiplier": ("initial_noise_multiplier", float),
     "Image CFG scale": ("image_cfg_scale", float),
     "Conditional mask weight": ("inpainting_mask_weight", float),
@@ -130,7 +132,8 @@ UNIPC_DEFAULTS = dict(zip(UNIPC_INFOTEXT_KEYS, astuple(UniPCOptions())))
 # offers those that differ from the Settings tab's in the page's Override settings, for the page's runs only.
 SETTING_KEYS = {"emphasis": "Emphasis", "face_restoration_model": "Face restoration",
                 "inpainting_mask_weight": "Conditional mask weight", "sdxl_clip_l_skip": "Clip skip SDXL",
-                "img2img_fix_steps": "Img2img exact steps", "hires_fix_refiner_pass": "Hires refiner"}
+                "img2img_fix_steps": "Img2img exact steps", "hires_fix_refiner_pass": "Hires refiner",
+                "use_old_scheduling": "Old prompt editing timelines"}
 
 def quote(value: Any) -> str:
     # A float in full (7.1234567 reads back as itself), without ".0" for whole numbers ("CFG scale: 7").
@@ -251,6 +254,8 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["s_min_uncond_all"] = fields["sgm_noise_multiplier"] = False
         fields["always_discard_next_to_last_sigma"] = False  # (DPM2 discards without it)
         fields["sd_noise_schedule"] = "Default"
+        # the old Karras range is written as Schedule min and max sigma: pasted, they give it whatever this says
+        fields["use_downcasted_alpha_bar"] = fields["use_old_karras_scheduler_sigmas"] = False
         fields["initial_noise_multiplier"] = 1.0
         fields["img2img_extra_noise"] = 0.0
         fields |= STEP_DEFAULTS | {"eta_noise_seed_delta": 0}
@@ -264,6 +269,8 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["randn_source"] = "CPU" if ours else "NV"
         if ours:  # we write these only when on: without them, a picture of ours was made with them off
             fields["sdxl_clip_l_skip"] = fields["img2img_fix_steps"] = False
+        # written wherever the old timelines changed a pass (by A1111 too): without it, they changed nothing
+        fields["use_old_scheduling"] = False
         fields["seed_resize_from_w"] = fields["seed_resize_from_h"] = 0
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation
         fields["token_merging_ratio"] = fields["token_merging_ratio_hr"] = 0.0  # likewise: made without merging

@@ -93,6 +93,8 @@ class SavedOptions(BaseModel):
                                           "a transparent part of the start picture is laid on, #rrggbb")
     overlay_inpaint: bool = Field(True, description="inpainting: the result laid into the original through the mask "
                                   "(off: the part drawn shows as the model drew it)")
+    use_old_scheduling: bool = Field(False, description="prompt editing's [a:b:N] on A1111's old timelines: N below 1 "
+                                     "a fraction of the steps, any other a step number")
     img2img_fix_steps: bool = Field(False, description="img2img runs exactly its steps, as the last of a schedule "
                                     "of steps / denoising strength (off: steps x strength of them run)")
     save_images_before_highres_fix: bool = Field(False, description="also save each picture as the first pass left "

@@ -148,6 +148,7 @@ class GenerationActions(SeveralRuns):
                  sigma_max: float = 0.0, rho: float = 0.0, uni_pc_variant: str = UniPCOptions.variant,
                  uni_pc_order: int = UniPCOptions.order, uni_pc_lower_order_final: bool = UniPCOptions.lower_order_final,
                  always_discard_next_to_last_sigma: bool = False, sd_noise_schedule: str = NOISE_SCHEDULES[0],
+                 use_old_karras_scheduler_sigmas: bool = False, use_downcasted_alpha_bar: bool = False,
                  override_settings: list[str] | None = None) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
@@ -190,6 +191,8 @@ class GenerationActions(SeveralRuns):
             "uni_pc_lower_order_final": bool(uni_pc_lower_order_final),
             "always_discard_next_to_last_sigma": bool(always_discard_next_to_last_sigma),
             "sd_noise_schedule": sd_noise_schedule or NOISE_SCHEDULES[0],
+            "use_old_karras_scheduler_sigmas": bool(use_old_karras_scheduler_sigmas),
+            "use_downcasted_alpha_bar": bool(use_downcasted_alpha_bar),
         }
         if refiner and refiner_checkpoint not in (None, "", NO_REFINER):  # as A1111: ticked with none picked is off
             request |= {"refiner_checkpoint": refiner_checkpoint, "refiner_switch_at": refiner_switch_at}
@@ -867,6 +870,16 @@ def sampler_parameters_section(kind: str) -> dict[str, Any]:
                 list(NOISE_SCHEDULES), value=NOISE_SCHEDULES[0], label="Noise schedule for sampling",
                 elem_id=f"{kind}_sd_noise_schedule",
                 info="Zero Terminal SNR: the first step starts from almost pure noise, for models trained so")
+        with gr.Row():  # two of A1111's Compatibility options, for pictures its older versions made
+            widgets["use_old_karras_scheduler_sigmas"] = gr.Checkbox(
+                False, label="Use old karras scheduler sigmas (0.1 to 10)",
+                elem_id=f"{kind}_use_old_karras_scheduler_sigmas",
+                info="Karras, Exponential, KL Optimal and Beta run from 10 down to 0.1 unless Schedule min/max "
+                     "sigma say (the picture's text then records them)")
+            widgets["use_downcasted_alpha_bar"] = gr.Checkbox(
+                False, label="Downcast model alphas_cumprod to fp16 before sampling",
+                elem_id=f"{kind}_use_downcasted_alpha_bar",
+                info="the noise levels rounded as A1111 before 1.8 kept them, for its old seeds")
         widgets |= unipc_widgets(kind)
     return widgets
 

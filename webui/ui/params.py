@@ -34,7 +34,8 @@ CONTROLNET_FIELDS = ("controlnet_enabled", "controlnet_module", "controlnet_mode
 SAMPLER_FIELDS = ("skip_early_cond", "s_min_uncond", "s_min_uncond_all", "img2img_extra_noise", "eta_ddim",
                   "eta_ancestral", "s_churn", "s_tmin", "s_tmax", "s_noise", "eta_noise_seed_delta", "beta_dist_alpha",
                   "beta_dist_beta", "sigma_min", "sigma_max", "rho", "always_discard_next_to_last_sigma",
-                  "sd_noise_schedule", "uni_pc_variant", "uni_pc_order", "uni_pc_lower_order_final")
+                  "sd_noise_schedule", "use_old_karras_scheduler_sigmas", "use_downcasted_alpha_bar",
+                  "uni_pc_variant", "uni_pc_order", "uni_pc_lower_order_final")
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
                  "seed", "clip_skip", "model", "subseed", "subseed_strength", "seed_resize_from_w",
                  "seed_resize_from_h", "randn_source", "styles", "denoising_strength", "tiling", "restore_faces", "sd_vae", *PLOT_FIELDS,
@@ -81,7 +82,9 @@ FIELD_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "sampl
                 "beta_dist_beta": "Beta schedule beta", "sigma_min": "Schedule min sigma",
                 "sigma_max": "Schedule max sigma", "rho": "Schedule rho",
                 "always_discard_next_to_last_sigma": "Always discard next-to-last sigma",
-                "sd_noise_schedule": "Noise schedule for sampling", "uni_pc_variant": "UniPC variant",
+                "sd_noise_schedule": "Noise schedule for sampling",
+                "use_old_karras_scheduler_sigmas": "Use old karras scheduler sigmas",
+                "use_downcasted_alpha_bar": "Downcast alphas_cumprod", "uni_pc_variant": "UniPC variant",
                 "uni_pc_order": "UniPC order", "uni_pc_lower_order_final": "UniPC lower order final", "color_correction": "Color correction", "model": "Stable Diffusion checkpoint", "subseed": "Variation seed",
                 "subseed_strength": "Variation strength", "seed_resize_from_w": "Resize seed from width",
                 "seed_resize_from_h": "Resize seed from height", "randn_source": "Random number generator source",

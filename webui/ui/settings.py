@@ -35,6 +35,7 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "inpainting_mask_weight": "Inpainting conditioning mask strength", "sdxl_clip_l_skip": "Clip skip SDXL",
           "randn_source": "Random number generator source",
           "img2img_fix_steps": "With img2img, do exactly the amount of steps the slider specifies",
+          "use_old_scheduling": "Use old prompt editing timelines",
           "overlay_inpaint": "Overlay original for inpaint", "upscaler_for_img2img": "Upscaler for img2img",
           "img2img_background_color": "With img2img, fill transparent parts of the input image with this color",
           "hires_fix_refiner_pass": "Hires fix: which pass to enable refiner for",
@@ -219,6 +220,11 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False,
             info="with the hires fix, the pass a refiner takes over in at its switch; after the first pass's switch "
                  "the second runs on the refiner whole", elem_id="settings_hires_fix_refiner_pass",
             interactive=editable),
+        "use_old_scheduling": gr.Checkbox(
+            current.use_old_scheduling, label=LABELS["use_old_scheduling"],
+            info="for [red:green:N]; old: N below 1 is a fraction of the steps, any other a step number (and the "
+                 "hires fix counts on the first pass's steps); now: N with a decimal point is a fraction",
+            elem_id="settings_use_old_scheduling", interactive=editable),
         "img2img_fix_steps": gr.Checkbox(
             current.img2img_fix_steps, label=LABELS["img2img_fix_steps"],
             info="off: steps x denoising strength of them run, as A1111 by default", elem_id="settings_img2img_fix_steps",
