@@ -283,15 +283,28 @@ def test_downcast_rounds_the_models_alpha_bars_to_fp16_as_a1111(sampler):
     assert not torch.allclose(plain, expected, rtol=1e-4, atol=0)  # the rounding shows
 
 
-def test_downcast_comes_before_the_zero_terminal_snr_rescale():
+def test_downcast_comes_before_the_zero_terminal_snr_rescale_which_runs_in_fp16_then():
+    """sd_models.rescale_zero_terminal_snr_abar on the half alphas_cumprod, in its order of operations: its last
+    alpha bar rounds to 2^-24, a largest sigma of 4096 rather than 4519."""
     both = make_scheduler(SD15_SCHEDULER, "Euler", shape=ScheduleShape(noise_schedule="Zero Terminal SNR",
                                                                        downcast_alpha_bar=True))
-    root = sd15_alpha_bars().float().half().double().sqrt()
+    root = sd15_alpha_bars().float().half().sqrt()
     first, last = root[0].clone(), root[-1].clone()
-    expected = ((root - last) * first / (first - last)) ** 2
+    root -= last
+    root *= first / (first - last)
+    expected = root ** 2
     expected[-1] = 4.8973451890853435e-08
-    torch.testing.assert_close(both.alphas_cumprod.double(), expected, rtol=2e-4, atol=0)
+    torch.testing.assert_close(both.alphas_cumprod.double(), expected.double(), rtol=2e-4, atol=0)
+    assert float(both.alphas_cumprod[-1]) == pytest.approx(2 ** -24, rel=1e-3)
     assert not torch.allclose(both.alphas_cumprod.double()[:-1], a1111_zero_snr_alpha_bars()[:-1], rtol=2e-5, atol=0)
+
+
+def test_downcast_keeps_a_models_own_zero_terminal_snr():
+    config = SD15_SCHEDULER | {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
+    own = make_scheduler(config, "Euler").alphas_cumprod
+    downcast = make_scheduler(config, "Euler", shape=DOWNCAST).alphas_cumprod
+    assert float(own[-1]) < 1e-6 and float(downcast[-1]) < 1e-6  # not SD's 0.0047
+    assert not torch.equal(own, downcast)
 
 
 def test_the_infotext_records_them_so_a_paste_makes_the_same_picture(services):
@@ -321,6 +334,8 @@ def test_the_api_takes_them_by_override_settings_options_and_infotext_too(servic
         downcast = infotext(override_settings={"use_downcasted_alpha_bar": True})
         assert "Downcast alphas_cumprod: True" in downcast
         assert "Downcast alphas_cumprod: True" in infotext(infotext=downcast)
+        old_a1111 = "a red apple\nSteps: 3, Sampler: Euler, Seed: 21, Size: 64x64, Version: v1.6.0"
+        assert "Downcast alphas_cumprod: True" in infotext(infotext=old_a1111)  # its backward compatibility
         assert client.post("/sdapi/v1/options", json={"use_downcasted_alpha_bar": True}).status_code == 200
         assert client.get("/sdapi/v1/options").json()["use_downcasted_alpha_bar"] is True
         assert "Downcast alphas_cumprod: True" in infotext()
@@ -343,3 +358,24 @@ def test_both_pages_have_the_compatibility_boxes_and_send_them(services):
     outputs = list(ui.txt2img.actions.generate(Session(), **fields, sampler_name="Euler", scheduler="Karras",
                                                use_old_karras_scheduler_sigmas=True, use_downcasted_alpha_bar=True))
     assert "Schedule min sigma: 0.1" in outputs[-1][4] and "Downcast alphas_cumprod: True" in outputs[-1][4]
+
+
+@pytest.mark.parametrize("version, old_timelines, downcast", [
+    ("v1.5.1", True, True), ("v1.6.0", False, True), ("v1.7.0-RC-58-gabc123", False, True), ("v1.7.0", False, True),
+    ("v1.8.0", False, False), ("v1.10.1", False, False),
+    ("f2.0.1v1.10.1-previous-669-gdfdcbab6", False, False),  # Forge's: no A1111 version to read
+    ("diffusers-webui 0.1.0", False, False)])  # ours writes what it did
+def test_an_older_a1111s_infotext_implies_how_it_made_the_picture(version, old_timelines, downcast):
+    """A1111's Automatic backward compatibility (infotext_versions.backcompat)."""
+    fields = request_fields_from_infotext(f"a [cat:dog:1.0]\nSteps: 20, Sampler: Euler, Seed: 1, Version: {version}")
+    assert (fields.get("use_old_scheduling", False), fields["use_downcasted_alpha_bar"]) == (old_timelines, downcast)
+    assert ("use_old_scheduling" in fields["recorded_settings"]) == old_timelines  # offered as an override
+    plain = request_fields_from_infotext(f"a cat\nSteps: 20, Sampler: Euler, Seed: 1, Version: {version}")
+    assert "use_old_scheduling" not in plain  # no brackets: no timelines to change, the Settings tab's stands
+    refined = request_fields_from_infotext(f"a cat\nSteps: 20, Seed: 1, Refiner: xl-refiner, Version: {version}")
+    assert refined.get("refiner_switch_by_sample_steps", False) == (version in ("v1.5.1", "v1.6.0", "v1.7.0",
+                                                                                "v1.7.0-RC-58-gabc123"))
+    assert "refiner_switch_by_sample_steps" not in plain  # no refiner, nothing implied
+    written = request_fields_from_infotext(f"a [cat:dog:1.0]\nSteps: 20, Seed: 1, Downcast alphas_cumprod: False, "
+                                           f"Version: {version}")
+    assert written["use_downcasted_alpha_bar"] is False  # a key written wins

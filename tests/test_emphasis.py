@@ -9,7 +9,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from tests.helpers import finished_job
-from webui.engine.prompts import _chunks, encode_prompt_pair
+from webui.engine.prompts import _chunks, _weigh, encode_prompt_pair
 from webui.storage.infotext import request_fields_from_infotext
 
 WEIGHTED, PLAIN = "a (red:1.5) apple", "a red apple"
@@ -62,6 +62,16 @@ def test_a_chunk_without_a_mean_is_weighted_not_blown_up(engine):
         no_norm = encode_prompt_pair(engine.pipe, [WEIGHTED], [], emphasis="No norm")[0]
     assert torch.isfinite(original).all() and torch.equal(original, no_norm)
     assert torch.allclose(original, hidden * weights[..., None], atol=1e-5)
+
+
+def test_a_chunk_that_had_no_mean_is_not_scaled_to_nothing():
+    """Its old mean of ~0 over a weighted mean would zero it: it is weighted alone too."""
+    hidden = torch.tensor([[[1.0, -1.0], [2.0, -2.0]]])  # mean 0, values of size 1.5
+    weights = torch.tensor([[1.0, 1.5]])
+    assert torch.equal(_weigh(hidden, weights), hidden * weights[..., None])
+    leveled = hidden + 0.5  # a mean to keep: A1111's rescale
+    weighted = leveled * weights[..., None]
+    torch.testing.assert_close(_weigh(leveled, weights), weighted * (leveled.mean() / weighted.mean()))
 
 
 def test_ignore_reads_the_brackets_and_weighs_nothing(engine):

@@ -1,5 +1,6 @@
 """The page's Override settings (A1111's): a pasted infotext's Settings-tab options (Emphasis, Face restoration,
-Conditional mask weight, Clip skip SDXL, Img2img exact steps, Old prompt editing timelines) that differ from the Settings tab's, listed under the
+Conditional mask weight, Clip skip SDXL, Img2img exact steps, Old prompt editing timelines, Refiner switch by
+sampling steps) that differ from the Settings tab's, listed under the
 parameters and used for the page's runs only."""
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from webui.ui.params import FIELD_LABELS, IMG2IMG_FIELDS, TXT2IMG_FIELDS, overri
 # A value for each setting that is not SavedOptions' default
 OTHER_VALUES = {"emphasis": "No norm", "face_restoration_model": "GFPGAN", "inpainting_mask_weight": 0.25,
                 "sdxl_clip_l_skip": True, "img2img_fix_steps": True, "hires_fix_refiner_pass": "both passes",
-                "use_old_scheduling": True}
+                "use_old_scheduling": True, "refiner_switch_by_sample_steps": True}
 
 
 def test_each_setting_with_an_infotext_key_reads_back_from_its_pair():
@@ -21,7 +22,7 @@ def test_each_setting_with_an_infotext_key_reads_back_from_its_pair():
     pairs = [setting_pair(name, value) for name, value in OTHER_VALUES.items()]
     assert pairs == ["Emphasis: No norm", "Face restoration: GFPGAN", "Conditional mask weight: 0.25",
                      "Clip skip SDXL: True", "Img2img exact steps: True", "Hires refiner: both passes",
-                     "Old prompt editing timelines: True"]  # A1111's keys
+                     "Old prompt editing timelines: True", "Refiner switch by sampling steps: True"]  # A1111's keys
     assert setting_fields(pairs) == OTHER_VALUES
     assert setting_fields(["Face restoration: codeformer", "Clip skip SDXL: False"]) == {
         "face_restoration_model": "CodeFormer", "sdxl_clip_l_skip": False}
@@ -45,10 +46,11 @@ def test_a_paste_lists_what_differs_from_the_settings_tab_on_the_tab_that_reads_
                              "recorded_settings": list(OTHER_VALUES)}
     img2img = override_settings(pasted, defaults, "img2img")
     common = ["Emphasis: No norm", "Face restoration: GFPGAN", "Clip skip SDXL: True"]
-    expected = [*common, "Img2img exact steps: True", "Old prompt editing timelines: True"]
+    old = ["Old prompt editing timelines: True", "Refiner switch by sampling steps: True"]
+    expected = [*common, "Img2img exact steps: True", *old]
     assert (img2img["choices"], img2img["value"], img2img["visible"]) == (expected, expected, True)  # no hires fix
     txt2img = override_settings(pasted, defaults, "txt2img")  # txt2img runs no img2img steps
-    assert txt2img["value"] == [*common, "Hires refiner: both passes", "Old prompt editing timelines: True"]
+    assert txt2img["value"] == [*common, "Hires refiner: both passes", *old]
     # what the Settings tab has now decides: with its emphasis No norm, the paste overrides nothing of it
     assert "Emphasis: No norm" not in override_settings(pasted, defaults.model_copy(update={"emphasis": "No norm"}),
                                                         "txt2img")["value"]

@@ -66,6 +66,47 @@ def test_the_refiner_takes_over_at_the_first_step_past_the_switch_by_noise_level
     assert job.model.entry.name == TINY
 
 
+@pytest.mark.parametrize("fields, expected", [
+    # Euler at 4 steps, switch at 0.3: call 1 has done 0.333 of the noise but 1 call of 4 (0.25)
+    ({"steps": 4, "refiner_switch_at": 0.3}, [TINY, TINY, REFINER, REFINER]),
+    # Heun, 3 steps: 5 calls, reckoned against A1111's 6 (two a step); call 3 is the first at 0.45 (by noise: call 1,
+    # at timestep 499.5)
+    ({"steps": 3, "refiner_switch_at": 0.45, "sampler_name": "Heun"}, [TINY, TINY, TINY, REFINER, REFINER]),
+])
+def test_the_switch_by_sampling_steps_counts_model_calls_as_a1111_before_1_8(services, unet_calls, fields, expected):
+    job = run(services, refiner_checkpoint=REFINER, refiner_switch_by_sample_steps=True, **fields)
+    assert [name for name, _ in unet_calls] == expected
+    assert ", Refiner switch by sampling steps: True," in job.images[0].infotext
+    assert request_fields_from_infotext(job.images[0].infotext)["refiner_switch_by_sample_steps"] is True
+    unet_calls.clear()
+    by_noise = run(services, refiner_checkpoint=REFINER, **fields)
+    assert [name for name, _ in unet_calls] != expected and "sampling steps" not in by_noise.images[0].infotext
+
+
+def test_the_switch_by_sampling_steps_counts_one_step_more_from_a_picture(services, unet_calls):
+    """A1111's img2img sampler launches t_enc + 1 steps: of 3 calls, the last has 2 before it, 2 of 4 short of 0.6
+    (2 of 3 would not be)."""
+    from tests.helpers import noise_picture
+
+    services.options.update({"refiner_switch_by_sample_steps": True})  # the Settings tab's
+    try:
+        job = services.worker.submit(QUICK | {"steps": 4, "denoising_strength": 0.5, "refiner_checkpoint": REFINER,
+                                              "refiner_switch_at": 0.6}, init_image=noise_picture(3))
+        assert job.wait(120) and job.state is JobState.DONE, job.error
+    finally:
+        services.options.update({"refiner_switch_by_sample_steps": False})
+    assert [name for name, _ in unet_calls] == [TINY, TINY, TINY] and job.request.refiner_switch_by_sample_steps
+
+
+def test_first_refiner_call_by_count_as_a1111s_step_over_total():
+    from webui.engine.refiner import first_refiner_call_by_count
+
+    assert first_refiner_call_by_count(20, 20, 1, False, 0.8) == 16  # 16 of 20
+    assert first_refiner_call_by_count(15, 15, 1, True, 0.8) == 13  # 13 of 16
+    assert first_refiner_call_by_count(39, 20, 2, False, 0.8) == 32  # Heun: 32 of 40
+    assert first_refiner_call_by_count(4, 4, 1, False, 1.0) is None
+
+
 def test_a_switch_never_reached_gives_the_main_models_picture(services, unet_calls):
     plain = run(services)
     unet_calls.clear()
@@ -214,6 +255,15 @@ def test_the_api_takes_a1111s_refiner_fields(services):
         assert r.status_code == 422 and "override_settings.hires_fix_refiner_pass" in r.text
         assert "'first pass', 'second pass' or 'both passes'" in r.text
         assert client.get("/sdapi/v1/options").json()["hires_fix_refiner_pass"] == "second pass"
+        # A1111's Refiner switch by sampling steps: override_settings, an infotext's key, or its version's implication
+        r = client.post("/sdapi/v1/txt2img", json=body | {"override_settings": {"refiner_switch_by_sample_steps": True}})
+        by_steps = json.loads(r.json()["info"])["infotexts"][0]
+        assert "Refiner switch by sampling steps: True" in by_steps
+        r = client.post("/sdapi/v1/txt2img", json={"infotext": by_steps})
+        assert "Refiner switch by sampling steps: True" in json.loads(r.json()["info"])["infotexts"][0]
+        old_a1111 = re.sub(r"Version: .*", "Version: v1.7.0", infotext)  # as A1111 1.7 wrote it
+        r = client.post("/sdapi/v1/txt2img", json={"infotext": old_a1111})
+        assert "Refiner switch by sampling steps: True" in json.loads(r.json()["info"])["infotexts"][0]
 
 
 def test_a_pasted_infotext_sets_the_refiner_fields_of_both_tabs(services):

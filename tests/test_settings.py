@@ -264,12 +264,13 @@ def test_the_settings_tab_saves_for_everyone_and_says_why_not(ui_settings):
 
 
 DIRS = (True, True, "[date]", True, False, *[True] * 7, False, True, 20, "Original", "CPU", "CodeFormer", 0.5, 1.0, False,
-        "second pass", "None", "#ffffff", True, False, False, False, False, False, False, False, False, False, True, 2,
+        "second pass", "None", "#ffffff", True, False, False, False, False, False, False, False, False, False, False,
+        True, 2,
         "Approx cheap", -1, False, True, True, 4.0, 4000)
 # the subfolders, the infotext in the files, lossy webp, the infotext's model, VAE, version and hashes, the text
 # file, comments, the comma backtrack, emphasis, the random number source, the face restorer and its weight, the
 # inpainting conditioning mask strength, Clip skip SDXL, the refiner's hires pass, img2img's upscaler and fill colour,
-# the inpainting overlay, the old prompt editing timelines, exact img2img steps, the copies before the hires fix, face
+# the inpainting overlay, the refiner's switch by steps, the old prompt editing timelines, exact img2img steps, the copies before the hires fix, face
 # restoration and colour correction, the mask, the masked composite, the init image, incomplete images, live previews:
 # defaults; the preview period: the fixture's --preview-every 2; the grid's rows and place in the gallery, the JPG copy
 # of large pictures: defaults

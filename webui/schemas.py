@@ -87,7 +87,7 @@ HiresRefinerPass = Literal[HIRES_REFINER_PASSES]
 SETTINGS_FIELDS = ("emphasis", "randn_source", "face_restoration_model", "code_former_weight", "inpainting_mask_weight",
                    "sdxl_clip_l_skip", "img2img_fix_steps", "hires_fix_refiner_pass", "overlay_inpaint",
                    "upscaler_for_img2img", "comma_padding_backtrack", "img2img_background_color", "use_old_scheduling",
-                   *SAVE_SETTINGS)
+                   "refiner_switch_by_sample_steps", *SAVE_SETTINGS)
 
 
 class GenerationRequest(BaseModel):
@@ -329,6 +329,10 @@ class GenerationRequest(BaseModel):
                                            "schedule of steps / denoising_strength (A1111's 'With img2img, do exactly "
                                            "the amount of steps the slider specifies'; else steps x strength run). "
                                            "None: the Settings tab's")
+    refiner_switch_by_sample_steps: bool | None = Field(None, description="A1111's Switch to refiner by sampling "
+                                                        "steps instead of model timesteps: the refiner takes over "
+                                                        "after that share of the pass's model calls, as A1111 before "
+                                                        "1.8. None: the Settings tab's")
     use_old_scheduling: bool | None = Field(None, description="A1111's Use old prompt editing timelines: in "
                                             "[a:b:N], N below 1 is a fraction of the steps and any other a step "
                                             "number, and the hires fix's second pass reads on the first pass's clock "

@@ -507,7 +507,9 @@ class Worker:
                 "Refiner switch at": request.refiner_switch_at,
                 # A1111 writes the pass setting where it is not its default, second pass
                 "Hires refiner": (request.hires_fix_refiner_pass if request.enable_hr
-                                  and request.hires_fix_refiner_pass != "second pass" else None)}
+                                  and request.hires_fix_refiner_pass != "second pass" else None),
+                # (A1111 writes it on every picture while the option is on; here where a refiner was asked for)
+                "Refiner switch by sampling steps": True if request.refiner_switch_by_sample_steps else None}
 
     def _checkpoint_title(self, name: str | None) -> str | None:
         """A checkpoint a job names besides its model (refiner, hires checkpoint) as A1111's infotext names it, by its

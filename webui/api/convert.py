@@ -193,7 +193,8 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     data["inpainting_mask_weight"] = overrides.get("inpainting_mask_weight", pasted.get("inpainting_mask_weight"))
     data["sdxl_clip_l_skip"] = overrides.get("sdxl_clip_l_skip", pasted.get("sdxl_clip_l_skip"))  # likewise
     data["img2img_fix_steps"] = overrides.get("img2img_fix_steps", pasted.get("img2img_fix_steps"))  # likewise
-    data["use_old_scheduling"] = overrides.get("use_old_scheduling", pasted.get("use_old_scheduling"))  # likewise
+    for name in ("use_old_scheduling", "refiner_switch_by_sample_steps"):  # likewise
+        data[name] = overrides.get(name, pasted.get(name))
     # no infotext key: override_settings, else the tab's
     for name in ("overlay_inpaint", "upscaler_for_img2img", "comma_padding_backtrack", "img2img_background_color"):
         data[name] = overrides.get(name)
@@ -471,7 +472,8 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
     names["inpainting_mask_weight"] = "override_settings.inpainting_mask_weight"
     names["sdxl_clip_l_skip"] = "override_settings.sdxl_clip_l_skip"
     names |= {name: f"override_settings.{name}" for name in ("randn_source", "img2img_fix_steps",
-                                                               "use_old_scheduling", "hires_fix_refiner_pass",
+                                                               "use_old_scheduling", "refiner_switch_by_sample_steps",
+                                                               "hires_fix_refiner_pass",
                                                                "overlay_inpaint",
                                                                "upscaler_for_img2img", "comma_padding_backtrack",
                                                                "img2img_background_color", *SAVE_SETTINGS)}

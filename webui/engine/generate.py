@@ -48,7 +48,8 @@ from webui.engine.preview import TinyDecoders, denoised_estimate, keeping_estima
 from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
 from webui.engine.prompts import (COMMA_BACKTRACK, ORIGINAL, chunk_count, encode_parts, encode_prompt_pair,
                                   encode_sdxl_pair, encode_sdxl_parts, token_count)
-from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_call, is_sdxl_refiner, kind_of_entry,
+from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_call, first_refiner_call_by_count,
+                                  is_sdxl_refiner, kind_of_entry,
                                   kind_of_pipeline, kind_problem, pass_timesteps, refiner_size_inputs)
 from webui.engine.samplers import ScheduleShape, UniPCOptions, get_sampler, make_scheduler, model_sigmas
 from webui.engine.sdxl import is_sdxl, sdxl_problem
@@ -703,7 +704,11 @@ class Engine:
             return None
         # The timesteps the pass will run, from a scheduler of its own kind (the pass's own is set by diffusers).
         scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options)
-        return first_refiner_call(pass_timesteps(scheduler, schedule, steps), request.refiner_switch_at)
+        timesteps = pass_timesteps(scheduler, schedule, steps)
+        if request.refiner_switch_by_sample_steps:
+            return first_refiner_call_by_count(len(timesteps), steps, scheduler.order,
+                                               request.is_img2img or hires_pass, request.refiner_switch_at)
+        return first_refiner_call(timesteps, request.refiner_switch_at)
 
     def _uncond_skips(self, request: GenerationRequest, steps: int, schedule: int, sampler: tuple[str, str],
                       images: int) -> SkipCalls | None:

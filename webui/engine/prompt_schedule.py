@@ -84,6 +84,8 @@ def prompt_phases(prompt: str, negative: str, steps: int, first_pass_steps: int 
         if phases and [phases[-1].prompt, phases[-1].negative] == texts:
             phases.pop()  # the same texts go on: one phase, ending at `end`
         phases.append(PromptPhase(end, *texts))
+    if old_timelines and steps > clock.steps:  # A1111 reads a step past its schedule's end with the first texts
+        phases.append(PromptPhase(steps, phases[0].prompt, phases[0].negative))
     return phases
 
 

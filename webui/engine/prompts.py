@@ -325,5 +325,6 @@ def _weigh(hidden: torch.Tensor, weights: torch.Tensor, keep_mean: bool = True) 
     if not keep_mean:
         return hidden
     new_mean = hidden.mean(dim=(1, 2), keepdim=True)
-    has_level = new_mean.abs() > MIN_MEAN_SHARE * hidden.abs().mean(dim=(1, 2), keepdim=True)
+    least = MIN_MEAN_SHARE * hidden.abs().mean(dim=(1, 2), keepdim=True)
+    has_level = (new_mean.abs() > least) & (old_mean.abs() > least)  # (an old mean of ~0 would zero the chunk)
     return torch.where(has_level, hidden * (old_mean / torch.where(has_level, new_mean, 1.0)), hidden)

@@ -1,8 +1,8 @@
 """A1111's refiner (1.6+): the rest of a run's denoising goes to a second checkpoint once the run has come far
 enough. The switch is decided by noise level as A1111 1.7 decides it by default: a model call at timestep t has
 completed (999 - t) / 1000 of the way, and the first call that has completed at least `switch_at` runs the
-refiner, as does every call after it (its own UNet, its conds encoded by its own text encoder). A1111's other
-option, "Refiner switch by sampling steps", is not offered.
+refiner, as does every call after it (its own UNet, its conds encoded by its own text encoder). A1111's Refiner
+switch by sampling steps (its first refiner's way) counts model calls instead (first_refiner_call_by_count).
 
 An SDXL refiner (OpenCLIP bigG alone, 1280 wide) refines an SDXL base model. Its UNet reads five size numbers, not the
 base's six: original height and width, crop top and left, and an aesthetic score, A1111's "high" one (6.0) for the
@@ -42,6 +42,15 @@ def first_refiner_call(timesteps: torch.Tensor | list[float], switch_at: float) 
     """The index of the first of a pass's model calls (at these timesteps) that the refiner makes; None when the
     pass never comes that far."""
     return next((call for call, timestep in enumerate(timesteps) if completed_ratio(timestep) >= switch_at), None)
+
+
+def first_refiner_call_by_count(calls: int, steps: int, calls_per_step: int, from_picture: bool,
+                                 switch_at: float) -> int | None:
+    """A1111's Refiner switch by sampling steps: the first of a pass's `calls` model calls whose count of calls
+    before it reaches `switch_at` of A1111's total, its steps (one more where the pass starts from a picture: img2img
+    and the hires fix, as its sampler counts them) times its model calls a step; None when none does."""
+    total = (steps + int(from_picture)) * calls_per_step
+    return next((call for call in range(calls) if call / total >= switch_at), None)
 
 
 def pass_timesteps(scheduler, schedule: int, steps: int) -> torch.Tensor:

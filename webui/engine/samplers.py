@@ -302,11 +302,11 @@ def _with_noise_schedule(base_config: dict[str, Any], shape: ScheduleShape) -> d
     if shape.noise_schedule == "Default" and not shape.downcast_alpha_bar:
         return base_config
     alpha_bars = model_alpha_bars(base_config)
-    if shape.downcast_alpha_bar:
-        alpha_bars = alpha_bars.astype(np.float16).astype(np.float64)
+    if shape.downcast_alpha_bar:  # A1111 then rescales in fp16 too
+        alpha_bars = alpha_bars.astype(np.float16)
     if shape.noise_schedule == "Zero Terminal SNR":
-        alpha_bars = zero_terminal_snr(alpha_bars)
-    return base_config | {"trained_betas": betas_of(alpha_bars), "rescale_betas_zero_snr": False}
+        return base_config | {"trained_betas": betas_of(zero_terminal_snr(alpha_bars)), "rescale_betas_zero_snr": False}
+    return base_config | {"trained_betas": betas_of(alpha_bars)}  # a model's own rescale, if any, still applies
 
 
 def model_alpha_bars(base_config: dict[str, Any]) -> np.ndarray:
@@ -330,9 +330,11 @@ def model_alpha_bars(base_config: dict[str, Any]) -> np.ndarray:
 
 def zero_terminal_snr(alpha_bars: np.ndarray) -> np.ndarray:
     """A1111's Zero Terminal SNR: the square roots of the alpha bars moved to end at 0 and stretched to start where
-    they did, the last alpha bar then ZERO_SNR_LAST_ALPHA_BAR."""
+    they did, the last alpha bar then ZERO_SNR_LAST_ALPHA_BAR; in the alpha bars' own precision and A1111's order of
+    operations (fp16 alpha bars end at 2^-24, its nearest, a sigma of 4096)."""
     root = np.sqrt(alpha_bars)
-    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
     rescaled = root ** 2
     rescaled[-1] = ZERO_SNR_LAST_ALPHA_BAR
     return rescaled
@@ -340,6 +342,7 @@ def zero_terminal_snr(alpha_bars: np.ndarray) -> np.ndarray:
 
 def betas_of(alpha_bars: np.ndarray) -> list[float]:
     """The betas whose running product of (1 - beta) gives these alpha bars."""
+    alpha_bars = alpha_bars.astype(np.float64)
     return (1 - alpha_bars / np.concatenate([[1.0], alpha_bars[:-1]])).tolist()
 
 

@@ -15,6 +15,8 @@ import re
 from dataclasses import astuple
 from typing import Any
 
+from packaging.version import InvalidVersion, Version
+
 from webui.controlnet import controlnet_fields
 from webui.engine.samplers import BETA_ALPHA, BETA_BETA, NOISE_SCHEDULES, UniPCOptions
 from webui.engine.soft_inpainting import DEFAULTS as SOFT_DEFAULTS, ENABLED_KEY as SOFT_INPAINTING_ENABLED
@@ -76,6 +78,7 @@ _REQUEST_FIELDS = {
     "Clip skip SDXL": ("sdxl_clip_l_skip", _flag),
     "Img2img exact steps": ("img2img_fix_steps", _flag),
     "Old prompt editing timelines": ("use_old_scheduling", _flag),
+    "Refiner switch by sampling steps": ("refiner_switch_by_sample_steps", _flag),
     "Batch size": ("batch_size", int),
     "Model": ("model", str),
     "X Type": ("x_type", str), "X Values": ("x_values", str),
@@ -133,7 +136,8 @@ UNIPC_DEFAULTS = dict(zip(UNIPC_INFOTEXT_KEYS, astuple(UniPCOptions())))
 SETTING_KEYS = {"emphasis": "Emphasis", "face_restoration_model": "Face restoration",
                 "inpainting_mask_weight": "Conditional mask weight", "sdxl_clip_l_skip": "Clip skip SDXL",
                 "img2img_fix_steps": "Img2img exact steps", "hires_fix_refiner_pass": "Hires refiner",
-                "use_old_scheduling": "Old prompt editing timelines"}
+                "use_old_scheduling": "Old prompt editing timelines",
+                "refiner_switch_by_sample_steps": "Refiner switch by sampling steps"}
 
 def quote(value: Any) -> str:
     # A float in full (7.1234567 reads back as itself), without ".0" for whole numbers ("CFG scale: 7").
@@ -176,7 +180,36 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
             in_negative = True
             line = line[len(NEGATIVE_PREFIX):].lstrip()
         (negative_lines if in_negative else prompt_lines).append(line)
-    return "\n".join(prompt_lines).strip(), "\n".join(negative_lines).strip(), params
+    prompt = "\n".join(prompt_lines).strip()
+    return prompt, "\n".join(negative_lines).strip(), params | _backcompat(prompt, params)
+
+
+def a1111_version(text: str) -> Version | None:
+    """The A1111 version an infotext's Version names ("v1.5.1", "v1.7.0-RC-58-gabc": 1.7.0rc0), read as A1111 reads
+    it; None for another program's (ours, Forge's "f2.0.1v1.10.1-...") or none."""
+    if not text or text.startswith(PROGRAM):
+        return None
+    match = re.match(r"([^-]+-[^-]+)-.*", text)
+    try:
+        return Version(match.group(1) if match else text)
+    except InvalidVersion:
+        return None
+
+
+def _backcompat(prompt: str, params: dict[str, str]) -> dict[str, str]:
+    """A1111's Automatic backward compatibility: the keys an older A1111 did not write because it behaved so
+    without any option (its infotext_versions.backcompat): old prompt editing timelines before 1.6.0 (for a
+    prompt with brackets), alpha bars downcast to fp16 before 1.7.0's dev build 225, and the refiner switched by
+    sampling steps before 1.8.0. Keys written win."""
+    version = a1111_version(params.get("Version", ""))
+    implied = {}
+    if version is not None and version < Version("1.6.0") and "[" in prompt:
+        implied["Old prompt editing timelines"] = "True"
+    if version is not None and version < Version("1.7.0-225"):
+        implied["Downcast alphas_cumprod"] = "True"
+    if version is not None and version < Version("1.8.0") and "Refiner" in params:
+        implied["Refiner switch by sampling steps"] = "True"
+    return {key: value for key, value in implied.items() if key not in params}
 
 
 def setting_pair(name: str, value: Any) -> str:
@@ -269,8 +302,6 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["randn_source"] = "CPU" if ours else "NV"
         if ours:  # we write these only when on: without them, a picture of ours was made with them off
             fields["sdxl_clip_l_skip"] = fields["img2img_fix_steps"] = False
-        # written wherever the old timelines changed a pass (by A1111 too): without it, they changed nothing
-        fields["use_old_scheduling"] = False
         fields["seed_resize_from_w"] = fields["seed_resize_from_h"] = 0
         fields["subseed_strength"] = 0.0  # likewise left out at 0: a pasted image without one had no variation
         fields["token_merging_ratio"] = fields["token_merging_ratio_hr"] = 0.0  # likewise: made without merging

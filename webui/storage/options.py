@@ -93,6 +93,8 @@ class SavedOptions(BaseModel):
                                           "a transparent part of the start picture is laid on, #rrggbb")
     overlay_inpaint: bool = Field(True, description="inpainting: the result laid into the original through the mask "
                                   "(off: the part drawn shows as the model drew it)")
+    refiner_switch_by_sample_steps: bool = Field(False, description="the refiner takes over after its share of the "
+                                                 "model calls, not at its noise level (A1111 before 1.8)")
     use_old_scheduling: bool = Field(False, description="prompt editing's [a:b:N] on A1111's old timelines: N below 1 "
                                      "a fraction of the steps, any other a step number")
     img2img_fix_steps: bool = Field(False, description="img2img runs exactly its steps, as the last of a schedule "

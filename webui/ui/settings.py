@@ -36,6 +36,8 @@ LABELS = {"samples_format": "File format for images", "grid_format": "File forma
           "randn_source": "Random number generator source",
           "img2img_fix_steps": "With img2img, do exactly the amount of steps the slider specifies",
           "use_old_scheduling": "Use old prompt editing timelines",
+          "refiner_switch_by_sample_steps": "Switch to refiner by sampling steps instead of model timesteps. Old "
+                                            "behavior for refiner.",
           "overlay_inpaint": "Overlay original for inpaint", "upscaler_for_img2img": "Upscaler for img2img",
           "img2img_background_color": "With img2img, fill transparent parts of the input image with this color",
           "hires_fix_refiner_pass": "Hires fix: which pass to enable refiner for",
@@ -219,6 +221,11 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False,
             list(HIRES_REFINER_PASSES), value=current.hires_fix_refiner_pass, label=LABELS["hires_fix_refiner_pass"],
             info="with the hires fix, the pass a refiner takes over in at its switch; after the first pass's switch "
                  "the second runs on the refiner whole", elem_id="settings_hires_fix_refiner_pass",
+            interactive=editable),
+        "refiner_switch_by_sample_steps": gr.Checkbox(
+            current.refiner_switch_by_sample_steps, label=LABELS["refiner_switch_by_sample_steps"],
+            info="the refiner takes over after Switch at's share of the pass's model calls (A1111 before 1.8), not "
+                 "where the noise has come down that far", elem_id="settings_refiner_switch_by_sample_steps",
             interactive=editable),
         "use_old_scheduling": gr.Checkbox(
             current.use_old_scheduling, label=LABELS["use_old_scheduling"],
