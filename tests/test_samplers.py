@@ -199,11 +199,10 @@ def test_karras_sigmas_are_a1111s():
         assert float(ours[-1]) == 0 and torch.allclose(ours[:steps], expected, rtol=1e-3), sampler
 
 
-def test_unipc_and_dpmpp_2s_a_use_a1111s_settings():
+def test_unipc_uses_a1111s_settings():
     unipc = make_scheduler(SD15_SCHEDULER, "UniPC").config
     assert (unipc.solver_type, unipc.solver_order) == ("bh1", 3)  # A1111: uni_pc_variant bh1, uni_pc_order 3
     assert unipc.final_sigmas_type == "sigma_min"  # A1111's UniPC stops at t = 1/1000
-    assert make_scheduler(SD15_SCHEDULER, "DPM++ 2S a").config.lower_order_final is True
 
 
 def test_beta_sigmas_are_a1111s():
@@ -312,7 +311,7 @@ def test_the_table_schedules_are_a1111s(schedule, a1111, steps):
 @pytest.mark.parametrize("steps", [20, 7])
 def test_kl_optimal_is_a1111s_and_ends_at_the_smallest_sigma(steps):
     expected = a1111_kl_optimal(steps, sd15_sigmas())
-    for sampler in ("Euler", "DPM++ 2M", "UniPC", "DPM++ 2S a"):  # the schedulers that can end at a sigma
+    for sampler in ("Euler", "DPM++ 2M", "UniPC"):  # the schedulers that can end at a sigma
         scheduler = make_scheduler(SD15_SCHEDULER, sampler, "KL Optimal")
         scheduler.set_timesteps(steps)
         assert torch.allclose(scheduler.sigmas.double(), expected, rtol=1e-3), (sampler, scheduler.sigmas)
@@ -430,3 +429,53 @@ def test_dpmpp_2m_sde_heun_steps_as_a1111s_solver_type_heun(sampler, heun):
     torch.testing.assert_close(sample, expected, rtol=1e-4, atol=1e-5)
     other = kdiffusion_2m_sde(scheduler.sigmas.double(), start, eps, not heun)
     assert not torch.allclose(sample, other, rtol=1e-4, atol=1e-5)
+
+
+def kdiffusion_2s_ancestral(sigmas: torch.Tensor, x: torch.Tensor, eps, noise) -> torch.Tensor:
+    """k-diffusion's sample_dpmpp_2s_ancestral (eta 1) on a model whose noise estimate at (x, sigma) is
+    eps(x, sigma), with the given noise draws."""
+    draws = iter(noise)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = x - sigma * eps(x, sigma)
+        sigma_up = (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5
+        sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
+        if sigma_down == 0:
+            x = denoised  # the Euler step to 0
+        else:
+            t, t_next = -sigma.log(), -sigma_down.log()
+            h = t_next - t
+            s = t + h / 2
+            x_2 = (s.neg().exp() / t.neg().exp()) * x - (-h / 2).expm1() * denoised
+            denoised_2 = x_2 - s.neg().exp() * eps(x_2, s.neg().exp())
+            x = (t_next.neg().exp() / t.neg().exp()) * x - (-h).expm1() * denoised_2
+        if sigma_next > 0:
+            x = x + next(draws) * sigma_up
+    return x
+
+
+def test_dpmpp_2s_a_steps_as_k_diffusions_ancestral_sampler():
+    scheduler = make_scheduler(SD15_SCHEDULER, "DPM++ 2S a", "Karras")
+    steps = 4
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(5)
+    start = torch.randn(1, 4, 2, 2, generator=generator, dtype=torch.float64) * scheduler.sigmas[0]
+    weights = torch.randn(1, 4, 2, 2, generator=generator, dtype=torch.float64)
+
+    def eps(x, sigma):  # a model whose estimate depends on its input and noise level
+        return torch.tanh(x / (1 + sigma ** 2) ** 0.5 + weights)
+
+    sample, calls = start.clone(), 0
+    noise_generator = torch.Generator().manual_seed(9)
+    for timestep in scheduler.timesteps:
+        sigma = scheduler.sigmas[scheduler.step_index or 0] if scheduler.state_in_first_order else \
+            scheduler.sigmas_interpol[scheduler.step_index - 1]
+        output = eps(sample, sigma.double())
+        sample = scheduler.step(output, timestep, sample, generator=noise_generator).prev_sample
+        calls += 1
+    assert calls == 2 * steps - 1  # two a step, one for the last (to 0)
+    draws_generator = torch.Generator().manual_seed(9)
+    noise = [torch.randn(1, 4, 2, 2, generator=draws_generator, dtype=torch.float64) for _ in range(steps - 1)]
+    sigmas = torch.tensor([float(s) for s in a1111_karras(steps, sd15_sigmas())] + [0.0], dtype=torch.float64)
+    expected = kdiffusion_2s_ancestral(sigmas, start, eps, noise)
+    torch.testing.assert_close(sample, expected, rtol=1e-4, atol=1e-4)

@@ -128,6 +128,16 @@ def test_ensd_changes_only_the_noise_drawn_as_the_sampler_steps(engine):
     assert np.array_equal(pixels(engine, eta_ancestral=0.0, eta_noise_seed_delta=5), pixels(engine, eta_ancestral=0.0))
 
 
+def test_dpmpp_2s_a_draws_fresh_noise_each_step_from_the_seed_or_seed_plus_delta(engine):
+    """A1111's DPM++ 2S a is ancestral (uses_ensd): its step noise follows ENSD and the NV source as DPM2 a's."""
+    plain = pixels(engine, sampler_name="DPM++ 2S a")
+    assert np.array_equal(pixels(engine, sampler_name="DPM++ 2S a"), plain)
+    assert not np.array_equal(pixels(engine, sampler_name="DPM++ 2S a", eta_noise_seed_delta=31337), plain)
+    nv = pixels(engine, sampler_name="DPM++ 2S a", randn_source="NV")
+    assert np.array_equal(pixels(engine, sampler_name="DPM++ 2S a", randn_source="NV"), nv)
+    assert not np.array_equal(nv, plain)
+
+
 def test_ensd_is_the_ancestral_noise_of_seed_plus_delta(engine, monkeypatch):
     """With ENSD, the start noise is the seed's and the steps' noise that of seed + delta: drawn from a generator of
     that seed, it is what a run of seed + delta would draw after its start noise."""

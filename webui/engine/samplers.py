@@ -70,12 +70,10 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("DPM++ 3M SDE", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, aliases=("k_dpmpp_3m_sde",),
             automatic="Exponential", k_diffusion=True, discards_penultimate=True),
-    # diffusers has no ancestral single-step DPM++; its deterministic single-step solver is the
-    # closest match, as diffusers' own scheduler table notes. It needs a low-order last step (and
-    # warns when it has to switch one on itself).
-    Sampler("DPM++ 2S a", "DPMSolverSinglestepScheduler", {"solver_order": 2, "lower_order_final": True},
-            aliases=("k_dpmpp_2s_a",), schedules=tuple(s for s in ALL_SCHEDULES if s != "SGM Uniform"),
-            automatic="Karras"),
+    # diffusers has no ancestral single-step DPM++: k-diffusion's, on DPM2 a's noise levels
+    # (webui/engine/dpmpp_2s_ancestral.py)
+    Sampler("DPM++ 2S a", "DPMPP2SAncestralScheduler", aliases=("k_dpmpp_2s_a", "k_dpmpp_2s_ancestral"),
+            automatic="Karras", k_diffusion=True),
     # DDIMScheduler clips its x0 estimate to [-1, 1] unless the model's config says otherwise; that is
     # meant for pixel-space models and ruins latents (A1111's DDIM never clips).
     Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}, aliases=("ddim",), schedules=NO_CUSTOM_SIGMAS),
@@ -265,11 +263,9 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
                    shape: ScheduleShape = ScheduleShape(), unipc: UniPCOptions = UniPCOptions()):
     """Build a fresh diffusers scheduler for one run from the model's scheduler config (an SDXL model's: `sdxl`,
     which Align Your Steps' noise levels depend on; `shape`: A1111's schedule options; `unipc`: UniPC's)."""
-    import diffusers
-
     sampler_name, schedule = resolve_sampler(sampler_name, schedule)
     sampler = get_sampler(sampler_name)
-    scheduler_class = getattr(diffusers, sampler.scheduler_class)
+    scheduler_class = _scheduler_class(sampler.scheduler_class)
     options = dict(sampler.options)
     if sampler.name == "UniPC":
         options |= unipc.config()
@@ -293,6 +289,20 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
     if not sigmas_for:
         return scheduler
     return _with_custom_sigmas(scheduler, sigmas_for, shape.smallest_sigma if schedule in ENDS_SCHEDULES else 0.0)
+
+
+# The schedulers of ours, by module: diffusers lacks them
+OWN_SCHEDULERS = {"DPMPP2SAncestralScheduler": "webui.engine.dpmpp_2s_ancestral"}
+
+
+def _scheduler_class(name: str):
+    """A scheduler class by name: one of ours, else diffusers'."""
+    import importlib
+
+    import diffusers
+
+    module = importlib.import_module(OWN_SCHEDULERS[name]) if name in OWN_SCHEDULERS else diffusers
+    return getattr(module, name)
 
 
 def _with_noise_schedule(base_config: dict[str, Any], shape: ScheduleShape) -> dict[str, Any]:

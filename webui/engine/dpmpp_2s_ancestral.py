@@ -1,0 +1,47 @@
+"""DPM++ 2S a as A1111 runs it (k-diffusion's sample_dpmpp_2s_ancestral), which diffusers lacks.
+
+Each step calls the model twice and adds fresh noise, as DPM2 a does, and on the same noise levels: the ancestral
+step's target sigma_down, and between it and the step's sigma their geometric mean, where the second call is made
+(k-diffusion's s = t + h/2 in log sigma). The first half-step is an Euler step to that midpoint in both samplers;
+they differ in the second: DPM-Solver++(2S) steps from the step's start with the midpoint's denoised estimate,
+
+    x_next = x + (x - denoised_mid) / sigma * (sigma_down - sigma) + noise * sigma_up,
+
+where DPM2 a takes the derivative at the midpoint instead. So this is diffusers' DPM2 a with its second half-step
+replaced; the last step (to sigma 0) is a single Euler call in both.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import KDPM2AncestralDiscreteScheduler
+from diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete import KDPM2AncestralDiscreteSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor  # by name: philox.drawing_from_philox replaces it here
+
+
+class DPMPP2SAncestralScheduler(KDPM2AncestralDiscreteScheduler):
+    def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
+             generator: torch.Generator | None = None, return_dict: bool = True):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self.state_in_first_order:  # the Euler half-step to the midpoint
+            return super().step(model_output, timestep, sample, generator, return_dict)
+        index = self.step_index - 1
+        sigma, sigma_mid = self.sigmas[index], self.sigmas_interpol[index]
+        denoised_mid = self._denoised(model_output, sample, sigma_mid)
+        start, self.sample = self.sample, None
+        prev_sample = start + (start - denoised_mid) / sigma * (self.sigmas_down[index] - sigma)
+        noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                             generator=generator)
+        prev_sample = prev_sample + noise * self.sigmas_up[index]
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, denoised_mid
+        return KDPM2AncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised_mid)
+
+    def _denoised(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The model's estimate of the picture from its output at `sigma` (epsilon or v-prediction)."""
+        if self.config.prediction_type == "epsilon":
+            return sample - sigma * model_output
+        if self.config.prediction_type == "v_prediction":
+            return model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
+        raise ValueError(f"DPM++ 2S a runs epsilon and v-prediction models, not {self.config.prediction_type!r}")
