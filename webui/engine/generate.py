@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from webui.config import Settings
+from webui.engine.brownian import MULTISTEP_SDE_SAMPLERS, brownian_draws_from, with_brownian_noise
 from webui.engine.controlnet import ControlNetLibrary, ControlPass, ControlUnit, controlled
 from webui.engine.composable import composed_guidance, composition_error, is_composed, part_texts, split_parts
 from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
@@ -988,6 +989,8 @@ class Engine:
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE draws its Brownian noise from its own seeds (else from torch's global RNG).
             pipe.scheduler.noise_sampler_seed = list(run.seeds)  # the seeds, not ENSD's (as A1111)
+        if get_sampler(sampler[0]).name in MULTISTEP_SDE_SAMPLERS:
+            with_brownian_noise(pipe.scheduler, list(run.seeds))  # likewise
         done_before = run.done
         phase = 0  # the prompt phase the next model call reads
         refiner_call = self._refiner_call(request, steps, schedule, sampler, hires_pass)
@@ -1051,7 +1054,7 @@ class Engine:
         # As A1111, a ControlNet's own attention reads through the hypernetworks too.
         bent = bent_attention([pipe.unet, *([run.control.network] if run.control else [])], run.hypernetworks)
         with (eager, scoring, composed_guidance(pipe.unet, weights), controlled(pipe.unet, control),
-              model_input(pipe.unet, extra),
+              model_input(pipe.unet, extra), brownian_draws_from(run.rng),
               skipping_uncond(pipe.unet, skips), bent, merged_tokens(pipe.unet, merging),
               stoppable_inside_calls(pipe.unet, run.between_encodes), hooks):
             if refiner_call == 0:  # the pass starts past the switch (img2img, the hires fix)

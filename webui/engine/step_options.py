@@ -42,8 +42,7 @@ _A1111_ALSO = {"DPM2 a": ("eta_ancestral",), "DPM++ 2S a": ("eta_ancestral",), "
 _DRAWS_NOISE = {"Euler a": lambda options: options.eta_ancestral > 0, "DDIM": lambda options: options.eta_ddim > 0,
                 "Euler": lambda options: options.s_churn > 0, "DPM2 a": lambda options: True,
                 "DPM++ 2S a": lambda options: True,
-                "DPM++ 2M SDE": lambda options: True, "DPM++ 2M SDE Heun": lambda options: True,
-                "DPM++ 3M SDE": lambda options: True,
+                # (the SDE samplers' noise comes from Brownian trees of the seeds: webui/engine/brownian.py)
                 "LCM": lambda options: True}
 
 

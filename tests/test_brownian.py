@@ -1,0 +1,96 @@
+"""A1111's Brownian-tree noise for the SDE samplers: the steps against k-diffusion's formulas with its noise sampler,
+the torchsde draws from the run's random source, and through the engine: batch-independent, ENSD-independent."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+from tests.test_samplers import SD15_SCHEDULER
+from webui.engine.brownian import brownian_draws_from, with_brownian_noise
+from webui.engine.philox import PhiloxGenerator
+from webui.engine.samplers import make_scheduler
+from webui.schemas import GenerationRequest
+
+SEEDS = [3, 7]
+
+
+def kdiffusion_2m_sde(sigmas, x, eps, noise_sampler, heun=False):
+    """k-diffusion's sample_dpmpp_2m_sde (eta 1, s_noise 1) with A1111's noise sampler."""
+    old_denoised = h_last = None
+    for i in range(len(sigmas) - 1):
+        denoised = x - sigmas[i] * eps(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            return denoised
+        h = sigmas[i].log() - sigmas[i + 1].log()
+        x = sigmas[i + 1] / sigmas[i] * (-h).exp() * x + (-2 * h).expm1().neg() * denoised
+        if old_denoised is not None:
+            r = h_last / h
+            factor = ((-2 * h).expm1().neg() / (-2 * h) + 1) if heun else 0.5 * (-2 * h).expm1().neg()
+            x = x + factor * (1 / r) * (denoised - old_denoised)
+        x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h).expm1().neg().sqrt()
+        old_denoised, h_last = denoised, h
+    return x
+
+
+@pytest.mark.parametrize("sampler, heun", [("DPM++ 2M SDE", False), ("DPM++ 2M SDE Heun", True)])
+def test_the_multistep_sde_samplers_step_with_a1111s_brownian_noise(sampler, heun):
+    scheduler = make_scheduler(SD15_SCHEDULER, sampler, "Karras")
+    scheduler.set_timesteps(5)
+    with_brownian_noise(scheduler, SEEDS)
+    generator = torch.Generator().manual_seed(1)
+    start = torch.randn(2, 4, 3, 3, generator=generator) * scheduler.sigmas[0]
+    weights = torch.randn(2, 4, 3, 3, generator=generator)
+
+    def eps(x, sigma):  # a model whose estimate depends on its input and noise level
+        return torch.tanh(x / (1 + sigma ** 2) ** 0.5 + weights)
+
+    sample = start / (1 + scheduler.sigmas[0] ** 2) ** 0.5  # diffusers' scaled latent
+    for timestep in scheduler.timesteps:
+        sigma = scheduler.sigmas[scheduler.step_index or 0]
+        sample = scheduler.step(eps(sample * (1 + sigma ** 2) ** 0.5, sigma), timestep, sample).prev_sample
+    sigmas = scheduler.sigmas
+    trees = BrownianTreeNoiseSampler(start, sigmas[sigmas > 0].min(), sigmas.max(), seed=SEEDS)
+    torch.testing.assert_close(sample, kdiffusion_2m_sde(sigmas, start, eps, trees, heun), rtol=1e-4, atol=1e-4)
+    plain = make_scheduler(SD15_SCHEDULER, sampler, "Karras")  # diffusers' own normal draws: another picture
+    plain.set_timesteps(5)
+    other = start / (1 + plain.sigmas[0] ** 2) ** 0.5
+    for timestep in plain.timesteps:
+        sigma = plain.sigmas[plain.step_index or 0]
+        other = plain.step(eps(other * (1 + sigma ** 2) ** 0.5, sigma), timestep, other,
+                           generator=torch.Generator().manual_seed(3)).prev_sample
+    assert not torch.allclose(other, sample, atol=1e-3)
+
+
+@pytest.mark.parametrize("source", ["CPU", "NV"])
+def test_torchsde_draws_from_the_runs_source_in_float32_as_a1111(source):
+    from torchsde._brownian import brownian_interval
+
+    before = brownian_interval._randn
+    with brownian_draws_from(source):
+        drawn = brownian_interval._randn((2, 3), torch.float16, "cpu", 42)
+    assert brownian_interval._randn is before  # put back
+    expected = PhiloxGenerator(42).randn((2, 3)) if source == "NV" else \
+        torch.randn((2, 3), generator=torch.Generator().manual_seed(42))
+    assert drawn.dtype == torch.float16 and torch.equal(drawn, expected.half())
+
+
+def run(engine, seeds, sampler="DPM++ 2M SDE", **fields):
+    request = GenerationRequest(prompt="a red apple", steps=4, sampler_name=sampler, **fields)
+    return [np.asarray(result.image, np.int16) for result in engine.generate(request, seeds)]
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M SDE", "DPM++ 3M SDE"])
+def test_a_pictures_noise_is_its_seeds_whatever_its_batch(engine, sampler):
+    batch = run(engine, [21, 22], sampler)
+    single = run(engine, [22], sampler)[0]
+    assert np.abs(batch[1] - single).max() <= 1  # batched convolutions may round a last bit otherwise
+    assert np.abs(batch[0] - single).mean() > 1
+
+
+def test_eta_noise_seed_delta_leaves_them_alone_and_the_nv_source_changes_them(engine):
+    plain = run(engine, [5])[0]
+    assert np.array_equal(run(engine, [5], eta_noise_seed_delta=31337)[0], plain)  # A1111: no uses_ensd
+    nv = run(engine, [5], randn_source="NV")[0]
+    assert not np.array_equal(nv, plain) and np.array_equal(run(engine, [5], randn_source="NV")[0], nv)
