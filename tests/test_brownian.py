@@ -63,6 +63,29 @@ def test_the_multistep_sde_samplers_step_with_a1111s_brownian_noise(sampler, heu
     assert not torch.allclose(other, sample, atol=1e-3)
 
 
+def test_img2img_runs_the_tail_of_a_tree_spanning_the_whole_schedule():
+    """A1111's sample_img2img makes its noise sampler from the whole schedule's sigmas, not the part it runs."""
+    scheduler = make_scheduler(SD15_SCHEDULER, "DPM++ 2M SDE", "Karras")
+    scheduler.set_timesteps(8)
+    scheduler.set_begin_index(4)
+    with_brownian_noise(scheduler, SEEDS)
+    generator = torch.Generator().manual_seed(2)
+    sigmas = scheduler.sigmas
+    start = torch.randn(2, 4, 3, 3, generator=generator) * sigmas[4]
+
+    def eps(x, sigma):
+        return torch.tanh(x / (1 + sigma ** 2) ** 0.5)
+
+    sample = start / (1 + sigmas[4] ** 2) ** 0.5
+    for timestep in scheduler.timesteps[4:]:
+        sigma = sigmas[scheduler.step_index if scheduler.step_index is not None else 4]
+        sample = scheduler.step(eps(sample * (1 + sigma ** 2) ** 0.5, sigma), timestep, sample).prev_sample
+    whole = BrownianTreeNoiseSampler(start, sigmas[sigmas > 0].min(), sigmas.max(), seed=SEEDS)
+    torch.testing.assert_close(sample, kdiffusion_2m_sde(sigmas[4:], start, eps, whole), rtol=1e-4, atol=1e-4)
+    tail = BrownianTreeNoiseSampler(start, sigmas[sigmas > 0].min(), sigmas[4], seed=SEEDS)
+    assert not torch.allclose(sample, kdiffusion_2m_sde(sigmas[4:], start, eps, tail), atol=1e-3)
+
+
 @pytest.mark.parametrize("source", ["CPU", "NV"])
 def test_torchsde_draws_from_the_runs_source_in_float32_as_a1111(source):
     from torchsde._brownian import brownian_interval

@@ -83,9 +83,9 @@ def test_the_switch_by_sampling_steps_counts_model_calls_as_a1111_before_1_8(ser
     assert [name for name, _ in unet_calls] != expected and "sampling steps" not in by_noise.images[0].infotext
 
 
-def test_the_switch_by_sampling_steps_counts_one_step_more_from_a_picture(services, unet_calls):
-    """A1111's img2img sampler launches t_enc + 1 steps: of 3 calls, the last has 2 before it, 2 of 4 short of 0.6
-    (2 of 3 would not be)."""
+def test_the_switch_by_sampling_steps_counts_the_steps_img2img_runs(services, unet_calls):
+    """A1111's img2img sampler launches t_enc + 1 steps, the steps it runs: 3 here, so the last call has 2 of 3
+    before it, past 0.6."""
     from tests.helpers import noise_picture
 
     services.options.update({"refiner_switch_by_sample_steps": True})  # the Settings tab's
@@ -95,16 +95,16 @@ def test_the_switch_by_sampling_steps_counts_one_step_more_from_a_picture(servic
         assert job.wait(120) and job.state is JobState.DONE, job.error
     finally:
         services.options.update({"refiner_switch_by_sample_steps": False})
-    assert [name for name, _ in unet_calls] == [TINY, TINY, TINY] and job.request.refiner_switch_by_sample_steps
+    assert [name for name, _ in unet_calls] == [TINY, TINY, REFINER] and job.request.refiner_switch_by_sample_steps
 
 
 def test_first_refiner_call_by_count_as_a1111s_step_over_total():
     from webui.engine.refiner import first_refiner_call_by_count
 
-    assert first_refiner_call_by_count(20, 20, 1, False, 0.8) == 16  # 16 of 20
-    assert first_refiner_call_by_count(15, 15, 1, True, 0.8) == 13  # 13 of 16
-    assert first_refiner_call_by_count(39, 20, 2, False, 0.8) == 32  # Heun: 32 of 40
-    assert first_refiner_call_by_count(4, 4, 1, False, 1.0) is None
+    assert first_refiner_call_by_count(20, 20, 1, 0.8) == 16  # 16 of 20
+    assert first_refiner_call_by_count(15, 15, 1, 0.8) == 12  # 12 of 15
+    assert first_refiner_call_by_count(39, 20, 2, 0.8) == 32  # Heun: 32 of 40
+    assert first_refiner_call_by_count(4, 4, 1, 1.0) is None
 
 
 def test_a_switch_never_reached_gives_the_main_models_picture(services, unet_calls):

@@ -42,8 +42,9 @@ def brownian_draws_from(source: str) -> Iterator[None]:
 
 def with_brownian_noise(scheduler, seeds: list[int]) -> None:
     """Make a DPM-Solver multistep SDE scheduler step with Brownian-tree noise, one tree per picture of these seeds,
-    spanning the noise levels the run steps through (from where it starts: img2img and the hires pass run the tail),
-    as k-diffusion's sample_dpmpp_2m_sde and 3m_sde draw it; the step to sigma 0 adds none."""
+    spanning the whole schedule's noise levels (img2img and the hires pass run its tail; A1111's tree spans it all
+    too), in float32 as A1111's latents are, as k-diffusion's sample_dpmpp_2m_sde and 3m_sde draw it; the step to
+    sigma 0 adds none."""
     from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 
     step = scheduler.step
@@ -56,8 +57,7 @@ def with_brownian_noise(scheduler, seeds: list[int]) -> None:
         sigmas = scheduler.sigmas
         sigma, sigma_next = sigmas[scheduler.step_index], sigmas[scheduler.step_index + 1]
         if trees is None:
-            levels = sigmas[scheduler.step_index:]
-            trees = BrownianTreeNoiseSampler(sample, levels[levels > 0].min(), levels.max(), seed=list(seeds))
+            trees = BrownianTreeNoiseSampler(sample.float(), sigmas[sigmas > 0].min(), sigmas.max(), seed=list(seeds))
         noise = trees(sigma, sigma_next).to(sample) if sigma_next > 0 else torch.zeros_like(sample)
         return step(model_output, timestep, sample, generator=generator, variance_noise=noise,
                     return_dict=return_dict)

@@ -707,8 +707,7 @@ class Engine:
         scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options)
         timesteps = pass_timesteps(scheduler, schedule, steps)
         if request.refiner_switch_by_sample_steps:
-            return first_refiner_call_by_count(len(timesteps), steps, scheduler.order,
-                                               request.is_img2img or hires_pass, request.refiner_switch_at)
+            return first_refiner_call_by_count(len(timesteps), steps, scheduler.order, request.refiner_switch_at)
         return first_refiner_call(timesteps, request.refiner_switch_at)
 
     def _uncond_skips(self, request: GenerationRequest, steps: int, schedule: int, sampler: tuple[str, str],

@@ -44,12 +44,11 @@ def first_refiner_call(timesteps: torch.Tensor | list[float], switch_at: float) 
     return next((call for call, timestep in enumerate(timesteps) if completed_ratio(timestep) >= switch_at), None)
 
 
-def first_refiner_call_by_count(calls: int, steps: int, calls_per_step: int, from_picture: bool,
-                                 switch_at: float) -> int | None:
+def first_refiner_call_by_count(calls: int, steps: int, calls_per_step: int, switch_at: float) -> int | None:
     """A1111's Refiner switch by sampling steps: the first of a pass's `calls` model calls whose count of calls
-    before it reaches `switch_at` of A1111's total, its steps (one more where the pass starts from a picture: img2img
-    and the hires fix, as its sampler counts them) times its model calls a step; None when none does."""
-    total = (steps + int(from_picture)) * calls_per_step
+    before it reaches `switch_at` of A1111's total, the steps the pass runs (img2img's and the hires pass's are
+    A1111's t_enc + 1) times its model calls a step; None when none does."""
+    total = steps * calls_per_step
     return next((call for call in range(calls) if call / total >= switch_at), None)
 
 
