@@ -117,3 +117,48 @@ def test_eta_noise_seed_delta_leaves_them_alone_and_the_nv_source_changes_them(e
     assert np.array_equal(run(engine, [5], eta_noise_seed_delta=31337)[0], plain)  # A1111: no uses_ensd
     nv = run(engine, [5], randn_source="NV")[0]
     assert not np.array_equal(nv, plain) and np.array_equal(run(engine, [5], randn_source="NV")[0], nv)
+
+
+def kdiffusion_3m_sde(sigmas, x, eps, noise_sampler):
+    """k-diffusion's sample_dpmpp_3m_sde (eta 1, s_noise 1) with A1111's noise sampler."""
+    denoised_1 = denoised_2 = h_1 = h_2 = None
+    for i in range(len(sigmas) - 1):
+        denoised = x - sigmas[i] * eps(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            return denoised
+        h = sigmas[i].log() - sigmas[i + 1].log()
+        x = torch.exp(-2 * h) * x + (-2 * h).expm1().neg() * denoised
+        phi_2 = (-2 * h).expm1() / (2 * h) + 1
+        if h_2 is not None:
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0, d1_1 = (denoised - denoised_1) / r0, (denoised_1 - denoised_2) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            x = x + phi_2 * d1 - (phi_2 / (2 * h) - 0.5) * d2
+        elif h_1 is not None:
+            x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
+        x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h).expm1().neg().sqrt()
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+def test_dpmpp_3m_sde_steps_as_k_diffusions(steps):
+    scheduler = make_scheduler(SD15_SCHEDULER, "DPM++ 3M SDE", "Karras")
+    scheduler.set_timesteps(steps)
+    with_brownian_noise(scheduler, SEEDS)
+    generator = torch.Generator().manual_seed(4)
+    sigmas = scheduler.sigmas
+    start = torch.randn(2, 4, 3, 3, generator=generator) * sigmas[0]
+    weights = torch.randn(2, 4, 3, 3, generator=generator)
+
+    def eps(x, sigma):
+        return torch.tanh(x / (1 + sigma ** 2) ** 0.5 + weights)
+
+    sample = start / (1 + sigmas[0] ** 2) ** 0.5
+    for timestep in scheduler.timesteps:
+        sigma = sigmas[scheduler.step_index or 0]
+        sample = scheduler.step(eps(sample * (1 + sigma ** 2) ** 0.5, sigma), timestep, sample).prev_sample
+    trees = BrownianTreeNoiseSampler(start, sigmas[sigmas > 0].min(), sigmas.max(), seed=SEEDS)
+    torch.testing.assert_close(sample, kdiffusion_3m_sde(sigmas, start, eps, trees), rtol=1e-4, atol=1e-4)

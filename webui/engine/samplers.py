@@ -65,11 +65,11 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
             aliases=("k_dpmpp_2m_sde_heun",), automatic="Exponential", k_diffusion=True),
-    # diffusers' third-order SDE solver; A1111's draws Brownian-tree noise and drops the next-to-last sigma, so
-    # their pictures differ (as DPM++ 2M SDE's do).
-    Sampler("DPM++ 3M SDE", "DPMSolverMultistepScheduler",
-            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, aliases=("k_dpmpp_3m_sde",),
-            automatic="Exponential", k_diffusion=True, discards_penultimate=True),
+    # k-diffusion's third-order SDE solver (webui/engine/dpmpp_3m_sde.py): its phi_2 warm-up step (diffusers' heun)
+    # and no lower-order last steps; it drops the next-to-last sigma, as A1111's table says
+    Sampler("DPM++ 3M SDE", "DPMPP3MSDEScheduler",
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun", "lower_order_final": False},
+            aliases=("k_dpmpp_3m_sde",), automatic="Exponential", k_diffusion=True, discards_penultimate=True),
     # diffusers has no ancestral single-step DPM++: k-diffusion's, on DPM2 a's noise levels
     # (webui/engine/dpmpp_2s_ancestral.py)
     Sampler("DPM++ 2S a", "DPMPP2SAncestralScheduler", aliases=("k_dpmpp_2s_a", "k_dpmpp_2s_ancestral"),
@@ -292,7 +292,8 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
 
 
 # The schedulers of ours, by module: diffusers lacks them
-OWN_SCHEDULERS = {"DPMPP2SAncestralScheduler": "webui.engine.dpmpp_2s_ancestral"}
+OWN_SCHEDULERS = {"DPMPP2SAncestralScheduler": "webui.engine.dpmpp_2s_ancestral",
+                  "DPMPP3MSDEScheduler": "webui.engine.dpmpp_3m_sde"}
 
 
 def _scheduler_class(name: str):
