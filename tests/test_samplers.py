@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, make_scheduler, resolve_sampler, sampler_names
+from webui.engine.samplers import (SAMPLERS, SCHEDULE_TYPES, ScheduleShape, make_scheduler, resolve_sampler,
+                                  sampler_names)
 from tests.tiny_sd import tiny_components
 
 EXPECTED = ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE",
@@ -12,9 +13,9 @@ EXPECTED = ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DP
 
 def test_every_known_sampler_name_is_offered():
     assert sampler_names() == EXPECTED
-    # stable-diffusion-webui 1.10's schedule types, in its order, less Polyexponential (read as Exponential)
-    assert list(SCHEDULE_TYPES) == ["Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform", "KL Optimal",
-                                    "Align Your Steps", "Simple", "Normal", "DDIM", "Beta"]
+    # stable-diffusion-webui 1.10's schedule types, in its order
+    assert list(SCHEDULE_TYPES) == ["Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",
+                                    "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta"]
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -112,7 +113,8 @@ def test_every_schedule_a_sampler_accepts_changes_its_schedule(sampler):
 
 # A1111's Normal is its Uniform (k-diffusion's get_sigmas), and so is its Automatic for a sampler with no schedule of
 # its own (diffusers' own spacing interpolates the sigmas linearly, k-diffusion log-linearly: nearly the same).
-SAME_IN_A1111 = [{"Uniform", "Normal"}, {"Automatic", "Uniform"}, {"Automatic", "Normal"}]
+SAME_IN_A1111 = [{"Uniform", "Normal"}, {"Automatic", "Uniform"}, {"Automatic", "Normal"},
+                 {"Exponential", "Polyexponential"}]  # at its default rho of 1
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.name)
@@ -251,18 +253,22 @@ def test_align_your_steps_uses_the_published_levels_interpolated_log_linearly(sd
         assert float(ours[-1]) == 0 and torch.allclose(ours[:-1], expected, rtol=1e-3), (sampler, ours)
 
 
-def test_polyexponential_is_k_diffusions_at_a1111s_rho_of_1():
-    """get_sigmas_polyexponential(n, sigma_min, sigma_max, rho=1): exp(ramp ** rho * (log max - log min) + log min)
-    with ramp from 1 to 0, then a final 0."""
+@pytest.mark.parametrize("rho", [0.0, 2.5])
+def test_polyexponential_is_k_diffusions_at_its_rho(rho):
+    """get_sigmas_polyexponential(n, sigma_min, sigma_max, rho): exp(ramp ** rho * (log max - log min) + log min)
+    with ramp from 1 to 0, then a final 0; A1111's Schedule rho, 0 for its default of 1."""
     sigmas = sd15_sigmas()
     low, high, steps = float(sigmas[0]), float(sigmas[-1]), 15
-    ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** 1.0
+    ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** (rho or 1.0)
     expected = (ramp * (torch.tensor(high).log() - torch.tensor(low).log()) + torch.tensor(low).log()).exp()
-    assert resolve_sampler("Euler", "Polyexponential") == ("Euler", "Exponential")  # A1111's name for it at rho 1
-    scheduler = make_scheduler(SD15_SCHEDULER, "Euler", "Polyexponential")
+    assert resolve_sampler("Euler", "polyexponential") == ("Euler", "Polyexponential")
+    scheduler = make_scheduler(SD15_SCHEDULER, "Euler", "Polyexponential", shape=ScheduleShape(rho=rho))
     scheduler.set_timesteps(steps)
     ours = scheduler.sigmas.double()
     assert float(ours[-1]) == 0 and torch.allclose(ours[:-1], expected, rtol=1e-3)
+    exponential = make_scheduler(SD15_SCHEDULER, "Euler", "Exponential", shape=ScheduleShape(rho=rho))
+    exponential.set_timesteps(steps)
+    assert torch.allclose(exponential.sigmas, scheduler.sigmas, rtol=1e-4) == (not rho)  # the same at rho 1 alone
 
 
 def log_linear_sigma(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,12 @@ def test_the_infotext_has_the_options_a_pass_read_and_a_paste_puts_them_back(ser
     exponential = finished_job(services, QUICK | {"scheduler": "Exponential", "sigma_min": 0.25, "rho": 5})
     assert "Schedule min sigma: 0.25," in exponential.images[0].infotext
     assert "Schedule rho" not in exponential.images[0].infotext  # Exponential has no rho
+    poly = finished_job(services, QUICK | {"scheduler": "Polyexponential", "rho": 2.5}).images[0]
+    assert "Schedule type: Polyexponential," in poly.infotext and "Schedule rho: 2.5," in poly.infotext
+    assert request_fields_from_infotext(poly.infotext)["scheduler"] == "Polyexponential"
+    at_one = finished_job(services, QUICK | {"scheduler": "Polyexponential", "rho": 1}).images[0]
+    assert "Schedule rho" not in at_one.infotext  # its own 1
+    assert poly.image.tobytes() != at_one.image.tobytes()
     uniform = finished_job(services, QUICK | {"scheduler": "Uniform", "sigma_min": 0.25}).images[0].infotext
     assert "Schedule min sigma" not in uniform
     assert request_fields_from_infotext(uniform)["sigma_min"] == 0  # left out: the model's own again

@@ -829,8 +829,9 @@ def test_png_info_reads_stable_diffusion_webui_png_and_sends_it(ui, tmp_path):
                          "height", "seed", "clip_skip", "model"], values))
     assert by_field["prompt"] == "masterpiece, a castle on a hill" and by_field["negative_prompt"] == "blurry, lowres"
     assert (by_field["sampler_name"], by_field["scheduler"]["value"]) == ("DPM++ 2M", "Karras")  # old name split
-    assert by_field["scheduler"]["choices"] == ["Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform",
-                                                "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta"]
+    assert by_field["scheduler"]["choices"] == ["Automatic", "Uniform", "Karras", "Exponential", "Polyexponential",
+                                                "SGM Uniform", "KL Optimal", "Align Your Steps", "Simple", "Normal",
+                                                "DDIM", "Beta"]
     assert (by_field["steps"], by_field["cfg_scale"], by_field["seed"]) == (25, 6.5, 42)
     assert (by_field["width"], by_field["height"]) == (512, 768)
     assert is_skip(by_field["model"])  # not in our models folder: the dropdown is left alone, with a warning

@@ -244,13 +244,15 @@ class GenerationRequest(BaseModel):
                                    "alpha, 0.01 to 1 (lower: more steps at low noise)")
     beta_dist_beta: float = Field(BETA_BETA, ge=0.01, le=1.0, description="Beta schedule: the beta distribution's "
                                   "beta, 0.01 to 1 (lower: more steps at high noise)")
-    # A1111's sigma_min, sigma_max and rho options: where Karras, Exponential, KL Optimal and Beta begin and end
+    # A1111's sigma_min, sigma_max and rho options: where Karras, Exponential, Polyexponential, KL Optimal and Beta
+    # begin and end
     sigma_min: float = Field(0.0, ge=0.0, le=MAX_SCHEDULE_SIGMA, description="Schedule min sigma: the smallest noise "
-                             "level of Karras, Exponential, KL Optimal and Beta (0: the model's, ~0.03)")
+                             "level of Karras, Exponential, Polyexponential, KL Optimal and Beta (0: the model's, "
+                             "~0.03)")
     sigma_max: float = Field(0.0, ge=0.0, le=MAX_SCHEDULE_SIGMA, description="Schedule max sigma: their largest "
                              "(0: the model's, ~14.6)")
-    rho: float = Field(0.0, ge=0.0, le=MAX_SCHEDULE_RHO, description="Schedule rho: how steeply Karras's noise "
-                       "levels fall (0: its own 7; higher falls faster at first)")
+    rho: float = Field(0.0, ge=0.0, le=MAX_SCHEDULE_RHO, description="Schedule rho: how steeply Karras's and "
+                       "Polyexponential's noise levels fall (0: their own 7 and 1; higher falls faster at first)")
     always_discard_next_to_last_sigma: bool = Field(False, description="A1111's Always discard next-to-last sigma: a "
                                                     "k-diffusion sampler runs a schedule of one step more, its "
                                                     "next-to-last noise level left out (DPM2, DPM2 a and DPM++ 3M "

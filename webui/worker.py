@@ -38,7 +38,7 @@ from webui.engine.refiner import SDXL, SDXL_REFINER, kind_of_entry, kind_problem
 from webui.engine.instruct_pix2pix import edit_problem
 from webui.engine.prompts import ORIGINAL
 from webui.engine.sdxl import sdxl_problem
-from webui.engine.samplers import ENDS_SCHEDULES, KARRAS_RHO, OLD_KARRAS_ENDS
+from webui.engine.samplers import ENDS_SCHEDULES, KARRAS_RHO, OLD_KARRAS_ENDS, POLYEXPONENTIAL_RHO
 from webui.engine.single_file import sdxl_refiner_refusal
 from webui.engine.soft_inpainting import ENABLED_KEY, SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.upscalers import UpscalerError
@@ -1342,12 +1342,14 @@ def _step_options_infotext(request: GenerationRequest) -> dict[str, Any]:
 
 def _schedule_range_infotext(request: GenerationRequest) -> dict[str, Any]:
     """A1111's Schedule min sigma, max sigma and rho keys, where set and a pass ran a schedule type that reads them
-    (rho: Karras alone, and not at its own 7). The old Karras range writes its ends as these keys (A1111 writes
+    (rho: Karras not at its own 7, Polyexponential not at its 1). The old Karras range writes its ends as these keys (A1111 writes
     nothing for it), so that the text makes the same picture again, here or in A1111, whatever its settings."""
     schedules = request.pass_schedules
     if not schedules & set(ENDS_SCHEDULES):
         return {}
-    rho = request.rho if "Karras" in schedules and request.rho != KARRAS_RHO else 0
+    rho_changes = ("Karras" in schedules and request.rho != KARRAS_RHO
+                   or "Polyexponential" in schedules and request.rho != POLYEXPONENTIAL_RHO)
+    rho = request.rho if rho_changes else 0
     smallest, largest = OLD_KARRAS_ENDS if request.use_old_karras_scheduler_sigmas else (0.0, 0.0)
     return {"Schedule min sigma": request.sigma_min or smallest or None,
             "Schedule max sigma": request.sigma_max or largest or None, "Schedule rho": rho or None}

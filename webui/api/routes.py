@@ -599,12 +599,10 @@ class Api:
                 for s in SAMPLERS]
 
     def schedulers(self) -> list[SchedulerItem]:
-        """A1111's list: each schedule type, and Polyexponential after Exponential (the same schedule at its rho)."""
-        labels = [label for label in SCHEDULE_TYPES for label in
-                  ((label, "Polyexponential") if label == "Exponential" else (label,))]
+        """A1111's list: each schedule type."""
         return [SchedulerItem(name=schedule_key(label), label=label, aliases=_SCHEDULE_ALIASES.get(label),
                               default_rho=_DEFAULT_RHO.get(label, -1.0), need_inner_model=label in SIGMAS_FROM_MODEL)
-                for label in labels]
+                for label in SCHEDULE_TYPES]
 
     @staticmethod
     def scripts() -> ScriptsList:

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 
-# A1111's schedule types (Polyexponential aside: at its rho of 1 it is Exponential), in its order
-ALL_SCHEDULES = ("Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform", "KL Optimal", "Align Your Steps",
-                 "Simple", "Normal", "DDIM", "Beta")
+# A1111's schedule types, in its order
+ALL_SCHEDULES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
+                 "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
     "Uniform": _CUSTOM,
     "Karras": _CUSTOM,
     "Exponential": _CUSTOM,
+    "Polyexponential": _CUSTOM,
     "SGM Uniform": {"timestep_spacing": "trailing"},
     "KL Optimal": _CUSTOM,
     "Align Your Steps": _CUSTOM,
@@ -118,8 +119,6 @@ def schedule_key(label: str) -> str:
 _SAMPLER_BY_KEY = {key.lower(): s for s in SAMPLERS for key in (s.name, *s.aliases)}
 _SCHEDULE_BY_KEY = {label.lower(): label for label in SCHEDULE_TYPES}
 _SCHEDULE_BY_KEY.update({schedule_key(label): label for label in SCHEDULE_TYPES})
-# A1111's Polyexponential is k-diffusion's polyexponential ramp at rho 1: the exponential schedule itself
-_SCHEDULE_BY_KEY["polyexponential"] = "Exponential"
 _SCHEDULE_BY_KEY["sgmuniform"] = "SGM Uniform"  # A1111's alias of it
 
 
@@ -182,7 +181,7 @@ OLD_KARRAS_ENDS = (0.1, 10.0)
 class ScheduleShape:
     """A1111's options that reshape the schedule types: the Beta schedule's alpha and beta; Schedule min and max
     sigma (0: the model's), where the types that span a range of sigmas (ENDS_SCHEDULES) begin and end; Schedule
-    rho (0: Karras's own 7); Always discard next-to-last sigma (k-diffusion samplers: a schedule of one step more,
+    rho (0: Karras's own 7, Polyexponential's 1); Always discard next-to-last sigma (k-diffusion samplers: a schedule of one step more,
     its next-to-last level left out); Noise schedule for sampling (Zero Terminal SNR: the model's noise levels
     rescaled so that the last is almost pure noise); and two of its Compatibility options for old seeds: Use old
     karras scheduler sigmas (that range runs from 0.1 to 10 unless set) and Downcast model alphas_cumprod to fp16
@@ -255,8 +254,9 @@ class UniPCOptions:
 
 # The schedule types worked out from the model's smallest and largest sigma alone (A1111's that take sigma_min and
 # sigma_max); the others read the whole table, and Align Your Steps its own levels.
-ENDS_SCHEDULES = ("Karras", "Exponential", "KL Optimal", "Beta")
+ENDS_SCHEDULES = ("Karras", "Exponential", "Polyexponential", "KL Optimal", "Beta")
 KARRAS_RHO = 7.0
+POLYEXPONENTIAL_RHO = 1.0  # at which it is the exponential schedule
 
 
 def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str = "Automatic", sdxl: bool = False,
@@ -408,6 +408,13 @@ def exponential_sigmas(steps: int, table: np.ndarray) -> np.ndarray:
     return np.exp(np.linspace(np.log(table[-1]), np.log(table[0]), steps))
 
 
+def polyexponential_sigmas(steps: int, table: np.ndarray, rho: float = POLYEXPONENTIAL_RHO) -> np.ndarray:
+    """From the largest sigma to the smallest along a ramp from 1 to 0 raised to rho, in log sigma (k-diffusion's
+    get_sigmas_polyexponential; at rho 1 the exponential schedule, higher spends more steps at low noise)."""
+    ramp = np.linspace(1, 0, steps) ** rho
+    return np.exp(ramp * (np.log(table[-1]) - np.log(table[0])) + np.log(table[0]))
+
+
 def simple_sigmas(steps: int, table: np.ndarray) -> np.ndarray:
     """Every (len / steps)-th sigma of the table counted down from the largest, the index rounded down."""
     stride = len(table) / steps
@@ -467,6 +474,8 @@ def _sigmas_function(schedule: str, sdxl: bool, shape: ScheduleShape):
         return lambda steps, table: beta_sigmas(steps, shape.ends(table), shape.beta_alpha, shape.beta_beta)
     if schedule == "Karras":
         return lambda steps, table: karras_sigmas(steps, shape.ends(table), shape.rho or KARRAS_RHO)
+    if schedule == "Polyexponential":
+        return lambda steps, table: polyexponential_sigmas(steps, shape.ends(table), shape.rho or POLYEXPONENTIAL_RHO)
     if schedule in ENDS_SCHEDULES:
         function = SIGMAS_OF[schedule]
         return lambda steps, table: function(steps, shape.ends(table))

@@ -855,12 +855,14 @@ def sampler_parameters_section(kind: str) -> dict[str, Any]:
         # A1111's sigma min, sigma max and rho: typed, as A1111's boxes (0: the model's own)
         with gr.Row():
             widgets["sigma_min"] = gr.Number(0, minimum=0, maximum=MAX_SCHEDULE_SIGMA, label="Schedule min sigma",
-                                             info="Karras, Exponential, KL Optimal, Beta end here (0: the model's)",
+                                             info="Karras, (Poly)exponential, KL Optimal, Beta end here (0: the "
+                                                  "model's)",
                                              elem_id=f"{kind}_sigma_min")
             widgets["sigma_max"] = gr.Number(0, minimum=0, maximum=MAX_SCHEDULE_SIGMA, label="Schedule max sigma",
                                              info="and start here (0: the model's)", elem_id=f"{kind}_sigma_max")
             widgets["rho"] = gr.Number(0, minimum=0, maximum=MAX_SCHEDULE_RHO, label="Schedule rho",
-                                       info="Karras: higher falls faster at first (0: 7)", elem_id=f"{kind}_rho")
+                                       info="Karras (0: 7), Polyexponential (0: 1): higher falls faster at first",
+                                       elem_id=f"{kind}_rho")
         with gr.Row():
             widgets["always_discard_next_to_last_sigma"] = gr.Checkbox(
                 False, label="Always discard next-to-last sigma", elem_id=f"{kind}_always_discard_next_to_last_sigma",
@@ -874,7 +876,7 @@ def sampler_parameters_section(kind: str) -> dict[str, Any]:
             widgets["use_old_karras_scheduler_sigmas"] = gr.Checkbox(
                 False, label="Use old karras scheduler sigmas (0.1 to 10)",
                 elem_id=f"{kind}_use_old_karras_scheduler_sigmas",
-                info="Karras, Exponential, KL Optimal and Beta run from 10 down to 0.1 unless Schedule min/max "
+                info="Karras, (Poly)exponential, KL Optimal and Beta run from 10 down to 0.1 unless Schedule min/max "
                      "sigma say (the picture's text then records them)")
             widgets["use_downcasted_alpha_bar"] = gr.Checkbox(
                 False, label="Downcast model alphas_cumprod to fp16 before sampling",
