@@ -36,6 +36,7 @@ def kdiffusion_2m_sde(sigmas, x, eps, noise_sampler, heun=False):
 
 @pytest.mark.parametrize("sampler, heun", [("DPM++ 2M SDE", False), ("DPM++ 2M SDE Heun", True)])
 def test_the_multistep_sde_samplers_step_with_a1111s_brownian_noise(sampler, heun):
+    """DPM++ 2M SDE Heun is A1111's solver_type heun: the same solver with the Heun correction."""
     scheduler = make_scheduler(SD15_SCHEDULER, sampler, "Karras")
     scheduler.set_timesteps(5)
     with_brownian_noise(scheduler, SEEDS)

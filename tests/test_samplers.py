@@ -401,42 +401,6 @@ def test_the_schedule_rho_bends_karras_and_the_table_schedules_ignore_the_range(
         assert torch.equal(plain.sigmas, shaped.sigmas), schedule
 
 
-def kdiffusion_2m_sde(sigmas: torch.Tensor, x: torch.Tensor, eps: list[torch.Tensor], heun: bool) -> torch.Tensor:
-    """k-diffusion's sample_dpmpp_2m_sde (eta 1, its noise left out) on a model whose noise estimates are `eps`, in
-    its own space (x = the latent over sqrt(1 + sigma^2) in diffusers')."""
-    old_denoised = h_last = None
-    for i in range(len(sigmas) - 1):
-        denoised = x - sigmas[i] * eps[i]
-        if sigmas[i + 1] == 0:
-            return denoised
-        h = sigmas[i].log() - sigmas[i + 1].log()
-        x = sigmas[i + 1] / sigmas[i] * (-h).exp() * x + (-2 * h).expm1().neg() * denoised
-        if old_denoised is not None:
-            r = h_last / h
-            if heun:
-                x = x + ((-2 * h).expm1().neg() / (-2 * h) + 1) * (1 / r) * (denoised - old_denoised)
-            else:
-                x = x + 0.5 * (-2 * h).expm1().neg() * (1 / r) * (denoised - old_denoised)
-        old_denoised, h_last = denoised, h
-    return x
-
-
-@pytest.mark.parametrize("sampler, heun", [("DPM++ 2M SDE Heun", True), ("DPM++ 2M SDE", False)])
-def test_dpmpp_2m_sde_heun_steps_as_a1111s_solver_type_heun(sampler, heun):
-    scheduler = make_scheduler(SD15_SCHEDULER, sampler, "Karras")
-    scheduler.set_timesteps(4)
-    generator = torch.Generator().manual_seed(3)
-    eps = [torch.randn(1, 4, 2, 2, generator=generator, dtype=torch.float64) for _ in range(4)]
-    start = torch.randn(1, 4, 2, 2, generator=generator, dtype=torch.float64) * scheduler.sigmas[0]
-    sample = start / (1 + scheduler.sigmas[0] ** 2) ** 0.5  # diffusers' scaled latent
-    for timestep, estimate in zip(scheduler.timesteps, eps):
-        sample = scheduler.step(estimate, timestep, sample, variance_noise=torch.zeros_like(sample)).prev_sample
-    expected = kdiffusion_2m_sde(scheduler.sigmas.double(), start, eps, heun)
-    torch.testing.assert_close(sample, expected, rtol=1e-4, atol=1e-5)
-    other = kdiffusion_2m_sde(scheduler.sigmas.double(), start, eps, not heun)
-    assert not torch.allclose(sample, other, rtol=1e-4, atol=1e-5)
-
-
 def kdiffusion_2s_ancestral(sigmas: torch.Tensor, x: torch.Tensor, eps, noise) -> torch.Tensor:
     """k-diffusion's sample_dpmpp_2s_ancestral (eta 1) on a model whose noise estimate at (x, sigma) is
     eps(x, sigma), with the given noise draws."""
