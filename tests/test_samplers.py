@@ -449,3 +449,28 @@ def test_dpmpp_2s_a_steps_as_k_diffusions_ancestral_sampler():
     sigmas = torch.tensor([float(s) for s in a1111_karras(steps, sd15_sigmas())] + [0.0], dtype=torch.float64)
     expected = kdiffusion_2s_ancestral(sigmas, start, eps, noise)
     torch.testing.assert_close(sample, expected, rtol=1e-4, atol=1e-4)
+
+
+def a1111_float32_table() -> torch.Tensor:
+    """A1111's model sigmas: LDM's float64 alpha bars kept as float32, then k-diffusion's float32 arithmetic."""
+    alpha_bars = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0)
+    alpha_bars = alpha_bars.float()
+    return ((1 - alpha_bars) / alpha_bars) ** 0.5
+
+
+@pytest.mark.parametrize("schedule", ["Karras", "Exponential", "Polyexponential"])
+def test_the_range_schedules_are_a1111s_to_the_bit(schedule):
+    """k-diffusion's get_sigmas_* in float32 from the table's ends as floats: the SDE samplers' Brownian noise is
+    drawn at these levels, so a last-bit difference makes another picture."""
+    low, high = a1111_float32_table()[0].item(), a1111_float32_table()[-1].item()
+    n = 17
+    if schedule == "Karras":
+        expected = (high ** (1 / 7) + torch.linspace(0, 1, n) * (low ** (1 / 7) - high ** (1 / 7))) ** 7
+    elif schedule == "Exponential":
+        expected = torch.linspace(math.log(high), math.log(low), n).exp()
+    else:
+        expected = torch.exp(torch.linspace(1, 0, n) * (math.log(high) - math.log(low)) + math.log(low))
+    scheduler = make_scheduler(SD15_SCHEDULER, "DPM++ 2M SDE", schedule)
+    scheduler.set_timesteps(n)
+    assert torch.equal(scheduler.sigmas[:-1].float(), expected)
+    assert float(scheduler.timesteps[0]) == 999  # the model's own largest sigma, at its last timestep

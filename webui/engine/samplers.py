@@ -13,6 +13,7 @@ This module only names classes; diffusers is imported when a scheduler is actual
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,6 +282,7 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
         sigmas_for = sgm_uniform_sigmas if schedule == "SGM Uniform" else uniform_sigmas
         options.update(_CUSTOM)
     scheduler = scheduler_class.from_config(_with_noise_schedule(base_config, shape), **options)
+    _with_a1111_alpha_bars(scheduler, base_config, shape)
     if discard and sigmas_for:
         sigmas_for = _without_the_penultimate_level(sigmas_for)
     elif discard:
@@ -318,6 +320,25 @@ def _with_noise_schedule(base_config: dict[str, Any], shape: ScheduleShape) -> d
     if shape.noise_schedule == "Zero Terminal SNR":
         return base_config | {"trained_betas": betas_of(zero_terminal_snr(alpha_bars)), "rescale_betas_zero_snr": False}
     return base_config | {"trained_betas": betas_of(alpha_bars)}  # a model's own rescale, if any, still applies
+
+
+def _with_a1111_alpha_bars(scheduler, base_config: dict[str, Any], shape: ScheduleShape) -> None:
+    """Give the scheduler the alpha bars A1111's model holds (model_alpha_bars, rounded and rescaled as the shape
+    asks), where diffusers' float32 arithmetic made them a last bit otherwise: the model's sigmas and so Karras's,
+    Exponential's and Polyexponential's levels then are A1111's to the bit, as the SDE samplers' Brownian noise needs.
+    Left as diffusers made them where the model gives its betas, or has diffusers rescale them itself."""
+    import torch
+
+    if base_config.get("trained_betas") is not None:
+        return
+    if base_config.get("rescale_betas_zero_snr", False) and shape.noise_schedule == "Default":
+        return
+    alpha_bars = model_alpha_bars(base_config)
+    if shape.downcast_alpha_bar:
+        alpha_bars = alpha_bars.astype(np.float16)
+    if shape.noise_schedule == "Zero Terminal SNR":
+        alpha_bars = zero_terminal_snr(alpha_bars)
+    scheduler.alphas_cumprod = torch.tensor(alpha_bars.astype(np.float64), dtype=torch.float32)
 
 
 def model_alpha_bars(base_config: dict[str, Any]) -> np.ndarray:
@@ -396,23 +417,33 @@ def uniform_sigmas(steps: int, table: np.ndarray) -> np.ndarray:
     return np.exp(np.interp(timesteps, np.arange(len(table)), np.log(table)))
 
 
+# Karras, Exponential and Polyexponential are worked out as k-diffusion does, in float32 torch from the two ends as
+# floats, so that their levels are A1111's to the bit (see model_sigmas).
+
 def karras_sigmas(steps: int, table: np.ndarray, rho: float = KARRAS_RHO) -> np.ndarray:
     """Karras et al.'s schedule from the largest sigma to the smallest, even in sigma ** (1 / rho) (k-diffusion's
     get_sigmas_karras between the model's sigma_max and sigma_min, as A1111's Karras)."""
-    high, low = table[-1] ** (1 / rho), table[0] ** (1 / rho)
-    return (high + np.linspace(0, 1, steps) * (low - high)) ** rho
+    import torch
+
+    low, high = float(table[0]) ** (1 / rho), float(table[-1]) ** (1 / rho)
+    return ((high + torch.linspace(0, 1, steps) * (low - high)) ** rho).double().numpy()
 
 
 def exponential_sigmas(steps: int, table: np.ndarray) -> np.ndarray:
     """Evenly spaced in log sigma from the largest sigma to the smallest (k-diffusion's get_sigmas_exponential)."""
-    return np.exp(np.linspace(np.log(table[-1]), np.log(table[0]), steps))
+    import torch
+
+    return torch.linspace(math.log(table[-1]), math.log(table[0]), steps).exp().double().numpy()
 
 
 def polyexponential_sigmas(steps: int, table: np.ndarray, rho: float = POLYEXPONENTIAL_RHO) -> np.ndarray:
     """From the largest sigma to the smallest along a ramp from 1 to 0 raised to rho, in log sigma (k-diffusion's
     get_sigmas_polyexponential; at rho 1 the exponential schedule, higher spends more steps at low noise)."""
-    ramp = np.linspace(1, 0, steps) ** rho
-    return np.exp(ramp * (np.log(table[-1]) - np.log(table[0])) + np.log(table[0]))
+    import torch
+
+    ramp = torch.linspace(1, 0, steps) ** rho
+    low, high = math.log(table[0]), math.log(table[-1])
+    return torch.exp(ramp * (high - low) + low).double().numpy()
 
 
 def simple_sigmas(steps: int, table: np.ndarray) -> np.ndarray:
@@ -483,10 +514,12 @@ def _sigmas_function(schedule: str, sdxl: bool, shape: ScheduleShape):
 
 
 def model_sigmas(scheduler) -> np.ndarray:
-    """The model's sigma at each training timestep, smallest first, from the scheduler's noise schedule (a
-    zero-terminal-SNR one as diffusers clamps it)."""
-    alphas_cumprod = np.asarray(scheduler.alphas_cumprod, dtype=np.float64)
-    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    """The model's sigma at each training timestep, smallest first, worked out in float32 from the scheduler's alpha
+    bars as A1111's k-diffusion works them out from its model's (make_scheduler gives the scheduler those)."""
+    import torch
+
+    alpha_bars = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32)
+    return (((1 - alpha_bars) / alpha_bars) ** 0.5).double().numpy()
 
 
 def _with_custom_sigmas(scheduler, sigmas_for, smallest: float = 0.0):
