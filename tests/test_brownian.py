@@ -163,3 +163,57 @@ def test_dpmpp_3m_sde_steps_as_k_diffusions(steps):
         sample = scheduler.step(eps(sample * (1 + sigma ** 2) ** 0.5, sigma), timestep, sample).prev_sample
     trees = BrownianTreeNoiseSampler(start, sigmas[sigmas > 0].min(), sigmas.max(), seed=SEEDS)
     torch.testing.assert_close(sample, kdiffusion_3m_sde(sigmas, start, eps, trees), rtol=1e-4, atol=1e-4)
+
+
+def kdiffusion_sde(sigmas, x, eps, noise_sampler):
+    """k-diffusion's sample_dpmpp_sde (eta 1, s_noise 1, r 1/2) with A1111's noise sampler, in its own arithmetic
+    (the levels through t = -log sigma and back: the tree's numbers depend on their last bits)."""
+    def sigma_of(t):
+        return t.neg().exp()
+
+    def ancestral(sigma_from, sigma_to):  # k-diffusion's get_ancestral_step at eta 1
+        up = min(sigma_to, (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+        return (sigma_to ** 2 - up ** 2) ** 0.5, up
+
+    for i in range(len(sigmas) - 1):
+        denoised = x - sigmas[i] * eps(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            return denoised
+        t, t_next = sigmas[i].log().neg(), sigmas[i + 1].log().neg()
+        s = t + (t_next - t) * 0.5
+        down, up = ancestral(sigma_of(t), sigma_of(s))
+        s_ = down.log().neg()
+        x_2 = sigma_of(s_) / sigma_of(t) * x - (t - s_).expm1() * denoised
+        x_2 = x_2 + noise_sampler(sigma_of(t), sigma_of(s)) * up
+        denoised_2 = x_2 - sigma_of(s) * eps(x_2, sigma_of(s))
+        down, up = ancestral(sigma_of(t), sigma_of(t_next))
+        t_next_ = down.log().neg()
+        x = sigma_of(t_next_) / sigma_of(t) * x - (t - t_next_).expm1() * denoised_2
+        x = x + noise_sampler(sigma_of(t), sigma_of(t_next)) * up
+    return x
+
+
+def test_dpmpp_sde_steps_as_k_diffusions_with_its_noise():
+    """diffusers' DPM++ SDE, given the pictures' seeds (as the engine gives them), on A1111's Karras levels."""
+    import warnings
+
+    scheduler = make_scheduler(SD15_SCHEDULER, "DPM++ SDE", "Karras")
+    scheduler.set_timesteps(4)
+    scheduler.noise_sampler_seed = SEEDS
+    generator = torch.Generator().manual_seed(6)
+    start = torch.randn(2, 4, 3, 3, generator=generator) * scheduler.sigmas[0]
+    weights = torch.randn(2, 4, 3, 3, generator=generator)
+
+    def eps(x, sigma):
+        return torch.tanh(x / (1 + sigma ** 2) ** 0.5 + weights)
+
+    sample = start.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchsde's, on a query a rounding below the tree's smallest level
+        for timestep in scheduler.timesteps:
+            scale = (scheduler.scale_model_input(sample, timestep) / sample).flatten()[0]
+            sample = scheduler.step(eps(sample, (1 / scale ** 2 - 1) ** 0.5), timestep, sample).prev_sample
+        sigmas = torch.cat([scheduler.sigmas[:1], scheduler.sigmas[1::2]])  # the levels without the midpoints
+        trees = BrownianTreeNoiseSampler(start, sigmas[sigmas > 0].min(), sigmas.max(), seed=SEEDS)
+        expected = kdiffusion_sde(sigmas, start, eps, trees)
+    torch.testing.assert_close(sample, expected, rtol=1e-4, atol=1e-4)
