@@ -379,3 +379,17 @@ def test_an_older_a1111s_infotext_implies_how_it_made_the_picture(version, old_t
     written = request_fields_from_infotext(f"a [cat:dog:1.0]\nSteps: 20, Seed: 1, Downcast alphas_cumprod: False, "
                                            f"Version: {version}")
     assert written["use_downcasted_alpha_bar"] is False  # a key written wins
+
+
+def test_a_downcast_models_sigma_table_is_worked_out_in_fp16_as_a1111s():
+    """k-diffusion's ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5 on A1111's half alpha bars: its ends, 0.03125
+    and 14.609375, start and end Karras."""
+    half = sd15_alpha_bars().float().half()
+    table = ((1 - half) / half) ** 0.5
+    karras = sigmas_of("Euler", "Karras", 6, DOWNCAST)
+    assert (float(table[0]), float(table[-1])) == (0.03125, 14.609375)
+    assert float(karras[0]) == pytest.approx(14.609375, rel=1e-6)
+    assert float(karras[-2]) == pytest.approx(0.03125, rel=1e-6)
+    both = ScheduleShape(noise_schedule="Zero Terminal SNR", downcast_alpha_bar=True)
+    zero_snr = sigmas_of("Euler", "Karras", 6, both)
+    assert float(zero_snr[0]) == pytest.approx(4096, rel=1e-4)  # not fp16's infinity

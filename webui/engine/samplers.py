@@ -314,31 +314,36 @@ def _with_noise_schedule(base_config: dict[str, Any], shape: ScheduleShape) -> d
     (every diffusers scheduler takes betas; not all can rescale)."""
     if shape.noise_schedule == "Default" and not shape.downcast_alpha_bar:
         return base_config
-    alpha_bars = model_alpha_bars(base_config)
-    if shape.downcast_alpha_bar:  # A1111 then rescales in fp16 too
-        alpha_bars = alpha_bars.astype(np.float16)
+    alpha_bars = _shaped_alpha_bars(model_alpha_bars(base_config), shape)
     if shape.noise_schedule == "Zero Terminal SNR":
-        return base_config | {"trained_betas": betas_of(zero_terminal_snr(alpha_bars)), "rescale_betas_zero_snr": False}
+        return base_config | {"trained_betas": betas_of(alpha_bars), "rescale_betas_zero_snr": False}
     return base_config | {"trained_betas": betas_of(alpha_bars)}  # a model's own rescale, if any, still applies
+
+
+def _shaped_alpha_bars(alpha_bars: np.ndarray, shape: ScheduleShape) -> np.ndarray:
+    """A1111's alpha bars under the shape: kept as float32, or rounded to fp16 (Downcast), then rescaled to zero
+    terminal SNR in that precision."""
+    alpha_bars = alpha_bars.astype(np.float16 if shape.downcast_alpha_bar else np.float32)
+    return zero_terminal_snr(alpha_bars) if shape.noise_schedule == "Zero Terminal SNR" else alpha_bars
 
 
 def _with_a1111_alpha_bars(scheduler, base_config: dict[str, Any], shape: ScheduleShape) -> None:
     """Give the scheduler the alpha bars A1111's model holds (model_alpha_bars, rounded and rescaled as the shape
     asks), where diffusers' float32 arithmetic made them a last bit otherwise: the model's sigmas and so Karras's,
     Exponential's and Polyexponential's levels then are A1111's to the bit, as the SDE samplers' Brownian noise needs.
-    Left as diffusers made them where the model gives its betas, or has diffusers rescale them itself."""
+    A1111 works an fp16 model's sigmas out in fp16 (sigma_table_half), but for zero terminal SNR, where fp16 would
+    make the largest infinite. Left as diffusers made them where the model gives its betas, or has diffusers rescale
+    them itself."""
     import torch
 
     if base_config.get("trained_betas") is not None:
         return
     if base_config.get("rescale_betas_zero_snr", False) and shape.noise_schedule == "Default":
         return
-    alpha_bars = model_alpha_bars(base_config)
-    if shape.downcast_alpha_bar:
-        alpha_bars = alpha_bars.astype(np.float16)
-    if shape.noise_schedule == "Zero Terminal SNR":
-        alpha_bars = zero_terminal_snr(alpha_bars)
+    own_betas = dict(scheduler.config) | {"trained_betas": None}  # its beta settings, as the class fills them in
+    alpha_bars = _shaped_alpha_bars(model_alpha_bars(own_betas), shape)
     scheduler.alphas_cumprod = torch.tensor(alpha_bars.astype(np.float64), dtype=torch.float32)
+    scheduler.sigma_table_half = shape.downcast_alpha_bar and shape.noise_schedule == "Default"
 
 
 def model_alpha_bars(base_config: dict[str, Any]) -> np.ndarray:
@@ -514,11 +519,13 @@ def _sigmas_function(schedule: str, sdxl: bool, shape: ScheduleShape):
 
 
 def model_sigmas(scheduler) -> np.ndarray:
-    """The model's sigma at each training timestep, smallest first, worked out in float32 from the scheduler's alpha
-    bars as A1111's k-diffusion works them out from its model's (make_scheduler gives the scheduler those)."""
+    """The model's sigma at each training timestep, smallest first, worked out from the scheduler's alpha bars as
+    A1111's k-diffusion works them out from its model's (make_scheduler gives the scheduler those): in float32, or
+    in fp16 for alpha bars downcast to it."""
     import torch
 
-    alpha_bars = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32)
+    dtype = torch.float16 if getattr(scheduler, "sigma_table_half", False) else torch.float32
+    alpha_bars = torch.as_tensor(scheduler.alphas_cumprod).to(dtype)
     return (((1 - alpha_bars) / alpha_bars) ** 0.5).double().numpy()
 
 
