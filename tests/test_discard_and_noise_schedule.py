@@ -258,7 +258,8 @@ def test_old_karras_sigmas_leave_a_set_end_and_the_table_schedules_alone():
     torch.testing.assert_close(half_set[:-1], a1111_karras(12, torch.tensor([0.5, 10.0], dtype=torch.float64)),
                                rtol=1e-4, atol=0)
     for sampler, schedule in (("Euler", "Uniform"), ("Euler", "Automatic"), ("DPM++ 2M", "Align Your Steps")):
-        assert torch.equal(sigmas_of(sampler, schedule, 9, OLD_KARRAS), sigmas_of(sampler, schedule, 9, ScheduleShape()))
+        plain = sigmas_of(sampler, schedule, 9, ScheduleShape())
+        assert torch.equal(sigmas_of(sampler, schedule, 9, OLD_KARRAS), plain)
 
 
 def test_old_karras_sigmas_check_a_lone_end_against_their_range():
