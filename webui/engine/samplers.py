@@ -183,10 +183,10 @@ class ScheduleShape:
     """A1111's options that reshape the schedule types: the Beta schedule's alpha and beta; Schedule min and max
     sigma (0: the model's), where the types that span a range of sigmas (ENDS_SCHEDULES) begin and end; Schedule
     rho (0: Karras's own 7, Polyexponential's 1); Always discard next-to-last sigma (k-diffusion samplers: a
-    schedule of one step more, its next-to-last level left out); Noise schedule for sampling (Zero Terminal SNR: the model's noise levels
-    rescaled so that the last is almost pure noise); and two of its Compatibility options for old seeds: Use old
-    karras scheduler sigmas (that range runs from 0.1 to 10 unless set) and Downcast model alphas_cumprod to fp16
-    (the noise levels rounded as an fp16 model kept them, before any rescaling)."""
+    schedule of one step more, its next-to-last level left out); Noise schedule for sampling (Zero Terminal SNR: the
+    model's noise levels rescaled so that the last is almost pure noise); and two of its Compatibility options for
+    old seeds: Use old karras scheduler sigmas (that range runs from 0.1 to 10 unless set) and Downcast model
+    alphas_cumprod to fp16 (the noise levels rounded as an fp16 model kept them, before any rescaling)."""
     beta_alpha: float = BETA_ALPHA
     beta_beta: float = BETA_BETA
     sigma_min: float = 0.0
