@@ -380,6 +380,12 @@ def test_an_older_a1111s_infotext_implies_how_it_made_the_picture(version, old_t
     written = request_fields_from_infotext(f"a [cat:dog:1.0]\nSteps: 20, Seed: 1, Downcast alphas_cumprod: False, "
                                            f"Version: {version}")
     assert written["use_downcasted_alpha_bar"] is False  # a key written wins
+    from webui.storage.infotext import parse_infotext
+    from webui.ui.pnginfo import parameters_table
+
+    text = f"a [cat:dog:1.0]\nSteps: 20, Sampler: Euler, Seed: 1, Version: {version}"
+    assert ("Downcast alphas_cumprod" in parse_infotext(text)[2]) == downcast  # as A1111's parse, for the API
+    assert "Downcast" not in parameters_table(text)  # PNG Info shows what the file says
 
 
 def test_a_downcast_models_sigma_table_is_worked_out_in_fp16_as_a1111s():

@@ -165,8 +165,9 @@ def with_params(infotext: str, params: dict[str, Any]) -> str:
     return infotext + ", " + ", ".join(f"{key}: {quote(value)}" for key, value in params.items() if value is not None)
 
 
-def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
-    """Split an infotext into (prompt, negative prompt, {key: value as text})."""
+def parse_infotext(text: str, backcompat: bool = True) -> tuple[str, str, dict[str, str]]:
+    """Split an infotext into (prompt, negative prompt, {key: value as text}), with the keys an older A1111's Version
+    implies (backcompat; as A1111's parse_generation_parameters; off: the text's own keys alone)."""
     lines = text[:MAX_INFOTEXT_CHARS].strip().split("\n")
     params: dict[str, str] = {}
     if lines:
@@ -181,7 +182,7 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
             line = line[len(NEGATIVE_PREFIX):].lstrip()
         (negative_lines if in_negative else prompt_lines).append(line)
     prompt = "\n".join(prompt_lines).strip()
-    return prompt, "\n".join(negative_lines).strip(), params | _backcompat(prompt, params)
+    return prompt, "\n".join(negative_lines).strip(), params | (_backcompat(prompt, params) if backcompat else {})
 
 
 def a1111_version(text: str) -> Version | None:

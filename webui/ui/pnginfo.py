@@ -69,7 +69,7 @@ def uploaded_path(upload: dict | str | None) -> str | None:
 
 
 def parameters_table(text: str) -> str:
-    prompt, negative, params = parse_infotext(text)
+    prompt, negative, params = parse_infotext(text, backcompat=False)  # what the file says
     return _rows_table({"Prompt": prompt, "Negative prompt": negative, **params})
 
 
