@@ -401,14 +401,14 @@ def test_the_schedule_rho_bends_karras_and_the_table_schedules_ignore_the_range(
         assert torch.equal(plain.sigmas, shaped.sigmas), schedule
 
 
-def kdiffusion_2s_ancestral(sigmas: torch.Tensor, x: torch.Tensor, eps, noise) -> torch.Tensor:
-    """k-diffusion's sample_dpmpp_2s_ancestral (eta 1) on a model whose noise estimate at (x, sigma) is
-    eps(x, sigma), with the given noise draws."""
+def kdiffusion_2s_ancestral(sigmas: torch.Tensor, x: torch.Tensor, eps, noise, eta: float = 1.0) -> torch.Tensor:
+    """k-diffusion's sample_dpmpp_2s_ancestral on a model whose noise estimate at (x, sigma) is eps(x, sigma), with
+    the given noise draws."""
     draws = iter(noise)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = x - sigma * eps(x, sigma)
-        sigma_up = (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5
+        sigma_up = min(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
         sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
         if sigma_down == 0:
             x = denoised  # the Euler step to 0
@@ -424,8 +424,13 @@ def kdiffusion_2s_ancestral(sigmas: torch.Tensor, x: torch.Tensor, eps, noise) -
     return x
 
 
-def test_dpmpp_2s_a_steps_as_k_diffusions_ancestral_sampler():
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
+def test_dpmpp_2s_a_steps_as_k_diffusions_ancestral_sampler(eta):
+    """At A1111's Eta for ancestral samplers too (0: DPM++ 2S, no noise)."""
+    from webui.engine.step_options import StepOptions, use_step_options
+
     scheduler = make_scheduler(SD15_SCHEDULER, "DPM++ 2S a", "Karras")
+    use_step_options(scheduler, "DPM++ 2S a", StepOptions(eta_ancestral=eta))
     steps = 4
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(5)
@@ -447,8 +452,10 @@ def test_dpmpp_2s_a_steps_as_k_diffusions_ancestral_sampler():
     draws_generator = torch.Generator().manual_seed(9)
     noise = [torch.randn(1, 4, 2, 2, generator=draws_generator, dtype=torch.float64) for _ in range(steps - 1)]
     sigmas = torch.tensor([float(s) for s in a1111_karras(steps, sd15_sigmas())] + [0.0], dtype=torch.float64)
-    expected = kdiffusion_2s_ancestral(sigmas, start, eps, noise)
+    expected = kdiffusion_2s_ancestral(sigmas, start, eps, noise, eta)
     torch.testing.assert_close(sample, expected, rtol=1e-4, atol=1e-4)
+    if eta != 1.0:  # the levels moved: not eta 1's picture
+        assert not torch.allclose(sample, kdiffusion_2s_ancestral(sigmas, start, eps, noise), atol=1e-3)
 
 
 def a1111_float32_table() -> torch.Tensor:

@@ -138,6 +138,19 @@ def test_dpmpp_2s_a_draws_fresh_noise_each_step_from_the_seed_or_seed_plus_delta
     assert not np.array_equal(nv, plain)
 
 
+@pytest.mark.parametrize("sampler", ["DPM2 a", "DPM++ 2S a"])
+def test_dpm2_a_and_dpmpp_2s_a_follow_the_ancestral_eta_as_a1111s(engine, sampler):
+    """Their levels move with eta; at 0 they add no noise, so ENSD changes nothing."""
+    full = pixels(engine, sampler_name=sampler)
+    half = pixels(engine, sampler_name=sampler, eta_ancestral=0.5)
+    assert not np.array_equal(half, full)
+    assert np.array_equal(pixels(engine, sampler_name=sampler, eta_ancestral=0.5), half)
+    still = pixels(engine, sampler_name=sampler, eta_ancestral=0.0)
+    assert np.array_equal(pixels(engine, sampler_name=sampler, eta_ancestral=0.0, eta_noise_seed_delta=7), still)
+    request = parse_request(QUICK | {"sampler_name": sampler, "eta_ancestral": 0.5})
+    assert StepOptions.of(request).followed(sampler) == {"eta_ancestral": 0.5}  # the infotext's Eta
+
+
 def test_ensd_is_the_ancestral_noise_of_seed_plus_delta(engine, monkeypatch):
     """With ENSD, the start noise is the seed's and the steps' noise that of seed + delta: drawn from a generator of
     that seed, it is what a run of seed + delta would draw after its start noise."""

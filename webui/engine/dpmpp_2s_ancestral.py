@@ -9,6 +9,10 @@ they differ in the second: DPM-Solver++(2S) steps from the step's start with the
 
 where DPM2 a takes the derivative at the midpoint instead. So this is diffusers' DPM2 a with its second half-step
 replaced; the last step (to sigma 0) is a single Euler call in both.
+
+Both take A1111's Eta for ancestral samplers (`eta`): sigma_up is eta times the full ancestral step's (capped at the
+next sigma), so sigma_down, and with it the midpoint where the second call is made, move too (diffusers' DPM2 a works
+its levels out at eta 1 alone).
 """
 from __future__ import annotations
 
@@ -18,7 +22,37 @@ from diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete import KDPM2Ance
 from diffusers.utils.torch_utils import randn_tensor  # by name: philox.drawing_from_philox replaces it here
 
 
-class DPMPP2SAncestralScheduler(KDPM2AncestralDiscreteScheduler):
+class _AtEta:
+    """An ancestral two-call scheduler whose levels follow `eta` (1: diffusers' own)."""
+    eta: float = 1.0
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        if self.eta != 1.0:
+            self._levels_at_eta()
+
+    def _levels_at_eta(self) -> None:
+        """sigma_up, sigma_down and the midpoints again at eta, laid out as diffusers lays them (each level but the
+        first twice), and the midpoint calls' timesteps with them."""
+        sigmas = torch.cat([self.sigmas[:1], self.sigmas[1:-1:2]])  # the step levels, ending at 0
+        following = torch.cat([sigmas[1:], sigmas[:1] * 0])
+        full = (following ** 2 * (sigmas ** 2 - following ** 2) / sigmas ** 2) ** 0.5
+        up = torch.minimum(following, self.eta * full)
+        down = (following ** 2 - up ** 2) ** 0.5
+        down[-1] = 0.0  # past the last step (0 / 0 there)
+        middle = sigmas.log().lerp(down.log(), 0.5).exp()
+        middle[-2:] = 0.0
+        self.sigmas_up, self.sigmas_down, self.sigmas_interpol = (
+            torch.cat([levels[:1], levels[1:].repeat_interleave(2), levels[-1:]]) for levels in (up, down, middle))
+        at_middle = torch.tensor([self._sigma_to_t(level, self.log_sigmas.cpu()) for level in middle[:-2]])
+        self.timesteps[1::2] = at_middle.to(self.timesteps)
+
+
+class DPM2AncestralScheduler(_AtEta, KDPM2AncestralDiscreteScheduler):
+    """DPM2 a with A1111's eta."""
+
+
+class DPMPP2SAncestralScheduler(_AtEta, KDPM2AncestralDiscreteScheduler):
     def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True):
         if self.step_index is None:

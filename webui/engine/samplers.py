@@ -54,7 +54,7 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("Heun", "HeunDiscreteScheduler", aliases=("k_heun",), k_diffusion=True),
     Sampler("DPM2", "KDPM2DiscreteScheduler", aliases=("k_dpm_2",), automatic="Karras", k_diffusion=True,
             discards_penultimate=True),
-    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", aliases=("k_dpm_2_a",), automatic="Karras",
+    Sampler("DPM2 a", "DPM2AncestralScheduler", aliases=("k_dpm_2_a",), automatic="Karras",
             k_diffusion=True, discards_penultimate=True),
     Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
             aliases=("k_dpmpp_2m",), automatic="Karras", k_diffusion=True),
@@ -295,6 +295,7 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
 
 # The schedulers of ours, by module: diffusers lacks them
 OWN_SCHEDULERS = {"DPMPP2SAncestralScheduler": "webui.engine.dpmpp_2s_ancestral",
+                  "DPM2AncestralScheduler": "webui.engine.dpmpp_2s_ancestral",
                   "DPMPP3MSDEScheduler": "webui.engine.dpmpp_3m_sde"}
 
 
