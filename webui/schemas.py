@@ -262,7 +262,8 @@ class GenerationRequest(BaseModel):
                                                         "rescaled so that the first step starts from almost pure noise)")
     # Two of A1111's Compatibility options, for seeds made by its older versions
     use_old_karras_scheduler_sigmas: bool = Field(False, description="A1111's Use old karras scheduler sigmas: Karras, "
-                                                  "Exponential, KL Optimal and Beta run from 10 down to 0.1 (where "
+                                                  "(Poly)exponential, KL Optimal and Beta run from 10 down to 0.1 "
+                                                  "(where "
                                                   "sigma_max and sigma_min leave them to the default), as its first "
                                                   "versions did")
     use_downcasted_alpha_bar: bool = Field(False, description="A1111's Downcast model alphas_cumprod to fp16 before "

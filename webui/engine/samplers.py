@@ -315,10 +315,10 @@ def _with_noise_schedule(base_config: dict[str, Any], shape: ScheduleShape) -> d
     (every diffusers scheduler takes betas; not all can rescale)."""
     if shape.noise_schedule == "Default" and not shape.downcast_alpha_bar:
         return base_config
-    alpha_bars = _shaped_alpha_bars(model_alpha_bars(base_config), shape)
+    betas = {"trained_betas": betas_of(_shaped_alpha_bars(model_alpha_bars(base_config), shape))}
     if shape.noise_schedule == "Zero Terminal SNR":
-        return base_config | {"trained_betas": betas_of(alpha_bars), "rescale_betas_zero_snr": False}
-    return base_config | {"trained_betas": betas_of(alpha_bars)}  # a model's own rescale, if any, still applies
+        betas["rescale_betas_zero_snr"] = False  # ours instead; else a model's own rescale still applies
+    return base_config | betas
 
 
 def _shaped_alpha_bars(alpha_bars: np.ndarray, shape: ScheduleShape) -> np.ndarray:
