@@ -8,7 +8,7 @@ from webui.engine.samplers import (SAMPLERS, SCHEDULE_TYPES, ScheduleShape, make
 from tests.tiny_sd import tiny_components
 
 EXPECTED = ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE",
-            "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM++ 2S a", "DDIM", "PLMS", "UniPC", "LCM"]
+            "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM++ 2S a", "Restart", "DDIM", "PLMS", "UniPC", "LCM"]
 
 
 def test_every_known_sampler_name_is_offered():
@@ -137,7 +137,7 @@ def test_one_step_goes_from_pure_noise_to_the_image_with_every_schedule(sampler)
 # each sampler uses when the request says Automatic.
 A1111_AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",
                    "DPM++ 2M SDE Heun": "Exponential", "DPM++ 3M SDE": "Exponential",
-                   "DPM++ 2S a": "Karras", "DPM2": "Karras", "DPM2 a": "Karras"}
+                   "DPM++ 2S a": "Karras", "DPM2": "Karras", "DPM2 a": "Karras", "Restart": "Karras"}
 
 
 @pytest.mark.parametrize("sampler", sampler_names())
@@ -146,15 +146,16 @@ def test_automatic_is_the_samplers_own_default_schedule_as_in_a1111(sampler):
     assert resolve_sampler(sampler, "Automatic") == (sampler, expected)
     assert resolve_sampler(sampler, None) == (sampler, expected)
     built = make_scheduler(SD15_SCHEDULER, sampler, "Automatic")
-    built.set_timesteps(20)
+    steps = 19 if sampler == "Restart" else 20  # from 20 steps on, Restart lays its own schedule out
+    built.set_timesteps(steps)
     if expected == "Automatic":
         assert not built.config.get("use_karras_sigmas", False)  # the scheduler's own sigmas
         return
     ours = built.sigmas.double()
     # A1111's DPM2, DPM2 a and DPM++ 3M SDE make a level more and leave the next-to-last out (its
     # discard_next_to_last_sigma)
-    levels = A1111_FORMULAS[expected](21, sd15_sigmas())[:-1] if sampler in ("DPM2", "DPM2 a", "DPM++ 3M SDE") \
-        else A1111_FORMULAS[expected](20, sd15_sigmas())
+    levels = A1111_FORMULAS[expected](steps + 1, sd15_sigmas())[:-1] if sampler in ("DPM2", "DPM2 a", "DPM++ 3M SDE") \
+        else A1111_FORMULAS[expected](steps, sd15_sigmas())
     for level in levels:  # each level is there (DPM2 adds midpoints)
         assert torch.isclose(ours, level, rtol=1e-3).any(), (sampler, float(level))
 

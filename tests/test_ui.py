@@ -910,9 +910,9 @@ def test_send_to_txt2img_keeps_a_known_sampler_and_says_what_it_could_not_apply(
         assert (sampler, schedule) == ("DPM++ 2M", "Karras")  # what Automatic stands for with DPM++ 2M
         assert len(notes) == 1 and f"unknown schedule type '{unknown}'" in notes[0] and "Using Karras" in notes[0]
     # An unknown sampler leaves both dropdowns as they were, and says so.
-    sampler, schedule, notes = sent_sampler(ui, "Sampler: Restart, Schedule type: Karras")
+    sampler, schedule, notes = sent_sampler(ui, "Sampler: DPM adaptive, Schedule type: Karras")
     assert is_skip(sampler) and is_skip(schedule)
-    assert len(notes) == 1 and "unknown sampler 'Restart'" in notes[0] and "left as they were" in notes[0]
+    assert len(notes) == 1 and "unknown sampler 'DPM adaptive'" in notes[0] and "left as they were" in notes[0]
 
 
 def test_png_info_without_parameters_or_not_an_image(ui, tmp_path):

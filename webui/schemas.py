@@ -231,8 +231,8 @@ class GenerationRequest(BaseModel):
     s_tmin: float = Field(0.0, ge=0.0, le=STEP_LIMITS["s_tmin"], description="Euler: the churn applies from this sigma")
     s_tmax: float = Field(0.0, ge=0.0, le=STEP_LIMITS["s_tmax"], description="Euler: the churn applies up to this sigma "
                           "(0: no limit)")
-    s_noise: float = Field(1.0, ge=0.0, le=STEP_LIMITS["s_noise"], description="Euler: its churn noise times this "
-                           "(sigma noise)")
+    s_noise: float = Field(1.0, ge=0.0, le=STEP_LIMITS["s_noise"], description="Euler: its churn noise times this; "
+                           "Restart: its restarts' noise (sigma noise)")
     eta_noise_seed_delta: int = Field(0, ge=0, le=MAX_SEED, description="the noise a sampler draws after the start "
                                       "noise comes from seed + this (A1111's ENSD; 0: the seed's own)")
     randn_source: RandnSource | None = Field(None, description="where the noise comes from (A1111's Random number "

@@ -22,6 +22,17 @@ from diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete import KDPM2Ance
 from diffusers.utils.torch_utils import randn_tensor  # by name: philox.drawing_from_philox replaces it here
 
 
+def denoised_of(prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor,
+                sigma: torch.Tensor) -> torch.Tensor:
+    """The model's estimate of the picture from its output at `sigma` (epsilon or v-prediction), as k-diffusion's
+    denoisers work it out from the unscaled sample."""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
+    raise ValueError(f"this sampler runs epsilon and v-prediction models, not {prediction_type!r}")
+
+
 class _AtEta:
     """An ancestral two-call scheduler whose levels follow `eta` (1: diffusers' own)."""
     eta: float = 1.0
@@ -61,7 +72,7 @@ class DPMPP2SAncestralScheduler(_AtEta, KDPM2AncestralDiscreteScheduler):
             return super().step(model_output, timestep, sample, generator, return_dict)
         index = self.step_index - 1
         sigma, sigma_mid = self.sigmas[index], self.sigmas_interpol[index]
-        denoised_mid = self._denoised(model_output, sample, sigma_mid)
+        denoised_mid = denoised_of(self.config.prediction_type, model_output, sample, sigma_mid)
         start, self.sample = self.sample, None
         prev_sample = start + (start - denoised_mid) / sigma * (self.sigmas_down[index] - sigma)
         noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
@@ -71,11 +82,3 @@ class DPMPP2SAncestralScheduler(_AtEta, KDPM2AncestralDiscreteScheduler):
         if not return_dict:
             return prev_sample, denoised_mid
         return KDPM2AncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised_mid)
-
-    def _denoised(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """The model's estimate of the picture from its output at `sigma` (epsilon or v-prediction)."""
-        if self.config.prediction_type == "epsilon":
-            return sample - sigma * model_output
-        if self.config.prediction_type == "v_prediction":
-            return model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
-        raise ValueError(f"DPM++ 2S a runs epsilon and v-prediction models, not {self.config.prediction_type!r}")

@@ -704,7 +704,8 @@ class Engine:
                 or self.registry.find(request.refiner_checkpoint) == self.model.entry):
             return None
         # The timesteps the pass will run, from a scheduler of its own kind (the pass's own is set by diffusers).
-        scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options)
+        scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options,
+                                    pass_steps=steps)
         timesteps = pass_timesteps(scheduler, schedule, steps)
         if request.refiner_switch_by_sample_steps:
             return first_refiner_call_by_count(len(timesteps), steps, scheduler.order, request.refiner_switch_at)
@@ -716,7 +717,8 @@ class Engine:
         skip = UncondSkip(request.skip_early_cond, request.s_min_uncond, request.s_min_uncond_all)
         if not skip.active or request.cfg_scale <= 1:
             return None
-        scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options)
+        scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options,
+                                    pass_steps=steps)
         plan = skip_plan(skip, pass_timesteps(scheduler, schedule, steps), scheduler.alphas_cumprod,
                          steps * scheduler.order)  # A1111's count: steps x 2 for a second-order sampler
         return SkipCalls(plan, images) if any(plan) else None
@@ -763,11 +765,13 @@ class Engine:
         return keys
 
     def _scheduler(self, sampler_name: str, schedule: str, shape: ScheduleShape = ScheduleShape(),
-                   unipc: UniPCOptions = UniPCOptions()):
+                   unipc: UniPCOptions = UniPCOptions(), pass_steps: int | None = None):
         """A fresh scheduler of this sampler and schedule type for the loaded model (`shape`: A1111's options that
-        reshape the schedule; `unipc`: its UniPC settings)."""
+        reshape the schedule; `unipc`: its UniPC settings; `pass_steps`: the steps of the schedule's tail a pass
+        runs)."""
         return keeping_estimates(make_scheduler(self._base_scheduler_config, sampler_name, schedule,
-                                                sdxl=is_sdxl(self.pipe), shape=shape, unipc=unipc))
+                                                sdxl=is_sdxl(self.pipe), shape=shape, unipc=unipc,
+                                                pass_steps=pass_steps))
 
     def sigma_table(self, shape: ScheduleShape = ScheduleShape()) -> np.ndarray:
         """The loaded model's sigma at each training timestep, smallest first, under the shape's noise schedule (and
@@ -981,7 +985,8 @@ class Engine:
         the hires fix's pass (the refiner's pass setting tells which it takes over in)."""
         sampler = sampler or (request.sampler_name, request.scheduler)
         merging = request.token_merging_ratio if merging is None else merging
-        pipe.scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options)
+        pipe.scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options,
+                                         pass_steps=steps)
         use_step_options(pipe.scheduler, sampler[0], StepOptions.of(request))
         if run.rng == "NV":
             drawing_from_philox(pipe.scheduler)

@@ -75,6 +75,8 @@ SAMPLERS: tuple[Sampler, ...] = (
     # (webui/engine/dpmpp_2s_ancestral.py)
     Sampler("DPM++ 2S a", "DPMPP2SAncestralScheduler", aliases=("k_dpmpp_2s_a", "k_dpmpp_2s_ancestral"),
             automatic="Karras", k_diffusion=True),
+    # Heun with restarts from 20 steps on (webui/engine/restart.py)
+    Sampler("Restart", "RestartScheduler", aliases=("restart",), automatic="Karras", k_diffusion=True),
     # DDIMScheduler clips its x0 estimate to [-1, 1] unless the model's config says otherwise; that is
     # meant for pixel-space models and ruins latents (A1111's DDIM never clips).
     Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}, aliases=("ddim",), schedules=NO_CUSTOM_SIGMAS),
@@ -261,9 +263,11 @@ POLYEXPONENTIAL_RHO = 1.0  # at which it is the exponential schedule
 
 
 def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str = "Automatic", sdxl: bool = False,
-                   shape: ScheduleShape = ScheduleShape(), unipc: UniPCOptions = UniPCOptions()):
+                   shape: ScheduleShape = ScheduleShape(), unipc: UniPCOptions = UniPCOptions(),
+                   pass_steps: int | None = None):
     """Build a fresh diffusers scheduler for one run from the model's scheduler config (an SDXL model's: `sdxl`,
-    which Align Your Steps' noise levels depend on; `shape`: A1111's schedule options; `unipc`: UniPC's)."""
+    which Align Your Steps' noise levels depend on; `shape`: A1111's schedule options; `unipc`: UniPC's;
+    `pass_steps`: the steps a pass that runs the schedule's tail runs, which Restart plans its restarts over)."""
     sampler_name, schedule = resolve_sampler(sampler_name, schedule)
     sampler = get_sampler(sampler_name)
     scheduler_class = _scheduler_class(sampler.scheduler_class)
@@ -283,6 +287,8 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
         options.update(_CUSTOM)
     scheduler = scheduler_class.from_config(_with_noise_schedule(base_config, shape), **options)
     _with_a1111_alpha_bars(scheduler, base_config, shape)
+    if hasattr(scheduler, "pass_steps"):
+        scheduler.pass_steps = pass_steps
     if discard and sigmas_for:
         sigmas_for = _without_the_penultimate_level(sigmas_for)
     elif discard:
@@ -296,7 +302,8 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
 # The schedulers of ours, by module: diffusers lacks them
 OWN_SCHEDULERS = {"DPMPP2SAncestralScheduler": "webui.engine.dpmpp_2s_ancestral",
                   "DPM2AncestralScheduler": "webui.engine.dpmpp_2s_ancestral",
-                  "DPMPP3MSDEScheduler": "webui.engine.dpmpp_3m_sde"}
+                  "DPMPP3MSDEScheduler": "webui.engine.dpmpp_3m_sde",
+                  "RestartScheduler": "webui.engine.restart"}
 
 
 def _scheduler_class(name: str):

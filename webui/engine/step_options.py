@@ -32,7 +32,7 @@ INFOTEXT_KEYS = {"eta_ddim": "Eta DDIM", "eta_ancestral": "Eta", "s_churn": "Sig
 LIMITS = {"eta_ddim": 1.0, "eta_ancestral": 1.0, "s_churn": 100.0, "s_tmin": 10.0, "s_tmax": 999.0, "s_noise": 1.1}
 FOLLOWS = {"DDIM": ("eta_ddim",), "Euler a": ("eta_ancestral",), "DPM2 a": ("eta_ancestral",),
            "DPM++ 2S a": ("eta_ancestral",),
-           "Euler": ("s_churn", "s_tmin", "s_tmax", "s_noise")}
+           "Euler": ("s_churn", "s_tmin", "s_tmax", "s_noise"), "Restart": ("s_noise",)}
 # What A1111's samplers of the same names follow, where ours cannot (their diffusers schedulers have no such parameter)
 _A1111_ALSO = {"DPM++ SDE": ("eta_ancestral",),
                "DPM++ 2M SDE": ("eta_ancestral",), "DPM++ 2M SDE Heun": ("eta_ancestral",),
@@ -43,6 +43,8 @@ _A1111_ALSO = {"DPM++ SDE": ("eta_ancestral",),
 _DRAWS_NOISE = {"Euler a": lambda options: options.eta_ancestral > 0, "DDIM": lambda options: options.eta_ddim > 0,
                 "Euler": lambda options: options.s_churn > 0, "DPM2 a": lambda options: options.eta_ancestral > 0,
                 "DPM++ 2S a": lambda options: options.eta_ancestral > 0,
+                # from 20 steps on; A1111's table has no uses_ensd for it, but its restarts' noise follows ENSD
+                "Restart": lambda options: options.s_noise > 0,
                 # (the SDE samplers' noise comes from Brownian trees of the seeds: webui/engine/brownian.py)
                 "LCM": lambda options: True}
 
@@ -86,6 +88,8 @@ def use_step_options(scheduler, sampler_name: str, options: StepOptions) -> None
         scheduler.step = _ancestral_step(scheduler, options.eta_ancestral)
     elif sampler_name in ("DPM2 a", "DPM++ 2S a"):
         scheduler.eta = options.eta_ancestral  # their levels follow it (webui/engine/dpmpp_2s_ancestral.py)
+    elif sampler_name == "Restart":
+        scheduler.s_noise = options.s_noise  # scales its restarts' noise (webui/engine/restart.py)
     elif sampler_name == "DDIM":
         _step_with(scheduler, eta=options.eta_ddim)  # the pipeline passes eta=0 itself: this one wins
     elif sampler_name == "Euler":

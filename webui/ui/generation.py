@@ -911,7 +911,7 @@ def step_options_widgets(kind: str) -> dict[str, Any]:
                                           "Euler a: how much of each step is fresh noise (0: a plain Euler)")
     with gr.Row():
         widgets["s_churn"] = slider("s_churn", "Sigma churn", 0.01, "Euler: noise added before each step (0: none)")
-        widgets["s_noise"] = slider("s_noise", "Sigma noise", 0.001, "Euler: its churn noise times this")
+        widgets["s_noise"] = slider("s_noise", "Sigma noise", 0.001, "Euler: its churn noise times this; Restart: its restarts' noise")
     with gr.Row():
         widgets["s_tmin"] = slider("s_tmin", "Sigma tmin", 0.01, "Euler: the churn from this noise level")
         widgets["s_tmax"] = slider("s_tmax", "Sigma tmax", 0.01, "Euler: the churn up to this noise level (0: all)")
