@@ -89,13 +89,14 @@ def test_a_run_starts_from_the_nv_noise_and_reproduces(engine, monkeypatch):
 
 
 @pytest.mark.parametrize("fields", [{"sampler_name": "Euler a"}, {"sampler_name": "Euler a", "eta_ancestral": 0.5},
-                                    {"sampler_name": "DDIM", "eta_ddim": 0.7}])
+                                    {"sampler_name": "DDIM", "eta_ddim": 0.7}, {"sampler_name": "DPM2 a"},
+                                    {"sampler_name": "DPM++ 2S a"}, {"sampler_name": "Restart", "steps": 36}])
 def test_a_sampler_that_draws_noise_as_it_steps_draws_it_from_the_images_nv_generators(engine, monkeypatch, fields):
     calls = []
     randn = PhiloxGenerator.randn
     monkeypatch.setattr(PhiloxGenerator, "randn", lambda self, *a, **k: calls.append(self.seed) or randn(self, *a, **k))
     [one, two] = draw(engine, (5, 6), randn_source="NV", **fields)
-    assert calls.count(5) == calls.count(6) >= 3  # the start noise, then every step's but the last
+    assert calls.count(5) == calls.count(6) >= 3  # the start noise, then every step's but the last (Restart: two)
     monkeypatch.undo()
     assert (draw(engine, (6,), randn_source="NV", **fields)[0] - two).__abs__().max() <= 1  # as a single run
     assert (draw(engine, (5,), randn_source="NV", eta_noise_seed_delta=31337, **fields)[0] != one).any()

@@ -146,6 +146,24 @@ def test_skip_early_cfg_counts_a_second_order_samplers_steps_twice_as_a1111(engi
     assert rows == [1, 1, 1, 1, 2]
 
 
+def test_ngms_plans_on_the_calls_the_pass_makes_with_its_eta(engine):
+    """DPM++ 2S a's midpoint calls move with Eta: at 0 its second call is at sigma 6.8, not eta 1's 3.2, so NGMS at 5
+    (every call) keeps the negative prompt there."""
+    rows, sigmas = [], []
+
+    def seen(_module, args, _out):
+        rows.append(args[0].shape[0])
+        sigmas.extend(sigmas_at([float(args[1])], engine.pipe.scheduler.alphas_cumprod))
+
+    handle = engine.pipe.unet.register_forward_hook(seen)
+    try:
+        pixels(engine, sampler_name="DPM++ 2S a", eta_ancestral=0.0, s_min_uncond=5.0, s_min_uncond_all=True)
+    finally:
+        handle.remove()
+    assert rows == [1 if sigma < 5.0 else 2 for sigma in sigmas]
+    assert rows[:3] == [2, 2, 1] and sigmas[1] > 6
+
+
 @pytest.mark.parametrize("fields, problem", [({"skip_early_cond": 1.5}, "skip_early_cond"),
                                              ({"s_min_uncond": -1}, "s_min_uncond"),
                                              ({"s_min_uncond": 16}, "s_min_uncond")])

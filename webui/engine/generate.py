@@ -704,8 +704,7 @@ class Engine:
                 or self.registry.find(request.refiner_checkpoint) == self.model.entry):
             return None
         # The timesteps the pass will run, from a scheduler of its own kind (the pass's own is set by diffusers).
-        scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options,
-                                    pass_steps=steps)
+        scheduler = self._pass_scheduler(request, sampler, steps)
         timesteps = pass_timesteps(scheduler, schedule, steps)
         if request.refiner_switch_by_sample_steps:
             return first_refiner_call_by_count(len(timesteps), steps, scheduler.order, request.refiner_switch_at)
@@ -717,8 +716,7 @@ class Engine:
         skip = UncondSkip(request.skip_early_cond, request.s_min_uncond, request.s_min_uncond_all)
         if not skip.active or request.cfg_scale <= 1:
             return None
-        scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options,
-                                    pass_steps=steps)
+        scheduler = self._pass_scheduler(request, sampler, steps)
         plan = skip_plan(skip, pass_timesteps(scheduler, schedule, steps), scheduler.alphas_cumprod,
                          steps * scheduler.order)  # A1111's count: steps x 2 for a second-order sampler
         return SkipCalls(plan, images) if any(plan) else None
@@ -772,6 +770,15 @@ class Engine:
         return keeping_estimates(make_scheduler(self._base_scheduler_config, sampler_name, schedule,
                                                 sdxl=is_sdxl(self.pipe), shape=shape, unipc=unipc,
                                                 pass_steps=pass_steps))
+
+    def _pass_scheduler(self, request: GenerationRequest, sampler: tuple[str, str], steps: int):
+        """A fresh scheduler as a pass of `steps` steps runs it: the sampler's options (eta moves DPM2 a's calls), the
+        request's schedule shape, and the tail it runs (Restart plans over it). What plans a pass's model calls ahead
+        (the refiner switch, skipped negative rows) must see the calls the pass makes."""
+        scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options,
+                                    pass_steps=steps)
+        use_step_options(scheduler, sampler[0], StepOptions.of(request))
+        return scheduler
 
     def sigma_table(self, shape: ScheduleShape = ScheduleShape()) -> np.ndarray:
         """The loaded model's sigma at each training timestep, smallest first, under the shape's noise schedule (and
@@ -985,9 +992,7 @@ class Engine:
         the hires fix's pass (the refiner's pass setting tells which it takes over in)."""
         sampler = sampler or (request.sampler_name, request.scheduler)
         merging = request.token_merging_ratio if merging is None else merging
-        pipe.scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options,
-                                         pass_steps=steps)
-        use_step_options(pipe.scheduler, sampler[0], StepOptions.of(request))
+        pipe.scheduler = self._pass_scheduler(request, sampler, steps)
         if run.rng == "NV":
             drawing_from_philox(pipe.scheduler)
         if hasattr(pipe.scheduler, "noise_sampler_seed"):

@@ -99,10 +99,15 @@ def philox_noise(shape: tuple[int, ...], generator, device=None, dtype=None) -> 
 
 
 def drawing_from_philox(scheduler) -> None:
-    """Let the scheduler's module draw its step noise (diffusers' randn_tensor, which it imports by name) from
-    PhiloxGenerators; other generators still go to diffusers' own function. Installed once per module, and harmless
-    to other runs."""
-    module = sys.modules[type(scheduler).__module__]
+    """Let the scheduler's modules draw its step noise (diffusers' randn_tensor, which each imports by name) from
+    PhiloxGenerators; other generators still go to diffusers' own function. Every module along its class's bases is
+    patched: a scheduler of ours may draw in the diffusers step it inherits (DPM2 a). Installed once per module, and
+    harmless to other runs."""
+    for module in {sys.modules[cls.__module__] for cls in type(scheduler).__mro__}:
+        _drawing_from_philox_in(module)
+
+
+def _drawing_from_philox_in(module) -> None:
     original = getattr(module, "randn_tensor", None)
     if original is None or getattr(original, "draws_from_philox", False):
         return
