@@ -11,33 +11,42 @@ from tests.test_samplers import SD15_SCHEDULER
 from webui.engine.brownian import brownian_draws_from, with_brownian_noise
 from webui.engine.philox import PhiloxGenerator
 from webui.engine.samplers import make_scheduler
+from webui.engine.step_options import StepOptions, use_step_options
 from webui.schemas import GenerationRequest
 
 SEEDS = [3, 7]
 
 
-def kdiffusion_2m_sde(sigmas, x, eps, noise_sampler, heun=False):
-    """k-diffusion's sample_dpmpp_2m_sde (eta 1, s_noise 1) with A1111's noise sampler."""
+def kdiffusion_2m_sde(sigmas, x, eps, noise_sampler, heun=False, eta=1.0, s_noise=1.0):
+    """k-diffusion's sample_dpmpp_2m_sde with A1111's noise sampler."""
     old_denoised = h_last = None
     for i in range(len(sigmas) - 1):
         denoised = x - sigmas[i] * eps(x, sigmas[i])
         if sigmas[i + 1] == 0:
             return denoised
         h = sigmas[i].log() - sigmas[i + 1].log()
-        x = sigmas[i + 1] / sigmas[i] * (-h).exp() * x + (-2 * h).expm1().neg() * denoised
+        eta_h = eta * h
+        x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
         if old_denoised is not None:
             r = h_last / h
-            factor = ((-2 * h).expm1().neg() / (-2 * h) + 1) if heun else 0.5 * (-2 * h).expm1().neg()
+            factor = ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) if heun else 0.5 * (-h - eta_h).expm1().neg()
             x = x + factor * (1 / r) * (denoised - old_denoised)
-        x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h).expm1().neg().sqrt()
+        if eta:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
         old_denoised, h_last = denoised, h
     return x
 
 
+# A1111's Eta for ancestral samplers and Sigma noise, which its SDE samplers take: the defaults, both off them, no noise
+OPTIONS = [(1.0, 1.0), (0.5, 0.8), (0.0, 1.0)]
+
+
 @pytest.mark.parametrize("sampler, heun", [("DPM++ 2M SDE", False), ("DPM++ 2M SDE Heun", True)])
-def test_the_multistep_sde_samplers_step_with_a1111s_brownian_noise(sampler, heun):
+@pytest.mark.parametrize("eta, s_noise", OPTIONS)
+def test_the_multistep_sde_samplers_step_with_a1111s_brownian_noise(sampler, heun, eta, s_noise):
     """DPM++ 2M SDE Heun is A1111's solver_type heun: the same solver with the Heun correction."""
     scheduler = make_scheduler(SD15_SCHEDULER, sampler, "Karras")
+    use_step_options(scheduler, sampler, StepOptions(eta_ancestral=eta, s_noise=s_noise))
     scheduler.set_timesteps(5)
     with_brownian_noise(scheduler, SEEDS)
     generator = torch.Generator().manual_seed(1)
@@ -53,7 +62,10 @@ def test_the_multistep_sde_samplers_step_with_a1111s_brownian_noise(sampler, heu
         sample = scheduler.step(eps(sample * (1 + sigma ** 2) ** 0.5, sigma), timestep, sample).prev_sample
     sigmas = scheduler.sigmas
     trees = BrownianTreeNoiseSampler(start, sigmas[sigmas > 0].min(), sigmas.max(), seed=SEEDS)
-    torch.testing.assert_close(sample, kdiffusion_2m_sde(sigmas, start, eps, trees, heun), rtol=1e-4, atol=1e-4)
+    expected = kdiffusion_2m_sde(sigmas, start, eps, trees, heun, eta, s_noise)
+    torch.testing.assert_close(sample, expected, rtol=1e-4, atol=1e-4)
+    if (eta, s_noise) != (1.0, 1.0):  # not the defaults' picture
+        assert not torch.allclose(sample, kdiffusion_2m_sde(sigmas, start, eps, trees, heun), atol=1e-2)
     plain = make_scheduler(SD15_SCHEDULER, sampler, "Karras")  # diffusers' own normal draws: another picture
     plain.set_timesteps(5)
     other = start / (1 + plain.sigmas[0] ** 2) ** 0.5
@@ -120,33 +132,37 @@ def test_the_nv_source_changes_them(engine):
     assert not np.array_equal(nv, plain) and np.array_equal(run(engine, [5], randn_source="NV")[0], nv)
 
 
-def kdiffusion_3m_sde(sigmas, x, eps, noise_sampler):
-    """k-diffusion's sample_dpmpp_3m_sde (eta 1, s_noise 1) with A1111's noise sampler."""
+def kdiffusion_3m_sde(sigmas, x, eps, noise_sampler, eta=1.0, s_noise=1.0):
+    """k-diffusion's sample_dpmpp_3m_sde with A1111's noise sampler."""
     denoised_1 = denoised_2 = h_1 = h_2 = None
     for i in range(len(sigmas) - 1):
         denoised = x - sigmas[i] * eps(x, sigmas[i])
         if sigmas[i + 1] == 0:
             return denoised
         h = sigmas[i].log() - sigmas[i + 1].log()
-        x = torch.exp(-2 * h) * x + (-2 * h).expm1().neg() * denoised
-        phi_2 = (-2 * h).expm1() / (2 * h) + 1
+        h_eta = h * (eta + 1)
+        x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+        phi_2 = (-h_eta).expm1() / h_eta + 1
         if h_2 is not None:
             r0, r1 = h_1 / h, h_2 / h
             d1_0, d1_1 = (denoised - denoised_1) / r0, (denoised_1 - denoised_2) / r1
             d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
             d2 = (d1_0 - d1_1) / (r0 + r1)
-            x = x + phi_2 * d1 - (phi_2 / (2 * h) - 0.5) * d2
+            x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
         elif h_1 is not None:
             x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
-        x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h).expm1().neg().sqrt()
+        if eta:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
     return x
 
 
 @pytest.mark.parametrize("steps", [4, 8])
-def test_dpmpp_3m_sde_steps_as_k_diffusions(steps):
+@pytest.mark.parametrize("eta, s_noise", OPTIONS)
+def test_dpmpp_3m_sde_steps_as_k_diffusions(steps, eta, s_noise):
     scheduler = make_scheduler(SD15_SCHEDULER, "DPM++ 3M SDE", "Karras")
+    use_step_options(scheduler, "DPM++ 3M SDE", StepOptions(eta_ancestral=eta, s_noise=s_noise))
     scheduler.set_timesteps(steps)
     with_brownian_noise(scheduler, SEEDS)
     generator = torch.Generator().manual_seed(4)
@@ -162,17 +178,21 @@ def test_dpmpp_3m_sde_steps_as_k_diffusions(steps):
         sigma = sigmas[scheduler.step_index or 0]
         sample = scheduler.step(eps(sample * (1 + sigma ** 2) ** 0.5, sigma), timestep, sample).prev_sample
     trees = BrownianTreeNoiseSampler(start, sigmas[sigmas > 0].min(), sigmas.max(), seed=SEEDS)
-    torch.testing.assert_close(sample, kdiffusion_3m_sde(sigmas, start, eps, trees), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sample, kdiffusion_3m_sde(sigmas, start, eps, trees, eta, s_noise), rtol=1e-4, atol=1e-4)
+    if (eta, s_noise) != (1.0, 1.0):
+        assert not torch.allclose(sample, kdiffusion_3m_sde(sigmas, start, eps, trees), atol=1e-2)
 
 
-def kdiffusion_sde(sigmas, x, eps, noise_sampler):
-    """k-diffusion's sample_dpmpp_sde (eta 1, s_noise 1, r 1/2) with A1111's noise sampler, in its own arithmetic
-    (the levels through t = -log sigma and back: the tree's numbers depend on their last bits)."""
+def kdiffusion_sde(sigmas, x, eps, noise_sampler, eta=1.0, s_noise=1.0):
+    """k-diffusion's sample_dpmpp_sde (r 1/2) with A1111's noise sampler, in its own arithmetic (the levels through
+    t = -log sigma and back: the tree's numbers depend on their last bits)."""
     def sigma_of(t):
         return t.neg().exp()
 
-    def ancestral(sigma_from, sigma_to):  # k-diffusion's get_ancestral_step at eta 1
-        up = min(sigma_to, (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    def ancestral(sigma_from, sigma_to):  # k-diffusion's get_ancestral_step
+        if not eta:
+            return sigma_to, 0.0
+        up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
         return (sigma_to ** 2 - up ** 2) ** 0.5, up
 
     for i in range(len(sigmas) - 1):
@@ -184,20 +204,22 @@ def kdiffusion_sde(sigmas, x, eps, noise_sampler):
         down, up = ancestral(sigma_of(t), sigma_of(s))
         s_ = down.log().neg()
         x_2 = sigma_of(s_) / sigma_of(t) * x - (t - s_).expm1() * denoised
-        x_2 = x_2 + noise_sampler(sigma_of(t), sigma_of(s)) * up
+        x_2 = x_2 + noise_sampler(sigma_of(t), sigma_of(s)) * s_noise * up
         denoised_2 = x_2 - sigma_of(s) * eps(x_2, sigma_of(s))
         down, up = ancestral(sigma_of(t), sigma_of(t_next))
         t_next_ = down.log().neg()
         x = sigma_of(t_next_) / sigma_of(t) * x - (t - t_next_).expm1() * denoised_2
-        x = x + noise_sampler(sigma_of(t), sigma_of(t_next)) * up
+        x = x + noise_sampler(sigma_of(t), sigma_of(t_next)) * s_noise * up
     return x
 
 
-def test_dpmpp_sde_steps_as_k_diffusions_with_its_noise():
+@pytest.mark.parametrize("eta, s_noise", OPTIONS)
+def test_dpmpp_sde_steps_as_k_diffusions_with_its_noise(eta, s_noise):
     """diffusers' DPM++ SDE, given the pictures' seeds (as the engine gives them), on A1111's Karras levels."""
     import warnings
 
     scheduler = make_scheduler(SD15_SCHEDULER, "DPM++ SDE", "Karras")
+    use_step_options(scheduler, "DPM++ SDE", StepOptions(eta_ancestral=eta, s_noise=s_noise))
     scheduler.set_timesteps(4)
     scheduler.noise_sampler_seed = SEEDS
     generator = torch.Generator().manual_seed(6)
@@ -215,5 +237,7 @@ def test_dpmpp_sde_steps_as_k_diffusions_with_its_noise():
             sample = scheduler.step(eps(sample, (1 / scale ** 2 - 1) ** 0.5), timestep, sample).prev_sample
         sigmas = torch.cat([scheduler.sigmas[:1], scheduler.sigmas[1::2]])  # the levels without the midpoints
         trees = BrownianTreeNoiseSampler(start, sigmas[sigmas > 0].min(), sigmas.max(), seed=SEEDS)
-        expected = kdiffusion_sde(sigmas, start, eps, trees)
+        expected = kdiffusion_sde(sigmas, start, eps, trees, eta, s_noise)
+        defaults = kdiffusion_sde(sigmas, start, eps, trees)
     torch.testing.assert_close(sample, expected, rtol=1e-4, atol=1e-4)
+    assert (eta, s_noise) == (1.0, 1.0) or not torch.allclose(sample, defaults, atol=1e-2)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from webui.engine.restart import RestartScheduler
 from webui.engine.samplers import ScheduleShape, make_scheduler
-from webui.engine.step_options import StepOptions, draws_noise, use_step_options
+from webui.engine.step_options import StepOptions, draws_noise
 from webui.schemas import GenerationRequest
 from webui.storage.infotext import request_fields_from_infotext
 from tests.test_samplers import SD15_SCHEDULER
@@ -43,13 +43,13 @@ def a1111_restart_steps(levels: torch.Tensor) -> list[tuple[torch.Tensor, torch.
     return pairs
 
 
-def a1111_restart(levels: torch.Tensor, x: torch.Tensor, eps, draws, s_noise: float = 1.0) -> torch.Tensor:
+def a1111_restart(levels: torch.Tensor, x: torch.Tensor, eps, draws) -> torch.Tensor:
     """A1111's Restart on a model whose noise estimate at (x, sigma) is eps(x, sigma): Heun steps (Euler to 0), and
     before a step that starts above where the last ended, noise to bring the picture up there."""
     last = None
     for start, end in a1111_restart_steps(levels):
         if last is not None and last < start:
-            x = x + next(draws) * s_noise * (start ** 2 - last ** 2) ** 0.5
+            x = x + next(draws) * (start ** 2 - last ** 2) ** 0.5
         slope = eps(x, start)
         if end == 0:
             x = x + slope * (end - start)
@@ -116,17 +116,10 @@ def test_below_20_steps_restart_is_heun_on_karras():
     assert torch.equal(restart.timesteps, heun.timesteps) and torch.equal(restart.sigmas, heun.sigmas)
 
 
-def test_sigma_noise_scales_the_restarts_noise_and_enters_the_infotext_keys():
-    scheduler = make_scheduler(SD15_SCHEDULER, "Restart")
-    use_step_options(scheduler, "Restart", StepOptions(s_noise=0.5))
-    scheduler.set_timesteps(25)
-    eps = model()
-    start = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 14.6
-    ours, _ = run(scheduler, start, eps)
-    torch.testing.assert_close(ours, a1111_restart(heun_levels(25), start, eps, draws(), s_noise=0.5),
-                               rtol=1e-5, atol=1e-5)
-    assert StepOptions(s_noise=0.5, s_churn=2.0).followed("Restart") == {"s_noise": 0.5}  # A1111 passes it s_noise
-    assert draws_noise("Restart", StepOptions()) and not draws_noise("Restart", StepOptions(s_noise=0.0))
+def test_restart_takes_no_eta_or_sigma_noise_as_a1111s_and_draws_noise_for_ensd():
+    """A1111 passes Restart none of its sampler parameters (its function is not in sampler_extra_params)."""
+    assert StepOptions(s_noise=0.5, eta_ancestral=0.5, s_churn=2.0).followed("Restart") == {}
+    assert draws_noise("Restart", StepOptions())
 
 
 def test_a_pass_over_the_schedules_tail_plans_its_restarts_over_that_tail():
@@ -175,7 +168,7 @@ def test_the_engine_runs_restart_reproducibly_and_its_noise_follows_ensd(engine)
     plain = pixels(engine)
     assert np.array_equal(pixels(engine), plain)
     assert not np.array_equal(pixels(engine, eta_noise_seed_delta=31337), plain)
-    assert not np.array_equal(pixels(engine, s_noise=0.5), plain)
+    assert np.array_equal(pixels(engine, s_noise=0.5, eta_ancestral=0.5), plain)  # A1111's Restart takes neither
     heun = pixels(engine, steps=8, sampler_name="Heun", scheduler="Karras")
     assert np.array_equal(pixels(engine, steps=8), heun)  # below 20 steps: Heun, no noise drawn, ENSD changes nothing
     assert np.array_equal(pixels(engine, steps=8, eta_noise_seed_delta=31337), heun)
@@ -212,9 +205,9 @@ def test_the_infotext_and_the_api_name_restart(services):
 
     image = finished_job(services, QUICK | {"s_noise": 0.9, "eta_noise_seed_delta": 5}).images[0]
     assert "Sampler: Restart" in image.infotext and "Schedule type: Karras" in image.infotext
-    assert "Sigma noise: 0.9" in image.infotext and "ENSD: 5" in image.infotext
+    assert "Sigma noise" not in image.infotext and "ENSD: 5" in image.infotext
     pasted = request_fields_from_infotext(image.infotext)
-    assert (pasted["sampler_name"], pasted["s_noise"], pasted["eta_noise_seed_delta"]) == ("Restart", 0.9, 5)
+    assert (pasted["sampler_name"], pasted["eta_noise_seed_delta"]) == ("Restart", 5)
     from fastapi.testclient import TestClient
     from webui.api import create_api_app
 

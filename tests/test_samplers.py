@@ -402,7 +402,8 @@ def test_the_schedule_rho_bends_karras_and_the_table_schedules_ignore_the_range(
         assert torch.equal(plain.sigmas, shaped.sigmas), schedule
 
 
-def kdiffusion_2s_ancestral(sigmas: torch.Tensor, x: torch.Tensor, eps, noise, eta: float = 1.0) -> torch.Tensor:
+def kdiffusion_2s_ancestral(sigmas: torch.Tensor, x: torch.Tensor, eps, noise, eta: float = 1.0,
+                            s_noise: float = 1.0) -> torch.Tensor:
     """k-diffusion's sample_dpmpp_2s_ancestral on a model whose noise estimate at (x, sigma) is eps(x, sigma), with
     the given noise draws."""
     draws = iter(noise)
@@ -421,17 +422,17 @@ def kdiffusion_2s_ancestral(sigmas: torch.Tensor, x: torch.Tensor, eps, noise, e
             denoised_2 = x_2 - s.neg().exp() * eps(x_2, s.neg().exp())
             x = (t_next.neg().exp() / t.neg().exp()) * x - (-h).expm1() * denoised_2
         if sigma_next > 0:
-            x = x + next(draws) * sigma_up
+            x = x + next(draws) * s_noise * sigma_up
     return x
 
 
-@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
-def test_dpmpp_2s_a_steps_as_k_diffusions_ancestral_sampler(eta):
-    """At A1111's Eta for ancestral samplers too (0: DPM++ 2S, no noise)."""
+@pytest.mark.parametrize("eta, s_noise", [(1.0, 1.0), (0.5, 1.0), (0.0, 1.0), (1.0, 0.7)])
+def test_dpmpp_2s_a_steps_as_k_diffusions_ancestral_sampler(eta, s_noise):
+    """At A1111's Eta for ancestral samplers too (0: DPM++ 2S, no noise), and its Sigma noise."""
     from webui.engine.step_options import StepOptions, use_step_options
 
     scheduler = make_scheduler(SD15_SCHEDULER, "DPM++ 2S a", "Karras")
-    use_step_options(scheduler, "DPM++ 2S a", StepOptions(eta_ancestral=eta))
+    use_step_options(scheduler, "DPM++ 2S a", StepOptions(eta_ancestral=eta, s_noise=s_noise))
     steps = 4
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(5)
@@ -453,9 +454,9 @@ def test_dpmpp_2s_a_steps_as_k_diffusions_ancestral_sampler(eta):
     draws_generator = torch.Generator().manual_seed(9)
     noise = [torch.randn(1, 4, 2, 2, generator=draws_generator, dtype=torch.float64) for _ in range(steps - 1)]
     sigmas = torch.tensor([float(s) for s in a1111_karras(steps, sd15_sigmas())] + [0.0], dtype=torch.float64)
-    expected = kdiffusion_2s_ancestral(sigmas, start, eps, noise, eta)
+    expected = kdiffusion_2s_ancestral(sigmas, start, eps, noise, eta, s_noise)
     torch.testing.assert_close(sample, expected, rtol=1e-4, atol=1e-4)
-    if eta != 1.0:  # the levels moved: not eta 1's picture
+    if (eta, s_noise) != (1.0, 1.0):  # the levels or the noise moved: not the defaults' picture
         assert not torch.allclose(sample, kdiffusion_2s_ancestral(sigmas, start, eps, noise), atol=1e-3)
 
 

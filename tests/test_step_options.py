@@ -151,6 +151,18 @@ def test_dpm2_a_and_dpmpp_2s_a_follow_the_ancestral_eta_as_a1111s(engine, sample
     assert StepOptions.of(request).followed(sampler) == {"eta_ancestral": 0.5}  # the infotext's Eta
 
 
+@pytest.mark.parametrize("sampler", ["DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE", "DPM2 a"])
+def test_the_sde_samplers_and_dpm2_a_take_eta_and_sigma_noise_as_a1111s(engine, sampler):
+    """A1111 hands them both (their k-diffusion functions take eta; its sampler_extra_params lists s_noise)."""
+    plain = pixels(engine, sampler_name=sampler)
+    for options in ({"eta_ancestral": 0.5}, {"s_noise": 0.5}):
+        changed = pixels(engine, sampler_name=sampler, **options)
+        assert not np.array_equal(changed, plain) and np.array_equal(pixels(engine, sampler_name=sampler, **options),
+                                                                     changed)
+    assert StepOptions(eta_ancestral=0.5, s_noise=0.9, s_churn=1.0).followed(sampler) == {"eta_ancestral": 0.5,
+                                                                                         "s_noise": 0.9}
+
+
 def test_ensd_is_the_ancestral_noise_of_seed_plus_delta(engine, monkeypatch):
     """With ENSD, the start noise is the seed's and the steps' noise that of seed + delta: drawn from a generator of
     that seed, it is what a run of seed + delta would draw after its start noise."""
@@ -274,7 +286,6 @@ def test_the_api_warns_when_the_sampler_here_cannot_follow_what_a1111s_would(ser
         followed = client.post("/sdapi/v1/txt2img", json=body | {"sampler_name": "Euler a", "eta": 0.5})
         plain = client.post("/sdapi/v1/txt2img", json=body | {"sampler_name": "DPM++ 2M", "eta": 0.5})
     infos = [json.loads(response.json()["info"]) for response in (sde, heun, followed, plain)]
-    assert any("eta: DPM++ 2M SDE here takes no eta_ancestral" in warning for warning in infos[0]["warnings"])
-    assert "Eta:" not in infos[0]["infotexts"][0]  # it ran without
+    assert not infos[0]["warnings"] and "Eta: 0.5" in infos[0]["infotexts"][0]  # A1111's SDE samplers take eta, ours too
     assert any("s_churn: Heun here takes no s_churn" in warning for warning in infos[1]["warnings"])
     assert not infos[2]["warnings"] and not infos[3]["warnings"]  # A1111's DPM++ 2M takes no eta either

@@ -224,15 +224,16 @@ class GenerationRequest(BaseModel):
     # A1111's step options (webui/engine/step_options.py: which samplers follow each) and its Eta noise seed delta.
     eta_ddim: float = Field(0.0, ge=0.0, le=STEP_LIMITS["eta_ddim"], description="DDIM: how much fresh noise each step "
                             "adds (0: deterministic; A1111's Eta for DDIM)")
-    eta_ancestral: float = Field(1.0, ge=0.0, le=STEP_LIMITS["eta_ancestral"], description="Euler a: how much of each "
-                                 "step is fresh noise (0: none, a plain Euler; A1111's Eta for ancestral samplers)")
+    eta_ancestral: float = Field(1.0, ge=0.0, le=STEP_LIMITS["eta_ancestral"], description="Euler a, DPM2 a, DPM++ 2S a "
+                                 "and the SDE samplers: how much of each step is fresh noise (0: none, Euler a a plain "
+                                 "Euler; A1111's Eta for ancestral samplers)")
     s_churn: float = Field(0.0, ge=0.0, le=STEP_LIMITS["s_churn"], description="Euler: sigma churn, noise added before "
                            "each step to raise its noise level (0: none)")
     s_tmin: float = Field(0.0, ge=0.0, le=STEP_LIMITS["s_tmin"], description="Euler: the churn applies from this sigma")
     s_tmax: float = Field(0.0, ge=0.0, le=STEP_LIMITS["s_tmax"], description="Euler: the churn applies up to this sigma "
                           "(0: no limit)")
-    s_noise: float = Field(1.0, ge=0.0, le=STEP_LIMITS["s_noise"], description="Euler: its churn noise times this; "
-                           "Restart: its restarts' noise (sigma noise)")
+    s_noise: float = Field(1.0, ge=0.0, le=STEP_LIMITS["s_noise"], description="the noise Euler's churn, DPM2 a, DPM++ 2S a "
+                           "and the SDE samplers add, times this (sigma noise)")
     eta_noise_seed_delta: int = Field(0, ge=0, le=MAX_SEED, description="the noise a sampler draws after the start "
                                       "noise comes from seed + this (A1111's ENSD; 0: the seed's own)")
     randn_source: RandnSource | None = Field(None, description="where the noise comes from (A1111's Random number "

@@ -12,7 +12,7 @@ replaced; the last step (to sigma 0) is a single Euler call in both.
 
 Both take A1111's Eta for ancestral samplers (`eta`): sigma_up is eta times the full ancestral step's (capped at the
 next sigma), so sigma_down, and with it the midpoint where the second call is made, move too (diffusers' DPM2 a works
-its levels out at eta 1 alone).
+its levels out at eta 1 alone); and its Sigma noise (`s_noise`), which scales the noise each step adds.
 """
 from __future__ import annotations
 
@@ -34,13 +34,17 @@ def denoised_of(prediction_type: str, model_output: torch.Tensor, sample: torch.
 
 
 class _AtEta:
-    """An ancestral two-call scheduler whose levels follow `eta` (1: diffusers' own)."""
+    """An ancestral two-call scheduler whose levels follow `eta` (1: diffusers' own), and whose step noise is
+    `s_noise` times sigma_up (A1111's Sigma noise; sigma_up sizes nothing else)."""
     eta: float = 1.0
+    s_noise: float = 1.0
 
     def set_timesteps(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
         if self.eta != 1.0:
             self._levels_at_eta()
+        if self.s_noise != 1.0:
+            self.sigmas_up = self.sigmas_up * self.s_noise
 
     def _levels_at_eta(self) -> None:
         """sigma_up, sigma_down and the midpoints again at eta, laid out as diffusers lays them (each level but the

@@ -4,7 +4,8 @@ It is Heun's sampler (k-diffusion's: two model calls a step, one for the last st
 20 steps on, goes back up once or twice: after the step that lands nearest sigma 0.1, fresh noise lifts the picture
 to the level nearest sigma 2 and a short Karras schedule brings it down again. A1111 keeps the step count: the main
 schedule loses the steps the restarts take, and is laid out again as Karras between the given schedule's largest and
-smallest levels (the schedule type only sets those ends then). Below 20 steps it is plain Heun.
+smallest levels (the schedule type only sets those ends then). Below 20 steps it is plain Heun. A1111 hands it
+neither eta nor Sigma noise.
 
 img2img and the hires fix run a schedule's tail: A1111 hands Restart that tail, so the restarts are planned over the
 steps the pass runs (`pass_steps`), not over the whole schedule.
@@ -63,7 +64,6 @@ def restart_noise(plan: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.T
 
 
 class RestartScheduler(HeunDiscreteScheduler):
-    s_noise: float = 1.0  # A1111's Sigma noise: scales the restarts' noise
     pass_steps: int | None = None  # the steps the pass runs, the tail of the schedule set (None: all of it)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, *args, **kwargs):
@@ -121,7 +121,7 @@ class RestartScheduler(HeunDiscreteScheduler):
         if lift is not None:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                  dtype=model_output.dtype)
-            prev_sample = prev_sample + noise * self.s_noise * lift
+            prev_sample = prev_sample + noise * lift
         self._step_index += 1
         if not return_dict:
             return prev_sample, denoised

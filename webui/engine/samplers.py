@@ -58,15 +58,16 @@ SAMPLERS: tuple[Sampler, ...] = (
             k_diffusion=True, discards_penultimate=True),
     Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
             aliases=("k_dpmpp_2m",), automatic="Karras", k_diffusion=True),
-    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", aliases=("k_dpmpp_sde",), automatic="Karras", k_diffusion=True),
-    Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler",
+    # the SDE samplers take A1111's eta and Sigma noise (webui/engine/dpmpp_sde.py)
+    Sampler("DPM++ SDE", "DPMPPSDEScheduler", aliases=("k_dpmpp_sde",), automatic="Karras", k_diffusion=True),
+    Sampler("DPM++ 2M SDE", "DPMPP2MSDEScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, aliases=("k_dpmpp_2m_sde",),
             automatic="Exponential", k_diffusion=True),
     # the same solver with k-diffusion's Heun correction in place of the midpoint one (A1111's solver_type heun)
-    Sampler("DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler",
+    Sampler("DPM++ 2M SDE Heun", "DPMPP2MSDEScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
             aliases=("k_dpmpp_2m_sde_heun",), automatic="Exponential", k_diffusion=True),
-    # k-diffusion's third-order SDE solver (webui/engine/dpmpp_3m_sde.py): its phi_2 warm-up step (diffusers' heun)
+    # k-diffusion's third-order SDE solver: its phi_2 warm-up step (diffusers' heun)
     # and no lower-order last steps; it drops the next-to-last sigma, as A1111's table says
     Sampler("DPM++ 3M SDE", "DPMPP3MSDEScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun", "lower_order_final": False},
@@ -302,7 +303,9 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
 # The schedulers of ours, by module: diffusers lacks them
 OWN_SCHEDULERS = {"DPMPP2SAncestralScheduler": "webui.engine.dpmpp_2s_ancestral",
                   "DPM2AncestralScheduler": "webui.engine.dpmpp_2s_ancestral",
-                  "DPMPP3MSDEScheduler": "webui.engine.dpmpp_3m_sde",
+                  "DPMPPSDEScheduler": "webui.engine.dpmpp_sde",
+                  "DPMPP2MSDEScheduler": "webui.engine.dpmpp_sde",
+                  "DPMPP3MSDEScheduler": "webui.engine.dpmpp_sde",
                   "RestartScheduler": "webui.engine.restart"}
 
 

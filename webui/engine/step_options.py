@@ -2,13 +2,14 @@
 
 - Eta for DDIM (`eta_ddim`, 0 by default): how much fresh noise each DDIM step adds (0: deterministic DDIM).
 - Eta for ancestral samplers (`eta_ancestral`, 1 by default): how much of an ancestral step is noise; 0 makes
-  Euler a a plain Euler, DPM2 a a DPM2 and DPM++ 2S a a DPM++ 2S.
+  Euler a a plain Euler, DPM2 a a DPM2 and DPM++ 2S a a DPM++ 2S. The SDE samplers take it too (0: their ODE solvers).
 - Sigma churn, tmin, tmax and noise (`s_churn`, `s_tmin`, `s_tmax`, `s_noise`): Karras et al.'s stochastic
   sampling, which raises the noise level a little before each step whose sigma lies in [tmin, tmax] (tmax 0: no
-  upper limit) and adds noise to match; sigma noise scales that noise.
+  upper limit) and adds noise to match; sigma noise scales that noise, and the noise DPM2 a, DPM++ 2S a and the SDE
+  samplers add as they step.
 
-Only the samplers whose diffusers scheduler can do it follow them (FOLLOWS); A1111 has Heun and DPM2 take the churn
-too, and the SDE samplers eta, which their diffusers schedulers cannot. Where a sampler
+The samplers follow what A1111's of the same names follow (FOLLOWS), but for Heun's and DPM2's churn, which their
+diffusers schedulers cannot do. Where a sampler
 does not follow one, it is left out of the infotext, as A1111 leaves out those its samplers do not take.
 
 Euler's churn is diffusers' (EulerDiscreteScheduler): it adds the churn noise after the model call of the step, where
@@ -30,21 +31,22 @@ INFOTEXT_KEYS = {"eta_ddim": "Eta DDIM", "eta_ancestral": "Eta", "s_churn": "Sig
                  "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
 # A1111's slider ranges
 LIMITS = {"eta_ddim": 1.0, "eta_ancestral": 1.0, "s_churn": 100.0, "s_tmin": 10.0, "s_tmax": 999.0, "s_noise": 1.1}
-FOLLOWS = {"DDIM": ("eta_ddim",), "Euler a": ("eta_ancestral",), "DPM2 a": ("eta_ancestral",),
-           "DPM++ 2S a": ("eta_ancestral",),
-           "Euler": ("s_churn", "s_tmin", "s_tmax", "s_noise"), "Restart": ("s_noise",)}
+# As A1111's (its sampler_extra_params and the samplers whose k-diffusion function takes eta): Euler a takes no Sigma
+# noise there, Restart none of them
+_ETA_AND_NOISE = ("eta_ancestral", "s_noise")
+FOLLOWS = {"DDIM": ("eta_ddim",), "Euler a": ("eta_ancestral",), "DPM2 a": _ETA_AND_NOISE,
+           "DPM++ 2S a": _ETA_AND_NOISE, "DPM++ SDE": _ETA_AND_NOISE, "DPM++ 2M SDE": _ETA_AND_NOISE,
+           "DPM++ 2M SDE Heun": _ETA_AND_NOISE, "DPM++ 3M SDE": _ETA_AND_NOISE,
+           "Euler": ("s_churn", "s_tmin", "s_tmax", "s_noise")}
 # What A1111's samplers of the same names follow, where ours cannot (their diffusers schedulers have no such parameter)
-_A1111_ALSO = {"DPM++ SDE": ("eta_ancestral",),
-               "DPM++ 2M SDE": ("eta_ancestral",), "DPM++ 2M SDE Heun": ("eta_ancestral",),
-               "DPM++ 3M SDE": ("eta_ancestral",), "Heun": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
-               "DPM2": ("s_churn", "s_tmin", "s_tmax", "s_noise")}
+_A1111_ALSO = {"Heun": ("s_churn", "s_tmin", "s_tmax", "s_noise"), "DPM2": ("s_churn", "s_tmin", "s_tmax", "s_noise")}
 # The samplers that draw fresh noise from the images' generators as they step, when they do: their pictures are the
 # ones A1111's Eta noise seed delta changes.
 _DRAWS_NOISE = {"Euler a": lambda options: options.eta_ancestral > 0, "DDIM": lambda options: options.eta_ddim > 0,
                 "Euler": lambda options: options.s_churn > 0, "DPM2 a": lambda options: options.eta_ancestral > 0,
                 "DPM++ 2S a": lambda options: options.eta_ancestral > 0,
                 # from 20 steps on; A1111's table has no uses_ensd for it, but its restarts' noise follows ENSD
-                "Restart": lambda options: options.s_noise > 0,
+                "Restart": lambda options: True,
                 # (the SDE samplers' noise comes from Brownian trees of the seeds: webui/engine/brownian.py)
                 "LCM": lambda options: True}
 
@@ -86,10 +88,9 @@ def use_step_options(scheduler, sampler_name: str, options: StepOptions) -> None
         return
     if sampler_name == "Euler a":
         scheduler.step = _ancestral_step(scheduler, options.eta_ancestral)
-    elif sampler_name in ("DPM2 a", "DPM++ 2S a"):
-        scheduler.eta = options.eta_ancestral  # their levels follow it (webui/engine/dpmpp_2s_ancestral.py)
-    elif sampler_name == "Restart":
-        scheduler.s_noise = options.s_noise  # scales its restarts' noise (webui/engine/restart.py)
+    elif FOLLOWS[sampler_name] == _ETA_AND_NOISE:
+        # their steps follow both (webui/engine/dpmpp_2s_ancestral.py, dpmpp_sde.py)
+        scheduler.eta, scheduler.s_noise = options.eta_ancestral, options.s_noise
     elif sampler_name == "DDIM":
         _step_with(scheduler, eta=options.eta_ddim)  # the pipeline passes eta=0 itself: this one wins
     elif sampler_name == "Euler":

@@ -908,10 +908,12 @@ def step_options_widgets(kind: str) -> dict[str, Any]:
     with gr.Row():
         widgets["eta_ddim"] = slider("eta_ddim", "Eta for DDIM", 0.01, "DDIM: fresh noise in each step (0: none)")
         widgets["eta_ancestral"] = slider("eta_ancestral", "Eta for ancestral samplers", 0.01,
-                                          "Euler a: how much of each step is fresh noise (0: a plain Euler)")
+                                          "Euler a, DPM2 a, DPM++ 2S a, SDE samplers: how much of each step is "
+                                          "fresh noise (0: none)")
     with gr.Row():
         widgets["s_churn"] = slider("s_churn", "Sigma churn", 0.01, "Euler: noise added before each step (0: none)")
-        widgets["s_noise"] = slider("s_noise", "Sigma noise", 0.001, "Euler: its churn noise times this; Restart: its restarts' noise")
+        widgets["s_noise"] = slider("s_noise", "Sigma noise", 0.001,
+                                    "the noise of Euler's churn, DPM2 a, DPM++ 2S a and the SDE samplers, times this")
     with gr.Row():
         widgets["s_tmin"] = slider("s_tmin", "Sigma tmin", 0.01, "Euler: the churn from this noise level")
         widgets["s_tmax"] = slider("s_tmax", "Sigma tmax", 0.01, "Euler: the churn up to this noise level (0: all)")
