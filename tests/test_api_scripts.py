@@ -157,6 +157,7 @@ def test_an_img2img_plot_runs_from_the_picture(client):
     ([STEPS, "1-100"], "script_args[1] (x values): '1-100': more than 64 values"),
     ([STEPS, "1", [], 0, "", [], 0, "", [], "maybe"], "script_args[9] (draw legend): expected true or false"),
     ([11, "no-such-model"], "script_args[1] (x values): model 'no-such-model' not found"),
+    ([10 ** 400, "1"], "script_args[0] (x type): no axis 1000000000"),  # beyond any float: no OverflowError, a 422
 ])
 def test_a_plot_that_cannot_run_is_refused_before_any_job_naming_what_to_fix(client, submitted, args, says):
     assert says in refused(client, QUICK | {"script_name": "x/y/z plot", "script_args": args})

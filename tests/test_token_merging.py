@@ -358,6 +358,7 @@ def test_post_options_sets_the_ratios_of_api_requests_that_give_none(services):
 
     with TestClient(create_api_app(services)) as client:  # its own: the options stay with this app
         refused = client.post("/sdapi/v1/options", json={"token_merging_ratio_img2img": 1.5})
+        huge = client.post("/sdapi/v1/options", json={"token_merging_ratio": 10 ** 400})  # beyond any float
         set_ = client.post("/sdapi/v1/options", json={"token_merging_ratio": 0.5, "token_merging_ratio_hr": 0.6})
         options = client.get("/sdapi/v1/options").json()
         by_option = info_of(client.post("/sdapi/v1/txt2img", json=API | HIRES))
@@ -366,6 +367,8 @@ def test_post_options_sets_the_ratios_of_api_requests_that_give_none(services):
         pasted = info_of(client.post("/sdapi/v1/txt2img", json=API | {"infotext": "a\nSteps: 2, Sampler: Euler, Seed: "
                                                                                   "5, Size: 64x64"}))
     assert refused.status_code == 422 and "token_merging_ratio_img2img: must be from 0 (off) to 0.9" in refused.text
+    assert huge.status_code == 422 and "token_merging_ratio: must be from 0 (off) to 0.9, got a number of 401 digits" \
+        in huge.text
     assert set_.status_code == 200 and (options["token_merging_ratio"], options["token_merging_ratio_hr"],
                                         options["token_merging_ratio_img2img"]) == (0.5, 0.6, 0.0)
     assert "Token merging ratio: 0.5" in by_option and "Token merging ratio hr: 0.6" in by_option

@@ -425,6 +425,8 @@ class GenerationRequest(BaseModel):
             ratio = float(value)
         except (TypeError, ValueError):
             return value  # not a number: the type check says so
+        except OverflowError:  # an integer beyond any float
+            raise ValueError(f"must be from 0 (off) to {MAX_MERGING_RATIO}, got a number of {len(str(value))} digits")
         if not 0 <= ratio <= MAX_MERGING_RATIO:
             raise ValueError(f"must be from 0 (off) to {MAX_MERGING_RATIO}, got {ratio:g}")
         return value

@@ -88,13 +88,20 @@ def number(value: Any, whole: bool = False, low: float | None = None, high: floa
             value = float(value)
         except ValueError:
             pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # (an int is exact and may be larger than any float: compared as it is, never converted first)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)):
         raise ValueError(f"expected a number, got {value!r}"[:200])
     if whole and value != int(value):
-        raise ValueError(f"expected a whole number, got {value!r}")
+        raise ValueError(f"expected a whole number, got {value!r}"[:200])
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{value:g} is out of range; use {low:g} to {high:g}")
+        shown = f"{value:g}" if isinstance(value, float) else f"{value}"[:20]
+        raise ValueError(f"{shown} is out of range; use {_bound(low)} to {_bound(high)}")
     return int(value) if whole else float(value)
+
+
+def _bound(limit: float | None) -> str:
+    return "any" if limit is None else f"{limit:g}"
 
 
 def _whole(low: float | None = None, high: float | None = None) -> Callable[[Any], int]:
