@@ -568,6 +568,46 @@ def test_a_kept_override_counts_in_queue_order(client, services):
         assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["sd_model_name"] == TINY
 
 
+def test_a_request_queued_while_the_options_model_loads_runs_on_that_model(client, services, monkeypatch):
+    """A1111 sets the option at once: a request sent while the switch waits behind a long job runs on the new model,
+    not on the old option's (which would load the old model back after the switch)."""
+    asked, queue_model_load = [], services.worker.queue_model_load
+    monkeypatch.setattr(services.worker, "queue_model_load", lambda n: (queue_model_load(n), asked.append(n))[0])
+    with another_model(client, services, "tiny-other"):
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
+        asked.clear()
+        blocker = services.worker.submit(LONG, origin="ui")  # holds the queue, so the load waits
+        wait_for(lambda: blocker.state is JobState.RUNNING)
+        with ThreadPoolExecutor(1) as pool:
+            switch = pool.submit(client.post, "/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-other"})
+            wait_for(lambda: asked == ["tiny-other"])
+            behind = services.worker.get(client.post("/api/v1/jobs", json=QUICK).json()["id"])
+            services.worker.cancel(blocker.id)
+            assert switch.result(60).status_code == 200 and behind.wait(60)
+        assert behind.model.entry.name == "tiny-other" and services.engine.model.entry.name == "tiny-other"
+        assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["sd_model_name"] == "tiny-other"
+
+
+def test_override_settings_not_restored_afterwards_stay_set_as_in_a1111(client, services):
+    """All of them, as POST /options would set them, not only the model; a value it would refuse is refused first."""
+    before = client.get("/sdapi/v1/options").json()
+    kept = {"CLIP_stop_at_last_layers": 2, "eta_ancestral": 0.5, "sd_vae": "None", "jpeg_quality": 70}
+    try:
+        bad = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"jpeg_quality": 5000},
+                                                               "override_settings_restore_afterwards": False})
+        assert bad.status_code == 422 and "override_settings.jpeg_quality" in bad.json()["detail"], bad.text
+        restored = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": kept})
+        assert restored.status_code == 200 and client.get("/sdapi/v1/options").json() == before
+        r = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": kept,
+                                                           "override_settings_restore_afterwards": False})
+        assert r.status_code == 200, r.text
+        after = client.get("/sdapi/v1/options").json()
+        assert {key: after[key] for key in kept} == kept
+        assert "Clip skip: 2" in json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["infotexts"][0]
+    finally:
+        client.post("/sdapi/v1/options", json={key: before[key] for key in kept})
+
+
 def test_the_api_models_clip_skip_and_a_model_deleted_since(client, services):
     """API requests run on the model set through the options: clip skip is checked against that one, not a
     tab's; and once its files are gone, requests run on the loaded model and say so, rather than fail."""

@@ -8,10 +8,12 @@ whatever app the routes are attached to (our route class formats them, not app-w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 
@@ -109,6 +111,15 @@ class ApiRoute(APIRoute):
         return guarded
 
 
+@dataclasses.dataclass(frozen=True)
+class _OptionChanges:
+    """What a set of A1111 options changes for later API requests (the model aside), checked."""
+    clip_skip: int | None
+    sd_vae: str | None
+    api_options: dict[str, Any]
+    saved: dict[str, Any]  # the Settings tab's, for everyone
+
+
 class Api:
     """The route handlers, bound to one set of services."""
 
@@ -131,6 +142,9 @@ class Api:
         # The last job whose override_settings switched the model without restoring it afterwards: once done,
         # its model is the option's, as in A1111, where such an override stays set.
         self._kept_override: Job | None = None
+        # An sd_model_checkpoint load queued and not yet done: (its future, the model's source). Requests queued
+        # meanwhile name that model, as in A1111, where the option is set at once.
+        self._switching: tuple[Future, str] | None = None
         self._runs: list[SeveralJobs] = []  # the scripts' runs of several jobs going on, for /progress and /interrupt
         self.training = TrainingRoutes(services, caller_of)  # /sdapi/v1/create/..., /train/...
 
@@ -173,6 +187,7 @@ class Api:
         return True
 
     def _submit(self, req: GenerationBody, caller: str) -> Job:
+        kept_options = self._kept_options(req)
         data, notes, names = self._request_data(req)
         init_image, mask = convert.init_image_of(req), convert.mask_of(req)
         script = _script_of(req)
@@ -187,15 +202,34 @@ class Api:
                                      init_image=init_image, mask=mask, control_image=controlnet.control_image_of(req))
         if _keeps_model(req, data):
             self._kept_override = job
+            self._switching = None  # this job's model, queued after that load, is the one that stays
+        if kept_options is not None:
+            self._apply_options(kept_options)
         return job
+
+    def _kept_options(self, req: GenerationBody) -> _OptionChanges | None:
+        """A1111 leaves a request's override_settings set when override_settings_restore_afterwards is false: the
+        options (the model aside, kept by _kept_override) become those of later requests, as POST /options would
+        set them; checked before the request is queued."""
+        overrides = {key: value for key, value in (req.override_settings or {}).items()
+                     if key != "sd_model_checkpoint"}
+        if req.override_settings_restore_afterwards is not False or not overrides:
+            return None
+        try:
+            return self._option_changes(overrides)
+        except ApiError as err:
+            raise ApiError(err.status, f"override_settings.{err.message}", err.kind) from None
 
     def _request_data(self, req: GenerationBody) -> tuple[dict[str, Any], list[str], dict[str, str]]:
         """A body's GenerationRequest fields (with the model, clip skip and VAE of requests that give none), notes on
         what runs other than asked, and the body's names for our fields; ApiError for what is refused."""
         model, chosen, notes = self._model_of_requests()
         default_model = model.entry.source if chosen else None
-        kept = self._kept_override
-        if kept is not None and not kept.state.finished:
+        kept, switching = self._kept_override, self._switching
+        if switching is not None and not switching[0].done():
+            # The option's model is loading (queued before this one, first in, first out): this one runs on it.
+            model, default_model = None, switching[1]
+        elif kept is not None and not kept.state.finished:
             # It runs before this one (the queue is first in, first out), and its model stays: this one's too.
             # The clip skip is checked against that model once it is loaded.
             model, default_model = None, kept.request.model
@@ -526,8 +560,28 @@ class Api:
         sdxl_refiner_high_aesthetic_score and sdxl_refiner_low_aesthetic_score, and token merging options (token_merging_ratio, token_merging_ratio_hr,
         token_merging_ratio_img2img) are those of later API requests that give none; `samples_format`, `grid_format`
         (png, jpg or webp) and `jpeg_quality` are the Settings tab's, for everyone."""
-        clip_skip = None
-        if "sd_vae" in body:  # checked first too
+        changes = self._option_changes(body)  # all checked before the model switch: a bad value changes nothing
+        if body.get("sd_model_checkpoint"):
+            await self._switch_model(body["sd_model_checkpoint"])
+        if changes.clip_skip is not None:
+            try:
+                convert.check_clip_skip_depth(changes.clip_skip, self._model_of_requests()[0])  # the one it applies to
+            except ApiError as err:
+                if not body.get("sd_model_checkpoint"):
+                    raise
+                # The switch stands: a client must not take the refusal for "nothing changed".
+                raise ApiError(err.status, f"{err.message} (sd_model_checkpoint was applied: "
+                                           f"{self.model.entry.name} is loaded now)", err.kind) from None
+        self._apply_options(changes)
+        applied = [key for key, value in body.items()
+                   if key in ("CLIP_stop_at_last_layers", "sd_vae", *OPTION_KEYS, *changes.api_options)
+                   or (key == "sd_model_checkpoint" and value)]
+        ignored = [key for key in body if key not in applied]
+        return OptionsUpdateResponse(applied=applied, ignored=ignored)
+
+    def _option_changes(self, body: dict[str, Any]) -> _OptionChanges:
+        """What the options in `body` change (the model aside), each value checked: ApiError for one refused."""
+        if "sd_vae" in body:
             try:
                 self.engine.vaes.check(convert.vae_choice(body["sd_vae"], "sd_vae"))
             except InvalidRequest as err:
@@ -537,15 +591,16 @@ class Api:
                 self.engine.upscalers.check(str(body["upscaler_for_img2img"]))
             except InvalidRequest as err:
                 raise ApiError(422, f"upscaler_for_img2img: {err}", "InvalidRequest") from None
-        if "CLIP_stop_at_last_layers" in body:  # its range is checked first: a value out of it changes nothing
+        clip_skip = None
+        if "CLIP_stop_at_last_layers" in body:
             clip_skip = convert.clip_skip_option(body["CLIP_stop_at_last_layers"])
         try:
-            api_options = convert.api_option_values(body)  # likewise
+            api_options = convert.api_option_values(body)
         except InvalidRequest as err:
             raise ApiError(422, str(err), "InvalidRequest") from None
         saved = {key: body[key] for key in OPTION_KEYS if key in body}
         try:
-            self.services.options.check(saved)  # before the model switch: a bad value changes nothing
+            self.services.options.check(saved)
         except InvalidRequest as err:
             raise ApiError(422, str(err), "InvalidRequest") from None
         except SettingsFrozen as err:
@@ -553,39 +608,34 @@ class Api:
         except OSError as err:  # a settings file that cannot be read is not saved over
             raise ApiError(500, f"{', '.join(saved)} not saved, and nothing changed: {err}",
                            "SettingsNotSaved") from None
-        if body.get("sd_model_checkpoint"):
-            await self._switch_model(body["sd_model_checkpoint"])
-        if clip_skip is not None:
+        vae = convert.vae_choice(body["sd_vae"], "sd_vae") if "sd_vae" in body else None
+        return _OptionChanges(clip_skip, vae, api_options, saved)
+
+    def _apply_options(self, changes: _OptionChanges) -> None:
+        if changes.clip_skip is not None:
+            self.clip_skip = changes.clip_skip
+        if changes.sd_vae is not None:
+            self.sd_vae = changes.sd_vae
+        self.api_options |= changes.api_options
+        if changes.saved:
             try:
-                convert.check_clip_skip_depth(clip_skip, self._model_of_requests()[0])  # the one it applies to
-            except ApiError as err:
-                if not body.get("sd_model_checkpoint"):
-                    raise
-                # The switch stands: a client must not take the refusal for "nothing changed".
-                raise ApiError(err.status, f"{err.message} (sd_model_checkpoint was applied: "
-                                           f"{self.model.entry.name} is loaded now)", err.kind) from None
-            self.clip_skip = clip_skip
-        if "sd_vae" in body:
-            self.sd_vae = convert.vae_choice(body["sd_vae"], "sd_vae")
-        self.api_options |= api_options
-        if saved:
-            try:
-                self.services.options.update(saved)
-            except OSError as err:  # checked above, so a disk that failed, or the file spoilt meanwhile
-                raise ApiError(500, f"{', '.join(saved)} not saved, and unchanged: {err}",
+                self.services.options.update(changes.saved)
+            except OSError as err:  # checked before, so a disk that failed, or the file spoilt meanwhile
+                raise ApiError(500, f"{', '.join(changes.saved)} not saved, and unchanged: {err}",
                                "SettingsNotSaved") from None
-        applied = [key for key, value in body.items()
-                   if key in ("CLIP_stop_at_last_layers", "sd_vae", *OPTION_KEYS, *api_options)
-                   or (key == "sd_model_checkpoint" and value)]
-        ignored = [key for key in body if key not in applied]
-        return OptionsUpdateResponse(applied=applied, ignored=ignored)
 
     async def _switch_model(self, value: Any) -> None:
         name = convert.model_name(value, "sd_model_checkpoint")
         loaded = self.engine.model.entry if self.engine.model else None
-        await anyio.to_thread.run_sync(convert.find_listed_model, self.registry, name, loaded)
+        entry = await anyio.to_thread.run_sync(convert.find_listed_model, self.registry, name, loaded)
         kept = self._kept_override  # queued before this load, so it runs first: the option set now wins
-        loaded = await self._on_worker(self.worker.queue_model_load(name), "sd_model_checkpoint: ")
+        switching = (self.worker.queue_model_load(name), entry.source)
+        self._switching = switching
+        try:
+            loaded = await self._on_worker(switching[0], "sd_model_checkpoint: ")
+        finally:
+            if self._switching is switching:
+                self._switching = None
         if self._kept_override is kept:
             self._kept_override = None
         self.model = loaded
