@@ -13,6 +13,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -606,6 +607,25 @@ def test_override_settings_not_restored_afterwards_stay_set_as_in_a1111(client, 
         assert "Clip skip: 2" in json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["infotexts"][0]
     finally:
         client.post("/sdapi/v1/options", json={key: before[key] for key in kept})
+
+
+def test_override_settings_of_how_files_are_written_apply_to_that_job_alone(client, services):
+    """As in A1111: its pictures are saved (and returned) in the job's own format, quality and names."""
+    before = client.get("/sdapi/v1/options").json()
+    own = {"samples_format": "jpg", "jpeg_quality": 60, "samples_filename_pattern": "[seed]-own", "save_txt": True}
+    job_id = client.post("/api/v1/jobs", json=QUICK | {"save_images": True, "override_settings": own}).json()["id"]
+    job = services.worker.get(job_id)
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    saved = Path(job.images[0].path)
+    assert saved.suffix == ".jpg" and saved.stem.endswith(f"{job.images[0].seed}-own") and saved.with_suffix(".txt").exists()
+    assert Image.open(saved).format == "JPEG"
+    returned = client.get(f"/api/v1/jobs/{job_id}").json()["result"]["images"][0]
+    assert Image.open(io.BytesIO(base64.b64decode(returned))).format == "JPEG"
+    assert client.get("/sdapi/v1/options").json() == before  # the others' setting stays
+    plain = services.worker.get(client.post("/api/v1/jobs", json=QUICK | {"save_images": True}).json()["id"])
+    assert plain.wait(60) and Path(plain.images[0].path).suffix == f".{before['samples_format']}"
+    bad = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"samples_format": "exe"}})
+    assert bad.status_code == 422 and "override_settings: samples_format" in bad.json()["detail"], bad.text
 
 
 def test_the_api_models_clip_skip_and_a_model_deleted_since(client, services):

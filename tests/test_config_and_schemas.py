@@ -145,6 +145,11 @@ def test_models_in_subfolders_are_found_by_their_relative_names(tmp_path):
     with pytest.raises(ModelNotFound):
         registry.find("both")  # two models so named: neither is guessed
     assert registry.find_by_hash(registry.short_hash(registry.find("SD21/both"))) == registry.find("SD21/both")
+    # A1111's checkpoint aliases: the short hash and the sha256, once hashed, name it too (sd_model_checkpoint)
+    both = registry.find("SD21/both")
+    assert registry.find(registry.short_hash(both)) == both and registry.find(registry.sha256(both).upper()) == both
+    with pytest.raises(ModelNotFound):
+        registry.find("0123456789")  # no model has that hash
     # Infotexts from before A1111 1.0 carry an 8-digit hash of the 64 KiB at 1 MiB into the file.
     old = tmp_path / "old.ckpt"
     old.write_bytes(os.urandom(0x100000) + b"the weights A1111 hashed" + os.urandom(0x10000))

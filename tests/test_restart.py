@@ -119,7 +119,7 @@ def test_below_20_steps_restart_is_heun_on_karras():
 def test_restart_takes_no_eta_or_sigma_noise_as_a1111s_and_draws_noise_for_ensd():
     """A1111 passes Restart none of its sampler parameters (its function is not in sampler_extra_params)."""
     assert StepOptions(s_noise=0.5, eta_ancestral=0.5, s_churn=2.0).followed("Restart") == {}
-    assert draws_noise("Restart", StepOptions())
+    assert draws_noise("Restart", StepOptions(), 20) and not draws_noise("Restart", StepOptions(), 19)  # no restart
 
 
 def test_a_pass_over_the_schedules_tail_plans_its_restarts_over_that_tail():
@@ -206,6 +206,8 @@ def test_the_infotext_and_the_api_name_restart(services):
     image = finished_job(services, QUICK | {"s_noise": 0.9, "eta_noise_seed_delta": 5}).images[0]
     assert "Sampler: Restart" in image.infotext and "Schedule type: Karras" in image.infotext
     assert "Sigma noise" not in image.infotext and "ENSD: 5" in image.infotext
+    below = finished_job(services, QUICK | {"steps": 8, "eta_noise_seed_delta": 5}).images[0]
+    assert "ENSD" not in below.infotext  # it drew no noise for ENSD to change
     pasted = request_fields_from_infotext(image.infotext)
     assert (pasted["sampler_name"], pasted["eta_noise_seed_delta"]) == ("Restart", 5)
     from fastapi.testclient import TestClient

@@ -367,7 +367,25 @@ class GenerationRequest(BaseModel):
                                        "outputs/init-images, named by the md5 of its pixels")
     save_incomplete_images: bool | None = Field(None, description="also save the pictures an Interrupt or Skip cut "
                                                 "short, as they stood")
+    saving_options: dict[str, Any] = Field(default_factory=dict, description="the Settings tab's options of how files "
+                                           "are written (samples_format, jpeg_quality, samples_filename_pattern, ...) "
+                                           "this job sets for itself (A1111's override_settings)")
     send_images: bool = True
+
+    @field_validator("saving_options")
+    @classmethod
+    def _saving_options_checked(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from webui.storage.options import SAVING_KEYS, SavedOptions  # (it reads this module's names)
+
+        unknown = sorted(set(value) - set(SAVING_KEYS))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not an option of how files are written; use "
+                             f"{', '.join(SAVING_KEYS)}")
+        try:
+            checked = SavedOptions(**value)
+        except ValidationError as err:
+            raise ValueError(describe_validation_errors(err.errors())) from None
+        return checked.model_dump(include=set(value))
 
     @field_validator("randn_source", mode="before")
     @classmethod

@@ -54,7 +54,7 @@ from webui.storage.history import History
 from webui.storage.infotext import PROGRAM, UNIPC_INFOTEXT_KEYS, build_infotext
 from webui.storage.outputs import NamedCopy, OutputStore, grid_rows, make_grid
 from webui.sd_upscale import TileLayout, enlarge, tile_layout
-from webui.storage.options import INFOTEXT_SWITCHES, OptionsStore
+from webui.storage.options import INFOTEXT_SWITCHES, OptionsStore, SavedOptions
 from webui.storage.styles import StyleStore
 from webui.prompt_comments import PROMPT_FIELDS, without_comments
 from webui.training import TrainingRun
@@ -915,16 +915,21 @@ class Worker:
             job.progress.note = None
 
     def _save_grid(self, job: Job, images: list[GeneratedImage]) -> None:
-        options = self.options.current()
+        options = self.saving_options(job)
         rows = grid_rows(len(images), options.n_rows, job.request.batch_size, options.grid_prevent_empty_spots)
         grid = make_grid([im.image for im in images], rows)
         try:
             first = images[0]
             path = self.outputs.save_grid(grid, first.infotext, job.kind,
-                                          _name_parts(job, first, first.image.width, first.image.height))
+                                          _name_parts(job, first, first.image.width, first.image.height), options)
             job.grid, job.grid_path = grid, str(path)  # the grid first: readers test grid_path
         except Exception as err:
             self._warn(job, "the grid was not saved", err)
+
+    def saving_options(self, job: Job) -> SavedOptions:
+        """The settings the job's files are written with: the Settings tab's now, with the job's own (its request's
+        saving_options, A1111's override_settings)."""
+        return self.options.current().model_copy(update=job.request.saving_options)
 
     def _compile_note(self, request: GenerationRequest, parts: list[str]) -> str | None:
         """What a batch waits for before its first step (or after its last), in words; None when nothing."""
@@ -1048,7 +1053,7 @@ class Worker:
         request, model = job.request, job.model
         try:
             path = self.outputs.save_image(image.image, image.infotext, image.seed, job.kind,
-                                           _name_parts(job, image, width, height))
+                                           _name_parts(job, image, width, height), options=self.saving_options(job))
         except Exception as err:
             self._warn(job, f"image {image.index + 1} was not saved", err)
             return
@@ -1091,7 +1096,8 @@ class Worker:
         history (a copy, not a result). One that cannot be written is a warning; the image is saved all the same."""
         try:
             self.outputs.save_image(picture, image.infotext, image.seed, job.kind,
-                                    _name_parts(job, image, width, height), suffix=suffix)
+                                    _name_parts(job, image, width, height), suffix=suffix,
+                                    options=self.saving_options(job))
         except Exception as err:
             self._warn(job, f"image {image.index + 1}'s {what} was not saved", err)
 
@@ -1113,7 +1119,7 @@ class Worker:
         if job.request.image_count > 1:
             copy = NamedCopy(copy.folder, f"{copy.stem}-{image.index + 1}")
         try:
-            path = self.outputs.save_named(image.image, image.infotext, copy)
+            path = self.outputs.save_named(image.image, image.infotext, copy, self.saving_options(job))
         except Exception as err:
             self._warn(job, f"image {image.index + 1} was not saved in the output directory", err)
             return
@@ -1333,9 +1339,10 @@ def _step_options_infotext(request: GenerationRequest) -> dict[str, Any]:
     """A1111's keys for the step options the passes' samplers follow (where not at their defaults), and its ENSD where
     a sampler draws noise as it steps."""
     options = StepOptions.of(request)
-    samplers = [request.sampler_name] + ([request.hires_sampler[0]] if request.enable_hr else [])
-    followed = {name: value for sampler in samplers for name, value in options.followed(sampler).items()}
-    drawing = any(draws_noise(sampler, options) for sampler in samplers)
+    samplers = [(request.sampler_name, request.denoising_steps)] + (
+        [(request.hires_sampler[0], request.hires_steps)] if request.enable_hr else [])
+    followed = {name: value for sampler, _ in samplers for name, value in options.followed(sampler).items()}
+    drawing = any(draws_noise(sampler, options, steps) for sampler, steps in samplers)
     return {**{STEP_INFOTEXT_KEYS[name]: value for name, value in followed.items()},
             "ENSD": request.eta_noise_seed_delta if request.eta_noise_seed_delta and drawing else None}
 

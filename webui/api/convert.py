@@ -31,7 +31,7 @@ from webui.engine.step_options import INFOTEXT_KEYS as STEP_INFOTEXT_KEYS, StepO
 from webui.schemas import (SAVE_SETTINGS, GeneratedImage, GenerationRequest, InvalidRequest, a1111_seed_resize,
                            parse_request, vae_choice as read_vae_choice)
 from webui.storage.infotext import PROGRAM, UNIPC_INFOTEXT_KEYS, parse_infotext, request_fields_from_infotext
-from webui.storage.options import SavedOptions
+from webui.storage.options import SAVING_KEYS, SavedOptions
 from webui.storage.outputs import image_bytes, read_infotext, text_chunks
 from webui.worker import Job
 
@@ -206,6 +206,8 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     data["randn_source"] = overrides.get("randn_source", pasted.get("randn_source"))
     for name in SAVE_SETTINGS:  # A1111's "Save a copy of image before ...", mask, init image: override_settings
         data[name] = overrides.get(name)
+    # how this job's files are written (samples_format, jpeg_quality, ...): override_settings, else the Settings tab's
+    data["saving_options"] = {name: overrides[name] for name in SAVING_KEYS if name in overrides}
     data |= token_merging_fields(req, pasted, default_options)
     script, refused = script_fields(req)
     data |= script
@@ -466,6 +468,7 @@ def client_field_names(req: GenerationBody) -> dict[str, str]:
         names["color_correction"] = "override_settings.img2img_color_correction"
         names |= scripts.sd_upscale_names()
     names["prompt_comments"] = "override_settings.enable_prompt_comments"
+    names["saving_options"] = "override_settings"  # its message names the key
     names["emphasis"] = "override_settings.emphasis"
     names["face_restoration_model"] = "override_settings.face_restoration_model"
     names["code_former_weight"] = "override_settings.code_former_weight"

@@ -351,7 +351,7 @@ class Api:
             raise ApiError(422, _error_of(job), "InvalidRequest")
         if job.state is JobState.FAILED:
             raise ApiError(500, job.error or "the job failed", "GenerationFailed")
-        return convert.job_result(job, parameters, self.engine.model, self.services.options.current())
+        return convert.job_result(job, parameters, self.engine.model, self.worker.saving_options(job))
 
     # --- our per-job routes ------------------------------------------------------------------------
     def get_job(self, job_id: str, request: Request,
@@ -380,7 +380,7 @@ class Api:
             status.current_image = convert.encode_image(preview, options=self.services.options.current())
         if job.state.finished and (job.state is not JobState.FAILED or job.images):  # a failed job: what it made
             status.result = convert.job_result(job, job.request.model_dump(), self.engine.model,
-                                               self.services.options.current())
+                                               self.worker.saving_options(job))
         return status
 
     def cancel_job(self, job_id: str, request: Request) -> JobCancelReply:

@@ -22,6 +22,7 @@ from pathlib import Path
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HEX = re.compile(r"[0-9a-f]+")
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class ModelRegistry:
         same_base = [entry for entry in self.entries() if Path(entry.name).name == wanted]
         if len(same_base) == 1:
             return same_base[0]
+        if (by_hash := self._find_hashed(wanted)) is not None:  # A1111's aliases: its short hash and sha256
+            return by_hash
         path = Path(wanted).expanduser()
         for candidate in (path, self.models_dir / path):  # a path, or one inside the models folder
             if _exists(candidate) and (entry := entry_for_path(candidate, self.models_dir)) is not None:
@@ -125,6 +128,15 @@ class ModelRegistry:
         if len(wanted) == LEGACY_HASH_DIGITS:  # stable-diffusion-webui before 1.0: cheap, so always computed
             return next((e for e in self.entries() if e.kind == "single_file" and legacy_hash(e.path) == wanted), None)
         return next((e for e in self.entries() if self.short_hash(e, cached_only=True) == wanted), None)
+
+    def _find_hashed(self, wanted: str) -> ModelEntry | None:
+        """The model whose short hash (10 hex digits) or sha256 (64) this is, among those hashed already."""
+        wanted = wanted.lower()
+        if len(wanted) == 10 and _HEX.fullmatch(wanted):
+            return self.find_by_hash(wanted)
+        if len(wanted) == 64 and _HEX.fullmatch(wanted):
+            return next((e for e in self.entries() if self.sha256(e, cached_only=True) == wanted), None)
+        return None
 
     def short_hash(self, entry: ModelEntry, cached_only: bool = False) -> str | None:
         """A1111's short hash: the first 10 hex digits of sha256()."""

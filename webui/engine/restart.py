@@ -22,8 +22,8 @@ from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerO
 from diffusers.utils.torch_utils import randn_tensor  # by name: philox.drawing_from_philox replaces it here
 
 from webui.engine.dpmpp_2s_ancestral import denoised_of
+from webui.engine.samplers import RESTARTS_FROM_STEPS
 
-RESTARTS_FROM_STEPS = 20
 RESTART_AT = 0.1  # the level a restart goes back up from ...
 RESTART_TO = 2.0  # ... and the level it goes up to
 

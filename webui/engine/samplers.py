@@ -45,6 +45,7 @@ class Sampler:
 
 
 NO_CUSTOM_SIGMAS = ("Automatic", "SGM Uniform")
+RESTARTS_FROM_STEPS = 20  # Restart is plain Heun below this many steps (webui/engine/restart.py)
 
 SAMPLERS: tuple[Sampler, ...] = (
     Sampler("Euler a", "EulerAncestralDiscreteScheduler", aliases=("k_euler_a", "k_euler_ancestral"),

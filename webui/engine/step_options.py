@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from webui.engine.philox import philox_noise, uses_philox
+from webui.engine.samplers import RESTARTS_FROM_STEPS
 
 # A1111's defaults: a parameter at its default changes nothing and is not written into the infotext.
 DEFAULTS = {"eta_ddim": 0.0, "eta_ancestral": 1.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
@@ -45,8 +46,8 @@ _A1111_ALSO = {"Heun": ("s_churn", "s_tmin", "s_tmax", "s_noise"), "DPM2": ("s_c
 _DRAWS_NOISE = {"Euler a": lambda options: options.eta_ancestral > 0, "DDIM": lambda options: options.eta_ddim > 0,
                 "Euler": lambda options: options.s_churn > 0, "DPM2 a": lambda options: options.eta_ancestral > 0,
                 "DPM++ 2S a": lambda options: options.eta_ancestral > 0,
-                # from 20 steps on; A1111's table has no uses_ensd for it, but its restarts' noise follows ENSD
-                "Restart": lambda options: True,
+                # A1111's table has no uses_ensd for it, but its restarts' noise follows ENSD: when it restarts
+                "Restart": lambda options, steps: steps >= RESTARTS_FROM_STEPS,
                 # (the SDE samplers' noise comes from Brownian trees of the seeds: webui/engine/brownian.py)
                 "LCM": lambda options: True}
 
@@ -76,8 +77,11 @@ def unfollowed(sampler_name: str, options: "StepOptions") -> list[str]:
     return [name for name in _A1111_ALSO.get(sampler_name, ()) if getattr(options, name) != DEFAULTS[name]]
 
 
-def draws_noise(sampler_name: str, options: "StepOptions") -> bool:
-    """Whether the sampler, with these options, draws noise after the start noise (so ENSD changes its picture)."""
+def draws_noise(sampler_name: str, options: "StepOptions", steps: int) -> bool:
+    """Whether the sampler, with these options, draws noise after the start noise in a pass of `steps` steps (so ENSD
+    changes its picture)."""
+    if sampler_name == "Restart":
+        return _DRAWS_NOISE[sampler_name](options, steps)
     return sampler_name in _DRAWS_NOISE and _DRAWS_NOISE[sampler_name](options)
 
 

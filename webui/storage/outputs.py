@@ -104,25 +104,32 @@ class OutputStore:
         return ([self.outdir / f"{kind}-{what}" for kind in KINDS for what in ("images", "grids")]
                 + [self.extras_folder()])
 
-    def image_folder(self, kind: str, name_parts: NameParts | None = None) -> Path:
+    # `options` below: the settings a job writes its files with (the Settings tab's, with its own overrides);
+    # none given, the Settings tab's.
+
+    def image_folder(self, kind: str, name_parts: NameParts | None = None,
+                     options: SavedOptions | None = None) -> Path:
         """Where a picture goes: the kind's folder, and in it the subfolders of the Directory name pattern ([date]
         by default) unless the settings say no."""
-        return self._folder(f"{kind}-images", self.options.current().save_to_dirs, name_parts)
+        options = options or self.options.current()
+        return self._folder(f"{kind}-images", options.save_to_dirs, name_parts, options)
 
-    def grid_folder(self, kind: str, name_parts: NameParts | None = None) -> Path:
-        return self._folder(f"{kind}-grids", self.options.current().grid_save_to_dirs, name_parts)
+    def grid_folder(self, kind: str, name_parts: NameParts | None = None, options: SavedOptions | None = None) -> Path:
+        options = options or self.options.current()
+        return self._folder(f"{kind}-grids", options.grid_save_to_dirs, name_parts, options)
 
-    def _folder(self, base: str, in_subfolders: bool, name_parts: NameParts | None) -> Path:
+    def _folder(self, base: str, in_subfolders: bool, name_parts: NameParts | None, options: SavedOptions) -> Path:
         if not in_subfolders:
             return self.outdir / base
-        pattern = self.options.current().directories_filename_pattern
+        pattern = options.directories_filename_pattern
         return self.outdir.joinpath(base, *folder_parts(pattern, name_parts or NameParts(seed=0)))
 
     def save_image(self, image: Image.Image, infotext: str, seed: int, kind: str = "txt2img",
-                   name_parts: NameParts | None = None, suffix: str = "") -> Path:
+                   name_parts: NameParts | None = None, suffix: str = "", options: SavedOptions | None = None) -> Path:
         """A generated picture, named NNNNN-<the settings' file name pattern: the seed by default><suffix> (A1111's
         "-before-highres-fix" of a copy)."""
-        folder, options = self.image_folder(kind, name_parts), self.options.current()
+        options = options or self.options.current()
+        folder = self.image_folder(kind, name_parts, options)
         name = file_name_part(options.samples_filename_pattern, name_parts or NameParts(seed=seed))
         stem = (f"-{name}" if name else "") + suffix  # [none]: the number alone, as A1111
         path = self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}{stem}", _NUMBERED,
@@ -130,8 +137,9 @@ class OutputStore:
         return self._with_files_beside(path, image, infotext, options)
 
     def save_grid(self, grid: Image.Image, infotext: str, kind: str = "txt2img",
-                  name_parts: NameParts | None = None) -> Path:
-        folder, options = self.grid_folder(kind, name_parts), self.options.current()
+                  name_parts: NameParts | None = None, options: SavedOptions | None = None) -> Path:
+        options = options or self.options.current()
+        folder = self.grid_folder(kind, name_parts, options)
         path = self._save(grid, {"parameters": infotext}, folder, lambda n: f"grid-{n:04d}", _GRID_NUMBERED,
                           options.grid_format, options)
         return self._with_files_beside(path, grid, infotext, options)
@@ -184,14 +192,15 @@ class OutputStore:
                           options.samples_format, options)
         return self._with_jpg_copy(path, image, texts.get("parameters") or "", options)
 
-    def save_named(self, image: Image.Image, infotext: str, copy: NamedCopy) -> Path:
+    def save_named(self, image: Image.Image, infotext: str, copy: NamedCopy,
+                   options: SavedOptions | None = None) -> Path:
         """The picture saved as <copy.folder>/<copy.stem>.<the settings' format>, as A1111 saves img2img Batch's
         results into its Output directory. A taken name (the input picture itself, where the folders are one, or
         an earlier run's) is never replaced: -1, -2, ... is added, as A1111's "Add number suffix" does."""
         stem = copy.stem.encode()[:MAX_STEM_BYTES].decode(errors="ignore")  # cut whole characters only
         if not stem or Path(stem).name != stem or stem in (".", ".."):  # a name, never a path out of the folder
             raise ValueError(f"{copy.stem!r} cannot be a file name")
-        options = self.options.current()
+        options = options or self.options.current()
         texts = kept_texts({"parameters": infotext}, options)
         file_format = _usable_format(image, options.samples_format, texts)
         temp = copy.folder / f".partial-{uuid.uuid4().hex}.{file_format}"
