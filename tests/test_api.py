@@ -926,6 +926,16 @@ def test_setting_the_loaded_model_answers_at_once_unless_a_queued_job_changes_it
 
 
 
+def test_progress_estimates_the_time_left_before_the_pace_of_steps_is_known(client, services, running, monkeypatch):
+    """As A1111's: from the time so far and how far it has come, not 0 seconds left."""
+    from webui.worker import StepPace
+
+    monkeypatch.setattr(StepPace, "eta", lambda self, steps_left: None)  # as in a run's first steps
+    running(LONG)
+    progress = client.get("/sdapi/v1/progress").json()
+    assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
+
+
 def test_progress_skip_and_interrupt_act_on_a_running_txt2img(client, services):
     assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
     answer = {}

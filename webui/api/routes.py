@@ -423,12 +423,14 @@ class Api:
             # ours: the queue behind the running job
             "queued": self.worker.queue_length(),
         }
-        progress, eta, textinfo = min(p.fraction, 1.0), p.eta_seconds or 0.0, p.note or f"Step {p.step}/{steps}"
+        progress, eta, textinfo = min(p.fraction, 1.0), p.eta_seconds, p.note or f"Step {p.step}/{steps}"
+        if eta is None:  # before the pace of its steps is known: A1111's estimate, from the time so far
+            eta = _eta_from_elapsed(job.seconds or 0.0, progress)
         run = self._run_of(job)
         if run is not None:  # a script's run of several jobs: how far all of it has come, its jobs counted as A1111's
             number, count = len(run.jobs), len(run.submissions)
             progress, elapsed = run.fraction(), time.time() - run.started_at
-            eta = elapsed / progress - elapsed if progress > 0 else eta
+            eta = _eta_from_elapsed(elapsed, progress) or eta
             state |= {"job": f"{number} out of {count}", "job_count": count, "job_no": number - 1}
             textinfo = f"{run.what}: picture {number} of {count}; {textinfo}"
         return ProgressResponse(progress=progress, eta_relative=eta, state=state, current_image=current_image,
@@ -856,6 +858,11 @@ def _idle_state(queued: int) -> dict[str, Any]:
     """No job running; jobs may still be queued behind a model load or compile."""
     return {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
             "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0, "queued": queued}
+
+
+def _eta_from_elapsed(elapsed: float, progress: float) -> float:
+    """Seconds left, were the rest to go at the pace so far (A1111's eta_relative); 0 with nothing done yet."""
+    return elapsed / progress - elapsed if progress > 0 else 0.0
 
 
 def _timestamp(seconds: float | None) -> str:
