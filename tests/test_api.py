@@ -628,6 +628,70 @@ def test_override_settings_of_how_files_are_written_apply_to_that_job_alone(clie
     assert bad.status_code == 422 and "override_settings: samples_format" in bad.json()["detail"], bad.text
 
 
+XYZ_STEPS = {"script_name": "X/Y/Z plot", "script_args": [4, "1, 2"]}  # axis 4: Steps
+
+
+def test_a_scripts_grid_and_pictures_are_written_as_its_override_settings_say(client, services):
+    own = {"samples_format": "jpg", "grid_format": "jpg"}
+    r = client.post("/sdapi/v1/txt2img", json=QUICK | XYZ_STEPS | {"save_images": True, "override_settings": own})
+    assert r.status_code == 200, r.text
+    assert {Image.open(io.BytesIO(base64.b64decode(image))).format for image in r.json()["images"]} == {"JPEG"}
+    newest = max((services.settings.outdir / "txt2img-grids").rglob("grid-*"), key=lambda path: path.stat().st_mtime)
+    assert newest.suffix == ".jpg"
+
+
+def test_a_scripts_override_settings_not_restored_afterwards_stay_set_too(client, services):
+    before = client.get("/sdapi/v1/options").json()
+    body = QUICK | XYZ_STEPS | {"override_settings": {"eta_ancestral": 0.5},
+                                "override_settings_restore_afterwards": False}
+    try:
+        assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["eta_ancestral"] == 0.5
+    finally:
+        client.post("/sdapi/v1/options", json={"eta_ancestral": before["eta_ancestral"]})
+
+
+def test_kept_override_settings_that_cannot_be_saved_are_a_warning_on_the_queued_job(client, services, monkeypatch):
+    """The job is queued by then: the client gets its id, and the job says what was not kept."""
+    def full_disk(saved):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(services.options, "update", full_disk)
+    r = client.post("/api/v1/jobs", json=QUICK | {"override_settings": {"jpeg_quality": 70},
+                                                  "override_settings_restore_afterwards": False})
+    assert r.status_code == 202, r.text
+    job = services.worker.get(r.json()["id"])
+    assert job.wait(60) and job.state is JobState.DONE
+    assert any("override_settings: jpeg_quality not saved" in warning for warning in job.warnings), job.warnings
+
+
+def test_a_request_queued_while_a_model_switch_fails_runs_on_the_model_before(client, services, monkeypatch):
+    """A1111 keeps its option where a load fails: the request runs, on the model that stayed loaded."""
+    asked, queue_model_load = [], services.worker.queue_model_load
+    monkeypatch.setattr(services.worker, "queue_model_load", lambda n: (queue_model_load(n), asked.append(n))[0])
+    models = services.settings.models_dir
+    shutil.copytree(models / TINY, models / "broken")
+    for weights in (models / "broken" / "unet").glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    client.post("/sdapi/v1/refresh-checkpoints")
+    try:
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
+        asked.clear()
+        blocker = services.worker.submit(LONG, origin="ui")  # holds the queue, so the load waits
+        wait_for(lambda: blocker.state is JobState.RUNNING)
+        with ThreadPoolExecutor(1) as pool:
+            switch = pool.submit(client.post, "/sdapi/v1/options", json={"sd_model_checkpoint": "broken"})
+            wait_for(lambda: asked == ["broken"])  # the load is queued
+            behind = services.worker.get(client.post("/api/v1/jobs", json=QUICK).json()["id"])
+            services.worker.cancel(blocker.id)
+            assert switch.result(120).status_code == 500
+        assert behind.wait(120) and behind.state is JobState.DONE, behind.error
+        assert behind.model.entry.name == TINY
+    finally:
+        shutil.rmtree(models / "broken", ignore_errors=True)
+        client.post("/sdapi/v1/refresh-checkpoints")
+
+
 def test_the_api_models_clip_skip_and_a_model_deleted_since(client, services):
     """API requests run on the model set through the options: clip skip is checked against that one, not a
     tab's; and once its files are gone, requests run on the loaded model and say so, rather than fail."""

@@ -76,6 +76,33 @@ def test_the_multistep_sde_samplers_step_with_a1111s_brownian_noise(sampler, heu
     assert not torch.allclose(other, sample, atol=1e-3)
 
 
+@pytest.mark.parametrize("sampler, heun, eta", [("DPM++ 2M", False, 0.0), ("DPM++ 2M SDE", False, 1.0),
+                                              ("DPM++ 2M SDE Heun", True, 1.0)])
+def test_a_schedule_ending_at_a_sigma_keeps_the_second_order_to_its_last_step_as_k_diffusion(sampler, heun, eta):
+    """KL Optimal ends at the smallest sigma, not 0: k-diffusion's last step there is second order (diffusers' would
+    drop to first order below 15 steps). DPM++ 2M is 2M SDE at eta 0."""
+    scheduler = make_scheduler(SD15_SCHEDULER, sampler, "KL Optimal")
+    scheduler.set_timesteps(6)
+    sigmas = scheduler.sigmas
+    assert float(sigmas[-1]) > 0.02  # it ends at a sigma
+    if eta:
+        with_brownian_noise(scheduler, SEEDS)
+    generator = torch.Generator().manual_seed(1)
+    start = torch.randn(2, 4, 3, 3, generator=generator) * sigmas[0]
+    weights = torch.randn(2, 4, 3, 3, generator=generator)
+
+    def eps(x, sigma):
+        return torch.tanh(x / (1 + sigma ** 2) ** 0.5 + weights)
+
+    sample = start / (1 + sigmas[0] ** 2) ** 0.5
+    for timestep in scheduler.timesteps:
+        sigma = sigmas[scheduler.step_index or 0]
+        sample = scheduler.step(eps(sample * (1 + sigma ** 2) ** 0.5, sigma), timestep, sample).prev_sample
+    sample = sample * (1 + sigmas[-1] ** 2) ** 0.5  # k-diffusion's scale at the last level
+    trees = BrownianTreeNoiseSampler(start, sigmas[sigmas > 0].min(), sigmas.max(), seed=SEEDS)
+    torch.testing.assert_close(sample, kdiffusion_2m_sde(sigmas, start, eps, trees, heun, eta), rtol=1e-4, atol=1e-4)
+
+
 def test_img2img_runs_the_tail_of_a_tree_spanning_the_whole_schedule():
     """A1111's sample_img2img makes its noise sampler from the whole schedule's sigmas, not the part it runs."""
     scheduler = make_scheduler(SD15_SCHEDULER, "DPM++ 2M SDE", "Karras")

@@ -21,6 +21,7 @@ from webui.loopback import INTERROGATIONS, loop_mask, loop_requests, with_interr
 from webui.prompt_lines import line_requests
 from webui.schemas import GeneratedImage, InvalidRequest, JobState
 from webui.storage.infotext import with_params
+from webui.storage.options import SavedOptions
 from webui.storage.outputs import NamedCopy, OutputStore
 from webui.worker import Job, Worker
 from webui.xyz_plot import AXIS_TYPES, Axis, Cell, Plot, draw_grid
@@ -213,12 +214,14 @@ def plot_grids(made: list[tuple[Cell, list[GeneratedImage]]], axes: list[Axis], 
     return grids
 
 
-def saved_grids(grids: list[GeneratedImage], outputs: OutputStore, kind: str) -> list[GeneratedImage]:
-    """The grids saved under <kind>-grids, each with its file's path (None where it could not be saved)."""
+def saved_grids(grids: list[GeneratedImage], outputs: OutputStore, kind: str,
+                options: SavedOptions | None = None) -> list[GeneratedImage]:
+    """The grids saved under <kind>-grids, each with its file's path (None where it could not be saved); `options`:
+    how the files are written, where not the Settings tab's."""
     saved = []
     for grid in grids:
         try:
-            path = str(outputs.save_grid(grid.image, grid.infotext, kind))
+            path = str(outputs.save_grid(grid.image, grid.infotext, kind, options=options))
         except OSError as err:  # shown all the same; the log says why it is not on disk
             log.warning("the grid was not saved: %s", err)
             path = None

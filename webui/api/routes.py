@@ -142,9 +142,9 @@ class Api:
         # The last job whose override_settings switched the model without restoring it afterwards: once done,
         # its model is the option's, as in A1111, where such an override stays set.
         self._kept_override: Job | None = None
-        # An sd_model_checkpoint load queued and not yet done: (its future, the model's source). Requests queued
-        # meanwhile name that model, as in A1111, where the option is set at once.
-        self._switching: tuple[Future, str] | None = None
+        # An sd_model_checkpoint load queued and not over: requests queued meanwhile run on the model loaded when
+        # they start (that one, as in A1111, where the option is set at once; or, where it fails, the one before).
+        self._switching: Future | None = None
         self._runs: list[SeveralJobs] = []  # the scripts' runs of several jobs going on, for /progress and /interrupt
         self.training = TrainingRoutes(services, caller_of)  # /sdapi/v1/create/..., /train/...
 
@@ -203,9 +203,18 @@ class Api:
         if _keeps_model(req, data):
             self._kept_override = job
             self._switching = None  # this job's model, queued after that load, is the one that stays
-        if kept_options is not None:
-            self._apply_options(kept_options)
+        self._keep_options(job, kept_options)
         return job
+
+    def _keep_options(self, job: Job, kept: _OptionChanges | None) -> None:
+        """A queued request's kept override_settings set for later requests; the job is queued, so one that cannot
+        be saved is a warning on it, not the request's error."""
+        if kept is None:
+            return
+        try:
+            self._apply_options(kept)
+        except ApiError as err:
+            job.warnings.append(f"override_settings: {err.message}")
 
     def _kept_options(self, req: GenerationBody) -> _OptionChanges | None:
         """A1111 leaves a request's override_settings set when override_settings_restore_afterwards is false: the
@@ -226,9 +235,10 @@ class Api:
         model, chosen, notes = self._model_of_requests()
         default_model = model.entry.source if chosen else None
         kept, switching = self._kept_override, self._switching
-        if switching is not None and not switching[0].done():
-            # The option's model is loading (queued before this one, first in, first out): this one runs on it.
-            model, default_model = None, switching[1]
+        if switching is not None:
+            # The option's model is loading, queued before this one (first in, first out): this one runs on the model
+            # loaded when it starts, that one, or the one before where the load failed (A1111 keeps its option then).
+            model, default_model = None, None
         elif kept is not None and not kept.state.finished:
             # It runs before this one (the queue is first in, first out), and its model stays: this one's too.
             # The clip skip is checked against that model once it is loaded.
@@ -260,13 +270,15 @@ class Api:
     async def _run_script(self, req: GenerationBody, request: Request) -> GenerationResponse:
         """A script's jobs, every one checked before the first is queued, run in turn; the answer once all have run
         (or Interrupt ended them), as A1111's."""
-        script, names, keeps_model = await anyio.to_thread.run_sync(self._plan_script, req)
+        script, names, keeps_model, kept_options = await anyio.to_thread.run_sync(self._plan_script, req)
         # As _generate's wait: on a thread of its own, so many waiting clients never starve /progress or /interrupt.
-        await anyio.to_thread.run_sync(self._run_in_turn, script, caller_of(request), names, keeps_model,
+        await anyio.to_thread.run_sync(self._run_in_turn, script, caller_of(request), names, keeps_model, kept_options,
                                        abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
         return await anyio.to_thread.run_sync(self._script_result, script, req)
 
-    def _plan_script(self, req: GenerationBody) -> tuple[scripts.ScriptRun, dict[str, str], bool]:
+    def _plan_script(self, req: GenerationBody
+                     ) -> tuple[scripts.ScriptRun, dict[str, str], bool, _OptionChanges | None]:
+        kept_options = self._kept_options(req)
         data, notes, names = self._request_data(req)
         if data.get("controlnet_enabled"):  # its picture travels with one job, not with a script's several
             raise ApiError(422, f"alwayson_scripts.controlnet: not with script_name {_script_of(req)!r}; send the "
@@ -278,14 +290,15 @@ class Api:
         except InvalidRequest as err:
             raise ApiError(422, convert.rename_fields(str(err), names), "InvalidRequest") from None
         script.notes[:0] = notes
-        return script, names, _keeps_model(req, data)
+        return script, names, _keeps_model(req, data), kept_options
 
     def _find_model(self, name: str) -> str:
         """A Checkpoint name axis's value: the listed model of that name (ModelNotFound for none)."""
         loaded = self.engine.model
         return self.registry.find_listed(name, loaded.entry if loaded else None).name
 
-    def _run_in_turn(self, script: scripts.ScriptRun, caller: str, names: dict[str, str], keeps_model: bool) -> None:
+    def _run_in_turn(self, script: scripts.ScriptRun, caller: str, names: dict[str, str], keeps_model: bool,
+                     kept_options: _OptionChanges | None) -> None:
         run = script.run
         run.owner = caller  # from now on /interrupt finds it, even between two jobs
         self._runs.append(run)
@@ -294,6 +307,8 @@ class Api:
                 for job in run.in_turn(self.worker, "api", caller, field_names=names):
                     if keeps_model:
                         self._kept_override = job
+                    if job is run.jobs[0]:  # set once its first job is queued, as a single job's
+                        self._keep_options(job, kept_options)
                     job.wait()
         except ApiError as err:
             if not run.jobs:  # nothing ran: the request's error
@@ -312,11 +327,11 @@ class Api:
         if run.job.state is JobState.FAILED:
             self._result(run.job, {})  # raises its error, as a job of its own would
         result = script.result()
-        grids = result.grids
+        grids, options = result.grids, self.worker.saving_options(run.job)  # its jobs' own, as they saved theirs
         if req.save_images:
-            grids = saved_grids(grids, self.services.outputs, convert.kind_of(req))
-        return convert.run_result(run.jobs, grids, result.made, req.parameters(), self.engine.model,
-                                  self.services.options.current(), result.send_made, script.notes)
+            grids = saved_grids(grids, self.services.outputs, convert.kind_of(req), options)
+        return convert.run_result(run.jobs, grids, result.made, req.parameters(), self.engine.model, options,
+                                  result.send_made, script.notes)
 
     def _run_of(self, job: Job) -> SeveralJobs | None:
         return next((run for run in list(self._runs) if run.job is job), None)
@@ -631,16 +646,16 @@ class Api:
         loaded = self.engine.model.entry if self.engine.model else None
         entry = await anyio.to_thread.run_sync(convert.find_listed_model, self.registry, name, loaded)
         kept = self._kept_override  # queued before this load, so it runs first: the option set now wins
-        switching = (self.worker.queue_model_load(name), entry.source)
+        switching = self.worker.queue_model_load(name)
         self._switching = switching
         try:
-            loaded = await self._on_worker(switching[0], "sd_model_checkpoint: ")
+            loaded = await self._on_worker(switching, "sd_model_checkpoint: ")
+            if self._kept_override is kept:
+                self._kept_override = None
+            self.model = loaded  # before the switch is over: requests never see the old option meanwhile
         finally:
             if self._switching is switching:
                 self._switching = None
-        if self._kept_override is kept:
-            self._kept_override = None
-        self.model = loaded
 
     # --- lists ----------------------------------------------------------------------------------
     def samplers(self) -> list[SamplerItem]:

@@ -57,16 +57,20 @@ SAMPLERS: tuple[Sampler, ...] = (
             discards_penultimate=True),
     Sampler("DPM2 a", "DPM2AncestralScheduler", aliases=("k_dpm_2_a",), automatic="Karras",
             k_diffusion=True, discards_penultimate=True),
-    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
+    # k-diffusion's multistep DPM++ takes its last step at first order only where it goes to 0 (diffusers' final
+    # "zero" does that anyway): a schedule ending at a sigma (KL Optimal) keeps the second order to the end
+    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                        "lower_order_final": False},
             aliases=("k_dpmpp_2m",), automatic="Karras", k_diffusion=True),
     # the SDE samplers take A1111's eta and Sigma noise (webui/engine/dpmpp_sde.py)
     Sampler("DPM++ SDE", "DPMPPSDEScheduler", aliases=("k_dpmpp_sde",), automatic="Karras", k_diffusion=True),
     Sampler("DPM++ 2M SDE", "DPMPP2MSDEScheduler",
-            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, aliases=("k_dpmpp_2m_sde",),
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "lower_order_final": False},
+            aliases=("k_dpmpp_2m_sde",),
             automatic="Exponential", k_diffusion=True),
     # the same solver with k-diffusion's Heun correction in place of the midpoint one (A1111's solver_type heun)
     Sampler("DPM++ 2M SDE Heun", "DPMPP2MSDEScheduler",
-            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun", "lower_order_final": False},
             aliases=("k_dpmpp_2m_sde_heun",), automatic="Exponential", k_diffusion=True),
     # k-diffusion's third-order SDE solver: its phi_2 warm-up step (diffusers' heun)
     # and no lower-order last steps; it drops the next-to-last sigma, as A1111's table says
