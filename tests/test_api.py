@@ -569,22 +569,31 @@ def test_a_kept_override_counts_in_queue_order(client, services):
         assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["sd_model_name"] == TINY
 
 
+def queued_during_a_switch(client, services, monkeypatch, model: str):
+    """The option's model set to the tiny one, then to `model` while a long job holds the queue, and a request sent
+    while that load waits: (the switch's answer, the request's job), once both have ended."""
+    asked, queue_model_load = [], services.worker.queue_model_load
+    monkeypatch.setattr(services.worker, "queue_model_load", lambda n: (queue_model_load(n), asked.append(n))[0])
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
+    asked.clear()
+    blocker = services.worker.submit(LONG, origin="ui")
+    wait_for(lambda: blocker.state is JobState.RUNNING)
+    with ThreadPoolExecutor(1) as pool:
+        switch = pool.submit(client.post, "/sdapi/v1/options", json={"sd_model_checkpoint": model})
+        wait_for(lambda: asked == [model])  # the load is queued
+        behind = services.worker.get(client.post("/api/v1/jobs", json=QUICK).json()["id"])
+        services.worker.cancel(blocker.id)
+        answer = switch.result(120)
+    assert behind.wait(120)
+    return answer, behind
+
+
 def test_a_request_queued_while_the_options_model_loads_runs_on_that_model(client, services, monkeypatch):
     """A1111 sets the option at once: a request sent while the switch waits behind a long job runs on the new model,
     not on the old option's (which would load the old model back after the switch)."""
-    asked, queue_model_load = [], services.worker.queue_model_load
-    monkeypatch.setattr(services.worker, "queue_model_load", lambda n: (queue_model_load(n), asked.append(n))[0])
     with another_model(client, services, "tiny-other"):
-        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
-        asked.clear()
-        blocker = services.worker.submit(LONG, origin="ui")  # holds the queue, so the load waits
-        wait_for(lambda: blocker.state is JobState.RUNNING)
-        with ThreadPoolExecutor(1) as pool:
-            switch = pool.submit(client.post, "/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-other"})
-            wait_for(lambda: asked == ["tiny-other"])
-            behind = services.worker.get(client.post("/api/v1/jobs", json=QUICK).json()["id"])
-            services.worker.cancel(blocker.id)
-            assert switch.result(60).status_code == 200 and behind.wait(60)
+        switch, behind = queued_during_a_switch(client, services, monkeypatch, "tiny-other")
+        assert switch.status_code == 200 and behind.state is JobState.DONE
         assert behind.model.entry.name == "tiny-other" and services.engine.model.entry.name == "tiny-other"
         assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["sd_model_name"] == "tiny-other"
 
@@ -667,25 +676,14 @@ def test_kept_override_settings_that_cannot_be_saved_are_a_warning_on_the_queued
 
 def test_a_request_queued_while_a_model_switch_fails_runs_on_the_model_before(client, services, monkeypatch):
     """A1111 keeps its option where a load fails: the request runs, on the model that stayed loaded."""
-    asked, queue_model_load = [], services.worker.queue_model_load
-    monkeypatch.setattr(services.worker, "queue_model_load", lambda n: (queue_model_load(n), asked.append(n))[0])
     models = services.settings.models_dir
     shutil.copytree(models / TINY, models / "broken")
     for weights in (models / "broken" / "unet").glob("*.safetensors"):
         weights.write_bytes(b"not a safetensors file")
     client.post("/sdapi/v1/refresh-checkpoints")
     try:
-        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
-        asked.clear()
-        blocker = services.worker.submit(LONG, origin="ui")  # holds the queue, so the load waits
-        wait_for(lambda: blocker.state is JobState.RUNNING)
-        with ThreadPoolExecutor(1) as pool:
-            switch = pool.submit(client.post, "/sdapi/v1/options", json={"sd_model_checkpoint": "broken"})
-            wait_for(lambda: asked == ["broken"])  # the load is queued
-            behind = services.worker.get(client.post("/api/v1/jobs", json=QUICK).json()["id"])
-            services.worker.cancel(blocker.id)
-            assert switch.result(120).status_code == 500
-        assert behind.wait(120) and behind.state is JobState.DONE, behind.error
+        switch, behind = queued_during_a_switch(client, services, monkeypatch, "broken")
+        assert switch.status_code == 500 and behind.state is JobState.DONE, behind.error
         assert behind.model.entry.name == TINY
     finally:
         shutil.rmtree(models / "broken", ignore_errors=True)

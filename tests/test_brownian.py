@@ -37,6 +37,24 @@ def kdiffusion_2m_sde(sigmas, x, eps, noise_sampler, heun=False, eta=1.0, s_nois
     return x
 
 
+def start_and_model(seed: int, sigma) -> tuple[torch.Tensor, callable]:
+    """A start at noise level `sigma`, and a model whose estimate depends on its input and noise level."""
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn(2, 4, 3, 3, generator=generator) * sigma
+    weights = torch.randn(2, 4, 3, 3, generator=generator)
+    return start, lambda x, level: torch.tanh(x / (1 + level ** 2) ** 0.5 + weights)
+
+
+def multistep_run(scheduler, start: torch.Tensor, eps) -> torch.Tensor:
+    """diffusers' loop over a multistep scheduler set from its first step; the result in k-diffusion's scale."""
+    sigmas = scheduler.sigmas
+    sample = start / (1 + sigmas[0] ** 2) ** 0.5  # diffusers' scaled latent
+    for timestep in scheduler.timesteps:
+        sigma = sigmas[scheduler.step_index or 0]
+        sample = scheduler.step(eps(sample * (1 + sigma ** 2) ** 0.5, sigma), timestep, sample).prev_sample
+    return sample * (1 + sigmas[-1] ** 2) ** 0.5
+
+
 # A1111's Eta for ancestral samplers and Sigma noise, which its SDE samplers take: the defaults, both off them, no noise
 OPTIONS = [(1.0, 1.0), (0.5, 0.8), (0.0, 1.0)]
 
@@ -49,17 +67,8 @@ def test_the_multistep_sde_samplers_step_with_a1111s_brownian_noise(sampler, heu
     use_step_options(scheduler, sampler, StepOptions(eta_ancestral=eta, s_noise=s_noise))
     scheduler.set_timesteps(5)
     with_brownian_noise(scheduler, SEEDS)
-    generator = torch.Generator().manual_seed(1)
-    start = torch.randn(2, 4, 3, 3, generator=generator) * scheduler.sigmas[0]
-    weights = torch.randn(2, 4, 3, 3, generator=generator)
-
-    def eps(x, sigma):  # a model whose estimate depends on its input and noise level
-        return torch.tanh(x / (1 + sigma ** 2) ** 0.5 + weights)
-
-    sample = start / (1 + scheduler.sigmas[0] ** 2) ** 0.5  # diffusers' scaled latent
-    for timestep in scheduler.timesteps:
-        sigma = scheduler.sigmas[scheduler.step_index or 0]
-        sample = scheduler.step(eps(sample * (1 + sigma ** 2) ** 0.5, sigma), timestep, sample).prev_sample
+    start, eps = start_and_model(1, scheduler.sigmas[0])
+    sample = multistep_run(scheduler, start, eps)
     sigmas = scheduler.sigmas
     trees = BrownianTreeNoiseSampler(start, sigmas[sigmas > 0].min(), sigmas.max(), seed=SEEDS)
     expected = kdiffusion_2m_sde(sigmas, start, eps, trees, heun, eta, s_noise)
@@ -87,18 +96,8 @@ def test_a_schedule_ending_at_a_sigma_keeps_the_second_order_to_its_last_step_as
     assert float(sigmas[-1]) > 0.02  # it ends at a sigma
     if eta:
         with_brownian_noise(scheduler, SEEDS)
-    generator = torch.Generator().manual_seed(1)
-    start = torch.randn(2, 4, 3, 3, generator=generator) * sigmas[0]
-    weights = torch.randn(2, 4, 3, 3, generator=generator)
-
-    def eps(x, sigma):
-        return torch.tanh(x / (1 + sigma ** 2) ** 0.5 + weights)
-
-    sample = start / (1 + sigmas[0] ** 2) ** 0.5
-    for timestep in scheduler.timesteps:
-        sigma = sigmas[scheduler.step_index or 0]
-        sample = scheduler.step(eps(sample * (1 + sigma ** 2) ** 0.5, sigma), timestep, sample).prev_sample
-    sample = sample * (1 + sigmas[-1] ** 2) ** 0.5  # k-diffusion's scale at the last level
+    start, eps = start_and_model(1, sigmas[0])
+    sample = multistep_run(scheduler, start, eps)  # (at the last level's scale: not 1 here)
     trees = BrownianTreeNoiseSampler(start, sigmas[sigmas > 0].min(), sigmas.max(), seed=SEEDS)
     torch.testing.assert_close(sample, kdiffusion_2m_sde(sigmas, start, eps, trees, heun, eta), rtol=1e-4, atol=1e-4)
 
@@ -192,18 +191,9 @@ def test_dpmpp_3m_sde_steps_as_k_diffusions(steps, eta, s_noise):
     use_step_options(scheduler, "DPM++ 3M SDE", StepOptions(eta_ancestral=eta, s_noise=s_noise))
     scheduler.set_timesteps(steps)
     with_brownian_noise(scheduler, SEEDS)
-    generator = torch.Generator().manual_seed(4)
     sigmas = scheduler.sigmas
-    start = torch.randn(2, 4, 3, 3, generator=generator) * sigmas[0]
-    weights = torch.randn(2, 4, 3, 3, generator=generator)
-
-    def eps(x, sigma):
-        return torch.tanh(x / (1 + sigma ** 2) ** 0.5 + weights)
-
-    sample = start / (1 + sigmas[0] ** 2) ** 0.5
-    for timestep in scheduler.timesteps:
-        sigma = sigmas[scheduler.step_index or 0]
-        sample = scheduler.step(eps(sample * (1 + sigma ** 2) ** 0.5, sigma), timestep, sample).prev_sample
+    start, eps = start_and_model(4, sigmas[0])
+    sample = multistep_run(scheduler, start, eps)
     trees = BrownianTreeNoiseSampler(start, sigmas[sigmas > 0].min(), sigmas.max(), seed=SEEDS)
     torch.testing.assert_close(sample, kdiffusion_3m_sde(sigmas, start, eps, trees, eta, s_noise), rtol=1e-4, atol=1e-4)
     if (eta, s_noise) != (1.0, 1.0):
