@@ -406,7 +406,7 @@ def test_model_picks_waiting_for_a_long_job_leave_the_shared_threads_free(ui, ui
     monkeypatch.setattr(worker, "_model_stays", lambda name, wanted: False)  # as if each named another model
 
     async def picks_then_a_thread():
-        picks = [asyncio.create_task(step_as_gradio_does(event(ui, "load_model"), TINY)) for _ in range(45)]
+        picks = [asyncio.create_task(step_as_gradio_does(event(ui, "load_model"), TINY, 1, 1)) for _ in range(45)]
         while len(asked) < 40:  # as many as the shared pool has threads
             await asyncio.sleep(0.05)
         try:  # what /progress needs: one thread of the shared pool
@@ -499,11 +499,15 @@ def test_model_refresh_and_load(models_dir, tmp_path):
         assert update["choices"] == ["tiny-a", "tiny-b"] and update["value"] == "tiny-a"
         assert vae_update["choices"] == ["Automatic", "None"] and vae_update["value"] == "Automatic"  # gone: back
 
-        status, picker, width, height, clip_skip, *img2img_sliders = drain(event(ui, "load_model")("tiny-b"))[-1]
+        # each tab's Clip skip as it is now: txt2img's 2, img2img's deeper than the model goes
+        status, picker, width, height, clip_skip, *img2img_sliders = drain(
+            event(ui, "load_model")("tiny-b", 2, TINY_TEXT_LAYERS + 5))[-1]
         assert "tiny-b" in status and (picker["value"], width, height) == ("tiny-b", 64, 64)
-        assert clip_skip["maximum"] == TINY_TEXT_LAYERS  # Clip skip goes as deep as the text encoder
-        assert img2img_sliders == [width, height, clip_skip]  # the img2img tab's sliders follow the model too
-        status, picker, *_ = drain(event(ui, "load_model")("missing-model"))[-1]
+        assert clip_skip == {"__type__": "update", "maximum": TINY_TEXT_LAYERS}  # as deep as the text encoder
+        # the img2img tab's sliders follow the model too, its Clip skip brought within it (else Generate fails)
+        assert img2img_sliders == [width, height, {"__type__": "update", "maximum": TINY_TEXT_LAYERS,
+                                                   "value": TINY_TEXT_LAYERS}]
+        status, picker, *_ = drain(event(ui, "load_model")("missing-model", 1, 1))[-1]
         assert "Could not load missing-model" in status and picker["value"] == "tiny-b"  # the dropdown goes back
 
         # A page opened (or reloaded) now shows tiny-b, not tiny-a of the page built at start.
@@ -852,6 +856,21 @@ def test_send_to_txt2img_leaves_out_values_past_the_sliders_and_says_so(ui):
     assert any(n.startswith("Sampling steps 200 not applied: this page takes 1 to 150") for n in notes)
     assert any(n.startswith("CFG scale 35.0 not applied") for n in notes)
     assert any(n.startswith("Width 4096 not applied") for n in notes) and len(notes) == 3
+
+
+def test_send_to_txt2img_leaves_out_a_clip_skip_deeper_than_the_model_and_sampler_options_past_their_sliders(ui):
+    text = "a castle\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 64x64, Clip skip: 12, Eta: 1.5, " \
+           "Sigma noise: 2"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        *values, _ = event(ui, "send_from_pnginfo")(text)
+    by_field = dict(zip(TXT2IMG_FIELDS, values))
+    for name in ("clip_skip", "eta_ancestral", "s_noise"):  # values Gradio would refuse at every Generate
+        assert is_skip(by_field[name]), name
+    notes = [str(w.message) for w in caught if "not applied" in str(w.message)]
+    assert any(n.startswith(f"Clip skip 12 not applied: this page takes 1 to {TINY_TEXT_LAYERS}") for n in notes)
+    assert any(n.startswith("Eta for ancestral samplers 1.5 not applied") for n in notes)
+    assert any(n.startswith("Sigma noise 2.0 not applied") for n in notes) and len(notes) == 3
 
 
 def test_send_to_txt2img_rounds_a_size_that_is_no_multiple_of_8_down_and_says_so(ui):
@@ -1333,7 +1352,14 @@ def test_styles_are_applied_saved_and_deleted_from_the_page(ui, ui_services):
         assert event(ui, "file_lists")()[0]["choices"] == ["Film"]
         sent = event(ui, "send_from_pnginfo")(last[4])  # the prompt has the style joined in: the pick is cleared
         assert sent[TXT2IMG_FIELDS.index("styles")] == [] and sent[0] == "film still of a lighthouse"
+        # The other tab's list follows a save or a delete on this one: one styles file, two lists.
+        follows = [fn for fn in ui.blocks.fns.values() if getattr(fn.fn, "__name__", "") == "offered_styles"]
+        assert {tuple(block.elem_id for block in fn.outputs) for fn in follows} == {("txt2img_styles",),
+                                                                                   ("img2img_styles",)}
+        img2img_list = next(fn.fn for fn in follows if fn.outputs[0].elem_id == "img2img_styles")
+        assert img2img_list(["Film", "Gone"]) == {"__type__": "update", "choices": ["Film"], "value": ["Film"]}
         assert delete("Film", ["Film"]) == {"__type__": "update", "choices": [], "value": []}
+        assert img2img_list(["Film"]) == {"__type__": "update", "choices": [], "value": []}  # picked there: dropped
         with pytest.raises(gr.Error, match="No style is named 'Film'"):
             delete("Film", [])
     finally:

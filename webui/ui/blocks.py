@@ -150,7 +150,7 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
                 sent = (picture[0], gr.skip(), PLAIN, gr.Tabs(selected="img2img"))
         fields = fields | {"override_settings": override_settings(fields, tab.actions.options.current(), tab.kind)}
         updates = widget_updates(fields, tab.field_names, ui.models.choices(), ui.models.find_pasted,
-                                 ui.models.vae_choices(), tab.actions.upscaler_names())
+                                 ui.models.vae_choices(), tab.actions.upscaler_names(), ui.models.clip_skip_max())
         return *sent, *updates, gr.Tabs(selected=tab.kind)
 
     def send_from_history(image_id):
@@ -216,27 +216,39 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
     for tab in ui.generation_tabs:
         for run in tab.generate_events:
             run.then(**reload)
+        for edit in tab.style_edits:  # one styles file: a style saved or deleted on one tab is so on the other
+            for other in ui.generation_tabs:
+                if other is not tab:
+                    edit.then(other.actions.offered_styles, inputs=[other.widgets["styles"]],
+                              outputs=[other.widgets["styles"]], **private)
         tab.send_to_img2img.click(gallery_to_img2img, inputs=[tab.session], outputs=to_img2img_outputs, **private)
         tab.send_to_inpaint.click(gallery_to_inpaint, inputs=[tab.session], outputs=to_img2img_outputs, **private)
     ui.blocks.load(**reload)
     # The model's size and text encoder depth set the sliders of every tab: one load, all of them.
     sliders = [slider for tab in ui.generation_tabs for slider in tab.model_sliders]
-    tab_count = len(ui.generation_tabs)
+    clip_skips = [tab.widgets["clip_skip"] for tab in ui.generation_tabs]
 
-    async def load_model(name):
-        async for status, dropdown, *model_sliders in ui.models.load(name):
-            yield status, dropdown, *model_sliders * tab_count
+    def per_tab(width, height, clip_skip, clip_skips_now) -> list:
+        """The model's sliders for each tab: its Clip skip, where it was set deeper than the model goes, brought
+        within it (the slider's end alone would leave a value that fails every Generate)."""
+        def clip_of(now):
+            return ui.models.clip_skip_slider(now) if "maximum" in clip_skip else clip_skip  # (else a skip)
+        return [update for now in clip_skips_now for update in (width, height, clip_of(now))]
 
-    ui.picker.dropdown.input(load_model, inputs=[ui.picker.dropdown],
+    async def load_model(name, *clip_skips_now):
+        async for status, dropdown, width, height, clip_skip in ui.models.load(name):
+            yield status, dropdown, *per_tab(width, height, clip_skip, clip_skips_now)
+
+    ui.picker.dropdown.input(load_model, inputs=[ui.picker.dropdown, *clip_skips],
                              outputs=[ui.picker.status, ui.picker.dropdown, *sliders], api_name="load_model",
                              show_progress="hidden")
 
-    def models_on_page_load():
-        dropdown, status, *model_sliders = ui.models.on_page_load()
-        return dropdown, status, ui.models.vae_picker(), *model_sliders * tab_count
+    def models_on_page_load(*clip_skips_now):
+        dropdown, status, width, height, clip_skip = ui.models.on_page_load()
+        return dropdown, status, ui.models.vae_picker(), *per_tab(width, height, clip_skip, clip_skips_now)
 
-    ui.blocks.load(models_on_page_load, outputs=[ui.picker.dropdown, ui.picker.status, ui.picker.vae, *sliders],
-                   **private)
+    ui.blocks.load(models_on_page_load, inputs=clip_skips,
+                   outputs=[ui.picker.dropdown, ui.picker.status, ui.picker.vae, *sliders], **private)
 
 
 def _wire_sends_to_extras(ui: WebUI, tabs: gr.Tabs) -> None:

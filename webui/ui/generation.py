@@ -13,7 +13,7 @@ import inspect
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -522,6 +522,10 @@ class GenerationActions(SeveralRuns):
             raise gr.Error(f"The style was not deleted: {err}") from None
         if not deleted:
             raise gr.Error(f"No style is named {(name or '').strip()!r}; type the name of one to delete.")
+        return self.offered_styles(picked)
+
+    def offered_styles(self, picked: list[str] | None) -> dict:
+        """The Styles list as the styles file has it now, keeping those picked that are still there."""
         names = self.style_names()
         return gr.update(choices=names, value=[each for each in picked or [] if each in names])
 
@@ -722,6 +726,7 @@ class GenerationTab:
     send_to_extras: gr.Button  # its current image to the Extras tab
     paste: gr.Button  # A1111's ↙: the prompt box's parameters (or the last picture's) into the fields (blocks.py)
     picture_tabs: gr.Tabs | None = None  # img2img's sub-tabs (pictures.IMG2IMG_MODES)
+    style_edits: list[Any] = field(default_factory=list)  # Save and Delete style: the other tab's list follows (blocks.py)
 
     @property
     def file_lists(self) -> Any:
@@ -1217,10 +1222,10 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                        **_api(kind, "add_hypernetwork"), show_progress="hidden")
     apply_styles.click(actions.apply_styles, inputs=[prompt, negative, styles], outputs=[prompt, negative, styles],
                        **_api(kind, "apply_styles"), show_progress="hidden")
-    save_style.click(actions.save_style, inputs=[style_name, prompt, negative], outputs=[styles],
-                     **_api(kind, "save_style"), show_progress="hidden")
-    delete_style.click(actions.delete_style, inputs=[style_name, styles], outputs=[styles],
-                       **_api(kind, "delete_style"), show_progress="hidden")
+    style_edits = [save_style.click(actions.save_style, inputs=[style_name, prompt, negative], outputs=[styles],
+                                    **_api(kind, "save_style"), show_progress="hidden"),
+                   delete_style.click(actions.delete_style, inputs=[style_name, styles], outputs=[styles],
+                                      **_api(kind, "delete_style"), show_progress="hidden")]
     embedding_refresh.click(actions.refresh_embeddings, outputs=[embedding_name], **_api(kind, "refresh_embeddings"),
                             show_progress="hidden").then(actions.embedding_cards, inputs=[embedding_search],
                                                          outputs=[embedding_cards], api_visibility="private",
@@ -1253,4 +1258,4 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                          [styles, lora_name, embedding_name,
                           widgets["hr_upscaler" if kind == "txt2img" else "sd_upscale_upscaler"], lora_cards,
                           embedding_cards, hypernet_name, hypernet_cards], send_to_img2img, send_to_inpaint,
-                         send_to_extras, paste, picture_tabs if img2img else None)
+                         send_to_extras, paste, picture_tabs if img2img else None, style_edits)

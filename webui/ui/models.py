@@ -94,10 +94,18 @@ class ModelActions:
         model = self.services.engine.model
         return model.native_width if model else DEFAULT_SIZE
 
-    def clip_skip_slider(self):
+    def clip_skip_max(self) -> int:
         """Clip skip goes as deep as the loaded model's text encoder (3 layers in the embedded model)."""
         model = self.services.engine.model
-        return gr.update(maximum=min(MAX_CLIP_SKIP, model.text_encoder_layers) if model else MAX_CLIP_SKIP)
+        return min(MAX_CLIP_SKIP, model.text_encoder_layers) if model else MAX_CLIP_SKIP
+
+    def clip_skip_slider(self, current: int | None = None):
+        """The slider for the loaded model, its value brought within it: a value past the end would make every
+        Generate fail (Gradio refuses it)."""
+        deepest = self.clip_skip_max()
+        if current is not None and current > deepest:
+            return gr.update(maximum=deepest, value=deepest)
+        return gr.update(maximum=deepest)
 
     def status(self) -> str:
         model = self.services.engine.model
