@@ -22,17 +22,15 @@ from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerO
 from diffusers.utils.torch_utils import randn_tensor  # by name: philox.drawing_from_philox replaces it here
 
 from webui.engine.dpmpp_2s_ancestral import denoised_of
-from webui.engine.samplers import RESTARTS_FROM_STEPS
+from webui.engine.samplers import RESTARTS_FROM_STEPS, karras_sigmas
 
 RESTART_AT = 0.1  # the level a restart goes back up from ...
 RESTART_TO = 2.0  # ... and the level it goes up to
 
 
 def karras_levels(steps: int, smallest: float, largest: float) -> torch.Tensor:
-    """k-diffusion's get_sigmas_karras in float32 (so A1111's to the bit), with its final 0."""
-    rho = 7.0
-    low, high = smallest ** (1 / rho), largest ** (1 / rho)
-    levels = (high + torch.linspace(0, 1, steps) * (low - high)) ** rho
+    """k-diffusion's get_sigmas_karras between these ends, in float32 (so A1111's to the bit), with its final 0."""
+    levels = torch.from_numpy(karras_sigmas(steps, np.array([smallest, largest]))).float()
     return torch.cat([levels, levels.new_zeros(1)])
 
 
