@@ -569,9 +569,9 @@ def test_a_kept_override_counts_in_queue_order(client, services):
         assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["sd_model_name"] == TINY
 
 
-def queued_during_a_switch(client, services, monkeypatch, model: str):
+def queued_during_a_switch(client, services, monkeypatch, model: str, before=lambda: None):
     """The option's model set to the tiny one, then to `model` while a long job holds the queue, and a request sent
-    while that load waits: (the switch's answer, the request's job), once both have ended."""
+    while that load waits (after `before()`): (the switch's answer, the request's job), once both have ended."""
     asked, queue_model_load = [], services.worker.queue_model_load
     monkeypatch.setattr(services.worker, "queue_model_load", lambda n: (queue_model_load(n), asked.append(n))[0])
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
@@ -581,6 +581,7 @@ def queued_during_a_switch(client, services, monkeypatch, model: str):
     with ThreadPoolExecutor(1) as pool:
         switch = pool.submit(client.post, "/sdapi/v1/options", json={"sd_model_checkpoint": model})
         wait_for(lambda: asked == [model])  # the load is queued
+        before()
         behind = services.worker.get(client.post("/api/v1/jobs", json=QUICK).json()["id"])
         services.worker.cancel(blocker.id)
         answer = switch.result(120)
@@ -674,8 +675,8 @@ def test_kept_override_settings_that_cannot_be_saved_are_a_warning_on_the_queued
     assert any("override_settings: jpeg_quality not saved" in warning for warning in job.warnings), job.warnings
 
 
-def test_a_request_queued_while_a_model_switch_fails_runs_on_the_model_before(client, services, monkeypatch):
-    """A1111 keeps its option where a load fails: the request runs, on the model that stayed loaded."""
+def test_a_request_queued_while_a_model_switch_fails_fails_with_the_loads_error(client, services, monkeypatch):
+    """It names the model the option was set to (as A1111's option is set at once): the load's error is its error."""
     models = services.settings.models_dir
     shutil.copytree(models / TINY, models / "broken")
     for weights in (models / "broken" / "unet").glob("*.safetensors"):
@@ -683,11 +684,24 @@ def test_a_request_queued_while_a_model_switch_fails_runs_on_the_model_before(cl
     client.post("/sdapi/v1/refresh-checkpoints")
     try:
         switch, behind = queued_during_a_switch(client, services, monkeypatch, "broken")
-        assert switch.status_code == 500 and behind.state is JobState.DONE, behind.error
-        assert behind.model.entry.name == TINY
+        assert switch.status_code == 500 and behind.state is JobState.FAILED
+        assert "could not load model 'broken'" in behind.error
+        assert services.engine.model.entry.name == TINY  # the model before stays loaded
     finally:
         shutil.rmtree(models / "broken", ignore_errors=True)
         client.post("/sdapi/v1/refresh-checkpoints")
+
+
+def test_a_tabs_job_queued_during_a_switch_does_not_decide_an_api_requests_model(client, services, monkeypatch):
+    """A web-UI tab runs its own pick; an API request sent after the switch runs on the option's model, not on the
+    model a tab's job loaded just before it."""
+    with another_model(client, services, "tiny-other"):
+        def tab_job_between():
+            return services.worker.submit(QUICK | {"model": TINY}, origin="ui")
+
+        switch, behind = queued_during_a_switch(client, services, monkeypatch, "tiny-other", before=tab_job_between)
+        assert switch.status_code == 200 and behind.state is JobState.DONE
+        assert behind.model.entry.name == "tiny-other"
 
 
 def test_the_api_models_clip_skip_and_a_model_deleted_since(client, services):

@@ -142,9 +142,8 @@ class Api:
         # The last job whose override_settings switched the model without restoring it afterwards: once done,
         # its model is the option's, as in A1111, where such an override stays set.
         self._kept_override: Job | None = None
-        # An sd_model_checkpoint load queued and not over: requests queued meanwhile run on the model loaded when
-        # they start (that one, as in A1111, where the option is set at once; or, where it fails, the one before).
-        self._switching: Future | None = None
+        # The model of an sd_model_checkpoint load queued and not over (its source): requests queued meanwhile name it.
+        self._switching: str | None = None
         self._runs: list[SeveralJobs] = []  # the scripts' runs of several jobs going on, for /progress and /interrupt
         self.training = TrainingRoutes(services, caller_of)  # /sdapi/v1/create/..., /train/...
 
@@ -236,9 +235,10 @@ class Api:
         default_model = model.entry.source if chosen else None
         kept, switching = self._kept_override, self._switching
         if switching is not None:
-            # The option's model is loading, queued before this one (first in, first out): this one runs on the model
-            # loaded when it starts, that one, or the one before where the load failed (A1111 keeps its option then).
-            model, default_model = None, None
+            # The option's model is loading, queued before this one (first in, first out): this one names it, as in
+            # A1111, where the option is set at once (a tab's job queued between must not decide its model). Where
+            # the load fails, this one fails with the same error.
+            model, default_model = None, switching
         elif kept is not None and not kept.state.finished:
             # It runs before this one (the queue is first in, first out), and its model stays: this one's too.
             # The clip skip is checked against that model once it is loaded.
@@ -646,10 +646,10 @@ class Api:
         loaded = self.engine.model.entry if self.engine.model else None
         entry = await anyio.to_thread.run_sync(convert.find_listed_model, self.registry, name, loaded)
         kept = self._kept_override  # queued before this load, so it runs first: the option set now wins
-        switching = self.worker.queue_model_load(name)
+        switching = entry.source
         self._switching = switching
         try:
-            loaded = await self._on_worker(switching, "sd_model_checkpoint: ")
+            loaded = await self._on_worker(self.worker.queue_model_load(name), "sd_model_checkpoint: ")
             if self._kept_override is kept:
                 self._kept_override = None
             self.model = loaded  # before the switch is over: requests never see the old option meanwhile
