@@ -33,6 +33,15 @@ def denoised_of(prediction_type: str, model_output: torch.Tensor, sample: torch.
     raise ValueError(f"this sampler runs epsilon and v-prediction models, not {prediction_type!r}")
 
 
+def ancestral_levels(sigma: torch.Tensor, sigma_to: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-diffusion's ancestral split of a step from sigma to sigma_to: the level it steps down to, and the noise that
+    brings it back up (eta times the full split's, at most sigma_to)."""
+    if not eta:
+        return sigma_to, sigma_to * 0
+    up = torch.minimum(sigma_to, eta * (sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2) ** 0.5)
+    return (sigma_to ** 2 - up ** 2) ** 0.5, up
+
+
 class _AtEta:
     """An ancestral two-call scheduler whose levels follow `eta` (1: diffusers' own), and whose step noise is
     `s_noise` times sigma_up (A1111's Sigma noise; sigma_up sizes nothing else)."""
@@ -51,10 +60,7 @@ class _AtEta:
         first twice), and the midpoint calls' timesteps with them."""
         sigmas = torch.cat([self.sigmas[:1], self.sigmas[1:-1:2]])  # the step levels, ending at 0
         following = torch.cat([sigmas[1:], sigmas[:1] * 0])
-        full = (following ** 2 * (sigmas ** 2 - following ** 2) / sigmas ** 2) ** 0.5
-        up = torch.minimum(following, self.eta * full)
-        down = (following ** 2 - up ** 2) ** 0.5
-        down[-1] = 0.0  # past the last step (0 / 0 there)
+        down, up = ancestral_levels(sigmas, following, self.eta)
         middle = sigmas.log().lerp(down.log(), 0.5).exp()
         middle[-2:] = 0.0
         self.sigmas_up, self.sigmas_down, self.sigmas_interpol = (

@@ -17,16 +17,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, DPMSolverSDEScheduler
 from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler, DPMSolverSDESchedulerOutput
 
-from webui.engine.dpmpp_2s_ancestral import denoised_of
-
-
-def ancestral_levels(sigma: torch.Tensor, sigma_to: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-diffusion's ancestral split of a step from sigma to sigma_to: the level it steps down to, and the noise that
-    brings it back up (eta times the full split's, at most sigma_to)."""
-    if not eta:
-        return sigma_to, sigma_to * 0
-    up = torch.minimum(sigma_to, eta * (sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2) ** 0.5)
-    return (sigma_to ** 2 - up ** 2) ** 0.5, up
+from webui.engine.dpmpp_2s_ancestral import ancestral_levels, denoised_of
 
 
 class _MultistepSDE(DPMSolverMultistepScheduler):
