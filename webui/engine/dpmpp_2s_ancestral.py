@@ -21,6 +21,8 @@ from diffusers import KDPM2AncestralDiscreteScheduler
 from diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete import KDPM2AncestralDiscreteSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor  # by name: philox.drawing_from_philox replaces it here
 
+from webui.engine.step_options import ancestral_levels
+
 
 def denoised_of(prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor,
                 sigma: torch.Tensor) -> torch.Tensor:
@@ -31,15 +33,6 @@ def denoised_of(prediction_type: str, model_output: torch.Tensor, sample: torch.
     if prediction_type == "v_prediction":
         return model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
     raise ValueError(f"this sampler runs epsilon and v-prediction models, not {prediction_type!r}")
-
-
-def ancestral_levels(sigma: torch.Tensor, sigma_to: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-diffusion's ancestral split of a step from sigma to sigma_to: the level it steps down to, and the noise that
-    brings it back up (eta times the full split's, at most sigma_to)."""
-    if not eta:
-        return sigma_to, sigma_to * 0
-    up = torch.minimum(sigma_to, eta * (sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2) ** 0.5)
-    return (sigma_to ** 2 - up ** 2) ** 0.5, up
 
 
 class _AtEta:

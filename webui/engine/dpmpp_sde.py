@@ -17,7 +17,8 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, DPMSolverSDEScheduler
 from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler, DPMSolverSDESchedulerOutput
 
-from webui.engine.dpmpp_2s_ancestral import ancestral_levels, denoised_of
+from webui.engine.dpmpp_2s_ancestral import denoised_of
+from webui.engine.step_options import ancestral_levels
 
 
 class _MultistepSDE(DPMSolverMultistepScheduler):

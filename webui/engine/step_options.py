@@ -43,13 +43,16 @@ FOLLOWS = {"DDIM": ("eta_ddim",), "Euler a": ("eta_ancestral",), "DPM2 a": _ETA_
 _A1111_ALSO = {"Heun": ("s_churn", "s_tmin", "s_tmax", "s_noise"), "DPM2": ("s_churn", "s_tmin", "s_tmax", "s_noise")}
 # The samplers that draw fresh noise from the images' generators as they step, when they do: their pictures are the
 # ones A1111's Eta noise seed delta changes.
-_DRAWS_NOISE = {"Euler a": lambda options: options.eta_ancestral > 0, "DDIM": lambda options: options.eta_ddim > 0,
-                "Euler": lambda options: options.s_churn > 0, "DPM2 a": lambda options: options.eta_ancestral > 0,
-                "DPM++ 2S a": lambda options: options.eta_ancestral > 0,
+# (each of the options and the pass's step count)
+_DRAWS_NOISE = {"Euler a": lambda options, steps: options.eta_ancestral > 0,
+                "DDIM": lambda options, steps: options.eta_ddim > 0,
+                "Euler": lambda options, steps: options.s_churn > 0,
+                "DPM2 a": lambda options, steps: options.eta_ancestral > 0,
+                "DPM++ 2S a": lambda options, steps: options.eta_ancestral > 0,
                 # A1111's table has no uses_ensd for it, but its restarts' noise follows ENSD: when it restarts
                 "Restart": lambda options, steps: steps >= RESTARTS_FROM_STEPS,
                 # (the SDE samplers' noise comes from Brownian trees of the seeds: webui/engine/brownian.py)
-                "LCM": lambda options: True}
+                "LCM": lambda options, steps: True}
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,16 @@ def unfollowed(sampler_name: str, options: "StepOptions") -> list[str]:
 def draws_noise(sampler_name: str, options: "StepOptions", steps: int) -> bool:
     """Whether the sampler, with these options, draws noise after the start noise in a pass of `steps` steps (so ENSD
     changes its picture)."""
-    if sampler_name == "Restart":
-        return _DRAWS_NOISE[sampler_name](options, steps)
-    return sampler_name in _DRAWS_NOISE and _DRAWS_NOISE[sampler_name](options)
+    return sampler_name in _DRAWS_NOISE and _DRAWS_NOISE[sampler_name](options, steps)
+
+
+def ancestral_levels(sigma: torch.Tensor, sigma_to: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-diffusion's ancestral split of a step from sigma to sigma_to: the level it steps down to, and the noise that
+    brings it back up (eta times the full split's, at most sigma_to)."""
+    if not eta:
+        return sigma_to, sigma_to * 0
+    up = torch.minimum(sigma_to, eta * (sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2) ** 0.5)
+    return (sigma_to ** 2 - up ** 2) ** 0.5, up
 
 
 def use_step_options(scheduler, sampler_name: str, options: StepOptions) -> None:
@@ -123,9 +133,9 @@ def _ancestral_step(scheduler, eta: float):
         denoised = step(model_output, timestep, sample, generator=generator, return_dict=True).pred_original_sample
         _restore(generator, saved)
         index = scheduler.step_index - 1  # the step just taken
-        sigma, sigma_to = float(scheduler.sigmas[index]), float(scheduler.sigmas[index + 1])
-        sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2) ** 0.5)
-        sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+        sigma, sigma_to = scheduler.sigmas[index].double(), scheduler.sigmas[index + 1].double()
+        sigma_down, sigma_up = (float(level) for level in ancestral_levels(sigma, sigma_to, eta))
+        sigma = float(sigma)
         sample = sample.to(torch.float32)
         derivative = (sample - denoised) / sigma
         noise = _draw(model_output, generator)
