@@ -109,7 +109,7 @@ def test_restart_steps_as_a1111s_and_keeps_the_step_count(steps, restarts):
 
 
 def test_below_20_steps_restart_is_heun_on_karras():
-    steps, eps = 15, model()
+    steps = 15
     restart, heun = (make_scheduler(SD15_SCHEDULER, sampler, "Karras") for sampler in ("Restart", "Heun"))
     for scheduler in (restart, heun):
         scheduler.set_timesteps(steps)

@@ -598,9 +598,11 @@ class Api:
 
     def _option_changes(self, body: dict[str, Any]) -> _OptionChanges:
         """What the options in `body` change (the model aside), each value checked: ApiError for one refused."""
+        vae = None
         if "sd_vae" in body:
             try:
-                self.engine.vaes.check(convert.vae_choice(body["sd_vae"], "sd_vae"))
+                vae = convert.vae_choice(body["sd_vae"], "sd_vae")
+                self.engine.vaes.check(vae)
             except InvalidRequest as err:
                 raise ApiError(422, str(err), "InvalidRequest") from None
         if body.get("upscaler_for_img2img") not in (None, "", NO_UPSCALER):  # a name the server has, or none saved
@@ -625,7 +627,6 @@ class Api:
         except OSError as err:  # a settings file that cannot be read is not saved over
             raise ApiError(500, f"{', '.join(saved)} not saved, and nothing changed: {err}",
                            "SettingsNotSaved") from None
-        vae = convert.vae_choice(body["sd_vae"], "sd_vae") if "sd_vae" in body else None
         return _OptionChanges(clip_skip, vae, api_options, saved)
 
     def _apply_options(self, changes: _OptionChanges) -> None:
