@@ -65,12 +65,12 @@ def event(ui, name: str):
 
 
 def generate(ui, session: Session | None = None, prompt="a lighthouse", steps=2, seed=-1, n_iter=1,
-             batch_size=1, width=64, height=64, model=TINY, negative=""):
+             batch_size=1, width=64, height=64, model=TINY, negative="", clip_skip=1):
     """Run the txt2img event to the end; returns every yielded tuple
     (session, gallery, progress, preview, infotext, time)."""
     session = session or Session()
     return list(event(ui, "txt2img")(session, prompt, negative, "Euler a", "Automatic", steps, 7.0, width, height,
-                                     seed, n_iter, batch_size, 1, model))
+                                     seed, n_iter, batch_size, clip_skip, model))
 
 
 def selected(index: int) -> gr.SelectData:
@@ -189,6 +189,17 @@ def test_invalid_request_is_a_readable_message_and_queues_nothing(ui, ui_service
     assert "Batch count: Input should be a valid integer, got a number with a fractional part; use 2 or 3" in progress
     assert "Negative prompt: String should have at most 2000 characters; it has 2500" in progress
     assert "n_iter" not in progress and "negative_prompt" not in progress
+
+
+def test_a_clip_skip_deeper_than_the_model_is_refused_at_generate_saying_how_deep_it_goes(ui, ui_services):
+    # The slider ends at 12 whatever is loaded (A1111's); the depth is the job's model's, checked when it is queued.
+    assert ui.txt2img.widgets["clip_skip"].maximum == 12 and TINY_TEXT_LAYERS < 12
+    before = ui_services.worker.queue_length()
+    outputs = generate(ui, clip_skip=TINY_TEXT_LAYERS + 1)
+    session, _, progress, *_ = outputs[-1]
+    assert f"Clip skip: {TINY}&#x27;s text encoder has {TINY_TEXT_LAYERS} layers; use 1 to {TINY_TEXT_LAYERS}" in progress
+    assert "dw-error" in progress and session.job_id is None and ui_services.worker.queue_length() == before
+    assert "Generation failed" not in generate(ui, clip_skip=TINY_TEXT_LAYERS)[-1][2]  # its deepest runs
 
 
 def test_failed_job_is_a_readable_message(ui):
@@ -406,7 +417,7 @@ def test_model_picks_waiting_for_a_long_job_leave_the_shared_threads_free(ui, ui
     monkeypatch.setattr(worker, "_model_stays", lambda name, wanted: False)  # as if each named another model
 
     async def picks_then_a_thread():
-        picks = [asyncio.create_task(step_as_gradio_does(event(ui, "load_model"), TINY, 1, 1)) for _ in range(45)]
+        picks = [asyncio.create_task(step_as_gradio_does(event(ui, "load_model"), TINY)) for _ in range(45)]
         while len(asked) < 40:  # as many as the shared pool has threads
             await asyncio.sleep(0.05)
         try:  # what /progress needs: one thread of the shared pool
@@ -499,21 +510,15 @@ def test_model_refresh_and_load(models_dir, tmp_path):
         assert update["choices"] == ["tiny-a", "tiny-b"] and update["value"] == "tiny-a"
         assert vae_update["choices"] == ["Automatic", "None"] and vae_update["value"] == "Automatic"  # gone: back
 
-        # each tab's Clip skip as it is now: txt2img's 2, img2img's deeper than the model goes
-        status, picker, width, height, clip_skip, *img2img_sliders = drain(
-            event(ui, "load_model")("tiny-b", 2, TINY_TEXT_LAYERS + 5))[-1]
+        status, picker, width, height, *img2img_sliders = drain(event(ui, "load_model")("tiny-b"))[-1]
         assert "tiny-b" in status and (picker["value"], width, height) == ("tiny-b", 64, 64)
-        assert clip_skip == {"__type__": "update", "maximum": TINY_TEXT_LAYERS}  # as deep as the text encoder
-        # the img2img tab's sliders follow the model too, its Clip skip brought within it (else Generate fails)
-        assert img2img_sliders == [width, height, {"__type__": "update", "maximum": TINY_TEXT_LAYERS,
-                                                   "value": TINY_TEXT_LAYERS}]
-        status, picker, *_ = drain(event(ui, "load_model")("missing-model", 1, 1))[-1]
+        assert img2img_sliders == [width, height]  # the img2img tab's size follows the model too
+        status, picker, *_ = drain(event(ui, "load_model")("missing-model"))[-1]
         assert "Could not load missing-model" in status and picker["value"] == "tiny-b"  # the dropdown goes back
 
         # A page opened (or reloaded) now shows tiny-b, not tiny-a of the page built at start.
-        picker, status, width, height, clip_skip = ui.models.on_page_load()
+        picker, status, width, height = ui.models.on_page_load()
         assert picker["value"] == "tiny-b" and "Model: tiny-b" in status and (width, height) == (64, 64)
-        assert clip_skip["maximum"] == TINY_TEXT_LAYERS
     finally:
         services.close()
 
@@ -858,8 +863,8 @@ def test_send_to_txt2img_leaves_out_values_past_the_sliders_and_says_so(ui):
     assert any(n.startswith("Width 4096 not applied") for n in notes) and len(notes) == 3
 
 
-def test_send_to_txt2img_leaves_out_a_clip_skip_deeper_than_the_model_and_sampler_options_past_their_sliders(ui):
-    text = "a castle\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 64x64, Clip skip: 12, Eta: 1.5, " \
+def test_send_to_txt2img_leaves_out_a_clip_skip_and_sampler_options_past_their_sliders(ui):
+    text = "a castle\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 64x64, Clip skip: 13, Eta: 1.5, " \
            "Sigma noise: 2"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -868,7 +873,7 @@ def test_send_to_txt2img_leaves_out_a_clip_skip_deeper_than_the_model_and_sample
     for name in ("clip_skip", "eta_ancestral", "s_noise"):  # values Gradio would refuse at every Generate
         assert is_skip(by_field[name]), name
     notes = [str(w.message) for w in caught if "not applied" in str(w.message)]
-    assert any(n.startswith(f"Clip skip 12 not applied: this page takes 1 to {TINY_TEXT_LAYERS}") for n in notes)
+    assert any(n.startswith("Clip skip 13 not applied: this page takes 1 to 12") for n in notes)
     assert any(n.startswith("Eta for ancestral samplers 1.5 not applied") for n in notes)
     assert any(n.startswith("Sigma noise 2.0 not applied") for n in notes) and len(notes) == 3
 

@@ -150,7 +150,7 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
                 sent = (picture[0], gr.skip(), PLAIN, gr.Tabs(selected="img2img"))
         fields = fields | {"override_settings": override_settings(fields, tab.actions.options.current(), tab.kind)}
         updates = widget_updates(fields, tab.field_names, ui.models.choices(), ui.models.find_pasted,
-                                 ui.models.vae_choices(), tab.actions.upscaler_names(), ui.models.clip_skip_max())
+                                 ui.models.vae_choices(), tab.actions.upscaler_names())
         return *sent, *updates, gr.Tabs(selected=tab.kind)
 
     def send_from_history(image_id):
@@ -224,31 +224,24 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
         tab.send_to_img2img.click(gallery_to_img2img, inputs=[tab.session], outputs=to_img2img_outputs, **private)
         tab.send_to_inpaint.click(gallery_to_inpaint, inputs=[tab.session], outputs=to_img2img_outputs, **private)
     ui.blocks.load(**reload)
-    # The model's size and text encoder depth set the sliders of every tab: one load, all of them.
+    # The model's native size sets the size sliders of every tab: one load, all of them. Clip skip keeps its fixed
+    # 1-12 slider (A1111's): a model's depth is checked at Generate, against the model the job runs on.
     sliders = [slider for tab in ui.generation_tabs for slider in tab.model_sliders]
-    clip_skips = [tab.widgets["clip_skip"] for tab in ui.generation_tabs]
 
-    def per_tab(width, height, clip_skip, clip_skips_now) -> list:
-        """The model's sliders for each tab: its Clip skip, where it was set deeper than the model goes, brought
-        within it (the slider's end alone would leave a value that fails every Generate)."""
-        def clip_of(now):
-            return ui.models.clip_skip_slider(now) if "maximum" in clip_skip else clip_skip  # (else a skip)
-        return [update for now in clip_skips_now for update in (width, height, clip_of(now))]
+    async def load_model(name):
+        async for status, dropdown, width, height in ui.models.load(name):
+            yield status, dropdown, *[width, height] * len(ui.generation_tabs)
 
-    async def load_model(name, *clip_skips_now):
-        async for status, dropdown, width, height, clip_skip in ui.models.load(name):
-            yield status, dropdown, *per_tab(width, height, clip_skip, clip_skips_now)
-
-    ui.picker.dropdown.input(load_model, inputs=[ui.picker.dropdown, *clip_skips],
+    ui.picker.dropdown.input(load_model, inputs=[ui.picker.dropdown],
                              outputs=[ui.picker.status, ui.picker.dropdown, *sliders], api_name="load_model",
                              show_progress="hidden")
 
-    def models_on_page_load(*clip_skips_now):
-        dropdown, status, width, height, clip_skip = ui.models.on_page_load()
-        return dropdown, status, ui.models.vae_picker(), *per_tab(width, height, clip_skip, clip_skips_now)
+    def models_on_page_load():
+        dropdown, status, width, height = ui.models.on_page_load()
+        return dropdown, status, ui.models.vae_picker(), *[width, height] * len(ui.generation_tabs)
 
-    ui.blocks.load(models_on_page_load, inputs=clip_skips,
-                   outputs=[ui.picker.dropdown, ui.picker.status, ui.picker.vae, *sliders], **private)
+    ui.blocks.load(models_on_page_load, outputs=[ui.picker.dropdown, ui.picker.status, ui.picker.vae, *sliders],
+                   **private)
 
 
 def _wire_sends_to_extras(ui: WebUI, tabs: gr.Tabs) -> None:

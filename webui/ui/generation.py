@@ -751,8 +751,8 @@ class GenerationTab:
 
     @property
     def model_sliders(self) -> list[gr.components.Component]:
-        """The sliders that follow the loaded model: width, height and clip skip."""
-        return [self.widgets[name] for name in ("width", "height", "clip_skip")]
+        """The sliders that follow the loaded model: width and height (its native size)."""
+        return [self.widgets[name] for name in ("width", "height")]
 
 
 # generate()'s parameters after the session: request field names, which Gradio's API shows too. A tab's
@@ -1033,7 +1033,8 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
             with gr.Row():
                 cfg_scale = gr.Slider(1, 30, value=7, step=0.5, label="CFG scale", elem_id=f"{kind}_cfg_scale")
                 clip_skip = gr.Slider(1, MAX_CLIP_SKIP, value=1, step=1, label="Clip skip",
-                                      elem_id=f"{kind}_clip_skip")
+                                      info="1: the text encoder's last layer; 2: the one before, ... (at most as many "
+                                           "as the model has)", elem_id=f"{kind}_clip_skip")
                 tiling = gr.Checkbox(False, label="Tiling", info="a picture that tiles seamlessly",
                                      elem_id=f"{kind}_tiling")
                 restore_faces = gr.Checkbox(False, label="Restore faces", info="faces drawn again by the Settings "

@@ -14,7 +14,6 @@ import gradio as gr
 
 from webui.engine.models import ModelNotFound
 from webui.engine.vae import AUTOMATIC
-from webui.schemas import MAX_CLIP_SKIP
 from webui.services import Services
 from webui.ui.progress import error_html, notice_html
 from webui.worker import await_result
@@ -54,9 +53,9 @@ class ModelActions:
 
     def on_page_load(self):
         """A new or reloaded page shows the model loaded now, not the one loaded when the UI was built.
-        Outputs: dropdown, status, width, height, clip skip."""
+        Outputs: dropdown, status, width, height."""
         size = self.native_size()
-        return self.picker(), self.status(), size, size, self.clip_skip_slider()
+        return self.picker(), self.status(), size, size
 
     def current(self) -> str:
         """The loaded model, else the one asked for at start (the embedded default unless --ckpt)."""
@@ -93,19 +92,6 @@ class ModelActions:
     def native_size(self) -> int:
         model = self.services.engine.model
         return model.native_width if model else DEFAULT_SIZE
-
-    def clip_skip_max(self) -> int:
-        """Clip skip goes as deep as the loaded model's text encoder (3 layers in the embedded model)."""
-        model = self.services.engine.model
-        return min(MAX_CLIP_SKIP, model.text_encoder_layers) if model else MAX_CLIP_SKIP
-
-    def clip_skip_slider(self, current: int | None = None):
-        """The slider for the loaded model, its value brought within it: a value past the end would make every
-        Generate fail (Gradio refuses it)."""
-        deepest = self.clip_skip_max()
-        if current is not None and current > deepest:
-            return gr.update(maximum=deepest, value=deepest)
-        return gr.update(maximum=deepest)
 
     def status(self) -> str:
         model = self.services.engine.model
@@ -144,26 +130,25 @@ class ModelActions:
 
         Awaited, not waited for on a thread: picks waiting behind a long job would otherwise fill the
         shared thread pool and starve every tab's events and the API's /progress and /interrupt.
-        Outputs: status, dropdown, width, height, clip skip (the sliders follow the model)."""
+        Outputs: status, dropdown, width, height (the size sliders follow the model)."""
         if not name:
-            yield self.status(), self.picker(), gr.skip(), gr.skip(), gr.skip()
+            yield self.status(), self.picker(), gr.skip(), gr.skip()
             return
-        yield notice_html(f"Loading {name}…"), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        yield notice_html(f"Loading {name}…"), gr.skip(), gr.skip(), gr.skip()
         try:
             model = await await_result(self.services.worker.queue_model_load(self.checked_choice(name)))
         except Exception as err:  # any failure becomes a readable line; the old model stays loaded
             log.warning("loading %s failed: %s", name, err)
-            yield error_html(f"Could not load {name}: {err}"), self.picker(), gr.skip(), gr.skip(), gr.skip()
+            yield error_html(f"Could not load {name}: {err}"), self.picker(), gr.skip(), gr.skip()
             return
-        yield (self.status(), self.picker(model.entry.name), model.native_width, model.native_height,
-               self.clip_skip_slider())
+        yield self.status(), self.picker(model.entry.name), model.native_width, model.native_height
         if self._compiling(model):
             deadline = time.monotonic() + WARM_UP_WATCH_SECONDS
             while self._compiling(model) and time.monotonic() < deadline:
                 yield notice_html(self.services.worker.activity or f"{name} compiles next"), \
-                    gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    gr.skip(), gr.skip(), gr.skip()
                 await asyncio.sleep(WARM_UP_POLL_SECONDS)
-            yield self.status(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield self.status(), gr.skip(), gr.skip(), gr.skip()
 
     def _compiling(self, model) -> bool:
         """The worker has yet to warm up this model (and has not moved on to another one)."""

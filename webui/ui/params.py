@@ -156,14 +156,13 @@ def override_settings(fields: dict[str, Any], current: SavedOptions, kind: str) 
 
 
 def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: list[str],
-                   find_model: FindModel, vae_names: list[str] = (), upscaler_names: list[str] = HIRES_UPSCALERS,
-                   clip_skip_max: int | None = None) -> list[Any]:
+                   find_model: FindModel, vae_names: list[str] = (), upscaler_names: list[str] = HIRES_UPSCALERS
+                   ) -> list[Any]:
     """One value (or gr.skip()) per entry of names (a tab's TAB_FIELDS). A sampler, schedule type or model
     that cannot be applied is left out with a warning in the page saying why, since its dropdown would otherwise keep
     its old value without a word. model_names: the model dropdown's list as it is now, which the
     dropdown gets again (another tab may have rescanned the models folder since this page was built); vae_names:
-    the SD VAE dropdown's, likewise; upscaler_names: the hires fix's upscalers (with the model upscalers' files);
-    clip_skip_max: the Clip skip slider's end for the loaded model."""
+    the SD VAE dropdown's, likewise; upscaler_names: the hires fix's upscalers (with the model upscalers' files)."""
     # A sent prompt has its styles joined in already: a style left picked would be joined in twice.
     fields = dict(fields) | {"styles": []}
     model_note = _apply_model(fields, model_names, find_model)
@@ -173,7 +172,7 @@ def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: 
                  _apply_plot(fields, names),
                  _apply_upscaler(fields, upscaler_names) if "hr_upscaler" in names else None,
                  *_round_sizes(fields),
-                 *_drop_out_of_range(fields, names, clip_skip_max)):
+                 *_drop_out_of_range(fields, names)):
         if note:
             gr.Warning(note)
     for name, choices in _INDEXED_CHOICES.items():
@@ -198,16 +197,14 @@ _RANGED_FIELDS = ("steps", "cfg_scale", "width", "height", "seed_resize_from_w",
                   *SOFT_INPAINTING_FIELDS)
 
 
-def _drop_out_of_range(fields: dict[str, Any], names: tuple[str, ...], clip_skip_max: int | None = None) -> list[str]:
-    """Leave out values the page cannot take (Steps: 200 from another tool; a Clip skip deeper than the loaded
-    model's `clip_skip_max`), and say so for each of the fields sent (names): a tab has no word to say about a field it
-    does not have."""
+def _drop_out_of_range(fields: dict[str, Any], names: tuple[str, ...]) -> list[str]:
+    """Leave out values the page cannot take (Steps: 200 from another tool), and say so for each of the fields sent
+    (names): a tab has no word to say about a field it does not have. A Clip skip deeper than a model's text encoder
+    is the job's to refuse: it depends on the model the job runs on."""
     notes = []
     for name in _RANGED_FIELDS:
         value = fields.get(name)
         low, high = _limits(name)
-        if name == "clip_skip" and clip_skip_max is not None:
-            high = min(high, clip_skip_max)
         if name in names and value is not None and not low <= value <= high:
             fields.pop(name)
             notes.append(f"{FIELD_LABELS[name]} {value} not applied: this page takes {low} to {high}. "
