@@ -1201,6 +1201,26 @@ def test_api_auth_protects_every_route_and_nothing_runs_without_it(services):
         assert c.get("/docs", auth=("alice", "s3cret")).status_code == 200
         r = c.post("/sdapi/v1/txt2img", json=QUICK | {"steps": 1}, auth=("alice", "s3cret"))
         assert r.status_code == 200 and len(r.json()["images"]) == 1
+        # A1111's liveness check answers without credentials (clients call it to test the connection), and says
+        # nothing more than that the server is up.
+        assert c.get("/internal/ping").json() == {} and c.get("/internal/ping", auth=("x", "y")).status_code == 200
+
+
+def test_api_auth_takes_a_non_ascii_password_sent_as_utf8_or_latin1_and_refuses_garbled_headers(services):
+    locked = dataclasses.replace(services, settings=dataclasses.replace(
+        services.settings, api_auth=[("zoë", "pässwörd€")]))
+    with TestClient(create_api_app(locked)) as c:
+        assert c.get("/sdapi/v1/progress", auth=("zoë", "pässwörd€")).status_code == 200  # httpx sends UTF-8
+        refused = c.get("/sdapi/v1/progress", auth=("zoë", "passwort"))
+        assert refused.status_code == 401 and 'charset="UTF-8"' in refused.headers["WWW-Authenticate"]
+        utf8 = base64.b64encode("zoë:pässwörd€".encode("utf-8")).decode()  # as curl sends it
+        assert c.get("/sdapi/v1/progress", headers={"Authorization": f"Basic {utf8}"}).status_code == 200
+    older = dataclasses.replace(services, settings=dataclasses.replace(services.settings, api_auth=[("zoë", "pässwörd")]))
+    with TestClient(create_api_app(older)) as c:  # an older client's Latin-1 bytes (no € in Latin-1)
+        latin1 = base64.b64encode("zoë:pässwörd".encode("latin-1")).decode()
+        assert c.get("/sdapi/v1/progress", headers={"Authorization": f"Basic {latin1}"}).status_code == 200
+        for header in ("Basic !!!not-base64", "Basic " + base64.b64encode(b"no-colon").decode(), "Bearer abc"):
+            assert c.get("/sdapi/v1/progress", headers={"Authorization": header}).status_code == 401, header
 
 
 def test_docs_and_attaching_to_an_existing_app(client, services):

@@ -4,7 +4,8 @@
                                 such as Gradio's, for `--api`
     create_api_app(services)    a FastAPI app with only the API, for `--nowebui` (run it with uvicorn)
 
-Both also serve OpenAPI docs at /docs (schema at /api/v1/openapi.json), behind the same auth.
+Both also serve OpenAPI docs at /docs (schema at /api/v1/openapi.json), behind the same auth; /internal/ping
+alone needs none.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 
 from webui import __version__
 from webui.api.auth import basic_auth
-from webui.api.routes import build_router
+from webui.api.routes import build_open_router, build_router
 
 __all__ = ["attach_api", "create_api_app"]
 
@@ -27,9 +28,10 @@ SCHEMA_PATH = "/api/v1/openapi.json"
 def attach_api(app: FastAPI, services) -> None:
     """Add the API routes, their auth and their docs to `app` (safe to call on a running app)."""
     auth = basic_auth(services.settings.api_credentials)
-    router = build_router(services, auth)
-    app.include_router(router)
-    _add_docs(app, router.routes, auth)
+    routers = [build_router(services, auth), build_open_router()]
+    for router in routers:
+        app.include_router(router)
+    _add_docs(app, [route for router in routers for route in router.routes], auth)
 
 
 def create_api_app(services) -> FastAPI:

@@ -803,8 +803,6 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
         summary="extensions (none on this server: an empty list)")
     add(f"{sd}/embeddings", api.embeddings, methods=["GET"], tags=["models"])
     add(f"{sd}/memory", api.memory, methods=["GET"], response_model=MemoryResponse, tags=["settings"])
-    # A1111's liveness check, which clients (SillyTavern's connection test) call before the API
-    add("/internal/ping", _ping, methods=["GET"], tags=["settings"], summary="ping (an empty object: the server is up)")
     add(f"{sd}/cmd-flags", api.cmd_flags, methods=["GET"], tags=["settings"])
     add("/api/v1/jobs", api.submit_job, methods=["POST"], response_model=JobCreated, status_code=202, tags=["jobs"],
         summary="queue a txt2img job")
@@ -823,6 +821,15 @@ def build_router(services, auth: Callable | None = None) -> APIRouter:
 
 
 _ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+def build_open_router() -> APIRouter:
+    """Routes served without --api-auth: A1111's liveness check, which clients (SillyTavern's connection test) call
+    before anything else. It says only that the server is up; A1111 serves it open too."""
+    router = APIRouter(route_class=ApiRoute, responses=_ERRORS)
+    router.add_api_route("/internal/ping", _ping, methods=["GET"], tags=["settings"],
+                         summary="ping (an empty object: the server is up; needs no credentials)")
+    return router
 
 
 def _ping() -> dict:
