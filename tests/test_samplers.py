@@ -8,7 +8,7 @@ from webui.engine.samplers import (SAMPLERS, SCHEDULE_TYPES, ScheduleShape, make
 from tests.tiny_sd import tiny_components
 
 EXPECTED = ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE",
-            "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM++ 2S a", "Restart", "DDIM", "PLMS", "UniPC", "LCM"]
+            "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM++ 2S a", "Restart", "DDIM", "DDIM CFG++", "PLMS", "UniPC", "LCM"]
 
 
 def test_every_known_sampler_name_is_offered():

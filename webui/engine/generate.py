@@ -23,6 +23,7 @@ from PIL import Image
 from webui.config import Settings
 from webui.engine.brownian import MULTISTEP_SDE_SAMPLERS, brownian_draws_from, with_brownian_noise
 from webui.engine.controlnet import ControlNetLibrary, ControlPass, ControlUnit, controlled
+from webui.engine.ddim_cfgpp import DDIMCFGPPScheduler, recording_uncond
 from webui.engine.composable import composed_guidance, composition_error, is_composed, part_texts, split_parts
 from webui.engine.fast_path import CompiledShapes, COMPILER_FAILURES, is_compiled, uncompiled, undo_compile
 from webui.engine.embeddings import EmbeddingSet, load_embeddings, used_embeddings
@@ -138,6 +139,14 @@ def old_timelines_change_the_run(request: GenerationRequest) -> bool:
         return False
     passes = [_first_pass_phases] + ([_hires_phases] if request.enable_hr else [])
     return any(phases(request, True) != phases(request, False) for phases in passes)
+
+
+def _uncond_recorder(scheduler, images: int) -> Callable:
+    """The hook a pass's UNets take for its sampler: DDIM CFG++ steps along each call's negative rows (of `images`
+    images; webui/engine/ddim_cfgpp.py); the others need nothing."""
+    if isinstance(scheduler, DDIMCFGPPScheduler):
+        return lambda unet: recording_uncond(unet, scheduler, images)
+    return lambda unet: contextlib.nullcontext()
 
 
 def _part_weights(phases: list[PromptPhase]) -> list[float] | None:
@@ -1000,6 +1009,7 @@ class Engine:
             pipe.scheduler.noise_sampler_seed = list(run.seeds)  # the seeds, not ENSD's (as A1111)
         if get_sampler(sampler[0]).name in MULTISTEP_SDE_SAMPLERS:
             with_brownian_noise(pipe.scheduler, list(run.seeds))  # likewise
+        cfgpp = _uncond_recorder(pipe.scheduler, len(run.generators))
         done_before = run.done
         phase = 0  # the prompt phase the next model call reads
         refiner_call = self._refiner_call(request, steps, schedule, sampler, hires_pass)
@@ -1028,6 +1038,7 @@ class Engine:
             hooks.enter_context(skipping_uncond(pipeline.unet, skips))
             hooks.enter_context(merged_tokens(pipeline.unet, merging))
             hooks.enter_context(stoppable_inside_calls(pipeline.unet, run.between_encodes))
+            hooks.enter_context(cfgpp(pipeline.unet))
 
         def scored(pipeline):
             return aesthetic_scores(pipeline, request.sdxl_refiner_high_aesthetic_score,
@@ -1056,8 +1067,10 @@ class Engine:
         # A composed pass runs a row per part: another batch shape, and hooks a compiled graph would bake in; a
         # controlled one gives the UNet inputs of its own; one that skips the negative rows, a batch half as large;
         # hypernetworks and token merging hook its attention.
+        # DDIM CFG++ keeps each call's negative rows, which a CUDA graph's next call would overwrite.
         eager = (uncompiled() if weights is not None or control or skips or run.hypernetworks or merging
-                 or is_sdxl_refiner(pipe) else contextlib.nullcontext())
+                 or is_sdxl_refiner(pipe) or isinstance(pipe.scheduler, DDIMCFGPPScheduler)
+                 else contextlib.nullcontext())
         # A pass that starts on an SDXL refiner (the hires pass after it took over) gets its size numbers first.
         scoring = scored(pipe) if is_sdxl_refiner(pipe) else contextlib.nullcontext()
         # As A1111, a ControlNet's own attention reads through the hypernetworks too.
@@ -1065,7 +1078,7 @@ class Engine:
         with (eager, scoring, composed_guidance(pipe.unet, weights), controlled(pipe.unet, control),
               model_input(pipe.unet, extra), brownian_draws_from(run.rng),
               skipping_uncond(pipe.unet, skips), bent, merged_tokens(pipe.unet, merging),
-              stoppable_inside_calls(pipe.unet, run.between_encodes), hooks):
+              stoppable_inside_calls(pipe.unet, run.between_encodes), cfgpp(pipe.unet), hooks):
             if refiner_call == 0:  # the pass starts past the switch (img2img, the hires fix)
                 to_refiner(pipe)
             # SDXL's size conditioning is left to the pipeline: original and target size are the pass's (the

@@ -26,6 +26,7 @@ from webui.engine.composable import is_composed
 from webui.engine.inpainting_model import EDIT_CHANNELS, extra_input
 from webui.engine.lora import strip_loras
 from webui.engine.prompt_schedule import prompt_variants
+from webui.engine.samplers import CFGPP_SAMPLER, get_sampler
 from webui.engine.uncond_skip import UncondSkip
 from webui.engine.unet_hooks import removed_after, with_prediction
 
@@ -58,6 +59,9 @@ def edit_problem(request) -> str | None:
                 "Image CFG scale; set them to 0, or Image CFG scale to 1")
     if request.uses_controlnet:
         return "controlnet: ControlNet does not run with instruct-pix2pix models; turn it off"
+    if get_sampler(request.sampler_name).name == CFGPP_SAMPLER:
+        return ("sampler_name: DDIM CFG++ does not run with an instruct-pix2pix model's Image CFG scale; pick another "
+                "sampler, or set Image CFG scale to 1")
     return None
 
 

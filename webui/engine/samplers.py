@@ -46,6 +46,7 @@ class Sampler:
 
 NO_CUSTOM_SIGMAS = ("Automatic", "SGM Uniform")
 RESTARTS_FROM_STEPS = 20  # Restart is plain Heun below this many steps (webui/engine/restart.py)
+CFGPP_SAMPLER = "DDIM CFG++"  # steps along the negative prompt's prediction (webui/engine/ddim_cfgpp.py)
 
 SAMPLERS: tuple[Sampler, ...] = (
     Sampler("Euler a", "EulerAncestralDiscreteScheduler", aliases=("k_euler_a", "k_euler_ancestral"),
@@ -86,6 +87,10 @@ SAMPLERS: tuple[Sampler, ...] = (
     # DDIMScheduler clips its x0 estimate to [-1, 1] unless the model's config says otherwise; that is
     # meant for pixel-space models and ruins latents (A1111's DDIM never clips).
     Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}, aliases=("ddim",), schedules=NO_CUSTOM_SIGMAS),
+    # DDIM pointing back along the negative prompt's prediction, CFG scale read as a fraction of 12.5
+    # (webui/engine/ddim_cfgpp.py)
+    Sampler(CFGPP_SAMPLER, "DDIMCFGPPScheduler", {"clip_sample": False}, aliases=("ddim_cfgpp",),
+            schedules=NO_CUSTOM_SIGMAS),
     Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms", "PNDM"), schedules=NO_CUSTOM_SIGMAS),
     # A1111's UniPC settings by default (uni_pc_variant bh1, uni_pc_order 3; diffusers' defaults are bh2 and 2; a
     # request's UniPCOptions set them). Its UniPC ends at the model's smallest sigma, not at 0; diffusers' bh1 step to
@@ -307,6 +312,7 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
 
 # The schedulers of ours, by module: diffusers lacks them
 OWN_SCHEDULERS = {"DPMPP2SAncestralScheduler": "webui.engine.dpmpp_2s_ancestral",
+                  "DDIMCFGPPScheduler": "webui.engine.ddim_cfgpp",
                   "DPM2AncestralScheduler": "webui.engine.dpmpp_2s_ancestral",
                   "DPMPPSDEScheduler": "webui.engine.dpmpp_sde",
                   "DPMPP2MSDEScheduler": "webui.engine.dpmpp_sde",

@@ -1,6 +1,6 @@
 """A1111's sampler parameters that change how a sampler steps: eta and the sigma churn family.
 
-- Eta for DDIM (`eta_ddim`, 0 by default): how much fresh noise each DDIM step adds (0: deterministic DDIM).
+- Eta for DDIM (`eta_ddim`, 0 by default): how much fresh noise each DDIM (and DDIM CFG++) step adds (0: deterministic).
 - Eta for ancestral samplers (`eta_ancestral`, 1 by default): how much of an ancestral step is noise; 0 makes
   Euler a a plain Euler, DPM2 a a DPM2 and DPM++ 2S a a DPM++ 2S. The SDE samplers take it too (0: their ODE solvers).
 - Sigma churn, tmin, tmax and noise (`s_churn`, `s_tmin`, `s_tmax`, `s_noise`): Karras et al.'s stochastic
@@ -35,7 +35,7 @@ LIMITS = {"eta_ddim": 1.0, "eta_ancestral": 1.0, "s_churn": 100.0, "s_tmin": 10.
 # As A1111's (its sampler_extra_params and the samplers whose k-diffusion function takes eta): Euler a takes no Sigma
 # noise there, Restart none of them
 _ETA_AND_NOISE = ("eta_ancestral", "s_noise")
-FOLLOWS = {"DDIM": ("eta_ddim",), "Euler a": ("eta_ancestral",), "DPM2 a": _ETA_AND_NOISE,
+FOLLOWS = {"DDIM": ("eta_ddim",), "DDIM CFG++": ("eta_ddim",), "Euler a": ("eta_ancestral",), "DPM2 a": _ETA_AND_NOISE,
            "DPM++ 2S a": _ETA_AND_NOISE, "DPM++ SDE": _ETA_AND_NOISE, "DPM++ 2M SDE": _ETA_AND_NOISE,
            "DPM++ 2M SDE Heun": _ETA_AND_NOISE, "DPM++ 3M SDE": _ETA_AND_NOISE,
            "Euler": ("s_churn", "s_tmin", "s_tmax", "s_noise")}
@@ -46,6 +46,7 @@ _A1111_ALSO = {"Heun": ("s_churn", "s_tmin", "s_tmax", "s_noise"), "DPM2": ("s_c
 # (each of the options and the pass's step count)
 _DRAWS_NOISE = {"Euler a": lambda options, steps: options.eta_ancestral > 0,
                 "DDIM": lambda options, steps: options.eta_ddim > 0,
+                "DDIM CFG++": lambda options, steps: options.eta_ddim > 0,
                 "Euler": lambda options, steps: options.s_churn > 0,
                 "DPM2 a": lambda options, steps: options.eta_ancestral > 0,
                 "DPM++ 2S a": lambda options, steps: options.eta_ancestral > 0,
@@ -105,7 +106,7 @@ def use_step_options(scheduler, sampler_name: str, options: StepOptions) -> None
     elif FOLLOWS[sampler_name] == _ETA_AND_NOISE:
         # their steps follow both (webui/engine/dpmpp_2s_ancestral.py, dpmpp_sde.py)
         scheduler.eta, scheduler.s_noise = options.eta_ancestral, options.s_noise
-    elif sampler_name == "DDIM":
+    elif FOLLOWS[sampler_name] == ("eta_ddim",):  # DDIM, DDIM CFG++
         _step_with(scheduler, eta=options.eta_ddim)  # the pipeline passes eta=0 itself: this one wins
     elif sampler_name == "Euler":
         _step_with(scheduler, s_churn=options.s_churn, s_tmin=options.s_tmin,
