@@ -112,6 +112,22 @@ def test_tiling_is_taken_and_written_into_the_infotext(client):
     assert ", Tiling: True," in json.loads(r.json()["info"])["infotexts"][0]
 
 
+def test_a_pasted_infotext_brings_its_seed_resize_and_tiling_back_and_makes_the_same_picture(client):
+    made = client.post("/sdapi/v1/txt2img", json=QUICK | {"seed": 5, "tiling": True, "seed_resize_from_w": 80,
+                                                          "seed_resize_from_h": 64})
+    assert made.status_code == 200, made.text[:300]
+    text = json.loads(made.json()["info"])["infotexts"][0]
+    assert "Tiling: True" in text and "Seed resize from: 80x64" in text
+    again = client.post("/sdapi/v1/txt2img", json={"infotext": text})
+    assert json.loads(again.json()["info"])["infotexts"][0] == text
+    assert np.array_equal(np.asarray(png(again.json()["images"][0])), np.asarray(png(made.json()["images"][0])))
+    # a body's own fields win over the infotext's
+    plain = client.post("/sdapi/v1/txt2img", json={"infotext": text, "tiling": False, "seed_resize_from_w": -1,
+                                                      "seed_resize_from_h": -1})
+    plain_text = json.loads(plain.json()["info"])["infotexts"][0]
+    assert "Tiling" not in plain_text and "Seed resize from" not in plain_text
+
+
 def test_saved_api_images_go_to_the_history_with_the_grid_returned_first(client, services):
     r = client.post("/sdapi/v1/txt2img", json=QUICK | {"batch_size": 2, "save_images": True, "seed": 30})
     assert r.status_code == 200, r.text

@@ -64,6 +64,8 @@ _UNSUPPORTED = (
 _INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed",
                     "subseed", "subseed_strength", "width", "height", "refiner_checkpoint", "refiner_switch_at")
 _IMG2IMG_INFOTEXT_FIELDS = _INFOTEXT_FIELDS + ("denoising_strength", "image_cfg_scale")
+# body fields whose own defaults stand for "none given" (0 or -1, false): an infotext fills them where unsent
+_PASTED_BODY_FIELDS = ("seed_resize_from_w", "seed_resize_from_h", "tiling")
 # A1111's options that are request fields here, by their infotext keys: a field or override_settings gives one,
 # else the `infotext` (option_fields)
 _OPTION_KEYS = {"s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps", "skip_early_cond": "Skip Early CFG",
@@ -170,6 +172,8 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         **dict(zip(("seed_resize_from_w", "seed_resize_from_h"),
                    a1111_seed_resize(req.seed_resize_from_w, req.seed_resize_from_h))),
     }
+    # an infotext's seed resize and tiling, as A1111's paste fields fill them, where the body sets none
+    data |= {name: pasted[name] for name in _PASTED_BODY_FIELDS if name in pasted and name not in req.model_fields_set}
     if img2img:
         data["resize_mode"] = 0 if req.resize_mode is None else req.resize_mode
         # A1111's setting, by override_settings as A1111 takes it
