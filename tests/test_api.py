@@ -1220,6 +1220,10 @@ def test_api_auth_protects_every_route_and_nothing_runs_without_it(services):
         # A1111's liveness check answers without credentials (clients call it to test the connection), and says
         # nothing more than that the server is up.
         assert c.get("/internal/ping").json() == {} and c.get("/internal/ping", auth=("x", "y")).status_code == 200
+        schema = c.get("/api/v1/openapi.json", auth=("alice", "s3cret")).json()
+        assert list(schema["components"]["securitySchemes"]) == ["HTTPBasic"]  # FastAPI's name, as clients know it
+        assert "security" not in schema["paths"]["/internal/ping"]["get"]
+        assert schema["paths"]["/sdapi/v1/progress"]["get"]["security"] == [{"HTTPBasic": []}]
 
 
 def test_api_auth_takes_a_non_ascii_password_sent_as_utf8_or_latin1_and_refuses_garbled_headers(services):

@@ -148,3 +148,46 @@ def test_the_infotext_and_the_api_name_it(services):
         made = client.post("/sdapi/v1/txt2img", json=QUICK | {"sampler_name": "ddim_cfgpp"})
     assert listed["DDIM CFG++"]["aliases"] == ["ddim_cfgpp"]
     assert made.status_code == 200 and "Sampler: DDIM CFG++" in made.json()["info"]
+
+
+@pytest.mark.parametrize("fields", [{}, {"batch_size": 2}, {"skip_early_cond": 0.5}])
+def test_each_step_gets_the_negative_rows_of_its_own_model_call(engine, monkeypatch, fields):
+    """The rows the hook keeps are the UNet's negative-prompt rows of the call the step follows (a skipped call's:
+    the positive rows standing in, as A1111's)."""
+    from webui.engine.ddim_cfgpp import DDIMCFGPPScheduler
+
+    request = GenerationRequest(**(QUICK | {"sampler_name": "DDIM CFG++", "negative_prompt": "fog"} | fields))
+    images = request.batch_size
+    outputs, kept = [], []
+    step = DDIMCFGPPScheduler.step
+
+    def spying_step(self, *args, **kwargs):
+        kept.append(self.uncond.clone())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(DDIMCFGPPScheduler, "step", spying_step)
+    handle = engine.pipe.unet.register_forward_hook(lambda _m, _a, out: outputs.append(out[0].detach().clone()))
+    try:
+        engine.generate(request, list(range(11, 11 + images)))
+    finally:
+        handle.remove()
+    assert len(kept) == len(outputs) == request.steps
+    for call, (rows, output) in enumerate(zip(kept, outputs)):
+        torch.testing.assert_close(rows, output[:images], msg=f"call {call}")
+    # a call that skipped its negative rows (Skip Early CFG: the first half of the pass) has the positive ones there
+    stood_in = [torch.equal(output[:images], output[images:]) for output in outputs]
+    assert stood_in == [fields.get("skip_early_cond", 0) > 0 and call / request.steps <= 0.5
+                        for call in range(request.steps)]
+
+
+def test_a_pass_on_it_runs_uncompiled_and_is_not_counted_as_a_compiled_shape(engine):
+    """The negative rows it keeps would be a CUDA graph's to overwrite: such a pass runs eager, and the compile
+    bookkeeping (what a first run at a size compiles, and says so) must not count it."""
+    def unet_keys(**fields):
+        return engine._shape_keys(GenerationRequest(**(QUICK | fields)), 1)["UNet"]
+
+    assert unet_keys(sampler_name="DDIM") and not unet_keys(sampler_name="DDIM CFG++")
+    hires = {"enable_hr": True, "hr_scale": 2.0, "denoising_strength": 0.5}
+    both = unet_keys(sampler_name="DDIM", **hires)
+    assert len(both) == 2
+    assert unet_keys(sampler_name="DDIM", hr_sampler_name="DDIM CFG++", **hires) < both  # the first pass alone

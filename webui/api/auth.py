@@ -39,7 +39,9 @@ def basic_auth(credentials: list[tuple[str, str]]) -> Callable[..., str] | None:
     if not credentials:
         return None
     pairs = [(user.encode(), password.encode()) for user, password in credentials]
-    scheme = Utf8Basic(realm=REALM, auto_error=False, description="the --api-auth user:password")
+    # named as FastAPI's own scheme, which generated clients may refer to
+    scheme = Utf8Basic(realm=REALM, auto_error=False, description="the --api-auth user:password",
+                       scheme_name="HTTPBasic")
 
     def require_user(request: Request, given: HTTPBasicCredentials | None = Depends(scheme)) -> str:
         if given is not None:

@@ -826,7 +826,7 @@ _ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 def build_open_router() -> APIRouter:
     """Routes served without --api-auth: A1111's liveness check, which clients (SillyTavern's connection test) call
     before anything else. It says only that the server is up; A1111 serves it open too."""
-    router = APIRouter(route_class=ApiRoute, responses=_ERRORS)
+    router = APIRouter(route_class=ApiRoute)
     router.add_api_route("/internal/ping", _ping, methods=["GET"], tags=["settings"],
                          summary="ping (an empty object: the server is up; needs no credentials)")
     return router

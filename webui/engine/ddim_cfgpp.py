@@ -9,7 +9,8 @@ The pipeline guides as usual (uncond + cfg * (cond - uncond)); a hook on the UNe
 (`recording_uncond`), and the step works the CFG++ guidance out of the two: uncond + (guided - uncond) / 12.5.
 At CFG scale 1 no call runs the negative prompt here (for any sampler), so DDIM CFG++ is DDIM on the prompt alone
 there, where A1111 still weighs the negative prompt's prediction in (by 1 - 1/12.5). A call that skips its negative
-rows (NGMS, Skip Early CFG) takes the positive prediction for both, as A1111's does.
+rows (NGMS, Skip Early CFG) takes the positive prediction for both, as A1111's does (with AND, the parts' combined
+prediction, where A1111 takes the first part's).
 """
 from __future__ import annotations
 

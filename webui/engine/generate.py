@@ -53,7 +53,8 @@ from webui.engine.prompts import (COMMA_BACKTRACK, ORIGINAL, chunk_count, encode
 from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_call, first_refiner_call_by_count,
                                   is_sdxl_refiner, kind_of_entry,
                                   kind_of_pipeline, kind_problem, pass_timesteps, refiner_size_inputs)
-from webui.engine.samplers import ScheduleShape, UniPCOptions, get_sampler, make_scheduler, model_sigmas
+from webui.engine.samplers import (CFGPP_SAMPLER, ScheduleShape, UniPCOptions, get_sampler, make_scheduler,
+                                   model_sigmas)
 from webui.engine.sdxl import is_sdxl, sdxl_problem
 from webui.engine.single_file import sdxl_refiner_refusal
 from webui.engine.soft_inpainting import SoftInpainting, sigma_of
@@ -139,6 +140,12 @@ def old_timelines_change_the_run(request: GenerationRequest) -> bool:
         return False
     passes = [_first_pass_phases] + ([_hires_phases] if request.enable_hr else [])
     return any(phases(request, True) != phases(request, False) for phases in passes)
+
+
+def _reads_uncond_rows(sampler_name: str) -> bool:
+    """DDIM CFG++ steps along each call's negative rows, which a hook keeps for it: such a pass runs uncompiled (a
+    CUDA graph's next call would overwrite the rows kept)."""
+    return get_sampler(sampler_name).name == CFGPP_SAMPLER
 
 
 def _uncond_recorder(scheduler, images: int) -> Callable:
@@ -759,7 +766,8 @@ class Engine:
         for (width, height), sampler, phases, bent, ratio, (steps, schedule) in zip(
                 sizes, samplers, passes, hypernetworks, merging, lengths):
             skips = self._uncond_skips(request, steps, schedule, sampler, batch_size) is not None
-            uncompiled_pass = _part_weights(phases) is not None or request.uses_controlnet or bent or skips or ratio
+            uncompiled_pass = (_part_weights(phases) is not None or request.uses_controlnet or bent or skips or ratio
+                               or _reads_uncond_rows(sampler[0]))
             if uncompiled_pass:
                 continue
             dtype = self._timestep_dtype(*sampler, request.steps)
@@ -1067,10 +1075,8 @@ class Engine:
         # A composed pass runs a row per part: another batch shape, and hooks a compiled graph would bake in; a
         # controlled one gives the UNet inputs of its own; one that skips the negative rows, a batch half as large;
         # hypernetworks and token merging hook its attention.
-        # DDIM CFG++ keeps each call's negative rows, which a CUDA graph's next call would overwrite.
         eager = (uncompiled() if weights is not None or control or skips or run.hypernetworks or merging
-                 or is_sdxl_refiner(pipe) or isinstance(pipe.scheduler, DDIMCFGPPScheduler)
-                 else contextlib.nullcontext())
+                 or is_sdxl_refiner(pipe) or _reads_uncond_rows(sampler[0]) else contextlib.nullcontext())
         # A pass that starts on an SDXL refiner (the hires pass after it took over) gets its size numbers first.
         scoring = scored(pipe) if is_sdxl_refiner(pipe) else contextlib.nullcontext()
         # As A1111, a ControlNet's own attention reads through the hypernetworks too.
