@@ -654,6 +654,34 @@ def test_override_settings_of_how_files_are_written_apply_to_that_job_alone(clie
     assert bad.status_code == 422 and "override_settings: samples_format" in bad.json()["detail"], bad.text
 
 
+def test_override_settings_of_the_grid_and_the_infotext_apply_to_that_job_alone(client):
+    """Show grid in gallery, the grid's rows and the Add ... to infotext switches, as A1111 applies override_settings
+    for the job (they were dropped without a word)."""
+    saved = QUICK | {"save_images": True, "seed": 40}
+    plain = client.post("/sdapi/v1/txt2img", json=saved | {"n_iter": 3}).json()
+    assert len(plain["images"]) == 4 and "Model hash: " in json.loads(plain["info"])["infotexts"][0]
+    assert png(plain["images"][0]).size == (128, 128)  # -1 rows: 2x2 with an empty place
+    own = client.post("/sdapi/v1/txt2img", json=saved | {"n_iter": 3, "override_settings": {
+        "grid_prevent_empty_spots": True, "add_model_hash_to_info": False, "add_version_to_infotext": False}}).json()
+    text = json.loads(own["info"])["infotexts"][0]
+    assert png(own["images"][0]).size == (192, 64) and "Model hash" not in text and "Version" not in text
+    rows = client.post("/sdapi/v1/txt2img", json=saved | {"n_iter": 3, "override_settings": {"n_rows": 3}}).json()
+    assert png(rows["images"][0]).size == (64, 192)
+    no_grid = client.post("/sdapi/v1/txt2img", json=saved | {"batch_size": 2,
+                                                             "override_settings": {"return_grid": False}}).json()
+    assert len(no_grid["images"]) == 2 and json.loads(no_grid["info"])["index_of_first_image"] == 0
+    assert client.get("/sdapi/v1/options").json()["return_grid"] is True  # the others' settings stay
+
+
+def test_get_options_reads_back_show_grid_in_gallery_as_set(client):
+    try:
+        assert client.post("/sdapi/v1/options", json={"return_grid": False}).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["return_grid"] is False
+    finally:
+        client.post("/sdapi/v1/options", json={"return_grid": True})
+    assert client.get("/sdapi/v1/options").json()["return_grid"] is True
+
+
 XYZ_STEPS = {"script_name": "X/Y/Z plot", "script_args": [4, "1, 2"]}  # axis 4: Steps
 
 

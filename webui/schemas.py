@@ -367,9 +367,10 @@ class GenerationRequest(BaseModel):
                                        "outputs/init-images, named by the md5 of its pixels")
     save_incomplete_images: bool | None = Field(None, description="also save the pictures an Interrupt or Skip cut "
                                                 "short, as they stood")
-    saving_options: dict[str, Any] = Field(default_factory=dict, description="the Settings tab's options of how files "
-                                           "are written (samples_format, jpeg_quality, samples_filename_pattern, ...) "
-                                           "this job sets for itself (A1111's override_settings)")
+    saving_options: dict[str, Any] = Field(default_factory=dict, description="the Settings tab's options of how "
+                                           "outputs are written (samples_format, jpeg_quality, "
+                                           "samples_filename_pattern, n_rows, return_grid, add_model_hash_to_info, "
+                                           "...) this job sets for itself (A1111's override_settings)")
     send_images: bool = True
 
     @field_validator("saving_options")
@@ -379,7 +380,7 @@ class GenerationRequest(BaseModel):
 
         unknown = sorted(set(value) - set(SAVING_KEYS))
         if unknown:
-            raise ValueError(f"{', '.join(unknown)}: not an option of how files are written; use "
+            raise ValueError(f"{', '.join(unknown)}: not an option of how outputs are written; use "
                              f"{', '.join(SAVING_KEYS)}")
         try:
             checked = SavedOptions(**value)

@@ -494,9 +494,10 @@ class Worker:
             title = None
         return controlnet_infotext(request, title)
 
-    def _infotext_switched_off(self) -> dict[str, None]:
-        """The infotext keys the Settings tab's Add ... to infotext switches leave out (None leaves a key out)."""
-        options = self.options.current()
+    def _infotext_switched_off(self, job: Job) -> dict[str, None]:
+        """The infotext keys the Add ... to infotext switches leave out (None leaves a key out): the Settings tab's,
+        or the job's own."""
+        options = self.saving_options(job)
         return {key: None for switch, key in INFOTEXT_SWITCHES.items() if not getattr(options, switch)}
 
     def _refiner_infotext(self, request: GenerationRequest) -> dict[str, Any]:
@@ -927,8 +928,8 @@ class Worker:
             self._warn(job, "the grid was not saved", err)
 
     def saving_options(self, job: Job) -> SavedOptions:
-        """The settings the job's files are written with: the Settings tab's now, with the job's own (its request's
-        saving_options, A1111's override_settings)."""
+        """The settings the job's outputs are written with (files, infotext, grid): the Settings tab's now, with the
+        job's own (its request's saving_options, A1111's override_settings)."""
         return self.options.current().model_copy(update=job.request.saving_options)
 
     def _compile_note(self, request: GenerationRequest, parts: list[str]) -> str | None:
@@ -1034,7 +1035,7 @@ class Worker:
             "NSFW": "blacked out by the safety checker" if result.nsfw else None,
             **request.script_params,
             "Version": f"{PROGRAM} {__version__}",
-        } | self._infotext_switched_off())
+        } | self._infotext_switched_off(job))
         image = GeneratedImage(image=result.image, seed=result.seed, index=index, infotext=infotext, nsfw=result.nsfw,
                                unfinished=unfinished)
         job.images.append(image)  # first: whatever happens to the file, the user gets the picture

@@ -562,8 +562,7 @@ class Api:
             "sd_vae": self.sd_vae,
             **{name: self.api_options.get(name, GenerationRequest.model_fields[field].default)
                for name, field in convert.API_OPTIONS.items()},
-            **self.services.options.current().model_dump(),  # the Settings tab's: samples_format, ...
-            "return_grid": True,
+            **self.services.options.current().model_dump(),  # the Settings tab's: samples_format, return_grid, ...
         }
 
     async def set_options(self, body: dict[str, Any] = Body(..., examples=[{"sd_model_checkpoint": "model-name"}])

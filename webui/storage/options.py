@@ -161,15 +161,17 @@ class SavedOptions(BaseModel):
 
 
 OPTION_KEYS = tuple(SavedOptions.model_fields)
-# How a job's files are written: a request may set these for itself (A1111's override_settings), not for others
-SAVING_KEYS = ("samples_format", "grid_format", "jpeg_quality", "samples_filename_pattern", "save_to_dirs",
-               "grid_save_to_dirs", "directories_filename_pattern", "enable_pnginfo", "webp_lossless", "save_txt",
-               "export_for_4chan", "img_downscale_threshold", "target_side_length")
 # A1111's switches for infotext keys, each -> the key it leaves out when off
 INFOTEXT_SWITCHES = {"add_model_hash_to_info": "Model hash", "add_model_name_to_info": "Model",
                      "add_vae_hash_to_info": "VAE hash", "add_vae_name_to_info": "VAE",
                      "add_version_to_infotext": "Version", "lora_add_hashes_to_infotext": "Lora hashes",
                      "textual_inversion_add_hashes_to_infotext": "TI hashes"}
+# How a job's outputs are written (its files, their infotext, its grid and whether that is shown): a request may set
+# these for itself (A1111's override_settings), not for others
+SAVING_KEYS = ("samples_format", "grid_format", "jpeg_quality", "samples_filename_pattern", "save_to_dirs",
+               "grid_save_to_dirs", "directories_filename_pattern", "enable_pnginfo", "webp_lossless", "save_txt",
+               "export_for_4chan", "img_downscale_threshold", "target_side_length", "n_rows",
+               "grid_prevent_empty_spots", "return_grid", *INFOTEXT_SWITCHES)
 
 
 class SettingsFrozen(Exception):

@@ -386,7 +386,7 @@ class GenerationActions(SeveralRuns):
             if changes:
                 yield (session, changes.get("gallery", gr.skip()), changes.get("progress", gr.skip()),
                        changes.get("preview", gr.skip()), gr.skip(), gr.skip())
-        gallery = show_images(session, job, grid=self.options.current().return_grid)
+        gallery = show_images(session, job, grid=self.worker.saving_options(job).return_grid)
         if gallery:  # the run ends showing this image large (show_selected)
             session.selected = session.current_index()
         yield (session, gallery, final_html(job), gr.update(visible=False, value=None), session.current_infotext(),
