@@ -286,6 +286,23 @@ def test_the_hires_fix_runs_its_own_sampler_and_says_so_as_a1111_does(client):
     assert again["images"] == own["images"]
 
 
+def test_a_hires_schedule_type_its_sampler_cannot_follow_runs_as_automatic_as_the_first_passs_does(client):
+    body = QUICK | {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "seed": 3}
+    both = client.post("/sdapi/v1/txt2img", json=body | {"hr_sampler_name": "Euler a", "hr_scheduler": "Karras"})
+    assert both.status_code == 200, both.text[:300]
+    assert json.loads(both.json()["info"])["warnings"] == [
+        "hr_scheduler: Euler a cannot follow the Karras schedule here; it ran with Automatic"]
+    alone = client.post("/sdapi/v1/txt2img", json=body | {"sampler_name": "Euler a", "hr_scheduler": "Karras"})
+    assert alone.status_code == 200 and "hr_scheduler: Euler a cannot follow" in alone.json()["info"]
+    automatic = client.post("/sdapi/v1/txt2img", json=body | {"hr_sampler_name": "Euler a"})
+    assert automatic.json()["images"] == both.json()["images"]  # the same run
+    for extra, field in (({"hr_scheduler": "Sideways"}, "hr_scheduler: "),
+                         ({"hr_sampler_name": "Fast Magic", "hr_scheduler": "Karras"}, "hr_sampler_name: ")):
+        refused = client.post("/sdapi/v1/txt2img", json=body | extra)
+        assert refused.status_code == 422 and refused.json()["detail"].startswith(field), refused.text
+        assert refused.json()["detail"].count(field) == 1, refused.text  # said once
+
+
 def test_a_pasted_infotext_brings_its_hires_fix_unless_the_body_sets_one(client):
     pasted = ("a pear\nSteps: 2, Sampler: Euler, Seed: 9, Size: 64x64, Denoising strength: 0.5, Hires upscale: 1.5, "
               "Hires upscaler: Latent")

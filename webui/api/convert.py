@@ -227,9 +227,10 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     problems.extend(refused)
     notes.extend(soft_notes)
     if isinstance(req, Txt2ImgRequest) and req.enable_hr:
-        hires, refused = hires_fields(req)
+        hires, refused, hires_notes = hires_fields(req, values["sampler_name"])
         data |= hires
         problems.extend(refused)
+        notes.extend(hires_notes)
     try:
         parse_request(data)
     except InvalidRequest as err:
@@ -308,9 +309,11 @@ def _with_pasted_hires(req: Txt2ImgRequest) -> Txt2ImgRequest:
 _SAME = (None, "", "Use same checkpoint", "Use same sampler", "Use same scheduler")
 
 
-def hires_fields(req: Txt2ImgRequest) -> tuple[dict[str, Any], list[str]]:
-    """The hires fix's GenerationRequest fields (null means A1111's default), and what is refused (nothing now; the
-    worker checks hr_checkpoint_name against the models folder when the job is queued)."""
+def hires_fields(req: Txt2ImgRequest, sampler: str) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The hires fix's GenerationRequest fields (null means A1111's default), what is refused, and notes. `sampler`:
+    the first pass's, which a hires schedule type alone goes with. As the first pass's, a hires schedule type the
+    sampler cannot follow runs as Automatic with a note (the worker checks hr_checkpoint_name against the models
+    folder when the job is queued)."""
     fields = {"enable_hr": True, "hr_scale": 2.0 if req.hr_scale is None else req.hr_scale,
               "hr_upscaler": req.hr_upscaler or "Latent", "hr_second_pass_steps": req.hr_second_pass_steps or 0,
               "hr_resize_x": req.hr_resize_x or 0, "hr_resize_y": req.hr_resize_y or 0,
@@ -320,7 +323,18 @@ def hires_fields(req: Txt2ImgRequest) -> tuple[dict[str, Any], list[str]]:
               # empty: the first pass's (GenerationRequest keeps them only where they differ)
               "hr_prompt": req.hr_prompt or None, "hr_negative_prompt": req.hr_negative_prompt or None,
               "hr_checkpoint_name": None if req.hr_checkpoint_name in _SAME else req.hr_checkpoint_name}
-    return fields, []
+    refused, notes = [], []
+    if fields["hr_scheduler"] is not None:
+        try:
+            *_, note = sampler_and_schedule(fields["hr_sampler_name"] or sampler, fields["hr_scheduler"])
+        except ValueError as err:
+            refused.append(f"hr_{err}")  # its field: hr_scheduler, or hr_sampler_name
+            fields["hr_sampler_name"] = fields["hr_scheduler"] = None  # so the schema check reports only the rest
+        else:
+            if note:
+                fields["hr_scheduler"] = "Automatic"
+                notes.append(f"hr_{note}")
+    return fields, refused, notes
 
 
 def inpainting_fields(req: Img2ImgRequest) -> tuple[dict[str, Any], list[str]]:
