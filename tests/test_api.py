@@ -330,13 +330,21 @@ def test_variation_seeds_run_and_come_back_in_info_and_infotext(client):
     assert r.status_code == 422 and r.json()["detail"].startswith("subseed_strength: "), r.text
 
 
+def test_an_unknown_sampler_is_named_as_the_client_sent_it(client):
+    for field in ("sampler_name", "sampler_index"):
+        r = client.post("/sdapi/v1/txt2img", json=QUICK | {field: "Fast Magic"})
+        assert r.status_code == 422 and r.json()["detail"].startswith(f"{field}: unknown sampler 'Fast Magic'"), r.text
+
+
 def test_malformed_json_and_unknown_model(client):
     r = client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"].startswith("body: not valid JSON at character 1 (")
-    for unreadable in (b'{"prompt": "\xff\xfe"}', b"[" * 100_000):  # not UTF-8; nested deeper than JSON is read
+    # not UTF-8; nested deeper than JSON is read; an integer longer than Python reads
+    for unreadable in (b'{"prompt": "\xff\xfe"}', b"[" * 100_000, b'{"seed": ' + b"9" * 5000 + b"}"):
         r = client.post("/sdapi/v1/txt2img", content=unreadable, headers={"Content-Type": "application/json"})
         assert (r.status_code, r.json()["error"]) == (400, "InvalidRequest"), r.text
         assert r.json()["detail"].startswith("body: cannot be read as JSON") and "UTF-8" in r.json()["detail"]
+        assert "thousands of digits" in r.json()["detail"]
     r = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"sd_model_checkpoint": "nope"}})
     assert r.status_code == 404
     assert r.json()["detail"].startswith("override_settings.sd_model_checkpoint: model 'nope' not found")

@@ -160,7 +160,8 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     try:
         *resolved, note = sampler_and_schedule(values["sampler_name"], values["scheduler"])
     except ValueError as err:
-        problems.append(str(err))
+        problems.append(str(err) if req.sampler_name or not req.sampler_index  # named as the client sent it
+                        else str(err).replace("sampler_name: ", "sampler_index: ", 1))
         resolved, note = ("Euler", "Automatic"), None  # placeholders, so the schema check below reports only the rest
     values["sampler_name"], values["scheduler"] = resolved
 

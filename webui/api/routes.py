@@ -77,10 +77,10 @@ def caller_of(request: Request) -> str:
 
 
 # What FastAPI says of a body its JSON reader fails on other than by syntax (bytes that are not UTF-8, nesting deeper
-# than the reader goes), and what we say instead
+# than the reader goes, an integer longer than Python reads), and what we say instead
 _UNPARSED_BODY = "There was an error parsing the body"
-UNREADABLE_BODY = ("body: cannot be read as JSON (bytes that are not UTF-8 text, or lists and objects nested too "
-                   "deep); send a UTF-8 JSON object such as {\"prompt\": \"a cat\"}")
+UNREADABLE_BODY = ("body: cannot be read as JSON (bytes that are not UTF-8 text, lists and objects nested too deep, "
+                   "or a number of thousands of digits); send a UTF-8 JSON object such as {\"prompt\": \"a cat\"}")
 
 
 def error_response(status: int, kind: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
