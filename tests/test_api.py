@@ -433,6 +433,9 @@ def test_extra_single_image_resizes_and_keeps_the_parameters(client):
     r = client.post("/sdapi/v1/extra-single-image", json={"image": png_base64(Image.new("RGB", (24, 16)), text)})
     assert r.status_code == 200 and decoded(r.json()["image"]).size == (24, 16)
     assert decoded(r.json()["image"]).text == {"parameters": text}
+    r = client.post("/sdapi/v1/extra-single-image", content=b'{"image": "x", "upscaling_resize": NaN}',
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("upscaling_resize: Input should be a finite number")
 
 
 def test_extra_batch_images_answers_in_order_and_names_the_picture_to_fix(client):

@@ -37,7 +37,7 @@ MAX_REQUEST_PIXELS = 2 * MAX_SIDE * MAX_SIDE
 
 class UpscaleSettings(BaseModel):
     """How to resize, under A1111's API field names."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # JSON's NaN is no factor
 
     resize_mode: int = Field(0, description="0: scale by upscaling_resize; 1: scale to upscaling_resize_w x _h")
     upscaling_resize: float = Field(2.0, gt=0, le=MAX_SCALE, description="the factor, for resize_mode 0")
