@@ -693,6 +693,14 @@ def test_the_hires_fix_goes_from_the_page_to_the_infotext_and_back(ui):
                                     enable_hr=True, hr_scale=1.5, hr_second_pass_steps=1, denoising_strength=0.6,
                                     hr_sampler_name="DDIM", hr_scheduler="Use same scheduler")
     assert "Hires upscaler: Latent, Hires sampler: DDIM" in last[4]
+    # A hires sampler that cannot follow the hires schedule type picked runs its Automatic, as the API's, and says so
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        *_, last = event(ui, "txt2img")(Session(), "a hires probe", steps=2, width=64, height=64, seed=3, model=TINY,
+                                        enable_hr=True, hr_scale=1.5, hr_second_pass_steps=1, denoising_strength=0.6,
+                                        sampler_name="Euler", hr_sampler_name="Euler a", hr_scheduler="Karras")
+    assert "Hires sampler: Euler a" in last[4] and "dw-error" not in last[2]
+    assert any("Hires schedule type Karras: Euler a cannot follow it" in str(w.message) for w in caught)
     labels = input_labels(ui, "txt2img")
     assert (labels["hr_sampler_name"], labels["hr_scheduler"]) == ("Hires sampling method", "Hires schedule type")
     with warnings.catch_warnings(record=True) as caught:

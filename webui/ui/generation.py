@@ -25,7 +25,7 @@ from webui.engine.hires import HIRES_UPSCALERS, PICTURE_UPSCALERS
 from webui.engine.hypernetworks import HYPERNET_TAG
 from webui.engine.img2img import check_picture_size, size_from_image
 from webui.engine.samplers import (BETA_ALPHA, BETA_BETA, MAX_UNIPC_ORDER, NOISE_SCHEDULES, SCHEDULE_TYPES,
-                                  UNIPC_VARIANTS, UniPCOptions, sampler_names)
+                                  UNIPC_VARIANTS, UniPCOptions, resolve_sampler, sampler_names)
 from webui.engine.uncond_skip import MAX_NGMS
 from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS, LIMITS as STEP_LIMITS
 from webui.engine.models import ModelNotFound
@@ -205,11 +205,12 @@ class GenerationActions(SeveralRuns):
                 request |= {"sd_upscale": True, "sd_upscale_overlap": int(sd_upscale_overlap),
                             "sd_upscale_scale": float(sd_upscale_scale), "sd_upscale_upscaler": sd_upscale_upscaler}
         elif enable_hr:
+            hires_sampler = None if hr_sampler_name in (SAME_SAMPLER, "", None) else hr_sampler_name
             request |= {"enable_hr": True, "denoising_strength": denoising_strength, "hr_scale": hr_scale,
                         "hr_upscaler": hr_upscaler, "hr_second_pass_steps": hr_second_pass_steps or 0,
                         "hr_resize_x": hr_resize_x or 0, "hr_resize_y": hr_resize_y or 0,
-                        "hr_sampler_name": None if hr_sampler_name in (SAME_SAMPLER, "", None) else hr_sampler_name,
-                        "hr_scheduler": None if hr_scheduler in (SAME_SCHEDULE, "", None) else hr_scheduler,
+                        "hr_sampler_name": hires_sampler,
+                        "hr_scheduler": _hires_schedule(hires_sampler or sampler_name, hr_scheduler),
                         "hr_prompt": hr_prompt or None, "hr_negative_prompt": hr_negative_prompt or None,
                         "hr_checkpoint_name": hr_checkpoint_name,  # "Use same checkpoint" reads as none
                         "token_merging_ratio_hr": token_merging_ratio_hr or 0.0}
@@ -695,6 +696,20 @@ def with_tag(prompt: str | None, tag_type: str, name: str, weight: float) -> str
     if same.search(prompt):
         return same.sub(tag, prompt, count=1)
     return f"{prompt.rstrip()} {tag}".lstrip()
+
+
+def _hires_schedule(sampler: str, schedule: str | None) -> str | None:
+    """The Hires schedule type that runs (None: the first pass's): as picked, or Automatic with a warning where the
+    hires pass's sampler cannot follow it, as the API runs it (A1111 lets any pair run)."""
+    if schedule in (SAME_SCHEDULE, "", None):
+        return None
+    try:
+        resolve_sampler(sampler, schedule)
+    except ValueError:
+        gr.Warning(f"Hires schedule type {schedule}: {sampler} cannot follow it here; the hires pass runs with "
+                   "Automatic.")
+        return "Automatic"
+    return schedule
 
 
 def file_picker(names: list[str], label: str, folder: str, elem_prefix: str) -> tuple[gr.Dropdown, gr.Button]:
