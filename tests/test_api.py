@@ -165,13 +165,22 @@ def test_a_sampler_the_client_picks_wins_over_the_infotexts_with_its_schedule(cl
     assert "Sampler: DDIM, Schedule type: Automatic, " in json.loads(r.json()["info"])["infotexts"][0]
 
 
+@pytest.mark.parametrize("asked", [{"sampler_name": "Euler a", "scheduler": "karras"}, {"sampler_name": "Euler a Karras"}])
+def test_euler_a_runs_on_a_karras_schedule_as_in_a1111(client, asked):
+    r = client.post("/sdapi/v1/txt2img", json=QUICK | asked)
+    info = json.loads(r.json()["info"])
+    assert "Sampler: Euler a, Schedule type: Karras" in info["infotexts"][0] and not info["warnings"]
+    automatic = client.post("/sdapi/v1/txt2img", json=QUICK | {"sampler_name": "Euler a"}).json()["images"]
+    assert r.json()["images"] != automatic
+
+
 @pytest.mark.parametrize("asked, ran", [
     ({"sampler_name": "DDIM", "scheduler": "normal"}, "Sampler: DDIM, Schedule type: Automatic"),  # SillyTavern's
     ({"sampler_name": "DDIM", "scheduler": "karras"}, "Sampler: DDIM, Schedule type: Automatic"),
-    ({"sampler_name": "Euler a", "scheduler": "Karras"}, "Sampler: Euler a, Schedule type: Automatic"),
-    ({"sampler_name": "Euler a Karras"}, "Sampler: Euler a, Schedule type: Automatic"),  # the old combined name
+    ({"sampler_name": "PLMS", "scheduler": "Karras"}, "Sampler: PLMS, Schedule type: Automatic"),
+    ({"sampler_name": "PLMS Karras"}, "Sampler: PLMS, Schedule type: Automatic"),  # the old combined name
     ({"sampler_name": "DDIM Karras", "scheduler": "Automatic"}, "Sampler: DDIM, Schedule type: Automatic"),
-    ({"sampler_name": "Euler a", "scheduler": "kl_optimal"}, "Sampler: Euler a, Schedule type: Automatic"),
+    ({"sampler_name": "LCM", "scheduler": "kl_optimal"}, "Sampler: LCM, Schedule type: Automatic"),
 ])
 def test_a_schedule_a1111_knows_but_we_cannot_run_runs_as_automatic_and_says_so(client, services, asked, ran):
     """As A1111, which never rejects a schedule type it knows; an unknown name still gets a 422 (above)."""
@@ -288,13 +297,13 @@ def test_the_hires_fix_runs_its_own_sampler_and_says_so_as_a1111_does(client):
 
 def test_a_hires_schedule_type_its_sampler_cannot_follow_runs_as_automatic_as_the_first_passs_does(client):
     body = QUICK | {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "seed": 3}
-    both = client.post("/sdapi/v1/txt2img", json=body | {"hr_sampler_name": "Euler a", "hr_scheduler": "Karras"})
+    both = client.post("/sdapi/v1/txt2img", json=body | {"hr_sampler_name": "DDIM", "hr_scheduler": "Karras"})
     assert both.status_code == 200, both.text[:300]
     assert json.loads(both.json()["info"])["warnings"] == [
-        "hr_scheduler: Euler a cannot follow the Karras schedule here; it ran with Automatic"]
-    alone = client.post("/sdapi/v1/txt2img", json=body | {"sampler_name": "Euler a", "hr_scheduler": "Karras"})
-    assert alone.status_code == 200 and "hr_scheduler: Euler a cannot follow" in alone.json()["info"]
-    automatic = client.post("/sdapi/v1/txt2img", json=body | {"hr_sampler_name": "Euler a"})
+        "hr_scheduler: DDIM cannot follow the Karras schedule here; it ran with Automatic"]
+    alone = client.post("/sdapi/v1/txt2img", json=body | {"sampler_name": "DDIM", "hr_scheduler": "Karras"})
+    assert alone.status_code == 200 and "hr_scheduler: DDIM cannot follow" in alone.json()["info"]
+    automatic = client.post("/sdapi/v1/txt2img", json=body | {"hr_sampler_name": "DDIM"})
     assert automatic.json()["images"] == both.json()["images"]  # the same run
     for extra, field in (({"hr_scheduler": "Sideways"}, "hr_scheduler: "),
                          ({"hr_sampler_name": "Fast Magic", "hr_scheduler": "Karras"}, "hr_sampler_name: ")):

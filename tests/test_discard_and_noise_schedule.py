@@ -63,13 +63,17 @@ def test_a_second_order_sampler_keeps_its_midpoints_around_the_discarded_schedul
     assert not torch.isclose(ours, a1111_karras(11, sd15_sigmas())[-1], rtol=1e-3).any()  # the discarded level
 
 
-def test_euler_a_which_takes_no_custom_sigmas_drops_the_level_from_its_own_schedule():
+def test_euler_a_discards_from_the_schedule_euler_does():
+    """Euler a's Automatic schedule is Euler's (uniform); discarding, it runs A1111's uniform levels of one step
+    more without the next-to-last, on Euler's scheduler with the ancestral step, as Euler does."""
+    euler_a, euler = (make_scheduler(SD15_SCHEDULER, name, shape=DISCARD) for name in ("Euler a", "Euler"))
+    for scheduler in (euler_a, euler):
+        scheduler.set_timesteps(10)
+    assert type(euler_a).__name__ == "EulerDiscreteScheduler" and len(euler_a.timesteps) == 10
+    assert torch.equal(euler_a.sigmas, euler.sigmas) and torch.equal(euler_a.timesteps, euler.timesteps)
     plain = make_scheduler(SD15_SCHEDULER, "Euler a")
-    plain.set_timesteps(11)  # diffusers' own schedule of one step more
-    discarding = make_scheduler(SD15_SCHEDULER, "Euler a", shape=DISCARD)
-    discarding.set_timesteps(10)
-    assert torch.equal(discarding.sigmas, torch.cat([plain.sigmas[:-2], plain.sigmas[-1:]]))
-    assert torch.equal(discarding.timesteps, plain.timesteps[:-1]) and len(discarding.timesteps) == 10
+    plain.set_timesteps(11)
+    torch.testing.assert_close(euler_a.sigmas, torch.cat([plain.sigmas[:-2], plain.sigmas[-1:]]), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("sampler", ["DPM2", "DPM2 a", "DPM++ 3M SDE"])

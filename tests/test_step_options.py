@@ -41,6 +41,31 @@ def test_euler_a_at_eta_1_is_diffusers_own_step_and_draws_the_same_noise():
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(own_generators, our_generators))
 
 
+@pytest.mark.parametrize("schedule, eta", [("Karras", 1.0), ("Exponential", 0.5), ("Beta", 1.0)])
+def test_euler_a_on_a_custom_schedule_steps_as_k_diffusions_euler_ancestral(schedule, eta):
+    """A1111 runs Euler a on any schedule type (Euler a Karras is a common pick); diffusers' Euler a takes no custom
+    sigmas, so ours runs on Euler's scheduler with the ancestral step: k-diffusion's sample_euler_ancestral here."""
+    from tests.test_samplers import SD15_SCHEDULER
+    from webui.engine.samplers import make_scheduler
+
+    scheduler = make_scheduler(SD15_SCHEDULER, "Euler a", schedule)
+    assert type(scheduler).__name__ == "EulerDiscreteScheduler" and scheduler.config.use_karras_sigmas
+    ours, _ = denoise(scheduler, steps=6, sampler="Euler a", eta_ancestral=eta)
+
+    sigmas = scheduler.sigmas.double()  # the schedule's levels (A1111's, as tested elsewhere), then 0
+    generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
+    x = (torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma).double()
+    for sigma, sigma_to in zip(sigmas[:-1], sigmas[1:]):
+        epsilon = 0.3 * x / (sigma ** 2 + 1) ** 0.5 + 0.05  # the stand-in model of denoise()
+        denoised = x - sigma * epsilon
+        sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2) ** 0.5)
+        sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+        x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        noise = torch.cat([torch.randn(1, 4, 8, 8, generator=g) for g in generators]).double()
+        x = x + noise * sigma_up
+    torch.testing.assert_close(ours, x.float(), atol=1e-4, rtol=1e-4)
+
+
 def test_euler_a_at_eta_0_is_a_plain_euler():
     plain, _ = denoise(EulerDiscreteScheduler(**SD_SCHEDULE))
     eta_0, _ = denoise(EulerAncestralDiscreteScheduler(**SD_SCHEDULE), sampler="Euler a", eta_ancestral=0.0)
@@ -289,3 +314,16 @@ def test_the_api_warns_when_the_sampler_here_cannot_follow_what_a1111s_would(ser
     assert not infos[0]["warnings"] and "Eta: 0.5" in infos[0]["infotexts"][0]  # A1111's SDE samplers take eta, ours too
     assert any("s_churn: Heun here takes no s_churn" in warning for warning in infos[1]["warnings"])
     assert not infos[2]["warnings"] and not infos[3]["warnings"]  # A1111's DPM++ 2M takes no eta either
+
+
+def test_the_engine_runs_euler_a_on_karras_with_its_noise_from_the_seed(engine):
+    karras = pixels(engine, scheduler="Karras")
+    assert np.array_equal(pixels(engine, scheduler="Karras"), karras)  # reproduces
+    assert not np.array_equal(karras, pixels(engine))  # not its Automatic schedule
+    assert not np.array_equal(karras, pixels(engine, sampler_name="Euler", scheduler="Karras"))  # nor Euler's step
+    assert not np.array_equal(pixels(engine, scheduler="Karras", eta_noise_seed_delta=31337), karras)  # ENSD's noise
+    nv = pixels(engine, scheduler="Karras", randn_source="NV")
+    assert np.array_equal(pixels(engine, scheduler="Karras", randn_source="NV"), nv) and not np.array_equal(nv, karras)
+    # eta 0: no noise, Euler's step on the same schedule
+    assert np.abs(pixels(engine, scheduler="Karras", eta_ancestral=0.0)
+                  - pixels(engine, sampler_name="Euler", scheduler="Karras")).max() <= 1

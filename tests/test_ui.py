@@ -698,9 +698,9 @@ def test_the_hires_fix_goes_from_the_page_to_the_infotext_and_back(ui):
         warnings.simplefilter("always")
         *_, last = event(ui, "txt2img")(Session(), "a hires probe", steps=2, width=64, height=64, seed=3, model=TINY,
                                         enable_hr=True, hr_scale=1.5, hr_second_pass_steps=1, denoising_strength=0.6,
-                                        sampler_name="Euler", hr_sampler_name="Euler a", hr_scheduler="Karras")
-    assert "Hires sampler: Euler a" in last[4] and "dw-error" not in last[2]
-    assert any("Hires schedule type Karras: Euler a cannot follow it" in str(w.message) for w in caught)
+                                        sampler_name="Euler", hr_sampler_name="DDIM", hr_scheduler="Karras")
+    assert "Hires sampler: DDIM" in last[4] and "dw-error" not in last[2]
+    assert any("Hires schedule type Karras: DDIM cannot follow it" in str(w.message) for w in caught)
     labels = input_labels(ui, "txt2img")
     assert (labels["hr_sampler_name"], labels["hr_scheduler"]) == ("Hires sampling method", "Hires schedule type")
     with warnings.catch_warnings(record=True) as caught:
@@ -915,7 +915,8 @@ def sent_sampler(ui, sampler_params: str) -> tuple[Any, Any, list[str]]:
 
 def test_the_schedule_type_list_follows_the_sampler(ui):
     schedules_for = event(ui, "schedules_for")
-    assert schedules_for("Euler a", "Karras") == gr.update(choices=["Automatic", "SGM Uniform"], value="Automatic")
+    assert schedules_for("DDIM", "Karras") == gr.update(choices=["Automatic", "SGM Uniform"], value="Automatic")
+    assert "value" not in schedules_for("Euler a", "Karras")  # Euler a follows every schedule type, as in A1111
     assert "value" not in schedules_for("DPM++ 2M", "SGM Uniform")  # kept: DPM++ 2M can follow it
     assert schedules_for("LCM", "Karras")["choices"] == ["Automatic"]
     # A sampler pick can reach the server with the old schedule type while the list Gradio knows is already
@@ -933,9 +934,10 @@ def test_the_schedule_type_list_follows_the_sampler(ui):
 def test_send_to_txt2img_keeps_a_known_sampler_and_says_what_it_could_not_apply(ui):
     assert sent_sampler(ui, "Sampler: DPM++ 2M, Schedule type: Karras") == ("DPM++ 2M", "Karras", [])
     # Valid in stable-diffusion-webui, refused here: the sampler stays, the schedule falls back to Automatic.
-    sampler, schedule, notes = sent_sampler(ui, "Sampler: Euler a, Schedule type: Karras")
-    assert (sampler, schedule) == ("Euler a", "Automatic")
-    assert len(notes) == 1 and "Karras" in notes[0] and "Euler a" in notes[0] and "Using Automatic" in notes[0]
+    sampler, schedule, notes = sent_sampler(ui, "Sampler: PLMS, Schedule type: Karras")
+    assert (sampler, schedule) == ("PLMS", "Automatic")
+    assert len(notes) == 1 and "Karras" in notes[0] and "PLMS" in notes[0] and "Using Automatic" in notes[0]
+    assert sent_sampler(ui, "Sampler: Euler a, Schedule type: Karras") == ("Euler a", "Karras", [])
     assert sent_sampler(ui, "Sampler: DPM++ 2M, Schedule type: KL Optimal") == ("DPM++ 2M", "KL Optimal", [])
     for unknown in ("Linear Quadratic", "Karras Exponential"):  # ComfyUI's, a stable-diffusion-webui fork's
         sampler, schedule, notes = sent_sampler(ui, f"Sampler: DPM++ 2M, Schedule type: {unknown}")

@@ -42,6 +42,9 @@ class Sampler:
     # A1111's sampler table has it drop its schedule's next-to-last sigma, whatever Always discard next-to-last
     # sigma says (DPM2, DPM2 a, DPM++ 3M SDE)
     discards_penultimate: bool = False
+    # The scheduler that runs it on a schedule type its own cannot follow (custom sigmas), where another can: Euler a
+    # on Euler's, stepping as Euler a (step_options.use_step_options)
+    custom_sigmas_class: str | None = None
 
 
 NO_CUSTOM_SIGMAS = ("Automatic", "SGM Uniform")
@@ -49,8 +52,9 @@ RESTARTS_FROM_STEPS = 20  # Restart is plain Heun below this many steps (webui/e
 CFGPP_SAMPLER = "DDIM CFG++"  # steps along the negative prompt's prediction (webui/engine/ddim_cfgpp.py)
 
 SAMPLERS: tuple[Sampler, ...] = (
+    # diffusers' Euler a takes no custom sigmas: on Karras, Exponential, ... it runs on Euler's scheduler
     Sampler("Euler a", "EulerAncestralDiscreteScheduler", aliases=("k_euler_a", "k_euler_ancestral"),
-            schedules=NO_CUSTOM_SIGMAS, k_diffusion=True),
+            k_diffusion=True, custom_sigmas_class="EulerDiscreteScheduler"),
     Sampler("Euler", "EulerDiscreteScheduler", aliases=("k_euler",), k_diffusion=True),
     Sampler("LMS", "LMSDiscreteScheduler", aliases=("k_lms", "K-LMS"), k_diffusion=True),
     Sampler("Heun", "HeunDiscreteScheduler", aliases=("k_heun",), k_diffusion=True),
@@ -281,29 +285,28 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
     `pass_steps`: the steps a pass that runs the schedule's tail runs, which Restart plans its restarts over)."""
     sampler_name, schedule = resolve_sampler(sampler_name, schedule)
     sampler = get_sampler(sampler_name)
-    scheduler_class = _scheduler_class(sampler.scheduler_class)
     options = dict(sampler.options)
     if sampler.name == "UniPC":
         options |= unipc.config()
     if sampler.k_diffusion and base_config.get("timestep_spacing") == "leading":
         options["timestep_spacing"] = "linspace"  # from t=999, not t=951 (at 20 steps)
     options.update(SCHEDULE_TYPES[schedule])
-    if schedule == "KL Optimal" and _takes(scheduler_class, "final_sigmas_type"):
-        options["final_sigmas_type"] = "sigma_min"  # its last level is the model's smallest sigma, not 0
     sigmas_for = _sigmas_function(schedule, sdxl, shape)
     discard = shape.discards_penultimate(sampler)
     if discard and not sigmas_for and "Uniform" in sampler.schedules:
         # diffusers works these two out itself, for the steps asked alone: A1111's formulas can make one level more
         sigmas_for = sgm_uniform_sigmas if schedule == "SGM Uniform" else uniform_sigmas
         options.update(_CUSTOM)
+    custom = options.get("use_karras_sigmas") and sampler.custom_sigmas_class
+    scheduler_class = _scheduler_class(sampler.custom_sigmas_class if custom else sampler.scheduler_class)
+    if schedule == "KL Optimal" and _takes(scheduler_class, "final_sigmas_type"):
+        options["final_sigmas_type"] = "sigma_min"  # its last level is the model's smallest sigma, not 0
     scheduler = scheduler_class.from_config(_with_noise_schedule(base_config, shape), **options)
     _with_a1111_alpha_bars(scheduler, base_config, shape)
     if hasattr(scheduler, "pass_steps"):
         scheduler.pass_steps = pass_steps
-    if discard and sigmas_for:
+    if discard:  # (every k-diffusion sampler runs custom sigmas then)
         sigmas_for = _without_the_penultimate_level(sigmas_for)
-    elif discard:
-        _running_without_the_penultimate_level(scheduler)  # Euler a, which takes no custom sigmas
     scheduler = _starting_at_the_first_step(scheduler)
     if not sigmas_for:
         return scheduler
@@ -409,22 +412,6 @@ def _without_the_penultimate_level(sigmas_for):
     """A1111's discard of the next-to-last sigma: the schedule of one step more, its smallest level (the one before
     the end) left out."""
     return lambda steps, table: sigmas_for(steps + 1, table)[:-1]
-
-
-def _running_without_the_penultimate_level(scheduler) -> None:
-    """The same for a scheduler that works its sigmas out itself: it sets one step more, then drops the next-to-last
-    sigma and the last timestep."""
-    import torch
-
-    set_timesteps = scheduler.set_timesteps
-
-    def set_timesteps_one_more(num_inference_steps=None, *args, **kwargs):
-        set_timesteps(num_inference_steps + 1, *args, **kwargs)
-        scheduler.sigmas = torch.cat([scheduler.sigmas[:-2], scheduler.sigmas[-1:]])
-        scheduler.timesteps = scheduler.timesteps[:-1]
-        scheduler.num_inference_steps = num_inference_steps
-
-    scheduler.set_timesteps = set_timesteps_one_more
 
 
 def _takes(scheduler_class, option: str) -> bool:

@@ -97,8 +97,14 @@ def ancestral_levels(sigma: torch.Tensor, sigma_to: torch.Tensor, eta: float) ->
 
 
 def use_step_options(scheduler, sampler_name: str, options: StepOptions) -> None:
-    """Make a freshly built scheduler step with the options its sampler follows (nothing when all are defaults)."""
+    """Make a freshly built scheduler step with the options its sampler follows (nothing when all are defaults). Euler
+    a on a custom schedule runs on Euler's scheduler (samplers.Sampler.custom_sigmas_class): it steps as Euler a."""
+    from diffusers import EulerDiscreteScheduler
+
     changed = options.followed(sampler_name)
+    if sampler_name == "Euler a" and isinstance(scheduler, EulerDiscreteScheduler):
+        scheduler.step = _ancestral_step(scheduler, options.eta_ancestral)
+        return
     if not changed:
         return
     if sampler_name == "Euler a":
