@@ -101,6 +101,16 @@ def test_the_picture_and_the_seed_both_decide_the_result(engine):
     assert np.abs(a[0] - other_picture[0]).mean() > 1
 
 
+def test_euler_a_on_karras_runs_img2img_from_the_picture(engine):
+    """Euler a on a custom schedule steps on Euler's scheduler: img2img finds its tail there too."""
+    picture = noise_picture(1)
+    karras = img2img(engine, picture, [5], 0.5, sampler_name="Euler a", scheduler="Karras")
+    assert np.array_equal(img2img(engine, picture, [5], 0.5, sampler_name="Euler a", scheduler="Karras")[0], karras[0])
+    assert not np.array_equal(img2img(engine, picture, [5], 0.5, sampler_name="Euler a")[0], karras[0])
+    assert np.abs(img2img(engine, picture, [5], 0.5, sampler_name="Euler a", scheduler="Karras", eta_ancestral=0.0)[0]
+                  - img2img(engine, picture, [5], 0.5, sampler_name="Euler", scheduler="Karras")[0]).max() <= 1
+
+
 def test_a_low_strength_stays_closer_to_the_picture_than_a_full_one(engine):
     from webui.engine.generate import to_pil_images
 
