@@ -5,6 +5,7 @@ Runs on the tiny model at 64x64 with 2-3 steps; the one long job (to resume) is 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import warnings
 from pathlib import Path
@@ -494,18 +495,34 @@ def test_batch_masks_go_with_the_pictures_of_their_name_or_one_with_all(ui, ui_s
     assert job.request.mask is not None and job.inpainting
 
 
-def test_batch_without_pictures_or_with_a_bad_one_says_which_and_runs_nothing(ui, ui_services, tmp_path):
+def test_batch_without_pictures_or_with_none_readable_says_which_and_runs_nothing(ui, ui_services, tmp_path):
     before = len(ui_services.worker.waiting_jobs())
     [(session, _, progress, *_)] = inpaint(ui, "Batch", batch_pictures=[])
     assert "Batch: upload the pictures to start from" in progress and session.job_id is None
     (tmp_path / "notes.txt").write_text("not a picture")
-    good = saved(tmp_path, "good.png", picture())
-    [(session, _, progress, *_)] = inpaint(ui, "Batch", batch_pictures=[good, str(tmp_path / "notes.txt")])
+    [(session, _, progress, *_)] = inpaint(ui, "Batch", batch_pictures=[str(tmp_path / "notes.txt")])
     assert "Batch: could not read notes.txt as an image" in progress and session.job_id is None
+    good = saved(tmp_path, "good.png", picture())
     [(_, _, progress, *_)] = inpaint(ui, "Batch", batch_pictures=[good], xyz_plot=True, x_type="Steps",
                                      x_values="1, 2")
     assert "a script of their own: use one of them at a time" in progress
     assert len(ui_services.worker.waiting_jobs()) == before
+
+
+def test_batch_leaves_out_the_pictures_it_cannot_read_runs_the_others_and_says_which(ui, ui_services, tmp_path):
+    """As A1111's, which skips what it cannot open: a header that is no picture is found before the run, pixels that
+    end early when the picture's turn comes."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    saved(folder, "a.png", picture("red", (64, 64))), saved(folder, "c.png", picture("blue", (64, 64)))
+    (folder / "b.png").write_bytes(b"not a picture")
+    whole = io.BytesIO()
+    picture("green", (64, 64)).save(whole, format="PNG")
+    (folder / "d.png").write_bytes(whole.getvalue()[:-200])  # its header reads, its pixels end early
+    *running, (session, gallery, progress, *_) = inpaint(ui, "Batch", batch_input_dir=str(folder))
+    assert len(gallery) == 2 and "2 pictures left out, as they could not be read" in progress, progress
+    assert "could not read b.png as an image" in progress and "d.png" in progress
+    assert any("Batch: picture 2 of 3" in str(update[2]) for update in running)  # a, c, d: b is left out first
 
 
 def test_a_batch_picture_past_pils_own_limit_is_called_too_large(tmp_path, monkeypatch):
@@ -596,8 +613,7 @@ def test_a_batch_output_directory_that_cannot_be_written_is_refused_before_the_b
     locked.chmod(0o500)
     waiting = len(ui_services.worker.waiting_jobs())
     try:
-        for output_dir, message in ((tmp_path / "nowhere", "is no folder on this machine"),
-                                    (tmp_path / "file.txt", "is no folder on this machine"),
+        for output_dir, message in ((tmp_path / "file.txt", "is a file on this machine"),
                                     (locked, "cannot be written to (Permission denied)"),
                                     ("/" + "x" * 5000, "cannot be written to")):
             if output_dir == locked and os.geteuid() == 0:
@@ -609,6 +625,10 @@ def test_a_batch_output_directory_that_cannot_be_written_is_refused_before_the_b
     finally:
         locked.chmod(0o700)
     assert list(locked.iterdir()) == [] and len(ui_services.worker.waiting_jobs()) == waiting
+    # One not there yet is made, as A1111 makes it.
+    *_, (_, gallery, progress, *_) = inpaint(ui, "Batch", batch_input_dir=str(folder),
+                                             batch_output_dir=str(tmp_path / "new" / "out"))
+    assert len(gallery) == 1 and [path.name for path in (tmp_path / "new" / "out").iterdir()] == ["a.png"]
     monkeypatch.setattr(ui.img2img.actions, "reads_server_folders", False)
     upload = [saved(tmp_path, "c.png", picture("green", (64, 64)))]
     [(session, _, progress, *_)] = inpaint(ui, "Batch", batch_pictures=upload, batch_output_dir=str(tmp_path))

@@ -60,9 +60,13 @@ def _opened(picture: Picture) -> Image.Image | None:
 class SeveralJobs:
     """One run of several jobs, `what` it is named by ("X/Y/Z plot"), its jobs submitted one after another."""
 
-    def __init__(self, submissions: list[Submission], what: str):
+    def __init__(self, submissions: list[Submission], what: str, skips_unreadable: bool = False):
+        """`skips_unreadable`: a picture that cannot be read when its turn comes is left out, the others run (img2img
+        Batch, as A1111's); else it ends the run."""
         self.submissions = list(submissions)
         self.what = what
+        self.skips_unreadable = skips_unreadable
+        self.skipped: list[str] = []  # why each picture left out could not be read
         self.jobs: list[Job] = []  # those submitted so far, in turn
         self.owner: str | None = None
         self.stopped = False  # stop() came: no job more
@@ -80,7 +84,12 @@ class SeveralJobs:
 
     @property
     def finished(self) -> bool:
-        return len(self.done) == len(self.submissions)
+        return len(self.done) + len(self.skipped) == len(self.submissions)
+
+    @property
+    def turns_taken(self) -> int:
+        """The submissions whose turn has come: submitted, or left out."""
+        return len(self.jobs) + len(self.skipped)
 
     def in_turn(self, worker: Worker, origin: str, owner: str | None = None,
                 stopped: Callable[[], bool] = lambda: False, field_names: dict[str, str] | None = None
@@ -92,7 +101,14 @@ class SeveralJobs:
         for submission in self.submissions:
             if self.stopped or stopped():
                 return
-            picture, request = _opened(submission.picture), submission.request
+            try:
+                picture = _opened(submission.picture)
+            except InvalidRequest as err:  # its pixels end early: found only now that it is read whole
+                if not self.skips_unreadable:
+                    raise
+                self.skipped.append(str(err))
+                continue
+            request = submission.request
             if callable(request):  # Loopback's interrogated prompt: of the picture the loop starts from
                 request = request(picture)
             if submission.scale and picture is not None:
@@ -117,7 +133,7 @@ class SeveralJobs:
         """How far the whole run has come, 0 to 1."""
         job = self.job
         running = job.progress.fraction if job is not None and job.state is JobState.RUNNING else 0.0
-        return min(1.0, (len(self.done) + min(running, 1.0)) / max(1, len(self.submissions)))
+        return min(1.0, (len(self.done) + len(self.skipped) + min(running, 1.0)) / max(1, len(self.submissions)))
 
     def images(self) -> list[GeneratedImage]:
         """Every image of the jobs that finished, in turn."""

@@ -230,8 +230,8 @@ class GenerationActions(SeveralRuns):
             request |= controlnet
             picture = mask_picture = None
             if batch:
-                uploads = batch_uploads(*self._batch_files(batch_pictures, batch_masks, batch_input_dir,
-                                                           batch_mask_dir))
+                uploads, unreadable = batch_uploads(*self._batch_files(batch_pictures, batch_masks, batch_input_dir,
+                                                                       batch_mask_dir))
                 copy_folder = self._batch_output(batch_output_dir)
                 mask_picture = uploads[0][1]  # the masks come all or none
             elif self.kind == "img2img":
@@ -278,11 +278,12 @@ class GenerationActions(SeveralRuns):
                                                            float(loopback_final_strength), loopback_curve, picture,
                                                            mask_picture, loopback_interrogation or "None"))
             elif batch:
-                runs = self._several(session, SeveralJobs([
+                batch_run = SeveralJobs([
                     Submission(request, partial(read_upload, path, "Batch"),
                                partial(read_upload, mask_path, "Batch") if mask_path else None, scale,
                                NamedCopy(copy_folder, Path(path).stem) if copy_folder else None)
-                    for path, mask_path in uploads], "Batch"))
+                    for path, mask_path in uploads], "Batch", skips_unreadable=True)
+                runs = self._several(session, batch_run, unreadable)
             else:
                 job = self.worker.submit(request, origin="ui", owner=self._owner(session), init_image=picture,
                                          mask=mask_picture, control_image=controlnet_image)

@@ -278,17 +278,34 @@ def painted_mask(picture: Image.Image, layers: list[Image.Image], no_strokes: st
     return mask
 
 
-def batch_uploads(pictures: list[str] | None, masks: list[str] | None) -> list[tuple[str, str | None]]:
+def batch_uploads(pictures: list[str] | None, masks: list[str] | None
+                  ) -> tuple[list[tuple[str, str | None]], list[str]]:
     """Batch's pictures (paths), each with its mask: the one of the same name, the only one, or None (no masks:
-    img2img); InvalidRequest naming what to fix. Only the files' headers are read here: each picture is read
-    when its turn comes."""
+    img2img); and why each picture left out could not be read (as A1111, a batch runs without them), or
+    InvalidRequest naming what to fix (none readable, a mask unreadable). Only the files' headers are read here:
+    each picture is read when its turn comes."""
     pictures, masks = list(pictures or []), list(masks or [])
     if not pictures:
         raise InvalidRequest(NO_BATCH)
     if len(pictures) > MAX_BATCH_PICTURES:
         raise InvalidRequest(f"Batch: {len(pictures)} pictures; send at most {MAX_BATCH_PICTURES} at once")
-    for path in pictures + masks:
+    for path in masks:
         read_upload(path, "Batch", header_only=True)
+    readable, unreadable = [], []
+    for path in pictures:
+        try:
+            read_upload(path, "Batch", header_only=True)
+            readable.append(path)
+        except InvalidRequest as err:
+            unreadable.append(str(err))
+    if not readable:
+        raise InvalidRequest(unreadable[0] if len(unreadable) == 1 else
+                             f"Batch: none of the {len(unreadable)} pictures can be read ({unreadable[0]})")
+    return _with_masks(readable, masks), unreadable
+
+
+def _with_masks(pictures: list[str], masks: list[str]) -> list[tuple[str, str | None]]:
+    """Each picture with its mask: the one of the same name, the only one, or None."""
     if len(masks) <= 1:
         return [(picture, masks[0] if masks else None) for picture in pictures]
     by_name = {Path(mask).stem: mask for mask in masks}
@@ -328,14 +345,16 @@ def folder_pictures(folder: str, label: str, where: str = "Batch") -> list[str]:
 
 
 def output_folder(folder: str, where: str = "Batch") -> Path:
-    """Batch's Output directory: the folder, absolute; InvalidRequest naming what to fix where it is no folder or
-    cannot be written to, found before the batch starts."""
+    """Batch's Output directory: the folder, absolute, made where it is not there yet (as A1111's); InvalidRequest
+    naming what to fix where it is a file or cannot be written to, found before the batch starts."""
     shown = repr(folder.strip()[:200])
     try:
         path = Path(folder.strip()).expanduser().absolute()
+        if not path.exists():
+            path.mkdir(parents=True)  # as A1111 makes it
         if not path.is_dir():
-            raise InvalidRequest(f"{where}: Output directory {shown} is no folder on this machine; give the full path "
-                                 "of a folder that exists")
+            raise InvalidRequest(f"{where}: Output directory {shown} is a file on this machine; give the full path "
+                                 "of a folder")
         # Written to, not judged by its permission bits, which a read-only drive or an ACL makes wrong. Linux's
         # temporary file has no name, so nothing shows in the folder even for a moment.
         with tempfile.TemporaryFile(dir=path):

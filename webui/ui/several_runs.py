@@ -31,7 +31,7 @@ class SeveralRuns:
         count = len(run.submissions)
 
         def note() -> str:
-            return notice_html(f"{run.what}: picture {len(run.jobs)} of {count}")
+            return notice_html(f"{run.what}: picture {run.turns_taken} of {count}")
 
         try:
             for job in run.in_turn(self.worker, "ui", self._owner(session), stopped=lambda: session.interrupted):
@@ -39,25 +39,27 @@ class SeveralRuns:
                 for update in self._follow(session, job):  # its progress (an HTML text, or a skip) under the note
                     yield (*update[:2], note() + update[2], *update[3:]) if isinstance(update[2], str) else update
         except (InvalidRequest, QueueFull, WorkerStopped) as err:
-            yield session, gr.skip(), notice_html(f"{run.what}: picture {len(run.done) + 1} of {count}") + \
+            yield session, gr.skip(), notice_html(f"{run.what}: picture {run.turns_taken} of {count}") + \
                 error_html(with_labels(str(err))), gr.update(visible=False), gr.skip(), ""
             return False
         if not run.finished and len(run.done) == len(run.jobs):  # Interrupt came between two jobs
-            yield session, gr.skip(), notice_html(f"{run.what}: interrupted before picture {len(run.jobs) + 1} of "
+            yield session, gr.skip(), notice_html(f"{run.what}: interrupted before picture {run.turns_taken + 1} of "
                                                   f"{count}."), gr.skip(), gr.skip(), gr.skip()
         return run.finished
 
-    def _show_all(self, session: Session, shown: list[GeneratedImage], run: SeveralJobs) -> tuple:
-        """The last update of a run of several jobs: the images shown, the first of them large."""
+    def _show_all(self, session: Session, shown: list[GeneratedImage], run: SeveralJobs, note: str = "") -> tuple:
+        """The last update of a run of several jobs: the images shown, the first of them large; `note` under them."""
         session.show(shown)
         session.selected = 0 if shown else None
-        return (session, gallery_items(shown), "", gr.update(visible=False, value=None), session.current_infotext(),
-                seconds_html(time.time() - run.started_at, f" for {len(run.submissions)} runs"))
+        return (session, gallery_items(shown), note, gr.update(visible=False, value=None), session.current_infotext(),
+                seconds_html(time.time() - run.started_at, f" for {len(run.jobs)} runs"))
 
-    def _several(self, session: Session, run: SeveralJobs) -> Iterator[tuple]:
-        """img2img's Batch and Loopback, or prompts from a list: the runs in turn, then all their images."""
+    def _several(self, session: Session, run: SeveralJobs, unreadable: list[str] = ()) -> Iterator[tuple]:
+        """img2img's Batch and Loopback, or prompts from a list: the runs in turn, then all their images. `unreadable`:
+        why each picture left out before the run could not be read (Batch), said at its end with those left out
+        during it."""
         if (yield from self._in_turn(session, run)):
-            yield self._show_all(session, run.images(), run)
+            yield self._show_all(session, run.images(), run, _left_out_note(run.what, [*unreadable, *run.skipped]))
 
     def _plot(self, session: Session, plot: Plot, run: SeveralJobs, legend: bool, sub_images: bool) -> Iterator[tuple]:
         """The X/Y/Z plot (or the prompt matrix): its cells in turn, then the grids (and the cells' images with
@@ -69,3 +71,12 @@ class SeveralRuns:
         shown = saved_grids(grids, self.outputs, self.kind) + (
             [image for _, images in made for image in images] if sub_images else [])
         yield self._show_all(session, shown, run)
+
+
+def _left_out_note(what: str, reasons: list[str]) -> str:
+    """A notice of the pictures a run left out because they could not be read, and why; "" where none was."""
+    if not reasons:
+        return ""
+    shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
+    return notice_html(f"{what}: {len(reasons)} picture{'s' if len(reasons) > 1 else ''} left out, as they could "
+                       f"not be read: {shown}")
