@@ -189,6 +189,9 @@ def test_invalid_request_is_a_readable_message_and_queues_nothing(ui, ui_service
     assert "Batch count: Input should be a valid integer, got a number with a fractional part; use 2 or 3" in progress
     assert "Negative prompt: String should have at most 2000 characters; it has 2500" in progress
     assert "n_iter" not in progress and "negative_prompt" not in progress
+    # a size's suggestions are sizes: the multiples of 8 either side (73 would be refused next)
+    assert "Width: Input should be a valid integer, got a number with a fractional part; use 72 or 80" in generate(
+        ui, width=72.5)[0][2]
 
 
 def test_a_clip_skip_deeper_than_the_model_is_refused_at_generate_saying_how_deep_it_goes(ui, ui_services):

@@ -770,6 +770,9 @@ class InvalidRequest(ValueError):
     """A request that fails validation; the message names each field and what to fix."""
 
 
+_EIGHTS_FIELDS = ("width", "height", "seed_resize_from_w", "seed_resize_from_h")  # multiples of 8 (or 0)
+
+
 def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
     """pydantic/FastAPI error dicts -> "field: what to fix; other: ..." (no body/query prefix)."""
     parts = []
@@ -786,8 +789,9 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
         if problem.get("type") == "string_too_long" and isinstance(problem.get("input"), str):
             message += f"; it has {len(problem['input'])}"
         if problem.get("type") == "int_from_float" and isinstance(problem.get("input"), float):
-            below = math.floor(problem["input"])
-            message += f"; use {below} or {below + 1}"
+            step = 8 if loc[-1:] and loc[-1] in _EIGHTS_FIELDS else 1  # sizes: the multiples of 8 either side
+            below = math.floor(problem["input"] / step) * step
+            message += f"; use {below} or {below + step}"
         if loc == ["seed"]:  # pydantic's "exceeded maximum size" (1e30) gives no range
             message += f"; use -1 for a random seed, or a whole number from 0 to {MAX_SEED}"
         # A check of the whole request (the sampler) names what it is about itself.
