@@ -167,11 +167,11 @@ def test_a_combination_that_is_no_valid_request_is_named_before_anything_runs(ax
 
 
 def test_a_combination_is_checked_whole_and_named_by_all_its_values():
-    """Karras with DPM++ 2M is a pair; with Euler a it is not: the check waits for both axes."""
+    """Karras with DPM++ 2M is a pair; with DDIM it is not: the check waits for both axes."""
     axes = [read_axis("X", "Schedule type", "Karras"), read_axis("Y", "Sampler", "DPM++ 2M"), read_axis("Z", "Nothing", "")]
-    assert plan(BASE | {"sampler_name": "Euler a"}, axes).cells[0].request["scheduler"] == "Karras"
-    axes[1] = read_axis("Y", "Sampler", "DPM++ 2M, Euler a")
-    with pytest.raises(InvalidRequest, match="X value 'Karras', Y value 'Euler a': "):
+    assert plan(BASE | {"sampler_name": "DDIM"}, axes).cells[0].request["scheduler"] == "Karras"
+    axes[1] = read_axis("Y", "Sampler", "DPM++ 2M, DDIM")
+    with pytest.raises(InvalidRequest, match="X value 'Karras', Y value 'DDIM': "):
         plan(BASE, axes)
     with pytest.raises(InvalidRequest, match=r"^steps"):  # wrong whatever the axes say: said plainly
         plan(BASE | {"steps": 0}, axes)
@@ -280,6 +280,24 @@ def test_a_plot_runs_each_combination_and_shows_the_saved_grid_first(ui, ui_serv
             cell = np.asarray(picture.convert("RGB"))
         height, width = grid.shape[:2]
         assert np.array_equal(grid[height - 64:, width - 128 + i * 64:width - 128 + (i + 1) * 64], cell)
+
+
+def test_a_z_axis_shows_the_grid_of_all_z_values_first_and_theirs_with_include_sub_grids(ui, ui_services):
+    """As A1111's: the Z values' grids side by side, then each Z value's own where Include sub grids asks."""
+    axes = {"x_type": "Steps", "x_values": "1, 2", "z_type": "CFG Scale", "z_values": "3, 7"}
+    *_, (session, gallery, progress, *_) = plot(ui, **axes)
+    assert progress == "" and len(gallery) == 1
+    with Image.open(gallery[0][0]) as combined:
+        width, height = combined.size
+    *_, (session, gallery, progress, *_) = plot(ui, xyz_sub_grids=True, **axes)
+    assert len(gallery) == 3
+    sizes = []
+    for path, _ in gallery:
+        with Image.open(path) as grid:
+            sizes.append(grid.size)
+    assert sizes[0] == (width, height) and sizes[1] == sizes[2] and sizes[1][0] * 2 <= width
+    labels = input_labels(ui, "txt2img")
+    assert labels["xyz_sub_grids"] == "Include sub grids"
 
 
 def test_the_grids_infotext_names_the_plot_and_pasting_it_sets_the_plot_again(ui, ui_services):

@@ -230,6 +230,15 @@ def plot_grids(made: list[tuple[Cell, list[GeneratedImage]]], axes: list[Axis], 
     return grids
 
 
+def with_z_grid(grids: list[GeneratedImage], sub_grids: bool) -> list[GeneratedImage]:
+    """A plot's grids as A1111 gives them: with a Z axis, its Z values' grids side by side first, then each of them
+    where Include Sub Grids asks (`sub_grids`)."""
+    if len(grids) <= 1:
+        return grids
+    combined = GeneratedImage(side_by_side([grid.image for grid in grids]), grids[0].seed, 0, grids[0].infotext)
+    return [combined, *(grids if sub_grids else [])]
+
+
 def saved_grids(grids: list[GeneratedImage], outputs: OutputStore, kind: str,
                 options: SavedOptions | None = None) -> list[GeneratedImage]:
     """The grids saved under <kind>-grids, each with its file's path (None where it could not be saved); `options`:

@@ -21,7 +21,7 @@ from webui.outpainting import DIRECTIONS, MAX_BLUR, MAX_PIXELS, MIN_PIXELS, outp
 from webui.prompt_lines import PROMPT_POSITIONS
 from webui.prompt_matrix import matrix_plot
 from webui.runs import SeveralJobs, found_models, in_grid_order, line_run, loopback_run, plot_grids, plot_run, \
-    side_by_side
+    side_by_side, with_z_grid
 from webui.engine.soft_inpainting import DEFAULTS as SOFT_DEFAULTS, LABELS as SOFT_LABELS, RANGES as SOFT_RANGES
 from webui.engine.soft_inpainting import SOFT_INPAINTING_FIELDS, STEPS as SOFT_STEPS
 from webui.schemas import MASKED_CONTENT, GeneratedImage, InvalidRequest
@@ -408,10 +408,8 @@ def _xyz_plot(values: list[Any], base: dict, picture: Image.Image | None, mask: 
         if not run.finished:  # no grid is drawn from part of a plot
             return Result([], _made(run.jobs))
         made = in_grid_order(plot, run.jobs)
-        grids = plot_grids([(cell, job.images) for cell, job in made], plot.axes, legend, plot_params(plot.axes))
-        if len(grids) > 1:  # A1111's first picture: the Z values' grids side by side
-            grids = [GeneratedImage(side_by_side([grid.image for grid in grids]), grids[0].seed, 0,
-                                    grids[0].infotext)] + (grids if sub_grids else [])
+        grids = with_z_grid(plot_grids([(cell, job.images) for cell, job in made], plot.axes, legend,
+                                       plot_params(plot.axes)), sub_grids)
         return Result(grids, [(job, job.images[0]) for _, job in made if job.images], send_made=lone_images)
     return ScriptRun(run, result, _margin_note(margin))
 

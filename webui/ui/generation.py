@@ -149,7 +149,7 @@ class GenerationActions(SeveralRuns):
                  uni_pc_order: int = UniPCOptions.order, uni_pc_lower_order_final: bool = UniPCOptions.lower_order_final,
                  always_discard_next_to_last_sigma: bool = False, sd_noise_schedule: str = NOISE_SCHEDULES[0],
                  use_old_karras_scheduler_sigmas: bool = False, use_downcasted_alpha_bar: bool = False,
-                 override_settings: list[str] | None = None) -> Iterator[tuple]:
+                 override_settings: list[str] | None = None, xyz_sub_grids: bool = False) -> Iterator[tuple]:
         """Submit a job and stream (session, gallery, progress, preview, infotext, time) until it ends.
         img2img starts from the picture of its open sub-tab (img2img_mode: pictures.IMG2IMG_MODES), fitted by
         resize_mode, and on the Inpaint sub-tabs draws again only where the mask (or the strokes) says; on Batch,
@@ -162,7 +162,8 @@ class GenerationActions(SeveralRuns):
         img2img again from each picture made (webui/loopback.py); sd_upscale enlarges the picture and draws it
         again in tiles (webui/sd_upscale.py), on the img2img sub-tab or for each picture of Batch. ControlNet
         (controlnet_*: webui/ui/controlnet.py) steers a plain Generate by controlnet_image. override_settings: the
-        Settings tab's options a paste set for the page's runs, as infotext pairs ("Emphasis: No norm")."""
+        Settings tab's options a paste set for the page's runs, as infotext pairs ("Emphasis: No norm").
+        xyz_sub_grids: with a Z axis, each Z value's grid too, after the one of them all (A1111's Include Sub Grids)."""
         controlnet = controlnet_fields({name: value for name, value in locals().items()
                                         if name.startswith("controlnet_")})
         request = {
@@ -265,7 +266,7 @@ class GenerationActions(SeveralRuns):
                         in zip(AXIS_NAMES, (x_type, y_type, z_type), (x_values, y_values, z_values))]
                 plot = plan(request, axes, xyz_keep_random_seeds, check=self.worker.check)
                 runs = self._plot(session, plot, plot_run(plot, picture, mask_picture, SCRIPT), xyz_legend,
-                                  xyz_sub_images)
+                                  xyz_sub_images, xyz_sub_grids)
             elif prompt_matrix:
                 plot = matrix_plot(request, parts_first=bool(matrix_parts_first),
                                    different_seeds=bool(matrix_different_seeds), negative=matrix_prompt == "negative",

@@ -53,6 +53,8 @@ def plot_section(kind: str) -> dict[str, gr.components.Component]:
             widgets["xyz_legend"] = gr.Checkbox(True, label="Draw legend", elem_id=f"{kind}_xyz_legend")
             widgets["xyz_sub_images"] = gr.Checkbox(False, label="Include sub images",
                                                     elem_id=f"{kind}_xyz_sub_images")
+            widgets["xyz_sub_grids"] = gr.Checkbox(False, label="Include sub grids", elem_id=f"{kind}_xyz_sub_grids",
+                                                   info="with a Z axis: each Z value's grid too")
             widgets["xyz_keep_random_seeds"] = gr.Checkbox(False, label="Keep -1 for seeds",
                                                            elem_id=f"{kind}_xyz_keep_random_seeds")
     return widgets

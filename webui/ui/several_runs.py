@@ -11,7 +11,7 @@ from typing import Iterator
 
 import gradio as gr
 
-from webui.runs import SeveralJobs, in_grid_order, plot_grids, saved_grids
+from webui.runs import SeveralJobs, in_grid_order, plot_grids, saved_grids, with_z_grid
 from webui.schemas import GeneratedImage, InvalidRequest
 from webui.ui.params import with_labels
 from webui.ui.progress import error_html, notice_html, seconds_html
@@ -61,13 +61,16 @@ class SeveralRuns:
         if (yield from self._in_turn(session, run)):
             yield self._show_all(session, run.images(), run, _left_out_note(run.what, [*unreadable, *run.skipped]))
 
-    def _plot(self, session: Session, plot: Plot, run: SeveralJobs, legend: bool, sub_images: bool) -> Iterator[tuple]:
-        """The X/Y/Z plot (or the prompt matrix): its cells in turn, then the grids (and the cells' images with
-        sub_images, in the grids' order). No grid is drawn from part of a plot."""
+    def _plot(self, session: Session, plot: Plot, run: SeveralJobs, legend: bool, sub_images: bool,
+              sub_grids: bool = False) -> Iterator[tuple]:
+        """The X/Y/Z plot (or the prompt matrix): its cells in turn, then the grids (with a Z axis, the grid of them
+        all, then each Z value's with sub_grids; the cells' images with sub_images, in the grids' order). No grid is
+        drawn from part of a plot."""
         if not (yield from self._in_turn(session, run)):
             return
         made = in_grid_order(plot, run.done)
-        grids = plot_grids(made, plot.axes, legend, plot_params(plot.axes) if run.what == SCRIPT else {})
+        grids = with_z_grid(plot_grids(made, plot.axes, legend, plot_params(plot.axes) if run.what == SCRIPT else {}),
+                            sub_grids)
         shown = saved_grids(grids, self.outputs, self.kind) + (
             [image for _, images in made for image in images] if sub_images else [])
         yield self._show_all(session, shown, run)
