@@ -495,6 +495,12 @@ def test_batch_masks_go_with_the_pictures_of_their_name_or_one_with_all(ui, ui_s
     assert job.request.mask is not None and job.inpainting
 
 
+def test_an_unknown_sub_tab_is_named_not_run_as_another(ui, ui_services):
+    [(session, _, progress, *_)] = inpaint(ui, "inpaint upload", init_image=picture())
+    assert "img2img_mode: unknown sub-tab &#x27;inpaint upload&#x27;; use one of: img2img, Sketch, Inpaint" in progress
+    assert session.job_id is None
+
+
 def test_batch_without_pictures_or_with_none_readable_says_which_and_runs_nothing(ui, ui_services, tmp_path):
     before = len(ui_services.worker.waiting_jobs())
     [(session, _, progress, *_)] = inpaint(ui, "Batch", batch_pictures=[])

@@ -43,7 +43,7 @@ from webui.ui.cards import (CardPictures, card_gallery, edited_metadata, metadat
 from webui.ui.controlnet import controlnet_section, request_fields as controlnet_fields
 from webui.ui.params import (NO_REFINER, SAME_SAMPLER, SAME_SCHEDULE, SETTINGS_SOURCE, TAB_FIELDS, schedules_of,
                              with_labels)
-from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
+from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, IMG2IMG_MODES, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
                                batch_uploads, inpainting_settings, on_open_subtab, open_picture, outpainting_start,
                                folder_pictures, output_folder, picture_inputs, read_upload, start_pictures)
 from webui.runs import (SeveralJobs, Submission, found_models, line_run, loopback_run, plot_run,
@@ -216,6 +216,9 @@ class GenerationActions(SeveralRuns):
                         "hr_checkpoint_name": hr_checkpoint_name,  # "Use same checkpoint" reads as none
                         "token_merging_ratio_hr": token_merging_ratio_hr or 0.0}
         try:
+            if self.kind == "img2img" and img2img_mode not in IMG2IMG_MODES:  # a raw API call's, mistyped
+                raise InvalidRequest(f"img2img_mode: unknown sub-tab {str(img2img_mode)[:100]!r}; use one of: "
+                                     f"{', '.join(IMG2IMG_MODES)}")
             request |= overridden_settings(override_settings)
             batch = self.kind == "img2img" and img2img_mode == BATCH
             loopback, sd_upscale = (switch and self.kind == "img2img" for switch in (loopback, sd_upscale))
