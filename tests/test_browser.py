@@ -379,14 +379,14 @@ def test_png_info_reads_a_stable_diffusion_webui_png(page, tmp_path):
     playwright_api.expect(page.locator("#txt2img_seed input")).to_have_value("42")
     playwright_api.expect(page.locator("#txt2img_sampler input")).to_have_value("DPM++ 2M")
     playwright_api.expect(page.locator("#txt2img_scheduler input")).to_have_value("Karras")
-    # Karras was not in Euler a's Schedule type list; it is in DPM++ 2M's, and Generate takes it.
+    # Karras is in DPM++ 2M's Schedule type list, and Generate takes it.
     for name, value in (("txt2img_steps", 2), ("txt2img_width", 64), ("txt2img_height", 64)):
         set_number(page, name, value)
     page.click("#txt2img_generate")
     expect_text(page, "#txt2img_time", r"Time taken")
     playwright_api.expect(page.locator("#txt2img_infotext textarea")).to_have_value(
         re.compile(r"Sampler: DPM\+\+ 2M, Schedule type: Karras,"))
-    choose(page, "txt2img_sampler", "Euler a")  # the list follows the sampler
+    choose(page, "txt2img_sampler", "DDIM")  # the list follows the sampler
     playwright_api.expect(page.locator("#txt2img_scheduler input")).to_have_value("Automatic")
     options = open_list(page, "txt2img_scheduler")
     playwright_api.expect(options).to_have_count(2)
@@ -453,6 +453,25 @@ def test_png_info_send_keeps_the_sampler_and_warns_about_a_schedule_we_lack(page
     # DPM++ 2M's own schedule type, which Automatic stands for
     playwright_api.expect(page.locator("#txt2img_scheduler input")).to_have_value("Karras")
     expect_text(page, "body", "Schedule type not applied: unknown schedule type 'Linear Quadratic'")
+
+
+def test_a_style_saved_elsewhere_since_the_page_opened_is_offered_when_the_list_opens(page, app_server):
+    styles_file = app_server.outdir / "styles.csv"
+    before = styles_file.read_bytes() if styles_file.exists() else None
+    options = open_list(page, "txt2img_styles")
+    page.keyboard.press("Escape")
+    assert "From another page" not in options.all_inner_texts()
+    styles_file.parent.mkdir(parents=True, exist_ok=True)
+    styles_file.write_text("name,prompt,negative_prompt\nFrom another page,\"{prompt}, in oil\",\n", encoding="utf-8")
+    try:
+        page.locator("#txt2img_prompt textarea").click()  # away, then the list again
+        options = open_list(page, "txt2img_styles")
+        playwright_api.expect(options.filter(has_text="From another page")).to_have_count(1)
+    finally:
+        if before is None:
+            styles_file.unlink()
+        else:
+            styles_file.write_bytes(before)
 
 
 def test_the_history_highlight_follows_the_selected_image_when_new_ones_push_it_along(page):

@@ -535,12 +535,17 @@ class GenerationActions(SeveralRuns):
         names = self.style_names()
         return gr.update(choices=names, value=[each for each in picked or [] if each in names])
 
+    def styles_list(self) -> dict:
+        """The Styles list as the styles file has it now; the picks left as they are (a pick made while this answer
+        was on its way must not be undone)."""
+        return gr.update(choices=self.style_names())
+
     def file_lists(self) -> tuple:
         """The Styles, LoRA, Embedding and upscaler lists, the LoRA and embedding cards, and the Hypernetwork list
         and cards, as they are now (the page may be older than a save or a file)."""
         # The LoRA and hypernetwork folders are read again here; embeddings only between jobs (↻), so those are the
         # last read.
-        return (gr.update(choices=self.style_names()),
+        return (self.styles_list(),
                 gr.update(choices=[entry.name for entry in self.engine.loras.refresh()]),
                 gr.update(choices=self.embedding_names()),
                 gr.update(choices=self.upscaler_names()),
@@ -1243,6 +1248,8 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                        **_api(kind, "add_hypernetwork"), show_progress="hidden")
     apply_styles.click(actions.apply_styles, inputs=[prompt, negative, styles], outputs=[prompt, negative, styles],
                        **_api(kind, "apply_styles"), show_progress="hidden")
+    # Another page may have saved a style since this one was built (or the file was edited): read as the list opens.
+    styles.focus(actions.styles_list, outputs=[styles], api_visibility="private", show_progress="hidden")
     style_edits = [save_style.click(actions.save_style, inputs=[style_name, prompt, negative], outputs=[styles],
                                     **_api(kind, "save_style"), show_progress="hidden"),
                    delete_style.click(actions.delete_style, inputs=[style_name, styles], outputs=[styles],
