@@ -155,6 +155,24 @@ def test_save_incomplete_images_saves_what_interrupt_and_skip_cut_short(services
     assert skipped.grid_path is None  # one finished picture: no grid, as before
 
 
+def test_an_interrupted_run_keeps_the_grid_of_the_pictures_it_finished(services, monkeypatch):
+    """As A1111's, whose grid is made of the pictures a run made before its Interrupt."""
+    from webui.worker import Worker
+
+    run_batch = Worker._run_batch
+
+    def interrupted_after_two(self, job, batch, pace):
+        run_batch(self, job, batch, pace)
+        if batch == 1:
+            job.cancel_event.set()  # an Interrupt between the second and the third batch
+
+    monkeypatch.setattr(Worker, "_run_batch", interrupted_after_two)
+    job = services.worker.submit(QUICK | {"n_iter": 3, "seed": 40, "save_images": True})
+    assert job.wait(60) and job.state is JobState.CANCELLED
+    assert [image.seed for image in job.images] == [40, 41]
+    assert job.grid_path and Path(job.grid_path).exists() and job.grid.size == (128, 64)
+
+
 def test_a_job_cancelled_as_the_worker_takes_it_loads_no_model(services, monkeypatch):
     from webui.worker import Job
     from webui.schemas import parse_request

@@ -802,13 +802,15 @@ class Worker:
             self._upscale_in_tiles(job)
             return
         pace = StepPace()
-        for batch in range(job.request.n_iter):
-            if job.cancel_event.is_set():
-                raise JobCancelled
-            self._run_batch(job, batch, pace)
-        finished = [image for image in job.images if not image.unfinished]  # a Skip leaves one unfinished
-        if len(finished) > 1 and job.request.save_images:  # only a saved grid is shown or returned
-            self._save_grid(job, finished)
+        try:
+            for batch in range(job.request.n_iter):
+                if job.cancel_event.is_set():
+                    raise JobCancelled
+                self._run_batch(job, batch, pace)
+        finally:  # an Interrupt too: as A1111's, the grid of the pictures made before it
+            finished = [image for image in job.images if not image.unfinished]  # a Skip leaves one unfinished
+            if len(finished) > 1 and job.request.save_images:  # only a saved grid is shown or returned
+                self._save_grid(job, finished)
 
     def _prepare(self, job: Job) -> None:
         """The job's model, its seeds (one per image) and its progress before the first step."""
