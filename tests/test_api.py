@@ -122,6 +122,9 @@ def test_a_pasted_infotext_brings_its_seed_resize_and_tiling_back_and_makes_the_
     assert json.loads(again.json()["info"])["infotexts"][0] == text
     assert np.array_equal(np.asarray(png(again.json()["images"][0])), np.asarray(png(made.json()["images"][0])))
     # a body's own fields win over the infotext's
+    one_side = client.post("/sdapi/v1/txt2img", json={"infotext": text, "seed_resize_from_w": 256})
+    assert one_side.status_code == 200, one_side.text  # the pair is the body's then (one side alone: off)
+    assert "Seed resize from" not in json.loads(one_side.json()["info"])["infotexts"][0]
     plain = client.post("/sdapi/v1/txt2img", json={"infotext": text, "tiling": False, "seed_resize_from_w": -1,
                                                       "seed_resize_from_h": -1})
     plain_text = json.loads(plain.json()["info"])["infotexts"][0]
@@ -303,6 +306,8 @@ def test_a_hires_schedule_type_its_sampler_cannot_follow_runs_as_automatic_as_th
         "hr_scheduler: DDIM cannot follow the Karras schedule here; it ran with Automatic"]
     alone = client.post("/sdapi/v1/txt2img", json=body | {"sampler_name": "DDIM", "hr_scheduler": "Karras"})
     assert alone.status_code == 200 and "hr_scheduler: DDIM cannot follow" in alone.json()["info"]
+    combined = client.post("/sdapi/v1/txt2img", json=body | {"hr_sampler_name": "DDIM Karras"})  # an old name
+    assert combined.status_code == 200 and "hr_scheduler: DDIM cannot follow the Karras" in combined.json()["info"]
     automatic = client.post("/sdapi/v1/txt2img", json=body | {"hr_sampler_name": "DDIM"})
     assert automatic.json()["images"] == both.json()["images"]  # the same run
     for extra, field in (({"hr_scheduler": "Sideways"}, "hr_scheduler: "),

@@ -1378,6 +1378,11 @@ def test_styles_are_applied_saved_and_deleted_from_the_page(ui, ui_services):
         assert img2img_list(["Film", "Gone"]) == {"__type__": "update", "choices": ["Film"], "value": ["Film"]}
         assert delete("Film", ["Film"]) == {"__type__": "update", "choices": [], "value": []}
         assert img2img_list(["Film"]) == {"__type__": "update", "choices": [], "value": []}  # picked there: dropped
+        # As the list opens it is read again; a pick whose style is gone stays offered (Gradio would refuse it at
+        # Generate with a raw message; the worker says "no style named" instead), and no pick is changed.
+        listed = event(ui, "styles_list")
+        save("Oil", "{prompt}, in oil", "")
+        assert listed(["Gone"]) == {"__type__": "update", "choices": ["Oil", "Gone"]}
         with pytest.raises(gr.Error, match="No style is named 'Film'"):
             delete("Film", [])
     finally:

@@ -495,6 +495,22 @@ def test_batch_masks_go_with_the_pictures_of_their_name_or_one_with_all(ui, ui_s
     assert job.request.mask is not None and job.inpainting
 
 
+def test_a_run_refused_at_its_second_picture_says_so_with_that_pictures_number(ui, ui_services, tmp_path,
+                                                                                monkeypatch):
+    paths = [saved(tmp_path, f"{name}.png", picture(colour, (64, 64))) for name, colour in (("a", "red"), ("b", "blue"))]
+    submit, calls = ui_services.worker.submit, []
+
+    def second_refused(request, **kwargs):
+        calls.append(request)
+        if len(calls) == 2:
+            raise InvalidRequest("steps: refused for the test")
+        return submit(request, **kwargs)
+
+    monkeypatch.setattr(ui_services.worker, "submit", second_refused)
+    *_, (_, _, progress, *_) = inpaint(ui, "Batch", batch_pictures=paths)
+    assert "Batch: picture 2 of 2" in progress and "Sampling steps: refused for the test" in progress, progress
+
+
 def test_an_unknown_sub_tab_is_named_not_run_as_another(ui, ui_services):
     [(session, _, progress, *_)] = inpaint(ui, "inpaint upload", init_image=picture())
     assert "img2img_mode: unknown sub-tab &#x27;inpaint upload&#x27;; use one of: img2img, Sketch, Inpaint" in progress
@@ -529,6 +545,24 @@ def test_batch_leaves_out_the_pictures_it_cannot_read_runs_the_others_and_says_w
     assert len(gallery) == 2 and "2 pictures left out, as they could not be read" in progress, progress
     assert "could not read b.png as an image" in progress and "d.png" in progress
     assert any("Batch: picture 2 of 3" in str(update[2]) for update in running)  # a, c, d: b is left out first
+    assert "Batch: could not read b.png" not in progress  # the note says Batch once
+    # The mask of a picture left out is not read; one of a picture that runs is, and named as a mask.
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / "b.png").write_bytes(b"not a mask either")
+    for name in ("a", "c", "d"):
+        saved(masks, f"{name}.png", Image.new("L", (64, 64), 255))
+    *_, (_, gallery, progress, *_) = inpaint(ui, "Batch", batch_input_dir=str(folder), batch_mask_dir=str(masks))
+    assert len(gallery) == 2 and "2 pictures left out" in progress, progress
+    (masks / "c.png").write_bytes(b"broken")
+    [(_, _, progress, *_)] = inpaint(ui, "Batch", batch_input_dir=str(folder), batch_mask_dir=str(masks))
+    assert "Batch mask: could not read c.png as an image" in progress, progress
+    # Every picture failing as its turn comes is an error, as when none can be read before the run.
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "d.png").write_bytes(whole.getvalue()[:-200])
+    [*_, (_, gallery, progress, *_)] = inpaint(ui, "Batch", batch_input_dir=str(cut))
+    assert "dw-error" in progress and "d.png" in progress and is_skip(gallery), progress
 
 
 def test_a_batch_picture_past_pils_own_limit_is_called_too_large(tmp_path, monkeypatch):

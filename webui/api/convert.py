@@ -64,8 +64,9 @@ _UNSUPPORTED = (
 _INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed",
                     "subseed", "subseed_strength", "width", "height", "refiner_checkpoint", "refiner_switch_at")
 _IMG2IMG_INFOTEXT_FIELDS = _INFOTEXT_FIELDS + ("denoising_strength", "image_cfg_scale")
-# body fields whose own defaults stand for "none given" (0 or -1, false): an infotext fills them where unsent
-_PASTED_BODY_FIELDS = ("seed_resize_from_w", "seed_resize_from_h", "tiling")
+# body fields whose own defaults stand for "none given" (0 or -1, false): an infotext fills each group where the body
+# sends none of it
+_PASTED_BODY_FIELDS = (("seed_resize_from_w", "seed_resize_from_h"), ("tiling",))
 # A1111's options that are request fields here, by their infotext keys: a field or override_settings gives one,
 # else the `infotext` (option_fields)
 _OPTION_KEYS = {"s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps", "skip_early_cond": "Skip Early CFG",
@@ -173,8 +174,9 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         **dict(zip(("seed_resize_from_w", "seed_resize_from_h"),
                    a1111_seed_resize(req.seed_resize_from_w, req.seed_resize_from_h))),
     }
-    # an infotext's seed resize and tiling, as A1111's paste fields fill them, where the body sets none
-    data |= {name: pasted[name] for name in _PASTED_BODY_FIELDS if name in pasted and name not in req.model_fields_set}
+    # an infotext's seed resize (both sides, where the body sets neither) and tiling, as A1111's paste fields fill them
+    data |= {name: pasted[name] for group in _PASTED_BODY_FIELDS if not set(group) & req.model_fields_set
+             for name in group if name in pasted}
     if img2img:
         data["resize_mode"] = 0 if req.resize_mode is None else req.resize_mode
         # A1111's setting, by override_settings as A1111 takes it
@@ -325,15 +327,18 @@ def hires_fields(req: Txt2ImgRequest, sampler: str) -> tuple[dict[str, Any], lis
               "hr_prompt": req.hr_prompt or None, "hr_negative_prompt": req.hr_negative_prompt or None,
               "hr_checkpoint_name": None if req.hr_checkpoint_name in _SAME else req.hr_checkpoint_name}
     refused, notes = [], []
-    if fields["hr_scheduler"] is not None:
-        try:
-            *_, note = sampler_and_schedule(fields["hr_sampler_name"] or sampler, fields["hr_scheduler"])
+    hires_sampler, hires_schedule = fields["hr_sampler_name"], fields["hr_scheduler"]
+    if hires_schedule is not None or (hires_sampler is not None and split_sampler_name(hires_sampler)[1]):
+        try:  # a schedule type asked for (also by an old combined name, "DDIM Karras")
+            ran_sampler, ran_schedule, note = sampler_and_schedule(hires_sampler or sampler, hires_schedule)
         except ValueError as err:
             refused.append(f"hr_{err}")  # its field: hr_scheduler, or hr_sampler_name
             fields["hr_sampler_name"] = fields["hr_scheduler"] = None  # so the schema check reports only the rest
         else:
+            fields["hr_scheduler"] = ran_schedule
+            if hires_sampler is not None:
+                fields["hr_sampler_name"] = ran_sampler
             if note:
-                fields["hr_scheduler"] = "Automatic"
                 notes.append(f"hr_{note}")
     return fields, refused, notes
 

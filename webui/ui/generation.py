@@ -483,7 +483,7 @@ class GenerationActions(SeveralRuns):
         return size_from_image(picture)
 
     def schedules_for(self, sampler_name: str, schedule: str):
-        """The Schedule type list of this sampler only (Euler a cannot follow Karras): a pair Generate would
+        """The Schedule type list of this sampler only (DDIM cannot follow Karras): a pair Generate would
         refuse cannot be picked. The schedule type stays when the new sampler can follow it."""
         try:
             choices = schedules_of(sampler_name)
@@ -535,10 +535,12 @@ class GenerationActions(SeveralRuns):
         names = self.style_names()
         return gr.update(choices=names, value=[each for each in picked or [] if each in names])
 
-    def styles_list(self) -> dict:
-        """The Styles list as the styles file has it now; the picks left as they are (a pick made while this answer
+    def styles_list(self, picked: list[str] | None = None) -> dict:
+        """The Styles list as the styles file has it now, with the picks it no longer has (Gradio would refuse them at
+        Generate; the worker says which style is gone); the picks left as they are (a pick made while this answer
         was on its way must not be undone)."""
-        return gr.update(choices=self.style_names())
+        names = self.style_names()
+        return gr.update(choices=names + [each for each in picked or [] if each not in names])
 
     def file_lists(self) -> tuple:
         """The Styles, LoRA, Embedding and upscaler lists, the LoRA and embedding cards, and the Hypernetwork list
@@ -1249,7 +1251,8 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     apply_styles.click(actions.apply_styles, inputs=[prompt, negative, styles], outputs=[prompt, negative, styles],
                        **_api(kind, "apply_styles"), show_progress="hidden")
     # Another page may have saved a style since this one was built (or the file was edited): read as the list opens.
-    styles.focus(actions.styles_list, outputs=[styles], api_visibility="private", show_progress="hidden")
+    styles.focus(actions.styles_list, inputs=[styles], outputs=[styles], api_visibility="private",
+                 show_progress="hidden")
     style_edits = [save_style.click(actions.save_style, inputs=[style_name, prompt, negative], outputs=[styles],
                                     **_api(kind, "save_style"), show_progress="hidden"),
                    delete_style.click(actions.delete_style, inputs=[style_name, styles], outputs=[styles],

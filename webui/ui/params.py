@@ -384,7 +384,7 @@ def _apply_sampler(fields: dict[str, Any]) -> str | None:
     try:
         fields["scheduler"] = resolve_sampler(sampler, schedule or "Automatic")[1]
     except ValueError as err:
-        # A1111 allows pairs we refuse (Euler a with Karras) and has schedules we lack (Normal, Uniform).
+        # A1111 allows pairs we refuse (DDIM with Karras: it ignores the schedule type there).
         fields["scheduler"] = implied
         return f"Schedule type not applied: {err}. Using {implied} with {fields['sampler_name']}."
     return None

@@ -289,8 +289,6 @@ def batch_uploads(pictures: list[str] | None, masks: list[str] | None
         raise InvalidRequest(NO_BATCH)
     if len(pictures) > MAX_BATCH_PICTURES:
         raise InvalidRequest(f"Batch: {len(pictures)} pictures; send at most {MAX_BATCH_PICTURES} at once")
-    for path in masks:
-        read_upload(path, "Batch", header_only=True)
     readable, unreadable = [], []
     for path in pictures:
         try:
@@ -301,7 +299,10 @@ def batch_uploads(pictures: list[str] | None, masks: list[str] | None
     if not readable:
         raise InvalidRequest(unreadable[0] if len(unreadable) == 1 else
                              f"Batch: none of the {len(unreadable)} pictures can be read ({unreadable[0]})")
-    return _with_masks(readable, masks), unreadable
+    pairs = _with_masks(readable, masks)
+    for mask in dict.fromkeys(mask for _, mask in pairs if mask):  # those of the pictures that run, each once
+        read_upload(mask, "Batch mask", header_only=True)
+    return pairs, unreadable
 
 
 def _with_masks(pictures: list[str], masks: list[str]) -> list[tuple[str, str | None]]:

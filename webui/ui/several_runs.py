@@ -39,7 +39,7 @@ class SeveralRuns:
                 for update in self._follow(session, job):  # its progress (an HTML text, or a skip) under the note
                     yield (*update[:2], note() + update[2], *update[3:]) if isinstance(update[2], str) else update
         except (InvalidRequest, QueueFull, WorkerStopped) as err:
-            yield session, gr.skip(), notice_html(f"{run.what}: picture {run.turns_taken} of {count}") + \
+            yield session, gr.skip(), notice_html(f"{run.what}: picture {run.turns_taken + 1} of {count}") + \
                 error_html(with_labels(str(err))), gr.update(visible=False), gr.skip(), ""
             return False
         if not run.finished and len(run.done) == len(run.jobs):  # Interrupt came between two jobs
@@ -58,8 +58,15 @@ class SeveralRuns:
         """img2img's Batch and Loopback, or prompts from a list: the runs in turn, then all their images. `unreadable`:
         why each picture left out before the run could not be read (Batch), said at its end with those left out
         during it."""
-        if (yield from self._in_turn(session, run)):
-            yield self._show_all(session, run.images(), run, _left_out_note(run.what, [*unreadable, *run.skipped]))
+        if not (yield from self._in_turn(session, run)):
+            return
+        left_out = [*unreadable, *run.skipped]
+        if not run.jobs:  # every picture failed as its turn came: as when none can be read before the run
+            message = left_out[0] if len(left_out) == 1 else (
+                f"{run.what}: none of the {len(left_out)} pictures can be read ({left_out[0].removeprefix(run.what + ': ')})")
+            yield session, gr.skip(), error_html(message), gr.update(visible=False), gr.skip(), ""
+            return
+        yield self._show_all(session, run.images(), run, _left_out_note(run.what, left_out))
 
     def _plot(self, session: Session, plot: Plot, run: SeveralJobs, legend: bool, sub_images: bool,
               sub_grids: bool = False) -> Iterator[tuple]:
@@ -80,6 +87,7 @@ def _left_out_note(what: str, reasons: list[str]) -> str:
     """A notice of the pictures a run left out because they could not be read, and why; "" where none was."""
     if not reasons:
         return ""
+    reasons = [reason.removeprefix(f"{what}: ") for reason in reasons]
     shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
     return notice_html(f"{what}: {len(reasons)} picture{'s' if len(reasons) > 1 else ''} left out, as they could "
                        f"not be read: {shown}")
