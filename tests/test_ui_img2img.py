@@ -665,10 +665,16 @@ def test_a_batch_output_directory_that_cannot_be_written_is_refused_before_the_b
     finally:
         locked.chmod(0o700)
     assert list(locked.iterdir()) == [] and len(ui_services.worker.waiting_jobs()) == waiting
-    # One not there yet is made, as A1111 makes it.
+    # One not there yet is made, as A1111 makes it: with its first picture, not by a run refused before any
+    *_, (_, _, progress, *_) = inpaint(ui, "Batch", batch_input_dir=str(folder), cfg_scale=99,
+                                       batch_output_dir=str(tmp_path / "new" / "out"))
+    assert "dw-error" in progress and not (tmp_path / "new").exists(), progress
     *_, (_, gallery, progress, *_) = inpaint(ui, "Batch", batch_input_dir=str(folder),
                                              batch_output_dir=str(tmp_path / "new" / "out"))
     assert len(gallery) == 1 and [path.name for path in (tmp_path / "new" / "out").iterdir()] == ["a.png"]
+    [(_, _, progress, *_)] = inpaint(ui, "Batch", batch_input_dir=str(folder),
+                                     batch_output_dir=str(tmp_path / "file.txt" / "out"))
+    assert "is a file on this machine" in progress, progress
     monkeypatch.setattr(ui.img2img.actions, "reads_server_folders", False)
     upload = [saved(tmp_path, "c.png", picture("green", (64, 64)))]
     [(session, _, progress, *_)] = inpaint(ui, "Batch", batch_pictures=upload, batch_output_dir=str(tmp_path))

@@ -63,6 +63,7 @@ class NamedCopy:
     named after the picture the run started from (its file name without the extension)."""
     folder: Path
     stem: str
+    make_folder: bool = False  # not there when the batch started: made with the first picture (else gone: refused)
 
 
 class OutputStore:
@@ -203,6 +204,8 @@ class OutputStore:
         options = options or self.options.current()
         texts = kept_texts({"parameters": infotext}, options)
         file_format = _usable_format(image, options.samples_format, texts)
+        if copy.make_folder:  # an Output directory not there yet, as A1111 makes it
+            copy.folder.mkdir(parents=True, exist_ok=True)
         temp = copy.folder / f".partial-{uuid.uuid4().hex}.{file_format}"
         try:
             with _create_new(temp) as handle:

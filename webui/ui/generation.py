@@ -282,10 +282,11 @@ class GenerationActions(SeveralRuns):
                                                            float(loopback_final_strength), loopback_curve, picture,
                                                            mask_picture, loopback_interrogation or "None"))
             elif batch:
+                new_folder = copy_folder is not None and not copy_folder.exists()  # made with its first picture
                 batch_run = SeveralJobs([
                     Submission(request, partial(read_upload, path, "Batch"),
                                partial(read_upload, mask_path, "Batch") if mask_path else None, scale,
-                               NamedCopy(copy_folder, Path(path).stem) if copy_folder else None)
+                               NamedCopy(copy_folder, Path(path).stem, new_folder) if copy_folder else None)
                     for path, mask_path in uploads], "Batch", skips_unreadable=True)
                 runs = self._several(session, batch_run, unreadable)
             else:

@@ -346,19 +346,19 @@ def folder_pictures(folder: str, label: str, where: str = "Batch") -> list[str]:
 
 
 def output_folder(folder: str, where: str = "Batch") -> Path:
-    """Batch's Output directory: the folder, absolute, made where it is not there yet (as A1111's); InvalidRequest
-    naming what to fix where it is a file or cannot be written to, found before the batch starts."""
+    """Batch's Output directory: the folder, absolute; one not there yet is made with the first picture saved there
+    (as A1111 makes it). InvalidRequest naming what to fix where it (or the folder it would be made in) is a file or
+    cannot be written to, found before the batch starts."""
     shown = repr(folder.strip()[:200])
     try:
         path = Path(folder.strip()).expanduser().absolute()
-        if not path.exists():
-            path.mkdir(parents=True)  # as A1111 makes it
-        if not path.is_dir():
+        existing = next(each for each in (path, *path.parents) if each.exists())  # where it would be made
+        if not existing.is_dir():
             raise InvalidRequest(f"{where}: Output directory {shown} is a file on this machine; give the full path "
                                  "of a folder")
         # Written to, not judged by its permission bits, which a read-only drive or an ACL makes wrong. Linux's
         # temporary file has no name, so nothing shows in the folder even for a moment.
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except (OSError, RuntimeError) as err:  # not writable, a path too long, an unknown ~user
         raise InvalidRequest(f"{where}: Output directory {shown} cannot be written to "
