@@ -2,6 +2,7 @@
 event (webui/ui/extras.py). The REST routes are tested in test_api.py."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from tests.helpers import noise_picture
 # ui_services and ui: test_ui's module fixtures, started again for this module.
-from tests.test_ui import event, generate, through_gradio, ui, ui_services, uploaded  # noqa: F401
+from tests.test_ui import event, generate, is_skip, through_gradio, ui, ui_services, uploaded  # noqa: F401
 from webui.extras import MAX_SIDE, parse_upscale, upscale
 from webui.schemas import InvalidRequest
 from webui.storage.outputs import OutputStore, read_infotext
@@ -187,6 +188,20 @@ def test_batch_from_directory_resizes_a_server_folders_pictures_where_folders_ma
     with Image.open(gallery[0]) as first:  # a.png first, by name
         assert first.size == (32, 32) and np.array_equal(
             np.asarray(first), np.asarray(noise_picture(1, 16, 16).resize((32, 32), Image.Resampling.LANCZOS)))
+    # As A1111's, a file it cannot read is left out and the others are resized; the end says which and why.
+    (folder / "c.png").write_bytes(b"not a picture")
+    cut = io.BytesIO()
+    noise_picture(3, 16, 16).save(cut, format="PNG")
+    (folder / "d.png").write_bytes(cut.getvalue()[:-60])  # its header reads, its pixels end early
+    gallery, message = actions.run(DIRECTORY, None, None, SETTINGS, input_dir=str(folder))
+    assert len(gallery) == 2 and "dw-error" not in message
+    assert "Batch from Directory: 2 left out, as they could not be read: could not read c.png" in message
+    assert "d.png" in message
+    lone = tmp_path / "broken"
+    lone.mkdir()
+    (lone / "c.png").write_bytes(b"not a picture")
+    gallery, message = actions.run(DIRECTORY, None, None, SETTINGS, input_dir=str(lone))
+    assert is_skip(gallery) and "dw-error" in message and "none of its pictures can be read" in message
     _, message = actions.run(DIRECTORY, None, None, SETTINGS, input_dir=str(tmp_path / "nowhere"))
     assert "Batch from Directory: Input directory" in message and "is no folder on this machine" in message
     _, message = actions.run(DIRECTORY, None, None, SETTINGS, input_dir=" ")

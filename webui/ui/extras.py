@@ -63,10 +63,11 @@ class ExtrasActions:
         each. A picture that fails stops the batch there, and says which one and why; those resized before it stay
         shown and saved."""
         unused = _UNUSED_BY_MODE.get(settings.get("resize_mode"), ())
+        left_out: list[str] = []  # Batch from Directory: the files it cannot read, and why (as A1111's, it goes on)
         try:
             upscale_settings = parse_upscale({k: v for k, v in settings.items() if k not in unused}, self.labels)
             self.upscalers.check(upscale_settings)
-            paths = self._folder(input_dir) if subtab == DIRECTORY else self._uploads(subtab, image, batch)
+            paths = self._folder(input_dir, left_out) if subtab == DIRECTORY else self._uploads(subtab, image, batch)
         except InvalidRequest as err:
             return gr.skip(), error_html(str(err))
         shown, unsaved = [], []
@@ -76,11 +77,16 @@ class ExtrasActions:
             try:
                 done = upscale(read_upload(path, subtab), upscale_settings, self.upscalers)
             except InvalidRequest as err:
+                if subtab == DIRECTORY:  # its pixels end early: found only now that it is read whole
+                    left_out.append(str(err))
+                    continue
                 return shown or gr.skip(), error_html(f"{_done_before(len(shown))}{err}")
             except ValueError as err:
                 return shown or gr.skip(), error_html(f"{_done_before(len(shown))}{Path(path).name}: {err}")
             shown.append(self._saved(done, unsaved))
-        return shown, self._summary(done, unsaved)
+        if not shown:
+            return gr.skip(), error_html(f"{DIRECTORY}: none of its pictures can be read ({left_out[0]})")
+        return shown, self._summary(done, unsaved) + _left_out(left_out)
 
     def upscaler_lists(self) -> tuple:
         """Upscaler 1's and 2's lists as they are now: a model upscaler's file may have come since the page was
@@ -101,12 +107,16 @@ class ExtrasActions:
             text = None  # sent all the same: img2img says what is wrong with it
         return picture, request_fields_from_infotext(text) if text else {}
 
-    def _folder(self, input_dir: str | None) -> list[str]:
+    def _folder(self, input_dir: str | None, left_out: list[str]) -> list[str]:
+        """The folder's pictures whose headers read; why each other one cannot be read goes to `left_out`."""
         if not self.server_folders:
             raise InvalidRequest(NO_FOLDERS)
         if not (input_dir or "").strip():
             raise InvalidRequest("Batch from Directory: give the Input directory, a folder of pictures on this machine")
-        return self._checked(folder_pictures(input_dir, "Input directory", DIRECTORY), DIRECTORY)
+        paths = self._checked(folder_pictures(input_dir, "Input directory", DIRECTORY), DIRECTORY, left_out)
+        if not paths:
+            raise InvalidRequest(f"{DIRECTORY}: none of its pictures can be read ({left_out[0]})")
+        return paths
 
     @classmethod
     def _uploads(cls, subtab: str, image: str | UnreadablePicture | None, batch: list[str] | None) -> list[str]:
@@ -121,13 +131,21 @@ class ExtrasActions:
         return [image]
 
     @staticmethod
-    def _checked(paths: list[str], where: str) -> list[str]:
-        """A batch's pictures: not too many, and each a picture (found before any work is done)."""
+    def _checked(paths: list[str], where: str, left_out: list[str] | None = None) -> list[str]:
+        """A batch's pictures: not too many, and each a picture (found before any work is done). With `left_out`, one
+        that is not is left out, and why goes there."""
         if len(paths) > MAX_PICTURES:
             raise InvalidRequest(f"{where}: {len(paths)} pictures; resize at most {MAX_PICTURES} at once")
+        readable = []
         for path in paths:
-            read_upload(path, where, header_only=True)
-        return paths
+            try:
+                read_upload(path, where, header_only=True)
+                readable.append(path)
+            except InvalidRequest as err:
+                if left_out is None:
+                    raise
+                left_out.append(str(err))
+        return readable
 
     def _saved(self, done: Upscaled, unsaved: list[str]) -> Any:
         """The gallery item of a resized picture: its saved file, or the picture itself when it could not be saved
@@ -144,6 +162,15 @@ class ExtrasActions:
         if unsaved:
             return error_html(f"{what} Not saved ({len(unsaved)}): {unsaved[0]}; is the disk full or read-only?")
         return notice_html(what)
+
+
+def _left_out(reasons: list[str]) -> str:
+    """A notice of the files a Batch from Directory left out, and why; "" where none was."""
+    if not reasons:
+        return ""
+    shown = "; ".join(reason.removeprefix(f"{DIRECTORY}: ") for reason in reasons[:5])
+    more = f"; and {len(reasons) - 5} more" if len(reasons) > 5 else ""
+    return notice_html(f"{DIRECTORY}: {len(reasons)} left out, as they could not be read: {shown}{more}")
 
 
 def _done_before(count: int) -> str:
