@@ -448,12 +448,22 @@ def test_flags_win_over_environment_variables():
     assert (s.ckpt, s.port, s.gradio_auth) == ("flag", 8001, [("x", "y")])
     s = parse_settings(["--ckpt", "flag"], environ=env | {"WEBUI_ARGS": "--api --ckpt from-args --no-half-vae"})
     assert s.api and s.no_half_vae and s.ckpt == "flag"
+
     assert parse_settings([], environ=env | {"WEBUI_ARGS": "--ckpt from-args"}).ckpt == "from-args"
     # ~ in a folder flag is the home folder, also where no shell expands it (inside WEBUI_ARGS)
     folders = parse_settings([], environ=env | {"WEBUI_ARGS": "--outdir ~/out --ckpt-dir=~/models"})
     assert (folders.outdir, folders.models_dir) == (Path.home() / "out", Path.home() / "models")
     s = parse_settings([], environ={})
     assert (s.host, s.port, s.ckpt, s.gradio_auth) == ("127.0.0.1", 7860, "sd-emoji-tiny", [])
+
+
+def test_a_gradio_server_port_that_is_no_number_stops_the_start_with_what_to_set(capsys):
+    """Gradio reads it too and failed on it after the model had loaded, with a traceback."""
+    with pytest.raises(SystemExit) as stopped:
+        parse_settings(["--port", "7867"], environ={"GRADIO_SERVER_PORT": "abc"})
+    assert stopped.value.code == 2
+    assert "GRADIO_SERVER_PORT='abc' is not a port number; set a number such as 7860, or unset it" in \
+        capsys.readouterr().err
 
 
 def test_a_bad_secret_is_reported_without_being_shown(capsys):

@@ -412,7 +412,10 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
     """Flags (argv, default sys.argv[1:]) over environment variables (environ, default os.environ)."""
     environ = os.environ if environ is None else environ
     parser = build_parser()
-    env_defaults = environment_defaults(environ)
+    try:
+        env_defaults = environment_defaults(environ)
+    except ValueError as err:
+        parser.error(str(err))
     ckpt_dir_env = env_defaults.pop("models_dir", None)  # applied below, so that --models-dir beats it
     parser.set_defaults(**env_defaults)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -552,8 +555,9 @@ def environment_defaults(environ: Mapping[str, str]) -> dict:
     if port:
         try:
             defaults["port"] = int(port)
-        except ValueError:
-            log.warning("GRADIO_SERVER_PORT=%r is not a port number; ignoring it", port)
+        except ValueError:  # Gradio reads it too, and fails on it later: said now, before any model loads
+            raise ValueError(f"GRADIO_SERVER_PORT={port[:50]!r} is not a port number; set a number such as 7860, "
+                             "or unset it") from None
     if on_spaces(environ):
         storage = spaces_outdir()
         if storage is not None:
