@@ -358,6 +358,27 @@ def test_a_picture_that_cannot_be_read_fails_the_run_with_its_name_and_leaves_th
     assert torch.load(services.settings.embeddings_folder / "broken.pt", weights_only=True)["step"] == 0
 
 
+def test_a_file_that_cannot_be_written_is_said_in_words_and_logged(services, dataset, monkeypatch, caplog):
+    """torch.save's own message for a full disk ("basic_ios::clear: iostream error") says nothing of what to do."""
+    from webui import training
+
+    create(services, "full")
+
+    def disk_full(engine, plan, run):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0: basic_ios::clear: "
+                           "iostream error")
+
+    monkeypatch.setitem(training.TRAINERS, "embedding", disk_full)
+    run = TrainingRun(plan_training(train_fields(dataset, "full"), services.settings))
+    with caplog.at_level("ERROR", logger="webui.training"), pytest.raises(RuntimeError):
+        services.worker.train(run).result(60)
+    assert run.state == "failed" and "is the disk full, or the folder read-only?" in run.error
+    assert any(record.exc_info and "training full failed" in record.getMessage() for record in caplog.records)
+    assert training._failure_text(OSError(28, "No space left on device", "/out/full.pt")) == (
+        "could not write or read a file (/out/full.pt): No space left on device; free some disk space or make the "
+        "folder writable")
+
+
 def test_a_run_that_fails_after_a_preview_leaves_the_prompts_reading_the_file_as_it_was(services, dataset):
     """A preview puts the vectors being trained into the token table; a run that then fails writes no file, so the
     table must read as the file again, and a picture of the embedding be the one it was before the run."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import logging
 import os
 import re
 import threading
@@ -35,6 +36,8 @@ from webui.schemas import MAX_SIZE, MIN_SIZE, GenerationRequest, InvalidRequest
 from webui.storage.infotext import PROGRAM, build_infotext
 from webui.storage.outputs import image_bytes, resolve_inside
 from webui.zerogpu import zerogpu_requested
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "style_filewords.txt"  # A1111's default pick
 DEFAULT_LOG_DIRECTORY = "textual_inversion"  # A1111's, for both; here inside the outputs folder
@@ -252,6 +255,21 @@ QUEUED, PREPARING, TRAINING = "queued", "preparing", "training"
 DONE, INTERRUPTED, FAILED = "done", "interrupted", "failed"
 
 
+# What torch.save's C++ writer says when a file cannot be written (a full disk, a read-only folder)
+_WRITE_FAILURES = ("iostream error", "PytorchStreamWriter failed", "file write failed")
+
+
+def _failure_text(err: Exception) -> str:
+    """What a failed training says on the page: a file that could not be written in words that say what to do."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f" ({err.filename})" if err.filename else ""
+        return f"could not write or read a file{where}: {err.strerror}; free some disk space or make the folder writable"
+    text = str(err) or type(err).__name__
+    if any(failure in text for failure in _WRITE_FAILURES):
+        return (f"could not write the training's files (is the disk full, or the folder read-only?): {text}")
+    return text
+
+
 @dataclass(eq=False)
 class TrainingRun:
     """One training run: queued on the worker (Worker.train), which runs it; the page and /progress read
@@ -291,7 +309,9 @@ class TrainingRun:
             self._model = (model.short_hash, model.entry.name)
             self.outcome = TRAINERS[self.plan.kind](engine, self.plan, self)
         except Exception as err:
-            self.error = str(err) or type(err).__name__
+            self.error = _failure_text(err)
+            if not isinstance(err, InvalidRequest):  # the user's to fix, said whole in the message
+                log.exception("training %s failed", self.plan.name)
             self._end(FAILED)
             raise
         self._end(INTERRUPTED if self.outcome.stopped else DONE)
