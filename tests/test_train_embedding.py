@@ -331,10 +331,37 @@ def test_the_train_tab_creates_and_trains(services, dataset):
     tab.actions.interrupt(again)
     *_, last = resumed
     assert "Training interrupted at" in last[3] and first.run.outcome.stopped
+    # A page opened anew (another browser tab, the page closed and opened again) follows a training whose page went
+    # away, and can stop it: else it would hold the queue until it ends. Not on a server open to anyone.
+    closed = TrainSession(tab="closed")
+    following = tab.actions.train(closed, *((values | {"steps": 100000})[name] for name in tab.fields))
+    next(following)
+    wait_for(lambda: closed.run.status is not None, what="the closed page's training")
+    following.close()
+    shared = dataclasses.replace(services, settings=dataclasses.replace(services.settings, share=True))
+    stranger = TrainSession()
+    assert list(build_train_tab_actions(shared, tab).resume(stranger, "a-stranger")) == [
+        (stranger, gr.skip(), gr.skip(), gr.skip())] and stranger.run is None
+    newcomer = TrainSession()
+    resumed = tab.actions.resume(newcomer, "a-new-tab")
+    next(resumed)
+    assert newcomer.run is closed.run
+    tab.actions.interrupt(newcomer)
+    *_, last = resumed
+    assert "Training interrupted at" in last[3] and closed.run.outcome.stopped
     locked = dataclasses.replace(services, settings=dataclasses.replace(services.settings, hide_ui_dir_config=True))
     with gr.Blocks():
         hidden = build_train_tab(locked)
     assert hidden.train.interactive is False and hidden.fields["data_root"].interactive is False
+
+
+def build_train_tab_actions(services, tab):
+    """The tab's actions with the same runs, on other services (settings)."""
+    from webui.ui.train import TrainActions
+
+    actions = TrainActions(services)
+    actions.runs = tab.actions.runs
+    return actions
 
 
 def test_a_batch_whose_prompts_never_name_the_embedding_trains_nothing_and_fails_nothing(services, dataset):

@@ -152,10 +152,15 @@ class TrainActions:
             yield session, gr.skip(), gr.skip(), _result_html(run)
 
     def resume(self, session: TrainSession, tab: str | None) -> Iterator[tuple]:
-        """A page (re)loaded in a browser tab whose training is still queued or running follows it again."""
+        """A page (re)loaded in a browser tab whose training is still queued or running follows it again. On a server
+        not open to anyone (this machine, or behind a login), a page opened anew follows the page's training that
+        runs too, and its Interrupt stops it, as in A1111: a run whose page was closed would otherwise hold the queue
+        until it ends."""
         session.tab = tab or ""
-        run = next((run for run in list(self.runs) if session.owner and run.owner == session.owner
-                    and not run.finished), None)
+        unfinished = [run for run in list(self.runs) if not run.finished]
+        run = next((run for run in unfinished if session.owner and run.owner == session.owner), None)
+        if run is None and not self.services.settings.open_to_anyone:
+            run = next(iter(unfinished), None)
         if run is None:
             yield session, gr.skip(), gr.skip(), gr.skip()
             return
