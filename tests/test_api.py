@@ -1339,3 +1339,27 @@ def test_override_settings_takes_the_prompt_word_wrap_length_limit(client):
     refused = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"comma_padding_backtrack": 75}})
     assert refused.status_code == 422
     assert refused.json()["detail"].startswith("override_settings.comma_padding_backtrack:")
+
+
+def test_the_model_the_server_started_with_from_outside_its_folder_stays_listed_and_can_be_picked_again(
+        models_dir, tmp_path):
+    """As A1111 lists its --ckpt file: after another model, the start model is picked again by its name (it was 'not
+    found in the models folder', and the page's Generate failed on it)."""
+    folder = tmp_path / "models"
+    shutil.copytree(models_dir / TINY, folder / "tiny-b")
+    outside = tmp_path / "elsewhere" / "emoji2"
+    shutil.copytree(models_dir / TINY, outside)
+    started = running_services(folder, tmp_path / "out", ckpt=str(outside))
+    services = next(started)
+    try:
+        with TestClient(create_api_app(services)) as client:
+            assert [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()] == ["tiny-b", "emoji2"]
+            assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200  # a rescan keeps it
+            assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-b"}).status_code == 200
+            assert services.engine.model.entry.name == "tiny-b"
+            assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "emoji2"}).status_code == 200
+            assert services.engine.model.entry.source == str(outside)
+            listed = dataclasses.replace(services.settings, share=True)  # a visitor may pick it too: it is listed
+            assert services.registry.find_listed("emoji2").source == str(outside) and listed.public
+    finally:
+        started.close()

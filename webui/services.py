@@ -66,7 +66,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     services = Services(settings, registry, engine, outputs, history, worker, styles, options)
     if load_model:
         try:
-            worker.load_model(settings.ckpt)
+            registry.keep_listed(worker.load_model(settings.ckpt).entry)
         except (ModelLoadError, ModelNotFound) as err:
             # The app still starts: the user can pick another model in the UI.
             log.error("%s", err)

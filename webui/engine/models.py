@@ -62,6 +62,7 @@ class ModelRegistry:
         self.skipped = skipped  # folders never listed as models: --lora-dir, --embeddings-dir, --vae-dir
         self.hash_cache = Path(hash_cache)
         self._entries: list[ModelEntry] = []
+        self._kept: list[ModelEntry] = []  # listed though not in the folder: the model the server started with
         self._lock = threading.Lock()
         self.refresh()
 
@@ -70,11 +71,20 @@ class ModelRegistry:
         entries = scan_models_dir(self.models_dir, self.skipped)
         with self._lock:
             self._entries = entries
-        return entries
+        return self.entries()
 
     def entries(self) -> list[ModelEntry]:
+        """The models folder's models, then those kept listed (keep_listed)."""
         with self._lock:
-            return list(self._entries)
+            return self._entries + [entry for entry in self._kept if entry not in self._entries]
+
+    def keep_listed(self, entry: ModelEntry) -> None:
+        """List a model from outside the models folder: the one the server started with (--ckpt with a path or a
+        hub id, or the embedded model beside another models folder), so that it can be picked again after another,
+        as A1111 lists its --ckpt file."""
+        with self._lock:
+            if entry not in self._kept:
+                self._kept.append(entry)
 
     def find(self, name: str) -> ModelEntry:
         """Look a model up by name, A1111 title ("name [hash]"), file name, path or hub id."""
