@@ -40,7 +40,7 @@ def test_a1111s_tags_fill_the_pattern(pattern, name):
     ("[datetime<%Y-%m-%d_%H-%M>]", "2026-11-27_09-05"),
     ("[datetime<>]", "20261127090503"),  # an empty format: the default
     ("[datetime<%H:%M><Asia/Tokyo>]", "18_05"),  # 09:05 UTC is 18:05 in Tokyo; ":" cannot be in a file name
-    ("[datetime<%H><No/Such_Zone>]", "20261127090503"),  # an unknown zone: the default format, as A1111
+    ("[datetime<%H><No/Such_Zone>]", "09"),  # an unknown zone: the server's time, in the format given, as A1111
     ("[datetime<%Y/%m>]-[seed]", "2026_11-1234"),  # never a folder
     ("[seed<x>]", "1234"),  # arguments a tag does not take are ignored
 ])
@@ -54,6 +54,9 @@ def test_a_picture_made_alone_has_no_batch_number_nor_the_text_before_it():
     assert file_name_part("[seed]-[batch_number]", alone, NOW) == "3"
     assert file_name_part("[seed] #[batch_number] end", alone, NOW) == "3 end"
     assert file_name_part("[seed]-[cfg]", alone, NOW) == "3-0.0"
+    # [denoising] of a picture made with none (txt2img): the text before it goes too, as A1111's
+    assert file_name_part("[seed]-[denoising]-end", alone, NOW) == "3-end"
+    assert file_name_part("[seed]-[denoising]", NameParts(seed=3, denoising_strength=0.5), NOW) == "3-0.5"
 
 
 def test_long_prompts_are_cut_to_fit_a_file_system_in_bytes_and_hashes_name_them_shortly():

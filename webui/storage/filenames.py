@@ -55,13 +55,16 @@ def _clean(text: str, spaces: bool = True, limit: int | None = MAX_PART_CHARS) -
 
 def _datetime(now: dt.datetime, args: list[str]) -> str:
     """[datetime<format><time zone>], as A1111: strftime's format (the default when empty), in an IANA time zone
-    (the server's when none); a format or zone that cannot be used gives the default format."""
+    (the server's when none, or one not known); a format that cannot be used gives the default format."""
     time_format = args[0] if args and args[0] else DEFAULT_TIME_FORMAT
     try:
         when = now.astimezone(ZoneInfo(args[1])) if len(args) > 1 else now
-        return when.strftime(time_format)
     except (ValueError, TypeError, KeyError, ZoneInfoNotFoundError):
-        return now.strftime(DEFAULT_TIME_FORMAT)
+        when = now
+    try:
+        return when.strftime(time_format)
+    except (ValueError, TypeError):
+        return when.strftime(DEFAULT_TIME_FORMAT)
 
 
 def _words(text: str) -> str:
@@ -91,7 +94,8 @@ _TAGS: dict[str, Callable[[NameParts, dt.datetime, list[str]], str]] = {
     "negative_prompt_hash": lambda p, now, args: _short_hash(p.negative_prompt),
     "full_prompt_hash": lambda p, now, args: _short_hash(f"{p.prompt} {p.negative_prompt}"),
     "clip_skip": lambda p, now, args: str(p.clip_skip),
-    "denoising": lambda p, now, args: "" if p.denoising_strength is None else str(p.denoising_strength),
+    # none (txt2img): the text just before it goes too, as A1111's
+    "denoising": lambda p, now, args: _SKIP_BEFORE if not p.denoising_strength else str(p.denoising_strength),
     # as A1111: counted from 1, and nothing (with the text before it) for a picture made alone
     "batch_number": lambda p, now, args: _SKIP_BEFORE if p.batch_size == 1 else str(p.batch_number + 1),
     "batch_size": lambda p, now, args: str(p.batch_size),
