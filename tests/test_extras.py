@@ -195,7 +195,7 @@ def test_batch_from_directory_resizes_a_server_folders_pictures_where_folders_ma
     (folder / "d.png").write_bytes(cut.getvalue()[:-60])  # its header reads, its pixels end early
     gallery, message = actions.run(DIRECTORY, None, None, SETTINGS, input_dir=str(folder))
     assert len(gallery) == 2 and "dw-error" not in message
-    assert "Batch from Directory: 2 left out, as they could not be read: could not read c.png" in message
+    assert "Batch from Directory: 2 pictures left out, as they could not be read: could not read c.png" in message
     assert "d.png" in message
     lone = tmp_path / "broken"
     lone.mkdir()

@@ -16,7 +16,7 @@ from webui.schemas import InvalidRequest
 from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.outputs import OutputStore, read_infotext
 from webui.ui.pictures import UnreadablePicture, folder_pictures, read_upload, tolerant
-from webui.ui.progress import error_html, notice_html
+from webui.ui.progress import error_html, left_out_html, notice_html
 
 SINGLE, BATCH, DIRECTORY = "Single Image", "Batch Process", "Batch from Directory"
 SINGLE_ID = "single"  # the Single Image sub-tab's id, which the "Send to extras" buttons open
@@ -86,7 +86,7 @@ class ExtrasActions:
             shown.append(self._saved(done, unsaved))
         if not shown:
             return gr.skip(), error_html(f"{DIRECTORY}: none of its pictures can be read ({left_out[0]})")
-        return shown, self._summary(done, unsaved) + _left_out(left_out)
+        return shown, self._summary(done, unsaved) + left_out_html(DIRECTORY, left_out)
 
     def upscaler_lists(self) -> tuple:
         """Upscaler 1's and 2's lists as they are now: a model upscaler's file may have come since the page was
@@ -162,15 +162,6 @@ class ExtrasActions:
         if unsaved:
             return error_html(f"{what} Not saved ({len(unsaved)}): {unsaved[0]}; is the disk full or read-only?")
         return notice_html(what)
-
-
-def _left_out(reasons: list[str]) -> str:
-    """A notice of the files a Batch from Directory left out, and why; "" where none was."""
-    if not reasons:
-        return ""
-    shown = "; ".join(reason.removeprefix(f"{DIRECTORY}: ") for reason in reasons[:5])
-    more = f"; and {len(reasons) - 5} more" if len(reasons) > 5 else ""
-    return notice_html(f"{DIRECTORY}: {len(reasons)} left out, as they could not be read: {shown}{more}")
 
 
 def _done_before(count: int) -> str:

@@ -33,6 +33,17 @@ def notice_html(message: str) -> str:
     return f"<div class='dw-notice'>{html.escape(message)}</div>"
 
 
+def left_out_html(what: str, reasons: list[str]) -> str:
+    """A notice of the pictures a run (`what`: "Batch") left out because they could not be read, and why; "" where
+    none was."""
+    if not reasons:
+        return ""
+    reasons = [reason.removeprefix(f"{what}: ") for reason in reasons]
+    shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
+    return notice_html(f"{what}: {len(reasons)} picture{'s' if len(reasons) > 1 else ''} left out, as they could "
+                       f"not be read: {shown}")
+
+
 def format_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "?"

@@ -14,7 +14,7 @@ import gradio as gr
 from webui.runs import SeveralJobs, in_grid_order, plot_grids, saved_grids, with_z_grid
 from webui.schemas import GeneratedImage, InvalidRequest
 from webui.ui.params import with_labels
-from webui.ui.progress import error_html, notice_html, seconds_html
+from webui.ui.progress import error_html, left_out_html, notice_html, seconds_html
 from webui.ui.session import Session, gallery_items
 from webui.worker import QueueFull, WorkerStopped
 from webui.xyz_plot import SCRIPT, Plot, plot_params
@@ -66,7 +66,7 @@ class SeveralRuns:
                 f"{run.what}: none of the {len(left_out)} pictures can be read ({left_out[0].removeprefix(run.what + ': ')})")
             yield session, gr.skip(), error_html(message), gr.update(visible=False), gr.skip(), ""
             return
-        yield self._show_all(session, run.images(), run, _left_out_note(run.what, left_out))
+        yield self._show_all(session, run.images(), run, left_out_html(run.what, left_out))
 
     def _plot(self, session: Session, plot: Plot, run: SeveralJobs, legend: bool, sub_images: bool,
               sub_grids: bool = False) -> Iterator[tuple]:
@@ -81,13 +81,3 @@ class SeveralRuns:
         shown = saved_grids(grids, self.outputs, self.kind) + (
             [image for _, images in made for image in images] if sub_images else [])
         yield self._show_all(session, shown, run)
-
-
-def _left_out_note(what: str, reasons: list[str]) -> str:
-    """A notice of the pictures a run left out because they could not be read, and why; "" where none was."""
-    if not reasons:
-        return ""
-    reasons = [reason.removeprefix(f"{what}: ") for reason in reasons]
-    shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
-    return notice_html(f"{what}: {len(reasons)} picture{'s' if len(reasons) > 1 else ''} left out, as they could "
-                       f"not be read: {shown}")
