@@ -196,11 +196,15 @@ def test_skip_ends_the_current_batch_and_goes_on(services):
     assert job.grid_path is None and services.history.list_images()[1] == 1
 
 
-def test_a_failing_job_is_marked_and_the_next_one_runs(services):
-    bad = services.worker.submit(QUICK | {"model": "no-such-model"})
-    good = services.worker.submit(QUICK)
-    assert bad.wait(60) and bad.state is JobState.FAILED
+def test_a_failing_job_is_marked_and_the_next_one_runs(services, caplog):
+    with caplog.at_level("WARNING", logger="webui.worker"):
+        bad = services.worker.submit(QUICK | {"model": "no-such-model"})
+        good = services.worker.submit(QUICK)
+        assert bad.wait(60) and bad.state is JobState.FAILED
     assert "no-such-model" in bad.error and "not found" in bad.error
+    # a model that is not there is said in a line of the log, not a traceback (each Generate logged one)
+    said = [record for record in caplog.records if bad.id in record.getMessage()]
+    assert said and not any(record.exc_info for record in said)
     assert good.wait(60) and good.state is JobState.DONE
     assert services.history.get_job(bad.id)["error"] == bad.error
 

@@ -33,6 +33,7 @@ from webui.engine.img2img import (Enlarge, as_rgb, check_picture_size, enlarges,
                                   size_from_image, upright_size)
 from webui.engine.inpaint import Inpainting, prepare_inpainting, read_mask
 from webui.engine.interrogate import INTERROGATE_MODEL
+from webui.engine.loader import ModelLoadError
 from webui.engine.models import ModelEntry, ModelNotFound
 from webui.engine.refiner import SDXL, SDXL_REFINER, kind_of_entry, kind_problem
 from webui.engine.instruct_pix2pix import edit_problem
@@ -757,6 +758,9 @@ class Worker:
             torch.cuda.empty_cache()
             self._finish(job, JobState.FAILED, "out of GPU memory: lower the size or batch size, "
                                                 "or start with --medvram / --lowvram")
+        except (ModelNotFound, ModelLoadError) as err:  # the message says it all: no traceback in the log
+            log.warning("job %s failed: %s", job.id, err)
+            self._finish(job, JobState.FAILED, f"{type(err).__name__}: {err}")
         except Exception as err:
             log.exception("job %s failed", job.id)
             self._finish(job, JobState.FAILED, f"{type(err).__name__}: {err}")
