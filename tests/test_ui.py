@@ -1231,6 +1231,11 @@ def test_a_port_in_use_is_reported_before_any_model_loads(ui_services):
         taken.listen()  # a server is running there
         with pytest.raises(SystemExit, match=f"Cannot serve on 127.0.0.1:{settings.port}.*--port N"):
             check_port_free(settings)
+    # a name that resolves to nothing is said to be one, not a taken port
+    unknown = dataclasses.replace(settings, server_name="no.such.host.invalid")
+    with pytest.raises(SystemExit, match="'no.such.host.invalid' is no address of this machine") as stopped:
+        check_port_free(unknown)
+    assert "another server" not in str(stopped.value)
 
 
 def test_share_without_network_is_a_message_not_a_crash(ui_services, monkeypatch, capsys):

@@ -57,6 +57,10 @@ def check_port_free(settings) -> None:
 
 
 def _port_taken(settings, err: OSError) -> SystemExit:
+    if isinstance(err, socket.gaierror):  # the name, not the port: it names no address of this machine
+        return SystemExit(f"Cannot serve on {settings.host}:{settings.port}: {settings.host!r} is no address of "
+                          f"this machine ({err}). Pass --server-name 0.0.0.0 (every network), 127.0.0.1, or one of "
+                          "this machine's addresses.")
     return SystemExit(f"Cannot serve on {settings.host}:{settings.port} ({err}). "
                       "Is another server using that port? Pass --port N to pick another.")
 
