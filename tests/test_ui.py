@@ -1420,3 +1420,33 @@ def test_the_notification_sound_is_a1111s_file_beside_app_py_where_there_is_one(
         (tmp_path / "bell.mp3").write_bytes(b"ID3")
         sound = notification_sound(tmp_path / "bell.mp3")
     assert (sound.elem_id, sound.visible) == ("audio_notification", "hidden")
+
+
+def test_a_start_model_that_is_nowhere_falls_back_to_the_first_of_the_models_folder(models_dir, tmp_path, caplog):
+    """As A1111 ("Checkpoint ... not found; loading fallback ..."): the server starts ready to generate."""
+    own_models = tmp_path / "models"
+    own_models.mkdir()
+    (own_models / "tiny-b").symlink_to(models_dir / TINY, target_is_directory=True)
+    (own_models / "tiny-a").symlink_to(models_dir / TINY, target_is_directory=True)
+    with caplog.at_level("WARNING", logger="webui.services"):
+        services = build_services(Settings(models_dir=own_models, outdir=tmp_path / "out", device="cpu",
+                                           ckpt=str(tmp_path / "typo.safetensors")))
+    try:
+        assert services.engine.model.entry.name == "tiny-a"
+        said = " ".join(record.getMessage() for record in caplog.records)
+        assert "typo.safetensors" in said and "does not exist" in said and "loading tiny-a instead" in said
+    finally:
+        services.close()
+
+
+def test_a_start_model_that_will_not_load_is_not_replaced(models_dir, tmp_path):
+    """Only a name that is nowhere falls back: a model that is there but broken is the user's to fix."""
+    own_models = tmp_path / "models"
+    (own_models / "broken").mkdir(parents=True)
+    (own_models / "broken" / "model_index.json").write_text("{not json")
+    (own_models / "tiny-a").symlink_to(models_dir / TINY, target_is_directory=True)
+    services = build_services(Settings(models_dir=own_models, outdir=tmp_path / "out", device="cpu", ckpt="broken"))
+    try:
+        assert services.engine.model is None
+    finally:
+        services.close()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from webui.config import Settings
+from webui.config import DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR, Settings
 from webui.engine.generate import Engine
 from webui.engine.loader import ModelLoadError
 from webui.engine.merge import remove_stale_partials
@@ -66,7 +66,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     services = Services(settings, registry, engine, outputs, history, worker, styles, options)
     if load_model:
         try:
-            registry.keep_listed(worker.load_model(settings.ckpt).entry)
+            registry.keep_listed(_load_starting_model(worker, registry, settings.ckpt).entry)
         except (ModelLoadError, ModelNotFound) as err:
             # The app still starts: the user can pick another model in the UI.
             log.error("%s", err)
@@ -74,6 +74,21 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
             services.close(wait=1)
             raise
     return services
+
+
+def _load_starting_model(worker: Worker, registry: ModelRegistry, name: str):
+    """The model --ckpt names; one that is nowhere falls back to the models folder's first (the embedded model
+    when the folder has none), as A1111 loads a fallback, so that the server starts ready to generate."""
+    try:
+        return worker.load_model(name)
+    except ModelNotFound as err:
+        listed = [entry.name for entry in registry.entries()]
+        shipped = DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME
+        fallback = listed[0] if listed else str(shipped) if shipped.is_dir() else None
+        if fallback is None or fallback == name:
+            raise
+        log.warning("%s; loading %s instead", err, fallback)
+        return worker.load_model(fallback)
 
 
 def _starting_options(settings: Settings) -> dict[str, Any]:
