@@ -1450,3 +1450,28 @@ def test_a_start_model_that_will_not_load_is_not_replaced(models_dir, tmp_path):
         assert services.engine.model is None
     finally:
         services.close()
+
+
+def test_a_second_stop_signal_while_stopping_exits_at_once_without_a_traceback(monkeypatch, capsys):
+    """systemd and Docker send SIGTERM again (and users press Ctrl+C twice): the second one used to raise
+    KeyboardInterrupt inside the server's shutdown, a traceback."""
+    import signal
+
+    from webui import launch as launch_module
+
+    exits = []
+    def exit_now(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(launch_module.os, "_exit", exit_now)
+    handler = launch_module.stop_then_exit_at_once()
+    try:  # (pytest.raises lets a KeyboardInterrupt through: it ends the session)
+        handler(signal.SIGTERM, None)
+        first = None
+    except KeyboardInterrupt as raised:
+        first = raised
+    assert isinstance(first, KeyboardInterrupt) and exits == []  # the first stops cleanly, as Ctrl+C
+    with pytest.raises(SystemExit):
+        handler(signal.SIGINT, None)
+    assert exits == [128 + signal.SIGINT] and "Stopped at once" in capsys.readouterr().err

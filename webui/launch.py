@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -160,21 +161,40 @@ def launch(services: Services) -> None:
     served = serve(services)
     for line in describe(served, services):
         print(line, flush=True)
-    _stop_on_sigterm()
+    restore_signals = _stop_on_sigterm()
     try:
         served.blocks.block_thread()
     finally:
         services.close()
+        restore_signals()  # for callers that go on (tests)
 
 
-def _stop_on_sigterm() -> None:
+def _stop_on_sigterm():
     """Docker, systemd and Spaces stop a process with SIGTERM: treat it as Ctrl+C, which Gradio's
-    block_thread() handles by closing the server, so the worker then stops cleanly too."""
-    def interrupt(signum, frame):
+    block_thread() handles by closing the server, so the worker then stops cleanly too. Returns what puts
+    the handlers before back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    handler = stop_then_exit_at_once()
+    before = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(signum, previous) for signum, previous in before.items()]
+
+
+def stop_then_exit_at_once():
+    """A signal handler: the first Ctrl+C or SIGTERM stops cleanly (KeyboardInterrupt); a second one while
+    that runs ends the process at once, with a line instead of a traceback. Nothing is lost that a crash
+    would not lose: the next start removes unfinished files and marks the running job failed."""
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        if stopping.is_set():
+            print("Stopped at once (asked twice); the running job, if any, is left unfinished.",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        stopping.set()
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
+    return on_signal
 
 
 def _serve_api_only(services: Services) -> None:
