@@ -165,7 +165,10 @@ def test_bad_training_inputs_are_refused_before_anything_is_queued(services, dat
             ({"template_filename": "../style.txt"}, "template_filename: no prompt template"),
             ({"training_width": 100}, "training_width: must be a multiple of 8"),
             ({"batch_size": 4}, "batch_size: 4 is more than the 3 pictures"),
-            ({"learn_rate": "fast"}, "learn_rate: 'fast' does not start with a rate"),
+            ({"learn_rate": "fast"}, "learn_rate: 'fast' does not start with a rate above 0"),
+            ({"clip_grad_mode": "norm", "clip_grad_value": "strong"},
+             r"clip_grad_value: 'strong' does not start with a value above 0 \(such as 0.1"),
+            ({"clip_grad_mode": "value", "clip_grad_value": ""}, "clip_grad_value: give a value such as 0.1,"),
             ({"steps": 0}, "steps: 1 to"),
             ({"latent_sampling_method": "sometimes"}, "latent_sampling_method: one of once, deterministic, random"),
             ({"varsize": True}, "varsize: .* send false")):

@@ -60,8 +60,9 @@ class RateSchedule:
         while pieces and not pieces[-1]:  # a comma at the end
             pieces.pop()
         if not pieces:
-            raise InvalidRequest(f"{field_name}: give a rate such as 0.005, or a schedule such as "
-                                 "0.005:100, 1e-3:1000, 1e-5")
+            noun, example = _kind_of_number(field_name)
+            raise InvalidRequest(f"{field_name}: give a {noun} such as {example}, or a schedule such as "
+                                 f"{example}:100, {example / 10:g}:1000")
         phases: list[tuple[float, int | None]] = []
         for number, piece in enumerate(pieces, start=1):
             rate_text, colon, step_text = piece.partition(":")
@@ -70,7 +71,8 @@ class RateSchedule:
                 until = _until(step_text, piece, field_name)
             if phases and phases[-1][1] is None:
                 raise InvalidRequest(f"{field_name}: {pieces[number - 2]!r} runs to the end, so nothing may follow "
-                                     "it; give it a step (rate:step) or end the schedule there")
+                                     f"it; give it a step ({_kind_of_number(field_name)[0]}:step) or end the "
+                                     "schedule there")
             if until is not None and phases and until <= phases[-1][1]:
                 raise InvalidRequest(f"{field_name}: the steps must grow: {piece!r} ends at step {until}, not after "
                                      f"the step before ({phases[-1][1]})")
@@ -95,8 +97,15 @@ def _rate(text: str, piece: str, field_name: str) -> float:
     except ValueError:
         rate = math.nan
     if not (math.isfinite(rate) and rate > 0):
-        raise InvalidRequest(f"{field_name}: {piece!r} does not start with a rate above 0 (such as 0.005 or 1e-3)")
+        noun, example = _kind_of_number(field_name)
+        raise InvalidRequest(f"{field_name}: {piece!r} does not start with a {noun} above 0 (such as {example} "
+                             f"or {example / 10:g})")
     return rate
+
+
+def _kind_of_number(field_name: str) -> tuple[str, float]:
+    """What a schedule's numbers are, for messages: learning rates, or the gradient clipping's limits."""
+    return ("value", 0.1) if "clip" in field_name else ("rate", 0.005)
 
 
 def _until(text: str, piece: str, field_name: str) -> int | None:
