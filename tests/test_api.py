@@ -974,8 +974,14 @@ def test_prompt_styles_are_listed_and_joined_into_the_prompts(client, services):
         r = client.post("/sdapi/v1/txt2img", json=body)
         assert r.status_code == 200, r.text
         info = json.loads(r.json()["info"])
-        assert (info["prompt"], info["negative_prompt"], info["styles"]) == ("film still of a cat", "ugly, cartoon", ["Film"])
+        # As A1111's: prompt and negative_prompt as given, all_prompts and the infotext with the style joined in
+        assert (info["prompt"], info["negative_prompt"], info["styles"]) == ("a cat", "ugly", ["Film"])
+        assert (info["all_prompts"], info["all_negative_prompts"]) == (["film still of a cat"], ["ugly, cartoon"])
         assert info["infotexts"][0].startswith("film still of a cat\nNegative prompt: ugly, cartoon\n")
+        # so a client that sends info's prompt and styles back makes the same picture (not the style twice)
+        again = client.post("/sdapi/v1/txt2img", json=body | {key: info[key] for key in
+                                                               ("prompt", "negative_prompt", "styles", "seed")})
+        assert json.loads(again.json()["info"])["infotexts"][0] == info["infotexts"][0]
         bad = client.post("/sdapi/v1/txt2img", json=body | {"styles": ["Flim"]})
         assert bad.status_code == 422 and "styles: no style named 'Flim' (styles: Film)" in bad.json()["detail"]
         services.styles.save(Style("Long", "x" * 1999))  # with "a cat, ": past the 2,000 characters

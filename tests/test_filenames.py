@@ -49,6 +49,37 @@ def test_datetime_takes_a1111s_format_and_time_zone(pattern, name):
     assert file_name_part(pattern, PARTS, now) == name
 
 
+MORE = NameParts(seed=12, prompt="film still of a red Cat", prompt_no_styles="a red Cat", styles=("Film", "None"),
+                 seeds=(11, 12, 13, 14), image_number=1, image_count=4, job_started=dt.datetime(2026, 1, 2, 3, 4, 5),
+                 vae_file="vae-ft-mse-840000.safetensors", picture=Image.new("RGB", (2, 2), "red"))
+
+
+@pytest.mark.parametrize("pattern, name", [
+    ("[prompt_no_styles]", "a red Cat"),
+    ("[styles]", "Film"),  # "None" is no style, as in A1111
+    ("[seed_first]-[seed_last]", "11-14"),
+    ("[generation_number]", "2"),  # counted from 1 through the job
+    ("[job_timestamp]", "20260102030405"),
+    ("[hasprompt<cat><dog|nodog>]", "catnodog"),  # the words found (in lower case), else their alternatives
+    ("[hasprompt<red|>][hasprompt<blue>]", "red"),
+    ("[vae_filename]", "vae-ft-mse-840000"),
+    ("[image_hash<10>]", "fcf067f632"),  # sha256 of the pixels: b'\xff\x00\x00' x 4
+    ("[user]", "[user]"),  # A1111's login name; none here, so as written (A1111 writes it so without a login)
+])
+def test_more_of_a1111s_tags(pattern, name):
+    assert file_name_part(pattern, MORE, NOW) == name
+
+
+def test_the_rest_of_a1111s_tags_without_what_they_read():
+    alone = NameParts(seed=3)
+    assert file_name_part("[styles]", alone, NOW) == "None"
+    assert file_name_part("[prompt_no_styles]", NameParts(seed=3, prompt="plain"), NOW) == "plain"
+    assert file_name_part("[seed]-[generation_number]", alone, NOW) == "3"  # a lone picture: nothing, nor the "-"
+    assert file_name_part("[vae_filename]", alone, NOW) == "NoneType"  # the model's own VAE, as A1111 writes it
+    assert file_name_part("[vae_filename]", NameParts(seed=3, vae_file=".hidden.pt"), NOW) == "hidden"
+    assert file_name_part("[image_hash]", alone, NOW) == "[image_hash]"
+
+
 def test_a_picture_made_alone_has_no_batch_number_nor_the_text_before_it():
     alone = NameParts(seed=3, batch_size=1)
     assert file_name_part("[seed]-[batch_number]", alone, NOW) == "3"
@@ -101,3 +132,23 @@ def test_a_job_names_its_files_by_the_pattern(services):
     job = services.worker.submit({"prompt": "a red apple", "steps": 2, "seed": 9, "batch_size": 2})
     assert job.wait(60) and job.state is JobState.DONE, job.error
     assert [image.path.rsplit("/", 1)[1] for image in job.images] == ["00002-9_1.png", "00003-10_2.png"]
+
+
+def test_a_job_fills_a1111s_job_tags(services):
+    from webui.storage.styles import Style
+
+    services.styles.save(Style("Film", "film still of {prompt}", ""))
+    services.options.update({"samples_filename_pattern":
+                             "[prompt_no_styles]-[styles]-[generation_number]of[seed_first]-[seed_last]-[vae_filename]"})
+    job = services.worker.submit({"prompt": "a red apple", "styles": ["Film"], "steps": 1, "seed": 9, "batch_size": 2})
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    names = [image.path.rsplit("/", 1)[1] for image in job.images]
+    assert names == ["00000-a red apple-Film-1of9-10-NoneType.png", "00001-a red apple-Film-2of9-10-NoneType.png"]
+    services.options.update({"samples_filename_pattern": "[job_timestamp]_[image_hash<12>]"})
+    job = services.worker.submit({"prompt": "a red apple", "steps": 1, "seed": 9})
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    import hashlib
+    saved = Image.open(job.images[0].path)
+    started = dt.datetime.fromtimestamp(job.started_at).strftime("%Y%m%d%H%M%S")
+    expected = f"00002-{started}_{hashlib.sha256(saved.convert('RGB').tobytes()).hexdigest()[:12]}.png"
+    assert job.images[0].path.rsplit("/", 1)[1] == expected

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import datetime as dt
 import logging
 import random
 import threading
@@ -106,6 +107,9 @@ class Job:
     # browser tab's secret token for the UI (a reloaded tab finds its running job by it).
     owner: str | None = None
     created_at: float = field(default_factory=time.time)
+    # The prompt and negative prompt as given, before the styles were joined in (A1111's p.prompt; the request's are
+    # its all_prompts). None: the request's.
+    prompts_before_styles: tuple[str, str] | None = None
     state: JobState = JobState.QUEUED
     progress: Progress = field(default_factory=Progress)
     seeds: list[int] = field(default_factory=list)
@@ -287,8 +291,8 @@ class Worker:
         `control_image`: ControlNet's picture, which its preprocessor turns into the control map (ControlNet on only).
         `color_reference`: the picture colour correction matches the results to, where not the start picture (as
         A1111's Loopback, whose every loop is matched to the run's first picture so the colours do not drift)."""
-        picture = init_image
-        request, init_image, inpainting = _with_init_image(self._prepared(request), init_image, mask)
+        picture, asked = init_image, parse_request(request)
+        request, init_image, inpainting = _with_init_image(self._prepared(asked), init_image, mask)
         request, control_image = _with_control_image(request, control_image, picture)
         self._check_runnable(request)
         warnings = list(warnings or [])
@@ -298,7 +302,7 @@ class Worker:
                             "(this server reads <lora:...> and <hypernet:...> tags only)")
         enlarged = _enlarges(request, picture, inpainting) and not request.sd_upscale
         job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=warnings,
-                  field_names=dict(field_names or {}), init_image=init_image, inpainting=inpainting, copy_to=copy_to,
+                  prompts_before_styles=(asked.prompt, asked.negative_prompt), field_names=dict(field_names or {}), init_image=init_image, inpainting=inpainting, copy_to=copy_to,
                   unfitted=(picture, mask) if enlarged else None, control_image=control_image,
                   color_reference=None if color_reference is None else as_rgb(
                       color_reference, request.img2img_background_color or DEFAULT_BACKGROUND))
@@ -928,7 +932,7 @@ class Worker:
         try:
             first = images[0]
             path = self.outputs.save_grid(grid, first.infotext, job.kind,
-                                          _name_parts(job, first, first.image.width, first.image.height), options)
+                                          _name_parts(job, first, grid.width, grid.height, grid), options)
             job.grid, job.grid_path = grid, str(path)  # the grid first: readers test grid_path
         except Exception as err:
             self._warn(job, "the grid was not saved", err)
@@ -1103,7 +1107,7 @@ class Worker:
         history (a copy, not a result). One that cannot be written is a warning; the image is saved all the same."""
         try:
             self.outputs.save_image(picture, image.infotext, image.seed, job.kind,
-                                    _name_parts(job, image, width, height), suffix=suffix,
+                                    _name_parts(job, image, width, height, picture), suffix=suffix,
                                     options=self.saving_options(job))
         except Exception as err:
             self._warn(job, f"image {image.index + 1}'s {what} was not saved", err)
@@ -1280,16 +1284,24 @@ def _with_control_image(request: GenerationRequest, picture: Image.Image | None,
     return parse_request(request.model_dump() | {"controlnet_image": image_sha1(picture)}), picture
 
 
-def _name_parts(job: Job, image: GeneratedImage, width: int, height: int) -> NameParts:
-    """What the file name and folder patterns' tags say of one of the job's pictures."""
+def _name_parts(job: Job, image: GeneratedImage, width: int, height: int, picture: Image.Image | None = None
+                ) -> NameParts:
+    """What the file name and folder patterns' tags say of one of the job's pictures (`picture`: the one saved,
+    where not the image's own: a grid)."""
     request, model = job.request, job.model
+    started = job.started_at or job.created_at
     return NameParts(
         seed=image.seed, prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
         cfg_scale=request.cfg_scale, width=width, height=height, sampler=request.sampler_name,
         scheduler=request.scheduler, model_name=model.entry.name, model_hash=model.short_hash or "",
         clip_skip=request.clip_skip,
         denoising_strength=request.denoising_strength if request.is_img2img or request.enable_hr else None,
-        batch_number=0 if request.sd_upscale else image.index % request.batch_size, batch_size=request.batch_size)
+        batch_number=0 if request.sd_upscale else image.index % request.batch_size, batch_size=request.batch_size,
+        prompt_no_styles=job.prompts_before_styles[0] if job.prompts_before_styles else None,
+        styles=tuple(request.styles), seeds=tuple(job.seeds), image_number=image.index,
+        image_count=1 if request.sd_upscale else request.image_count,
+        job_started=dt.datetime.fromtimestamp(started), vae_file=job.vae.name if job.vae else None,
+        picture=image.image if picture is None else picture)
 
 
 def _tiles_for(request: GenerationRequest, picture_size: tuple[int, int]) -> TileLayout:

@@ -705,10 +705,13 @@ def run_result(jobs: list[Job], grids: list[GeneratedImage], made: list[tuple[Jo
     if model is None and loaded is not None and loaded.names(request.model):
         model = loaded
     started = dt.datetime.fromtimestamp(job.started_at or job.created_at)
+    # As A1111's: prompt and negative_prompt as given, all_prompts with the styles joined in (a client that sends
+    # info's prompt and styles back must not get the styles twice).
+    prompt, negative_prompt = job.prompts_before_styles or (request.prompt, request.negative_prompt)
     info = {
-        "prompt": request.prompt,
+        "prompt": prompt,
         "all_prompts": [maker.request.prompt for maker, _ in made] or [request.prompt] * count,
-        "negative_prompt": request.negative_prompt,
+        "negative_prompt": negative_prompt,
         "all_negative_prompts": ([maker.request.negative_prompt for maker, _ in made]
                                  or [request.negative_prompt] * count),
         "seed": seeds[0],

@@ -7,8 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DEFAULT_PATTERN = "[seed]"
@@ -42,6 +43,14 @@ class NameParts:
     denoising_strength: float | None = None
     batch_number: int = 0  # the picture's place in its batch
     batch_size: int = 1
+    prompt_no_styles: str | None = None  # the prompt as given, before its styles were joined in (None: `prompt`)
+    styles: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()  # the job's, first to last
+    image_number: int = 0  # the picture's place in the job, counted from 0
+    image_count: int = 1
+    job_started: dt.datetime | None = None
+    vae_file: str | None = None  # the VAE file the job ran with (None: the model's own)
+    picture: Any = field(default=None, compare=False, repr=False)  # PIL image, for [image_hash]
 
 
 def _clean(text: str, spaces: bool = True, limit: int | None = MAX_PART_CHARS) -> str:
@@ -75,6 +84,32 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
 
 
+def _has_prompt(prompt: str, args: list[str]) -> str:
+    """[hasprompt<word|otherwise><...>], as A1111: each word (lower case) the prompt holds, else its
+    `otherwise` text, else nothing."""
+    found = []
+    for arg in filter(None, args):
+        word, _, otherwise = arg.partition("|")
+        found.append(word.lower() if word.lower() in prompt.lower() else otherwise)
+    return _clean("".join(found))
+
+
+def _image_hash(picture: Any, args: list[str]) -> str | None:
+    """[image_hash<length>]: the sha256 of the pixels, as A1111; cut to length when given."""
+    if picture is None:
+        return None
+    digest = hashlib.sha256(picture.tobytes()).hexdigest()
+    return digest[:int(args[0])] if args and args[0].isdigit() else digest
+
+
+def _vae_file_stem(name: str | None) -> str:
+    """[vae_filename]: the VAE file's name without its extension ("NoneType" without one, as A1111 writes it)."""
+    if not name:
+        return "NoneType"
+    pieces = Path(name).name.split(".")
+    return _clean(pieces[1] if len(pieces) > 1 and pieces[0] == "" else pieces[0])
+
+
 # A1111's tags: [prompt] has underscores for spaces, [prompt_spaces] keeps them.
 _TAGS: dict[str, Callable[[NameParts, dt.datetime, list[str]], str]] = {
     "seed": lambda p, now, args: str(p.seed),
@@ -99,6 +134,16 @@ _TAGS: dict[str, Callable[[NameParts, dt.datetime, list[str]], str]] = {
     # as A1111: counted from 1, and nothing (with the text before it) for a picture made alone
     "batch_number": lambda p, now, args: _SKIP_BEFORE if p.batch_size == 1 else str(p.batch_number + 1),
     "batch_size": lambda p, now, args: str(p.batch_size),
+    "prompt_no_styles": lambda p, now, args: _clean(p.prompt if p.prompt_no_styles is None else p.prompt_no_styles),
+    "hasprompt": lambda p, now, args: _has_prompt(p.prompt, args),
+    "styles": lambda p, now, args: _clean(", ".join(s for s in p.styles if s != "None") or "None"),
+    "seed_first": lambda p, now, args: str(p.seeds[0] if p.seeds else p.seed),
+    "seed_last": lambda p, now, args: str(p.seeds[-1] if p.seeds else p.seed),
+    # as A1111: counted from 1 through the job's batches, and nothing (with the text before) for a lone picture
+    "generation_number": lambda p, now, args: _SKIP_BEFORE if p.image_count == 1 else str(p.image_number + 1),
+    "job_timestamp": lambda p, now, args: (p.job_started or now).strftime(DEFAULT_TIME_FORMAT),
+    "image_hash": lambda p, now, args: _image_hash(p.picture, args),
+    "vae_filename": lambda p, now, args: _vae_file_stem(p.vae_file),
     "date": lambda p, now, args: now.strftime("%Y-%m-%d"),
     "datetime": lambda p, now, args: _datetime(now, args),
     "none": lambda p, now, args: "",
@@ -113,7 +158,9 @@ def file_name_part(pattern: str, parts: NameParts, now: dt.datetime | None = Non
     pieces, start = [], 0
     for match in _TAG.finditer(text):
         tag = _TAGS.get(match.group(1).lower())
-        value = tag(parts, now, re.findall(r"<([^<>]*)>", match.group(2))) if tag else match.group(0)
+        value = tag(parts, now, re.findall(r"<([^<>]*)>", match.group(2))) if tag else None
+        if value is None:  # a tag this server does not know, or cannot fill here: as written, as A1111
+            value = match.group(0)
         if value is not _SKIP_BEFORE:
             pieces += [text[start:match.start()], value]
         start = match.end()
