@@ -22,6 +22,7 @@ NOW = dt.datetime(2026, 11, 27, 9, 5, 3)
     ("[prompt]", "a_cat,_on_a_mat__(dusk)"),
     ("[prompt_words]", "a cat on a mat dusk"),
     ("[steps]-[cfg]-[width]x[height]-[sampler]-[scheduler]", "20-7.5-512x768-DPM++ 2M-Karras"),
+    ("[sampler_scheduler]", "DPM++ 2M Karras"),
     ("[model_name]_[model_hash]_[clip_skip]", "v1-5 pruned_6ce0161689_2"),
     ("[date] [datetime] [batch_number]of[batch_size]", "2026-11-27 20261127090503 2of4"),  # counted from 1
     ("[seed][none]", "1234"),
@@ -49,7 +50,8 @@ def test_datetime_takes_a1111s_format_and_time_zone(pattern, name):
     assert file_name_part(pattern, PARTS, now) == name
 
 
-MORE = NameParts(seed=12, prompt="film still of a red Cat", prompt_no_styles="a red Cat", styles=("Film", "None"),
+MORE = NameParts(seed=12, prompt="film still of a red Cat", negative_prompt="", sampler="Euler a",
+                 scheduler="SGM Uniform", prompt_no_styles="a red Cat", styles=("Film", "None"),
                  seeds=(11, 12, 13, 14), image_number=1, image_count=4, job_started=dt.datetime(2026, 1, 2, 3, 4, 5),
                  vae_file="vae-ft-mse-840000.safetensors", picture=Image.new("RGB", (2, 2), "red"))
 
@@ -64,6 +66,9 @@ MORE = NameParts(seed=12, prompt="film still of a red Cat", prompt_no_styles="a 
     ("[hasprompt<red|>][hasprompt<blue>]", "red"),
     ("[vae_filename]", "vae-ft-mse-840000"),
     ("[image_hash<10>]", "fcf067f632"),  # sha256 of the pixels: b'\xff\x00\x00' x 4
+    ("[prompt_hash<4>]-[full_prompt_hash<12>]", "7e65-1283d2b07a39"),  # sha256, cut to the length given
+    ("[sampler_scheduler]", "Euler a Sgm uniform"),  # A1111 capitalises the schedule so
+    ("[scheduler]", "Sgm uniform"),
     ("[user]", "[user]"),  # A1111's login name; none here, so as written (A1111 writes it so without a login)
 ])
 def test_more_of_a1111s_tags(pattern, name):
@@ -152,3 +157,13 @@ def test_a_job_fills_a1111s_job_tags(services):
     started = dt.datetime.fromtimestamp(job.started_at).strftime("%Y%m%d%H%M%S")
     expected = f"00002-{started}_{hashlib.sha256(saved.convert('RGB').tobytes()).hexdigest()[:12]}.png"
     assert job.images[0].path.rsplit("/", 1)[1] == expected
+
+
+def test_width_and_height_in_a_name_are_the_saved_pictures(services):
+    """As A1111 (the image's own size): the hires fix's result was named by the first pass's size."""
+    services.options.update({"samples_filename_pattern": "[width]x[height]"})
+    job = services.worker.submit({"prompt": "a red apple", "steps": 1, "seed": 9, "width": 64, "height": 64,
+                                  "enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 1})
+    assert job.wait(120) and job.state is JobState.DONE, job.error
+    assert Image.open(job.images[0].path).size == (128, 128)
+    assert job.images[0].path.endswith("-128x128.png")

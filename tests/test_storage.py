@@ -49,9 +49,15 @@ def test_the_directory_name_pattern_makes_the_subfolders_and_never_leaves_the_im
     options.update({"directories_filename_pattern": "[model_name]/../[prompt_words]/./[none]"})
     nested = images / "sd_v1" / "a cat on a mat"
     assert store.save_image(red(), "x", 5, name_parts=parts).parent == nested
+    # a tag's own "/" is cleaned after the tag is filled in (it was split first, leaving "[datetime_%Y" as a folder)
+    options.update({"directories_filename_pattern": "[datetime<%Y/%m>]\\[seed]"})
+    assert store.save_image(red(), "x", 5, name_parts=parts).parent == images / dt.date.today().strftime("%Y_%m") / "5"
+    options.update({"directories_filename_pattern": ""})  # empty: A1111's [prompt_words]
+    assert store.save_image(red(), "x", 5, name_parts=parts).parent == images / "a cat on a mat"
     options.update({"save_to_dirs": False})
-    assert store.save_image(red(), "x", 6, name_parts=parts).parent == images
-    assert store.save_grid(red(), "x", name_parts=parts).parent == tmp_path / "txt2img-grids" / "sd_v1" / "a cat on a mat"
+    flat = store.save_image(red(), "x", 6, name_parts=parts)
+    assert flat.parent == images and flat.name.endswith("-5-a cat, on a mat.png")  # A1111's [seed]-[prompt_spaces]
+    assert store.save_grid(red(), "x", name_parts=parts).parent == tmp_path / "txt2img-grids" / "a cat on a mat"
     partial = nested / ".partial-cut-short.png"
     partial.write_bytes(b"half")
     os.utime(partial, (0, 0))

@@ -932,7 +932,7 @@ class Worker:
         try:
             first = images[0]
             path = self.outputs.save_grid(grid, first.infotext, job.kind,
-                                          _name_parts(job, first, grid.width, grid.height, grid), options)
+                                          _name_parts(job, first, grid), options)
             job.grid, job.grid_path = grid, str(path)  # the grid first: readers test grid_path
         except Exception as err:
             self._warn(job, "the grid was not saved", err)
@@ -1052,9 +1052,9 @@ class Worker:
         if request.save_images and unfinished and request.save_incomplete_images:  # as it stood, and no copies
             self._save(job, image, width, height, seconds)
         if request.save_images and not unfinished:
-            self._save_earlier(job, image, result.earlier, width, height)
+            self._save_earlier(job, image, result.earlier)
             self._save(job, image, width, height, seconds)
-            self._save_masks(job, image, width, height)
+            self._save_masks(job, image)
             if job.copy_to is not None:
                 self._save_copy(job, image)
 
@@ -1064,7 +1064,7 @@ class Worker:
         request, model = job.request, job.model
         try:
             path = self.outputs.save_image(image.image, image.infotext, image.seed, job.kind,
-                                           _name_parts(job, image, width, height), options=self.saving_options(job))
+                                           _name_parts(job, image), options=self.saving_options(job))
         except Exception as err:
             self._warn(job, f"image {image.index + 1} was not saved", err)
             return
@@ -1079,15 +1079,14 @@ class Worker:
         )))
         self._record_images(job)
 
-    def _save_earlier(self, job: Job, image: GeneratedImage, earlier: dict[str, Image.Image], width: int,
-                      height: int) -> None:
+    def _save_earlier(self, job: Job, image: GeneratedImage, earlier: dict[str, Image.Image]) -> None:
         """A1111's "Save a copy of image before ...": each copy the engine kept, named as the image with
         -before-<step> after it, numbered before it."""
         for step, picture in earlier.items():
-            self._save_beside(job, image, picture, "-before-" + step.replace("_", "-"), width, height,
+            self._save_beside(job, image, picture, "-before-" + step.replace("_", "-"),
                               "copy before " + step.replace("_", " "))
 
-    def _save_masks(self, job: Job, image: GeneratedImage, width: int, height: int) -> None:
+    def _save_masks(self, job: Job, image: GeneratedImage) -> None:
         """A1111's "For inpainting, save a copy of the greyscale mask" and "... a masked composite": the mask the
         picture was laid in through, and the picture there (transparent elsewhere), named -mask and -mask-composite,
         numbered after it."""
@@ -1095,19 +1094,18 @@ class Worker:
         if inpainting is None:
             return
         if request.save_mask:
-            self._save_beside(job, image, inpainting.overlay.convert("RGB"), "-mask", width, height, "mask")
+            self._save_beside(job, image, inpainting.overlay.convert("RGB"), "-mask", "mask")
         if request.save_mask_composite:
             shown = Image.composite(image.image.convert("RGBA"), Image.new("RGBA", image.image.size),
                                     inpainting.overlay.resize(image.image.size))
-            self._save_beside(job, image, shown, "-mask-composite", width, height, "masked composite")
+            self._save_beside(job, image, shown, "-mask-composite", "masked composite")
 
-    def _save_beside(self, job: Job, image: GeneratedImage, picture: Image.Image, suffix: str, width: int,
-                     height: int, what: str) -> None:
+    def _save_beside(self, job: Job, image: GeneratedImage, picture: Image.Image, suffix: str, what: str) -> None:
         """A picture saved beside the image: its name with `suffix`, its infotext, the next number; not in the
         history (a copy, not a result). One that cannot be written is a warning; the image is saved all the same."""
         try:
             self.outputs.save_image(picture, image.infotext, image.seed, job.kind,
-                                    _name_parts(job, image, width, height, picture), suffix=suffix,
+                                    _name_parts(job, image, picture), suffix=suffix,
                                     options=self.saving_options(job))
         except Exception as err:
             self._warn(job, f"image {image.index + 1}'s {what} was not saved", err)
@@ -1284,11 +1282,13 @@ def _with_control_image(request: GenerationRequest, picture: Image.Image | None,
     return parse_request(request.model_dump() | {"controlnet_image": image_sha1(picture)}), picture
 
 
-def _name_parts(job: Job, image: GeneratedImage, width: int, height: int, picture: Image.Image | None = None
-                ) -> NameParts:
+def _name_parts(job: Job, image: GeneratedImage, picture: Image.Image | None = None) -> NameParts:
     """What the file name and folder patterns' tags say of one of the job's pictures (`picture`: the one saved,
-    where not the image's own: a grid)."""
+    where not the image's own: a grid, a copy from before the hires fix). [width] and [height] are the saved
+    picture's, as A1111's (the hires fix's result is named by its own size)."""
     request, model = job.request, job.model
+    picture = image.image if picture is None else picture
+    width, height = picture.size
     started = job.started_at or job.created_at
     return NameParts(
         seed=image.seed, prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
@@ -1300,8 +1300,7 @@ def _name_parts(job: Job, image: GeneratedImage, width: int, height: int, pictur
         prompt_no_styles=job.prompts_before_styles[0] if job.prompts_before_styles else None,
         styles=tuple(request.styles), seeds=tuple(job.seeds), image_number=image.index,
         image_count=1 if request.sd_upscale else request.image_count,
-        job_started=dt.datetime.fromtimestamp(started), vae_file=job.vae.name if job.vae else None,
-        picture=image.image if picture is None else picture)
+        job_started=dt.datetime.fromtimestamp(started), vae_file=job.vae.name if job.vae else None, picture=picture)
 
 
 def _tiles_for(request: GenerationRequest, picture_size: tuple[int, int]) -> TileLayout:

@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-DEFAULT_PATTERN = "[seed]"
+DEFAULT_PATTERN = "[seed]"  # A1111's, for an empty pattern in a subfolder...
+DEFAULT_FLAT_PATTERN = "[seed]-[prompt_spaces]"  # ... and in the kind's folder itself
 DEFAULT_FOLDER_PATTERN = "[date]"  # A1111's Directory name pattern
+EMPTY_FOLDER_PATTERN = "[prompt_words]"  # what A1111 makes of an empty one
+_FOLDER_BREAK = "\x00"  # a "/" of the folder pattern itself, while its tags are filled in
 MAX_FOLDER_DEPTH = 4
 MAX_PART_CHARS = 128  # of one tag's text, as A1111
 MAX_NAME_BYTES = 200  # of the whole name in UTF-8: file systems take 255 bytes, and the number and extension come too
@@ -80,8 +83,16 @@ def _words(text: str) -> str:
     return " ".join(re.findall(r"[^\W_]+", text)[:PROMPT_WORDS]) or "empty"
 
 
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+def _short_hash(text: str, args: list[str]) -> str:
+    """[prompt_hash<length>] and its kin: sha256 of the text, 8 digits unless the tag gives a length (A1111's)."""
+    length = int(args[0]) if args and args[0].isdigit() else 8
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def _schedule(scheduler: str) -> str:
+    """[scheduler], as A1111 writes it: capitalised ("Karras", "Sgm uniform"); `scheduler` is the schedule that
+    ran (Automatic resolved to the sampler's own where it has one)."""
+    return _clean((scheduler or "Automatic").capitalize())
 
 
 def _has_prompt(prompt: str, args: list[str]) -> str:
@@ -118,16 +129,16 @@ _TAGS: dict[str, Callable[[NameParts, dt.datetime, list[str]], str]] = {
     "width": lambda p, now, args: str(p.width),
     "height": lambda p, now, args: str(p.height),
     "sampler": lambda p, now, args: _clean(p.sampler),
-    "scheduler": lambda p, now, args: _clean(p.scheduler),
-    "sampler_scheduler": lambda p, now, args: _clean(f"{p.sampler}_{p.scheduler}"),
+    "scheduler": lambda p, now, args: _schedule(p.scheduler),
+    "sampler_scheduler": lambda p, now, args: _clean(f"{p.sampler} {_schedule(p.scheduler)}"),  # "Euler a Automatic"
     "model_name": lambda p, now, args: _clean(p.model_name),
     "model_hash": lambda p, now, args: p.model_hash,
     "prompt": lambda p, now, args: _clean(p.prompt, spaces=False),
     "prompt_spaces": lambda p, now, args: _clean(p.prompt),
     "prompt_words": lambda p, now, args: _clean(_words(p.prompt)),
-    "prompt_hash": lambda p, now, args: _short_hash(p.prompt),
-    "negative_prompt_hash": lambda p, now, args: _short_hash(p.negative_prompt),
-    "full_prompt_hash": lambda p, now, args: _short_hash(f"{p.prompt} {p.negative_prompt}"),
+    "prompt_hash": lambda p, now, args: _short_hash(p.prompt, args),
+    "negative_prompt_hash": lambda p, now, args: _short_hash(p.negative_prompt, args),
+    "full_prompt_hash": lambda p, now, args: _short_hash(f"{p.prompt} {p.negative_prompt}", args),
     "clip_skip": lambda p, now, args: str(p.clip_skip),
     # none (txt2img): the text just before it goes too, as A1111's
     "denoising": lambda p, now, args: _SKIP_BEFORE if not p.denoising_strength else str(p.denoising_strength),
@@ -151,10 +162,21 @@ _TAGS: dict[str, Callable[[NameParts, dt.datetime, list[str]], str]] = {
 TAGS = tuple(_TAGS)
 
 
-def file_name_part(pattern: str, parts: NameParts, now: dt.datetime | None = None) -> str:
+def file_name_part(pattern: str, parts: NameParts, now: dt.datetime | None = None, in_subfolder: bool = True) -> str:
     """The name after the number (NNNNN-<this>.png): the pattern with its tags filled in, cleaned for a file
-    system and cut to MAX_NAME_BYTES; "" (the number alone) where that leaves nothing, as A1111's [none]."""
-    now, text = now or dt.datetime.now(), pattern.strip() or DEFAULT_PATTERN
+    system and cut to MAX_NAME_BYTES; "" (the number alone) where that leaves nothing, as A1111's [none]. An empty
+    pattern is A1111's: [seed] in a subfolder, [seed]-[prompt_spaces] in the kind's folder itself."""
+    default = DEFAULT_PATTERN if in_subfolder else DEFAULT_FLAT_PATTERN
+    return _cut(_clean(_filled(pattern.strip() or default, parts, now or dt.datetime.now()), limit=None),
+                MAX_NAME_BYTES).rstrip(" .")
+
+
+def _filled(text: str, parts: NameParts, now: dt.datetime, folder_breaks: bool = False) -> str:
+    """text with its tags filled in; with `folder_breaks`, each "/" (or "\\") of the text itself, not of a tag's
+    value, becomes _FOLDER_BREAK."""
+    def written(piece: str) -> str:
+        return re.sub(r"[/\\]", _FOLDER_BREAK, piece) if folder_breaks else piece
+
     pieces, start = [], 0
     for match in _TAG.finditer(text):
         tag = _TAGS.get(match.group(1).lower())
@@ -162,18 +184,20 @@ def file_name_part(pattern: str, parts: NameParts, now: dt.datetime | None = Non
         if value is None:  # a tag this server does not know, or cannot fill here: as written, as A1111
             value = match.group(0)
         if value is not _SKIP_BEFORE:
-            pieces += [text[start:match.start()], value]
+            pieces += [written(text[start:match.start()]), value]
         start = match.end()
-    pieces.append(text[start:])
-    return _cut(_clean("".join(pieces), limit=None), MAX_NAME_BYTES).rstrip(" .")
+    pieces.append(written(text[start:]))
+    return "".join(pieces)
 
 
 def folder_parts(pattern: str, parts: NameParts, now: dt.datetime | None = None) -> list[str]:
-    """A1111's "Directory name pattern": the subfolders to save in, one for each "/"-separated piece, each filled in
-    and cleaned as a file name is (so a tag's "/" never makes a folder); a piece that comes out empty, "." or ".."
-    is left out, so a pattern never leaves the image folder. At most MAX_FOLDER_DEPTH deep."""
-    pieces = re.split(r"[/\\]", pattern.strip() or DEFAULT_FOLDER_PATTERN)
-    folders = [file_name_part(piece, parts, now) for piece in pieces if piece.strip()]
+    """A1111's "Directory name pattern": the subfolders to save in, one for each "/" the pattern itself has (a
+    tag's own, as [datetime<%Y/%m>]'s, is cleaned as in a file name: it never makes a folder); a piece that comes
+    out empty, "." or ".." is left out, so a pattern never leaves the image folder. At most MAX_FOLDER_DEPTH deep.
+    An empty pattern is A1111's [prompt_words]."""
+    now = now or dt.datetime.now()
+    filled = _filled(pattern.strip() or EMPTY_FOLDER_PATTERN, parts, now, folder_breaks=True)
+    folders = [_cut(_clean(piece, limit=None), MAX_NAME_BYTES).rstrip(" .") for piece in filled.split(_FOLDER_BREAK)]
     return [folder for folder in folders if folder not in ("", ".", "..")][:MAX_FOLDER_DEPTH]
 
 

@@ -131,7 +131,8 @@ class OutputStore:
         "-before-highres-fix" of a copy)."""
         options = options or self.options.current()
         folder = self.image_folder(kind, name_parts, options)
-        name = file_name_part(options.samples_filename_pattern, name_parts or NameParts(seed=seed))
+        name = file_name_part(options.samples_filename_pattern, name_parts or NameParts(seed=seed),
+                              in_subfolder=options.save_to_dirs)
         stem = (f"-{name}" if name else "") + suffix  # [none]: the number alone, as A1111
         path = self._save(image, {"parameters": infotext}, folder, lambda n: f"{n:05d}{stem}", _NUMBERED,
                           options.samples_format, options)

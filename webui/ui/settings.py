@@ -11,7 +11,8 @@ from webui.engine.hires import PICTURE_UPSCALERS
 from webui.engine.preview import PREVIEW_METHODS
 from webui.engine.prompts import EMPHASIS_MODES
 from webui.schemas import FACE_RESTORERS, HIRES_REFINER_PASSES, RANDN_SOURCES, SAVE_SETTINGS, InvalidRequest
-from webui.storage.filenames import DEFAULT_FOLDER_PATTERN, DEFAULT_PATTERN, TAGS
+from webui.storage.filenames import (DEFAULT_FLAT_PATTERN, DEFAULT_FOLDER_PATTERN, DEFAULT_PATTERN,
+                                     EMPTY_FOLDER_PATTERN, MAX_FOLDER_DEPTH, TAGS)
 from webui.storage.options import (IMAGE_FORMATS, INFOTEXT_SWITCHES, OPTION_KEYS, OptionsStore, SavedOptions,
                                    SettingsFrozen)
 
@@ -160,7 +161,7 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False,
                                   elem_id="settings_jpeg_quality", interactive=editable),
         "samples_filename_pattern": gr.Textbox(
             current.samples_filename_pattern, label=LABELS["samples_filename_pattern"], placeholder=DEFAULT_PATTERN,
-            info=f"after the file's number; empty: {DEFAULT_PATTERN}. Tags: {', '.join(f'[{tag}]' for tag in TAGS)}; "
+            info=f"after the file's number; empty: {DEFAULT_PATTERN} ({DEFAULT_FLAT_PATTERN} without subfolders). Tags: {', '.join(f'[{tag}]' for tag in TAGS)}; "
                  "[datetime<%Y-%m-%d><Europe/Paris>] takes a format and a time zone",
             elem_id="settings_samples_filename_pattern", interactive=editable),
         "save_to_dirs": gr.Checkbox(current.save_to_dirs, label=LABELS["save_to_dirs"],
@@ -169,8 +170,9 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False,
                                          elem_id="settings_grid_save_to_dirs", interactive=editable),
         "directories_filename_pattern": gr.Textbox(
             current.directories_filename_pattern, label=LABELS["directories_filename_pattern"],
-            placeholder=DEFAULT_FOLDER_PATTERN, info=f"the subfolders, in the same tags; / nests them, as "
-                                                     f"[model_name]/[date]; empty: {DEFAULT_FOLDER_PATTERN}",
+            placeholder=DEFAULT_FOLDER_PATTERN, info=f"the subfolders, in the same tags; / nests them (up to "
+                                                     f"{MAX_FOLDER_DEPTH}), as [model_name]/[date]; empty: "
+                                                     f"{EMPTY_FOLDER_PATTERN}, as in A1111",
             elem_id="settings_directories_filename_pattern", interactive=editable),
         "enable_pnginfo": gr.Checkbox(
             current.enable_pnginfo, label=LABELS["enable_pnginfo"],
