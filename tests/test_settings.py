@@ -397,6 +397,10 @@ def test_with_save_txt_each_image_grid_and_named_copy_has_its_infotext_beside_it
     assert grid.with_suffix(".txt").read_text(encoding="utf-8") == INFOTEXT + ", Script: X/Y/Z plot\n"
     assert copy.name == "holiday.jpg" and (tmp_path / "copies" / "holiday.txt").read_text(encoding="utf-8") \
         == INFOTEXT + "\n"
+    # an Extras result's text file says what Extras did, as A1111's
+    done = "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"
+    extra = store.save_extra(noisy(), {"parameters": INFOTEXT, "postprocessing": done})
+    assert extra.with_suffix(".txt").read_text(encoding="utf-8") == done + "\n"
     assert not [p for p in (tmp_path / "out").rglob(".partial-*")]
 
 

@@ -188,10 +188,11 @@ class OutputStore:
     def save_extra(self, image: Image.Image, texts: dict[str, str]) -> Path:
         """A picture the Extras tab resized, with its text chunks: the original's `parameters` kept (so PNG Info and
         "send to" still read them), and what Extras did in `postprocessing`, as A1111 writes them. In JPEG or WebP
-        only `parameters` is kept, in EXIF."""
+        only `parameters` is kept, in EXIF. A1111's text file beside it holds what Extras did."""
         options = self.options.current()
         path = self._save(image, texts, self.extras_folder(), lambda n: f"{n:05d}", _NUMBERED,
                           options.samples_format, options)
+        path = self._with_text_file(path, texts.get("postprocessing") or "", options)
         return self._with_jpg_copy(path, image, texts.get("parameters") or "", options)
 
     def save_named(self, image: Image.Image, infotext: str, copy: NamedCopy,
