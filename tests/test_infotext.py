@@ -79,6 +79,14 @@ def test_a_last_line_with_fewer_than_three_pairs_is_prompt():
     assert params == {} and prompt == "a cat\nstyle: oil, mood: calm"
 
 
+def test_windows_line_ends_are_line_ends():
+    """A text copied from a .txt file written on Windows: its \\r must not stay in the prompt (a different
+    picture: the tokenizer reads it)."""
+    unix = parse_infotext(A1111_TEXT)
+    assert parse_infotext(A1111_TEXT.replace("\n", "\r\n") + "\r\n") == unix
+    assert unix[0] == "masterpiece, a castle on a hill, (sunset:1.2)\nat dusk"
+
+
 def test_pasting_a_parameters_line_without_clip_skip_means_clip_skip_1():
     assert request_fields_from_infotext(OLD_A1111_TEXT)["clip_skip"] == 1  # written without "Clip skip"
     assert request_fields_from_infotext(A1111_TEXT)["clip_skip"] == 2

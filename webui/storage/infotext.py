@@ -168,7 +168,8 @@ def with_params(infotext: str, params: dict[str, Any]) -> str:
 def parse_infotext(text: str, backcompat: bool = True) -> tuple[str, str, dict[str, str]]:
     """Split an infotext into (prompt, negative prompt, {key: value as text}), with the keys an older A1111's Version
     implies (backcompat; as A1111's parse_generation_parameters; off: the text's own keys alone)."""
-    lines = text[:MAX_INFOTEXT_CHARS].strip().split("\n")
+    # Windows line ends (a text copied from a .txt file or a Windows clipboard) are line ends, not prompt text
+    lines = text[:MAX_INFOTEXT_CHARS].replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")
     params: dict[str, str] = {}
     if lines:
         pairs = _parse_pairs(lines[-1])
