@@ -407,6 +407,9 @@ def test_png_info_parses_the_infotext_and_rejects_bad_base64(client):
     params = r.json()["parameters"]
     assert (params["Prompt"], params["Negative prompt"], params["Seed"], params["Model"]) == ("a cat", "dog", "5", "a, b")
     assert (params["Size-1"], params["Size-2"]) == ("512", "768")
+    # A1111's defaults for what the text leaves out, which clients read
+    assert (params["Clip skip"], params["Hires sampler"], params["Hires resize-1"], params["RNG"],
+            params["Schedule type"]) == ("1", "Use same sampler", 0, "GPU", "Automatic")
     wrapped = base64.encodebytes(buffer.getvalue()).decode()  # 76-character lines, as the base64 tool writes
     assert client.post("/sdapi/v1/png-info", json={"image": wrapped}).json()["info"] == text
 
@@ -418,6 +421,20 @@ def test_png_info_parses_the_infotext_and_rejects_bad_base64(client):
         r = client.post("/sdapi/v1/png-info", json={"image": bad})
         assert r.status_code == 422 and r.json()["detail"].startswith("image: "), r.text
     assert client.post("/sdapi/v1/png-info", json={}).json()["detail"].startswith("image: ")
+
+
+def test_png_info_splits_every_size_as_a1111(client):
+    text = "a cat\nSteps: 20, Sampler: Euler, Seed: 5, Size: 64x64, Hires resize: 96x128, Seed resize from: 96x80, " \
+           "Hires sampler: DPM++ 2M, Clip skip: 2"
+    meta = PngInfo()
+    meta.add_text("parameters", text)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=meta)
+    params = client.post("/sdapi/v1/png-info", json={"image": base64.b64encode(buffer.getvalue()).decode()}).json()[
+        "parameters"]
+    assert (params["Hires resize-1"], params["Hires resize-2"]) == ("96", "128")
+    assert (params["Seed resize from-1"], params["Seed resize from-2"]) == ("96", "80")
+    assert (params["Hires sampler"], params["Clip skip"]) == ("DPM++ 2M", "2")  # the text's own over the defaults
 
 
 def png_base64(picture: Image.Image, infotext: str | None = None) -> str:

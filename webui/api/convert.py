@@ -10,6 +10,7 @@ import datetime as dt
 import html
 import io
 import json
+import re
 from typing import Any, Callable
 
 from PIL import Image, UnidentifiedImageError
@@ -662,10 +663,23 @@ def png_info(image: Image.Image) -> dict[str, Any]:
     if infotext:
         prompt, negative, params = parse_infotext(infotext)
         parameters = {"Prompt": prompt, "Negative prompt": negative, **params}
-        width, sep, height = params.get("Size", "").partition("x")
-        if sep:
-            parameters["Size-1"], parameters["Size-2"] = width.strip(), height.strip()
+        for key, value in params.items():  # as A1111: every WxH value also as key-1 and key-2 (clients read those)
+            size = re.fullmatch(r"(\d+)x(\d+)", value.strip())
+            if size:
+                parameters[f"{key}-1"], parameters[f"{key}-2"] = size.groups()
+        parameters = _PNG_INFO_DEFAULTS | parameters
     return {"info": infotext, "items": items, "parameters": parameters}
+
+
+# What A1111's png-info gives for keys a text leaves out (its parse_generation_parameters): clients read them.
+_PNG_INFO_DEFAULTS: dict[str, Any] = {
+    "Clip skip": "1", "Hires resize-1": 0, "Hires resize-2": 0, "Hires sampler": "Use same sampler",
+    "Hires schedule type": "Use same scheduler", "Hires checkpoint": "Use same checkpoint", "Hires prompt": "",
+    "Hires negative prompt": "", "Mask mode": "Inpaint masked", "Masked content": "original",
+    "Inpaint area": "Whole picture", "Masked area padding": 32, "RNG": "GPU", "Schedule type": "Automatic",
+    "Schedule max sigma": 0, "Schedule min sigma": 0, "Schedule rho": 0, "VAE Encoder": "Full",
+    "VAE Decoder": "Full", "FP8 weight": "Disable", "Refiner switch by sampling steps": False,
+}
 
 
 # --- results ----------------------------------------------------------------------------------
