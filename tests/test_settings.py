@@ -480,3 +480,127 @@ def test_a_job_writes_the_text_file_and_jpg_copy_and_deleting_from_history_remov
     [row], _ = services.history.list_images()  # the copy is no picture of the history's
     assert services.history.delete_image(row.id)
     assert not services.history.list_images()[0] and not os.path.exists(text) and not os.path.exists(jpg)
+
+
+# --- A1111's options kept beside the Settings tab's: the model, the API's options ----------------------------------
+A1111_DEFAULTS = {  # as stable-diffusion-webui 1.10 writes them into config.json
+    "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic", "s_min_uncond": 0.0, "s_min_uncond_all": False,
+    "skip_early_cond": 0.0, "sgm_noise_multiplier": False, "img2img_extra_noise": 0.0,
+    "always_discard_next_to_last_sigma": False, "sd_noise_schedule": "Default", "use_downcasted_alpha_bar": False,
+    "use_old_karras_scheduler_sigmas": False, "eta_ddim": 0.0, "eta_ancestral": 1.0, "s_churn": 0.0, "s_tmin": 0.0,
+    "s_tmax": 0.0, "s_noise": 1.0, "eta_noise_seed_delta": 0, "beta_dist_alpha": 0.6, "beta_dist_beta": 0.6,
+    "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "uni_pc_variant": "bh1", "uni_pc_order": 3,
+    "uni_pc_lower_order_final": True, "sdxl_refiner_high_aesthetic_score": 6.0,
+    "sdxl_refiner_low_aesthetic_score": 2.5, "initial_noise_multiplier": 1.0, "token_merging_ratio": 0.0,
+    "token_merging_ratio_hr": 0.0, "token_merging_ratio_img2img": 0.0}
+
+
+def test_the_apis_options_last_across_a_restart_in_the_settings_file(settings):
+    from webui.services import build_services
+
+    services = build_services(settings)
+    try:
+        with TestClient(create_api_app(services)) as client:
+            reply = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2, "eta_noise_seed_delta": 31337})
+            assert reply.status_code == 200, reply.text
+    finally:
+        services.close()
+    on_file = json.loads(settings.options_path.read_text(encoding="utf-8"))
+    assert (on_file["CLIP_stop_at_last_layers"], on_file["eta_noise_seed_delta"]) == (2, 31337)
+    services = build_services(settings)  # a restart
+    try:
+        with TestClient(create_api_app(services)) as client:
+            options = client.get("/sdapi/v1/options").json()
+            assert (options["CLIP_stop_at_last_layers"], options["eta_noise_seed_delta"]) == (2, 31337)
+            reply = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 1, "width": 64, "height": 64})
+            infotext = json.loads(reply.json()["info"])["infotexts"][0]
+            assert "Clip skip: 2" in infotext and "ENSD: 31337" not in infotext  # Euler draws no noise: no ENSD
+    finally:
+        services.close()
+
+
+def test_a1111s_own_config_file_gives_the_apis_options_and_its_defaults_change_nothing(settings, caplog):
+    from webui.services import build_services
+
+    settings.options_path.parent.mkdir(parents=True, exist_ok=True)
+    settings.options_path.write_text(json.dumps(A1111_DEFAULTS | {"eta_noise_seed_delta": 31337, "sd_vae": "None"}),
+                                     encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        services = build_services(settings)
+        try:
+            with TestClient(create_api_app(services)) as client:
+                options = client.get("/sdapi/v1/options").json()
+        finally:
+            services.close()
+    assert not [record.getMessage() for record in caplog.records if "settings file" in record.getMessage()]
+    assert (options["eta_noise_seed_delta"], options["sd_vae"], options["CLIP_stop_at_last_layers"]) == (
+        31337, "None", 1)
+
+
+def test_a_value_of_the_file_this_server_cannot_take_is_named_and_left_on_file(settings, caplog):
+    from webui.services import build_services
+
+    settings.options_path.parent.mkdir(parents=True, exist_ok=True)
+    settings.options_path.write_text(json.dumps({"CLIP_stop_at_last_layers": "deep", "eta_ddim": 0.3}),
+                                     encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        services = build_services(settings)
+        try:
+            with TestClient(create_api_app(services)) as client:
+                options = client.get("/sdapi/v1/options").json()
+        finally:
+            services.close()
+    assert (options["CLIP_stop_at_last_layers"], options["eta_ddim"]) == (1, 0.3)
+    said = " ".join(record.getMessage() for record in caplog.records)
+    assert "CLIP_stop_at_last_layers = 'deep' is not taken" in said
+    assert json.loads(settings.options_path.read_text(encoding="utf-8"))["CLIP_stop_at_last_layers"] == "deep"
+
+
+def test_without_ckpt_the_server_starts_with_the_model_loaded_last(settings, models_dir, tmp_path):
+    """As A1111 keeps sd_model_checkpoint: the model picked in the UI or by the API is the next start's; an
+    explicit --ckpt wins."""
+    import dataclasses
+
+    from webui.config import parse_settings
+    from webui.services import build_services
+
+    assert parse_settings(["--outdir", str(tmp_path / "o")], {}).ckpt_from_options
+    assert not parse_settings(["--outdir", str(tmp_path / "o"), "--ckpt", "x"], {}).ckpt_from_options
+    assert not parse_settings(["--outdir", str(tmp_path / "o")], {"WEBUI_CKPT": "x"}).ckpt_from_options
+    own_models = tmp_path / "models"
+    own_models.mkdir()
+    for name in ("tiny-a", "tiny-b"):
+        (own_models / name).symlink_to(models_dir / "tiny-sd", target_is_directory=True)
+    remembering = dataclasses.replace(settings, models_dir=own_models, ckpt="tiny-a", ckpt_from_options=True)
+    services = build_services(remembering)
+    try:
+        assert services.engine.model.entry.name == "tiny-a"
+        services.worker.load_model("tiny-b")  # as the UI's model list or POST /options do
+    finally:
+        services.close()
+    assert json.loads(settings.options_path.read_text(encoding="utf-8"))["sd_model_checkpoint"].startswith("tiny-b [")
+    services = build_services(remembering)
+    try:
+        assert services.engine.model.entry.name == "tiny-b"
+    finally:
+        services.close()
+    services = build_services(dataclasses.replace(remembering, ckpt_from_options=False))  # --ckpt tiny-a
+    try:
+        assert services.engine.model.entry.name == "tiny-a"
+    finally:
+        services.close()
+
+
+def test_frozen_settings_keep_the_apis_options_in_memory_only(settings):
+    import dataclasses
+
+    from webui.services import build_services
+
+    services = build_services(dataclasses.replace(settings, freeze_settings=True))
+    try:
+        with TestClient(create_api_app(services)) as client:
+            assert client.post("/sdapi/v1/options", json={"eta_ddim": 0.5}).status_code == 200
+            assert client.get("/sdapi/v1/options").json()["eta_ddim"] == 0.5
+    finally:
+        services.close()
+    assert not settings.options_path.exists()

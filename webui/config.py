@@ -131,6 +131,8 @@ class Settings:
     hide_ui_dir_config: bool = False  # no server folders typed into the page (img2img Batch's)
     outdir: Path = DEFAULT_OUTPUTS_DIR
     ckpt: str = DEFAULT_MODEL_NAME
+    # No --ckpt given: start with the model the settings file remembers (A1111's sd_model_checkpoint), else `ckpt`
+    ckpt_from_options: bool = False
     device: str = "auto"
     no_half: bool = False
     no_half_vae: bool = False
@@ -372,9 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--outdir", type=_user_path, default=DEFAULT_OUTPUTS_DIR,
                        help="where images and the history database are written (env: WEBUI_OUTDIR; "
                             "on a Space with persistent storage: /data/outputs)")
-    files.add_argument("--ckpt", default=DEFAULT_MODEL_NAME,
+    files.add_argument("--ckpt", default=None,
                        help="model to load at start: a name in the models folder, a path, or a hub id "
-                            f"(default: the embedded {DEFAULT_MODEL_NAME}) (env: WEBUI_CKPT)")
+                            f"(default: the model last loaded, as A1111's settings file keeps it, else the embedded "
+                            f"{DEFAULT_MODEL_NAME}) (env: WEBUI_CKPT)")
     files.add_argument("--offline", action="store_true", help="never contact the model hub")
 
     dev = p.add_argument_group("device, precision and memory")
@@ -445,6 +448,8 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
     problem = _unwritable(args.outdir)
     if problem:
         parser.error(f"--outdir {args.outdir}: {problem}; pass a folder you can write to")
+    args.ckpt_from_options = args.ckpt is None
+    args.ckpt = args.ckpt or DEFAULT_MODEL_NAME
     if args.ckpt == DEFAULT_MODEL_NAME and not (args.models_dir / DEFAULT_MODEL_NAME).exists():
         # --ckpt-dir elsewhere without --ckpt: the embedded model still starts, from where it ships.
         args.ckpt = str(DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME)

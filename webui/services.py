@@ -66,7 +66,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     services = Services(settings, registry, engine, outputs, history, worker, styles, options)
     if load_model:
         try:
-            registry.keep_listed(_load_starting_model(worker, registry, settings.ckpt).entry)
+            registry.keep_listed(_load_starting_model(worker, registry, _starting_model(settings, options)).entry)
         except (ModelLoadError, ModelNotFound) as err:
             # The app still starts: the user can pick another model in the UI.
             log.error("%s", err)
@@ -74,6 +74,15 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
             services.close(wait=1)
             raise
     return services
+
+
+def _starting_model(settings: Settings, options: OptionsStore) -> str:
+    """--ckpt's model; without one, the model loaded last (A1111's sd_model_checkpoint in the settings file),
+    else the embedded one."""
+    remembered = options.remembered(("sd_model_checkpoint",)).get("sd_model_checkpoint")
+    if settings.ckpt_from_options and isinstance(remembered, str) and remembered.strip():
+        return remembered
+    return settings.ckpt
 
 
 def _load_starting_model(worker: Worker, registry: ModelRegistry, name: str):

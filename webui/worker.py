@@ -690,7 +690,17 @@ class Worker:
         return self.call(lambda engine: self._queue_warm_up(engine, engine.restore_device()), "Loading the model back")
 
     def _load_then_queue_warm_up(self, engine: Engine, name: str) -> LoadedModel:
-        return self._queue_warm_up(engine, engine.load(name))
+        model = self._queue_warm_up(engine, engine.load(name))
+        self._remember_model(engine, model)
+        return model
+
+    def _remember_model(self, engine: Engine, model: LoadedModel) -> None:
+        """The model loaded (at start, or picked in the UI or by the API) is the next start's, as A1111 keeps
+        sd_model_checkpoint in its settings file; a file that cannot be written costs only that."""
+        try:
+            self.options.remember({"sd_model_checkpoint": engine.registry.lasting_name(model.entry)})
+        except OSError as err:
+            log.warning("the model loaded is not remembered for the next start: %s", err)
 
     def _queue_warm_up(self, engine: Engine, model: LoadedModel) -> LoadedModel:
         if engine.needs_warm_up:

@@ -13,7 +13,6 @@ import datetime as dt
 import logging
 import os
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,6 +56,8 @@ from webui.storage.options import OPTION_KEYS, SettingsFrozen
 from webui.worker import Job, QueueFull, WorkerStopped, await_result
 
 log = logging.getLogger(__name__)
+# A1111's options the API keeps for requests that give none, beside the Settings tab's, in the settings file
+REMEMBERED_API_OPTIONS = ("CLIP_stop_at_last_layers", "sd_vae", *convert.API_OPTIONS)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text} for code, text in (
@@ -128,13 +129,14 @@ class Api:
         self.worker = services.worker
         self.registry = services.registry
         self.engine = services.engine
-        # The clip skip of API requests that give none (A1111's CLIP_stop_at_last_layers option). Kept in
-        # memory only: A1111 writes its options to a file, but a restart here starts from 1 again.
+        # The clip skip of API requests that give none (A1111's CLIP_stop_at_last_layers option). Kept in the
+        # settings file, as A1111 keeps it, so a restart (or A1111's own config.json) starts from it.
         self.clip_skip = 1
-        self.sd_vae = AUTOMATIC  # A1111's sd_vae option: the VAE of API requests that give none; in memory too
+        self.sd_vae = AUTOMATIC  # A1111's sd_vae option: the VAE of API requests that give none; kept too
         # A1111's sampler and token merging options (eta, ENSD, NGMS, ...) POST /options set, for API requests that
         # give none; likewise
         self.api_options: dict[str, Any] = {}
+        self._take_remembered_options()
         self._extras_turn = anyio.CapacityLimiter(1)  # Extras requests, one at a time
         # The model of API requests that name none: the last sd_model_checkpoint set (None: the loaded one).
         # A browser tab's Generate runs its own pick, so it must not undo an API client's choice either.
@@ -628,18 +630,41 @@ class Api:
                            "SettingsNotSaved") from None
         return _OptionChanges(clip_skip, vae, api_options, saved)
 
-    def _apply_options(self, changes: _OptionChanges) -> None:
+    def _apply_options(self, changes: _OptionChanges, remember: bool = True) -> None:
         if changes.clip_skip is not None:
             self.clip_skip = changes.clip_skip
         if changes.sd_vae is not None:
             self.sd_vae = changes.sd_vae
         self.api_options |= changes.api_options
+        if remember:
+            self._remember_options(changes)
         if changes.saved:
             try:
                 self.services.options.update(changes.saved)
             except OSError as err:  # checked before, so a disk that failed, or the file spoilt meanwhile
                 raise ApiError(500, f"{', '.join(changes.saved)} not saved, and unchanged: {err}",
                                "SettingsNotSaved") from None
+
+    def _take_remembered_options(self) -> None:
+        """The API's options as the settings file keeps them; one this server cannot take is left out, with a
+        warning (the file keeps it)."""
+        remembered = self.services.options.remembered(REMEMBERED_API_OPTIONS)
+        for key, value in remembered.items():
+            try:
+                changes = self._option_changes({key: value})
+            except ApiError as err:
+                log.warning("settings file: %s = %r is not taken (%s); the default applies", key, value, err.message)
+                continue
+            self._apply_options(changes, remember=False)
+
+    def _remember_options(self, changes: _OptionChanges) -> None:
+        """The API's options just set, into the settings file for the next start, as A1111 keeps them."""
+        values = {"CLIP_stop_at_last_layers": changes.clip_skip, "sd_vae": changes.sd_vae} | changes.api_options
+        try:
+            self.services.options.remember({key: value for key, value in values.items() if value is not None})
+        except OSError as err:
+            raise ApiError(500, f"applied until the server stops, but not saved for the next start: {err}",
+                           "SettingsNotSaved") from None
 
     async def _switch_model(self, value: Any) -> None:
         name = convert.model_name(value, "sd_model_checkpoint")

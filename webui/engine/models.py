@@ -78,6 +78,13 @@ class ModelRegistry:
         with self._lock:
             return self._entries + [entry for entry in self._kept if entry not in self._entries]
 
+    def lasting_name(self, entry: ModelEntry) -> str:
+        """The name a later start finds the model by: A1111's title ("name [hash]") for a model of the models
+        folder, the path or hub id of another (A1111's settings file keeps it as sd_model_checkpoint)."""
+        with self._lock:
+            in_folder = entry in self._entries
+        return self.title(entry) if in_folder else entry.source
+
     def keep_listed(self, entry: ModelEntry) -> None:
         """List a model from outside the models folder: the one the server started with (--ckpt with a path or a
         hub id, or the embedded model beside another models folder), so that it can be picked again after another,

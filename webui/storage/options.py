@@ -174,6 +174,9 @@ SAVING_KEYS = ("samples_format", "grid_format", "jpeg_quality", "samples_filenam
                "grid_prevent_empty_spots", "return_grid", *INFOTEXT_SWITCHES)
 
 
+_MISSING = object()
+
+
 class SettingsFrozen(Exception):
     """The server was started with --freeze-settings: the settings cannot be changed."""
 
@@ -212,6 +215,35 @@ class OptionsStore:
                 self._write(changed)
             self._current = updated
             return updated
+
+    def remembered(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        """The file's values of A1111 options kept beside the Settings tab's (the model, the API's options), as the
+        file has them: their users check them. {} without a file, or with one that cannot be read."""
+        with self._lock:
+            if self.path is None or self._unreadable:
+                return {}
+            try:
+                data = self._file_contents()
+            except (OSError, UnicodeDecodeError, ValueError):
+                return {}
+        return {key: data[key] for key in keys if key in data}
+
+    def remember(self, values: dict[str, Any]) -> None:
+        """Write A1111 options kept beside the Settings tab's into the file (checked by the caller), as A1111 keeps
+        them across restarts. Nothing is written without a file, or under --freeze-settings (they then last until
+        the server stops); OSError when the file cannot be written."""
+        with self._lock:
+            if self.path is None or self.frozen or not values:
+                return
+            if self._unreadable:
+                raise OSError(f"the settings file {self.path} could not be read ({self._unreadable}), so it is not "
+                              "saved over; fix or remove it, then restart")
+            try:
+                on_file = self._file_contents()
+            except (UnicodeDecodeError, ValueError):  # spoilt since the start: _write says so
+                on_file = {}
+            if any(on_file.get(key, _MISSING) != value for key, value in values.items()):
+                self._write(values)
 
     def check(self, changes: dict[str, Any]) -> None:
         """What update would refuse (InvalidRequest, SettingsFrozen), found without changing anything."""
