@@ -604,3 +604,17 @@ def test_frozen_settings_keep_the_apis_options_in_memory_only(settings):
     finally:
         services.close()
     assert not settings.options_path.exists()
+
+
+def test_a1111s_output_folders_in_its_settings_file_are_said_to_be_not_followed(settings, caplog):
+    from webui.services import build_services
+
+    settings.options_path.parent.mkdir(parents=True, exist_ok=True)
+    settings.options_path.write_text(json.dumps({"outdir_samples": "", "outdir_txt2img_samples": "/mnt/art/txt2img",
+                                                 "outdir_img2img_samples": "outputs/img2img-images"}), encoding="utf-8")
+    with caplog.at_level("WARNING", logger="webui.services"):
+        build_services(settings, load_model=False).close()
+    said = [record.getMessage() for record in caplog.records if "output folders" in record.getMessage()]
+    # A1111's defaults are no news; a folder of the user's own is
+    assert len(said) == 1 and "outdir_txt2img_samples = '/mnt/art/txt2img'" in said[0]
+    assert "outdir_img2img_samples" not in said[0] and str(settings.outdir) in said[0]

@@ -55,6 +55,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     engine = wrap_engine(Engine(settings, registry))  # ZeroGPU Spaces only; a no-op elsewhere
     options = OptionsStore(settings.options_path, frozen=settings.freeze_settings,
                            starting=_starting_options(settings))
+    _say_a1111_folders_are_not_followed(options, outdir)
     outputs = OutputStore(outdir, options)
     history = History(outdir / "history.sqlite3", outdir)
     alone = outputs.claim()
@@ -98,6 +99,24 @@ def _load_starting_model(worker: Worker, registry: ModelRegistry, name: str):
             raise
         log.warning("%s; loading %s instead", err, fallback)
         return worker.load_model(fallback)
+
+
+# A1111's output folder settings and their defaults (relative to its own folder): this server's layout is fixed.
+_A1111_FOLDERS = {"outdir_samples": "", "outdir_txt2img_samples": "outputs/txt2img-images",
+                  "outdir_img2img_samples": "outputs/img2img-images", "outdir_extras_samples": "outputs/extras-images",
+                  "outdir_grids": "", "outdir_txt2img_grids": "outputs/txt2img-grids",
+                  "outdir_img2img_grids": "outputs/img2img-grids", "outdir_save": "log/images",
+                  "outdir_init_images": "outputs/init-images"}
+
+
+def _say_a1111_folders_are_not_followed(options: OptionsStore, outdir: Path) -> None:
+    """An A1111 settings file (--ui-settings-file) that sends images elsewhere: say where they go instead."""
+    moved = {key: value for key, value in options.remembered(tuple(_A1111_FOLDERS)).items()
+             if value and value != _A1111_FOLDERS[key]}
+    if moved:
+        log.warning("the settings file's output folders (%s) are A1111's and not followed: images go to %s, in "
+                    "txt2img-images, img2img-images, extras-images and the grids' folders (--outdir)",
+                    ", ".join(f"{key} = {value!r}" for key, value in moved.items()), outdir)
 
 
 def _starting_options(settings: Settings) -> dict[str, Any]:
