@@ -125,6 +125,14 @@ def test_a_pasted_infotext_brings_its_seed_resize_and_tiling_back_and_makes_the_
     one_side = client.post("/sdapi/v1/txt2img", json={"infotext": text, "seed_resize_from_w": 256})
     assert one_side.status_code == 200, one_side.text  # the pair is the body's then (one side alone: off)
     assert "Seed resize from" not in json.loads(one_side.json()["info"])["infotexts"][0]
+    # A1111's paste fields take the batch size too (the picture pasted is the first of that batch)
+    batch_text = json.loads(client.post("/sdapi/v1/txt2img", json=QUICK | {"batch_size": 2}).json()["info"])[
+        "infotexts"][0]
+    assert "Batch size: 2" in batch_text
+    pasted = json.loads(client.post("/sdapi/v1/txt2img", json={"infotext": batch_text}).json()["info"])
+    assert pasted["batch_size"] == 2 and pasted["infotexts"][0] == batch_text
+    assert json.loads(client.post("/sdapi/v1/txt2img", json={"infotext": batch_text, "batch_size": 1}).json()[
+        "info"])["batch_size"] == 1  # the body's own wins
     plain = client.post("/sdapi/v1/txt2img", json={"infotext": text, "tiling": False, "seed_resize_from_w": -1,
                                                       "seed_resize_from_h": -1})
     plain_text = json.loads(plain.json()["info"])["infotexts"][0]

@@ -67,7 +67,7 @@ _INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "sched
 _IMG2IMG_INFOTEXT_FIELDS = _INFOTEXT_FIELDS + ("denoising_strength", "image_cfg_scale")
 # body fields whose own defaults stand for "none given" (0 or -1, false): an infotext fills each group where the body
 # sends none of it
-_PASTED_BODY_FIELDS = (("seed_resize_from_w", "seed_resize_from_h"), ("tiling",))
+_PASTED_BODY_FIELDS = (("seed_resize_from_w", "seed_resize_from_h"), ("tiling",), ("batch_size",))
 # A1111's options that are request fields here, by their infotext keys: a field or override_settings gives one,
 # else the `infotext` (option_fields)
 _OPTION_KEYS = {"s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps", "skip_early_cond": "Skip Early CFG",
@@ -175,7 +175,8 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         **dict(zip(("seed_resize_from_w", "seed_resize_from_h"),
                    a1111_seed_resize(req.seed_resize_from_w, req.seed_resize_from_h))),
     }
-    # an infotext's seed resize (both sides, where the body sets neither) and tiling, as A1111's paste fields fill them
+    # an infotext's seed resize (both sides, where the body sets neither), tiling and batch size, as A1111's paste
+    # fields fill them
     data |= {name: pasted[name] for group in _PASTED_BODY_FIELDS if not set(group) & req.model_fields_set
              for name in group if name in pasted}
     if img2img:
