@@ -519,37 +519,31 @@ def test_the_apis_options_last_across_a_restart_in_the_settings_file(settings):
         services.close()
 
 
-def test_a1111s_own_config_file_gives_the_apis_options_and_its_defaults_change_nothing(settings, caplog):
+def api_options_at_start(settings, on_file: dict) -> dict:
+    """GET /sdapi/v1/options of a server started with this settings file."""
     from webui.services import build_services
 
     settings.options_path.parent.mkdir(parents=True, exist_ok=True)
-    settings.options_path.write_text(json.dumps(A1111_DEFAULTS | {"eta_noise_seed_delta": 31337, "sd_vae": "None"}),
-                                     encoding="utf-8")
+    settings.options_path.write_text(json.dumps(on_file), encoding="utf-8")
+    services = build_services(settings)
+    try:
+        with TestClient(create_api_app(services)) as client:
+            return client.get("/sdapi/v1/options").json()
+    finally:
+        services.close()
+
+
+def test_a1111s_own_config_file_gives_the_apis_options_and_its_defaults_change_nothing(settings, caplog):
     with caplog.at_level("WARNING"):
-        services = build_services(settings)
-        try:
-            with TestClient(create_api_app(services)) as client:
-                options = client.get("/sdapi/v1/options").json()
-        finally:
-            services.close()
+        options = api_options_at_start(settings, A1111_DEFAULTS | {"eta_noise_seed_delta": 31337, "sd_vae": "None"})
     assert not [record.getMessage() for record in caplog.records if "settings file" in record.getMessage()]
     assert (options["eta_noise_seed_delta"], options["sd_vae"], options["CLIP_stop_at_last_layers"]) == (
         31337, "None", 1)
 
 
 def test_a_value_of_the_file_this_server_cannot_take_is_named_and_left_on_file(settings, caplog):
-    from webui.services import build_services
-
-    settings.options_path.parent.mkdir(parents=True, exist_ok=True)
-    settings.options_path.write_text(json.dumps({"CLIP_stop_at_last_layers": "deep", "eta_ddim": 0.3}),
-                                     encoding="utf-8")
     with caplog.at_level("WARNING"):
-        services = build_services(settings)
-        try:
-            with TestClient(create_api_app(services)) as client:
-                options = client.get("/sdapi/v1/options").json()
-        finally:
-            services.close()
+        options = api_options_at_start(settings, {"CLIP_stop_at_last_layers": "deep", "eta_ddim": 0.3})
     assert (options["CLIP_stop_at_last_layers"], options["eta_ddim"]) == (1, 0.3)
     said = " ".join(record.getMessage() for record in caplog.records)
     assert "CLIP_stop_at_last_layers = 'deep' is not taken" in said
