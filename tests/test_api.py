@@ -356,6 +356,9 @@ def test_an_unknown_sampler_is_named_as_the_client_sent_it(client):
     for field in ("sampler_name", "sampler_index"):
         r = client.post("/sdapi/v1/txt2img", json=QUICK | {field: "Fast Magic"})
         assert r.status_code == 422 and r.json()["detail"].startswith(f"{field}: unknown sampler 'Fast Magic'"), r.text
+    pasted = "a cat\nSteps: 2, Sampler: Fast Magic, CFG scale: 7, Seed: 1, Size: 64x64"
+    r = client.post("/sdapi/v1/txt2img", json={"infotext": pasted})
+    assert r.status_code == 422 and r.json()["detail"].startswith("infotext (Sampler): unknown sampler"), r.text
 
 
 def test_malformed_json_and_unknown_model(client):

@@ -161,9 +161,8 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     # Checked here, not only by the schema, so each message names the field it is about.
     try:
         *resolved, note = sampler_and_schedule(values["sampler_name"], values["scheduler"])
-    except ValueError as err:
-        problems.append(str(err) if req.sampler_name or not req.sampler_index  # named as the client sent it
-                        else str(err).replace("sampler_name: ", "sampler_index: ", 1))
+    except ValueError as err:  # named as the client sent it
+        problems.append(str(err).replace("sampler_name: ", f"{_sampler_source(req, pasted)}: ", 1))
         resolved, note = ("Euler", "Automatic"), None  # placeholders, so the schema check below reports only the rest
     values["sampler_name"], values["scheduler"] = resolved
 
@@ -455,6 +454,15 @@ def api_option_values(body: dict[str, Any]) -> dict[str, Any]:
             except InvalidRequest as err:
                 raise InvalidRequest(str(err).replace(field, name, 1)) from None
     return values
+
+
+def _sampler_source(req: GenerationBody, pasted: dict[str, Any]) -> str:
+    """Where a request's sampler came from, named as the client sent it."""
+    if req.sampler_name:
+        return "sampler_name"
+    if "sampler_name" in pasted:
+        return "infotext (Sampler)"
+    return "sampler_index" if req.sampler_index else "sampler_name"
 
 
 def _option_field_name(req: GenerationBody, name: str) -> str:
