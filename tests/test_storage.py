@@ -739,3 +739,36 @@ def test_the_fingerprint_changes_with_every_image_change_and_reads_no_rows(histo
         other_server.close()
     seen.append(history.fingerprint())
     assert len(set(seen)) == 4, seen
+
+
+def test_a_png_past_pils_pixel_limit_still_gives_its_text(tmp_path, monkeypatch):
+    """PIL refuses to open a picture past twice its MAX_IMAGE_PIXELS (a 4x upscale of 4096x4096): PNG Info and the
+    API's png-info read the text chunks before the pixels instead of calling the file damaged or too large."""
+    import base64
+
+    from PIL import PngImagePlugin
+
+    from webui.api.convert import decode_image, png_info
+    from webui.ui.pnginfo import read_parameters
+
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", "a 猫 on a mat\nSteps: 2, Sampler: Euler, Seed: 5, Size: 64x64")  # iTXt: not Latin-1
+    meta.add_text("postprocessing", "Postprocess upscale by: 4", zip=True)  # zTXt
+    meta.add_text("Software", "test")  # tEXt
+    red((64, 64)).save(tmp_path / "huge.png", pnginfo=meta)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # so 64x64 is past PIL's limit here
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "huge.png")
+    text, table = read_parameters(str(tmp_path / "huge.png"))
+    assert text.startswith("a 猫 on a mat\n") and "Postprocess upscale by: 4" in table
+    data = base64.b64encode((tmp_path / "huge.png").read_bytes()).decode()
+    answer = png_info(decode_image(data, pixels_needed=False))
+    assert answer["info"] == text and answer["items"] == {"postprocessing": "Postprocess upscale by: 4",
+                                                          "Software": "test"}
+    assert answer["parameters"]["Seed"] == "5"
+    not_a_png = tmp_path / "huge.jpg"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    red((64, 64)).save(not_a_png)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert "Could not read huge.jpg: at 2,000 pixels or more a JPEG or WebP file is too large" in read_parameters(
+        str(not_a_png))[1]

@@ -28,6 +28,7 @@ import re
 import struct
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -451,6 +452,52 @@ def read_infotext(image: Image.Image) -> str | None:
     text = (image.info.get("parameters") or _text_after_pixels(image) or _exif_user_comment(image)
             or _novelai_infotext(image))
     return text[:MAX_INFOTEXT_CHARS] if text else None
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_MAX_TEXT_CHUNK = 16 * 1024 * 1024  # larger text chunks are no infotext: skipped
+
+
+def png_texts_only(data: bytes) -> Image.Image | None:
+    """A 1x1 stand-in holding the text chunks of a PNG too large for PIL to open (an upscale past its pixel limit):
+    the chunks before the pixels are read (ours and A1111's parameters are there), none of the pixels. None for a
+    file that is no PNG. read_infotext and text_chunks read the stand-in as they read the picture."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    texts, at = {}, len(_PNG_SIGNATURE)
+    while at + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        body = data[at + 8:at + 8 + length]
+        if kind in (b"IDAT", b"IEND") or len(body) < length:
+            break
+        if kind in (b"tEXt", b"zTXt", b"iTXt") and length <= _MAX_TEXT_CHUNK:
+            key, text = _png_text(kind, body)
+            if key and text is not None:
+                texts.setdefault(key, text)
+        at += 12 + length  # length, kind, body, CRC
+    stand_in = Image.new("1", (1, 1))
+    stand_in.info = texts
+    return stand_in
+
+
+def _png_text(kind: bytes, body: bytes) -> tuple[str, str | None]:
+    """One PNG text chunk's (key, text); text None where it cannot be read."""
+    key, _, rest = body.partition(b"\0")
+    try:
+        if kind == b"tEXt":
+            return key.decode("latin-1"), rest.decode("latin-1")
+        if kind == b"zTXt":
+            return key.decode("latin-1"), _inflate(rest[1:]).decode("latin-1")
+        compressed, rest = rest[:1] == b"\1", rest[2:]  # iTXt: flag, method, language, translated key, text
+        text = rest.split(b"\0", 2)[-1]
+        return key.decode("latin-1"), (_inflate(text) if compressed else text).decode("utf-8")
+    except (zlib.error, UnicodeDecodeError, IndexError):
+        return key.decode("latin-1", "replace"), None
+
+
+def _inflate(data: bytes) -> bytes:
+    """zlib data unpacked to at most _MAX_TEXT_CHUNK bytes (a small chunk may unpack to gigabytes)."""
+    return zlib.decompressobj().decompress(data, _MAX_TEXT_CHUNK)
 
 
 def text_chunks(image: Image.Image, limit: int | None = MAX_INFOTEXT_CHARS) -> dict[str, str]:

@@ -9,7 +9,7 @@ import gradio as gr
 from PIL import Image
 
 from webui.storage.infotext import parse_infotext, request_fields_from_infotext
-from webui.storage.outputs import MAX_SCANNED_PIXELS, read_infotext, text_chunks
+from webui.storage.outputs import MAX_SCANNED_PIXELS, png_texts_only, read_infotext, text_chunks
 from webui.ui.progress import error_html
 
 
@@ -27,6 +27,18 @@ class PngInfoTab:
     send_extras: gr.Button
 
 
+def _opened(path: str) -> Image.Image:
+    """The picture opened for its text; a PNG past PIL's pixel limit as a stand-in holding its text chunks."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError:
+        with open(path, "rb") as file:
+            stand_in = png_texts_only(file.read(64 * 1024 * 1024))  # the text is before the pixels
+        if stand_in is None:
+            raise
+        return stand_in
+
+
 def read_parameters(upload: dict | str | None) -> tuple[str, str]:
     """(raw infotext, HTML table of its parameters) for an uploaded file; a message when it has none.
 
@@ -39,7 +51,7 @@ def read_parameters(upload: dict | str | None) -> tuple[str, str]:
     name = (upload.get("orig_name") if isinstance(upload, dict) else None) or os.path.basename(path)
     damaged = False
     try:
-        with Image.open(path) as image:
+        with _opened(path) as image:
             others = text_chunks(image)  # A1111's postprocessing (Extras), a program's Software, ...
             text = read_infotext(image)  # what comes before the pixels (ours and A1111's PNGs)
             try:
@@ -50,7 +62,10 @@ def read_parameters(upload: dict | str | None) -> tuple[str, str]:
                 if not text:
                     raise
                 damaged = True  # cut short after its parameters (a broken download): they still help
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # no PNG, whose text could be read without the pixels
+        return "", error_html(f"Could not read {name}: at {Image.MAX_IMAGE_PIXELS * 2:,} pixels or more a JPEG or "
+                              "WebP file is too large to open here (a PNG's parameters are read at any size).")
+    except (OSError, SyntaxError, ValueError):
         # PIL's message names the server's temp path; the user only needs to know which file failed.
         return "", error_html(f"Could not read {name} as an image: it is not a PNG, JPEG or WebP file, "
                               "or it is damaged.")
