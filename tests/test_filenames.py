@@ -50,9 +50,10 @@ def test_datetime_takes_a1111s_format_and_time_zone(pattern, name):
     assert file_name_part(pattern, PARTS, now) == name
 
 
-MORE = NameParts(seed=12, prompt="film still of a red Cat", negative_prompt="", sampler="Euler a",
+MORE = NameParts(seed=12, prompt="film still of a red Cat", sampler="Euler a",
                  scheduler="SGM Uniform", prompt_no_styles="a red Cat", styles=("Film", "None"),
-                 seeds=(11, 12, 13, 14), image_number=1, image_count=4, job_started=dt.datetime(2026, 1, 2, 3, 4, 5),
+                 seeds=(11, 12, 13, 14), image_number=1, image_count=4, batch_size=4, negative_prompt="styled, blurry",
+                 negative_no_styles="blurry", job_started=dt.datetime(2026, 1, 2, 3, 4, 5),
                  vae_file="vae-ft-mse-840000.safetensors", picture=Image.new("RGB", (2, 2), "red"))
 
 
@@ -64,9 +65,11 @@ MORE = NameParts(seed=12, prompt="film still of a red Cat", negative_prompt="", 
     ("[job_timestamp]", "20260102030405"),
     ("[hasprompt<cat><dog|nodog>]", "catnodog"),  # the words found (in lower case), else their alternatives
     ("[hasprompt<red|>][hasprompt<blue>]", "red"),
+    ("[hasprompt<Red Cat>]", "red_cat"),  # spaces as underscores, as A1111
+    ("[negative_prompt_hash<6>]", "a51b6d"),  # of the negative prompt before its styles, as A1111
     ("[vae_filename]", "vae-ft-mse-840000"),
     ("[image_hash<10>]", "fcf067f632"),  # sha256 of the pixels: b'\xff\x00\x00' x 4
-    ("[prompt_hash<4>]-[full_prompt_hash<12>]", "7e65-1283d2b07a39"),  # sha256, cut to the length given
+    ("[prompt_hash<4>]-[full_prompt_hash<12>]", "7e65-bc8fb87f426d"),  # sha256 cut to the length; full: unstyled
     ("[sampler_scheduler]", "Euler a Sgm uniform"),  # A1111 capitalises the schedule so
     ("[scheduler]", "Sgm uniform"),
     ("[user]", "[user]"),  # A1111's login name; none here, so as written (A1111 writes it so without a login)
@@ -80,6 +83,9 @@ def test_the_rest_of_a1111s_tags_without_what_they_read():
     assert file_name_part("[styles]", alone, NOW) == "None"
     assert file_name_part("[prompt_no_styles]", NameParts(seed=3, prompt="plain"), NOW) == "plain"
     assert file_name_part("[seed]-[generation_number]", alone, NOW) == "3"  # a lone picture: nothing, nor the "-"
+    # batches of one (several batches), as A1111: the picture's own seed first, no last one
+    one_of_many = NameParts(seed=10, seeds=(9, 10), image_number=1, image_count=2)
+    assert file_name_part("[seed_first]-[seed_last]", one_of_many, NOW) == "10"
     assert file_name_part("[vae_filename]", alone, NOW) == "NoneType"  # the model's own VAE, as A1111 writes it
     assert file_name_part("[vae_filename]", NameParts(seed=3, vae_file=".hidden.pt"), NOW) == "hidden"
     assert file_name_part("[image_hash]", alone, NOW) == "[image_hash]"

@@ -612,3 +612,61 @@ def test_a1111s_output_folders_in_its_settings_file_are_said_to_be_not_followed(
     # A1111's defaults are no news; a folder of the user's own is
     assert len(said) == 1 and "outdir_txt2img_samples = '/mnt/art/txt2img'" in said[0]
     assert "outdir_img2img_samples" not in said[0] and str(settings.outdir) in said[0]
+
+
+def test_a_remembered_model_no_longer_in_the_models_folder_is_never_fetched_and_the_start_goes_on(
+        settings, models_dir, tmp_path, monkeypatch, caplog):
+    """"SD15/gone" looks like a hub id: a start must not download it (nor start with no model)."""
+    import dataclasses
+
+    from webui.engine import hub
+    from webui.services import build_services
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a remembered model was fetched from the hub")
+
+    monkeypatch.setattr(hub, "download", no_download)
+    own_models = tmp_path / "models"
+    own_models.mkdir()
+    (own_models / "tiny-a").symlink_to(models_dir / "tiny-sd", target_is_directory=True)
+    settings.options_path.parent.mkdir(parents=True, exist_ok=True)
+    settings.options_path.write_text(json.dumps({"sd_model_checkpoint": "SD15/gone [0123456789]"}), encoding="utf-8")
+    with caplog.at_level("WARNING", logger="webui.services"):
+        services = build_services(dataclasses.replace(settings, models_dir=own_models, ckpt="tiny-a",
+                                                      ckpt_from_options=True))
+    try:
+        assert services.engine.model.entry.name == "tiny-a"
+        said = " ".join(record.getMessage() for record in caplog.records)
+        assert "the model loaded last (sd_model_checkpoint in" in said and "loading tiny-a instead" in said
+    finally:
+        services.close()
+
+
+def test_a_single_file_model_is_remembered_by_its_file_name_as_a1111_writes_it(models_dir, tmp_path):
+    from webui.engine.models import ModelRegistry
+
+    (tmp_path / "models" / "SD15").mkdir(parents=True)
+    (tmp_path / "models" / "SD15" / "dream.safetensors").write_bytes(b"not read here")
+    (tmp_path / "models" / "tiny-a").symlink_to(models_dir / "tiny-sd", target_is_directory=True)
+    registry = ModelRegistry(tmp_path / "models", hash_cache=tmp_path / "hashes.json")
+    single, folder = registry.find("SD15/dream"), registry.find("tiny-a")
+    assert registry.lasting_name(single) == "SD15/dream.safetensors"  # A1111's title (with its hash once known)
+    assert registry.find(registry.lasting_name(single)) == single
+    assert registry.lasting_name(folder) == "tiny-a"
+    assert registry.lasting_name(registry.find("org/some-model")) is None  # a hub id: not the folder's
+
+
+def test_options_the_settings_file_cannot_keep_still_apply(settings, monkeypatch, caplog):
+    """A read-only A1111 config.json (a Docker :ro mount): POST /options answered 500 on every call."""
+    from webui.services import build_services
+
+    services = build_services(settings, load_model=False)
+    monkeypatch.setattr(OptionsStore, "_write", lambda self, changes: (_ for _ in ()).throw(OSError("read-only")))
+    try:
+        with TestClient(create_api_app(services)) as client, caplog.at_level("WARNING"):
+            reply = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2})
+            assert reply.status_code == 200, reply.text
+            assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
+        assert any("not kept for the next start: read-only" in record.getMessage() for record in caplog.records)
+    finally:
+        services.close()

@@ -374,3 +374,18 @@ def test_a_bug_while_preparing_a_run_ends_as_a_message(ui, monkeypatch):
     monkeypatch.setattr(xyz_plot.csv, "reader", broken)
     [(_, _, progress, *_)] = plot(ui, x_type="Steps", x_values="1, 2")
     assert "The run could not start: something unforeseen" in progress
+
+
+def test_a_plots_grid_is_named_by_its_first_pictures_prompt_and_seed(tmp_path):
+    """As A1111 saves it: the folder and file patterns read the first picture's prompt and seed (an empty Directory
+    name pattern, A1111's [prompt_words], made a folder named 'empty')."""
+    from webui.runs import saved_grids
+    from webui.schemas import GeneratedImage
+    from webui.storage.options import OptionsStore
+    from webui.storage.outputs import OutputStore
+
+    options = OptionsStore(None)
+    options.update({"directories_filename_pattern": ""})
+    grid = GeneratedImage(Image.new("RGB", (128, 64)), 11, 0, "a lighthouse at dusk\nSteps: 2, Seed: 11, Size: 64x64")
+    (saved,) = saved_grids([grid], OutputStore(tmp_path, options), "txt2img")
+    assert Path(saved.path).parent == tmp_path / "txt2img-grids" / "a lighthouse at dusk"

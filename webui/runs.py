@@ -20,7 +20,8 @@ from webui.engine.models import ModelNotFound
 from webui.loopback import INTERROGATIONS, loop_mask, loop_requests, with_interrogation
 from webui.prompt_lines import line_requests
 from webui.schemas import GeneratedImage, InvalidRequest, JobState
-from webui.storage.infotext import with_params
+from webui.storage.filenames import NameParts
+from webui.storage.infotext import parse_infotext, with_params
 from webui.storage.options import SavedOptions
 from webui.storage.outputs import NamedCopy, OutputStore
 from webui.worker import Job, Worker
@@ -245,8 +246,11 @@ def saved_grids(grids: list[GeneratedImage], outputs: OutputStore, kind: str,
     how the files are written, where not the Settings tab's."""
     saved = []
     for grid in grids:
+        prompt, negative, _ = parse_infotext(grid.infotext, backcompat=False)
+        parts = NameParts(seed=grid.seed, prompt=prompt, negative_prompt=negative, width=grid.image.width,
+                          height=grid.image.height, picture=grid.image)  # as A1111: its first picture's prompt
         try:
-            path = str(outputs.save_grid(grid.image, grid.infotext, kind, options=options))
+            path = str(outputs.save_grid(grid.image, grid.infotext, kind, parts, options=options))
         except OSError as err:  # shown all the same; the log says why it is not on disk
             log.warning("the grid was not saved: %s", err)
             path = None

@@ -36,6 +36,7 @@ class Services:
     worker: Worker
     styles: StyleStore
     options: OptionsStore  # the Settings tab's, shared with /sdapi/v1/options
+    starting_model: str = ""  # the model the start loaded or tried to (for messages when none loaded)
 
     def close(self, wait: float = 30.0) -> None:
         """Stop the worker (waiting up to `wait` seconds for what it is doing), then let go of the files."""
@@ -67,7 +68,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     services = Services(settings, registry, engine, outputs, history, worker, styles, options)
     if load_model:
         try:
-            registry.keep_listed(_load_starting_model(worker, registry, _starting_model(settings, options)).entry)
+            registry.keep_listed(_load_starting_model(services).entry)
         except (ModelLoadError, ModelNotFound) as err:
             # The app still starts: the user can pick another model in the UI.
             log.error("%s", err)
@@ -77,16 +78,24 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     return services
 
 
-def _starting_model(settings: Settings, options: OptionsStore) -> str:
-    """--ckpt's model; without one, the model loaded last (A1111's sd_model_checkpoint in the settings file),
-    else the embedded one."""
-    remembered = options.remembered(("sd_model_checkpoint",)).get("sd_model_checkpoint")
+def _load_starting_model(services: Services):
+    """The model loaded last (A1111's sd_model_checkpoint in the settings file) when --ckpt names none, if it is
+    still in the models folder (never a download); else --ckpt's (the embedded model by default)."""
+    settings, registry = services.settings, services.registry
+    remembered = services.options.remembered(("sd_model_checkpoint",)).get("sd_model_checkpoint")
     if settings.ckpt_from_options and isinstance(remembered, str) and remembered.strip():
-        return remembered
-    return settings.ckpt
+        try:
+            entry = registry.find_listed(remembered)
+            services.starting_model = entry.name
+            return services.worker.load_model(entry.name)
+        except (ModelNotFound, ModelLoadError) as err:
+            log.warning("the model loaded last (sd_model_checkpoint in %s) is not started: %s; loading %s instead",
+                        settings.options_path, err, settings.ckpt)
+    services.starting_model = settings.ckpt
+    return _load_named_model(services.worker, registry, settings.ckpt)
 
 
-def _load_starting_model(worker: Worker, registry: ModelRegistry, name: str):
+def _load_named_model(worker: Worker, registry: ModelRegistry, name: str):
     """The model --ckpt names; one that is nowhere falls back to the models folder's first (the embedded model
     when the folder has none), as A1111 loads a fallback, so that the server starts ready to generate."""
     try:

@@ -697,8 +697,11 @@ class Worker:
     def _remember_model(self, engine: Engine, model: LoadedModel) -> None:
         """The model loaded (at start, or picked in the UI or by the API) is the next start's, as A1111 keeps
         sd_model_checkpoint in its settings file; a file that cannot be written costs only that."""
+        name = engine.registry.lasting_name(model.entry)
+        if name is None:  # from outside the models folder: the start that gave it is not repeated by itself
+            return
         try:
-            self.options.remember({"sd_model_checkpoint": engine.registry.lasting_name(model.entry)})
+            self.options.remember({"sd_model_checkpoint": name})
         except OSError as err:
             log.warning("the model loaded is not remembered for the next start: %s", err)
 
@@ -1308,6 +1311,7 @@ def _name_parts(job: Job, image: GeneratedImage, picture: Image.Image | None = N
         denoising_strength=request.denoising_strength if request.is_img2img or request.enable_hr else None,
         batch_number=0 if request.sd_upscale else image.index % request.batch_size, batch_size=request.batch_size,
         prompt_no_styles=job.prompts_before_styles[0] if job.prompts_before_styles else None,
+        negative_no_styles=job.prompts_before_styles[1] if job.prompts_before_styles else None,
         styles=tuple(request.styles), seeds=tuple(job.seeds), image_number=image.index,
         image_count=1 if request.sd_upscale else request.image_count,
         job_started=dt.datetime.fromtimestamp(started), vae_file=job.vae.name if job.vae else None, picture=picture)

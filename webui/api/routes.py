@@ -636,14 +636,14 @@ class Api:
         if changes.sd_vae is not None:
             self.sd_vae = changes.sd_vae
         self.api_options |= changes.api_options
-        if remember:
-            self._remember_options(changes)
         if changes.saved:
             try:
                 self.services.options.update(changes.saved)
             except OSError as err:  # checked before, so a disk that failed, or the file spoilt meanwhile
                 raise ApiError(500, f"{', '.join(changes.saved)} not saved, and unchanged: {err}",
                                "SettingsNotSaved") from None
+        if remember:
+            self._remember_options(changes)
 
     def _take_remembered_options(self) -> None:
         """The API's options as the settings file keeps them; one this server cannot take is left out, with a
@@ -653,7 +653,8 @@ class Api:
             try:
                 changes = self._option_changes({key: value})
             except ApiError as err:
-                log.warning("settings file: %s = %r is not taken (%s); the default applies", key, value, err.message)
+                log.warning("settings file %s: %s = %r is not taken (%s); the default applies until it is set again",
+                            self.services.settings.options_path, key, value, err.message)
                 continue
             self._apply_options(changes, remember=False)
 
@@ -662,9 +663,9 @@ class Api:
         values = {"CLIP_stop_at_last_layers": changes.clip_skip, "sd_vae": changes.sd_vae} | changes.api_options
         try:
             self.services.options.remember({key: value for key, value in values.items() if value is not None})
-        except OSError as err:
-            raise ApiError(500, f"applied until the server stops, but not saved for the next start: {err}",
-                           "SettingsNotSaved") from None
+        except OSError as err:  # a read-only A1111 config.json: they still apply until the server stops
+            log.warning("the API's options apply until the server stops but are not kept for the next start: %s",
+                        err)
 
     async def _switch_model(self, value: Any) -> None:
         name = convert.model_name(value, "sd_model_checkpoint")

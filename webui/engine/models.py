@@ -78,12 +78,17 @@ class ModelRegistry:
         with self._lock:
             return self._entries + [entry for entry in self._kept if entry not in self._entries]
 
-    def lasting_name(self, entry: ModelEntry) -> str:
-        """The name a later start finds the model by: A1111's title ("name [hash]") for a model of the models
-        folder, the path or hub id of another (A1111's settings file keeps it as sd_model_checkpoint)."""
+    def lasting_name(self, entry: ModelEntry) -> str | None:
+        """The name a later start finds a model of the models folder by, as A1111's settings file keeps it
+        (sd_model_checkpoint): A1111's title, the file's path in the folder with its hash ("SD15/model.safetensors
+        [6ce0161689]"), which A1111 reads too; a diffusers folder's name. None for a model from elsewhere (a
+        --ckpt path or hub id: the next start is given it again, or starts as it would without)."""
         with self._lock:
-            in_folder = entry in self._entries
-        return self.title(entry) if in_folder else entry.source
+            if entry not in self._entries:
+                return None
+        name = entry.name + (entry.path.suffix if entry.kind == "single_file" and entry.path else "")
+        digest = self.short_hash(entry, cached_only=True)
+        return f"{name} [{digest}]" if digest else name
 
     def keep_listed(self, entry: ModelEntry) -> None:
         """List a model from outside the models folder: the one the server started with (--ckpt with a path or a

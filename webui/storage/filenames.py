@@ -47,6 +47,7 @@ class NameParts:
     batch_number: int = 0  # the picture's place in its batch
     batch_size: int = 1
     prompt_no_styles: str | None = None  # the prompt as given, before its styles were joined in (None: `prompt`)
+    negative_no_styles: str | None = None  # likewise the negative prompt (None: `negative_prompt`)
     styles: tuple[str, ...] = ()
     seeds: tuple[int, ...] = ()  # the job's, first to last
     image_number: int = 0  # the picture's place in the job, counted from 0
@@ -95,6 +96,12 @@ def _schedule(scheduler: str) -> str:
     return _clean((scheduler or "Automatic").capitalize())
 
 
+def _unstyled(parts: NameParts) -> tuple[str, str]:
+    """The prompt and negative prompt before their styles were joined in."""
+    return (parts.prompt if parts.prompt_no_styles is None else parts.prompt_no_styles,
+            parts.negative_prompt if parts.negative_no_styles is None else parts.negative_no_styles)
+
+
 def _has_prompt(prompt: str, args: list[str]) -> str:
     """[hasprompt<word|otherwise><...>], as A1111: each word (lower case) the prompt holds, else its
     `otherwise` text, else nothing."""
@@ -102,7 +109,7 @@ def _has_prompt(prompt: str, args: list[str]) -> str:
     for arg in filter(None, args):
         word, _, otherwise = arg.partition("|")
         found.append(word.lower() if word.lower() in prompt.lower() else otherwise)
-    return _clean("".join(found))
+    return _clean("".join(found), spaces=False)  # as A1111's: spaces as underscores
 
 
 def _image_hash(picture: Any, args: list[str]) -> str | None:
@@ -137,19 +144,21 @@ _TAGS: dict[str, Callable[[NameParts, dt.datetime, list[str]], str]] = {
     "prompt_spaces": lambda p, now, args: _clean(p.prompt),
     "prompt_words": lambda p, now, args: _clean(_words(p.prompt)),
     "prompt_hash": lambda p, now, args: _short_hash(p.prompt, args),
-    "negative_prompt_hash": lambda p, now, args: _short_hash(p.negative_prompt, args),
-    "full_prompt_hash": lambda p, now, args: _short_hash(f"{p.prompt} {p.negative_prompt}", args),
+    # as A1111: the negative prompt before its styles, and (full) both prompts so
+    "negative_prompt_hash": lambda p, now, args: _short_hash(_unstyled(p)[1], args),
+    "full_prompt_hash": lambda p, now, args: _short_hash(" ".join(_unstyled(p)), args),
     "clip_skip": lambda p, now, args: str(p.clip_skip),
     # none (txt2img): the text just before it goes too, as A1111's
     "denoising": lambda p, now, args: _SKIP_BEFORE if not p.denoising_strength else str(p.denoising_strength),
     # as A1111: counted from 1, and nothing (with the text before it) for a picture made alone
     "batch_number": lambda p, now, args: _SKIP_BEFORE if p.batch_size == 1 else str(p.batch_number + 1),
     "batch_size": lambda p, now, args: str(p.batch_size),
-    "prompt_no_styles": lambda p, now, args: _clean(p.prompt if p.prompt_no_styles is None else p.prompt_no_styles),
+    "prompt_no_styles": lambda p, now, args: _clean(_unstyled(p)[0]),
     "hasprompt": lambda p, now, args: _has_prompt(p.prompt, args),
     "styles": lambda p, now, args: _clean(", ".join(s for s in p.styles if s != "None") or "None"),
-    "seed_first": lambda p, now, args: str(p.seeds[0] if p.seeds else p.seed),
-    "seed_last": lambda p, now, args: str(p.seeds[-1] if p.seeds else p.seed),
+    # as A1111: with batches of one, the picture's own seed, and no last seed (nor the text before it)
+    "seed_first": lambda p, now, args: str(p.seeds[0] if p.seeds and p.batch_size > 1 else p.seed),
+    "seed_last": lambda p, now, args: _SKIP_BEFORE if p.batch_size == 1 else str(p.seeds[-1] if p.seeds else p.seed),
     # as A1111: counted from 1 through the job's batches, and nothing (with the text before) for a lone picture
     "generation_number": lambda p, now, args: _SKIP_BEFORE if p.image_count == 1 else str(p.image_number + 1),
     "job_timestamp": lambda p, now, args: (p.job_started or now).strftime(DEFAULT_TIME_FORMAT),

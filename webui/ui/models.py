@@ -58,9 +58,9 @@ class ModelActions:
         return self.picker(), self.status(), size, size
 
     def current(self) -> str:
-        """The loaded model, else the one asked for at start (the embedded default unless --ckpt)."""
+        """The loaded model, else the one tried at start."""
         model = self.services.engine.model
-        return model.entry.name if model else self.services.settings.ckpt
+        return model.entry.name if model else (self.services.starting_model or self.services.settings.ckpt)
 
     @property
     def public(self) -> bool:
@@ -96,7 +96,7 @@ class ModelActions:
     def status(self) -> str:
         model = self.services.engine.model
         if model is None:
-            return error_html(f"No model loaded: {self.services.settings.ckpt!r} could not be loaded. "
+            return error_html(f"No model loaded: {self.current()!r} could not be loaded. "
                               "Pick another model or put one in the models folder and press refresh.")
         digest = f" [{model.short_hash}]" if model.short_hash else ""
         text = f"Model: {model.entry.name}{digest}, native size {model.native_width}x{model.native_height}"
