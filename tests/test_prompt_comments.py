@@ -76,6 +76,8 @@ def test_an_api_request_overrides_the_setting_for_itself_alone(services):
         kept = client.post("/sdapi/v1/txt2img", json=body | {"override_settings": {"enable_prompt_comments": False}})
         stripped = client.post("/sdapi/v1/txt2img", json=body)
         bad = client.post("/sdapi/v1/txt2img", json=body | {"override_settings": {"enable_prompt_comments": "maybe"}})
-    assert json.loads(kept.json()["info"])["prompt"] == "a red apple # try green next"
-    assert json.loads(stripped.json()["info"])["prompt"] == "a red apple"  # the setting (on) for the next request
+    # info's prompt is the one sent, as A1111's p.prompt; all_prompts and the infotext are what was drawn
+    assert json.loads(kept.json()["info"])["all_prompts"] == ["a red apple # try green next"]
+    assert json.loads(stripped.json()["info"])["all_prompts"] == ["a red apple"]  # the setting (on) for the next one
+    assert json.loads(stripped.json()["info"])["prompt"] == "a red apple # try green next"
     assert bad.status_code == 422 and "override_settings.enable_prompt_comments" in bad.json()["detail"], bad.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 from PIL import Image
@@ -350,20 +351,46 @@ def test_interrupt_ends_the_plot_without_a_grid(ui, ui_services):
     assert not any("txt2img-grids" in str(item[0]) for item in (gallery if isinstance(gallery, list) else []))
 
 
-def test_interrupt_between_two_pictures_starts_no_more(ui, ui_services):
-    """Interrupt pressed after one picture ended and before the next was queued: no job to cancel, and yet the
-    plot stops there."""
-    session = Session()
+def test_interrupt_between_two_pictures_starts_no_more(ui, ui_services, monkeypatch):
+    """Interrupt pressed after one picture ended and before the next was queued (here: while it is being queued):
+    the plot stops there, and what was queued is cancelled before it draws anything."""
+    session, submitted = Session(), []
+    submit = ui_services.worker.submit
+
+    def interrupted_before_the_second(request, **kwargs):
+        if submitted:
+            ui.txt2img.actions.interrupt(session)
+        submitted.append(submit(request, **kwargs))
+        return submitted[-1]
+
+    monkeypatch.setattr(ui_services.worker, "submit", interrupted_before_the_second)
     updates = event(ui, "txt2img")(session, "between", steps=1, width=64, height=64, seed=1, model=TINY,
                                    xyz_plot=True, x_type="Seed", x_values="1, 2, 3")
-    for update in updates:
-        job = ui_services.worker.get(session.job_id) if session.job_id else None
-        if job and job.state is JobState.DONE:  # the first picture's last update: the next is not queued yet
-            first = job.id
-            ui.txt2img.actions.interrupt(session)
-            break
-    *_, (session, _, progress, *_) = list(updates)
-    assert session.job_id == first and "interrupted before picture 2 of 3" in progress
+    *_, (session, gallery, progress, *_) = list(updates)
+    assert len(submitted) == 2 and submitted[0].state is JobState.DONE
+    assert submitted[1].state is JobState.CANCELLED and not submitted[1].images
+    assert "Interrupted" in progress and "picture 2 of 3" in progress
+    assert not any("txt2img-grids" in str(item[0]) for item in (gallery if isinstance(gallery, list) else []))
+
+
+def test_a_plot_goes_on_when_its_page_is_closed_and_a_reloaded_page_shows_its_end(ui, ui_services):
+    """As A1111's scripts run on the server: the page's generator is closed when the browser goes (a reload, a
+    closed tab); the plot runs to its end all the same, grid saved, and the tab's reloaded page shows it."""
+    session = Session(tab="tab-closed-mid-plot")
+    updates = event(ui, "txt2img")(session, "closed page", steps=1, width=64, height=64, seed=1, model=TINY,
+                                   xyz_plot=True, x_type="Seed", x_values="1, 2, 3")
+    next(updates)
+    updates.close()  # what Gradio does when the browser disconnects
+    run = ui.txt2img.actions.run_of("ui-tab:tab-closed-mid-plot")
+    assert run is not None and run.ended.wait(120) and run.finished
+    again = Session()
+    *_, (again, gallery, progress, *_) = list(ui.txt2img.actions.resume(again, "tab-closed-mid-plot"))
+    grid_path = gallery[0][0]
+    assert Path(grid_path).parent.parent.name == "txt2img-grids" and Path(grid_path).exists()
+    assert len(run.jobs) == 3 and again.seeds[0] == 1
+    assert ui.txt2img.actions.run_of("ui-tab:tab-closed-mid-plot") is None  # its end is shown once
+    nothing = list(ui.txt2img.actions.resume(Session(), "tab-closed-mid-plot"))
+    assert len(nothing) == 1 and nothing[0][1:3] == (gr.skip(), gr.skip())
 
 
 def test_a_bug_while_preparing_a_run_ends_as_a_message(ui, monkeypatch):

@@ -9,6 +9,7 @@ and at the end lays the images out as its script does (the plot's grids first).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, TypeVar
@@ -24,7 +25,7 @@ from webui.storage.filenames import NameParts
 from webui.storage.infotext import parse_infotext, with_params
 from webui.storage.options import SavedOptions
 from webui.storage.outputs import NamedCopy, OutputStore
-from webui.worker import Job, Worker
+from webui.worker import Job, QueueFull, Worker, WorkerStopped
 from webui.xyz_plot import AXIS_TYPES, Axis, Cell, Plot, draw_grid
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,15 @@ class SeveralJobs:
         self.skips_unreadable = skips_unreadable
         self.skipped: list[str] = []  # why each picture left out could not be read
         self.jobs: list[Job] = []  # those submitted so far, in turn
+        self.job_turns: list[int] = []  # each job's turn, counted from 1 (pictures left out take turns too)
         self.owner: str | None = None
         self.stopped = False  # stop() came: no job more
         self.started_at: float | None = None
+        # run_in_background's: set when it is over; what finish gave; what ended it early; when
+        self.ended = threading.Event()
+        self.outcome: Any = None
+        self.error: Exception | None = None
+        self.ended_at: float | None = None
 
     @property
     def job(self) -> Job | None:
@@ -118,11 +125,36 @@ class SeveralJobs:
                                 mask=_opened(submission.mask), copy_to=submission.copy_to, field_names=field_names,
                                 color_reference=submission.colours)
             self.jobs.append(job)
+            self.job_turns.append(self.turns_taken)
             if self.stopped or stopped():  # stop() came while it was submitted: it found the job before
                 worker.cancel(job.id)
             yield job
             if job.state is not JobState.DONE:
                 return
+
+    def run_in_background(self, worker: Worker, origin: str, owner: str | None,
+                          finish: Callable[["SeveralJobs"], Any] | None = None) -> None:
+        """Run the jobs on a thread of their own, each submitted when the one before has ended, so that the run goes
+        on when the page that started it is reloaded or closed (as A1111's scripts run on the server); once every
+        job has finished, `finish(run)` (the plot's grids, drawn and saved) gives `outcome`. What a later submit
+        raises (a full queue, a refusal) is kept in `error`; `ended` is set when nothing more will happen."""
+        self.ended.clear()
+
+        def drive() -> None:
+            try:
+                for job in self.in_turn(worker, origin, owner):
+                    job.wait()
+                if self.finished and finish is not None:
+                    self.outcome = finish(self)
+            except Exception as err:  # the page says it; a bug is logged too
+                if not isinstance(err, (InvalidRequest, QueueFull, WorkerStopped)):
+                    log.exception("%s: the run failed", self.what)
+                self.error = err
+            finally:
+                self.ended_at = time.time()
+                self.ended.set()
+
+        threading.Thread(target=drive, name=f"run: {self.what}", daemon=True).start()
 
     def stop(self, worker: Worker) -> None:
         """End the run: its running or queued job is cancelled, and no other is submitted."""

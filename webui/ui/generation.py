@@ -50,7 +50,7 @@ from webui.runs import (SeveralJobs, Submission, found_models, line_run, loopbac
                         scaled_size_fields)
 from webui.ui.scripts import (loopback_section, outpainting_section, plot_section, prompt_list_section,
                               prompt_matrix_section, sd_upscale_section)
-from webui.ui.progress import (error_html, final_html, progress_html, timing_html, token_counter,
+from webui.ui.progress import (POLL_SECONDS, error_html, final_html, progress_html, timing_html, token_counter,
                                too_long_counter)
 from webui.ui.session import Session, show_images
 from webui.ui.several_runs import SeveralRuns
@@ -60,7 +60,6 @@ from webui.prompt_matrix import matrix_plot
 from webui.xyz_plot import AXIS_NAMES, SCRIPT, plan, read_axis
 
 log = logging.getLogger(__name__)
-POLL_SECONDS = 0.25
 DEFAULT_SAMPLER = "Euler a"
 KINDS = ("txt2img", "img2img")
 
@@ -85,6 +84,7 @@ class GenerationActions(SeveralRuns):
         self.styles = services.styles
         self.outputs = services.outputs
         self.options = services.options
+        self.runs: dict[str, SeveralJobs] = {}  # each tab's run of several jobs whose end no page has shown yet
         # As History's Delete: on a server shared without a login, visitors may not change what all share (the styles,
         # the cards' metadata).
         self.can_edit_shared = not services.settings.open_to_anyone
@@ -349,6 +349,10 @@ class GenerationActions(SeveralRuns):
         """A page (re)loaded in a tab whose job of this kind is still queued or running follows that job again:
         its progress and images come back, and Interrupt and Skip reach it. Outputs as generate()'s."""
         session.tab = tab or ""
+        run = self.run_of(self._owner(session))
+        if run is not None:  # a plot or batch: the rest of it, then its end (shown once)
+            yield from self._follow_run(session, run)
+            return
         job = self.worker.unfinished_job_of(self._owner(session), self.kind) if session.tab else None
         if job is None:
             yield session, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -359,9 +363,12 @@ class GenerationActions(SeveralRuns):
     def resume_button(self, session: Session, tab: str | None):
         """Generate greyed out when the page loads in a tab whose job of this kind is still unfinished; else left
         as it is (a click made meanwhile must count). The session notes which, for resumed_button."""
-        job = self.worker.unfinished_job_of(self._owner_of_tab(tab), self.kind) if tab else None
-        session.resumed = job is not None  # State is handed on uncopied: the chain's next steps see this
-        return busy_button() if job is not None else gr.skip()
+        owner = self._owner_of_tab(tab)
+        run = self.run_of(owner)
+        busy = (run is not None and not run.ended.is_set()) or (
+            tab and self.worker.unfinished_job_of(owner, self.kind) is not None)
+        session.resumed = bool(busy)  # State is handed on uncopied: the chain's next steps see this
+        return busy_button() if busy else gr.skip()
 
     @classmethod
     def _owner(cls, session: Session) -> str | None:
@@ -418,7 +425,9 @@ class GenerationActions(SeveralRuns):
         return gr.Button(interactive=job is None or job.state.finished)
 
     def interrupt(self, session: Session) -> None:
-        session.interrupted = True  # the same object a plot's loop holds: Gradio hands State on, uncopied
+        run = self.run_of(session.run_key) or self.run_of(self._owner(session))
+        if run is not None:  # a plot or batch: no more of its jobs either
+            run.stop(self.worker)
         if session.job_id:
             self.worker.cancel(session.job_id)
 

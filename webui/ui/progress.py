@@ -11,6 +11,7 @@ from webui.schemas import JobState
 from webui.ui.params import with_labels
 from webui.worker import Job
 
+POLL_SECONDS = 0.25  # how often a page following a job looks at it
 TOKENS_PER_CHUNK = 75  # CLIP reads 75 tokens per chunk; longer prompts are split into chunks
 
 

@@ -25,8 +25,8 @@ class Session:
     infotexts: list[str] = field(default_factory=list)
     paths: list[str | None] = field(default_factory=list)  # the saved files; None where an image was not saved
     selected: int | None = None  # the gallery's selected index; None when none is selected
-    interrupted: bool = False  # Interrupt came during a run of several jobs (a plot, a batch): start no more
     resumed: bool = False  # the page load found this tab's job and greyed Generate out (so it gives it back)
+    run_key: str | None = None  # the run of several jobs (a plot, a batch) it started last, for Interrupt
 
     def start(self, job: Job) -> None:
         self.job_id = job.id

@@ -2,82 +2,124 @@
 X/Y/Z plot, the prompt matrix and prompts from a list. Each job is followed as a run of its own; the last update shows
 all their images (the plot's grids first).
 
-Mixed into GenerationActions, whose worker, outputs, kind, _owner and _follow it uses.
+Mixed into GenerationActions, whose worker, outputs, kind, runs, _owner and _follow it uses.
 """
 from __future__ import annotations
 
 import time
-from typing import Iterator
+import uuid
+from typing import Callable, Iterator
 
 import gradio as gr
 
 from webui.runs import SeveralJobs, in_grid_order, plot_grids, saved_grids, with_z_grid
-from webui.schemas import GeneratedImage, InvalidRequest
+from webui.schemas import GeneratedImage
 from webui.ui.params import with_labels
-from webui.ui.progress import error_html, left_out_html, notice_html, seconds_html
+from webui.ui.progress import POLL_SECONDS, error_html, left_out_html, notice_html, seconds_html
 from webui.ui.session import Session, gallery_items
-from webui.worker import QueueFull, WorkerStopped
 from webui.xyz_plot import SCRIPT, Plot, plot_params
 
 
+FORGET_ENDED_RUNS_AFTER = 600.0  # seconds: a run no page came back for is let go of (its images are saved)
+
+
 class SeveralRuns:
-    """The methods GenerationActions runs several jobs with (see the module's note)."""
+    """The methods GenerationActions runs several jobs with (see the module's note). The run goes on on the server
+    (runs.SeveralJobs.run_in_background): the page follows it, and a page reloaded in the same browser tab follows
+    it again (resume), as A1111's scripts run to their end whatever the page does."""
 
-    def _in_turn(self, session: Session, run: SeveralJobs) -> Iterator[tuple]:
-        """Run the jobs one after another (others' jobs take their turns between), following each as a run of its
-        own under a note "<what>: picture n of N". Returns whether all finished; when one did not (Interrupt, a
-        failure, a refusal), the last update says why, and the rest are not run."""
-        session.interrupted = False
-        count = len(run.submissions)
+    def _start_run(self, session: Session, run: SeveralJobs,
+                   end: Callable[[SeveralJobs], tuple[list[GeneratedImage], str, str | None]]) -> Iterator[tuple]:
+        """Start the run in the background and follow it. `end(run)`, once every job has finished: (the images to
+        show, a note under them, an error that replaces them)."""
+        owner = self._owner(session)
+        self._forget_old_runs()
+        # by the tab's owner key, which a reloaded page finds it by; a page without one (a Gradio API client) by its own
+        session.run_key = owner or f"run:{uuid.uuid4().hex}"
+        self.runs[session.run_key] = run
+        run.run_in_background(self.worker, "ui", owner, end)
+        yield from self._follow_run(session, run)
 
-        def note() -> str:
-            return notice_html(f"{run.what}: picture {run.turns_taken} of {count}")
+    def _forget_old_runs(self) -> None:
+        now = time.time()
+        for owner, run in list(self.runs.items()):
+            if run.ended_at is not None and now - run.ended_at > FORGET_ENDED_RUNS_AFTER:
+                self.runs.pop(owner, None)
 
-        try:
-            for job in run.in_turn(self.worker, "ui", self._owner(session), stopped=lambda: session.interrupted):
+    def run_of(self, key: str | None) -> SeveralJobs | None:
+        """The run of several jobs of this key (a tab's owner key) whose end no page has shown yet."""
+        return self.runs.get(key) if key else None
+
+    def _follow_run(self, session: Session, run: SeveralJobs) -> Iterator[tuple]:
+        """Each job of the run as it comes, followed as a run of its own under a note "<what>: picture n of N"
+        (others' jobs take their turns between), then the run's end."""
+        count, followed = len(run.submissions), 0
+        while True:
+            if followed < len(run.job_turns):  # each in turn, also those the run went past while the page looked away
+                job, turn = run.jobs[followed], run.job_turns[followed]
+                followed += 1
                 session.start(job)
+                note = notice_html(f"{run.what}: picture {turn} of {count}")
                 for update in self._follow(session, job):  # its progress (an HTML text, or a skip) under the note
-                    yield (*update[:2], note() + update[2], *update[3:]) if isinstance(update[2], str) else update
-        except (InvalidRequest, QueueFull, WorkerStopped) as err:
+                    yield (*update[:2], note + update[2], *update[3:]) if isinstance(update[2], str) else update
+            elif run.ended.wait(POLL_SECONDS) and followed == len(run.jobs):
+                break
+        yield from self._run_end(session, run)
+
+    def _run_end(self, session: Session, run: SeveralJobs) -> Iterator[tuple]:
+        """The run's last update: why it stopped early, or its images (the plot's grids first); shown once."""
+        for key, kept in list(self.runs.items()):
+            if kept is run:
+                self.runs.pop(key, None)
+        count = len(run.submissions)
+        if run.error is not None:  # a later job could not be queued
             yield session, gr.skip(), notice_html(f"{run.what}: picture {run.turns_taken + 1} of {count}") + \
-                error_html(with_labels(str(err))), gr.update(visible=False), gr.skip(), ""
-            return False
-        if not run.finished and len(run.done) == len(run.jobs):  # Interrupt came between two jobs
-            yield session, gr.skip(), notice_html(f"{run.what}: interrupted before picture {run.turns_taken + 1} of "
-                                                  f"{count}."), gr.skip(), gr.skip(), gr.skip()
-        return run.finished
+                error_html(with_labels(str(run.error))), gr.update(visible=False), gr.skip(), ""
+            return
+        if not run.finished:  # Interrupt, or a job that failed (its own last update said why)
+            if len(run.done) == len(run.jobs):  # Interrupt came between two jobs
+                yield session, gr.skip(), notice_html(f"{run.what}: interrupted before picture {run.turns_taken + 1} "
+                                                      f"of {count}."), gr.skip(), gr.skip(), gr.skip()
+            return
+        shown, note, error = run.outcome
+        if error:
+            yield session, gr.skip(), error_html(error), gr.update(visible=False), gr.skip(), ""
+            return
+        yield self._show_all(session, shown, run, note)
 
     def _show_all(self, session: Session, shown: list[GeneratedImage], run: SeveralJobs, note: str = "") -> tuple:
         """The last update of a run of several jobs: the images shown, the first of them large; `note` under them."""
         session.show(shown)
         session.selected = 0 if shown else None
+        runs = len(run.jobs)
         return (session, gallery_items(shown), note, gr.update(visible=False, value=None), session.current_infotext(),
-                seconds_html(time.time() - run.started_at, f" for {len(run.jobs)} runs"))
+                seconds_html((run.ended_at or time.time()) - run.started_at, f" for {runs} run{'s' * (runs != 1)}"))
 
     def _several(self, session: Session, run: SeveralJobs, unreadable: list[str] = ()) -> Iterator[tuple]:
         """img2img's Batch and Loopback, or prompts from a list: the runs in turn, then all their images. `unreadable`:
         why each picture left out before the run could not be read (Batch), said at its end with those left out
         during it."""
-        if not (yield from self._in_turn(session, run)):
-            return
-        left_out = [*unreadable, *run.skipped]
-        if not run.jobs:  # every picture failed as its turn came: as when none can be read before the run
-            message = left_out[0] if len(left_out) == 1 else (
-                f"{run.what}: none of the {len(left_out)} pictures can be read ({left_out[0].removeprefix(run.what + ': ')})")
-            yield session, gr.skip(), error_html(message), gr.update(visible=False), gr.skip(), ""
-            return
-        yield self._show_all(session, run.images(), run, left_out_html(run.what, left_out))
+        def end(run: SeveralJobs) -> tuple[list[GeneratedImage], str, str | None]:
+            left_out = [*unreadable, *run.skipped]
+            if not run.jobs:  # every picture failed as its turn came: as when none can be read before the run
+                return [], "", left_out[0] if len(left_out) == 1 else (
+                    f"{run.what}: none of the {len(left_out)} pictures can be read "
+                    f"({left_out[0].removeprefix(run.what + ': ')})")
+            return run.images(), left_out_html(run.what, left_out), None
+
+        yield from self._start_run(session, run, end)
 
     def _plot(self, session: Session, plot: Plot, run: SeveralJobs, legend: bool, sub_images: bool,
               sub_grids: bool = False) -> Iterator[tuple]:
         """The X/Y/Z plot (or the prompt matrix): its cells in turn, then the grids (with a Z axis, the grid of them
-        all, then each Z value's with sub_grids; the cells' images with sub_images, in the grids' order). No grid is
-        drawn from part of a plot."""
-        if not (yield from self._in_turn(session, run)):
-            return
-        made = in_grid_order(plot, run.done)
-        grids = with_z_grid(plot_grids(made, plot.axes, legend, plot_params(plot.axes) if run.what == SCRIPT else {}),
-                            sub_grids)
-        shown = saved_grids(grids, self.outputs, self.kind) + (
-            [image for _, images in made for image in images] if sub_images else [])
-        yield self._show_all(session, shown, run)
+        all, then each Z value's with sub_grids; the cells' images with sub_images, in the grids' order), drawn and
+        saved on the server when the last cell is done. No grid is drawn from part of a plot."""
+        def end(run: SeveralJobs) -> tuple[list[GeneratedImage], str, str | None]:
+            made = in_grid_order(plot, run.done)
+            grids = with_z_grid(plot_grids(made, plot.axes, legend,
+                                           plot_params(plot.axes) if run.what == SCRIPT else {}), sub_grids)
+            shown = saved_grids(grids, self.outputs, self.kind) + (
+                [image for _, images in made for image in images] if sub_images else [])
+            return shown, "", None
+
+        yield from self._start_run(session, run, end)
