@@ -263,6 +263,24 @@ def test_the_settings_tab_saves_for_everyone_and_says_why_not(ui_settings):
     assert tab.actions.shown() == ["webp", "png", 40, "[seed]-[prompt_words]", *DIRS]
 
 
+def test_a_page_saves_only_its_own_edits_over_what_another_page_saved_meanwhile(ui_settings):
+    """Two users' Settings tabs open: B's Apply of its quality alone used to put back the file format B's page still
+    showed, undoing A's change."""
+    from webui.ui.blocks import create_ui
+
+    services, tab = ui_settings, create_ui(ui_settings).settings
+    services.options.update({"samples_format": "png", "jpeg_quality": 80})
+    *page_a, shown_a = tab.actions.shown_to_page()
+    *page_b, shown_b = tab.actions.shown_to_page()
+    assert page_a == shown_a == page_b
+    *_, message = tab.actions.apply_edits(shown_a, "jpg", *page_a[1:])  # A: jpg
+    assert "File format for images: jpg" in message
+    *values, now_shown, message = tab.actions.apply_edits(shown_b, page_b[0], page_b[1], 90, *page_b[3:])  # B: quality
+    assert (services.options.current().samples_format, services.options.current().jpeg_quality) == ("jpg", 90)
+    assert values[:3] == ["jpg", "png", 90] and now_shown == values
+    assert "Quality for saved jpg and webp images: 90" in message and "File format for images" not in message
+
+
 DIRS = (True, True, "[date]", True, False, *[True] * 7, False, True, 20, "Original", "CPU", "CodeFormer", 0.5, 1.0, False,
         "second pass", "None", "#ffffff", True, False, False, False, False, False, False, False, False, False, False,
         True, 2,

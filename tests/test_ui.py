@@ -1475,3 +1475,14 @@ def test_a_second_stop_signal_while_stopping_exits_at_once_without_a_traceback(m
     with pytest.raises(SystemExit):
         handler(signal.SIGINT, None)
     assert exits == [128 + signal.SIGINT] and "Stopped at once" in capsys.readouterr().err
+
+
+def test_a_queued_job_with_none_ahead_is_said_to_be_next():
+    """Between a plot's pictures the next one waits with nothing ahead: "0 jobs ahead of yours" read oddly."""
+    from webui.schemas import parse_request
+    from webui.ui.progress import progress_html
+    from webui.worker import Job
+
+    job = Job(id="queued", request=parse_request({"prompt": "x"}), origin="ui")
+    assert "Queued: yours is next" in progress_html(job, 0)
+    assert "Queued: 2 jobs ahead of yours" in progress_html(job, 2)

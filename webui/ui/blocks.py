@@ -93,8 +93,8 @@ def create_ui(services: Services) -> WebUI:
                                           img2img.actions.upscaler_names())
         notification_sound(services.settings.notification_audio)
         # Shown afresh when opened: another user or an API client may have changed them.
-        settings_tab.select(settings.actions.shown, None, settings.inputs, api_visibility="private",
-                            show_progress="hidden")
+        settings_tab.select(settings.actions.shown_to_page, None, [*settings.inputs, settings.on_page],
+                            api_visibility="private", show_progress="hidden")
         _wire_merger(merger, merger_tab, models, picker)
         ui = WebUI(blocks, models, picker, txt2img, img2img, history, history_actions, pnginfo, extras, settings,
                    merger, train)

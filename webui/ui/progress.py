@@ -58,7 +58,7 @@ def progress_html(job: Job, position: int | None, worker_activity: str | None = 
     compiling a model), starting, or at step N with an ETA."""
     if job.state is JobState.QUEUED:
         ahead = position or 0
-        text = f"Queued: {ahead} job{'s' if ahead != 1 else ''} ahead of yours"
+        text = f"Queued: {ahead} job{'s' if ahead != 1 else ''} ahead of yours" if ahead else "Queued: yours is next"
         return _bar(0.0, f"{text} · {worker_activity}" if worker_activity else text)
     progress = job.progress
     if job.state is JobState.RUNNING and progress.step == 0:

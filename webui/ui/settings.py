@@ -68,6 +68,22 @@ class SettingsActions:
         current = self.options.current()
         return [getattr(current, key) for key in OPTION_KEYS]
 
+    def shown_to_page(self) -> list:
+        """shown(), and the same values kept as what the page shows (for apply_edits)."""
+        values = self.shown()
+        return [*values, values]
+
+    def apply_edits(self, on_page: list | None, *values) -> list:
+        """Apply settings from a page: only what the user changed there since it showed the values `on_page`; the
+        others keep what is saved now (another page or an API client may have saved them meanwhile, and an old
+        page's values would undo that). Then as apply(), with what the page now shows."""
+        if on_page is not None and len(on_page) == len(values):
+            current = self.options.current()
+            values = tuple(value if value != was else getattr(current, key)
+                           for key, value, was in zip(OPTION_KEYS, values, on_page))
+        *shown, message = self.apply(*values)
+        return [*shown, shown, message]
+
     def apply(self, *values) -> list:
         """Save the values; the widgets then show what is saved, and a line says what changed or why nothing did."""
         if self.locked_because:  # a page built before, or by hand
@@ -104,6 +120,7 @@ class SettingsTab:
     apply: gr.Button
     result: gr.HTML
     actions: SettingsActions
+    on_page: gr.State  # the values the page was last shown
 
     @property
     def inputs(self) -> list[gr.components.Component]:
@@ -267,6 +284,7 @@ def build_settings(options: OptionsStore, open_to_anyone: bool = False,
     }
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply", visible=editable)
     result = gr.HTML("", elem_id="settings_result")
-    tab = SettingsTab(widgets, apply, result, actions)
-    apply.click(actions.apply, tab.inputs, [*tab.inputs, result], api_visibility="private")
+    on_page = gr.State(None)  # the values the page was last shown: Apply saves only the user's edits of them
+    tab = SettingsTab(widgets, apply, result, actions, on_page)
+    apply.click(actions.apply_edits, [on_page, *tab.inputs], [*tab.inputs, on_page, result], api_visibility="private")
     return tab
