@@ -257,11 +257,17 @@ def test_a_finished_run_plays_the_sound_and_a_page_in_the_background_shows_a_not
         played = page.evaluate("window.plays")
         assert played and all(url.endswith("/notification.mp3") and "/gradio_api/file=" in url for url in played)
         assert page.request.get(played[0]).body() == b"ID3" + bytes(64)  # the server's file, as the page fetches it
+        set_number(page, "txt2img_batch_size", 2)  # the grid, then the two pictures: two made, as A1111 counts
+        page.click("#txt2img_generate")
+        page.wait_for_function("window.notices.length > 1")
+        assert page.evaluate("window.notices[1]")[1] == "txt2img: 2 pictures made"
+        played = page.evaluate("window.plays")
+        set_number(page, "txt2img_batch_size", 1)
         page.locator("#txt2img_prompt textarea").fill("x" * 2001)  # refused: the page says so, no notification
         page.click("#txt2img_generate")
         expect_text(page, "#txt2img_progress", "at most 2000")
         page.wait_for_timeout(1500)
-        assert page.evaluate("window.notices.length") == 1 and page.evaluate("window.plays.length") == len(played)
+        assert page.evaluate("window.notices.length") == 2 and page.evaluate("window.plays.length") == len(played)
     finally:
         context.close()
 

@@ -108,8 +108,10 @@ function notifyRunEnded(tab) {
   if (sound) sound.play().catch(() => {});  // a browser may refuse sound before the user has clicked the page
   if (document.hasFocus() || !("Notification" in window) || Notification.permission !== "granted") return;
   const first = pictures.values().next().value;
+  // as A1111's, the grid shown first is no picture of its own (a plot that shows its grids alone counts those)
+  const made = Array.from(pictures).filter((src) => !/-grids(\/|%2F)/i.test(src)).length || pictures.size;
   const notice = new Notification("diffusers-webui", {
-    body: `${tab}: ${pictures.size} picture${pictures.size > 1 ? "s" : ""} made`, icon: first, image: first});
+    body: `${tab}: ${made} picture${made > 1 ? "s" : ""} made`, icon: first, image: first});
   notice.onclick = () => { window.focus(); notice.close(); };
 }
 
