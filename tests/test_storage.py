@@ -386,7 +386,7 @@ def test_reconcile_marks_missing_files_and_stale_jobs(history, tmp_path):
     (tmp_path / "kept.png").write_bytes(b"png")
     kept = history.add_image(**history_row("j1", "kept.png"))
     lost = history.add_image(**history_row("j1", "lost.png"))
-    assert history.reconcile() == {"missing_files": 1, "files_back": 0, "stale_jobs": 1}
+    assert history.reconcile() == {"missing_files": 1, "files_back": 0, "stale_jobs": 1, "rows_written_late": 0}
     assert history.get_image(kept).file_state == "ok"
     assert history.get_image(lost).file_state == "missing"
     rows, total = history.list_images()
@@ -772,3 +772,23 @@ def test_a_png_past_pils_pixel_limit_still_gives_its_text(tmp_path, monkeypatch)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     assert "Could not read huge.jpg: at 2,000 pixels or more a JPEG or WebP file is too large" in read_parameters(
         str(not_a_png))[1]
+
+
+def test_rows_kept_for_later_join_the_history_at_the_next_start_and_a_line_cut_short_is_left_out(tmp_path):
+    history = History(tmp_path / "history.sqlite3", tmp_path)
+    try:
+        (tmp_path / "day").mkdir()
+        (tmp_path / "day" / "a.png").write_bytes(b"png")
+        job = {"job_id": "late", "origin": "api", "request": {"prompt": "a cat"}, "created_at": 1.0,
+               "owner_key": "k", "state": "done", "error": None, "started_at": 2.0, "finished_at": 3.0}
+        history.keep_for_later(job, [history_row("late", "day/a.png"), history_row("late", "day/gone.png", seed=2)])
+        with open(history.later_path, "a", encoding="utf-8") as file:
+            file.write('{"job": {"job_id": "cut"')  # a crash while it was written
+        assert history.reconcile()["rows_written_late"] == 1  # the file deleted since is left out
+        images, total = history.list_images()
+        assert total == 1 and images[0].path == "day/a.png" and images[0].job_state == "done"
+        assert history.get_job("late")["owner_key"] == "k" and history.get_job("cut") is None
+        assert not history.later_path.exists()
+        assert history.reconcile()["rows_written_late"] == 0
+    finally:
+        history.close()

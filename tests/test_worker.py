@@ -381,8 +381,16 @@ def test_a_history_that_cannot_be_written_keeps_the_file_and_the_picture(service
     job = services.worker.submit(QUICK | {"batch_size": 2})
     assert job.wait(60) and job.state is JobState.DONE, job.error
     assert len(job.images) == 2 and all(Path(im.path).is_file() for im in job.images)
-    assert "missing from the history: OperationalError: database or disk is full" in job.warnings[0]
-    assert job.warnings[-1] == "the grid was not saved: OSError: read-only" and job.grid is None
+    assert "the grid was not saved: OSError: read-only" in job.warnings and job.grid is None
+    names = ", ".join(Path(image.path).name for image in job.images)
+    assert job.warnings[-1] == (f"saved; the history database did not take their rows now, so {names} join the "
+                                "history at the next start")
+    # ... and so they do: the next start writes the rows kept beside the database
+    monkeypatch.undo()
+    assert services.history.reconcile(fail_unfinished_jobs=False)["rows_written_late"] == 2
+    assert sorted(row.path for row in services.history.list_images(page_size=100)[0] if row.job_id == job.id) == sorted(
+        Path(image.path).relative_to(services.outputs.outdir).as_posix() for image in job.images)
+    assert not services.history.later_path.exists()
 
 
 def test_stopping_releases_every_queued_job_and_call_and_takes_no_more(services):
@@ -790,8 +798,29 @@ def test_a_history_locked_all_along_is_said_once_not_at_every_image(services, mo
     job = services.worker.submit(QUICK | {"batch_size": 3})
     assert job.wait(60) and job.state is JobState.DONE and len(job.images) == 3
     names = ", ".join(Path(image.path).name for image in job.images)
+    assert job.warnings == [f"saved; the history database did not take their rows now, so {names} join the history "
+                            "at the next start"]  # each file named, once
+    monkeypatch.undo()
+    assert services.history.reconcile(fail_unfinished_jobs=False)["rows_written_late"] == 3
+    assert services.history.get_job(job.id)["state"] == "done"
+
+
+def test_rows_that_cannot_be_kept_for_later_either_are_named_as_missing(services, monkeypatch):
+    import sqlite3
+
+    def locked(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    def no_room(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(services.history, "add_job", locked)
+    monkeypatch.setattr(services.history, "keep_for_later", no_room)
+    job = services.worker.submit(QUICK | {"batch_size": 2})
+    assert job.wait(60) and job.state is JobState.DONE and len(job.images) == 2
+    names = ", ".join(Path(image.path).name for image in job.images)
     assert job.warnings == ["the job is missing from the history: OperationalError: database is locked",
-                            f"saved but missing from the history: {names}"]  # each file named, once
+                            f"saved but missing from the history: {names}"]
 
 
 def test_variation_seeds_count_up_per_image_and_are_written_as_a1111_writes_them(services):

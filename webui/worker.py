@@ -52,7 +52,7 @@ from webui.schemas import (DEFAULT_BACKGROUND, INPAINT_AREAS, LATENT_RESIZE, MAS
                            GeneratedImage, GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED,
                            SETTINGS_FIELDS, parse_request)
 from webui.storage.filenames import NameParts
-from webui.storage.history import History
+from webui.storage.history import History, owner_key
 from webui.storage.infotext import PROGRAM, UNIPC_INFOTEXT_KEYS, build_infotext
 from webui.storage.outputs import NamedCopy, OutputStore, grid_rows, make_grid
 from webui.sd_upscale import TileLayout, enlarge, tile_layout
@@ -64,6 +64,7 @@ from webui.training import TrainingRun
 log = logging.getLogger(__name__)
 _JOB_ROW_MISSING = "the job is missing from the history"
 _JOB_START_MISSING = "the job's start is missing from the history"
+_IMAGE_ROWS_WAIT = "history rows wait"
 # Finished jobs stay readable (UI, API polling) for a while; each holds its images in memory.
 KEEP_FINISHED_JOBS = 64
 KEEP_FINISHED_PIXELS = 256 * 512 * 512  # about 200 MB of RGB images
@@ -126,8 +127,8 @@ class Job:
     refused: bool = False  # failed on what the request asked (its model cannot do it): the client's to fix
     field_names: dict[str, str] = field(default_factory=dict)  # the submitter's names for request fields
     start_in_history: bool = False  # its start time is written (needs the row)
-    # Saved images whose history rows wait for the job's row, each with the call that writes its row.
-    unrecorded: list[tuple[GeneratedImage, Callable[[], int]]] = field(default_factory=list)
+    # Saved images whose history rows wait (for the job's row, or a database that refuses them), each with its row.
+    unrecorded: list[tuple[GeneratedImage, dict[str, Any]]] = field(default_factory=list)
     # img2img: the start, at the run's size (SD upscale's: the whole picture, to enlarge and cut into tiles)
     init_image: Image.Image | None = field(default=None, repr=False)
     inpainting: Inpainting | None = field(default=None, repr=False)  # img2img with a mask: where to draw
@@ -1082,8 +1083,8 @@ class Worker:
             self._warn(job, f"image {image.index + 1} was not saved", err)
             return
         image.path = str(path)
-        job.unrecorded.append((image, lambda: self.history.add_image(
-            job_id=job.id, path=path.relative_to(self.outputs.outdir), prompt=request.prompt,
+        job.unrecorded.append((image, dict(
+            job_id=job.id, path=str(path.relative_to(self.outputs.outdir)), prompt=request.prompt,
             negative_prompt=request.negative_prompt, seed=image.seed, steps=request.steps,
             sampler=request.sampler_name, scheduler=request.scheduler, cfg_scale=request.cfg_scale,
             width=width, height=height, clip_skip=request.clip_skip, model_name=model.entry.name,
@@ -1147,21 +1148,41 @@ class Worker:
             return
         log.info("job %s: image %d also saved as %s", job.id, image.index + 1, path)
 
-    def _record_images(self, job: Job, last_try: bool = False) -> None:
+    def _record_images(self, job: Job, ending: tuple[JobState, str | None] | None = None) -> None:
         """Write the history rows of the job's saved images. An image row must point at the job's row, so
-        while that is missing (a locked database) they wait for it; on the last try the ones left are named."""
-        if not self._ensure_in_history(job):
-            if last_try and job.unrecorded:
-                names = [Path(image.path).name for image, _ in job.unrecorded]
-                listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-                job.warnings.append(f"saved but missing from the history: {listed}")
+        while that is missing (a locked database) they wait for it, as they do while the database refuses them.
+        `ending`: the job's end, the last try: the rows left are kept for the next start (keep_for_later), or
+        named as missing where even that fails."""
+        if self._ensure_in_history(job):
+            while job.unrecorded:
+                image, row = job.unrecorded[0]
+                try:
+                    image.history_id = self.history.add_image(**row)
+                except Exception as err:
+                    self._warn(job, _IMAGE_ROWS_WAIT, err)
+                    break
+                job.unrecorded.pop(0)
+        if ending is not None and job.unrecorded:
+            self._keep_for_later(job, *ending)
+
+    def _keep_for_later(self, job: Job, state: JobState, error: str | None) -> None:
+        names = [Path(image.path).name for image, _ in job.unrecorded]
+        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        try:
+            self.history.keep_for_later(
+                {"job_id": job.id, "origin": job.origin, "request": job.request.model_dump(),
+                 "created_at": job.created_at, "owner_key": owner_key(job.owner), "state": state.value,
+                 "error": error, "started_at": job.started_at, "finished_at": time.time()},
+                [row for _, row in job.unrecorded])
+        except Exception as err:
+            log.error("job %s: its history rows could not be kept for later either: %s: %s", job.id,
+                      type(err).__name__, err)
+            job.warnings.append(f"saved but missing from the history: {listed}")
             return
-        while job.unrecorded:
-            image, add_row = job.unrecorded.pop(0)
-            try:
-                image.history_id = add_row()
-            except Exception as err:
-                self._warn(job, f"{Path(image.path).name} was saved but is missing from the history", err)
+        job.unrecorded.clear()
+        job.warnings = [w for w in job.warnings if not w.startswith((_JOB_ROW_MISSING, _IMAGE_ROWS_WAIT))]
+        job.warnings.append(f"saved; the history database did not take their rows now, so {listed} join the history "
+                            "at the next start")
 
     def _ensure_in_history(self, job: Job) -> bool:
         """Write the job's row, and its start, where that failed so far (a locked database at submit), as no
@@ -1195,7 +1216,7 @@ class Worker:
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
         if job.unrecorded:
-            self._record_images(job, last_try=True)
+            self._record_images(job, ending=(state, error))
         # The state last: whoever sees a finished job (another thread, unlocked) finds its time and error set.
         job.finished_at = time.time()
         job.unfitted = None  # a job that ended before its start was fitted again holds the pictures no longer

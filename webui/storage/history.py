@@ -168,6 +168,8 @@ class History:
 
     def __init__(self, db_path: Path, outdir: Path):
         self.outdir = Path(outdir)
+        # rows a locked database could not take, kept for the next start (keep_for_later)
+        self.later_path = Path(db_path).with_name(Path(db_path).name + ".later.jsonl")
         Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._changes = 0  # image rows added, deleted or marked here: see fingerprint()
@@ -192,11 +194,46 @@ class History:
 
     # --- jobs -----------------------------------------------------------------------------
     def add_job(self, job_id: str, origin: str, request: dict[str, Any], created_at: float,
-                owner: str | None = None) -> None:
+                owner: str | None = None, hashed_owner: str | None = None) -> None:
+        """`owner` is kept hashed (owner_key); `hashed_owner`: already so (a row kept for later)."""
         self._execute(
             "INSERT INTO jobs (id, state, origin, request_json, created_at, owner_key) VALUES (?, 'queued', ?, ?, ?, ?)",
-            (job_id, origin, json.dumps(request), created_at, owner_key(owner)),
+            (job_id, origin, json.dumps(request), created_at, hashed_owner or owner_key(owner)),
         )
+
+    def keep_for_later(self, job: dict[str, Any], images: list[dict[str, Any]]) -> None:
+        """A job's rows the database would not take (locked past its wait, by another program): one JSON line in
+        a file beside it, which the next start's reconcile writes in. `job`: add_job's values (with the owner
+        hashed) and its state; `images`: add_image's. OSError where that file cannot be written either."""
+        entry = {"job": job, "images": [row | {"path": Path(row["path"]).as_posix()} for row in images]}
+        with self._lock, open(self.later_path, "a", encoding="utf-8") as file:
+            file.write(json.dumps(entry) + "\n")
+
+    def _write_kept_rows(self) -> int:
+        """The rows kept for later, written in now (those of files gone since are left out); how many images."""
+        try:
+            lines = self.later_path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return 0
+        written = 0
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                job, images = entry["job"], entry["images"]
+                if self.get_job(job["job_id"]) is None:
+                    self.add_job(job["job_id"], job["origin"], job["request"], job["created_at"],
+                                 hashed_owner=job.get("owner_key"))
+                self.set_job_state(job["job_id"], job["state"], error=job.get("error"),
+                                   started_at=job.get("started_at"), finished_at=job.get("finished_at"))
+                for row in images:
+                    if self._file_exists(row["path"]):
+                        self.add_image(**row)
+                        written += 1
+            except (ValueError, KeyError, TypeError) as err:  # a line cut short by a crash: its files stay on disk
+                log.warning("history rows kept for later could not be read (%s: %s); left out", type(err).__name__,
+                            err)
+        self.later_path.unlink()
+        return written
 
     def set_job_state(self, job_id: str, state: str, *, error: str | None = None,
                       started_at: float | None = None, finished_at: float | None = None) -> None:
@@ -294,6 +331,7 @@ class History:
         """After a restart: flag rows whose file is gone, show again those whose file is back (a folder
         moved away and back), and fail jobs a crash left unfinished (not when another running server shares
         the folder: the unfinished jobs may be its own)."""
+        written_late = self._write_kept_rows()
         rows = self._query("SELECT id, path, file_state FROM images")
         found = {r["id"]: self._file_exists(r["path"]) for r in rows}
         gone = [r["id"] for r in rows if r["file_state"] == "ok" and not found[r["id"]]]
@@ -306,7 +344,8 @@ class History:
                 stale = self._db.execute(
                     "UPDATE jobs SET state = 'failed', error = 'stopped by a restart', finished_at = ?"
                     " WHERE state IN ('queued', 'running')", (time.time(),)).rowcount
-        return {"missing_files": len(gone), "files_back": len(back), "stale_jobs": stale}
+        return {"missing_files": len(gone), "files_back": len(back), "stale_jobs": stale,
+                "rows_written_late": written_late}
 
     def _set_file_state(self, image_ids: list[int], state: str) -> None:
         with self._lock:
