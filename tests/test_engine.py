@@ -143,6 +143,9 @@ def test_nan_from_the_unet_is_a_clear_error_and_the_vae_keeps_its_precision(engi
     monkeypatch.setattr(unet, "forward", overflowing)
     with pytest.raises(NonFiniteOutput, match="in full precision"):  # the CPU runs fp32: --no-half would not help
         engine.generate(GenerationRequest(prompt="x", steps=2), [3])
+    # a prompt whose brackets weigh a word 1.1 ** 100 times: the prompt is what to change, not the model
+    with pytest.raises(NonFiniteOutput, match=r"emphasis weighs words up to 1.38e\+04 .* fewer nested brackets"):
+        engine.generate(GenerationRequest(prompt="(" * 100 + "x" + ")" * 100, steps=2), [3])
     engine.pipe.to(torch.bfloat16)  # as fp16 on a GPU
     try:
         with pytest.raises(NonFiniteOutput, match="--no-half"):

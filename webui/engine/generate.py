@@ -49,7 +49,7 @@ from webui.engine.noise import start_noise
 from webui.engine.preview import TinyDecoders, denoised_estimate, keeping_estimates, latents_to_preview
 from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
 from webui.engine.prompts import (COMMA_BACKTRACK, ORIGINAL, chunk_count, encode_parts, encode_prompt_pair,
-                                  encode_sdxl_pair, encode_sdxl_parts, token_count)
+                                  encode_sdxl_pair, encode_sdxl_parts, parse_attention, token_count)
 from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_call, first_refiner_call_by_count,
                                   is_sdxl_refiner, kind_of_entry,
                                   kind_of_pipeline, kind_problem, pass_timesteps, refiner_size_inputs)
@@ -207,7 +207,15 @@ def _mask_weight(request: GenerationRequest | None) -> float:
     return 1.0 if weight is None else weight
 
 
-def _nan_advice(dtype: torch.dtype) -> str:
+EXTREME_WEIGHT = 100.0  # an emphasis past this is no style choice but nested brackets run away
+
+
+def _nan_advice(dtype: torch.dtype, request: GenerationRequest | None = None) -> str:
+    heaviest = max((abs(weight) for text in (request.prompt, request.negative_prompt) if request
+                    for _, weight in parse_attention(text) if weight is not None), default=1.0)
+    if heaviest > EXTREME_WEIGHT:  # the prompt, not the model: say what to change
+        return (f"the model produced NaN while denoising: the prompt's emphasis weighs words up to {heaviest:.3g} "
+                "(each ( ) multiplies by 1.1, each [ ] divides); use fewer nested brackets or (word:1.5)")
     if dtype == torch.float32:
         return ("the model produced NaN while denoising, in full precision: its weights may be broken; try a "
                 "lower CFG scale, another sampler or another model")
@@ -1102,7 +1110,7 @@ class Engine:
             ).images
         run.done = done_before + steps
         if not torch.isfinite(latents).all():  # decoding them would give a black picture
-            raise NonFiniteOutput(_nan_advice(pipe.unet.dtype))
+            raise NonFiniteOutput(_nan_advice(pipe.unet.dtype, request))
         return latents
 
     def _hires_pass(self, request: GenerationRequest, run: "_Run", latents: torch.Tensor, width: int,
