@@ -416,3 +416,17 @@ def test_a_plots_grid_is_named_by_its_first_pictures_prompt_and_seed(tmp_path):
     grid = GeneratedImage(Image.new("RGB", (128, 64)), 11, 0, "a lighthouse at dusk\nSteps: 2, Seed: 11, Size: 64x64")
     (saved,) = saved_grids([grid], OutputStore(tmp_path, options), "txt2img")
     assert Path(saved.path).parent == tmp_path / "txt2img-grids" / "a lighthouse at dusk"
+
+
+def test_a_run_no_page_comes_back_for_is_let_go_of(ui, ui_services, monkeypatch):
+    """It holds every picture it made: kept only a while after its end (was: until the next run started)."""
+    from tests.helpers import wait_for
+
+    monkeypatch.setattr("webui.ui.several_runs.FORGET_ENDED_RUNS_AFTER", 0.2)
+    updates = event(ui, "txt2img")(Session(tab="tab-never-back"), "left alone", steps=1, width=64, height=64, seed=1,
+                                   model=TINY, xyz_plot=True, x_type="Seed", x_values="1, 2")
+    next(updates)
+    updates.close()
+    run = ui.txt2img.actions.run_of("ui-tab:tab-never-back")
+    assert run is not None and run.ended.wait(120)
+    wait_for(lambda: ui.txt2img.actions.run_of("ui-tab:tab-never-back") is None, what="the run to be let go of")

@@ -6,6 +6,7 @@ Mixed into GenerationActions, whose worker, outputs, kind, runs, _owner and _fol
 """
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from typing import Callable, Iterator
@@ -33,18 +34,24 @@ class SeveralRuns:
         """Start the run in the background and follow it. `end(run)`, once every job has finished: (the images to
         show, a note under them, an error that replaces them)."""
         owner = self._owner(session)
-        self._forget_old_runs()
         # by the tab's owner key, which a reloaded page finds it by; a page without one (a Gradio API client) by its own
         session.run_key = owner or f"run:{uuid.uuid4().hex}"
         self.runs[session.run_key] = run
         run.run_in_background(self.worker, "ui", owner, end)
+        threading.Thread(target=self._forget_when_stale, args=(run,), name="forget a run", daemon=True).start()
         yield from self._follow_run(session, run)
 
-    def _forget_old_runs(self) -> None:
-        now = time.time()
-        for owner, run in list(self.runs.items()):
-            if run.ended_at is not None and now - run.ended_at > FORGET_ENDED_RUNS_AFTER:
-                self.runs.pop(owner, None)
+    def _forget_when_stale(self, run: SeveralJobs) -> None:
+        """Let go of a run FORGET_ENDED_RUNS_AFTER seconds after it ended, where no page came back for its end: it
+        holds every picture it made."""
+        run.ended.wait()
+        time.sleep(FORGET_ENDED_RUNS_AFTER)
+        self._forget(run)
+
+    def _forget(self, run: SeveralJobs) -> None:
+        for key, kept in list(self.runs.items()):
+            if kept is run:
+                self.runs.pop(key, None)
 
     def run_of(self, key: str | None) -> SeveralJobs | None:
         """The run of several jobs of this key (a tab's owner key) whose end no page has shown yet."""
@@ -68,9 +75,7 @@ class SeveralRuns:
 
     def _run_end(self, session: Session, run: SeveralJobs) -> Iterator[tuple]:
         """The run's last update: why it stopped early, or its images (the plot's grids first); shown once."""
-        for key, kept in list(self.runs.items()):
-            if kept is run:
-                self.runs.pop(key, None)
+        self._forget(run)
         count = len(run.submissions)
         if run.error is not None:  # a later job could not be queued
             yield session, gr.skip(), notice_html(f"{run.what}: picture {run.turns_taken + 1} of {count}") + \
