@@ -760,7 +760,8 @@ def test_a_scripts_grid_and_pictures_are_written_as_its_override_settings_say(cl
     r = client.post("/sdapi/v1/txt2img", json=QUICK | XYZ_STEPS | {"save_images": True, "override_settings": own})
     assert r.status_code == 200, r.text
     assert {Image.open(io.BytesIO(base64.b64decode(image))).format for image in r.json()["images"]} == {"JPEG"}
-    newest = max((services.settings.outdir / "txt2img-grids").rglob("grid-*"), key=lambda path: path.stat().st_mtime)
+    newest = max((services.settings.outdir / "txt2img-grids").rglob("xyz_grid-*"),  # A1111's name
+                 key=lambda path: path.stat().st_mtime)
     assert newest.suffix == ".jpg"
 
 

@@ -270,6 +270,7 @@ def test_a_plot_runs_each_combination_and_shows_the_saved_grid_first(ui, ui_serv
     assert progress == "" and "for 2 runs" in timing
     (grid_path, _), *cells = gallery
     assert Path(grid_path).parent.parent.name == "txt2img-grids" and len(cells) == 2
+    assert Path(grid_path).name.startswith("xyz_grid-")  # A1111's name for the plot's grid
     assert infotext == session.infotexts[0] and "Steps: 1" in infotext and "CFG scale: 3" in infotext
     assert [text.split("Steps: ")[1].split(",")[0] for text in session.infotexts[1:]] == ["1", "2"]
     assert len(set(session.seeds)) == 1  # one seed for all: the pictures differ by the steps alone
@@ -416,6 +417,10 @@ def test_a_plots_grid_is_named_by_its_first_pictures_prompt_and_seed(tmp_path):
     grid = GeneratedImage(Image.new("RGB", (128, 64)), 11, 0, "a lighthouse at dusk\nSteps: 2, Seed: 11, Size: 64x64")
     (saved,) = saved_grids([grid], OutputStore(tmp_path, options), "txt2img")
     assert Path(saved.path).parent == tmp_path / "txt2img-grids" / "a lighthouse at dusk"
+    # named as A1111 names each script's grids, each name numbered on its own
+    names = [Path(saved_grids([grid], OutputStore(tmp_path, options), "txt2img", what=what)[0].path).name
+             for what in ("", "Prompt matrix", xyz_plot.SCRIPT, xyz_plot.SCRIPT)]
+    assert names == ["grid-0001.png", "prompt_matrix-0000.png", "xyz_grid-0000.png", "xyz_grid-0001.png"]
 
 
 def test_a_run_no_page_comes_back_for_is_let_go_of(ui, ui_services, monkeypatch):

@@ -26,7 +26,7 @@ from webui.storage.infotext import parse_infotext, with_params
 from webui.storage.options import SavedOptions
 from webui.storage.outputs import NamedCopy, OutputStore
 from webui.worker import Job, QueueFull, Worker, WorkerStopped
-from webui.xyz_plot import AXIS_TYPES, Axis, Cell, Plot, draw_grid
+from webui.xyz_plot import AXIS_TYPES, SCRIPT, Axis, Cell, Plot, draw_grid
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -272,8 +272,12 @@ def with_z_grid(grids: list[GeneratedImage], sub_grids: bool) -> list[GeneratedI
     return [combined, *(grids if sub_grids else [])]
 
 
+# A1111's grid file names of the scripts that name theirs (others: grid-NNNN)
+GRID_BASENAMES = {SCRIPT: "xyz_grid", "Prompt matrix": "prompt_matrix"}
+
+
 def saved_grids(grids: list[GeneratedImage], outputs: OutputStore, kind: str,
-                options: SavedOptions | None = None) -> list[GeneratedImage]:
+                options: SavedOptions | None = None, what: str = "") -> list[GeneratedImage]:
     """The grids saved under <kind>-grids, each with its file's path (None where it could not be saved); `options`:
     how the files are written, where not the Settings tab's."""
     saved = []
@@ -282,7 +286,8 @@ def saved_grids(grids: list[GeneratedImage], outputs: OutputStore, kind: str,
         parts = NameParts(seed=grid.seed, prompt=prompt, negative_prompt=negative, width=grid.image.width,
                           height=grid.image.height, picture=grid.image)  # as A1111: its first picture's prompt
         try:
-            path = str(outputs.save_grid(grid.image, grid.infotext, kind, parts, options=options))
+            path = str(outputs.save_grid(grid.image, grid.infotext, kind, parts, options=options,
+                                         basename=GRID_BASENAMES.get(what, "grid")))
         except OSError as err:  # shown all the same; the log says why it is not on disk
             log.warning("the grid was not saved: %s", err)
             path = None

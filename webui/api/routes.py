@@ -331,7 +331,7 @@ class Api:
         result = script.result()
         grids, options = result.grids, self.worker.saving_options(run.job)  # its jobs' own, as they saved theirs
         if req.save_images:
-            grids = saved_grids(grids, self.services.outputs, convert.kind_of(req), options)
+            grids = saved_grids(grids, self.services.outputs, convert.kind_of(req), options, what=run.what)
         return convert.run_result(run.jobs, grids, result.made, req.parameters(), self.engine.model, options,
                                   result.send_made, script.notes)
 

@@ -140,10 +140,14 @@ class OutputStore:
         return self._with_files_beside(path, image, infotext, options)
 
     def save_grid(self, grid: Image.Image, infotext: str, kind: str = "txt2img",
-                  name_parts: NameParts | None = None, options: SavedOptions | None = None) -> Path:
+                  name_parts: NameParts | None = None, options: SavedOptions | None = None,
+                  basename: str = "grid") -> Path:
+        """A grid, named <basename>-NNNN as A1111 names them ("xyz_grid" for the X/Y/Z plot's), each basename
+        numbered on its own."""
         options = options or self.options.current()
         folder = self.grid_folder(kind, name_parts, options)
-        path = self._save(grid, {"parameters": infotext}, folder, lambda n: f"grid-{n:04d}", _GRID_NUMBERED,
+        numbered = _GRID_NUMBERED if basename == "grid" else re.compile(rf"^{re.escape(basename)}-(\d{{4,}})\.")
+        path = self._save(grid, {"parameters": infotext}, folder, lambda n: f"{basename}-{n:04d}", numbered,
                           options.grid_format, options)
         return self._with_files_beside(path, grid, infotext, options)
 

@@ -123,7 +123,7 @@ class SeveralRuns:
             made = in_grid_order(plot, run.done)
             grids = with_z_grid(plot_grids(made, plot.axes, legend,
                                            plot_params(plot.axes) if run.what == SCRIPT else {}), sub_grids)
-            shown = saved_grids(grids, self.outputs, self.kind) + (
+            shown = saved_grids(grids, self.outputs, self.kind, what=run.what) + (
                 [image for _, images in made for image in images] if sub_images else [])
             return shown, "", None
 
