@@ -792,3 +792,34 @@ def test_rows_kept_for_later_join_the_history_at_the_next_start_and_a_line_cut_s
         assert history.reconcile()["rows_written_late"] == 0
     finally:
         history.close()
+
+
+def test_a_large_pngs_text_after_its_pixels_is_read_without_decoding_them(tmp_path, monkeypatch):
+    """Past MAX_SCANNED_PIXELS the pixels are not decoded; a parameters chunk stored after them (some tools write
+    it there) was then missed."""
+    import base64
+    import io
+    import struct
+    import zlib
+
+    from PIL import PngImagePlugin
+
+    from webui.api.convert import decode_image, png_info
+    from webui.ui.pnginfo import read_parameters
+
+    buffer = io.BytesIO()
+    red((64, 64)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    text = b"parameters\0a cat after the pixels\nSteps: 2, Sampler: Euler, Seed: 5"
+    chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
+    (tmp_path / "after.png").write_bytes(data[:-12] + chunk + data[-12:])  # before IEND
+    for module in ("webui.storage.outputs", "webui.ui.pnginfo", "webui.api.convert"):
+        monkeypatch.setattr(f"{module}.MAX_SCANNED_PIXELS", 63 * 63)
+
+    def no_decoding(self):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decoding)
+    assert read_parameters(str(tmp_path / "after.png"))[0].startswith("a cat after the pixels\n")
+    raw = base64.b64encode((tmp_path / "after.png").read_bytes()).decode()
+    assert png_info(decode_image(raw, pixels_needed=False))["parameters"]["Seed"] == "5"

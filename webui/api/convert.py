@@ -33,7 +33,7 @@ from webui.schemas import (SAVE_SETTINGS, GeneratedImage, GenerationRequest, Inv
                            parse_request, vae_choice as read_vae_choice)
 from webui.storage.infotext import PROGRAM, UNIPC_INFOTEXT_KEYS, parse_infotext, request_fields_from_infotext
 from webui.storage.options import SAVING_KEYS, SavedOptions
-from webui.storage.outputs import image_bytes, png_texts_only, read_infotext, text_chunks
+from webui.storage.outputs import MAX_SCANNED_PIXELS, image_bytes, png_texts_only, read_infotext, text_chunks
 from webui.worker import Job
 
 
@@ -596,11 +596,12 @@ def decode_image(data: str, field: str = "image", pixels_needed: bool = True,
     try:
         image = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError as err:  # its header alone says it is far too large
-        texts = None if pixels_needed else png_texts_only(raw)  # a PNG's text is read all the same
+        texts = None if pixels_needed else png_texts_only(io.BytesIO(raw))  # a PNG's text is read all the same
         if texts is not None:
             return texts
-        raise ApiError(422, f"{field}: the picture is too large to read ({err}); send one of at most 4096x4096",
-                       "InvalidRequest") from None
+        limit = ("send one of at most 4096x4096" if pixels_needed
+                 else "a PNG's text is read at any size, other formats' not")
+        raise ApiError(422, f"{field}: the picture is too large to open ({err}); {limit}", "InvalidRequest") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise unreadable from None
     try:
@@ -613,6 +614,8 @@ def decode_image(data: str, field: str = "image", pixels_needed: bool = True,
             image.load()
     except (OSError, ValueError, Image.DecompressionBombError):
         raise unreadable from None
+    if not pixels_needed and image.format == "PNG" and image.width * image.height > MAX_SCANNED_PIXELS:
+        return png_texts_only(io.BytesIO(raw)) or image  # its text after the pixels too, without decoding them
     return image
 
 

@@ -31,6 +31,7 @@ import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -462,23 +463,27 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_TEXT_CHUNK = 16 * 1024 * 1024  # larger text chunks are no infotext: skipped
 
 
-def png_texts_only(data: bytes) -> Image.Image | None:
-    """A 1x1 stand-in holding the text chunks of a PNG too large for PIL to open (an upscale past its pixel limit):
-    the chunks before the pixels are read (ours and A1111's parameters are there), none of the pixels. None for a
-    file that is no PNG. read_infotext and text_chunks read the stand-in as they read the picture."""
-    if not data.startswith(_PNG_SIGNATURE):
+def png_texts_only(file: BinaryIO) -> Image.Image | None:
+    """A 1x1 stand-in holding a PNG's text chunks, read chunk by chunk without the pixels (which are skipped), for
+    a picture too large for PIL to open or to decode for the text after its pixels. None for a file that is no PNG.
+    read_infotext and text_chunks read the stand-in as they read the picture."""
+    if file.read(len(_PNG_SIGNATURE)) != _PNG_SIGNATURE:
         return None
-    texts, at = {}, len(_PNG_SIGNATURE)
-    while at + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[at:at + 8])
-        body = data[at + 8:at + 8 + length]
-        if kind in (b"IDAT", b"IEND") or len(body) < length:
+    texts: dict[str, str] = {}
+    while len(header := file.read(8)) == 8:
+        length, kind = struct.unpack(">I4s", header)
+        if kind == b"IEND":
             break
         if kind in (b"tEXt", b"zTXt", b"iTXt") and length <= _MAX_TEXT_CHUNK:
+            body = file.read(length)
+            if len(body) < length:  # cut short
+                break
             key, text = _png_text(kind, body)
             if key and text is not None:
                 texts.setdefault(key, text)
-        at += 12 + length  # length, kind, body, CRC
+            file.seek(4, io.SEEK_CUR)  # its CRC
+        else:
+            file.seek(length + 4, io.SEEK_CUR)
     stand_in = Image.new("1", (1, 1))
     stand_in.info = texts
     return stand_in

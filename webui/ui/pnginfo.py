@@ -28,15 +28,23 @@ class PngInfoTab:
 
 
 def _opened(path: str) -> Image.Image:
-    """The picture opened for its text; a PNG past PIL's pixel limit as a stand-in holding its text chunks."""
+    """The picture opened for its text; a PNG too large to decode (past MAX_SCANNED_PIXELS, or past PIL's pixel
+    limit) as a stand-in holding its text chunks, before or after its pixels."""
     try:
-        return Image.open(path)
+        image = Image.open(path)
     except Image.DecompressionBombError:
-        with open(path, "rb") as file:
-            stand_in = png_texts_only(file.read(64 * 1024 * 1024))  # the text is before the pixels
-        if stand_in is None:
-            raise
-        return stand_in
+        image = None
+    if image is not None and not (image.format == "PNG" and image.width * image.height > MAX_SCANNED_PIXELS):
+        return image
+    with open(path, "rb") as file:
+        stand_in = png_texts_only(file)
+    if stand_in is None:
+        if image is None:
+            raise Image.DecompressionBombError(f"{path} is larger than PIL opens")
+        return image
+    if image is not None:
+        image.close()
+    return stand_in
 
 
 def read_parameters(upload: dict | str | None) -> tuple[str, str]:
