@@ -688,3 +688,18 @@ def test_options_the_settings_file_cannot_keep_still_apply(settings, monkeypatch
         assert any("not kept for the next start: read-only" in record.getMessage() for record in caplog.records)
     finally:
         services.close()
+
+
+def test_a_settings_file_that_cannot_be_written_is_named_not_its_temporary_copy(tmp_path, monkeypatch):
+    """An immutable or read-only config.json: the message named the .config-*.json beside it."""
+    path = tmp_path / "config.json"
+    store = OptionsStore(path)
+
+    def refused(source, target):
+        raise PermissionError(1, "Operation not permitted", str(source), None, str(target))
+
+    monkeypatch.setattr("webui.storage.options.os.replace", refused)
+    with pytest.raises(OSError) as raised:
+        store.update({"jpeg_quality": 90})
+    assert str(raised.value) == f"the settings file {path} cannot be written (Operation not permitted)"
+    assert store.current().jpeg_quality == 80 and list(tmp_path.iterdir()) == []

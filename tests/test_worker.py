@@ -227,7 +227,10 @@ def test_a_full_queue_refuses_with_a_clear_error(services):
     wait_for(lambda: blocker.state is JobState.RUNNING)
     services.worker.submit(QUICK)
     services.worker.submit(QUICK)
-    with pytest.raises(QueueFull, match="queue is full"):
+    with pytest.raises(QueueFull, match=r"queue is full \(2 jobs waiting\)"):
+        services.worker.submit(QUICK)
+    services.worker.max_queue = 1
+    with pytest.raises(QueueFull, match=r"queue is full \(1 job waiting\)"):  # was "1 jobs"
         services.worker.submit(QUICK)
     services.worker.cancel(blocker.id)
 

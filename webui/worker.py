@@ -533,7 +533,8 @@ class Worker:
     def _refuse_new_job(self) -> None:
         self._refuse_when_stopping()
         if self.queue_length() >= self.max_queue:
-            raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting); try again shortly")
+            waiting = f"{self.max_queue} job{'s' * (self.max_queue != 1)} waiting"
+            raise QueueFull(f"the queue is full ({waiting}); try again shortly")
 
     def _add_to_history(self, job: Job) -> None:
         self.history.add_job(job.id, job.origin, job.request.model_dump(), job.created_at, job.owner)

@@ -305,6 +305,9 @@ class OptionsStore:
                 json.dump(data, handle, indent=4, ensure_ascii=False)
             os.chmod(temp, mode)
             os.replace(temp, target)  # whole or not at all: a crash never leaves half a file
+        except OSError as err:  # named by the settings file, not the temporary one beside it
+            Path(temp).unlink(missing_ok=True)
+            raise OSError(f"the settings file {target} cannot be written ({err.strerror or err})") from None
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
