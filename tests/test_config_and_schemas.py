@@ -231,7 +231,7 @@ def test_short_hash_is_sha256_prefix_and_cached(tmp_path, monkeypatch):
     entry = registry.find("single")
     expected = hashlib.sha256(b"weights").hexdigest()[:10]
     assert registry.short_hash(entry) == expected
-    assert registry.title(entry) == f"single [{expected}]"
+    assert registry.title(entry) == f"single.safetensors [{expected}]"  # A1111 titles a file with its extension
     import webui.engine.models as models
 
     monkeypatch.setattr(models, "sha256_file", lambda path: pytest.fail("hash computed twice"))
@@ -263,9 +263,9 @@ def test_a_hash_cache_holding_no_json_object_counts_as_empty(tmp_path, text):
     cache.write_text(text)
     registry = ModelRegistry(tmp_path, cache)
     entry = registry.find("single")
-    assert registry.title(entry) == "single"  # nothing cached, and no error
+    assert registry.title(entry) == "single.safetensors"  # nothing cached, and no error
     assert registry.short_hash(entry) == hashlib.sha256(b"weights").hexdigest()[:10]
-    assert registry.title(entry) == f"single [{registry.short_hash(entry)}]"  # the cache was written anew
+    assert registry.title(entry) == f"single.safetensors [{registry.short_hash(entry)}]"  # the cache written anew
 
 
 @pytest.mark.skipif(not (ROOT / "models" / DEFAULT_MODEL_NAME / "model_index.json").exists(),
@@ -292,9 +292,9 @@ def test_listing_never_hashes_but_loading_does(tmp_path):
     (tmp_path / "big.safetensors").write_bytes(b"pretend these are 4 GB")
     registry = ModelRegistry(tmp_path, tmp_path / "cache" / "hashes.json")
     entry = registry.find("big")
-    assert registry.title(entry) == "big" and registry.short_hash(entry, cached_only=True) is None
+    assert registry.title(entry) == "big.safetensors" and registry.short_hash(entry, cached_only=True) is None
     digest = registry.short_hash(entry)
-    assert registry.title(entry) == f"big [{digest}]"
+    assert registry.title(entry) == f"big.safetensors [{digest}]"
 
 
 def test_an_unreadable_weight_file_has_no_hash_instead_of_an_error(tmp_path):

@@ -86,9 +86,7 @@ class ModelRegistry:
         with self._lock:
             if entry not in self._entries:
                 return None
-        name = entry.name + (entry.path.suffix if entry.kind == "single_file" and entry.path else "")
-        digest = self.short_hash(entry, cached_only=True)
-        return f"{name} [{digest}]" if digest else name
+        return self.title(entry)
 
     def keep_listed(self, entry: ModelEntry) -> None:
         """List a model from outside the models folder: the one the server started with (--ckpt with a path or a
@@ -183,9 +181,11 @@ class ModelRegistry:
         return hashlib.sha256("".join(digests).encode()).hexdigest()
 
     def title(self, entry: ModelEntry) -> str:
-        """A1111's "name [hash]", with the hash only when it is already known."""
+        """A1111's "name [hash]" (a single file's name with its extension: "SD15/model.safetensors [6ce0161689]"),
+        with the hash only when it is already known."""
+        name = entry.name + (entry.path.suffix if entry.kind == "single_file" and entry.path else "")
         digest = self.short_hash(entry, cached_only=True)
-        return f"{entry.name} [{digest}]" if digest else entry.name
+        return f"{name} [{digest}]" if digest else name
 
     def _file_digest(self, file: Path, cached_only: bool) -> str | None:
         stat = file.stat()
