@@ -1398,3 +1398,28 @@ def test_the_model_the_server_started_with_from_outside_its_folder_stays_listed_
             assert services.registry.find_listed("emoji2").source == str(outside) and listed.public
     finally:
         started.close()
+
+
+def test_requests_that_name_no_model_run_on_the_servers_not_on_one_a_job_switched_to(models_dir, tmp_path):
+    """A page's own pick or a plot's Checkpoint name axis loads another model for its jobs; as in A1111 (one global
+    model, put back after the plot), API requests that name none stay on the server's model."""
+    from webui.config import Settings
+    from webui.services import build_services
+
+    own_models = tmp_path / "models"
+    own_models.mkdir()
+    for name in ("tiny-a", "tiny-b"):
+        (own_models / name).symlink_to(models_dir / TINY, target_is_directory=True)
+    services = build_services(Settings(models_dir=own_models, outdir=tmp_path / "out", ckpt="tiny-a", device="cpu"))
+    try:
+        job = services.worker.submit(QUICK | {"model": "tiny-b"})  # as a cell of a plot's Checkpoint name axis
+        assert job.wait(60) and services.engine.model.entry.name == "tiny-b"
+        with TestClient(create_api_app(services)) as client:
+            assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-a")
+            r = client.post("/sdapi/v1/txt2img", json=QUICK)
+            assert r.status_code == 200 and json.loads(r.json()["info"])["sd_model_name"] == "tiny-a", r.text
+            services.worker.load_model("tiny-b")  # picked in the UI's model list: the server's model now
+            r = client.post("/sdapi/v1/txt2img", json=QUICK)
+            assert json.loads(r.json()["info"])["sd_model_name"] == "tiny-b"
+    finally:
+        services.close()

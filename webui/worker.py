@@ -237,6 +237,9 @@ class Worker:
         self.history = history
         self.styles = styles
         self.options = options or OptionsStore(None)  # the Settings tab's (prompt comments, live previews)
+        # The model last loaded on purpose (at start, by the UI's model list, by POST /options), not by a job that
+        # names another (a page's own pick, a plot's Checkpoint name axis): API requests that name none run on it.
+        self.chosen_model: LoadedModel | None = None
         self.max_queue = max_queue
         self._queue: collections.deque[Job | _Call] = collections.deque()
         self._jobs: dict[str, Job] = {}
@@ -693,6 +696,7 @@ class Worker:
 
     def _load_then_queue_warm_up(self, engine: Engine, name: str) -> LoadedModel:
         model = self._queue_warm_up(engine, engine.load(name))
+        self.chosen_model = model  # the server's model, as A1111's global one; a job's own model does not change it
         self._remember_model(engine, model)
         return model
 

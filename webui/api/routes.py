@@ -39,7 +39,7 @@ from webui.api.models import (
 from webui.engine.hires import LATENT_UPSCALERS, NO_UPSCALER
 from webui.engine.loader import ModelLoadError
 from webui.engine.generate import LoadedModel
-from webui.engine.models import ModelNotFound
+from webui.engine.models import ModelEntry, ModelNotFound
 from webui.engine.vae import AUTOMATIC, VaeError
 from webui.engine.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_key
 
@@ -339,8 +339,8 @@ class Api:
         return next((run for run in list(self._runs) if run.job is job), None)
 
     def _model_of_requests(self) -> tuple[LoadedModel | None, bool, list[str]]:
-        """The model API requests that name none run on, whether the sd_model_checkpoint option chose it, and
-        notes. The option's model while its files are there or it is loaded, else the loaded one (read once:
+        """The model API requests that name none run on, whether they must name it (the sd_model_checkpoint option
+        chose it, or the server's model is not the one loaded now), and notes. The option's model while its files are there or it is loaded, else the loaded one (read once:
         the worker may switch models meanwhile)."""
         kept = self._kept_override
         if kept is not None and kept.state.finished:
@@ -348,10 +348,13 @@ class Api:
             if kept.state is JobState.DONE and kept.model is not None:
                 self.model = kept.model
         option, loaded = self.model, self.engine.model
-        if option is None:
+        if option is None:  # the server's model (as A1111's, a plot's Checkpoint name axis does not change it)
+            chosen = self.worker.chosen_model
+            if chosen is not None and chosen is not loaded and _files_there(chosen.entry):
+                return chosen, True, []
             return loaded, False, []
         entry = option.entry
-        if entry.kind == "hub" or Path(entry.source).exists() or (loaded is not None and loaded.entry == entry):
+        if _files_there(entry) or (loaded is not None and loaded.entry == entry):
             return option, True, []  # (a model deleted from disk runs on while it is loaded)
         if self.model is option:  # not one set meanwhile
             self.model = None
@@ -872,6 +875,11 @@ def _no_such_route(router: APIRouter) -> Callable:
         raise ApiError(404, f"{request.url.path}: no such API route; the list is at /docs", "NotFound")
 
     return no_such_route
+
+
+def _files_there(entry: ModelEntry) -> bool:
+    """The model can be loaded again: a hub model (from the cache), or files still on disk."""
+    return entry.kind == "hub" or Path(entry.source).exists()
 
 
 def _script_of(req: GenerationBody) -> str | None:
