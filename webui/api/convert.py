@@ -601,7 +601,7 @@ def decode_image(data: str, field: str = "image", pixels_needed: bool = True,
             return texts
         limit = ("send one of at most 4096x4096" if pixels_needed
                  else "a PNG's text is read at any size, other formats' not")
-        raise ApiError(422, f"{field}: the picture is too large to open ({err}); {limit}", "InvalidRequest") from None
+        raise ApiError(422, f"{field}: the picture is too large to read ({err}); {limit}", "InvalidRequest") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise unreadable from None
     try:
