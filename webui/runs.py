@@ -100,14 +100,13 @@ class SeveralJobs:
         return len(self.jobs) + len(self.skipped)
 
     def in_turn(self, worker: Worker, origin: str, owner: str | None = None,
-                stopped: Callable[[], bool] = lambda: False, field_names: dict[str, str] | None = None
-                ) -> Iterator[Job]:
+                field_names: dict[str, str] | None = None) -> Iterator[Job]:
         """Submit each job in turn and yield it, for the caller to follow until it has ended. After a job that did
-        not finish (Interrupt, a failure, a refusal), or once stop() or `stopped` says so, none more. Raises what
+        not finish (Interrupt, a failure, a refusal), or once stop() came, none more. Raises what
         submit raises (InvalidRequest, QueueFull, WorkerStopped)."""
         self.owner, self.started_at = owner, time.time()
         for submission in self.submissions:
-            if self.stopped or stopped():
+            if self.stopped:
                 return
             try:
                 picture = _opened(submission.picture)
@@ -126,7 +125,7 @@ class SeveralJobs:
                                 color_reference=submission.colours)
             self.jobs.append(job)
             self.job_turns.append(self.turns_taken)
-            if self.stopped or stopped():  # stop() came while it was submitted: it found the job before
+            if self.stopped:  # stop() came while it was submitted: it found the job before
                 worker.cancel(job.id)
             yield job
             if job.state is not JobState.DONE:
