@@ -132,3 +132,10 @@ def reported_steps(monkeypatch) -> list[tuple]:
 
     monkeypatch.setattr(_Run, "step", step)
     return reported
+
+
+def raising(error: BaseException):
+    """A stand-in for a call that fails with `error` whatever it is given (a locked database, a full disk)."""
+    def fail(*args, **kwargs):
+        raise error
+    return fail

@@ -15,6 +15,7 @@ from webui.api import create_api_app
 from webui.schemas import InvalidRequest, JobState
 from webui.storage.options import OptionsStore
 from webui.storage.outputs import OutputStore, read_infotext
+from tests.helpers import raising
 
 INFOTEXT = 'a "red" apple, Ünïcode 猫\nNegative prompt: dull\nSteps: 2, Sampler: Euler, Seed: 7, Size: 64x64'
 
@@ -679,7 +680,7 @@ def test_options_the_settings_file_cannot_keep_still_apply(settings, monkeypatch
     from webui.services import build_services
 
     services = build_services(settings, load_model=False)
-    monkeypatch.setattr(OptionsStore, "_write", lambda self, changes: (_ for _ in ()).throw(OSError("read-only")))
+    monkeypatch.setattr(OptionsStore, "_write", raising(OSError("read-only")))
     try:
         with TestClient(create_api_app(services)) as client, caplog.at_level("WARNING"):
             reply = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2})

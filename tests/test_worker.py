@@ -12,7 +12,7 @@ from webui.schemas import GenerationRequest, InvalidRequest, JobState
 from webui.storage.outputs import read_infotext
 from webui.worker import QueueFull, WorkerStopped
 from tests.conftest import TINY
-from tests.helpers import wait_for
+from tests.helpers import raising, wait_for
 
 QUICK = {"prompt": "a red apple", "steps": 2, "seed": 1}
 
@@ -373,14 +373,8 @@ def test_a_full_disk_loses_no_picture_and_says_so(services, monkeypatch):
 def test_a_history_that_cannot_be_written_keeps_the_file_and_the_picture(services, monkeypatch):
     import sqlite3
 
-    def disk_full(**kwargs):
-        raise sqlite3.OperationalError("database or disk is full")
-
-    def read_only(*args, **kwargs):
-        raise OSError("read-only")
-
-    monkeypatch.setattr(services.history, "add_image", disk_full)
-    monkeypatch.setattr(services.outputs, "save_grid", read_only)
+    monkeypatch.setattr(services.history, "add_image", raising(sqlite3.OperationalError("database or disk is full")))
+    monkeypatch.setattr(services.outputs, "save_grid", raising(OSError("read-only")))
     job = services.worker.submit(QUICK | {"batch_size": 2})
     assert job.wait(60) and job.state is JobState.DONE, job.error
     assert len(job.images) == 2 and all(Path(im.path).is_file() for im in job.images)
@@ -564,11 +558,8 @@ def test_a_model_asked_for_again_while_its_load_runs_shares_it(services, monkeyp
 def test_a_full_disk_under_the_history_still_gives_the_pictures(services, monkeypatch):
     import sqlite3
 
-    def full(*args, **kwargs):
-        raise sqlite3.OperationalError("database or disk is full")
-
     for write in ("add_job", "set_job_state", "add_image"):
-        monkeypatch.setattr(services.history, write, full)
+        monkeypatch.setattr(services.history, write, raising(sqlite3.OperationalError("database or disk is full")))
     job = services.worker.submit(QUICK | {"save_images": False})  # was refused: nothing to save, yet no picture
     assert job.wait(60) and job.state is JobState.DONE and len(job.images) == 1
     assert any("missing from the history" in warning for warning in job.warnings)
@@ -794,10 +785,7 @@ def test_a_pick_that_goes_away_does_not_cancel_the_load_others_wait_for():
 def test_a_history_locked_all_along_is_said_once_not_at_every_image(services, monkeypatch):
     import sqlite3
 
-    def locked(*args, **kwargs):
-        raise sqlite3.OperationalError("database is locked")
-
-    monkeypatch.setattr(services.history, "add_job", locked)
+    monkeypatch.setattr(services.history, "add_job", raising(sqlite3.OperationalError("database is locked")))
     job = services.worker.submit(QUICK | {"batch_size": 3})
     assert job.wait(60) and job.state is JobState.DONE and len(job.images) == 3
     names = ", ".join(Path(image.path).name for image in job.images)
@@ -811,14 +799,8 @@ def test_a_history_locked_all_along_is_said_once_not_at_every_image(services, mo
 def test_rows_that_cannot_be_kept_for_later_either_are_named_as_missing(services, monkeypatch):
     import sqlite3
 
-    def locked(*args, **kwargs):
-        raise sqlite3.OperationalError("database is locked")
-
-    def no_room(*args, **kwargs):
-        raise OSError("no space left on device")
-
-    monkeypatch.setattr(services.history, "add_job", locked)
-    monkeypatch.setattr(services.history, "keep_for_later", no_room)
+    monkeypatch.setattr(services.history, "add_job", raising(sqlite3.OperationalError("database is locked")))
+    monkeypatch.setattr(services.history, "keep_for_later", raising(OSError("no space left on device")))
     job = services.worker.submit(QUICK | {"batch_size": 2})
     assert job.wait(60) and job.state is JobState.DONE and len(job.images) == 2
     names = ", ".join(Path(image.path).name for image in job.images)
