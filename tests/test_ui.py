@@ -1163,39 +1163,45 @@ def test_nowebui_runs_the_api_app_alone_and_ctrl_c_cancels_the_jobs_first(ui_ser
     assert stopped.wait(5), "Ctrl+C did not stop the worker's jobs"
 
 
-def test_ctrl_c_stops_the_api_only_server_without_a_traceback(tmp_path):
-    """A real SIGINT to `python app.py --nowebui`: uvicorn raises it again once it has shut down."""
+@pytest.mark.parametrize("mode, serving", [("--nowebui", "Running the REST API only"), ("--api", "REST API:")])
+def test_ctrl_c_answers_a_waiting_txt2img_then_stops_without_a_traceback(tmp_path, mode, serving):
+    """A real SIGINT to `python app.py` while a blocking /sdapi/v1/txt2img waits on its job: the job is
+    cancelled and the request answered before the server closes (not a dropped connection), then the
+    process ends cleanly. Gradio's own Ctrl+C handling closed the server first and the answer was lost."""
     import signal
     import subprocess
     import sys
 
-    from tests.browser_server import ROOT, free_port
+    from tests.browser_server import ROOT
 
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "app.py", "--nowebui", "--port", str(port), "--outdir", str(tmp_path / "out")],
+        [sys.executable, "app.py", mode, "--port", str(port), "--outdir", str(tmp_path / "out")],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell ignores SIGINT
-    lines = []
+    lines, answers = [], []
+    api = f"http://127.0.0.1:{port}/sdapi/v1"
     try:
         for line in process.stdout:
             lines.append(line)
-            if "Running the REST API only" in line:
+            if serving in line:
                 break
-        def answers() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/sdapi/v1/progress", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(answers, what="the API to answer")  # uvicorn is serving: its own signal handling is what is tested
+        long_job = {"prompt": "a fox", "steps": 150, "width": 256, "height": 256}
+        waiting = threading.Thread(
+            target=lambda: answers.append(httpx.post(f"{api}/txt2img", json=long_job, timeout=120)), daemon=True)
+        waiting.start()
+        wait_for(lambda: httpx.get(f"{api}/progress", timeout=5).json()["state"]["sampling_step"] > 0,
+                 what="the job to be sampling")
         process.send_signal(signal.SIGINT)
+        waiting.join(60)
         lines.extend(process.stdout)
         assert process.wait(60) == 0
     finally:
         process.kill()
     output = "".join(lines)
-    assert "Running the REST API only" in output and "Stopped." in output
+    assert answers, f"the waiting request got no answer:\n{output[-3000:]}"
+    assert answers[0].status_code == 200, answers[0].text
+    assert answers[0].json()["info"], answers[0].text
     assert "Traceback" not in output, output
 
 

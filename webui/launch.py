@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,11 @@ class Served:
     share_url: str | None
 
     def close(self) -> None:
+        from gradio.tunneling import CURRENT_TUNNELS
+
         self.blocks.close()
+        for tunnel in CURRENT_TUNNELS:  # --share's tunnel process, which Gradio ends only in its block_thread
+            tunnel.kill()
 
 
 def url_host(host: str) -> str:
@@ -163,16 +168,30 @@ def launch(services: Services) -> None:
         print(line, flush=True)
     restore_signals = _stop_on_sigterm()
     try:
-        served.blocks.block_thread()
+        _wait_until_stopped(served)
     finally:
+        # The jobs first: a blocking /sdapi/v1/txt2img is then answered (with what its job made), and the
+        # server's close, which waits for running requests, does not wait on a job that goes on.
+        services.worker.stop()
+        served.close()
         services.close()
         restore_signals()  # for callers that go on (tests)
 
 
+def _wait_until_stopped(served: Served) -> None:
+    """Gradio's block_thread, without its closing of the server on Ctrl+C: launch() closes it once the jobs
+    are cancelled."""
+    try:
+        while served.blocks.is_running:
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        print("Stopping: the running and queued jobs are cancelled.", flush=True)
+
+
 def _stop_on_sigterm():
-    """Docker, systemd and Spaces stop a process with SIGTERM: treat it as Ctrl+C, which Gradio's
-    block_thread() handles by closing the server, so the worker then stops cleanly too. Returns what puts
-    the handlers before back."""
+    """Docker, systemd and Spaces stop a process with SIGTERM: treat it as Ctrl+C, which ends
+    _wait_until_stopped, so launch() stops the jobs and the server cleanly. Returns what puts the handlers
+    before back."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     handler = stop_then_exit_at_once()
