@@ -604,6 +604,35 @@ def test_without_ckpt_the_server_starts_with_the_model_loaded_last(settings, mod
         services.close()
 
 
+def test_a_model_put_back_after_an_override_is_not_made_the_servers_model(settings, models_dir, tmp_path):
+    """A job's own model (a tab's pick, a plot's Checkpoint name axis) changes neither the server's model nor the
+    next start's; nor does putting it back after a later job whose override is restored afterwards (A1111's
+    default for override_settings). Putting it back used to make it the server's model and remember it. Found by
+    review."""
+    import dataclasses
+
+    from tests.helpers import finished_job
+    from webui.services import build_services
+
+    own_models = tmp_path / "models"
+    own_models.mkdir()
+    for name in ("tiny-a", "tiny-b"):
+        (own_models / name).symlink_to(models_dir / "tiny-sd", target_is_directory=True)
+    services = build_services(dataclasses.replace(settings, models_dir=own_models, ckpt="tiny-a",
+                                                  ckpt_from_options=True))
+    try:
+        quick = {"prompt": "x", "steps": 1, "width": 64, "height": 64, "seed": 1}
+        finished_job(services, quick | {"model": "tiny-b"})  # a plot cell's / a tab's own model
+        assert services.worker.chosen_model.entry.name == "tiny-a"
+        finished_job(services, quick | {"model": "tiny-a", "restore_model": True})  # an API override, put back after
+        assert services.engine.model.entry.name == "tiny-b"  # as it was before that job
+        assert services.worker.chosen_model.entry.name == "tiny-a"
+    finally:
+        services.close()
+    remembered = json.loads(settings.options_path.read_text(encoding="utf-8"))["sd_model_checkpoint"]
+    assert remembered.startswith("tiny-a ["), remembered
+
+
 def test_frozen_settings_keep_the_apis_options_in_memory_only(settings):
     import dataclasses
 

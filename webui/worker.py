@@ -695,6 +695,7 @@ class Worker:
         return self.call(lambda engine: self._queue_warm_up(engine, engine.restore_device()), "Loading the model back")
 
     def _load_then_queue_warm_up(self, engine: Engine, name: str) -> LoadedModel:
+        """Load the model picked (in the UI, by the API, at start): the server's model from then on."""
         model = self._queue_warm_up(engine, engine.load(name))
         self.chosen_model = model  # the server's model, as A1111's global one; a job's own model does not change it
         self._remember_model(engine, model)
@@ -800,7 +801,9 @@ class Worker:
 
     def _restore_model(self, previous: LoadedModel) -> None:
         try:
-            self._load_then_queue_warm_up(self.engine, previous.entry.source)  # compiled: warm it up too
+            # the model loaded before the job, which need not be the server's (a plot cell's own model may have
+            # been): neither the server's model nor the remembered one changes
+            self._queue_warm_up(self.engine, self.engine.load(previous.entry.source))  # compiled: warm it up too
         except Exception:  # the job itself went fine; the next one loads what it needs
             log.exception("could not load %s again after a job with another model", previous.entry.name)
 
