@@ -4,6 +4,8 @@ import json
 import os
 import sqlite3
 import stat
+import time
+from pathlib import Path
 
 import pytest
 from PIL import ExifTags, Image
@@ -792,6 +794,88 @@ def test_rows_kept_for_later_join_the_history_at_the_next_start_and_a_line_cut_s
         assert history.reconcile()["rows_written_late"] == 0
     finally:
         history.close()
+
+
+def _kept_job(job_id: str, finished_at: float = 3.0) -> dict:
+    return {"job_id": job_id, "origin": "ui", "request": {"prompt": "a cat"}, "created_at": 1.0, "owner_key": "k",
+            "state": "done", "error": None, "started_at": 2.0, "finished_at": finished_at}
+
+
+def _two_pictures(folder: Path) -> None:
+    (folder / "day").mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / "day" / name).write_bytes(b"png")
+
+
+def test_a_line_cut_short_does_not_take_the_next_kept_line_with_it(tmp_path):
+    """A full disk (one reason rows are kept for later) can cut a line short with no newline; the next line kept
+    was glued to it, and both were lost. Found by review."""
+    history = History(tmp_path / "history.sqlite3", tmp_path)
+    try:
+        _two_pictures(tmp_path)
+        with open(history.later_path, "a", encoding="utf-8") as file:
+            file.write('{"job": {"job_id": "cut"')
+        history.keep_for_later(_kept_job("late"), [history_row("late", "day/a.png")])  # space again
+        assert history.reconcile()["rows_written_late"] == 1
+    finally:
+        history.close()
+
+
+def test_kept_rows_keep_their_place_in_the_history(tmp_path):
+    """A picture kept for later and one made after it: newest first, as made, not with the late row stamped at the
+    next start. Found by review."""
+    history = History(tmp_path / "history.sqlite3", tmp_path)
+    try:
+        _two_pictures(tmp_path)
+        history.keep_for_later(_kept_job("old-job"), [history_row("old-job", "day/a.png")])
+        time.sleep(0.05)
+        history.add_job("new-job", "ui", {"prompt": "x"}, time.time())
+        history.add_image(**history_row("new-job", "day/b.png", seed=2))
+        time.sleep(0.05)
+        history.reconcile()
+        assert [image.path for image in history.list_images()[0]] == ["day/b.png", "day/a.png"]
+    finally:
+        history.close()
+
+
+def test_rows_kept_by_another_server_while_the_file_is_written_in_are_not_lost(tmp_path):
+    """Two servers on one outputs folder: a line the other keeps while this one's start writes the file in was
+    deleted unread with the file. Found by review."""
+    history = History(tmp_path / "history.sqlite3", tmp_path)
+    other = History(tmp_path / "history.sqlite3", tmp_path)
+    try:
+        _two_pictures(tmp_path)
+        history.keep_for_later(_kept_job("first"), [history_row("first", "day/a.png")])
+        add_job = history.add_job
+
+        def meanwhile(*args, **kwargs):
+            other.keep_for_later(_kept_job("second"), [history_row("second", "day/b.png")])
+            return add_job(*args, **kwargs)
+
+        history.add_job = meanwhile
+        assert history.reconcile(fail_unfinished_jobs=False)["rows_written_late"] == 1
+        history.add_job = add_job
+        assert history.reconcile(fail_unfinished_jobs=False)["rows_written_late"] == 1  # the next start
+        assert history.get_job("second") is not None
+    finally:
+        history.close()
+        other.close()
+
+
+def test_a_kept_file_with_bytes_that_are_not_utf8_loses_only_their_line(settings):
+    """A damaged line (not UTF-8) raised out of reconcile, and the server did not start. Found by review."""
+    from webui.services import build_services
+
+    settings.outdir.mkdir(parents=True, exist_ok=True)
+    _two_pictures(settings.outdir)
+    entry = {"job": _kept_job("good"), "images": [history_row("good", "day/a.png")]}
+    (settings.outdir / "history.sqlite3.later.jsonl").write_bytes(b'{"job": "\xff"}\n' + json.dumps(entry).encode()
+                                                                  + b"\n")
+    services = build_services(settings, load_model=False)
+    try:
+        assert [image.path for image in services.history.list_images()[0]] == ["day/a.png"]
+    finally:
+        services.close()
 
 
 def test_a_large_pngs_text_after_its_pixels_is_read_without_decoding_them(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -204,35 +205,53 @@ class History:
     def keep_for_later(self, job: dict[str, Any], images: list[dict[str, Any]]) -> None:
         """A job's rows the database would not take (locked past its wait, by another program): one JSON line in
         a file beside it, which the next start's reconcile writes in. `job`: add_job's values (with the owner
-        hashed) and its state; `images`: add_image's. OSError where that file cannot be written either."""
-        entry = {"job": job, "images": [row | {"path": Path(row["path"]).as_posix()} for row in images]}
-        with self._lock, open(self.later_path, "a", encoding="utf-8") as file:
-            file.write(json.dumps(entry) + "\n")
+        hashed) and its state; `images`: add_image's (each keeps the time it is made, its place in the history).
+        OSError where that file cannot be written either."""
+        now = time.time()
+        entry = {"job": job, "images": [{"created_at": now} | row | {"path": Path(row["path"]).as_posix()}
+                                        for row in images]}
+        line = (json.dumps(entry) + "\n").encode("utf-8")
+        with self._lock, open(self.later_path, "a+b") as file:
+            # a line a full disk cut short must not swallow this one: it starts on a line of its own
+            file.write(line if _ends_a_line(file) else b"\n" + line)
 
     def _write_kept_rows(self) -> int:
-        """The rows kept for later, written in now (those of files gone since are left out); how many images."""
+        """The rows kept for later, written in now (those of files gone since are left out); how many images.
+        The file is moved aside first: what another server sharing the folder keeps meanwhile goes to a new one."""
+        taken = self.later_path.with_name(self.later_path.name + ".taken")
+        written = self._write_in(taken)  # one a crash left before it was written in
         try:
-            lines = self.later_path.read_text(encoding="utf-8").splitlines()
+            os.replace(self.later_path, taken)
+        except FileNotFoundError:
+            return written
+        return written + self._write_in(taken)
+
+    def _write_in(self, kept: Path) -> int:
+        try:
+            text = kept.read_bytes().decode("utf-8", errors="replace")  # a damaged line fails alone, below
         except FileNotFoundError:
             return 0
         written = 0
-        for line in lines:
+        for line in filter(str.strip, text.splitlines()):
             try:
-                entry = json.loads(line)
-                job, images = entry["job"], entry["images"]
-                if self.get_job(job["job_id"]) is None:
-                    self.add_job(job["job_id"], job["origin"], job["request"], job["created_at"],
-                                 hashed_owner=job.get("owner_key"))
-                self.set_job_state(job["job_id"], job["state"], error=job.get("error"),
-                                   started_at=job.get("started_at"), finished_at=job.get("finished_at"))
-                for row in images:
-                    if self._file_exists(row["path"]):
-                        self.add_image(**row)
-                        written += 1
+                written += self._write_entry(json.loads(line))
             except (ValueError, KeyError, TypeError) as err:  # a line cut short by a crash: its files stay on disk
                 log.warning("history rows kept for later could not be read (%s: %s); left out", type(err).__name__,
                             err)
-        self.later_path.unlink()
+        kept.unlink()
+        return written
+
+    def _write_entry(self, entry: dict[str, Any]) -> int:
+        job, images, written = entry["job"], entry["images"], 0
+        if self.get_job(job["job_id"]) is None:
+            self.add_job(job["job_id"], job["origin"], job["request"], job["created_at"],
+                         hashed_owner=job.get("owner_key"))
+        self.set_job_state(job["job_id"], job["state"], error=job.get("error"),
+                           started_at=job.get("started_at"), finished_at=job.get("finished_at"))
+        for row in images:
+            if self._file_exists(row["path"]):
+                self.add_image(**row)
+                written += 1
         return written
 
     def set_job_state(self, job_id: str, state: str, *, error: str | None = None,
@@ -248,7 +267,8 @@ class History:
         return dict(row[0]) if row else None
 
     # --- images ---------------------------------------------------------------------------
-    def add_image(self, **values: Any) -> int:
+    def add_image(self, created_at: float | None = None, **values: Any) -> int:
+        """A picture's row; `created_at` (its place in the history, newest first): now, unless given."""
         missing = set(IMAGE_COLUMNS) - values.keys()
         if missing:
             raise ValueError(f"history row lacks {sorted(missing)}")
@@ -262,7 +282,7 @@ class History:
             self._db.execute("DELETE FROM images WHERE path = ?", (values["path"],))
             cursor = self._db.execute(
                 f"INSERT INTO images (created_at, {names}) VALUES (?, {marks})",
-                (time.time(), *(values[c] for c in IMAGE_COLUMNS)),
+                (time.time() if created_at is None else created_at, *(values[c] for c in IMAGE_COLUMNS)),
             )
             self._changes += 1
             return int(cursor.lastrowid)
@@ -380,3 +400,11 @@ def _to_image(row: sqlite3.Row) -> HistoryImage:
     values = dict(row)
     values["nsfw"] = bool(values["nsfw"])
     return HistoryImage(**values)
+
+
+def _ends_a_line(file) -> bool:
+    """Whether a file open for reading bytes is empty or ends with a newline."""
+    if file.seek(0, os.SEEK_END) == 0:
+        return True
+    file.seek(-1, os.SEEK_END)
+    return file.read(1) == b"\n"
