@@ -435,3 +435,60 @@ def test_a_run_no_page_comes_back_for_is_let_go_of(ui, ui_services, monkeypatch)
     run = ui.txt2img.actions.run_of("ui-tab:tab-never-back")
     assert run is not None and run.ended.wait(120)
     wait_for(lambda: ui.txt2img.actions.run_of("ui-tab:tab-never-back") is None, what="the run to be let go of")
+
+
+SMALL_PLOT = dict(steps=1, width=64, height=64, seed=1, model=TINY, xyz_plot=True, x_type="Seed", x_values="1, 2")
+
+
+def test_a_run_whose_end_was_shown_is_let_go_of_at_once(ui):
+    """The thread that lets go of unseen runs held each run itself for 10 minutes past its end, and with it every
+    picture its jobs made, past the worker's bound on finished pictures. Found by review."""
+    import gc
+    import weakref
+
+    updates = event(ui, "txt2img")(Session(tab="tab-end-shown"), "shown", **SMALL_PLOT)
+    next(updates)
+    run = weakref.ref(ui.txt2img.actions.run_of("ui-tab:tab-end-shown"))
+    *_, (session, gallery, *_) = list(updates)
+    assert "txt2img-grids" in str(gallery[0][0]) and ui.txt2img.actions.run_of("ui-tab:tab-end-shown") is None
+    del updates
+    gc.collect()
+    assert run() is None, "the shown run and its jobs are still held"
+
+
+def test_a_grid_that_cannot_be_made_is_said_to_fail_at_the_runs_end(ui, monkeypatch):
+    """An error drawing or saving the grid was worded as a job past the last that could not be queued: 'X/Y/Z plot:
+    picture 3 of 2'. Found by review."""
+    def broken(*args, **kwargs):
+        raise ValueError("the grid is too large to draw")
+
+    monkeypatch.setattr("webui.ui.several_runs.plot_grids", broken)
+    *_, (session, gallery, progress, *_) = list(event(ui, "txt2img")(Session(tab="tab-grid-fails"), "grid",
+                                                                     **SMALL_PLOT))
+    text = html.unescape(progress)
+    assert "the grid is too large to draw" in text and "the end of its 2 pictures" in text, text
+    assert "picture 3 of 2" not in text
+
+
+def test_a_reloaded_page_follows_the_tabs_new_job_not_an_earlier_runs_unseen_end(ui, ui_services):
+    """The page lost its stream during a plot (the generator closed, the page stayed), the plot ended unseen, then
+    the tab ran a plain Generate. A reload showed the plot's end instead of following the new job, and its
+    Interrupt could not reach that job. Found by review."""
+    session = Session(tab="tab-stale-run")
+    updates = event(ui, "txt2img")(session, "plot", **SMALL_PLOT)
+    next(updates)
+    updates.close()
+    run = ui.txt2img.actions.run_of("ui-tab:tab-stale-run")
+    assert run.ended.wait(120) and run.finished
+    single = event(ui, "txt2img")(session, "a long one", steps=150, width=128, height=128, seed=3, model=TINY)
+    next(single)
+    job = ui_services.worker.get(session.job_id)
+    try:
+        reloaded = Session()
+        next(iter(ui.txt2img.actions.resume(reloaded, "tab-stale-run")))
+        ui.txt2img.actions.interrupt(reloaded)
+        assert reloaded.job_id == job.id and job.cancel_event.is_set()
+    finally:
+        ui_services.worker.cancel(job.id)
+        single.close()
+        job.wait(60)

@@ -137,7 +137,6 @@ class SeveralJobs:
         on when the page that started it is reloaded or closed (as A1111's scripts run on the server); once every
         job has finished, `finish(run)` (the plot's grids, drawn and saved) gives `outcome`. What a later submit
         raises (a full queue, a refusal) is kept in `error`; `ended` is set when nothing more will happen."""
-        self.ended.clear()
 
         def drive() -> None:
             try:

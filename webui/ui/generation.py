@@ -292,6 +292,7 @@ class GenerationActions(SeveralRuns):
             else:
                 job = self.worker.submit(request, origin="ui", owner=self._owner(session), init_image=picture,
                                          mask=mask_picture, control_image=controlnet_image)
+                self._forget_ended_run(session)  # a reload follows this job, not an earlier run's end
                 session.start(job)
                 runs = self._follow(session, job)
         except (InvalidRequest, QueueFull, ModelNotFound, WorkerStopped) as err:

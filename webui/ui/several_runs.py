@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+import weakref
 from typing import Callable, Iterator
 
 import gradio as gr
@@ -38,20 +39,31 @@ class SeveralRuns:
         session.run_key = owner or f"run:{uuid.uuid4().hex}"
         self.runs[session.run_key] = run
         run.run_in_background(self.worker, "ui", owner, end)
-        threading.Thread(target=self._forget_when_stale, args=(run,), name="forget a run", daemon=True).start()
+        # by a weak reference: a run whose end a page has shown is let go of at once
+        threading.Thread(target=self._forget_when_stale, args=(run.ended, weakref.ref(run)), name="forget a run",
+                         daemon=True).start()
         yield from self._follow_run(session, run)
 
-    def _forget_when_stale(self, run: SeveralJobs) -> None:
+    def _forget_when_stale(self, ended: threading.Event, run: "weakref.ref[SeveralJobs]") -> None:
         """Let go of a run FORGET_ENDED_RUNS_AFTER seconds after it ended, where no page came back for its end: it
         holds every picture it made."""
-        run.ended.wait()
+        ended.wait()
         time.sleep(FORGET_ENDED_RUNS_AFTER)
-        self._forget(run)
+        stale = run()
+        if stale is not None:
+            self._forget(stale)
 
     def _forget(self, run: SeveralJobs) -> None:
         for key, kept in list(self.runs.items()):
             if kept is run:
                 self.runs.pop(key, None)
+
+    def _forget_ended_run(self, session: Session) -> None:
+        """A new job of the tab's supersedes its run that ended unseen (the page lost its stream): a reload must
+        follow the new job, and Interrupt reach it."""
+        run = self.run_of(self._owner(session))
+        if run is not None and run.ended.is_set():
+            self._forget(run)
 
     def run_of(self, key: str | None) -> SeveralJobs | None:
         """The run of several jobs of this key (a tab's owner key) whose end no page has shown yet."""
@@ -77,8 +89,10 @@ class SeveralRuns:
         """The run's last update: why it stopped early, or its images (the plot's grids first); shown once."""
         self._forget(run)
         count = len(run.submissions)
-        if run.error is not None:  # a later job could not be queued
-            yield session, gr.skip(), notice_html(f"{run.what}: picture {run.turns_taken + 1} of {count}") + \
+        if run.error is not None:  # a later job could not be queued, or the end (the grid) could not be made
+            where = (f"picture {run.turns_taken + 1} of {count}" if run.turns_taken < count
+                     else f"the end of its {count} pictures")
+            yield session, gr.skip(), notice_html(f"{run.what}: {where}") + \
                 error_html(with_labels(str(run.error))), gr.update(visible=False), gr.skip(), ""
             return
         if not run.finished:  # Interrupt, or a job that failed (its own last update said why)
