@@ -236,8 +236,7 @@ class OptionsStore:
             if self.path is None or self.frozen or not values:
                 return
             if self._unreadable:
-                raise OSError(f"the settings file {self.path} could not be read ({self._unreadable}), so it is not "
-                              "saved over; fix or remove it, then restart")
+                raise self._not_saved_over()
             try:
                 on_file = self._file_contents()
             except (UnicodeDecodeError, ValueError):  # spoilt since the start: _write says so
@@ -254,13 +253,16 @@ class OptionsStore:
         if self.frozen and changes:
             raise SettingsFrozen("the settings cannot be changed on this server (started with --freeze-settings)")
         if self._unreadable and changes and self.path is not None:
-            raise OSError(f"the settings file {self.path} could not be read ({self._unreadable}), so it is not "
-                          "saved over; fix or remove it, then restart")
+            raise self._not_saved_over()
         try:
             return SavedOptions(**(self._current.model_dump() | changes))
         except ValidationError as err:
             raise InvalidRequest("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                            for e in err.errors())) from None
+
+    def _not_saved_over(self) -> OSError:
+        return OSError(f"the settings file {self.path} could not be read ({self._unreadable}), so it is not saved "
+                       "over; fix or remove it, then restart")
 
     def _read(self) -> SavedOptions:
         try:
