@@ -483,3 +483,89 @@ def test_the_range_schedules_are_a1111s_to_the_bit(schedule):
     scheduler.set_timesteps(n)
     assert torch.equal(scheduler.sigmas[:-1].float(), expected)
     assert float(scheduler.timesteps[0]) == 999  # the model's own largest sigma, at its last timestep
+
+
+def stand_in_eps(x: torch.Tensor, t: int) -> torch.Tensor:
+    """A stand-in model's noise prediction: depends on the sample and the timestep, as a UNet's does."""
+    return 0.3 * x - 0.05 + t / 4000 + torch.linspace(-0.2, 0.2, x.shape[-1])
+
+
+def a1111_timestep_run(steps: int) -> tuple[list[int], torch.Tensor]:
+    """sd_samplers_timesteps.get_timesteps: every 1000 // steps from t=1, clipped to 999; and SD 1.5's alpha bars."""
+    alphas = make_scheduler(SD15_SCHEDULER, "DDIM", "Automatic").alphas_cumprod.double()
+    return [min(t + 1, 999) for t in range(0, 1000, 1000 // steps)], alphas
+
+
+def a1111_ddim(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """sd_samplers_timesteps_impl.ddim at eta 0: the model called at each level but the lowest, each step down to the
+    next lower level, the run ending at t=1's."""
+    timesteps, alphas = a1111_timestep_run(steps)
+    x = x.double()
+    for index in range(len(timesteps) - 1, 0, -1):
+        a_t, a_prev = alphas[timesteps[index]].item(), alphas[timesteps[index - 1]].item()
+        e_t = stand_in_eps(x, timesteps[index])
+        pred_x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t ** 0.5
+        x = a_prev ** 0.5 * pred_x0 + (1 - a_prev) ** 0.5 * e_t
+    return x.float()
+
+
+def a1111_plms(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """sd_samplers_timesteps_impl.plms: a pseudo improved Euler step first (a second call at the next level), then
+    Adams-Bashforth of orders 2, 3 and 4 on the noise predictions kept."""
+    timesteps, alphas = a1111_timestep_run(steps)
+    x, old_eps = x.double(), []
+
+    def step_with(e_t, index):
+        a_t, a_prev = alphas[timesteps[index]].item(), alphas[timesteps[index - 1]].item()
+        pred_x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t ** 0.5
+        return a_prev ** 0.5 * pred_x0 + (1 - a_prev) ** 0.5 * e_t
+
+    for index in range(len(timesteps) - 1, 0, -1):
+        e_t = stand_in_eps(x, timesteps[index])
+        if not old_eps:
+            e_next = stand_in_eps(step_with(e_t, index), timesteps[index - 1])
+            e_prime = (e_t + e_next) / 2
+        elif len(old_eps) == 1:
+            e_prime = (3 * e_t - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            e_prime = (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            e_prime = (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x = step_with(e_prime, index)
+        old_eps = (old_eps + [e_t])[-3:]
+    return x.float()
+
+
+def scheduler_run(sampler: str, x: torch.Tensor, steps: int, config: dict = SD15_SCHEDULER) -> torch.Tensor:
+    """The scheduler as the pipeline runs a txt2img pass: every timestep it sets, from unit noise."""
+    scheduler = make_scheduler(config, sampler, "Automatic", pass_steps=steps)
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        x = scheduler.step(stand_in_eps(x, int(t)), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("steps", [2, 4, 10, 20, 30, 45])
+@pytest.mark.parametrize("sampler, a1111", [("DDIM", a1111_ddim), ("PLMS", a1111_plms)])
+def test_ddim_and_plms_run_a1111s_timesteps_and_steps(sampler, a1111, steps):
+    """A pasted A1111 infotext with DDIM or PLMS makes A1111's picture: its levels (30 steps: 31 levels, 30 calls
+    from t=991; 20 steps: 19 calls from t=951 to t=51) and its step formulas."""
+    start = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(scheduler_run(sampler, start, steps), a1111(start, steps), atol=2e-5, rtol=1e-5)
+
+
+def test_a1111s_timesteps_only_for_a_whole_run_on_a_model_laid_out_as_sd():
+    """img2img's and the hires fix's tail of a schedule keeps diffusers' timesteps, which diffusers' img2img cuts the
+    tail from; a model made for another spacing (the embedded model's "trailing") keeps its own; so do step counts
+    A1111's layout cannot be stepped at."""
+    def timesteps(config, pass_steps, steps=20):
+        scheduler = make_scheduler(config, "DDIM", "Automatic", pass_steps=pass_steps)
+        scheduler.set_timesteps(steps)
+        return scheduler.timesteps.tolist()
+
+    assert timesteps(SD15_SCHEDULER, 20) == list(range(951, 50, -50))
+    assert timesteps(SD15_SCHEDULER, 12) == list(range(951, 0, -50))  # diffusers' own: 20 calls down to t=1
+    assert timesteps(SD15_SCHEDULER | {"timestep_spacing": "trailing"}, 20) == list(range(999, 0, -50))
+    # where A1111 clips its top level to t=999 (27 steps: 1000 would be next), no step of k reaches it: diffusers'
+    assert timesteps(SD15_SCHEDULER, 27, steps=27) == list(range(1 + 26 * 37, 0, -37))
+    assert len(timesteps(SD15_SCHEDULER, 1, steps=1)) == 1  # A1111's one level would make no call at all

@@ -455,6 +455,25 @@ def test_one_step_batches_get_an_eta_from_the_second_batch_on():
     assert pace.eta(3) == pytest.approx(0.8 * 3)
 
 
+def test_a_batch_whose_first_report_is_past_step_one_is_timed_from_it():
+    """A1111's DDIM at 2 steps calls the model once: its first report is step 2 (the pace had no start to time
+    from, and the job failed)."""
+    from webui.worker import StepPace
+
+    now = [0.0]
+    pace = StepPace(clock=lambda: now[0])
+    pace.step(2, 2)
+    assert pace.eta(2) is None
+    now[0] += 0.6
+    pace.step(2, 2)  # the next batch: a whole batch over its steps
+    assert pace.eta(2) == pytest.approx(0.3 * 2)
+    now[0] += 1.0
+    pace.step(4, 10)
+    now[0] += 1.0
+    pace.step(6, 10)  # two steps in one second, from the first report on
+    assert pace.eta(10) == pytest.approx(0.5 * 10)
+
+
 @pytest.mark.parametrize("sampler", ["Heun", "DPM2", "PLMS"])
 def test_progress_counts_the_steps_asked_for_whatever_the_model_calls(services, monkeypatch, sampler):
     # Heun and DPM2 call the model 2 * steps - 1 times, PLMS steps + 1 times: the bar says Step 6/6,

@@ -187,25 +187,27 @@ class Job:
 
 
 class StepPace:
-    """Seconds per denoising step, timed from each batch's first step, so the wait before it (a model
-    load, a compile) does not inflate the ETA. None until a batch has made two steps, or, for one-step
-    batches (SD-Turbo, LCM), until the second batch has started."""
+    """Seconds per denoising step, timed from each batch's first step reported, so the wait before it (a model
+    load, a compile) does not inflate the ETA. None until a batch has reported two steps, or, for batches that
+    report one (SD-Turbo, LCM; A1111's DDIM at 2 steps, one model call), until the second batch has started."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.seconds_per_step: float | None = None
         self._batch_started: float | None = None
+        self._first_step = self._last_step = 0  # of the batch's reports
         self._clock = clock
 
     def step(self, step: int, steps: int) -> None:
         now = self._clock()
-        if step > 1:
-            self.seconds_per_step = (now - self._batch_started) / (step - 1)
-            return
-        if self._batch_started is not None and (self.seconds_per_step is None or steps == 1):
-            # A batch of one step never makes two: time first step to first step, decode included, anew
-            # at every batch (the first one's includes compiling the VAE decoder).
-            self.seconds_per_step = (now - self._batch_started) / steps
-        self._batch_started = now
+        if self._batch_started is not None and step > self._last_step:  # a later step of the same batch
+            self.seconds_per_step = (now - self._batch_started) / (step - self._first_step)
+        else:  # a batch's first report: step 1, or later where a model call makes more than one step
+            if self._batch_started is not None and (self.seconds_per_step is None or steps == 1):
+                # A batch that reports once never times two steps: time first report to first report, decode
+                # included, anew at every batch (the first one's includes compiling the VAE decoder).
+                self.seconds_per_step = (now - self._batch_started) / steps
+            self._batch_started, self._first_step = now, step
+        self._last_step = step
 
     def eta(self, steps_left: int) -> float | None:
         return None if self.seconds_per_step is None else self.seconds_per_step * steps_left

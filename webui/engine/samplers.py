@@ -50,6 +50,8 @@ class Sampler:
 NO_CUSTOM_SIGMAS = ("Automatic", "SGM Uniform")
 RESTARTS_FROM_STEPS = 20  # Restart is plain Heun below this many steps (webui/engine/restart.py)
 CFGPP_SAMPLER = "DDIM CFG++"  # steps along the negative prompt's prediction (webui/engine/ddim_cfgpp.py)
+# A1111's timestep samplers (sd_samplers_timesteps) whose timesteps are laid out as A1111's on Automatic
+A1111_TIMESTEP_SAMPLERS = ("DDIM", CFGPP_SAMPLER, "PLMS")
 
 SAMPLERS: tuple[Sampler, ...] = (
     # diffusers' Euler a takes no custom sigmas: on Karras, Exponential, ... it runs on Euler's scheduler
@@ -305,6 +307,11 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
     _with_a1111_alpha_bars(scheduler, base_config, shape)
     if hasattr(scheduler, "pass_steps"):
         scheduler.pass_steps = pass_steps
+    # as A1111 lays them out, where the model's config lays them out as SD's own do (a model made for another
+    # spacing, such as the embedded zero-terminal-SNR one, keeps its own)
+    if (sampler.name in A1111_TIMESTEP_SAMPLERS and schedule == "Automatic"
+            and base_config.get("timestep_spacing", "leading") == "leading"):
+        _laid_out_as_a1111(scheduler, pass_steps)
     if discard:  # (every k-diffusion sampler runs custom sigmas then)
         sigmas_for = _without_the_penultimate_level(sigmas_for)
     scheduler = _starting_at_the_first_step(scheduler)
@@ -564,6 +571,41 @@ def _ending_at_the_smallest_sigma(scheduler, smallest: float):
             scheduler.sigmas[-1] = smallest
 
     scheduler.set_timesteps = set_timesteps_ending_at_the_smallest_sigma
+
+
+def a1111_timestep_levels(steps: int, train_steps: int = 1000) -> np.ndarray:
+    """A1111's timestep samplers' levels for a run of `steps`, smallest first: 1, 1 + k, 1 + 2k, ... up to train_steps
+    (k = train_steps // steps; A1111 clips a last level of train_steps to the table's end). It calls the model at each
+    level but the lowest, where the run ends: at 20 steps 19 calls from t=951 to t=51, at 30 steps 30 calls from t=991
+    to t=34 (its sd_samplers_timesteps.py)."""
+    return np.arange(0, train_steps, train_steps // steps) + 1
+
+
+def _laid_out_as_a1111(scheduler, pass_steps: int | None):
+    """DDIM, DDIM CFG++ and PLMS on A1111's timesteps (a1111_timestep_levels) for a pass that runs its whole schedule
+    (txt2img's): each step goes from one level to the next lower one, as diffusers' steps go back by the train steps
+    over the steps asked (k). Diffusers' own timesteps stay where that cannot follow A1111: on a tail of a schedule
+    (img2img, the hires fix), which diffusers' img2img cuts from them; at one step, where A1111's one level makes no
+    call; and where A1111 clips its top level (3, 9, 27, 36, 37 and 101 to 111 steps), which is no step of k."""
+    import torch
+
+    set_timesteps = scheduler.set_timesteps
+
+    def set_timesteps_as_a1111(num_inference_steps=None, device=None, *args, **kwargs):
+        set_timesteps(num_inference_steps, device, *args, **kwargs)
+        train_steps = scheduler.config.num_train_timesteps
+        levels = a1111_timestep_levels(num_inference_steps, train_steps)
+        if (len(levels) < 2 or levels[-1] >= train_steps
+                or (pass_steps is not None and pass_steps < num_inference_steps)):
+            return
+        if hasattr(scheduler, "plms_timesteps"):  # PLMS: its first step calls the model again at the next level
+            calls = np.concatenate([levels[:-1], levels[-2:-1], levels[-1:]])[::-1][:-1]
+            scheduler.plms_timesteps = calls.copy()
+        else:
+            calls = levels[1:][::-1]
+        scheduler.timesteps = torch.from_numpy(calls.astype(np.int64)).to(device)
+
+    scheduler.set_timesteps = set_timesteps_as_a1111
 
 
 def _starting_at_the_first_step(scheduler):
