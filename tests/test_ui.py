@@ -595,6 +595,20 @@ def test_send_from_history_sets_the_batch_size_of_a_batch_image(ui, ui_services)
     assert values[TXT2IMG_FIELDS.index("batch_size")] == 2 and values[TXT2IMG_FIELDS.index("seed")] == 301
 
 
+def test_send_from_history_fills_the_tab_as_png_infos_send_does(ui, ui_services):
+    """The same picture sent from History and from PNG Info fills every field alike; History's own list of fields
+    left SGM noise multiplier out, so a picture made with it was made again without. Found by review."""
+    session = Session()
+    list(event(ui, "txt2img")(session, "a fox", steps=2, width=64, height=64, seed=77, model=TINY,
+                              sampler_name="Euler", sgm_noise_multiplier=True))
+    image = ui_services.worker.get(session.job_id).images[0]
+    from_history = event(ui, "send_from_history")(image.history_id)
+    from_png_info = event(ui, "send_from_pnginfo")(image.infotext)
+    assert from_history[TXT2IMG_FIELDS.index("sgm_noise_multiplier")] is True
+    differing = [name for name, ours, theirs in zip(TXT2IMG_FIELDS, from_history, from_png_info) if ours != theirs]
+    assert differing == []
+
+
 def test_send_to_txt2img_sets_the_batch_size_of_a_batch_image(ui):
     text = "a castle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 9, Size: 64x64, Batch size: 4, Batch pos: 2"
     values = event(ui, "send_from_pnginfo")(text)

@@ -130,19 +130,14 @@ FindModel = Callable[[str, str | None], str | None]
 
 
 def fields_from_history(image: HistoryImage) -> dict[str, Any]:
-    pasted = request_fields_from_infotext(image.infotext)
-    return {
+    """What a History picture sends to a tab: every field its infotext gives, as PNG Info's paste (a list of its own
+    here drifted: SGM noise multiplier was left out), with the row's own columns over them."""
+    return request_fields_from_infotext(image.infotext) | {
         "prompt": image.prompt, "negative_prompt": image.negative_prompt, "sampler_name": image.sampler,
         "scheduler": image.scheduler, "steps": image.steps, "cfg_scale": image.cfg_scale,
         "width": image.width, "height": image.height, "seed": image.seed, "clip_skip": image.clip_skip,
         "model": image.model_name, "model_hash": image.model_hash,
-    } | {name: pasted.get(name)  # no columns of their own
-         for name in ("batch_size", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "randn_source",
-                      "denoising_strength", "tiling", "restore_faces", "color_correction", "initial_noise_multiplier",
-                      "image_cfg_scale", "sd_vae", "script", "refiner_checkpoint", "refiner_switch_at",
-                      "token_merging_ratio",
-                      *HIRES_FIELDS,
-                      *INPAINTING_FIELDS, *CONTROLNET_FIELDS, *SAMPLER_FIELDS, *SETTING_KEYS, "recorded_settings")}
+    }
 
 
 def override_settings(fields: dict[str, Any], current: SavedOptions, kind: str) -> dict:
