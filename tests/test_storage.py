@@ -907,3 +907,37 @@ def test_a_large_pngs_text_after_its_pixels_is_read_without_decoding_them(tmp_pa
     assert read_parameters(str(tmp_path / "after.png"))[0].startswith("a cat after the pixels\n")
     raw = base64.b64encode((tmp_path / "after.png").read_bytes()).decode()
     assert png_info(decode_image(raw, pixels_needed=False))["parameters"]["Seed"] == "5"
+
+
+def test_a_pngs_parameters_are_read_beside_a_text_chunk_larger_than_pil_takes(tmp_path):
+    """PIL refuses to open a PNG with a compressed text chunk that unpacks past its limit (1 MB; another program's
+    embedded workflow): PNG Info and the API's png-info said 'not a PNG or damaged'. Found by review."""
+    import base64
+
+    from webui.api.convert import decode_image, png_info
+    from webui.ui.pnginfo import read_parameters
+
+    info = PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 8x8")
+    info.add_text("workflow", "x" * (2 * 1024 * 1024), zip=True)
+    red((8, 8)).save(tmp_path / "big-text.png", pnginfo=info)
+    with pytest.raises(ValueError):
+        Image.open(tmp_path / "big-text.png")  # what PIL does with it
+    assert read_parameters(str(tmp_path / "big-text.png"))[0].startswith("a cat\n")
+    raw = base64.b64encode((tmp_path / "big-text.png").read_bytes()).decode()
+    assert png_info(decode_image(raw, pixels_needed=False))["parameters"]["Seed"] == "1"
+
+
+def test_a_text_key_given_twice_reads_as_pil_reads_it_at_any_size(tmp_path, monkeypatch):
+    """The stand-in for a PNG too large to decode kept the first of two chunks of one key, PIL the last: one file
+    showed other parameters over a size limit. Found by review."""
+    from webui.ui.pnginfo import read_parameters
+
+    info = PngInfo()
+    info.add_text("parameters", "first\nSteps: 2, Seed: 1")
+    info.add_text("parameters", "second\nSteps: 2, Seed: 2")
+    red((64, 64)).save(tmp_path / "twice.png", pnginfo=info)
+    small = read_parameters(str(tmp_path / "twice.png"))[0]
+    for module in ("webui.storage.outputs", "webui.ui.pnginfo", "webui.api.convert"):
+        monkeypatch.setattr(f"{module}.MAX_SCANNED_PIXELS", 63 * 63)
+    assert read_parameters(str(tmp_path / "twice.png"))[0] == small and small.startswith("second\n")

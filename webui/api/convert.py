@@ -603,6 +603,10 @@ def decode_image(data: str, field: str = "image", pixels_needed: bool = True,
                  else "a PNG's text is read at any size, other formats' not")
         raise ApiError(422, f"{field}: the picture is too large to read ({err}); {limit}", "InvalidRequest") from None
     except (UnidentifiedImageError, OSError, ValueError):
+        # PIL refuses a text chunk past its size limit (another program's embedded workflow): the rest is read here
+        texts = None if pixels_needed else png_texts_only(io.BytesIO(raw))
+        if texts is not None:
+            return texts
         raise unreadable from None
     try:
         if check_size is not None:

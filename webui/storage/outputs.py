@@ -480,7 +480,7 @@ def png_texts_only(file: BinaryIO) -> Image.Image | None:
                 break
             key, text = _png_text(kind, body)
             if key and text is not None:
-                texts.setdefault(key, text)
+                texts[key] = text  # a key given twice: the last, as PIL reads it
             file.seek(4, io.SEEK_CUR)  # its CRC
         else:
             file.seek(length + 4, io.SEEK_CUR)

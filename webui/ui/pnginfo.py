@@ -29,18 +29,20 @@ class PngInfoTab:
 
 def _opened(path: str) -> Image.Image:
     """The picture opened for its text; a PNG too large to decode (past MAX_SCANNED_PIXELS, or past PIL's pixel
-    limit) as a stand-in holding its text chunks, before or after its pixels."""
+    limit), or one PIL will not open for a text chunk past its size limit (another program's embedded workflow), as
+    a stand-in holding its text chunks, before or after its pixels."""
+    refused = None
     try:
         image = Image.open(path)
-    except Image.DecompressionBombError:
-        image = None
+    except (Image.DecompressionBombError, ValueError) as err:
+        image, refused = None, err
     if image is not None and not (image.format == "PNG" and image.width * image.height > MAX_SCANNED_PIXELS):
         return image
     with open(path, "rb") as file:
         stand_in = png_texts_only(file)
     if stand_in is None:
         if image is None:
-            raise Image.DecompressionBombError(f"{path} is larger than PIL opens")
+            raise refused
         return image
     if image is not None:
         image.close()
