@@ -941,3 +941,80 @@ def test_a_text_key_given_twice_reads_as_pil_reads_it_at_any_size(tmp_path, monk
     for module in ("webui.storage.outputs", "webui.ui.pnginfo", "webui.api.convert"):
         monkeypatch.setattr(f"{module}.MAX_SCANNED_PIXELS", 63 * 63)
     assert read_parameters(str(tmp_path / "twice.png"))[0] == small and small.startswith("second\n")
+
+
+def test_a_batch_copy_never_writes_its_text_file_over_another_files(tmp_path):
+    """img2img Batch into the folder it reads (a training set: cat.jpg and its caption cat.txt), PNG, with a text file
+    beside every image: the copy took the free name cat.png and wrote its parameters over the caption. Found by
+    review."""
+    from webui.storage.options import OptionsStore
+
+    store = OutputStore(tmp_path / "outputs", OptionsStore(tmp_path / "config.json"))
+    store.options.update({"save_txt": True})
+    folder = tmp_path / "set"
+    folder.mkdir()
+    red().save(folder / "cat.jpg")
+    (folder / "cat.txt").write_text("a cat, caption\n")
+    path = store.save_named(red(), "new parameters", NamedCopy(folder, "cat"))
+    assert path.name == "cat-1.png" and (folder / "cat-1.txt").read_text() == "new parameters\n"
+    assert (folder / "cat.txt").read_text() == "a cat, caption\n"
+
+
+@pytest.mark.parametrize("how", ["numbered", "named"])
+def test_without_hard_links_a_name_taken_meanwhile_is_not_written_over(tmp_path, monkeypatch, how):
+    """On a drive without hard links (exFAT, some network drives) the file was renamed onto its name: a file
+    another writer saved there between the scan and the rename was replaced. Found by review."""
+    import errno
+
+    from webui.storage import outputs as outputs_module
+
+    def no_links(source, target):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    store = OutputStore(tmp_path)
+    folder = store.extras_folder() if how == "numbered" else tmp_path / "copies"
+    folder.mkdir(parents=True)
+    taken = folder / ("00000.png" if how == "numbered" else "cat.png")
+    monkeypatch.setattr(outputs_module.os, "link", no_links)
+    real_exists = os.path.lexists
+    real_highest = outputs_module.highest_number
+
+    def other_writer_comes_first():
+        if not taken.exists():
+            info = PngInfo()
+            info.add_text("parameters", "the other writer's")
+            red().save(taken, pnginfo=info)
+
+    def stale_scan(path, numbered=outputs_module._NUMBERED):
+        found = real_highest(path, numbered)
+        other_writer_comes_first()  # right after our scan
+        return found
+
+    def stale_check(path):
+        found = real_exists(path)
+        if Path(path) == taken:
+            other_writer_comes_first()
+        return found
+
+    monkeypatch.setattr(outputs_module, "highest_number", stale_scan)
+    monkeypatch.setattr(outputs_module.os.path, "lexists", stale_check)
+    if how == "numbered":
+        path = store.save_extra(red(), {"parameters": "ours"})
+    else:
+        path = store.save_named(red(), "ours", NamedCopy(folder, "cat"))
+    with Image.open(taken) as other:
+        assert read_infotext(other) == "the other writer's"
+    with Image.open(path) as ours:
+        assert path != taken and read_infotext(ours) == "ours"
+    assert not list(folder.glob(".partial-*"))
+
+
+def test_a_crash_while_an_init_image_was_saved_leaves_no_temporary_file_past_the_next_start(tmp_path):
+    """save_init_image writes its temporary file in init-images, which the start's tidy-up never looked in. Found
+    by review."""
+    store = OutputStore(tmp_path)
+    partial = tmp_path / "init-images" / ".partial-0123.png"
+    partial.parent.mkdir()
+    partial.write_bytes(b"half a png")
+    os.utime(partial, (1, 1))
+    assert store.remove_partial_files() == 1 and not partial.exists()

@@ -1506,3 +1506,30 @@ def test_a_queued_job_with_none_ahead_is_said_to_be_next():
     job = Job(id="queued", request=parse_request({"prompt": "x"}), origin="ui")
     assert "Queued: yours is next" in progress_html(job, 0)
     assert "Queued: 2 jobs ahead of yours" in progress_html(job, 2)
+
+
+def test_a_stale_history_page_lands_on_the_last_page_there_is_when_its_files_are_gone(tmp_path, monkeypatch):
+    """A page past the end goes to the last page; where reading that page finds its files deleted by hand, the pages
+    shrink again: it said 'Page 3 of 2' with nothing shown. Found by review."""
+    from types import SimpleNamespace
+
+    from tests.test_storage import history_row
+    from webui.storage.history import History
+    from webui.storage.outputs import OutputStore
+    from webui.ui.history import HistoryActions
+
+    monkeypatch.setattr(history_module, "PAGE_SIZE", 2)
+    history = History(tmp_path / "history.sqlite3", tmp_path)
+    actions = HistoryActions(SimpleNamespace(history=history, outputs=OutputStore(tmp_path),
+                                             settings=SimpleNamespace(open_to_anyone=False)))
+    try:
+        history.add_job("j1", "ui", {}, 1.0)
+        for number in range(6):
+            (tmp_path / f"{number}.png").write_bytes(b"png")
+            history.add_image(**history_row("j1", f"{number}.png", seed=number), created_at=float(number))
+        for number in (0, 1):  # the last page's pictures, deleted in a file manager
+            (tmp_path / f"{number}.png").unlink()
+        page, ids, gallery, info, newer, older = actions.load_page(5, "")
+        assert (page, len(ids)) == (1, 2) and "Page 2 of 2 · 4 images" in info, info
+    finally:
+        history.close()

@@ -31,7 +31,7 @@ import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterable
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -218,7 +218,8 @@ class OutputStore:
         try:
             with _create_new(temp) as handle:
                 _encode(image, texts, file_format, options, handle)
-            path = _link_unused_name(temp, copy.folder, stem, file_format)
+            path = _link_unused_name(temp, copy.folder, stem, file_format,
+                                     beside=(".txt",) if options.save_txt and infotext else ())
         finally:
             temp.unlink(missing_ok=True)
         return self._with_files_beside(path, image, infotext, options)
@@ -246,7 +247,8 @@ class OutputStore:
         """Delete the temporary files of saves a crash cut short; returns how many. Only old ones: another
         server sharing the folder may be writing a new one right now."""
         removed, cutoff = 0, time.time() - older_than
-        for partial in (p for folder in self.image_folders() for p in folder.rglob(".partial-*")):
+        folders = [*self.image_folders(), self.outdir / INIT_IMAGES]
+        for partial in (p for folder in folders for p in folder.rglob(".partial-*")):
             try:
                 if partial.stat().st_mtime < cutoff:
                     partial.unlink()
@@ -370,39 +372,50 @@ def _create_new(path: Path):
 
 def _claim_name(temp: Path, folder: Path, name_for, numbered: re.Pattern) -> Path:
     """Give the finished file the next free number in the folder. The folder is rescanned at every
-    claim, as stable-diffusion-webui does, since other processes may write there too; os.link fails
-    instead of overwriting when one took the number between our scan and our link."""
-    for _ in range(_CLAIM_TRIES):
-        final = folder / name_for(highest_number(folder, numbered) + 1)
+    claim, as stable-diffusion-webui does, since other processes may write there too."""
+    final = _placed_at_a_free_name(temp, (folder / name_for(highest_number(folder, numbered) + 1)
+                                          for _ in range(_CLAIM_TRIES)))
+    if final is None:
+        raise FileExistsError(f"no free file number in {folder} after {_CLAIM_TRIES} tries: "
+                              f"is another program writing numbered files there?")
+    return final
+
+
+def _link_unused_name(temp: Path, folder: Path, stem: str, extension: str, beside: tuple[str, ...] = ()) -> Path:
+    """Give the finished file the name <stem>.<extension>, else the first free <stem>-<n>.<extension>; `beside`: the
+    extensions of files written next to it (a .txt), whose names must be free too, as another file's caption may
+    hold one."""
+    def free(path: Path) -> bool:
+        return not any(os.path.lexists(path.with_suffix(suffix)) for suffix in (f".{extension}", *beside))
+
+    final = _placed_at_a_free_name(temp, (
+        path for number in range(_NAMED_TRIES)
+        if free(path := folder / (f"{stem}.{extension}" if number == 0 else f"{stem}-{number}.{extension}"))))
+    if final is None:
+        raise FileExistsError(f"{stem}.{extension} and {_NAMED_TRIES - 1} numbered names after it are all taken in "
+                              f"{folder}")
+    return final
+
+
+def _placed_at_a_free_name(temp: Path, names: Iterable[Path]) -> Path | None:
+    """The finished file given the first of `names` no file has, never replacing (or following a link at) one that
+    took it meanwhile: os.link fails where one did. On a drive without hard links (exFAT, some network or FUSE
+    drives) the name is claimed first by creating it, which fails just as well, and the file is moved onto the
+    claim. None when every name is taken."""
+    for final in names:
         try:
             os.link(temp, final)
             return final
         except FileExistsError:
-            continue  # taken meanwhile: scan again
-        except OSError:  # no hard links (some network or FUSE drives): a plain rename
+            continue
+        except OSError:  # no hard links
+            try:
+                os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            except FileExistsError:
+                continue
             os.replace(temp, final)
             return final
-    raise FileExistsError(f"no free file number in {folder} after {_CLAIM_TRIES} tries: "
-                          f"is another program writing numbered files there?")
-
-
-def _link_unused_name(temp: Path, folder: Path, stem: str, extension: str) -> Path:
-    """Give the finished file the name <stem>.<extension>, else the first free <stem>-<n>.<extension>; os.link
-    fails rather than replace a file (or follow a link) that took the name meanwhile."""
-    for number in range(_NAMED_TRIES):
-        final = folder / (f"{stem}.{extension}" if number == 0 else f"{stem}-{number}.{extension}")
-        if os.path.lexists(final):
-            continue
-        try:
-            os.link(temp, final)
-            return final
-        except FileExistsError:
-            continue
-        except OSError:  # no hard links (some network or FUSE drives): a rename, the name checked just before
-            os.replace(temp, final)
-            return final
-    raise FileExistsError(f"{stem}.{extension} and {_NAMED_TRIES - 1} numbered names after it are all taken in "
-                          f"{folder}")
+    return None
 
 
 def resolve_inside(root: Path, path: str | Path) -> Path:

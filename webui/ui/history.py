@@ -79,8 +79,8 @@ class HistoryActions:
         # The total comes with the page read: that read finds the files deleted by hand on this page.
         rows, total = self.history.list_images(page, PAGE_SIZE, search)
         pages = max(1, math.ceil(total / PAGE_SIZE))
-        if page >= pages:  # past the end (a stale page number, or files gone): the last page
-            page = pages - 1
+        while page >= pages:  # past the end (a stale page number, or files gone): the last page, which reading may
+            page = pages - 1  # find gone by hand too, and so shorten the pages again
             rows, total = self.history.list_images(page, PAGE_SIZE, search)
             pages = max(1, math.ceil(total / PAGE_SIZE))
         # Rows whose file is gone are left out: there is nothing to show for them.
