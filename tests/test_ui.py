@@ -1533,3 +1533,33 @@ def test_a_stale_history_page_lands_on_the_last_page_there_is_when_its_files_are
         assert (page, len(ids)) == (1, 2) and "Page 2 of 2 · 4 images" in info, info
     finally:
         history.close()
+
+
+def test_a_picture_that_cannot_be_deleted_says_so_and_stays(tmp_path, monkeypatch):
+    """A file system's error came through raw (its errno and the server's path); now a sentence, and the picture
+    and its row stay. Found by review."""
+    from types import SimpleNamespace
+
+    from tests.test_storage import history_row
+    from webui.storage.history import History
+    from webui.storage.outputs import OutputStore
+    from webui.ui.history import HistoryActions
+
+    history = History(tmp_path / "history.sqlite3", tmp_path)
+    actions = HistoryActions(SimpleNamespace(history=history, outputs=OutputStore(tmp_path),
+                                             settings=SimpleNamespace(open_to_anyone=False)))
+    try:
+        history.add_job("j1", "ui", {}, 1.0)
+        (tmp_path / "a.png").write_bytes(b"png")
+        image_id = history.add_image(**history_row("j1", "a.png"))
+
+        def refused(self, missing_ok=False):
+            raise PermissionError(13, "Permission denied", str(self))
+
+        monkeypatch.setattr(Path, "unlink", refused)
+        with pytest.raises(gr.Error, match=r"could not be deleted \(Permission denied\); it is still there"):
+            actions.delete(image_id, 0, "")
+        monkeypatch.undo()
+        assert (tmp_path / "a.png").exists() and history.get_image(image_id).file_state == "ok"
+    finally:
+        history.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 import math
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -146,7 +147,12 @@ class HistoryActions:
             raise gr.Error("Select an image first.")
         if self.history.get_image(image_id) is None:
             raise gr.Error(_GONE)
-        self.history.delete_image(image_id)
+        try:
+            self.history.delete_image(image_id)
+        except (OSError, sqlite3.Error) as err:  # a read-only folder, a file in use, a locked database: kept
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise gr.Error(f"The picture could not be deleted ({reason}); it is still there. Check that the outputs "
+                           "folder can be written to, then try again.") from None
         return *self.load_page(page, search), *_nothing_selected()
 
     def fields(self, image_id: int | None) -> dict:
