@@ -631,6 +631,10 @@ def test_an_override_models_clip_skip_is_checked_once_loaded_and_a_kept_override
         assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK | kept).json()["info"])["sd_model_name"] == "tiny-other"
         assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-other [")
         assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["sd_model_name"] == "tiny-other"
+        # the server's model, and the next start's, as after POST /options (it was neither; found by a probe)
+        assert services.worker.chosen_model.entry.name == "tiny-other"
+        remembered = services.options.remembered(("sd_model_checkpoint",))["sd_model_checkpoint"]
+        assert remembered.startswith("tiny-other ["), remembered
 
 
 def test_a_kept_override_counts_in_queue_order(client, services):

@@ -329,6 +329,9 @@ class GenerationRequest(BaseModel):
                                                     "score of the negative prompt's conditioning")
     restore_model: bool = Field(False, description="load the previous model again after this job "
                                                    "(A1111's override_settings_restore_afterwards)")
+    keep_model: bool = Field(False, description="make this job's model the server's, for the requests that name "
+                             "none and the next start (A1111's override_settings sd_model_checkpoint, not restored "
+                             "afterwards)")
     img2img_fix_steps: bool | None = Field(None, description="img2img: run exactly `steps` steps, as the last of a "
                                            "schedule of steps / denoising_strength (A1111's 'With img2img, do exactly "
                                            "the amount of steps the slider specifies'; else steps x strength run). "

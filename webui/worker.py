@@ -848,6 +848,9 @@ class Worker:
         """The job's model, its seeds (one per image) and its progress before the first step."""
         request = job.request
         job.model = self.engine.load(request.model) if request.model else self.engine.require_model()
+        if request.keep_model:  # as A1111's option, set for good as the job starts
+            self.chosen_model = job.model
+            self._remember_model(self.engine, job.model)
         _check_clip_skip(request, job.model)  # another model than at submit: checked now it is known
         _check_edit_model(request, job.model)
         problem = job.model.sdxl and sdxl_problem(request)

@@ -169,6 +169,7 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
     data = values | {
         "batch_size": req.batch_size, "n_iter": req.n_iter, "model": model or default_model,
         "restore_model": bool(model) and req.override_settings_restore_afterwards is not False,
+        "keep_model": bool(model) and req.override_settings_restore_afterwards is False,
         "save_images": req.save_images, "send_images": req.send_images, "clip_skip": clip_skip,
         "styles": req.styles or [], "tiling": bool(req.tiling), "sd_vae": vae,
         **dict(zip(("seed_resize_from_w", "seed_resize_from_h"),

@@ -201,7 +201,7 @@ class Api:
                 data |= fields
             job = self.worker.submit(data, origin="api", owner=caller, warnings=notes, field_names=names,
                                      init_image=init_image, mask=mask, control_image=controlnet.control_image_of(req))
-        if _keeps_model(req, data):
+        if data["keep_model"]:
             self._kept_override = job
             self._switching = None  # this job's model, queued after that load, is the one that stays
         self._keep_options(job, kept_options)
@@ -292,7 +292,7 @@ class Api:
         except InvalidRequest as err:
             raise ApiError(422, convert.rename_fields(str(err), names), "InvalidRequest") from None
         script.notes[:0] = notes
-        return script, names, _keeps_model(req, data), kept_options
+        return script, names, data["keep_model"], kept_options
 
     def _find_model(self, name: str) -> str:
         """A Checkpoint name axis's value: the listed model of that name (ModelNotFound for none)."""
@@ -893,11 +893,6 @@ def _script_of(req: GenerationBody) -> str | None:
 def _script_args(req: GenerationBody) -> list[Any]:
     """The script's arguments read (they were checked with the body's other fields)."""
     return scripts.read_args(convert.kind_of(req), _script_of(req), req.script_args)[0]
-
-
-def _keeps_model(req: GenerationBody, data: dict[str, Any]) -> bool:
-    """Whether the body's override_settings switch the model for good (not restored after its job)."""
-    return bool((req.override_settings or {}).get("sd_model_checkpoint")) and not data["restore_model"]
 
 
 def _error_of(job: Job) -> str | None:
