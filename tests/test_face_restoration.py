@@ -315,3 +315,19 @@ def test_a_real_gfpgan_network_draws_a_face_of_the_aligned_size():
     face = Image.fromarray(np.random.default_rng(1).integers(0, 255, (512, 512, 3), dtype=np.uint8))
     drawn = face_restoration._draw_again(GFPGANv1Clean(narrow=0.125).eval(), face, "GFPGAN", 0.5, "cpu")
     assert drawn.size == (512, 512) and drawn.mode == "RGB" and np.asarray(drawn).std() > 0
+
+
+def test_extras_answers_a_restorer_that_cannot_be_downloaded_as_the_clients_to_fix(services, tmp_path, monkeypatch):
+    """txt2img's Restore faces answered 422 for it; Extras a 500 with a traceback in the log. Found by a probe."""
+    from fastapi.testclient import TestClient
+    from webui.api import create_api_app
+
+    for name, (file_name, _url) in list(face_restoration._FILES.items()):
+        monkeypatch.setitem(face_restoration._FILES, name, (file_name, (tmp_path / "nowhere" / file_name).as_uri()))
+    monkeypatch.setattr(services.engine, "faces", FaceRestorers(tmp_path / "GFPGAN", tmp_path / "Codeformer",
+                                                                downloads=True))
+    with TestClient(create_api_app(services)) as client:
+        r = client.post("/sdapi/v1/extra-single-image", json={
+            "image": png_b64(grey_picture((64, 64))), "upscaler_1": "None", "gfpgan_visibility": 1})
+    assert r.status_code == 422 and r.json()["error"] == "InvalidRequest", r.text[:300]
+    assert "could not download" in r.json()["detail"]

@@ -644,7 +644,11 @@ def upscale_pictures(req: ExtrasBody, pictures: list[tuple[str, str]], options: 
                             f"{MAX_REQUEST_PIXELS / 1e6:.0f}: send fewer pictures or a smaller size", "InvalidRequest")
     encoded, done = [], None
     for field, data in pictures:
-        done = upscale(decode_image(data, field, check_size=check_picture_size), req, upscalers)
+        picture = decode_image(data, field, check_size=check_picture_size)
+        try:
+            done = upscale(picture, req, upscalers)
+        except InvalidRequest as err:  # an upscaler's or face restorer's file that could not be had (no network)
+            raise ApiError(422, str(err), "InvalidRequest") from None
         encoded.append(encode_image(done.image, texts=done.texts, options=options))
     return encoded, f"<p>{html.escape(done.infotext)}</p>"
 
