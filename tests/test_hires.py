@@ -74,6 +74,9 @@ def test_the_hires_picture_is_reproducible_and_follows_its_settings(services):
 
 @pytest.mark.parametrize("fields, message", [
     ({"hr_scale": 4, "width": 768, "height": 768}, "hr_scale: 768x768 enlarged comes to 3072x3072"),
+    # the fields the client set the size with (found by a probe: hr_scale was named)
+    ({"hr_resize_x": 50, "hr_resize_y": 50}, "^hr_resize_x, hr_resize_y: 64x64 enlarged comes to 48x48"),
+    ({"hr_resize_x": 40}, "^hr_resize_x: 64x64 enlarged comes to 40x40"),
     ({"denoising_strength": 0}, "denoising_strength: hires fix needs a denoising strength above 0"),
     ({"hr_second_pass_steps": 150, "denoising_strength": 0.1}, "make a schedule of 1500 steps, and Euler a takes at"),
     ({"sampler_name": "LCM", "hr_second_pass_steps": 30}, "make a schedule of 60 steps, and LCM takes at most 50"),

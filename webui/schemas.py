@@ -711,8 +711,10 @@ class GenerationRequest(BaseModel):
             problems.append("enable_hr: hires fix is for txt2img; run img2img at the larger size instead")
         size = hires_size(width, height, self.hr_scale, self.hr_resize_x, self.hr_resize_y)
         if max(size.upscaled) > MAX_SIZE or min(size.final) < MIN_SIZE:
-            problems.append(f"hr_scale: {width}x{height} enlarged comes to {size.upscaled[0]}x{size.upscaled[1]}; "
-                            f"the size must stay within {MIN_SIZE} to {MAX_SIZE}")
+            # the fields that set the size: the resize ones where given (they win over hr_scale)
+            given = [name for name in ("hr_resize_x", "hr_resize_y") if getattr(self, name)] or ["hr_scale"]
+            problems.append(f"{', '.join(given)}: {width}x{height} enlarged comes to "
+                            f"{size.upscaled[0]}x{size.upscaled[1]}; the size must stay within {MIN_SIZE} to {MAX_SIZE}")
         hires_sampler = self.hires_sampler[0]  # the second pass's schedule is its own sampler's
         most = get_sampler(hires_sampler).max_steps or MAX_SCHEDULE
         if self.denoising_strength == 0:

@@ -118,9 +118,10 @@ def with_labels(message: str) -> str:
     """A request check's message ("n_iter: ...; steps: ...") with the page's labels for its fields."""
     parts = message.split("; ")
     for index, part in enumerate(parts):
-        field, colon, rest = part.partition(": ")
-        if colon and field in FIELD_LABELS:
-            parts[index] = f"{FIELD_LABELS[field]}: {rest}"
+        fields, colon, rest = part.partition(": ")
+        names = fields.split(", ")  # one problem of several fields: "hr_resize_x, hr_resize_y: ..."
+        if colon and all(name in FIELD_LABELS for name in names):
+            parts[index] = f"{', '.join(FIELD_LABELS[name] for name in names)}: {rest}"
     return "; ".join(parts)
 
 
