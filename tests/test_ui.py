@@ -487,6 +487,23 @@ def test_the_interrupt_message_counts_what_was_saved_apart_from_what_was_cut_sho
     assert "Interrupted; 1 image saved; 2 unfinished shown, not saved." in final_html(job)
 
 
+def test_the_grid_after_a_skipped_first_picture_is_labelled_by_its_own_first_picture(tmp_path):
+    """A Skip cut the first picture short: the grid holds the later two, and the file says the first of those; the
+    gallery labelled it with the skipped picture's seed and infotext (♻ gave a seed in neither). Found by a probe."""
+    from webui.schemas import GeneratedImage, GenerationRequest
+    from webui.ui.session import show_images
+    from webui.worker import Job
+
+    job = Job(id="j", request=GenerationRequest(), origin="ui", state=JobState.DONE)
+    job.images = [GeneratedImage(image=None, seed=3000, index=0, infotext="skipped", unfinished=True),
+                  GeneratedImage(image=None, seed=3001, index=0, infotext="Seed: 3001", path="00056-3001.png"),
+                  GeneratedImage(image=None, seed=3002, index=0, infotext="Seed: 3002", path="00057-3002.png")]
+    job.grid, job.grid_path = Image.new("RGB", (128, 64)), str(tmp_path / "grid-0011.png")
+    session = Session()
+    items = show_images(session, job, grid=True)
+    assert items[-1][1] == "grid" and (session.seeds[-1], session.infotexts[-1]) == (3001, "Seed: 3001")
+
+
 def test_skip_ends_the_current_image_and_goes_on(ui, ui_services):
     session = Session()
     thread, outputs = run_in_thread(ui, session, steps=40, n_iter=2)

@@ -174,6 +174,15 @@ class Job:
     def wait(self, timeout: float | None = None) -> bool:
         return self.done_event.wait(timeout)
 
+    def grid_image(self) -> GeneratedImage | None:
+        """Its saved grid (from memory: the file may be deleted since) as an image of the run, with the seed and
+        infotext of the grid's first picture (A1111's); None without one. A picture a Skip or Interrupt left
+        unfinished is no part of the grid, so neither are its seed and infotext."""
+        if not self.grid_path:
+            return None
+        first = next(image for image in self.images if not image.unfinished)
+        return GeneratedImage(self.grid, first.seed, 0, first.infotext, path=self.grid_path)
+
     @property
     def kind(self) -> str:
         """What makes its images, as the output folders and the page's tabs name it."""

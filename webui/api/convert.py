@@ -718,9 +718,8 @@ def job_result(job: Job, parameters: dict[str, Any], loaded: LoadedModel | None 
     """
     grids = []
     shown = options is None or options.return_grid
-    if job.grid_path and job.request.send_images and shown:  # from memory: the file may have been deleted since
-        first = next(im for im in job.images if not im.unfinished)  # the grid leaves those out
-        grids.append(GeneratedImage(image=job.grid, seed=first.seed, index=0, infotext=first.infotext))
+    if job.grid_path and job.request.send_images and shown:
+        grids.append(job.grid_image())
     return run_result([job], grids, [(job, image) for image in job.images], parameters, loaded, options)
 
 

@@ -58,9 +58,9 @@ def show_images(session: Session, job: Job, grid: bool = False) -> list[tuple[An
     gallery, which puts it first: last here, so a picture clicked while the run went on keeps its place); the session
     records the same images, in the same order (the grid with the first picture's seed and infotext, as A1111's)."""
     images = list(job.images)  # one snapshot: the worker may append while we read
-    grid_path = job.grid_path if grid and images else None
-    if grid_path:
-        images.append(GeneratedImage(job.grid, images[0].seed, 0, images[0].infotext, path=grid_path))
+    grid_image = job.grid_image() if grid and images else None
+    if grid_image is not None:
+        images.append(grid_image)
     session.show(images)
     items = gallery_items(images)
-    return items[:-1] + [(items[-1][0], "grid")] if grid_path else items
+    return items[:-1] + [(items[-1][0], "grid")] if grid_image is not None else items
