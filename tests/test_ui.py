@@ -504,6 +504,25 @@ def test_the_grid_after_a_skipped_first_picture_is_labelled_by_its_own_first_pic
     assert items[-1][1] == "grid" and (session.seeds[-1], session.infotexts[-1]) == (3001, "Seed: 3001")
 
 
+def test_skip_while_the_job_is_queued_says_it_has_nothing_to_end_yet(ui, ui_services, monkeypatch):
+    """It did nothing, silently, and the job later ran whole. Found by a probe."""
+    said = []
+    monkeypatch.setattr(gr, "Info", lambda message, *args, **kwargs: said.append(message))
+    worker = ui_services.worker
+    blocker = worker.submit({"prompt": "x", "steps": 150, "width": 64, "height": 64, "model": TINY}, origin="ui")
+    try:
+        wait_for(lambda: blocker.state is JobState.RUNNING, what="the blocker to run")
+        session = Session()
+        thread, outputs = run_in_thread(ui, session, steps=2, n_iter=1)
+        wait_for(lambda: session.job_id and worker.get(session.job_id).state is JobState.QUEUED, what="queued")
+        event(ui, "skip")(session)
+        assert said and "still queued" in said[0] and not worker.get(session.job_id).skip_event.is_set()
+    finally:
+        worker.cancel(blocker.id)
+    thread.join(60)
+    assert worker.get(session.job_id).state is JobState.DONE
+
+
 def test_skip_ends_the_current_image_and_goes_on(ui, ui_services):
     session = Session()
     thread, outputs = run_in_thread(ui, session, steps=40, n_iter=2)

@@ -35,7 +35,7 @@ from webui.storage.outputs import NamedCopy
 from webui.storage.styles import Style
 from webui.schemas import (MAX_CLIP_SKIP, MAX_MERGING_RATIO, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MIN_SIZE,
                            MAX_SCHEDULE_RHO, MAX_SCHEDULE_SIGMA, RANDN_SOURCES, RESIZE_MODES, SAME_CHECKPOINT,
-                           GenerationRequest, InvalidRequest)
+                           GenerationRequest, InvalidRequest, JobState)
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.cards import (CardPictures, card_gallery, edited_metadata, metadata_editor, metadata_values, picked_name,
@@ -433,8 +433,13 @@ class GenerationActions(SeveralRuns):
             self.worker.cancel(session.job_id)
 
     def skip(self, session: Session) -> None:
-        if session.job_id:
-            self.worker.skip(session.job_id)
+        job = self.worker.get(session.job_id) if session.job_id else None
+        if job is not None and job.state is JobState.QUEUED:  # Skip ends a picture being made: there is none yet
+            gr.Info("Your job is still queued, so Skip has no picture to end yet: press it once the job runs, or "
+                    "Interrupt to take the job out of the queue.")
+            return
+        if job is not None:
+            self.worker.skip(job.id)
 
     def select_image(self, session: Session, evt: gr.SelectData) -> tuple[Session, str]:
         index = evt.index if isinstance(evt.index, int) else 0
