@@ -12,7 +12,7 @@ from webui.schemas import GenerationRequest, InvalidRequest, JobState
 from webui.storage.outputs import read_infotext
 from webui.worker import QueueFull, WorkerStopped
 from tests.conftest import TINY
-from tests.helpers import raising, wait_for
+from tests.helpers import finished_job, raising, wait_for
 
 QUICK = {"prompt": "a red apple", "steps": 2, "seed": 1}
 
@@ -453,6 +453,22 @@ def test_one_step_batches_get_an_eta_from_the_second_batch_on():
     now[0] += 0.8  # the step, its decode and saving
     pace.step(1, 1)
     assert pace.eta(3) == pytest.approx(0.8 * 3)
+
+
+def test_a_new_batchs_progress_starts_at_step_0(services, monkeypatch):
+    """Between batches the progress gave the new batch's number with the last batch's step count (/progress's
+    job_no 1 and sampling_step 10 of 10): a client working out progress from them went back. Found by a probe."""
+    seen = []
+    real = services.engine.generate
+
+    def generate(*args, **kwargs):
+        progress = services.worker.current().progress
+        seen.append((progress.image_index, progress.step))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(services.engine, "generate", generate)
+    finished_job(services, QUICK | {"steps": 3, "n_iter": 2, "save_images": False})
+    assert seen == [(0, 0), (1, 0)]
 
 
 def test_a_batch_whose_first_report_is_past_step_one_is_timed_from_it():

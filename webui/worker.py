@@ -889,9 +889,10 @@ class Worker:
         first = batch * request.batch_size
         seeds = job.seeds[first:first + request.batch_size]
         subseeds = job.subseeds[first:first + request.batch_size] if request.subseed_strength > 0 else None
-        job.progress.image_index = first
         compiling = self.engine.pending_compiles(request, len(seeds))
-        job.progress.note = self._compile_note(request, compiling)
+        # the new batch at its step 0 (one Progress replaced whole: a reader never sees its number with the last
+        # batch's steps, as /progress's job_no and sampling_step did)
+        job.progress = replace(job.progress, image_index=first, step=0, note=self._compile_note(request, compiling))
         started = time.time()
         # only what the job has, so a plain job calls as before
         extras = {name: value for name, value in (("control", job.control_map),
