@@ -375,6 +375,16 @@ def test_malformed_json_and_unknown_model(client):
     assert r.json()["detail"].startswith("override_settings.sd_model_checkpoint: model 'nope' not found")
 
 
+def test_a_json_body_sent_as_a_form_is_told_to_send_the_json_content_type(client):
+    """curl -d sends the JSON as a form (application/x-www-form-urlencoded), which FastAPI does not read: its
+    message named no fix. Found by a probe."""
+    r = client.post("/sdapi/v1/txt2img", content=b'{"prompt": "a"}',
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 422 and "Content-Type: application/json" in r.json()["detail"], r.text
+    r = client.post("/sdapi/v1/txt2img", json=["a list"])  # JSON, only not an object: no such advice
+    assert r.status_code == 422 and "Content-Type" not in r.json()["detail"], r.text
+
+
 def test_a_wrong_path_or_method_gets_our_json_error(client):
     r = client.get("/sdapi/v1/txt2img")
     assert r.status_code == 405 and r.headers["Allow"] == "POST"

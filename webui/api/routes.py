@@ -100,7 +100,11 @@ class ApiRoute(APIRoute):
             except ApiError as err:
                 return error_response(err.status, err.kind, err.message, err.headers)
             except RequestValidationError as err:
-                return error_response(422, "InvalidRequest", describe_validation_errors(err.errors()))
+                detail = describe_validation_errors(err.errors())
+                if _body_not_sent_as_json(request, err.errors()):  # curl -d sends a form
+                    detail += ("; send the body as JSON with the header Content-Type: application/json (curl: "
+                               "-H 'Content-Type: application/json')")
+                return error_response(422, "InvalidRequest", detail)
             except StarletteHTTPException as err:
                 if err.status_code == 400 and err.detail == _UNPARSED_BODY:  # FastAPI's words: say what to fix
                     return error_response(400, "InvalidRequest", UNREADABLE_BODY)
@@ -110,6 +114,13 @@ class ApiRoute(APIRoute):
                 return error_response(500, type(err).__name__, str(err) or type(err).__name__)
 
         return guarded
+
+
+def _body_not_sent_as_json(request: Request, errors: list[dict[str, Any]]) -> bool:
+    """Whether the body is refused as a whole because it came as another type than JSON (FastAPI reads it only
+    with a JSON Content-Type)."""
+    content_type = request.headers.get("content-type", "")
+    return "json" not in content_type.lower() and any(tuple(error.get("loc", ())) == ("body",) for error in errors)
 
 
 @dataclasses.dataclass(frozen=True)
