@@ -317,7 +317,8 @@ class Worker:
                             "(this server reads <lora:...> and <hypernet:...> tags only)")
         enlarged = _enlarges(request, picture, inpainting) and not request.sd_upscale
         job = Job(id=uuid.uuid4().hex[:12], request=request, origin=origin, owner=owner, warnings=warnings,
-                  prompts_before_styles=(asked.prompt, asked.negative_prompt), field_names=dict(field_names or {}), init_image=init_image, inpainting=inpainting, copy_to=copy_to,
+                  prompts_before_styles=(asked.prompt, asked.negative_prompt), field_names=dict(field_names or {}),
+                  init_image=init_image, inpainting=inpainting, copy_to=copy_to,
                   unfitted=(picture, mask) if enlarged else None, control_image=control_image,
                   color_reference=None if color_reference is None else as_rgb(
                       color_reference, request.img2img_background_color or DEFAULT_BACKGROUND))

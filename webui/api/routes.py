@@ -351,8 +351,8 @@ class Api:
 
     def _model_of_requests(self) -> tuple[LoadedModel | None, bool, list[str]]:
         """The model API requests that name none run on, whether they must name it (the sd_model_checkpoint option
-        chose it, or the server's model is not the one loaded now), and notes. The option's model while its files are there or it is loaded, else the loaded one (read once:
-        the worker may switch models meanwhile)."""
+        chose it, or the server's model is not the one loaded now), and notes. The option's model while its files
+        are there or it is loaded, else the loaded one (read once: the worker may switch models meanwhile)."""
         kept = self._kept_override
         if kept is not None and kept.state.finished:
             self._kept_override = None

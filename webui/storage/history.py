@@ -205,7 +205,7 @@ class History:
     def keep_for_later(self, job: dict[str, Any], images: list[dict[str, Any]]) -> None:
         """A job's rows the database would not take (locked past its wait, by another program): one JSON line in
         a file beside it, which the next start's reconcile writes in. `job`: add_job's values (with the owner
-        hashed) and its state; `images`: add_image's (each keeps the time it is made, its place in the history).
+        hashed) and its state; `images`: add_image's, each with the time it is kept (its place in the history).
         OSError where that file cannot be written either."""
         now = time.time()
         entry = {"job": job, "images": [{"created_at": now} | row | {"path": Path(row["path"]).as_posix()}
