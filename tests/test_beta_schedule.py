@@ -46,7 +46,7 @@ def test_the_skip_plans_read_the_same_sigmas_as_the_run(engine):
     """Negative Guidance minimum sigma picks its calls from the pass's sigmas: the shape moves them."""
     def skipped(**fields):
         request = GenerationRequest(**(QUICK | {"cfg_scale": 7.0, "s_min_uncond": 2.0, "steps": 8} | fields))
-        return engine._uncond_skips(request, 8, 8, (request.sampler_name, request.scheduler), 1).plan
+        return engine._uncond_skips(request, 8, 8, (request.sampler_name, request.scheduler), 1, False).plan
 
     assert skipped() != skipped(beta_dist_alpha=0.05, beta_dist_beta=1.0)
 

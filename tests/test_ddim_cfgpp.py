@@ -53,7 +53,7 @@ def a1111_ddim_cfgpp(x: torch.Tensor, steps: int, cfg: float, eta: float, seeds:
 
 def ours(x: torch.Tensor, steps: int, cfg: float, eta: float, seeds: list[int], kind: str) -> torch.Tensor:
     """Our scheduler as the pipeline runs it: guided output in, the negative rows left with it by the hook."""
-    scheduler = make_scheduler(SD15_SCHEDULER | {"prediction_type": kind}, "DDIM CFG++", "Automatic")
+    scheduler = make_scheduler(SD15_SCHEDULER | {"prediction_type": kind}, "DDIM CFG++", "Automatic", from_noise=True)
     use_step_options(scheduler, "DDIM CFG++", StepOptions(eta_ddim=eta))
     scheduler.set_timesteps(steps)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -191,3 +191,49 @@ def test_a_pass_on_it_runs_uncompiled_and_is_not_counted_as_a_compiled_shape(eng
     both = unet_keys(sampler_name="DDIM", **hires)
     assert len(both) == 2
     assert unet_keys(sampler_name="DDIM", hr_sampler_name="DDIM CFG++", **hires) < both  # the first pass alone
+
+
+def _timesteps_called(engine) -> tuple[list[float], object]:
+    seen = []
+    hook = engine.pipe.unet.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(float((args[1] if len(args) > 1 else kwargs["timestep"]).flatten()[0])),
+        with_kwargs=True)
+    return seen, hook
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.95])
+def test_img2img_and_the_hires_fix_keep_diffusers_timesteps_at_any_strength(engine, strength):
+    """A pass whose tail of a schedule is all of it (strength 1, or 0.95 at 20 steps) got A1111's txt2img layout,
+    which diffusers' img2img does not cut from: one call fewer, ending at t=51. Found by review."""
+    from tests.helpers import noise_picture
+
+    seen, hook = _timesteps_called(engine)
+    try:
+        engine.generate(GenerationRequest(prompt="a", width=64, height=64, steps=20, sampler_name="DDIM",
+                                          denoising_strength=strength, init_image="0" * 40), [1],
+                        init_image=noise_picture(1))
+        assert len(seen) == 20 and seen[-1] == 1.0, seen
+        seen.clear()
+        engine.generate(GenerationRequest(prompt="a", width=64, height=64, steps=20, sampler_name="DDIM",
+                                          enable_hr=True, hr_scale=1.5, hr_second_pass_steps=10,
+                                          denoising_strength=strength, hr_upscaler="Latent"), [1])
+        assert seen[:19] == list(range(951, 50, -50)) and seen[-1] == 1.0 and len(seen) == 19 + 10, seen
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("steps", [20, 51])
+def test_ddim_prompt_editing_switches_at_a1111s_call(engine, steps):
+    """A1111 reads the prompt schedule by the call, a step a call on its timesteps: [cat:dog:15] is cat through its
+    step 15 and dog from call 16 (counted from 0), also where its layout makes more calls than steps (52 at 51
+    steps; read in proportion, from call 17). Found by review."""
+    texts = []
+    hook = engine.pipe.unet.register_forward_pre_hook(
+        lambda _m, _args, kwargs: texts.append(kwargs["encoder_hidden_states"][-1].clone()), with_kwargs=True)
+    try:
+        engine.generate(GenerationRequest(prompt="[cat:dog:15]", width=64, height=64, steps=steps,
+                                          sampler_name="DDIM", cfg_scale=5), [1])
+    finally:
+        hook.remove()
+    first_dog = next(call for call, text in enumerate(texts) if not torch.equal(text, texts[0]))
+    assert first_dog == 16, (len(texts), first_dog)

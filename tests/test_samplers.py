@@ -538,7 +538,7 @@ def a1111_plms(x: torch.Tensor, steps: int) -> torch.Tensor:
 
 def scheduler_run(sampler: str, x: torch.Tensor, steps: int, config: dict = SD15_SCHEDULER) -> torch.Tensor:
     """The scheduler as the pipeline runs a txt2img pass: every timestep it sets, from unit noise."""
-    scheduler = make_scheduler(config, sampler, "Automatic", pass_steps=steps)
+    scheduler = make_scheduler(config, sampler, "Automatic", pass_steps=steps, from_noise=True)
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
         x = scheduler.step(stand_in_eps(x, int(t)), t, x).prev_sample
@@ -554,18 +554,36 @@ def test_ddim_and_plms_run_a1111s_timesteps_and_steps(sampler, a1111, steps):
     torch.testing.assert_close(scheduler_run(sampler, start, steps), a1111(start, steps), atol=2e-5, rtol=1e-5)
 
 
-def test_a1111s_timesteps_only_for_a_whole_run_on_a_model_laid_out_as_sd():
-    """img2img's and the hires fix's tail of a schedule keeps diffusers' timesteps, which diffusers' img2img cuts the
-    tail from; a model made for another spacing (the embedded model's "trailing") keeps its own; so do step counts
-    A1111's layout cannot be stepped at."""
-    def timesteps(config, pass_steps, steps=20):
-        scheduler = make_scheduler(config, "DDIM", "Automatic", pass_steps=pass_steps)
+def test_a1111s_timesteps_only_for_a_run_from_noise_on_a_model_laid_out_as_sd():
+    """img2img's and the hires fix's passes keep diffusers' timesteps, which diffusers' img2img cuts its tail from,
+    even where the tail is the whole schedule (strength 1; A1111's own img2img is laid out a third way); a model
+    made for another spacing (the embedded model's "trailing") keeps its own; so do step counts A1111's layout
+    cannot be stepped at."""
+    def timesteps(config, from_noise, steps=20):
+        scheduler = make_scheduler(config, "DDIM", "Automatic", pass_steps=steps, from_noise=from_noise)
         scheduler.set_timesteps(steps)
         return scheduler.timesteps.tolist()
 
-    assert timesteps(SD15_SCHEDULER, 20) == list(range(951, 50, -50))
-    assert timesteps(SD15_SCHEDULER, 12) == list(range(951, 0, -50))  # diffusers' own: 20 calls down to t=1
-    assert timesteps(SD15_SCHEDULER | {"timestep_spacing": "trailing"}, 20) == list(range(999, 0, -50))
+    assert timesteps(SD15_SCHEDULER, True) == list(range(951, 50, -50))
+    assert timesteps(SD15_SCHEDULER, False) == list(range(951, 0, -50))  # diffusers' own: 20 calls down to t=1
+    assert timesteps(SD15_SCHEDULER | {"timestep_spacing": "trailing"}, True) == list(range(999, 0, -50))
     # where A1111 clips its top level to t=999 (27 steps: 1000 would be next), no step of k reaches it: diffusers'
-    assert timesteps(SD15_SCHEDULER, 27, steps=27) == list(range(1 + 26 * 37, 0, -37))
-    assert len(timesteps(SD15_SCHEDULER, 1, steps=1)) == 1  # A1111's one level would make no call at all
+    assert timesteps(SD15_SCHEDULER, True, steps=27) == list(range(1 + 26 * 37, 0, -37))
+    assert len(timesteps(SD15_SCHEDULER, True, steps=1)) == 1  # A1111's one level would make no call at all
+
+
+@pytest.mark.parametrize("steps, calls", [(20, 19), (51, 52), (150, 166)])
+def test_a_pass_on_a1111s_timesteps_counts_a_step_a_call(steps, calls):
+    """As A1111 reads its prompt schedule (and times ControlNet) by the call: at 51 steps it makes 52 calls, and
+    [cat:dog:15] switches after the 15th, not after the 16th as a count in proportion had it; the last call ends
+    the steps (at 20 steps, 19 calls)."""
+    from webui.engine.samplers import sampler_steps_done
+
+    scheduler = make_scheduler(SD15_SCHEDULER, "DDIM", "Automatic", pass_steps=steps, from_noise=True)
+    scheduler.set_timesteps(steps)
+    assert len(scheduler.timesteps) == calls
+    done = [sampler_steps_done(call, calls, steps, scheduler) for call in range(1, calls + 1)]
+    assert done[:15] == list(range(1, 16)) and done[-1] == steps and done == sorted(done)
+    heun = make_scheduler(SD15_SCHEDULER, "Heun", "Automatic", from_noise=True)
+    heun.set_timesteps(10)  # two calls a step but the last: in proportion
+    assert [sampler_steps_done(call, 19, 10, heun) for call in (1, 2, 18, 19)] == [0, 1, 9, 10]

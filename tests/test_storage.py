@@ -1018,3 +1018,24 @@ def test_a_crash_while_an_init_image_was_saved_leaves_no_temporary_file_past_the
     partial.write_bytes(b"half a png")
     os.utime(partial, (1, 1))
     assert store.remove_partial_files() == 1 and not partial.exists()
+
+
+def test_a_move_onto_a_claimed_name_that_fails_leaves_no_empty_picture(tmp_path, monkeypatch):
+    """Without hard links the name is claimed by an empty file first: where the move onto it then failed, that
+    empty file stayed, taking the number and showing as a picture. Found by review."""
+    import errno
+
+    from webui.storage import outputs as outputs_module
+
+    def no_links(source, target):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    def refused(source, target):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    store = OutputStore(tmp_path)
+    monkeypatch.setattr(outputs_module.os, "link", no_links)
+    monkeypatch.setattr(outputs_module.os, "replace", refused)
+    with pytest.raises(PermissionError):
+        store.save_extra(red(), {"parameters": "x"})
+    assert list(store.extras_folder().iterdir()) == []

@@ -483,6 +483,12 @@ def test_a_batch_whose_first_report_is_past_step_one_is_timed_from_it():
     now[0] += 0.6
     pace.step(2, 2)  # the next batch: a whole batch over its steps
     assert pace.eta(2) == pytest.approx(0.3 * 2)
+    now[0] += 10.0  # a slow batch (it compiled for a new size): timed anew at every batch (found by review)
+    pace.step(2, 2)
+    assert pace.eta(2) == pytest.approx(5.0 * 2)
+    now[0] += 0.6
+    pace.step(2, 2)
+    assert pace.eta(2) == pytest.approx(0.3 * 2)
     now[0] += 1.0
     pace.step(4, 10)
     now[0] += 1.0

@@ -178,9 +178,9 @@ class Job:
         """Its saved grid (from memory: the file may be deleted since) as an image of the run, with the seed and
         infotext of the grid's first picture (A1111's); None without one. A picture a Skip or Interrupt left
         unfinished is no part of the grid, so neither are its seed and infotext."""
-        if not self.grid_path:
+        first = next((image for image in self.images if not image.unfinished), None)
+        if not self.grid_path or first is None:
             return None
-        first = next(image for image in self.images if not image.unfinished)
         return GeneratedImage(self.grid, first.seed, 0, first.infotext, path=self.grid_path)
 
     @property
@@ -211,7 +211,8 @@ class StepPace:
         if self._batch_started is not None and step > self._last_step:  # a later step of the same batch
             self.seconds_per_step = (now - self._batch_started) / (step - self._first_step)
         else:  # a batch's first report: step 1, or later where a model call makes more than one step
-            if self._batch_started is not None and (self.seconds_per_step is None or steps == 1):
+            if self._batch_started is not None and (self.seconds_per_step is None
+                                                    or self._last_step == self._first_step):
                 # A batch that reports once never times two steps: time first report to first report, decode
                 # included, anew at every batch (the first one's includes compiling the VAE decoder).
                 self.seconds_per_step = (now - self._batch_started) / steps

@@ -33,6 +33,7 @@ from webui.controlnet import CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RES
 from webui.engine.canny import canny
 from webui.engine.img2img import MAX_PICTURE_PIXELS, RESAMPLE, fit_image
 from webui.engine.models import file_stamp, files_under, legacy_hash
+from webui.engine.samplers import sampler_steps_done
 from webui.engine.unet_hooks import removed_after
 from webui.schemas import InvalidRequest
 
@@ -333,7 +334,7 @@ class ControlPass:
         self.calls = 0
 
     def active(self) -> bool:
-        step = self.calls * self.steps // max(self.pipe.num_timesteps, 1)  # sampler steps done (generate.py's count)
+        step = sampler_steps_done(self.calls, max(self.pipe.num_timesteps, 1), self.steps, self.pipe.scheduler)
         return self.unit.weight > 0 and self.unit.start <= step / self.steps <= self.unit.end
 
     def residuals(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,

@@ -54,7 +54,7 @@ from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_
                                   is_sdxl_refiner, kind_of_entry,
                                   kind_of_pipeline, kind_problem, pass_timesteps, refiner_size_inputs)
 from webui.engine.samplers import (CFGPP_SAMPLER, ScheduleShape, UniPCOptions, get_sampler, make_scheduler,
-                                   model_sigmas)
+                                   model_sigmas, sampler_steps_done)
 from webui.engine.sdxl import is_sdxl, sdxl_problem
 from webui.engine.single_file import sdxl_refiner_refusal
 from webui.engine.soft_inpainting import SoftInpainting, sigma_of
@@ -94,13 +94,6 @@ def to_pil_images(pixels: torch.Tensor) -> list[Image.Image]:
     and converts on the CPU, which took 11-14 ms for 8 images at 512x512 on this project's 2-core machine."""
     as_bytes = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return [Image.fromarray(image) for image in as_bytes.permute(0, 2, 3, 1).cpu().numpy()]
-
-
-def sampler_steps_done(calls_done: int, calls: int, steps: int) -> int:
-    """The sampler steps finished after `calls_done` of the scheduler's `calls` model calls. Heun, DPM2 and
-    DPM++ SDE call the model twice per step (but the last), PLMS once more at the start; the user asked
-    for steps, and A1111 counts steps, so progress does too."""
-    return calls_done * steps // calls
 
 
 def _negative_in_use(request: GenerationRequest, negative: str | None = None) -> str:
@@ -728,19 +721,19 @@ class Engine:
                 or self.registry.find(request.refiner_checkpoint) == self.model.entry):
             return None
         # The timesteps the pass will run, from a scheduler of its own kind (the pass's own is set by diffusers).
-        scheduler = self._pass_scheduler(request, sampler, steps)
+        scheduler = self._pass_scheduler(request, sampler, steps, hires_pass)
         timesteps = pass_timesteps(scheduler, schedule, steps)
         if request.refiner_switch_by_sample_steps:
             return first_refiner_call_by_count(len(timesteps), steps, scheduler.order, request.refiner_switch_at)
         return first_refiner_call(timesteps, request.refiner_switch_at)
 
     def _uncond_skips(self, request: GenerationRequest, steps: int, schedule: int, sampler: tuple[str, str],
-                      images: int) -> SkipCalls | None:
+                      images: int, hires_pass: bool) -> SkipCalls | None:
         """The model calls of this pass that leave the negative prompt out (Skip Early CFG, NGMS), or None."""
         skip = UncondSkip(request.skip_early_cond, request.s_min_uncond, request.s_min_uncond_all)
         if not skip.active or request.cfg_scale <= 1:
             return None
-        scheduler = self._pass_scheduler(request, sampler, steps)
+        scheduler = self._pass_scheduler(request, sampler, steps, hires_pass)
         plan = skip_plan(skip, pass_timesteps(scheduler, schedule, steps), scheduler.alphas_cumprod,
                          steps * scheduler.order)  # A1111's count: steps x 2 for a second-order sampler
         return SkipCalls(plan, images) if any(plan) else None
@@ -771,9 +764,9 @@ class Engine:
         lengths = [(request.denoising_steps, request.img2img_schedule)] + (
             [(request.hires_steps, schedule_steps(request.hires_steps, request.denoising_strength))]
             if request.enable_hr else [])
-        for (width, height), sampler, phases, bent, ratio, (steps, schedule) in zip(
-                sizes, samplers, passes, hypernetworks, merging, lengths):
-            skips = self._uncond_skips(request, steps, schedule, sampler, batch_size) is not None
+        for hires_pass, (width, height), sampler, phases, bent, ratio, (steps, schedule) in zip(
+                (False, True), sizes, samplers, passes, hypernetworks, merging, lengths):
+            skips = self._uncond_skips(request, steps, schedule, sampler, batch_size, hires_pass) is not None
             uncompiled_pass = (_part_weights(phases) is not None or request.uses_controlnet or bent or skips or ratio
                                or _reads_uncond_rows(sampler[0]))
             if uncompiled_pass:
@@ -788,20 +781,21 @@ class Engine:
         return keys
 
     def _scheduler(self, sampler_name: str, schedule: str, shape: ScheduleShape = ScheduleShape(),
-                   unipc: UniPCOptions = UniPCOptions(), pass_steps: int | None = None):
+                   unipc: UniPCOptions = UniPCOptions(), pass_steps: int | None = None, from_noise: bool = False):
         """A fresh scheduler of this sampler and schedule type for the loaded model (`shape`: A1111's options that
         reshape the schedule; `unipc`: its UniPC settings; `pass_steps`: the steps of the schedule's tail a pass
-        runs)."""
+        runs; `from_noise`: the pass is txt2img's, from pure noise)."""
         return keeping_estimates(make_scheduler(self._base_scheduler_config, sampler_name, schedule,
                                                 sdxl=is_sdxl(self.pipe), shape=shape, unipc=unipc,
-                                                pass_steps=pass_steps))
+                                                pass_steps=pass_steps, from_noise=from_noise))
 
-    def _pass_scheduler(self, request: GenerationRequest, sampler: tuple[str, str], steps: int):
+    def _pass_scheduler(self, request: GenerationRequest, sampler: tuple[str, str], steps: int, hires_pass: bool):
         """A fresh scheduler as a pass of `steps` steps runs it: the sampler's options (eta moves DPM2 a's calls), the
-        request's schedule shape, and the tail it runs (Restart plans over it). What plans a pass's model calls ahead
-        (the refiner switch, skipped negative rows) must see the calls the pass makes."""
+        request's schedule shape, the tail it runs (Restart plans over it), and whether it starts from noise
+        (txt2img's first pass; A1111's timestep samplers lay that out their own way). What plans a pass's model
+        calls ahead (the refiner switch, skipped negative rows) must see the calls the pass makes."""
         scheduler = self._scheduler(*sampler, shape=request.schedule_shape, unipc=request.unipc_options,
-                                    pass_steps=steps)
+                                    pass_steps=steps, from_noise=not (hires_pass or request.is_img2img))
         use_step_options(scheduler, sampler[0], StepOptions.of(request))
         return scheduler
 
@@ -1017,7 +1011,7 @@ class Engine:
         the hires fix's pass (the refiner's pass setting tells which it takes over in)."""
         sampler = sampler or (request.sampler_name, request.scheduler)
         merging = request.token_merging_ratio if merging is None else merging
-        pipe.scheduler = self._pass_scheduler(request, sampler, steps)
+        pipe.scheduler = self._pass_scheduler(request, sampler, steps, hires_pass)
         if run.rng == "NV":
             drawing_from_philox(pipe.scheduler)
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
@@ -1031,7 +1025,7 @@ class Engine:
         refiner_call = self._refiner_call(request, steps, schedule, sampler, hires_pass)
         weights = _part_weights(phases)
         control = run.control and ControlPass(run.control, pipe, steps, pipe.vae_scale_factor)
-        skips = self._uncond_skips(request, steps, schedule, sampler, len(run.generators))
+        skips = self._uncond_skips(request, steps, schedule, sampler, len(run.generators), hires_pass)
         hooks = contextlib.ExitStack()  # a refiner's UNet gets the hooks the model's has
 
         def encode():
@@ -1064,7 +1058,7 @@ class Engine:
 
         def step_end(pipeline, call, timestep, tensors):
             nonlocal phase
-            step = sampler_steps_done(call + 1, pipeline.num_timesteps, steps)
+            step = sampler_steps_done(call + 1, pipeline.num_timesteps, steps, pipeline.scheduler)
             latents = run.after_step(pipeline, call, tensors["latents"])
             run.step(done_before + step, latents, denoised_estimate(pipeline.scheduler))
             changed = {} if latents is tensors["latents"] else {"latents": latents}

@@ -45,13 +45,13 @@ class Sampler:
     # The scheduler that runs it on a schedule type its own cannot follow (custom sigmas), where another can: Euler a
     # on Euler's, stepping as Euler a (step_options.use_step_options)
     custom_sigmas_class: str | None = None
+    # One of A1111's timestep samplers (sd_samplers_timesteps): a run from noise on A1111's timesteps (_laid_out_as_a1111)
+    a1111_timesteps: bool = False
 
 
 NO_CUSTOM_SIGMAS = ("Automatic", "SGM Uniform")
 RESTARTS_FROM_STEPS = 20  # Restart is plain Heun below this many steps (webui/engine/restart.py)
 CFGPP_SAMPLER = "DDIM CFG++"  # steps along the negative prompt's prediction (webui/engine/ddim_cfgpp.py)
-# A1111's timestep samplers (sd_samplers_timesteps) whose timesteps are laid out as A1111's on Automatic
-A1111_TIMESTEP_SAMPLERS = ("DDIM", CFGPP_SAMPLER, "PLMS")
 
 SAMPLERS: tuple[Sampler, ...] = (
     # diffusers' Euler a takes no custom sigmas: on Karras, Exponential, ... it runs on Euler's scheduler
@@ -92,12 +92,14 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("Restart", "RestartScheduler", aliases=("restart",), automatic="Karras", k_diffusion=True),
     # DDIMScheduler clips its x0 estimate to [-1, 1] unless the model's config says otherwise; that is
     # meant for pixel-space models and ruins latents (A1111's DDIM never clips).
-    Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}, aliases=("ddim",), schedules=NO_CUSTOM_SIGMAS),
+    Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}, aliases=("ddim",), schedules=NO_CUSTOM_SIGMAS,
+            a1111_timesteps=True),
     # DDIM pointing back along the negative prompt's prediction, CFG scale read as a fraction of 12.5
     # (webui/engine/ddim_cfgpp.py)
     Sampler(CFGPP_SAMPLER, "DDIMCFGPPScheduler", {"clip_sample": False}, aliases=("ddim_cfgpp",),
-            schedules=NO_CUSTOM_SIGMAS),
-    Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms", "PNDM"), schedules=NO_CUSTOM_SIGMAS),
+            schedules=NO_CUSTOM_SIGMAS, a1111_timesteps=True),
+    Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms", "PNDM"), schedules=NO_CUSTOM_SIGMAS,
+            a1111_timesteps=True),
     # A1111's UniPC settings by default (uni_pc_variant bh1, uni_pc_order 3; diffusers' defaults are bh2 and 2; a
     # request's UniPCOptions set them). Its UniPC ends at the model's smallest sigma, not at 0; diffusers' bh1 step to
     # 0 gives NaN.
@@ -281,10 +283,11 @@ POLYEXPONENTIAL_RHO = 1.0  # at which it is the exponential schedule
 
 def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str = "Automatic", sdxl: bool = False,
                    shape: ScheduleShape = ScheduleShape(), unipc: UniPCOptions = UniPCOptions(),
-                   pass_steps: int | None = None):
+                   pass_steps: int | None = None, from_noise: bool = False):
     """Build a fresh diffusers scheduler for one run from the model's scheduler config (an SDXL model's: `sdxl`,
     which Align Your Steps' noise levels depend on; `shape`: A1111's schedule options; `unipc`: UniPC's;
-    `pass_steps`: the steps a pass that runs the schedule's tail runs, which Restart plans its restarts over)."""
+    `pass_steps`: the steps a pass that runs the schedule's tail runs, which Restart plans its restarts over;
+    `from_noise`: the pass is txt2img's from pure noise, which A1111's timestep samplers lay out their own way)."""
     sampler_name, schedule = resolve_sampler(sampler_name, schedule)
     sampler = get_sampler(sampler_name)
     options = dict(sampler.options)
@@ -309,9 +312,9 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
         scheduler.pass_steps = pass_steps
     # as A1111 lays them out, where the model's config lays them out as SD's own do (a model made for another
     # spacing, such as the embedded zero-terminal-SNR one, keeps its own)
-    if (sampler.name in A1111_TIMESTEP_SAMPLERS and schedule == "Automatic"
+    if (from_noise and sampler.a1111_timesteps and schedule == "Automatic"
             and base_config.get("timestep_spacing", "leading") == "leading"):
-        _laid_out_as_a1111(scheduler, pass_steps)
+        _laid_out_as_a1111(scheduler)
     if discard:  # (every k-diffusion sampler runs custom sigmas then)
         sigmas_for = _without_the_penultimate_level(sigmas_for)
     scheduler = _starting_at_the_first_step(scheduler)
@@ -581,12 +584,13 @@ def a1111_timestep_levels(steps: int, train_steps: int = 1000) -> np.ndarray:
     return np.arange(0, train_steps, train_steps // steps) + 1
 
 
-def _laid_out_as_a1111(scheduler, pass_steps: int | None):
-    """DDIM, DDIM CFG++ and PLMS on A1111's timesteps (a1111_timestep_levels) for a pass that runs its whole schedule
-    (txt2img's): each step goes from one level to the next lower one, as diffusers' steps go back by the train steps
-    over the steps asked (k). Diffusers' own timesteps stay where that cannot follow A1111: on a tail of a schedule
-    (img2img, the hires fix), which diffusers' img2img cuts from them; at one step, where A1111's one level makes no
-    call; and where A1111 clips its top level (3, 9, 27, 36, 37 and 101 to 111 steps), which is no step of k."""
+def _laid_out_as_a1111(scheduler):
+    """DDIM, DDIM CFG++ and PLMS on A1111's timesteps (a1111_timestep_levels) for txt2img's pass from noise: each step
+    goes from one level to the next lower one, as diffusers' steps go back by the train steps over the steps asked
+    (k). `a1111_timesteps` says whether they were (sampler_steps_done counts the calls so). Diffusers' own timesteps
+    stay at one step, where A1111's one level makes no call, and where A1111 clips its top level (3, 9, 27, 36, 37
+    and 101 to 111 steps), which is no step of k. (img2img and the hires fix never get here: their tail of a
+    schedule is diffusers', which diffusers' img2img cuts from it.)"""
     import torch
 
     set_timesteps = scheduler.set_timesteps
@@ -594,9 +598,9 @@ def _laid_out_as_a1111(scheduler, pass_steps: int | None):
     def set_timesteps_as_a1111(num_inference_steps=None, device=None, *args, **kwargs):
         set_timesteps(num_inference_steps, device, *args, **kwargs)
         train_steps = scheduler.config.num_train_timesteps
-        levels = a1111_timestep_levels(num_inference_steps, train_steps)
-        if (len(levels) < 2 or levels[-1] >= train_steps
-                or (pass_steps is not None and pass_steps < num_inference_steps)):
+        levels = a1111_timestep_levels(num_inference_steps, train_steps) if num_inference_steps else []
+        scheduler.a1111_timesteps = len(levels) >= 2 and levels[-1] < train_steps
+        if not scheduler.a1111_timesteps:
             return
         if hasattr(scheduler, "plms_timesteps"):  # PLMS: its first step calls the model again at the next level
             calls = np.concatenate([levels[:-1], levels[-2:-1], levels[-1:]])[::-1][:-1]
@@ -606,6 +610,17 @@ def _laid_out_as_a1111(scheduler, pass_steps: int | None):
         scheduler.timesteps = torch.from_numpy(calls.astype(np.int64)).to(device)
 
     scheduler.set_timesteps = set_timesteps_as_a1111
+
+
+def sampler_steps_done(calls_done: int, calls: int, steps: int, scheduler=None) -> int:
+    """The sampler steps finished after `calls_done` of a pass's `calls` model calls. Heun, DPM2 and DPM++ SDE call
+    the model twice per step (but the last), PLMS once more at the start: the user asked for steps, and A1111 counts
+    steps, so progress does too, in proportion. A pass on A1111's timesteps (the `scheduler` says) counts a step a
+    call up to the steps asked, as A1111 reads its prompt schedule by the call (at 51 steps it makes 52), and its
+    last call ends them all (at 20 steps it makes 19)."""
+    if getattr(scheduler, "a1111_timesteps", False):
+        return steps if calls_done >= calls else min(calls_done, steps)
+    return calls_done * steps // calls
 
 
 def _starting_at_the_first_step(scheduler):

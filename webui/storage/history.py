@@ -15,6 +15,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -218,8 +219,10 @@ class History:
     def _write_kept_rows(self) -> int:
         """The rows kept for later, written in now (those of files gone since are left out); how many images.
         The file is moved aside first: what another server sharing the folder keeps meanwhile goes to a new one."""
-        taken = self.later_path.with_name(self.later_path.name + ".taken")
-        written = self._write_in(taken)  # one a crash left before it was written in
+        # those a crash left before they were written in, then the file now, under a name of this start's own (two
+        # servers starting at once never take the same)
+        written = sum(self._write_in(left) for left in self.later_path.parent.glob(self.later_path.name + ".taken-*"))
+        taken = self.later_path.with_name(f"{self.later_path.name}.taken-{uuid.uuid4().hex}")
         try:
             os.replace(self.later_path, taken)
         except FileNotFoundError:
@@ -238,7 +241,7 @@ class History:
             except (ValueError, KeyError, TypeError) as err:  # a line cut short by a crash: its files stay on disk
                 log.warning("history rows kept for later could not be read (%s: %s); left out", type(err).__name__,
                             err)
-        kept.unlink()
+        kept.unlink(missing_ok=True)  # another server's start may have written it in too (twice is harmless)
         return written
 
     def _write_entry(self, entry: dict[str, Any]) -> int:

@@ -413,7 +413,11 @@ def _placed_at_a_free_name(temp: Path, names: Iterable[Path]) -> Path | None:
                 os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
             except FileExistsError:
                 continue
-            os.replace(temp, final)
+            try:
+                os.replace(temp, final)
+            except OSError:  # no empty file left to take the name and show as a picture
+                final.unlink(missing_ok=True)
+                raise
             return final
     return None
 
