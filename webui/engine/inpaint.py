@@ -109,10 +109,14 @@ def _only_masked(picture: Image.Image, mask: Image.Image, request: GenerationReq
     box = (max(0, left - pad), max(0, top - pad), min(mask.width, right + pad), min(mask.height, bottom + pad))
     width, height = _only_masked_size(box, request.width, request.height)
     box = expand_to_shape(box, width, height, mask.size)
-    start = fit_image(picture.crop(box), width, height, 2, enlarge=enlarge)
+    # The part is filled from the colours it holds around the mask, as A1111's; one the mask covers whole (no padding,
+    # no blur) holds none, and is cut from the picture filled whole instead (A1111 paints it black)
+    covered_whole = mask.crop(box).getextrema()[0] == 255
+    source = _with_fill(picture, mask, request.inpainting_fill) if covered_whole else picture
+    start = fit_image(source.crop(box), width, height, 2, enlarge=enlarge)
     run_mask = fit_image(mask.crop(box), width, height, 2, MASK_RESAMPLE)
     inpainting = Inpainting(run_mask, request.inpainting_fill, picture, mask, box, request.overlay_inpaint is not False)
-    return width, height, _with_fill(start, run_mask, request.inpainting_fill), inpainting
+    return width, height, start if covered_whole else _with_fill(start, run_mask, request.inpainting_fill), inpainting
 
 
 def _only_masked_size(box: tuple[int, int, int, int], width: int | None, height: int | None) -> tuple[int, int]:
@@ -148,28 +152,28 @@ def _with_fill(start: Image.Image, mask: Image.Image, fill: int) -> Image.Image:
     return start if MASKED_CONTENT[fill] == "original" else fill_masked(start, mask)
 
 
+# The fill's blurs of the kept colours, coarse to fine: (Gaussian radius, times laid over), as A1111's masking.fill
+FILL_BLURS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2))
+
+
 def fill_masked(picture: Image.Image, mask: Image.Image) -> Image.Image:
-    """The picture painted over, as far as the mask covers it (its blurred edge partly), by the average colour of
-    the kept pixels nearby: found coarse to fine, each finer pass taking over where kept pixels are in its reach."""
-    pixels = np.asarray(picture, dtype=np.float32)
-    cover = np.asarray(mask, dtype=np.float32)[..., None] / 255
-    keep = 1 - cover[..., 0]  # how much each pixel lends its colour
-    if keep.sum() == 0:  # nothing kept to take colours from
+    """The picture painted over, as far as the mask covers it (its blurred edge partly), by the colours of the kept
+    pixels around it, as A1111's fill: the kept colours blurred coarse to fine (FILL_BLURS), each blur laid over the
+    last by how much kept colour it holds there (alpha compositing). A pixel the blurred mask covers nearly whole so
+    lends almost nothing: the masked object does not come back through a blurred edge."""
+    keep = ImageOps.invert(mask)
+    if keep.getbbox() is None:  # nothing kept to take colours from
         return picture
+    pixels = np.asarray(picture, dtype=np.float32)
+    lent = Image.new("RGBa", picture.size)  # each pixel's colour as far as the mask keeps it (premultiplied)
+    lent.paste(picture.convert("RGBA").convert("RGBa"), mask=keep)
+    kept = np.asarray(keep, dtype=np.float32)[..., None] / 255
     fill = np.empty_like(pixels)
-    fill[:] = (pixels * keep[..., None]).sum(axis=(0, 1)) / keep.sum()  # for those no pass below reaches
-    size = picture.size
-    for cell in (64, 16, 4):
-        small = (max(1, size[0] // cell), max(1, size[1] // cell))
-        weight = _blurred(keep, small, size)
-        colours = np.stack([_blurred(pixels[..., c] * keep, small, size) for c in range(3)], axis=-1)
-        reached = weight > 1e-3
-        fill[reached] = colours[reached] / weight[reached, None]
-    painted = pixels * (1 - cover) + fill * cover
+    fill[:] = (pixels * kept).sum(axis=(0, 1)) / kept.sum()  # where no blur reaches: the kept pixels' mean
+    for radius, times in FILL_BLURS:
+        layer = np.asarray(lent.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
+        colours, weight = layer[..., :3], layer[..., 3:] / 255  # colours premultiplied by their weight
+        for _ in range(times):
+            fill = colours + fill * (1 - weight)
+    painted = pixels * kept + fill * (1 - kept)
     return Image.fromarray(np.clip(painted.round(), 0, 255).astype(np.uint8))
-
-
-def _blurred(values: np.ndarray, small: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """An averaged copy of a float array: shrunk to `small` by box averaging, enlarged back smoothly."""
-    image = Image.fromarray(values.astype(np.float32)).resize(small, Image.Resampling.BOX)
-    return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
