@@ -446,3 +446,26 @@ def test_an_api_training_that_fails_as_it_runs_answers_as_a1111_with_the_error_i
     info = answer.json()["info"]
     assert info.startswith("train embedding complete: filename:  error: ") and not info.endswith("error: None")
     assert torch.load(services.settings.embeddings_folder / "apifails.pt", weights_only=True)["step"] == 0
+
+
+def test_training_adds_noise_on_the_models_own_schedule_after_a_zero_terminal_snr_picture(services, dataset,
+                                                                                         monkeypatch):
+    """The training noise was read from the pipeline's scheduler, the last picture's pass's: after a Zero Terminal
+    SNR run, its rescaled betas (alpha bar 5e-8 at the end, not the model's 0.0047). Found by review."""
+    import webui.engine.training as engine_training
+    from tests.helpers import finished_job
+
+    noises, real = [], engine_training._Trainer.__init__
+
+    def recording(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        noises.append(self.noise.alphas_cumprod[-1].item())
+
+    monkeypatch.setattr(engine_training._Trainer, "__init__", recording)
+    model_end = services.engine.sigma_table().max()  # the model's own largest sigma
+    finished_job(services, {"prompt": "x", "steps": 2, "width": 64, "height": 64, "seed": 1, "save_images": False,
+                            "sampler_name": "DDIM", "sd_noise_schedule": "Zero Terminal SNR"})
+    create(services, "ztsnr")
+    train(services, dataset, "ztsnr", steps=1)
+    alpha_bar = 1 / (1 + model_end ** 2)
+    assert noises and abs(noises[0] - alpha_bar) < 1e-6 * max(1.0, alpha_bar) + 1e-9, (noises, alpha_bar)

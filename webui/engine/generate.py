@@ -799,6 +799,12 @@ class Engine:
         use_step_options(scheduler, sampler[0], StepOptions.of(request))
         return scheduler
 
+    @property
+    def model_scheduler_config(self) -> dict:
+        """The loaded model's own scheduler config (the pipeline's scheduler is the last pass's, reshaped by its
+        options: a Zero Terminal SNR run's betas)."""
+        return dict(self._base_scheduler_config)
+
     def sigma_table(self, shape: ScheduleShape = ScheduleShape()) -> np.ndarray:
         """The loaded model's sigma at each training timestep, smallest first, under the shape's noise schedule (and
         fp16 rounding, where asked)."""

@@ -246,7 +246,7 @@ def run_training(engine, plan: TrainingPlan, hooks: TrainingHooks, trainee: Trai
     optimizer = torch.optim.AdamW(trainee.parameters, lr=plan.learn_rate.rate_at(first, plan.steps), weight_decay=0.0)
     # A half-precision model's gradients would underflow: scaled up for the backward pass, as A1111 does.
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and pipe.unet.dtype == torch.float16)
-    trainer = _Trainer(pipe, plan, dataset, trainee.parameters, optimizer, scaler)
+    trainer = _Trainer(pipe, plan, dataset, trainee.parameters, optimizer, scaler, engine.model_scheduler_config)
     step, last_copy = first, None
     hooks.stage(f"Training from step {first}")
     with frozen_model(pipe), trainee.wired(pipe):
@@ -363,13 +363,14 @@ class _Trainer:
     """One optimizer step: `gradient_steps` batches' losses, backward, and the step."""
 
     def __init__(self, pipe, plan: TrainingPlan, dataset: _Dataset, parameters: list[torch.Tensor], optimizer,
-                 scaler):
+                 scaler, scheduler_config: dict):
         from diffusers import DDPMScheduler
 
         self.pipe, self.plan, self.dataset, self.parameters = pipe, plan, dataset, parameters
         self.optimizer, self.scaler = optimizer, scaler
-        # The model's training noise schedule (its betas and prediction type), whatever sampler it runs with.
-        self.noise = DDPMScheduler.from_config(pipe.scheduler.config)
+        # The model's training noise schedule (its own betas and prediction type), whatever sampler and noise
+        # schedule the last picture ran with (the pipeline's scheduler is that pass's)
+        self.noise = DDPMScheduler.from_config(scheduler_config)
         self.device = pipe._execution_device
 
     def step(self, rate: float, done: int) -> tuple[float, str]:
