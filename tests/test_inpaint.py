@@ -103,6 +103,31 @@ def test_only_masked_fills_a_part_the_mask_covers_whole_from_the_picture_around_
     assert pixels(filled)[..., 0].max() < 100 and pixels(filled)[..., 1].min() > 120  # the green around it
 
 
+def test_fill_far_from_the_kept_part_takes_its_nearest_colours_not_the_pictures_mean():
+    """Three quarters masked: its top-left takes the red kept above, its bottom-left the blue kept below, as A1111's
+    fill does (194, 0, 60 at the corner); laid over the picture's mean instead, both came out purple (133, 0, 122).
+    Found by review."""
+    picture = Image.new("RGB", (512, 512), (0, 255, 0))
+    picture.paste((255, 0, 0), (384, 0, 512, 256))
+    picture.paste((0, 0, 255), (384, 256, 512, 512))
+    mask = square_mask(size=(512, 512), box=(0, 0, 384, 512))
+    filled = pixels(fill_masked(picture, mask)).astype(int)
+    top, bottom = filled[0, 0], filled[-1, 0]
+    assert top[0] > 2 * top[2] and bottom[2] > 2 * bottom[0], (top, bottom)
+    assert filled[..., 1].max() <= 1  # the green is all masked: none of it comes back
+
+
+@pytest.mark.parametrize("only_masked", [False, True])
+def test_fill_with_a_mask_over_the_whole_picture_starts_from_black_as_a1111s(only_masked):
+    """Nothing kept, no colour to take: the start was the picture as it was (Masked content: original). Found by
+    review."""
+    picture = noise_picture(3)
+    fields = dict(inpaint_full_res=only_masked, inpaint_full_res_padding=0, mask_blur=0, width=64, height=64)
+    _, _, filled, _ = prepare_inpainting(picture, Image.new("L", (64, 64), 255), request_for(inpainting_fill=0,
+                                                                                             **fields))
+    assert pixels(filled).max() == 0
+
+
 def test_a_16_bit_mask_is_read_by_its_greys_not_clipped_to_white():
     levels = np.full((64, 64), 3000, np.uint16)  # nearly black in 16 bits
     levels[16:48, 16:48] = 65535

@@ -110,7 +110,8 @@ def _only_masked(picture: Image.Image, mask: Image.Image, request: GenerationReq
     width, height = _only_masked_size(box, request.width, request.height)
     box = expand_to_shape(box, width, height, mask.size)
     # The part is filled from the colours it holds around the mask, as A1111's; one the mask covers whole (no padding,
-    # no blur) holds none, and is cut from the picture filled whole instead (A1111 paints it black)
+    # no blur) holds none, and is cut from the picture filled whole instead (at the picture's scale: A1111 paints
+    # such a part black)
     covered_whole = mask.crop(box).getextrema()[0] == 255
     source = _with_fill(picture, mask, request.inpainting_fill) if covered_whole else picture
     start = fit_image(source.crop(box), width, height, 2, enlarge=enlarge)
@@ -159,21 +160,21 @@ FILL_BLURS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2))
 def fill_masked(picture: Image.Image, mask: Image.Image) -> Image.Image:
     """The picture painted over, as far as the mask covers it (its blurred edge partly), by the colours of the kept
     pixels around it, as A1111's fill: the kept colours blurred coarse to fine (FILL_BLURS), each blur laid over the
-    last by how much kept colour it holds there (alpha compositing). A pixel the blurred mask covers nearly whole so
-    lends almost nothing: the masked object does not come back through a blurred edge."""
+    ones before by how much kept colour it holds there (alpha compositing), the kept pixels themselves last; then
+    each pixel's colour over all it was given. A pixel the blurred mask covers nearly whole so lends almost nothing
+    (the masked object does not come back through a blurred edge), and one far from any kept colour still gets the
+    nearest. A mask that keeps nothing leaves no colour to take: black, as A1111's."""
     keep = ImageOps.invert(mask)
-    if keep.getbbox() is None:  # nothing kept to take colours from
-        return picture
-    pixels = np.asarray(picture, dtype=np.float32)
     lent = Image.new("RGBa", picture.size)  # each pixel's colour as far as the mask keeps it (premultiplied)
     lent.paste(picture.convert("RGBA").convert("RGBa"), mask=keep)
-    kept = np.asarray(keep, dtype=np.float32)[..., None] / 255
-    fill = np.empty_like(pixels)
-    fill[:] = (pixels * kept).sum(axis=(0, 1)) / kept.sum()  # where no blur reaches: the kept pixels' mean
-    for radius, times in FILL_BLURS:
-        layer = np.asarray(lent.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
-        colours, weight = layer[..., :3], layer[..., 3:] / 255  # colours premultiplied by their weight
+    colour = np.zeros((picture.height, picture.width, 3), dtype=np.float32)  # laid over so far, premultiplied
+    cover = np.zeros((picture.height, picture.width, 1), dtype=np.float32)  # ... and how much of it there is
+    layers = [lent.filter(ImageFilter.GaussianBlur(radius)) for radius, _ in FILL_BLURS] + [lent]
+    for layer, times in zip(layers, [times for _, times in FILL_BLURS] + [1]):
+        values = np.asarray(layer, dtype=np.float32)
+        weight = values[..., 3:] / 255
         for _ in range(times):
-            fill = colours + fill * (1 - weight)
-    painted = pixels * kept + fill * (1 - kept)
+            colour = values[..., :3] + colour * (1 - weight)
+            cover = weight + cover * (1 - weight)
+    painted = np.divide(colour, cover, out=np.zeros_like(colour), where=cover > 0)
     return Image.fromarray(np.clip(painted.round(), 0, 255).astype(np.uint8))
