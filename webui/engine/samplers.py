@@ -45,7 +45,8 @@ class Sampler:
     # The scheduler that runs it on a schedule type its own cannot follow (custom sigmas), where another can: Euler a
     # on Euler's, stepping as Euler a (step_options.use_step_options)
     custom_sigmas_class: str | None = None
-    # One of A1111's timestep samplers (sd_samplers_timesteps): a run from noise on A1111's timesteps (_laid_out_as_a1111)
+    # One of A1111's timestep samplers (sd_samplers_timesteps): a run from noise on A1111's timesteps
+    # (_laid_out_as_a1111)
     a1111_timesteps: bool = False
 
 
