@@ -92,14 +92,17 @@ def _load_starting_model(services: Services):
             log.warning("the model loaded last (sd_model_checkpoint in %s) is not started: %s; loading %s instead",
                         settings.options_path, err, settings.ckpt)
     services.starting_model = settings.ckpt
-    return _load_named_model(services.worker, registry, settings.ckpt)
+    # --ckpt's model is the next start's too; the default one (no --ckpt) leaves the remembered model as it was, so a
+    # models folder missing for a start (a drive not mounted) does not lose it
+    return _load_named_model(services.worker, registry, settings.ckpt, remember=not settings.ckpt_from_options)
 
 
-def _load_named_model(worker: Worker, registry: ModelRegistry, name: str):
+def _load_named_model(worker: Worker, registry: ModelRegistry, name: str, remember: bool = True):
     """The model --ckpt names; one that is nowhere falls back to the models folder's first (the embedded model
-    when the folder has none), as A1111 loads a fallback, so that the server starts ready to generate."""
+    when the folder has none), as A1111 loads a fallback, so that the server starts ready to generate. A fallback is
+    never remembered as the next start's model."""
     try:
-        return worker.load_model(name)
+        return worker.load_model(name, remember=remember)
     except ModelNotFound as err:
         listed = [entry.name for entry in registry.entries()]
         shipped = DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME
@@ -107,7 +110,7 @@ def _load_named_model(worker: Worker, registry: ModelRegistry, name: str):
         if fallback is None or fallback == name:
             raise
         log.warning("%s; loading %s instead", err, fallback)
-        return worker.load_model(fallback)
+        return worker.load_model(fallback, remember=False)
 
 
 # A1111's output folder settings and their defaults (relative to its own folder): this server's layout is fixed.

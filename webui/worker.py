@@ -644,12 +644,13 @@ class Worker:
         if self._stopping:
             raise WorkerStopped("the server is shutting down; no new work is taken")
 
-    def load_model(self, name: str, timeout: float | None = None) -> LoadedModel:
+    def load_model(self, name: str, timeout: float | None = None, remember: bool = True) -> LoadedModel:
         """Load a model and return once it is ready; a compiled model's warm-up follows in the
-        background, before any job (queued jobs wait behind it and see what it does in `activity`)."""
-        return self.queue_model_load(name).result(timeout)
+        background, before any job (queued jobs wait behind it and see what it does in `activity`).
+        `remember`: it is the next start's too (False: a fallback no one picked)."""
+        return self.queue_model_load(name, remember).result(timeout)
 
-    def queue_model_load(self, name: str) -> Future:
+    def queue_model_load(self, name: str, remember: bool = True) -> Future:
         """load_model without the wait: a future that gives the LoadedModel, or raises what the load raised.
         A model asked for again while its load is the last thing in line shares that load (the model
         dropdown sends each pick twice; two API clients may pick one model): a failing load runs once.
@@ -666,7 +667,8 @@ class Worker:
             last = self._queue[-1] if self._queue else self._running_call
             if isinstance(last, _Call) and last.model_name == name:
                 return last.future
-            future = self.call(lambda engine: self._load_then_queue_warm_up(engine, name), f"Loading model {name}")
+            future = self.call(lambda engine: self._load_then_queue_warm_up(engine, name, remember),
+                               f"Loading model {name}")
             self._queue[-1].model_name = name
         return future
 
@@ -707,11 +709,13 @@ class Worker:
         """Bring a released model back now rather than with the next job (the API's reload-checkpoint)."""
         return self.call(lambda engine: self._queue_warm_up(engine, engine.restore_device()), "Loading the model back")
 
-    def _load_then_queue_warm_up(self, engine: Engine, name: str) -> LoadedModel:
-        """Load the model picked (in the UI, by the API, at start): the server's model from then on."""
+    def _load_then_queue_warm_up(self, engine: Engine, name: str, remember: bool = True) -> LoadedModel:
+        """Load the model picked (in the UI, by the API, at start): the server's model from then on, and with
+        `remember` the next start's."""
         model = self._queue_warm_up(engine, engine.load(name))
         self.chosen_model = model  # the server's model, as A1111's global one; a job's own model does not change it
-        self._remember_model(engine, model)
+        if remember:
+            self._remember_model(engine, model)
         return model
 
     def _remember_model(self, engine: Engine, model: LoadedModel) -> None:
