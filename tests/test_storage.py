@@ -1039,3 +1039,15 @@ def test_a_move_onto_a_claimed_name_that_fails_leaves_no_empty_picture(tmp_path,
     with pytest.raises(PermissionError):
         store.save_extra(red(), {"parameters": "x"})
     assert list(store.extras_folder().iterdir()) == []
+
+
+def test_a_start_alone_on_the_outputs_folder_removes_every_partial_file_however_new(settings):
+    """A crash minutes before the restart left a partial file that stayed (only those over an hour old went, which
+    matters only while another server shares the folder). Found by a probe."""
+    from webui.services import build_services
+
+    partial = settings.outdir / "txt2img-images" / "2026-11-29" / ".partial-cafe.png"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"half a png")
+    build_services(settings, load_model=False).close()
+    assert not partial.exists()

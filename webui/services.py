@@ -147,7 +147,8 @@ def _tidy_up(history: History, outputs: OutputStore, fail_unfinished_jobs: bool,
                     "to the database, or is the disk full?); the next start tries again. Jobs run as usual and say "
                     "what they could not record", err)
         repaired = {}
-    repaired["partial_files_removed"] = outputs.remove_partial_files()
+    # alone on the folder, every partial file is a crash's; beside another server, only the old ones surely are
+    repaired["partial_files_removed"] = outputs.remove_partial_files(older_than=0.0 if fail_unfinished_jobs else 3600.0)
     repaired["unfinished_merges_removed"] = remove_stale_partials(models_dir) if models_dir.is_dir() else 0
     if any(repaired.values()):
         log.warning("history brought in line with the outputs folder and the last stop: %s", repaired)
