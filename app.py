@@ -11,11 +11,11 @@ from webui.config import parse_settings
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)  # first, so --help answers before torch and gradio load
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from webui.launch import check_port_free, hide_harmless_warnings, launch
+    from webui.launch import check_before_loading, hide_harmless_warnings, launch
     from webui.services import build_services
 
     hide_harmless_warnings()
-    check_port_free(settings)
+    check_before_loading(settings)
     try:
         services = build_services(settings)
     except KeyboardInterrupt:  # Ctrl+C while the model loads (a long first download): a word, not a traceback

@@ -1294,6 +1294,23 @@ def test_a_port_in_use_is_reported_before_any_model_loads(ui_services):
     assert "another server" not in str(stopped.value)
 
 
+def test_what_would_leave_the_server_unable_to_serve_or_to_draw_stops_it_before_the_model_loads(ui_services):
+    """An IPv6 --server-name crashed inside Gradio's launch after the model had loaded; a --device the machine lacks
+    started a server whose every job failed with 'no model is loaded; pick one in the model list'. Found by a
+    probe."""
+    import torch
+
+    from webui.launch import check_before_loading
+
+    settings = with_settings(ui_services).settings
+    check_before_loading(settings)
+    with pytest.raises(SystemExit, match="Cannot serve the web UI on the IPv6 address ::1.*--nowebui"):
+        check_before_loading(dataclasses.replace(settings, server_name="::1"))
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="Cannot start: --device cuda was given but no CUDA GPU is visible"):
+            check_before_loading(dataclasses.replace(settings, device="cuda"))
+
+
 def test_share_without_network_is_a_message_not_a_crash(ui_services, monkeypatch, capsys):
     import gradio.networking
     from webui.launch import describe, serve

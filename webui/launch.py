@@ -62,6 +62,22 @@ def check_port_free(settings) -> None:
             raise _port_taken(settings, err) from None
 
 
+def check_before_loading(settings) -> None:
+    """Fail at once, before minutes of loading a model, on what would leave the server unable to serve or to make a
+    picture: a taken port, an IPv6 address for the web UI (Gradio cannot serve one), a --device this machine lacks."""
+    check_port_free(settings)
+    if ":" in settings.host and not settings.nowebui:
+        raise SystemExit(f"Cannot serve the web UI on the IPv6 address {settings.host}: Gradio serves IPv4 addresses "
+                         "only. Use --server-name 0.0.0.0 (every interface) or 127.0.0.1, or --nowebui for the REST "
+                         "API alone, which IPv6 serves.")
+    from webui.engine.loader import ModelLoadError, pick_device
+
+    try:
+        pick_device(settings.device)
+    except ModelLoadError as err:
+        raise SystemExit(f"Cannot start: {err}.") from None
+
+
 def _port_taken(settings, err: OSError) -> SystemExit:
     if isinstance(err, socket.gaierror):  # the name, not the port: it names no address of this machine
         return SystemExit(f"Cannot serve on {settings.host}:{settings.port}: {settings.host!r} is no address of "
