@@ -144,7 +144,27 @@ def test_no_network_says_what_to_do(hf_cache, tmp_path):
         _engine(tmp_path).load("some-org/not-cached")
     message = str(err.value)
     assert "could not reach the Hugging Face hub" in message and "'some-org/not-cached'" in message
-    assert "models folder" in message and "hf download some-org/not-cached" in message
+    assert "models folder" in message and "hf download some-org/not-cached --include" in message
+
+
+def test_the_download_command_said_fetches_what_the_app_loads_not_the_whole_repository():
+    """Plain `hf download` fetched SD 1.5's tens of GB of .ckpt copies and variants. Found by a probe."""
+    import shlex
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    from webui.engine.hub import download_command
+
+    words = shlex.split(download_command("org/sd15"))
+    patterns = words[words.index("--include") + 1:]
+    listing = ["model_index.json", "v1-5-pruned.ckpt", "v1-5-pruned-emaonly.safetensors", "unet/config.json",
+               "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.non_ema.safetensors",
+               "unet/diffusion_pytorch_model.fp16.bin", "text_encoder/model.safetensors", "tokenizer/merges.txt",
+               "tokenizer/vocab.json", "vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"]
+    fetched = set(filter_repo_objects(listing, allow_patterns=patterns))
+    assert fetched == {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                       "text_encoder/model.safetensors", "tokenizer/merges.txt", "tokenizer/vocab.json",
+                       "vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"}
 
 
 def test_offline_never_asks_the_hub(hf_cache, tmp_path, monkeypatch):

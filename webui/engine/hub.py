@@ -146,6 +146,13 @@ def cached_snapshot(repo_id: str, half: bool, revision: str = "main") -> HubSnap
 HUB_TIMEOUT_SECONDS = 20.0  # for the hub's answer about a repository (the files themselves take longer)
 
 
+def download_command(repo_id: str) -> str:
+    """The `hf download` command that fetches what this app loads of a model (configs, tokenizer, one set of full
+    weights per part), not the whole repository: SD 1.5's holds tens of GB of .ckpt copies and variants."""
+    return (f'hf download {repo_id} --include "*.json" "*.txt" "*/diffusion_pytorch_model.safetensors" '
+            '"*/model.safetensors"')
+
+
 def download(repo_id: str, *, half: bool, safety_checker: bool = True, offline: bool = False,
              progress: ProgressCallback | None = None, check: Callable[[Path], None] | None = None) -> HubSnapshot:
     """Download the pipeline files of `repo_id` into the Hugging Face cache, or raise HubError.
@@ -156,7 +163,7 @@ def download(repo_id: str, *, half: bool, safety_checker: bool = True, offline: 
         why = "--offline is set" if offline else "HF_HUB_OFFLINE is set"
         raise HubError(
             f"{repo_id!r} is not in the Hugging Face cache ({hub_cache_dir()}) and {why}, so it cannot be "
-            f"downloaded. On a machine with network run `hf download {repo_id}` (or start once without "
+            f"downloaded. On a machine with network run `{download_command(repo_id)}` (or start once without "
             "--offline) and copy the cache over, or put the model's .safetensors file in the models folder "
             "and pick it by name."
         )
@@ -214,7 +221,7 @@ def _explain(repo_id: str, err: Exception, reaching: bool) -> str:
         return f"{repo_id!r} has no 'main' revision on the hub."
     if reaching:  # no network, DNS, proxy, hub down: the user's fix is the same
         return (f"could not reach the Hugging Face hub to download {repo_id!r} ({type(err).__name__}: {err}). "
-                f"Check the network, or download it elsewhere (`hf download {repo_id}`) into the Hugging Face "
+                f"Check the network, or download it elsewhere (`{download_command(repo_id)}`) into the Hugging Face "
                 "cache, or put a .safetensors file in the models folder and pick it by name; --offline skips "
                 "the hub entirely.")
     return (f"downloading {repo_id!r} failed ({type(err).__name__}: {err}). Start again to resume: the files "
