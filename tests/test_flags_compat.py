@@ -72,6 +72,14 @@ def test_a1111_flags_pass_but_a_misspelled_one_is_still_an_error(capsys):
     for refused in A1111_REFUSED_FLAGS:
         with pytest.raises(SystemExit):  # an A1111 flag that cannot be honoured safely is refused, not ignored
             parse_settings([refused, "value"], environ={})  # (--ngrok passed as an abbreviation of --ngrok-region)
+        # with a sentence saying why and what to do (argparse's bare 'unrecognized arguments' before; a probe)
+        assert f"{refused} is a stable-diffusion-webui flag about who may reach" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_settings(["--cors-allow-origins=*"], environ={})
+    assert "a reverse proxy gives TLS" in capsys.readouterr().err
+    # newer A1111 flags that do nothing here start with the usual warning
+    assert parse_settings(["--no-prompt-history", "--unix-filenames-sanitization", "--filenames-max-length", "128"],
+                          environ={})
 
 
 # --- --server-name and GRADIO_SERVER_NAME ----------------------------------------------------------------------

@@ -58,11 +58,12 @@ A1111_CHECKPOINTS = "Stable-diffusion"  # where A1111 keeps checkpoints inside i
 STYLES_FILE = "styles.csv"  # A1111's prompt styles, in its own folder
 SETTINGS_FILE = "config.json"  # A1111's name for the file of the Settings tab
 
-# stable-diffusion-webui flags about who may reach the server, or how: this app cannot do what they ask, and
-# serving without a login file or TLS the user asked for is worse than not starting, so they stay unknown
-# flags (an error). Listed for GET /sdapi/v1/cmd-flags and the tests.
+# stable-diffusion-webui flags about who may reach the server, or how, or what may be changed there: this app cannot
+# do what they ask, and serving without a login file, TLS or frozen settings the user asked for is worse than not
+# starting, so they stop the start with a sentence saying so. Listed for GET /sdapi/v1/cmd-flags and the tests.
 A1111_REFUSED_FLAGS = ("--gradio-auth-path", "--tls-keyfile", "--tls-certfile", "--ngrok", "--subpath",
-                       "--cors-allow-origins", "--cors-allow-origins-regex")
+                       "--cors-allow-origins", "--cors-allow-origins-regex", "--freeze-specific-settings",
+                       "--freeze-settings-in-sections")
 # stable-diffusion-webui flags that do nothing here. They are accepted (with one warning naming them) so an
 # A1111 launch line or COMMANDLINE_ARGS still starts.
 A1111_IGNORED_SWITCHES = (
@@ -84,11 +85,12 @@ A1111_IGNORED_SWITCHES = (
     "--ui-debug-mode", "--add-stop-route", "--api-server-stop",
     "--skip-load-model-at-start", "--deepdanbooru", "--show-negative-prompt", "--unload-gfpgan",
     "--test-server", "--disable-tls-verify",  # the latter only matters with TLS, which is refused (see above)
+    "--no-prompt-history", "--unix-filenames-sanitization", "--use-ipex",
     "-f",  # webui.sh's "allow running as root", often left in COMMANDLINE_ARGS
 )
 A1111_IGNORED_VALUES = (  # these take one value, which is dropped too
     "--precision", "--theme", "--device-id", "--data-dir", "--config", "--vae-path", "--ui-config-file",
-    "--localizations-dir", "--max-batch-count", "--loglevel", "--timeout-keep-alive",
+    "--localizations-dir", "--max-batch-count", "--loglevel", "--timeout-keep-alive", "--filenames-max-length",
     # folders of models and tools this project does not use (LoRA, upscalers, face restorers, CLIP)
     "--lyco-dir", "--lyco-dir-backcompat", "--gfpgan-dir", "--gfpgan-model",
     "--bsrgan-models-path", "--scunet-models-path", "--swinir-models-path", "--ldsr-models-path",
@@ -281,6 +283,16 @@ class _Ignored(argparse.Action):
         namespace.ignored = [*namespace.ignored, self.option_strings[0]]
 
 
+class _Refused(argparse.Action):
+    """An A1111 flag this app cannot honour safely (A1111_REFUSED_FLAGS): the start stops, saying why."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is a stable-diffusion-webui flag about who may reach the server or what may be "
+                     "changed there, which this app cannot do; it stops rather than serve without it. Leave it out: "
+                     "--gradio-auth and --api-auth give a login, a reverse proxy gives TLS or a sub-path, and "
+                     "--freeze-settings freezes every setting.")
+
+
 def _user_path(text: str) -> Path:
     """A folder flag's value; ~ is expanded here, since a shell leaves it alone inside WEBUI_ARGS or --flag=~/x."""
     return Path(text).expanduser()
@@ -406,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, action=_Ignored, dest="ignored", nargs=0, help=argparse.SUPPRESS)
     for flag in A1111_IGNORED_VALUES:
         p.add_argument(flag, action=_Ignored, dest="ignored", help=argparse.SUPPRESS)
+    for flag in A1111_REFUSED_FLAGS:
+        p.add_argument(flag, action=_Refused, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     # --use-cpu all (or sd) is A1111's way to run the model on the CPU; other values name parts we do not have.
     p.add_argument("--use-cpu", nargs="+", type=str.lower, default=[], help=argparse.SUPPRESS)
     return p
