@@ -184,6 +184,30 @@ def test_the_notebook_model_cell_finds_a_checkpoint_in_models_and_stops_on_an_em
     assert os.listdir(tmp_path / "models") == ["mine.safetensors"]  # the empty file is gone
 
 
+def test_the_notebook_sends_the_hf_token_with_a_hub_link_and_says_why_wget_failed(tmp_path, monkeypatch):
+    """The HF_TOKEN secret was read after the download and never sent, so a private or gated file could not come
+    by link; wget's error was hidden (-q) and its exit status ignored: offline, the message blamed the link. Found
+    by a probe."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    source = cell(notebook(), "model").replace(
+        'MODEL = "sd-emoji-tiny"', 'MODEL = "https://huggingface.co/org/gated/resolve/main/m.safetensors"')
+    commands = []
+    namespace = {}
+
+    def refused_wget(command):  # as wget run by IPython: a 401/403 (exit 8), and an empty file
+        commands.append(command)
+        _wget_target(command).write_bytes(b"")
+        namespace["_exit_code"] = 8
+
+    namespace["__shell__"] = refused_wget
+    with pytest.raises(RuntimeError, match="the server answered with an error.*HF_TOKEN"):
+        exec(compile(as_python(source), "<model>", "exec"), namespace)
+    assert "--header=Authorization: Bearer hf_secret" in shlex.split(commands[0])
+    assert os.listdir(tmp_path / "models") == []
+
+
 def test_the_notebook_stops_at_step_2_when_the_code_cannot_be_downloaded(tmp_path, monkeypatch):
     """With Run all, a failed clone went on to 'install' nothing and report success until the last cell."""
     monkeypatch.chdir(tmp_path)  # not inside a copy: step 2 clones
