@@ -1261,7 +1261,7 @@ def test_ctrl_c_while_the_model_loads_stops_with_a_word_and_lets_go_of_the_outpu
     from webui.worker import Worker
     from tests.browser_server import free_port
 
-    def interrupted(self, name, timeout=None):
+    def interrupted(self, name, timeout=None, remember=True):
         raise KeyboardInterrupt  # Ctrl+C during a long first download
 
     def exit_now(code):  # os._exit: a plain exit would wait for a download's threads to finish every file
