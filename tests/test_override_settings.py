@@ -62,6 +62,9 @@ def test_a_paste_lists_what_differs_from_the_settings_tab_on_the_tab_that_reads_
     assert "override_settings" in TXT2IMG_FIELDS and "override_settings" in IMG2IMG_FIELDS
     assert with_labels("emphasis: no such mode") == f"{FIELD_LABELS['emphasis']}: no such mode" == \
         "Override settings (Emphasis): no such mode"
+    # one problem of several fields names each by its label (the hires size set by both resize fields)
+    assert with_labels("hr_resize_x, hr_resize_y: too small; steps: 0") == \
+        f"{FIELD_LABELS['hr_resize_x']}, {FIELD_LABELS['hr_resize_y']}: too small; {FIELD_LABELS['steps']}: 0"
 
 
 @pytest.fixture(scope="module")

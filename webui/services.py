@@ -62,7 +62,7 @@ def build_services(settings: Settings, *, load_model: bool = True) -> Services:
     alone = outputs.claim()
     if not alone:
         log.warning("another running server uses %s too; its unfinished jobs are left alone", outdir)
-    _tidy_up(history, outputs, fail_unfinished_jobs=alone, models_dir=Path(settings.models_dir))
+    _tidy_up(history, outputs, alone=alone, models_dir=Path(settings.models_dir))
     styles = StyleStore(settings.styles_path)
     worker = Worker(engine, outputs, history, max_queue=settings.queue_size, styles=styles, options=options).start()
     services = Services(settings, registry, engine, outputs, history, worker, styles, options)
@@ -138,17 +138,18 @@ def _starting_options(settings: Settings) -> dict[str, Any]:
     return {"show_progress_every_n_steps": settings.preview_every, "live_previews_enable": settings.preview_every > 0}
 
 
-def _tidy_up(history: History, outputs: OutputStore, fail_unfinished_jobs: bool, models_dir: Path) -> None:
-    """Bring the history in line with the outputs folder and the last stop, and remove files a crash left."""
+def _tidy_up(history: History, outputs: OutputStore, alone: bool, models_dir: Path) -> None:
+    """Bring the history in line with the outputs folder and the last stop, and remove files a crash left. `alone`:
+    no other running server shares the folder, so unfinished jobs and partial files are a crash's, not its work."""
     try:
-        repaired = history.reconcile(fail_unfinished_jobs=fail_unfinished_jobs)
+        repaired = history.reconcile(fail_unfinished_jobs=alone)
     except sqlite3.OperationalError as err:  # locked by another program, or a full disk: no reason not to start
         log.warning("the history could not be checked against the outputs folder (%s: is another program writing "
                     "to the database, or is the disk full?); the next start tries again. Jobs run as usual and say "
                     "what they could not record", err)
         repaired = {}
-    # alone on the folder, every partial file is a crash's; beside another server, only the old ones surely are
-    repaired["partial_files_removed"] = outputs.remove_partial_files(older_than=0.0 if fail_unfinished_jobs else 3600.0)
+    # beside another server, only old partial files are surely a crash's
+    repaired["partial_files_removed"] = outputs.remove_partial_files(older_than=0.0 if alone else 3600.0)
     repaired["unfinished_merges_removed"] = remove_stale_partials(models_dir) if models_dir.is_dir() else 0
     if any(repaired.values()):
         log.warning("history brought in line with the outputs folder and the last stop: %s", repaired)
