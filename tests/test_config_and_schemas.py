@@ -309,3 +309,16 @@ def test_a_check_of_the_whole_request_is_not_put_under_a_made_up_field():
     with pytest.raises(InvalidRequest) as err:
         parse_request({"prompt": "ok", "sampler_name": "DDIM", "scheduler": "Karras"})
     assert str(err.value).startswith("sampler 'DDIM' does not support the Karras schedule")  # not "request: ..."
+
+
+def test_a_path_starting_with_the_models_folder_is_found_from_another_working_folder(tmp_path, monkeypatch):
+    models = tmp_path / "app" / "models"
+    (models / "mine").mkdir(parents=True)
+    (models / "mine" / "model_index.json").write_text("{}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # `python /path/app.py --ckpt models/mine` typed in another folder
+    registry = ModelRegistry(models, tmp_path / "cache" / "hashes.json")
+    found = registry.find("models/mine")
+    assert (found.kind, found.name) == ("diffusers", "mine")
+    assert registry.find("models/not-there").kind == "hub"  # nothing on disk: still a hub id, as before

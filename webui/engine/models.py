@@ -109,7 +109,7 @@ class ModelRegistry:
         if (by_hash := self._find_hashed(wanted)) is not None:  # A1111's aliases: its short hash and sha256
             return by_hash
         path = Path(wanted).expanduser()
-        for candidate in (path, self.models_dir / path):  # a path, or one inside the models folder
+        for candidate in self._places_for(path):
             if _exists(candidate) and (entry := entry_for_path(candidate, self.models_dir)) is not None:
                 return entry
         known = ", ".join(e.name for e in self.entries()) or "none found"
@@ -122,6 +122,15 @@ class ModelRegistry:
             f"model {_shortened(name)!r} not found in {self.models_dir}; available: {known}. "
             "Put a diffusers folder or a .safetensors file there, or give a hub id like org/name."
         )
+
+    def _places_for(self, path: Path) -> list[Path]:
+        """Where a path a user typed may be: as given (from the working folder), inside the models folder, and,
+        for one that starts with the models folder's own name ("models/x" typed from another working folder),
+        beside the models folder, so it is never taken for the hub id "models/x"."""
+        places = [path, self.models_dir / path]
+        if not path.is_absolute() and path.parts[:1] == (self.models_dir.name,):
+            places.append(self.models_dir.parent / path)
+        return places
 
     def find_listed(self, name: str, loaded: ModelEntry | None = None) -> ModelEntry:
         """Like find(), but only a model of the models folder (or the one loaded now): what a
