@@ -10,6 +10,7 @@ from webui.engine.samplers import a1111_timestep_levels, make_scheduler
 from webui.engine.step_options import StepOptions, draws_noise, use_step_options
 from webui.schemas import GenerationRequest
 from webui.storage.infotext import request_fields_from_infotext
+from tests.helpers import noise_picture
 from tests.test_samplers import SD15_SCHEDULER
 
 SHAPE = (2, 4, 8, 8)
@@ -220,6 +221,23 @@ def test_img2img_and_the_hires_fix_keep_diffusers_timesteps_at_any_strength(engi
         assert seen[:19] == list(range(951, 50, -50)) and seen[-1] == 1.0 and len(seen) == 19 + 10, seen
     finally:
         hook.remove()
+
+
+def test_always_discard_next_to_last_sigma_gives_a_txt2img_ddim_pass_one_level_more(engine):
+    """As A1111's get_timesteps: at 20 steps 21 calls from t=988 down to t=48, the infotext saying so; img2img's
+    pass, on diffusers' timesteps, is unchanged and writes nothing."""
+    seen, hook = _timesteps_called(engine)
+    asked = dict(prompt="a", width=64, height=64, steps=20, sampler_name="DDIM", always_discard_next_to_last_sigma=True)
+    try:
+        engine.generate(GenerationRequest(**asked), [1])
+        assert seen == [float(t) for t in a1111_timestep_levels(21)[1:][::-1]] and len(seen) == 21, seen
+        seen.clear()
+        engine.generate(GenerationRequest(**asked, init_image="0" * 40), [1], init_image=noise_picture(1))
+        assert len(seen) == 16 and seen[-1] == 1.0, seen  # diffusers' 20, strength 0.75's last 16 (as A1111 counts)
+    finally:
+        hook.remove()
+    assert GenerationRequest(**asked).discard_changes_a_pass
+    assert not GenerationRequest(**asked, init_image="0" * 40).discard_changes_a_pass
 
 
 @pytest.mark.parametrize("steps", [20, 51])

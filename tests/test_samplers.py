@@ -536,9 +536,10 @@ def a1111_plms(x: torch.Tensor, steps: int) -> torch.Tensor:
     return x.float()
 
 
-def scheduler_run(sampler: str, x: torch.Tensor, steps: int, config: dict = SD15_SCHEDULER) -> torch.Tensor:
+def scheduler_run(sampler: str, x: torch.Tensor, steps: int, config: dict = SD15_SCHEDULER,
+                  shape: ScheduleShape = ScheduleShape()) -> torch.Tensor:
     """The scheduler as the pipeline runs a txt2img pass: every timestep it sets, from unit noise."""
-    scheduler = make_scheduler(config, sampler, "Automatic", pass_steps=steps, from_noise=True)
+    scheduler = make_scheduler(config, sampler, "Automatic", pass_steps=steps, from_noise=True, shape=shape)
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
         x = scheduler.step(stand_in_eps(x, int(t)), t, x).prev_sample
@@ -552,6 +553,16 @@ def test_ddim_and_plms_run_a1111s_timesteps_and_steps(sampler, a1111, steps):
     from t=991; 20 steps: 19 calls from t=951 to t=51) and its step formulas."""
     start = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(scheduler_run(sampler, start, steps), a1111(start, steps), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [4, 10, 20, 30])
+@pytest.mark.parametrize("sampler, a1111", [("DDIM", a1111_ddim), ("PLMS", a1111_plms)])
+def test_always_discard_next_to_last_sigma_runs_ddim_and_plms_on_the_levels_of_one_step_more(sampler, a1111, steps):
+    """A1111's get_timesteps adds a step where the option is on (at 20 steps: 21 calls from t=988)."""
+    start = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    discarding = ScheduleShape(discard_penultimate=True)
+    torch.testing.assert_close(scheduler_run(sampler, start, steps, shape=discarding), a1111(start, steps + 1),
+                               atol=2e-5, rtol=1e-5)
 
 
 def test_a1111s_timesteps_only_for_a_run_from_noise_on_a_model_laid_out_as_sd():

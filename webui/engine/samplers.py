@@ -205,7 +205,8 @@ class ScheduleShape:
     """A1111's options that reshape the schedule types: the Beta schedule's alpha and beta; Schedule min and max
     sigma (0: the model's), where the types that span a range of sigmas (ENDS_SCHEDULES) begin and end; Schedule
     rho (0: Karras's own 7, Polyexponential's 1); Always discard next-to-last sigma (k-diffusion samplers: a
-    schedule of one step more, its next-to-last level left out); Noise schedule for sampling (Zero Terminal SNR: the
+    schedule of one step more, its next-to-last level left out; DDIM and PLMS on A1111's timesteps: the levels of one
+    step more); Noise schedule for sampling (Zero Terminal SNR: the
     model's noise levels rescaled so that the last is almost pure noise); and two of its Compatibility options for
     old seeds: Use old karras scheduler sigmas (that range runs from 0.1 to 10 unless set) and Downcast model
     alphas_cumprod to fp16 (the noise levels rounded as an fp16 model kept them, before any rescaling)."""
@@ -315,7 +316,7 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
     # spacing, such as the embedded zero-terminal-SNR one, keeps its own)
     if (from_noise and sampler.a1111_timesteps and schedule == "Automatic"
             and base_config.get("timestep_spacing", "leading") == "leading"):
-        _laid_out_as_a1111(scheduler)
+        _laid_out_as_a1111(scheduler, one_level_more=shape.discard_penultimate)
     if discard:  # (every k-diffusion sampler runs custom sigmas then)
         sigmas_for = _without_the_penultimate_level(sigmas_for)
     scheduler = _starting_at_the_first_step(scheduler)
@@ -585,13 +586,14 @@ def a1111_timestep_levels(steps: int, train_steps: int = 1000) -> np.ndarray:
     return np.arange(0, train_steps, train_steps // steps) + 1
 
 
-def _laid_out_as_a1111(scheduler):
+def _laid_out_as_a1111(scheduler, one_level_more: bool = False):
     """DDIM, DDIM CFG++ and PLMS on A1111's timesteps (a1111_timestep_levels) for txt2img's pass from noise: each step
     goes from one level to the next lower one, as diffusers' steps go back by the train steps over the steps asked
     (k). `a1111_timesteps` says whether they were (sampler_steps_done counts the calls so). Diffusers' own timesteps
     stay at one step, where A1111's one level makes no call, and where A1111 clips its top level (3, 9, 27, 36, 37
-    and 101 to 111 steps), which is no step of k. (img2img and the hires fix never get here: their tail of a
-    schedule is diffusers', which diffusers' img2img cuts from it.)"""
+    and 101 to 111 steps), which is no step of k. `one_level_more`: A1111's Always discard next-to-last sigma, which
+    for these samplers lays out the levels of one step more (at 20 steps 21 calls from t=988, not 19 from t=951). (img2img and
+    the hires fix never get here: their tail of a schedule is diffusers', which diffusers' img2img cuts from it.)"""
     import torch
 
     set_timesteps = scheduler.set_timesteps
@@ -599,10 +601,13 @@ def _laid_out_as_a1111(scheduler):
     def set_timesteps_as_a1111(num_inference_steps=None, device=None, *args, **kwargs):
         set_timesteps(num_inference_steps, device, *args, **kwargs)
         train_steps = scheduler.config.num_train_timesteps
-        levels = a1111_timestep_levels(num_inference_steps, train_steps) if num_inference_steps else []
+        level_steps = num_inference_steps + 1 if one_level_more and num_inference_steps else num_inference_steps
+        levels = a1111_timestep_levels(level_steps, train_steps) if num_inference_steps else []
         scheduler.a1111_timesteps = len(levels) >= 2 and levels[-1] < train_steps
         if not scheduler.a1111_timesteps:
             return
+        if level_steps != num_inference_steps:  # its steps then go back by train_steps // level_steps
+            set_timesteps(level_steps, device, *args, **kwargs)
         if hasattr(scheduler, "plms_timesteps"):  # PLMS: its first step calls the model again at the next level
             calls = np.concatenate([levels[:-1], levels[-2:-1], levels[-1:]])[::-1][:-1]
             scheduler.plms_timesteps = calls.copy()

@@ -915,7 +915,7 @@ def sampler_parameters_section(kind: str) -> dict[str, Any]:
             widgets["always_discard_next_to_last_sigma"] = gr.Checkbox(
                 False, label="Always discard next-to-last sigma", elem_id=f"{kind}_always_discard_next_to_last_sigma",
                 info="k-diffusion samplers run one step more and leave out the smallest noise level before the end "
-                     "(DPM2, DPM2 a and DPM++ 3M SDE always do)")
+                     "(DPM2, DPM2 a and DPM++ 3M SDE always do); DDIM and PLMS run one step more in txt2img")
             widgets["sd_noise_schedule"] = gr.Radio(
                 list(NOISE_SCHEDULES), value=NOISE_SCHEDULES[0], label="Noise schedule for sampling",
                 elem_id=f"{kind}_sd_noise_schedule",
