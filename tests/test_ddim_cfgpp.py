@@ -202,30 +202,34 @@ def _timesteps_called(engine) -> tuple[list[float], object]:
     return seen, hook
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.95])
-def test_img2img_and_the_hires_fix_keep_diffusers_timesteps_at_any_strength(engine, strength):
-    """A pass whose tail of a schedule is all of it (strength 1, or 0.95 at 20 steps) got A1111's txt2img layout,
-    which diffusers' img2img does not cut from: one call fewer, ending at t=51. Found by review."""
-    from tests.helpers import noise_picture
+@pytest.mark.parametrize("strength", [1.0, 0.95, 0.75])
+def test_img2img_and_the_hires_fix_run_a1111s_levels_below_t_enc_at_any_strength(engine, strength):
+    """As A1111's sample_img2img: the levels below t_enc (int(steps x strength), the strength kept below 1; the hires
+    steps less one), called from the one below where the picture is noised to (tests/test_samplers.py). A pass whose
+    tail is the whole schedule (strength 1, or 0.95 at 20 steps) is one too: diffusers' img2img must not cut a tail
+    from it (found by review when txt2img's layout reached it)."""
 
+    t_enc = int(20 * min(strength, 0.999))
+    hires_schedule = int(10 / min(strength, 0.999))
     seen, hook = _timesteps_called(engine)
     try:
         engine.generate(GenerationRequest(prompt="a", width=64, height=64, steps=20, sampler_name="DDIM",
                                           denoising_strength=strength, init_image="0" * 40), [1],
                         init_image=noise_picture(1))
-        assert len(seen) == 20 and seen[-1] == 1.0, seen
+        assert seen == [float(t) for t in a1111_timestep_levels(20)[1:t_enc][::-1]], seen
         seen.clear()
         engine.generate(GenerationRequest(prompt="a", width=64, height=64, steps=20, sampler_name="DDIM",
                                           enable_hr=True, hr_scale=1.5, hr_second_pass_steps=10,
                                           denoising_strength=strength, hr_upscaler="Latent"), [1])
-        assert seen[:19] == list(range(951, 50, -50)) and seen[-1] == 1.0 and len(seen) == 19 + 10, seen
+        assert seen[:19] == list(range(951, 50, -50))
+        assert seen[19:] == [float(t) for t in a1111_timestep_levels(hires_schedule)[1:9][::-1]], seen
     finally:
         hook.remove()
 
 
-def test_always_discard_next_to_last_sigma_gives_a_txt2img_ddim_pass_one_level_more(engine):
+def test_always_discard_next_to_last_sigma_gives_a_ddim_pass_one_level_more(engine):
     """As A1111's get_timesteps: at 20 steps 21 calls from t=988 down to t=48, the infotext saying so; img2img's
-    pass, on diffusers' timesteps, is unchanged and writes nothing."""
+    pass likewise on the levels of 21 steps, below t_enc."""
     seen, hook = _timesteps_called(engine)
     asked = dict(prompt="a", width=64, height=64, steps=20, sampler_name="DDIM", always_discard_next_to_last_sigma=True)
     try:
@@ -233,11 +237,12 @@ def test_always_discard_next_to_last_sigma_gives_a_txt2img_ddim_pass_one_level_m
         assert seen == [float(t) for t in a1111_timestep_levels(21)[1:][::-1]] and len(seen) == 21, seen
         seen.clear()
         engine.generate(GenerationRequest(**asked, init_image="0" * 40), [1], init_image=noise_picture(1))
-        assert len(seen) == 16 and seen[-1] == 1.0, seen  # diffusers' 20, strength 0.75's last 16 (as A1111 counts)
+        assert seen == [float(t) for t in a1111_timestep_levels(21)[1:15][::-1]], seen  # t_enc 15 at 0.75
     finally:
         hook.remove()
     assert GenerationRequest(**asked).discard_changes_a_pass
-    assert not GenerationRequest(**asked, init_image="0" * 40).discard_changes_a_pass
+    assert GenerationRequest(**asked, init_image="0" * 40).discard_changes_a_pass
+    assert not GenerationRequest(**asked | {"sampler_name": "UniPC"}).discard_changes_a_pass
 
 
 @pytest.mark.parametrize("steps", [20, 51])

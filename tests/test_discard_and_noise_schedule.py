@@ -87,16 +87,20 @@ def test_dpm2_and_dpmpp_3m_sde_discard_whatever_the_option_says_as_in_a1111(samp
 
 
 @pytest.mark.parametrize("sampler", ["DDIM", "UniPC", "PLMS", "LCM"])
-def test_samplers_that_are_not_k_diffusions_ignore_it_but_ddim_and_plms_in_txt2img(sampler):
-    """DDIM and PLMS take it on A1111's timesteps alone (txt2img's pass from noise: tests/test_samplers.py)."""
+def test_samplers_that_are_not_k_diffusions_ignore_it_but_ddim_and_plms_on_a1111s_timesteps(sampler):
+    """DDIM and PLMS take it on A1111's timesteps alone (a pass's own calls: tests/test_samplers.py), not on a
+    schedule diffusers lays out (no pass given, another Schedule type)."""
     plain, asked = (make_scheduler(SD15_SCHEDULER, sampler, shape=shape) for shape in (ScheduleShape(), DISCARD))
     plain.set_timesteps(8)
     asked.set_timesteps(8)
     assert torch.equal(plain.timesteps, asked.timesteps)
-    assert not GenerationRequest(prompt="", sampler_name=sampler, init_image="0" * 40,  # img2img (a picture's sha1)
-                                 always_discard_next_to_last_sigma=True).discard_changes_a_pass
-    assert GenerationRequest(prompt="", sampler_name=sampler, always_discard_next_to_last_sigma=True
-                             ).discard_changes_a_pass == (sampler in ("DDIM", "PLMS"))
+    for img2img in (None, "0" * 40):  # txt2img, img2img (a picture's sha1)
+        assert GenerationRequest(prompt="", sampler_name=sampler, init_image=img2img,
+                                 always_discard_next_to_last_sigma=True
+                                 ).discard_changes_a_pass == (sampler in ("DDIM", "PLMS"))
+    if sampler != "LCM":  # (LCM takes Automatic alone)
+        assert not GenerationRequest(prompt="", sampler_name=sampler, scheduler="SGM Uniform",
+                                     always_discard_next_to_last_sigma=True).discard_changes_a_pass
 
 
 def test_the_request_says_whether_the_option_changed_a_pass():
@@ -108,8 +112,9 @@ def test_the_request_says_whether_the_option_changed_a_pass():
     assert not changed(sampler_name="Euler", enable_hr=True, hr_sampler_name="DPM2")  # DPM2's own discard
     assert changed(sampler_name="DPM2", enable_hr=True, hr_sampler_name="Euler", always_discard_next_to_last_sigma=True)
     assert changed(sampler_name="DDIM", enable_hr=True, always_discard_next_to_last_sigma=True)  # its first pass
-    assert not changed(sampler_name="UniPC", enable_hr=True, hr_sampler_name="DDIM",
-                       always_discard_next_to_last_sigma=True)  # a hires pass keeps diffusers' timesteps
+    assert changed(sampler_name="UniPC", enable_hr=True, hr_sampler_name="DDIM",
+                   always_discard_next_to_last_sigma=True)  # the hires pass's, on A1111's timesteps too
+    assert not changed(sampler_name="UniPC", enable_hr=True, hr_sampler_name="LCM", always_discard_next_to_last_sigma=True)
 
 
 def a1111_zero_snr_alpha_bars() -> torch.Tensor:

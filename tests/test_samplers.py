@@ -496,10 +496,11 @@ def a1111_timestep_run(steps: int) -> tuple[list[int], torch.Tensor]:
     return [min(t + 1, 999) for t in range(0, 1000, 1000 // steps)], alphas
 
 
-def a1111_ddim(x: torch.Tensor, steps: int) -> torch.Tensor:
+def a1111_ddim(x: torch.Tensor, steps: int, t_enc: int | None = None) -> torch.Tensor:
     """sd_samplers_timesteps_impl.ddim at eta 0: the model called at each level but the lowest, each step down to the
-    next lower level, the run ending at t=1's."""
+    next lower level, the run ending at t=1's. `t_enc`: sample_img2img's run on the levels below t_enc alone."""
     timesteps, alphas = a1111_timestep_run(steps)
+    timesteps = timesteps[:t_enc]
     x = x.double()
     for index in range(len(timesteps) - 1, 0, -1):
         a_t, a_prev = alphas[timesteps[index]].item(), alphas[timesteps[index - 1]].item()
@@ -509,10 +510,11 @@ def a1111_ddim(x: torch.Tensor, steps: int) -> torch.Tensor:
     return x.float()
 
 
-def a1111_plms(x: torch.Tensor, steps: int) -> torch.Tensor:
+def a1111_plms(x: torch.Tensor, steps: int, t_enc: int | None = None) -> torch.Tensor:
     """sd_samplers_timesteps_impl.plms: a pseudo improved Euler step first (a second call at the next level), then
-    Adams-Bashforth of orders 2, 3 and 4 on the noise predictions kept."""
+    Adams-Bashforth of orders 2, 3 and 4 on the noise predictions kept. `t_enc`: as a1111_ddim's."""
     timesteps, alphas = a1111_timestep_run(steps)
+    timesteps = timesteps[:t_enc]
     x, old_eps = x.double(), []
 
     def step_with(e_t, index):
@@ -565,18 +567,48 @@ def test_always_discard_next_to_last_sigma_runs_ddim_and_plms_on_the_levels_of_o
                                atol=2e-5, rtol=1e-5)
 
 
-def test_a1111s_timesteps_only_for_a_run_from_noise_on_a_model_laid_out_as_sd():
-    """img2img's and the hires fix's passes keep diffusers' timesteps, which diffusers' img2img cuts its tail from,
-    even where the tail is the whole schedule (strength 1; A1111's own img2img is laid out a third way); a model
-    made for another spacing (the embedded model's "trailing") keeps its own; so do step counts A1111's layout
-    cannot be stepped at."""
-    def timesteps(config, from_noise, steps=20):
-        scheduler = make_scheduler(config, "DDIM", "Automatic", pass_steps=steps, from_noise=from_noise)
+def a1111_img2img_start(picture: torch.Tensor, noise: torch.Tensor, steps: int, t_enc: int) -> torch.Tensor:
+    """sd_samplers_timesteps.sample_img2img's start: the picture noised to the level at t_enc."""
+    timesteps, alphas = a1111_timestep_run(steps)
+    alpha = alphas[timesteps[t_enc]].item()
+    return (picture.double() * alpha ** 0.5 + noise.double() * (1 - alpha) ** 0.5).float()
+
+
+@pytest.mark.parametrize("schedule, pass_steps", [(20, 16), (20, 4), (26, 20), (45, 3), (10, 10)])
+@pytest.mark.parametrize("sampler, a1111", [("DDIM", a1111_ddim), ("PLMS", a1111_plms)])
+def test_img2img_ddim_and_plms_run_a1111s_levels_below_t_enc(sampler, a1111, schedule, pass_steps):
+    """An img2img (or hires) pass of `pass_steps` (A1111's t_enc + 1) of a `schedule`: A1111 noises the picture to
+    the level at t_enc and calls the model from the one below (20 steps at strength 0.75: t=751, then t=701 to 51)."""
+    from types import SimpleNamespace
+
+    from webui.engine.generate import _noised_latents
+
+    picture, noise = (torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed)) for seed in (3, 7))
+    scheduler = make_scheduler(SD15_SCHEDULER, sampler, "Automatic", pass_steps=pass_steps)
+    scheduler.set_timesteps(schedule)
+    # the engine's start: the pipeline hands it the first call's timestep
+    x = _noised_latents(SimpleNamespace(scheduler=scheduler), noise, 0.0, picture, scheduler.timesteps[:1])
+    t_enc = pass_steps - 1
+    torch.testing.assert_close(x, a1111_img2img_start(picture, noise, schedule, t_enc), atol=1e-6, rtol=1e-6)
+    for t in scheduler.timesteps:
+        x = scheduler.step(stand_in_eps(x, int(t)), t, x).prev_sample
+    expected = a1111(a1111_img2img_start(picture, noise, schedule, t_enc), schedule, t_enc)
+    torch.testing.assert_close(x, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_a1111s_timesteps_only_on_a_model_laid_out_as_sd_and_where_a1111_calls_the_model():
+    """img2img's and the hires fix's passes run A1111's levels below t_enc too (its sample_img2img); a model made
+    for another spacing (the embedded model's "trailing") keeps its own; so do step counts A1111's layout cannot be
+    stepped at, and passes of two steps or fewer, where A1111 makes no call."""
+    def timesteps(config, from_noise, steps=20, pass_steps=20):
+        scheduler = make_scheduler(config, "DDIM", "Automatic", pass_steps=pass_steps, from_noise=from_noise)
         scheduler.set_timesteps(steps)
         return scheduler.timesteps.tolist()
 
     assert timesteps(SD15_SCHEDULER, True) == list(range(951, 50, -50))
-    assert timesteps(SD15_SCHEDULER, False) == list(range(951, 0, -50))  # diffusers' own: 20 calls down to t=1
+    assert timesteps(SD15_SCHEDULER, False) == list(range(901, 50, -50))  # noised to t=951, t_enc 19
+    assert timesteps(SD15_SCHEDULER, False, pass_steps=16) == list(range(701, 50, -50))
+    assert timesteps(SD15_SCHEDULER, False, pass_steps=2) == list(range(951, 0, -50))  # diffusers': 20 calls to t=1
     assert timesteps(SD15_SCHEDULER | {"timestep_spacing": "trailing"}, True) == list(range(999, 0, -50))
     # where A1111 clips its top level to t=999 (27 steps: 1000 would be next), no step of k reaches it: diffusers'
     assert timesteps(SD15_SCHEDULER, True, steps=27) == list(range(1 + 26 * 37, 0, -37))

@@ -613,13 +613,16 @@ class GenerationRequest(BaseModel):
     @property
     def discard_changes_a_pass(self) -> bool:
         """Whether Always discard next-to-last sigma changed a pass: one of a k-diffusion sampler that keeps that
-        sigma by itself, or txt2img's first on A1111's timesteps (DDIM, PLMS: a step more; A1111 writes its infotext
-        key then; DPM2's own discard writes none)."""
-        samplers = {self.sampler_name, self.hires_sampler[0] if self.enable_hr else self.sampler_name}
-        first, schedule = resolve_sampler(self.sampler_name, self.scheduler)
-        on_a1111_timesteps = not self.is_img2img and get_sampler(first).a1111_timesteps and schedule == "Automatic"
-        return self.always_discard_next_to_last_sigma and (on_a1111_timesteps or any(
-            get_sampler(name).k_diffusion and not get_sampler(name).discards_penultimate for name in samplers))
+        sigma by itself, or one on A1111's timesteps (DDIM, PLMS on Automatic: a step more). A1111 writes its
+        infotext key then; DPM2's own discard writes none."""
+        def changed(name: str, schedule: str) -> bool:
+            name, schedule = resolve_sampler(name, schedule)
+            sampler = get_sampler(name)
+            return ((sampler.k_diffusion and not sampler.discards_penultimate)
+                    or (sampler.a1111_timesteps and schedule == "Automatic"))
+
+        passes = [(self.sampler_name, self.scheduler)] + ([self.hires_sampler] if self.enable_hr else [])
+        return self.always_discard_next_to_last_sigma and any(changed(*sampler) for sampler in passes)
 
     @property
     def unipc_options(self) -> UniPCOptions:

@@ -54,7 +54,7 @@ from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_
                                   is_sdxl_refiner, kind_of_entry,
                                   kind_of_pipeline, kind_problem, pass_timesteps, refiner_size_inputs)
 from webui.engine.samplers import (CFGPP_SAMPLER, ScheduleShape, UniPCOptions, get_sampler, make_scheduler,
-                                   model_sigmas, sampler_steps_done)
+                                   model_sigmas, runs_its_own_calls, sampler_steps_done)
 from webui.engine.sdxl import is_sdxl, sdxl_problem
 from webui.engine.single_file import sdxl_refiner_refusal
 from webui.engine.soft_inpainting import SoftInpainting, sigma_of
@@ -187,6 +187,8 @@ def _noised_latents(pipe, noise: torch.Tensor, extra: float, image: torch.Tensor
     that much more of the same noise on top, counted as A1111 counts it (in sigmas: a scheduler that scales the
     latents by sqrt(alpha) scales it too)."""
     noise = noise.to(image.device, image.dtype)
+    if getattr(pipe.scheduler, "a1111_start_level", None) is not None:  # A1111's layout: a level above its first call
+        timestep = torch.full_like(timestep, pipe.scheduler.a1111_start_level)
     latents = pipe.scheduler.add_noise(image, noise, timestep)
     if extra:
         scale = pipe.scheduler.add_noise(torch.ones_like(image), torch.zeros_like(noise), timestep)
@@ -1018,6 +1020,8 @@ class Engine:
         sampler = sampler or (request.sampler_name, request.scheduler)
         merging = request.token_merging_ratio if merging is None else merging
         pipe.scheduler = self._pass_scheduler(request, sampler, steps, hires_pass)
+        if "strength" in start and runs_its_own_calls(pipe.scheduler, schedule):  # (the pipeline sets it again)
+            start = start | {"strength": 1.0}  # img2img on A1111's timesteps: all are the pass's calls, no tail
         if run.rng == "NV":
             drawing_from_philox(pipe.scheduler)
         if hasattr(pipe.scheduler, "noise_sampler_seed"):

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from webui.engine.models import ModelEntry
+from webui.engine.samplers import runs_its_own_calls
 from webui.engine.single_file import read_header
 from webui.engine.unet_hooks import removed_after
 
@@ -56,7 +57,8 @@ def pass_timesteps(scheduler, schedule: int, steps: int) -> torch.Tensor:
     """The timesteps a pass calls the model at: the last `steps` steps of a schedule of `schedule` (img2img and
     the hires fix run the tail), in model calls (Heun and DPM2 call twice a step). The scheduler given is set, so
     give a fresh one of the pass's kind."""
-    scheduler.set_timesteps(schedule)
+    if runs_its_own_calls(scheduler, schedule):  # A1111's layout: all of them
+        return scheduler.timesteps
     return scheduler.timesteps[(schedule - steps) * scheduler.order:]
 
 

@@ -288,7 +288,8 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
                    pass_steps: int | None = None, from_noise: bool = False):
     """Build a fresh diffusers scheduler for one run from the model's scheduler config (an SDXL model's: `sdxl`,
     which Align Your Steps' noise levels depend on; `shape`: A1111's schedule options; `unipc`: UniPC's;
-    `pass_steps`: the steps a pass that runs the schedule's tail runs, which Restart plans its restarts over;
+    `pass_steps`: the steps a pass that runs the schedule's tail runs, which Restart plans its restarts over and
+    A1111's timestep samplers lay out their calls by;
     `from_noise`: the pass is txt2img's from pure noise, which A1111's timestep samplers lay out their own way)."""
     sampler_name, schedule = resolve_sampler(sampler_name, schedule)
     sampler = get_sampler(sampler_name)
@@ -314,9 +315,10 @@ def make_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str
         scheduler.pass_steps = pass_steps
     # as A1111 lays them out, where the model's config lays them out as SD's own do (a model made for another
     # spacing, such as the embedded zero-terminal-SNR one, keeps its own)
-    if (from_noise and sampler.a1111_timesteps and schedule == "Automatic"
+    if (sampler.a1111_timesteps and schedule == "Automatic" and (from_noise or pass_steps)
             and base_config.get("timestep_spacing", "leading") == "leading"):
-        _laid_out_as_a1111(scheduler, one_level_more=shape.discard_penultimate)
+        _laid_out_as_a1111(scheduler, one_level_more=shape.discard_penultimate,
+                           img2img_steps=None if from_noise else pass_steps)
     if discard:  # (every k-diffusion sampler runs custom sigmas then)
         sigmas_for = _without_the_penultimate_level(sigmas_for)
     scheduler = _starting_at_the_first_step(scheduler)
@@ -586,25 +588,41 @@ def a1111_timestep_levels(steps: int, train_steps: int = 1000) -> np.ndarray:
     return np.arange(0, train_steps, train_steps // steps) + 1
 
 
-def _laid_out_as_a1111(scheduler, one_level_more: bool = False):
-    """DDIM, DDIM CFG++ and PLMS on A1111's timesteps (a1111_timestep_levels) for txt2img's pass from noise: each step
-    goes from one level to the next lower one, as diffusers' steps go back by the train steps over the steps asked
-    (k). `a1111_timesteps` says whether they were (sampler_steps_done counts the calls so). Diffusers' own timesteps
-    stay at one step, where A1111's one level makes no call, and where A1111 clips its top level (3, 9, 27, 36, 37
-    and 101 to 111 steps), which is no step of k. `one_level_more`: A1111's Always discard next-to-last sigma, which
-    for these samplers lays out the levels of one step more (at 20 steps 21 calls from t=988, not 19 from t=951). (img2img and
-    the hires fix never get here: their tail of a schedule is diffusers', which diffusers' img2img cuts from it.)"""
+def _laid_out_as_a1111(scheduler, one_level_more: bool = False, img2img_steps: int | None = None):
+    """DDIM, DDIM CFG++ and PLMS on A1111's timesteps (a1111_timestep_levels): each step goes from one level to the
+    next lower one, as diffusers' steps go back by the train steps over the steps asked (k). `a1111_timesteps` says
+    whether they were (sampler_steps_done counts the calls so; the timesteps are then the pass's calls alone).
+
+    txt2img's pass from noise calls the model at each level but the lowest. Diffusers' own timesteps stay at one
+    step, where A1111's one level makes no call, and where A1111 clips its top level (3, 9, 27, 36, 37 and 101 to
+    111 steps), which is no step of k. `one_level_more`: A1111's Always discard next-to-last sigma, which lays out
+    the levels of one step more (at 20 steps 21 calls from t=988, not 19 from t=951).
+
+    A pass that runs `img2img_steps` of the schedule's tail (img2img, the hires fix: A1111's t_enc + 1, where t_enc
+    is int(steps x strength), or the steps asked less one with exact steps) runs the levels below t_enc the same
+    way, from the picture noised to level t_enc (`a1111_start_level`): one level above its first call, as A1111's
+    sample_img2img does (20 steps at 0.75: noised to t=751, 14 calls from t=701 to t=51). Below 3 steps, where A1111
+    would make no call, diffusers' own timesteps stay."""
     import torch
 
     set_timesteps = scheduler.set_timesteps
+    scheduler.a1111_start_level = None
 
     def set_timesteps_as_a1111(num_inference_steps=None, device=None, *args, **kwargs):
         set_timesteps(num_inference_steps, device, *args, **kwargs)
         train_steps = scheduler.config.num_train_timesteps
         level_steps = num_inference_steps + 1 if one_level_more and num_inference_steps else num_inference_steps
         levels = a1111_timestep_levels(level_steps, train_steps) if num_inference_steps else []
-        scheduler.a1111_timesteps = len(levels) >= 2 and levels[-1] < train_steps
+        if img2img_steps is None:
+            scheduler.a1111_timesteps = len(levels) >= 2 and levels[-1] < train_steps
+        else:  # the levels below t_enc, from t_enc's (clipped to the table's end, as A1111 clips it)
+            start = img2img_steps - 1
+            scheduler.a1111_timesteps = 2 <= start < len(levels)
+            if scheduler.a1111_timesteps:
+                scheduler.a1111_start_level = min(int(levels[start]), train_steps - 1)
+                levels = levels[:start]
         if not scheduler.a1111_timesteps:
+            scheduler.a1111_start_level = None
             return
         if level_steps != num_inference_steps:  # its steps then go back by train_steps // level_steps
             set_timesteps(level_steps, device, *args, **kwargs)
@@ -616,6 +634,13 @@ def _laid_out_as_a1111(scheduler, one_level_more: bool = False):
         scheduler.timesteps = torch.from_numpy(calls.astype(np.int64)).to(device)
 
     scheduler.set_timesteps = set_timesteps_as_a1111
+
+
+def runs_its_own_calls(scheduler, schedule: int) -> bool:
+    """Whether the scheduler, set for a schedule of `schedule` steps (it is set here), holds the pass's own calls
+    (A1111's layout), not a schedule whose tail an img2img pass runs."""
+    scheduler.set_timesteps(schedule)
+    return getattr(scheduler, "a1111_timesteps", False)
 
 
 def sampler_steps_done(calls_done: int, calls: int, steps: int, scheduler=None) -> int:
