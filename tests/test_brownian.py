@@ -258,3 +258,26 @@ def test_dpmpp_sde_steps_as_k_diffusions_with_its_noise(eta, s_noise):
         defaults = kdiffusion_sde(sigmas, start, eps, trees)
     torch.testing.assert_close(sample, expected, rtol=1e-4, atol=1e-4)
     assert (eta, s_noise) == (1.0, 1.0) or not torch.allclose(sample, defaults, atol=1e-2)
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])  # diffusers' own step, and ours
+def test_dpmpp_sde_draws_its_tree_in_float32_for_fp16_latents(eta):
+    """A1111's latents are float32 whatever the model's dtype; a tree built on fp16 latents (a GPU run) draws other
+    noise. Found by review."""
+    import warnings
+
+    scheduler = make_scheduler(SD15_SCHEDULER, "DPM++ SDE", "Karras")
+    use_step_options(scheduler, "DPM++ SDE", StepOptions(eta_ancestral=eta))
+    scheduler.set_timesteps(4)
+    scheduler.noise_sampler_seed = SEEDS
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6)).half() * scheduler.sigmas[0].half()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchsde's, on a query a rounding below the tree's smallest level
+        prev = scheduler.step(torch.zeros_like(sample), scheduler.timesteps[0], sample).prev_sample
+        sigmas = scheduler.sigmas
+        float32 = BrownianTreeNoiseSampler(sample.float(), sigmas[sigmas > 0].min().item(), sigmas.max().item(),
+                                           seed=SEEDS)
+        levels = (sigmas[0], sigmas[1] * 0.5)
+        drawn = scheduler.noise_sampler(*levels)
+        assert drawn.dtype == torch.float16 and prev.dtype == torch.float16
+        torch.testing.assert_close(drawn, float32(*levels).half(), atol=0, rtol=0)

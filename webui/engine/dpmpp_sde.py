@@ -94,6 +94,14 @@ class DPMPP3MSDEScheduler(_MultistepSDE):
         return x
 
 
+def _float32_tree(sample: torch.Tensor, sigmas: torch.Tensor, seed):
+    """A Brownian tree over the schedule's noise levels built in float32, as A1111's latents are (one built on fp16
+    latents, on a GPU, draws other noise: up to 0.014 apart a step), its draws given in the sample's dtype."""
+    smallest, largest = sigmas[sigmas > 0].min(), sigmas.max()
+    tree = BrownianTreeNoiseSampler(sample.float(), smallest.item(), largest.item(), seed)
+    return lambda sigma, sigma_next: tree(sigma, sigma_next).to(sample.dtype)
+
+
 class DPMPPSDEScheduler(DPMSolverSDEScheduler):
     """diffusers' DPM++ SDE (k-diffusion's sample_dpmpp_sde at r 1/2) with eta and s_noise."""
     eta: float = 1.0
@@ -102,14 +110,12 @@ class DPMPPSDEScheduler(DPMSolverSDEScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
              s_noise: float | None = None):
         s_noise = self.s_noise if s_noise is None else s_noise
+        if self.noise_sampler is None:  # (diffusers' step, at eta 1, would build one in the sample's dtype)
+            self.noise_sampler = _float32_tree(sample, self.sigmas, self.noise_sampler_seed)
         if self.eta == 1.0:
             return super().step(model_output, timestep, sample, return_dict, s_noise)
         if self.step_index is None:
             self._init_step_index(timestep)
-        if self.noise_sampler is None:
-            smallest, largest = self.sigmas[self.sigmas > 0].min(), self.sigmas.max()
-            self.noise_sampler = BrownianTreeNoiseSampler(sample, smallest.item(), largest.item(),
-                                                          self.noise_sampler_seed)
         first = self.state_in_first_order
         index = self.step_index if first else self.step_index - 1
         sigma, sigma_next = self.sigmas[index], self.sigmas[index + 1]  # each level but the ends is there twice
