@@ -297,6 +297,33 @@ def test_the_noise_multiplier_leaves_the_latent_noise_fill_as_drawn(engine):
     assert np.abs(noise_fill[inside] - nothing[inside]).mean() > 1
 
 
+@pytest.mark.parametrize("source", ["CPU", "NV"])
+def test_the_latent_noise_fill_is_each_seeds_own_noise_whatever_the_variation_seed_and_seed_resize(engine, monkeypatch,
+                                                                                                   source):
+    """A1111 fills from the seeds alone (create_random_tensors(shape, seeds)); the fill was the start noise, moved
+    by the variation seed and drawn at the seed resize's size (found by review)."""
+    from tests.test_inpaint import request_for, square_mask
+    from webui.engine.img2img import image_sha1
+    from webui.engine.inpaint import prepare_inpainting, read_mask
+    from webui.engine.noise import start_noise
+    from webui.engine.philox import make_generator
+
+    fills = []
+    masked_start = engine._masked_start
+    monkeypatch.setattr(engine, "_masked_start", lambda picture, noise, inpainting, fill=None, soft=None: (
+        fills.append(fill), masked_start(picture, noise, inpainting, fill, soft))[1])
+    picture, mask = noise_picture(5), square_mask()
+    request = request_for(inpainting_fill=2, mask_blur=0, steps=2, denoising_strength=0.6, subseed_strength=0.5,
+                          seed_resize_from_w=48, seed_resize_from_h=48, randn_source=source)
+    width, height, start, inpainting = prepare_inpainting(picture, read_mask(mask, picture.size), request)
+    request = request.model_copy(update={"init_image": image_sha1(picture), "mask": image_sha1(mask),
+                                         "width": width, "height": height})
+    engine.generate(request, [5, 6], subseeds=[9, 10], init_image=start, inpainting=inpainting)
+    expected = start_noise([make_generator(source, seed) for seed in (5, 6)], tuple(fills[0].shape[1:]),
+                           fills[0].dtype, source=source)
+    assert torch.equal(fills[0], expected)
+
+
 def test_an_api_infotext_brings_its_keys_as_a1111_reads_them_into_override_settings(services):
     """A1111's API takes an `infotext`'s NGMS, NGMS all steps, Skip Early CFG and Noise multiplier as overrides of
     their options: used where neither the request's field nor its override_settings gives one."""

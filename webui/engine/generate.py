@@ -937,10 +937,10 @@ class Engine:
         """img2img's pass: the last denoising_steps of the steps, from the picture's latents noised to where they
         start; with inpainting, the picture's latents put back outside the mask after every step and at the end."""
         picture = self._start_latents(init_image, (noise.shape[-1], noise.shape[-2]), noise.shape[0])
-        fill = noise  # as A1111, masked content "latent noise" is the seed's noise unscaled by the multiplier
         if request.initial_noise_multiplier != 1:  # A1111's Noise multiplier for img2img
             noise = noise * request.initial_noise_multiplier
         if inpainting is not None:
+            fill = self._fill_noise(run, noise) if MASKED_CONTENT[inpainting.fill] == "latent noise" else None
             run.masked = self._masked_start(picture, noise, inpainting, fill, SoftInpainting.of(request))
             picture = run.masked.start
         start = {"image": picture, "strength": pipeline_strength(request.denoising_steps, request.img2img_schedule)}
@@ -993,6 +993,14 @@ class Engine:
         if latents.shape[-2:] != (size[1], size[0]):
             latents = upscale_latents(latents, "Latent", size)
         return latents.expand(count, -1, -1, -1)
+
+    @staticmethod
+    def _fill_noise(run: "_Run", noise: torch.Tensor) -> torch.Tensor:
+        """Masked content "latent noise": each seed's own noise, as A1111 fills (create_random_tensors of the seeds
+        alone): not moved by a variation seed, not drawn at the seed resize's size, not scaled by the Noise
+        multiplier, whatever the start noise is."""
+        return start_noise([make_generator(run.rng, seed) for seed in run.seeds], tuple(noise.shape[1:]), noise.dtype,
+                           source=run.rng)
 
     def _masked_start(self, picture: torch.Tensor, noise: torch.Tensor, inpainting: Inpainting,
                       fill: torch.Tensor | None = None, soft: SoftInpainting | None = None) -> _MaskedStart:
