@@ -1367,6 +1367,8 @@ def test_docs_and_attaching_to_an_existing_app(client, services):
     paths = client.get("/api/v1/openapi.json").json()["paths"]
     assert {"/sdapi/v1/txt2img", "/sdapi/v1/progress", "/api/v1/jobs/{job_id}/cancel"} <= set(paths)
     assert "Txt2ImgRequest" in json.dumps(paths["/sdapi/v1/txt2img"])
+    # also where A1111 serves it, in an app of the API alone (--nowebui): clients look there (found by a probe)
+    assert client.get("/openapi.json").json()["paths"] == paths
 
     host = FastAPI(docs_url="/docs")
 
@@ -1379,6 +1381,7 @@ def test_docs_and_attaching_to_an_existing_app(client, services):
         assert c.get("/hello").json() == {"hello": "world"}
         assert c.get("/sdapi/v1/samplers").status_code == 200
         assert c.get("/docs").status_code == 200  # the host's own docs page stays
+        assert "/hello" in c.get("/openapi.json").json()["paths"]  # and its own schema
         assert c.post("/sdapi/v1/txt2img", json={"steps": 0}).status_code == 422
 
 

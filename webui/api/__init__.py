@@ -4,8 +4,8 @@
                                 such as Gradio's, for `--api`
     create_api_app(services)    a FastAPI app with only the API, for `--nowebui` (run it with uvicorn)
 
-Both also serve OpenAPI docs at /docs (schema at /api/v1/openapi.json), behind the same auth; /internal/ping
-alone needs none.
+Both also serve OpenAPI docs at /docs (schema at /api/v1/openapi.json, and at /openapi.json where the app has none
+of its own), behind the same auth; /internal/ping alone needs none.
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def _add_docs(app: FastAPI, routes: list, auth) -> None:
         return get_swagger_ui_html(openapi_url=SCHEMA_PATH, title=f"{TITLE} docs")
 
     taken = {getattr(route, "path", None) for route in app.router.routes}
-    app.add_api_route(SCHEMA_PATH, openapi_schema, methods=["GET"], include_in_schema=False,
-                      dependencies=dependencies)
+    # also at A1111's /openapi.json, where the app has none of its own (--nowebui): clients look for it there
+    for path in (SCHEMA_PATH, *(["/openapi.json"] if "/openapi.json" not in taken else [])):
+        app.add_api_route(path, openapi_schema, methods=["GET"], include_in_schema=False, dependencies=dependencies)
     if "/docs" not in taken:
         app.add_api_route("/docs", swagger_page, methods=["GET"], include_in_schema=False, dependencies=dependencies)
