@@ -32,7 +32,7 @@ from webui.schemas import JobState
 from webui.services import build_services
 from webui.ui import history as history_module
 from webui.ui.blocks import create_ui
-from webui.ui.params import TXT2IMG_FIELDS, schedules_of
+from webui.ui.params import FIELD_LABELS, TXT2IMG_FIELDS, schedules_of
 from webui.ui.generation import Session
 from tests.helpers import running_services, wait_for
 
@@ -305,6 +305,27 @@ def after(ui, name: str):
     """The function of the event chained (.then) right after the event whose function is `name`."""
     first = next(block_fn for block_fn in ui.blocks.fns.values() if block_fn.name == name)
     return next(block_fn.fn for block_fn in ui.blocks.fns.values() if block_fn.trigger_after == first._id)
+
+
+def test_generate_comes_back_after_a_run_gradio_failed_before_it_began(ui):
+    """Gradio's page starts no .then() step after a failed event (an input Gradio refused before generate ran: a
+    number past a slider's end, a radio value it does not offer), which left Generate greyed for good (found by
+    review): a .failure() step gives it back, then the gallery's pick and the model's status, as after a run."""
+    fns = list(ui.blocks.fns.values())
+    for name, ungreyed, count in (("generate", "generate_button", 1), ("generate_on_subtab", "generate_button", 6),
+                                  ("resume", "resumed_button", 2)):
+        # (img2img's hidden button for Gradio API callers runs generate with nothing chained)
+        runs = [fn for fn in fns if fn.name == name and any(other.trigger_after == fn._id for other in fns)]
+        assert len(runs) == count, name  # txt2img's; img2img's, one per sub-tab; the two tabs' resumes
+        for run in runs:
+            on_failure = [fn for fn in fns if fn.trigger_after == run._id and fn.trigger_only_on_failure]
+            on_end = [fn for fn in fns if fn.trigger_after == run._id and not fn.trigger_only_on_failure]
+            assert [fn.name for fn in on_failure] == [ungreyed] and ungreyed in [fn.name for fn in on_end], name
+            chain = []
+            follower = on_failure[0]
+            while follower := next((fn for fn in fns if fn.trigger_after == follower._id), None):
+                chain.append(follower.name)
+            assert chain == ["show_selected", "status_after_run"]
 
 
 def test_generate_stays_greyed_out_while_the_tabs_job_runs_even_after_a_resume_that_found_nothing(ui, ui_services):
@@ -763,7 +784,7 @@ def test_the_hires_fix_goes_from_the_page_to_the_infotext_and_back(ui):
     assert any("Upscaler not applied: '4x-UltraSharp'" in str(w.message) for w in caught)
     # A model upscaler the server lists (Real-ESRGAN's, downloaded when first used) is applied
     real = event(ui, "send_from_pnginfo")(text.replace("Hires upscaler: Latent", "Hires upscaler: R-ESRGAN 4x+"))
-    assert real[TXT2IMG_FIELDS.index("hr_upscaler")] == "R-ESRGAN 4x+"
+    assert real[TXT2IMG_FIELDS.index("hr_upscaler")]["value"] == "R-ESRGAN 4x+"  # with the list as it is now
     # img2img's Generate has no hires widgets: it passes generate()'s defaults in their places.
     assert input_labels(ui, "txt2img")["hr_scale"] == "Upscale by" and input_labels(ui, "img2img")["hr_scale"] is None
 
@@ -939,6 +960,27 @@ def test_send_to_txt2img_leaves_out_a_clip_skip_and_sampler_options_past_their_s
     assert any(n.startswith("Sigma noise 2.0 not applied") for n in notes) and len(notes) == 3
 
 
+def test_a_send_leaves_out_every_value_past_its_widgets_ends_not_only_a_listed_few(ui):
+    """Found by review: NGMS 20 (its slider ends at 15) was set, and Gradio refused every Generate after; an A1111
+    UniPC variant this page lacks (vary_coeff) likewise. Each bounded widget's ends are its own (field_limits)."""
+    text = ("a castle\nSteps: 20, Sampler: UniPC, CFG scale: 7, Seed: 42, Size: 64x64, NGMS: 20, "
+            "Skip Early CFG: 2, Extra noise: 3, UniPC variant: vary_coeff")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        *values, _ = event(ui, "send_from_pnginfo")(text)
+    by_field = dict(zip(TXT2IMG_FIELDS, values))
+    for name in ("s_min_uncond", "skip_early_cond", "img2img_extra_noise"):
+        assert is_skip(by_field[name]), name
+    assert by_field["uni_pc_variant"] in ("bh1", "bh2") or is_skip(by_field["uni_pc_variant"])
+    notes = [str(w.message) for w in caught if "not applied" in str(w.message)]
+    assert any(n.startswith("Negative Guidance minimum sigma 20.0 not applied: this page takes 0 to 15") for n in notes)
+    assert len(notes) == 3, notes
+    for tab in (ui.txt2img, ui.img2img):
+        limits = tab.field_limits
+        assert {"steps", "s_min_uncond", "subseed_strength", "uni_pc_order"} <= limits.keys()
+        assert set(limits) <= FIELD_LABELS.keys(), set(limits) - FIELD_LABELS.keys()  # each note names its widget
+
+
 def test_send_to_txt2img_rounds_a_size_that_is_no_multiple_of_8_down_and_says_so(ui):
     text = "a castle\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 42, Size: 516x767"
     with warnings.catch_warnings(record=True) as caught:
@@ -1023,6 +1065,33 @@ def through_gradio(ui, name: str, *inputs) -> list:
     result = asyncio.run(ui.blocks.process_api(block_fn=block_fn, inputs=list(inputs), state=SessionState(ui.blocks),
                                                explicit_call=True))
     return result["data"]
+
+
+def test_a_broken_controlnet_picture_fails_no_generate_with_controlnet_off_and_is_named_with_it_on(ui, tmp_path):
+    """Found by review: the ControlNet picture, an input of every Generate, was a plain gr.Image: junk left in it
+    failed each Generate in Gradio's preparation of the inputs, with a raw pop-up, ControlNet on or off."""
+    from webui.ui.pictures import UnreadablePicture
+
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    widget = ui.txt2img.widgets["controlnet_image"]
+    junk = widget.preprocess(widget.data_model(**uploaded(tmp_path / "junk.png")))
+    assert isinstance(junk, UnreadablePicture)
+    txt2img = event(ui, "txt2img")
+    arguments = ("a lighthouse", "", "Euler a", "Automatic", 2, 7.0, 64, 64, 1, 1, 1, 1, TINY)
+    *_, (_, gallery, progress, *_) = txt2img(Session(), *arguments, controlnet_image=junk)
+    assert "dw-error" not in progress and len(gallery) == 1, progress
+    *_, (_, _, progress, *_) = txt2img(Session(), *arguments, controlnet_image=junk, controlnet_enabled=True)
+    assert "ControlNet picture: could not read junk.png as an image" in progress and "dw-error" in progress, progress
+
+
+def test_a_send_without_parameters_keeps_the_styles_picked(ui):
+    """A plain picture sent to img2img (from Extras, or PNG Info with no text) sends no prompt: the Styles picked
+    stay (they were cleared; found by review). A sent prompt has its styles joined in, so they are cleared then."""
+    from webui.ui.params import TAB_FIELDS, widget_updates
+
+    names = TAB_FIELDS["img2img"]
+    assert is_skip(dict(zip(names, widget_updates({}, names, [TINY], lambda *_: None)))["styles"])
+    assert dict(zip(names, widget_updates({"prompt": "a"}, names, [TINY], lambda *_: None)))["styles"] == []
 
 
 def test_png_info_upload_of_a_broken_file_says_so_and_clears_the_old_parameters(ui, tmp_path):

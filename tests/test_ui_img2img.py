@@ -179,6 +179,10 @@ def test_send_to_img2img_from_a_gallery_and_from_png_info(ui, ui_services, tmp_p
     assert sent is ui_services.worker.get(session.job_id).images[1].image
     with pytest.raises(gr.Error, match="no longer holds it"):
         send(dataclasses.replace(unsaved, job_id="forgotten"))
+    # A run of several jobs shows other jobs' images too: the last job's picture at that place is another one, and
+    # went with the shown image's parameters (found by review).
+    with pytest.raises(gr.Error, match="no longer holds it"):
+        send(dataclasses.replace(unsaved, infotexts=["another job's image\nSteps: 2, Seed: 7"] * 2))
     # PNG Info: the dropped file and its parameters; a picture without any is a start too.
     info = PngInfo()
     info.add_text("parameters", "a castle\nSteps: 3, Sampler: Euler, Seed: 5, Size: 64x64, Denoising strength: 0.4")

@@ -528,3 +528,15 @@ def test_releasing_the_device_lets_go_of_the_upscalers_network_too(upscaling_ser
     assert library.network(library.find("2x-Tiny")) is built  # kept between uses
     assert upscaling_services.worker.release_device().result(60)
     assert library.network(library.find("2x-Tiny")) is not built  # read again after the release
+
+
+def test_a_sent_hires_upscaler_comes_with_the_list_as_it_is_now():
+    """An upscaler file added after the page was built: the dropdown gets the list with it, else Gradio would refuse
+    the value at every Generate (found by review)."""
+    import webui.ui.params as params
+
+    names = params.TAB_FIELDS["txt2img"]
+    fields = {"prompt": "a cat", "enable_hr": True, "hr_upscaler": "4x-New", "hr_scale": 2.0}
+    update = dict(zip(names, params.widget_updates(fields, names, [], lambda *a: None, [],
+                                                   ["Latent", "Lanczos", "4x-New"])))["hr_upscaler"]
+    assert update["value"] == "4x-New" and update["choices"] == ["Latent", "Lanczos", "4x-New"]

@@ -18,7 +18,7 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from webui.controlnet import controlnet_fields
-from webui.engine.samplers import BETA_ALPHA, BETA_BETA, NOISE_SCHEDULES, UniPCOptions
+from webui.engine.samplers import BETA_ALPHA, BETA_BETA, NOISE_SCHEDULES, UNIPC_VARIANTS, UniPCOptions
 from webui.engine.soft_inpainting import DEFAULTS as SOFT_DEFAULTS, ENABLED_KEY as SOFT_INPAINTING_ENABLED
 from webui.engine.soft_inpainting import SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_KEYS
 from webui.engine.step_options import DEFAULTS as STEP_DEFAULTS
@@ -118,7 +118,7 @@ _REQUEST_FIELDS = {
     "Schedule min sigma": ("sigma_min", float),
     "Schedule max sigma": ("sigma_max", float),
     "Schedule rho": ("rho", float),
-    "UniPC variant": ("uni_pc_variant", str),
+    "UniPC variant": ("uni_pc_variant", _one_of(UNIPC_VARIANTS)),  # not A1111's vary_coeff: no such variant here
     "UniPC order": ("uni_pc_order", int),
     "UniPC lower order final": ("uni_pc_lower_order_final", _flag),
     "Token merging ratio": ("token_merging_ratio", float),

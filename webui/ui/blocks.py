@@ -150,7 +150,7 @@ def _wire_between_tabs(ui: WebUI, tabs: gr.Tabs) -> None:
                 sent = (picture[0], gr.skip(), PLAIN, gr.Tabs(selected="img2img"))
         fields = fields | {"override_settings": override_settings(fields, tab.actions.options.current(), tab.kind)}
         updates = widget_updates(fields, tab.field_names, ui.models.choices(), ui.models.find_pasted,
-                                 ui.models.vae_choices(), tab.actions.upscaler_names())
+                                 ui.models.vae_choices(), tab.actions.upscaler_names(), tab.field_limits)
         return *sent, *updates, gr.Tabs(selected=tab.kind)
 
     def send_from_history(image_id):

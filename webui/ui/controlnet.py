@@ -12,6 +12,7 @@ from webui.controlnet import CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RES
 from webui.engine.controlnet import ControlNetLibrary, detect_map
 from webui.engine.img2img import as_rgb, check_picture_size
 from webui.schemas import MAX_SIZE, MIN_SIZE
+from webui.ui.pictures import UnreadablePicture, tolerant
 
 NO_MODEL = "None"  # the extension's pick for no model
 
@@ -41,6 +42,8 @@ class ControlNetActions:
         """The control map the preprocessor makes of the picture (at its own size, before the fit to the run's)."""
         if picture is None:
             raise gr.Error("Upload a control picture first.")
+        if isinstance(picture, UnreadablePicture):
+            raise gr.Error(picture.problem())
         if module not in CN_MODULES:
             raise gr.Error(f"Pick a preprocessor: {', '.join(CN_MODULES)}.")
         try:
@@ -67,8 +70,9 @@ def controlnet_section(kind: str, library: ControlNetLibrary) -> dict[str, gr.co
         enable = gr.Checkbox(False, label="Enable", elem_id=f"{kind}_controlnet_enable")
         with gr.Row():
             # image_mode None: the worker lays a transparent part on white, as for the API (Gradio's RGB: black)
-            picture = gr.Image(type="pil", label="Control picture", sources=["upload", "clipboard"], height=256,
-                               image_mode=None, format="png", elem_id=f"{kind}_controlnet_image")
+            picture = tolerant(gr.Image(type="pil", label="Control picture", sources=["upload", "clipboard"],
+                                        height=256, image_mode=None, format="png", elem_id=f"{kind}_controlnet_image"),
+                               "controlnet_image")
             shown = gr.Image(label="Preprocessor preview", interactive=False, height=256,
                              elem_id=f"{kind}_controlnet_preview")
         with gr.Row():

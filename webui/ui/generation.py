@@ -33,9 +33,8 @@ from webui.storage.card_metadata import CardMetadata, read_metadata, write_metad
 from webui.storage.infotext import request_fields_from_infotext, setting_fields
 from webui.storage.outputs import NamedCopy
 from webui.storage.styles import Style
-from webui.schemas import (MAX_CLIP_SKIP, MAX_MERGING_RATIO, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MIN_SIZE,
-                           MAX_SCHEDULE_RHO, MAX_SCHEDULE_SIGMA, RANDN_SOURCES, RESIZE_MODES, SAME_CHECKPOINT,
-                           GenerationRequest, InvalidRequest, JobState)
+from webui.schemas import (MAX_CLIP_SKIP, MAX_MERGING_RATIO, MAX_PROMPT_CHARS, MAX_SIZE, MIN_SIZE, RANDN_SOURCES,
+                           RESIZE_MODES, SAME_CHECKPOINT, GenerationRequest, InvalidRequest, JobState)
 from webui.services import Services
 from webui.ui.models import ModelActions, ModelPicker
 from webui.ui.cards import (CardPictures, card_gallery, edited_metadata, metadata_editor, metadata_values, picked_name,
@@ -45,7 +44,7 @@ from webui.ui.params import (NO_REFINER, SAME_SAMPLER, SAME_SCHEDULE, SETTINGS_S
                              with_labels)
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, IMG2IMG_MODES, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
                                batch_uploads, inpainting_settings, on_open_subtab, open_picture, outpainting_start,
-                               folder_pictures, output_folder, picture_inputs, read_upload, start_pictures)
+                               folder_pictures, output_folder, picture_inputs, read_upload, readable, start_pictures)
 from webui.runs import (SeveralJobs, Submission, found_models, line_run, loopback_run, plot_run,
                         scaled_size_fields)
 from webui.ui.scripts import (loopback_section, outpainting_section, plot_section, prompt_list_section,
@@ -232,6 +231,8 @@ class GenerationActions(SeveralRuns):
                 raise InvalidRequest("controlnet_enabled: ControlNet runs with a plain Generate here, not with Batch "
                                      "or a script; turn one of them off")
             request |= controlnet
+            if isinstance(controlnet_image, UnreadablePicture):  # a problem only with ControlNet on
+                controlnet_image = readable(controlnet_image, "") if controlnet else None
             picture = mask_picture = None
             if batch:
                 uploads, unreadable = batch_uploads(*self._batch_files(batch_pictures, batch_masks, batch_input_dir,
@@ -459,11 +460,20 @@ class GenerationActions(SeveralRuns):
             raise gr.Error("Generate an image first.")
         picture = session.paths[index]
         if not (picture and os.path.exists(picture)):
-            job = self.worker.get(session.job_id) if session.job_id else None
-            picture = job.images[index].image if job and index < len(job.images) else None
+            picture = self._held_picture(session, index)
         if picture is None:
             raise gr.Error("This image was not saved and the server no longer holds it; send another one.")
         return picture, request_fields_from_infotext(session.infotexts[index])
+
+    def _held_picture(self, session: Session, index: int) -> Image.Image | None:
+        """The picture the worker still holds for the gallery's image `index`: the session's last job's image at
+        that place, where it is that image (a run of several jobs, a plot or a list, shows other jobs' too: its
+        picture would go with another's parameters)."""
+        job = self.worker.get(session.job_id) if session.job_id else None
+        held = job.images[index] if job and index < len(job.images) else None
+        if held is None or (held.seed, held.infotext) != (session.seeds[index], session.infotexts[index]):
+            return None
+        return held.image
 
     @staticmethod
     def _subtab_picture(mode: str, pictures: tuple) -> Image.Image:
@@ -781,6 +791,13 @@ class GenerationTab:
         return TAB_FIELDS[self.kind]
 
     @property
+    def field_limits(self) -> dict[str, tuple[float | None, float | None]]:
+        """The ends of the widgets of field_names that have them (sliders): Gradio refuses a value past them before
+        generate() runs, so a send leaves one out."""
+        return {name: (widget.minimum, widget.maximum) for name, widget in zip(self.field_names, self.field_components)
+                if getattr(widget, "minimum", None) is not None or getattr(widget, "maximum", None) is not None}
+
+    @property
     def field_components(self) -> list[gr.components.Component]:
         """Widgets in field_names order, for 'send to txt2img' and 'send to img2img'."""
         return [self.widgets[name] for name in self.field_names]
@@ -900,22 +917,24 @@ def sampler_parameters_section(kind: str) -> dict[str, Any]:
             widgets["beta_dist_beta"] = gr.Slider(
                 0.01, 1, value=BETA_BETA, step=0.01, label="Beta schedule beta",
                 info="Beta schedule type: lower puts more steps at high noise", elem_id=f"{kind}_beta_dist_beta")
-        # A1111's sigma min, sigma max and rho: typed, as A1111's boxes (0: the model's own)
+        # A1111's sigma min, sigma max and rho: typed, as A1111's boxes (0: the model's own). The typed boxes here
+        # take any number: the request says what is out of range under the field's label, where Gradio's own check
+        # names no field
         with gr.Row():
-            widgets["sigma_min"] = gr.Number(0, minimum=0, maximum=MAX_SCHEDULE_SIGMA, label="Schedule min sigma",
+            widgets["sigma_min"] = gr.Number(0, label="Schedule min sigma",
                                              info="Karras, (Poly)exponential, KL Optimal, Beta end here (0: the "
                                                   "model's)",
                                              elem_id=f"{kind}_sigma_min")
-            widgets["sigma_max"] = gr.Number(0, minimum=0, maximum=MAX_SCHEDULE_SIGMA, label="Schedule max sigma",
+            widgets["sigma_max"] = gr.Number(0, label="Schedule max sigma",
                                              info="and start here (0: the model's)", elem_id=f"{kind}_sigma_max")
-            widgets["rho"] = gr.Number(0, minimum=0, maximum=MAX_SCHEDULE_RHO, label="Schedule rho",
+            widgets["rho"] = gr.Number(0, label="Schedule rho",
                                        info="Karras (0: 7), Polyexponential (0: 1): higher falls faster at first",
                                        elem_id=f"{kind}_rho")
         with gr.Row():
             widgets["always_discard_next_to_last_sigma"] = gr.Checkbox(
                 False, label="Always discard next-to-last sigma", elem_id=f"{kind}_always_discard_next_to_last_sigma",
                 info="k-diffusion samplers run one step more and leave out the smallest noise level before the end "
-                     "(DPM2, DPM2 a and DPM++ 3M SDE always do); DDIM and PLMS run one step more in txt2img")
+                     "(DPM2, DPM2 a and DPM++ 3M SDE always do); DDIM and PLMS lay out one step more")
             widgets["sd_noise_schedule"] = gr.Radio(
                 list(NOISE_SCHEDULES), value=NOISE_SCHEDULES[0], label="Noise schedule for sampling",
                 elem_id=f"{kind}_sd_noise_schedule",
@@ -966,7 +985,7 @@ def step_options_widgets(kind: str) -> dict[str, Any]:
         widgets["s_tmin"] = slider("s_tmin", "Sigma tmin", 0.01, "Euler: the churn from this noise level")
         widgets["s_tmax"] = slider("s_tmax", "Sigma tmax", 0.01, "Euler: the churn up to this noise level (0: all)")
     widgets["eta_noise_seed_delta"] = gr.Number(
-        0, precision=0, minimum=0, maximum=MAX_SEED, label="Eta noise seed delta",
+        0, precision=0, label="Eta noise seed delta",
         info="the noise a sampler draws as it steps comes from seed + this (ENSD; 31337 reproduces many shared "
              "pictures; 0: off)", elem_id=f"{kind}_eta_noise_seed_delta")
     return widgets
@@ -1205,10 +1224,12 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     def follow_run(trigger: Callable, fn: Callable, inputs: list, greyed: Callable = busy_button,
                    greyed_inputs: list | None = None, ungreyed: Callable = actions.generate_button, **api) -> Any:
         """On trigger: Generate greyed out (by `greyed`), fn's run followed to its end, then Generate back (by
-        `ungreyed`) and the model's status."""
+        `ungreyed`) and the model's status, whether the run ended or failed: Gradio's page starts no .then() step
+        after a failed event (an input Gradio itself refused before fn ran), which left Generate greyed for good."""
         run = trigger(greyed, inputs=greyed_inputs, **button_state).then(
             fn, inputs=inputs, outputs=run_outputs, show_progress="hidden", concurrency_limit=None, **api)
-        run.then(ungreyed, inputs=[session], **button_state).then(**after_run).then(**model_status)
+        for ended in (run.then, run.failure):
+            ended(ungreyed, inputs=[session], **button_state).then(**after_run).then(**model_status)
         return run
 
     if img2img:

@@ -10,7 +10,7 @@ from webui.controlnet import CN_RESIZE_MODES
 from webui.engine.hires import HIRES_UPSCALERS
 from webui.engine.samplers import SCHEDULE_TYPES, get_sampler, resolve_sampler, split_sampler_name
 from webui.engine.soft_inpainting import LABELS as SOFT_LABELS, SOFT_INPAINTING_FIELDS
-from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, SAME_CHECKPOINT, GenerationRequest
+from webui.schemas import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, SAME_CHECKPOINT
 from webui.storage.history import HistoryImage
 from webui.storage.infotext import SETTING_KEYS, request_fields_from_infotext, setting_pair
 from webui.storage.options import SavedOptions
@@ -151,16 +151,21 @@ def override_settings(fields: dict[str, Any], current: SavedOptions, kind: str) 
     return gr.update(choices=pairs, value=pairs, visible=bool(pairs))
 
 
+Limits = dict[str, tuple[float | None, float | None]]
+
+
 def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: list[str],
-                   find_model: FindModel, vae_names: list[str] = (), upscaler_names: list[str] = HIRES_UPSCALERS
-                   ) -> list[Any]:
+                   find_model: FindModel, vae_names: list[str] = (), upscaler_names: list[str] = HIRES_UPSCALERS,
+                   limits: Limits | None = None) -> list[Any]:
     """One value (or gr.skip()) per entry of names (a tab's TAB_FIELDS). A sampler, schedule type or model
     that cannot be applied is left out with a warning in the page saying why, since its dropdown would otherwise keep
     its old value without a word. model_names: the model dropdown's list as it is now, which the
     dropdown gets again (another tab may have rescanned the models folder since this page was built); vae_names:
-    the SD VAE dropdown's, likewise; upscaler_names: the hires fix's upscalers (with the model upscalers' files)."""
-    # A sent prompt has its styles joined in already: a style left picked would be joined in twice.
-    fields = dict(fields) | {"styles": []}
+    the SD VAE dropdown's, likewise; upscaler_names: the hires fix's upscalers (with the model upscalers' files);
+    limits: the widgets' own ends (GenerationTab.field_limits), a value past which is left out likewise."""
+    fields = dict(fields)
+    if "prompt" in fields:  # a sent prompt has its styles joined in already: a style left picked would join twice
+        fields["styles"] = []
     model_note = _apply_model(fields, model_names, find_model)
     for note in (_apply_sampler(fields), _apply_hires_sampler(fields), model_note, _apply_vae(fields, vae_names),
                  _apply_refiner(fields, model_names, find_model),
@@ -168,7 +173,7 @@ def widget_updates(fields: dict[str, Any], names: tuple[str, ...], model_names: 
                  _apply_plot(fields, names),
                  _apply_upscaler(fields, upscaler_names) if "hr_upscaler" in names else None,
                  *_round_sizes(fields),
-                 *_drop_out_of_range(fields, names)):
+                 *_drop_out_of_range(fields, names, limits or {})):
         if note:
             gr.Warning(note)
     for name, choices in _INDEXED_CHOICES.items():
@@ -184,26 +189,23 @@ def schedules_of(sampler_name: str | None) -> list[str]:
     return list(get_sampler(sampler_name).schedules if sampler_name else SCHEDULE_TYPES)
 
 
-# Fields whose sliders end where the request's limits do: a value past them would make Generate fail.
-_RANGED_FIELDS = ("steps", "cfg_scale", "width", "height", "seed_resize_from_w", "seed_resize_from_h", "clip_skip",
-                  "batch_size", "denoising_strength", "hr_scale", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
-                  "mask_blur", "inpaint_full_res_padding", "controlnet_weight", "controlnet_guidance_start",
-                  "controlnet_guidance_end", "controlnet_processor_res", "token_merging_ratio",
-                  "token_merging_ratio_hr", "eta_ddim", "eta_ancestral", "s_churn", "s_tmin", "s_tmax", "s_noise",
-                  *SOFT_INPAINTING_FIELDS)
-
-
-def _drop_out_of_range(fields: dict[str, Any], names: tuple[str, ...]) -> list[str]:
-    """Leave out values the page cannot take (Steps: 200 from another tool), and say so for each of the fields sent
-    (names): a tab has no word to say about a field it does not have. A Clip skip deeper than a model's text encoder
-    is the job's to refuse: it depends on the model the job runs on."""
+def _drop_out_of_range(fields: dict[str, Any], names: tuple[str, ...], limits: Limits) -> list[str]:
+    """Leave out numbers past their widget's ends (Steps: 200 from another tool), which Gradio would refuse at every
+    Generate, and say so for each of the fields sent (names): a tab has no word to say about a field it does not
+    have. A Clip skip deeper than a model's text encoder is the job's to refuse: it depends on the model the job runs
+    on."""
     notes = []
-    for name in _RANGED_FIELDS:
+    for name in names:
         value = fields.get(name)
-        low, high = _limits(name)
-        if name in names and value is not None and not low <= value <= high:
+        low, high = limits.get(name, (None, None))
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
             fields.pop(name)
-            notes.append(f"{FIELD_LABELS[name]} {value} not applied: this page takes {low} to {high}. "
+            takes = " to ".join(f"{end:g}" for end in (low, high) if end is not None)
+            if low is None or high is None:
+                takes = f"{'at most' if low is None else 'at least'} {takes}"
+            notes.append(f"{FIELD_LABELS.get(name, name)} {value} not applied: this page takes {takes}. "
                          "It is left as it was.")
     return notes
 
@@ -220,18 +222,13 @@ def _round_sizes(fields: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _limits(name: str) -> tuple[float, float]:
-    """A GenerationRequest field's ge/le bounds."""
-    low = high = None
-    for constraint in GenerationRequest.model_fields[name].metadata:
-        low, high = getattr(constraint, "ge", low), getattr(constraint, "le", high)
-    return low, high
-
-
 def _apply_upscaler(fields: dict[str, Any], upscaler_names: list[str]) -> str | None:
     """An upscaler this server lacks (a model upscaler whose file is not here) is left out, with a warning."""
     upscaler = fields.get("hr_upscaler")
-    if upscaler is None or upscaler in upscaler_names:
+    if upscaler is None:
+        return None
+    if upscaler in upscaler_names:  # with the list as it is now: the file may be newer than the page
+        fields["hr_upscaler"] = gr.update(choices=list(upscaler_names), value=upscaler)
         return None
     fields.pop("hr_upscaler")
     return (f"Upscaler not applied: {upscaler!r} is not on this server (it has {', '.join(upscaler_names)}; a model "
