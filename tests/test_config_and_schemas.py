@@ -80,7 +80,8 @@ def test_flags_that_cannot_work_are_refused_before_anything_loads(flags, message
     ({"batch_size": 64}, "batch_size: Input should be less than or equal to 8"),
     ({"seed": -5}, "seed: Input should be greater than or equal to -1"),
     ({"seed": 1e30}, "seed: Unable to parse input string as an integer, exceeded maximum size; use -1 for a random "
-                     "seed, or a whole number from 0 to 4294967295"),
+                     "seed, or a whole number from 0 to 18446744073709551615"),
+    ({"seed": 2**64}, "seed: Input should be less than or equal to 18446744073709551615"),
     ({"cfg_scale": "lots"}, "cfg_scale: Input should be a valid number"),
     ({"cfg_scale": float("nan")}, "cfg_scale: Input should be a finite number"),  # JSON's NaN
     ({"prompt": "a\x00b"}, "prompt: holds the control character U+0000 at position 1; remove it"),

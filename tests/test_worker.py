@@ -5,10 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from webui.engine.models import ModelNotFound
 from webui.schemas import GenerationRequest, InvalidRequest, JobState
+from webui.storage.infotext import request_fields_from_infotext
 from webui.storage.outputs import read_infotext
 from webui.worker import QueueFull, WorkerStopped
 from tests.conftest import TINY
@@ -863,6 +865,37 @@ def test_variation_seeds_count_up_per_image_and_are_written_as_a1111_writes_them
     plain = services.worker.submit(QUICK | {"seed": 70, "subseed": 100, "n_iter": 2})  # strength 0: no variation
     assert plain.wait(60) and (plain.seeds, plain.subseeds) == ([70, 71], [100, 101])
     assert "Variation" not in plain.images[0].infotext
+
+
+def test_seeds_past_2_to_the_32_count_on_as_a1111s_and_reproduce_from_the_history_and_infotext(services):
+    """A1111 (and ComfyUI) take seeds up to 2**64 - 1 and count a batch on past 2**32 (seed 4294967295, batch of 2:
+    4294967296), where the NV source draws other noise than at 0; they were refused, and a batch wrapped to 0
+    (found by review). Seeds picked at random stay below 2**32, as A1111's."""
+    from webui.engine.philox import PhiloxGenerator
+
+    assert not torch.equal(PhiloxGenerator(2**32).randn((4,), torch.float32),
+                           PhiloxGenerator(0).randn((4,), torch.float32))
+    job = services.worker.submit(QUICK | {"seed": 2**32 - 1, "batch_size": 2, "randn_source": "NV"})
+    assert job.wait(60) and job.state is JobState.DONE, job.error
+    assert job.seeds == [2**32 - 1, 2**32]
+    last = services.worker.submit(QUICK | {"seed": 2**64 - 1, "batch_size": 2, "randn_source": "NV",
+                                           "eta_noise_seed_delta": 31337, "sampler_name": "Euler a"})
+    assert last.wait(60) and last.state is JobState.DONE, last.error
+    assert last.seeds == [2**64 - 1, 0]  # past the largest: from 0 again (A1111 would fail)
+    for done in (job, last):
+        for image in done.images:
+            row = services.history.get_image(image.history_id)
+            assert row.seed == image.seed  # SQLite's signed integers hold them too
+            assert f"Seed: {image.seed}," in read_infotext(Image.open(image.path))
+    assert request_fields_from_infotext(job.images[1].infotext)["seed"] == 2**32
+    again = services.worker.submit(QUICK | {"seed": 2**32, "randn_source": "NV"})  # image 2 of the batch, alone
+    assert again.wait(60) and again.seeds == [2**32]
+    alone, in_batch = (np.asarray(done.images[index].image, int) for done, index in ((again, 0), (job, 1)))
+    assert np.abs(alone - in_batch).max() <= 2  # (a batch's arithmetic rounds apart by a level at most)
+    other = services.worker.submit(QUICK | {"seed": 0, "randn_source": "NV"})  # 2**32 wrapped, as it was
+    assert other.wait(60) and np.abs(np.asarray(other.images[0].image, int) - in_batch).max() > 20
+    drawn = services.worker.submit(QUICK)
+    assert drawn.wait(60) and 0 <= drawn.seeds[0] < 2**32
 
 
 def test_the_step_callback_stops_or_waits_quietly_while_the_prompt_is_encoded(services):

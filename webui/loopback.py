@@ -9,13 +9,12 @@ after the first start the masked part from the picture the loop before made (mas
 from __future__ import annotations
 
 import math
-import random
 
 from PIL import Image
 
 from webui.engine.img2img import fit_image, size_from_image
 from webui.engine.inpaint import MASK_RESAMPLE, read_mask
-from webui.schemas import MASKED_CONTENT, MAX_SEED, InvalidRequest
+from webui.schemas import MASKED_CONTENT, InvalidRequest, random_seed, seed_after
 
 CURVES = ("Aggressive", "Linear", "Lazy")  # A1111's "Denoising strength curve"
 # A1111's "Append interrogated prompt at each iteration": its DeepBooru tagger is not offered here
@@ -58,7 +57,7 @@ def loop_requests(request: dict, loops: int, final_strength: float, curve: str) 
         chains.append([request | {"n_iter": 1, "denoising_strength": strength, "subseed": subseed,
                                   "script_params": {"Final denoising strength": final_strength,
                                                     "Denoising curve": curve},
-                                  "seed": (seed + chain * loops + loop) % (MAX_SEED + 1)}
+                                  "seed": seed_after(seed, chain * loops + loop)}
                        # As A1111, a loop after the first inpaints from the picture the loop before made.
                        | ({"inpainting_fill": ORIGINAL} if loop and "inpainting_fill" in request else {})
                        for loop, strength in enumerate(strengths)])
@@ -82,4 +81,4 @@ def loop_mask(mask: Image.Image | None, picture: Image.Image, request: dict) -> 
 
 def _fixed(seed: int | None) -> int:
     """A seed picked once for all loops where it is random (-1)."""
-    return random.randint(0, MAX_SEED) if seed is None or seed < 0 else seed
+    return random_seed() if seed is None or seed < 0 else seed

@@ -5,10 +5,9 @@ Pure reading: the caller runs the requests through the worker, one after another
 """
 from __future__ import annotations
 
-import random
 import shlex
 
-from webui.schemas import MAX_SEED, InvalidRequest
+from webui.schemas import InvalidRequest, random_seed, seed_after
 
 MAX_LINES = 100  # runs in one list: each is a job of its own
 
@@ -39,7 +38,7 @@ def line_requests(base: dict, text: str, same_seed: bool = False, iterate_seed: 
         raise InvalidRequest(f"Prompts from a list: {len(lines)} lines; at most {MAX_LINES} runs at once")
     base = dict(base)
     if (same_seed or iterate_seed) and base.get("seed", -1) == -1:
-        base["seed"] = random.randint(0, MAX_SEED)
+        base["seed"] = random_seed()
     images_per_line = base.get("batch_size", 1) * base.get("n_iter", 1)
     requests = []
     for number, line in enumerate(lines):
@@ -48,7 +47,7 @@ def line_requests(base: dict, text: str, same_seed: bool = False, iterate_seed: 
         except ValueError as err:
             raise InvalidRequest(f"Prompts from a list, line {number + 1}: {err}") from None
         if iterate_seed and "seed" not in fields:
-            fields["seed"] = (base["seed"] + number * images_per_line) % (MAX_SEED + 1)
+            fields["seed"] = seed_after(base["seed"], number * images_per_line)
         requests.append(base | fields | _joined_prompts(base, fields, prompt_position))
     return requests
 

@@ -3,10 +3,9 @@ after the first "|" (with neither, with each, with both: four pictures), then a 
 row and column adds. The combinations run as the X/Y/Z plot's cells do (webui/runs.py)."""
 from __future__ import annotations
 
-import random
 from typing import Any, Callable
 
-from webui.schemas import MAX_SEED, InvalidRequest, parse_request
+from webui.schemas import InvalidRequest, parse_request, random_seed, seed_after
 from webui.xyz_plot import AXIS_TYPES, MAX_PLOT_CELLS, Axis, AxisType, Cell, Plot
 
 MAX_PARTS = MAX_PLOT_CELLS.bit_length() - 1  # 2 ** 6 = 64 pictures
@@ -35,7 +34,7 @@ def matrix_plot(request: dict[str, Any], *, parts_first: bool = False, different
     base_request = dict(request) | {"batch_size": 1, "n_iter": 1}
     for seed_field in ("seed", "subseed"):
         if base_request.get(seed_field, -1) == -1:
-            base_request[seed_field] = random.randint(0, MAX_SEED)
+            base_request[seed_field] = random_seed()
     check(base_request | {field: base})  # what is wrong whatever the parts say is named plainly
     across = len(parts) - len(parts) // 2  # the first parts make the columns
     cells = []
@@ -44,7 +43,7 @@ def matrix_plot(request: dict[str, Any], *, parts_first: bool = False, different
         cell = dict(base_request)
         cell[field] = joiner.join(piece for piece in (added + [base] if parts_first else [base] + added) if piece)
         if different_seeds:
-            cell["seed"] = (base_request["seed"] + combination) % (MAX_SEED + 1)
+            cell["seed"] = seed_after(base_request["seed"], combination)
         try:
             check(cell)
         except InvalidRequest as err:

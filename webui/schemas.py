@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+import random
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,7 +29,19 @@ from webui.sd_upscale import DEFAULT_UPSCALER, MAX_OVERLAP, MAX_SCALE, MIN_SCALE
 
 MAX_PROMPT_CHARS = 2000
 MIN_SIZE, MAX_SIZE = 64, 2048
-MAX_SEED = 2**32 - 1
+# torch's seeds, as A1111's (and ComfyUI's: 2**64 - 1); seeds picked at random stay below 2**32, as A1111's do
+MAX_SEED = 2**64 - 1
+RANDOM_SEEDS = 2**32 - 1
+
+
+def random_seed() -> int:
+    """A seed for -1: below 2**32, as A1111 picks them (short to type; the same on every random number source)."""
+    return random.randint(0, RANDOM_SEEDS)
+
+
+def seed_after(seed: int, count: int) -> int:
+    """The seed `count` places after `seed` (image i of a batch: seed + i), past MAX_SEED starting again at 0."""
+    return (seed + count) % (MAX_SEED + 1)
 MAX_UPSCALER_NAME = 200  # a model upscaler is named by its file name
 MAX_CLIP_SKIP = 12  # the layers of SD 1.x's text encoder; A1111's slider stops there too
 # img2img's ways to fit the init image to the run's size, by A1111's numbers.

@@ -12,7 +12,6 @@ import collections
 import contextvars
 import datetime as dt
 import logging
-import random
 import threading
 import time
 import uuid
@@ -49,8 +48,8 @@ from webui.engine.step_options import INFOTEXT_KEYS as STEP_INFOTEXT_KEYS, StepO
 from webui.engine.hypernetworks import HypernetworkError, hypernetwork_uses
 from webui.engine.lora import LoraError, lora_uses, unread_tags
 from webui.schemas import (DEFAULT_BACKGROUND, INPAINT_AREAS, LATENT_RESIZE, MASK_MODES, MASKED_CONTENT, RESIZE_MODES,
-                           GeneratedImage, GenerationRequest, InvalidRequest, JobState, Progress, MAX_SEED,
-                           SETTINGS_FIELDS, parse_request)
+                           GeneratedImage, GenerationRequest, InvalidRequest, JobState, Progress,
+                           SETTINGS_FIELDS, parse_request, random_seed, seed_after)
 from webui.storage.filenames import NameParts
 from webui.storage.history import History, owner_key
 from webui.storage.infotext import PROGRAM, UNIPC_INFOTEXT_KEYS, build_infotext
@@ -956,8 +955,8 @@ class Worker:
                 and not self.engine.pending_compiles(request, request.batch_size)):
             tiles = tiles + [tiles[-1]] * (request.batch_size - count)
         numbers = [first + min(i, count - 1) for i in range(len(tiles))]  # each tile's: seed + its number
-        seeds = [(job.seeds[upscale] + number) % (MAX_SEED + 1) for number in numbers]
-        subseeds = ([(job.subseeds[upscale] + number) % (MAX_SEED + 1) for number in numbers]
+        seeds = [seed_after(job.seeds[upscale], number) for number in numbers]
+        subseeds = ([seed_after(job.subseeds[upscale], number) for number in numbers]
                     if request.subseed_strength > 0 else None)
         compiling = self.engine.pending_compiles(request, len(seeds))
         job.progress.note = self._compile_note(request, compiling)
@@ -1491,5 +1490,5 @@ def _check_clip_skip(request: GenerationRequest, model: LoadedModel) -> None:
 def _seeds_from(first: int, count: int) -> list[int]:
     """`count` seeds counting up from `first` (-1: a random one). They wrap past the largest seed, so every
     recorded seed can be typed back in."""
-    start = random.randint(0, MAX_SEED) if first == -1 else first
-    return [(start + i) % (MAX_SEED + 1) for i in range(count)]
+    start = random_seed() if first == -1 else first
+    return [seed_after(start, i) for i in range(count)]

@@ -10,14 +10,13 @@ from __future__ import annotations
 import csv
 import itertools
 import math
-import random
 import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from PIL import Image, ImageDraw, ImageFont
 
-from webui.schemas import MAX_SEED, InvalidRequest, known_restorer, parse_request
+from webui.schemas import InvalidRequest, known_restorer, parse_request, random_seed, seed_after
 
 MAX_PLOT_CELLS = 64  # runs in one plot: each is a job of its own
 MAX_AXIS_VALUES = 64
@@ -290,7 +289,7 @@ def plan(base: dict, axes: list[Axis], keep_random_seeds: bool = False,
         axes = [_fixed_seeds(axis) for axis in axes]
         for field in ("seed", "subseed"):
             if base.get(field, -1) == -1:
-                base[field] = random.randint(0, MAX_SEED)
+                base[field] = random_seed()
     x, y, z = axes
     cells = []
     for (zi, zv), (yi, yv), (xi, xv) in itertools.product(enumerate(z.values), enumerate(y.values),
@@ -317,13 +316,13 @@ def _vary_seed(request: dict, where: tuple[int, ...], sizes: list[int], vary: tu
             offset += index * step
             step *= size
     if offset and request.get("seed", -1) != -1:  # a random seed stays random
-        request["seed"] = (request["seed"] + offset) % (MAX_SEED + 1)
+        request["seed"] = seed_after(request["seed"], offset)
 
 
 def _fixed_seeds(axis: Axis) -> Axis:
     if axis.type.label not in SEED_AXES or -1 not in axis.values:
         return axis
-    return replace(axis, values=[random.randint(0, MAX_SEED) if v == -1 else v for v in axis.values])
+    return replace(axis, values=[random_seed() if v == -1 else v for v in axis.values])
 
 
 def _run_order(cells: list[Cell], axes: list[Axis]) -> list[Cell]:

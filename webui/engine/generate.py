@@ -62,7 +62,7 @@ from webui.engine.step_options import StepOptions, use_step_options
 from webui.engine.uncond_skip import SkipCalls, UncondSkip, skip_plan, skipping_uncond
 from webui.engine.unet_hooks import stoppable_inside_calls
 from webui.engine.token_merging import merged_tokens
-from webui.schemas import MASKED_CONTENT, MAX_PROMPT_CHARS, GenerationRequest
+from webui.schemas import MASKED_CONTENT, MAX_PROMPT_CHARS, GenerationRequest, seed_after
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ class _Run:
         """A1111's Eta noise seed delta: the noise a sampler draws after the start noise (an ancestral step's, DDIM's
         with eta) comes from generators seeded seed + delta."""
         if self.noise_seed_delta:
-            self.generators = [make_generator(self.rng, seed + self.noise_seed_delta) for seed in self.seeds]
+            self.generators = [make_generator(self.rng, seed_after(seed, self.noise_seed_delta)) for seed in self.seeds]
 
     def after_step(self, pipe, call: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents a pass goes on with after its model call `call`: inpainting's kept part put back."""

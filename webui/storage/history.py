@@ -277,6 +277,7 @@ class History:
             raise ValueError(f"history row lacks {sorted(missing)}")
         values["path"] = Path(values["path"]).as_posix()  # "/" on Windows too: one outputs/ serves both
         values["nsfw"] = int(bool(values["nsfw"]))
+        values["seed"] = _stored_seed(values["seed"])
         names = ", ".join(IMAGE_COLUMNS)
         marks = ", ".join("?" for _ in IMAGE_COLUMNS)
         with self._lock:
@@ -402,7 +403,14 @@ def _folded_contains(text: str | None, folded_needle: str) -> bool:
 def _to_image(row: sqlite3.Row) -> HistoryImage:
     values = dict(row)
     values["nsfw"] = bool(values["nsfw"])
+    values["seed"] = values["seed"] + 2**64 if values["seed"] < 0 else values["seed"]  # (_stored_seed)
     return HistoryImage(**values)
+
+
+def _stored_seed(seed: int) -> int:
+    """A seed as SQLite keeps it: its integers are signed 64-bit, and seeds go up to 2**64 - 1, so one from 2**63 up
+    is kept as the negative number of the same 64 bits (_to_image reads it back)."""
+    return seed - 2**64 if seed >= 2**63 else seed
 
 
 def _ends_a_line(file) -> bool:
