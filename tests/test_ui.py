@@ -177,6 +177,24 @@ def test_reuse_seed_takes_the_selected_image_and_random_sets_minus_one(ui):
     assert is_skip(event(ui, "reuse_seed")(Session()))  # nothing generated yet: seed box left alone
 
 
+def test_the_variation_seeds_own_reuse_takes_the_selected_images_and_minus_one_without_a_strength(ui):
+    """A1111's ⚄ and ♻ beside the Variation seed (found missing by review): ♻ gives the selected image's variation
+    seed where it had a variation strength, else -1."""
+    session = Session()
+    outputs = list(event(ui, "txt2img")(session, "a lighthouse", "", "Euler a", "Automatic", 2, 7.0, 64, 64, 77, 2,
+                                        1, 1, TINY, subseed=500, subseed_strength=0.3))
+    session = outputs[-1][0]
+    reuse = event(ui, "reuse_subseed")
+    assert reuse(session) == 500
+    session, _ = event(ui, "select_image")(session, selected(1))
+    assert reuse(session) == 501
+    plain = generate(ui, seed=77)[-1][0]
+    assert reuse(plain) == -1 and is_skip(reuse(Session()))
+    [random_subseed] = [fn.fn for fn in ui.blocks.fns.values() if fn.name == "random_seed"
+                        and ui.txt2img.widgets["subseed"] in fn.outputs]
+    assert random_subseed() == -1
+
+
 def test_invalid_request_is_a_readable_message_and_queues_nothing(ui, ui_services):
     before = ui_services.worker.queue_length()
     outputs = generate(ui, width=500)

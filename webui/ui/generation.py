@@ -452,6 +452,15 @@ class GenerationActions(SeveralRuns):
         index = session.current_index()
         return session.seeds[index] if index < len(session.seeds) else gr.skip()
 
+    def reuse_subseed(self, session: Session):
+        """The variation seed of the image selected (the first if none is), as A1111's ♻ beside it: -1 where that
+        image had no variation strength (its variation seed changed nothing); left alone if the gallery is empty."""
+        index = session.current_index()
+        if index >= len(session.infotexts):
+            return gr.skip()
+        fields = request_fields_from_infotext(session.infotexts[index])
+        return fields.get("subseed", -1) if fields.get("subseed_strength") else -1
+
     def sent_picture(self, session: Session) -> tuple[Any, dict]:
         """The gallery's current image and its parameters, for Send to img2img: its file, else (not saved: cut
         short, or the disk was full) the picture while the worker still holds its job."""
@@ -1123,7 +1132,9 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
             with gr.Accordion("Variation seed", open=False, elem_id=f"{kind}_variation"):
                 with gr.Row():
                     subseed = gr.Number(-1, precision=0, label="Variation seed (-1 = random)",
-                                        elem_id=f"{kind}_subseed")
+                                        elem_id=f"{kind}_subseed", scale=4)
+                    random_subseed = gr.Button("⚄", elem_id=f"{kind}_random_subseed", scale=0, min_width=48)
+                    reuse_subseed = gr.Button("♻", elem_id=f"{kind}_reuse_subseed", scale=0, min_width=48)
                     subseed_strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength",
                                                  elem_id=f"{kind}_subseed_strength")
                 # A1111's: the seed's noise drawn at this size, to keep a picture's composition at another size.
@@ -1309,6 +1320,9 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
     random_seed.click(actions.random_seed, outputs=[seed], **_api(kind, "random_seed"), show_progress="hidden")
     reuse_seed.click(actions.reuse_seed, inputs=[session], outputs=[seed], **_api(kind, "reuse_seed"),
                      show_progress="hidden")
+    random_subseed.click(actions.random_seed, outputs=[subseed], api_visibility="private", show_progress="hidden")
+    reuse_subseed.click(actions.reuse_subseed, inputs=[session], outputs=[subseed], api_visibility="private",
+                        show_progress="hidden")
     prompt.change(actions.count_tokens, inputs=[prompt, steps], outputs=[prompt_tokens], **_api(kind, "count_tokens"),
                   show_progress="hidden", trigger_mode="always_last")
     negative.change(actions.count_negative_tokens, inputs=[negative, steps], outputs=[negative_tokens],
