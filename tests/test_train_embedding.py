@@ -302,6 +302,28 @@ def test_the_api_creates_trains_reports_progress_and_interrupts(services, datase
         assert 3 <= torch.load(path, weights_only=True)["step"] < 100000
 
 
+def test_an_api_caller_with_a_login_trains_on_a_server_folder_the_page_may_not_name(services, dataset):
+    """--listen --api-auth: the page (no --gradio-auth) reads no server folders, but the API has a login of its own,
+    and A1111's API trains on any folder; it was refused with the page's rule. Found by a black-box probe."""
+    create(services, "loggedin")
+    served = dataclasses.replace(services.settings, listen=True, api_auth=[("u", "p")])
+    body = {"embedding_name": "loggedin", "data_root": str(dataset), "training_width": 64, "training_height": 64,
+            "steps": 2, "create_image_every": 0, "save_embedding_every": 0}
+    with TestClient(create_api_app(dataclasses.replace(services, settings=served))) as client:
+        done = client.post("/sdapi/v1/train/embedding", json=body, auth=("u", "p"))
+    assert done.status_code == 200, done.text
+    assert done.json()["info"].endswith("error: None")
+    with pytest.raises(InvalidRequest, match="data_root: this server reads no folders named from the page"):
+        plan_training(TrainEmbedding(**body), served)  # the page's rule stands for the page
+    # An API anyone reaches without a login names no server folders either.
+    open_api = dataclasses.replace(served, api_auth=[])
+    with TestClient(create_api_app(dataclasses.replace(services, settings=open_api))) as client:
+        refused = client.post("/sdapi/v1/train/embedding", json=body)
+    assert refused.status_code == 422 and refused.json()["detail"].startswith("data_root: this server's API has no "
+                                                                              "login")
+    assert "--api-auth" in refused.json()["detail"]
+
+
 # --- the page -------------------------------------------------------------------------------------
 def test_the_train_tab_creates_and_trains(services, dataset):
     with gr.Blocks():

@@ -136,7 +136,8 @@ class TrainHypernetwork(TrainFields):
     save_hypernetwork_every: int = Field(500, description="a copy of the hypernetwork every N steps (0: none)")
 
 
-def plan_hypernetwork_training(train: TrainHypernetwork, settings: Settings,
-                               today: dt.date | None = None) -> TrainingPlan:
-    """The run `train` asks for, checked before it is queued; InvalidRequest naming the field and what to change."""
-    return plan_run(train, settings, trainable_hypernetworks(settings.hypernetwork_folder), today)
+def plan_hypernetwork_training(train: TrainHypernetwork, settings: Settings, today: dt.date | None = None,
+                               origin: str = "ui") -> TrainingPlan:
+    """The run `train` asks for (from the page, "ui", or the API), checked before it is queued; InvalidRequest naming
+    the field and what to change."""
+    return plan_run(train, settings, trainable_hypernetworks(settings.hypernetwork_folder), today, origin)

@@ -86,6 +86,8 @@ class TrainEmbedding(TrainFields):
     save_image_with_stored_embedding: bool = Field(True, description="accepted; previews carry no embedding here")
 
 
-def plan_training(train: TrainEmbedding, settings: Settings, today: dt.date | None = None) -> TrainingPlan:
-    """The run `train` asks for, checked before it is queued; InvalidRequest naming the field and what to change."""
-    return plan_run(train, settings, trainable_embeddings(settings.embeddings_folder), today)
+def plan_training(train: TrainEmbedding, settings: Settings, today: dt.date | None = None,
+                  origin: str = "ui") -> TrainingPlan:
+    """The run `train` asks for (from the page, "ui", or the API), checked before it is queued; InvalidRequest naming
+    the field and what to change."""
+    return plan_run(train, settings, trainable_embeddings(settings.embeddings_folder), today, origin)

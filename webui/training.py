@@ -49,6 +49,8 @@ _NUMBERS_AT_START = re.compile(r"^[-\d]+\s*")  # A1111 drops a file name's leadi
 NO_SERVER_FOLDERS = ("data_root: this server reads no folders named from the page (it is served to other machines "
                      "without a login, or started with --hide-ui-dir-config), so it trains on none; start it with "
                      "--gradio-auth, or without --hide-ui-dir-config, to train embeddings and hypernetworks")
+NO_SERVER_FOLDERS_API = ("data_root: this server's API has no login and is served to other machines, so it trains on "
+                         "no server folder named through it; start it with --api-auth user:password")
 TRAINERS = {"embedding": train_embedding, "hypernetwork": train_hypernetwork}  # the engine's run, by plan.kind
 
 
@@ -113,15 +115,16 @@ class TrainFields(BaseModel):
     preview_from_txt2img: bool = Field(False, description="not offered: previews draw the training prompt")
 
 
-def plan_run(train: TrainFields, settings: Settings, known: list[str], today: dt.date | None = None) -> TrainingPlan:
+def plan_run(train: TrainFields, settings: Settings, known: list[str], today: dt.date | None = None,
+             origin: str = "ui") -> TrainingPlan:
     """The run `train` asks for, checked before it is queued; InvalidRequest naming the field and what to change.
-    `known`: the names that may be trained. What is trained is found again, and the pictures read, when the run
-    starts (on the worker)."""
+    `known`: the names that may be trained; `origin`: "ui" or "api", who asks. What is trained is found again, and
+    the pictures read, when the run starts (on the worker)."""
     if zerogpu_requested():
         raise InvalidRequest("training needs a GPU of its own for minutes or hours; ZeroGPU lends one for a picture "
                              "at a time: train on a GPU Space or machine")
-    if not settings.reads_server_folders:
-        raise InvalidRequest(NO_SERVER_FOLDERS)
+    if not reads_server_folders(settings, origin):
+        raise InvalidRequest(NO_SERVER_FOLDERS_API if origin == "api" else NO_SERVER_FOLDERS)
     _refuse_unoffered(train)
     name = _known_name(train, known)
     schedule = RateSchedule.parse(str(train.learn_rate), "learn_rate")
@@ -142,6 +145,15 @@ def plan_run(train: TrainFields, settings: Settings, known: list[str], today: dt
         preview_every=train.create_image_every, shuffle_tags=train.shuffle_tags, tag_drop_out=train.tag_drop_out,
         latent_sampling=train.latent_sampling_method, clip_grad=train.clip_grad_mode, clip_grad_value=clip_value,
         kind=train.KIND)
+
+
+def reads_server_folders(settings: Settings, origin: str) -> bool:
+    """Whether data_root may name a server folder. The page's rule for the page; an API caller may, as in A1111,
+    where the API has a login or serves this machine alone (--hide-ui-dir-config hides the page's folder fields,
+    and the API has its own login: a page open to anyone says nothing of who may call it)."""
+    if origin == "api":
+        return bool(settings.api_credentials) or not settings.public
+    return settings.reads_server_folders
 
 
 def _refuse_unoffered(train: TrainFields) -> None:

@@ -72,10 +72,11 @@ class TrainingRoutes:
         return CreateResponse(info=f"create hypernetwork filename: {path}")
 
     async def train_embedding(self, body: TrainEmbedding, request: Request) -> TrainResponse:
-        return await self._train(lambda: plan_training(body, self.services.settings), request)
+        return await self._train(lambda: plan_training(body, self.services.settings, origin="api"), request)
 
     async def train_hypernetwork(self, body: TrainHypernetwork, request: Request) -> TrainResponse:
-        return await self._train(lambda: plan_hypernetwork_training(body, self.services.settings), request)
+        return await self._train(lambda: plan_hypernetwork_training(body, self.services.settings, origin="api"),
+                                 request)
 
     async def _train(self, plan_of: Callable[[], TrainingPlan], request: Request) -> TrainResponse:
         try:
