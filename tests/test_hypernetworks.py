@@ -182,12 +182,14 @@ def test_a_file_that_does_not_fit_is_refused_naming_it_and_what_is_wrong(tmp_pat
         # far larger than its weights: refused before anything that size is built
         "hugewidth": {10 ** 7: relu_file()[WIDTH]} | {k: v for k, v in state.items() if not isinstance(k, int)},
         "hugelayer": state | {"layer_structure": [1, 100000, 1]},
+        "overflowing": state | {"layer_structure": [1, 1e308, 1]},  # too wide to count: OverflowError before
     }
     says = {"cut": "could not be read", "nolayers": "holds no layers by width",
             "missing": "width 32 value: its weights do not fit", "layernorm": "width 32 key: its weights do not fit",
             "activation": "activation function 'softmax2'", "structure": "layer_structure [2, 1]",
             "notapair": "holds no pair of key and value networks",
-            "hugewidth": "width 10000000 key: its weights do not fit", "hugelayer": "width 32 key: its weights do not fit"}
+            "hugewidth": "width 10000000 key: its weights do not fit", "hugelayer": "width 32 key: its weights do not fit",
+            "overflowing": "width 32 key: its weights do not fit"}
     for name, content in cases.items():
         entry = write(tmp_path, name, content if content is not None else state)
         if name == "cut":

@@ -136,6 +136,7 @@ def test_bad_new_hypernetworks_are_refused_and_overwrite_replaces(services):
                          ({"layer_structure": "1, 0, 1"}, "layer_structure: .*above 0"),
                          ({"layer_structure": "1, x, 1"}, "layer_structure: .*not numbers"),
                          ({"layer_structure": "1, 1000000, 1"}, "layer_structure: .*at most"),
+                         ({"layer_structure": "1, 1e308, 1"}, "layer_structure: .*at most"),  # overflowed
                          ({"activation_func": "wobble"}, "activation_func: one of linear, relu"),
                          ({"activation_func": "threshold"}, "activation_func: one of"),
                          ({"weight_init": "Uniform"}, "weight_init: one of Normal, KaimingUniform"),

@@ -122,8 +122,11 @@ class Structure:
         return cls(tuple(layers), activation, bool(state.get("is_layer_norm", False)), tuple(dropout),
                    bool(state.get("activate_output", True)))
 
-    def parameter_count(self, width: int) -> int:
-        """The weights network(width) holds, counted without building it (an activation's own, as PReLU's, too)."""
+    def parameter_count(self, width: int) -> int | float:
+        """The weights network(width) holds, counted without building it (an activation's own, as PReLU's, too);
+        inf where a layer is too wide to count (1e308 times the width), which no file or limit fits."""
+        if not all(math.isfinite(width * layer) for layer in self.layers):
+            return math.inf
         count, last = 0, len(self.layers) - 2
         activation = 0
         with contextlib.suppress(TypeError):  # one that needs arguments: network() says it cannot be built
