@@ -8,6 +8,8 @@ and a few steps.
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import gradio as gr
 import numpy as np
@@ -157,6 +159,40 @@ def test_bad_new_hypernetworks_are_refused_and_overwrite_replaces(services):
     before = networks(folder / "taken.pt")[WIDTH][0]["linear.0.weight"]
     create(services, "taken", overwrite_old=True)
     assert not torch.equal(networks(folder / "taken.pt")[WIDTH][0]["linear.0.weight"], before)
+
+
+def test_simultaneous_creates_of_one_new_name_make_one_file_and_refuse_the_others(services, monkeypatch):
+    """The API runs Create on FastAPI's threads: four at once each found the name free, all answered 200 and the last
+    file stayed. Found by a black-box probe."""
+    from webui import hypernetwork_training
+
+    real_save = hypernetwork_training.save_whole
+
+    def slow_save(path, data):  # widens the time between the check and the file, as a large file's writing does
+        time.sleep(0.2)
+        real_save(path, data)
+
+    monkeypatch.setattr(hypernetwork_training, "save_whole", slow_save)
+    start, outcomes = threading.Barrier(4), {}
+
+    def make(seed: int) -> None:
+        start.wait()
+        try:
+            outcomes[seed] = create(services, "raced", layer_structure=f"1, {2 + seed}, 1")
+        except InvalidRequest as err:
+            outcomes[seed] = str(err)
+
+    threads = [threading.Thread(target=make, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    made = [seed for seed, outcome in outcomes.items() if not isinstance(outcome, str)]
+    refused = [outcome for outcome in outcomes.values() if isinstance(outcome, str)]
+    assert len(made) == 1 and len(refused) == 3, outcomes
+    assert all("name: raced.pt exists" in message for message in refused)
+    # The file is the one whose Create was answered, not another written over it.
+    assert torch.load(outcomes[made[0]], weights_only=True)["layer_structure"] == [1, 2 + made[0], 1]
 
 
 # --- Train ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import threading
 from pathlib import Path
 from typing import ClassVar
 
@@ -27,6 +28,7 @@ from webui.training import TrainFields, new_file_path, plan_run
 
 MAX_SIZE = 8192  # a module's width: SD's are 320 to 1280
 MAX_WEIGHTS = 500_000_000  # in one new file (2 GB): SD 1.x's 1, 2, 1 holds 22 million
+_CREATING = threading.Lock()
 
 
 # --- Create hypernetwork ---------------------------------------------------------------------------
@@ -85,8 +87,9 @@ def checked_new_hypernetwork(new: NewHypernetwork, folder: Path) -> tuple[Path, 
 def create_hypernetwork(new: NewHypernetwork, folder: Path) -> Path:
     """Check the new hypernetwork (InvalidRequest) and write its file: its networks freshly initialized, as A1111
     makes them (their outputs near 0: it starts out changing little); step 0. Prompts find it by its name at once."""
-    path, sizes, structure, weight_init = checked_new_hypernetwork(new, folder)
-    save_whole(path, new_hypernetwork_state(path.stem, sizes, structure, weight_init))
+    with _CREATING:  # Create runs on the server's threads: a name found free stays free until its file is written
+        path, sizes, structure, weight_init = checked_new_hypernetwork(new, folder)
+        save_whole(path, new_hypernetwork_state(path.stem, sizes, structure, weight_init))
     return path
 
 
