@@ -150,10 +150,12 @@ def test_bad_new_hypernetworks_are_refused_and_overwrite_replaces(services):
         with pytest.raises(InvalidRequest, match=says):
             create(services, "refused", **fields)
     for name, says in (("../escape", "no /"), ("sub/name", "no /"), ("..", "no /"), ("", "give the hypernetwork a "
-                       "name"), ("taken", "taken.pt exists .*overwrite_old: true")):
+                       "name"), ("taken", "taken.pt exists .*overwrite_old: true"),
+                       ("None", "None stands for no hypernetwork"), (" None ", "None stands for no hypernetwork")):
         with pytest.raises(InvalidRequest, match=f"name: .*{says}"):
             create(services, name)
     assert not (folder / "refused.pt").exists() and not (folder.parent / "escape.pt").exists()
+    assert not (folder / "None.pt").exists()  # the lists leave it out: it could never be used
     # Without use_dropout the dropout structure is not read, as in A1111.
     assert networks(create(services, "nodropout", dropout_structure="0, 0.9"))
     before = networks(folder / "taken.pt")[WIDTH][0]["linear.0.weight"]

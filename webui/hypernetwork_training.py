@@ -20,7 +20,7 @@ from webui.config import Settings
 from webui.engine.hypernetwork_training import (
     DEFAULT_SIZES, OFFERED_ACTIVATIONS, WEIGHT_INITS, new_hypernetwork_state,
 )
-from webui.engine.hypernetworks import HYPERNETWORK_SUFFIXES, Structure
+from webui.engine.hypernetworks import HYPERNETWORK_SUFFIXES, NO_HYPERNETWORK, Structure
 from webui.engine.models import HYPERNETWORKS_FOLDER, files_by_name
 from webui.engine.training import TrainingPlan, save_whole
 from webui.schemas import InvalidRequest
@@ -54,6 +54,9 @@ class NewHypernetwork(BaseModel):
 def checked_new_hypernetwork(new: NewHypernetwork, folder: Path) -> tuple[Path, list[int], Structure, str]:
     """Where the new hypernetwork goes, its sizes, its structure and its weight initialization; InvalidRequest
     saying what to change."""
+    if new.name.strip() == NO_HYPERNETWORK:
+        raise InvalidRequest(f"name: {NO_HYPERNETWORK} stands for no hypernetwork in the lists, which leave a file of "
+                             "that name out, so it could never be trained or used; pick another name")
     path = new_file_path(new.name, folder, HYPERNETWORK_SUFFIXES, "hypernetwork", new.overwrite_old)
     layers = _numbers(new.layer_structure or "1, 2, 1", "layer_structure")
     if len(layers) < 2 or layers[0] != 1 or layers[-1] != 1 or min(layers) <= 0:
@@ -121,7 +124,8 @@ def _shown(value) -> str:
 
 def trainable_hypernetworks(folder: Path) -> list[str]:
     """The names of the hypernetworks folder's files, as prompts name them: what Train trains."""
-    return sorted(files_by_name(folder, HYPERNETWORK_SUFFIXES, HYPERNETWORKS_FOLDER, left_out=("None",)), key=str.lower)
+    return sorted(files_by_name(folder, HYPERNETWORK_SUFFIXES, HYPERNETWORKS_FOLDER,
+                                 left_out=(NO_HYPERNETWORK,)), key=str.lower)
 
 
 # --- Train -----------------------------------------------------------------------------------------

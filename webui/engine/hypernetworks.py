@@ -35,6 +35,7 @@ from webui.schemas import InvalidRequest
 log = logging.getLogger(__name__)
 
 HYPERNETWORK_SUFFIXES = (".pt",)  # A1111 lists only these
+NO_HYPERNETWORK = "None"  # A1111's lists' empty choice: a file of this name is left out of them, as there
 HYPERNET_TAG = "hypernet"
 MAX_HYPERNETWORKS = 10  # in one prompt: each is a file to read, and each runs at every attention
 MAX_MULTIPLIER = 10.0
@@ -249,9 +250,8 @@ class HypernetworkLibrary:
         self._loaded: dict[tuple, Hypernetwork] = {}  # (path, stamp) -> its networks: only the last job's
 
     def refresh(self) -> list[HypernetworkFile]:
-        # "None" is left out as A1111 leaves it out: its list's empty choice
         files = {name: HypernetworkFile(name, path) for name, path in files_by_name(
-            self.folder, HYPERNETWORK_SUFFIXES, "hypernetworks", left_out=("None",)).items()}
+            self.folder, HYPERNETWORK_SUFFIXES, "hypernetworks", left_out=(NO_HYPERNETWORK,)).items()}
         self._files = files
         return list(files.values())
 
