@@ -154,6 +154,7 @@ def test_a_plan_reads_the_dataset_and_puts_the_log_under_the_outputs_folder(serv
 def test_bad_training_inputs_are_refused_before_anything_is_queued(services, dataset, tmp_path):
     create(services, "refusals")
     (tmp_path / "empty").mkdir()
+    (services.settings.outdir / "notes.txt").write_text("a file of the outputs folder, where no log folder can go")
     for fields, says in (
             ({"data_root": str(tmp_path / "missing")}, "data_root: .* is no folder"),
             ({"data_root": str(tmp_path / "empty")}, "data_root: .* holds no pictures"),
@@ -162,6 +163,11 @@ def test_bad_training_inputs_are_refused_before_anything_is_queued(services, dat
             ({"embedding_name": "../refusals"}, "embedding_name: no embedding"),
             ({"log_directory": "../elsewhere"}, "log_directory: .* outside the outputs folder"),
             ({"log_directory": "/tmp/elsewhere"}, "log_directory: .* outside the outputs folder"),
+            # These failed only when the run had trained, and a file on the way was said to be a full disk.
+            ({"log_directory": "notes.txt"}, "log_directory: 'notes.txt' cannot hold the run's folder: notes.txt is "
+                                             "a file in the outputs folder"),
+            ({"log_directory": "notes.txt/deeper"}, "log_directory: .*notes.txt is a file"),
+            ({"log_directory": "a\x00b"}, "log_directory: .* holds a null character"),
             ({"template_filename": "../style.txt"}, "template_filename: no prompt template"),
             ({"training_width": 100}, "training_width: must be a multiple of 8"),
             ({"batch_size": 4}, "batch_size: 4 is more than the 3 pictures"),

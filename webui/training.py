@@ -253,13 +253,36 @@ def read_template(folder: Path, filename: str) -> tuple[str, ...]:
 
 
 def log_folder(outdir: Path, log_directory: str, name: str, today: dt.date) -> Path:
-    """A1111's <log directory>/<date>/<name>, with the log directory inside the outputs folder."""
+    """A1111's <log directory>/<date>/<name>, with the log directory inside the outputs folder; InvalidRequest where
+    that folder could not be made, checked here so that the run is refused before it is queued, not after it
+    trained."""
+    shown = repr((log_directory or "")[:200])
+    if "\0" in (log_directory or ""):
+        raise InvalidRequest(f"log_directory: {shown} holds a null character, which no folder name takes; give a "
+                             f"folder such as {DEFAULT_LOG_DIRECTORY}")
     try:
         base = resolve_inside(outdir, (log_directory or "").strip() or DEFAULT_LOG_DIRECTORY)
     except ValueError:
-        raise InvalidRequest(f"log_directory: {log_directory[:200]!r} is outside the outputs folder; give a folder "
-                             f"inside it, such as {DEFAULT_LOG_DIRECTORY}") from None
-    return base / today.strftime("%Y-%m-%d") / name
+        raise InvalidRequest(f"log_directory: {shown} is outside the outputs folder; give a folder inside it, such "
+                             f"as {DEFAULT_LOG_DIRECTORY}") from None
+    folder = base / today.strftime("%Y-%m-%d") / name
+    _refuse_files_on_the_way(Path(os.path.abspath(outdir)), folder, shown)
+    return folder
+
+
+def _refuse_files_on_the_way(root: Path, folder: Path, shown: str) -> None:
+    """InvalidRequest where a file (not a folder) stands where a folder between root and `folder` must go."""
+    path = root
+    for part in folder.relative_to(root).parts:
+        path = path / part
+        try:
+            if path.exists() and not path.is_dir():
+                raise InvalidRequest(f"log_directory: {shown} cannot hold the run's folder: "
+                                     f"{path.relative_to(root)} is a file in the outputs folder; give another folder, "
+                                     f"such as {DEFAULT_LOG_DIRECTORY}")
+        except OSError as err:  # a name too long, a folder that cannot be read
+            raise InvalidRequest(f"log_directory: {shown} cannot be used ({err.strerror or err}); give another "
+                                 f"folder, such as {DEFAULT_LOG_DIRECTORY}") from None
 
 
 # --- a training run -------------------------------------------------------------------------------
