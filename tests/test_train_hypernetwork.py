@@ -258,6 +258,31 @@ def test_interrupt_stops_the_run_keeps_its_file_and_the_next_job_runs(services, 
     assert other.wait(60) and other.state is JobState.DONE
 
 
+def test_a_hypernetwork_training_now_is_not_created_over(services, dataset):
+    """Overwriting it while it trained answered 200, and the run's end wrote its own file back over the new one.
+    Found by a black-box probe."""
+    create(services, "busy")
+    run = TrainingRun(plan(services, dataset, "busy", steps=100000))
+    future = services.worker.train(run)
+    wait_for(lambda: run.status is not None, what="a training step")
+    with pytest.raises(InvalidRequest, match="name: busy is training now.* Interrupt the training first"):
+        create_hypernetwork(NewHypernetwork(name="busy", enable_sizes=[WIDTH], overwrite_old=True),
+                            folder_of(services), services.worker.training)
+    with TestClient(create_api_app(services)) as client:
+        refused = client.post("/sdapi/v1/create/hypernetwork", json={"name": "busy", "enable_sizes": [WIDTH],
+                                                                      "overwrite_old": True})
+        assert refused.status_code == 422 and "busy is training now" in refused.json()["detail"]
+        with gr.Blocks():
+            tab = build_train_tab(services)
+        defaults = [component.value for component in tab.new_hypernetwork.inputs]
+        assert "busy is training now" in tab.actions.create_hypernetwork("busy", *defaults[1:-1], True)[0]
+        run.stop()
+        assert future.result(60).stopped
+        made = client.post("/sdapi/v1/create/hypernetwork", json={"name": "busy", "enable_sizes": [WIDTH],
+                                                                   "overwrite_old": True})
+    assert made.status_code == 200 and torch.load(folder_of(services) / "busy.pt", weights_only=True)["step"] == 0
+
+
 def test_bad_training_inputs_are_refused(services, dataset, tmp_path):
     create(services, "refusals")
     for fields, says in (({"data_root": str(tmp_path / "missing")}, "data_root: .* is no folder"),

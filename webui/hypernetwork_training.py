@@ -24,7 +24,7 @@ from webui.engine.hypernetworks import HYPERNETWORK_SUFFIXES, NO_HYPERNETWORK, S
 from webui.engine.models import HYPERNETWORKS_FOLDER, files_by_name
 from webui.engine.training import TrainingPlan, save_whole
 from webui.schemas import InvalidRequest
-from webui.training import TrainFields, new_file_path, plan_run
+from webui.training import TrainFields, TrainingRun, new_file_path, plan_run
 
 MAX_SIZE = 8192  # a module's width: SD's are 320 to 1280
 MAX_WEIGHTS = 500_000_000  # in one new file (2 GB): SD 1.x's 1, 2, 1 holds 22 million
@@ -87,13 +87,23 @@ def checked_new_hypernetwork(new: NewHypernetwork, folder: Path) -> tuple[Path, 
     return path, sizes, structure, weight_init
 
 
-def create_hypernetwork(new: NewHypernetwork, folder: Path) -> Path:
+def create_hypernetwork(new: NewHypernetwork, folder: Path, training: TrainingRun | None = None) -> Path:
     """Check the new hypernetwork (InvalidRequest) and write its file: its networks freshly initialized, as A1111
-    makes them (their outputs near 0: it starts out changing little); step 0. Prompts find it by its name at once."""
+    makes them (their outputs near 0: it starts out changing little); step 0. Prompts find it by its name at once.
+    `training`: the run training now (the worker's), whose hypernetwork is not replaced."""
     with _CREATING:  # Create runs on the server's threads: a name found free stays free until its file is written
+        _refuse_training_now(new.name, training)
         path, sizes, structure, weight_init = checked_new_hypernetwork(new, folder)
         save_whole(path, new_hypernetwork_state(path.stem, sizes, structure, weight_init))
     return path
+
+
+def _refuse_training_now(name: str, training: TrainingRun | None) -> None:
+    # The run writes its file back when it ends, over the new one.
+    if (training is not None and not training.finished and training.plan.kind == "hypernetwork"
+            and training.plan.name == name.strip()):
+        raise InvalidRequest(f"name: {name.strip()} is training now, and its file is written back when the training "
+                             "ends, undoing this; Interrupt the training first, or pick another name")
 
 
 def _numbers(value: str | list[float], field_name: str) -> list[float]:

@@ -66,7 +66,7 @@ class TrainingRoutes:
     def create_hypernetwork(self, body: NewHypernetwork) -> CreateResponse:
         """(A plain def: FastAPI runs it on its threads; it needs no model, so not the worker.)"""
         try:
-            path = create_hypernetwork(body, self.services.settings.hypernetwork_folder)
+            path = create_hypernetwork(body, self.services.settings.hypernetwork_folder, self.services.worker.training)
         except InvalidRequest as err:
             raise ApiError(422, str(err), "InvalidRequest") from None
         return CreateResponse(info=f"create hypernetwork filename: {path}")

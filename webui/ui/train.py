@@ -98,7 +98,7 @@ class TrainActions:
                                   weight_init=weight_init, add_layer_norm=bool(layer_norm),
                                   use_dropout=bool(use_dropout), dropout_structure=dropout_structure or "",
                                   overwrite_old=bool(overwrite))
-            return create_hypernetwork(new, self.services.settings.hypernetwork_folder)
+            return create_hypernetwork(new, self.services.settings.hypernetwork_folder, self.services.worker.training)
 
         return self._create(make, "hypernetworks", lambda path: f"<hypernet:{path.stem}>", self.hypernetwork_list)
 
