@@ -183,6 +183,15 @@ def test_bad_training_inputs_are_refused_before_anything_is_queued(services, dat
     hidden = dataclasses.replace(services.settings, hide_ui_dir_config=True)
     with pytest.raises(InvalidRequest, match="reads no folders"):
         plan_training(train_fields(dataset, "refusals"), hidden)
+    # A damaged file was said to fit no model ("load the model it was made for"), after the run was queued.
+    junk = services.settings.embeddings_folder / "junk.pt"
+    junk.write_bytes(b"garbage, not an embedding")
+    try:
+        with pytest.raises(InvalidRequest, match=r"embedding_name: junk.pt cannot be read as an embedding "
+                                                 r"\(unreadable \(UnpicklingError\)\); replace the file"):
+            plan_training(train_fields(dataset, "junk"), services.settings)
+    finally:
+        junk.unlink()
 
 
 # --- training on the worker -----------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from webui.config import Settings
-from webui.engine.embeddings import EMBEDDING_SUFFIXES
+from webui.engine.embeddings import EMBEDDING_SUFFIXES, read_embedding
 from webui.engine.models import files_under
 from webui.engine.textual_inversion import EMBEDDING_SUFFIX, MAX_VECTORS, init_vectors, write_embedding_file
 from webui.engine.training import TrainingPlan
@@ -90,4 +90,18 @@ def plan_training(train: TrainEmbedding, settings: Settings, today: dt.date | No
                   origin: str = "ui") -> TrainingPlan:
     """The run `train` asks for (from the page, "ui", or the API), checked before it is queued; InvalidRequest naming
     the field and what to change."""
-    return plan_run(train, settings, trainable_embeddings(settings.embeddings_folder), today, origin)
+    plan = plan_run(train, settings, trainable_embeddings(settings.embeddings_folder), today, origin)
+    _refuse_unreadable(settings.embeddings_folder, plan.name)
+    return plan
+
+
+def _refuse_unreadable(folder: Path, name: str) -> None:
+    """InvalidRequest where the embedding's file holds no vectors to read (damaged, or another kind of file): the
+    worker would find no such embedding loaded and say that none fits the model."""
+    path = next(path for path in files_under(folder, EMBEDDING_SUFFIXES)
+                if path.stem == name and path.suffix.lower() == EMBEDDING_SUFFIX)
+    embedding = read_embedding(path)
+    if embedding.vectors is None:
+        why = (embedding.skipped or "").split(";")[0]  # the reason, without the loader's advice
+        raise InvalidRequest(f"embedding_name: {path.name} cannot be read as an embedding ({why}); replace the file, "
+                             "or make it anew with Create embedding (Overwrite Old Embedding)")
