@@ -23,6 +23,7 @@ from webui.engine.training import RateSchedule, prompt_text
 from webui.schemas import InvalidRequest, JobState
 from webui.textual_inversion import NewEmbedding, TrainEmbedding, plan_training, queue_new_embedding
 from webui.training import TrainingRun, filewords_of
+from webui.ui.progress import format_seconds
 from webui.ui.train import TrainSession, build_train_tab
 
 TINY_WIDTH = 32  # the tiny text encoder's width
@@ -393,6 +394,13 @@ def test_the_train_tab_creates_and_trains(services, dataset):
     with gr.Blocks():
         hidden = build_train_tab(locked)
     assert hidden.train.interactive is False and hidden.fields["data_root"].interactive is False
+
+
+def test_the_eta_of_a_long_training_shows_hours():
+    """A run of many steps showed ETA 10530m 55s."""
+    assert format_seconds(631855) == "175h 30m"
+    assert format_seconds(3600) == "1h 00m" and format_seconds(3599) == "59m 59s"
+    assert format_seconds(65) == "1m 05s" and format_seconds(4.4) == "4s" and format_seconds(None) == "?"
 
 
 def build_train_tab_actions(services, tab):

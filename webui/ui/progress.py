@@ -46,10 +46,14 @@ def left_out_html(what: str, reasons: list[str]) -> str:
 
 
 def format_seconds(seconds: float | None) -> str:
+    """A wait as the bars show it: 45s, 3m 05s, and past an hour 175h 30m (a training may take days)."""
     if seconds is None:
         return "?"
     seconds = max(0, round(seconds))
     minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
     return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
