@@ -350,6 +350,8 @@ def test_the_train_tab_creates_and_trains_hypernetworks(services, dataset):
     assert "pagemade.pt exists" in tab.actions.create_hypernetwork("pagemade", *defaults[1:])[0]
     refused, _ = tab.actions.create_hypernetwork("other", defaults[1], "1, 2", *defaults[3:])
     assert "Enter hypernetwork layer structure: " in refused
+    no_sizes, _ = tab.actions.create_hypernetwork("other", [], *defaults[2:])
+    assert "Modules: pick the widths to make networks for, whole numbers" in no_sizes  # named once, not twice
     create(services, "pagetrained")
     values = {name: component.value for name, component in tab.hypernetwork_fields.items()} | dict(
         hypernetwork_name="pagetrained", learn_rate="0.001", data_root=str(dataset), training_width=64,

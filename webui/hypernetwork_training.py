@@ -123,8 +123,8 @@ def _sizes(values: list[int | str]) -> list[int]:
     except ValueError:
         sizes = [0]
     if not sizes or not all(0 < size <= MAX_SIZE for size in sizes):
-        raise InvalidRequest(f"enable_sizes: pick the widths to make networks for (Modules), whole numbers from 1 to "
-                             f"{MAX_SIZE}: 768, 320, 640, 1280 for SD 1.x; got {_shown(values)}")
+        raise InvalidRequest(f"enable_sizes: pick the widths to make networks for, whole numbers from 1 to {MAX_SIZE}: "
+                             f"768, 320, 640, 1280 for SD 1.x; got {_shown(values)}")
     return sizes
 
 
