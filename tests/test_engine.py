@@ -107,6 +107,36 @@ def test_a_stop_is_heard_inside_a_model_call(engine):
     assert len(engine.generate(GenerationRequest(prompt="x", steps=2), [1])) == 1  # the next run goes on
 
 
+def test_a_stop_is_heard_between_the_layers_of_a_block(engine):
+    """At 2048x2048 on a CPU one block of a model call takes a minute or more (a probe's Interrupt took 4-5 minutes):
+    the check runs before each residual and transformer layer too, not only before each block."""
+    from webui.engine.unet_hooks import stoppable_inside_calls
+
+    unet = engine.pipe.unet
+    blocks = [[layer for layer in block.modules() if type(layer).__name__ in ("ResnetBlock2D", "BasicTransformerBlock")]
+              for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks)]
+    layers = next(layers for layers in blocks if len(layers) >= 2)  # the first block with two (the tiny UNet's)
+    ran = []
+    handles = [layer.register_forward_hook(lambda module, args, output: ran.append(module)) for layer in layers]
+
+    class Stop(Exception):
+        pass
+
+    def check():
+        if ran:
+            raise Stop
+
+    sample = torch.zeros(1, unet.config.in_channels, 8, 8)
+    text = torch.zeros(1, 77, unet.config.cross_attention_dim)
+    try:
+        with torch.no_grad(), stoppable_inside_calls(unet, check), pytest.raises(Stop):
+            unet(sample, 10, encoder_hidden_states=text)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(ran) == 1  # stopped before the block's second layer ran
+
+
 def test_nan_from_a_half_precision_vae_is_decoded_again_in_fp32(engine, monkeypatch):
     vae = engine.pipe.vae
     real_decode = vae.decode

@@ -30,13 +30,18 @@ def removed_after(handles: list) -> Iterator[None]:
 
 @contextlib.contextmanager
 def stoppable_inside_calls(unet, check: Callable[[], None]) -> Iterator[None]:
-    """Inside, `check` runs before each of the UNet's blocks, so that an Interrupt or a Skip (which it raises) is heard
-    within a model call too: on a CPU one call at a large size takes minutes. Not on a compiled UNet, whose graph the
-    hooks would break and whose calls are quick."""
+    """Inside, `check` runs before each of the UNet's blocks and each residual and transformer layer in them, so that
+    an Interrupt or a Skip (which it raises) is heard within a model call too: on a CPU one call at a large size takes
+    minutes, and one of its blocks a minute or more at 2048x2048. Not on a compiled UNet, whose graph the hooks would
+    break and whose calls are quick."""
     if getattr(unet, "_compiled_call_impl", None) is not None:
         yield
         return
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    handles = [block.register_forward_pre_hook(lambda module, args: check()) for block in blocks if block is not None]
+    blocks = [block for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if block is not None]
+    layers = [layer for block in blocks for layer in block.modules() if type(layer).__name__ in _CHECKED_LAYERS]
+    handles = [module.register_forward_pre_hook(lambda module, args: check()) for module in (*blocks, *layers)]
     with removed_after(handles):
         yield
+
+
+_CHECKED_LAYERS = ("ResnetBlock2D", "BasicTransformerBlock")  # diffusers' own, by class name (SD and SDXL UNets)
