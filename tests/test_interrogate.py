@@ -204,6 +204,9 @@ def test_the_api_says_where_to_put_the_models_when_it_has_none(services):
 
 def test_the_img2img_button_fills_the_prompt_from_the_open_sub_tabs_picture(interrogating_services,
                                                                              interrogate_models):
+    import asyncio
+    import inspect
+
     import gradio as gr
 
     from webui.ui.generation import GenerationActions
@@ -214,9 +217,11 @@ def test_the_img2img_button_fills_the_prompt_from_the_open_sub_tabs_picture(inte
     expected = Interrogator(interrogate_models / "BLIP", interrogate_models / "CLIP").describe(picture, "cpu",
                                                                                               torch.float32)
     inputs = {name: None for name in SUBTAB_INPUTS["img2img"]} | {"init_image": picture}
-    assert actions.interrogate("img2img", *inputs.values()) == expected
+    # awaited on the event loop, not waited for on a thread of the pool every tab's events share
+    assert inspect.iscoroutinefunction(actions.interrogate)
+    assert asyncio.run(actions.interrogate("img2img", *inputs.values())) == expected
     with pytest.raises(gr.Error, match="Upload a picture first"):
-        actions.interrogate("img2img", *({name: None for name in SUBTAB_INPUTS["img2img"]}.values()))
+        asyncio.run(actions.interrogate("img2img", *({name: None for name in SUBTAB_INPUTS["img2img"]}.values())))
 
 
 def test_interrogate_folders_are_not_listed_as_checkpoints(tmp_path, interrogate_models):

@@ -53,7 +53,7 @@ from webui.ui.progress import (POLL_SECONDS, error_html, final_html, progress_ht
                                too_long_counter)
 from webui.ui.session import Session, show_images
 from webui.ui.several_runs import SeveralRuns
-from webui.worker import Job, QueueFull, WorkerStopped
+from webui.worker import Job, QueueFull, WorkerStopped, await_result
 from webui.prompt_comments import strip_comments
 from webui.prompt_matrix import matrix_plot
 from webui.xyz_plot import AXIS_NAMES, SCRIPT, plan, read_axis
@@ -498,11 +498,13 @@ class GenerationActions(SeveralRuns):
             raise gr.Error(with_labels(picture.problem()))
         return picture
 
-    def interrogate(self, mode: str, *pictures: Any) -> str:
-        """A1111's Interrogate CLIP: a prompt describing the open sub-tab's picture, for the Prompt box."""
+    async def interrogate(self, mode: str, *pictures: Any) -> str:
+        """A1111's Interrogate CLIP: a prompt describing the open sub-tab's picture, for the Prompt box. Awaited, not
+        waited for on a thread: behind a long job, waiting clicks would fill the thread pool every tab's events share
+        (as the model pick's)."""
         picture = self._subtab_picture(mode, pictures)
         try:
-            return self.worker.interrogate(picture).result()
+            return await await_result(self.worker.interrogate(picture))
         except (InvalidRequest, WorkerStopped) as err:
             raise gr.Error(str(err)) from None
 
