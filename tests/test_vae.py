@@ -215,3 +215,20 @@ def test_the_page_picks_the_vae_beside_the_checkpoint_and_a_sent_infotext_sets_i
     gone = event(ui, "send_from_pnginfo")(made.infotext.replace(FILE, "gone.pt"))
     assert gone[TXT2IMG_FIELDS.index("sd_vae")] == event(ui, "send_from_pnginfo")("a cat")[
         TXT2IMG_FIELDS.index("sd_vae")]  # left as it was, as with no VAE named
+
+
+def test_a_sent_vae_in_a_subfolder_is_found_by_its_base_name_where_one_file_has_it():
+    """A1111 writes `VAE: vae.safetensors` for sd15/vae.safetensors; the page's list names it by its path (found by
+    review: it was not applied)."""
+    from webui.ui.params import TXT2IMG_FIELDS, widget_updates
+
+    def sent(vae: str, names: list[str]):
+        fields = {"prompt": "a cat", "sd_vae": vae}
+        return dict(zip(TXT2IMG_FIELDS, widget_updates(fields, TXT2IMG_FIELDS, [], lambda *_: None, names)))["sd_vae"]
+
+    names = ["Automatic", "None", "sd15/vae.safetensors", "other.pt"]
+    assert sent("vae.safetensors", names)["value"] == "sd15/vae.safetensors"
+    assert sent("vae", names)["value"] == "sd15/vae.safetensors"
+    two = [*names, "sdxl/vae.safetensors"]  # two files of that name: which one is not known
+    assert sent("vae.safetensors", two) == sent("gone.pt", two) == dict(zip(TXT2IMG_FIELDS, widget_updates(
+        {"prompt": "a cat"}, TXT2IMG_FIELDS, [], lambda *_: None, two)))["sd_vae"]

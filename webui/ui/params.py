@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import PurePosixPath
 from typing import Any, Callable
 
 import gradio as gr
@@ -280,8 +281,11 @@ def _apply_vae(fields: dict[str, Any], vae_names: list[str]) -> str | None:
     vae = fields.pop("sd_vae", None)
     if not vae:
         return None
-    if vae not in vae_names:
-        return f"SD VAE not applied: {vae!r} is not in the VAE folder. The VAE is left as it was."
+    if vae not in vae_names:  # A1111 writes a file in a subfolder by its base name: found where one file has it
+        same_base = [name for name in vae_names if vae in (PurePosixPath(name).name, PurePosixPath(name).stem)]
+        if len(same_base) != 1:
+            return f"SD VAE not applied: {vae!r} is not in the VAE folder. The VAE is left as it was."
+        vae = same_base[0]
     fields["sd_vae"] = gr.update(choices=list(vae_names), value=vae)
     return None
 
