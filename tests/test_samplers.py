@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from webui.engine.samplers import (SAMPLERS, SCHEDULE_TYPES, ScheduleShape, make_scheduler, resolve_sampler,
-                                  sampler_names)
+from webui.engine.samplers import (SAMPLERS, SCHEDULE_TYPES, ScheduleShape, a1111_timestep_levels, make_scheduler,
+                                  resolve_sampler, sampler_names)
 from tests.tiny_sd import tiny_components
 
 EXPECTED = ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE",
@@ -565,6 +565,24 @@ def test_always_discard_next_to_last_sigma_runs_ddim_and_plms_on_the_levels_of_o
     discarding = ScheduleShape(discard_penultimate=True)
     torch.testing.assert_close(scheduler_run(sampler, start, steps, shape=discarding), a1111(start, steps + 1),
                                atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [2, 8, 26, 35, 36, 100, 110])
+def test_always_discard_changes_nothing_where_a1111_clips_the_table_of_one_step_more(steps):
+    """There the option kept diffusers' layout for the steps asked, off A1111's, while the infotext said it discarded
+    (found by review): the steps asked keep A1111's layout, and no infotext key is written."""
+    from webui.schemas import GenerationRequest
+
+    def timesteps(shape):
+        scheduler = make_scheduler(SD15_SCHEDULER, "DDIM", "Automatic", pass_steps=steps, from_noise=True, shape=shape)
+        scheduler.set_timesteps(steps)
+        return scheduler.timesteps.tolist()
+
+    assert a1111_timestep_levels(steps + 1)[-1] >= 1000  # (clipped)
+    assert timesteps(ScheduleShape(discard_penultimate=True)) == timesteps(ScheduleShape())
+    asked = GenerationRequest(prompt="", sampler_name="DDIM", steps=steps, always_discard_next_to_last_sigma=True)
+    assert not asked.discard_changes_a_pass
+    assert asked.model_copy(update={"init_image": "0" * 40}).discard_changes_a_pass  # img2img lays it out still
 
 
 def a1111_img2img_start(picture: torch.Tensor, noise: torch.Tensor, steps: int, t_enc: int) -> torch.Tensor:

@@ -33,6 +33,10 @@ from webui.xyz_plot import MAX_PLOT_CELLS, draw_grid, plan, read_axis
     ("CFG Scale", "3-4.5 (+0.5)", [3, 3.5, 4, 4.5]),
     ("Seed", "-1, 7", [-1, 7]),
     ("Seed", "-3-1", [-3, -2, -1, 0, 1]),
+    # whole numbers stay exact past 2**53 (seeds go to 2**64 - 1); a float count lost them (found by review)
+    ("Seed", "12345678901234567890-12345678901234567892", [12345678901234567890 + i for i in range(3)]),
+    ("Seed", "18446744073709551610-18446744073709551615 (+2)", [2**64 - 6, 2**64 - 4, 2**64 - 2]),
+    ("Seed", "1152921504606846977-1152921504606846981 [3]", [2**60 + 1, 2**60 + 3, 2**60 + 5]),
     ("Sampler", 'Euler a, "DPM++ 2M, Karras" ,DDIM', ["Euler a", "DPM++ 2M, Karras", "DDIM"]),
     ("Steps", " ", [None]),  # no values: an axis that changes nothing
 ])

@@ -21,7 +21,8 @@ from webui.controlnet import (CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RE
 from webui.engine.hires import HIRES_UPSCALERS, MAX_SCHEDULE, hires_size, schedule_steps
 from webui.engine.prompts import EMPHASIS_MODES
 from webui.engine.samplers import (BETA_ALPHA, BETA_BETA, ENDS_SCHEDULES, MAX_UNIPC_ORDER, NOISE_SCHEDULES,
-                                  UNIPC_VARIANTS, ScheduleShape, UniPCOptions, get_sampler, resolve_sampler)
+                                  UNIPC_VARIANTS, ScheduleShape, UniPCOptions, discard_lays_out, get_sampler,
+                                  resolve_sampler)
 from webui.engine.step_options import LIMITS as STEP_LIMITS
 from webui.engine.uncond_skip import MAX_NGMS
 from webui.engine.token_merging import MAX_RATIO as MAX_MERGING_RATIO
@@ -628,13 +629,15 @@ class GenerationRequest(BaseModel):
         """Whether Always discard next-to-last sigma changed a pass: one of a k-diffusion sampler that keeps that
         sigma by itself, or one on A1111's timesteps (DDIM, PLMS on Automatic: a step more). A1111 writes its
         infotext key then; DPM2's own discard writes none."""
-        def changed(name: str, schedule: str) -> bool:
+        def changed(name: str, schedule: str, from_noise: bool) -> bool:
             name, schedule = resolve_sampler(name, schedule)
             sampler = get_sampler(name)
             return ((sampler.k_diffusion and not sampler.discards_penultimate)
-                    or (sampler.a1111_timesteps and schedule == "Automatic"))
+                    or (sampler.a1111_timesteps and schedule == "Automatic"
+                        and (not from_noise or discard_lays_out(self.steps))))
 
-        passes = [(self.sampler_name, self.scheduler)] + ([self.hires_sampler] if self.enable_hr else [])
+        passes = [(self.sampler_name, self.scheduler, not self.is_img2img)]
+        passes += [(*self.hires_sampler, False)] if self.enable_hr else []
         return self.always_discard_next_to_last_sigma and any(changed(*sampler) for sampler in passes)
 
     @property

@@ -249,13 +249,16 @@ def _values(kind: str, item: str) -> list[Any]:
         count = int(count)
         if not 1 <= count <= MAX_AXIS_VALUES:
             raise ValueError(f"{item!r}: take 1 to {MAX_AXIS_VALUES} values")
-        spaced = [start + (end - start) * i / max(count - 1, 1) for i in range(count)]
-        return [int(value) if kind == "int" else round(value, 6) for value in spaced]  # int(): as A1111 cuts
+        if kind == "int":  # in whole numbers, exact at any size (seeds go to 2**64): as A1111's int() cuts
+            return [start + (end - start) * i // max(count - 1, 1) for i in range(count)]
+        return [round(start + (end - start) * i / max(count - 1, 1), 6) for i in range(count)]
     step = step if step is not None else (1 if end >= start else -1)
     if step == 0 or (end - start) * step < 0:
         raise ValueError(f"{item!r}: a step of {step:g} never gets from {start:g} to {end:g}")
     if abs((end - start) / step) >= MAX_AXIS_VALUES:
         raise ValueError(f"{item!r}: more than {MAX_AXIS_VALUES} values")
+    if kind == "int":  # exact, as A1111's range(): floats lose whole numbers past 2**53
+        return list(range(start, end + (1 if step > 0 else -1), step))
     values, value = [], start
     while (value <= end + 1e-9) if step > 0 else (value >= end - 1e-9):
         values.append(number(round(value, 6)) if kind == "float" else value)

@@ -596,7 +596,8 @@ def _laid_out_as_a1111(scheduler, one_level_more: bool = False, img2img_steps: i
     txt2img's pass from noise calls the model at each level but the lowest. Diffusers' own timesteps stay at one
     step, where A1111's one level makes no call, and where A1111 clips its top level (3, 9, 27, 36, 37 and 101 to
     111 steps), which is no step of k. `one_level_more`: A1111's Always discard next-to-last sigma, which lays out
-    the levels of one step more (at 20 steps 21 calls from t=988, not 19 from t=951).
+    the levels of one step more (at 20 steps 21 calls from t=988, not 19 from t=951), except where that table is
+    clipped (discard_lays_out).
 
     A pass that runs `img2img_steps` of the schedule's tail (img2img, the hires fix: A1111's t_enc + 1, where t_enc
     is int(steps x strength), or the steps asked less one with exact steps) runs the levels below t_enc the same
@@ -611,7 +612,9 @@ def _laid_out_as_a1111(scheduler, one_level_more: bool = False, img2img_steps: i
     def set_timesteps_as_a1111(num_inference_steps=None, device=None, *args, **kwargs):
         set_timesteps(num_inference_steps, device, *args, **kwargs)
         train_steps = scheduler.config.num_train_timesteps
-        level_steps = num_inference_steps + 1 if one_level_more and num_inference_steps else num_inference_steps
+        more = one_level_more and num_inference_steps and (img2img_steps or discard_lays_out(num_inference_steps,
+                                                                                            train_steps))
+        level_steps = num_inference_steps + 1 if more else num_inference_steps
         levels = a1111_timestep_levels(level_steps, train_steps) if num_inference_steps else []
         if img2img_steps is None:
             scheduler.a1111_timesteps = len(levels) >= 2 and levels[-1] < train_steps
@@ -634,6 +637,13 @@ def _laid_out_as_a1111(scheduler, one_level_more: bool = False, img2img_steps: i
         scheduler.timesteps = torch.from_numpy(calls.astype(np.int64)).to(device)
 
     scheduler.set_timesteps = set_timesteps_as_a1111
+
+
+def discard_lays_out(steps: int, train_steps: int = 1000) -> bool:
+    """Whether Always discard next-to-last sigma lays out txt2img's DDIM or PLMS on the levels of one step more here:
+    not where A1111 clips that table's top level (at 2, 8, 26, 35, 36, 100 to 110 steps), which is no step of k; the
+    steps asked keep their own layout then, as with the option off."""
+    return a1111_timestep_levels(steps + 1, train_steps)[-1] < train_steps
 
 
 def runs_its_own_calls(scheduler, schedule: int) -> bool:
