@@ -195,6 +195,24 @@ def test_the_variation_seeds_own_reuse_takes_the_selected_images_and_minus_one_w
     assert random_subseed() == -1
 
 
+def test_a_seed_past_what_the_page_holds_exactly_is_not_sent_to_it(ui):
+    """The browser's numbers hold whole numbers exactly up to 2**53: ♻ or a paste of a larger seed (they go to
+    2**64 - 1) put another seed in the box, silently (found by review). They are left out, with a warning."""
+    big = 2**60 + 1
+    session = Session(seeds=[big], infotexts=[f"a\nSteps: 2, Seed: {big}, Variation seed: {big}, Variation seed "
+                                              f"strength: 0.3"], paths=[None])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert is_skip(event(ui, "reuse_seed")(session)) and is_skip(event(ui, "reuse_subseed")(session))
+        *values, _ = event(ui, "send_from_pnginfo")(session.infotexts[0])
+    by_field = dict(zip(TXT2IMG_FIELDS, values))
+    assert is_skip(by_field["seed"]) and is_skip(by_field["subseed"])
+    notes = [str(w.message) for w in caught if "holds whole numbers exactly" in str(w.message)]
+    assert len(notes) == 4 and notes[0].startswith(f"Seed {big} not applied")
+    exact = Session(seeds=[2**53], infotexts=["a\nSteps: 2, Seed: 9007199254740992"], paths=[None])
+    assert event(ui, "reuse_seed")(exact) == 2**53
+
+
 def test_invalid_request_is_a_readable_message_and_queues_nothing(ui, ui_services):
     before = ui_services.worker.queue_length()
     outputs = generate(ui, width=500)

@@ -41,7 +41,7 @@ from webui.ui.cards import (CardPictures, card_gallery, edited_metadata, metadat
                             with_card_texts)
 from webui.ui.controlnet import controlnet_section, request_fields as controlnet_fields
 from webui.ui.params import (NO_REFINER, SAME_SAMPLER, SAME_SCHEDULE, SETTINGS_SOURCE, TAB_FIELDS, schedules_of,
-                             with_labels)
+                             seed_the_page_holds, with_labels)
 from webui.ui.pictures import (ALL_SUBTAB_INPUTS, BATCH, IMG2IMG_MODES, RESIZE_BY, RESIZE_TO, SUBTAB_INPUTS, UnreadablePicture,
                                batch_uploads, inpainting_settings, on_open_subtab, open_picture, outpainting_start,
                                folder_pictures, output_folder, picture_inputs, read_upload, readable, start_pictures)
@@ -450,7 +450,7 @@ class GenerationActions(SeveralRuns):
     def reuse_seed(self, session: Session):
         """The seed of the image selected in the gallery (the first if none is); left alone if it is empty."""
         index = session.current_index()
-        return session.seeds[index] if index < len(session.seeds) else gr.skip()
+        return _for_the_seed_box(session.seeds[index], "Seed") if index < len(session.seeds) else gr.skip()
 
     def reuse_subseed(self, session: Session):
         """The variation seed of the image selected (the first if none is), as A1111's ♻ beside it: -1 where that
@@ -459,7 +459,7 @@ class GenerationActions(SeveralRuns):
         if index >= len(session.infotexts):
             return gr.skip()
         fields = request_fields_from_infotext(session.infotexts[index])
-        return fields.get("subseed", -1) if fields.get("subseed_strength") else -1
+        return _for_the_seed_box(fields.get("subseed", -1), "Variation seed") if fields.get("subseed_strength") else -1
 
     def sent_picture(self, session: Session) -> tuple[Any, dict]:
         """The gallery's current image and its parameters, for Send to img2img: its file, else (not saved: cut
@@ -729,6 +729,15 @@ def overridden_settings(pairs: list[str] | None) -> dict[str, Any]:
         return setting_fields(pairs or [])
     except ValueError as err:
         raise InvalidRequest(f"override_settings: {err}") from None
+
+
+def _for_the_seed_box(seed: int, label: str):
+    """A seed for the page's box, or gr.skip() with a warning where the page cannot hold it exactly."""
+    note = seed_the_page_holds(seed, label)
+    if note:
+        gr.Warning(note)
+        return gr.skip()
+    return seed
 
 
 def shown_seed(value: float | None):

@@ -190,6 +190,18 @@ def schedules_of(sampler_name: str | None) -> list[str]:
     return list(get_sampler(sampler_name).schedules if sampler_name else SCHEDULE_TYPES)
 
 
+# The browser's numbers hold whole numbers exactly up to 2**53: a larger seed sent to the page comes back another
+PAGE_EXACT_WHOLE = 2**53
+
+
+def seed_the_page_holds(value: int, label: str) -> str | None:
+    """Why a seed cannot go to the page's number box (None: it can)."""
+    if value <= PAGE_EXACT_WHOLE:
+        return None
+    return (f"{label} {value} not applied: the page holds whole numbers exactly up to {PAGE_EXACT_WHOLE}, and this "
+            "one would come back another seed. Make it through the API (or paste its infotext there).")
+
+
 def _drop_out_of_range(fields: dict[str, Any], names: tuple[str, ...], limits: Limits) -> list[str]:
     """Leave out numbers past their widget's ends (Steps: 200 from another tool), which Gradio would refuse at every
     Generate, and say so for each of the fields sent (names): a tab has no word to say about a field it does not
@@ -200,6 +212,10 @@ def _drop_out_of_range(fields: dict[str, Any], names: tuple[str, ...], limits: L
         value = fields.get(name)
         low, high = limits.get(name, (None, None))
         if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if name in ("seed", "subseed") and (note := seed_the_page_holds(value, FIELD_LABELS[name])):
+            fields.pop(name)
+            notes.append(note)
             continue
         if (low is not None and value < low) or (high is not None and value > high):
             fields.pop(name)
