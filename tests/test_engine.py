@@ -446,6 +446,47 @@ def test_on_the_cpu_a_model_switch_drops_the_old_weights_first_and_restores_them
     assert engine.model is None
 
 
+def test_on_the_cpu_a_file_plainly_no_model_is_refused_before_the_old_model_goes_and_a_gone_one_falls_back(
+        models_dir, tmp_path, monkeypatch):
+    """Found by a probe: a damaged checkpoint picked on the CPU dropped the loaded model first, and where that
+    model's files were gone too (deleted while loaded), the worker was left with no model at all."""
+    import shutil
+
+    import webui.engine.generate as generate
+    from webui.config import DEFAULT_MODEL_NAME, Settings
+    from webui.engine.loader import ModelLoadError
+
+    folder = tmp_path / "models"
+    shutil.copytree(models_dir / TINY, folder / "first")
+    (folder / "garbage.safetensors").write_bytes(b"\x00" * 64)  # no safetensors header
+    engine = Engine(Settings(models_dir=folder, device="cpu"), ModelRegistry(folder, tmp_path / "h.json"))
+    engine.load("first")
+    pipe = engine.pipe
+    monkeypatch.setattr(generate, "read_pipeline", lambda *args: pytest.fail("a weight was read"))
+    with pytest.raises(ModelLoadError, match="could not load model 'garbage': garbage.safetensors is not a readable"):
+        engine.load("garbage")
+    assert engine.pipe is pipe and engine.model.entry.name == "first"  # kept, not read again
+    monkeypatch.undo()
+
+    shutil.copytree(folder / "first", folder / "second")
+    engine.registry.refresh()
+    engine.load("second")
+    shutil.rmtree(folder / "second")  # deleted while loaded
+    real_read = generate.read_pipeline
+
+    def read(entry, *args):
+        if entry.name == "first":
+            raise ModelLoadError("broken weights")  # past the header: found only in reading
+        return real_read(entry, *args)
+
+    monkeypatch.setattr(generate, "read_pipeline", read)
+    with pytest.raises(ModelLoadError, match="broken weights"):
+        engine.load("first")
+    assert engine.model.entry.name == DEFAULT_MODEL_NAME  # the embedded model, where "second" could not come back
+    [result] = engine.generate(GenerationRequest(prompt="x", steps=1), [1])
+    assert result.image is not None
+
+
 def test_a_released_gpu_model_waits_in_ram_and_comes_back_without_reading_the_disk(engine, monkeypatch):
     """On a GPU, unload-checkpoint parks the weights in RAM (here the parking is pretended); bringing them
     back moves the same pipeline to the device and reads nothing from disk."""

@@ -14,13 +14,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from webui.config import Settings
+from webui.config import DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR, Settings
 from webui.engine.brownian import MULTISTEP_SDE_SAMPLERS, brownian_draws_from, with_brownian_noise
 from webui.engine.controlnet import ControlNetLibrary, ControlPass, ControlUnit, controlled
 from webui.engine.ddim_cfgpp import DDIMCFGPPScheduler, recording_uncond
@@ -44,7 +45,7 @@ from webui.engine.face_restoration import FaceRestorers
 from webui.engine.upscalers import UpscalerLibrary
 from webui.engine.vae import VaeFile, VaeLibrary, VaeSwap
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
-from webui.engine.models import ModelEntry, ModelRegistry
+from webui.engine.models import ModelEntry, ModelRegistry, entry_for_path
 from webui.engine.noise import start_noise
 from webui.engine.preview import TinyDecoders, denoised_estimate, keeping_estimates, latents_to_preview
 from webui.engine.prompt_schedule import PromptPhase, phase_at, prompt_phases, prompt_variants
@@ -56,7 +57,7 @@ from webui.engine.refiner import (SDXL_REFINER, aesthetic_scores, first_refiner_
 from webui.engine.samplers import (CFGPP_SAMPLER, ScheduleShape, UniPCOptions, get_sampler, make_scheduler,
                                    model_sigmas, runs_its_own_calls, sampler_steps_done)
 from webui.engine.sdxl import is_sdxl, sdxl_problem
-from webui.engine.single_file import sdxl_refiner_refusal
+from webui.engine.single_file import SingleFileLoadError, detect_family, read_header, sdxl_refiner_refusal
 from webui.engine.soft_inpainting import SoftInpainting, sigma_of
 from webui.engine.step_options import StepOptions, use_step_options
 from webui.engine.uncond_skip import SkipCalls, UncondSkip, skip_plan, skipping_uncond
@@ -194,6 +195,18 @@ def _noised_latents(pipe, noise: torch.Tensor, extra: float, image: torch.Tensor
         scale = pipe.scheduler.add_noise(torch.ones_like(image), torch.zeros_like(noise), timestep)
         latents = latents + scale * extra * noise
     return latents
+
+
+def _check_files_of(entry: ModelEntry) -> None:
+    """ModelLoadError where a model's files plainly hold no model, told without reading its weights: a checkpoint
+    file's header (damaged, cut off, a LoRA or VAE), a diffusers folder's index."""
+    try:
+        if entry.kind == "single_file":
+            detect_family(read_header(Path(entry.source))[0], entry.source)
+        elif entry.kind == "diffusers" and not (Path(entry.source) / "model_index.json").is_file():
+            raise SingleFileLoadError(f"{entry.source} holds no model_index.json (a diffusers folder's index)")
+    except SingleFileLoadError as err:
+        raise ModelLoadError(f"could not load model {entry.name!r}: {err}") from None
 
 
 def _mask_weight(request: GenerationRequest | None) -> float:
@@ -459,6 +472,7 @@ class Engine:
         """On the CPU both models' weights would share the RAM (10 GB for two SD 1.5 in fp32): drop the old
         model first, and read it again if the new one fails to load."""
         previous, was_released = self.model.entry, self.released
+        _check_files_of(entry)  # what is plainly no model is refused before the only model goes
         # Only the weights go: other threads (the API's options, a page's status line) still see the old
         # model named until the new one is in place, never "no model".
         self.pipe = None
@@ -470,13 +484,22 @@ class Engine:
         except Exception:
             if was_released:  # its RAM was given back on purpose: it stays released, and the next image reads it
                 raise
-            log.warning("could not load %s; loading %s again", entry.name, previous.name)
-            try:
-                self._load_entry(previous)
-            except Exception:  # the user needs the first error, not this one
-                log.exception("could not load %s again either; no model is loaded", previous.name)
-                self.unload()
+            self._load_a_model_again(entry, previous)
             raise
+
+    def _load_a_model_again(self, failed: ModelEntry, previous: ModelEntry) -> None:
+        """After `failed` did not load in the old model's place: the old model again, else (its files gone too) the
+        embedded one, so the worker is never left without a model while one can be had."""
+        embedded = entry_for_path(DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME)
+        for fallback in (previous, *([embedded] if embedded and embedded.source != previous.source else [])):
+            log.warning("could not load %s; loading %s instead", failed.name, fallback.name)
+            try:
+                self._load_entry(fallback)
+                return
+            except Exception:  # the user needs the first error, not this one
+                log.exception("could not load %s either", fallback.name)
+        log.error("no model is loaded")
+        self.unload()
 
     def _load_embeddings(self, pipe, already: EmbeddingSet | None = None) -> EmbeddingSet:
         try:
