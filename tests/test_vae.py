@@ -178,12 +178,25 @@ def test_the_api_lists_the_vaes_and_takes_one_per_request_or_as_the_option(servi
         info = json.loads(r.json()["info"])
         assert info["sd_vae_name"] == FILE and len(info["sd_vae_hash"]) == 10
         assert client.post("/sdapi/v1/options", json={"sd_vae": "nope"}).status_code == 422
+        # a file that is no VAE for the loaded model would fail every later request: refused when set (a probe)
+        r = client.post("/sdapi/v1/options", json={"sd_vae": "not-a-vae.safetensors"})
+        assert r.status_code == 422 and "sd_vae: not-a-vae.safetensors is not a VAE for this model" in r.json()["detail"]
+        assert client.get("/sdapi/v1/options").json()["sd_vae"] != "not-a-vae.safetensors"
         assert client.post("/sdapi/v1/options", json={"sd_vae": FILE}).json()["applied"] == ["sd_vae"]
         assert client.get("/sdapi/v1/options").json()["sd_vae"] == FILE
         info = json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])
         assert info["sd_vae_name"] == FILE  # the option's, for a request that names none
         client.post("/sdapi/v1/options", json={"sd_vae": "none"})  # A1111 writes it in any case
         assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["sd_vae_name"] is None
+        # The option's file deleted since: the run goes on with Automatic and says so (every request failed)
+        shutil.copy(folders[0] / "VAE" / FILE, folders[0] / "VAE" / "soon-gone.safetensors")
+        assert client.post("/sdapi/v1/options", json={"sd_vae": "soon-gone.safetensors"}).status_code == 200
+        (folders[0] / "VAE" / "soon-gone.safetensors").unlink()
+        r = client.post("/sdapi/v1/txt2img", json=QUICK)
+        assert r.status_code == 200, r.text[:300]
+        assert any("the option's VAE 'soon-gone.safetensors' is no longer on this server; ran with Automatic" in w
+                   for w in json.loads(r.json()["info"])["warnings"])
+        client.post("/sdapi/v1/options", json={"sd_vae": "none"})
         r = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"sd_vae": "missing.pt"}})
         assert r.status_code == 422 and "override_settings.sd_vae: there is no VAE 'missing.pt'" in r.json()["detail"]
         # An infotext's VAE is applied too (A1111 reads it as an override of the option).

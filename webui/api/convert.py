@@ -129,6 +129,10 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         # null: no image guidance (plain CFG with the picture), as A1111's API runs an instruct-pix2pix model then
         values["image_cfg_scale"] = 1.0 if req.image_cfg_scale is None else req.image_cfg_scale
     clip_skip, vae, notes, pasted = default_clip_skip, default_vae, [], {}
+    if not vae_exists(vae):  # the option's file, deleted since it was set: as A1111, the run goes on without it
+        notes.append(f"sd_vae: the option's VAE {vae[:100]!r} is no longer on this server; ran with {AUTOMATIC} "
+                     "(POST /sdapi/v1/options sets another)")
+        vae = AUTOMATIC
     if req.infotext:
         pasted = request_fields_from_infotext(req.infotext)
         given = set(req.model_fields_set)

@@ -618,6 +618,7 @@ class Api:
             try:
                 vae = convert.vae_choice(body["sd_vae"], "sd_vae")
                 self.engine.vaes.check(vae)
+                self.engine.check_vae_fits(vae)  # set for good: one that fails every later request is refused now
             except InvalidRequest as err:
                 raise ApiError(422, str(err), "InvalidRequest") from None
         if body.get("upscaler_for_img2img") not in (None, "", NO_UPSCALER):  # a name the server has, or none saved

@@ -43,7 +43,7 @@ from webui.engine.color_correction import match_colors
 from webui.engine.interrogate import Interrogator
 from webui.engine.face_restoration import FaceRestorers
 from webui.engine.upscalers import UpscalerLibrary
-from webui.engine.vae import VaeFile, VaeLibrary, VaeSwap
+from webui.engine.vae import VaeError, VaeFile, VaeLibrary, VaeSwap, read_vae_weights
 from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
 from webui.engine.models import ModelEntry, ModelRegistry, entry_for_path
 from webui.engine.noise import start_noise
@@ -631,6 +631,17 @@ class Engine:
         chosen = self.vaes.resolve(choice, self.require_model().entry)
         self._vae_weights.use(self.pipe.vae, chosen)
         return chosen
+
+    def check_vae_fits(self, choice: str) -> None:
+        """VaeError where the VAE file `choice` names would not fit the loaded model's VAE (a LoRA's file, another
+        model family's): its weights are read, not used. Nothing to check with no model loaded."""
+        model, pipe = self.model, self.pipe
+        chosen = self.vaes.resolve(choice, model.entry) if model is not None and pipe is not None else None
+        if chosen is not None:
+            try:
+                read_vae_weights(chosen.path, pipe.vae)
+            except VaeError as err:
+                raise VaeError(f"sd_vae: {err}") from None
 
     def upscale_picture(self, picture: Image.Image, size: tuple[int, int], upscaler: str) -> Image.Image:
         """The RGB picture at `size` (width, height) by a picture upscaler: a filter, or a model upscaler run on
