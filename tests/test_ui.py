@@ -1606,13 +1606,15 @@ def test_a_start_model_that_is_nowhere_falls_back_to_the_first_of_the_models_fol
     own_models.mkdir()
     (own_models / "tiny-b").symlink_to(models_dir / TINY, target_is_directory=True)
     (own_models / "tiny-a").symlink_to(models_dir / TINY, target_is_directory=True)
+    (own_models / "a-empty.ckpt").write_bytes(b"")  # listed first, and no model: the next one is tried (a probe)
     with caplog.at_level("WARNING", logger="webui.services"):
         services = build_services(Settings(models_dir=own_models, outdir=tmp_path / "out", device="cpu",
                                            ckpt=str(tmp_path / "typo.safetensors")))
     try:
         assert services.engine.model.entry.name == "tiny-a"
         said = " ".join(record.getMessage() for record in caplog.records)
-        assert "typo.safetensors" in said and "does not exist" in said and "loading tiny-a instead" in said
+        assert "typo.safetensors" in said and "does not exist" in said and "loading a-empty instead" in said
+        assert "loading tiny-a instead" in said
     finally:
         services.close()
 

@@ -104,13 +104,17 @@ def _load_named_model(worker: Worker, registry: ModelRegistry, name: str, rememb
     try:
         return worker.load_model(name, remember=remember)
     except ModelNotFound as err:
-        listed = [entry.name for entry in registry.entries()]
         shipped = DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME
-        fallback = listed[0] if listed else str(shipped) if shipped.is_dir() else None
-        if fallback is None or fallback == name:
+        fallbacks = [entry.name for entry in registry.entries()] + ([str(shipped)] if shipped.is_dir() else [])
+        if not fallbacks or fallbacks == [name]:
             raise
-        log.warning("%s; loading %s instead", err, fallback)
-        return worker.load_model(fallback, remember=False)
+        for fallback in (fallback for fallback in fallbacks if fallback != name):  # the first that loads
+            log.warning("%s; loading %s instead", err, fallback)
+            try:
+                return worker.load_model(fallback, remember=False)
+            except (ModelNotFound, ModelLoadError) as failed:
+                err = failed
+        raise err
 
 
 # A1111's output folder settings and their defaults (relative to its own folder): this server's layout is fixed.
