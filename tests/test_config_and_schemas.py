@@ -323,3 +323,14 @@ def test_a_path_starting_with_the_models_folder_is_found_from_another_working_fo
     found = registry.find("models/mine")
     assert (found.kind, found.name) == ("diffusers", "mine")
     assert registry.find("models/not-there").kind == "hub"  # nothing on disk: still a hub id, as before
+
+
+def test_a_model_whose_name_ends_in_a_hash_like_bracket_is_found_by_it(tmp_path):
+    """Found by a probe: "y [abcdef1234]" was listed but never found (the bracket was taken for an A1111 title's
+    hash and stripped first)."""
+    for name in ("y [abcdef1234]", "y"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text("{}")
+    registry = ModelRegistry(tmp_path, tmp_path / "cache" / "hashes.json")
+    assert registry.find("y [abcdef1234]").name == "y [abcdef1234]"
+    assert registry.find("y [0123456789]").name == "y"  # a title's hash still stripped where no model has it

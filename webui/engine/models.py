@@ -99,6 +99,9 @@ class ModelRegistry:
     def find(self, name: str) -> ModelEntry:
         """Look a model up by name, A1111 title ("name [hash]"), file name, path or hub id."""
         wanted = re.sub(r"\s*\[[0-9a-f]{8,10}\]$", "", name.strip())
+        for entry in self.entries():  # the name as given first: a model may be named "x [abcdef1234]" itself
+            if name.strip() in (entry.name, entry.source, Path(entry.source).name):
+                return entry
         for entry in self.entries():
             if wanted in (entry.name, entry.source, Path(entry.source).name):
                 return entry
