@@ -288,3 +288,11 @@ def test_discard_weights_keeps_the_matching_weights_as_as_and_merges_the_rest(fo
     engine.load(made.name)
     image = engine.generate(GenerationRequest(prompt="x", steps=1, width=64, height=64), [1])[0].image
     assert np.asarray(image).std() > 0
+
+
+def test_a_refused_name_is_shown_as_typed(tmp_path):
+    """'..' was shown as '' (the cut of a shown name stripped its dots, which were the problem). Found by a probe."""
+    from webui.engine.merge import check_recipe
+
+    with pytest.raises(MergeError, match=r"name '\.\.': use no / "):
+        check_recipe(MergeRecipe("a", "b", name=".."), tmp_path)

@@ -114,8 +114,8 @@ def check_recipe(recipe: MergeRecipe, models_dir: Path) -> Path:
                          "names are kept from A, not left out): leave it empty, or pick another method")
     name = recipe.folder_name()
     problem = _name_problem(name)
-    if problem:
-        raise MergeError(f"name {_cut(name, 60)!r}: {problem}")
+    if problem:  # (cut on its bytes alone: its dots are what the problem may be about)
+        raise MergeError(f"name {name.encode('utf-8')[:60].decode('utf-8', errors='ignore')!r}: {problem}")
     taken = [models_dir / name] + [models_dir / f"{name}{suffix}" for suffix in SINGLE_FILE_SUFFIXES]
     if any(path.exists() or path.is_symlink() for path in taken):
         raise MergeError(f"a model named {name!r} is in the models folder already: choose another name")
