@@ -237,6 +237,8 @@ class _Call:
     future: Future
     activity: str | None = None  # what the UI and /progress say while it runs
     model_name: str | None = None  # the model a load call loads
+    # run on the worker thread where fn fails, before anything queued behind it starts
+    on_failure: list[Callable[[], None]] = field(default_factory=list)
 
 
 class Worker:
@@ -649,11 +651,13 @@ class Worker:
         `remember`: it is the next start's too (False: a fallback no one picked)."""
         return self.queue_model_load(name, remember).result(timeout)
 
-    def queue_model_load(self, name: str, remember: bool = True) -> Future:
+    def queue_model_load(self, name: str, remember: bool = True,
+                         on_failure: Callable[[], None] | None = None) -> Future:
         """load_model without the wait: a future that gives the LoadedModel, or raises what the load raised.
         A model asked for again while its load is the last thing in line shares that load (the model
         dropdown sends each pick twice; two API clients may pick one model): a failing load runs once.
-        Behind anything else (a job naming another model), it is loaded again."""
+        Behind anything else (a job naming another model), it is loaded again. `on_failure` runs on the worker
+        thread where the load fails, before what is queued behind it starts."""
         try:  # resolved here, not under the lock: a title ("name [hash]") or file name means the same model
             wanted = self.engine.registry.find(name)
         except Exception:  # a model loaded from outside the models folder, or a load that will say what is wrong
@@ -664,12 +668,13 @@ class Worker:
                 done.set_result(self.engine.model)
                 return done
             last = self._queue[-1] if self._queue else self._running_call
-            if isinstance(last, _Call) and last.model_name == name:
-                return last.future
-            future = self.call(lambda engine: self._load_then_queue_warm_up(engine, name, remember),
-                               f"Loading model {name}")
-            self._queue[-1].model_name = name
-        return future
+            if not (isinstance(last, _Call) and last.model_name == name):
+                self.call(lambda engine: self._load_then_queue_warm_up(engine, name, remember), f"Loading model {name}")
+                last = self._queue[-1]
+                last.model_name = name
+            if on_failure is not None:
+                last.on_failure.append(on_failure)
+        return last.future
 
     def _model_stays(self, name: str, wanted: ModelEntry | None) -> bool:
         """`name` (found as `wanted`) is the loaded model, and nothing running or queued loads another: no
@@ -779,6 +784,8 @@ class Worker:
         try:
             call.future.set_result(call.fn(self.engine))
         except BaseException as err:
+            for callback in call.on_failure:
+                callback()
             call.future.set_exception(err)
         finally:
             self.activity = None

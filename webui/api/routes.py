@@ -155,8 +155,10 @@ class Api:
         # The last job whose override_settings switched the model without restoring it afterwards: once done,
         # its model is the option's, as in A1111, where such an override stays set.
         self._kept_override: Job | None = None
-        # The model of an sd_model_checkpoint load queued and not over (its source): requests queued meanwhile name it.
+        # The model of an sd_model_checkpoint load queued and not over (its source): requests queued meanwhile name it,
+        # and are its followers, which run on the option's model before it where the load fails (as in A1111).
         self._switching: str | None = None
+        self._switch_followers: list[Job] = []
         self._runs: list[SeveralJobs] = []  # the scripts' runs of several jobs going on, for /progress and /interrupt
         self.training = TrainingRoutes(services, caller_of)  # /sdapi/v1/create/..., /train/...
 
@@ -212,6 +214,9 @@ class Api:
                 data |= fields
             job = self.worker.submit(data, origin="api", owner=caller, warnings=notes, field_names=names,
                                      init_image=init_image, mask=mask, control_image=controlnet.control_image_of(req))
+        if self._switching is not None and data["model"] == self._switching and not data["keep_model"] \
+                and not data["restore_model"]:  # it named the option's model being loaded, not one of its own
+            self._switch_followers.append(job)
         if data["keep_model"]:
             self._kept_override = job
             self._switching = None  # this job's model, queued after that load, is the one that stays
@@ -687,10 +692,17 @@ class Api:
         loaded = self.engine.model.entry if self.engine.model else None
         entry = await anyio.to_thread.run_sync(convert.find_listed_model, self.registry, name, loaded)
         kept = self._kept_override  # queued before this load, so it runs first: the option set now wins
-        switching = entry.source
-        self._switching = switching
+        switching, before = entry.source, self.model
+        self._switching, self._switch_followers = switching, []
+        followers = self._switch_followers
+
+        def run_followers_on_the_model_before():  # on the worker, before they start: the option goes back
+            for job in followers:
+                job.request = job.request.model_copy(update={"model": before.entry.source if before else None})
+
         try:
-            loaded = await self._on_worker(self.worker.queue_model_load(name), "sd_model_checkpoint: ")
+            load = self.worker.queue_model_load(name, on_failure=run_followers_on_the_model_before)
+            loaded = await self._on_worker(load, "sd_model_checkpoint: ")
             if self._kept_override is kept:
                 self._kept_override = None
             self.model = loaded  # before the switch is over: requests never see the old option meanwhile
