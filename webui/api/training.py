@@ -117,7 +117,7 @@ class TrainingRoutes:
         status, own = run.status, run.origin == "api" and run.owner == self.caller_of(request)
         preview = run.preview_image if own and not skip_current_image else None
         state = {"skipped": False, "interrupted": run.stopped(), "stopping_generation": False,
-                 "job": f"train-{run.plan.kind}", "job_count": run.plan.steps,
+                 "job": f"train-{run.plan.kind}", "job_count": run.plan.learn_rate.end(run.plan.steps),  # its end
                  "job_no": status.step if status else 0, "job_timestamp": _timestamp(run.started_at),
                  "sampling_step": 0, "sampling_steps": 0, "queued": self.services.worker.queue_length()}
         return ProgressResponse(
