@@ -177,3 +177,19 @@ def test_export_is_a_loadable_stable_diffusion_folder(tiny_run, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32)
     img = pipe("red apple", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert img.shape == (64, 64, 3) and np.isfinite(img).all()
+
+
+def test_a_camera_photo_in_the_dataset_is_read_and_resized_and_a_larger_one_named(tmp_path, monkeypatch):
+    """A1111 resizes any dataset picture; one over the request limit of 16.8 megapixels (a 24-megapixel photo)
+    failed the whole run (found by a probe). Past the training limit the picture is named with its size."""
+    import webui.engine.training as training
+
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (6000, 4000), (200, 30, 30)).save(photo, quality=80)
+    pixels = training._pixels(photo, 64, 48)
+    assert tuple(pixels.shape) == (1, 3, 48, 64)
+    assert torch.allclose(pixels[0, :, 24, 32], torch.tensor([200, 30, 30]) / 127.5 - 1.0, atol=0.05)
+    monkeypatch.setattr(training, "TRAINING_MAX_PIXELS", 1000 * 1000)
+    with pytest.raises(training.TrainingError, match=r"photo.jpg cannot be read as a picture \(it is 6000x4000; "
+                                                     "scale it down to at most 1 megapixels"):
+        training._pixels(photo, 64, 48)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from webui.engine.fast_path import uncompiled
-from webui.engine.img2img import as_rgb, check_picture_size
+from webui.engine.img2img import as_rgb
 from webui.engine.inpainting_model import takes_masked_picture
 from webui.engine.instruct_pix2pix import takes_edit_picture
 from webui.engine.prompts import COMMA_BACKTRACK, ORIGINAL, encode_prompt_pair
@@ -324,11 +324,19 @@ def _encode_pictures(pipe, plan: TrainingPlan, hooks: TrainingHooks) -> list[tup
     return encoded
 
 
+# A dataset picture from the server's own folder may be a camera's photo (24 to 50 megapixels): it is read, then
+# resized to the training size, where a request's picture is refused past check_picture_size's 16.8
+TRAINING_MAX_PIXELS = 8192 * 8192
+
+
 def _pixels(path: Path, width: int, height: int) -> torch.Tensor:
     """The picture as RGB at the training size (stretched, as A1111 resizes it), in [-1, 1], one row."""
     try:
         with Image.open(path) as opened:
-            check_picture_size(*opened.size)
+            if opened.width * opened.height > TRAINING_MAX_PIXELS:
+                raise ValueError(f"it is {opened.width}x{opened.height}; scale it down to at most "
+                                 f"{TRAINING_MAX_PIXELS / 1e6:.0f} megapixels")
+            opened.draft("RGB", (width, height))  # a JPEG decodes at the smallest fraction that still covers it
             picture = as_rgb(opened).resize((width, height), Image.Resampling.BICUBIC)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise TrainingError(f"data_root: {path.name} cannot be read as a picture ({err}); remove it or save it "
