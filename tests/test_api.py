@@ -669,10 +669,11 @@ def test_a_kept_override_counts_in_queue_order(client, services):
         assert json.loads(client.post("/sdapi/v1/txt2img", json=QUICK).json()["info"])["sd_model_name"] == TINY
 
 
-def queued_during_a_switch(client, services, monkeypatch, model: str, before=lambda: None):
+def queued_during_a_switch(client, services, monkeypatch, model: str, before=lambda: None, asked=None):
     """The option's model set to the tiny one, then to `model` while a long job holds the queue, and a request sent
-    while that load waits (after `before()`): (the switch's answer, the request's job), once both have ended."""
-    asked, queue_model_load = [], services.worker.queue_model_load
+    while that load waits (after `before()`): (the switch's answer, the request's job), once both have ended.
+    `asked`: a list the names of the loads queued go into."""
+    asked, queue_model_load = [] if asked is None else asked, services.worker.queue_model_load
     monkeypatch.setattr(services.worker, "queue_model_load",
                         lambda n, **kwargs: (queue_model_load(n, **kwargs), asked.append(n))[0])
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": TINY}).status_code == 200
@@ -681,7 +682,7 @@ def queued_during_a_switch(client, services, monkeypatch, model: str, before=lam
     wait_for(lambda: blocker.state is JobState.RUNNING)
     with ThreadPoolExecutor(1) as pool:
         switch = pool.submit(client.post, "/sdapi/v1/options", json={"sd_model_checkpoint": model})
-        wait_for(lambda: asked == [model])  # the load is queued
+        wait_for(lambda: asked[:1] == [model])  # the load is queued
         before()
         behind = services.worker.get(client.post("/api/v1/jobs", json=QUICK).json()["id"])
         services.worker.cancel(blocker.id)
@@ -821,6 +822,33 @@ def test_a_request_queued_while_a_model_switch_fails_runs_on_the_model_before(cl
     finally:
         shutil.rmtree(models / "broken", ignore_errors=True)
         client.post("/sdapi/v1/refresh-checkpoints")
+
+
+def test_behind_two_switches_the_second_failing_a_request_runs_on_the_firsts_model(client, services, monkeypatch):
+    """A1111's option goes back to what it was when the second switch came: the first switch's model, not the one
+    before both (found by review: it ran on that one, costing two more loads)."""
+    models = services.settings.models_dir
+    shutil.copytree(models / TINY, models / "broken")
+    for weights in (models / "broken" / "unet").glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    with another_model(client, services, "tiny-other"):
+        try:
+            def second_switch():  # queued behind the first, before the request
+                answers.append(pool.submit(client.post, "/sdapi/v1/options", json={"sd_model_checkpoint": "broken"}))
+                wait_for(lambda: asked[-1:] == ["broken"])
+
+            asked = []  # queued_during_a_switch records the loads queued here too
+            answers = []
+            with ThreadPoolExecutor(1) as pool:
+                first, behind = queued_during_a_switch(client, services, monkeypatch, "tiny-other",
+                                                       before=second_switch, asked=asked)
+                second = answers[0].result(120)
+            assert (first.status_code, second.status_code) == (200, 500)
+            assert behind.state is JobState.DONE and behind.model.entry.name == "tiny-other", behind.error
+            assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-other [")
+        finally:
+            shutil.rmtree(models / "broken", ignore_errors=True)
+            client.post("/sdapi/v1/refresh-checkpoints")
 
 
 def test_a_tabs_job_queued_during_a_switch_does_not_decide_an_api_requests_model(client, services, monkeypatch):

@@ -196,6 +196,8 @@ def test_the_api_lists_the_vaes_and_takes_one_per_request_or_as_the_option(servi
         assert r.status_code == 200, r.text[:300]
         assert any("the option's VAE 'soon-gone.safetensors' is no longer on this server; ran with Automatic" in w
                    for w in json.loads(r.json()["info"])["warnings"])
+        own = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"sd_vae": "None"}})
+        assert not any("soon-gone" in w for w in json.loads(own.json()["info"])["warnings"])  # it chose its own
         client.post("/sdapi/v1/options", json={"sd_vae": "none"})
         r = client.post("/sdapi/v1/txt2img", json=QUICK | {"override_settings": {"sd_vae": "missing.pt"}})
         assert r.status_code == 422 and "override_settings.sd_vae: there is no VAE 'missing.pt'" in r.json()["detail"]

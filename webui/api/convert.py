@@ -129,9 +129,8 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
         # null: no image guidance (plain CFG with the picture), as A1111's API runs an instruct-pix2pix model then
         values["image_cfg_scale"] = 1.0 if req.image_cfg_scale is None else req.image_cfg_scale
     clip_skip, vae, notes, pasted = default_clip_skip, default_vae, [], {}
-    if not vae_exists(vae):  # the option's file, deleted since it was set: as A1111, the run goes on without it
-        notes.append(f"sd_vae: the option's VAE {vae[:100]!r} is no longer on this server; ran with {AUTOMATIC} "
-                     "(POST /sdapi/v1/options sets another)")
+    option_vae_gone = not vae_exists(vae)  # deleted since it was set: as A1111, the run goes on without it
+    if option_vae_gone:
         vae = AUTOMATIC
     if req.infotext:
         pasted = request_fields_from_infotext(req.infotext)
@@ -157,6 +156,9 @@ def to_generation_request(req: GenerationBody, registry: ModelRegistry, loaded: 
             vae = vae_choice(overrides["sd_vae"], "override_settings.sd_vae")
         except InvalidRequest as err:
             problems.append(str(err))
+    elif option_vae_gone and (pasted.get("sd_vae") is None or not vae_exists(pasted["sd_vae"])):
+        notes.append(f"sd_vae: the option's VAE {default_vae[:100]!r} is no longer on this server; ran with "
+                     f"{AUTOMATIC} (POST /sdapi/v1/options sets another)")
     model = None
     if overrides.get("sd_model_checkpoint"):
         model = model_name(overrides["sd_model_checkpoint"], "override_settings.sd_model_checkpoint")

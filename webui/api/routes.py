@@ -12,7 +12,9 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 
@@ -132,6 +134,26 @@ class _OptionChanges:
     saved: dict[str, Any]  # the Settings tab's, for everyone
 
 
+@dataclasses.dataclass(eq=False)
+class _Switch:
+    """An sd_model_checkpoint load queued (`load`, of the model at `source`), and the requests queued behind it that
+    name its model (its followers). `before`: the option as the load was queued: the switch in line before this
+    one, or a model's source (None: the server's model)."""
+    source: str
+    before: _Switch | str | None
+    load: Future | None = None
+    followers: list[Job] = dataclasses.field(default_factory=list)
+
+    def option_after(self) -> str | None:
+        """The option once this switch's load has ended (it has, in queue order, where this is read on the worker)."""
+        if self.load is not None and self.load.done() and self.load.exception() is None:
+            return self.source
+        return self.option_before()
+
+    def option_before(self) -> str | None:
+        return self.before.option_after() if isinstance(self.before, _Switch) else self.before
+
+
 class Api:
     """The route handlers, bound to one set of services."""
 
@@ -155,10 +177,9 @@ class Api:
         # The last job whose override_settings switched the model without restoring it afterwards: once done,
         # its model is the option's, as in A1111, where such an override stays set.
         self._kept_override: Job | None = None
-        # The model of an sd_model_checkpoint load queued and not over (its source): requests queued meanwhile name it,
-        # and are its followers, which run on the option's model before it where the load fails (as in A1111).
-        self._switching: str | None = None
-        self._switch_followers: list[Job] = []
+        # An sd_model_checkpoint load queued and not over: requests queued meanwhile name its model and follow it.
+        self._switching: _Switch | None = None
+        self._switch_lock = threading.Lock()  # a request's read of _switching and its joining the followers are one
         self._runs: list[SeveralJobs] = []  # the scripts' runs of several jobs going on, for /progress and /interrupt
         self.training = TrainingRoutes(services, caller_of)  # /sdapi/v1/create/..., /train/...
 
@@ -202,24 +223,27 @@ class Api:
 
     def _submit(self, req: GenerationBody, caller: str) -> Job:
         kept_options = self._kept_options(req)
-        data, notes, names = self._request_data(req)
         init_image, mask = convert.init_image_of(req), convert.mask_of(req)
         script = _script_of(req)
-        with self._queueing(names):
-            if script in scripts.SEVERAL_JOBS:  # (on /api/v1/jobs: one job id cannot stand for several)
-                raise InvalidRequest(f"script_name: {script} runs several jobs; send it to "
-                                     f"/sdapi/v1/{convert.kind_of(req)}, which answers once all have run")
-            if script == scripts.OUTPAINTING:
-                init_image, mask, fields = scripts.outpainting(_script_args(req), init_image, mask)
-                data |= fields
-            job = self.worker.submit(data, origin="api", owner=caller, warnings=notes, field_names=names,
-                                     init_image=init_image, mask=mask, control_image=controlnet.control_image_of(req))
-        if self._switching is not None and data["model"] == self._switching and not data["keep_model"] \
-                and not data["restore_model"]:  # it named the option's model being loaded, not one of its own
-            self._switch_followers.append(job)
-        if data["keep_model"]:
-            self._kept_override = job
-            self._switching = None  # this job's model, queued after that load, is the one that stays
+        with self._switch_lock:  # the model a switch in line gives it, and its place among the switch's followers
+            data, notes, names = self._request_data(req)
+            with self._queueing(names):
+                if script in scripts.SEVERAL_JOBS:  # (on /api/v1/jobs: one job id cannot stand for several)
+                    raise InvalidRequest(f"script_name: {script} runs several jobs; send it to "
+                                         f"/sdapi/v1/{convert.kind_of(req)}, which answers once all have run")
+                if script == scripts.OUTPAINTING:
+                    init_image, mask, fields = scripts.outpainting(_script_args(req), init_image, mask)
+                    data |= fields
+                job = self.worker.submit(data, origin="api", owner=caller, warnings=notes, field_names=names,
+                                         init_image=init_image, mask=mask,
+                                         control_image=controlnet.control_image_of(req))
+            switch = self._switching
+            if switch is not None and data["model"] == switch.source and not data["keep_model"] \
+                    and not data["restore_model"]:  # it named the option's model being loaded, not one of its own
+                switch.followers.append(job)
+            if data["keep_model"]:
+                self._kept_override = job
+                self._switching = None  # this job's model, queued after that load, is the one that stays
         self._keep_options(job, kept_options)
         return job
 
@@ -255,8 +279,8 @@ class Api:
         if switching is not None:
             # The option's model is loading, queued before this one (first in, first out): this one names it, as in
             # A1111, where the option is set at once (a tab's job queued between must not decide its model). Where
-            # the load fails, this one fails with the same error.
-            model, default_model = None, switching
+            # the load fails, the option goes back: _Switch.fall_back gives a follower the model it goes back to.
+            model, default_model = None, switching.source
         elif kept is not None and not kept.state.finished:
             # It runs before this one (the queue is first in, first out), and its model stays: this one's too.
             # The clip skip is checked against that model once it is loaded.
@@ -692,22 +716,32 @@ class Api:
         loaded = self.engine.model.entry if self.engine.model else None
         entry = await anyio.to_thread.run_sync(convert.find_listed_model, self.registry, name, loaded)
         kept = self._kept_override  # queued before this load, so it runs first: the option set now wins
-        switching, before = entry.source, self.model
-        self._switching, self._switch_followers = switching, []
-        followers = self._switch_followers
-
-        def run_followers_on_the_model_before():  # on the worker, before they start: the option goes back
-            for job in followers:
-                job.request = job.request.model_copy(update={"model": before.entry.source if before else None})
-
+        with self._switch_lock:
+            before = self._switching or (self.model.entry.source if self.model else None)
+            switching = _Switch(entry.source, before)
+            load = switching.load = self.worker.queue_model_load(
+                name, on_failure=lambda: self._fall_back(switching))
+            self._switching = switching
         try:
-            load = self.worker.queue_model_load(name, on_failure=run_followers_on_the_model_before)
             loaded = await self._on_worker(load, "sd_model_checkpoint: ")
             if self._kept_override is kept:
                 self._kept_override = None
             self.model = loaded  # before the switch is over: requests never see the old option meanwhile
         finally:
-            if self._switching is switching:
+            with self._switch_lock:
+                if self._switching is switching:
+                    self._switching = None
+
+    def _fall_back(self, switch: _Switch) -> None:
+        """On the worker, where a switch's load failed, before anything queued behind it starts: the option goes back
+        (as A1111's Options.set), so its followers run on the model it goes back to, and later requests on the
+        option as it was."""
+        with self._switch_lock:
+            back = switch.option_before() or (self.worker.chosen_model.entry.source
+                                              if self.worker.chosen_model else None)
+            for job in switch.followers:
+                job.request = job.request.model_copy(update={"model": back})
+            if self._switching is switch:
                 self._switching = None
 
     # --- lists ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import gc
 import logging
 import math
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -200,10 +201,12 @@ def _noised_latents(pipe, noise: torch.Tensor, extra: float, image: torch.Tensor
 def _check_files_of(entry: ModelEntry) -> None:
     """ModelLoadError where a model's files plainly hold no model, told without reading its weights: a checkpoint
     file's header (damaged, cut off, a LoRA or VAE), a diffusers folder's index."""
+    path = Path(entry.source)
     try:
-        if entry.kind == "single_file":
-            detect_family(read_header(Path(entry.source))[0], entry.source)
-        elif entry.kind == "diffusers" and not (Path(entry.source) / "model_index.json").is_file():
+        if entry.kind == "single_file" and (path.suffix.lower() != ".ckpt" or zipfile.is_zipfile(path)):
+            # (an old, unzipped .ckpt pickle would be read whole, beside the model still in RAM: it is left to the load)
+            detect_family(read_header(path)[0], entry.source)
+        elif entry.kind == "diffusers" and not (path / "model_index.json").is_file():
             raise SingleFileLoadError(f"{entry.source} holds no model_index.json (a diffusers folder's index)")
     except SingleFileLoadError as err:
         raise ModelLoadError(f"could not load model {entry.name!r}: {err}") from None
@@ -429,7 +432,8 @@ class Engine:
 
     # --- models ---------------------------------------------------------------------------
     def load(self, name: str) -> LoadedModel:
-        """Load a model by name; on failure the previously loaded model stays in place."""
+        """Load a model by name; on failure the previously loaded model stays in place (on the CPU it is read again,
+        and where its files are gone too, the embedded model is loaded: _replace_on_cpu)."""
         # The loaded model by its name, even from outside the models folder (--ckpt elsewhere), where
         # the registry cannot find it by name: every Generate names the model on the page.
         if self.model is not None and self.model.names(name):
@@ -491,7 +495,11 @@ class Engine:
         """After `failed` did not load in the old model's place: the old model again, else (its files gone too) the
         embedded one, so the worker is never left without a model while one can be had."""
         embedded = entry_for_path(DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME)
-        for fallback in (previous, *([embedded] if embedded and embedded.source != previous.source else [])):
+        tried = {failed.source}
+        for fallback in (previous, embedded):
+            if fallback is None or fallback.source in tried:
+                continue
+            tried.add(fallback.source)
             log.warning("could not load %s; loading %s instead", failed.name, fallback.name)
             try:
                 self._load_entry(fallback)
