@@ -213,6 +213,25 @@ def test_a_seed_past_what_the_page_holds_exactly_is_not_sent_to_it(ui):
     assert event(ui, "reuse_seed")(exact) == 2**53
 
 
+def test_a_gallery_pick_gradio_refuses_leaves_nothing_to_send_but_a_message(ui):
+    """Found by a browser probe: picking a thumbnail whose file was deleted fails in Gradio before select_image
+    runs; the pick before stayed, and Send sent that picture with its parameters while the page showed another.
+    A .failure() step forgets the pick, and sends and ♻ say to pick another until the next pick."""
+    fns = list(ui.blocks.fns.values())
+    for tab in (ui.txt2img, ui.img2img):
+        [select] = [fn for fn in fns if fn.name == "select_image" and tab.session in fn.inputs]
+        assert [fn.name for fn in fns if fn.trigger_after == select._id and fn.trigger_only_on_failure] == [
+            "pick_failed"]
+    session = Session(seeds=[5, 6], infotexts=["a\nSeed: 5", "b\nSeed: 6"], paths=[None, None], selected=0)
+    session, shown = event(ui, "pick_failed")(session)
+    assert shown == "" and session.current_infotext() == ""
+    for name in ("reuse_seed", "gallery_to_img2img"):
+        with pytest.raises(gr.Error, match="gone from the outputs folder"):
+            event(ui, name)(session)
+    session, shown = event(ui, "select_image")(session, selected(1))
+    assert shown == "b\nSeed: 6" and event(ui, "reuse_seed")(session) == 6  # the next pick is read again
+
+
 def test_invalid_request_is_a_readable_message_and_queues_nothing(ui, ui_services):
     before = ui_services.worker.queue_length()
     outputs = generate(ui, width=500)
@@ -1118,6 +1137,8 @@ def test_a_broken_controlnet_picture_fails_no_generate_with_controlnet_off_and_i
     assert "dw-error" not in progress and len(gallery) == 1, progress
     *_, (_, _, progress, *_) = txt2img(Session(), *arguments, controlnet_image=junk, controlnet_enabled=True)
     assert "ControlNet picture: could not read junk.png as an image" in progress and "dw-error" in progress, progress
+    with pytest.raises(gr.Error, match="ControlNet picture: could not read junk.png"):  # Preview names it so too
+        event(ui, "preview")(junk, "canny", 512, 100, 200)
 
 
 def test_a_send_without_parameters_keeps_the_styles_picked(ui):

@@ -12,6 +12,7 @@ from webui.controlnet import CANNY_HIGH, CANNY_LOW, CN_MODULES, CN_PROCESSOR_RES
 from webui.engine.controlnet import ControlNetLibrary, detect_map
 from webui.engine.img2img import as_rgb, check_picture_size
 from webui.schemas import MAX_SIZE, MIN_SIZE
+from webui.ui.params import with_labels
 from webui.ui.pictures import UnreadablePicture, tolerant
 
 NO_MODEL = "None"  # the extension's pick for no model
@@ -43,7 +44,7 @@ class ControlNetActions:
         if picture is None:
             raise gr.Error("Upload a control picture first.")
         if isinstance(picture, UnreadablePicture):
-            raise gr.Error(picture.problem())
+            raise gr.Error(with_labels(picture.problem()))  # named as on the page, as Generate names it
         if module not in CN_MODULES:
             raise gr.Error(f"Pick a preprocessor: {', '.join(CN_MODULES)}.")
         try:

@@ -444,18 +444,34 @@ class GenerationActions(SeveralRuns):
 
     def select_image(self, session: Session, evt: gr.SelectData) -> tuple[Session, str]:
         index = evt.index if isinstance(evt.index, int) else 0
-        session.selected = index
+        session.selected, session.pick_gone = index, False
         return session, session.current_infotext()
+
+    @staticmethod
+    def pick_failed(session: Session) -> tuple[Session, str]:
+        """A pick Gradio refused before select_image ran (its file deleted since it was shown): which picture is
+        shown is not known, so nothing is sent or reused from the gallery until the next pick (it sent the
+        picture picked before, with the parameters shown for it)."""
+        session.selected, session.pick_gone = None, True
+        return session, ""
+
+    @staticmethod
+    def _picked(session: Session) -> int:
+        """The gallery image picked (the first if none is); gr.Error where the last pick could not be read."""
+        if session.pick_gone:
+            raise gr.Error("The picture picked last is gone from the outputs folder (deleted since it was shown): "
+                           "pick another.")
+        return session.current_index()
 
     def reuse_seed(self, session: Session):
         """The seed of the image selected in the gallery (the first if none is); left alone if it is empty."""
-        index = session.current_index()
+        index = self._picked(session)
         return _for_the_seed_box(session.seeds[index], "Seed") if index < len(session.seeds) else gr.skip()
 
     def reuse_subseed(self, session: Session):
         """The variation seed of the image selected (the first if none is), as A1111's ♻ beside it: -1 where that
         image had no variation strength (its variation seed changed nothing); left alone if the gallery is empty."""
-        index = session.current_index()
+        index = self._picked(session)
         if index >= len(session.infotexts):
             return gr.skip()
         fields = request_fields_from_infotext(session.infotexts[index])
@@ -464,7 +480,7 @@ class GenerationActions(SeveralRuns):
     def sent_picture(self, session: Session) -> tuple[Any, dict]:
         """The gallery's current image and its parameters, for Send to img2img: its file, else (not saved: cut
         short, or the disk was full) the picture while the worker still holds its job."""
-        index = session.current_index()
+        index = self._picked(session)
         if index >= len(session.seeds):
             raise gr.Error("Generate an image first.")
         picture = session.paths[index]
@@ -1274,8 +1290,10 @@ def build_generation_tab(services: Services, picker: ModelPicker, models: ModelA
                greyed_inputs=[session, tab_token], ungreyed=actions.resumed_button, api_visibility="private")
     interrupt.click(actions.interrupt, inputs=[session], outputs=[], **_api(kind, "interrupt"), show_progress="hidden")
     skip.click(actions.skip, inputs=[session], outputs=[], **_api(kind, "skip"), show_progress="hidden")
-    gallery.select(actions.select_image, inputs=[session], outputs=[session, infotext],
-                   api_visibility="private", show_progress="hidden")
+    picked = gallery.select(actions.select_image, inputs=[session], outputs=[session, infotext],
+                            api_visibility="private", show_progress="hidden")
+    picked.failure(actions.pick_failed, inputs=[session], outputs=[session, infotext], api_visibility="private",
+                   show_progress="hidden")
     # .input: the user's pick. Send to txt2img gives the Schedule type its list itself, since a .change
     # event here would read the Schedule type as it was before the send.
     sampler.input(actions.schedules_for, inputs=[sampler, scheduler], outputs=[scheduler],

@@ -25,13 +25,15 @@ class Session:
     infotexts: list[str] = field(default_factory=list)
     paths: list[str | None] = field(default_factory=list)  # the saved files; None where an image was not saved
     selected: int | None = None  # the gallery's selected index; None when none is selected
+    # the gallery's last pick could not be read (Gradio refuses a pick whose file was deleted): none is known
+    pick_gone: bool = False
     resumed: bool = False  # the page load found this tab's job and greyed Generate out (so it gives it back)
     run_key: str | None = None  # the run of several jobs (a plot, a batch) it started last, for Interrupt
 
     def start(self, job: Job) -> None:
         self.job_id = job.id
         self.show([])
-        self.selected = None  # the first update of the run clears the gallery's selection too
+        self.selected, self.pick_gone = None, False  # the first update of the run clears the gallery's selection too
 
     def show(self, images: list[GeneratedImage]) -> None:
         self.seeds = [image.seed for image in images]
@@ -44,7 +46,7 @@ class Session:
 
     def current_infotext(self) -> str:
         index = self.current_index()
-        return self.infotexts[index] if index < len(self.infotexts) else ""
+        return self.infotexts[index] if index < len(self.infotexts) and not self.pick_gone else ""
 
 
 def gallery_items(images: list[GeneratedImage]) -> list[tuple[Any, str]]:
