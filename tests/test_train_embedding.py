@@ -359,6 +359,7 @@ def test_the_train_tab_creates_and_trains(services, dataset):
     session = TrainSession(tab="page-token")
     *_, last = tab.actions.train(session, *(values[name] for name in tab.fields))
     assert "Training finished at 2 steps" in last[3] and session.run.owner == "ui-tab:page-token"
+    assert last[1] == ""  # the progress line (its last step and ETA) goes with the result (found by a probe)
     *_, refused = tab.actions.train(session, *((values | {"data_root": ""})[name] for name in tab.fields))
     assert "Dataset directory: give the folder" in refused[3]
     # A page reloaded in the same browser tab follows its run again, and its Interrupt stops it.
@@ -373,7 +374,7 @@ def test_the_train_tab_creates_and_trains(services, dataset):
     assert again.run is first.run and not first.run.finished
     tab.actions.interrupt(again)
     *_, last = resumed
-    assert "Training interrupted at" in last[3] and first.run.outcome.stopped
+    assert "Training interrupted at" in last[3] and first.run.outcome.stopped and last[1] == ""
     # A page opened anew (another browser tab, the page closed and opened again) follows a training whose page went
     # away, and can stop it: else it would hold the queue until it ends. Not on a server open to anyone.
     closed = TrainSession(tab="closed")

@@ -146,10 +146,11 @@ class TrainActions:
         self.runs = [*(kept for kept in self.runs if not kept.finished), run]
         yield from self._follow(session, run, future.done)
         error = future.exception()
+        # the progress line goes with the result: its last step and ETA would read as a run still going
         if error is not None and not run.finished:  # the server stopped before the run started
-            yield session, gr.skip(), gr.skip(), error_html(str(error))
+            yield session, "", gr.skip(), error_html(str(error))
         else:
-            yield session, gr.skip(), gr.skip(), _result_html(run)
+            yield session, "", gr.skip(), _result_html(run)
 
     def resume(self, session: TrainSession, tab: str | None) -> Iterator[tuple]:
         """A page (re)loaded in a browser tab whose training is still queued or running follows it again. On a server
@@ -166,7 +167,7 @@ class TrainActions:
             return
         session.run = run
         yield from self._follow(session, run, lambda: run.finished)
-        yield session, gr.skip(), gr.skip(), _result_html(run)
+        yield session, "", gr.skip(), _result_html(run)
 
     def interrupt(self, session: TrainSession) -> None:
         """Stop this page's run: at once if it waits in the queue, after the step under way if it trains (what it
