@@ -223,10 +223,10 @@ class Api:
 
     def _submit(self, req: GenerationBody, caller: str) -> Job:
         kept_options = self._kept_options(req)
-        init_image, mask = convert.init_image_of(req), convert.mask_of(req)
         script = _script_of(req)
         with self._switch_lock:  # the model a switch in line gives it, and its place among the switch's followers
-            data, notes, names = self._request_data(req)
+            data, notes, names = self._request_data(req)  # (before the pictures: it says what is missing)
+            init_image, mask = convert.init_image_of(req), convert.mask_of(req)
             with self._queueing(names):
                 if script in scripts.SEVERAL_JOBS:  # (on /api/v1/jobs: one job id cannot stand for several)
                     raise InvalidRequest(f"script_name: {script} runs several jobs; send it to "
