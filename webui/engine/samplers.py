@@ -612,20 +612,11 @@ def _laid_out_as_a1111(scheduler, one_level_more: bool = False, img2img_steps: i
     def set_timesteps_as_a1111(num_inference_steps=None, device=None, *args, **kwargs):
         set_timesteps(num_inference_steps, device, *args, **kwargs)
         train_steps = scheduler.config.num_train_timesteps
-        more = one_level_more and num_inference_steps and (img2img_steps or discard_lays_out(num_inference_steps,
-                                                                                            train_steps))
-        level_steps = num_inference_steps + 1 if more else num_inference_steps
-        levels = a1111_timestep_levels(level_steps, train_steps) if num_inference_steps else []
-        if img2img_steps is None:
-            scheduler.a1111_timesteps = len(levels) >= 2 and levels[-1] < train_steps
-        else:  # the levels below t_enc, from t_enc's (clipped to the table's end, as A1111 clips it)
-            start = img2img_steps - 1
-            scheduler.a1111_timesteps = 2 <= start < len(levels)
-            if scheduler.a1111_timesteps:
-                scheduler.a1111_start_level = min(int(levels[start]), train_steps - 1)
-                levels = levels[:start]
-        if not scheduler.a1111_timesteps:
-            scheduler.a1111_start_level = None
+        laid_out = (_a1111_layout(num_inference_steps, train_steps, one_level_more, img2img_steps)
+                    if num_inference_steps else None)
+        scheduler.a1111_timesteps = laid_out is not None
+        level_steps, levels, scheduler.a1111_start_level = laid_out or (None, None, None)
+        if laid_out is None:
             return
         if level_steps != num_inference_steps:  # its steps then go back by train_steps // level_steps
             set_timesteps(level_steps, device, *args, **kwargs)
@@ -637,6 +628,22 @@ def _laid_out_as_a1111(scheduler, one_level_more: bool = False, img2img_steps: i
         scheduler.timesteps = torch.from_numpy(calls.astype(np.int64)).to(device)
 
     scheduler.set_timesteps = set_timesteps_as_a1111
+
+
+def _a1111_layout(steps: int, train_steps: int, one_level_more: bool, img2img_steps: int | None
+                  ) -> tuple[int, np.ndarray, int | None] | None:
+    """A pass's layout on A1111's timesteps (_laid_out_as_a1111): the steps its levels are laid out for, the levels it
+    runs on (smallest first) and, for img2img, the level its picture is noised to (t_enc's, clipped to the table's
+    end as A1111 clips it); None where diffusers' own timesteps stay."""
+    more = one_level_more and (img2img_steps or discard_lays_out(steps, train_steps))
+    level_steps = steps + 1 if more else steps
+    levels = a1111_timestep_levels(level_steps, train_steps)
+    if img2img_steps is None:
+        return (level_steps, levels, None) if len(levels) >= 2 and levels[-1] < train_steps else None
+    start = img2img_steps - 1  # t_enc: the levels below it are run
+    if not 2 <= start < len(levels):
+        return None
+    return level_steps, levels[:start], min(int(levels[start]), train_steps - 1)
 
 
 def discard_lays_out(steps: int, train_steps: int = 1000) -> bool:
