@@ -279,7 +279,7 @@ class Api:
         if switching is not None:
             # The option's model is loading, queued before this one (first in, first out): this one names it, as in
             # A1111, where the option is set at once (a tab's job queued between must not decide its model). Where
-            # the load fails, the option goes back: _Switch.fall_back gives a follower the model it goes back to.
+            # the load fails, the option goes back: Api._fall_back gives a follower the model it goes back to.
             model, default_model = None, switching.source
         elif kept is not None and not kept.state.finished:
             # It runs before this one (the queue is first in, first out), and its model stays: this one's too.
