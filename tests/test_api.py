@@ -408,8 +408,16 @@ def test_a_failing_job_answers_500_and_the_server_goes_on(client, services):
         assert r.status_code == 500 and r.json()["detail"].startswith("sd_model_checkpoint: ")
         assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith(f"{TINY} [")
         assert client.post("/sdapi/v1/txt2img", json=QUICK).status_code == 200
+        # a file that plainly holds no model is the client's pick to change: 422, not the server's 500 (a probe)
+        (services.settings.models_dir / "garbage.safetensors").write_bytes(b"\x00" * 64)
+        client.post("/sdapi/v1/refresh-checkpoints")
+        r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "garbage"})
+        assert r.status_code == 422 and "garbage.safetensors is not a readable .safetensors file" in r.json()["detail"]
+        assert client.post("/sdapi/v1/txt2img", json=QUICK).status_code == 200
     finally:
         shutil.rmtree(broken)
+        (services.settings.models_dir / "garbage.safetensors").unlink(missing_ok=True)
+        client.post("/sdapi/v1/refresh-checkpoints")
         client.post("/sdapi/v1/refresh-checkpoints")
 
 

@@ -39,7 +39,7 @@ from webui.api.models import (
     RealesrganItem, ScriptsList, SDModelItem, Txt2ImgRequest, UpscalerItem, VaeItem,
 )
 from webui.engine.hires import LATENT_UPSCALERS, NO_UPSCALER
-from webui.engine.loader import ModelLoadError
+from webui.engine.loader import ModelFileError, ModelLoadError
 from webui.engine.generate import LoadedModel
 from webui.engine.models import ModelEntry, ModelNotFound
 from webui.engine.vae import AUTOMATIC, VaeError
@@ -589,6 +589,8 @@ class Api:
             return await await_result(future)
         except ModelNotFound as err:
             raise ApiError(404, f"{about}{err}", "ModelNotFound") from None
+        except ModelFileError as err:  # the client's pick to change, not the server's failure
+            raise ApiError(422, f"{about}{err}", "ModelFileError") from None
         except ModelLoadError as err:
             raise ApiError(500, f"{about}{err}", "ModelLoadError") from None
         except WorkerStopped as err:

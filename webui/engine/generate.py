@@ -45,7 +45,8 @@ from webui.engine.interrogate import Interrogator
 from webui.engine.face_restoration import FaceRestorers
 from webui.engine.upscalers import UpscalerLibrary
 from webui.engine.vae import VaeError, VaeFile, VaeLibrary, VaeSwap, read_vae_weights
-from webui.engine.loader import ModelLoadError, Placement, park_on_cpu, pick_placement, place_pipeline, read_pipeline
+from webui.engine.loader import (ModelFileError, ModelLoadError, Placement, park_on_cpu, pick_placement,
+                                 place_pipeline, read_pipeline)
 from webui.engine.models import ModelEntry, ModelRegistry, entry_for_path
 from webui.engine.noise import start_noise
 from webui.engine.preview import TinyDecoders, denoised_estimate, keeping_estimates, latents_to_preview
@@ -199,7 +200,7 @@ def _noised_latents(pipe, noise: torch.Tensor, extra: float, image: torch.Tensor
 
 
 def _check_files_of(entry: ModelEntry) -> None:
-    """ModelLoadError where a model's files plainly hold no model, told without reading its weights: a checkpoint
+    """ModelFileError where a model's files plainly hold no model, told without reading its weights: a checkpoint
     file's header (damaged, cut off, a LoRA or VAE), a diffusers folder's index."""
     path = Path(entry.source)
     try:
@@ -209,7 +210,7 @@ def _check_files_of(entry: ModelEntry) -> None:
         elif entry.kind == "diffusers" and not (path / "model_index.json").is_file():
             raise SingleFileLoadError(f"{entry.source} holds no model_index.json (a diffusers folder's index)")
     except SingleFileLoadError as err:
-        raise ModelLoadError(f"could not load model {entry.name!r}: {err}") from None
+        raise ModelFileError(f"could not load model {entry.name!r}: {err}") from None
 
 
 def _mask_weight(request: GenerationRequest | None) -> float:
@@ -448,6 +449,7 @@ class Engine:
         refiner's role, the only one an SDXL refiner takes)."""
         if self.model is not None and self.model.entry == entry:
             return self.model
+        _check_files_of(entry)  # what is plainly no model is refused at once (on the CPU, before the only model goes)
         self.placement = self.placement or pick_placement(self.settings)
         if self.placement.device == "cpu" and self.model is not None:
             return self._replace_on_cpu(entry, refiner)
@@ -476,7 +478,6 @@ class Engine:
         """On the CPU both models' weights would share the RAM (10 GB for two SD 1.5 in fp32): drop the old
         model first, and read it again if the new one fails to load."""
         previous, was_released = self.model.entry, self.released
-        _check_files_of(entry)  # what is plainly no model is refused before the only model goes
         # Only the weights go: other threads (the API's options, a page's status line) still see the old
         # model named until the new one is in place, never "no model".
         self.pipe = None

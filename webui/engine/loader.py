@@ -30,6 +30,10 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says what to do."""
 
 
+class ModelFileError(ModelLoadError):
+    """A model's files plainly hold no model (a damaged header, a LoRA's file): the user's to replace."""
+
+
 @dataclass(frozen=True)
 class Placement:
     device: str
