@@ -466,6 +466,12 @@ def test_on_the_cpu_a_file_plainly_no_model_is_refused_before_the_old_model_goes
     with pytest.raises(ModelLoadError, match="could not load model 'garbage': garbage.safetensors is not a readable"):
         engine.load("garbage")
     assert engine.pipe is pipe and engine.model.entry.name == "first"  # kept, not read again
+    shutil.copytree(folder / "first", folder / "emptied")
+    engine.registry.refresh()
+    (folder / "emptied" / "model_index.json").unlink()  # its index gone since the folder was listed
+    with pytest.raises(ModelLoadError, match="could not load model 'emptied': .* holds no model_index.json"):
+        engine.load("emptied")
+    assert engine.pipe is pipe
     monkeypatch.undo()
 
     shutil.copytree(folder / "first", folder / "second")

@@ -98,17 +98,18 @@ def _load_starting_model(services: Services):
 
 
 def _load_named_model(worker: Worker, registry: ModelRegistry, name: str, remember: bool = True):
-    """The model --ckpt names; one that is nowhere falls back to the models folder's first (the embedded model
-    when the folder has none), as A1111 loads a fallback, so that the server starts ready to generate. A fallback is
+    """The model --ckpt names; one that is nowhere falls back to the first model of the models folder that loads,
+    then the embedded model, as A1111 loads a fallback, so that the server starts ready to generate. A fallback is
     never remembered as the next start's model."""
     try:
         return worker.load_model(name, remember=remember)
     except ModelNotFound as err:
         shipped = DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME
-        fallbacks = [entry.name for entry in registry.entries()] + ([str(shipped)] if shipped.is_dir() else [])
-        if not fallbacks or fallbacks == [name]:
+        listed = [entry.name for entry in registry.entries()] + ([str(shipped)] if shipped.is_dir() else [])
+        fallbacks = [fallback for fallback in listed if fallback != name]
+        if not fallbacks:
             raise
-        for fallback in (fallback for fallback in fallbacks if fallback != name):  # the first that loads
+        for fallback in fallbacks:  # the first that loads
             log.warning("%s; loading %s instead", err, fallback)
             try:
                 return worker.load_model(fallback, remember=False)

@@ -203,14 +203,15 @@ def _check_files_of(entry: ModelEntry) -> None:
     """ModelFileError where a model's files plainly hold no model, told without reading its weights: a checkpoint
     file's header (damaged, cut off, a LoRA or VAE), a diffusers folder's index."""
     path = Path(entry.source)
-    try:
-        if entry.kind == "single_file" and (path.suffix.lower() != ".ckpt" or zipfile.is_zipfile(path)):
-            # (an old, unzipped .ckpt pickle would be read whole, beside the model still in RAM: it is left to the load)
+    if entry.kind == "diffusers" and not (path / "model_index.json").is_file():
+        raise ModelFileError(f"could not load model {entry.name!r}: {entry.source} holds no model_index.json (a "
+                             "diffusers folder's index)")
+    # (an old, unzipped .ckpt pickle would be read whole, beside the model still in RAM: it is left to the load)
+    if entry.kind == "single_file" and (path.suffix.lower() != ".ckpt" or zipfile.is_zipfile(path)):
+        try:
             detect_family(read_header(path)[0], entry.source)
-        elif entry.kind == "diffusers" and not (path / "model_index.json").is_file():
-            raise SingleFileLoadError(f"{entry.source} holds no model_index.json (a diffusers folder's index)")
-    except SingleFileLoadError as err:
-        raise ModelFileError(f"could not load model {entry.name!r}: {err}") from None
+        except SingleFileLoadError as err:
+            raise ModelFileError(f"could not load model {entry.name!r}: {err}") from None
 
 
 def _mask_weight(request: GenerationRequest | None) -> float:
